@@ -1,0 +1,43 @@
+// Fused CPU kernels for twa-kernels, on raw pointers (no torch headers, so this file
+// compiles in a second and can be unit-built on its own). The math is fixed by
+// DESIGN.md; twa_kernels/backends/reference.py is the executable spec.
+//
+// Packed layout (see twa_kernels/quant.py): row r of the basis is cut into groups of
+// `group_size` columns; group t starts at byte t * group_size / cpb of the row, where
+// cpb = 8 / bits codes share a byte. Inside a group of L columns, W = ceil(L / cpb)
+// bytes hold cpb "planes": element s * W + i sits in byte i at bit s * bits. Planes
+// make unpacking a contiguous shift-and-mask loop that the compiler vectorises.
+#pragma once
+#include <cstdint>
+
+namespace twa {
+
+enum class DType : int { f32 = 0, bf16 = 1 };
+
+struct PackedBasis {
+  const uint8_t* codes = nullptr;          // [k, row_bytes]; bits == 0: float32 [k, num_cols]
+  const float* scales = nullptr;           // [k, n_groups]
+  const float* mins = nullptr;             // [k, n_groups]
+  const int64_t* block_offsets = nullptr;  // [n_blocks + 1], 0 ... num_cols
+  int64_t k = 0, num_cols = 0, row_bytes = 0, n_groups = 0, n_blocks = 0;
+  int bits = 0;  // 1, 2, 4, 8; 0 = dense float32 basis
+  int64_t group_size = 0;
+};
+
+// Both return 0, or -1 for a bits value outside {0, 1, 2, 4, 8}.
+// y[r, b] = sum_{j in block b} p^[r, j] * g[j]; y is float32 [k, n_blocks].
+int project(const PackedBasis& basis, const void* g, DType g_dtype, float* y, int num_threads);
+
+// out[j] = center[j] + sum_r p^[r, j] * x[r, block(j)]; x is float32 [k, n_blocks].
+// center may be null (taken as zero); out has dtype out_dtype.
+int reconstruct(const PackedBasis& basis, const float* x, const void* center, DType center_dtype,
+                 void* out, DType out_dtype, int num_threads);
+
+// gram[i, l] = sum_j p[i, j] * p[l, j], accumulated in float64. p is float32 [k, d].
+void gram(const float* p, int64_t k, int64_t d, double* gram, int num_threads);
+
+// q[i, j] = sum_l t[i, l] * p[l, j], accumulated in float64. t is float64 [r, k].
+void combine_rows(const double* t, int64_t r, const float* p, int64_t k, int64_t d, float* q,
+                  int num_threads);
+
+}  // namespace twa

@@ -1,0 +1,133 @@
+// The thin binding: registers the raw-pointer CPU kernels of csrc/cpu as torch.library
+// ops in the `twa_kernels_cpu` namespace. Outputs are allocated in Python and passed in,
+// so this file needs only the small torch.library header. The user-facing ops, their
+// fake impls and autograd live in twa_kernels/_ops.py and call these.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+twa::DType float_dtype(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return twa::DType::f32;
+  if (t.scalar_type() == at::kBFloat16) return twa::DType::bf16;
+  TORCH_CHECK(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+void check_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                            const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
+  check_cpu_contiguous(codes, "codes");
+  check_cpu_contiguous(block_offsets, "block_offsets");
+  TORCH_CHECK(codes.dim() == 2, "codes must be 2-D, got ", codes.dim(), "-D");
+  TORCH_CHECK(block_offsets.scalar_type() == at::kLong && block_offsets.dim() == 1 && block_offsets.numel() >= 2,
+              "block_offsets must be a 1-D int64 tensor with at least 2 entries");
+  twa::PackedBasis b;
+  b.k = codes.size(0);
+  b.num_cols = num_cols;
+  b.row_bytes = codes.size(1);
+  b.bits = static_cast<int>(bits);
+  b.group_size = group_size;
+  b.block_offsets = block_offsets.data_ptr<int64_t>();
+  b.n_blocks = block_offsets.numel() - 1;
+  TORCH_CHECK(b.block_offsets[0] == 0 && b.block_offsets[b.n_blocks] == num_cols,
+              "block_offsets must run from 0 to ", num_cols);
+  if (bits == 0) {
+    TORCH_CHECK(codes.scalar_type() == at::kFloat && codes.size(1) == num_cols,
+                "a dense basis must be float32 [k, ", num_cols, "]");
+    b.codes = static_cast<const uint8_t*>(codes.data_ptr());
+    return b;
+  }
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 0, 1, 2, 4 or 8, got ", bits);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "packed codes must be uint8");
+  check_cpu_contiguous(scales, "scales");
+  check_cpu_contiguous(mins, "mins");
+  b.n_groups = (num_cols + group_size - 1) / group_size;
+  const int64_t per_byte = 8 / bits, last = num_cols - (b.n_groups - 1) * group_size;
+  TORCH_CHECK(b.row_bytes == (b.n_groups - 1) * (group_size / per_byte) + (last + per_byte - 1) / per_byte,
+              "codes has ", b.row_bytes, " bytes per row, which does not fit ", num_cols, " columns at ", bits,
+              " bits");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
+                  scales.numel() == b.k * b.n_groups && mins.numel() == b.k * b.n_groups,
+              "scales and mins must be float32 [k, n_groups]");
+  b.codes = codes.data_ptr<uint8_t>();
+  b.scales = scales.data_ptr<float>();
+  b.mins = mins.data_ptr<float>();
+  return b;
+}
+
+void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                 const at::Tensor& block_offsets, const at::Tensor& g, int64_t bits, int64_t group_size,
+                 int64_t num_threads, const at::Tensor& y) {
+  check_cpu_contiguous(g, "g");
+  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel());
+  check_cpu_contiguous(y, "y");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
+  const int status =
+      twa::project(b, g.data_ptr(), float_dtype(g, "g"), y.data_ptr<float>(), static_cast<int>(num_threads));
+  TORCH_CHECK(status == 0, "project: unsupported bits ", bits);
+}
+
+void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                     const at::Tensor& block_offsets, const at::Tensor& x, const std::optional<at::Tensor>& center,
+                     int64_t bits, int64_t group_size, int64_t num_threads, const at::Tensor& out) {
+  check_cpu_contiguous(out, "out");
+  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, out.numel());
+  check_cpu_contiguous(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == b.k * b.n_blocks, "x must be float32 [k, n_blocks]");
+  const void* center_ptr = nullptr;
+  twa::DType center_dtype = twa::DType::f32;
+  if (center.has_value()) {
+    check_cpu_contiguous(*center, "center");
+    TORCH_CHECK(center->numel() == b.num_cols, "center must have ", b.num_cols, " elements");
+    center_ptr = center->data_ptr();
+    center_dtype = float_dtype(*center, "center");
+  }
+  const int status = twa::reconstruct(b, x.data_ptr<float>(), center_ptr, center_dtype, out.data_ptr(),
+                                      float_dtype(out, "out"), static_cast<int>(num_threads));
+  TORCH_CHECK(status == 0, "reconstruct: unsupported bits ", bits);
+}
+
+void gram_out(const at::Tensor& p, int64_t num_threads, const at::Tensor& out) {
+  check_cpu_contiguous(p, "p");
+  check_cpu_contiguous(out, "out");
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.numel() == p.size(0) * p.size(0), "out must be float64 [k, k]");
+  twa::gram(p.data_ptr<float>(), p.size(0), p.size(1), out.data_ptr<double>(), static_cast<int>(num_threads));
+}
+
+void combine_rows_out(const at::Tensor& t, const at::Tensor& p, int64_t num_threads, const at::Tensor& out) {
+  check_cpu_contiguous(t, "t");
+  check_cpu_contiguous(p, "p");
+  check_cpu_contiguous(out, "out");
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kDouble && t.size(1) == p.size(0), "t must be float64 [r, k]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == t.size(0) * p.size(1), "out must be float32 [r, d]");
+  twa::combine_rows(t.data_ptr<double>(), t.size(0), p.data_ptr<float>(), p.size(0), p.size(1),
+                    out.data_ptr<float>(), static_cast<int>(num_threads));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(twa_kernels_cpu, m) {
+  m.def(
+      "project_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor g, int bits, "
+      "int group_size, int num_threads, Tensor(a!) y) -> ()");
+  m.def(
+      "reconstruct_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor x, Tensor? center, "
+      "int bits, int group_size, int num_threads, Tensor(a!) out) -> ()");
+  m.def("gram_out(Tensor p, int num_threads, Tensor(a!) out) -> ()");
+  m.def("combine_rows_out(Tensor t, Tensor p, int num_threads, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(twa_kernels_cpu, CPU, m) {
+  m.impl("project_out", &project_out);
+  m.impl("reconstruct_out", &reconstruct_out);
+  m.impl("gram_out", &gram_out);
+  m.impl("combine_rows_out", &combine_rows_out);
+}

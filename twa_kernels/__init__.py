@@ -1,0 +1,29 @@
+"""twa-kernels: Trainable Weight Averaging with fused low-bit subspace kernels.
+
+    import twa_kernels as tk
+    qb = tk.quantize(P, bits=4, group_size=128)     # P: [k, D] basis
+    y = tk.project(qb, g)                            # [k, B]
+    w = tk.reconstruct(qb, x, center)                # [D]
+    Q = tk.orthonormalize(P)                         # orthonormal rows
+    tk.backend("cpu")                                # "cpp" | "triton" | "cuda" | "reference"
+"""
+
+from twa_kernels import backends as _backends  # noqa: F401
+from twa_kernels._ops import backend
+from twa_kernels.backends import cpu as _cpu  # noqa: F401  (registers the cpp kernels)
+from twa_kernels.backends import reference as _reference  # noqa: F401  (registers the spec)
+from twa_kernels.ops import project, reconstruct
+from twa_kernels.quant import QuantizedBasis, dequantize, quantize
+from twa_kernels.subspace import orthonormalize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedBasis",
+    "backend",
+    "dequantize",
+    "orthonormalize",
+    "project",
+    "quantize",
+    "reconstruct",
+]

@@ -1,0 +1,188 @@
+"""Every op's schema, fake (meta) impl and autograd rule, and the backend dispatch.
+
+The ops work on the tensors of a QuantizedBasis (codes, scales, mins, block_offsets) plus
+integers: bits (0 for a dense float32 basis), group_size and, where no input carries it,
+the number of columns. Backends (twa_kernels/backends/*) register one kernel per op and
+backend name with `register_kernel`; the op's real impl picks the backend for the input's
+device with `backend()`. Nothing here knows how a kernel is written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+_KERNELS: dict[str, dict[str, Callable]] = {}
+
+
+def register_kernel(op: str, backend_name: str) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` computes `op` on backend `backend_name`."""
+
+    def decorate(fn: Callable) -> Callable:
+        _KERNELS.setdefault(op, {})[backend_name] = fn
+        return fn
+
+    return decorate
+
+
+def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
+    """Whether backend `name` can run on `device`, and if not, why."""
+    if name == "reference":
+        return True, ""
+    if name == "cpp":
+        if device.type != "cpu":
+            return False, f"the cpp backend runs on CPU tensors only, not {device.type}"
+        from twa_kernels import _build
+
+        if not _build.cpu_kernels_available():
+            return False, f"the C++ kernels failed to build: {_build.cpu_build_error()}"
+        return True, ""
+    if name == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set it before importing twa_kernels)"
+        if device.type not in ("cpu", "cuda"):
+            return False, f"Triton does not run on {device.type}"
+        return False, "the Triton backend is not part of this build yet"
+    if name == "cuda":
+        return False, "the CUDA backend is not part of this build yet"
+    return False, f"unknown backend {name!r}"
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """The backend that runs the ops on `device`: "cpp" | "triton" | "cuda" | "reference".
+
+    TWA_KERNELS_BACKEND forces one; an unusable forced backend is an error, not a silent
+    fallback. Otherwise the fastest usable backend is chosen (the C++ kernels for CPU
+    tensors, built on first use; the reference when they cannot be built).
+    """
+    device = torch.device(device)
+    forced = os.environ.get("TWA_KERNELS_BACKEND", "").strip()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"TWA_KERNELS_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those")
+        usable, why = _backend_usable(forced, device)
+        if not usable:
+            raise RuntimeError(f"TWA_KERNELS_BACKEND={forced} cannot run {device.type} tensors: {why}")
+        return forced
+    candidates = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}.get(device.type, ())
+    for name in candidates:
+        if _backend_usable(name, device)[0]:
+            return name
+    return "reference"
+
+
+def _kernel(op: str, device: torch.device) -> Callable:
+    name = backend(device)
+    kernels = _KERNELS.get(op, {})
+    if name not in kernels:
+        raise NotImplementedError(f"backend {name!r} has no kernel for {op}")
+    return kernels[name]
+
+
+# ---- project: y[r, b] = sum_{j in block b} p^[r, j] * g[j] -------------------------------
+
+
+@torch.library.custom_op("twa_kernels::project", mutates_args=())
+def project_op(
+    codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int, group_size: int
+) -> Tensor:
+    return _kernel("project", g.device)(codes, scales, mins, block_offsets, g, bits, group_size)
+
+
+@project_op.register_fake
+def _(codes, scales, mins, block_offsets, g, bits, group_size):
+    return g.new_empty((codes.shape[0], block_offsets.shape[0] - 1), dtype=torch.float32)
+
+
+def _project_setup(ctx, inputs, output):
+    codes, scales, mins, block_offsets, g, bits, group_size = inputs
+    ctx.save_for_backward(codes, scales, mins, block_offsets)
+    ctx.bits, ctx.group_size, ctx.num_cols, ctx.g_dtype = bits, group_size, g.numel(), g.dtype
+
+
+def _project_backward(ctx, grad_y):
+    # project is linear in g; its transpose is reconstruct without a center.
+    codes, scales, mins, block_offsets = ctx.saved_tensors
+    grad_g = reconstruct_op(
+        codes, scales, mins, block_offsets, grad_y.contiguous(), None, ctx.bits, ctx.group_size, ctx.num_cols
+    )
+    return None, None, None, None, grad_g.to(ctx.g_dtype), None, None
+
+
+project_op.register_autograd(_project_backward, setup_context=_project_setup)
+
+
+# ---- reconstruct: w[j] = center[j] + sum_r p^[r, j] * x[r, block(j)] ---------------------
+
+
+@torch.library.custom_op("twa_kernels::reconstruct", mutates_args=())
+def reconstruct_op(
+    codes: Tensor,
+    scales: Tensor,
+    mins: Tensor,
+    block_offsets: Tensor,
+    x: Tensor,
+    center: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    num_cols: int,
+) -> Tensor:
+    return _kernel("reconstruct", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, num_cols)
+
+
+@reconstruct_op.register_fake
+def _(codes, scales, mins, block_offsets, x, center, bits, group_size, num_cols):
+    dtype = center.dtype if center is not None else torch.float32
+    return x.new_empty((num_cols,), dtype=dtype)
+
+
+def _reconstruct_setup(ctx, inputs, output):
+    codes, scales, mins, block_offsets, x, center, bits, group_size, num_cols = inputs
+    ctx.save_for_backward(codes, scales, mins, block_offsets)
+    ctx.bits, ctx.group_size, ctx.x_dtype = bits, group_size, x.dtype
+    ctx.center_dtype = center.dtype if center is not None else None
+
+
+def _reconstruct_backward(ctx, grad_w):
+    # dL/dx = project(basis, dL/dw); dL/dcenter = dL/dw.
+    codes, scales, mins, block_offsets = ctx.saved_tensors
+    grad_w = grad_w.contiguous()
+    grad_x = grad_center = None
+    if ctx.needs_input_grad[4]:
+        grad_x = project_op(codes, scales, mins, block_offsets, grad_w, ctx.bits, ctx.group_size).to(ctx.x_dtype)
+    if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
+        grad_center = grad_w.to(ctx.center_dtype)
+    return None, None, None, None, grad_x, grad_center, None, None, None
+
+
+reconstruct_op.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup)
+
+
+# ---- the passes of orthonormalize ---------------------------------------------------------
+
+
+@torch.library.custom_op("twa_kernels::gram", mutates_args=())
+def gram_op(p: Tensor) -> Tensor:
+    """p p^T for float32 p [k, d], accumulated in float64 -> float64 [k, k]."""
+    return _kernel("gram", p.device)(p)
+
+
+@gram_op.register_fake
+def _(p):
+    return p.new_empty((p.shape[0], p.shape[0]), dtype=torch.float64)
+
+
+@torch.library.custom_op("twa_kernels::combine_rows", mutates_args=())
+def combine_rows_op(t: Tensor, p: Tensor) -> Tensor:
+    """t @ p for float64 t [r, k] and float32 p [k, d], accumulated in float64 -> float32 [r, d]."""
+    return _kernel("combine_rows", p.device)(t, p)
+
+
+@combine_rows_op.register_fake
+def _(t, p):
+    return p.new_empty((t.shape[0], p.shape[1]), dtype=torch.float32)

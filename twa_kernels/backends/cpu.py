@@ -1,0 +1,56 @@
+"""The fused C++/OpenMP kernels (csrc/cpu) for CPU tensors.
+
+The library is JIT-built by twa_kernels._build the first time the cpp backend is chosen;
+this module only allocates outputs and calls the registered `twa_kernels_cpu` ops, using
+torch's intra-op thread count.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from twa_kernels._ops import register_kernel
+
+
+def _lib():
+    return torch.ops.twa_kernels_cpu
+
+
+@register_kernel("project", "cpp")
+def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+    y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
+    _lib().project_out(
+        codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
+        g.contiguous(), bits, group_size, torch.get_num_threads(), y,
+    )
+    return y
+
+
+@register_kernel("reconstruct", "cpp")
+def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32)
+    _lib().reconstruct_out(
+        codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
+        x.to(torch.float32).contiguous(), None if center is None else center.contiguous(),
+        bits, group_size, torch.get_num_threads(), out,
+    )
+    return out
+
+
+@register_kernel("gram", "cpp")
+def gram(p: Tensor) -> Tensor:
+    out = torch.empty(p.shape[0], p.shape[0], dtype=torch.float64)
+    _lib().gram_out(p.to(torch.float32).contiguous(), torch.get_num_threads(), out)
+    return out
+
+
+@register_kernel("combine_rows", "cpp")
+def combine_rows(t: Tensor, p: Tensor) -> Tensor:
+    out = torch.empty(t.shape[0], p.shape[1], dtype=torch.float32)
+    _lib().combine_rows_out(
+        t.to(torch.float64).contiguous(), p.to(torch.float32).contiguous(), torch.get_num_threads(), out
+    )
+    return out

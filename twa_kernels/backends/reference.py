@@ -1,0 +1,96 @@
+"""The executable spec: every op in plain torch, accumulated in float64.
+
+Slow on purpose: it dequantises the basis (a column chunk at a time, so it still runs at
+ResNet or ViT scale) and leaves nothing to cleverness. Every other backend is tested
+against it. The formulas are those of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from twa_kernels._ops import register_kernel
+from twa_kernels.quant import QuantizedBasis, dequantize
+
+_CHUNK_ELEMENTS = 1 << 22  # basis elements dequantised at a time
+
+
+def _basis(codes, scales, mins, block_offsets, bits, group_size, num_cols) -> QuantizedBasis:
+    return QuantizedBasis(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
+
+
+def _column_chunks(qb: QuantizedBasis) -> Iterator[tuple[int, int, Tensor]]:
+    """(start, stop, block index of each column) over column chunks aligned to groups."""
+    step = max(1, _CHUNK_ELEMENTS // qb.k)
+    step = -(-step // qb.group_size) * qb.group_size
+    edges = qb.block_offsets[1:-1]
+    for start in range(0, qb.num_cols, step):
+        stop = min(start + step, qb.num_cols)
+        cols = torch.arange(start, stop, device=qb.device)
+        yield start, stop, torch.bucketize(cols, edges, right=True)
+
+
+@register_kernel("project", "reference")
+def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+    qb = _basis(codes, scales, mins, block_offsets, bits, group_size, g.numel())
+    y = torch.zeros(qb.k, qb.num_blocks, dtype=torch.float64, device=g.device)
+    for start, stop, blocks in _column_chunks(qb):
+        terms = dequantize(qb, start, stop).double() * g[start:stop].double()
+        y.index_add_(1, blocks, terms)
+    return y.float()
+
+
+@register_kernel("reconstruct", "reference")
+def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+    qb = _basis(codes, scales, mins, block_offsets, bits, group_size, num_cols)
+    out_dtype = center.dtype if center is not None else torch.float32
+    out = torch.empty(num_cols, dtype=out_dtype, device=x.device)
+    x = x.double()
+    for start, stop, blocks in _column_chunks(qb):
+        w = (dequantize(qb, start, stop).double() * x[:, blocks]).sum(0)
+        if center is not None:
+            w += center[start:stop].double()
+        out[start:stop] = w.to(out_dtype)
+    return out
+
+
+@register_kernel("gram", "reference")
+def gram(p: Tensor) -> Tensor:
+    p64 = p.double()
+    return p64 @ p64.T
+
+
+@register_kernel("combine_rows", "reference")
+def combine_rows(t: Tensor, p: Tensor) -> Tensor:
+    return (t @ p.double()).float()
+
+
+def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
+    """Spec of tk.orthonormalize: Gram-Schmidt with re-orthogonalisation (CGS2) in float64.
+
+    Row i is kept when its residual after removing the span of the kept rows before it is
+    at least tol times its own norm; kept rows are normalised. Returns float32 [r, D].
+    """
+    basis: list[Tensor] = []
+    dropped = []
+    for i, row in enumerate(P.double()):
+        norm = row.norm()
+        v = row.clone()
+        if basis:
+            Q = torch.stack(basis)
+            for _ in range(2):
+                v -= Q.T @ (Q @ v)
+        if norm == 0 or v.norm() < tol * norm:
+            dropped.append(i)
+            continue
+        basis.append(v / v.norm())
+    if dropped:
+        warnings.warn(f"orthonormalize dropped {len(dropped)} dependent row(s): {dropped}", RuntimeWarning, stacklevel=2)
+    if not basis:
+        return P.new_zeros((0, P.shape[1]), dtype=torch.float32)
+    return torch.stack(basis).float()

@@ -1,0 +1,50 @@
+"""The public ops: thin, documented wrappers that check their inputs and call _ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from twa_kernels._ops import project_op, reconstruct_op
+from twa_kernels.quant import QuantizedBasis
+
+_FLOAT_INPUTS = (torch.float32, torch.bfloat16)
+
+
+def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
+    if t.dim() != 1 or t.numel() != qb.num_cols:
+        raise ValueError(f"{name} must be 1-D with {qb.num_cols} elements (the basis columns), got shape "
+                         f"{tuple(t.shape)}; flatten it with .reshape(-1)")
+    if t.dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; cast it with .float()")
+    if t.device != qb.device:
+        raise ValueError(f"{name} is on {t.device} but the basis is on {qb.device}; move one with .to()")
+
+
+def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
+    """Project g [D] onto the basis, per block: y[r, b] = sum_{j in block b} p^[r, j] g[j].
+
+    Returns float32 [k, B]. Differentiable in g (the transpose is `reconstruct`).
+    """
+    _check_vector("g", g, qb)
+    return project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
+
+
+def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None) -> Tensor:
+    """Weights from coefficients: w[j] = center[j] + sum_r p^[r, j] x[r, block(j)].
+
+    x is [k, B]; center [D] or None (zero). Returns [D] in center's dtype (float32 without
+    a center). Differentiable in x (dL/dx = project(qb, dL/dw)) and in center.
+    """
+    if x.dim() != 2 or tuple(x.shape) != (qb.k, qb.num_blocks):
+        raise ValueError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
+                         f"got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"x must be float32 or bfloat16, got {x.dtype}; cast it with .float()")
+    if x.device != qb.device:
+        raise ValueError(f"x is on {x.device} but the basis is on {qb.device}; move one with .to()")
+    if center is not None:
+        _check_vector("center", center, qb)
+        center = center.contiguous()
+    return reconstruct_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
+                          qb.bits or 0, qb.group_size, qb.num_cols)

@@ -1,0 +1,253 @@
+"""QuantizedBasis: the packed low-bit storage of a k x D subspace basis.
+
+Per row r and group t of `group_size` consecutive columns (the last group may be short):
+lo = min, hi = max, scale = (hi - lo) / (2**bits - 1) (0 when hi == lo),
+code = clamp(round((p - lo) / scale), 0, 2**bits - 1), and p^ = lo + scale * code.
+
+Codes are packed 8 / bits to a byte. Inside a group of L columns, W = ceil(L / (8 / bits))
+bytes hold 8 / bits "planes": element s * W + i sits in byte i at bit s * bits. Unpacking a
+plane is then a shift and a mask over contiguous bytes, which every backend vectorises.
+Group t of a row starts at byte t * group_size * bits / 8, so group_size must be a multiple
+of 8. `block_offsets` cuts the D columns into the blocks that share one coefficient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantizedBasis:
+    """A k x D basis, packed (bits in 1, 2, 4, 8) or dense float32 (bits None).
+
+    A plain bundle of tensors: `state_dict()` gives tensors only, which `torch.save` writes
+    and `torch.load(weights_only=True)` reads back; `from_state_dict` rebuilds the basis.
+    """
+
+    codes: Tensor  # uint8 [k, row_bytes]; float32 [k, D] when bits is None
+    scales: Tensor  # float32 [k, n_groups]; [k, 0] when bits is None
+    mins: Tensor  # float32 [k, n_groups]; [k, 0] when bits is None
+    block_offsets: Tensor  # int64 [B + 1]: block b is columns block_offsets[b] .. block_offsets[b + 1]
+    bits: int | None
+    group_size: int
+    num_cols: int
+
+    @property
+    def k(self) -> int:
+        """Number of basis rows."""
+        return self.codes.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of coefficient blocks B."""
+        return self.block_offsets.numel() - 1
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return self.block_offsets.diff().tolist()
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes plus metadata (scales, mins, block offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins, self.block_offsets))
+
+    def to(self, device: torch.device | str) -> QuantizedBasis:
+        """The same basis with every tensor on `device`."""
+        return QuantizedBasis(
+            self.codes.to(device),
+            self.scales.to(device),
+            self.mins.to(device),
+            self.block_offsets.to(device),
+            self.bits,
+            self.group_size,
+            self.num_cols,
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        meta = torch.tensor([self.bits or 0, self.group_size, self.num_cols], dtype=torch.int64)
+        return {
+            "codes": self.codes,
+            "scales": self.scales,
+            "mins": self.mins,
+            "block_offsets": self.block_offsets,
+            "meta": meta,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> QuantizedBasis:
+        missing = {"codes", "scales", "mins", "block_offsets", "meta"} - set(state)
+        if missing:
+            raise KeyError(f"not a QuantizedBasis state_dict: missing {sorted(missing)}")
+        bits, group_size, num_cols = (int(v) for v in state["meta"].tolist())
+        qb = cls(
+            state["codes"],
+            state["scales"],
+            state["mins"],
+            state["block_offsets"].to(torch.int64),
+            bits or None,
+            group_size,
+            num_cols,
+        )
+        _validate_layout(qb)
+        return qb
+
+
+def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:
+    """Bytes per packed row: full groups of group_size * bits / 8 bytes, then the short tail."""
+    per_byte = 8 // bits
+    n_full, tail = divmod(num_cols, group_size)
+    return n_full * (group_size // per_byte) + -(-tail // per_byte)
+
+
+def _validate_layout(qb: QuantizedBasis) -> None:
+    offsets = qb.block_offsets
+    if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != qb.num_cols:
+        raise ValueError(f"block_offsets must run from 0 to num_cols={qb.num_cols}")
+    if bool((offsets.diff() <= 0).any()):
+        raise ValueError("every block must hold at least one column")
+    if qb.bits is None:
+        if qb.codes.dtype != torch.float32 or qb.codes.dim() != 2 or qb.codes.shape[1] != qb.num_cols:
+            raise ValueError(f"a dense basis must be float32 [k, {qb.num_cols}], got {tuple(qb.codes.shape)}")
+        return
+    if qb.bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {qb.bits}")
+    n_groups = -(-qb.num_cols // qb.group_size)
+    expected = (qb.k, packed_row_bytes(qb.num_cols, qb.bits, qb.group_size))
+    if qb.codes.dtype != torch.uint8 or tuple(qb.codes.shape) != expected:
+        raise ValueError(f"codes must be uint8 {expected}, got {qb.codes.dtype} {tuple(qb.codes.shape)}")
+    for name in ("scales", "mins"):
+        t = getattr(qb, name)
+        if t.dtype != torch.float32 or tuple(t.shape) != (qb.k, n_groups):
+            raise ValueError(f"{name} must be float32 {(qb.k, n_groups)}, got {t.dtype} {tuple(t.shape)}")
+
+
+def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -> Tensor:
+    """int64 offsets [0, s0, s0 + s1, ..., num_cols]; None means one block of all columns."""
+    if block_sizes is None:
+        return torch.tensor([0, num_cols], dtype=torch.int64)
+    sizes = [int(s) for s in block_sizes]
+    if not sizes or any(s <= 0 for s in sizes):
+        raise ValueError(f"block_sizes must be positive integers, got {list(block_sizes)[:8]}")
+    if sum(sizes) != num_cols:
+        raise ValueError(f"block_sizes sum to {sum(sizes)} but the basis has {num_cols} columns; they must match")
+    return torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+
+
+def _quantize_row(p: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One float32 row [D] -> (packed bytes, scales [n_groups], mins [n_groups])."""
+    num_cols = p.numel()
+    levels = (1 << bits) - 1
+    per_byte = 8 // bits
+    n_groups = -(-num_cols // group_size)
+    # Pad the last group with its own last value: min and max are unchanged.
+    padded = torch.cat([p, p[-1:].expand(n_groups * group_size - num_cols)]).view(n_groups, group_size)
+    lo = padded.amin(dim=1)
+    hi = padded.amax(dim=1)
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((padded - lo[:, None]) / safe[:, None]).clamp_(0, levels)
+    codes = torch.where(scale[:, None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
+
+    def pack(group_codes: Tensor, length: int) -> Tensor:  # [n, length] codes -> [n, W] bytes
+        width = -(-length // per_byte)
+        planes = torch.zeros(group_codes.shape[0], per_byte * width, dtype=torch.uint8)
+        planes[:, :length] = group_codes[:, :length]
+        planes = planes.view(-1, per_byte, width)
+        packed = torch.zeros(group_codes.shape[0], width, dtype=torch.uint8)
+        for s in range(per_byte):
+            packed |= planes[:, s] << (s * bits)
+        return packed.reshape(-1)
+
+    n_full, tail = divmod(num_cols, group_size)
+    parts = [pack(codes[:n_full], group_size)] if n_full else []
+    if tail:
+        parts.append(pack(codes[n_full:], tail))
+    return torch.cat(parts), scale, lo
+
+
+def quantize(
+    P: Tensor,
+    bits: int | None = 4,
+    group_size: int = 128,
+    block_sizes: Sequence[int] | None = None,
+) -> QuantizedBasis:
+    """Pack a basis P [k, D] into `bits` bits per element (None keeps dense float32).
+
+    block_sizes partitions the D columns into the blocks that share one coefficient
+    (None: a single block). Rows are quantised one at a time, so the temporary memory is
+    that of one row, not of the whole basis.
+    """
+    if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
+        shape = tuple(P.shape) if isinstance(P, Tensor) else type(P).__name__
+        raise ValueError(f"P must be a floating-point tensor [k, D], got {shape}; for one row use P[None]")
+    if P.shape[0] == 0 or P.shape[1] == 0:
+        raise ValueError(f"P must have at least one row and one column, got {tuple(P.shape)}")
+    if bits is not None and bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    if not bool(torch.isfinite(P).all()):
+        bad = int((~torch.isfinite(P)).any(dim=1).nonzero()[0])
+        raise ValueError(f"P has NaN or Inf values (first in row {bad}); a basis must be finite")
+    k, num_cols = P.shape
+    offsets = block_offsets_from_sizes(block_sizes, num_cols).to(P.device)
+    if bits is None:
+        empty = torch.empty(k, 0, dtype=torch.float32, device=P.device)
+        return QuantizedBasis(P.detach().to(torch.float32).contiguous().clone(), empty, empty.clone(), offsets,
+                              None, group_size, num_cols)
+    rows = [_quantize_row(P[r].detach().to(torch.float32), bits, group_size) for r in range(k)]
+    codes, scales, mins = (torch.stack(parts) for parts in zip(*rows))
+    return QuantizedBasis(codes, scales, mins, offsets, bits, group_size, num_cols)
+
+
+def unpack_codes(qb: QuantizedBasis, start: int = 0, stop: int | None = None) -> Tensor:
+    """The integer codes of columns start..stop of a packed basis, as uint8 [k, stop - start].
+
+    start must sit on a group edge (a multiple of group_size).
+    """
+    if qb.bits is None:
+        raise ValueError("a dense basis (bits=None) has no codes")
+    stop = qb.num_cols if stop is None else stop
+    if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
+        raise ValueError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+    bits, per_byte, group = qb.bits, 8 // qb.bits, qb.group_size
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qb.device).view(1, 1, per_byte, 1)
+
+    def unpack(packed: Tensor, n_groups: int, length: int) -> Tensor:  # bytes of n_groups groups of length
+        width = -(-length // per_byte)
+        planes = (packed.reshape(qb.k, n_groups, 1, width) >> shifts) & ((1 << bits) - 1)
+        return planes.reshape(qb.k, n_groups, per_byte * width)[:, :, :length].reshape(qb.k, -1)
+
+    first_group, group_bytes = start // group, group // per_byte
+    end_group = -(-stop // group)
+    n_full = min(end_group, qb.num_cols // group) - first_group  # whole groups in range
+    parts = []
+    if n_full:
+        lo = first_group * group_bytes
+        parts.append(unpack(qb.codes[:, lo : lo + n_full * group_bytes], n_full, group))
+    if first_group + n_full < end_group:  # the short last group of the row
+        parts.append(unpack(qb.codes[:, (first_group + n_full) * group_bytes :], 1, qb.num_cols % group))
+    return torch.cat(parts, dim=1)[:, : stop - start]
+
+
+def dequantize(qb: QuantizedBasis, start: int = 0, stop: int | None = None) -> Tensor:
+    """Columns start..stop of the basis as float32 [k, stop - start]: p^ = lo + scale * code.
+
+    By default the whole basis. For a packed basis start must be a multiple of group_size.
+    """
+    stop = qb.num_cols if stop is None else stop
+    if qb.bits is None:
+        return qb.codes[:, start:stop].clone()
+    codes = unpack_codes(qb, start, stop).to(torch.float32)
+    group_of_col = torch.arange(start, stop, device=codes.device) // qb.group_size
+    return qb.mins[:, group_of_col] + qb.scales[:, group_of_col] * codes
