@@ -1,0 +1,59 @@
+"""The JIT build: cache, lock, CLI, and the fallback when no compiler works."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import twa_kernels
+from twa_kernels import _build
+
+REPO = Path(twa_kernels.__file__).resolve().parent.parent
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    full_env.pop("TWA_KERNELS_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=600,
+                           cwd=REPO)
+
+
+def test_no_compiler_falls_back_to_reference_with_one_warning(tmp_path):
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "import twa_kernels as tk\n"
+        "qb = tk.quantize(torch.randn(3, 100), 4, 32)\n"
+        "print(tk.backend('cpu'), tk.backend('cpu'))\n"
+        "print(tuple(tk.project(qb, torch.randn(100)).shape))\n"
+    )
+    result = _run(code, {"CXX": str(tmp_path / "no-such-compiler"), "TWA_KERNELS_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["reference", "reference", "(3,", "1)"]
+    assert result.stderr.count("could not be built") == 1
+    assert "python -m twa_kernels build" in result.stderr
+    # nothing half-built is left in the cache
+    assert not list((tmp_path / "cache").glob("cpu-*/"))
+
+
+def test_parallel_builds_share_one_cached_library(tmp_path):
+    env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path)}
+    env.pop("TWA_KERNELS_BACKEND", None)
+    cmd = [sys.executable, "-m", "twa_kernels", "build"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    libraries = {out.strip().rsplit(": ", 1)[1] for out, _ in outputs}
+    assert len(libraries) == 1 and Path(libraries.pop()).is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [next(tmp_path.glob("cpu-*/")).name]
+
+
+def test_cache_key_follows_sources(tmp_path):
+    src = tmp_path / "csrc"
+    (src / "cpu").mkdir(parents=True)
+    for rel in ("twa_kernels.cpp", "cpu/kernels.cpp", "cpu/kernels.h"):
+        (src / rel).write_text((_build.source_dir() / rel).read_text())
+    before = _build._cpu_build_key(src)
+    (src / "cpu" / "kernels.h").write_text((src / "cpu" / "kernels.h").read_text() + "\n// changed\n")
+    assert _build._cpu_build_key(src) != before

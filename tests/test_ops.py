@@ -1,0 +1,164 @@
+"""project and reconstruct on every backend against the reference (the executable spec)."""
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels import _ops
+from twa_kernels.backends import reference
+
+from conftest import random_basis
+
+BITS = [None, 1, 2, 4, 8]
+# (k, D, group_size, block_sizes): D not a multiple of 8 or of the group, k = 1,
+# one-element blocks, groups straddling block edges, a basis smaller than one group.
+SHAPES = [
+    (1, 1, 8, None),
+    (3, 7, 8, [3, 4]),
+    (1, 1000, 128, [1] * 10 + [990]),
+    (4, 1003, 64, [500, 1, 502]),
+    (5, 777, 8, [1] * 777),
+    (16, 4099, 128, [1000, 3099]),
+]
+
+
+def _reference_project(qb, g):
+    return reference.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, g, qb.bits or 0, qb.group_size)
+
+
+def _reference_reconstruct(qb, x, center):
+    return reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits or 0,
+                                 qb.group_size, qb.num_cols)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_project_matches_reference(backend_name, bits, k, d, group_size, blocks, dtype):
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    g = torch.randn(d).to(dtype)
+    y = tk.project(qb, g)
+    expected = _reference_project(qb, g)
+    assert y.dtype == torch.float32 and y.shape == (k, qb.num_blocks)
+    scale = (tk.dequantize(qb).abs() * g.float().abs()).sum(1, keepdim=True)  # error budget per row
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=float(scale.max()) * 1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_center", [True, False])
+def test_reconstruct_matches_reference(backend_name, bits, k, d, group_size, blocks, dtype, with_center):
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    x = torch.randn(k, qb.num_blocks).to(dtype)
+    center = torch.randn(d).to(dtype) if with_center else None
+    w = tk.reconstruct(qb, x, center)
+    expected = _reference_reconstruct(qb, x, center)
+    assert w.dtype == (dtype if with_center else torch.float32) and w.shape == (d,)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.float().abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    if w.dtype == torch.bfloat16:  # both round a float result to bfloat16: at most one ulp apart
+        torch.testing.assert_close(w.float(), expected.float(), rtol=8e-3, atol=budget)
+    else:
+        torch.testing.assert_close(w, expected, rtol=1e-5, atol=budget)
+
+
+def _dense_reconstruct(P, offsets, x, center):
+    """reconstruct written with plain differentiable torch ops."""
+    blocks = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    return center + (P * x[:, blocks]).sum(0)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_gradients_equal_dense_autograd(backend_name, bits):
+    qb = tk.quantize(torch.randn(5, 301), bits, 64, [100, 1, 200])
+    x = torch.randn(5, 3, requires_grad=True)
+    center = torch.randn(301, requires_grad=True)
+    upstream = torch.randn(301)
+    tk.reconstruct(qb, x, center).backward(upstream)
+    x_ref = x.detach().clone().requires_grad_()
+    c_ref = center.detach().clone().requires_grad_()
+    _dense_reconstruct(tk.dequantize(qb), qb.block_offsets, x_ref, c_ref).backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(center.grad, c_ref.grad)
+
+
+def test_project_gradient_is_reconstruct(backend_name):
+    qb = tk.quantize(torch.randn(3, 200), 2, 32, [50, 150])
+    g = torch.randn(200, requires_grad=True)
+    upstream = torch.randn(3, 2)
+    tk.project(qb, g).backward(upstream)
+    torch.testing.assert_close(g.grad, tk.reconstruct(qb, upstream), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [None, 1, 8])
+def test_gradcheck_reconstruct(backend_name, bits):
+    qb = tk.quantize(torch.randn(3, 45), bits, 16, [20, 25])
+    x = torch.randn(3, 2, requires_grad=True)
+    center = torch.randn(45, requires_grad=True)
+    # float32 ops: reconstruct is linear, so wide finite differences are exact up to rounding
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(lambda x, c: tk.reconstruct(qb, x, c), (x, center), eps=1e-2, atol=1e-3,
+                                        rtol=1e-3)
+
+
+def _op_samples():
+    qb = tk.quantize(torch.randn(4, 130), 4, 64, [30, 100])
+    dense = tk.quantize(torch.randn(2, 70), None)
+    g = torch.randn(130, requires_grad=True)
+    x = torch.randn(4, 2, requires_grad=True)
+    center = torch.randn(130, requires_grad=True)
+    parts = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    dparts = (dense.codes, dense.scales, dense.mins, dense.block_offsets)
+    return [
+        (_ops.project_op, (*parts, g, 4, 64)),
+        (_ops.project_op, (*dparts, torch.randn(70), 0, 128)),
+        (_ops.reconstruct_op, (*parts, x, center, 4, 64, 130)),
+        (_ops.reconstruct_op, (*parts, x, None, 4, 64, 130)),
+        (_ops.reconstruct_op, (*dparts, torch.randn(2, 1), torch.randn(70).bfloat16(), 0, 128, 70)),
+        (_ops.gram_op, (torch.randn(3, 90),)),
+        (_ops.combine_rows_op, (torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 90))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck(backend_name, case):
+    op, args = _op_samples()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_runs_project_and_reconstruct(backend_name):
+    qb = tk.quantize(torch.randn(4, 300), 4, 64, [100, 200])
+    center = torch.randn(300)
+
+    def step(x, g):
+        return tk.reconstruct(qb, x - 0.1 * tk.project(qb, g), center)
+
+    x, g = torch.randn(4, 2), torch.randn(300)
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(x, g), step(x, g))
+
+
+def test_bad_inputs_are_named():
+    qb = tk.quantize(torch.randn(3, 50), 4, 16, [20, 30])
+    with pytest.raises(ValueError, match="1-D with 50 elements"):
+        tk.project(qb, torch.randn(5, 10))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        tk.project(qb, torch.randn(50).half())
+    with pytest.raises(ValueError, match=r"\[3, 2\]"):
+        tk.reconstruct(qb, torch.randn(3, 1))
+    with pytest.raises(ValueError, match="center must be 1-D"):
+        tk.reconstruct(qb, torch.randn(3, 2), torch.randn(49))
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("TWA_KERNELS_BACKEND", raising=False)
+    assert tk.backend("cpu") == "cpp"
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "reference")
+    assert tk.backend("cpu") == "reference"
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="not one of"):
+        tk.backend("cpu")
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot run cpu tensors"):
+        tk.backend("cpu")

@@ -1,0 +1,83 @@
+import warnings
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels.backends import reference
+from twa_kernels.backends.paper import paper_gram_schmidt
+
+
+def ill_conditioned(k: int, d: int, cond: float) -> torch.Tensor:
+    """float32 rows with singular values spread log-evenly from 1 to 1/cond, built so the
+    stored float32 matrix itself has that condition number (checked in float64)."""
+    u, _ = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, k, dtype=torch.float64))
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
+    return ((u * s) @ v.T).float()
+
+
+def nearly_collinear_checkpoints(k: int, d: int) -> torch.Tensor:
+    """Checkpoints of one run: a shared weight vector plus small, shrinking steps."""
+    w = torch.randn(d, dtype=torch.float64)
+    steps = torch.randn(k, d, dtype=torch.float64) * torch.logspace(-2, -5, k, dtype=torch.float64)[:, None]
+    return (w + steps.cumsum(0)).float()
+
+
+def orthogonality_error(Q: torch.Tensor) -> float:
+    Q = Q.double()
+    return float((Q @ Q.T - torch.eye(Q.shape[0], dtype=torch.float64)).abs().max())
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
+def test_orthonormal_for_ill_conditioned_rows_where_classical_gs_fails(backend_name, cond):
+    P = ill_conditioned(16, 5000, cond)
+    assert torch.linalg.cond(P.double()) > cond / 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row at the tolerance may be dropped
+        Q = tk.orthonormalize(P, tol=1e-9)
+    assert Q.shape == (16, 5000)
+    assert orthogonality_error(Q) <= 1e-6
+    # Q spans P: projecting P onto Q's rows reproduces it
+    Pd, Qd = P.double(), Q.double()
+    assert float((Pd - (Pd @ Qd.T) @ Qd).norm() / Pd.norm()) < 1e-6
+    if cond >= 1e4:
+        assert orthogonality_error(paper_gram_schmidt(P)) > 1e-3
+
+
+def test_checkpoints_of_one_run(backend_name):
+    P = nearly_collinear_checkpoints(12, 20000)
+    Q = tk.orthonormalize(P)
+    assert orthogonality_error(Q) <= 1e-6
+    assert orthogonality_error(paper_gram_schmidt(P)) > 100 * orthogonality_error(Q)
+
+
+def test_matches_reference_gram_schmidt(backend_name):
+    P = torch.randn(6, 3001)
+    Q = tk.orthonormalize(P)
+    torch.testing.assert_close(Q, reference.orthonormalize(P), rtol=0, atol=2e-6)
+
+
+def test_dependent_and_zero_rows_are_dropped_with_a_warning(backend_name):
+    P = torch.randn(4, 100)
+    P[2] = P[0] - 2 * P[1]
+    P[3] = 0
+    with pytest.warns(RuntimeWarning, match=r"dropped 2 of 4 rows .* \[2, 3\]"):
+        Q = tk.orthonormalize(P)
+    assert Q.shape == (2, 100)
+    assert orthogonality_error(Q) <= 1e-6
+    with pytest.warns(RuntimeWarning, match=r"\[2, 3\]"):
+        expected = reference.orthonormalize(P)
+    torch.testing.assert_close(Q, expected, rtol=0, atol=2e-6)
+
+
+def test_single_row_is_normalised(backend_name):
+    P = torch.randn(1, 77) * 3
+    torch.testing.assert_close(tk.orthonormalize(P), P / P.norm())
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"\[k, D\]"):
+        tk.orthonormalize(torch.randn(10))
+    with pytest.raises(ValueError, match="tol must be positive"):
+        tk.orthonormalize(torch.randn(2, 10), tol=0)
