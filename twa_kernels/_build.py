@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 CPU_LIBRARY = "twa_kernels_cpu"
 # -march=native is safe because the cache key holds the CPU model: a cache directory
 # shared between different machines never hands one of them the other's build.
-CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
 
 

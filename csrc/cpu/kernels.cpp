@@ -6,6 +6,10 @@
 
 #include <omp.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -109,6 +113,94 @@ inline int64_t block_of(const int64_t* offsets, int64_t n_blocks, int64_t col) {
 
 inline int64_t tile_width(const PackedBasis& b) { return b.bits ? b.group_size : kDenseTile; }
 
+// ---- fast path: a whole group inside one block, 4 rows at a time -----------------------
+// Rows are taken in fours so that each 8-lane chunk of g (or of the output) is loaded once
+// per four rows and the four accumulations are independent chains, not one long FMA
+// dependency. Chunks are 8 codes of one plane; a plane is `width` bytes, a multiple of 8.
+constexpr int kRowBlock = 4;
+constexpr int kLanes = 8;
+// Each of the k rows is its own stream that advances one group (often one cache line) per
+// tile, too little for the hardware prefetcher: fetch this many bytes ahead in every row.
+constexpr int64_t kPrefetchBytes = 512;
+
+inline void prefetch_rows(const uint8_t* const* src, int rows, int64_t bytes) {
+  for (int r = 0; r < rows; ++r)
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(src[r] + kPrefetchBytes + off);
+}
+
+// GCC/Clang vector extensions: plain C++ that the compiler maps to the widest registers
+// it has (AVX2 here, NEON on Arm), with the accumulators kept in registers.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// 8 codes of one plane as floats: zero-extend the bytes, shift the plane down, mask.
+inline i32x8 widen8(const uint8_t* src) {
+#if defined(__AVX2__)
+  // GCC lowers the generic byte -> int32 conversion to scalar inserts; one vpmovzxbd instead.
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  i32x8 wide;
+  std::memcpy(&wide, &w, sizeof wide);
+  return wide;
+#else
+  u8x8 raw;
+  std::memcpy(&raw, src, sizeof raw);
+  return __builtin_convertvector(raw, i32x8);
+#endif
+}
+
+template <int BITS>
+inline f32x8 decode8(const uint8_t* src, int shift) {
+  i32x8 wide = widen8(src);
+  if constexpr (BITS != 8) wide = (wide >> shift) & ((1 << BITS) - 1);
+  return __builtin_convertvector(wide, f32x8);
+}
+
+// dots[r] = sum over the group of code[r, j] * g[j], for ROWS rows (independent chains).
+template <int BITS, int ROWS>
+inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, float* dots) {
+  constexpr int kPerByte = 8 / BITS;
+  f32x8 acc[ROWS] = {};
+  for (int s = 0; s < kPerByte; ++s) {
+    const float* gp = g + s * width;
+    for (int64_t i = 0; i < width; i += kLanes) {
+      const f32x8 gv = load8(gp + i);
+      for (int r = 0; r < ROWS; ++r) acc[r] += decode8<BITS>(src[r] + i, s * BITS) * gv;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = 0.f;
+    for (int l = 0; l < kLanes; ++l) sum += acc[r][l];
+    dots[r] = sum;
+  }
+}
+
+// out[j] += sum_r a[r] * code[r, j] over the group, for ROWS rows.
+template <int BITS, int ROWS>
+inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+  constexpr int kPerByte = 8 / BITS;
+  for (int s = 0; s < kPerByte; ++s) {
+    float* op = out + s * width;
+    for (int64_t i = 0; i < width; i += kLanes) {
+      f32x8 o = load8(op + i);
+      for (int r = 0; r < ROWS; ++r) o += a[r] * decode8<BITS>(src[r] + i, s * BITS);
+      store8(op + i, o);
+    }
+  }
+}
+
+inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segment>& segs) {
+  return b.bits != 0 && len == b.group_size && segs.size() == 1 && (b.group_size / (8 / b.bits)) % kLanes == 0;
+}
+
 template <int BITS>
 void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, int num_threads) {
   const int64_t width = tile_width(b);
@@ -136,6 +228,29 @@ void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, 
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
           gsum[s] = sum;
+        }
+      }
+      if constexpr (BITS != 0) {
+        if (fast_group(b, len, segs)) {
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
+            const uint8_t* src[kRowBlock];
+            for (int r = 0; r < rows; ++r) src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
+            float dots[kRowBlock];
+            prefetch_rows(src, rows, gbytes);
+            if (rows == kRowBlock) {
+              group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
+            } else {
+              for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
+            }
+            for (int r = 0; r < rows; ++r) {
+              const int64_t m = (r0 + r) * b.n_groups + t;
+              acc[(r0 + r) * b.n_blocks + segs[0].block] +=
+                  static_cast<double>(b.mins[m]) * gsum[0] + static_cast<double>(b.scales[m]) * dots[r];
+            }
+          }
+          continue;
         }
       }
       for (int64_t r = 0; r < b.k; ++r) {
@@ -190,7 +305,29 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
           for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
         }
       }
-      for (int64_t r = 0; r < b.k; ++r) {
+      bool done = false;
+      if constexpr (BITS != 0) {
+        if (fast_group(b, len, segs)) {
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
+            const uint8_t* src[kRowBlock];
+            float a[kRowBlock];
+            for (int r = 0; r < rows; ++r) {
+              src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
+              a[r] = b.scales[(r0 + r) * b.n_groups + t] * x[(r0 + r) * b.n_blocks + segs[0].block];
+            }
+            prefetch_rows(src, rows, gbytes);
+            if (rows == kRowBlock) {
+              group_axpy<BITS, kRowBlock>(src, gbytes, a, o);
+            } else {
+              for (int r = 0; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, o);
+            }
+          }
+          done = true;
+        }
+      }
+      for (int64_t r = 0; r < b.k && !done; ++r) {
         const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
         for (const Segment& s : segs) {
           const float a = rt.scale * x[r * b.n_blocks + s.block];
