@@ -8,7 +8,6 @@
     tk.backend("cpu")                                # "cpp" | "triton" | "cuda" | "reference"
 """
 
-from twa_kernels import backends as _backends  # noqa: F401
 from twa_kernels._ops import backend
 from twa_kernels.backends import cpu as _cpu  # noqa: F401  (registers the cpp kernels)
 from twa_kernels.backends import reference as _reference  # noqa: F401  (registers the spec)

@@ -1,0 +1,128 @@
+"""Fused kernels vs the reference and the paper's P_Step path, timed in the same run.
+
+Each benchmark records in extra_info the bytes its op must move at minimum (the packed or
+paper-format basis once, plus the vectors it reads and writes); bench/report.py turns the
+JSON of a run into the roofline table, against the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels.backends import reference
+from twa_kernels.backends.paper import paper_gram_schmidt, paper_project, paper_reconstruct, paper_twa_step
+
+from conftest import cases
+
+IMPLS = ["fused", "reference", "paper"]
+ROUNDS = {"fused": 5, "reference": 2, "paper": 2}
+LR = 1e-3
+
+
+def _run(benchmark, impl, fn, **info):
+    benchmark.group = "{op} {model} k={k} bits={bits}".format(**info)
+    benchmark.extra_info.update(info, impl=impl)
+    benchmark.pedantic(fn, rounds=ROUNDS[impl], iterations=1, warmup_rounds=1 if impl == "fused" else 0)
+
+
+def _reference_project(qb, g):
+    return reference.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, g, qb.bits, qb.group_size)
+
+
+def _reference_reconstruct(qb, x, center):
+    return reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits,
+                                 qb.group_size, qb.num_cols)
+
+
+def test_copy_bandwidth(benchmark):
+    """The machine's memory bandwidth: a 256 MiB tensor copy (read + write)."""
+    src = torch.randn(64 << 20)
+    dst = torch.empty_like(src)
+    benchmark.group = "copy"
+    benchmark.extra_info.update(op="copy", bytes=2 * src.numel() * src.element_size())
+    benchmark.pedantic(dst.copy_, args=(src,), rounds=10, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model,k,bits", cases())
+def test_project(benchmark, bases, model, k, bits, impl):
+    qb, pb = bases(model, k, bits)
+    g = torch.randn(qb.num_cols)
+    vec = 4 * qb.num_cols
+    fn, nbytes = {
+        "fused": (lambda: tk.project(qb, g), qb.nbytes + vec),
+        "reference": (lambda: _reference_project(qb, g), qb.nbytes + vec),
+        "paper": (lambda: paper_project(pb, g), pb.nbytes + vec),
+    }[impl]
+    _run(benchmark, impl, fn, op="project", model=model, k=k, bits=bits, D=qb.num_cols, bytes=nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model,k,bits", cases())
+def test_reconstruct(benchmark, bases, model, k, bits, impl):
+    qb, pb = bases(model, k, bits)
+    x, center = torch.randn(k, qb.num_blocks), torch.randn(qb.num_cols)
+    vecs = 8 * qb.num_cols  # read center, write w
+    fn, nbytes = {
+        "fused": (lambda: tk.reconstruct(qb, x, center), qb.nbytes + vecs),
+        "reference": (lambda: _reference_reconstruct(qb, x, center), qb.nbytes + vecs),
+        "paper": (lambda: paper_reconstruct(pb, x, center), pb.nbytes + vecs),
+    }[impl]
+    _run(benchmark, impl, fn, op="reconstruct", model=model, k=k, bits=bits, D=qb.num_cols, bytes=nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model,k,bits", cases())
+def test_twa_step(benchmark, bases, model, k, bits, impl):
+    """One TWA step on the weights: project the gradient, step the coefficients, rebuild."""
+    qb, pb = bases(model, k, bits)
+    g, x, center = torch.randn(qb.num_cols), torch.randn(k, qb.num_blocks), torch.randn(qb.num_cols)
+    vecs = 12 * qb.num_cols  # read g, read center, write w
+
+    def fused():
+        return tk.reconstruct(qb, x - LR * tk.project(qb, g), center)
+
+    def ref():
+        return _reference_reconstruct(qb, x - LR * _reference_project(qb, g), center)
+
+    fn, nbytes = {
+        "fused": (fused, 2 * qb.nbytes + vecs),
+        "reference": (ref, 2 * qb.nbytes + vecs),
+        "paper": (lambda: paper_twa_step(pb, g, x, center, LR), 2 * pb.nbytes + vecs),
+    }[impl]
+    _run(benchmark, impl, fn, op="twa_step", model=model, k=k, bits=bits, D=qb.num_cols, bytes=nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("k", [16])
+def test_orthonormalize(benchmark, k, impl):
+    """Nearly collinear rows (checkpoints of one run) at ResNet-18 size."""
+    d = 11_689_512
+    gen = torch.Generator().manual_seed(0)
+    P = torch.randn(d, generator=gen) + 1e-2 * torch.randn(k, d, generator=gen).cumsum(0)
+    fn = {
+        "fused": lambda: tk.orthonormalize(P),
+        "reference": lambda: reference.orthonormalize(P),
+        "paper": lambda: paper_gram_schmidt(P),
+    }[impl]
+    # CholQR2: two Gram passes read P (4kD each), two combine passes read and write (8kD each)
+    _run(benchmark, impl, fn, op="orthonormalize", model="resnet18", k=k, bits="fp32", D=d, bytes=24 * k * d)
+
+
+@pytest.mark.parametrize("op", ["project", "reconstruct"])
+@pytest.mark.parametrize("bits", sorted({b for _, _, b in cases()}))
+def test_in_cache(benchmark, op, bits):
+    """The op on a basis small enough to stay in cache (k=16, D=2^18): the rate of the
+    unpacking arithmetic alone, with no memory traffic. report.py sets the arithmetic time
+    of each full-size op (elements / this rate) beside its memory time (bytes / copy)."""
+    from conftest import random_packed_basis
+
+    k, d = 16, 1 << 18
+    qb = random_packed_basis(k, [d], bits)
+    g, x, center = torch.randn(d), torch.randn(k, 1), torch.randn(d)
+    fn = (lambda: tk.project(qb, g)) if op == "project" else (lambda: tk.reconstruct(qb, x, center))
+    benchmark.group = f"in-cache bits={bits}"
+    benchmark.extra_info.update(op="in_cache", kernel=op, bits=bits, elements=k * d)
+    benchmark.pedantic(fn, rounds=20, iterations=5, warmup_rounds=2)
