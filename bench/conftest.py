@@ -1,7 +1,8 @@
 """Shared setup for the benchmarks: sizes, synthetic bases, and the run's machine info.
 
 TWA_BENCH picks the size grid: "quick" (k=16, ResNet-18, 4-bit), "default" (k = 16 and 72,
-ResNet-18, bits 1/2/4/8) or "full" (default plus CLIP ViT-B/32 at 88M weights).
+ResNet-18, bits 1/2/4/8) or "full" (default plus CLIP ViT-B/32 at 88M weights, and
+orthonormalize at k = 72).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from twa_kernels.backends.paper import PaperBasis  # noqa: E402
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes, packed_row_bytes  # noqa: E402
 
 GRIDS = {
-    "quick": dict(models=["resnet18"], ks=[16], bits=[4]),
-    "default": dict(models=["resnet18"], ks=[16, 72], bits=[1, 2, 4, 8]),
-    "full": dict(models=["resnet18", "clip-vit-b32"], ks=[16, 72], bits=[1, 2, 4, 8]),
+    "quick": dict(models=["resnet18"], ks=[16], bits=[4], orthonormalize_ks=[16]),
+    "default": dict(models=["resnet18"], ks=[16, 72], bits=[1, 2, 4, 8], orthonormalize_ks=[16]),
+    # orthonormalize works on a dense float basis: k=72 x 88M would need 25 GB, so its
+    # largest case is k=72 at ResNet-18 size
+    "full": dict(models=["resnet18", "clip-vit-b32"], ks=[16, 72], bits=[1, 2, 4, 8], orthonormalize_ks=[16, 72]),
 }
 GRID = GRIDS[os.environ.get("TWA_BENCH", "default")]
 GROUP_SIZE = 128

@@ -14,7 +14,7 @@ import twa_kernels as tk
 from twa_kernels.backends import reference
 from twa_kernels.backends.paper import paper_gram_schmidt, paper_project, paper_reconstruct, paper_twa_step
 
-from conftest import cases
+from conftest import GRID, cases
 
 IMPLS = ["fused", "reference", "paper"]
 ROUNDS = {"fused": 5, "reference": 2, "paper": 2}
@@ -96,7 +96,7 @@ def test_twa_step(benchmark, bases, model, k, bits, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("k", [16])
+@pytest.mark.parametrize("k", GRID["orthonormalize_ks"])
 def test_orthonormalize(benchmark, k, impl):
     """Nearly collinear rows (checkpoints of one run) at ResNet-18 size."""
     d = 11_689_512
