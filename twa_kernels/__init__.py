@@ -13,12 +13,26 @@ from twa_kernels.backends import cpu as _cpu  # noqa: F401  (registers the cpp k
 from twa_kernels.backends import reference as _reference  # noqa: F401  (registers the spec)
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, dequantize, quantize
-from twa_kernels.subspace import orthonormalize
+from twa_kernels.subspace import Subspace, orthonormalize
+from twa_kernels.twa import TWA
+from twa_kernels.optim import SubspaceOptimizer
+from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average
+from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "QuantizedBasis",
+    "Subspace",
+    "SubspaceOptimizer",
+    "TWA",
+    "ema_average",
+    "greedy_soup",
+    "load_state_dict",
+    "save_state_dict",
+    "split_holdout",
+    "uniform_average",
     "backend",
     "dequantize",
     "orthonormalize",

@@ -1,4 +1,4 @@
-"""Subspaces of weight space: orthonormalising a basis.
+"""Subspaces of weight space: orthonormalising a basis, and building one from checkpoints.
 
 orthonormalize runs CholQR2: a Gram matrix accumulated in float64 (one pass over P), a
 Cholesky factor that also decides which rows are dependent, one pass that applies the
@@ -10,12 +10,21 @@ where the classical Gram-Schmidt of the paper's code has lost orthogonality.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
 from torch import Tensor
 
 from twa_kernels._ops import combine_rows_op, gram_op
+from twa_kernels.io import CheckpointError, Checkpoints, iter_state_dicts, resolve_checkpoints
+from twa_kernels.quant import (
+    SUPPORTED_BITS,
+    QuantizedBasis,
+    _quantize_row,
+    block_offsets_from_sizes,
+    quantize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +88,160 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     q = _apply_inverse(factor, p)  # first CholQR pass: orthogonal up to ~cond(P)^2 * eps64
     second = torch.linalg.cholesky(gram_op(q))
     return _apply_inverse(second, q)  # second pass: orthogonal to float32 rounding
+
+
+_orthonormalize = orthonormalize  # from_checkpoints has an argument of that name
+
+
+# ---- subspaces built from checkpoints --------------------------------------------------
+
+_BATCHNORM_STATISTICS = ("running_mean", "running_var")
+
+
+def default_parameter_names(state: dict[str, Tensor]) -> list[str]:
+    """Floating-point entries of a state_dict, less BatchNorm running statistics: the
+    weights a subspace spans when no model says which entries are parameters."""
+    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(_BATCHNORM_STATISTICS)]
+
+
+def block_sizes_for(numels: list[int], granularity: str | int) -> list[int]:
+    """Coefficient blocks over the parameter tensors: "model" (one block), "tensor" (one
+    per tensor) or an int N (consecutive tensors merged while the block stays within N
+    elements; a tensor larger than N is a block of its own)."""
+    if granularity == "model":
+        return [sum(numels)]
+    if granularity == "tensor":
+        return list(numels)
+    if isinstance(granularity, int) and not isinstance(granularity, bool) and granularity > 0:
+        blocks: list[int] = []
+        for n in numels:
+            if blocks and blocks[-1] + n <= granularity:
+                blocks[-1] += n
+            else:
+                blocks.append(n)
+        return blocks
+    raise ValueError(f"granularity must be 'model', 'tensor' or a positive int, got {granularity!r}")
+
+
+class Subspace:
+    """An affine subspace of weight space: w = center + sum_r x[r, block] * basis[r].
+
+    `names` and `shapes` say how the D = sum of numels weights map to parameter tensors.
+    """
+
+    def __init__(self, names: list[str], shapes: list[tuple[int, ...]], center: Tensor, basis: QuantizedBasis,
+                 orthonormal: bool = False):
+        numel = sum(math.prod(s) for s in shapes)
+        if center.shape != (numel,) or basis.num_cols != numel or len(names) != len(shapes):
+            raise ValueError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
+                             f"{tuple(center.shape)}, basis of {basis.num_cols} columns")
+        self.names, self.shapes, self.center, self.basis = list(names), [tuple(s) for s in shapes], center, basis
+        self.orthonormal = orthonormal  # rows orthonormal (before quantisation): P^T P g projects g
+
+    @property
+    def num_weights(self) -> int:
+        return self.center.numel()
+
+    def flatten(self, state: dict[str, Tensor], source: str = "state_dict") -> Tensor:
+        """The subspace's parameters of a state_dict as one float32 vector [D]. A missing key
+        or a wrong shape is a CheckpointError naming the source, the key and both shapes."""
+        return _flatten(state, self.names, self.shapes, source)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Views of a [D] vector shaped like the parameters, by name."""
+        out, start = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            n = math.prod(shape)
+            out[name] = vector[start : start + n].view(shape)
+            start += n
+        return out
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Checkpoints,
+        bits: int | None = 4,
+        granularity: str | int = "tensor",
+        group_size: int = 128,
+        parameter_names: list[str] | None = None,
+        orthonormalize: bool = False,
+        progress: bool = False,
+    ) -> Subspace:
+        """Build the subspace spanned by k checkpoints, streaming.
+
+        Pass 1 averages the checkpoints into the center (the SWA point). Pass 2 reads them
+        again; each centred checkpoint becomes a basis row, scaled to unit norm in every
+        block (the journal version) and quantised to `bits` as soon as it is made, so memory
+        holds the center, one dense checkpoint and the packed rows. With orthonormalize=True
+        (the ICLR version; needs granularity="model") the rows are orthonormalised first,
+        which holds all k rows dense at once.
+
+        parameter_names selects the entries that are trainable weights (TWA passes the
+        model's parameters); by default every floating-point entry but BatchNorm statistics.
+        """
+        if bits is not None and bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+        if orthonormalize and granularity != "model":
+            raise ValueError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
+        specs = resolve_checkpoints(checkpoints)
+        names, shapes, total = parameter_names, None, None
+        for source, state in _progress(iter_state_dicts(specs), len(specs), "averaging", progress):
+            if names is None:
+                names = default_parameter_names(state)
+            if shapes is None:
+                shapes = [tuple(_checked(state, n, None, source).shape) for n in names]
+            vector = _flatten(state, names, shapes, source).double()
+            total = vector if total is None else total.add_(vector)
+        center = (total / len(specs)).float()
+        del total
+        blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)
+        offsets = block_offsets_from_sizes(blocks, center.numel())
+        rows = []
+        for source, state in _progress(iter_state_dicts(specs), len(specs), "building basis", progress):
+            row = _flatten(state, names, shapes, source) - center
+            for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+                norm = row[start:stop].norm()
+                if norm > 0:
+                    row[start:stop] /= norm
+            if orthonormalize or bits is None:
+                rows.append(row)
+            else:
+                rows.append(_quantize_row(row, bits, group_size))
+        if orthonormalize:
+            # centred rows sum to zero (after scaling): any k - 1 of them span the subspace
+            basis = quantize(_orthonormalize(torch.stack(rows[:-1] if len(rows) > 1 else rows)), bits, group_size,
+                             blocks)
+        elif bits is None:
+            basis = quantize(torch.stack(rows), None, group_size, blocks)
+        else:
+            codes, scales, mins = (torch.stack(parts) for parts in zip(*rows))
+            basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, center.numel())
+        logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
+                    center.numel(), len(blocks), bits, basis.nbytes / 1e6)
+        return cls(names, shapes, center, basis, orthonormal=orthonormalize)
+
+
+def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str) -> Tensor:
+    if name not in state:
+        raise CheckpointError(f"{source}: missing key {name!r} (it has {len(state)} keys, e.g. "
+                              f"{list(state)[:3]}); was it saved from the same model?")
+    value = state[name]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise CheckpointError(f"{source}: key {name!r} has shape {tuple(value.shape)} but the model has "
+                              f"{tuple(shape)}")
+    if not value.is_floating_point():
+        raise CheckpointError(f"{source}: key {name!r} is {value.dtype}, not a floating-point weight")
+    return value
+
+
+def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int, ...]], source: str) -> Tensor:
+    parts = [_checked(state, name, shape, source) for name, shape in zip(names, shapes)]
+    return torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
+
+
+def _progress(items, total: int, what: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=what, unit="ckpt")

@@ -1,0 +1,127 @@
+"""TWA on a real dataset (scikit-learn's digits): start point, training, 4-bit vs dense,
+export, gradients and resuming."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+import twa_kernels as tk
+
+from digits import digits_splits, evaluate, make_model, train_checkpoints, train_coefficients
+
+
+@pytest.fixture(scope="module")
+def run():
+    train, val, test = digits_splits()
+    # the head of a run: 5 early epochs at a small learning rate, far from converged
+    return train, val, test, train_checkpoints(train, epochs=5, lr=0.01)
+
+
+def _swa_model(checkpoints, train):
+    model = make_model(1)
+    model.load_state_dict(tk.uniform_average(checkpoints))
+    torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=256), model)
+    return model
+
+
+def test_starts_exactly_at_the_swa_point(run):
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    swa = tk.uniform_average(ckpts)
+    for name, weight in twa.weights().items():
+        torch.testing.assert_close(weight, swa[name], rtol=0, atol=1e-6)
+    assert torch.equal(twa.coefficients, torch.zeros_like(twa.coefficients))
+    assert sum(p.numel() for p in twa.parameters()) == len(ckpts) * 6  # k x one block per tensor
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    train, val, _, ckpts = run
+    out = {}
+    for bits in (4, None):
+        twa = tk.TWA(make_model(1), ckpts, bits=bits)
+        train_coefficients(twa, train)
+        twa.update_bn(DataLoader(train, batch_size=256))
+        out[bits] = twa
+    return out
+
+
+def test_trained_coefficients_beat_swa_on_held_out_data(run, trained):
+    train, val, _, ckpts = run
+    swa_loss, swa_acc = evaluate(_swa_model(ckpts, train), val)
+    twa_loss, twa_acc = evaluate(trained[4], val)
+    assert twa_loss < swa_loss - 0.05, (twa_loss, swa_loss)
+    assert twa_acc >= swa_acc
+
+
+def test_four_bit_basis_lands_near_the_dense_one(trained, run):
+    _, val, _, _ = run
+    loss4, acc4 = evaluate(trained[4], val)
+    loss_dense, acc_dense = evaluate(trained[None], val)
+    assert abs(loss4 - loss_dense) < 0.05 and abs(acc4 - acc_dense) < 0.03, (loss4, loss_dense, acc4, acc_dense)
+
+
+def test_averaged_state_dict_reproduces_twa_in_a_plain_model(trained, run):
+    _, val, _, _ = run
+    twa = trained[4]
+    plain = make_model(7)
+    plain.load_state_dict(twa.averaged_state_dict())
+    plain.eval(), twa.eval()
+    x = val.tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), twa(x), rtol=0, atol=1e-5)
+
+
+def test_coefficient_gradients_equal_dense_autograd(run):
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=2)
+    with torch.no_grad():
+        twa.coefficients.normal_(0, 0.3)
+    x, y = train.tensors[0][:50], train.tensors[1][:50]
+    F.cross_entropy(twa(x), y).backward()
+    # the same weights written with dense torch ops
+    coeffs = twa.coefficients.detach().clone().requires_grad_()
+    basis = tk.dequantize(twa.basis)
+    blocks = torch.repeat_interleave(torch.arange(twa.basis.num_blocks), twa.basis.block_offsets.diff())
+    flat = twa.center + (basis * coeffs[:, blocks]).sum(0)
+    F.cross_entropy(functional_call(twa.module, twa.subspace.unflatten(flat), (x,)), y).backward()
+    torch.testing.assert_close(twa.coefficients.grad, coeffs.grad, rtol=1e-4, atol=1e-6)
+
+
+def _steps(twa, opt, batches):
+    for xb, yb in batches:
+        opt.zero_grad()
+        F.cross_entropy(twa(xb), yb).backward()
+        opt.step()
+
+
+def test_resumed_run_takes_bit_identical_steps(run):
+    train, _, _, ckpts = run
+    batches = [(train.tensors[0][i : i + 64], train.tensors[1][i : i + 64]) for i in range(0, 320, 64)]
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    opt = torch.optim.AdamW(twa.parameters(), lr=0.05)
+    _steps(twa, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"twa": twa.state_dict(), "opt": opt.state_dict()}, buf)
+    _steps(twa, opt, batches[3:])
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = tk.TWA(make_model(3), tk.Subspace.from_checkpoints(ckpts, bits=4,
+                     parameter_names=[n for n, _ in make_model(3).named_parameters()]))
+    resumed.load_state_dict(saved["twa"])
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=0.05)
+    resumed_opt.load_state_dict(saved["opt"])
+    _steps(resumed, resumed_opt, batches[3:])
+    assert torch.equal(resumed.coefficients, twa.coefficients)
+
+
+def test_layerwise_granularity_merges_tensors(run):
+    _, _, _, ckpts = run
+    assert tk.TWA(make_model(1), ckpts, granularity="model").coefficients.shape == (5, 1)
+    # 64*48 + 48 + 48 + 48 + 48*10 + 10: merging up to 3200 elements gives [3072+48+48+48, 480+10]
+    assert tk.TWA(make_model(1), ckpts, granularity=3300).coefficients.shape == (5, 2)

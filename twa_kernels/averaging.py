@@ -1,0 +1,122 @@
+"""The baselines TWA is compared against, all streaming (one checkpoint in memory at a time):
+SWA / uniform soup, EMA over checkpoints, and greedy soup. Also the held-out split that
+TWA-v trains its coefficients on.
+
+Floating-point entries are averaged (in float64); other entries (integer counters such as
+BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
+statistics of an averaged model afterwards (torch.optim.swa_utils.update_bn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, random_split
+
+from twa_kernels.io import CheckpointError, Checkpoints, StateDict, iter_state_dicts, resolve_checkpoints
+
+
+def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
+    for key, value in reference.items():
+        if key not in state:
+            raise CheckpointError(f"{source}: missing key {key!r} that the first checkpoint has")
+        if state[key].shape != value.shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the first "
+                                  f"checkpoint has {tuple(value.shape)}")
+
+
+def _finish(total: dict[str, Tensor], last: StateDict, scale: float) -> StateDict:
+    return {k: (total[k] * scale).to(v.dtype) if k in total else v.clone() for k, v in last.items()}
+
+
+def uniform_average(checkpoints: Checkpoints) -> StateDict:
+    """SWA / uniform soup: the mean of every floating-point entry over the checkpoints."""
+    specs = resolve_checkpoints(checkpoints)
+    total: dict[str, Tensor] = {}
+    first = last = None
+    for source, state in iter_state_dicts(specs):
+        if first is None:
+            first = state
+            total = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
+        else:
+            _check_layout(first, state, source)
+            for k in total:
+                total[k] += state[k].double()
+        last = state
+    return _finish(total, last, 1.0 / len(specs))
+
+
+def ema_average(checkpoints: Checkpoints, decay: float = 0.9) -> StateDict:
+    """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    specs = resolve_checkpoints(checkpoints)
+    avg: dict[str, Tensor] = {}
+    first = last = None
+    for source, state in iter_state_dicts(specs):
+        if first is None:
+            first = state
+            avg = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
+        else:
+            _check_layout(first, state, source)
+            for k in avg:
+                avg[k].mul_(decay).add_(state[k].double(), alpha=1.0 - decay)
+        last = state
+    return _finish(avg, last, 1.0)
+
+
+def greedy_soup(
+    checkpoints: Checkpoints, score: Callable[[StateDict], float]
+) -> tuple[StateDict, list[int]]:
+    """Greedy soup (Wortsman et al. 2022): rank checkpoints by `score` (higher is better,
+    e.g. held-out accuracy), then add each in turn to the running average while the
+    average's score does not drop. Returns the soup and the indices it holds."""
+    specs = resolve_checkpoints(checkpoints)
+    scores = []
+    first = None
+    for i, (source, state) in enumerate(iter_state_dicts(specs)):
+        if first is None:
+            first = state
+        else:
+            _check_layout(first, state, source)
+        scores.append((score(state), i))
+    order = [i for _, i in sorted(scores, key=lambda t: -t[0])]
+    best_score = max(scores)[0]
+    chosen = [order[0]]
+    total: dict[str, Tensor] | None = None
+    last: StateDict | None = None
+    for i in order:
+        _, state = next(iter_state_dicts([specs[i]]))
+        if total is None:
+            total = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
+            last = state
+            continue
+        candidate_total = {k: total[k] + state[k].double() for k in total}
+        candidate = _finish(candidate_total, state, 1.0 / (len(chosen) + 1))
+        candidate_score = score(candidate)
+        if candidate_score >= best_score:
+            total, last, best_score = candidate_total, state, candidate_score
+            chosen.append(i)
+    return _finish(total, last, 1.0 / len(chosen)), chosen
+
+
+def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Subset, Subset]:
+    """(train, held_out): a seeded random split of `dataset`.
+
+    TWA-t trains the coefficients on the training data: right for checkpoints of one run,
+    where it finishes training early (the head stage) or refines SWA (the tail). TWA-v
+    trains them on held-out data: right when the models already fit their training data
+    (fine-tuned copies, model soups), where training loss no longer tells them apart.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    held = max(1, round(len(dataset) * fraction))
+    if held >= len(dataset):
+        raise ValueError(f"a dataset of {len(dataset)} items is too small to hold out {fraction:.0%}")
+    train, held_out = random_split(dataset, [len(dataset) - held, held], generator=torch.Generator().manual_seed(seed))
+    return train, held_out
+
+
+__all__ = ["ema_average", "greedy_soup", "split_holdout", "uniform_average"]
