@@ -1,0 +1,160 @@
+"""Checkpoint safety and formats, the averaging baselines, SubspaceOptimizer, and the
+streaming memory bound of Subspace.from_checkpoints."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels.io import load_state_dict, resolve_checkpoints
+
+from digits import make_model
+
+HERE = Path(__file__).parent
+
+
+def _checkpoints(n: int, seed: int = 0) -> list[dict]:
+    torch.manual_seed(seed)
+    model = make_model(seed)
+    out = []
+    for _ in range(n):
+        for p in model.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+        out.append({k: v.clone() for k, v in model.state_dict().items()})
+    return out
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    torch.save({"state_dict": make_model().state_dict(), "payload": _RunsCode(str(marker))}, bad)
+    with pytest.raises(tk.CheckpointError, match=r"evil\.pt: refused"):
+        load_state_dict(bad)
+    with pytest.raises(tk.CheckpointError, match="refused"):
+        tk.TWA(make_model(), [_checkpoints(1)[0], bad])
+    assert not marker.exists()
+
+
+def test_wrong_shape_names_file_key_and_both_shapes(tmp_path):
+    good = _checkpoints(2)
+    wrong = dict(good[1])
+    wrong["3.weight"] = torch.zeros(10, 47)
+    torch.save(good[0], tmp_path / "a.pt")
+    torch.save(wrong, tmp_path / "b.pt")
+    model = make_model()
+    with pytest.raises(tk.CheckpointError, match=r"b\.pt: key '3\.weight' has shape \(10, 47\) but the model has "
+                                                 r"\(10, 48\)"):
+        tk.TWA(model, tmp_path)
+    missing = dict(good[1])
+    del missing["0.bias"]
+    with pytest.raises(tk.CheckpointError, match="missing key '0.bias'"):
+        tk.Subspace.from_checkpoints([good[0], missing])
+
+
+def test_formats_nesting_prefixes_directories_and_globs(tmp_path):
+    ckpts = _checkpoints(3)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ckpts[0].items()}}, tmp_path / "e0.pt")
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in ckpts[1].items()}, "epoch": 3}, tmp_path / "e1.pth")
+    tk.save_state_dict(ckpts[2], tmp_path / "e2.safetensors")
+    for spec in (tmp_path, str(tmp_path / "e*"), sorted(tmp_path.iterdir())):
+        loaded = [load_state_dict(p) for p in resolve_checkpoints(spec)]
+        assert len(loaded) == 3
+        for got, want in zip(loaded, ckpts):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(tk.CheckpointError, match="matches no files"):
+        resolve_checkpoints(str(tmp_path / "nothing*.pt"))
+    with pytest.raises(tk.CheckpointError, match="no such checkpoint"):
+        load_state_dict(tmp_path / "absent.pt")
+
+
+def test_uniform_and_ema_averages():
+    ckpts = _checkpoints(4)
+    avg = tk.uniform_average(ckpts)
+    torch.testing.assert_close(avg["0.weight"], torch.stack([c["0.weight"] for c in ckpts]).mean(0))
+    assert avg["1.num_batches_tracked"] == ckpts[-1]["1.num_batches_tracked"]
+    ema = tk.ema_average(ckpts, decay=0.5)
+    expected = ckpts[0]["0.weight"].double()
+    for c in ckpts[1:]:
+        expected = 0.5 * expected + 0.5 * c["0.weight"].double()
+    torch.testing.assert_close(ema["0.weight"], expected.float())
+
+
+def test_greedy_soup_adds_only_what_helps():
+    ckpts = _checkpoints(4)
+    target = ckpts[1]["0.weight"]
+
+    def score(state):  # closer to checkpoint 1 is better
+        return -float((state["0.weight"] - target).norm())
+
+    soup, chosen = tk.greedy_soup(ckpts, score)
+    assert chosen[0] == 1 and torch.equal(soup["0.weight"], target) and chosen == [1]
+
+
+def test_subspace_optimizer_keeps_weights_in_the_subspace():
+    ckpts = _checkpoints(5)
+    model = make_model()
+    names = [n for n, _ in model.named_parameters()]
+    sub = tk.Subspace.from_checkpoints(ckpts, bits=None, granularity="model", orthonormalize=True,
+                                       parameter_names=names)
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sub)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    moved = sub.flatten(dict(model.named_parameters())).detach() - sub.center
+    basis = tk.dequantize(sub.basis).double()
+    inside = basis.T @ (basis @ moved.double())
+    assert moved.norm() > 1e-3
+    # float32 weights: rounding of three momentum steps leaves ~1e-5 outside; an unprojected
+    # gradient on 4 of 3,600 dimensions would leave nearly all of its norm outside
+    assert float((moved.double() - inside).norm() / moved.norm()) < 1e-4
+    with pytest.raises(ValueError, match="orthonormal"):
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=1), tk.Subspace.from_checkpoints(ckpts))
+
+
+_MEMORY_PROBE = r"""
+import resource, sys, torch, twa_kernels as tk
+paths = sys.argv[2:]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sub = tk.Subspace.from_checkpoints(paths, bits=int(sys.argv[1]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, sub.basis.nbytes)
+"""
+
+
+def test_building_a_subspace_holds_the_packed_basis_not_k_dense_checkpoints(tmp_path):
+    d = 4_000_000  # 16 MB per float32 checkpoint
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"c{i:02d}.safetensors"
+        tk.save_state_dict({"w": torch.randn(d)}, path)
+        paths.append(str(path))
+    env = {k: v for k, v in os.environ.items() if k != "TWA_KERNELS_BACKEND"}
+    # glibc raises its mmap threshold as large blocks are freed and then keeps freed
+    # checkpoints in its heap, so peak RSS swings by hundreds of MB between runs; a fixed
+    # threshold returns freed blocks at once and leaves the algorithm's own memory.
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+
+    def peak_kb(n):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, "4", *paths[:n]], capture_output=True, text=True,
+                             env=env, check=True, cwd=HERE.parent).stdout.split()
+        return int(out[0]), int(out[1])
+
+    peak3, _ = peak_kb(3)
+    peak12, packed12 = peak_kb(12)
+    dense_extra_kb = 9 * d * 4 / 1024  # what holding 9 more dense rows would add
+    # growth from 3 to 12 checkpoints is about the 9 extra packed rows (~2.25 MB each)
+    assert peak12 - peak3 < dense_extra_kb / 4, (peak3, peak12, packed12)
