@@ -22,10 +22,14 @@ def build_report(run: dict) -> dict:
     info: dict[tuple, dict] = {}
     copy_bw = None
     in_cache_rate: dict[tuple[str, str], float] = {}  # (kernel, bits) -> elements per second
+    train_steps: dict[str, float] = {}  # impl -> median seconds of one ResNet-18 training step
     for bench in run["benchmarks"]:
         extra, median = bench["extra_info"], bench["stats"]["median"]
         if extra["op"] == "copy":
             copy_bw = extra["bytes"] / median
+            continue
+        if extra["op"] == "train_step":
+            train_steps[extra["impl"]] = median
             continue
         if extra["op"] == "in_cache":
             in_cache_rate[(extra["kernel"], str(extra["bits"]))] = extra["elements"] / median
@@ -56,7 +60,12 @@ def build_report(run: dict) -> dict:
             speedup_vs_paper=times.get("paper", float("nan")) / fused,
             bytes=info[key]["bytes"], achieved_GBps=achieved / 1e9, fraction_of_copy_bw=achieved / copy_bw,
         ))
-    return dict(machine=run.get("machine_info", {}), datetime=run.get("datetime"), copy_GBps=copy_bw / 1e9, rows=rows)
+    train = None
+    if "sgd" in train_steps:
+        sgd = train_steps["sgd"]
+        train = {impl: dict(step_ms=t * 1e3, overhead_over_sgd=t / sgd - 1) for impl, t in train_steps.items()}
+    return dict(machine=run.get("machine_info", {}), datetime=run.get("datetime"), copy_GBps=copy_bw / 1e9, rows=rows,
+                train_step=train)
 
 
 def markdown(report: dict) -> str:
@@ -74,6 +83,10 @@ def markdown(report: dict) -> str:
             f"| {r['achieved_GBps']:.1f} | {r['fraction_of_copy_bw']:.0%} | {r['arithmetic_ms']:.1f} "
             f"| {r['memory_ms']:.1f} |"
         )
+    if report.get("train_step"):
+        lines += ["", "| ResNet-18 training step | ms | overhead over SGD |", "|---|---|---|"]
+        for impl, r in report["train_step"].items():
+            lines.append(f"| {impl} | {r['step_ms']:.0f} | {r['overhead_over_sgd']:+.0%} |")
     return "\n".join(lines)
 
 

@@ -149,12 +149,10 @@ class Subspace:
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Views of a [D] vector shaped like the parameters, by name."""
-        out, start = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            n = math.prod(shape)
-            out[name] = vector[start : start + n].view(shape)
-            start += n
-        return out
+        # split, not slicing: its backward is one concatenation, where each slice's backward
+        # would write a full-size zero tensor
+        pieces = vector.split([math.prod(shape) for shape in self.shapes])
+        return {name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
 
     @classmethod
     def from_checkpoints(
