@@ -164,13 +164,17 @@ class Subspace:
         parameter_names: list[str] | None = None,
         orthonormalize: bool = False,
         progress: bool = False,
+        normalize_rows: bool = False,
     ) -> Subspace:
         """Build the subspace spanned by k checkpoints, streaming.
 
         Pass 1 averages the checkpoints into the center (the SWA point). Pass 2 reads them
-        again; each centred checkpoint becomes a basis row, scaled to unit norm in every
-        block (the journal version) and quantised to `bits` as soon as it is made, so memory
-        holds the center, one dense checkpoint and the packed rows. With orthonormalize=True
+        again; each centred checkpoint becomes a basis row, quantised to `bits` as soon as
+        it is made, so memory holds the center, one dense checkpoint and the packed rows.
+        Rows keep their scale, so a coefficient step moves each block by a fraction of the
+        checkpoints' own spread there; normalize_rows=True scales each row to unit norm in
+        every block instead (then a step moves every block by the same absolute amount,
+        which trained worse in `twa demo`: tiny blocks such as biases overshoot). With orthonormalize=True
         (the ICLR version; needs granularity="model") the rows are orthonormalised first,
         which holds all k rows dense at once.
 
@@ -197,10 +201,11 @@ class Subspace:
         rows = []
         for source, state in _progress(iter_state_dicts(specs), len(specs), "building basis", progress):
             row = _flatten(state, names, shapes, source) - center
-            for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-                norm = row[start:stop].norm()
-                if norm > 0:
-                    row[start:stop] /= norm
+            if normalize_rows:
+                for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+                    norm = row[start:stop].norm()
+                    if norm > 0:
+                        row[start:stop] /= norm
             if orthonormalize or bits is None:
                 rows.append(row)
             else:
