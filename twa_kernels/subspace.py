@@ -162,6 +162,7 @@ class Subspace:
         granularity: str | int = "tensor",
         group_size: int = 128,
         parameter_names: list[str] | None = None,
+        parameter_shapes: list[tuple[int, ...]] | None = None,
         orthonormalize: bool = False,
         progress: bool = False,
         normalize_rows: bool = False,
@@ -180,13 +181,16 @@ class Subspace:
 
         parameter_names selects the entries that are trainable weights (TWA passes the
         model's parameters); by default every floating-point entry but BatchNorm statistics.
+        parameter_shapes, when given, are the shapes every checkpoint must have (else the
+        first checkpoint's shapes are).
         """
         if bits is not None and bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
         if orthonormalize and granularity != "model":
             raise ValueError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
         specs = resolve_checkpoints(checkpoints)
-        names, shapes, total = parameter_names, None, None
+        names, total = parameter_names, None
+        shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
         for source, state in _progress(iter_state_dicts(specs), len(specs), "averaging", progress):
             if names is None:
                 names = default_parameter_names(state)

@@ -49,8 +49,10 @@ class TWA(nn.Module):
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
         else:
-            subspace = Subspace.from_checkpoints(checkpoints_or_subspace, bits=bits, granularity=granularity,
-                                                 group_size=group_size, parameter_names=names, progress=progress)
+            subspace = Subspace.from_checkpoints(
+                checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
+                parameter_names=names, parameter_shapes=[tuple(p.shape) for p in model.parameters()],
+                progress=progress)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         for name, shape in zip(subspace.names, subspace.shapes):
             if shapes.get(name) != shape:

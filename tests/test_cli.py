@@ -1,0 +1,120 @@
+"""The `twa` command: fit on a user's model and data from YAML, its one-line errors, and the demo."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import twa_kernels as tk
+
+from digits import digits_splits, make_model, train_checkpoints
+
+USER_PACKAGE = '''
+import torch
+from torch.utils.data import DataLoader
+from digits import digits_splits, make_model as _make
+
+def make_model():
+    return _make(0)
+
+def train_loader():
+    return DataLoader(digits_splits()[0], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+def val_loader():
+    return DataLoader(digits_splits()[1], batch_size=256)
+'''
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A user's package (model factory, loaders) and a folder of checkpoints."""
+    root = tmp_path_factory.mktemp("user")
+    (root / "userpkg.py").write_text(USER_PACKAGE)
+    ckpts = root / "ckpts"
+    for i, state in enumerate(train_checkpoints(digits_splits()[0], epochs=4, lr=0.01)):
+        tk.save_state_dict(state, ckpts / f"epoch_{i}.pt")
+    return root
+
+
+def _twa(args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent)])}
+    env.pop("TWA_KERNELS_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "twa_kernels", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _config(root, **overrides):
+    config = dict(model="userpkg:make_model", data=dict(train="userpkg:train_loader", val="userpkg:val_loader"),
+                  checkpoints=str(root / "ckpts" / "epoch_*.pt"), bits=4, granularity="tensor",
+                  optimizer=dict(name="AdamW", lr=0.02), epochs=2, train_on="train", output=str(root / "out"))
+    config.update(overrides)
+    import yaml
+
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_writes_the_averaged_model_and_a_report(project):
+    result = _twa(["fit", str(_config(project)), "--no-progress"], project)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((project / "out" / "report.json").read_text())
+    assert report["val_loss_after_twa"] < report["val_loss_at_swa"]
+    for name in ("averaged.pt", "averaged.safetensors"):
+        model = make_model(5)
+        model.load_state_dict(tk.load_state_dict(project / "out" / name))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(model="userpkg:no_such_factory"), "unknown import string 'userpkg:no_such_factory'"),
+        (dict(model="nopkg.models:make"), "cannot import module 'nopkg.models'"),
+        (dict(checkpoints="{root}/ckpts/nothing_*.pt"), "matches no files"),
+        (dict(bits=3), "bits must be one of [1, 2, 4, 8] or null, got 3"),
+        (dict(checkpoints="{root}/wrong"), "has shape (10, 47) but the model has (10, 48)"),
+        (dict(epochs="two"), "epochs must be a non-negative integer"),
+        (dict(learning_rate=0.1), "unknown key(s) ['learning_rate']"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(project, overrides, message):
+    wrong = project / "wrong"
+    if not wrong.exists():
+        state = dict(tk.load_state_dict(project / "ckpts" / "epoch_0.pt"))
+        state["3.weight"] = torch.zeros(10, 47)
+        tk.save_state_dict(state, wrong / "bad.pt")
+    overrides = {k: v.format(root=project) if isinstance(v, str) else v for k, v in overrides.items()}
+    result = _twa(["fit", str(_config(project, **overrides)), "--no-progress"], project)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("twa: error:") and message in lines[0], result.stderr
+
+
+def test_yaml_error_names_its_line(project):
+    path = project / "broken.yaml"
+    path.write_text(textwrap.dedent("""\
+        model: userpkg:make_model
+        data:
+          train: userpkg:train_loader
+        checkpoints: [a, b
+        bits: 4
+    """))
+    result = _twa(["fit", str(path)], project)
+    assert result.returncode == 2
+    assert "YAML error at line" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_quick_writes_table_json_and_plot(tmp_path):
+    result = _twa(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for method in ("full training", "SWA", "TWA-t", "TWA-v", "greedy soup"):
+        assert method in result.stdout
+    report = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(report["summary"]) == {"full training", "SWA", "TWA-t", "TWA-v", "greedy soup"}
+    assert report["summary"]["TWA-t"]["epochs"] < report["summary"]["full training"]["epochs"]
+    assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
