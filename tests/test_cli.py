@@ -112,9 +112,10 @@ def test_yaml_error_names_its_line(project):
 def test_demo_quick_writes_table_json_and_plot(tmp_path):
     result = _twa(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo")], tmp_path)
     assert result.returncode == 0, result.stderr
-    for method in ("full training", "SWA", "TWA-t", "TWA-v", "greedy soup"):
+    methods = {"full training", "SGD, stopped early", "SWA", "TWA-t", "TWA-v", "greedy soup"}
+    for method in methods:
         assert method in result.stdout
     report = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(report["summary"]) == {"full training", "SWA", "TWA-t", "TWA-v", "greedy soup"}
+    assert set(report["summary"]) == methods
     assert report["summary"]["TWA-t"]["epochs"] < report["summary"]["full training"]["epochs"]
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
