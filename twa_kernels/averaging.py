@@ -31,39 +31,44 @@ def _finish(total: dict[str, Tensor], last: StateDict, scale: float) -> StateDic
     return {k: (total[k] * scale).to(v.dtype) if k in total else v.clone() for k, v in last.items()}
 
 
-def uniform_average(checkpoints: Checkpoints) -> StateDict:
-    """SWA / uniform soup: the mean of every floating-point entry over the checkpoints."""
+def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDict], None]):
+    """Stream the checkpoints: float64 copies of the first one's floating-point entries,
+    then update(accumulator, state) for each later one. Returns (accumulator, last, count)."""
     specs = resolve_checkpoints(checkpoints)
-    total: dict[str, Tensor] = {}
+    acc: dict[str, Tensor] = {}
     first = last = None
     for source, state in iter_state_dicts(specs):
         if first is None:
             first = state
-            total = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
+            acc = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
         else:
             _check_layout(first, state, source)
-            for k in total:
-                total[k] += state[k].double()
+            update(acc, state)
         last = state
-    return _finish(total, last, 1.0 / len(specs))
+    return acc, last, len(specs)
+
+
+def uniform_average(checkpoints: Checkpoints) -> StateDict:
+    """SWA / uniform soup: the mean of every floating-point entry over the checkpoints."""
+
+    def add(acc: dict[str, Tensor], state: StateDict) -> None:
+        for k in acc:
+            acc[k] += state[k].double()
+
+    total, last, count = _fold(checkpoints, add)
+    return _finish(total, last, 1.0 / count)
 
 
 def ema_average(checkpoints: Checkpoints, decay: float = 0.9) -> StateDict:
     """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
-    specs = resolve_checkpoints(checkpoints)
-    avg: dict[str, Tensor] = {}
-    first = last = None
-    for source, state in iter_state_dicts(specs):
-        if first is None:
-            first = state
-            avg = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
-        else:
-            _check_layout(first, state, source)
-            for k in avg:
-                avg[k].mul_(decay).add_(state[k].double(), alpha=1.0 - decay)
-        last = state
+
+    def blend(acc: dict[str, Tensor], state: StateDict) -> None:
+        for k in acc:
+            acc[k].mul_(decay).add_(state[k].double(), alpha=1.0 - decay)
+
+    avg, last, _ = _fold(checkpoints, blend)
     return _finish(avg, last, 1.0)
 
 
