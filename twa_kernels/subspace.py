@@ -175,9 +175,9 @@ class Subspace:
         Rows keep their scale, so a coefficient step moves each block by a fraction of the
         checkpoints' own spread there; normalize_rows=True scales each row to unit norm in
         every block instead (then a step moves every block by the same absolute amount,
-        which trained worse in `twa demo`: tiny blocks such as biases overshoot). With orthonormalize=True
-        (the ICLR version; needs granularity="model") the rows are orthonormalised first,
-        which holds all k rows dense at once.
+        which trained worse in `twa demo`: tiny blocks such as biases overshoot).
+        With orthonormalize=True (the ICLR version; needs granularity="model") the rows are
+        orthonormalised first, which holds all k rows dense at once.
 
         parameter_names selects the entries that are trainable weights (TWA passes the
         model's parameters); by default every floating-point entry but BatchNorm statistics.
