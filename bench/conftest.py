@@ -43,7 +43,7 @@ def random_packed_basis(k: int, sizes: list[int], bits: int) -> QuantizedBasis:
     d = sum(sizes)
     n_groups = -(-d // GROUP_SIZE)
     codes = torch.randint(0, 256, (k, packed_row_bytes(d, bits, GROUP_SIZE)), dtype=torch.uint8, generator=gen)
-    scales = torch.rand(k, n_groups, generator=gen) * 1e-3
+    scales = torch.rand(n_groups, k, generator=gen) * 1e-3
     mins = -scales * ((1 << bits) - 1) / 2
     return QuantizedBasis(codes, scales, mins, block_offsets_from_sizes(sizes, d), bits, GROUP_SIZE, d)
 

@@ -54,7 +54,7 @@ twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, c
               " bits");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
                   scales.numel() == b.k * b.n_groups && mins.numel() == b.k * b.n_groups,
-              "scales and mins must be float32 [k, n_groups]");
+              "scales and mins must be float32 [n_groups, k]");
   b.codes = codes.data_ptr<uint8_t>();
   b.scales = scales.data_ptr<float>();
   b.mins = mins.data_ptr<float>();

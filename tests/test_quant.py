@@ -19,7 +19,7 @@ def test_each_element_within_half_a_step(bits, k, d, group_size):
     qb = tk.quantize(P, bits=bits, group_size=group_size)
     err = (tk.dequantize(qb) - P).abs()
     group_of_col = torch.arange(d) // group_size
-    half_step = qb.scales[:, group_of_col] / 2
+    half_step = qb.scales.T[:, group_of_col] / 2
     # float32 rounding of lo + scale * code adds a few ulps of |p| on top of half a step
     assert bool((err <= half_step * (1 + 1e-5) + 4e-7 * P.abs()).all()), float((err - half_step).max())
 

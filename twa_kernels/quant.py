@@ -8,7 +8,9 @@ Codes are packed 8 / bits to a byte. Inside a group of L columns, W = ceil(L / (
 bytes hold 8 / bits "planes": element s * W + i sits in byte i at bit s * bits. Unpacking a
 plane is then a shift and a mask over contiguous bytes, which every backend vectorises.
 Group t of a row starts at byte t * group_size * bits / 8, so group_size must be a multiple
-of 8. `block_offsets` cuts the D columns into the blocks that share one coefficient.
+of 8. Scales and mins are stored group-major, [n_groups, k]: a kernel visiting one group for
+all k rows then reads one contiguous stream of metadata instead of k strided ones.
+`block_offsets` cuts the D columns into the blocks that share one coefficient.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class QuantizedBasis:
     """
 
     codes: Tensor  # uint8 [k, row_bytes]; float32 [k, D] when bits is None
-    scales: Tensor  # float32 [k, n_groups]; [k, 0] when bits is None
-    mins: Tensor  # float32 [k, n_groups]; [k, 0] when bits is None
+    scales: Tensor  # float32 [n_groups, k]: group-major; [0, k] when bits is None
+    mins: Tensor  # float32 [n_groups, k]: group-major; [0, k] when bits is None
     block_offsets: Tensor  # int64 [B + 1]: block b is columns block_offsets[b] .. block_offsets[b + 1]
     bits: int | None
     group_size: int
@@ -127,8 +129,8 @@ def _validate_layout(qb: QuantizedBasis) -> None:
         raise ValueError(f"codes must be uint8 {expected}, got {qb.codes.dtype} {tuple(qb.codes.shape)}")
     for name in ("scales", "mins"):
         t = getattr(qb, name)
-        if t.dtype != torch.float32 or tuple(t.shape) != (qb.k, n_groups):
-            raise ValueError(f"{name} must be float32 {(qb.k, n_groups)}, got {t.dtype} {tuple(t.shape)}")
+        if t.dtype != torch.float32 or tuple(t.shape) != (n_groups, qb.k):
+            raise ValueError(f"{name} must be float32 {(n_groups, qb.k)}, got {t.dtype} {tuple(t.shape)}")
 
 
 def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -> Tensor:
@@ -202,12 +204,20 @@ def quantize(
     k, num_cols = P.shape
     offsets = block_offsets_from_sizes(block_sizes, num_cols).to(P.device)
     if bits is None:
-        empty = torch.empty(k, 0, dtype=torch.float32, device=P.device)
+        empty = torch.empty(0, k, dtype=torch.float32, device=P.device)
         return QuantizedBasis(P.detach().to(torch.float32).contiguous().clone(), empty, empty.clone(), offsets,
                               None, group_size, num_cols)
     rows = [_quantize_row(P[r].detach().to(torch.float32), bits, group_size) for r in range(k)]
-    codes, scales, mins = (torch.stack(parts) for parts in zip(*rows))
-    return QuantizedBasis(codes, scales, mins, offsets, bits, group_size, num_cols)
+    return stack_rows(rows, offsets, bits, group_size, num_cols)
+
+
+def stack_rows(rows: list[tuple[Tensor, Tensor, Tensor]], block_offsets: Tensor, bits: int, group_size: int,
+               num_cols: int) -> QuantizedBasis:
+    """A QuantizedBasis from per-row (bytes, scales, mins) as `_quantize_row` makes them."""
+    codes = torch.stack([r[0] for r in rows])
+    scales = torch.stack([r[1] for r in rows], dim=1).contiguous()  # group-major [n_groups, k]
+    mins = torch.stack([r[2] for r in rows], dim=1).contiguous()
+    return QuantizedBasis(codes, scales, mins, block_offsets, bits, group_size, num_cols)
 
 
 def unpack_codes(qb: QuantizedBasis, start: int = 0, stop: int | None = None) -> Tensor:
@@ -250,4 +260,4 @@ def dequantize(qb: QuantizedBasis, start: int = 0, stop: int | None = None) -> T
         return qb.codes[:, start:stop].clone()
     codes = unpack_codes(qb, start, stop).to(torch.float32)
     group_of_col = torch.arange(start, stop, device=codes.device) // qb.group_size
-    return qb.mins[:, group_of_col] + qb.scales[:, group_of_col] * codes
+    return qb.mins.T[:, group_of_col] + qb.scales.T[:, group_of_col] * codes

@@ -24,6 +24,7 @@ from twa_kernels.quant import (
     _quantize_row,
     block_offsets_from_sizes,
     quantize,
+    stack_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -221,8 +222,7 @@ class Subspace:
         elif bits is None:
             basis = quantize(torch.stack(rows), None, group_size, blocks)
         else:
-            codes, scales, mins = (torch.stack(parts) for parts in zip(*rows))
-            basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, center.numel())
+            basis = stack_rows(rows, offsets, bits, group_size, center.numel())
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
         return cls(names, shapes, center, basis, orthonormal=orthonormalize)

@@ -112,7 +112,7 @@ inline RowTile row_tile(const PackedBasis& b, int64_t r, int64_t t, int64_t c0, 
     return {reinterpret_cast<const float*>(b.codes) + r * b.num_cols + c0, 0.f, 1.f};
   } else {
     decode_group<BITS>(b.codes + r * b.row_bytes + t * (b.group_size * BITS / 8), len, buf);
-    const int64_t m = r * b.n_groups + t;
+    const int64_t m = t * b.k + r;
     return {buf, b.mins[m], b.scales[m]};
   }
 }
@@ -275,7 +275,7 @@ void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, 
               for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
             }
             for (int r = 0; r < rows; ++r) {
-              const int64_t m = (r0 + r) * b.n_groups + t;
+              const int64_t m = t * b.k + (r0 + r);
               acc[(r0 + r) * b.n_blocks + segs[0].block] +=
                   static_cast<double>(b.mins[m]) * gsum[0] + static_cast<double>(b.scales[m]) * dots[r];
             }
@@ -331,7 +331,7 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
       if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
         for (const Segment& s : segs) {
           float base = 0.f;
-          for (int64_t r = 0; r < b.k; ++r) base += b.mins[r * b.n_groups + t] * x[r * b.n_blocks + s.block];
+          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
 #pragma omp simd
           for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
         }
@@ -346,7 +346,7 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
             float a[kRowBlock];
             for (int r = 0; r < rows; ++r) {
               src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
-              a[r] = b.scales[(r0 + r) * b.n_groups + t] * x[(r0 + r) * b.n_blocks + segs[0].block];
+              a[r] = b.scales[t * b.k + (r0 + r)] * x[(r0 + r) * b.n_blocks + segs[0].block];
             }
             prefetch_rows(src, rows, gbytes);
             if (rows == kRowBlock) {

@@ -16,8 +16,8 @@ enum class DType : int { f32 = 0, bf16 = 1 };
 
 struct PackedBasis {
   const uint8_t* codes = nullptr;          // [k, row_bytes]; bits == 0: float32 [k, num_cols]
-  const float* scales = nullptr;           // [k, n_groups]
-  const float* mins = nullptr;             // [k, n_groups]
+  const float* scales = nullptr;           // [n_groups, k]: group-major
+  const float* mins = nullptr;             // [n_groups, k]
   const int64_t* block_offsets = nullptr;  // [n_blocks + 1], 0 ... num_cols
   int64_t k = 0, num_cols = 0, row_bytes = 0, n_groups = 0, n_blocks = 0;
   int bits = 0;  // 1, 2, 4, 8; 0 = dense float32 basis
