@@ -227,6 +227,14 @@ inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a,
   }
 }
 
+// Group t of rows r0 .. r0 + 3 (fewer at the end): their code pointers, prefetched ahead.
+inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes, const uint8_t** src) {
+  const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
+  for (int r = 0; r < rows; ++r) src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
+  prefetch_rows(src, rows, gbytes);
+  return rows;
+}
+
 inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segment>& segs) {
   return b.bits != 0 && len == b.group_size && segs.size() == 1 && (b.group_size / (8 / b.bits)) % kLanes == 0;
 }
@@ -264,11 +272,9 @@ void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, 
         if (fast_group(b, len, segs)) {
           const int64_t gbytes = b.group_size * BITS / 8;
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
             const uint8_t* src[kRowBlock];
-            for (int r = 0; r < rows; ++r) src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
+            const int rows = row_block(b, r0, t, gbytes, src);
             float dots[kRowBlock];
-            prefetch_rows(src, rows, gbytes);
             if (rows == kRowBlock) {
               group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
             } else {
@@ -341,14 +347,10 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
         if (fast_group(b, len, segs)) {
           const int64_t gbytes = b.group_size * BITS / 8;
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
             const uint8_t* src[kRowBlock];
+            const int rows = row_block(b, r0, t, gbytes, src);
             float a[kRowBlock];
-            for (int r = 0; r < rows; ++r) {
-              src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
-              a[r] = b.scales[t * b.k + (r0 + r)] * x[(r0 + r) * b.n_blocks + segs[0].block];
-            }
-            prefetch_rows(src, rows, gbytes);
+            for (int r = 0; r < rows; ++r) a[r] = b.scales[t * b.k + (r0 + r)] * x[(r0 + r) * b.n_blocks + segs[0].block];
             if (rows == kRowBlock) {
               group_axpy<BITS, kRowBlock>(src, gbytes, a, o);
             } else {
