@@ -1,9 +1,23 @@
+import importlib.util
+import os
+
 import pytest
 import torch
 
-# Backends that must agree with the reference on CPU tensors. The Triton backend joins
-# this list when TRITON_INTERPRET=1 runs are added (issue: GPU kernels).
-CPU_BACKENDS = ["cpp"]
+# The device the op tests put their tensors on: CUDA where there is a GPU (then the cuda
+# and Triton backends are tested), else the CPU, where Triton kernels run in its
+# interpreter. TWA_TEST_DEVICE=cpu|cuda overrides.
+DEVICE = torch.device(os.environ.get("TWA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if DEVICE.type == "cpu" and HAS_TRITON:
+    # Must be set before the Triton kernels are defined (twa_kernels imports them lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Backends that must agree with the reference on DEVICE.
+if DEVICE.type == "cuda":
+    BACKENDS = ["cuda", "triton"]
+else:
+    BACKENDS = ["cpp"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
 @pytest.fixture(autouse=True)
@@ -11,11 +25,17 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+@pytest.fixture(params=BACKENDS)
 def backend_name(request, monkeypatch):
     """Forces the backend under test for the duration of one test."""
     monkeypatch.setenv("TWA_KERNELS_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the op tests put their tensors (see DEVICE)."""
+    return DEVICE
 
 
 def random_basis(k: int, d: int, *, constant_groups: int = 0, group_size: int = 8) -> torch.Tensor:

@@ -34,9 +34,10 @@ def _reference_reconstruct(qb, x, center):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_project_matches_reference(backend_name, bits, k, d, group_size, blocks, dtype):
+def test_project_matches_reference(backend_name, device, bits, k, d, group_size, blocks, dtype):
     qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
-    g = torch.randn(d).to(dtype)
+    qb = qb.to(device)
+    g = torch.randn(d).to(device, dtype)
     y = tk.project(qb, g)
     expected = _reference_project(qb, g)
     assert y.dtype == torch.float32 and y.shape == (k, qb.num_blocks)
@@ -48,14 +49,15 @@ def test_project_matches_reference(backend_name, bits, k, d, group_size, blocks,
 @pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_center", [True, False])
-def test_reconstruct_matches_reference(backend_name, bits, k, d, group_size, blocks, dtype, with_center):
+def test_reconstruct_matches_reference(backend_name, device, bits, k, d, group_size, blocks, dtype, with_center):
     qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
-    x = torch.randn(k, qb.num_blocks).to(dtype)
-    center = torch.randn(d).to(dtype) if with_center else None
+    qb = qb.to(device)
+    x = torch.randn(k, qb.num_blocks).to(device, dtype)
+    center = torch.randn(d).to(device, dtype) if with_center else None
     w = tk.reconstruct(qb, x, center)
     expected = _reference_reconstruct(qb, x, center)
     assert w.dtype == (dtype if with_center else torch.float32) and w.shape == (d,)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=device), qb.block_offsets.diff())
     budget = float((tk.dequantize(qb).abs() * x.float().abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
     if w.dtype == torch.bfloat16:  # both round a float result to bfloat16: at most one ulp apart
         torch.testing.assert_close(w.float(), expected.float(), rtol=8e-3, atol=budget)
@@ -65,16 +67,16 @@ def test_reconstruct_matches_reference(backend_name, bits, k, d, group_size, blo
 
 def _dense_reconstruct(P, offsets, x, center):
     """reconstruct written with plain differentiable torch ops."""
-    blocks = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    blocks = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
     return center + (P * x[:, blocks]).sum(0)
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_gradients_equal_dense_autograd(backend_name, bits):
-    qb = tk.quantize(torch.randn(5, 301), bits, 64, [100, 1, 200])
-    x = torch.randn(5, 3, requires_grad=True)
-    center = torch.randn(301, requires_grad=True)
-    upstream = torch.randn(301)
+def test_gradients_equal_dense_autograd(backend_name, device, bits):
+    qb = tk.quantize(torch.randn(5, 301), bits, 64, [100, 1, 200]).to(device)
+    x = torch.randn(5, 3, device=device, requires_grad=True)
+    center = torch.randn(301, device=device, requires_grad=True)
+    upstream = torch.randn(301, device=device)
     tk.reconstruct(qb, x, center).backward(upstream)
     x_ref = x.detach().clone().requires_grad_()
     c_ref = center.detach().clone().requires_grad_()
@@ -83,58 +85,60 @@ def test_gradients_equal_dense_autograd(backend_name, bits):
     torch.testing.assert_close(center.grad, c_ref.grad)
 
 
-def test_project_gradient_is_reconstruct(backend_name):
-    qb = tk.quantize(torch.randn(3, 200), 2, 32, [50, 150])
-    g = torch.randn(200, requires_grad=True)
-    upstream = torch.randn(3, 2)
+def test_project_gradient_is_reconstruct(backend_name, device):
+    qb = tk.quantize(torch.randn(3, 200), 2, 32, [50, 150]).to(device)
+    g = torch.randn(200, device=device, requires_grad=True)
+    upstream = torch.randn(3, 2, device=device)
     tk.project(qb, g).backward(upstream)
     torch.testing.assert_close(g.grad, tk.reconstruct(qb, upstream), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [None, 1, 8])
-def test_gradcheck_reconstruct(backend_name, bits):
-    qb = tk.quantize(torch.randn(3, 45), bits, 16, [20, 25])
-    x = torch.randn(3, 2, requires_grad=True)
-    center = torch.randn(45, requires_grad=True)
+def test_gradcheck_reconstruct(backend_name, device, bits):
+    qb = tk.quantize(torch.randn(3, 45), bits, 16, [20, 25]).to(device)
+    x = torch.randn(3, 2, device=device, requires_grad=True)
+    center = torch.randn(45, device=device, requires_grad=True)
     # float32 ops: reconstruct is linear, so wide finite differences are exact up to rounding
     with pytest.warns(UserWarning, match="double precision"):
         assert torch.autograd.gradcheck(lambda x, c: tk.reconstruct(qb, x, c), (x, center), eps=1e-2, atol=1e-3,
                                         rtol=1e-3)
 
 
-def _op_samples():
-    qb = tk.quantize(torch.randn(4, 130), 4, 64, [30, 100])
-    dense = tk.quantize(torch.randn(2, 70), None)
-    g = torch.randn(130, requires_grad=True)
-    x = torch.randn(4, 2, requires_grad=True)
-    center = torch.randn(130, requires_grad=True)
+def _op_samples(device):
+    qb = tk.quantize(torch.randn(4, 130), 4, 64, [30, 100]).to(device)
+    dense = tk.quantize(torch.randn(2, 70), None).to(device)
+    g = torch.randn(130, device=device, requires_grad=True)
+    x = torch.randn(4, 2, device=device, requires_grad=True)
+    center = torch.randn(130, device=device, requires_grad=True)
     parts = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
     dparts = (dense.codes, dense.scales, dense.mins, dense.block_offsets)
     return [
         (_ops.project_op, (*parts, g, 4, 64)),
-        (_ops.project_op, (*dparts, torch.randn(70), 0, 128)),
+        (_ops.project_op, (*dparts, torch.randn(70, device=device), 0, 128)),
         (_ops.reconstruct_op, (*parts, x, center, 4, 64, 130)),
         (_ops.reconstruct_op, (*parts, x, None, 4, 64, 130)),
-        (_ops.reconstruct_op, (*dparts, torch.randn(2, 1), torch.randn(70).bfloat16(), 0, 128, 70)),
-        (_ops.gram_op, (torch.randn(3, 90),)),
-        (_ops.combine_rows_op, (torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 90))),
+        (_ops.reconstruct_op, (*dparts, torch.randn(2, 1, device=device),
+                               torch.randn(70, device=device).bfloat16(), 0, 128, 70)),
+        (_ops.gram_op, (torch.randn(3, 90, device=device),)),
+        (_ops.combine_rows_op, (torch.randn(2, 3, dtype=torch.float64, device=device),
+                                torch.randn(3, 90, device=device))),
     ]
 
 
 @pytest.mark.parametrize("case", range(7))
-def test_opcheck(backend_name, case):
-    op, args = _op_samples()[case]
+def test_opcheck(backend_name, device, case):
+    op, args = _op_samples(device)[case]
     torch.library.opcheck(op, args)
 
 
-def test_compile_fullgraph_runs_project_and_reconstruct(backend_name):
-    qb = tk.quantize(torch.randn(4, 300), 4, 64, [100, 200])
-    center = torch.randn(300)
+def test_compile_fullgraph_runs_project_and_reconstruct(backend_name, device):
+    qb = tk.quantize(torch.randn(4, 300), 4, 64, [100, 200]).to(device)
+    center = torch.randn(300, device=device)
 
     def step(x, g):
         return tk.reconstruct(qb, x - 0.1 * tk.project(qb, g), center)
 
-    x, g = torch.randn(4, 2), torch.randn(300)
+    x, g = torch.randn(4, 2, device=device), torch.randn(300, device=device)
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(x, g), step(x, g))
 
@@ -162,3 +166,29 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TWA_KERNELS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cannot run cpu tensors"):
         tk.backend("cpu")
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        tk.backend("cpu")
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test: selects two-pass reductions."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("bits", [None, 1, 4])
+def test_deterministic_mode_is_reproducible_and_exact(backend_name, device, deterministic_algorithms, bits):
+    # Many tiles per block, block edges inside tiles, and a short last group.
+    qb = tk.quantize(random_basis(6, 20005), bits, 64, [7000, 1, 13004]).to(device)
+    g = torch.randn(20005, device=device)
+    first, second = tk.project(qb, g), tk.project(qb, g)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, _reference_project(qb, g), rtol=1e-5, atol=1e-4)
+    P = random_basis(5, 20005).to(device)
+    assert torch.equal(_ops.gram_op(P), _ops.gram_op(P))
+    torch.testing.assert_close(_ops.gram_op(P), reference.gram(P), rtol=1e-12, atol=1e-9)

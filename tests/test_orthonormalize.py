@@ -26,12 +26,12 @@ def nearly_collinear_checkpoints(k: int, d: int) -> torch.Tensor:
 
 def orthogonality_error(Q: torch.Tensor) -> float:
     Q = Q.double()
-    return float((Q @ Q.T - torch.eye(Q.shape[0], dtype=torch.float64)).abs().max())
+    return float((Q @ Q.T - torch.eye(Q.shape[0], dtype=torch.float64, device=Q.device)).abs().max())
 
 
 @pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
-def test_orthonormal_for_ill_conditioned_rows_where_classical_gs_fails(backend_name, cond):
-    P = ill_conditioned(16, 5000, cond)
+def test_orthonormal_for_ill_conditioned_rows_where_classical_gs_fails(backend_name, device, cond):
+    P = ill_conditioned(16, 5000, cond).to(device)
     assert torch.linalg.cond(P.double()) > cond / 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a row at the tolerance may be dropped
@@ -42,24 +42,24 @@ def test_orthonormal_for_ill_conditioned_rows_where_classical_gs_fails(backend_n
     Pd, Qd = P.double(), Q.double()
     assert float((Pd - (Pd @ Qd.T) @ Qd).norm() / Pd.norm()) < 1e-6
     if cond >= 1e4:
-        assert orthogonality_error(paper_gram_schmidt(P)) > 1e-3
+        assert orthogonality_error(paper_gram_schmidt(P.cpu())) > 1e-3
 
 
-def test_checkpoints_of_one_run(backend_name):
-    P = nearly_collinear_checkpoints(12, 20000)
+def test_checkpoints_of_one_run(backend_name, device):
+    P = nearly_collinear_checkpoints(12, 20000).to(device)
     Q = tk.orthonormalize(P)
     assert orthogonality_error(Q) <= 1e-6
-    assert orthogonality_error(paper_gram_schmidt(P)) > 100 * orthogonality_error(Q)
+    assert orthogonality_error(paper_gram_schmidt(P.cpu())) > 100 * orthogonality_error(Q)
 
 
-def test_matches_reference_gram_schmidt(backend_name):
-    P = torch.randn(6, 3001)
+def test_matches_reference_gram_schmidt(backend_name, device):
+    P = torch.randn(6, 3001, device=device)
     Q = tk.orthonormalize(P)
     torch.testing.assert_close(Q, reference.orthonormalize(P), rtol=0, atol=2e-6)
 
 
-def test_dependent_and_zero_rows_are_dropped_with_a_warning(backend_name):
-    P = torch.randn(4, 100)
+def test_dependent_and_zero_rows_are_dropped_with_a_warning(backend_name, device):
+    P = torch.randn(4, 100, device=device)
     P[2] = P[0] - 2 * P[1]
     P[3] = 0
     with pytest.warns(RuntimeWarning, match=r"dropped 2 of 4 rows .* \[2, 3\]"):
@@ -71,8 +71,8 @@ def test_dependent_and_zero_rows_are_dropped_with_a_warning(backend_name):
     torch.testing.assert_close(Q, expected, rtol=0, atol=2e-6)
 
 
-def test_single_row_is_normalised(backend_name):
-    P = torch.randn(1, 77) * 3
+def test_single_row_is_normalised(backend_name, device):
+    P = torch.randn(1, 77, device=device) * 3
     torch.testing.assert_close(tk.orthonormalize(P), P / P.norm())
 
 

@@ -9,6 +9,8 @@ device with `backend()`. Nothing here knows how a kernel is written.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import Optional
@@ -43,13 +45,23 @@ def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
             return False, f"the C++ kernels failed to build: {_build.cpu_build_error()}"
         return True, ""
     if name == "triton":
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set it before importing twa_kernels)"
         if device.type not in ("cpu", "cuda"):
             return False, f"Triton does not run on {device.type}"
-        return False, "the Triton backend is not part of this build yet"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set it before importing twa_kernels)"
+        if importlib.util.find_spec("triton") is None:
+            return False, "Triton is not installed (pip install triton)"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return False, "this torch build has no CUDA"
+        return True, ""
     if name == "cuda":
-        return False, "the CUDA backend is not part of this build yet"
+        if device.type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors only, not {device.type}"
+        from twa_kernels import _build
+
+        if not _build.cuda_kernels_available():
+            return False, f"the CUDA kernels are not built: {_build.cuda_build_error()}"
+        return True, ""
     return False, f"unknown backend {name!r}"
 
 
@@ -76,8 +88,15 @@ def backend(device: torch.device | str = "cpu") -> str:
     return "reference"
 
 
+# Backends whose module is imported (and its kernels registered) only when first chosen:
+# Triton reads TRITON_INTERPRET when kernels are defined, and importing it costs a second.
+_LAZY_MODULES = {"triton": "twa_kernels.backends.triton", "cuda": "twa_kernels.backends.cuda"}
+
+
 def _kernel(op: str, device: torch.device) -> Callable:
     name = backend(device)
+    if name in _LAZY_MODULES and name not in _KERNELS.get(op, {}):
+        importlib.import_module(_LAZY_MODULES[name])
     kernels = _KERNELS.get(op, {})
     if name not in kernels:
         raise NotImplementedError(f"backend {name!r} has no kernel for {op}")

@@ -162,10 +162,10 @@ def _quantize_row(p: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
 
     def pack(group_codes: Tensor, length: int) -> Tensor:  # [n, length] codes -> [n, W] bytes
         width = -(-length // per_byte)
-        planes = torch.zeros(group_codes.shape[0], per_byte * width, dtype=torch.uint8)
+        planes = torch.zeros(group_codes.shape[0], per_byte * width, dtype=torch.uint8, device=group_codes.device)
         planes[:, :length] = group_codes[:, :length]
         planes = planes.view(-1, per_byte, width)
-        packed = torch.zeros(group_codes.shape[0], width, dtype=torch.uint8)
+        packed = torch.zeros(group_codes.shape[0], width, dtype=torch.uint8, device=group_codes.device)
         for s in range(per_byte):
             packed |= planes[:, s] << (s * bits)
         return packed.reshape(-1)
