@@ -19,6 +19,9 @@ import sys
 import tempfile
 import threading
 import warnings
+import re
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,40 +82,45 @@ def _cpu_build_key(src: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[Path], None]) -> Path:
+    """`root/prefix-key/filename`, compiled by `compile_into(temp_dir)` unless already cached.
+
+    Under a file lock, so parallel processes neither race nor see a half-written build: the
+    compiler writes into a private temporary directory, renamed into place only on success.
+    """
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    final_dir = root / f"{prefix}-{key}"
+    with FileLock(str(root / f"{prefix}-{key}.lock")):
+        if (final_dir / filename).is_file():
+            return final_dir / filename
+        build_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-{key}.building.", dir=root))
+        try:
+            logger.info("building %s in %s", filename, build_dir)
+            compile_into(build_dir)
+        except Exception as exc:  # compiler missing, compile error, ninja missing, ...
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise exc if isinstance(exc, BuildError) else BuildError(str(exc)) from exc
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(build_dir, final_dir)
+    return final_dir / filename
+
+
 def build_cpu(verbose: bool = False) -> Path:
     """Compile (or find in the cache) and load the CPU kernel library; return its path.
 
     Raises BuildError with the compiler's message when the build fails.
     """
     src = source_dir()
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    key = _cpu_build_key(src)
-    final_dir = root / f"cpu-{key}"
-    library = final_dir / f"{CPU_LIBRARY}.so"
-    with FileLock(str(root / f"cpu-{key}.lock")):
-        if library.is_file():
-            torch.ops.load_library(str(library))
-            return library
+
+    def compile_into(build_dir: Path) -> None:
         from torch.utils.cpp_extension import load
 
-        build_dir = Path(tempfile.mkdtemp(prefix=f"cpu-{key}.building.", dir=root))
-        try:
-            logger.info("building the twa_kernels CPU kernels in %s", build_dir)
-            load(
-                name=CPU_LIBRARY,
-                sources=[str(p) for p in _cpu_sources(src)],
-                extra_cflags=CPU_CFLAGS,
-                extra_ldflags=CPU_LDFLAGS,
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=verbose,
-            )
-        except Exception as exc:  # compiler missing, compile error, ninja missing, ...
-            shutil.rmtree(build_dir, ignore_errors=True)
-            raise BuildError(str(exc)) from exc
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(build_dir, final_dir)
+        load(name=CPU_LIBRARY, sources=[str(p) for p in _cpu_sources(src)], extra_cflags=CPU_CFLAGS,
+             extra_ldflags=CPU_LDFLAGS, build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+
+    library = _cached_build("cpu", _cpu_build_key(src), f"{CPU_LIBRARY}.so", compile_into)
+    torch.ops.load_library(str(library))
     return library
 
 
@@ -145,4 +153,129 @@ def cpu_kernels_available() -> bool:
 def cpu_build_error() -> BuildError | None:
     """The error of the last failed build in this process, if any."""
     error = _cpu_state.get("error")
+    return error if isinstance(error, BuildError) else None
+
+
+# ---- CUDA -----------------------------------------------------------------------------------
+
+CUDA_LIBRARY = "twa_kernels_cuda"
+CUDA_KERNELS_LIBRARY = "libtwa_cuda_kernels.so"  # csrc/cuda alone: no torch, loadable with ctypes
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Warnings are errors: CI compiles the kernels without a GPU, and a warning there is the only
+# sign of a mistake that would show on the device.
+NVCC_FLAGS = ["-O3", "-Werror", "all-warnings"]
+
+
+def cuda_arch_flags() -> list[str]:
+    """nvcc -gencode flags for $TORCH_CUDA_ARCH_LIST (like "8.0;9.0a" or "8.6+PTX"), default sm_80 and sm_90."""
+    spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+    flags: list[str] = []
+    for item in re.split(r"[;,\s]+", spec):
+        if not item:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+PTX)?", item)
+        if not match:
+            raise BuildError(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not a compute capability like 8.0, 9.0a or 8.6+PTX")
+        arch = f"{match[1]}{match[2]}{match[3]}"
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        if match[4]:
+            flags += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+    return flags
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $CUDA_HOME (or $CUDA_PATH), else from PATH."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_key(src: Path, *parts: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted([src / "twa_kernels_cuda.cpp", *(src / "cuda").glob("*.cu*")]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for part in (*parts, " ".join(NVCC_FLAGS), " ".join(cuda_arch_flags())):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildError(f"{what} failed ({' '.join(command[:2])} ...):\n{result.stdout}{result.stderr}")
+
+
+def build_cuda_kernels() -> Path:
+    """Compile csrc/cuda with nvcc alone into a shared library, without torch or a GPU.
+
+    This is the compile check CI runs (`python -m twa_kernels build --cuda` on a machine
+    without CUDA torch); it also gives the tests the host emulation of the kernels' index
+    arithmetic. Also checks that the binding csrc/twa_kernels_cuda.cpp compiles.
+    """
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc was not found on PATH or in $CUDA_HOME/bin; install the CUDA toolkit")
+    src = source_dir()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+
+    def compile_into(build_dir: Path) -> None:
+        _run([nvcc, *NVCC_FLAGS, "-std=c++17", *cuda_arch_flags(), "-Xcompiler", "-fPIC", "-shared", str(src / "cuda" / "kernels.cu"),
+              "-o", str(build_dir / CUDA_KERNELS_LIBRARY)], "compiling csrc/cuda/kernels.cu")
+        from torch.utils.cpp_extension import include_paths
+
+        abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+        _run([os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-Wall", "-Werror",
+              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()),
+              str(src / "twa_kernels_cuda.cpp")], "compiling csrc/twa_kernels_cuda.cpp")
+
+    return _cached_build("cuda-kernels", _cuda_key(src, version, torch.__version__), CUDA_KERNELS_LIBRARY, compile_into)
+
+
+def build_cuda(verbose: bool = False) -> Path:
+    """Compile (or find in the cache) and load the CUDA extension; needs a CUDA build of torch and nvcc."""
+    if torch.version.cuda is None:
+        raise BuildError(f"torch {torch.__version__} has no CUDA; install a CUDA build of torch to use the cuda backend")
+    if find_nvcc() is None:
+        raise BuildError("nvcc was not found on PATH or in $CUDA_HOME/bin; install the CUDA toolkit")
+    src = source_dir()
+
+    def compile_into(build_dir: Path) -> None:
+        from torch.utils.cpp_extension import load
+
+        # Our own -gencode flags make cpp_extension skip its default of the visible GPUs' archs.
+        load(name=CUDA_LIBRARY, sources=[str(src / "twa_kernels_cuda.cpp"), str(src / "cuda" / "kernels.cu")],
+             extra_cflags=["-O3"], extra_cuda_cflags=[*NVCC_FLAGS, *cuda_arch_flags()],
+             build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+
+    key = _cuda_key(src, torch.__version__, sys.version)
+    library = _cached_build("cuda", key, f"{CUDA_LIBRARY}.so", compile_into)
+    torch.ops.load_library(str(library))
+    return library
+
+
+_cuda_state: dict[str, object] = {}
+
+
+def cuda_kernels_available() -> bool:
+    """Build and load the CUDA extension on first call; False (after one warning) if that fails."""
+    with _cpu_lock:
+        if "ok" not in _cuda_state:
+            try:
+                build_cuda()
+                _cuda_state["ok"] = True
+            except BuildError as exc:
+                _cuda_state["ok"] = False
+                _cuda_state["error"] = exc
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                warnings.warn(f"twa_kernels: the CUDA kernels could not be built ({reason[:300]}); CUDA tensors use "
+                              "the Triton or reference backend. `python -m twa_kernels build --cuda -v` shows why.",
+                              RuntimeWarning, stacklevel=3)
+        return bool(_cuda_state["ok"])
+
+
+def cuda_build_error() -> BuildError | None:
+    """The error of the last failed CUDA build in this process, if any."""
+    error = _cuda_state.get("error")
     return error if isinstance(error, BuildError) else None

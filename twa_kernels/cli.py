@@ -12,15 +12,28 @@ from pathlib import Path
 
 
 def _build(args: argparse.Namespace) -> int:
+    import torch
+
     from twa_kernels import _build
 
     start = time.perf_counter()
     try:
         library = _build.build_cpu(verbose=args.verbose)
+        print(f"twa: CPU kernels ready in {time.perf_counter() - start:.1f}s: {library}")
+        if args.cuda:
+            start = time.perf_counter()
+            if torch.version.cuda is None:  # no CUDA torch to link against: compile the sources only
+                library = _build.build_cuda_kernels()
+                archs = " ".join(flag.split("code=")[1] for flag in _build.cuda_arch_flags()[1::2])
+                print(f"twa: CUDA sources compile for {archs} in "
+                      f"{time.perf_counter() - start:.1f}s; torch {torch.__version__} has no CUDA, so this was a "
+                      f"compile check only: {library}")
+            else:
+                library = _build.build_cuda(verbose=args.verbose)
+                print(f"twa: CUDA kernels ready in {time.perf_counter() - start:.1f}s: {library}")
     except _build.BuildError as exc:
-        print(f"twa: building the C++ CPU kernels failed:\n{exc}", file=sys.stderr)
+        print(f"twa: build failed:\n{exc}", file=sys.stderr)
         return 1
-    print(f"twa: CPU kernels ready in {time.perf_counter() - start:.1f}s: {library}")
     return 0
 
 
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
     build = sub.add_parser("build", help="compile the C++ kernels now (they are cached) and print where")
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's commands and output")
+    build.add_argument("--cuda", action="store_true",
+                       help="also build the CUDA kernels with nvcc (compile check only when torch has no CUDA)")
     build.set_defaults(func=_build)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -1,0 +1,168 @@
+// The thin binding of the CUDA kernels (csrc/cuda) as torch.library ops in the
+// `twa_kernels_cuda` namespace. Like the CPU binding, outputs and scratch are allocated in
+// Python; the CUDA stream comes in as an integer (torch.cuda.current_stream().cuda_stream),
+// so this file needs neither CUDA nor c10/cuda headers and compiles with the host compiler.
+#include <torch/library.h>
+
+#include "cuda/kernels.cuh"
+
+namespace {
+
+twa_cuda::DType float_dtype(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return twa_cuda::DType::f32;
+  if (t.scalar_type() == at::kBFloat16) return twa_cuda::DType::bf16;
+  TORCH_CHECK(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+void check_cuda_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
+
+void check_status(int status, const char* op) {
+  TORCH_CHECK(status == 0, op, ": CUDA kernel launch failed with cudaError ", status);
+}
+
+twa_cuda::Basis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                           const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
+  check_cuda_contiguous(codes, "codes");
+  check_cuda_contiguous(block_offsets, "block_offsets");
+  TORCH_CHECK(codes.dim() == 2, "codes must be 2-D, got ", codes.dim(), "-D");
+  TORCH_CHECK(block_offsets.scalar_type() == at::kLong && block_offsets.dim() == 1 && block_offsets.numel() >= 2,
+              "block_offsets must be a 1-D int64 tensor with at least 2 entries");
+  twa_cuda::Basis b{};
+  b.codes = codes.data_ptr();
+  b.block_offsets = block_offsets.data_ptr<int64_t>();
+  b.k = codes.size(0);
+  b.num_cols = num_cols;
+  b.row_bytes = codes.size(1);
+  b.n_blocks = block_offsets.numel() - 1;
+  b.group_size = group_size;
+  b.bits = static_cast<int>(bits);
+  if (bits == 0) {
+    TORCH_CHECK(codes.scalar_type() == at::kFloat && codes.size(1) == num_cols,
+                "a dense basis must be float32 [k, ", num_cols, "]");
+    return b;
+  }
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 0, 1, 2, 4 or 8, got ", bits);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "packed codes must be uint8");
+  check_cuda_contiguous(scales, "scales");
+  check_cuda_contiguous(mins, "mins");
+  b.n_groups = (num_cols + group_size - 1) / group_size;
+  const int64_t per_byte = 8 / bits, last = num_cols - (b.n_groups - 1) * group_size;
+  TORCH_CHECK(b.row_bytes == (b.n_groups - 1) * (group_size / per_byte) + (last + per_byte - 1) / per_byte,
+              "codes has ", b.row_bytes, " bytes per row, which does not fit ", num_cols, " columns at ", bits,
+              " bits");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
+                  scales.numel() == b.k * b.n_groups && mins.numel() == b.k * b.n_groups,
+              "scales and mins must be float32 [n_groups, k]");
+  b.scales = scales.data_ptr<float>();
+  b.mins = mins.data_ptr<float>();
+  return b;
+}
+
+int64_t project_scratch(int64_t k, int64_t num_cols, int64_t n_blocks, int64_t bits, int64_t group_size) {
+  twa_cuda::Basis b{};
+  b.k = k;
+  b.num_cols = num_cols;
+  b.n_blocks = n_blocks;
+  b.group_size = group_size;
+  b.bits = static_cast<int>(bits);
+  return twa_cuda::project_partial_floats(b);
+}
+
+void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                 const at::Tensor& block_offsets, const at::Tensor& g, int64_t bits, int64_t group_size,
+                 bool deterministic, int64_t stream, const at::Tensor& y, const at::Tensor& partial) {
+  check_cuda_contiguous(g, "g");
+  const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel());
+  check_cuda_contiguous(y, "y");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
+  if (deterministic) {
+    check_cuda_contiguous(partial, "partial");
+    TORCH_CHECK(partial.scalar_type() == at::kFloat && partial.numel() >= twa_cuda::project_partial_floats(b),
+                "partial must hold project_scratch() float32 values");
+  }
+  check_status(twa_cuda::project(b, g.data_ptr(), float_dtype(g, "g"), y.data_ptr<float>(),
+                                 deterministic ? partial.data_ptr<float>() : nullptr, deterministic,
+                                 as_stream(stream)),
+               "project");
+}
+
+void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                     const at::Tensor& block_offsets, const at::Tensor& x, const std::optional<at::Tensor>& center,
+                     int64_t bits, int64_t group_size, int64_t stream, const at::Tensor& out) {
+  check_cuda_contiguous(out, "out");
+  const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, out.numel());
+  check_cuda_contiguous(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == b.k * b.n_blocks, "x must be float32 [k, n_blocks]");
+  const void* center_ptr = nullptr;
+  if (center.has_value()) {
+    check_cuda_contiguous(*center, "center");
+    TORCH_CHECK(center->numel() == b.num_cols, "center must have ", b.num_cols, " elements");
+    TORCH_CHECK(center->scalar_type() == out.scalar_type(), "center and out must share a dtype");
+    center_ptr = center->data_ptr();
+  }
+  check_status(twa_cuda::reconstruct(b, x.data_ptr<float>(), center_ptr, float_dtype(out, "out"), out.data_ptr(),
+                                     as_stream(stream)),
+               "reconstruct");
+}
+
+void gram_out(const at::Tensor& p, bool deterministic, int64_t stream, const at::Tensor& out,
+              const at::Tensor& partial) {
+  check_cuda_contiguous(p, "p");
+  check_cuda_contiguous(out, "out");
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
+  TORCH_CHECK(out.scalar_type() == at::kDouble && out.numel() == p.size(0) * p.size(0), "out must be float64 [k, k]");
+  if (deterministic) {
+    check_cuda_contiguous(partial, "partial");
+    TORCH_CHECK(partial.scalar_type() == at::kDouble &&
+                    partial.numel() >= twa_cuda::gram_spans(p.size(1)) * p.size(0) * p.size(0),
+                "partial must hold gram_scratch() float64 values");
+  }
+  check_status(twa_cuda::gram(p.data_ptr<float>(), p.size(0), p.size(1), out.data_ptr<double>(),
+                              deterministic ? partial.data_ptr<double>() : nullptr, deterministic, as_stream(stream)),
+               "gram");
+}
+
+int64_t gram_scratch(int64_t k, int64_t d) { return twa_cuda::gram_spans(d) * k * k; }
+
+void combine_rows_out(const at::Tensor& t, const at::Tensor& p, int64_t stream, const at::Tensor& out) {
+  check_cuda_contiguous(t, "t");
+  check_cuda_contiguous(p, "p");
+  check_cuda_contiguous(out, "out");
+  TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kDouble && t.size(1) == p.size(0), "t must be float64 [r, k]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == t.size(0) * p.size(1), "out must be float32 [r, d]");
+  check_status(twa_cuda::combine_rows(t.data_ptr<double>(), p.data_ptr<float>(), t.size(0), p.size(0), p.size(1),
+                                      out.data_ptr<float>(), as_stream(stream)),
+               "combine_rows");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(twa_kernels_cuda, m) {
+  m.def("project_scratch(int k, int num_cols, int n_blocks, int bits, int group_size) -> int");
+  m.def(
+      "project_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor g, int bits, "
+      "int group_size, bool deterministic, int stream, Tensor(a!) y, Tensor(b!) partial) -> ()");
+  m.def(
+      "reconstruct_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor x, Tensor? center, "
+      "int bits, int group_size, int stream, Tensor(a!) out) -> ()");
+  m.def("gram_scratch(int k, int d) -> int");
+  m.def("gram_out(Tensor p, bool deterministic, int stream, Tensor(a!) out, Tensor(b!) partial) -> ()");
+  m.def("combine_rows_out(Tensor t, Tensor p, int stream, Tensor(a!) out) -> ()");
+  // Sizes only (no tensor arguments): they run without a device.
+  m.impl("project_scratch", &project_scratch);
+  m.impl("gram_scratch", &gram_scratch);
+}
+
+TORCH_LIBRARY_IMPL(twa_kernels_cuda, CUDA, m) {
+  m.impl("project_out", &project_out);
+  m.impl("reconstruct_out", &reconstruct_out);
+  m.impl("gram_out", &gram_out);
+  m.impl("combine_rows_out", &combine_rows_out);
+}

@@ -1,0 +1,94 @@
+"""The CUDA kernels (csrc/cuda) without a GPU: they compile with nvcc, and their run code,
+executed on the host by the same templates (see csrc/cuda/kernels.cuh), agrees with the
+reference. On a GPU, test_ops runs them for real (backend "cuda")."""
+
+import ctypes
+import shutil
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels import _build
+from twa_kernels.backends import reference
+
+from conftest import random_basis
+from test_ops import BITS, SHAPES
+
+needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc not found: CUDA sources cannot compile here")
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return ctypes.CDLL(str(_build.build_cuda_kernels()))
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _basis_args(qb):
+    i64 = ctypes.c_int64
+    return (_ptr(qb.codes), _ptr(qb.scales), _ptr(qb.mins), _ptr(qb.block_offsets), i64(qb.k), i64(qb.num_cols),
+            i64(qb.codes.shape[1]), i64(qb.num_blocks), i64(qb.group_size), ctypes.c_int(qb.bits or 0))
+
+
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES + [(6, 40005, 64, [7000, 1, 33004])])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_emulated_project_matches_reference(emulator, bits, k, d, group_size, blocks, deterministic):
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    g = torch.randn(d).bfloat16() if deterministic else torch.randn(d)
+    y = torch.zeros(k, qb.num_blocks)
+    partial = torch.full(((d + qb.num_blocks) * k,), float("nan"))  # more than enough; unused pieces stay NaN
+    emulator.twa_cuda_emulate_project(*_basis_args(qb), _ptr(g), DTYPE_CODE[g.dtype], _ptr(y), _ptr(partial),
+                                      int(deterministic))
+    expected = reference.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, g, qb.bits or 0, group_size)
+    budget = float((tk.dequantize(qb).abs() * g.float().abs()).sum(1).max()) * 1e-6
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=budget)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, None])
+def test_emulated_reconstruct_matches_reference(emulator, bits, k, d, group_size, blocks, dtype):
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    x = torch.randn(k, qb.num_blocks)
+    center = torch.randn(d).to(dtype) if dtype is not None else None
+    out = torch.empty(d, dtype=dtype or torch.float32)
+    emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(center), DTYPE_CODE[out.dtype], _ptr(out))
+    expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits or 0,
+                                     group_size, d)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    rtol = 8e-3 if out.dtype == torch.bfloat16 else 1e-5  # one bfloat16 ulp
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=budget)
+
+
+@needs_nvcc
+def test_a_cuda_type_error_fails_the_build(tmp_path, monkeypatch):
+    src = tmp_path / "csrc"
+    shutil.copytree(_build.source_dir(), src)
+    kernels = src / "cuda" / "kernels.cu"
+    kernels.write_text(kernels.read_text().replace("const float gv = load_value(", "const float* gv = load_value("))
+    monkeypatch.setattr(_build, "source_dir", lambda: src)
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(_build.BuildError, match="kernels.cu"):
+        _build.build_cuda_kernels()
+    assert not any((tmp_path / "cache").glob("cuda-kernels-*/*.so"))  # nothing half-built left behind
+
+
+def test_arch_list_is_respected(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert _build.cuda_arch_flags() == ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6+PTX 9.0a")
+    assert _build.cuda_arch_flags() == ["-gencode", "arch=compute_86,code=sm_86", "-gencode",
+                                        "arch=compute_86,code=compute_86", "-gencode", "arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
+    with pytest.raises(_build.BuildError, match="TORCH_CUDA_ARCH_LIST entry 'Hopper'"):
+        _build.cuda_arch_flags()
