@@ -57,7 +57,7 @@ def _layers(pb: PaperBasis):
 
 def paper_project(pb: PaperBasis, g: Tensor) -> Tensor:
     """y[:, i] = dequant(P[:, layer i]) @ g[layer i], one materialised block per layer."""
-    y = torch.empty(pb.codes.shape[0], len(pb.layer_sizes))
+    y = torch.empty(pb.codes.shape[0], len(pb.layer_sizes), device=pb.codes.device)
     for i, start, size in _layers(pb):
         block = pb.mins[i] + pb.scales[i] * pb.codes[:, start : start + size].float()
         y[:, i] = torch.mm(block, g[start : start + size].reshape(-1, 1)).reshape(-1)

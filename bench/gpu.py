@@ -1,0 +1,212 @@
+"""GPU benchmark: project, reconstruct and a full TWA step on CUDA tensors.
+
+Every usable GPU backend (cuda, triton) at k = 16 and 72, D = 88M (CLIP ViT-B/32) and 1B (a
+20-layer, width-2048 transformer), bits 1/2/4/8; in the same run the reference backend and the
+paper's P_Step path (at 88M, where they fit and finish), and a device-to-device copy as the
+bandwidth roof. Times are medians of CUDA-event timings after warm-up. Writes
+bench/results/gpu-<device>.json (and a copy under $OUT when set) and prints a table.
+
+    python bench/gpu.py            # the whole grid (a few minutes on an H100)
+    python bench/gpu.py --quick    # k=16, 88M, 4-bit only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from shapes import clip_vit_b32_visual_sizes  # noqa: E402
+
+from twa_kernels import _ops  # noqa: E402
+from twa_kernels.backends import paper  # noqa: E402
+from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes, packed_row_bytes  # noqa: E402
+
+GROUP_SIZE = 128
+LR = 1e-3
+
+
+def transformer_1b_sizes(layers: int = 20, width: int = 2048) -> list[int]:
+    """Parameter sizes of a 20-layer, width-2048 transformer stack (1,006,714,880 weights)."""
+    per_layer = [width, 3 * width * width, width * width, width, 4 * width * width, 4 * width * width]
+    return per_layer * layers
+
+
+MODELS = {"88M": clip_vit_b32_visual_sizes, "1B": transformer_1b_sizes}
+
+
+def cuda_time_ms(fn, min_reps: int = 10, min_ms: float = 300.0, warmup: int = 2) -> float:
+    """Median over repeats of one call, timed with CUDA events, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    total = 0.0
+    while len(times) < min_reps or (total < min_ms and len(times) < 200):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+        total += times[-1]
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy of 4 GiB, counting bytes read plus written."""
+    src = torch.empty(1 << 30, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def random_basis(k: int, sizes: list[int], bits: int) -> QuantizedBasis:
+    """Random codes (cost does not depend on values; quantising k x 1B floats would not fit)."""
+    d = sum(sizes)
+    n_groups = -(-d // GROUP_SIZE)
+    codes = torch.randint(0, 256, (k, packed_row_bytes(d, bits, GROUP_SIZE)), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(n_groups, k, device="cuda") * 1e-3
+    mins = -scales * ((1 << bits) - 1) / 2
+    return QuantizedBasis(codes, scales, mins, block_offsets_from_sizes(sizes, d).cuda(), bits, GROUP_SIZE, d)
+
+
+def ops_for(qb: QuantizedBasis):
+    """project, reconstruct and a TWA step (project, coefficient step, reconstruct) on qb."""
+    parts = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    d, k = qb.num_cols, qb.k
+    g = torch.randn(d, device="cuda")
+    center = torch.randn(d, device="cuda")
+    x = torch.randn(k, qb.num_blocks, device="cuda")
+    meta = qb.scales.numel() * 8 + qb.block_offsets.numel() * 8
+    project = lambda: _ops.project_op(*parts, g, qb.bits, GROUP_SIZE)  # noqa: E731
+    reconstruct = lambda: _ops.reconstruct_op(*parts, x, center, qb.bits, GROUP_SIZE, d)  # noqa: E731
+
+    def step():
+        return _ops.reconstruct_op(*parts, x - LR * project(), center, qb.bits, GROUP_SIZE, d)
+
+    codes = qb.codes.numel()
+    return {  # op: (callable, fewest bytes it must move)
+        "project": (project, codes + meta + 4 * d),
+        "reconstruct": (reconstruct, codes + meta + 8 * d),
+        "twa_step": (step, 2 * (codes + meta) + 12 * d),
+    }
+
+
+def paper_ops(k: int, sizes: list[int], bits: int):
+    d = sum(sizes)
+    codes = torch.randint(0, 1 << bits, (k, d), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(len(sizes), device="cuda") * 1e-3
+    pb = paper.PaperBasis(codes, -scales * ((1 << bits) - 1) / 2, scales, list(sizes))
+    g, center = torch.randn(d, device="cuda"), torch.randn(d, device="cuda")
+    x = torch.randn(k, len(sizes), device="cuda")
+    return {
+        "project": (lambda: paper.paper_project(pb, g), pb.codes.numel() + 4 * d),
+        "reconstruct": (lambda: paper.paper_reconstruct(pb, x, center), pb.codes.numel() + 8 * d),
+        "twa_step": (lambda: paper.paper_twa_step(pb, g, x, center, LR), 2 * pb.codes.numel() + 12 * d),
+    }
+
+
+def set_backend(name: str) -> None:
+    os.environ["TWA_KERNELS_BACKEND"] = name
+
+
+def usable_backends() -> list[str]:
+    names = []
+    for name in ("cuda", "triton"):
+        usable, why = _ops._backend_usable(name, torch.device("cuda"))
+        print(f"backend {name}: {'usable' if usable else 'not usable: ' + why}", flush=True)
+        if usable:
+            names.append(name)
+    return names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="k=16, 88M, 4-bit only")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/gpu-<device>.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    copy = copy_bandwidth_gbps()
+    print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
+    backends = usable_backends()
+    ks, models, bit_widths = ([16], ["88M"], [4]) if args.quick else ([16, 72], ["88M", "1B"], [1, 2, 4, 8])
+    rows = []
+
+    def record(op, impl, k, model, bits, ms, nbytes, **extra):
+        gbps = nbytes / ms / 1e6
+        rows.append(dict(op=op, impl=impl, k=k, model=model, d=sum(MODELS[model]()), bits=bits, ms=ms, bytes=nbytes,
+                         gbps=gbps, fraction_of_copy=gbps / copy, **extra))
+        print(f"{op:12s} {impl:10s} k={k:3d} D={model:4s} {bits}-bit  {ms:9.3f} ms  {gbps:7.0f} GB/s  "
+              f"{gbps / copy:6.1%} of copy", flush=True)
+
+    for model in models:
+        sizes = MODELS[model]()
+        for k in ks:
+            for bits in bit_widths:
+                need = k * packed_row_bytes(sum(sizes), bits, GROUP_SIZE) + 16 * sum(sizes)
+                free = torch.cuda.mem_get_info()[0]
+                if need > 0.85 * free:
+                    print(f"skip k={k} D={model} {bits}-bit: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
+                    continue
+                qb = random_basis(k, sizes, bits)
+                ops = ops_for(qb)
+                outputs = {}
+                for name in backends:
+                    set_backend(name)
+                    outputs[name] = (ops["project"][0](), ops["reconstruct"][0]())
+                    for op, (fn, nbytes) in ops.items():
+                        record(op, name, k, model, bits, cuda_time_ms(fn), nbytes)
+                if len(outputs) == 2:  # the two backends must agree
+                    (ya, wa), (yb, wb) = outputs.values()
+                    rel = max(float((ya - yb).norm() / yb.norm()), float((wa - wb).norm() / wb.norm()))
+                    print(f"  cuda vs triton: relative difference {rel:.2e}")
+                    if not rel < 1e-4:
+                        print("  MISMATCH between backends", flush=True)
+                if model == "88M":  # baselines where they fit and finish
+                    set_backend("reference")
+                    for op in ("project", "twa_step"):
+                        fn, nbytes = ops[op]
+                        record(op, "reference", k, model, bits, cuda_time_ms(fn, min_reps=1, min_ms=0, warmup=1), nbytes)
+                    del ops, qb
+                    for op, (fn, nbytes) in paper_ops(k, sizes, bits).items():
+                        record(op, "paper", k, model, bits, cuda_time_ms(fn, min_reps=3, min_ms=0, warmup=1), nbytes)
+                torch.cuda.empty_cache()
+    os.environ.pop("TWA_KERNELS_BACKEND", None)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    out = Path(args.out or Path(__file__).parent / "results" / f"gpu-{slug}{'-quick' if args.quick else ''}.json")
+    report = dict(device=device, torch=torch.__version__, copy_gbps=copy, group_size=GROUP_SIZE, rows=rows)
+    out.write_text(json.dumps(report, indent=1))
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / out.name).write_text(json.dumps(report, indent=1))
+    print(f"\nwritten: {out}")
+    print_summary(rows)
+    return 0
+
+
+def print_summary(rows: list[dict]) -> None:
+    """The 4-bit rows: each backend's GB/s and speed-up over the paper's P_Step."""
+    paper_ms = {(r["op"], r["k"], r["model"], r["bits"]): r["ms"] for r in rows if r["impl"] == "paper"}
+    print("\nop           impl       k   D     bits  ms        GB/s  of copy  x paper")
+    for r in rows:
+        if r["impl"] in ("paper", "reference"):
+            continue
+        base = paper_ms.get((r["op"], r["k"], r["model"], r["bits"]))
+        speedup = f"{base / r['ms']:7.1f}" if base else "      -"
+        print(f"{r['op']:12s} {r['impl']:10s} {r['k']:3d} {r['model']:5s} {r['bits']:4d}  {r['ms']:8.3f}  "
+              f"{r['gbps']:5.0f}  {r['fraction_of_copy']:6.1%}  {speedup}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
