@@ -4,19 +4,17 @@
 // so this file needs neither CUDA nor c10/cuda headers and compiles with the host compiler.
 #include <torch/library.h>
 
+#include "basis_binding.h"
 #include "cuda/kernels.cuh"
 
 namespace {
 
 twa_cuda::DType float_dtype(const at::Tensor& t, const char* name) {
-  if (t.scalar_type() == at::kFloat) return twa_cuda::DType::f32;
-  if (t.scalar_type() == at::kBFloat16) return twa_cuda::DType::bf16;
-  TORCH_CHECK(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
+  return twa_binding::float_dtype<twa_cuda::DType>(t, name);
 }
 
 void check_cuda_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  twa_binding::check_on(t, name, c10::DeviceType::CUDA);
 }
 
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
@@ -27,41 +25,8 @@ void check_status(int status, const char* op) {
 
 twa_cuda::Basis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                            const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
-  check_cuda_contiguous(codes, "codes");
-  check_cuda_contiguous(block_offsets, "block_offsets");
-  TORCH_CHECK(codes.dim() == 2, "codes must be 2-D, got ", codes.dim(), "-D");
-  TORCH_CHECK(block_offsets.scalar_type() == at::kLong && block_offsets.dim() == 1 && block_offsets.numel() >= 2,
-              "block_offsets must be a 1-D int64 tensor with at least 2 entries");
-  twa_cuda::Basis b{};
-  b.codes = codes.data_ptr();
-  b.block_offsets = block_offsets.data_ptr<int64_t>();
-  b.k = codes.size(0);
-  b.num_cols = num_cols;
-  b.row_bytes = codes.size(1);
-  b.n_blocks = block_offsets.numel() - 1;
-  b.group_size = group_size;
-  b.bits = static_cast<int>(bits);
-  if (bits == 0) {
-    TORCH_CHECK(codes.scalar_type() == at::kFloat && codes.size(1) == num_cols,
-                "a dense basis must be float32 [k, ", num_cols, "]");
-    return b;
-  }
-  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 0, 1, 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "packed codes must be uint8");
-  check_cuda_contiguous(scales, "scales");
-  check_cuda_contiguous(mins, "mins");
-  b.n_groups = (num_cols + group_size - 1) / group_size;
-  const int64_t per_byte = 8 / bits, last = num_cols - (b.n_groups - 1) * group_size;
-  TORCH_CHECK(b.row_bytes == (b.n_groups - 1) * (group_size / per_byte) + (last + per_byte - 1) / per_byte,
-              "codes has ", b.row_bytes, " bytes per row, which does not fit ", num_cols, " columns at ", bits,
-              " bits");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
-                  scales.numel() == b.k * b.n_groups && mins.numel() == b.k * b.n_groups,
-              "scales and mins must be float32 [n_groups, k]");
-  b.scales = scales.data_ptr<float>();
-  b.mins = mins.data_ptr<float>();
-  return b;
+  return twa_binding::make_basis<twa_cuda::Basis>(codes, scales, mins, block_offsets, bits, group_size, num_cols,
+                                                  c10::DeviceType::CUDA);
 }
 
 int64_t project_scratch(int64_t k, int64_t num_cols, int64_t n_blocks, int64_t bits, int64_t group_size) {

@@ -74,7 +74,7 @@ def _cpu_sources(src: Path) -> list[Path]:
 
 def _cpu_build_key(src: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted([*_cpu_sources(src), *(src / "cpu").glob("*.h")]):
+    for path in sorted([*_cpu_sources(src), *src.glob("*.h"), *(src / "cpu").glob("*.h")]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     for part in (torch.__version__, sys.version, " ".join(CPU_CFLAGS), _cpu_model(), os.environ.get("CXX", "")):
@@ -124,34 +124,36 @@ def build_cpu(verbose: bool = False) -> Path:
     return library
 
 
+_build_lock = threading.Lock()
 _cpu_state: dict[str, object] = {}
-_cpu_lock = threading.Lock()
+_cuda_state: dict[str, object] = {}
+
+
+def _built_once(state: dict[str, object], build: Callable[[], Path], failure: str) -> bool:
+    """Run `build` on the first call only; on a BuildError warn once (`failure`) and remember it."""
+    with _build_lock:
+        if "ok" not in state:
+            try:
+                build()
+                state["ok"] = True
+            except BuildError as exc:
+                state["ok"] = False
+                state["error"] = exc
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                warnings.warn(failure.format(reason=reason[:300]), RuntimeWarning, stacklevel=4)
+        return bool(state["ok"])
 
 
 def cpu_kernels_available() -> bool:
     """Build and load the CPU kernels on first call; False (after one warning) if that fails."""
-    with _cpu_lock:
-        if "ok" not in _cpu_state:
-            try:
-                build_cpu()
-                _cpu_state["ok"] = True
-            except BuildError as exc:
-                _cpu_state["ok"] = False
-                _cpu_state["error"] = exc
-                reason = str(exc).strip().splitlines()
-                reason = reason[0] if reason else type(exc).__name__
-                warnings.warn(
-                    f"twa_kernels: the C++ CPU kernels could not be built ({reason[:300]}); CPU ops fall back "
-                    "to the reference backend, which is correct but slower. Run `python -m twa_kernels build` "
-                    "to see the full compiler output.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return bool(_cpu_state["ok"])
+    return _built_once(_cpu_state, build_cpu,
+                       "twa_kernels: the C++ CPU kernels could not be built ({reason}); CPU ops fall back to the "
+                       "reference backend, which is correct but slower. Run `python -m twa_kernels build` to see "
+                       "the full compiler output.")
 
 
 def cpu_build_error() -> BuildError | None:
-    """The error of the last failed build in this process, if any."""
+    """The error of the last failed CPU build in this process, if any."""
     error = _cpu_state.get("error")
     return error if isinstance(error, BuildError) else None
 
@@ -193,7 +195,7 @@ def find_nvcc() -> str | None:
 
 def _cuda_key(src: Path, *parts: str) -> str:
     digest = hashlib.sha256()
-    for path in sorted([src / "twa_kernels_cuda.cpp", *(src / "cuda").glob("*.cu*")]):
+    for path in sorted([src / "twa_kernels_cuda.cpp", *src.glob("*.h"), *(src / "cuda").glob("*.cu*")]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     for part in (*parts, " ".join(NVCC_FLAGS), " ".join(cuda_arch_flags())):
@@ -255,24 +257,11 @@ def build_cuda(verbose: bool = False) -> Path:
     return library
 
 
-_cuda_state: dict[str, object] = {}
-
-
 def cuda_kernels_available() -> bool:
     """Build and load the CUDA extension on first call; False (after one warning) if that fails."""
-    with _cpu_lock:
-        if "ok" not in _cuda_state:
-            try:
-                build_cuda()
-                _cuda_state["ok"] = True
-            except BuildError as exc:
-                _cuda_state["ok"] = False
-                _cuda_state["error"] = exc
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                warnings.warn(f"twa_kernels: the CUDA kernels could not be built ({reason[:300]}); CUDA tensors use "
-                              "the Triton or reference backend. `python -m twa_kernels build --cuda -v` shows why.",
-                              RuntimeWarning, stacklevel=3)
-        return bool(_cuda_state["ok"])
+    return _built_once(_cuda_state, build_cuda,
+                       "twa_kernels: the CUDA kernels could not be built ({reason}); CUDA tensors use the Triton "
+                       "or reference backend. `python -m twa_kernels build --cuda -v` shows why.")
 
 
 def cuda_build_error() -> BuildError | None:

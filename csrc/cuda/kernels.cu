@@ -52,6 +52,10 @@ TWA_HD inline void store_value(void* p, DType dtype, int64_t i, float v) {
   static_cast<uint16_t*>(p)[i] = h;
 }
 
+// A code c < 2^8 as a float without an int-to-float convert (a quarter-rate instruction on
+// NVIDIA GPUs): OR-ed into the mantissa of 2^23 it gives 2^23 + c, and subtracting 2^23 is exact.
+TWA_HD inline float code_to_float(uint32_t code) { return bits_to_float(code | 0x4B000000u) - 8388608.f; }
+
 // The block holding column `col`: the largest b with block_offsets[b] <= col.
 TWA_HD inline int64_t block_of(const int64_t* offsets, int64_t n_blocks, int64_t col) {
   int64_t lo = 0, hi = n_blocks;
@@ -141,7 +145,7 @@ TWA_HD float packed_dot(const Basis& b, const void* g, DType g_dtype, int64_t r,
         const int64_t col = first + s * width + i;
         if (s * width + i >= length || col < s0 || col >= s1) continue;
         const float gv = load_value(g, g_dtype, col);
-        code_dot += static_cast<float>((byte >> (s * BITS)) & kMask) * gv;
+        code_dot += code_to_float((byte >> (s * BITS)) & kMask) * gv;
         g_sum += gv;
       }
     }
@@ -259,7 +263,7 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
 #pragma unroll
             for (int s = 0; s < kPerByte; ++s) {
               const float coeff = x[r * b.n_blocks + blk[s]];
-              acc[s] += (low + scale * static_cast<float>((byte >> (s * BITS)) & kMask)) * coeff;
+              acc[s] += (low + scale * code_to_float((byte >> (s * BITS)) & kMask)) * coeff;
             }
           }
 #pragma unroll

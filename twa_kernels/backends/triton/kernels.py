@@ -42,17 +42,31 @@ def _first_block(offsets, n_blocks, col):
 
 
 @triton.jit
-def _tile_values(codes, scales, mins, k, row_stride, num_cols, rows, group, byte, tile_ok, W, L,
-                 GROUP: tl.constexpr, GROUP_BYTES: tl.constexpr, BITS: tl.constexpr, PER_BYTE: tl.constexpr):
-    """Dequantised basis values [K_CHUNK, PER_BYTE, TILE_BYTES] of `rows`, their columns and mask."""
+def _tile(pid, first_group, n_groups, num_cols, W, L,
+          GROUP: tl.constexpr, PER_BYTE: tl.constexpr, TILE_GROUPS: tl.constexpr, W_BLOCK: tl.constexpr):
+    """Program pid's tile: per lane its byte and group; per (plane, lane) its column and mask."""
+    lane = tl.arange(0, TILE_GROUPS * W_BLOCK)
+    byte = lane % W_BLOCK
+    group = first_group + pid * TILE_GROUPS + lane // W_BLOCK
+    tile_ok = group < first_group + n_groups
+    col_lo = (first_group + pid * TILE_GROUPS) * GROUP
+    col_hi = tl.minimum(col_lo + TILE_GROUPS * GROUP, num_cols)
     plane = tl.arange(0, PER_BYTE)
-    col = group[None, :] * GROUP + plane[:, None] * W + byte[None, :]  # [PER_BYTE, TILE_BYTES]
+    col = group[None, :] * GROUP + plane[:, None] * W + byte[None, :]  # [PER_BYTE, TILE_GROUPS * W_BLOCK]
     col_ok = tile_ok[None, :] & (byte[None, :] < W) & (plane[:, None] * W + byte[None, :] < L) & (col < num_cols)
+    return byte, group, tile_ok, col_lo, col_hi, col, col_ok
+
+
+@triton.jit
+def _tile_values(codes, scales, mins, k, row_stride, rows, group, byte, tile_ok, col, col_ok, W,
+                 GROUP_BYTES: tl.constexpr, BITS: tl.constexpr, PER_BYTE: tl.constexpr):
+    """Dequantised basis values [K_CHUNK, PER_BYTE, TILE_BYTES] of `rows` in the tile, 0 where masked."""
     row_ok = rows < k
     if BITS == 0:
         ptr = codes + rows[:, None, None].to(tl.int64) * row_stride + col[None, :, :]
         values = tl.load(ptr, mask=row_ok[:, None, None] & col_ok[None, :, :], other=0.0)
     else:
+        plane = tl.arange(0, PER_BYTE)
         ptr = codes + rows[:, None].to(tl.int64) * row_stride + group[None, :].to(tl.int64) * GROUP_BYTES + byte[None, :]
         packed = tl.load(ptr, mask=row_ok[:, None] & tile_ok[None, :] & (byte[None, :] < W), other=0).to(tl.int32)
         code = (packed[:, None, :] >> (plane[None, :, None] * BITS)) & ((1 << BITS) - 1)
@@ -63,7 +77,7 @@ def _tile_values(codes, scales, mins, k, row_stride, num_cols, rows, group, byte
         low = tl.load(mins + meta, mask=meta_ok, other=0.0)[:, None, :]
         values = scale * (as_float - _MANTISSA_ONE) + low
         values = tl.where(row_ok[:, None, None] & col_ok[None, :, :], values, 0.0)
-    return values, col, col_ok
+    return values
 
 
 @triton.jit
@@ -74,27 +88,20 @@ def project_tiles(codes, scales, mins, offsets, g, y, partial, k, n_blocks, row_
                   DETERMINISTIC: tl.constexpr):
     """Pass 1 of project: each program sums its tile's products per (row, block)."""
     pid = tl.program_id(0)
-    lane = tl.arange(0, TILE_GROUPS * W_BLOCK)
-    byte = lane % W_BLOCK
-    group = first_group + pid * TILE_GROUPS + lane // W_BLOCK
-    tile_ok = group < first_group + n_groups
-    col_lo = (first_group + pid * TILE_GROUPS) * GROUP
-    col_hi = tl.minimum(col_lo + TILE_GROUPS * GROUP, num_cols)
-    plane = tl.arange(0, PER_BYTE)
-    gcol = group[None, :] * GROUP + plane[:, None] * W + byte[None, :]
-    gv_ok = tile_ok[None, :] & (byte[None, :] < W) & (plane[:, None] * W + byte[None, :] < L) & (gcol < num_cols)
-    gv = tl.load(g + gcol, mask=gv_ok, other=0.0).to(tl.float32)
+    byte, group, tile_ok, col_lo, col_hi, col, col_ok = _tile(pid, first_group, n_groups, num_cols, W, L, GROUP,
+                                                              PER_BYTE, TILE_GROUPS, W_BLOCK)
+    gv = tl.load(g + col, mask=col_ok, other=0.0).to(tl.float32)
     b_first = _first_block(offsets, n_blocks, col_lo)
     for r0 in range(0, k, K_CHUNK):
         rows = r0 + tl.arange(0, K_CHUNK)
-        values, _, _ = _tile_values(codes, scales, mins, k, row_stride, num_cols, rows, group, byte,
-                                    tile_ok, W, L, GROUP, GROUP_BYTES, BITS, PER_BYTE)
+        values = _tile_values(codes, scales, mins, k, row_stride, rows, group, byte, tile_ok, col, col_ok, W,
+                              GROUP_BYTES, BITS, PER_BYTE)
         products = values * gv[None, :, :]
         b = b_first
         block_lo = tl.load(offsets + b)
         while block_lo < col_hi:  # usually once: a tile seldom crosses a block edge
             block_hi = tl.load(offsets + b + 1)
-            in_block = (gcol >= block_lo) & (gcol < block_hi)
+            in_block = (col >= block_lo) & (col < block_hi)
             sums = tl.sum(tl.sum(tl.where(in_block[None, :, :], products, 0.0), axis=2), axis=1)
             if DETERMINISTIC:
                 tl.store(partial + (tile_base + pid + b).to(tl.int64) * k + rows, sums, mask=rows < k)
@@ -132,15 +139,8 @@ def reconstruct_tiles(codes, scales, mins, offsets, x, center, out, k, n_blocks,
                       HAS_CENTER: tl.constexpr):
     """out[j] = center[j] + sum_r p^[r, j] * x[r, block(j)] over one tile of columns."""
     pid = tl.program_id(0)
-    lane = tl.arange(0, TILE_GROUPS * W_BLOCK)
-    byte = lane % W_BLOCK
-    group = first_group + pid * TILE_GROUPS + lane // W_BLOCK
-    tile_ok = group < first_group + n_groups
-    col_lo = (first_group + pid * TILE_GROUPS) * GROUP
-    col_hi = tl.minimum(col_lo + TILE_GROUPS * GROUP, num_cols)
-    plane = tl.arange(0, PER_BYTE)
-    col = group[None, :] * GROUP + plane[:, None] * W + byte[None, :]
-    col_ok = tile_ok[None, :] & (byte[None, :] < W) & (plane[:, None] * W + byte[None, :] < L) & (col < num_cols)
+    byte, group, tile_ok, col_lo, col_hi, col, col_ok = _tile(pid, first_group, n_groups, num_cols, W, L, GROUP,
+                                                              PER_BYTE, TILE_GROUPS, W_BLOCK)
     # The block of each column; a tile inside one block (the usual case) skips the loop.
     b_first = _first_block(offsets, n_blocks, col_lo)
     block = tl.zeros([PER_BYTE, TILE_GROUPS * W_BLOCK], dtype=tl.int32) + b_first
@@ -153,8 +153,8 @@ def reconstruct_tiles(codes, scales, mins, offsets, x, center, out, k, n_blocks,
     acc = tl.zeros([PER_BYTE, TILE_GROUPS * W_BLOCK], dtype=tl.float32)
     for r0 in range(0, k, K_CHUNK):
         rows = r0 + tl.arange(0, K_CHUNK)
-        values, _, _ = _tile_values(codes, scales, mins, k, row_stride, num_cols, rows, group, byte,
-                                    tile_ok, W, L, GROUP, GROUP_BYTES, BITS, PER_BYTE)
+        values = _tile_values(codes, scales, mins, k, row_stride, rows, group, byte, tile_ok, col, col_ok, W,
+                              GROUP_BYTES, BITS, PER_BYTE)
         if b == b_first + 1:  # one coefficient per row for the whole tile
             coeff = tl.load(x + rows * n_blocks + b_first, mask=rows < k, other=0.0)
             acc += tl.sum(values * coeff[:, None, None], axis=0)
