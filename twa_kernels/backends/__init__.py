@@ -3,3 +3,21 @@
 reference.py is the executable spec (plain torch, float64 accumulation); paper.py
 re-implements the TWA papers' own code paths as the baseline that benchmarks beat.
 """
+
+import contextlib
+import functools
+
+import torch
+
+
+def on_tensors_device(fn):
+    """Decorator: run a kernel wrapper with its first tensor argument's GPU as the current
+    device, since CUDA and Triton kernels launch on the current device, not the tensors'."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return fn(*args)
+
+    return wrapper

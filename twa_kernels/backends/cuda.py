@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels._ops import register_kernel
+from twa_kernels.backends import on_tensors_device
 
 
 def _lib():
@@ -26,6 +27,7 @@ def _stream(device: torch.device) -> int:
 
 
 @register_kernel("project", "cuda")
+@on_tensors_device
 def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
     exact = torch.are_deterministic_algorithms_enabled()
@@ -38,6 +40,7 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 
 @register_kernel("reconstruct", "cuda")
+@on_tensors_device
 def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
     out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
     _lib().reconstruct_out(codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
@@ -47,6 +50,7 @@ def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor],
 
 
 @register_kernel("gram", "cuda")
+@on_tensors_device
 def gram(p: Tensor) -> Tensor:
     p = p.to(torch.float32).contiguous()
     k, d = p.shape
@@ -58,6 +62,7 @@ def gram(p: Tensor) -> Tensor:
 
 
 @register_kernel("combine_rows", "cuda")
+@on_tensors_device
 def combine_rows(t: Tensor, p: Tensor) -> Tensor:
     out = torch.empty(t.shape[0], p.shape[1], dtype=torch.float32, device=p.device)
     _lib().combine_rows_out(t.to(torch.float64).contiguous(), p.to(torch.float32).contiguous(),

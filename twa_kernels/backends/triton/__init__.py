@@ -19,6 +19,7 @@ import triton
 from torch import Tensor
 
 from twa_kernels._ops import register_kernel
+from twa_kernels.backends import on_tensors_device
 from twa_kernels.backends.triton import kernels
 
 # Columns per program: 512 keeps a K_CHUNK x 512 tile of unpacked values in registers.
@@ -72,6 +73,7 @@ def _metadata(codes: Tensor, scales: Tensor, mins: Tensor, bits: int) -> tuple[T
 
 
 @register_kernel("project", "triton")
+@on_tensors_device
 def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     k, num_cols, n_blocks = codes.shape[0], g.numel(), block_offsets.numel() - 1
     layout = _Layout(k, num_cols, bits, group_size)
@@ -97,6 +99,7 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 
 @register_kernel("reconstruct", "triton")
+@on_tensors_device
 def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
     layout = _Layout(k, num_cols, bits, group_size)
@@ -114,6 +117,7 @@ def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor],
 
 
 @register_kernel("gram", "triton")
+@on_tensors_device
 def gram(p: Tensor) -> Tensor:
     p = p.to(torch.float32).contiguous()
     k, d = p.shape
@@ -128,6 +132,7 @@ def gram(p: Tensor) -> Tensor:
 
 
 @register_kernel("combine_rows", "triton")
+@on_tensors_device
 def combine_rows(t: Tensor, p: Tensor) -> Tensor:
     t = t.to(torch.float64).contiguous()
     p = p.to(torch.float32).contiguous()
