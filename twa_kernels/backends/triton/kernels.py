@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_MANTISSA_ONE = 8388608.0  # 2^23: the float whose mantissa holds an 8-bit code unchanged
+_MANTISSA_ONE = tl.constexpr(8388608.0)  # 2^23: the float whose mantissa holds an 8-bit code unchanged
 
 
 @triton.jit
@@ -156,12 +156,12 @@ def reconstruct_tiles(codes, scales, mins, offsets, x, center, out, k, n_blocks,
         values = _tile_values(codes, scales, mins, k, row_stride, rows, group, byte, tile_ok, col, col_ok, W,
                               GROUP_BYTES, BITS, PER_BYTE)
         if b == b_first + 1:  # one coefficient per row for the whole tile
-            coeff = tl.load(x + rows * n_blocks + b_first, mask=rows < k, other=0.0)
-            acc += tl.sum(values * coeff[:, None, None], axis=0)
+            row_coeff = tl.load(x + rows * n_blocks + b_first, mask=rows < k, other=0.0)
+            acc += tl.sum(values * row_coeff[:, None, None], axis=0)
         else:  # gather each column's coefficient
             ok = (rows < k)[:, None, None] & col_ok[None, :, :]
-            coeff = tl.load(x + rows[:, None, None] * n_blocks + block[None, :, :], mask=ok, other=0.0)
-            acc += tl.sum(values * coeff, axis=0)
+            col_coeff = tl.load(x + rows[:, None, None] * n_blocks + block[None, :, :], mask=ok, other=0.0)
+            acc += tl.sum(values * col_coeff, axis=0)
     if HAS_CENTER:
         acc += tl.load(center + col, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out + col, acc.to(out.dtype.element_ty), mask=col_ok)
