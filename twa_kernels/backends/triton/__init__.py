@@ -40,6 +40,9 @@ class _Layout:
     """Launch geometry of one basis: tiles of whole groups, the short last group separate."""
 
     def __init__(self, k: int, num_cols: int, bits: int, group_size: int):
+        if num_cols >= 2**31:
+            raise ValueError(f"the Triton kernels index columns in 32 bits, so D must be below 2^31, got {num_cols}; "
+                             "use the cuda backend (TWA_KERNELS_BACKEND=cuda) for larger bases")
         self.bits = bits
         self.per_byte = 8 // bits if bits else 1
         self.group = group_size if bits else DENSE_GROUP
