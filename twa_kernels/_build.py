@@ -14,13 +14,13 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import warnings
-import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,9 +98,12 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
         try:
             logger.info("building %s in %s", filename, build_dir)
             compile_into(build_dir)
+        except BuildError:
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
         except Exception as exc:  # compiler missing, compile error, ninja missing, ...
             shutil.rmtree(build_dir, ignore_errors=True)
-            raise exc if isinstance(exc, BuildError) else BuildError(str(exc)) from exc
+            raise BuildError(str(exc)) from exc
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
     return final_dir / filename
