@@ -41,29 +41,26 @@ def _run(benchmark, impl, fn):
     benchmark.pedantic(fn, rounds=5 if impl == "paper" else 10, iterations=1, warmup_rounds=warmup)
 
 
-def test_sgd_step(benchmark, setup):
-    model, _, _, x, y = setup
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def _sgd_step(module, x, y):
+    """One SGD-with-momentum step on `module`'s parameters (the weights, or TWA's coefficients)."""
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
 
     def step():
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(module(x), y).backward()
         opt.step()
 
-    _run(benchmark, "sgd", step)
+    return step
+
+
+def test_sgd_step(benchmark, setup):
+    model, _, _, x, y = setup
+    _run(benchmark, "sgd", _sgd_step(model, x, y))
 
 
 def test_twa_step_fused(benchmark, setup):
     model, subspace, _, x, y = setup
-    twa = tk.TWA(model, subspace)
-    opt = torch.optim.SGD(twa.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(twa(x), y).backward()
-        opt.step()
-
-    _run(benchmark, "fused", step)
+    _run(benchmark, "fused", _sgd_step(tk.TWA(model, subspace), x, y))
 
 
 def test_twa_step_paper(benchmark, setup):

@@ -26,6 +26,15 @@ def make_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 48), nn.BatchNorm1d(48), nn.ReLU(), nn.Linear(48, 10))
 
 
+def _train_epoch(module: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader) -> None:
+    """One epoch of cross-entropy training in train mode."""
+    module.train()
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(module(xb), yb).backward()
+        opt.step()
+
+
 def train_checkpoints(train, epochs: int = 6, lr: float = 0.05, seed: int = 0) -> list[dict]:
     """SGD from scratch; the state_dict after every epoch."""
     model = make_model(seed)
@@ -33,11 +42,7 @@ def train_checkpoints(train, epochs: int = 6, lr: float = 0.05, seed: int = 0) -
     loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     checkpoints = []
     for _ in range(epochs):
-        model.train()
-        for xb, yb in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
+        _train_epoch(model, opt, loader)
         checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
     return checkpoints
 
@@ -55,8 +60,4 @@ def train_coefficients(twa, dataset, epochs: int = 4, lr: float = 0.05, seed: in
     opt = torch.optim.AdamW(twa.parameters(), lr=lr, weight_decay=0.0)
     loader = DataLoader(dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     for _ in range(epochs):
-        twa.train()
-        for xb, yb in loader:
-            opt.zero_grad()
-            F.cross_entropy(twa(xb), yb).backward()
-            opt.step()
+        _train_epoch(twa, opt, loader)
