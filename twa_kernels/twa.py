@@ -215,7 +215,9 @@ class _Workspace:
              record: bool) -> tuple[Tensor, Callable[[], None]]:
         buffer = self.buffer
         if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
-            self.buffer = buffer = torch.empty(numel, dtype=dtype, device=device)
+            # zeros, not empty: its pages are touched here, by a parallel fill, once, and
+            # not by the kernel's first write (page faults made a fresh output cost 2-3x)
+            self.buffer = buffer = torch.zeros(numel, dtype=dtype, device=device)
             self.generation += 1
         self.busy = record
         generation = self.generation
