@@ -127,3 +127,137 @@ def test_interpolate_named_errors(runs, tmp_path):
         C.interpolate(model, ckpts[0], ckpts[1], _data(test), masks={"0.weight": torch.ones(3)})
     with pytest.raises(ValueError, match="no batches"):
         C.interpolate(model, ckpts[0], ckpts[1], iter([]), bn="none")
+
+
+# ---- planes --------------------------------------------------------------------------------
+
+
+def _flat(state, model):
+    return torch.cat([state[n].reshape(-1).double() for n, _ in model.named_parameters()])
+
+
+def _orthonormal_frame(a, b, c):
+    u = b - a
+    u = u / u.norm()
+    v = (c - a) - ((c - a) @ u) * u
+    return u, v / v.norm()
+
+
+def _plain_state(flat, model, template):
+    state, offset = dict(template), 0
+    for name, p in model.named_parameters():
+        state[name] = flat[offset:offset + p.numel()].view(p.shape).float()
+        offset += p.numel()
+    return state
+
+
+@pytest.fixture(scope="module")
+def dense_plane(runs):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    return C.plane(model, [ckpts[1], ckpts[4], ckpts[7]], _data(test), grid=(6, 5), bn_data=_data(train),
+                   points={"SWA": tk.uniform_average([ckpts[1], ckpts[4], ckpts[7]]), "epoch 6": ckpts[5]})
+
+
+def test_plane_through_reconstruct_matches_dense_weights_at_random_points(runs, dense_plane):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    a, b, c = (_flat(ckpts[i], model) for i in (1, 4, 7))
+    u, v = _orthonormal_frame(a, b, c)
+    p = dense_plane
+    assert p.loss.shape == (5, 6) and p.bits is None
+    # the anchors sit where the orthonormal frame puts them
+    names = p.anchors
+    assert p.points[names[0]][:2] == (0.0, 0.0)
+    assert p.points[names[1]].x == pytest.approx(float((b - a).norm()), rel=1e-6)
+    assert p.points[names[2]].x == pytest.approx(float((c - a) @ u), rel=1e-5)
+    assert p.points[names[2]].y == pytest.approx(float((c - a) @ v), rel=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        i, j = int(torch.randint(5, (1,), generator=generator)), int(torch.randint(6, (1,), generator=generator))
+        dense = a + p.xs[j] * u + p.ys[i] * v
+        got = torch.cat([t.reshape(-1) for t in p.state_dict_at(p.xs[j], p.ys[i]).values()]).double()
+        torch.testing.assert_close(got, dense, rtol=0, atol=2e-6)
+        plain = make_model(9)
+        plain.load_state_dict(_plain_state(dense, model, ckpts[1]))
+        torch.optim.swa_utils.update_bn(_data(train), plain)
+        loss, acc = evaluate(plain, test)
+        assert p.loss[i, j] == pytest.approx(loss, abs=1e-4) and p.error[i, j] == pytest.approx(1 - acc, abs=2e-3)
+
+
+def test_extra_points_are_projected_with_their_distance(runs, dense_plane):
+    _, _, ckpts, _ = runs
+    model = make_model(3)
+    p = dense_plane
+    anchors = [p.points[n] for n in p.anchors]
+    swa = p.points["SWA"]  # the mean of the three anchors lies in their plane
+    assert swa.x == pytest.approx(sum(q.x for q in anchors) / 3, abs=1e-5)
+    assert swa.y == pytest.approx(sum(q.y for q in anchors) / 3, abs=1e-5)
+    assert swa.distance < 1e-4
+    a, b, c, d = (_flat(ckpts[i], model) for i in (1, 4, 7, 5))
+    u, v = _orthonormal_frame(a, b, c)
+    off = d - a
+    residual = off - (off @ u) * u - (off @ v) * v
+    point = p.points["epoch 6"]
+    print(f"\nepoch 6 in the plane of epochs 2, 5, 8: ({point.x:.4f}, {point.y:.4f}), distance {point.distance:.4f}")
+    assert point.x == pytest.approx(float(off @ u), rel=1e-5) and point.y == pytest.approx(float(off @ v), rel=1e-5)
+    assert point.distance == pytest.approx(float(residual.norm()), rel=1e-4) and point.distance > 0.05
+    # the grid spans every point with the margin
+    assert p.xs[0] < min(q.x for q in p.points.values()) and p.xs[-1] > max(q.x for q in p.points.values())
+
+
+def test_four_bit_plane_is_the_dense_plane_of_its_dequantised_directions(runs, dense_plane):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    p = C.plane(model, [ckpts[1], ckpts[4], ckpts[7]], _data(test), grid=(3, 3), bits=4, bn_data=_data(train))
+    a, b, c = (_flat(ckpts[i], model) for i in (1, 4, 7))
+    rows = tk.dequantize(p.frame.basis).double()
+    # the packed directions are b - a and c - a within the quantisation bound (half a step per group)
+    for row, exact in zip(rows, (b - a, c - a)):
+        step = (exact.view(-1)[: exact.numel() // 128 * 128].view(-1, 128).aminmax(dim=1))
+        bound = ((step.max - step.min) / 15 / 2).repeat_interleave(128)
+        assert bool(((row[: bound.numel()] - exact[: bound.numel()]).abs() <= bound + 1e-6).all())
+    u, v = _orthonormal_frame(a, a + rows[0], a + rows[1])
+    for i, j in ((0, 0), (1, 2), (2, 1), (2, 2), (0, 2)):
+        got = torch.cat([t.reshape(-1) for t in p.state_dict_at(p.xs[j], p.ys[i]).values()]).double()
+        torch.testing.assert_close(got, a + p.xs[j] * u + p.ys[i] * v, rtol=0, atol=2e-6)
+    # at the middle grid point the 4-bit plane's loss is near that of the exact directions' point
+    u, v = _orthonormal_frame(a, b, c)
+    plain = make_model(9)
+    plain.load_state_dict(_plain_state(a + p.xs[1] * u + p.ys[1] * v, model, ckpts[1]))
+    torch.optim.swa_utils.update_bn(_data(train), plain)
+    exact = evaluate(plain, test)[0]
+    print(f"\nmiddle of the 4-bit plane: loss {float(p.loss[1, 1]):.4f}, with exact directions {exact:.4f}")
+    assert abs(float(p.loss[1, 1]) - exact) < 0.02
+
+
+def test_plane_through_a_subspace_slice(runs):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    sub = tk.Subspace.from_checkpoints(ckpts[2:7], bits=None, granularity="model", orthonormalize=True,
+                                       parameter_names=[n for n, _ in model.named_parameters()])
+    p = C.plane(model, sub, _data(test), grid=2, dims=(1, 3), bn_data=_data(train))
+    q = tk.dequantize(sub.basis).double()
+    for x, y in ((p.xs[0], p.ys[1]), (0.3, -0.2)):
+        got = torch.cat([t.reshape(-1) for t in p.state_dict_at(x, y).values()]).double()
+        torch.testing.assert_close(got, sub.center.double() + x * q[1] + y * q[3], rtol=0, atol=2e-6)
+    assert p.anchors == ["center"] and p.loss.shape == (2, 2)
+
+
+def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
+    _, test, ckpts, _ = runs
+    model = make_model(3)
+    with pytest.raises(ValueError, match="at least 2 points along each axis"):
+        C.plane(model, ckpts[:3], _data(test), grid=(1, 5))
+    with pytest.raises(ValueError, match="exactly 3 checkpoints"):
+        C.plane(model, ckpts[:2], _data(test))
+    collinear = {k: 2 * ckpts[1][k] - ckpts[0][k] if v.is_floating_point() else v for k, v in ckpts[0].items()}
+    with pytest.raises(ValueError, match="collinear"):
+        C.plane(model, [ckpts[0], ckpts[1], collinear], _data(test), grid=2)
+    bad = dict(ckpts[2])
+    bad["3.weight"] = torch.zeros(10, 40)
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint #2: key '3.weight' has shape \(10, 40\)"):
+        C.plane(model, [ckpts[0], ckpts[1], bad], _data(test), grid=2)
+    png = C.plot_plane(dense_plane, tmp_path / "plane.png", points={"epoch 7": ckpts[6]})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
