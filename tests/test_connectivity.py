@@ -261,3 +261,69 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
     png = C.plot_plane(dense_plane, tmp_path / "plane.png", points={"epoch 7": ckpts[6]})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
+
+
+# ---- sharpness -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2,110-parameter tanh MLP in float64 trained to a minimum on digits, its loss on 128
+    samples in two batches of unequal size, and the exact Hessian of that loss."""
+    import math
+
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.func import functional_call
+
+    train, _, _ = digits_splits()
+    x, y = train.tensors[0].double(), train.tensors[1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 28), nn.Tanh(), nn.Linear(28, 10)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    data = [(x[:80], y[:80]), (x[80:128], y[80:128])]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(flat):
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split([math.prod(s) for s in shapes]), shapes)}
+        return F.cross_entropy(functional_call(model, params, (x[:128],)), y[:128])
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return model, data, torch.func.hessian(loss)(flat)
+
+
+def test_hutchinson_diagonal_matches_the_exact_hessian(tiny):
+    import torch.nn.functional as F
+
+    model, data, hessian = tiny
+    exact = hessian.diagonal()
+    probes = 30000
+    estimate = C.hessian_diagonal(model, F.cross_entropy, data, samples=probes, chunk=500)
+    assert [tuple(t.shape) for t in estimate.values()] == [tuple(p.shape) for p in model.parameters()]
+    got = torch.cat([t.reshape(-1) for t in estimate.values()])
+    significant = exact.abs() > 1e-3 * exact.abs().mean()  # the rest are zero (pixels that are always 0) or nearly
+    relative = ((got - exact).abs() / exact.abs())[significant]
+    weighted = float((got - exact).abs().sum() / exact.abs().sum())
+    print(f"\nHutchinson, {probes} Rademacher probes, {exact.numel()} parameters: mean relative error per entry "
+          f"{float(relative.mean()):.3f} over {int(significant.sum())} entries (median {float(relative.median()):.3f}), "
+          f"magnitude-weighted {weighted:.3f}; the other entries within {float((got - exact)[~significant].abs().max()):.1e}")
+    assert float(relative.mean()) < 0.10
+    assert float((got - exact)[~significant].abs().max()) < 1e-2 * float(exact.abs().mean())
+
+
+def test_power_iteration_finds_the_top_eigenvalue(tiny):
+    import torch.nn.functional as F
+
+    model, data, hessian = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = C.top_eigenvalue(model, F.cross_entropy, data, iters=200, tol=1e-6)
+    top = float(torch.linalg.eigvalsh(hessian)[-1])
+    print(f"\npower iteration: {result.value:.6f} after {len(result.trace)} products; eigvalsh: {top:.6f}")
+    assert result.converged and result.value == pytest.approx(top, rel=1e-2)
+    assert result.trace[-1] == result.value and len(result.trace) > 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
