@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.averaging import update_bn
-from twa_kernels.io import CheckpointError, StateDict, load_state_dict, unwrap_state_dict
+from twa_kernels.io import CheckpointError, StateDict, check_finite, load_state_dict, unwrap_state_dict
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes, stack_rows
 from twa_kernels.subspace import Subspace
@@ -81,10 +81,14 @@ def classification_metric(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Ten
 
 
 def _load(checkpoint: Checkpoint, source: str) -> tuple[StateDict, bool]:
-    """(state_dict, owned): owned when it was read from a file, so entries may be freed."""
+    """(state_dict, owned): owned when it was read from a file, so entries may be freed.
+    A NaN or Inf anywhere is refused, naming the checkpoint and the key."""
     if isinstance(checkpoint, Mapping):
-        return unwrap_state_dict(checkpoint, source), False
-    return load_state_dict(checkpoint), True
+        state, owned = unwrap_state_dict(checkpoint, source), False
+    else:
+        state, owned = load_state_dict(checkpoint), True
+    check_finite(state, source)
+    return state, owned
 
 
 def _name(checkpoint: Checkpoint, index: int) -> str:
@@ -306,6 +310,7 @@ class _Frame:
     def __init__(self, names, shapes, center: Tensor, basis: QuantizedBasis, rows: tuple[int, int]):
         self.names, self.shapes, self.center, self.basis, self.rows = list(names), list(shapes), center, basis, rows
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
+        self.workspace: Tensor | None = None  # the one [D] vector every grid point is reconstructed into
         gram = self._inner(None)
         try:
             self.chol = torch.linalg.cholesky(gram)
@@ -339,9 +344,10 @@ class _Frame:
         x[self.rows[0]], x[self.rows[1]] = float(c[0]), float(c[1])
         return x
 
-    def weights(self, z: Sequence[float]) -> Tensor:
-        """The flat weights [D] at plane coordinates z: one call of the fused reconstruct op."""
-        return reconstruct(self.basis, self.coefficients(z).to(self.center.device), self.center)
+    def weights(self, z: Sequence[float], out: Tensor | None = None) -> Tensor:
+        """The flat weights [D] at plane coordinates z: one call of the fused reconstruct op
+        (into `out` when given)."""
+        return reconstruct(self.basis, self.coefficients(z).to(self.center.device), self.center, out=out)
 
     def buffers_at(self, z: Sequence[float]) -> dict[str, Tensor]:
         c = self.coefficients(z)[list(self.rows), 0].tolist()
@@ -533,12 +539,15 @@ def plane(
         for i, j in _progress(cells, progress, "plane", total=len(cells)):
             loss[i, j], error[i, j] = _evaluate_at(model, frame, (xs[j], ys[i]), mask, data, metric, bn,
                                                    bn_data if bn_data is not None else data)
+    frame.workspace = None
     return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
 
 
 def _evaluate_at(model, frame: _Frame, z, mask, data, metric, bn, bn_data) -> tuple[float, float]:
-    # one reconstructed vector, viewed as the parameters; it is freed on return, before the next point
-    flat = frame.weights(z)
+    # every point is reconstructed into the same workspace, viewed as the parameters
+    if frame.workspace is None:
+        frame.workspace = torch.empty(frame.center.numel(), device=frame.center.device)
+    flat = frame.weights(z, out=frame.workspace)
     pieces = flat.split([math.prod(s) for s in frame.shapes])
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
     for name, m in mask.items():
