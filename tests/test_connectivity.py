@@ -121,7 +121,7 @@ def test_interpolate_named_errors(runs, tmp_path):
     with pytest.raises(tk.CheckpointError, match=r"checkpoint #1: key '0.weight' has shape \(40, 64\)"):
         C.interpolate(model, ckpts[0], bad, _data(test))
     path = tk.save_state_dict({k: v for k, v in ckpts[1].items() if k != "3.bias"}, tmp_path / "b.pt")
-    with pytest.raises(tk.CheckpointError, match=r"b: missing key '3.bias'"):
+    with pytest.raises(tk.CheckpointError, match=r"b.pt: missing key .3.bias."):
         C.interpolate(model, ckpts[0], path, _data(test))
     with pytest.raises(ValueError, match="mask for '0.weight' has shape"):
         C.interpolate(model, ckpts[0], ckpts[1], _data(test), masks={"0.weight": torch.ones(3)})
@@ -327,3 +327,91 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
     assert result.converged and result.value == pytest.approx(top, rel=1e-2)
     assert result.trace[-1] == result.value and len(result.trace) > 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- the CLI: `twa connect` and `twa plane` ---------------------------------------------------
+
+USER_PACKAGE = '''
+from torch.utils.data import DataLoader
+from digits import digits_splits, make_model as _make
+
+def make_model():
+    return _make(0)
+
+def train_loader():
+    return DataLoader(digits_splits()[0], batch_size=512)
+
+def test_loader():
+    return DataLoader(digits_splits()[2], batch_size=512)
+'''
+
+
+@pytest.fixture(scope="module")
+def project(runs, tmp_path_factory):
+    """A user's package, a config without checkpoints, and checkpoint files."""
+    import yaml
+
+    _, _, ckpts, other = runs
+    root = tmp_path_factory.mktemp("geometry")
+    (root / "geomuser.py").write_text(USER_PACKAGE)
+    (root / "config.yaml").write_text(yaml.safe_dump(dict(model="geomuser:make_model", data=dict(
+        train="geomuser:train_loader", val="geomuser:test_loader"))))
+    paths = {f"e{i + 1}": tk.save_state_dict(state, root / f"e{i + 1}.pt") for i, state in enumerate(ckpts)}
+    paths["other"] = tk.save_state_dict(other[-1], root / "other.safetensors")
+    return root, paths
+
+
+def _run_cli(args, root, monkeypatch, capsys):
+    from twa_kernels import cli
+
+    monkeypatch.syspath_prepend(str(root))
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_connect_prints_barriers_and_writes_the_plot(project, runs, monkeypatch, capsys):
+    root, paths = project
+    train, test, ckpts, other = runs
+    code, out, err = _run_cli(["connect", str(paths["e8"]), str(paths["other"]), "--config", str(root / "config.yaml"),
+                               "--steps", "5", "--out", str(root / "connect.png")], root, monkeypatch, capsys)
+    assert code == 0, err
+    expected = C.interpolate(make_model(0), ckpts[-1], other[-1], _data(test), steps=5, bn_data=_data(train))
+    assert f"barrier: loss {expected.loss_barrier:.4f}" in out and "data.val" in out
+    assert (root / "connect.png").read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    saved = json.loads((root / "connect.json").read_text())
+    assert saved["loss_barrier"] == pytest.approx(expected.loss_barrier, abs=1e-6) and len(saved["alphas"]) == 5
+    assert "interpolating" in err  # the progress bar
+
+
+def test_cli_plane_writes_the_contour_with_extra_points(project, monkeypatch, capsys):
+    root, paths = project
+    code, out, err = _run_cli(["plane", str(paths["e2"]), str(paths["e5"]), str(paths["e8"]), "--config",
+                               str(root / "config.yaml"), "--grid", "4", "3", "--bits", "4", "--point",
+                               f"E7={paths['e7']}", "--out", str(root / "plane.png")], root, monkeypatch, capsys)
+    assert code == 0, err
+    assert "E7" in out and "lowest loss on the grid" in out and "4x3 grid" in out and "4-bit" in out
+    assert (root / "plane.png").stat().st_size > 10_000
+    assert "plane" in err  # the progress bar
+
+
+def test_cli_named_errors(project, monkeypatch, capsys):
+    root, paths = project
+    bad = dict(tk.load_state_dict(paths["e1"]))
+    bad["0.weight"] = torch.zeros(40, 64)
+    tk.save_state_dict(bad, root / "wrong.pt")
+    config = str(root / "config.yaml")
+    code, _, err = _run_cli(["connect", str(paths["e1"]), str(root / "wrong.pt"), "--config", config],
+                            root, monkeypatch, capsys)
+    assert code == 2 and "wrong.pt: key '0.weight' has shape (40, 64) but the model's is (48, 64)" in err
+    code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", config,
+                             "--grid", "1"], root, monkeypatch, capsys)
+    assert code == 2 and "grid must have at least 2 points along each axis" in err
+    code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", config,
+                             "--point", "SWA"], root, monkeypatch, capsys)
+    assert code == 2 and "NAME=PATH" in err
+    code, _, err = _run_cli(["connect", str(paths["e1"]), str(root / "missing.pt"), "--config", config],
+                            root, monkeypatch, capsys)
+    assert code == 2 and "missing.pt: no such checkpoint file" in err

@@ -92,7 +92,13 @@ def _load(checkpoint: Checkpoint, source: str) -> tuple[StateDict, bool]:
 
 
 def _name(checkpoint: Checkpoint, index: int) -> str:
+    """A short label for plots: the file's stem, or the checkpoint's position."""
     return Path(checkpoint).stem if isinstance(checkpoint, (str, os.PathLike)) else f"checkpoint #{index}"
+
+
+def _source(checkpoint: Checkpoint, index: int) -> str:
+    """The checkpoint's name in error messages: its path, or its position."""
+    return str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else f"checkpoint #{index}"
 
 
 def _entry(state: Mapping[str, Tensor], key: str, shape: tuple[int, ...], source: str) -> Tensor:
@@ -242,7 +248,7 @@ def interpolate(
     buffers = _float_buffers(model, include_bn_stats=bn == "interpolate")
     ends = []
     for i, ckpt in enumerate((a, b)):
-        source = _name(ckpt, i)
+        source = _source(ckpt, i)
         state, _ = _load(ckpt, source)
         wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
         device = next(iter(params.values())).device
@@ -390,6 +396,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     center, rows, buffer_sets = None, [], []
     dense = torch.empty(2, numel) if bits is None else None
     for i, (ckpt, label) in enumerate(zip(checkpoints, labels)):
+        label = _source(ckpt, i)
         state, owned = _load(ckpt, label)
         buffer_sets.append({k: _entry(state, k, tuple(t.shape), label).to(t.dtype) for k, t in buffers.items()})
         if i == 0:
@@ -427,9 +434,8 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
     return _Frame(subspace.names, subspace.shapes, subspace.center, subspace.basis, (int(dims[0]), int(dims[1])))
 
 
-def _axis(lo: float, hi: float, margin: float, n: int) -> list[float]:
-    span = hi - lo
-    lo, hi = lo - margin * span, hi + margin * span
+def _axis(lo: float, hi: float, pad: float, n: int) -> list[float]:
+    lo, hi = lo - pad, hi + pad
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
 
@@ -493,8 +499,8 @@ def plane(
 
     grid is (nx, ny) or one int for both, at least 2 each; the grid spans the checkpoints
     and `points` (extra checkpoints by label, e.g. SWA and TWA: they are projected onto the
-    plane and their distance from it is reported) with `margin` times the span added on
-    each side. bits (None, or 1/2/4/8) packs the two directions of a checkpoint plane; None
+    plane and their distance from it is reported), with `margin` times the larger of the
+    two spans added on each side. bits (None, or 1/2/4/8) packs the two directions of a checkpoint plane; None
     keeps them dense float32 and exact, 4 stores them in a quarter of the memory, and the
     coordinates stay orthonormal for the quantised directions. A Subspace keeps its own
     basis. Every grid point is one `reconstruct` of the flat weights; nothing else of
@@ -531,8 +537,10 @@ def plane(
     device = next(model.parameters()).device
     frame.center = frame.center.to(device)
     frame.basis = frame.basis.to(device)
-    xs = _axis(min(p.x for p in located.values()), max(p.x for p in located.values()), margin, nx)
-    ys = _axis(min(p.y for p in located.values()), max(p.y for p in located.values()), margin, ny)
+    x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
+    y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
+    pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
+    xs, ys = _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
     loss, error = torch.empty(ny, nx, dtype=torch.float64), torch.empty(ny, nx, dtype=torch.float64)
     cells = [(i, j) for i in range(ny) for j in range(nx)]
     with _preserved(model):
@@ -706,6 +714,7 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.colors import LogNorm
 
     if value not in ("loss", "error"):
@@ -714,20 +723,26 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     for label, ckpt in (points or {}).items():
         located[label] = result.locate(ckpt, label)
     grid = (result.loss if value == "loss" else 100 * result.error).numpy()
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    aspect = (result.ys[-1] - result.ys[0]) / max(result.xs[-1] - result.xs[0], 1e-12)
+    fig, ax = plt.subplots(figsize=(7.0, min(9.0, max(3.6, 5.6 * aspect + 2.4))))
     positive = grid[grid > 0]
-    if value == "loss" and positive.size and positive.max() / positive.min() > 5:
-        import numpy as np
-
+    log = value == "loss" and positive.size and positive.max() / positive.min() > 5
+    if log:  # loss spans decades over a plane: log-spaced levels resolve the basin
         levels = np.geomspace(positive.min(), grid.max(), 25)
-        filled = ax.contourf(result.xs, result.ys, grid.clip(min=positive.min()), levels=levels, norm=LogNorm(),
-                             cmap="viridis")
-        ax.contour(result.xs, result.ys, grid.clip(min=positive.min()), levels=levels[::3], colors="white",
-                   linewidths=0.5, alpha=0.6)
+        grid = grid.clip(min=positive.min())
+        filled = ax.contourf(result.xs, result.ys, grid, levels=levels, norm=LogNorm(), cmap="viridis")
     else:
-        filled = ax.contourf(result.xs, result.ys, grid, levels=25, cmap="viridis")
-        ax.contour(result.xs, result.ys, grid, levels=8, colors="white", linewidths=0.5, alpha=0.6)
-    bar = fig.colorbar(filled, ax=ax)
+        levels = np.linspace(grid.min(), grid.max() + 1e-12, 25)
+        filled = ax.contourf(result.xs, result.ys, grid, levels=levels, cmap="viridis")
+    ax.contour(result.xs, result.ys, grid, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    ax.set_aspect("equal", adjustable="box")
+    bar = fig.colorbar(filled, cax=make_axes_locatable(ax).append_axes("right", size="3%", pad=0.1))
+    ticks = levels[::4]
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([f"{t:.3g}" for t in ticks])
+    bar.ax.minorticks_off()
     bar.set_label("loss" if value == "loss" else "error (%)")
     extra = 0
     for label, p in located.items():
@@ -740,11 +755,14 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
             ax.scatter([p.x], [p.y], marker=marker, s=160 if marker == "*" else 70, color=f"C{extra}",
                        edgecolor="white", zorder=4, label=f"{label} (distance from plane {p.distance:.3g})")
     if extra:
-        ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=1 if extra < 3 else 2,
+                  frameon=False)
     ax.set_xlabel("x (weight-space distance)")
     ax.set_ylabel("y (weight-space distance)")
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_title(title or f"{value} over the plane through {', '.join(result.anchors)}", fontsize=10)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title or f"{value} over the plane through {', '.join(result.anchors)}", 60),
+                 fontsize=10)
     fig.tight_layout()
     try:
         return _save_figure(fig, Path(path))
