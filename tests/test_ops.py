@@ -65,6 +65,24 @@ def test_reconstruct_matches_reference(backend_name, device, bits, k, d, group_s
         torch.testing.assert_close(w, expected, rtol=1e-5, atol=budget)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES[1::2])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_reconstruct_into_out_casts_as_it_stores(backend_name, device, bits, k, d, group_size, blocks, out_dtype):
+    """out= writes the result in out's dtype from a float32 center (a bfloat16 model's weights)."""
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    qb = qb.to(device)
+    x, center = torch.randn(k, qb.num_blocks, device=device), torch.randn(d, device=device)
+    out = torch.full((d,), float("nan"), dtype=out_dtype, device=device)
+    w = tk.reconstruct(qb, x, center, out=out)
+    assert w.data_ptr() == out.data_ptr() and w.dtype == out_dtype
+    expected = _reference_reconstruct(qb, x, center)  # float32
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=device), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    rtol = 8e-3 if out_dtype == torch.bfloat16 else 1e-5  # one bfloat16 rounding of the float32 result
+    torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=budget)
+
+
 def _dense_reconstruct(P, offsets, x, center):
     """reconstruct written with plain differentiable torch ops."""
     blocks = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
@@ -122,10 +140,12 @@ def _op_samples(device):
         (_ops.gram_op, (torch.randn(3, 90, device=device),)),
         (_ops.combine_rows_op, (torch.randn(2, 3, dtype=torch.float64, device=device),
                                 torch.randn(3, 90, device=device))),
+        (_ops.reconstruct_into_op, (*parts, x.detach(), center.detach(), 4, 64,
+                                    torch.empty(130, dtype=torch.bfloat16, device=device))),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(backend_name, device, case):
     op, args = _op_samples(device)[case]
     torch.library.opcheck(op, args)

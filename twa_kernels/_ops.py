@@ -182,6 +182,54 @@ def _reconstruct_backward(ctx, grad_w):
 reconstruct_op.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup)
 
 
+# ---- reconstruct into a caller's buffer (a training loop's reused workspace) ------------
+
+
+@torch.library.custom_op("twa_kernels::reconstruct_into", mutates_args=("out",))
+def reconstruct_into_op(
+    codes: Tensor,
+    scales: Tensor,
+    mins: Tensor,
+    block_offsets: Tensor,
+    x: Tensor,
+    center: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    out: Tensor,
+) -> None:
+    """reconstruct, written into `out` (float32 or bfloat16, whatever center's dtype)."""
+    _kernel("reconstruct_into", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+
+
+@reconstruct_into_op.register_fake
+def _(codes, scales, mins, block_offsets, x, center, bits, group_size, out):
+    return None
+
+
+class ReconstructInto(torch.autograd.Function):
+    """reconstruct into `out` with reconstruct's gradients. `out` is marked dirty, so its
+    version counter moves: a graph that saved views of an earlier result (a layer's weight)
+    raises PyTorch's in-place error at backward instead of using the overwritten values.
+    `on_backward`, when given, is called once the gradients are computed (the owner of a
+    workspace learns that it may be reused)."""
+
+    @staticmethod
+    def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out, on_backward):
+        reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(codes, scales, mins, block_offsets)
+        ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
+        ctx.center_dtype = center.dtype if center is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        grads = _reconstruct_backward(ctx, grad_w)  # inputs 0-7 are reconstruct's
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return (*grads[:8], None, None)
+
+
 # ---- the passes of orthonormalize ---------------------------------------------------------
 
 

@@ -1,21 +1,36 @@
 """The baselines TWA is compared against, all streaming (one checkpoint in memory at a time):
 SWA / uniform soup, EMA over checkpoints, and greedy soup. Also the held-out split that
-TWA-v trains its coefficients on.
+TWA-v trains its coefficients on, and update_bn, which every averaged or interpolated model
+needs before it is evaluated.
 
 Floating-point entries are averaged (in float64); other entries (integer counters such as
 BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
-statistics of an averaged model afterwards (torch.optim.swa_utils.update_bn).
+statistics of an averaged model afterwards (torch.optim.swa_utils.update_bn). A NaN or Inf
+in a checkpoint is refused with the file and the key. Given the model (`model=`), a
+checkpoint that holds a tied weight under one of its names only is read as holding it under
+all, so the result loads into the model as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.data import Dataset, Subset, random_split
 
-from twa_kernels.io import CheckpointError, Checkpoints, StateDict, iter_state_dicts, resolve_checkpoints
+from twa_kernels.io import (
+    CheckpointError,
+    Checkpoints,
+    StateDict,
+    check_finite,
+    fill_tied_keys,
+    iter_state_dicts,
+    parameter_aliases,
+    resolve_checkpoints,
+)
 
 
 def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
@@ -31,13 +46,22 @@ def _finish(total: dict[str, Tensor], last: StateDict, scale: float) -> StateDic
     return {k: (total[k] * scale).to(v.dtype) if k in total else v.clone() for k, v in last.items()}
 
 
-def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDict], None]):
+def _states(specs: list, model: nn.Module | None):
+    """(source, state) per checkpoint: finite, and with tied names filled in from the model."""
+    aliases = parameter_aliases(model) if model is not None else {}
+    for source, state in iter_state_dicts(specs):
+        check_finite(state, source)
+        yield source, fill_tied_keys(state, aliases)
+
+
+def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDict], None],
+          model: nn.Module | None = None):
     """Stream the checkpoints: float64 copies of the first one's floating-point entries,
     then update(accumulator, state) for each later one. Returns (accumulator, last, count)."""
     specs = resolve_checkpoints(checkpoints)
     acc: dict[str, Tensor] = {}
     first = last = None
-    for source, state in iter_state_dicts(specs):
+    for source, state in _states(specs, model):
         if first is None:
             first = state
             acc = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
@@ -48,18 +72,18 @@ def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDi
     return acc, last, len(specs)
 
 
-def uniform_average(checkpoints: Checkpoints) -> StateDict:
+def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) -> StateDict:
     """SWA / uniform soup: the mean of every floating-point entry over the checkpoints."""
 
     def add(acc: dict[str, Tensor], state: StateDict) -> None:
         for k in acc:
             acc[k] += state[k].double()
 
-    total, last, count = _fold(checkpoints, add)
+    total, last, count = _fold(checkpoints, add, model)
     return _finish(total, last, 1.0 / count)
 
 
-def ema_average(checkpoints: Checkpoints, decay: float = 0.9) -> StateDict:
+def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module | None = None) -> StateDict:
     """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
@@ -68,12 +92,12 @@ def ema_average(checkpoints: Checkpoints, decay: float = 0.9) -> StateDict:
         for k in acc:
             acc[k].mul_(decay).add_(state[k].double(), alpha=1.0 - decay)
 
-    avg, last, _ = _fold(checkpoints, blend)
+    avg, last, _ = _fold(checkpoints, blend, model)
     return _finish(avg, last, 1.0)
 
 
 def greedy_soup(
-    checkpoints: Checkpoints, score: Callable[[StateDict], float]
+    checkpoints: Checkpoints, score: Callable[[StateDict], float], model: nn.Module | None = None
 ) -> tuple[StateDict, list[int]]:
     """Greedy soup (Wortsman et al. 2022): rank checkpoints by `score` (higher is better,
     e.g. held-out accuracy), then add each in turn to the running average while the
@@ -81,7 +105,7 @@ def greedy_soup(
     specs = resolve_checkpoints(checkpoints)
     scores = []
     first = None
-    for i, (source, state) in enumerate(iter_state_dicts(specs)):
+    for i, (source, state) in enumerate(_states(specs, model)):
         if first is None:
             first = state
         else:
@@ -93,7 +117,7 @@ def greedy_soup(
     total: dict[str, Tensor] | None = None
     last: StateDict | None = None
     for i in order:
-        _, state = next(iter_state_dicts([specs[i]]))
+        _, state = next(_states([specs[i]], model))
         if total is None:
             total = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
             last = state
@@ -124,4 +148,46 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tup
     return train, held_out
 
 
-__all__ = ["ema_average", "greedy_soup", "split_holdout", "uniform_average"]
+@torch.no_grad()
+def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
+              weights: Mapping[str, Tensor] | None = None) -> None:
+    """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
+    reset them, then one pass over `loader` in train mode with cumulative averaging
+    (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
+    its first element, unless call_fn(model, batch) is given. With `weights` (parameter
+    tensors by name) the pass runs at those weights through functional_call, leaving the
+    model's own parameters untouched; only its BatchNorm buffers change."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    runner = model if weights is None else _WithWeights(model, dict(weights))
+    try:
+        for batch in loader:
+            if call_fn is not None:
+                call_fn(runner, batch)
+            else:
+                runner(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    finally:
+        for m in norms:
+            m.momentum = momenta[m]
+        model.train(was_training)
+
+
+class _WithWeights(nn.Module):
+    """`module` called with fixed replacement weights (a list keeps it out of the module tree)."""
+
+    def __init__(self, module: nn.Module, weights: dict[str, Tensor]):
+        super().__init__()
+        self._inner, self._weights = [module], weights
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._inner[0], self._weights, args, kwargs)
+
+
+__all__ = ["ema_average", "greedy_soup", "split_holdout", "uniform_average", "update_bn"]

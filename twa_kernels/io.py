@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
@@ -115,6 +115,40 @@ def iter_state_dicts(checkpoints: Sequence[CheckpointSpec]) -> Iterator[tuple[st
             yield f"checkpoint #{i}", unwrap_state_dict(item, f"checkpoint #{i}")
         else:
             yield str(item), load_state_dict(item)
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every state_dict name of each parameter of `model`, keyed by the name
+    named_parameters() gives it (its first). A tied weight (an embedding shared with the
+    output layer) is one tensor under several names: one row segment of a subspace, and
+    every one of its names in a state_dict."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]]) -> StateDict:
+    """`state` with every name of a tied tensor present: a checkpoint that holds it under
+    one name only (safetensors writers keep one) gets the others from it."""
+    out = dict(state)
+    for names in aliases.values():
+        present = next((n for n in names if n in out), None)
+        if present is not None:
+            for name in names:
+                out.setdefault(name, out[present])
+    return out
+
+
+def check_finite(state: Mapping[str, Tensor], source: str, keys: Sequence[str] | None = None) -> None:
+    """Refuse a checkpoint whose floating-point entries (or just `keys`) hold NaN or Inf,
+    naming the file and the key: averaged in, one bad value would spoil every result."""
+    for key in state if keys is None else keys:
+        value = state[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: key {key!r} holds {bad} NaN or Inf value(s) of {value.numel()}; "
+                                  "leave this checkpoint out (a diverged step?) or repair it")
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from twa_kernels._ops import project_op, reconstruct_op
+from twa_kernels._ops import ReconstructInto, project_op, reconstruct_op
 from twa_kernels.quant import QuantizedBasis
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
@@ -30,11 +32,18 @@ def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
     return project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
 
 
-def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None) -> Tensor:
+def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
     """Weights from coefficients: w[j] = center[j] + sum_r p^[r, j] x[r, block(j)].
 
     x is [k, B]; center [D] or None (zero). Returns [D] in center's dtype (float32 without
     a center). Differentiable in x (dL/dx = project(qb, dL/dw)) and in center.
+
+    out: a [D] float32 or bfloat16 buffer to write into instead of a fresh tensor (a
+    training loop that reuses one saves allocating and page-faulting D elements a step).
+    The result is in out's dtype whatever center's (the kernels cast as they store) and
+    shares out's memory. Writing bumps out's version counter, so a graph that still needs
+    the values of an earlier call raises PyTorch's in-place error at backward rather than
+    using the overwritten ones.
     """
     if x.dim() != 2 or tuple(x.shape) != (qb.k, qb.num_blocks):
         raise ValueError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
@@ -46,5 +55,20 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None) -> 
     if center is not None:
         _check_vector("center", center, qb)
         center = center.contiguous()
-    return reconstruct_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
-                          qb.bits or 0, qb.group_size, qb.num_cols)
+    if out is None:
+        return reconstruct_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
+                              qb.bits or 0, qb.group_size, qb.num_cols)
+    _check_vector("out", out, qb)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")
+    return reconstruct_into(qb, x, center, out)
+
+
+def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor,
+                     on_backward: Callable[[], None] | None = None) -> Tensor:
+    """reconstruct(qb, x, center, out=out) without the input checks, for callers that
+    made the inputs themselves; on_backward() is called after the backward pass."""
+    # out.detach(): the result's history starts here, and a buffer reused from an earlier
+    # call does not chain this graph to that call's (it shares storage and version counter)
+    return ReconstructInto.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
+                                 qb.bits or 0, qb.group_size, out.detach(), on_backward)

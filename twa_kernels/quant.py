@@ -87,19 +87,30 @@ class QuantizedBasis:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> QuantizedBasis:
+        """Rebuild a basis from `state_dict()`'s tensors, checking every field first: the
+        kernels take raw pointers, so a corrupt file must fail here, by name, not in them."""
         missing = {"codes", "scales", "mins", "block_offsets", "meta"} - set(state)
         if missing:
             raise KeyError(f"not a QuantizedBasis state_dict: missing {sorted(missing)}")
-        bits, group_size, num_cols = (int(v) for v in state["meta"].tolist())
-        qb = cls(
-            state["codes"],
-            state["scales"],
-            state["mins"],
-            state["block_offsets"].to(torch.int64),
-            bits or None,
-            group_size,
-            num_cols,
-        )
+        for key in ("codes", "scales", "mins", "block_offsets", "meta"):
+            if not isinstance(state[key], Tensor):
+                raise ValueError(f"basis {key!r} must be a tensor, got {type(state[key]).__name__}")
+        meta = state["meta"]
+        if meta.dtype != torch.int64 or tuple(meta.shape) != (3,):
+            raise ValueError(f"basis 'meta' must be int64 [bits, group_size, num_cols], got {meta.dtype} "
+                             f"{tuple(meta.shape)}")
+        bits, group_size, num_cols = (int(v) for v in meta.tolist())
+        if bits not in (0, *SUPPORTED_BITS):
+            raise ValueError(f"basis meta: bits must be 0 (dense) or one of {SUPPORTED_BITS}, got {bits}")
+        if group_size <= 0 or group_size % 8:
+            raise ValueError(f"basis meta: group_size must be a positive multiple of 8, got {group_size}")
+        if num_cols <= 0:
+            raise ValueError(f"basis meta: num_cols must be positive, got {num_cols}")
+        offsets = state["block_offsets"]
+        if offsets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"basis 'block_offsets' must be an integer tensor, got {offsets.dtype}")
+        qb = cls(state["codes"], state["scales"], state["mins"], offsets.to(torch.int64), bits or None, group_size,
+                 num_cols)
         _validate_layout(qb)
         return qb
 
@@ -113,13 +124,21 @@ def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:
 
 def _validate_layout(qb: QuantizedBasis) -> None:
     offsets = qb.block_offsets
-    if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != qb.num_cols:
-        raise ValueError(f"block_offsets must run from 0 to num_cols={qb.num_cols}")
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(f"block_offsets must be 1-D with at least 2 entries, got shape {tuple(offsets.shape)}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != qb.num_cols:
+        raise ValueError(f"block_offsets must run from 0 to num_cols={qb.num_cols}, got {int(offsets[0])} to "
+                         f"{int(offsets[-1])}")
     if bool((offsets.diff() <= 0).any()):
         raise ValueError("every block must hold at least one column")
+    if qb.codes.dim() != 2 or qb.codes.shape[0] < 1:
+        raise ValueError(f"codes must be 2-D [k, ...] with k >= 1, got {tuple(qb.codes.shape)}")
     if qb.bits is None:
-        if qb.codes.dtype != torch.float32 or qb.codes.dim() != 2 or qb.codes.shape[1] != qb.num_cols:
-            raise ValueError(f"a dense basis must be float32 [k, {qb.num_cols}], got {tuple(qb.codes.shape)}")
+        if qb.codes.dtype != torch.float32 or qb.codes.shape[1] != qb.num_cols:
+            raise ValueError(f"a dense basis must be float32 [k, {qb.num_cols}], got {qb.codes.dtype} "
+                             f"{tuple(qb.codes.shape)}")
+        if not bool(torch.isfinite(qb.codes).all()):
+            raise ValueError("the dense basis holds NaN or Inf: it is corrupt; rebuild it from the checkpoints")
         return
     if qb.bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {qb.bits}")
@@ -131,6 +150,10 @@ def _validate_layout(qb: QuantizedBasis) -> None:
         t = getattr(qb, name)
         if t.dtype != torch.float32 or tuple(t.shape) != (n_groups, qb.k):
             raise ValueError(f"{name} must be float32 {(n_groups, qb.k)}, got {t.dtype} {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} hold NaN or Inf: the basis is corrupt; rebuild it from the checkpoints")
+    if bool((qb.scales < 0).any()):
+        raise ValueError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
 
 
 def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -> Tensor:

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from twa_kernels._ops import combine_rows_op, gram_op
-from twa_kernels.io import CheckpointError, Checkpoints, iter_state_dicts, resolve_checkpoints
+from twa_kernels.io import (
+    CheckpointError,
+    Checkpoints,
+    check_finite,
+    iter_state_dicts,
+    resolve_checkpoints,
+)
 from twa_kernels.quant import (
     SUPPORTED_BITS,
     QuantizedBasis,
@@ -131,13 +137,15 @@ class Subspace:
     """
 
     def __init__(self, names: list[str], shapes: list[tuple[int, ...]], center: Tensor, basis: QuantizedBasis,
-                 orthonormal: bool = False):
+                 orthonormal: bool = False, aliases: dict[str, list[str]] | None = None):
         numel = sum(math.prod(s) for s in shapes)
         if center.shape != (numel,) or basis.num_cols != numel or len(names) != len(shapes):
             raise ValueError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
                              f"{tuple(center.shape)}, basis of {basis.num_cols} columns")
         self.names, self.shapes, self.center, self.basis = list(names), [tuple(s) for s in shapes], center, basis
         self.orthonormal = orthonormal  # rows orthonormal (before quantisation): P^T P g projects g
+        # name -> every state_dict name of that tensor, for tied weights (see io.parameter_aliases)
+        self.aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
 
     @property
     def num_weights(self) -> int:
@@ -146,7 +154,7 @@ class Subspace:
     def flatten(self, state: dict[str, Tensor], source: str = "state_dict") -> Tensor:
         """The subspace's parameters of a state_dict as one float32 vector [D]. A missing key
         or a wrong shape is a CheckpointError naming the source, the key and both shapes."""
-        return _flatten(state, self.names, self.shapes, source)
+        return _flatten(state, self.names, self.shapes, source, self.aliases)
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Views of a [D] vector shaped like the parameters, by name."""
@@ -167,6 +175,7 @@ class Subspace:
         orthonormalize: bool = False,
         progress: bool = False,
         normalize_rows: bool = False,
+        parameter_aliases: dict[str, list[str]] | None = None,
     ) -> Subspace:
         """Build the subspace spanned by k checkpoints, streaming.
 
@@ -183,7 +192,10 @@ class Subspace:
         parameter_names selects the entries that are trainable weights (TWA passes the
         model's parameters); by default every floating-point entry but BatchNorm statistics.
         parameter_shapes, when given, are the shapes every checkpoint must have (else the
-        first checkpoint's shapes are).
+        first checkpoint's shapes are). parameter_aliases maps a name to every state_dict
+        name of that tensor (tied weights; `io.parameter_aliases(model)` makes it): a checkpoint
+        that holds the tensor under any of them is read. A NaN or Inf in any checkpoint is
+        refused with the file and the key.
         """
         if bits is not None and bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
@@ -192,12 +204,16 @@ class Subspace:
         specs = resolve_checkpoints(checkpoints)
         names, total = parameter_names, None
         shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
+        aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
         for source, state in _progress(iter_state_dicts(specs), len(specs), "averaging", progress):
             if names is None:
                 names = default_parameter_names(state)
             if shapes is None:
-                shapes = [tuple(_checked(state, n, None, source).shape) for n in names]
-            vector = _flatten(state, names, shapes, source).double()
+                shapes = [tuple(_checked(state, n, None, source, aliases).shape) for n in names]
+            vector = _flatten(state, names, shapes, source, aliases)
+            if not bool(torch.isfinite(vector).all()):
+                check_finite({n: _checked(state, n, None, source, aliases) for n in names}, source)
+            vector = vector.double()
             total = vector if total is None else total.add_(vector)
         center = (total / len(specs)).float()
         del total
@@ -205,7 +221,7 @@ class Subspace:
         offsets = block_offsets_from_sizes(blocks, center.numel())
         rows = []
         for source, state in _progress(iter_state_dicts(specs), len(specs), "building basis", progress):
-            row = _flatten(state, names, shapes, source) - center
+            row = _flatten(state, names, shapes, source, aliases) - center
             if normalize_rows:
                 for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
                     norm = row[start:stop].norm()
@@ -225,13 +241,19 @@ class Subspace:
             basis = stack_rows(rows, offsets, bits, group_size, center.numel())
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
-        return cls(names, shapes, center, basis, orthonormal=orthonormalize)
+        return cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
 
 
-def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str) -> Tensor:
+def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str,
+             aliases: dict[str, list[str]] | None = None) -> Tensor:
     if name not in state:
-        raise CheckpointError(f"{source}: missing key {name!r} (it has {len(state)} keys, e.g. "
-                              f"{list(state)[:3]}); was it saved from the same model?")
+        # a tied weight may be saved under another of its names only (safetensors writers
+        # drop all but one name of a shared tensor)
+        name = next((a for a in (aliases or {}).get(name, ()) if a in state), name)
+    if name not in state:
+        also = [a for a in (aliases or {}).get(name, ()) if a != name]
+        raise CheckpointError(f"{source}: missing key {name!r}{f' (or its tied names {also})' if also else ''} "
+                              f"(it has {len(state)} keys, e.g. {list(state)[:3]}); was it saved from the same model?")
     value = state[name]
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise CheckpointError(f"{source}: key {name!r} has shape {tuple(value.shape)} but the model has "
@@ -241,8 +263,9 @@ def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None,
     return value
 
 
-def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int, ...]], source: str) -> Tensor:
-    parts = [_checked(state, name, shape, source) for name, shape in zip(names, shapes)]
+def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int, ...]], source: str,
+             aliases: dict[str, list[str]] | None = None) -> Tensor:
+    parts = [_checked(state, name, shape, source, aliases) for name, shape in zip(names, shapes)]
     return torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
 
 

@@ -9,6 +9,12 @@ The weights are w = center + sum_r x[r, block] * basis[r], rebuilt every forward
 fused `reconstruct` op (its backward is the fused `project`), and the model runs with them
 through torch.func.functional_call. The coefficients start at zero: w = center, the
 uniform average of the checkpoints' parameters (SWA), exactly.
+
+The center, the basis and the coefficients stay float32 whatever the model's dtype; the
+forward writes the weights in the model's dtype (bfloat16 models get bfloat16 weights from
+the kernel itself, no extra pass) into a workspace the module reuses, so a training step
+allocates no D-long buffer. Tied weights (one tensor under several names) are one row
+segment of the basis, and every name gets the averaged value in averaged_state_dict().
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.io import Checkpoints
-from twa_kernels.ops import reconstruct
+from twa_kernels.averaging import update_bn
+from twa_kernels.io import Checkpoints, parameter_aliases
+from twa_kernels.ops import reconstruct, reconstruct_into
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.subspace import Subspace
+
+# dtypes the kernels write directly; other model dtypes (float16) get float32 weights cast once
+_KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class TWA(nn.Module):
@@ -46,24 +56,28 @@ class TWA(nn.Module):
     ):
         super().__init__()
         names = [name for name, _ in model.named_parameters()]
+        aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
         else:
             subspace = Subspace.from_checkpoints(
                 checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
                 parameter_names=names, parameter_shapes=[tuple(p.shape) for p in model.parameters()],
-                progress=progress)
+                progress=progress, parameter_aliases=aliases)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         for name, shape in zip(subspace.names, subspace.shapes):
             if shapes.get(name) != shape:
                 raise ValueError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
         self._model = [model]  # a list keeps it out of the module tree
         self.names, self.shapes = subspace.names, subspace.shapes
+        self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
         self.coefficients = nn.Parameter(torch.zeros(subspace.basis.k, subspace.basis.num_blocks))
-        self.register_buffer("center", subspace.center)
+        self.register_buffer("center", subspace.center.float())
         for key, value in subspace.basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
+        self._workspace = _Workspace()
+        self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
 
     @property
     def module(self) -> nn.Module:
@@ -77,31 +91,71 @@ class TWA(nn.Module):
 
     @property
     def subspace(self) -> Subspace:
-        return Subspace(self.names, self.shapes, self.center, self.basis)
+        return Subspace(self.names, self.shapes, self.center, self.basis, aliases=self.aliases)
 
     # The model is held outside the module tree; device moves and train/eval reach it here.
+    # A dtype cast (twa.to(torch.bfloat16), twa.half()) reaches the model only: the center,
+    # the basis metadata and the coefficients stay float32, as the kernels need.
     def _apply(self, fn, recurse=True):
         self.module._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        for name in ("center", "basis_scales", "basis_mins"):
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, getattr(self, name).float())
+        if self.bits is None and self.basis_codes.dtype != torch.float32:
+            self.basis_codes = self.basis_codes.float()
+        if self.coefficients.dtype != torch.float32:
+            self.coefficients.data = self.coefficients.data.float()
+        self._workspace = _Workspace()
+        return self
 
     def train(self, mode: bool = True) -> TWA:
         self.module.train(mode)
         return super().train(mode)
 
+    def _parameter_dtypes(self) -> dict[str, torch.dtype]:
+        params = dict(self.module.named_parameters())
+        return {name: params[name].dtype for name in self.names}
+
+    def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
+        """The [D] vector's pieces by name, each in its parameter's dtype."""
+        pieces = self.subspace.unflatten(flat)
+        return {name: piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
+                for name, piece in pieces.items()}
+
     def weights(self) -> dict[str, Tensor]:
-        """The averaged weights w = center + basis^T x, by parameter name (differentiable)."""
+        """The averaged weights w = center + basis^T x by parameter name, each in its
+        parameter's dtype (differentiable; fresh tensors, safe to keep)."""
         flat = reconstruct(self.basis, self.coefficients, self.center)
-        return self.subspace.unflatten(flat)
+        return self._typed(flat, self._parameter_dtypes())
+
+    def _forward_weights(self) -> dict[str, Tensor]:
+        """weights(), written into the reused workspace: only forward() hands these to the
+        model, which keeps them no longer than its graph."""
+        if torch.compiler.is_compiling():
+            return self.weights()
+        dtypes = self._parameter_dtypes()
+        kinds = set(dtypes.values())
+        dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(_KERNEL_OUTPUT_DTYPES) else torch.float32
+        record = torch.is_grad_enabled() and self.coefficients.requires_grad
+        out, release = self._workspace.take(self.center.numel(), dtype, self.center.device, record)
+        flat = reconstruct_into(self.basis, self.coefficients, self.center, out, release)
+        if not record:
+            release()
+        return self._typed(flat, dtypes)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.module, self.weights(), args, kwargs)
+        return functional_call(self.module, self._forward_weights(), args, kwargs)
 
     @torch.no_grad()
     def averaged_state_dict(self) -> dict[str, Tensor]:
-        """The model's state_dict with the averaged weights: load it into a plain model."""
+        """The model's state_dict with the averaged weights, in the model's dtypes: load it
+        into a plain model. Every name of a tied weight gets the averaged value."""
         state = {k: v.clone() for k, v in self.module.state_dict().items()}
         for name, value in self.weights().items():
-            state[name] = value.detach().clone().to(state[name].dtype)
+            for key in self.aliases.get(name, [name]):
+                if key in state:
+                    state[key] = value.detach().to(state[key].dtype).clone()
         return state
 
     @torch.no_grad()
@@ -109,37 +163,57 @@ class TWA(nn.Module):
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element,
-        unless call_fn(model, batch) is given."""
-        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            return
-        momenta = {m: m.momentum for m in norms}
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        was_training = self.module.training
-        self.module.train()
-        weights = {k: v.detach() for k, v in self.weights().items()}
-        # run through functional_call so that the averaged weights are used
-        proxy = _WithWeights(self.module, weights)
+        unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn)."""
+        update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()})
+
+
+class _Workspace:
+    """The reused output buffer of TWA's forward. It is handed out again only after the
+    backward of the forward that filled it has run (or at once when no graph was
+    recorded); while a graph still needs it, the next forward gets a fresh buffer, which
+    then becomes the workspace. So a second forward before the first backward works, and a
+    backward through a retained graph after an overwrite raises PyTorch's in-place error
+    (reconstruct_into bumps the version counter) instead of using wrong weights."""
+
+    def __init__(self):
+        self.buffer: Tensor | None = None
+        self.busy = False
+        self.generation = 0
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device,
+             record: bool) -> tuple[Tensor, Callable[[], None]]:
+        buffer = self.buffer
+        if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
+            # zeros, not empty: its pages are touched here, by a parallel fill, once, and
+            # not by the kernel's first write (page faults made a fresh output cost 2-3x)
+            self.buffer = buffer = torch.zeros(numel, dtype=dtype, device=device)
+            self.generation += 1
+        self.busy = record
+        generation = self.generation
+        return buffer, lambda: self._release(generation)
+
+    def _release(self, generation: int) -> None:
+        if generation == self.generation:  # a late backward of a replaced buffer frees nothing
+            self.busy = False
+
+
+def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Before load_state_dict copies anything: the incoming basis must be valid (the kernels
+    take raw pointers) and match this module's layout, and the center and coefficients must be
+    finite. Raises a ValueError naming the field, and leaves the module untouched."""
+    fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
+              if key.startswith(prefix + "basis_")}
+    if fields:
         try:
-            for batch in loader:
-                if call_fn is not None:
-                    call_fn(proxy, batch)
-                else:
-                    proxy(batch[0] if isinstance(batch, (list, tuple)) else batch)
-        finally:
-            for m in norms:
-                m.momentum = momenta[m]
-            self.module.train(was_training)
-
-
-class _WithWeights(nn.Module):
-    """`module` called with fixed replacement weights."""
-
-    def __init__(self, module: nn.Module, weights: dict[str, Tensor]):
-        super().__init__()
-        self._inner, self._weights = [module], weights
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._inner[0], self._weights, args, kwargs)
+            loaded = QuantizedBasis.from_state_dict(fields)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"TWA state_dict: the basis is invalid: {exc}") from exc
+        if (loaded.bits, loaded.group_size, loaded.num_cols) != (module.bits, module.group_size,
+                                                                  module.center.numel()):
+            raise ValueError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
+                             f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
+                             f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
+    for name in ("center", "coefficients"):
+        value = state.get(prefix + name)
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")

@@ -29,14 +29,21 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     return y
 
 
-@register_kernel("reconstruct", "cpp")
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
-    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32)
+@register_kernel("reconstruct_into", "cpp")
+def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
+                     out: Tensor) -> None:
+    # the kernel reads center in its dtype and writes out in its own: a cast costs no pass
     _lib().reconstruct_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
         x.to(torch.float32).contiguous(), None if center is None else center.contiguous(),
         bits, group_size, torch.get_num_threads(), out,
     )
+
+
+@register_kernel("reconstruct", "cpp")
+def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32)
+    reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
 
 

@@ -39,13 +39,24 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     return y
 
 
+@register_kernel("reconstruct_into", "cuda")
+@on_tensors_device
+def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
+                     out: Tensor) -> None:
+    # The CUDA kernel reads center and writes out in one dtype; a center of another dtype
+    # is cast first (a D-long pass the cpp and Triton kernels do not need).
+    if center is not None and center.dtype != out.dtype:
+        center = center.to(out.dtype)
+    _lib().reconstruct_out(codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
+                           x.to(torch.float32).contiguous(), None if center is None else center.contiguous(),
+                           bits, group_size, _stream(x.device), out)
+
+
 @register_kernel("reconstruct", "cuda")
 @on_tensors_device
 def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
     out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
-    _lib().reconstruct_out(codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
-                           x.to(torch.float32).contiguous(), None if center is None else center.contiguous(),
-                           bits, group_size, _stream(x.device), out)
+    reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
 
 

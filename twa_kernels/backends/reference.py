@@ -45,17 +45,22 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     return y.float()
 
 
-@register_kernel("reconstruct", "reference")
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
-    qb = _basis(codes, scales, mins, block_offsets, bits, group_size, num_cols)
-    out_dtype = center.dtype if center is not None else torch.float32
-    out = torch.empty(num_cols, dtype=out_dtype, device=x.device)
+@register_kernel("reconstruct_into", "reference")
+def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
+                     out: Tensor) -> None:
+    qb = _basis(codes, scales, mins, block_offsets, bits, group_size, out.numel())
     x = x.double()
     for start, stop, blocks in _column_chunks(qb):
         w = (dequantize(qb, start, stop).double() * x[:, blocks]).sum(0)
         if center is not None:
             w += center[start:stop].double()
-        out[start:stop] = w.to(out_dtype)
+        out[start:stop] = w.to(out.dtype)
+
+
+@register_kernel("reconstruct", "reference")
+def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
+    reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
 
 

@@ -101,21 +101,30 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     return y
 
 
-@register_kernel("reconstruct", "triton")
+@register_kernel("reconstruct_into", "triton")
 @on_tensors_device
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
+                     out: Tensor) -> None:
+    # the kernel loads center in its dtype and stores in out's: a cast costs no pass
+    num_cols = out.numel()
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
     layout = _Layout(k, num_cols, bits, group_size)
     codes, offsets = codes.contiguous(), block_offsets.contiguous()
     scales, mins = _metadata(codes, scales, mins, bits)
     x = x.to(torch.float32).contiguous()
-    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
     center_arg = center.contiguous() if center is not None else out
     for first_group, n_groups, _, width, length, grid in layout.launches():
         kernels.reconstruct_tiles[grid](
             codes, scales, mins, offsets, x, center_arg, out, k, n_blocks, codes.shape[1], num_cols,
             first_group, n_groups, width, length, HAS_CENTER=center is not None, **layout.constants(),
         )
+
+
+@register_kernel("reconstruct", "triton")
+@on_tensors_device
+def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
+    reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
 
 

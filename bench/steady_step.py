@@ -1,0 +1,190 @@
+"""The fused TWA step in fresh processes: is it fast from the first call, in every process?
+
+    python bench/steady_step.py                 # 5 fresh processes + the training-step phase
+    python bench/steady_step.py --processes 3 --calls 30
+
+Each worker process builds a ResNet-18-shaped basis (11.7M weights, k = 16, 4-bit, one
+block per tensor), measures the copy bandwidth (a 256 MiB tensor copy, median of 10), then
+times every call of the fused step from the first one: project a gradient, step the
+coefficients, reconstruct the weights into the workspace the way tk.TWA's forward does
+(twa._Workspace: allocated, and its pages touched, on the first call only). Loading the
+compiled kernels, once per process, is timed apart on a tiny basis. It reports:
+
+- steady: the median of calls 11..N, and its fraction of the copy bandwidth (the step's
+  minimum bytes: the packed basis twice, g and center read, w written);
+- first-call ratio: the slowest of calls 1..3 over steady.
+
+Across processes: the median fraction, and the spread (slowest steady / fastest steady).
+Then, in one process, a ResNet-18 training step (batch 32, 32x32): plain SGD, TWA with the
+workspace, and TWA with a fresh output per step, each the median of 10 after 3 warm-ups,
+interleaved so that drifts of this shared machine hit all three alike.
+
+Writes bench/results/steady-step.json and prints the tables. No assertion on time: this is
+a measurement, the README quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+K, BITS, LR = 16, 4, 1e-3
+
+
+def _copy_bandwidth() -> float:
+    src = torch.randn(64 << 20)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times[2:])
+
+
+def worker(calls: int) -> dict:
+    import twa_kernels as tk
+    from conftest import random_packed_basis
+    from shapes import MODELS
+    from twa_kernels.twa import _Workspace
+
+    sizes = MODELS["resnet18"]()
+    qb = random_packed_basis(K, sizes, BITS)
+    d = qb.num_cols
+    g, center = torch.randn(d), torch.randn(d)
+    x = torch.zeros(K, qb.num_blocks)
+    workspace = _Workspace()
+    copy = _copy_bandwidth()
+    # Loading the compiled kernels (a once-per-process import, not a property of the step)
+    # is timed apart, on a tiny basis.
+    t0 = time.perf_counter()
+    tk.project(tk.quantize(torch.randn(2, 256), bits=BITS), torch.randn(256))
+    load = time.perf_counter() - t0
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        x = x - LR * tk.project(qb, g)
+        out, release = workspace.take(d, torch.float32, center.device, record=False)
+        tk.reconstruct(qb, x, center, out=out)
+        release()
+        times.append(time.perf_counter() - t0)
+    steady = statistics.median(times[10:])
+    nbytes = 2 * qb.nbytes + 12 * d
+    return {
+        "copy_GBps": copy / 1e9,
+        "kernel_load_ms": load * 1e3,
+        "steady_ms": steady * 1e3,
+        "first3_ms": [t * 1e3 for t in times[:3]],
+        "first_call_ratio": max(times[:3]) / steady,
+        "GBps": nbytes / steady / 1e9,
+        "fraction_of_copy": nbytes / steady / copy,
+        "bytes": nbytes,
+    }
+
+
+def training_steps(rounds: int = 10) -> dict:
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    import twa_kernels as tk
+    from conftest import random_packed_basis
+    from resnet import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18()
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    center = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    subspace = tk.Subspace(names, [tuple(p.shape) for p in model.parameters()], center,
+                           random_packed_basis(K, sizes, BITS))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 1000, (32,))
+    twa = tk.TWA(model, subspace)
+
+    def stepper(params, forward):
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+
+        return step
+
+    steps = {
+        "sgd": stepper(model.parameters(), model),
+        "twa": stepper(twa.parameters(), twa),
+        # the same TWA step with a fresh D-long output each call (the path before the workspace)
+        "twa_fresh_output": stepper(twa.parameters(), lambda inp: functional_call(model, twa.weights(), (inp,))),
+    }
+    times = {name: [] for name in steps}
+    for r in range(rounds + 3):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {
+        "median_ms": med,
+        "twa_overhead": med["twa"] / med["sgd"] - 1,
+        "twa_fresh_output_overhead": med["twa_fresh_output"] / med["sgd"] - 1,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--worker", choices=["step", "train"])
+    parser.add_argument("--out", default=str(HERE / "results" / "steady-step.json"))
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.calls) if args.worker == "step" else training_steps()
+        print(json.dumps(result))
+        return
+    runs = []
+    for i in range(args.processes):
+        done = subprocess.run([sys.executable, __file__, "--worker", "step", "--calls", str(args.calls)],
+                              capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
+        print(f"process {i + 1}: steady {r['steady_ms']:.1f} ms, {r['fraction_of_copy']:.0%} of copy "
+              f"({r['GBps']:.1f} / {r['copy_GBps']:.1f} GB/s), first calls "
+              f"{', '.join(f'{t:.1f}' for t in r['first3_ms'])} ms", flush=True)
+    steadies = [r["steady_ms"] for r in runs]
+    summary = {
+        "median_fraction_of_copy": statistics.median(r["fraction_of_copy"] for r in runs),
+        "spread_slowest_over_fastest": max(steadies) / min(steadies),
+        "worst_first_call_ratio": max(r["first_call_ratio"] for r in runs),
+        "median_steady_ms": statistics.median(steadies),
+    }
+    done = subprocess.run([sys.executable, __file__, "--worker", "train"], capture_output=True, text=True, check=True)
+    train = json.loads(done.stdout.strip().splitlines()[-1])
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__},
+              "case": {"model": "resnet18", "k": K, "bits": BITS}, "processes": runs, "summary": summary,
+              "training_step": train}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmedian fraction of copy bandwidth {summary['median_fraction_of_copy']:.0%} (target >= 50%); "
+          f"spread {summary['spread_slowest_over_fastest']:.2f}x (target <= 1.5x); "
+          f"worst first-call ratio {summary['worst_first_call_ratio']:.2f}x (target <= 1.5x)")
+    med = train["median_ms"]
+    print(f"training step: SGD {med['sgd']:.0f} ms, TWA {med['twa']:.0f} ms ({train['twa_overhead']:+.0%}), "
+          f"TWA with a fresh output {med['twa_fresh_output']:.0f} ms ({train['twa_fresh_output_overhead']:+.0%})")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
