@@ -22,7 +22,7 @@ demo's 1-D CNN with BatchNorm, for each seed:
     three.
 All methods share the initialisation, so the dense level (round 0) is one measurement.
 
-    flock /tmp/twa-heavy.lock python python/lmc_sparse.py          # 3 seeds, ~12 minutes on 2 cores
+    flock /tmp/twa-heavy.lock python python/lmc_sparse.py          # 3 seeds, 12-16 minutes on 2 cores
     python python/lmc_sparse.py --quick                             # 1 seed, 2 rounds: a smoke run
 
 Writes results/lmc_sparse/results.json, lmc_sparse.png (accuracy and barrier against
@@ -90,7 +90,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path, bar: tqdm) -> dict
     eval_data, bn_data = batches(test, 1000), batches(train, 500, limit=2000)
     seeds = {k: 100 * seed + s for k, s in (("A", SEED_A), ("B", SEED_B), ("C", SEED_C))}
 
-    found, points, distill_seconds, proxy_acc = {}, {}, {}, {}
+    found, points, distill_seconds = {}, {}, {}
     start = time.perf_counter()
     found["real"] = tk.prune.imp(make_model(seed), tk.prune.classification_train_fn(train, args.epochs, seeds["A"]),
                                  rounds=args.rounds, rate=args.rate, rewind="init", out_dir=work / f"seed{seed}/real")
@@ -115,8 +115,6 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path, bar: tqdm) -> dict
                                    rounds=args.rounds, rate=args.rate, rewind="init",
                                    out_dir=work / f"seed{seed}/ipc{ipc}")
         points[name] = len(syn)
-        # how good a proxy the distilled set is: the dense net of IMP round 0, trained on it alone
-        proxy_acc[name] = accuracy(model, found[name].trained(0), test)
         bar.update(1)
     find_seconds = time.perf_counter() - start
 
@@ -154,7 +152,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path, bar: tqdm) -> dict
                                                  labels=["copy A", "copy B", "copy C"])
             bar.update(1)
     return dict(seed=seed, rows=rows, find_seconds=find_seconds, distill_seconds=distill_seconds,
-                distilled_only_acc=proxy_acc, planes=planes, lines={k: v[0] for k, v in curves.items()})
+                planes=planes, lines={k: v[0] for k, v in curves.items()})
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -274,17 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
         config={k: v for k, v in vars(args).items() if k not in ("out", "work")},
         rewind="init", bn="recompute (update_bn on 2000 training signals at every point)",
         summary=summary,
-        distilled_only_acc={name: statistics.fmean(r["distilled_only_acc"][name] for r in runs)
-                            for name in METHODS[1:]},
         runs=[dict(seed=r["seed"], rows=r["rows"], find_seconds=r["find_seconds"],
-                   distill_seconds=r["distill_seconds"], distilled_only_acc=r["distilled_only_acc"]) for r in runs],
+                   distill_seconds=r["distill_seconds"]) for r in runs],
         planes={name: p.to_dict() for name, p in first["planes"].items()},
         total_seconds=seconds, table=table,
     )
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(table)
-    print("\ndense net trained on the distilled set alone (IMP round 0), test accuracy: " + ", ".join(
-        f"{name} {100 * acc:.2f}%" for name, acc in report["distilled_only_acc"].items()))
     print(f"\n{args.seeds} seeds, {seconds:.0f} s; results in {out}/")
     return report
 

@@ -13,6 +13,16 @@ from twa_kernels.distill import DistillError
 from digits import digits_splits
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models and batches: one torch thread is as fast as two, and cannot be starved
+    by oversubscription when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digit_images():
     train, _, test = digits_splits(0)

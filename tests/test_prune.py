@@ -4,7 +4,6 @@ run, and the named errors."""
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,16 @@ from twa_kernels.prune import PruningError
 from digits import digits_splits, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models and batches: one torch thread is as fast as two, and cannot be starved
+    by oversubscription when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def conv_model(seed: int = 0) -> nn.Module:
@@ -182,19 +191,15 @@ def test_killed_run_resumes_after_the_last_finished_round(tmp_path):
     manifest = json.loads((out / "imp.json").read_text())
     assert manifest["done"] == 2 and len(manifest["files"]) == 3
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the killed process, so the training arithmetic is the same
-    try:
-        inner, rounds_run = small_train_fn(), []
+    # one thread here (the module's fixture) as in the killed process: the same arithmetic
+    inner, rounds_run = small_train_fn(), []
 
-        def train_fn(model, r):
-            rounds_run.append(r)
-            inner(model, r)
+    def train_fn(model, r):
+        rounds_run.append(r)
+        inner(model, r)
 
-        resumed = tk.prune.imp(make_model(0), train_fn, rounds=5, rate=0.3, out_dir=out)
-        full = tk.prune.imp(make_model(0), small_train_fn(), rounds=5, rate=0.3, out_dir=tmp_path / "full")
-    finally:
-        torch.set_num_threads(threads)
+    resumed = tk.prune.imp(make_model(0), train_fn, rounds=5, rate=0.3, out_dir=out)
+    full = tk.prune.imp(make_model(0), small_train_fn(), rounds=5, rate=0.3, out_dir=tmp_path / "full")
     assert rounds_run == [3, 4, 5]  # rounds 0-2 were not redone
     assert len(resumed.masks) == len(full.masks) == 6
     for r, (a, b) in enumerate(zip(resumed.masks, full.masks)):
