@@ -1,0 +1,350 @@
+"""Decorrelated backpropagation (DBP; Dalm, Offergeld, Ahmad, van Gerven, arXiv 2405.02385).
+
+Every decorrelated layer keeps a d x d matrix R (a buffer, identity at the start) and feeds
+its weight the decorrelated input z = R x: d = in_features for a Linear layer and
+C_in * k (Conv1d) or C_in * kh * kw (Conv2d) for a convolution, whose z is R applied to each
+input patch. The forward folds the two into one op, A = W R (one matmul or one convolution
+with the folded kernel; the batch's patches are never materialised), and since R is not a
+parameter autograd gives dL/dW = delta z^T, exactly as if z were the input.
+
+During a training forward each layer also accumulates S = Z^T Z over a random subsample of
+its z (a fraction `sample_fraction` of the rows, or of the patch positions of a conv). After
+`optimizer.step()`, `update(model)` turns that into X = S / N and applies, to every layer,
+
+    C = X - diag(X),  v = diag(X) - 1,  R <- R - lr [(1 - kappa) C R + kappa diag(v) R]
+
+in a few batched ops (layers grouped by d, one bmm per group), with the X matrices of all
+layers all-reduced in one call under torch.distributed. The decorrelation loss is
+((1 - kappa) sum C^2 + kappa sum v^2) / d^2. diag(v) R scales the rows of R: with
+Sigma = E[x x^T] fixed, the rule is the gradient of that loss times Sigma^{-1} (up to the
+factor 4 / d^2), hence a descent direction. The reference code's `v * R` scales the columns
+instead, which is not (tests/test_decor.py checks both against autograd).
+
+    model = tk.decor.decorrelate(model, lr=1e-4, kappa=1e-3, sample_fraction=0.1)
+    opt = torch.optim.Adam(model.parameters())        # the same parameters as before
+    loss_fn(model(x), y).backward(); opt.step(); tk.decor.update(model)
+    plain = tk.decor.fold(model)                      # W R folded in, for inference/export
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DecorrelationDivergedError", "decorrelate", "decorrelated_layers", "fold", "update"]
+
+BUFFER = "decor_R"  # the state_dict key of R is "<layer>.decor_R"
+
+Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+class DecorrelationDivergedError(FloatingPointError):
+    """A layer's decorrelation matrix R became NaN/Inf or blew up: the decorrelation lr is
+    too large for the scale of that layer's input."""
+
+
+class _Decor:
+    """Mixin for the decorrelated Linear / Conv1d / Conv2d classes (set by class swap, so the
+    module keeps its parameters, hooks and parameter names)."""
+
+    decor_R: Tensor
+
+    def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float) -> None:
+        w = self.weight
+        self.register_buffer(BUFFER, torch.eye(d, dtype=w.dtype, device=w.device))
+        self.decor_lr, self.decor_kappa = float(lr), float(kappa)
+        self.decor_sample_fraction, self.decor_max_norm = float(sample_fraction), float(max_norm)
+        self.decor_reset()
+
+    def decor_reset(self) -> None:
+        """Forget the inputs accumulated since the last update."""
+        self._decor_sum: Tensor | None = None  # S = Z^T Z over the sampled rows
+        self._decor_count = 0  # the number of sampled rows in S
+
+    def _decor_accumulate(self, rows: Tensor) -> None:
+        """rows: [N, d] sampled inputs x (before R). Adds (R x)(R x)^T to S."""
+        R = self.decor_R
+        z = rows.to(R.dtype) @ R.T
+        s = z.T @ z
+        self._decor_sum = s if self._decor_sum is None else self._decor_sum.add_(s)
+        self._decor_count += z.shape[0]
+
+    def _decor_num_samples(self, n: int) -> int:
+        return n if self.decor_sample_fraction >= 1.0 else max(1, round(self.decor_sample_fraction * n))
+
+    def _decor_pick(self, n: int, device: torch.device) -> Tensor | None:
+        """Indices of the sampled rows out of n (None = all, in order)."""
+        k = self._decor_num_samples(n)
+        return None if k >= n else torch.randperm(n, device=device)[:k]
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", decor_lr={self.decor_lr:g}, decor_kappa={self.decor_kappa:g}, "
+                f"sample_fraction={self.decor_sample_fraction:g}")
+
+
+class DecorLinear(_Decor, nn.Linear):
+    """nn.Linear computing W (R x) as one matmul with A = W R."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                flat = x.detach().reshape(-1, self.in_features)
+                idx = self._decor_pick(flat.shape[0], flat.device)
+                self._decor_accumulate(flat if idx is None else flat[idx])
+        return F.linear(x, self.weight @ self.decor_R, self.bias)
+
+
+def _sample_patches(module: nn.Module, x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                    dilation: tuple[int, ...]) -> Tensor:
+    """Random input patches of a conv as rows [n, C_in * prod(kernel)], in the weight's
+    (C, kh, kw) order, gathered by index arithmetic: only the sampled patches are built.
+    x: [B, C, H, W] after padding; 1-D convs come in with H = 1 and kernel (1, k)."""
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    n = b * ho * wo
+    idx = module._decor_pick(n, x.device)
+    if idx is None:
+        idx = torch.arange(n, device=x.device)
+    img, pos = idx // (ho * wo), idx % (ho * wo)
+    rows = (pos // wo)[:, None] * stride[0] + torch.arange(kh, device=x.device) * dilation[0]  # [n, kh]
+    cols = (pos % wo)[:, None] * stride[1] + torch.arange(kw, device=x.device) * dilation[1]  # [n, kw]
+    chans = torch.arange(c, device=x.device)
+    patches = x[img[:, None, None, None], chans[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return patches.reshape(idx.numel(), c * kh * kw)
+
+
+def _padded(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    pad = module._reversed_padding_repeated_twice
+    if module.padding_mode == "zeros":
+        return F.pad(x, pad) if any(pad) else x
+    return F.pad(x, pad, mode=module.padding_mode)
+
+
+class DecorConv2d(_Decor, nn.Conv2d):
+    """nn.Conv2d computing W (R patch) as one convolution with the folded kernel W R."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                xb = x.detach() if x.dim() == 4 else x.detach()[None]
+                self._decor_accumulate(_sample_patches(self, _padded(self, xb), self.kernel_size, self.stride,
+                                                       self.dilation))
+        w = self.weight
+        return self._conv_forward(x, (w.reshape(w.shape[0], -1) @ self.decor_R).view_as(w), self.bias)
+
+
+class DecorConv1d(_Decor, nn.Conv1d):
+    """nn.Conv1d computing W (R patch) as one convolution with the folded kernel W R."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                xb = x.detach() if x.dim() == 3 else x.detach()[None]
+                self._decor_accumulate(_sample_patches(self, _padded(self, xb)[:, :, None], (1, self.kernel_size[0]),
+                                                       (1, self.stride[0]), (1, self.dilation[0])))
+        w = self.weight
+        return self._conv_forward(x, (w.reshape(w.shape[0], -1) @ self.decor_R).view_as(w), self.bias)
+
+
+_DECOR = {nn.Linear: DecorLinear, nn.Conv1d: DecorConv1d, nn.Conv2d: DecorConv2d}
+_PLAIN = {v: k for k, v in _DECOR.items()}
+
+
+def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    names = set(skip)
+    # a name skips that module and everything inside it
+    return lambda name, module: any(name == s or name.startswith(s + ".") for s in names)
+
+
+def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_fraction: float = 0.1,
+                skip: Skip = None, max_norm: float = 1e4) -> nn.Module:
+    """Make every nn.Linear, nn.Conv1d and nn.Conv2d of `model` decorrelating, in place.
+
+    The layers keep their parameters (the same Parameter objects, under the same names), so an
+    optimizer built before, and checkpoints of the plain model (load with strict=False, or
+    fold first), still fit; each gains a buffer `decor_R` (identity). The first layer, which
+    sees the raw input, is decorrelated too, as in the paper.
+
+    lr: step size of the R update; kappa in [0, 1]: weight of the unit-variance (whitening)
+    term against decorrelation; sample_fraction in (0, 1]: share of each batch's rows (conv:
+    patch positions) that feed the update; skip: qualified module names (a name skips its
+    submodules too) or a predicate (name, module) -> bool; max_norm: update() raises
+    DecorrelationDivergedError when ||R||_F / sqrt(d) of a layer exceeds it.
+
+    Subclasses of Linear/Conv (e.g. MultiheadAttention's out_proj, whose weight the attention
+    reads directly) are left alone. Grouped, transposed and 3-D convolutions are refused:
+    skip them by name.
+    """
+    if not 0.0 < sample_fraction <= 1.0:
+        raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"kappa must be in [0, 1], got {kappa}")
+    if not lr > 0.0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    skipped = _skipper(skip)
+    todo = []
+    for name, module in model.named_modules():
+        if skipped(name, module) or isinstance(module, _Decor):
+            continue
+        label = name or "<root>"
+        if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):
+            raise ValueError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
+                             f"convolutions are not supported; pass skip=[{name!r}]")
+        if type(module) not in _DECOR:
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                logger.info("decorrelate: leaving %r alone (%s is a subclass of a supported layer)", label,
+                            type(module).__name__)
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(module.weight,
+                                                                             nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+            raise ValueError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
+                             f"pass skip=[{name!r}]")
+        todo.append(module)
+    for module in todo:
+        d = module.weight[0].numel()  # in_features, or C_in * prod(kernel)
+        module.__class__ = _DECOR[type(module)]
+        module._decor_init(d, lr, kappa, sample_fraction, max_norm)
+    logger.info("decorrelate: %d layers", len(todo))
+    return model
+
+
+def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every decorrelated layer of `model`, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Decor)]
+
+
+def _default_group(process_group):
+    dist = torch.distributed
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> tuple[list[Tensor], Tensor]:
+    """The layers' X = S / N. Under a process group the S matrices and the counts of all
+    layers travel in one flattened all_reduce (a layer that saw no input contributes zeros)."""
+    ref = layers[0][1].decor_R
+    if group is None:
+        sums = [m._decor_sum for _, m in layers]
+        counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
+    else:
+        parts = [(m._decor_sum if m._decor_sum is not None else torch.zeros_like(m.decor_R)).to(ref.dtype).reshape(-1)
+                 for _, m in layers]
+        counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
+        flat = torch.cat(parts + [counts])
+        torch.distributed.all_reduce(flat, group=group)
+        sums, offset = [], 0
+        for (_, m), p in zip(layers, parts):
+            sums.append(flat[offset:offset + p.numel()].view_as(m.decor_R).to(m.decor_R.dtype))
+            offset += p.numel()
+        counts = flat[offset:]
+    return sums, counts
+
+
+@torch.no_grad()
+def update(model: nn.Module, process_group=None, check: bool = True) -> Tensor:
+    """Update every decorrelation matrix R of `model` from the inputs its layers sampled
+    since the last update (the last training forward, or several under gradient
+    accumulation); call it after optimizer.step(). Returns the mean decorrelation loss over
+    the updated layers (of the R before this step) as a 0-d tensor, with no host sync.
+
+    Layers of equal d are updated together with one bmm. Under torch.distributed
+    (process_group, or the default group when one is initialised) the S matrices and sample
+    counts of all layers are summed across ranks in one all_reduce, so every rank computes
+    the same X (that of the global batch) and keeps an identical R.
+
+    check: one combined test of all new R (a single host sync) for NaN/Inf or
+    ||R||_F / sqrt(d) > max_norm, raising DecorrelationDivergedError with the layer and a
+    smaller lr, and leaving every R as it was. check=False skips the sync.
+    """
+    group = _default_group(process_group)
+    layers = decorrelated_layers(model)
+    if group is None:
+        layers = [(n, m) for n, m in layers if m._decor_count > 0]
+    if not layers:
+        raise RuntimeError("decor.update: no decorrelated layer saw a training-mode forward since the last update; "
+                           "call update() after a forward in model.train() (and decorrelate() the model first)")
+    sums, counts = _all_reduce(layers, group)
+    for _, m in layers:
+        m.decor_reset()
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, m) in enumerate(layers):
+        R = m.decor_R
+        groups.setdefault((R.shape[0], R.dtype, R.device), []).append(i)
+
+    losses, norms, order, new_rs = [], [], [], []
+    for (d, dtype, device), idx in groups.items():
+        mods = [layers[i][1] for i in idx]
+        R = torch.stack([m.decor_R for m in mods])  # [G, d, d]
+        n = counts[idx].to(dtype)
+        X = torch.stack([sums[i] for i in idx]) / n.clamp(min=1)[:, None, None]
+        diag = torch.diagonal(X, dim1=1, dim2=2)  # [G, d]
+        C = X - torch.diag_embed(diag)
+        v = diag - 1
+        lr = torch.tensor([m.decor_lr for m in mods], dtype=dtype, device=device) * (n > 0)  # no input: no step
+        kappa = torch.tensor([m.decor_kappa for m in mods], dtype=dtype, device=device)
+        k3 = kappa[:, None, None]
+        vR = v[:, :, None] * R  # diag(v) R: scales the rows of R
+        step = torch.bmm(C, R).mul_(1 - k3).add_(vR.mul_(k3))  # (1 - kappa) C R + kappa diag(v) R
+        new = R - lr[:, None, None] * step
+        loss = ((1 - kappa) * C.square().sum((1, 2)) + kappa * v.square().sum(1)) / d ** 2
+        losses.append(loss if group is None else torch.where(n > 0, loss, torch.zeros_like(loss)))
+        norms.append(torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d))
+        order += idx
+        new_rs.append(new)
+
+    if check:
+        norm = torch.cat(norms)
+        limits = torch.tensor([layers[i][1].decor_max_norm for i in order], dtype=torch.float64, device=norm.device)
+        bad = ~torch.isfinite(norm) | (norm > limits)
+        if bool(bad.any()):  # the one host sync of an update
+            j = int(bad.nonzero()[0, 0])
+            name, m = layers[order[j]]
+            raise DecorrelationDivergedError(
+                f"decorrelation matrix R of layer {name!r} diverged (||R||_F/sqrt(d) = {float(norm[j]):.3g}, limit "
+                f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update. Lower "
+                f"it, e.g. decorrelate(..., lr={m.decor_lr / 10:g}) or set layer.decor_lr = {m.decor_lr / 10:g} on "
+                f"every layer of tk.decor.decorrelated_layers(model)")
+    for idx, new in zip((groups[k] for k in groups), new_rs):
+        for i, r in zip(idx, new.unbind(0)):
+            layers[i][1].decor_R.copy_(r)
+    if group is None:
+        return torch.cat(losses).mean()
+    total = torch.cat(losses)
+    return total.sum() / (counts > 0).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose decorrelated layers are plain nn.Linear / nn.Conv1d /
+    nn.Conv2d with W R folded into their weights (no R, no per-forward fold): for inference
+    and export. Its state_dict loads into the original (never decorrelated) architecture."""
+    out = copy.deepcopy(model)
+    for _, m in decorrelated_layers(out):
+        w = m.weight
+        w.copy_((w.reshape(w.shape[0], -1) @ m.decor_R).view_as(w))
+        del m._buffers[BUFFER]
+        for attr in ("decor_lr", "decor_kappa", "decor_sample_fraction", "decor_max_norm", "_decor_sum",
+                     "_decor_count"):
+            m.__dict__.pop(attr, None)
+        m.__class__ = _PLAIN[type(m)]
+    return out
