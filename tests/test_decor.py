@@ -409,3 +409,96 @@ def test_divergence_raises_with_the_layer_and_a_smaller_lr():
         tk.decor.update(model)
     for b, (_, m) in zip(before, tk.decor.decorrelated_layers(model)):
         assert torch.equal(b, m.decor_R)  # nothing was applied
+
+
+# ---- DDP: 2 gloo processes ---------------------------------------------------------------
+
+DDP_STEPS, DDP_BATCH = 20, 16
+
+
+def _ddp_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).double()
+    # sample_fraction=1: every rank's subsample is its whole shard, so the global X is defined
+    return tk.decor.decorrelate(model, lr=0.05, kappa=0.1, sample_fraction=1.0)
+
+
+def _ddp_batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(DDP_BATCH, 2, 6, 6, generator=gen, dtype=torch.float64)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated channels: R has work to do
+    return x, torch.randint(0, 3, (DDP_BATCH,), generator=gen)
+
+
+def _train_rs(model, step_fn):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(DDP_STEPS):
+        x, y = _ddp_batch(step)
+        opt.zero_grad()
+        step_fn(step, x, y)
+        opt.step()
+        tk.decor.update(model)
+    return {n: m.decor_R.clone() for n, m in tk.decor.decorrelated_layers(model)}
+
+
+def _ddp_worker(rank, world, port, out):
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = _ddp_model()
+        # broadcast_buffers=False: R must stay identical by the all-reduced update alone
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+
+        def step_fn(step, x, y):
+            F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+
+        torch.save(_train_rs(model, step_fn), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_keep_identical_r_equal_to_the_global_batch(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 120 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    def whole(step, x, y):
+        F.cross_entropy(model(x), y).backward()
+
+    def half(step, x, y):
+        F.cross_entropy(model(x[: DDP_BATCH // 2]), y[: DDP_BATCH // 2]).backward()
+
+    model = _ddp_model()
+    single = _train_rs(model, whole)
+    model = _ddp_model()
+    local = _train_rs(model, half)
+    assert ranks[0].keys() == single.keys() and len(single) == 3
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # bit-identical across ranks
+        assert _rel(ranks[0][name], single[name]) < 1e-10, name  # = one process on the global batch
+        assert _rel(local[name], single[name]) > 1e-4, name  # (without the all-reduce they would differ)
