@@ -85,6 +85,11 @@ class _Decor:
         k = self._decor_num_samples(n)
         return None if k >= n else torch.randperm(n, device=device)[:k]
 
+    def decor_folded_weight(self) -> Tensor:
+        """A = W R in the weight's shape: what the forward convolves / multiplies with."""
+        w = self.weight
+        return (w.reshape(w.shape[0], -1) @ self.decor_R).view_as(w)
+
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", decor_lr={self.decor_lr:g}, decor_kappa={self.decor_kappa:g}, "
                 f"sample_fraction={self.decor_sample_fraction:g}")
@@ -93,12 +98,16 @@ class _Decor:
 class DecorLinear(_Decor, nn.Linear):
     """nn.Linear computing W (R x) as one matmul with A = W R."""
 
+    @torch.no_grad()
+    def decor_capture(self, x: Tensor) -> None:
+        """Add a random subsample of this input's rows, decorrelated, to S."""
+        flat = x.detach().reshape(-1, self.in_features)
+        idx = self._decor_pick(flat.shape[0], flat.device)
+        self._decor_accumulate(flat if idx is None else flat[idx])
+
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            with torch.no_grad():
-                flat = x.detach().reshape(-1, self.in_features)
-                idx = self._decor_pick(flat.shape[0], flat.device)
-                self._decor_accumulate(flat if idx is None else flat[idx])
+            self.decor_capture(x)
         return F.linear(x, self.weight @ self.decor_R, self.bias)
 
 
@@ -133,27 +142,32 @@ def _padded(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 class DecorConv2d(_Decor, nn.Conv2d):
     """nn.Conv2d computing W (R patch) as one convolution with the folded kernel W R."""
 
+    @torch.no_grad()
+    def decor_capture(self, x: Tensor) -> None:
+        """Add a random subsample of this input's patches, decorrelated, to S."""
+        xb = x.detach() if x.dim() == 4 else x.detach()[None]
+        self._decor_accumulate(_sample_patches(self, _padded(self, xb), self.kernel_size, self.stride, self.dilation))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            with torch.no_grad():
-                xb = x.detach() if x.dim() == 4 else x.detach()[None]
-                self._decor_accumulate(_sample_patches(self, _padded(self, xb), self.kernel_size, self.stride,
-                                                       self.dilation))
-        w = self.weight
-        return self._conv_forward(x, (w.reshape(w.shape[0], -1) @ self.decor_R).view_as(w), self.bias)
+            self.decor_capture(x)
+        return self._conv_forward(x, self.decor_folded_weight(), self.bias)
 
 
 class DecorConv1d(_Decor, nn.Conv1d):
     """nn.Conv1d computing W (R patch) as one convolution with the folded kernel W R."""
 
+    @torch.no_grad()
+    def decor_capture(self, x: Tensor) -> None:
+        """Add a random subsample of this input's patches, decorrelated, to S (as a 2-D conv of height 1)."""
+        xb = x.detach() if x.dim() == 3 else x.detach()[None]
+        self._decor_accumulate(_sample_patches(self, _padded(self, xb)[:, :, None], (1, self.kernel_size[0]),
+                                               (1, self.stride[0]), (1, self.dilation[0])))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            with torch.no_grad():
-                xb = x.detach() if x.dim() == 3 else x.detach()[None]
-                self._decor_accumulate(_sample_patches(self, _padded(self, xb)[:, :, None], (1, self.kernel_size[0]),
-                                                       (1, self.stride[0]), (1, self.dilation[0])))
-        w = self.weight
-        return self._conv_forward(x, (w.reshape(w.shape[0], -1) @ self.decor_R).view_as(w), self.bias)
+            self.decor_capture(x)
+        return self._conv_forward(x, self.decor_folded_weight(), self.bias)
 
 
 _DECOR = {nn.Linear: DecorLinear, nn.Conv1d: DecorConv1d, nn.Conv2d: DecorConv2d}
@@ -340,8 +354,7 @@ def fold(model: nn.Module) -> nn.Module:
     and export. Its state_dict loads into the original (never decorrelated) architecture."""
     out = copy.deepcopy(model)
     for _, m in decorrelated_layers(out):
-        w = m.weight
-        w.copy_((w.reshape(w.shape[0], -1) @ m.decor_R).view_as(w))
+        m.weight.copy_(m.decor_folded_weight())
         del m._buffers[BUFFER]
         for attr in ("decor_lr", "decor_kappa", "decor_sample_fraction", "decor_max_norm", "_decor_sum",
                      "_decor_count"):
