@@ -138,11 +138,11 @@ def test_update(benchmark, models):
     dbp.train()
     _step(dbp, x, y)
     layers = [m for _, m in tk.decor.decorrelated_layers(dbp)]
-    saved = [(m._decor_sum.clone(), m._decor_count) for m in layers]
+    saved = [(m._decor_sum, list(m._decor_rows), m._decor_count) for m in layers]
 
     def setup():
-        for m, (s, n) in zip(layers, saved):
-            m._decor_sum, m._decor_count = s.clone(), n
+        for m, (s, rows, n) in zip(layers, saved):
+            m._decor_sum, m._decor_rows, m._decor_count = None if s is None else s.clone(), list(rows), n
 
     benchmark.group = "resnet18 b32 32x32 DBP phases"
     benchmark.extra_info.update(phase="update", flops=_totals()["update_flops"])

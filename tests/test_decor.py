@@ -109,7 +109,7 @@ def test_sampled_patches_are_the_real_patches(mode):
     z = R @ F.unfold(xp, 3, dilation=2, stride=2)
     z = z.transpose(1, 2).reshape(-1, 18)
     assert conv._decor_count == z.shape[0]
-    assert _rel(conv._decor_sum, z.T @ z) < 1e-12
+    assert _rel(conv.decor_dense_sum(), z.T @ z) < 1e-12
     conv.decor_reset()
     conv.decor_sample_fraction = 0.25
     conv(x)
@@ -122,7 +122,7 @@ def test_sampled_patches_are_the_real_patches(mode):
     conv(x)
     torch.manual_seed(3)
     picks = torch.randperm(z.shape[0])[: conv._decor_count]
-    assert _rel(conv._decor_sum, z[picks].T @ z[picks]) < 1e-12
+    assert _rel(conv.decor_dense_sum(), z[picks].T @ z[picks]) < 1e-12
 
 
 def test_parameters_keep_names_and_objects():
@@ -153,7 +153,9 @@ def _independent_update(R, Z, lr, kappa):
     return torch.from_numpy(new), loss
 
 
-def test_one_update_matches_an_independent_statement():
+@pytest.mark.parametrize("batch", [40, 3])
+def test_one_update_matches_an_independent_statement(batch):
+    """batch 40: X from S = Z^T Z; batch 3 (fewer rows than d): X R from the rows, Z^T (Z R)."""
     # two layers of d=10 (one bmm group) and one of d=6, each its own lr and kappa
     model = nn.Sequential(nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     tk.decor.decorrelate(model, sample_fraction=1.0)
@@ -161,7 +163,7 @@ def test_one_update_matches_an_independent_statement():
     for i, m in enumerate(layers):
         m.decor_R.copy_(_random_r(m.decor_R.shape[0]))
         m.decor_lr, m.decor_kappa = 1e-2 * (i + 1), [0.0, 0.3, 1e-3][i]
-    x = torch.randn(40, 10, dtype=torch.float64)
+    x = torch.randn(batch, 10, dtype=torch.float64)
     # the inputs each layer sees, hence its Z = x R^T, recorded with hooks
     inputs = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, i=i: inputs.__setitem__(i, a[0].detach()))
