@@ -137,12 +137,14 @@ def _sample_patches(module: nn.Module, x: Tensor, kernel: tuple[int, ...], strid
     idx = module._decor_pick(n, x.device)
     if idx is None:
         idx = torch.arange(n, device=x.device)
+    # one gather from the flat input: patch start (image, top row, left column) + the
+    # kernel's offsets (channel, kernel row, kernel column), in the weight's order
     img, pos = idx // (ho * wo), idx % (ho * wo)
-    rows = (pos // wo)[:, None] * stride[0] + torch.arange(kh, device=x.device) * dilation[0]  # [n, kh]
-    cols = (pos % wo)[:, None] * stride[1] + torch.arange(kw, device=x.device) * dilation[1]  # [n, kw]
-    chans = torch.arange(c, device=x.device)
-    patches = x[img[:, None, None, None], chans[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    return patches.reshape(idx.numel(), c * kh * kw)
+    start = img * (c * h * w) + (pos // wo) * (stride[0] * w) + (pos % wo) * stride[1]
+    ar = lambda n: torch.arange(n, device=x.device)  # noqa: E731
+    offsets = (ar(c)[:, None, None] * (h * w) + ar(kh)[None, :, None] * (dilation[0] * w)
+               + ar(kw)[None, None, :] * dilation[1]).reshape(-1)
+    return x.reshape(-1)[start[:, None] + offsets]
 
 
 def _padded(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
