@@ -2,9 +2,10 @@
 with DBP's three extra costs timed on their own, all in the same run:
 
   fold        A = W R for every layer (the forward does this on every call): 2 C_out d^2 flops
-  covariance  the sampled patches (sample_fraction 0.1) decorrelated and summed, z = R x and
-              S += Z^T Z: 4 n d^2 flops (n sampled rows)
-  update      tk.decor.update: C R per layer, batched by d: 2 d^3 flops
+  covariance  the sampled patches (sample_fraction 0.1) decorrelated, z = R x: 2 n d^2 flops
+              (n sampled rows), plus S += Z^T Z (2 n d^2) where n > d
+  update      tk.decor.update: C R per layer, batched by d: 2 d^3 flops from S, or
+              4 n d^2 + 2 n^2 d from the rows Z where n <= d (X R = Z^T (Z R); the deep layers)
 
 next to the BP and DBP forward+backward. extra_info holds the flops of each phase; run this
 file as a script for the per-layer flop table (results/dbp/resnet18_flops.json).
@@ -56,9 +57,12 @@ def layer_table(model=None) -> list[dict]:
         out = shapes[name]
         positions = out.numel() // cout  # B * Ho * Wo, or B for the Linear layer
         n = m._decor_num_samples(positions)
-        rows.append(dict(layer=name, d=d, c_out=cout, positions=positions, sampled=n,
+        lowrank = n <= d  # tk.decor keeps the rows and forms X R = Z^T (Z R) in update()
+        rows.append(dict(layer=name, d=d, c_out=cout, positions=positions, sampled=n, lowrank=lowrank,
                          conv_flops=2 * positions * cout * d, fold_flops=2 * cout * d * d,
-                         covariance_flops=4 * n * d * d, update_flops=2 * d ** 3))
+                         covariance_flops=2 * n * d * d * (1 if lowrank else 2),  # z = R x (+ Z^T Z)
+                         update_flops=4 * n * d * d + 2 * n * n * d if lowrank else 2 * d ** 3,
+                         update_flops_dense=2 * d ** 3))
     return rows
 
 
@@ -155,11 +159,14 @@ if __name__ == "__main__":
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(batch=BATCH, size=SIZE, sample_fraction=FRACTION, layers=rows), indent=1))
     g = 1e9
-    print(f"{'layer':<22} {'d':>5} {'C_out':>5} {'n':>5} {'conv GF':>8} {'fold GF':>8} {'cov GF':>7} {'update GF':>9}")
+    print(f"{'layer':<22} {'d':>5} {'C_out':>5} {'n':>5} {'conv GF':>8} {'fold GF':>8} {'cov GF':>7} {'update GF':>9} "
+          f"{'2d^3 GF':>8}")
     for r in rows:
         print(f"{r['layer']:<22} {r['d']:>5} {r['c_out']:>5} {r['sampled']:>5} {r['conv_flops'] / g:>8.3f} "
-              f"{r['fold_flops'] / g:>8.3f} {r['covariance_flops'] / g:>7.3f} {r['update_flops'] / g:>9.3f}")
-    tot = {k: sum(r[k] for r in rows) / g for k in ("conv_flops", "fold_flops", "covariance_flops", "update_flops")}
+              f"{r['fold_flops'] / g:>8.3f} {r['covariance_flops'] / g:>7.3f} {r['update_flops'] / g:>9.3f} "
+              f"{r['update_flops_dense'] / g:>8.3f}")
+    keys = ("conv_flops", "fold_flops", "covariance_flops", "update_flops", "update_flops_dense")
+    tot = {k: sum(r[k] for r in rows) / g for k in keys}
     print(f"{'total':<22} {'':>5} {'':>5} {'':>5} {tot['conv_flops']:>8.3f} {tot['fold_flops']:>8.3f} "
-          f"{tot['covariance_flops']:>7.3f} {tot['update_flops']:>9.3f}")
+          f"{tot['covariance_flops']:>7.3f} {tot['update_flops']:>9.3f} {tot['update_flops_dense']:>8.3f}")
     print(f"wrote {out}")
