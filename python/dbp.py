@@ -14,8 +14,9 @@ Reported per model and method: epochs and wall-clock (training only, no evaluati
 mean test accuracy over the seeds first reaches a target (98% of the lower of the two
 methods' best mean test accuracy, so both can reach it), the final test accuracy, and the
 median time of one training step (forward, backward, optimizer step, and for DBP the R
-update), measured with BP and DBP steps alternating so that both see the same load. One thread: the models are tiny and the machine is shared; timings are medians and
-the comparison is the ratio inside this run. Writes results.json and accuracy.png.
+update), measured with BP and DBP steps alternating so that both see the same load. One
+thread: the models are tiny and the machine is shared; timings are medians and the
+comparison is the ratio inside this run. Writes results.json and accuracy.png.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def summarize(runs: list[dict]) -> dict:
                 lr=lr, decor_lr=decor_lr, target=target,
                 epochs_to_target=None if hit is None else hit + 1,
                 seconds_to_target=None if hit is None else secs[hit],
-                final_test_mean=statistics.mean(finals), final_test_std=statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                final_test_mean=statistics.mean(finals),
+                final_test_std=statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 best_test_mean=max(test),
                 step_ms_median=statistics.median(r["step_ms_median"] for r in group),
                 curve_test=test, curve_seconds=secs,
@@ -170,7 +172,9 @@ def format_table(summary: dict, seeds: int) -> str:
             ep = "-" if s["epochs_to_target"] is None else str(s["epochs_to_target"])
             sec = "-" if s["seconds_to_target"] is None else f"{s['seconds_to_target']:.1f}"
             acc = f"{100 * s['final_test_mean']:.1f} ± {100 * s['final_test_std']:.1f}"
-            step = f"{s['step_ms_interleaved']:.2f}" + (f" (x{s['step_overhead_interleaved']:.2f})" if method == "dbp" else "")
+            step = f"{s['step_ms_interleaved']:.2f}"
+            if method == "dbp":
+                step += f" (x{s['step_overhead_interleaved']:.2f})"
             lines.append(f"{model_name:<5} {method.upper():<6} {s['lr']:>8g} {s['decor_lr'] or '-':>9} "
                          f"{100 * s['target']:>6.1f}% {ep:>7} {sec:>8} {acc:>19} {step:>14}")
     return "\n".join(lines) + (f"\n(mean ± std over {seeds} seeds; epochs/seconds: mean test curve first >= target; "
@@ -191,7 +195,8 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
                 if (r["model"], r["method"], r["lr"], r["decor_lr"]) == (model_name, method, s["lr"], s["decor_lr"]):
                     ax.plot([c["seconds"] for c in r["curve"]], [100 * c["test"] for c in r["curve"]],
                             color=colors[method], alpha=0.25, lw=0.8)
-            label = f"{method.upper()} (Adam lr {s['lr']:g}" + (f", decor lr {s['decor_lr']:g})" if s["decor_lr"] else ")")
+            label = f"{method.upper()} (Adam lr {s['lr']:g}"
+            label += f", decor lr {s['decor_lr']:g})" if s["decor_lr"] else ")"
             ax.plot(s["curve_seconds"], [100 * a for a in s["curve_test"]], color=colors[method], lw=2, label=label)
         ax.axhline(100 * rows["bp"]["target"], color="0.6", ls="--", lw=1, label="target")
         ax.set_xlabel("training wall-clock (s, 1 thread)")
