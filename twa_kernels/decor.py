@@ -283,15 +283,41 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
     return flat[offset:]
 
 
-def _moments(mods: list[nn.Module], R: Tensor, lowrank: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(X R [G, d, d], diag(X) [G, d], ||X||_F^2 [G]) of a group of layers, un-normalised
-    (times N, N^2): from S with one bmm, or from the rows Z without forming X."""
-    if not lowrank:
-        S = torch.stack([m._decor_sum for m in mods])
-        return torch.bmm(S, R), torch.diagonal(S, dim1=1, dim2=2), S.square().sum((1, 2))
-    Z = torch.stack([torch.cat(m._decor_rows) for m in mods])  # [G, n, d]
-    gram = torch.bmm(Z, Z.transpose(1, 2))  # [G, n, n]: ||Z^T Z||_F = ||Z Z^T||_F
-    return torch.bmm(Z.transpose(1, 2), torch.bmm(Z, R)), Z.square().sum(1), gram.square().sum((1, 2))
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)  # one layer: a view, no copy
+
+
+def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor, Tensor]:
+    """The new R [G, d, d] and the loss [G] of a group of layers of equal d.
+
+    (1 - k) C R + k diag(v) R = (1 - k) X R + diag(k v - (1 - k) diag X) R, so
+    R_new = diag(1 - lr (k v - (1 - k) diag X)) R - lr (1 - k) X R: one row scaling of R and
+    one batched matmul accumulated into it (the matrices are d x d, up to 4608^2 in a ResNet,
+    so every pass over them counts). X R comes from S (one bmm) or, with fewer rows than d,
+    as Z^T (Z R) without forming X. ||X||_F^2 - ||diag X||^2 = sum C^2 gives the loss.
+    """
+    R = _stacked([m.decor_R for m in mods])
+    d, dtype, device = R.shape[-1], R.dtype, R.device
+    inv_n = 1 / n.clamp(min=1)
+    lr = torch.tensor([m.decor_lr for m in mods], dtype=dtype, device=device) * (n > 0)  # no input: no step
+    kappa = torch.tensor([m.decor_kappa for m in mods], dtype=dtype, device=device)
+    coef = -lr * (1 - kappa) * inv_n  # the weight of S R (or Z^T Z R) in R_new
+    if lowrank:
+        Z = _stacked([torch.cat(m._decor_rows) if len(m._decor_rows) > 1 else m._decor_rows[0] for m in mods])
+        diag = Z.square().sum(1) * inv_n[:, None]
+        gram = torch.bmm(Z, Z.transpose(1, 2))  # [G, n, n]: ||Z^T Z||_F = ||Z Z^T||_F
+        fro2 = gram.square().sum((1, 2)) * inv_n ** 2
+        left, right = Z.transpose(1, 2), torch.bmm(Z, R).mul_(coef[:, None, None])  # [G, d, n], [G, n, d]
+    else:
+        S = _stacked([m._decor_sum for m in mods])
+        diag = torch.diagonal(S, dim1=1, dim2=2) * inv_n[:, None]
+        fro2 = S.square().sum((1, 2)) * inv_n ** 2
+        left, right = S * coef[:, None, None], R
+    v = diag - 1
+    rows = 1 - lr[:, None] * (kappa[:, None] * v - (1 - kappa)[:, None] * diag)
+    new = torch.baddbmm(R * rows[:, :, None], left, right)
+    off2 = (fro2 - diag.square().sum(1)).clamp(min=0)
+    return new, ((1 - kappa) * off2 + kappa * v.square().sum(1)) / d ** 2
 
 
 @torch.no_grad()
@@ -332,23 +358,8 @@ def update(model: nn.Module, process_group=None, check: bool = True) -> Tensor:
 
     losses, norms, order, new_rs = [], [], [], []
     for (d, dtype, device, rows), idx in groups.items():
-        mods = [layers[i][1] for i in idx]
-        R = torch.stack([m.decor_R for m in mods])  # [G, d, d]
-        n = counts[idx].to(dtype)
-        scale = 1 / n.clamp(min=1)
-        XR, diag, fro2 = _moments(mods, R, lowrank=rows is not None)
-        XR, diag, fro2 = XR * scale[:, None, None], diag * scale[:, None], fro2 * scale ** 2
-        v = diag - 1
-        lr = torch.tensor([m.decor_lr for m in mods], dtype=dtype, device=device) * (n > 0)  # no input: no step
-        kappa = torch.tensor([m.decor_kappa for m in mods], dtype=dtype, device=device)
-        k3 = kappa[:, None, None]
-        CR = XR.sub_(diag[:, :, None] * R)  # C R = X R - diag(X) R
-        vR = v[:, :, None] * R  # diag(v) R: scales the rows of R
-        step = CR.mul_(1 - k3).add_(vR.mul_(k3))  # (1 - kappa) C R + kappa diag(v) R
-        new = R - lr[:, None, None] * step
-        off2 = (fro2 - diag.square().sum(1)).clamp(min=0)  # sum C^2 = ||X||_F^2 - ||diag X||^2
-        loss = ((1 - kappa) * off2 + kappa * v.square().sum(1)) / d ** 2
-        losses.append(loss if group is None else torch.where(n > 0, loss, torch.zeros_like(loss)))
+        new, loss = _group_step([layers[i][1] for i in idx], counts[idx].to(dtype), lowrank=rows is not None)
+        losses.append(loss if group is None else torch.where(counts[idx] > 0, loss, torch.zeros_like(loss)))
         norms.append(torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d))
         order += idx
         new_rs.append(new)
