@@ -125,6 +125,29 @@ def test_sampled_patches_are_the_real_patches(mode):
     assert _rel(conv.decor_dense_sum(), z[picks].T @ z[picks]) < 1e-12
 
 
+def test_conv1d_sampled_patches_and_accumulation_over_forwards():
+    """Conv1d patches at sample_fraction=1 are the unfolded ones; two forwards before one
+    update (gradient accumulation) give the update of one forward on both halves."""
+    conv = tk.decor.decorrelate(nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2).double(), sample_fraction=1.0)
+    R = _random_r(9)
+    conv.decor_R.copy_(R)
+    x = torch.randn(4, 3, 12, dtype=torch.float64)
+    conv(x)
+    z = R @ F.unfold(F.pad(x, (1, 1))[:, :, None], (1, 3), dilation=(1, 2), stride=(1, 2))
+    z = z.transpose(1, 2).reshape(-1, 9)
+    assert _rel(conv.decor_dense_sum(), z.T @ z) < 1e-12
+    conv.decor_reset()
+    twin = tk.decor.decorrelate(nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2).double(), sample_fraction=1.0)
+    twin.decor_R.copy_(R)
+    for m in (conv, twin):
+        m.decor_lr, m.decor_kappa = 0.05, 0.3
+    conv(x[:2])
+    conv(x[2:])
+    twin(x)
+    loss_a, loss_b = tk.decor.update(conv, check=False), tk.decor.update(twin)
+    assert _rel(conv.decor_R, twin.decor_R) < 1e-12 and abs(float(loss_a - loss_b)) < 1e-12
+
+
 def test_parameters_keep_names_and_objects():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     before = dict(model.named_parameters())
