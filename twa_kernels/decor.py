@@ -7,9 +7,10 @@ input patch. The forward folds the two into one op, A = W R (one matmul or one c
 with the folded kernel; the batch's patches are never materialised), and since R is not a
 parameter autograd gives dL/dW = delta z^T, exactly as if z were the input.
 
-During a training forward each layer also accumulates S = Z^T Z over a random subsample of
-its z (a fraction `sample_fraction` of the rows, or of the patch positions of a conv). After
-`optimizer.step()`, `update(model)` turns that into X = S / N and applies, to every layer,
+During a training forward each layer also keeps a random subsample of its z (a fraction
+`sample_fraction` of the rows, or of the patch positions of a conv): as rows while there are
+at most d of them, else summed into S = Z^T Z. After `optimizer.step()`, `update(model)`
+uses X = Z^T Z / N (never formed from rows: X R = Z^T (Z R)) and applies, to every layer,
 
     C = X - diag(X),  v = diag(X) - 1,  R <- R - lr [(1 - kappa) C R + kappa diag(v) R]
 
