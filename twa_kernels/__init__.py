@@ -20,6 +20,7 @@ from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, unifo
 from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 from twa_kernels import connectivity
 from twa_kernels import prune, distill
+from twa_kernels import decor  # tk.decor: decorrelated backpropagation
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,529 @@
+"""Decorrelated backpropagation (tk.decor): the folded forward and its gradient, the R update
+against an independent statement, decorrelation of correlated inputs, fold(), the MLP path,
+resume, errors, and which form of the variance term descends the stated loss."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import twa_kernels as tk
+from twa_kernels.decor import DecorrelationDivergedError
+
+from digits import digits_splits
+
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run thousands of tiny ops: one thread avoids the spin-wait of two
+    threads on a shared 2-core runner (25x slower here), and changes no result."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _random_r(d, scale=0.1, dtype=torch.float64):
+    return torch.eye(d, dtype=dtype) + scale * torch.randn(d, d, dtype=dtype)
+
+
+# ---- the folded forward and the gradient ------------------------------------------------
+
+def test_linear_forward_and_weight_gradient_float64():
+    layer = nn.Linear(12, 7).double()
+    tk.decor.decorrelate(layer)
+    R = _random_r(12)
+    layer.decor_R.copy_(R)
+    x = torch.randn(5, 3, 12, dtype=torch.float64)  # any leading shape
+    y = layer(x)
+    z = x @ R.T
+    assert _rel(y, z @ layer.weight.T + layer.bias) < 1e-10
+    delta = torch.randn_like(y)
+    y.backward(delta)
+    assert _rel(layer.weight.grad, delta.reshape(-1, 7).T @ z.reshape(-1, 12)) < 1e-10
+    assert _rel(layer.bias.grad, delta.reshape(-1, 7).sum(0)) < 1e-10
+
+
+CONVS = [
+    dict(kernel_size=3),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 3)),
+    dict(kernel_size=1, stride=2),
+]
+
+
+@pytest.mark.parametrize("kw", CONVS)
+def test_conv2d_forward_and_weight_gradient_float64(kw):
+    conv = nn.Conv2d(3, 5, **kw).double()
+    ref = nn.Conv2d(3, 5, **kw).double()
+    tk.decor.decorrelate(conv)
+    d = conv.weight[0].numel()
+    R = _random_r(d)
+    conv.decor_R.copy_(R)
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64)
+    y = conv(x)
+    # the reference: every patch, z = R patch, then W z (+ b)
+    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    z = R @ patches  # [B, d, L]
+    want = conv.weight.reshape(5, -1) @ z
+    if conv.bias is not None:
+        want = want + conv.bias[:, None]
+    assert _rel(y.reshape(2, 5, -1), want) < 1e-10
+    assert ref  # same constructor accepted: the decorrelated conv keeps the plain signature
+    delta = torch.randn_like(y)
+    y.backward(delta)
+    grad = torch.einsum("bol,bdl->od", delta.reshape(2, 5, -1), z)
+    assert _rel(conv.weight.grad.reshape(5, -1), grad) < 1e-10
+
+
+def test_conv1d_forward_float64():
+    conv = nn.Conv1d(4, 6, 5, stride=2, padding=2, dilation=1).double()
+    tk.decor.decorrelate(conv)
+    R = _random_r(20)
+    conv.decor_R.copy_(R)
+    x = torch.randn(3, 4, 17, dtype=torch.float64)
+    folded = (conv.weight.reshape(6, -1) @ R).view(6, 4, 5)
+    assert _rel(conv(x), F.conv1d(x, folded, conv.bias, stride=2, padding=2)) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+def test_sampled_patches_are_the_real_patches(mode):
+    """At sample_fraction=1 the accumulated S is exactly sum z z^T over every patch; at 0.25
+    it has a quarter of them, each a real patch (S is a sum of their outer products)."""
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2, padding_mode=mode).double()
+    tk.decor.decorrelate(conv, sample_fraction=1.0)
+    R = _random_r(18)
+    conv.decor_R.copy_(R)
+    x = torch.randn(3, 2, 9, 8, dtype=torch.float64)
+    conv(x)
+    pad = conv._reversed_padding_repeated_twice
+    xp = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    z = R @ F.unfold(xp, 3, dilation=2, stride=2)
+    z = z.transpose(1, 2).reshape(-1, 18)
+    assert conv._decor_count == z.shape[0]
+    assert _rel(conv.decor_dense_sum(), z.T @ z) < 1e-12
+    conv.decor_reset()
+    conv.decor_sample_fraction = 0.25
+    conv(x)
+    assert conv._decor_count == round(0.25 * z.shape[0])
+    # every sampled z is one of the patches: S lies in the cone of their outer products,
+    # checked as: S = sum over a subset, so S's trace equals the sum of that subset's norms
+    # and S - z_i z_i^T stays PSD for a picked i. Simpler and exact: recompute with the picks.
+    torch.manual_seed(3)
+    conv.decor_reset()
+    conv(x)
+    torch.manual_seed(3)
+    picks = torch.randperm(z.shape[0])[: conv._decor_count]
+    assert _rel(conv.decor_dense_sum(), z[picks].T @ z[picks]) < 1e-12
+
+
+def test_conv1d_sampled_patches_and_accumulation_over_forwards():
+    """Conv1d patches at sample_fraction=1 are the unfolded ones; two forwards before one
+    update (gradient accumulation) give the update of one forward on both halves."""
+    conv = tk.decor.decorrelate(nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2).double(), sample_fraction=1.0)
+    R = _random_r(9)
+    conv.decor_R.copy_(R)
+    x = torch.randn(4, 3, 12, dtype=torch.float64)
+    conv(x)
+    z = R @ F.unfold(F.pad(x, (1, 1))[:, :, None], (1, 3), dilation=(1, 2), stride=(1, 2))
+    z = z.transpose(1, 2).reshape(-1, 9)
+    assert _rel(conv.decor_dense_sum(), z.T @ z) < 1e-12
+    conv.decor_reset()
+    twin = tk.decor.decorrelate(nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2).double(), sample_fraction=1.0)
+    twin.decor_R.copy_(R)
+    for m in (conv, twin):
+        m.decor_lr, m.decor_kappa = 0.05, 0.3
+    conv(x[:2])
+    conv(x[2:])
+    twin(x)
+    loss_a, loss_b = tk.decor.update(conv, check=False), tk.decor.update(twin)
+    assert _rel(conv.decor_R, twin.decor_R) < 1e-12 and abs(float(loss_a - loss_b)) < 1e-12
+
+
+def test_parameters_keep_names_and_objects():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    before = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tk.decor.decorrelate(model)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(before[k] is after[k] for k in before)  # an optimizer made before still fits
+    assert {"0.decor_R", "3.decor_R"} <= set(model.state_dict())
+    F.cross_entropy(model(torch.randn(2, 1, 8, 8)), torch.tensor([0, 1])).backward()
+    opt.step()
+    tk.decor.update(model)
+
+
+# ---- the update --------------------------------------------------------------------------
+
+def _independent_update(R, Z, lr, kappa):
+    """The rule in numpy float64, written out with explicit diagonal matrices."""
+    R, Z = R.numpy(), Z.numpy()
+    X = Z.T @ Z / Z.shape[0]
+    C = X - np.diag(np.diag(X))
+    v = np.diag(X) - 1.0
+    new = R - lr * ((1 - kappa) * C @ R + kappa * np.diag(v) @ R)
+    d = R.shape[0]
+    loss = ((1 - kappa) * (C ** 2).sum() + kappa * (v ** 2).sum()) / d ** 2
+    return torch.from_numpy(new), loss
+
+
+@pytest.mark.parametrize("batch", [40, 3])
+def test_one_update_matches_an_independent_statement(batch):
+    """batch 40: X from S = Z^T Z; batch 3 (fewer rows than d): X R from the rows, Z^T (Z R)."""
+    # two layers of d=10 (one bmm group) and one of d=6, each its own lr and kappa
+    model = nn.Sequential(nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    tk.decor.decorrelate(model, sample_fraction=1.0)
+    layers = [m for _, m in tk.decor.decorrelated_layers(model)]
+    for i, m in enumerate(layers):
+        m.decor_R.copy_(_random_r(m.decor_R.shape[0]))
+        m.decor_lr, m.decor_kappa = 1e-2 * (i + 1), [0.0, 0.3, 1e-3][i]
+    x = torch.randn(batch, 10, dtype=torch.float64)
+    # the inputs each layer sees, hence its Z = x R^T, recorded with hooks
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: inputs.__setitem__(i, a[0].detach()))
+             for i, m in enumerate(layers)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    want = [_independent_update(m.decor_R.clone(), inputs[i] @ m.decor_R.T, m.decor_lr, m.decor_kappa)
+            for i, m in enumerate(layers)]
+    loss = tk.decor.update(model)
+    for m, (r, _) in zip(layers, want):
+        assert _rel(m.decor_R, r) < 1e-6
+    assert abs(float(loss) - np.mean([w[1] for w in want])) < 1e-6 * abs(float(loss))
+    assert loss.dim() == 0
+
+
+def _correlated(d, rho, n, gen=None):
+    cov = (1 - rho) * torch.eye(d) + rho * torch.ones(d, d)
+    return torch.randn(n, d, generator=gen) @ torch.linalg.cholesky(cov).T
+
+
+def test_loss_falls_monotonically_at_small_lr():
+    """Full batch of a fixed sample: the loss falls at every step; with a 10% subsample of a
+    fresh batch each step it falls on average."""
+    torch.manual_seed(0)
+    x = _correlated(16, 0.5, 512)
+    layer = tk.decor.decorrelate(nn.Linear(16, 2), lr=5e-3, kappa=0.2, sample_fraction=1.0)
+    losses = []
+    for _ in range(60):
+        layer(x)
+        losses.append(float(tk.decor.update(layer)))
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    layer = tk.decor.decorrelate(nn.Linear(16, 2), lr=5e-3, kappa=0.2, sample_fraction=0.1)
+    losses = []
+    for _ in range(200):
+        layer(_correlated(16, 0.5, 512))
+        losses.append(float(tk.decor.update(layer)))
+    windows = np.array(losses).reshape(10, 20).mean(1)
+    assert all(b < a for a, b in zip(windows, windows[1:]))
+
+
+def _offdiag_and_var(layer, d, gen):
+    z = _correlated(d, 0.6, 20000, gen) @ layer.decor_R.T
+    corr = torch.corrcoef(z.T)
+    return float(corr[~torch.eye(d, dtype=torch.bool)].abs().mean()), z.var(0)
+
+
+@pytest.mark.parametrize("kappa", [1e-3, 0.5])
+def test_decorrelates_inputs_with_correlation_0_6(kappa):
+    d, gen = 32, torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    layer = tk.decor.decorrelate(nn.Linear(d, 4), lr=0.02, kappa=kappa, sample_fraction=0.5)
+    start, _ = _offdiag_and_var(layer, d, gen)
+    assert start > 0.55
+    for _ in range(1000):
+        layer(_correlated(d, 0.6, 256))
+        tk.decor.update(layer)
+    off, var = _offdiag_and_var(layer, d, gen)
+    assert off < 0.02, off
+    if kappa == 0.5:  # the whitening term pulls every variance to 1
+        assert float((var - 1).abs().max()) < 0.1, var
+    else:  # decorrelation alone leaves the variances where the input put them (0.4 per direction)
+        assert float(var.mean()) < 0.6
+
+
+# ---- the variance term: diag(v) R (rows) vs the reference code's v * R (columns) -----------
+
+def _loss_and_grad(R, cov, kappa):
+    R = R.clone().requires_grad_(True)
+    X = R @ cov @ R.T
+    C = X - torch.diag(torch.diag(X))
+    v = torch.diag(X) - 1
+    d = R.shape[0]
+    loss = ((1 - kappa) * C.square().sum() + kappa * v.square().sum()) / d ** 2
+    (g,) = torch.autograd.grad(loss, R)
+    return loss.detach(), g, C.detach(), v.detach()
+
+
+def _directions(R, C, v, kappa):
+    rows = (1 - kappa) * C @ R + kappa * torch.diag(v) @ R
+    cols = (1 - kappa) * C @ R + kappa * R * v  # the reference code's v * R: R diag(v)
+    return rows, cols
+
+
+def _permuting_r(d):
+    """An R that sends each input coordinate to another output: the columns form then
+    rescales the wrong coordinates (near the identity rows and columns nearly coincide)."""
+    return torch.eye(d, dtype=torch.float64)[torch.randperm(d)] + 0.05 * torch.randn(d, d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kappa", [0.5, 1.0])
+def test_rows_form_is_the_preconditioned_gradient_and_columns_form_is_not(kappa):
+    """With Sigma = E[x x^T], dL/dR = (4/d^2) [(1-kappa) C R + kappa diag(v) R] Sigma: the
+    rows form equals the autograd gradient times Sigma^{-1} d^2/4, so it always descends; the
+    columns form differs and, for an R that permutes coordinates, often points uphill."""
+    torch.manual_seed(0)
+    d, uphill = 8, 0
+    for trial in range(50):
+        cov = torch.diag(torch.logspace(-1, 1, d, dtype=torch.float64)[torch.randperm(d)])
+        a = torch.randn(d, d, dtype=torch.float64)
+        cov = cov + 0.1 * a @ a.T / d
+        R = _random_r(d, scale=0.5) if trial % 2 else _permuting_r(d)
+        loss, g, C, v = _loss_and_grad(R, cov, kappa)
+        rows, cols = _directions(R, C, v, kappa)
+        assert _rel(rows, g @ torch.linalg.inv(cov) * d ** 2 / 4) < 1e-10
+        assert float((g * rows).sum()) > 0
+        uphill += float((g * cols).sum()) < 0
+    assert uphill > 0, uphill  # v * R is not a descent direction in general (kappa=1: 6/50, kappa=0.5: 3/50)
+
+
+def test_rows_form_decreases_the_loss_where_columns_form_increases_it():
+    """Whitening alone (kappa=1) from an R that swaps two coordinates of unequal variance:
+    following diag(v) R lowers the loss at every step; v * R raises it."""
+    cov = torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64))
+    R0 = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    traces = {}
+    for form in ("rows", "cols"):
+        R, trace = R0.clone(), []
+        for _ in range(20):
+            loss, g, C, v = _loss_and_grad(R, cov, 1.0)
+            trace.append(float(loss))
+            R = R - 0.01 * _directions(R, C, v, 1.0)[form == "cols"]
+        traces[form] = trace
+    assert all(b < a for a, b in zip(traces["rows"], traces["rows"][1:]))
+    assert all(b > a for a, b in zip(traces["cols"], traces["cols"][1:])), traces["cols"]
+
+
+# ---- fold, the MLP path, resume ----------------------------------------------------------
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 8, 3, stride=2, dilation=2, padding=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def _train(model, data, steps, seed=0, opt=None):
+    loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    opt = opt or torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses, it = [], iter(loader)
+    for _ in range(steps):
+        try:
+            xb, yb = next(it)
+        except StopIteration:
+            it = iter(loader)
+            xb, yb = next(it)
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        losses.append(tk.decor.update(model))
+    return opt, torch.stack(losses)
+
+
+@pytest.fixture(scope="module")
+def digits_images():
+    train, _, test = digits_splits()
+    reshape = lambda ds: torch.utils.data.TensorDataset(ds.tensors[0].view(-1, 1, 8, 8), ds.tensors[1])
+    return reshape(train), reshape(test)
+
+
+def test_fold_equals_the_decorrelated_model_and_loads_into_the_original(digits_images):
+    train, test = digits_images
+    torch.manual_seed(0)
+    model = tk.decor.decorrelate(_cnn(), lr=1e-2, kappa=0.1, sample_fraction=0.2)
+    _train(model, train, 40)
+    assert any(not torch.allclose(m.decor_R, torch.eye(m.decor_R.shape[0])) for _, m in
+               tk.decor.decorrelated_layers(model))
+    folded = tk.decor.fold(model)
+    model.eval()
+    folded.eval()
+    x = test.tensors[0]
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-5)
+        assert not tk.decor.decorrelated_layers(folded)
+        plain = _cnn()
+        plain.load_state_dict(folded.state_dict())  # strict: the original architecture
+        plain.eval()
+        torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)
+    assert tk.decor.decorrelated_layers(model)  # the original is untouched
+
+
+def test_mlp_path_trains_and_handles_any_leading_shape(digits_images):
+    """The reference code's MLP path breaks on shapes; here a Linear sees [B, 64] after a
+    Flatten and [B, T, 16] inside a token MLP, and the decorrelated MLP learns digits."""
+    train, test = digits_images
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    tk.decor.decorrelate(mlp, lr=1e-3, kappa=1e-3, sample_fraction=0.1)
+    _, losses = _train(mlp, train, 120)
+    mlp.eval()
+    with torch.no_grad():
+        acc = float((mlp(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
+    assert acc > 0.85
+    assert bool(torch.isfinite(losses).all())
+    tokens = tk.decor.decorrelate(nn.Linear(16, 8), sample_fraction=0.5)
+    y = tokens(torch.randn(4, 7, 16))
+    assert y.shape == (4, 7, 8) and tokens._decor_count == 14
+    tk.decor.update(tokens)
+
+
+def test_resume_is_bit_exact(digits_images):
+    train, _ = digits_images
+    torch.manual_seed(0)
+    a = tk.decor.decorrelate(_cnn(), lr=1e-2, kappa=0.1, sample_fraction=0.2)
+    opt_a, _ = _train(a, train, 10)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    torch.manual_seed(5)
+    _train(a, train, 10, seed=1, opt=opt_a)
+
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    b = tk.decor.decorrelate(_cnn(), lr=1e-2, kappa=0.1, sample_fraction=0.2)
+    b.load_state_dict(state["model"])
+    opt_b = torch.optim.Adam(b.parameters(), lr=3e-3)
+    opt_b.load_state_dict(state["opt"])
+    torch.manual_seed(5)
+    _train(b, train, 10, seed=1, opt=opt_b)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+def test_unsupported_layers_are_named():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"'0'.*groups=2.*skip=\['0'\]"):
+        tk.decor.decorrelate(model)
+    tk.decor.decorrelate(model, skip=["0"])
+    assert [n for n, _ in tk.decor.decorrelated_layers(model)] == ["1"]
+    with pytest.raises(ValueError, match=r"'up'.*ConvTranspose2d.*skip"):
+        tk.decor.decorrelate(nn.ModuleDict({"up": nn.ConvTranspose2d(2, 2, 2)}))
+    with pytest.raises(RuntimeError, match="no decorrelated layer saw a training-mode forward"):
+        tk.decor.update(model)
+
+
+def test_divergence_raises_with_the_layer_and_a_smaller_lr():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    tk.decor.decorrelate(model, lr=1e-3)
+    model[2].decor_lr = 10.0
+    before = [m.decor_R.clone() for _, m in tk.decor.decorrelated_layers(model)]
+    model(100 * torch.randn(32, 8))
+    with pytest.raises(DecorrelationDivergedError, match=r"layer '2'.*lr=10.*lr=1\b"):
+        tk.decor.update(model)
+    for b, (_, m) in zip(before, tk.decor.decorrelated_layers(model)):
+        assert torch.equal(b, m.decor_R)  # nothing was applied
+
+
+# ---- DDP: 2 gloo processes ---------------------------------------------------------------
+
+DDP_STEPS, DDP_BATCH = 20, 16
+
+
+def _ddp_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).double()
+    # sample_fraction=1: every rank's subsample is its whole shard, so the global X is defined
+    return tk.decor.decorrelate(model, lr=0.05, kappa=0.1, sample_fraction=1.0)
+
+
+def _ddp_batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(DDP_BATCH, 2, 6, 6, generator=gen, dtype=torch.float64)
+    x[:, 1] += 0.8 * x[:, 0]  # correlated channels: R has work to do
+    return x, torch.randint(0, 3, (DDP_BATCH,), generator=gen)
+
+
+def _train_rs(model, step_fn):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(DDP_STEPS):
+        x, y = _ddp_batch(step)
+        opt.zero_grad()
+        step_fn(step, x, y)
+        opt.step()
+        tk.decor.update(model)
+    return {n: m.decor_R.clone() for n, m in tk.decor.decorrelated_layers(model)}
+
+
+def _ddp_worker(rank, world, port, out):
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = _ddp_model()
+        # broadcast_buffers=False: R must stay identical by the all-reduced update alone
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+
+        def step_fn(step, x, y):
+            F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+
+        torch.save(_train_rs(model, step_fn), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_keep_identical_r_equal_to_the_global_batch(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish within 120 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    def whole(step, x, y):
+        F.cross_entropy(model(x), y).backward()
+
+    def half(step, x, y):
+        F.cross_entropy(model(x[: DDP_BATCH // 2]), y[: DDP_BATCH // 2]).backward()
+
+    model = _ddp_model()
+    single = _train_rs(model, whole)
+    model = _ddp_model()
+    local = _train_rs(model, half)
+    assert ranks[0].keys() == single.keys() and len(single) == 3
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # bit-identical across ranks
+        assert _rel(ranks[0][name], single[name]) < 1e-10, name  # = one process on the global batch
+        assert _rel(local[name], single[name]) > 1e-4, name  # (without the all-reduce they would differ)

@@ -1,0 +1,404 @@
+"""Decorrelated backpropagation (DBP; Dalm, Offergeld, Ahmad, van Gerven, arXiv 2405.02385).
+
+Every decorrelated layer keeps a d x d matrix R (a buffer, identity at the start) and feeds
+its weight the decorrelated input z = R x: d = in_features for a Linear layer and
+C_in * k (Conv1d) or C_in * kh * kw (Conv2d) for a convolution, whose z is R applied to each
+input patch. The forward folds the two into one op, A = W R (one matmul or one convolution
+with the folded kernel; the batch's patches are never materialised), and since R is not a
+parameter autograd gives dL/dW = delta z^T, exactly as if z were the input.
+
+During a training forward each layer also keeps a random subsample of its z (a fraction
+`sample_fraction` of the rows, or of the patch positions of a conv): as rows while there are
+at most d of them, else summed into S = Z^T Z. After `optimizer.step()`, `update(model)`
+uses X = Z^T Z / N (never formed from rows: X R = Z^T (Z R)) and applies, to every layer,
+
+    C = X - diag(X),  v = diag(X) - 1,  R <- R - lr [(1 - kappa) C R + kappa diag(v) R]
+
+in a few batched ops (layers grouped by d, one bmm per group), with the X matrices of all
+layers all-reduced in one call under torch.distributed. The decorrelation loss is
+((1 - kappa) sum C^2 + kappa sum v^2) / d^2. diag(v) R scales the rows of R: with
+Sigma = E[x x^T] fixed, the rule is the gradient of that loss times Sigma^{-1} (up to the
+factor 4 / d^2), hence a descent direction. The reference code's `v * R` scales the columns
+instead, which is not (tests/test_decor.py checks both against autograd).
+
+    model = tk.decor.decorrelate(model, lr=1e-4, kappa=1e-3, sample_fraction=0.1)
+    opt = torch.optim.Adam(model.parameters())        # the same parameters as before
+    loss_fn(model(x), y).backward(); opt.step(); tk.decor.update(model)
+    plain = tk.decor.fold(model)                      # W R folded in, for inference/export
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DecorrelationDivergedError", "decorrelate", "decorrelated_layers", "fold", "update"]
+
+BUFFER = "decor_R"  # the state_dict key of R is "<layer>.decor_R"
+
+Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+class DecorrelationDivergedError(FloatingPointError):
+    """A layer's decorrelation matrix R became NaN/Inf or blew up: the decorrelation lr is
+    too large for the scale of that layer's input."""
+
+
+class _Decor:
+    """Mixin for the decorrelated Linear / Conv1d / Conv2d classes (set by class swap, so the
+    module keeps its parameters, hooks and parameter names)."""
+
+    decor_R: Tensor
+
+    def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float) -> None:
+        w = self.weight
+        self.register_buffer(BUFFER, torch.eye(d, dtype=w.dtype, device=w.device))
+        self.decor_lr, self.decor_kappa = float(lr), float(kappa)
+        self.decor_sample_fraction, self.decor_max_norm = float(sample_fraction), float(max_norm)
+        self.decor_reset()
+
+    def decor_reset(self) -> None:
+        """Forget the inputs accumulated since the last update."""
+        self._decor_sum: Tensor | None = None  # S = Z^T Z over sampled rows folded in so far
+        self._decor_rows: list[Tensor] = []  # sampled z not yet folded into S (at most d rows)
+        self._decor_count = 0  # N: the number of sampled rows in S and _decor_rows together
+
+    def _decor_accumulate(self, rows: Tensor) -> None:
+        """rows: [n, d] sampled inputs x (before R). Keeps z = R x; once there are more rows
+        than d they go into S = Z^T Z. Fewer than d rows stay as rows: update() then forms
+        X R as Z^T (Z R) in O(n d^2) instead of X R in O(d^3) (a batch of 32 at 10% gives
+        3 rows for a d = 4608 layer)."""
+        R = self.decor_R
+        self._decor_rows.append(rows.to(R.dtype) @ R.T)
+        self._decor_count += rows.shape[0]
+        if sum(z.shape[0] for z in self._decor_rows) > R.shape[0]:
+            self._decor_sum = self.decor_dense_sum()
+            self._decor_rows = []
+
+    def decor_dense_sum(self) -> Tensor:
+        """S = Z^T Z over everything sampled since the last update, as a d x d matrix."""
+        s = self._decor_sum if self._decor_sum is not None else torch.zeros_like(self.decor_R)
+        if self._decor_rows:
+            z = torch.cat(self._decor_rows)
+            s = torch.addmm(s, z.T, z)
+        return s
+
+    def _decor_num_samples(self, n: int) -> int:
+        return n if self.decor_sample_fraction >= 1.0 else max(1, round(self.decor_sample_fraction * n))
+
+    def _decor_pick(self, n: int, device: torch.device) -> Tensor | None:
+        """Indices of the sampled rows out of n (None = all, in order)."""
+        k = self._decor_num_samples(n)
+        return None if k >= n else torch.randperm(n, device=device)[:k]
+
+    def decor_folded_weight(self) -> Tensor:
+        """A = W R in the weight's shape: what the forward convolves / multiplies with."""
+        w = self.weight
+        return (w.reshape(w.shape[0], -1) @ self.decor_R).view_as(w)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", decor_lr={self.decor_lr:g}, decor_kappa={self.decor_kappa:g}, "
+                f"sample_fraction={self.decor_sample_fraction:g}")
+
+
+class DecorLinear(_Decor, nn.Linear):
+    """nn.Linear computing W (R x) as one matmul with A = W R."""
+
+    @torch.no_grad()
+    def decor_capture(self, x: Tensor) -> None:
+        """Add a random subsample of this input's rows, decorrelated, to S."""
+        flat = x.detach().reshape(-1, self.in_features)
+        idx = self._decor_pick(flat.shape[0], flat.device)
+        self._decor_accumulate(flat if idx is None else flat[idx])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.decor_capture(x)
+        return F.linear(x, self.weight @ self.decor_R, self.bias)
+
+
+def _sample_patches(module: nn.Module, x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                    dilation: tuple[int, ...]) -> Tensor:
+    """Random input patches of a conv as rows [n, C_in * prod(kernel)], in the weight's
+    (C, kh, kw) order, gathered by index arithmetic: only the sampled patches are built.
+    x: [B, C, H, W] after padding; 1-D convs come in with H = 1 and kernel (1, k)."""
+    b, c, h, w = x.shape
+    kh, kw = kernel
+    ho = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    n = b * ho * wo
+    idx = module._decor_pick(n, x.device)
+    if idx is None:
+        idx = torch.arange(n, device=x.device)
+    # one gather from the flat input: patch start (image, top row, left column) + the
+    # kernel's offsets (channel, kernel row, kernel column), in the weight's order
+    img, pos = idx // (ho * wo), idx % (ho * wo)
+    start = img * (c * h * w) + (pos // wo) * (stride[0] * w) + (pos % wo) * stride[1]
+    ar = lambda n: torch.arange(n, device=x.device)  # noqa: E731
+    offsets = (ar(c)[:, None, None] * (h * w) + ar(kh)[None, :, None] * (dilation[0] * w)
+               + ar(kw)[None, None, :] * dilation[1]).reshape(-1)
+    return x.reshape(-1)[start[:, None] + offsets]
+
+
+def _padded(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    pad = module._reversed_padding_repeated_twice
+    if module.padding_mode == "zeros":
+        return F.pad(x, pad) if any(pad) else x
+    return F.pad(x, pad, mode=module.padding_mode)
+
+
+class DecorConv2d(_Decor, nn.Conv2d):
+    """nn.Conv2d computing W (R patch) as one convolution with the folded kernel W R."""
+
+    @torch.no_grad()
+    def decor_capture(self, x: Tensor) -> None:
+        """Add a random subsample of this input's patches, decorrelated, to S."""
+        xb = x.detach() if x.dim() == 4 else x.detach()[None]
+        self._decor_accumulate(_sample_patches(self, _padded(self, xb), self.kernel_size, self.stride, self.dilation))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.decor_capture(x)
+        return self._conv_forward(x, self.decor_folded_weight(), self.bias)
+
+
+class DecorConv1d(_Decor, nn.Conv1d):
+    """nn.Conv1d computing W (R patch) as one convolution with the folded kernel W R."""
+
+    @torch.no_grad()
+    def decor_capture(self, x: Tensor) -> None:
+        """Add a random subsample of this input's patches, decorrelated, to S (as a 2-D conv of height 1)."""
+        xb = x.detach() if x.dim() == 3 else x.detach()[None]
+        self._decor_accumulate(_sample_patches(self, _padded(self, xb)[:, :, None], (1, self.kernel_size[0]),
+                                               (1, self.stride[0]), (1, self.dilation[0])))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.decor_capture(x)
+        return self._conv_forward(x, self.decor_folded_weight(), self.bias)
+
+
+_DECOR = {nn.Linear: DecorLinear, nn.Conv1d: DecorConv1d, nn.Conv2d: DecorConv2d}
+_PLAIN = {v: k for k, v in _DECOR.items()}
+
+
+def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    names = set(skip)
+    # a name skips that module and everything inside it
+    return lambda name, module: any(name == s or name.startswith(s + ".") for s in names)
+
+
+def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_fraction: float = 0.1,
+                skip: Skip = None, max_norm: float = 1e4) -> nn.Module:
+    """Make every nn.Linear, nn.Conv1d and nn.Conv2d of `model` decorrelating, in place.
+
+    The layers keep their parameters (the same Parameter objects, under the same names), so an
+    optimizer built before, and checkpoints of the plain model (load with strict=False, or
+    fold first), still fit; each gains a buffer `decor_R` (identity). The first layer, which
+    sees the raw input, is decorrelated too, as in the paper.
+
+    lr: step size of the R update; kappa in [0, 1]: weight of the unit-variance (whitening)
+    term against decorrelation; sample_fraction in (0, 1]: share of each batch's rows (conv:
+    patch positions) that feed the update; skip: qualified module names (a name skips its
+    submodules too) or a predicate (name, module) -> bool; max_norm: update() raises
+    DecorrelationDivergedError when ||R||_F / sqrt(d) of a layer exceeds it.
+
+    Subclasses of Linear/Conv (e.g. MultiheadAttention's out_proj, whose weight the attention
+    reads directly) are left alone. Grouped, transposed and 3-D convolutions are refused:
+    skip them by name.
+    """
+    if not 0.0 < sample_fraction <= 1.0:
+        raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"kappa must be in [0, 1], got {kappa}")
+    if not lr > 0.0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    skipped = _skipper(skip)
+    todo = []
+    for name, module in model.named_modules():
+        if skipped(name, module) or isinstance(module, _Decor):
+            continue
+        label = name or "<root>"
+        if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):
+            raise ValueError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
+                             f"convolutions are not supported; pass skip=[{name!r}]")
+        if type(module) not in _DECOR:
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                logger.info("decorrelate: leaving %r alone (%s is a subclass of a supported layer)", label,
+                            type(module).__name__)
+            continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(module.weight,
+                                                                             nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+            raise ValueError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
+                             f"pass skip=[{name!r}]")
+        todo.append(module)
+    for module in todo:
+        d = module.weight[0].numel()  # in_features, or C_in * prod(kernel)
+        module.__class__ = _DECOR[type(module)]
+        module._decor_init(d, lr, kappa, sample_fraction, max_norm)
+    logger.info("decorrelate: %d layers", len(todo))
+    return model
+
+
+def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every decorrelated layer of `model`, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Decor)]
+
+
+def _default_group(process_group):
+    dist = torch.distributed
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
+    """Sum every layer's S and sample count across the group in one flattened all_reduce (a
+    layer that saw no input contributes zeros); afterwards each layer holds the global S as
+    its _decor_sum. Returns the global counts."""
+    ref = layers[0][1].decor_R
+    parts = [m.decor_dense_sum().to(ref.dtype).reshape(-1) for _, m in layers]
+    counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
+    flat = torch.cat(parts + [counts])
+    torch.distributed.all_reduce(flat, group=group)
+    offset = 0
+    for (_, m), p in zip(layers, parts):
+        m._decor_sum, m._decor_rows = flat[offset:offset + p.numel()].view_as(m.decor_R).to(m.decor_R.dtype), []
+        offset += p.numel()
+    return flat[offset:]
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)  # one layer: a view, no copy
+
+
+def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor, Tensor]:
+    """The new R [G, d, d] and the loss [G] of a group of layers of equal d.
+
+    (1 - k) C R + k diag(v) R = (1 - k) X R + diag(k v - (1 - k) diag X) R, so
+    R_new = diag(1 - lr (k v - (1 - k) diag X)) R - lr (1 - k) X R: one row scaling of R and
+    one batched matmul accumulated into it (the matrices are d x d, up to 4608^2 in a ResNet,
+    so every pass over them counts). X R comes from S (one bmm) or, with fewer rows than d,
+    as Z^T (Z R) without forming X. ||X||_F^2 - ||diag X||^2 = sum C^2 gives the loss.
+    """
+    R = _stacked([m.decor_R for m in mods])
+    d, dtype, device = R.shape[-1], R.dtype, R.device
+    inv_n = 1 / n.clamp(min=1)
+    lr = torch.tensor([m.decor_lr for m in mods], dtype=dtype, device=device) * (n > 0)  # no input: no step
+    kappa = torch.tensor([m.decor_kappa for m in mods], dtype=dtype, device=device)
+    coef = -lr * (1 - kappa) * inv_n  # the weight of S R (or Z^T Z R) in R_new
+    if lowrank:
+        Z = _stacked([torch.cat(m._decor_rows) if len(m._decor_rows) > 1 else m._decor_rows[0] for m in mods])
+        diag = Z.square().sum(1) * inv_n[:, None]
+        gram = torch.bmm(Z, Z.transpose(1, 2))  # [G, n, n]: ||Z^T Z||_F = ||Z Z^T||_F
+        fro2 = gram.square().sum((1, 2)) * inv_n ** 2
+        left, right = Z.transpose(1, 2), torch.bmm(Z, R).mul_(coef[:, None, None])  # [G, d, n], [G, n, d]
+    else:
+        S = _stacked([m._decor_sum for m in mods])
+        diag = torch.diagonal(S, dim1=1, dim2=2) * inv_n[:, None]
+        fro2 = S.square().sum((1, 2)) * inv_n ** 2
+        left, right = S * coef[:, None, None], R
+    v = diag - 1
+    rows = 1 - lr[:, None] * (kappa[:, None] * v - (1 - kappa)[:, None] * diag)
+    new = torch.baddbmm(R * rows[:, :, None], left, right)
+    off2 = (fro2 - diag.square().sum(1)).clamp(min=0)
+    return new, ((1 - kappa) * off2 + kappa * v.square().sum(1)) / d ** 2
+
+
+@torch.no_grad()
+def update(model: nn.Module, process_group=None, check: bool = True) -> Tensor:
+    """Update every decorrelation matrix R of `model` from the inputs its layers sampled
+    since the last update (the last training forward, or several under gradient
+    accumulation); call it after optimizer.step(). Returns the mean decorrelation loss over
+    the updated layers (of the R before this step) as a 0-d tensor, with no host sync.
+
+    Layers of equal d are updated together with one bmm. Under torch.distributed
+    (process_group, or the default group when one is initialised) the S matrices and sample
+    counts of all layers are summed across ranks in one all_reduce, so every rank computes
+    the same X (that of the global batch) and keeps an identical R.
+
+    check: one combined test of all new R (a single host sync) for NaN/Inf or
+    ||R||_F / sqrt(d) > max_norm, raising DecorrelationDivergedError with the layer and a
+    smaller lr, and leaving every R as it was. check=False skips the sync.
+    """
+    group = _default_group(process_group)
+    layers = decorrelated_layers(model)
+    if group is None:
+        layers = [(n, m) for n, m in layers if m._decor_count > 0]
+    if not layers:
+        raise RuntimeError("decor.update: no decorrelated layer saw a training-mode forward since the last update; "
+                           "call update() after a forward in model.train() (and decorrelate() the model first)")
+    if group is not None:
+        counts = _all_reduce(layers, group)
+    else:
+        ref = layers[0][1].decor_R
+        counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
+
+    # one group per (d, dtype, device) and path: S (one bmm X R), or few rows (Z^T (Z R))
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, m) in enumerate(layers):
+        R = m.decor_R
+        rows = sum(z.shape[0] for z in m._decor_rows) if m._decor_sum is None else None
+        groups.setdefault((R.shape[0], R.dtype, R.device, rows), []).append(i)
+
+    losses, norms, order, new_rs = [], [], [], []
+    for (d, dtype, device, rows), idx in groups.items():
+        new, loss = _group_step([layers[i][1] for i in idx], counts[idx].to(dtype), lowrank=rows is not None)
+        losses.append(loss if group is None else torch.where(counts[idx] > 0, loss, torch.zeros_like(loss)))
+        norms.append(torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d))
+        order += idx
+        new_rs.append(new)
+    for _, m in layers:
+        m.decor_reset()
+
+    if check:
+        norm = torch.cat(norms)
+        limits = torch.tensor([layers[i][1].decor_max_norm for i in order], dtype=torch.float64, device=norm.device)
+        bad = ~torch.isfinite(norm) | (norm > limits)
+        if bool(bad.any()):  # the one host sync of an update
+            j = int(bad.nonzero()[0, 0])
+            name, m = layers[order[j]]
+            raise DecorrelationDivergedError(
+                f"decorrelation matrix R of layer {name!r} diverged (||R||_F/sqrt(d) = {float(norm[j]):.3g}, limit "
+                f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update. Lower "
+                f"it, e.g. decorrelate(..., lr={m.decor_lr / 10:g}) or set layer.decor_lr = {m.decor_lr / 10:g} on "
+                f"every layer of tk.decor.decorrelated_layers(model)")
+    for idx, new in zip((groups[k] for k in groups), new_rs):
+        for i, r in zip(idx, new.unbind(0)):
+            layers[i][1].decor_R.copy_(r)
+    if group is None:
+        return torch.cat(losses).mean()
+    total = torch.cat(losses)
+    return total.sum() / (counts > 0).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose decorrelated layers are plain nn.Linear / nn.Conv1d /
+    nn.Conv2d with W R folded into their weights (no R, no per-forward fold): for inference
+    and export. Its state_dict loads into the original (never decorrelated) architecture."""
+    out = copy.deepcopy(model)
+    for _, m in decorrelated_layers(out):
+        m.weight.copy_(m.decor_folded_weight())
+        del m._buffers[BUFFER]
+        for attr in ("decor_lr", "decor_kappa", "decor_sample_fraction", "decor_max_norm", "_decor_sum",
+                     "_decor_rows", "_decor_count"):
+            m.__dict__.pop(attr, None)
+        m.__class__ = _PLAIN[type(m)]
+    return out
