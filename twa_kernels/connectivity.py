@@ -39,7 +39,8 @@ loss is a deterministic function of the parameters.
 
 State: interpolate, plane (checkpoints or a Subspace slice, dense or packed), plot_plane,
 plot_interpolation, hessian_diagonal and top_eigenvalue are done and tested
-(tests/test_connectivity.py), their signatures fixed; the CLI is in progress.
+(tests/test_connectivity.py), their signatures fixed; `twa connect` and `twa plane` (cli.py)
+and the demo's plane figure use them; python/connectivity.py measures them.
 """
 
 from __future__ import annotations
