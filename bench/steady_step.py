@@ -17,7 +17,8 @@ compiled kernels, once per process, is timed apart on a tiny basis. It reports:
 Across processes: the median fraction, and the spread (slowest steady / fastest steady).
 Then, in one process, a ResNet-18 training step (batch 32, 32x32): plain SGD, TWA with the
 workspace, and TWA with a fresh output per step, each the median of 10 after 3 warm-ups,
-interleaved so that drifts of this shared machine hit all three alike.
+interleaved so that drifts of this shared machine hit all three alike, and a torch.profiler
+table of the SGD and TWA steps' top operators (where TWA's extra time goes).
 
 Writes bench/results/steady-step.json and prints the tables. No assertion on time: this is
 a measurement, the README quotes it.
@@ -93,7 +94,7 @@ def worker(calls: int) -> dict:
     }
 
 
-def training_steps(rounds: int = 10) -> dict:
+def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     import torch.nn.functional as F
     from torch.func import functional_call
 
@@ -135,11 +136,26 @@ def training_steps(rounds: int = 10) -> dict:
             if r >= 3:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return {
+    result = {
         "median_ms": med,
         "twa_overhead": med["twa"] / med["sgd"] - 1,
         "twa_fresh_output_overhead": med["twa_fresh_output"] / med["sgd"] - 1,
     }
+    if profile:
+        result["profile"] = {name: _profile(steps[name]) for name in ("sgd", "twa")}
+    return result
+
+
+def _profile(step, calls: int = 3, top: int = 12) -> list[dict]:
+    """Where a step's time goes: torch.profiler's top operators by self CPU time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / calls, "calls_per_step": e.count / calls}
+            for e in rows]
 
 
 def main() -> None:
@@ -183,6 +199,10 @@ def main() -> None:
     med = train["median_ms"]
     print(f"training step: SGD {med['sgd']:.0f} ms, TWA {med['twa']:.0f} ms ({train['twa_overhead']:+.0%}), "
           f"TWA with a fresh output {med['twa_fresh_output']:.0f} ms ({train['twa_fresh_output_overhead']:+.0%})")
+    for name, rows in train.get("profile", {}).items():
+        print(f"\n{name} step, top operators by self CPU time (ms per step):")
+        for row in rows:
+            print(f"  {row['self_ms_per_step']:8.1f}  {row['op']}")
     print(f"wrote {args.out}")
 
 

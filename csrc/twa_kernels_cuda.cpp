@@ -65,14 +65,15 @@ void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at
   check_cuda_contiguous(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == b.k * b.n_blocks, "x must be float32 [k, n_blocks]");
   const void* center_ptr = nullptr;
+  twa_cuda::DType center_dtype = twa_cuda::DType::f32;
   if (center.has_value()) {
     check_cuda_contiguous(*center, "center");
     TORCH_CHECK(center->numel() == b.num_cols, "center must have ", b.num_cols, " elements");
-    TORCH_CHECK(center->scalar_type() == out.scalar_type(), "center and out must share a dtype");
     center_ptr = center->data_ptr();
+    center_dtype = float_dtype(*center, "center");
   }
-  check_status(twa_cuda::reconstruct(b, x.data_ptr<float>(), center_ptr, float_dtype(out, "out"), out.data_ptr(),
-                                     as_stream(stream)),
+  check_status(twa_cuda::reconstruct(b, x.data_ptr<float>(), center_ptr, center_dtype, out.data_ptr(),
+                                     float_dtype(out, "out"), as_stream(stream)),
                "reconstruct");
 }
 

@@ -55,13 +55,18 @@ def test_emulated_project_matches_reference(emulator, bits, k, d, group_size, bl
 @needs_nvcc
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, None])
-def test_emulated_reconstruct_matches_reference(emulator, bits, k, d, group_size, blocks, dtype):
+# (center dtype, out dtype): None is no center; float32 -> bfloat16 is a bfloat16 model's forward
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16,) * 2, (None, torch.float32),
+                                    (torch.float32, torch.bfloat16)])
+def test_emulated_reconstruct_matches_reference(emulator, bits, k, d, group_size, blocks, dtypes):
+    center_dtype, out_dtype = dtypes
     qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
     x = torch.randn(k, qb.num_blocks)
-    center = torch.randn(d).to(dtype) if dtype is not None else None
-    out = torch.empty(d, dtype=dtype or torch.float32)
-    emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(center), DTYPE_CODE[out.dtype], _ptr(out))
+    center = torch.randn(d).to(center_dtype) if center_dtype is not None else None
+    out = torch.empty(d, dtype=out_dtype)
+    center_code = DTYPE_CODE[center_dtype or out_dtype]
+    emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(center), center_code, _ptr(out),
+                                          DTYPE_CODE[out_dtype])
     expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits or 0,
                                      group_size, d)
     blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())

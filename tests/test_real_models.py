@@ -224,8 +224,11 @@ def test_workspace_is_reused_across_steps_and_safe_across_forwards(digits):
     pointers = set()
     for xb, yb in loader:  # a training loop: forward, backward, forward, ...
         _step_grads(twa, [(xb, yb)])
-        pointers.add(twa._workspace.buffer.data_ptr())
-    assert len(pointers) == 1
+        pointers.add((twa._workspace.buffer.data_ptr(), twa._workspace.grad.data_ptr()))
+    assert len(pointers) == 1  # the weights and their gradient reuse one buffer each
+    fresh = tk.TWA(make_model(), checkpoints, bits=4)
+    fresh.coefficients.data.copy_(twa.coefficients.data)
+    torch.testing.assert_close(_step_grads(twa, loader[:1]), _step_grads(fresh, loader[:1]))
 
     # two forwards before one backward (gradient accumulation in one graph) work, and give
     # the gradients of the sum

@@ -19,6 +19,7 @@ from twa_kernels.optim import SubspaceOptimizer
 from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average
 from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 from twa_kernels import connectivity
+from twa_kernels import prune, distill
 
 __version__ = "0.1.0"
 

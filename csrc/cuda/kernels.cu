@@ -222,8 +222,8 @@ __global__ void sum_pieces_kernel(Basis b, const float* partial, float* y) {
 // Run `run` of reconstruct: lane i of the warp owns byte i (and i + 32, ...) of each group, so
 // it writes the 8 / bits columns stored in that byte, summing over all k rows.
 template <int BITS, class Lanes>
-TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, DType dtype, void* out, int64_t run,
-                            const Lanes& lanes) {
+TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, DType center_dtype, void* out,
+                            DType out_dtype, int64_t run, const Lanes& lanes) {
   const int64_t c0 = run * run_cols(b);
   const int64_t c1 = (c0 + run_cols(b) < b.num_cols) ? c0 + run_cols(b) : b.num_cols;
   if constexpr (BITS == 0) {
@@ -232,9 +232,9 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
       int64_t blk = block_of(b.block_offsets, b.n_blocks, c0);
       for (int64_t col = c0 + lane; col < c1; col += kWarp) {
         while (b.block_offsets[blk + 1] <= col) ++blk;
-        float acc = center ? load_value(center, dtype, col) : 0.f;
+        float acc = center ? load_value(center, center_dtype, col) : 0.f;
         for (int64_t r = 0; r < b.k; ++r) acc += codes[r * b.num_cols + col] * x[r * b.n_blocks + blk];
-        store_value(out, dtype, col, acc);
+        store_value(out, out_dtype, col, acc);
       }
     });
   } else {
@@ -270,7 +270,7 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
           for (int s = 0; s < kPerByte; ++s) {
             if (s * width + i >= length) continue;
             const int64_t col = first + s * width + i;
-            store_value(out, dtype, col, acc[s] + (center ? load_value(center, dtype, col) : 0.f));
+            store_value(out, out_dtype, col, acc[s] + (center ? load_value(center, center_dtype, col) : 0.f));
           }
         }
       });
@@ -279,10 +279,10 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
 }
 
 template <int BITS>
-__global__ void reconstruct_kernel(Basis b, const float* x, const void* center, DType dtype, void* out,
-                                   int64_t n_runs) {
+__global__ void reconstruct_kernel(Basis b, const float* x, const void* center, DType center_dtype, void* out,
+                                   DType out_dtype, int64_t n_runs) {
   const int64_t run = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (run < n_runs) reconstruct_run<BITS>(b, x, center, dtype, out, run, WarpLanes{});
+  if (run < n_runs) reconstruct_run<BITS>(b, x, center, center_dtype, out, out_dtype, run, WarpLanes{});
 }
 
 // ---- orthonormalize's passes ---------------------------------------------------------------
@@ -363,10 +363,12 @@ struct LaunchProject {
 
 template <int BITS>
 struct LaunchReconstruct {
-  static int run(const Basis& b, const float* x, const void* center, DType dtype, void* out, cudaStream_t stream) {
+  static int run(const Basis& b, const float* x, const void* center, DType center_dtype, void* out,
+                 DType out_dtype, cudaStream_t stream) {
     const int64_t n_runs = num_runs(b);
     const unsigned grid = static_cast<unsigned>((n_runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    reconstruct_kernel<BITS><<<grid, kWarpsPerBlock * kWarp, 0, stream>>>(b, x, center, dtype, out, n_runs);
+    reconstruct_kernel<BITS><<<grid, kWarpsPerBlock * kWarp, 0, stream>>>(b, x, center, center_dtype, out, out_dtype,
+                                                                          n_runs);
     return static_cast<int>(cudaGetLastError());
   }
 };
@@ -396,8 +398,10 @@ void emulate_project_bits(const Basis& b, const void* g, DType g_dtype, float* y
 }
 
 template <int BITS>
-void emulate_reconstruct_bits(const Basis& b, const float* x, const void* center, DType dtype, void* out) {
-  for (int64_t run = 0; run < num_runs(b); ++run) reconstruct_run<BITS>(b, x, center, dtype, out, run, HostLanes{});
+void emulate_reconstruct_bits(const Basis& b, const float* x, const void* center, DType center_dtype, void* out,
+                              DType out_dtype) {
+  for (int64_t run = 0; run < num_runs(b); ++run)
+    reconstruct_run<BITS>(b, x, center, center_dtype, out, out_dtype, run, HostLanes{});
 }
 
 }  // namespace
@@ -414,8 +418,10 @@ int project(const Basis& b, const void* g, DType g_dtype, float* y, float* parti
                                       static_cast<cudaStream_t>(stream));
 }
 
-int reconstruct(const Basis& b, const float* x, const void* center, DType dtype, void* out, void* stream) {
-  return dispatch_bits<LaunchReconstruct>(b.bits, b, x, center, dtype, out, static_cast<cudaStream_t>(stream));
+int reconstruct(const Basis& b, const float* x, const void* center, DType center_dtype, void* out, DType out_dtype,
+                void* stream) {
+  return dispatch_bits<LaunchReconstruct>(b.bits, b, x, center, center_dtype, out, out_dtype,
+                                          static_cast<cudaStream_t>(stream));
 }
 
 int64_t gram_spans(int64_t d) { return (d + kGramSpan - 1) / kGramSpan; }
@@ -461,16 +467,17 @@ extern "C" void twa_cuda_emulate_project(const void* codes, const float* scales,
 extern "C" void twa_cuda_emulate_reconstruct(const void* codes, const float* scales, const float* mins,
                                              const int64_t* block_offsets, int64_t k, int64_t num_cols,
                                              int64_t row_bytes, int64_t n_blocks, int64_t group_size, int bits,
-                                             const float* x, const void* center, int dtype, void* out) {
+                                             const float* x, const void* center, int center_dtype, void* out,
+                                             int out_dtype) {
   using namespace twa_cuda;
   const Basis b = make_basis(codes, scales, mins, block_offsets, k, num_cols, row_bytes, n_blocks, group_size, bits);
-  const auto dt = static_cast<DType>(dtype);
+  const auto ct = static_cast<DType>(center_dtype), ot = static_cast<DType>(out_dtype);
   switch (bits) {
-    case 0: emulate_reconstruct_bits<0>(b, x, center, dt, out); break;
-    case 1: emulate_reconstruct_bits<1>(b, x, center, dt, out); break;
-    case 2: emulate_reconstruct_bits<2>(b, x, center, dt, out); break;
-    case 4: emulate_reconstruct_bits<4>(b, x, center, dt, out); break;
-    case 8: emulate_reconstruct_bits<8>(b, x, center, dt, out); break;
+    case 0: emulate_reconstruct_bits<0>(b, x, center, ct, out, ot); break;
+    case 1: emulate_reconstruct_bits<1>(b, x, center, ct, out, ot); break;
+    case 2: emulate_reconstruct_bits<2>(b, x, center, ct, out, ot); break;
+    case 4: emulate_reconstruct_bits<4>(b, x, center, ct, out, ot); break;
+    case 8: emulate_reconstruct_bits<8>(b, x, center, ct, out, ot); break;
     default: break;
   }
 }

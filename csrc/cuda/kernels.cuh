@@ -38,7 +38,10 @@ int64_t project_partial_floats(const Basis& b);
 // y must be zeroed by the caller unless deterministic.
 int project(const Basis& b, const void* g, DType g_dtype, float* y, float* partial, bool deterministic,
             void* stream);
-int reconstruct(const Basis& b, const float* x, const void* center, DType dtype, void* out, void* stream);
+// center (may be null) and out each have their own dtype: a bfloat16 model's weights are
+// written from a float32 center as they are stored.
+int reconstruct(const Basis& b, const float* x, const void* center, DType center_dtype, void* out, DType out_dtype,
+                void* stream);
 // out (float64 [k, k]) must be zeroed by the caller unless deterministic; partial holds
 // gram_spans(d) * k * k doubles.
 int64_t gram_spans(int64_t d);
@@ -56,5 +59,5 @@ void twa_cuda_emulate_project(const void* codes, const float* scales, const floa
 void twa_cuda_emulate_reconstruct(const void* codes, const float* scales, const float* mins,
                                   const int64_t* block_offsets, int64_t k, int64_t num_cols, int64_t row_bytes,
                                   int64_t n_blocks, int64_t group_size, int bits, const float* x,
-                                  const void* center, int dtype, void* out);
+                                  const void* center, int center_dtype, void* out, int out_dtype);
 }

@@ -43,10 +43,7 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 @on_tensors_device
 def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
                      out: Tensor) -> None:
-    # The CUDA kernel reads center and writes out in one dtype; a center of another dtype
-    # is cast first (a D-long pass the cpp and Triton kernels do not need).
-    if center is not None and center.dtype != out.dtype:
-        center = center.to(out.dtype)
+    # the kernel reads center in its dtype and writes out in its own: a cast costs no pass
     _lib().reconstruct_out(codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
                            x.to(torch.float32).contiguous(), None if center is None else center.contiguous(),
                            bits, group_size, _stream(x.device), out)
