@@ -39,7 +39,8 @@ loss is a deterministic function of the parameters.
 
 State: interpolate, plane (checkpoints or a Subspace slice, dense or packed), plot_plane,
 plot_interpolation, hessian_diagonal and top_eigenvalue are done and tested
-(tests/test_connectivity.py), their signatures fixed; the CLI is in progress.
+(tests/test_connectivity.py), their signatures fixed; `twa connect` and `twa plane` (cli.py)
+and the demo's plane figure use them; python/connectivity.py measures them.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def interpolate(
 
 # ---- planes through checkpoints, on the fused reconstruct op -------------------------------
 
-_CHUNK_GROUPS = 8192  # columns handled at a time when quantising or taking inner products: groups of group_size
+_CHUNK_GROUPS = 512  # group_size-column groups handled at a time when quantising or taking inner products:
+# temporaries of ~1 MB, which the allocator reuses chunk after chunk instead of keeping tens of MB
 
 
 class PlanePoint(NamedTuple):
@@ -283,30 +285,81 @@ class PlanePoint(NamedTuple):
     distance: float
 
 
-def _flatten_into(out: Tensor, state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-                  source: str, free: bool) -> Tensor:
-    """Copy the parameters of `state` into the preallocated vector `out`, one tensor at a
-    time; with free=True each entry is dropped from `state` once copied, so a checkpoint
-    read from a file never sits in memory twice."""
-    offset = 0
+def _tensors(state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+             source: str) -> Iterator[tuple[str, Tensor]]:
     for name, shape in zip(names, shapes):
         value = _entry(state, name, shape, source)
         if not value.is_floating_point():
             raise CheckpointError(f"{source}: key {name!r} is {value.dtype}, not a floating-point weight")
+        yield name, value
+
+
+def _flatten_into(out: Tensor, state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+                  source: str, free: bool) -> Tensor:
+    """Copy the parameters of `state` into the preallocated vector `out`, one tensor at a
+    time; with free=True each entry is dropped from `state` once copied (and the memory
+    given back as it goes), so a checkpoint read from a file never sits in memory twice."""
+    offset = freed = 0
+    for name, value in _tensors(state, names, shapes, source):
         n = value.numel()
         out[offset:offset + n].copy_(value.reshape(-1))
         offset += n
         if free:
+            freed += n * value.element_size()
             del state[name], value
+            if freed > 8 << 20:
+                _return_freed_memory()
+                freed = 0
     return out
 
 
-def _quantize_chunked(row: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """_quantize_row over group-aligned chunks: the same packed row, with temporaries the
-    size of a chunk instead of several copies of the row."""
+def _packed_row(state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]], center: Tensor,
+                bits: int, group_size: int, source: str, free: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The packed row (state - center), built and quantised chunk by chunk straight from
+    the state's tensors: no dense copy of the row is ever made."""
     step = group_size * _CHUNK_GROUPS
-    parts = [_quantize_row(row[s:s + step], bits, group_size) for s in range(0, row.numel(), step)]
+    buffer = torch.empty(step)
+    parts, filled, start, freed = [], 0, 0, 0
+    for name, value in _tensors(state, names, shapes, source):
+        flat = value.reshape(-1)
+        taken = 0
+        while taken < flat.numel():
+            n = min(step - filled, flat.numel() - taken)
+            buffer[filled:filled + n].copy_(flat[taken:taken + n])
+            filled, taken = filled + n, taken + n
+            if filled == step:
+                chunk = buffer.sub_(center[start:start + step])
+                parts.append(_quantize_row(chunk, bits, group_size))
+                start, filled = start + step, 0
+        if free:
+            freed += value.numel() * value.element_size()
+            del state[name], value, flat
+            if freed > 8 << 20:
+                _return_freed_memory()
+                freed = 0
+    if filled:
+        parts.append(_quantize_row(buffer[:filled].sub_(center[start:start + filled]), bits, group_size))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by a consumed checkpoint back to the OS. Its tensors are many
+    allocations of a few MB, which glibc keeps in its heap after they are freed (the
+    process would hold a dead checkpoint's worth of RAM through the whole grid);
+    malloc_trim(0) releases them. A no-op where glibc is not the allocator."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class _Frame:
@@ -325,6 +378,7 @@ class _Frame:
         if self.chol is None or float(self.chol[1, 1]) ** 2 <= 1e-10 * float(gram[1, 1]) or float(gram[0, 0]) <= 0:
             raise ValueError("the plane's two directions are (nearly) linearly dependent: the checkpoints are "
                              "collinear or equal; pick three checkpoints that are not on one line")
+        _return_freed_memory()
 
     def _chunks(self) -> Iterator[tuple[int, int, Tensor]]:
         step = self.basis.group_size * _CHUNK_GROUPS
@@ -367,6 +421,7 @@ class _Frame:
         offset = _flatten_into(torch.empty(self.center.numel(), device=self.center.device), state, self.names,
                                self.shapes, source, owned)
         del state
+        _return_freed_memory()
         offset -= self.center
         gram = self.chol @ self.chol.T
         c = torch.linalg.solve(gram, self._inner(offset))
@@ -374,6 +429,8 @@ class _Frame:
         residual = 0.0
         for start, stop, rows in self._chunks():
             residual += float(((offset[start:stop].double().cpu() - c @ rows) ** 2).sum())
+        del offset
+        _return_freed_memory()
         return PlanePoint(float(z[0]), float(z[1]), math.sqrt(residual))
 
 
@@ -401,13 +458,15 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         buffer_sets.append({k: _entry(state, k, tuple(t.shape), label).to(t.dtype) for k, t in buffers.items()})
         if i == 0:
             center = _flatten_into(torch.empty(numel), state, names, shapes, label, owned)
+            del state
+            _return_freed_memory()
             continue
-        row = _flatten_into(dense[i - 1] if dense is not None else torch.empty(numel), state, names, shapes, label,
-                            owned)
-        row -= center
+        if dense is not None:
+            _flatten_into(dense[i - 1], state, names, shapes, label, owned).sub_(center)
+        else:
+            rows.append(_packed_row(state, names, shapes, center, bits, group_size, label, owned))
         del state
-        rows.append(row if dense is not None else _quantize_chunked(row, bits, group_size))
-        del row
+        _return_freed_memory()
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
         empty = torch.empty(0, 2)
