@@ -78,6 +78,8 @@ class TWA(nn.Module):
         for key, value in subspace.basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
         self._workspace = _Workspace()
+        # allocated (and its pages touched) now, so the first training step does not pay for it
+        self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
 
     @property
@@ -108,6 +110,7 @@ class TWA(nn.Module):
         if self.coefficients.dtype != torch.float32:
             self.coefficients.data = self.coefficients.data.float()
         self._workspace = _Workspace()
+        self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         return self
 
     def train(self, mode: bool = True) -> TWA:
@@ -124,6 +127,11 @@ class TWA(nn.Module):
         return {name: piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
                 for name, piece in pieces.items()}
 
+    def _forward_dtype(self, dtypes: dict[str, torch.dtype] | None = None) -> torch.dtype:
+        """The model's dtype where the kernels write it, else float32 (cast per piece)."""
+        kinds = set((dtypes or self._parameter_dtypes()).values())
+        return kinds.pop() if len(kinds) == 1 and kinds <= set(_KERNEL_OUTPUT_DTYPES) else torch.float32
+
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
         parameter's dtype (differentiable; fresh tensors, safe to keep)."""
@@ -136,8 +144,7 @@ class TWA(nn.Module):
         if torch.compiler.is_compiling():
             return self.weights()
         dtypes = self._parameter_dtypes()
-        kinds = set(dtypes.values())
-        dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(_KERNEL_OUTPUT_DTYPES) else torch.float32
+        dtype = self._forward_dtype(dtypes)
         record = torch.is_grad_enabled() and self.coefficients.requires_grad
         workspace = self._workspace
         out, release = workspace.take(self.center.numel(), dtype, self.center.device, record)
@@ -202,6 +209,10 @@ class _Workspace:
         self.busy = record
         generation = self.generation
         return buffer, lambda: self._release(generation)
+
+    def prepare(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the weights' buffer ahead of the first forward."""
+        self.take(numel, dtype, device, record=False)
 
     def grad_buffer(self, generation: int, like: Tensor) -> Tensor:
         """The gradient buffer of `generation`'s pair (a fresh one for an older pair)."""
