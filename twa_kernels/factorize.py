@@ -235,8 +235,12 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
 
 def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every factor in `model`."""
-    return [(n, p) for n, p in model.named_parameters() if ".parametrizations." in n
-            and _is_factorized(model.get_submodule(n.split(".parametrizations.")[0]))]
+    out = []
+    for name, module in model.named_modules():
+        if _is_factorized(module):
+            for pname, plist in module.parametrizations.items():
+                out += [(f"{name}.{n}".lstrip("."), p) for n, p in plist.named_parameters(prefix=f"parametrizations.{pname}")]
+    return out
 
 
 def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_decay: float = 0.0,
