@@ -101,6 +101,9 @@ def test_product_std_on_a_256x256_layer(depth):
     measured = float(layer.weight.detach().std())
     assert measured == pytest.approx(truncated_std(sigma, depth), rel=0.05)
     assert measured < 0.6 * sigma  # truncation shrinks it: documented in the README
+    torch.manual_seed(depth)
+    matched = factorize(nn.Linear(256, 256), depth=depth, init="dwf_matched")
+    assert float(matched.weight.detach().std()) == pytest.approx(sigma, rel=0.05)
 
 
 def test_imbalance_decays_like_one_minus_4_lambda_eta_over_d():
