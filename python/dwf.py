@@ -3,8 +3,8 @@
 An MLP (40-256-256-10, 78,336 weights in its three Linear layers) on MNIST-1D (generated
 locally, 3,500 train / 500 validation / 1,000 test). Methods, each over 3 seeds:
   dense           SGD with momentum 0.9, cosine schedule, 50 epochs, batch 128; no weight decay.
-  DWF D=2,3,4     tk.factorize(model, D, init="dwf_matched"), weight decay wd on the factors (a sweep of wd); 50 epochs,
-                  the learning rate the sweep below found best for that D; tk.collapse at the
+  DWF D=2,3,4     tk.factorize(model, D, init="dwf_matched"), weight decay wd on the factors
+                  (a sweep of wd), 50 epochs, the learning rate the sweep below found best for that D; tk.collapse at the
                   end (|w| < float32 eps set to zero).
   magnitude+FT    the dense model, globally magnitude-pruned with
                   torch.nn.utils.prune.global_unstructured at several amounts, then fine-tuned.
@@ -12,12 +12,12 @@ locally, 3,500 train / 500 validation / 1,000 test). Methods, each over 3 seeds:
                   weights below a final threshold set to zero.
 Compression = weights / nonzero weights of the Linear layers (biases stay dense and are not
 counted). The paper's init as stated (init="dwf") is also run once per D: its truncation leaves
-the product's std at 51% / 28% / 17% of the layer's, which traps this 3-layer MLP at w = 0.
+the product's std at 51% / 28% / 17% of the layer's (see the table for what that does here).
 First a learning-rate sweep (1 seed, validation accuracy) measures how much larger a
 learning rate DWF wants than the dense model. Writes results/dwf/results.json and
 accuracy_vs_compression.png and prints the tables.
 
-    flock /tmp/twa-heavy.lock python python/dwf.py            # about 10 minutes on 2 cores
+    flock /tmp/twa-heavy.lock python python/dwf.py            # 6-10 minutes on 2 shared cores
     python python/dwf.py --quick                               # a smoke run
 """
 
