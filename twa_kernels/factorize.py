@@ -12,17 +12,19 @@ sparse network; `collapse` reads it out (product, then |w| < float32 eps set to 
     ...train...
     plain = tk.collapse(model); print(tk.sparsity_report(plain))
 
-Mechanism: torch.nn.utils.parametrize, chosen over swapping the layers for factorised
-subclasses because bench/test_bench_factorize.py measures no step-time difference between the
-two on ResNet-18 (both compute the product once per forward; the convolutions dominate), while
-parametrize keeps the layers' own classes and forward code (any Linear/Conv subclass, hooks,
-torch.compile and deepcopy work) and gives readable state_dict keys:
-`<layer>.parametrizations.weight.original0 ... original{D-1}`. The product is computed when
-the layer reads its weight, i.e. once per forward per layer; code that reads `layer.weight`
-several times per step can wrap the step in `torch.nn.utils.parametrize.cached()`. Its gradient
-is the one autograd function `_Product` (one product pass forward; backward builds each factor's
-gradient from prefix and suffix products of the saved factors, 3D - 4 multiplies in all instead
-of autograd's chain of D - 1 saved intermediates).
+Mechanism: torch.nn.utils.parametrize rather than swapping the layers for factorised
+subclasses: it keeps the layers' own classes and forward code (any Linear/Conv subclass,
+hooks, deepcopy and torch.compile work) and gives readable state_dict keys,
+`<layer>.parametrizations.weight.original0 ... original{D-1}`. bench/test_bench_factorize.py
+times it against a module swap (a pre-hook writing the product into a plain attribute) on
+ResNet-18; both compute the product once per forward per layer, so no difference beyond
+Python overhead is expected (the measurement is in the README once run). The product is
+computed when the layer reads its weight, i.e. once per forward per layer; code that reads
+`layer.weight` several times per step can wrap the step in
+`torch.nn.utils.parametrize.cached()`. Its gradient is one autograd function, `_Product`: the
+forward multiplies in place into one output and saves only the factors (autograd's chain of
+multiplies also saves its D - 2 intermediate products), and the backward builds each factor's
+gradient from prefix and suffix products of the saved factors.
 """
 
 from __future__ import annotations
