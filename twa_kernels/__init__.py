@@ -18,6 +18,8 @@ from twa_kernels.twa import TWA
 from twa_kernels.optim import SubspaceOptimizer
 from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average
 from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
+from twa_kernels import connectivity
+from twa_kernels import prune, distill
 from twa_kernels.factorize import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
 
 __version__ = "0.1.0"

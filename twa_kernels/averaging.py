@@ -1,6 +1,7 @@
 """The baselines TWA is compared against, all streaming (one checkpoint in memory at a time):
 SWA / uniform soup, EMA over checkpoints, and greedy soup. Also the held-out split that
-TWA-v trains its coefficients on.
+TWA-v trains its coefficients on, and update_bn, which every averaged or interpolated model
+needs before it is evaluated.
 
 Floating-point entries are averaged (in float64); other entries (integer counters such as
 BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
@@ -12,10 +13,12 @@ all, so the result loads into the model as it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.data import Dataset, Subset, random_split
 
 from twa_kernels.io import (
@@ -145,4 +148,46 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tup
     return train, held_out
 
 
-__all__ = ["ema_average", "greedy_soup", "split_holdout", "uniform_average"]
+@torch.no_grad()
+def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
+              weights: Mapping[str, Tensor] | None = None) -> None:
+    """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
+    reset them, then one pass over `loader` in train mode with cumulative averaging
+    (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
+    its first element, unless call_fn(model, batch) is given. With `weights` (parameter
+    tensors by name) the pass runs at those weights through functional_call, leaving the
+    model's own parameters untouched; only its BatchNorm buffers change."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    runner = model if weights is None else _WithWeights(model, dict(weights))
+    try:
+        for batch in loader:
+            if call_fn is not None:
+                call_fn(runner, batch)
+            else:
+                runner(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    finally:
+        for m in norms:
+            m.momentum = momenta[m]
+        model.train(was_training)
+
+
+class _WithWeights(nn.Module):
+    """`module` called with fixed replacement weights (a list keeps it out of the module tree)."""
+
+    def __init__(self, module: nn.Module, weights: dict[str, Tensor]):
+        super().__init__()
+        self._inner, self._weights = [module], weights
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._inner[0], self._weights, args, kwargs)
+
+
+__all__ = ["ema_average", "greedy_soup", "split_holdout", "uniform_average", "update_bn"]

@@ -1,4 +1,4 @@
-"""The `twa` command (also `python -m twa_kernels`): demo, fit, bench, build."""
+"""The `twa` command (also `python -m twa_kernels`): demo, fit, bench, build, connect, plane."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nMNIST-1D, {report['seeds']} seed(s): SGD for {report['epochs']} epochs; SWA, TWA and "
           f"greedy soup use the checkpoints of the first {report['head_epochs']} epochs ({report['bits']}-bit basis)\n")
     print(report["table"])
-    print(f"\nwritten: {Path(args.out) / 'results.json'}, {Path(args.out) / 'accuracy.png'} "
+    print(f"\nwritten: {Path(args.out) / 'results.json'}, {Path(args.out) / 'accuracy.png'}, "
+          f"{Path(args.out) / 'plane.png'} "
           f"({report['total_seconds']:.0f}s)")
     return 0
 
@@ -58,6 +59,143 @@ def _fit(args: argparse.Namespace) -> int:
             print(f"{key}: {report[key]:.4f}")
     print("written: " + ", ".join(report["outputs"]))
     return 0
+
+
+def _geometry_inputs(args: argparse.Namespace):
+    """(model, evaluation data, BatchNorm data, metric, split name) from a `twa fit`-style
+    config: model and data as there; checkpoints come from the command line instead."""
+    from twa_kernels.connectivity import classification_metric
+    from twa_kernels.fit import FitError, import_string, load_config
+
+    config = load_config(args.config, required=("model", "data"))
+
+    def make(spec: str, what: str):
+        factory = import_string(spec)
+        if not callable(factory):
+            raise FitError(f"{spec!r} ({what}) is not callable")
+        return factory()
+
+    import torch
+
+    model = make(config["model"], "model")
+    if not isinstance(model, torch.nn.Module):
+        raise FitError(f"{config['model']!r} returned {type(model).__name__}, not an nn.Module")
+    split = args.split or ("val" if "val" in config["data"] else "train")
+    if split not in config["data"]:
+        raise FitError(f"{args.config}: --split {split} needs data.{split} in the config")
+    train = make(config["data"]["train"], "data.train")
+    data = train if split == "train" else make(config["data"][split], f"data.{split}")
+    metric = classification_metric
+    if "loss" in config:
+        loss_fn = import_string(config["loss"])
+
+        def metric(outputs, targets):
+            return loss_fn(outputs, targets), classification_metric(outputs, targets)[1]
+
+    return model, data, train, metric, split
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    import json
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _connect(args: argparse.Namespace) -> int:
+    from twa_kernels import connectivity
+
+    try:
+        model, data, train, metric, split = _geometry_inputs(args)
+        result = connectivity.interpolate(model, args.a, args.b, data, steps=args.steps, bn=args.bn, metric=metric,
+                                          bn_data=train, progress=not args.no_progress)
+    except ValueError as exc:  # CheckpointError and FitError included
+        print(f"twa: error: {exc}", file=sys.stderr)
+        return 2
+    label = f"{Path(args.a).stem} -> {Path(args.b).stem}"
+    print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
+    print(result.table())
+    out = Path(args.out)
+    connectivity.plot_interpolation({label: result}, out, title=f"{label} (data.{split}, bn={args.bn})")
+    _write_json(out.with_suffix(".json"), dict(a=args.a, b=args.b, split=split, **result.to_dict()))
+    print(f"\nwritten: {out}, {out.with_suffix('.json')}")
+    return 0
+
+
+def _plane(args: argparse.Namespace) -> int:
+    from twa_kernels import connectivity
+
+    points = {}
+    for item in args.point or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            print(f"twa: error: --point {item!r} must look like NAME=PATH (e.g. SWA=runs/swa.pt)", file=sys.stderr)
+            return 2
+        points[name] = path
+    grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
+    try:
+        if len(args.grid) > 2:
+            raise ValueError(f"--grid takes one or two numbers (N, or NX NY), got {len(args.grid)}")
+        model, data, train, metric, split = _geometry_inputs(args)
+        result = connectivity.plane(model, args.checkpoints, data, grid=grid, margin=args.margin, bn=args.bn,
+                                    metric=metric, bits=args.bits, points=points, bn_data=train,
+                                    labels=[Path(c).stem for c in args.checkpoints], progress=not args.no_progress)
+    except ValueError as exc:  # CheckpointError and FitError included
+        print(f"twa: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"plane through {', '.join(result.anchors)} (data.{split}, BatchNorm {args.bn}, "
+          f"{'dense' if args.bits is None else f'{args.bits}-bit'} directions, {len(result.xs)}x{len(result.ys)} grid)\n")
+    print(f"{'point':<24} {'x':>9} {'y':>9} {'distance':>9}")
+    for name, p in result.points.items():
+        print(f"{name:<24} {p.x:>9.4f} {p.y:>9.4f} {p.distance:>9.4f}")
+    best = int(result.loss.argmin())
+    i, j = divmod(best, len(result.xs))
+    print(f"\nlowest loss on the grid: {float(result.loss[i, j]):.4f} (error {100 * float(result.error[i, j]):.2f}%) "
+          f"at ({result.xs[j]:.3f}, {result.ys[i]:.3f})")
+    out = Path(args.out)
+    connectivity.plot_plane(result, out, value=args.value)
+    _write_json(out.with_suffix(".json"), dict(checkpoints=args.checkpoints, split=split, **result.to_dict()))
+    print(f"written: {out}, {out.with_suffix('.json')}")
+    return 0
+
+
+def _bits(value: str):
+    if value.lower() in ("none", "dense"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be 1, 2, 4, 8 or none, got {value!r}") from None
+
+
+def _add_geometry_commands(sub) -> None:
+    connect = sub.add_parser("connect", help="loss and error along the line between two checkpoints, and barriers")
+    connect.add_argument("a", help="first checkpoint (.pt, .pth, .safetensors)")
+    connect.add_argument("b", help="second checkpoint")
+    connect.add_argument("--config", required=True, help="YAML with model and data, as for `twa fit`")
+    connect.add_argument("--steps", type=int, default=11, help="evenly spaced alphas in [0, 1] (default 11)")
+    plane = sub.add_parser("plane", help="a contour PNG of the loss over the plane through three checkpoints")
+    plane.add_argument("checkpoints", nargs=3, help="three checkpoints: the origin, the first axis, the plane")
+    plane.add_argument("--config", required=True, help="YAML with model and data, as for `twa fit`")
+    plane.add_argument("--grid", type=int, nargs="+", default=[21], help="points per axis: N, or NX NY (>= 2)")
+    plane.add_argument("--margin", type=float, default=0.2, help="added on each side, times the points' span")
+    plane.add_argument("--bits", type=_bits, default=None,
+                       help="pack the two directions in 1, 2, 4 or 8 bits (default none: dense float32)")
+    plane.add_argument("--point", action="append", metavar="NAME=PATH",
+                       help="an extra checkpoint to place on the plane (repeatable), e.g. SWA=swa.pt")
+    plane.add_argument("--value", choices=["loss", "error"], default="loss", help="what the contours show")
+    for command, default_out in ((connect, "connect.png"), (plane, "plane.png")):
+        command.add_argument("--bn", choices=["recompute", "interpolate", "none"], default="recompute",
+                             help="BatchNorm statistics at each point (default: recompute on data.train)")
+        command.add_argument("--split", choices=["train", "val"], default=None,
+                             help="data to evaluate on (default: data.val if the config has it, else data.train)")
+        command.add_argument("--out", default=default_out, help=f"the PNG (a JSON goes beside it; default {default_out})")
+        command.add_argument("--no-progress", action="store_true", help="no progress bars")
+    connect.set_defaults(func=_connect)
+    plane.set_defaults(func=_plane)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -96,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--cuda", action="store_true",
                        help="also build the CUDA kernels with nvcc (compile check only when torch has no CUDA)")
     build.set_defaults(func=_build)
+    _add_geometry_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 

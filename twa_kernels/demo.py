@@ -7,7 +7,10 @@ Then, using only the checkpoints of the first 60% of the epochs (the head stage 
 paper): SWA averages them; TWA-t trains their averaging coefficients on the training set,
 TWA-v on the held-out validation set, both on a 4-bit basis; greedy soup adds them by
 validation accuracy. Test accuracy and loss, the epochs each method used, and wall time
-go to a table, results.json and accuracy.png.
+go to a table, results.json and accuracy.png; plane.png shows the test loss over the plane
+through three head-stage checkpoints of the first seed, with SWA, TWA-v and the final SGD
+model placed on it. SWA and TWA-v are saved beside the checkpoints (swa.safetensors,
+twa_v.safetensors) for `twa connect` and `twa plane`.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def mnist1d(seed: int) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
     return TensorDataset(x[:3500], y[:3500]), TensorDataset(x[3500:], y[3500:]), test
 
 
-def make_model(seed: int) -> nn.Module:
+def make_model(seed: int = 0) -> nn.Module:
     """A small 1-D CNN (about 26k weights) with BatchNorm."""
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -136,12 +139,16 @@ def run_seed(seed: int, epochs: int, twa_epochs: int, out_dir: Path, progress: b
     swa = make_model(seed)
     swa.load_state_dict(uniform_average(head_paths))
     torch.optim.swa_utils.update_bn(_loader(train, seed, shuffle=False), swa)
+    files = dict(head=[str(p) for p in head_paths], final=str(paths[-1]),
+                 swa=str(save_state_dict(swa.state_dict(), out_dir / f"seed{seed}" / "swa.safetensors")))
     results["SWA"] = dict(zip(("acc", "loss"), evaluate(swa, test)), epochs=head,
                           seconds=head_seconds + time.perf_counter() - start)
 
     for name, data in (("TWA-t", train), ("TWA-v", val)):
         start = time.perf_counter()
         twa = fit_twa(seed, head_paths, data, train, twa_epochs)
+        if name == "TWA-v":
+            files["twa_v"] = str(save_state_dict(twa.averaged_state_dict(), out_dir / f"seed{seed}" / "twa_v.safetensors"))
         results[name] = dict(zip(("acc", "loss"), evaluate(twa, test)), epochs=head + twa_epochs,
                              seconds=head_seconds + time.perf_counter() - start)
 
@@ -156,7 +163,7 @@ def run_seed(seed: int, epochs: int, twa_epochs: int, out_dir: Path, progress: b
     probe.load_state_dict(soup)
     results["greedy soup"] = dict(zip(("acc", "loss"), evaluate(probe, test)), epochs=head,
                                   seconds=head_seconds + time.perf_counter() - start, ingredients=len(chosen))
-    return dict(seed=seed, head_epochs=head, curve=curve, methods=results)
+    return dict(seed=seed, head_epochs=head, curve=curve, methods=results, files=files)
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -210,9 +217,47 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plane_figure(run: dict, path: Path, grid: int = 21, progress: bool = False) -> dict:
+    """The test loss over the plane through three checkpoints of the head stage (a third,
+    two thirds and all of the way through it), with SWA, TWA-v and the final SGD model
+    placed on it (projected, with their distance from the plane). Returns the placements."""
+    from twa_kernels.connectivity import plane, plot_plane
+
+    seed, head = run["seed"], run["files"]["head"]
+    picks = [head[max(0, round(len(head) * f) - 1)] for f in (1 / 3, 2 / 3, 1)]
+    train, _, test = mnist1d(seed)
+    points = {"SWA": run["files"]["swa"], "TWA-v": run["files"]["twa_v"], "SGD, final": run["files"]["final"]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 26k-weight CNN: more intra-op threads only add contention (10x slower on 2 busy cores)
+    try:
+        result = plane(make_model(seed), picks, [test.tensors], grid=grid, points=points,
+                       labels=[f"epoch {Path(p).stem.split('_')[-1].lstrip('0')}" for p in picks],
+                       bn_data=DataLoader(train, batch_size=500), progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    plot_plane(result, path, title=f"MNIST-1D test loss over the plane through three head-stage checkpoints "
+                                   f"(seed {seed}; BatchNorm recomputed at every point)")
+    return dict(grid=grid, points={k: p._asdict() for k, p in result.points.items()})
+
+
+def seed0_model() -> nn.Module:
+    """The demo's model for seed 0, for `twa connect/plane --config` on the demo's checkpoints."""
+    return make_model(0)
+
+
+def seed0_train_loader() -> DataLoader:
+    """Seed 0's 3,500 training signals, in order (BatchNorm statistics are recomputed on these)."""
+    return _loader(mnist1d(0)[0], 0, shuffle=False)
+
+
+def seed0_test_loader() -> DataLoader:
+    """The 1,000 test signals of MNIST-1D."""
+    return DataLoader(mnist1d(0)[2], batch_size=500)
+
+
 def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int | None = None,
              progress: bool = True) -> dict:
-    """Run the demo and write results.json and accuracy.png into out_dir."""
+    """Run the demo and write results.json, accuracy.png and plane.png into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = seeds if seeds is not None else (1 if quick else 5)
@@ -222,9 +267,11 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     summary = summarize(runs)
     report = dict(dataset="MNIST-1D (3500 train / 500 validation / 1000 test)", seeds=n_seeds,
                   epochs=epochs, head_epochs=runs[0]["head_epochs"], twa_epochs=twa_epochs, bits=4,
-                  summary=summary, runs=runs, total_seconds=time.perf_counter() - start)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+                  summary=summary, runs=runs)
     plot(runs, summary, out / "accuracy.png")
+    report["plane"] = plane_figure(runs[0], out / "plane.png", grid=11 if quick else 21, progress=progress)
+    report["total_seconds"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(report, indent=1))
     report["table"] = format_table(summary, n_seeds)
     return report
 

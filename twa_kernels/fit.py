@@ -41,7 +41,9 @@ class FitError(ValueError):
     """A problem with a `twa fit` config."""
 
 
-def load_config(path: str | Path) -> dict:
+def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> dict:
+    """The checked config; `required` are the keys it must have (`twa connect` and `twa
+    plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
     import yaml
 
     path = Path(path)
@@ -59,7 +61,7 @@ def load_config(path: str | Path) -> dict:
     unknown = set(config) - KEYS
     if unknown:
         raise FitError(f"{path}: unknown key(s) {sorted(unknown)}; the keys are {sorted(KEYS)}")
-    for key in ("model", "data", "checkpoints"):
+    for key in required:
         if key not in config:
             raise FitError(f"{path}: missing required key {key!r}")
     if not isinstance(config["data"], dict) or "train" not in config["data"]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twa_kernels.averaging import update_bn
 from twa_kernels.io import Checkpoints, parameter_aliases
 from twa_kernels.ops import reconstruct, reconstruct_into
 from twa_kernels.quant import QuantizedBasis
@@ -168,40 +169,8 @@ class TWA(nn.Module):
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element,
-        unless call_fn(model, batch) is given."""
-        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            return
-        momenta = {m: m.momentum for m in norms}
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        was_training = self.module.training
-        self.module.train()
-        weights = {k: v.detach() for k, v in self.weights().items()}
-        # run through functional_call so that the averaged weights are used
-        proxy = _WithWeights(self.module, weights)
-        try:
-            for batch in loader:
-                if call_fn is not None:
-                    call_fn(proxy, batch)
-                else:
-                    proxy(batch[0] if isinstance(batch, (list, tuple)) else batch)
-        finally:
-            for m in norms:
-                m.momentum = momenta[m]
-            self.module.train(was_training)
-
-
-class _WithWeights(nn.Module):
-    """`module` called with fixed replacement weights."""
-
-    def __init__(self, module: nn.Module, weights: dict[str, Tensor]):
-        super().__init__()
-        self._inner, self._weights = [module], weights
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._inner[0], self._weights, args, kwargs)
+        unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn)."""
+        update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()})
 
 
 class _Workspace:

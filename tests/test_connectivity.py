@@ -1,0 +1,417 @@
+"""Weight-space geometry (tk.connectivity) on real data: scikit-learn's digits and a BatchNorm
+MLP. Barriers of a model with itself, of nearby epochs of one run and of two independent
+runs; BatchNorm modes against update_bn and the study's interpolated statistics; masks."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import twa_kernels as tk
+from twa_kernels import connectivity as C
+
+from digits import digits_splits, evaluate, make_model, train_checkpoints
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # these models are tiny: a second thread only adds contention on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    train, val, test = digits_splits()
+    # two runs from independent initialisations; 8 epochs each
+    return train, test, train_checkpoints(train, epochs=8, lr=0.05, seed=0), train_checkpoints(train, epochs=8,
+                                                                                               lr=0.05, seed=1)
+
+
+def _data(dataset):
+    return DataLoader(dataset, batch_size=512)
+
+
+def test_barrier_of_a_model_with_itself_is_zero(runs):
+    train, test, ckpts, _ = runs
+    for bn in C.BN_MODES:
+        r = C.interpolate(make_model(3), ckpts[-1], ckpts[-1], _data(test), bn=bn, bn_data=_data(train))
+        print(f"\nself, bn={bn}: loss barrier {r.loss_barrier:.3g}, error barrier {r.error_barrier:.3g}")
+        assert r.loss_barrier == 0.0 and r.error_barrier == 0.0
+        assert len(set(r.loss)) == 1 and len(r.alphas) == 11 and r.alphas[0] == 0.0 and r.alphas[-1] == 1.0
+
+
+def test_nearby_epochs_small_and_independent_runs_clearly_positive(runs):
+    train, test, ckpts, other = runs
+    near = C.interpolate(make_model(3), ckpts[-2], ckpts[-1], _data(test), bn_data=_data(train))
+    far = C.interpolate(make_model(3), ckpts[-1], other[-1], _data(test), bn_data=_data(train))
+    print(f"\nepochs 7 and 8 of one run: loss barrier {near.loss_barrier:.4f}, error barrier {near.error_barrier:.4f}")
+    print(f"two independent runs:      loss barrier {far.loss_barrier:.4f}, error barrier {far.error_barrier:.4f}")
+    print(far.table())
+    for r in (near, far):
+        assert all(0.0 <= e <= 1.0 for e in r.error)
+    assert near.loss_barrier < 0.02 and near.error_barrier < 0.015
+    assert far.loss_barrier > 0.1 and far.error_barrier > 0.03
+    assert far.loss_barrier > 5 * max(near.loss_barrier, 0.01)
+
+
+def test_recompute_at_the_ends_reproduces_each_checkpoint_after_update_bn(runs):
+    train, test, ckpts, other = runs
+    model = make_model(3)
+    before = copy.deepcopy(model.state_dict())
+    r = C.interpolate(model, ckpts[-1], other[-1], _data(test), steps=3, bn="recompute", bn_data=_data(train))
+    for alpha_index, state in ((0, ckpts[-1]), (-1, other[-1])):
+        plain = make_model(9)
+        plain.load_state_dict(state)
+        torch.optim.swa_utils.update_bn(_data(train), plain)
+        loss, acc = evaluate(plain, test)
+        assert r.loss[alpha_index] == pytest.approx(loss, abs=1e-5)
+        assert r.error[alpha_index] == pytest.approx(1 - acc, abs=1e-6)
+    # the model passed in is untouched: parameters and BatchNorm statistics
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_interpolate_mode_is_the_studys_lerp_of_every_entry(runs):
+    train, test, ckpts, other = runs
+    a, b = ckpts[-1], other[-1]
+    r = C.interpolate(make_model(3), a, b, _data(test), steps=5, bn="interpolate")
+    for i, alpha in enumerate(r.alphas):
+        plain = make_model(9)
+        plain.load_state_dict({k: torch.lerp(v, b[k], alpha) if v.is_floating_point() else v for k, v in a.items()})
+        loss, acc = evaluate(plain, test)
+        assert r.loss[i] == pytest.approx(loss, abs=1e-5) and r.error[i] == pytest.approx(1 - acc, abs=1e-6)
+    # at the ends it is each checkpoint with its own stored statistics
+    plain = make_model(9)
+    plain.load_state_dict(a)
+    assert r.loss[0] == pytest.approx(evaluate(plain, test)[0], abs=1e-5)
+
+
+def test_masks_are_applied_at_every_alpha(runs):
+    train, test, ckpts, other = runs
+    torch.manual_seed(0)
+    model = make_model(3)
+    masks = {name: torch.rand_like(p) > 0.5 for name, p in model.named_parameters() if p.dim() == 2}
+    r = C.interpolate(model, ckpts[-1], other[-1], _data(test), steps=3, masks=masks, bn_data=_data(train))
+    dense = C.interpolate(model, ckpts[-1], other[-1], _data(test), steps=3, bn_data=_data(train))
+    alpha = r.alphas[1]
+    state = {k: torch.lerp(v, other[-1][k], alpha) if v.is_floating_point() else v for k, v in ckpts[-1].items()}
+    for name, m in masks.items():
+        state[name] = state[name] * m
+    plain = make_model(9)
+    plain.load_state_dict(state)
+    torch.optim.swa_utils.update_bn(_data(train), plain)
+    loss, acc = evaluate(plain, test)
+    assert r.loss[1] == pytest.approx(loss, abs=1e-5) and r.error[1] == pytest.approx(1 - acc, abs=1e-6)
+    assert abs(r.loss[1] - dense.loss[1]) > 0.1  # half the weights gone: not the dense interpolant
+
+
+def test_interpolate_named_errors(runs, tmp_path):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    with pytest.raises(ValueError, match="steps must be"):
+        C.interpolate(model, ckpts[0], ckpts[1], _data(test), steps=1)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        C.interpolate(model, ckpts[0], ckpts[1], _data(test), bn="average")
+    bad = dict(ckpts[1])
+    bad["0.weight"] = torch.zeros(40, 64)
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint #1: key '0.weight' has shape \(40, 64\)"):
+        C.interpolate(model, ckpts[0], bad, _data(test))
+    path = tk.save_state_dict({k: v for k, v in ckpts[1].items() if k != "3.bias"}, tmp_path / "b.pt")
+    with pytest.raises(tk.CheckpointError, match=r"b.pt: missing key .3.bias."):
+        C.interpolate(model, ckpts[0], path, _data(test))
+    with pytest.raises(ValueError, match="mask for '0.weight' has shape"):
+        C.interpolate(model, ckpts[0], ckpts[1], _data(test), masks={"0.weight": torch.ones(3)})
+    with pytest.raises(ValueError, match="no batches"):
+        C.interpolate(model, ckpts[0], ckpts[1], iter([]), bn="none")
+
+
+# ---- planes --------------------------------------------------------------------------------
+
+
+def _flat(state, model):
+    return torch.cat([state[n].reshape(-1).double() for n, _ in model.named_parameters()])
+
+
+def _orthonormal_frame(a, b, c):
+    u = b - a
+    u = u / u.norm()
+    v = (c - a) - ((c - a) @ u) * u
+    return u, v / v.norm()
+
+
+def _plain_state(flat, model, template):
+    state, offset = dict(template), 0
+    for name, p in model.named_parameters():
+        state[name] = flat[offset:offset + p.numel()].view(p.shape).float()
+        offset += p.numel()
+    return state
+
+
+@pytest.fixture(scope="module")
+def dense_plane(runs):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    return C.plane(model, [ckpts[1], ckpts[4], ckpts[7]], _data(test), grid=(6, 5), bn_data=_data(train),
+                   points={"SWA": tk.uniform_average([ckpts[1], ckpts[4], ckpts[7]]), "epoch 6": ckpts[5]})
+
+
+def test_plane_through_reconstruct_matches_dense_weights_at_random_points(runs, dense_plane):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    a, b, c = (_flat(ckpts[i], model) for i in (1, 4, 7))
+    u, v = _orthonormal_frame(a, b, c)
+    p = dense_plane
+    assert p.loss.shape == (5, 6) and p.bits is None
+    # the anchors sit where the orthonormal frame puts them
+    names = p.anchors
+    assert p.points[names[0]][:2] == (0.0, 0.0)
+    assert p.points[names[1]].x == pytest.approx(float((b - a).norm()), rel=1e-6)
+    assert p.points[names[2]].x == pytest.approx(float((c - a) @ u), rel=1e-5)
+    assert p.points[names[2]].y == pytest.approx(float((c - a) @ v), rel=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        i, j = int(torch.randint(5, (1,), generator=generator)), int(torch.randint(6, (1,), generator=generator))
+        dense = a + p.xs[j] * u + p.ys[i] * v
+        got = torch.cat([t.reshape(-1) for t in p.state_dict_at(p.xs[j], p.ys[i]).values()]).double()
+        torch.testing.assert_close(got, dense, rtol=0, atol=2e-6)
+        plain = make_model(9)
+        plain.load_state_dict(_plain_state(dense, model, ckpts[1]))
+        torch.optim.swa_utils.update_bn(_data(train), plain)
+        loss, acc = evaluate(plain, test)
+        assert p.loss[i, j] == pytest.approx(loss, abs=1e-4) and p.error[i, j] == pytest.approx(1 - acc, abs=2e-3)
+
+
+def test_extra_points_are_projected_with_their_distance(runs, dense_plane):
+    _, _, ckpts, _ = runs
+    model = make_model(3)
+    p = dense_plane
+    anchors = [p.points[n] for n in p.anchors]
+    swa = p.points["SWA"]  # the mean of the three anchors lies in their plane
+    assert swa.x == pytest.approx(sum(q.x for q in anchors) / 3, abs=1e-5)
+    assert swa.y == pytest.approx(sum(q.y for q in anchors) / 3, abs=1e-5)
+    assert swa.distance < 1e-4
+    a, b, c, d = (_flat(ckpts[i], model) for i in (1, 4, 7, 5))
+    u, v = _orthonormal_frame(a, b, c)
+    off = d - a
+    residual = off - (off @ u) * u - (off @ v) * v
+    point = p.points["epoch 6"]
+    print(f"\nepoch 6 in the plane of epochs 2, 5, 8: ({point.x:.4f}, {point.y:.4f}), distance {point.distance:.4f}")
+    assert point.x == pytest.approx(float(off @ u), rel=1e-5) and point.y == pytest.approx(float(off @ v), rel=1e-5)
+    assert point.distance == pytest.approx(float(residual.norm()), rel=1e-4) and point.distance > 0.05
+    # the grid spans every point with the margin
+    assert p.xs[0] < min(q.x for q in p.points.values()) and p.xs[-1] > max(q.x for q in p.points.values())
+
+
+def test_four_bit_plane_is_the_dense_plane_of_its_dequantised_directions(runs, dense_plane):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    p = C.plane(model, [ckpts[1], ckpts[4], ckpts[7]], _data(test), grid=(3, 3), bits=4, bn_data=_data(train))
+    a, b, c = (_flat(ckpts[i], model) for i in (1, 4, 7))
+    rows = tk.dequantize(p.frame.basis).double()
+    # the packed directions are b - a and c - a within the quantisation bound (half a step per group)
+    for row, exact in zip(rows, (b - a, c - a)):
+        step = (exact.view(-1)[: exact.numel() // 128 * 128].view(-1, 128).aminmax(dim=1))
+        bound = ((step.max - step.min) / 15 / 2).repeat_interleave(128)
+        assert bool(((row[: bound.numel()] - exact[: bound.numel()]).abs() <= bound + 1e-6).all())
+    u, v = _orthonormal_frame(a, a + rows[0], a + rows[1])
+    for i, j in ((0, 0), (1, 2), (2, 1), (2, 2), (0, 2)):
+        got = torch.cat([t.reshape(-1) for t in p.state_dict_at(p.xs[j], p.ys[i]).values()]).double()
+        torch.testing.assert_close(got, a + p.xs[j] * u + p.ys[i] * v, rtol=0, atol=2e-6)
+    # at the middle grid point the 4-bit plane's loss is near that of the exact directions' point
+    u, v = _orthonormal_frame(a, b, c)
+    plain = make_model(9)
+    plain.load_state_dict(_plain_state(a + p.xs[1] * u + p.ys[1] * v, model, ckpts[1]))
+    torch.optim.swa_utils.update_bn(_data(train), plain)
+    exact = evaluate(plain, test)[0]
+    print(f"\nmiddle of the 4-bit plane: loss {float(p.loss[1, 1]):.4f}, with exact directions {exact:.4f}")
+    assert abs(float(p.loss[1, 1]) - exact) < 0.02
+
+
+def test_plane_through_a_subspace_slice(runs):
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    sub = tk.Subspace.from_checkpoints(ckpts[2:7], bits=None, granularity="model", orthonormalize=True,
+                                       parameter_names=[n for n, _ in model.named_parameters()])
+    p = C.plane(model, sub, _data(test), grid=2, dims=(1, 3), bn_data=_data(train))
+    q = tk.dequantize(sub.basis).double()
+    for x, y in ((p.xs[0], p.ys[1]), (0.3, -0.2)):
+        got = torch.cat([t.reshape(-1) for t in p.state_dict_at(x, y).values()]).double()
+        torch.testing.assert_close(got, sub.center.double() + x * q[1] + y * q[3], rtol=0, atol=2e-6)
+    assert p.anchors == ["center"] and p.loss.shape == (2, 2)
+
+
+def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
+    _, test, ckpts, _ = runs
+    model = make_model(3)
+    with pytest.raises(ValueError, match="at least 2 points along each axis"):
+        C.plane(model, ckpts[:3], _data(test), grid=(1, 5))
+    with pytest.raises(ValueError, match="exactly 3 checkpoints"):
+        C.plane(model, ckpts[:2], _data(test))
+    collinear = {k: 2 * ckpts[1][k] - ckpts[0][k] if v.is_floating_point() else v for k, v in ckpts[0].items()}
+    with pytest.raises(ValueError, match="collinear"):
+        C.plane(model, [ckpts[0], ckpts[1], collinear], _data(test), grid=2)
+    bad = dict(ckpts[2])
+    bad["3.weight"] = torch.zeros(10, 40)
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint #2: key '3.weight' has shape \(10, 40\)"):
+        C.plane(model, [ckpts[0], ckpts[1], bad], _data(test), grid=2)
+    png = C.plot_plane(dense_plane, tmp_path / "plane.png", points={"epoch 7": ckpts[6]})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
+
+
+# ---- sharpness -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2,110-parameter tanh MLP in float64 trained to a minimum on digits, its loss on 128
+    samples in two batches of unequal size, and the exact Hessian of that loss."""
+    import math
+
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.func import functional_call
+
+    train, _, _ = digits_splits()
+    x, y = train.tensors[0].double(), train.tensors[1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 28), nn.Tanh(), nn.Linear(28, 10)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(200):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    data = [(x[:80], y[:80]), (x[80:128], y[80:128])]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(flat):
+        params = {n: t.view(s) for n, t, s in zip(names, flat.split([math.prod(s) for s in shapes]), shapes)}
+        return F.cross_entropy(functional_call(model, params, (x[:128],)), y[:128])
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return model, data, torch.func.hessian(loss)(flat)
+
+
+def test_hutchinson_diagonal_matches_the_exact_hessian(tiny):
+    import torch.nn.functional as F
+
+    model, data, hessian = tiny
+    exact = hessian.diagonal()
+    probes = 30000
+    estimate = C.hessian_diagonal(model, F.cross_entropy, data, samples=probes, chunk=500)
+    assert [tuple(t.shape) for t in estimate.values()] == [tuple(p.shape) for p in model.parameters()]
+    got = torch.cat([t.reshape(-1) for t in estimate.values()])
+    significant = exact.abs() > 1e-3 * exact.abs().mean()  # the rest are zero (pixels that are always 0) or nearly
+    relative = ((got - exact).abs() / exact.abs())[significant]
+    weighted = float((got - exact).abs().sum() / exact.abs().sum())
+    print(f"\nHutchinson, {probes} Rademacher probes, {exact.numel()} parameters: mean relative error per entry "
+          f"{float(relative.mean()):.3f} over {int(significant.sum())} entries (median {float(relative.median()):.3f}), "
+          f"magnitude-weighted {weighted:.3f}; the other entries within {float((got - exact)[~significant].abs().max()):.1e}")
+    assert float(relative.mean()) < 0.10
+    assert float((got - exact)[~significant].abs().max()) < 1e-2 * float(exact.abs().mean())
+
+
+def test_power_iteration_finds_the_top_eigenvalue(tiny):
+    import torch.nn.functional as F
+
+    model, data, hessian = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = C.top_eigenvalue(model, F.cross_entropy, data, iters=200, tol=1e-6)
+    top = float(torch.linalg.eigvalsh(hessian)[-1])
+    print(f"\npower iteration: {result.value:.6f} after {len(result.trace)} products; eigvalsh: {top:.6f}")
+    assert result.converged and result.value == pytest.approx(top, rel=1e-2)
+    assert result.trace[-1] == result.value and len(result.trace) > 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- the CLI: `twa connect` and `twa plane` ---------------------------------------------------
+
+USER_PACKAGE = '''
+from torch.utils.data import DataLoader
+from digits import digits_splits, make_model as _make
+
+def make_model():
+    return _make(0)
+
+def train_loader():
+    return DataLoader(digits_splits()[0], batch_size=512)
+
+def test_loader():
+    return DataLoader(digits_splits()[2], batch_size=512)
+'''
+
+
+@pytest.fixture(scope="module")
+def project(runs, tmp_path_factory):
+    """A user's package, a config without checkpoints, and checkpoint files."""
+    import yaml
+
+    _, _, ckpts, other = runs
+    root = tmp_path_factory.mktemp("geometry")
+    (root / "geomuser.py").write_text(USER_PACKAGE)
+    (root / "config.yaml").write_text(yaml.safe_dump(dict(model="geomuser:make_model", data=dict(
+        train="geomuser:train_loader", val="geomuser:test_loader"))))
+    paths = {f"e{i + 1}": tk.save_state_dict(state, root / f"e{i + 1}.pt") for i, state in enumerate(ckpts)}
+    paths["other"] = tk.save_state_dict(other[-1], root / "other.safetensors")
+    return root, paths
+
+
+def _run_cli(args, root, monkeypatch, capsys):
+    from twa_kernels import cli
+
+    monkeypatch.syspath_prepend(str(root))
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_connect_prints_barriers_and_writes_the_plot(project, runs, monkeypatch, capsys):
+    root, paths = project
+    train, test, ckpts, other = runs
+    code, out, err = _run_cli(["connect", str(paths["e8"]), str(paths["other"]), "--config", str(root / "config.yaml"),
+                               "--steps", "5", "--out", str(root / "connect.png")], root, monkeypatch, capsys)
+    assert code == 0, err
+    expected = C.interpolate(make_model(0), ckpts[-1], other[-1], _data(test), steps=5, bn_data=_data(train))
+    assert f"barrier: loss {expected.loss_barrier:.4f}" in out and "data.val" in out
+    assert (root / "connect.png").read_bytes()[:4] == b"\x89PNG"
+    import json
+
+    saved = json.loads((root / "connect.json").read_text())
+    assert saved["loss_barrier"] == pytest.approx(expected.loss_barrier, abs=1e-6) and len(saved["alphas"]) == 5
+    assert "interpolating" in err  # the progress bar
+
+
+def test_cli_plane_writes_the_contour_with_extra_points(project, monkeypatch, capsys):
+    root, paths = project
+    code, out, err = _run_cli(["plane", str(paths["e2"]), str(paths["e5"]), str(paths["e8"]), "--config",
+                               str(root / "config.yaml"), "--grid", "4", "3", "--bits", "4", "--point",
+                               f"E7={paths['e7']}", "--out", str(root / "plane.png")], root, monkeypatch, capsys)
+    assert code == 0, err
+    assert "E7" in out and "lowest loss on the grid" in out and "4x3 grid" in out and "4-bit" in out
+    assert (root / "plane.png").stat().st_size > 10_000
+    assert "plane" in err  # the progress bar
+
+
+def test_cli_named_errors(project, monkeypatch, capsys):
+    root, paths = project
+    bad = dict(tk.load_state_dict(paths["e1"]))
+    bad["0.weight"] = torch.zeros(40, 64)
+    tk.save_state_dict(bad, root / "wrong.pt")
+    config = str(root / "config.yaml")
+    code, _, err = _run_cli(["connect", str(paths["e1"]), str(root / "wrong.pt"), "--config", config],
+                            root, monkeypatch, capsys)
+    assert code == 2 and "wrong.pt: key '0.weight' has shape (40, 64) but the model's is (48, 64)" in err
+    code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", config,
+                             "--grid", "1"], root, monkeypatch, capsys)
+    assert code == 2 and "grid must have at least 2 points along each axis" in err
+    code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", config,
+                             "--point", "SWA"], root, monkeypatch, capsys)
+    assert code == 2 and "NAME=PATH" in err
+    code, _, err = _run_cli(["connect", str(paths["e1"]), str(root / "missing.pt"), "--config", config],
+                            root, monkeypatch, capsys)
+    assert code == 2 and "missing.pt: no such checkpoint file" in err

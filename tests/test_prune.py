@@ -1,0 +1,246 @@
+"""Iterative magnitude pruning: masks against torch.nn.utils.prune, sparsity per round,
+nesting, exact zeros through SGD+momentum and AdamW, bit-exact rewinding, resuming a killed
+run, and the named errors."""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from torch.utils.data import DataLoader, TensorDataset
+
+import twa_kernels as tk
+from twa_kernels.prune import PruningError
+
+from digits import digits_splits, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models and batches: one torch thread is as fast as two, and cannot be starved
+    by oversubscription when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def conv_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, _, _ = digits_splits()
+    x, y = train.tensors
+    return TensorDataset(x[:400], y[:400])
+
+
+def _one_epoch(model, data, seed=0, lr=0.05):
+    tk.prune.train_classifier(model, data, epochs=1, lr=lr, seed=seed, batch_size=64)
+
+
+def test_one_round_matches_torch_global_unstructured():
+    model = conv_model()
+    reference = copy.deepcopy(model)
+    params = [(m, "weight") for m in reference if isinstance(m, (nn.Conv2d, nn.Linear))]
+    masks = None
+    for amount in (0.3, 0.45):  # the second round prunes within the first round's mask
+        masks = tk.prune.global_magnitude_masks(model, amount, masks=masks)
+        torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=amount)
+        for (name, mask), (module, _) in zip(masks.items(), params):
+            assert torch.equal(mask, module.weight_mask.bool()), name
+        with tk.prune.apply_masks(model, masks):
+            pass  # zero the pruned weights, as torch's reparametrization does for its scores
+    assert masks["0.weight"].dtype == torch.bool
+    assert set(masks) == {"0.weight", "2.weight", "4.weight"}
+
+
+def test_five_rounds_reach_the_sparsity_with_nested_masks(tmp_path, digits):
+    model = make_model(0)
+    result = tk.prune.imp(model, lambda m, r: _one_epoch(m, digits, seed=r), rounds=5, rate=0.2, out_dir=tmp_path)
+    sizes = {name: m.numel() for name, m in result.masks[0].items()}
+    total = sum(sizes.values())
+    kept = sum(int(m.sum()) for m in result.masks[-1].values())
+    assert abs(kept - 0.8 ** 5 * total) <= len(sizes), (kept, 0.8 ** 5 * total)
+    assert result.sparsity[-1] == pytest.approx(1 - 0.8 ** 5, abs=len(sizes) / total)
+    for outer, inner in zip(result.masks, result.masks[1:]):
+        for name in outer:
+            assert not (inner[name] & ~outer[name]).any(), name  # inner is inside outer
+        assert tk.prune.sparsity(inner) > tk.prune.sparsity(outer)
+    for r in range(6):
+        trained = result.trained(r)
+        for name, mask in result.masks[r].items():
+            assert torch.equal(trained[name][~mask], torch.zeros_like(trained[name][~mask]))
+    # model ends at the last round's trained weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, result.trained(5)[key]), key
+
+
+def test_layer_scope_prunes_each_tensor_by_the_rate():
+    model = conv_model()
+    masks = tk.prune.global_magnitude_masks(model, 0.25, scope="layer")
+    for name, mask in masks.items():
+        assert mask.numel() - int(mask.sum()) == round(0.25 * mask.numel()), name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
+def test_pruned_weights_stay_exactly_zero_through_training(optimizer, digits):
+    torch.manual_seed(0)
+    model = make_model(0).double()
+    data = TensorDataset(digits.tensors[0].double(), digits.tensors[1])
+    if optimizer == "sgd_momentum":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    # dense steps first: the optimizer's momentum / Adam moments are nonzero at every entry
+    # when the mask arrives, which is what would move pruned weights if only grads were masked
+    loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    masks = tk.prune.global_magnitude_masks(model, 0.6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with tk.prune.apply_masks(model, masks):
+        for _ in range(2):
+            for x, y in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    after = model.state_dict()
+    assert set(after) == set(before)  # plain keys again
+    for name, mask in masks.items():
+        assert (after[name][~mask] == 0).all(), name
+        assert not torch.equal(after[name][mask], before[name][mask]), name  # kept weights trained
+    assert model[0].weight is opt.param_groups[0]["params"][0]  # same parameter objects throughout
+
+
+def test_rewinding_is_bit_exact_to_init_and_to_step_k(tmp_path, digits):
+    for rewind in ("init", 3):
+        model = make_model(1).double()
+        data = TensorDataset(digits.tensors[0].double(), digits.tensors[1])
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        seen = {}
+
+        def train_fn(m, r):
+            # what the round starts from, read through the mask: the effective weights
+            seen[r] = {n: mod.weight.detach().clone() for n, mod in tk.prune.prunable_weights(m).items()}
+            seen[r]["buffers"] = {k: v.clone() for k, v in m.named_buffers() if "mask" not in k}
+            opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+            for step, (x, y) in enumerate(DataLoader(data, batch_size=64, shuffle=True,
+                                                     generator=torch.Generator().manual_seed(r))):
+                opt.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+                if r == 0 and step + 1 == 3:
+                    seen["step3"] = {k: v.clone() for k, v in m.state_dict().items()}
+
+        result = tk.prune.imp(model, train_fn, rounds=2, rate=0.5, rewind=rewind, out_dir=tmp_path / str(rewind))
+        point = init if rewind == "init" else seen["step3"]
+        assert not torch.equal(point["0.weight"], init["0.weight"]) or rewind == "init"
+        for key, value in result.rewind_state().items():
+            assert torch.equal(value, point[key]), key
+        for r in (1, 2):
+            rewound = result.rewound(r)
+            for name, mask in result.masks[r].items():
+                assert torch.equal(seen[r][name][mask], point[name][mask]), (rewind, r, name)
+                assert torch.equal(rewound[name][mask], point[name][mask])
+                assert (seen[r][name][~mask] == 0).all() and (rewound[name][~mask] == 0).all()
+            for key, value in seen[r]["buffers"].items():  # BatchNorm statistics rewound too
+                assert torch.equal(value, point[key]), key
+
+
+_KILLED_RUN = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    import twa_kernels as tk
+    from digits import make_model
+    from test_prune import small_train_fn
+    inner = small_train_fn()
+    def train_fn(model, r):
+        if r == 3:
+            os._exit(3)  # killed at the start of round 3: rounds 0-2 are on disk
+        inner(model, r)
+    tk.prune.imp(make_model(0), train_fn, rounds=5, rate=0.3, out_dir={out!r})
+""")
+
+
+def small_train_fn():
+    train, _, _ = digits_splits()
+    x, y = train.tensors
+    return tk.prune.classification_train_fn(TensorDataset(x[:300], y[:300]), epochs=1, seed=7)
+
+
+def test_killed_run_resumes_after_the_last_finished_round(tmp_path):
+    out = tmp_path / "killed"
+    code = _KILLED_RUN.format(tests=str(ROOT / "tests"), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=180, capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    manifest = json.loads((out / "imp.json").read_text())
+    assert manifest["done"] == 2 and len(manifest["files"]) == 3
+
+    # one thread here (the module's fixture) as in the killed process: the same arithmetic
+    inner, rounds_run = small_train_fn(), []
+
+    def train_fn(model, r):
+        rounds_run.append(r)
+        inner(model, r)
+
+    resumed = tk.prune.imp(make_model(0), train_fn, rounds=5, rate=0.3, out_dir=out)
+    full = tk.prune.imp(make_model(0), small_train_fn(), rounds=5, rate=0.3, out_dir=tmp_path / "full")
+    assert rounds_run == [3, 4, 5]  # rounds 0-2 were not redone
+    assert len(resumed.masks) == len(full.masks) == 6
+    for r, (a, b) in enumerate(zip(resumed.masks, full.masks)):
+        for name in a:
+            assert torch.equal(a[name], b[name]), (r, name)
+    for key, value in resumed.trained(5).items():
+        assert torch.equal(value, full.trained(5)[key]), key
+    # a finished run asked again does nothing and returns the same masks
+    again = tk.prune.imp(make_model(0), lambda m, r: pytest.fail("retrained"), rounds=5, rate=0.3, out_dir=out)
+    assert all(torch.equal(again.masks[5][n], full.masks[5][n]) for n in full.masks[5])
+    with pytest.raises(PruningError, match="rate=0.3.*new out_dir"):
+        tk.prune.imp(make_model(0), small_train_fn(), rounds=5, rate=0.2, out_dir=out)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, -0.1, 1.5])
+def test_rate_outside_zero_one_is_a_named_error(rate, tmp_path):
+    with pytest.raises(PruningError, match=r"rate must lie in \(0, 1\)"):
+        tk.prune.imp(make_model(0), lambda m, r: None, rounds=2, rate=rate, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("rounds", [0, -1])
+def test_rounds_below_one_is_a_named_error(rounds, tmp_path):
+    with pytest.raises(PruningError, match="rounds must be an int >= 1"):
+        tk.prune.imp(make_model(0), lambda m, r: None, rounds=rounds, out_dir=tmp_path)
+
+
+def test_train_fn_that_changes_parameter_shapes_is_a_named_error(tmp_path):
+    def widen(model, r):
+        model[3] = nn.Linear(48, 12)
+
+    with pytest.raises(PruningError, match=r"train_fn changed the model in round 0: '3.weight' was \(10, 48\)"):
+        tk.prune.imp(make_model(0), widen, rounds=2, out_dir=tmp_path)
+
+
+def test_other_bad_inputs_are_named(tmp_path):
+    model = make_model(0)
+    with pytest.raises(PruningError, match="not prunable.*choose from"):
+        tk.prune.global_magnitude_masks(model, 0.2, layers=["1"])  # the BatchNorm
+    with pytest.raises(PruningError, match="rewind must be"):
+        tk.prune.imp(model, lambda m, r: None, rounds=1, rewind="start", out_dir=tmp_path)
+    with pytest.raises(PruningError, match="rewind=1000, but round 0 made only 0 optimizer steps"):
+        tk.prune.imp(model, lambda m, r: None, rounds=1, rewind=1000, out_dir=tmp_path / "k")
+    with pytest.raises(PruningError, match="has shape"):
+        tk.prune.global_magnitude_masks(model, 0.2, masks={"0.weight": torch.ones(3, dtype=torch.bool)})

@@ -1,0 +1,410 @@
+"""Iterative magnitude pruning (IMP) with weight rewinding (Frankle & Carbin 2019; Frankle et
+al. 2020), the pruning used by the sparse-network stability study (McDermott & Cummings,
+arXiv 2310.18769).
+
+    masks = tk.prune.global_magnitude_masks(model, 0.2)          # one round, {name: bool}
+    result = tk.prune.imp(model, train_fn, rounds=5, rate=0.2, rewind="init", out_dir="imp")
+    result.masks[-1], result.sparsity[-1]                        # the last round's mask
+
+Round 0 trains the dense model. Round r >= 1 removes `rate` of the weights that are still
+kept, by magnitude of the weights round r - 1 trained (globally over all prunable tensors,
+or per tensor), rewinds the kept weights to the rewind point (the initialisation, or the
+weights after k optimizer steps of round 0), and trains again. After r rounds the sparsity
+is 1 - (1 - rate)^r and every mask lies inside the one before it.
+
+The prunable weights are the `weight` of every Linear and Conv layer (biases and
+normalisation layers stay dense, as in the lottery-ticket literature); `layers` narrows
+them. During training a mask is a parametrization (`weight = where(mask, original, 0)`), so
+whatever the optimizer does to the stored entries (momentum, Adam moments, weight decay) the
+network computes with exact zeros, and when training ends the masked values are written
+back: the trained weights are exactly zero where pruned. The parameter objects stay the same
+throughout, so an optimizer built before or during training stays valid.
+
+Every round writes its mask, its rewound weights and its trained weights as safetensors into
+`out_dir`, then updates `imp.json` atomically; a run that is killed resumes after the last
+round that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.data import DataLoader, Dataset
+
+from twa_kernels.io import StateDict, load_state_dict, save_state_dict
+
+logger = logging.getLogger(__name__)
+
+Masks = dict[str, Tensor]
+TrainFn = Callable[[nn.Module, int], None]
+_MANIFEST = "imp.json"
+_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class PruningError(ValueError):
+    """Bad pruning input: a rate, a round count, a layer name, a train_fn or an out_dir."""
+
+
+def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """{parameter name: module} for the weights that pruning considers: the `weight` of every
+    Linear and Conv layer, in module order. `layers` keeps only the named ones (a module name
+    such as "features.0" or a parameter name such as "features.0.weight")."""
+    found = {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
+             if isinstance(module, _PRUNABLE) and getattr(module, "weight", None) is not None}
+    if layers is None:
+        if not found:
+            raise PruningError("the model has no Linear or Conv layer to prune")
+        return found
+    wanted = {name if name.endswith("weight") else f"{name}.weight" for name in layers}
+    unknown = sorted(wanted - found.keys())
+    if unknown:
+        raise PruningError(f"layers {unknown} are not prunable Linear/Conv weights of the model; "
+                           f"choose from {sorted(found)}")
+    if not wanted:
+        raise PruningError("layers is empty; name at least one Linear/Conv layer, or pass layers=None for all")
+    return {name: module for name, module in found.items() if name in wanted}
+
+
+def _count_to_prune(amount: float | int, remaining: int) -> int:
+    # torch.nn.utils.prune's rule: a float is a fraction of the remaining entries (rounded
+    # half to even, as Python's round), an int is a count
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise PruningError(f"amount must be a float in [0, 1] or an int count, got {amount!r}")
+    if isinstance(amount, int):
+        if not 0 <= amount <= remaining:
+            raise PruningError(f"amount={amount} weights to prune, but only {remaining} are left")
+        return amount
+    if not 0.0 <= amount <= 1.0:
+        raise PruningError(f"amount={amount} is a fraction and must lie in [0, 1]")
+    return round(amount * remaining)
+
+
+@torch.no_grad()
+def global_magnitude_masks(
+    model: nn.Module,
+    amount: float | int,
+    masks: Mapping[str, Tensor] | None = None,
+    layers: Iterable[str] | None = None,
+    scope: str = "global",
+) -> Masks:
+    """One round of magnitude pruning: {parameter name: bool mask, True = kept}.
+
+    Removes `amount` (a fraction of the entries still kept by `masks`, or an int count) of
+    the smallest-magnitude weights, ranked over all prunable tensors together (scope
+    "global") or within each tensor (scope "layer"). The result lies inside `masks`. With
+    scope "global" this is the mask of torch.nn.utils.prune.global_unstructured with
+    L1Unstructured at the same amount.
+    """
+    if scope not in ("global", "layer"):
+        raise PruningError(f"scope must be 'global' or 'layer', got {scope!r}")
+    modules = prunable_weights(model, layers)
+    prior = {}
+    for name, module in modules.items():
+        weight = module.weight
+        mask = masks.get(name) if masks is not None else None
+        if mask is None:
+            mask = torch.ones_like(weight, dtype=torch.bool)
+        elif mask.shape != weight.shape:
+            raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
+                               f"{tuple(weight.shape)}; masks must come from this model")
+        prior[name] = mask.to(device=weight.device, dtype=torch.bool)
+    groups = [list(modules)] if scope == "global" else [[name] for name in modules]
+    out = {name: mask.clone() for name, mask in prior.items()}
+    for names in groups:
+        # |w| over the kept entries, flattened tensor by tensor in module order (the order
+        # parameters_to_vector uses), so ties break as in torch's global_unstructured
+        scores = torch.cat([modules[n].weight.detach().abs().double().reshape(-1)[prior[n].reshape(-1)]
+                            for n in names])
+        k = _count_to_prune(amount, scores.numel())
+        if k == 0:
+            continue
+        drop = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        drop[torch.topk(scores, k, largest=False).indices] = True
+        start = 0
+        for n in names:
+            flat = out[n].reshape(-1)
+            kept = flat.nonzero().squeeze(1)
+            flat[kept[drop[start:start + kept.numel()]]] = False
+            start += kept.numel()
+    return out
+
+
+def sparsity(masks: Mapping[str, Tensor]) -> float:
+    """The fraction of masked-out entries over all tensors of `masks`."""
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+class _Mask(nn.Module):
+    """weight = where(mask, original, 0): pruned entries are +0 whatever `original` holds."""
+
+    def __init__(self, mask: Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+@contextmanager
+def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """Train `model` with `masks` held: inside the block each masked weight is a
+    parametrization (`model.layer.weight` is the masked tensor; the stored parameter, the
+    same object as before, is `model.layer.parametrizations.weight.original`). On exit the
+    masked values are written back into the parameters, so pruned entries are exactly zero,
+    and the model is plain again (its state_dict keys unchanged)."""
+    modules = prunable_weights(model)
+    unknown = sorted(set(masks) - set(modules))
+    if unknown:
+        raise PruningError(f"masks name {unknown}, which are not prunable weights of the model ({sorted(modules)})")
+    done = []
+    try:
+        for name, mask in masks.items():
+            module = modules[name]
+            if mask.shape != module.weight.shape:
+                raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
+                                   f"{tuple(module.weight.shape)}")
+            if parametrize.is_parametrized(module, "weight"):
+                raise PruningError(f"{name} is already parametrized; remove its parametrization before masking")
+            parametrize.register_parametrization(
+                module, "weight", _Mask(mask.to(device=module.weight.device, dtype=torch.bool)))
+            done.append(module)
+        yield model
+    finally:
+        for module in done:
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> StateDict:
+    """A copy of `state` with the masked-out entries of each masked tensor set to zero."""
+    return {k: torch.where(masks[k].to(v.device), v, torch.zeros((), dtype=v.dtype)) if k in masks else v.clone()
+            for k, v in state.items()}
+
+
+def train_classifier(
+    model: nn.Module,
+    data: Dataset,
+    epochs: int = 10,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+    schedule: str = "cosine",
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+) -> None:
+    """The default training loop: cross-entropy, SGD with momentum (or `optimizer(params)`),
+    a cosine or constant learning rate, data shuffled by `seed` (the SGD noise)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    device = next(model.parameters()).device
+    opt = (optimizer(model.parameters()) if optimizer is not None else
+           torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader)) if schedule == "cosine"
+             else None)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+
+
+def classification_train_fn(data: Dataset, epochs: int = 10, seed: int = 0, **kwargs) -> TrainFn:
+    """A train_fn for `imp`: `train_classifier(model, data, epochs, seed=seed, **kwargs)` in
+    every round (the same data order each round, as IMP usually does)."""
+
+    def train_fn(model: nn.Module, round: int) -> None:
+        train_classifier(model, data, epochs=epochs, seed=seed, **kwargs)
+
+    return train_fn
+
+
+@contextmanager
+def _capture_after_steps(model: nn.Module, steps: int) -> Iterator[dict]:
+    """Snapshot model.state_dict() after the `steps`-th optimizer.step() on the model's
+    parameters (any torch.optim optimizer: a global step hook, so any training loop works)."""
+    ids = {id(p) for p in model.parameters()}
+    holder: dict = {"count": 0}
+
+    def hook(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        if not any(id(p) in ids for group in opt.param_groups for p in group["params"]):
+            return
+        holder["count"] += 1
+        if holder["count"] == steps:
+            holder["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield holder
+    finally:
+        handle.remove()
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _clone_state(model: nn.Module) -> StateDict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _shapes(state: Mapping[str, Tensor]) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+@dataclass
+class IMPResult:
+    """What `imp` found. Round 0 is the dense model (all-True masks)."""
+
+    out_dir: Path
+    masks: list[Masks]
+    sparsity: list[float]
+    rewind: str | int
+    files: list[dict[str, str]] = field(default_factory=list)
+
+    def rewound(self, round: int) -> StateDict:
+        """The weights round `round` started training from (the rewind point, masked)."""
+        return load_state_dict(self.out_dir / self.files[round]["rewound"])
+
+    def trained(self, round: int) -> StateDict:
+        """The weights after round `round`'s training (exactly zero where pruned)."""
+        return load_state_dict(self.out_dir / self.files[round]["trained"])
+
+    def rewind_state(self) -> StateDict:
+        """The unmasked rewind point: the initialisation or the weights after k steps."""
+        return load_state_dict(self.out_dir / "rewind.safetensors")
+
+
+def _check_args(rounds: int, rate: float, rewind: str | int, scope: str) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PruningError(f"rounds must be an int >= 1 (pruning rounds after the dense round 0), got {rounds!r}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
+        raise PruningError(f"rate must lie in (0, 1): the fraction of the remaining weights removed per round, "
+                           f"got {rate!r}")
+    if not (rewind == "init" or (isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0)):
+        raise PruningError(f"rewind must be 'init' or a step count k >= 0 (the weights after k optimizer steps "
+                           f"of round 0), got {rewind!r}")
+    if scope not in ("global", "layer"):
+        raise PruningError(f"scope must be 'global' or 'layer', got {scope!r}")
+
+
+def imp(
+    model: nn.Module,
+    train_fn: TrainFn,
+    rounds: int,
+    rate: float = 0.2,
+    rewind: str | int = "init",
+    out_dir: str | os.PathLike = "imp",
+    scope: str = "global",
+    layers: Iterable[str] | None = None,
+    progress: bool = False,
+) -> IMPResult:
+    """Iterative magnitude pruning with rewinding; see the module docstring.
+
+    `train_fn(model, round)` trains `model` in place (round 0 dense, then with the round's
+    mask held by `apply_masks`); `classification_train_fn` gives one. `rewind` is "init" or
+    k: the state after the k-th `optimizer.step()` of round 0 (counted over any torch.optim
+    optimizer holding the model's parameters). Rewinding restores the whole state_dict
+    (BatchNorm statistics too) and zeroes the pruned weights. `model` ends holding the last
+    round's trained weights. With files of an earlier run with the same settings in
+    `out_dir`, the run resumes after its last finished round.
+    """
+    _check_args(rounds, rate, rewind, scope)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(prunable_weights(model, layers))
+    settings = dict(rate=rate, rewind=rewind, scope=scope, layers=names, shapes=_shapes(model.state_dict()))
+    manifest_path = out / _MANIFEST
+    manifest = dict(settings, done=-1, sparsity=[], files=[])
+    init = _clone_state(model)
+    rewind_state: StateDict | None = None
+    masks: list[Masks] = []
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        for key, value in settings.items():
+            if manifest.get(key) != value:
+                raise PruningError(f"{out} holds an IMP run with {key}={manifest.get(key)!r}, but this call has "
+                                   f"{value!r}; resume with the same model and settings, or use a new out_dir")
+        masks = [{k: v.bool() for k, v in load_state_dict(out / f["mask"]).items()} for f in manifest["files"]]
+        if manifest["done"] >= 0:
+            model.load_state_dict(load_state_dict(out / manifest["files"][-1]["trained"]))
+            rewind_state = load_state_dict(out / "rewind.safetensors")
+            logger.info("resuming the IMP run in %s after round %d", out, manifest["done"])
+
+    from tqdm import tqdm
+
+    for r in tqdm(range(manifest["done"] + 1, rounds + 1), desc="IMP", unit="round", disable=not progress):
+        if r == 0:
+            mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_weights(model, names).items()}
+            start = init
+        else:
+            mask = global_magnitude_masks(model, rate, masks=masks[-1], layers=names, scope=scope)
+            start = masked_state_dict(rewind_state, mask)
+        model.load_state_dict(start)
+        files = {kind: f"round_{r:02d}_{kind}.safetensors" for kind in ("mask", "rewound", "trained")}
+        save_state_dict(mask, out / files["mask"])
+        save_state_dict(start, out / files["rewound"])
+        capture_steps = rewind if r == 0 and isinstance(rewind, int) and rewind > 0 else 0
+        with apply_masks(model, mask if r > 0 else {}), _capture_after_steps(model, capture_steps) as captured:
+            train_fn(model, r)
+        trained = _clone_state(model)
+        for key, shape in settings["shapes"].items():
+            if key not in trained or list(trained[key].shape) != shape:
+                got = tuple(trained[key].shape) if key in trained else "missing"
+                raise PruningError(f"train_fn changed the model in round {r}: {key!r} was {tuple(shape)}, is now "
+                                   f"{got}; train_fn must train the weights in place, not replace layers")
+        if r == 0:
+            if capture_steps and "state" not in captured:
+                raise PruningError(f"rewind={rewind}, but round 0 made only {captured['count']} optimizer steps; "
+                                   f"rewind to an earlier step or train longer")
+            rewind_state = captured["state"] if capture_steps else init
+            save_state_dict(rewind_state, out / "rewind.safetensors")
+        save_state_dict(trained, out / files["trained"])
+        masks.append(mask)
+        manifest["done"] = r
+        manifest["sparsity"].append(sparsity(mask))
+        manifest["files"].append(files)
+        _write_json(manifest, manifest_path)
+        logger.info("IMP round %d: sparsity %.4f", r, manifest["sparsity"][-1])
+    if manifest["done"] > rounds:  # an earlier run went further: report the rounds asked for
+        model.load_state_dict(load_state_dict(out / manifest["files"][rounds]["trained"]))
+    keep = rounds + 1
+    return IMPResult(out, masks[:keep], manifest["sparsity"][:keep], rewind, manifest["files"][:keep])
+
+
+__all__ = [
+    "IMPResult",
+    "PruningError",
+    "apply_masks",
+    "classification_train_fn",
+    "global_magnitude_masks",
+    "imp",
+    "masked_state_dict",
+    "prunable_weights",
+    "sparsity",
+    "train_classifier",
+]
