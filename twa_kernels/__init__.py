@@ -21,6 +21,7 @@ from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 from twa_kernels import connectivity
 from twa_kernels import prune, distill
 from twa_kernels import decor  # tk.decor: decorrelated backpropagation
+from twa_kernels.factorize import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,260 @@
+"""Deep weight factorization: the penalty it implies, its init, its dynamics, collapse and errors."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twa_kernels as tk
+from twa_kernels.factorize import (
+    EPS, FactorizationError, check_optimizer, collapse, dwf_init_, factor_param_groups, factor_parameters,
+    factorize, sparsity_report, truncated_std, truncation_bounds,
+)
+
+
+def _regression(n=80, p=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    w = torch.tensor([2.0, -1.5, 0.0, 0.0, 1.0, 0.0, 0.0, 0.3], dtype=torch.float64)[:p]
+    y = x @ w + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _ista(x, y, lam, iters=50_000):
+    """Independent lasso solver: proximal gradient on (1/2n)||Xw - y||^2 + lam ||w||_1."""
+    n = len(y)
+    step = 1.0 / float(torch.linalg.eigvalsh(x.T @ x / n).max())
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        z = w - step * (x.T @ (x @ w - y) / n)
+        new = torch.sign(z) * (z.abs() - step * lam).clamp_min(0)
+        if float((new - w).abs().max()) < 1e-13:
+            return new
+        w = new
+    raise AssertionError("ISTA did not converge")
+
+
+def _train_factorised(x, y, depth, weight_decay, lr, steps, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(x.shape[1], 1, bias=False).double()
+    factorize(model, depth=depth, sigma_w=0.3)
+    opt = torch.optim.SGD(factor_param_groups(model, weight_decay=weight_decay), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * F.mse_loss(model(x).squeeze(1), y)).backward()
+        opt.step()
+    return model
+
+
+def test_depth2_reaches_the_lasso_solution():
+    x, y = _regression()
+    lam = 0.25
+    # weight decay wd on D=2 factors is the penalty (wd * 2 / 2) ||w||_1 = wd ||w||_1
+    model = _train_factorised(x, y, depth=2, weight_decay=lam, lr=0.1, steps=1500)
+    w = collapse(model).weight.detach().squeeze(0)
+    ref = _ista(x, y, lam)
+    assert ((w != 0) == (ref != 0)).all(), (w, ref)
+    assert 0 < int((ref != 0).sum()) < len(ref)  # a real sparse support, not all or nothing
+    torch.testing.assert_close(w, ref, atol=1e-3, rtol=0)
+
+
+def test_depth3_fixed_point_is_l23_stationary():
+    x, y = _regression(seed=1)
+    lam, depth = 0.1, 3
+    model = _train_factorised(x, y, depth=depth, weight_decay=2 * lam / depth, lr=0.3, steps=1500)
+    w = collapse(model).weight.detach().squeeze(0)
+    support = w != 0
+    assert 0 < int(support.sum()) < len(w)
+    grad_loss = x.T @ (x @ w - y) / len(y)
+    # d/dw [lam |w|^(2/3)] = lam (2/3) sign(w) |w|^(-1/3) on the support
+    penalty_grad = lam * (2 / 3) * torch.sign(w[support]) * w[support].abs().pow(-1 / 3)
+    torch.testing.assert_close(grad_loss[support], -penalty_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_init_statistics_match_the_truncated_normal():
+    depth, sigma = 3, 0.05
+    s, lo, hi = truncation_bounds(sigma, depth)
+    factor = torch.empty(400_000, dtype=torch.float64)
+    dwf_init_(factor, sigma, depth, generator=torch.Generator().manual_seed(0))
+    assert factor.abs().min() > lo and factor.abs().max() < hi
+    assert abs(float((factor > 0).double().mean()) - 0.5) < 0.01
+    # the variance of N(0, s^2) restricted to lo < |x| < hi, by numerical integration
+    grid = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
+    dens = torch.exp(-0.5 * (grid / s) ** 2)
+    var = float(torch.trapezoid(grid ** 2 * dens, grid) / torch.trapezoid(dens, grid))
+    assert float(factor.var()) == pytest.approx(var, rel=0.01)
+    assert truncated_std(sigma, depth) == pytest.approx(var ** (depth / 2), rel=1e-4)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_product_std_on_a_256x256_layer(depth):
+    torch.manual_seed(depth)
+    layer = nn.Linear(256, 256)
+    sigma = float(layer.weight.detach().std())
+    factorize(layer, depth=depth)
+    measured = float(layer.weight.detach().std())
+    assert measured == pytest.approx(truncated_std(sigma, depth), rel=0.05)
+    assert measured < 0.6 * sigma  # truncation shrinks it: documented in the README
+    torch.manual_seed(depth)
+    matched = factorize(nn.Linear(256, 256), depth=depth, init="dwf_matched")
+    assert float(matched.weight.detach().std()) == pytest.approx(sigma, rel=0.05)
+
+
+def test_imbalance_decays_like_one_minus_4_lambda_eta_over_d():
+    torch.manual_seed(0)
+    depth, lr, wd = 3, 0.01, 0.05
+    lam = wd * depth / 2  # the L_{2/D} penalty's lambda that weight decay wd implies
+    x, y = _regression(n=40, p=6)
+    model = nn.Linear(6, 1, bias=False).double()
+    factorize(model, depth=depth, sigma_w=0.3)
+    f = model.parametrizations.weight
+    opt = torch.optim.SGD(factor_param_groups(model, weight_decay=wd), lr=lr)
+
+    def imbalance():
+        return torch.linalg.norm(f.original0.detach() ** 2 - f.original1.detach() ** 2)
+
+    start, steps = imbalance(), 1000
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * F.mse_loss(model(x).squeeze(1), y)).backward()
+        opt.step()
+    expected = (1 - 4 * lam * lr / depth) ** steps
+    assert expected < 0.5  # it did decay measurably
+    assert float(imbalance() / start) == pytest.approx(expected, rel=0.05)
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 20, 10))
+
+
+def test_collapse_matches_and_loads_into_the_original_architecture(tmp_path):
+    torch.manual_seed(0)
+    model = factorize(_cnn(), depth=3).eval()
+    with torch.no_grad():  # as training leaves them: some weights just below the eps threshold
+        model[4].parametrizations.weight.original0[:, ::3] *= 1e-6
+    x = torch.randn(16, 1, 20)
+    plain = collapse(model)
+    assert sparsity_report(plain).nonzero < sparsity_report(plain).total  # the threshold did bite
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(collapse(model, threshold=0)(x), model(x), atol=0, rtol=0)
+    assert all(type(m) in (nn.Conv1d, nn.BatchNorm1d, nn.ReLU, nn.Flatten, nn.Linear) for m in plain)
+    tk.save_state_dict(plain.state_dict(), tmp_path / "plain.pt")
+    fresh = _cnn()
+    fresh.load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), plain(x), atol=0, rtol=0)
+    # the factorised model still works after collapse (collapse copies)
+    assert model(x).shape == (16, 10)
+
+
+def test_sparsity_report_counts_the_zeros():
+    layer = nn.Linear(10, 10, bias=False)
+    factorize(layer, depth=2, init="keep")
+    with torch.no_grad():
+        layer.parametrizations.weight.original0[:3] = 0
+    rep = sparsity_report(layer)
+    assert (rep.total, rep.nonzero) == (100, 70)
+    assert rep.compression == pytest.approx(100 / 70)
+    assert "overall" in str(rep) and rep.as_dict()["layers"][".weight"]["nonzero"] == 70
+
+
+def _train_steps(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 1, 20, generator=g), torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_save_and_resume_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = factorize(_cnn(), depth=3)
+    opt = torch.optim.SGD(factor_param_groups(model, 1e-3, lr=0.05, momentum=0.9), lr=0.05)
+    _train_steps(model, opt, 3, seed=1)
+    torch.save(dict(model=model.state_dict(), opt=opt.state_dict()), tmp_path / "ckpt.pt")
+    _train_steps(model, opt, 3, seed=2)
+
+    resumed = factorize(_cnn(), depth=3)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.SGD(factor_param_groups(resumed, 1e-3, lr=0.05, momentum=0.9), lr=0.05)
+    opt2.load_state_dict(ckpt["opt"])
+    _train_steps(resumed, opt2, 3, seed=2)
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_names_groups_and_dense_biases_and_norms():
+    model = factorize(_cnn(), depth=2)
+    names = [n for n, _ in model.named_parameters()]
+    assert "0.parametrizations.weight.original1" in names and "0.bias" in names
+    assert "1.weight" in names and "1.bias" in names  # BatchNorm stays dense
+    groups = factor_param_groups(model, weight_decay=1e-3, lr=0.1)
+    assert [len(g["params"]) for g in groups] == [4, 4] and groups[1]["weight_decay"] == 0.0
+    assert groups[0]["lr"] == 0.1 == groups[1]["lr"]
+    with_bias = factorize(_cnn(), depth=2, biases=True)
+    assert "0.parametrizations.bias.original0" in dict(with_bias.named_parameters())
+    norm = factorize(_cnn(), depth=2, layers=["1"], init="keep")  # asked for: the norm layer
+    assert [n for n, _ in factor_parameters(norm)] == ["1.parametrizations.weight.original0",
+                                                       "1.parametrizations.weight.original1"]
+    torch.testing.assert_close(norm[1].weight, torch.ones(8))  # "keep" is exact
+
+
+def test_product_computed_once_per_forward_per_layer(monkeypatch):
+    # (import by sys.modules: the package exports the function `factorize` under the module's name)
+    mod = sys.modules["twa_kernels.factorize"]
+
+    calls = []
+    original = mod._Product.forward
+
+    def counting(ctx, *factors):
+        calls.append(len(factors))
+        return original(ctx, *factors)
+
+    monkeypatch.setattr(mod._Product, "forward", staticmethod(counting))
+    model = factorize(_cnn(), depth=4)
+    F.cross_entropy(model(torch.randn(4, 1, 20)), torch.zeros(4, dtype=torch.long)).backward()
+    assert calls == [4, 4]  # two factorised layers, one product each, forward and backward included
+
+
+def test_named_errors():
+    with pytest.raises(FactorizationError, match="depth"):
+        factorize(_cnn(), depth=1)
+    with pytest.raises(FactorizationError, match="sigma_w"):
+        factorize(_cnn(), depth=3, sigma_w=0.0)
+    with pytest.raises(FactorizationError, match="sigma_w"):
+        dwf_init_(torch.empty(3), -1.0, 2)
+    with pytest.raises(FactorizationError, match=r"'2' \(ReLU\) has no `weight`"):
+        factorize(_cnn(), depth=2, layers=["2"])
+    with pytest.raises(FactorizationError, match=r"layer '1'.weight: sigma_w"):  # norm weights are all ones
+        factorize(_cnn(), depth=2, layers=[nn.BatchNorm1d])
+    with pytest.raises(FactorizationError, match="no module named"):
+        factorize(_cnn(), depth=2, layers=["nope"])
+    with pytest.raises(FactorizationError, match="already factorised"):
+        factorize(factorize(_cnn(), depth=2), depth=2)
+    with pytest.raises(FactorizationError, match="factorize"):
+        factor_param_groups(_cnn(), 1e-3)
+    # an optimizer built before factorising decays the dense weights the model no longer uses
+    model = _cnn()
+    stale = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-4)
+    factorize(model, depth=3)
+    with pytest.raises(FactorizationError, match=r"holds the dense weight '0.weight'"):
+        check_optimizer(model, stale)
+    check_optimizer(model, torch.optim.SGD(factor_param_groups(model, 1e-4), lr=0.1))
+    with pytest.raises(FactorizationError, match="does not hold the factors"):
+        check_optimizer(model, torch.optim.SGD([p for n, p in model.named_parameters() if "bias" in n], lr=0.1))
+
+
+def test_truncation_bound_values():
+    s, lo, hi = truncation_bounds(0.01, 2)
+    assert (s, lo, hi) == pytest.approx((0.1, math.sqrt(EPS), math.sqrt(0.02)))
+    assert truncation_bounds(0.9, 2)[2] == 1.0  # capped at 1

@@ -1,0 +1,393 @@
+"""Deep weight factorization (DWF; Kolb et al., arXiv 2502.02496): sparsity from plain weight decay.
+
+Each chosen weight becomes an elementwise product of D factors, w = omega_1 * ... * omega_D.
+Ordinary weight decay wd on the factors, (wd / 2) sum_d ||omega_d||^2, is minimised over all
+factorisations of the same w by balanced factors (|omega_d| = |w|^(1/D)), where it equals
+(wd * D / 2) ||w||_{2/D}^{2/D}: an L1 penalty for D = 2 (the lasso) and a sparser, non-convex
+quasi-norm for D > 2. So an unchanged training loop with weight decay on the factors trains a
+sparse network; `collapse` reads it out (product, then |w| < float32 eps set to zero).
+
+    tk.factorize(model, depth=3)                      # in place; Linear/Conv weights factorised
+    opt = torch.optim.SGD(tk.factor_param_groups(model, weight_decay=1e-4), lr=3 * base_lr)
+    ...train...
+    plain = tk.collapse(model); print(tk.sparsity_report(plain))
+
+Mechanism: torch.nn.utils.parametrize rather than swapping the layers for factorised
+subclasses: it keeps the layers' own classes and forward code (any Linear/Conv subclass,
+hooks, deepcopy and torch.compile work) and gives readable state_dict keys,
+`<layer>.parametrizations.weight.original0 ... original{D-1}`. bench/test_bench_factorize.py
+times it against a module swap (a pre-hook writing the product into a plain attribute) on
+ResNet-18; both compute the product once per forward per layer, so no difference beyond
+Python overhead is expected (the measurement is in the README once run). The product is
+computed when the layer reads its weight, i.e. once per forward per layer; code that reads
+`layer.weight` several times per step can wrap the step in
+`torch.nn.utils.parametrize.cached()`. Its gradient is one autograd function, `_Product`: the
+forward multiplies in place into one output and saves only the factors (autograd's chain of
+multiplies also saves its D - 2 intermediate products), and the backward builds each factor's
+gradient from prefix and suffix products of the saved factors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+logger = logging.getLogger(__name__)
+
+#: Layers factorised by default: their `weight` is the layer's multiplicative weight.
+DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+EPS = torch.finfo(torch.float32).eps
+
+LayerSpec = Union[None, Iterable[Union[str, type]]]
+
+
+class FactorizationError(ValueError):
+    """Bad input to the factorisation: a layer it cannot factorise, a depth below 2, a
+    non-positive init scale, or weight decay on a weight the factorisation replaced."""
+
+
+class _Product(torch.autograd.Function):
+    """w = prod_d omega_d elementwise; backward from the saved factors, no saved intermediates."""
+
+    @staticmethod
+    def forward(ctx, *factors: Tensor) -> Tensor:
+        ctx.save_for_backward(*factors)
+        out = factors[0] * factors[1]
+        for f in factors[2:]:
+            out.mul_(f)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        factors = ctx.saved_tensors
+        d = len(factors)
+        if d == 2:
+            return grad * factors[1], grad * factors[0]
+        # grad_i = grad * prefix_i * suffix_i; suffix products built right to left once.
+        suffix = [None] * d
+        suffix[d - 1] = grad * factors[d - 1]
+        for i in range(d - 2, 0, -1):
+            suffix[i] = suffix[i + 1] * factors[i]
+        grads = [suffix[1]]
+        prefix = factors[0]
+        for i in range(1, d - 1):
+            grads.append(suffix[i + 1] * prefix)
+            prefix = prefix * factors[i]
+        grads.append(grad * prefix)
+        return tuple(grads)
+
+
+class DeepFactorization(nn.Module):
+    """The parametrization w = prod_d omega_d (registered by `factorize`, one per layer).
+
+    `right_inverse` turns a dense weight into D balanced factors (sign on the first), which is
+    how `init="keep"` factorises the current weights exactly; DWF's random initialisation
+    overwrites the factors afterwards.
+    """
+
+    def __init__(self, depth: int, replaced: Tensor | None = None):
+        super().__init__()
+        self.depth = depth
+        # the dense weight this replaced, so that an optimizer still holding it can be caught
+        self._replaced = weakref.ref(replaced) if replaced is not None else (lambda: None)
+
+    def forward(self, *factors: Tensor) -> Tensor:
+        return _Product.apply(*factors)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        root = weight.abs().pow(1.0 / self.depth)
+        return (torch.sign(weight) * root,) + tuple(root.clone() for _ in range(self.depth - 1))
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}"
+
+
+def _check_depth(depth: int) -> None:
+    if not isinstance(depth, int) or depth < 2:
+        raise FactorizationError(
+            f"depth={depth!r}: DWF needs an integer depth D >= 2 (D = 2 is the lasso, D = 3 or 4 are sparser)")
+
+
+def truncation_bounds(sigma_w: float, depth: int, eps: float = EPS) -> tuple[float, float, float]:
+    """(std, low, high) of DWF's factor distribution: N(0, sigma_w^(2/D)) with
+    eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D))."""
+    _check_depth(depth)
+    if not sigma_w > 0:
+        raise FactorizationError(f"sigma_w={sigma_w!r}: the init scale must be > 0 (pass sigma_w= or init='keep')")
+    return sigma_w ** (1.0 / depth), eps ** (1.0 / depth), min(1.0, (2.0 * sigma_w) ** (1.0 / depth))
+
+
+def truncated_std(sigma_w: float, depth: int, eps: float = EPS) -> float:
+    """The standard deviation the product of D independent DWF factors has (exact for the
+    truncated normal): sigma_w times the factor by which truncation shrinks it."""
+    s, lo, hi = truncation_bounds(sigma_w, depth, eps)
+    a, b = lo / s, hi / s
+    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    mass = math.erf(b / math.sqrt(2)) - math.erf(a / math.sqrt(2))  # P(a < |z| < b)
+    second = 1.0 + 2.0 * (a * phi(a) - b * phi(b)) / mass  # E[z^2 | a < |z| < b]
+    return (s * s * second) ** (depth / 2.0)
+
+
+def matched_sigma(sigma_w: float, depth: int, eps: float = EPS) -> float:
+    """The sigma to give DWF's truncated init so that the product's std is `sigma_w` itself
+    (truncation alone leaves it at about 51%, 28%, 17% of sigma_w for D = 2, 3, 4). Bisection
+    on `truncated_std`, which grows with sigma."""
+    truncation_bounds(sigma_w, depth, eps)  # validates
+    lo, hi = sigma_w, 1e4
+    if truncated_std(hi, depth, eps) < sigma_w:  # factors capped at |omega| < 1: std <= 3^(-D/2)
+        logger.warning("sigma_w=%g: no truncated DWF init of depth %d reaches that std; using the largest, %g",
+                       sigma_w, depth, truncated_std(hi, depth, eps))
+        return hi
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if truncated_std(mid, depth, eps) < sigma_w else (lo, mid)
+    return hi
+
+
+@torch.no_grad()
+def dwf_init_(factor: Tensor, sigma_w: float, depth: int, eps: float = EPS,
+              generator: torch.Generator | None = None) -> Tensor:
+    """Fill `factor` in place from N(0, sigma_w^(2/D)) truncated to eps^(1/D) < |x| < min(1, (2 sigma_w)^(1/D)),
+    by inverting the normal CDF on the allowed band of |x| (exact, no rejection loop)."""
+    s, lo, hi = truncation_bounds(sigma_w, depth, eps)
+    if not lo < hi:
+        raise FactorizationError(f"sigma_w={sigma_w!r} is below eps/2: the truncation band of depth {depth} is empty")
+    u = torch.rand(factor.shape, dtype=torch.float64, generator=generator)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    c_lo, c_hi = normal.cdf(torch.tensor(lo / s, dtype=torch.float64)), normal.cdf(torch.tensor(hi / s, dtype=torch.float64))
+    mag = s * torch.special.ndtri(c_lo + u * (c_hi - c_lo)).clamp_(lo / s, hi / s)
+    sign = torch.randint(0, 2, factor.shape, generator=generator).to(torch.float64).mul_(2).sub_(1)
+    return factor.copy_(mag * sign)
+
+
+def _is_factorized(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight") and isinstance(
+        module.parametrizations.weight[0], DeepFactorization)
+
+
+def _select(model: nn.Module, layers: LayerSpec) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to factorise: default layer types, or the given names / types."""
+    if layers is None:
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, DEFAULT_LAYERS)]
+    else:
+        specs = list(layers)
+        modules = dict(model.named_modules())
+        chosen, seen = [], set()
+        for spec in specs:
+            if isinstance(spec, str):
+                if spec not in modules:
+                    raise FactorizationError(f"layers: no module named {spec!r} in the model "
+                                             f"(names as in model.named_modules(), e.g. {next(iter(modules), '')!r})")
+                hits = [(spec, modules[spec])]
+            elif isinstance(spec, type) and issubclass(spec, nn.Module):
+                hits = [(n, m) for n, m in modules.items() if isinstance(m, spec)]
+            else:
+                raise FactorizationError(f"layers: {spec!r} is neither a module name nor an nn.Module type")
+            for name, module in hits:
+                if name not in seen:
+                    seen.add(name)
+                    chosen.append((name, module))
+    for name, module in chosen:
+        if _is_factorized(module):
+            raise FactorizationError(f"layer {name!r} is already factorised; collapse it first")
+        if not isinstance(getattr(module, "weight", None), nn.Parameter):
+            raise FactorizationError(
+                f"layer {name!r} ({type(module).__name__}) has no `weight` parameter to factorise; DWF factorises "
+                f"layers whose multiplicative weight is `.weight` (Linear, Conv, Embedding, affine norms): "
+                f"leave it out of layers=")
+    return chosen
+
+
+def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases: bool = False,
+              init: str = "dwf", sigma_w: float | Callable[[nn.Module], float] | None = None,
+              eps: float = EPS, generator: torch.Generator | None = None) -> nn.Module:
+    """Factorise the weights of `model` in place into `depth` factors each, and return it.
+
+    layers: None for every Linear / Conv / ConvTranspose layer, or module names and/or
+        module types (norm layers and Embedding are factorised only when named this way).
+    biases: also factorise those layers' biases (default: they stay dense).
+    init: "dwf" draws each factor from N(0, sigma_w^(2/D)) truncated to
+        eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D)) (the paper's initialisation);
+        "dwf_matched" is that distribution with its sigma raised so that the product's std
+        equals sigma_w (the truncation otherwise leaves the product at 51% / 28% / 17% of
+        sigma_w for D = 2 / 3 / 4, which at D >= 3 can trap a deep net at w = 0);
+        "keep" factorises the current weights exactly into balanced factors.
+    sigma_w: the layer's usual init std; None measures it from the current weight (right at
+        construction that is PyTorch's default init), a callable gets the module.
+    Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
+    (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
+    """
+    _check_depth(depth)
+    if init not in ("dwf", "dwf_matched", "keep"):
+        raise FactorizationError(f"init={init!r}: use 'dwf' (the paper's random init), 'dwf_matched' (the same, "
+                                 f"scaled so the product's std is sigma_w) or 'keep' (current weights)")
+    targets = _select(model, layers)
+    if not targets:
+        raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer (pass layers=)")
+    for name, module in targets:
+        names = ["weight"] + (["bias"] if biases and isinstance(getattr(module, "bias", None), nn.Parameter) else [])
+        for pname in names:
+            dense = getattr(module, pname)
+            if init != "keep":
+                scale = sigma_w(module) if callable(sigma_w) else sigma_w
+                scale = float(dense.detach().float().std()) if scale is None and dense.numel() > 1 else scale
+                try:
+                    truncation_bounds(scale if scale is not None else 0.0, depth, eps)
+                    scale = matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
+                except FactorizationError as err:
+                    raise FactorizationError(f"layer {name!r}.{pname}: {err}") from None
+            parametrize.register_parametrization(module, pname, DeepFactorization(depth, dense), unsafe=True)
+            if init != "keep":
+                plist = module.parametrizations[pname]
+                for i in range(depth):
+                    factor = getattr(plist, f"original{i}")
+                    dwf_init_(factor, scale, depth, eps, generator)
+    logger.info("factorised %d layers into %d factors each", len(targets), depth)
+    return model
+
+
+def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every factor in `model`."""
+    out = []
+    for name, module in model.named_modules():
+        if _is_factorized(module):
+            for pname, plist in module.parametrizations.items():
+                out += [(f"{name}.{n}".lstrip("."), p) for n, p in plist.named_parameters(prefix=f"parametrizations.{pname}")]
+    return out
+
+
+def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_decay: float = 0.0,
+                        **group_options) -> list[dict]:
+    """Two optimizer parameter groups: the factors with `weight_decay` (the DWF penalty) and
+    everything else (biases, norms, unfactorised layers) with `other_weight_decay`.
+    Extra keyword options (e.g. lr) go into both groups."""
+    factors = factor_parameters(model)
+    if not factors:
+        raise FactorizationError("the model has no factorised layer: call tk.factorize(model, depth) first")
+    ids = {id(p) for _, p in factors}
+    others = [p for p in model.parameters() if id(p) not in ids]
+    groups = [dict(params=[p for _, p in factors], weight_decay=weight_decay, **group_options)]
+    if others:
+        groups.append(dict(params=others, weight_decay=other_weight_decay, **group_options))
+    return groups
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise FactorizationError if `optimizer` would decay (or update) a dense weight that
+    `factorize` replaced (an optimizer built before factorising), or misses factors."""
+    replaced = {}
+    for name, module in model.named_modules():
+        if _is_factorized(module):
+            for pname, plist in module.parametrizations.items():
+                dense = plist[0]._replaced()
+                if dense is not None:
+                    replaced[id(dense)] = f"{name}.{pname}"
+    held = set()
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            held.add(id(p))
+            if id(p) in replaced:
+                raise FactorizationError(
+                    f"optimizer param_groups[{i}] (weight_decay={group.get('weight_decay', 0)}) holds the dense "
+                    f"weight {replaced[id(p)]!r} that factorize() replaced: its decay would act on a tensor the "
+                    f"model no longer uses. Build the optimizer after factorize(), e.g. from "
+                    f"tk.factor_param_groups(model, weight_decay)")
+    missing = [n for n, p in factor_parameters(model) if id(p) not in held]
+    if missing:
+        raise FactorizationError(f"optimizer does not hold the factors {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                                 f"build it from tk.factor_param_groups(model, weight_decay)")
+
+
+@torch.no_grad()
+def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
+    """A plain copy of `model`: every factorised weight replaced by its product, with
+    |w| < threshold set to 0. Its state_dict loads into the original architecture."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if _is_factorized(module):
+            weights = {pname: getattr(module, pname) for pname in module.parametrizations.keys()}
+            # Not parametrize.remove_parametrizations: a deepcopy shares the injected
+            # Parametrized<Layer> class with `model`, and removing would delete the property
+            # from that shared class, breaking `model`. Restore the copy's own class instead.
+            module.__class__ = module.__class__.__bases__[0]
+            del module._modules["parametrizations"]
+            for pname, w in weights.items():
+                setattr(module, pname, nn.Parameter(w.masked_fill(w.abs() < threshold, 0.0)))
+    return plain
+
+
+@dataclass
+class SparsityReport:
+    """Nonzero counts of the weights DWF sparsifies (factorised layers, or Linear/Conv weights
+    of a plain model). compression = total / nonzero."""
+
+    rows: list[tuple[str, int, int]] = field(default_factory=list)  # (name, total, nonzero)
+
+    @property
+    def total(self) -> int:
+        return sum(r[1] for r in self.rows)
+
+    @property
+    def nonzero(self) -> int:
+        return sum(r[2] for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / max(self.total, 1)
+
+    @property
+    def compression(self) -> float:
+        return self.total / max(self.nonzero, 1)
+
+    def as_dict(self) -> dict:
+        return dict(layers={n: dict(total=t, nonzero=z, sparsity=1 - z / max(t, 1)) for n, t, z in self.rows},
+                    total=self.total, nonzero=self.nonzero, sparsity=self.sparsity, compression=self.compression)
+
+    def __str__(self) -> str:
+        width = max([len(r[0]) for r in self.rows] + [7])
+        lines = [f"{'layer':<{width}} {'weights':>10} {'nonzero':>10} {'sparsity':>9}"]
+        for name, total, nz in self.rows + [("overall", self.total, self.nonzero)]:
+            lines.append(f"{name:<{width}} {total:>10} {nz:>10} {100 * (1 - nz / max(total, 1)):>8.2f}%")
+        lines.append(f"compression {self.compression:.1f}x")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
+    """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as zero)."""
+    factorised = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
+    report = SparsityReport()
+    if factorised:
+        for name, module in factorised:
+            for pname in module.parametrizations.keys():
+                w = getattr(module, pname)
+                report.rows.append((f"{name}.{pname}", w.numel(), int((w.abs() >= threshold).sum())))
+    else:
+        for name, module in model.named_modules():
+            if isinstance(module, DEFAULT_LAYERS):
+                w = module.weight
+                report.rows.append((f"{name}.weight", w.numel(), int((w.abs() >= threshold).sum())))
+    return report
+
+
+def dwf_lr(dense_lr: float, factor: float = 3.0) -> float:
+    """The learning rate to start a DWF run from: `factor` times the dense model's tuned one
+    (python/dwf.py's sweep measures the best factor; the paper reports 3-4x)."""
+    return dense_lr * factor
+
+
+__all__ = ["DEFAULT_LAYERS", "DeepFactorization", "FactorizationError", "SparsityReport", "check_optimizer",
+           "collapse", "dwf_init_", "dwf_lr", "factor_param_groups", "factor_parameters", "factorize",
+           "matched_sigma", "sparsity_report", "truncated_std", "truncation_bounds"]
