@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twa_kernels import distributed
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import Checkpoints, parameter_aliases
 from twa_kernels.ops import reconstruct, reconstruct_into
@@ -54,8 +55,12 @@ class TWA(nn.Module):
         granularity: str | int = "tensor",
         group_size: int = 128,
         progress: bool = False,
+        process_group: Any = None,
+        shard: bool = False,
     ):
         super().__init__()
+        if shard and process_group is None:
+            raise ValueError("shard=True splits the basis across a process group: pass process_group= too")
         names = [name for name, _ in model.named_parameters()]
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
@@ -78,6 +83,9 @@ class TWA(nn.Module):
         for key, value in subspace.basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
         self._workspace = _Workspace()
+        # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
+        self._ddp_params_and_buffers_to_ignore = list(distributed.BASIS_BUFFERS)
+        self._dist = None if process_group is None else distributed.attach(self, process_group, shard)
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
 
     @property
@@ -120,20 +128,24 @@ class TWA(nn.Module):
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """The [D] vector's pieces by name, each in its parameter's dtype."""
-        pieces = self.subspace.unflatten(flat)
+        pieces = {name: piece.view(shape) for name, piece, shape in
+                  zip(self.names, flat.split([math.prod(s) for s in self.shapes]), self.shapes)}
         return {name: piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
                 for name, piece in pieces.items()}
 
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
         parameter's dtype (differentiable; fresh tensors, safe to keep)."""
-        flat = reconstruct(self.basis, self.coefficients, self.center)
+        if self._dist is not None and self._dist.shard:  # this rank holds some columns: gather
+            flat = self._dist.reconstruct(self)
+        else:
+            flat = reconstruct(self.basis, self.coefficients, self.center)
         return self._typed(flat, self._parameter_dtypes())
 
     def _forward_weights(self) -> dict[str, Tensor]:
         """weights(), written into the reused workspace: only forward() hands these to the
         model, which keeps them no longer than its graph."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (self._dist is not None and self._dist.shard):
             return self.weights()
         dtypes = self._parameter_dtypes()
         kinds = set(dtypes.values())

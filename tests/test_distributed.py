@@ -1,0 +1,166 @@
+"""TWA across processes: real gloo jobs of 2 and 3 processes (1 thread each, a free port,
+timeouts), compared with one process on the same global batch.
+
+BatchNorm runs in train mode, so each rank normalises its own micro-batch: the single-process
+reference runs the same per-rank micro-batches and averages their gradients (what W ranks
+compute), which is the one-process equivalent of the split global batch.
+"""
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels import distributed
+from twa_kernels.ops import project, reconstruct
+from twa_kernels.quant import quantize
+
+import dist_workers as w
+
+# float32 accumulation in a different order (all-reduce vs one process), through 4 AdamW steps
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def job(request, tmp_path_factory):
+    world = request.param
+    return world, w.spawn(w.all_scenarios, world, str(tmp_path_factory.mktemp(f"ranks{world}")))
+
+
+# -- one process: the shard arithmetic ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 2, None])
+def test_column_slices_reconstruct_and_project_like_the_whole_basis(bits):
+    torch.manual_seed(0)
+    num_cols, group = 203, 16
+    qb = quantize(torch.randn(3, num_cols), bits, group, block_sizes=[50, 7, 100, 46])
+    x, center, g = torch.randn(3, 4), torch.randn(num_cols), torch.randn(num_cols)
+    full_w, full_y = reconstruct(qb, x, center), project(qb, g)
+    edges = distributed.shard_columns(num_cols, group, 3)
+    assert edges[0] == 0 and edges[-1] == num_cols and all(e % group == 0 for e in edges[:-1])
+    partial = torch.zeros_like(full_y)
+    for start, stop in zip(edges[:-1], edges[1:]):
+        local, b_lo, b_hi = distributed.slice_basis(qb, start, stop)
+        torch.testing.assert_close(reconstruct(local, x[:, b_lo:b_hi], center[start:stop]), full_w[start:stop],
+                                   rtol=0, atol=1e-6)
+        partial[:, b_lo:b_hi] += project(local, g[start:stop])
+    # blocks 0 and 2 straddle the edges 64 and 128 (groups of 16, 13 groups over 3 ranks)
+    torch.testing.assert_close(partial, full_y, rtol=1e-5, atol=1e-5)
+
+
+def test_too_many_ranks_for_the_groups_is_named():
+    with pytest.raises(distributed.ShardingError, match="only 2 quantisation groups"):
+        distributed.shard_columns(20, 16, 3)
+
+
+def test_checksum_sees_reordered_rows_and_a_changed_center():
+    torch.manual_seed(0)
+    P, center = torch.randn(3, 100), torch.randn(100)
+    qb = quantize(P, 4, 16)
+    base = distributed.basis_checksum(center, qb)
+    assert torch.equal(base, distributed.basis_checksum(center.clone(), quantize(P.clone(), 4, 16)))
+    assert not torch.equal(base, distributed.basis_checksum(center, quantize(P[[1, 0, 2]], 4, 16)))
+    bumped = center.clone()
+    bumped[7] += 1e-3
+    assert not torch.equal(base, distributed.basis_checksum(bumped, qb))
+
+
+def test_ddp_is_told_to_ignore_the_basis_buffers():
+    model, ckpts = w.model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=8)
+    buffers = {name for name, _ in twa.named_buffers()}
+    assert buffers and buffers <= set(twa._ddp_params_and_buffers_to_ignore)
+
+
+def test_shard_needs_a_process_group():
+    model, ckpts = w.model_and_checkpoints()
+    with pytest.raises(ValueError, match="process_group"):
+        tk.TWA(model, ckpts, shard=True)
+
+
+# -- real multi-process jobs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_ranks_on_a_split_batch_match_one_process(job, mode):
+    world, results = job
+    ref = results[0]["modes"]["reference"]
+    moved = ref["coefficients"].abs().max()
+    assert moved > 10 * w.LR * 0.5  # the reference really trained (AdamW steps of ~lr each)
+    for rank, res in enumerate(results):
+        got = res["modes"][mode]
+        torch.testing.assert_close(got["coefficients"], ref["coefficients"], **TOL)
+        torch.testing.assert_close(got["weights"], ref["weights"], **TOL)
+        # every rank holds the very same coefficients (the all-reduce hands all the same sum)
+        assert torch.equal(got["coefficients"], results[0]["modes"][mode]["coefficients"]), rank
+
+
+def test_replicated_moves_k_by_b_floats_a_step(job):
+    world, results = job
+    for res in results:
+        got = res["modes"]["replicated"]
+        kb_bytes = got["k"] * got["B"] * 4
+        assert got["bytes_per_step"].tolist() == [kb_bytes] * w.STEPS
+        # the collectives torch.distributed itself saw: the same, and nothing else
+        assert int(got["seen_bytes"]) == kb_bytes * w.STEPS and got["seen_ops"] == ["all_reduce"]
+
+
+def test_sharded_moves_two_gathers_of_d_plus_k_by_b_a_step(job):
+    world, results = job
+    D = results[0]["modes"]["D"]
+    stops = [res["modes"]["sharded"]["stop"] for res in results]
+    assert [res["modes"]["sharded"]["start"] for res in results] == [0] + stops[:-1] and stops[-1] == D
+    for res in results:
+        got = res["modes"]["sharded"]
+        assert got["local_center"] == got["stop"] - got["start"]  # the rank stores its columns only
+        padded = world * got["chunk"]
+        assert D <= padded < D + world * w.GROUP_SIZE  # equal chunks: padding under W x group_size
+        expected = 4 * (2 * padded + got["k"] * got["B"])
+        assert got["bytes_per_step"].tolist() == [expected] * w.STEPS
+        assert int(got["seen_bytes"]) == expected * w.STEPS
+        assert got["seen_ops"] == ["all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor"]
+    # some block straddles a shard edge (it appears on two ranks)
+    spans = [range(res["modes"]["sharded"]["b_lo"], res["modes"]["sharded"]["b_hi"]) for res in results]
+    assert any(set(a) & set(b) for a, b in zip(spans[:-1], spans[1:]))
+
+
+def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
+    world, results = job
+    ref = results[0]["bn"]
+    for res in results:
+        for got, want in zip(res["bn"]["mean"] + res["bn"]["var"], ref["ref_mean"] + ref["ref_var"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert res["bn"]["metrics"] == {"correct": sum(range(1, world + 1)),
+                                        "count": 10 * sum(range(1, world + 1))}
+
+
+def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(job):
+    world, results = job
+    if world != 2:
+        pytest.skip("run in the 2-rank job only (CI time)")
+    for res in results:
+        ddp = res["ddp"]
+        assert ddp["center_kept"]  # rank 1's different center survived DDP's buffer broadcast
+        assert ddp["broadcast_bytes"] == ddp["coefficient_bytes"]  # only the coefficients, once
+        torch.testing.assert_close(ddp["coefficients"], results[0]["ddp"]["reference"], **TOL)
+
+
+def test_subspace_optimizer_under_ddp_matches_one_process(job):
+    world, results = job
+    if world != 2:
+        pytest.skip("run in the 2-rank job only (CI time)")
+    for res in results:
+        psgd = res["psgd"]
+        assert psgd["moved"] > 1e-3 and psgd["in_span"] < 1e-4 * psgd["moved"] + 1e-6
+        torch.testing.assert_close(psgd["weights"], results[0]["psgd"]["reference"], **TOL)
+
+
+def test_bad_input_gets_named_errors_on_every_rank(job):
+    world, results = job
+    if world != 2:
+        pytest.skip("run in the 2-rank job only (CI time)")
+    for res in results:
+        errors = res["errors"]
+        assert "ranks [1] differ from rank 0" in errors["mismatch"] and "codes" in errors["mismatch"]
+        assert "only 1 quantisation groups" in errors["too_many_ranks"]
+        assert "'gloo' backend cannot run" in errors["backend"] and "shard=False" in errors["backend"]

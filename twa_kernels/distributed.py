@@ -1,0 +1,372 @@
+"""TWA across processes on torch.distributed (gloo on CPU, NCCL on GPU).
+
+    dist.init_process_group("nccl")                     # torchrun sets the environment
+    twa = tk.TWA(model, ckpts, bits=4, process_group=dist.group.WORLD)              # replicated
+    twa = tk.TWA(model, ckpts, bits=4, process_group=dist.group.WORLD, shard=True)  # sharded
+
+Replicated: every rank holds the whole basis. `project` is linear, so each rank's backward
+projects its own dL/dw and only the [k, B] coefficient gradient is averaged: one all-reduce
+of k x B floats per backward (a hook on the coefficients; no host sync), instead of the D
+floats a data-parallel step over the model would move.
+
+Sharded: rank r holds columns [c_r, c_r+1) of the codes, scales, mins and center, cut on
+quantisation-group edges. Forward reconstructs the local columns and all-gathers them into
+the full weight vector (as FSDP gathers its flat parameters); backward reduce-scatters dL/dw
+to the column owners, projects locally and all-reduces the [k, B] partial sums. A step moves
+2 x W x L + k x B floats, L the largest shard: 2 D + k B up to a padding of fewer than
+W x group_size elements (all_gather_into_tensor needs equal chunks).
+
+Every rank must hold the same basis: construction all-gathers a cheap checksum of it and
+raises BasisMismatchError naming the ranks that differ. DDP over a TWA module is supported
+(TWA tells DDP to ignore the center and basis buffers, so they are never broadcast); it
+averages the coefficient gradients itself, so leave process_group=None under DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from twa_kernels.ops import project, reconstruct
+from twa_kernels.quant import QuantizedBasis
+
+if TYPE_CHECKING:  # twa imports this module; no import upward at run time
+    from twa_kernels.twa import TWA
+
+logger = logging.getLogger(__name__)
+
+# TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
+# never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
+BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_block_offsets", "basis_meta")
+
+_CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum", "codes weighted sum",
+                    "scales sum", "mins sum", "center sum", "center weighted sum", "block offsets sum")
+_EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
+
+
+class BasisMismatchError(RuntimeError):
+    """The ranks of a process group hold different bases (or centers)."""
+
+
+class ShardingError(ValueError):
+    """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
+
+
+class Comm:
+    """The collectives TWA calls, on one process group, counting what each moves.
+
+    Sizes are those of the full-size side of each collective, the convention FSDP's figures
+    use: an all-reduce counts its tensor, an all-gather its output, a reduce-scatter its
+    input. `bytes` maps the collective's name to the bytes counted since `reset()`.
+    """
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _count(self, name: str, t: Tensor) -> None:
+        self.bytes[name] += t.numel() * t.element_size()
+        self.calls[name] += 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum of t over the ranks, in place."""
+        self._count("all_reduce", t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        self._count("all_gather", out)
+        dist.all_gather_into_tensor(out, t, group=self.group)
+        return out
+
+    def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        self._count("reduce_scatter", t)
+        dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+
+def attach(twa: TWA, process_group: Any, shard: bool) -> Replicated | Sharded:
+    """Called by TWA's constructor: check that every rank holds the same basis, then set up
+    the replicated gradient hook or cut the basis into this rank's shard."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("TWA(process_group=...) needs torch.distributed initialised: call "
+                           "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    check_same_basis(twa.center, twa.basis, process_group)
+    return Sharded(twa, process_group) if shard else Replicated(twa, process_group)
+
+
+def comm_bytes(twa: nn.Module) -> dict[str, int]:
+    """Bytes moved by `twa`'s own collectives since the last reset, by collective name
+    (empty for a single-process TWA). Reset with `reset_comm_bytes(twa)`."""
+    state = getattr(twa, "_dist", None)
+    return dict(state.comm.bytes) if state is not None else {}
+
+
+def reset_comm_bytes(twa: nn.Module) -> None:
+    state = getattr(twa, "_dist", None)
+    if state is not None:
+        state.comm.reset()
+
+
+# -- the start-up check --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def basis_checksum(center: Tensor, qb: QuantizedBasis) -> Tensor:
+    """A float64 fingerprint of (center, basis): the layout and plain and position-weighted
+    sums of the codes, scales, mins and center. Rows are summed one at a time, so the
+    temporary memory is one row in float64. Reordered checkpoints or a different bits,
+    group_size or granularity change it."""
+    def weighted(row: Tensor) -> Tensor:
+        weights = torch.arange(row.numel(), device=row.device, dtype=torch.float64).remainder_(65521).add_(1)
+        return (row.reshape(-1).double() * weights).sum()
+
+    codes_sum = torch.zeros((), dtype=torch.float64, device=qb.device)
+    codes_weighted = torch.zeros_like(codes_sum)
+    for r in range(qb.k):
+        row = qb.codes[r]
+        codes_sum += row.double().sum()
+        codes_weighted += weighted(row) * (r + 1)
+    values = [torch.tensor(float(v), dtype=torch.float64, device=qb.device)
+              for v in (qb.k, qb.num_cols, qb.num_blocks, qb.bits or 0, qb.group_size)]
+    values += [codes_sum, codes_weighted, qb.scales.double().sum(), qb.mins.double().sum(),
+               center.double().sum(), weighted(center), qb.block_offsets.double().sum()]
+    return torch.stack(values)
+
+
+def check_same_basis(center: Tensor, qb: QuantizedBasis, group: Any) -> None:
+    """Raise BasisMismatchError on every rank when some rank's (center, basis) differs from
+    rank 0's. One all-gather of 12 float64 per rank; every rank sees the same table, so
+    every rank raises (no rank is left waiting in a later collective)."""
+    mine = basis_checksum(center, qb)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    ref = table[0].cpu()
+    bad: dict[int, list[str]] = {}
+    for rank, row in enumerate(table[1:], start=1):
+        row = row.cpu()
+        exact = ~torch.eq(row[:_EXACT_FIELDS], ref[:_EXACT_FIELDS])
+        close = ~torch.isclose(row[_EXACT_FIELDS:], ref[_EXACT_FIELDS:], rtol=1e-12, atol=0)
+        differs = torch.cat([exact, close]).nonzero().flatten().tolist()
+        if differs:
+            bad[rank] = [_CHECKSUM_FIELDS[i] for i in differs]
+    if bad:
+        detail = "; ".join(f"rank {r}: {', '.join(fields)}" for r, fields in bad.items())
+        raise BasisMismatchError(
+            f"the TWA basis differs across ranks: ranks {sorted(bad)} differ from rank 0 ({detail}). Every rank "
+            "must build it from the same checkpoints in the same order with the same bits, group_size and "
+            "granularity, or load one saved TWA/Subspace file")
+
+
+# -- replicated mode ------------------------------------------------------------------------
+
+
+class Replicated:
+    """Every rank holds the whole basis; the coefficient gradient of each backward is averaged
+    over the group by one all-reduce of [k, B] floats, in a hook on the coefficients."""
+
+    shard = False
+
+    def __init__(self, twa: TWA, group: Any):
+        self.comm = Comm(group)
+        # a tensor hook sees this backward's gradient before it is accumulated into .grad, so
+        # gradient accumulation over several backwards averages each of them once
+        twa.coefficients.register_hook(self._average)
+
+    def _average(self, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # the graph may still hold the incoming tensor
+        return self.comm.all_reduce(grad).div_(self.comm.world)
+
+
+# -- sharded mode ---------------------------------------------------------------------------
+
+
+def shard_columns(num_cols: int, group_size: int, world: int) -> list[int]:
+    """Column edges c_0 = 0 < c_1 < ... < c_W = num_cols, on group edges, as even as groups
+    allow. A world larger than the number of groups is a ShardingError."""
+    n_groups = -(-num_cols // group_size)
+    if world > n_groups:
+        raise ShardingError(f"shard=True over {world} ranks, but the basis has only {n_groups} quantisation groups "
+                            f"of {group_size} columns ({num_cols} columns): use at most {n_groups} ranks, a smaller "
+                            "group_size, or shard=False")
+    return [min(num_cols, (r * n_groups // world) * group_size) for r in range(world + 1)]
+
+
+def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBasis, int, int]:
+    """Columns start..stop of `qb` (start on a group edge) as a basis of their own, and the
+    global indices [b_lo, b_hi) of the blocks they touch. A block that straddles start or
+    stop keeps its coefficient; its local part is a block of the slice."""
+    if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
+        raise ValueError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+    offsets = qb.block_offsets.cpu()
+    b_lo = int(torch.searchsorted(offsets, torch.tensor(start), right=True)) - 1
+    b_hi = int(torch.searchsorted(offsets, torch.tensor(stop), right=False))
+    local_offsets = (offsets[b_lo : b_hi + 1].clamp(start, stop) - start).to(qb.block_offsets.device)
+    g0, g1 = start // qb.group_size, -(-stop // qb.group_size)
+    if qb.bits is None:
+        codes = qb.codes[:, start:stop]
+    else:
+        group_bytes = qb.group_size * qb.bits // 8
+        codes = qb.codes[:, g0 * group_bytes :] if stop == qb.num_cols else qb.codes[:, g0 * group_bytes : g1 * group_bytes]
+    scales, mins = (qb.scales, qb.mins) if qb.bits is None else (qb.scales[g0:g1], qb.mins[g0:g1])
+    sliced = QuantizedBasis.from_state_dict({
+        "codes": codes.contiguous().clone(), "scales": scales.contiguous().clone(), "mins": mins.contiguous().clone(),
+        "block_offsets": local_offsets,
+        "meta": torch.tensor([qb.bits or 0, qb.group_size, stop - start], dtype=torch.int64)})
+    return sliced, b_lo, b_hi
+
+
+def _probe(comm: Comm, device: torch.device) -> None:
+    """Run the sharded mode's two collectives once on one element per rank, so that a backend
+    that lacks them fails here, by name, and not in the first backward."""
+    backend = dist.get_backend(comm.group)
+    try:
+        out = torch.zeros(comm.world, device=device)
+        dist.all_gather_into_tensor(out, torch.ones(1, device=device), group=comm.group)
+        dist.reduce_scatter_tensor(torch.zeros(1, device=device), out, group=comm.group)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise ShardingError(f"shard=True needs all_gather_into_tensor and reduce_scatter_tensor, which the "
+                            f"{backend!r} backend cannot run on {device} ({exc}); use shard=False (replicated "
+                            "mode) or a backend that has them (NCCL on GPU, gloo on CPU)") from exc
+
+
+class Sharded:
+    """This rank's columns of the basis and center (the TWA's buffers become the shard), and
+    the gather / reduce-scatter that turn them into full weights and back."""
+
+    shard = True
+
+    def __init__(self, twa: TWA, group: Any):
+        self.comm = Comm(group)
+        qb = twa.basis
+        self.num_cols, self.num_blocks = qb.num_cols, qb.num_blocks
+        edges = shard_columns(qb.num_cols, qb.group_size, self.comm.world)
+        _probe(self.comm, qb.device)
+        self.sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        self.chunk = max(self.sizes)  # every rank's slot in the gathered buffer
+        self.start, self.stop = edges[self.comm.rank], edges[self.comm.rank + 1]
+        local, self.b_lo, self.b_hi = slice_basis(qb, self.start, self.stop)
+        with torch.no_grad():
+            twa.center = twa.center[self.start : self.stop].clone()
+            for key, value in local.state_dict().items():
+                setattr(twa, f"basis_{key}", value.to(qb.device))
+        logger.info("TWA shard: rank %d of %d holds columns %d..%d and blocks %d..%d (basis %.1f MB)",
+                    self.comm.rank, self.comm.world, self.start, self.stop, self.b_lo, self.b_hi, local.nbytes / 1e6)
+
+    @property
+    def padding(self) -> int:
+        """Elements of padding in each gathered / reduce-scattered buffer: W x L - D."""
+        return self.chunk * self.comm.world - self.num_cols
+
+    def reconstruct(self, twa: TWA) -> Tensor:
+        """The full weight vector [D] (float32), differentiable in twa.coefficients."""
+        return _GatherReconstruct.apply(twa.coefficients, twa.basis, twa.center, self)
+
+    def unpad(self, gathered: Tensor) -> Tensor:
+        if not self.padding:
+            return gathered
+        rows = gathered.view(self.comm.world, self.chunk)
+        return torch.cat([rows[r, :n] for r, n in enumerate(self.sizes)])
+
+    def pad(self, flat: Tensor) -> Tensor:
+        if not self.padding:
+            return flat.contiguous()
+        out = flat.new_zeros(self.comm.world, self.chunk)
+        for r, (piece, n) in enumerate(zip(flat.split(self.sizes), self.sizes)):
+            out[r, :n] = piece
+        return out.view(-1)
+
+
+class _GatherReconstruct(torch.autograd.Function):
+    """w = all_gather(center_r + basis_r^T x[:, blocks_r]); dL/dx = all_reduce(project_r(
+    reduce_scatter(dL/dw) / W)): the sharded forward and its backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, qb: QuantizedBasis, center: Tensor, shard: Sharded) -> Tensor:
+        ctx.qb, ctx.shard = qb, shard
+        comm = shard.comm
+        mine = torch.zeros(shard.chunk, dtype=torch.float32, device=center.device)
+        reconstruct(qb, x[:, shard.b_lo : shard.b_hi], center, out=mine[: shard.stop - shard.start])
+        gathered = torch.empty(shard.chunk * comm.world, dtype=torch.float32, device=center.device)
+        return shard.unpad(comm.all_gather_into_tensor(gathered, mine))
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor):
+        shard, qb = ctx.shard, ctx.qb
+        comm = shard.comm
+        mine = torch.empty(shard.chunk, dtype=torch.float32, device=grad_w.device)
+        comm.reduce_scatter_tensor(mine, shard.pad(grad_w.float()))
+        local = project(qb, mine[: shard.stop - shard.start].div_(comm.world))
+        grad_x = torch.zeros(local.shape[0], shard.num_blocks, dtype=torch.float32, device=grad_w.device)
+        grad_x[:, shard.b_lo : shard.b_hi] = local  # straddling blocks: partial sums, added by the all-reduce
+        return comm.all_reduce(grad_x), None, None, None
+
+
+# -- BatchNorm statistics and metrics over the union of the ranks' data ----------------------
+
+
+@torch.no_grad()
+def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> None:
+    """After each rank ran update_bn (cumulative averaging: momentum None) over its own
+    batches, make every BatchNorm's running stats those of one process over all batches:
+    the per-rank stats weighted by their batch counts, summed in one all-reduce of
+    2 x channels + 1 floats per layer. Ranks with no batches count zero."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    parts = []
+    for m in norms:
+        n = m.num_batches_tracked.to(torch.float64)
+        parts += [m.running_mean.double() * n, m.running_var.double() * n, n.reshape(1)]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    offset = 0
+    for m in norms:
+        c = m.running_mean.numel()
+        total, count = flat[offset : offset + c], flat[offset + 2 * c]
+        if count > 0:
+            m.running_mean.copy_(total / count)
+            m.running_var.copy_(flat[offset + c : offset + 2 * c] / count)
+            m.num_batches_tracked.fill_(int(count))
+        offset += 2 * c + 1
+
+
+def update_bn(twa: TWA, loader: Iterable, process_group: Any = None,
+              call_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    """TWA.update_bn over the union of every rank's `loader` (each rank passes its own
+    shard of the data): a local pass at the averaged weights, then one all-reduce of the
+    statistics. Equal to one process running update_bn over all the ranks' batches."""
+    group = process_group if process_group is not None else getattr(getattr(twa, "_dist", None), "comm", None)
+    group = group.group if isinstance(group, Comm) else group
+    twa.update_bn(loader, call_fn)
+    all_reduce_bn_statistics(twa.module, group)
+
+
+def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:
+    """Sums over the ranks of per-rank metric sums (loss sums, correct counts, sample counts):
+    one all-reduce in float64. Divide afterwards: {"correct": c, "count": n} -> c / n."""
+    keys = list(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend(process_group) == "nccl":
+        values = values.cuda()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=process_group)
+    return dict(zip(keys, values.tolist()))
