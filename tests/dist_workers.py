@@ -61,7 +61,10 @@ SEEN: dict[str, int] = defaultdict(int)
 
 def count_collectives() -> None:
     """Wrap torch.distributed's collectives so that SEEN[name] adds the bytes of each call
-    (full-size side: all-reduce tensor, all-gather output, reduce-scatter input)."""
+    (full-size side: all-reduce tensor, all-gather output, reduce-scatter input). Once per process."""
+    if getattr(dist, "_twa_test_counted", False):
+        return
+    dist._twa_test_counted = True
     def nbytes(t):
         return t.numel() * t.element_size()
 
@@ -74,8 +77,12 @@ def count_collectives() -> None:
         setattr(dist, name, counted)
 
     wrap("all_reduce", lambda t, *a, **k: nbytes(t))
-    wrap("all_gather_into_tensor", lambda out, t, *a, **k: nbytes(out))
-    wrap("reduce_scatter_tensor", lambda out, t, *a, **k: nbytes(t))
+    for name in ("all_gather_into_tensor", "all_gather_single"):
+        if hasattr(dist, name):
+            wrap(name, lambda out, t, *a, **k: nbytes(out))
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            wrap(name, lambda out, t, *a, **k: nbytes(t))
     wrap("all_gather", lambda ts, t, *a, **k: sum(nbytes(x) for x in ts))
     wrap("broadcast", lambda t, *a, **k: nbytes(t))
     wrap("_broadcast_coalesced", lambda pg, ts, *a, **k: sum(nbytes(x) for x in ts))
@@ -114,7 +121,9 @@ def train_twa(twa, rank, world, split_as=None):
     Returns the bytes twa counted in each step."""
     from twa_kernels import distributed
     x, y = data()
-    opt = torch.optim.AdamW(twa.parameters(), lr=LR)
+    # eps 1e-3, not 1e-8: Adam's first steps are lr * sign(g) where |g| >> eps, so float32
+    # rounding of a near-zero gradient (a different summation order) could flip a whole step
+    opt = torch.optim.AdamW(twa.parameters(), lr=LR, eps=1e-3)
     per_step = []
     for step in range(STEPS):
         distributed.reset_comm_bytes(twa)
@@ -202,11 +211,22 @@ def ddp_over_twa(rank, world):
     own_center = twa.center.clone() + rank  # rank 1's center differs on purpose
     twa.center.copy_(own_center)
     SEEN.clear()
-    ddp = DDP(twa, broadcast_buffers=True)
+    ddp = DDP(twa)  # DDP's default: broadcast the buffers at construction and before every forward
     x, y = data()
     ddp(x[0, :4]).sum().backward()
     out = {"center_kept": bool(torch.equal(twa.center, own_center)), "broadcast_bytes": SEEN["_broadcast_coalesced"],
            "coefficient_bytes": twa.coefficients.numel() * 4}
+    # the control: a TWA that did not tell DDP to ignore its buffers gets rank 0's center
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
+    unshifted = twa.center.clone()  # what rank 0 holds
+    twa.center.add_(rank)
+    twa._ddp_params_and_buffers_to_ignore = []
+    SEEN.clear()
+    DDP(twa)
+    out["control_center_is_rank0s"] = bool(torch.equal(twa.center, unshifted))
+    out["control_broadcast_bytes"] = SEEN["_broadcast_coalesced"]
+    out["basis_bytes"] = sum(b.numel() * b.element_size() for b in twa.buffers())
     # training, with identical bases
     model, ckpts = model_and_checkpoints()
     twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
@@ -281,17 +301,20 @@ def errors(rank, world):
         tk.TWA(tiny, tiny_ckpts, bits=4, group_size=8, process_group=dist.group.WORLD, shard=True)
     except distributed.ShardingError as exc:
         out["too_many_ranks"] = str(exc)
-    original = dist.reduce_scatter_tensor
+    names = [n for n in ("reduce_scatter_tensor", "reduce_scatter_single") if hasattr(dist, n)]
+    originals = {n: getattr(dist, n) for n in names}
 
     def unsupported(*args, **kwargs):
-        raise RuntimeError("reduce_scatter_tensor is not supported (test stand-in for such a backend)")
-    dist.reduce_scatter_tensor = unsupported
+        raise RuntimeError("reduce-scatter is not supported (test stand-in for such a backend)")
+    for n in names:
+        setattr(dist, n, unsupported)
     try:
         tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD, shard=True)
     except distributed.ShardingError as exc:
         out["backend"] = str(exc)
     finally:
-        dist.reduce_scatter_tensor = original
+        for n, f in originals.items():
+            setattr(dist, n, f)
     return out
 
 

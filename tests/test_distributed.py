@@ -118,7 +118,9 @@ def test_sharded_moves_two_gathers_of_d_plus_k_by_b_a_step(job):
         expected = 4 * (2 * padded + got["k"] * got["B"])
         assert got["bytes_per_step"].tolist() == [expected] * w.STEPS
         assert int(got["seen_bytes"]) == expected * w.STEPS
-        assert got["seen_ops"] == ["all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor"]
+        gather = "all_gather_single" if hasattr(torch.distributed, "all_gather_single") else "all_gather_into_tensor"
+        scatter = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
+        assert got["seen_ops"] == sorted([gather, "all_reduce", scatter])
     # some block straddles a shard edge (it appears on two ranks)
     spans = [range(res["modes"]["sharded"]["b_lo"], res["modes"]["sharded"]["b_hi"]) for res in results]
     assert any(set(a) & set(b) for a, b in zip(spans[:-1], spans[1:]))
@@ -142,6 +144,9 @@ def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(job
         ddp = res["ddp"]
         assert ddp["center_kept"]  # rank 1's different center survived DDP's buffer broadcast
         assert ddp["broadcast_bytes"] == ddp["coefficient_bytes"]  # only the coefficients, once
+        # the control without the ignore list: the basis is broadcast and rank 1's center replaced
+        assert ddp["control_center_is_rank0s"]
+        assert ddp["control_broadcast_bytes"] >= ddp["basis_bytes"] + ddp["coefficient_bytes"]
         torch.testing.assert_close(ddp["coefficients"], results[0]["ddp"]["reference"], **TOL)
 
 

@@ -51,6 +51,16 @@ _CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum",
 _EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
 
 
+def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns); older has only the latter
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, t, group=group)
+
+
+def _reduce_scatter(out: Tensor, t: Tensor, group: Any) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, t, op=dist.ReduceOp.SUM,
+                                                                                  group=group)
+
+
 class BasisMismatchError(RuntimeError):
     """The ranks of a process group hold different bases (or centers)."""
 
@@ -94,12 +104,12 @@ class Comm:
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         self._count("all_gather", out)
-        dist.all_gather_into_tensor(out, t, group=self.group)
+        _all_gather(out, t, self.group)
         return out
 
     def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         self._count("reduce_scatter", t)
-        dist.reduce_scatter_tensor(out, t, op=dist.ReduceOp.SUM, group=self.group)
+        _reduce_scatter(out, t, self.group)
         return out
 
 
@@ -240,10 +250,10 @@ def _probe(comm: Comm, device: torch.device) -> None:
     backend = dist.get_backend(comm.group)
     try:
         out = torch.zeros(comm.world, device=device)
-        dist.all_gather_into_tensor(out, torch.ones(1, device=device), group=comm.group)
-        dist.reduce_scatter_tensor(torch.zeros(1, device=device), out, group=comm.group)
+        _all_gather(out, torch.ones(1, device=device), comm.group)
+        _reduce_scatter(torch.zeros(1, device=device), out, comm.group)
     except (RuntimeError, NotImplementedError, ValueError) as exc:
-        raise ShardingError(f"shard=True needs all_gather_into_tensor and reduce_scatter_tensor, which the "
+        raise ShardingError(f"shard=True needs an all-gather and a reduce-scatter into flat tensors, which the "
                             f"{backend!r} backend cannot run on {device} ({exc}); use shard=False (replicated "
                             "mode) or a backend that has them (NCCL on GPU, gloo on CPU)") from exc
 
