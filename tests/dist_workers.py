@@ -323,3 +323,78 @@ def all_scenarios(rank, world):
     if world == 2:
         out.update(ddp=ddp_over_twa(rank, world), psgd=subspace_optimizer_ddp(rank, world), errors=errors(rank, world))
     return out
+
+
+# -- building from this rank's columns ----------------------------------------------------
+
+
+def big_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1000, 2000), torch.nn.Linear(2000, 1000))  # 4.0M weights
+
+
+def write_checkpoints(folder: str, count: int = 10) -> int:
+    """count checkpoints of big_model: safetensors, the last two as .pt (read with mmap).
+    Returns their total bytes."""
+    from safetensors.torch import save_file
+    model, gen, total = big_model(), torch.Generator().manual_seed(4), 0
+    for i in range(count):
+        state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+        path = os.path.join(folder, f"ckpt{i}.{'pt' if i >= count - 2 else 'safetensors'}")
+        torch.save(state, path) if path.endswith(".pt") else save_file(state, path)
+        total += os.path.getsize(path)
+    return total
+
+
+def _reset_peak() -> int:
+    """Reset this process's peak RSS (VmHWM; Linux clear_refs 5) and return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _peak_rss() -> int:
+    return _status("VmHWM")
+
+
+def sharded_build(folder, rank, world):
+    """TWA(shard=True) from files: peak memory growth of the build, and the shard itself;
+    rank 0 also builds the whole subspace in one process (after, for the comparison)."""
+    import twa_kernels as tk
+    from twa_kernels import distributed
+    model = big_model()
+    before = _reset_peak()
+    twa = tk.TWA(model, folder, bits=4, group_size=128, process_group=dist.group.WORLD, shard=True)
+    out = {"grown": _peak_rss() - before, "center": twa.center.clone(), "start": twa._dist.start,
+           "stop": twa._dist.stop, "B": twa.coefficients.shape[1],
+           "basis": {k: v.clone() for k, v in twa.basis.state_dict().items()}}
+    twa.coefficients.data.normal_(generator=torch.Generator().manual_seed(9))
+    out["weights"] = torch.cat([w.reshape(-1) for w in twa.weights().values()]).detach()
+    del twa
+    if rank == 0:
+        before = _reset_peak()
+        names = [n for n, _ in model.named_parameters()]
+        full = tk.Subspace.from_checkpoints(folder, bits=4, group_size=128, parameter_names=names)
+        out["full_grown"] = _peak_rss() - before
+        edges = distributed.shard_columns(full.num_weights, 128, world)
+        out["full_shards"] = []
+        for start, stop in zip(edges[:-1], edges[1:]):
+            local, _, _ = distributed.slice_basis(full.basis, start, stop)
+            out["full_shards"].append({"center": full.center[start:stop].clone(),
+                                       "basis": {k: v.clone() for k, v in local.state_dict().items()}})
+        x = torch.randn(full.basis.k, full.basis.num_blocks, generator=torch.Generator().manual_seed(9))
+        out["full_weights"] = tk.reconstruct(full.basis, x, full.center)
+    # a rank with a different checkpoint list: a named error on every rank
+    files = sorted(os.listdir(folder))
+    mine = [os.path.join(folder, f) for f in (files if rank == 0 else files[1:])]
+    try:
+        tk.TWA(big_model(), mine, bits=4, process_group=dist.group.WORLD, shard=True)
+    except distributed.CheckpointListMismatchError as exc:
+        out["list_error"] = str(exc)
+    return out

@@ -24,18 +24,22 @@ averages the coefficient gradients itself, so leave process_group=None under DDP
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from twa_kernels.io import CheckpointError, _strip_prefixes, resolve_checkpoints, unwrap_state_dict
 from twa_kernels.ops import project, reconstruct
-from twa_kernels.quant import QuantizedBasis
+from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
+from twa_kernels.subspace import _progress, block_sizes_for
 
 if TYPE_CHECKING:  # twa imports this module; no import upward at run time
     from twa_kernels.twa import TWA
@@ -113,12 +117,15 @@ class Comm:
         return out
 
 
-def attach(twa: TWA, process_group: Any, shard: bool) -> Replicated | Sharded:
+def attach(twa: TWA, process_group: Any, shard: bool, built: Any = None) -> Replicated | Sharded:
     """Called by TWA's constructor: check that every rank holds the same basis, then set up
-    the replicated gradient hook or cut the basis into this rank's shard."""
+    the replicated gradient hook or cut the basis into this rank's shard. `built` is what
+    the TWA was built from: a ShardedSubspace (build_shard) is this rank's shard already."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("TWA(process_group=...) needs torch.distributed initialised: call "
                            "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    if isinstance(built, ShardedSubspace):  # built from this rank's columns: shards differ by design
+        return Sharded(twa, process_group, built)
     check_same_basis(twa.center, twa.basis, process_group)
     return Sharded(twa, process_group) if shard else Replicated(twa, process_group)
 
@@ -220,16 +227,22 @@ def shard_columns(num_cols: int, group_size: int, world: int) -> list[int]:
     return [min(num_cols, (r * n_groups // world) * group_size) for r in range(world + 1)]
 
 
+def local_blocks(offsets: Tensor, start: int, stop: int) -> tuple[Tensor, int, int]:
+    """The blocks (global offsets `offsets`) that columns start..stop touch: their offsets
+    clipped to the range and made local, and their global indices [b_lo, b_hi)."""
+    b_lo = int(torch.searchsorted(offsets, torch.tensor(start), right=True)) - 1
+    b_hi = int(torch.searchsorted(offsets, torch.tensor(stop), right=False))
+    return offsets[b_lo : b_hi + 1].clamp(start, stop) - start, b_lo, b_hi
+
+
 def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBasis, int, int]:
     """Columns start..stop of `qb` (start on a group edge) as a basis of their own, and the
     global indices [b_lo, b_hi) of the blocks they touch. A block that straddles start or
     stop keeps its coefficient; its local part is a block of the slice."""
     if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
         raise ValueError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
-    offsets = qb.block_offsets.cpu()
-    b_lo = int(torch.searchsorted(offsets, torch.tensor(start), right=True)) - 1
-    b_hi = int(torch.searchsorted(offsets, torch.tensor(stop), right=False))
-    local_offsets = (offsets[b_lo : b_hi + 1].clamp(start, stop) - start).to(qb.block_offsets.device)
+    local_offsets, b_lo, b_hi = local_blocks(qb.block_offsets.cpu(), start, stop)
+    local_offsets = local_offsets.to(qb.block_offsets.device)
     g0, g1 = start // qb.group_size, -(-stop // qb.group_size)
     if qb.bits is None:
         codes = qb.codes[:, start:stop]
@@ -264,20 +277,27 @@ class Sharded:
 
     shard = True
 
-    def __init__(self, twa: TWA, group: Any):
+    def __init__(self, twa: TWA, group: Any, piece: ShardedSubspace | None = None):
         self.comm = Comm(group)
         qb = twa.basis
-        self.num_cols, self.num_blocks = qb.num_cols, qb.num_blocks
-        edges = shard_columns(qb.num_cols, qb.group_size, self.comm.world)
+        if piece is None:
+            self.num_cols, self.num_blocks = qb.num_cols, qb.num_blocks
+        else:
+            self.num_cols, self.num_blocks = piece.num_cols, piece.num_blocks
+        edges = shard_columns(self.num_cols, qb.group_size, self.comm.world)
         _probe(self.comm, qb.device)
         self.sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
         self.chunk = max(self.sizes)  # every rank's slot in the gathered buffer
         self.start, self.stop = edges[self.comm.rank], edges[self.comm.rank + 1]
-        local, self.b_lo, self.b_hi = slice_basis(qb, self.start, self.stop)
-        with torch.no_grad():
-            twa.center = twa.center[self.start : self.stop].clone()
-            for key, value in local.state_dict().items():
-                setattr(twa, f"basis_{key}", value.to(qb.device))
+        if piece is not None:  # the buffers hold this rank's columns already; the coefficients are global
+            local, self.b_lo, self.b_hi = qb, piece.b_lo, piece.b_hi
+            twa.coefficients = nn.Parameter(torch.zeros(qb.k, self.num_blocks, device=qb.device))
+        else:
+            local, self.b_lo, self.b_hi = slice_basis(qb, self.start, self.stop)
+            with torch.no_grad():
+                twa.center = twa.center[self.start : self.stop].clone()
+                for key, value in local.state_dict().items():
+                    setattr(twa, f"basis_{key}", value.to(qb.device))
         logger.info("TWA shard: rank %d of %d holds columns %d..%d and blocks %d..%d (basis %.1f MB)",
                     self.comm.rank, self.comm.world, self.start, self.stop, self.b_lo, self.b_hi, local.nbytes / 1e6)
 
@@ -380,3 +400,168 @@ def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = 
         values = values.cuda()
     dist.all_reduce(values, op=dist.ReduceOp.SUM, group=process_group)
     return dict(zip(keys, values.tolist()))
+
+
+# -- building a sharded subspace from this rank's columns only ----------------------------
+
+
+class CheckpointListMismatchError(BasisMismatchError):
+    """The ranks were given different checkpoint lists."""
+
+
+@dataclass
+class ShardedSubspace:
+    """This rank's columns [start, stop) of a subspace: the local center and basis, and the
+    global layout (num_cols D, num_blocks B; local blocks are global blocks [b_lo, b_hi))."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    center: Tensor
+    basis: QuantizedBasis
+    start: int
+    stop: int
+    b_lo: int
+    b_hi: int
+    num_cols: int
+    num_blocks: int
+    aliases: dict[str, list[str]]
+
+
+class _ColumnReader:
+    """Columns of one checkpoint's flattened weights, reading only what they need:
+    safetensors through lazy slices (whole leading-dimension rows around the range), .pt
+    files through torch.load(mmap=True, weights_only=True) (only the touched pages are read),
+    in-memory state_dicts by slicing."""
+
+    def __init__(self, spec: Any, index: int):
+        self.source = f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec)
+        self._file = None
+        if isinstance(spec, Mapping):
+            self._tensors = unwrap_state_dict(spec, self.source)
+        elif str(spec).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                self._file = safe_open(str(spec), framework="pt", device="cpu")
+            except Exception as exc:
+                raise CheckpointError(f"{spec}: not a readable safetensors file ({exc})") from exc
+            self._keys = {_strip_prefixes({k: None}).popitem()[0]: k for k in self._file.keys()}
+        else:
+            try:
+                obj = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(f"{spec}: could not be read as a torch checkpoint with mmap=True and "
+                                      f"weights_only=True ({exc}); re-save it with torch.save(model.state_dict())") from exc
+            self._tensors = unwrap_state_dict(obj, self.source)
+
+    def _key(self, name: str, aliases: dict[str, list[str]], keys: Iterable[str]) -> str:
+        keys = set(keys)
+        for candidate in (name, *aliases.get(name, ())):
+            if candidate in keys:
+                return candidate
+        raise CheckpointError(f"{self.source}: missing key {name!r}; was it saved from the same model?")
+
+    def read(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
+        """Elements a..b of the flattened tensor `name`, as float32."""
+        if self._file is None:
+            value = self._tensors[self._key(name, aliases, self._tensors)]
+            got = tuple(value.shape)
+        else:
+            part = self._file.get_slice(self._keys[self._key(name, aliases, self._keys)])
+            got = tuple(part.get_shape())
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
+        if self._file is None:
+            if not value.is_floating_point():
+                raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
+            return value.reshape(-1)[a:b].to(torch.float32)
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if len(shape) == 0:
+            value = part[:]
+        else:
+            r0, r1 = a // row, -(-b // row)
+            value = part[r0:r1].reshape(-1)[a - r0 * row : b - r0 * row]
+        if not value.is_floating_point():
+            raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
+        return value.reshape(-1)[: b - a].to(torch.float32)
+
+    def columns(self, names: list[str], shapes: list[tuple[int, ...]], start: int, stop: int,
+                aliases: dict[str, list[str]], into: Tensor | None = None) -> Tensor:
+        """Columns start..stop of the flattened weights (names in order), checked finite:
+        written into a new float32 tensor, or added to `into` (float64), one tensor's piece
+        at a time, so the temporary memory is one piece."""
+        out = torch.empty(stop - start, dtype=torch.float32) if into is None else into
+        offset = 0
+        for name, shape in zip(names, shapes):
+            n = math.prod(shape)
+            a, b = max(start, offset) - offset, min(stop, offset + n) - offset
+            if a < b:
+                piece = self.read(name, shape, a, b, aliases)
+                if not bool(torch.isfinite(piece).all()):
+                    raise CheckpointError(f"{self.source}: key {name!r} holds NaN or Inf; refuse or repair it")
+                target = out[offset + a - start : offset + b - start]
+                target.copy_(piece) if into is None else target.add_(piece)
+            offset += n
+        return out
+
+
+def _quantize_in_chunks(row: Tensor, bits: int, group_size: int, groups_per_chunk: int = 256):
+    """_quantize_row over whole groups at a time: the same bytes, scales and mins (groups are
+    independent and a chunk ends on a group edge) with temporaries of one chunk, not ~5 rows."""
+    step = group_size * groups_per_chunk
+    parts = [_quantize_row(row[i : i + step], bits, group_size) for i in range(0, row.numel(), step)]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+
+
+def _same_checkpoint_lists(specs: list, group: Any) -> None:
+    """All-gather a digest of the checkpoint list (paths, or state_dict count) and raise
+    CheckpointListMismatchError naming the ranks whose list differs from rank 0's."""
+    text = "\n".join(str(s) if not isinstance(s, Mapping) else f"<state_dict {i}>" for i, s in enumerate(specs))
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+    mine = torch.tensor([digest, len(specs)], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
+    if bad:
+        raise CheckpointListMismatchError(
+            f"ranks {bad} were given a different checkpoint list from rank 0's ({len(specs)} here): pass every "
+            "rank the same files in the same order")
+
+
+@torch.no_grad()
+def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: list[tuple[int, ...]],
+                bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
+                aliases: dict[str, list[str]] | None = None, progress: bool = False) -> ShardedSubspace:
+    """Subspace.from_checkpoints for this rank's columns only: each checkpoint is read for
+    columns [c_r, c_r+1) alone (see _ColumnReader), so no rank holds a whole checkpoint. The
+    result equals the single-process subspace's columns bit for bit (the center is the same
+    float64 mean, and quantisation groups never cross a shard edge). Rank 0 shows progress."""
+    if dist.get_rank(process_group) != 0:
+        progress = False
+    specs = resolve_checkpoints(checkpoints)
+    _same_checkpoint_lists(specs, process_group)
+    aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
+    shapes = [tuple(s) for s in shapes]
+    numels = [math.prod(s) for s in shapes]
+    num_cols = sum(numels)
+    edges = shard_columns(num_cols, group_size, dist.get_world_size(process_group))
+    start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
+    total = torch.zeros(stop - start, dtype=torch.float64)
+    for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
+        _ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, into=total)
+    center = total.div_(len(specs)).float()  # the float64 mean, as Subspace.from_checkpoints takes it
+    del total
+    offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
+    local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)
+    rows = []
+    for i, spec in enumerate(_progress(specs, len(specs), "building basis (shard)", progress)):
+        row = _ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
+        rows.append(row if bits is None else _quantize_in_chunks(row, bits, group_size))
+    if bits is None:
+        basis = quantize(torch.stack(rows), None, group_size, local_offsets.diff().tolist())
+    else:
+        basis = stack_rows(rows, local_offsets, bits, group_size, stop - start)
+    return ShardedSubspace(list(names), shapes, center, basis, start, stop, b_lo, b_hi, num_cols,
+                           offsets.numel() - 1, aliases)

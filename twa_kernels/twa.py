@@ -65,6 +65,10 @@ class TWA(nn.Module):
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
+        elif shard:  # each rank reads its own columns of the checkpoints only
+            subspace = distributed.build_shard(
+                checkpoints_or_subspace, process_group, names, [tuple(p.shape) for p in model.parameters()],
+                bits=bits, granularity=granularity, group_size=group_size, aliases=aliases, progress=progress)
         else:
             subspace = Subspace.from_checkpoints(
                 checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
@@ -85,7 +89,7 @@ class TWA(nn.Module):
         self._workspace = _Workspace()
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
         self._ddp_params_and_buffers_to_ignore = list(distributed.BASIS_BUFFERS)
-        self._dist = None if process_group is None else distributed.attach(self, process_group, shard)
+        self._dist = None if process_group is None else distributed.attach(self, process_group, shard, subspace)
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
 
     @property
