@@ -88,7 +88,7 @@ def test_ranks_on_a_split_batch_match_one_process(job, mode):
     world, results = job
     ref = results[0]["modes"]["reference"]
     moved = ref["coefficients"].abs().max()
-    assert moved > 10 * w.LR * 0.5  # the reference really trained (AdamW steps of ~lr each)
+    assert moved > w.STEPS * w.LR * 0.5  # the reference really trained (AdamW steps of up to lr each)
     for rank, res in enumerate(results):
         got = res["modes"][mode]
         torch.testing.assert_close(got["coefficients"], ref["coefficients"], **TOL)
