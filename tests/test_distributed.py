@@ -197,3 +197,91 @@ def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_pat
         # the gathered weights at random coefficients equal the single-process ones
         torch.testing.assert_close(res["weights"], full["full_weights"], rtol=0, atol=1e-6)
         assert "ranks [1]" in res["list_error"] and "same files in the same order" in res["list_error"]
+
+
+USER_PACKAGE = '''
+import os
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from twa_kernels.demo import make_model as _make
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 40, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+def make_model():
+    return _make(0)
+
+def broken_model():
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 cannot build its model")
+    return _make(0)
+
+def train_loader():
+    return DataLoader(_data(48, 0), batch_size=8, shuffle=True)
+
+def val_loader():
+    return DataLoader(_data(32, 1), batch_size=16)
+'''
+
+
+def _torchrun(root, config, timeout=150):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    package_root = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), package_root]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(w.free_port()), "-m", "twa_kernels", "fit", str(path), "--no-progress"]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def user_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    (root / "userpkg_dist.py").write_text(USER_PACKAGE)
+    _, ckpts = w.model_and_checkpoints()
+    for i, state in enumerate(ckpts):
+        tk.save_state_dict(state, root / "ckpts" / f"epoch_{i}.pt")
+    return root
+
+
+def _fit_config(root, **overrides):
+    config = dict(model="userpkg_dist:make_model", data=dict(train="userpkg_dist:train_loader",
+                                                             val="userpkg_dist:val_loader"),
+                  checkpoints=str(root / "ckpts" / "epoch_*.pt"), bits=4, group_size=8, epochs=1,
+                  optimizer=dict(name="AdamW", lr=0.02), output=str(root / "out"),
+                  distributed=dict(mode="sharded"))
+    config.update(overrides)
+    return config
+
+
+def test_twa_fit_under_torchrun_sharded(user_project):
+    import json
+
+    result = _torchrun(user_project, _fit_config(user_project))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((user_project / "out" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["distributed_mode"] == "sharded"
+    k, B = report["coefficients"]
+    D = sum(p.numel() for p in w.model_and_checkpoints()[0].parameters())
+    padded = 2 * -(-(-(-D // 8)) // 2) * 8  # W x (the larger rank's groups x group_size)
+    assert report["bytes_communicated_per_step"] == 4 * (2 * padded + k * B)
+    assert report["val_loss_after_twa"] < report["val_loss_at_swa"] + 1.0  # a number, from both ranks' shares
+    averaged = tk.load_state_dict(user_project / "out" / "averaged.safetensors")
+    assert set(averaged) == set(w.model_and_checkpoints()[0].state_dict())
+    assert not list((user_project / "out").glob("*.tmp"))
+
+
+def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):
+    result = _torchrun(user_project, _fit_config(user_project, model="userpkg_dist:broken_model",
+                                                 distributed=dict(mode="replicated"), output=str(user_project / "o2")),
+                       timeout=150)
+    assert result.returncode != 0
+    assert "rank 1 cannot build its model" in result.stderr + result.stdout
+    assert not (user_project / "o2" / "report.json").exists()

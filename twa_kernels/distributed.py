@@ -24,9 +24,11 @@ averages the coefficient gradients itself, so leave process_group=None under DDP
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -565,3 +567,61 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
         basis = stack_rows(rows, local_offsets, bits, group_size, stop - start)
     return ShardedSubspace(list(names), shapes, center, basis, start, stop, b_lo, b_hi, num_cols,
                            offsets.numel() - 1, aliases)
+
+
+# -- running under torchrun -----------------------------------------------------------------
+
+
+def init_from_environment(timeout_s: float = 300.0) -> Any:
+    """The default process group when torchrun (or any launcher setting WORLD_SIZE > 1) started
+    this process, initialised if it is not yet: NCCL with CUDA (device LOCAL_RANK), else gloo,
+    with a timeout, so a rank that fails ends the others' collectives instead of hanging
+    them. None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def split_loader(loader: Iterable, process_group: Any) -> Iterable:
+    """This rank's share of `loader`, with the same number of batches on every rank (a rank
+    with one batch more would wait forever in its extra all-reduce). A DataLoader over a
+    map-style dataset is rebuilt with a DistributedSampler (shuffled if the loader was; it
+    pads by repeating samples); another sized iterable keeps every W-th batch, len // W of
+    them. An unsized iterable is refused."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
+        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
+                                     shuffle=isinstance(loader.sampler, RandomSampler), seed=0)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+    if not hasattr(loader, "__len__"):
+        raise TypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
+                        f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
+    per_rank = len(loader) // world
+    return _Strided(loader, rank, world, per_rank)
+
+
+class _Strided:
+    """Batches rank, rank + W, ... of a sized iterable, `count` of them."""
+
+    def __init__(self, loader: Iterable, rank: int, world: int, count: int):
+        self.loader, self.rank, self.world, self.count = loader, rank, world, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        taken = 0
+        for i, batch in enumerate(self.loader):
+            if taken == self.count:
+                return
+            if i % self.world == self.rank:
+                taken += 1
+                yield batch
