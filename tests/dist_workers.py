@@ -363,7 +363,17 @@ def _peak_rss() -> int:
     return _status("VmHWM")
 
 
-def sharded_build(folder, rank, world):
+def write_dcp(folder: str, dcp_folder: str, count: int = 2) -> None:
+    """The first `count` safetensors checkpoints again, as torch.distributed.checkpoint
+    directories of {"model": state_dict} (the layout FSDP users save)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    for i in range(count):
+        state = load_file(os.path.join(folder, f"ckpt{i}.safetensors"))
+        dcp.save({"model": state}, checkpoint_id=os.path.join(dcp_folder, f"dcp{i}"), no_dist=True)
+
+
+def sharded_build(folder, dcp_folder, rank, world):
     """TWA(shard=True) from files: peak memory growth of the build, and the shard itself;
     rank 0 also builds the whole subspace in one process (after, for the comparison)."""
     import twa_kernels as tk
@@ -390,6 +400,15 @@ def sharded_build(folder, rank, world):
                                        "basis": {k: v.clone() for k, v in local.state_dict().items()}})
         x = torch.randn(full.basis.k, full.basis.num_blocks, generator=torch.Generator().manual_seed(9))
         out["full_weights"] = tk.reconstruct(full.basis, x, full.center)
+    # DCP directories give the very shard the same states as safetensors give
+    model = big_model()
+    names, shapes = [n for n, _ in model.named_parameters()], [tuple(p.shape) for p in model.parameters()]
+    from_dcp = distributed.build_shard([os.path.join(dcp_folder, f"dcp{i}") for i in range(2)], dist.group.WORLD,
+                                       names, shapes)
+    from_files = distributed.build_shard([os.path.join(folder, f"ckpt{i}.safetensors") for i in range(2)],
+                                         dist.group.WORLD, names, shapes)
+    out["dcp_equal"] = torch.equal(from_dcp.center, from_files.center) and all(
+        torch.equal(a, b) for a, b in zip(from_dcp.basis.state_dict().values(), from_files.basis.state_dict().values()))
     # a rank with a different checkpoint list: a named error on every rank
     files = sorted(os.listdir(folder))
     mine = [os.path.join(folder, f) for f in (files if rank == 0 else files[1:])]

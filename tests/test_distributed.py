@@ -178,11 +178,14 @@ def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_pat
 
     folder = tmp_path_factory.mktemp("ckpts")
     total = w.write_checkpoints(str(folder))
+    dcp_folder = tmp_path_factory.mktemp("dcp")
+    w.write_dcp(str(folder), str(dcp_folder))
     # glibc keeps freed large blocks in its heap once its mmap threshold has adapted upwards,
     # which would count in peak RSS; a fixed threshold returns them, so the peak is the data's
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        results = w.spawn(functools.partial(w.sharded_build, str(folder)), 2, str(tmp_path_factory.mktemp("build")))
+        results = w.spawn(functools.partial(w.sharded_build, str(folder), str(dcp_folder)), 2,
+                          str(tmp_path_factory.mktemp("build")))
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
     budget = total // 2  # test-only: a rank may not hold half of the checkpoints' bytes
@@ -196,6 +199,7 @@ def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_pat
             assert torch.equal(res["basis"][key], value), key
         # the gathered weights at random coefficients equal the single-process ones
         torch.testing.assert_close(res["weights"], full["full_weights"], rtol=0, atol=1e-6)
+        assert res["dcp_equal"]  # read through torch.distributed.checkpoint's own reader
         assert "ranks [1]" in res["list_error"] and "same files in the same order" in res["list_error"]
 
 

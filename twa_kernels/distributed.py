@@ -438,8 +438,19 @@ class _ColumnReader:
     def __init__(self, spec: Any, index: int):
         self.source = f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec)
         self._file = None
+        self._dcp = None
         if isinstance(spec, Mapping):
             self._tensors = unwrap_state_dict(spec, self.source)
+        elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
+            # a torch.distributed.checkpoint directory (what FSDP users save): read through
+            # DCP's own reader, one tensor at a time
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            self._dcp = FileSystemReader(str(spec))
+            entries = self._dcp.read_metadata().state_dict_metadata
+            self._dcp_shapes = {k: tuple(v.size) for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
+            self._keys = {_strip_dcp_prefix(k): k for k in self._dcp_shapes}
         elif str(spec).endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -465,6 +476,8 @@ class _ColumnReader:
 
     def read(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
         """Elements a..b of the flattened tensor `name`, as float32."""
+        if self._dcp is not None:
+            return self._read_dcp(name, shape, a, b, aliases)
         if self._file is None:
             value = self._tensors[self._key(name, aliases, self._tensors)]
             got = tuple(value.shape)
@@ -487,6 +500,18 @@ class _ColumnReader:
             raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
         return value.reshape(-1)[: b - a].to(torch.float32)
 
+    def _read_dcp(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        key = self._keys[self._key(name, aliases, self._keys)]
+        got = self._dcp_shapes[key]
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
+        # DCP fills the tensors it is given; no_dist: this rank reads alone (ranks read different keys)
+        value = torch.empty(shape, dtype=torch.float32)
+        dcp.load({key: value}, storage_reader=self._dcp, no_dist=True)
+        return value.reshape(-1)[a:b]
+
     def columns(self, names: list[str], shapes: list[tuple[int, ...]], start: int, stop: int,
                 aliases: dict[str, list[str]], into: Tensor | None = None) -> Tensor:
         """Columns start..stop of the flattened weights (names in order), checked finite:
@@ -505,6 +530,16 @@ class _ColumnReader:
                 target.copy_(piece) if into is None else target.add_(piece)
             offset += n
         return out
+
+
+def _strip_dcp_prefix(key: str) -> str:
+    """A DCP key without the nesting prefix of {"model": state_dict} or {"state_dict": ...}
+    and the DDP / compile prefixes."""
+    for nest in ("model.", "state_dict.", "model_state_dict."):
+        if key.startswith(nest):
+            key = key[len(nest):]
+            break
+    return _strip_prefixes({key: None}).popitem()[0]
 
 
 def _quantize_in_chunks(row: Tensor, bits: int, group_size: int, groups_per_chunk: int = 256):
