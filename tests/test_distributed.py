@@ -28,6 +28,11 @@ def job(request, tmp_path_factory):
     return world, w.spawn(w.all_scenarios, world, str(tmp_path_factory.mktemp(f"ranks{world}")))
 
 
+@pytest.fixture(scope="module")
+def ddp_job(tmp_path_factory):
+    return w.spawn(w.ddp_scenarios, 2, str(tmp_path_factory.mktemp("ddp")))
+
+
 # -- one process: the shard arithmetic ------------------------------------------------------
 
 
@@ -128,6 +133,7 @@ def test_sharded_moves_two_gathers_of_d_plus_k_by_b_a_step(job):
     assert any(set(a) & set(b) for a, b in zip(spans[:-1], spans[1:]))
 
 
+@pytest.mark.parametrize("job", [2], ids=["2ranks"], indirect=True)  # 2 ranks only (CI time)
 def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
     world, results = job
     ref = results[0]["bn"]
@@ -138,10 +144,8 @@ def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
                                         "count": 10 * sum(range(1, world + 1))}
 
 
-def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(job):
-    world, results = job
-    if world != 2:
-        pytest.skip("run in the 2-rank job only (CI time)")
+def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(ddp_job):
+    results = ddp_job
     for res in results:
         ddp = res["ddp"]
         assert ddp["center_kept"]  # rank 1's different center survived DDP's buffer broadcast
@@ -152,20 +156,17 @@ def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(job
         torch.testing.assert_close(ddp["coefficients"], results[0]["ddp"]["reference"], **TOL)
 
 
-def test_subspace_optimizer_under_ddp_matches_one_process(job):
-    world, results = job
-    if world != 2:
-        pytest.skip("run in the 2-rank job only (CI time)")
+def test_subspace_optimizer_under_ddp_matches_one_process(ddp_job):
+    results = ddp_job
     for res in results:
         psgd = res["psgd"]
         assert psgd["moved"] > 1e-3 and psgd["in_span"] < 1e-4 * psgd["moved"] + 1e-6
         torch.testing.assert_close(psgd["weights"], results[0]["psgd"]["reference"], **TOL)
 
 
+@pytest.mark.parametrize("job", [2], ids=["2ranks"], indirect=True)  # 2 ranks only (CI time)
 def test_bad_input_gets_named_errors_on_every_rank(job):
     world, results = job
-    if world != 2:
-        pytest.skip("run in the 2-rank job only (CI time)")
     for res in results:
         errors = res["errors"]
         assert "ranks [1] differ from rank 0" in errors["mismatch"] and "codes" in errors["mismatch"]
