@@ -125,8 +125,9 @@ def test_sharded_moves_two_gathers_of_d_plus_k_by_b_a_step(job):
         expected = 4 * (2 * padded + got["k"] * got["B"])
         assert got["bytes_per_step"].tolist() == [expected] * w.STEPS
         assert int(got["seen_bytes"]) == expected * w.STEPS
-        gather = "all_gather_single" if hasattr(torch.distributed, "all_gather_single") else "all_gather_into_tensor"
-        scatter = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
+        single = hasattr(torch.distributed, "all_gather_single")  # torch >= 2.13's names
+        gather = "all_gather_single" if single else "all_gather_into_tensor"
+        scatter = "reduce_scatter_single" if single else "reduce_scatter_tensor"
         assert got["seen_ops"] == sorted([gather, "all_reduce", scatter])
     # some block straddles a shard edge (it appears on two ranks)
     spans = [range(res["modes"]["sharded"]["b_lo"], res["modes"]["sharded"]["b_hi"]) for res in results]

@@ -250,7 +250,8 @@ def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBas
         codes = qb.codes[:, start:stop]
     else:
         group_bytes = qb.group_size * qb.bits // 8
-        codes = qb.codes[:, g0 * group_bytes :] if stop == qb.num_cols else qb.codes[:, g0 * group_bytes : g1 * group_bytes]
+        end = None if stop == qb.num_cols else g1 * group_bytes  # the row's short last group goes with the last rank
+        codes = qb.codes[:, g0 * group_bytes : end]
     scales, mins = (qb.scales, qb.mins) if qb.bits is None else (qb.scales[g0:g1], qb.mins[g0:g1])
     sliced = QuantizedBasis.from_state_dict({
         "codes": codes.contiguous().clone(), "scales": scales.contiguous().clone(), "mins": mins.contiguous().clone(),
@@ -464,7 +465,8 @@ class _ColumnReader:
                 obj = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 raise CheckpointError(f"{spec}: could not be read as a torch checkpoint with mmap=True and "
-                                      f"weights_only=True ({exc}); re-save it with torch.save(model.state_dict())") from exc
+                                      f"weights_only=True ({exc}); re-save it with torch.save(model.state_dict())"
+                                      ) from exc
             self._tensors = unwrap_state_dict(obj, self.source)
 
     def _key(self, name: str, aliases: dict[str, list[str]], keys: Iterable[str]) -> str:
