@@ -44,3 +44,4 @@ __all__ = [
     "quantize",
     "reconstruct",
 ]
+from twa_kernels import distributed  # noqa: E402,F401  (tk.distributed: TWA across processes)

@@ -54,6 +54,12 @@ def _fit(args: argparse.Namespace) -> int:
     from twa_kernels.fit import run_fit
 
     report = run_fit(args.config, progress=not args.no_progress)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun
+        dist.destroy_process_group()
+    if "outputs" not in report:  # a rank other than 0: rank 0 writes and reports
+        return 0
     for key in ("val_loss_at_swa", "val_loss_after_twa"):
         if key in report:
             print(f"{key}: {report[key]:.4f}")

@@ -12,6 +12,10 @@
     train_on: train                           # train (TWA-t) or val (TWA-v)
     loss: torch.nn.functional:cross_entropy   # optional; loss(outputs, targets)
     output: twa-out                           # averaged.pt, averaged.safetensors, report.json
+    distributed: {mode: replicated}           # under torchrun: replicated | sharded (see distributed.py)
+
+Under torchrun (`torchrun --nproc_per_node N -m twa_kernels fit config.yaml`) every rank
+trains on its share of the data (DistributedSampler), and rank 0 alone writes the outputs.
 
 Problems in the config (unknown keys or import strings, bad values, YAML syntax) raise
 FitError with one line that says what and where.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,12 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from twa_kernels import distributed
 from twa_kernels.io import save_state_dict
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
 KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "optimizer", "epochs", "train_on",
-        "loss", "output"}
+        "loss", "output", "distributed"}
 
 
 class FitError(ValueError):
@@ -73,6 +79,11 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
         raise FitError(f"{path}: train_on must be 'train' or 'val', got {config['train_on']!r}")
     if config.get("train_on") == "val" and "val" not in config["data"]:
         raise FitError(f"{path}: train_on: val needs data.val")
+    mode = (config.get("distributed") or {}).get("mode", "replicated") if isinstance(
+        config.get("distributed", {}), dict) else None
+    if mode not in ("replicated", "sharded") or set(config.get("distributed") or {}) - {"mode"}:
+        raise FitError(f"{path}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
+                       f"{config.get('distributed')!r}")
     epochs = config.get("epochs", 1)
     if not isinstance(epochs, int) or epochs < 0:
         raise FitError(f"{path}: epochs must be a non-negative integer, got {epochs!r}")
@@ -105,12 +116,15 @@ def _call(spec: str, what: str) -> Any:
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loader, loss_fn: Callable) -> float:
+def _mean_loss(model: nn.Module, loader, loss_fn: Callable, group: Any = None) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
         total += float(loss_fn(model(x), y)) * len(y)
         count += len(y)
+    if group is not None:  # over every rank's share
+        sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
+        total, count = sums["total"], sums["count"]
     return total / max(count, 1)
 
 
@@ -118,17 +132,24 @@ def run_fit(config_path: str | Path, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     config = load_config(config_path)
+    group = distributed.init_from_environment()
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    progress = progress and rank == 0
     model = _call(config["model"], "model")
     if not isinstance(model, nn.Module):
         raise FitError(f"{config['model']!r} returned {type(model).__name__}, not an nn.Module")
     train_loader = _call(config["data"]["train"], "data.train")
     val_loader = _call(config["data"]["val"], "data.val") if "val" in config["data"] else None
     loss_fn = import_string(config.get("loss", "torch.nn.functional:cross_entropy"))
+    if group is not None:
+        train_loader = distributed.split_loader(train_loader, group)
+        val_loader = None if val_loader is None else distributed.split_loader(val_loader, group)
     fit_loader = val_loader if config.get("train_on", "train") == "val" else train_loader
+    mode = (config.get("distributed") or {}).get("mode", "replicated")
 
     twa = TWA(model, config["checkpoints"], bits=config.get("bits", 4),
               granularity=config.get("granularity", "tensor"), group_size=config.get("group_size", 128),
-              progress=progress)
+              progress=progress, process_group=group, shard=group is not None and mode == "sharded")
     opt_config = dict(config.get("optimizer") or {"name": "AdamW", "lr": 1e-2})
     opt_name = opt_config.pop("name", "AdamW")
     opt_class = getattr(torch.optim, opt_name, None)
@@ -138,27 +159,38 @@ def run_fit(config_path: str | Path, progress: bool = True) -> dict:
 
     start = time.perf_counter()
     report: dict[str, Any] = dict(config=str(config_path), coefficients=list(twa.coefficients.shape),
-                                  basis_bytes=twa.basis.nbytes)
+                                  basis_bytes=twa.basis.nbytes,
+                                  world_size=1 if group is None else torch.distributed.get_world_size(group),
+                                  distributed_mode=None if group is None else mode)
     if val_loader is not None:
-        report["val_loss_at_swa"] = _mean_loss(twa, val_loader, loss_fn)
+        report["val_loss_at_swa"] = _mean_loss(twa, val_loader, loss_fn, group)
     losses = []
     for epoch in range(config.get("epochs", 1)):
         twa.train()
         for x, y in tqdm(fit_loader, desc=f"TWA epoch {epoch + 1}", disable=not progress, leave=False):
+            distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
             loss = loss_fn(twa(x), y)
             loss.backward()
             optimizer.step()
             losses.append(float(loss))
-    twa.update_bn(train_loader)
+            report["bytes_communicated_per_step"] = sum(distributed.comm_bytes(twa).values())
+    if group is None:
+        twa.update_bn(train_loader)
+    else:  # statistics over every rank's share
+        distributed.update_bn(twa, train_loader, group)
     if val_loader is not None:
-        report["val_loss_after_twa"] = _mean_loss(twa, val_loader, loss_fn)
+        report["val_loss_after_twa"] = _mean_loss(twa, val_loader, loss_fn, group)
     report.update(train_loss_last_10_batches=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                   seconds=time.perf_counter() - start)
 
     out = Path(config.get("output", "twa-out"))
-    state = twa.averaged_state_dict()
+    state = twa.averaged_state_dict()  # every rank: sharded mode gathers the weights
+    if rank != 0:
+        return report
     report["outputs"] = [str(save_state_dict(state, out / "averaged.pt")),
                          str(save_state_dict(state, out / "averaged.safetensors"))]
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    tmp = out / ".report.json.tmp"  # atomic: a reader never sees half a report
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "report.json")
     return report

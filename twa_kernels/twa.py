@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twa_kernels import distributed
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import Checkpoints, parameter_aliases
 from twa_kernels.ops import reconstruct, reconstruct_into
@@ -54,12 +55,20 @@ class TWA(nn.Module):
         granularity: str | int = "tensor",
         group_size: int = 128,
         progress: bool = False,
+        process_group: Any = None,
+        shard: bool = False,
     ):
         super().__init__()
+        if shard and process_group is None:
+            raise ValueError("shard=True splits the basis across a process group: pass process_group= too")
         names = [name for name, _ in model.named_parameters()]
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
+        elif shard:  # each rank reads its own columns of the checkpoints only
+            subspace = distributed.build_shard(
+                checkpoints_or_subspace, process_group, names, [tuple(p.shape) for p in model.parameters()],
+                bits=bits, granularity=granularity, group_size=group_size, aliases=aliases, progress=progress)
         else:
             subspace = Subspace.from_checkpoints(
                 checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
@@ -78,8 +87,12 @@ class TWA(nn.Module):
         for key, value in subspace.basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
         self._workspace = _Workspace()
-        # allocated (and its pages touched) now, so the first training step does not pay for it
-        self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
+        # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
+        self._ddp_params_and_buffers_to_ignore = list(distributed.BASIS_BUFFERS)
+        self._dist = None if process_group is None else distributed.attach(self, process_group, shard, subspace)
+        if self._dist is None or not self._dist.shard:
+            # allocated (and its pages touched) now, so the first training step does not pay for it
+            self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
 
     @property
@@ -110,7 +123,8 @@ class TWA(nn.Module):
         if self.coefficients.dtype != torch.float32:
             self.coefficients.data = self.coefficients.data.float()
         self._workspace = _Workspace()
-        self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
+        if getattr(self, "_dist", None) is None or not self._dist.shard:
+            self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         return self
 
     def train(self, mode: bool = True) -> TWA:
@@ -123,7 +137,8 @@ class TWA(nn.Module):
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """The [D] vector's pieces by name, each in its parameter's dtype."""
-        pieces = self.subspace.unflatten(flat)
+        pieces = {name: piece.view(shape) for name, piece, shape in
+                  zip(self.names, flat.split([math.prod(s) for s in self.shapes]), self.shapes)}
         return {name: piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
                 for name, piece in pieces.items()}
 
@@ -135,13 +150,16 @@ class TWA(nn.Module):
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
         parameter's dtype (differentiable; fresh tensors, safe to keep)."""
-        flat = reconstruct(self.basis, self.coefficients, self.center)
+        if self._dist is not None and self._dist.shard:  # this rank holds some columns: gather
+            flat = self._dist.reconstruct(self)
+        else:
+            flat = reconstruct(self.basis, self.coefficients, self.center)
         return self._typed(flat, self._parameter_dtypes())
 
     def _forward_weights(self) -> dict[str, Tensor]:
         """weights(), written into the reused workspace: only forward() hands these to the
         model, which keeps them no longer than its graph."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (self._dist is not None and self._dist.shard):
             return self.weights()
         dtypes = self._parameter_dtypes()
         dtype = self._forward_dtype(dtypes)

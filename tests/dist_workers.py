@@ -1,0 +1,423 @@
+"""Multi-process harness and per-rank scenarios for test_distributed.py (gloo on CPU).
+
+`spawn(fn, world, tmp)` starts `world` fresh processes (1 thread each), a gloo group on a
+free port with a timeout, runs fn(rank, world) in each and returns the ranks' results, read
+back from files. A rank that raises fails the call with its traceback; a run past the
+deadline is killed and raises TimeoutError, so a test never hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+K, STEPS, GLOBAL_BATCH, GROUP_SIZE, LR = 4, 4, 12, 8, 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, world)
+        tmp = os.path.join(out, f".rank{rank}.pt")
+        torch.save(result, tmp)
+        os.replace(tmp, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, out: str, timeout: float = 100.0) -> list:
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+# -- counting every collective this process calls (independent of twa's own counter) ------
+
+SEEN: dict[str, int] = defaultdict(int)
+
+
+def count_collectives() -> None:
+    """Wrap torch.distributed's collectives so that SEEN[name] adds the bytes of each call
+    (full-size side: all-reduce tensor, all-gather output, reduce-scatter input). Once per process."""
+    if getattr(dist, "_twa_test_counted", False):
+        return
+    dist._twa_test_counted = True
+    def nbytes(t):
+        return t.numel() * t.element_size()
+
+    def wrap(name, size):
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            SEEN[name] += size(*args, **kwargs)
+            return original(*args, **kwargs)
+        setattr(dist, name, counted)
+
+    wrap("all_reduce", lambda t, *a, **k: nbytes(t))
+    for name in ("all_gather_into_tensor", "all_gather_single"):
+        if hasattr(dist, name):
+            wrap(name, lambda out, t, *a, **k: nbytes(out))
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        if hasattr(dist, name):
+            wrap(name, lambda out, t, *a, **k: nbytes(t))
+    wrap("all_gather", lambda ts, t, *a, **k: sum(nbytes(x) for x in ts))
+    wrap("broadcast", lambda t, *a, **k: nbytes(t))
+    wrap("_broadcast_coalesced", lambda pg, ts, *a, **k: sum(nbytes(x) for x in ts))
+
+
+# -- the setup every scenario shares ------------------------------------------------------
+
+
+def model_and_checkpoints():
+    from twa_kernels.demo import make_model
+    model = make_model(0)
+    gen = torch.Generator().manual_seed(1)
+    ckpts = []
+    for _ in range(K):
+        ckpts.append({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
+                      for k, v in model.state_dict().items()})
+    return model, ckpts
+
+
+def data():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(STEPS, GLOBAL_BATCH, 1, 40, generator=gen)
+    y = torch.randint(0, 10, (STEPS, GLOBAL_BATCH), generator=gen)
+    return x, y
+
+
+def micro(x, y, step, rank, world):
+    n = GLOBAL_BATCH // world
+    return x[step, rank * n : (rank + 1) * n], y[step, rank * n : (rank + 1) * n]
+
+
+def train_twa(twa, rank, world, split_as=None):
+    """STEPS AdamW steps. Distributed (split_as None): this rank's micro-batch. Reference
+    (split_as=W): one process runs the W micro-batches of each step and averages their
+    gradients, as W ranks with train-mode BatchNorm on their own micro-batches would.
+    Returns the bytes twa counted in each step."""
+    from twa_kernels import distributed
+    x, y = data()
+    # eps 1e-3, not 1e-8: Adam's first steps are lr * sign(g) where |g| >> eps, so float32
+    # rounding of a near-zero gradient (a different summation order) could flip a whole step
+    opt = torch.optim.AdamW(twa.parameters(), lr=LR, eps=1e-3)
+    per_step = []
+    for step in range(STEPS):
+        distributed.reset_comm_bytes(twa)
+        opt.zero_grad()
+        if split_as is None:
+            xb, yb = micro(x, y, step, rank, world)
+            F.cross_entropy(twa(xb), yb).backward()
+        else:
+            for r in range(split_as):
+                xb, yb = micro(x, y, step, r, split_as)
+                (F.cross_entropy(twa(xb), yb) / split_as).backward()
+        opt.step()
+        per_step.append(sum(distributed.comm_bytes(twa).values()))
+    return per_step
+
+
+def reference_twa(world):
+    import twa_kernels as tk
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
+    train_twa(twa, 0, world, split_as=world)
+    return twa
+
+
+# -- scenarios ----------------------------------------------------------------------------
+
+
+def modes(rank, world):
+    """Replicated and sharded training against one process; bytes per step."""
+    import twa_kernels as tk
+    count_collectives()
+    out = {}
+    for mode in ("replicated", "sharded"):
+        model, ckpts = model_and_checkpoints()
+        twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+                     shard=mode == "sharded")
+        SEEN.clear()
+        per_step = train_twa(twa, rank, world)
+        seen = dict(SEEN)
+        out[mode] = {"coefficients": twa.coefficients.detach().clone(),
+                     "weights": torch.cat([w.detach().reshape(-1) for w in twa.weights().values()]),
+                     "bytes_per_step": torch.tensor(per_step), "seen_bytes": torch.tensor(sum(seen.values())),
+                     "seen_ops": sorted(seen), "k": twa.coefficients.shape[0], "B": twa.coefficients.shape[1]}
+        if mode == "sharded":
+            out[mode].update(chunk=twa._dist.chunk, start=twa._dist.start, stop=twa._dist.stop,
+                             b_lo=twa._dist.b_lo, b_hi=twa._dist.b_hi, local_center=twa.center.numel())
+    if rank == 0:
+        ref = reference_twa(world)
+        out["reference"] = {"coefficients": ref.coefficients.detach().clone(),
+                            "weights": torch.cat([w.detach().reshape(-1) for w in ref.weights().values()])}
+        out["D"] = ref.center.numel()
+    return out
+
+
+def bn_and_metrics(rank, world):
+    """update_bn over the union of the ranks' batches, and the metric reduction."""
+    import twa_kernels as tk
+    from twa_kernels import distributed
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
+    gen = torch.Generator().manual_seed(3)
+    batches = [[torch.randn(5 + r, 1, 40, generator=gen) + r for _ in range(2 + r)] for r in range(world)]
+    distributed.update_bn(twa, batches[rank])
+    norms = [m for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    out = {"mean": [m.running_mean.clone() for m in norms], "var": [m.running_var.clone() for m in norms],
+           "metrics": distributed.all_reduce_metrics({"correct": rank + 1, "count": 10 * (rank + 1)})}
+    if rank == 0:
+        model, ckpts = model_and_checkpoints()
+        ref = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
+        ref.update_bn([b for per_rank in batches for b in per_rank])
+        norms = [m for m in ref.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        out["ref_mean"] = [m.running_mean.clone() for m in norms]
+        out["ref_var"] = [m.running_var.clone() for m in norms]
+    return out
+
+
+def ddp_over_twa(rank, world):
+    """DDP wrapping a single-process TWA: same training as one process; the basis buffers
+    are never broadcast (a deliberately different center on rank 1 survives DDP)."""
+    import twa_kernels as tk
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    count_collectives()
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
+    own_center = twa.center.clone() + rank  # rank 1's center differs on purpose
+    twa.center.copy_(own_center)
+    SEEN.clear()
+    ddp = DDP(twa)  # DDP's default: broadcast the buffers at construction and before every forward
+    x, y = data()
+    ddp(x[0, :4]).sum().backward()
+    out = {"center_kept": bool(torch.equal(twa.center, own_center)), "broadcast_bytes": SEEN["_broadcast_coalesced"],
+           "coefficient_bytes": twa.coefficients.numel() * 4}
+    # the control: a TWA that did not tell DDP to ignore its buffers gets rank 0's center
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
+    unshifted = twa.center.clone()  # what rank 0 holds
+    twa.center.add_(rank)
+    twa._ddp_params_and_buffers_to_ignore = []
+    SEEN.clear()
+    DDP(twa)
+    out["control_center_is_rank0s"] = bool(torch.equal(twa.center, unshifted))
+    out["control_broadcast_bytes"] = SEEN["_broadcast_coalesced"]
+    out["basis_bytes"] = sum(b.numel() * b.element_size() for b in twa.buffers())
+    # training, with identical bases
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
+    train_twa(DDPAsTWA(DDP(twa), twa), rank, world)
+    out["coefficients"] = twa.coefficients.detach().clone()
+    if rank == 0:
+        out["reference"] = reference_twa(world).coefficients.detach().clone()
+    return out
+
+
+class DDPAsTWA(torch.nn.Module):
+    """A DDP-wrapped TWA with the attributes train_twa reads."""
+
+    def __init__(self, ddp, twa):
+        super().__init__()
+        self.ddp = ddp
+
+    def forward(self, x):
+        return self.ddp(x)
+
+
+def subspace_optimizer_ddp(rank, world):
+    """SubspaceOptimizer over a DDP model (projection after DDP's all-reduce) against one
+    process averaging the per-rank micro-batch gradients."""
+    import twa_kernels as tk
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(distributed):
+        model, ckpts = model_and_checkpoints()
+        sub = tk.Subspace.from_checkpoints(ckpts, bits=None, granularity="model", orthonormalize=True,
+                                           parameter_names=[n for n, _ in model.named_parameters()])
+        model.load_state_dict(sub.unflatten(sub.center), strict=False)
+        net = DDP(model) if distributed else model
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), sub)
+        x, y = data()
+        for step in range(STEPS):
+            opt.zero_grad()
+            if distributed:
+                xb, yb = micro(x, y, step, rank, world)
+                F.cross_entropy(net(xb), yb).backward()
+            else:
+                for r in range(world):
+                    xb, yb = micro(x, y, step, r, world)
+                    (F.cross_entropy(net(xb), yb) / world).backward()
+            opt.step()
+        offset = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - sub.center
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), offset, sub
+
+    weights, offset, sub = run(True)
+    out = {"weights": weights, "in_span": float((offset - sub.basis.codes.T @ (sub.basis.codes @ offset)).norm()),
+           "moved": float(offset.norm())}
+    if rank == 0:
+        out["reference"] = run(False)[0]
+    return out
+
+
+def errors(rank, world):
+    """Named errors: different bases, too many ranks for the groups, a backend without the
+    sharded collectives."""
+    import twa_kernels as tk
+    from twa_kernels import distributed
+    out = {}
+    model, ckpts = model_and_checkpoints()
+    try:
+        tk.TWA(model, ckpts if rank == 0 else ckpts[::-1], bits=4, group_size=GROUP_SIZE,
+               process_group=dist.group.WORLD)
+    except distributed.BasisMismatchError as exc:
+        out["mismatch"] = str(exc)
+    tiny = torch.nn.Linear(2, 2)
+    tiny_ckpts = [{k: v + i for k, v in tiny.state_dict().items()} for i in range(3)]
+    try:
+        tk.TWA(tiny, tiny_ckpts, bits=4, group_size=8, process_group=dist.group.WORLD, shard=True)
+    except distributed.ShardingError as exc:
+        out["too_many_ranks"] = str(exc)
+    names = [n for n in ("reduce_scatter_tensor", "reduce_scatter_single") if hasattr(dist, n)]
+    originals = {n: getattr(dist, n) for n in names}
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("reduce-scatter is not supported (test stand-in for such a backend)")
+    for n in names:
+        setattr(dist, n, unsupported)
+    try:
+        tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD, shard=True)
+    except distributed.ShardingError as exc:
+        out["backend"] = str(exc)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+    return out
+
+
+def all_scenarios(rank, world):
+    out = {"modes": modes(rank, world)}
+    if world == 2:  # the rest at 2 ranks only (CI time)
+        out.update(bn=bn_and_metrics(rank, world), errors=errors(rank, world))
+    return out
+
+
+def ddp_scenarios(rank, world):
+    return {"ddp": ddp_over_twa(rank, world), "psgd": subspace_optimizer_ddp(rank, world)}
+
+
+# -- building from this rank's columns ----------------------------------------------------
+
+
+def big_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1000, 2000), torch.nn.Linear(2000, 1000))  # 4.0M weights
+
+
+def write_checkpoints(folder: str, count: int = 10) -> int:
+    """count checkpoints of big_model: safetensors, the last two as .pt (read with mmap).
+    Returns their total bytes."""
+    from safetensors.torch import save_file
+    model, gen, total = big_model(), torch.Generator().manual_seed(4), 0
+    for i in range(count):
+        state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+        path = os.path.join(folder, f"ckpt{i}.{'pt' if i >= count - 2 else 'safetensors'}")
+        torch.save(state, path) if path.endswith(".pt") else save_file(state, path)
+        total += os.path.getsize(path)
+    return total
+
+
+def _reset_peak() -> int:
+    """Reset this process's peak RSS (VmHWM; Linux clear_refs 5) and return the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _peak_rss() -> int:
+    return _status("VmHWM")
+
+
+def write_dcp(folder: str, dcp_folder: str, count: int = 2) -> None:
+    """The first `count` safetensors checkpoints again, as torch.distributed.checkpoint
+    directories of {"model": state_dict} (the layout FSDP users save)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    for i in range(count):
+        state = load_file(os.path.join(folder, f"ckpt{i}.safetensors"))
+        dcp.save({"model": state}, checkpoint_id=os.path.join(dcp_folder, f"dcp{i}"), no_dist=True)
+
+
+def sharded_build(folder, dcp_folder, rank, world):
+    """TWA(shard=True) from files: peak memory growth of the build, and the shard itself;
+    rank 0 also builds the whole subspace in one process (after, for the comparison)."""
+    import twa_kernels as tk
+    from twa_kernels import distributed
+    model = big_model()
+    before = _reset_peak()
+    twa = tk.TWA(model, folder, bits=4, group_size=128, process_group=dist.group.WORLD, shard=True)
+    out = {"grown": _peak_rss() - before, "center": twa.center.clone(), "start": twa._dist.start,
+           "stop": twa._dist.stop, "B": twa.coefficients.shape[1],
+           "basis": {k: v.clone() for k, v in twa.basis.state_dict().items()}}
+    twa.coefficients.data.normal_(generator=torch.Generator().manual_seed(9))
+    out["weights"] = torch.cat([w.reshape(-1) for w in twa.weights().values()]).detach()
+    del twa
+    if rank == 0:
+        before = _reset_peak()
+        names = [n for n, _ in model.named_parameters()]
+        full = tk.Subspace.from_checkpoints(folder, bits=4, group_size=128, parameter_names=names)
+        out["full_grown"] = _peak_rss() - before
+        edges = distributed.shard_columns(full.num_weights, 128, world)
+        out["full_shards"] = []
+        for start, stop in zip(edges[:-1], edges[1:]):
+            local, _, _ = distributed.slice_basis(full.basis, start, stop)
+            out["full_shards"].append({"center": full.center[start:stop].clone(),
+                                       "basis": {k: v.clone() for k, v in local.state_dict().items()}})
+        x = torch.randn(full.basis.k, full.basis.num_blocks, generator=torch.Generator().manual_seed(9))
+        out["full_weights"] = tk.reconstruct(full.basis, x, full.center)
+    # DCP directories give the very shard the same states as safetensors give
+    model = big_model()
+    names, shapes = [n for n, _ in model.named_parameters()], [tuple(p.shape) for p in model.parameters()]
+    from_dcp = distributed.build_shard([os.path.join(dcp_folder, f"dcp{i}") for i in range(2)], dist.group.WORLD,
+                                       names, shapes)
+    from_files = distributed.build_shard([os.path.join(folder, f"ckpt{i}.safetensors") for i in range(2)],
+                                         dist.group.WORLD, names, shapes)
+    out["dcp_equal"] = torch.equal(from_dcp.center, from_files.center) and all(
+        torch.equal(a, b) for a, b in zip(from_dcp.basis.state_dict().values(), from_files.basis.state_dict().values()))
+    # a rank with a different checkpoint list: a named error on every rank
+    files = sorted(os.listdir(folder))
+    mine = [os.path.join(folder, f) for f in (files if rank == 0 else files[1:])]
+    try:
+        tk.TWA(big_model(), mine, bits=4, process_group=dist.group.WORLD, shard=True)
+    except distributed.CheckpointListMismatchError as exc:
+        out["list_error"] = str(exc)
+    return out

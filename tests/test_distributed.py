@@ -1,0 +1,293 @@
+"""TWA across processes: real gloo jobs of 2 and 3 processes (1 thread each, a free port,
+timeouts), compared with one process on the same global batch.
+
+BatchNorm runs in train mode, so each rank normalises its own micro-batch: the single-process
+reference runs the same per-rank micro-batches and averages their gradients (what W ranks
+compute), which is the one-process equivalent of the split global batch.
+"""
+
+import os
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels import distributed
+from twa_kernels.ops import project, reconstruct
+from twa_kernels.quant import quantize
+
+import dist_workers as w
+
+# float32 accumulation in a different order (all-reduce vs one process), through 4 AdamW steps
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def job(request, tmp_path_factory):
+    world = request.param
+    return world, w.spawn(w.all_scenarios, world, str(tmp_path_factory.mktemp(f"ranks{world}")))
+
+
+@pytest.fixture(scope="module")
+def ddp_job(tmp_path_factory):
+    return w.spawn(w.ddp_scenarios, 2, str(tmp_path_factory.mktemp("ddp")))
+
+
+# -- one process: the shard arithmetic ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 2, None])
+def test_column_slices_reconstruct_and_project_like_the_whole_basis(bits):
+    torch.manual_seed(0)
+    num_cols, group = 203, 16
+    qb = quantize(torch.randn(3, num_cols), bits, group, block_sizes=[50, 7, 100, 46])
+    x, center, g = torch.randn(3, 4), torch.randn(num_cols), torch.randn(num_cols)
+    full_w, full_y = reconstruct(qb, x, center), project(qb, g)
+    edges = distributed.shard_columns(num_cols, group, 3)
+    assert edges[0] == 0 and edges[-1] == num_cols and all(e % group == 0 for e in edges[:-1])
+    partial = torch.zeros_like(full_y)
+    for start, stop in zip(edges[:-1], edges[1:]):
+        local, b_lo, b_hi = distributed.slice_basis(qb, start, stop)
+        torch.testing.assert_close(reconstruct(local, x[:, b_lo:b_hi], center[start:stop]), full_w[start:stop],
+                                   rtol=0, atol=1e-6)
+        partial[:, b_lo:b_hi] += project(local, g[start:stop])
+    # blocks 0 and 2 straddle the edges 64 and 128 (groups of 16, 13 groups over 3 ranks)
+    torch.testing.assert_close(partial, full_y, rtol=1e-5, atol=1e-5)
+
+
+def test_too_many_ranks_for_the_groups_is_named():
+    with pytest.raises(distributed.ShardingError, match="only 2 quantisation groups"):
+        distributed.shard_columns(20, 16, 3)
+
+
+def test_checksum_sees_reordered_rows_and_a_changed_center():
+    torch.manual_seed(0)
+    P, center = torch.randn(3, 100), torch.randn(100)
+    qb = quantize(P, 4, 16)
+    base = distributed.basis_checksum(center, qb)
+    assert torch.equal(base, distributed.basis_checksum(center.clone(), quantize(P.clone(), 4, 16)))
+    assert not torch.equal(base, distributed.basis_checksum(center, quantize(P[[1, 0, 2]], 4, 16)))
+    bumped = center.clone()
+    bumped[7] += 1e-3
+    assert not torch.equal(base, distributed.basis_checksum(bumped, qb))
+
+
+def test_ddp_is_told_to_ignore_the_basis_buffers():
+    model, ckpts = w.model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=8)
+    buffers = {name for name, _ in twa.named_buffers()}
+    assert buffers and buffers <= set(twa._ddp_params_and_buffers_to_ignore)
+
+
+def test_shard_needs_a_process_group():
+    model, ckpts = w.model_and_checkpoints()
+    with pytest.raises(ValueError, match="process_group"):
+        tk.TWA(model, ckpts, shard=True)
+
+
+# -- real multi-process jobs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_ranks_on_a_split_batch_match_one_process(job, mode):
+    world, results = job
+    ref = results[0]["modes"]["reference"]
+    moved = ref["coefficients"].abs().max()
+    assert moved > w.STEPS * w.LR * 0.5  # the reference really trained (AdamW steps of up to lr each)
+    for rank, res in enumerate(results):
+        got = res["modes"][mode]
+        torch.testing.assert_close(got["coefficients"], ref["coefficients"], **TOL)
+        torch.testing.assert_close(got["weights"], ref["weights"], **TOL)
+        # every rank holds the very same coefficients (the all-reduce hands all the same sum)
+        assert torch.equal(got["coefficients"], results[0]["modes"][mode]["coefficients"]), rank
+
+
+def test_replicated_moves_k_by_b_floats_a_step(job):
+    world, results = job
+    for res in results:
+        got = res["modes"]["replicated"]
+        kb_bytes = got["k"] * got["B"] * 4
+        assert got["bytes_per_step"].tolist() == [kb_bytes] * w.STEPS
+        # the collectives torch.distributed itself saw: the same, and nothing else
+        assert int(got["seen_bytes"]) == kb_bytes * w.STEPS and got["seen_ops"] == ["all_reduce"]
+
+
+def test_sharded_moves_two_gathers_of_d_plus_k_by_b_a_step(job):
+    world, results = job
+    D = results[0]["modes"]["D"]
+    stops = [res["modes"]["sharded"]["stop"] for res in results]
+    assert [res["modes"]["sharded"]["start"] for res in results] == [0] + stops[:-1] and stops[-1] == D
+    for res in results:
+        got = res["modes"]["sharded"]
+        assert got["local_center"] == got["stop"] - got["start"]  # the rank stores its columns only
+        padded = world * got["chunk"]
+        assert D <= padded < D + world * w.GROUP_SIZE  # equal chunks: padding under W x group_size
+        expected = 4 * (2 * padded + got["k"] * got["B"])
+        assert got["bytes_per_step"].tolist() == [expected] * w.STEPS
+        assert int(got["seen_bytes"]) == expected * w.STEPS
+        single = hasattr(torch.distributed, "all_gather_single")  # torch >= 2.13's names
+        gather = "all_gather_single" if single else "all_gather_into_tensor"
+        scatter = "reduce_scatter_single" if single else "reduce_scatter_tensor"
+        assert got["seen_ops"] == sorted([gather, "all_reduce", scatter])
+    # some block straddles a shard edge (it appears on two ranks)
+    spans = [range(res["modes"]["sharded"]["b_lo"], res["modes"]["sharded"]["b_hi"]) for res in results]
+    assert any(set(a) & set(b) for a, b in zip(spans[:-1], spans[1:]))
+
+
+@pytest.mark.parametrize("job", [2], ids=["2ranks"], indirect=True)  # 2 ranks only (CI time)
+def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
+    world, results = job
+    ref = results[0]["bn"]
+    for res in results:
+        for got, want in zip(res["bn"]["mean"] + res["bn"]["var"], ref["ref_mean"] + ref["ref_var"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert res["bn"]["metrics"] == {"correct": sum(range(1, world + 1)),
+                                        "count": 10 * sum(range(1, world + 1))}
+
+
+def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(ddp_job):
+    results = ddp_job
+    for res in results:
+        ddp = res["ddp"]
+        assert ddp["center_kept"]  # rank 1's different center survived DDP's buffer broadcast
+        assert ddp["broadcast_bytes"] == ddp["coefficient_bytes"]  # only the coefficients, once
+        # the control without the ignore list: the basis is broadcast and rank 1's center replaced
+        assert ddp["control_center_is_rank0s"]
+        assert ddp["control_broadcast_bytes"] >= ddp["basis_bytes"] + ddp["coefficient_bytes"]
+        torch.testing.assert_close(ddp["coefficients"], results[0]["ddp"]["reference"], **TOL)
+
+
+def test_subspace_optimizer_under_ddp_matches_one_process(ddp_job):
+    results = ddp_job
+    for res in results:
+        psgd = res["psgd"]
+        assert psgd["moved"] > 1e-3 and psgd["in_span"] < 1e-4 * psgd["moved"] + 1e-6
+        torch.testing.assert_close(psgd["weights"], results[0]["psgd"]["reference"], **TOL)
+
+
+@pytest.mark.parametrize("job", [2], ids=["2ranks"], indirect=True)  # 2 ranks only (CI time)
+def test_bad_input_gets_named_errors_on_every_rank(job):
+    world, results = job
+    for res in results:
+        errors = res["errors"]
+        assert "ranks [1] differ from rank 0" in errors["mismatch"] and "codes" in errors["mismatch"]
+        assert "only 1 quantisation groups" in errors["too_many_ranks"]
+        assert "'gloo' backend cannot run" in errors["backend"] and "shard=False" in errors["backend"]
+
+
+def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_path_factory):
+    import functools
+
+    folder = tmp_path_factory.mktemp("ckpts")
+    total = w.write_checkpoints(str(folder))
+    dcp_folder = tmp_path_factory.mktemp("dcp")
+    w.write_dcp(str(folder), str(dcp_folder))
+    # glibc keeps freed large blocks in its heap once its mmap threshold has adapted upwards,
+    # which would count in peak RSS; a fixed threshold returns them, so the peak is the data's
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        results = w.spawn(functools.partial(w.sharded_build, str(folder), str(dcp_folder)), 2,
+                          str(tmp_path_factory.mktemp("build")))
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    budget = total // 2  # test-only: a rank may not hold half of the checkpoints' bytes
+    full = results[0]
+    assert full["full_grown"] > budget  # the control: one process building everything exceeds it
+    for rank, res in enumerate(results):
+        assert res["grown"] < budget, (rank, res["grown"], budget)
+        want = full["full_shards"][rank]
+        assert torch.equal(res["center"], want["center"])
+        for key, value in want["basis"].items():
+            assert torch.equal(res["basis"][key], value), key
+        # the gathered weights at random coefficients equal the single-process ones
+        torch.testing.assert_close(res["weights"], full["full_weights"], rtol=0, atol=1e-6)
+        assert res["dcp_equal"]  # read through torch.distributed.checkpoint's own reader
+        assert "ranks [1]" in res["list_error"] and "same files in the same order" in res["list_error"]
+
+
+USER_PACKAGE = '''
+import os
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from twa_kernels.demo import make_model as _make
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 40, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+def make_model():
+    return _make(0)
+
+def broken_model():
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 cannot build its model")
+    return _make(0)
+
+def train_loader():
+    return DataLoader(_data(48, 0), batch_size=8, shuffle=True)
+
+def val_loader():
+    return DataLoader(_data(32, 1), batch_size=16)
+'''
+
+
+def _torchrun(root, config, timeout=150):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    package_root = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), package_root]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(w.free_port()), "-m", "twa_kernels", "fit", str(path), "--no-progress"]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def user_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    (root / "userpkg_dist.py").write_text(USER_PACKAGE)
+    _, ckpts = w.model_and_checkpoints()
+    for i, state in enumerate(ckpts):
+        tk.save_state_dict(state, root / "ckpts" / f"epoch_{i}.pt")
+    return root
+
+
+def _fit_config(root, **overrides):
+    config = dict(model="userpkg_dist:make_model", data=dict(train="userpkg_dist:train_loader",
+                                                             val="userpkg_dist:val_loader"),
+                  checkpoints=str(root / "ckpts" / "epoch_*.pt"), bits=4, group_size=8, epochs=1,
+                  optimizer=dict(name="AdamW", lr=0.02), output=str(root / "out"),
+                  distributed=dict(mode="sharded"))
+    config.update(overrides)
+    return config
+
+
+def test_twa_fit_under_torchrun_sharded(user_project):
+    import json
+
+    result = _torchrun(user_project, _fit_config(user_project))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((user_project / "out" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["distributed_mode"] == "sharded"
+    k, B = report["coefficients"]
+    D = sum(p.numel() for p in w.model_and_checkpoints()[0].parameters())
+    padded = 2 * -(-(-(-D // 8)) // 2) * 8  # W x (the larger rank's groups x group_size)
+    assert report["bytes_communicated_per_step"] == 4 * (2 * padded + k * B)
+    assert report["val_loss_after_twa"] < report["val_loss_at_swa"] + 1.0  # a number, from both ranks' shares
+    averaged = tk.load_state_dict(user_project / "out" / "averaged.safetensors")
+    assert set(averaged) == set(w.model_and_checkpoints()[0].state_dict())
+    assert not list((user_project / "out").glob("*.tmp"))
+
+
+def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):
+    result = _torchrun(user_project, _fit_config(user_project, model="userpkg_dist:broken_model",
+                                                 distributed=dict(mode="replicated"), output=str(user_project / "o2")),
+                       timeout=150)
+    assert result.returncode != 0
+    assert "rank 1 cannot build its model" in result.stderr + result.stdout
+    assert not (user_project / "o2" / "report.json").exists()

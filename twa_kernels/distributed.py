@@ -1,0 +1,664 @@
+"""TWA across processes on torch.distributed (gloo on CPU, NCCL on GPU).
+
+    dist.init_process_group("nccl")                     # torchrun sets the environment
+    twa = tk.TWA(model, ckpts, bits=4, process_group=dist.group.WORLD)              # replicated
+    twa = tk.TWA(model, ckpts, bits=4, process_group=dist.group.WORLD, shard=True)  # sharded
+
+Replicated: every rank holds the whole basis. `project` is linear, so each rank's backward
+projects its own dL/dw and only the [k, B] coefficient gradient is averaged: one all-reduce
+of k x B floats per backward (a hook on the coefficients; no host sync), instead of the D
+floats a data-parallel step over the model would move.
+
+Sharded: rank r holds columns [c_r, c_r+1) of the codes, scales, mins and center, cut on
+quantisation-group edges. Forward reconstructs the local columns and all-gathers them into
+the full weight vector (as FSDP gathers its flat parameters); backward reduce-scatters dL/dw
+to the column owners, projects locally and all-reduces the [k, B] partial sums. A step moves
+2 x W x L + k x B floats, L the largest shard: 2 D + k B up to a padding of fewer than
+W x group_size elements (all_gather_into_tensor needs equal chunks).
+
+Every rank must hold the same basis: construction all-gathers a cheap checksum of it and
+raises BasisMismatchError naming the ranks that differ. DDP over a TWA module is supported
+(TWA tells DDP to ignore the center and basis buffers, so they are never broadcast); it
+averages the coefficient gradients itself, so leave process_group=None under DDP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from twa_kernels.io import CheckpointError, _strip_prefixes, resolve_checkpoints, unwrap_state_dict
+from twa_kernels.ops import project, reconstruct
+from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
+from twa_kernels.subspace import _progress, block_sizes_for
+
+if TYPE_CHECKING:  # twa imports this module; no import upward at run time
+    from twa_kernels.twa import TWA
+
+logger = logging.getLogger(__name__)
+
+# TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
+# never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
+BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_block_offsets", "basis_meta")
+
+_CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum", "codes weighted sum",
+                    "scales sum", "mins sum", "center sum", "center weighted sum", "block offsets sum")
+_EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
+
+
+def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns); older has only the latter
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, t, group=group)
+
+
+def _reduce_scatter(out: Tensor, t: Tensor, group: Any) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, t, op=dist.ReduceOp.SUM,
+                                                                                  group=group)
+
+
+class BasisMismatchError(RuntimeError):
+    """The ranks of a process group hold different bases (or centers)."""
+
+
+class ShardingError(ValueError):
+    """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
+
+
+class Comm:
+    """The collectives TWA calls, on one process group, counting what each moves.
+
+    Sizes are those of the full-size side of each collective, the convention FSDP's figures
+    use: an all-reduce counts its tensor, an all-gather its output, a reduce-scatter its
+    input. `bytes` maps the collective's name to the bytes counted since `reset()`.
+    """
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _count(self, name: str, t: Tensor) -> None:
+        self.bytes[name] += t.numel() * t.element_size()
+        self.calls[name] += 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum of t over the ranks, in place."""
+        self._count("all_reduce", t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        self._count("all_gather", out)
+        _all_gather(out, t, self.group)
+        return out
+
+    def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        self._count("reduce_scatter", t)
+        _reduce_scatter(out, t, self.group)
+        return out
+
+
+def attach(twa: TWA, process_group: Any, shard: bool, built: Any = None) -> Replicated | Sharded:
+    """Called by TWA's constructor: check that every rank holds the same basis, then set up
+    the replicated gradient hook or cut the basis into this rank's shard. `built` is what
+    the TWA was built from: a ShardedSubspace (build_shard) is this rank's shard already."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("TWA(process_group=...) needs torch.distributed initialised: call "
+                           "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    if isinstance(built, ShardedSubspace):  # built from this rank's columns: shards differ by design
+        return Sharded(twa, process_group, built)
+    check_same_basis(twa.center, twa.basis, process_group)
+    return Sharded(twa, process_group) if shard else Replicated(twa, process_group)
+
+
+def comm_bytes(twa: nn.Module) -> dict[str, int]:
+    """Bytes moved by `twa`'s own collectives since the last reset, by collective name
+    (empty for a single-process TWA). Reset with `reset_comm_bytes(twa)`."""
+    state = getattr(twa, "_dist", None)
+    return dict(state.comm.bytes) if state is not None else {}
+
+
+def reset_comm_bytes(twa: nn.Module) -> None:
+    state = getattr(twa, "_dist", None)
+    if state is not None:
+        state.comm.reset()
+
+
+# -- the start-up check --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def basis_checksum(center: Tensor, qb: QuantizedBasis) -> Tensor:
+    """A float64 fingerprint of (center, basis): the layout and plain and position-weighted
+    sums of the codes, scales, mins and center. Rows are summed one at a time, so the
+    temporary memory is one row in float64. Reordered checkpoints or a different bits,
+    group_size or granularity change it."""
+    def weighted(row: Tensor) -> Tensor:
+        weights = torch.arange(row.numel(), device=row.device, dtype=torch.float64).remainder_(65521).add_(1)
+        return (row.reshape(-1).double() * weights).sum()
+
+    codes_sum = torch.zeros((), dtype=torch.float64, device=qb.device)
+    codes_weighted = torch.zeros_like(codes_sum)
+    for r in range(qb.k):
+        row = qb.codes[r]
+        codes_sum += row.double().sum()
+        codes_weighted += weighted(row) * (r + 1)
+    values = [torch.tensor(float(v), dtype=torch.float64, device=qb.device)
+              for v in (qb.k, qb.num_cols, qb.num_blocks, qb.bits or 0, qb.group_size)]
+    values += [codes_sum, codes_weighted, qb.scales.double().sum(), qb.mins.double().sum(),
+               center.double().sum(), weighted(center), qb.block_offsets.double().sum()]
+    return torch.stack(values)
+
+
+def check_same_basis(center: Tensor, qb: QuantizedBasis, group: Any) -> None:
+    """Raise BasisMismatchError on every rank when some rank's (center, basis) differs from
+    rank 0's. One all-gather of 12 float64 per rank; every rank sees the same table, so
+    every rank raises (no rank is left waiting in a later collective)."""
+    mine = basis_checksum(center, qb)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    ref = table[0].cpu()
+    bad: dict[int, list[str]] = {}
+    for rank, row in enumerate(table[1:], start=1):
+        row = row.cpu()
+        exact = ~torch.eq(row[:_EXACT_FIELDS], ref[:_EXACT_FIELDS])
+        close = ~torch.isclose(row[_EXACT_FIELDS:], ref[_EXACT_FIELDS:], rtol=1e-12, atol=0)
+        differs = torch.cat([exact, close]).nonzero().flatten().tolist()
+        if differs:
+            bad[rank] = [_CHECKSUM_FIELDS[i] for i in differs]
+    if bad:
+        detail = "; ".join(f"rank {r}: {', '.join(fields)}" for r, fields in bad.items())
+        raise BasisMismatchError(
+            f"the TWA basis differs across ranks: ranks {sorted(bad)} differ from rank 0 ({detail}). Every rank "
+            "must build it from the same checkpoints in the same order with the same bits, group_size and "
+            "granularity, or load one saved TWA/Subspace file")
+
+
+# -- replicated mode ------------------------------------------------------------------------
+
+
+class Replicated:
+    """Every rank holds the whole basis; the coefficient gradient of each backward is averaged
+    over the group by one all-reduce of [k, B] floats, in a hook on the coefficients."""
+
+    shard = False
+
+    def __init__(self, twa: TWA, group: Any):
+        self.comm = Comm(group)
+        # a tensor hook sees this backward's gradient before it is accumulated into .grad, so
+        # gradient accumulation over several backwards averages each of them once
+        twa.coefficients.register_hook(self._average)
+
+    def _average(self, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # the graph may still hold the incoming tensor
+        return self.comm.all_reduce(grad).div_(self.comm.world)
+
+
+# -- sharded mode ---------------------------------------------------------------------------
+
+
+def shard_columns(num_cols: int, group_size: int, world: int) -> list[int]:
+    """Column edges c_0 = 0 < c_1 < ... < c_W = num_cols, on group edges, as even as groups
+    allow. A world larger than the number of groups is a ShardingError."""
+    n_groups = -(-num_cols // group_size)
+    if world > n_groups:
+        raise ShardingError(f"shard=True over {world} ranks, but the basis has only {n_groups} quantisation groups "
+                            f"of {group_size} columns ({num_cols} columns): use at most {n_groups} ranks, a smaller "
+                            "group_size, or shard=False")
+    return [min(num_cols, (r * n_groups // world) * group_size) for r in range(world + 1)]
+
+
+def local_blocks(offsets: Tensor, start: int, stop: int) -> tuple[Tensor, int, int]:
+    """The blocks (global offsets `offsets`) that columns start..stop touch: their offsets
+    clipped to the range and made local, and their global indices [b_lo, b_hi)."""
+    b_lo = int(torch.searchsorted(offsets, torch.tensor(start), right=True)) - 1
+    b_hi = int(torch.searchsorted(offsets, torch.tensor(stop), right=False))
+    return offsets[b_lo : b_hi + 1].clamp(start, stop) - start, b_lo, b_hi
+
+
+def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBasis, int, int]:
+    """Columns start..stop of `qb` (start on a group edge) as a basis of their own, and the
+    global indices [b_lo, b_hi) of the blocks they touch. A block that straddles start or
+    stop keeps its coefficient; its local part is a block of the slice."""
+    if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
+        raise ValueError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+    local_offsets, b_lo, b_hi = local_blocks(qb.block_offsets.cpu(), start, stop)
+    local_offsets = local_offsets.to(qb.block_offsets.device)
+    g0, g1 = start // qb.group_size, -(-stop // qb.group_size)
+    if qb.bits is None:
+        codes = qb.codes[:, start:stop]
+    else:
+        group_bytes = qb.group_size * qb.bits // 8
+        end = None if stop == qb.num_cols else g1 * group_bytes  # the row's short last group goes with the last rank
+        codes = qb.codes[:, g0 * group_bytes : end]
+    scales, mins = (qb.scales, qb.mins) if qb.bits is None else (qb.scales[g0:g1], qb.mins[g0:g1])
+    sliced = QuantizedBasis.from_state_dict({
+        "codes": codes.contiguous().clone(), "scales": scales.contiguous().clone(), "mins": mins.contiguous().clone(),
+        "block_offsets": local_offsets,
+        "meta": torch.tensor([qb.bits or 0, qb.group_size, stop - start], dtype=torch.int64)})
+    return sliced, b_lo, b_hi
+
+
+def _probe(comm: Comm, device: torch.device) -> None:
+    """Run the sharded mode's two collectives once on one element per rank, so that a backend
+    that lacks them fails here, by name, and not in the first backward."""
+    backend = dist.get_backend(comm.group)
+    try:
+        out = torch.zeros(comm.world, device=device)
+        _all_gather(out, torch.ones(1, device=device), comm.group)
+        _reduce_scatter(torch.zeros(1, device=device), out, comm.group)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise ShardingError(f"shard=True needs an all-gather and a reduce-scatter into flat tensors, which the "
+                            f"{backend!r} backend cannot run on {device} ({exc}); use shard=False (replicated "
+                            "mode) or a backend that has them (NCCL on GPU, gloo on CPU)") from exc
+
+
+class Sharded:
+    """This rank's columns of the basis and center (the TWA's buffers become the shard), and
+    the gather / reduce-scatter that turn them into full weights and back."""
+
+    shard = True
+
+    def __init__(self, twa: TWA, group: Any, piece: ShardedSubspace | None = None):
+        self.comm = Comm(group)
+        qb = twa.basis
+        if piece is None:
+            self.num_cols, self.num_blocks = qb.num_cols, qb.num_blocks
+        else:
+            self.num_cols, self.num_blocks = piece.num_cols, piece.num_blocks
+        edges = shard_columns(self.num_cols, qb.group_size, self.comm.world)
+        _probe(self.comm, qb.device)
+        self.sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        self.chunk = max(self.sizes)  # every rank's slot in the gathered buffer
+        self.start, self.stop = edges[self.comm.rank], edges[self.comm.rank + 1]
+        if piece is not None:  # the buffers hold this rank's columns already; the coefficients are global
+            local, self.b_lo, self.b_hi = qb, piece.b_lo, piece.b_hi
+            twa.coefficients = nn.Parameter(torch.zeros(qb.k, self.num_blocks, device=qb.device))
+        else:
+            local, self.b_lo, self.b_hi = slice_basis(qb, self.start, self.stop)
+            with torch.no_grad():
+                twa.center = twa.center[self.start : self.stop].clone()
+                for key, value in local.state_dict().items():
+                    setattr(twa, f"basis_{key}", value.to(qb.device))
+        logger.info("TWA shard: rank %d of %d holds columns %d..%d and blocks %d..%d (basis %.1f MB)",
+                    self.comm.rank, self.comm.world, self.start, self.stop, self.b_lo, self.b_hi, local.nbytes / 1e6)
+
+    @property
+    def padding(self) -> int:
+        """Elements of padding in each gathered / reduce-scattered buffer: W x L - D."""
+        return self.chunk * self.comm.world - self.num_cols
+
+    def reconstruct(self, twa: TWA) -> Tensor:
+        """The full weight vector [D] (float32), differentiable in twa.coefficients."""
+        return _GatherReconstruct.apply(twa.coefficients, twa.basis, twa.center, self)
+
+    def unpad(self, gathered: Tensor) -> Tensor:
+        if not self.padding:
+            return gathered
+        rows = gathered.view(self.comm.world, self.chunk)
+        return torch.cat([rows[r, :n] for r, n in enumerate(self.sizes)])
+
+    def pad(self, flat: Tensor) -> Tensor:
+        if not self.padding:
+            return flat.contiguous()
+        out = flat.new_zeros(self.comm.world, self.chunk)
+        for r, (piece, n) in enumerate(zip(flat.split(self.sizes), self.sizes)):
+            out[r, :n] = piece
+        return out.view(-1)
+
+
+class _GatherReconstruct(torch.autograd.Function):
+    """w = all_gather(center_r + basis_r^T x[:, blocks_r]); dL/dx = all_reduce(project_r(
+    reduce_scatter(dL/dw) / W)): the sharded forward and its backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, qb: QuantizedBasis, center: Tensor, shard: Sharded) -> Tensor:
+        ctx.qb, ctx.shard = qb, shard
+        comm = shard.comm
+        mine = torch.zeros(shard.chunk, dtype=torch.float32, device=center.device)
+        reconstruct(qb, x[:, shard.b_lo : shard.b_hi], center, out=mine[: shard.stop - shard.start])
+        gathered = torch.empty(shard.chunk * comm.world, dtype=torch.float32, device=center.device)
+        return shard.unpad(comm.all_gather_into_tensor(gathered, mine))
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor):
+        shard, qb = ctx.shard, ctx.qb
+        comm = shard.comm
+        mine = torch.empty(shard.chunk, dtype=torch.float32, device=grad_w.device)
+        comm.reduce_scatter_tensor(mine, shard.pad(grad_w.float()))
+        local = project(qb, mine[: shard.stop - shard.start].div_(comm.world))
+        grad_x = torch.zeros(local.shape[0], shard.num_blocks, dtype=torch.float32, device=grad_w.device)
+        grad_x[:, shard.b_lo : shard.b_hi] = local  # straddling blocks: partial sums, added by the all-reduce
+        return comm.all_reduce(grad_x), None, None, None
+
+
+# -- BatchNorm statistics and metrics over the union of the ranks' data ----------------------
+
+
+@torch.no_grad()
+def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> None:
+    """After each rank ran update_bn (cumulative averaging: momentum None) over its own
+    batches, make every BatchNorm's running stats those of one process over all batches:
+    the per-rank stats weighted by their batch counts, summed in one all-reduce of
+    2 x channels + 1 floats per layer. Ranks with no batches count zero."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    parts = []
+    for m in norms:
+        n = m.num_batches_tracked.to(torch.float64)
+        parts += [m.running_mean.double() * n, m.running_var.double() * n, n.reshape(1)]
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    offset = 0
+    for m in norms:
+        c = m.running_mean.numel()
+        total, count = flat[offset : offset + c], flat[offset + 2 * c]
+        if count > 0:
+            m.running_mean.copy_(total / count)
+            m.running_var.copy_(flat[offset + c : offset + 2 * c] / count)
+            m.num_batches_tracked.fill_(int(count))
+        offset += 2 * c + 1
+
+
+def update_bn(twa: TWA, loader: Iterable, process_group: Any = None,
+              call_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    """TWA.update_bn over the union of every rank's `loader` (each rank passes its own
+    shard of the data): a local pass at the averaged weights, then one all-reduce of the
+    statistics. Equal to one process running update_bn over all the ranks' batches."""
+    group = process_group if process_group is not None else getattr(getattr(twa, "_dist", None), "comm", None)
+    group = group.group if isinstance(group, Comm) else group
+    twa.update_bn(loader, call_fn)
+    all_reduce_bn_statistics(twa.module, group)
+
+
+def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:
+    """Sums over the ranks of per-rank metric sums (loss sums, correct counts, sample counts):
+    one all-reduce in float64. Divide afterwards: {"correct": c, "count": n} -> c / n."""
+    keys = list(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend(process_group) == "nccl":
+        values = values.cuda()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=process_group)
+    return dict(zip(keys, values.tolist()))
+
+
+# -- building a sharded subspace from this rank's columns only ----------------------------
+
+
+class CheckpointListMismatchError(BasisMismatchError):
+    """The ranks were given different checkpoint lists."""
+
+
+@dataclass
+class ShardedSubspace:
+    """This rank's columns [start, stop) of a subspace: the local center and basis, and the
+    global layout (num_cols D, num_blocks B; local blocks are global blocks [b_lo, b_hi))."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    center: Tensor
+    basis: QuantizedBasis
+    start: int
+    stop: int
+    b_lo: int
+    b_hi: int
+    num_cols: int
+    num_blocks: int
+    aliases: dict[str, list[str]]
+
+
+class _ColumnReader:
+    """Columns of one checkpoint's flattened weights, reading only what they need:
+    safetensors through lazy slices (whole leading-dimension rows around the range), .pt
+    files through torch.load(mmap=True, weights_only=True) (only the touched pages are read),
+    in-memory state_dicts by slicing."""
+
+    def __init__(self, spec: Any, index: int):
+        self.source = f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec)
+        self._file = None
+        self._dcp = None
+        if isinstance(spec, Mapping):
+            self._tensors = unwrap_state_dict(spec, self.source)
+        elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
+            # a torch.distributed.checkpoint directory (what FSDP users save): read through
+            # DCP's own reader, one tensor at a time
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            self._dcp = FileSystemReader(str(spec))
+            entries = self._dcp.read_metadata().state_dict_metadata
+            self._dcp_shapes = {k: tuple(v.size) for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
+            self._keys = {_strip_dcp_prefix(k): k for k in self._dcp_shapes}
+        elif str(spec).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                self._file = safe_open(str(spec), framework="pt", device="cpu")
+            except Exception as exc:
+                raise CheckpointError(f"{spec}: not a readable safetensors file ({exc})") from exc
+            self._keys = {_strip_prefixes({k: None}).popitem()[0]: k for k in self._file.keys()}
+        else:
+            try:
+                obj = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(f"{spec}: could not be read as a torch checkpoint with mmap=True and "
+                                      f"weights_only=True ({exc}); re-save it with torch.save(model.state_dict())"
+                                      ) from exc
+            self._tensors = unwrap_state_dict(obj, self.source)
+
+    def _key(self, name: str, aliases: dict[str, list[str]], keys: Iterable[str]) -> str:
+        keys = set(keys)
+        for candidate in (name, *aliases.get(name, ())):
+            if candidate in keys:
+                return candidate
+        raise CheckpointError(f"{self.source}: missing key {name!r}; was it saved from the same model?")
+
+    def read(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
+        """Elements a..b of the flattened tensor `name`, as float32."""
+        if self._dcp is not None:
+            return self._read_dcp(name, shape, a, b, aliases)
+        if self._file is None:
+            value = self._tensors[self._key(name, aliases, self._tensors)]
+            got = tuple(value.shape)
+        else:
+            part = self._file.get_slice(self._keys[self._key(name, aliases, self._keys)])
+            got = tuple(part.get_shape())
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
+        if self._file is None:
+            if not value.is_floating_point():
+                raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
+            return value.reshape(-1)[a:b].to(torch.float32)
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if len(shape) == 0:
+            value = part[:]
+        else:
+            r0, r1 = a // row, -(-b // row)
+            value = part[r0:r1].reshape(-1)[a - r0 * row : b - r0 * row]
+        if not value.is_floating_point():
+            raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
+        return value.reshape(-1)[: b - a].to(torch.float32)
+
+    def _read_dcp(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        key = self._keys[self._key(name, aliases, self._keys)]
+        got = self._dcp_shapes[key]
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
+        # DCP fills the tensors it is given; no_dist: this rank reads alone (ranks read different keys)
+        value = torch.empty(shape, dtype=torch.float32)
+        dcp.load({key: value}, storage_reader=self._dcp, no_dist=True)
+        return value.reshape(-1)[a:b]
+
+    def columns(self, names: list[str], shapes: list[tuple[int, ...]], start: int, stop: int,
+                aliases: dict[str, list[str]], into: Tensor | None = None) -> Tensor:
+        """Columns start..stop of the flattened weights (names in order), checked finite:
+        written into a new float32 tensor, or added to `into` (float64), one tensor's piece
+        at a time, so the temporary memory is one piece."""
+        out = torch.empty(stop - start, dtype=torch.float32) if into is None else into
+        offset = 0
+        for name, shape in zip(names, shapes):
+            n = math.prod(shape)
+            a, b = max(start, offset) - offset, min(stop, offset + n) - offset
+            if a < b:
+                piece = self.read(name, shape, a, b, aliases)
+                if not bool(torch.isfinite(piece).all()):
+                    raise CheckpointError(f"{self.source}: key {name!r} holds NaN or Inf; refuse or repair it")
+                target = out[offset + a - start : offset + b - start]
+                target.copy_(piece) if into is None else target.add_(piece)
+            offset += n
+        return out
+
+
+def _strip_dcp_prefix(key: str) -> str:
+    """A DCP key without the nesting prefix of {"model": state_dict} or {"state_dict": ...}
+    and the DDP / compile prefixes."""
+    for nest in ("model.", "state_dict.", "model_state_dict."):
+        if key.startswith(nest):
+            key = key[len(nest):]
+            break
+    return _strip_prefixes({key: None}).popitem()[0]
+
+
+def _quantize_in_chunks(row: Tensor, bits: int, group_size: int, groups_per_chunk: int = 256):
+    """_quantize_row over whole groups at a time: the same bytes, scales and mins (groups are
+    independent and a chunk ends on a group edge) with temporaries of one chunk, not ~5 rows."""
+    step = group_size * groups_per_chunk
+    parts = [_quantize_row(row[i : i + step], bits, group_size) for i in range(0, row.numel(), step)]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+
+
+def _same_checkpoint_lists(specs: list, group: Any) -> None:
+    """All-gather a digest of the checkpoint list (paths, or state_dict count) and raise
+    CheckpointListMismatchError naming the ranks whose list differs from rank 0's."""
+    text = "\n".join(str(s) if not isinstance(s, Mapping) else f"<state_dict {i}>" for i, s in enumerate(specs))
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+    mine = torch.tensor([digest, len(specs)], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
+    if bad:
+        raise CheckpointListMismatchError(
+            f"ranks {bad} were given a different checkpoint list from rank 0's ({len(specs)} here): pass every "
+            "rank the same files in the same order")
+
+
+@torch.no_grad()
+def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: list[tuple[int, ...]],
+                bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
+                aliases: dict[str, list[str]] | None = None, progress: bool = False) -> ShardedSubspace:
+    """Subspace.from_checkpoints for this rank's columns only: each checkpoint is read for
+    columns [c_r, c_r+1) alone (see _ColumnReader), so no rank holds a whole checkpoint. The
+    result equals the single-process subspace's columns bit for bit (the center is the same
+    float64 mean, and quantisation groups never cross a shard edge). Rank 0 shows progress."""
+    if dist.get_rank(process_group) != 0:
+        progress = False
+    specs = resolve_checkpoints(checkpoints)
+    _same_checkpoint_lists(specs, process_group)
+    aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
+    shapes = [tuple(s) for s in shapes]
+    numels = [math.prod(s) for s in shapes]
+    num_cols = sum(numels)
+    edges = shard_columns(num_cols, group_size, dist.get_world_size(process_group))
+    start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
+    total = torch.zeros(stop - start, dtype=torch.float64)
+    for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
+        _ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, into=total)
+    center = total.div_(len(specs)).float()  # the float64 mean, as Subspace.from_checkpoints takes it
+    del total
+    offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
+    local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)
+    rows = []
+    for i, spec in enumerate(_progress(specs, len(specs), "building basis (shard)", progress)):
+        row = _ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
+        rows.append(row if bits is None else _quantize_in_chunks(row, bits, group_size))
+    if bits is None:
+        basis = quantize(torch.stack(rows), None, group_size, local_offsets.diff().tolist())
+    else:
+        basis = stack_rows(rows, local_offsets, bits, group_size, stop - start)
+    return ShardedSubspace(list(names), shapes, center, basis, start, stop, b_lo, b_hi, num_cols,
+                           offsets.numel() - 1, aliases)
+
+
+# -- running under torchrun -----------------------------------------------------------------
+
+
+def init_from_environment(timeout_s: float = 300.0) -> Any:
+    """The default process group when torchrun (or any launcher setting WORLD_SIZE > 1) started
+    this process, initialised if it is not yet: NCCL with CUDA (device LOCAL_RANK), else gloo,
+    with a timeout, so a rank that fails ends the others' collectives instead of hanging
+    them. None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.group.WORLD
+
+
+def split_loader(loader: Iterable, process_group: Any) -> Iterable:
+    """This rank's share of `loader`, with the same number of batches on every rank (a rank
+    with one batch more would wait forever in its extra all-reduce). A DataLoader over a
+    map-style dataset is rebuilt with a DistributedSampler (shuffled if the loader was; it
+    pads by repeating samples); another sized iterable keeps every W-th batch, len // W of
+    them. An unsized iterable is refused."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
+        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
+                                     shuffle=isinstance(loader.sampler, RandomSampler), seed=0)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+    if not hasattr(loader, "__len__"):
+        raise TypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
+                        f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
+    per_rank = len(loader) // world
+    return _Strided(loader, rank, world, per_rank)
+
+
+class _Strided:
+    """Batches rank, rank + W, ... of a sized iterable, `count` of them."""
+
+    def __init__(self, loader: Iterable, rank: int, world: int, count: int):
+        self.loader, self.rank, self.world, self.count = loader, rank, world, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        taken = 0
+        for i, batch in enumerate(self.loader):
+            if taken == self.count:
+                return
+            if i % self.world == self.rank:
+                taken += 1
+                yield batch
