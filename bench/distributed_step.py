@@ -49,6 +49,7 @@ def _twa(process_group=None, shard=False):
     from twa_kernels.quant import _quantize_row, block_offsets_from_sizes, stack_rows
     from resnet import resnet18
 
+    torch.manual_seed(0)  # the same model, so the same center, on every rank
     model = resnet18()
     names = [n for n, _ in model.named_parameters()]
     shapes = [tuple(p.shape) for p in model.parameters()]
@@ -132,7 +133,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.start_processes(_rank, args=(args.world, port, args.steps, out), nprocs=args.world,
-                           start_method="spawn").join()
+                           start_method="spawn")  # joins the ranks
         ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(args.world)]
 
     resnet = resnet18_sizes()

@@ -26,6 +26,18 @@ from twa_kernels.factorize import check_optimizer, collapse, factor_param_groups
 __version__ = "0.1.0"
 
 __all__ = [
+    # companion methods and tools, one module each
+    "connectivity",
+    "decor",
+    "distill",
+    "distributed",
+    "prune",
+    "check_optimizer",
+    "collapse",
+    "factor_param_groups",
+    "factorize",
+    "sparsity_report",
+    # TWA
     "CheckpointError",
     "QuantizedBasis",
     "Subspace",
