@@ -187,43 +187,63 @@ inline i32x8 widen8(const uint8_t* src) {
 #endif
 }
 
-template <int BITS>
-inline f32x8 decode8(const uint8_t* src, int shift) {
-  i32x8 wide = widen8(src);
-  if constexpr (BITS != 8) wide = (wide >> shift) & ((1 << BITS) - 1);
+// Plane S of 8 codes already widened to int32 lanes: shift it down and, except for the
+// top plane (whose shift leaves nothing above it), mask.
+template <int BITS, int S>
+inline f32x8 plane8(i32x8 wide) {
+  constexpr int kPerByte = 8 / BITS;
+  if constexpr (BITS != 8) {
+    if constexpr (S > 0) wide = wide >> (S * BITS);
+    if constexpr (S + 1 < kPerByte) wide = wide & ((1 << BITS) - 1);
+  }
   return __builtin_convertvector(wide, f32x8);
 }
 
-// dots[r] = sum over the group of code[r, j] * g[j], for ROWS rows (independent chains).
-template <int BITS, int ROWS>
-inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, float* dots) {
-  constexpr int kPerByte = 8 / BITS;
-  f32x8 acc[ROWS] = {};
-  for (int s = 0; s < kPerByte; ++s) {
-    const float* gp = g + s * width;
-    for (int64_t i = 0; i < width; i += kLanes) {
-      const f32x8 gv = load8(gp + i);
-      for (int r = 0; r < ROWS; ++r) acc[r] += decode8<BITS>(src[r] + i, s * BITS) * gv;
-    }
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    float sum = 0.f;
-    for (int l = 0; l < kLanes; ++l) sum += acc[r][l];
-    dots[r] = sum;
+// acc[2r + (S & 1)] += plane S of `wide` * g[S * width + i], for every plane S: each 8
+// bytes are widened once for all their planes, and even and odd planes feed two chains.
+template <int BITS, int S = 0>
+inline void dot_planes(i32x8 wide, const float* g, int64_t width, f32x8* acc) {
+  if constexpr (S < 8 / BITS) {
+    acc[S & 1] += plane8<BITS, S>(wide) * load8(g + S * width);
+    dot_planes<BITS, S + 1>(wide, g, width, acc);
   }
 }
 
-// out[j] += sum_r a[r] * code[r, j] over the group, for ROWS rows.
+// sums[r] = per-lane sums over the group of code[r, j] * g[j], for ROWS rows. Lanes are
+// not reduced here: the caller scales and accumulates whole vectors across groups.
+template <int BITS, int ROWS>
+inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, f32x8* sums) {
+  f32x8 acc[ROWS][2] = {};
+  const uint8_t* p[ROWS];
+  for (int r = 0; r < ROWS; ++r) p[r] = src[r];
+  for (int64_t i = 0; i < width; i += kLanes) {
+    for (int r = 0; r < ROWS; ++r) dot_planes<BITS>(widen8(p[r] + i), g + i, width, acc[r]);
+  }
+  for (int r = 0; r < ROWS; ++r) sums[r] = acc[r][0] + acc[r][1];
+}
+
+template <int BITS, int ROWS, int S = 0>
+inline void axpy_planes(const i32x8* wide, const float* a, f32x8* o) {
+  if constexpr (S < 8 / BITS) {
+    for (int r = 0; r < ROWS; ++r) o[S] += a[r] * plane8<BITS, S>(wide[r]);
+    axpy_planes<BITS, ROWS, S + 1>(wide, a, o);
+  }
+}
+
+// out[j] += sum_r a[r] * code[r, j] over the group, for ROWS rows: each 8-column chunk of
+// every plane is loaded once, and each 8 bytes of a row are widened once.
 template <int BITS, int ROWS>
 inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
   constexpr int kPerByte = 8 / BITS;
-  for (int s = 0; s < kPerByte; ++s) {
-    float* op = out + s * width;
-    for (int64_t i = 0; i < width; i += kLanes) {
-      f32x8 o = load8(op + i);
-      for (int r = 0; r < ROWS; ++r) o += a[r] * decode8<BITS>(src[r] + i, s * BITS);
-      store8(op + i, o);
-    }
+  const uint8_t* p[ROWS];
+  for (int r = 0; r < ROWS; ++r) p[r] = src[r];
+  for (int64_t i = 0; i < width; i += kLanes) {
+    f32x8 o[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) o[s] = load8(out + s * width + i);
+    i32x8 wide[ROWS];
+    for (int r = 0; r < ROWS; ++r) wide[r] = widen8(p[r] + i);
+    axpy_planes<BITS, ROWS>(wide, a, o);
+    for (int s = 0; s < kPerByte; ++s) store8(out + s * width + i, o[s]);
   }
 }
 
@@ -238,6 +258,18 @@ inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes
 inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segment>& segs) {
   return b.bits != 0 && len == b.group_size && segs.size() == 1 && (b.group_size / (8 / b.bits)) % kLanes == 0;
 }
+
+// Sum of the 8 lanes, in float64.
+inline double hsum(f32x8 v) {
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += v[l];
+  return sum;
+}
+
+// Whole-group tiles accumulate into one 8-lane vector per row, scaled per group, and are
+// reduced to float64 only when the block changes or every kFlushGroups groups: the
+// horizontal sums and double updates would otherwise cost a fifth of the work per group.
+constexpr int kFlushGroups = 32;
 
 template <int BITS>
 void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, int num_threads) {
@@ -254,39 +286,54 @@ void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, 
     double* acc = partial.data() + static_cast<size_t>(tid) * kb;
     std::vector<float> gbuf(width + 8), cbuf(width + 8), gsum;
     std::vector<Segment> segs;
+    std::vector<f32x8> lanes(static_cast<size_t>(b.k));  // the fast path's pending sums, one per row
+    int64_t lanes_block = -1, lanes_groups = 0;
+    auto flush = [&]() {
+      if (lanes_block < 0) return;
+      for (int64_t r = 0; r < b.k; ++r) {
+        acc[r * b.n_blocks + lanes_block] += hsum(lanes[r]);
+        lanes[r] = f32x8{};
+      }
+      lanes_block = -1;
+      lanes_groups = 0;
+    };
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
       const float* gt = float_view(g, g_dtype, c0, len, gbuf.data());
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
-      gsum.assign(segs.size(), 0.f);
-      if (BITS != 0) {  // sum_j lo * g[j] = lo * sum_j g[j]: one sum per segment, shared by all rows
-        for (size_t s = 0; s < segs.size(); ++s) {
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
-          gsum[s] = sum;
-        }
-      }
       if constexpr (BITS != 0) {
         if (fast_group(b, len, segs)) {
+          if (segs[0].block != lanes_block || lanes_groups == kFlushGroups) flush();
+          lanes_block = segs[0].block;
+          ++lanes_groups;
+          // sum_j lo * g[j] = lo * sum_j g[j]: one lane-sum of the g tile, shared by all rows
+          f32x8 gs = {};
+          for (int64_t j = 0; j < len; j += kLanes) gs += load8(gt + j);
           const int64_t gbytes = b.group_size * BITS / 8;
+          const float* mins = b.mins + t * b.k;
+          const float* scales = b.scales + t * b.k;
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
             const uint8_t* src[kRowBlock];
             const int rows = row_block(b, r0, t, gbytes, src);
-            float dots[kRowBlock];
+            f32x8 dots[kRowBlock];
             if (rows == kRowBlock) {
               group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
             } else {
               for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
             }
-            for (int r = 0; r < rows; ++r) {
-              const int64_t m = t * b.k + (r0 + r);
-              acc[(r0 + r) * b.n_blocks + segs[0].block] +=
-                  static_cast<double>(b.mins[m]) * gsum[0] + static_cast<double>(b.scales[m]) * dots[r];
-            }
+            for (int r = 0; r < rows; ++r) lanes[r0 + r] += mins[r0 + r] * gs + scales[r0 + r] * dots[r];
           }
           continue;
+        }
+      }
+      gsum.assign(segs.size(), 0.f);
+      if (BITS != 0) {  // as above, one sum per segment
+        for (size_t s = 0; s < segs.size(); ++s) {
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
+          gsum[s] = sum;
         }
       }
       for (int64_t r = 0; r < b.k; ++r) {
@@ -300,6 +347,7 @@ void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, 
         }
       }
     }
+    flush();
   }
   // Partials are summed in thread order: results are deterministic for a thread count.
   for (int64_t i = 0; i < kb; ++i) {
