@@ -4,6 +4,8 @@
 // fake impls and autograd live in twa_kernels/_ops.py and call these.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "basis_binding.h"
 #include "cpu/kernels.h"
 
@@ -34,6 +36,28 @@ void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Te
   const int status =
       twa::project(b, g.data_ptr(), float_dtype(g, "g"), y.data_ptr<float>(), static_cast<int>(num_threads));
   TORCH_CHECK(status == 0, "project: unsupported bits ", bits);
+}
+
+void project_pieces_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                        const at::Tensor& block_offsets, at::TensorList pieces, int64_t bits, int64_t group_size,
+                        int64_t num_threads, const at::Tensor& y) {
+  TORCH_CHECK(!pieces.empty(), "project_pieces: pieces is empty");
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> starts{0};
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    check_cpu_contiguous(pieces[i], "pieces[i]");
+    TORCH_CHECK(pieces[i].scalar_type() == pieces[0].scalar_type(), "project_pieces: piece ", i, " is ",
+                pieces[i].scalar_type(), " but piece 0 is ", pieces[0].scalar_type(), "; pass one dtype");
+    ptrs.push_back(pieces[i].data_ptr());
+    starts.push_back(starts.back() + pieces[i].numel());
+  }
+  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, starts.back());
+  check_cpu_contiguous(y, "y");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
+  const int status = twa::project_pieces(b, ptrs.data(), starts.data(), static_cast<int64_t>(ptrs.size()),
+                                         float_dtype(pieces[0], "pieces"), y.data_ptr<float>(),
+                                         static_cast<int>(num_threads));
+  TORCH_CHECK(status == 0, "project_pieces: unsupported bits ", bits);
 }
 
 void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
@@ -82,6 +106,9 @@ TORCH_LIBRARY(twa_kernels_cpu, m) {
       "project_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor g, int bits, "
       "int group_size, int num_threads, Tensor(a!) y) -> ()");
   m.def(
+      "project_pieces_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor[] pieces, "
+      "int bits, int group_size, int num_threads, Tensor(a!) y) -> ()");
+  m.def(
       "reconstruct_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor x, Tensor? center, "
       "int bits, int group_size, int num_threads, Tensor(a!) out) -> ()");
   m.def("gram_out(Tensor p, int num_threads, Tensor(a!) out) -> ()");
@@ -90,6 +117,7 @@ TORCH_LIBRARY(twa_kernels_cpu, m) {
 
 TORCH_LIBRARY_IMPL(twa_kernels_cpu, CPU, m) {
   m.impl("project_out", &project_out);
+  m.impl("project_pieces_out", &project_pieces_out);
   m.impl("reconstruct_out", &reconstruct_out);
   m.impl("gram_out", &gram_out);
   m.impl("combine_rows_out", &combine_rows_out);

@@ -66,6 +66,28 @@ def test_reconstruct_matches_reference(backend_name, device, bits, k, d, group_s
 
 
 @pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", [SHAPES[1], SHAPES[3], SHAPES[5]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_project_pieces_is_project_of_the_concatenation(backend_name, device, bits, k, d, group_size, blocks, dtype):
+    # pieces of every length, empty ones included, cutting groups and blocks anywhere
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    qb = qb.to(device)
+    g = torch.randn(d).to(device, dtype)
+    gen = torch.Generator().manual_seed(d)
+    cuts = sorted(torch.randint(0, d + 1, (6,), generator=gen).tolist())
+    sizes = [b - a for a, b in zip([0, 0, *cuts], [0, *cuts, d])]
+    args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    y = _ops.project_pieces_op(*args, list(g.split(sizes)), qb.bits or 0, qb.group_size)
+    torch.testing.assert_close(y, tk.project(qb, g), rtol=0, atol=0)  # the same sums in the same order
+    # and gradients through it reach every piece
+    pieces = [p.clone().requires_grad_() for p in g.float().split(sizes)]
+    upstream = torch.randn(k, qb.num_blocks, device=device)
+    _ops.project_pieces_op(*args, pieces, qb.bits or 0, qb.group_size).backward(upstream)
+    torch.testing.assert_close(torch.cat([p.grad for p in pieces]), tk.reconstruct(qb, upstream), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("k,d,group_size,blocks", SHAPES[1::2])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_reconstruct_into_out_casts_as_it_stores(backend_name, device, bits, k, d, group_size, blocks, out_dtype):
@@ -142,10 +164,11 @@ def _op_samples(device):
                                 torch.randn(3, 90, device=device))),
         (_ops.reconstruct_into_op, (*parts, x.detach(), center.detach(), 4, 64,
                                     torch.empty(130, dtype=torch.bfloat16, device=device))),
+        (_ops.project_pieces_op, (*parts, list(torch.randn(130, device=device).split([0, 50, 65, 15])), 4, 64)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(backend_name, device, case):
     op, args = _op_samples(device)[case]
     torch.library.opcheck(op, args)

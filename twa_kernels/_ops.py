@@ -136,6 +136,49 @@ def _project_backward(ctx, grad_y):
 project_op.register_autograd(_project_backward, setup_context=_project_setup)
 
 
+# ---- project_pieces: project of a gradient given as its pieces, read in place ------------
+
+
+@torch.library.custom_op("twa_kernels::project_pieces", mutates_args=())
+def project_pieces_op(
+    codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor], bits: int,
+    group_size: int
+) -> Tensor:
+    """project of g = cat(pieces) (1-D, one dtype), without forming g: a model's per-tensor
+    gradients are read where autograd left them. A backend without its own kernel gets
+    the concatenation and its project kernel."""
+    device = pieces[0].device
+    kernels = _KERNELS.get("project_pieces", {})
+    name = backend(device)
+    if name in _LAZY_MODULES and name not in kernels:
+        importlib.import_module(_LAZY_MODULES[name])
+    if name in kernels:
+        return kernels[name](codes, scales, mins, block_offsets, pieces, bits, group_size)
+    return _kernel("project", device)(codes, scales, mins, block_offsets, torch.cat(pieces), bits, group_size)
+
+
+@project_pieces_op.register_fake
+def _(codes, scales, mins, block_offsets, pieces, bits, group_size):
+    return pieces[0].new_empty((codes.shape[0], block_offsets.shape[0] - 1), dtype=torch.float32)
+
+
+def _project_pieces_setup(ctx, inputs, output):
+    codes, scales, mins, block_offsets, pieces, bits, group_size = inputs
+    ctx.save_for_backward(codes, scales, mins, block_offsets)
+    ctx.bits, ctx.group_size = bits, group_size
+    ctx.sizes, ctx.g_dtype = [p.numel() for p in pieces], pieces[0].dtype
+
+
+def _project_pieces_backward(ctx, grad_y):
+    codes, scales, mins, block_offsets = ctx.saved_tensors
+    grad_g = reconstruct_op(codes, scales, mins, block_offsets, grad_y.contiguous(), None, ctx.bits,
+                            ctx.group_size, sum(ctx.sizes))
+    return None, None, None, None, list(grad_g.to(ctx.g_dtype).split(ctx.sizes)), None, None
+
+
+project_pieces_op.register_autograd(_project_pieces_backward, setup_context=_project_pieces_setup)
+
+
 # ---- reconstruct: w[j] = center[j] + sum_r p^[r, j] * x[r, block(j)] ---------------------
 
 
@@ -228,6 +271,44 @@ class ReconstructInto(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()
         return (*grads[:8], None, None)
+
+
+class ReconstructPieces(torch.autograd.Function):
+    """reconstruct into out_holder[0], returned as its pieces out.split(sizes): a model's
+    weights, one view per tensor. The backward projects the pieces' gradients where
+    autograd left them (project_pieces), so no D-long gradient is gathered. The buffer is
+    passed in a list so that it is not an input: the pieces are views of it, and the
+    write bumps its version counter, so a retained graph that saved a piece of an earlier
+    call raises PyTorch's in-place error at backward. `on_backward` as in ReconstructInto."""
+
+    @staticmethod
+    def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, sizes,
+                on_backward):
+        out = out_holder[0]
+        reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+        ctx.save_for_backward(codes, scales, mins, block_offsets)
+        ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
+        ctx.center_dtype = center.dtype if center is not None else None
+        ctx.sizes = list(sizes)
+        ctx.set_materialize_grads(False)
+        return tuple(out.split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        codes, scales, mins, block_offsets = ctx.saved_tensors
+        grad_x = grad_center = None
+        like = next((g for g in grads if g is not None), None)
+        if like is not None:
+            # a piece no loss depends on (an unused layer) has no gradient: zeros
+            pieces = [g.reshape(-1) if g is not None else like.new_zeros(n) for g, n in zip(grads, ctx.sizes)]
+            if ctx.needs_input_grad[4]:
+                grad_x = project_pieces_op(codes, scales, mins, block_offsets, pieces, ctx.bits,
+                                           ctx.group_size).to(ctx.x_dtype)
+            if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
+                grad_center = torch.cat(pieces).to(ctx.center_dtype)
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return None, None, None, None, grad_x, grad_center, None, None, None, None, None
 
 
 # ---- the passes of orthonormalize ---------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from twa_kernels._ops import ReconstructInto, project_op, reconstruct_op
+from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_op, reconstruct_op
 from twa_kernels.quant import QuantizedBasis
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
@@ -72,3 +72,12 @@ def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: 
     # call does not chain this graph to that call's (it shares storage and version counter)
     return ReconstructInto.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
                                  qb.bits or 0, qb.group_size, out.detach(), on_backward)
+
+
+def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor, sizes: list[int],
+                       on_backward: Callable[[], None] | None = None) -> tuple[Tensor, ...]:
+    """reconstruct into `out`, as out.split(sizes) (a model's tensors), without input
+    checks; its backward projects the pieces' gradients in place, without gathering them
+    into one D-long vector."""
+    return ReconstructPieces.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
+                                   qb.bits or 0, qb.group_size, [out.detach()], sizes, on_backward)

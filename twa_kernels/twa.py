@@ -30,7 +30,7 @@ from torch.func import functional_call
 from twa_kernels import distributed
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import Checkpoints, parameter_aliases
-from twa_kernels.ops import reconstruct, reconstruct_into
+from twa_kernels.ops import reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.subspace import Subspace
 
@@ -166,12 +166,14 @@ class TWA(nn.Module):
         record = torch.is_grad_enabled() and self.coefficients.requires_grad
         workspace = self._workspace
         out, release = workspace.take(self.center.numel(), dtype, self.center.device, record)
-        flat = reconstruct_into(self.basis, self.coefficients, self.center, out, release)
         if not record:
+            flat = reconstruct_into(self.basis, self.coefficients, self.center, out)
             release()
             return self._typed(flat, dtypes)
+        # one view of the workspace per tensor; the backward projects their gradients where
+        # autograd leaves them (no D-long gradient is gathered), then frees the workspace
         sizes = [math.prod(shape) for shape in self.shapes]
-        pieces = _SplitIntoWorkspace.apply(flat, sizes, workspace, workspace.generation)
+        pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, sizes, release)
         return {name: piece.view(shape) if piece.dtype == dtypes[name] else piece.view(shape).to(dtypes[name])
                 for name, piece, shape in zip(self.names, pieces, self.shapes)}
 
@@ -199,18 +201,15 @@ class TWA(nn.Module):
 
 
 class _Workspace:
-    """The reused buffers of TWA's forward: the weights it writes, and the gradient their
-    backward gathers (the pieces' gradients concatenated, which autograd would otherwise put
-    in a fresh D-long tensor, page faults and all, every step). A buffer pair is handed out
-    again only after the backward of the forward that filled it has run (or at once when no
-    graph was recorded); while a graph still needs it, the next forward gets a fresh pair,
-    which then becomes the workspace. So a second forward before the first backward works,
-    and a backward through a retained graph after an overwrite raises PyTorch's in-place
-    error (reconstruct_into bumps the version counter) instead of using wrong weights."""
+    """The reused buffer of TWA's forward, the weights it writes. It is handed out again
+    only after the backward of the forward that filled it has run (or at once when no
+    graph was recorded); while a graph still needs it, the next forward gets a fresh
+    buffer, which then becomes the workspace. So a second forward before the first backward
+    works, and a backward through a retained graph after an overwrite raises PyTorch's
+    in-place error (the write bumps the version counter) instead of using wrong weights."""
 
     def __init__(self):
         self.buffer: Tensor | None = None
-        self.grad: Tensor | None = None
         self.busy = False
         self.generation = 0
 
@@ -222,7 +221,6 @@ class _Workspace:
             # zeros, not empty: its pages are touched here, by a parallel fill, once, and
             # not by the kernel's first write (page faults made a fresh output cost 2-3x)
             self.buffer = buffer = torch.zeros(numel, dtype=dtype, device=device)
-            self.grad = None
             self.generation += 1
         self.busy = record
         generation = self.generation
@@ -232,39 +230,9 @@ class _Workspace:
         """Allocate the weights' buffer ahead of the first forward."""
         self.take(numel, dtype, device, record=False)
 
-    def grad_buffer(self, generation: int, like: Tensor) -> Tensor:
-        """The gradient buffer of `generation`'s pair (a fresh one for an older pair)."""
-        if generation != self.generation:
-            return torch.empty_like(like)
-        if self.grad is None or self.grad.dtype != like.dtype or self.grad.device != like.device:
-            self.grad = torch.empty_like(like)
-        return self.grad
-
     def _release(self, generation: int) -> None:
         if generation == self.generation:  # a late backward of a replaced buffer frees nothing
             self.busy = False
-
-
-class _SplitIntoWorkspace(torch.autograd.Function):
-    """flat.split(sizes), whose backward writes the pieces' gradients into the workspace's
-    gradient buffer (unused pieces get zeros) rather than concatenating them anew."""
-
-    @staticmethod
-    def forward(ctx, flat: Tensor, sizes: list[int], workspace: _Workspace, generation: int):
-        ctx.set_materialize_grads(False)
-        ctx.sizes, ctx.workspace, ctx.generation = sizes, workspace, generation
-        return flat.split(sizes)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        like = next(g for g in grads if g is not None)
-        out = ctx.workspace.grad_buffer(ctx.generation, like.new_empty(sum(ctx.sizes)))
-        for piece, grad in zip(out.split(ctx.sizes), grads):
-            if grad is None:
-                piece.zero_()
-            else:
-                piece.copy_(grad.reshape(-1))
-        return out, None, None, None
 
 
 def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:

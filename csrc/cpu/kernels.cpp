@@ -67,6 +67,36 @@ inline const float* float_view(const void* src, DType dtype, int64_t offset, int
   return buf;
 }
 
+// g as consecutive pieces (a model's per-tensor gradients, read where autograd left
+// them): piece i holds columns starts[i] .. starts[i + 1]. A thread walks its tiles in
+// order, so the piece holding a tile's first column is found by stepping forward.
+struct Pieces {
+  const void* const* ptrs;
+  const int64_t* starts;  // n + 1 entries, 0 ... num_cols
+  int64_t n;
+  DType dtype;
+
+  int64_t piece_of(int64_t col) const {
+    return std::upper_bound(starts, starts + n + 1, col) - starts - 1;
+  }
+
+  // g[c0 : c0 + len] as float32: the memory itself when one float32 piece holds it all,
+  // else converted or gathered into buf. `piece` is the hint kept by the caller.
+  const float* tile(int64_t c0, int64_t len, int64_t& piece, float* buf) const {
+    while (piece + 1 < n && starts[piece + 1] <= c0) ++piece;
+    if (c0 + len <= starts[piece + 1]) return float_view(ptrs[piece], dtype, c0 - starts[piece], len, buf);
+    int64_t c = c0, p = piece;
+    while (c < c0 + len) {
+      while (starts[p + 1] <= c) ++p;
+      const int64_t m = std::min(starts[p + 1], c0 + len) - c;
+      const float* src = float_view(ptrs[p], dtype, c - starts[p], m, buf + (c - c0));
+      if (src != buf + (c - c0)) std::memcpy(buf + (c - c0), src, m * sizeof(float));
+      c += m;
+    }
+    return buf;
+  }
+};
+
 inline void store_floats(void* dst, DType dtype, int64_t offset, int64_t n, const float* src) {
   if (dtype == DType::f32) {
     float* d = static_cast<float*>(dst) + offset;
@@ -272,7 +302,7 @@ inline double hsum(f32x8 v) {
 constexpr int kFlushGroups = 32;
 
 template <int BITS>
-void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, int num_threads) {
+void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threads) {
   const int64_t width = tile_width(b);
   const int64_t n_tiles = (b.num_cols + width - 1) / width;
   const int64_t kb = b.k * b.n_blocks;
@@ -298,9 +328,10 @@ void project_impl(const PackedBasis& b, const void* g, DType g_dtype, float* y, 
       lanes_groups = 0;
     };
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
+    int64_t piece = g.piece_of(t_begin * width);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
-      const float* gt = float_view(g, g_dtype, c0, len, gbuf.data());
+      const float* gt = g.tile(c0, len, piece, gbuf.data());
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
       if constexpr (BITS != 0) {
         if (fast_group(b, len, segs)) {
@@ -426,15 +457,22 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
 
 }  // namespace
 
-int project(const PackedBasis& b, const void* g, DType g_dtype, float* y, int num_threads) {
+int project_pieces(const PackedBasis& b, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
+                   DType g_dtype, float* y, int num_threads) {
+  const Pieces g{pieces, starts, n_pieces, g_dtype};
   switch (b.bits) {
-    case 0: project_impl<0>(b, g, g_dtype, y, num_threads); return 0;
-    case 1: project_impl<1>(b, g, g_dtype, y, num_threads); return 0;
-    case 2: project_impl<2>(b, g, g_dtype, y, num_threads); return 0;
-    case 4: project_impl<4>(b, g, g_dtype, y, num_threads); return 0;
-    case 8: project_impl<8>(b, g, g_dtype, y, num_threads); return 0;
+    case 0: project_impl<0>(b, g, y, num_threads); return 0;
+    case 1: project_impl<1>(b, g, y, num_threads); return 0;
+    case 2: project_impl<2>(b, g, y, num_threads); return 0;
+    case 4: project_impl<4>(b, g, y, num_threads); return 0;
+    case 8: project_impl<8>(b, g, y, num_threads); return 0;
     default: return -1;
   }
+}
+
+int project(const PackedBasis& b, const void* g, DType g_dtype, float* y, int num_threads) {
+  const int64_t starts[2] = {0, b.num_cols};
+  return project_pieces(b, &g, starts, 1, g_dtype, y, num_threads);
 }
 
 int reconstruct(const PackedBasis& b, const float* x, const void* center, DType center_dtype, void* out,

@@ -28,6 +28,12 @@ struct PackedBasis {
 // y[r, b] = sum_{j in block b} p^[r, j] * g[j]; y is float32 [k, n_blocks].
 int project(const PackedBasis& basis, const void* g, DType g_dtype, float* y, int num_threads);
 
+// project of g given as consecutive pieces, each read in place: piece i is pieces[i] and
+// holds columns starts[i] .. starts[i + 1] (starts has n_pieces + 1 entries, 0 ...
+// num_cols); all pieces have dtype g_dtype. Same result as project of their concatenation.
+int project_pieces(const PackedBasis& basis, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
+                   DType g_dtype, float* y, int num_threads);
+
 // out[j] = center[j] + sum_r p^[r, j] * x[r, block(j)]; x is float32 [k, n_blocks].
 // center may be null (taken as zero); out has dtype out_dtype.
 int reconstruct(const PackedBasis& basis, const float* x, const void* center, DType center_dtype,

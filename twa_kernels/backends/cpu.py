@@ -29,6 +29,16 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     return y
 
 
+@register_kernel("project_pieces", "cpp")
+def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+    y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
+    _lib().project_pieces_out(
+        codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
+        [p.reshape(-1) for p in pieces], bits, group_size, torch.get_num_threads(), y,
+    )
+    return y
+
+
 @register_kernel("reconstruct_into", "cpp")
 def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
                      out: Tensor) -> None:

@@ -45,6 +45,12 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     return y.float()
 
 
+@register_kernel("project_pieces", "reference")
+def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+    # the spec: project of the concatenated pieces
+    return project(codes, scales, mins, block_offsets, torch.cat([p.reshape(-1) for p in pieces]), bits, group_size)
+
+
 @register_kernel("reconstruct_into", "reference")
 def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
                      out: Tensor) -> None:
