@@ -400,36 +400,38 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
-    std::vector<float> obuf(width + 8), cbuf(width + 8), ctmp(width + 8);
+    std::vector<float> obuf(width + 8), cbuf(width + 8), ctmp(width + 8), xb(b.k);
     std::vector<Segment> segs;
-    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
+    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width), xb_block = -1;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
       float* o = obuf.data();
-      if (center) {
-        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
-        std::memcpy(o, ct, len * sizeof(float));
-      } else {
-        std::fill(o, o + len, 0.f);
-      }
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
-      if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
-        for (const Segment& s : segs) {
-          float base = 0.f;
-          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
-#pragma omp simd
-          for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
-        }
-      }
       bool done = false;
       if constexpr (BITS != 0) {
         if (fast_group(b, len, segs)) {
+          // one block's coefficients, gathered once per block: x is [k, n_blocks]
+          if (segs[0].block != xb_block) {
+            xb_block = segs[0].block;
+            for (int64_t r = 0; r < b.k; ++r) xb[r] = x[r * b.n_blocks + xb_block];
+          }
+          const float* mins = b.mins + t * b.k;
+          const float* scales = b.scales + t * b.k;
+          float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
+          for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
+          if (center) {  // o = center + base in one pass
+            const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) o[j] = ct[j] + base;
+          } else {
+            std::fill(o, o + len, base);
+          }
           const int64_t gbytes = b.group_size * BITS / 8;
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
             const uint8_t* src[kRowBlock];
             const int rows = row_block(b, r0, t, gbytes, src);
             float a[kRowBlock];
-            for (int r = 0; r < rows; ++r) a[r] = b.scales[t * b.k + (r0 + r)] * x[(r0 + r) * b.n_blocks + segs[0].block];
+            for (int r = 0; r < rows; ++r) a[r] = scales[r0 + r] * xb[r0 + r];
             if (rows == kRowBlock) {
               group_axpy<BITS, kRowBlock>(src, gbytes, a, o);
             } else {
@@ -437,6 +439,22 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
             }
           }
           done = true;
+        }
+      }
+      if (!done) {
+        if (center) {
+          const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+          std::memcpy(o, ct, len * sizeof(float));
+        } else {
+          std::fill(o, o + len, 0.f);
+        }
+        if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
+          for (const Segment& s : segs) {
+            float base = 0.f;
+            for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
+#pragma omp simd
+            for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
+          }
         }
       }
       for (int64_t r = 0; r < b.k && !done; ++r) {
