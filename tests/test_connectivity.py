@@ -263,6 +263,128 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
 
 
+def _same_frame(got, want):
+    # the same origin and packed bytes; the Gram matrix summed in other chunks, to float64 rounding
+    assert torch.equal(got.center, want.center)
+    torch.testing.assert_close(got.chol, want.chol, rtol=1e-12, atol=0)
+    for key, value in want.basis.state_dict().items():
+        assert torch.equal(got.basis.state_dict()[key], value), key
+    for mine, theirs in zip(got.buffers or [], want.buffers or []):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeypatch, bits):
+    """Building a plane and placing a point read each file a chunk of columns at a time, never
+    whole, and give the frame built from the state_dicts in memory: the same bytes."""
+    from safetensors.torch import save_file
+
+    from twa_kernels import io
+
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    files = []
+    for i, fmt in ((1, "pt"), (4, "safetensors"), (7, "pt"), (5, "safetensors")):
+        files.append(tmp_path / f"e{i}.{fmt}")
+        torch.save(ckpts[i], files[-1]) if fmt == "pt" else save_file(ckpts[i], files[-1])
+    want, _ = C._frame_from_checkpoints(model, [ckpts[1], ckpts[4], ckpts[7]], bits, 8, True)
+    want_point = want.locate(ckpts[5], "epoch 6")
+    # tiny chunks (quantised in 32 columns, read in 96) so that every tensor is cut somewhere,
+    # and a mapping budget of 1 KB (a file is ~15 KB), so it is dropped and reopened
+    monkeypatch.setattr(C, "_CHUNK_GROUPS", 4)
+    monkeypatch.setattr(C, "_READ_COLUMNS", 100)
+    spans, loads = [], []
+
+    class Spy(io.ColumnReader):
+        def __init__(self, spec, **kwargs):
+            super().__init__(spec, **kwargs, resident_bytes=1024)
+
+        def _slice(self, name, a, b):
+            spans.append(b - a)
+            return super()._slice(name, a, b)
+
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        loads.append((str(path), kwargs.get("mmap")))
+        return real_load(path, *args, **kwargs)
+
+    def whole(*args):
+        raise AssertionError("a whole checkpoint was loaded")
+
+    monkeypatch.setattr(C, "ColumnReader", Spy)
+    monkeypatch.setattr(C, "load_state_dict", whole)
+    monkeypatch.setattr(torch, "load", load)
+    got, _ = C._frame_from_checkpoints(model, files[:3], bits, 8, True)
+    point = got.locate(files[3], "epoch 6")
+    numel = sum(p.numel() for p in model.parameters())
+    print(f"\n{len(spans)} reads of at most {max(spans)} elements ({numel} per checkpoint); "
+          f"{len(loads)} mappings of the 2 .pt files")
+    assert max(spans) <= 96 and sum(spans) >= 4 * numel  # everything read, in chunks
+    assert all(mmap for _, mmap in loads)
+    assert all(sum(p == str(f) for p, _ in loads) >= 5 for f in (files[0], files[2]))  # mapped, dropped, again
+    _same_frame(got, want)
+    assert point == pytest.approx(want_point, rel=1e-9)
+    # the public call, end to end, reads the files the same way
+    plane = C.plane(model, files[:3], _data(test), grid=2, bits=bits, group_size=8, bn_data=_data(train),
+                    points={"epoch 6": files[3]})
+    assert plane.points["epoch 6"] == pytest.approx(want_point, rel=1e-9) and max(spans) <= 96
+
+
+def test_column_reader_reads_every_format_alike(tmp_path, caplog):
+    """io.ColumnReader, which planes and sharded subspaces stream checkpoints through: one
+    answer from a state_dict, a .pt file, a legacy (non-zip) .pt file, a .safetensors file
+    and a torch.distributed.checkpoint directory; tied names and named errors."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from twa_kernels.io import ColumnReader
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"module.a": torch.randn(5, 7, generator=generator), "b": torch.randn(3, generator=generator).double(),
+             "s": torch.tensor(2.5), "steps": torch.arange(4)}
+    torch.save(state, tmp_path / "x.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(state, tmp_path / "x.safetensors")
+    dcp.save({"model": state}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    names, shapes = ["a", "b", "s"], [(5, 7), (3,), ()]
+    want = torch.cat([state["module.a"].reshape(-1), state["b"].float(), state["s"].reshape(1)])
+    specs = [state, tmp_path / "x.pt", tmp_path / "legacy.pt", tmp_path / "x.safetensors", tmp_path / "dcp"]
+    for spec in specs:
+        reader = ColumnReader(spec, 2, resident_bytes=16)
+        assert sorted(reader.keys()) == ["a", "b", "s", "steps"] and reader.shape("a") == (5, 7)
+        for start, stop in ((0, 39), (3, 17), (30, 39), (35, 36), (38, 39)):
+            assert torch.equal(reader.columns(names, shapes, start, stop), want[start:stop]), (spec, start, stop)
+        total = torch.ones(39, dtype=torch.float64)
+        reader.columns(names, shapes, 0, 39, out=total, add=True)
+        assert torch.equal(total, want.double() + 1)
+        assert torch.equal(reader.tensor("b"), state["b"]) and reader.tensor("s").shape == ()
+        # a tied weight saved under another of its names
+        assert torch.equal(reader.columns(["tied"], [(3,)], 0, 3, {"tied": ["b"]}), want[35:38])
+    assert "legacy.pt: not a zip-format torch file" in caplog.text
+    assert ColumnReader(state).source == "checkpoint #0"
+    bad = dict(state, b=torch.tensor([1.0, float("nan"), float("inf")]).double())
+    save_file(bad, tmp_path / "bad.safetensors")
+    for call in (lambda r: r.columns(names, shapes, 30, 39), lambda r: r.check_finite()):
+        with pytest.raises(tk.CheckpointError, match=r"bad.safetensors: key 'b' holds 2 NaN or Inf value\(s\) of 3"):
+            call(ColumnReader(tmp_path / "bad.safetensors"))
+    with pytest.raises(tk.CheckpointError, match="nope.pt: no such checkpoint file"):
+        ColumnReader(tmp_path / "nope.pt")
+    with pytest.raises(tk.CheckpointError, match="x.pt: missing key 'q'"):
+        ColumnReader(tmp_path / "x.pt").columns(["a", "q"], [(5, 7), (2,)], 0, 37)
+    with pytest.raises(tk.CheckpointError, match=r"x.pt: key 'a' has shape \(5, 7\) but the model has \(7, 5\)"):
+        ColumnReader(tmp_path / "x.pt").columns(["a"], [(7, 5)], 0, 35)
+    with pytest.raises(tk.CheckpointError, match="key 'steps' is torch.int64, not a floating-point weight"):
+        ColumnReader(tmp_path / "x.safetensors").columns(["steps"], [(4,)], 0, 4)
+    torch.save({"a": torch.ones(2), "why": _NotATensor()}, tmp_path / "objects.pt")
+    with pytest.raises(tk.CheckpointError, match="objects.pt: refused"):
+        ColumnReader(tmp_path / "objects.pt")
+
+
+class _NotATensor:
+    """A Python object in a checkpoint, which weights_only loading refuses."""
+
+
 # ---- sharpness -----------------------------------------------------------------------------
 
 

@@ -63,7 +63,8 @@ from twa_kernels.averaging import update_bn
 from twa_kernels.io import (CheckpointError, ColumnReader, StateDict, check_finite, load_state_dict,
                             parameter_aliases, unwrap_state_dict)
 from twa_kernels.ops import project, reconstruct
-from twa_kernels.quant import SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes, stack_rows
+from twa_kernels.quant import (SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes,
+                                packed_row_bytes)
 from twa_kernels.subspace import Subspace
 
 logger = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def interpolate(
 
 _CHUNK_GROUPS = 512  # group_size-column groups handled at a time when quantising or taking inner products:
 # temporaries of ~1 MB, which the allocator reuses chunk after chunk instead of keeping tens of MB
-_READ_COLUMNS = 1 << 20  # columns read from a checkpoint file at a time when building (4 MB of float32)
+_READ_COLUMNS = 1 << 18  # columns read from a checkpoint file at a time when building (1 MB of float32)
 
 
 class PlanePoint(NamedTuple):
@@ -316,7 +317,7 @@ def _entry_key(reader: ColumnReader, name: str, shape: tuple[int, ...], source: 
 
 
 def _read_step(group_size: int) -> int:
-    """Columns read from a checkpoint at a time: whole quantisation chunks, about 4 MB of float32."""
+    """Columns read from a checkpoint at a time: whole quantisation chunks, about 1 MB of float32."""
     return group_size * _CHUNK_GROUPS * max(1, _READ_COLUMNS // (group_size * _CHUNK_GROUPS))
 
 
@@ -331,21 +332,26 @@ def _read_into(out: Tensor, reader: ColumnReader, names: Sequence[str], shapes: 
 
 
 def _packed_row(reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-                aliases: Mapping[str, Sequence[str]], center: Tensor, bits: int,
-                group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The packed row (checkpoint - center), read and quantised chunk by chunk: neither the
-    checkpoint nor a dense copy of the row is ever held. Quantised in pieces of
-    _CHUNK_GROUPS groups (groups are independent, so the bytes are those of one call)."""
+                aliases: Mapping[str, Sequence[str]], center: Tensor, bits: int, group_size: int,
+                out: tuple[Tensor, Tensor, Tensor]) -> None:
+    """Pack the row (checkpoint - center) into `out` = (codes [row_bytes], scales [n_groups],
+    mins [n_groups]), read and quantised chunk by chunk: neither the checkpoint nor a dense
+    copy of the row is ever held. Quantised in pieces of _CHUNK_GROUPS groups (groups are
+    independent, so the bytes are those of one _quantize_row of the whole row)."""
+    codes, scales, mins = out
     numel, piece = center.numel(), group_size * _CHUNK_GROUPS
     step = _read_step(group_size)
     buffer = torch.empty(min(step, numel))
-    parts = []
     for start in range(0, numel, step):
         stop = min(start + step, numel)
         chunk = reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start])
         chunk.sub_(center[start:stop])
-        parts += [_quantize_row(chunk[i:i + piece], bits, group_size) for i in range(0, stop - start, piece)]
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+        for i in range(0, stop - start, piece):
+            packed, scale, low = _quantize_row(chunk[i:i + piece], bits, group_size)
+            byte, group = packed_row_bytes(start + i, bits, group_size), (start + i) // group_size
+            codes[byte:byte + packed.numel()] = packed
+            scales[group:group + scale.numel()] = scale
+            mins[group:group + low.numel()] = low
 
 
 def _return_freed_memory() -> None:
@@ -462,8 +468,11 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     buffers = _float_buffers(model, include_bn_stats=True) if with_buffers else {}
     labels = [_name(c, i) for i, c in enumerate(checkpoints)]
     step = _read_step(group_size)
-    center, rows, buffer_sets = torch.empty(numel), [], []
+    center, buffer_sets = torch.empty(numel), []
     dense = torch.empty(2, numel) if bits is None else None
+    if bits is not None:  # the packed basis's layout (see quant.stack_rows), filled row by row
+        codes = torch.empty(2, packed_row_bytes(numel, bits, group_size), dtype=torch.uint8)
+        scales, mins = torch.empty(-(-numel // group_size), 2), torch.empty(-(-numel // group_size), 2)
     for i, ckpt in enumerate(checkpoints):
         # each checkpoint is read a chunk of columns at a time (io.ColumnReader): the peak is
         # the origin, the basis and one chunk, never a whole checkpoint
@@ -475,16 +484,17 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
             _read_into(center, reader, names, shapes, aliases, step)
         elif dense is not None:
             _read_into(dense[i - 1], reader, names, shapes, aliases, step).sub_(center)
-        else:
-            rows.append(_packed_row(reader, names, shapes, aliases, center, bits, group_size))
+        else:  # written in place into the basis's tensors: no per-row copies to stack
+            _packed_row(reader, names, shapes, aliases, center, bits, group_size, (codes[i - 1], scales[:, i - 1],
+                                                                                     mins[:, i - 1]))
         del reader
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
         empty = torch.empty(0, 2)
         basis = QuantizedBasis(dense, empty, empty.clone(), offsets, None, group_size, numel)
     else:
-        basis = stack_rows(rows, offsets, bits, group_size, numel)
-    del rows, dense
+        basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
+    del dense
     frame = _Frame(names, shapes, center, basis, (0, 1), aliases)
     if with_buffers:
         origin = buffer_sets[0]

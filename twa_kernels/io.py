@@ -217,7 +217,7 @@ class ColumnReader:
     """
 
     def __init__(self, spec: CheckpointSpec, index: int = 0, *, source: str | None = None,
-                 resident_bytes: int = 8 << 20):
+                 resident_bytes: int = 4 << 20):
         self.source = source or (f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec))
         self.resident_bytes = resident_bytes
         self._spec, self._kind, self._open_state = spec, "memory", None
