@@ -29,7 +29,9 @@ packs them to half a byte per weight) and every grid point is one call of the fu
 `reconstruct` op, mapping orthonormal coordinates to the basis's coefficients through the
 Cholesky factor of its Gram matrix (so the coordinates are exactly orthonormal for the
 vectors the op reconstructs, quantised or not). Memory: the origin, the packed basis and
-one reconstructed weight vector at a time; the construction streams the checkpoints.
+one reconstructed weight vector at a time (2W + basis, plus the model's own forward); the
+construction and `locate` read checkpoint files a chunk of columns at a time
+(io.ColumnReader), so no checkpoint is ever held whole.
 
 Sharpness: Hutchinson's estimator of the Hessian diagonal, E[z * Hz] with Rademacher z,
 and power iteration for the dominant Hessian eigenvalue, both on Hessian-vector products
