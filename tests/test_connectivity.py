@@ -14,13 +14,7 @@ from twa_kernels import connectivity as C
 from digits import digits_splits, evaluate, make_model, train_checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these models are tiny: a second thread only adds contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
