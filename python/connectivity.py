@@ -166,6 +166,7 @@ sys.path.insert(0, {bench!r})
 from resnet import resnet18
 from safetensors.torch import save_file
 from twa_kernels import connectivity as C
+from twa_kernels import io
 from twa_kernels.io import ColumnReader
 
 def status(key):
@@ -216,10 +217,12 @@ def build_peak(files):
     C._return_freed_memory()
     return peak
 builds = dict(pt=build_peak(paths), safetensors=build_peak(safetensors))
-# for comparison: a .pt file's mapping kept while the whole file is read (touched file pages count in RSS)
-C.ColumnReader = lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)
+# for comparison: a .pt file read through one mapping whose pages are never given back
+# (neither madvise nor reopening): touched file pages count in RSS
+drop_pages = io._drop_pages
+C.ColumnReader, io._drop_pages = (lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)), (lambda v: False)
 builds["pt, mapping kept"] = build_peak(paths)
-C.ColumnReader = ColumnReader
+C.ColumnReader, io._drop_pages = ColumnReader, drop_pages
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
 start = time.perf_counter()

@@ -9,6 +9,7 @@ or "model" is unwrapped, and the `module.` (DataParallel/DDP) and `_orig_mod.`
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import logging
 import math
@@ -210,9 +211,13 @@ class ColumnReader:
     stripped), and a name's `aliases` (its tied names, see parameter_aliases) stand in for it.
 
     Memory: a mapped file's pages count in the process's resident memory once touched, and
-    stay there while the mapping lives. The reader drops its mapping (or file handle) after
-    every `resident_bytes` read and reopens it on the next read, so reading a whole
-    checkpoint range by range holds about `resident_bytes` of it, not all of it. A legacy
+    stay there while the mapping lives, so reading a whole checkpoint through one mapping
+    would end up holding all of it. The reader gives the pages of each range back once it
+    is consumed (madvise MADV_DONTNEED: the mapping is private and never written, so the
+    pages are simply read again from the file if touched again). Where that is not possible
+    (no madvise, a non-contiguous stored tensor, a safetensors handle), it drops its mapping
+    or handle after every `resident_bytes` read and reopens it on the next read. Either
+    way, reading a checkpoint range by range holds a few MB of it, not all of it. A legacy
     (non-zip) torch file cannot be mapped: it is loaded whole, with a warning.
     """
 
@@ -282,12 +287,24 @@ class ColumnReader:
         self._read_since_open = 0
         return self._open_state
 
-    def _account(self, nbytes: int) -> None:
-        """Drop a file's mapping once `resident_bytes` of it were read (see the class docstring)."""
+    def _release(self, value: Tensor, mapped: bool) -> None:
+        """A range was consumed: give its file pages back (see the class docstring)."""
+        if mapped and _drop_pages(value):
+            return
         if self._kind in ("safetensors", "mmap"):
-            self._read_since_open += nbytes
+            self._read_since_open += value.numel() * value.element_size()
             if self._read_since_open >= self.resident_bytes:
                 self._open_state = None
+
+    @contextlib.contextmanager
+    def _range(self, name: str, a: int, b: int) -> Iterator[Tensor]:
+        """Elements a..b of the flattened tensor `name` (one of keys()), in its own dtype,
+        valid inside the `with` block only: its pages are given back when it ends."""
+        value, mapped = self._slice(name, a, b)
+        try:
+            yield value
+        finally:
+            self._release(value, mapped)
 
     def keys(self) -> list[str]:
         """The names of the checkpoint's tensors (as load_state_dict would name them)."""
@@ -305,8 +322,9 @@ class ColumnReader:
         """The stored dtype of tensor `key`, from the file's metadata alone."""
         return self._meta[key][1]
 
-    def _slice(self, name: str, a: int, b: int) -> Tensor:
-        """Elements a..b of the flattened tensor `name` (one of keys()), in its own dtype."""
+    def _slice(self, name: str, a: int, b: int) -> tuple[Tensor, bool]:
+        """(elements a..b of the flattened tensor `name`, whether they are a view of a mapped
+        file); use _range, which gives the pages back."""
         (shape, dtype), key = self._meta[name], self._raw[name]
         if self._kind == "dcp":
             if self._cached is None or self._cached[0] != key:
@@ -316,18 +334,17 @@ class ColumnReader:
                 value = torch.empty(shape, dtype=dtype)  # DCP fills the tensors it is given
                 dcp.load({key: value}, storage_reader=self._open_state, no_dist=True)  # this process alone
                 self._cached = key, value
-            return self._cached[1].reshape(-1)[a:b]
+            return self._cached[1].reshape(-1)[a:b], False
         handle = self._handle()
         if self._kind != "safetensors":
-            value = handle[key].reshape(-1)[a:b]
-        elif not shape:
-            value = handle.get_tensor(key).reshape(-1)[a:b]
-        else:
-            row = math.prod(shape[1:])
-            r0, r1 = (a // row, -(-b // row)) if row else (0, 0)
-            value = handle.get_slice(key)[r0:r1].reshape(-1)[a - r0 * row: b - r0 * row]
-        self._account((b - a) * dtype.itemsize)
-        return value
+            stored = handle[key]
+            # a view of the mapping only if contiguous (reshape copies otherwise)
+            return stored.reshape(-1)[a:b], self._kind == "mmap" and stored.is_contiguous()
+        if not shape:
+            return handle.get_tensor(key).reshape(-1)[a:b], False
+        row = math.prod(shape[1:])
+        r0, r1 = (a // row, -(-b // row)) if row else (0, 0)
+        return handle.get_slice(key)[r0:r1].reshape(-1)[a - r0 * row: b - r0 * row], False
 
     def _checked_key(self, name: str, shape: Sequence[int], aliases: Sequence[str]) -> str:
         key = self.key(name, aliases)
@@ -344,7 +361,8 @@ class ColumnReader:
              aliases: Mapping[str, Sequence[str]] | None = None) -> Tensor:
         """Elements a..b of the flattened tensor `name`, as float32 (a view where it can be)."""
         key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
-        return self._slice(key, a, b).to(torch.float32)
+        with self._range(key, a, b) as value:
+            return value.to(torch.float32, copy=True)
 
     def tensor(self, name: str, aliases: Sequence[str] = ()) -> Tensor:
         """The whole tensor `name` (or a tied alias), a copy in its own dtype: for small
@@ -353,11 +371,15 @@ class ColumnReader:
         if key is None:
             raise KeyError(name)
         shape = self.shape(key)
-        return self._slice(key, 0, math.prod(shape)).clone().reshape(shape)
+        with self._range(key, 0, math.prod(shape)) as value:
+            return value.clone().reshape(shape)
 
     def _count_non_finite(self, key: str, step: int = 1 << 20) -> int:
-        n = math.prod(self.shape(key))
-        return sum(int((~torch.isfinite(self._slice(key, a, min(a + step, n)))).sum()) for a in range(0, n, step))
+        n, bad = math.prod(self.shape(key)), 0
+        for a in range(0, n, step):
+            with self._range(key, a, min(a + step, n)) as value:
+                bad += int((~torch.isfinite(value)).sum())
+        return bad
 
     def check_finite(self, keys: Sequence[str] | None = None, step: int = 1 << 20) -> None:
         """io.check_finite of the floating-point tensors `keys` (default: all), range by range."""
@@ -367,7 +389,9 @@ class ColumnReader:
                 continue
             n = math.prod(shape)
             for a in range(0, n, step):
-                if not bool(torch.isfinite(self._slice(key, a, min(a + step, n))).all()):
+                with self._range(key, a, min(a + step, n)) as value:
+                    finite = bool(torch.isfinite(value).all())
+                if not finite:
                     raise _non_finite(self.source, key, self._count_non_finite(key), n)
 
     def columns(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]], start: int, stop: int,
@@ -387,17 +411,47 @@ class ColumnReader:
             a, b = max(start, offset) - offset, min(stop, offset + n) - offset
             if a < b:
                 key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
-                piece = self._slice(key, a, b)
-                if not bool(torch.isfinite(piece).all()):
+                with self._range(key, a, b) as piece:
+                    finite = bool(torch.isfinite(piece).all())
+                    if finite:
+                        piece = piece.to(torch.float32)  # float32 values whatever `out` is, as Subspace takes them
+                        target = out[offset + a - start: offset + b - start]
+                        target.add_(piece) if add else target.copy_(piece)
+                if not finite:
                     raise _non_finite(self.source, name, self._count_non_finite(key), n)
-                target = out[offset + a - start: offset + b - start]
-                piece = piece.to(torch.float32)  # float32 values whatever `out` is, as Subspace takes them
-                target.add_(piece) if add else target.copy_(piece)
-                del piece
             offset += n
             if offset >= stop:
                 break
         return out
+
+
+def _drop_pages(view: Tensor) -> bool:
+    """Give back the resident pages under `view`, a range of a private file mapping that is
+    never written (torch.load(mmap=True)): madvise(MADV_DONTNEED) drops them, and a later
+    access reads them again from the file. The range is widened to whole pages, which stay
+    inside the mapping (it starts on a page and covers the whole file). False where madvise
+    is not available."""
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+            import mmap
+
+            call = ctypes.CDLL(None, use_errno=True).madvise
+            call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            _madvise = call, mmap.MADV_DONTNEED, mmap.PAGESIZE
+        except Exception:  # not a POSIX libc (Windows), or no MADV_DONTNEED
+            _madvise = False
+    if not _madvise:
+        return False
+    call, advice, page = _madvise
+    if view.numel() == 0:
+        return True
+    start = view.data_ptr() // page * page
+    return call(start, view.data_ptr() + view.numel() * view.element_size() - start, advice) == 0
+
+
+_madvise = None
 
 
 def _strip_dcp_prefix(key: str) -> str:
