@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -274,15 +275,17 @@ class ColumnReader:
                 self._open_state = safe_open(str(self._spec), framework="pt", device="cpu")
             except Exception as exc:
                 raise CheckpointError(f"{self._spec}: not a readable safetensors file ({exc})") from exc
+        elif not zipfile.is_zipfile(self._spec):  # a legacy torch file cannot be mapped: load it whole, once
+            logger.warning("%s: not a zip-format torch file, so it cannot be read lazily; loading it whole "
+                           "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
+            self._open_state, self._kind = load_state_dict(self._spec), "memory"
         else:
             try:
                 obj = torch.load(self._spec, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError as exc:
                 raise _refused(self._spec) from exc
-            except Exception:  # a legacy (non-zip) file cannot be mapped: load it whole, once
-                logger.warning("%s: not a zip-format torch file, so it cannot be read lazily; loading it whole "
-                               "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
-                obj, self._kind = _torch_load(Path(self._spec)), "memory"
+            except Exception as exc:
+                raise CheckpointError(f"{self._spec}: could not be read as a torch checkpoint ({exc})") from exc
             self._open_state = unwrap_state_dict(obj, self.source)
         self._read_since_open = 0
         return self._open_state
