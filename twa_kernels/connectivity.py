@@ -62,11 +62,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.averaging import update_bn
-from twa_kernels.io import (CheckpointError, ColumnReader, StateDict, check_finite, load_state_dict,
-                            parameter_aliases, unwrap_state_dict)
+from twa_kernels.io import (
+    CheckpointError,
+    ColumnReader,
+    StateDict,
+    check_finite,
+    load_state_dict,
+    parameter_aliases,
+    unwrap_state_dict,
+)
 from twa_kernels.ops import project, reconstruct
-from twa_kernels.quant import (SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes,
-                                packed_row_bytes)
+from twa_kernels.quant import SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes, packed_row_bytes
 from twa_kernels.subspace import Subspace
 
 logger = logging.getLogger(__name__)
@@ -300,7 +306,7 @@ def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Seq
         if not reader.dtype(key).is_floating_point:
             raise CheckpointError(f"{source}: key {name!r} is {reader.dtype(key)}, not a floating-point weight")
         present.add(key)
-    reader.check_finite([k for k in reader.keys() if k not in present])
+    reader.check_finite(exclude=present)
     return reader
 
 

@@ -17,7 +17,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -251,7 +251,7 @@ class ColumnReader:
         elif str(spec).endswith(".safetensors"):
             self._kind = "safetensors"
             handle = self._handle()
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 part = handle.get_slice(key)
                 shape, name = tuple(part.get_shape()), part.get_dtype()
                 dtype = _SAFETENSORS_DTYPES.get(name) or (part[0:0] if shape else handle.get_tensor(key)).dtype
@@ -384,9 +384,12 @@ class ColumnReader:
                 bad += int((~torch.isfinite(value)).sum())
         return bad
 
-    def check_finite(self, keys: Sequence[str] | None = None, step: int = 1 << 20) -> None:
-        """io.check_finite of the floating-point tensors `keys` (default: all), range by range."""
-        for key in self._meta if keys is None else keys:
+    def check_finite(self, keys: Sequence[str] | None = None, *, exclude: Iterable[str] = (),
+                     step: int = 1 << 20) -> None:
+        """io.check_finite of the floating-point tensors `keys` (default: all but `exclude`),
+        range by range."""
+        skip = set(exclude)
+        for key in (k for k in (self._meta if keys is None else keys) if k not in skip):
             shape, dtype = self._meta[key]
             if not dtype.is_floating_point:
                 continue
@@ -443,7 +446,7 @@ def _drop_pages(view: Tensor) -> bool:
             call = ctypes.CDLL(None, use_errno=True).madvise
             call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
             _madvise = call, mmap.MADV_DONTNEED, mmap.PAGESIZE
-        except Exception:  # not a POSIX libc (Windows), or no MADV_DONTNEED
+        except (OSError, AttributeError, TypeError):  # no POSIX libc (Windows: TypeError), or no madvise
             _madvise = False
     if not _madvise:
         return False
