@@ -12,7 +12,9 @@ sharpness  the dominant Hessian eigenvalue (power iteration) of the training los
            Hutchinson's Hessian diagonal (an estimate of trace / P).
 memory     a 21x21 plane through three ResNet-18 checkpoints (11.7M weights) on files, in
            a fresh process per setting: peak resident memory above the process's own before
-           the call, against 2x one model's weights plus the packed basis.
+           the call, against 2x one model's weights plus the packed basis; the model's own
+           forward measured alone; building the plane alone from .pt files, from
+           .safetensors files, and from .pt files through one mapping kept to the end.
 
 Writes <out>/connectivity.json and <out>/barriers.png and prints the tables.
 """
@@ -162,7 +164,10 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {bench!r})
 from resnet import resnet18
+from safetensors.torch import save_file
 from twa_kernels import connectivity as C
+from twa_kernels import io
+from twa_kernels.io import ColumnReader
 
 def status(key):
     return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -173,11 +178,13 @@ torch.manual_seed(0)
 model = resnet18()
 numel = sum(p.numel() for p in model.parameters())
 work = Path(tempfile.mkdtemp())
-paths = []
+paths, safetensors = [], []
 for i in range(3):
     state = {{k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}}
     paths.append(work / f"ckpt{{i}}.pt")
+    safetensors.append(work / f"ckpt{{i}}.safetensors")
     torch.save(state, paths[-1])
+    save_file(state, safetensors[-1])
     del state
 gc.collect()
 data = [(torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))]
@@ -197,14 +204,25 @@ forward()
 forward_bytes = status("VmHWM") - before
 gc.collect()
 C._return_freed_memory()
-# the construction alone (streaming the three files into the origin and the packed directions)
-before = status("VmRSS")
-Path("/proc/self/clear_refs").write_text("5")
-frame, _ = C._frame_from_checkpoints(model, paths, bits, 128, False)
-build_peak = status("VmHWM") - before
-del frame
-gc.collect()
-C._return_freed_memory()
+def build_peak(files):
+    # the construction alone (streaming the three files into the origin and the packed directions)
+    gc.collect()
+    C._return_freed_memory()
+    before = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    frame, _ = C._frame_from_checkpoints(model, files, bits, 128, False)
+    peak = status("VmHWM") - before
+    del frame
+    gc.collect()
+    C._return_freed_memory()
+    return peak
+builds = dict(pt=build_peak(paths), safetensors=build_peak(safetensors))
+# for comparison: a .pt file read through one mapping whose pages are never given back
+# (neither madvise nor reopening): touched file pages count in RSS
+drop_pages = io._drop_pages
+C.ColumnReader, io._drop_pages = (lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)), (lambda v: False)
+builds["pt, mapping kept"] = build_peak(paths)
+C.ColumnReader, io._drop_pages = ColumnReader, drop_pages
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
 start = time.perf_counter()
@@ -213,7 +231,7 @@ seconds = time.perf_counter() - start
 peak = status("VmHWM")
 basis = result.frame.basis.nbytes
 print(json.dumps(dict(bits=bits, grid=grid, weights=numel, model_bytes=4 * numel, basis_bytes=basis,
-                      rss_before=before, forward_bytes=forward_bytes, build_peak=build_peak, peak_extra=peak - before, bound=2 * 4 * numel + basis, seconds=seconds,
+                      rss_before=before, forward_bytes=forward_bytes, build_peak=builds, peak_extra=peak - before, bound=2 * 4 * numel + basis, seconds=seconds,
                       loss_range=[float(result.loss.min()), float(result.loss.max())])))
 """
 
@@ -231,13 +249,16 @@ def memory(grid: int = 21) -> list[dict]:
 
 def memory_table(results: list[dict]) -> str:
     mb = 1e6
-    lines = [f"{'directions':<11} {'W (MB)':>7} {'basis (MB)':>11} {'peak extra (MB)':>16} {'forward (MB)':>13} "
-             f"{'2W+basis (MB)':>14} {'(peak - forward) / (2W+basis)':>30} {'building (MB)':>14} {'s / point':>10}"]
+    lines = [f"{'directions':<11} {'W':>6} {'basis':>6} {'2W+basis':>9} {'build .pt':>10} {'.safetensors':>13} "
+             f"{'.pt, map kept':>14} {'plane peak':>11} {'forward':>8} {'peak - fwd':>11} {'/ bound':>8} "
+             f"{'s / point':>10}   (MB)"]
     for r in results:
+        build, fwd = r["build_peak"], r["forward_bytes"]
         lines.append(f"{('dense' if r['bits'] is None else str(r['bits']) + '-bit'):<11} "
-                     f"{r['model_bytes'] / mb:>7.1f} {r['basis_bytes'] / mb:>11.1f} {r['peak_extra'] / mb:>16.1f} "
-                     f"{r['forward_bytes'] / mb:>13.1f} {r['bound'] / mb:>14.1f} "
-                     f"{(r['peak_extra'] - r['forward_bytes']) / r['bound']:>30.2f} {r['build_peak'] / mb:>14.1f} "
+                     f"{r['model_bytes'] / mb:>6.1f} {r['basis_bytes'] / mb:>6.1f} {r['bound'] / mb:>9.1f} "
+                     f"{build['pt'] / mb:>10.1f} {build['safetensors'] / mb:>13.1f} "
+                     f"{build['pt, mapping kept'] / mb:>14.1f} {r['peak_extra'] / mb:>11.1f} {fwd / mb:>8.1f} "
+                     f"{(r['peak_extra'] - fwd) / mb:>11.1f} {(r['peak_extra'] - fwd) / r['bound']:>8.2f} "
                      f"{r['seconds'] / r['grid'] ** 2:>10.3f}")
     return "\n".join(lines)
 

@@ -25,6 +25,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module of tiny models and batches (use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`): a second thread is no faster
+    there, and can be starved by oversubscription on a busy shared machine. The thread
+    count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_name(request, monkeypatch):
     """Forces the backend under test for the duration of one test."""

@@ -14,13 +14,7 @@ from twa_kernels import connectivity as C
 from digits import digits_splits, evaluate, make_model, train_checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these models are tiny: a second thread only adds contention on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +255,143 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
     png = C.plot_plane(dense_plane, tmp_path / "plane.png", points={"epoch 7": ckpts[6]})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
+
+
+def _same_frame(got, want):
+    # the same origin and packed bytes; the Gram matrix summed in other chunks, to float64 rounding
+    assert torch.equal(got.center, want.center)
+    torch.testing.assert_close(got.chol, want.chol, rtol=1e-12, atol=0)
+    for key, value in want.basis.state_dict().items():
+        assert torch.equal(got.basis.state_dict()[key], value), key
+    for mine, theirs in zip(got.buffers or [], want.buffers or []):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.parametrize("release", ["madvise", "reopen"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeypatch, bits, release):
+    """Building a plane and placing a point read each file a chunk of columns at a time, never
+    whole, give every mapped page back after its chunk (madvise, or where that is not
+    possible by reopening the file), and give the frame built from the state_dicts in
+    memory: the same bytes."""
+    from safetensors.torch import save_file
+
+    from twa_kernels import io
+
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    files = []
+    for i, fmt in ((1, "pt"), (4, "safetensors"), (7, "pt"), (5, "safetensors")):
+        files.append(tmp_path / f"e{i}.{fmt}")
+        torch.save(ckpts[i], files[-1]) if fmt == "pt" else save_file(ckpts[i], files[-1])
+    want, _ = C._frame_from_checkpoints(model, [ckpts[1], ckpts[4], ckpts[7]], bits, 8, True)
+    want_point = want.locate(ckpts[5], "epoch 6")
+    # tiny chunks (quantised in 32 columns, read in 96) so that every tensor is cut somewhere,
+    # and a mapping budget of 1 KB (a file is ~15 KB) for when pages cannot be given back
+    monkeypatch.setattr(C, "_CHUNK_GROUPS", 4)
+    monkeypatch.setattr(C, "_READ_COLUMNS", 100)
+    spans, loads, dropped = [], [], []
+
+    class Spy(io.ColumnReader):
+        def __init__(self, spec, **kwargs):
+            super().__init__(spec, **kwargs, resident_bytes=1024)
+
+        def _slice(self, name, a, b):
+            spans.append(b - a)
+            return super()._slice(name, a, b)
+
+    real_load, real_drop = torch.load, io._drop_pages
+
+    def load(path, *args, **kwargs):
+        loads.append((str(path), kwargs.get("mmap")))
+        return real_load(path, *args, **kwargs)
+
+    def drop(view):  # madvise, or as if it were not available
+        if release == "reopen" or not real_drop(view):
+            return False
+        dropped.append(view.numel() * view.element_size())
+        return True
+
+    def whole(*args):
+        raise AssertionError("a whole checkpoint was loaded")
+
+    monkeypatch.setattr(C, "ColumnReader", Spy)
+    monkeypatch.setattr(C, "load_state_dict", whole)
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(io, "_drop_pages", drop)
+    got, _ = C._frame_from_checkpoints(model, files[:3], bits, 8, True)
+    point = got.locate(files[3], "epoch 6")
+    numel = sum(p.numel() for p in model.parameters())
+    print(f"\n{len(spans)} reads of at most {max(spans)} elements ({numel} per checkpoint); "
+          f"{len(loads)} mappings of the 2 .pt files, {sum(dropped)} bytes of them given back")
+    assert max(spans) <= 96 and sum(spans) >= 4 * numel  # everything read, in chunks
+    assert all(mmap for _, mmap in loads)
+    mappings = [sum(p == str(f) for p, _ in loads) for f in (files[0], files[2])]
+    if release == "madvise":  # each .pt file mapped once, and every range read from it handed back
+        assert mappings == [1, 1] and sum(dropped) >= 2 * 4 * numel
+    else:  # mapped again and again
+        assert min(mappings) >= 5 and not dropped
+    _same_frame(got, want)
+    assert point == pytest.approx(want_point, rel=1e-9)
+    # the public call, end to end, reads the files the same way
+    plane = C.plane(model, files[:3], _data(test), grid=2, bits=bits, group_size=8, bn_data=_data(train),
+                    points={"epoch 6": files[3]})
+    assert plane.points["epoch 6"] == pytest.approx(want_point, rel=1e-9) and max(spans) <= 96
+
+
+def test_column_reader_reads_every_format_alike(tmp_path, caplog):
+    """io.ColumnReader, which planes and sharded subspaces stream checkpoints through: one
+    answer from a state_dict, a .pt file, a legacy (non-zip) .pt file, a .safetensors file
+    and a torch.distributed.checkpoint directory; tied names and named errors."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from twa_kernels.io import ColumnReader
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"module.a": torch.randn(5, 7, generator=generator), "b": torch.randn(3, generator=generator).double(),
+             "s": torch.tensor(2.5), "steps": torch.arange(4), "t": torch.randn(4, 3, generator=generator).T}
+    torch.save(state, tmp_path / "x.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "x.safetensors")
+    dcp.save({"model": state}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    names, shapes = ["a", "b", "s", "t"], [(5, 7), (3,), (), (3, 4)]  # t: stored non-contiguous in a .pt file
+    want = torch.cat([state["module.a"].reshape(-1), state["b"].float(), state["s"].reshape(1), state["t"].reshape(-1)])
+    specs = [state, tmp_path / "x.pt", tmp_path / "legacy.pt", tmp_path / "x.safetensors", tmp_path / "dcp"]
+    for spec in specs:
+        reader = ColumnReader(spec, 2, resident_bytes=16)
+        assert sorted(reader.keys()) == ["a", "b", "s", "steps", "t"] and reader.shape("a") == (5, 7)
+        # ranges across tensors, read again after their pages were given back
+        for start, stop in ((0, 51), (3, 17), (30, 45), (35, 36), (38, 39), (0, 51)):
+            assert torch.equal(reader.columns(names, shapes, start, stop), want[start:stop]), (spec, start, stop)
+        total = torch.ones(51, dtype=torch.float64)
+        reader.columns(names, shapes, 0, 51, out=total, add=True)
+        assert torch.equal(total, want.double() + 1)
+        assert torch.equal(reader.tensor("b"), state["b"]) and reader.tensor("s").shape == ()
+        # a tied weight saved under another of its names
+        assert torch.equal(reader.columns(["tied"], [(3,)], 0, 3, {"tied": ["b"]}), want[35:38])
+    assert "legacy.pt: not a zip-format torch file" in caplog.text
+    assert ColumnReader(state).source == "checkpoint #0"
+    bad = dict(state, b=torch.tensor([1.0, float("nan"), float("inf")]).double())
+    save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / "bad.safetensors")
+    for call in (lambda r: r.columns(names, shapes, 30, 39), lambda r: r.check_finite()):
+        with pytest.raises(tk.CheckpointError, match=r"bad.safetensors: key 'b' holds 2 NaN or Inf value\(s\) of 3"):
+            call(ColumnReader(tmp_path / "bad.safetensors"))
+    with pytest.raises(tk.CheckpointError, match="nope.pt: no such checkpoint file"):
+        ColumnReader(tmp_path / "nope.pt")
+    with pytest.raises(tk.CheckpointError, match="x.pt: missing key 'q'"):
+        ColumnReader(tmp_path / "x.pt").columns(["a", "q"], [(5, 7), (2,)], 0, 37)
+    with pytest.raises(tk.CheckpointError, match=r"x.pt: key 'a' has shape \(5, 7\) but the model has \(7, 5\)"):
+        ColumnReader(tmp_path / "x.pt").columns(["a"], [(7, 5)], 0, 35)
+    with pytest.raises(tk.CheckpointError, match="key 'steps' is torch.int64, not a floating-point weight"):
+        ColumnReader(tmp_path / "x.safetensors").columns(["steps"], [(4,)], 0, 4)
+    torch.save({"a": torch.ones(2), "why": _NotATensor()}, tmp_path / "objects.pt")
+    with pytest.raises(tk.CheckpointError, match="objects.pt: refused"):
+        ColumnReader(tmp_path / "objects.pt")
+
+
+class _NotATensor:
+    """A Python object in a checkpoint, which weights_only loading refuses."""
 
 
 # ---- sharpness -----------------------------------------------------------------------------

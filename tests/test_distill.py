@@ -13,14 +13,7 @@ from twa_kernels.distill import DistillError
 from digits import digits_splits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models and batches: one torch thread is as fast as two, and cannot be starved
-    by oversubscription when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from digits import digits_splits, make_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models and batches: one torch thread is as fast as two, and cannot be starved
-    by oversubscription when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def conv_model(seed: int = 0) -> nn.Module:

@@ -29,7 +29,9 @@ packs them to half a byte per weight) and every grid point is one call of the fu
 `reconstruct` op, mapping orthonormal coordinates to the basis's coefficients through the
 Cholesky factor of its Gram matrix (so the coordinates are exactly orthonormal for the
 vectors the op reconstructs, quantised or not). Memory: the origin, the packed basis and
-one reconstructed weight vector at a time; the construction streams the checkpoints.
+one reconstructed weight vector at a time (2W + basis, plus the model's own forward); the
+construction and `locate` read checkpoint files a chunk of columns at a time
+(io.ColumnReader), so no checkpoint is ever held whole.
 
 Sharpness: Hutchinson's estimator of the Hessian diagonal, E[z * Hz] with Rademacher z,
 and power iteration for the dominant Hessian eigenvalue, both on Hessian-vector products
@@ -60,9 +62,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.averaging import update_bn
-from twa_kernels.io import CheckpointError, StateDict, check_finite, load_state_dict, unwrap_state_dict
+from twa_kernels.io import (
+    CheckpointError,
+    ColumnReader,
+    StateDict,
+    check_finite,
+    load_state_dict,
+    parameter_aliases,
+    unwrap_state_dict,
+)
 from twa_kernels.ops import project, reconstruct
-from twa_kernels.quant import SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes, stack_rows
+from twa_kernels.quant import SUPPORTED_BITS, QuantizedBasis, _quantize_row, block_offsets_from_sizes, packed_row_bytes
 from twa_kernels.subspace import Subspace
 
 logger = logging.getLogger(__name__)
@@ -81,15 +91,11 @@ def classification_metric(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Ten
 # ---- checkpoints and evaluation -----------------------------------------------------------
 
 
-def _load(checkpoint: Checkpoint, source: str) -> tuple[StateDict, bool]:
-    """(state_dict, owned): owned when it was read from a file, so entries may be freed.
-    A NaN or Inf anywhere is refused, naming the checkpoint and the key."""
-    if isinstance(checkpoint, Mapping):
-        state, owned = unwrap_state_dict(checkpoint, source), False
-    else:
-        state, owned = load_state_dict(checkpoint), True
+def _load(checkpoint: Checkpoint, source: str) -> StateDict:
+    """The whole state_dict. A NaN or Inf anywhere is refused, naming the checkpoint and the key."""
+    state = unwrap_state_dict(checkpoint, source) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
     check_finite(state, source)
-    return state, owned
+    return state
 
 
 def _name(checkpoint: Checkpoint, index: int) -> str:
@@ -250,7 +256,7 @@ def interpolate(
     ends = []
     for i, ckpt in enumerate((a, b)):
         source = _source(ckpt, i)
-        state, _ = _load(ckpt, source)
+        state = _load(ckpt, source)
         wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
         device = next(iter(params.values())).device
         ends.append({k: _entry(state, k, tuple(s), source).to(device=device, dtype=(params.get(k) if k in params
@@ -275,6 +281,7 @@ def interpolate(
 
 _CHUNK_GROUPS = 512  # group_size-column groups handled at a time when quantising or taking inner products:
 # temporaries of ~1 MB, which the allocator reuses chunk after chunk instead of keeping tens of MB
+_READ_COLUMNS = 1 << 18  # columns read from a checkpoint file at a time when building (1 MB of float32)
 
 
 class PlanePoint(NamedTuple):
@@ -285,61 +292,74 @@ class PlanePoint(NamedTuple):
     distance: float
 
 
-def _tensors(state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-             source: str) -> Iterator[tuple[str, Tensor]]:
+def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+          aliases: Mapping[str, Sequence[str]]) -> ColumnReader:
+    """A lazy reader of one checkpoint (io.ColumnReader: the file is read a range at a time,
+    never whole), checked against the model from its metadata before anything is read: each
+    parameter present (or a tied alias of it), with the model's shape and a floating-point
+    dtype. Its other floating-point entries are checked finite here; the parameters are
+    checked as they are read."""
+    reader = ColumnReader(checkpoint, source=source)
+    present = set()
     for name, shape in zip(names, shapes):
-        value = _entry(state, name, shape, source)
-        if not value.is_floating_point():
-            raise CheckpointError(f"{source}: key {name!r} is {value.dtype}, not a floating-point weight")
-        yield name, value
+        key = _entry_key(reader, name, shape, source, aliases.get(name, ()))
+        if not reader.dtype(key).is_floating_point:
+            raise CheckpointError(f"{source}: key {name!r} is {reader.dtype(key)}, not a floating-point weight")
+        present.add(key)
+    reader.check_finite(exclude=present)
+    return reader
 
 
-def _flatten_into(out: Tensor, state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-                  source: str, free: bool) -> Tensor:
-    """Copy the parameters of `state` into the preallocated vector `out`, one tensor at a
-    time; with free=True each entry is dropped from `state` once copied (and the memory
-    given back as it goes), so a checkpoint read from a file never sits in memory twice."""
-    offset = freed = 0
-    for name, value in _tensors(state, names, shapes, source):
-        n = value.numel()
-        out[offset:offset + n].copy_(value.reshape(-1))
-        offset += n
-        if free:
-            freed += n * value.element_size()
-            del state[name], value
-            if freed > 8 << 20:
-                _return_freed_memory()
-                freed = 0
+def _entry_key(reader: ColumnReader, name: str, shape: tuple[int, ...], source: str,
+               aliases: Sequence[str] = ()) -> str:
+    """_entry's checks and errors, on a reader's metadata: the key holding `name`."""
+    key = reader.key(name, aliases)
+    if key is None:
+        keys = reader.keys()
+        raise CheckpointError(f"{source}: missing key {name!r} that the model has (it has {len(keys)} keys, e.g. "
+                              f"{keys[:3]}); was it saved from this model?")
+    if reader.shape(key) != tuple(shape):
+        raise CheckpointError(f"{source}: key {name!r} has shape {reader.shape(key)} but the model's is "
+                              f"{tuple(shape)}; the checkpoints must come from one architecture")
+    return key
+
+
+def _read_step(group_size: int) -> int:
+    """Columns read from a checkpoint at a time: whole quantisation chunks, about 1 MB of float32."""
+    return group_size * _CHUNK_GROUPS * max(1, _READ_COLUMNS // (group_size * _CHUNK_GROUPS))
+
+
+def _read_into(out: Tensor, reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+               aliases: Mapping[str, Sequence[str]], step: int) -> Tensor:
+    """The checkpoint's parameters flattened into the preallocated vector `out`, `step`
+    columns at a time."""
+    for start in range(0, out.numel(), step):
+        stop = min(start + step, out.numel())
+        reader.columns(names, shapes, start, stop, aliases, out=out[start:stop])
     return out
 
 
-def _packed_row(state: dict[str, Tensor], names: Sequence[str], shapes: Sequence[tuple[int, ...]], center: Tensor,
-                bits: int, group_size: int, source: str, free: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The packed row (state - center), built and quantised chunk by chunk straight from
-    the state's tensors: no dense copy of the row is ever made."""
-    step = group_size * _CHUNK_GROUPS
-    buffer = torch.empty(step)
-    parts, filled, start, freed = [], 0, 0, 0
-    for name, value in _tensors(state, names, shapes, source):
-        flat = value.reshape(-1)
-        taken = 0
-        while taken < flat.numel():
-            n = min(step - filled, flat.numel() - taken)
-            buffer[filled:filled + n].copy_(flat[taken:taken + n])
-            filled, taken = filled + n, taken + n
-            if filled == step:
-                chunk = buffer.sub_(center[start:start + step])
-                parts.append(_quantize_row(chunk, bits, group_size))
-                start, filled = start + step, 0
-        if free:
-            freed += value.numel() * value.element_size()
-            del state[name], value, flat
-            if freed > 8 << 20:
-                _return_freed_memory()
-                freed = 0
-    if filled:
-        parts.append(_quantize_row(buffer[:filled].sub_(center[start:start + filled]), bits, group_size))
-    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+def _packed_row(reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+                aliases: Mapping[str, Sequence[str]], center: Tensor, bits: int, group_size: int,
+                out: tuple[Tensor, Tensor, Tensor]) -> None:
+    """Pack the row (checkpoint - center) into `out` = (codes [row_bytes], scales [n_groups],
+    mins [n_groups]), read and quantised chunk by chunk: neither the checkpoint nor a dense
+    copy of the row is ever held. Quantised in pieces of _CHUNK_GROUPS groups (groups are
+    independent, so the bytes are those of one _quantize_row of the whole row)."""
+    codes, scales, mins = out
+    numel, piece = center.numel(), group_size * _CHUNK_GROUPS
+    step = _read_step(group_size)
+    buffer = torch.empty(min(step, numel))
+    for start in range(0, numel, step):
+        stop = min(start + step, numel)
+        chunk = reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start])
+        chunk.sub_(center[start:stop])
+        for i in range(0, stop - start, piece):
+            packed, scale, low = _quantize_row(chunk[i:i + piece], bits, group_size)
+            byte, group = packed_row_bytes(start + i, bits, group_size), (start + i) // group_size
+            codes[byte:byte + packed.numel()] = packed
+            scales[group:group + scale.numel()] = scale
+            mins[group:group + low.numel()] = low
 
 
 def _return_freed_memory() -> None:
@@ -366,8 +386,10 @@ class _Frame:
     """origin + sum_r c_r basis[rows[r]] for plane coordinates z = L^T c, where L L^T is the
     Gram matrix of the two (dequantised) rows: z are orthonormal coordinates of the plane."""
 
-    def __init__(self, names, shapes, center: Tensor, basis: QuantizedBasis, rows: tuple[int, int]):
+    def __init__(self, names, shapes, center: Tensor, basis: QuantizedBasis, rows: tuple[int, int],
+                 aliases: Mapping[str, Sequence[str]] | None = None):
         self.names, self.shapes, self.center, self.basis, self.rows = list(names), list(shapes), center, basis, rows
+        self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
         self.workspace: Tensor | None = None  # the one [D] vector every grid point is reconstructed into
         gram = self._inner(None)
@@ -416,21 +438,23 @@ class _Frame:
 
     def locate(self, checkpoint: Checkpoint, source: str) -> PlanePoint:
         """Orthonormal coordinates of a checkpoint projected onto the plane, and its distance
-        from the plane (the norm of the residual). One flat copy of it is made, in place."""
-        state, owned = _load(checkpoint, source)
-        offset = _flatten_into(torch.empty(self.center.numel(), device=self.center.device), state, self.names,
-                               self.shapes, source, owned)
-        del state
-        _return_freed_memory()
-        offset -= self.center
+        from the plane (the norm of the residual). The checkpoint is read twice, a chunk of
+        columns at a time (inner products, then the residual): no copy of it is held."""
+        reader = _open(checkpoint, source, self.names, self.shapes, self.aliases)
+        buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.center.numel()))
+
+        def offsets() -> Iterator[tuple[Tensor, Tensor]]:  # (rows, checkpoint - center) per chunk, float64
+            for start, stop, rows in self._chunks():
+                piece = reader.columns(self.names, self.shapes, start, stop, self.aliases, out=buffer[:stop - start])
+                yield rows, piece.sub_(self.center[start:stop].to(piece.device)).double()
+
+        inner = torch.zeros(2, dtype=torch.float64)
+        for rows, offset in offsets():
+            inner += rows @ offset
         gram = self.chol @ self.chol.T
-        c = torch.linalg.solve(gram, self._inner(offset))
+        c = torch.linalg.solve(gram, inner)
         z = self.chol.T @ c
-        residual = 0.0
-        for start, stop, rows in self._chunks():
-            residual += float(((offset[start:stop].double().cpu() - c @ rows) ** 2).sum())
-        del offset
-        _return_freed_memory()
+        residual = sum(float(((offset - c @ rows) ** 2).sum()) for rows, offset in offsets())
         return PlanePoint(float(z[0]), float(z[1]), math.sqrt(residual))
 
 
@@ -447,34 +471,39 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
                          "more, build a tk.Subspace and pass it with dims=(i, j)")
     named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     names, shapes = [n for n, _ in named], [s for _, s in named]
+    aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1}
     numel = sum(math.prod(s) for s in shapes)
     buffers = _float_buffers(model, include_bn_stats=True) if with_buffers else {}
     labels = [_name(c, i) for i, c in enumerate(checkpoints)]
-    center, rows, buffer_sets = None, [], []
+    step = _read_step(group_size)
+    center, buffer_sets = torch.empty(numel), []
     dense = torch.empty(2, numel) if bits is None else None
-    for i, (ckpt, label) in enumerate(zip(checkpoints, labels)):
+    if bits is not None:  # the packed basis's layout (see quant.stack_rows), filled row by row
+        codes = torch.empty(2, packed_row_bytes(numel, bits, group_size), dtype=torch.uint8)
+        scales, mins = torch.empty(-(-numel // group_size), 2), torch.empty(-(-numel // group_size), 2)
+    for i, ckpt in enumerate(checkpoints):
+        # each checkpoint is read a chunk of columns at a time (io.ColumnReader): the peak is
+        # the origin, the basis and one chunk, never a whole checkpoint
         label = _source(ckpt, i)
-        state, owned = _load(ckpt, label)
-        buffer_sets.append({k: _entry(state, k, tuple(t.shape), label).to(t.dtype) for k, t in buffers.items()})
+        reader = _open(ckpt, label, names, shapes, aliases)
+        buffer_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)
+                            for k, t in buffers.items()})
         if i == 0:
-            center = _flatten_into(torch.empty(numel), state, names, shapes, label, owned)
-            del state
-            _return_freed_memory()
-            continue
-        if dense is not None:
-            _flatten_into(dense[i - 1], state, names, shapes, label, owned).sub_(center)
-        else:
-            rows.append(_packed_row(state, names, shapes, center, bits, group_size, label, owned))
-        del state
-        _return_freed_memory()
+            _read_into(center, reader, names, shapes, aliases, step)
+        elif dense is not None:
+            _read_into(dense[i - 1], reader, names, shapes, aliases, step).sub_(center)
+        else:  # written in place into the basis's tensors: no per-row copies to stack
+            _packed_row(reader, names, shapes, aliases, center, bits, group_size, (codes[i - 1], scales[:, i - 1],
+                                                                                     mins[:, i - 1]))
+        del reader
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
         empty = torch.empty(0, 2)
         basis = QuantizedBasis(dense, empty, empty.clone(), offsets, None, group_size, numel)
     else:
-        basis = stack_rows(rows, offsets, bits, group_size, numel)
-    del rows, dense
-    frame = _Frame(names, shapes, center, basis, (0, 1))
+        basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
+    del dense
+    frame = _Frame(names, shapes, center, basis, (0, 1), aliases)
     if with_buffers:
         origin = buffer_sets[0]
         frame.buffers = [origin] + [{k: s[k] - origin[k] for k in origin} for s in buffer_sets[1:]]
@@ -490,7 +519,8 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
     k = subspace.basis.k
     if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < k for d in dims):
         raise ValueError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
-    return _Frame(subspace.names, subspace.shapes, subspace.center, subspace.basis, (int(dims[0]), int(dims[1])))
+    return _Frame(subspace.names, subspace.shapes, subspace.center, subspace.basis, (int(dims[0]), int(dims[1])),
+                  subspace.aliases)
 
 
 def _axis(lo: float, hi: float, pad: float, n: int) -> list[float]:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from twa_kernels.io import CheckpointError, _strip_prefixes, resolve_checkpoints, unwrap_state_dict
+from twa_kernels.io import ColumnReader, resolve_checkpoints
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
 from twa_kernels.subspace import _progress, block_sizes_for
@@ -430,120 +430,6 @@ class ShardedSubspace:
     aliases: dict[str, list[str]]
 
 
-class _ColumnReader:
-    """Columns of one checkpoint's flattened weights, reading only what they need:
-    safetensors through lazy slices (whole leading-dimension rows around the range), .pt
-    files through torch.load(mmap=True, weights_only=True) (only the touched pages are read),
-    in-memory state_dicts by slicing."""
-
-    def __init__(self, spec: Any, index: int):
-        self.source = f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec)
-        self._file = None
-        self._dcp = None
-        if isinstance(spec, Mapping):
-            self._tensors = unwrap_state_dict(spec, self.source)
-        elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
-            # a torch.distributed.checkpoint directory (what FSDP users save): read through
-            # DCP's own reader, one tensor at a time
-            from torch.distributed.checkpoint import FileSystemReader
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-            self._dcp = FileSystemReader(str(spec))
-            entries = self._dcp.read_metadata().state_dict_metadata
-            self._dcp_shapes = {k: tuple(v.size) for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
-            self._keys = {_strip_dcp_prefix(k): k for k in self._dcp_shapes}
-        elif str(spec).endswith(".safetensors"):
-            from safetensors import safe_open
-
-            try:
-                self._file = safe_open(str(spec), framework="pt", device="cpu")
-            except Exception as exc:
-                raise CheckpointError(f"{spec}: not a readable safetensors file ({exc})") from exc
-            self._keys = {_strip_prefixes({k: None}).popitem()[0]: k for k in self._file.keys()}
-        else:
-            try:
-                obj = torch.load(spec, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CheckpointError(f"{spec}: could not be read as a torch checkpoint with mmap=True and "
-                                      f"weights_only=True ({exc}); re-save it with torch.save(model.state_dict())"
-                                      ) from exc
-            self._tensors = unwrap_state_dict(obj, self.source)
-
-    def _key(self, name: str, aliases: dict[str, list[str]], keys: Iterable[str]) -> str:
-        keys = set(keys)
-        for candidate in (name, *aliases.get(name, ())):
-            if candidate in keys:
-                return candidate
-        raise CheckpointError(f"{self.source}: missing key {name!r}; was it saved from the same model?")
-
-    def read(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
-        """Elements a..b of the flattened tensor `name`, as float32."""
-        if self._dcp is not None:
-            return self._read_dcp(name, shape, a, b, aliases)
-        if self._file is None:
-            value = self._tensors[self._key(name, aliases, self._tensors)]
-            got = tuple(value.shape)
-        else:
-            part = self._file.get_slice(self._keys[self._key(name, aliases, self._keys)])
-            got = tuple(part.get_shape())
-        if got != tuple(shape):
-            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
-        if self._file is None:
-            if not value.is_floating_point():
-                raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
-            return value.reshape(-1)[a:b].to(torch.float32)
-        row = math.prod(shape[1:]) if len(shape) > 1 else 1
-        if len(shape) == 0:
-            value = part[:]
-        else:
-            r0, r1 = a // row, -(-b // row)
-            value = part[r0:r1].reshape(-1)[a - r0 * row : b - r0 * row]
-        if not value.is_floating_point():
-            raise CheckpointError(f"{self.source}: key {name!r} is {value.dtype}, not a floating-point weight")
-        return value.reshape(-1)[: b - a].to(torch.float32)
-
-    def _read_dcp(self, name: str, shape: tuple[int, ...], a: int, b: int, aliases: dict[str, list[str]]) -> Tensor:
-        import torch.distributed.checkpoint as dcp
-
-        key = self._keys[self._key(name, aliases, self._keys)]
-        got = self._dcp_shapes[key]
-        if got != tuple(shape):
-            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
-        # DCP fills the tensors it is given; no_dist: this rank reads alone (ranks read different keys)
-        value = torch.empty(shape, dtype=torch.float32)
-        dcp.load({key: value}, storage_reader=self._dcp, no_dist=True)
-        return value.reshape(-1)[a:b]
-
-    def columns(self, names: list[str], shapes: list[tuple[int, ...]], start: int, stop: int,
-                aliases: dict[str, list[str]], into: Tensor | None = None) -> Tensor:
-        """Columns start..stop of the flattened weights (names in order), checked finite:
-        written into a new float32 tensor, or added to `into` (float64), one tensor's piece
-        at a time, so the temporary memory is one piece."""
-        out = torch.empty(stop - start, dtype=torch.float32) if into is None else into
-        offset = 0
-        for name, shape in zip(names, shapes):
-            n = math.prod(shape)
-            a, b = max(start, offset) - offset, min(stop, offset + n) - offset
-            if a < b:
-                piece = self.read(name, shape, a, b, aliases)
-                if not bool(torch.isfinite(piece).all()):
-                    raise CheckpointError(f"{self.source}: key {name!r} holds NaN or Inf; refuse or repair it")
-                target = out[offset + a - start : offset + b - start]
-                target.copy_(piece) if into is None else target.add_(piece)
-            offset += n
-        return out
-
-
-def _strip_dcp_prefix(key: str) -> str:
-    """A DCP key without the nesting prefix of {"model": state_dict} or {"state_dict": ...}
-    and the DDP / compile prefixes."""
-    for nest in ("model.", "state_dict.", "model_state_dict."):
-        if key.startswith(nest):
-            key = key[len(nest):]
-            break
-    return _strip_prefixes({key: None}).popitem()[0]
-
-
 def _quantize_in_chunks(row: Tensor, bits: int, group_size: int, groups_per_chunk: int = 256):
     """_quantize_row over whole groups at a time: the same bytes, scales and mins (groups are
     independent and a chunk ends on a group edge) with temporaries of one chunk, not ~5 rows."""
@@ -574,7 +460,7 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
                 bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
                 aliases: dict[str, list[str]] | None = None, progress: bool = False) -> ShardedSubspace:
     """Subspace.from_checkpoints for this rank's columns only: each checkpoint is read for
-    columns [c_r, c_r+1) alone (see _ColumnReader), so no rank holds a whole checkpoint. The
+    columns [c_r, c_r+1) alone (see io.ColumnReader), so no rank holds a whole checkpoint. The
     result equals the single-process subspace's columns bit for bit (the center is the same
     float64 mean, and quantisation groups never cross a shard edge). Rank 0 shows progress."""
     if dist.get_rank(process_group) != 0:
@@ -589,14 +475,14 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
     total = torch.zeros(stop - start, dtype=torch.float64)
     for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
-        _ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, into=total)
+        ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, out=total, add=True)
     center = total.div_(len(specs)).float()  # the float64 mean, as Subspace.from_checkpoints takes it
     del total
     offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
     local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)
     rows = []
     for i, spec in enumerate(_progress(specs, len(specs), "building basis (shard)", progress)):
-        row = _ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
+        row = ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
         rows.append(row if bits is None else _quantize_in_chunks(row, bits, group_size))
     if bits is None:
         basis = quantize(torch.stack(rows), None, group_size, local_offsets.diff().tolist())

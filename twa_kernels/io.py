@@ -9,13 +9,17 @@ or "model" is unwrapped, and the `module.` (DataParallel/DDP) and `_orig_mod.`
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
+import logging
+import math
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +27,8 @@ from torch import Tensor, nn
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
+
+logger = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
 CheckpointSpec = Union[str, os.PathLike, Mapping[str, Tensor]]
@@ -44,6 +50,10 @@ def _strip_prefixes(state: Mapping[str, Tensor]) -> StateDict:
                     key, changed = key[len(prefix):], True
         out[key] = value
     return out
+
+
+def _strip_key(key: str) -> str:
+    return next(iter(_strip_prefixes({key: None})))
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
@@ -74,16 +84,21 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
             return _strip_prefixes(load_file(str(path), device="cpu"))
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return unwrap_state_dict(_torch_load(path), str(path))
+
+
+def _torch_load(path: Path) -> object:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused. It holds Python objects that safe loading (weights_only=True) does not run; "
-            "if you trust it, load it yourself and re-save only model.state_dict()"
-        ) from exc
+        raise _refused(path) from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: could not be read as a torch checkpoint ({exc})") from exc
-    return unwrap_state_dict(obj, str(path))
+
+
+def _refused(path: object) -> CheckpointError:
+    return CheckpointError(f"{path}: refused. It holds Python objects that safe loading (weights_only=True) does "
+                           "not run; if you trust it, load it yourself and re-save only model.state_dict()")
 
 
 def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
@@ -146,9 +161,12 @@ def check_finite(state: Mapping[str, Tensor], source: str, keys: Sequence[str] |
     for key in state if keys is None else keys:
         value = state[key]
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise CheckpointError(f"{source}: key {key!r} holds {bad} NaN or Inf value(s) of {value.numel()}; "
-                                  "leave this checkpoint out (a diverged step?) or repair it")
+            raise _non_finite(source, key, int((~torch.isfinite(value)).sum()), value.numel())
+
+
+def _non_finite(source: str, key: str, bad: int, numel: int) -> CheckpointError:
+    return CheckpointError(f"{source}: key {key!r} holds {bad} NaN or Inf value(s) of {numel}; "
+                           "leave this checkpoint out (a diverged step?) or repair it")
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
@@ -172,3 +190,281 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# -- reading ranges of a checkpoint without loading it ------------------------------------
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class ColumnReader:
+    """Element ranges of one checkpoint's tensors, and column ranges of its flattened
+    weights, read without holding the checkpoint in memory.
+
+    `spec` is a state_dict (sliced in place), a .safetensors file (lazy slices through
+    safe_open: the whole leading-dimension rows around a range), a torch.save file
+    (torch.load(mmap=True, weights_only=True): only the pages a range touches are read) or a
+    torch.distributed.checkpoint directory (DCP's own reader, one whole tensor at a time; the
+    last one is kept, so reading a tensor in consecutive ranges reads it once). Keys are
+    matched as load_state_dict matches them (nesting unwrapped, `module.` / `_orig_mod.`
+    stripped), and a name's `aliases` (its tied names, see parameter_aliases) stand in for it.
+
+    Memory: a mapped file's pages count in the process's resident memory once touched, and
+    stay there while the mapping lives, so reading a whole checkpoint through one mapping
+    would end up holding all of it. The reader gives the pages of each range back once it
+    is consumed (madvise MADV_DONTNEED: the mapping is private and never written, so the
+    pages are simply read again from the file if touched again). Where that is not possible
+    (no madvise, a non-contiguous stored tensor, a safetensors handle), it drops its mapping
+    or handle after every `resident_bytes` read and reopens it on the next read. Either
+    way, reading a checkpoint range by range holds a few MB of it, not all of it. A legacy
+    (non-zip) torch file cannot be mapped: it is loaded whole, with a warning.
+    """
+
+    def __init__(self, spec: CheckpointSpec, index: int = 0, *, source: str | None = None,
+                 resident_bytes: int = 4 << 20):
+        self.source = source or (f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec))
+        self.resident_bytes = resident_bytes
+        self._spec, self._kind, self._open_state = spec, "memory", None
+        self._read_since_open = 0
+        self._cached: tuple[str, Tensor] | None = None  # DCP: the last tensor read
+        # by name (as load_state_dict names it): the key stored in the file, and (shape, dtype)
+        self._raw: dict[str, str] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if isinstance(spec, Mapping):
+            self._open_state = unwrap_state_dict(spec, self.source)
+            self._describe(self._open_state)
+        elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
+            # a torch.distributed.checkpoint directory (what FSDP users save)
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            self._kind = "dcp"
+            self._open_state = FileSystemReader(str(spec))
+            for key, entry in self._open_state.read_metadata().state_dict_metadata.items():
+                if isinstance(entry, TensorStorageMetadata):
+                    name = _strip_dcp_prefix(key)
+                    self._raw[name], self._meta[name] = key, (tuple(entry.size), entry.properties.dtype)
+        elif not os.path.isfile(spec):
+            raise CheckpointError(f"{spec}: no such checkpoint file")
+        elif str(spec).endswith(".safetensors"):
+            self._kind = "safetensors"
+            handle = self._handle()
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                part = handle.get_slice(key)
+                shape, name = tuple(part.get_shape()), part.get_dtype()
+                dtype = _SAFETENSORS_DTYPES.get(name) or (part[0:0] if shape else handle.get_tensor(key)).dtype
+                self._raw[_strip_key(key)], self._meta[_strip_key(key)] = key, (shape, dtype)
+        else:
+            self._kind = "mmap"
+            self._describe(self._handle())
+
+    def _describe(self, tensors: Mapping[str, Tensor]) -> None:
+        self._raw = {k: k for k in tensors}
+        self._meta = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+    def _handle(self) -> Any:
+        """The open file: a safe_open handle, or the mmap'd tensors of a torch file."""
+        if self._open_state is not None:
+            return self._open_state
+        if self._kind == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._open_state = safe_open(str(self._spec), framework="pt", device="cpu")
+            except Exception as exc:
+                raise CheckpointError(f"{self._spec}: not a readable safetensors file ({exc})") from exc
+        elif not zipfile.is_zipfile(self._spec):  # a legacy torch file cannot be mapped: load it whole, once
+            logger.warning("%s: not a zip-format torch file, so it cannot be read lazily; loading it whole "
+                           "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
+            self._open_state, self._kind = load_state_dict(self._spec), "memory"
+        else:
+            try:
+                obj = torch.load(self._spec, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as exc:
+                raise _refused(self._spec) from exc
+            except Exception as exc:
+                raise CheckpointError(f"{self._spec}: could not be read as a torch checkpoint ({exc})") from exc
+            self._open_state = unwrap_state_dict(obj, self.source)
+        self._read_since_open = 0
+        return self._open_state
+
+    def _release(self, value: Tensor, mapped: bool) -> None:
+        """A range was consumed: give its file pages back (see the class docstring)."""
+        if mapped and _drop_pages(value):
+            return
+        if self._kind in ("safetensors", "mmap"):
+            self._read_since_open += value.numel() * value.element_size()
+            if self._read_since_open >= self.resident_bytes:
+                self._open_state = None
+
+    @contextlib.contextmanager
+    def _range(self, name: str, a: int, b: int) -> Iterator[Tensor]:
+        """Elements a..b of the flattened tensor `name` (one of keys()), in its own dtype,
+        valid inside the `with` block only: its pages are given back when it ends."""
+        value, mapped = self._slice(name, a, b)
+        try:
+            yield value
+        finally:
+            self._release(value, mapped)
+
+    def keys(self) -> list[str]:
+        """The names of the checkpoint's tensors (as load_state_dict would name them)."""
+        return list(self._raw)
+
+    def key(self, name: str, aliases: Sequence[str] = ()) -> str | None:
+        """`name` if the checkpoint has it, else the first of its tied `aliases` it has, else None."""
+        return next((n for n in (name, *aliases) if n in self._raw), None)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor `key` (one of keys()), from the file's metadata alone."""
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of tensor `key`, from the file's metadata alone."""
+        return self._meta[key][1]
+
+    def _slice(self, name: str, a: int, b: int) -> tuple[Tensor, bool]:
+        """(elements a..b of the flattened tensor `name`, whether they are a view of a mapped
+        file); use _range, which gives the pages back."""
+        (shape, dtype), key = self._meta[name], self._raw[name]
+        if self._kind == "dcp":
+            if self._cached is None or self._cached[0] != key:
+                import torch.distributed.checkpoint as dcp
+
+                self._cached = None
+                value = torch.empty(shape, dtype=dtype)  # DCP fills the tensors it is given
+                dcp.load({key: value}, storage_reader=self._open_state, no_dist=True)  # this process alone
+                self._cached = key, value
+            return self._cached[1].reshape(-1)[a:b], False
+        handle = self._handle()
+        if self._kind != "safetensors":
+            stored = handle[key]
+            # a view of the mapping only if contiguous (reshape copies otherwise)
+            return stored.reshape(-1)[a:b], self._kind == "mmap" and stored.is_contiguous()
+        if not shape:
+            return handle.get_tensor(key).reshape(-1)[a:b], False
+        row = math.prod(shape[1:])
+        r0, r1 = (a // row, -(-b // row)) if row else (0, 0)
+        return handle.get_slice(key)[r0:r1].reshape(-1)[a - r0 * row: b - r0 * row], False
+
+    def _checked_key(self, name: str, shape: Sequence[int], aliases: Sequence[str]) -> str:
+        key = self.key(name, aliases)
+        if key is None:
+            raise CheckpointError(f"{self.source}: missing key {name!r}; was it saved from the same model?")
+        got = self.shape(key)
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
+        if not self.dtype(key).is_floating_point:
+            raise CheckpointError(f"{self.source}: key {name!r} is {self.dtype(key)}, not a floating-point weight")
+        return key
+
+    def read(self, name: str, shape: tuple[int, ...], a: int, b: int,
+             aliases: Mapping[str, Sequence[str]] | None = None) -> Tensor:
+        """Elements a..b of the flattened tensor `name`, as float32 (a view where it can be)."""
+        key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
+        with self._range(key, a, b) as value:
+            return value.to(torch.float32, copy=True)
+
+    def tensor(self, name: str, aliases: Sequence[str] = ()) -> Tensor:
+        """The whole tensor `name` (or a tied alias), a copy in its own dtype: for small
+        entries such as BatchNorm statistics. KeyError if absent."""
+        key = self.key(name, aliases)
+        if key is None:
+            raise KeyError(name)
+        shape = self.shape(key)
+        with self._range(key, 0, math.prod(shape)) as value:
+            return value.clone().reshape(shape)
+
+    def _count_non_finite(self, key: str, step: int = 1 << 20) -> int:
+        n, bad = math.prod(self.shape(key)), 0
+        for a in range(0, n, step):
+            with self._range(key, a, min(a + step, n)) as value:
+                bad += int((~torch.isfinite(value)).sum())
+        return bad
+
+    def check_finite(self, keys: Sequence[str] | None = None, *, exclude: Iterable[str] = (),
+                     step: int = 1 << 20) -> None:
+        """io.check_finite of the floating-point tensors `keys` (default: all but `exclude`),
+        range by range."""
+        skip = set(exclude)
+        for key in (k for k in (self._meta if keys is None else keys) if k not in skip):
+            shape, dtype = self._meta[key]
+            if not dtype.is_floating_point:
+                continue
+            n = math.prod(shape)
+            for a in range(0, n, step):
+                with self._range(key, a, min(a + step, n)) as value:
+                    finite = bool(torch.isfinite(value).all())
+                if not finite:
+                    raise _non_finite(self.source, key, self._count_non_finite(key), n)
+
+    def columns(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]], start: int, stop: int,
+                aliases: Mapping[str, Sequence[str]] | None = None, out: Tensor | None = None,
+                add: bool = False) -> Tensor:
+        """Columns start..stop of the weights `names` flattened in order, checked finite (the
+        error of io.check_finite): written into `out` (a new float32 tensor by default), or
+        added to it with add=True, one tensor's piece at a time, so the temporary memory is
+        at most one piece."""
+        if out is None:
+            out = torch.empty(stop - start, dtype=torch.float32)
+        if out.numel() != stop - start:
+            raise ValueError(f"out has {out.numel()} elements for columns {start}..{stop}")
+        offset = 0
+        for name, shape in zip(names, shapes):
+            n = math.prod(shape)
+            a, b = max(start, offset) - offset, min(stop, offset + n) - offset
+            if a < b:
+                key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
+                with self._range(key, a, b) as piece:
+                    finite = bool(torch.isfinite(piece).all())
+                    if finite:
+                        piece = piece.to(torch.float32)  # float32 values whatever `out` is, as Subspace takes them
+                        target = out[offset + a - start: offset + b - start]
+                        target.add_(piece) if add else target.copy_(piece)
+                if not finite:
+                    raise _non_finite(self.source, name, self._count_non_finite(key), n)
+            offset += n
+            if offset >= stop:
+                break
+        return out
+
+
+def _drop_pages(view: Tensor) -> bool:
+    """Give back the resident pages under `view`, a range of a private file mapping that is
+    never written (torch.load(mmap=True)): madvise(MADV_DONTNEED) drops them, and a later
+    access reads them again from the file. The range is widened to whole pages, which stay
+    inside the mapping (it starts on a page and covers the whole file). False where madvise
+    is not available."""
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+            import mmap
+
+            call = ctypes.CDLL(None, use_errno=True).madvise
+            call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            _madvise = call, mmap.MADV_DONTNEED, mmap.PAGESIZE
+        except (OSError, AttributeError, TypeError):  # no POSIX libc (Windows: TypeError), or no madvise
+            _madvise = False
+    if not _madvise:
+        return False
+    call, advice, page = _madvise
+    if view.numel() == 0:
+        return True
+    start = view.data_ptr() // page * page
+    return call(start, view.data_ptr() + view.numel() * view.element_size() - start, advice) == 0
+
+
+_madvise = None
+
+
+def _strip_dcp_prefix(key: str) -> str:
+    """A DCP key without the nesting prefix of {"model": state_dict} or {"state_dict": ...}
+    and the DDP / compile prefixes."""
+    for nest in ("model.", "state_dict.", "model_state_dict."):
+        if key.startswith(nest):
+            key = key[len(nest):]
+            break
+    return _strip_key(key)
