@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import (
     CheckpointError,
@@ -362,24 +363,6 @@ def _packed_row(reader: ColumnReader, names: Sequence[str], shapes: Sequence[tup
             mins[group:group + low.numel()] = low
 
 
-def _return_freed_memory() -> None:
-    """Hand memory freed by a consumed checkpoint back to the OS. Its tensors are many
-    allocations of a few MB, which glibc keeps in its heap after they are freed (the
-    process would hold a dead checkpoint's worth of RAM through the whole grid);
-    malloc_trim(0) releases them. A no-op where glibc is not the allocator."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
 
 
 class _Frame:

@@ -24,6 +24,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests and benches swap it
+
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -429,35 +431,6 @@ class ColumnReader:
             if offset >= stop:
                 break
         return out
-
-
-def _drop_pages(view: Tensor) -> bool:
-    """Give back the resident pages under `view`, a range of a private file mapping that is
-    never written (torch.load(mmap=True)): madvise(MADV_DONTNEED) drops them, and a later
-    access reads them again from the file. The range is widened to whole pages, which stay
-    inside the mapping (it starts on a page and covers the whole file). False where madvise
-    is not available."""
-    global _madvise
-    if _madvise is None:
-        try:
-            import ctypes
-            import mmap
-
-            call = ctypes.CDLL(None, use_errno=True).madvise
-            call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-            _madvise = call, mmap.MADV_DONTNEED, mmap.PAGESIZE
-        except (OSError, AttributeError, TypeError):  # no POSIX libc (Windows: TypeError), or no madvise
-            _madvise = False
-    if not _madvise:
-        return False
-    call, advice, page = _madvise
-    if view.numel() == 0:
-        return True
-    start = view.data_ptr() // page * page
-    return call(start, view.data_ptr() + view.numel() * view.element_size() - start, advice) == 0
-
-
-_madvise = None
 
 
 def _strip_dcp_prefix(key: str) -> str:

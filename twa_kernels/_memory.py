@@ -1,0 +1,70 @@
+"""Hints to the operating system about memory the library owns: give pages back, ask for
+huge pages. All are advisory and return False (or do nothing) where the OS or libc does not
+offer them (non-Linux, no glibc): results never depend on them, only memory and speed."""
+
+from __future__ import annotations
+
+import functools
+import mmap
+from collections.abc import Callable
+
+from torch import Tensor
+
+_HUGE_PAGE = 1 << 21
+
+
+@functools.cache
+def _libc_call(name: str) -> Callable | None:
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):  # no POSIX libc (Windows: TypeError), or no such call
+        return None
+
+
+def _madvise(start: int, length: int, advice: int | None) -> bool:
+    call = _libc_call("madvise")
+    if call is None or advice is None:
+        return False
+    import ctypes
+
+    call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return call(start, length, advice) == 0
+
+
+def drop_pages(view: Tensor) -> bool:
+    """Give back the resident pages under `view`, a range of a private file mapping that is
+    never written (torch.load(mmap=True)): madvise(MADV_DONTNEED) drops them, and a later
+    access reads them again from the file. The range is widened to whole pages, which stay
+    inside the mapping (it starts on a page and covers the whole file)."""
+    if view.numel() == 0:
+        return True
+    page = mmap.PAGESIZE
+    start = view.data_ptr() // page * page
+    end = view.data_ptr() + view.numel() * view.element_size()
+    return _madvise(start, end - start, getattr(mmap, "MADV_DONTNEED", None))
+
+
+def advise_huge_pages(buffer: Tensor) -> bool:
+    """Ask for transparent huge pages over the 2 MiB-aligned middle of a CPU buffer, before
+    anything touches it. Where THP is in "madvise" mode, advising a buffer whose pages are
+    already mapped makes the next writes fault them into huge pages one by one (a 47 MB
+    buffer's first kernel call took up to 9 such faults, 15-35 ms); advised first, the
+    pages are huge from the first touch."""
+    if buffer.device.type != "cpu":
+        return False
+    begin = (buffer.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    end = (buffer.data_ptr() + buffer.numel() * buffer.element_size()) & ~(_HUGE_PAGE - 1)
+    if end - begin < 2 * _HUGE_PAGE:
+        return False
+    return _madvise(begin, end - begin, getattr(mmap, "MADV_HUGEPAGE", None))
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by consumed checkpoints back to the OS. Their tensors are many
+    allocations of a few MB, which glibc keeps in its heap after they are freed (a process
+    would hold a dead checkpoint's worth of RAM); malloc_trim(0) releases them."""
+    call = _libc_call("malloc_trim")
+    if call is not None:
+        call(0)
