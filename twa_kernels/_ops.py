@@ -93,12 +93,15 @@ def backend(device: torch.device | str = "cpu") -> str:
 _LAZY_MODULES = {"triton": "twa_kernels.backends.triton", "cuda": "twa_kernels.backends.cuda"}
 
 
-def _kernel(op: str, device: torch.device) -> Callable:
+def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | None:
+    """The chosen backend's kernel for `op`; None when it has none and not `required`."""
     name = backend(device)
     if name in _LAZY_MODULES and name not in _KERNELS.get(op, {}):
         importlib.import_module(_LAZY_MODULES[name])
     kernels = _KERNELS.get(op, {})
     if name not in kernels:
+        if not required:
+            return None
         raise NotImplementedError(f"backend {name!r} has no kernel for {op}")
     return kernels[name]
 
@@ -148,12 +151,9 @@ def project_pieces_op(
     gradients are read where autograd left them. A backend without its own kernel gets
     the concatenation and its project kernel."""
     device = pieces[0].device
-    kernels = _KERNELS.get("project_pieces", {})
-    name = backend(device)
-    if name in _LAZY_MODULES and name not in kernels:
-        importlib.import_module(_LAZY_MODULES[name])
-    if name in kernels:
-        return kernels[name](codes, scales, mins, block_offsets, pieces, bits, group_size)
+    kernel = _kernel("project_pieces", device, required=False)
+    if kernel is not None:
+        return kernel(codes, scales, mins, block_offsets, pieces, bits, group_size)
     return _kernel("project", device)(codes, scales, mins, block_offsets, torch.cat(pieces), bits, group_size)
 
 
