@@ -241,7 +241,8 @@ def _torchrun(root, config, timeout=150):
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     package_root = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), package_root]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), package_root]), "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints every thread's Python stack
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(w.free_port()), "-m", "twa_kernels", "fit", str(path), "--no-progress"]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -271,7 +272,7 @@ def test_twa_fit_under_torchrun_sharded(user_project):
     import json
 
     result = _torchrun(user_project, _fit_config(user_project))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-8000:]
     report = json.loads((user_project / "out" / "report.json").read_text())
     assert report["world_size"] == 2 and report["distributed_mode"] == "sharded"
     k, B = report["coefficients"]

@@ -57,6 +57,9 @@ def _fit(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():  # under torchrun
+        # Every rank waits here until rank 0 has written its outputs, so no rank tears its
+        # connections down while a peer may still be using them; then all shut down together.
+        dist.barrier()
         dist.destroy_process_group()
     if "outputs" not in report:  # a rank other than 0: rank 0 writes and reports
         return 0

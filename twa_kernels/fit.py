@@ -173,7 +173,7 @@ def run_fit(config_path: str | Path, progress: bool = True) -> dict:
             loss = loss_fn(twa(x), y)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())  # after backward: the value only
             report["bytes_communicated_per_step"] = sum(distributed.comm_bytes(twa).values())
     if group is None:
         twa.update_bn(train_loader)
