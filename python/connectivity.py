@@ -12,8 +12,8 @@ sharpness  the dominant Hessian eigenvalue (power iteration) of the training los
            Hutchinson's Hessian diagonal (an estimate of trace / P).
 memory     a 21x21 plane through three ResNet-18 checkpoints (11.7M weights) on files, in
            a fresh process per setting: peak resident memory above the process's own before
-           the call, against 2x one model's weights plus the packed basis; the model's own
-           forward measured alone; building the plane alone from .pt files, from
+           the call (the model's forward included), against 2x one model's weights plus the
+           packed basis; the model's own forward measured alone; building the plane alone from .pt files, from
            .safetensors files, and from .pt files through one mapping kept to the end.
 
 Writes <out>/connectivity.json and <out>/barriers.png and prints the tables.
@@ -250,15 +250,15 @@ def memory(grid: int = 21) -> list[dict]:
 def memory_table(results: list[dict]) -> str:
     mb = 1e6
     lines = [f"{'directions':<11} {'W':>6} {'basis':>6} {'2W+basis':>9} {'build .pt':>10} {'.safetensors':>13} "
-             f"{'.pt, map kept':>14} {'plane peak':>11} {'forward':>8} {'peak - fwd':>11} {'/ bound':>8} "
+             f"{'.pt, map kept':>14} {'plane peak':>11} {'/ bound':>8} {'forward':>8} {'peak - fwd':>11} "
              f"{'s / point':>10}   (MB)"]
     for r in results:
         build, fwd = r["build_peak"], r["forward_bytes"]
         lines.append(f"{('dense' if r['bits'] is None else str(r['bits']) + '-bit'):<11} "
                      f"{r['model_bytes'] / mb:>6.1f} {r['basis_bytes'] / mb:>6.1f} {r['bound'] / mb:>9.1f} "
                      f"{build['pt'] / mb:>10.1f} {build['safetensors'] / mb:>13.1f} "
-                     f"{build['pt, mapping kept'] / mb:>14.1f} {r['peak_extra'] / mb:>11.1f} {fwd / mb:>8.1f} "
-                     f"{(r['peak_extra'] - fwd) / mb:>11.1f} {(r['peak_extra'] - fwd) / r['bound']:>8.2f} "
+                     f"{build['pt, mapping kept'] / mb:>14.1f} {r['peak_extra'] / mb:>11.1f} "
+                     f"{r['peak_extra'] / r['bound']:>8.2f} {fwd / mb:>8.1f} {(r['peak_extra'] - fwd) / mb:>11.1f} "
                      f"{r['seconds'] / r['grid'] ** 2:>10.3f}")
     return "\n".join(lines)
 

@@ -259,7 +259,7 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
 
 def _same_frame(got, want):
     # the same origin and packed bytes; the Gram matrix summed in other chunks, to float64 rounding
-    assert torch.equal(got.center, want.center)
+    assert torch.equal(got.center(), want.center())
     torch.testing.assert_close(got.chol, want.chol, rtol=1e-12, atol=0)
     for key, value in want.basis.state_dict().items():
         assert torch.equal(got.basis.state_dict()[key], value), key
@@ -337,6 +337,42 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     plane = C.plane(model, files[:3], _data(test), grid=2, bits=bits, group_size=8, bn_data=_data(train),
                     points={"epoch 6": files[3]})
     assert plane.points["epoch 6"] == pytest.approx(want_point, rel=1e-9) and max(spans) <= 96
+
+
+def test_a_checkpoint_plane_reads_its_origin_back_and_steps_along_rows(runs, tmp_path):
+    """A plane through checkpoints holds no copy of its origin: it is read back from
+    checkpoint a (file or state_dict) for each row, and refused if a changed since. Each
+    next point of a row is one in-place reconstruct step; n steps stay within a few float32
+    ulps of the point reconstructed directly."""
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    a = {k: v.clone() for k, v in ckpts[1].items()}
+    files = [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"]
+    for f, state in zip(files, (a, ckpts[4], ckpts[7])):
+        torch.save(state, f)
+    for source in (files, [a, ckpts[4], ckpts[7]]):
+        p = C.plane(model, source, _data(test), grid=(4, 2), bits=4, group_size=8, bn_data=_data(train))
+        assert p.frame.origin.tensor is None
+        direct, start = p.frame.weights((p.xs[3], p.ys[1])), p.frame.weights((p.xs[0], p.ys[1]))
+        walked = start.clone()
+        for j in range(1, 4):
+            p.frame.step(walked, (p.xs[j] - p.xs[j - 1], 0.0))
+        # norm-wise: each step, and the direct sum, rounds sums of terms no larger than the
+        # largest weight along the row, so 3 steps stay within a few roundings of it
+        scale = torch.finfo(torch.float32).eps * float(torch.maximum(start.abs(), direct.abs()).max())
+        drift = float((walked - direct).abs().max()) / scale
+        print(f"\nthree steps along a row: within {drift:.2f} roundings (of the largest weight) of the direct sum")
+        assert drift <= 8
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in p.state_dict_at(p.xs[3], p.ys[1]).values()]),
+                                   direct, rtol=0, atol=0)
+    # a changed origin is refused, not silently used: on disk, and in memory
+    p_files = C.plane(model, files, _data(test), grid=2, bn_data=_data(train))
+    torch.save({k: v + 1 for k, v in a.items()}, files[0])
+    with pytest.raises(tk.CheckpointError, match="changed since the plane was built"):
+        p_files.state_dict_at(0.0, 0.0)
+    next(iter(a.values())).add_(1.0)
+    with pytest.raises(tk.CheckpointError, match="changed since the plane was built"):
+        p.state_dict_at(0.0, 0.0)
 
 
 def test_column_reader_reads_every_format_alike(tmp_path, caplog):

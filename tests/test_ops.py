@@ -105,6 +105,22 @@ def test_reconstruct_into_out_casts_as_it_stores(backend_name, device, bits, k, 
     torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=budget)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES[1::2])
+def test_reconstruct_in_place_on_its_own_center(backend_name, device, bits, k, d, group_size, blocks):
+    """out may be center itself (every backend reads an element of center before it writes
+    that element of out): what a loss plane's grid sweep relies on to step in place."""
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    qb = qb.to(device)
+    x, center = torch.randn(k, qb.num_blocks, device=device), torch.randn(d, device=device)
+    expected = tk.reconstruct(qb, x, center)
+    weights = center.clone()
+    with torch.no_grad():
+        got = tk.reconstruct(qb, x, weights, out=weights)
+    assert got.data_ptr() == weights.data_ptr()
+    assert torch.equal(weights, expected)
+
+
 def _dense_reconstruct(P, offsets, x, center):
     """reconstruct written with plain differentiable torch ops."""
     blocks = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())

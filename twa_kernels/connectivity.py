@@ -28,10 +28,16 @@ c - a are packed once into a QuantizedBasis (`bits`, default None = dense float3
 packs them to half a byte per weight) and every grid point is one call of the fused
 `reconstruct` op, mapping orthonormal coordinates to the basis's coefficients through the
 Cholesky factor of its Gram matrix (so the coordinates are exactly orthonormal for the
-vectors the op reconstructs, quantised or not). Memory: the origin, the packed basis and
-one reconstructed weight vector at a time (2W + basis, plus the model's own forward); the
-construction and `locate` read checkpoint files a chunk of columns at a time
-(io.ColumnReader), so no checkpoint is ever held whole.
+vectors the op reconstructs, quantised or not). Memory: the packed basis and one weight
+vector (W + basis, plus the model's own forward). The origin a is not held: each row of
+the grid reads it back into the weight vector (from its file, a chunk at a time, or from
+its state_dict) and reconstructs the row's first point over it in place; each next point
+is one in-place reconstruct step along x (a row of n points drifts by about n float32
+roundings from direct reconstruction). A plane through a Subspace uses the subspace's
+center where it is. The construction and `locate` read checkpoint files a chunk of
+columns at a time (io.ColumnReader), so no checkpoint is ever held whole; a checkpoint `a`
+changed after the plane was built (file size or mtime, or a state_dict tensor written in
+place) is refused when it is read back.
 
 Sharpness: Hutchinson's estimator of the Hessian diagonal, E[z * Hz] with Rademacher z,
 and power iteration for the dominant Hessian eigenvalue, both on Hessian-vector products
@@ -365,16 +371,71 @@ def _packed_row(reader: ColumnReader, names: Sequence[str], shapes: Sequence[tup
 
 
 
+def _stamp(spec: Checkpoint) -> tuple:
+    """What changes when a checkpoint changes: a file's (or a DCP directory's metadata's)
+    size and mtime; a state_dict's tensors' version counters (bumped by in-place writes)."""
+    if isinstance(spec, Mapping):
+        return tuple(t._version for t in unwrap_state_dict(spec, "origin").values() if isinstance(t, Tensor))
+    path = os.path.join(spec, ".metadata") if os.path.isdir(spec) else spec
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class _Origin:
+    """A plane's origin, [D] float32: a tensor held as it is (a Subspace's center, not
+    copied), or checkpoint `a` read back from its file or state_dict whenever it is needed
+    (a plane through checkpoints). Reading it back costs one pass over the file (from the
+    page cache) per row of the grid, and saves holding D floats that are already on disk."""
+
+    def __init__(self, tensor: Tensor | None = None, reader: ColumnReader | None = None, spec: Checkpoint | None = None,
+                 layout: tuple[list[str], list[tuple[int, ...]], Mapping[str, Sequence[str]], int] | None = None):
+        self.tensor, self.reader, self.layout = tensor, reader, layout
+        self.stamp = None if reader is None else _stamp(spec)
+        self.spec = spec
+
+    def to(self, device: torch.device) -> _Origin:
+        if self.tensor is not None:
+            self.tensor = self.tensor.to(device)
+        return self
+
+    def _check_unchanged(self) -> None:
+        if self.stamp is not None and _stamp(self.spec) != self.stamp:
+            raise CheckpointError(f"{self.reader.source}: the plane's origin changed since the plane was built "
+                                  "(it is read back, not copied); build the plane again")
+
+    def chunk(self, start: int, stop: int, buffer: Tensor) -> Tensor:
+        """Columns start..stop of the origin ([stop - start], float32, CPU), into `buffer` if read."""
+        if self.tensor is not None:
+            return self.tensor[start:stop].cpu()
+        self._check_unchanged()
+        names, shapes, aliases, _ = self.layout
+        return self.reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start])
+
+    def read_into(self, out: Tensor) -> Tensor:
+        """The whole origin written into `out` ([D], any device), a chunk at a time."""
+        if self.tensor is not None:
+            return out.copy_(self.tensor)
+        names, shapes, aliases, step = self.layout
+        self._check_unchanged()
+        if out.device.type == "cpu":
+            return _read_into(out, self.reader, names, shapes, aliases, step)
+        buffer = torch.empty(min(step, out.numel()))
+        for start in range(0, out.numel(), step):
+            stop = min(start + step, out.numel())
+            out[start:stop].copy_(self.chunk(start, stop, buffer))
+        return out
+
+
 class _Frame:
     """origin + sum_r c_r basis[rows[r]] for plane coordinates z = L^T c, where L L^T is the
     Gram matrix of the two (dequantised) rows: z are orthonormal coordinates of the plane."""
 
-    def __init__(self, names, shapes, center: Tensor, basis: QuantizedBasis, rows: tuple[int, int],
+    def __init__(self, names, shapes, origin: _Origin, basis: QuantizedBasis, rows: tuple[int, int],
                  aliases: Mapping[str, Sequence[str]] | None = None):
-        self.names, self.shapes, self.center, self.basis, self.rows = list(names), list(shapes), center, basis, rows
+        self.names, self.shapes, self.origin, self.basis, self.rows = list(names), list(shapes), origin, basis, rows
+        self.numel = basis.num_cols
         self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
-        self.workspace: Tensor | None = None  # the one [D] vector every grid point is reconstructed into
         gram = self._inner(None)
         try:
             self.chol = torch.linalg.cholesky(gram)
@@ -410,9 +471,24 @@ class _Frame:
         return x
 
     def weights(self, z: Sequence[float], out: Tensor | None = None) -> Tensor:
-        """The flat weights [D] at plane coordinates z: one call of the fused reconstruct op
-        (into `out` when given)."""
-        return reconstruct(self.basis, self.coefficients(z).to(self.center.device), self.center, out=out)
+        """The flat weights [D] at plane coordinates z (into `out` when given): one call of
+        the fused reconstruct op, on the origin or on its copy read into `out`."""
+        device = self.basis.device
+        x = self.coefficients(z).to(device)
+        if self.origin.tensor is not None:
+            return reconstruct(self.basis, x, self.origin.tensor, out=out)
+        out = self.origin.read_into(torch.empty(self.numel, device=device) if out is None else out)
+        return reconstruct(self.basis, x, out, out=out)  # in place: each element is read before it is written
+
+    def step(self, weights: Tensor, dz: Sequence[float]) -> Tensor:
+        """Move `weights` (the flat weights at some z, in place) to z + dz: one in-place call
+        of reconstruct (the map from z to weights is affine). Each step rounds once, so a row
+        of n steps drifts by at most about n float32 ulps from its direct reconstruction."""
+        return reconstruct(self.basis, self.coefficients(dz).to(weights.device), weights, out=weights)
+
+    def center(self) -> Tensor:
+        """The origin as a [D] tensor (a copy when it is read back from a checkpoint)."""
+        return self.origin.tensor if self.origin.tensor is not None else self.origin.read_into(torch.empty(self.numel))
 
     def buffers_at(self, z: Sequence[float]) -> dict[str, Tensor]:
         c = self.coefficients(z)[list(self.rows), 0].tolist()
@@ -424,12 +500,13 @@ class _Frame:
         from the plane (the norm of the residual). The checkpoint is read twice, a chunk of
         columns at a time (inner products, then the residual): no copy of it is held."""
         reader = _open(checkpoint, source, self.names, self.shapes, self.aliases)
-        buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.center.numel()))
+        buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.numel))
+        origin = torch.empty_like(buffer)
 
-        def offsets() -> Iterator[tuple[Tensor, Tensor]]:  # (rows, checkpoint - center) per chunk, float64
+        def offsets() -> Iterator[tuple[Tensor, Tensor]]:  # (rows, checkpoint - origin) per chunk, float64
             for start, stop, rows in self._chunks():
                 piece = reader.columns(self.names, self.shapes, start, stop, self.aliases, out=buffer[:stop - start])
-                yield rows, piece.sub_(self.center[start:stop].to(piece.device)).double()
+                yield rows, piece.sub_(self.origin.chunk(start, stop, origin)).double()
 
         inner = torch.zeros(2, dtype=torch.float64)
         for rows, offset in offsets():
@@ -473,6 +550,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
                             for k, t in buffers.items()})
         if i == 0:
             _read_into(center, reader, names, shapes, aliases, step)
+            origin = _Origin(reader=reader, spec=ckpt, layout=(names, shapes, aliases, step))
         elif dense is not None:
             _read_into(dense[i - 1], reader, names, shapes, aliases, step).sub_(center)
         else:  # written in place into the basis's tensors: no per-row copies to stack
@@ -485,8 +563,8 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         basis = QuantizedBasis(dense, empty, empty.clone(), offsets, None, group_size, numel)
     else:
         basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
-    del dense
-    frame = _Frame(names, shapes, center, basis, (0, 1), aliases)
+    del dense, center  # the origin is read back from checkpoint a when needed, not held
+    frame = _Frame(names, shapes, origin, basis, (0, 1), aliases)
     if with_buffers:
         origin = buffer_sets[0]
         frame.buffers = [origin] + [{k: s[k] - origin[k] for k in origin} for s in buffer_sets[1:]]
@@ -502,8 +580,8 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
     k = subspace.basis.k
     if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < k for d in dims):
         raise ValueError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
-    return _Frame(subspace.names, subspace.shapes, subspace.center, subspace.basis, (int(dims[0]), int(dims[1])),
-                  subspace.aliases)
+    return _Frame(subspace.names, subspace.shapes, _Origin(tensor=subspace.center), subspace.basis,
+                  (int(dims[0]), int(dims[1])), subspace.aliases)
 
 
 def _axis(lo: float, hi: float, pad: float, n: int) -> list[float]:
@@ -575,8 +653,8 @@ def plane(
     two spans added on each side. bits (None, or 1/2/4/8) packs the two directions of a checkpoint plane; None
     keeps them dense float32 and exact, 4 stores them in a quarter of the memory, and the
     coordinates stay orthonormal for the quantised directions. A Subspace keeps its own
-    basis. Every grid point is one `reconstruct` of the flat weights; nothing else of
-    model size is allocated per point. bn, metric, masks and bn_data are as in interpolate
+    basis. The grid adds one weight vector of model size: each row reads the origin back
+    into it and each point is one in-place `reconstruct` (see the module docstring). bn, metric, masks and bn_data are as in interpolate
     (bn="interpolate" needs checkpoints, whose statistics it mixes).
     """
     _check_bn(bn)
@@ -607,34 +685,33 @@ def plane(
     for label, ckpt in (points or {}).items():
         located[label] = frame.locate(ckpt, label)
     device = next(model.parameters()).device
-    frame.center = frame.center.to(device)
+    frame.origin = frame.origin.to(device)
     frame.basis = frame.basis.to(device)
     x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
     y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
     pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
     xs, ys = _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
     loss, error = torch.empty(ny, nx, dtype=torch.float64), torch.empty(ny, nx, dtype=torch.float64)
-    cells = [(i, j) for i in range(ny) for j in range(nx)]
-    with _preserved(model):
-        for i, j in _progress(cells, progress, "plane", total=len(cells)):
-            loss[i, j], error[i, j] = _evaluate_at(model, frame, (xs[j], ys[i]), mask, data, metric, bn,
-                                                   bn_data if bn_data is not None else data)
-    frame.workspace = None
-    return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
-
-
-def _evaluate_at(model, frame: _Frame, z, mask, data, metric, bn, bn_data) -> tuple[float, float]:
-    # every point is reconstructed into the same workspace, viewed as the parameters
-    if frame.workspace is None:
-        frame.workspace = torch.empty(frame.center.numel(), device=frame.center.device)
-    flat = frame.weights(z, out=frame.workspace)
+    # One weight vector, viewed as the parameters, is the only model-sized memory the grid
+    # adds: each row starts from the origin (read back into it) plus one reconstruct, and
+    # each next point of the row is one in-place step of reconstruct along x.
+    flat = torch.empty(frame.numel, device=device)
     pieces = flat.split([math.prod(s) for s in frame.shapes])
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
-    for name, m in mask.items():
-        weights[name].mul_(m)
-    if bn == "interpolate":
-        weights.update(frame.buffers_at(z))
-    return _evaluate(model, weights, data, metric, bn, bn_data)
+    cells = [(i, j) for i in range(ny) for j in range(nx)]
+    with _preserved(model), torch.no_grad():
+        for i, j in _progress(cells, progress, "plane", total=len(cells)):
+            if j == 0:
+                frame.weights((xs[0], ys[i]), out=flat)
+            else:
+                frame.step(flat, (xs[j] - xs[j - 1], 0.0))
+            for name, m in mask.items():  # masks commute with the steps: the points stay sparse
+                weights[name].mul_(m)
+            if bn == "interpolate":
+                weights.update(frame.buffers_at((xs[j], ys[i])))
+            loss[i, j], error[i, j] = _evaluate(model, weights, data, metric, bn,
+                                                bn_data if bn_data is not None else data)
+    return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
 
 
 # ---- sharpness: Hutchinson's diagonal and power iteration, on Hessian-vector products -----

@@ -43,7 +43,8 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     The result is in out's dtype whatever center's (the kernels cast as they store) and
     shares out's memory. Writing bumps out's version counter, so a graph that still needs
     the values of an earlier call raises PyTorch's in-place error at backward rather than
-    using the overwritten ones.
+    using the overwritten ones. out may be center itself, under torch.no_grad(): an
+    in-place update (every backend reads an element of center before writing it).
     """
     if x.dim() != 2 or tuple(x.shape) != (qb.k, qb.num_blocks):
         raise ValueError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
