@@ -337,12 +337,12 @@ def _read_step(group_size: int) -> int:
 
 
 def _read_into(out: Tensor, reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-               aliases: Mapping[str, Sequence[str]], step: int) -> Tensor:
+               aliases: Mapping[str, Sequence[str]], step: int, check_finite: bool = True) -> Tensor:
     """The checkpoint's parameters flattened into the preallocated vector `out`, `step`
     columns at a time."""
     for start in range(0, out.numel(), step):
         stop = min(start + step, out.numel())
-        reader.columns(names, shapes, start, stop, aliases, out=out[start:stop])
+        reader.columns(names, shapes, start, stop, aliases, out=out[start:stop], check_finite=check_finite)
     return out
 
 
@@ -407,9 +407,9 @@ class _Origin:
         """Columns start..stop of the origin ([stop - start], float32, CPU), into `buffer` if read."""
         if self.tensor is not None:
             return self.tensor[start:stop].cpu()
-        self._check_unchanged()
+        self._check_unchanged()  # so it was checked finite when the plane was built
         names, shapes, aliases, _ = self.layout
-        return self.reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start])
+        return self.reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start], check_finite=False)
 
     def read_into(self, out: Tensor) -> Tensor:
         """The whole origin written into `out` ([D], any device), a chunk at a time."""
@@ -418,7 +418,7 @@ class _Origin:
         names, shapes, aliases, step = self.layout
         self._check_unchanged()
         if out.device.type == "cpu":
-            return _read_into(out, self.reader, names, shapes, aliases, step)
+            return _read_into(out, self.reader, names, shapes, aliases, step, check_finite=False)
         buffer = torch.empty(min(step, out.numel()))
         for start in range(0, out.numel(), step):
             stop = min(start + step, out.numel())

@@ -404,11 +404,12 @@ class ColumnReader:
 
     def columns(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]], start: int, stop: int,
                 aliases: Mapping[str, Sequence[str]] | None = None, out: Tensor | None = None,
-                add: bool = False) -> Tensor:
+                add: bool = False, check_finite: bool = True) -> Tensor:
         """Columns start..stop of the weights `names` flattened in order, checked finite (the
-        error of io.check_finite): written into `out` (a new float32 tensor by default), or
-        added to it with add=True, one tensor's piece at a time, so the temporary memory is
-        at most one piece."""
+        error of io.check_finite) unless check_finite=False (a range read again, already
+        checked: the check is most of the cost of a read from the page cache): written into
+        `out` (a new float32 tensor by default), or added to it with add=True, one tensor's
+        piece at a time, so the temporary memory is at most one piece."""
         if out is None:
             out = torch.empty(stop - start, dtype=torch.float32)
         if out.numel() != stop - start:
@@ -420,7 +421,7 @@ class ColumnReader:
             if a < b:
                 key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
                 with self._range(key, a, b) as piece:
-                    finite = bool(torch.isfinite(piece).all())
+                    finite = not check_finite or bool(torch.isfinite(piece).all())
                     if finite:
                         piece = piece.to(torch.float32)  # float32 values whatever `out` is, as Subspace takes them
                         target = out[offset + a - start: offset + b - start]
