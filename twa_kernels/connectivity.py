@@ -337,12 +337,12 @@ def _read_step(group_size: int) -> int:
 
 
 def _read_into(out: Tensor, reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-               aliases: Mapping[str, Sequence[str]], step: int, check_finite: bool = True) -> Tensor:
+               aliases: Mapping[str, Sequence[str]], step: int) -> Tensor:
     """The checkpoint's parameters flattened into the preallocated vector `out`, `step`
     columns at a time."""
     for start in range(0, out.numel(), step):
         stop = min(start + step, out.numel())
-        reader.columns(names, shapes, start, stop, aliases, out=out[start:stop], check_finite=check_finite)
+        reader.columns(names, shapes, start, stop, aliases, out=out[start:stop])
     return out
 
 
@@ -412,13 +412,10 @@ class _Origin:
         return self.reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start], check_finite=False)
 
     def read_into(self, out: Tensor) -> Tensor:
-        """The whole origin written into `out` ([D], any device), a chunk at a time."""
+        """The whole origin written into `out` ([D], on any device), a chunk at a time."""
         if self.tensor is not None:
             return out.copy_(self.tensor)
-        names, shapes, aliases, step = self.layout
-        self._check_unchanged()
-        if out.device.type == "cpu":
-            return _read_into(out, self.reader, names, shapes, aliases, step, check_finite=False)
+        step = self.layout[3]
         buffer = torch.empty(min(step, out.numel()))
         for start in range(0, out.numel(), step):
             stop = min(start + step, out.numel())
