@@ -341,24 +341,29 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
 
 def test_a_checkpoint_plane_reads_its_origin_back_and_steps_along_rows(runs, tmp_path):
     """A plane through checkpoints holds no copy of its origin: it is read back from
-    checkpoint a (file or state_dict) for each row, and refused if a changed since. Each
-    next point of a row is one in-place reconstruct step; n steps stay within a few float32
-    ulps of the point reconstructed directly."""
+    checkpoint a (file, state_dict or DCP directory) for each row, and refused if a changed
+    since. Each next point of a row is one in-place reconstruct step; n steps stay within a
+    few float32 roundings of the point reconstructed directly."""
+    import torch.distributed.checkpoint as dcp
+
     train, test, ckpts, _ = runs
     model = make_model(3)
     a = {k: v.clone() for k, v in ckpts[1].items()}
     files = [tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"]
     for f, state in zip(files, (a, ckpts[4], ckpts[7])):
         torch.save(state, f)
-    for source in (files, [a, ckpts[4], ckpts[7]]):
+    dcp.save({"model": a}, checkpoint_id=tmp_path / "a_dcp", no_dist=True)
+    planes = []
+    for source in (files, [a, ckpts[4], ckpts[7]], [tmp_path / "a_dcp", files[1], files[2]]):
         p = C.plane(model, source, _data(test), grid=(4, 2), bits=4, group_size=8, bn_data=_data(train))
+        planes.append(p)
         assert p.frame.origin.tensor is None
+        assert torch.equal(p.loss, planes[0].loss)  # a file, a state_dict or a DCP directory: one plane
         direct, start = p.frame.weights((p.xs[3], p.ys[1])), p.frame.weights((p.xs[0], p.ys[1]))
         walked = start.clone()
         for j in range(1, 4):
             p.frame.step(walked, (p.xs[j] - p.xs[j - 1], 0.0))
-        # norm-wise: each step, and the direct sum, rounds sums of terms no larger than the
-        # largest weight along the row, so 3 steps stay within a few roundings of it
+        # a norm-wise measure: the drift in units of one rounding of the row's largest weight
         scale = torch.finfo(torch.float32).eps * float(torch.maximum(start.abs(), direct.abs()).max())
         drift = float((walked - direct).abs().max()) / scale
         print(f"\nthree steps along a row: within {drift:.2f} roundings (of the largest weight) of the direct sum")
@@ -366,13 +371,12 @@ def test_a_checkpoint_plane_reads_its_origin_back_and_steps_along_rows(runs, tmp
         torch.testing.assert_close(torch.cat([t.reshape(-1) for t in p.state_dict_at(p.xs[3], p.ys[1]).values()]),
                                    direct, rtol=0, atol=0)
     # a changed origin is refused, not silently used: on disk, and in memory
-    p_files = C.plane(model, files, _data(test), grid=2, bn_data=_data(train))
     torch.save({k: v + 1 for k, v in a.items()}, files[0])
     with pytest.raises(tk.CheckpointError, match="changed since the plane was built"):
-        p_files.state_dict_at(0.0, 0.0)
+        planes[0].state_dict_at(0.0, 0.0)
     next(iter(a.values())).add_(1.0)
     with pytest.raises(tk.CheckpointError, match="changed since the plane was built"):
-        p.state_dict_at(0.0, 0.0)
+        planes[1].state_dict_at(0.0, 0.0)  # the plane whose origin is the state_dict a
 
 
 def test_column_reader_reads_every_format_alike(tmp_path, caplog):
