@@ -374,6 +374,9 @@ def test_a_checkpoint_plane_reads_its_origin_back_and_steps_along_rows(runs, tmp
     torch.save({k: v + 1 for k, v in a.items()}, files[0])
     with pytest.raises(tk.CheckpointError, match="changed since the plane was built"):
         planes[0].state_dict_at(0.0, 0.0)
+    files[0].unlink()
+    with pytest.raises(tk.CheckpointError, match="can no longer be read"):
+        planes[0].state_dict_at(0.0, 0.0)
     next(iter(a.values())).add_(1.0)
     with pytest.raises(tk.CheckpointError, match="changed since the plane was built"):
         planes[1].state_dict_at(0.0, 0.0)  # the plane whose origin is the state_dict a

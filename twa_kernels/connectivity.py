@@ -399,7 +399,14 @@ class _Origin:
         return self
 
     def _check_unchanged(self) -> None:
-        if self.stamp is not None and _stamp(self.spec) != self.stamp:
+        if self.stamp is None:
+            return
+        try:
+            stamp = _stamp(self.spec)
+        except OSError as exc:
+            raise CheckpointError(f"{self.reader.source}: the plane's origin can no longer be read ({exc}); it is "
+                                  "read back, not copied: keep checkpoint a while you use the plane") from exc
+        if stamp != self.stamp:
             raise CheckpointError(f"{self.reader.source}: the plane's origin changed since the plane was built "
                                   "(it is read back, not copied); build the plane again")
 
