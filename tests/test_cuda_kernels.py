@@ -76,6 +76,22 @@ def test_emulated_reconstruct_matches_reference(emulator, bits, k, d, group_size
 
 
 @needs_nvcc
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES[1::2])
+def test_emulated_reconstruct_in_place_on_its_own_center(emulator, bits, k, d, group_size, blocks):
+    """out may be center itself (a loss plane's in-place steps): each column's center is
+    read before that column is written."""
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    x, weights = torch.randn(k, qb.num_blocks), torch.randn(d)
+    expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, weights, qb.bits or 0,
+                                     group_size, d)
+    emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(weights), 0, _ptr(weights), 0)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=budget)
+
+
+@needs_nvcc
 def test_a_cuda_type_error_fails_the_build(tmp_path, monkeypatch):
     src = tmp_path / "csrc"
     shutil.copytree(_build.source_dir(), src)
