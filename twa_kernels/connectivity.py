@@ -487,7 +487,7 @@ class _Frame:
     def step(self, weights: Tensor, dz: Sequence[float]) -> Tensor:
         """Move `weights` (the flat weights at some z, in place) to z + dz: one in-place call
         of reconstruct (the map from z to weights is affine). Each step rounds once, so a row
-        of n steps drifts by at most about n float32 ulps from its direct reconstruction."""
+        of n steps drifts by about n float32 roundings from its direct reconstruction."""
         return reconstruct(self.basis, self.coefficients(dz).to(weights.device), weights, out=weights)
 
     def center(self) -> Tensor:
@@ -570,8 +570,8 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     del dense, center  # the origin is read back from checkpoint a when needed, not held
     frame = _Frame(names, shapes, origin, basis, (0, 1), aliases)
     if with_buffers:
-        origin = buffer_sets[0]
-        frame.buffers = [origin] + [{k: s[k] - origin[k] for k in origin} for s in buffer_sets[1:]]
+        first = buffer_sets[0]
+        frame.buffers = [first] + [{k: s[k] - first[k] for k in first} for s in buffer_sets[1:]]
     return frame, labels
 
 
@@ -653,13 +653,14 @@ def plane(
 
     grid is (nx, ny) or one int for both, at least 2 each; the grid spans the checkpoints
     and `points` (extra checkpoints by label, e.g. SWA and TWA: they are projected onto the
-    plane and their distance from it is reported), with `margin` times the larger of the
-    two spans added on each side. bits (None, or 1/2/4/8) packs the two directions of a checkpoint plane; None
-    keeps them dense float32 and exact, 4 stores them in a quarter of the memory, and the
-    coordinates stay orthonormal for the quantised directions. A Subspace keeps its own
-    basis. The grid adds one weight vector of model size: each row reads the origin back
-    into it and each point is one in-place `reconstruct` (see the module docstring). bn, metric, masks and bn_data are as in interpolate
-    (bn="interpolate" needs checkpoints, whose statistics it mixes).
+    plane and their distance from it is reported), with `margin` times the larger of the two
+    spans added on each side. bits (None, or 1/2/4/8) packs the two directions of a
+    checkpoint plane; None keeps them dense float32 and exact, 4 packs them into about an
+    eighth of the memory, and the coordinates stay orthonormal for the quantised directions.
+    A Subspace keeps its own basis. The grid adds one weight vector of model size: each row
+    reads the origin back into it and each point is one in-place `reconstruct` (see the
+    module docstring). bn, metric, masks and bn_data are as in interpolate (bn="interpolate"
+    needs checkpoints, whose statistics it mixes).
     """
     _check_bn(bn)
     nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
