@@ -373,9 +373,11 @@ def _packed_row(reader: ColumnReader, names: Sequence[str], shapes: Sequence[tup
 
 def _stamp(spec: Checkpoint) -> tuple:
     """What changes when a checkpoint changes: a file's (or a DCP directory's metadata's)
-    size and mtime; a state_dict's tensors' version counters (bumped by in-place writes)."""
+    size and mtime; a state_dict's tensors' version counters (bumped by in-place writes;
+    inference tensors have none, so in-place writes to those go unnoticed)."""
     if isinstance(spec, Mapping):
-        return tuple(t._version for t in unwrap_state_dict(spec, "origin").values() if isinstance(t, Tensor))
+        return tuple(None if t.is_inference() else t._version
+                     for t in unwrap_state_dict(spec, "origin").values() if isinstance(t, Tensor))
     path = os.path.join(spec, ".metadata") if os.path.isdir(spec) else spec
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
