@@ -400,7 +400,9 @@ class _Origin:
             self.tensor = self.tensor.to(device)
         return self
 
-    def _check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:
+        """Raise if checkpoint a changed since the plane was built (so it is finite, as
+        checked then). Called once per pass over the origin, not per chunk."""
         if self.stamp is None:
             return
         try:
@@ -413,10 +415,10 @@ class _Origin:
                                   "(it is read back, not copied); build the plane again")
 
     def chunk(self, start: int, stop: int, buffer: Tensor) -> Tensor:
-        """Columns start..stop of the origin ([stop - start], float32, CPU), into `buffer` if read."""
+        """Columns start..stop of the origin ([stop - start], float32, CPU), into `buffer` if
+        read; call check_unchanged() once before a pass of these."""
         if self.tensor is not None:
             return self.tensor[start:stop].cpu()
-        self._check_unchanged()  # so it was checked finite when the plane was built
         names, shapes, aliases, _ = self.layout
         return self.reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start], check_finite=False)
 
@@ -424,6 +426,7 @@ class _Origin:
         """The whole origin written into `out` ([D], on any device), a chunk at a time."""
         if self.tensor is not None:
             return out.copy_(self.tensor)
+        self.check_unchanged()
         step = self.layout[3]
         buffer = torch.empty(min(step, out.numel()))
         for start in range(0, out.numel(), step):
@@ -514,6 +517,7 @@ class _Frame:
                 piece = reader.columns(self.names, self.shapes, start, stop, self.aliases, out=buffer[:stop - start])
                 yield rows, piece.sub_(self.origin.chunk(start, stop, origin)).double()
 
+        self.origin.check_unchanged()
         inner = torch.zeros(2, dtype=torch.float64)
         for rows, offset in offsets():
             inner += rows @ offset
