@@ -1,7 +1,8 @@
 // OpenMP kernels behind the twa_kernels_cpu ops. Every loop over D is cut into tiles
 // (one quantisation group for a packed basis): each thread takes a contiguous range of
-// tiles, and inside a tile all k rows are visited while the tile of g (or of the output)
-// stays in L1, so the packed basis and g stream from memory exactly once.
+// tiles, and all k rows of a tile (or of a run of tiles, see kRunCols) are visited while
+// that stretch of g (or of the output) stays in L1, so the packed basis and g stream from
+// memory exactly once.
 #include "kernels.h"
 
 #include <omp.h>
@@ -289,6 +290,24 @@ inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segm
   return b.bits != 0 && len == b.group_size && segs.size() == 1 && (b.group_size / (8 / b.bits)) % kLanes == 0;
 }
 
+// Consecutive whole-group tiles of one block are taken in runs of up to kRunCols columns,
+// visited four rows at a time across the whole run. Each row is then read a run (2 KiB
+// at 4 bits, group 128) at a stretch instead of one group (64 bytes), so 4 memory streams
+// are open at a time instead of k, and the hardware prefetcher follows them. On ResNet-18
+// shapes at k = 16, 4 bits this made the step 20-30% faster than one group at a time,
+// and steadier from one process to the next (bench/steady_step.py). The run's g or output
+// (16 KiB) stays in L1 while the k rows pass over it.
+constexpr int64_t kRunCols = 4096;
+
+inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>(1, kRunCols / b.group_size) : 1; }
+
+// How many tiles from t on (at most `limit`, before t_end) are whole groups inside block
+// `block`; tile t must be one.
+inline int64_t run_length(const PackedBasis& b, int64_t t, int64_t t_end, int64_t block, int64_t limit) {
+  const int64_t edge = std::min(b.block_offsets[block + 1], b.num_cols);
+  return std::max<int64_t>(1, std::min({limit, t_end - t, edge / b.group_size - t}));
+}
+
 // Sum of the 8 lanes, in float64.
 inline double hsum(f32x8 v) {
   double sum = 0.0;
@@ -314,9 +333,10 @@ void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threa
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
     double* acc = partial.data() + static_cast<size_t>(tid) * kb;
-    std::vector<float> gbuf(width + 8), cbuf(width + 8), gsum;
+    std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
     std::vector<Segment> segs;
     std::vector<f32x8> lanes(static_cast<size_t>(b.k));  // the fast path's pending sums, one per row
+    std::vector<f32x8> gsums(static_cast<size_t>(run_cap(b)));  // per group of a run: lane sums of g
     int64_t lanes_block = -1, lanes_groups = 0;
     auto flush = [&]() {
       if (lanes_block < 0) return;
@@ -331,33 +351,42 @@ void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threa
     int64_t piece = g.piece_of(t_begin * width);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
-      const float* gt = g.tile(c0, len, piece, gbuf.data());
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
       if constexpr (BITS != 0) {
         if (fast_group(b, len, segs)) {
           if (segs[0].block != lanes_block || lanes_groups == kFlushGroups) flush();
           lanes_block = segs[0].block;
-          ++lanes_groups;
-          // sum_j lo * g[j] = lo * sum_j g[j]: one lane-sum of the g tile, shared by all rows
-          f32x8 gs = {};
-          for (int64_t j = 0; j < len; j += kLanes) gs += load8(gt + j);
-          const int64_t gbytes = b.group_size * BITS / 8;
-          const float* mins = b.mins + t * b.k;
-          const float* scales = b.scales + t * b.k;
-          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            const uint8_t* src[kRowBlock];
-            const int rows = row_block(b, r0, t, gbytes, src);
-            f32x8 dots[kRowBlock];
-            if (rows == kRowBlock) {
-              group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
-            } else {
-              for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
-            }
-            for (int r = 0; r < rows; ++r) lanes[r0 + r] += mins[r0 + r] * gs + scales[r0 + r] * dots[r];
+          const int64_t n = run_length(b, t, t_end, lanes_block, std::min(run_cap(b), kFlushGroups - lanes_groups));
+          lanes_groups += n;
+          const float* gr = g.tile(c0, n * width, piece, gbuf.data());
+          // sum_j lo * g[j] = lo * sum_j g[j]: one lane-sum per g tile, shared by all rows
+          f32x8* gs = gsums.data();
+          for (int64_t i = 0; i < n; ++i) {
+            gs[i] = f32x8{};
+            for (int64_t j = 0; j < width; j += kLanes) gs[i] += load8(gr + i * width + j);
           }
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            for (int64_t i = 0; i < n; ++i) {
+              const uint8_t* src[kRowBlock];
+              const int rows = row_block(b, r0, t + i, gbytes, src);
+              const float* gt = gr + i * width;
+              f32x8 dots[kRowBlock];
+              if (rows == kRowBlock) {
+                group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
+              } else {
+                for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
+              }
+              const float* mins = b.mins + (t + i) * b.k + r0;
+              const float* scales = b.scales + (t + i) * b.k + r0;
+              for (int r = 0; r < rows; ++r) lanes[r0 + r] += mins[r] * gs[i] + scales[r] * dots[r];
+            }
+          }
+          t += n - 1;
           continue;
         }
       }
+      const float* gt = g.tile(c0, len, piece, gbuf.data());
       gsum.assign(segs.size(), 0.f);
       if (BITS != 0) {  // as above, one sum per segment
         for (size_t s = 0; s < segs.size(); ++s) {
@@ -400,14 +429,13 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
-    std::vector<float> obuf(width + 8), cbuf(width + 8), ctmp(width + 8), xb(b.k);
+    std::vector<float> obuf(run_cap(b) * width + 8), cbuf(width + 8), ctmp(run_cap(b) * width + 8), xb(b.k);
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width), xb_block = -1;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
       float* o = obuf.data();
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
-      bool done = false;
       if constexpr (BITS != 0) {
         if (fast_group(b, len, segs)) {
           // one block's coefficients, gathered once per block: x is [k, n_blocks]
@@ -415,49 +443,57 @@ void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, 
             xb_block = segs[0].block;
             for (int64_t r = 0; r < b.k; ++r) xb[r] = x[r * b.n_blocks + xb_block];
           }
-          const float* mins = b.mins + t * b.k;
-          const float* scales = b.scales + t * b.k;
-          float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
-          for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
-          if (center) {  // o = center + base in one pass
-            const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+          const int64_t n = run_length(b, t, t_end, xb_block, run_cap(b));
+          const float* ct = center ? float_view(center, center_dtype, c0, n * width, ctmp.data()) : nullptr;
+          for (int64_t i = 0; i < n; ++i) {
+            const float* mins = b.mins + (t + i) * b.k;
+            float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
+            for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
+            float* oi = o + i * width;
+            if (ct) {  // o = center + base in one pass
+              const float* ci = ct + i * width;
 #pragma omp simd
-            for (int64_t j = 0; j < len; ++j) o[j] = ct[j] + base;
-          } else {
-            std::fill(o, o + len, base);
+              for (int64_t j = 0; j < width; ++j) oi[j] = ci[j] + base;
+            } else {
+              std::fill(oi, oi + width, base);
+            }
           }
           const int64_t gbytes = b.group_size * BITS / 8;
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            const uint8_t* src[kRowBlock];
-            const int rows = row_block(b, r0, t, gbytes, src);
-            float a[kRowBlock];
-            for (int r = 0; r < rows; ++r) a[r] = scales[r0 + r] * xb[r0 + r];
-            if (rows == kRowBlock) {
-              group_axpy<BITS, kRowBlock>(src, gbytes, a, o);
-            } else {
-              for (int r = 0; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, o);
+            for (int64_t i = 0; i < n; ++i) {
+              const uint8_t* src[kRowBlock];
+              const int rows = row_block(b, r0, t + i, gbytes, src);
+              const float* scales = b.scales + (t + i) * b.k + r0;
+              float a[kRowBlock];
+              for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
+              if (rows == kRowBlock) {
+                group_axpy<BITS, kRowBlock>(src, gbytes, a, o + i * width);
+              } else {
+                for (int r = 0; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, o + i * width);
+              }
             }
           }
-          done = true;
+          store_floats(out, out_dtype, c0, n * width, o);
+          t += n - 1;
+          continue;
         }
       }
-      if (!done) {
-        if (center) {
-          const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
-          std::memcpy(o, ct, len * sizeof(float));
-        } else {
-          std::fill(o, o + len, 0.f);
-        }
-        if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
-          for (const Segment& s : segs) {
-            float base = 0.f;
-            for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
+      // a tile cut by a block edge, or a short last group: row by row
+      if (center) {
+        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+        std::memcpy(o, ct, len * sizeof(float));
+      } else {
+        std::fill(o, o + len, 0.f);
+      }
+      if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
+        for (const Segment& s : segs) {
+          float base = 0.f;
+          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
 #pragma omp simd
-            for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
-          }
+          for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
         }
       }
-      for (int64_t r = 0; r < b.k && !done; ++r) {
+      for (int64_t r = 0; r < b.k; ++r) {
         const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
         for (const Segment& s : segs) {
           const float a = rt.scale * x[r * b.n_blocks + s.block];
