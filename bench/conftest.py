@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from shapes import MODELS  # noqa: E402
 
+from twa_kernels._memory import empty_huge  # noqa: E402
 from twa_kernels.backends.paper import PaperBasis  # noqa: E402
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes, packed_row_bytes  # noqa: E402
 
@@ -42,7 +43,9 @@ def random_packed_basis(k: int, sizes: list[int], bits: int) -> QuantizedBasis:
     gen = torch.Generator().manual_seed(0)
     d = sum(sizes)
     n_groups = -(-d // GROUP_SIZE)
-    codes = torch.randint(0, 256, (k, packed_row_bytes(d, bits, GROUP_SIZE)), dtype=torch.uint8, generator=gen)
+    # on huge pages, as the library's own bases are (quant.stack_rows)
+    codes = torch.randint(0, 256, (k, packed_row_bytes(d, bits, GROUP_SIZE)), generator=gen,
+                          out=empty_huge((k, packed_row_bytes(d, bits, GROUP_SIZE)), torch.uint8))
     scales = torch.rand(n_groups, k, generator=gen) * 1e-3
     mins = -scales * ((1 << bits) - 1) / 2
     return QuantizedBasis(codes, scales, mins, block_offsets_from_sizes(sizes, d), bits, GROUP_SIZE, d)

@@ -63,12 +63,14 @@ def worker(calls: int) -> dict:
     import twa_kernels as tk
     from conftest import random_packed_basis
     from shapes import MODELS
+    from twa_kernels._memory import empty_huge
     from twa_kernels.twa import _Workspace
 
     sizes = MODELS["resnet18"]()
     qb = random_packed_basis(K, sizes, BITS)
     d = qb.num_cols
-    g, center = torch.randn(d), torch.randn(d)
+    g = torch.randn(d)  # autograd's gradient: on ordinary pages
+    center = empty_huge((d,), torch.float32).normal_()  # on huge pages, as tk.TWA's center is
     x = torch.zeros(K, qb.num_blocks)
     workspace = _Workspace()
     workspace.prepare(d, torch.float32, center.device)  # as tk.TWA's constructor does

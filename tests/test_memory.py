@@ -27,3 +27,29 @@ def test_dropped_pages_of_a_mapped_checkpoint_read_back_the_same(tmp_path):
 def test_return_freed_memory_is_harmless():
     _memory.return_freed_memory()
     _memory.return_freed_memory()
+
+
+def test_the_buffers_every_step_streams_are_advised_before_they_are_filled(monkeypatch):
+    """The packed basis, the center and TWA's weight workspace ask for huge pages while
+    still untouched (advice given after the first touch only takes effect fault by fault)."""
+    import twa_kernels as tk
+
+    advised = []
+
+    def record(start, length, advice):
+        advised.append((start, start + length))
+        return True
+
+    monkeypatch.setattr(_memory, "_madvise", record)
+    model = torch.nn.Linear(2048, 2048)  # 4.2M weights: the codes, center and workspace span whole 2 MiB pages
+    states = [{k: torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, states, bits=4)
+
+    def was_advised(t):
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return any(lo <= start < end <= hi and end - start >= (hi - lo) // 2 for start, end in advised)
+
+    assert was_advised(twa.basis_codes) and was_advised(twa.center)
+    assert was_advised(twa._workspace.buffer)
+    assert torch.equal(twa.center, torch.stack([torch.cat([s["weight"].flatten(), s["bias"]]) for s in states])
+                       .double().mean(0).float())

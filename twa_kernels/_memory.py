@@ -8,6 +8,7 @@ import functools
 import mmap
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 _HUGE_PAGE = 1 << 21
@@ -59,6 +60,17 @@ def advise_huge_pages(buffer: Tensor) -> bool:
     if end - begin < 2 * _HUGE_PAGE:
         return False
     return _madvise(begin, end - begin, getattr(mmap, "MADV_HUGEPAGE", None))
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """torch.empty, with huge pages asked for before the first touch (CPU only; elsewhere a
+    plain torch.empty). For the large buffers that every training step streams: the packed
+    basis, the center, the weights' workspace. On 4 KiB pages the TLB misses of the fused
+    step's many streams cost it 7-9% on ResNet-18 shapes (k = 16, 4 bits; an in-process A/B
+    of the same basis on both kinds of pages)."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    advise_huge_pages(buffer)
+    return buffer
 
 
 def return_freed_memory() -> None:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from twa_kernels._memory import empty_huge
 from twa_kernels.io import ColumnReader, resolve_checkpoints
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
@@ -476,7 +477,8 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     total = torch.zeros(stop - start, dtype=torch.float64)
     for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
         ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, out=total, add=True)
-    center = total.div_(len(specs)).float()  # the float64 mean, as Subspace.from_checkpoints takes it
+    # the float64 mean, rounded to float32 as Subspace.from_checkpoints does
+    center = torch.div(total, len(specs), out=empty_huge(total.shape, torch.float32))
     del total
     offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
     local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)

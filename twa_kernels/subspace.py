@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from twa_kernels._memory import empty_huge
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels.io import (
     CheckpointError,
@@ -215,7 +216,7 @@ class Subspace:
                 check_finite({n: _checked(state, n, None, source, aliases) for n in names}, source)
             vector = vector.double()
             total = vector if total is None else total.add_(vector)
-        center = (total / len(specs)).float()
+        center = torch.div(total, len(specs), out=empty_huge(total.shape, torch.float32))
         del total
         blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)
         offsets = block_offsets_from_sizes(blocks, center.numel())

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels import distributed
-from twa_kernels._memory import advise_huge_pages
+from twa_kernels._memory import empty_huge
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import Checkpoints, parameter_aliases
 from twa_kernels.ops import reconstruct, reconstruct_into, reconstruct_pieces
@@ -221,9 +221,7 @@ class _Workspace:
         if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
             # huge pages asked for first, then touched here by a parallel fill, once, not
             # by the kernel's first write (page faults made a fresh output cost 2-3x)
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-            advise_huge_pages(buffer)
-            self.buffer = buffer = buffer.zero_()
+            self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
             self.generation += 1
         self.busy = record
         generation = self.generation
