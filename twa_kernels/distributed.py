@@ -38,11 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from twa_kernels._memory import empty_huge
 from twa_kernels.io import ColumnReader, resolve_checkpoints
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
-from twa_kernels.subspace import _progress, block_sizes_for
+from twa_kernels.subspace import _progress, block_sizes_for, mean_center
 
 if TYPE_CHECKING:  # twa imports this module; no import upward at run time
     from twa_kernels.twa import TWA
@@ -477,8 +476,7 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     total = torch.zeros(stop - start, dtype=torch.float64)
     for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
         ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, out=total, add=True)
-    # the float64 mean, rounded to float32 as Subspace.from_checkpoints does
-    center = torch.div(total, len(specs), out=empty_huge(total.shape, torch.float32))
+    center = mean_center(total, len(specs))
     del total
     offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
     local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)

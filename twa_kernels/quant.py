@@ -239,8 +239,8 @@ def quantize(
 def stack_rows(rows: list[tuple[Tensor, Tensor, Tensor]], block_offsets: Tensor, bits: int, group_size: int,
                num_cols: int) -> QuantizedBasis:
     """A QuantizedBasis from per-row (bytes, scales, mins) as `_quantize_row` makes them."""
-    codes = torch.stack([r[0] for r in rows], out=empty_huge((len(rows), rows[0][0].numel()), rows[0][0].dtype,
-                                                              rows[0][0].device))
+    first = rows[0][0]
+    codes = torch.stack([r[0] for r in rows], out=empty_huge((len(rows), first.numel()), first.dtype, first.device))
     scales = torch.stack([r[1] for r in rows], dim=1).contiguous()  # group-major [n_groups, k]
     mins = torch.stack([r[2] for r in rows], dim=1).contiguous()
     return QuantizedBasis(codes, scales, mins, block_offsets, bits, group_size, num_cols)

@@ -112,6 +112,13 @@ def default_parameter_names(state: dict[str, Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(_BATCHNORM_STATISTICS)]
 
 
+def mean_center(total: Tensor, count: int) -> Tensor:
+    """The center from the float64 sum of `count` checkpoints: their mean, rounded once to
+    float32, into a buffer on huge pages (every training step reads it). One rule for the
+    single-process and the sharded subspace, so their centers agree bit for bit."""
+    return torch.div(total, count, out=empty_huge(total.shape, torch.float32))
+
+
 def block_sizes_for(numels: list[int], granularity: str | int) -> list[int]:
     """Coefficient blocks over the parameter tensors: "model" (one block), "tensor" (one
     per tensor) or an int N (consecutive tensors merged while the block stays within N
@@ -216,7 +223,7 @@ class Subspace:
                 check_finite({n: _checked(state, n, None, source, aliases) for n in names}, source)
             vector = vector.double()
             total = vector if total is None else total.add_(vector)
-        center = torch.div(total, len(specs), out=empty_huge(total.shape, torch.float32))
+        center = mean_center(total, len(specs))
         del total
         blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)
         offsets = block_offsets_from_sizes(blocks, center.numel())

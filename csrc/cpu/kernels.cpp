@@ -304,8 +304,7 @@ inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>
 // How many tiles from t on (at most `limit`, before t_end) are whole groups inside block
 // `block`; tile t must be one.
 inline int64_t run_length(const PackedBasis& b, int64_t t, int64_t t_end, int64_t block, int64_t limit) {
-  const int64_t edge = std::min(b.block_offsets[block + 1], b.num_cols);
-  return std::max<int64_t>(1, std::min({limit, t_end - t, edge / b.group_size - t}));
+  return std::max<int64_t>(1, std::min({limit, t_end - t, b.block_offsets[block + 1] / b.group_size - t}));
 }
 
 // Sum of the 8 lanes, in float64.
