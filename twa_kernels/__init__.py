@@ -8,6 +8,8 @@
     tk.backend("cpu")                                # "cpp" | "triton" | "cuda" | "reference"
 """
 
+from twa_kernels import errors
+from twa_kernels.errors import TWAKernelsError
 from twa_kernels._ops import backend
 from twa_kernels.backends import cpu as _cpu  # noqa: F401  (registers the cpp kernels)
 from twa_kernels.backends import reference as _reference  # noqa: F401  (registers the spec)
@@ -39,6 +41,8 @@ __all__ = [
     "sparsity_report",
     # TWA
     "CheckpointError",
+    "TWAKernelsError",
+    "errors",
     "QuantizedBasis",
     "Subspace",
     "SubspaceOptimizer",

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from twa_kernels.errors import BuildError
+
 logger = logging.getLogger(__name__)
 
 CPU_LIBRARY = "twa_kernels_cpu"
@@ -34,10 +36,6 @@ CPU_LIBRARY = "twa_kernels_cpu"
 # shared between different machines never hands one of them the other's build.
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
-
-
-class BuildError(RuntimeError):
-    """The C++ kernels could not be compiled or loaded."""
 
 
 def source_dir() -> Path:

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError
+
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 _KERNELS: dict[str, dict[str, Callable]] = {}
 
@@ -76,10 +78,10 @@ def backend(device: torch.device | str = "cpu") -> str:
     forced = os.environ.get("TWA_KERNELS_BACKEND", "").strip()
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"TWA_KERNELS_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those")
+            raise InvalidArgumentError(f"TWA_KERNELS_BACKEND={forced!r} is not one of {BACKENDS}; unset it or pick one of those")
         usable, why = _backend_usable(forced, device)
         if not usable:
-            raise RuntimeError(f"TWA_KERNELS_BACKEND={forced} cannot run {device.type} tensors: {why}")
+            raise BackendUnavailableError(f"TWA_KERNELS_BACKEND={forced} cannot run {device.type} tensors: {why}")
         return forced
     candidates = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}.get(device.type, ())
     for name in candidates:
@@ -102,7 +104,7 @@ def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | 
     if name not in kernels:
         if not required:
             return None
-        raise NotImplementedError(f"backend {name!r} has no kernel for {op}")
+        raise BackendUnavailableError(f"backend {name!r} has no kernel for {op}")
     return kernels[name]
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, Subset, random_split
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import (
     CheckpointError,
     Checkpoints,
@@ -86,7 +87,7 @@ def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) ->
 def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module | None = None) -> StateDict:
     """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt."""
     if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must be in [0, 1), got {decay}")
+        raise InvalidArgumentError(f"decay must be in [0, 1), got {decay}")
 
     def blend(acc: dict[str, Tensor], state: StateDict) -> None:
         for k in acc:
@@ -140,10 +141,10 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tup
     (fine-tuned copies, model soups), where training loss no longer tells them apart.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise InvalidArgumentError(f"fraction must be in (0, 1), got {fraction}")
     held = max(1, round(len(dataset) * fraction))
     if held >= len(dataset):
-        raise ValueError(f"a dataset of {len(dataset)} items is too small to hold out {fraction:.0%}")
+        raise InvalidArgumentError(f"a dataset of {len(dataset)} items is too small to hold out {fraction:.0%}")
     train, held_out = random_split(dataset, [len(dataset) - held, held], generator=torch.Generator().manual_seed(seed))
     return train, held_out
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from twa_kernels.errors import InvalidArgumentError
+
 
 def _build(args: argparse.Namespace) -> int:
     import torch
@@ -147,7 +149,7 @@ def _plane(args: argparse.Namespace) -> int:
     grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
     try:
         if len(args.grid) > 2:
-            raise ValueError(f"--grid takes one or two numbers (N, or NX NY), got {len(args.grid)}")
+            raise InvalidArgumentError(f"--grid takes one or two numbers (N, or NX NY), got {len(args.grid)}")
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.plane(model, args.checkpoints, data, grid=grid, margin=args.margin, bn=args.bn,
                                     metric=metric, bits=args.bits, points=points, bn_data=train,

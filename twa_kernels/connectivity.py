@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import (
@@ -136,7 +137,7 @@ def _float_buffers(model: nn.Module, include_bn_stats: bool) -> dict[str, Tensor
 
 def _check_bn(bn: str) -> None:
     if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+        raise InvalidArgumentError(f"bn must be one of {BN_MODES}, got {bn!r}")
 
 
 def _check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
@@ -146,9 +147,9 @@ def _check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[s
     out = {}
     for name, mask in masks.items():
         if name not in params:
-            raise ValueError(f"mask for {name!r}: the model has no such parameter (e.g. {list(params)[:3]})")
+            raise InvalidArgumentError(f"mask for {name!r}: the model has no such parameter (e.g. {list(params)[:3]})")
         if tuple(mask.shape) != tuple(params[name].shape):
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter's is "
+            raise InvalidArgumentError(f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter's is "
                              f"{tuple(params[name].shape)}")
         out[name] = mask.to(device=params[name].device, dtype=params[name].dtype)
     return out
@@ -181,16 +182,16 @@ def _evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metr
     count = 0
     for batch in data:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
+            raise InvalidArgumentError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
         x, y = batch[0].to(device), batch[1].to(device)
         loss, error = metric(functional_call(model, weights, (x,)), y)
         n = len(y)
         loss_sum, error_sum, count = loss_sum + float(loss) * n, error_sum + float(error) * n, count + n
     if count == 0:
-        raise ValueError("data yielded no batches; pass a re-iterable (a DataLoader or a list of (x, y) batches), "
+        raise InvalidArgumentError("data yielded no batches; pass a re-iterable (a DataLoader or a list of (x, y) batches), "
                          "not a generator, which is empty after its first pass")
     if not -1e-6 <= error_sum / count <= 1 + 1e-6:
-        raise ValueError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "
+        raise InvalidArgumentError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "
                          "must return (mean loss, error fraction)")
     return loss_sum / count, error_sum / count
 
@@ -256,7 +257,7 @@ def interpolate(
     """
     _check_bn(bn)
     if not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")
+        raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")
     mask = _check_masks(model, masks)
     params = dict(model.named_parameters())
     buffers = _float_buffers(model, include_bn_stats=bn == "interpolate")
@@ -451,7 +452,7 @@ class _Frame:
         except RuntimeError:
             self.chol = None
         if self.chol is None or float(self.chol[1, 1]) ** 2 <= 1e-10 * float(gram[1, 1]) or float(gram[0, 0]) <= 0:
-            raise ValueError("the plane's two directions are (nearly) linearly dependent: the checkpoints are "
+            raise InvalidArgumentError("the plane's two directions are (nearly) linearly dependent: the checkpoints are "
                              "collinear or equal; pick three checkpoints that are not on one line")
         _return_freed_memory()
 
@@ -537,7 +538,7 @@ def _dequantize_rows(basis: QuantizedBasis, rows: tuple[int, int], start: int, s
 def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], bits: int | None,
                             group_size: int, with_buffers: bool) -> tuple[_Frame, list[str]]:
     if len(checkpoints) != 3:
-        raise ValueError(f"a plane goes through exactly 3 checkpoints, got {len(checkpoints)}; for a slice of "
+        raise InvalidArgumentError(f"a plane goes through exactly 3 checkpoints, got {len(checkpoints)}; for a slice of "
                          "more, build a tk.Subspace and pass it with dims=(i, j)")
     named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     names, shapes = [n for n, _ in named], [s for _, s in named]
@@ -585,11 +586,11 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for name, shape in zip(subspace.names, subspace.shapes):
         if params.get(name) != tuple(shape):
-            raise ValueError(f"the subspace's {name!r} has shape {tuple(shape)} but the model's is "
+            raise InvalidArgumentError(f"the subspace's {name!r} has shape {tuple(shape)} but the model's is "
                              f"{params.get(name)}; build the subspace from this model's checkpoints")
     k = subspace.basis.k
     if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < k for d in dims):
-        raise ValueError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
+        raise InvalidArgumentError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
     return _Frame(subspace.names, subspace.shapes, _Origin(tensor=subspace.center), subspace.basis,
                   (int(dims[0]), int(dims[1])), subspace.aliases)
 
@@ -671,15 +672,15 @@ def plane(
     _check_bn(bn)
     nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
     if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
-        raise ValueError(f"grid must have at least 2 points along each axis, got {grid!r}")
+        raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
     if not margin >= 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+        raise InvalidArgumentError(f"margin must be >= 0, got {margin}")
     if bits is not None and bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
     mask = _check_masks(model, masks)
     if isinstance(checkpoints, Subspace):
         if bn == "interpolate":
-            raise ValueError("bn='interpolate' mixes the checkpoints' statistics, which a Subspace does not hold; "
+            raise InvalidArgumentError("bn='interpolate' mixes the checkpoints' statistics, which a Subspace does not hold; "
                              "use bn='recompute'")
         frame, anchors = _frame_from_subspace(model, checkpoints, dims), ["center"]
         located = {"center": PlanePoint(0.0, 0.0, 0.0)}
@@ -690,7 +691,7 @@ def plane(
                    anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
     if labels is not None:
         if len(labels) != len(anchors):
-            raise ValueError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
+            raise InvalidArgumentError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
         located = {new: located[old] for new, old in zip(labels, anchors)}
         anchors = list(labels)
     for label, ckpt in (points or {}).items():
@@ -746,11 +747,11 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: It
     batches = []
     for batch in data:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
+            raise InvalidArgumentError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
         batches.append((batch[0].to(device), batch[1].to(device)))
     total = sum(len(y) for _, y in batches)
     if total == 0:
-        raise ValueError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
+        raise InvalidArgumentError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
 
     def batch_hvp(x: Tensor, y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
         grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, (x,)), y))
@@ -789,7 +790,7 @@ def hessian_diagonal(
     mode (fixed BatchNorm statistics) and is returned as it was.
     """
     if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
     generator = torch.Generator().manual_seed(seed)
     with _preserved(model):
         model.eval()
@@ -821,7 +822,7 @@ def top_eigenvalue(
     less than tol relative to itself, or after `iters` products. Eval mode, as
     hessian_diagonal."""
     if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+        raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
     generator = torch.Generator().manual_seed(seed)
     trace: list[float] = []
     converged = False
@@ -878,7 +879,7 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     from matplotlib.colors import LogNorm
 
     if value not in ("loss", "error"):
-        raise ValueError(f"value must be 'loss' or 'error', got {value!r}")
+        raise InvalidArgumentError(f"value must be 'loss' or 'error', got {value!r}")
     located = dict(result.points)
     for label, ckpt in (points or {}).items():
         located[label] = result.locate(ckpt, label)

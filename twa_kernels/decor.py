@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecorrelationDivergedError", "decorrelate", "decorrelated_layers", "fold", "update"]
@@ -47,7 +49,7 @@ BUFFER = "decor_R"  # the state_dict key of R is "<layer>.decor_R"
 Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 
-class DecorrelationDivergedError(FloatingPointError):
+class DecorrelationDivergedError(TWAKernelsError, FloatingPointError):
     """A layer's decorrelation matrix R became NaN/Inf or blew up: the decorrelation lr is
     too large for the scale of that layer's input."""
 
@@ -220,11 +222,11 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     skip them by name.
     """
     if not 0.0 < sample_fraction <= 1.0:
-        raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+        raise InvalidArgumentError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
     if not 0.0 <= kappa <= 1.0:
-        raise ValueError(f"kappa must be in [0, 1], got {kappa}")
+        raise InvalidArgumentError(f"kappa must be in [0, 1], got {kappa}")
     if not lr > 0.0:
-        raise ValueError(f"lr must be positive, got {lr}")
+        raise InvalidArgumentError(f"lr must be positive, got {lr}")
     skipped = _skipper(skip)
     todo = []
     for name, module in model.named_modules():
@@ -232,7 +234,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
             continue
         label = name or "<root>"
         if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):
-            raise ValueError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
+            raise InvalidArgumentError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
                              f"convolutions are not supported; pass skip=[{name!r}]")
         if type(module) not in _DECOR:
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -241,9 +243,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
             continue
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(module.weight,
                                                                              nn.parameter.UninitializedParameter):
-            raise ValueError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
+            raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-            raise ValueError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
+            raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
         todo.append(module)
     for module in todo:
@@ -342,7 +344,7 @@ def update(model: nn.Module, process_group=None, check: bool = True) -> Tensor:
     if group is None:
         layers = [(n, m) for n, m in layers if m._decor_count > 0]
     if not layers:
-        raise RuntimeError("decor.update: no decorrelated layer saw a training-mode forward since the last update; "
+        raise UsageError("decor.update: no decorrelated layer saw a training-mode forward since the last update; "
                            "call update() after a forward in model.train() (and decorrelate() the model first)")
     if group is not None:
         counts = _all_reduce(layers, group)

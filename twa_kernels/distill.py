@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import load_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 Data = Union[Dataset, tuple[Tensor, Tensor]]
 
 
-class DistillError(ValueError):
+class DistillError(InvalidArgumentError):
     """Bad distillation input: the data, ipc, or the embedding network."""
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import ColumnReader, resolve_checkpoints
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
@@ -67,11 +68,11 @@ def _reduce_scatter(out: Tensor, t: Tensor, group: Any) -> None:
                                                                                   group=group)
 
 
-class BasisMismatchError(RuntimeError):
+class BasisMismatchError(TWAKernelsError, RuntimeError):
     """The ranks of a process group hold different bases (or centers)."""
 
 
-class ShardingError(ValueError):
+class ShardingError(InvalidArgumentError):
     """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
 
 
@@ -124,7 +125,7 @@ def attach(twa: TWA, process_group: Any, shard: bool, built: Any = None) -> Repl
     the replicated gradient hook or cut the basis into this rank's shard. `built` is what
     the TWA was built from: a ShardedSubspace (build_shard) is this rank's shard already."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("TWA(process_group=...) needs torch.distributed initialised: call "
+        raise UsageError("TWA(process_group=...) needs torch.distributed initialised: call "
                            "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
     if isinstance(built, ShardedSubspace):  # built from this rank's columns: shards differ by design
         return Sharded(twa, process_group, built)
@@ -242,7 +243,7 @@ def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBas
     global indices [b_lo, b_hi) of the blocks they touch. A block that straddles start or
     stop keeps its coefficient; its local part is a block of the slice."""
     if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
-        raise ValueError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+        raise InvalidArgumentError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
     local_offsets, b_lo, b_hi = local_blocks(qb.block_offsets.cpu(), start, stop)
     local_offsets = local_offsets.to(qb.block_offsets.device)
     g0, g1 = start // qb.group_size, -(-stop // qb.group_size)
@@ -525,7 +526,7 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
         return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
     if not hasattr(loader, "__len__"):
-        raise TypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
+        raise InvalidTypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
                         f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
     per_rank = len(loader) // world
     return _Strided(loader, rank, world, per_rank)

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from twa_kernels.errors import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 #: Layers factorised by default: their `weight` is the layer's multiplicative weight.
@@ -52,7 +54,7 @@ EPS = torch.finfo(torch.float32).eps
 LayerSpec = Union[None, Iterable[Union[str, type]]]
 
 
-class FactorizationError(ValueError):
+class FactorizationError(InvalidArgumentError):
     """Bad input to the factorisation: a layer it cannot factorise, a depth below 2, a
     non-positive init scale, or weight decay on a weight the factorisation replaced."""
 

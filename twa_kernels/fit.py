@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels.io import save_state_dict
 from twa_kernels.quant import SUPPORTED_BITS
@@ -43,7 +44,7 @@ KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "op
         "loss", "output", "distributed"}
 
 
-class FitError(ValueError):
+class FitError(InvalidArgumentError):
     """A problem with a `twa fit` config."""
 
 

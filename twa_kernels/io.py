@@ -24,6 +24,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests and benches swap it
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -35,10 +36,6 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, Tensor]
 CheckpointSpec = Union[str, os.PathLike, Mapping[str, Tensor]]
 Checkpoints = Union[str, os.PathLike, Sequence[CheckpointSpec]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read, or does not match the model."""
 
 
 def _strip_prefixes(state: Mapping[str, Tensor]) -> StateDict:
@@ -413,7 +410,7 @@ class ColumnReader:
         if out is None:
             out = torch.empty(stop - start, dtype=torch.float32)
         if out.numel() != stop - start:
-            raise ValueError(f"out has {out.numel()} elements for columns {start}..{stop}")
+            raise InvalidArgumentError(f"out has {out.numel()} elements for columns {start}..{stop}")
         offset = 0
         for name, shape in zip(names, shapes):
             n = math.prod(shape)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_op, reconstruct_op
 from twa_kernels.quant import QuantizedBasis
 
@@ -15,12 +16,12 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
 
 def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
     if t.dim() != 1 or t.numel() != qb.num_cols:
-        raise ValueError(f"{name} must be 1-D with {qb.num_cols} elements (the basis columns), got shape "
+        raise InvalidArgumentError(f"{name} must be 1-D with {qb.num_cols} elements (the basis columns), got shape "
                          f"{tuple(t.shape)}; flatten it with .reshape(-1)")
     if t.dtype not in _FLOAT_INPUTS:
-        raise TypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; cast it with .float()")
+        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; cast it with .float()")
     if t.device != qb.device:
-        raise ValueError(f"{name} is on {t.device} but the basis is on {qb.device}; move one with .to()")
+        raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {qb.device}; move one with .to()")
 
 
 def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
@@ -47,12 +48,12 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     in-place update (every backend reads an element of center before writing it).
     """
     if x.dim() != 2 or tuple(x.shape) != (qb.k, qb.num_blocks):
-        raise ValueError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
+        raise InvalidArgumentError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
                          f"got {tuple(x.shape)}")
     if x.dtype not in _FLOAT_INPUTS:
-        raise TypeError(f"x must be float32 or bfloat16, got {x.dtype}; cast it with .float()")
+        raise InvalidTypeError(f"x must be float32 or bfloat16, got {x.dtype}; cast it with .float()")
     if x.device != qb.device:
-        raise ValueError(f"x is on {x.device} but the basis is on {qb.device}; move one with .to()")
+        raise InvalidArgumentError(f"x is on {x.device} but the basis is on {qb.device}; move one with .to()")
     if center is not None:
         _check_vector("center", center, qb)
         center = center.contiguous()
@@ -61,7 +62,7 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
                               qb.bits or 0, qb.group_size, qb.num_cols)
     _check_vector("out", out, qb)
     if not out.is_contiguous():
-        raise ValueError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")
+        raise InvalidArgumentError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")
     return reconstruct_into(qb, x, center, out)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.subspace import Subspace
 
@@ -27,12 +28,12 @@ class SubspaceOptimizer:
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, subspace: Subspace):
         if not subspace.orthonormal:
-            raise ValueError("SubspaceOptimizer needs an orthonormal basis: build the subspace with "
+            raise InvalidArgumentError("SubspaceOptimizer needs an orthonormal basis: build the subspace with "
                              "orthonormalize=True (and granularity='model')")
         params = [p for group in base_optimizer.param_groups for p in group["params"]]
         shapes = [tuple(p.shape) for p in params]
         if shapes != subspace.shapes:
-            raise ValueError(f"the optimizer's {len(shapes)} parameters do not match the subspace's "
+            raise InvalidArgumentError(f"the optimizer's {len(shapes)} parameters do not match the subspace's "
                              f"{len(subspace.shapes)} weights; pass model.parameters() of the model the "
                              "checkpoints came from, in the same order")
         self.base_optimizer, self.subspace, self._params = base_optimizer, subspace, params

@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import StateDict, load_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _MANIFEST = "imp.json"
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-class PruningError(ValueError):
+class PruningError(InvalidArgumentError):
     """Bad pruning input: a rate, a round count, a layer name, a train_fn or an out_dir."""
 
 
@@ -209,7 +210,7 @@ def train_classifier(
     """The default training loop: cross-entropy, SGD with momentum (or `optimizer(params)`),
     a cosine or constant learning rate, data shuffled by `seed` (the SGD noise)."""
     if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        raise InvalidArgumentError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     device = next(model.parameters()).device
     opt = (optimizer(model.parameters()) if optimizer is not None else
            torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))

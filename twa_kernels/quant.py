@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from twa_kernels.errors import InvalidArgumentError, MissingKeyError
 from twa_kernels._memory import empty_huge
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -93,24 +94,24 @@ class QuantizedBasis:
         kernels take raw pointers, so a corrupt file must fail here, by name, not in them."""
         missing = {"codes", "scales", "mins", "block_offsets", "meta"} - set(state)
         if missing:
-            raise KeyError(f"not a QuantizedBasis state_dict: missing {sorted(missing)}")
+            raise MissingKeyError(f"not a QuantizedBasis state_dict: missing {sorted(missing)}")
         for key in ("codes", "scales", "mins", "block_offsets", "meta"):
             if not isinstance(state[key], Tensor):
-                raise ValueError(f"basis {key!r} must be a tensor, got {type(state[key]).__name__}")
+                raise InvalidArgumentError(f"basis {key!r} must be a tensor, got {type(state[key]).__name__}")
         meta = state["meta"]
         if meta.dtype != torch.int64 or tuple(meta.shape) != (3,):
-            raise ValueError(f"basis 'meta' must be int64 [bits, group_size, num_cols], got {meta.dtype} "
+            raise InvalidArgumentError(f"basis 'meta' must be int64 [bits, group_size, num_cols], got {meta.dtype} "
                              f"{tuple(meta.shape)}")
         bits, group_size, num_cols = (int(v) for v in meta.tolist())
         if bits not in (0, *SUPPORTED_BITS):
-            raise ValueError(f"basis meta: bits must be 0 (dense) or one of {SUPPORTED_BITS}, got {bits}")
+            raise InvalidArgumentError(f"basis meta: bits must be 0 (dense) or one of {SUPPORTED_BITS}, got {bits}")
         if group_size <= 0 or group_size % 8:
-            raise ValueError(f"basis meta: group_size must be a positive multiple of 8, got {group_size}")
+            raise InvalidArgumentError(f"basis meta: group_size must be a positive multiple of 8, got {group_size}")
         if num_cols <= 0:
-            raise ValueError(f"basis meta: num_cols must be positive, got {num_cols}")
+            raise InvalidArgumentError(f"basis meta: num_cols must be positive, got {num_cols}")
         offsets = state["block_offsets"]
         if offsets.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"basis 'block_offsets' must be an integer tensor, got {offsets.dtype}")
+            raise InvalidArgumentError(f"basis 'block_offsets' must be an integer tensor, got {offsets.dtype}")
         qb = cls(state["codes"], state["scales"], state["mins"], offsets.to(torch.int64), bits or None, group_size,
                  num_cols)
         _validate_layout(qb)
@@ -127,35 +128,35 @@ def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:
 def _validate_layout(qb: QuantizedBasis) -> None:
     offsets = qb.block_offsets
     if offsets.dim() != 1 or offsets.numel() < 2:
-        raise ValueError(f"block_offsets must be 1-D with at least 2 entries, got shape {tuple(offsets.shape)}")
+        raise InvalidArgumentError(f"block_offsets must be 1-D with at least 2 entries, got shape {tuple(offsets.shape)}")
     if int(offsets[0]) != 0 or int(offsets[-1]) != qb.num_cols:
-        raise ValueError(f"block_offsets must run from 0 to num_cols={qb.num_cols}, got {int(offsets[0])} to "
+        raise InvalidArgumentError(f"block_offsets must run from 0 to num_cols={qb.num_cols}, got {int(offsets[0])} to "
                          f"{int(offsets[-1])}")
     if bool((offsets.diff() <= 0).any()):
-        raise ValueError("every block must hold at least one column")
+        raise InvalidArgumentError("every block must hold at least one column")
     if qb.codes.dim() != 2 or qb.codes.shape[0] < 1:
-        raise ValueError(f"codes must be 2-D [k, ...] with k >= 1, got {tuple(qb.codes.shape)}")
+        raise InvalidArgumentError(f"codes must be 2-D [k, ...] with k >= 1, got {tuple(qb.codes.shape)}")
     if qb.bits is None:
         if qb.codes.dtype != torch.float32 or qb.codes.shape[1] != qb.num_cols:
-            raise ValueError(f"a dense basis must be float32 [k, {qb.num_cols}], got {qb.codes.dtype} "
+            raise InvalidArgumentError(f"a dense basis must be float32 [k, {qb.num_cols}], got {qb.codes.dtype} "
                              f"{tuple(qb.codes.shape)}")
         if not bool(torch.isfinite(qb.codes).all()):
-            raise ValueError("the dense basis holds NaN or Inf: it is corrupt; rebuild it from the checkpoints")
+            raise InvalidArgumentError("the dense basis holds NaN or Inf: it is corrupt; rebuild it from the checkpoints")
         return
     if qb.bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None, got {qb.bits}")
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None, got {qb.bits}")
     n_groups = -(-qb.num_cols // qb.group_size)
     expected = (qb.k, packed_row_bytes(qb.num_cols, qb.bits, qb.group_size))
     if qb.codes.dtype != torch.uint8 or tuple(qb.codes.shape) != expected:
-        raise ValueError(f"codes must be uint8 {expected}, got {qb.codes.dtype} {tuple(qb.codes.shape)}")
+        raise InvalidArgumentError(f"codes must be uint8 {expected}, got {qb.codes.dtype} {tuple(qb.codes.shape)}")
     for name in ("scales", "mins"):
         t = getattr(qb, name)
         if t.dtype != torch.float32 or tuple(t.shape) != (n_groups, qb.k):
-            raise ValueError(f"{name} must be float32 {(n_groups, qb.k)}, got {t.dtype} {tuple(t.shape)}")
+            raise InvalidArgumentError(f"{name} must be float32 {(n_groups, qb.k)}, got {t.dtype} {tuple(t.shape)}")
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} hold NaN or Inf: the basis is corrupt; rebuild it from the checkpoints")
+            raise InvalidArgumentError(f"{name} hold NaN or Inf: the basis is corrupt; rebuild it from the checkpoints")
     if bool((qb.scales < 0).any()):
-        raise ValueError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
+        raise InvalidArgumentError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
 
 
 def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -> Tensor:
@@ -164,9 +165,9 @@ def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -
         return torch.tensor([0, num_cols], dtype=torch.int64)
     sizes = [int(s) for s in block_sizes]
     if not sizes or any(s <= 0 for s in sizes):
-        raise ValueError(f"block_sizes must be positive integers, got {list(block_sizes)[:8]}")
+        raise InvalidArgumentError(f"block_sizes must be positive integers, got {list(block_sizes)[:8]}")
     if sum(sizes) != num_cols:
-        raise ValueError(f"block_sizes sum to {sum(sizes)} but the basis has {num_cols} columns; they must match")
+        raise InvalidArgumentError(f"block_sizes sum to {sum(sizes)} but the basis has {num_cols} columns; they must match")
     return torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
 
 
@@ -216,16 +217,16 @@ def quantize(
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
         shape = tuple(P.shape) if isinstance(P, Tensor) else type(P).__name__
-        raise ValueError(f"P must be a floating-point tensor [k, D], got {shape}; for one row use P[None]")
+        raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {shape}; for one row use P[None]")
     if P.shape[0] == 0 or P.shape[1] == 0:
-        raise ValueError(f"P must have at least one row and one column, got {tuple(P.shape)}")
+        raise InvalidArgumentError(f"P must have at least one row and one column, got {tuple(P.shape)}")
     if bits is not None and bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
-        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+        raise InvalidArgumentError(f"group_size must be a positive multiple of 8, got {group_size!r}")
     if not bool(torch.isfinite(P).all()):
         bad = int((~torch.isfinite(P)).any(dim=1).nonzero()[0])
-        raise ValueError(f"P has NaN or Inf values (first in row {bad}); a basis must be finite")
+        raise InvalidArgumentError(f"P has NaN or Inf values (first in row {bad}); a basis must be finite")
     k, num_cols = P.shape
     offsets = block_offsets_from_sizes(block_sizes, num_cols).to(P.device)
     if bits is None:
@@ -252,10 +253,10 @@ def unpack_codes(qb: QuantizedBasis, start: int = 0, stop: int | None = None) ->
     start must sit on a group edge (a multiple of group_size).
     """
     if qb.bits is None:
-        raise ValueError("a dense basis (bits=None) has no codes")
+        raise InvalidArgumentError("a dense basis (bits=None) has no codes")
     stop = qb.num_cols if stop is None else stop
     if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
-        raise ValueError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+        raise InvalidArgumentError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
     bits, per_byte, group = qb.bits, 8 // qb.bits, qb.group_size
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qb.device).view(1, 1, per_byte, 1)
 

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._memory import empty_huge
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels.io import (
@@ -74,11 +75,11 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     it is below tol times its norm. Q[i] is Gram-Schmidt's i-th vector of the kept rows.
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
-        raise ValueError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
+        raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
     if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+        raise InvalidArgumentError(f"tol must be positive, got {tol}")
     if not bool(torch.isfinite(P).all()):
-        raise ValueError("P has NaN or Inf values; orthonormalize needs finite rows")
+        raise InvalidArgumentError("P has NaN or Inf values; orthonormalize needs finite rows")
     p = P.detach().to(torch.float32).contiguous()
     keep, factor = _independent_rows(gram_op(p), tol)
     dropped = sorted(set(range(P.shape[0])) - set(keep))
@@ -135,7 +136,7 @@ def block_sizes_for(numels: list[int], granularity: str | int) -> list[int]:
             else:
                 blocks.append(n)
         return blocks
-    raise ValueError(f"granularity must be 'model', 'tensor' or a positive int, got {granularity!r}")
+    raise InvalidArgumentError(f"granularity must be 'model', 'tensor' or a positive int, got {granularity!r}")
 
 
 class Subspace:
@@ -148,7 +149,7 @@ class Subspace:
                  orthonormal: bool = False, aliases: dict[str, list[str]] | None = None):
         numel = sum(math.prod(s) for s in shapes)
         if center.shape != (numel,) or basis.num_cols != numel or len(names) != len(shapes):
-            raise ValueError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
+            raise InvalidArgumentError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
                              f"{tuple(center.shape)}, basis of {basis.num_cols} columns")
         self.names, self.shapes, self.center, self.basis = list(names), [tuple(s) for s in shapes], center, basis
         self.orthonormal = orthonormal  # rows orthonormal (before quantisation): P^T P g projects g
@@ -206,9 +207,9 @@ class Subspace:
         refused with the file and the key.
         """
         if bits is not None and bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+            raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
         if orthonormalize and granularity != "model":
-            raise ValueError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
+            raise InvalidArgumentError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
         specs = resolve_checkpoints(checkpoints)
         names, total = parameter_names, None
         shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None

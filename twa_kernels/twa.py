@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._memory import empty_huge
 from twa_kernels.averaging import update_bn
@@ -61,7 +62,7 @@ class TWA(nn.Module):
     ):
         super().__init__()
         if shard and process_group is None:
-            raise ValueError("shard=True splits the basis across a process group: pass process_group= too")
+            raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         names = [name for name, _ in model.named_parameters()]
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
@@ -78,7 +79,7 @@ class TWA(nn.Module):
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         for name, shape in zip(subspace.names, subspace.shapes):
             if shapes.get(name) != shape:
-                raise ValueError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
+                raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
         self._model = [model]  # a list keeps it out of the module tree
         self.names, self.shapes = subspace.names, subspace.shapes
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
@@ -246,13 +247,13 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
         try:
             loaded = QuantizedBasis.from_state_dict(fields)
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"TWA state_dict: the basis is invalid: {exc}") from exc
+            raise InvalidArgumentError(f"TWA state_dict: the basis is invalid: {exc}") from exc
         if (loaded.bits, loaded.group_size, loaded.num_cols) != (module.bits, module.group_size,
                                                                   module.center.numel()):
-            raise ValueError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
+            raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
                              f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
                              f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
     for name in ("center", "coefficients"):
         value = state.get(prefix + name)
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")

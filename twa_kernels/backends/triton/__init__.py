@@ -18,6 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._ops import register_kernel
 from twa_kernels.backends import on_tensors_device
 from twa_kernels.backends.triton import kernels
@@ -41,7 +42,7 @@ class _Layout:
 
     def __init__(self, k: int, num_cols: int, bits: int, group_size: int):
         if num_cols >= 2**31:
-            raise ValueError(f"the Triton kernels index columns in 32 bits, so D must be below 2^31, got {num_cols}; "
+            raise InvalidArgumentError(f"the Triton kernels index columns in 32 bits, so D must be below 2^31, got {num_cols}; "
                              "use the cuda backend (TWA_KERNELS_BACKEND=cuda) for larger bases")
         self.bits = bits
         self.per_byte = 8 // bits if bits else 1
