@@ -21,8 +21,14 @@ twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, c
                             const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
   const auto b = twa_binding::make_basis<twa::PackedBasis>(codes, scales, mins, block_offsets, bits, group_size,
                                                            num_cols, c10::DeviceType::CPU);
+  // The last line of defence for memory safety (QuantizedBasis validates its layout when
+  // it is made): every offset in order and inside [0, num_cols]. O(B), B being small.
   TORCH_CHECK(b.block_offsets[0] == 0 && b.block_offsets[b.n_blocks] == num_cols,
               "block_offsets must run from 0 to ", num_cols);
+  for (int64_t i = 0; i < b.n_blocks; ++i) {
+    TORCH_CHECK(b.block_offsets[i] < b.block_offsets[i + 1], "block_offsets must increase strictly; entry ", i + 1,
+                " is ", b.block_offsets[i + 1], " after ", b.block_offsets[i]);
+  }
   return b;
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import weakref
 from collections.abc import Callable
 from typing import Optional
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError
+from twa_kernels.quant import check_layout
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 _KERNELS: dict[str, dict[str, Callable]] = {}
@@ -108,6 +110,28 @@ def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | 
     return kernels[name]
 
 
+# Offsets tensors whose values were checked, by id: (weak reference, version, num_cols).
+# A GPU kernel trusts them, and reading them back costs a device sync, so each tensor is
+# read once (again only if it is written in place, which moves its version counter).
+_CHECKED_OFFSETS: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int, group_size: int,
+                  num_cols: int) -> None:
+    """Refuse, before a kernel runs, raw basis tensors that do not fit their layout. The
+    C++ binding checks its inputs itself; Triton and CUDA kernels take what they are given,
+    so calls that reach them through torch.ops directly are checked here."""
+    if backend(codes.device) == "cpp":
+        return
+    seen = _CHECKED_OFFSETS.get(id(block_offsets))
+    fresh = seen is not None and seen[0]() is block_offsets and seen[1:] == (block_offsets._version, num_cols)
+    check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols, offset_values=not fresh)
+    if not fresh:
+        if len(_CHECKED_OFFSETS) > 1024:
+            _CHECKED_OFFSETS.clear()
+        _CHECKED_OFFSETS[id(block_offsets)] = (weakref.ref(block_offsets), block_offsets._version, num_cols)
+
+
 # ---- project: y[r, b] = sum_{j in block b} p^[r, j] * g[j] -------------------------------
 
 
@@ -115,6 +139,7 @@ def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | 
 def project_op(
     codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int, group_size: int
 ) -> Tensor:
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, g.numel())
     return _kernel("project", g.device)(codes, scales, mins, block_offsets, g, bits, group_size)
 
 
@@ -153,6 +178,7 @@ def project_pieces_op(
     gradients are read where autograd left them. A backend without its own kernel gets
     the concatenation and its project kernel."""
     device = pieces[0].device
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
     kernel = _kernel("project_pieces", device, required=False)
     if kernel is not None:
         return kernel(codes, scales, mins, block_offsets, pieces, bits, group_size)
@@ -196,6 +222,7 @@ def reconstruct_op(
     group_size: int,
     num_cols: int,
 ) -> Tensor:
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, num_cols)
     return _kernel("reconstruct", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, num_cols)
 
 
@@ -243,6 +270,7 @@ def reconstruct_into_op(
     out: Tensor,
 ) -> None:
     """reconstruct, written into `out` (float32 or bfloat16, whatever center's dtype)."""
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, out.numel())
     _kernel("reconstruct_into", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from twa_kernels.errors import InvalidArgumentError, MissingKeyError
+from twa_kernels.errors import BasisLayoutError, InvalidArgumentError, MissingKeyError
 from twa_kernels._memory import empty_huge
 
 SUPPORTED_BITS = (1, 2, 4, 8)
@@ -42,6 +42,14 @@ class QuantizedBasis:
     bits: int | None
     group_size: int
     num_cols: int
+
+    def __post_init__(self) -> None:
+        # The kernels take raw pointers and trust this layout: a basis built by hand with
+        # offsets past the end or out of order would read and write out of bounds. The
+        # checks are O(k + B) on metadata, never a pass over the codes; value checks
+        # (finite scales) are from_state_dict's, for bases read from files.
+        check_layout(self.codes, self.scales, self.mins, self.block_offsets, self.bits, self.group_size,
+                     self.num_cols)
 
     @property
     def k(self) -> int:
@@ -112,8 +120,8 @@ class QuantizedBasis:
         offsets = state["block_offsets"]
         if offsets.dtype not in (torch.int64, torch.int32):
             raise InvalidArgumentError(f"basis 'block_offsets' must be an integer tensor, got {offsets.dtype}")
-        qb = cls(state["codes"], state["scales"], state["mins"], offsets.to(torch.int64), bits or None, group_size,
-                 num_cols)
+        qb = cls(state["codes"].contiguous(), state["scales"].contiguous(), state["mins"].contiguous(),
+                 offsets.to(torch.int64).contiguous(), bits or None, group_size, num_cols)
         _validate_layout(qb)
         return qb
 
@@ -125,38 +133,86 @@ def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:
     return n_full * (group_size // per_byte) + -(-tail // per_byte)
 
 
+def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int | None,
+                 group_size: int, num_cols: int, *, offset_values: bool = True) -> None:
+    """Types, shapes, dtypes and devices of a basis's tensors, and (unless
+    offset_values=False) the values of its block offsets: everything a kernel relies on
+    for memory safety. Raises BasisLayoutError naming the field."""
+    tensors = {"codes": codes, "scales": scales, "mins": mins, "block_offsets": block_offsets}
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise BasisLayoutError(f"QuantizedBasis.{name} must be a tensor, got {type(value).__name__}")
+    for name, value in (("group_size", group_size), ("num_cols", num_cols)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BasisLayoutError(f"QuantizedBasis.{name} must be an int, got {value!r}")
+    if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+        raise BasisLayoutError(f"bits must be one of {SUPPORTED_BITS} or None, got {bits!r}")
+    if num_cols <= 0:
+        raise BasisLayoutError(f"num_cols must be positive, got {num_cols}")
+    if group_size <= 0 or group_size % 8:
+        raise BasisLayoutError(f"group_size must be a positive multiple of 8, got {group_size}")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise BasisLayoutError(f"the basis tensors are on several devices {sorted(map(str, devices))}; "
+                               "move them together with QuantizedBasis.to(device)")
+    if codes.dim() != 2 or codes.shape[0] < 1:
+        raise BasisLayoutError(f"codes must be 2-D [k, ...] with k >= 1, got {tuple(codes.shape)}")
+    if block_offsets.dtype != torch.int64 or block_offsets.dim() != 1 or block_offsets.numel() < 2:
+        raise BasisLayoutError(f"block_offsets must be a 1-D int64 tensor with at least 2 entries, got "
+                               f"{block_offsets.dtype} {tuple(block_offsets.shape)}; build it with "
+                               "block_offsets_from_sizes")
+    if offset_values:
+        _validate_offsets(block_offsets, num_cols)
+    k = codes.shape[0]
+    if bits is None:
+        if codes.dtype != torch.float32 or codes.shape[1] != num_cols:
+            raise BasisLayoutError(f"a dense basis must be float32 [k, {num_cols}], got {codes.dtype} "
+                                   f"{tuple(codes.shape)}")
+    else:
+        n_groups = -(-num_cols // group_size)
+        expected = (k, packed_row_bytes(num_cols, bits, group_size))
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != expected:
+            raise BasisLayoutError(f"codes must be uint8 {expected}, got {codes.dtype} {tuple(codes.shape)}")
+        for name, t in (("scales", scales), ("mins", mins)):
+            if t.dtype != torch.float32 or tuple(t.shape) != (n_groups, k):
+                raise BasisLayoutError(f"{name} must be float32 {(n_groups, k)}, got {t.dtype} {tuple(t.shape)}")
+    if not all(t.is_contiguous() for t in tensors.values()):
+        raise BasisLayoutError("the basis tensors must be contiguous; call .contiguous() on them")
+
+
+def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
+    if _is_traced(offsets):
+        return  # no values to read under torch.compile's fake tensors; the eager call checked them
+    values = offsets.tolist() if offsets.numel() <= 4096 else None
+    if values is None:
+        first, last, ordered = int(offsets[0]), int(offsets[-1]), bool((offsets.diff() > 0).all())
+    else:
+        first, last = values[0], values[-1]
+        ordered = all(b > a for a, b in zip(values, values[1:]))
+    if first != 0 or last != num_cols:
+        raise BasisLayoutError(f"block_offsets must run from 0 to num_cols={num_cols}, got {first} to {last}")
+    if not ordered:
+        raise BasisLayoutError("block_offsets must increase strictly (every block holds at least one column); "
+                               f"got {(values or offsets.tolist())[:8]}...; build them with block_offsets_from_sizes")
+
+
+def _is_traced(t: Tensor) -> bool:
+    return torch.compiler.is_compiling() or t.device.type == "meta" or type(t) is not Tensor and not isinstance(
+        t, torch.nn.Parameter)
+
+
 def _validate_layout(qb: QuantizedBasis) -> None:
-    offsets = qb.block_offsets
-    if offsets.dim() != 1 or offsets.numel() < 2:
-        raise InvalidArgumentError(f"block_offsets must be 1-D with at least 2 entries, got shape {tuple(offsets.shape)}")
-    if int(offsets[0]) != 0 or int(offsets[-1]) != qb.num_cols:
-        raise InvalidArgumentError(f"block_offsets must run from 0 to num_cols={qb.num_cols}, got {int(offsets[0])} to "
-                         f"{int(offsets[-1])}")
-    if bool((offsets.diff() <= 0).any()):
-        raise InvalidArgumentError("every block must hold at least one column")
-    if qb.codes.dim() != 2 or qb.codes.shape[0] < 1:
-        raise InvalidArgumentError(f"codes must be 2-D [k, ...] with k >= 1, got {tuple(qb.codes.shape)}")
+    """Beyond check_layout (run when the basis was made), the values a file may have corrupted: finite dense rows,
+    finite scales and mins, no negative scale."""
     if qb.bits is None:
-        if qb.codes.dtype != torch.float32 or qb.codes.shape[1] != qb.num_cols:
-            raise InvalidArgumentError(f"a dense basis must be float32 [k, {qb.num_cols}], got {qb.codes.dtype} "
-                             f"{tuple(qb.codes.shape)}")
         if not bool(torch.isfinite(qb.codes).all()):
-            raise InvalidArgumentError("the dense basis holds NaN or Inf: it is corrupt; rebuild it from the checkpoints")
+            raise BasisLayoutError("the dense basis holds NaN or Inf: it is corrupt; rebuild it from the checkpoints")
         return
-    if qb.bits not in SUPPORTED_BITS:
-        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None, got {qb.bits}")
-    n_groups = -(-qb.num_cols // qb.group_size)
-    expected = (qb.k, packed_row_bytes(qb.num_cols, qb.bits, qb.group_size))
-    if qb.codes.dtype != torch.uint8 or tuple(qb.codes.shape) != expected:
-        raise InvalidArgumentError(f"codes must be uint8 {expected}, got {qb.codes.dtype} {tuple(qb.codes.shape)}")
     for name in ("scales", "mins"):
-        t = getattr(qb, name)
-        if t.dtype != torch.float32 or tuple(t.shape) != (n_groups, qb.k):
-            raise InvalidArgumentError(f"{name} must be float32 {(n_groups, qb.k)}, got {t.dtype} {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidArgumentError(f"{name} hold NaN or Inf: the basis is corrupt; rebuild it from the checkpoints")
+        if not bool(torch.isfinite(getattr(qb, name)).all()):
+            raise BasisLayoutError(f"{name} hold NaN or Inf: the basis is corrupt; rebuild it from the checkpoints")
     if bool((qb.scales < 0).any()):
-        raise InvalidArgumentError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
+        raise BasisLayoutError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
 
 
 def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -> Tensor:
@@ -182,6 +238,9 @@ def _quantize_row(p: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
     lo = padded.amin(dim=1)
     hi = padded.amax(dim=1)
     scale = (hi - lo) / levels
+    if not bool(torch.isfinite(scale).all()):
+        raise InvalidArgumentError("a basis row spans more than float32 can hold in one group (values near "
+                                   "+-3.4e38); such weights have diverged: leave that checkpoint out")
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round((padded - lo[:, None]) / safe[:, None]).clamp_(0, levels)
     codes = torch.where(scale[:, None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8)

@@ -231,6 +231,7 @@ class Subspace:
         rows = []
         for source, state in _progress(iter_state_dicts(specs), len(specs), "building basis", progress):
             row = _flatten(state, names, shapes, source, aliases) - center
+            check_row_range(row, names, shapes, source)
             if normalize_rows:
                 for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
                     norm = row[start:stop].norm()
@@ -253,8 +254,31 @@ class Subspace:
         return cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
 
 
+# A centred value beyond this cannot be quantised: a group's max - min would overflow
+# float32. No trained weight comes near it; a checkpoint that does has diverged.
+_ROW_LIMIT = torch.finfo(torch.float32).max / 2
+
+
+def check_row_range(row: Tensor, names: list[str], shapes: list[tuple[int, ...]], source: str,
+                    start: int = 0) -> None:
+    """Refuse a basis row (checkpoint - center, columns start.. of the flattened weights)
+    holding a value float32 cannot quantise, naming the checkpoint and the key."""
+    bad = ~(row.abs() <= _ROW_LIMIT)  # NaN and Inf count as bad too
+    if not bool(bad.any()):
+        return
+    column = start + int(bad.nonzero()[0])
+    offset = 0
+    for name, shape in zip(names, shapes):
+        offset += math.prod(shape)
+        if column < offset:
+            break
+    raise CheckpointError(f"{source}: key {name!r} lies more than {_ROW_LIMIT:.2g} from the checkpoints' "
+                          "average (an overflowing, diverged checkpoint?); leave this checkpoint out or repair it")
+
+
 def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str,
              aliases: dict[str, list[str]] | None = None) -> Tensor:
+    _check_tied_agree(state, name, source, aliases)
     if name not in state:
         # a tied weight may be saved under another of its names only (safetensors writers
         # drop all but one name of a shared tensor)
@@ -270,6 +294,23 @@ def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None,
     if not value.is_floating_point():
         raise CheckpointError(f"{source}: key {name!r} is {value.dtype}, not a floating-point weight")
     return value
+
+
+def _check_tied_agree(state: dict[str, Tensor], name: str, source: str,
+                      aliases: dict[str, list[str]] | None) -> None:
+    """A tied weight is one tensor: a checkpoint holding two of its names with different
+    values was not saved from this model's tying, and taking either silently would be wrong."""
+    present = [n for n in (aliases or {}).get(name, ()) if n in state]
+    first = state[present[0]] if present else None
+    for other in present[1:]:
+        value = state[other]
+        if value is first or (value.shape == first.shape and torch.equal(value, first)):
+            continue
+        diff = ((value.double() - first.double()).abs().max().item() if value.shape == first.shape
+                else f"shapes {tuple(first.shape)} and {tuple(value.shape)}")
+        raise CheckpointError(f"{source}: {present[0]!r} and {other!r} are one tied weight in the model but differ "
+                              f"in the checkpoint (largest difference {diff}); untie them in the model, or save "
+                              "the checkpoint from the tied model")
 
 
 def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int, ...]], source: str,

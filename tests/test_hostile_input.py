@@ -1,0 +1,204 @@
+"""Hostile and careless input: every case gets a named library error (or the correct
+result), never a crash, a silently wrong number, or code run from a file.
+
+Cases that could crash the process on a broken build run in a subprocess, so a crash
+shows as that process's exit code instead of ending the test run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import twa_kernels as tk
+from twa_kernels import io
+from twa_kernels.errors import BasisLayoutError, CheckpointError, TWAKernelsError
+from twa_kernels.quant import QuantizedBasis
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+# ---- a basis built by hand: its layout is checked where it is made ------------------------
+
+_BAD_OFFSETS = {
+    "inner offset past the end": [0, 5000, 1000],
+    "not increasing": [0, 900, 100, 1000],
+    "an empty block": [0, 500, 500, 1000],
+    "negative": [0, -8, 1000],
+    "short of the end": [0, 999],
+}
+
+
+@pytest.mark.parametrize("offsets", _BAD_OFFSETS.values(), ids=_BAD_OFFSETS.keys())
+def test_a_hand_built_basis_with_bad_offsets_is_refused_where_it_is_made(offsets):
+    done = _run(f"""
+        import torch, twa_kernels as tk
+        from twa_kernels.quant import QuantizedBasis
+        from twa_kernels.errors import BasisLayoutError
+        qb = tk.quantize(torch.randn(2, 1000), bits=4, group_size=64)
+        try:
+            bad = QuantizedBasis(qb.codes, qb.scales, qb.mins, torch.tensor({offsets}), 4, 64, 1000)
+        except BasisLayoutError as exc:
+            print("refused:", exc)
+        else:
+            print("accepted", tk.project(bad, torch.randn(1000)))
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: block_offsets" in done.stdout
+
+
+def test_a_hand_built_basis_in_a_subspace_never_reaches_twa():
+    done = _run("""
+        import torch, twa_kernels as tk
+        from torch import nn
+        from twa_kernels.errors import TWAKernelsError
+        model = nn.Linear(40, 25)
+        qb = tk.quantize(torch.randn(2, 1025), bits=4, group_size=64)
+        try:
+            basis = tk.QuantizedBasis(qb.codes, qb.scales, qb.mins, torch.tensor([0, 5000, 1025]), 4, 64, 1025)
+            sub = tk.Subspace(["weight", "bias"], [(25, 40), (25,)], torch.zeros(1025), basis)
+            twa = tk.TWA(model, sub)
+            twa(torch.randn(3, 40)).sum().backward()
+        except TWAKernelsError as exc:
+            print("refused:", exc)
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout
+
+
+@pytest.mark.parametrize("offsets", [[0, 900, 100, 1000], [0, 2000, 1000]])
+def test_the_kernel_binding_checks_every_offset_as_a_last_line_of_defence(offsets):
+    # torch.ops reaches the C++ kernel without a QuantizedBasis in between
+    done = _run(f"""
+        import torch, twa_kernels as tk
+        qb = tk.quantize(torch.randn(2, 1000), bits=4, group_size=64)
+        for call in (lambda o: torch.ops.twa_kernels.project(qb.codes, qb.scales, qb.mins, o, torch.randn(1000), 4, 64),
+                     lambda o: torch.ops.twa_kernels.reconstruct(qb.codes, qb.scales, qb.mins, o, torch.randn(2, {len(offsets) - 1}),
+                                                                 None, 4, 64, 1000)):
+            try:
+                call(torch.tensor({offsets}))
+                print("accepted")
+            except (RuntimeError, ValueError) as exc:
+                print("refused:", str(exc).splitlines()[0])
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("refused: block_offsets") == 2, done.stdout
+
+
+def test_a_valid_hand_built_basis_still_works():
+    qb = tk.quantize(torch.randn(3, 1000), bits=2, group_size=64, block_sizes=[100, 900])
+    same = QuantizedBasis(qb.codes, qb.scales, qb.mins, torch.tensor([0, 100, 1000]), 2, 64, 1000)
+    g = torch.randn(1000)
+    assert torch.equal(tk.project(same, g), tk.project(qb, g))
+
+
+@pytest.mark.parametrize("field, value", [("group_size", 4.0), ("num_cols", True), ("bits", 3)])
+def test_a_hand_built_basis_with_bad_metadata_is_refused(field, value):
+    qb = tk.quantize(torch.randn(2, 64), bits=4, group_size=32)
+    fields = dict(codes=qb.codes, scales=qb.scales, mins=qb.mins, block_offsets=qb.block_offsets, bits=4,
+                  group_size=32, num_cols=64)
+    fields[field] = value
+    with pytest.raises(BasisLayoutError, match=field if field != "bits" else "bits must be"):
+        QuantizedBasis(**fields)
+
+
+# ---- corrupted files -------------------------------------------------------------------
+
+
+def _flip_a_bit_in_tensor_data(path, record_index: int = 1) -> None:
+    with zipfile.ZipFile(path) as archive:
+        info = [i for i in archive.infolist() if "/data/" in i.filename][record_index]
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x04]))
+
+
+def test_one_flipped_bit_in_a_torch_file_is_refused(tmp_path):
+    path = tmp_path / "ck.pt"
+    torch.save({"a.weight": torch.randn(300), "b.weight": torch.randn(300)}, path)
+    _flip_a_bit_in_tensor_data(path)
+    with pytest.raises(CheckpointError, match="corrupt.*CRC"):
+        tk.load_state_dict(path)
+    with pytest.raises(CheckpointError, match="corrupt.*CRC"):
+        io.ColumnReader(path).read("b.weight", (300,), 0, 10)
+
+
+def test_one_flipped_bit_is_refused_by_twa(tmp_path):
+    model = nn.Linear(30, 20)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save({k: v + 0.01 * i for k, v in model.state_dict().items()}, paths[-1])
+    _flip_a_bit_in_tensor_data(paths[2], 0)
+    with pytest.raises(CheckpointError, match=f"{paths[2].name}: corrupt"):
+        tk.TWA(model, paths)
+
+
+def test_an_intact_torch_file_passes_the_crc_check(tmp_path):
+    state = {"w": torch.randn(1000), "b": torch.randn(7)}
+    torch.save(state, tmp_path / "ok.pt")
+    got = tk.load_state_dict(tmp_path / "ok.pt")
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+# ---- values and ties that would silently give a wrong result ------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_finite_but_extreme_values_are_refused_with_the_key(bits):
+    model = nn.Linear(4, 3)
+    base = model.state_dict()
+    states = [{k: v.clone() + 0.1 * i for k, v in base.items()} for i in range(3)]
+    states[2]["weight"][0, 0] = 3e38
+    states[1]["weight"][0, 0] = -3e38
+    with pytest.raises(CheckpointError, match="key 'weight'"):
+        tk.TWA(model, states, bits=bits)
+
+
+def test_large_but_quantisable_values_give_finite_weights():
+    model = nn.Linear(4, 3)
+    states = [{k: v.clone() + 1e30 * i for k, v in model.state_dict().items()} for i in range(3)]
+    twa = tk.TWA(model, states, bits=4)
+    assert all(bool(torch.isfinite(w).all()) for w in twa.weights().values())
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+def test_tied_weights_that_disagree_in_a_checkpoint_are_refused_naming_both():
+    model = _Tied()
+    states = [{k: v.clone() + 0.1 * i for k, v in model.state_dict().items()} for i in range(2)]
+    states[1]["out.weight"] = states[1]["out.weight"] + 0.5
+    with pytest.raises(CheckpointError, match=r"'emb.weight' and 'out.weight'.*largest difference 0.5"):
+        tk.TWA(model, states)
+
+
+def test_tied_weights_that_agree_are_accepted():
+    model = _Tied()
+    states = [{k: v.clone() + 0.1 * i for k, v in model.state_dict().items()} for i in range(2)]
+    twa = tk.TWA(model, states)
+    assert twa(torch.tensor([1, 2])).shape == (2, 10)
+
+
+def test_every_error_above_is_a_library_error():
+    assert issubclass(CheckpointError, TWAKernelsError) and issubclass(BasisLayoutError, ValueError)
