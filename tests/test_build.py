@@ -57,3 +57,24 @@ def test_cache_key_follows_sources(tmp_path):
     before = _build._cpu_build_key(src)
     (src / "cpu" / "kernels.h").write_text((src / "cpu" / "kernels.h").read_text() + "\n// changed\n")
     assert _build._cpu_build_key(src) != before
+
+
+def test_a_build_killed_mid_compile_leaves_nothing_behind_for_long(tmp_path, monkeypatch):
+    """Building directories whose owner died are removed by the next build; one whose
+    owner still holds its lock is left alone."""
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
+    for name in ("cpu-k1.building.dead1", "cpu-k2.building.dead2", "cpu-k3.building.alive"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "partial.o").write_bytes(b"\0" * 10)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"with FileLock({str(tmp_path / 'cpu-k3.lock')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        built = _build._cached_build("cpu", "k1", "lib.so", lambda d: (d / "lib.so").write_bytes(b"lib"))
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert built.read_bytes() == b"lib"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cpu-k1", "cpu-k3.building.alive"]

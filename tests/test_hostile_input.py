@@ -6,6 +6,7 @@ shows as that process's exit code instead of ending the test run."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,105 @@ def test_tied_weights_that_agree_are_accepted():
 
 def test_every_error_above_is_a_library_error():
     assert issubclass(CheckpointError, TWAKernelsError) and issubclass(BasisLayoutError, ValueError)
+
+
+# ---- arguments a careless caller gives -------------------------------------------------
+
+
+def _states(model: nn.Module, k: int = 3) -> list[dict]:
+    return [{key: v.clone() + 0.1 * i for key, v in model.state_dict().items()} for i in range(k)]
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(bits=4.0), "bits must be"),
+    (dict(bits=3), "bits must be"),
+    (dict(group_size=0), "group_size must be"),
+    (dict(group_size=-8), "group_size must be"),
+    (dict(group_size=7), "group_size must be"),
+    (dict(granularity="layer"), "granularity must be"),
+])
+def test_bad_twa_settings_are_named_before_any_checkpoint_is_read(kwargs, named, monkeypatch):
+    read = []
+    monkeypatch.setattr(io, "resolve_checkpoints", lambda c: read.append(c) or c)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=named):
+        tk.TWA(nn.Linear(4, 3), _states(nn.Linear(4, 3)), **kwargs)
+    assert not read
+
+
+@pytest.mark.parametrize("field, shape", [("coefficients", (5, 5)), ("center", (7,))])
+def test_loading_a_twa_state_of_another_shape_is_named(field, shape):
+    model = nn.Linear(4, 3)
+    twa = tk.TWA(model, _states(model))
+    state = twa.state_dict()
+    state[field] = torch.zeros(shape)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=re.escape(f"'{field}' has shape {tuple(shape)}")):
+        twa.load_state_dict(state)
+
+
+def test_one_checkpoint_with_orthonormalize_is_named():
+    with pytest.raises(tk.errors.InvalidArgumentError, match="at least 2 checkpoints"):
+        tk.Subspace.from_checkpoints(_states(nn.Linear(4, 3), 1), granularity="model", orthonormalize=True)
+
+
+def test_a_zero_size_parameter_is_named():
+    states = [{"a": torch.zeros(0), "b": torch.ones(3) * i} for i in range(2)]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="parameter 'a' has no elements"):
+        tk.Subspace.from_checkpoints(states, parameter_names=["a", "b"])
+
+
+def test_random_bytes_are_not_called_a_checkpoint_with_python_objects(tmp_path):
+    path = tmp_path / "random.pt"
+    path.write_bytes(bytes(range(7, 250)) * 5)
+    with pytest.raises(CheckpointError, match="not a checkpoint at all"):
+        tk.load_state_dict(path)
+
+
+# ---- writing: atomic, named, and with the umask's mode ---------------------------------
+
+
+def test_saving_onto_a_directory_is_an_output_error(tmp_path):
+    with pytest.raises(tk.errors.OutputError, match="is a directory"):
+        tk.save_state_dict({"a": torch.zeros(2)}, tmp_path)
+
+
+def test_saving_a_non_tensor_value_names_the_key(tmp_path):
+    with pytest.raises(tk.errors.InvalidTypeError, match=r"state\['step'\] is int"):
+        tk.save_state_dict({"w": torch.zeros(2), "step": 3}, tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, suffix):
+    import errno
+
+    path = tmp_path / f"model{suffix}"
+    tk.save_state_dict({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(tk.errors.OutputError, match="No space left on device.*unchanged"):
+        tk.save_state_dict({"w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tk.save_state_dict({"w": torch.ones(3)}, tmp_path / "a.pt")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        tk.save_state_dict({"w": torch.zeros(3)}, path)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

@@ -90,6 +90,7 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
     root.mkdir(parents=True, exist_ok=True)
     final_dir = root / f"{prefix}-{key}"
     with FileLock(str(root / f"{prefix}-{key}.lock")):
+        _remove_abandoned_builds(root, held=f"{prefix}-{key}")
         if (final_dir / filename).is_file():
             return final_dir / filename
         build_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-{key}.building.", dir=root))
@@ -105,6 +106,22 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
     return final_dir / filename
+
+
+def _remove_abandoned_builds(root: Path, held: str) -> None:
+    """Delete the temporary directories of builds whose process died mid-compile (killed,
+    out of memory). A live build holds its key's lock for its whole life, so a building
+    directory whose lock this process holds (`held`) or can take at once has no owner left."""
+    for stale in root.glob("*.building.*"):
+        owner = stale.name.split(".building.", 1)[0]
+        if owner == held:
+            shutil.rmtree(stale, ignore_errors=True)
+            continue
+        try:
+            with FileLock(str(root / f"{owner}.lock"), timeout=0):
+                shutil.rmtree(stale, ignore_errors=True)
+        except TimeoutError:  # filelock.Timeout: another process is building that key now
+            continue
 
 
 def build_cpu(verbose: bool = False) -> Path:

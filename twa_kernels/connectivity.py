@@ -197,8 +197,11 @@ def _evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metr
 
 
 def _barrier(values: Sequence[float], alphas: Sequence[float]) -> float:
+    """The largest rise of `values` above the straight line between its ends. The line is
+    first + a * (last - first): exactly `first` at every alpha when the ends are equal (the
+    form (1 - a) * first + a * last is not), so identical endpoints give a barrier of 0."""
     first, last = values[0], values[-1]
-    return max(v - ((1.0 - a) * first + a * last) for v, a in zip(values, alphas))
+    return max(v - (first + a * (last - first)) for v, a in zip(values, alphas))
 
 
 def _progress(items, enabled: bool, desc: str, total: int | None = None):

@@ -19,14 +19,14 @@ import pickle
 import struct
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 try:  # the same CRC-32 as zlib's, several times faster where zlib has no folded-multiply path
     from zlib_ng.zlib_ng import crc32 as _crc32
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored install may lack it
@@ -147,6 +147,12 @@ def verify_zip_crc(path: str | os.PathLike) -> None:
 def _torch_load(path: Path) -> object:
     if zipfile.is_zipfile(path):
         verify_zip_crc(path)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with PROTO
+            raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
+                                  f"(it starts with {head!r}); check the path, or that the file was fully copied")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -228,27 +234,59 @@ def _non_finite(source: str, key: str, bad: int, numel: int) -> CheckpointError:
                            "leave this checkpoint out (a diverged step?) or repair it")
 
 
-def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
-    """Write a state_dict as .safetensors or with torch.save, atomically: a crash leaves
-    either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        # clone: safetensors refuses tensors that share memory (tied weights, views)
-        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+def _default_file_mode() -> int:
+    """The mode open() gives a new file under the current umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
-            save_file(tensors, tmp)
-        else:
-            torch.save(tensors, tmp)
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write a file through `write(temporary_path)`, then move it into place: a crash, a
+    full disk or an exception leaves the old file (or none), never half of one, and no
+    temporary file. The new file gets the old one's mode, or the umask's as open() would
+    give it. An unwritable location is an OutputError naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file path such as {path / 'averaged.safetensors'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if path.exists() else _default_file_mode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
+    try:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
+                          "unchanged); free space or choose another location") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Write a state_dict as .safetensors or with torch.save, atomically (see atomic_write):
+    a crash leaves either the old file or the new one, never half of one."""
+    if not isinstance(state, Mapping):
+        raise InvalidTypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise InvalidTypeError(f"state[{key!r}] is {type(value).__name__}: a state_dict to save holds tensors "
+                                   "under string names only; leave other entries out")
+    # clone: safetensors refuses tensors that share memory (tied weights, views)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 # -- reading ranges of a checkpoint without loading it ------------------------------------

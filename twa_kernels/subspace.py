@@ -120,6 +120,20 @@ def mean_center(total: Tensor, count: int) -> Tensor:
     return torch.div(total, count, out=empty_huge(total.shape, torch.float32))
 
 
+def check_build_args(bits: object, group_size: object, granularity: object) -> None:
+    """Refuse bad subspace settings by name before any checkpoint is read."""
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS):
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} (an int) or None for a dense basis, "
+                                   f"got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+        raise InvalidArgumentError(f"group_size must be a positive int multiple of 8 (codes are packed in bit "
+                                   f"planes of 8), got {group_size!r}; 128 is the default")
+    if granularity not in ("model", "tensor") and (isinstance(granularity, bool) or not isinstance(granularity, int)
+                                                   or granularity <= 0):
+        raise InvalidArgumentError(f"granularity must be 'model', 'tensor' or a positive int (elements per "
+                                   f"block), got {granularity!r}")
+
+
 def block_sizes_for(numels: list[int], granularity: str | int) -> list[int]:
     """Coefficient blocks over the parameter tensors: "model" (one block), "tensor" (one
     per tensor) or an int N (consecutive tensors merged while the block stays within N
@@ -206,11 +220,13 @@ class Subspace:
         that holds the tensor under any of them is read. A NaN or Inf in any checkpoint is
         refused with the file and the key.
         """
-        if bits is not None and bits not in SUPPORTED_BITS:
-            raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+        check_build_args(bits, group_size, granularity)
         if orthonormalize and granularity != "model":
             raise InvalidArgumentError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
         specs = resolve_checkpoints(checkpoints)
+        if orthonormalize and len(specs) < 2:
+            raise InvalidArgumentError("orthonormalize=True needs at least 2 checkpoints: the centred row of a single "
+                                       "checkpoint is zero and spans nothing")
         names, total = parameter_names, None
         shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
@@ -224,6 +240,10 @@ class Subspace:
                 check_finite({n: _checked(state, n, None, source, aliases) for n in names}, source)
             vector = vector.double()
             total = vector if total is None else total.add_(vector)
+        empty = [n for n, shape in zip(names, shapes) if math.prod(shape) == 0]
+        if empty:
+            raise InvalidArgumentError(f"parameter {empty[0]!r} has no elements (shape {shapes[names.index(empty[0])]}); "
+                                       "leave it out of parameter_names (it holds nothing to average)")
         center = mean_center(total, len(specs))
         del total
         blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)

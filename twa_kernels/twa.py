@@ -34,7 +34,7 @@ from twa_kernels.averaging import update_bn
 from twa_kernels.io import Checkpoints, parameter_aliases
 from twa_kernels.ops import reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
-from twa_kernels.subspace import Subspace
+from twa_kernels.subspace import Subspace, check_build_args
 
 # dtypes the kernels write directly; other model dtypes (float16) get float32 weights cast once
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -61,6 +61,7 @@ class TWA(nn.Module):
         shard: bool = False,
     ):
         super().__init__()
+        check_build_args(bits, group_size, granularity)
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         names = [name for name, _ in model.named_parameters()]
@@ -254,6 +255,10 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
                              f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
                              f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
     for name in ("center", "coefficients"):
-        value = state.get(prefix + name)
+        value, own = state.get(prefix + name), getattr(module, name)
+        if isinstance(value, Tensor) and value.shape != own.shape:
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} has shape {tuple(value.shape)} but this TWA's is "
+                                       f"{tuple(own.shape)}; it was saved from a TWA built with other checkpoints, "
+                                       "bits or granularity: build this one the same way")
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InvalidArgumentError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")
