@@ -126,3 +126,124 @@ def test_every_corruption_of_a_saved_basis_is_refused_or_harmless():
     assert not [line for line in lines if "DIFFERENT" in line]
     refused = [line for line in lines if "refused" in line]
     assert len(refused) == n_cases - 2, lines  # all but the harmless int32 offsets and strided codes
+
+
+FUZZ = textwrap.dedent(
+    r"""
+    import os, random, sys
+    import torch
+    from torch import nn
+    import twa_kernels as tk
+    from twa_kernels.errors import TWAKernelsError
+    from twa_kernels.quant import QuantizedBasis
+
+    rng = random.Random(int(sys.argv[2]))
+    torch.manual_seed(int(sys.argv[2]))
+
+    def on_reference(fn):
+        os.environ["TWA_KERNELS_BACKEND"] = "reference"
+        try:
+            return fn()
+        finally:
+            del os.environ["TWA_KERNELS_BACKEND"]
+
+    def offsets_for(d):
+        mode = rng.random()
+        if mode < 0.6:  # a valid partition
+            cuts = sorted(rng.sample(range(1, d), min(d - 1, rng.randint(0, 4)))) if d > 1 else []
+            return torch.tensor([0, *cuts, d])
+        if mode < 0.8:  # random values, sometimes sorted
+            values = [rng.randint(-5, d + 5) for _ in range(rng.randint(1, 5))]
+            return torch.tensor(sorted(values) if rng.random() < 0.5 else values)
+        if mode < 0.86:
+            return torch.tensor([0, rng.choice([2**31, 2**40, -(2**40)]), d])
+        if mode < 0.93:
+            return torch.tensor([0, d]).to(rng.choice([torch.int32, torch.float64, torch.uint8]))
+        return torch.tensor([[0, d]])
+
+    def perturbed(t):
+        kind = rng.randrange(6)
+        if kind == 0 and t.dim() == 2 and t.shape[1] > 1:
+            return t[:, :-1]
+        if kind == 1 and t.shape[0] > 1:
+            return t[:-1]
+        if kind == 2:
+            return torch.cat([t, t[:1]])
+        if kind == 3:
+            return t.to(rng.choice([torch.int8, torch.float64, torch.float16, torch.int32]))
+        if kind == 4:
+            return t.reshape(-1)
+        return t.to("meta")
+
+    class Flat(nn.Module):
+        def __init__(self, shapes):
+            super().__init__()
+            self.p = nn.ParameterList([nn.Parameter(torch.zeros(s)) for s in shapes])
+
+        def forward(self, x):
+            return (torch.cat([p.reshape(-1) for p in self.p]) * x).sum()  # its gradient is x
+
+    ran = refused = 0
+    for case in range(int(sys.argv[1])):
+        k, d = rng.randint(1, 4), rng.randint(1, 300)
+        bits = rng.choice([None, 1, 2, 4, 8] * 3 + [3, 0, 4.0])
+        group_size = rng.choice([8, 16, 24, 64, 128] * 3 + [0, 7, -8])
+        good_bits = bits if bits in (None, 1, 2, 4, 8) and not isinstance(bits, float) else 4
+        good_group = group_size if group_size > 0 and group_size % 8 == 0 else 8
+        base = tk.quantize(torch.randn(k, d), bits=good_bits, group_size=good_group)
+        fields = dict(codes=base.codes, scales=base.scales, mins=base.mins, block_offsets=offsets_for(d),
+                      bits=bits, group_size=group_size, num_cols=d if rng.random() < 0.9 else d + rng.choice([-1, 1]))
+        for name in ("codes", "scales", "mins"):
+            if rng.random() < 0.08:
+                fields[name] = perturbed(fields[name])
+        as_twa = rng.random() < 0.25
+        try:
+            qb = QuantizedBasis(**fields)
+            g, x, center = torch.randn(d), torch.randn(qb.k, qb.num_blocks), torch.randn(d)
+            if as_twa:
+                cut = rng.randint(1, d - 1) if d > 1 else d
+                shapes = [(cut,), (d - cut,)] if cut < d else [(d,)]
+                sub = tk.Subspace([f"p.{i}" for i in range(len(shapes))], shapes, center, qb)
+                twa = tk.TWA(Flat(shapes), sub)
+                with torch.no_grad():
+                    twa.coefficients.copy_(x)
+                got = [torch.cat([w.reshape(-1) for w in twa.weights().values()])]
+                want = [on_reference(lambda: tk.reconstruct(qb, x, center))]
+                loss = twa(g)
+                loss.backward()
+                got.append(twa.coefficients.grad)
+                want.append(on_reference(lambda: tk.project(qb, g)))
+            else:
+                got = [tk.project(qb, g), tk.reconstruct(qb, x, center)]
+                want = on_reference(lambda: [tk.project(qb, g), tk.reconstruct(qb, x, center)])
+        except TWAKernelsError:
+            refused += 1
+            continue
+        except Exception as exc:
+            print(f"UNNAMED case {case}: {type(exc).__name__}: {exc}"[:300], flush=True)
+            continue
+        for a, b in zip(got, want):
+            tol = 1e-4 * (1 + float(b.abs().max()))
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=tol):
+                print(f"DIFFERENT case {case}: {fields['bits']} {fields['group_size']} {fields['block_offsets']}",
+                      flush=True)
+        ran += 1
+    print("ran", ran, "refused", refused)
+    """
+)
+
+
+def test_two_thousand_hand_built_bases_run_right_or_are_refused_by_name():
+    """QuantizedBasis and Subspace objects built directly with random offsets, shapes,
+    dtypes, devices and metadata: no case crashes the process, each either matches the
+    reference backend (through the ops, and through TWA's forward and backward) or raises
+    a library error."""
+    env = {k: v for k, v in os.environ.items() if k != "TWA_KERNELS_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", FUZZ, "2000", "20"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    problems = [line for line in result.stdout.splitlines() if line.startswith(("UNNAMED", "DIFFERENT"))]
+    assert not problems, "\n".join(problems[:20])
+    counts = result.stdout.split()
+    ran, refused = int(counts[counts.index("ran") + 1]), int(counts[counts.index("refused") + 1])
+    assert ran + refused == 2000 and ran >= 400 and refused >= 400, (ran, refused)

@@ -145,7 +145,7 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
     for name, value in (("group_size", group_size), ("num_cols", num_cols)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise BasisLayoutError(f"QuantizedBasis.{name} must be an int, got {value!r}")
-    if bits is not None and (isinstance(bits, bool) or bits not in SUPPORTED_BITS):
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS):
         raise BasisLayoutError(f"bits must be one of {SUPPORTED_BITS} or None, got {bits!r}")
     if num_cols <= 0:
         raise BasisLayoutError(f"num_cols must be positive, got {num_cols}")
@@ -168,6 +168,10 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
         if codes.dtype != torch.float32 or codes.shape[1] != num_cols:
             raise BasisLayoutError(f"a dense basis must be float32 [k, {num_cols}], got {codes.dtype} "
                                    f"{tuple(codes.shape)}")
+        for name, t in (("scales", scales), ("mins", mins)):
+            if t.dtype != torch.float32 or tuple(t.shape) != (0, k):
+                raise BasisLayoutError(f"a dense basis has empty float32 {name} [0, {k}], got {t.dtype} "
+                                       f"{tuple(t.shape)}")
     else:
         n_groups = -(-num_cols // group_size)
         expected = (k, packed_row_bytes(num_cols, bits, group_size))
