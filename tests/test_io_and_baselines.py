@@ -213,6 +213,29 @@ def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):
         load_state_dict(sharded)
 
 
+class _Holder(torch.nn.Module):
+    """Own names starting with `model.`, as Hugging Face's LlamaForCausalLM has."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = make_model()
+        self.head = torch.nn.Linear(10, 2)
+
+
+def test_a_leading_model_prefix_is_matched_against_the_models_own_names():
+    holder = _Holder()
+    own = [{k: v + i for k, v in holder.state_dict().items()} for i in range(2)]
+    lightning = [{f"model.{k}": v for k, v in state.items()} for state in own]  # a LightningModule's self.model
+    for checkpoints in (own, lightning):
+        avg = tk.uniform_average(checkpoints, model=holder)
+        assert list(avg) == list(holder.state_dict())
+        torch.testing.assert_close(avg["model.0.weight"], own[0]["model.0.weight"] + 0.5)
+        twa = tk.TWA(holder, checkpoints, bits=None)
+        torch.testing.assert_close(twa.averaged_state_dict()["head.bias"], own[0]["head.bias"] + 0.5)
+    # the names alone decide: without a model, keys are kept as they are
+    assert "model.model.0.weight" in tk.uniform_average(lightning)
+
+
 def test_glob_and_directory_order_is_natural(tmp_path):
     for step in (10, 2, 1):
         tk.save_state_dict(_checkpoints(1)[0], tmp_path / f"step={step}.pt")
