@@ -160,6 +160,19 @@ def test_the_wrapped_model_that_wrote_the_checkpoints_is_accepted(wrap):
         assert list(soup) == keys
 
 
+def test_a_model_sharded_by_fully_shard_is_refused_with_what_to_pass():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = fully_shard(_mlp(0))
+        with pytest.raises(tk.errors.InvalidArgumentError, match=r"sharded by FSDP2.*unsharded model"):
+            tk.TWA(model, [_mlp(i).state_dict() for i in range(2)])
+    finally:
+        dist.destroy_process_group()
+
+
 # -- Lightning -----------------------------------------------------------------------------
 
 

@@ -184,6 +184,12 @@ def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(tk.CheckpointError, match=r"runs: is a directory, not a checkpoint"):
         tk.Subspace.from_checkpoints([state, tmp_path / "runs"])
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    with pytest.raises(tk.CheckpointError, match=r"dcp: a torch\.distributed\.checkpoint directory is read column "
+                                                 r"by column only.*dcp_to_torch_save"):
+        tk.Subspace.from_checkpoints([state, tmp_path / "dcp"])
 
 
 def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):

@@ -195,6 +195,11 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     path = Path(path)
     if path.is_dir():
         files = checkpoint_directory_files(path)
+        if files is None and (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"{path}: a torch.distributed.checkpoint directory is read column by column only (TWA with "
+                "process_group= and shard=True); to read it whole, convert it once with torch.distributed."
+                "checkpoint.format_utils.dcp_to_torch_save and pass the file")
         if files is None:
             raise _directory_error(path)
         if len(files) == 1:
