@@ -370,11 +370,10 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def _is_fully_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without distributed support has no FSDP2
-        return False
-    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+    # as for compile: a model is sharded only where FSDP is imported (importing it costs ~25 MB)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
 
 
 def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]]) -> StateDict:
