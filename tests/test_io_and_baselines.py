@@ -1,6 +1,7 @@
 """Checkpoint safety and formats, the averaging baselines, SubspaceOptimizer, and the
 streaming memory bound of Subspace.from_checkpoints."""
 
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,92 @@ def test_building_a_subspace_holds_the_packed_basis_not_k_dense_checkpoints(tmp_
     dense_extra_kb = 9 * d * 4 / 1024  # what holding 9 more dense rows would add
     # growth from 3 to 12 checkpoints is about the 9 extra packed rows (~2.25 MB each)
     assert peak12 - peak3 < dense_extra_kb / 4, (peak3, peak12, packed12)
+
+
+@pytest.mark.parametrize("form", ["state_dict", "pt", "safetensors"])
+def test_two_keys_that_name_one_weight_are_refused_naming_both(tmp_path, form):
+    state = dict(_checkpoints(1)[0])
+    state["module.0.weight"] = state["0.weight"] + 1
+    spec = state if form == "state_dict" else tk.save_state_dict(state, tmp_path / f"c.{form}")
+    match = r"keys '0\.weight' and 'module\.0\.weight' both name '0\.weight'"
+    with pytest.raises(tk.CheckpointError, match=match):
+        tk.TWA(make_model(), [spec, _checkpoints(1)[0]])
+    with pytest.raises(tk.CheckpointError, match=match):
+        tk.io.ColumnReader(spec)  # read lazily, column by column
+
+
+def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
+    state = _checkpoints(1)[0]
+    with pytest.raises(tk.errors.InvalidTypeError, match=r"one state_dict .* pass \[state_dict\]"):
+        tk.TWA(make_model(), state)
+    with pytest.raises(tk.errors.InvalidTypeError, match="checkpoints is None"):
+        tk.uniform_average(None)
+    with pytest.raises(tk.errors.InvalidTypeError, match="checkpoint #1 is a int"):
+        resolve_checkpoints([state, 5])
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(tk.CheckpointError, match=r"runs: is a directory, not a checkpoint"):
+        tk.Subspace.from_checkpoints([state, tmp_path / "runs"])
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    with pytest.raises(tk.CheckpointError, match=r"dcp: a torch\.distributed\.checkpoint directory is read column "
+                                                 r"by column only.*dcp_to_torch_save"):
+        tk.Subspace.from_checkpoints([state, tmp_path / "dcp"])
+
+
+def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):
+    states = _checkpoints(2)
+    (tmp_path / "one").mkdir()
+    torch.save(states[0], tmp_path / "one" / "pytorch_model.bin")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    keys = list(states[1])
+    weight_map = {}
+    for i, part in enumerate((keys[:3], keys[3:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: states[1][k] for k in part}, sharded / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for directory, want in ((tmp_path / "one", states[0]), (sharded, states[1])):
+        got = load_state_dict(directory)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        reader = tk.io.ColumnReader(directory)
+        assert torch.equal(reader.tensor("3.weight"), want["3.weight"])
+    assert resolve_checkpoints(tmp_path) == [tmp_path / "one", sharded]
+    avg = tk.uniform_average(tmp_path, model=make_model())
+    torch.testing.assert_close(avg["0.weight"], (states[0]["0.weight"] + states[1]["0.weight"]) / 2)
+    # a shard is a file beside its index, never a path elsewhere
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"0.weight": "../one/x.bin"}}))
+    with pytest.raises(tk.CheckpointError, match=r"shard '\.\./one/x\.bin' is not a file name in"):
+        load_state_dict(sharded)
+
+
+class _Holder(torch.nn.Module):
+    """Own names starting with `model.`, as Hugging Face's LlamaForCausalLM has."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = make_model()
+        self.head = torch.nn.Linear(10, 2)
+
+
+def test_a_leading_model_prefix_is_matched_against_the_models_own_names():
+    holder = _Holder()
+    own = [{k: v + i for k, v in holder.state_dict().items()} for i in range(2)]
+    lightning = [{f"model.{k}": v for k, v in state.items()} for state in own]  # a LightningModule's self.model
+    for checkpoints in (own, lightning):
+        avg = tk.uniform_average(checkpoints, model=holder)
+        assert list(avg) == list(holder.state_dict())
+        torch.testing.assert_close(avg["model.0.weight"], own[0]["model.0.weight"] + 0.5)
+        twa = tk.TWA(holder, checkpoints, bits=None)
+        torch.testing.assert_close(twa.averaged_state_dict()["head.bias"], own[0]["head.bias"] + 0.5)
+    # the names alone decide: without a model, keys are kept as they are
+    assert "model.model.0.weight" in tk.uniform_average(lightning)
+
+
+def test_glob_and_directory_order_is_natural(tmp_path):
+    for step in (10, 2, 1):
+        tk.save_state_dict(_checkpoints(1)[0], tmp_path / f"step={step}.pt")
+    want = [tmp_path / f"step={s}.pt" for s in (1, 2, 10)]
+    assert resolve_checkpoints(tmp_path) == want
+    assert resolve_checkpoints(str(tmp_path / "step=*.pt")) == want

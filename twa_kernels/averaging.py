@@ -6,9 +6,11 @@ needs before it is evaluated.
 Floating-point entries are averaged (in float64); other entries (integer counters such as
 BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
 statistics of an averaged model afterwards (torch.optim.swa_utils.update_bn). A NaN or Inf
-in a checkpoint is refused with the file and the key. Given the model (`model=`), a
-checkpoint that holds a tied weight under one of its names only is read as holding it under
-all, so the result loads into the model as it is.
+in a checkpoint is refused with the file and the key. Given the model (`model=`), the
+result holds exactly the model's state_dict keys, matched as TWA matches them (see
+twa_kernels.io: wrapper prefixes, a LightningModule's `model.`, tied weights saved under one
+of their names), or a CheckpointError names the checkpoint and the key it lacks. A wrapped
+model (torch.compile, DDP) is read as the module it wraps.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from twa_kernels.io import (
     iter_state_dicts,
     parameter_aliases,
     resolve_checkpoints,
+    unwrap_model,
 )
 
 
@@ -48,11 +51,35 @@ def _finish(total: dict[str, Tensor], last: StateDict, scale: float) -> StateDic
 
 
 def _states(specs: list, model: nn.Module | None):
-    """(source, state) per checkpoint: finite, and with tied names filled in from the model."""
-    aliases = parameter_aliases(model) if model is not None else {}
-    for source, state in iter_state_dicts(specs):
+    """(source, state) per checkpoint: finite; given the model, keyed exactly as its
+    state_dict (tied names filled in)."""
+    if model is None:
+        for source, state in iter_state_dicts(specs):
+            check_finite(state, source)
+            yield source, state
+        return
+    model = unwrap_model(model)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    aliases = parameter_aliases(model)
+    for source, state in iter_state_dicts(specs, names=expected):
+        state = _model_keys(fill_tied_keys(state, aliases), expected, source)
         check_finite(state, source)
-        yield source, fill_tied_keys(state, aliases)
+        yield source, state
+
+
+def _model_keys(state: StateDict, expected: dict[str, tuple[int, ...]], source: str) -> StateDict:
+    """The model's keys of `state`, each with the model's shape; the checkpoint's other
+    entries are left out."""
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} that the model has ({len(missing)} of its "
+                              f"{len(expected)} keys missing; the checkpoint has {len(state)} keys, e.g. "
+                              f"{list(state)[:3]}); was it saved from this model?")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the model has "
+                                  f"{shape}")
+    return {key: state[key] for key in expected}
 
 
 def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDict], None],

@@ -1,22 +1,55 @@
 """Safe checkpoint reading and writing.
 
-Checkpoints are read with `torch.load(weights_only=True)` (.pt, .pth, .bin: a pickle that
-may only hold tensors and plain containers, so a file that would run code is refused
-before any of it runs) or safetensors (.safetensors). A state_dict nested under "state_dict"
-or "model" is unwrapped, and the `module.` (DataParallel/DDP) and `_orig_mod.`
-(torch.compile) key prefixes are stripped.
+What a checkpoint may be:
+- a state_dict (a mapping of names to tensors);
+- a file: `torch.load(weights_only=True)` for .pt, .pth, .bin and Lightning's .ckpt (a
+  pickle that may only hold tensors and plain containers, so a file that would run code is
+  refused before any of it runs), or safetensors for .safetensors. A state_dict nested
+  under "state_dict", "model" or "model_state_dict" (Lightning's .ckpt, training-loop
+  dicts) is unwrapped; the file's other entries are not used;
+- a Hugging Face `save_pretrained` directory: one checkpoint, read from its
+  model.safetensors or pytorch_model.bin, or, when sharded, from every shard its
+  model.safetensors.index.json (or pytorch_model.bin.index.json) lists.
+
+`checkpoints` arguments take a list of those, a glob pattern, or a directory: its checkpoint
+files and its save_pretrained subdirectories (an HF Trainer's checkpoint-N), in natural name
+order (step=5 before step=10). Lightning's last.ckpt (the copy of the newest checkpoint
+that save_last=True writes beside the others) is left out of a directory that holds others,
+with a warning; name it in a list to use it.
+
+How a checkpoint's keys are matched to the model's names:
+1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel) and `_orig_mod.`
+   (torch.compile) are removed from the start of every key. Two keys that become one name
+   (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which one is meant
+   cannot be known.
+2. Where the model's names are known (TWA, the baselines with `model=`, a Subspace given
+   parameter_names, ColumnReader.columns), a checkpoint is also matched with one leading
+   `model.` removed (then rule 1 again), and that reading is used when it finds more of the
+   model's names than the keys as they are. This is a LightningModule that holds the
+   network as `self.model`, whose checkpoint names the network's weights `model.<name>`,
+   read for the network itself; its keys outside `model.` are then not used. A model whose
+   own names start with `model.` (a Hugging Face LlamaForCausalLM) matches its own
+   checkpoints as they are, and its Lightning checkpoints (`model.model.<name>`) with one
+   `model.` removed. Without the model's names, keys are used as rule 1 leaves them.
+Tied weights that a file holds under one of their names only (safetensors writers keep one)
+are read under all of them when the model is given (see parameter_aliases). A wrapped model
+(torch.compile, DistributedDataParallel, DataParallel) given as the model is read as the
+module it wraps (unwrap_model), whose names its checkpoints hold under rule 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import json
 import logging
 import math
 import mmap
 import os
 import pickle
+import re
 import struct
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,17 +59,23 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 try:  # the same CRC-32 as zlib's, several times faster where zlib has no folded-multiply path
     from zlib_ng.zlib_ng import crc32 as _crc32
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored install may lack it
     from zlib import crc32 as _crc32
 
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests and benches swap it
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
+_LIGHTNING_PREFIX = "model."
+# a save_pretrained directory's weights, in the order transformers itself prefers them
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+# Lightning's save_last=True copy of the newest checkpoint: averaged in, it would count twice
+_LIGHTNING_LAST = re.compile(r"last(-v\d+)?\.ckpt")
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +84,59 @@ CheckpointSpec = Union[str, os.PathLike, Mapping[str, Tensor]]
 Checkpoints = Union[str, os.PathLike, Sequence[CheckpointSpec]]
 
 
-def _strip_prefixes(state: Mapping[str, Tensor]) -> StateDict:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
 def _strip_key(key: str) -> str:
-    return next(iter(_strip_prefixes({key: None})))
+    """`key` without its leading wrapper prefixes (`module.`, `_orig_mod.`, in any order)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _strip_names(keys: Iterable[str], source: str) -> dict[str, str]:
+    """{name: stored key}: each key without its wrapper prefixes. Two keys that become one
+    name are refused: which of them is the model's weight cannot be known."""
+    names: dict[str, str] = {}
+    for key in keys:
+        name = _strip_key(key)
+        if name in names:
+            raise CheckpointError(f"{source}: keys {names[name]!r} and {key!r} both name {name!r} once the "
+                                  f"wrapper prefixes {' / '.join(_PREFIXES)} are removed; save the state_dict of one "
+                                  "model (the unwrapped module's) so that each weight is there once")
+        names[name] = key
+    return names
+
+
+def _strip_prefixes(state: Mapping[str, Tensor], source: str = "checkpoint") -> StateDict:
+    return {name: state[key] for name, key in _strip_names(state, source).items()}
+
+
+def model_renaming(keys: Iterable[str], names: Iterable[str], source: str = "checkpoint") -> dict[str, str] | None:
+    """Rule 2 of the module docstring. `keys` are a checkpoint's names after rule 1, `names`
+    the model's: {model's name: key} when the keys are the model's names under a leading
+    `model.` (and match more of them that way than as they are), else None (use the keys
+    as they are)."""
+    wanted = set(names)
+    keys = list(keys)
+    inner = [k for k in keys if k.startswith(_LIGHTNING_PREFIX)]
+    if not inner or not wanted:
+        return None
+    renamed = _strip_names((k[len(_LIGHTNING_PREFIX):] for k in inner), source)
+    renamed = {name: _LIGHTNING_PREFIX + key for name, key in renamed.items()}
+    if sum(n in renamed for n in wanted) > sum(k in wanted for k in keys):
+        return renamed
+    return None
+
+
+def match_names(state: Mapping[str, Tensor], names: Iterable[str] | None, source: str = "checkpoint") -> StateDict:
+    """`state` (keys after rule 1) keyed by the model's `names` where rule 2 applies (see
+    the module docstring); unchanged otherwise or when `names` is None."""
+    renaming = None if names is None else model_renaming(state, names, source)
+    if renaming is None:
+        return dict(state)
+    return {name: state[key] for name, key in renaming.items()}
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
@@ -75,21 +152,84 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise CheckpointError(f"{source}: holds no tensors; save model.state_dict()")
-    return _strip_prefixes(tensors)
+    return _strip_prefixes(tensors, source)
+
+
+def checkpoint_directory_files(path: str | os.PathLike) -> list[Path] | None:
+    """The weight files of a Hugging Face save_pretrained directory: its one weights file,
+    or the shards its index lists. None when `path` is not such a directory."""
+    path = Path(path)
+    for name in _HF_WEIGHTS:
+        candidate = path / name
+        if candidate.is_file():
+            return _index_shards(candidate) if name.endswith(".json") else [candidate]
+    return None
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a save_pretrained index (`{"weight_map": {key: file}}`) lists."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a readable index of shards ({type(exc).__name__}: {exc}); "
+                              "save the model again with save_pretrained") from exc
+    shards = []
+    for name in sorted(files, key=str):
+        # a shard is a file beside its index: a path elsewhere would read files the
+        # checkpoint does not own
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name in {index.parent}")
+        shard = index.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"{index}: lists shard {name}, which is missing from {index.parent}")
+        shards.append(shard)
+    if not shards:
+        raise CheckpointError(f"{index}: lists no shards; save the model again with save_pretrained")
+    return shards
+
+
+def _directory_error(path: object) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: is a directory, not a checkpoint. A checkpoint directory is a Hugging Face save_pretrained "
+        f"directory: it holds {' or '.join(_HF_WEIGHTS)}. To use every checkpoint file in a directory, pass the "
+        "directory itself as `checkpoints`, not inside a list")
 
 
 def load_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read one checkpoint file onto the CPU, safely (see the module docstring)."""
+    """Read one checkpoint (a file or a save_pretrained directory) onto the CPU, safely (see
+    the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        files = checkpoint_directory_files(path)
+        if files is None and (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"{path}: a torch.distributed.checkpoint directory is read column by column only (TWA with "
+                "process_group= and shard=True); to read it whole, convert it once with torch.distributed."
+                "checkpoint.format_utils.dcp_to_torch_save and pass the file")
+        if files is None:
+            raise _directory_error(path)
+        if len(files) == 1:
+            return load_state_dict(files[0])
+        state: StateDict = {}
+        where: dict[str, Path] = {}
+        for shard in files:
+            for key, value in load_state_dict(shard).items():
+                if key in state:
+                    raise CheckpointError(f"{path}: key {key!r} is in two shards, {where[key].name} and "
+                                          f"{shard.name}; save the model again with save_pretrained")
+                state[key], where[key] = value, shard
+        return state
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return _strip_prefixes(load_file(str(path), device="cpu"))
+            tensors = load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return _strip_prefixes(tensors, str(path))
     return unwrap_state_dict(_torch_load(path), str(path))
 
 
@@ -162,39 +302,100 @@ def _torch_load(path: Path) -> object:
 
 
 def _refused(path: object) -> CheckpointError:
-    return CheckpointError(f"{path}: refused. It holds Python objects that safe loading (weights_only=True) does "
-                           "not run; if you trust it, load it yourself and re-save only model.state_dict()")
+    # raised while torch's refusal is handled: its message names the global it refused
+    found = re.search(r"GLOBAL (\S+)", str(sys.exc_info()[1] or ""))
+    what = f" ({found.group(1)})" if found else ""
+    if str(path).endswith(".ckpt"):
+        # Lightning stores hyper_parameters and callback states beside the weights; a class
+        # among them (a dataclass, a Namespace) is a Python object that safe loading refuses
+        return CheckpointError(
+            f"{path}: refused. This Lightning checkpoint holds Python objects{what} beside its weights (its "
+            "hyper_parameters or callback states), which safe loading (weights_only=True) does not run. Call "
+            "save_hyperparameters() with plain values (numbers, strings, lists, dicts); or, if you trust the "
+            "file, re-save its weights alone: torch.save(torch.load(path, weights_only=False)['state_dict'], "
+            "new_path)")
+    return CheckpointError(f"{path}: refused. It holds Python objects{what} that safe loading (weights_only=True) "
+                           "does not run; if you trust it, load it yourself and re-save only model.state_dict()")
+
+
+def _natural_key(path: Path) -> list:
+    """Name order with digit runs compared as numbers: step=5 before step=10."""
+    parts = re.split(r"(\d+)", path.name)
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)]  # digits at odd positions
+
+
+def _directory_checkpoints(directory: Path) -> list[Path]:
+    """A directory's checkpoint files and save_pretrained subdirectories, in natural order."""
+    found, skipped = [], []
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            if checkpoint_directory_files(entry) is not None:
+                found.append(entry)
+        elif entry.suffix in CHECKPOINT_SUFFIXES:
+            (skipped if _LIGHTNING_LAST.fullmatch(entry.name) else found).append(entry)
+    if skipped and found:
+        logger.warning("%s: leaving out %s, Lightning's copy of its newest checkpoint (save_last=True), which "
+                       "would count that checkpoint twice; pass a list of files to choose them yourself",
+                       directory, ", ".join(p.name for p in skipped))
+    else:
+        found += skipped
+    return sorted(found, key=_natural_key)
 
 
 def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
-    """A list of state_dicts and file paths from: such a list, a directory (its checkpoint
-    files in name order) or a glob pattern. An empty result is an error."""
+    """A list of state_dicts and paths from: such a list, a directory (its checkpoint files
+    and save_pretrained subdirectories in natural name order; a save_pretrained directory
+    is one checkpoint) or a glob pattern. An empty result is an error."""
+    if checkpoints is None:
+        raise InvalidTypeError("checkpoints is None: pass a list of checkpoint files or state_dicts, a directory "
+                               "or a glob pattern")
+    if isinstance(checkpoints, Mapping):
+        raise InvalidTypeError("checkpoints is one state_dict (a mapping of names to tensors) where a list of "
+                               "checkpoints was expected: pass [state_dict], or a list of several")
     if isinstance(checkpoints, (str, os.PathLike)):
         spec = str(checkpoints)
         if os.path.isdir(spec):
-            found = sorted(p for p in Path(spec).iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-            where = f"directory {spec} has no {'/'.join(CHECKPOINT_SUFFIXES)} files"
+            if checkpoint_directory_files(spec) is not None:
+                return [Path(spec)]
+            found = _directory_checkpoints(Path(spec))
+            where = (f"directory {spec} holds no checkpoint: no {'/'.join(CHECKPOINT_SUFFIXES)} files and no "
+                     f"Hugging Face save_pretrained directories (holding {' or '.join(_HF_WEIGHTS)})")
         elif any(ch in spec for ch in "*?["):
-            found = sorted(Path(p) for p in globlib.glob(spec))
+            found = sorted((Path(p) for p in globlib.glob(spec)), key=_natural_key)
             where = f"glob {spec!r} matches no files"
         else:
             found, where = [Path(spec)], ""
         if not found:
             raise CheckpointError(where)
         return list(found)
+    if isinstance(checkpoints, Tensor) or not isinstance(checkpoints, Iterable):
+        raise InvalidTypeError(f"checkpoints must be a list of checkpoint files or state_dicts, a directory or a "
+                               f"glob pattern, got {type(checkpoints).__name__}")
     items = list(checkpoints)
     if not items:
         raise CheckpointError("no checkpoints given")
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike, Mapping)):
+            raise InvalidTypeError(f"checkpoint #{i} is a {type(item).__name__}: each checkpoint must be a file "
+                                   "path, a save_pretrained directory or a state_dict")
+        if (not isinstance(item, Mapping) and os.path.isdir(item) and checkpoint_directory_files(item) is None
+                and not os.path.isfile(os.path.join(item, ".metadata"))):  # DCP: read by ColumnReader
+            raise _directory_error(item)
     return items
 
 
-def iter_state_dicts(checkpoints: Sequence[CheckpointSpec]) -> Iterator[tuple[str, StateDict]]:
-    """(name, state_dict) for each checkpoint, loading files one at a time."""
+def iter_state_dicts(checkpoints: Sequence[CheckpointSpec],
+                     names: Iterable[str] | None = None) -> Iterator[tuple[str, StateDict]]:
+    """(name, state_dict) for each checkpoint, loading files one at a time. With the model's
+    `names`, keys are matched to them as the module docstring says."""
+    names = None if names is None else list(names)
     for i, item in enumerate(checkpoints):
         if isinstance(item, Mapping):
-            yield f"checkpoint #{i}", unwrap_state_dict(item, f"checkpoint #{i}")
+            source = f"checkpoint #{i}"
+            state = unwrap_state_dict(item, source)
         else:
-            yield str(item), load_state_dict(item)
+            source, state = str(item), load_state_dict(item)
+        yield source, match_names(state, names, source)
 
 
 def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -206,6 +407,39 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     return {names[0]: names for names in groups.values()}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a wrapper holds, whose names a checkpoint's keys are matched to:
+    torch.compile's OptimizedModule (`_orig_mod`) and DistributedDataParallel / DataParallel
+    (`.module`) are unwrapped, however nested. A model sharded by FSDP2's fully_shard is
+    refused: its parameters are shards, not the weights a checkpoint holds."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            break
+    if _is_fully_sharded(model):
+        raise InvalidArgumentError(
+            "the model is sharded by FSDP2 (fully_shard): its parameters are shards of the weights. Pass an "
+            "unsharded model of the same architecture, and TWA(..., process_group=pg, shard=True) to split the "
+            "subspace across ranks instead")
+    return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # torch.compile imports torch._dynamo: where it is not imported, nothing is compiled
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
+def _is_fully_sharded(model: nn.Module) -> bool:
+    # as for compile: a model is sharded only where FSDP is imported (importing it costs ~25 MB)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
 
 
 def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]]) -> StateDict:
@@ -304,9 +538,12 @@ class ColumnReader:
     safe_open: the whole leading-dimension rows around a range), a torch.save file
     (torch.load(mmap=True, weights_only=True): only the pages a range touches are read) or a
     torch.distributed.checkpoint directory (DCP's own reader, one whole tensor at a time; the
-    last one is kept, so reading a tensor in consecutive ranges reads it once). Keys are
-    matched as load_state_dict matches them (nesting unwrapped, `module.` / `_orig_mod.`
-    stripped), and a name's `aliases` (its tied names, see parameter_aliases) stand in for it.
+    last one is kept, so reading a tensor in consecutive ranges reads it once) or a Hugging
+    Face save_pretrained directory (each key read from the shard that holds it, by that
+    file's own reader; no shard is read until one of its keys is). Keys are matched as the
+    module docstring says: rule 1 always, rule 2 with the model's `names` (given here, or
+    at the first columns(), whose names are the model's parameters), and a name's
+    `aliases` (its tied names, see parameter_aliases) stand in for it.
 
     Memory: a mapped file's pages count in the process's resident memory once touched, and
     stay there while the mapping lives, so reading a whole checkpoint through one mapping
@@ -320,7 +557,7 @@ class ColumnReader:
     """
 
     def __init__(self, spec: CheckpointSpec, index: int = 0, *, source: str | None = None,
-                 resident_bytes: int = 4 << 20):
+                 resident_bytes: int = 4 << 20, names: Iterable[str] | None = None):
         self.source = source or (f"checkpoint #{index}" if isinstance(spec, Mapping) else str(spec))
         self.resident_bytes = resident_bytes
         self._spec, self._kind, self._open_state = spec, "memory", None
@@ -329,6 +566,8 @@ class ColumnReader:
         # by name (as load_state_dict names it): the key stored in the file, and (shape, dtype)
         self._raw: dict[str, str] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._parts: dict[str, ColumnReader] = {}  # a save_pretrained directory: the reader of each key's file
+        self._matched = False
         if isinstance(spec, Mapping):
             self._open_state = unwrap_state_dict(spec, self.source)
             self._describe(self._open_state)
@@ -343,19 +582,50 @@ class ColumnReader:
                 if isinstance(entry, TensorStorageMetadata):
                     name = _strip_dcp_prefix(key)
                     self._raw[name], self._meta[name] = key, (tuple(entry.size), entry.properties.dtype)
+        elif os.path.isdir(spec):
+            self._open_directory(spec)
         elif not os.path.isfile(spec):
             raise CheckpointError(f"{spec}: no such checkpoint file")
         elif str(spec).endswith(".safetensors"):
             self._kind = "safetensors"
             handle = self._handle()
-            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            for name, key in _strip_names(handle.keys(), self.source).items():
                 part = handle.get_slice(key)
-                shape, name = tuple(part.get_shape()), part.get_dtype()
-                dtype = _SAFETENSORS_DTYPES.get(name) or (part[0:0] if shape else handle.get_tensor(key)).dtype
-                self._raw[_strip_key(key)], self._meta[_strip_key(key)] = key, (shape, dtype)
+                shape, stored = tuple(part.get_shape()), part.get_dtype()
+                dtype = _SAFETENSORS_DTYPES.get(stored) or (part[0:0] if shape else handle.get_tensor(key)).dtype
+                self._raw[name], self._meta[name] = key, (shape, dtype)
         else:
             self._kind = "mmap"
             self._describe(self._handle())
+        if names is not None:
+            self.match(names)
+
+    def _open_directory(self, spec: str | os.PathLike) -> None:
+        """A save_pretrained directory: one reader per weights file, opened lazily."""
+        files = checkpoint_directory_files(spec)
+        if files is None:
+            raise _directory_error(spec)
+        self._kind = "directory"
+        for path in files:
+            part = ColumnReader(path, source=f"{self.source}/{path.name}", resident_bytes=self.resident_bytes)
+            part._open_state = None if part._kind != "memory" else part._open_state  # reopened at its first read
+            for name in part.keys():
+                if name in self._parts:
+                    raise CheckpointError(f"{spec}: key {name!r} is in two shards, "
+                                          f"{Path(self._parts[name]._spec).name} and {path.name}; save the model "
+                                          "again with save_pretrained")
+                self._parts[name], self._raw[name], self._meta[name] = part, name, part._meta[name]
+
+    def match(self, names: Iterable[str]) -> None:
+        """Name the checkpoint's tensors by the model's `names` where rule 2 of the module
+        docstring applies. Once: later calls change nothing."""
+        if self._matched:
+            return
+        self._matched = True
+        renaming = model_renaming(self._raw, names, self.source)
+        if renaming is not None:
+            self._raw = {name: self._raw[key] for name, key in renaming.items()}
+            self._meta = {name: self._meta[key] for name, key in renaming.items()}
 
     def _describe(self, tensors: Mapping[str, Tensor]) -> None:
         self._raw = {k: k for k in tensors}
@@ -401,6 +671,11 @@ class ColumnReader:
     def _range(self, name: str, a: int, b: int) -> Iterator[Tensor]:
         """Elements a..b of the flattened tensor `name` (one of keys()), in its own dtype,
         valid inside the `with` block only: its pages are given back when it ends."""
+        if self._kind == "directory":
+            key = self._raw[name]
+            with self._parts[key]._range(key, a, b) as value:
+                yield value
+            return
         value, mapped = self._slice(name, a, b)
         try:
             yield value
@@ -450,7 +725,9 @@ class ColumnReader:
     def _checked_key(self, name: str, shape: Sequence[int], aliases: Sequence[str]) -> str:
         key = self.key(name, aliases)
         if key is None:
-            raise CheckpointError(f"{self.source}: missing key {name!r}; was it saved from the same model?")
+            keys = self.keys()
+            raise CheckpointError(f"{self.source}: missing key {name!r} (it has {len(keys)} keys, e.g. {keys[:3]}); "
+                                  "was it saved from the same model?")
         got = self.shape(key)
         if got != tuple(shape):
             raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")
@@ -506,6 +783,8 @@ class ColumnReader:
         checked: the check is most of the cost of a read from the page cache): written into
         `out` (a new float32 tensor by default), or added to it with add=True, one tensor's
         piece at a time, so the temporary memory is at most one piece."""
+        if not self._matched:
+            self.match([*names, *(a for n in names for a in (aliases or {}).get(n, ()))])
         if out is None:
             out = torch.empty(stop - start, dtype=torch.float32)
         if out.numel() != stop - start:

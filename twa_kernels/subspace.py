@@ -230,7 +230,9 @@ class Subspace:
         names, total = parameter_names, None
         shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
-        for source, state in _progress(iter_state_dicts(specs), len(specs), "averaging", progress):
+        # the model's names, which checkpoint keys are matched to (io's module docstring)
+        wanted = None if names is None else [*names, *(a for n in names for a in aliases.get(n, ()))]
+        for source, state in _progress(iter_state_dicts(specs, wanted), len(specs), "averaging", progress):
             if names is None:
                 names = default_parameter_names(state)
             if shapes is None:
@@ -249,7 +251,7 @@ class Subspace:
         blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)
         offsets = block_offsets_from_sizes(blocks, center.numel())
         rows = []
-        for source, state in _progress(iter_state_dicts(specs), len(specs), "building basis", progress):
+        for source, state in _progress(iter_state_dicts(specs, wanted), len(specs), "building basis", progress):
             row = _flatten(state, names, shapes, source, aliases) - center
             check_row_range(row, names, shapes, source)
             if normalize_rows:

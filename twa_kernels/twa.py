@@ -31,7 +31,7 @@ from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._memory import empty_huge
 from twa_kernels.averaging import update_bn
-from twa_kernels.io import Checkpoints, parameter_aliases
+from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
 from twa_kernels.ops import reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.subspace import Subspace, check_build_args
@@ -64,6 +64,7 @@ class TWA(nn.Module):
         check_build_args(bits, group_size, granularity)
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
+        model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
         names = [name for name, _ in model.named_parameters()]
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):

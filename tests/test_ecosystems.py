@@ -1,0 +1,282 @@
+"""Checkpoints in the shapes other libraries write them, with the real libraries: Hugging
+Face save_pretrained directories (one file, or shards read through their index), Lightning
+ModelCheckpoint .ckpt files, and the wrapped models (torch.compile, DataParallel) that wrote
+their checkpoints. Models are tiny and built from configs: nothing is downloaded."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import twa_kernels as tk
+from twa_kernels import io
+from twa_kernels.errors import CheckpointError
+
+GPT2 = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
+
+
+def _gpt2(seed: int):
+    torch.manual_seed(seed)
+    transformers.logging.set_verbosity_error()  # the tiny vocabulary makes it warn about GPT-2's token ids
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).eval()
+
+
+def _mean(states: list[dict], keys) -> dict:
+    return {k: torch.stack([s[k].double() for s in states]).mean(0).float() for k in keys}
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory):
+    """Three fine-tunes of one GPT-2, each saved as one file and as shards, named as the
+    HF Trainer names its checkpoints (checkpoint-5 before checkpoint-10)."""
+    root = tmp_path_factory.mktemp("hf")
+    states, single, sharded = [], [], []
+    for i, step in enumerate((5, 10, 15)):
+        model = _gpt2(i)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        single.append(root / "single" / f"checkpoint-{step}")
+        sharded.append(root / "sharded" / f"checkpoint-{step}")
+        model.save_pretrained(single[-1])
+        model.save_pretrained(sharded[-1], max_shard_size="50KB")
+    assert len(list(sharded[0].glob("*.safetensors"))) > 2 and (sharded[0] / "model.safetensors.index.json").exists()
+    # save_pretrained keeps one name of the tied embedding and output weights
+    assert "lm_head.weight" not in io.load_state_dict(single[0] / "model.safetensors")
+    return {"root": root, "states": states, "single": single, "sharded": sharded}
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_save_pretrained_directories_are_one_checkpoint_each(hf_runs, layout):
+    dirs = hf_runs[layout]
+    model = _gpt2(7)
+    keys = list(model.state_dict())
+    want = _mean(hf_runs["states"], keys)
+    assert io.resolve_checkpoints(dirs[0]) == [dirs[0]]  # one directory is one checkpoint
+    for state in hf_runs["states"][:1]:
+        got = io.load_state_dict(dirs[0])
+        assert all(torch.equal(got[k], state[k]) for k in got) and len(got) == len(keys) - 1  # lm_head tied
+    twa = tk.TWA(model, dirs, bits=None)
+    averaged = twa.averaged_state_dict()
+    for key in keys:
+        torch.testing.assert_close(averaged[key], want[key], rtol=0, atol=1e-6)
+    assert torch.equal(averaged["lm_head.weight"], averaged["transformer.wte.weight"])  # tied, filled from the model
+    soup = tk.uniform_average(dirs, model=model)
+    assert list(soup) == keys
+    for key in keys:
+        torch.testing.assert_close(soup[key], want[key], rtol=0, atol=1e-6)
+
+
+def test_a_folder_of_trainer_checkpoints_is_read_in_step_order(hf_runs):
+    model = _gpt2(7)
+    root = hf_runs["root"] / "sharded"
+    assert io.resolve_checkpoints(root) == hf_runs["sharded"]  # checkpoint-5, -10, -15: natural order
+    ema = tk.ema_average(root, decay=0.5, model=model)
+    want = hf_runs["states"][0]["transformer.h.0.mlp.c_fc.weight"].double()
+    for state in hf_runs["states"][1:]:
+        want = 0.5 * want + 0.5 * state["transformer.h.0.mlp.c_fc.weight"].double()
+    torch.testing.assert_close(ema["transformer.h.0.mlp.c_fc.weight"], want.float(), rtol=0, atol=1e-6)
+
+
+def test_sharded_checkpoints_read_column_by_column_open_only_the_shard_they_need(hf_runs, monkeypatch):
+    model = _gpt2(7)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    aliases = io.parameter_aliases(model)
+    reference = torch.cat([hf_runs["states"][1][n].reshape(-1) for n in names])
+    reader = io.ColumnReader(hf_runs["sharded"][1])
+    assert torch.equal(reader.columns(names, shapes, 0, reference.numel(), aliases), reference)
+    assert set(reader.keys()) == set(io.load_state_dict(hf_runs["single"][1]))
+
+    import safetensors
+
+    opened = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: opened.append(Path(path).name) or
+                        real(path, *a, **k))
+    reader = io.ColumnReader(hf_runs["sharded"][1])
+    opened.clear()  # the metadata of every shard was read; now one tensor's columns
+    offset = sum(math.prod(s) for s in shapes[:names.index("transformer.h.1.mlp.c_proj.weight")])
+    got = reader.columns(names, shapes, offset + 10, offset + 20, aliases)
+    assert torch.equal(got, reference[offset + 10: offset + 20])
+    index = (hf_runs["sharded"][1] / "model.safetensors.index.json").read_text()
+    holder = re.search(r'"transformer\.h\.1\.mlp\.c_proj\.weight": "([^"]+)"', index).group(1)
+    assert set(opened) == {holder}
+
+
+def test_sharded_build_of_save_pretrained_directories(hf_runs):
+    """tk.TWA(..., process_group=pg, shard=True) reads its columns through ColumnReader."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _gpt2(7)
+        sharded = tk.TWA(model, hf_runs["sharded"], bits=4, process_group=dist.group.WORLD, shard=True)
+        whole = tk.TWA(model, hf_runs["single"], bits=4)
+        assert torch.equal(sharded.center, whole.center)
+        assert torch.equal(sharded.basis_codes, whole.basis_codes)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_named_as_one(hf_runs, tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CheckpointError, match=r"notes: is a directory, not a checkpoint.*model\.safetensors"):
+        tk.TWA(_gpt2(7), [hf_runs["single"][0], tmp_path / "notes"])
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint"):
+        io.ColumnReader(tmp_path / "notes")
+
+
+# -- wrapped models ------------------------------------------------------------------------
+
+
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_the_wrapped_model_that_wrote_the_checkpoints_is_accepted(wrap):
+    inner = [_mlp(i) for i in range(3)]
+    checkpoints = [wrap(m).state_dict() for m in inner]
+    prefix = "_orig_mod." if wrap is torch.compile else "module."
+    assert all(k.startswith(prefix) for k in checkpoints[0])
+    keys = list(_mlp(0).state_dict())
+    want = _mean([m.state_dict() for m in inner], keys)
+    wrapped = wrap(_mlp(9))
+    twa = tk.TWA(wrapped, checkpoints, bits=None)
+    assert twa.module is (wrapped._orig_mod if wrap is torch.compile else wrapped.module)
+    for key in keys:
+        torch.testing.assert_close(twa.averaged_state_dict()[key], want[key], rtol=0, atol=1e-6)
+    for soup in (tk.uniform_average(checkpoints, model=wrapped),
+                 tk.greedy_soup(checkpoints, lambda s: 0.0, model=wrapped)[0]):
+        assert list(soup) == keys
+
+
+def test_a_model_sharded_by_fully_shard_is_refused_with_what_to_pass():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = fully_shard(_mlp(0))
+        with pytest.raises(tk.errors.InvalidArgumentError, match=r"sharded by FSDP2.*unsharded model"):
+            tk.TWA(model, [_mlp(i).state_dict() for i in range(2)])
+    finally:
+        dist.destroy_process_group()
+
+
+# -- Lightning -----------------------------------------------------------------------------
+
+
+class _Classifier(L.LightningModule):
+    """The usual layout: the network is the module's `model` attribute."""
+
+    def __init__(self, lr: float = 0.05, config: object = None):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def _fit(folder: Path, module: L.LightningModule, every: int, steps: int, **checkpointing) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(2 * steps, 8, generator=gen),
+                                          torch.randint(0, 4, (2 * steps,), generator=gen))
+    trainer = L.Trainer(max_epochs=1, enable_progress_bar=False, logger=False, accelerator="cpu",
+                        enable_model_summary=False, enable_checkpointing=True, default_root_dir=str(folder),
+                        callbacks=[ModelCheckpoint(dirpath=str(folder), save_top_k=-1, every_n_train_steps=every,
+                                                   **checkpointing)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lightning")
+    _fit(folder, _Classifier(), every=2, steps=12, save_last=True)
+    steps = sorted(folder.glob("epoch=*.ckpt"), key=lambda p: int(re.search(r"step=(\d+)", p.name).group(1)))
+    assert len(steps) == 6 and (folder / "last.ckpt").exists()  # step=2 ... step=12, and the save_last copy
+    # what the network's own state_dict holds at each step (Lightning names it model.<name>)
+    states = [{k[len("model."):]: v for k, v in torch.load(p, weights_only=True)["state_dict"].items()}
+              for p in steps]
+    return folder, steps, states
+
+
+def test_a_folder_of_lightning_checkpoints_in_step_order(lightning_run, caplog):
+    folder, steps, _ = lightning_run
+    with caplog.at_level(logging.WARNING, logger="twa_kernels.io"):
+        assert io.resolve_checkpoints(folder) == steps  # step=10 after step=8; last.ckpt left out
+    assert "last.ckpt" in caplog.text
+
+
+def test_lightning_checkpoints_match_the_inner_network(lightning_run):
+    folder, _, states = lightning_run
+    inner = _Classifier().model
+    keys = list(inner.state_dict())
+    want = _mean(states, keys)
+    twa = tk.TWA(inner, folder, bits=None)
+    for key in keys:
+        torch.testing.assert_close(twa.averaged_state_dict()[key], want[key], rtol=0, atol=1e-6)
+    soup = tk.uniform_average(folder, model=inner)
+    assert list(soup) == keys
+    for key in keys:
+        torch.testing.assert_close(soup[key], want[key], rtol=0, atol=1e-6)
+    ema = tk.ema_average(folder, decay=0.5, model=inner)
+    expected = states[0]["0.weight"].double()
+    for state in states[1:]:
+        expected = 0.5 * expected + 0.5 * state["0.weight"].double()
+    assert list(ema) == keys
+    torch.testing.assert_close(ema["0.weight"], expected.float(), rtol=0, atol=1e-6)
+    greedy, _ = tk.greedy_soup(folder, lambda s: -float(s["2.bias"].norm()), model=inner)
+    assert list(greedy) == keys
+    # the LightningModule itself matches its own keys, and so does no model at all
+    assert list(tk.uniform_average(folder, model=_Classifier())) == list(_Classifier().state_dict())
+    assert all(k.startswith("model.") for k in tk.uniform_average(folder))
+
+
+def test_lightning_columns_match_the_inner_network(lightning_run):
+    _, steps, states = lightning_run
+    inner = _Classifier().model
+    names = [n for n, _ in inner.named_parameters()]
+    shapes = [tuple(p.shape) for p in inner.parameters()]
+    reference = torch.cat([states[3][n].reshape(-1) for n in names])
+    got = io.ColumnReader(steps[3]).columns(names, shapes, 0, reference.numel())
+    assert torch.equal(got, reference)
+
+
+def test_baselines_name_the_key_a_checkpoint_lacks(lightning_run):
+    folder, _, _ = lightning_run
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 2))
+    with pytest.raises(CheckpointError, match=r"step=2\.ckpt: missing key '3\.weight' that the model has"):
+        tk.uniform_average(folder, model=other)
+
+
+class _Config:
+    """Hyper-parameters as an object, not plain values."""
+
+
+def test_a_lightning_checkpoint_holding_objects_is_refused_with_the_fix(tmp_path):
+    _fit(tmp_path, _Classifier(config=_Config()), every=2, steps=4)
+    files = sorted(tmp_path.glob("*.ckpt"))
+    with pytest.raises(CheckpointError, match=r"refused\. This Lightning checkpoint holds Python objects "
+                                              r"\(.*_Config\).*save_hyperparameters\(\) with plain values"):
+        tk.uniform_average(files, model=_Classifier().model)
