@@ -223,6 +223,12 @@ def broken_model():
         raise RuntimeError("rank 1 cannot build its model")
     return _make(0)
 
+def model_on_own_disk():
+    # rank 1 runs on a node of its own: the same relative checkpoint paths name its own files
+    if os.environ.get("RANK") == "1":
+        os.chdir("rank1")
+    return _make(0)
+
 def train_loader():
     return DataLoader(_data(48, 0), batch_size=8, shuffle=True)
 
@@ -292,3 +298,58 @@ def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):
     assert result.returncode != 0
     assert "rank 1 cannot build its model" in result.stderr + result.stdout
     assert not (user_project / "o2" / "report.json").exists()
+
+
+# -- hostile and inconsistent checkpoints under a process group ------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_job(tmp_path_factory):
+    import functools
+
+    root = str(tmp_path_factory.mktemp("hostile"))
+    w.write_hostile_checkpoints(root, 2)
+    return w.spawn(functools.partial(w.hostile_scenarios, root), 2, str(tmp_path_factory.mktemp("hostile_out")))
+
+
+def test_same_paths_with_identical_copies_build_without_error(hostile_job):
+    for res in hostile_job:
+        assert res["same_copies"] is None and res["after"] is None
+
+
+@pytest.mark.parametrize("mode", ["sharded", "replicated"])
+def test_a_rank_with_a_corrupt_checkpoint_reports_its_own_error_on_every_rank(hostile_job, mode):
+    own, peer = hostile_job[1][f"corrupt_{mode}"], hostile_job[0][f"corrupt_{mode}"]
+    assert own.startswith("CheckpointError") and "corrupt/c1.pt" in own, own
+    # rank 0 names rank 1 and its error, not a lost connection
+    assert peer.startswith("RankFailedError: rank 1 failed while"), peer
+    assert own in peer and "Connection closed" not in peer
+
+
+def test_a_malicious_dcp_metadata_is_refused_on_every_rank_and_runs_nothing(hostile_job):
+    for res in hostile_job:
+        text = res["dcp_payload"]
+        assert text.startswith("CheckpointError") and "dcp/d1/.metadata: refused" in text, text
+        assert "posix.system" in text
+        assert not res["marker_exists"]
+
+
+def test_a_rank_with_a_corrupt_checkpoint_is_the_root_cause_in_torchruns_summary(user_project):
+    import shutil
+
+    own = user_project / "rank1" / "ckpts"
+    shutil.copytree(user_project / "ckpts", own)
+    (own / "epoch_1.pt").write_bytes(b"not a checkpoint" * 64)
+    result = _torchrun(user_project, _fit_config(user_project, model="userpkg_dist:model_on_own_disk",
+                                                 checkpoints="ckpts/epoch_*.pt", output=str(user_project / "o3")))
+    text = result.stderr + result.stdout
+    assert result.returncode != 0
+    # rank 0 names rank 1 and its error, where it would have reported a lost connection
+    assert "RankFailedError: rank 1 failed while reading its checkpoints" in text, text[-6000:]
+    assert "Connection closed by peer" not in text
+    # torchrun's summary: the root cause is rank 1's own error, from the error file it wrote
+    root_cause = text.split("Root Cause (first observed failure):", 1)[1]
+    header, traceback = root_cause.split("traceback :", 1)
+    assert "rank      : 1 (local_rank: 1)" in header and "error.json" in header, root_cause[:1500]
+    assert "CheckpointError: ckpts/epoch_1.pt" in traceback, root_cause[:1500]
+    assert not (user_project / "o3" / "report.json").exists()
