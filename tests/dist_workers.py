@@ -468,6 +468,8 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                                   shard=shard)
         # identical copies on both ranks: no error (the check has no false positives)
         out["same_copies"] = _error_text(twa("same"))
+        # rank 1's copies of c0.safetensors and c1.pt hold other weights (same names, shapes, sizes)
+        out["different_copies"] = _error_text(twa("different"))
         # rank 1's c1.pt is not a checkpoint at all: its own error, and rank 0 names it
         out["corrupt_sharded"] = _error_text(twa("corrupt"))
         out["corrupt_replicated"] = _error_text(twa("corrupt", shard=False))

@@ -317,6 +317,16 @@ def test_same_paths_with_identical_copies_build_without_error(hostile_job):
         assert res["same_copies"] is None and res["after"] is None
 
 
+def test_sharded_ranks_given_different_copies_of_the_same_paths_fail_naming_the_files(hostile_job):
+    for res in hostile_job:
+        text = res["different_copies"]
+        assert text.startswith("CheckpointContentMismatchError"), text
+        # c0.safetensors: same header and size, other weights; c1.pt: its records' CRCs differ
+        assert "different/c0.safetensors (rank 1: sampled weights)" in text
+        assert "different/c1.pt (rank 1: header, sampled weights)" in text
+        assert "c2.safetensors" not in text and "c3.pt" not in text
+
+
 @pytest.mark.parametrize("mode", ["sharded", "replicated"])
 def test_a_rank_with_a_corrupt_checkpoint_reports_its_own_error_on_every_rank(hostile_job, mode):
     own, peer = hostile_job[1][f"corrupt_{mode}"], hostile_job[0][f"corrupt_{mode}"]

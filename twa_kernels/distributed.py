@@ -17,7 +17,13 @@ to the column owners, projects locally and all-reduces the [k, B] partial sums. 
 W x group_size elements (all_gather_into_tensor needs equal chunks).
 
 Every rank must hold the same basis: construction all-gathers a cheap checksum of it and
-raises BasisMismatchError naming the ranks that differ. DDP over a TWA module is supported
+raises BasisMismatchError naming the ranks that differ. A sharded build cannot compare
+bases (each rank holds other columns), so it compares the files: each checkpoint's size, a
+digest of its header (a zip torch file's records' CRC-32s, a safetensors header, a DCP
+directory's tensors and data files) and of a few columns every rank reads, raising
+CheckpointContentMismatchError naming each file whose copies differ. A rank that fails
+while building (a corrupt file of its own) makes every rank stop together, each naming it
+(see agree). DDP over a TWA module is supported
 (TWA tells DDP to ignore the center and basis buffers, so they are never broadcast); it
 averages the coefficient gradients itself, so leave process_group=None under DDP.
 """
@@ -33,6 +39,7 @@ import math
 import os
 import time
 import traceback
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -419,6 +426,10 @@ class CheckpointListMismatchError(BasisMismatchError):
     """The ranks were given different checkpoint lists."""
 
 
+class CheckpointContentMismatchError(CheckpointListMismatchError):
+    """The ranks were given the same checkpoint paths, but some of the files differ."""
+
+
 class RankFailedError(TWAKernelsError, RuntimeError):
     """Another rank of the process group failed: the message names it and its own error."""
 
@@ -507,6 +518,98 @@ def _same_checkpoint_lists(specs: list, group: Any) -> None:
             "rank the same files in the same order")
 
 
+_SAMPLE_WINDOWS, _SAMPLE_COLUMNS = 4, 64  # the columns every rank reads of every checkpoint, to compare
+
+
+def _digest(*parts: object) -> int:
+    """63 bits of a SHA-256 of `parts` (bytes, or anything with a stable repr)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def _file_fingerprint(spec: Any) -> tuple[int, int]:
+    """(size in bytes, digest of the file's header) of a checkpoint file or DCP directory,
+    from its metadata alone; (0, 0) for an in-memory state_dict. The header of a zip torch
+    file holds a CRC-32 of every record, so it covers the whole content; a safetensors
+    header names the tensors, their dtypes, shapes and offsets; a DCP directory's, its
+    tensors and data files (not its save id, which differs between two saves of one state)."""
+    if isinstance(spec, Mapping):
+        return 0, 0
+    path = os.fspath(spec)
+    if os.path.isdir(path):
+        from twa_kernels import _dcp
+
+        metadata = _dcp.read_metadata(path)
+        files = sorted({info.relative_path for info in metadata.storage_data.values()})
+        sizes = [os.path.getsize(os.path.join(path, f)) if os.path.isfile(os.path.join(path, f)) else -1 for f in files]
+        layout = sorted((k, tuple(shape), str(dtype)) for k, (shape, dtype) in _dcp.tensor_entries(metadata).items())
+        places = sorted((i.fqn, tuple(i.offset or ()), d.relative_path, d.offset, d.length)
+                        for i, d in metadata.storage_data.items())
+        return sum(sizes), _digest(layout, places, files, sizes)
+    size = os.path.getsize(path)
+    if zipfile.is_zipfile(path):
+        # record names start with the file's name at save time, and the serialization id
+        # identifies a save, not the weights: both left out
+        with zipfile.ZipFile(path) as archive:
+            records = sorted((i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in archive.infolist()
+                             if not i.filename.endswith(".data/serialization_id"))
+        return size, _digest(records)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.endswith(".safetensors") and len(head) == 8:
+            header = f.read(min(int.from_bytes(head, "little"), 100 << 20))
+            try:  # the tensors' entries; __metadata__ is free text a writer may fill differently
+                entries = json.loads(header)
+                entries.pop("__metadata__", None)
+                return size, _digest(sorted((k, repr(v)) for k, v in entries.items()))
+            except (ValueError, AttributeError):  # not JSON: ColumnReader has refused it already
+                return size, _digest(header)
+        head += f.read(64 << 10)
+    return size, _digest(head)
+
+
+def _content_sample(reader: ColumnReader, names: list[str], shapes: list[tuple[int, ...]], num_cols: int,
+                    aliases: dict[str, list[str]]) -> int:
+    """Digest of the same few columns of a checkpoint on every rank (_SAMPLE_WINDOWS windows
+    of _SAMPLE_COLUMNS, spread over the model): two copies of a path that hold different
+    weights (another epoch, another run) differ there, whatever their headers say."""
+    h = hashlib.sha256()
+    width = min(_SAMPLE_COLUMNS, num_cols)
+    for j in range(_SAMPLE_WINDOWS):
+        a = min(j * num_cols // _SAMPLE_WINDOWS, num_cols - width)
+        values = reader.columns(names, shapes, a, a + width, aliases, check_finite=False)
+        h.update(values.numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def _same_checkpoint_contents(specs: list, prints: list[tuple[int, int, int]], group: Any) -> None:
+    """All-gather each checkpoint's (size, header digest, sample digest) and raise
+    CheckpointContentMismatchError naming each file that differs from rank 0's copy, on
+    which ranks and how. Replicated mode compares the whole bases; sharded mode cannot (each
+    rank holds other columns), so it compares the files."""
+    table = _gather_rows(torch.tensor(prints, dtype=torch.int64).reshape(-1), group)
+    ref = table[0].view(len(specs), 3)
+    what = ("size", "header", "sampled weights")
+    problems = []
+    for i, spec in enumerate(specs):
+        differ: dict[int, list[str]] = {}
+        for rank, row in enumerate(table[1:], start=1):
+            fields = [what[j] for j in range(3) if row.view(len(specs), 3)[i, j] != ref[i, j]]
+            if fields:
+                differ[rank] = fields
+        if differ:
+            name = str(spec) if not isinstance(spec, Mapping) else f"state_dict #{i}"
+            problems.append(f"{name} (" + "; ".join(f"rank {r}: {', '.join(f)}" for r, f in differ.items()) + ")")
+    if problems:
+        raise CheckpointContentMismatchError(
+            f"the ranks were given the same checkpoint paths, but these differ from rank 0's copy: "
+            f"{', '.join(problems)}. Every rank must read the very same files: copy rank 0's checkpoints to every "
+            "node, or put them on a shared file system")
+
+
 @torch.no_grad()
 def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: list[tuple[int, ...]],
                 bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
@@ -528,13 +631,16 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     edges = shard_columns(num_cols, group_size, dist.get_world_size(process_group))
     start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
 
-    def average() -> Tensor:
-        total = torch.zeros(stop - start, dtype=torch.float64)
+    def average() -> tuple[Tensor, list[tuple[int, int, int]]]:
+        total, prints = torch.zeros(stop - start, dtype=torch.float64), []
         for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
-            ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, out=total, add=True)
-        return total
+            reader = ColumnReader(spec, i)
+            prints.append((*_file_fingerprint(spec), _content_sample(reader, names, shapes, num_cols, aliases)))
+            reader.columns(names, shapes, start, stop, aliases, out=total, add=True)
+        return total, prints
 
-    total = agree(average, process_group, "reading its checkpoints")
+    total, prints = agree(average, process_group, "reading its checkpoints")
+    _same_checkpoint_contents(specs, prints, process_group)
     center = mean_center(total, len(specs))
     del total
     offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
