@@ -13,6 +13,7 @@ import torch
 
 import twa_kernels as tk
 from twa_kernels import distributed
+from twa_kernels.errors import CheckpointError
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import quantize
 
@@ -297,6 +298,9 @@ def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):
                        timeout=150)
     assert result.returncode != 0
     assert "rank 1 cannot build its model" in result.stderr + result.stdout
+    # rank 0 failed only because rank 1 went away: the summary's root cause is rank 1's error
+    root_cause = (result.stderr + result.stdout).split("Root Cause (first observed failure):", 1)[1]
+    assert "RuntimeError: rank 1 cannot build its model" in root_cause, root_cause[:1500]
     assert not (user_project / "o2" / "report.json").exists()
 
 
@@ -363,3 +367,35 @@ def test_a_rank_with_a_corrupt_checkpoint_is_the_root_cause_in_torchruns_summary
     assert "rank      : 1 (local_rank: 1)" in header and "error.json" in header, root_cause[:1500]
     assert "CheckpointError: ckpts/epoch_1.pt" in traceback, root_cause[:1500]
     assert not (user_project / "o3" / "report.json").exists()
+
+
+@pytest.mark.parametrize("error, later", [(CheckpointError("ckpt.pt: corrupt"), 0),
+                                          (RuntimeError("[pair.cc:534] Connection closed by peer [::1]:4"), 1),
+                                          (distributed.RankFailedError("rank 1 failed while ..."), 1)],
+                         ids=["own error", "lost connection", "a peer's error"])
+def test_record_errors_writes_torchruns_error_file_dating_follow_on_failures_later(tmp_path, monkeypatch, error,
+                                                                                     later):
+    import json
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    monkeypatch.setattr(distributed.time, "time", lambda: 1000.0)
+
+    @distributed.record_errors
+    def entry():
+        raise error
+    with pytest.raises(type(error)):
+        entry()
+    message = json.loads(path.read_text())["message"]
+    assert message["message"] == f"{type(error).__name__}: {error}"
+    assert str(error) in message["extraInfo"]["py_callstack"]
+    assert message["extraInfo"]["timestamp"] == str(1000 + later)
+
+
+def test_record_errors_outside_torchrun_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert distributed.record_errors(lambda x: x + 1)(1) == 2
+    with pytest.raises(ValueError):
+        distributed.record_errors(lambda: int("x"))()
+    assert not list(tmp_path.iterdir())
