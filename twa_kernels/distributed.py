@@ -23,9 +23,11 @@ digest of its header (a zip torch file's records' CRC-32s, a safetensors header,
 directory's tensors and data files) and of a few columns every rank reads, raising
 CheckpointContentMismatchError naming each file whose copies differ. A rank that fails
 while building (a corrupt file of its own) makes every rank stop together, each naming it
-(see agree). DDP over a TWA module is supported
-(TWA tells DDP to ignore the center and basis buffers, so they are never broadcast); it
-averages the coefficient gradients itself, so leave process_group=None under DDP.
+(see agree); under torchrun, `record_errors` puts each rank's own error in the job summary.
+
+DDP over a TWA module is supported (TWA tells DDP to ignore the center and basis buffers,
+so they are never broadcast); it averages the coefficient gradients itself, so leave
+process_group=None under DDP.
 """
 
 from __future__ import annotations
