@@ -389,7 +389,7 @@ def test_record_errors_writes_torchruns_error_file_dating_follow_on_failures_lat
     message = json.loads(path.read_text())["message"]
     assert message["message"] == f"{type(error).__name__}: {error}"
     assert str(error) in message["extraInfo"]["py_callstack"]
-    assert message["extraInfo"]["timestamp"] == str(1000 + later)
+    assert message["extraInfo"]["timestamp"] == str(1000 + later * distributed._FOLLOW_ON_DELAY_S)
 
 
 def test_record_errors_outside_torchrun_writes_nothing(tmp_path, monkeypatch):

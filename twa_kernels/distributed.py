@@ -680,6 +680,11 @@ def init_from_environment(timeout_s: float = 300.0) -> Any:
     return dist.group.WORLD
 
 
+# how much later than its failure a follow-on failure is dated: more than the time between
+# the failing rank's error and its record, so the cause stays the earliest under any load
+_FOLLOW_ON_DELAY_S = 5
+
+
 def _after_a_peer(exc: BaseException) -> bool:
     """Whether `exc` only follows another rank's failure: that rank's error was sent here
     (RankFailedError), or a collective lost its connection to a rank that had gone away."""
@@ -695,7 +700,7 @@ def record_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
     the error file torchrun names in TORCHELASTIC_ERROR_FILE (the JSON that
     torch.distributed.elastic's @record writes), so the job's summary shows each rank's own
     error, not a bare exit code. torchrun's "Root Cause" is the earliest record; a rank that
-    failed only because a peer failed first (_after_a_peer) dates its record one second
+    failed only because a peer failed first (_after_a_peer) dates its record a few seconds
     later, so the peer's own error is named as the cause. Outside torchrun it changes nothing."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> _T:
@@ -710,7 +715,7 @@ def record_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
 
 
 def _write_error_file(path: str, exc: BaseException) -> None:
-    stamp = int(time.time()) + (1 if _after_a_peer(exc) else 0)
+    stamp = int(time.time()) + (_FOLLOW_ON_DELAY_S if _after_a_peer(exc) else 0)
     data = {"message": {"message": f"{type(exc).__name__}: {exc}",
                         "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc)),
                                       "timestamp": str(stamp)}}}
