@@ -421,3 +421,104 @@ def sharded_build(folder, dcp_folder, rank, world):
     except distributed.CheckpointListMismatchError as exc:
         out["list_error"] = str(exc)
     return out
+
+
+# -- hostile and inconsistent checkpoints under a process group ---------------------------
+
+
+def _save_small_checkpoints(folder: str, seed: int = 0) -> list[str]:
+    """The K checkpoints of model_and_checkpoints() as files: safetensors and .pt alternating
+    (the two formats read by column); `seed` != 0 perturbs them (another run's files)."""
+    from twa_kernels.io import save_state_dict
+    _, ckpts = model_and_checkpoints()
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for i, state in enumerate(ckpts):
+        if seed:
+            state = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                     for k, v in state.items()}
+        name = f"c{i}.{'safetensors' if i % 2 == 0 else 'pt'}"
+        save_state_dict(state, os.path.join(folder, name))
+        names.append(name)
+    return names
+
+
+def _error_text(fn) -> str | None:
+    """`Type: message` of what fn() raised, None if it returned."""
+    try:
+        fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def hostile_scenarios(root: str, rank: int, world: int) -> dict:
+    """Each rank works in root/rank<r> (its own disk); the checkpoint paths are relative, so
+    every rank is given the same list. Returns each scenario's error text on this rank."""
+    import twa_kernels as tk
+    model, _ = model_and_checkpoints()
+    own = os.path.join(root, f"rank{rank}")
+    out = {}
+    cwd = os.getcwd()
+    os.chdir(own)
+    try:
+        def twa(folder, shard=True):
+            files = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
+            return lambda: tk.TWA(model, files, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+                                  shard=shard)
+        # identical copies on both ranks: no error (the check has no false positives)
+        out["same_copies"] = _error_text(twa("same"))
+        # rank 1's copies of c0.safetensors and c1.pt hold other weights (same names, shapes, sizes)
+        out["different_copies"] = _error_text(twa("different"))
+        # rank 1's c1.pt is not a checkpoint at all: its own error, and rank 0 names it
+        out["corrupt_sharded"] = _error_text(twa("corrupt"))
+        out["corrupt_replicated"] = _error_text(twa("corrupt", shard=False))
+        # a DCP checkpoint whose .metadata would create a marker file when unpickled
+        out["dcp_payload"] = _error_text(twa("dcp"))
+        out["marker_exists"] = os.path.exists(os.path.join(root, "MARKER"))
+        # a run after the failures: every rank left each failed step together, so the
+        # process group is still usable
+        out["after"] = _error_text(twa("same"))
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+class _MarkerPayload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_hostile_checkpoints(root: str, world: int) -> None:
+    """root/rank<r>/{same,different,corrupt,dcp}/ for each rank (see hostile_scenarios)."""
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    import warnings
+    from twa_kernels.io import load_state_dict
+    for rank in range(world):
+        base = os.path.join(root, f"rank{rank}")
+        for sub in ("same", "different", "corrupt", "dcp"):
+            os.makedirs(os.path.join(base, sub))
+        _save_small_checkpoints(os.path.join(base, "same"))
+        names = _save_small_checkpoints(os.path.join(base, "different"))
+        if rank == 1:
+            other = os.path.join(root, "other")
+            _save_small_checkpoints(other, seed=5)
+            for name in names[:2]:
+                shutil.copyfile(os.path.join(other, name), os.path.join(base, "different", name))
+        _save_small_checkpoints(os.path.join(base, "corrupt"))
+        if rank == 1:
+            with open(os.path.join(base, "corrupt", "c1.pt"), "wb") as f:
+                f.write(b"not a checkpoint" * 64)
+        for i, name in enumerate(names):
+            state = load_state_dict(os.path.join(base, "same", name))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save({"model": state}, checkpoint_id=os.path.join(base, "dcp", f"d{i}"), no_dist=True)
+        with open(os.path.join(base, "dcp", "d1", ".metadata"), "wb") as f:
+            pickle.dump(_MarkerPayload(os.path.join(root, "MARKER")), f)

@@ -13,6 +13,7 @@ import torch
 
 import twa_kernels as tk
 from twa_kernels import distributed
+from twa_kernels.errors import CheckpointError
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import quantize
 
@@ -223,6 +224,12 @@ def broken_model():
         raise RuntimeError("rank 1 cannot build its model")
     return _make(0)
 
+def model_on_own_disk():
+    # rank 1 runs on a node of its own: the same relative checkpoint paths name its own files
+    if os.environ.get("RANK") == "1":
+        os.chdir("rank1")
+    return _make(0)
+
 def train_loader():
     return DataLoader(_data(48, 0), batch_size=8, shuffle=True)
 
@@ -291,4 +298,104 @@ def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):
                        timeout=150)
     assert result.returncode != 0
     assert "rank 1 cannot build its model" in result.stderr + result.stdout
+    # rank 0 failed only because rank 1 went away: the summary's root cause is rank 1's error
+    root_cause = (result.stderr + result.stdout).split("Root Cause (first observed failure):", 1)[1]
+    assert "RuntimeError: rank 1 cannot build its model" in root_cause, root_cause[:1500]
     assert not (user_project / "o2" / "report.json").exists()
+
+
+# -- hostile and inconsistent checkpoints under a process group ------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_job(tmp_path_factory):
+    import functools
+
+    root = str(tmp_path_factory.mktemp("hostile"))
+    w.write_hostile_checkpoints(root, 2)
+    return w.spawn(functools.partial(w.hostile_scenarios, root), 2, str(tmp_path_factory.mktemp("hostile_out")))
+
+
+def test_same_paths_with_identical_copies_build_without_error(hostile_job):
+    for res in hostile_job:
+        assert res["same_copies"] is None and res["after"] is None
+
+
+def test_sharded_ranks_given_different_copies_of_the_same_paths_fail_naming_the_files(hostile_job):
+    for res in hostile_job:
+        text = res["different_copies"]
+        assert text.startswith("CheckpointContentMismatchError"), text
+        # c0.safetensors: same header and size, other weights; c1.pt: its records' CRCs differ
+        assert "different/c0.safetensors (rank 1: sampled weights)" in text
+        assert "different/c1.pt (rank 1: header, sampled weights)" in text
+        assert "c2.safetensors" not in text and "c3.pt" not in text
+
+
+@pytest.mark.parametrize("mode", ["sharded", "replicated"])
+def test_a_rank_with_a_corrupt_checkpoint_reports_its_own_error_on_every_rank(hostile_job, mode):
+    own, peer = hostile_job[1][f"corrupt_{mode}"], hostile_job[0][f"corrupt_{mode}"]
+    assert own.startswith("CheckpointError") and "corrupt/c1.pt" in own, own
+    # rank 0 names rank 1 and its error, not a lost connection
+    assert peer.startswith("RankFailedError: rank 1 failed while"), peer
+    assert own in peer and "Connection closed" not in peer
+
+
+def test_a_malicious_dcp_metadata_is_refused_on_every_rank_and_runs_nothing(hostile_job):
+    for res in hostile_job:
+        text = res["dcp_payload"]
+        assert text.startswith("CheckpointError") and "dcp/d1/.metadata: refused" in text, text
+        assert "posix.system" in text
+        assert not res["marker_exists"]
+
+
+def test_a_rank_with_a_corrupt_checkpoint_is_the_root_cause_in_torchruns_summary(user_project):
+    import shutil
+
+    own = user_project / "rank1" / "ckpts"
+    shutil.copytree(user_project / "ckpts", own)
+    (own / "epoch_1.pt").write_bytes(b"not a checkpoint" * 64)
+    result = _torchrun(user_project, _fit_config(user_project, model="userpkg_dist:model_on_own_disk",
+                                                 checkpoints="ckpts/epoch_*.pt", output=str(user_project / "o3")))
+    text = result.stderr + result.stdout
+    assert result.returncode != 0
+    # rank 0 names rank 1 and its error, where it would have reported a lost connection
+    assert "RankFailedError: rank 1 failed while reading its checkpoints" in text, text[-6000:]
+    assert "Connection closed by peer" not in text
+    # torchrun's summary: the root cause is rank 1's own error, from the error file it wrote
+    root_cause = text.split("Root Cause (first observed failure):", 1)[1]
+    header, traceback = root_cause.split("traceback :", 1)
+    assert "rank      : 1 (local_rank: 1)" in header and "error.json" in header, root_cause[:1500]
+    assert "CheckpointError: ckpts/epoch_1.pt" in traceback, root_cause[:1500]
+    assert not (user_project / "o3" / "report.json").exists()
+
+
+@pytest.mark.parametrize("error, later", [(CheckpointError("ckpt.pt: corrupt"), 0),
+                                          (RuntimeError("[pair.cc:534] Connection closed by peer [::1]:4"), 1),
+                                          (distributed.RankFailedError("rank 1 failed while ..."), 1)],
+                         ids=["own error", "lost connection", "a peer's error"])
+def test_record_errors_writes_torchruns_error_file_dating_follow_on_failures_later(tmp_path, monkeypatch, error,
+                                                                                     later):
+    import json
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    monkeypatch.setattr(distributed.time, "time", lambda: 1000.0)
+
+    @distributed.record_errors
+    def entry():
+        raise error
+    with pytest.raises(type(error)):
+        entry()
+    message = json.loads(path.read_text())["message"]
+    assert message["message"] == f"{type(error).__name__}: {error}"
+    assert str(error) in message["extraInfo"]["py_callstack"]
+    assert message["extraInfo"]["timestamp"] == str(1000 + later * distributed._FOLLOW_ON_DELAY_S)
+
+
+def test_record_errors_outside_torchrun_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert distributed.record_errors(lambda x: x + 1)(1) == 2
+    with pytest.raises(ValueError):
+        distributed.record_errors(lambda: int("x"))()
+    assert not list(tmp_path.iterdir())

@@ -17,22 +17,35 @@ to the column owners, projects locally and all-reduces the [k, B] partial sums. 
 W x group_size elements (all_gather_into_tensor needs equal chunks).
 
 Every rank must hold the same basis: construction all-gathers a cheap checksum of it and
-raises BasisMismatchError naming the ranks that differ. DDP over a TWA module is supported
-(TWA tells DDP to ignore the center and basis buffers, so they are never broadcast); it
-averages the coefficient gradients itself, so leave process_group=None under DDP.
+raises BasisMismatchError naming the ranks that differ. A sharded build cannot compare
+bases (each rank holds other columns), so it compares the files: each checkpoint's size, a
+digest of its header (a zip torch file's records' CRC-32s, a safetensors header, a DCP
+directory's tensors and data files) and of a few columns every rank reads, raising
+CheckpointContentMismatchError naming each file whose copies differ. A rank that fails
+while building (a corrupt file of its own) makes every rank stop together, each naming it
+(see agree); under torchrun, `record_errors` puts each rank's own error in the job summary.
+
+DDP over a TWA module is supported (TWA tells DDP to ignore the center and basis buffers,
+so they are never broadcast); it averages the coefficient gradients itself, so leave
+process_group=None under DDP.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import json
 import logging
 import math
 import os
+import time
+import traceback
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,6 +61,8 @@ if TYPE_CHECKING:  # twa imports this module; no import upward at run time
     from twa_kernels.twa import TWA
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
 # never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
@@ -413,6 +428,59 @@ class CheckpointListMismatchError(BasisMismatchError):
     """The ranks were given different checkpoint lists."""
 
 
+class CheckpointContentMismatchError(CheckpointListMismatchError):
+    """The ranks were given the same checkpoint paths, but some of the files differ."""
+
+
+class RankFailedError(TWAKernelsError, RuntimeError):
+    """Another rank of the process group failed: the message names it and its own error."""
+
+
+_MESSAGE_BYTES = 2048  # of a failing rank's error message, sent to the others
+
+
+def _gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
+    """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    return [row.cpu() for row in table]
+
+
+def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
+    """Run this rank's local `work`, then learn in one all-gather whether it failed on any
+    rank. A rank whose work raised re-raises its own exception; every other rank raises
+    RankFailedError naming the failing ranks and their messages. A rank that fails while its
+    peers go on would leave them in their next collective until the backend notices the
+    closed connection, and they would report that instead of the cause; here every rank
+    leaves the step together, and each reports the real error."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError("a process_group needs torch.distributed initialised: call "
+                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    error: Exception | None = None
+    result = None
+    try:
+        result = work()
+    except Exception as exc:  # reported to the peers below, then raised again here
+        error = exc
+    row = torch.zeros(1 + _MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
+        row[0] = 1
+        row[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    table = _gather_rows(row, group)
+    if error is not None:
+        raise error
+    failed = {rank: bytes(r[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+              for rank, r in enumerate(table) if r[0]}
+    if failed:
+        detail = "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())
+        raise RankFailedError(f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed while "
+                              f"{what}, so this rank stops too ({detail}). Fix the error reported there")
+    return result  # type: ignore[return-value]
+
+
 @dataclass
 class ShardedSubspace:
     """This rank's columns [start, stop) of a subspace: the local center and basis, and the
@@ -444,16 +512,104 @@ def _same_checkpoint_lists(specs: list, group: Any) -> None:
     CheckpointListMismatchError naming the ranks whose list differs from rank 0's."""
     text = "\n".join(str(s) if not isinstance(s, Mapping) else f"<state_dict {i}>" for i, s in enumerate(specs))
     digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-    mine = torch.tensor([digest, len(specs)], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
+    table = _gather_rows(torch.tensor([digest, len(specs)], dtype=torch.int64), group)
     bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
     if bad:
         raise CheckpointListMismatchError(
             f"ranks {bad} were given a different checkpoint list from rank 0's ({len(specs)} here): pass every "
             "rank the same files in the same order")
+
+
+_SAMPLE_WINDOWS, _SAMPLE_COLUMNS = 4, 64  # the columns every rank reads of every checkpoint, to compare
+
+
+def _digest(*parts: object) -> int:
+    """63 bits of a SHA-256 of `parts` (bytes, or anything with a stable repr)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def _file_fingerprint(spec: Any) -> tuple[int, int]:
+    """(size in bytes, digest of the file's header) of a checkpoint file or DCP directory,
+    from its metadata alone; (0, 0) for an in-memory state_dict. The header of a zip torch
+    file holds a CRC-32 of every record, so it covers the whole content; a safetensors
+    header names the tensors, their dtypes, shapes and offsets; a DCP directory's, its
+    tensors and data files (not its save id, which differs between two saves of one state)."""
+    if isinstance(spec, Mapping):
+        return 0, 0
+    path = os.fspath(spec)
+    if os.path.isdir(path):
+        from twa_kernels import _dcp
+
+        metadata = _dcp.read_metadata(path)
+        files = sorted({info.relative_path for info in metadata.storage_data.values()})
+        sizes = [os.path.getsize(os.path.join(path, f)) if os.path.isfile(os.path.join(path, f)) else -1 for f in files]
+        layout = sorted((k, tuple(shape), str(dtype)) for k, (shape, dtype) in _dcp.tensor_entries(metadata).items())
+        places = sorted((i.fqn, tuple(i.offset or ()), d.relative_path, d.offset, d.length)
+                        for i, d in metadata.storage_data.items())
+        return sum(sizes), _digest(layout, places, files, sizes)
+    size = os.path.getsize(path)
+    if zipfile.is_zipfile(path):
+        # record names start with the file's name at save time, and the serialization id
+        # identifies a save, not the weights: both left out
+        with zipfile.ZipFile(path) as archive:
+            records = sorted((i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in archive.infolist()
+                             if not i.filename.endswith(".data/serialization_id"))
+        return size, _digest(records)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.endswith(".safetensors") and len(head) == 8:
+            header = f.read(min(int.from_bytes(head, "little"), 100 << 20))
+            try:  # the tensors' entries; __metadata__ is free text a writer may fill differently
+                entries = json.loads(header)
+                entries.pop("__metadata__", None)
+                return size, _digest(sorted((k, repr(v)) for k, v in entries.items()))
+            except (ValueError, AttributeError):  # not JSON: ColumnReader has refused it already
+                return size, _digest(header)
+        head += f.read(64 << 10)
+    return size, _digest(head)
+
+
+def _content_sample(reader: ColumnReader, names: list[str], shapes: list[tuple[int, ...]], num_cols: int,
+                    aliases: dict[str, list[str]]) -> int:
+    """Digest of the same few columns of a checkpoint on every rank (_SAMPLE_WINDOWS windows
+    of _SAMPLE_COLUMNS, spread over the model): two copies of a path that hold different
+    weights (another epoch, another run) differ there, whatever their headers say."""
+    h = hashlib.sha256()
+    width = min(_SAMPLE_COLUMNS, num_cols)
+    for j in range(_SAMPLE_WINDOWS):
+        a = min(j * num_cols // _SAMPLE_WINDOWS, num_cols - width)
+        values = reader.columns(names, shapes, a, a + width, aliases, check_finite=False)
+        h.update(values.numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def _same_checkpoint_contents(specs: list, prints: list[tuple[int, int, int]], group: Any) -> None:
+    """All-gather each checkpoint's (size, header digest, sample digest) and raise
+    CheckpointContentMismatchError naming each file that differs from rank 0's copy, on
+    which ranks and how. Replicated mode compares the whole bases; sharded mode cannot (each
+    rank holds other columns), so it compares the files."""
+    table = _gather_rows(torch.tensor(prints, dtype=torch.int64).reshape(-1), group)
+    ref = table[0].view(len(specs), 3)
+    what = ("size", "header", "sampled weights")
+    problems = []
+    for i, spec in enumerate(specs):
+        differ: dict[int, list[str]] = {}
+        for rank, row in enumerate(table[1:], start=1):
+            fields = [what[j] for j in range(3) if row.view(len(specs), 3)[i, j] != ref[i, j]]
+            if fields:
+                differ[rank] = fields
+        if differ:
+            name = str(spec) if not isinstance(spec, Mapping) else f"state_dict #{i}"
+            problems.append(f"{name} (" + "; ".join(f"rank {r}: {', '.join(f)}" for r, f in differ.items()) + ")")
+    if problems:
+        raise CheckpointContentMismatchError(
+            f"the ranks were given the same checkpoint paths, but these differ from rank 0's copy: "
+            f"{', '.join(problems)}. Every rank must read the very same files: copy rank 0's checkpoints to every "
+            "node, or put them on a shared file system")
 
 
 @torch.no_grad()
@@ -466,7 +622,9 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     float64 mean, and quantisation groups never cross a shard edge). Rank 0 shows progress."""
     if dist.get_rank(process_group) != 0:
         progress = False
-    specs = resolve_checkpoints(checkpoints)
+    # every local step runs under agree(): a rank that fails there (an unreadable or corrupt
+    # file of its own) makes every rank stop with its error, not wait in the next collective
+    specs = agree(lambda: resolve_checkpoints(checkpoints), process_group, "resolving its checkpoints")
     _same_checkpoint_lists(specs, process_group)
     aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
     shapes = [tuple(s) for s in shapes]
@@ -474,21 +632,32 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     num_cols = sum(numels)
     edges = shard_columns(num_cols, group_size, dist.get_world_size(process_group))
     start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
-    total = torch.zeros(stop - start, dtype=torch.float64)
-    for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
-        ColumnReader(spec, i).columns(names, shapes, start, stop, aliases, out=total, add=True)
+
+    def average() -> tuple[Tensor, list[tuple[int, int, int]]]:
+        total, prints = torch.zeros(stop - start, dtype=torch.float64), []
+        for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
+            reader = ColumnReader(spec, i)
+            prints.append((*_file_fingerprint(spec), _content_sample(reader, names, shapes, num_cols, aliases)))
+            reader.columns(names, shapes, start, stop, aliases, out=total, add=True)
+        return total, prints
+
+    total, prints = agree(average, process_group, "reading its checkpoints")
+    _same_checkpoint_contents(specs, prints, process_group)
     center = mean_center(total, len(specs))
     del total
     offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
     local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)
-    rows = []
-    for i, spec in enumerate(_progress(specs, len(specs), "building basis (shard)", progress)):
-        row = ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
-        rows.append(row if bits is None else _quantize_in_chunks(row, bits, group_size))
-    if bits is None:
-        basis = quantize(torch.stack(rows), None, group_size, local_offsets.diff().tolist())
-    else:
-        basis = stack_rows(rows, local_offsets, bits, group_size, stop - start)
+
+    def build() -> QuantizedBasis:
+        rows = []
+        for i, spec in enumerate(_progress(specs, len(specs), "building basis (shard)", progress)):
+            row = ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
+            rows.append(row if bits is None else _quantize_in_chunks(row, bits, group_size))
+        if bits is None:
+            return quantize(torch.stack(rows), None, group_size, local_offsets.diff().tolist())
+        return stack_rows(rows, local_offsets, bits, group_size, stop - start)
+
+    basis = agree(build, process_group, "building its shard of the basis")
     return ShardedSubspace(list(names), shapes, center, basis, start, stop, b_lo, b_hi, num_cols,
                            offsets.numel() - 1, aliases)
 
@@ -509,6 +678,52 @@ def init_from_environment(timeout_s: float = 300.0) -> Any:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.group.WORLD
+
+
+# how much later than its failure a follow-on failure is dated: more than the time between
+# the failing rank's error and its record, so the cause stays the earliest under any load
+_FOLLOW_ON_DELAY_S = 5
+
+
+def _after_a_peer(exc: BaseException) -> bool:
+    """Whether `exc` only follows another rank's failure: that rank's error was sent here
+    (RankFailedError), or a collective lost its connection to a rank that had gone away."""
+    if isinstance(exc, RankFailedError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def record_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Decorate an entry point that torchrun starts: an exception leaving `fn` is written to
+    the error file torchrun names in TORCHELASTIC_ERROR_FILE (the JSON that
+    torch.distributed.elastic's @record writes), so the job's summary shows each rank's own
+    error, not a bare exit code. torchrun's "Root Cause" is the earliest record; a rank that
+    failed only because a peer failed first (_after_a_peer) dates its record a few seconds
+    later, so the peer's own error is named as the cause. Outside torchrun it changes nothing."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if path:
+                _write_error_file(path, exc)
+            raise
+    return wrapper
+
+
+def _write_error_file(path: str, exc: BaseException) -> None:
+    stamp = int(time.time()) + (_FOLLOW_ON_DELAY_S if _after_a_peer(exc) else 0)
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}",
+                        "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc)),
+                                      "timestamp": str(stamp)}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError as err:  # the error being raised matters more than its record
+        logger.warning("could not write the torchrun error file %s: %s", path, err)
 
 
 def split_loader(loader: Iterable, process_group: Any) -> Iterable:

@@ -129,6 +129,7 @@ def _mean_loss(model: nn.Module, loader, loss_fn: Callable, group: Any = None) -
     return total / max(count, 1)
 
 
+@distributed.record_errors  # under torchrun, each rank's own error reaches the job's summary
 def run_fit(config_path: str | Path, progress: bool = True) -> dict:
     from tqdm import tqdm
 

@@ -572,16 +572,16 @@ class ColumnReader:
             self._open_state = unwrap_state_dict(spec, self.source)
             self._describe(self._open_state)
         elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
-            # a torch.distributed.checkpoint directory (what FSDP users save)
-            from torch.distributed.checkpoint import FileSystemReader
-            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+            # a torch.distributed.checkpoint directory (what FSDP users save); its metadata is a
+            # pickle, read by _dcp without running code, and DCP's load is handed that copy
+            from twa_kernels import _dcp
 
             self._kind = "dcp"
-            self._open_state = FileSystemReader(str(spec))
-            for key, entry in self._open_state.read_metadata().state_dict_metadata.items():
-                if isinstance(entry, TensorStorageMetadata):
-                    name = _strip_dcp_prefix(key)
-                    self._raw[name], self._meta[name] = key, (tuple(entry.size), entry.properties.dtype)
+            metadata = _dcp.read_metadata(spec)
+            self._open_state = _dcp.CheckedReader(str(spec), metadata)
+            for key, meta in _dcp.tensor_entries(metadata).items():
+                name = _strip_dcp_prefix(key)
+                self._raw[name], self._meta[name] = key, meta
         elif os.path.isdir(spec):
             self._open_directory(spec)
         elif not os.path.isfile(spec):
@@ -704,12 +704,10 @@ class ColumnReader:
         (shape, dtype), key = self._meta[name], self._raw[name]
         if self._kind == "dcp":
             if self._cached is None or self._cached[0] != key:
-                import torch.distributed.checkpoint as dcp
+                from twa_kernels import _dcp
 
                 self._cached = None
-                value = torch.empty(shape, dtype=dtype)  # DCP fills the tensors it is given
-                dcp.load({key: value}, storage_reader=self._open_state, no_dist=True)  # this process alone
-                self._cached = key, value
+                self._cached = key, _dcp.load_tensor(self._open_state, key, shape, dtype, self.source)
             return self._cached[1].reshape(-1)[a:b], False
         handle = self._handle()
         if self._kind != "safetensors":

@@ -74,10 +74,14 @@ class TWA(nn.Module):
                 checkpoints_or_subspace, process_group, names, [tuple(p.shape) for p in model.parameters()],
                 bits=bits, granularity=granularity, group_size=group_size, aliases=aliases, progress=progress)
         else:
-            subspace = Subspace.from_checkpoints(
-                checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
-                parameter_names=names, parameter_shapes=[tuple(p.shape) for p in model.parameters()],
-                progress=progress, parameter_aliases=aliases)
+            def build() -> Subspace:
+                return Subspace.from_checkpoints(
+                    checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
+                    parameter_names=names, parameter_shapes=[tuple(p.shape) for p in model.parameters()],
+                    progress=progress, parameter_aliases=aliases)
+            # under a process group, a rank that fails here takes every rank down with its error
+            subspace = build() if process_group is None else distributed.agree(build, process_group,
+                                                                                 "building its subspace")
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         for name, shape in zip(subspace.names, subspace.shapes):
             if shapes.get(name) != shape:

@@ -1,0 +1,128 @@
+"""torch.distributed.checkpoint (DCP) directories: read correctly, and never run code from
+their pickles (the .metadata file, or non-tensor items in the .distcp data files)."""
+
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from twa_kernels import _dcp
+from twa_kernels.errors import CheckpointError
+from twa_kernels.io import ColumnReader
+
+
+class Payload:
+    """Unpickling this creates the marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class OpenPayload(Payload):
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def save_dcp(path, state):
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(path), no_dist=True)
+
+
+def model_state(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {"fc.weight": torch.randn(6, 5, generator=gen), "fc.bias": torch.randn(6, generator=gen),
+            "half": torch.randn(4, 3, generator=gen).to(torch.bfloat16)}
+
+
+def test_a_genuine_dcp_checkpoint_reads_correctly(tmp_path):
+    state = model_state()
+    save_dcp(tmp_path / "ckpt", {"model": state, "step": 7})
+    reader = ColumnReader(tmp_path / "ckpt")
+    assert sorted(reader.keys()) == sorted(state)
+    for key, value in state.items():
+        assert reader.shape(key) == tuple(value.shape) and reader.dtype(key) == value.dtype
+        assert torch.equal(reader.tensor(key), value)
+    flat = torch.cat([state["fc.weight"].reshape(-1), state["fc.bias"]])
+    assert torch.equal(reader.columns(["fc.weight", "fc.bias"], [(6, 5), (6,)], 3, 33), flat[3:33])
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    assert set(_dcp.tensor_entries(metadata)) == {f"model.{k}" for k in state}
+
+
+@pytest.mark.parametrize("payload", [Payload, OpenPayload], ids=["os.system", "open"])
+def test_a_malicious_metadata_file_is_refused_and_runs_nothing(tmp_path, payload):
+    marker = tmp_path / "MARKER"
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(payload(marker)))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused.*names the Python global") as info:
+        ColumnReader(tmp_path / "ckpt")
+    assert ("system" if payload is Payload else "open") in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_payload_hidden_inside_valid_metadata_is_refused(tmp_path):
+    """A genuine Metadata object with a payload in one of its free-form fields."""
+    marker = tmp_path / "MARKER"
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    metadata.storage_meta.save_id = Payload(marker)
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="system"):
+        ColumnReader(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+def test_the_load_never_unpickles_the_metadata_again(tmp_path, monkeypatch):
+    """Once read safely, DCP's load is handed that copy: plain pickle never sees the file."""
+    state = model_state()
+    save_dcp(tmp_path / "ckpt", {"model": state})
+    reader = ColumnReader(tmp_path / "ckpt")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("plain pickle.load called while loading a DCP tensor")
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    assert torch.equal(reader.tensor("fc.weight"), state["fc.weight"])
+
+
+def test_pickled_non_tensor_items_in_the_data_files_are_never_loaded(tmp_path):
+    """DCP stores non-tensor items as pickles in the .distcp files (and loads them with
+    weights_only=False): only tensors are read, and a planner that would load such an item
+    refuses it."""
+    marker = tmp_path / "MARKER"
+    state = model_state()
+    save_dcp(tmp_path / "ckpt", {"model": state, "extra": Payload(marker)})
+    assert not marker.exists()  # saving pickles the object, running nothing
+    reader = ColumnReader(tmp_path / "ckpt")
+    assert sorted(reader.keys()) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(reader.tensor(key), value)
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="refused to load the non-tensor item 'extra'"):
+        _dcp.load_tensor(_dcp.CheckedReader(str(tmp_path / "ckpt"), metadata), "extra", (), torch.float32, "ckpt")
+    assert not marker.exists()
+
+
+def test_metadata_pointing_outside_the_directory_is_refused(tmp_path):
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    info = next(iter(metadata.storage_data.values()))
+    info.relative_path = "../../etc/passwd"
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="not a file name inside the checkpoint directory"):
+        ColumnReader(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x04garbage", pickle.dumps({"a": 1})],
+                         ids=["empty", "garbled", "a dict"])
+def test_a_broken_metadata_file_is_a_named_error(tmp_path, content):
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    (tmp_path / "ckpt" / ".metadata").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"\.metadata: not a (readable|valid) DCP metadata file"):
+        ColumnReader(tmp_path / "ckpt")

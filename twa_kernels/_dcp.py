@@ -1,0 +1,218 @@
+"""Reading torch.distributed.checkpoint (DCP) directories without running code from them.
+
+A DCP directory's `.metadata` is a pickle, and DCP's own `FileSystemReader.read_metadata`
+unpickles it with plain `pickle.load`: a hostile `.metadata` runs whatever it names. Here it
+is read with an unpickler that resolves only DCP's metadata classes, torch's dtypes, layouts,
+memory formats and `torch.Size`, paths and plain containers, refusing any other global
+before anything is called; the result is then checked field by field.
+
+Loading goes through DCP's `load` with a reader that hands it this already-checked metadata
+(it never unpickles `.metadata` again) and a planner that refuses non-tensor items (DCP loads
+those with `torch.load(weights_only=False)`). Tensors themselves are read by DCP with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from twa_kernels.errors import CheckpointError
+
+METADATA_FILE = ".metadata"
+
+# module -> the names a DCP .metadata may resolve there. Everything listed is a plain data
+# class, an enum, torch.Size, a path class or a container: calling it builds a value and
+# runs nothing else. Older torch kept TensorProperties in torch.distributed._shard.
+_ALLOWED_GLOBALS: dict[str, frozenset[str]] = {
+    "torch.distributed.checkpoint.metadata": frozenset({
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"}),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch.distributed._shard.sharded_tensor.metadata": frozenset({"TensorProperties", "MEM_FORMAT_ENCODING"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "torch": frozenset({"Size"}),
+    "pathlib": frozenset({"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}),
+    "collections": frozenset({"OrderedDict"}),
+    "builtins": frozenset({"set", "frozenset"}),
+}
+# torch.float32 and its kind are values (not callable): resolved from torch's own namespace
+_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _ALLOWED_GLOBALS and torch's dtype-like values."""
+
+    def __init__(self, file: io.BufferedIOBase, source: str):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(vars(torch).get(name), _TORCH_VALUE_TYPES):
+            return vars(torch)[name]
+        raise CheckpointError(
+            f"{self.source}: refused. This DCP metadata file names the Python global {module}.{name}, which is not "
+            "one of torch.distributed.checkpoint's metadata classes, so unpickling it could run code; nothing from it "
+            "was run. Re-save the checkpoint with torch.distributed.checkpoint.save from a trusted process")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{self.source}: refused. DCP metadata holds no persistent references, and this "
+                              "file has one; re-save the checkpoint with torch.distributed.checkpoint.save")
+
+
+def is_dcp_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory holding a DCP `.metadata` file."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def read_metadata(path: str | os.PathLike) -> Metadata:
+    """The Metadata of DCP directory `path`, read without running code (see the module
+    docstring) and checked: CheckpointError naming the file for anything else."""
+    source = os.path.join(os.fspath(path), METADATA_FILE)
+    try:
+        with open(source, "rb") as f:
+            metadata = _MetadataUnpickler(f, source).load()
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"{source}: could not be read ({exc})") from exc
+    except Exception as exc:  # truncated, garbled, or an allowed class given bad arguments
+        raise CheckpointError(f"{source}: not a readable DCP metadata file ({type(exc).__name__}: {exc}); "
+                              "re-save the checkpoint with torch.distributed.checkpoint.save") from exc
+    _check(metadata, source)
+    return metadata
+
+
+def _check(metadata: Any, source: str) -> None:
+    """Every field that tensor loading relies on has the type DCP gives it, and every data
+    file lies inside the checkpoint directory."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{source}: not a valid DCP metadata file ({what}); re-save the checkpoint with "
+                               "torch.distributed.checkpoint.save")
+
+    def is_size(value: Any) -> bool:
+        return isinstance(value, torch.Size) and all(isinstance(v, int) and v >= 0 for v in value)
+
+    if not isinstance(metadata, Metadata):
+        raise bad(f"it holds a {type(metadata).__name__}, not a Metadata")
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        raise bad("state_dict_metadata is not a dict")
+    for key, entry in entries.items():
+        if not isinstance(key, str):
+            raise bad(f"key {key!r} is not a string")
+        if isinstance(entry, BytesStorageMetadata):
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            raise bad(f"entry {key!r} is a {type(entry).__name__}")
+        props = getattr(entry, "properties", None)
+        if not isinstance(props, TensorProperties) or not isinstance(getattr(props, "dtype", None), torch.dtype):
+            raise bad(f"entry {key!r} has no tensor dtype")
+        if not is_size(getattr(entry, "size", None)):
+            raise bad(f"entry {key!r} has no valid size")
+        chunks = getattr(entry, "chunks", None)
+        if not isinstance(chunks, list) or not all(
+                isinstance(c, ChunkStorageMetadata) and is_size(getattr(c, "offsets", None))
+                and is_size(getattr(c, "sizes", None)) for c in chunks):
+            raise bad(f"entry {key!r} has invalid chunks")
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise bad("storage_data is not a dict")
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
+            raise bad(f"storage index {index!r}")
+        path = getattr(info, "relative_path", None)
+        if (not isinstance(path, str) or not path or os.path.isabs(path) or "/" in path or "\\" in path
+                or path in (".", "..")):
+            raise bad(f"data file {path!r} of {index.fqn!r} is not a file name inside the checkpoint directory")
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+            raise bad(f"the byte range of {index.fqn!r} is not two non-negative integers")
+        descriptors = getattr(info, "transform_descriptors", None)
+        if descriptors is not None and not (isinstance(descriptors, (list, tuple))
+                                            and all(isinstance(d, str) for d in descriptors)):
+            raise bad(f"the transforms of {index.fqn!r} are not strings")
+    storage_meta = getattr(metadata, "storage_meta", None)
+    if storage_meta is not None and not isinstance(storage_meta, StorageMeta):
+        raise bad("storage_meta is not a StorageMeta")
+
+
+def tensor_entries(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor entry of a checked Metadata, by its stored key."""
+    return {key: (tuple(entry.size), entry.properties.dtype)
+            for key, entry in metadata.state_dict_metadata.items() if isinstance(entry, TensorStorageMetadata)}
+
+
+class CheckedReader(FileSystemReader):
+    """DCP's FileSystemReader, given metadata already read by read_metadata: DCP's load asks
+    the reader for the metadata, and this one never unpickles the file again."""
+
+    def __init__(self, path: str | os.PathLike, metadata: Metadata):
+        super().__init__(path)
+        self._checked_metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = self._checked_metadata
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # as FileSystemReader does
+        return metadata
+
+
+class _TensorsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's default planner, except that a non-tensor item (which DCP would load with
+    torch.load(weights_only=False)) is refused."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        raise CheckpointError(f"{self.source}: refused to load the non-tensor item {read_item.dest_index.fqn!r} "
+                              "(DCP stores such items as pickles, which could run code)")
+
+
+def load_tensor(reader: CheckedReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+                source: str) -> Tensor:
+    """The whole tensor `key` (a tensor entry of the reader's metadata), read by DCP's load
+    in this process alone. `source` names the checkpoint in errors."""
+    value = torch.empty(shape, dtype=dtype)  # DCP fills the tensors it is given
+    try:
+        with warnings.catch_warnings():  # load(no_dist=True) warns that it runs in one process: intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({key: value}, storage_reader=reader, planner=_TensorsOnlyPlanner(source), no_dist=True)
+    except CheckpointException as exc:  # DCP wraps what failed (a BaseException): surface the cause
+        causes = [pair[0] for pair in exc.failures.values()]
+        ours = next((c for c in causes if isinstance(c, CheckpointError)), None)
+        if ours is not None:
+            raise ours from None
+        detail = "; ".join(f"{type(c).__name__}: {c}" for c in causes) or str(exc)
+        raise CheckpointError(f"{source}: could not read tensor {key!r} of this DCP checkpoint ({detail})") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{source}: could not read tensor {key!r} of this DCP checkpoint "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return value
+
