@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
-from twa_kernels.io import ColumnReader, resolve_checkpoints
+from twa_kernels.io import ColumnReader, checkpoint_directory_files, resolve_checkpoints
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
 from twa_kernels.subspace import _progress, block_sizes_for, mean_center
@@ -541,6 +541,10 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
     if isinstance(spec, Mapping):
         return 0, 0
     path = os.fspath(spec)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")):
+        # a save_pretrained directory: the fingerprints of its weight files, by relative name
+        parts = [(os.path.relpath(f, path), *_file_fingerprint(f)) for f in checkpoint_directory_files(path) or []]
+        return sum(size for _, size, _ in parts), _digest(sorted(parts))
     if os.path.isdir(path):
         from twa_kernels import _dcp
 
