@@ -134,11 +134,17 @@ def test_a_retained_graph_backpropagated_twice(use_reentrant):
     torch.testing.assert_close(twa.coefficients.grad, 2 * want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["blocks", "whole"])
 @pytest.mark.parametrize("use_reentrant", REENTRANT)
-def test_coefficients_changed_before_a_pending_backward_is_refused(use_reentrant):
-    twa, model = _twa_blocks()
+def test_coefficients_changed_before_a_pending_backward_is_refused(use_reentrant, whole):
+    if whole:
+        model = Whole(seed=1)
+        twa = tk.TWA(model, _perturbed(Whole(seed=0).state_dict()), bits=4)
+    else:
+        twa, model = _twa_blocks()
     model.use_reentrant = use_reentrant
     (x1, y1), (x2, y2) = _batch(0), _batch(1)
+    x1.requires_grad_(), x2.requires_grad_()  # a reentrant checkpoint of the whole model needs it
     first = F.cross_entropy(twa(x1), y1)
     with torch.no_grad():
         twa.coefficients.add_(0.1)  # an optimizer step before the first graph's backward

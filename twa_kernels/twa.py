@@ -33,6 +33,7 @@ segment of the basis, and every name gets the averaged value in averaged_state_d
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from contextlib import contextmanager
@@ -427,11 +428,22 @@ class _LentWeights:
         weights only inside reentrant checkpoints records no use of them outside: the
         output's graph is then all that reaches the recomputation."""
         for node in {id(t.grad_fn): t.grad_fn for t in _tensors(out) if t.grad_fn is not None}.values():
-            node.metadata.setdefault("twa_loans", []).append(loan)
-            node.register_prehook(self._on_backward_start)
+            node.register_prehook(functools.partial(self._on_backward_start, loan))  # the node holds the loan
 
-    def _on_backward_start(self, grad_outputs: Any) -> None:
+    def _on_backward_start(self, loan: _Loan, grad_outputs: Any) -> None:
+        if loan.expired:
+            self.refuse()
         torch.autograd.Variable._execution_engine.queue_callback(self.project_left_over)
+
+    def refuse(self) -> None:
+        """Raise for a backward whose loan expired, dropping what recomputations left."""
+        for loan in self.live():
+            loan.take_grads()
+        raise UsageError(
+            "the coefficients (or the basis or center) changed after this graph's forward, and a later forward "
+            "ran at the new ones before this backward: a recomputation inside it (activation checkpointing) "
+            "would not see this graph's weights. Call backward before changing the coefficients (an optimizer "
+            "step), or run this forward again")
 
     def project_left_over(self) -> None:
         """Project what reentrant recomputations left on any pending aliases after the
@@ -472,13 +484,7 @@ class _LoanAnchor(torch.autograd.Function):
         loan = ctx.loan
         lender = loan.lender
         if loan.expired:
-            for other in lender.live():
-                other.take_grads()
-            raise UsageError(
-                "the coefficients (or the basis or center) changed after this graph's forward, and a later forward "
-                "ran at the new ones before this backward: a recomputation inside it (activation checkpointing) "
-                "would not see this graph's weights. Call backward before changing the coefficients (an optimizer "
-                "step), or run this forward again")
+            lender.refuse()
         grads = list(grads)
         for other in lender.live():
             left = other.take_grads()
