@@ -41,9 +41,17 @@ class Blocks(nn.Module):
 
 
 def _perturbed(state: dict[str, torch.Tensor], n: int = 4, scale: float = 0.3) -> list[dict[str, torch.Tensor]]:
+    """n copies of `state` with noise added; tied entries (one tensor under several names,
+    as GPT-2's embedding and head) get the same noise, as a real checkpoint holds them."""
     gen = torch.Generator().manual_seed(1)
-    return [{k: v + scale * torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v.clone()
-             for k, v in state.items()} for _ in range(n)]
+    copies = []
+    for _ in range(n):
+        noisy: dict[int, torch.Tensor] = {}
+        for v in state.values():
+            if v.is_floating_point() and v.data_ptr() not in noisy:
+                noisy[v.data_ptr()] = v + scale * torch.randn(v.shape, generator=gen).to(v.dtype)
+        copies.append({k: noisy[v.data_ptr()] if v.is_floating_point() else v.clone() for k, v in state.items()})
+    return copies
 
 
 def _batch(seed: int = 0):
