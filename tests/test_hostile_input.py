@@ -305,3 +305,61 @@ def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+# ---- frozen parameters stay at their checkpoint value ------------------------------------
+
+
+class _Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(40, 30)
+        self.head = nn.Linear(30, 5)
+        self.register_parameter("steps", nn.Parameter(torch.tensor([7, 9]), requires_grad=False))
+        self.body.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x))) + self.steps.sum() * 0
+
+
+def _fine_tunes(model: nn.Module, k: int = 4) -> list[dict]:
+    """Fine-tunes of `model` with its frozen tensors untouched, as training leaves them."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    gen = torch.Generator().manual_seed(3)
+    return [{n: v.clone() if n in frozen else v + 0.1 * torch.randn(v.shape, generator=gen)
+             for n, v in model.state_dict().items()} for _ in range(k)]
+
+
+def test_frozen_parameters_stay_exactly_at_their_checkpoint_value_while_twa_trains():
+    source = _Backbone()
+    checkpoints = _fine_tunes(source)
+    model = _Backbone()  # a fresh model: its own frozen weights differ from the checkpoints'
+    twa = tk.TWA(model, checkpoints, bits=4, group_size=64)
+    opt = torch.optim.AdamW(twa.parameters(), lr=0.1)
+    x = torch.randn(8, 40)
+    for _ in range(3):
+        twa(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    averaged = twa.averaged_state_dict()
+    assert torch.equal(averaged["body.weight"], checkpoints[0]["body.weight"])
+    assert torch.equal(averaged["steps"], checkpoints[0]["steps"])
+    # the forward ran at those values: a plain model loaded with the average gives the same output
+    plain = _Backbone()
+    plain.load_state_dict(averaged)
+    torch.testing.assert_close(twa(x), plain(x), rtol=1e-6, atol=1e-6)
+    assert sorted(twa.frozen_names) == ["body.weight", "steps"] and "body.weight" not in twa.names
+    assert not torch.equal(model.body.weight, checkpoints[0]["body.weight"])  # the model's own stays its own
+
+
+def test_a_frozen_integer_parameter_that_differs_between_checkpoints_is_named():
+    checkpoints = _fine_tunes(_Backbone())
+    checkpoints[2]["steps"] = torch.tensor([7, 10])
+    with pytest.raises(CheckpointError, match="frozen integer parameter 'steps' differs"):
+        tk.TWA(_Backbone(), checkpoints)
+
+
+def test_a_model_with_nothing_to_train_is_named():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="requires_grad=False"):
+        tk.TWA(model, _fine_tunes(model))

@@ -29,6 +29,13 @@ forward writes the weights in the model's dtype (bfloat16 models get bfloat16 we
 the kernel itself, no extra pass) into a workspace the module reuses, so a training step
 allocates no D-long buffer. Tied weights (one tensor under several names) are one row
 segment of the basis, and every name gets the averaged value in averaged_state_dict().
+
+Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are kept out
+of the subspace, because a quantisation group spanning a frozen and a trained tensor
+would move the frozen one. Each is pinned to its checkpoint value: the checkpoints' mean
+summed in float64, which is exactly the value when they agree, as a frozen tensor's do
+(integer ones must agree). TWA holds the pinned values as buffers (`frozen_<i>`, names in
+`frozen_names`) and lends them to the model with the averaged weights.
 """
 
 from __future__ import annotations
@@ -44,11 +51,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import InvalidArgumentError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
 from twa_kernels import distributed
 from twa_kernels._memory import empty_huge
 from twa_kernels.averaging import update_bn
-from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
+from twa_kernels.io import ColumnReader, Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.subspace import Subspace, check_build_args
@@ -84,19 +91,25 @@ class TWA(nn.Module):
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
-        names = [name for name, _ in model.named_parameters()]
+        # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
+        # averaged in the subspace: they are pinned to their checkpoint value (see _pinned_values).
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing to "
+                                       "average; set requires_grad=True on the parameters to train")
+        names, param_shapes = [n for n, _ in trainable], [tuple(p.shape) for _, p in trainable]
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
         elif shard:  # each rank reads its own columns of the checkpoints only
             subspace = distributed.build_shard(
-                checkpoints_or_subspace, process_group, names, [tuple(p.shape) for p in model.parameters()],
+                checkpoints_or_subspace, process_group, names, param_shapes,
                 bits=bits, granularity=granularity, group_size=group_size, aliases=aliases, progress=progress)
         else:
             def build() -> Subspace:
                 return Subspace.from_checkpoints(
                     checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
-                    parameter_names=names, parameter_shapes=[tuple(p.shape) for p in model.parameters()],
+                    parameter_names=names, parameter_shapes=param_shapes,
                     progress=progress, parameter_aliases=aliases)
             # under a process group, a rank that fails here takes every rank down with its error
             subspace = build() if process_group is None else distributed.agree(build, process_group,
@@ -105,8 +118,19 @@ class TWA(nn.Module):
         for name, shape in zip(subspace.names, subspace.shapes):
             if shapes.get(name) != shape:
                 raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
+        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        trained_frozen = sorted(set(subspace.names) & {n for n, _ in frozen})
+        if trained_frozen:
+            raise InvalidArgumentError(f"the subspace spans {trained_frozen[0]!r}, which has requires_grad=False in the "
+                                       "model, so TWA would move a frozen parameter; build the subspace without it "
+                                       "(Subspace.from_checkpoints(..., parameter_names=[...]))")
         self._model = [model]  # a list keeps it out of the module tree
         self.names, self.shapes = subspace.names, subspace.shapes
+        self.frozen_names = [n for n, _ in frozen]
+        pinned = _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
+                                else checkpoints_or_subspace, aliases)
+        for i, value in enumerate(pinned):
+            self.register_buffer(f"frozen_{i}", value)
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
         self.coefficients = nn.Parameter(torch.zeros(subspace.basis.k, subspace.basis.num_blocks))
@@ -114,7 +138,7 @@ class TWA(nn.Module):
         for key, value in subspace.basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
         self._workspace = _Workspace()
-        self._lent = _LentWeights(model, [aliases.get(name, [name]) for name in self.names])
+        self._lent = _LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
         self._ddp_params_and_buffers_to_ignore = list(distributed.BASIS_BUFFERS)
         self._dist = None if process_group is None else distributed.attach(self, process_group, shard, subspace)
@@ -176,14 +200,19 @@ class TWA(nn.Module):
         kinds = set((dtypes or self._parameter_dtypes()).values())
         return kinds.pop() if len(kinds) == 1 and kinds <= set(_KERNEL_OUTPUT_DTYPES) else torch.float32
 
+    def _pinned(self) -> list[Tensor]:
+        """The frozen parameters' values, in the order of self.frozen_names."""
+        return [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
+
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
-        parameter's dtype (differentiable; fresh tensors, safe to keep)."""
+        parameter's dtype (differentiable; fresh tensors, safe to keep), and the frozen
+        parameters' pinned values."""
         if self._dist is not None and self._dist.shard:  # this rank holds some columns: gather
             flat = self._dist.reconstruct(self)
         else:
             flat = reconstruct(self.basis, self.coefficients, self.center)
-        return self._typed(flat, self._parameter_dtypes())
+        return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
 
     def _forward_weights(self) -> list[Tensor]:
         """weights() in the order of self.names, written into the reused workspace: only
@@ -221,13 +250,13 @@ class TWA(nn.Module):
         key = self._weights_key() if lent.pending or torch.is_grad_enabled() else None
         if lent.pending:
             lent.expire_other_than(key)
-        weights = self._forward_weights()
+        weights, pinned = self._forward_weights(), self._pinned()
         if not any(w.requires_grad for w in weights):
-            with lent.lending(weights):
+            with lent.lending(weights + pinned):
                 return self.module(*args, **kwargs)
-        loan = lent.open(key, [w.detach().requires_grad_() for w in weights], self._project_late)
+        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late)
         weights = list(_LoanAnchor.apply(loan, *weights))
-        with lent.lending(weights, loan):
+        with lent.lending(weights + pinned, loan):
             out = self.module(*args, **kwargs)
             lent.hold_with(out, loan)
         return out
@@ -268,6 +297,41 @@ class TWA(nn.Module):
         cumulative averaging. A batch that is a tuple or list feeds its first element,
         unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn)."""
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()})
+
+
+def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
+                   aliases: dict[str, list[str]]) -> list[Tensor]:
+    """The value each frozen parameter keeps under TWA: its checkpoint value. Floating-point
+    ones are the checkpoints' mean, summed in float64, so checkpoints that agree (as a frozen
+    tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
+    built from a Subspace) the model's own values. Whole tensors are read, one at a time."""
+    if not frozen:
+        return []
+    if checkpoints is None:
+        return [p.detach().clone() for _, p in frozen]
+    specs = resolve_checkpoints(checkpoints)
+    all_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    totals: list[Tensor | None] = [None] * len(frozen)
+    for i, spec in enumerate(specs):
+        reader = ColumnReader(spec, i, names=all_names)
+        for j, (name, param) in enumerate(frozen):
+            try:
+                value = reader.tensor(name, aliases.get(name, ()))
+            except KeyError:
+                raise CheckpointError(f"{reader.source}: missing key {name!r} (a frozen parameter of the model, "
+                                      "pinned to its checkpoint value); was it saved from the same model?") from None
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"{reader.source}: key {name!r} has shape {tuple(value.shape)} but the model's "
+                                      f"frozen parameter has {tuple(param.shape)}")
+            if value.is_floating_point():
+                totals[j] = value.double() if totals[j] is None else totals[j].add_(value.double())
+            elif totals[j] is None:
+                totals[j] = value
+            elif not torch.equal(totals[j], value):
+                raise CheckpointError(f"{reader.source}: the frozen integer parameter {name!r} differs from the first "
+                                      "checkpoint's; integer tensors cannot be averaged: make them agree")
+    return [(t / len(specs) if t.is_floating_point() else t).to(dtype=p.dtype, device=p.device)
+            for t, (_, p) in zip(totals, frozen)]
 
 
 class _Workspace:
