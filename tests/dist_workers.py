@@ -168,8 +168,8 @@ def modes(rank, world):
                      "bytes_per_step": torch.tensor(per_step), "seen_bytes": torch.tensor(sum(seen.values())),
                      "seen_ops": sorted(seen), "k": twa.coefficients.shape[0], "B": twa.coefficients.shape[1]}
         if mode == "sharded":
-            out[mode].update(chunk=twa._dist.chunk, start=twa._dist.start, stop=twa._dist.stop,
-                             b_lo=twa._dist.b_lo, b_hi=twa._dist.b_hi, local_center=twa.center.numel())
+            out[mode].update(chunk=twa.parallel.chunk, start=twa.parallel.start, stop=twa.parallel.stop,
+                             b_lo=twa.parallel.b_lo, b_hi=twa.parallel.b_hi, local_center=twa.center.numel())
     if rank == 0:
         ref = reference_twa(world)
         out["reference"] = {"coefficients": ref.coefficients.detach().clone(),
@@ -385,8 +385,8 @@ def sharded_build(folder, dcp_folder, rank, world):
     model = big_model()
     before = _reset_peak()
     twa = tk.TWA(model, folder, bits=4, group_size=128, process_group=dist.group.WORLD, shard=True)
-    out = {"grown": _peak_rss() - before, "center": twa.center.clone(), "start": twa._dist.start,
-           "stop": twa._dist.stop, "B": twa.coefficients.shape[1],
+    out = {"grown": _peak_rss() - before, "center": twa.center.clone(), "start": twa.parallel.start,
+           "stop": twa.parallel.stop, "B": twa.coefficients.shape[1],
            "basis": {k: v.clone() for k, v in twa.basis.state_dict().items()}}
     twa.coefficients.data.normal_(generator=torch.Generator().manual_seed(9))
     out["weights"] = torch.cat([w.reshape(-1) for w in twa.weights().values()]).detach()

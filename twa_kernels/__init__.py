@@ -17,6 +17,7 @@ from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, dequantize, quantize
 from twa_kernels.subspace import Subspace, orthonormalize
 from twa_kernels.twa import TWA
+from twa_kernels import distributed  # tk.distributed: TWA across processes
 from twa_kernels.optim import SubspaceOptimizer
 from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average
 from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
@@ -60,4 +61,3 @@ __all__ = [
     "quantize",
     "reconstruct",
 ]
-from twa_kernels import distributed  # noqa: E402,F401  (tk.distributed: TWA across processes)
