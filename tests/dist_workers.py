@@ -522,3 +522,39 @@ def write_hostile_checkpoints(root: str, world: int) -> None:
                 dcp.save({"model": state}, checkpoint_id=os.path.join(base, "dcp", f"d{i}"), no_dist=True)
         with open(os.path.join(base, "dcp", "d1", ".metadata"), "wb") as f:
             pickle.dump(_MarkerPayload(os.path.join(root, "MARKER")), f)
+
+
+# -- activation checkpointing over a replicated process group ---------------------------------
+
+
+def reentrant_replicated(rank: int, world: int) -> dict:
+    """Coefficient gradients of a replicated TWA over a model checkpointed as a whole
+    (a reentrant recomputation's gradients reach the coefficients only after the graph's
+    own projection), with and without checkpointing, each rank on its own batch."""
+    import torch.nn as nn
+    from torch.utils.checkpoint import checkpoint
+
+    import twa_kernels as tk
+
+    class Whole(nn.Module):
+        def __init__(self, reentrant: bool):
+            super().__init__()
+            torch.manual_seed(1)
+            self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            return checkpoint(self.net, x, use_reentrant=True) if self.reentrant else self.net(x)
+
+    gen = torch.Generator().manual_seed(0)
+    base = Whole(False).state_dict()
+    states = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
+    grads = {}
+    for reentrant in (False, True):
+        twa = tk.TWA(Whole(reentrant), states, bits=4, group_size=8, process_group=dist.group.WORLD)
+        with torch.no_grad():
+            twa.coefficients.copy_(torch.linspace(-0.5, 0.5, twa.coefficients.numel()).view_as(twa.coefficients))
+        twa(x).pow(2).mean().backward()
+        grads["reentrant" if reentrant else "plain"] = twa.coefficients.grad.clone()
+    return grads

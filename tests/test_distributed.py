@@ -399,3 +399,10 @@ def test_record_errors_outside_torchrun_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         distributed.record_errors(lambda: int("x"))()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_reentrant_recomputation_over_replicated_ranks_averages_its_gradient(tmp_path):
+    results = w.spawn(w.reentrant_replicated, 2, str(tmp_path))
+    for got in results:
+        torch.testing.assert_close(got["reentrant"], got["plain"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[0]["plain"], results[1]["plain"], rtol=0, atol=0)
