@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from twa_kernels import builder
+from twa_kernels.builder import Layout
 from twa_kernels.io import ColumnReader, checkpoint_directory_files, resolve_checkpoints
-from twa_kernels.quant import QuantizedBasis, _quantize_row, block_offsets_from_sizes, quantize, stack_rows
+from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharding import BasisMismatchError, _gather_rows, agree, local_blocks, shard_columns
-from twa_kernels.subspace import _progress, block_sizes_for, mean_center
+from twa_kernels.subspace import _progress, block_sizes_for
 
 
 class CheckpointListMismatchError(BasisMismatchError):
@@ -54,14 +56,6 @@ class ShardedSubspace:
     num_cols: int
     num_blocks: int
     aliases: dict[str, list[str]]
-
-
-def _quantize_in_chunks(row: Tensor, bits: int, group_size: int, groups_per_chunk: int = 256):
-    """_quantize_row over whole groups at a time: the same bytes, scales and mins (groups are
-    independent and a chunk ends on a group edge) with temporaries of one chunk, not ~5 rows."""
-    step = group_size * groups_per_chunk
-    parts = [_quantize_row(row[i : i + step], bits, group_size) for i in range(0, row.numel(), step)]
-    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
 
 
 def _same_checkpoint_lists(specs: list, group: Any) -> None:
@@ -194,29 +188,21 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     edges = shard_columns(num_cols, group_size, dist.get_world_size(process_group))
     start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
 
-    def average() -> tuple[Tensor, list[tuple[int, int, int]]]:
-        total, prints = torch.zeros(stop - start, dtype=torch.float64), []
-        for i, spec in enumerate(_progress(specs, len(specs), "averaging (shard)", progress)):
-            reader = ColumnReader(spec, i)
-            prints.append((*_file_fingerprint(spec), _content_sample(reader, names, shapes, num_cols, aliases)))
-            reader.columns(names, shapes, start, stop, aliases, out=total, add=True)
-        return total, prints
+    layout = Layout(names, shapes, aliases, [*names, *(a for n in names for a in aliases.get(n, ()))])
+    steps = lambda items, what: _progress(items, len(items), f"{what} (shard)", progress)  # noqa: E731
+    prints: list[tuple[int, int, int]] = []
 
-    total, prints = agree(average, process_group, "reading its checkpoints")
+    def fingerprint(i: int, reader: ColumnReader) -> None:
+        prints.append((*_file_fingerprint(specs[i]), _content_sample(reader, names, shapes, num_cols, aliases)))
+
+    center = agree(lambda: builder.average(specs, layout, start, stop, group_size, steps, fingerprint),
+                   process_group, "reading its checkpoints")
     _same_checkpoint_contents(specs, prints, process_group)
-    center = mean_center(total, len(specs))
-    del total
     offsets = block_offsets_from_sizes(block_sizes_for(numels, granularity), num_cols)
     local_offsets, b_lo, b_hi = local_blocks(offsets, start, stop)
 
     def build() -> QuantizedBasis:
-        rows = []
-        for i, spec in enumerate(_progress(specs, len(specs), "building basis (shard)", progress)):
-            row = ColumnReader(spec, i).columns(names, shapes, start, stop, aliases).sub_(center)
-            rows.append(row if bits is None else _quantize_in_chunks(row, bits, group_size))
-        if bits is None:
-            return quantize(torch.stack(rows), None, group_size, local_offsets.diff().tolist())
-        return stack_rows(rows, local_offsets, bits, group_size, stop - start)
+        return builder.build_basis(specs, layout, center, start, local_offsets, bits, group_size, steps)
 
     basis = agree(build, process_group, "building its shard of the basis")
     return ShardedSubspace(list(names), shapes, center, basis, start, stop, b_lo, b_hi, num_cols,
