@@ -125,6 +125,9 @@ class OutputDirectory:
         if target.exists() and (target.resolve() == cwd or target.resolve() in cwd.parents):
             raise OutputError(f"output {str(self.path)!r} is the working directory or holds it; the output "
                               "directory is replaced as a whole, so give the outputs a directory of their own")
+        if target.is_dir() and os.path.ismount(target):  # a mount point cannot be renamed or swapped
+            raise OutputError(f"output {str(self.path)!r} is a mount point; the output directory is replaced as a "
+                              "whole, so give the outputs a directory inside it")
         existing = target if target.exists() else target.parent
         while not existing.exists():
             existing = existing.parent
