@@ -42,7 +42,8 @@ def project(tmp_path_factory):
 
 
 def _twa(args, cwd, timeout=600):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent)])}
+    package_root = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent), package_root])}
     env.pop("TWA_KERNELS_BACKEND", None)
     return subprocess.run([sys.executable, "-m", "twa_kernels", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
