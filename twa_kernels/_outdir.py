@@ -60,6 +60,20 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries to disk (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
     False where the OS or the file system does not offer it; other failures raise."""
@@ -194,6 +208,7 @@ class OutputDirectory:
         if missing:
             raise OutputError(f"outputs {missing} were not written; nothing was replaced")
         self._set_modes()
+        _fsync_directory(self._staging)  # the names are on disk before the swap makes them visible
         target = self._target
         try:
             if not target.exists():
@@ -208,6 +223,7 @@ class OutputDirectory:
         except OSError as exc:
             raise self._unwritable(target, exc) from exc
         self._committed = True
+        _fsync_directory(target.parent)
         shutil.rmtree(self._staging, ignore_errors=True)
 
     def discard(self) -> None:

@@ -48,7 +48,7 @@ from torch import nn
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
-from twa_kernels.io import resolve_checkpoints, save_state_dict
+from twa_kernels.io import atomic_write, resolve_checkpoints, save_state_dict
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
@@ -396,5 +396,5 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool, outputs: Outp
     for name in ("averaged.pt", "averaged.safetensors"):
         save_state_dict(state, outputs.stage(name))
     report["outputs"] = [str(out / name) for name in OUTPUTS[:2]]
-    outputs.stage("report.json").write_text(json.dumps(report, indent=1))
+    atomic_write(outputs.stage("report.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return report
