@@ -443,3 +443,62 @@ def test_the_console_script_imports_the_project_from_the_working_directory(tmp_p
     assert result.returncode == 0, result.stderr
     assert "val_loss_after_twa" in result.stdout
     _consistent(project / "twa-out")
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+def test_an_output_directory_is_replaced_as_one_set_and_an_interrupt_mid_swap_keeps_the_old(tmp_path, monkeypatch,
+                                                                                             exchange):
+    from twa_kernels import _outdir
+
+    if not exchange:
+        monkeypatch.setattr(_outdir, "_exchange", lambda a, b: False)
+    else:
+        probe = [tmp_path / "p", tmp_path / "q"]
+        for p in probe:
+            p.mkdir()
+        if not _outdir._exchange(*probe):
+            pytest.skip("this file system has no renameat2 exchange")
+    out = tmp_path / "out"
+
+    def staged(content: str) -> "_outdir.OutputDirectory":
+        target = _outdir.OutputDirectory(out, ["a.bin", "b.json"])
+        for name in target.names:
+            target.stage(name).write_text(content)
+        return target
+
+    def contents() -> set:
+        return {(out / name).read_text() for name in ("a.bin", "b.json")}
+
+    first = staged("old")
+    first.commit()
+    first.discard()
+    assert contents() == {"old"} and _leftovers(tmp_path) == []
+    second = staged("new")
+    second.commit()
+    assert contents() == {"new"} and _leftovers(tmp_path) == []
+
+    third = staged("newer")
+    real_rename = os.rename
+
+    def interrupted(*args):  # Ctrl-C at the step that would make the new set visible
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_outdir, "_exchange", interrupted if exchange else (lambda a, b: False))
+    if not exchange:
+        monkeypatch.setattr(_outdir.os, "rename", lambda src, dst: interrupted() if ".twa-stage." in str(src)
+                            else real_rename(src, dst))
+    with pytest.raises(KeyboardInterrupt):
+        third.commit()
+    third.discard()
+    monkeypatch.setattr(_outdir.os, "rename", real_rename)
+    assert contents() == {"new"} and _leftovers(tmp_path) == []
+
+
+def test_an_output_that_is_the_working_directory_is_refused(tmp_path, monkeypatch):
+    from twa_kernels import _outdir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="is the working directory or holds it"):
+        _outdir.OutputDirectory(".", ["a.bin"])
+    with pytest.raises(OutputError, match="is the working directory or holds it"):
+        _outdir.OutputDirectory(tmp_path.parent, ["a.bin"])

@@ -218,7 +218,12 @@ class OutputDirectory:
             else:
                 aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.twa-old.{os.getpid()}.", dir=target.parent))
                 os.rename(target, aside)  # replaces the empty directory mkdtemp made
-                os.rename(self._staging, target)
+                try:
+                    os.rename(self._staging, target)
+                except BaseException:  # an error or Ctrl-C here: the old set goes back at once
+                    if not target.exists():
+                        os.rename(aside, target)
+                    raise
                 os.rename(aside, self._staging)
         except OSError as exc:
             raise self._unwritable(target, exc) from exc
