@@ -107,13 +107,12 @@ def _geometry_inputs(args: argparse.Namespace):
 
 
 def _write_json(path: Path, payload: dict) -> None:
+    """Atomically, with the mode the umask gives (or the replaced file's)."""
     import json
-    import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    from twa_kernels.io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
 def _connect(args: argparse.Namespace) -> int:
