@@ -260,6 +260,20 @@ def test_an_output_without_write_permission_fails_before_any_work(in_project, mo
     assert os.listdir(denied) == []
 
 
+def test_an_output_on_a_read_only_file_system_fails_before_any_work(in_project, monkeypatch):
+    import errno
+
+    from twa_kernels import _outdir
+
+    def read_only(*args, **kwargs):  # what mkdir gives on a read-only mount, even to root
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(_outdir.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputError, match="cannot be written .*Read-only file system"):
+        run_fit(_config(in_project, output=str(in_project / "ro-out")), progress=False)
+    assert not (in_project / "factory-called").exists()
+
+
 def test_an_output_directory_holding_other_files_is_refused_not_emptied(in_project):
     shared = in_project / "shared"
     shared.mkdir(exist_ok=True)

@@ -110,14 +110,13 @@ class OutputDirectory:
         # a symlinked output is written where it points, and the link is kept
         self._target = Path(os.path.realpath(self.path))
         self._check_location()
-        self.recover()
-        self._target.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.recover()
+            self._target.parent.mkdir(parents=True, exist_ok=True)
             self._staging = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-stage.{os.getpid()}.",
                                                   dir=self._target.parent))
-        except OSError as exc:
+        except OSError as exc:  # a read-only file system, a permission os.access did not see
             raise self._unwritable(self._target.parent, exc) from exc
-        self._committed = False
 
     # -- checks before any work --------------------------------------------------------
 
@@ -227,7 +226,6 @@ class OutputDirectory:
                 os.rename(aside, self._staging)
         except OSError as exc:
             raise self._unwritable(target, exc) from exc
-        self._committed = True
         _fsync_directory(target.parent)
         shutil.rmtree(self._staging, ignore_errors=True)
 
