@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from twa_kernels.averaging import greedy_soup, uniform_average
-from twa_kernels.demo import evaluate, fit_twa, make_model, mnist1d, run_seed, train_sgd
+from twa_kernels.averaging import uniform_average
+from twa_kernels.demo import evaluate, fit_twa, greedy_soup_with_bn, make_model, mnist1d, run_seed, train_sgd
 
 TWA_EPOCHS = 3
 
@@ -75,14 +75,11 @@ def finetune(seed: int, work: Path) -> dict[str, tuple[float, float]]:
     singles = [evaluate(_loaded(seed, _read(p)), val)[0] for p in copies]
     best = copies[max(range(len(copies)), key=singles.__getitem__)]
 
-    def val_accuracy(state) -> float:
-        return evaluate(_loaded(seed, state), val)[0]
-
-    soup, _ = greedy_soup(copies, val_accuracy)
+    soup, _ = greedy_soup_with_bn(make_model(seed), copies, train, val, seed)  # BN recomputed, as for the others
     return {
         "best single (by val)": evaluate(_loaded(seed, _read(best)), test),
         "uniform soup": evaluate(_with_bn(seed, uniform_average(copies), train), test),
-        "greedy soup": evaluate(_loaded(seed, soup), test),
+        "greedy soup": evaluate(soup, test),
         "TWA-v": evaluate(fit_twa(seed, copies, val, train, TWA_EPOCHS), test),
     }
 

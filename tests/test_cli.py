@@ -42,7 +42,8 @@ def project(tmp_path_factory):
 
 
 def _twa(args, cwd, timeout=600):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent)])}
+    package_root = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent), package_root])}
     env.pop("TWA_KERNELS_BACKEND", None)
     return subprocess.run([sys.executable, "-m", "twa_kernels", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -119,3 +120,27 @@ def test_demo_quick_writes_table_json_and_plot(tmp_path):
     assert set(report["summary"]) == methods
     assert report["summary"]["TWA-t"]["epochs"] < report["summary"]["full training"]["epochs"]
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
+
+
+def test_the_demos_greedy_soup_is_measured_with_its_own_batchnorm_statistics():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from twa_kernels import demo
+
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(96, 1, 40, generator=g), torch.randint(0, 10, (96,), generator=g))
+    val = TensorDataset(torch.randn(32, 1, 40, generator=g), torch.randint(0, 10, (32,), generator=g))
+    checkpoints = []
+    for seed in range(3):
+        state = demo.make_model(seed).state_dict()
+        for key in state:
+            if key.endswith("running_mean"):
+                state[key] = torch.full_like(state[key], 5.0)  # statistics no average of these weights has
+        checkpoints.append(state)
+    soup, chosen = demo.greedy_soup_with_bn(demo.make_model(0), checkpoints, train, val, seed=0)
+    expected = demo.make_model(0)
+    expected.load_state_dict(soup.state_dict())
+    torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=64), expected)
+    for (name, got), want in zip(soup.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    assert 1 <= len(chosen) <= 3 and not torch.allclose(soup[1].running_mean, torch.full((32,), 5.0))

@@ -560,6 +560,9 @@ def test_cli_connect_prints_barriers_and_writes_the_plot(project, runs, monkeypa
 
     saved = json.loads((root / "connect.json").read_text())
     assert saved["loss_barrier"] == pytest.approx(expected.loss_barrier, abs=1e-6) and len(saved["alphas"]) == 5
+    from twa_kernels._outdir import current_umask
+
+    assert (root / "connect.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() gives it
     assert "interpolating" in err  # the progress bar
 
 

@@ -120,6 +120,21 @@ def fit_twa(seed: int, checkpoints, data, train, epochs: int) -> TWA:
     return twa
 
 
+def greedy_soup_with_bn(probe: nn.Module, checkpoints: list, train: TensorDataset, val: TensorDataset,
+                        seed: int) -> tuple[nn.Module, list[int]]:
+    """Greedy soup by validation accuracy, in `probe`: every candidate is scored, and the soup
+    returned, with its own BatchNorm statistics recomputed on `train`, as SWA and TWA are
+    measured (not with the mean of the checkpoints' statistics)."""
+
+    def with_bn(state) -> nn.Module:
+        probe.load_state_dict(state)
+        torch.optim.swa_utils.update_bn(_loader(train, seed, shuffle=False), probe)
+        return probe
+
+    soup, chosen = greedy_soup(checkpoints, lambda state: evaluate(with_bn(state), val)[0])
+    return with_bn(soup), chosen
+
+
 def run_seed(seed: int, epochs: int, twa_epochs: int, out_dir: Path, progress: bool) -> dict:
     train, val, test = mnist1d(seed)
     model = make_model(seed)
@@ -153,14 +168,7 @@ def run_seed(seed: int, epochs: int, twa_epochs: int, out_dir: Path, progress: b
                              seconds=head_seconds + time.perf_counter() - start)
 
     start = time.perf_counter()
-    probe = make_model(seed)
-
-    def val_accuracy(state) -> float:
-        probe.load_state_dict(state)
-        return evaluate(probe, val)[0]
-
-    soup, chosen = greedy_soup(head_paths, val_accuracy)
-    probe.load_state_dict(soup)
+    probe, chosen = greedy_soup_with_bn(make_model(seed), head_paths, train, val, seed)
     results["greedy soup"] = dict(zip(("acc", "loss"), evaluate(probe, test)), epochs=head,
                                   seconds=head_seconds + time.perf_counter() - start, ingredients=len(chosen))
     return dict(seed=seed, head_epochs=head, curve=curve, methods=results, files=files)
