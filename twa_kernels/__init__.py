@@ -19,7 +19,7 @@ from twa_kernels.subspace import Subspace, orthonormalize
 from twa_kernels.twa import TWA
 from twa_kernels import distributed  # tk.distributed: TWA across processes
 from twa_kernels.optim import SubspaceOptimizer
-from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average
+from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average, update_bn
 from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 from twa_kernels import connectivity
 from twa_kernels import prune, distill
@@ -54,6 +54,7 @@ __all__ = [
     "save_state_dict",
     "split_holdout",
     "uniform_average",
+    "update_bn",
     "backend",
     "dequantize",
     "orthonormalize",

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -158,6 +159,7 @@ class TWA(nn.Module):
         if not self._sharded:
             # allocated (and its pages touched) now, so the first training step does not pay for it
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
+        self._bn_key: tuple | None = None  # the weights update_bn last measured statistics at
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
 
     @property
@@ -308,7 +310,14 @@ class TWA(nn.Module):
     @torch.no_grad()
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The model's state_dict with the averaged weights, in the model's dtypes: load it
-        into a plain model. Every name of a tied weight gets the averaged value."""
+        into a plain model. Every name of a tied weight gets the averaged value. A model
+        with BatchNorm statistics gets a warning unless update_bn ran at these weights: the
+        statistics in the result are the model's own, measured at other weights."""
+        if _has_running_statistics(self.module) and not (
+                self._bn_key is not None and _same_key(self._bn_key, self._weights_key())):
+            warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
+                          "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
+                          "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
         state = {k: v.clone() for k, v in self.module.state_dict().items()}
         for name, value in self.weights().items():
             for key in self.aliases.get(name, [name]):
@@ -323,6 +332,11 @@ class TWA(nn.Module):
         cumulative averaging. A batch that is a tuple or list feeds its first element,
         unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn)."""
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()})
+        self._bn_key = self._weights_key()
+
+
+def _has_running_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
