@@ -15,7 +15,7 @@ forward that records a graph leaves them there, as detached aliases of the same 
 until a backward has consumed that graph (or the graph is freed): a model that recomputes
 part of its forward during the backward, with activation checkpointing
 (torch.utils.checkpoint with either `use_reentrant`, a Hugging Face model after
-`gradient_checkpointing_enable()`), then recomputes at TWA's weights, and the gradients
+`gradient_checkpointing_enable()`, or `activation_checkpointing_enable()` in transformers 5), then recomputes at TWA's weights, and the gradients
 that a reentrant recompute leaves on those aliases are added to the coefficients' own.
 After the backward the model holds its own Parameter objects again, unchanged and with no
 `.grad`; between a forward and its backward, `model.weight` is TWA's weight. Changing the
