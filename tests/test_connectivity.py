@@ -277,6 +277,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     from safetensors.torch import save_file
 
     from twa_kernels import io
+    from twa_kernels.geometry import evaluation, planes
 
     train, test, ckpts, _ = runs
     model = make_model(3)
@@ -288,8 +289,8 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     want_point = want.locate(ckpts[5], "epoch 6")
     # tiny chunks (quantised in 32 columns, read in 96) so that every tensor is cut somewhere,
     # and a mapping budget of 1 KB (a file is ~15 KB) for when pages cannot be given back
-    monkeypatch.setattr(C, "_CHUNK_GROUPS", 4)
-    monkeypatch.setattr(C, "_READ_COLUMNS", 100)
+    monkeypatch.setattr(planes, "_CHUNK_GROUPS", 4)
+    monkeypatch.setattr(planes, "_READ_COLUMNS", 100)
     spans, loads, dropped = [], [], []
 
     class Spy(io.ColumnReader):
@@ -315,8 +316,8 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     def whole(*args):
         raise AssertionError("a whole checkpoint was loaded")
 
-    monkeypatch.setattr(C, "ColumnReader", Spy)
-    monkeypatch.setattr(C, "load_state_dict", whole)
+    monkeypatch.setattr(planes, "ColumnReader", Spy)
+    monkeypatch.setattr(evaluation, "load_state_dict", whole)
     monkeypatch.setattr(torch, "load", load)
     monkeypatch.setattr(io, "_drop_pages", drop)
     got, _ = C._frame_from_checkpoints(model, files[:3], bits, 8, True)
