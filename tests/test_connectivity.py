@@ -11,18 +11,17 @@ from torch.utils.data import DataLoader
 import twa_kernels as tk
 from twa_kernels import connectivity as C
 
-from digits import digits_splits, evaluate, make_model, train_checkpoints
+from tests.digits import digits_splits, evaluate, make_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(digits_checkpoints):
     train, val, test = digits_splits()
     # two runs from independent initialisations; 8 epochs each
-    return train, test, train_checkpoints(train, epochs=8, lr=0.05, seed=0), train_checkpoints(train, epochs=8,
-                                                                                               lr=0.05, seed=1)
+    return train, test, digits_checkpoints(epochs=8, lr=0.05, seed=0), digits_checkpoints(epochs=8, lr=0.05, seed=1)
 
 
 def _data(dataset):
@@ -511,7 +510,7 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
 
 USER_PACKAGE = '''
 from torch.utils.data import DataLoader
-from digits import digits_splits, make_model as _make
+from tests.digits import digits_splits, make_model as _make
 
 def make_model():
     return _make(0)

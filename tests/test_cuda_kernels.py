@@ -12,8 +12,7 @@ import twa_kernels as tk
 from twa_kernels import _build
 from twa_kernels.backends import reference
 
-from conftest import random_basis
-from test_ops import BITS, SHAPES
+from tests.helpers import BITS, SHAPES, random_basis
 
 needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc not found: CUDA sources cannot compile here")
 
