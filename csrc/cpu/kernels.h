@@ -1,6 +1,6 @@
 // Fused CPU kernels for twa-kernels, on raw pointers (no torch headers, so this file
 // compiles in a second and can be unit-built on its own). The math is fixed by
-// DESIGN.md; twa_kernels/backends/reference.py is the executable spec.
+// docs/design.md ("Math of each op"); twa_kernels/backends/reference.py is the executable spec.
 //
 // Packed layout (see twa_kernels/quant.py): row r of the basis is cut into groups of
 // `group_size` columns; group t starts at byte t * group_size / cpb of the row, where
