@@ -15,6 +15,8 @@ import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import Checkpoint
 from twa_kernels.geometry.interpolation import Interpolation
@@ -46,7 +48,6 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.colors import LogNorm
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
