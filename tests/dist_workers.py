@@ -1,57 +1,18 @@
-"""Multi-process harness and per-rank scenarios for test_distributed.py (gloo on CPU).
-
-`spawn(fn, world, tmp)` starts `world` fresh processes (1 thread each), a gloo group on a
-free port with a timeout, runs fn(rank, world) in each and returns the ranks' results, read
-back from files. A rank that raises fails the call with its traceback; a run past the
-deadline is killed and raises TimeoutError, so a test never hangs.
-"""
+"""Per-rank scenarios for test_distributed.py (gloo on CPU), each run by tests.helpers.spawn
+as fn(rank, world) in every process of a group."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.helpers import free_port, spawn  # noqa: F401  (test modules launch the scenarios as w.spawn)
+
 K, STEPS, GLOBAL_BATCH, GROUP_SIZE, LR = 4, 4, 12, 8, 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        result = fn(rank, world)
-        tmp = os.path.join(out, f".rank{rank}.pt")
-        torch.save(result, tmp)
-        os.replace(tmp, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world: int, out: str, timeout: float = 100.0) -> list:
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
 # -- counting every collective this process calls (independent of twa's own counter) ------

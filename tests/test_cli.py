@@ -12,7 +12,7 @@ import torch
 
 import twa_kernels as tk
 
-from digits import digits_splits, make_model, train_checkpoints
+from tests.digits import make_model
 
 USER_PACKAGE = '''
 import torch
@@ -31,12 +31,12 @@ def val_loader():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, digits_checkpoints):
     """A user's package (model factory, loaders) and a folder of checkpoints."""
     root = tmp_path_factory.mktemp("user")
     (root / "userpkg.py").write_text(USER_PACKAGE)
     ckpts = root / "ckpts"
-    for i, state in enumerate(train_checkpoints(digits_splits()[0], epochs=4, lr=0.01)):
+    for i, state in enumerate(digits_checkpoints(epochs=4, lr=0.01)):
         tk.save_state_dict(state, ckpts / f"epoch_{i}.pt")
     return root
 

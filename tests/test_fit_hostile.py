@@ -21,7 +21,7 @@ import twa_kernels as tk
 from twa_kernels.errors import OutputError
 from twa_kernels.fit import FitError, run_fit
 
-from digits import train_checkpoints
+from tests.digits import digits_splits, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,12 +59,10 @@ def one_pass_loader():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, digits_checkpoints):
     root = tmp_path_factory.mktemp("fitproject")
     (root / "fit_hostile_pkg.py").write_text(USER_MODULE)
-    from digits import digits_splits
-
-    for i, state in enumerate(train_checkpoints(digits_splits()[0], epochs=3, lr=0.01)):
+    for i, state in enumerate(digits_checkpoints(epochs=3, lr=0.01)):
         tk.save_state_dict(state, root / "ckpts" / f"epoch_{i}.pt")
     return root
 
@@ -207,7 +205,6 @@ def test_the_cli_refuses_an_empty_training_loader_with_one_line(project):
 def test_val_loss_at_swa_is_the_uniform_average_with_batchnorm_recomputed(in_project):
     import torch.nn.functional as F
 
-    from digits import digits_splits, make_model
     from fit_hostile_pkg import train_loader, val_loader
 
     report = run_fit(_config(in_project, output=str(in_project / "swa-out")), progress=False)

@@ -13,7 +13,7 @@ import torch
 import twa_kernels as tk
 from twa_kernels.io import load_state_dict, resolve_checkpoints
 
-from digits import make_model
+from tests.digits import make_model
 
 HERE = Path(__file__).parent
 

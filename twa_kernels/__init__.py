@@ -24,7 +24,13 @@ from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 from twa_kernels import connectivity
 from twa_kernels import prune, distill
 from twa_kernels import decor  # tk.decor: decorrelated backpropagation
-from twa_kernels.factorize import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
+from twa_kernels import factorization
+from twa_kernels.factorization import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
+from twa_kernels._deprecated import alias_module as _alias_module
+
+# The module was named like its function, which shadowed it: `import twa_kernels.factorize`
+# gave the function. The old module path still imports, with a warning.
+_alias_module("twa_kernels.factorize", factorization)
 
 __version__ = "0.1.0"
 
@@ -34,6 +40,7 @@ __all__ = [
     "decor",
     "distill",
     "distributed",
+    "factorization",
     "prune",
     "check_optimizer",
     "collapse",
