@@ -276,6 +276,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     from safetensors.torch import save_file
 
     from twa_kernels import io
+    from twa_kernels import builder
     from twa_kernels.geometry import evaluation, planes
 
     train, test, ckpts, _ = runs
@@ -288,8 +289,9 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     want_point = want.locate(ckpts[5], "epoch 6")
     # tiny chunks (quantised in 32 columns, read in 96) so that every tensor is cut somewhere,
     # and a mapping budget of 1 KB (a file is ~15 KB) for when pages cannot be given back
-    monkeypatch.setattr(planes, "_CHUNK_GROUPS", 4)
-    monkeypatch.setattr(planes, "_READ_COLUMNS", 100)
+    for module in (planes, builder):  # the plane's own passes, and the builder that packs its directions
+        monkeypatch.setattr(module, "_CHUNK_GROUPS", 4)
+        monkeypatch.setattr(module, "_READ_COLUMNS", 100)
     spans, loads, dropped = [], [], []
 
     class Spy(io.ColumnReader):

@@ -2,7 +2,7 @@
 
 Every subspace in the library is built here: the single-process `Subspace.from_checkpoints`
 (columns 0..D), the sharded build (this rank's columns) and a plane's two directions
-(checkpoint a as origin instead of the mean). A checkpoint is read through io.ColumnReader
+(checkpoint a as origin instead of the mean, geometry/planes.py). A checkpoint is read through io.ColumnReader
 a window of columns at a time (about 1 MB of float32), and each row is centred, checked and
 quantised window by window straight into the basis's preallocated tensors, so memory holds
 the center, the packed basis and one window, never a whole checkpoint or a dense row (a
@@ -132,11 +132,12 @@ def average(specs: Sequence[CheckpointSpec], layout: Layout, start: int, stop: i
 
 
 def dense_row(reader: ColumnReader, layout: Layout, origin: Tensor, start: int, group_size: int,
-              out: Tensor | None = None) -> Tensor:
+              out: Tensor | None = None, check_finite: bool = False) -> Tensor:
     """The row (checkpoint - origin) over columns start..start + origin.numel(), dense
-    float32, checked quantisable."""
+    float32, checked quantisable (and, with check_finite, finite by io's error: a
+    checkpoint not read by an averaging pass first)."""
     out = torch.empty_like(origin) if out is None else out
-    read_columns(reader, layout, start, out, group_size, check_finite=False).sub_(origin)
+    read_columns(reader, layout, start, out, group_size, check_finite=check_finite).sub_(origin)
     check_range(out, layout, reader.source, start)
     return out
 
@@ -158,14 +159,16 @@ def pack_row(row: Tensor | Callable[[int, int], Tensor], num_cols: int, bits: in
             mins[group:group + low.numel()] = low
 
 
-def streamed_row(reader: ColumnReader, layout: Layout, origin: Tensor, start: int, group_size: int
-                 ) -> Callable[[int, int], Tensor]:
-    """Columns a..b (relative to `start`) of (checkpoint - origin), read when asked for."""
+def streamed_row(reader: ColumnReader, layout: Layout, origin: Tensor, start: int, group_size: int,
+                 check_finite: bool = False) -> Callable[[int, int], Tensor]:
+    """Columns a..b (relative to `start`) of (checkpoint - origin), read when asked for
+    (checked finite with check_finite, as dense_row)."""
     buffer = torch.empty(min(origin.numel(), next(iter(windows(0, origin.numel(), group_size)))[1]))
 
     def window(a: int, b: int) -> Tensor:
         part = buffer[:b - a]
-        reader.columns(layout.names, layout.shapes, start + a, start + b, layout.aliases, out=part, check_finite=False)
+        reader.columns(layout.names, layout.shapes, start + a, start + b, layout.aliases, out=part,
+                       check_finite=check_finite)
         part.sub_(origin[a:b])
         check_range(part, layout, reader.source, start + a)
         return part

@@ -20,8 +20,8 @@ columns at a time (io.ColumnReader), so no checkpoint is ever held whole; a chec
 changed after the plane was built (file size or mtime, or a state_dict tensor written in
 place) is refused when it is read back.
 
-The plane's two directions are packed here by `_read_into` and `_packed_row`, a chunked
-reader and quantiser of (checkpoint - origin) rows; nothing else in the package imports them.
+The plane's two directions are (checkpoint - origin) rows of the one basis builder
+(twa_kernels/builder.py), read and quantised a window at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
@@ -55,10 +56,8 @@ from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
     SUPPORTED_BITS,
     QuantizedBasis,
-    _quantize_row,
     block_offsets_from_sizes,
     dequantize,
-    packed_row_bytes,
 )
 from twa_kernels.subspace import Subspace
 
@@ -82,7 +81,7 @@ def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Seq
     parameter present (or a tied alias of it), with the model's shape and a floating-point
     dtype. Its other floating-point entries are checked finite here; the parameters are
     checked as they are read."""
-    reader = ColumnReader(checkpoint, source=source)
+    reader = ColumnReader(checkpoint, source=source, names=[*names, *(a for n in names for a in aliases.get(n, ()))])
     present = set()
     for name, shape in zip(names, shapes):
         key = _entry_key(reader, name, shape, source, aliases.get(name, ()))
@@ -110,39 +109,6 @@ def _entry_key(reader: ColumnReader, name: str, shape: tuple[int, ...], source: 
 def _read_step(group_size: int) -> int:
     """Columns read from a checkpoint at a time: whole quantisation chunks, about 1 MB of float32."""
     return group_size * _CHUNK_GROUPS * max(1, _READ_COLUMNS // (group_size * _CHUNK_GROUPS))
-
-
-def _read_into(out: Tensor, reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-               aliases: Mapping[str, Sequence[str]], step: int) -> Tensor:
-    """The checkpoint's parameters flattened into the preallocated vector `out`, `step`
-    columns at a time."""
-    for start in range(0, out.numel(), step):
-        stop = min(start + step, out.numel())
-        reader.columns(names, shapes, start, stop, aliases, out=out[start:stop])
-    return out
-
-
-def _packed_row(reader: ColumnReader, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-                aliases: Mapping[str, Sequence[str]], center: Tensor, bits: int, group_size: int,
-                out: tuple[Tensor, Tensor, Tensor]) -> None:
-    """Pack the row (checkpoint - center) into `out` = (codes [row_bytes], scales [n_groups],
-    mins [n_groups]), read and quantised chunk by chunk: neither the checkpoint nor a dense
-    copy of the row is ever held. Quantised in pieces of _CHUNK_GROUPS groups (groups are
-    independent, so the bytes are those of one _quantize_row of the whole row)."""
-    codes, scales, mins = out
-    numel, piece = center.numel(), group_size * _CHUNK_GROUPS
-    step = _read_step(group_size)
-    buffer = torch.empty(min(step, numel))
-    for start in range(0, numel, step):
-        stop = min(start + step, numel)
-        chunk = reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start])
-        chunk.sub_(center[start:stop])
-        for i in range(0, stop - start, piece):
-            packed, scale, low = _quantize_row(chunk[i:i + piece], bits, group_size)
-            byte, group = packed_row_bytes(start + i, bits, group_size), (start + i) // group_size
-            codes[byte:byte + packed.numel()] = packed
-            scales[group:group + scale.numel()] = scale
-            mins[group:group + low.numel()] = low
 
 
 def _stamp(spec: Checkpoint) -> tuple:
@@ -318,11 +284,11 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     buffers = float_buffers(model, include_bn_stats=True) if with_buffers else {}
     labels = [checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
     step = _read_step(group_size)
+    layout = builder.Layout(names, shapes, aliases)
     center, buffer_sets = torch.empty(numel), []
     dense = torch.empty(2, numel) if bits is None else None
-    if bits is not None:  # the packed basis's layout (see quant.stack_rows), filled row by row
-        codes = torch.empty(2, packed_row_bytes(numel, bits, group_size), dtype=torch.uint8)
-        scales, mins = torch.empty(-(-numel // group_size), 2), torch.empty(-(-numel // group_size), 2)
+    if bits is not None:  # the packed basis's tensors, filled row by row (the one builder's)
+        codes, scales, mins = builder.empty_packed(2, numel, bits, group_size)
     for i, ckpt in enumerate(checkpoints):
         # each checkpoint is read a chunk of columns at a time (io.ColumnReader): the peak is
         # the origin, the basis and one chunk, never a whole checkpoint
@@ -331,13 +297,13 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         buffer_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)
                             for k, t in buffers.items()})
         if i == 0:
-            _read_into(center, reader, names, shapes, aliases, step)
+            builder.read_columns(reader, layout, 0, center, group_size)
             origin = _Origin(reader=reader, spec=ckpt, layout=(names, shapes, aliases, step))
         elif dense is not None:
-            _read_into(dense[i - 1], reader, names, shapes, aliases, step).sub_(center)
+            builder.dense_row(reader, layout, center, 0, group_size, out=dense[i - 1], check_finite=True)
         else:  # written in place into the basis's tensors: no per-row copies to stack
-            _packed_row(reader, names, shapes, aliases, center, bits, group_size, (codes[i - 1], scales[:, i - 1],
-                                                                                     mins[:, i - 1]))
+            row = builder.streamed_row(reader, layout, center, 0, group_size, check_finite=True)
+            builder.pack_row(row, numel, bits, group_size, (codes[i - 1], scales[:, i - 1], mins[:, i - 1]))
         del reader
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
