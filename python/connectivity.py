@@ -167,6 +167,7 @@ from resnet import resnet18
 from safetensors.torch import save_file
 from twa_kernels import connectivity as C
 from twa_kernels import io
+from twa_kernels.geometry import planes
 from twa_kernels.io import ColumnReader
 
 def status(key):
@@ -220,9 +221,9 @@ builds = dict(pt=build_peak(paths), safetensors=build_peak(safetensors))
 # for comparison: a .pt file read through one mapping whose pages are never given back
 # (neither madvise nor reopening): touched file pages count in RSS
 drop_pages = io._drop_pages
-C.ColumnReader, io._drop_pages = (lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)), (lambda v: False)
+planes.ColumnReader, io._drop_pages = (lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)), (lambda v: False)
 builds["pt, mapping kept"] = build_peak(paths)
-C.ColumnReader, io._drop_pages = ColumnReader, drop_pages
+planes.ColumnReader, io._drop_pages = ColumnReader, drop_pages
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
 start = time.perf_counter()
