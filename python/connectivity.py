@@ -168,7 +168,8 @@ from safetensors.torch import save_file
 from twa_kernels import connectivity as C
 from twa_kernels import io
 from twa_kernels.geometry import planes
-from twa_kernels.io import ColumnReader
+from twa_kernels import columns
+from twa_kernels.columns import ColumnReader
 
 def status(key):
     return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -220,10 +221,10 @@ def build_peak(files):
 builds = dict(pt=build_peak(paths), safetensors=build_peak(safetensors))
 # for comparison: a .pt file read through one mapping whose pages are never given back
 # (neither madvise nor reopening): touched file pages count in RSS
-drop_pages = io._drop_pages
-planes.ColumnReader, io._drop_pages = (lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)), (lambda v: False)
+drop_pages = columns._drop_pages
+planes.ColumnReader, columns._drop_pages = (lambda spec, **kw: ColumnReader(spec, **kw, resident_bytes=1 << 62)), (lambda v: False)
 builds["pt, mapping kept"] = build_peak(paths)
-planes.ColumnReader, io._drop_pages = ColumnReader, drop_pages
+planes.ColumnReader, columns._drop_pages = ColumnReader, drop_pages
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
 start = time.perf_counter()

@@ -275,8 +275,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     memory: the same bytes."""
     from safetensors.torch import save_file
 
-    from twa_kernels import io
-    from twa_kernels import builder
+    from twa_kernels import builder, columns
     from twa_kernels.geometry import evaluation, planes
 
     train, test, ckpts, _ = runs
@@ -294,7 +293,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
         monkeypatch.setattr(module, "_READ_COLUMNS", 100)
     spans, loads, dropped = [], [], []
 
-    class Spy(io.ColumnReader):
+    class Spy(columns.ColumnReader):
         def __init__(self, spec, **kwargs):
             super().__init__(spec, **kwargs, resident_bytes=1024)
 
@@ -302,7 +301,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
             spans.append(b - a)
             return super()._slice(name, a, b)
 
-    real_load, real_drop = torch.load, io._drop_pages
+    real_load, real_drop = torch.load, columns._drop_pages
 
     def load(path, *args, **kwargs):
         loads.append((str(path), kwargs.get("mmap")))
@@ -320,7 +319,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     monkeypatch.setattr(planes, "ColumnReader", Spy)
     monkeypatch.setattr(evaluation, "load_state_dict", whole)
     monkeypatch.setattr(torch, "load", load)
-    monkeypatch.setattr(io, "_drop_pages", drop)
+    monkeypatch.setattr(columns, "_drop_pages", drop)
     got, _ = C._frame_from_checkpoints(model, files[:3], bits, 8, True)
     point = got.locate(files[3], "epoch 6")
     numel = sum(p.numel() for p in model.parameters())
@@ -388,13 +387,13 @@ def test_a_checkpoint_plane_reads_its_origin_back_and_steps_along_rows(runs, tmp
 
 
 def test_column_reader_reads_every_format_alike(tmp_path, caplog):
-    """io.ColumnReader, which planes and sharded subspaces stream checkpoints through: one
+    """columns.ColumnReader, which planes and sharded subspaces stream checkpoints through: one
     answer from a state_dict, a .pt file, a legacy (non-zip) .pt file, a .safetensors file
     and a torch.distributed.checkpoint directory; tied names and named errors."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    from twa_kernels.io import ColumnReader
+    from twa_kernels.columns import ColumnReader
 
     generator = torch.Generator().manual_seed(0)
     state = {"module.a": torch.randn(5, 7, generator=generator), "b": torch.randn(3, generator=generator).double(),

@@ -10,7 +10,7 @@ import torch
 
 from twa_kernels import _dcp
 from twa_kernels.errors import CheckpointError
-from twa_kernels.io import ColumnReader
+from twa_kernels.columns import ColumnReader
 
 
 class Payload:

@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 import twa_kernels as tk
-from twa_kernels import io
+from twa_kernels import columns, io
 from twa_kernels.errors import CheckpointError
 
 from tests.helpers import one_process_group
@@ -92,7 +92,7 @@ def test_sharded_checkpoints_read_column_by_column_open_only_the_shard_they_need
     shapes = [tuple(p.shape) for p in model.parameters()]
     aliases = io.parameter_aliases(model)
     reference = torch.cat([hf_runs["states"][1][n].reshape(-1) for n in names])
-    reader = io.ColumnReader(hf_runs["sharded"][1])
+    reader = columns.ColumnReader(hf_runs["sharded"][1])
     assert torch.equal(reader.columns(names, shapes, 0, reference.numel(), aliases), reference)
     assert set(reader.keys()) == set(io.load_state_dict(hf_runs["single"][1]))
 
@@ -102,7 +102,7 @@ def test_sharded_checkpoints_read_column_by_column_open_only_the_shard_they_need
     real = safetensors.safe_open
     monkeypatch.setattr(safetensors, "safe_open", lambda path, *a, **k: opened.append(Path(path).name) or
                         real(path, *a, **k))
-    reader = io.ColumnReader(hf_runs["sharded"][1])
+    reader = columns.ColumnReader(hf_runs["sharded"][1])
     opened.clear()  # the metadata of every shard was read; now one tensor's columns
     offset = sum(math.prod(s) for s in shapes[:names.index("transformer.h.1.mlp.c_proj.weight")])
     got = reader.columns(names, shapes, offset + 10, offset + 20, aliases)
@@ -129,7 +129,7 @@ def test_a_directory_that_is_not_a_checkpoint_is_named_as_one(hf_runs, tmp_path)
     with pytest.raises(CheckpointError, match=r"notes: is a directory, not a checkpoint.*model\.safetensors"):
         tk.TWA(_gpt2(7), [hf_runs["single"][0], tmp_path / "notes"])
     with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint"):
-        io.ColumnReader(tmp_path / "notes")
+        columns.ColumnReader(tmp_path / "notes")
 
 
 # -- wrapped models ------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_lightning_columns_match_the_inner_network(lightning_run):
     names = [n for n, _ in inner.named_parameters()]
     shapes = [tuple(p.shape) for p in inner.parameters()]
     reference = torch.cat([states[3][n].reshape(-1) for n in names])
-    got = io.ColumnReader(steps[3]).columns(names, shapes, 0, reference.numel())
+    got = columns.ColumnReader(steps[3]).columns(names, shapes, 0, reference.numel())
     assert torch.equal(got, reference)
 
 

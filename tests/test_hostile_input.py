@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import twa_kernels as tk
-from twa_kernels import io
+from twa_kernels import columns, io
 from twa_kernels.errors import BasisLayoutError, CheckpointError, TWAKernelsError
 from twa_kernels.quant import QuantizedBasis
 
@@ -133,7 +133,7 @@ def test_one_flipped_bit_in_a_torch_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt.*CRC"):
         tk.load_state_dict(path)
     with pytest.raises(CheckpointError, match="corrupt.*CRC"):
-        io.ColumnReader(path).read("b.weight", (300,), 0, 10)
+        columns.ColumnReader(path).read("b.weight", (300,), 0, 10)
 
 
 def test_one_flipped_bit_is_refused_by_twa(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import twa_kernels as tk
+from twa_kernels.columns import ColumnReader
 from twa_kernels.io import load_state_dict, resolve_checkpoints
 
 from tests.digits import make_model
@@ -170,7 +171,7 @@ def test_two_keys_that_name_one_weight_are_refused_naming_both(tmp_path, form):
     with pytest.raises(tk.CheckpointError, match=match):
         tk.TWA(make_model(), [spec, _checkpoints(1)[0]])
     with pytest.raises(tk.CheckpointError, match=match):
-        tk.io.ColumnReader(spec)  # read lazily, column by column
+        ColumnReader(spec)  # read lazily, column by column
 
 
 def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
@@ -211,7 +212,7 @@ def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):
     for directory, want in ((tmp_path / "one", states[0]), (sharded, states[1])):
         got = load_state_dict(directory)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-        reader = tk.io.ColumnReader(directory)
+        reader = ColumnReader(directory)
         assert torch.equal(reader.tensor("3.weight"), want["3.weight"])
     assert resolve_checkpoints(tmp_path) == [tmp_path / "one", sharded]
     avg = tk.uniform_average(tmp_path, model=make_model())

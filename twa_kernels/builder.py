@@ -2,7 +2,7 @@
 
 Every subspace in the library is built here: the single-process `Subspace.from_checkpoints`
 (columns 0..D), the sharded build (this rank's columns) and a plane's two directions
-(checkpoint a as origin instead of the mean, geometry/planes.py). A checkpoint is read through io.ColumnReader
+(checkpoint a as origin instead of the mean, geometry/planes.py). A checkpoint is read through columns.ColumnReader
 a window of columns at a time (about 1 MB of float32), and each row is centred, checked and
 quantised window by window straight into the basis's preallocated tensors, so memory holds
 the center, the packed basis and one window, never a whole checkpoint or a dense row (a
@@ -22,7 +22,8 @@ from torch import Tensor
 
 from twa_kernels._memory import empty_huge
 from twa_kernels.errors import CheckpointError
-from twa_kernels.io import CheckpointSpec, ColumnReader
+from twa_kernels.columns import ColumnReader
+from twa_kernels.io import CheckpointSpec
 from twa_kernels.quant import QuantizedBasis, _quantize_row, packed_row_bytes
 
 _READ_COLUMNS = 1 << 18  # a window of about 1 MB of float32 per read

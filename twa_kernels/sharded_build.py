@@ -1,6 +1,6 @@
 """A subspace built from this rank's columns only (TWA(..., shard=True)).
 
-Each rank reads columns [c_r, c_r+1) of every checkpoint (io.ColumnReader), so no rank
+Each rank reads columns [c_r, c_r+1) of every checkpoint (columns.ColumnReader), so no rank
 holds a whole checkpoint, and gets the same center and basis columns, bit for bit, as the
 single-process build. A sharded build cannot compare bases (each rank holds other
 columns), so it compares the files: each checkpoint's size, a digest of its header (a zip
@@ -26,7 +26,8 @@ from torch import Tensor
 
 from twa_kernels import builder
 from twa_kernels.builder import Layout
-from twa_kernels.io import ColumnReader, checkpoint_directory_files, resolve_checkpoints
+from twa_kernels.columns import ColumnReader
+from twa_kernels.io import checkpoint_directory_files, resolve_checkpoints
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharding import BasisMismatchError, _gather_rows, agree, local_blocks, shard_columns
 from twa_kernels.subspace import _progress, block_sizes_for
@@ -172,7 +173,7 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
                 bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
                 aliases: dict[str, list[str]] | None = None, progress: bool = False) -> ShardedSubspace:
     """Subspace.from_checkpoints for this rank's columns only: each checkpoint is read for
-    columns [c_r, c_r+1) alone (see io.ColumnReader), so no rank holds a whole checkpoint. The
+    columns [c_r, c_r+1) alone (see columns.ColumnReader), so no rank holds a whole checkpoint. The
     result equals the single-process subspace's columns bit for bit (the center is the same
     float64 mean, and quantisation groups never cross a shard edge). Rank 0 shows progress."""
     if dist.get_rank(process_group) != 0:

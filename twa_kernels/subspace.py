@@ -20,8 +20,8 @@ from twa_kernels import builder
 from twa_kernels.builder import Layout, mean_center  # noqa: F401  (mean_center: its former home)
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._ops import combine_rows_op, gram_op
+from twa_kernels.columns import ColumnReader
 from twa_kernels.io import (
-    ColumnReader,
     CheckpointError,
     Checkpoints,
     resolve_checkpoints,

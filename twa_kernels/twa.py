@@ -40,12 +40,9 @@ summed in float64, which is exactly the value when they agree, as a frozen tenso
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-import weakref
-from contextlib import contextmanager
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -56,7 +53,9 @@ from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
 from twa_kernels import sharding
 from twa_kernels._memory import empty_huge
 from twa_kernels.averaging import update_bn
-from twa_kernels.io import ColumnReader, Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
+from twa_kernels.columns import ColumnReader
+from twa_kernels.lending import LentWeights, LoanAnchor, same_key
+from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.sharded_build import ShardedSubspace, build_shard
@@ -153,7 +152,7 @@ class TWA(nn.Module):
         for key, value in basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
         self._workspace = _Workspace()
-        self._lent = _LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
+        self._lent = LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
         self._ddp_params_and_buffers_to_ignore = list(BASIS_BUFFERS)
         if not self._sharded:
@@ -281,7 +280,7 @@ class TWA(nn.Module):
             with lent.lending(weights + pinned):
                 return self.module(*args, **kwargs)
         loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late)
-        weights = list(_LoanAnchor.apply(loan, *weights))
+        weights = list(LoanAnchor.apply(loan, *weights))
         with lent.lending(weights + pinned, loan):
             out = self.module(*args, **kwargs)
             lent.hold_with(out, loan)
@@ -314,7 +313,7 @@ class TWA(nn.Module):
         with BatchNorm statistics gets a warning unless update_bn ran at these weights: the
         statistics in the result are the model's own, measured at other weights."""
         if _has_running_statistics(self.module) and not (
-                self._bn_key is not None and _same_key(self._bn_key, self._weights_key())):
+                self._bn_key is not None and same_key(self._bn_key, self._weights_key())):
             warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
                           "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
                           "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
@@ -407,214 +406,6 @@ class _Workspace:
     def _release(self, generation: int) -> None:
         if generation == self.generation:  # a late backward of a replaced buffer frees nothing
             self.busy = False
-
-
-class _Loan:
-    """The weights of one forward that recorded a graph, as detached aliases (the same
-    memory, leaves that require grad) that the model holds after that forward returned,
-    for whatever reruns part of it during the backward. `key` is what they were computed
-    from; `expired` is set when a later forward saw other coefficients, a basis or a
-    center, after which these aliases may no longer hold the graph's weights."""
-
-    __slots__ = ("number", "key", "aliases", "expired", "lender", "project_late", "__weakref__")
-
-    def __init__(self, number: int, key: tuple, aliases: list[Tensor], lender: _LentWeights,
-                 project_late: Callable[[Sequence[Tensor | None]], None]):
-        self.number, self.key, self.aliases, self.expired = number, key, aliases, False
-        self.lender, self.project_late = lender, project_late
-
-    def take_grads(self) -> list[Tensor | None] | None:
-        """The gradients a reentrant recomputation left on the aliases (cleared), or None."""
-        grads = [alias.grad for alias in self.aliases]
-        if all(g is None for g in grads):
-            return None
-        for alias in self.aliases:
-            alias.grad = None
-        return grads
-
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    return a[1:] == b[1:] and a[0].shape == b[0].shape and bool(torch.equal(a[0], b[0]))
-
-
-class _LentWeights:
-    """Lends a model TWA's weights: puts them into its parameter slots (every name of a
-    tied weight) and gives the model's own Parameter objects back when nothing needs the
-    loan any more. A forward lends its weights for as long as it runs; one that records a
-    graph keeps them lent, as a _Loan, until a backward has consumed the graph (or the
-    graph is freed), because activation checkpointing reruns parts of the forward inside
-    the backward and reads the weights from the model again. While loans are pending the
-    model holds the newest one's."""
-
-    def __init__(self, model: nn.Module, slot_names: list[list[str]]):
-        def slot(name: str) -> tuple[nn.Module, str]:
-            prefix, _, attr = name.rpartition(".")
-            return model.get_submodule(prefix), attr
-
-        self.slots = [[slot(name) for name in names] for names in slot_names]
-        self.own: list[list[Any]] | None = None  # the model's Parameters while it holds others
-        self.loans: dict[int, weakref.ref] = {}  # pending, oldest first
-        self.opened = 0
-        self.depth = 0  # forwards running: the slots are theirs
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.loans)
-
-    def _put(self, tensors: Sequence[Tensor]) -> None:
-        if self.own is None:
-            self.own = [[module._parameters[attr] for module, attr in slots] for slots in self.slots]
-        for slots, tensor in zip(self.slots, tensors):
-            for module, attr in slots:
-                module._parameters[attr] = tensor
-
-    def _give_back(self) -> None:
-        if self.own is not None:
-            for slots, own in zip(self.slots, self.own):
-                for (module, attr), param in zip(slots, own):
-                    module._parameters[attr] = param
-            self.own = None
-
-    def live(self) -> list[_Loan]:
-        return [loan for loan in (ref() for ref in list(self.loans.values())) if loan is not None]
-
-    def _settle(self) -> None:
-        """Outside a forward: the model holds the newest pending loan, else its own weights."""
-        if self.depth:
-            return
-        loans = self.live()
-        if loans:
-            self._put(loans[-1].aliases)
-        else:
-            self._give_back()
-
-    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None]], None]) -> _Loan:
-        self.opened += 1
-        number = self.opened
-        loan = _Loan(number, key, aliases, self, project_late)
-        self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
-        return loan
-
-    def close(self, loan: _Loan) -> None:
-        self._closed(loan.number)
-
-    def _closed(self, number: int) -> None:
-        if self.loans.pop(number, None) is not None:
-            self._settle()
-
-    def expire_other_than(self, key: tuple) -> None:
-        """A forward at other weights than a pending loan's: that loan's graph can no longer
-        be recomputed at its own weights (the model will hold others, and its workspace may
-        be written), so its backward will refuse."""
-        for loan in self.live():
-            if not loan.expired and not _same_key(loan.key, key):
-                loan.expired = True
-
-    def reset(self) -> None:
-        """Give the model its own Parameters now; every pending loan expires."""
-        for loan in self.live():
-            loan.expired = True
-        self.loans.clear()
-        self._give_back()
-
-    @contextmanager
-    def lending(self, weights: Sequence[Tensor], loan: _Loan | None = None):
-        """The model holds `weights` inside; after, a new loan's aliases or what it held before."""
-        self.depth += 1
-        try:
-            self._put(weights)
-            yield
-        except BaseException:
-            if loan is not None:  # a failed forward's graph is never backpropagated
-                self.close(loan)
-            raise
-        finally:
-            self.depth -= 1
-            self._settle()
-
-    def hold_with(self, out: Any, loan: _Loan) -> None:
-        """Keep `loan` pending as long as the graph of the model's output lives, and have
-        every backward pass from it end with project_left_over(). A model that uses its
-        weights only inside reentrant checkpoints records no use of them outside: the
-        output's graph is then all that reaches the recomputation."""
-        for node in {id(t.grad_fn): t.grad_fn for t in _tensors(out) if t.grad_fn is not None}.values():
-            node.register_prehook(functools.partial(self._on_backward_start, loan))  # the node holds the loan
-
-    def _on_backward_start(self, loan: _Loan, grad_outputs: Any) -> None:
-        if loan.expired:
-            self.refuse()
-        torch.autograd.Variable._execution_engine.queue_callback(self.project_left_over)
-
-    def refuse(self) -> None:
-        """Raise for a backward whose loan expired, dropping what recomputations left."""
-        for loan in self.live():
-            loan.take_grads()
-        raise UsageError(
-            "the coefficients (or the basis or center) changed after this graph's forward, and a later forward "
-            "ran at the new ones before this backward: a recomputation inside it (activation checkpointing) "
-            "would not see this graph's weights. Call backward before changing the coefficients (an optimizer "
-            "step), or run this forward again")
-
-    def project_left_over(self) -> None:
-        """Project what reentrant recomputations left on any pending aliases after the
-        graphs' own projections ran (or where the graph has none: its weights were used
-        only inside reentrant checkpoints)."""
-        for loan in self.live():
-            grads = loan.take_grads()
-            if grads is not None:
-                loan.project_late(grads)
-
-    def after_backward(self, ctx: Any) -> None:
-        """At the end of a backward pass through a loan's anchor: project_left_over(), and
-        end the loan if the pass freed its graph (a retained one may be recomputed again)."""
-        self.project_left_over()
-        try:
-            ctx.saved_tensors
-        except RuntimeError:  # released: this graph will not be backpropagated again
-            self.close(ctx.loan)
-
-
-class _LoanAnchor(torch.autograd.Function):
-    """Identity on the weights a recording forward hands the model. Its backward runs once
-    every use of those weights in the graph has given its gradient, reentrant
-    recomputations included where they feed into them: it adds what those recomputations
-    left on the loan's aliases, refuses a graph whose loan expired, and at the end of the
-    pass lets the lender end the loan."""
-
-    @staticmethod
-    def forward(ctx, loan, *weights):
-        ctx.loan = loan
-        # released with the graph's saved tensors: tells a consumed graph from a retained one
-        ctx.save_for_backward(weights[0].new_empty(0))
-        ctx.set_materialize_grads(False)
-        return weights
-
-    @staticmethod
-    def backward(ctx, *grads):
-        loan = ctx.loan
-        lender = loan.lender
-        if loan.expired:
-            lender.refuse()
-        grads = list(grads)
-        for other in lender.live():
-            left = other.take_grads()
-            if left is not None:
-                grads = [g if extra is None else extra if g is None else g + extra for g, extra in zip(grads, left)]
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: lender.after_backward(ctx))
-        return (None, *grads)
-
-
-def _tensors(value: Any) -> Iterable[Tensor]:
-    """The tensors in a model's output: a tensor, or tuples, lists and mappings of them
-    (a Hugging Face ModelOutput is a mapping)."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -16,7 +16,7 @@ its state_dict) and reconstructs the row's first point over it in place; each ne
 is one in-place reconstruct step along x (a row of n points drifts by about n float32
 roundings from direct reconstruction). A plane through a Subspace uses the subspace's
 center where it is. The construction and `locate` read checkpoint files a chunk of
-columns at a time (io.ColumnReader), so no checkpoint is ever held whole; a checkpoint `a`
+columns at a time (columns.ColumnReader), so no checkpoint is ever held whole; a checkpoint `a`
 changed after the plane was built (file size or mtime, or a state_dict tensor written in
 place) is refused when it is read back.
 
@@ -51,7 +51,8 @@ from twa_kernels.geometry.evaluation import (
     preserved,
     progress_bar,
 )
-from twa_kernels.io import CheckpointError, ColumnReader, parameter_aliases, unwrap_state_dict
+from twa_kernels.columns import ColumnReader
+from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_state_dict
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
     SUPPORTED_BITS,
@@ -76,7 +77,7 @@ class PlanePoint(NamedTuple):
 
 def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
           aliases: Mapping[str, Sequence[str]]) -> ColumnReader:
-    """A lazy reader of one checkpoint (io.ColumnReader: the file is read a range at a time,
+    """A lazy reader of one checkpoint (columns.ColumnReader: the file is read a range at a time,
     never whole), checked against the model from its metadata before anything is read: each
     parameter present (or a tied alias of it), with the model's shape and a floating-point
     dtype. Its other floating-point entries are checked finite here; the parameters are
@@ -290,7 +291,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     if bits is not None:  # the packed basis's tensors, filled row by row (the one builder's)
         codes, scales, mins = builder.empty_packed(2, numel, bits, group_size)
     for i, ckpt in enumerate(checkpoints):
-        # each checkpoint is read a chunk of columns at a time (io.ColumnReader): the peak is
+        # each checkpoint is read a chunk of columns at a time (columns.ColumnReader): the peak is
         # the origin, the basis and one chunk, never a whole checkpoint
         label = checkpoint_source(ckpt, i)
         reader = _open(ckpt, label, names, shapes, aliases)
