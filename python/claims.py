@@ -335,7 +335,9 @@ def _provenance(jobs: int) -> dict:
                                     capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
-    return dict(machine=dict(cpu=cpu, cpus=os.cpu_count(), processes=max(1, jobs), threads_per_process=1),
+    # wall times depend on what else ran: the load average when the JSON was written says how busy it was
+    return dict(machine=dict(cpu=cpu, cpus=os.cpu_count(), processes=max(1, jobs), threads_per_process=1,
+                             load_average_1min=round(os.getloadavg()[0], 2)),
                 date=datetime.date.today().isoformat(), git_commit=commit + (" (with uncommitted changes)" if dirty else ""),
                 torch=torch.__version__, python=platform.python_version())
 
