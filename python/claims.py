@@ -220,7 +220,7 @@ def head(seeds: list[int], jobs: int, out: Path) -> dict:
 # ---------------------------------------------------------------------------- tail stage
 
 TAIL_EPOCHS = 10
-TAIL_LR = 0.05  # half the calibrated peak rate, as SWA takes its constant rate below the peak
+TAIL_LR = 0.05  # a quarter of the calibrated peak: SWA runs its constant-rate stage well below the peak rate
 
 
 def tail_seed(seed: int, setting: Setting) -> dict:
