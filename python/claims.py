@@ -187,10 +187,15 @@ def head(seeds: list[int], jobs: int, out: Path) -> dict:
     for f in HEAD_FRACTIONS:
         table = _method_table([r["sweep"][str(f)] for r in runs])
         for method, entry in table.items():
-            if method == "full training" and f != HEAD_FRACTIONS[0]:
-                continue  # the same run at every fraction
-            sweep_table[method if method == "full training" else f"{method}, head {f}"] = (
-                dict(method=method, head_fraction=f, head_epochs=setting.head_epochs(f)) | entry)
+            if method == "full training":
+                if f != HEAD_FRACTIONS[0]:
+                    continue  # the same run at every fraction
+                entry.pop("TWA-v_minus_this", None)  # TWA-v differs per fraction: head.json has the default one
+            if method == "full training":
+                sweep_table[method] = dict(method=method) | entry
+            else:
+                sweep_table[f"{method}, head {f}"] = (dict(method=method, head_fraction=f,
+                                                            head_epochs=setting.head_epochs(f)) | entry)
     sweep = dict(experiment="head_sweep", head_fractions=HEAD_FRACTIONS, table=sweep_table,
                  curve_mean=[statistics.mean(c) for c in zip(*(r["curve"] for r in runs))], **common)
     _write(out / "head_sweep.json", sweep)
@@ -368,9 +373,9 @@ def _plot_sweep(sweep: dict, path: Path) -> None:
     ax.plot(range(1, len(curve) + 1), curve, color="0.3", lw=1, label="SGD, full schedule (each epoch)")
     full = table["full training"]
     ax.axhline(full["acc_mean"], color="0.6", ls="--", lw=1, label=f"full training ({full['epochs']} epochs)")
-    for method, (marker, color) in MARKERS.items():
+    for i, (method, (marker, color)) in enumerate(MARKERS.items()):
         rows = [e for e in table.values() if e["method"] == method]
-        x = [e["epochs"] for e in rows]
+        x = [e["epochs"] + 0.15 * (i - 2.5) for e in rows]  # nudged apart: several methods share an epoch count
         ax.errorbar(x, [e["acc_mean"] for e in rows], yerr=[e["acc_std"] for e in rows], fmt=f"{marker}-",
                     ms=10 if marker == "*" else 6, color=color, capsize=3, lw=1, label=method)
     ax.set_xlabel("epochs of SGD used")
