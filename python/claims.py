@@ -317,7 +317,7 @@ def finetune(seeds: list[int], jobs: int, out: Path) -> dict:
 # ---------------------------------------------------------------------------- plumbing
 
 def _one_thread() -> None:
-    torch.set_num_threads(1)  # a 26k-weight CNN: processes scale, intra-op threads only contend
+    torch.set_num_threads(1)  # a 14k-weight CNN: processes scale, intra-op threads only contend
 
 
 def _map(fn, args: list[tuple], jobs: int) -> list:

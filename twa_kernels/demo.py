@@ -87,7 +87,7 @@ def mnist1d(seed: int, train_size: int = 3500) -> tuple[TensorDataset, TensorDat
 
 
 def make_model(seed: int = 0, width: int = 32) -> nn.Module:
-    """A small 1-D CNN with BatchNorm (about 26k weights at width 32)."""
+    """A small 1-D CNN with BatchNorm (13,898 weights at width 32)."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv1d(1, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
@@ -373,7 +373,7 @@ def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progre
     train, _, test = mnist1d(seed, setting.train_size)
     points = {"SWA": run["files"]["swa"], "TWA-v": run["files"]["twa_v"], "SGD, final": run["files"]["final"]}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 26k-weight CNN: more intra-op threads only add contention (10x slower on 2 busy cores)
+    torch.set_num_threads(1)  # a 14k-weight CNN: more intra-op threads only add contention (10x slower on 2 busy cores)
     try:
         result = plane(make_model(seed, setting.width), picks, [test.tensors], grid=grid, points=points,
                        labels=[f"epoch {Path(p).stem.split('_')[-1].lstrip('0')}" for p in picks],
