@@ -409,7 +409,15 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = seeds if seeds is not None else (1 if quick else 5)
     start = time.perf_counter()
-    runs = [run_seed(seed, setting, out, progress) for seed in range(n_seeds)]
+    threads = torch.get_num_threads()
+    # a 14k-weight CNN in batches of 64: a second intra-op thread only adds contention (on 2
+    # busy cores the quick demo took 8 minutes with 2 threads); one thread also makes the
+    # numbers match python/claims.py's, which runs one thread per process
+    torch.set_num_threads(1)
+    try:
+        runs = [run_seed(seed, setting, out, progress) for seed in range(n_seeds)]
+    finally:
+        torch.set_num_threads(threads)
     summary = summarize(runs)
     report = dict(dataset=f"MNIST-1D ({setting.train_size} train / 500 validation / 1000 test)", seeds=n_seeds,
                   setting=setting.describe(), epochs=setting.epochs, head_epochs=runs[0]["head_epochs"],
