@@ -42,7 +42,9 @@ def project(tmp_path_factory):
 
 
 def _twa(args, cwd, timeout=600):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent)])}
+    # this checkout's package first, whatever else is installed
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent), str(root)])}
     env.pop("TWA_KERNELS_BACKEND", None)
     return subprocess.run([sys.executable, "-m", "twa_kernels", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
