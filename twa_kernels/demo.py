@@ -218,7 +218,9 @@ def head_methods(seed: int, setting: Setting, paths: list[Path], epoch_seconds: 
                  out_dir: Path, progress: bool = False, bits: int | None = 4) -> tuple[dict, dict]:
     """Every method that uses the first `head` epochs of the full run (`paths`): SGD
     stopped there, SGD with a schedule of head + TWA's epochs (the same budget as TWA), SWA,
-    greedy soup, TWA-t and TWA-v. Returns ({method: row}, {name: saved file})."""
+    greedy soup, TWA-t and TWA-v. SWA and TWA-v are saved in out_dir (swa.safetensors,
+    twa_v.safetensors), the budgeted run's checkpoints under it. Returns ({method: row},
+    {name: saved file})."""
     train, val, test = mnist1d(seed, setting.train_size)
     head_paths, head_seconds = paths[:head], sum(epoch_seconds[:head])
     budget = head + setting.twa_epochs
@@ -231,7 +233,7 @@ def head_methods(seed: int, setting: Setting, paths: list[Path], epoch_seconds: 
     start = time.perf_counter()
     swa = uniform_average(head_paths)
     rows["SWA"] = _row(measure(seed, setting, swa, train, test), head, head_seconds + time.perf_counter() - start)
-    files = dict(swa=save_state_dict(swa, out_dir / f"swa_head{head}.safetensors"))
+    files = dict(swa=save_state_dict(swa, out_dir / "swa.safetensors"))
 
     start = time.perf_counter()
     soup, chosen = greedy_soup(head_paths, lambda state: measure(seed, setting, state, train, val)[0])
@@ -243,7 +245,7 @@ def head_methods(seed: int, setting: Setting, paths: list[Path], epoch_seconds: 
         twa = fit_twa(seed, head_paths, data, train, setting.twa_epochs, bits, setting.width, setting.shift)
         rows[name] = _row(evaluate(twa, test), budget, head_seconds + time.perf_counter() - start)
         if name == "TWA-v":
-            files["twa_v"] = save_state_dict(twa.averaged_state_dict(), out_dir / f"twa_v_head{head}.safetensors")
+            files["twa_v"] = save_state_dict(twa.averaged_state_dict(), out_dir / "twa_v.safetensors")
     return rows, files
 
 
