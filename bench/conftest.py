@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from paper_baseline import PaperBasis  # noqa: E402
 from shapes import MODELS  # noqa: E402
 
 from twa_kernels._memory import empty_huge  # noqa: E402
-from twa_kernels.backends.paper import PaperBasis  # noqa: E402
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes, packed_row_bytes  # noqa: E402
 
 GRIDS = {

@@ -92,7 +92,7 @@ def _rank(rank: int, world: int, port: int, steps: int, out: str) -> None:
             twa = _twa(dist.group.WORLD, shard=mode == "sharded")
             seconds, nbytes = _time_steps(twa, steps)
             result[mode] = {"seconds": seconds, "bytes": nbytes, "k": K, "B": twa.coefficients.shape[1],
-                            "padded": getattr(twa._dist, "chunk", 0) * world}
+                            "padded": getattr(twa.parallel, "chunk", 0) * world}
             del twa
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import paper_baseline as paper  # noqa: E402
 from shapes import clip_vit_b32_visual_sizes  # noqa: E402
 
 from twa_kernels import _ops  # noqa: E402
-from twa_kernels.backends import paper  # noqa: E402
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes, packed_row_bytes  # noqa: E402
 
 GROUP_SIZE = 128

@@ -14,8 +14,6 @@ than hidden under the convolutions. Also timed in the same run:
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,8 +22,8 @@ from torch import nn
 from resnet import resnet18
 
 import twa_kernels as tk
+from twa_kernels.factorization import _Product
 
-_Product = sys.modules["twa_kernels.factorize"]._Product
 ROUNDS, WARMUP = 5, 2
 
 

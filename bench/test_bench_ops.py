@@ -12,9 +12,9 @@ import torch
 
 import twa_kernels as tk
 from twa_kernels.backends import reference
-from twa_kernels.backends.paper import paper_gram_schmidt, paper_project, paper_reconstruct, paper_twa_step
 
 from conftest import GRID, cases
+from paper_baseline import paper_gram_schmidt, paper_project, paper_reconstruct, paper_twa_step
 
 IMPLS = ["fused", "reference", "paper"]
 ROUNDS = {"fused": 10, "reference": 2, "paper": 2}

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import twa_kernels as tk
-from twa_kernels.backends.paper import paper_project, paper_reconstruct
 
 from conftest import random_packed_basis, random_paper_basis
+from paper_baseline import paper_project, paper_reconstruct
 from resnet import resnet18
 
 K, BITS, BATCH = 16, 4, 32

@@ -1,10 +1,12 @@
 // Checks shared by the CPU and CUDA bindings: a packed basis's tensors against the layout of
-// twa_kernels/quant.py, filled into the backend's raw-pointer Basis struct (twa::PackedBasis
-// or twa_cuda::Basis, which have the same fields). Only the device the tensors must be on
-// differs; reading block_offsets' values needs a CPU tensor, so that check stays with the CPU.
+// twa_kernels/quant.py, filled into the raw-pointer struct both kernels read
+// (twa::PackedBasis, packed_basis.h). Only the device the tensors must be on differs;
+// reading block_offsets' values needs a CPU tensor, so that check stays with the CPU.
 #pragma once
 
 #include <torch/library.h>
+
+#include "packed_basis.h"
 
 namespace twa_binding {
 
@@ -14,15 +16,13 @@ inline void check_on(const at::Tensor& t, const char* name, c10::DeviceType devi
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-template <class DType>
-DType float_dtype(const at::Tensor& t, const char* name) {
-  if (t.scalar_type() == at::kFloat) return DType::f32;
-  if (t.scalar_type() == at::kBFloat16) return DType::bf16;
+inline twa::DType float_dtype(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return twa::DType::f32;
+  if (t.scalar_type() == at::kBFloat16) return twa::DType::bf16;
   TORCH_CHECK(false, name, " must be float32 or bfloat16, got ", t.scalar_type());
 }
 
-template <class Basis>
-Basis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+inline twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                  const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols,
                  c10::DeviceType device) {
   check_on(codes, "codes", device);
@@ -30,7 +30,7 @@ Basis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Te
   TORCH_CHECK(codes.dim() == 2, "codes must be 2-D, got ", codes.dim(), "-D");
   TORCH_CHECK(block_offsets.scalar_type() == at::kLong && block_offsets.dim() == 1 && block_offsets.numel() >= 2,
               "block_offsets must be a 1-D int64 tensor with at least 2 entries");
-  Basis b{};
+  twa::PackedBasis b;
   b.codes = static_cast<const uint8_t*>(codes.data_ptr());
   b.block_offsets = block_offsets.data_ptr<int64_t>();
   b.k = codes.size(0);

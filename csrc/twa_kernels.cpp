@@ -11,16 +11,14 @@
 
 namespace {
 
-twa::DType float_dtype(const at::Tensor& t, const char* name) {
-  return twa_binding::float_dtype<twa::DType>(t, name);
-}
+using twa_binding::float_dtype;
 
 void check_cpu_contiguous(const at::Tensor& t, const char* name) { twa_binding::check_on(t, name, c10::DeviceType::CPU); }
 
 twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                             const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
-  const auto b = twa_binding::make_basis<twa::PackedBasis>(codes, scales, mins, block_offsets, bits, group_size,
-                                                           num_cols, c10::DeviceType::CPU);
+  const auto b = twa_binding::make_basis(codes, scales, mins, block_offsets, bits, group_size, num_cols,
+                                         c10::DeviceType::CPU);
   // The last line of defence for memory safety (QuantizedBasis validates its layout when
   // it is made): every offset in order and inside [0, num_cols]. O(B), B being small.
   TORCH_CHECK(b.block_offsets[0] == 0 && b.block_offsets[b.n_blocks] == num_cols,

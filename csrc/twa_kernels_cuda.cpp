@@ -9,9 +9,7 @@
 
 namespace {
 
-twa_cuda::DType float_dtype(const at::Tensor& t, const char* name) {
-  return twa_binding::float_dtype<twa_cuda::DType>(t, name);
-}
+using twa_binding::float_dtype;
 
 void check_cuda_contiguous(const at::Tensor& t, const char* name) {
   twa_binding::check_on(t, name, c10::DeviceType::CUDA);
@@ -25,12 +23,12 @@ void check_status(int status, const char* op) {
 
 twa_cuda::Basis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                            const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
-  return twa_binding::make_basis<twa_cuda::Basis>(codes, scales, mins, block_offsets, bits, group_size, num_cols,
-                                                  c10::DeviceType::CUDA);
+  return twa_binding::make_basis(codes, scales, mins, block_offsets, bits, group_size, num_cols,
+                                 c10::DeviceType::CUDA);
 }
 
 int64_t project_scratch(int64_t k, int64_t num_cols, int64_t n_blocks, int64_t bits, int64_t group_size) {
-  twa_cuda::Basis b{};
+  twa_cuda::Basis b;
   b.k = k;
   b.num_cols = num_cols;
   b.n_blocks = n_blocks;

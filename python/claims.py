@@ -40,9 +40,22 @@ from pathlib import Path
 
 import torch
 
-from twa_kernels.averaging import greedy_soup, uniform_average
-from twa_kernels.demo import (DEMO, MARKERS, Setting, evaluate, fit_twa, head_methods, make_model, measure, mnist1d,
-                              paired_difference, train_run, train_sgd)
+from twa_kernels.averaging import uniform_average
+from twa_kernels.demo import (
+    DEMO,
+    MARKERS,
+    Setting,
+    evaluate,
+    fit_twa,
+    greedy_soup_with_bn,
+    head_methods,
+    make_model,
+    measure,
+    mnist1d,
+    paired_difference,
+    train_run,
+    train_sgd,
+)
 from twa_kernels.io import load_state_dict
 from twa_kernels.quant import packed_row_bytes
 
@@ -108,7 +121,8 @@ def calibrate(seeds: list[int], jobs: int, out: Path) -> dict:
     print(f"\ncalibration (validation accuracy, %, mean of seeds {CALIBRATION_SEEDS})")
     for r in rows:
         s, m = r["setting"], r["val_acc_mean"]
-        print(f"train {s['train_size']:>4} width {s['width']:>3} {s['schedule']:>6} lr {s['lr']:<4} shift {s['shift']}: "
+        print(f"train {s['train_size']:>4} width {s['width']:>3} {s['schedule']:>6} lr {s['lr']:<4} "
+              f"shift {s['shift']}: "
               + "  ".join(f"{k} {v:.2f}" for k, v in m.items()) + f"  gap {r['gap_at_default_head']:.2f}")
     print(f"chosen: {report['chosen']}; the demo runs {report['demo_setting']}")
     return report
@@ -122,7 +136,8 @@ def basis_bytes(num_weights: int, k: int, bits: int | None, blocks: int, group_s
     offsets = 8 * (blocks + 1)
     if bits is None:
         return 4 * k * num_weights + offsets
-    return k * packed_row_bytes(num_weights, bits, group_size) + 2 * 4 * k * math.ceil(num_weights / group_size) + offsets
+    groups = math.ceil(num_weights / group_size)
+    return k * packed_row_bytes(num_weights, bits, group_size) + 2 * 4 * k * groups + offsets
 
 
 def head_seed(seed: int, setting: Setting) -> dict:
@@ -216,9 +231,9 @@ def head(seeds: list[int], jobs: int, out: Path) -> dict:
     print(f"\nTWA-v against the basis's bits (k = {k}; MNIST-1D CNN basis, and a ResNet-18-sized one)")
     for name, e in table.items():
         d = e.get("dense_minus_this")
+        diff = f"  dense minus this {d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else ""
         print(f"{name:>6}: {e['acc_mean']:.2f} ± {e['acc_std']:.2f}  basis {e['basis_bytes'] / 1024:8.1f} KiB  "
-              f"ResNet-18 {resnet[name] / 2 ** 20:8.1f} MiB" + (f"  dense minus this {d['mean']:+.2f} "
-                                                              f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else ""))
+              f"ResNet-18 {resnet[name] / 2 ** 20:8.1f} MiB{diff}")
     return report
 
 
@@ -287,12 +302,9 @@ def finetune_seed(seed: int, setting: Setting) -> dict:
             paths, _, _ = train_sgd(model, train, 5, seed * 100 + i, work / f"ft{i}", lr=lr, noise=noise)
             copies.append(paths[-1])
 
-        def val_accuracy(state) -> float:
-            return measure(seed, setting, state, train, val)[0]
-
-        singles = [val_accuracy(load_state_dict(p)) for p in copies]
+        singles = [measure(seed, setting, load_state_dict(p), train, val)[0] for p in copies]
         best = copies[max(range(len(copies)), key=singles.__getitem__)]
-        soup, _ = greedy_soup(copies, val_accuracy)
+        soup, _ = greedy_soup_with_bn(make_model(seed, setting.width), copies, train, val, seed)
 
         def row(acc_loss):
             return dict(acc=acc_loss[0], loss=acc_loss[1])
@@ -300,7 +312,7 @@ def finetune_seed(seed: int, setting: Setting) -> dict:
         return {
             "best single (by val)": row(measure(seed, setting, load_state_dict(best), train, test)),
             "uniform soup": row(measure(seed, setting, uniform_average(copies), train, test)),
-            "greedy soup": row(measure(seed, setting, soup, train, test)),
+            "greedy soup": row(evaluate(soup, test)),
             "TWA-v": row(evaluate(fit_twa(seed, copies, val, train, 3, 4, setting.width), test)),
         }
 
@@ -343,7 +355,8 @@ def _provenance(jobs: int) -> dict:
     # wall times depend on what else ran: the load average when the JSON was written says how busy it was
     return dict(machine=dict(cpu=cpu, cpus=os.cpu_count(), processes=max(1, jobs), threads_per_process=1,
                              load_average_1min=round(os.getloadavg()[0], 2)),
-                date=datetime.date.today().isoformat(), git_commit=commit + (" (with uncommitted changes)" if dirty else ""),
+                date=datetime.date.today().isoformat(),
+                git_commit=commit + (" (with uncommitted changes)" if dirty else ""),
                 torch=torch.__version__, python=platform.python_version())
 
 

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from tests.digits import SharedRuns
+
 # The device the op tests put their tensors on: CUDA where there is a GPU (then the cuda
 # and Triton backends are tested), else the CPU, where Triton kernels run in its
 # interpreter. TWA_TEST_DEVICE=cpu|cuda overrides.
@@ -50,9 +52,9 @@ def device() -> torch.device:
     return DEVICE
 
 
-def random_basis(k: int, d: int, *, constant_groups: int = 0, group_size: int = 8) -> torch.Tensor:
-    """Random rows on varied scales; the first `constant_groups` groups of each row are flat."""
-    P = torch.randn(k, d) * torch.logspace(-2, 1, k)[:, None]
-    for t in range(constant_groups):
-        P[:, t * group_size : (t + 1) * group_size] = torch.randn(k, 1)
-    return P
+
+@pytest.fixture(scope="session")
+def digits_checkpoints() -> SharedRuns:
+    """digits_checkpoints(epochs, lr=0.05, seed=0): the state_dicts after each epoch of SGD on
+    the digits training split (tests.digits.train_checkpoints), each run trained once per session."""
+    return SharedRuns()

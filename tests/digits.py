@@ -47,6 +47,31 @@ def train_checkpoints(train, epochs: int = 6, lr: float = 0.05, seed: int = 0) -
     return checkpoints
 
 
+class SharedRuns:
+    """train_checkpoints on the digits training split, each (lr, seed) run trained once and
+    shared by the modules that ask for it: the first n epochs of a run are the checkpoints of
+    a run of n epochs (same seeds, same batches). A run is trained to the most epochs any
+    module asks for (LONGEST), in one thread, so that its bytes do not depend on which module
+    asks first. Each call returns fresh copies, so a test cannot change another's."""
+
+    LONGEST = {(0.05, 0): 8, (0.05, 1): 8, (0.01, 0): 5}
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[float, int], list[dict]] = {}
+        self._train = digits_splits()[0]
+
+    def __call__(self, epochs: int, lr: float = 0.05, seed: int = 0) -> list[dict]:
+        key = (lr, seed)
+        if len(self._runs.get(key, ())) < epochs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self._runs[key] = train_checkpoints(self._train, max(epochs, self.LONGEST.get(key, 0)), lr, seed)
+            finally:
+                torch.set_num_threads(threads)
+        return [{k: v.clone() for k, v in state.items()} for state in self._runs[key][:epochs]]
+
+
 @torch.no_grad()
 def evaluate(model, dataset) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) in eval mode."""

@@ -1,57 +1,18 @@
-"""Multi-process harness and per-rank scenarios for test_distributed.py (gloo on CPU).
-
-`spawn(fn, world, tmp)` starts `world` fresh processes (1 thread each), a gloo group on a
-free port with a timeout, runs fn(rank, world) in each and returns the ranks' results, read
-back from files. A rank that raises fails the call with its traceback; a run past the
-deadline is killed and raises TimeoutError, so a test never hangs.
-"""
+"""Per-rank scenarios for test_distributed.py (gloo on CPU), each run by tests.helpers.spawn
+as fn(rank, world) in every process of a group."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.helpers import free_port, spawn  # noqa: F401  (test modules launch the scenarios as w.spawn)
+
 K, STEPS, GLOBAL_BATCH, GROUP_SIZE, LR = 4, 4, 12, 8, 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        result = fn(rank, world)
-        tmp = os.path.join(out, f".rank{rank}.pt")
-        torch.save(result, tmp)
-        os.replace(tmp, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world: int, out: str, timeout: float = 100.0) -> list:
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
 # -- counting every collective this process calls (independent of twa's own counter) ------
@@ -168,8 +129,8 @@ def modes(rank, world):
                      "bytes_per_step": torch.tensor(per_step), "seen_bytes": torch.tensor(sum(seen.values())),
                      "seen_ops": sorted(seen), "k": twa.coefficients.shape[0], "B": twa.coefficients.shape[1]}
         if mode == "sharded":
-            out[mode].update(chunk=twa._dist.chunk, start=twa._dist.start, stop=twa._dist.stop,
-                             b_lo=twa._dist.b_lo, b_hi=twa._dist.b_hi, local_center=twa.center.numel())
+            out[mode].update(chunk=twa.parallel.chunk, start=twa.parallel.start, stop=twa.parallel.stop,
+                             b_lo=twa.parallel.b_lo, b_hi=twa.parallel.b_hi, local_center=twa.center.numel())
     if rank == 0:
         ref = reference_twa(world)
         out["reference"] = {"coefficients": ref.coefficients.detach().clone(),
@@ -385,8 +346,8 @@ def sharded_build(folder, dcp_folder, rank, world):
     model = big_model()
     before = _reset_peak()
     twa = tk.TWA(model, folder, bits=4, group_size=128, process_group=dist.group.WORLD, shard=True)
-    out = {"grown": _peak_rss() - before, "center": twa.center.clone(), "start": twa._dist.start,
-           "stop": twa._dist.stop, "B": twa.coefficients.shape[1],
+    out = {"grown": _peak_rss() - before, "center": twa.center.clone(), "start": twa.parallel.start,
+           "stop": twa.parallel.stop, "B": twa.coefficients.shape[1],
            "basis": {k: v.clone() for k, v in twa.basis.state_dict().items()}}
     twa.coefficients.data.normal_(generator=torch.Generator().manual_seed(9))
     out["weights"] = torch.cat([w.reshape(-1) for w in twa.weights().values()]).detach()
@@ -522,3 +483,39 @@ def write_hostile_checkpoints(root: str, world: int) -> None:
                 dcp.save({"model": state}, checkpoint_id=os.path.join(base, "dcp", f"d{i}"), no_dist=True)
         with open(os.path.join(base, "dcp", "d1", ".metadata"), "wb") as f:
             pickle.dump(_MarkerPayload(os.path.join(root, "MARKER")), f)
+
+
+# -- activation checkpointing over a replicated process group ---------------------------------
+
+
+def reentrant_replicated(rank: int, world: int) -> dict:
+    """Coefficient gradients of a replicated TWA over a model checkpointed as a whole
+    (a reentrant recomputation's gradients reach the coefficients only after the graph's
+    own projection), with and without checkpointing, each rank on its own batch."""
+    import torch.nn as nn
+    from torch.utils.checkpoint import checkpoint
+
+    import twa_kernels as tk
+
+    class Whole(nn.Module):
+        def __init__(self, reentrant: bool):
+            super().__init__()
+            torch.manual_seed(1)
+            self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            return checkpoint(self.net, x, use_reentrant=True) if self.reentrant else self.net(x)
+
+    gen = torch.Generator().manual_seed(0)
+    base = Whole(False).state_dict()
+    states = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
+    grads = {}
+    for reentrant in (False, True):
+        twa = tk.TWA(Whole(reentrant), states, bits=4, group_size=8, process_group=dist.group.WORLD)
+        with torch.no_grad():
+            twa.coefficients.copy_(torch.linspace(-0.5, 0.5, twa.coefficients.numel()).view_as(twa.coefficients))
+        twa(x).pow(2).mean().backward()
+        grads["reentrant" if reentrant else "plain"] = twa.coefficients.grad.clone()
+    return grads

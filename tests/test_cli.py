@@ -12,7 +12,7 @@ import torch
 
 import twa_kernels as tk
 
-from digits import digits_splits, make_model, train_checkpoints
+from tests.digits import make_model
 
 USER_PACKAGE = '''
 import torch
@@ -31,20 +31,19 @@ def val_loader():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, digits_checkpoints):
     """A user's package (model factory, loaders) and a folder of checkpoints."""
     root = tmp_path_factory.mktemp("user")
     (root / "userpkg.py").write_text(USER_PACKAGE)
     ckpts = root / "ckpts"
-    for i, state in enumerate(train_checkpoints(digits_splits()[0], epochs=4, lr=0.01)):
+    for i, state in enumerate(digits_checkpoints(epochs=4, lr=0.01)):
         tk.save_state_dict(state, ckpts / f"epoch_{i}.pt")
     return root
 
 
 def _twa(args, cwd, timeout=600):
-    # this checkout's package first, whatever else is installed
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent), str(root)])}
+    package_root = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(Path(__file__).parent), package_root])}
     env.pop("TWA_KERNELS_BACKEND", None)
     return subprocess.run([sys.executable, "-m", "twa_kernels", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -122,7 +121,8 @@ def test_demo_quick_writes_table_json_and_plot(tmp_path):
     assert set(summary) == methods
     assert summary["TWA-t"]["epochs"] < summary["full training"]["epochs"]
     # the budgeted baseline gets exactly TWA's budget: the head stage plus TWA's own epochs
-    assert summary["SGD, budgeted"]["epochs"] == summary["TWA-v"]["epochs"] == report["head_epochs"] + report["twa_epochs"]
+    budget = report["head_epochs"] + report["twa_epochs"]
+    assert summary["SGD, budgeted"]["epochs"] == summary["TWA-v"]["epochs"] == budget
     assert summary["SGD, stopped early"]["epochs"] == summary["SWA"]["epochs"] == report["head_epochs"]
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
 
@@ -139,3 +139,27 @@ def test_paired_difference_interval():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 4, 9, 30, 31, 60, 500):
         assert t975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=2e-3)
+
+
+def test_the_demos_greedy_soup_is_measured_with_its_own_batchnorm_statistics():
+    from torch.utils.data import TensorDataset
+
+    from twa_kernels import demo
+
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(96, 1, 40, generator=g), torch.randint(0, 10, (96,), generator=g))
+    val = TensorDataset(torch.randn(32, 1, 40, generator=g), torch.randint(0, 10, (32,), generator=g))
+    checkpoints = []
+    for seed in range(3):
+        state = demo.make_model(seed).state_dict()
+        for key in state:
+            if key.endswith("running_mean"):
+                state[key] = torch.full_like(state[key], 5.0)  # statistics no average of these weights has
+        checkpoints.append(state)
+    soup, chosen = demo.greedy_soup_with_bn(demo.make_model(0), checkpoints, train, val, seed=0)
+    expected = demo.make_model(0)
+    expected.load_state_dict(soup.state_dict())
+    torch.optim.swa_utils.update_bn(demo.bn_loader(train), expected)
+    for (name, got), want in zip(soup.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    assert 1 <= len(chosen) <= 3 and not torch.allclose(soup[1].running_mean, torch.full((32,), 5.0))

@@ -11,18 +11,17 @@ from torch.utils.data import DataLoader
 import twa_kernels as tk
 from twa_kernels import connectivity as C
 
-from digits import digits_splits, evaluate, make_model, train_checkpoints
+from tests.digits import digits_splits, evaluate, make_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(digits_checkpoints):
     train, val, test = digits_splits()
     # two runs from independent initialisations; 8 epochs each
-    return train, test, train_checkpoints(train, epochs=8, lr=0.05, seed=0), train_checkpoints(train, epochs=8,
-                                                                                               lr=0.05, seed=1)
+    return train, test, digits_checkpoints(epochs=8, lr=0.05, seed=0), digits_checkpoints(epochs=8, lr=0.05, seed=1)
 
 
 def _data(dataset):
@@ -277,6 +276,8 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     from safetensors.torch import save_file
 
     from twa_kernels import io
+    from twa_kernels import builder
+    from twa_kernels.geometry import evaluation, planes
 
     train, test, ckpts, _ = runs
     model = make_model(3)
@@ -288,8 +289,9 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     want_point = want.locate(ckpts[5], "epoch 6")
     # tiny chunks (quantised in 32 columns, read in 96) so that every tensor is cut somewhere,
     # and a mapping budget of 1 KB (a file is ~15 KB) for when pages cannot be given back
-    monkeypatch.setattr(C, "_CHUNK_GROUPS", 4)
-    monkeypatch.setattr(C, "_READ_COLUMNS", 100)
+    for module in (planes, builder):  # the plane's own passes, and the builder that packs its directions
+        monkeypatch.setattr(module, "_CHUNK_GROUPS", 4)
+        monkeypatch.setattr(module, "_READ_COLUMNS", 100)
     spans, loads, dropped = [], [], []
 
     class Spy(io.ColumnReader):
@@ -315,8 +317,8 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     def whole(*args):
         raise AssertionError("a whole checkpoint was loaded")
 
-    monkeypatch.setattr(C, "ColumnReader", Spy)
-    monkeypatch.setattr(C, "load_state_dict", whole)
+    monkeypatch.setattr(planes, "ColumnReader", Spy)
+    monkeypatch.setattr(evaluation, "load_state_dict", whole)
     monkeypatch.setattr(torch, "load", load)
     monkeypatch.setattr(io, "_drop_pages", drop)
     got, _ = C._frame_from_checkpoints(model, files[:3], bits, 8, True)
@@ -510,7 +512,7 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
 
 USER_PACKAGE = '''
 from torch.utils.data import DataLoader
-from digits import digits_splits, make_model as _make
+from tests.digits import digits_splits, make_model as _make
 
 def make_model():
     return _make(0)
@@ -560,6 +562,9 @@ def test_cli_connect_prints_barriers_and_writes_the_plot(project, runs, monkeypa
 
     saved = json.loads((root / "connect.json").read_text())
     assert saved["loss_barrier"] == pytest.approx(expected.loss_barrier, abs=1e-6) and len(saved["alphas"]) == 5
+    from twa_kernels._outdir import current_umask
+
+    assert (root / "connect.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() gives it
     assert "interpolating" in err  # the progress bar
 
 

@@ -1,5 +1,5 @@
 """The CUDA kernels (csrc/cuda) without a GPU: they compile with nvcc, and their run code,
-executed on the host by the same templates (see csrc/cuda/kernels.cuh), agrees with the
+executed on the host by the same templates (csrc/cuda/runs.cuh, through emulate.cu), agrees with the
 reference. On a GPU, test_ops runs them for real (backend "cuda")."""
 
 import ctypes
@@ -12,8 +12,7 @@ import twa_kernels as tk
 from twa_kernels import _build
 from twa_kernels.backends import reference
 
-from conftest import random_basis
-from test_ops import BITS, SHAPES
+from tests.helpers import BITS, SHAPES, random_basis
 
 needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc not found: CUDA sources cannot compile here")
 
@@ -95,8 +94,8 @@ def test_emulated_reconstruct_in_place_on_its_own_center(emulator, bits, k, d, g
 def test_a_cuda_type_error_fails_the_build(tmp_path, monkeypatch):
     src = tmp_path / "csrc"
     shutil.copytree(_build.source_dir(), src)
-    kernels = src / "cuda" / "kernels.cu"
-    kernels.write_text(kernels.read_text().replace("const float gv = load_value(", "const float* gv = load_value("))
+    runs = src / "cuda" / "runs.cuh"  # the run code that kernels.cu compiles for the device
+    runs.write_text(runs.read_text().replace("const float gv = load_value(", "const float* gv = load_value("))
     monkeypatch.setattr(_build, "source_dir", lambda: src)
     monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(_build.BuildError, match="kernels.cu"):

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 import twa_kernels as tk
 from twa_kernels.decor import DecorrelationDivergedError
 
-from digits import digits_splits
+from tests.digits import digits_splits
+from tests.helpers import spawn
 
 
 def _rel(a, b):
@@ -467,50 +468,21 @@ def _train_rs(model, step_fn):
     return {n: m.decor_R.clone() for n, m in tk.decor.decorrelated_layers(model)}
 
 
-def _ddp_worker(rank, world, port, out):
-    import datetime
-
-    import torch.distributed as dist
+def _ddp_rank(rank, world):
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        model = _ddp_model()
-        # broadcast_buffers=False: R must stay identical by the all-reduced update alone
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    model = _ddp_model()
+    # broadcast_buffers=False: R must stay identical by the all-reduced update alone
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
 
-        def step_fn(step, x, y):
-            F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+    def step_fn(step, x, y):
+        F.cross_entropy(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
 
-        torch.save(_train_rs(model, step_fn), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _train_rs(model, step_fn)
 
 
 def test_ddp_two_gloo_processes_keep_identical_r_equal_to_the_global_batch(tmp_path):
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish within 120 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = spawn(_ddp_rank, 2, str(tmp_path), timeout=120)
 
     def whole(step, x, y):
         F.cross_entropy(model(x), y).backward()

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 import twa_kernels as tk
 from twa_kernels.distill import DistillError
 
-from digits import digits_splits
+from tests.digits import digits_splits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py

@@ -20,6 +20,8 @@ import twa_kernels as tk
 from twa_kernels import io
 from twa_kernels.errors import CheckpointError
 
+from tests.helpers import one_process_group
+
 GPT2 = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
 
 
@@ -114,16 +116,12 @@ def test_sharded_build_of_save_pretrained_directories(hf_runs):
     """tk.TWA(..., process_group=pg, shard=True) reads its columns through ColumnReader."""
     import torch.distributed as dist
 
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process_group():
         model = _gpt2(7)
         sharded = tk.TWA(model, hf_runs["sharded"], bits=4, process_group=dist.group.WORLD, shard=True)
         whole = tk.TWA(model, hf_runs["single"], bits=4)
         assert torch.equal(sharded.center, whole.center)
         assert torch.equal(sharded.basis_codes, whole.basis_codes)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_directory_that_is_not_a_checkpoint_is_named_as_one(hf_runs, tmp_path):
@@ -161,16 +159,12 @@ def test_the_wrapped_model_that_wrote_the_checkpoints_is_accepted(wrap):
 
 
 def test_a_model_sharded_by_fully_shard_is_refused_with_what_to_pass():
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process_group():
         model = fully_shard(_mlp(0))
         with pytest.raises(tk.errors.InvalidArgumentError, match=r"sharded by FSDP2.*unsharded model"):
             tk.TWA(model, [_mlp(i).state_dict() for i in range(2)])
-    finally:
-        dist.destroy_process_group()
 
 
 # -- Lightning -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twa_kernels as tk
-from twa_kernels.factorize import (
+from twa_kernels.factorization import (
     EPS, FactorizationError, check_optimizer, collapse, dwf_init_, factor_param_groups, factor_parameters,
     factorize, sparsity_report, truncated_std, truncation_bounds,
 )
@@ -210,8 +209,7 @@ def test_names_groups_and_dense_biases_and_norms():
 
 
 def test_product_computed_once_per_forward_per_layer(monkeypatch):
-    # (import by sys.modules: the package exports the function `factorize` under the module's name)
-    mod = sys.modules["twa_kernels.factorize"]
+    import twa_kernels.factorization as mod
 
     calls = []
     original = mod._Product.forward
@@ -258,3 +256,16 @@ def test_truncation_bound_values():
     s, lo, hi = truncation_bounds(0.01, 2)
     assert (s, lo, hi) == pytest.approx((0.1, math.sqrt(EPS), math.sqrt(0.02)))
     assert truncation_bounds(0.9, 2)[2] == 1.0  # capped at 1
+
+
+def test_the_module_is_not_shadowed_by_its_function_and_the_old_path_warns():
+    import importlib
+
+    import twa_kernels.factorization as module
+
+    assert module.__name__ == "twa_kernels.factorization" and tk.factorize is module.factorize
+    with pytest.warns(DeprecationWarning, match="twa_kernels.factorization"):
+        from twa_kernels.factorize import dwf_lr
+    assert dwf_lr is module.dwf_lr
+    assert callable(tk.factorize) and importlib.import_module("twa_kernels.factorize").__name__ == "twa_kernels.factorize"
+    assert tk.factorize is module.factorize  # importing the old path did not rebind the function

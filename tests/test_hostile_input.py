@@ -363,3 +363,20 @@ def test_a_model_with_nothing_to_train_is_named():
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(tk.errors.InvalidArgumentError, match="requires_grad=False"):
         tk.TWA(model, _fine_tunes(model))
+
+
+def test_exporting_a_batchnorm_model_without_update_bn_warns_until_it_ran_at_those_weights():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    twa = tk.TWA(model, _fine_tunes(model, 3))
+    with pytest.warns(RuntimeWarning, match="update_bn"):
+        twa.averaged_state_dict()
+    twa.update_bn([torch.randn(16, 4)])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twa.averaged_state_dict()
+    with torch.no_grad():
+        twa.coefficients.add_(0.1)  # other weights: the statistics are stale again
+    with pytest.warns(RuntimeWarning, match="update_bn"):
+        twa.averaged_state_dict()

@@ -13,7 +13,7 @@ import torch
 import twa_kernels as tk
 from twa_kernels.io import load_state_dict, resolve_checkpoints
 
-from digits import make_model
+from tests.digits import make_model
 
 HERE = Path(__file__).parent
 
@@ -189,7 +189,10 @@ def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
     dcp.save(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
     with pytest.raises(tk.CheckpointError, match=r"dcp: a torch\.distributed\.checkpoint directory is read column "
                                                  r"by column only.*dcp_to_torch_save"):
-        tk.Subspace.from_checkpoints([state, tmp_path / "dcp"])
+        tk.uniform_average([state, tmp_path / "dcp"])
+    # a subspace is built column by column, so it reads a DCP directory like any checkpoint
+    built = tk.Subspace.from_checkpoints([state, tmp_path / "dcp"], bits=None)
+    assert torch.equal(built.center, tk.Subspace.from_checkpoints([state, state], bits=None).center)
 
 
 def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):

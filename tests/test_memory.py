@@ -80,3 +80,29 @@ def test_the_buffers_every_step_streams_are_advised_before_they_are_filled(monke
     assert was_advised(twa._workspace.buffer)
     assert torch.equal(twa.center, torch.stack([torch.cat([s["weight"].flatten(), s["bias"]]) for s in states])
                        .double().mean(0).float())
+
+
+def test_the_cpu_kernels_large_fresh_outputs_are_advised_where_python_allocates_them(monkeypatch):
+    """The page-advice policy lives in Python alone: the C++ kernels advise nothing, so the
+    cpp backend asks for huge pages on the fresh outputs it allocates (reconstruct's
+    weights, combine_rows' rows) before the kernels first touch them."""
+    import twa_kernels as tk
+    from twa_kernels import _ops
+
+    if _ops.backend("cpu") != "cpp":
+        pytest.skip("the C++ kernels are not built here")
+    advised = []
+
+    def record(start, length, advice):
+        advised.append((start, start + length))
+        return True
+
+    monkeypatch.setattr(_memory, "_madvise", record)
+    d = 3 << 20  # 12 MiB of float32: spans whole 2 MiB pages
+    qb = tk.quantize(torch.randn(2, d), bits=4)
+    w = tk.reconstruct(qb, torch.randn(2, 1))
+    lo, hi = w.data_ptr(), w.data_ptr() + w.numel() * w.element_size()
+    assert any(lo <= start < end <= hi for start, end in advised)
+    rows = _ops.combine_rows_op(torch.eye(2, dtype=torch.float64), torch.randn(2, d))
+    lo, hi = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
+    assert any(lo <= start < end <= hi for start, end in advised)

@@ -7,19 +7,7 @@ import twa_kernels as tk
 from twa_kernels import _ops
 from twa_kernels.backends import reference
 
-from conftest import random_basis
-
-BITS = [None, 1, 2, 4, 8]
-# (k, D, group_size, block_sizes): D not a multiple of 8 or of the group, k = 1,
-# one-element blocks, groups straddling block edges, a basis smaller than one group.
-SHAPES = [
-    (1, 1, 8, None),
-    (3, 7, 8, [3, 4]),
-    (1, 1000, 128, [1] * 10 + [990]),
-    (4, 1003, 64, [500, 1, 502]),
-    (5, 777, 8, [1] * 777),
-    (16, 4099, 128, [1000, 3099]),
-]
+from tests.helpers import BITS, SHAPES, random_basis
 
 
 def _reference_project(qb, g):

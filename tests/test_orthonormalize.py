@@ -5,7 +5,8 @@ import torch
 
 import twa_kernels as tk
 from twa_kernels.backends import reference
-from twa_kernels.backends.paper import paper_gram_schmidt
+
+from bench.paper_baseline import paper_gram_schmidt
 
 
 def ill_conditioned(k: int, d: int, cond: float) -> torch.Tensor:

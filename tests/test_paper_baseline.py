@@ -2,7 +2,7 @@
 
 import torch
 
-from twa_kernels.backends.paper import paper_project, paper_quantize, paper_reconstruct, paper_twa_step
+from bench.paper_baseline import paper_project, paper_quantize, paper_reconstruct, paper_twa_step
 
 
 def test_paper_path_computes_projection_and_reconstruction():

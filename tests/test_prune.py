@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import twa_kernels as tk
 from twa_kernels.prune import PruningError
 
-from digits import digits_splits, make_model
+from tests.digits import digits_splits, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

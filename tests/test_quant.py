@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import twa_kernels as tk
-from twa_kernels.backends.paper import paper_quantize
 from twa_kernels.quant import unpack_codes
 
-from conftest import random_basis
+from bench.paper_baseline import paper_quantize
+from tests.helpers import random_basis
 
 BITS = [1, 2, 4, 8]
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from digits import digits_splits, evaluate, make_model, train_checkpoints
+from tests.digits import digits_splits, make_model
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -132,9 +132,9 @@ def test_subspace_optimizer_on_a_tied_model(tied_checkpoints):
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(digits_checkpoints):
     train, val, _ = digits_splits()
-    return train, val, train_checkpoints(train, epochs=5)
+    return train, val, digits_checkpoints(epochs=5)
 
 
 def test_bfloat16_model_trains_and_exports_bfloat16(digits):

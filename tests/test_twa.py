@@ -11,14 +11,14 @@ from torch.utils.data import DataLoader
 
 import twa_kernels as tk
 
-from digits import digits_splits, evaluate, make_model, train_checkpoints, train_coefficients
+from tests.digits import digits_splits, evaluate, make_model, train_coefficients
 
 
 @pytest.fixture(scope="module")
-def run():
+def run(digits_checkpoints):
     train, val, test = digits_splits()
     # the head of a run: 5 early epochs at a small learning rate, far from converged
-    return train, val, test, train_checkpoints(train, epochs=5, lr=0.01)
+    return train, val, test, digits_checkpoints(epochs=5, lr=0.01)
 
 
 def _swa_model(checkpoints, train):

@@ -17,13 +17,20 @@ from twa_kernels.ops import project, reconstruct
 from twa_kernels.quant import QuantizedBasis, dequantize, quantize
 from twa_kernels.subspace import Subspace, orthonormalize
 from twa_kernels.twa import TWA
+from twa_kernels import distributed  # tk.distributed: TWA across processes
 from twa_kernels.optim import SubspaceOptimizer
-from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average
+from twa_kernels.averaging import ema_average, greedy_soup, split_holdout, uniform_average, update_bn
 from twa_kernels.io import CheckpointError, load_state_dict, save_state_dict
 from twa_kernels import connectivity
 from twa_kernels import prune, distill
 from twa_kernels import decor  # tk.decor: decorrelated backpropagation
-from twa_kernels.factorize import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
+from twa_kernels import factorization
+from twa_kernels.factorization import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
+from twa_kernels._deprecated import alias_module as _alias_module
+
+# The module was named like its function, which shadowed it: `import twa_kernels.factorize`
+# gave the function. The old module path still imports, with a warning.
+_alias_module("twa_kernels.factorize", factorization)
 
 __version__ = "0.1.0"
 
@@ -33,6 +40,7 @@ __all__ = [
     "decor",
     "distill",
     "distributed",
+    "factorization",
     "prune",
     "check_optimizer",
     "collapse",
@@ -53,6 +61,7 @@ __all__ = [
     "save_state_dict",
     "split_holdout",
     "uniform_average",
+    "update_bn",
     "backend",
     "dequantize",
     "orthonormalize",
@@ -60,4 +69,3 @@ __all__ = [
     "quantize",
     "reconstruct",
 ]
-from twa_kernels import distributed  # noqa: E402,F401  (tk.distributed: TWA across processes)

@@ -241,8 +241,10 @@ def build_cuda_kernels() -> Path:
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
 
     def compile_into(build_dir: Path) -> None:
-        _run([nvcc, *NVCC_FLAGS, "-std=c++17", *cuda_arch_flags(), "-Xcompiler", "-fPIC", "-shared", str(src / "cuda" / "kernels.cu"),
-              "-o", str(build_dir / CUDA_KERNELS_LIBRARY)], "compiling csrc/cuda/kernels.cu")
+        # the shipped kernels plus their host emulation (emulate.cu), which only this library has
+        _run([nvcc, *NVCC_FLAGS, "-std=c++17", *cuda_arch_flags(), "-Xcompiler", "-fPIC", "-shared",
+              str(src / "cuda" / "kernels.cu"), str(src / "cuda" / "emulate.cu"),
+              "-o", str(build_dir / CUDA_KERNELS_LIBRARY)], "compiling csrc/cuda/kernels.cu and emulate.cu")
         from torch.utils.cpp_extension import include_paths
 
         abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, TWAKernelsError
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def _geometry_inputs(args: argparse.Namespace):
     """(model, evaluation data, BatchNorm data, metric, split name) from a `twa fit`-style
     config: model and data as there; checkpoints come from the command line instead."""
     from twa_kernels.connectivity import classification_metric
-    from twa_kernels.fit import FitError, import_string, load_config
+    from twa_kernels.fit import DEFAULT_LOSS, FitError, import_string, load_config
 
     config = load_config(args.config, required=("model", "data"))
 
@@ -88,17 +88,17 @@ def _geometry_inputs(args: argparse.Namespace):
 
     import torch
 
-    model = make(config["model"], "model")
+    model = make(config.model, "model")
     if not isinstance(model, torch.nn.Module):
-        raise FitError(f"{config['model']!r} returned {type(model).__name__}, not an nn.Module")
-    split = args.split or ("val" if "val" in config["data"] else "train")
-    if split not in config["data"]:
+        raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
+    split = args.split or ("val" if "val" in config.data else "train")
+    if split not in config.data:
         raise FitError(f"{args.config}: --split {split} needs data.{split} in the config")
-    train = make(config["data"]["train"], "data.train")
-    data = train if split == "train" else make(config["data"][split], f"data.{split}")
+    train = make(config.data["train"], "data.train")
+    data = train if split == "train" else make(config.data[split], f"data.{split}")
     metric = classification_metric
-    if "loss" in config:
-        loss_fn = import_string(config["loss"])
+    if config.loss != DEFAULT_LOSS:
+        loss_fn = import_string(config.loss)
 
         def metric(outputs, targets):
             return loss_fn(outputs, targets), classification_metric(outputs, targets)[1]
@@ -107,13 +107,12 @@ def _geometry_inputs(args: argparse.Namespace):
 
 
 def _write_json(path: Path, payload: dict) -> None:
+    """Atomically, with the mode the umask gives (or the replaced file's)."""
     import json
-    import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    from twa_kernels.io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
 def _connect(args: argparse.Namespace) -> int:
@@ -249,12 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from twa_kernels.fit import FitError
-    from twa_kernels.io import CheckpointError
-
     try:
         return args.func(args)
-    except (FitError, CheckpointError) as exc:
+    except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
 

@@ -205,6 +205,21 @@ def _row(acc_loss: tuple[float, float], epochs: int, seconds: float, **extra) ->
     return dict(acc=acc_loss[0], loss=acc_loss[1], epochs=epochs, seconds=seconds, **extra)
 
 
+def greedy_soup_with_bn(probe: nn.Module, checkpoints: list, train: TensorDataset, val: TensorDataset,
+                        seed: int) -> tuple[nn.Module, list[int]]:
+    """Greedy soup by validation accuracy, in `probe`: every candidate is scored, and the soup
+    returned, with its own BatchNorm statistics recomputed on `train` (as `measure` does),
+    as SWA and TWA are measured (not with the mean of the checkpoints' statistics)."""
+
+    def with_bn(state) -> nn.Module:
+        probe.load_state_dict(state)
+        update_bn(bn_loader(train), probe)
+        return probe
+
+    soup, chosen = greedy_soup(checkpoints, lambda state: evaluate(with_bn(state), val)[0])
+    return with_bn(soup), chosen
+
+
 def train_run(seed: int, setting: Setting, epochs: int, ckpt_dir: Path, progress: bool = False):
     """SGD from seed's initialisation under `setting`, its schedule `epochs` long. Returns
     (checkpoint paths, seconds per epoch)."""
@@ -236,9 +251,9 @@ def head_methods(seed: int, setting: Setting, paths: list[Path], epoch_seconds: 
     files = dict(swa=save_state_dict(swa, out_dir / "swa.safetensors"))
 
     start = time.perf_counter()
-    soup, chosen = greedy_soup(head_paths, lambda state: measure(seed, setting, state, train, val)[0])
-    rows["greedy soup"] = _row(measure(seed, setting, soup, train, test), head,
-                               head_seconds + time.perf_counter() - start, ingredients=len(chosen))
+    soup, chosen = greedy_soup_with_bn(make_model(seed, setting.width), head_paths, train, val, seed)
+    rows["greedy soup"] = _row(evaluate(soup, test), head, head_seconds + time.perf_counter() - start,
+                               ingredients=len(chosen))
 
     for name, data in (("TWA-t", train), ("TWA-v", val)):
         start = time.perf_counter()

@@ -7,27 +7,38 @@
     checkpoints: runs/exp1/epoch_*.pt         # paths, a directory or a glob
     bits: 4                                   # 1, 2, 4, 8 or null (dense)
     granularity: tensor                       # model | tensor | an int
+    group_size: 128                           # a positive multiple of 8 (quantisation group)
     optimizer: {name: AdamW, lr: 0.01}        # any torch.optim class and its arguments
     epochs: 2
     train_on: train                           # train (TWA-t) or val (TWA-v)
     loss: torch.nn.functional:cross_entropy   # optional; loss(outputs, targets)
-    output: twa-out                           # averaged.pt, averaged.safetensors, report.json
+    output: twa-out                           # a directory of its own: averaged.pt, averaged.safetensors, report.json
     distributed: {mode: replicated}           # under torchrun: replicated | sharded (see distributed.py)
 
 Under torchrun (`torchrun --nproc_per_node N -m twa_kernels fit config.yaml`) every rank
 trains on its share of the data (DistributedSampler), and rank 0 alone writes the outputs.
 
-Problems in the config (unknown keys or import strings, bad values, YAML syntax) raise
-FitError with one line that says what and where.
+Import strings are resolved from the working directory. The whole config is checked
+(FitConfig) before any work: a problem (an unknown key or import string, a bad value, YAML
+syntax) raises FitError with one line naming the key, the value and what is allowed. So is
+the output location (OutputError): it must be a directory that can be written and that holds
+nothing but these outputs, because the outputs replace it as one set (see _outdir.py). A data
+loader that gives no batches for a pass it is used for is a FitError, not a silent result.
+
+`val_loss_at_swa` in the report is the loss at the uniform average of the checkpoints, with
+BatchNorm statistics recomputed on data.train as they are for TWA's `val_loss_after_twa`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import math
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +47,152 @@ from torch import nn
 
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
-from twa_kernels.io import save_state_dict
+from twa_kernels._outdir import OutputDirectory
+from twa_kernels.io import atomic_write, resolve_checkpoints, save_state_dict
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
 KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "optimizer", "epochs", "train_on",
         "loss", "output", "distributed"}
+OUTPUTS = ("averaged.pt", "averaged.safetensors", "report.json")
+DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
 
 
 class FitError(InvalidArgumentError):
     """A problem with a `twa fit` config."""
 
 
-def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> dict:
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """A checked `twa fit` config, with every default filled in (see the module docstring)."""
+
+    model: str
+    data: dict[str, str]
+    checkpoints: str | list[str] | None
+    bits: int | None = 4
+    granularity: str | int = "tensor"
+    group_size: int = 128
+    optimizer: str = "AdamW"
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"lr": 1e-2})
+    epochs: int = 1
+    train_on: str = "train"
+    loss: str = DEFAULT_LOSS
+    output: str = "twa-out"
+    distributed_mode: str = "replicated"
+    source: str = ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    """The value as the user wrote it, and its YAML type where that is the problem."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return f"{value!r} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _check_import_string(where: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.count(":") != 1 or not all(value.split(":")):
+        raise FitError(f"{where}: {key} must be an import string like 'package.module:name', got {_describe(value)}")
+    return value
+
+
+def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
+    """(class name, arguments) of the `optimizer` entry, tried on a dummy parameter so a bad
+    argument is found now, not at the first step."""
+    if value is None:
+        return "AdamW", {"lr": 1e-2}
+    names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+             and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"]
+    if not isinstance(value, Mapping):
+        hint = next((f"; did you mean {{name: {n}}}?" for n in names if isinstance(value, str)
+                     and n.lower() == value.lower()), "")
+        raise FitError(f"{where}: optimizer must be a mapping such as {{name: AdamW, lr: 0.01}}, got "
+                       f"{_describe(value)}{hint}")
+    args = dict(value)
+    name = args.pop("name", "AdamW")
+    if name not in names:
+        hint = next((f"; did you mean {n}?" for n in names if isinstance(name, str) and n.lower() == name.lower()), "")
+        raise FitError(f"{where}: optimizer.name must be a torch.optim optimizer ({', '.join(sorted(names))}), "
+                       f"got {_describe(name)}{hint}")
+    for key, arg in list(args.items()):
+        if isinstance(arg, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(arg)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                args[key] = number
+    lr = args.get("lr", 0.0)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+        raise FitError(f"{where}: optimizer.lr must be a non-negative number, got {_describe(args['lr'])}")
+    try:
+        getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **args)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise FitError(f"{where}: optimizer {name} does not take {args}: {exc}") from exc
+    return name, args
+
+
+def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:
+    """Every key of a parsed config checked against the schema (FitConfig): the first
+    problem raises FitError naming the key, the value and what is allowed."""
+    if not isinstance(raw, Mapping):
+        raise FitError(f"{where}: the config must be a mapping of keys to values, got {_describe(raw)}")
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise FitError(f"{where}: unknown key(s) {sorted(unknown)}; the keys are {sorted(KEYS)}")
+    for key in required:
+        if key not in raw:
+            raise FitError(f"{where}: missing required key {key!r}")
+    model = _check_import_string(where, "model", raw.get("model", "")) if "model" in raw else ""
+    data = raw.get("data", {})
+    if not isinstance(data, Mapping) or "train" not in data or set(data) - {"train", "val"}:
+        raise FitError(f"{where}: data must be a mapping with a 'train' and an optional 'val' import string, "
+                       f"got {_describe(data)}")
+    data = {k: _check_import_string(where, f"data.{k}", v) for k, v in data.items()}
+    checkpoints = raw.get("checkpoints")
+    if "checkpoints" in raw and not (
+            (isinstance(checkpoints, str) and checkpoints)
+            or (isinstance(checkpoints, list) and checkpoints and all(isinstance(c, str) and c for c in checkpoints))):
+        raise FitError(f"{where}: checkpoints must be a path, a directory, a glob or a non-empty list of paths, "
+                       f"got {_describe(checkpoints)}")
+    bits = raw.get("bits", 4)
+    if bits is not None and not (_is_int(bits) and bits in SUPPORTED_BITS):
+        raise FitError(f"{where}: bits must be one of {list(SUPPORTED_BITS)} or null, got {_describe(bits)}")
+    granularity = raw.get("granularity", "tensor")
+    if granularity not in ("model", "tensor") and not (_is_int(granularity) and granularity > 0):
+        raise FitError(f"{where}: granularity must be 'model', 'tensor' or a positive integer (elements per "
+                       f"coefficient block), got {_describe(granularity)}")
+    group_size = raw.get("group_size", 128)
+    if not (_is_int(group_size) and group_size > 0 and group_size % 8 == 0):
+        raise FitError(f"{where}: group_size must be a positive multiple of 8 (e.g. 64, 128), got "
+                       f"{_describe(group_size)}")
+    optimizer, optimizer_args = _optimizer(where, raw.get("optimizer"))
+    epochs = raw.get("epochs", 1)
+    if not _is_int(epochs) or epochs < 0:
+        raise FitError(f"{where}: epochs must be a non-negative integer, got {_describe(epochs)}")
+    train_on = raw.get("train_on", "train")
+    if train_on not in ("train", "val"):
+        raise FitError(f"{where}: train_on must be 'train' or 'val', got {_describe(train_on)}")
+    if train_on == "val" and "val" not in data:
+        raise FitError(f"{where}: train_on: val needs data.val")
+    loss = _check_import_string(where, "loss", raw.get("loss", DEFAULT_LOSS))
+    output = raw.get("output", "twa-out")
+    if not isinstance(output, str) or not output:
+        raise FitError(f"{where}: output must be a directory path, got {_describe(output)}")
+    dist_config = raw.get("distributed") or {}
+    mode = dist_config.get("mode", "replicated") if isinstance(dist_config, Mapping) else None
+    if mode not in ("replicated", "sharded") or set(dist_config) - {"mode"}:
+        raise FitError(f"{where}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
+                       f"{raw.get('distributed')!r}")
+    return FitConfig(model=model, data=data, checkpoints=checkpoints, bits=bits, granularity=granularity,
+                     group_size=group_size, optimizer=optimizer, optimizer_args=optimizer_args, epochs=epochs,
+                     train_on=train_on, loss=loss, output=output, distributed_mode=mode, source=where)
+
+
+def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:
     """The checked config; `required` are the keys it must have (`twa connect` and `twa
     plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
     import yaml
@@ -63,39 +207,24 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise FitError(f"{path}: YAML error{where}: {problem}") from exc
-    if not isinstance(config, dict):
-        raise FitError(f"{path}: the config must be a mapping of keys to values")
-    unknown = set(config) - KEYS
-    if unknown:
-        raise FitError(f"{path}: unknown key(s) {sorted(unknown)}; the keys are {sorted(KEYS)}")
-    for key in required:
-        if key not in config:
-            raise FitError(f"{path}: missing required key {key!r}")
-    if not isinstance(config["data"], dict) or "train" not in config["data"]:
-        raise FitError(f"{path}: data must be a mapping with at least a 'train' import string")
-    bits = config.get("bits", 4)
-    if bits is not None and bits not in SUPPORTED_BITS:
-        raise FitError(f"{path}: bits must be one of {list(SUPPORTED_BITS)} or null, got {bits!r}")
-    if config.get("train_on", "train") not in ("train", "val"):
-        raise FitError(f"{path}: train_on must be 'train' or 'val', got {config['train_on']!r}")
-    if config.get("train_on") == "val" and "val" not in config["data"]:
-        raise FitError(f"{path}: train_on: val needs data.val")
-    mode = (config.get("distributed") or {}).get("mode", "replicated") if isinstance(
-        config.get("distributed", {}), dict) else None
-    if mode not in ("replicated", "sharded") or set(config.get("distributed") or {}) - {"mode"}:
-        raise FitError(f"{path}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
-                       f"{config.get('distributed')!r}")
-    epochs = config.get("epochs", 1)
-    if not isinstance(epochs, int) or epochs < 0:
-        raise FitError(f"{path}: epochs must be a non-negative integer, got {epochs!r}")
-    return config
+    return check_config(config, str(path), required)
+
+
+def _working_directory_on_path() -> None:
+    """Import strings name the user's own modules, so they are found from the working
+    directory, as `python -m` does and uvicorn and gunicorn do for theirs; an installed
+    console script's sys.path starts with its bin/ folder instead."""
+    cwd = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def import_string(spec: str) -> Any:
-    """The object named by 'package.module:attribute'."""
+    """The object named by 'package.module:attribute', importable from the working directory."""
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise FitError(f"import string {spec!r} must look like 'package.module:name'")
     module_name, attr = spec.split(":")
+    _working_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -116,8 +245,46 @@ def _call(spec: str, what: str) -> Any:
     return factory()
 
 
+class _Batches:
+    """A data loader that counts the batches of each pass, so a pass that gave none (an empty
+    loader, or a generator already used up) is an error instead of a silent result: an empty
+    BatchNorm pass would leave the statistics reset to 0 and 1, an empty evaluation a loss of 0."""
+
+    def __init__(self, loader: Iterable, key: str, spec: str, ranks: int):
+        self.loader, self.key, self.spec, self.ranks = loader, key, spec, ranks
+        self.count = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator:
+        self.count = 0
+        for batch in self.loader:
+            self.count += 1
+            yield batch
+
+    def error(self, doing: str) -> FitError:
+        share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
+        return FitError(f"data.{self.key} ({self.spec!r}) gave no batches{share} {doing}: the loader is empty, or "
+                        "an iterator that was used up; return a DataLoader over a non-empty data set")
+
+    def check_not_empty(self, doing: str) -> None:
+        """Before any work, where the loader has a length."""
+        try:
+            n = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:  # no length (an iterable data set): counted as it is iterated
+            return
+        if n == 0:
+            raise self.error(doing)
+
+    def check_pass(self, doing: str) -> None:
+        """After a pass."""
+        if self.count == 0:
+            raise self.error(doing)
+
+
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loader, loss_fn: Callable, group: Any = None) -> float:
+def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, group: Any = None) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
@@ -126,48 +293,85 @@ def _mean_loss(model: nn.Module, loader, loss_fn: Callable, group: Any = None) -
     if group is not None:  # over every rank's share
         sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
         total, count = sums["total"], sums["count"]
-    return total / max(count, 1)
+    if count == 0:
+        raise loader.error("to evaluate the loss on")
+    return total / count
+
+
+def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
+    """BatchNorm statistics recomputed at the current weights, over every rank's share."""
+    if group is None:
+        twa.update_bn(loader)
+    else:
+        distributed.update_bn(twa, loader, group)
+    loader.check_pass("to recompute the BatchNorm statistics on")
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    """Whether update_bn has statistics to recompute (its own test)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @distributed.record_errors  # under torchrun, each rank's own error reaches the job's summary
 def run_fit(config_path: str | Path, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
+    """Build, train and write a TWA from the config at `config_path` (see the module
+    docstring); returns the report. The config and the output location are checked before
+    any work; the outputs replace the output directory's old ones as one set."""
     config = load_config(config_path)
+    resolve_checkpoints(config.checkpoints)  # an empty glob or a missing directory, now
     group = distributed.init_from_environment()
     rank = 0 if group is None else torch.distributed.get_rank(group)
+    outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
+    try:
+        report = _fit(config, group, rank, progress, outputs)
+        if outputs is not None:
+            outputs.commit()
+    finally:
+        if outputs is not None:
+            outputs.discard()
+    return report
+
+
+def _fit(config: FitConfig, group: Any, rank: int, progress: bool, outputs: OutputDirectory | None) -> dict:
+    from tqdm import tqdm
+
     progress = progress and rank == 0
-    model = _call(config["model"], "model")
+    world = 1 if group is None else torch.distributed.get_world_size(group)
+    model = _call(config.model, "model")
     if not isinstance(model, nn.Module):
-        raise FitError(f"{config['model']!r} returned {type(model).__name__}, not an nn.Module")
-    train_loader = _call(config["data"]["train"], "data.train")
-    val_loader = _call(config["data"]["val"], "data.val") if "val" in config["data"] else None
-    loss_fn = import_string(config.get("loss", "torch.nn.functional:cross_entropy"))
+        raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
+    train_loader = _call(config.data["train"], "data.train")
+    val_loader = _call(config.data["val"], "data.val") if "val" in config.data else None
+    loss_fn = import_string(config.loss)
     if group is not None:
         train_loader = distributed.split_loader(train_loader, group)
         val_loader = None if val_loader is None else distributed.split_loader(val_loader, group)
-    fit_loader = val_loader if config.get("train_on", "train") == "val" else train_loader
-    mode = (config.get("distributed") or {}).get("mode", "replicated")
+    train_loader = _Batches(train_loader, "train", config.data["train"], world)
+    train_loader.check_not_empty("to train on" if config.train_on == "train" else "for the BatchNorm statistics")
+    if val_loader is not None:
+        val_loader = _Batches(val_loader, "val", config.data["val"], world)
+        val_loader.check_not_empty("to train on" if config.train_on == "val" else "to evaluate the loss on")
+    fit_loader = val_loader if config.train_on == "val" else train_loader
 
-    twa = TWA(model, config["checkpoints"], bits=config.get("bits", 4),
-              granularity=config.get("granularity", "tensor"), group_size=config.get("group_size", 128),
-              progress=progress, process_group=group, shard=group is not None and mode == "sharded")
-    opt_config = dict(config.get("optimizer") or {"name": "AdamW", "lr": 1e-2})
-    opt_name = opt_config.pop("name", "AdamW")
-    opt_class = getattr(torch.optim, opt_name, None)
-    if opt_class is None:
-        raise FitError(f"optimizer {opt_name!r} is not in torch.optim")
-    optimizer = opt_class(twa.parameters(), **opt_config)
+    twa = TWA(model, config.checkpoints, bits=config.bits, granularity=config.granularity,
+              group_size=config.group_size, progress=progress, process_group=group,
+              shard=group is not None and config.distributed_mode == "sharded")
+    optimizer = getattr(torch.optim, config.optimizer)(twa.parameters(), **config.optimizer_args)
 
     start = time.perf_counter()
-    report: dict[str, Any] = dict(config=str(config_path), coefficients=list(twa.coefficients.shape),
-                                  basis_bytes=twa.basis.nbytes,
-                                  world_size=1 if group is None else torch.distributed.get_world_size(group),
-                                  distributed_mode=None if group is None else mode)
+    report: dict[str, Any] = dict(config=config.source, coefficients=list(twa.coefficients.shape),
+                                  basis_bytes=twa.basis.nbytes, world_size=world,
+                                  distributed_mode=None if group is None else config.distributed_mode)
     if val_loader is not None:
+        # The SWA baseline is measured the way TWA is: at the uniform average (the
+        # coefficients start at zero) with BatchNorm statistics recomputed for those
+        # weights, not the model's fresh ones. Training is unaffected: train-mode BatchNorm
+        # normalises with batch statistics, and update_bn recomputes them again at the end.
+        if _has_batchnorm(model):
+            _update_bn(twa, train_loader, group)
         report["val_loss_at_swa"] = _mean_loss(twa, val_loader, loss_fn, group)
     losses = []
-    for epoch in range(config.get("epochs", 1)):
+    for epoch in range(config.epochs):
         twa.train()
         for x, y in tqdm(fit_loader, desc=f"TWA epoch {epoch + 1}", disable=not progress, leave=False):
             distributed.reset_comm_bytes(twa)
@@ -177,22 +381,20 @@ def run_fit(config_path: str | Path, progress: bool = True) -> dict:
             optimizer.step()
             losses.append(loss.item())  # after backward: the value only
             report["bytes_communicated_per_step"] = sum(distributed.comm_bytes(twa).values())
-    if group is None:
-        twa.update_bn(train_loader)
-    else:  # statistics over every rank's share
-        distributed.update_bn(twa, train_loader, group)
+        fit_loader.check_pass(f"to train on in epoch {epoch + 1}")
+    if _has_batchnorm(model):
+        _update_bn(twa, train_loader, group)
     if val_loader is not None:
         report["val_loss_after_twa"] = _mean_loss(twa, val_loader, loss_fn, group)
     report.update(train_loss_last_10_batches=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                   seconds=time.perf_counter() - start)
 
-    out = Path(config.get("output", "twa-out"))
     state = twa.averaged_state_dict()  # every rank: sharded mode gathers the weights
-    if rank != 0:
+    if outputs is None:
         return report
-    report["outputs"] = [str(save_state_dict(state, out / "averaged.pt")),
-                         str(save_state_dict(state, out / "averaged.safetensors"))]
-    tmp = out / ".report.json.tmp"  # atomic: a reader never sees half a report
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "report.json")
+    out = Path(config.output)
+    for name in ("averaged.pt", "averaged.safetensors"):
+        save_state_dict(state, outputs.stage(name))
+    report["outputs"] = [str(out / name) for name in OUTPUTS[:2]]
+    atomic_write(outputs.stage("report.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return report

@@ -65,7 +65,8 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored in
     from zlib import crc32 as _crc32
 
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
-from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests and benches swap it
+from twa_kernels._memory import drop_pages as _drop_pages
+from twa_kernels._outdir import current_umask  # module-level: tests and benches swap it
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
@@ -470,9 +471,7 @@ def _non_finite(source: str, key: str, bad: int, numel: int) -> CheckpointError:
 
 def _default_file_mode() -> int:
     """The mode open() gives a new file under the current umask (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~current_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -16,23 +16,21 @@ import warnings
 import torch
 from torch import Tensor
 
+from twa_kernels import builder
+from twa_kernels.builder import Layout, mean_center  # noqa: F401  (mean_center: its former home)
 from twa_kernels.errors import InvalidArgumentError
-from twa_kernels._memory import empty_huge
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels.io import (
+    ColumnReader,
     CheckpointError,
     Checkpoints,
-    check_finite,
-    iter_state_dicts,
     resolve_checkpoints,
 )
 from twa_kernels.quant import (
     SUPPORTED_BITS,
     QuantizedBasis,
-    _quantize_row,
     block_offsets_from_sizes,
     quantize,
-    stack_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,13 +109,6 @@ def default_parameter_names(state: dict[str, Tensor]) -> list[str]:
     """Floating-point entries of a state_dict, less BatchNorm running statistics: the
     weights a subspace spans when no model says which entries are parameters."""
     return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(_BATCHNORM_STATISTICS)]
-
-
-def mean_center(total: Tensor, count: int) -> Tensor:
-    """The center from the float64 sum of `count` checkpoints: their mean, rounded once to
-    float32, into a buffer on huge pages (every training step reads it). One rule for the
-    single-process and the sharded subspace, so their centers agree bit for bit."""
-    return torch.div(total, count, out=empty_huge(total.shape, torch.float32))
 
 
 def check_build_args(bits: object, group_size: object, granularity: object) -> None:
@@ -227,80 +218,50 @@ class Subspace:
         if orthonormalize and len(specs) < 2:
             raise InvalidArgumentError("orthonormalize=True needs at least 2 checkpoints: the centred row of a single "
                                        "checkpoint is zero and spans nothing")
-        names, total = parameter_names, None
+        names = parameter_names
         shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
-        # the model's names, which checkpoint keys are matched to (io's module docstring)
-        wanted = None if names is None else [*names, *(a for n in names for a in aliases.get(n, ()))]
-        for source, state in _progress(iter_state_dicts(specs, wanted), len(specs), "averaging", progress):
-            if names is None:
-                names = default_parameter_names(state)
-            if shapes is None:
-                shapes = [tuple(_checked(state, n, None, source, aliases).shape) for n in names]
-            vector = _flatten(state, names, shapes, source, aliases)
-            if not bool(torch.isfinite(vector).all()):
-                check_finite({n: _checked(state, n, None, source, aliases) for n in names}, source)
-            vector = vector.double()
-            total = vector if total is None else total.add_(vector)
+        if names is None or shapes is None:  # from the first checkpoint's metadata
+            first = ColumnReader(specs[0], 0, names=names)
+            names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
+                                                     and not k.endswith(_BATCHNORM_STATISTICS)]
+            keys = {n: first.key(n, aliases.get(n, ())) for n in names}
+            missing = [n for n, key in keys.items() if key is None]
+            if missing:
+                raise CheckpointError(f"{first.source}: missing key {missing[0]!r}; was it saved from the same model?")
+            shapes = [first.shape(keys[n]) for n in names]
         empty = [n for n, shape in zip(names, shapes) if math.prod(shape) == 0]
         if empty:
             raise InvalidArgumentError(f"parameter {empty[0]!r} has no elements (shape {shapes[names.index(empty[0])]}); "
                                        "leave it out of parameter_names (it holds nothing to average)")
-        center = mean_center(total, len(specs))
-        del total
+        # the model's names, which checkpoint keys are matched to (io's module docstring)
+        layout = Layout(names, shapes, aliases, [*names, *(a for n in names for a in aliases.get(n, ()))])
+        steps = lambda items, what: _progress(items, len(items), what, progress)  # noqa: E731
+        center = builder.average(specs, layout, 0, layout.num_cols, group_size, steps)
         blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)
         offsets = block_offsets_from_sizes(blocks, center.numel())
-        rows = []
-        for source, state in _progress(iter_state_dicts(specs, wanted), len(specs), "building basis", progress):
-            row = _flatten(state, names, shapes, source, aliases) - center
-            check_row_range(row, names, shapes, source)
-            if normalize_rows:
-                for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-                    norm = row[start:stop].norm()
-                    if norm > 0:
-                        row[start:stop] /= norm
-            if orthonormalize or bits is None:
-                rows.append(row)
-            else:
-                rows.append(_quantize_row(row, bits, group_size))
+
+        def unit_blocks(row: Tensor) -> None:
+            for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+                norm = row[start:stop].norm()
+                if norm > 0:
+                    row[start:stop] /= norm
+
+        transform = unit_blocks if normalize_rows else None
         if orthonormalize:
+            dense = builder.build_basis(specs, layout, center, 0, offsets, None, group_size, steps, transform)
             # centred rows sum to zero (after scaling): any k - 1 of them span the subspace
-            basis = quantize(_orthonormalize(torch.stack(rows[:-1] if len(rows) > 1 else rows)), bits, group_size,
-                             blocks)
-        elif bits is None:
-            basis = quantize(torch.stack(rows), None, group_size, blocks)
+            rows = dense.codes[:-1] if dense.k > 1 else dense.codes
+            basis = quantize(_orthonormalize(rows), bits, group_size, blocks)
         else:
-            basis = stack_rows(rows, offsets, bits, group_size, center.numel())
+            basis = builder.build_basis(specs, layout, center, 0, offsets, bits, group_size, steps, transform)
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
         return cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
 
 
-# A centred value beyond this cannot be quantised: a group's max - min would overflow
-# float32. No trained weight comes near it; a checkpoint that does has diverged.
-_ROW_LIMIT = torch.finfo(torch.float32).max / 2
-
-
-def check_row_range(row: Tensor, names: list[str], shapes: list[tuple[int, ...]], source: str,
-                    start: int = 0) -> None:
-    """Refuse a basis row (checkpoint - center, columns start.. of the flattened weights)
-    holding a value float32 cannot quantise, naming the checkpoint and the key."""
-    bad = ~(row.abs() <= _ROW_LIMIT)  # NaN and Inf count as bad too
-    if not bool(bad.any()):
-        return
-    column = start + int(bad.nonzero()[0])
-    offset = 0
-    for name, shape in zip(names, shapes):
-        offset += math.prod(shape)
-        if column < offset:
-            break
-    raise CheckpointError(f"{source}: key {name!r} lies more than {_ROW_LIMIT:.2g} from the checkpoints' "
-                          "average (an overflowing, diverged checkpoint?); leave this checkpoint out or repair it")
-
-
 def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str,
              aliases: dict[str, list[str]] | None = None) -> Tensor:
-    _check_tied_agree(state, name, source, aliases)
     if name not in state:
         # a tied weight may be saved under another of its names only (safetensors writers
         # drop all but one name of a shared tensor)
@@ -316,23 +277,6 @@ def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None,
     if not value.is_floating_point():
         raise CheckpointError(f"{source}: key {name!r} is {value.dtype}, not a floating-point weight")
     return value
-
-
-def _check_tied_agree(state: dict[str, Tensor], name: str, source: str,
-                      aliases: dict[str, list[str]] | None) -> None:
-    """A tied weight is one tensor: a checkpoint holding two of its names with different
-    values was not saved from this model's tying, and taking either silently would be wrong."""
-    present = [n for n in (aliases or {}).get(name, ()) if n in state]
-    first = state[present[0]] if present else None
-    for other in present[1:]:
-        value = state[other]
-        if value is first or (value.shape == first.shape and torch.equal(value, first)):
-            continue
-        diff = ((value.double() - first.double()).abs().max().item() if value.shape == first.shape
-                else f"shapes {tuple(first.shape)} and {tuple(value.shape)}")
-        raise CheckpointError(f"{source}: {present[0]!r} and {other!r} are one tied weight in the model but differ "
-                              f"in the checkpoint (largest difference {diff}); untie them in the model, or save "
-                              "the checkpoint from the tied model")
 
 
 def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int, ...]], source: str,

@@ -15,7 +15,7 @@ forward that records a graph leaves them there, as detached aliases of the same 
 until a backward has consumed that graph (or the graph is freed): a model that recomputes
 part of its forward during the backward, with activation checkpointing
 (torch.utils.checkpoint with either `use_reentrant`, a Hugging Face model after
-`gradient_checkpointing_enable()`), then recomputes at TWA's weights, and the gradients
+`gradient_checkpointing_enable()`, or `activation_checkpointing_enable()` in transformers 5), then recomputes at TWA's weights, and the gradients
 that a reentrant recompute leaves on those aliases are added to the coefficients' own.
 After the backward the model holds its own Parameter objects again, unchanged and with no
 `.grad`; between a forward and its backward, `model.weight` is TWA's weight. Changing the
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,13 +53,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
-from twa_kernels import distributed
+from twa_kernels import sharding
 from twa_kernels._memory import empty_huge
 from twa_kernels.averaging import update_bn
 from twa_kernels.io import ColumnReader, Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
+from twa_kernels.sharded_build import ShardedSubspace, build_shard
 from twa_kernels.subspace import Subspace, check_build_args
+
+# TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
+# never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
+BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_block_offsets", "basis_meta")
 
 # dtypes the kernels write directly; other model dtypes (float16) get float32 weights cast once
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -102,7 +108,7 @@ class TWA(nn.Module):
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
         elif shard:  # each rank reads its own columns of the checkpoints only
-            subspace = distributed.build_shard(
+            subspace = build_shard(
                 checkpoints_or_subspace, process_group, names, param_shapes,
                 bits=bits, granularity=granularity, group_size=group_size, aliases=aliases, progress=progress)
         else:
@@ -112,7 +118,7 @@ class TWA(nn.Module):
                     parameter_names=names, parameter_shapes=param_shapes,
                     progress=progress, parameter_aliases=aliases)
             # under a process group, a rank that fails here takes every rank down with its error
-            subspace = build() if process_group is None else distributed.agree(build, process_group,
+            subspace = build() if process_group is None else sharding.agree(build, process_group,
                                                                                  "building its subspace")
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         for name, shape in zip(subspace.names, subspace.shapes):
@@ -133,19 +139,39 @@ class TWA(nn.Module):
             self.register_buffer(f"frozen_{i}", value)
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
-        self.coefficients = nn.Parameter(torch.zeros(subspace.basis.k, subspace.basis.num_blocks))
-        self.register_buffer("center", subspace.center.float())
-        for key, value in subspace.basis.state_dict().items():
+        center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
+        self._parallel: sharding.Replicated | sharding.Sharded | None = None
+        if process_group is not None:
+            local = ((subspace.num_cols, subspace.num_blocks, subspace.b_lo, subspace.b_hi)
+                     if isinstance(subspace, ShardedSubspace) else None)
+            self._parallel = sharding.setup(process_group, shard, center, basis, local)
+            center, basis, num_blocks = self._parallel.center, self._parallel.basis, self._parallel.num_blocks
+        self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, device=basis.device))
+        if isinstance(self._parallel, sharding.Replicated):
+            self.coefficients.register_hook(self._parallel.average_gradient)
+        self.register_buffer("center", center)
+        for key, value in basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
         self._workspace = _Workspace()
         self._lent = _LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
-        self._ddp_params_and_buffers_to_ignore = list(distributed.BASIS_BUFFERS)
-        self._dist = None if process_group is None else distributed.attach(self, process_group, shard, subspace)
-        if self._dist is None or not self._dist.shard:
+        self._ddp_params_and_buffers_to_ignore = list(BASIS_BUFFERS)
+        if not self._sharded:
             # allocated (and its pages touched) now, so the first training step does not pay for it
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
+        self._bn_key: tuple | None = None  # the weights update_bn last measured statistics at
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
+
+    @property
+    def parallel(self) -> sharding.Replicated | sharding.Sharded | None:
+        """How this TWA runs over its process group (None in one process): the strategy,
+        with its collectives' byte counts in `.comm.bytes` (reset with `.comm.reset()`)
+        and, when sharded, this rank's columns `.start`..`.stop`."""
+        return self._parallel
+
+    @property
+    def _sharded(self) -> bool:
+        return getattr(self, "_parallel", None) is not None and self._parallel.shard
 
     @property
     def module(self) -> nn.Module:
@@ -176,7 +202,7 @@ class TWA(nn.Module):
         if self.coefficients.dtype != torch.float32:
             self.coefficients.data = self.coefficients.data.float()
         self._workspace = _Workspace()
-        if getattr(self, "_dist", None) is None or not self._dist.shard:
+        if not self._sharded:
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         return self
 
@@ -208,8 +234,8 @@ class TWA(nn.Module):
         """The averaged weights w = center + basis^T x by parameter name, each in its
         parameter's dtype (differentiable; fresh tensors, safe to keep), and the frozen
         parameters' pinned values."""
-        if self._dist is not None and self._dist.shard:  # this rank holds some columns: gather
-            flat = self._dist.reconstruct(self)
+        if self._sharded:  # this rank holds some columns: gather
+            flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center)
         else:
             flat = reconstruct(self.basis, self.coefficients, self.center)
         return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
@@ -217,7 +243,7 @@ class TWA(nn.Module):
     def _forward_weights(self) -> list[Tensor]:
         """weights() in the order of self.names, written into the reused workspace: only
         forward() hands these to the model, which keeps them no longer than its graph."""
-        if self._dist is not None and self._dist.shard:
+        if self._sharded:
             weights = self.weights()
             return [weights[name] for name in self.names]
         dtypes = self._parameter_dtypes()
@@ -264,7 +290,7 @@ class TWA(nn.Module):
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
         recomputation left on the lent weights after the graph's own projection ran."""
-        if self._dist is not None and self._dist.shard:
+        if self._sharded:
             raise UsageError("a reentrant activation-checkpointing recomputation gave weight gradients that the "
                              "sharded TWA's own backward did not reduce across ranks; use torch.utils.checkpoint "
                              "with use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False})")
@@ -274,6 +300,8 @@ class TWA(nn.Module):
                 if grad is not None:
                     segment.copy_(grad.reshape(-1))
             late = project(self.basis, flat).to(self.coefficients.dtype)
+            if self._parallel is not None:  # replicated: averaged over the ranks like the graph's own gradient
+                late = self._parallel.average_gradient(late)
             if self.coefficients.grad is None:
                 self.coefficients.grad = late
             else:
@@ -282,7 +310,14 @@ class TWA(nn.Module):
     @torch.no_grad()
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The model's state_dict with the averaged weights, in the model's dtypes: load it
-        into a plain model. Every name of a tied weight gets the averaged value."""
+        into a plain model. Every name of a tied weight gets the averaged value. A model
+        with BatchNorm statistics gets a warning unless update_bn ran at these weights: the
+        statistics in the result are the model's own, measured at other weights."""
+        if _has_running_statistics(self.module) and not (
+                self._bn_key is not None and _same_key(self._bn_key, self._weights_key())):
+            warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
+                          "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
+                          "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
         state = {k: v.clone() for k, v in self.module.state_dict().items()}
         for name, value in self.weights().items():
             for key in self.aliases.get(name, [name]):
@@ -297,6 +332,11 @@ class TWA(nn.Module):
         cumulative averaging. A batch that is a tuple or list feeds its first element,
         unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn)."""
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()})
+        self._bn_key = self._weights_key()
+
+
+def _has_running_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,

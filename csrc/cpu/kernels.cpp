@@ -15,32 +15,13 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace twa {
 namespace {
 
+// No page advice here: outputs are allocated in Python, which asks for huge pages before
+// their first touch (twa_kernels/backends/cpu.py, twa_kernels/_memory.py).
 constexpr int64_t kDenseTile = 512;  // columns per tile for a dense float basis
 constexpr int64_t kGramTile = 256;   // columns per tile for gram / combine_rows
-
-// A fresh large output is mapped page by page on first write, and on small pages those
-// faults cost as much as the kernel itself (46 MB: ~18 ms of page faults here). Asking for
-// transparent huge pages over the 2 MiB-aligned middle of the buffer cuts that by ~4x.
-// Advisory: where THP is off or this is not Linux, nothing changes.
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -419,7 +400,6 @@ void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threa
 template <int BITS>
 void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, DType center_dtype, void* out,
                       DType out_dtype, int num_threads) {
-  advise_huge_pages(out, static_cast<size_t>(b.num_cols) * (out_dtype == DType::f32 ? 4 : 2));
   const int64_t width = tile_width(b);
   const int64_t n_tiles = (b.num_cols + width - 1) / width;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
@@ -583,7 +563,6 @@ void gram(const float* p, int64_t k, int64_t d, double* out, int num_threads) {
 }
 
 void combine_rows(const double* t, int64_t r, const float* p, int64_t k, int64_t d, float* q, int num_threads) {
-  advise_huge_pages(q, static_cast<size_t>(r * d) * sizeof(float));
   const int64_t n_tiles = (d + kGramTile - 1) / kGramTile;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
 

@@ -1,6 +1,6 @@
 // Fused CPU kernels for twa-kernels, on raw pointers (no torch headers, so this file
 // compiles in a second and can be unit-built on its own). The math is fixed by
-// DESIGN.md; twa_kernels/backends/reference.py is the executable spec.
+// docs/design.md ("Math of each op"); twa_kernels/backends/reference.py is the executable spec.
 //
 // Packed layout (see twa_kernels/quant.py): row r of the basis is cut into groups of
 // `group_size` columns; group t starts at byte t * group_size / cpb of the row, where
@@ -10,19 +10,9 @@
 #pragma once
 #include <cstdint>
 
+#include "../packed_basis.h"
+
 namespace twa {
-
-enum class DType : int { f32 = 0, bf16 = 1 };
-
-struct PackedBasis {
-  const uint8_t* codes = nullptr;          // [k, row_bytes]; bits == 0: float32 [k, num_cols]
-  const float* scales = nullptr;           // [n_groups, k]: group-major
-  const float* mins = nullptr;             // [n_groups, k]
-  const int64_t* block_offsets = nullptr;  // [n_blocks + 1], 0 ... num_cols
-  int64_t k = 0, num_cols = 0, row_bytes = 0, n_groups = 0, n_blocks = 0;
-  int bits = 0;  // 1, 2, 4, 8; 0 = dense float32 basis
-  int64_t group_size = 0;
-};
 
 // Both return 0, or -1 for a bits value outside {0, 1, 2, 4, 8}.
 // y[r, b] = sum_{j in block b} p^[r, j] * g[j]; y is float32 [k, n_blocks].

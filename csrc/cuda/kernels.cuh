@@ -6,30 +6,25 @@
 // Work is split into runs of whole groups; one warp owns a run for all k rows. The run's
 // code is written once as __host__ __device__ templates over a "lanes" policy: on the GPU the
 // policy is the warp (a lane's partial sums are combined with shuffles), on the host it loops
-// over the 32 lanes. The host instantiation is what `emulate_*` expose, so CI, which has nvcc
-// but no GPU, runs the very index arithmetic of these kernels against the reference.
+// over the 32 lanes (runs.cuh). The host instantiation is what emulate.cu's
+// `twa_cuda_emulate_*` expose in the test library, so CI, which has nvcc but no GPU, runs the
+// very index arithmetic of these kernels against the reference.
 #pragma once
 
 #include <cstdint>
 
+#include "../packed_basis.h"
+
 namespace twa_cuda {
 
-enum class DType : int { f32 = 0, bf16 = 1 };
-
-struct Basis {
-  const void* codes;              // uint8 [k, row_bytes]; float32 [k, num_cols] when bits == 0
-  const float* scales;            // float32 [n_groups, k] (unused when bits == 0)
-  const float* mins;              // float32 [n_groups, k] (unused when bits == 0)
-  const int64_t* block_offsets;   // int64 [n_blocks + 1], 0 .. num_cols
-  int64_t k, num_cols, row_bytes, n_groups, n_blocks, group_size;
-  int bits;                       // 1, 2, 4, 8, or 0 for a dense float32 basis
-};
+// The CPU kernels' struct and dtype tags: one definition of the packed basis for both.
+using Basis = twa::PackedBasis;
+using DType = twa::DType;
 
 // Groups per run (a dense basis is cut into runs of kDenseRunCols columns).
 constexpr int64_t kRunGroups = 16;
 constexpr int64_t kDenseRunCols = 2048;
 
-int64_t run_columns(const Basis& b);
 int64_t num_runs(const Basis& b);
 // Floats of scratch project needs in deterministic mode: one partial per (run + block, row).
 int64_t project_partial_floats(const Basis& b);
@@ -49,15 +44,3 @@ int gram(const float* p, int64_t k, int64_t d, double* out, double* partial, boo
 int combine_rows(const double* t, const float* p, int64_t r, int64_t k, int64_t d, float* out, void* stream);
 
 }  // namespace twa_cuda
-
-// The same run code executed serially on the host (tests only). y must be zeroed.
-extern "C" {
-void twa_cuda_emulate_project(const void* codes, const float* scales, const float* mins,
-                              const int64_t* block_offsets, int64_t k, int64_t num_cols, int64_t row_bytes,
-                              int64_t n_blocks, int64_t group_size, int bits, const void* g, int g_dtype,
-                              float* y, float* partial, int deterministic);
-void twa_cuda_emulate_reconstruct(const void* codes, const float* scales, const float* mins,
-                                  const int64_t* block_offsets, int64_t k, int64_t num_cols, int64_t row_bytes,
-                                  int64_t n_blocks, int64_t group_size, int bits, const float* x,
-                                  const void* center, int center_dtype, void* out, int out_dtype);
-}

@@ -1,7 +1,7 @@
 """One module per backend; importing a module registers its kernels with twa_kernels._ops.
 
-reference.py is the executable spec (plain torch, float64 accumulation); paper.py
-re-implements the TWA papers' own code paths as the baseline that benchmarks beat.
+reference.py is the executable spec (plain torch, float64 accumulation). The TWA papers'
+own code paths, the baseline that benchmarks beat, are not a backend: bench/paper_baseline.py.
 """
 
 import contextlib

@@ -3,6 +3,12 @@
 The library is JIT-built by twa_kernels._build the first time the cpp backend is chosen;
 this module only allocates outputs and calls the registered `twa_kernels_cpu` ops, using
 torch's intra-op thread count.
+
+Large fresh outputs ask for huge pages here, when they are allocated (_memory.empty_huge),
+not in the kernels: the kernels write into buffers that Python allocated, often already
+touched (TWA's workspace, a caller's `out`), where advice takes effect only fault by fault;
+the policy is in one place (twa_kernels/_memory.py), next to the other page hints, where
+tests can watch it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from twa_kernels._memory import empty_huge
 from twa_kernels._ops import register_kernel
 
 
@@ -52,7 +59,7 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
 
 @register_kernel("reconstruct", "cpp")
 def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
-    out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32)
+    out = empty_huge((num_cols,), center.dtype if center is not None else torch.float32)
     reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
 
@@ -66,7 +73,7 @@ def gram(p: Tensor) -> Tensor:
 
 @register_kernel("combine_rows", "cpp")
 def combine_rows(t: Tensor, p: Tensor) -> Tensor:
-    out = torch.empty(t.shape[0], p.shape[1], dtype=torch.float32)
+    out = empty_huge((t.shape[0], p.shape[1]), torch.float32)
     _lib().combine_rows_out(
         t.to(torch.float64).contiguous(), p.to(torch.float32).contiguous(), torch.get_num_threads(), out
     )

@@ -2,7 +2,7 @@
 
 Slow on purpose: it dequantises the basis (a column chunk at a time, so it still runs at
 ResNet or ViT scale) and leaves nothing to cleverness. Every other backend is tested
-against it. The formulas are those of DESIGN.md.
+against it. The formulas are those of docs/design.md ("Math of each op").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The TWA papers' own code paths, re-implemented as the baselines benchmarks beat.
 
-Not a backend: nothing dispatches here. It follows what the public TWA code does, so
+Not a backend and not part of the package: nothing dispatches here, and only the benchmarks
+and the tests that check the baseline is fair import it. It follows what the public TWA code does, so
 that speed and accuracy comparisons are against the method as published:
 
 * journal version (P_Step): one uint8 per code whatever the bit width, one min and scale

@@ -1,0 +1,89 @@
+"""What several test modules share: synthetic bases, the op tests' shape grid, and a
+launcher of gloo process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BITS = [None, 1, 2, 4, 8]
+# (k, D, group_size, block_sizes): D not a multiple of 8 or of the group, k = 1,
+# one-element blocks, groups straddling block edges, a basis smaller than one group.
+SHAPES = [
+    (1, 1, 8, None),
+    (3, 7, 8, [3, 4]),
+    (1, 1000, 128, [1] * 10 + [990]),
+    (4, 1003, 64, [500, 1, 502]),
+    (5, 777, 8, [1] * 777),
+    (16, 4099, 128, [1000, 3099]),
+]
+
+
+def random_basis(k: int, d: int, *, constant_groups: int = 0, group_size: int = 8) -> torch.Tensor:
+    """Random rows on varied scales; the first `constant_groups` groups of each row are flat."""
+    P = torch.randn(k, d) * torch.logspace(-2, 1, k)[:, None]
+    for t in range(constant_groups):
+        P[:, t * group_size : (t + 1) * group_size] = torch.randn(k, 1)
+    return P
+
+
+# -- multi-process tests: gloo on CPU ---------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[None]:
+    """A gloo group of this process alone (an in-memory store, no port), destroyed on exit:
+    for code that needs an initialised group but no peers."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _entry(rank: int, fn: Callable[[int, int], Any], world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, world)
+        tmp = os.path.join(out, f".rank{rank}.pt")
+        torch.save(result, tmp)
+        os.replace(tmp, os.path.join(out, f"rank{rank}.pt"))  # a rank's file is whole or absent
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[[int, int], Any], world: int, out: str, timeout: float = 100.0) -> list:
+    """Run fn(rank, world) in `world` fresh processes (1 thread each) joined in a gloo group
+    on a free port, and return the ranks' results, read back from files in `out`. `fn` must
+    be picklable (a module-level function or a functools.partial of one). A rank that raises
+    fails the call with its traceback; a run past `timeout` seconds is killed and raises
+    TimeoutError, so a test never hangs."""
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]

@@ -1,0 +1,68 @@
+"""The one basis builder: every caller gets the rows of quantising each whole centred
+checkpoint at once, bit for bit, however the columns are cut into windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import twa_kernels as tk
+from twa_kernels import builder
+from twa_kernels.geometry import planes
+from twa_kernels.quant import block_offsets_from_sizes
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(37, 29)  # 1,073 + 29 weights: groups cross tensor edges
+        self.b = nn.Linear(29, 11)
+
+
+def _checkpoints(k: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    return [{n: torch.randn(p.shape, generator=gen) * (1 + i) for n, p in _Net().named_parameters()}
+            for i in range(k)]
+
+
+def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[n].reshape(-1) for n, _ in _Net().named_parameters()])
+
+
+@pytest.fixture(params=[True, False], ids=["small windows", "one window"])
+def windows(request, monkeypatch):
+    if request.param:  # a window of 3 quantisation chunks: many windows, a short last one
+        monkeypatch.setattr(builder, "_CHUNK_GROUPS", 2)
+        monkeypatch.setattr(builder, "_READ_COLUMNS", 3 * 2 * 16)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, None])
+def test_the_subspace_equals_quantising_whole_centred_rows(bits, windows, tmp_path):
+    states = _checkpoints(4)
+    paths = []
+    for i, state in enumerate(states):  # files and state_dicts are read alike
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save(state, paths[-1])
+    sub = tk.Subspace.from_checkpoints([paths[0], states[1], paths[2], states[3]], bits=bits, group_size=16)
+    flats = torch.stack([_flat(s) for s in states])
+    center = builder.mean_center(flats.double().sum(0), len(states))
+    assert torch.equal(sub.center, center)
+    sizes = [p.numel() for _, p in _Net().named_parameters()]
+    want = tk.quantize(flats - center, bits=bits, group_size=16, block_sizes=sizes)
+    for key, value in want.state_dict().items():
+        assert torch.equal(sub.basis.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("bits", [4, None])
+def test_a_planes_directions_are_the_builders_rows_from_checkpoint_a(bits, windows):
+    states = _checkpoints(3)
+    frame, _ = planes._frame_from_checkpoints(_Net(), states, bits, 16, False)
+    origin = _flat(states[0])
+    layout = builder.Layout([n for n, _ in _Net().named_parameters()], [tuple(p.shape) for p in _Net().parameters()])
+    offsets = block_offsets_from_sizes(None, origin.numel())
+    want = builder.build_basis(states[1:], layout, origin, 0, offsets, bits, 16, lambda items, what: items)
+    for key, value in want.state_dict().items():
+        assert torch.equal(frame.basis.state_dict()[key], value), key
+    direct = tk.quantize(torch.stack([_flat(s) for s in states[1:]]) - origin, bits=bits, group_size=16)
+    assert torch.equal(frame.basis.codes, direct.codes)

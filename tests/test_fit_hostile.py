@@ -1,0 +1,517 @@
+"""`twa fit` given bad configs, empty data, unwritable or interrupted outputs, and run the
+way users run it: each problem is one named error before any work, and the outputs change
+as one set or not at all."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import twa_kernels as tk
+from twa_kernels.errors import OutputError
+from twa_kernels.fit import FitError, run_fit
+
+from tests.digits import digits_splits, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PACKAGE_ROOT = str(Path(tk.__file__).resolve().parents[1])  # this checkout's twa_kernels
+TESTS = str(Path(__file__).resolve().parent)
+
+# A user's module: a BatchNorm model, loaders, and factories that misbehave on purpose. Every
+# factory leaves a marker file, so a test can tell whether any work started.
+USER_MODULE = '''
+import os
+from pathlib import Path
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from digits import digits_splits, make_model as _make
+
+def _mark():
+    Path(os.environ.get("FIT_MARKER", "factory-called")).touch()
+
+def make_model():
+    _mark()
+    return _make(0)
+
+def train_loader():
+    return DataLoader(digits_splits()[0], batch_size=128)
+
+def val_loader():
+    return DataLoader(digits_splits()[1], batch_size=128)
+
+def empty_loader():
+    return DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.int64)), batch_size=8)
+
+def one_pass_loader():
+    return iter(list(DataLoader(digits_splits()[0], batch_size=128)))
+'''
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, digits_checkpoints):
+    root = tmp_path_factory.mktemp("fitproject")
+    (root / "fit_hostile_pkg.py").write_text(USER_MODULE)
+    for i, state in enumerate(digits_checkpoints(epochs=3, lr=0.01)):
+        tk.save_state_dict(state, root / "ckpts" / f"epoch_{i}.pt")
+    return root
+
+
+@pytest.fixture
+def in_project(project, monkeypatch):
+    """run_fit in this process, from the project directory, with a fresh marker file."""
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(TESTS)
+    monkeypatch.syspath_prepend(str(project))  # and restored afterwards
+    marker = project / "factory-called"
+    marker.unlink(missing_ok=True)
+    monkeypatch.setenv("FIT_MARKER", str(marker))
+    return project
+
+
+def _config(root: Path, name: str = "config.yaml", **overrides) -> Path:
+    config = dict(model="fit_hostile_pkg:make_model",
+                  data=dict(train="fit_hostile_pkg:train_loader", val="fit_hostile_pkg:val_loader"),
+                  checkpoints=str(root / "ckpts" / "epoch_*.pt"), bits=4, group_size=32, epochs=1,
+                  optimizer=dict(name="AdamW", lr=0.02), output=str(root / "out"))
+    config.update(overrides)
+    config = {k: v for k, v in config.items() if v is not None}
+    path = root / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env(*paths: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    env.pop("TWA_KERNELS_BACKEND", None)
+    return env
+
+
+def _twa_module(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "twa_kernels", *args], cwd=root,
+                          env={**_env(PACKAGE_ROOT, TESTS, str(root)), "FIT_MARKER": str(root / "factory-called")},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _leftovers(root: Path, name: str = "out") -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(f".{name}."))
+
+
+def _consistent(out: Path) -> dict:
+    """The three outputs of one run: the two weight files hold the same tensors, and the
+    report names them."""
+    assert sorted(os.listdir(out)) == ["averaged.pt", "averaged.safetensors", "report.json"]
+    pt, st = tk.load_state_dict(out / "averaged.pt"), tk.load_state_dict(out / "averaged.safetensors")
+    assert pt.keys() == st.keys() and all(torch.equal(pt[k], st[k]) for k in pt)
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(p).name for p in report["outputs"]] == ["averaged.pt", "averaged.safetensors"]
+    return report
+
+
+# -- the config is checked against its schema before any work -------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (dict(bits=4.0), ["bits must be one of [1, 2, 4, 8] or null", "got 4.0 (a float)"]),
+        (dict(granularity="layer"), ["granularity must be 'model', 'tensor' or a positive integer", "'layer'"]),
+        (dict(group_size=7), ["group_size must be a positive multiple of 8", "got 7"]),
+        (dict(group_size=0), ["group_size must be a positive multiple of 8", "got 0"]),
+        (dict(optimizer="adam"), ["optimizer must be a mapping such as {name: AdamW, lr: 0.01}", "'adam'",
+                                  "did you mean {name: Adam}"]),
+        (dict(optimizer=dict(lr="fast")), ["optimizer.lr must be a non-negative number", "'fast'"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, betas=[0.9, 0.99])), ["optimizer SGD does not take", "betas"]),
+        (dict(checkpoints=5), ["checkpoints must be a path, a directory, a glob or a non-empty list", "got 5"]),
+        (dict(data=dict(train="fit_hostile_pkg:train_loader", test="x:y")), ["data must be a mapping with a 'train'"]),
+    ],
+)
+def test_a_bad_config_value_is_one_line_naming_key_value_and_what_is_allowed(in_project, capsys, overrides,
+                                                                             expected):
+    from twa_kernels.cli import main
+
+    code = main(["fit", str(_config(in_project, **overrides)), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("twa: error:"), lines
+    for part in expected:
+        assert part in lines[0], lines[0]
+    assert not (in_project / "factory-called").exists()  # refused before the model (or anything) was built
+
+
+def test_a_bad_config_value_exits_2_from_the_command_line(project):
+    result = _twa_module(project, "fit", str(_config(project, group_size=7)), "--no-progress")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("twa: error:") and "group_size must be a positive multiple of 8" in result.stderr
+
+
+def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():
+    from twa_kernels.fit import check_config
+
+    config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c",
+                               optimizer=dict(name="AdamW", lr="1e-3", weight_decay="1e-4")), "config.yaml")
+    assert config.optimizer == "AdamW" and config.optimizer_args == {"lr": 1e-3, "weight_decay": 1e-4}
+
+
+# -- empty data ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (dict(train="fit_hostile_pkg:empty_loader", val="fit_hostile_pkg:val_loader"), "data.train"),
+        (dict(train="fit_hostile_pkg:train_loader", val="fit_hostile_pkg:empty_loader"), "data.val"),
+    ],
+)
+def test_an_empty_loader_is_refused_by_name_before_any_training(in_project, data, message):
+    with pytest.raises(FitError, match=rf"{message} \('fit_hostile_pkg:empty_loader'\) gave no batches"):
+        run_fit(_config(in_project, data=data, output=str(in_project / "empty-out")), progress=False)
+    assert not (in_project / "empty-out").exists()
+
+
+@pytest.mark.parametrize("epochs,when", [(2, "to train on in epoch 2"), (1, "to recompute the BatchNorm statistics on")])
+def test_a_loader_used_up_by_one_pass_is_refused_not_a_reset_batchnorm(in_project, epochs, when):
+    config = _config(in_project, data=dict(train="fit_hostile_pkg:one_pass_loader"), epochs=epochs,
+                     output=str(in_project / "once-out"))
+    with pytest.raises(FitError, match=f"data.train .* gave no batches {when}"):
+        run_fit(config, progress=False)
+    assert not (in_project / "once-out").exists()
+
+
+def test_the_cli_refuses_an_empty_training_loader_with_one_line(project):
+    config = _config(project, data=dict(train="fit_hostile_pkg:empty_loader"), output=str(project / "cli-empty"))
+    result = _twa_module(project, "fit", str(config), "--no-progress")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("twa: error:") and "data.train" in result.stderr
+    assert not (project / "cli-empty").exists()
+
+
+# -- the SWA baseline is measured like TWA ----------------------------------------------------
+
+
+def test_val_loss_at_swa_is_the_uniform_average_with_batchnorm_recomputed(in_project):
+    import torch.nn.functional as F
+
+    from fit_hostile_pkg import train_loader, val_loader
+
+    report = run_fit(_config(in_project, output=str(in_project / "swa-out")), progress=False)
+    model = make_model(0)
+    model.load_state_dict(tk.uniform_average(str(in_project / "ckpts" / "epoch_*.pt")))
+    torch.optim.swa_utils.update_bn(train_loader(), model)  # torch's own, independently
+    model.eval()
+    with torch.no_grad():
+        total = sum(float(F.cross_entropy(model(x), y)) * len(y) for x, y in val_loader())
+    expected = total / len(digits_splits()[1])
+    assert abs(report["val_loss_at_swa"] - expected) < 1e-6, (report["val_loss_at_swa"], expected)
+    # the model's fresh BatchNorm statistics would give another number altogether
+    fresh = make_model(0)
+    fresh.load_state_dict({k: v for k, v in tk.uniform_average(str(in_project / "ckpts" / "epoch_*.pt")).items()
+                           if "running" not in k and "num_batches" not in k}, strict=False)
+    fresh.eval()
+    with torch.no_grad():
+        stale = sum(float(F.cross_entropy(fresh(x), y)) * len(y) for x, y in val_loader()) / len(digits_splits()[1])
+    assert abs(stale - expected) > 1e-3
+
+
+# -- the output location is checked before training -------------------------------------------
+
+
+def test_an_output_path_that_is_a_file_fails_before_any_work(in_project):
+    (in_project / "a-file").write_text("not a directory")
+    with pytest.raises(OutputError, match="is a file, not a directory"):
+        run_fit(_config(in_project, output=str(in_project / "a-file")), progress=False)
+    assert not (in_project / "factory-called").exists()
+
+
+def test_an_output_path_under_a_file_fails_before_any_work(in_project):
+    (in_project / "a-file").write_text("not a directory")
+    with pytest.raises(OutputError, match="lies under .*a-file'?, which is a file"):
+        run_fit(_config(in_project, output=str(in_project / "a-file" / "deeper" / "out")), progress=False)
+    assert not (in_project / "factory-called").exists()
+
+
+def test_an_output_without_write_permission_fails_before_any_work(in_project, monkeypatch):
+    # the tests run as root, whom chmod does not stop: the permission check itself is stubbed
+    from twa_kernels import _outdir
+
+    denied = in_project / "locked"
+    denied.mkdir(exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(_outdir.os, "access", lambda p, mode: False if Path(p) == denied else real_access(p, mode))
+    with pytest.raises(OutputError, match="cannot be written .*no write permission"):
+        run_fit(_config(in_project, output=str(denied / "out")), progress=False)
+    assert not (in_project / "factory-called").exists()
+    assert os.listdir(denied) == []
+
+
+def test_an_output_on_a_read_only_file_system_fails_before_any_work(in_project, monkeypatch):
+    import errno
+
+    from twa_kernels import _outdir
+
+    def read_only(*args, **kwargs):  # what mkdir gives on a read-only mount, even to root
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(_outdir.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputError, match="cannot be written .*Read-only file system"):
+        run_fit(_config(in_project, output=str(in_project / "ro-out")), progress=False)
+    assert not (in_project / "factory-called").exists()
+
+
+def test_an_output_directory_holding_other_files_is_refused_not_emptied(in_project):
+    shared = in_project / "shared"
+    shared.mkdir(exist_ok=True)
+    (shared / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"holds files other than .*\(notes.txt\)"):
+        run_fit(_config(in_project, output=str(shared)), progress=False)
+    assert os.listdir(shared) == ["notes.txt"] and not (in_project / "factory-called").exists()
+
+
+def test_the_cli_names_an_unwritable_output_in_one_line(project):
+    (project / "a-file").write_text("not a directory")
+    result = _twa_module(project, "fit", str(_config(project, output=str(project / "a-file"))), "--no-progress")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("twa: error: output") and "is a file" in result.stderr
+
+
+# -- outputs change as one set, with the modes the umask gives --------------------------------
+
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    import twa_kernels.fit as fit
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    point = sys.argv[2]
+    if point == "after-first-file":
+        real_save = fit.save_state_dict
+        def save(state, path):
+            real_save(state, path)
+            die()
+        fit.save_state_dict = save
+    elif point == "inside-a-write":
+        import safetensors.torch
+        def save_file(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"half a file")
+            die()
+        safetensors.torch.save_file = save_file
+    elif point == "between-fallback-renames":
+        import twa_kernels._outdir as outdir
+        outdir._exchange = lambda a, b: False
+        real_rename = os.rename
+        def rename(src, dst):
+            real_rename(src, dst)
+            if ".twa-old." in str(dst):
+                die()
+        outdir.os.rename = rename
+    fit.run_fit(sys.argv[1], progress=False)
+''')
+
+
+@pytest.mark.parametrize("point", ["after-first-file", "inside-a-write", "between-fallback-renames"])
+def test_sigkill_between_writes_keeps_the_old_set_and_a_rerun_cleans_up(project, point):
+    out = project / f"kill-{point}"
+    config = _config(project, name=f"kill-{point}.yaml", output=str(out))
+    env = _env(PACKAGE_ROOT, TESTS, str(project))
+    first = subprocess.run([sys.executable, "-m", "twa_kernels", "fit", str(config), "--no-progress"], cwd=project,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    _consistent(out)
+    before = _digests(out)
+
+    # a run whose outputs would differ from the first one's (another learning rate)
+    changed = _config(project, name=f"kill-{point}-changed.yaml", output=str(out), optimizer=dict(lr=0.05))
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(changed), point], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if point != "between-fallback-renames":
+        assert _digests(out) == before  # the old set, untouched
+    else:  # killed between the two renames: no output, and the old set is the one set aside
+        assert not out.exists()
+        aside = [name for name in _leftovers(project, out.name) if ".twa-old." in name]
+        assert len(aside) == 1 and _digests(project / aside[0]) == before
+    assert _leftovers(project, out.name)  # what the killed run left beside the output
+
+    rerun = subprocess.run([sys.executable, "-m", "twa_kernels", "fit", str(changed), "--no-progress"], cwd=project,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _consistent(out)["config"] == str(changed)
+    assert _digests(out)["averaged.pt"] != before["averaged.pt"]
+    assert _leftovers(project, out.name) == []
+
+
+def test_an_interrupt_between_writes_keeps_the_old_set_and_leaves_nothing(in_project, monkeypatch):
+    import twa_kernels.fit as fit
+
+    out = in_project / "interrupted"
+    run_fit(_config(in_project, output=str(out)), progress=False)
+    before = _digests(out)
+    real_save = fit.save_state_dict
+
+    def save(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt  # Ctrl-C after the first file
+
+    monkeypatch.setattr(fit, "save_state_dict", save)
+    with pytest.raises(KeyboardInterrupt):  # a run whose outputs would differ (another learning rate)
+        run_fit(_config(in_project, output=str(out), optimizer=dict(lr=0.05)), progress=False)
+    assert _digests(out) == before and _leftovers(in_project, out.name) == []
+
+
+def test_outputs_follow_the_umask_and_replaced_files_keep_their_mode(in_project):
+    out = in_project / "modes"
+    old_umask = os.umask(0o027)
+    try:
+        run_fit(_config(in_project, output=str(out)), progress=False)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o750
+        for name in ("averaged.pt", "averaged.safetensors", "report.json"):
+            assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
+        os.umask(0o022)
+        os.chmod(out / "report.json", 0o600)
+        os.chmod(out / "averaged.pt", 0o444)
+        os.chmod(out, 0o700)
+        (out / ".averaged.safetensors.k3j9x2").write_bytes(b"a temporary file a killed writer left")
+        run_fit(_config(in_project, output=str(out)), progress=False)
+        assert not (out / ".averaged.safetensors.k3j9x2").exists()
+        assert stat.S_IMODE((out / "report.json").stat().st_mode) == 0o600
+        assert stat.S_IMODE((out / "averaged.pt").stat().st_mode) == 0o444
+        assert stat.S_IMODE((out / "averaged.safetensors").stat().st_mode) == 0o640
+        assert stat.S_IMODE(out.stat().st_mode) == 0o700
+        shutil.rmtree(out)
+        run_fit(_config(in_project, output=str(out)), progress=False)
+        assert stat.S_IMODE((out / "averaged.pt").stat().st_mode) == 0o644  # as torch.save under umask 022
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    finally:
+        os.umask(old_umask)
+    _consistent(out)
+
+
+# -- run as users run it ------------------------------------------------------------------------
+
+
+def test_the_console_script_imports_the_project_from_the_working_directory(tmp_path):
+    """The README's `twa fit config.yaml`, through the installed console script, from a
+    project directory that is not on PYTHONPATH."""
+    project = tmp_path / "project"
+    (project / "mypackage").mkdir(parents=True)
+    (project / "mypackage" / "__init__.py").write_text("")
+    (project / "mypackage" / "models.py").write_text(textwrap.dedent('''
+        import torch
+        def make_model():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    '''))
+    (project / "mypackage" / "data.py").write_text(textwrap.dedent('''
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        def _set(seed):
+            g = torch.Generator().manual_seed(seed)
+            return TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+        def train_loader():
+            return DataLoader(_set(0), batch_size=16)
+        def val_loader():
+            return DataLoader(_set(1), batch_size=32)
+    '''))
+    torch.manual_seed(0)
+    for i in range(3):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        tk.save_state_dict(model.state_dict(), project / "runs" / "exp1" / f"epoch_{i}.pt")
+    (project / "config.yaml").write_text(textwrap.dedent('''
+        model: mypackage.models:make_model
+        data:
+          train: mypackage.data:train_loader
+          val: mypackage.data:val_loader
+        checkpoints: runs/exp1/epoch_*.pt
+        bits: 4
+        granularity: tensor
+        optimizer: {name: AdamW, lr: 0.02}
+        epochs: 2
+        train_on: train
+        output: twa-out
+    '''))
+    # The console script pip installed (its first sys.path entry is its bin/ folder, not the
+    # working directory); where this environment has none, the same wrapper pip writes.
+    script = Path(sys.executable).parent / "twa"
+    if not script.is_file():
+        script = tmp_path / "bin" / "twa"
+        script.parent.mkdir()
+        script.write_text("import sys\nfrom twa_kernels.cli import main\nsys.exit(main())\n")
+    result = subprocess.run([sys.executable, str(script), "fit", "config.yaml", "--no-progress"], cwd=project,
+                            env=_env(PACKAGE_ROOT), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "val_loss_after_twa" in result.stdout
+    _consistent(project / "twa-out")
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+def test_an_output_directory_is_replaced_as_one_set_and_an_interrupt_mid_swap_keeps_the_old(tmp_path, monkeypatch,
+                                                                                             exchange):
+    from twa_kernels import _outdir
+
+    if not exchange:
+        monkeypatch.setattr(_outdir, "_exchange", lambda a, b: False)
+    else:
+        probe = [tmp_path / "p", tmp_path / "q"]
+        for p in probe:
+            p.mkdir()
+        if not _outdir._exchange(*probe):
+            pytest.skip("this file system has no renameat2 exchange")
+    out = tmp_path / "out"
+
+    def staged(content: str) -> "_outdir.OutputDirectory":
+        target = _outdir.OutputDirectory(out, ["a.bin", "b.json"])
+        for name in target.names:
+            target.stage(name).write_text(content)
+        return target
+
+    def contents() -> set:
+        return {(out / name).read_text() for name in ("a.bin", "b.json")}
+
+    first = staged("old")
+    first.commit()
+    first.discard()
+    assert contents() == {"old"} and _leftovers(tmp_path) == []
+    second = staged("new")
+    second.commit()
+    assert contents() == {"new"} and _leftovers(tmp_path) == []
+
+    third = staged("newer")
+    real_rename = os.rename
+
+    def interrupted(*args):  # Ctrl-C at the step that would make the new set visible
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_outdir, "_exchange", interrupted if exchange else (lambda a, b: False))
+    if not exchange:
+        monkeypatch.setattr(_outdir.os, "rename", lambda src, dst: interrupted() if ".twa-stage." in str(src)
+                            else real_rename(src, dst))
+    with pytest.raises(KeyboardInterrupt):
+        third.commit()
+    third.discard()
+    monkeypatch.setattr(_outdir.os, "rename", real_rename)
+    assert contents() == {"new"} and _leftovers(tmp_path) == []
+
+
+def test_an_output_that_is_the_working_directory_is_refused(tmp_path, monkeypatch):
+    from twa_kernels import _outdir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="is the working directory or holds it"):
+        _outdir.OutputDirectory(".", ["a.bin"])
+    with pytest.raises(OutputError, match="is the working directory or holds it"):
+        _outdir.OutputDirectory(tmp_path.parent, ["a.bin"])

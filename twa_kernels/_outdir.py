@@ -1,0 +1,234 @@
+"""An output directory whose files are replaced together, as one set.
+
+`twa fit` writes several files that belong together (the averaged weights in two formats and
+the report that describes them). A reader must never see a new file beside an old one, so the
+files are written into a staging directory beside the target and the two directories are then
+swapped in one step: renameat2(RENAME_EXCHANGE) on Linux. Where that call is missing (another
+OS, a file system without it) the old directory is first renamed aside and then the new one
+into place; a run killed between those two renames leaves no target, and the next run puts
+the old set back before it starts.
+
+Staging and set-aside directories are named `.<target>.twa-stage.<pid>.<random>` and
+`.<target>.twa-old.<pid>.<random>`; the next run removes those whose process is gone, so an
+interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long.
+
+Because the whole directory is replaced, it must hold nothing but these outputs: a directory
+with other files in it is refused before any work, never emptied.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from twa_kernels.errors import OutputError
+
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<pid>\d+)\.[^.]+$")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (os.umask can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries to disk (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
+    False where the OS or the file system does not offer it; other failures raise."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc older than 2.28, or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class OutputDirectory:
+    """The directory `path`, to be replaced by the files `names` as one set.
+
+    Construction checks that the location can be written (and refuses a path that is a file,
+    lies under a file, is the working directory or holds other files), removes what an
+    interrupted run left and creates the staging directory, so a bad output location fails
+    before any training. Write each file to `stage(name)`, then `commit()`; `discard()` (safe
+    to call after commit) removes the staging directory if the run ends without committing.
+    """
+
+    def __init__(self, path: str | os.PathLike, names: Sequence[str]):
+        self.path = Path(path)
+        self.names = list(names)
+        # a symlinked output is written where it points, and the link is kept
+        self._target = Path(os.path.realpath(self.path))
+        self._check_location()
+        try:
+            self.recover()
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-stage.{os.getpid()}.",
+                                                  dir=self._target.parent))
+        except OSError as exc:  # a read-only file system, a permission os.access did not see
+            raise self._unwritable(self._target.parent, exc) from exc
+
+    # -- checks before any work --------------------------------------------------------
+
+    def _unwritable(self, where: Path, exc: OSError | None = None) -> OutputError:
+        why = f": {exc.strerror or exc}" if exc is not None else ": no write permission"
+        return OutputError(f"output {str(self.path)!r} cannot be written ({where}{why}); choose a directory "
+                           "you can write to")
+
+    def _owned(self, entry: str) -> bool:
+        """An output, or a temporary file an earlier writer of an output may have left."""
+        return entry in self.names or any(entry.startswith(f".{name}.") for name in self.names)
+
+    def _check_location(self) -> None:
+        target = self._target
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"output {str(self.path)!r} is a file, not a directory; the outputs "
+                              f"({', '.join(self.names)}) go into a directory: choose another path")
+        cwd = Path.cwd().resolve()
+        if target.exists() and (target.resolve() == cwd or target.resolve() in cwd.parents):
+            raise OutputError(f"output {str(self.path)!r} is the working directory or holds it; the output "
+                              "directory is replaced as a whole, so give the outputs a directory of their own")
+        if target.is_dir() and os.path.ismount(target):  # a mount point cannot be renamed or swapped
+            raise OutputError(f"output {str(self.path)!r} is a mount point; the output directory is replaced as a "
+                              "whole, so give the outputs a directory inside it")
+        existing = target if target.exists() else target.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputError(f"output {str(self.path)!r} lies under {str(existing)!r}, which is a file, not a "
+                              "directory: choose another path")
+        if target.is_dir():
+            foreign = sorted(e for e in os.listdir(target) if not self._owned(e))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise OutputError(f"output {str(self.path)!r} holds files other than {', '.join(self.names)} "
+                                  f"({shown}); the output directory is replaced as a whole, so give the outputs "
+                                  "a directory of their own (a new or empty one)")
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise self._unwritable(target)
+        # the staging directory and the swap both write into the target's parent (or into
+        # the nearest existing folder above it, where the missing ones will be made)
+        where = target.parent if target.exists() else existing
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise self._unwritable(where)
+
+    # -- what an interrupted run left ----------------------------------------------------
+
+    def recover(self) -> None:
+        """Put back a set an interrupted fallback swap left aside (when the target is
+        missing), and remove every staging or set-aside directory of this target whose
+        process is gone."""
+        parent = self._target.parent
+        if not parent.is_dir():
+            return
+        leftovers = []
+        for entry in os.listdir(parent):
+            match = _LEFTOVER.match(entry)
+            if match and match["target"] == self._target.name and not _process_alive(int(match["pid"])):
+                leftovers.append((match["kind"], parent / entry))
+        for kind, leftover in leftovers:
+            if kind == "old" and not self._target.exists():
+                os.rename(leftover, self._target)  # the last complete set
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def stage(self, name: str) -> Path:
+        """Where to write output `name` before the commit."""
+        if name not in self.names:
+            raise OutputError(f"{name!r} is not one of this directory's outputs {self.names}")
+        return self._staging / name
+
+    def _set_modes(self) -> None:
+        """New files and the directory get the modes the umask gives (as open() and mkdir()
+        would); a replaced file or directory keeps its mode."""
+        umask = current_umask()
+        for name in self.names:
+            staged, old = self._staging / name, self._target / name
+            if staged.exists():
+                os.chmod(staged, old.stat().st_mode & 0o7777 if old.is_file() else 0o666 & ~umask)
+        old_dir = self._target.stat().st_mode & 0o7777 if self._target.is_dir() else 0o777 & ~umask
+        os.chmod(self._staging, old_dir)
+
+    def commit(self) -> None:
+        """Replace the target directory by the staged files in one step."""
+        missing = [n for n in self.names if not (self._staging / n).is_file()]
+        if missing:
+            raise OutputError(f"outputs {missing} were not written; nothing was replaced")
+        self._set_modes()
+        _fsync_directory(self._staging)  # the names are on disk before the swap makes them visible
+        target = self._target
+        try:
+            if not target.exists():
+                os.rename(self._staging, target)
+            elif _exchange(self._staging, target):
+                pass  # the staging path now holds the old set
+            else:
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.twa-old.{os.getpid()}.", dir=target.parent))
+                os.rename(target, aside)  # replaces the empty directory mkdtemp made
+                try:
+                    os.rename(self._staging, target)
+                except BaseException:  # an error or Ctrl-C here: the old set goes back at once
+                    if not target.exists():
+                        os.rename(aside, target)
+                    raise
+                os.rename(aside, self._staging)
+        except OSError as exc:
+            raise self._unwritable(target, exc) from exc
+        _fsync_directory(target.parent)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the staging directory (a no-op after commit)."""
+        shutil.rmtree(self._staging, ignore_errors=True)

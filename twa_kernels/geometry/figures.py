@@ -1,0 +1,127 @@
+"""Figures of the geometry results: a contour plot of a plane and curves of interpolations.
+
+    tk.connectivity.plot_plane(p, "plane.png", points={"SWA": swa_state, "TWA": "twa.pt"})
+    tk.connectivity.plot_interpolation({"a-b": r}, "barriers.png")
+
+matplotlib is imported when a figure is drawn, not with the package: it is slow to import,
+and the Agg backend must be selected before pyplot is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.geometry.evaluation import Checkpoint
+from twa_kernels.geometry.interpolation import Interpolation
+from twa_kernels.geometry.planes import Plane
+
+_MARKERS = ["*", "s", "D", "^", "v", "P", "X", "h"]
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure atomically: a temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Checkpoint] | None = None,
+               value: str = "loss", title: str | None = None) -> Path:
+    """A contour PNG of `value` ("loss" or "error") over the plane, with the plane's
+    checkpoints as black dots and every extra point (those given to plane() and `points`
+    here, projected onto the plane) marked and labelled with its distance from the plane."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    if value not in ("loss", "error"):
+        raise InvalidArgumentError(f"value must be 'loss' or 'error', got {value!r}")
+    located = dict(result.points)
+    for label, ckpt in (points or {}).items():
+        located[label] = result.locate(ckpt, label)
+    grid = (result.loss if value == "loss" else 100 * result.error).numpy()
+    aspect = (result.ys[-1] - result.ys[0]) / max(result.xs[-1] - result.xs[0], 1e-12)
+    fig, ax = plt.subplots(figsize=(7.0, min(9.0, max(3.6, 5.6 * aspect + 2.4))))
+    positive = grid[grid > 0]
+    log = value == "loss" and positive.size and positive.max() / positive.min() > 5
+    if log:  # loss spans decades over a plane: log-spaced levels resolve the basin
+        levels = np.geomspace(positive.min(), grid.max(), 25)
+        grid = grid.clip(min=positive.min())
+        filled = ax.contourf(result.xs, result.ys, grid, levels=levels, norm=LogNorm(), cmap="viridis")
+    else:
+        levels = np.linspace(grid.min(), grid.max() + 1e-12, 25)
+        filled = ax.contourf(result.xs, result.ys, grid, levels=levels, cmap="viridis")
+    ax.contour(result.xs, result.ys, grid, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
+    ax.set_aspect("equal", adjustable="box")
+    bar = fig.colorbar(filled, cax=make_axes_locatable(ax).append_axes("right", size="3%", pad=0.1))
+    ticks = levels[::4]
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([f"{t:.3g}" for t in ticks])
+    bar.ax.minorticks_off()
+    bar.set_label("loss" if value == "loss" else "error (%)")
+    extra = 0
+    for label, p in located.items():
+        if label in result.anchors:
+            ax.scatter([p.x], [p.y], color="black", s=40, zorder=3)
+            ax.annotate(label, (p.x, p.y), textcoords="offset points", xytext=(6, 6), fontsize=9, color="white")
+        else:
+            marker = _MARKERS[extra % len(_MARKERS)]
+            extra += 1
+            ax.scatter([p.x], [p.y], marker=marker, s=160 if marker == "*" else 70, color=f"C{extra}",
+                       edgecolor="white", zorder=4, label=f"{label} (distance from plane {p.distance:.3g})")
+    if extra:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=1 if extra < 3 else 2,
+                  frameon=False)
+    ax.set_xlabel("x (weight-space distance)")
+    ax.set_ylabel("y (weight-space distance)")
+    ax.set_title(textwrap.fill(title or f"{value} over the plane through {', '.join(result.anchors)}", 60),
+                 fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_interpolation(results: Mapping[str, Interpolation], path: str | os.PathLike,
+                       title: str | None = None) -> Path:
+    """Loss and error (%) against alpha for one or more interpolations, labelled by key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, r in results.items():
+        left.plot(r.alphas, r.loss, marker="o", ms=3, label=f"{label} (barrier {r.loss_barrier:.3f})")
+        right.plot(r.alphas, [100 * e for e in r.error], marker="o", ms=3,
+                   label=f"{label} (barrier {100 * r.error_barrier:.2f} pts)")
+    for ax, name in ((left, "loss"), (right, "error (%)")):
+        ax.set_xlabel("alpha: (1 - alpha) a + alpha b")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, Path(path))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,119 @@
+"""Linear interpolation between two checkpoints, and its loss and error barriers.
+
+    r = tk.connectivity.interpolate(model, a, b, data, steps=11, bn="recompute")
+    r.alphas, r.loss, r.error, r.loss_barrier, r.error_barrier      # error in [0, 1]
+
+Barriers (both for the loss and for the error): max over alpha of
+E(alpha) - ((1 - alpha) E(0) + alpha E(1)), on the evaluated alphas. Zero for a model with
+itself; it can be negative when every interpolant beats the chord.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.geometry.evaluation import (
+    Checkpoint,
+    Metric,
+    check_bn,
+    check_masks,
+    checked_entry,
+    checkpoint_source,
+    classification_metric,
+    evaluate,
+    float_buffers,
+    load_checkpoint,
+    preserved,
+    progress_bar,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _barrier(values: Sequence[float], alphas: Sequence[float]) -> float:
+    """The largest rise of `values` above the straight line between its ends. The line is
+    first + a * (last - first): exactly `first` at every alpha when the ends are equal (the
+    form (1 - a) * first + a * last is not), so identical endpoints give a barrier of 0."""
+    first, last = values[0], values[-1]
+    return max(v - (first + a * (last - first)) for v, a in zip(values, alphas))
+
+
+
+@dataclass
+class Interpolation:
+    """Loss and error along (1 - alpha) a + alpha b, and their barriers."""
+
+    alphas: list[float]
+    loss: list[float]
+    error: list[float]
+    loss_barrier: float
+    error_barrier: float
+    bn: str = "recompute"
+
+    def table(self) -> str:
+        lines = [f"{'alpha':>6} {'loss':>9} {'error (%)':>10}"]
+        lines += [f"{a:>6.2f} {l:>9.4f} {100 * e:>10.2f}" for a, l, e in zip(self.alphas, self.loss, self.error)]
+        lines.append(f"barrier: loss {self.loss_barrier:.4f}, error {100 * self.error_barrier:.2f} points (bn={self.bn})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(alphas=self.alphas, loss=self.loss, error=self.error, loss_barrier=self.loss_barrier,
+                    error_barrier=self.error_barrier, bn=self.bn)
+
+
+def interpolate(
+    model: nn.Module,
+    a: Checkpoint,
+    b: Checkpoint,
+    data: Iterable,
+    steps: int = 11,
+    bn: str = "recompute",
+    metric: Metric = classification_metric,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    bn_data: Iterable | None = None,
+    progress: bool = False,
+) -> Interpolation:
+    """Evaluate `model` at (1 - alpha) a + alpha b for `steps` evenly spaced alphas in [0, 1].
+
+    metric(outputs, targets) returns the batch's (mean loss, error fraction); the default is
+    cross-entropy and top-1 error. masks ({parameter name: 0/1 or bool tensor}) multiply the
+    weights at every alpha, so interpolants of sparse networks stay sparse. See the module
+    docstring for `bn` and the barriers. Parameters are mixed with torch.lerp, which is exact
+    at alpha 0 and 1 and when a and b agree.
+    """
+    check_bn(bn)
+    if not isinstance(steps, int) or steps < 2:
+        raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")
+    mask = check_masks(model, masks)
+    params = dict(model.named_parameters())
+    buffers = float_buffers(model, include_bn_stats=bn == "interpolate")
+    ends = []
+    for i, ckpt in enumerate((a, b)):
+        source = checkpoint_source(ckpt, i)
+        state = load_checkpoint(ckpt, source)
+        wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
+        device = next(iter(params.values())).device
+        ends.append({k: checked_entry(state, k, tuple(s), source).to(device=device, dtype=(params.get(k) if k in params
+                                                                                     else buffers[k]).dtype)
+                     for k, s in wanted.items()})
+    alphas = [i / (steps - 1) for i in range(steps)]
+    losses, errors = [], []
+    with preserved(model):
+        for alpha in progress_bar(alphas, progress, "interpolating"):
+            weights = {k: torch.lerp(ends[0][k], ends[1][k], alpha) for k in ends[0]}
+            for name, m in mask.items():
+                weights[name].mul_(m)
+            loss, error = evaluate(model, weights, data, metric, bn, bn_data if bn_data is not None else data)
+            losses.append(loss)
+            errors.append(error)
+    result = Interpolation(alphas, losses, errors, _barrier(losses, alphas), _barrier(errors, alphas), bn)
+    logger.info("interpolation: loss barrier %.4f, error barrier %.4f", result.loss_barrier, result.error_barrier)
+    return result

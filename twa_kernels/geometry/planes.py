@@ -1,0 +1,463 @@
+"""Loss planes through three checkpoints, or through a slice of a Subspace, on the fused
+reconstruct op.
+
+    p = tk.connectivity.plane(model, [a, b, c], data, grid=(21, 21), bits=4)
+    p.loss[i, j], p.error[i, j]  # at (p.xs[j], p.ys[i]); p.points: coordinates and distances
+
+The plane through a, b, c is a + x u + y v with (u, v) orthonormal: the rows b - a and
+c - a are packed once into a QuantizedBasis (`bits`, default None = dense float32; 4
+packs them to half a byte per weight) and every grid point is one call of the fused
+`reconstruct` op, mapping orthonormal coordinates to the basis's coefficients through the
+Cholesky factor of its Gram matrix (so the coordinates are exactly orthonormal for the
+vectors the op reconstructs, quantised or not). Memory: the packed basis and one weight
+vector (W + basis, plus the model's own forward). The origin a is not held: each row of
+the grid reads it back into the weight vector (from its file, a chunk at a time, or from
+its state_dict) and reconstructs the row's first point over it in place; each next point
+is one in-place reconstruct step along x (a row of n points drifts by about n float32
+roundings from direct reconstruction). A plane through a Subspace uses the subspace's
+center where it is. The construction and `locate` read checkpoint files a chunk of
+columns at a time (io.ColumnReader), so no checkpoint is ever held whole; a checkpoint `a`
+changed after the plane was built (file size or mtime, or a state_dict tensor written in
+place) is refused when it is read back.
+
+The plane's two directions are (checkpoint - origin) rows of the one basis builder
+(twa_kernels/builder.py), read and quantised a window at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from twa_kernels import builder
+from twa_kernels._memory import return_freed_memory as _return_freed_memory
+from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.geometry.evaluation import (
+    Checkpoint,
+    Metric,
+    check_bn,
+    check_masks,
+    checkpoint_label,
+    checkpoint_source,
+    classification_metric,
+    evaluate,
+    float_buffers,
+    preserved,
+    progress_bar,
+)
+from twa_kernels.io import CheckpointError, ColumnReader, parameter_aliases, unwrap_state_dict
+from twa_kernels.ops import reconstruct
+from twa_kernels.quant import (
+    SUPPORTED_BITS,
+    QuantizedBasis,
+    block_offsets_from_sizes,
+    dequantize,
+)
+from twa_kernels.subspace import Subspace
+
+_CHUNK_GROUPS = 512  # group_size-column groups handled at a time when quantising or taking inner products:
+# temporaries of ~1 MB, which the allocator reuses chunk after chunk instead of keeping tens of MB
+_READ_COLUMNS = 1 << 18  # columns read from a checkpoint file at a time when building (1 MB of float32)
+
+
+class PlanePoint(NamedTuple):
+    """A point placed in a plane: orthonormal coordinates, and its distance from the plane."""
+
+    x: float
+    y: float
+    distance: float
+
+
+def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+          aliases: Mapping[str, Sequence[str]]) -> ColumnReader:
+    """A lazy reader of one checkpoint (io.ColumnReader: the file is read a range at a time,
+    never whole), checked against the model from its metadata before anything is read: each
+    parameter present (or a tied alias of it), with the model's shape and a floating-point
+    dtype. Its other floating-point entries are checked finite here; the parameters are
+    checked as they are read."""
+    reader = ColumnReader(checkpoint, source=source, names=[*names, *(a for n in names for a in aliases.get(n, ()))])
+    present = set()
+    for name, shape in zip(names, shapes):
+        key = _entry_key(reader, name, shape, source, aliases.get(name, ()))
+        if not reader.dtype(key).is_floating_point:
+            raise CheckpointError(f"{source}: key {name!r} is {reader.dtype(key)}, not a floating-point weight")
+        present.add(key)
+    reader.check_finite(exclude=present)
+    return reader
+
+
+def _entry_key(reader: ColumnReader, name: str, shape: tuple[int, ...], source: str,
+               aliases: Sequence[str] = ()) -> str:
+    """checked_entry's checks and errors, on a reader's metadata: the key holding `name`."""
+    key = reader.key(name, aliases)
+    if key is None:
+        keys = reader.keys()
+        raise CheckpointError(f"{source}: missing key {name!r} that the model has (it has {len(keys)} keys, e.g. "
+                              f"{keys[:3]}); was it saved from this model?")
+    if reader.shape(key) != tuple(shape):
+        raise CheckpointError(f"{source}: key {name!r} has shape {reader.shape(key)} but the model's is "
+                              f"{tuple(shape)}; the checkpoints must come from one architecture")
+    return key
+
+
+def _read_step(group_size: int) -> int:
+    """Columns read from a checkpoint at a time: whole quantisation chunks, about 1 MB of float32."""
+    return group_size * _CHUNK_GROUPS * max(1, _READ_COLUMNS // (group_size * _CHUNK_GROUPS))
+
+
+def _stamp(spec: Checkpoint) -> tuple:
+    """What changes when a checkpoint changes: a file's (or a DCP directory's metadata's)
+    size and mtime; a state_dict's tensors' version counters (bumped by in-place writes;
+    inference tensors have none, so in-place writes to those go unnoticed)."""
+    if isinstance(spec, Mapping):
+        return tuple(None if t.is_inference() else t._version
+                     for t in unwrap_state_dict(spec, "origin").values() if isinstance(t, Tensor))
+    path = os.path.join(spec, ".metadata") if os.path.isdir(spec) else spec
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class _Origin:
+    """A plane's origin, [D] float32: a tensor held as it is (a Subspace's center, not
+    copied), or checkpoint `a` read back from its file or state_dict whenever it is needed
+    (a plane through checkpoints). Reading it back costs one pass over the file (from the
+    page cache) per row of the grid, and saves holding D floats that are already on disk."""
+
+    def __init__(self, tensor: Tensor | None = None, reader: ColumnReader | None = None, spec: Checkpoint | None = None,
+                 layout: tuple[list[str], list[tuple[int, ...]], Mapping[str, Sequence[str]], int] | None = None):
+        self.tensor, self.reader, self.layout = tensor, reader, layout
+        self.stamp = None if reader is None else _stamp(spec)
+        self.spec = spec
+
+    def to(self, device: torch.device) -> _Origin:
+        if self.tensor is not None:
+            self.tensor = self.tensor.to(device)
+        return self
+
+    def check_unchanged(self) -> None:
+        """Raise if checkpoint a changed since the plane was built (so it is finite, as
+        checked then). Called once per pass over the origin, not per chunk."""
+        if self.stamp is None:
+            return
+        try:
+            stamp = _stamp(self.spec)
+        except OSError as exc:
+            raise CheckpointError(f"{self.reader.source}: the plane's origin can no longer be read ({exc}); it is "
+                                  "read back, not copied: keep checkpoint a while you use the plane") from exc
+        if stamp != self.stamp:
+            raise CheckpointError(f"{self.reader.source}: the plane's origin changed since the plane was built "
+                                  "(it is read back, not copied); build the plane again")
+
+    def chunk(self, start: int, stop: int, buffer: Tensor) -> Tensor:
+        """Columns start..stop of the origin ([stop - start], float32, CPU), into `buffer` if
+        read; call check_unchanged() once before a pass of these."""
+        if self.tensor is not None:
+            return self.tensor[start:stop].cpu()
+        names, shapes, aliases, _ = self.layout
+        return self.reader.columns(names, shapes, start, stop, aliases, out=buffer[:stop - start], check_finite=False)
+
+    def read_into(self, out: Tensor) -> Tensor:
+        """The whole origin written into `out` ([D], on any device), a chunk at a time."""
+        if self.tensor is not None:
+            return out.copy_(self.tensor)
+        self.check_unchanged()
+        step = self.layout[3]
+        buffer = torch.empty(min(step, out.numel()))
+        for start in range(0, out.numel(), step):
+            stop = min(start + step, out.numel())
+            out[start:stop].copy_(self.chunk(start, stop, buffer))
+        return out
+
+
+class _Frame:
+    """origin + sum_r c_r basis[rows[r]] for plane coordinates z = L^T c, where L L^T is the
+    Gram matrix of the two (dequantised) rows: z are orthonormal coordinates of the plane."""
+
+    def __init__(self, names, shapes, origin: _Origin, basis: QuantizedBasis, rows: tuple[int, int],
+                 aliases: Mapping[str, Sequence[str]] | None = None):
+        self.names, self.shapes, self.origin, self.basis, self.rows = list(names), list(shapes), origin, basis, rows
+        self.numel = basis.num_cols
+        self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
+        self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
+        gram = self._inner(None)
+        try:
+            self.chol = torch.linalg.cholesky(gram)
+        except RuntimeError:
+            self.chol = None
+        if self.chol is None or float(self.chol[1, 1]) ** 2 <= 1e-10 * float(gram[1, 1]) or float(gram[0, 0]) <= 0:
+            raise InvalidArgumentError("the plane's two directions are (nearly) linearly dependent: the checkpoints are "
+                             "collinear or equal; pick three checkpoints that are not on one line")
+        _return_freed_memory()
+
+    def _chunks(self) -> Iterator[tuple[int, int, Tensor]]:
+        step = self.basis.group_size * _CHUNK_GROUPS
+        for start in range(0, self.basis.num_cols, step):
+            stop = min(start + step, self.basis.num_cols)
+            if self.basis.bits is None:
+                rows = self.basis.codes[list(self.rows), start:stop]
+            else:
+                rows = _dequantize_rows(self.basis, self.rows, start, stop)
+            yield start, stop, rows.double().cpu()
+
+    def _inner(self, vector: Tensor | None) -> Tensor:
+        """Float64 inner products of the two rows with each other ([2, 2]) or with vector ([2])."""
+        out = torch.zeros((2, 2) if vector is None else (2,), dtype=torch.float64)
+        for start, stop, rows in self._chunks():
+            out += rows @ rows.T if vector is None else rows @ vector[start:stop].double().cpu()
+        return out
+
+    def coefficients(self, z: Sequence[float]) -> Tensor:
+        """The basis coefficients [k, B] of plane coordinates z."""
+        c = torch.linalg.solve_triangular(self.chol.T, torch.tensor(z, dtype=torch.float64)[:, None], upper=True)
+        x = torch.zeros(self.basis.k, self.basis.num_blocks)
+        x[self.rows[0]], x[self.rows[1]] = float(c[0]), float(c[1])
+        return x
+
+    def weights(self, z: Sequence[float], out: Tensor | None = None) -> Tensor:
+        """The flat weights [D] at plane coordinates z (into `out` when given): one call of
+        the fused reconstruct op, on the origin or on its copy read into `out`."""
+        device = self.basis.device
+        x = self.coefficients(z).to(device)
+        if self.origin.tensor is not None:
+            return reconstruct(self.basis, x, self.origin.tensor, out=out)
+        out = self.origin.read_into(torch.empty(self.numel, device=device) if out is None else out)
+        return reconstruct(self.basis, x, out, out=out)  # in place: each element is read before it is written
+
+    def step(self, weights: Tensor, dz: Sequence[float]) -> Tensor:
+        """Move `weights` (the flat weights at some z, in place) to z + dz: one in-place call
+        of reconstruct (the map from z to weights is affine). Each step rounds once, so a row
+        of n steps drifts by about n float32 roundings from its direct reconstruction."""
+        return reconstruct(self.basis, self.coefficients(dz).to(weights.device), weights, out=weights)
+
+    def center(self) -> Tensor:
+        """The origin as a [D] tensor (a copy when it is read back from a checkpoint)."""
+        return self.origin.tensor if self.origin.tensor is not None else self.origin.read_into(torch.empty(self.numel))
+
+    def buffers_at(self, z: Sequence[float]) -> dict[str, Tensor]:
+        c = self.coefficients(z)[list(self.rows), 0].tolist()
+        origin, d1, d2 = self.buffers
+        return {k: origin[k] + c[0] * d1[k] + c[1] * d2[k] for k in origin}
+
+    def locate(self, checkpoint: Checkpoint, source: str) -> PlanePoint:
+        """Orthonormal coordinates of a checkpoint projected onto the plane, and its distance
+        from the plane (the norm of the residual). The checkpoint is read twice, a chunk of
+        columns at a time (inner products, then the residual): no copy of it is held."""
+        reader = _open(checkpoint, source, self.names, self.shapes, self.aliases)
+        buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.numel))
+        origin = torch.empty_like(buffer)
+
+        def offsets() -> Iterator[tuple[Tensor, Tensor]]:  # (rows, checkpoint - origin) per chunk, float64
+            for start, stop, rows in self._chunks():
+                piece = reader.columns(self.names, self.shapes, start, stop, self.aliases, out=buffer[:stop - start])
+                yield rows, piece.sub_(self.origin.chunk(start, stop, origin)).double()
+
+        self.origin.check_unchanged()
+        inner = torch.zeros(2, dtype=torch.float64)
+        for rows, offset in offsets():
+            inner += rows @ offset
+        gram = self.chol @ self.chol.T
+        c = torch.linalg.solve(gram, inner)
+        z = self.chol.T @ c
+        residual = sum(float(((offset - c @ rows) ** 2).sum()) for rows, offset in offsets())
+        return PlanePoint(float(z[0]), float(z[1]), math.sqrt(residual))
+
+
+def _dequantize_rows(basis: QuantizedBasis, rows: tuple[int, int], start: int, stop: int) -> Tensor:
+    return dequantize(basis, start, stop)[list(rows)]
+
+
+def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], bits: int | None,
+                            group_size: int, with_buffers: bool) -> tuple[_Frame, list[str]]:
+    if len(checkpoints) != 3:
+        raise InvalidArgumentError(f"a plane goes through exactly 3 checkpoints, got {len(checkpoints)}; for a slice of "
+                         "more, build a tk.Subspace and pass it with dims=(i, j)")
+    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    names, shapes = [n for n, _ in named], [s for _, s in named]
+    aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1}
+    numel = sum(math.prod(s) for s in shapes)
+    buffers = float_buffers(model, include_bn_stats=True) if with_buffers else {}
+    labels = [checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
+    step = _read_step(group_size)
+    layout = builder.Layout(names, shapes, aliases)
+    center, buffer_sets = torch.empty(numel), []
+    dense = torch.empty(2, numel) if bits is None else None
+    if bits is not None:  # the packed basis's tensors, filled row by row (the one builder's)
+        codes, scales, mins = builder.empty_packed(2, numel, bits, group_size)
+    for i, ckpt in enumerate(checkpoints):
+        # each checkpoint is read a chunk of columns at a time (io.ColumnReader): the peak is
+        # the origin, the basis and one chunk, never a whole checkpoint
+        label = checkpoint_source(ckpt, i)
+        reader = _open(ckpt, label, names, shapes, aliases)
+        buffer_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)
+                            for k, t in buffers.items()})
+        if i == 0:
+            builder.read_columns(reader, layout, 0, center, group_size)
+            origin = _Origin(reader=reader, spec=ckpt, layout=(names, shapes, aliases, step))
+        elif dense is not None:
+            builder.dense_row(reader, layout, center, 0, group_size, out=dense[i - 1], check_finite=True)
+        else:  # written in place into the basis's tensors: no per-row copies to stack
+            row = builder.streamed_row(reader, layout, center, 0, group_size, check_finite=True)
+            builder.pack_row(row, numel, bits, group_size, (codes[i - 1], scales[:, i - 1], mins[:, i - 1]))
+        del reader
+    offsets = block_offsets_from_sizes(None, numel)
+    if dense is not None:
+        empty = torch.empty(0, 2)
+        basis = QuantizedBasis(dense, empty, empty.clone(), offsets, None, group_size, numel)
+    else:
+        basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
+    del dense, center  # the origin is read back from checkpoint a when needed, not held
+    frame = _Frame(names, shapes, origin, basis, (0, 1), aliases)
+    if with_buffers:
+        first = buffer_sets[0]
+        frame.buffers = [first] + [{k: s[k] - first[k] for k in first} for s in buffer_sets[1:]]
+    return frame, labels
+
+
+def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, int]) -> _Frame:
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for name, shape in zip(subspace.names, subspace.shapes):
+        if params.get(name) != tuple(shape):
+            raise InvalidArgumentError(f"the subspace's {name!r} has shape {tuple(shape)} but the model's is "
+                             f"{params.get(name)}; build the subspace from this model's checkpoints")
+    k = subspace.basis.k
+    if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < k for d in dims):
+        raise InvalidArgumentError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
+    return _Frame(subspace.names, subspace.shapes, _Origin(tensor=subspace.center), subspace.basis,
+                  (int(dims[0]), int(dims[1])), subspace.aliases)
+
+
+def _axis(lo: float, hi: float, pad: float, n: int) -> list[float]:
+    lo, hi = lo - pad, hi + pad
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+@dataclass
+class Plane:
+    """Loss and error on a grid of a plane in weight space. loss[i, j] and error[i, j] are
+    at (xs[j], ys[i]), in orthonormal coordinates (the unit is one unit of weight-space
+    distance). `points` are the checkpoints (or the subspace's center) and any extra
+    points, each with coordinates and distance from the plane."""
+
+    xs: list[float]
+    ys: list[float]
+    loss: Tensor
+    error: Tensor
+    points: dict[str, PlanePoint]
+    anchors: list[str]
+    bits: int | None
+    bn: str
+    frame: _Frame = field(repr=False)
+
+    def locate(self, checkpoint: Checkpoint, label: str = "point") -> PlanePoint:
+        """Project a checkpoint (path or state_dict) onto the plane: coordinates and distance."""
+        return self.frame.locate(checkpoint, label)
+
+    @torch.no_grad()
+    def state_dict_at(self, x: float, y: float) -> dict[str, Tensor]:
+        """The parameters at plane coordinates (x, y), by name (e.g. to load the grid's best
+        point into the model, then update_bn): a reconstruct, as the grid's points are."""
+        flat = self.frame.weights((x, y))
+        pieces = flat.split([math.prod(s) for s in self.frame.shapes])
+        return {name: piece.view(shape) for name, piece, shape in zip(self.frame.names, pieces,
+                                                                              self.frame.shapes)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(xs=self.xs, ys=self.ys, loss=self.loss.tolist(), error=self.error.tolist(),
+                    points={k: p._asdict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
+                    bn=self.bn)
+
+
+def plane(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint] | Subspace,
+    data: Iterable,
+    grid: int | tuple[int, int] = (21, 21),
+    margin: float = 0.2,
+    bn: str = "recompute",
+    metric: Metric = classification_metric,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    bits: int | None = None,
+    group_size: int = 128,
+    dims: tuple[int, int] = (0, 1),
+    points: Mapping[str, Checkpoint] | None = None,
+    labels: Sequence[str] | None = None,
+    bn_data: Iterable | None = None,
+    progress: bool = False,
+) -> Plane:
+    """Loss and error of `model` on a grid over the plane through three checkpoints [a, b, c]
+    (origin a, first axis towards b), or through the center of a tk.Subspace along its
+    basis rows `dims`.
+
+    grid is (nx, ny) or one int for both, at least 2 each; the grid spans the checkpoints
+    and `points` (extra checkpoints by label, e.g. SWA and TWA: they are projected onto the
+    plane and their distance from it is reported), with `margin` times the larger of the two
+    spans added on each side. bits (None, or 1/2/4/8) packs the two directions of a
+    checkpoint plane; None keeps them dense float32 and exact, 4 packs them into about an
+    eighth of the memory, and the coordinates stay orthonormal for the quantised directions.
+    A Subspace keeps its own basis. The grid adds one weight vector of model size: each row
+    reads the origin back into it and each point is one in-place `reconstruct` (see the
+    module docstring). bn, metric, masks and bn_data are as in interpolate (bn="interpolate"
+    needs checkpoints, whose statistics it mixes).
+    """
+    check_bn(bn)
+    nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
+        raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
+    if not margin >= 0:
+        raise InvalidArgumentError(f"margin must be >= 0, got {margin}")
+    if bits is not None and bits not in SUPPORTED_BITS:
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+    mask = check_masks(model, masks)
+    if isinstance(checkpoints, Subspace):
+        if bn == "interpolate":
+            raise InvalidArgumentError("bn='interpolate' mixes the checkpoints' statistics, which a Subspace does not hold; "
+                             "use bn='recompute'")
+        frame, anchors = _frame_from_subspace(model, checkpoints, dims), ["center"]
+        located = {"center": PlanePoint(0.0, 0.0, 0.0)}
+    else:
+        frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn == "interpolate")
+        L = frame.chol
+        located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
+                   anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
+    if labels is not None:
+        if len(labels) != len(anchors):
+            raise InvalidArgumentError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
+        located = {new: located[old] for new, old in zip(labels, anchors)}
+        anchors = list(labels)
+    for label, ckpt in (points or {}).items():
+        located[label] = frame.locate(ckpt, label)
+    device = next(model.parameters()).device
+    frame.origin = frame.origin.to(device)
+    frame.basis = frame.basis.to(device)
+    x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
+    y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
+    pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
+    xs, ys = _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
+    loss, error = torch.empty(ny, nx, dtype=torch.float64), torch.empty(ny, nx, dtype=torch.float64)
+    # One weight vector, viewed as the parameters, is the only model-sized memory the grid
+    # adds: each row starts from the origin (read back into it) plus one reconstruct, and
+    # each next point of the row is one in-place step of reconstruct along x.
+    flat = torch.empty(frame.numel, device=device)
+    pieces = flat.split([math.prod(s) for s in frame.shapes])
+    weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
+    cells = [(i, j) for i in range(ny) for j in range(nx)]
+    with preserved(model), torch.no_grad():
+        for i, j in progress_bar(cells, progress, "plane", total=len(cells)):
+            if j == 0:
+                frame.weights((xs[0], ys[i]), out=flat)
+            else:
+                frame.step(flat, (xs[j] - xs[j - 1], 0.0))
+            for name, m in mask.items():  # masks commute with the steps: the points stay sparse
+                weights[name].mul_(m)
+            if bn == "interpolate":
+                weights.update(frame.buffers_at((xs[j], ys[i])))
+            loss[i, j], error[i, j] = evaluate(model, weights, data, metric, bn,
+                                                bn_data if bn_data is not None else data)
+    return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)

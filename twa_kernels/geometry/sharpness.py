@@ -1,0 +1,142 @@
+"""Sharpness: Hutchinson's estimator of the Hessian diagonal and power iteration for the
+dominant Hessian eigenvalue.
+
+    diag = tk.connectivity.hessian_diagonal(model, loss_fn, data, samples=1000)
+    value, trace, converged = tk.connectivity.top_eigenvalue(model, loss_fn, data)
+
+Hutchinson's estimator is E[z * Hz] with Rademacher z. Both run on Hessian-vector products
+by forward-over-reverse differentiation (torch.func.jvp of torch.func.grad), vectorised
+over probes with vmap. The model runs in eval mode (fixed BatchNorm statistics), so the
+loss is a deterministic function of the parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.geometry.evaluation import preserved, progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+class EigenResult(NamedTuple):
+    """The dominant Hessian eigenvalue, its Rayleigh quotient at each iteration, and whether
+    the relative change fell below tol."""
+
+    value: float
+    trace: list[float]
+    converged: bool
+
+
+def _hvp(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Iterable):
+    """(params, hvp): the detached parameters by name and v -> H v for the Hessian of the
+    mean loss over `data` (batches weighted by their size), in eval mode. hvp accepts a
+    leading probe dimension on every tensor of v (vmapped)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    device = next(iter(params.values())).device
+    batches = []
+    for batch in data:
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise InvalidArgumentError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
+        batches.append((batch[0].to(device), batch[1].to(device)))
+    total = sum(len(y) for _, y in batches)
+    if total == 0:
+        raise InvalidArgumentError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
+
+    def batch_hvp(x: Tensor, y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, (x,)), y))
+        return torch.func.jvp(grad, (params,), (v,))[1]  # forward-over-reverse
+
+    def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = None
+        for x, y in batches:
+            part = torch.func.vmap(lambda t: batch_hvp(x, y, t))(v)
+            scale = len(y) / total
+            out = {k: t * scale for k, t in part.items()} if out is None else \
+                {k: out[k].add_(t, alpha=scale) for k, t in part.items()}
+        return out
+
+    return params, hvp
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    samples: int = 1000,
+    *,
+    chunk: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Hutchinson's estimate of the diagonal of the Hessian of the mean loss over `data` with
+    respect to the parameters: the mean over `samples` Rademacher probes z of z * (H z).
+
+    Returns tensors shaped like the parameters, by name. Each probe costs one
+    Hessian-vector product per batch (vmapped `chunk` probes at a time), where the exact
+    diagonal costs one backward pass per parameter. Its variance for entry i is
+    sum_{j != i} H_ij^2 / samples, so accuracy grows as sqrt(samples); on the tiny MLP of
+    the tests 1000 probes give about 7% error weighted by magnitude. The model runs in eval
+    mode (fixed BatchNorm statistics) and is returned as it was.
+    """
+    if not isinstance(samples, int) or samples < 1:
+        raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
+    generator = torch.Generator().manual_seed(seed)
+    with preserved(model):
+        model.eval()
+        params, hvp = _hvp(model, loss_fn, data)
+        acc = {k: torch.zeros_like(p) for k, p in params.items()}
+        sizes = [min(chunk, samples - s) for s in range(0, samples, chunk)]
+        for m in progress_bar(sizes, progress, "Hutchinson probes"):
+            z = {k: (torch.randint(0, 2, (m, *p.shape), generator=generator) * 2 - 1).to(p)
+                 for k, p in params.items()}
+            hz = hvp(z)
+            for k in acc:
+                acc[k] += (z[k] * hz[k]).sum(0)
+    return {k: v / samples for k, v in acc.items()}
+
+
+def top_eigenvalue(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    iters: int = 100,
+    tol: float = 1e-4,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> EigenResult:
+    """The dominant eigenvalue of the Hessian of the mean loss over `data` (largest in
+    magnitude: the sharpness at a minimum, where the largest eigenvalues are positive) by
+    power iteration on Hessian-vector products. Stops when the Rayleigh quotient changes by
+    less than tol relative to itself, or after `iters` products. Eval mode, as
+    hessian_diagonal."""
+    if not isinstance(iters, int) or iters < 1:
+        raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
+    generator = torch.Generator().manual_seed(seed)
+    trace: list[float] = []
+    converged = False
+    with preserved(model):
+        model.eval()
+        params, hvp = _hvp(model, loss_fn, data)
+        v = {k: torch.randn(p.shape, generator=generator).to(p) for k, p in params.items()}
+        for _ in progress_bar(range(iters), progress, "power iteration"):
+            norm = torch.sqrt(sum((t * t).sum() for t in v.values()))
+            v = {k: t / norm for k, t in v.items()}
+            hv = {k: t[0] for k, t in hvp({k: t[None] for k, t in v.items()}).items()}
+            trace.append(float(sum((v[k] * hv[k]).sum() for k in v)))
+            if len(trace) > 1 and abs(trace[-1] - trace[-2]) <= tol * abs(trace[-1]):
+                converged = True
+                break
+            v = hv
+    if not converged:
+        logger.warning("top_eigenvalue: no convergence in %d iterations (last relative change %.2g)", iters,
+                       abs(trace[-1] - trace[-2]) / max(abs(trace[-1]), 1e-30) if len(trace) > 1 else float("nan"))
+    return EigenResult(trace[-1], trace, converged)

@@ -1,0 +1,384 @@
+"""How TWA runs over a process group: the strategies and their collectives.
+
+Replicated: every rank holds the whole basis. `project` is linear, so each rank's backward
+projects its own dL/dw and only the [k, B] coefficient gradient is averaged: one all-reduce
+of k x B floats per backward (a hook on the coefficients; no host sync), instead of the D
+floats a data-parallel step over the model would move.
+
+Sharded: rank r holds columns [c_r, c_r+1) of the codes, scales, mins and center, cut on
+quantisation-group edges. Forward reconstructs the local columns and all-gathers them into
+the full weight vector (as FSDP gathers its flat parameters); backward reduce-scatters dL/dw
+to the column owners, projects locally and all-reduces the [k, B] partial sums. A step moves
+2 x W x L + k x B floats, L the largest shard: 2 D + k B up to a padding of fewer than
+W x group_size elements (all_gather_into_tensor needs equal chunks).
+
+`setup` picks the strategy for a TWA and hands back this rank's center and basis; TWA
+registers them as its own buffers. Every rank must hold the same basis: setup all-gathers a
+cheap checksum of it and raises BasisMismatchError naming the ranks that differ (a basis
+built sharded is checked file by file instead, see sharded_build). `agree` runs one local
+step on every rank and makes them all stop together, each naming the failing rank's error.
+
+This module knows nothing of TWA itself: it takes and returns tensors and bases.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.ops import project, reconstruct
+from twa_kernels.quant import QuantizedBasis
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum", "codes weighted sum",
+                    "scales sum", "mins sum", "center sum", "center weighted sum", "block offsets sum")
+
+
+_EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
+
+
+def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns); older has only the latter
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, t, group=group)
+
+
+def _reduce_scatter(out: Tensor, t: Tensor, group: Any) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, t, op=dist.ReduceOp.SUM,
+                                                                                  group=group)
+
+
+class BasisMismatchError(TWAKernelsError, RuntimeError):
+    """The ranks of a process group hold different bases (or centers)."""
+
+
+class ShardingError(InvalidArgumentError):
+    """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
+
+
+class RankFailedError(TWAKernelsError, RuntimeError):
+    """Another rank of the process group failed: the message names it and its own error."""
+
+
+class Comm:
+    """The collectives TWA calls, on one process group, counting what each moves.
+
+    Sizes are those of the full-size side of each collective, the convention FSDP's figures
+    use: an all-reduce counts its tensor, an all-gather its output, a reduce-scatter its
+    input. `bytes` maps the collective's name to the bytes counted since `reset()`.
+    """
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _count(self, name: str, t: Tensor) -> None:
+        self.bytes[name] += t.numel() * t.element_size()
+        self.calls[name] += 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum of t over the ranks, in place."""
+        self._count("all_reduce", t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        self._count("all_gather", out)
+        _all_gather(out, t, self.group)
+        return out
+
+    def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        self._count("reduce_scatter", t)
+        _reduce_scatter(out, t, self.group)
+        return out
+
+
+def setup(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
+          local: tuple[int, int, int, int] | None = None) -> Replicated | Sharded:
+    """The strategy for a TWA over `group`. `center` and `basis` are the whole subspace's,
+    or, when `local` = (num_cols, num_blocks, b_lo, b_hi) is given, this rank's columns of
+    a sharded build already (shards differ by design: no basis checksum then). The
+    strategy's `center` and `basis` are what this rank holds."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError("TWA(process_group=...) needs torch.distributed initialised: call "
+                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    if local is not None:
+        return Sharded(group, center, basis, local)
+    check_same_basis(center, basis, group)
+    return Sharded(group, center, basis) if shard else Replicated(group, center, basis)
+
+
+# -- the start-up check --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def basis_checksum(center: Tensor, qb: QuantizedBasis) -> Tensor:
+    """A float64 fingerprint of (center, basis): the layout and plain and position-weighted
+    sums of the codes, scales, mins and center. Rows are summed one at a time, so the
+    temporary memory is one row in float64. Reordered checkpoints or a different bits,
+    group_size or granularity change it."""
+    def weighted(row: Tensor) -> Tensor:
+        weights = torch.arange(row.numel(), device=row.device, dtype=torch.float64).remainder_(65521).add_(1)
+        return (row.reshape(-1).double() * weights).sum()
+
+    codes_sum = torch.zeros((), dtype=torch.float64, device=qb.device)
+    codes_weighted = torch.zeros_like(codes_sum)
+    for r in range(qb.k):
+        row = qb.codes[r]
+        codes_sum += row.double().sum()
+        codes_weighted += weighted(row) * (r + 1)
+    values = [torch.tensor(float(v), dtype=torch.float64, device=qb.device)
+              for v in (qb.k, qb.num_cols, qb.num_blocks, qb.bits or 0, qb.group_size)]
+    values += [codes_sum, codes_weighted, qb.scales.double().sum(), qb.mins.double().sum(),
+               center.double().sum(), weighted(center), qb.block_offsets.double().sum()]
+    return torch.stack(values)
+
+
+def check_same_basis(center: Tensor, qb: QuantizedBasis, group: Any) -> None:
+    """Raise BasisMismatchError on every rank when some rank's (center, basis) differs from
+    rank 0's. One all-gather of 12 float64 per rank; every rank sees the same table, so
+    every rank raises (no rank is left waiting in a later collective)."""
+    mine = basis_checksum(center, qb)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    ref = table[0].cpu()
+    bad: dict[int, list[str]] = {}
+    for rank, row in enumerate(table[1:], start=1):
+        row = row.cpu()
+        exact = ~torch.eq(row[:_EXACT_FIELDS], ref[:_EXACT_FIELDS])
+        close = ~torch.isclose(row[_EXACT_FIELDS:], ref[_EXACT_FIELDS:], rtol=1e-12, atol=0)
+        differs = torch.cat([exact, close]).nonzero().flatten().tolist()
+        if differs:
+            bad[rank] = [_CHECKSUM_FIELDS[i] for i in differs]
+    if bad:
+        detail = "; ".join(f"rank {r}: {', '.join(fields)}" for r, fields in bad.items())
+        raise BasisMismatchError(
+            f"the TWA basis differs across ranks: ranks {sorted(bad)} differ from rank 0 ({detail}). Every rank "
+            "must build it from the same checkpoints in the same order with the same bits, group_size and "
+            "granularity, or load one saved TWA/Subspace file")
+
+
+# -- replicated mode ------------------------------------------------------------------------
+
+
+class Replicated:
+    """Every rank holds the whole basis; the coefficient gradient of each backward is averaged
+    over the group by one all-reduce of [k, B] floats (`average_gradient`, which TWA hooks
+    on its coefficients)."""
+
+    shard = False
+
+    def __init__(self, group: Any, center: Tensor, basis: QuantizedBasis):
+        self.comm = Comm(group)
+        self.center, self.basis, self.num_blocks = center, basis, basis.num_blocks
+
+    def average_gradient(self, grad: Tensor) -> Tensor:
+        """A tensor hook sees each backward's gradient before it is accumulated into .grad,
+        so gradient accumulation over several backwards averages each of them once."""
+        grad = grad.contiguous().clone()  # the graph may still hold the incoming tensor
+        return self.comm.all_reduce(grad).div_(self.comm.world)
+
+
+# -- sharded mode ---------------------------------------------------------------------------
+
+
+def shard_columns(num_cols: int, group_size: int, world: int) -> list[int]:
+    """Column edges c_0 = 0 < c_1 < ... < c_W = num_cols, on group edges, as even as groups
+    allow. A world larger than the number of groups is a ShardingError."""
+    n_groups = -(-num_cols // group_size)
+    if world > n_groups:
+        raise ShardingError(f"shard=True over {world} ranks, but the basis has only {n_groups} quantisation groups "
+                            f"of {group_size} columns ({num_cols} columns): use at most {n_groups} ranks, a smaller "
+                            "group_size, or shard=False")
+    return [min(num_cols, (r * n_groups // world) * group_size) for r in range(world + 1)]
+
+
+def local_blocks(offsets: Tensor, start: int, stop: int) -> tuple[Tensor, int, int]:
+    """The blocks (global offsets `offsets`) that columns start..stop touch: their offsets
+    clipped to the range and made local, and their global indices [b_lo, b_hi)."""
+    b_lo = int(torch.searchsorted(offsets, torch.tensor(start), right=True)) - 1
+    b_hi = int(torch.searchsorted(offsets, torch.tensor(stop), right=False))
+    return offsets[b_lo : b_hi + 1].clamp(start, stop) - start, b_lo, b_hi
+
+
+def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBasis, int, int]:
+    """Columns start..stop of `qb` (start on a group edge) as a basis of their own, and the
+    global indices [b_lo, b_hi) of the blocks they touch. A block that straddles start or
+    stop keeps its coefficient; its local part is a block of the slice."""
+    if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
+        raise InvalidArgumentError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+    local_offsets, b_lo, b_hi = local_blocks(qb.block_offsets.cpu(), start, stop)
+    local_offsets = local_offsets.to(qb.block_offsets.device)
+    g0, g1 = start // qb.group_size, -(-stop // qb.group_size)
+    if qb.bits is None:
+        codes = qb.codes[:, start:stop]
+    else:
+        group_bytes = qb.group_size * qb.bits // 8
+        end = None if stop == qb.num_cols else g1 * group_bytes  # the row's short last group goes with the last rank
+        codes = qb.codes[:, g0 * group_bytes : end]
+    scales, mins = (qb.scales, qb.mins) if qb.bits is None else (qb.scales[g0:g1], qb.mins[g0:g1])
+    sliced = QuantizedBasis.from_state_dict({
+        "codes": codes.contiguous().clone(), "scales": scales.contiguous().clone(), "mins": mins.contiguous().clone(),
+        "block_offsets": local_offsets,
+        "meta": torch.tensor([qb.bits or 0, qb.group_size, stop - start], dtype=torch.int64)})
+    return sliced, b_lo, b_hi
+
+
+def _probe(comm: Comm, device: torch.device) -> None:
+    """Run the sharded mode's two collectives once on one element per rank, so that a backend
+    that lacks them fails here, by name, and not in the first backward."""
+    backend = dist.get_backend(comm.group)
+    try:
+        out = torch.zeros(comm.world, device=device)
+        _all_gather(out, torch.ones(1, device=device), comm.group)
+        _reduce_scatter(torch.zeros(1, device=device), out, comm.group)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        raise ShardingError(f"shard=True needs an all-gather and a reduce-scatter into flat tensors, which the "
+                            f"{backend!r} backend cannot run on {device} ({exc}); use shard=False (replicated "
+                            "mode) or a backend that has them (NCCL on GPU, gloo on CPU)") from exc
+
+
+class Sharded:
+    """This rank's columns of the basis and center, and the gather / reduce-scatter that
+    turn them into full weights and back. The coefficients stay global [k, num_blocks]."""
+
+    shard = True
+
+    def __init__(self, group: Any, center: Tensor, basis: QuantizedBasis,
+                 local: tuple[int, int, int, int] | None = None):
+        self.comm = Comm(group)
+        if local is None:
+            self.num_cols, self.num_blocks = basis.num_cols, basis.num_blocks
+        else:
+            self.num_cols, self.num_blocks = local[0], local[1]
+        edges = shard_columns(self.num_cols, basis.group_size, self.comm.world)
+        _probe(self.comm, basis.device)
+        self.sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        self.chunk = max(self.sizes)  # every rank's slot in the gathered buffer
+        self.start, self.stop = edges[self.comm.rank], edges[self.comm.rank + 1]
+        if local is not None:  # built from this rank's columns already
+            self.center, self.basis, (self.b_lo, self.b_hi) = center, basis, local[2:]
+        else:
+            self.basis, self.b_lo, self.b_hi = slice_basis(basis, self.start, self.stop)
+            self.basis = self.basis.to(basis.device)
+            self.center = center[self.start : self.stop].clone()
+        logger.info("TWA shard: rank %d of %d holds columns %d..%d and blocks %d..%d (basis %.1f MB)",
+                    self.comm.rank, self.comm.world, self.start, self.stop, self.b_lo, self.b_hi,
+                    self.basis.nbytes / 1e6)
+
+    @property
+    def padding(self) -> int:
+        """Elements of padding in each gathered / reduce-scattered buffer: W x L - D."""
+        return self.chunk * self.comm.world - self.num_cols
+
+    def reconstruct(self, coefficients: Tensor, basis: QuantizedBasis, center: Tensor) -> Tensor:
+        """The full weight vector [D] (float32) from this rank's `basis` and `center`,
+        differentiable in `coefficients`."""
+        return _GatherReconstruct.apply(coefficients, basis, center, self)
+
+    def unpad(self, gathered: Tensor) -> Tensor:
+        if not self.padding:
+            return gathered
+        rows = gathered.view(self.comm.world, self.chunk)
+        return torch.cat([rows[r, :n] for r, n in enumerate(self.sizes)])
+
+    def pad(self, flat: Tensor) -> Tensor:
+        if not self.padding:
+            return flat.contiguous()
+        out = flat.new_zeros(self.comm.world, self.chunk)
+        for r, (piece, n) in enumerate(zip(flat.split(self.sizes), self.sizes)):
+            out[r, :n] = piece
+        return out.view(-1)
+
+
+class _GatherReconstruct(torch.autograd.Function):
+    """w = all_gather(center_r + basis_r^T x[:, blocks_r]); dL/dx = all_reduce(project_r(
+    reduce_scatter(dL/dw) / W)): the sharded forward and its backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, qb: QuantizedBasis, center: Tensor, shard: Sharded) -> Tensor:
+        ctx.qb, ctx.shard = qb, shard
+        comm = shard.comm
+        mine = torch.zeros(shard.chunk, dtype=torch.float32, device=center.device)
+        reconstruct(qb, x[:, shard.b_lo : shard.b_hi], center, out=mine[: shard.stop - shard.start])
+        gathered = torch.empty(shard.chunk * comm.world, dtype=torch.float32, device=center.device)
+        return shard.unpad(comm.all_gather_into_tensor(gathered, mine))
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor):
+        shard, qb = ctx.shard, ctx.qb
+        comm = shard.comm
+        mine = torch.empty(shard.chunk, dtype=torch.float32, device=grad_w.device)
+        comm.reduce_scatter_tensor(mine, shard.pad(grad_w.float()))
+        local = project(qb, mine[: shard.stop - shard.start].div_(comm.world))
+        grad_x = torch.zeros(local.shape[0], shard.num_blocks, dtype=torch.float32, device=grad_w.device)
+        grad_x[:, shard.b_lo : shard.b_hi] = local  # straddling blocks: partial sums, added by the all-reduce
+        return comm.all_reduce(grad_x), None, None, None
+
+
+# -- every rank leaves a failing step together ------------------------------------------------
+
+
+_MESSAGE_BYTES = 2048  # of a failing rank's error message, sent to the others
+
+
+def _gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
+    """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    return [row.cpu() for row in table]
+
+
+def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
+    """Run this rank's local `work`, then learn in one all-gather whether it failed on any
+    rank. A rank whose work raised re-raises its own exception; every other rank raises
+    RankFailedError naming the failing ranks and their messages. A rank that fails while its
+    peers go on would leave them in their next collective until the backend notices the
+    closed connection, and they would report that instead of the cause; here every rank
+    leaves the step together, and each reports the real error."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError("a process_group needs torch.distributed initialised: call "
+                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    error: Exception | None = None
+    result = None
+    try:
+        result = work()
+    except Exception as exc:  # reported to the peers below, then raised again here
+        error = exc
+    row = torch.zeros(1 + _MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
+        row[0] = 1
+        row[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    table = _gather_rows(row, group)
+    if error is not None:
+        raise error
+    failed = {rank: bytes(r[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+              for rank, r in enumerate(table) if r[0]}
+    if failed:
+        detail = "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())
+        raise RankFailedError(f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed while "
+                              f"{what}, so this rank stops too ({detail}). Fix the error reported there")
+    return result  # type: ignore[return-value]
