@@ -113,17 +113,36 @@ def test_yaml_error_names_its_line(project):
 def test_demo_quick_writes_table_json_and_plot(tmp_path):
     result = _twa(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo")], tmp_path)
     assert result.returncode == 0, result.stderr
-    methods = {"full training", "SGD, stopped early", "SWA", "TWA-t", "TWA-v", "greedy soup"}
+    methods = {"full training", "SGD, stopped early", "SGD, budgeted", "SWA", "greedy soup", "TWA-t", "TWA-v"}
     for method in methods:
         assert method in result.stdout
     report = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(report["summary"]) == methods
-    assert report["summary"]["TWA-t"]["epochs"] < report["summary"]["full training"]["epochs"]
+    summary = report["summary"]
+    assert set(summary) == methods
+    assert summary["TWA-t"]["epochs"] < summary["full training"]["epochs"]
+    # the budgeted baseline gets exactly TWA's budget: the head stage plus TWA's own epochs
+    budget = report["head_epochs"] + report["twa_epochs"]
+    assert summary["SGD, budgeted"]["epochs"] == summary["TWA-v"]["epochs"] == budget
+    assert summary["SGD, stopped early"]["epochs"] == summary["SWA"]["epochs"] == report["head_epochs"]
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
 
 
+def test_paired_difference_interval():
+    from twa_kernels.demo import paired_difference, t975
+
+    d = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.5, 1.0, 1.5, 2.0])
+    diffs = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0], dtype=torch.float64)
+    half = 2.776 * float(diffs.std()) / 5 ** 0.5
+    assert d["mean"] == pytest.approx(2.0) and d["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert d["holds"]
+    assert not paired_difference([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])["holds"]  # mean 0: never excludes zero
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 4, 9, 30, 31, 60, 500):
+        assert t975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=2e-3)
+
+
 def test_the_demos_greedy_soup_is_measured_with_its_own_batchnorm_statistics():
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     from twa_kernels import demo
 
@@ -140,7 +159,7 @@ def test_the_demos_greedy_soup_is_measured_with_its_own_batchnorm_statistics():
     soup, chosen = demo.greedy_soup_with_bn(demo.make_model(0), checkpoints, train, val, seed=0)
     expected = demo.make_model(0)
     expected.load_state_dict(soup.state_dict())
-    torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=64), expected)
+    torch.optim.swa_utils.update_bn(demo.bn_loader(train), expected)
     for (name, got), want in zip(soup.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(got, want, msg=name)
     assert 1 <= len(chosen) <= 3 and not torch.allclose(soup[1].running_mean, torch.full((32,), 5.0))
