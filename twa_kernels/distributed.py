@@ -4,28 +4,17 @@
     twa = tk.TWA(model, ckpts, bits=4, process_group=dist.group.WORLD)              # replicated
     twa = tk.TWA(model, ckpts, bits=4, process_group=dist.group.WORLD, shard=True)  # sharded
 
-Replicated: every rank holds the whole basis. `project` is linear, so each rank's backward
-projects its own dL/dw and only the [k, B] coefficient gradient is averaged: one all-reduce
-of k x B floats per backward (a hook on the coefficients; no host sync), instead of the D
-floats a data-parallel step over the model would move.
+Replicated mode averages only the [k, B] coefficient gradient over the ranks (one
+all-reduce per backward); sharded mode gives each rank its own columns of the basis and
+center and gathers the weights (twa_kernels/sharding.py says how, and what a step moves).
+A sharded basis is built from each rank's columns alone (twa_kernels/sharded_build.py),
+and the ranks check that they read the same files. A rank that fails while building makes
+every rank stop together, each naming its error (sharding.agree); under torchrun,
+`record_errors` puts each rank's own error in the job summary.
 
-Sharded: rank r holds columns [c_r, c_r+1) of the codes, scales, mins and center, cut on
-quantisation-group edges. Forward reconstructs the local columns and all-gathers them into
-the full weight vector (as FSDP gathers its flat parameters); backward reduce-scatters dL/dw
-to the column owners, projects locally and all-reduces the [k, B] partial sums. A step moves
-2 x W x L + k x B floats, L the largest shard: 2 D + k B up to a padding of fewer than
-W x group_size elements (all_gather_into_tensor needs equal chunks).
-
-How the ranks share the work is twa_kernels/sharding.py (the strategies) and
-twa_kernels/sharded_build.py (a basis built from each rank's columns); this module holds
-what a user calls around them, and their public names. Every rank must hold the same basis: construction all-gathers a cheap checksum of it and
-raises BasisMismatchError naming the ranks that differ. A sharded build cannot compare
-bases (each rank holds other columns), so it compares the files: each checkpoint's size, a
-digest of its header (a zip torch file's records' CRC-32s, a safetensors header, a DCP
-directory's tensors and data files) and of a few columns every rank reads, raising
-CheckpointContentMismatchError naming each file whose copies differ. A rank that fails
-while building (a corrupt file of its own) makes every rank stop together, each naming it
-(see agree); under torchrun, `record_errors` puts each rank's own error in the job summary.
+This module holds what a user calls around TWA on a process group (init_from_environment,
+split_loader, update_bn and all_reduce_metrics over the ranks, comm_bytes, record_errors)
+and re-exports the public names of the two modules above.
 
 DDP over a TWA module is supported (TWA tells DDP to ignore the center and basis buffers,
 so they are never broadcast); it averages the coefficient gradients itself, so leave
