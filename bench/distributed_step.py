@@ -1,6 +1,6 @@
 """One TWA step across processes: ResNet-18 shapes, k = 16, 4-bit, one block per tensor.
 
-    flock /tmp/twa-heavy.lock python bench/distributed_step.py            # 2 gloo processes
+    python bench/distributed_step.py            # 2 gloo processes
     python bench/distributed_step.py --world 3 --steps 5
 
 A step is: the weights (forward: reconstruct; sharded: reconstruct the local columns, then

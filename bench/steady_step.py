@@ -14,7 +14,7 @@ compiled kernels, once per process, is timed apart on a tiny basis. It reports:
   minimum bytes: the packed basis twice, g and center read, w written);
 - first-call ratio: the slowest of calls 1..3 over steady;
 - the same two against a reference copy timed right after every call (a 47 MB tensor
-  copy, the size of the weights): this shared VM's speed drifts by up to 2x for seconds to
+  copy, the size of the weights): a shared machine's speed can drift by up to 2x for seconds to
   minutes, and the interleaved copy drifts with it, so step / copy of the same moment
   shows what the step itself does.
 

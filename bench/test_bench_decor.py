@@ -10,7 +10,7 @@ with DBP's three extra costs timed on their own, all in the same run:
 next to the BP and DBP forward+backward. extra_info holds the flops of each phase; run this
 file as a script for the per-layer flop table (results/dbp/resnet18_flops.json).
 
-    flock /tmp/twa-heavy.lock python -m pytest bench/test_bench_decor.py --benchmark-json=...
+    python -m pytest bench/test_bench_decor.py --benchmark-json=...
     python bench/test_bench_decor.py
 """
 

@@ -9,7 +9,7 @@ than hidden under the convolutions. Also timed in the same run:
   - the product and its gradient alone over all ResNet-18 weights: autograd's chain of
     multiplies, the library's one autograd Function (`_Product`), and torch.compile of the chain.
 
-    flock /tmp/twa-heavy.lock python -m pytest bench/test_bench_factorize.py --benchmark-json=results/dwf/bench.json
+    python -m pytest bench/test_bench_factorize.py --benchmark-json=results/dwf/bench.json
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ First a learning-rate sweep (1 seed, validation accuracy) measures how much larg
 learning rate DWF wants than the dense model. Writes results/dwf/results.json and
 accuracy_vs_compression.png and prints the tables.
 
-    flock /tmp/twa-heavy.lock python python/dwf.py            # 6-10 minutes on 2 shared cores
+    python python/dwf.py            # 6-10 minutes on 2 shared cores
     python python/dwf.py --quick                               # a smoke run
 """
 

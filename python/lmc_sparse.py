@@ -22,7 +22,7 @@ demo's 1-D CNN with BatchNorm, for each seed:
     three.
 All methods share the initialisation, so the dense level (round 0) is one measurement.
 
-    flock /tmp/twa-heavy.lock python python/lmc_sparse.py          # 3 seeds, 12-16 minutes on 2 cores
+    python python/lmc_sparse.py          # 3 seeds, 12-16 minutes on 2 cores
     python python/lmc_sparse.py --quick                             # 1 seed, 2 rounds: a smoke run
 
 Writes results/lmc_sparse/results.json, lmc_sparse.png (accuracy and barrier against

@@ -56,5 +56,5 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def digits_checkpoints() -> SharedRuns:
     """digits_checkpoints(epochs, lr=0.05, seed=0): the state_dicts after each epoch of SGD on
-    the digits training split (tests.digits.train_checkpoints), each run trained once per session."""
+    the digits training split (tests.digits.train_checkpoints), each run trained once per pytest run."""
     return SharedRuns()

@@ -3,7 +3,7 @@
 The interpreter that the op tests use runs the kernels as NumPy and accepts code the
 compiler rejects (a plain global in a kernel, say). Here every kernel, in each variant the
 launchers use, goes through Triton's full compiler down to a cubin for Hopper, and the main
-ones for Ampere. Runs in a subprocess: the test session sets TRITON_INTERPRET=1, and Triton
+ones for Ampere. Runs in a subprocess: the test run sets TRITON_INTERPRET=1, and Triton
 reads it when the kernels are defined.
 """
 
