@@ -194,8 +194,11 @@ class Subspace:
         """Build the subspace spanned by k checkpoints, streaming.
 
         Pass 1 averages the checkpoints into the center (the SWA point). Pass 2 reads them
-        again; each centred checkpoint becomes a basis row, quantised to `bits` as soon as
-        it is made, so memory holds the center, one dense checkpoint and the packed rows.
+        again; each centred checkpoint becomes a basis row, read and quantised to `bits` a
+        window of columns at a time by the one builder (twa_kernels/builder.py), so memory
+        holds the center and the packed rows, never a whole checkpoint (one dense row with
+        normalize_rows). Files, state_dicts, save_pretrained and DCP directories are read
+        alike, through columns.ColumnReader.
         Rows keep their scale, so a coefficient step moves each block by a fraction of the
         checkpoints' own spread there; normalize_rows=True scales each row to unit norm in
         every block instead (then a step moves every block by the same absolute amount,
