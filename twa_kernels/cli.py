@@ -106,17 +106,9 @@ def _geometry_inputs(args: argparse.Namespace):
     return model, data, train, metric, split
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    """Atomically, with the mode the umask gives (or the replaced file's)."""
-    import json
-
-    from twa_kernels.io import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-
-
 def _connect(args: argparse.Namespace) -> int:
     from twa_kernels import connectivity
+    from twa_kernels.io import write_json
 
     try:
         model, data, train, metric, split = _geometry_inputs(args)
@@ -130,13 +122,14 @@ def _connect(args: argparse.Namespace) -> int:
     print(result.table())
     out = Path(args.out)
     connectivity.plot_interpolation({label: result}, out, title=f"{label} (data.{split}, bn={args.bn})")
-    _write_json(out.with_suffix(".json"), dict(a=args.a, b=args.b, split=split, **result.to_dict()))
+    write_json(out.with_suffix(".json"), dict(a=args.a, b=args.b, split=split, **result.to_dict()))
     print(f"\nwritten: {out}, {out.with_suffix('.json')}")
     return 0
 
 
 def _plane(args: argparse.Namespace) -> int:
     from twa_kernels import connectivity
+    from twa_kernels.io import write_json
 
     points = {}
     for item in args.point or []:
@@ -167,7 +160,7 @@ def _plane(args: argparse.Namespace) -> int:
           f"at ({result.xs[j]:.3f}, {result.ys[i]:.3f})")
     out = Path(args.out)
     connectivity.plot_plane(result, out, value=args.value)
-    _write_json(out.with_suffix(".json"), dict(checkpoints=args.checkpoints, split=split, **result.to_dict()))
+    write_json(out.with_suffix(".json"), dict(checkpoints=args.checkpoints, split=split, **result.to_dict()))
     print(f"written: {out}, {out.with_suffix('.json')}")
     return 0
 

@@ -21,7 +21,6 @@ it. SWA and TWA-v are saved beside the checkpoints for `twa connect` and `twa pl
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
-from twa_kernels.io import load_state_dict, save_state_dict
+from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
 from twa_kernels.twa import TWA
 
 logger = logging.getLogger(__name__)
@@ -375,7 +374,7 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
     ax.set_ylim(max(0.0, low - 5), min(100.0, float(curve.max()) + 2))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)
 
 
@@ -442,7 +441,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     plot(runs, summary, out / "accuracy.png")
     report["plane"] = plane_figure(runs[0], setting, out / "plane.png", grid=11 if quick else 21, progress=progress)
     report["total_seconds"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "results.json", report)
     report["table"] = format_table(summary, n_seeds)
     return report
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import os
 import sys
@@ -48,7 +47,7 @@ from torch import nn
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
-from twa_kernels.io import atomic_write, resolve_checkpoints, save_state_dict
+from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
@@ -396,5 +395,5 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool, outputs: Outp
     for name in ("averaged.pt", "averaged.safetensors"):
         save_state_dict(state, outputs.stage(name))
     report["outputs"] = [str(out / name) for name in OUTPUTS[:2]]
-    atomic_write(outputs.stage("report.json"), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    write_json(outputs.stage("report.json"), report)
     return report

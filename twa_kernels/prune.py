@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset
 
 from twa_kernels.errors import InvalidArgumentError
-from twa_kernels.io import StateDict, load_state_dict, save_state_dict
+from twa_kernels.io import StateDict, load_state_dict, save_state_dict, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -258,17 +257,6 @@ def _capture_after_steps(model: nn.Module, steps: int) -> Iterator[dict]:
         handle.remove()
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _clone_state(model: nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -389,7 +377,7 @@ def imp(
         manifest["done"] = r
         manifest["sparsity"].append(sparsity(mask))
         manifest["files"].append(files)
-        _write_json(manifest, manifest_path)
+        write_json(manifest_path, manifest)
         logger.info("IMP round %d: sparsity %.4f", r, manifest["sparsity"][-1])
     if manifest["done"] > rounds:  # an earlier run went further: report the rounds asked for
         model.load_state_dict(load_state_dict(out / manifest["files"][rounds]["trained"]))

@@ -10,7 +10,6 @@ and the Agg backend must be selected before pyplot is first imported.
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,22 +20,14 @@ from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import Checkpoint
 from twa_kernels.geometry.interpolation import Interpolation
 from twa_kernels.geometry.planes import Plane
+from twa_kernels.io import atomic_write
 
 _MARKERS = ["*", "s", "D", "^", "v", "P", "X", "h"]
 
 
 def _save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure atomically: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write a matplotlib figure atomically (io.atomic_write), in the format its suffix names."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
 
 
 def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Checkpoint] | None = None,
