@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import weakref
 from collections.abc import Callable
 from typing import Optional
 
@@ -110,26 +109,14 @@ def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | 
     return kernels[name]
 
 
-# Offsets tensors whose values were checked, by id: (weak reference, version, num_cols).
-# A GPU kernel trusts them, and reading them back costs a device sync, so each tensor is
-# read once (again only if it is written in place, which moves its version counter).
-_CHECKED_OFFSETS: dict[int, tuple[weakref.ref, int, int]] = {}
-
-
 def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int, group_size: int,
                   num_cols: int) -> None:
     """Refuse, before a kernel runs, raw basis tensors that do not fit their layout. The
     C++ binding checks its inputs itself; Triton and CUDA kernels take what they are given,
-    so calls that reach them through torch.ops directly are checked here."""
-    if backend(codes.device) == "cpp":
-        return
-    seen = _CHECKED_OFFSETS.get(id(block_offsets))
-    fresh = seen is not None and seen[0]() is block_offsets and seen[1:] == (block_offsets._version, num_cols)
-    check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols, offset_values=not fresh)
-    if not fresh:
-        if len(_CHECKED_OFFSETS) > 1024:
-            _CHECKED_OFFSETS.clear()
-        _CHECKED_OFFSETS[id(block_offsets)] = (weakref.ref(block_offsets), block_offsets._version, num_cols)
+    so calls that reach them through torch.ops directly are checked here (each offsets
+    tensor's values once, see quant._validate_offsets)."""
+    if backend(codes.device) != "cpp":
+        check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
 
 
 # ---- project: y[r, b] = sum_{j in block b} p^[r, j] * g[j] -------------------------------

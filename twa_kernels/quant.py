@@ -16,6 +16,7 @@ all k rows then reads one contiguous stream of metadata instead of k strided one
 from __future__ import annotations
 
 from collections.abc import Sequence
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -134,10 +135,10 @@ def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:
 
 
 def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int | None,
-                 group_size: int, num_cols: int, *, offset_values: bool = True) -> None:
-    """Types, shapes, dtypes and devices of a basis's tensors, and (unless
-    offset_values=False) the values of its block offsets: everything a kernel relies on
-    for memory safety. Raises BasisLayoutError naming the field."""
+                 group_size: int, num_cols: int) -> None:
+    """Types, shapes, dtypes and devices of a basis's tensors, and the values of its block
+    offsets: everything a kernel relies on for memory safety. Raises BasisLayoutError
+    naming the field."""
     tensors = {"codes": codes, "scales": scales, "mins": mins, "block_offsets": block_offsets}
     for name, value in tensors.items():
         if not isinstance(value, Tensor):
@@ -161,8 +162,7 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
         raise BasisLayoutError(f"block_offsets must be a 1-D int64 tensor with at least 2 entries, got "
                                f"{block_offsets.dtype} {tuple(block_offsets.shape)}; build it with "
                                "block_offsets_from_sizes")
-    if offset_values:
-        _validate_offsets(block_offsets, num_cols)
+    _validate_offsets(block_offsets, num_cols)
     k = codes.shape[0]
     if bits is None:
         if codes.dtype != torch.float32 or codes.shape[1] != num_cols:
@@ -184,9 +184,19 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
         raise BasisLayoutError("the basis tensors must be contiguous; call .contiguous() on them")
 
 
+# Offsets tensors whose values were checked, by id: (weak reference, version, num_cols).
+# Reading them back costs a device sync on a GPU, and TWA makes a QuantizedBasis of its
+# buffers every forward, so each tensor is read once (again only if written in place,
+# which moves its version counter).
+_CHECKED_OFFSETS: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
 def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
     if _is_traced(offsets):
         return  # no values to read under torch.compile's fake tensors; the eager call checked them
+    seen = _CHECKED_OFFSETS.get(id(offsets))
+    if seen is not None and seen[0]() is offsets and seen[1:] == (offsets._version, num_cols):
+        return
     values = offsets.tolist() if offsets.numel() <= 4096 else None
     if values is None:
         first, last, ordered = int(offsets[0]), int(offsets[-1]), bool((offsets.diff() > 0).all())
@@ -198,6 +208,9 @@ def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
     if not ordered:
         raise BasisLayoutError("block_offsets must increase strictly (every block holds at least one column); "
                                f"got {(values or offsets.tolist())[:8]}...; build them with block_offsets_from_sizes")
+    if len(_CHECKED_OFFSETS) > 1024:
+        _CHECKED_OFFSETS.clear()
+    _CHECKED_OFFSETS[id(offsets)] = (weakref.ref(offsets), offsets._version, num_cols)
 
 
 def _is_traced(t: Tensor) -> bool:
