@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from paper_baseline import PaperBasis  # noqa: E402
 from shapes import MODELS  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 from twa_kernels._memory import empty_huge  # noqa: E402
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes, packed_row_bytes  # noqa: E402
@@ -93,3 +94,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["grid"] = os.environ.get("TWA_BENCH", "default")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    # machine, date, commit and software of the run, in the same form as every other results file
+    output_json["stamp"] = stamp()

@@ -17,7 +17,7 @@ the measurement checks: the paper's all-reduce of dL/dw (D floats), DDP over the
 (D gradient floats plus its per-forward BatchNorm buffer broadcast), DDP over a TWA module
 that did not exclude its buffers (the basis and center broadcast every forward), and our two
 modes. On this 2-core machine the processes share the cores, so the times say little; the
-bytes are the figure to trust. Writes bench/results/distributed-step.json.
+bytes are the figure to trust. Writes bench/results/<machine>-distributed-step.json.
 """
 
 from __future__ import annotations
@@ -124,7 +124,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default=None, help="default: bench/results/<machine>-distributed-step.json")
     args = parser.parse_args()
+    from stamp import machine_slug, stamp
+
+    info = stamp()
 
     torch.set_num_threads(1)
     single, _ = _time_steps(_twa(), args.steps)
@@ -138,6 +142,7 @@ def main() -> None:
 
     resnet = resnet18_sizes()
     report = {
+        "stamp": {**info, "threads": 1},
         "world": args.world, "k": K, "bits": BITS, "group_size": GROUP, "steps": args.steps,
         "threads_per_process": 1, "cpu_count": os.cpu_count(),
         "measured": {"one process": {"seconds": single, "bytes": 0},
@@ -149,8 +154,8 @@ def main() -> None:
     formula = _formulas(resnet, args.world, 0)  # the measured bytes are what the formulas say
     assert report["measured"]["replicated"]["bytes"] == formula["ours, replicated (k x B)"]
     assert report["measured"]["sharded"]["bytes"] == formula[f"ours, sharded over {args.world} (2 x W x L + k x B)"]
-    (HERE / "results").mkdir(exist_ok=True)
-    path = HERE / "results" / "distributed-step.json"
+    path = Path(args.out or HERE / "results" / f"{machine_slug()}-distributed-step.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, path)

@@ -81,3 +81,7 @@ def stamp() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+if __name__ == "__main__":  # `python bench/stamp.py` prints the slug, for results file names
+    print(machine_slug())
