@@ -1,20 +1,35 @@
-"""Roofline report from a pytest-benchmark JSON: python bench/report.py RUN.json [OUT.json]
+"""Tables from the benchmark results: one run's roofline, and the docs' tables from bench/results.
 
-For every (op, model, k, bits) it gives the fused kernel's median time, its speed-up over
+    python bench/report.py RUN.json [OUT.json]   # roofline table of one pytest-benchmark run
+    python bench/report.py --print               # the docs' tables, from bench/results/*.json
+    python bench/report.py --write               # rewrite them in README.md and docs/benchmarks.md
+    python bench/report.py --check               # exit 1 if the docs' tables differ from --print
+
+Roofline: for every (op, model, k, bits) the fused kernel's median time, its speed-up over
 the reference and over the paper's code path (all timed in the same run), the bytes the op
 must move, the achieved GB/s and the fraction of the copy bandwidth measured in that run.
 "arithmetic ms" is the time the unpacking arithmetic alone takes (k * D elements at the
 rate measured on a cache-resident basis, test_in_cache) and "memory ms" the time the
 bytes take at copy bandwidth: the larger one says what bounds the op.
-It prints a Markdown table and writes the rows as JSON (default: beside RUN.json).
+
+Docs' tables: each sits in a Markdown file between `<!-- report:NAME -->` and
+`<!-- /report:NAME -->`, and is generated from the results files of bench/results
+(`<machine>-ops.json`, `<machine>-steady-step.json`, `<machine>-distributed-step.json`),
+each stamped with the machine, date, commit and torch version it came from.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
 
 
 def build_report(run: dict) -> dict:
@@ -64,8 +79,8 @@ def build_report(run: dict) -> dict:
     if "sgd" in train_steps:
         sgd = train_steps["sgd"]
         train = {impl: dict(step_ms=t * 1e3, overhead_over_sgd=t / sgd - 1) for impl, t in train_steps.items()}
-    return dict(machine=run.get("machine_info", {}), datetime=run.get("datetime"), copy_GBps=copy_bw / 1e9, rows=rows,
-                train_step=train)
+    return dict(stamp=run.get("stamp"), machine=run.get("machine_info", {}), datetime=run.get("datetime"),
+                copy_GBps=copy_bw / 1e9, rows=rows, train_step=train)
 
 
 def markdown(report: dict) -> str:
@@ -90,16 +105,195 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    if not argv:
-        raise SystemExit(__doc__)
+# ---- the docs' tables ---------------------------------------------------------------------
+
+def stamp_line(stamp: dict | None, slug: str = "") -> str:
+    """'AMD EPYC (AVX2, FMA), 2 logical cores, 2 threads, torch 2.13.0+cpu; 2026-11-23, commit cafb196'.
+    Where the stamp has no CPU model, the file name's machine slug stands in, marked as such."""
+    s = stamp or {}
+    machine = s.get("gpu") or s.get("cpu") or (f"{slug} (CPU model not recorded)" if slug else "CPU model not recorded")
+    if s.get("cpu_features") and not s.get("gpu"):
+        machine += f" ({', '.join(f.upper() for f in s['cpu_features'])})"
+    parts = [machine]
+    if s.get("logical_cores"):
+        parts.append(f"{s['logical_cores']} logical cores")
+    if s.get("threads"):
+        parts.append(f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}")
+    parts.append(f"torch {s['torch']}" if s.get("torch") else "torch version not recorded")
+    date = s["datetime"][:10] if s.get("datetime") else "date not recorded"
+    if s.get("commit"):
+        commit = f"commit {s['commit'][:7]}" + (" with local changes" if s.get("clean") is False else "")
+    else:
+        commit = "commit not recorded"
+    return f"{', '.join(parts)}; {date}, {commit}"
+
+
+def _files(suite: str) -> list[Path]:
+    """The results files of one suite, newest stamp first (an undated file last)."""
+    paths = sorted(RESULTS.glob(f"*-{suite}.json"))
+    return sorted(paths, key=lambda p: (json.loads(p.read_text()).get("stamp") or {}).get("datetime") or "",
+                  reverse=True)
+
+
+def _slug(path: Path, suite: str) -> str:
+    return path.name[: -len(f"-{suite}.json")]
+
+
+def _link(path: Path, page: Path) -> str:
+    return Path(*[".."] * (len(page.relative_to(REPO).parts) - 1), path.relative_to(REPO)).as_posix()
+
+
+def _ms(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def headline(page: Path) -> str:
+    """One TWA step and its two kernels at k = 16, 4 bits on ResNet-18 shapes, newest ops run."""
+    files = _files("ops")
+    if not files:
+        return "No ops results in bench/results yet."
+    path = files[0]
+    run = json.loads(path.read_text())
+    report = build_report(run)
+    rows = {(r["op"], r["bits"]): r for r in report["rows"] if r["model"] == "resnet18" and r["k"] == 16}
+    lines = ["| op (ResNet-18 shapes, k = 16) | fused ms | reference ms | paper's code ms | vs paper "
+             "| of copy bandwidth |", "|---|---:|---:|---:|---:|---:|"]
+    for op, bits, label in (("project", "4", "project, 4-bit"), ("reconstruct", "4", "reconstruct, 4-bit"),
+                            ("twa_step", "4", "**TWA step, 4-bit**"), ("orthonormalize", "fp32", "orthonormalize")):
+        r = rows.get((op, bits))
+        if r is None:
+            continue
+        lines.append(f"| {label} | {_ms(r['fused_ms'])} | {r['reference_ms']:.0f} | {r['paper_ms']:.0f} "
+                     f"| {r['speedup_vs_paper']:.1f}x | {r['fraction_of_copy_bw']:.0%} |")
+    lines += ["", f"{stamp_line(report['stamp'], _slug(path, 'ops'))}; medians, copy bandwidth {report['copy_GBps']:.1f} GB/s "
+                  f"in the same run ([JSON]({_link(path, page)}))."]
+    return "\n".join(lines)
+
+
+def ops(page: Path) -> str:
+    out = []
+    for path in _files("ops"):
+        report = build_report(json.loads(path.read_text()))
+        grid = (report["machine"] or {}).get("grid", "not recorded")
+        out += [f"**{stamp_line(report['stamp'], _slug(path, 'ops'))}**, grid `{grid}` ([JSON]({_link(path, page)}))", "",
+                markdown(report), ""]
+    return "\n".join(out).strip() or "No ops results in bench/results yet."
+
+
+def steady_step(page: Path) -> str:
+    out = []
+    for path in _files("steady-step"):
+        data = json.loads(path.read_text())
+        runs = data["runs"]
+        out += [f"**{stamp_line(data.get('stamp'), _slug(path, 'steady-step'))}**; {len(runs)} run{'s' if len(runs) != 1 else ''} "
+                f"one after another ([JSON]({_link(path, page)}))", "",
+                "| run | steady ms, per process | median fraction of copy | spread | worst first-call ratio "
+                "| spread against the copy | training step: SGD / TWA |",
+                "|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(runs, 1):
+            steady = [p["steady_ms"] for p in r["processes"]]
+            s, t = r["summary"], r["training_step"]
+            out.append(f"| {i} | {min(steady):.1f}-{max(steady):.1f} | {s['median_fraction_of_copy']:.0%} "
+                       f"| {s['spread_slowest_over_fastest']:.2f}x | {s['worst_first_call_ratio']:.2f}x "
+                       f"| {s['spread_vs_copy']:.2f}x | {t['median_ms']['sgd']:.0f} / {t['median_ms']['twa']:.0f} ms, "
+                       f"{t['twa_overhead']:+.0%} |")
+        frac = [r["summary"]["median_fraction_of_copy"] for r in runs]
+        spread = [r["summary"]["spread_slowest_over_fastest"] for r in runs]
+        first = [r["summary"]["worst_first_call_ratio"] for r in runs]
+        over = [r["training_step"]["twa_overhead"] for r in runs]
+        n = len(runs)
+
+        def held(values, ok):
+            return sum(ok(v) for v in values)
+
+        out += ["", "| target | holds in |", "|---|---|",
+                f"| median fraction of copy bandwidth >= 50% | {held(frac, lambda v: v >= 0.5)} of {n} runs "
+                f"({min(frac):.0%}-{max(frac):.0%}) |",
+                f"| slowest process within 1.5x of the fastest | {held(spread, lambda v: v <= 1.5)} of {n} "
+                f"({min(spread):.2f}-{max(spread):.2f}x) |",
+                f"| first 3 calls within 1.5x of the steady state | {held(first, lambda v: v <= 1.5)} of {n} "
+                f"({min(first):.2f}-{max(first):.2f}x) |",
+                f"| TWA's training step at most +15% over SGD's | {held(over, lambda v: v <= 0.15)} of {n} "
+                f"(median {statistics.median(over):+.0%}, {min(over):+.0%} to {max(over):+.0%}) |", ""]
+    return "\n".join(out).strip() or "No steady-step results in bench/results yet."
+
+
+def distributed_step(page: Path) -> str:
+    out = []
+    for path in _files("distributed-step"):
+        d = json.loads(path.read_text())
+        tables = d["bytes_per_step"]
+        models = list(tables)
+        schemes = list(tables[models[0]])
+        out += [f"**{stamp_line(d.get('stamp'), _slug(path, 'distributed-step'))}**; {d['world']} gloo processes, k = {d['k']}, {d['bits']}-bit, "
+                f"one block per tensor ([JSON]({_link(path, page)}))", "",
+                "| bytes per step and rank | " + " | ".join(models) + " |",
+                "|---|" + "---:|" * len(models)]
+        for scheme in schemes:
+            out.append(f"| {scheme} | " + " | ".join(f"{tables[m][scheme]:,}" for m in models) + " |")
+        out += ["", "| ResNet-18 shapes, one TWA step | seconds (median) | bytes per step and rank, measured |",
+                "|---|---:|---:|"]
+        for mode, m in d["measured"].items():
+            out.append(f"| {mode} | {m['seconds']:.3f} | {m['bytes']:,} |")
+        out.append("")
+    return "\n".join(out).strip() or "No distributed-step results in bench/results yet."
+
+
+SECTIONS = {"headline": headline, "ops": ops, "steady-step": steady_step, "distributed-step": distributed_step}
+PAGES = {"README.md": ["headline"], "docs/benchmarks.md": ["headline", "ops", "steady-step", "distributed-step"]}
+
+
+def render(text: str, page: Path) -> str:
+    """`text` with every report section present in it regenerated."""
+    for name, make in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
+        if pattern.search(text):
+            body = make(page)
+            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def check_pages(write: bool) -> list[str]:
+    """The pages whose tables differ from the results (rewritten when `write`)."""
+    stale = []
+    for rel, names in PAGES.items():
+        page = REPO / rel
+        text = page.read_text()
+        missing = [n for n in names if f"<!-- report:{n} -->" not in text]
+        if missing:
+            raise SystemExit(f"{rel} has no <!-- report:{missing[0]} --> section")
+        new = render(text, page)
+        if new != text:
+            stale.append(rel)
+            if write:
+                page.write_text(new)
+            else:
+                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), rel, rel))
+    return stale
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    if argv[0] == "--print":
+        for name, make in SECTIONS.items():
+            print(f"<!-- report:{name} -->\n{make(REPO / 'docs' / 'benchmarks.md')}\n<!-- /report:{name} -->\n")
+        return 0
+    if argv[0] in ("--write", "--check"):
+        stale = check_pages(write=argv[0] == "--write")
+        verb = "rewrote" if argv[0] == "--write" else "out of date (run python bench/report.py --write)"
+        print(f"{verb}: {', '.join(stale)}" if stale else "the docs' tables match bench/results")
+        return 1 if stale and argv[0] == "--check" else 0
     run_path = Path(argv[0])
     out_path = Path(argv[1]) if len(argv) > 1 else run_path.with_name(run_path.stem + "-roofline.json")
     report = build_report(json.loads(run_path.read_text()))
     out_path.write_text(json.dumps(report, indent=1))
+    print(stamp_line(report["stamp"]) + "\n")
     print(markdown(report))
     print(f"\nwritten: {out_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

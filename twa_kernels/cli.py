@@ -207,7 +207,12 @@ def _bench(args: argparse.Namespace) -> int:
         print("twa: error: `twa bench` runs the bench/ suite of a source checkout, and none is beside this "
               "install; clone the repository and pip install -e it", file=sys.stderr)
         return 2
-    results = bench / "results" / f"local-{args.grid}.json"
+    if args.out is None:  # in the current directory, never inside the source tree
+        sys.path.insert(0, str(bench))
+        from stamp import machine_slug
+
+        args.out = f"twa-bench-{machine_slug()}-{args.grid}.json"
+    results = Path(args.out).resolve()
     env = {**os.environ, "TWA_BENCH": args.grid}
     code = subprocess.call([sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider",
                             f"--benchmark-json={results}"], env=env, cwd=bench.parent)
@@ -230,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--no-progress", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
     bench = sub.add_parser("bench", help="run the benchmark suite and print the roofline table")
-    bench.add_argument("--grid", choices=["quick", "default", "full"], default="quick")
+    bench.add_argument("--grid", choices=["quick", "default", "full"], default="quick",
+                       help="quick: k = 16, 4-bit (a few minutes); default: k = 16 and 72, bits 1/2/4/8; "
+                            "full: also CLIP ViT-B/32 shapes")
+    bench.add_argument("--out", default=None,
+                       help="the pytest-benchmark JSON (default ./twa-bench-<machine>-<grid>.json; "
+                            "the roofline JSON goes beside it)")
     bench.set_defaults(func=_bench)
     build = sub.add_parser("build", help="compile the C++ kernels now (they are cached) and print where")
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's commands and output")
