@@ -1,0 +1,109 @@
+"""The docs stay true: they build without a warning, their links resolve, their Python blocks
+run, and their benchmark tables are what bench/report.py makes of bench/results.
+
+Python blocks: each page's ```python blocks run in order, in one namespace per page, in a
+fresh directory, with a fixed seed (as tests/test_guides.py does for docs/guides/). A block
+that needs what a test cannot have (a GPU, a torchrun job, a long training run, files of
+the reader's own) is preceded by a line `<!-- no-run: why -->`, invisible in the rendered
+page; it is still compiled, so its syntax stays valid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+# the guides run in tests/test_guides.py
+PAGES = ["README.md"] + sorted(p.relative_to(REPO).as_posix() for p in DOCS.rglob("*.md")
+                               if "guides" not in p.relative_to(DOCS).parts)
+
+BLOCK = re.compile(r"(?:^<!-- no-run: (?P<why>.*?) -->\n)?^```python\n(?P<code>.*?)^```$", re.S | re.M)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def python_blocks(page: Path) -> list[tuple[int, str, str | None]]:
+    """(first line, code, reason not to run or None) of each ```python block, in order."""
+    text = page.read_text()
+    return [(text.count("\n", 0, m.start("code")) + 1, m.group("code"), m.group("why"))
+            for m in BLOCK.finditer(text)]
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_python_blocks_run(name, tmp_path, monkeypatch):
+    page = REPO / name
+    blocks = python_blocks(page)
+    if not blocks:
+        pytest.skip("no python block")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    namespace: dict = {"__name__": f"docs_{re.sub(r'[^a-z0-9]', '_', name.lower())}"}
+    skipped = []
+    for line, code, why in blocks:
+        compiled = compile("\n" * (line - 1) + code, str(page), "exec")
+        if why is None:
+            exec(compiled, namespace)
+        else:
+            skipped.append(f"line {line}: {why}")
+    assert len(skipped) < len(blocks) or len(blocks) == 1, f"{name}: every block is marked no-run"
+
+
+def test_the_extractor_reads_markers_and_lines(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("x\n\n```python\na = 1\n```\n\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n")
+    assert python_blocks(page) == [(4, "a = 1\n", None), (9, "b = 2\n", "needs a GPU")]
+
+
+def _links(page: Path) -> list[str]:
+    text = re.sub(r"^```.*?^```$", "", page.read_text(), flags=re.S | re.M)
+    return [m.group(1) for m in re.finditer(r"\]\(([^)\s]+)\)", text)]
+
+
+def test_readme_links_resolve():
+    missing = []
+    for target in _links(REPO / "README.md"):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = target.split("#")[0]
+        if not (REPO / path).exists():
+            missing.append(target)
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_readme_is_short():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
+                    reason="mkdocs and mkdocs-material come with the test extra")
+def test_the_docs_build_strict_without_warnings(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "WARNING" not in log, log
+    assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_the_docs_tables_match_bench_results():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    for rel, names in report.PAGES.items():
+        page = REPO / rel
+        text = page.read_text()
+        for name in names:
+            assert f"<!-- report:{name} -->" in text, f"{rel} lost its {name} table"
+        assert report.render(text, page) == text, (
+            f"{rel}: its tables differ from bench/results; run python bench/report.py --write")
