@@ -1,0 +1,29 @@
+"""`twa bench` writes its results where the user runs it, never into the source tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twa_kernels import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_twa_bench_writes_into_the_current_directory(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench"]) == 0
+    json_arg = next(a for a in calls[0] if a.startswith("--benchmark-json="))
+    out = Path(json_arg.split("=", 1)[1])
+    assert out.parent == tmp_path.resolve()
+    assert out.name.startswith("twa-bench-") and out.name.endswith("-quick.json")
+    assert calls[1][-1] == str(out)  # the roofline report reads the same file
+
+
+def test_twa_bench_out_chooses_the_file(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--grid", "default", "--out", "run.json"]) == 0
+    assert f"--benchmark-json={tmp_path.resolve() / 'run.json'}" in calls[0]
