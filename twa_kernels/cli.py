@@ -208,10 +208,12 @@ def _bench(args: argparse.Namespace) -> int:
               "install; clone the repository and pip install -e it", file=sys.stderr)
         return 2
     if args.out is None:  # in the current directory, never inside the source tree
-        sys.path.insert(0, str(bench))
-        from stamp import machine_slug
+        import importlib.util
 
-        args.out = f"twa-bench-{machine_slug()}-{args.grid}.json"
+        spec = importlib.util.spec_from_file_location("_twa_bench_stamp", bench / "stamp.py")
+        stamp = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stamp)
+        args.out = f"twa-bench-{stamp.machine_slug()}-{args.grid}.json"
     results = Path(args.out).resolve()
     env = {**os.environ, "TWA_BENCH": args.grid}
     code = subprocess.call([sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider",
