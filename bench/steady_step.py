@@ -27,7 +27,7 @@ table of the SGD and TWA steps' top operators (where TWA's extra time goes).
 
 Writes bench/results/<machine>-steady-step.json (`--runs N` repeats the whole measurement N
 times into one file) and prints the tables. No assertion on time: this is
-a measurement, the README quotes it.
+a measurement; docs/benchmarks.md shows it.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def test_product_std_on_a_256x256_layer(depth):
     factorize(layer, depth=depth)
     measured = float(layer.weight.detach().std())
     assert measured == pytest.approx(truncated_std(sigma, depth), rel=0.05)
-    assert measured < 0.6 * sigma  # truncation shrinks it: documented in the README
+    assert measured < 0.6 * sigma  # truncation shrinks it: documented in docs/methods/factorization.md
     torch.manual_seed(depth)
     matched = factorize(nn.Linear(256, 256), depth=depth, init="dwf_matched")
     assert float(matched.weight.detach().std()) == pytest.approx(sigma, rel=0.05)

@@ -405,7 +405,7 @@ def test_outputs_follow_the_umask_and_replaced_files_keep_their_mode(in_project)
 
 
 def test_the_console_script_imports_the_project_from_the_working_directory(tmp_path):
-    """The README's `twa fit config.yaml`, through the installed console script, from a
+    """The `twa fit config.yaml` of docs/cli.md, through the installed console script, from a
     project directory that is not on PYTHONPATH."""
     project = tmp_path / "project"
     (project / "mypackage").mkdir(parents=True)
