@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from twa_kernels.errors import InvalidTypeError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
@@ -198,8 +199,6 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
     map-style dataset is rebuilt with a DistributedSampler (shuffled if the loader was; it
     pads by repeating samples); another sized iterable keeps every W-th batch, len // W of
     them. An unsized iterable is refused."""
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
         sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,

@@ -30,6 +30,7 @@ gradient from prefix and suffix products of the saved factors.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import weakref
@@ -315,8 +316,6 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
     """A plain copy of `model`: every factorised weight replaced by its product, with
     |w| < threshold set to 0. Its state_dict loads into the original architecture."""
-    import copy
-
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if _is_factorized(module):

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import safetensors.torch  # read as safetensors.torch.<name> at each call: tests swap them
 from torch import Tensor, nn
 
 try:  # the same CRC-32 as zlib's, several times faster where zlib has no folded-multiply path
@@ -221,10 +222,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            tensors = load_file(str(path), device="cpu")
+            tensors = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
         return _strip_prefixes(tensors, str(path))
@@ -518,7 +517,5 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
     # clone: safetensors refuses tensors that share memory (tied weights, views)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     if Path(path).suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
+from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
@@ -49,7 +50,6 @@ from twa_kernels.geometry.evaluation import (
     evaluate,
     float_buffers,
     preserved,
-    progress_bar,
 )
 from twa_kernels.columns import ColumnReader
 from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_state_dict
@@ -390,7 +390,7 @@ def plane(
     points: Mapping[str, Checkpoint] | None = None,
     labels: Sequence[str] | None = None,
     bn_data: Iterable | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Plane:
     """Loss and error of `model` on a grid over the plane through three checkpoints [a, b, c]
     (origin a, first axis towards b), or through the center of a tk.Subspace along its
@@ -450,7 +450,7 @@ def plane(
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
     cells = [(i, j) for i in range(ny) for j in range(nx)]
     with preserved(model), torch.no_grad():
-        for i, j in progress_bar(cells, progress, "plane", total=len(cells)):
+        for i, j in progress_bar(cells, enabled=progress, desc="plane", total=len(cells)):
             if j == 0:
                 frame.weights((xs[0], ys[i]), out=flat)
             else:

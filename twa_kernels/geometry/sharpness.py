@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.errors import InvalidArgumentError
-from twa_kernels.geometry.evaluation import preserved, progress_bar
+from twa_kernels._progress import progress_bar
+from twa_kernels.geometry.evaluation import preserved
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def hessian_diagonal(
     *,
     chunk: int = 256,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Tensor]:
     """Hutchinson's estimate of the diagonal of the Hessian of the mean loss over `data` with
     respect to the parameters: the mean over `samples` Rademacher probes z of z * (H z).
@@ -94,7 +95,7 @@ def hessian_diagonal(
         params, hvp = _hvp(model, loss_fn, data)
         acc = {k: torch.zeros_like(p) for k, p in params.items()}
         sizes = [min(chunk, samples - s) for s in range(0, samples, chunk)]
-        for m in progress_bar(sizes, progress, "Hutchinson probes"):
+        for m in progress_bar(sizes, enabled=progress, desc="Hutchinson probes"):
             z = {k: (torch.randint(0, 2, (m, *p.shape), generator=generator) * 2 - 1).to(p)
                  for k, p in params.items()}
             hz = hvp(z)
@@ -111,7 +112,7 @@ def top_eigenvalue(
     tol: float = 1e-4,
     *,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> EigenResult:
     """The dominant eigenvalue of the Hessian of the mean loss over `data` (largest in
     magnitude: the sharpness at a minimum, where the largest eigenvalues are positive) by
@@ -127,7 +128,7 @@ def top_eigenvalue(
         model.eval()
         params, hvp = _hvp(model, loss_fn, data)
         v = {k: torch.randn(p.shape, generator=generator).to(p) for k, p in params.items()}
-        for _ in progress_bar(range(iters), progress, "power iteration"):
+        for _ in progress_bar(range(iters), enabled=progress, desc="power iteration"):
             norm = torch.sqrt(sum((t * t).sum() for t in v.values()))
             v = {k: t / norm for k, t in v.items()}
             hv = {k: t[0] for k, t in hvp({k: t[None] for k, t in v.items()}).items()}
