@@ -481,7 +481,7 @@ def test_hutchinson_diagonal_matches_the_exact_hessian(tiny):
     model, data, hessian = tiny
     exact = hessian.diagonal()
     probes = 30000
-    estimate = C.hessian_diagonal(model, F.cross_entropy, data, samples=probes, chunk=500)
+    estimate = C.hessian_diagonal(model, F.cross_entropy, data, samples=probes, chunk=500, seed=0)
     assert [tuple(t.shape) for t in estimate.values()] == [tuple(p.shape) for p in model.parameters()]
     got = torch.cat([t.reshape(-1) for t in estimate.values()])
     significant = exact.abs() > 1e-3 * exact.abs().mean()  # the rest are zero (pixels that are always 0) or nearly
@@ -499,12 +499,30 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
 
     model, data, hessian = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = C.top_eigenvalue(model, F.cross_entropy, data, iters=200, tol=1e-6)
+    result = C.top_eigenvalue(model, F.cross_entropy, data, iters=200, tol=1e-6, seed=0)
     top = float(torch.linalg.eigvalsh(hessian)[-1])
     print(f"\npower iteration: {result.value:.6f} after {len(result.trace)} products; eigvalsh: {top:.6f}")
     assert result.converged and result.value == pytest.approx(top, rel=1e-2)
     assert result.trace[-1] == result.value and len(result.trace) > 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sharpness_seeds_reproduce_and_leave_the_global_rng_alone(tiny):
+    import torch.nn.functional as F
+
+    model, data, _ = tiny
+    state = torch.get_rng_state()
+    diag = C.hessian_diagonal(model, F.cross_entropy, data, samples=4, seed=1)
+    top = C.top_eigenvalue(model, F.cross_entropy, data, iters=3, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in
+               zip(diag.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4, seed=1).values()))
+    assert C.top_eigenvalue(model, F.cross_entropy, data, iters=3, seed=1).trace == top.trace
+    torch.manual_seed(3)
+    unseeded = C.hessian_diagonal(model, F.cross_entropy, data, samples=4)
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in
+               zip(unseeded.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4).values()))
 
 
 # ---- the CLI: `twa connect` and `twa plane` ---------------------------------------------------

@@ -8,11 +8,12 @@ is left as it was; None draws from torch's global RNG, so `torch.manual_seed` go
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
 
-from twa_kernels.errors import InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 
 
 def check_seed(seed: int | None, name: str = "seed") -> int | None:
@@ -43,3 +44,22 @@ def seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def generator_or_seed(seed: int | torch.Generator | None, deprecated_generator: torch.Generator | None,
+                      where: str) -> torch.Generator | None:
+    """The generator to draw from for a function that took `generator=` before `seed=`: a
+    torch.Generator passed as `generator=` (or positionally where `seed` now stands) still
+    works for one release, with a DeprecationWarning; an int seed gives a fresh generator."""
+    if isinstance(seed, torch.Generator):  # the old positional form
+        seed, deprecated_generator = None, seed
+    if deprecated_generator is not None:
+        if seed is not None:
+            raise InvalidArgumentError(f"{where}: pass seed= or the deprecated generator=, not both")
+        if not isinstance(deprecated_generator, torch.Generator):
+            raise InvalidTypeError(f"{where}: generator= must be a torch.Generator, got "
+                                   f"{type(deprecated_generator).__name__}; pass seed=<int> instead")
+        warnings.warn(f"{where}(generator=...) is deprecated: pass seed=<int> (a private generator, the global RNG "
+                      "untouched) or seed=None (torch's global RNG)", DeprecationWarning, stacklevel=3)
+        return deprecated_generator
+    return generator(seed)
