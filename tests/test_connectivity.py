@@ -3,6 +3,7 @@ MLP. Barriers of a model with itself, of nearby epochs of one run and of two ind
 runs; BatchNorm modes against update_bn and the study's interpolated statistics; masks."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -165,6 +166,8 @@ def test_plane_through_reconstruct_matches_dense_weights_at_random_points(runs, 
     assert p.points[names[1]].x == pytest.approx(float((b - a).norm()), rel=1e-6)
     assert p.points[names[2]].x == pytest.approx(float((c - a) @ u), rel=1e-5)
     assert p.points[names[2]].y == pytest.approx(float((c - a) @ v), rel=1e-5)
+    as_json = json.loads(json.dumps(p.to_dict()))
+    assert as_json["points"][names[1]] == p.points[names[1]].to_dict() == p.points[names[1]]._asdict()
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
         i, j = int(torch.randint(5, (1,), generator=generator)), int(torch.randint(6, (1,), generator=generator))
@@ -518,6 +521,7 @@ def test_sharpness_seeds_reproduce_and_leave_the_global_rng_alone(tiny):
     assert all(torch.equal(a, b) for a, b in
                zip(diag.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4, seed=1).values()))
     assert C.top_eigenvalue(model, F.cross_entropy, data, iters=3, seed=1).trace == top.trace
+    assert json.loads(json.dumps(top.to_dict())) == dict(value=top.value, trace=top.trace, converged=top.converged)
     torch.manual_seed(3)
     unseeded = C.hessian_diagonal(model, F.cross_entropy, data, samples=4)
     torch.manual_seed(3)

@@ -78,6 +78,9 @@ def test_five_rounds_reach_the_sparsity_with_nested_masks(tmp_path, digits):
     # model ends at the last round's trained weights
     for key, value in model.state_dict().items():
         assert torch.equal(value, result.trained(5)[key]), key
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["out_dir"] == str(tmp_path) and summary["sparsity"] == result.sparsity
+    assert summary["files"][5]["trained"] == result.files[5]["trained"] and summary["rewind"] == "init"
 
 
 def test_layer_scope_prunes_each_tensor_by_the_rate():

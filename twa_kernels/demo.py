@@ -399,7 +399,7 @@ def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progre
         torch.set_num_threads(threads)
     plot_plane(result, path, title=f"MNIST-1D test loss over the plane through three head-stage checkpoints "
                                    f"(seed {seed}; BatchNorm recomputed at every point)")
-    return dict(grid=grid, points={k: p._asdict() for k, p in result.points.items()})
+    return dict(grid=grid, points={k: p.to_dict() for k, p in result.points.items()})
 
 
 def seed0_model() -> nn.Module:

@@ -293,6 +293,12 @@ class IMPResult:
         """The unmasked rewind point: the initialisation or the weights after k steps."""
         return load_state_dict(self.out_dir / "rewind.safetensors")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The run as JSON-safe data: the directory, the rewind point, each round's sparsity
+        and files (relative to out_dir). The masks themselves are in those files."""
+        return dict(out_dir=str(self.out_dir), rewind=self.rewind, sparsity=[float(s) for s in self.sparsity],
+                    files=[dict(f) for f in self.files])
+
 
 def _check_args(rounds: int, rate: float, rewind: str | int, scope: str) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:

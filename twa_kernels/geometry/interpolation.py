@@ -64,6 +64,7 @@ class Interpolation:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The interpolation as JSON-safe data."""
         return dict(alphas=self.alphas, loss=self.loss, error=self.error, loss_barrier=self.loss_barrier,
                     error_barrier=self.error_barrier, bn=self.bn)
 

@@ -74,6 +74,10 @@ class PlanePoint(NamedTuple):
     y: float
     distance: float
 
+    def to_dict(self) -> dict[str, float]:
+        """The point as JSON-safe data."""
+        return dict(x=float(self.x), y=float(self.y), distance=float(self.distance))
+
 
 def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
           aliases: Mapping[str, Sequence[str]]) -> ColumnReader:
@@ -369,8 +373,9 @@ class Plane:
                                                                               self.frame.shapes)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The plane as JSON-safe data: the grid, loss and error, placed points, anchors, bits, bn."""
         return dict(xs=self.xs, ys=self.ys, loss=self.loss.tolist(), error=self.error.tolist(),
-                    points={k: p._asdict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
+                    points={k: p.to_dict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
                     bn=self.bn)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,10 @@ class EigenResult(NamedTuple):
     value: float
     trace: list[float]
     converged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-safe data."""
+        return dict(value=float(self.value), trace=[float(t) for t in self.trace], converged=bool(self.converged))
 
 
 def _hvp(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Iterable):
