@@ -302,7 +302,7 @@ def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
     if group is None:
         twa.update_bn(loader)
     else:
-        distributed.update_bn(twa, loader, group)
+        distributed.update_bn(loader, twa, group)
     loader.check_pass("to recompute the BatchNorm statistics on")
 
 
