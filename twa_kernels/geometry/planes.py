@@ -59,6 +59,7 @@ from twa_kernels.quant import (
     QuantizedBasis,
     block_offsets_from_sizes,
     dequantize,
+    unpack_codes,
 )
 from twa_kernels.subspace import Subspace
 
@@ -190,6 +191,9 @@ class _Frame:
         self.numel = basis.num_cols
         self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
+        # the build's freed windows go back to the OS before the Gram pass adds its own
+        # buffers: the two would otherwise stack up into the build's peak
+        _return_freed_memory()
         gram = self._inner(None)
         try:
             self.chol = torch.linalg.cholesky(gram)
@@ -201,14 +205,26 @@ class _Frame:
         _return_freed_memory()
 
     def _chunks(self) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, stop, the two rows' columns start..stop as float64 [2, stop - start] on
+        the CPU), valid until the next chunk: whole chunks are dequantised into two buffers
+        reused throughout, so a pass allocates no chunk-sized temporaries (those, freed and
+        allocated again chunk after chunk, grew the heap by several MB)."""
         step = self.basis.group_size * _CHUNK_GROUPS
+        buffers: tuple[Tensor, Tensor] | None = None
         for start in range(0, self.basis.num_cols, step):
             stop = min(start + step, self.basis.num_cols)
             if self.basis.bits is None:
-                rows = self.basis.codes[list(self.rows), start:stop]
-            else:
-                rows = _dequantize_rows(self.basis, self.rows, start, stop)
-            yield start, stop, rows.double().cpu()
+                yield start, stop, self.basis.codes[list(self.rows), start:stop].double().cpu()
+                continue
+            if stop - start < step:  # the short last chunk: contiguous tensors of its own size
+                yield start, stop, _dequantize_rows(self.basis, self.rows, start, stop).double().cpu()
+                continue
+            if buffers is None:
+                buffers = (torch.empty(2, step, device=self.basis.device),
+                           torch.empty(2, step, dtype=torch.float64, device=self.basis.device))
+            rows32, rows64 = buffers
+            _dequantize_rows_into(self.basis, self.rows, start, rows32)
+            yield start, stop, rows64.copy_(rows32).cpu()
 
     def _inner(self, vector: Tensor | None) -> Tensor:
         """Float64 inner products of the two rows with each other ([2, 2]) or with vector ([2])."""
@@ -275,6 +291,19 @@ class _Frame:
 
 def _dequantize_rows(basis: QuantizedBasis, rows: tuple[int, int], start: int, stop: int) -> Tensor:
     return dequantize(basis, start, stop)[list(rows)]
+
+
+def _dequantize_rows_into(basis: QuantizedBasis, rows: tuple[int, int], start: int, out: Tensor) -> Tensor:
+    """_dequantize_rows of whole groups start..start + out.shape[1] written into `out`
+    ([2, n], float32), bit for bit: code * scale + min is the same rounded product and sum
+    as dequantize's min + scale * code."""
+    n, group = out.shape[1], basis.group_size
+    first = start // group
+    out.copy_(unpack_codes(basis, start, start + n)[list(rows)])
+    view = out.view(2, n // group, group)
+    view.mul_(basis.scales[first:first + n // group, list(rows)].T[:, :, None])
+    view.add_(basis.mins[first:first + n // group, list(rows)].T[:, :, None])
+    return out
 
 
 def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], bits: int | None,
