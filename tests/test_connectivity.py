@@ -4,6 +4,7 @@ runs; BatchNorm modes against update_bn and the study's interpolated statistics;
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -586,11 +587,12 @@ def test_cli_connect_prints_barriers_and_writes_the_plot(project, runs, monkeypa
     from twa_kernels._outdir import current_umask
 
     assert (root / "connect.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() gives it
-    assert "interpolating" in err  # the progress bar
+    assert "interpolating" not in err  # no progress bar: standard error is not a terminal
 
 
 def test_cli_plane_writes_the_contour_with_extra_points(project, monkeypatch, capsys):
     root, paths = project
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # as in a terminal: bars show
     code, out, err = _run_cli(["plane", str(paths["e2"]), str(paths["e5"]), str(paths["e8"]), "--config",
                                str(root / "config.yaml"), "--grid", "4", "3", "--bits", "4", "--point",
                                f"E7={paths['e7']}", "--out", str(root / "plane.png")], root, monkeypatch, capsys)
@@ -598,6 +600,10 @@ def test_cli_plane_writes_the_contour_with_extra_points(project, monkeypatch, ca
     assert "E7" in out and "lowest loss on the grid" in out and "4x3 grid" in out and "4-bit" in out
     assert (root / "plane.png").stat().st_size > 10_000
     assert "plane" in err  # the progress bar
+    code, _, err = _run_cli(["plane", str(paths["e2"]), str(paths["e5"]), str(paths["e8"]), "--config",
+                             str(root / "config.yaml"), "--grid", "2", "--no-progress", "--out", str(root / "p.png")],
+                            root, monkeypatch, capsys)
+    assert code == 0 and "plane" not in err
 
 
 def test_cli_named_errors(project, monkeypatch, capsys):
