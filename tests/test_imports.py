@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "twa_kernels"
 
 # The only modules a function may import. Each is optional (not a dependency of the package)
 # or heavy enough that importing it at the top would slow `import twa_kernels` for every
-# user who never reaches the function.
+# user who never reaches the function. Required and light ones are imported at the top:
+# tqdm, yaml, safetensors (a few ms each), the package's own modules but _dcp.
 LAZY_ALLOWED = {
     "matplotlib": "heavy (about a second); only the figure functions and the demo's plot draw",
     "mpl_toolkits": "part of matplotlib, as above",
