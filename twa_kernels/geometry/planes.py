@@ -336,8 +336,10 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         elif dense is not None:
             builder.dense_row(reader, layout, center, 0, group_size, out=dense[i - 1], check_finite=True)
         else:  # written in place into the basis's tensors: no per-row copies to stack
-            row = builder.streamed_row(reader, layout, center, 0, group_size, check_finite=True)
-            builder.pack_row(row, numel, bits, group_size, (codes[i - 1], scales[:, i - 1], mins[:, i - 1]))
+            # the row reader is not kept in a name: it holds `center`, which must be freed
+            # below, before the Gram pass, or the two add up to the build's peak
+            builder.pack_row(builder.streamed_row(reader, layout, center, 0, group_size, check_finite=True), numel,
+                             bits, group_size, (codes[i - 1], scales[:, i - 1], mins[:, i - 1]))
         del reader
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
