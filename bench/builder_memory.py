@@ -2,7 +2,8 @@
 for each caller of the builder: the single-process subspace, the sharded build (one rank),
 and a plane's two directions. Each case runs in a fresh process; the number is the growth
 of the peak resident size over the process's size just before the build, in MB, next to
-W (one dense checkpoint) and the packed basis, so the ratios are comparable.
+W (one dense checkpoint) and the packed basis, so the ratios are comparable. The table
+goes to bench/results/<machine>-builder-memory.json with its stamp (machine, date, commit).
 
     python bench/builder_memory.py [--k 8] [--bits 4] [--json out.json]
 """
@@ -16,9 +17,15 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/ is not a package: its helpers are imported by path
+
+from stamp import machine_slug, stamp  # noqa: E402
 
 # ResNet-18's convolution and classifier weights: 11.7M parameters, the largest tensor 2.4M
 SHAPES = [(64, 3, 7, 7)] + [(64, 64, 3, 3)] * 4 + [(128, 64, 3, 3), (128, 128, 3, 3), (128, 64, 1, 1)] + \
@@ -71,8 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="default: bench/results/<machine>-builder-memory.json")
     args = parser.parse_args()
+    info = stamp()
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(args.k):
@@ -92,9 +100,14 @@ def main() -> None:
             rows.append(dict(case=case, peak_mb=out["grown"] / 1e6, w_mb=dense / 1e6, basis_mb=out["basis"] / 1e6))
             print(f"{case:38s} peak +{out['grown'] / 1e6:7.1f} MB   W {dense / 1e6:6.1f} MB   "
                   f"basis {out['basis'] / 1e6:6.1f} MB   peak / (W + basis) {out['grown'] / (dense + out['basis']):.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    path = Path(args.json or HERE / "results" / f"{machine_slug()}-builder-memory.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"stamp": {**info, "threads": 1}, "k": args.k, "bits": args.bits, "checkpoint": "ResNet-18 shapes, .pt",
+              "rows": rows}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)  # a results file is whole or absent
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

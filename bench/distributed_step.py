@@ -23,11 +23,10 @@ bytes are the figure to trust. Writes bench/results/<machine>-distributed-step.j
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -80,23 +79,18 @@ def _time_steps(twa, steps: int) -> tuple[float, int]:
     return statistics.median(times[2:]), per_step
 
 
-def _rank(rank: int, world: int, port: int, steps: int, out: str) -> None:
+def _rank(rank: int, world: int, steps: int) -> dict:
+    """One rank's timings and bytes in both modes (run by tests.helpers.spawn in a gloo group)."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        result = {}
-        for mode in ("replicated", "sharded"):
-            twa = _twa(dist.group.WORLD, shard=mode == "sharded")
-            seconds, nbytes = _time_steps(twa, steps)
-            result[mode] = {"seconds": seconds, "bytes": nbytes, "k": K, "B": twa.coefficients.shape[1],
-                            "padded": getattr(twa.parallel, "chunk", 0) * world}
-            del twa
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    result = {}
+    for mode in ("replicated", "sharded"):
+        twa = _twa(dist.group.WORLD, shard=mode == "sharded")
+        seconds, nbytes = _time_steps(twa, steps)
+        result[mode] = {"seconds": seconds, "bytes": nbytes, "k": K, "B": twa.coefficients.shape[1],
+                        "padded": getattr(twa.parallel, "chunk", 0) * world}
+        del twa
+    return result
 
 
 def _formulas(sizes: list[int], world: int, bn_buffer_floats: int) -> dict[str, int]:
@@ -118,8 +112,8 @@ def _formulas(sizes: list[int], world: int, bn_buffer_floats: int) -> dict[str, 
 
 
 def main() -> None:
-    import torch.multiprocessing as mp
     from shapes import clip_vit_b32_visual_sizes, resnet18_sizes
+    from tests.helpers import spawn  # the one gloo launcher, shared with the tests
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2)
@@ -133,12 +127,9 @@ def main() -> None:
     torch.set_num_threads(1)
     single, _ = _time_steps(_twa(), args.steps)
     with tempfile.TemporaryDirectory() as out:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(_rank, args=(args.world, port, args.steps, out), nprocs=args.world,
-                           start_method="spawn")  # joins the ranks
-        ranks = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(args.world)]
+        # ResNet-18-sized steps on shared cores: generous limits, where the tests' are tight
+        ranks = spawn(functools.partial(_rank, steps=args.steps), args.world, out, timeout=3600.0,
+                      collective_timeout=300.0)
 
     resnet = resnet18_sizes()
     report = {

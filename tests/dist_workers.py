@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -147,7 +148,12 @@ def bn_and_metrics(rank, world):
     twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
     gen = torch.Generator().manual_seed(3)
     batches = [[torch.randn(5 + r, 1, 40, generator=gen) + r for _ in range(2 + r)] for r in range(world)]
-    distributed.update_bn(twa, batches[rank])
+    distributed.update_bn(batches[rank], twa)
+    first = [m.running_mean.clone() for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    with pytest.warns(DeprecationWarning, match="loader first"):  # the former order, still working
+        distributed.update_bn(twa, batches[rank])
+    assert all(torch.equal(a, m.running_mean) for a, m in
+               zip(first, [m for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]))
     norms = [m for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     out = {"mean": [m.running_mean.clone() for m in norms], "var": [m.running_var.clone() for m in norms],
            "metrics": distributed.all_reduce_metrics({"correct": rank + 1, "count": 10 * (rank + 1)})}

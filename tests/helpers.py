@@ -1,5 +1,5 @@
-"""What several test modules share: synthetic bases, the op tests' shape grid, and a
-launcher of gloo process groups."""
+"""What several test modules share: synthetic bases, the op tests' shape grid, and the one
+launcher of gloo process groups (bench/distributed_step.py uses it too)."""
 
 from __future__ import annotations
 
@@ -58,10 +58,11 @@ def one_process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _entry(rank: int, fn: Callable[[int, int], Any], world: int, port: int, out: str) -> None:
+def _entry(rank: int, fn: Callable[[int, int], Any], world: int, port: int, out: str,
+           collective_timeout: float = 60.0) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=collective_timeout))
     try:
         result = fn(rank, world)
         tmp = os.path.join(out, f".rank{rank}.pt")
@@ -71,14 +72,16 @@ def _entry(rank: int, fn: Callable[[int, int], Any], world: int, port: int, out:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable[[int, int], Any], world: int, out: str, timeout: float = 100.0) -> list:
+def spawn(fn: Callable[[int, int], Any], world: int, out: str, timeout: float = 100.0,
+          collective_timeout: float = 60.0) -> list:
     """Run fn(rank, world) in `world` fresh processes (1 thread each) joined in a gloo group
     on a free port, and return the ranks' results, read back from files in `out`. `fn` must
     be picklable (a module-level function or a functools.partial of one). A rank that raises
     fails the call with its traceback; a run past `timeout` seconds is killed and raises
-    TimeoutError, so a test never hangs."""
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out), nprocs=world, join=False,
-                             start_method="spawn")
+    TimeoutError, so a test never hangs; a collective that waits more than
+    `collective_timeout` seconds for a peer fails its rank."""
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out, collective_timeout), nprocs=world,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -3,6 +3,8 @@ MLP. Barriers of a model with itself, of nearby epochs of one run and of two ind
 runs; BatchNorm modes against update_bn and the study's interpolated statistics; masks."""
 
 import copy
+import json
+import sys
 
 import pytest
 import torch
@@ -165,6 +167,8 @@ def test_plane_through_reconstruct_matches_dense_weights_at_random_points(runs, 
     assert p.points[names[1]].x == pytest.approx(float((b - a).norm()), rel=1e-6)
     assert p.points[names[2]].x == pytest.approx(float((c - a) @ u), rel=1e-5)
     assert p.points[names[2]].y == pytest.approx(float((c - a) @ v), rel=1e-5)
+    as_json = json.loads(json.dumps(p.to_dict()))
+    assert as_json["points"][names[1]] == p.points[names[1]].to_dict() == p.points[names[1]]._asdict()
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
         i, j = int(torch.randint(5, (1,), generator=generator)), int(torch.randint(6, (1,), generator=generator))
@@ -481,7 +485,7 @@ def test_hutchinson_diagonal_matches_the_exact_hessian(tiny):
     model, data, hessian = tiny
     exact = hessian.diagonal()
     probes = 30000
-    estimate = C.hessian_diagonal(model, F.cross_entropy, data, samples=probes, chunk=500)
+    estimate = C.hessian_diagonal(model, F.cross_entropy, data, samples=probes, chunk=500, seed=0)
     assert [tuple(t.shape) for t in estimate.values()] == [tuple(p.shape) for p in model.parameters()]
     got = torch.cat([t.reshape(-1) for t in estimate.values()])
     significant = exact.abs() > 1e-3 * exact.abs().mean()  # the rest are zero (pixels that are always 0) or nearly
@@ -499,12 +503,31 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
 
     model, data, hessian = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = C.top_eigenvalue(model, F.cross_entropy, data, iters=200, tol=1e-6)
+    result = C.top_eigenvalue(model, F.cross_entropy, data, iters=200, tol=1e-6, seed=0)
     top = float(torch.linalg.eigvalsh(hessian)[-1])
     print(f"\npower iteration: {result.value:.6f} after {len(result.trace)} products; eigvalsh: {top:.6f}")
     assert result.converged and result.value == pytest.approx(top, rel=1e-2)
     assert result.trace[-1] == result.value and len(result.trace) > 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sharpness_seeds_reproduce_and_leave_the_global_rng_alone(tiny):
+    import torch.nn.functional as F
+
+    model, data, _ = tiny
+    state = torch.get_rng_state()
+    diag = C.hessian_diagonal(model, F.cross_entropy, data, samples=4, seed=1)
+    top = C.top_eigenvalue(model, F.cross_entropy, data, iters=3, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in
+               zip(diag.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4, seed=1).values()))
+    assert C.top_eigenvalue(model, F.cross_entropy, data, iters=3, seed=1).trace == top.trace
+    assert json.loads(json.dumps(top.to_dict())) == dict(value=top.value, trace=top.trace, converged=top.converged)
+    torch.manual_seed(3)
+    unseeded = C.hessian_diagonal(model, F.cross_entropy, data, samples=4)
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in
+               zip(unseeded.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4).values()))
 
 
 # ---- the CLI: `twa connect` and `twa plane` ---------------------------------------------------
@@ -564,11 +587,12 @@ def test_cli_connect_prints_barriers_and_writes_the_plot(project, runs, monkeypa
     from twa_kernels._outdir import current_umask
 
     assert (root / "connect.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as open() gives it
-    assert "interpolating" in err  # the progress bar
+    assert "interpolating" not in err  # no progress bar: standard error is not a terminal
 
 
 def test_cli_plane_writes_the_contour_with_extra_points(project, monkeypatch, capsys):
     root, paths = project
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # as in a terminal: bars show
     code, out, err = _run_cli(["plane", str(paths["e2"]), str(paths["e5"]), str(paths["e8"]), "--config",
                                str(root / "config.yaml"), "--grid", "4", "3", "--bits", "4", "--point",
                                f"E7={paths['e7']}", "--out", str(root / "plane.png")], root, monkeypatch, capsys)
@@ -576,6 +600,10 @@ def test_cli_plane_writes_the_contour_with_extra_points(project, monkeypatch, ca
     assert "E7" in out and "lowest loss on the grid" in out and "4x3 grid" in out and "4-bit" in out
     assert (root / "plane.png").stat().st_size > 10_000
     assert "plane" in err  # the progress bar
+    code, _, err = _run_cli(["plane", str(paths["e2"]), str(paths["e5"]), str(paths["e8"]), "--config",
+                             str(root / "config.yaml"), "--grid", "2", "--no-progress", "--out", str(root / "p.png")],
+                            root, monkeypatch, capsys)
+    assert code == 0 and "plane" not in err
 
 
 def test_cli_named_errors(project, monkeypatch, capsys):

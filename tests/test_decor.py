@@ -229,6 +229,38 @@ def test_loss_falls_monotonically_at_small_lr():
     assert all(b < a for a, b in zip(windows, windows[1:]))
 
 
+
+def _decor_run(seed, x):
+    torch.manual_seed(2)  # the same initial weights for every run
+    model = tk.decor.decorrelate(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 2)), lr=5e-3, sample_fraction=0.1,
+                                 seed=seed)
+    for _ in range(3):
+        model(x)
+        tk.decor.update(model)
+    return [m.decor_R.clone() for _, m in tk.decor.decorrelated_layers(model)]
+
+
+def test_a_seed_reproduces_the_subsamples_and_leaves_the_global_rng_alone():
+    x = _correlated(16, 0.5, 256, torch.Generator().manual_seed(0))
+    first = _decor_run(5, x)
+    model = tk.decor.decorrelate(nn.Linear(16, 2), sample_fraction=0.1, seed=5)
+    state = torch.get_rng_state()
+    model(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first, _decor_run(5, x)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, _decor_run(6, x)))
+
+
+def test_no_seed_draws_the_subsamples_from_the_global_rng():
+    x = _correlated(16, 0.5, 256, torch.Generator().manual_seed(0))
+    model = tk.decor.decorrelate(nn.Linear(16, 2), sample_fraction=0.1)
+    state = torch.get_rng_state()
+    model(x)
+    assert not torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(tk.errors.InvalidTypeError, match="seed"):
+        tk.decor.decorrelate(nn.Linear(4, 2), seed=1.5)
+
+
 def _offdiag_and_var(layer, d, gen):
     z = _correlated(d, 0.6, 20000, gen) @ layer.decor_R.T
     corr = torch.corrcoef(z.T)

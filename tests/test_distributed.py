@@ -147,6 +147,12 @@ def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
                                         "count": 10 * sum(range(1, world + 1))}
 
 
+
+def test_update_bn_refuses_a_plain_model_before_any_collective():
+    with pytest.raises(tk.errors.InvalidTypeError, match="tk.update_bn"):
+        distributed.update_bn([torch.zeros(1, 3)], torch.nn.Linear(3, 1))
+
+
 def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(ddp_job):
     results = ddp_job
     for res in results:

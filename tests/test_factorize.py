@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -80,7 +81,7 @@ def test_init_statistics_match_the_truncated_normal():
     depth, sigma = 3, 0.05
     s, lo, hi = truncation_bounds(sigma, depth)
     factor = torch.empty(400_000, dtype=torch.float64)
-    dwf_init_(factor, sigma, depth, generator=torch.Generator().manual_seed(0))
+    dwf_init_(factor, sigma, depth, seed=0)
     assert factor.abs().min() > lo and factor.abs().max() < hi
     assert abs(float((factor > 0).double().mean()) - 0.5) < 0.01
     # the variance of N(0, s^2) restricted to lo < |x| < hi, by numerical integration
@@ -162,7 +163,54 @@ def test_sparsity_report_counts_the_zeros():
     rep = sparsity_report(layer)
     assert (rep.total, rep.nonzero) == (100, 70)
     assert rep.compression == pytest.approx(100 / 70)
-    assert "overall" in str(rep) and rep.as_dict()["layers"][".weight"]["nonzero"] == 70
+    assert "overall" in str(rep) and rep.to_dict()["layers"][".weight"]["nonzero"] == 70
+    json.dumps(rep.to_dict())
+    with pytest.warns(DeprecationWarning, match="to_dict"):
+        assert rep.as_dict() == rep.to_dict()
+
+
+def _factors(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for _, p in factor_parameters(model)]
+
+
+def test_a_seed_reproduces_the_init_and_leaves_the_global_rng_alone():
+    torch.manual_seed(1)
+    a, b = _cnn(), _cnn()
+    b.load_state_dict(a.state_dict())
+    state = torch.get_rng_state()
+    factorize(a, depth=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    factorize(b, depth=3, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(_factors(a), _factors(b)))
+    factor = torch.empty(1000, dtype=torch.float64)
+    assert torch.equal(dwf_init_(factor.clone(), 0.05, 3, seed=3), dwf_init_(factor.clone(), 0.05, 3, seed=3))
+
+
+def test_no_seed_draws_from_the_global_rng():
+    factor = torch.empty(1000, dtype=torch.float64)
+    torch.manual_seed(5)
+    first = dwf_init_(factor.clone(), 0.05, 3)
+    torch.manual_seed(5)
+    assert torch.equal(dwf_init_(factor.clone(), 0.05, 3), first)
+    assert not torch.equal(dwf_init_(factor.clone(), 0.05, 3), first)
+
+
+def test_the_generator_argument_still_works_with_a_warning():
+    factor = torch.empty(1000, dtype=torch.float64)
+    expected = dwf_init_(factor.clone(), 0.05, 3, seed=0)
+    with pytest.warns(DeprecationWarning, match="seed="):
+        assert torch.equal(dwf_init_(factor.clone(), 0.05, 3, generator=torch.Generator().manual_seed(0)), expected)
+    with pytest.warns(DeprecationWarning, match="seed="):  # the old positional place of generator
+        assert torch.equal(dwf_init_(factor.clone(), 0.05, 3, EPS, torch.Generator().manual_seed(0)), expected)
+    torch.manual_seed(1)
+    a, b = _cnn(), _cnn()
+    b.load_state_dict(a.state_dict())
+    factorize(a, depth=2, seed=4)
+    with pytest.warns(DeprecationWarning, match="seed="):
+        factorize(b, depth=2, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(_factors(a), _factors(b)))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="not both"):
+        factorize(_cnn(), depth=2, seed=1, generator=torch.Generator())
 
 
 def _train_steps(model, opt, steps, seed):

@@ -252,3 +252,17 @@ def test_glob_and_directory_order_is_natural(tmp_path):
     want = [tmp_path / f"step={s}.pt" for s in (1, 2, 10)]
     assert resolve_checkpoints(tmp_path) == want
     assert resolve_checkpoints(str(tmp_path / "step=*.pt")) == want
+
+
+def test_split_holdout_seed_reproduces_and_leaves_the_global_rng_alone():
+    data = torch.utils.data.TensorDataset(torch.arange(50))
+    state = torch.get_rng_state()
+    train, held = tk.split_holdout(data, 0.2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert list(held.indices) == list(tk.split_holdout(data, 0.2, seed=3)[1].indices)
+    assert sorted([*train.indices, *held.indices]) == list(range(50)) and len(held) == 10
+    torch.manual_seed(1)
+    unseeded = list(tk.split_holdout(data, 0.2)[1].indices)
+    assert not torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(1)
+    assert list(tk.split_holdout(data, 0.2)[1].indices) == unseeded

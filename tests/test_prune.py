@@ -78,6 +78,9 @@ def test_five_rounds_reach_the_sparsity_with_nested_masks(tmp_path, digits):
     # model ends at the last round's trained weights
     for key, value in model.state_dict().items():
         assert torch.equal(value, result.trained(5)[key]), key
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["out_dir"] == str(tmp_path) and summary["sparsity"] == result.sparsity
+    assert summary["files"][5]["trained"] == result.files[5]["trained"] and summary["rewind"] == "init"
 
 
 def test_layer_scope_prunes_each_tensor_by_the_rate():
@@ -237,3 +240,16 @@ def test_other_bad_inputs_are_named(tmp_path):
         tk.prune.imp(model, lambda m, r: None, rounds=1, rewind=1000, out_dir=tmp_path / "k")
     with pytest.raises(PruningError, match="has shape"):
         tk.prune.global_magnitude_masks(model, 0.2, masks={"0.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_train_classifier_seed_reproduces_and_leaves_the_global_rng_alone(digits):
+    torch.manual_seed(0)
+    a = make_model()
+    b = copy.deepcopy(a)
+    state = torch.get_rng_state()
+    _one_epoch(a, digits, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    _one_epoch(b, digits, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(tk.errors.InvalidTypeError, match="seed"):
+        tk.prune.classification_train_fn(digits, seed="7")

@@ -4,6 +4,7 @@ offer them (non-Linux, no glibc): results never depend on them, only memory and 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 from collections.abc import Callable
@@ -17,8 +18,6 @@ _HUGE_PAGE = 1 << 21
 @functools.cache
 def _libc_call(name: str) -> Callable | None:
     try:
-        import ctypes
-
         return getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError, TypeError):  # no POSIX libc (Windows: TypeError), or no such call
         return None
@@ -28,8 +27,6 @@ def _madvise(start: int, length: int, advice: int | None) -> bool:
     call = _libc_call("madvise")
     if call is None or advice is None:
         return False
-    import ctypes
-
     call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return call(start, length, advice) == 0
 

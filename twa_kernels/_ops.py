@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from twa_kernels import _build
 from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError
 from twa_kernels.quant import check_layout
 
@@ -42,8 +43,6 @@ def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "cpp":
         if device.type != "cpu":
             return False, f"the cpp backend runs on CPU tensors only, not {device.type}"
-        from twa_kernels import _build
-
         if not _build.cpu_kernels_available():
             return False, f"the C++ kernels failed to build: {_build.cpu_build_error()}"
         return True, ""
@@ -60,8 +59,6 @@ def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "cuda":
         if device.type != "cuda":
             return False, f"the cuda backend runs on CUDA tensors only, not {device.type}"
-        from twa_kernels import _build
-
         if not _build.cuda_kernels_available():
             return False, f"the CUDA kernels are not built: {_build.cuda_build_error()}"
         return True, ""

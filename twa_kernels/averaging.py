@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, Subset, random_split
 
+from twa_kernels._random import generator
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import (
     CheckpointError,
@@ -159,8 +160,9 @@ def greedy_soup(
     return _finish(total, last, 1.0 / len(chosen)), chosen
 
 
-def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Subset, Subset]:
-    """(train, held_out): a seeded random split of `dataset`.
+def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = None) -> tuple[Subset, Subset]:
+    """(train, held_out): a random split of `dataset` (an int `seed` reproduces it and leaves
+    torch's global RNG untouched; None draws from the global RNG).
 
     TWA-t trains the coefficients on the training data: right for checkpoints of one run,
     where it finishes training early (the head stage) or refines SWA (the tail). TWA-v
@@ -172,7 +174,7 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int = 0) -> tup
     held = max(1, round(len(dataset) * fraction))
     if held >= len(dataset):
         raise InvalidArgumentError(f"a dataset of {len(dataset)} items is too small to hold out {fraction:.0%}")
-    train, held_out = random_split(dataset, [len(dataset) - held, held], generator=torch.Generator().manual_seed(seed))
+    train, held_out = random_split(dataset, [len(dataset) - held, held], generator=generator(seed))
     return train, held_out
 
 

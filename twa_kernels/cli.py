@@ -10,14 +10,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from twa_kernels import _build, connectivity
+from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError
+from twa_kernels.fit import DEFAULT_LOSS, FitError, import_string, load_config, run_fit
+from twa_kernels.io import write_json
 
 
-def _build(args: argparse.Namespace) -> int:
-    import torch
+def _progress(args: argparse.Namespace) -> bool | None:
+    """--no-progress turns bars off; otherwise they show when standard error is a terminal."""
+    return False if args.no_progress else None
 
-    from twa_kernels import _build
 
+def _build_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         library = _build.build_cpu(verbose=args.verbose)
@@ -40,9 +48,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from twa_kernels.demo import run_demo
-
-    report = run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress)
+    report = run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=_progress(args))
     print(f"\nMNIST-1D, {report['seeds']} seed(s): SGD for {report['epochs']} epochs; SWA, TWA and "
           f"greedy soup use the checkpoints of the first {report['head_epochs']} epochs ({report['bits']}-bit basis)\n")
     print(report["table"])
@@ -53,11 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from twa_kernels.fit import run_fit
-
-    report = run_fit(args.config, progress=not args.no_progress)
-    import torch.distributed as dist
-
+    report = run_fit(args.config, progress=_progress(args))
     if dist.is_available() and dist.is_initialized():  # under torchrun
         # Every rank waits here until rank 0 has written its outputs, so no rank tears its
         # connections down while a peer may still be using them; then all shut down together.
@@ -75,9 +77,6 @@ def _fit(args: argparse.Namespace) -> int:
 def _geometry_inputs(args: argparse.Namespace):
     """(model, evaluation data, BatchNorm data, metric, split name) from a `twa fit`-style
     config: model and data as there; checkpoints come from the command line instead."""
-    from twa_kernels.connectivity import classification_metric
-    from twa_kernels.fit import DEFAULT_LOSS, FitError, import_string, load_config
-
     config = load_config(args.config, required=("model", "data"))
 
     def make(spec: str, what: str):
@@ -85,8 +84,6 @@ def _geometry_inputs(args: argparse.Namespace):
         if not callable(factory):
             raise FitError(f"{spec!r} ({what}) is not callable")
         return factory()
-
-    import torch
 
     model = make(config.model, "model")
     if not isinstance(model, torch.nn.Module):
@@ -96,24 +93,21 @@ def _geometry_inputs(args: argparse.Namespace):
         raise FitError(f"{args.config}: --split {split} needs data.{split} in the config")
     train = make(config.data["train"], "data.train")
     data = train if split == "train" else make(config.data[split], f"data.{split}")
-    metric = classification_metric
+    metric = connectivity.classification_metric
     if config.loss != DEFAULT_LOSS:
         loss_fn = import_string(config.loss)
 
         def metric(outputs, targets):
-            return loss_fn(outputs, targets), classification_metric(outputs, targets)[1]
+            return loss_fn(outputs, targets), connectivity.classification_metric(outputs, targets)[1]
 
     return model, data, train, metric, split
 
 
 def _connect(args: argparse.Namespace) -> int:
-    from twa_kernels import connectivity
-    from twa_kernels.io import write_json
-
     try:
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.interpolate(model, args.a, args.b, data, steps=args.steps, bn=args.bn, metric=metric,
-                                          bn_data=train, progress=not args.no_progress)
+                                          bn_data=train, progress=_progress(args))
     except ValueError as exc:  # CheckpointError and FitError included
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
@@ -128,9 +122,6 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _plane(args: argparse.Namespace) -> int:
-    from twa_kernels import connectivity
-    from twa_kernels.io import write_json
-
     points = {}
     for item in args.point or []:
         name, sep, path = item.partition("=")
@@ -145,7 +136,7 @@ def _plane(args: argparse.Namespace) -> int:
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.plane(model, args.checkpoints, data, grid=grid, margin=args.margin, bn=args.bn,
                                     metric=metric, bits=args.bits, points=points, bn_data=train,
-                                    labels=[Path(c).stem for c in args.checkpoints], progress=not args.no_progress)
+                                    labels=[Path(c).stem for c in args.checkpoints], progress=_progress(args))
     except ValueError as exc:  # CheckpointError and FitError included
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
@@ -248,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("-v", "--verbose", action="store_true", help="show the compiler's commands and output")
     build.add_argument("--cuda", action="store_true",
                        help="also build the CUDA kernels with nvcc (compile check only when torch has no CUDA)")
-    build.set_defaults(func=_build)
+    build.set_defaults(func=_build_command)
     _add_geometry_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

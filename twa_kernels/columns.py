@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import safetensors  # read as safetensors.safe_open at each call: tests swap it
 from torch import Tensor
 
 from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests and benches swap it
@@ -88,7 +89,8 @@ class ColumnReader:
             self._describe(self._open_state)
         elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
             # a torch.distributed.checkpoint directory (what FSDP users save); its metadata is a
-            # pickle, read by _dcp without running code, and DCP's load is handed that copy
+            # pickle, read by _dcp without running code, and DCP's load is handed that copy.
+            # _dcp imports torch.distributed.checkpoint (about a second): only a DCP read pays for it
             from twa_kernels import _dcp
 
             self._kind = "dcp"
@@ -151,10 +153,8 @@ class ColumnReader:
         if self._open_state is not None:
             return self._open_state
         if self._kind == "safetensors":
-            from safetensors import safe_open
-
             try:
-                self._open_state = safe_open(str(self._spec), framework="pt", device="cpu")
+                self._open_state = safetensors.safe_open(str(self._spec), framework="pt", device="cpu")
             except Exception as exc:
                 raise CheckpointError(f"{self._spec}: not a readable safetensors file ({exc})") from exc
         elif not zipfile.is_zipfile(self._spec):  # a legacy torch file cannot be mapped: load it whole, once
@@ -219,7 +219,7 @@ class ColumnReader:
         (shape, dtype), key = self._meta[name], self._raw[name]
         if self._kind == "dcp":
             if self._cached is None or self._cached[0] != key:
-                from twa_kernels import _dcp
+                from twa_kernels import _dcp  # heavy, as above
 
                 self._cached = None
                 self._cached = key, _dcp.load_tensor(self._open_state, key, shape, dtype, self.source)

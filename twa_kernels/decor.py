@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twa_kernels._random import check_seed, generator
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,34 @@ class DecorrelationDivergedError(TWAKernelsError, FloatingPointError):
     too large for the scale of that layer's input."""
 
 
+class _Sampler:
+    """Where the decorrelated layers of one decorrelate() call draw their row subsamples: with
+    an int seed, one private generator per device shared by those layers (made on first use);
+    with None, torch's global RNG."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = check_seed(seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self.generators:
+            self.generators[key] = generator(self.seed, device)
+        return self.generators[key]
+
+
 class _Decor:
     """Mixin for the decorrelated Linear / Conv1d / Conv2d classes (set by class swap, so the
     module keeps its parameters, hooks and parameter names)."""
 
     decor_R: Tensor
 
-    def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float) -> None:
+    def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float,
+                    sampler: _Sampler) -> None:
         w = self.weight
+        self._decor_sampler = sampler
         self.register_buffer(BUFFER, torch.eye(d, dtype=w.dtype, device=w.device))
         self.decor_lr, self.decor_kappa = float(lr), float(kappa)
         self.decor_sample_fraction, self.decor_max_norm = float(sample_fraction), float(max_norm)
@@ -99,7 +120,9 @@ class _Decor:
     def _decor_pick(self, n: int, device: torch.device) -> Tensor | None:
         """Indices of the sampled rows out of n (None = all, in order)."""
         k = self._decor_num_samples(n)
-        return None if k >= n else torch.randperm(n, device=device)[:k]
+        if k >= n:
+            return None
+        return torch.randperm(n, device=device, generator=self._decor_sampler.generator(device))[:k]
 
     def decor_folded_weight(self) -> Tensor:
         """A = W R in the weight's shape: what the forward convolves / multiplies with."""
@@ -203,7 +226,7 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
 
 
 def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_fraction: float = 0.1,
-                skip: Skip = None, max_norm: float = 1e4) -> nn.Module:
+                skip: Skip = None, max_norm: float = 1e4, seed: int | None = None) -> nn.Module:
     """Make every nn.Linear, nn.Conv1d and nn.Conv2d of `model` decorrelating, in place.
 
     The layers keep their parameters (the same Parameter objects, under the same names), so an
@@ -215,7 +238,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     term against decorrelation; sample_fraction in (0, 1]: share of each batch's rows (conv:
     patch positions) that feed the update; skip: qualified module names (a name skips its
     submodules too) or a predicate (name, module) -> bool; max_norm: update() raises
-    DecorrelationDivergedError when ||R||_F / sqrt(d) of a layer exceeds it.
+    DecorrelationDivergedError when ||R||_F / sqrt(d) of a layer exceeds it; seed: an int
+    draws the subsamples of every layer from one private generator (reproducible; torch's
+    global RNG untouched), None from torch's global RNG.
 
     Subclasses of Linear/Conv (e.g. MultiheadAttention's out_proj, whose weight the attention
     reads directly) are left alone. Grouped, transposed and 3-D convolutions are refused:
@@ -227,6 +252,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         raise InvalidArgumentError(f"kappa must be in [0, 1], got {kappa}")
     if not lr > 0.0:
         raise InvalidArgumentError(f"lr must be positive, got {lr}")
+    sampler = _Sampler(seed)
     skipped = _skipper(skip)
     todo = []
     for name, module in model.named_modules():
@@ -251,7 +277,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     for module in todo:
         d = module.weight[0].numel()  # in_features, or C_in * prod(kernel)
         module.__class__ = _DECOR[type(module)]
-        module._decor_init(d, lr, kappa, sample_fraction, max_norm)
+        module._decor_init(d, lr, kappa, sample_fraction, max_norm, sampler)
     logger.info("decorrelate: %d layers", len(todo))
     return model
 
@@ -400,7 +426,7 @@ def fold(model: nn.Module) -> nn.Module:
         m.weight.copy_(m.decor_folded_weight())
         del m._buffers[BUFFER]
         for attr in ("decor_lr", "decor_kappa", "decor_sample_fraction", "decor_max_norm", "_decor_sum",
-                     "_decor_rows", "_decor_count"):
+                     "_decor_rows", "_decor_count", "_decor_sampler"):
             m.__dict__.pop(attr, None)
         m.__class__ = _PLAIN[type(m)]
     return out

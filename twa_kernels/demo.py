@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from twa_kernels._progress import progress_bar
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
+from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.geometry import plane, plot_plane
 from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
 from twa_kernels.twa import TWA
 
@@ -70,10 +73,12 @@ def mnist1d(seed: int, train_size: int = 3500) -> tuple[TensorDataset, TensorDat
     """(train, validation, test) of MNIST-1D, generated locally (no download): the 4,000
     training signals in a `seed`-dependent order, the first `train_size` of them the training
     split and the last 500 the validation split; the 1,000 test signals are the test split."""
+    # mnist1d imports matplotlib and scipy (over a second): only the demo's own runs pay for it
     from mnist1d.data import get_dataset_args, make_dataset
 
     if not 0 < train_size <= 3500:
-        raise ValueError(f"train_size must be in 1..3500, got {train_size}")
+        raise InvalidArgumentError(f"train_size must be in 1..3500 (the other 500 signals are the validation "
+                                   f"split), got {train_size}")
     data = make_dataset(get_dataset_args())  # deterministic: the generator seeds itself
     x = torch.tensor(data["x"], dtype=torch.float32)[:, None]
     y = torch.tensor(data["y"], dtype=torch.int64)
@@ -157,20 +162,17 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int):
 
 
 def train_sgd(model: nn.Module, train, epochs: int, seed: int, ckpt_dir: Path, lr: float = 0.05,
-              schedule: str = "cosine", test=None, progress: bool = False, noise: float = 0.0,
+              schedule: str = "cosine", test=None, progress: bool | None = None, noise: float = 0.0,
               shift: int = 0):
     """SGD with momentum, a checkpoint per epoch. Returns (paths, seconds per epoch, test
     accuracy per epoch). schedule "cosine" anneals to zero, "step" divides lr by 10 at 50%
     and 75% of `epochs`, "constant" keeps lr. `shift` > 0 rolls each training signal by a
     random shift of up to that many positions; `noise` adds Gaussian noise to the inputs."""
-    from tqdm import tqdm
-
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = _scheduler(opt, schedule, epochs)
     augment = torch.Generator().manual_seed(seed)
     paths, seconds, curve = [], [], []
-    for epoch in tqdm(range(1, epochs + 1), desc=f"seed {seed}: SGD", unit="epoch", disable=not progress,
-                      leave=False):
+    for epoch in progress_bar(range(1, epochs + 1), enabled=progress, desc=f"seed {seed}: SGD", unit="epoch"):
         start = time.perf_counter()
         model.train()
         for x, y in _loader(train, seed + epoch):
@@ -219,7 +221,7 @@ def greedy_soup_with_bn(probe: nn.Module, checkpoints: list, train: TensorDatase
     return with_bn(soup), chosen
 
 
-def train_run(seed: int, setting: Setting, epochs: int, ckpt_dir: Path, progress: bool = False):
+def train_run(seed: int, setting: Setting, epochs: int, ckpt_dir: Path, progress: bool | None = None):
     """SGD from seed's initialisation under `setting`, its schedule `epochs` long. Returns
     (checkpoint paths, seconds per epoch)."""
     paths, seconds, _ = train_sgd(make_model(seed, setting.width), mnist1d(seed, setting.train_size)[0], epochs,
@@ -229,7 +231,7 @@ def train_run(seed: int, setting: Setting, epochs: int, ckpt_dir: Path, progress
 
 
 def head_methods(seed: int, setting: Setting, paths: list[Path], epoch_seconds: list[float], head: int,
-                 out_dir: Path, progress: bool = False, bits: int | None = 4) -> tuple[dict, dict]:
+                 out_dir: Path, progress: bool | None = None, bits: int | None = 4) -> tuple[dict, dict]:
     """Every method that uses the first `head` epochs of the full run (`paths`): SGD
     stopped there, SGD with a schedule of head + TWA's epochs (the same budget as TWA), SWA,
     greedy soup, TWA-t and TWA-v. SWA and TWA-v are saved in out_dir (swa.safetensors,
@@ -263,7 +265,7 @@ def head_methods(seed: int, setting: Setting, paths: list[Path], epoch_seconds: 
     return rows, files
 
 
-def run_seed(seed: int, setting: Setting, out_dir: Path, progress: bool = False) -> dict:
+def run_seed(seed: int, setting: Setting, out_dir: Path, progress: bool | None = None) -> dict:
     """The full run of one seed and every method at the setting's head fraction."""
     train, _, test = mnist1d(seed, setting.train_size)
     seed_dir = out_dir / f"seed{seed}"
@@ -345,6 +347,7 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
     """Test accuracy against the epochs of SGD each method used: the full run's curve, and
     a point (mean ± std over seeds) per method; methods that used the same epochs are drawn
     slightly apart so that none hides another."""
+    # matplotlib takes about a second to import: only a run that draws pays for it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,12 +381,10 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progress: bool = False) -> dict:
+def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progress: bool | None = None) -> dict:
     """The test loss over the plane through three checkpoints of the head stage (a third,
     two thirds and all of the way through it), with SWA, TWA-v and the final SGD model
     placed on it (projected, with their distance from the plane). Returns the placements."""
-    from twa_kernels.connectivity import plane, plot_plane
-
     seed, head = run["seed"], run["files"]["head"]
     picks = [head[max(0, round(len(head) * f) - 1)] for f in (1 / 3, 2 / 3, 1)]
     train, _, test = mnist1d(seed, setting.train_size)
@@ -398,7 +399,7 @@ def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progre
         torch.set_num_threads(threads)
     plot_plane(result, path, title=f"MNIST-1D test loss over the plane through three head-stage checkpoints "
                                    f"(seed {seed}; BatchNorm recomputed at every point)")
-    return dict(grid=grid, points={k: p._asdict() for k, p in result.points.items()})
+    return dict(grid=grid, points={k: p.to_dict() for k, p in result.points.items()})
 
 
 def seed0_model() -> nn.Module:
@@ -417,9 +418,10 @@ def seed0_test_loader() -> DataLoader:
 
 
 def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int | None = None,
-             progress: bool = True, setting: Setting | None = None) -> dict:
+             progress: bool | None = None, setting: Setting | None = None) -> dict:
     """Run the demo (5 seeds, or 1 with `quick`; the same setting either way) and write
-    results.json, accuracy.png and plane.png into out_dir."""
+    results.json, accuracy.png and plane.png into out_dir. `progress`: bars on standard error
+    (None: only when it is a terminal)."""
     setting = setting or DEMO
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

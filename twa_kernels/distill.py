@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from twa_kernels._progress import progress_bar
+from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import load_state_dict, save_state_dict
 
@@ -91,10 +93,10 @@ def default_embedding(x: Tensor, width: int = 128, depth: int = 3) -> Callable[[
     return lambda: ConvEmbedding(shape[1], tuple(shape[2:]), width, depth).to(device=x.device, dtype=x.dtype)
 
 
-def _fresh(embed: Callable[[], nn.Module], seed: int) -> nn.Module:
-    # a new random network, seeded, without touching the caller's global RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
+    # a new random network: `embed` draws from the global RNG, so an int seed forks it and
+    # leaves the caller's state as it was; None draws from it
+    with seeded(seed):
         net = embed()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -129,37 +131,36 @@ def distribution_matching(
     momentum: float = 0.5,
     batch_real: int = 256,
     embed: Callable[[], nn.Module] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     out: str | os.PathLike | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Distill `dataset` to `ipc` examples per class; returns (x_syn, y_syn), classes in
     ascending order, `ipc` rows each.
 
-    Each iteration draws a fresh network from `embed` (a factory, called under a seeded RNG;
-    default: the paper's ConvNet for the data's shape) and, for every class, up to
+    Each iteration draws a fresh network from `embed` (a factory; default: the paper's
+    ConvNet for the data's shape) and, for every class, up to
     `batch_real` real examples, then takes an SGD step (`lr`, `momentum`: the paper's 1.0
     and 0.5) on the synthetic examples to reduce
     sum_c || mean emb(real_c) - mean emb(syn_c) ||^2. `out` saves {"x": x_syn, "y": y_syn}
-    as safetensors (atomically; read back with `load_distilled`).
+    as safetensors (atomically; read back with `load_distilled`). An int `seed` makes the
+    run reproducible and leaves torch's global RNG as it was; None draws from the global RNG.
     """
     x, y = _tensors(dataset)
     classes, _ = _check_ipc(ipc, y)
     if iterations < 0:
         raise DistillError(f"iterations must be >= 0, got {iterations}")
     embed = embed if embed is not None else default_embedding(x)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     members = [torch.nonzero(y == c).squeeze(1) for c in classes]
     start = torch.cat([m[torch.randperm(len(m), generator=gen)[:ipc]] for m in members])
     x_syn = x[start].detach().clone().requires_grad_(True)
     y_syn = y[start].clone()
     opt = torch.optim.SGD([x_syn], lr=lr, momentum=momentum)
 
-    from tqdm import tqdm
-
-    bar = tqdm(range(iterations), desc=f"distribution matching (ipc {ipc})", unit="it", disable=not progress)
+    bar = progress_bar(range(iterations), enabled=progress, desc=f"distribution matching (ipc {ipc})")
     for it in bar:
-        net = _fresh(embed, seed * 1_000_003 + it + 1)
+        net = _fresh(embed, None if seed is None else seed * 1_000_003 + it + 1)
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
         with torch.no_grad():
             target = _class_means(net, x[pick], y[pick], classes)
@@ -168,7 +169,8 @@ def distribution_matching(
         loss.backward()
         opt.step()
         if it % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+            if hasattr(bar, "set_postfix"):  # a bar, not the bare range
+                bar.set_postfix(loss=f"{loss.item():.4g}")
             logger.debug("distribution matching iteration %d: loss %.6g", it, loss.item())
     x_syn = x_syn.detach()
     if out is not None:
@@ -177,17 +179,19 @@ def distribution_matching(
 
 
 @torch.no_grad()
-def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, seed: int = 12345,
+def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, seed: int | None = None,
                   embed: Callable[[], nn.Module] | None = None) -> float:
     """The distribution-matching loss of a synthetic set against all of `dataset`, averaged
-    over `nets` fresh random networks (seeded apart from the ones distillation draws): how
-    well it matches in feature spaces it was not optimised on."""
+    over `nets` fresh random networks: how well it matches in feature spaces it was not
+    optimised on. Compare two sets with the same int `seed` (the same networks; torch's
+    global RNG is left as it was); None draws the networks from the global RNG."""
+    check_seed(seed)
     x, y = _tensors(dataset)
     classes = torch.unique(y)
     embed = embed if embed is not None else default_embedding(x)
     total = 0.0
     for i in range(nets):
-        net = _fresh(embed, seed + i)
+        net = _fresh(embed, None if seed is None else seed + i)
         total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets
 

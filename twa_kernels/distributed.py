@@ -30,12 +30,14 @@ import logging
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from twa_kernels.errors import InvalidTypeError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
@@ -106,11 +108,23 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> Non
         offset += 2 * c + 1
 
 
-def update_bn(twa: TWA, loader: Iterable, process_group: Any = None,
+def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
               call_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
     """TWA.update_bn over the union of every rank's `loader` (each rank passes its own
     shard of the data): a local pass at the averaged weights, then one all-reduce of the
-    statistics. Equal to one process running update_bn over all the ranks' batches."""
+    statistics. Equal to one process running update_bn over all the ranks' batches.
+
+    The argument order is torch.optim.swa_utils.update_bn's (loader, model), as
+    tk.update_bn's; the former order (twa, loader, ...) still works, with a DeprecationWarning."""
+    if isinstance(loader, TWA) and not isinstance(twa, TWA):
+        warnings.warn("distributed.update_bn(twa, loader, ...) is deprecated: pass the loader first, "
+                      "update_bn(loader, twa, process_group), as torch.optim.swa_utils.update_bn does",
+                      DeprecationWarning, stacklevel=2)
+        loader, twa = twa, loader
+    if not isinstance(twa, TWA):
+        raise InvalidTypeError(f"distributed.update_bn(loader, twa, ...) takes a TWA as its second argument, got "
+                               f"{type(twa).__name__}; for a plain model use tk.update_bn(loader, model) and then "
+                               "distributed.all_reduce_bn_statistics(model, process_group)")
     if process_group is None and twa.parallel is not None:
         process_group = twa.parallel.comm.group
     twa.update_bn(loader, call_fn)
@@ -198,8 +212,6 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
     map-style dataset is rebuilt with a DistributedSampler (shuffled if the loader was; it
     pads by repeating samples); another sized iterable keeps every W-th batch, len // W of
     them. An unsized iterable is refused."""
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
         sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,

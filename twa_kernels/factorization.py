@@ -30,8 +30,10 @@ gradient from prefix and suffix products of the saved factors.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
@@ -158,10 +161,17 @@ def matched_sigma(sigma_w: float, depth: int, eps: float = EPS) -> float:
 
 
 @torch.no_grad()
-def dwf_init_(factor: Tensor, sigma_w: float, depth: int, eps: float = EPS,
+def dwf_init_(factor: Tensor, sigma_w: float, depth: int, eps: float = EPS, seed: int | None = None, *,
               generator: torch.Generator | None = None) -> Tensor:
     """Fill `factor` in place from N(0, sigma_w^(2/D)) truncated to eps^(1/D) < |x| < min(1, (2 sigma_w)^(1/D)),
-    by inverting the normal CDF on the allowed band of |x| (exact, no rejection loop)."""
+    by inverting the normal CDF on the allowed band of |x| (exact, no rejection loop). An int
+    `seed` draws from a private generator (torch's global RNG untouched), None from the
+    global RNG; `generator=` is deprecated."""
+    return _dwf_init(factor, sigma_w, depth, eps, generator_or_seed(seed, generator, "dwf_init_"))
+
+
+@torch.no_grad()
+def _dwf_init(factor: Tensor, sigma_w: float, depth: int, eps: float, generator: torch.Generator | None) -> Tensor:
     s, lo, hi = truncation_bounds(sigma_w, depth, eps)
     if not lo < hi:
         raise FactorizationError(f"sigma_w={sigma_w!r} is below eps/2: the truncation band of depth {depth} is empty")
@@ -213,7 +223,7 @@ def _select(model: nn.Module, layers: LayerSpec) -> list[tuple[str, nn.Module]]:
 
 def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases: bool = False,
               init: str = "dwf", sigma_w: float | Callable[[nn.Module], float] | None = None,
-              eps: float = EPS, generator: torch.Generator | None = None) -> nn.Module:
+              eps: float = EPS, seed: int | None = None, *, generator: torch.Generator | None = None) -> nn.Module:
     """Factorise the weights of `model` in place into `depth` factors each, and return it.
 
     layers: None for every Linear / Conv / ConvTranspose layer, or module names and/or
@@ -229,7 +239,10 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         construction that is PyTorch's default init), a callable gets the module.
     Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
     (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
+    seed: an int draws every factor from one private generator (reproducible; torch's global
+        RNG untouched); None draws from the global RNG. `generator=` is deprecated.
     """
+    gen = generator_or_seed(seed, generator, "factorize")
     _check_depth(depth)
     if init not in ("dwf", "dwf_matched", "keep"):
         raise FactorizationError(f"init={init!r}: use 'dwf' (the paper's random init), 'dwf_matched' (the same, "
@@ -254,7 +267,7 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
                 plist = module.parametrizations[pname]
                 for i in range(depth):
                     factor = getattr(plist, f"original{i}")
-                    dwf_init_(factor, scale, depth, eps, generator)
+                    _dwf_init(factor, scale, depth, eps, gen)
     logger.info("factorised %d layers into %d factors each", len(targets), depth)
     return model
 
@@ -315,8 +328,6 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
     """A plain copy of `model`: every factorised weight replaced by its product, with
     |w| < threshold set to 0. Its state_dict loads into the original architecture."""
-    import copy
-
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if _is_factorized(module):
@@ -354,9 +365,15 @@ class SparsityReport:
     def compression(self) -> float:
         return self.total / max(self.nonzero, 1)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
+        """Per layer and overall counts, sparsity and compression, as JSON-safe data."""
         return dict(layers={n: dict(total=t, nonzero=z, sparsity=1 - z / max(t, 1)) for n, t, z in self.rows},
                     total=self.total, nonzero=self.nonzero, sparsity=self.sparsity, compression=self.compression)
+
+    def as_dict(self) -> dict:
+        """Deprecated name of `to_dict`."""
+        warnings.warn("SparsityReport.as_dict() is deprecated: use to_dict()", DeprecationWarning, stacklevel=2)
+        return self.to_dict()
 
     def __str__(self) -> str:
         width = max([len(r[0]) for r in self.rows] + [7])

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
+from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
@@ -194,8 +196,6 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
 def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:
     """The checked config; `required` are the keys it must have (`twa connect` and `twa
     plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise FitError(f"{path}: no such config file")
@@ -302,7 +302,7 @@ def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
     if group is None:
         twa.update_bn(loader)
     else:
-        distributed.update_bn(twa, loader, group)
+        distributed.update_bn(loader, twa, group)
     loader.check_pass("to recompute the BatchNorm statistics on")
 
 
@@ -312,10 +312,11 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 @distributed.record_errors  # under torchrun, each rank's own error reaches the job's summary
-def run_fit(config_path: str | Path, progress: bool = True) -> dict:
+def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     """Build, train and write a TWA from the config at `config_path` (see the module
     docstring); returns the report. The config and the output location are checked before
-    any work; the outputs replace the output directory's old ones as one set."""
+    any work; the outputs replace the output directory's old ones as one set. Rank 0 shows
+    progress bars (`progress` None: only when standard error is a terminal)."""
     config = load_config(config_path)
     resolve_checkpoints(config.checkpoints)  # an empty glob or a missing directory, now
     group = distributed.init_from_environment()
@@ -331,10 +332,8 @@ def run_fit(config_path: str | Path, progress: bool = True) -> dict:
     return report
 
 
-def _fit(config: FitConfig, group: Any, rank: int, progress: bool, outputs: OutputDirectory | None) -> dict:
-    from tqdm import tqdm
-
-    progress = progress and rank == 0
+def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, outputs: OutputDirectory | None) -> dict:
+    progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
     model = _call(config.model, "model")
     if not isinstance(model, nn.Module):
@@ -372,7 +371,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool, outputs: Outp
     losses = []
     for epoch in range(config.epochs):
         twa.train()
-        for x, y in tqdm(fit_loader, desc=f"TWA epoch {epoch + 1}", disable=not progress, leave=False):
+        for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
             loss = loss_fn(twa(x), y)

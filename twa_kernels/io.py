@@ -42,7 +42,6 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
-import mmap
 import os
 import pickle
 import re
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import safetensors.torch  # read as safetensors.torch.<name> at each call: tests swap them
 from torch import Tensor, nn
 
 try:  # the same CRC-32 as zlib's, several times faster where zlib has no folded-multiply path
@@ -221,10 +221,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            tensors = load_file(str(path), device="cpu")
+            tensors = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
         return _strip_prefixes(tensors, str(path))
@@ -238,44 +236,44 @@ _VERIFIED: set[tuple[str, int, int, int]] = set()
 def verify_zip_crc(path: str | os.PathLike) -> None:
     """Check every record of a zip-format torch file against its stored CRC-32. torch's
     own zip reader never checks them, so a flipped bit in a tensor's data would otherwise
-    be read as a valid weight. Stored records are summed straight from a read-only mapping
-    (no copy), 16 MB at a time, each stretch's pages given back once summed; zlib-ng's
+    be read as a valid weight. Stored records are read 1 MB at a time into one buffer and
+    summed there (a mapping would count each stretch's pages in the process's resident
+    memory until they are given back: up to a whole record at every open); zlib-ng's
     CRC-32 runs at several GB/s. Each file is checked once per process unless it changes.
     Raises CheckpointError naming the record."""
     stat = os.stat(path)
     stamp = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if stamp in _VERIFIED:
         return
-    step = 1 << 24
+    buffer = bytearray(1 << 20)  # records are summed through this 1 MB buffer: no mapping's pages pile up
     try:
-        with open(path, "rb") as file, zipfile.ZipFile(file) as archive, \
-                mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                for info in archive.infolist():
-                    if info.compress_type != zipfile.ZIP_STORED:  # not what torch writes: let zipfile check it
-                        with archive.open(info) as record:
-                            while record.read(step):
-                                pass
-                        continue
-                    head = info.header_offset
-                    if mapped[head:head + 4] != b"PK\x03\x04":
-                        raise zipfile.BadZipFile(f"record {info.filename!r} has no local header")
-                    name_len, extra_len = struct.unpack("<HH", mapped[head + 26:head + 30])
-                    start = head + 30 + name_len + extra_len
-                    end = start + info.compress_size
-                    if end > len(mapped):
-                        raise zipfile.BadZipFile(f"record {info.filename!r} runs past the end of the file")
-                    crc = 0
-                    for a in range(start, end, step):
-                        crc = _crc32(view[a:min(end, a + step)], crc)
-                        if hasattr(mapped, "madvise"):
-                            page = a - a % mmap.PAGESIZE
-                            mapped.madvise(mmap.MADV_DONTNEED, page, min(end, a + step) - page)
-                    if crc != info.CRC:
-                        raise zipfile.BadZipFile(f"Bad CRC-32 for record {info.filename!r}")
-            finally:
-                view.release()
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            size = os.fstat(file.fileno()).st_size
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:  # not what torch writes: let zipfile check it
+                    with archive.open(info) as record:
+                        while record.read(len(buffer)):
+                            pass
+                    continue
+                head = info.header_offset
+                header = os.pread(file.fileno(), 30, head)
+                if header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"record {info.filename!r} has no local header")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                start = head + 30 + name_len + extra_len
+                end = start + info.compress_size
+                if end > size:
+                    raise zipfile.BadZipFile(f"record {info.filename!r} runs past the end of the file")
+                crc, view = 0, memoryview(buffer)
+                for a in range(start, end, len(buffer)):
+                    got = os.preadv(file.fileno(), [view[:min(end - a, len(buffer))]], a)
+                    if got <= 0:
+                        raise zipfile.BadZipFile(f"record {info.filename!r} is cut short")
+                    crc = _crc32(view[:got], crc)
+                    if got < min(end - a, len(buffer)):
+                        raise zipfile.BadZipFile(f"record {info.filename!r} is cut short")
+                if crc != info.CRC:
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for record {info.filename!r}")
     except (zipfile.BadZipFile, ValueError, OSError, struct.error) as exc:
         raise CheckpointError(f"{path}: corrupt ({exc}); the file was damaged after it was written: "
                               "restore it from a good copy or save it again") from exc
@@ -518,7 +516,5 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
     # clone: safetensors refuses tensors that share memory (tied weights, views)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     if Path(path).suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))

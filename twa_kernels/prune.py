@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset
 
+from twa_kernels._progress import progress_bar
+from twa_kernels._random import check_seed, generator
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import StateDict, load_state_dict, save_state_dict, write_json
 
@@ -202,18 +205,19 @@ def train_classifier(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     batch_size: int = 64,
-    seed: int = 0,
+    seed: int | None = None,
     schedule: str = "cosine",
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
     """The default training loop: cross-entropy, SGD with momentum (or `optimizer(params)`),
-    a cosine or constant learning rate, data shuffled by `seed` (the SGD noise)."""
+    a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds a
+    private generator, None shuffles from torch's global RNG)."""
     if schedule not in ("cosine", "constant"):
         raise InvalidArgumentError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     device = next(model.parameters()).device
     opt = (optimizer(model.parameters()) if optimizer is not None else
            torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator(seed))
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader)) if schedule == "cosine"
              else None)
     model.train()
@@ -226,9 +230,11 @@ def train_classifier(
                 sched.step()
 
 
-def classification_train_fn(data: Dataset, epochs: int = 10, seed: int = 0, **kwargs) -> TrainFn:
+def classification_train_fn(data: Dataset, epochs: int = 10, seed: int | None = None, **kwargs: Any) -> TrainFn:
     """A train_fn for `imp`: `train_classifier(model, data, epochs, seed=seed, **kwargs)` in
-    every round (the same data order each round, as IMP usually does)."""
+    every round (with an int seed, the same data order each round, as IMP usually does;
+    None shuffles from torch's global RNG)."""
+    check_seed(seed)
 
     def train_fn(model: nn.Module, round: int) -> None:
         train_classifier(model, data, epochs=epochs, seed=seed, **kwargs)
@@ -287,6 +293,12 @@ class IMPResult:
         """The unmasked rewind point: the initialisation or the weights after k steps."""
         return load_state_dict(self.out_dir / "rewind.safetensors")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The run as JSON-safe data: the directory, the rewind point, each round's sparsity
+        and files (relative to out_dir). The masks themselves are in those files."""
+        return dict(out_dir=str(self.out_dir), rewind=self.rewind, sparsity=[float(s) for s in self.sparsity],
+                    files=[dict(f) for f in self.files])
+
 
 def _check_args(rounds: int, rate: float, rewind: str | int, scope: str) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -310,7 +322,7 @@ def imp(
     out_dir: str | os.PathLike = "imp",
     scope: str = "global",
     layers: Iterable[str] | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> IMPResult:
     """Iterative magnitude pruning with rewinding; see the module docstring.
 
@@ -344,9 +356,8 @@ def imp(
             rewind_state = load_state_dict(out / "rewind.safetensors")
             logger.info("resuming the IMP run in %s after round %d", out, manifest["done"])
 
-    from tqdm import tqdm
-
-    for r in tqdm(range(manifest["done"] + 1, rounds + 1), desc="IMP", unit="round", disable=not progress):
+    for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",
+                          leave=True):
         if r == 0:
             mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_weights(model, names).items()}
             start = init

@@ -25,12 +25,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from twa_kernels import builder
+from twa_kernels._progress import progress_bar
 from twa_kernels.builder import Layout
 from twa_kernels.columns import ColumnReader
 from twa_kernels.io import checkpoint_directory_files, resolve_checkpoints
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharding import BasisMismatchError, _gather_rows, agree, local_blocks, shard_columns
-from twa_kernels.subspace import _progress, block_sizes_for
+from twa_kernels.subspace import block_sizes_for
 
 
 class CheckpointListMismatchError(BasisMismatchError):
@@ -98,6 +99,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
         parts = [(os.path.relpath(f, path), *_file_fingerprint(f)) for f in checkpoint_directory_files(path) or []]
         return sum(size for _, size, _ in parts), _digest(sorted(parts))
     if os.path.isdir(path):
+        # _dcp imports torch.distributed.checkpoint (about a second): only a DCP directory pays for it
         from twa_kernels import _dcp
 
         metadata = _dcp.read_metadata(path)
@@ -171,7 +173,7 @@ def _same_checkpoint_contents(specs: list, prints: list[tuple[int, int, int]], g
 @torch.no_grad()
 def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: list[tuple[int, ...]],
                 bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
-                aliases: dict[str, list[str]] | None = None, progress: bool = False) -> ShardedSubspace:
+                aliases: dict[str, list[str]] | None = None, progress: bool | None = None) -> ShardedSubspace:
     """Subspace.from_checkpoints for this rank's columns only: each checkpoint is read for
     columns [c_r, c_r+1) alone (see columns.ColumnReader), so no rank holds a whole checkpoint. The
     result equals the single-process subspace's columns bit for bit (the center is the same
@@ -190,7 +192,8 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     start, stop = edges[dist.get_rank(process_group)], edges[dist.get_rank(process_group) + 1]
 
     layout = Layout(names, shapes, aliases, [*names, *(a for n in names for a in aliases.get(n, ()))])
-    steps = lambda items, what: _progress(items, len(items), f"{what} (shard)", progress)  # noqa: E731
+    steps = lambda items, what: progress_bar(items, enabled=progress, desc=f"{what} (shard)",  # noqa: E731
+                                             total=len(items), unit="ckpt")
     prints: list[tuple[int, int, int]] = []
 
     def fingerprint(i: int, reader: ColumnReader) -> None:

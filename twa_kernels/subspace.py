@@ -20,6 +20,7 @@ from twa_kernels import builder
 from twa_kernels.builder import Layout, mean_center  # noqa: F401  (mean_center: its former home)
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._ops import combine_rows_op, gram_op
+from twa_kernels._progress import progress_bar
 from twa_kernels.columns import ColumnReader
 from twa_kernels.io import (
     CheckpointError,
@@ -187,7 +188,7 @@ class Subspace:
         parameter_names: list[str] | None = None,
         parameter_shapes: list[tuple[int, ...]] | None = None,
         orthonormalize: bool = False,
-        progress: bool = False,
+        progress: bool | None = None,
         normalize_rows: bool = False,
         parameter_aliases: dict[str, list[str]] | None = None,
     ) -> Subspace:
@@ -239,7 +240,7 @@ class Subspace:
                                        "leave it out of parameter_names (it holds nothing to average)")
         # the model's names, which checkpoint keys are matched to (io's module docstring)
         layout = Layout(names, shapes, aliases, [*names, *(a for n in names for a in aliases.get(n, ()))])
-        steps = lambda items, what: _progress(items, len(items), what, progress)  # noqa: E731
+        steps = lambda items, what: progress_bar(items, enabled=progress, desc=what, total=len(items), unit="ckpt")  # noqa: E731
         center = builder.average(specs, layout, 0, layout.num_cols, group_size, steps)
         blocks = block_sizes_for([math.prod(s) for s in shapes], granularity)
         offsets = block_offsets_from_sizes(blocks, center.numel())
@@ -287,10 +288,3 @@ def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int,
     parts = [_checked(state, name, shape, source, aliases) for name, shape in zip(names, shapes)]
     return torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
 
-
-def _progress(items, total: int, what: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc=what, unit="ckpt")

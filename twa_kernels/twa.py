@@ -87,7 +87,7 @@ class TWA(nn.Module):
         bits: int | None = 4,
         granularity: str | int = "tensor",
         group_size: int = 128,
-        progress: bool = False,
+        progress: bool | None = None,
         process_group: Any = None,
         shard: bool = False,
     ):

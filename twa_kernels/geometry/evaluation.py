@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm import tqdm
 
 from twa_kernels.averaging import update_bn
 from twa_kernels.errors import InvalidArgumentError
@@ -136,10 +135,3 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
         raise InvalidArgumentError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "
                          "must return (mean loss, error fraction)")
     return loss_sum / count, error_sum / count
-
-
-def progress_bar(items: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
-    """`items`, wrapped in a transient tqdm bar when `enabled`."""
-    if not enabled:
-        return items
-    return tqdm(items, desc=desc, total=total, leave=False)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
@@ -31,7 +32,6 @@ from twa_kernels.geometry.evaluation import (
     float_buffers,
     load_checkpoint,
     preserved,
-    progress_bar,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Interpolation:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The interpolation as JSON-safe data."""
         return dict(alphas=self.alphas, loss=self.loss, error=self.error, loss_barrier=self.loss_barrier,
                     error_barrier=self.error_barrier, bn=self.bn)
 
@@ -79,7 +80,7 @@ def interpolate(
     masks: Mapping[str, Tensor] | None = None,
     *,
     bn_data: Iterable | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Interpolation:
     """Evaluate `model` at (1 - alpha) a + alpha b for `steps` evenly spaced alphas in [0, 1].
 
@@ -107,7 +108,7 @@ def interpolate(
     alphas = [i / (steps - 1) for i in range(steps)]
     losses, errors = [], []
     with preserved(model):
-        for alpha in progress_bar(alphas, progress, "interpolating"):
+        for alpha in progress_bar(alphas, enabled=progress, desc="interpolating"):
             weights = {k: torch.lerp(ends[0][k], ends[1][k], alpha) for k in ends[0]}
             for name, m in mask.items():
                 weights[name].mul_(m)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
+from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
@@ -49,7 +50,6 @@ from twa_kernels.geometry.evaluation import (
     evaluate,
     float_buffers,
     preserved,
-    progress_bar,
 )
 from twa_kernels.columns import ColumnReader
 from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_state_dict
@@ -59,6 +59,7 @@ from twa_kernels.quant import (
     QuantizedBasis,
     block_offsets_from_sizes,
     dequantize,
+    unpack_codes,
 )
 from twa_kernels.subspace import Subspace
 
@@ -73,6 +74,10 @@ class PlanePoint(NamedTuple):
     x: float
     y: float
     distance: float
+
+    def to_dict(self) -> dict[str, float]:
+        """The point as JSON-safe data."""
+        return dict(x=float(self.x), y=float(self.y), distance=float(self.distance))
 
 
 def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
@@ -186,6 +191,9 @@ class _Frame:
         self.numel = basis.num_cols
         self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
+        # the build's freed windows go back to the OS before the Gram pass adds its own
+        # buffers: the two would otherwise stack up into the build's peak
+        _return_freed_memory()
         gram = self._inner(None)
         try:
             self.chol = torch.linalg.cholesky(gram)
@@ -197,14 +205,26 @@ class _Frame:
         _return_freed_memory()
 
     def _chunks(self) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, stop, the two rows' columns start..stop as float64 [2, stop - start] on
+        the CPU), valid until the next chunk: whole chunks are dequantised into two buffers
+        reused throughout, so a pass allocates no chunk-sized temporaries (those, freed and
+        allocated again chunk after chunk, grew the heap by several MB)."""
         step = self.basis.group_size * _CHUNK_GROUPS
+        buffers: tuple[Tensor, Tensor] | None = None
         for start in range(0, self.basis.num_cols, step):
             stop = min(start + step, self.basis.num_cols)
             if self.basis.bits is None:
-                rows = self.basis.codes[list(self.rows), start:stop]
-            else:
-                rows = _dequantize_rows(self.basis, self.rows, start, stop)
-            yield start, stop, rows.double().cpu()
+                yield start, stop, self.basis.codes[list(self.rows), start:stop].double().cpu()
+                continue
+            if stop - start < step:  # the short last chunk: contiguous tensors of its own size
+                yield start, stop, _dequantize_rows(self.basis, self.rows, start, stop).double().cpu()
+                continue
+            if buffers is None:
+                buffers = (torch.empty(2, step, device=self.basis.device),
+                           torch.empty(2, step, dtype=torch.float64, device=self.basis.device))
+            rows32, rows64 = buffers
+            _dequantize_rows_into(self.basis, self.rows, start, rows32)
+            yield start, stop, rows64.copy_(rows32).cpu()
 
     def _inner(self, vector: Tensor | None) -> Tensor:
         """Float64 inner products of the two rows with each other ([2, 2]) or with vector ([2])."""
@@ -273,6 +293,19 @@ def _dequantize_rows(basis: QuantizedBasis, rows: tuple[int, int], start: int, s
     return dequantize(basis, start, stop)[list(rows)]
 
 
+def _dequantize_rows_into(basis: QuantizedBasis, rows: tuple[int, int], start: int, out: Tensor) -> Tensor:
+    """_dequantize_rows of whole groups start..start + out.shape[1] written into `out`
+    ([2, n], float32), bit for bit: code * scale + min is the same rounded product and sum
+    as dequantize's min + scale * code."""
+    n, group = out.shape[1], basis.group_size
+    first = start // group
+    out.copy_(unpack_codes(basis, start, start + n)[list(rows)])
+    view = out.view(2, n // group, group)
+    view.mul_(basis.scales[first:first + n // group, list(rows)].T[:, :, None])
+    view.add_(basis.mins[first:first + n // group, list(rows)].T[:, :, None])
+    return out
+
+
 def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], bits: int | None,
                             group_size: int, with_buffers: bool) -> tuple[_Frame, list[str]]:
     if len(checkpoints) != 3:
@@ -303,8 +336,10 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         elif dense is not None:
             builder.dense_row(reader, layout, center, 0, group_size, out=dense[i - 1], check_finite=True)
         else:  # written in place into the basis's tensors: no per-row copies to stack
-            row = builder.streamed_row(reader, layout, center, 0, group_size, check_finite=True)
-            builder.pack_row(row, numel, bits, group_size, (codes[i - 1], scales[:, i - 1], mins[:, i - 1]))
+            # the row reader is not kept in a name: it holds `center`, which must be freed
+            # below, before the Gram pass, or the two add up to the build's peak
+            builder.pack_row(builder.streamed_row(reader, layout, center, 0, group_size, check_finite=True), numel,
+                             bits, group_size, (codes[i - 1], scales[:, i - 1], mins[:, i - 1]))
         del reader
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
@@ -369,8 +404,9 @@ class Plane:
                                                                               self.frame.shapes)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The plane as JSON-safe data: the grid, loss and error, placed points, anchors, bits, bn."""
         return dict(xs=self.xs, ys=self.ys, loss=self.loss.tolist(), error=self.error.tolist(),
-                    points={k: p._asdict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
+                    points={k: p.to_dict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
                     bn=self.bn)
 
 
@@ -390,7 +426,7 @@ def plane(
     points: Mapping[str, Checkpoint] | None = None,
     labels: Sequence[str] | None = None,
     bn_data: Iterable | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Plane:
     """Loss and error of `model` on a grid over the plane through three checkpoints [a, b, c]
     (origin a, first axis towards b), or through the center of a tk.Subspace along its
@@ -450,7 +486,7 @@ def plane(
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
     cells = [(i, j) for i in range(ny) for j in range(nx)]
     with preserved(model), torch.no_grad():
-        for i, j in progress_bar(cells, progress, "plane", total=len(cells)):
+        for i, j in progress_bar(cells, enabled=progress, desc="plane", total=len(cells)):
             if j == 0:
                 frame.weights((xs[0], ys[i]), out=flat)
             else:
