@@ -22,8 +22,8 @@ demo's 1-D CNN with BatchNorm, for each seed:
     three.
 All methods share the initialisation, so the dense level (round 0) is one measurement.
 
-    python python/lmc_sparse.py          # 3 seeds, 12-16 minutes on 2 cores
-    python python/lmc_sparse.py --quick                             # 1 seed, 2 rounds: a smoke run
+    python -m experiments.lmc_sparse          # 3 seeds, 12-16 minutes on 2 cores
+    python -m experiments.lmc_sparse --quick                             # 1 seed, 2 rounds: a smoke run
 
 Writes results/lmc_sparse/results.json, lmc_sparse.png (accuracy and barrier against
 sparsity), plane_*.png and interpolation.png, and prints the table. IMP's per-round files go
@@ -34,11 +34,9 @@ stopped). --quick writes everything under the work folder, nothing in results/.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,10 +46,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import twa_kernels as tk  # noqa: E402
-from twa_kernels.demo import make_model, mnist1d  # noqa: E402
+import twa_kernels as tk
+from experiments.common import accuracy, pyplot, save_figure, write_report
+from twa_kernels.demo import make_model, mnist1d
 
 METHODS = ("real", "distilled ipc 10", "distilled ipc 50")
 SEED_A, SEED_B, SEED_C = 1, 2, 3  # data-order seeds of the copies (offset per seed)
@@ -68,12 +65,9 @@ def clone(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, state: dict, test: TensorDataset) -> float:
+def state_accuracy(model: nn.Module, state: dict, test: TensorDataset) -> float:
     model.load_state_dict(state)
-    model.eval()
-    x, y = test.tensors
-    return float((model(x).argmax(1) == y).float().mean())
+    return accuracy(model, test)
 
 
 def train_copy(model: nn.Module, start: dict, mask: dict, train: TensorDataset, epochs: int, seed: int) -> dict:
@@ -133,8 +127,8 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path, bar: tqdm) -> dict
             b = train_copy(model, start_state, mask, train, args.epochs, seeds["B"])
             line = tk.connectivity.interpolate(model, a, b, eval_data, steps=args.steps, bn="recompute",
                                                masks=mask, bn_data=bn_data)
-            row = dict(round=r, sparsity=result.sparsity[r], acc_a=accuracy(model, a, test),
-                       acc_b=accuracy(model, b, test), error_barrier=line.error_barrier,
+            row = dict(round=r, sparsity=result.sparsity[r], acc_a=state_accuracy(model, a, test),
+                       acc_b=state_accuracy(model, b, test), error_barrier=line.error_barrier,
                        loss_barrier=line.loss_barrier, curve=line.to_dict(), points=points[name])
             rows[name].append(row)
             if r == 0:
@@ -191,11 +185,7 @@ def format_table(summary: dict, n_seeds: int) -> str:
 
 
 def plot(summary: dict, n_seeds: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"real": "tab:blue", "distilled ipc 10": "tab:orange", "distilled ipc 50": "tab:green"}
     for name, levels in summary.items():
@@ -213,8 +203,7 @@ def plot(summary: dict, n_seeds: int, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"MNIST-1D, 1-D CNN, IMP rewound to init, retrained on real data ({n_seeds} seeds, mean ± std)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -277,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         planes={name: p.to_dict() for name, p in first["planes"].items()},
         total_seconds=seconds, table=table,
     )
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    write_report(out / "results.json", report)
     print(table)
     print(f"\n{args.seeds} seeds, {seconds:.0f} s; results in {out}/")
     return report
