@@ -211,9 +211,10 @@ ROWS_FACTOR = 2
 FAIR_SIZES = {
     "full": dict(num_samples=12500, train=9000, val=1000, epochs=20, select_epochs=20, batch=256,
                  adam_lrs=[1e-3, 3e-3, 1e-2], decor_lrs=[3e-4, 1e-3, 3e-3, 1e-2], kappas=[0.01, 0.5],
-                 seeds=[1, 2, 3, 4, 5], overhead_cycles=60),
+                 seeds=[1, 2, 3, 4, 5], overhead_cycles=60, projection=dict(batch=256, size=224)),
     "tiny": dict(num_samples=5000, train=512, val=200, epochs=2, select_epochs=2, batch=64,
-                 adam_lrs=[3e-3], decor_lrs=[1e-3], kappas=[0.01], seeds=[1, 2], overhead_cycles=3),
+                 adam_lrs=[3e-3], decor_lrs=[1e-3], kappas=[0.01], seeds=[1, 2], overhead_cycles=3,
+                 projection=dict(batch=8, size=32)),
 }
 SELECT_SEED = 0
 
@@ -406,8 +407,9 @@ def resnet18_projection(batch: int = 256, size: int = 224) -> dict:
     spec = importlib.util.spec_from_file_location("_bench_resnet", ROOT / "bench" / "resnet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    model = module.resnet18(1000)
-    plan, every = covariance_plan(model, torch.zeros(1, 3, size, size))
+    with torch.device("meta"):  # shapes only: nothing is allocated or computed
+        model = module.resnet18(1000)
+        plan, _ = covariance_plan(model, torch.zeros(1, 3, size, size))
     out = {}
     for rule in (f"{ROWS_FACTOR}d rows", "10% of rows"):
         bp = extra = 0.0
@@ -468,10 +470,14 @@ def fair_summary(runs: list[dict], chosen: dict, seeds: list[int], overhead: dic
                                  for e in range(len(by[m][0]["curve"]))] for m in by},
             step_overhead_measured=ratio,
         )
-        if len(reached) == len(per_seed):
-            row["epochs_saved"] = mean_ci([p["bp_epochs"] - p["dbp_epochs"] for p in per_seed])
-            row["epoch_ratio"] = mean_ci([p["dbp_epochs"] / p["bp_epochs"] for p in per_seed])
-            row["wallclock_ratio_measured"] = mean_ci([ratio * p["dbp_epochs"] / p["bp_epochs"] for p in per_seed])
+        # a seed where DBP never reaches BP's peak counts as reaching it one epoch after the end
+        # (in BP's favour); how many were counted so is recorded
+        horizon = len(by["bp"][0]["curve"]) + 1
+        dbp_ep = [p["dbp_epochs"] if p["dbp_epochs"] is not None else horizon for p in per_seed]
+        row["censored_seeds"] = len(per_seed) - len(reached)
+        row["epochs_saved"] = mean_ci([p["bp_epochs"] - e for p, e in zip(per_seed, dbp_ep)])
+        row["epoch_ratio"] = mean_ci([e / p["bp_epochs"] for p, e in zip(per_seed, dbp_ep)])
+        row["wallclock_ratio_measured"] = mean_ci([ratio * e / p["bp_epochs"] for p, e in zip(per_seed, dbp_ep)])
         out[model_name] = row
     return out
 
@@ -487,12 +493,9 @@ def fair_verdict(summary: dict, projection: dict) -> tuple[str, str]:
         fewer.append(f_ok)
         faster.append(w_ok)
         ft = row["final_test"]
-        if es and es["ci95"]:
-            ep = (f"epochs to BP's peak validation accuracy saved {es['mean']:.1f} "
-                  f"[{es['ci95'][0]:.1f}, {es['ci95'][1]:.1f}]; measured wall-clock ratio {wr['mean']:.2f} "
-                  f"[{wr['ci95'][0]:.2f}, {wr['ci95'][1]:.2f}]")
-        else:
-            ep = f"DBP reached BP's peak validation accuracy in {row['dbp_reached_bp_peak']} seeds"
+        ep = (f"DBP reached BP's peak validation accuracy in {row['dbp_reached_bp_peak']} seeds; epochs to it "
+              f"saved {es['mean']:.1f} [{es['ci95'][0]:.1f}, {es['ci95'][1]:.1f}] (BP {statistics.fmean(p['bp_epochs'] for p in row['per_seed']):.1f} "
+              f"epochs on average); measured wall-clock ratio {wr['mean']:.2f} [{wr['ci95'][0]:.2f}, {wr['ci95'][1]:.2f}]")
         d = ft["dbp_minus_bp"]
         parts.append(f"{model_name.upper()}: {ep}; final test accuracy BP {100 * ft['bp']['mean']:.2f}%, "
                      f"DBP {100 * ft['dbp']['mean']:.2f}%, difference {100 * d['mean']:+.2f} "
@@ -505,7 +508,8 @@ def fair_verdict(summary: dict, projection: dict) -> tuple[str, str]:
         verdict = "does not hold"
     proj = projection["rules"][f"{ROWS_FACTOR}d rows"]["overhead"]
     summary_line = ("; ".join(parts) + f" (95% t-intervals over {len(next(iter(summary.values()))['per_seed'])} "
-                    f"seeds). FLOP-projected step overhead at ResNet-18, 224x224, batch 256: +{100 * proj:.1f}% "
+                    f"seeds). FLOP-projected step overhead at ResNet-18, {projection['size']}x{projection['size']}, "
+                    f"batch {projection['batch']}: +{100 * proj:.1f}% "
                     f"({ROWS_FACTOR}d rows), +{100 * projection['rules']['10% of rows']['overhead']:.1f}% (10% of rows).")
     return verdict, summary_line
 
@@ -530,11 +534,31 @@ def fair_plot(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def resummarize(out: Path) -> dict:
+    """Tables, verdict and summary of `out`/fair.json recomputed from the runs it stores."""
+    import json
+
+    report = json.loads((out / "fair.json").read_text())
+    report.pop("stamp", None)
+    chosen = {m: {k: v for k, v in c.items()} for m, c in report["selection"].items()}
+    summary = fair_summary(report["runs"], chosen, report["seeds"], report["step_overhead"])
+    verdict, line = fair_verdict(summary, report["resnet18_projection"])
+    report.update(table=summary, verdict=verdict, summary=line)
+    write_report(out / "fair.json", report)
+    fair_plot(summary, out / "fair.png")
+    print(f"verdict: {verdict}\n{line}")
+    return report
+
+
 def fair_main(argv: list[str] | None = None) -> dict:
     p = parser("DBP against BP under the fair protocol (see experiments/dbp.py).", "dbp")
     p.add_argument("--size", choices=sorted(FAIR_SIZES), default="full")
     p.add_argument("--jobs", type=int, default=2, help="worker processes of one thread each")
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the tables, verdict and summary of an existing fair.json from its runs")
     args = p.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.out)
     cfg = FAIR_SIZES[args.size]
     start = time.perf_counter()
     torch.set_num_threads(1)
@@ -553,7 +577,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
     runs = _map(jobs, args.jobs)
     overhead = {m: measure_overhead(m, chosen[m]["dbp"]["lr"], chosen[m]["dbp"]["decor_lr"], chosen[m]["dbp"]["kappa"],
                                     cfg, cfg["overhead_cycles"]) for m in MODELS}
-    projection = resnet18_projection()
+    projection = resnet18_projection(**cfg["projection"])
     summary = fair_summary(runs, chosen, cfg["seeds"], overhead)
     verdict, line = fair_verdict(summary, projection)
     train, val, test = _fair_data(cfg)

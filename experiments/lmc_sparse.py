@@ -24,6 +24,12 @@ All methods share the initialisation, so the dense level (round 0) is one measur
 
     python -m experiments.lmc_sparse          # 3 seeds, 12-16 minutes on 2 cores
     python -m experiments.lmc_sparse --quick                             # 1 seed, 2 rounds: a smoke run
+    python -m experiments.lmc_sparse fair [--jobs 2]      # the calibration first: fair.json, fair.png
+
+`fair` first calibrates (see `calibrate`): it looks for a width, learning rate and
+augmentation at which both the dense network and a real-data IMP ticket rewound to
+initialisation are unstable (error barrier >= 2 points between two data orders), the regime
+where the claim can show. Without such a setting it records the sweep and stops.
 
 Writes results/lmc_sparse/results.json, lmc_sparse.png (accuracy and barrier against
 sparsity), plane_*.png and interpolation.png, and prints the table. IMP's per-round files go
@@ -37,17 +43,19 @@ import argparse
 import logging
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import twa_kernels as tk
-from experiments.common import accuracy, pyplot, save_figure, write_report
+from experiments.common import accuracy, mnist1d as mnist1d_cached, parser, pyplot, save_figure, write_report
 from twa_kernels.demo import make_model, mnist1d
 
 METHODS = ("real", "distilled ipc 10", "distilled ipc 50")
@@ -206,7 +214,184 @@ def plot(summary: dict, n_seeds: int, path: Path) -> None:
     save_figure(fig, path)
 
 
+# ---- the fair protocol: calibration ------------------------------------------------------------
+
+CAL_SIZES = {
+    "full": dict(widths=[32, 64], lrs=[0.05, 0.2, 0.5], shifts=[0, 4], epochs=15, batch=64, weight_decay=5e-4,
+                 momentum=0.9, imp_rounds=4, rate=0.2, imp_settings=2, steps=11, seed=0, train_size=3500),
+    "tiny": dict(widths=[8], lrs=[0.1], shifts=[0, 2], epochs=1, batch=128, weight_decay=5e-4, momentum=0.9,
+                 imp_rounds=1, rate=0.2, imp_settings=1, steps=3, seed=0, train_size=256),
+}
+UNSTABLE = 0.02  # an error barrier of 2 points
+
+
+def train_augmented(model: nn.Module, data: TensorDataset, epochs: int, lr: float, seed: int, shift: int,
+                    batch: int, weight_decay: float, momentum: float) -> None:
+    """SGD with momentum, a per-step cosine schedule, data order `seed`, and each batch's
+    signals rolled by a random shift in -shift..shift (none at 0)."""
+    from twa_kernels.demo import random_shift
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    x, y = data.tensors
+    steps = epochs * math.ceil(len(x) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch):
+            idx = order[i:i + batch]
+            xb = random_shift(x[idx], shift, gen) if shift else x[idx]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), y[idx]).backward()
+            opt.step()
+            sched.step()
+
+
+def _train_fn(setting: dict, cfg: dict, data: TensorDataset, seed: int):
+    def train_fn(model: nn.Module, round: int) -> None:
+        train_augmented(model, data, cfg["epochs"], setting["lr"], seed, setting["shift"], cfg["batch"],
+                        cfg["weight_decay"], cfg["momentum"])
+    return train_fn
+
+
+def _copy(model: nn.Module, start: dict, mask: dict, train_fn) -> dict:
+    model.load_state_dict(start)
+    with tk.prune.apply_masks(model, mask if mask and tk.prune.sparsity(mask) > 0 else {}):
+        train_fn(model, 0)
+    return clone(model)
+
+
+def _barrier(model: nn.Module, a: dict, b: dict, mask: dict | None, val: TensorDataset, train: TensorDataset,
+             steps: int) -> dict:
+    line = tk.connectivity.interpolate(model, a, b, batches(val, 1000), steps=steps, bn="recompute",
+                                       masks=mask or None, bn_data=batches(train, 500, limit=2000))
+    return dict(error_barrier=line.error_barrier, loss_barrier=line.loss_barrier,
+                acc_a=state_accuracy(model, a, val), acc_b=state_accuracy(model, b, val))
+
+
+def calibration_point(kind: str, setting: dict, cfg: dict) -> dict:
+    """kind "dense": two copies from one initialisation, data orders A and B; kind "imp": real
+    IMP (tk.prune.imp, rewound to init) for imp_rounds rounds at `rate`, its last ticket trained
+    with order A (IMP's own round) and B. Barriers on the validation split."""
+    torch.set_num_threads(1)
+    train, val, _ = mnist1d_cached(cfg["seed"], cfg["train_size"], 500, 5000)  # the demo's split sizes
+    seed = cfg["seed"]
+    model = make_model(seed, setting["width"])
+    init = clone(model)
+    fa, fb = (_train_fn(setting, cfg, train, 100 * seed + s) for s in (SEED_A, SEED_B))
+    t0 = time.perf_counter()
+    if kind == "dense":
+        a, b = _copy(model, init, {}, fa), _copy(model, init, {}, fb)
+        row = _barrier(model, a, b, None, val, train, cfg["steps"])
+        sparsity = 0.0
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            result = tk.prune.imp(make_model(seed, setting["width"]), fa, rounds=cfg["imp_rounds"], rate=cfg["rate"],
+                                  rewind="init", out_dir=work)
+            r = cfg["imp_rounds"]
+            mask = result.masks[r]
+            a = result.trained(r)
+            b = _copy(model, result.rewound(r), mask, fb)
+            row = _barrier(model, a, b, mask, val, train, cfg["steps"])
+            sparsity = result.sparsity[r]
+    return dict(kind=kind, **setting, sparsity=sparsity, seconds=time.perf_counter() - t0, **row)
+
+
+def _star_point(job):
+    return calibration_point(*job)
+
+
+def _map(jobs: list[tuple], workers: int) -> list[dict]:
+    if workers <= 1:
+        return [_star_point(j) for j in tqdm(jobs, desc="calibration", leave=False)]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_star_point, jobs), total=len(jobs), desc="calibration", leave=False))
+
+
+def calibrate(cfg: dict, workers: int) -> dict:
+    """The dense barrier at every (width, lr, shift); then real IMP's ticket barrier at the
+    imp_settings settings with the largest dense barriers among those >= UNSTABLE."""
+    settings = [dict(width=w, lr=lr, shift=sh) for w in cfg["widths"] for lr in cfg["lrs"] for sh in cfg["shifts"]]
+    dense = _map([("dense", st, cfg) for st in settings], workers)
+    unstable = sorted((r for r in dense if r["error_barrier"] >= UNSTABLE), key=lambda r: -r["error_barrier"])
+    picked = [dict(width=r["width"], lr=r["lr"], shift=r["shift"]) for r in unstable[:cfg["imp_settings"]]]
+    imp_rows = _map([("imp", st, cfg) for st in picked], workers) if picked else []
+    found = [r for r in imp_rows if r["error_barrier"] >= UNSTABLE]
+    return dict(dense=dense, imp=imp_rows, found=[dict(width=r["width"], lr=r["lr"], shift=r["shift"]) for r in found])
+
+
+def calibration_plot(cal: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    labels = [f"w{r['width']} lr{r['lr']:g} s{r['shift']}" for r in cal["dense"]]
+    ax.bar(range(len(labels)), [100 * r["error_barrier"] for r in cal["dense"]], color="tab:gray", label="dense")
+    for r in cal["imp"]:
+        i = next(j for j, d in enumerate(cal["dense"]) if (d["width"], d["lr"], d["shift"]) ==
+                 (r["width"], r["lr"], r["shift"]))
+        ax.scatter([i], [100 * r["error_barrier"]], color="tab:red", zorder=3,
+                   label=f"real IMP ticket at init ({100 * r['sparsity']:.0f}% sparse)")
+    ax.axhline(100 * UNSTABLE, color="0.5", ls=":", lw=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("validation error barrier (points)")
+    ax.set_title("Calibration: instability of two data orders from one initialisation")
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(names, handles)).values(), dict(zip(names, handles)).keys(), fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def fair_main(argv: list[str] | None = None) -> dict:
+    p = parser("Sparse-network stability on distilled data: calibration first (see experiments/lmc_sparse.py).",
+               "lmc_sparse")
+    p.add_argument("--size", choices=sorted(CAL_SIZES), default="full")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes of one thread each")
+    args = p.parse_args(argv)
+    cfg = CAL_SIZES[args.size]
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    cal = calibrate(cfg, args.jobs)
+    protocol = dict(
+        size=args.size, stage="calibration",
+        dataset=f"MNIST-1D ({cfg['train_size']} train / 500 validation; barriers on the validation split)",
+        model="twa_kernels.demo.make_model (3 conv layers with BatchNorm) at each width",
+        training=f"SGD momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, cosine per step, "
+                 f"{cfg['epochs']} epochs, batch {cfg['batch']}; augmentation: random circular shift of up to "
+                 "`shift` samples",
+        grid=dict(widths=cfg["widths"], lrs=cfg["lrs"], shifts=cfg["shifts"]),
+        unstable_if=f"error barrier >= {100 * UNSTABLE:g} points", barrier="tk.connectivity.interpolate, "
+        f"{cfg['steps']} points, BatchNorm recomputed on 2000 training signals",
+        imp=dict(rounds=cfg["imp_rounds"], rate=cfg["rate"], rewind="init (whole state, tk.prune.imp)",
+                 settings=f"the {cfg['imp_settings']} settings with the largest dense barrier >= 2 points"),
+        seed=cfg["seed"], processes=args.jobs, threads_per_process=1)
+    if cal["found"]:
+        verdict = None
+        summary = (f"calibration found {len(cal['found'])} setting(s) where both the dense net and a real-IMP "
+                   f"ticket at init are unstable: {cal['found']}")
+    else:
+        verdict = "not testable at this scale"
+        best_d = max(cal["dense"], key=lambda r: r["error_barrier"])
+        summary = (f"No setting in the calibration sweep makes both barriers >= 2 points: the largest dense "
+                   f"barrier is {100 * best_d['error_barrier']:.2f} points (width {best_d['width']}, lr "
+                   f"{best_d['lr']:g}, shift {best_d['shift']})" +
+                   ("" if not cal["imp"] else "; real-IMP ticket barriers at init " + ", ".join(
+                       f"{100 * r['error_barrier']:.2f}" for r in cal["imp"]) + " points") +
+                   " (one seed per setting, no interval: the sweep only decides whether the claim can be tested).")
+    report = dict(protocol=protocol, seeds=[cfg["seed"]], calibration=cal, verdict=verdict, summary=summary,
+                  total_seconds=time.perf_counter() - start)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report(args.out / "fair.json", report)
+    calibration_plot(cal, args.out / "fair.png")
+    print(f"verdict: {verdict}\n{summary}\n{report['total_seconds']:.0f} s; wrote {args.out / 'fair.json'}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fair":
+        return fair_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="pruning rounds after the dense round 0")
