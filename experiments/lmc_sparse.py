@@ -343,48 +343,230 @@ def calibration_plot(cal: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+# ---- the fair protocol: stability of sparse networks at the calibrated setting -----------------
+
+FULL_SIZES = {
+    "full": dict(seeds=[0, 1, 2], rounds=10, rate=0.2, measure=[0, 4, 9], ipcs=[10, 50], dm_iterations=5000,
+                 dm_batch_real=128, syn_steps=2000, syn_batch=256, steps=11),
+    "tiny": dict(seeds=[0, 1], rounds=2, rate=0.2, measure=[0, 1], ipcs=[2], dm_iterations=5, dm_batch_real=16,
+                 syn_steps=5, syn_batch=32, steps=3),
+}
+SEED_COPY = (11, 12)  # data-order seeds of the two copies (fresh: IMP's own round used SEED_A)
+
+
+class _ShiftEmbedding(nn.Module):
+    """A distillation embedding that first rolls each input by a random shift (augmentation
+    inside the matching, seeded when the network is drawn)."""
+
+    def __init__(self, inner: nn.Module, shift: int):
+        super().__init__()
+        self.inner, self.shift = inner, shift
+        self.gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31 - 1, ())))
+
+    def forward(self, x):
+        from twa_kernels.demo import random_shift
+
+        return self.inner(random_shift(x, self.shift, self.gen) if self.shift else x)
+
+
+def _weights_only_start(result, round_: int, init: dict, prunable: set[str]) -> dict:
+    """The start of round `round_` when only the Linear/Conv weights are rewound (masked
+    initial values) and everything else (BatchNorm parameters and statistics, biases) keeps
+    the previous round's trained values."""
+    if round_ == 0:
+        return dict(init)
+    prev, start = result.trained(round_ - 1), result.rewound(round_)
+    return {k: (start[k] if k in prunable else prev[k]) for k in start}
+
+
+def full_job(method: str, seed: int, setting: dict, cal: dict, full: dict, work: str) -> dict:
+    """One seed and one mask source ("real" or "ipc N"): IMP, then at each measured round two
+    copies trained on the real data from the rewound start (both rewinding treatments), and
+    their error and loss barriers on the test split."""
+    torch.set_num_threads(1)
+    train, _, test = mnist1d_cached(seed, cal["train_size"], 500, 5000)
+    model = make_model(seed, setting["width"])
+    init = clone(model)
+    prunable = {f"{n}.weight" for n in tk.prune.prunable_weights(model)}
+    out = dict(method=method, seed=seed)
+    t0 = time.perf_counter()
+    if method == "real":
+        fn = _train_fn(setting, cal, train, 100 * seed + SEED_A)
+        data_points = len(train)
+    else:
+        ipc = int(method.split()[1])
+        x_syn, y_syn = tk.distill.distribution_matching(
+            train, ipc=ipc, iterations=full["dm_iterations"], batch_real=full["dm_batch_real"], seed=seed,
+            embed=lambda: _ShiftEmbedding(tk.distill.default_embedding(train.tensors[0], width=64)(), setting["shift"]))
+        syn = TensorDataset(x_syn, y_syn)
+        batch = min(full["syn_batch"], len(syn))
+        epochs = max(1, round(full["syn_steps"] / math.ceil(len(syn) / batch)))
+        syn_cal = dict(cal, epochs=epochs, batch=batch)
+        fn = _train_fn(setting, syn_cal, syn, 100 * seed + SEED_A)
+        dense = make_model(seed, setting["width"])
+        fn(dense, 0)  # the distilled set's own check: a dense net trained on it alone
+        out["dense_on_distilled_test_acc"] = accuracy(dense, test)
+        out["distill_seconds"] = time.perf_counter() - t0
+        data_points = len(syn)
+    result = tk.prune.imp(make_model(seed, setting["width"]), fn, rounds=full["rounds"] - 1, rate=full["rate"],
+                          rewind="init", out_dir=Path(work) / f"seed{seed}-{method.replace(' ', '')}")
+    copy_a, copy_b = (_train_fn(setting, cal, train, 100 * seed + s) for s in SEED_COPY)
+    eval_data, bn_data = batches(test, 1000), batches(train, 500, limit=2000)
+    rows = []
+    for r in full["measure"]:
+        if method != "real" and r == 0:
+            continue  # the dense level: same initialisation, no mask; measured once, under "real"
+        mask = result.masks[r]
+        for treatment in ("whole state", "weights only"):
+            start = result.rewound(r) if treatment == "whole state" else _weights_only_start(result, r, init, prunable)
+            a, b = _copy(model, start, mask, copy_a), _copy(model, start, mask, copy_b)
+            line = tk.connectivity.interpolate(model, a, b, eval_data, steps=full["steps"], bn="recompute",
+                                               masks=mask if r else None, bn_data=bn_data)
+            rows.append(dict(round=r, sparsity=result.sparsity[r], rewind=treatment,
+                             acc_a=state_accuracy(model, a, test), acc_b=state_accuracy(model, b, test),
+                             error_barrier=line.error_barrier, loss_barrier=line.loss_barrier))
+    return dict(out, rows=rows, points=data_points, seconds=time.perf_counter() - t0)
+
+
+def _star_full(job):
+    return full_job(*job)
+
+
+def run_full(setting: dict, cal: dict, full: dict, workers: int, work: str) -> list[dict]:
+    methods = ["real"] + [f"ipc {i}" for i in full["ipcs"]]
+    jobs = [(m, s, setting, cal, full, work) for s in full["seeds"] for m in methods]
+    if workers <= 1:
+        return [_star_full(j) for j in tqdm(jobs, desc="lmc", leave=False)]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(_star_full, jobs), total=len(jobs), desc="lmc", leave=False))
+
+
+def full_tables(results: list[dict], full: dict) -> dict:
+    """Per method, round and rewinding treatment: accuracy and barriers (mean, 95% CI over
+    seeds), and per distilled method the paired (by seed) barrier difference against real IMP."""
+    from experiments.common import mean_ci
+
+    dense = {(res["seed"], row["rewind"]): row for res in results if res["method"] == "real" for row in res["rows"]
+             if row["round"] == 0}
+    table, diffs = {}, {}
+    for method in sorted({r["method"] for r in results}):
+        for r in full["measure"]:
+            for treatment in ("whole state", "weights only"):
+                rows = {res["seed"]: row for res in results if res["method"] == method for row in res["rows"]
+                        if row["round"] == r and row["rewind"] == treatment}
+                if r == 0:
+                    rows = {s: row for (s, t), row in dense.items() if t == treatment}
+                if not rows:
+                    continue
+                key = f"{method} | round {r} | {treatment}"
+                table[key] = dict(sparsity=next(iter(rows.values()))["sparsity"],
+                                  acc=mean_ci([x["acc_a"] for x in rows.values()]),
+                                  error_barrier=mean_ci([x["error_barrier"] for x in rows.values()]),
+                                  loss_barrier=mean_ci([x["loss_barrier"] for x in rows.values()]))
+                if method != "real" and r > 0:
+                    real = {res["seed"]: row for res in results if res["method"] == "real" for row in res["rows"]
+                            if row["round"] == r and row["rewind"] == treatment}
+                    seeds = sorted(set(real) & set(rows))
+                    if len(seeds) >= 2:
+                        diffs[key + " minus real"] = mean_ci([rows[s]["error_barrier"] - real[s]["error_barrier"]
+                                                              for s in seeds])
+                        d0 = [rows[s]["error_barrier"] - dense[(s, treatment)]["error_barrier"] for s in seeds
+                              if (s, treatment) in dense]
+                        if len(d0) >= 2:
+                            diffs[key + " minus dense"] = mean_ci(d0)
+    return dict(table=table, paired_error_barrier=diffs)
+
+
+def full_verdict(tables: dict) -> str:
+    """holds: at some measured sparsity, a distilled-data mask's error barrier is below real IMP's
+    and the dense net's (intervals below 0) under both rewinding treatments; partly: below one of
+    them, or under one treatment; does not hold: never below either."""
+    d = tables["paired_error_barrier"]
+    below = {k: v["ci95"][1] < 0 for k, v in d.items() if v.get("ci95")}
+    rounds = {k.split(" minus")[0].rsplit(" | ", 1)[0] for k in d}
+    for prefix in rounds:
+        ok = [below.get(f"{prefix} | {t} minus {b}", False) for t in ("whole state", "weights only")
+              for b in ("real", "dense")]
+        if all(ok):
+            return "holds"
+    return "partly" if any(below.values()) else "does not hold"
+
+
 def fair_main(argv: list[str] | None = None) -> dict:
     p = parser("Sparse-network stability on distilled data: calibration first (see experiments/lmc_sparse.py).",
                "lmc_sparse")
     p.add_argument("--size", choices=sorted(CAL_SIZES), default="full")
     p.add_argument("--jobs", type=int, default=2, help="worker processes of one thread each")
+    p.add_argument("--reuse-calibration", action="store_true",
+                   help="take the calibration from the existing fair.json instead of running it again")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "twa-lmc-fair"),
+                   help="IMP rounds (resumable)")
     args = p.parse_args(argv)
-    cfg = CAL_SIZES[args.size]
+    cfg, full = CAL_SIZES[args.size], FULL_SIZES[args.size]
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    cal = calibrate(cfg, args.jobs)
+    if args.reuse_calibration:
+        import json
+
+        cal = json.loads((args.out / "fair.json").read_text())["calibration"]
+    else:
+        cal = calibrate(cfg, args.jobs)
     protocol = dict(
-        size=args.size, stage="calibration",
-        dataset=f"MNIST-1D ({cfg['train_size']} train / 500 validation; barriers on the validation split)",
+        size=args.size,
+        dataset=f"MNIST-1D ({cfg['train_size']} train / 500 validation / 1000 test; calibration barriers on the "
+                "validation split, the stability runs' on the test split)",
         model="twa_kernels.demo.make_model (3 conv layers with BatchNorm) at each width",
         training=f"SGD momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, cosine per step, "
                  f"{cfg['epochs']} epochs, batch {cfg['batch']}; augmentation: random circular shift of up to "
                  "`shift` samples",
-        grid=dict(widths=cfg["widths"], lrs=cfg["lrs"], shifts=cfg["shifts"]),
-        unstable_if=f"error barrier >= {100 * UNSTABLE:g} points", barrier="tk.connectivity.interpolate, "
-        f"{cfg['steps']} points, BatchNorm recomputed on 2000 training signals",
-        imp=dict(rounds=cfg["imp_rounds"], rate=cfg["rate"], rewind="init (whole state, tk.prune.imp)",
-                 settings=f"the {cfg['imp_settings']} settings with the largest dense barrier >= 2 points"),
-        seed=cfg["seed"], processes=args.jobs, threads_per_process=1)
-    if cal["found"]:
-        verdict = None
-        summary = (f"calibration found {len(cal['found'])} setting(s) where both the dense net and a real-IMP "
-                   f"ticket at init are unstable: {cal['found']}")
-    else:
-        verdict = "not testable at this scale"
+        calibration=dict(grid=dict(widths=cfg["widths"], lrs=cfg["lrs"], shifts=cfg["shifts"]),
+                         unstable_if=f"error barrier >= {100 * UNSTABLE:g} points",
+                         imp=dict(rounds=cfg["imp_rounds"], rate=cfg["rate"], rewind="init (whole state)",
+                                  settings=f"the {cfg['imp_settings']} settings with the largest dense barrier "
+                                           ">= 2 points"), seed=cfg["seed"]),
+        barrier=f"tk.connectivity.interpolate, {cfg['steps']} points, BatchNorm recomputed on 2000 training signals",
+        processes=args.jobs, threads_per_process=1)
+    report = dict(protocol=protocol, calibration=cal)
+    if not cal["found"]:
         best_d = max(cal["dense"], key=lambda r: r["error_barrier"])
-        summary = (f"No setting in the calibration sweep makes both barriers >= 2 points: the largest dense "
-                   f"barrier is {100 * best_d['error_barrier']:.2f} points (width {best_d['width']}, lr "
-                   f"{best_d['lr']:g}, shift {best_d['shift']})" +
-                   ("" if not cal["imp"] else "; real-IMP ticket barriers at init " + ", ".join(
-                       f"{100 * r['error_barrier']:.2f}" for r in cal["imp"]) + " points") +
-                   " (one seed per setting, no interval: the sweep only decides whether the claim can be tested).")
-    report = dict(protocol=protocol, seeds=[cfg["seed"]], calibration=cal, verdict=verdict, summary=summary,
-                  total_seconds=time.perf_counter() - start)
+        report.update(seeds=[cfg["seed"]], verdict="not testable at this scale", summary=(
+            f"No setting in the calibration sweep makes both barriers >= 2 points: the largest dense barrier is "
+            f"{100 * best_d['error_barrier']:.2f} points (width {best_d['width']}, lr {best_d['lr']:g}, shift "
+            f"{best_d['shift']})" + ("" if not cal["imp"] else "; real-IMP ticket barriers at init " + ", ".join(
+                f"{100 * r['error_barrier']:.2f}" for r in cal["imp"]) + " points") +
+            " (one seed per setting: the sweep decides only whether the claim can be tested here)."))
+    else:
+        found = {(f["width"], f["lr"], f["shift"]) for f in cal["found"]}
+        setting = max((r for r in cal["imp"] if (r["width"], r["lr"], r["shift"]) in found),
+                      key=lambda r: r["error_barrier"])
+        setting = dict(width=setting["width"], lr=setting["lr"], shift=setting["shift"])
+        results = run_full(setting, cfg, full, args.jobs, args.work)
+        tables = full_tables(results, full)
+        verdict = full_verdict(tables)
+        protocol.update(stage="calibration, then the stability runs", setting=setting, rounds=full["rounds"],
+                        prune_fraction=full["rate"], measured_rounds=full["measure"],
+                        distillation=f"distribution matching (tk.distill), {full['dm_iterations']} iterations, "
+                                     f"shift augmentation inside the embedding, ipc {full['ipcs']}",
+                        distilled_training=f"about {full['syn_steps']} SGD steps per IMP round, batch "
+                                           f"{full['syn_batch']}, shift augmentation",
+                        copies=f"two fresh data-order seeds {list(SEED_COPY)}, trained on the real data",
+                        rewinding=["whole state (tk.prune.imp)", "weights only (Linear/Conv weights rewound; "
+                                   "BatchNorm and biases keep the previous round's values)"],
+                        deviations=["MNIST-1D, a 1-D CNN and distribution matching instead of CIFAR-10, ResNets and "
+                                    "IDC gradient matching", "no Hessian-diagonal figure"])
+        parts = []
+        for k, v in tables["paired_error_barrier"].items():
+            parts.append(f"{k}: {100 * v['mean']:+.2f} [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}] points")
+        report.update(seeds=full["seeds"], results=results, tables=tables, verdict=verdict,
+                      summary="Error-barrier differences (95% t-intervals over seeds): " + "; ".join(parts))
+    report["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out / "fair.json", report)
     calibration_plot(cal, args.out / "fair.png")
-    print(f"verdict: {verdict}\n{summary}\n{report['total_seconds']:.0f} s; wrote {args.out / 'fair.json'}")
+    print(f"verdict: {report['verdict']}\n{report['summary']}\n{report['total_seconds']:.0f} s; "
+          f"wrote {args.out / 'fair.json'}")
     return report
 
 

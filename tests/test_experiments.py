@@ -88,3 +88,16 @@ def test_lmc_sparse_fair_tiny(tmp_path, capsys):
     cal = saved["calibration"]
     assert len(cal["dense"]) == 2 and all("error_barrier" in r for r in cal["dense"])
     assert saved["verdict"] in VERDICTS | {None}
+
+
+def test_lmc_sparse_stability_runs_tiny(tmp_path):
+    """The stage that runs when the calibration finds an unstable setting."""
+    cal, full = lmc_sparse.CAL_SIZES["tiny"], lmc_sparse.FULL_SIZES["tiny"]
+    results = lmc_sparse.run_full(dict(width=8, lr=0.1, shift=2), cal, full, 1, str(tmp_path))
+    assert {r["method"] for r in results} == {"real", "ipc 2"}
+    assert all("dense_on_distilled_test_acc" in r for r in results if r["method"] != "real")
+    tables = lmc_sparse.full_tables(results, full)
+    assert {"real | round 0 | whole state", "real | round 0 | weights only",
+            "ipc 2 | round 1 | weights only"} <= set(tables["table"])
+    assert "ipc 2 | round 1 | whole state minus real" in tables["paired_error_barrier"]
+    assert lmc_sparse.full_verdict(tables) in VERDICTS
