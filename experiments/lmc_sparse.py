@@ -501,6 +501,8 @@ def fair_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--jobs", type=int, default=2, help="worker processes of one thread each")
     p.add_argument("--reuse-calibration", action="store_true",
                    help="take the calibration from the existing fair.json instead of running it again")
+    p.add_argument("--calibration-only", action="store_true",
+                   help="stop after the calibration (then --reuse-calibration runs the rest)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "twa-lmc-fair"),
                    help="IMP rounds (resumable)")
     args = p.parse_args(argv)
@@ -529,7 +531,9 @@ def fair_main(argv: list[str] | None = None) -> dict:
         barrier=f"tk.connectivity.interpolate, {cfg['steps']} points, BatchNorm recomputed on 2000 training signals",
         processes=args.jobs, threads_per_process=1)
     report = dict(protocol=protocol, calibration=cal)
-    if not cal["found"]:
+    if cal["found"] and args.calibration_only:
+        report.update(seeds=[cfg["seed"]], verdict=None, summary=f"calibration only; settings found: {cal['found']}")
+    elif not cal["found"]:
         best_d = max(cal["dense"], key=lambda r: r["error_barrier"])
         report.update(seeds=[cfg["seed"]], verdict="not testable at this scale", summary=(
             f"No setting in the calibration sweep makes both barriers >= 2 points: the largest dense barrier is "
