@@ -408,7 +408,7 @@ def fair_tables(rows: list[dict], seeds: list[int]) -> dict:
             methods.setdefault(r["method"], []).append(r)
     settings, frontier = {}, {}
     for method, rs in methods.items():
-        key = next(k for k in ("wd", "amount", "l1") if rs[0].get(k))
+        key = "wd" if method.startswith("DWF") else "amount" if method.startswith("magnitude") else "l1"
         pts = []
         for value in sorted({r[key] for r in rs}):
             sel = [r for r in rs if r[key] == value]
