@@ -255,7 +255,17 @@ def plot(report: dict, path: Path) -> None:
 # fresh seeds; momentum 0.9 (lr / 10) is a second DWF arm at the chosen (lr, wd) grid.
 
 FAIR_SIZES = {
-    "full": dict(num_samples=12500, train=9000, val=1000, widths=(40, 128, 128, 10), batch=256, epochs=200,
+    # "full": 300 epochs, the lr chosen over every wd of the grid, the momentum arm
+    "full": dict(num_samples=12500, train=9000, val=1000, widths=(40, 128, 128, 10), batch=256, epochs=300,
+                 depths=[2, 3, 4], lrs=[1.0, 3.0, 10.0],
+                 wds={2: [5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3], 3: [2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4],
+                      4: [1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4]},
+                 select_wds=[0, 1, 2, 3, 4, 5],
+                 dense_lrs=[0.3, 1.0], dense_wds=[0.0, 1e-4, 1e-3],
+                 amounts=[0.5, 0.8, 0.9, 0.95, 0.98, 0.99], finetune_epochs=30,
+                 l1s=[3e-5, 1e-4, 3e-4], momentum_arm=True, seeds=[1, 2, 3]),
+    # the first, cheaper run (results/dwf/fair_200ep.json): 200 epochs, the lr chosen on two wds
+    "full-200ep": dict(num_samples=12500, train=9000, val=1000, widths=(40, 128, 128, 10), batch=256, epochs=200,
                  depths=[2, 3, 4], lrs=[1.0, 3.0, 10.0],
                  wds={2: [5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3], 3: [2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4],
                       4: [1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4]},
@@ -366,9 +376,10 @@ def _map(jobs: list[tuple], workers: int) -> list:
         return list(tqdm(pool.imap(_star, jobs), total=len(jobs), desc="runs", leave=False))
 
 
-def best_within(points: list[dict], reference: float, tol_points: float, acc_key: str = "test") -> float | None:
+def best_within(points: list[dict], reference: float, tol_points: float, acc_key: str = "test",
+                key: str = "compression") -> float | None:
     """The largest compression among `points` whose accuracy is >= reference - tol points."""
-    ok = [p["compression"] for p in points if p[acc_key] >= reference - tol_points / 100 - 1e-12]
+    ok = [p[key] for p in points if p[acc_key] >= reference - tol_points / 100 - 1e-12]
     return max(ok) if ok else None
 
 
@@ -406,7 +417,7 @@ def fair_tables(rows: list[dict], seeds: list[int]) -> dict:
     for r in rows:
         if r["method"] != "dense":
             methods.setdefault(r["method"], []).append(r)
-    settings, frontier = {}, {}
+    settings, frontier, frontier_1e3 = {}, {}, {}
     for method, rs in methods.items():
         key = "wd" if method.startswith("DWF") else "amount" if method.startswith("magnitude") else "l1"
         pts = []
@@ -416,17 +427,22 @@ def fair_tables(rows: list[dict], seeds: list[int]) -> dict:
                             compression=math.exp(statistics.fmean(math.log(r["compression"]) for r in sel)),
                             compression_1e3=math.exp(statistics.fmean(math.log(r["compression_1e3"]) for r in sel)),
                             nonzero=statistics.fmean(r["nonzero"] for r in sel),
-                            nonzero_1e3=statistics.fmean(r["nonzero_1e3"] for r in sel)))
+                            nonzero_1e3=statistics.fmean(r["nonzero_1e3"] for r in sel),
+                            diverged=sum(not r.get("finite", True) for r in sel)))
         settings[method] = pts
         frontier[method] = {f"within_{t}": [best_within([r for r in rs if r["seed"] == s], dense[s], t)
                                              for s in seeds] for t in TOLERANCES}
-    return dict(dense_test=mean_ci(list(dense.values())), settings=settings, frontier_per_seed=frontier)
+        frontier_1e3[method] = {f"within_{t}": [best_within([r for r in rs if r["seed"] == s], dense[s], t,
+                                                            key="compression_1e3") for s in seeds]
+                                for t in TOLERANCES}
+    return dict(dense_test=mean_ci(list(dense.values())), settings=settings, frontier_per_seed=frontier,
+                frontier_per_seed_at_1e3=frontier_1e3)
 
 
-def fair_compare(tables: dict) -> dict:
+def fair_compare(tables: dict, frontier: str = "frontier_per_seed") -> dict:
     """Paired (by seed) ratios of compression at each tolerance: every DWF arm against
     magnitude pruning without fine-tuning, with fine-tuning, L1, and DWF D = 2."""
-    fr = tables["frontier_per_seed"]
+    fr = tables[frontier]
     out = {}
     for method in fr:
         if not method.startswith("DWF"):
@@ -462,7 +478,7 @@ def fair_verdict(compare: dict, depths: list[int]) -> str:
     return "does not hold"
 
 
-def fair_plot(tables: dict, path: Path) -> None:
+def fair_plot(tables: dict, path: Path, epochs: int) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for method, pts in tables["settings"].items():
@@ -477,7 +493,7 @@ def fair_plot(tables: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("compression (weights / nonzero at float32 eps; L1 at 1e-3)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MNIST-1D MLP, paper's DWF init, 200 epochs plain SGD (95% CI over seeds)")
+    ax.set_title(f"MNIST-1D MLP, paper's DWF init, {epochs} epochs of SGD (95% CI over seeds)")
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -487,6 +503,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
     p = parser("DWF against pruning under the fair protocol (see experiments/dwf.py).", "dwf")
     p.add_argument("--size", choices=sorted(FAIR_SIZES), default="full")
     p.add_argument("--jobs", type=int, default=2, help="worker processes of one thread each")
+    p.add_argument("--name", default="fair", help="the JSON and figure's file name, without suffix")
     p.add_argument("--momentum-arm", action="store_true",
                    help="also train every DWF setting with momentum 0.9 at lr / 10 (doubles the DWF runs)")
     args = p.parse_args(argv)
@@ -526,6 +543,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
             rows.append(dict(r, method=name))
     tables = fair_tables(rows, cfg["seeds"])
     compare = fair_compare(tables)
+    compare_1e3 = fair_compare(tables, "frontier_per_seed_at_1e3")  # secondary: every model thresholded at 1e-3
     verdict = fair_verdict(compare, cfg["depths"])
     dense = tables["dense_test"]
 
@@ -540,6 +558,9 @@ def fair_main(argv: list[str] | None = None) -> dict:
                      f"(per seed), vs magnitude pruning without fine-tuning {fmt(f'DWF D={d} / magnitude @ -5')}, "
                      f"with fine-tuning {fmt(f'DWF D={d} / magnitude+FT @ -5')}")
     summary = "; ".join(parts) + f" (paired ratios, 95% t-intervals of the log ratio over {len(cfg['seeds'])} seeds)."
+    diverged = sum(not r.get("finite", True) for r in rows if r["method"].startswith("DWF"))
+    summary += (f" {diverged} of {sum(r['method'].startswith('DWF') for r in rows)} DWF runs ended with non-finite "
+                "weights (scored as they are: chance accuracy).")
     train, val, test = _fair_data(cfg)
     protocol = dict(
         size=args.size, init="dwf: the paper's Algorithm D.1 (each factor from N(0, sigma_w^(2/D)) truncated to "
@@ -572,12 +593,12 @@ def fair_main(argv: list[str] | None = None) -> dict:
         threads_per_process=1, processes=args.jobs)
     report = dict(protocol=protocol, seeds=cfg["seeds"], selection=dict(dense=dense_sel, dense_chosen=dense_best,
                                                                           lr=lr_choice, runs=sel[len(dense_jobs):]),
-                  tables=tables, compare=compare, verdict=verdict, summary=summary, rows=rows,
+                  tables=tables, compare=compare, compare_at_1e3=compare_1e3, verdict=verdict, summary=summary, rows=rows,
                   total_seconds=time.perf_counter() - start)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args.out / "fair.json", report)
-    fair_plot(tables, args.out / "fair.png")
-    print(f"verdict: {verdict}\n{summary}\n{report['total_seconds']:.0f} s; wrote {args.out / 'fair.json'}")
+    write_report(args.out / f"{args.name}.json", report)
+    fair_plot(tables, args.out / f"{args.name}.png", cfg["epochs"])
+    print(f"verdict: {verdict}\n{summary}\n{report['total_seconds']:.0f} s; wrote {args.out / args.name}.json")
     return report
 
 
