@@ -64,7 +64,7 @@ class Setting:
 
 
 
-# The demo's setting, calibrated on the validation split (python/claims.py calibrate,
+# The demo's setting, calibrated on the validation split (experiments/claims.py calibrate,
 # results/claims/calibration.json): the step schedule at a high learning rate leaves the
 # head stage far from converged, so stopping there costs accuracy that averaging can win back.
 DEMO = Setting(lr=0.2, schedule="step")
@@ -430,7 +430,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     threads = torch.get_num_threads()
     # a 14k-weight CNN in batches of 64: a second intra-op thread only adds contention (on 2
     # busy cores the quick demo took 8 minutes with 2 threads); one thread also makes the
-    # numbers match python/claims.py's, which runs one thread per process
+    # numbers match experiments/claims.py's, which runs one thread per process
     torch.set_num_threads(1)
     try:
         runs = [run_seed(seed, setting, out, progress) for seed in range(n_seeds)]

@@ -404,7 +404,7 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
 
 def dwf_lr(dense_lr: float, factor: float = 3.0) -> float:
     """The learning rate to start a DWF run from: `factor` times the dense model's tuned one
-    (python/dwf.py's sweep measures the best factor; the paper reports 3-4x)."""
+    (experiments/dwf.py's sweep measures the best factor; the paper reports 3-4x)."""
     return dense_lr * factor
 
 

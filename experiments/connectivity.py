@@ -1,7 +1,7 @@
 """Weight-space geometry at CPU scale: barriers on MNIST-1D, sharpness of SWA against SGD,
 and the memory of a 21x21 loss plane on ResNet-18 shapes.
 
-    python python/connectivity.py barriers|sharpness|memory|all [--out results/connectivity]
+    python -m experiments.connectivity barriers|sharpness|memory|all [--out results/connectivity]
 
 barriers   the demo's CNN, trained with SGD from two seeds (15 epochs, cosine): the barrier
            of a model with itself, of nearby epochs of one run, of the start and end of the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from experiments.common import ROOT, save_figure
+from twa_kernels.io import write_json
 
 
 # ---- barriers --------------------------------------------------------------------------------
@@ -108,8 +109,7 @@ def plot_barriers(results: dict, path: Path) -> None:
     fig.suptitle("MNIST-1D CNN: linear interpolation between checkpoints (solid: BatchNorm recomputed, "
                  "dashed: interpolated as in the study's code)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- sharpness -------------------------------------------------------------------------------
@@ -162,8 +162,7 @@ _CHILD = r"""
 import gc, json, re, sys, tempfile, time
 from pathlib import Path
 import torch
-sys.path.insert(0, {bench!r})
-from resnet import resnet18
+from resnet import resnet18  # bench/ is on the child's PYTHONPATH
 from safetensors.torch import save_file
 from twa_kernels import connectivity as C
 from twa_kernels import io
@@ -241,8 +240,10 @@ print(json.dumps(dict(bits=bits, grid=grid, weights=numel, model_bytes=4 * numel
 def memory(grid: int = 21) -> list[dict]:
     out = []
     for bits in (None, 4):
-        code = _CHILD.format(bench=str(ROOT / "bench"), bits=bits, grid=grid)
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=3600)
+        code = _CHILD.format(bits=bits, grid=grid)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                              env=env)
         if done.returncode != 0:
             raise RuntimeError(f"memory child (bits={bits}) failed:\n{done.stderr[-3000:]}")
         out.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -289,7 +290,7 @@ def main() -> None:
         if args.what in ("memory", "all"):
             report["memory"] = memory(args.grid)
             print(memory_table(report["memory"]), "\n")
-    report_path.write_text(json.dumps(report, indent=1))
+    write_json(report_path, report)
     print(f"written: {report_path}" + (f", {out / 'barriers.png'}" if "barriers" in report else ""))
 
 

@@ -1,6 +1,6 @@
 """The claims of TWA, reproduced at CPU scale on MNIST-1D (generated locally, nothing downloaded).
 
-    python python/claims.py calibrate|head|tail|finetune|all [--seeds 5] [--jobs 2] [--out results/claims]
+    python -m experiments.claims calibrate|head|tail|finetune|all [--seeds 5] [--jobs 2] [--out results/claims]
 
 calibrate  the search for a setting where the head stage matters (calibration.json): SGD
            alone, on the validation split, over a small grid of schedules, learning rates,
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import multiprocessing
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.common import ROOT, save_figure
 from twa_kernels.averaging import uniform_average
 from twa_kernels.demo import (
     DEMO,
@@ -56,10 +56,9 @@ from twa_kernels.demo import (
     train_run,
     train_sgd,
 )
-from twa_kernels.io import load_state_dict
+from twa_kernels.io import load_state_dict, write_json
 from twa_kernels.quant import packed_row_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
 HEAD_FRACTIONS = [0.3, 0.5, 0.7]
 BITS = [None, 8, 4, 2, 1]  # None: a float32 basis
 RESNET18_WEIGHTS = 11_689_512  # torchvision's ResNet-18 (ImageNet head), in 62 parameter tensors
@@ -361,8 +360,7 @@ def _provenance(jobs: int) -> dict:
 
 
 def _write(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(path, report)
 
 
 def _print_table(title: str, table: dict) -> None:
@@ -400,8 +398,7 @@ def _plot_sweep(sweep: dict, path: Path) -> None:
     ax.set_ylim(low - 3, min(100.0, max(curve) + 1.5))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_bits(bits: dict, path: Path) -> None:
@@ -424,8 +421,7 @@ def _plot_bits(bits: dict, path: Path) -> None:
     ax.set_title(f"MNIST-1D: TWA-v against the basis's bits ({n} seed{'s' if n != 1 else ''}, k = "
                  f"{bits['resnet18_basis_bytes']['k']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 EXPERIMENTS = {"calibrate": calibrate, "head": head, "tail": tail, "finetune": finetune}

@@ -1,0 +1,103 @@
+"""The experiment scripts (python -m experiments.<name>): their shared module, and each fair
+protocol run end to end at a tiny size (seconds), checking what its fair.json must hold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import twa_kernels as tk
+from experiments import common, dbp, dwf, lmc_sparse
+from twa_kernels.errors import InvalidArgumentError
+
+VERDICTS = {"holds", "partly", "does not hold", "not testable at this scale"}
+
+
+def test_make_mlp_and_accuracy():
+    model = common.make_mlp(0, (40, 16, 10))
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    x = torch.randn(5, 1, 40)
+    y = model(x).argmax(1)
+    assert common.accuracy(model, torch.utils.data.TensorDataset(x, y)) == 1.0
+    with pytest.raises(InvalidArgumentError):
+        common.make_mlp(0, (40,))
+
+
+def test_mean_ci():
+    ci = common.mean_ci([1.0, 2.0, 3.0])
+    assert ci["mean"] == 2.0 and ci["n"] == 3
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n)
+    assert ci["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert common.mean_ci([5.0])["ci95"] is None
+
+
+def test_stamp_and_write_report(tmp_path):
+    path = common.write_report(tmp_path / "r.json", {"a": 1})
+    report = json.loads(path.read_text())
+    assert report["a"] == 1 and {"datetime", "commit", "torch", "cpu"} <= set(report["stamp"])
+
+
+def test_covariance_plan_gives_twice_the_width():
+    model = dbp.MODELS["cnn"](0)
+    plan, every = dbp.covariance_plan(model, torch.randn(64, 1, 40))
+    for name, row in plan.items():
+        assert row["rows_per_update"] >= dbp.ROWS_FACTOR * row["d"], name
+    linear = [row for name, row in plan.items() if isinstance(model.get_submodule(name), nn.Linear)]
+    assert all(row["fraction"] == 1.0 for row in linear)
+    assert every == math.ceil(dbp.ROWS_FACTOR * 320 / 64)
+    dbp.decorrelate_by_plan(model, plan, 1e-3, 0.01)
+    fractions = {n: m.decor_sample_fraction for n, m in tk.decor.decorrelated_layers(model)}
+    assert fractions == {n: row["fraction"] for n, row in plan.items()}
+
+
+def _fair(module, tmp_path, capsys):
+    report = module.main(["fair", "--size", "tiny", "--jobs", "1", "--out", str(tmp_path)])
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "fair.json").read_text())
+    assert (tmp_path / "fair.png").stat().st_size > 0
+    assert {"protocol", "seeds", "verdict", "summary", "stamp"} <= set(saved)
+    return report, saved
+
+
+def test_dbp_fair_tiny(tmp_path, capsys):
+    _, saved = _fair(dbp, tmp_path, capsys)
+    assert saved["verdict"] in VERDICTS
+    assert saved["protocol"]["cov_rows_factor"] >= 2 and saved["protocol"]["kappas"]
+    for model_name in dbp.MODELS:
+        row = saved["table"][model_name]
+        assert len(row["per_seed"]) == len(saved["seeds"])
+        assert row["final_test"]["dbp_minus_bp"]["ci95"] is not None
+    assert saved["resnet18_projection"]["rules"]["2d rows"]["overhead"] > 0
+
+
+def test_dwf_fair_tiny(tmp_path, capsys):
+    _, saved = _fair(dwf, tmp_path, capsys)
+    assert saved["verdict"] in VERDICTS
+    assert saved["protocol"]["init"].startswith("dwf:")
+    methods = {r["method"] for r in saved["rows"]}
+    assert {"dense", "magnitude", "magnitude+FT", "L1+threshold", "DWF D=2", "DWF D=3"} <= methods
+    assert len(saved["seeds"]) >= 2
+
+
+def test_lmc_sparse_fair_tiny(tmp_path, capsys):
+    _, saved = _fair(lmc_sparse, tmp_path, capsys)
+    cal = saved["calibration"]
+    assert len(cal["dense"]) == 2 and all("error_barrier" in r for r in cal["dense"])
+    assert saved["verdict"] in VERDICTS | {None}
+
+
+def test_lmc_sparse_stability_runs_tiny(tmp_path):
+    """The stage that runs when the calibration finds an unstable setting."""
+    cal, full = lmc_sparse.CAL_SIZES["tiny"], lmc_sparse.FULL_SIZES["tiny"]
+    results = lmc_sparse.run_full(dict(width=8, lr=0.1, shift=2), cal, full, 1, str(tmp_path))
+    assert {r["method"] for r in results} == {"real", "ipc 2"}
+    assert all("dense_on_distilled_test_acc" in r for r in results if r["method"] != "real")
+    tables = lmc_sparse.full_tables(results, full)
+    assert {"real | round 0 | whole state", "real | round 0 | weights only",
+            "ipc 2 | round 1 | weights only"} <= set(tables["table"])
+    assert "ipc 2 | round 1 | whole state minus real" in tables["paired_error_barrier"]
+    assert lmc_sparse.full_verdict(tables) in VERDICTS
