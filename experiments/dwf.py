@@ -499,6 +499,48 @@ def fair_plot(tables: dict, path: Path, epochs: int) -> None:
     save_figure(fig, path)
 
 
+def fair_summary_line(tables: dict, compare: dict, compare_1e3: dict, depths: list[int], rows: list[dict]) -> str:
+    """One paragraph: the dense accuracy, then per depth (and arm) the paired compression ratio
+    against each pruning baseline at -5 and -10 points, at eps and (secondary) at 1e-3."""
+    def fmt(c):
+        return "n/a" if c is None else f"{c['ratio']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+
+    dense = tables["dense_test"]
+    parts = [f"dense {100 * dense['mean']:.2f}% [{100 * dense['ci95'][0]:.2f}, {100 * dense['ci95'][1]:.2f}]"]
+    arms = [m for m in tables["frontier_per_seed"] if m.startswith("DWF")]
+    for arm in arms:
+        fr = tables["frontier_per_seed"][arm]
+        text = []
+        for t in (5, 10):
+            per_seed = [None if c is None else round(c, 1) for c in fr[f"within_{t}"]]
+            text.append(f"-{t} points: {per_seed} per seed, / magnitude {fmt(compare.get(f'{arm} / magnitude @ -{t}'))}, "
+                        f"/ magnitude+FT {fmt(compare.get(f'{arm} / magnitude+FT @ -{t}'))}, at 1e-3 / magnitude "
+                        f"{fmt(compare_1e3.get(f'{arm} / magnitude @ -{t}'))}")
+        parts.append(f"{arm} compression at eps within " + "; ".join(text))
+    diverged = sum(not r.get("finite", True) for r in rows if r["method"].startswith("DWF"))
+    return ("; ".join(parts) + f" (paired compression ratios, 95% t-intervals of the mean log ratio over seeds). "
+            f"{diverged} of {sum(r['method'].startswith('DWF') for r in rows)} DWF runs ended with non-finite weights "
+            "(scored as they are: chance accuracy).")
+
+
+def resummarize(out: Path, name: str) -> dict:
+    """Tables, comparisons, verdict and summary of `out`/`name`.json recomputed from its rows."""
+    import json
+
+    report = json.loads((out / f"{name}.json").read_text())
+    report.setdefault("run_stamp", report.pop("stamp", None))
+    rows, seeds, depths = report["rows"], report["seeds"], report["protocol"]["depths"]
+    tables = fair_tables(rows, seeds)
+    compare, compare_1e3 = fair_compare(tables), fair_compare(tables, "frontier_per_seed_at_1e3")
+    verdict = fair_verdict(compare, depths)
+    report.update(tables=tables, compare=compare, compare_at_1e3=compare_1e3, verdict=verdict,
+                  summary=fair_summary_line(tables, compare, compare_1e3, depths, rows))
+    write_report(out / f"{name}.json", report)
+    fair_plot(tables, out / f"{name}.png", report["protocol"]["epochs"])
+    print(f"verdict: {verdict}\n{report['summary']}")
+    return report
+
+
 def fair_main(argv: list[str] | None = None) -> dict:
     p = parser("DWF against pruning under the fair protocol (see experiments/dwf.py).", "dwf")
     p.add_argument("--size", choices=sorted(FAIR_SIZES), default="full")
@@ -506,7 +548,11 @@ def fair_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", default="fair", help="the JSON and figure's file name, without suffix")
     p.add_argument("--momentum-arm", action="store_true",
                    help="also train every DWF setting with momentum 0.9 at lr / 10 (doubles the DWF runs)")
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the tables, verdict and summary of an existing JSON from its rows")
     args = p.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.out, args.name)
     cfg = dict(FAIR_SIZES[args.size])
     cfg["momentum_arm"] = cfg["momentum_arm"] or args.momentum_arm
     start = time.perf_counter()
@@ -545,22 +591,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
     compare = fair_compare(tables)
     compare_1e3 = fair_compare(tables, "frontier_per_seed_at_1e3")  # secondary: every model thresholded at 1e-3
     verdict = fair_verdict(compare, cfg["depths"])
-    dense = tables["dense_test"]
-
-    def fmt(key):
-        c = compare.get(key)
-        return "n/a" if c is None else f"{c['ratio']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
-
-    parts = [f"dense {100 * dense['mean']:.2f}% [{100 * dense['ci95'][0]:.2f}, {100 * dense['ci95'][1]:.2f}]"]
-    for d in cfg["depths"]:
-        fr = tables["frontier_per_seed"][f"DWF D={d}"]
-        parts.append(f"D={d} compression within 5 points {[None if c is None else round(c, 1) for c in fr['within_5']]} "
-                     f"(per seed), vs magnitude pruning without fine-tuning {fmt(f'DWF D={d} / magnitude @ -5')}, "
-                     f"with fine-tuning {fmt(f'DWF D={d} / magnitude+FT @ -5')}")
-    summary = "; ".join(parts) + f" (paired ratios, 95% t-intervals of the log ratio over {len(cfg['seeds'])} seeds)."
-    diverged = sum(not r.get("finite", True) for r in rows if r["method"].startswith("DWF"))
-    summary += (f" {diverged} of {sum(r['method'].startswith('DWF') for r in rows)} DWF runs ended with non-finite "
-                "weights (scored as they are: chance accuracy).")
+    summary = fair_summary_line(tables, compare, compare_1e3, cfg["depths"], rows)
     train, val, test = _fair_data(cfg)
     protocol = dict(
         size=args.size, init="dwf: the paper's Algorithm D.1 (each factor from N(0, sigma_w^(2/D)) truncated to "
