@@ -1,0 +1,196 @@
+// The bodies of project and reconstruct, included once per instruction set by kernels.cpp
+// inside that set's namespace. The namespace supplies TWA_ISA_FN (the target attribute its
+// functions are compiled with), kLanes, the lane vector fvec with load_vec and hsum, and
+// group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
+// segments, the row-by-row path for cut groups) is the same code on every instruction set,
+// so every path sums the same terms in the same order apart from the lane width.
+// No include guard: it is meant to be included more than once.
+
+template <int BITS>
+TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threads) {
+  const int64_t width = tile_width(b);
+  const int64_t n_tiles = (b.num_cols + width - 1) / width;
+  const int64_t kb = b.k * b.n_blocks;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
+  std::vector<double> partial(static_cast<size_t>(nt) * kb, 0.0);
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
+    double* acc = partial.data() + static_cast<size_t>(tid) * kb;
+    std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
+    std::vector<Segment> segs;
+    std::vector<fvec> lanes(static_cast<size_t>(b.k));  // the fast path's pending sums, one per row
+    std::vector<fvec> gsums(static_cast<size_t>(run_cap(b)));  // per group of a run: lane sums of g
+    int64_t lanes_block = -1, lanes_groups = 0;
+    auto flush = [&]() {
+      if (lanes_block < 0) return;
+      for (int64_t r = 0; r < b.k; ++r) {
+        acc[r * b.n_blocks + lanes_block] += hsum(lanes[r]);
+        lanes[r] = fvec{};
+      }
+      lanes_block = -1;
+      lanes_groups = 0;
+    };
+    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
+    int64_t piece = g.piece_of(t_begin * width);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
+      split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
+      if constexpr (BITS != 0) {
+        if (fast_group(b, len, segs, kLanes)) {
+          if (segs[0].block != lanes_block || lanes_groups == kFlushGroups) flush();
+          lanes_block = segs[0].block;
+          const int64_t n = run_length(b, t, t_end, lanes_block, std::min(run_cap(b), kFlushGroups - lanes_groups));
+          lanes_groups += n;
+          const float* gr = g.tile(c0, n * width, piece, gbuf.data());
+          // sum_j lo * g[j] = lo * sum_j g[j]: one lane-sum per g tile, shared by all rows
+          fvec* gs = gsums.data();
+          for (int64_t i = 0; i < n; ++i) {
+            gs[i] = fvec{};
+            for (int64_t j = 0; j < width; j += kLanes) gs[i] += load_vec(gr + i * width + j);
+          }
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            for (int64_t i = 0; i < n; ++i) {
+              const uint8_t* src[kRowBlock];
+              const int rows = row_block(b, r0, t + i, gbytes, src);
+              const float* gt = gr + i * width;
+              fvec dots[kRowBlock];
+              if (rows == kRowBlock) {
+                group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
+              } else {
+                for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
+              }
+              const float* mins = b.mins + (t + i) * b.k + r0;
+              const float* scales = b.scales + (t + i) * b.k + r0;
+              for (int r = 0; r < rows; ++r) lanes[r0 + r] += mins[r] * gs[i] + scales[r] * dots[r];
+            }
+          }
+          t += n - 1;
+          continue;
+        }
+      }
+      const float* gt = g.tile(c0, len, piece, gbuf.data());
+      gsum.assign(segs.size(), 0.f);
+      if (BITS != 0) {  // as above, one sum per segment
+        for (size_t s = 0; s < segs.size(); ++s) {
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
+          gsum[s] = sum;
+        }
+      }
+      for (int64_t r = 0; r < b.k; ++r) {
+        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
+        double* acc_r = acc + r * b.n_blocks;
+        for (size_t s = 0; s < segs.size(); ++s) {
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += rt.values[j] * gt[j];
+          acc_r[segs[s].block] += static_cast<double>(rt.lo) * gsum[s] + static_cast<double>(rt.scale) * dot;
+        }
+      }
+    }
+    flush();
+  }
+  // Partials are summed in thread order: results are deterministic for a thread count.
+  for (int64_t i = 0; i < kb; ++i) {
+    double sum = 0.0;
+    for (int tid = 0; tid < nt; ++tid) sum += partial[static_cast<size_t>(tid) * kb + i];
+    y[i] = static_cast<float>(sum);
+  }
+}
+
+template <int BITS>
+TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, DType center_dtype, void* out,
+                      DType out_dtype, int num_threads) {
+  const int64_t width = tile_width(b);
+  const int64_t n_tiles = (b.num_cols + width - 1) / width;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
+    std::vector<float> obuf(run_cap(b) * width + 8), cbuf(width + 8), ctmp(run_cap(b) * width + 8), xb(b.k);
+    std::vector<Segment> segs;
+    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width), xb_block = -1;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
+      float* o = obuf.data();
+      split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
+      if constexpr (BITS != 0) {
+        if (fast_group(b, len, segs, kLanes)) {
+          // one block's coefficients, gathered once per block: x is [k, n_blocks]
+          if (segs[0].block != xb_block) {
+            xb_block = segs[0].block;
+            for (int64_t r = 0; r < b.k; ++r) xb[r] = x[r * b.n_blocks + xb_block];
+          }
+          const int64_t n = run_length(b, t, t_end, xb_block, run_cap(b));
+          const float* ct = center ? float_view(center, center_dtype, c0, n * width, ctmp.data()) : nullptr;
+          for (int64_t i = 0; i < n; ++i) {
+            const float* mins = b.mins + (t + i) * b.k;
+            float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
+            for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
+            float* oi = o + i * width;
+            if (ct) {  // o = center + base in one pass
+              const float* ci = ct + i * width;
+#pragma omp simd
+              for (int64_t j = 0; j < width; ++j) oi[j] = ci[j] + base;
+            } else {
+              std::fill(oi, oi + width, base);
+            }
+          }
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            for (int64_t i = 0; i < n; ++i) {
+              const uint8_t* src[kRowBlock];
+              const int rows = row_block(b, r0, t + i, gbytes, src);
+              const float* scales = b.scales + (t + i) * b.k + r0;
+              float a[kRowBlock];
+              for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
+              if (rows == kRowBlock) {
+                group_axpy<BITS, kRowBlock>(src, gbytes, a, o + i * width);
+              } else {
+                for (int r = 0; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, o + i * width);
+              }
+            }
+          }
+          store_floats(out, out_dtype, c0, n * width, o);
+          t += n - 1;
+          continue;
+        }
+      }
+      // a tile cut by a block edge, or a short last group: row by row
+      if (center) {
+        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+        std::memcpy(o, ct, len * sizeof(float));
+      } else {
+        std::fill(o, o + len, 0.f);
+      }
+      if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
+        for (const Segment& s : segs) {
+          float base = 0.f;
+          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
+#pragma omp simd
+          for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
+        }
+      }
+      for (int64_t r = 0; r < b.k; ++r) {
+        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
+        for (const Segment& s : segs) {
+          const float a = rt.scale * x[r * b.n_blocks + s.block];
+#pragma omp simd
+          for (int64_t j = s.begin; j < s.end; ++j) o[j] += a * rt.values[j];
+        }
+      }
+      store_floats(out, out_dtype, c0, len, o);
+    }
+#if defined(__AVX__)
+    _mm_sfence();  // make this thread's streaming stores visible before the region ends
+#endif
+  }
+}
+
