@@ -25,7 +25,8 @@ workspace, and TWA with a fresh output per step, each the median of 10 after 3 w
 interleaved so that drifts of this shared machine hit all three alike, and a torch.profiler
 table of the SGD and TWA steps' top operators (where TWA's extra time goes).
 
-Writes bench/results/steady-step.json and prints the tables. No assertion on time: this is
+Writes bench/results/<machine>-steady-step.json (stamp.machine_slug), stamped with machine,
+date and commit, and prints the tables. No assertion on time: this is
 a measurement, the README quotes it.
 """
 
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--worker", choices=["step", "train"])
-    parser.add_argument("--out", default=str(HERE / "results" / "steady-step.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/<machine>-steady-step.json")
     args = parser.parse_args()
     if args.worker:
         result = worker(args.calls) if args.worker == "step" else training_steps()
@@ -211,13 +212,16 @@ def main() -> None:
     }
     done = subprocess.run([sys.executable, __file__, "--worker", "train"], capture_output=True, text=True, check=True)
     train = json.loads(done.stdout.strip().splitlines()[-1])
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    import stamp
+
+    result = {"stamp": stamp.stamp(), "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__},
               "case": {"model": "resnet18", "k": K, "bits": BITS}, "processes": runs, "summary": summary,
               "training_step": train}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nmedian fraction of copy bandwidth {summary['median_fraction_of_copy']:.0%} (target >= 50%); "
+    out = Path(args.out) if args.out else HERE / "results" / f"{stamp.machine_slug()}-steady-step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmedian fraction of copy bandwidth {summary['median_fraction_of_copy']:.0%} (target >= 70%); "
           f"spread {summary['spread_slowest_over_fastest']:.2f}x (target <= 1.5x); "
           f"worst first-call ratio {summary['worst_first_call_ratio']:.2f}x (target <= 1.5x)")
     print(f"against a copy timed after every call: median fraction "
@@ -230,7 +234,7 @@ def main() -> None:
         print(f"\n{name} step, top operators by self CPU time (ms per step):")
         for row in rows:
             print(f"  {row['self_ms_per_step']:8.1f}  {row['op']}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
