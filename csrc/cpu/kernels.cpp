@@ -156,12 +156,11 @@ inline int64_t block_of(const int64_t* offsets, int64_t n_blocks, int64_t col) {
 
 inline int64_t tile_width(const PackedBasis& b) { return b.bits ? b.group_size : kDenseTile; }
 
-// ---- fast path: a whole group inside one block, 4 rows at a time -----------------------
-// Rows are taken in fours so that each chunk of g (or of the output) is loaded once per
-// four rows and the four accumulations are independent chains, not one long FMA
-// dependency. Chunks are kLanes codes of one plane; a plane is `width` bytes, a multiple
-// of kLanes (fast_group).
-constexpr int kRowBlock = 4;
+// ---- fast path: a whole group inside one block, kRowBlock rows at a time ---------------
+// Rows are taken in blocks (4 for 8 lanes, 8 for 16) so that each chunk of g (or of the
+// output) is loaded once per block and the rows' accumulations are independent chains,
+// not one long FMA dependency. Chunks are kLanes codes of one plane; a plane is `width`
+// bytes, a multiple of kLanes (fast_group).
 // Each of the k rows is its own stream that advances one group (often one cache line) per
 // tile, too little for the hardware prefetcher: fetch this many bytes ahead in every row.
 constexpr int64_t kPrefetchBytes = 512;
@@ -171,9 +170,9 @@ inline void prefetch_rows(const uint8_t* const* src, int rows, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(src[r] + kPrefetchBytes + off);
 }
 
-// Group t of rows r0 .. r0 + 3 (fewer at the end): their code pointers, prefetched ahead.
-inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes, const uint8_t** src) {
-  const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
+// Group t of rows r0 .. r0 + block - 1 (fewer at the end): their code pointers, prefetched ahead.
+inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes, int block, const uint8_t** src) {
+  const int rows = static_cast<int>(std::min<int64_t>(block, b.k - r0));
   for (int r = 0; r < rows; ++r) src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
   prefetch_rows(src, rows, gbytes);
   return rows;
@@ -213,6 +212,7 @@ namespace vec8 {
 // GCC/Clang vector extensions: plain C++ that the compiler maps to the widest registers
 // it has (AVX2 here, NEON on Arm), with the accumulators kept in registers.
 constexpr int kLanes = 8;
+constexpr int kRowBlock = 4;
 typedef float fvec __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
@@ -322,6 +322,9 @@ namespace vec16 {
 #define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 constexpr int kLanes = 16;
+// 8 rows: 8 accumulator chains keep both FMA ports busy with one chain per row, and g (or
+// the output) is loaded once per 8 rows.
+constexpr int kRowBlock = 8;
 typedef float fvec __attribute__((vector_size(64)));
 
 TWA_ISA_FN inline fvec load_vec(const float* p) { return _mm512_loadu_ps(p); }
@@ -373,23 +376,26 @@ TWA_ISA_FN inline __m512 plane16(__m512i wide) {
   }
 }
 
-template <int BITS, int S = 0>
+template <int BITS, int CHAINS, int S = 0>
 TWA_ISA_FN inline void dot_planes(__m512i wide, const __m512* gv, __m512* acc) {
   if constexpr (S < 8 / BITS) {
-    acc[S & 1] = _mm512_fmadd_ps(plane16<BITS, S>(wide), gv[S], acc[S & 1]);
-    dot_planes<BITS, S + 1>(wide, gv, acc);
+    acc[S % CHAINS] = _mm512_fmadd_ps(plane16<BITS, S>(wide), gv[S], acc[S % CHAINS]);
+    dot_planes<BITS, CHAINS, S + 1>(wide, gv, acc);
   }
 }
 
-// As vec8::group_dots, 16 codes of a plane at a time. 8-bit codes have one plane, so two
-// chunks are taken per step to keep two chains per row.
+// As vec8::group_dots, 16 codes of a plane at a time. Fewer than 8 rows keep two chains per
+// row (8-bit codes have one plane, so two chunks are taken per step for them); 8 rows are
+// 8 chains already, and a second set of accumulators would not fit the 32 registers.
 template <int BITS, int ROWS>
 TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
   constexpr int kPerByte = 8 / BITS;
-  __m512 acc[ROWS][2];
-  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  constexpr int kChains = ROWS >= 8 ? 1 : 2;
+  __m512 acc[ROWS][kChains];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
   int64_t i = 0;
-  if constexpr (kPerByte == 1) {
+  if constexpr (kPerByte == 1 && kChains == 2) {
     for (; i + 2 * kLanes <= width; i += 2 * kLanes) {
       const __m512 g0 = _mm512_loadu_ps(g + i), g1 = _mm512_loadu_ps(g + i + kLanes);
       for (int r = 0; r < ROWS; ++r) {
@@ -401,9 +407,9 @@ TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, cons
   for (; i < width; i += kLanes) {
     __m512 gv[kPerByte];
     for (int s = 0; s < kPerByte; ++s) gv[s] = _mm512_loadu_ps(g + s * width + i);
-    for (int r = 0; r < ROWS; ++r) dot_planes<BITS>(widen16(src[r] + i), gv, acc[r]);
+    for (int r = 0; r < ROWS; ++r) dot_planes<BITS, kChains>(widen16(src[r] + i), gv, acc[r]);
   }
-  for (int r = 0; r < ROWS; ++r) sums[r] = _mm512_add_ps(acc[r][0], acc[r][1]);
+  for (int r = 0; r < ROWS; ++r) sums[r] = kChains == 2 ? _mm512_add_ps(acc[r][0], acc[r][kChains - 1]) : acc[r][0];
 }
 
 template <int BITS, int ROWS, int S = 0>

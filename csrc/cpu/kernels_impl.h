@@ -6,6 +6,28 @@
 // so every path sums the same terms in the same order apart from the lane width.
 // No include guard: it is meant to be included more than once.
 
+// group_dots / group_axpy for `rows` rows (at most kRowBlock): whole blocks of kRowBlock,
+// then of 4, then single rows.
+template <int BITS>
+TWA_ISA_FN inline void rows_dots(const uint8_t* const* src, int rows, int64_t gbytes, const float* g, fvec* dots) {
+  if (rows == kRowBlock) return group_dots<BITS, kRowBlock>(src, gbytes, g, dots);
+  int r = 0;
+  if constexpr (kRowBlock > 4) {
+    for (; r + 4 <= rows; r += 4) group_dots<BITS, 4>(src + r, gbytes, g, dots + r);
+  }
+  for (; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, g, dots + r);
+}
+
+template <int BITS>
+TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, float* out) {
+  if (rows == kRowBlock) return group_axpy<BITS, kRowBlock>(src, gbytes, a, out);
+  int r = 0;
+  if constexpr (kRowBlock > 4) {
+    for (; r + 4 <= rows; r += 4) group_axpy<BITS, 4>(src + r, gbytes, a + r, out);
+  }
+  for (; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, out);
+}
+
 template <int BITS>
 TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threads) {
   const int64_t width = tile_width(b);
@@ -22,13 +44,14 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
     std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
     std::vector<Segment> segs;
     std::vector<fvec> lanes(static_cast<size_t>(b.k));  // the fast path's pending sums, one per row
-    std::vector<fvec> gsums(static_cast<size_t>(run_cap(b)));  // per group of a run: lane sums of g
+    std::vector<double> min_terms(static_cast<size_t>(b.k));  // the fast path's pending min terms
     int64_t lanes_block = -1, lanes_groups = 0;
     auto flush = [&]() {
       if (lanes_block < 0) return;
       for (int64_t r = 0; r < b.k; ++r) {
-        acc[r * b.n_blocks + lanes_block] += hsum(lanes[r]);
+        acc[r * b.n_blocks + lanes_block] += hsum(lanes[r]) + min_terms[r];
         lanes[r] = fvec{};
+        min_terms[r] = 0.0;
       }
       lanes_block = -1;
       lanes_groups = 0;
@@ -45,27 +68,25 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
           const int64_t n = run_length(b, t, t_end, lanes_block, std::min(run_cap(b), kFlushGroups - lanes_groups));
           lanes_groups += n;
           const float* gr = g.tile(c0, n * width, piece, gbuf.data());
-          // sum_j lo * g[j] = lo * sum_j g[j]: one lane-sum per g tile, shared by all rows
-          fvec* gs = gsums.data();
+          // sum_j lo * g[j] = lo * sum_j g[j]: one sum of g per group, shared by all rows, and
+          // the k rows' min terms of a group are one pass over its k mins (stored group-major)
           for (int64_t i = 0; i < n; ++i) {
-            gs[i] = fvec{};
-            for (int64_t j = 0; j < width; j += kLanes) gs[i] += load_vec(gr + i * width + j);
+            fvec gs{};
+            for (int64_t j = 0; j < width; j += kLanes) gs += load_vec(gr + i * width + j);
+            const double gsum = hsum(gs);
+            const float* mins = b.mins + (t + i) * b.k;
+#pragma omp simd
+            for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum;
           }
           const int64_t gbytes = b.group_size * BITS / 8;
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
             for (int64_t i = 0; i < n; ++i) {
               const uint8_t* src[kRowBlock];
-              const int rows = row_block(b, r0, t + i, gbytes, src);
-              const float* gt = gr + i * width;
+              const int rows = row_block(b, r0, t + i, gbytes, kRowBlock, src);
               fvec dots[kRowBlock];
-              if (rows == kRowBlock) {
-                group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
-              } else {
-                for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
-              }
-              const float* mins = b.mins + (t + i) * b.k + r0;
+              rows_dots<BITS>(src, rows, gbytes, gr + i * width, dots);
               const float* scales = b.scales + (t + i) * b.k + r0;
-              for (int r = 0; r < rows; ++r) lanes[r0 + r] += mins[r] * gs[i] + scales[r] * dots[r];
+              for (int r = 0; r < rows; ++r) lanes[r0 + r] += scales[r] * dots[r];
             }
           }
           t += n - 1;
@@ -147,15 +168,11 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
           for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
             for (int64_t i = 0; i < n; ++i) {
               const uint8_t* src[kRowBlock];
-              const int rows = row_block(b, r0, t + i, gbytes, src);
+              const int rows = row_block(b, r0, t + i, gbytes, kRowBlock, src);
               const float* scales = b.scales + (t + i) * b.k + r0;
               float a[kRowBlock];
               for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
-              if (rows == kRowBlock) {
-                group_axpy<BITS, kRowBlock>(src, gbytes, a, o + i * width);
-              } else {
-                for (int r = 0; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, o + i * width);
-              }
+              rows_axpy<BITS>(src, rows, gbytes, a, o + i * width);
             }
           }
           store_floats(out, out_dtype, c0, n * width, o);
