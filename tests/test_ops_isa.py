@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,37 @@ def test_kernels_compile_for_an_avx2_only_target(tmp_path):
     done = subprocess.run([os.environ.get("CXX") or "c++", "-std=c++17", "-O1", "-march=haswell", "-fopenmp", "-c",
                            str(source), "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+
+
+_AVX2_BUILD_CHECK = """
+import torch
+from twa_kernels import _build
+_build.CPU_CFLAGS = ["-O3", "-march=haswell", "-fopenmp"]  # no AVX-512 anywhere at build time
+_build.build_cpu()
+import twa_kernels as tk
+from twa_kernels.backends import reference
+from tests.helpers import random_basis
+for isa in ("auto", "avx2"):
+    import os
+    os.environ["TWA_KERNELS_CPU_ISA"] = isa
+    for bits in (1, 2, 4, 8):
+        qb = tk.quantize(random_basis(7, 9_001, group_size=128), bits, 128, [4_000, 1, 5_000])
+        args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+        g, x, center = torch.randn(9_001), torch.randn(7, 3), torch.randn(9_001)
+        torch.testing.assert_close(tk.project(qb, g), reference.project(*args, g, bits, 128), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(tk.reconstruct(qb, x, center),
+                                   reference.reconstruct(*args, x, center, bits, 128, 9_001), rtol=1e-5, atol=1e-4)
+    print(isa, torch.ops.twa_kernels_cpu.isa())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 only")
+def test_a_build_for_an_avx2_only_target_runs_both_paths(tmp_path):
+    """Built with -march=haswell (a compiler that targets AVX2 alone), the library still
+    picks the AVX-512 kernels at run time where the CPU has them, and both paths match the
+    reference: the 8-lane path here is the very code an AVX2-only CPU runs."""
+    env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path), "TWA_KERNELS_BACKEND": "cpp"}
+    done = subprocess.run([sys.executable, "-c", _AVX2_BUILD_CHECK], env=env, cwd=_build.source_dir().parent,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["auto", "avx512" if _cpu_has_avx512() else "avx2", "avx2", "avx2"]

@@ -328,6 +328,7 @@ constexpr int kRowBlock = 8;
 typedef float fvec __attribute__((vector_size(64)));
 
 TWA_ISA_FN inline fvec load_vec(const float* p) { return _mm512_loadu_ps(p); }
+TWA_ISA_FN inline void store_vec(float* p, fvec v) { _mm512_storeu_ps(p, v); }
 
 TWA_ISA_FN inline double hsum(fvec v) {
   double sum = 0.0;

@@ -43,14 +43,17 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
     double* acc = partial.data() + static_cast<size_t>(tid) * kb;
     std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
     std::vector<Segment> segs;
-    std::vector<fvec> lanes(static_cast<size_t>(b.k));  // the fast path's pending sums, one per row
+    // the fast path's pending sums, kLanes floats per row: plain floats, read and written
+    // unaligned, because a heap block is not aligned for a 64-byte vector where the compiler's
+    // default target has no such registers
+    std::vector<float> lanes(static_cast<size_t>(b.k) * kLanes);
     std::vector<double> min_terms(static_cast<size_t>(b.k));  // the fast path's pending min terms
     int64_t lanes_block = -1, lanes_groups = 0;
     auto flush = [&]() {
       if (lanes_block < 0) return;
       for (int64_t r = 0; r < b.k; ++r) {
-        acc[r * b.n_blocks + lanes_block] += hsum(lanes[r]) + min_terms[r];
-        lanes[r] = fvec{};
+        acc[r * b.n_blocks + lanes_block] += hsum(load_vec(&lanes[r * kLanes])) + min_terms[r];
+        std::fill(&lanes[r * kLanes], &lanes[r * kLanes] + kLanes, 0.f);
         min_terms[r] = 0.0;
       }
       lanes_block = -1;
@@ -86,7 +89,10 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
               fvec dots[kRowBlock];
               rows_dots<BITS>(src, rows, gbytes, gr + i * width, dots);
               const float* scales = b.scales + (t + i) * b.k + r0;
-              for (int r = 0; r < rows; ++r) lanes[r0 + r] += scales[r] * dots[r];
+              for (int r = 0; r < rows; ++r) {
+                float* lane = &lanes[(r0 + r) * kLanes];
+                store_vec(lane, load_vec(lane) + scales[r] * dots[r]);
+              }
             }
           }
           t += n - 1;
