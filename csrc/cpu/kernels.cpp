@@ -157,7 +157,7 @@ inline int64_t block_of(const int64_t* offsets, int64_t n_blocks, int64_t col) {
 inline int64_t tile_width(const PackedBasis& b) { return b.bits ? b.group_size : kDenseTile; }
 
 // ---- fast path: a whole group inside one block, kRowBlock rows at a time ---------------
-// Rows are taken in blocks (4 for 8 lanes, 8 for 16) so that each chunk of g (or of the
+// Rows are taken in blocks of kRowBlock so that each chunk of g (or of the
 // output) is loaded once per block and the rows' accumulations are independent chains,
 // not one long FMA dependency. Chunks are kLanes codes of one plane; a plane is `width`
 // bytes, a multiple of kLanes (fast_group).
@@ -322,9 +322,9 @@ namespace vec16 {
 #define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 constexpr int kLanes = 16;
-// 8 rows: 8 accumulator chains keep both FMA ports busy with one chain per row, and g (or
-// the output) is loaded once per 8 rows.
-constexpr int kRowBlock = 8;
+// 4 rows with two chains each: taking 8 rows with one chain each made project 10-20% slower
+// on a 2-core Xeon (bench/ops_interleaved.py).
+constexpr int kRowBlock = 4;
 typedef float fvec __attribute__((vector_size(64)));
 
 TWA_ISA_FN inline fvec load_vec(const float* p) { return _mm512_loadu_ps(p); }
