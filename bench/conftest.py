@@ -90,6 +90,12 @@ def _fused_backend(monkeypatch):
     monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
 
 
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    import stamp  # bench/stamp.py: machine, date, commit and software of the run
+
+    output_json["stamp"] = stamp.stamp()
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()

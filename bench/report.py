@@ -38,6 +38,7 @@ def build_report(run: dict) -> dict:
     copy_bw = None
     in_cache_rate: dict[tuple[str, str], float] = {}  # (kernel, bits) -> elements per second
     train_steps: dict[str, float] = {}  # impl -> median seconds of one ResNet-18 training step
+    peers: dict[str, tuple[float, int]] = {}  # torch peer -> (median seconds, bytes)
     for bench in run["benchmarks"]:
         extra, median = bench["extra_info"], bench["stats"]["median"]
         if extra["op"] == "copy":
@@ -45,6 +46,9 @@ def build_report(run: dict) -> dict:
             continue
         if extra["op"] == "train_step":
             train_steps[extra["impl"]] = median
+            continue
+        if extra["op"] == "peer":  # torch's kernels on the same matrix (test_peer)
+            peers[extra["impl"]] = (median, extra["bytes"])
             continue
         if extra["op"] == "in_cache":
             in_cache_rate[(extra["kernel"], str(extra["bits"]))] = extra["elements"] / median
@@ -79,8 +83,10 @@ def build_report(run: dict) -> dict:
     if "sgd" in train_steps:
         sgd = train_steps["sgd"]
         train = {impl: dict(step_ms=t * 1e3, overhead_over_sgd=t / sgd - 1) for impl, t in train_steps.items()}
+    peer_rows = [dict(peer=name, ms=t * 1e3, bytes=b, achieved_GBps=b / t / 1e9, fraction_of_copy_bw=b / t / copy_bw)
+                 for name, (t, b) in peers.items()]
     return dict(stamp=run.get("stamp"), machine=run.get("machine_info", {}), datetime=run.get("datetime"),
-                copy_GBps=copy_bw / 1e9, rows=rows, train_step=train)
+                copy_GBps=copy_bw / 1e9, rows=rows, train_step=train, peers=peer_rows)
 
 
 def markdown(report: dict) -> str:
@@ -98,6 +104,10 @@ def markdown(report: dict) -> str:
             f"| {r['achieved_GBps']:.1f} | {r['fraction_of_copy_bw']:.0%} | {r['arithmetic_ms']:.1f} "
             f"| {r['memory_ms']:.1f} |"
         )
+    if report.get("peers"):
+        lines += ["", "| torch peer, same matrix | ms | GB/s | of copy bw |", "|---|---|---|---|"]
+        for r in report["peers"]:
+            lines.append(f"| {r['peer']} | {r['ms']:.1f} | {r['achieved_GBps']:.1f} | {r['fraction_of_copy_bw']:.0%} |")
     if report.get("train_step"):
         lines += ["", "| ResNet-18 training step | ms | overhead over SGD |", "|---|---|---|"]
         for impl, r in report["train_step"].items():

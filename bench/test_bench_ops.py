@@ -116,6 +116,42 @@ def test_orthonormalize(benchmark, k, impl):
     _run(benchmark, impl, fn, op="orthonormalize", model="resnet18", k=k, bits="fp32", D=d, bytes=24 * k * d)
 
 
+PEERS = ["torch_int8_gemv", "torch_int4_gemv", "torch_mv_fp32", "copy_D"]
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer(benchmark, peer):
+    """torch's own kernels on the same k x D matrix at batch 1, timed in the same run as the
+    fused ops: its int8 GEMV (int8 codes, bfloat16 input), its int4 GEMV (groups of 128, the
+    kernel torchao's int4 CPU path runs), dense float32 torch.mv, and a copy of D floats
+    into touched pages. D is cut to a multiple of 1024 for the packed peers. The interleaved
+    comparison in fresh processes is bench/ops_interleaved.py."""
+    from shapes import MODELS
+
+    k, d = 16, sum(MODELS["resnet18"]())
+    dp = d // 1024 * 1024
+    gen = torch.Generator().manual_seed(0)
+    if peer == "torch_int8_gemv":
+        w, s, x = torch.randint(-128, 128, (k, dp), dtype=torch.int8, generator=gen), torch.rand(k).bfloat16(), \
+            torch.randn(1, dp).bfloat16()
+        fn, nbytes = (lambda: torch.ops.aten._weight_int8pack_mm(x, w, s)), k * dp + 2 * dp
+    elif peer == "torch_int4_gemv":
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (k, dp), dtype=torch.int32, generator=gen), 2)
+        sz, x = torch.rand(dp // 128, k, 2).bfloat16(), torch.randn(1, dp).bfloat16()
+        fn, nbytes = (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 128, sz)), k * dp // 2 + 2 * dp
+    elif peer == "torch_mv_fp32":
+        dense, g = torch.empty(k, d).fill_(1e-3), torch.randn(d)
+        fn, nbytes = (lambda: torch.mv(dense, g)), 4 * k * d + 4 * d
+    else:
+        src, dst = torch.randn(d), torch.empty(d)
+        dst.copy_(src)
+        fn, nbytes = (lambda: dst.copy_(src)), 8 * d
+    benchmark.group = f"peer {peer}"
+    benchmark.extra_info.update(op="peer", impl=peer, model="resnet18", k=k, bits=peer, D=d, bytes=nbytes)
+    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=2)
+
+
 @pytest.mark.parametrize("op", ["project", "reconstruct"])
 @pytest.mark.parametrize("bits", sorted({b for _, _, b in cases()}))
 def test_in_cache(benchmark, op, bits):

@@ -4,6 +4,7 @@
 // fake impls and autograd live in twa_kernels/_ops.py and call these.
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "basis_binding.h"
@@ -103,6 +104,8 @@ void combine_rows_out(const at::Tensor& t, const at::Tensor& p, int64_t num_thre
                     out.data_ptr<float>(), static_cast<int>(num_threads));
 }
 
+std::string isa() { return twa::cpu_isa(); }
+
 }  // namespace
 
 TORCH_LIBRARY(twa_kernels_cpu, m) {
@@ -117,6 +120,8 @@ TORCH_LIBRARY(twa_kernels_cpu, m) {
       "int bits, int group_size, int num_threads, Tensor(a!) out) -> ()");
   m.def("gram_out(Tensor p, int num_threads, Tensor(a!) out) -> ()");
   m.def("combine_rows_out(Tensor t, Tensor p, int num_threads, Tensor(a!) out) -> ()");
+  // which kernels project and reconstruct run now (cpu/kernels.h, cpu_isa)
+  m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(twa_kernels_cpu, CPU, m) {

@@ -7,11 +7,12 @@
 
 #include <omp.h>
 
-#if defined(__AVX__)
+#if defined(__x86_64__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -155,12 +156,11 @@ inline int64_t block_of(const int64_t* offsets, int64_t n_blocks, int64_t col) {
 
 inline int64_t tile_width(const PackedBasis& b) { return b.bits ? b.group_size : kDenseTile; }
 
-// ---- fast path: a whole group inside one block, 4 rows at a time -----------------------
-// Rows are taken in fours so that each 8-lane chunk of g (or of the output) is loaded once
-// per four rows and the four accumulations are independent chains, not one long FMA
-// dependency. Chunks are 8 codes of one plane; a plane is `width` bytes, a multiple of 8.
-constexpr int kRowBlock = 4;
-constexpr int kLanes = 8;
+// ---- fast path: a whole group inside one block, kRowBlock rows at a time ---------------
+// Rows are taken in blocks of kRowBlock so that each chunk of g (or of the
+// output) is loaded once per block and the rows' accumulations are independent chains,
+// not one long FMA dependency. Chunks are kLanes codes of one plane; a plane is `width`
+// bytes, a multiple of kLanes (fast_group).
 // Each of the k rows is its own stream that advances one group (often one cache line) per
 // tile, too little for the hardware prefetcher: fetch this many bytes ahead in every row.
 constexpr int64_t kPrefetchBytes = 512;
@@ -170,105 +170,16 @@ inline void prefetch_rows(const uint8_t* const* src, int rows, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(src[r] + kPrefetchBytes + off);
 }
 
-// GCC/Clang vector extensions: plain C++ that the compiler maps to the widest registers
-// it has (AVX2 here, NEON on Arm), with the accumulators kept in registers.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
-
-inline f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-
-// 8 codes of one plane as floats: zero-extend the bytes, shift the plane down, mask.
-inline i32x8 widen8(const uint8_t* src) {
-#if defined(__AVX2__)
-  // GCC lowers the generic byte -> int32 conversion to scalar inserts; one vpmovzxbd instead.
-  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  i32x8 wide;
-  std::memcpy(&wide, &w, sizeof wide);
-  return wide;
-#else
-  u8x8 raw;
-  std::memcpy(&raw, src, sizeof raw);
-  return __builtin_convertvector(raw, i32x8);
-#endif
-}
-
-// Plane S of 8 codes already widened to int32 lanes: shift it down and, except for the
-// top plane (whose shift leaves nothing above it), mask.
-template <int BITS, int S>
-inline f32x8 plane8(i32x8 wide) {
-  constexpr int kPerByte = 8 / BITS;
-  if constexpr (BITS != 8) {
-    if constexpr (S > 0) wide = wide >> (S * BITS);
-    if constexpr (S + 1 < kPerByte) wide = wide & ((1 << BITS) - 1);
-  }
-  return __builtin_convertvector(wide, f32x8);
-}
-
-// acc[2r + (S & 1)] += plane S of `wide` * g[S * width + i], for every plane S: each 8
-// bytes are widened once for all their planes, and even and odd planes feed two chains.
-template <int BITS, int S = 0>
-inline void dot_planes(i32x8 wide, const float* g, int64_t width, f32x8* acc) {
-  if constexpr (S < 8 / BITS) {
-    acc[S & 1] += plane8<BITS, S>(wide) * load8(g + S * width);
-    dot_planes<BITS, S + 1>(wide, g, width, acc);
-  }
-}
-
-// sums[r] = per-lane sums over the group of code[r, j] * g[j], for ROWS rows. Lanes are
-// not reduced here: the caller scales and accumulates whole vectors across groups.
-template <int BITS, int ROWS>
-inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, f32x8* sums) {
-  f32x8 acc[ROWS][2] = {};
-  const uint8_t* p[ROWS];
-  for (int r = 0; r < ROWS; ++r) p[r] = src[r];
-  for (int64_t i = 0; i < width; i += kLanes) {
-    for (int r = 0; r < ROWS; ++r) dot_planes<BITS>(widen8(p[r] + i), g + i, width, acc[r]);
-  }
-  for (int r = 0; r < ROWS; ++r) sums[r] = acc[r][0] + acc[r][1];
-}
-
-template <int BITS, int ROWS, int S = 0>
-inline void axpy_planes(const i32x8* wide, const float* a, f32x8* o) {
-  if constexpr (S < 8 / BITS) {
-    for (int r = 0; r < ROWS; ++r) o[S] += a[r] * plane8<BITS, S>(wide[r]);
-    axpy_planes<BITS, ROWS, S + 1>(wide, a, o);
-  }
-}
-
-// out[j] += sum_r a[r] * code[r, j] over the group, for ROWS rows: each 8-column chunk of
-// every plane is loaded once, and each 8 bytes of a row are widened once.
-template <int BITS, int ROWS>
-inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
-  constexpr int kPerByte = 8 / BITS;
-  const uint8_t* p[ROWS];
-  for (int r = 0; r < ROWS; ++r) p[r] = src[r];
-  for (int64_t i = 0; i < width; i += kLanes) {
-    f32x8 o[kPerByte];
-    for (int s = 0; s < kPerByte; ++s) o[s] = load8(out + s * width + i);
-    i32x8 wide[ROWS];
-    for (int r = 0; r < ROWS; ++r) wide[r] = widen8(p[r] + i);
-    axpy_planes<BITS, ROWS>(wide, a, o);
-    for (int s = 0; s < kPerByte; ++s) store8(out + s * width + i, o[s]);
-  }
-}
-
-// Group t of rows r0 .. r0 + 3 (fewer at the end): their code pointers, prefetched ahead.
-inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes, const uint8_t** src) {
-  const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
+// Group t of rows r0 .. r0 + block - 1 (fewer at the end): their code pointers, prefetched ahead.
+inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes, int block, const uint8_t** src) {
+  const int rows = static_cast<int>(std::min<int64_t>(block, b.k - r0));
   for (int r = 0; r < rows; ++r) src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
   prefetch_rows(src, rows, gbytes);
   return rows;
 }
 
-inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segment>& segs) {
-  return b.bits != 0 && len == b.group_size && segs.size() == 1 && (b.group_size / (8 / b.bits)) % kLanes == 0;
+inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segment>& segs, int lanes) {
+  return b.bits != 0 && len == b.group_size && segs.size() == 1 && (b.group_size / (8 / b.bits)) % lanes == 0;
 }
 
 // Consecutive whole-group tiles of one block are taken in runs of up to kRunCols columns,
@@ -288,217 +199,304 @@ inline int64_t run_length(const PackedBasis& b, int64_t t, int64_t t_end, int64_
   return std::max<int64_t>(1, std::min({limit, t_end - t, b.block_offsets[block + 1] / b.group_size - t}));
 }
 
-// Sum of the 8 lanes, in float64.
-inline double hsum(f32x8 v) {
+// Whole-group tiles accumulate into one lane vector per row, scaled per group, and are
+// reduced to float64 only when the block changes or every kFlushGroups groups: the
+// horizontal sums and double updates would otherwise cost a fifth of the work per group.
+constexpr int kFlushGroups = 32;
+
+// ---- 8 lanes: AVX2, or whatever the compiler targets ------------------------------------
+namespace vec8 {
+
+#define TWA_ISA_FN
+
+// GCC/Clang vector extensions: plain C++ that the compiler maps to the widest registers
+// it has (AVX2 here, NEON on Arm), with the accumulators kept in registers.
+constexpr int kLanes = 8;
+constexpr int kRowBlock = 4;
+typedef float fvec __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+inline fvec load_vec(const float* p) {
+  fvec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_vec(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+
+// Sum of the lanes, in float64.
+inline double hsum(fvec v) {
   double sum = 0.0;
   for (int l = 0; l < kLanes; ++l) sum += v[l];
   return sum;
 }
 
-// Whole-group tiles accumulate into one 8-lane vector per row, scaled per group, and are
-// reduced to float64 only when the block changes or every kFlushGroups groups: the
-// horizontal sums and double updates would otherwise cost a fifth of the work per group.
-constexpr int kFlushGroups = 32;
+// 8 codes of one plane as floats: zero-extend the bytes, shift the plane down, mask.
+inline i32x8 widen8(const uint8_t* src) {
+#if defined(__AVX2__)
+  // GCC lowers the generic byte -> int32 conversion to scalar inserts; one vpmovzxbd instead.
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  i32x8 wide;
+  std::memcpy(&wide, &w, sizeof wide);
+  return wide;
+#else
+  u8x8 raw;
+  std::memcpy(&raw, src, sizeof raw);
+  return __builtin_convertvector(raw, i32x8);
+#endif
+}
 
-template <int BITS>
-void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threads) {
-  const int64_t width = tile_width(b);
-  const int64_t n_tiles = (b.num_cols + width - 1) / width;
-  const int64_t kb = b.k * b.n_blocks;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
-  std::vector<double> partial(static_cast<size_t>(nt) * kb, 0.0);
-
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
-    double* acc = partial.data() + static_cast<size_t>(tid) * kb;
-    std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
-    std::vector<Segment> segs;
-    std::vector<f32x8> lanes(static_cast<size_t>(b.k));  // the fast path's pending sums, one per row
-    std::vector<f32x8> gsums(static_cast<size_t>(run_cap(b)));  // per group of a run: lane sums of g
-    int64_t lanes_block = -1, lanes_groups = 0;
-    auto flush = [&]() {
-      if (lanes_block < 0) return;
-      for (int64_t r = 0; r < b.k; ++r) {
-        acc[r * b.n_blocks + lanes_block] += hsum(lanes[r]);
-        lanes[r] = f32x8{};
-      }
-      lanes_block = -1;
-      lanes_groups = 0;
-    };
-    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
-    int64_t piece = g.piece_of(t_begin * width);
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
-      split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
-      if constexpr (BITS != 0) {
-        if (fast_group(b, len, segs)) {
-          if (segs[0].block != lanes_block || lanes_groups == kFlushGroups) flush();
-          lanes_block = segs[0].block;
-          const int64_t n = run_length(b, t, t_end, lanes_block, std::min(run_cap(b), kFlushGroups - lanes_groups));
-          lanes_groups += n;
-          const float* gr = g.tile(c0, n * width, piece, gbuf.data());
-          // sum_j lo * g[j] = lo * sum_j g[j]: one lane-sum per g tile, shared by all rows
-          f32x8* gs = gsums.data();
-          for (int64_t i = 0; i < n; ++i) {
-            gs[i] = f32x8{};
-            for (int64_t j = 0; j < width; j += kLanes) gs[i] += load8(gr + i * width + j);
-          }
-          const int64_t gbytes = b.group_size * BITS / 8;
-          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            for (int64_t i = 0; i < n; ++i) {
-              const uint8_t* src[kRowBlock];
-              const int rows = row_block(b, r0, t + i, gbytes, src);
-              const float* gt = gr + i * width;
-              f32x8 dots[kRowBlock];
-              if (rows == kRowBlock) {
-                group_dots<BITS, kRowBlock>(src, gbytes, gt, dots);
-              } else {
-                for (int r = 0; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, gt, dots + r);
-              }
-              const float* mins = b.mins + (t + i) * b.k + r0;
-              const float* scales = b.scales + (t + i) * b.k + r0;
-              for (int r = 0; r < rows; ++r) lanes[r0 + r] += mins[r] * gs[i] + scales[r] * dots[r];
-            }
-          }
-          t += n - 1;
-          continue;
-        }
-      }
-      const float* gt = g.tile(c0, len, piece, gbuf.data());
-      gsum.assign(segs.size(), 0.f);
-      if (BITS != 0) {  // as above, one sum per segment
-        for (size_t s = 0; s < segs.size(); ++s) {
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
-          gsum[s] = sum;
-        }
-      }
-      for (int64_t r = 0; r < b.k; ++r) {
-        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
-        double* acc_r = acc + r * b.n_blocks;
-        for (size_t s = 0; s < segs.size(); ++s) {
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += rt.values[j] * gt[j];
-          acc_r[segs[s].block] += static_cast<double>(rt.lo) * gsum[s] + static_cast<double>(rt.scale) * dot;
-        }
-      }
-    }
-    flush();
+// Plane S of 8 codes already widened to int32 lanes: shift it down and, except for the
+// top plane (whose shift leaves nothing above it), mask.
+template <int BITS, int S>
+inline fvec plane8(i32x8 wide) {
+  constexpr int kPerByte = 8 / BITS;
+  if constexpr (BITS != 8) {
+    if constexpr (S > 0) wide = wide >> (S * BITS);
+    if constexpr (S + 1 < kPerByte) wide = wide & ((1 << BITS) - 1);
   }
-  // Partials are summed in thread order: results are deterministic for a thread count.
-  for (int64_t i = 0; i < kb; ++i) {
-    double sum = 0.0;
-    for (int tid = 0; tid < nt; ++tid) sum += partial[static_cast<size_t>(tid) * kb + i];
-    y[i] = static_cast<float>(sum);
+  return __builtin_convertvector(wide, fvec);
+}
+
+// acc[S & 1] += plane S of `wide` * g[S * width + i], for every plane S: each 8 bytes are
+// widened once for all their planes, and even and odd planes feed two chains.
+template <int BITS, int S = 0>
+inline void dot_planes(i32x8 wide, const float* g, int64_t width, fvec* acc) {
+  if constexpr (S < 8 / BITS) {
+    acc[S & 1] += plane8<BITS, S>(wide) * load_vec(g + S * width);
+    dot_planes<BITS, S + 1>(wide, g, width, acc);
   }
 }
 
-template <int BITS>
-void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, DType center_dtype, void* out,
-                      DType out_dtype, int num_threads) {
-  const int64_t width = tile_width(b);
-  const int64_t n_tiles = (b.num_cols + width - 1) / width;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
-
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
-    std::vector<float> obuf(run_cap(b) * width + 8), cbuf(width + 8), ctmp(run_cap(b) * width + 8), xb(b.k);
-    std::vector<Segment> segs;
-    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width), xb_block = -1;
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
-      float* o = obuf.data();
-      split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
-      if constexpr (BITS != 0) {
-        if (fast_group(b, len, segs)) {
-          // one block's coefficients, gathered once per block: x is [k, n_blocks]
-          if (segs[0].block != xb_block) {
-            xb_block = segs[0].block;
-            for (int64_t r = 0; r < b.k; ++r) xb[r] = x[r * b.n_blocks + xb_block];
-          }
-          const int64_t n = run_length(b, t, t_end, xb_block, run_cap(b));
-          const float* ct = center ? float_view(center, center_dtype, c0, n * width, ctmp.data()) : nullptr;
-          for (int64_t i = 0; i < n; ++i) {
-            const float* mins = b.mins + (t + i) * b.k;
-            float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
-            for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
-            float* oi = o + i * width;
-            if (ct) {  // o = center + base in one pass
-              const float* ci = ct + i * width;
-#pragma omp simd
-              for (int64_t j = 0; j < width; ++j) oi[j] = ci[j] + base;
-            } else {
-              std::fill(oi, oi + width, base);
-            }
-          }
-          const int64_t gbytes = b.group_size * BITS / 8;
-          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            for (int64_t i = 0; i < n; ++i) {
-              const uint8_t* src[kRowBlock];
-              const int rows = row_block(b, r0, t + i, gbytes, src);
-              const float* scales = b.scales + (t + i) * b.k + r0;
-              float a[kRowBlock];
-              for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
-              if (rows == kRowBlock) {
-                group_axpy<BITS, kRowBlock>(src, gbytes, a, o + i * width);
-              } else {
-                for (int r = 0; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, o + i * width);
-              }
-            }
-          }
-          store_floats(out, out_dtype, c0, n * width, o);
-          t += n - 1;
-          continue;
-        }
-      }
-      // a tile cut by a block edge, or a short last group: row by row
-      if (center) {
-        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
-        std::memcpy(o, ct, len * sizeof(float));
-      } else {
-        std::fill(o, o + len, 0.f);
-      }
-      if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
-        for (const Segment& s : segs) {
-          float base = 0.f;
-          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
-#pragma omp simd
-          for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
-        }
-      }
-      for (int64_t r = 0; r < b.k; ++r) {
-        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
-        for (const Segment& s : segs) {
-          const float a = rt.scale * x[r * b.n_blocks + s.block];
-#pragma omp simd
-          for (int64_t j = s.begin; j < s.end; ++j) o[j] += a * rt.values[j];
-        }
-      }
-      store_floats(out, out_dtype, c0, len, o);
-    }
-#if defined(__AVX__)
-    _mm_sfence();  // make this thread's streaming stores visible before the region ends
-#endif
+// sums[r] = per-lane sums over the group of code[r, j] * g[j], for ROWS rows. Lanes are
+// not reduced here: the caller scales and accumulates whole vectors across groups.
+template <int BITS, int ROWS>
+inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
+  fvec acc[ROWS][2] = {};
+  const uint8_t* p[ROWS];
+  for (int r = 0; r < ROWS; ++r) p[r] = src[r];
+  for (int64_t i = 0; i < width; i += kLanes) {
+    for (int r = 0; r < ROWS; ++r) dot_planes<BITS>(widen8(p[r] + i), g + i, width, acc[r]);
   }
+  for (int r = 0; r < ROWS; ++r) sums[r] = acc[r][0] + acc[r][1];
+}
+
+template <int BITS, int ROWS, int S = 0>
+inline void axpy_planes(const i32x8* wide, const float* a, fvec* o) {
+  if constexpr (S < 8 / BITS) {
+    for (int r = 0; r < ROWS; ++r) o[S] += a[r] * plane8<BITS, S>(wide[r]);
+    axpy_planes<BITS, ROWS, S + 1>(wide, a, o);
+  }
+}
+
+// out[j] += sum_r a[r] * code[r, j] over the group, for ROWS rows: each 8-column chunk of
+// every plane is loaded once, and each 8 bytes of a row are widened once.
+template <int BITS, int ROWS>
+inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+  constexpr int kPerByte = 8 / BITS;
+  const uint8_t* p[ROWS];
+  for (int r = 0; r < ROWS; ++r) p[r] = src[r];
+  for (int64_t i = 0; i < width; i += kLanes) {
+    fvec o[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) o[s] = load_vec(out + s * width + i);
+    i32x8 wide[ROWS];
+    for (int r = 0; r < ROWS; ++r) wide[r] = widen8(p[r] + i);
+    axpy_planes<BITS, ROWS>(wide, a, o);
+    for (int s = 0; s < kPerByte; ++s) store_vec(out + s * width + i, o[s]);
+  }
+}
+
+#include "kernels_impl.h"
+
+#undef TWA_ISA_FN
+}  // namespace vec8
+
+// ---- 16 lanes: AVX-512, chosen at run time ----------------------------------------------
+// Compiled whatever the compiler's default target (an AVX2-only -march included), through
+// target attributes, and called only when the CPU reports AVX-512 (cpu_has_avx512).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TWA_HAVE_AVX512 1
+namespace vec16 {
+
+#define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+
+constexpr int kLanes = 16;
+// 4 rows with two chains each: taking 8 rows with one chain each made project 10-20% slower
+// on a 2-core Xeon (bench/ops_interleaved.py).
+constexpr int kRowBlock = 4;
+typedef float fvec __attribute__((vector_size(64)));
+
+TWA_ISA_FN inline fvec load_vec(const float* p) { return _mm512_loadu_ps(p); }
+TWA_ISA_FN inline void store_vec(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+
+TWA_ISA_FN inline double hsum(fvec v) {
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += v[l];
+  return sum;
+}
+
+// 16 code bytes, one per int32 lane.
+TWA_ISA_FN inline __m512i widen16(const uint8_t* src) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+
+// The float value of code number SUB inside a 4-bit index i, for BITS-bit codes.
+template <int BITS, int SUB>
+constexpr float table_entry(int i) {
+  return static_cast<float>((i >> (SUB * BITS)) & ((1 << BITS) - 1));
+}
+
+template <int BITS, int SUB>
+struct CodeTable {
+  static constexpr float kValues[16] = {
+      table_entry<BITS, SUB>(0),  table_entry<BITS, SUB>(1),  table_entry<BITS, SUB>(2),  table_entry<BITS, SUB>(3),
+      table_entry<BITS, SUB>(4),  table_entry<BITS, SUB>(5),  table_entry<BITS, SUB>(6),  table_entry<BITS, SUB>(7),
+      table_entry<BITS, SUB>(8),  table_entry<BITS, SUB>(9),  table_entry<BITS, SUB>(10), table_entry<BITS, SUB>(11),
+      table_entry<BITS, SUB>(12), table_entry<BITS, SUB>(13), table_entry<BITS, SUB>(14), table_entry<BITS, SUB>(15)};
+};
+
+template <int BITS, int SUB>
+TWA_ISA_FN inline __m512 code_table() {
+  return _mm512_loadu_ps(CodeTable<BITS, SUB>::kValues);
+}
+
+// Plane S of 16 code bytes (one per int32 lane) as floats. vpermps reads only the low 4
+// bits of each lane as its index, so a 16-entry table of code values masks and converts in
+// one instruction where shift, mask and convert took three: a 4-bit nibble holds one
+// 4-bit code, two 2-bit codes or four 1-bit codes, each with its own table.
+template <int BITS, int S>
+TWA_ISA_FN inline __m512 plane16(__m512i wide) {
+  if constexpr (BITS == 8) {
+    return _mm512_cvtepi32_ps(wide);
+  } else {
+    constexpr int kPerNibble = 4 / BITS;
+    constexpr int kShift = (S / kPerNibble) * 4;
+    const __m512i idx = kShift ? _mm512_srli_epi32(wide, kShift) : wide;
+    return _mm512_permutexvar_ps(idx, code_table<BITS, S % kPerNibble>());
+  }
+}
+
+template <int BITS, int CHAINS, int S = 0>
+TWA_ISA_FN inline void dot_planes(__m512i wide, const __m512* gv, __m512* acc) {
+  if constexpr (S < 8 / BITS) {
+    acc[S % CHAINS] = _mm512_fmadd_ps(plane16<BITS, S>(wide), gv[S], acc[S % CHAINS]);
+    dot_planes<BITS, CHAINS, S + 1>(wide, gv, acc);
+  }
+}
+
+// As vec8::group_dots, 16 codes of a plane at a time. Fewer than 8 rows keep two chains per
+// row (8-bit codes have one plane, so two chunks are taken per step for them); 8 rows are
+// 8 chains already, and a second set of accumulators would not fit the 32 registers.
+template <int BITS, int ROWS>
+TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
+  constexpr int kPerByte = 8 / BITS;
+  constexpr int kChains = ROWS >= 8 ? 1 : 2;
+  __m512 acc[ROWS][kChains];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  if constexpr (kPerByte == 1 && kChains == 2) {
+    for (; i + 2 * kLanes <= width; i += 2 * kLanes) {
+      const __m512 g0 = _mm512_loadu_ps(g + i), g1 = _mm512_loadu_ps(g + i + kLanes);
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(widen16(src[r] + i)), g0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(widen16(src[r] + i + kLanes)), g1, acc[r][1]);
+      }
+    }
+  }
+  for (; i < width; i += kLanes) {
+    __m512 gv[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) gv[s] = _mm512_loadu_ps(g + s * width + i);
+    for (int r = 0; r < ROWS; ++r) dot_planes<BITS, kChains>(widen16(src[r] + i), gv, acc[r]);
+  }
+  for (int r = 0; r < ROWS; ++r) sums[r] = kChains == 2 ? _mm512_add_ps(acc[r][0], acc[r][kChains - 1]) : acc[r][0];
+}
+
+template <int BITS, int ROWS, int S = 0>
+TWA_ISA_FN inline void axpy_planes(const __m512i* wide, const __m512* a, __m512* o) {
+  if constexpr (S < 8 / BITS) {
+    for (int r = 0; r < ROWS; ++r) o[S] = _mm512_fmadd_ps(plane16<BITS, S>(wide[r]), a[r], o[S]);
+    axpy_planes<BITS, ROWS, S + 1>(wide, a, o);
+  }
+}
+
+template <int BITS, int ROWS>
+TWA_ISA_FN inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+  constexpr int kPerByte = 8 / BITS;
+  __m512 av[ROWS];
+  for (int r = 0; r < ROWS; ++r) av[r] = _mm512_set1_ps(a[r]);
+  for (int64_t i = 0; i < width; i += kLanes) {
+    __m512 o[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) o[s] = _mm512_loadu_ps(out + s * width + i);
+    __m512i wide[ROWS];
+    for (int r = 0; r < ROWS; ++r) wide[r] = widen16(src[r] + i);
+    axpy_planes<BITS, ROWS>(wide, av, o);
+    for (int s = 0; s < kPerByte; ++s) _mm512_storeu_ps(out + s * width + i, o[s]);
+  }
+}
+
+#include "kernels_impl.h"
+
+#undef TWA_ISA_FN
+}  // namespace vec16
+#endif
+
+bool cpu_has_avx512() {
+#if defined(TWA_HAVE_AVX512)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// TWA_KERNELS_CPU_ISA=avx2 keeps a CPU with AVX-512 on the 8-lane path, the one an
+// AVX2-only CPU runs (tests compare both paths; benchmarks time both). Read at every
+// call, so a process can switch.
+bool wants_avx512() {
+  if (!cpu_has_avx512()) return false;
+  const char* env = std::getenv("TWA_KERNELS_CPU_ISA");
+  return !(env && std::strcmp(env, "avx2") == 0);
+}
+
+// The 16-lane path for a packed basis whose group planes are whole 16-byte chunks.
+bool use_avx512(const PackedBasis& b) {
+  return b.bits != 0 && (b.group_size / (8 / b.bits)) % 16 == 0 && wants_avx512();
 }
 
 }  // namespace
 
+const char* cpu_isa() {
+  if (wants_avx512()) return "avx512";
+#if defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
 int project_pieces(const PackedBasis& b, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
                    DType g_dtype, float* y, int num_threads) {
   const Pieces g{pieces, starts, n_pieces, g_dtype};
+#if defined(TWA_HAVE_AVX512)
+  if (use_avx512(b)) {
+    switch (b.bits) {
+      case 1: vec16::project_impl<1>(b, g, y, num_threads); return 0;
+      case 2: vec16::project_impl<2>(b, g, y, num_threads); return 0;
+      case 4: vec16::project_impl<4>(b, g, y, num_threads); return 0;
+      case 8: vec16::project_impl<8>(b, g, y, num_threads); return 0;
+      default: return -1;
+    }
+  }
+#endif
   switch (b.bits) {
-    case 0: project_impl<0>(b, g, y, num_threads); return 0;
-    case 1: project_impl<1>(b, g, y, num_threads); return 0;
-    case 2: project_impl<2>(b, g, y, num_threads); return 0;
-    case 4: project_impl<4>(b, g, y, num_threads); return 0;
-    case 8: project_impl<8>(b, g, y, num_threads); return 0;
+    case 0: vec8::project_impl<0>(b, g, y, num_threads); return 0;
+    case 1: vec8::project_impl<1>(b, g, y, num_threads); return 0;
+    case 2: vec8::project_impl<2>(b, g, y, num_threads); return 0;
+    case 4: vec8::project_impl<4>(b, g, y, num_threads); return 0;
+    case 8: vec8::project_impl<8>(b, g, y, num_threads); return 0;
     default: return -1;
   }
 }
@@ -510,12 +508,23 @@ int project(const PackedBasis& b, const void* g, DType g_dtype, float* y, int nu
 
 int reconstruct(const PackedBasis& b, const float* x, const void* center, DType center_dtype, void* out,
                 DType out_dtype, int num_threads) {
+#if defined(TWA_HAVE_AVX512)
+  if (use_avx512(b)) {
+    switch (b.bits) {
+      case 1: vec16::reconstruct_impl<1>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+      case 2: vec16::reconstruct_impl<2>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+      case 4: vec16::reconstruct_impl<4>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+      case 8: vec16::reconstruct_impl<8>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+      default: return -1;
+    }
+  }
+#endif
   switch (b.bits) {
-    case 0: reconstruct_impl<0>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
-    case 1: reconstruct_impl<1>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
-    case 2: reconstruct_impl<2>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
-    case 4: reconstruct_impl<4>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
-    case 8: reconstruct_impl<8>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+    case 0: vec8::reconstruct_impl<0>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+    case 1: vec8::reconstruct_impl<1>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+    case 2: vec8::reconstruct_impl<2>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+    case 4: vec8::reconstruct_impl<4>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
+    case 8: vec8::reconstruct_impl<8>(b, x, center, center_dtype, out, out_dtype, num_threads); return 0;
     default: return -1;
   }
 }

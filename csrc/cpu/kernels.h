@@ -29,6 +29,12 @@ int project_pieces(const PackedBasis& basis, const void* const* pieces, const in
 int reconstruct(const PackedBasis& basis, const float* x, const void* center, DType center_dtype,
                  void* out, DType out_dtype, int num_threads);
 
+// The instruction set project and reconstruct run a packed basis on now: "avx512" (the
+// 16-lane kernels, when the CPU has AVX-512 F/BW/VL/DQ, for group planes of whole 16-byte
+// chunks, unless TWA_KERNELS_CPU_ISA=avx2), else "avx2", or "generic" (the 8-lane kernels
+// as the compiler's target builds them).
+const char* cpu_isa();
+
 // gram[i, l] = sum_j p[i, j] * p[l, j], accumulated in float64. p is float32 [k, d].
 void gram(const float* p, int64_t k, int64_t d, double* gram, int num_threads);
 

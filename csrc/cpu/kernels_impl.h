@@ -1,0 +1,219 @@
+// The bodies of project and reconstruct, included once per instruction set by kernels.cpp
+// inside that set's namespace. The namespace supplies TWA_ISA_FN (the target attribute its
+// functions are compiled with), kLanes, the lane vector fvec with load_vec and hsum, and
+// group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
+// segments, the row-by-row path for cut groups) is the same code on every instruction set,
+// so every path sums the same terms in the same order apart from the lane width.
+// No include guard: it is meant to be included more than once.
+
+// group_dots / group_axpy for `rows` rows (at most kRowBlock): whole blocks of kRowBlock,
+// then of 4, then single rows.
+template <int BITS>
+TWA_ISA_FN inline void rows_dots(const uint8_t* const* src, int rows, int64_t gbytes, const float* g, fvec* dots) {
+  if (rows == kRowBlock) return group_dots<BITS, kRowBlock>(src, gbytes, g, dots);
+  int r = 0;
+  if constexpr (kRowBlock > 4) {
+    for (; r + 4 <= rows; r += 4) group_dots<BITS, 4>(src + r, gbytes, g, dots + r);
+  }
+  for (; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, g, dots + r);
+}
+
+template <int BITS>
+TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, float* out) {
+  if (rows == kRowBlock) return group_axpy<BITS, kRowBlock>(src, gbytes, a, out);
+  int r = 0;
+  if constexpr (kRowBlock > 4) {
+    for (; r + 4 <= rows; r += 4) group_axpy<BITS, 4>(src + r, gbytes, a + r, out);
+  }
+  for (; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, out);
+}
+
+template <int BITS>
+TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threads) {
+  const int64_t width = tile_width(b);
+  const int64_t n_tiles = (b.num_cols + width - 1) / width;
+  const int64_t kb = b.k * b.n_blocks;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
+  std::vector<double> partial(static_cast<size_t>(nt) * kb, 0.0);
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
+    double* acc = partial.data() + static_cast<size_t>(tid) * kb;
+    std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
+    std::vector<Segment> segs;
+    // the fast path's pending sums, kLanes floats per row: plain floats, read and written
+    // unaligned, because a heap block is not aligned for a 64-byte vector where the compiler's
+    // default target has no such registers
+    std::vector<float> lanes(static_cast<size_t>(b.k) * kLanes);
+    std::vector<double> min_terms(static_cast<size_t>(b.k));  // the fast path's pending min terms
+    int64_t lanes_block = -1, lanes_groups = 0;
+    auto flush = [&]() {
+      if (lanes_block < 0) return;
+      for (int64_t r = 0; r < b.k; ++r) {
+        acc[r * b.n_blocks + lanes_block] += hsum(load_vec(&lanes[r * kLanes])) + min_terms[r];
+        std::fill(&lanes[r * kLanes], &lanes[r * kLanes] + kLanes, 0.f);
+        min_terms[r] = 0.0;
+      }
+      lanes_block = -1;
+      lanes_groups = 0;
+    };
+    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
+    int64_t piece = g.piece_of(t_begin * width);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
+      split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
+      if constexpr (BITS != 0) {
+        if (fast_group(b, len, segs, kLanes)) {
+          if (segs[0].block != lanes_block || lanes_groups == kFlushGroups) flush();
+          lanes_block = segs[0].block;
+          const int64_t n = run_length(b, t, t_end, lanes_block, std::min(run_cap(b), kFlushGroups - lanes_groups));
+          lanes_groups += n;
+          const float* gr = g.tile(c0, n * width, piece, gbuf.data());
+          // sum_j lo * g[j] = lo * sum_j g[j]: one sum of g per group, shared by all rows, and
+          // the k rows' min terms of a group are one pass over its k mins (stored group-major)
+          for (int64_t i = 0; i < n; ++i) {
+            fvec gs{};
+            for (int64_t j = 0; j < width; j += kLanes) gs += load_vec(gr + i * width + j);
+            const double gsum = hsum(gs);
+            const float* mins = b.mins + (t + i) * b.k;
+#pragma omp simd
+            for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum;
+          }
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            for (int64_t i = 0; i < n; ++i) {
+              const uint8_t* src[kRowBlock];
+              const int rows = row_block(b, r0, t + i, gbytes, kRowBlock, src);
+              fvec dots[kRowBlock];
+              rows_dots<BITS>(src, rows, gbytes, gr + i * width, dots);
+              const float* scales = b.scales + (t + i) * b.k + r0;
+              for (int r = 0; r < rows; ++r) {
+                float* lane = &lanes[(r0 + r) * kLanes];
+                store_vec(lane, load_vec(lane) + scales[r] * dots[r]);
+              }
+            }
+          }
+          t += n - 1;
+          continue;
+        }
+      }
+      const float* gt = g.tile(c0, len, piece, gbuf.data());
+      gsum.assign(segs.size(), 0.f);
+      if (BITS != 0) {  // as above, one sum per segment
+        for (size_t s = 0; s < segs.size(); ++s) {
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
+          gsum[s] = sum;
+        }
+      }
+      for (int64_t r = 0; r < b.k; ++r) {
+        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
+        double* acc_r = acc + r * b.n_blocks;
+        for (size_t s = 0; s < segs.size(); ++s) {
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += rt.values[j] * gt[j];
+          acc_r[segs[s].block] += static_cast<double>(rt.lo) * gsum[s] + static_cast<double>(rt.scale) * dot;
+        }
+      }
+    }
+    flush();
+  }
+  // Partials are summed in thread order: results are deterministic for a thread count.
+  for (int64_t i = 0; i < kb; ++i) {
+    double sum = 0.0;
+    for (int tid = 0; tid < nt; ++tid) sum += partial[static_cast<size_t>(tid) * kb + i];
+    y[i] = static_cast<float>(sum);
+  }
+}
+
+template <int BITS>
+TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const void* center, DType center_dtype, void* out,
+                      DType out_dtype, int num_threads) {
+  const int64_t width = tile_width(b);
+  const int64_t n_tiles = (b.num_cols + width - 1) / width;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, n_tiles)));
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
+    std::vector<float> obuf(run_cap(b) * width + 8), cbuf(width + 8), ctmp(run_cap(b) * width + 8), xb(b.k);
+    std::vector<Segment> segs;
+    int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width), xb_block = -1;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
+      float* o = obuf.data();
+      split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
+      if constexpr (BITS != 0) {
+        if (fast_group(b, len, segs, kLanes)) {
+          // one block's coefficients, gathered once per block: x is [k, n_blocks]
+          if (segs[0].block != xb_block) {
+            xb_block = segs[0].block;
+            for (int64_t r = 0; r < b.k; ++r) xb[r] = x[r * b.n_blocks + xb_block];
+          }
+          const int64_t n = run_length(b, t, t_end, xb_block, run_cap(b));
+          const float* ct = center ? float_view(center, center_dtype, c0, n * width, ctmp.data()) : nullptr;
+          for (int64_t i = 0; i < n; ++i) {
+            const float* mins = b.mins + (t + i) * b.k;
+            float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
+            for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
+            float* oi = o + i * width;
+            if (ct) {  // o = center + base in one pass
+              const float* ci = ct + i * width;
+#pragma omp simd
+              for (int64_t j = 0; j < width; ++j) oi[j] = ci[j] + base;
+            } else {
+              std::fill(oi, oi + width, base);
+            }
+          }
+          const int64_t gbytes = b.group_size * BITS / 8;
+          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+            for (int64_t i = 0; i < n; ++i) {
+              const uint8_t* src[kRowBlock];
+              const int rows = row_block(b, r0, t + i, gbytes, kRowBlock, src);
+              const float* scales = b.scales + (t + i) * b.k + r0;
+              float a[kRowBlock];
+              for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
+              rows_axpy<BITS>(src, rows, gbytes, a, o + i * width);
+            }
+          }
+          store_floats(out, out_dtype, c0, n * width, o);
+          t += n - 1;
+          continue;
+        }
+      }
+      // a tile cut by a block edge, or a short last group: row by row
+      if (center) {
+        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+        std::memcpy(o, ct, len * sizeof(float));
+      } else {
+        std::fill(o, o + len, 0.f);
+      }
+      if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
+        for (const Segment& s : segs) {
+          float base = 0.f;
+          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
+#pragma omp simd
+          for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
+        }
+      }
+      for (int64_t r = 0; r < b.k; ++r) {
+        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
+        for (const Segment& s : segs) {
+          const float a = rt.scale * x[r * b.n_blocks + s.block];
+#pragma omp simd
+          for (int64_t j = s.begin; j < s.end; ++j) o[j] += a * rt.values[j];
+        }
+      }
+      store_floats(out, out_dtype, c0, len, o);
+    }
+#if defined(__AVX__)
+    _mm_sfence();  // make this thread's streaming stores visible before the region ends
+#endif
+  }
+}
+

@@ -1,0 +1,178 @@
+"""The C++ kernels' two instruction-set paths against the reference, on awkward shapes.
+
+On a CPU with AVX-512 the packed-basis kernels run 16 lanes at a time; TWA_KERNELS_CPU_ISA=avx2
+keeps them on the 8-lane path that an AVX2-only CPU runs. Both must match the reference
+(the executable spec) within the op tests' tolerances, whichever path the machine picks.
+"""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import twa_kernels as tk
+from twa_kernels import _build
+from twa_kernels._build import cpu_kernels_available
+from twa_kernels.backends import reference
+
+from tests.helpers import random_basis
+
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ CPU kernels could not be built")
+
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return AVX512_FLAGS <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+ISAS = ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has_avx512(), reason="no AVX-512"))]
+
+# (k, D, group_size, block sizes): k not a multiple of the 4-row blocks, D ending inside a
+# group, block edges inside groups, one-column blocks, runs longer than 4096 columns and
+# groups whose planes are 8 bytes (the 16-lane path leaves those to the 8-lane one).
+SHAPES = [
+    (1, 300, 128, None),
+    (5, 9_000, 128, [4_100, 1, 4_899]),
+    (7, 5_003, 64, [1, 2_000, 3_002]),
+    (16, 20_000, 256, [64] * 10 + [19_360]),
+    (3, 12_345, 32, [12_345]),
+]
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
+    monkeypatch.setenv("TWA_KERNELS_CPU_ISA", request.param)
+    return request.param
+
+
+def _threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_isa_reports_the_path_that_runs(isa):
+    expected = "avx512" if isa == "avx512" else ("avx2", "generic")
+    assert torch.ops.twa_kernels_cpu.isa() in expected
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_project_matches_reference(isa, bits, k, d, group_size, blocks, threads):
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    g = torch.randn(d)
+    previous = _threads(threads)
+    try:
+        y, y_bf16 = tk.project(qb, g), tk.project(qb, g.bfloat16())
+    finally:
+        torch.set_num_threads(previous)
+    args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    scale = float((tk.dequantize(qb).abs() * g.abs()).sum(1).max())  # error budget per row
+    torch.testing.assert_close(y, reference.project(*args, g, bits, group_size), rtol=1e-5, atol=scale * 1e-6)
+    torch.testing.assert_close(y_bf16, reference.project(*args, g.bfloat16(), bits, group_size), rtol=1e-5,
+                               atol=scale * 1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reconstruct_matches_reference(isa, bits, k, d, group_size, blocks, threads):
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    x, center = torch.randn(k, qb.num_blocks), torch.randn(d)
+    out_bf16 = torch.empty(d, dtype=torch.bfloat16)
+    previous = _threads(threads)
+    try:
+        w = tk.reconstruct(qb, x, center)
+        w_none = tk.reconstruct(qb, x)
+        tk.reconstruct(qb, x, center, out=out_bf16)
+        in_place = center.clone()
+        tk.reconstruct(qb, x, in_place, out=in_place)
+    finally:
+        torch.set_num_threads(previous)
+    args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    expected = reference.reconstruct(*args, x, center, bits, group_size, d)
+    torch.testing.assert_close(w, expected, rtol=1e-5, atol=budget)
+    torch.testing.assert_close(w_none, reference.reconstruct(*args, x, None, bits, group_size, d), rtol=1e-5,
+                               atol=budget)
+    torch.testing.assert_close(out_bf16.float(), expected, rtol=8e-3, atol=budget)  # one bfloat16 rounding
+    assert torch.equal(in_place, w)
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="no AVX-512")
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_both_paths_agree(monkeypatch, bits):
+    """The 16- and 8-lane paths sum the same terms in a different order: equal to float32 rounding."""
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
+    qb = tk.quantize(random_basis(6, 70_001, group_size=128), bits, 128, [30_000, 5, 39_996])
+    g, x, center = torch.randn(70_001), torch.randn(6, 3), torch.randn(70_001)
+    results = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv("TWA_KERNELS_CPU_ISA", isa)
+        assert torch.ops.twa_kernels_cpu.isa() == isa
+        results[isa] = tk.project(qb, g), tk.reconstruct(qb, x, center)
+    torch.testing.assert_close(results["avx512"][0], results["avx2"][0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(results["avx512"][1], results["avx2"][1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 only")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None, reason="no C++ compiler")
+def test_kernels_compile_for_an_avx2_only_target(tmp_path):
+    """The AVX-512 kernels are compiled through target attributes, so a compiler whose
+    target is AVX2 alone (-march=haswell) builds the whole file."""
+    source = _build.source_dir() / "cpu" / "kernels.cpp"
+    done = subprocess.run([os.environ.get("CXX") or "c++", "-std=c++17", "-O1", "-march=haswell", "-fopenmp", "-c",
+                           str(source), "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+_AVX2_BUILD_CHECK = """
+import torch
+from twa_kernels import _build
+_build.CPU_CFLAGS = ["-O3", "-march=haswell", "-fopenmp"]  # no AVX-512 anywhere at build time
+_build.build_cpu()
+import twa_kernels as tk
+from twa_kernels.backends import reference
+from tests.helpers import random_basis
+for isa in ("auto", "avx2"):
+    import os
+    os.environ["TWA_KERNELS_CPU_ISA"] = isa
+    for bits in (1, 2, 4, 8):
+        qb = tk.quantize(random_basis(7, 9_001, group_size=128), bits, 128, [4_000, 1, 5_000])
+        args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+        g, x, center = torch.randn(9_001), torch.randn(7, 3), torch.randn(9_001)
+        torch.testing.assert_close(tk.project(qb, g), reference.project(*args, g, bits, 128), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(tk.reconstruct(qb, x, center),
+                                   reference.reconstruct(*args, x, center, bits, 128, 9_001), rtol=1e-5, atol=1e-4)
+    print(isa, torch.ops.twa_kernels_cpu.isa())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 only")
+def test_a_build_for_an_avx2_only_target_runs_both_paths(tmp_path):
+    """Built with -march=haswell (a compiler that targets AVX2 alone), the library still
+    picks the AVX-512 kernels at run time where the CPU has them, and both paths match the
+    reference: the 8-lane path here is the very code an AVX2-only CPU runs."""
+    env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path), "TWA_KERNELS_BACKEND": "cpp"}
+    done = subprocess.run([sys.executable, "-c", _AVX2_BUILD_CHECK], env=env, cwd=_build.source_dir().parent,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["auto", "avx512" if _cpu_has_avx512() else "avx2", "avx2", "avx2"]
