@@ -137,8 +137,8 @@ def sharpness(work: Path) -> dict:
         model = make_model(0)
         model.load_state_dict(state)
         torch.optim.swa_utils.update_bn(DataLoader(train, batch_size=500), model)
-        top = C.top_eigenvalue(model, F.cross_entropy, data, iters=100, tol=1e-4)
-        diag = C.hessian_diagonal(model, F.cross_entropy, data, samples=200, chunk=50)
+        top = C.top_eigenvalue(model, F.cross_entropy, data, iters=100, tol=1e-4, seed=0)
+        diag = C.hessian_diagonal(model, F.cross_entropy, data, samples=200, chunk=50, seed=0)
         numel = sum(t.numel() for t in diag.values())
         with torch.no_grad():
             model.eval()
