@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import subprocess
@@ -199,8 +200,6 @@ def _bench(args: argparse.Namespace) -> int:
               "install; clone the repository and pip install -e it", file=sys.stderr)
         return 2
     if args.out is None:  # in the current directory, never inside the source tree
-        import importlib.util
-
         spec = importlib.util.spec_from_file_location("_twa_bench_stamp", bench / "stamp.py")
         stamp = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(stamp)
