@@ -127,6 +127,17 @@ def test_demo_quick_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])
+def test_the_demo_without_its_extra_names_the_extra_before_training(tmp_path, monkeypatch, missing):
+    from twa_kernels.demo import run_demo
+
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: `import` raises ImportError
+    with pytest.raises(tk.errors.MissingDependencyError, match=r"needs %s.*pip install 'twa-kernels\[demo\]'" % missing):
+        run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_paired_difference_interval():
     from twa_kernels.demo import paired_difference, t975
 

@@ -260,6 +260,14 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
 
 
+def test_a_figure_without_matplotlib_names_the_extra(dense_plane, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("matplotlib")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(tk.errors.MissingDependencyError, match=r"plot_plane\(\) needs matplotlib.*twa-kernels\[demo\]"):
+        C.plot_plane(dense_plane, tmp_path / "plane.png")
+    assert not list(tmp_path.iterdir())
+
+
 def _same_frame(got, want):
     # the same origin and packed bytes; the Gram matrix summed in other chunks, to float64 rounding
     assert torch.equal(got.center(), want.center())

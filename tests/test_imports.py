@@ -10,16 +10,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "twa_kernels"
 
-# The only modules a function may import. Each is optional (not a dependency of the package)
-# or heavy enough that importing it at the top would slow `import twa_kernels` for every
-# user who never reaches the function. Required and light ones are imported at the top:
-# tqdm, yaml, safetensors (a few ms each), the package's own modules but _dcp.
+# The only modules a function may import. Each is optional (not a dependency of the package,
+# and imported through _imports.optional where the package brings it as an extra) or part of
+# torch and heavy enough that importing it at the top would slow `import twa_kernels` for
+# every user who never reaches the function (measured in docs/design.md, "Imports").
 LAZY_ALLOWED = {
-    "matplotlib": "heavy (about a second); only the figure functions and the demo's plot draw",
-    "mpl_toolkits": "part of matplotlib, as above",
-    "mnist1d": "imports matplotlib and scipy (over a second); only the demo's data needs it",
-    "twa_kernels._dcp": "imports torch.distributed.checkpoint (about a second); only DCP directories need it",
-    "torch.utils.cpp_extension": "heavy (0.2 s) and only needed to compile or load the C++ kernels",
+    "twa_kernels._dcp": "imports torch.distributed.checkpoint (+1.5 s on a 2.3 s import); only DCP directories need it",
+    "torch.utils.cpp_extension": "+0.27 s; only compiling the C++ kernels needs it, not loading a cached build",
     "triton": "optional: the Triton backend only",
     "transformers": "optional and heavy: Hugging Face models only",
     "lightning": "optional and heavy: Lightning checkpoints only",

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from twa_kernels._progress import progress_bar
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
+from twa_kernels._imports import optional
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry import plane, plot_plane
 from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
@@ -73,13 +74,11 @@ def mnist1d(seed: int, train_size: int = 3500) -> tuple[TensorDataset, TensorDat
     """(train, validation, test) of MNIST-1D, generated locally (no download): the 4,000
     training signals in a `seed`-dependent order, the first `train_size` of them the training
     split and the last 500 the validation split; the 1,000 test signals are the test split."""
-    # mnist1d imports matplotlib and scipy (over a second): only the demo's own runs pay for it
-    from mnist1d.data import get_dataset_args, make_dataset
-
+    generator = optional("mnist1d.data", "demo", "the demo's MNIST-1D data")
     if not 0 < train_size <= 3500:
         raise InvalidArgumentError(f"train_size must be in 1..3500 (the other 500 signals are the validation "
                                    f"split), got {train_size}")
-    data = make_dataset(get_dataset_args())  # deterministic: the generator seeds itself
+    data = generator.make_dataset(generator.get_dataset_args())  # deterministic: the generator seeds itself
     x = torch.tensor(data["x"], dtype=torch.float32)[:, None]
     y = torch.tensor(data["y"], dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -347,15 +346,11 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
     """Test accuracy against the epochs of SGD each method used: the full run's curve, and
     a point (mean ± std over seeds) per method; methods that used the same epochs are drawn
     slightly apart so that none hides another."""
-    # matplotlib takes about a second to import: only a run that draws pays for it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    figure = optional("matplotlib.figure", "demo", "the demo's plot")
     epochs = len(runs[0]["curve"])
     curve = torch.tensor([r["curve"] for r in runs]).mean(0) * 100
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig = figure.Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
     ax.plot(range(1, epochs + 1), curve, color="0.3", label="SGD, full schedule (each epoch)")
     seen: dict[int, int] = {}
     for method, (marker, color) in MARKERS.items():
@@ -378,7 +373,6 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
-    plt.close(fig)
 
 
 def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progress: bool | None = None) -> dict:
@@ -423,6 +417,8 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     results.json, accuracy.png and plane.png into out_dir. `progress`: bars on standard error
     (None: only when it is a terminal)."""
     setting = setting or DEMO
+    for module, needed_by in (("mnist1d.data", "twa demo's data"), ("matplotlib.figure", "twa demo's figures")):
+        optional(module, "demo", needed_by)  # before minutes of training, not after
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = seeds if seeds is not None else (1 if quick else 5)

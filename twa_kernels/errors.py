@@ -56,3 +56,8 @@ class BackendUnavailableError(TWAKernelsError, RuntimeError):
 class UsageError(TWAKernelsError, RuntimeError):
     """A call made in the wrong order or state (an update before any forward, a
     distributed call before torch.distributed is initialised)."""
+
+
+class MissingDependencyError(TWAKernelsError, ImportError):
+    """An optional dependency that a call needs is not installed: the message names the
+    extra that brings it (`pip install 'twa-kernels[demo]'`)."""

@@ -3,8 +3,10 @@
     tk.connectivity.plot_plane(p, "plane.png", points={"SWA": swa_state, "TWA": "twa.pt"})
     tk.connectivity.plot_interpolation({"a-b": r}, "barriers.png")
 
-matplotlib is imported when a figure is drawn, not with the package: it is slow to import,
-and the Agg backend must be selected before pyplot is first imported.
+matplotlib is an optional dependency (`pip install 'twa-kernels[demo]'`), imported when a
+figure is drawn: it is slow to import. Figures are drawn on matplotlib's object API
+(`matplotlib.figure.Figure`), never through pyplot, so a plot leaves the user's pyplot
+state and backend untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twa_kernels._imports import optional
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import Checkpoint
 from twa_kernels.geometry.interpolation import Interpolation
@@ -35,13 +38,9 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     """A contour PNG of `value` ("loss" or "error") over the plane, with the plane's
     checkpoints as black dots and every extra point (those given to plane() and `points`
     here, projected onto the plane) marked and labelled with its distance from the plane."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-    from mpl_toolkits.axes_grid1 import make_axes_locatable
-
+    figure = optional("matplotlib.figure", "demo", "plot_plane()")
+    colors = optional("matplotlib.colors", "demo", "plot_plane()")
+    axes_grid = optional("mpl_toolkits.axes_grid1", "demo", "plot_plane()")
     if value not in ("loss", "error"):
         raise InvalidArgumentError(f"value must be 'loss' or 'error', got {value!r}")
     located = dict(result.points)
@@ -49,19 +48,20 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
         located[label] = result.locate(ckpt, label)
     grid = (result.loss if value == "loss" else 100 * result.error).numpy()
     aspect = (result.ys[-1] - result.ys[0]) / max(result.xs[-1] - result.xs[0], 1e-12)
-    fig, ax = plt.subplots(figsize=(7.0, min(9.0, max(3.6, 5.6 * aspect + 2.4))))
+    fig = figure.Figure(figsize=(7.0, min(9.0, max(3.6, 5.6 * aspect + 2.4))))
+    ax = fig.subplots()
     positive = grid[grid > 0]
     log = value == "loss" and positive.size and positive.max() / positive.min() > 5
     if log:  # loss spans decades over a plane: log-spaced levels resolve the basin
         levels = np.geomspace(positive.min(), grid.max(), 25)
         grid = grid.clip(min=positive.min())
-        filled = ax.contourf(result.xs, result.ys, grid, levels=levels, norm=LogNorm(), cmap="viridis")
+        filled = ax.contourf(result.xs, result.ys, grid, levels=levels, norm=colors.LogNorm(), cmap="viridis")
     else:
         levels = np.linspace(grid.min(), grid.max() + 1e-12, 25)
         filled = ax.contourf(result.xs, result.ys, grid, levels=levels, cmap="viridis")
     ax.contour(result.xs, result.ys, grid, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
     ax.set_aspect("equal", adjustable="box")
-    bar = fig.colorbar(filled, cax=make_axes_locatable(ax).append_axes("right", size="3%", pad=0.1))
+    bar = fig.colorbar(filled, cax=axes_grid.make_axes_locatable(ax).append_axes("right", size="3%", pad=0.1))
     ticks = levels[::4]
     bar.set_ticks(ticks)
     bar.set_ticklabels([f"{t:.3g}" for t in ticks])
@@ -85,21 +85,15 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     ax.set_title(textwrap.fill(title or f"{value} over the plane through {', '.join(result.anchors)}", 60),
                  fontsize=10)
     fig.tight_layout()
-    try:
-        return _save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, Path(path))
 
 
 def plot_interpolation(results: Mapping[str, Interpolation], path: str | os.PathLike,
                        title: str | None = None) -> Path:
     """Loss and error (%) against alpha for one or more interpolations, labelled by key."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    figure = optional("matplotlib.figure", "demo", "plot_interpolation()")
+    fig = figure.Figure(figsize=(9, 3.6))
+    left, right = fig.subplots(1, 2)
     for label, r in results.items():
         left.plot(r.alphas, r.loss, marker="o", ms=3, label=f"{label} (barrier {r.loss_barrier:.3f})")
         right.plot(r.alphas, [100 * e for e in r.error], marker="o", ms=3,
@@ -112,7 +106,4 @@ def plot_interpolation(results: Mapping[str, Interpolation], path: str | os.Path
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        return _save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return _save_figure(fig, Path(path))
