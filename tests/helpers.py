@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import time
@@ -69,6 +70,11 @@ def _entry(rank: int, fn: Callable[[int, int], Any], world: int, port: int, out:
         torch.save(result, tmp)
         os.replace(tmp, os.path.join(out, f"rank{rank}.pt"))  # a rank's file is whole or absent
     finally:
+        # What holds the group (a replicated TWA) may sit in cyclic garbage: the first
+        # custom-op call imports torch._dynamo, which keeps that call's frames in a cycle.
+        # Freed now, the group's gloo threads stop while the interpreter is whole; freed at
+        # interpreter exit, their teardown can abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import logging
 import os
@@ -65,6 +66,10 @@ def _fit(args: argparse.Namespace) -> int:
         # Every rank waits here until rank 0 has written its outputs, so no rank tears its
         # connections down while a peer may still be using them; then all shut down together.
         dist.barrier()
+        # A TWA holding the group may be cyclic garbage (torch keeps the frames of the first
+        # custom-op call in a cycle): free it now, so that the group's threads stop while
+        # the interpreter is whole rather than during its exit, where their teardown can abort.
+        gc.collect()
         dist.destroy_process_group()
     if "outputs" not in report:  # a rank other than 0: rank 0 writes and reports
         return 0
