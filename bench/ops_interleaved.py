@@ -20,9 +20,10 @@ fraction of the 256 MiB copy's bandwidth; then the ratios the kernels are judged
 4-bit project over torch's int8 GEMV, and 2-bit over 4-bit. Across processes: how many
 reach 80% of the copy bandwidth at each bit width.
 
-Writes bench/results/<machine>-ops.json (stamp.machine_slug), stamped with machine, date
-and commit; its "benchmarks" list has the layout of a pytest-benchmark run, so
-bench/report.py reads it. No assertion on time: this is a measurement.
+Writes bench/results/<machine>-ops-interleaved.json (stamp.machine_slug), stamped with
+machine, date and commit; bench/report.py makes the docs' table of it. Its "benchmarks"
+list has the layout of a pytest-benchmark run, so `python bench/report.py FILE` prints its
+roofline too. No assertion on time: this is a measurement.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def main() -> None:
     print()
     for k, v in summary["median_ratios"].items():
         print(f"{k}: median {v:.2f} (per process {', '.join(f'{x:.2f}' for x in summary['ratios'][k])})")
-    out = Path(args.out) if args.out else HERE / "results" / f"{stamp.machine_slug()}-ops.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"{stamp.machine_slug()}-ops-interleaved.json"
     result = dict(stamp=stamp.stamp(), case=dict(model="resnet18", k=K, bits=list(BITS), rounds=args.rounds,
                                                   copy_reference=COPY_REFERENCE),
                   summary=summary, processes=runs, benchmarks=as_benchmarks(runs, summary))

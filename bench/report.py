@@ -14,7 +14,8 @@ bytes take at copy bandwidth: the larger one says what bounds the op.
 
 Docs' tables: each sits in a Markdown file between `<!-- report:NAME -->` and
 `<!-- /report:NAME -->`, and is generated from the results files of bench/results
-(`<machine>-ops.json`, `<machine>-steady-step.json`, `<machine>-distributed-step.json`),
+(`<machine>-ops.json`, `<machine>-ops-interleaved.json`, `<machine>-steady-step.json`,
+`<machine>-distributed-step.json`),
 each stamped with the machine, date, commit and torch version it came from.
 """
 
@@ -195,6 +196,42 @@ def ops(page: Path) -> str:
     return "\n".join(out).strip() or "No ops results in bench/results yet."
 
 
+# bench/ops_interleaved.py's rows, in the order the table shows them
+_PEER_LABELS = {"torch_int8_gemv": "torch int8 GEMV (`_weight_int8pack_mm`)",
+                "torch_int4_gemv": "torch int4 GEMV (`_weight_int4pack_mm_for_cpu`)",
+                "torch_mv_fp32": "torch.mv, float32", "copy_256MiB": "copy, 256 MiB", "copy_D": "copy, D floats"}
+
+
+def ops_interleaved(page: Path) -> str:
+    """Each kernel against torch's own GEMVs and a copy, timed in turn in fresh processes."""
+    out = []
+    for path in _files("ops-interleaved"):
+        d = json.loads(path.read_text())
+        s, n = d["summary"], d["summary"]["processes"]
+        out += [f"**{stamp_line(d.get('stamp'), _slug(path, 'ops-interleaved'))}**; {n} fresh processes, "
+                f"{d['case']['rounds']} interleaved rounds each, k = {d['case']['k']}, ResNet-18 shapes "
+                f"([JSON]({_link(path, page)}))", "",
+                f"| op | median ms | GB/s | of copy bandwidth | processes at >= 80% of copy (of {n}) |",
+                "|---|---:|---:|---:|---:|"]
+        names = [name for name in s["median_ms"] if name not in _PEER_LABELS] + \
+                [name for name in _PEER_LABELS if name in s["median_ms"]]
+        for name in names:
+            ms, nbytes = s["median_ms"][name], d["processes"][0]["rows"][name]["bytes"]
+            label = _PEER_LABELS.get(name, name.replace("_", " "))
+            out.append(f"| {label} | {ms:.1f} | {nbytes / ms / 1e6:.1f} | {s['median_fraction_of_copy'][name]:.0%} "
+                       f"| {s['processes_at_80pct_of_copy'].get(name, '-')} |")
+        ratios = s["ratios"]
+        out += ["", "| target (AVX-512 path) | per process | holds in |", "|---|---|---|"]
+        for key, label, bound in (("project_4bit_over_torch_int8", "4-bit project <= 0.8 x torch's int8 GEMV", 0.8),
+                                  ("project_2bit_over_4bit", "2-bit project <= 0.75 x 4-bit", 0.75),
+                                  ("reconstruct_2bit_over_4bit", "2-bit reconstruct <= 0.75 x 4-bit", 0.75)):
+            values = ratios[key]
+            out.append(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} "
+                       f"| {sum(v <= bound for v in values)} of {len(values)} |")
+        out.append("")
+    return "\n".join(out).strip() or "No interleaved ops results in bench/results yet."
+
+
 def steady_step(page: Path) -> str:
     out = []
     for path in _files("steady-step"):
@@ -254,8 +291,10 @@ def distributed_step(page: Path) -> str:
     return "\n".join(out).strip() or "No distributed-step results in bench/results yet."
 
 
-SECTIONS = {"headline": headline, "ops": ops, "steady-step": steady_step, "distributed-step": distributed_step}
-PAGES = {"README.md": ["headline"], "docs/benchmarks.md": ["headline", "ops", "steady-step", "distributed-step"]}
+SECTIONS = {"headline": headline, "ops": ops, "ops-interleaved": ops_interleaved, "steady-step": steady_step,
+            "distributed-step": distributed_step}
+PAGES = {"README.md": ["headline"],
+         "docs/benchmarks.md": ["headline", "ops", "ops-interleaved", "steady-step", "distributed-step"]}
 
 
 def render(text: str, page: Path) -> str:

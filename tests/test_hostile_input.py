@@ -148,10 +148,19 @@ def test_one_flipped_bit_is_refused_by_twa(tmp_path):
 
 
 def test_an_intact_torch_file_passes_the_crc_check(tmp_path):
-    state = {"w": torch.randn(1000), "b": torch.randn(7)}
+    # "w" spans several of the check's read buffers: the CRC carries across them
+    state = {"w": torch.randn(300_000), "b": torch.randn(7)}
     torch.save(state, tmp_path / "ok.pt")
     got = tk.load_state_dict(tmp_path / "ok.pt")
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_a_flipped_bit_past_the_first_read_buffer_is_refused(tmp_path):
+    path = tmp_path / "big.pt"
+    torch.save({"w": torch.randn(300_000)}, path)  # 1.2 MB: the flip lands in a later buffer
+    _flip_a_bit_in_tensor_data(path, 0)
+    with pytest.raises(CheckpointError, match="corrupt.*CRC"):
+        tk.load_state_dict(path)
 
 
 # ---- values and ties that would silently give a wrong result ------------------------------
