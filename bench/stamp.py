@@ -63,9 +63,16 @@ def machine_slug() -> str:
     return f"cpu-{family}-{os.cpu_count()}core"
 
 
+# Where benchmarks and experiments write their results: a results file written earlier in
+# the same batch of runs does not make the code the next run measures differ from the commit.
+OUTPUT_DIRS = ("bench/results", "results")
+
+
 def stamp() -> dict:
-    """Machine, UTC date, commit (and whether the tree was clean) and software versions."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """Machine, UTC date, commit (and whether the tree's code was clean: changes under
+    OUTPUT_DIRS do not count) and software versions."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  *(f":(exclude){d}" for d in OUTPUT_DIRS))
     info = {
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git("rev-parse", "HEAD"),
