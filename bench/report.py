@@ -41,7 +41,9 @@ def build_report(run: dict) -> dict:
     train_steps: dict[str, float] = {}  # impl -> median seconds of one ResNet-18 training step
     peers: dict[str, tuple[float, int]] = {}  # torch peer -> (median seconds, bytes)
     for bench in run["benchmarks"]:
-        extra, median = bench["extra_info"], bench["stats"]["median"]
+        extra, median = bench.get("extra_info", {}), bench["stats"]["median"]
+        if "op" not in extra:  # another suite's benchmark in the same run (decor, factorize)
+            continue
         if extra["op"] == "copy":
             copy_bw = extra["bytes"] / median
             continue

@@ -27,3 +27,30 @@ def test_twa_bench_out_chooses_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "--grid", "default", "--out", "run.json"]) == 0
     assert f"--benchmark-json={tmp_path.resolve() / 'run.json'}" in calls[0]
+
+
+def test_twa_bench_runs_the_kernel_suites_and_they_exist(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench"]) == 0
+    suites = [a for a in calls[0] if a.endswith(".py")]
+    assert [Path(s).name for s in suites] == list(cli.BENCH_SUITES)
+    assert all(Path(s).is_file() for s in suites)
+
+
+def test_the_roofline_skips_benchmarks_of_other_suites():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    run = {"benchmarks": [
+        {"extra_info": {"op": "copy", "bytes": 2e9}, "stats": {"median": 0.1}},
+        {"extra_info": {"model": "resnet18", "impl": "decor"}, "stats": {"median": 0.5}},  # no "op": decor's suite
+        {"extra_info": {}, "stats": {"median": 0.2}},
+    ]}
+    got = report.build_report(run)
+    assert got["rows"] == [] and got["copy_GBps"] == 20.0

@@ -198,6 +198,12 @@ def _add_geometry_commands(sub) -> None:
     plane.set_defaults(func=_plane)
 
 
+# The kernels' suites: the ops against the reference, the paper's code path and torch's own
+# kernels, and a training step. bench/ also times decor and factorize, which `twa bench`
+# leaves to their own pages.
+BENCH_SUITES = ("test_bench_ops.py", "test_bench_training.py")
+
+
 def _bench(args: argparse.Namespace) -> int:
     bench = Path(__file__).resolve().parent.parent / "bench"
     if not (bench / "report.py").is_file():
@@ -211,7 +217,8 @@ def _bench(args: argparse.Namespace) -> int:
         args.out = f"twa-bench-{stamp.machine_slug()}-{args.grid}.json"
     results = Path(args.out).resolve()
     env = {**os.environ, "TWA_BENCH": args.grid}
-    code = subprocess.call([sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider",
+    suites = [str(bench / name) for name in BENCH_SUITES]
+    code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
                             f"--benchmark-json={results}"], env=env, cwd=bench.parent)
     if code != 0:
         return code
