@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
-from twa_kernels._imports import optional
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry import plane, plot_plane
 from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
