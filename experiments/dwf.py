@@ -56,25 +56,10 @@ def make_mlp(seed: int) -> nn.Module:
 
 
 def train(model: nn.Module, data, epochs: int, lr: float, seed: int, params=None, l1: float = 0.0) -> nn.Module:
-    """SGD, momentum 0.9, cosine schedule, full epochs of shuffled mini-batches."""
-    opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    x, y = data.tensors
-    g = torch.Generator().manual_seed(seed)
-    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)] if l1 else []
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), BATCH):
-            idx = order[i:i + BATCH]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if l1:
-                loss = loss + l1 * sum(w.abs().sum() for w in linears)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    return model
+    """SGD, momentum 0.9, cosine schedule, full epochs of shuffled mini-batches (the last one
+    partial)."""
+    return _sgd(params if params is not None else model.parameters(), lr, 0.9, epochs, model, data, seed, BATCH,
+                l1, keep_last=True)
 
 
 def train_dwf(seed: int, data, depth: int, wd: float, lr: float, epochs: int, init: str = "dwf_matched") -> nn.Module:
@@ -291,8 +276,9 @@ def _fair_data(cfg: dict):
 
 
 def _sgd(params, lr: float, momentum: float, epochs: int, model: nn.Module, data, seed: int, batch: int,
-         l1: float = 0.0) -> nn.Module:
-    """SGD (optionally with momentum) with a cosine schedule over `epochs`, whole batches."""
+         l1: float = 0.0, keep_last: bool = False) -> nn.Module:
+    """SGD (optionally with momentum) with a cosine schedule over `epochs`: whole batches, and
+    the last partial one of each epoch too with `keep_last`."""
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     x, y = data.tensors
@@ -301,7 +287,7 @@ def _sgd(params, lr: float, momentum: float, epochs: int, model: nn.Module, data
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch + 1, batch):
+        for i in range(0, len(x) if keep_last else len(x) - batch + 1, batch):
             idx = order[i:i + batch]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             if l1:
