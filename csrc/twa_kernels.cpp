@@ -43,26 +43,52 @@ void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Te
   TORCH_CHECK(status == 0, "project: unsupported bits ", bits);
 }
 
+// The pieces of g as pointers and column starts, all of one float dtype.
+struct PiecePointers {
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> starts{0};
+};
+
+PiecePointers piece_pointers(at::TensorList pieces, const char* op) {
+  TORCH_CHECK(!pieces.empty(), op, ": pieces is empty");
+  PiecePointers out;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    check_cpu_contiguous(pieces[i], "pieces[i]");
+    TORCH_CHECK(pieces[i].scalar_type() == pieces[0].scalar_type(), op, ": piece ", i, " is ",
+                pieces[i].scalar_type(), " but piece 0 is ", pieces[0].scalar_type(), "; pass one dtype");
+    out.ptrs.push_back(pieces[i].data_ptr());
+    out.starts.push_back(out.starts.back() + pieces[i].numel());
+  }
+  return out;
+}
+
+using PiecesKernel = int (*)(const twa::PackedBasis&, const void* const*, const int64_t*, int64_t, twa::DType,
+                             float*, int);
+
+void run_pieces(PiecesKernel kernel, const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                const at::Tensor& mins, const at::Tensor& block_offsets, at::TensorList pieces, int64_t bits,
+                int64_t group_size, int64_t num_threads, const at::Tensor& y) {
+  const PiecePointers g = piece_pointers(pieces, op);
+  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.starts.back());
+  check_cpu_contiguous(y, "y");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
+  const int status = kernel(b, g.ptrs.data(), g.starts.data(), static_cast<int64_t>(g.ptrs.size()),
+                            float_dtype(pieces[0], "pieces"), y.data_ptr<float>(), static_cast<int>(num_threads));
+  TORCH_CHECK(status == 0, op, ": unsupported bits ", bits);
+}
+
 void project_pieces_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                         const at::Tensor& block_offsets, at::TensorList pieces, int64_t bits, int64_t group_size,
                         int64_t num_threads, const at::Tensor& y) {
-  TORCH_CHECK(!pieces.empty(), "project_pieces: pieces is empty");
-  std::vector<const void*> ptrs;
-  std::vector<int64_t> starts{0};
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    check_cpu_contiguous(pieces[i], "pieces[i]");
-    TORCH_CHECK(pieces[i].scalar_type() == pieces[0].scalar_type(), "project_pieces: piece ", i, " is ",
-                pieces[i].scalar_type(), " but piece 0 is ", pieces[0].scalar_type(), "; pass one dtype");
-    ptrs.push_back(pieces[i].data_ptr());
-    starts.push_back(starts.back() + pieces[i].numel());
-  }
-  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, starts.back());
-  check_cpu_contiguous(y, "y");
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
-  const int status = twa::project_pieces(b, ptrs.data(), starts.data(), static_cast<int64_t>(ptrs.size()),
-                                         float_dtype(pieces[0], "pieces"), y.data_ptr<float>(),
-                                         static_cast<int>(num_threads));
-  TORCH_CHECK(status == 0, "project_pieces: unsupported bits ", bits);
+  run_pieces(&twa::project_pieces, "project_pieces", codes, scales, mins, block_offsets, pieces, bits, group_size,
+             num_threads, y);
+}
+
+void project_int8_pieces_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                             const at::Tensor& block_offsets, at::TensorList pieces, int64_t bits,
+                             int64_t group_size, int64_t num_threads, const at::Tensor& y) {
+  run_pieces(&twa::project_int8_pieces, "project_int8", codes, scales, mins, block_offsets, pieces, bits,
+             group_size, num_threads, y);
 }
 
 void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
@@ -106,6 +132,8 @@ void combine_rows_out(const at::Tensor& t, const at::Tensor& p, int64_t num_thre
 
 std::string isa() { return twa::cpu_isa(); }
 
+std::string int8_isa() { return twa::cpu_int8_isa(); }
+
 }  // namespace
 
 TORCH_LIBRARY(twa_kernels_cpu, m) {
@@ -116,17 +144,22 @@ TORCH_LIBRARY(twa_kernels_cpu, m) {
       "project_pieces_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor[] pieces, "
       "int bits, int group_size, int num_threads, Tensor(a!) y) -> ()");
   m.def(
+      "project_int8_pieces_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor[] pieces, "
+      "int bits, int group_size, int num_threads, Tensor(a!) y) -> ()");
+  m.def(
       "reconstruct_out(Tensor codes, Tensor scales, Tensor mins, Tensor block_offsets, Tensor x, Tensor? center, "
       "int bits, int group_size, int num_threads, Tensor(a!) out) -> ()");
   m.def("gram_out(Tensor p, int num_threads, Tensor(a!) out) -> ()");
   m.def("combine_rows_out(Tensor t, Tensor p, int num_threads, Tensor(a!) out) -> ()");
   // which kernels project and reconstruct run now (cpu/kernels.h, cpu_isa)
   m.def("isa() -> str", &isa);
+  m.def("int8_isa() -> str", &int8_isa);
 }
 
 TORCH_LIBRARY_IMPL(twa_kernels_cpu, CPU, m) {
   m.impl("project_out", &project_out);
   m.impl("project_pieces_out", &project_pieces_out);
+  m.impl("project_int8_pieces_out", &project_int8_pieces_out);
   m.impl("reconstruct_out", &reconstruct_out);
   m.impl("gram_out", &gram_out);
   m.impl("combine_rows_out", &combine_rows_out);

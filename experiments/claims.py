@@ -25,13 +25,10 @@ for each method the paired difference of TWA-v (and, in the tail, TWA-t) against
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import multiprocessing
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import ROOT, save_figure
+from experiments.common import ROOT, save_figure, stamp
 from twa_kernels.averaging import uniform_average
 from twa_kernels.demo import (
     DEMO,
@@ -340,23 +337,12 @@ def _map(fn, args: list[tuple], jobs: int) -> list:
 
 
 def _provenance(jobs: int) -> dict:
-    """Where and when the numbers were made: CPU model, threads, date, commit, versions."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
-        platform.processor()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
-    # wall times depend on what else ran: the load average when the JSON was written says how busy it was
-    return dict(machine=dict(cpu=cpu, cpus=os.cpu_count(), processes=max(1, jobs), threads_per_process=1,
-                             load_average_1min=round(os.getloadavg()[0], 2)),
-                date=datetime.date.today().isoformat(),
-                git_commit=commit + (" (with uncommitted changes)" if dirty else ""),
-                torch=torch.__version__, python=platform.python_version())
+    """Where and when the numbers were made (experiments.common.stamp: machine, date, commit,
+    versions), and how the run was spread: processes, threads, and the load average when the
+    JSON was written, since wall times depend on what else ran."""
+    return dict(run=dict(processes=max(1, jobs), threads_per_process=1,
+                         load_average_1min=round(os.getloadavg()[0], 2)),
+                stamp=stamp())
 
 
 def _write(path: Path, report: dict) -> None:

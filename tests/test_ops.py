@@ -192,10 +192,11 @@ def _op_samples(device):
         (_ops.reconstruct_into_op, (*parts, x.detach(), center.detach(), 4, 64,
                                     torch.empty(130, dtype=torch.bfloat16, device=device))),
         (_ops.project_pieces_op, (*parts, list(torch.randn(130, device=device).split([0, 50, 65, 15])), 4, 64)),
+        (_ops.project_int8_op, (*parts, list(torch.randn(130, device=device).split([50, 80])), 4, 64)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(backend_name, device, case):
     op, args = _op_samples(device)[case]
     torch.library.opcheck(op, args)

@@ -162,6 +162,8 @@ for isa in ("auto", "avx2"):
         torch.testing.assert_close(tk.project(qb, g), reference.project(*args, g, bits, 128), rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(tk.reconstruct(qb, x, center),
                                    reference.reconstruct(*args, x, center, bits, 128, 9_001), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(tk.ops.project_int8(qb, g), reference.project_int8(*args, [g], bits, 128),
+                                   rtol=1e-5, atol=1e-3)
     print(isa, torch.ops.twa_kernels_cpu.isa())
 """
 
@@ -170,7 +172,8 @@ for isa in ("auto", "avx2"):
 def test_a_build_for_an_avx2_only_target_runs_both_paths(tmp_path):
     """Built with -march=haswell (a compiler that targets AVX2 alone), the library still
     picks the AVX-512 kernels at run time where the CPU has them, and both paths match the
-    reference: the 8-lane path here is the very code an AVX2-only CPU runs."""
+    reference: the 8-lane path here is the very code an AVX2-only CPU runs (project_int8's
+    portable loops included)."""
     env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path), "TWA_KERNELS_BACKEND": "cpp"}
     done = subprocess.run([sys.executable, "-c", _AVX2_BUILD_CHECK], env=env, cwd=_build.source_dir().parent,
                           capture_output=True, text=True, timeout=900)

@@ -3,6 +3,7 @@
     import twa_kernels as tk
     qb = tk.quantize(P, bits=4, group_size=128)     # P: [k, D] basis
     y = tk.project(qb, g)                            # [k, B]
+    y = tk.project_int8(qb, g)                       # the same, g rounded to int8 per group
     w = tk.reconstruct(qb, x, center)                # [D]
     Q = tk.orthonormalize(P)                         # orthonormal rows
     tk.backend("cpu")                                # "cpp" | "triton" | "cuda" | "reference"
@@ -13,7 +14,7 @@ from twa_kernels.errors import TWAKernelsError
 from twa_kernels._ops import backend
 from twa_kernels.backends import cpu as _cpu  # noqa: F401  (registers the cpp kernels)
 from twa_kernels.backends import reference as _reference  # noqa: F401  (registers the spec)
-from twa_kernels.ops import project, reconstruct
+from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis, dequantize, quantize
 from twa_kernels.subspace import Subspace, orthonormalize
 from twa_kernels.twa import TWA
@@ -66,6 +67,7 @@ __all__ = [
     "dequantize",
     "orthonormalize",
     "project",
+    "project_int8",
     "quantize",
     "reconstruct",
 ]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from twa_kernels import _build
 from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError
-from twa_kernels.quant import check_layout
+from twa_kernels.quant import check_layout, round_groups_int8, unround_groups_int8
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 _KERNELS: dict[str, dict[str, Callable]] = {}
@@ -189,6 +189,32 @@ def _project_pieces_backward(ctx, grad_y):
 
 
 project_pieces_op.register_autograd(_project_pieces_backward, setup_context=_project_pieces_setup)
+
+
+# ---- project_int8: project of g rounded to int8 per basis group ---------------------------
+
+
+@torch.library.custom_op("twa_kernels::project_int8", mutates_args=())
+def project_int8_op(
+    codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor], bits: int,
+    group_size: int
+) -> Tensor:
+    """project of g^ = quant.round_groups_int8(cat(pieces)), for a packed basis. Not
+    differentiable: it is the projection of a gradient, never part of a graph. A backend
+    without its own kernel gets g^ rounded here and its project kernel."""
+    device = pieces[0].device
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
+    kernel = _kernel("project_int8", device, required=False)
+    if kernel is not None:
+        return kernel(codes, scales, mins, block_offsets, pieces, bits, group_size)
+    g = torch.cat([p.reshape(-1) for p in pieces])
+    g_hat = unround_groups_int8(*round_groups_int8(g, group_size), group_size)
+    return _kernel("project", device)(codes, scales, mins, block_offsets, g_hat, bits, group_size)
+
+
+@project_int8_op.register_fake
+def _(codes, scales, mins, block_offsets, pieces, bits, group_size):
+    return pieces[0].new_empty((codes.shape[0], block_offsets.shape[0] - 1), dtype=torch.float32)
 
 
 # ---- reconstruct: w[j] = center[j] + sum_r p^[r, j] * x[r, block(j)] ---------------------

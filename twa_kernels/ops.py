@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
-from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_op, reconstruct_op
+from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_int8_op, project_op, reconstruct_op
 from twa_kernels.quant import QuantizedBasis
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
@@ -31,6 +31,25 @@ def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
     """
     _check_vector("g", g, qb)
     return project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
+
+
+def project_int8(qb: QuantizedBasis, g: Tensor) -> Tensor:
+    """project(qb, g^), where g^ is g rounded to int8 per basis group: faster where the
+    CPU sums bytes as integers (VNNI), for a packed basis (bits 1, 2, 4 or 8).
+
+    g^[j] = q[j] * scale_t with scale_t = max|g| / 127 over group t (quant.round_groups_int8),
+    so |g^[j] - g[j]| <= scale_t / 2 and each result moves from project(qb, g) by at most
+    sum_t scale_t / 2 * sum_{j in t} |p^[r, j]| over the block's groups. NaN or infinite
+    entries of g give NaN in their block. Returns float32 [k, B], not differentiable: use
+    it for a gradient's projection, where `project` would be called under no_grad.
+    """
+    _check_vector("g", g, qb)
+    if qb.bits is None:
+        raise InvalidArgumentError("project_int8 needs a packed basis (bits 1, 2, 4 or 8): a dense basis has no "
+                                   "groups to round g in; use project, or tk.quantize the basis")
+    with torch.no_grad():
+        return project_int8_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, [g.detach().contiguous()], qb.bits,
+                               qb.group_size)
 
 
 def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:

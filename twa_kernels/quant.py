@@ -364,3 +364,37 @@ def dequantize(qb: QuantizedBasis, start: int = 0, stop: int | None = None) -> T
     codes = unpack_codes(qb, start, stop).to(torch.float32)
     group_of_col = torch.arange(start, stop, device=codes.device) // qb.group_size
     return qb.mins.T[:, group_of_col] + qb.scales.T[:, group_of_col] * codes
+
+
+def round_groups_int8(g: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """g rounded to int8 per group of `group_size` columns (the basis's groups): the spec of
+    project_int8's rounding, which the C++ kernel reproduces bit for bit.
+
+    Returns (q, scales): int8 [D] and float32 [n_groups], with g^[j] = q[j] * scales[t] for j
+    in group t. scale = max|g| / 127 over the group and q = round_half_even(g * (127 / max|g|)),
+    both in float32, so |g^[j] - g[j]| <= scale / 2. A group whose largest magnitude is below
+    the smallest normal float32 rounds to zero; a group holding a NaN or an infinity gets a
+    NaN scale, so that the NaN reaches the projection instead of vanishing.
+    """
+    d = g.numel()
+    n_groups = -(-d // group_size)
+    padded = torch.zeros(n_groups * group_size, dtype=torch.float32, device=g.device)
+    padded[:d] = g.reshape(-1)
+    groups = padded.view(n_groups, group_size)
+    finite = torch.isfinite(groups).all(dim=1)
+    amax = torch.where(finite[:, None], groups.abs(), 0.0).amax(dim=1)
+    flushed = amax < torch.finfo(torch.float32).tiny
+    safe = torch.where(flushed, 1.0, amax)
+    # tensor / tensor: one correctly rounded division, as in C++ (a Python scalar over a
+    # tensor is computed as a reciprocal times the scalar, rounded twice)
+    full = torch.full_like(safe, 127.0)
+    q = torch.round(groups * (full / safe)[:, None])
+    q[flushed | ~finite] = 0
+    scales = torch.where(flushed, 0.0, safe / full)
+    scales[~finite] = float("nan")
+    return q.to(torch.int8).reshape(-1)[:d], scales
+
+
+def unround_groups_int8(q: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    """g^ = q * scale of its group, float32 [D]: the g that project_int8 projects."""
+    return q.float() * scales.repeat_interleave(group_size)[: q.numel()]

@@ -12,8 +12,10 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace twa {
@@ -193,6 +195,16 @@ constexpr int64_t kRunCols = 4096;
 
 inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>(1, kRunCols / b.group_size) : 1; }
 
+// project_int8 reads each row of a run as one stream and fetches the next rows itself (see
+// kernels_int8.h), so longer runs pay: 8 KiB of codes per row, at most 32768 columns (its g
+// run, 128 KiB of float32, then sits in L2). On ResNet-18 shapes at k = 16 this made it
+// 10-20% faster than runs of 4096 columns (bench/ops_interleaved.py).
+constexpr int64_t kInt8RunBytes = 8192, kInt8RunCols = 32768;
+
+inline int64_t int8_run_cap(const PackedBasis& b) {
+  return std::max<int64_t>(1, std::min(kInt8RunCols, kInt8RunBytes * 8 / b.bits) / b.group_size);
+}
+
 // How many tiles from t on (at most `limit`, before t_end) are whole groups inside block
 // `block`; tile t must be one.
 inline int64_t run_length(const PackedBasis& b, int64_t t, int64_t t_end, int64_t block, int64_t limit) {
@@ -203,6 +215,73 @@ inline int64_t run_length(const PackedBasis& b, int64_t t, int64_t t_end, int64_
 // reduced to float64 only when the block changes or every kFlushGroups groups: the
 // horizontal sums and double updates would otherwise cost a fifth of the work per group.
 constexpr int kFlushGroups = 32;
+
+// A tile cut by a block edge, or a short last group, row by row: acc[r, block] += the
+// tile's terms. gt is g over the tile as float32; gsum is scratch, one float per segment.
+template <int BITS>
+inline void project_tile_rows(const PackedBasis& b, int64_t t, int64_t c0, int64_t len,
+                              const std::vector<Segment>& segs, const float* gt, float* cbuf,
+                              std::vector<float>& gsum, double* acc) {
+  gsum.assign(segs.size(), 0.f);
+  if (BITS != 0) {  // sum_j lo * g[j] = lo * sum_j g[j]: one sum per segment, shared by all rows
+    for (size_t s = 0; s < segs.size(); ++s) {
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
+      gsum[s] = sum;
+    }
+  }
+  for (int64_t r = 0; r < b.k; ++r) {
+    const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf);
+    double* acc_r = acc + r * b.n_blocks;
+    for (size_t s = 0; s < segs.size(); ++s) {
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += rt.values[j] * gt[j];
+      acc_r[segs[s].block] += static_cast<double>(rt.lo) * gsum[s] + static_cast<double>(rt.scale) * dot;
+    }
+  }
+}
+
+// y = the threads' partial sums, added in thread order: deterministic for a thread count.
+inline void sum_partials(const std::vector<double>& partial, int nt, int64_t kb, float* y) {
+  for (int64_t i = 0; i < kb; ++i) {
+    double sum = 0.0;
+    for (int tid = 0; tid < nt; ++tid) sum += partial[static_cast<size_t>(tid) * kb + i];
+    y[i] = static_cast<float>(sum);
+  }
+}
+
+// One group of g rounded to int8 with its own scale (quant.round_groups_int8 is the spec):
+// scale = max|g| / 127 and q[j] = round_half_even(g[j] * (127 / max|g|)), so that
+// g^[j] = q[j] * scale. A group whose largest magnitude is below the smallest normal float
+// rounds to zero (127 / max|g| would overflow); a group holding a NaN or an infinity gets a
+// NaN scale, so the NaN reaches every row's result rather than vanishing. Elementwise and
+// max operations only: the same q and scale whatever the vector width it is compiled for.
+inline void round_group_int8(const float* g, int64_t len, int8_t* q, float& scale, int32_t& qsum) {
+  float amax = 0.f, probe = 0.f;  // probe = sum of 0 * g[j]: NaN iff some g[j] is not finite
+#pragma omp simd reduction(max : amax) reduction(+ : probe)
+  for (int64_t j = 0; j < len; ++j) {
+    amax = std::max(amax, std::fabs(g[j]));
+    probe += 0.f * g[j];
+  }
+  if (!(probe == 0.f) || amax < std::numeric_limits<float>::min()) {
+    std::memset(q, 0, static_cast<size_t>(len));
+    scale = probe == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN();
+    qsum = 0;
+    return;
+  }
+  const float inv = 127.f / amax;
+  int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(g[j] * inv));
+    q[j] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  scale = amax / 127.f;
+  qsum = sum;
+}
 
 // ---- 8 lanes: AVX2, or whatever the compiler targets ------------------------------------
 namespace vec8 {
@@ -307,7 +386,27 @@ inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a,
   }
 }
 
+// project_int8's exact integer sums, plane by plane, in loops the compiler vectorises
+// (AVX2's vpmaddwd, or VNNI's vpdpbusd where its target has it).
+template <int BITS, int ROWS>
+inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+  constexpr int kPerByte = 8 / BITS;
+  constexpr unsigned kMask = (1u << BITS) - 1u;
+  for (int r = 0; r < ROWS; ++r) {
+    const uint8_t* p = src[r];
+    int32_t sum = 0;
+    for (int s = 0; s < kPerByte; ++s) {
+      const int8_t* qs = q + s * plane;
+      const int shift = s * BITS;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < plane; ++i) sum += static_cast<int32_t>((p[i] >> shift) & kMask) * qs[i];
+    }
+    dots[r] = sum;
+  }
+}
+
 #include "kernels_impl.h"
+#include "kernels_int8.h"
 
 #undef TWA_ISA_FN
 }  // namespace vec8
@@ -442,6 +541,119 @@ TWA_ISA_FN inline void group_axpy(const uint8_t* const* src, int64_t width, cons
 }  // namespace vec16
 #endif
 
+// ---- AVX-512 VNNI: project_int8's integer dots, chosen at run time -------------------------
+#if defined(TWA_HAVE_AVX512)
+namespace vnni {
+
+#define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+
+constexpr int kRowBlock = 4;
+
+// vpdpbusd multiplies 4 unsigned code bytes by 4 signed q bytes and adds the 4 products to
+// an int32 lane: a vector of a plane's codes per instruction. Planes are read W bytes at a
+// time, W = 64, 32 or 16 (zmm, ymm, xmm), the widest that divides the plane: a 128-column
+// group has 64-byte planes at 4 bits but 32-byte planes at 2 bits and 16-byte ones at 1
+// bit, and a half-empty zmm would cost as much as a full one. Any other plane width goes 64
+// bytes at a time with masked loads, whose missing bytes read as zero codes and add nothing.
+template <int W>
+struct Bytes;  // the vector of W bytes and its operations
+
+template <>
+struct Bytes<64> {
+  using V = __m512i;
+  TWA_ISA_FN static V load(const void* p, __mmask64) { return _mm512_loadu_si512(p); }
+  TWA_ISA_FN static V zero() { return _mm512_setzero_si512(); }
+  TWA_ISA_FN static V fill(uint8_t b) { return _mm512_set1_epi8(static_cast<char>(b)); }
+  TWA_ISA_FN static V shift(V v, int n) { return _mm512_srli_epi16(v, n); }
+  TWA_ISA_FN static V mask(V v, V m) { return _mm512_and_si512(v, m); }
+  TWA_ISA_FN static V dot(V acc, V codes, V q) { return _mm512_dpbusd_epi32(acc, codes, q); }
+  TWA_ISA_FN static __m256i halve(V v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  }
+};
+
+struct MaskedBytes : Bytes<64> {  // planes of any width: a masked load reads zeros past the plane
+  TWA_ISA_FN static V load(const void* p, __mmask64 m) { return _mm512_maskz_loadu_epi8(m, p); }
+};
+
+template <>
+struct Bytes<32> {
+  using V = __m256i;
+  TWA_ISA_FN static V load(const void* p, __mmask64) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  TWA_ISA_FN static V zero() { return _mm256_setzero_si256(); }
+  TWA_ISA_FN static V fill(uint8_t b) { return _mm256_set1_epi8(static_cast<char>(b)); }
+  TWA_ISA_FN static V shift(V v, int n) { return _mm256_srli_epi16(v, n); }
+  TWA_ISA_FN static V mask(V v, V m) { return _mm256_and_si256(v, m); }
+  TWA_ISA_FN static V dot(V acc, V codes, V q) { return _mm256_dpbusd_epi32(acc, codes, q); }
+  TWA_ISA_FN static __m256i halve(V v) { return v; }
+};
+
+template <>
+struct Bytes<16> {
+  using V = __m128i;
+  TWA_ISA_FN static V load(const void* p, __mmask64) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+  TWA_ISA_FN static V zero() { return _mm_setzero_si128(); }
+  TWA_ISA_FN static V fill(uint8_t b) { return _mm_set1_epi8(static_cast<char>(b)); }
+  TWA_ISA_FN static V shift(V v, int n) { return _mm_srli_epi16(v, n); }
+  TWA_ISA_FN static V mask(V v, V m) { return _mm_and_si128(v, m); }
+  TWA_ISA_FN static V dot(V acc, V codes, V q) { return _mm_dpbusd_epi32(acc, codes, q); }
+  TWA_ISA_FN static __m256i halve(V v) { return _mm256_zextsi128_si256(v); }
+};
+
+template <int BITS, int ROWS, typename B, int W>
+TWA_ISA_FN inline void dots_by(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+  using V = typename B::V;
+  constexpr int kPerByte = 8 / BITS;
+  const V mask = B::fill(static_cast<uint8_t>((1u << BITS) - 1u));
+  V acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = B::zero();
+  for (int64_t i = 0; i < plane; i += W) {
+    const __mmask64 m = plane - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (plane - i)) - 1;
+    V qv[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) qv[s] = B::load(q + s * plane + i, m);
+    for (int r = 0; r < ROWS; ++r) {
+      const V bytes = B::load(src[r] + i, m);
+      for (int s = 0; s < kPerByte; ++s) {
+        V codes = bytes;
+        if constexpr (BITS != 8) {
+          // no byte shift exists: shift 16-bit words and mask off what the high byte let in
+          if (s > 0) codes = B::shift(codes, s * BITS);
+          codes = B::mask(codes, mask);
+        }
+        acc[r] = B::dot(acc[r], codes, qv[s]);
+      }
+    }
+  }
+  if constexpr (ROWS == 4) {  // the 4 rows' lane sums at once: to 8 lanes, then three horizontal adds
+    __m256i h[4];
+    for (int r = 0; r < 4; ++r) h[r] = B::halve(acc[r]);
+    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dots),
+                     _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1)));
+  } else {
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i h = B::halve(acc[r]);
+      const __m128i x = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      const __m128i y = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
+      dots[r] = _mm_cvtsi128_si32(_mm_add_epi32(y, _mm_shuffle_epi32(y, 0xb1)));
+    }
+  }
+}
+
+template <int BITS, int ROWS>
+TWA_ISA_FN inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+  if (plane % 64 == 0) return dots_by<BITS, ROWS, Bytes<64>, 64>(src, plane, q, dots);
+  if (plane % 32 == 0) return dots_by<BITS, ROWS, Bytes<32>, 32>(src, plane, q, dots);
+  if (plane % 16 == 0) return dots_by<BITS, ROWS, Bytes<16>, 16>(src, plane, q, dots);
+  dots_by<BITS, ROWS, MaskedBytes, 64>(src, plane, q, dots);
+}
+
+#include "kernels_int8.h"
+
+#undef TWA_ISA_FN
+}  // namespace vnni
+#endif
+
 bool cpu_has_avx512() {
 #if defined(TWA_HAVE_AVX512)
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -461,6 +673,19 @@ bool wants_avx512() {
   return !(env && std::strcmp(env, "avx2") == 0);
 }
 
+bool cpu_has_avx512_vnni() {
+#if defined(TWA_HAVE_AVX512)
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// project_int8 on VNNI's integer dots, unless TWA_KERNELS_CPU_ISA=avx2 asks for the
+// portable loops (the path a CPU without VNNI runs).
+bool use_vnni() { return cpu_has_avx512_vnni() && wants_avx512(); }
+
 // The 16-lane path for a packed basis whose group planes are whole 16-byte chunks.
 bool use_avx512(const PackedBasis& b) {
   return b.bits != 0 && (b.group_size / (8 / b.bits)) % 16 == 0 && wants_avx512();
@@ -475,6 +700,31 @@ const char* cpu_isa() {
 #else
   return "generic";
 #endif
+}
+
+const char* cpu_int8_isa() { return use_vnni() ? "avx512-vnni" : "generic"; }
+
+int project_int8_pieces(const PackedBasis& b, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
+                        DType g_dtype, float* y, int num_threads) {
+  const Pieces g{pieces, starts, n_pieces, g_dtype};
+#if defined(TWA_HAVE_AVX512)
+  if (use_vnni()) {
+    switch (b.bits) {
+      case 1: vnni::project_int8_impl<1>(b, g, y, num_threads); return 0;
+      case 2: vnni::project_int8_impl<2>(b, g, y, num_threads); return 0;
+      case 4: vnni::project_int8_impl<4>(b, g, y, num_threads); return 0;
+      case 8: vnni::project_int8_impl<8>(b, g, y, num_threads); return 0;
+      default: return -1;
+    }
+  }
+#endif
+  switch (b.bits) {
+    case 1: vec8::project_int8_impl<1>(b, g, y, num_threads); return 0;
+    case 2: vec8::project_int8_impl<2>(b, g, y, num_threads); return 0;
+    case 4: vec8::project_int8_impl<4>(b, g, y, num_threads); return 0;
+    case 8: vec8::project_int8_impl<8>(b, g, y, num_threads); return 0;
+    default: return -1;
+  }
 }
 
 int project_pieces(const PackedBasis& b, const void* const* pieces, const int64_t* starts, int64_t n_pieces,

@@ -24,6 +24,12 @@ int project(const PackedBasis& basis, const void* g, DType g_dtype, float* y, in
 int project_pieces(const PackedBasis& basis, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
                    DType g_dtype, float* y, int num_threads);
 
+// project_pieces of g^, g rounded to int8 per quantisation group: g^[j] = q[j] * scale_t with
+// scale_t = max_{j in group t} |g[j]| / 127 (twa_kernels/quant.py, round_groups_int8, is
+// the spec). Returns 0, or -1 for bits outside {1, 2, 4, 8} (a dense basis has no groups).
+int project_int8_pieces(const PackedBasis& basis, const void* const* pieces, const int64_t* starts,
+                        int64_t n_pieces, DType g_dtype, float* y, int num_threads);
+
 // out[j] = center[j] + sum_r p^[r, j] * x[r, block(j)]; x is float32 [k, n_blocks].
 // center may be null (taken as zero); out has dtype out_dtype.
 int reconstruct(const PackedBasis& basis, const float* x, const void* center, DType center_dtype,
@@ -34,6 +40,10 @@ int reconstruct(const PackedBasis& basis, const float* x, const void* center, DT
 // chunks, unless TWA_KERNELS_CPU_ISA=avx2), else "avx2", or "generic" (the 8-lane kernels
 // as the compiler's target builds them).
 const char* cpu_isa();
+
+// The instruction set project_int8 runs on now: "avx512-vnni" (when the CPU has AVX-512
+// VNNI, unless TWA_KERNELS_CPU_ISA=avx2) or "generic".
+const char* cpu_int8_isa();
 
 // gram[i, l] = sum_j p[i, j] * p[l, j], accumulated in float64. p is float32 [k, d].
 void gram(const float* p, int64_t k, int64_t d, double* gram, int num_threads);

@@ -99,35 +99,11 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
           continue;
         }
       }
-      const float* gt = g.tile(c0, len, piece, gbuf.data());
-      gsum.assign(segs.size(), 0.f);
-      if (BITS != 0) {  // as above, one sum per segment
-        for (size_t s = 0; s < segs.size(); ++s) {
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
-          gsum[s] = sum;
-        }
-      }
-      for (int64_t r = 0; r < b.k; ++r) {
-        const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf.data());
-        double* acc_r = acc + r * b.n_blocks;
-        for (size_t s = 0; s < segs.size(); ++s) {
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += rt.values[j] * gt[j];
-          acc_r[segs[s].block] += static_cast<double>(rt.lo) * gsum[s] + static_cast<double>(rt.scale) * dot;
-        }
-      }
+      project_tile_rows<BITS>(b, t, c0, len, segs, g.tile(c0, len, piece, gbuf.data()), cbuf.data(), gsum, acc);
     }
     flush();
   }
-  // Partials are summed in thread order: results are deterministic for a thread count.
-  for (int64_t i = 0; i < kb; ++i) {
-    double sum = 0.0;
-    for (int tid = 0; tid < nt; ++tid) sum += partial[static_cast<size_t>(tid) * kb + i];
-    y[i] = static_cast<float>(sum);
-  }
+  sum_partials(partial, nt, kb, y);
 }
 
 template <int BITS>

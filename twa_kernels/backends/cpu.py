@@ -46,6 +46,16 @@ def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size)
     return y
 
 
+@register_kernel("project_int8", "cpp")
+def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+    y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
+    _lib().project_int8_pieces_out(
+        codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
+        [p.reshape(-1) for p in pieces], bits, group_size, torch.get_num_threads(), y,
+    )
+    return y
+
+
 @register_kernel("reconstruct_into", "cpp")
 def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
                      out: Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels._ops import register_kernel
-from twa_kernels.quant import QuantizedBasis, dequantize
+from twa_kernels.quant import QuantizedBasis, dequantize, round_groups_int8, unround_groups_int8
 
 _CHUNK_ELEMENTS = 1 << 22  # basis elements dequantised at a time
 
@@ -49,6 +49,14 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
     # the spec: project of the concatenated pieces
     return project(codes, scales, mins, block_offsets, torch.cat([p.reshape(-1) for p in pieces]), bits, group_size)
+
+
+@register_kernel("project_int8", "reference")
+def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+    # the spec: project of g rounded to int8 per group (quant.round_groups_int8)
+    g = torch.cat([p.reshape(-1) for p in pieces])
+    g_hat = unround_groups_int8(*round_groups_int8(g, group_size), group_size)
+    return project(codes, scales, mins, block_offsets, g_hat, bits, group_size)
 
 
 @register_kernel("reconstruct_into", "reference")
