@@ -17,7 +17,8 @@ median of its rounds. Both instruction-set paths of the C++ kernels are timed
 For each op it reports the median time, the bytes it must move at minimum (the packed
 basis once; g read for project; center read and w written for reconstruct), GB/s and the
 fraction of the 256 MiB copy's bandwidth; then the ratios the kernels are judged by:
-4-bit project over torch's int8 GEMV, and 2-bit over 4-bit. Across processes: how many
+4-bit project over torch's int8 GEMV, and 2-bit over 4-bit, for project and for
+project_int8 (g rounded to int8 per group, summed as integers). Across processes: how many
 reach 80% of the copy bandwidth at each bit width.
 
 Writes bench/results/<machine>-ops-interleaved.json (stamp.machine_slug), stamped with
@@ -101,12 +102,20 @@ def worker(rounds: int, warmup: int) -> dict:
             ops[f"project_{b}bit_{isa}"] = (proj, qb.nbytes + 4 * d, dict(op="project", bits=b, impl=f"fused_{isa}"))
             ops[f"reconstruct_{b}bit_{isa}"] = (rec, qb.nbytes + 8 * d,
                                                dict(op="reconstruct", bits=b, impl=f"fused_{isa}"))
+            p8 = _isa(isa)(lambda qb=qb: tk.project_int8(qb, g))
+            ops[f"project_int8_{b}bit_{isa}"] = (p8, qb.nbytes + 4 * d,
+                                                dict(op="project_int8", bits=b, impl=f"fused_{isa}"))
     qb4 = bases[4]
 
     def step():
         tk.reconstruct(qb4, x - LR * tk.project(qb4, g), center, out=out)
 
     ops["twa_step_4bit"] = (step, 2 * qb4.nbytes + 12 * d, dict(op="twa_step", bits=4, impl="fused"))
+
+    def step_int8():
+        tk.reconstruct(qb4, x - LR * tk.project_int8(qb4, g), center, out=out)
+
+    ops["twa_step_int8_4bit"] = (step_int8, 2 * qb4.nbytes + 12 * d, dict(op="twa_step_int8", bits=4, impl="fused"))
     ops["torch_int8_gemv"] = (lambda: torch.ops.aten._weight_int8pack_mm(g_bf16, w8, s8),
                               K * dp + 2 * dp + 2 * K, dict(op="peer", bits="int8", impl="torch_int8_gemv"))
     ops["torch_int4_gemv"] = (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(g_bf16, w4, GROUP, sz4),
@@ -136,6 +145,8 @@ def worker(rounds: int, warmup: int) -> dict:
         "project_4bit_over_torch_int8": ms["project_4bit_avx512"] / ms["torch_int8_gemv"],
         "project_2bit_over_4bit": ms["project_2bit_avx512"] / ms["project_4bit_avx512"],
         "reconstruct_2bit_over_4bit": ms["reconstruct_2bit_avx512"] / ms["reconstruct_4bit_avx512"],
+        "project_int8_4bit_over_torch_int8": ms["project_int8_4bit_avx512"] / ms["torch_int8_gemv"],
+        "project_int8_2bit_over_4bit": ms["project_int8_2bit_avx512"] / ms["project_int8_4bit_avx512"],
         "avx2_project_4bit_over_torch_int8": ms["project_4bit_avx2"] / ms["torch_int8_gemv"],
         "avx2_project_2bit_over_4bit": ms["project_2bit_avx2"] / ms["project_4bit_avx2"],
         "avx2_reconstruct_2bit_over_4bit": ms["reconstruct_2bit_avx2"] / ms["reconstruct_4bit_avx2"],
@@ -147,7 +158,7 @@ def summarize(runs: list[dict]) -> dict:
     names = list(runs[0]["rows"])
     median_ms = {n: statistics.median(r["rows"][n]["ms"] for r in runs) for n in names}
     fractions = {n: [r["rows"][n]["fraction_of_copy"] for r in runs] for n in names}
-    at_80 = {n: sum(f >= 0.8 for f in fractions[n]) for n in names if n.startswith(("project", "reconstruct"))}
+    at_80 = {n: sum(f >= 0.8 for f in fractions[n]) for n in names if n.startswith(("project", "reconstruct", "twa"))}
     return dict(
         processes=len(runs),
         median_ms=median_ms,
@@ -167,7 +178,8 @@ def as_benchmarks(runs: list[dict], summary: dict) -> list[dict]:
     for name, row in run["rows"].items():
         extra = dict(op=row["op"], impl=row["impl"], bytes=row["bytes"], model="resnet18", k=K,
                      bits=row.get("bits", "fp32"), D=run["D"])
-        if row["op"] in ("project", "reconstruct", "twa_step") and row["impl"] in ("fused", "fused_avx512"):
+        if row["op"] in ("project", "project_int8", "reconstruct", "twa_step", "twa_step_int8") and \
+                row["impl"] in ("fused", "fused_avx512"):
             extra["impl"] = "fused"  # the path this machine runs by default
         out.append(dict(name=name, extra_info=extra, stats=dict(median=summary["median_ms"][name] / 1e3)))
     return out

@@ -226,7 +226,12 @@ def ops_interleaved(page: Path) -> str:
         out += ["", "| target (AVX-512 path) | per process | holds in |", "|---|---|---|"]
         for key, label, bound in (("project_4bit_over_torch_int8", "4-bit project <= 0.8 x torch's int8 GEMV", 0.8),
                                   ("project_2bit_over_4bit", "2-bit project <= 0.75 x 4-bit", 0.75),
-                                  ("reconstruct_2bit_over_4bit", "2-bit reconstruct <= 0.75 x 4-bit", 0.75)):
+                                  ("reconstruct_2bit_over_4bit", "2-bit reconstruct <= 0.75 x 4-bit", 0.75),
+                                  ("project_int8_4bit_over_torch_int8",
+                                   "4-bit project_int8 <= 0.8 x torch's int8 GEMV", 0.8),
+                                  ("project_int8_2bit_over_4bit", "2-bit project_int8 <= 0.75 x 4-bit", 0.75)):
+            if key not in ratios:  # a file from before project_int8
+                continue
             values = ratios[key]
             out.append(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} "
                        f"| {sum(v <= bound for v in values)} of {len(values)} |")
