@@ -386,21 +386,29 @@ inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a,
   }
 }
 
-// project_int8's exact integer sums, plane by plane, in loops the compiler vectorises
-// (AVX2's vpmaddwd, or VNNI's vpdpbusd where its target has it).
+// project_int8's integer sums without integer dot instructions: the float kernels above on
+// q as floats (kDotsReadFloats asks kernels_int8.h for them). While a group's largest
+// possible sum, columns * (2^bits - 1) * 127, is below 2^24, every product and partial sum
+// is an integer a float holds exactly, so the sums equal the integer ones bit for bit;
+// larger groups, and planes that are not whole 8-byte chunks, take a scalar integer loop.
+constexpr bool kDotsReadFloats = true;
+
 template <int BITS, int ROWS>
-inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, const float* qf,
+                            int32_t* dots) {
+  const int64_t largest = plane * (8 / BITS) * ((1 << BITS) - 1) * 127;
+  if (plane % kLanes == 0 && largest < (int64_t{1} << 24)) {
+    fvec sums[ROWS];
+    group_dots<BITS, ROWS>(src, plane, qf, sums);
+    for (int r = 0; r < ROWS; ++r) dots[r] = static_cast<int32_t>(hsum(sums[r]));
+    return;
+  }
   constexpr int kPerByte = 8 / BITS;
   constexpr unsigned kMask = (1u << BITS) - 1u;
   for (int r = 0; r < ROWS; ++r) {
-    const uint8_t* p = src[r];
     int32_t sum = 0;
-    for (int s = 0; s < kPerByte; ++s) {
-      const int8_t* qs = q + s * plane;
-      const int shift = s * BITS;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < plane; ++i) sum += static_cast<int32_t>((p[i] >> shift) & kMask) * qs[i];
-    }
+    for (int s = 0; s < kPerByte; ++s)
+      for (int64_t i = 0; i < plane; ++i) sum += static_cast<int32_t>((src[r][i] >> (s * BITS)) & kMask) * q[s * plane + i];
     dots[r] = sum;
   }
 }
@@ -548,6 +556,7 @@ namespace vnni {
 #define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
 constexpr int kRowBlock = 4;
+constexpr bool kDotsReadFloats = false;  // vpdpbusd reads q as bytes
 
 // vpdpbusd multiplies 4 unsigned code bytes by 4 signed q bytes and adds the 4 products to
 // an int32 lane: a vector of a plane's codes per instruction. Planes are read W bytes at a
@@ -641,7 +650,8 @@ TWA_ISA_FN inline void dots_by(const uint8_t* const* src, int64_t plane, const i
 }
 
 template <int BITS, int ROWS>
-TWA_ISA_FN inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+TWA_ISA_FN inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, const float*,
+                                      int32_t* dots) {
   if (plane % 64 == 0) return dots_by<BITS, ROWS, Bytes<64>, 64>(src, plane, q, dots);
   if (plane % 32 == 0) return dots_by<BITS, ROWS, Bytes<32>, 32>(src, plane, q, dots);
   if (plane % 16 == 0) return dots_by<BITS, ROWS, Bytes<16>, 16>(src, plane, q, dots);

@@ -1,8 +1,9 @@
 // project_int8: project of g rounded to int8 per quantisation group (round_group_int8), with
 // the code-by-g products summed as integers. Included once per instruction set by
-// kernels.cpp inside that set's namespace, which supplies TWA_ISA_FN, kRowBlock and
-// group_dots_int8<BITS, ROWS>(src, plane_bytes, q, dots): the exact int32 sums over one
-// whole group of code[r, j] * q[j] for ROWS rows.
+// kernels.cpp inside that set's namespace, which supplies TWA_ISA_FN, kRowBlock,
+// kDotsReadFloats (whether the dots want q as floats too) and
+// group_dots_int8<BITS, ROWS>(src, plane_bytes, q, q_as_floats, dots): the exact int32 sums
+// over one whole group of code[r, j] * q[j] for ROWS rows.
 //
 // Why it is faster than project: a float kernel spends an unpack, a convert and an FMA on
 // every code; here one byte-wide integer dot (VNNI's vpdpbusd) takes 64 codes of a plane at
@@ -12,9 +13,9 @@
 
 template <int BITS>
 TWA_ISA_FN inline void rows_dots_int8(const uint8_t* const* src, int rows, int64_t plane, const int8_t* q,
-                                      int32_t* dots) {
-  if (rows == kRowBlock) return group_dots_int8<BITS, kRowBlock>(src, plane, q, dots);
-  for (int r = 0; r < rows; ++r) group_dots_int8<BITS, 1>(src + r, plane, q, dots + r);
+                                      const float* qf, int32_t* dots) {
+  if (rows == kRowBlock) return group_dots_int8<BITS, kRowBlock>(src, plane, q, qf, dots);
+  for (int r = 0; r < rows; ++r) group_dots_int8<BITS, 1>(src + r, plane, q, qf, dots + r);
 }
 
 template <int BITS>
@@ -34,6 +35,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     const int64_t cap = int8_run_cap(b);
     std::vector<float> gbuf(cap * width + 8), ghat(width + 8), cbuf(width + 8), gsum, scale(cap);
     std::vector<int8_t> q(cap * width);
+    std::vector<float> qf(kDotsReadFloats ? cap * width + 8 : 0);
     std::vector<int32_t> qsum(cap), dots(cap * b.k);
     std::vector<double> run(b.k);
     std::vector<Segment> segs;
@@ -47,6 +49,10 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         const int64_t n = run_length(b, t, t_end, blk, cap);
         const float* gr = g.tile(c0, n * width, piece, gbuf.data());
         for (int64_t i = 0; i < n; ++i) round_group_int8(gr + i * width, width, &q[i * width], scale[i], qsum[i]);
+        if (kDotsReadFloats) {
+#pragma omp simd
+          for (int64_t j = 0; j < n * width; ++j) qf[j] = q[j];
+        }
         // The integer dots of every row and group of the run, group-major like scales and mins,
         // kRowBlock rows at a time; each row's codes are read as one stream of n * gbytes bytes.
         const int64_t span = n * gbytes;
@@ -65,7 +71,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
           for (int64_t i = 0; i < n; ++i) {
             for (; fetched < std::min((i + 1) * gbytes, ahead_end); fetched += 64)
               for (int r = 0; r < ahead_rows; ++r) __builtin_prefetch(ahead + r * b.row_bytes + fetched);
-            rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &dots[i * b.k + r0]);
+            rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
             for (int r = 0; r < rows; ++r) src[r] += gbytes;
           }
         }
