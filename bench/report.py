@@ -244,18 +244,21 @@ def steady_step(page: Path) -> str:
     for path in _files("steady-step"):
         data = json.loads(path.read_text())
         runs = data["runs"]
+        int8 = all("twa_int8_gradients_overhead" in r["training_step"] for r in runs)  # absent in older files
         out += [f"**{stamp_line(data.get('stamp'), _slug(path, 'steady-step'))}**; "
                 f"{f'{len(runs)} runs one after another' if len(runs) > 1 else '1 run'} ([JSON]({_link(path, page)}))", "",
                 "| run | steady ms, per process | median fraction of copy | spread | worst first-call ratio "
-                "| spread against the copy | training step: SGD / TWA |",
-                "|---|---|---|---|---|---|---|"]
+                "| spread against the copy | training step: SGD / TWA |" + (" TWA, int8 gradients |" if int8 else ""),
+                "|---|---|---|---|---|---|---|" + ("---|" if int8 else "")]
         for i, r in enumerate(runs, 1):
             steady = [p["steady_ms"] for p in r["processes"]]
             s, t = r["summary"], r["training_step"]
             out.append(f"| {i} | {min(steady):.1f}-{max(steady):.1f} | {s['median_fraction_of_copy']:.0%} "
                        f"| {s['spread_slowest_over_fastest']:.2f}x | {s['worst_first_call_ratio']:.2f}x "
                        f"| {s['spread_vs_copy']:.2f}x | {t['median_ms']['sgd']:.0f} / {t['median_ms']['twa']:.0f} ms, "
-                       f"{t['twa_overhead']:+.0%} |")
+                       f"{t['twa_overhead']:+.0%} |"
+                       + (f" {t['median_ms']['twa_int8_gradients']:.0f} ms, {t['twa_int8_gradients_overhead']:+.0%} |"
+                          if int8 else ""))
         frac = [r["summary"]["median_fraction_of_copy"] for r in runs]
         spread = [r["summary"]["spread_slowest_over_fastest"] for r in runs]
         first = [r["summary"]["worst_first_call_ratio"] for r in runs]
@@ -273,7 +276,12 @@ def steady_step(page: Path) -> str:
                 f"| first 3 calls within 1.5x of the steady state | {held(first, lambda v: v <= 1.5)} of {n} "
                 f"({min(first):.2f}-{max(first):.2f}x) |",
                 f"| TWA's training step at most +8% over SGD's | {held(over, lambda v: v <= 0.08)} of {n} "
-                f"(median {statistics.median(over):+.0%}, {min(over):+.0%} to {max(over):+.0%}) |", ""]
+                f"(median {statistics.median(over):+.0%}, {min(over):+.0%} to {max(over):+.0%}) |"]
+        if int8:
+            over8 = [r["training_step"]["twa_int8_gradients_overhead"] for r in runs]
+            out.append(f"| the same with int8_gradients=True | {held(over8, lambda v: v <= 0.08)} of {n} "
+                       f"(median {statistics.median(over8):+.0%}, {min(over8):+.0%} to {max(over8):+.0%}) |")
+        out.append("")
     return "\n".join(out).strip() or "No steady-step results in bench/results yet."
 
 

@@ -21,9 +21,10 @@ compiled kernels, once per process, is timed apart on a tiny basis. It reports:
 Across processes: the median fraction, and the spread (slowest steady / fastest steady),
 raw and against the interleaved copy.
 Then, in one process, a ResNet-18 training step (batch 32, 32x32): plain SGD, TWA with the
-workspace, and TWA with a fresh output per step, each the median of 10 after 3 warm-ups,
-interleaved so that drifts of this shared machine hit all three alike, and a torch.profiler
-table of the SGD and TWA steps' top operators (where TWA's extra time goes).
+workspace, the same with int8_gradients=True, and TWA with a fresh output per step, each
+the median of 10 after 3 warm-ups, interleaved so that drifts of a shared machine hit all
+four alike, and a torch.profiler table of the SGD and TWA steps' top operators (where
+TWA's extra time goes).
 
 Writes bench/results/<machine>-steady-step.json (`--runs N` repeats the whole measurement N
 times into one file) and prints the tables. No assertion on time: this is
@@ -129,6 +130,7 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
                            random_packed_basis(K, sizes, BITS))
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 1000, (32,))
     twa = tk.TWA(model, subspace)
+    twa_int8 = tk.TWA(model, subspace, int8_gradients=True)
 
     def stepper(params, forward):
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -143,6 +145,8 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     steps = {
         "sgd": stepper(model.parameters(), model),
         "twa": stepper(twa.parameters(), twa),
+        # the gradient rounded to int8 per basis group before its projection (tk.project_int8)
+        "twa_int8_gradients": stepper(twa_int8.parameters(), twa_int8),
         # the same TWA step with a fresh D-long output each call (the path before the workspace)
         "twa_fresh_output": stepper(twa.parameters(), lambda inp: functional_call(model, twa.weights(), (inp,))),
     }
@@ -157,10 +161,11 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     result = {
         "median_ms": med,
         "twa_overhead": med["twa"] / med["sgd"] - 1,
+        "twa_int8_gradients_overhead": med["twa_int8_gradients"] / med["sgd"] - 1,
         "twa_fresh_output_overhead": med["twa_fresh_output"] / med["sgd"] - 1,
     }
     if profile:
-        result["profile"] = {name: _profile(steps[name]) for name in ("sgd", "twa")}
+        result["profile"] = {name: _profile(steps[name]) for name in ("sgd", "twa", "twa_int8_gradients")}
     return result
 
 
@@ -237,6 +242,8 @@ def one_run(args: argparse.Namespace) -> dict:
           f"worst first-call ratio {summary['worst_first_call_ratio_vs_copy']:.2f}x")
     med = train["median_ms"]
     print(f"training step: SGD {med['sgd']:.0f} ms, TWA {med['twa']:.0f} ms ({train['twa_overhead']:+.0%}), "
+          f"TWA with int8 gradients {med['twa_int8_gradients']:.0f} ms "
+          f"({train['twa_int8_gradients_overhead']:+.0%}), "
           f"TWA with a fresh output {med['twa_fresh_output']:.0f} ms ({train['twa_fresh_output_overhead']:+.0%})")
     for name, rows in train.get("profile", {}).items():
         print(f"\n{name} step, top operators by self CPU time (ms per step):")

@@ -285,8 +285,41 @@ def errors(rank, world):
     return out
 
 
+def int8_gradients(rank, world):
+    """One backward with int8_gradients, replicated and sharded, and what each should give:
+    replicated ranks round their own weight gradients, then average the projections;
+    sharded ranks reduce-scatter the weight gradients first, so the mean gradient is rounded."""
+    import twa_kernels as tk
+    from torch.func import functional_call
+    x, y = data()
+    xb, yb = micro(x, y, 0, rank, world)
+    model, ckpts = model_and_checkpoints()
+    plain = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)  # this process alone
+    with torch.no_grad():
+        plain.coefficients.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    weights = {name: v.detach().requires_grad_() for name, v in plain.weights().items()}
+    F.cross_entropy(functional_call(plain.module, weights, (xb,)), yb).backward()
+    g = torch.cat([weights[name].grad.reshape(-1) for name in plain.names])
+    mean_g = g.clone()
+    dist.all_reduce(mean_g)
+    mean_g /= world
+    own = tk.project_int8(plain.basis, g)
+    dist.all_reduce(own)
+    out = {"expected": {"replicated": own / world, "sharded": tk.project_int8(plain.basis, mean_g)},
+           "float": tk.project(plain.basis, mean_g)}
+    for mode in ("replicated", "sharded"):
+        model, ckpts = model_and_checkpoints()
+        twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+                     shard=mode == "sharded", int8_gradients=True)
+        with torch.no_grad():
+            twa.coefficients.copy_(plain.coefficients)
+        F.cross_entropy(twa(xb), yb).backward()
+        out[mode] = twa.coefficients.grad.clone()
+    return out
+
+
 def all_scenarios(rank, world):
-    out = {"modes": modes(rank, world)}
+    out = {"modes": modes(rank, world), "int8": int8_gradients(rank, world)}
     if world == 2:  # the rest at 2 ranks only (CI time)
         out.update(bn=bn_and_metrics(rank, world), errors=errors(rank, world))
     return out

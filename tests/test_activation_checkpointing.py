@@ -177,11 +177,13 @@ class Whole(nn.Module):
         return self.net(x) if self.use_reentrant is None else checkpoint(self.net, x, use_reentrant=self.use_reentrant)
 
 
+@pytest.mark.parametrize("int8_gradients", [False, True], ids=["float", "int8_gradients"])
 @pytest.mark.parametrize("use_reentrant", REENTRANT)
-def test_a_model_checkpointed_as_a_whole(use_reentrant):
+def test_a_model_checkpointed_as_a_whole(use_reentrant, int8_gradients):
+    # reentrant: every weight gradient arrives after the graph's own projection (TWA._project_late)
     model = Whole(seed=1)
     params, before = dict(model.named_parameters()), _own_state(model)
-    twa = tk.TWA(model, _perturbed(Whole(seed=0).state_dict()), bits=4)
+    twa = tk.TWA(model, _perturbed(Whole(seed=0).state_dict()), bits=4, int8_gradients=int8_gradients)
     x, y = _batch()
     x.requires_grad_()  # a reentrant checkpoint passes gradients on only when an input requires them
 

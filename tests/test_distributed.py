@@ -104,6 +104,16 @@ def test_ranks_on_a_split_batch_match_one_process(job, mode):
         assert torch.equal(got["coefficients"], results[0]["modes"][mode]["coefficients"]), rank
 
 
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_int8_gradients_over_ranks_round_what_each_mode_projects(job, mode):
+    world, results = job
+    for res in results:
+        got = res["int8"]
+        torch.testing.assert_close(got[mode], got["expected"][mode], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(got[mode], got["float"], rtol=0, atol=1e-8)  # the rounding is real
+        assert torch.equal(got[mode], results[0]["int8"][mode])  # every rank gets the same gradient
+
+
 def test_replicated_moves_k_by_b_floats_a_step(job):
     world, results = job
     for res in results:

@@ -10,6 +10,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 import twa_kernels as tk
+from twa_kernels.errors import InvalidArgumentError
 
 from tests.digits import digits_splits, evaluate, make_model, train_coefficients
 
@@ -90,6 +91,47 @@ def test_coefficient_gradients_equal_dense_autograd(run):
     flat = twa.center + (basis * coeffs[:, blocks]).sum(0)
     F.cross_entropy(functional_call(twa.module, twa.subspace.unflatten(flat), (x,)), y).backward()
     torch.testing.assert_close(twa.coefficients.grad, coeffs.grad, rtol=1e-4, atol=1e-6)
+
+
+def _weight_gradient(twa, x, y):
+    """dL/dw at the TWA's weights, written with plain autograd, flat in the basis's order."""
+    weights = {name: w.detach().requires_grad_() for name, w in twa.weights().items()}
+    F.cross_entropy(functional_call(twa.module, weights, (x,)), y).backward()
+    return torch.cat([weights[name].grad.reshape(-1) for name in twa.names])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int8_gradients_project_the_weight_gradient_rounded_per_group(run, bits):
+    train, _, _, ckpts = run
+    x, y = train.tensors[0][:50], train.tensors[1][:50]
+    twa = tk.TWA(make_model(1), ckpts, bits=bits, group_size=64, int8_gradients=True)
+    with torch.no_grad():
+        twa.coefficients.normal_(0, 0.3)
+    g = _weight_gradient(twa, x, y)
+    F.cross_entropy(twa(x), y).backward()
+    # what the kernel projected: g rounded per basis group, not the float gradient
+    torch.testing.assert_close(twa.coefficients.grad, tk.project_int8(twa.basis, g), rtol=1e-6, atol=1e-9)
+    float_grad = tk.project(twa.basis, g)
+    assert not torch.allclose(twa.coefficients.grad, float_grad, rtol=0, atol=1e-9)
+    # and within the rounding's size: half a step (max|g| / 254) per element of each group
+    torch.testing.assert_close(twa.coefficients.grad, float_grad, rtol=0.02, atol=1e-4 * float_grad.abs().max())
+
+
+def test_a_compiled_twa_projects_in_float32_even_with_int8_gradients(run):
+    train, _, _, ckpts = run
+    x, y = train.tensors[0][:50], train.tensors[1][:50]
+    twa = tk.TWA(make_model(1), ckpts, bits=4, group_size=64, int8_gradients=True)
+    g = _weight_gradient(twa, x, y)
+    F.cross_entropy(torch.compile(twa, backend="aot_eager")(x), y).backward()
+    torch.testing.assert_close(twa.coefficients.grad, tk.project(twa.basis, g), rtol=1e-5, atol=1e-7)
+
+
+def test_int8_gradients_need_a_packed_basis(run):
+    _, _, _, ckpts = run
+    with pytest.raises(InvalidArgumentError, match="dense basis"):
+        tk.TWA(make_model(1), ckpts, bits=None, int8_gradients=True)
+    with pytest.raises(InvalidArgumentError, match="True or False"):
+        tk.TWA(make_model(1), ckpts, int8_gradients="yes")
 
 
 def _steps(twa, opt, batches):

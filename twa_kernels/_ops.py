@@ -319,17 +319,19 @@ class ReconstructPieces(torch.autograd.Function):
     autograd left them (project_pieces), so no D-long gradient is gathered. The buffer is
     passed in a list so that it is not an input: the pieces are views of it, and the
     write bumps its version counter, so a retained graph that saved a piece of an earlier
-    call raises PyTorch's in-place error at backward. `on_backward` as in ReconstructInto."""
+    call raises PyTorch's in-place error at backward. `on_backward` as in ReconstructInto.
+    With `int8_gradients` the backward is project_int8 (the gradient rounded to int8 per
+    basis group, a packed basis only)."""
 
     @staticmethod
     def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, sizes,
-                on_backward):
+                on_backward, int8_gradients=False):
         out = out_holder[0]
         reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
         ctx.save_for_backward(codes, scales, mins, block_offsets)
         ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
         ctx.center_dtype = center.dtype if center is not None else None
-        ctx.sizes = list(sizes)
+        ctx.sizes, ctx.int8_gradients = list(sizes), int8_gradients
         ctx.set_materialize_grads(False)
         return tuple(out.split(sizes))
 
@@ -342,13 +344,13 @@ class ReconstructPieces(torch.autograd.Function):
             # a piece no loss depends on (an unused layer) has no gradient: zeros
             pieces = [g.reshape(-1) if g is not None else like.new_zeros(n) for g, n in zip(grads, ctx.sizes)]
             if ctx.needs_input_grad[4]:
-                grad_x = project_pieces_op(codes, scales, mins, block_offsets, pieces, ctx.bits,
-                                           ctx.group_size).to(ctx.x_dtype)
+                project = project_int8_op if ctx.int8_gradients else project_pieces_op
+                grad_x = project(codes, scales, mins, block_offsets, pieces, ctx.bits, ctx.group_size).to(ctx.x_dtype)
             if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
                 grad_center = torch.cat(pieces).to(ctx.center_dtype)
         if ctx.on_backward is not None:
             ctx.on_backward()
-        return None, None, None, None, grad_x, grad_center, None, None, None, None, None
+        return None, None, None, None, grad_x, grad_center, None, None, None, None, None, None
 
 
 # ---- the passes of orthonormalize ---------------------------------------------------------

@@ -96,9 +96,11 @@ def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: 
 
 
 def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor, sizes: list[int],
-                       on_backward: Callable[[], None] | None = None) -> tuple[Tensor, ...]:
+                       on_backward: Callable[[], None] | None = None, *,
+                       int8_gradients: bool = False) -> tuple[Tensor, ...]:
     """reconstruct into `out`, as out.split(sizes) (a model's tensors), without input
     checks; its backward projects the pieces' gradients in place, without gathering them
-    into one D-long vector."""
+    into one D-long vector (with project_int8's rounding when `int8_gradients`)."""
     return ReconstructPieces.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
-                                   qb.bits or 0, qb.group_size, [out.detach()], sizes, on_backward)
+                                   qb.bits or 0, qb.group_size, [out.detach()], sizes, on_backward,
+                                   int8_gradients)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
-from twa_kernels.ops import project, reconstruct
+from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis
 
 logger = logging.getLogger(__name__)
@@ -291,10 +291,12 @@ class Sharded:
         """Elements of padding in each gathered / reduce-scattered buffer: W x L - D."""
         return self.chunk * self.comm.world - self.num_cols
 
-    def reconstruct(self, coefficients: Tensor, basis: QuantizedBasis, center: Tensor) -> Tensor:
+    def reconstruct(self, coefficients: Tensor, basis: QuantizedBasis, center: Tensor,
+                    int8_gradients: bool = False) -> Tensor:
         """The full weight vector [D] (float32) from this rank's `basis` and `center`,
-        differentiable in `coefficients`."""
-        return _GatherReconstruct.apply(coefficients, basis, center, self)
+        differentiable in `coefficients` (through project_int8 when `int8_gradients`: the
+        shard edges fall on group edges, so each rank rounds whole groups)."""
+        return _GatherReconstruct.apply(coefficients, basis, center, self, int8_gradients)
 
     def unpad(self, gathered: Tensor) -> Tensor:
         if not self.padding:
@@ -316,8 +318,8 @@ class _GatherReconstruct(torch.autograd.Function):
     reduce_scatter(dL/dw) / W)): the sharded forward and its backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, qb: QuantizedBasis, center: Tensor, shard: Sharded) -> Tensor:
-        ctx.qb, ctx.shard = qb, shard
+    def forward(ctx, x: Tensor, qb: QuantizedBasis, center: Tensor, shard: Sharded, int8_gradients: bool) -> Tensor:
+        ctx.qb, ctx.shard, ctx.project = qb, shard, project_int8 if int8_gradients else project
         comm = shard.comm
         mine = torch.zeros(shard.chunk, dtype=torch.float32, device=center.device)
         reconstruct(qb, x[:, shard.b_lo : shard.b_hi], center, out=mine[: shard.stop - shard.start])
@@ -330,10 +332,10 @@ class _GatherReconstruct(torch.autograd.Function):
         comm = shard.comm
         mine = torch.empty(shard.chunk, dtype=torch.float32, device=grad_w.device)
         comm.reduce_scatter_tensor(mine, shard.pad(grad_w.float()))
-        local = project(qb, mine[: shard.stop - shard.start].div_(comm.world))
+        local = ctx.project(qb, mine[: shard.stop - shard.start].div_(comm.world))
         grad_x = torch.zeros(local.shape[0], shard.num_blocks, dtype=torch.float32, device=grad_w.device)
         grad_x[:, shard.b_lo : shard.b_hi] = local  # straddling blocks: partial sums, added by the all-reduce
-        return comm.all_reduce(grad_x), None, None, None
+        return comm.all_reduce(grad_x), None, None, None, None
 
 
 # -- every rank leaves a failing step together ------------------------------------------------

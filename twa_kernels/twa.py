@@ -56,7 +56,7 @@ from twa_kernels.averaging import update_bn
 from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
-from twa_kernels.ops import project, reconstruct, reconstruct_into, reconstruct_pieces
+from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.sharded_build import ShardedSubspace, build_shard
 from twa_kernels.subspace import Subspace, check_build_args
@@ -78,6 +78,12 @@ class TWA(nn.Module):
     weights until its backward is done (see the module docstring), then gives its own
     back, and they change only when you load `averaged_state_dict()` into it. The state
     (coefficients, basis, center) is in `state_dict()`, loadable with weights_only=True.
+
+    `int8_gradients=True` projects each weight gradient rounded to int8 per basis group
+    (`tk.project_int8`: faster where the CPU has AVX-512 VNNI, a packed basis only), so the
+    coefficients' gradient moves from the float one by at most project_int8's bound.
+    Replicated ranks round their own gradients, sharded ranks the reduce-scattered mean.
+    A compiled forward (torch.compile) projects in float32.
     """
 
     def __init__(
@@ -90,11 +96,14 @@ class TWA(nn.Module):
         progress: bool | None = None,
         process_group: Any = None,
         shard: bool = False,
+        int8_gradients: bool = False,
     ):
         super().__init__()
         check_build_args(bits, group_size, granularity)
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
+        if not isinstance(int8_gradients, bool):
+            raise InvalidArgumentError(f"int8_gradients must be True or False, got {int8_gradients!r}")
         model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
         # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
         # averaged in the subspace: they are pinned to their checkpoint value (see _pinned_values).
@@ -138,6 +147,10 @@ class TWA(nn.Module):
             self.register_buffer(f"frozen_{i}", value)
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
+        if int8_gradients and self.bits is None:
+            raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a dense "
+                                       "basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or int8_gradients=False")
+        self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
         if process_group is not None:
@@ -234,7 +247,7 @@ class TWA(nn.Module):
         parameter's dtype (differentiable; fresh tensors, safe to keep), and the frozen
         parameters' pinned values."""
         if self._sharded:  # this rank holds some columns: gather
-            flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center)
+            flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center, self.int8_gradients)
         else:
             flat = reconstruct(self.basis, self.coefficients, self.center)
         return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
@@ -258,7 +271,8 @@ class TWA(nn.Module):
         # one view of the workspace per tensor; the backward projects their gradients where
         # autograd leaves them (no D-long gradient is gathered), then frees the workspace
         sizes = [math.prod(shape) for shape in self.shapes]
-        pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, sizes, release)
+        pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, sizes, release,
+                                    int8_gradients=self.int8_gradients)
         return [piece.view(shape) if piece.dtype == dtypes[name] else piece.view(shape).to(dtypes[name])
                 for name, piece, shape in zip(self.names, pieces, self.shapes)]
 
@@ -298,7 +312,7 @@ class TWA(nn.Module):
             for segment, grad in zip(flat.split([math.prod(s) for s in self.shapes]), grads):
                 if grad is not None:
                     segment.copy_(grad.reshape(-1))
-            late = project(self.basis, flat).to(self.coefficients.dtype)
+            late = (project_int8 if self.int8_gradients else project)(self.basis, flat).to(self.coefficients.dtype)
             if self._parallel is not None:  # replicated: averaged over the ranks like the graph's own gradient
                 late = self._parallel.average_gradient(late)
             if self.coefficients.grad is None:
