@@ -413,6 +413,12 @@ inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8
   }
 }
 
+// One group per dot call: 8-float vectors gain nothing from reading several narrow groups.
+inline int int8_groups_per_dot(int64_t) { return 1; }
+constexpr bool kInt8GroupedDots = false;
+template <int BITS>  // declared for kernels_int8.h's discarded branch; never defined, never called
+void grouped_dots_int8(const uint8_t* const*, int, int64_t, const int8_t*, int32_t*, int64_t);
+
 #include "kernels_impl.h"
 #include "kernels_int8.h"
 
@@ -656,6 +662,74 @@ TWA_ISA_FN inline void group_dots_int8(const uint8_t* const* src, int64_t plane,
   if (plane % 32 == 0) return dots_by<BITS, ROWS, Bytes<32>, 32>(src, plane, q, dots);
   if (plane % 16 == 0) return dots_by<BITS, ROWS, Bytes<16>, 16>(src, plane, q, dots);
   dots_by<BITS, ROWS, MaskedBytes, 64>(src, plane, q, dots);
+}
+
+// Planes of 16 or 32 bytes (a 128-column group at 1 or 2 bits) fill a zmm only when it
+// holds G = 64 / plane consecutive groups of one row, whose codes are contiguous; q is laid
+// out to match (arrange_q_int8). The accumulator's 16-byte lanes then belong to one group
+// each (G = 4) or in pairs (G = 2), and are summed per group at the end. Against one xmm or
+// ymm per group, this is G times fewer loads and dots for the same bytes, and the sums of 4
+// rows by G groups leave through one transpose instead of a horizontal add per row and group.
+inline int int8_groups_per_dot(int64_t plane) { return plane == 16 ? 4 : plane == 32 ? 2 : 1; }
+constexpr bool kInt8GroupedDots = true;
+
+template <int BITS, int G, int ROWS>
+TWA_ISA_FN inline void grouped_dots(const uint8_t* const* src, const int8_t* q, int32_t* dots, int64_t k) {
+  constexpr int kPerByte = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1u << BITS) - 1u));
+  __m512i qv[kPerByte];
+  for (int s = 0; s < kPerByte; ++s) qv[s] = _mm512_loadu_si512(q + s * 64);
+  __m512i acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512i bytes = _mm512_loadu_si512(src[r]);
+    acc[r] = _mm512_setzero_si512();
+    for (int s = 0; s < kPerByte; ++s) {
+      __m512i codes = bytes;
+      if constexpr (BITS != 8) {
+        if (s > 0) codes = _mm512_srli_epi16(codes, s * BITS);
+        codes = _mm512_and_si512(codes, mask);
+      }
+      acc[r] = _mm512_dpbusd_epi32(acc[r], codes, qv[s]);
+    }
+  }
+  if constexpr (ROWS == 4) {
+    // a 4 x 4 transpose-and-add inside every 16-byte lane: lane i then holds the lane sums
+    // of rows 0..3, and (G = 2) adding the neighbouring lane gives a group's
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0], acc[1]), _mm512_unpackhi_epi32(acc[0], acc[1]));
+    const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2], acc[3]), _mm512_unpackhi_epi32(acc[2], acc[3]));
+    __m512i sums = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    if constexpr (G == 2) {
+      sums = _mm512_add_epi32(sums, _mm512_shuffle_i32x4(sums, sums, _MM_SHUFFLE(2, 3, 0, 1)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots), _mm512_extracti32x4_epi32(sums, 0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots + k), _mm512_extracti32x4_epi32(sums, 2));
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots), _mm512_extracti32x4_epi32(sums, 0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots + k), _mm512_extracti32x4_epi32(sums, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots + 2 * k), _mm512_extracti32x4_epi32(sums, 2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots + 3 * k), _mm512_extracti32x4_epi32(sums, 3));
+    }
+  } else {  // rows left over at the end of k, one at a time
+    for (int r = 0; r < ROWS; ++r) {
+      __m512i v = _mm512_add_epi32(acc[r], _mm512_shuffle_epi32(acc[r], _MM_PERM_CDAB));
+      v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));  // every element: its lane's sum
+      if constexpr (G == 2) v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+      alignas(64) int32_t out[16];
+      _mm512_store_si512(out, v);
+      for (int g = 0; g < G; ++g) dots[g * k + r] = out[g * 16 / G];
+    }
+  }
+}
+
+template <int BITS>
+TWA_ISA_FN inline void grouped_dots_int8(const uint8_t* const* src, int rows, int64_t plane, const int8_t* q,
+                                        int32_t* dots, int64_t k) {
+  if (plane == 16) {
+    if (rows == kRowBlock) return grouped_dots<BITS, 4, kRowBlock>(src, q, dots, k);
+    for (int r = 0; r < rows; ++r) grouped_dots<BITS, 4, 1>(src + r, q, dots + r, k);
+  } else {
+    if (rows == kRowBlock) return grouped_dots<BITS, 2, kRowBlock>(src, q, dots, k);
+    for (int r = 0; r < rows; ++r) grouped_dots<BITS, 2, 1>(src + r, q, dots + r, k);
+  }
 }
 
 #include "kernels_int8.h"

@@ -1,9 +1,12 @@
 // project_int8: project of g rounded to int8 per quantisation group (round_group_int8), with
 // the code-by-g products summed as integers. Included once per instruction set by
 // kernels.cpp inside that set's namespace, which supplies TWA_ISA_FN, kRowBlock,
-// kDotsReadFloats (whether the dots want q as floats too) and
+// kDotsReadFloats (whether the dots want q as floats too),
 // group_dots_int8<BITS, ROWS>(src, plane_bytes, q, q_as_floats, dots): the exact int32 sums
-// over one whole group of code[r, j] * q[j] for ROWS rows.
+// over one whole group of code[r, j] * q[j] for ROWS rows, and int8_groups_per_dot(plane):
+// how many consecutive groups of a row one vector of codes covers. Where that is G > 1
+// (kInt8GroupedDots), grouped_dots_int8<BITS>(src, rows, plane, q, dots, k) takes G groups
+// at once, with q laid out by arrange_q_int8.
 //
 // Why it is faster than project: a float kernel spends an unpack, a convert and an FMA on
 // every code; here one byte-wide integer dot (VNNI's vpdpbusd) takes 64 codes of a plane at
@@ -16,6 +19,22 @@ TWA_ISA_FN inline void rows_dots_int8(const uint8_t* const* src, int rows, int64
                                       const float* qf, int32_t* dots) {
   if (rows == kRowBlock) return group_dots_int8<BITS, kRowBlock>(src, plane, q, qf, dots);
   for (int r = 0; r < rows; ++r) group_dots_int8<BITS, 1>(src + r, plane, q, qf, dots + r);
+}
+
+// A group's codes are `plane` contiguous bytes per row, so G consecutive groups are G * plane
+// bytes. For one vector to meet them, sub-plane s of those G groups' q must sit side by
+// side too: q[g * width + s * plane + j] moves to s * G * plane + g * plane + j, per chunk of
+// G whole groups (a last partial chunk keeps the group-major order, read a group at a time).
+inline void arrange_q_int8(int8_t* q, int64_t n, int64_t width, int64_t plane, int groups, int8_t* tmp) {
+  if (groups <= 1) return;
+  const int64_t sub_planes = width / plane;
+  for (int64_t c = 0; c + groups <= n; c += groups) {
+    int8_t* chunk = q + c * width;
+    for (int g = 0; g < groups; ++g)
+      for (int64_t s = 0; s < sub_planes; ++s)
+        std::memcpy(tmp + (s * groups + g) * plane, chunk + g * width + s * plane, static_cast<size_t>(plane));
+    std::memcpy(chunk, tmp, static_cast<size_t>(groups * width));
+  }
 }
 
 template <int BITS>
@@ -37,6 +56,8 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     std::vector<int8_t> q(cap * width);
     std::vector<float> qf(kDotsReadFloats ? cap * width + 8 : 0);
     std::vector<int32_t> qsum(cap), dots(cap * b.k);
+    const int per_dot = int8_groups_per_dot(plane);
+    std::vector<int8_t> qtmp(per_dot > 1 ? per_dot * width : 0);
     std::vector<double> run(b.k);
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
@@ -49,6 +70,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         const int64_t n = run_length(b, t, t_end, blk, cap);
         const float* gr = g.tile(c0, n * width, piece, gbuf.data());
         for (int64_t i = 0; i < n; ++i) round_group_int8(gr + i * width, width, &q[i * width], scale[i], qsum[i]);
+        arrange_q_int8(q.data(), n, width, plane, per_dot, qtmp.data());
         if (kDotsReadFloats) {
 #pragma omp simd
           for (int64_t j = 0; j < n * width; ++j) qf[j] = q[j];
@@ -68,11 +90,20 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
           const int64_t ahead_end = std::min(span, b.row_bytes - ahead_t * gbytes);
           const uint8_t* ahead = b.codes + ahead_r0 * b.row_bytes + ahead_t * gbytes;
           int64_t fetched = 0;
-          for (int64_t i = 0; i < n; ++i) {
-            for (; fetched < std::min((i + 1) * gbytes, ahead_end); fetched += 64)
+          for (int64_t i = 0; i < n;) {
+            const int step = i + per_dot <= n ? per_dot : 1;  // the chunks arrange_q_int8 laid out
+            for (; fetched < std::min((i + step) * gbytes, ahead_end); fetched += 64)
               for (int r = 0; r < ahead_rows; ++r) __builtin_prefetch(ahead + r * b.row_bytes + fetched);
-            rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
-            for (int r = 0; r < rows; ++r) src[r] += gbytes;
+            if constexpr (kInt8GroupedDots) {
+              if (step > 1)
+                grouped_dots_int8<BITS>(src, rows, plane, &q[i * width], &dots[i * b.k + r0], b.k);
+              else
+                rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
+            } else {
+              rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
+            }
+            for (int r = 0; r < rows; ++r) src[r] += step * gbytes;
+            i += step;
           }
         }
         // sum_j (lo + s * code_j) * q_j * sg = sg * (s * dot + lo * sum_j q_j), per row, in float64
