@@ -80,6 +80,17 @@ struct Pieces {
     }
     return buf;
   }
+
+  // Ask the cache for g[c0 : c1] ahead of its use, a line at a time, in g's own dtype.
+  // `piece` is a piece at or before c0.
+  void prefetch(int64_t c0, int64_t c1, int64_t piece) const {
+    const int64_t elem = dtype == DType::f32 ? 4 : 2;
+    for (int64_t p = piece; p < n && starts[p] < c1; ++p) {
+      const int64_t lo = std::max(c0, starts[p]), hi = std::min(c1, starts[p + 1]);
+      const char* base = static_cast<const char*>(ptrs[p]);
+      for (int64_t at = (lo - starts[p]) * elem; at < (hi - starts[p]) * elem; at += 64) __builtin_prefetch(base + at);
+    }
+  }
 };
 
 inline void store_floats(void* dst, DType dtype, int64_t offset, int64_t n, const float* src) {
@@ -259,15 +270,22 @@ inline void sum_partials(const std::vector<double>& partial, int nt, int64_t kb,
 // NaN scale, so the NaN reaches every row's result rather than vanishing. Elementwise and
 // max operations only: the same q and scale whatever the vector width it is compiled for.
 inline void round_group_int8(const float* g, int64_t len, int8_t* q, float& scale, int32_t& qsum) {
-  float amax = 0.f, probe = 0.f;  // probe = sum of 0 * g[j]: NaN iff some g[j] is not finite
-#pragma omp simd reduction(max : amax) reduction(+ : probe)
+  // max |g| as the largest magnitude bit pattern: for non-negative floats the integer order
+  // is the float order, and NaN and infinity are the patterns from 0x7f800000 up. One
+  // integer max finds both, where a float sum probing for NaN would end every group in a
+  // chain of scalar adds (the compiler keeps a float sum's order).
+  uint32_t top = 0;
+#pragma omp simd reduction(max : top)
   for (int64_t j = 0; j < len; ++j) {
-    amax = std::max(amax, std::fabs(g[j]));
-    probe += 0.f * g[j];
+    uint32_t bits;
+    std::memcpy(&bits, &g[j], sizeof bits);
+    top = std::max(top, bits & 0x7fffffffu);
   }
-  if (!(probe == 0.f) || amax < std::numeric_limits<float>::min()) {
+  float amax;
+  std::memcpy(&amax, &top, sizeof amax);
+  if (top >= 0x7f800000u || amax < std::numeric_limits<float>::min()) {
     std::memset(q, 0, static_cast<size_t>(len));
-    scale = probe == 0.f ? 0.f : std::numeric_limits<float>::quiet_NaN();
+    scale = top >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : 0.f;
     qsum = 0;
     return;
   }
