@@ -9,7 +9,8 @@ batch 1: torch's int8 GEMV (aten._weight_int8pack_mm: int8 codes, bfloat16 input
 int4 GEMV (aten._weight_int4pack_mm_for_cpu, groups of 128, the kernel torchao's int4 CPU
 path runs), dense float32 torch.mv, and two copies with touched destination pages: a
 256 MiB tensor (the copy bandwidth that bench/ and bench/steady_step.py measure every op
-against) and one of D floats (the size of the weights). Every round calls every op once, in
+against) and one of D floats (the size of the weights), and a plain read (a float sum) of
+as many bytes as project reads at 2 and at 4 bits. Every round calls every op once, in
 turn, so that a drift of this shared machine hits them all alike; each op's time is the
 median of its rounds. Both instruction-set paths of the C++ kernels are timed
 (TWA_KERNELS_CPU_ISA=avx2 keeps a CPU with AVX-512 on the 8-lane path).
@@ -125,6 +126,12 @@ def worker(rounds: int, warmup: int) -> dict:
                             dict(op="peer", bits="fp32", impl="torch_mv_fp32"))
     ops[COPY_REFERENCE] = (lambda: big_dst.copy_(big_src), 8 * big_src.numel(), dict(op="copy", impl="copy_256MiB"))
     ops["copy_D"] = (lambda: dst_d.copy_(src_d), 8 * d, dict(op="copy_D", impl="copy_D"))
+    # a plain read of project's bytes at 2 and 4 bits (torch's float sum over a tensor that
+    # size): how fast those bytes can be read at all, the floor no project can beat
+    for b in (2, 4):
+        nbytes = bases[b].nbytes + 4 * d
+        block = torch.randn(nbytes // 4, generator=gen)
+        ops[f"read_{b}bit_bytes"] = (block.sum, nbytes, dict(op="read", bits=b, impl="torch_sum"))
 
     isa_default = torch.ops.twa_kernels_cpu.isa() if tk.backend("cpu") == "cpp" else "none"
     times: dict[str, list[float]] = {name: [] for name in ops}
@@ -147,6 +154,9 @@ def worker(rounds: int, warmup: int) -> dict:
         "reconstruct_2bit_over_4bit": ms["reconstruct_2bit_avx512"] / ms["reconstruct_4bit_avx512"],
         "project_int8_4bit_over_torch_int8": ms["project_int8_4bit_avx512"] / ms["torch_int8_gemv"],
         "project_int8_2bit_over_4bit": ms["project_int8_2bit_avx512"] / ms["project_int8_4bit_avx512"],
+        "read_2bit_over_4bit_bytes": ms["read_2bit_bytes"] / ms["read_4bit_bytes"],
+        "project_int8_2bit_over_read": ms["project_int8_2bit_avx512"] / ms["read_2bit_bytes"],
+        "project_int8_4bit_over_read": ms["project_int8_4bit_avx512"] / ms["read_4bit_bytes"],
         "avx2_project_4bit_over_torch_int8": ms["project_4bit_avx2"] / ms["torch_int8_gemv"],
         "avx2_project_2bit_over_4bit": ms["project_2bit_avx2"] / ms["project_4bit_avx2"],
         "avx2_reconstruct_2bit_over_4bit": ms["reconstruct_2bit_avx2"] / ms["reconstruct_4bit_avx2"],

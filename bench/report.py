@@ -201,7 +201,9 @@ def ops(page: Path) -> str:
 # bench/ops_interleaved.py's rows, in the order the table shows them
 _PEER_LABELS = {"torch_int8_gemv": "torch int8 GEMV (`_weight_int8pack_mm`)",
                 "torch_int4_gemv": "torch int4 GEMV (`_weight_int4pack_mm_for_cpu`)",
-                "torch_mv_fp32": "torch.mv, float32", "copy_256MiB": "copy, 256 MiB", "copy_D": "copy, D floats"}
+                "torch_mv_fp32": "torch.mv, float32", "copy_256MiB": "copy, 256 MiB", "copy_D": "copy, D floats",
+                "read_2bit_bytes": "plain read of 2-bit project's bytes (float sum)",
+                "read_4bit_bytes": "plain read of 4-bit project's bytes (float sum)"}
 
 
 def ops_interleaved(page: Path) -> str:
@@ -235,6 +237,13 @@ def ops_interleaved(page: Path) -> str:
             values = ratios[key]
             out.append(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} "
                        f"| {sum(v <= bound for v in values)} of {len(values)} |")
+        floors = [(key, label) for key, label in (
+            ("read_2bit_over_4bit_bytes", "plain read: 2-bit bytes / 4-bit bytes (the lowest 2-bit / 4-bit ratio)"),
+            ("project_int8_2bit_over_read", "2-bit project_int8 / plain read of its bytes"),
+            ("project_int8_4bit_over_read", "4-bit project_int8 / plain read of its bytes")) if key in ratios]
+        if floors:  # absent in files from before the plain reads
+            out += ["", "| time ratio against a plain read | per process |", "|---|---|"]
+            out += [f"| {label} | {', '.join(f'{v:.2f}' for v in ratios[key])} |" for key, label in floors]
         out.append("")
     return "\n".join(out).strip() or "No interleaved ops results in bench/results yet."
 
