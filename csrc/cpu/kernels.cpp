@@ -80,17 +80,6 @@ struct Pieces {
     }
     return buf;
   }
-
-  // Ask the cache for g[c0 : c1] ahead of its use, a line at a time, in g's own dtype.
-  // `piece` is a piece at or before c0.
-  void prefetch(int64_t c0, int64_t c1, int64_t piece) const {
-    const int64_t elem = dtype == DType::f32 ? 4 : 2;
-    for (int64_t p = piece; p < n && starts[p] < c1; ++p) {
-      const int64_t lo = std::max(c0, starts[p]), hi = std::min(c1, starts[p + 1]);
-      const char* base = static_cast<const char*>(ptrs[p]);
-      for (int64_t at = (lo - starts[p]) * elem; at < (hi - starts[p]) * elem; at += 64) __builtin_prefetch(base + at);
-    }
-  }
 };
 
 inline void store_floats(void* dst, DType dtype, int64_t offset, int64_t n, const float* src) {

@@ -78,11 +78,6 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         // The integer dots of every row and group of the run, group-major like scales and mins,
         // kRowBlock rows at a time; each row's codes are read as one stream of n * gbytes bytes.
         const int64_t span = n * gbytes;
-        // Meanwhile g of the next run is fetched, a slice per step, so that rounding it does
-        // not wait on memory: the reads of g and of the codes overlap instead of alternating.
-        const int64_t next0 = (t + n) * width, next1 = std::min((t + 2 * n) * width, t_end * width);
-        const int64_t steps = (b.k + kRowBlock - 1) / kRowBlock * (n / per_dot + n % per_dot);
-        int64_t step_count = 0, g_fetched = next0;
         for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
           const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
           const uint8_t* src[kRowBlock];
@@ -109,11 +104,6 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
             }
             for (int r = 0; r < rows; ++r) src[r] += step * gbytes;
             i += step;
-            const int64_t g_target = next0 + (std::max<int64_t>(next1, next0) - next0) * ++step_count / steps;
-            if (g_target > g_fetched) {
-              g.prefetch(g_fetched, std::min(g_target, b.num_cols), piece);
-              g_fetched = g_target;
-            }
           }
         }
         // sum_j (lo + s * code_j) * q_j * sg = sg * (s * dot + lo * sum_j q_j), per row, in float64
