@@ -23,18 +23,22 @@ TWA_ISA_FN inline void rows_dots_int8(const uint8_t* const* src, int rows, int64
 
 // A group's codes are `plane` contiguous bytes per row, so G consecutive groups are G * plane
 // bytes. For one vector to meet them, sub-plane s of those G groups' q must sit side by
-// side too: q[g * width + s * plane + j] moves to s * G * plane + g * plane + j, per chunk of
-// G whole groups (a last partial chunk keeps the group-major order, read a group at a time).
-inline void arrange_q_int8(int8_t* q, int64_t n, int64_t width, int64_t plane, int groups, int8_t* tmp) {
-  if (groups <= 1) return;
-  const int64_t sub_planes = width / plane;
-  for (int64_t c = 0; c + groups <= n; c += groups) {
-    int8_t* chunk = q + c * width;
+// side too: q[g * width + s * plane + j] goes to out[s * G * plane + g * plane + j], per
+// chunk of G whole groups (out keeps the chunk's offset in q; a last partial chunk is not
+// copied and is read from q a group at a time). PLANE is a constant so that each copy is
+// a plain vector move.
+template <int PLANE>
+inline void arrange_chunks(const int8_t* q, int64_t n, int64_t width, int groups, int8_t* out) {
+  const int64_t sub_planes = width / PLANE;
+  for (int64_t c = 0; c + groups <= n; c += groups)
     for (int g = 0; g < groups; ++g)
       for (int64_t s = 0; s < sub_planes; ++s)
-        std::memcpy(tmp + (s * groups + g) * plane, chunk + g * width + s * plane, static_cast<size_t>(plane));
-    std::memcpy(chunk, tmp, static_cast<size_t>(groups * width));
-  }
+        std::memcpy(out + c * width + (s * groups + g) * PLANE, q + (c + g) * width + s * PLANE, PLANE);
+}
+
+inline void arrange_q_int8(const int8_t* q, int64_t n, int64_t width, int64_t plane, int groups, int8_t* out) {
+  if (groups > 1 && plane == 16) arrange_chunks<16>(q, n, width, groups, out);
+  if (groups > 1 && plane == 32) arrange_chunks<32>(q, n, width, groups, out);
 }
 
 template <int BITS>
@@ -57,7 +61,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     std::vector<float> qf(kDotsReadFloats ? cap * width + 8 : 0);
     std::vector<int32_t> qsum(cap), dots(cap * b.k);
     const int per_dot = int8_groups_per_dot(plane);
-    std::vector<int8_t> qtmp(per_dot > 1 ? per_dot * width : 0);
+    std::vector<int8_t> q_grouped(per_dot > 1 ? cap * width : 0);
     std::vector<double> run(b.k);
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
@@ -70,7 +74,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         const int64_t n = run_length(b, t, t_end, blk, cap);
         const float* gr = g.tile(c0, n * width, piece, gbuf.data());
         for (int64_t i = 0; i < n; ++i) round_group_int8(gr + i * width, width, &q[i * width], scale[i], qsum[i]);
-        arrange_q_int8(q.data(), n, width, plane, per_dot, qtmp.data());
+        arrange_q_int8(q.data(), n, width, plane, per_dot, q_grouped.data());
         if (kDotsReadFloats) {
 #pragma omp simd
           for (int64_t j = 0; j < n * width; ++j) qf[j] = q[j];
@@ -96,7 +100,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
               for (int r = 0; r < ahead_rows; ++r) __builtin_prefetch(ahead + r * b.row_bytes + fetched);
             if constexpr (kInt8GroupedDots) {
               if (step > 1)
-                grouped_dots_int8<BITS>(src, rows, plane, &q[i * width], &dots[i * b.k + r0], b.k);
+                grouped_dots_int8<BITS>(src, rows, plane, &q_grouped[i * width], &dots[i * b.k + r0], b.k);
               else
                 rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
             } else {
