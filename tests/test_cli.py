@@ -61,11 +61,13 @@ def _config(root, **overrides):
     return path
 
 
-def test_fit_writes_the_averaged_model_and_a_report(project):
-    result = _twa(["fit", str(_config(project)), "--no-progress"], project)
+@pytest.mark.parametrize("int8_gradients", [False, True], ids=["float", "int8_gradients"])
+def test_fit_writes_the_averaged_model_and_a_report(project, int8_gradients):
+    result = _twa(["fit", str(_config(project, int8_gradients=int8_gradients)), "--no-progress"], project)
     assert result.returncode == 0, result.stderr
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["val_loss_after_twa"] < report["val_loss_at_swa"]
+    assert report["int8_gradients"] is int8_gradients
     for name in ("averaged.pt", "averaged.safetensors"):
         model = make_model(5)
         model.load_state_dict(tk.load_state_dict(project / "out" / name))
@@ -78,6 +80,7 @@ def test_fit_writes_the_averaged_model_and_a_report(project):
         (dict(model="nopkg.models:make"), "cannot import module 'nopkg.models'"),
         (dict(checkpoints="{root}/ckpts/nothing_*.pt"), "matches no files"),
         (dict(bits=3), "bits must be one of [1, 2, 4, 8] or null, got 3"),
+        (dict(bits=None, int8_gradients=True), "int8_gradients: true rounds gradients per basis group"),
         (dict(checkpoints="{root}/wrong"), "has shape (10, 47) but the model has (10, 48)"),
         (dict(epochs="two"), "epochs must be a non-negative integer"),
         (dict(learning_rate=0.1), "unknown key(s) ['learning_rate']"),

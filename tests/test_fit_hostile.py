@@ -132,6 +132,7 @@ def _consistent(out: Path) -> dict:
         (dict(granularity="layer"), ["granularity must be 'model', 'tensor' or a positive integer", "'layer'"]),
         (dict(group_size=7), ["group_size must be a positive multiple of 8", "got 7"]),
         (dict(group_size=0), ["group_size must be a positive multiple of 8", "got 0"]),
+        (dict(int8_gradients="yes"), ["int8_gradients must be true or false", "'yes' (a string)"]),
         (dict(optimizer="adam"), ["optimizer must be a mapping such as {name: AdamW, lr: 0.01}", "'adam'",
                                   "did you mean {name: Adam}"]),
         (dict(optimizer=dict(lr="fast")), ["optimizer.lr must be a non-negative number", "'fast'"]),

@@ -8,6 +8,7 @@
     bits: 4                                   # 1, 2, 4, 8 or null (dense)
     granularity: tensor                       # model | tensor | an int
     group_size: 128                           # a positive multiple of 8 (quantisation group)
+    int8_gradients: false                     # project gradients rounded to int8 (tk.project_int8)
     optimizer: {name: AdamW, lr: 0.01}        # any torch.optim class and its arguments
     epochs: 2
     train_on: train                           # train (TWA-t) or val (TWA-v)
@@ -53,8 +54,8 @@ from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
-KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "optimizer", "epochs", "train_on",
-        "loss", "output", "distributed"}
+KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "int8_gradients", "optimizer", "epochs",
+        "train_on", "loss", "output", "distributed"}
 OUTPUTS = ("averaged.pt", "averaged.safetensors", "report.json")
 DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
 
@@ -73,6 +74,7 @@ class FitConfig:
     bits: int | None = 4
     granularity: str | int = "tensor"
     group_size: int = 128
+    int8_gradients: bool = False
     optimizer: str = "AdamW"
     optimizer_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"lr": 1e-2})
     epochs: int = 1
@@ -170,6 +172,12 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
     if not (_is_int(group_size) and group_size > 0 and group_size % 8 == 0):
         raise FitError(f"{where}: group_size must be a positive multiple of 8 (e.g. 64, 128), got "
                        f"{_describe(group_size)}")
+    int8_gradients = raw.get("int8_gradients", False)
+    if not isinstance(int8_gradients, bool):
+        raise FitError(f"{where}: int8_gradients must be true or false, got {_describe(int8_gradients)}")
+    if int8_gradients and bits is None:
+        raise FitError(f"{where}: int8_gradients: true rounds gradients per basis group, which a dense basis "
+                       "(bits: null) does not have; set bits to 1, 2, 4 or 8, or int8_gradients: false")
     optimizer, optimizer_args = _optimizer(where, raw.get("optimizer"))
     epochs = raw.get("epochs", 1)
     if not _is_int(epochs) or epochs < 0:
@@ -189,7 +197,8 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
         raise FitError(f"{where}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
                        f"{raw.get('distributed')!r}")
     return FitConfig(model=model, data=data, checkpoints=checkpoints, bits=bits, granularity=granularity,
-                     group_size=group_size, optimizer=optimizer, optimizer_args=optimizer_args, epochs=epochs,
+                     group_size=group_size, int8_gradients=int8_gradients, optimizer=optimizer,
+                     optimizer_args=optimizer_args, epochs=epochs,
                      train_on=train_on, loss=loss, output=output, distributed_mode=mode, source=where)
 
 
@@ -353,12 +362,13 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
 
     twa = TWA(model, config.checkpoints, bits=config.bits, granularity=config.granularity,
               group_size=config.group_size, progress=progress, process_group=group,
+              int8_gradients=config.int8_gradients,
               shard=group is not None and config.distributed_mode == "sharded")
     optimizer = getattr(torch.optim, config.optimizer)(twa.parameters(), **config.optimizer_args)
 
     start = time.perf_counter()
     report: dict[str, Any] = dict(config=config.source, coefficients=list(twa.coefficients.shape),
-                                  basis_bytes=twa.basis.nbytes, world_size=world,
+                                  basis_bytes=twa.basis.nbytes, int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     if val_loader is not None:
         # The SWA baseline is measured the way TWA is: at the uniform average (the
