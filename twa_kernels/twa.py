@@ -148,8 +148,9 @@ class TWA(nn.Module):
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
         if int8_gradients and self.bits is None:
-            raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a dense "
-                                       "basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or int8_gradients=False")
+            raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
+                                       "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
+                                       "int8_gradients=False")
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
