@@ -3,6 +3,8 @@ their pickles (the .metadata file, or non-tensor items in the .distcp data files
 
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -126,3 +128,21 @@ def test_a_broken_metadata_file_is_a_named_error(tmp_path, content):
     (tmp_path / "ckpt" / ".metadata").write_bytes(content)
     with pytest.raises(CheckpointError, match=r"\.metadata: not a (readable|valid) DCP metadata file"):
         ColumnReader(tmp_path / "ckpt")
+
+
+def test_a_torch_without_distributed_gets_a_named_error_for_a_dcp_directory(tmp_path):
+    # torch.distributed is a build option of torch; a build without it cannot read DCP, and the
+    # reader says so rather than fail inside torch. Its absence is simulated in a fresh process.
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    script = (
+        "import sys\n"
+        "sys.modules['torch.distributed.checkpoint'] = None\n"
+        "from twa_kernels.columns import ColumnReader\n"
+        "from twa_kernels.errors import MissingDependencyError\n"
+        "try:\n"
+        f"    ColumnReader({str(tmp_path / 'ckpt')!r})\n"
+        "except MissingDependencyError as exc:\n"
+        "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "needs torch.distributed, which this torch" in out.stdout

@@ -21,22 +21,28 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 
-from twa_kernels.errors import CheckpointError
+from twa_kernels.errors import CheckpointError, MissingDependencyError
+
+try:  # torch.distributed, and with it DCP, is a build option of torch (USE_DISTRIBUTED)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+except ImportError as exc:
+    raise MissingDependencyError(
+        f"reading a torch.distributed.checkpoint directory needs torch.distributed, which this torch "
+        f"({torch.__version__}) was built without; install a torch build with distributed support") from exc
 
 METADATA_FILE = ".metadata"
 
