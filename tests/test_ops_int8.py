@@ -86,6 +86,29 @@ def test_project_int8_matches_its_spec(isa, bits, k, d, group_size, blocks, thre
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 24])
+def test_special_groups_anywhere_in_a_run_match_the_spec(isa, bits, group_size):
+    # a zero group and one below the smallest normal float (block 0), an infinity (block 1)
+    # and a NaN (block 2), each in a whole chunk of the grouped layout or in the groups left
+    # over after a run's chunks (blocks of 7, 7 and 9 groups: chunks of 2 or 4 groups leave
+    # some over); a non-finite value poisons its own block only
+    n_groups = 23
+    d = n_groups * group_size
+    qb = tk.quantize(random_basis(3, d, group_size=group_size), bits, group_size,
+                     [7 * group_size, 7 * group_size, 9 * group_size])
+    g = torch.randn(d)
+    for group, value in ((2, 0.0), (6, 1e-39)):
+        g[group * group_size:(group + 1) * group_size] = value
+    g[13 * group_size + 5] = float("inf")
+    g[15 * group_size + 3] = float("nan")
+    y, want = project_int8(qb, g), _reference(qb, g)
+    assert torch.equal(y.isnan(), want.isnan()) and want[:, 1:].isnan().all() and want[:, 0].isfinite().all()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@needs_cpp
 @pytest.mark.skipif(not _cpu_has_avx512(), reason="no AVX-512")
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_both_paths_agree(monkeypatch, bits):

@@ -423,6 +423,12 @@ inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8
 // One group per dot call: 8-float vectors gain nothing from reading several narrow groups.
 inline int int8_groups_per_dot(int64_t) { return 1; }
 constexpr bool kInt8GroupedDots = false;
+
+// A run of n groups of g rounded, q group after group (groups_per_dot is always 1 here).
+inline void round_run_int8(const float* g, int64_t n, int64_t width, int64_t, int, int8_t* q, int8_t*, float* scale,
+                           int32_t* qsum) {
+  for (int64_t i = 0; i < n; ++i) round_group_int8(g + i * width, width, &q[i * width], scale[i], qsum[i]);
+}
 template <int BITS>  // declared for kernels_int8.h's discarded branch; never defined, never called
 void grouped_dots_int8(const uint8_t* const*, int, int64_t, const int8_t*, int32_t*, int64_t);
 
@@ -724,6 +730,60 @@ TWA_ISA_FN inline void grouped_dots(const uint8_t* const* src, const int8_t* q, 
       _mm512_store_si512(out, v);
       for (int g = 0; g < G; ++g) dots[g * k + r] = out[g * 16 / G];
     }
+  }
+}
+
+// round_group_int8 for a group of a multiple of 16 values, 16 per vector, giving the same q,
+// scale and sum: the same integer max over magnitude bits, the same reciprocal, and one
+// conversion in the current rounding mode (what nearbyint rounds in) where the compiler
+// emits a round and a truncating conversion and packs bytes with two shuffles. The 16 bytes
+// of q from values 16v .. 16v + 15 go to q + place(v), place(v) = (16v / plane) * groups *
+// plane + 16v % plane: q group after group for groups = 1, and for groups = G > 1 the layout
+// grouped_dots reads, sub-plane s of the chunk's group number `i` at (s * G + i) * plane,
+// with q pointing at the chunk plus i * plane. Written there at once, q needs no second pass
+// to be rearranged.
+TWA_ISA_FN inline void round_group_int8_x16(const float* g, int64_t len, int8_t* q, int64_t plane, int groups,
+                                            float& scale, int32_t& qsum) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t j = 0; j < len; j += 16)
+    top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_loadu_si512(g + j), magnitude));
+  const uint32_t bits = _mm512_reduce_max_epu32(top);
+  float amax;
+  std::memcpy(&amax, &bits, sizeof amax);
+  const auto place = [&](int64_t v) { return (16 * v / plane) * groups * plane + 16 * v % plane; };
+  if (bits >= 0x7f800000u || amax < std::numeric_limits<float>::min()) {  // as round_group_int8
+    for (int64_t v = 0; v < len / 16; ++v) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place(v)), _mm_setzero_si128());
+    scale = bits >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+    qsum = 0;
+    return;
+  }
+  const __m512 inv = _mm512_set1_ps(127.f / amax);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t v = 0; v < len / 16; ++v) {
+    const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(g + 16 * v), inv));
+    sum = _mm512_add_epi32(sum, rounded);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place(v)), _mm512_cvtepi32_epi8(rounded));
+  }
+  scale = amax / 127.f;
+  qsum = _mm512_reduce_add_epi32(sum);
+}
+
+// A run of n groups of g rounded: groups in whole chunks of G = groups_per_dot straight into
+// q_grouped's layout (G > 1), the others into q group after group, where rows_dots_int8
+// reads them. Widths that are not a multiple of 16 (no chunks then) take round_group_int8.
+TWA_ISA_FN inline void round_run_int8(const float* g, int64_t n, int64_t width, int64_t plane, int groups_per_dot,
+                                      int8_t* q, int8_t* q_grouped, float* scale, int32_t* qsum) {
+  const int64_t in_chunks = groups_per_dot > 1 ? n / groups_per_dot * groups_per_dot : 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* gi = g + i * width;
+    if (width % 16 != 0)
+      round_group_int8(gi, width, &q[i * width], scale[i], qsum[i]);
+    else if (i < in_chunks)
+      round_group_int8_x16(gi, width, &q_grouped[i / groups_per_dot * groups_per_dot * width + i % groups_per_dot * plane],
+                           plane, groups_per_dot, scale[i], qsum[i]);
+    else
+      round_group_int8_x16(gi, width, &q[i * width], width, 1, scale[i], qsum[i]);
   }
 }
 

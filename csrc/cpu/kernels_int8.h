@@ -6,7 +6,7 @@
 // over one whole group of code[r, j] * q[j] for ROWS rows, and int8_groups_per_dot(plane):
 // how many consecutive groups of a row one vector of codes covers. Where that is G > 1
 // (kInt8GroupedDots), grouped_dots_int8<BITS>(src, rows, plane, q, dots, k) takes G groups
-// at once, with q laid out by arrange_q_int8.
+// at once; round_run_int8 rounds a run of groups, and lays out q for it.
 //
 // Why it is faster than project: a float kernel spends an unpack, a convert and an FMA on
 // every code; here one byte-wide integer dot (VNNI's vpdpbusd) takes 64 codes of a plane at
@@ -19,26 +19,6 @@ TWA_ISA_FN inline void rows_dots_int8(const uint8_t* const* src, int rows, int64
                                       const float* qf, int32_t* dots) {
   if (rows == kRowBlock) return group_dots_int8<BITS, kRowBlock>(src, plane, q, qf, dots);
   for (int r = 0; r < rows; ++r) group_dots_int8<BITS, 1>(src + r, plane, q, qf, dots + r);
-}
-
-// A group's codes are `plane` contiguous bytes per row, so G consecutive groups are G * plane
-// bytes. For one vector to meet them, sub-plane s of those G groups' q must sit side by
-// side too: q[g * width + s * plane + j] goes to out[s * G * plane + g * plane + j], per
-// chunk of G whole groups (out keeps the chunk's offset in q; a last partial chunk is not
-// copied and is read from q a group at a time). PLANE is a constant so that each copy is
-// a plain vector move.
-template <int PLANE>
-inline void arrange_chunks(const int8_t* q, int64_t n, int64_t width, int groups, int8_t* out) {
-  const int64_t sub_planes = width / PLANE;
-  for (int64_t c = 0; c + groups <= n; c += groups)
-    for (int g = 0; g < groups; ++g)
-      for (int64_t s = 0; s < sub_planes; ++s)
-        std::memcpy(out + c * width + (s * groups + g) * PLANE, q + (c + g) * width + s * PLANE, PLANE);
-}
-
-inline void arrange_q_int8(const int8_t* q, int64_t n, int64_t width, int64_t plane, int groups, int8_t* out) {
-  if (groups > 1 && plane == 16) arrange_chunks<16>(q, n, width, groups, out);
-  if (groups > 1 && plane == 32) arrange_chunks<32>(q, n, width, groups, out);
 }
 
 template <int BITS>
@@ -73,8 +53,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         const int64_t blk = segs[0].block;
         const int64_t n = run_length(b, t, t_end, blk, cap);
         const float* gr = g.tile(c0, n * width, piece, gbuf.data());
-        for (int64_t i = 0; i < n; ++i) round_group_int8(gr + i * width, width, &q[i * width], scale[i], qsum[i]);
-        arrange_q_int8(q.data(), n, width, plane, per_dot, q_grouped.data());
+        round_run_int8(gr, n, width, plane, per_dot, q.data(), q_grouped.data(), scale.data(), qsum.data());
         if (kDotsReadFloats) {
 #pragma omp simd
           for (int64_t j = 0; j < n * width; ++j) qf[j] = q[j];
@@ -95,7 +74,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
           const uint8_t* ahead = b.codes + ahead_r0 * b.row_bytes + ahead_t * gbytes;
           int64_t fetched = 0;
           for (int64_t i = 0; i < n;) {
-            const int step = i + per_dot <= n ? per_dot : 1;  // the chunks arrange_q_int8 laid out
+            const int step = i + per_dot <= n ? per_dot : 1;  // the chunks round_run_int8 laid out
             for (; fetched < std::min((i + step) * gbytes, ahead_end); fetched += 64)
               for (int r = 0; r < ahead_rows; ++r) __builtin_prefetch(ahead + r * b.row_bytes + fetched);
             if constexpr (kInt8GroupedDots) {
