@@ -1,0 +1,84 @@
+"""Where project_int8's time goes: the kernel against reads of the same bytes, in one process.
+
+    python bench/access_pattern.py                  # 3 processes, 21 interleaved rounds each
+    python bench/access_pattern.py --processes 1 --rounds 5
+
+Compiles bench/native/access_pattern.cpp (the kernels' own source, compiled in unchanged,
+with the flags of the library's build) and runs it in fresh processes. Each round times,
+one after the other on the same k = 16 x D = 11.7M matrix at 2, 4 and 8 bits:
+project_int8; a reader of the same bytes in the kernel's order that does nothing else; and
+a plain front-to-back read of as many bytes. The kernel over its own order is what its
+arithmetic costs; its order over the plain read is what the order costs.
+
+Writes bench/results/<machine>-access-pattern.json, stamped with machine, date and commit.
+No assertion on time: this is a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+SOURCE = HERE / "native" / "access_pattern.cpp"
+
+
+def compile_program(out_dir: Path) -> Path:
+    from twa_kernels._build import CPU_CFLAGS
+
+    binary = out_dir / "access_pattern"
+    subprocess.run(["c++", "-std=c++17", *CPU_CFLAGS, str(SOURCE), "-o", str(binary)], check=True)
+    return binary
+
+
+def run(binary: Path, rounds: int, threads: int, d: int | None = None) -> list[dict]:
+    """One process: a row per bit width with the median ms of the kernel and the two reads."""
+    args = [str(binary), str(rounds), str(threads), *([str(d)] if d else [])]
+    done = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600)
+    rows = []
+    for line in done.stdout.split("\n"):
+        if line.strip():
+            bits, nbytes, kernel, order, plain = line.split()
+            rows.append(dict(bits=int(bits), bytes=int(nbytes), kernel_ms=float(kernel),
+                             kernel_order_ms=float(order), plain_read_ms=float(plain)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import stamp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = compile_program(Path(tmp))
+        runs = [run(binary, args.rounds, args.threads) for _ in range(args.processes)]
+    print(f"| bits | project_int8 ms | its order ms | plain read ms | kernel / its order | its order / plain |")
+    print("|---|---|---|---|---|---|")
+    summary = []
+    for i, row in enumerate(runs[0]):
+        med = {key: statistics.median(r[i][key] for r in runs) for key in ("kernel_ms", "kernel_order_ms", "plain_read_ms")}
+        summary.append(dict(bits=row["bits"], bytes=row["bytes"], **med))
+        print(f"| {row['bits']} | {med['kernel_ms']:.2f} | {med['kernel_order_ms']:.2f} | {med['plain_read_ms']:.2f} "
+              f"| {med['kernel_ms'] / med['kernel_order_ms']:.2f} | {med['kernel_order_ms'] / med['plain_read_ms']:.2f} |")
+    out = Path(args.out) if args.out else HERE / "results" / f"{stamp.machine_slug()}-access-pattern.json"
+    result = dict(stamp=stamp.stamp(), case=dict(k=16, D=11689512, group_size=128, rounds=args.rounds,
+                                                  threads=args.threads),
+                  summary=summary, processes=runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""bench/access_pattern.py compiles the kernels' own source with its readers and runs: kept
+from rotting between the runs that measure with it. It says nothing about speed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import twa_kernels
+from twa_kernels._build import cpu_kernels_available
+
+REPO = Path(twa_kernels.__file__).resolve().parent.parent
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("access_pattern", REPO / "bench" / "access_pattern.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler for the CPU kernels")
+def test_the_program_builds_and_reports_each_bit_width(tmp_path):
+    bench = _load_bench()
+    binary = bench.compile_program(tmp_path)
+    d = 50_000  # not a multiple of the group size: a short last group
+    rows = bench.run(binary, rounds=1, threads=2, d=d)
+    assert [row["bits"] for row in rows] == [2, 4, 8]
+    for row in rows:
+        row_bytes = -(-d // 128) * 128 * row["bits"] // 8
+        assert row["bytes"] == 16 * row_bytes + 4 * d
+        assert min(row["kernel_ms"], row["kernel_order_ms"], row["plain_read_ms"]) > 0
