@@ -4,7 +4,8 @@
 //   kernel    project_int8 itself (csrc/cpu/kernels.cpp, compiled in unchanged);
 //   its order the same bytes read in the kernel's order and nothing else: per thread its
 //             range of groups, per run g's stretch, then the codes 4 rows at a time, 8 KiB
-//             of a row at a stretch, fetching the next 4 rows ahead as the kernel does;
+//             of a row at a stretch, fetching the next 4 rows ahead as the kernel does, then
+//             the run's scales and mins;
 //   plain     the same number of bytes read front to back, split between the threads.
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
@@ -70,6 +71,9 @@ uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int thr
           for (int64_t r = r0; r < r0 + rows_per_block; ++r) xor_load(acc, b.codes + r * b.row_bytes + t * gbytes + off);
         }
       }
+      // then the run's scales and mins, group-major, as the kernel's scaling reads them
+      for (const float* table : {b.scales, b.mins})
+        for (int64_t j = 0; j < n * b.k; j += 16) xor_load(acc, table + t * b.k + j);
     }
     total ^= fold(acc);
   }
@@ -101,12 +105,12 @@ int main(int argc, char** argv) {
   uint64_t sink = 0;
   for (int bits : {2, 4, 8}) {
     const int64_t row_bytes = n_groups * group * bits / 8;
-    const int64_t bytes = k * row_bytes + 4 * d;
+    const int64_t bytes = k * row_bytes + 4 * d + 2 * 4 * n_groups * k;  // codes, g, scales and mins
     uint8_t* codes = on_huge_pages<uint8_t>(k * row_bytes);
     for (int64_t i = 0; i < k * row_bytes; ++i) codes[i] = static_cast<uint8_t>(rng());
     uint8_t* flat = on_huge_pages<uint8_t>(bytes);
     std::memset(flat, 1, bytes);
-    std::vector<float> scales(n_groups * k, 1e-3f), mins(n_groups * k, -1e-3f);
+    std::vector<float> scales(n_groups * k + 16, 1e-3f), mins(n_groups * k + 16, -1e-3f);  // + a vector's overrun
     std::vector<int64_t> offsets = {0, d};
     twa::PackedBasis b;
     b.codes = codes, b.scales = scales.data(), b.mins = mins.data(), b.block_offsets = offsets.data();
