@@ -248,6 +248,27 @@ def ops_interleaved(page: Path) -> str:
     return "\n".join(out).strip() or "No interleaved ops results in bench/results yet."
 
 
+def access_pattern(page: Path) -> str:
+    """project_int8 against reads of its bytes in its own order and front to back."""
+    out = []
+    for path in _files("access-pattern"):
+        d = json.loads(path.read_text())
+        runs, case = d["processes"], d["case"]
+        out += [f"**{stamp_line(d.get('stamp'), _slug(path, 'access-pattern'))}**; {len(runs)} fresh processes, "
+                f"{case['rounds']} interleaved rounds each, k = {case['k']}, D = {case['D']:,} "
+                f"([JSON]({_link(path, page)}))", "",
+                "| bits | MB | project_int8 ms | its order ms | plain read ms | kernel / its order, per process "
+                "| its order / plain read, per process |", "|---:|---:|---:|---:|---:|---|---|"]
+        for i, row in enumerate(d["summary"]):
+            per = [r[i] for r in runs]
+            kernel = ", ".join(f"{r['kernel_ms'] / r['kernel_order_ms']:.2f}" for r in per)
+            order = ", ".join(f"{r['kernel_order_ms'] / r['plain_read_ms']:.2f}" for r in per)
+            out.append(f"| {row['bits']} | {row['bytes'] / 1e6:.0f} | {row['kernel_ms']:.2f} | {row['kernel_order_ms']:.2f} "
+                       f"| {row['plain_read_ms']:.2f} | {kernel} | {order} |")
+        out.append("")
+    return "\n".join(out).strip() or "No access-pattern results in bench/results yet."
+
+
 def steady_step(page: Path) -> str:
     out = []
     for path in _files("steady-step"):
@@ -315,10 +336,11 @@ def distributed_step(page: Path) -> str:
     return "\n".join(out).strip() or "No distributed-step results in bench/results yet."
 
 
-SECTIONS = {"headline": headline, "ops": ops, "ops-interleaved": ops_interleaved, "steady-step": steady_step,
-            "distributed-step": distributed_step}
+SECTIONS = {"headline": headline, "ops": ops, "ops-interleaved": ops_interleaved, "access-pattern": access_pattern,
+            "steady-step": steady_step, "distributed-step": distributed_step}
 PAGES = {"README.md": ["headline"],
-         "docs/benchmarks.md": ["headline", "ops", "ops-interleaved", "steady-step", "distributed-step"]}
+         "docs/benchmarks.md": ["headline", "ops", "ops-interleaved", "access-pattern", "steady-step",
+                                "distributed-step"]}
 
 
 def render(text: str, page: Path) -> str:
