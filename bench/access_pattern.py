@@ -30,11 +30,14 @@ sys.path.insert(0, str(HERE))
 SOURCE = HERE / "native" / "access_pattern.cpp"
 
 
-def compile_program(out_dir: Path) -> Path:
+def compile_program(out_dir: Path, optimize: bool = True) -> Path:
+    """The program, built with the library's own compiler flags (`optimize=False`: at -O0,
+    for a quick check that it builds and runs; its times then mean nothing)."""
     from twa_kernels._build import CPU_CFLAGS
 
+    flags = CPU_CFLAGS if optimize else ["-O0", *(f for f in CPU_CFLAGS if not f.startswith("-O"))]
     binary = out_dir / "access_pattern"
-    subprocess.run(["c++", "-std=c++17", *CPU_CFLAGS, str(SOURCE), "-o", str(binary)], check=True)
+    subprocess.run(["c++", "-std=c++17", *flags, str(SOURCE), "-o", str(binary)], check=True)
     return binary
 
 

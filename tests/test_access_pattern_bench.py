@@ -22,7 +22,7 @@ def _load_bench():
 @pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler for the CPU kernels")
 def test_the_program_builds_and_reports_each_bit_width(tmp_path):
     bench = _load_bench()
-    binary = bench.compile_program(tmp_path)
+    binary = bench.compile_program(tmp_path, optimize=False)
     d = 50_000  # not a multiple of the group size: a short last group
     rows = bench.run(binary, rounds=1, threads=2, d=d)
     assert [row["bits"] for row in rows] == [2, 4, 8]
