@@ -679,8 +679,8 @@ TWA_ISA_FN inline void group_dots_int8(const uint8_t* const* src, int64_t plane,
 
 // Planes of 16 or 32 bytes (a 128-column group at 1 or 2 bits) fill a zmm only when it
 // holds G = 64 / plane consecutive groups of one row, whose codes are contiguous; q is laid
-// out to match (arrange_q_int8). The accumulator's 16-byte lanes then belong to one group
-// each (G = 4) or in pairs (G = 2), and are summed per group at the end. Against one xmm or
+// out to match as it is rounded (round_run_int8). The accumulator's 16-byte lanes then
+// belong to one group each (G = 4) or in pairs (G = 2), and are summed per group at the end. Against one xmm or
 // ymm per group, this is G times fewer loads and dots for the same bytes, and the sums of 4
 // rows by G groups leave through one transpose instead of a horizontal add per row and group.
 inline int int8_groups_per_dot(int64_t plane) { return plane == 16 ? 4 : plane == 32 ? 2 : 1; }
