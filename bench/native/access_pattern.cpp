@@ -50,7 +50,7 @@ inline uint64_t fold(const Line& acc) {
 // The kernel's reads without its work: returns a value so the loads are kept.
 uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int threads) {
   const int64_t width = b.group_size, gbytes = width * b.bits / 8, rows_per_block = 4;
-  const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(32768, 8192 * 8 / b.bits) / width);
+  const int64_t cap = twa::int8_run_cap(b);  // the kernel's own run length, in groups
   uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : total)
   {
