@@ -22,6 +22,17 @@ else:
     BACKENDS = ["cpp"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
+# Under pytest-xdist the workers share the machine's cores: each takes its share of them,
+# for torch's own threads and for the processes the tests start, so that two workers on two
+# cores do not each run two threads (oversubscribed OpenMP threads spin against each other).
+# A test that needs a given thread count sets it itself.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
