@@ -141,6 +141,23 @@ def test_the_demo_without_its_extra_names_the_extra_before_training(tmp_path, mo
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("seed", [None, 0, 7])
+def test_the_demos_batches_are_the_dataloaders_batches(seed):
+    """The demo takes each batch with one indexing; the batches and their order are those of
+    a DataLoader over the same examples, so the demo's numbers do not depend on the trick."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from twa_kernels.demo import batches
+
+    dataset = TensorDataset(torch.randn(201, 1, 8), torch.randint(0, 10, (201,)))
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    expected = list(DataLoader(dataset, batch_size=64, shuffle=seed is not None, generator=generator))
+    got = list(batches(dataset, 64, seed))
+    assert len(got) == len(expected) == 4
+    for (x, y), (x_expected, y_expected) in zip(got, expected):
+        assert torch.equal(x, x_expected) and torch.equal(y, y_expected)
+
+
 def test_paired_difference_interval():
     from twa_kernels.demo import paired_difference, t975
 

@@ -21,6 +21,7 @@ it. SWA and TWA-v are saved beside the checkpoints for `twa connect` and `twa pl
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
@@ -74,11 +75,11 @@ def mnist1d(seed: int, train_size: int = 3500) -> tuple[TensorDataset, TensorDat
     """(train, validation, test) of MNIST-1D, generated locally (no download): the 4,000
     training signals in a `seed`-dependent order, the first `train_size` of them the training
     split and the last 500 the validation split; the 1,000 test signals are the test split."""
-    generator = optional("mnist1d.data", "demo", "the demo's MNIST-1D data")
+    optional("mnist1d.data", "demo", "the demo's MNIST-1D data")  # checked on every call: it names the extra
     if not 0 < train_size <= 3500:
         raise InvalidArgumentError(f"train_size must be in 1..3500 (the other 500 signals are the validation "
                                    f"split), got {train_size}")
-    data = generator.make_dataset(generator.get_dataset_args())  # deterministic: the generator seeds itself
+    data = _mnist1d_signals()
     x = torch.tensor(data["x"], dtype=torch.float32)[:, None]
     y = torch.tensor(data["y"], dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -87,6 +88,18 @@ def mnist1d(seed: int, train_size: int = 3500) -> tuple[TensorDataset, TensorDat
                          torch.tensor(data["y_test"], dtype=torch.int64))
     # the validation split is the same whatever train_size is
     return TensorDataset(x[:train_size], y[:train_size]), TensorDataset(x[3500:], y[3500:]), test
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_signals() -> dict:
+    """The generator's arrays, made once per process: the generator seeds itself, so every
+    call would make the same signals, and making them takes seconds. Read-only, as they are shared."""
+    generator = optional("mnist1d.data", "demo", "the demo's MNIST-1D data")
+    data = generator.make_dataset(generator.get_dataset_args())
+    for array in data.values():
+        if hasattr(array, "flags"):
+            array.flags.writeable = False
+    return data
 
 
 def make_model(seed: int = 0, width: int = 32) -> nn.Module:
@@ -100,9 +113,20 @@ def make_model(seed: int = 0, width: int = 32) -> nn.Module:
     )
 
 
+def batches(dataset: TensorDataset, batch_size: int, seed: int | None = None) -> DataLoader:
+    """`dataset` in batches of `batch_size`, shuffled by `seed` (None: in order). The batches
+    are those of `DataLoader(dataset, batch_size, shuffle=seed is not None, generator=...)`,
+    in the same order, but each is one indexing of the dataset's tensors rather than a stack
+    of single examples (which costs more than the small network's step)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    order = SequentialSampler(dataset) if seed is None else RandomSampler(dataset, generator=generator)
+    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None,
+                      generator=generator)
+
+
 def bn_loader(train: TensorDataset) -> DataLoader:
     """The training split in batches of 500, in order: BatchNorm statistics are recomputed on it."""
-    return DataLoader(train, batch_size=500)
+    return batches(train, 500)
 
 
 def measure(seed: int, setting: Setting, state, train: TensorDataset, data: TensorDataset) -> tuple[float, float]:
@@ -124,16 +148,12 @@ def evaluate(model: nn.Module, dataset: TensorDataset) -> tuple[float, float]:
     return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
-def _loader(dataset, seed: int, shuffle: bool = True) -> DataLoader:
-    return DataLoader(dataset, batch_size=64, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
-
-
 def _fit_coefficients(twa: TWA, dataset, epochs: int, seed: int, shift: int = 0) -> None:
     opt = torch.optim.AdamW(twa.parameters(), lr=LR_COEFFICIENTS, weight_decay=0.0)
     augment = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         twa.train()
-        for x, y in _loader(dataset, seed):
+        for x, y in batches(dataset, 64, seed):
             if shift:  # the same data pipeline as SGD's, as the paper trains its coefficients
                 x = random_shift(x, shift, augment)
             opt.zero_grad()
@@ -174,7 +194,7 @@ def train_sgd(model: nn.Module, train, epochs: int, seed: int, ckpt_dir: Path, l
     for epoch in progress_bar(range(1, epochs + 1), enabled=progress, desc=f"seed {seed}: SGD", unit="epoch"):
         start = time.perf_counter()
         model.train()
-        for x, y in _loader(train, seed + epoch):
+        for x, y in batches(train, 64, seed + epoch):
             if shift:
                 x = random_shift(x, shift, augment)
             if noise:
@@ -408,7 +428,7 @@ def seed0_train_loader() -> DataLoader:
 
 def seed0_test_loader() -> DataLoader:
     """The 1,000 test signals of MNIST-1D."""
-    return DataLoader(mnist1d(0)[2], batch_size=500)
+    return batches(mnist1d(0)[2], 500)
 
 
 def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int | None = None,
