@@ -324,15 +324,24 @@ KILLER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("point", ["after-first-file", "inside-a-write", "between-fallback-renames"])
-def test_sigkill_between_writes_keeps_the_old_set_and_a_rerun_cleans_up(project, point):
-    out = project / f"kill-{point}"
-    config = _config(project, name=f"kill-{point}.yaml", output=str(out))
-    env = _env(PACKAGE_ROOT, TESTS, str(project))
+@pytest.fixture(scope="module")
+def first_output(project) -> Path:
+    """The output set of one finished `twa fit` run, which each kill test copies as the set
+    its killed run must not lose."""
+    out = project / "kill-first"
+    config = _config(project, name="kill-first.yaml", output=str(out))
     first = subprocess.run([sys.executable, "-m", "twa_kernels", "fit", str(config), "--no-progress"], cwd=project,
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=_env(PACKAGE_ROOT, TESTS, str(project)), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     _consistent(out)
+    return out
+
+
+@pytest.mark.parametrize("point", ["after-first-file", "inside-a-write", "between-fallback-renames"])
+def test_sigkill_between_writes_keeps_the_old_set_and_a_rerun_cleans_up(project, first_output, point):
+    out = project / f"kill-{point}"
+    shutil.copytree(first_output, out)
+    env = _env(PACKAGE_ROOT, TESTS, str(project))
     before = _digests(out)
 
     # a run whose outputs would differ from the first one's (another learning rate)
