@@ -120,6 +120,8 @@ def batches(dataset: TensorDataset, batch_size: int, seed: int | None = None) ->
     of single examples (which costs more than the small network's step)."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     order = SequentialSampler(dataset) if seed is None else RandomSampler(dataset, generator=generator)
+    # The loader draws a seed from its generator before the sampler's first draw, as a
+    # shuffling DataLoader does: without it the order would differ from DataLoader's.
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None,
                       generator=generator)
 
