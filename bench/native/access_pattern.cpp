@@ -3,9 +3,9 @@
 //
 //   kernel    project_int8 itself (csrc/cpu/kernels.cpp, compiled in unchanged);
 //   its order the same bytes read in the kernel's order and nothing else: per thread its
-//             range of groups, per run g's stretch, then the codes 4 rows at a time, 8 KiB
-//             of a row at a stretch, fetching the next 4 rows ahead as the kernel does, then
-//             the run's scales and mins;
+//             range of groups, per run g's stretch, then the codes 4 rows at a time, 64 KiB
+//             of a row at a stretch, fetching 2 KiB ahead in each row as the kernel does,
+//             then the run's scales and mins;
 //   plain     the same number of bytes read front to back, split between the threads.
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
@@ -50,7 +50,7 @@ inline uint64_t fold(const Line& acc) {
 // The kernel's reads without its work: returns a value so the loads are kept.
 uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int threads) {
   const int64_t width = b.group_size, gbytes = width * b.bits / 8, rows_per_block = 4;
-  const int64_t cap = twa::int8_run_cap(b);  // the kernel's own run length, in groups
+  const int64_t cap = twa::int8_run_cap(b, false);  // the kernel's own run length, in groups
   uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : total)
   {
@@ -61,15 +61,12 @@ uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int thr
       const int64_t n = std::min(cap, t_end - t), span = n * gbytes;
       for (int64_t j = 0; j < n * width; j += 16) xor_load(acc, g + t * width + j);
       for (int64_t r0 = 0; r0 < b.k; r0 += rows_per_block) {
-        const bool last = r0 + rows_per_block >= b.k;
-        const int64_t ahead_r0 = last ? 0 : r0 + rows_per_block, ahead_t = last ? t + n : t;
-        const int64_t ahead_end = std::min(span, b.row_bytes - ahead_t * gbytes);
-        const uint8_t* ahead = b.codes + ahead_r0 * b.row_bytes + ahead_t * gbytes;
-        for (int64_t off = 0; off < span; off += 64) {
-          if (off < ahead_end)
-            for (int64_t r = 0; r < rows_per_block; ++r) __builtin_prefetch(ahead + r * b.row_bytes + off);
-          for (int64_t r = r0; r < r0 + rows_per_block; ++r) xor_load(acc, b.codes + r * b.row_bytes + t * gbytes + off);
-        }
+        for (int64_t off = 0; off < span; off += 64)
+          for (int64_t r = r0; r < r0 + rows_per_block; ++r) {
+            const uint8_t* p = b.codes + r * b.row_bytes + t * gbytes + off;
+            __builtin_prefetch(p + twa::kInt8FetchAhead);
+            xor_load(acc, p);
+          }
       }
       // then the run's scales and mins, group-major, as the kernel's scaling reads them
       for (const float* table : {b.scales, b.mins})

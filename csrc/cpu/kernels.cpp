@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace twa {
@@ -195,14 +196,20 @@ constexpr int64_t kRunCols = 4096;
 
 inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>(1, kRunCols / b.group_size) : 1; }
 
-// project_int8 reads each row of a run as one stream and fetches the next rows itself (see
-// kernels_int8.h), so longer runs pay: 8 KiB of codes per row, at most 32768 columns (its g
-// run, 128 KiB of float32, then sits in L2). On ResNet-18 shapes at k = 16 this made it
-// 10-20% faster than runs of 4096 columns (bench/ops_interleaved.py).
-constexpr int64_t kInt8RunBytes = 8192, kInt8RunCols = 32768;
+// project_int8 reads each row of a run as one stream, so longer runs pay: 64 KiB of codes per
+// row, at most 131072 columns (the run's q, 128 KiB of int8, stays in L2 while the row
+// blocks pass over it). Inside a row it fetches kInt8FetchAhead bytes ahead: a hardware
+// prefetcher starts over at every 4 KiB page, and the kernel's arithmetic between loads
+// leaves too few misses in flight to hide the restart. Against runs of 8 KiB that fetched
+// the next row block instead, this made it 5-10% faster on ResNet-18 shapes at k = 16
+// (AMD EPYC, 2 threads, medians of interleaved calls).
+constexpr int64_t kInt8RunBytes = 65536, kInt8RunCols = 131072, kInt8FetchAhead = 2048;
 
-inline int64_t int8_run_cap(const PackedBasis& b) {
-  return std::max<int64_t>(1, std::min(kInt8RunCols, kInt8RunBytes * 8 / b.bits) / b.group_size);
+// A path whose dots read q as float32 too (kDotsReadFloats) keeps a quarter of the columns,
+// so that its q, four bytes a column, still fits in L2 beside the codes.
+inline int64_t int8_run_cap(const PackedBasis& b, bool q_as_floats) {
+  const int64_t cols = q_as_floats ? kInt8RunCols / 4 : kInt8RunCols;
+  return std::max<int64_t>(1, std::min(cols, kInt8RunBytes * 8 / b.bits) / b.group_size);
 }
 
 // How many tiles from t on (at most `limit`, before t_end) are whole groups inside block
@@ -598,6 +605,7 @@ struct Bytes<64> {
   TWA_ISA_FN static __m256i halve(V v) {
     return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
   }
+  TWA_ISA_FN static __m512i wide(V v) { return v; }
 };
 
 struct MaskedBytes : Bytes<64> {  // planes of any width: a masked load reads zeros past the plane
@@ -614,6 +622,7 @@ struct Bytes<32> {
   TWA_ISA_FN static V mask(V v, V m) { return _mm256_and_si256(v, m); }
   TWA_ISA_FN static V dot(V acc, V codes, V q) { return _mm256_dpbusd_epi32(acc, codes, q); }
   TWA_ISA_FN static __m256i halve(V v) { return v; }
+  TWA_ISA_FN static __m512i wide(V v) { return _mm512_zextsi256_si512(v); }
 };
 
 template <>
@@ -626,21 +635,26 @@ struct Bytes<16> {
   TWA_ISA_FN static V mask(V v, V m) { return _mm_and_si128(v, m); }
   TWA_ISA_FN static V dot(V acc, V codes, V q) { return _mm_dpbusd_epi32(acc, codes, q); }
   TWA_ISA_FN static __m256i halve(V v) { return _mm256_zextsi128_si256(v); }
+  TWA_ISA_FN static __m512i wide(V v) { return _mm512_zextsi128_si512(v); }
 };
 
 template <int BITS, int ROWS, typename B, int W>
-TWA_ISA_FN inline void dots_by(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+TWA_ISA_FN __attribute__((always_inline)) inline void dots_by(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
   using V = typename B::V;
   constexpr int kPerByte = 8 / BITS;
   const V mask = B::fill(static_cast<uint8_t>((1u << BITS) - 1u));
   V acc[ROWS];
+#pragma GCC unroll 16
   for (int r = 0; r < ROWS; ++r) acc[r] = B::zero();
   for (int64_t i = 0; i < plane; i += W) {
     const __mmask64 m = plane - i >= 64 ? ~__mmask64{0} : (__mmask64{1} << (plane - i)) - 1;
     V qv[kPerByte];
+#pragma GCC unroll 8
     for (int s = 0; s < kPerByte; ++s) qv[s] = B::load(q + s * plane + i, m);
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r) {
       const V bytes = B::load(src[r] + i, m);
+#pragma GCC unroll 8
       for (int s = 0; s < kPerByte; ++s) {
         V codes = bytes;
         if constexpr (BITS != 8) {
@@ -652,12 +666,18 @@ TWA_ISA_FN inline void dots_by(const uint8_t* const* src, int64_t plane, const i
       }
     }
   }
-  if constexpr (ROWS == 4) {  // the 4 rows' lane sums at once: to 8 lanes, then three horizontal adds
-    __m256i h[4];
-    for (int r = 0; r < 4; ++r) h[r] = B::halve(acc[r]);
-    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+  if constexpr (ROWS == 4) {
+    // the 4 rows' lane sums at once: interleave rows a, b and c, d and add (each 16-byte lane
+    // then holds a b a b and c d c d pair sums), interleave those and add (a b c d), then add
+    // the 16-byte lanes. Unpacks and adds are single instructions, where a horizontal add
+    // is several.
+    const __m512i a = B::wide(acc[0]), b = B::wide(acc[1]), c = B::wide(acc[2]), d = B::wide(acc[3]);
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dots),
-                     _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1)));
+                     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
   } else {
     for (int r = 0; r < ROWS; ++r) {
       const __m256i h = B::halve(acc[r]);
@@ -669,7 +689,7 @@ TWA_ISA_FN inline void dots_by(const uint8_t* const* src, int64_t plane, const i
 }
 
 template <int BITS, int ROWS>
-TWA_ISA_FN inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, const float*,
+TWA_ISA_FN __attribute__((always_inline)) inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, const float*,
                                       int32_t* dots) {
   if (plane % 64 == 0) return dots_by<BITS, ROWS, Bytes<64>, 64>(src, plane, q, dots);
   if (plane % 32 == 0) return dots_by<BITS, ROWS, Bytes<32>, 32>(src, plane, q, dots);
@@ -736,12 +756,12 @@ TWA_ISA_FN inline void grouped_dots(const uint8_t* const* src, const int8_t* q, 
 // round_group_int8 for a group of a multiple of 16 values, 16 per vector, giving the same q,
 // scale and sum: the same integer max over magnitude bits, the same reciprocal, and one
 // conversion in the current rounding mode (what nearbyint rounds in) where the compiler
-// emits a round and a truncating conversion and packs bytes with two shuffles. The 16 bytes
-// of q from values 16v .. 16v + 15 go to q + place(v), place(v) = (16v / plane) * groups *
-// plane + 16v % plane: q group after group for groups = 1, and for groups = G > 1 the layout
+// emits a round and a truncating conversion and packs bytes with two shuffles. Sub-plane s
+// of the group (its values s * plane .. s * plane + plane - 1) goes to q + s * groups * plane:
+// q group after group for groups = 1 (plane = len), and for groups = G > 1 the layout
 // grouped_dots reads, sub-plane s of the chunk's group number `i` at (s * G + i) * plane,
 // with q pointing at the chunk plus i * plane. Written there at once, q needs no second pass
-// to be rearranged.
+// to be rearranged; two nested loops place it without a division per vector.
 TWA_ISA_FN inline void round_group_int8_x16(const float* g, int64_t len, int8_t* q, int64_t plane, int groups,
                                             float& scale, int32_t& qsum) {
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
@@ -751,20 +771,40 @@ TWA_ISA_FN inline void round_group_int8_x16(const float* g, int64_t len, int8_t*
   const uint32_t bits = _mm512_reduce_max_epu32(top);
   float amax;
   std::memcpy(&amax, &bits, sizeof amax);
-  const auto place = [&](int64_t v) { return (16 * v / plane) * groups * plane + 16 * v % plane; };
+  const int64_t stride = groups * plane;
   if (bits >= 0x7f800000u || amax < std::numeric_limits<float>::min()) {  // as round_group_int8
-    for (int64_t v = 0; v < len / 16; ++v) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place(v)), _mm_setzero_si128());
+    for (int64_t s = 0; s < len / plane; ++s) std::memset(q + s * stride, 0, static_cast<size_t>(plane));
     scale = bits >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : 0.f;
     qsum = 0;
     return;
   }
   const __m512 inv = _mm512_set1_ps(127.f / amax);
   __m512i sum = _mm512_setzero_si512();
-  for (int64_t v = 0; v < len / 16; ++v) {
-    const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(g + 16 * v), inv));
-    sum = _mm512_add_epi32(sum, rounded);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place(v)), _mm512_cvtepi32_epi8(rounded));
+  if (plane % 64 == 0) {
+    // 64 values at a time: two saturating packs (exact, |q| <= 127) leave 4-byte pieces
+    // interleaved by 16-byte lane, and one permute puts them in order for a single store
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t s = 0; s < len / plane; ++s)
+      for (int64_t j = 0; j < plane; j += 64) {
+        const float* x = g + s * plane + j;
+        __m512i r[4];
+        for (int u = 0; u < 4; ++u) {
+          r[u] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * u), inv));
+          sum = _mm512_add_epi32(sum, r[u]);
+        }
+        const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(r[0], r[1]), _mm512_packs_epi32(r[2], r[3]));
+        _mm512_storeu_si512(q + s * stride + j, _mm512_permutexvar_epi32(order, bytes));
+      }
+    scale = amax / 127.f;
+    qsum = _mm512_reduce_add_epi32(sum);
+    return;
   }
+  for (int64_t s = 0; s < len / plane; ++s)
+    for (int64_t j = 0; j < plane; j += 16) {
+      const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(g + s * plane + j), inv));
+      sum = _mm512_add_epi32(sum, rounded);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + s * stride + j), _mm512_cvtepi32_epi8(rounded));
+    }
   scale = amax / 127.f;
   qsum = _mm512_reduce_add_epi32(sum);
 }

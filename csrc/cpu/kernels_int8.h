@@ -15,10 +15,39 @@
 // No include guard: it is meant to be included more than once.
 
 template <int BITS>
-TWA_ISA_FN inline void rows_dots_int8(const uint8_t* const* src, int rows, int64_t plane, const int8_t* q,
-                                      const float* qf, int32_t* dots) {
+TWA_ISA_FN __attribute__((always_inline)) inline void rows_dots_int8(const uint8_t* const* src, int rows, int64_t plane,
+                                                                     const int8_t* q, const float* qf, int32_t* dots) {
   if (rows == kRowBlock) return group_dots_int8<BITS, kRowBlock>(src, plane, q, qf, dots);
   for (int r = 0; r < rows; ++r) group_dots_int8<BITS, 1>(src + r, plane, q, qf, dots + r);
+}
+
+// The dots of `rows` rows over a run of n groups (first: each row's first group), into
+// dots[i * k + r], fetching kInt8FetchAhead bytes ahead in every row. A function of its own,
+// with the dots inlined into it, so that its loop keeps the row pointers and accumulators in
+// registers: inlined into project_int8_impl, the accumulators went through the stack.
+template <int BITS>
+TWA_ISA_FN __attribute__((noinline)) void run_dots_int8(const uint8_t* const* first, int rows, int64_t n, int64_t gbytes,
+                                                        int64_t plane, int per_dot, const int8_t* q, const int8_t* q_grouped,
+                                                        const float* qf, int32_t* dots, int64_t k) {
+  const int64_t width = gbytes * 8 / BITS;
+  const uint8_t* src[kRowBlock];
+  for (int r = 0; r < rows; ++r) src[r] = first[r];
+  int64_t i = 0;
+  if constexpr (kInt8GroupedDots) {
+    if (per_dot > 1) {  // whole chunks of per_dot groups, laid out by round_run_int8
+      for (; i + per_dot <= n; i += per_dot) {
+        for (int r = 0; r < rows; ++r) __builtin_prefetch(src[r] + kInt8FetchAhead);
+        grouped_dots_int8<BITS>(src, rows, plane, q_grouped + i * width, dots + i * k, k);
+        for (int r = 0; r < rows; ++r) src[r] += per_dot * gbytes;
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    for (int r = 0; r < rows; ++r)
+      for (int64_t o = 0; o < gbytes; o += 64) __builtin_prefetch(src[r] + kInt8FetchAhead + o);
+    rows_dots_int8<BITS>(src, rows, plane, q + i * width, qf + i * width, dots + i * k);
+    for (int r = 0; r < rows; ++r) src[r] += gbytes;
+  }
 }
 
 template <int BITS>
@@ -35,13 +64,16 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
     double* acc = partial.data() + static_cast<size_t>(tid) * kb;
-    const int64_t cap = int8_run_cap(b);
-    std::vector<float> gbuf(cap * width + 8), ghat(width + 8), cbuf(width + 8), gsum, scale(cap);
-    std::vector<int8_t> q(cap * width);
-    std::vector<float> qf(kDotsReadFloats ? cap * width + 8 : 0);
+    const int64_t cap = int8_run_cap(b, kDotsReadFloats);
+    // the run's buffers are written before they are read: left uninitialised, the pages of
+    // those a run never needs (gbuf, for g read in place) are never touched
+    std::unique_ptr<float[]> gbuf(new float[cap * width + 8]);
+    std::vector<float> ghat(width + 8), cbuf(width + 8), gsum, scale(cap);
+    std::unique_ptr<int8_t[]> q(new int8_t[cap * width]);
+    std::unique_ptr<float[]> qf(kDotsReadFloats ? new float[cap * width + 8] : nullptr);
     std::vector<int32_t> qsum(cap), dots(cap * b.k);
     const int per_dot = int8_groups_per_dot(plane);
-    std::vector<int8_t> q_grouped(per_dot > 1 ? cap * width : 0);
+    std::unique_ptr<int8_t[]> q_grouped(per_dot > 1 ? new int8_t[cap * width] : nullptr);
     std::vector<double> run(b.k);
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
@@ -52,42 +84,20 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
       if (len == width && segs.size() == 1) {  // whole groups of one block, a run at a time
         const int64_t blk = segs[0].block;
         const int64_t n = run_length(b, t, t_end, blk, cap);
-        const float* gr = g.tile(c0, n * width, piece, gbuf.data());
-        round_run_int8(gr, n, width, plane, per_dot, q.data(), q_grouped.data(), scale.data(), qsum.data());
+        const float* gr = g.tile(c0, n * width, piece, gbuf.get());
+        round_run_int8(gr, n, width, plane, per_dot, q.get(), q_grouped.get(), scale.data(), qsum.data());
         if (kDotsReadFloats) {
 #pragma omp simd
           for (int64_t j = 0; j < n * width; ++j) qf[j] = q[j];
         }
         // The integer dots of every row and group of the run, group-major like scales and mins,
         // kRowBlock rows at a time; each row's codes are read as one stream of n * gbytes bytes.
-        const int64_t span = n * gbytes;
         for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
           const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - r0));
           const uint8_t* src[kRowBlock];
           for (int r = 0; r < rows; ++r) src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
-          // while these rows are read, fetch the rows that come next: the next block of rows
-          // over this run, or after the last block, the first rows over the next run
-          const bool last = r0 + kRowBlock >= b.k;
-          const int64_t ahead_r0 = last ? 0 : r0 + kRowBlock, ahead_t = last ? t + n : t;
-          const int ahead_rows = static_cast<int>(std::min<int64_t>(kRowBlock, b.k - ahead_r0));
-          const int64_t ahead_end = std::min(span, b.row_bytes - ahead_t * gbytes);
-          const uint8_t* ahead = b.codes + ahead_r0 * b.row_bytes + ahead_t * gbytes;
-          int64_t fetched = 0;
-          for (int64_t i = 0; i < n;) {
-            const int step = i + per_dot <= n ? per_dot : 1;  // the chunks round_run_int8 laid out
-            for (; fetched < std::min((i + step) * gbytes, ahead_end); fetched += 64)
-              for (int r = 0; r < ahead_rows; ++r) __builtin_prefetch(ahead + r * b.row_bytes + fetched);
-            if constexpr (kInt8GroupedDots) {
-              if (step > 1)
-                grouped_dots_int8<BITS>(src, rows, plane, &q_grouped[i * width], &dots[i * b.k + r0], b.k);
-              else
-                rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
-            } else {
-              rows_dots_int8<BITS>(src, rows, plane, &q[i * width], &qf[i * width], &dots[i * b.k + r0]);
-            }
-            for (int r = 0; r < rows; ++r) src[r] += step * gbytes;
-            i += step;
-          }
+          run_dots_int8<BITS>(src, rows, n, gbytes, plane, per_dot, q.get(), q_grouped.get(), qf.get(), dots.data() + r0,
+                              b.k);
         }
         // sum_j (lo + s * code_j) * q_j * sg = sg * (s * dot + lo * sum_j q_j), per row, in float64
         for (int64_t r = 0; r < b.k; ++r) run[r] = 0.0;
@@ -106,10 +116,10 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
       }
       // a group cut by a block edge, or a short last group: its rounded values as floats,
       // through project's row-by-row path
-      const float* gt = g.tile(c0, len, piece, gbuf.data());
+      const float* gt = g.tile(c0, len, piece, gbuf.get());
       float sg;
       int32_t qs;
-      round_group_int8(gt, len, q.data(), sg, qs);
+      round_group_int8(gt, len, q.get(), sg, qs);
       for (int64_t j = 0; j < len; ++j) ghat[j] = static_cast<float>(q[j]) * sg;
       project_tile_rows<BITS>(b, t, c0, len, segs, ghat.data(), cbuf.data(), gsum, acc);
     }
