@@ -3,21 +3,12 @@
 // functions are compiled with), kLanes, the lane vector fvec with load_vec and hsum, and
 // group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
 // segments, the row-by-row path for cut groups) is the same code on every instruction set,
-// so every path sums the same terms in the same order apart from the lane width.
+// so every path sums the same terms in the same order apart from the lane width and the
+// order of a horizontal sum.
 // No include guard: it is meant to be included more than once.
 
-// group_dots / group_axpy for `rows` rows (at most kRowBlock): whole blocks of kRowBlock,
-// then of 4, then single rows.
-template <int BITS>
-TWA_ISA_FN inline void rows_dots(const uint8_t* const* src, int rows, int64_t gbytes, const float* g, fvec* dots) {
-  if (rows == kRowBlock) return group_dots<BITS, kRowBlock>(src, gbytes, g, dots);
-  int r = 0;
-  if constexpr (kRowBlock > 4) {
-    for (; r + 4 <= rows; r += 4) group_dots<BITS, 4>(src + r, gbytes, g, dots + r);
-  }
-  for (; r < rows; ++r) group_dots<BITS, 1>(src + r, gbytes, g, dots + r);
-}
-
+// group_axpy for `rows` rows (at most kRowBlock): whole blocks of kRowBlock, then of 4, then
+// single rows.
 template <int BITS>
 TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, float* out) {
   if (rows == kRowBlock) return group_axpy<BITS, kRowBlock>(src, gbytes, a, out);
@@ -26,6 +17,33 @@ TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gb
     for (; r + 4 <= rows; r += 4) group_axpy<BITS, 4>(src + r, gbytes, a + r, out);
   }
   for (; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, out);
+}
+
+// ROWS rows from r0 over a run of n whole groups from group t: lanes[r] += scale[r, group] *
+// (the group's dot of row r with g), for each group. A function of its own, with the dots
+// inlined into it, so that the rows' lane sums stay in registers across the run instead of
+// going through memory once a group.
+template <int BITS, int ROWS>
+TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t r0, int64_t t, int64_t n, const float* g,
+                                                   float* lanes) {
+  const int64_t width = b.group_size, gbytes = width * BITS / 8;
+  const uint8_t* src[ROWS];
+  fvec sums[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
+    sums[r] = load_vec(lanes + r * kLanes);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    prefetch_rows(src, ROWS, gbytes);
+    fvec dots[ROWS];
+    group_dots<BITS, ROWS>(src, gbytes, g + i * width, dots);
+    const float* scales = b.scales + (t + i) * b.k + r0;
+    for (int r = 0; r < ROWS; ++r) {
+      sums[r] += scales[r] * dots[r];
+      src[r] += gbytes;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) store_vec(lanes + r * kLanes, sums[r]);
 }
 
 template <int BITS>
@@ -81,20 +99,9 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
 #pragma omp simd
             for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum;
           }
-          const int64_t gbytes = b.group_size * BITS / 8;
-          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
-            for (int64_t i = 0; i < n; ++i) {
-              const uint8_t* src[kRowBlock];
-              const int rows = row_block(b, r0, t + i, gbytes, kRowBlock, src);
-              fvec dots[kRowBlock];
-              rows_dots<BITS>(src, rows, gbytes, gr + i * width, dots);
-              const float* scales = b.scales + (t + i) * b.k + r0;
-              for (int r = 0; r < rows; ++r) {
-                float* lane = &lanes[(r0 + r) * kLanes];
-                store_vec(lane, load_vec(lane) + scales[r] * dots[r]);
-              }
-            }
-          }
+          int64_t r0 = 0;
+          for (; r0 + kRowBlock <= b.k; r0 += kRowBlock) run_dots<BITS, kRowBlock>(b, r0, t, n, gr, &lanes[r0 * kLanes]);
+          for (; r0 < b.k; ++r0) run_dots<BITS, 1>(b, r0, t, n, gr, &lanes[r0 * kLanes]);
           t += n - 1;
           continue;
         }
