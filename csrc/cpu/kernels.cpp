@@ -558,8 +558,89 @@ TWA_ISA_FN inline void axpy_planes(const __m512i* wide, const __m512* a, __m512*
   }
 }
 
+// group_axpy of 2-bit codes, rows in pairs: one lookup adds both rows' terms. A pair's two
+// codes of a column make a 4-bit index c1 + 4 * c2 into a 16-entry table of
+// a1 * c1 + a2 * c2, built once per group; a byte of each row holds four columns' codes,
+// and two bitwise selects put the pair's indices for columns 0 and 2 of each byte in one
+// byte and those for columns 1 and 3 in another (low and high nibble). A lookup and an add
+// per 16 codes and pair replace two lookups and two FMAs.
+template <int ROWS>
+TWA_ISA_FN inline void group_axpy_2bit_pairs(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+  static constexpr float kFirst[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+  static constexpr float kSecond[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+  constexpr int kPairs = ROWS / 2;
+  __m512 table[kPairs];
+  for (int p = 0; p < kPairs; ++p)
+    table[p] = _mm512_fmadd_ps(_mm512_set1_ps(a[2 * p + 1]), _mm512_loadu_ps(kSecond),
+                               _mm512_mul_ps(_mm512_set1_ps(a[2 * p]), _mm512_loadu_ps(kFirst)));
+  const __m128i first_bits = _mm_set1_epi8(0x33);  // bits 0-1 and 4-5: the first row's codes
+  for (int64_t i = 0; i < width; i += kLanes) {
+    __m512 o[4];
+    for (int s = 0; s < 4; ++s) o[s] = _mm512_loadu_ps(out + s * width + i);
+    for (int p = 0; p < kPairs; ++p) {
+      const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[2 * p] + i));
+      const __m128i b2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[2 * p + 1] + i));
+      // 0xCA: first ? second : third, bit by bit
+      const __m512i even = _mm512_cvtepu8_epi32(_mm_ternarylogic_epi32(first_bits, b1, _mm_slli_epi16(b2, 2), 0xCA));
+      const __m512i odd = _mm512_cvtepu8_epi32(_mm_ternarylogic_epi32(first_bits, _mm_srli_epi16(b1, 2), b2, 0xCA));
+      o[0] = _mm512_add_ps(o[0], _mm512_permutexvar_ps(even, table[p]));
+      o[1] = _mm512_add_ps(o[1], _mm512_permutexvar_ps(odd, table[p]));
+      o[2] = _mm512_add_ps(o[2], _mm512_permutexvar_ps(_mm512_srli_epi32(even, 4), table[p]));
+      o[3] = _mm512_add_ps(o[3], _mm512_permutexvar_ps(_mm512_srli_epi32(odd, 4), table[p]));
+    }
+    for (int s = 0; s < 4; ++s) _mm512_storeu_ps(out + s * width + i, o[s]);
+  }
+}
+
+// group_axpy of 1-bit codes, rows in fours, the same way: a column's four codes make the
+// index c1 + 2 c2 + 4 c3 + 8 c4 into a table of a1 c1 + ... + a4 c4. A byte of each row
+// holds eight columns; shifts and three bitwise selects gather, for columns m and m + 4
+// of each byte (m = 0 .. 3), the four rows' bits into one byte's low and high nibble.
+template <int ROWS>
+TWA_ISA_FN inline void group_axpy_1bit_quads(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+  constexpr int kQuads = ROWS / 4;
+  static constexpr float kBit[4][16] = {
+      {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1},
+      {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1},
+      {0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1},
+      {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}};
+  __m512 table[kQuads];
+  for (int q = 0; q < kQuads; ++q) {
+    table[q] = _mm512_mul_ps(_mm512_set1_ps(a[4 * q]), _mm512_loadu_ps(kBit[0]));
+    for (int r = 1; r < 4; ++r)
+      table[q] = _mm512_fmadd_ps(_mm512_set1_ps(a[4 * q + r]), _mm512_loadu_ps(kBit[r]), table[q]);
+  }
+  const __m128i row0 = _mm_set1_epi8(0x11), rows01 = _mm_set1_epi8(0x33), rows012 = _mm_set1_epi8(0x77);
+  for (int64_t i = 0; i < width; i += kLanes) {
+    __m512 o[8];
+    for (int s = 0; s < 8; ++s) o[s] = _mm512_loadu_ps(out + s * width + i);
+    for (int q = 0; q < kQuads; ++q) {
+      __m128i b[4];
+      for (int r = 0; r < 4; ++r) b[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[4 * q + r] + i));
+      // bit r of the index comes from row r's bit m, moved to bit r (and m + 4 to r + 4):
+      // a shift by m - r; bits a 16-bit shift carries across bytes fall outside the masks
+      const auto moved = [&](int r, int m) {
+        const int by = m - r;
+        return by > 0 ? _mm_srli_epi16(b[r], by) : by < 0 ? _mm_slli_epi16(b[r], -by) : b[r];
+      };
+      for (int m = 0; m < 4; ++m) {
+        // 0xCA: first ? second : third, bit by bit
+        __m128i z = _mm_ternarylogic_epi32(row0, moved(0, m), moved(1, m), 0xCA);
+        z = _mm_ternarylogic_epi32(rows01, z, moved(2, m), 0xCA);
+        z = _mm_ternarylogic_epi32(rows012, z, moved(3, m), 0xCA);
+        const __m512i idx = _mm512_cvtepu8_epi32(z);
+        o[m] = _mm512_add_ps(o[m], _mm512_permutexvar_ps(idx, table[q]));
+        o[m + 4] = _mm512_add_ps(o[m + 4], _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table[q]));
+      }
+    }
+    for (int s = 0; s < 8; ++s) _mm512_storeu_ps(out + s * width + i, o[s]);
+  }
+}
+
 template <int BITS, int ROWS>
 TWA_ISA_FN inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+  if constexpr (BITS == 2 && ROWS % 2 == 0) return group_axpy_2bit_pairs<ROWS>(src, width, a, out);
+  if constexpr (BITS == 1 && ROWS % 4 == 0) return group_axpy_1bit_quads<ROWS>(src, width, a, out);
   constexpr int kPerByte = 8 / BITS;
   __m512 av[ROWS];
   for (int r = 0; r < ROWS; ++r) av[r] = _mm512_set1_ps(a[r]);
