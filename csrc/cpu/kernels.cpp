@@ -880,16 +880,14 @@ TWA_ISA_FN inline void round_group_int8_x16(const float* g, int64_t len, int8_t*
         const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(r[0], r[1]), _mm512_packs_epi32(r[2], r[3]));
         _mm512_storeu_si512(q + s * stride + j, _mm512_permutexvar_epi32(order, bytes));
       }
-    scale = amax / 127.f;
-    qsum = _mm512_reduce_add_epi32(sum);
-    return;
+  } else {
+    for (int64_t s = 0; s < len / plane; ++s)
+      for (int64_t j = 0; j < plane; j += 16) {
+        const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(g + s * plane + j), inv));
+        sum = _mm512_add_epi32(sum, rounded);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + s * stride + j), _mm512_cvtepi32_epi8(rounded));
+      }
   }
-  for (int64_t s = 0; s < len / plane; ++s)
-    for (int64_t j = 0; j < plane; j += 16) {
-      const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(g + s * plane + j), inv));
-      sum = _mm512_add_epi32(sum, rounded);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + s * stride + j), _mm512_cvtepi32_epi8(rounded));
-    }
   scale = amax / 127.f;
   qsum = _mm512_reduce_add_epi32(sum);
 }

@@ -28,13 +28,10 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t
                                                    float* lanes) {
   const int64_t width = b.group_size, gbytes = width * BITS / 8;
   const uint8_t* src[ROWS];
+  row_block(b, r0, t, gbytes, ROWS, src);  // the caller has ROWS rows from r0
   fvec sums[ROWS];
-  for (int r = 0; r < ROWS; ++r) {
-    src[r] = b.codes + (r0 + r) * b.row_bytes + t * gbytes;
-    sums[r] = load_vec(lanes + r * kLanes);
-  }
+  for (int r = 0; r < ROWS; ++r) sums[r] = load_vec(lanes + r * kLanes);
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_rows(src, ROWS, gbytes);
     fvec dots[ROWS];
     group_dots<BITS, ROWS>(src, gbytes, g + i * width, dots);
     const float* scales = b.scales + (t + i) * b.k + r0;
@@ -42,6 +39,7 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t
       sums[r] += scales[r] * dots[r];
       src[r] += gbytes;
     }
+    prefetch_rows(src, ROWS, gbytes);  // ahead of the next group, as row_block did for this one
   }
   for (int r = 0; r < ROWS; ++r) store_vec(lanes + r * kLanes, sums[r]);
 }

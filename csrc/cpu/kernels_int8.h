@@ -45,7 +45,7 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots_int8(const uint8_t* const* fi
   for (; i < n; ++i) {
     for (int r = 0; r < rows; ++r)
       for (int64_t o = 0; o < gbytes; o += 64) __builtin_prefetch(src[r] + kInt8FetchAhead + o);
-    rows_dots_int8<BITS>(src, rows, plane, q + i * width, qf + i * width, dots + i * k);
+    rows_dots_int8<BITS>(src, rows, plane, q + i * width, kDotsReadFloats ? qf + i * width : nullptr, dots + i * k);
     for (int r = 0; r < rows; ++r) src[r] += gbytes;
   }
 }
