@@ -275,28 +275,38 @@ def steady_step(page: Path) -> str:
         data = json.loads(path.read_text())
         runs = data["runs"]
         int8 = all("twa_int8_gradients_overhead" in r["training_step"] for r in runs)  # absent in older files
+        kept = all("training_step_kept_heap" in r for r in runs)  # glibc only, and absent in older files
         out += [f"**{stamp_line(data.get('stamp'), _slug(path, 'steady-step'))}**; "
                 f"{f'{len(runs)} runs one after another' if len(runs) > 1 else '1 run'} ([JSON]({_link(path, page)}))", "",
                 "| run | steady ms, per process | median fraction of copy | spread | worst first-call ratio "
-                "| spread against the copy | training step: SGD / TWA |" + (" TWA, int8 gradients |" if int8 else ""),
-                "|---|---|---|---|---|---|---|" + ("---|" if int8 else "")]
+                "| spread against the copy | training step: SGD / TWA |" + (" TWA, int8 gradients |" if int8 else "")
+                + (" page faults per step, SGD / TWA | heap kept: SGD / TWA | heap kept, int8 gradients |" if kept else ""),
+                "|---|---|---|---|---|---|---|" + ("---|" if int8 else "") + ("---|---|---|" if kept else "")]
         for i, r in enumerate(runs, 1):
             steady = [p["steady_ms"] for p in r["processes"]]
             s, t = r["summary"], r["training_step"]
-            out.append(f"| {i} | {min(steady):.1f}-{max(steady):.1f} | {s['median_fraction_of_copy']:.0%} "
-                       f"| {s['spread_slowest_over_fastest']:.2f}x | {s['worst_first_call_ratio']:.2f}x "
-                       f"| {s['spread_vs_copy']:.2f}x | {t['median_ms']['sgd']:.0f} / {t['median_ms']['twa']:.0f} ms, "
-                       f"{t['twa_overhead']:+.0%} |"
-                       + (f" {t['median_ms']['twa_int8_gradients']:.0f} ms, {t['twa_int8_gradients_overhead']:+.0%} |"
-                          if int8 else ""))
+            row = (f"| {i} | {min(steady):.1f}-{max(steady):.1f} | {s['median_fraction_of_copy']:.0%} "
+                   f"| {s['spread_slowest_over_fastest']:.2f}x | {s['worst_first_call_ratio']:.2f}x "
+                   f"| {s['spread_vs_copy']:.2f}x | {_sgd_twa(t)} |")
+            if int8:
+                row += f" {t['median_ms']['twa_int8_gradients']:.0f} ms, {t['twa_int8_gradients_overhead']:+.0%} |"
+            if kept:
+                k, faults = r["training_step_kept_heap"], t["median_page_faults"]
+                row += (f" {faults['sgd']:.0f} / {faults['twa']:.0f} | {_sgd_twa(k)} "
+                        f"| {k['median_ms']['twa_int8_gradients']:.0f} ms, {k['twa_int8_gradients_overhead']:+.0%} |")
+            out.append(row)
         frac = [r["summary"]["median_fraction_of_copy"] for r in runs]
         spread = [r["summary"]["spread_slowest_over_fastest"] for r in runs]
         first = [r["summary"]["worst_first_call_ratio"] for r in runs]
-        over = [r["training_step"]["twa_overhead"] for r in runs]
         n = len(runs)
 
         def held(values, ok):
             return sum(ok(v) for v in values)
+
+        def overhead(label, phase, key):
+            over = [r[phase][key] for r in runs]
+            return (f"| {label} | {held(over, lambda v: v <= 0.08)} of {n} "
+                    f"(median {statistics.median(over):+.0%}, {min(over):+.0%} to {max(over):+.0%}) |")
 
         out += ["", "| target | holds in |", "|---|---|",
                 f"| median fraction of copy bandwidth >= 70% | {held(frac, lambda v: v >= 0.7)} of {n} runs "
@@ -305,14 +315,20 @@ def steady_step(page: Path) -> str:
                 f"({min(spread):.2f}-{max(spread):.2f}x) |",
                 f"| first 3 calls within 1.5x of the steady state | {held(first, lambda v: v <= 1.5)} of {n} "
                 f"({min(first):.2f}-{max(first):.2f}x) |",
-                f"| TWA's training step at most +8% over SGD's | {held(over, lambda v: v <= 0.08)} of {n} "
-                f"(median {statistics.median(over):+.0%}, {min(over):+.0%} to {max(over):+.0%}) |"]
+                overhead("TWA's training step at most +8% over SGD's", "training_step", "twa_overhead")]
         if int8:
-            over8 = [r["training_step"]["twa_int8_gradients_overhead"] for r in runs]
-            out.append(f"| the same with int8_gradients=True | {held(over8, lambda v: v <= 0.08)} of {n} "
-                       f"(median {statistics.median(over8):+.0%}, {min(over8):+.0%} to {max(over8):+.0%}) |")
+            out.append(overhead("the same with int8_gradients=True", "training_step", "twa_int8_gradients_overhead"))
+        if kept:
+            out.append(overhead("TWA's training step at most +8% over SGD's, heap kept", "training_step_kept_heap",
+                                "twa_overhead"))
+            out.append(overhead("the same with int8_gradients=True, heap kept", "training_step_kept_heap",
+                                "twa_int8_gradients_overhead"))
         out.append("")
     return "\n".join(out).strip() or "No steady-step results in bench/results yet."
+
+
+def _sgd_twa(train: dict) -> str:
+    return f"{train['median_ms']['sgd']:.0f} / {train['median_ms']['twa']:.0f} ms, {train['twa_overhead']:+.0%}"
 
 
 def distributed_step(page: Path) -> str:

@@ -23,8 +23,12 @@ raw and against the interleaved copy.
 Then, in one process, a ResNet-18 training step (batch 32, 32x32): plain SGD, TWA with the
 workspace, the same with int8_gradients=True, and TWA with a fresh output per step, each
 the median of 10 after 3 warm-ups, interleaved so that drifts of a shared machine hit all
-four alike, and a torch.profiler table of the SGD and TWA steps' top operators (where
-TWA's extra time goes).
+four alike, with the minor page faults of each step, and a torch.profiler table of the
+SGD and TWA steps' top operators (where TWA's extra time goes). On glibc the training
+phase runs a second time in a process whose heap is kept (KEPT_HEAP: freed memory stays
+in the process instead of going back to the system, as jemalloc or tcmalloc keep it), so
+that page faults of memory the allocator gave back and took again are told apart from
+the kernels' own time.
 
 Writes bench/results/<machine>-steady-step.json (`--runs N` repeats the whole measurement N
 times into one file) and prints the tables. No assertion on time: this is
@@ -35,6 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +54,9 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 K, BITS, LR = 16, 4, 1e-3
+# glibc's malloc: never give freed heap back to the system, never serve a block with its
+# own mmap (a block freed that way is unmapped, and its pages fault in again on reuse)
+KEPT_HEAP = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824"
 
 
 def _copy_bandwidth() -> float:
@@ -151,15 +161,19 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
         "twa_fresh_output": stepper(twa.parameters(), lambda inp: functional_call(model, twa.weights(), (inp,))),
     }
     times = {name: [] for name in steps}
+    faults = {name: [] for name in steps}
     for r in range(rounds + 3):
         for name, step in steps.items():
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             step()
             if r >= 3:
                 times[name].append(time.perf_counter() - t0)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     result = {
         "median_ms": med,
+        "median_page_faults": {name: statistics.median(f) for name, f in faults.items()},
         "twa_overhead": med["twa"] / med["sgd"] - 1,
         "twa_int8_gradients_overhead": med["twa_int8_gradients"] / med["sgd"] - 1,
         "twa_fresh_output_overhead": med["twa_fresh_output"] / med["sgd"] - 1,
@@ -230,26 +244,44 @@ def one_run(args: argparse.Namespace) -> dict:
         "spread_vs_copy": max(ratios) / min(ratios),
         "worst_first_call_ratio_vs_copy": max(r["first_call_ratio_vs_copy"] for r in runs),
     }
-    done = subprocess.run([sys.executable, __file__, "--worker", "train"], capture_output=True, text=True, check=True)
-    train = json.loads(done.stdout.strip().splitlines()[-1])
+    train = _train_in_fresh_process()
     result = {"case": {"model": "resnet18", "k": K, "bits": BITS}, "processes": runs, "summary": summary,
               "training_step": train}
+    if platform.libc_ver()[0] == "glibc":
+        result["training_step_kept_heap"] = kept = _train_in_fresh_process(KEPT_HEAP)
+        kept["glibc_tunables"] = KEPT_HEAP
     print(f"\nmedian fraction of copy bandwidth {summary['median_fraction_of_copy']:.0%} (target >= 70%); "
           f"spread {summary['spread_slowest_over_fastest']:.2f}x (target <= 1.5x); "
           f"worst first-call ratio {summary['worst_first_call_ratio']:.2f}x (target <= 1.5x)")
     print(f"against a copy timed after every call: median fraction "
           f"{summary['median_fraction_of_interleaved_copy']:.0%}, spread {summary['spread_vs_copy']:.2f}x, "
           f"worst first-call ratio {summary['worst_first_call_ratio_vs_copy']:.2f}x")
-    med = train["median_ms"]
-    print(f"training step: SGD {med['sgd']:.0f} ms, TWA {med['twa']:.0f} ms ({train['twa_overhead']:+.0%}), "
+    for label, phase in (("training step", train), ("training step, heap kept", result.get("training_step_kept_heap"))):
+        if phase is not None:
+            _print_training(label, phase)
+    return result
+
+
+def _train_in_fresh_process(glibc_tunables: str | None = None) -> dict:
+    env = dict(os.environ)
+    if glibc_tunables:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), glibc_tunables]))
+    done = subprocess.run([sys.executable, __file__, "--worker", "train"], capture_output=True, text=True,
+                          check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_training(label: str, train: dict) -> None:
+    med, faults = train["median_ms"], train["median_page_faults"]
+    print(f"\n{label}: SGD {med['sgd']:.0f} ms, TWA {med['twa']:.0f} ms ({train['twa_overhead']:+.0%}), "
           f"TWA with int8 gradients {med['twa_int8_gradients']:.0f} ms "
           f"({train['twa_int8_gradients_overhead']:+.0%}), "
-          f"TWA with a fresh output {med['twa_fresh_output']:.0f} ms ({train['twa_fresh_output_overhead']:+.0%})")
+          f"TWA with a fresh output {med['twa_fresh_output']:.0f} ms ({train['twa_fresh_output_overhead']:+.0%}); "
+          f"page faults per step: " + ", ".join(f"{name} {n:.0f}" for name, n in faults.items()))
     for name, rows in train.get("profile", {}).items():
         print(f"\n{name} step, top operators by self CPU time (ms per step):")
         for row in rows:
             print(f"  {row['self_ms_per_step']:8.1f}  {row['op']}")
-    return result
 
 
 if __name__ == "__main__":
