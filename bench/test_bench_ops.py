@@ -171,8 +171,8 @@ def test_in_cache(benchmark, op, bits):
 
     k, d = 16, 1 << 18
     qb = random_packed_basis(k, [d], bits)
-    g, x, center = torch.randn(d), torch.randn(k, 1), torch.randn(d)
-    fn = (lambda: tk.project(qb, g)) if op == "project" else (lambda: tk.reconstruct(qb, x, center))
+    g, x, center, out = torch.randn(d), torch.randn(k, 1), torch.randn(d), torch.zeros(d)
+    fn = (lambda: tk.project(qb, g)) if op == "project" else (lambda: tk.reconstruct(qb, x, center, out=out))
     benchmark.group = f"in-cache bits={bits}"
     benchmark.extra_info.update(op="in_cache", kernel=op, bits=bits, elements=k * d)
     benchmark.pedantic(fn, rounds=20, iterations=5, warmup_rounds=2)
