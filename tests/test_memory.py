@@ -56,6 +56,37 @@ def test_return_freed_memory_gives_a_freed_heap_back_to_the_os():
     assert before - after > 125 << 20, (before >> 20, after >> 20)
 
 
+def test_keep_freed_memory_stops_freed_blocks_faulting_in_again():
+    """A 64 MiB block freed and taken again: by default glibc unmaps it (it is over its
+    mmap threshold) and every page faults in again; after keep_freed_memory it stays in the
+    heap and the second take faults no page. Fresh processes, so nothing else has changed
+    the allocator."""
+    if _memory._libc_call("malloc_trim") is None:
+        pytest.skip("no glibc on this platform: keep_freed_memory does nothing here by design")
+    code = textwrap.dedent("""
+        import resource, sys
+        from twa_kernels import _memory
+        kept = sys.argv[1] == "keep" and _memory.keep_freed_memory()
+        def take_and_free():
+            block = bytearray(64 << 20)
+            block[::4096] = bytes(len(block[::4096]))  # touch every page
+        take_and_free()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        take_and_free()
+        take_and_free()
+        print(int(kept), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    faults = {}
+    for mode in ("keep", "default"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        kept, faults[mode] = map(int, done.stdout.split())
+        assert kept == (mode == "keep")
+    # 16,384 faults of 4 KiB pages by default (fewer where the system backs it with huge
+    # pages), none once kept
+    assert faults["default"] > 8 * faults["keep"] and faults["keep"] < 64, faults
+
+
 def test_the_buffers_every_step_streams_are_advised_before_they_are_filled(monkeypatch):
     """The packed basis, the center and TWA's weight workspace ask for huge pages while
     still untouched (advice given after the first touch only takes effect fault by fault)."""

@@ -27,6 +27,7 @@ from twa_kernels import prune, distill
 from twa_kernels import decor  # tk.decor: decorrelated backpropagation
 from twa_kernels import factorization
 from twa_kernels.factorization import check_optimizer, collapse, factor_param_groups, factorize, sparsity_report
+from twa_kernels._memory import keep_freed_memory
 from twa_kernels._deprecated import alias_module as _alias_module
 
 # The module was named like its function, which shadowed it: `import twa_kernels.factorize`
@@ -63,6 +64,7 @@ __all__ = [
     "split_holdout",
     "uniform_average",
     "update_bn",
+    "keep_freed_memory",
     "backend",
     "dequantize",
     "orthonormalize",

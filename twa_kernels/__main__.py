@@ -1,5 +1,5 @@
 import sys
 
-from twa_kernels.cli import main
+from twa_kernels.cli import run
 
-sys.exit(main())
+sys.exit(run())

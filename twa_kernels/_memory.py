@@ -77,3 +77,24 @@ def return_freed_memory() -> None:
     call = _libc_call("malloc_trim")
     if call is not None:
         call(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+_KEEP_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in this process: glibc's malloc stops giving the top of its heap
+    back to the system and serves blocks up to 1 GiB from the heap instead of their own
+    mmap. A training step frees and retakes tens of MB; given back, those pages fault in
+    again on the next step, 4 KiB at a time (on ResNet-18 a TWA step took 7,000-14,000
+    faults, a third of its overhead over SGD; docs/training.md). This is the process's
+    setting, not the library's: call it at the start of a training script you own (the
+    `twa` command does). return_freed_memory() still gives memory back when asked. Returns
+    False, changing nothing, where the C library has no glibc mallopt."""
+    call = _libc_call("mallopt")
+    if call is None or _libc_call("malloc_trim") is None:  # malloc_trim: glibc's, not another libc's mallopt
+        return False
+    call.argtypes, call.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(call(_M_TRIM_THRESHOLD, _KEEP_THRESHOLD)) and bool(call(_M_MMAP_THRESHOLD, _KEEP_THRESHOLD))
+

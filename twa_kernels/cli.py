@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from twa_kernels import _build, connectivity
+from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError
 from twa_kernels.fit import DEFAULT_LOSS, FitError, import_string, load_config, run_fit
@@ -223,6 +224,14 @@ def _bench(args: argparse.Namespace) -> int:
     if code != 0:
         return code
     return subprocess.call([sys.executable, str(bench / "report.py"), str(results)])
+
+
+def run() -> int:
+    """The `twa` command's entry: it owns its process, so it keeps freed memory in it
+    (keep_freed_memory: no page faults of memory given back between training steps),
+    then runs main()."""
+    keep_freed_memory()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
