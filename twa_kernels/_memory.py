@@ -1,6 +1,7 @@
-"""Hints to the operating system about memory the library owns: give pages back, ask for
-huge pages. All are advisory and return False (or do nothing) where the OS or libc does not
-offer them (non-Linux, no glibc): results never depend on them, only memory and speed."""
+"""Hints to the operating system about memory the library owns (give pages back, ask for
+huge pages), and keep_freed_memory, the allocator setting a training process may ask for.
+All are advisory and return False (or do nothing) where the OS or libc does not offer them
+(non-Linux, no glibc): results never depend on them, only memory and speed."""
 
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def return_freed_memory() -> None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _KEEP_THRESHOLD = 1 << 30
+_GLIBC_DYNAMIC_MMAP_MAX = 32 << 20  # the most glibc raises its mmap threshold to by itself (64-bit)
 
 
 def keep_freed_memory() -> bool:
@@ -96,5 +98,10 @@ def keep_freed_memory() -> bool:
     if call is None or _libc_call("malloc_trim") is None:  # malloc_trim: glibc's, not another libc's mallopt
         return False
     call.argtypes, call.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(call(_M_TRIM_THRESHOLD, _KEEP_THRESHOLD)) and bool(call(_M_MMAP_THRESHOLD, _KEEP_THRESHOLD))
-
+    # The mmap threshold first: a fixed trim threshold also fixes the mmap threshold, and
+    # left at its 128 KiB start every larger block would get (and lose) its own mapping.
+    # Some glibc versions refuse more than their dynamic maximum: then blocks above 32 MiB
+    # keep their own mapping, as they do by default.
+    if not (call(_M_MMAP_THRESHOLD, _KEEP_THRESHOLD) or call(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MMAP_MAX)):
+        return False
+    return bool(call(_M_TRIM_THRESHOLD, _KEEP_THRESHOLD))
