@@ -25,10 +25,10 @@ workspace, the same with int8_gradients=True, and TWA with a fresh output per st
 the median of 10 after 3 warm-ups, interleaved so that drifts of a shared machine hit all
 four alike, with the minor page faults of each step, and a torch.profiler table of the
 SGD and TWA steps' top operators (where TWA's extra time goes). On glibc the training
-phase runs a second time in a process whose heap is kept (KEPT_HEAP: freed memory stays
-in the process instead of going back to the system, as jemalloc or tcmalloc keep it), so
-that page faults of memory the allocator gave back and took again are told apart from
-the kernels' own time.
+phase runs a second time in a process that called tk.keep_freed_memory() first (freed
+memory stays in the process instead of going back to the system, as jemalloc or tcmalloc
+keep it), so that page faults of memory the allocator gave back and took again are told
+apart from the kernels' own time.
 
 Writes bench/results/<machine>-steady-step.json (`--runs N` repeats the whole measurement N
 times into one file) and prints the tables. No assertion on time: this is
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -54,9 +53,6 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 K, BITS, LR = 16, 4, 1e-3
-# glibc's malloc: never give freed heap back to the system, never serve a block with its
-# own mmap (a block freed that way is unmapped, and its pages fault in again on reuse)
-KEPT_HEAP = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824"
 
 
 def _copy_bandwidth() -> float:
@@ -200,10 +196,16 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--worker", choices=["step", "train"])
+    parser.add_argument("--keep-freed-memory", action="store_true", help="worker: call tk.keep_freed_memory() first")
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement, one after another")
     parser.add_argument("--out", default=None, help="default: bench/results/<machine>-steady-step.json")
     args = parser.parse_args()
     if args.worker:
+        if args.keep_freed_memory:
+            import twa_kernels as tk
+
+            if not tk.keep_freed_memory():
+                raise SystemExit("keep_freed_memory() changed nothing on this platform")
         result = worker(args.calls) if args.worker == "step" else training_steps()
         print(json.dumps(result))
         return
@@ -248,8 +250,8 @@ def one_run(args: argparse.Namespace) -> dict:
     result = {"case": {"model": "resnet18", "k": K, "bits": BITS}, "processes": runs, "summary": summary,
               "training_step": train}
     if platform.libc_ver()[0] == "glibc":
-        result["training_step_kept_heap"] = kept = _train_in_fresh_process(KEPT_HEAP)
-        kept["glibc_tunables"] = KEPT_HEAP
+        result["training_step_kept_heap"] = kept = _train_in_fresh_process(keep_freed_memory=True)
+        kept["heap_kept_by"] = "tk.keep_freed_memory()"
     print(f"\nmedian fraction of copy bandwidth {summary['median_fraction_of_copy']:.0%} (target >= 70%); "
           f"spread {summary['spread_slowest_over_fastest']:.2f}x (target <= 1.5x); "
           f"worst first-call ratio {summary['worst_first_call_ratio']:.2f}x (target <= 1.5x)")
@@ -262,12 +264,10 @@ def one_run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _train_in_fresh_process(glibc_tunables: str | None = None) -> dict:
-    env = dict(os.environ)
-    if glibc_tunables:
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), glibc_tunables]))
-    done = subprocess.run([sys.executable, __file__, "--worker", "train"], capture_output=True, text=True,
-                          check=True, env=env)
+def _train_in_fresh_process(keep_freed_memory: bool = False) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--worker", "train"]
+                          + (["--keep-freed-memory"] if keep_freed_memory else []),
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
