@@ -205,7 +205,7 @@ inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>
 // (AMD EPYC, 2 threads, medians of interleaved calls).
 constexpr int64_t kInt8RunBytes = 65536, kInt8RunCols = 131072, kInt8FetchAhead = 2048;
 
-// A path whose dots read q as float32 too (kDotsReadFloats) keeps a quarter of the columns,
+// A path whose dots read q as float32 too (dots_read_floats) keeps a quarter of the columns,
 // so that its q, four bytes a column, still fits in L2 beside the codes.
 inline int64_t int8_run_cap(const PackedBasis& b, bool q_as_floats) {
   const int64_t cols = q_as_floats ? kInt8RunCols / 4 : kInt8RunCols;
@@ -401,15 +401,58 @@ inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a,
 }
 
 // project_int8's integer sums without integer dot instructions: the float kernels above on
-// q as floats (kDotsReadFloats asks kernels_int8.h for them). While a group's largest
+// q as floats (dots_read_floats asks kernels_int8.h for them). While a group's largest
 // possible sum, columns * (2^bits - 1) * 127, is below 2^24, every product and partial sum
 // is an integer a float holds exactly, so the sums equal the integer ones bit for bit;
 // larger groups, and planes that are not whole 8-byte chunks, take a scalar integer loop.
-constexpr bool kDotsReadFloats = true;
+#if defined(__AVX2__)
+// With AVX2, planes of whole 32-byte chunks at 4 bits or fewer take integer dots instead:
+// vpmaddubsw multiplies each code byte (unsigned) by its q byte (signed) and adds
+// neighbouring pairs into int16, the planes of a byte are added in int16, and vpmaddwd by
+// ones widens the sums to int32. No int16 sum saturates: a pair is at most 2 * 15 * 127,
+// and the 8 / BITS planes of a byte at most 7,620 (4 bits). Exact, like the float sums.
+template <int BITS, int ROWS>
+inline void dots_maddubs(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+  constexpr int kPerByte = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)), ones = _mm256_set1_epi16(1);
+  __m256i acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < plane; i += 32) {
+    __m256i qv[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) qv[s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + s * plane + i));
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + i));
+      __m256i sum = _mm256_maddubs_epi16(_mm256_and_si256(bytes, mask), qv[0]);
+      for (int s = 1; s < kPerByte; ++s)  // a 16-bit shift: what crosses into a byte is masked off
+        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), mask), qv[s]));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(sum, ones));
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m128i x = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+    const __m128i y = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
+    dots[r] = _mm_cvtsi128_si32(_mm_add_epi32(y, _mm_shuffle_epi32(y, 0xb1)));
+  }
+}
+#endif
+
+// Whether the dots of a group of `plane` bytes per plane read q as floats.
+template <int BITS>
+inline bool dots_read_floats([[maybe_unused]] int64_t plane) {
+#if defined(__AVX2__)
+  if (BITS <= 4 && plane % 32 == 0) return false;  // dots_maddubs
+#endif
+  return true;
+}
 
 template <int BITS, int ROWS>
 inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8_t* q, const float* qf,
                             int32_t* dots) {
+#if defined(__AVX2__)
+  if constexpr (BITS <= 4) {
+    if (!dots_read_floats<BITS>(plane)) return dots_maddubs<BITS, ROWS>(src, plane, q, dots);
+  }
+#endif
   const int64_t largest = plane * (8 / BITS) * ((1 << BITS) - 1) * 127;
   if (plane % kLanes == 0 && largest < (int64_t{1} << 24)) {
     fvec sums[ROWS];
@@ -667,7 +710,8 @@ namespace vnni {
 #define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
 
 constexpr int kRowBlock = 4;
-constexpr bool kDotsReadFloats = false;  // vpdpbusd reads q as bytes
+template <int BITS>
+inline bool dots_read_floats(int64_t) { return false; }  // vpdpbusd reads q as bytes
 
 // vpdpbusd multiplies 4 unsigned code bytes by 4 signed q bytes and adds the 4 products to
 // an int32 lane: a vector of a plane's codes per instruction. Planes are read W bytes at a
@@ -957,7 +1001,7 @@ bool cpu_has_avx512_vnni() {
 }
 
 // project_int8 on VNNI's integer dots, unless TWA_KERNELS_CPU_ISA=avx2 asks for the
-// portable loops (the path a CPU without VNNI runs).
+// 8-lane path (the one a CPU without VNNI runs).
 bool use_vnni() { return cpu_has_avx512_vnni() && wants_avx512(); }
 
 // The 16-lane path for a packed basis whose group planes are whole 16-byte chunks.
@@ -976,7 +1020,14 @@ const char* cpu_isa() {
 #endif
 }
 
-const char* cpu_int8_isa() { return use_vnni() ? "avx512-vnni" : "generic"; }
+const char* cpu_int8_isa() {
+  if (use_vnni()) return "avx512-vnni";
+#if defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
 
 int project_int8_pieces(const PackedBasis& b, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
                         DType g_dtype, float* y, int num_threads) {

@@ -1,7 +1,7 @@
 // project_int8: project of g rounded to int8 per quantisation group (round_group_int8), with
 // the code-by-g products summed as integers. Included once per instruction set by
 // kernels.cpp inside that set's namespace, which supplies TWA_ISA_FN, kRowBlock,
-// kDotsReadFloats (whether the dots want q as floats too),
+// dots_read_floats<BITS>(plane) (whether the dots want q as floats too),
 // group_dots_int8<BITS, ROWS>(src, plane_bytes, q, q_as_floats, dots): the exact int32 sums
 // over one whole group of code[r, j] * q[j] for ROWS rows, and int8_groups_per_dot(plane):
 // how many consecutive groups of a row one vector of codes covers. Where that is G > 1
@@ -45,7 +45,7 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots_int8(const uint8_t* const* fi
   for (; i < n; ++i) {
     for (int r = 0; r < rows; ++r)
       for (int64_t o = 0; o < gbytes; o += 64) __builtin_prefetch(src[r] + kInt8FetchAhead + o);
-    rows_dots_int8<BITS>(src, rows, plane, q + i * width, kDotsReadFloats ? qf + i * width : nullptr, dots + i * k);
+    rows_dots_int8<BITS>(src, rows, plane, q + i * width, qf ? qf + i * width : nullptr, dots + i * k);
     for (int r = 0; r < rows; ++r) src[r] += gbytes;
   }
 }
@@ -64,13 +64,14 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
     double* acc = partial.data() + static_cast<size_t>(tid) * kb;
-    const int64_t cap = int8_run_cap(b, kDotsReadFloats);
+    const bool floats = dots_read_floats<BITS>(plane);
+    const int64_t cap = int8_run_cap(b, floats);
     // the run's buffers are written before they are read: left uninitialised, the pages of
     // those a run never needs (gbuf, for g read in place) are never touched
     std::unique_ptr<float[]> gbuf(new float[cap * width + 8]);
     std::vector<float> ghat(width + 8), cbuf(width + 8), gsum, scale(cap);
     std::unique_ptr<int8_t[]> q(new int8_t[cap * width]);
-    std::unique_ptr<float[]> qf(kDotsReadFloats ? new float[cap * width + 8] : nullptr);
+    std::unique_ptr<float[]> qf(floats ? new float[cap * width + 8] : nullptr);
     std::vector<int32_t> qsum(cap), dots(cap * b.k);
     const int per_dot = int8_groups_per_dot(plane);
     std::unique_ptr<int8_t[]> q_grouped(per_dot > 1 ? new int8_t[cap * width] : nullptr);
@@ -86,7 +87,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         const int64_t n = run_length(b, t, t_end, blk, cap);
         const float* gr = g.tile(c0, n * width, piece, gbuf.get());
         round_run_int8(gr, n, width, plane, per_dot, q.get(), q_grouped.get(), scale.data(), qsum.data());
-        if (kDotsReadFloats) {
+        if (floats) {
 #pragma omp simd
           for (int64_t j = 0; j < n * width; ++j) qf[j] = q[j];
         }
