@@ -1009,25 +1009,20 @@ bool use_avx512(const PackedBasis& b) {
   return b.bits != 0 && (b.group_size / (8 / b.bits)) % 16 == 0 && wants_avx512();
 }
 
+// What the 8-lane kernels were compiled for.
+const char* eight_lane_isa() {
+#if defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
 }  // namespace
 
-const char* cpu_isa() {
-  if (wants_avx512()) return "avx512";
-#if defined(__AVX2__)
-  return "avx2";
-#else
-  return "generic";
-#endif
-}
+const char* cpu_isa() { return wants_avx512() ? "avx512" : eight_lane_isa(); }
 
-const char* cpu_int8_isa() {
-  if (use_vnni()) return "avx512-vnni";
-#if defined(__AVX2__)
-  return "avx2";
-#else
-  return "generic";
-#endif
-}
+const char* cpu_int8_isa() { return use_vnni() ? "avx512-vnni" : eight_lane_isa(); }
 
 int project_int8_pieces(const PackedBasis& b, const void* const* pieces, const int64_t* starts, int64_t n_pieces,
                         DType g_dtype, float* y, int num_threads) {
