@@ -406,30 +406,63 @@ inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a,
 // is an integer a float holds exactly, so the sums equal the integer ones bit for bit;
 // larger groups, and planes that are not whole 8-byte chunks, take a scalar integer loop.
 #if defined(__AVX2__)
-// With AVX2, planes of whole 32-byte chunks at 4 bits or fewer take integer dots instead:
-// vpmaddubsw multiplies each code byte (unsigned) by its q byte (signed) and adds
+// With AVX2, planes of whole 16- or 32-byte chunks at 4 bits or fewer take integer dots
+// instead: vpmaddubsw multiplies each code byte (unsigned) by its q byte (signed) and adds
 // neighbouring pairs into int16, the planes of a byte are added in int16, and vpmaddwd by
 // ones widens the sums to int32. No int16 sum saturates: a pair is at most 2 * 15 * 127,
 // and the 8 / BITS planes of a byte at most 7,620 (4 bits). Exact, like the float sums.
-template <int BITS, int ROWS>
+// Ymm takes 32 bytes of a plane at a time, Xmm 16 (a 1-bit plane of a 128-column group).
+struct Ymm {
+  using V = __m256i;
+  static constexpr int kBytes = 32;
+  static V load(const void* p) { return _mm256_loadu_si256(static_cast<const V*>(p)); }
+  static V bytes_of(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }
+  static V words_of(int v) { return _mm256_set1_epi16(static_cast<short>(v)); }
+  static V zero() { return _mm256_setzero_si256(); }
+  static V masked(V v, V mask) { return _mm256_and_si256(v, mask); }
+  static V shifted(V v, int by) { return _mm256_srli_epi16(v, by); }
+  static V pair_dots(V codes, V q) { return _mm256_maddubs_epi16(codes, q); }
+  static V add16(V a, V b) { return _mm256_add_epi16(a, b); }
+  static V widened(V sums, V ones) { return _mm256_madd_epi16(sums, ones); }
+  static V add32(V a, V b) { return _mm256_add_epi32(a, b); }
+  static __m128i halves(V v) { return _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)); }
+};
+struct Xmm {
+  using V = __m128i;
+  static constexpr int kBytes = 16;
+  static V load(const void* p) { return _mm_loadu_si128(static_cast<const V*>(p)); }
+  static V bytes_of(int v) { return _mm_set1_epi8(static_cast<char>(v)); }
+  static V words_of(int v) { return _mm_set1_epi16(static_cast<short>(v)); }
+  static V zero() { return _mm_setzero_si128(); }
+  static V masked(V v, V mask) { return _mm_and_si128(v, mask); }
+  static V shifted(V v, int by) { return _mm_srli_epi16(v, by); }
+  static V pair_dots(V codes, V q) { return _mm_maddubs_epi16(codes, q); }
+  static V add16(V a, V b) { return _mm_add_epi16(a, b); }
+  static V widened(V sums, V ones) { return _mm_madd_epi16(sums, ones); }
+  static V add32(V a, V b) { return _mm_add_epi32(a, b); }
+  static __m128i halves(V v) { return v; }
+};
+
+template <int BITS, int ROWS, class W>
 inline void dots_maddubs(const uint8_t* const* src, int64_t plane, const int8_t* q, int32_t* dots) {
+  using V = typename W::V;
   constexpr int kPerByte = 8 / BITS;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)), ones = _mm256_set1_epi16(1);
-  __m256i acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
-  for (int64_t i = 0; i < plane; i += 32) {
-    __m256i qv[kPerByte];
-    for (int s = 0; s < kPerByte; ++s) qv[s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + s * plane + i));
+  const V mask = W::bytes_of((1 << BITS) - 1), ones = W::words_of(1);
+  V acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = W::zero();
+  for (int64_t i = 0; i < plane; i += W::kBytes) {
+    V qv[kPerByte];
+    for (int s = 0; s < kPerByte; ++s) qv[s] = W::load(q + s * plane + i);
     for (int r = 0; r < ROWS; ++r) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + i));
-      __m256i sum = _mm256_maddubs_epi16(_mm256_and_si256(bytes, mask), qv[0]);
+      const V bytes = W::load(src[r] + i);
+      V sum = W::pair_dots(W::masked(bytes, mask), qv[0]);
       for (int s = 1; s < kPerByte; ++s)  // a 16-bit shift: what crosses into a byte is masked off
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes, s * BITS), mask), qv[s]));
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(sum, ones));
+        sum = W::add16(sum, W::pair_dots(W::masked(W::shifted(bytes, s * BITS), mask), qv[s]));
+      acc[r] = W::add32(acc[r], W::widened(sum, ones));
     }
   }
   for (int r = 0; r < ROWS; ++r) {
-    const __m128i x = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+    const __m128i x = W::halves(acc[r]);
     const __m128i y = _mm_add_epi32(x, _mm_shuffle_epi32(x, 0x4e));
     dots[r] = _mm_cvtsi128_si32(_mm_add_epi32(y, _mm_shuffle_epi32(y, 0xb1)));
   }
@@ -440,7 +473,7 @@ inline void dots_maddubs(const uint8_t* const* src, int64_t plane, const int8_t*
 template <int BITS>
 inline bool dots_read_floats([[maybe_unused]] int64_t plane) {
 #if defined(__AVX2__)
-  if (BITS <= 4 && plane % 32 == 0) return false;  // dots_maddubs
+  if (BITS <= 4 && plane % 16 == 0) return false;  // dots_maddubs
 #endif
   return true;
 }
@@ -450,7 +483,8 @@ inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8
                             int32_t* dots) {
 #if defined(__AVX2__)
   if constexpr (BITS <= 4) {
-    if (!dots_read_floats<BITS>(plane)) return dots_maddubs<BITS, ROWS>(src, plane, q, dots);
+    if (plane % 32 == 0) return dots_maddubs<BITS, ROWS, Ymm>(src, plane, q, dots);
+    if (!dots_read_floats<BITS>(plane)) return dots_maddubs<BITS, ROWS, Xmm>(src, plane, q, dots);
   }
 #endif
   const int64_t largest = plane * (8 / BITS) * ((1 << BITS) - 1) * 127;
