@@ -405,6 +405,7 @@ inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a,
 // possible sum, columns * (2^bits - 1) * 127, is below 2^24, every product and partial sum
 // is an integer a float holds exactly, so the sums equal the integer ones bit for bit;
 // larger groups, and planes that are not whole 8-byte chunks, take a scalar integer loop.
+
 #if defined(__AVX2__)
 // With AVX2, planes of whole 16- or 32-byte chunks at 4 bits or fewer take integer dots
 // instead: vpmaddubsw multiplies each code byte (unsigned) by its q byte (signed) and adds
