@@ -43,7 +43,7 @@ const char* cpu_isa();
 
 // The instruction set project_int8 runs on now: "avx512-vnni" (when the CPU has AVX-512
 // VNNI, unless TWA_KERNELS_CPU_ISA=avx2), else "avx2" (AVX2's byte dots at 1-4 bits for
-// group planes of whole 32-byte chunks, the float kernels on q otherwise) or "generic".
+// group planes of whole 16-byte chunks, the float kernels on q otherwise) or "generic".
 const char* cpu_int8_isa();
 
 // gram[i, l] = sum_j p[i, j] * p[l, j], accumulated in float64. p is float32 [k, d].
