@@ -70,12 +70,15 @@ OUTPUT_DIRS = ("bench/results", "results")
 
 def stamp() -> dict:
     """Machine, UTC date, commit (and whether the tree's code was clean: changes under
-    OUTPUT_DIRS do not count) and software versions."""
+    OUTPUT_DIRS do not count) and software versions.
+
+    A copy of the tree without its git directory (as shipped to a remote GPU machine) names
+    its commit in $TWA_BENCH_COMMIT; its cleanliness is then unknown (None)."""
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
                   *(f":(exclude){d}" for d in OUTPUT_DIRS))
     info = {
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("TWA_BENCH_COMMIT") or None,
         "clean": status == "" if status is not None else None,
         "torch": torch.__version__,
         "python": platform.python_version(),

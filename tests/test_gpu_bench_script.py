@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import twa_kernels
 
@@ -42,7 +43,7 @@ gpu.MODELS = {"88M": lambda: [3000, 10, 2000], "1B": lambda: [5000, 7]}
 gpu.copy_bandwidth_gbps = lambda: 20.0
 timer = gpu.cuda_time_ms
 gpu.cuda_time_ms = lambda fn, min_reps=10, min_ms=300.0, warmup=2: timer(fn, 2, 0, 1)
-sys.argv = ["gpu.py", "--quick", "--out", sys.argv[1]]
+sys.argv = ["gpu.py", "--quick", "--no-peers", "--out", sys.argv[1]]
 sys.exit(gpu.main())
 """
 
@@ -55,9 +56,10 @@ def test_gpu_bench_script_runs_and_writes_its_json(tmp_path):
     env.pop("TWA_KERNELS_BACKEND", None)
     result = subprocess.run([sys.executable, "-c", DRY_RUN, str(out)], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = json.loads(out.read_text())
-    assert report["device"] == "Dry Run"
+    assert report["device"] == "Dry Run" and report["failures"] == []
+    assert report["stamp"]["torch"] == torch.__version__
     impls = {(r["op"], r["impl"]) for r in report["rows"]}
     # the Triton backend for each op, and the baselines timed in the same run
     assert {("project", "triton"), ("reconstruct", "triton"), ("twa_step", "triton")} <= impls
