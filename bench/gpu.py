@@ -4,7 +4,7 @@ Every usable GPU backend (cuda, triton) at k = 16 and 72, D = 88M (CLIP ViT-B/32
 20-layer, width-2048 transformer), bits 1/2/4/8; in the same run the reference backend and the
 paper's P_Step path (at 88M, where they fit and finish), and a device-to-device copy as the
 bandwidth roof. Times are medians of CUDA-event timings after warm-up. Writes
-bench/results/gpu-<device>.json (and a copy under $OUT when set) and prints a table.
+bench/results/<machine>-cuda-ops.json (and a copy under $OUT when set) and prints a table.
 
 In the same run, at 88M and 4 bits: other libraries' kernels on the shape of project
 (bench/gpu_peers.py: torch's bf16 GEMV, torch's int4 tinygemm, bitsandbytes' NF4 GEMV) and a
@@ -195,7 +195,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="k=16, 88M, 4-bit only")
     parser.add_argument("--once", action="store_true", help="one call of each op and backend, nothing timed")
     parser.add_argument("--no-peers", action="store_true", help="skip other libraries' kernels")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/gpu-<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/<machine>-cuda-ops.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -204,7 +204,8 @@ def main() -> int:
         once(usable_backends())
         return 0
     device = torch.cuda.get_device_name()
-    out = Path(args.out or Path(__file__).parent / "results" / f"{machine_slug()}{'-quick' if args.quick else ''}.json")
+    name = f"{machine_slug()}-cuda-ops{'-quick' if args.quick else ''}.json"
+    out = Path(args.out or Path(__file__).parent / "results" / name)
     copy = copy_bandwidth_gbps()
     print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)
     backends = usable_backends()

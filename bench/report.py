@@ -15,7 +15,7 @@ bytes take at copy bandwidth: the larger one says what bounds the op.
 Docs' tables: each sits in a Markdown file between `<!-- report:NAME -->` and
 `<!-- /report:NAME -->`, and is generated from the results files of bench/results
 (`<machine>-ops.json`, `<machine>-ops-interleaved.json`, `<machine>-steady-step.json`,
-`<machine>-distributed-step.json`),
+`<machine>-distributed-step.json`, and bench/gpu.py's `<machine>-cuda-ops.json`),
 each stamped with the machine, date, commit and torch version it came from.
 """
 
@@ -352,11 +352,69 @@ def distributed_step(page: Path) -> str:
     return "\n".join(out).strip() or "No distributed-step results in bench/results yet."
 
 
+
+_GPU_IMPLS = {"cuda": "cuda backend", "triton": "triton backend", "torch-bf16": "torch bf16 GEMV (cuBLAS, dense)",
+              "torch-int4pack": "torch int4 GEMV (`_weight_int4pack_mm`, tinygemm)",
+              "bitsandbytes-nf4": "bitsandbytes NF4 GEMV (`matmul_4bit`)", "reference": "reference backend",
+              "paper": "paper's code path"}
+
+
+def cuda_ops(page: Path) -> str:
+    """bench/gpu.py: each backend and peer at D = 88M, 4 bits; the grid's fractions of copy; the profile."""
+    out = []
+    for path in _files("cuda-ops"):
+        d = json.loads(path.read_text())
+        rows = d["rows"]
+        paper = {(r["op"], r["k"]): r["ms"] for r in rows if r["impl"] == "paper" and r["model"] == "88M"
+                 and r["bits"] == 4}
+        out += [f"**{stamp_line(d.get('stamp'), _slug(path, 'cuda-ops'))}**; device-to-device copy "
+                f"{d['copy_gbps']:.0f} GB/s (read + write) in the same run; medians of CUDA-event timings "
+                f"([JSON]({_link(path, page)}))", "",
+                "| op, D = 88M, 4-bit | k | implementation | ms | GB/s | of copy | vs paper |",
+                "|---|---:|---|---:|---:|---:|---:|"]
+        order = list(_GPU_IMPLS)
+        head = sorted((r for r in rows if r["model"] == "88M" and r["bits"] == 4),
+                      key=lambda r: (("project", "reconstruct", "twa_step").index(r["op"]), r["k"],
+                                     order.index(r["impl"]) if r["impl"] in order else len(order)))
+        for r in head:
+            base = paper.get((r["op"], r["k"])) if r["impl"] != "paper" else None
+            speedup = f"{base / r['ms']:.0f}x" if base else "-"
+            label = _GPU_IMPLS.get(r["impl"], r["impl"])
+            if r.get("rel_error") is not None:
+                label += f" (error {r['rel_error']:.0e})"
+            out.append(f"| {r['op']} | {r['k']} | {label} | {r['ms']:.3f} | {r['gbps']:.0f} | "
+                       f"{r['fraction_of_copy']:.0%} | {speedup} |")
+        grid = defaultdict(dict)
+        for r in rows:
+            if r["impl"] in ("cuda", "triton"):
+                grid[(r["model"], r["k"], r["bits"])][(r["op"], r["impl"])] = r
+        columns = [(op, impl) for op in ("project", "reconstruct", "twa_step") for impl in ("cuda", "triton")]
+        out += ["", "Every case of the grid, as a fraction of the copy bandwidth (ms in brackets):", "",
+                "| D | k | bits | " + " | ".join(f"{op} {impl}" for op, impl in columns) + " |",
+                "|---|---:|---:|" + "---:|" * len(columns)]
+        for (model, k, bits), cells in sorted(grid.items(), key=lambda kv: (kv[0][0] != "88M", kv[0][1], kv[0][2])):
+            out.append(f"| {model} | {k} | {bits} | " + " | ".join(
+                f"{cells[c]['fraction_of_copy']:.0%} ({cells[c]['ms']:.2f})" if c in cells else "-" for c in columns)
+                + " |")
+        if d.get("profile"):
+            out += ["", "Where the time goes (torch.profiler, D = 88M, 4-bit; device time per call):", "",
+                    "| op | k | backend | kernels: us per call (launches) |", "|---|---:|---|---|"]
+            for prof in d["profile"]:
+                kernels = "; ".join(f"`{kern['kernel'][:40]}` {kern['us_per_call']:.0f} ({kern['launches_per_call']:g})"
+                                    for kern in prof["kernels"][:4])
+                out.append(f"| {prof['op']} | {prof['k']} | {prof['impl']} | {kernels} |")
+        if d.get("failures"):
+            out += ["", "Cases that failed in this run:", ""]
+            out += [f"- {f['case']}: {str(f['error'])[:200]}" for f in d["failures"]]
+        out.append("")
+    return "\n".join(out).strip() or "No GPU results in bench/results yet (bench/gpu_run.sh writes them)."
+
+
 SECTIONS = {"headline": headline, "ops": ops, "ops-interleaved": ops_interleaved, "access-pattern": access_pattern,
-            "steady-step": steady_step, "distributed-step": distributed_step}
+            "steady-step": steady_step, "distributed-step": distributed_step, "cuda-ops": cuda_ops}
 PAGES = {"README.md": ["headline"],
          "docs/benchmarks.md": ["headline", "ops", "ops-interleaved", "access-pattern", "steady-step",
-                                "distributed-step"]}
+                                "distributed-step", "cuda-ops"]}
 
 
 def render(text: str, page: Path) -> str:
