@@ -7,15 +7,16 @@
 // order of a horizontal sum.
 // No include guard: it is meant to be included more than once.
 
-// group_axpy for `rows` rows (at most kRowBlock): whole blocks of kRowBlock, then of 4, then
-// single rows.
+// group_axpy for `rows` rows (at most kAxpyRows): one whole block of kAxpyRows, else blocks of
+// 8 and 4, then single rows.
 template <int BITS>
 TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, float* out) {
-  if (rows == kRowBlock) return group_axpy<BITS, kRowBlock>(src, gbytes, a, out);
+  if (rows == kAxpyRows<BITS>) return group_axpy<BITS, kAxpyRows<BITS>>(src, gbytes, a, out);
   int r = 0;
-  if constexpr (kRowBlock > 4) {
-    for (; r + 4 <= rows; r += 4) group_axpy<BITS, 4>(src + r, gbytes, a + r, out);
+  if constexpr (kAxpyRows<BITS> > 8) {
+    for (; r + 8 <= rows; r += 8) group_axpy<BITS, 8>(src + r, gbytes, a + r, out);
   }
+  for (; r + 4 <= rows; r += 4) group_axpy<BITS, 4>(src + r, gbytes, a + r, out);
   for (; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, out);
 }
 
@@ -151,18 +152,33 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
               std::fill(oi, oi + width, base);
             }
           }
+          // The rows pass over the run's output in blocks of kAxpyRows, the fewest passes the
+          // registers allow. Meanwhile the next run's center is fetched a few lines per group,
+          // and the last pass stores each group as it finishes it: the memory traffic is then
+          // spread over the arithmetic instead of coming in bursts between runs.
           const int64_t gbytes = b.group_size * BITS / 8;
-          for (int64_t r0 = 0; r0 < b.k; r0 += kRowBlock) {
+          const char* next_center = nullptr;
+          int64_t next_lines = 0, fetched = 0;
+          if (center && center_dtype == DType::f32 && t + n < t_end) {
+            next_center = static_cast<const char*>(center) + (c0 + n * width) * sizeof(float);
+            next_lines = std::min(n, t_end - t - n) * width * static_cast<int64_t>(sizeof(float)) / 64;
+          }
+          const int64_t passes = (b.k + kAxpyRows<BITS> - 1) / kAxpyRows<BITS>;
+          const int64_t lines_per_group = (next_lines + passes * n - 1) / (passes * n);
+          for (int64_t r0 = 0; r0 < b.k; r0 += kAxpyRows<BITS>) {
+            const bool last_pass = r0 + kAxpyRows<BITS> >= b.k;
             for (int64_t i = 0; i < n; ++i) {
-              const uint8_t* src[kRowBlock];
-              const int rows = row_block(b, r0, t + i, gbytes, kRowBlock, src);
+              const uint8_t* src[kAxpyRows<BITS>];
+              const int rows = row_block(b, r0, t + i, gbytes, kAxpyRows<BITS>, src);
               const float* scales = b.scales + (t + i) * b.k + r0;
-              float a[kRowBlock];
+              float a[kAxpyRows<BITS>];
               for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
               rows_axpy<BITS>(src, rows, gbytes, a, o + i * width);
+              for (int64_t j = 0; j < lines_per_group && fetched < next_lines; ++j, ++fetched)
+                __builtin_prefetch(next_center + fetched * 64);
+              if (last_pass) store_floats(out, out_dtype, c0 + i * width, width, o + i * width);
             }
           }
-          store_floats(out, out_dtype, c0, n * width, o);
           t += n - 1;
           continue;
         }
