@@ -66,6 +66,15 @@ struct Pieces {
     return std::upper_bound(starts, starts + n + 1, col) - starts - 1;
   }
 
+  // Where column c is (in the piece holding it, found from the hint `piece` on) and how many
+  // of the bytes of c .. c + len that piece holds: the part of a later tile worth fetching.
+  const void* span(int64_t c, int64_t len, int64_t piece, int64_t& bytes) const {
+    while (piece + 1 < n && starts[piece + 1] <= c) ++piece;
+    const int64_t elem = dtype == DType::f32 ? 4 : 2;
+    bytes = (std::min(starts[piece + 1], c + len) - c) * elem;
+    return static_cast<const char*>(ptrs[piece]) + (c - starts[piece]) * elem;
+  }
+
   // g[c0 : c0 + len] as float32: the memory itself when one float32 piece holds it all,
   // else converted or gathered into buf. `piece` is the hint kept by the caller.
   const float* tile(int64_t c0, int64_t len, int64_t& piece, float* buf) const {
@@ -172,6 +181,23 @@ inline void prefetch_rows(const uint8_t* const* src, int rows, int64_t bytes) {
   for (int r = 0; r < rows; ++r)
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(src[r] + kPrefetchBytes + off);
 }
+
+// A span of memory fetched a few cache lines at a time, spread over the calls of a loop, so
+// that the next run's stream (its g, or its center) arrives while this run computes instead
+// of in a burst of misses when the run starts.
+struct LineFetcher {
+  const char* next = nullptr;
+  int64_t lines = 0, per_call = 0;
+
+  void start(const void* from, int64_t bytes, int64_t calls) {
+    next = static_cast<const char*>(from);
+    lines = from ? (bytes + 63) / 64 : 0;
+    per_call = (lines + std::max<int64_t>(calls, 1) - 1) / std::max<int64_t>(calls, 1);
+  }
+  void step() {
+    for (int64_t j = 0; j < per_call && lines > 0; ++j, --lines, next += 64) __builtin_prefetch(next);
+  }
+};
 
 // Group t of rows r0 .. r0 + block - 1 (fewer at the end): their code pointers, prefetched ahead.
 inline int row_block(const PackedBasis& b, int64_t r0, int64_t t, int64_t gbytes, int block, const uint8_t** src) {

@@ -26,7 +26,7 @@ TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gb
 // going through memory once a group.
 template <int BITS, int ROWS>
 TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t r0, int64_t t, int64_t n, const float* g,
-                                                   float* lanes) {
+                                                   float* lanes, LineFetcher& next_g) {
   const int64_t width = b.group_size, gbytes = width * BITS / 8;
   const uint8_t* src[ROWS];
   row_block(b, r0, t, gbytes, ROWS, src);  // the caller has ROWS rows from r0
@@ -41,6 +41,7 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t
       src[r] += gbytes;
     }
     prefetch_rows(src, ROWS, gbytes);  // ahead of the next group, as row_block did for this one
+    next_g.step();
   }
   for (int r = 0; r < ROWS; ++r) store_vec(lanes + r * kLanes, sums[r]);
 }
@@ -98,9 +99,17 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
 #pragma omp simd
             for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum;
           }
+          // the next run's g, fetched while the row blocks pass over this run's
+          LineFetcher next_g;
+          if (t + n < t_end) {
+            int64_t bytes = 0;
+            const void* from = g.span(c0 + n * width, std::min(n, t_end - t - n) * width, piece, bytes);
+            next_g.start(from, bytes, (b.k / kRowBlock + b.k % kRowBlock) * n);
+          }
           int64_t r0 = 0;
-          for (; r0 + kRowBlock <= b.k; r0 += kRowBlock) run_dots<BITS, kRowBlock>(b, r0, t, n, gr, &lanes[r0 * kLanes]);
-          for (; r0 < b.k; ++r0) run_dots<BITS, 1>(b, r0, t, n, gr, &lanes[r0 * kLanes]);
+          for (; r0 + kRowBlock <= b.k; r0 += kRowBlock)
+            run_dots<BITS, kRowBlock>(b, r0, t, n, gr, &lanes[r0 * kLanes], next_g);
+          for (; r0 < b.k; ++r0) run_dots<BITS, 1>(b, r0, t, n, gr, &lanes[r0 * kLanes], next_g);
           t += n - 1;
           continue;
         }
@@ -157,14 +166,13 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
           // and the last pass stores each group as it finishes it: the memory traffic is then
           // spread over the arithmetic instead of coming in bursts between runs.
           const int64_t gbytes = b.group_size * BITS / 8;
-          const char* next_center = nullptr;
-          int64_t next_lines = 0, fetched = 0;
-          if (center && center_dtype == DType::f32 && t + n < t_end) {
-            next_center = static_cast<const char*>(center) + (c0 + n * width) * sizeof(float);
-            next_lines = std::min(n, t_end - t - n) * width * static_cast<int64_t>(sizeof(float)) / 64;
+          LineFetcher next_center;
+          if (center && t + n < t_end) {
+            const int64_t elem = center_dtype == DType::f32 ? 4 : 2;
+            const int64_t passes = (b.k + kAxpyRows<BITS> - 1) / kAxpyRows<BITS>;
+            next_center.start(static_cast<const char*>(center) + (c0 + n * width) * elem,
+                              std::min(n, t_end - t - n) * width * elem, passes * n);
           }
-          const int64_t passes = (b.k + kAxpyRows<BITS> - 1) / kAxpyRows<BITS>;
-          const int64_t lines_per_group = (next_lines + passes * n - 1) / (passes * n);
           for (int64_t r0 = 0; r0 < b.k; r0 += kAxpyRows<BITS>) {
             const bool last_pass = r0 + kAxpyRows<BITS> >= b.k;
             for (int64_t i = 0; i < n; ++i) {
@@ -174,8 +182,7 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
               float a[kAxpyRows<BITS>];
               for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
               rows_axpy<BITS>(src, rows, gbytes, a, o + i * width);
-              for (int64_t j = 0; j < lines_per_group && fetched < next_lines; ++j, ++fetched)
-                __builtin_prefetch(next_center + fetched * 64);
+              next_center.step();
               if (last_pass) store_floats(out, out_dtype, c0 + i * width, width, o + i * width);
             }
           }
