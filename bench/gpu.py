@@ -156,7 +156,7 @@ def kernel_breakdown(fn, calls: int = 5) -> list[dict]:
     return sorted(kernels, key=lambda r: -r["us_per_call"])
 
 
-def run_peers(d: int, ks: list[int], timeout_s: int = 300) -> list[dict]:
+def run_peers(d: int, ks: list[int], timeout_s: int = 120) -> list[dict]:
     """bench/gpu_peers.py's rows, each peer in its own process; a peer that fails leaves a row saying why."""
     rows = []
     for peer in ("torch-bf16", "torch-int4pack", "bitsandbytes-nf4"):

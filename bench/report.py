@@ -352,7 +352,6 @@ def distributed_step(page: Path) -> str:
     return "\n".join(out).strip() or "No distributed-step results in bench/results yet."
 
 
-
 _GPU_IMPLS = {"cuda": "cuda backend", "triton": "triton backend", "torch-bf16": "torch bf16 GEMV (cuBLAS, dense)",
               "torch-int4pack": "torch int4 GEMV (`_weight_int4pack_mm`, tinygemm)",
               "bitsandbytes-nf4": "bitsandbytes NF4 GEMV (`matmul_4bit`)", "reference": "reference backend",

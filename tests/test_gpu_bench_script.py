@@ -50,7 +50,7 @@ sys.exit(gpu.main())
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="the dry run uses the Triton kernels in the interpreter")
-def test_gpu_bench_script_runs_and_writes_its_json(tmp_path):
+def test_gpu_bench_script_runs_and_writes_its_json(tmp_path, monkeypatch):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("TWA_KERNELS_BACKEND", None)
@@ -66,3 +66,20 @@ def test_gpu_bench_script_runs_and_writes_its_json(tmp_path):
     assert {("project", "reference"), ("twa_step", "reference"), ("twa_step", "paper")} <= impls
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in report["rows"])
     assert "x paper" in result.stdout
+
+    # bench/report.py renders the run into the docs' GPU section: one row per backend and
+    # baseline, the speed-up over the paper's path, and the grid
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import report as bench_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "gpu-dry-run-cuda-ops.json").write_text(out.read_text())
+    monkeypatch.setattr(bench_report, "RESULTS", results)
+    monkeypatch.setattr(bench_report, "_link", lambda path, page: path.name)  # outside the repository
+    table = bench_report.cuda_ops(REPO / "docs" / "benchmarks.md")
+    assert table.startswith("**Dry Run")
+    lines = table.splitlines()
+    triton_step = next(line for line in lines if line.startswith("| twa_step | 16 | triton backend |"))
+    assert triton_step.rstrip(" |").endswith("x")  # against the paper's step of the same run
+    assert any(line.startswith("| 88M | 16 | 4 | ") for line in lines)
