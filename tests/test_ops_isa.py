@@ -158,9 +158,9 @@ for isa in ("auto", "avx2"):
     import os
     os.environ["TWA_KERNELS_CPU_ISA"] = isa
     for bits in (1, 2, 4, 8):
-        qb = tk.quantize(random_basis(7, 9_001, group_size=128), bits, 128, [4_000, 1, 5_000])
+        qb = tk.quantize(random_basis(27, 9_001, group_size=128), bits, 128, [4_000, 1, 5_000])
         args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
-        g, x, center = torch.randn(9_001), torch.randn(7, 3), torch.randn(9_001)
+        g, x, center = torch.randn(9_001), torch.randn(27, 3), torch.randn(9_001)
         torch.testing.assert_close(tk.project(qb, g), reference.project(*args, g, bits, 128), rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(tk.reconstruct(qb, x, center),
                                    reference.reconstruct(*args, x, center, bits, 128, 9_001), rtol=1e-5, atol=1e-4)
