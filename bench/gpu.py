@@ -6,9 +6,11 @@ paper's P_Step path (at 88M, where they fit and finish), and a device-to-device 
 bandwidth roof. Times are medians of CUDA-event timings after warm-up. Writes
 bench/results/<machine>-cuda-ops.json (and a copy under $OUT when set) and prints a table.
 
-In the same run, at 88M and 4 bits: other libraries' kernels on the shape of project
-(bench/gpu_peers.py: torch's bf16 GEMV, torch's int4 tinygemm, bitsandbytes' NF4 GEMV) and a
-torch.profiler breakdown of each backend's kernels, which says where an op's time goes.
+project_bf16 and reconstruct_bf16 are a bfloat16 model's: its gradient in bf16, its weights
+rebuilt from a bf16 center into a bf16 buffer. In the same run, at 88M and 4 bits: other
+libraries' kernels on the shape of project (bench/gpu_peers.py: torch's bf16 GEMV, torch's
+int4 tinygemm, bitsandbytes' NF4 GEMV) and a torch.profiler breakdown of each backend's
+kernels, which says where an op's time goes.
 
     python bench/gpu.py            # the whole grid (a few minutes on an H100)
     python bench/gpu.py --quick    # k=16, 88M, 4-bit only
@@ -98,6 +100,13 @@ def ops_for(qb: QuantizedBasis):
     project = lambda: _ops.project_op(*parts, g, qb.bits, GROUP_SIZE)  # noqa: E731
     reconstruct = lambda: _ops.reconstruct_op(*parts, x, center, qb.bits, GROUP_SIZE, d)  # noqa: E731
 
+    # a bfloat16 model's step: its gradient in bf16, its weights rebuilt from a bf16 center into bf16
+    g_bf16, center_bf16 = g.bfloat16(), center.bfloat16()
+    out_bf16 = torch.empty(d, dtype=torch.bfloat16, device=DEVICE)
+    project_bf16 = lambda: _ops.project_op(*parts, g_bf16, qb.bits, GROUP_SIZE)  # noqa: E731
+    reconstruct_bf16 = lambda: _ops.reconstruct_into_op(  # noqa: E731
+        *parts, x, center_bf16, qb.bits, GROUP_SIZE, out_bf16)
+
     def step():
         return _ops.reconstruct_op(*parts, x - LR * project(), center, qb.bits, GROUP_SIZE, d)
 
@@ -106,6 +115,8 @@ def ops_for(qb: QuantizedBasis):
         "project": (project, codes + meta + 4 * d),
         "reconstruct": (reconstruct, codes + meta + 8 * d),
         "twa_step": (step, 2 * (codes + meta) + 12 * d),
+        "project_bf16": (project_bf16, codes + meta + 2 * d),
+        "reconstruct_bf16": (reconstruct_bf16, codes + meta + 4 * d),
     }
 
 

@@ -357,6 +357,8 @@ _GPU_IMPLS = {"cuda": "cuda backend", "triton": "triton backend", "torch-bf16": 
               "bitsandbytes-nf4": "bitsandbytes NF4 GEMV (`matmul_4bit`)", "reference": "reference backend",
               "paper": "paper's code path"}
 
+_GPU_OPS = ("project", "reconstruct", "twa_step", "project_bf16", "reconstruct_bf16")
+
 
 def cuda_ops(page: Path) -> str:
     """bench/gpu.py: each backend and peer at D = 88M, 4 bits; the grid's fractions of copy; the profile."""
@@ -373,7 +375,7 @@ def cuda_ops(page: Path) -> str:
                 "|---|---:|---|---:|---:|---:|---:|"]
         order = list(_GPU_IMPLS)
         head = sorted((r for r in rows if r["model"] == "88M" and r["bits"] == 4),
-                      key=lambda r: (("project", "reconstruct", "twa_step").index(r["op"]), r["k"],
+                      key=lambda r: (_GPU_OPS.index(r["op"]) if r["op"] in _GPU_OPS else len(_GPU_OPS), r["k"],
                                      order.index(r["impl"]) if r["impl"] in order else len(order)))
         for r in head:
             base = paper.get((r["op"], r["k"])) if r["impl"] != "paper" else None
@@ -387,7 +389,7 @@ def cuda_ops(page: Path) -> str:
         for r in rows:
             if r["impl"] in ("cuda", "triton"):
                 grid[(r["model"], r["k"], r["bits"])][(r["op"], r["impl"])] = r
-        columns = [(op, impl) for op in ("project", "reconstruct", "twa_step") for impl in ("cuda", "triton")]
+        columns = [(op, impl) for op in _GPU_OPS for impl in ("cuda", "triton")]
         out += ["", "Every case of the grid, as a fraction of the copy bandwidth (ms in brackets):", "",
                 "| D | k | bits | " + " | ".join(f"{op} {impl}" for op, impl in columns) + " |",
                 "|---|---:|---:|" + "---:|" * len(columns)]

@@ -63,6 +63,7 @@ def test_gpu_bench_script_runs_and_writes_its_json(tmp_path, monkeypatch):
     impls = {(r["op"], r["impl"]) for r in report["rows"]}
     # the Triton backend for each op, and the baselines timed in the same run
     assert {("project", "triton"), ("reconstruct", "triton"), ("twa_step", "triton")} <= impls
+    assert {("project_bf16", "triton"), ("reconstruct_bf16", "triton")} <= impls  # a bfloat16 model's step
     assert {("project", "reference"), ("twa_step", "reference"), ("twa_step", "paper")} <= impls
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in report["rows"])
     assert "x paper" in result.stdout
