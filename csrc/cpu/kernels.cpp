@@ -333,7 +333,8 @@ namespace vec8 {
 constexpr int kLanes = 8;
 constexpr int kRowBlock = 4;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h): 8 made reconstruct
-// 10-20% faster than 4 under AVX2; 16 spills, with only 16 vector registers.
+// 10-12% faster than 4 on this path (AMD EPYC, TWA_KERNELS_CPU_ISA=avx2, 2 threads, k = 16,
+// D = 11.7M); 16 rows' codes and coefficients would not fit AVX2's 16 vector registers.
 template <int BITS>
 constexpr int kAxpyRows = 8;
 typedef float fvec __attribute__((vector_size(32)));
