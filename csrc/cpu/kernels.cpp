@@ -323,6 +323,19 @@ inline void round_group_int8(const float* g, int64_t len, int8_t* q, float& scal
   qsum = sum;
 }
 
+// Where group_axpy reads a group's running output and where it writes it: from `in` plus
+// `add` in every column (nullptr: from `add` alone) into `out`, with streaming stores when
+// `stream` (out is then the op's own output, aligned to a whole vector). Reconstruct's first
+// pass over a run starts from the center plus the group's constant term, and its last pass
+// writes the weights themselves, so the run's output buffer is not filled first and copied
+// out after.
+struct AxpyIO {
+  const float* in;
+  float add;
+  float* out;
+  bool stream;
+};
+
 // ---- 8 lanes: AVX2, or whatever the compiler targets ------------------------------------
 namespace vec8 {
 
@@ -414,20 +427,36 @@ inline void axpy_planes(const i32x8* wide, const float* a, fvec* o) {
   }
 }
 
-// out[j] += sum_r a[r] * code[r, j] over the group, for ROWS rows: each 8-column chunk of
-// every plane is loaded once, and each 8 bytes of a row are widened once.
+inline fvec axpy_load(const AxpyIO& io, int64_t off) {
+  const fvec add = fvec{} + io.add;
+  return io.in ? load_vec(io.in + off) + add : add;
+}
+
+inline void axpy_store(const AxpyIO& io, int64_t off, fvec v) {
+#if defined(__AVX__)
+  if (io.stream) {
+    __m256 m;
+    std::memcpy(&m, &v, sizeof m);
+    return _mm256_stream_ps(io.out + off, m);
+  }
+#endif
+  store_vec(io.out + off, v);
+}
+
+// out[j] = in[j] + add + sum_r a[r] * code[r, j] over the group, for ROWS rows: each 8-column
+// chunk of every plane is loaded once, and each 8 bytes of a row are widened once.
 template <int BITS, int ROWS>
-inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, const AxpyIO& io) {
   constexpr int kPerByte = 8 / BITS;
   const uint8_t* p[ROWS];
   for (int r = 0; r < ROWS; ++r) p[r] = src[r];
   for (int64_t i = 0; i < width; i += kLanes) {
     fvec o[kPerByte];
-    for (int s = 0; s < kPerByte; ++s) o[s] = load_vec(out + s * width + i);
+    for (int s = 0; s < kPerByte; ++s) o[s] = axpy_load(io, s * width + i);
     i32x8 wide[ROWS];
     for (int r = 0; r < ROWS; ++r) wide[r] = widen8(p[r] + i);
     axpy_planes<BITS, ROWS>(wide, a, o);
-    for (int s = 0; s < kPerByte; ++s) store_vec(out + s * width + i, o[s]);
+    for (int s = 0; s < kPerByte; ++s) axpy_store(io, s * width + i, o[s]);
   }
 }
 
@@ -593,6 +622,16 @@ TWA_ISA_FN inline __m512i widen16(const uint8_t* src) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
 }
 
+TWA_ISA_FN inline __m512 axpy_load(const AxpyIO& io, int64_t off) {
+  const __m512 add = _mm512_set1_ps(io.add);
+  return io.in ? _mm512_add_ps(_mm512_loadu_ps(io.in + off), add) : add;
+}
+
+TWA_ISA_FN inline void axpy_store(const AxpyIO& io, int64_t off, __m512 v) {
+  if (io.stream) return _mm512_stream_ps(io.out + off, v);
+  _mm512_storeu_ps(io.out + off, v);
+}
+
 // The float value of code number SUB inside a 4-bit index i, for BITS-bit codes.
 template <int BITS, int SUB>
 constexpr float table_entry(int i) {
@@ -680,7 +719,8 @@ TWA_ISA_FN inline void axpy_planes(const __m512i* wide, const __m512* a, __m512*
 // byte and those for columns 1 and 3 in another (low and high nibble). A lookup and an add
 // per 16 codes and pair replace two lookups and two FMAs.
 template <int ROWS>
-TWA_ISA_FN inline void group_axpy_2bit_pairs(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+TWA_ISA_FN inline void group_axpy_2bit_pairs(const uint8_t* const* src, int64_t width, const float* a,
+                                             const AxpyIO& io) {
   static constexpr float kFirst[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
   static constexpr float kSecond[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
   constexpr int kPairs = ROWS / 2;
@@ -691,7 +731,7 @@ TWA_ISA_FN inline void group_axpy_2bit_pairs(const uint8_t* const* src, int64_t 
   const __m128i first_bits = _mm_set1_epi8(0x33);  // bits 0-1 and 4-5: the first row's codes
   for (int64_t i = 0; i < width; i += kLanes) {
     __m512 o[4];
-    for (int s = 0; s < 4; ++s) o[s] = _mm512_loadu_ps(out + s * width + i);
+    for (int s = 0; s < 4; ++s) o[s] = axpy_load(io, s * width + i);
     for (int p = 0; p < kPairs; ++p) {
       const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[2 * p] + i));
       const __m128i b2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[2 * p + 1] + i));
@@ -703,7 +743,7 @@ TWA_ISA_FN inline void group_axpy_2bit_pairs(const uint8_t* const* src, int64_t 
       o[2] = _mm512_add_ps(o[2], _mm512_permutexvar_ps(_mm512_srli_epi32(even, 4), table[p]));
       o[3] = _mm512_add_ps(o[3], _mm512_permutexvar_ps(_mm512_srli_epi32(odd, 4), table[p]));
     }
-    for (int s = 0; s < 4; ++s) _mm512_storeu_ps(out + s * width + i, o[s]);
+    for (int s = 0; s < 4; ++s) axpy_store(io, s * width + i, o[s]);
   }
 }
 
@@ -712,7 +752,8 @@ TWA_ISA_FN inline void group_axpy_2bit_pairs(const uint8_t* const* src, int64_t 
 // holds eight columns; shifts and three bitwise selects gather, for columns m and m + 4
 // of each byte (m = 0 .. 3), the four rows' bits into one byte's low and high nibble.
 template <int ROWS>
-TWA_ISA_FN inline void group_axpy_1bit_quads(const uint8_t* const* src, int64_t width, const float* a, float* out) {
+TWA_ISA_FN inline void group_axpy_1bit_quads(const uint8_t* const* src, int64_t width, const float* a,
+                                             const AxpyIO& io) {
   constexpr int kQuads = ROWS / 4;
   static constexpr float kBit[4][16] = {
       {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1},
@@ -728,7 +769,7 @@ TWA_ISA_FN inline void group_axpy_1bit_quads(const uint8_t* const* src, int64_t 
   const __m128i row0 = _mm_set1_epi8(0x11), rows01 = _mm_set1_epi8(0x33), rows012 = _mm_set1_epi8(0x77);
   for (int64_t i = 0; i < width; i += kLanes) {
     __m512 o[8];
-    for (int s = 0; s < 8; ++s) o[s] = _mm512_loadu_ps(out + s * width + i);
+    for (int s = 0; s < 8; ++s) o[s] = axpy_load(io, s * width + i);
     for (int q = 0; q < kQuads; ++q) {
       __m128i b[4];
       for (int r = 0; r < 4; ++r) b[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[4 * q + r] + i));
@@ -748,24 +789,24 @@ TWA_ISA_FN inline void group_axpy_1bit_quads(const uint8_t* const* src, int64_t 
         o[m + 4] = _mm512_add_ps(o[m + 4], _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table[q]));
       }
     }
-    for (int s = 0; s < 8; ++s) _mm512_storeu_ps(out + s * width + i, o[s]);
+    for (int s = 0; s < 8; ++s) axpy_store(io, s * width + i, o[s]);
   }
 }
 
 template <int BITS, int ROWS>
-TWA_ISA_FN inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, float* out) {
-  if constexpr (BITS == 2 && ROWS % 2 == 0) return group_axpy_2bit_pairs<ROWS>(src, width, a, out);
-  if constexpr (BITS == 1 && ROWS % 4 == 0) return group_axpy_1bit_quads<ROWS>(src, width, a, out);
+TWA_ISA_FN inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, const AxpyIO& io) {
+  if constexpr (BITS == 2 && ROWS % 2 == 0) return group_axpy_2bit_pairs<ROWS>(src, width, a, io);
+  if constexpr (BITS == 1 && ROWS % 4 == 0) return group_axpy_1bit_quads<ROWS>(src, width, a, io);
   constexpr int kPerByte = 8 / BITS;
   __m512 av[ROWS];
   for (int r = 0; r < ROWS; ++r) av[r] = _mm512_set1_ps(a[r]);
   for (int64_t i = 0; i < width; i += kLanes) {
     __m512 o[kPerByte];
-    for (int s = 0; s < kPerByte; ++s) o[s] = _mm512_loadu_ps(out + s * width + i);
+    for (int s = 0; s < kPerByte; ++s) o[s] = axpy_load(io, s * width + i);
     __m512i wide[ROWS];
     for (int r = 0; r < ROWS; ++r) wide[r] = widen16(src[r] + i);
     axpy_planes<BITS, ROWS>(wide, av, o);
-    for (int s = 0; s < kPerByte; ++s) _mm512_storeu_ps(out + s * width + i, o[s]);
+    for (int s = 0; s < kPerByte; ++s) axpy_store(io, s * width + i, o[s]);
   }
 }
 

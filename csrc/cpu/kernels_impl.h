@@ -8,16 +8,18 @@
 // No include guard: it is meant to be included more than once.
 
 // group_axpy for `rows` rows (at most kAxpyRows): one whole block of kAxpyRows, else blocks of
-// 8 and 4, then single rows.
+// 8 and 4, then single rows, the first of them from io.in and the rest from io.out. Only a
+// whole block may stream its stores (io.stream), since the others read io.out back.
 template <int BITS>
-TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, float* out) {
-  if (rows == kAxpyRows<BITS>) return group_axpy<BITS, kAxpyRows<BITS>>(src, gbytes, a, out);
+TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, AxpyIO io) {
+  if (rows == kAxpyRows<BITS>) return group_axpy<BITS, kAxpyRows<BITS>>(src, gbytes, a, io);
   int r = 0;
+  const auto then_in_place = [&io]() { io = AxpyIO{io.out, 0.f, io.out, false}; };
   if constexpr (kAxpyRows<BITS> > 8) {
-    for (; r + 8 <= rows; r += 8) group_axpy<BITS, 8>(src + r, gbytes, a + r, out);
+    for (; r + 8 <= rows; r += 8, then_in_place()) group_axpy<BITS, 8>(src + r, gbytes, a + r, io);
   }
-  for (; r + 4 <= rows; r += 4) group_axpy<BITS, 4>(src + r, gbytes, a + r, out);
-  for (; r < rows; ++r) group_axpy<BITS, 1>(src + r, gbytes, a + r, out);
+  for (; r + 4 <= rows; r += 4, then_in_place()) group_axpy<BITS, 4>(src + r, gbytes, a + r, io);
+  for (; r < rows; ++r, then_in_place()) group_axpy<BITS, 1>(src + r, gbytes, a + r, io);
 }
 
 // ROWS rows from r0 over a run of n whole groups from group t: lanes[r] += scale[r, group] *
@@ -132,7 +134,8 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
-    std::vector<float> obuf(run_cap(b) * width + 8), cbuf(width + 8), ctmp(run_cap(b) * width + 8), xb(b.k);
+    std::vector<float> obuf(run_cap(b) * width + 8), cbuf(width + 8), ctmp(run_cap(b) * width + 8), xb(b.k),
+        bases(run_cap(b));
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width), xb_block = -1;
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -148,42 +151,45 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
           }
           const int64_t n = run_length(b, t, t_end, xb_block, run_cap(b));
           const float* ct = center ? float_view(center, center_dtype, c0, n * width, ctmp.data()) : nullptr;
-          for (int64_t i = 0; i < n; ++i) {
+          for (int64_t i = 0; i < n; ++i) {  // sum_r lo[r] * x[r, b]: one constant for the whole group
             const float* mins = b.mins + (t + i) * b.k;
-            float base = 0.f;  // sum_r lo[r] * x[r, b]: one constant for the whole group
+            float base = 0.f;
             for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
-            float* oi = o + i * width;
-            if (ct) {  // o = center + base in one pass
-              const float* ci = ct + i * width;
-#pragma omp simd
-              for (int64_t j = 0; j < width; ++j) oi[j] = ci[j] + base;
-            } else {
-              std::fill(oi, oi + width, base);
-            }
+            bases[i] = base;
           }
           // The rows pass over the run's output in blocks of kAxpyRows, the fewest passes the
-          // registers allow. Meanwhile the next run's center is fetched a few lines per group,
-          // and the last pass stores each group as it finishes it: the memory traffic is then
-          // spread over the arithmetic instead of coming in bursts between runs.
+          // registers allow; a block of the k % kAxpyRows rows left over goes first, so that
+          // the last pass is a whole block. The first pass starts from center + base, the last
+          // writes the weights themselves where they are float32 and aligned to a vector,
+          // with streaming stores, as it finishes each group (the run's output buffer holds
+          // the groups between passes). Meanwhile the next run's center is fetched a few
+          // lines per group: the memory traffic is spread over the arithmetic instead of
+          // coming in bursts between runs.
           const int64_t gbytes = b.group_size * BITS / 8;
+          const int64_t first_rows = b.k % kAxpyRows<BITS> ? b.k % kAxpyRows<BITS> : kAxpyRows<BITS>;
+          const int64_t passes = 1 + (b.k - first_rows) / kAxpyRows<BITS>;
           LineFetcher next_center;
           if (center && t + n < t_end) {
             const int64_t elem = center_dtype == DType::f32 ? 4 : 2;
-            const int64_t passes = (b.k + kAxpyRows<BITS> - 1) / kAxpyRows<BITS>;
             next_center.start(static_cast<const char*>(center) + (c0 + n * width) * elem,
                               std::min(n, t_end - t - n) * width * elem, passes * n);
           }
-          for (int64_t r0 = 0; r0 < b.k; r0 += kAxpyRows<BITS>) {
-            const bool last_pass = r0 + kAxpyRows<BITS> >= b.k;
+          float* weights = out_dtype == DType::f32 ? static_cast<float*>(out) + c0 : nullptr;
+          if (reinterpret_cast<uintptr_t>(weights) % (kLanes * sizeof(float)) != 0) weights = nullptr;
+          for (int64_t r0 = 0, rows = first_rows; r0 < b.k; r0 += rows, rows = kAxpyRows<BITS>) {
+            const bool first_pass = r0 == 0, last_pass = r0 + rows == b.k;
             for (int64_t i = 0; i < n; ++i) {
               const uint8_t* src[kAxpyRows<BITS>];
-              const int rows = row_block(b, r0, t + i, gbytes, kAxpyRows<BITS>, src);
+              row_block(b, r0, t + i, gbytes, static_cast<int>(rows), src);
               const float* scales = b.scales + (t + i) * b.k + r0;
               float a[kAxpyRows<BITS>];
               for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
-              rows_axpy<BITS>(src, rows, gbytes, a, o + i * width);
+              const bool direct = last_pass && weights && rows == kAxpyRows<BITS>;
+              const AxpyIO io{first_pass ? (ct ? ct + i * width : nullptr) : o + i * width,
+                              first_pass ? bases[i] : 0.f, direct ? weights + i * width : o + i * width, direct};
+              rows_axpy<BITS>(src, static_cast<int>(rows), gbytes, a, io);
               next_center.step();
-              if (last_pass) store_floats(out, out_dtype, c0 + i * width, width, o + i * width);
+              if (last_pass && !direct) store_floats(out, out_dtype, c0 + i * width, width, o + i * width);
             }
           }
           t += n - 1;
