@@ -170,8 +170,8 @@ def kernel_breakdown(fn, calls: int = 5) -> list[dict]:
 def run_peers(d: int, ks: list[int], timeout_s: int = 120) -> list[dict]:
     """bench/gpu_peers.py's rows, each peer in its own process; a peer that fails leaves a row saying why."""
     rows = []
+    script = Path(__file__).parent / "gpu_peers.py"
     for peer in ("torch-bf16", "torch-int4pack", "bitsandbytes-nf4"):
-        script = Path(__file__).parent / "gpu_peers.py"
         try:
             done = subprocess.run([sys.executable, str(script), peer, str(d), *map(str, ks)], capture_output=True,
                                   text=True, timeout=timeout_s)

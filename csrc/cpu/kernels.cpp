@@ -192,7 +192,8 @@ struct LineFetcher {
   void start(const void* from, int64_t bytes, int64_t calls) {
     next = static_cast<const char*>(from);
     lines = from ? (bytes + 63) / 64 : 0;
-    per_call = (lines + std::max<int64_t>(calls, 1) - 1) / std::max<int64_t>(calls, 1);
+    calls = std::max<int64_t>(calls, 1);
+    per_call = (lines + calls - 1) / calls;
   }
   void step() {
     for (int64_t j = 0; j < per_call && lines > 0; ++j, --lines, next += 64) __builtin_prefetch(next);
