@@ -295,6 +295,7 @@ def steady_step(page: Path) -> str:
                 row += (f" {faults['sgd']:.0f} / {faults['twa']:.0f} | {_sgd_twa(k)} "
                         f"| {k['median_ms']['twa_int8_gradients']:.0f} ms, {k['twa_int8_gradients_overhead']:+.0%} |")
             out.append(row)
+        out += _phase_rows(runs, "training_step_kept_heap" if kept else "training_step")
         frac = [r["summary"]["median_fraction_of_copy"] for r in runs]
         spread = [r["summary"]["spread_slowest_over_fastest"] for r in runs]
         first = [r["summary"]["worst_first_call_ratio"] for r in runs]
@@ -325,6 +326,21 @@ def steady_step(page: Path) -> str:
                                 "twa_int8_gradients_overhead"))
         out.append("")
     return "\n".join(out).strip() or "No steady-step results in bench/results yet."
+
+
+def _phase_rows(runs: list[dict], phase: str) -> list[str]:
+    """Each run's SGD and TWA step split into forward, backward and optimizer step (absent
+    in older files): where TWA's overhead goes."""
+    if not all("median_phase_ms" in r[phase] for r in runs):
+        return []
+    heading = "heap kept, " if phase == "training_step_kept_heap" else ""
+    rows = ["", f"| run | {heading}forward, SGD / TWA ms | backward, SGD / TWA ms | optimizer step, SGD / TWA ms |",
+            "|---|---|---|---|"]
+    for i, r in enumerate(runs, 1):
+        sgd, twa = r[phase]["median_phase_ms"]["sgd"], r[phase]["median_phase_ms"]["twa"]
+        rows.append(f"| {i} | " + " | ".join(f"{sgd[p]:.1f} / {twa[p]:.1f}" for p in ("forward", "backward", "update"))
+                    + " |")
+    return rows
 
 
 def _sgd_twa(train: dict) -> str:

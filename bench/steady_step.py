@@ -23,8 +23,10 @@ raw and against the interleaved copy.
 Then, in one process, a ResNet-18 training step (batch 32, 32x32): plain SGD, TWA with the
 workspace, the same with int8_gradients=True, and TWA with a fresh output per step, each
 the median of 10 after 3 warm-ups, interleaved so that drifts of a shared machine hit all
-four alike, with the minor page faults of each step, and a torch.profiler table of the
-SGD and TWA steps' top operators (where TWA's extra time goes). On glibc the training
+four alike, with the minor page faults of each step, the median of each phase of a step
+(forward with the loss, backward, optimizer step: TWA's reconstruct runs in the first, its
+project in the second, while SGD updates the weights in the third), and a torch.profiler
+table of the SGD and TWA steps' top operators (where TWA's extra time goes). On glibc the training
 phase runs a second time in a process that called tk.keep_freed_memory() first (freed
 memory stays in the process instead of going back to the system, as jemalloc or tcmalloc
 keep it), so that page faults of memory the allocator gave back and took again are told
@@ -53,6 +55,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 K, BITS, LR = 16, 4, 1e-3
+_PHASES = ("forward", "backward", "update")
 
 
 def _copy_bandwidth() -> float:
@@ -138,23 +141,33 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     twa = tk.TWA(model, subspace)
     twa_int8 = tk.TWA(model, subspace, int8_gradients=True)
 
-    def stepper(params, forward):
-        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    phase_times = {}  # name -> one [forward, backward, update] list of seconds per timed step
 
-        def step():
+    def stepper(name, params, forward):
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        phase_times[name] = []
+
+        def step(record: bool = False):
+            t0 = time.perf_counter()
             opt.zero_grad()
-            F.cross_entropy(forward(x), y).backward()
+            loss = F.cross_entropy(forward(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
             opt.step()
+            if record:
+                phase_times[name].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
         return step
 
     steps = {
-        "sgd": stepper(model.parameters(), model),
-        "twa": stepper(twa.parameters(), twa),
+        "sgd": stepper("sgd", model.parameters(), model),
+        "twa": stepper("twa", twa.parameters(), twa),
         # the gradient rounded to int8 per basis group before its projection (tk.project_int8)
-        "twa_int8_gradients": stepper(twa_int8.parameters(), twa_int8),
+        "twa_int8_gradients": stepper("twa_int8_gradients", twa_int8.parameters(), twa_int8),
         # the same TWA step with a fresh D-long output each call (the path before the workspace)
-        "twa_fresh_output": stepper(twa.parameters(), lambda inp: functional_call(model, twa.weights(), (inp,))),
+        "twa_fresh_output": stepper("twa_fresh_output", twa.parameters(),
+                                    lambda inp: functional_call(model, twa.weights(), (inp,))),
     }
     times = {name: [] for name in steps}
     faults = {name: [] for name in steps}
@@ -162,7 +175,7 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
         for name, step in steps.items():
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            step()
+            step(record=r >= 3)
             if r >= 3:
                 times[name].append(time.perf_counter() - t0)
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
@@ -170,6 +183,10 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     result = {
         "median_ms": med,
         "median_page_faults": {name: statistics.median(f) for name, f in faults.items()},
+        # where a step's time goes: zero_grad + forward + loss, backward (TWA's project runs
+        # in it), the optimizer's step (SGD's update of the weights; TWA's of k x B numbers)
+        "median_phase_ms": {name: dict(zip(_PHASES, (statistics.median(p) * 1e3 for p in zip(*rows))))
+                            for name, rows in phase_times.items()},
         "twa_overhead": med["twa"] / med["sgd"] - 1,
         "twa_int8_gradients_overhead": med["twa_int8_gradients"] / med["sgd"] - 1,
         "twa_fresh_output_overhead": med["twa_fresh_output"] / med["sgd"] - 1,
@@ -278,6 +295,8 @@ def _print_training(label: str, train: dict) -> None:
           f"({train['twa_int8_gradients_overhead']:+.0%}), "
           f"TWA with a fresh output {med['twa_fresh_output']:.0f} ms ({train['twa_fresh_output_overhead']:+.0%}); "
           f"page faults per step: " + ", ".join(f"{name} {n:.0f}" for name, n in faults.items()))
+    for name, phases in train.get("median_phase_ms", {}).items():
+        print(f"  {name}: " + ", ".join(f"{phase} {ms:.1f} ms" for phase, ms in phases.items()))
     for name, rows in train.get("profile", {}).items():
         print(f"\n{name} step, top operators by self CPU time (ms per step):")
         for row in rows:

@@ -1,0 +1,54 @@
+"""bench/steady_step.py's training phase splits each step into forward, backward and
+optimizer step, and bench/report.py renders that split."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bench_on_path():
+    """steady_step puts bench/ on sys.path to import its helpers (conftest, resnet, shapes):
+    undone afterwards, so that no later test imports bench's conftest for its own."""
+    path = list(sys.path)
+    yield
+    sys.path[:] = path
+    bench = str(REPO / "bench")
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", "") or "").startswith(bench):
+            del sys.modules[name]
+
+
+def test_every_training_step_records_its_three_phases(bench_on_path):
+    steady_step = _load("steady_step")
+    result = steady_step.training_steps(rounds=1, profile=False)
+    phases = result["median_phase_ms"]
+    assert set(phases) == set(result["median_ms"]) == {"sgd", "twa", "twa_int8_gradients", "twa_fresh_output"}
+    for name, split in phases.items():
+        assert list(split) == ["forward", "backward", "update"], name
+        assert all(ms > 0 for ms in split.values()), (name, split)
+
+
+def test_the_report_shows_the_phase_split_of_each_run():
+    report = _load("report")
+    split = {"sgd": {"forward": 20.0, "backward": 45.0, "update": 5.5},
+             "twa": {"forward": 28.5, "backward": 51.3, "update": 0.3}}
+    runs = [{"training_step_kept_heap": {"median_phase_ms": split}}] * 2
+    rows = report._phase_rows(runs, "training_step_kept_heap")
+    assert rows[1].startswith("| run | heap kept, forward")
+    assert rows[3:] == ["| 1 | 20.0 / 28.5 | 45.0 / 51.3 | 5.5 / 0.3 |", "| 2 | 20.0 / 28.5 | 45.0 / 51.3 | 5.5 / 0.3 |"]
+    # files written before the split have no phases: no table rather than a KeyError
+    assert report._phase_rows([{"training_step": {"median_ms": {}}}], "training_step") == []
