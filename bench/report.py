@@ -249,22 +249,32 @@ def ops_interleaved(page: Path) -> str:
 
 
 def access_pattern(page: Path) -> str:
-    """project_int8 against reads of its bytes in its own order and front to back."""
+    """Each op against the same bytes moved in its own order and front to back, and the
+    2-bit / 4-bit ratios of the three."""
     out = []
     for path in _files("access-pattern"):
         d = json.loads(path.read_text())
         runs, case = d["processes"], d["case"]
+        ops = list(dict.fromkeys(row.get("op", "project_int8") for row in d["summary"]))  # older files: one op
         out += [f"**{stamp_line(d.get('stamp'), _slug(path, 'access-pattern'))}**; {len(runs)} fresh processes, "
                 f"{case['rounds']} interleaved rounds each, k = {case['k']}, D = {case['D']:,} "
                 f"([JSON]({_link(path, page)}))", "",
-                "| bits | MB | project_int8 ms | its order ms | plain read ms | kernel / its order, per process "
-                "| its order / plain read, per process |", "|---:|---:|---:|---:|---:|---|---|"]
+                "| op | bits | MB | kernel ms | its order ms | plain ms | kernel / its order, per process "
+                "| its order / plain, per process |", "|---|---:|---:|---:|---:|---:|---|---|"]
         for i, row in enumerate(d["summary"]):
             per = [r[i] for r in runs]
             kernel = ", ".join(f"{r['kernel_ms'] / r['kernel_order_ms']:.2f}" for r in per)
             order = ", ".join(f"{r['kernel_order_ms'] / r['plain_read_ms']:.2f}" for r in per)
-            out.append(f"| {row['bits']} | {row['bytes'] / 1e6:.0f} | {row['kernel_ms']:.2f} | {row['kernel_order_ms']:.2f} "
-                       f"| {row['plain_read_ms']:.2f} | {kernel} | {order} |")
+            out.append(f"| {row.get('op', 'project_int8')} | {row['bits']} | {row['bytes'] / 1e6:.0f} "
+                       f"| {row['kernel_ms']:.2f} | {row['kernel_order_ms']:.2f} | {row['plain_read_ms']:.2f} "
+                       f"| {kernel} | {order} |")
+        out += ["", "| op | 2-bit / 4-bit time: kernel | its order | plain |", "|---|---:|---:|---:|"]
+        for op in ops:
+            at = {row["bits"]: row for row in d["summary"] if row.get("op", "project_int8") == op}
+            if 2 in at and 4 in at:
+                out.append(f"| {op} | " + " | ".join(f"{at[2][key] / at[4][key]:.2f}"
+                                                     for key in ("kernel_ms", "kernel_order_ms", "plain_read_ms"))
+                           + " |")
         out.append("")
     return "\n".join(out).strip() or "No access-pattern results in bench/results yet."
 

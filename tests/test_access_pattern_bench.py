@@ -1,4 +1,4 @@
-"""bench/access_pattern.py compiles the kernels' own source with its readers and runs: kept
+"""bench/access_pattern.py compiles the kernels' own source with its movers and runs: kept
 from rotting between the runs that measure with it. It says nothing about speed."""
 
 import importlib.util
@@ -25,8 +25,10 @@ def test_the_program_builds_and_reports_each_bit_width(tmp_path):
     binary = bench.compile_program(tmp_path, optimize=False)
     d = 50_000  # not a multiple of the group size: a short last group
     rows = bench.run(binary, rounds=1, threads=2, d=d)
-    assert [row["bits"] for row in rows] == [2, 4, 8]
+    ops = ["project_int8", "project", "reconstruct"]
+    assert [(row["op"], row["bits"]) for row in rows] == [(op, bits) for bits in (2, 4, 8) for op in ops]
     for row in rows:
         row_bytes = -(-d // 128) * 128 * row["bits"] // 8
-        assert row["bytes"] == 16 * row_bytes + 4 * d + 2 * 4 * 16 * -(-d // 128)  # codes, g, scales, mins
+        reads = 16 * row_bytes + 4 * d + 2 * 4 * 16 * -(-d // 128)  # codes, g or center, scales, mins
+        assert row["bytes"] == reads + (4 * d if row["op"] == "reconstruct" else 0)  # and the weights written
         assert min(row["kernel_ms"], row["kernel_order_ms"], row["plain_read_ms"]) > 0

@@ -112,21 +112,28 @@ def test_reconstruct_in_place_on_its_own_center(backend_name, device, bits, k, d
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_runs_of_groups_match_reference(monkeypatch, bits, threads):
-    """The C++ kernels visit whole groups in runs of up to 4096 columns (and project flushes
-    its float32 lane sums every 32 groups): runs that reach both caps, that a block edge, a
-    one-column block or the split between threads cuts short, must add up as the reference."""
+    """The C++ kernels visit whole groups in runs (of up to 4096 columns in reconstruct,
+    32768 in project, which flushes its float32 lane sums every 32 groups): runs that reach
+    the caps, that a block edge, a one-column block or the split between threads cuts short,
+    must add up as the reference, and project's runs over g given in pieces (gathered where a
+    run spans two) must give the same sums as over g in one piece."""
     monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
-    d, blocks = 40_000, [13_000, 1, 26_999]  # group 64: 203 whole groups, then an edge inside a group
+    # group 64: 203 whole groups, then an edge inside a group, a one-column block, and a block
+    # of 1,203 groups (two whole project runs and a part at one thread)
+    d, blocks = 90_000, [13_000, 1, 76_999]
     qb = tk.quantize(random_basis(5, d, constant_groups=1, group_size=64), bits, 64, blocks)
     g, center, x = torch.randn(d), torch.randn(d), torch.randn(5, qb.num_blocks)
+    pieces = list(g.split([40_000, 1, 9_999, 33_000, 7_000]))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         y, w = tk.project(qb, g), tk.reconstruct(qb, x, center)
+        y_pieces = _ops.project_pieces_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, pieces, bits, 64)
         w_in_place = center.clone()
         tk.reconstruct(qb, x, w_in_place, out=w_in_place)
     finally:
         torch.set_num_threads(previous)
+    assert torch.equal(y_pieces, y)
     torch.testing.assert_close(y, _reference_project(qb, g), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(w, _reference_reconstruct(qb, x, center), rtol=1e-5, atol=1e-4)
     assert torch.equal(w_in_place, w)

@@ -1,17 +1,23 @@
-// project_int8 against reads of the same bytes, in one process, interleaved: is the kernel
-// held back by its arithmetic or by the order in which it reads memory?
+// The kernels against the same bytes moved without their work, in one process, interleaved:
+// is a kernel held back by its arithmetic, by the order in which it moves memory, or by the
+// bytes themselves?
 //
-//   kernel    project_int8 itself (csrc/cpu/kernels.cpp, compiled in unchanged);
-//   its order the same bytes read in the kernel's order and nothing else: per thread its
-//             range of groups, per run g's stretch, then the codes 4 rows at a time, 64 KiB
-//             of a row at a stretch, fetching 2 KiB ahead in each row as the kernel does,
-//             then the run's scales and mins;
-//   plain     the same number of bytes read front to back, split between the threads.
+// For each of project_int8, project and reconstruct, at 2, 4 and 8 bits:
+//   kernel     the op itself (csrc/cpu/kernels.cpp, compiled in unchanged);
+//   its order  the same bytes moved in the kernel's order and nothing else: per thread its
+//              range of groups in the kernel's runs. The projections read g's stretch of a
+//              run, then the codes 4 rows at a time (64 KiB of a row at a stretch for
+//              project_int8, a group of each row in turn for project), fetching ahead in
+//              each row as the kernel does, then the run's scales and mins. reconstruct
+//              reads, group by group, the center and every row's codes, and writes the
+//              weights with streaming stores, as its last pass does;
+//   plain      the same number of bytes front to back, split between the threads
+//              (reconstruct: its reads, then its writes with streaming stores).
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
 // library's bases are, g on ordinary pages as an autograd gradient is. Arguments: rounds,
-// threads, D. Prints one line per bit width: bits, bytes, and the median milliseconds of
-// the three over the rounds. Built and run by bench/access_pattern.py.
+// threads, D. Prints one line per op and bit width: op, bits, bytes, and the median
+// milliseconds of the three over the rounds. Built and run by bench/access_pattern.py.
 #include "../../csrc/cpu/kernels.cpp"
 
 #include <sys/mman.h>
@@ -19,6 +25,7 @@
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <string>
 
 namespace {
 
@@ -47,10 +54,11 @@ inline uint64_t fold(const Line& acc) {
   return total;
 }
 
-// The kernel's reads without its work: returns a value so the loads are kept.
-uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int threads) {
+// A projection's reads without its work, in runs of `cap` groups, fetching `ahead` bytes
+// ahead in each row: returns a value so the loads are kept.
+uint64_t read_in_projection_order(const twa::PackedBasis& b, const float* g, int threads, int64_t cap,
+                                  int64_t ahead) {
   const int64_t width = b.group_size, gbytes = width * b.bits / 8, rows_per_block = 4;
-  const int64_t cap = twa::int8_run_cap(b, false);  // the kernel's own run length, in groups
   uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : total)
   {
@@ -64,7 +72,7 @@ uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int thr
         for (int64_t off = 0; off < span; off += 64)
           for (int64_t r = r0; r < r0 + rows_per_block; ++r) {
             const uint8_t* p = b.codes + r * b.row_bytes + t * gbytes + off;
-            __builtin_prefetch(p + twa::kInt8FetchAhead);
+            __builtin_prefetch(p + ahead);
             xor_load(acc, p);
           }
       }
@@ -74,6 +82,58 @@ uint64_t read_in_kernel_order(const twa::PackedBasis& b, const float* g, int thr
     }
     total ^= fold(acc);
   }
+  return total;
+}
+
+// 64 bytes written around the caches where the compiler targets AVX, as reconstruct's last
+// pass writes the weights.
+inline void stream_line(float* dst, const Line& v) {
+#if defined(__AVX__)
+  __m256 halves[2];
+  std::memcpy(halves, &v, sizeof v);
+  _mm256_stream_ps(dst, halves[0]);
+  _mm256_stream_ps(dst + 8, halves[1]);
+#else
+  std::memcpy(dst, &v, sizeof v);
+#endif
+}
+
+// reconstruct's traffic without its work: group by group in the kernel's runs, the group's
+// scales and mins, every row's codes and the center's group read (fetching ahead in each row as the kernel does), the
+// group's weights written with streaming stores.
+uint64_t move_in_reconstruct_order(const twa::PackedBasis& b, const float* center, float* out, int threads) {
+  const int64_t width = b.group_size, gbytes = width * b.bits / 8, cap = twa::run_cap(b);
+  uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(^ : total)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_begin = b.n_groups * tid / nth, t_end = b.n_groups * (tid + 1) / nth;
+    Line acc = {};
+    for (int64_t t = t_begin; t < t_end; t += cap) {
+      const int64_t n = std::min(cap, t_end - t);
+      for (int64_t i = t; i < t + n; ++i) {
+        for (const float* table : {b.scales, b.mins})  // the group's k scales and mins
+          for (int64_t j = 0; j < b.k; j += 16) xor_load(acc, table + i * b.k + j);
+        for (int64_t r = 0; r < b.k; ++r) {
+          const uint8_t* p = b.codes + r * b.row_bytes + i * gbytes;
+          for (int64_t off = 0; off < gbytes; off += 64) {
+            __builtin_prefetch(p + twa::kPrefetchBytes + off);
+            xor_load(acc, p + off);
+          }
+        }
+        for (int64_t j = 0; j < width; j += 16) {
+          Line v;
+          std::memcpy(&v, center + i * width + j, sizeof v);
+          acc ^= v;
+          stream_line(out + i * width + j, acc);
+        }
+      }
+    }
+    total ^= fold(acc);
+  }
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
   return total;
 }
 
@@ -90,23 +150,54 @@ uint64_t read_plain(const uint8_t* p, int64_t bytes, int threads) {
   return total;
 }
 
+// n floats written front to back with streaming stores, split between the threads.
+void write_plain(float* dst, int64_t n, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t begin = n / 16 * tid / nth * 16, end = n / 16 * (tid + 1) / nth * 16;
+    Line v = {};
+    for (int64_t j = begin; j < end; j += 16) stream_line(dst + j, v);
+  }
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// The medians of each column of `times`, in milliseconds, printed after the op and sizes.
+void report(const char* op, int bits, int64_t bytes, std::vector<double> (&times)[3]) {
+  double median[3];
+  for (int i = 0; i < 3; ++i) {
+    std::sort(times[i].begin(), times[i].end());
+    median[i] = times[i][times[i].size() / 2] * 1e3;
+  }
+  std::printf("%s %d %lld %.3f %.3f %.3f\n", op, bits, static_cast<long long>(bytes), median[0], median[1], median[2]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int rounds = argc > 1 ? std::atoi(argv[1]) : 21, threads = argc > 2 ? std::atoi(argv[2]) : 2;
   const int64_t k = 16, group = 128, d = argc > 3 ? std::atoll(argv[3]) : 11689512;
   std::mt19937 rng(0);
-  const int64_t n_groups = (d + group - 1) / group;
-  std::vector<float> g(n_groups * group, 0.f);  // padded to whole groups: the order reader reads whole runs
+  const int64_t n_groups = (d + group - 1) / group, padded = n_groups * group;
+  // padded to whole groups: the readers read whole runs
+  std::vector<float> g(padded, 0.f);
   for (int64_t j = 0; j < d; ++j) g[j] = std::normal_distribution<float>()(rng);
+  float* center = on_huge_pages<float>(padded);  // as tk.TWA's center and weights workspace are
+  float* out = on_huge_pages<float>(padded);
+  for (int64_t j = 0; j < padded; ++j) center[j] = g[j];
+  std::memset(out, 0, padded * sizeof(float));
+  std::vector<float> x(k, 0.01f);
   uint64_t sink = 0;
   for (int bits : {2, 4, 8}) {
-    const int64_t row_bytes = n_groups * group * bits / 8;
-    const int64_t bytes = k * row_bytes + 4 * d + 2 * 4 * n_groups * k;  // codes, g, scales and mins
+    const int64_t row_bytes = n_groups * group * bits / 8, tables = 2 * 4 * n_groups * k;  // scales and mins
+    const int64_t project_bytes = k * row_bytes + 4 * d + tables;
+    const int64_t reconstruct_reads = k * row_bytes + 4 * d + tables, reconstruct_bytes = reconstruct_reads + 4 * d;
     uint8_t* codes = on_huge_pages<uint8_t>(k * row_bytes);
     for (int64_t i = 0; i < k * row_bytes; ++i) codes[i] = static_cast<uint8_t>(rng());
-    uint8_t* flat = on_huge_pages<uint8_t>(bytes);
-    std::memset(flat, 1, bytes);
+    uint8_t* flat = on_huge_pages<uint8_t>(reconstruct_reads);
+    std::memset(flat, 1, reconstruct_reads);
     std::vector<float> scales(n_groups * k + 16, 1e-3f), mins(n_groups * k + 16, -1e-3f);  // + a vector's overrun
     std::vector<int64_t> offsets = {0, d};
     twa::PackedBasis b;
@@ -116,27 +207,33 @@ int main(int argc, char** argv) {
     std::vector<float> y(k);
     const void* pieces[1] = {g.data()};
     const int64_t starts[2] = {0, d};
-    std::vector<double> times[3];
+    const std::string ops[3] = {"project_int8", "project", "reconstruct"};
+    std::vector<double> times[3][3];  // [op][kernel, its order, plain]
     for (int r = 0; r < rounds + 2; ++r) {
-      double t0 = now();
-      twa::project_int8_pieces(b, pieces, starts, 1, twa::DType::f32, y.data(), threads);
-      const double t1 = now();
-      sink ^= read_in_kernel_order(b, g.data(), threads);
-      const double t2 = now();
-      sink ^= read_plain(flat, bytes, threads);
-      const double t3 = now();
-      if (r < 2) continue;  // warm-up
-      times[0].push_back(t1 - t0), times[1].push_back(t2 - t1), times[2].push_back(t3 - t2);
+      for (int op = 0; op < 3; ++op) {
+        const double t0 = now();
+        if (op == 0) twa::project_int8_pieces(b, pieces, starts, 1, twa::DType::f32, y.data(), threads);
+        if (op == 1) twa::project(b, g.data(), twa::DType::f32, y.data(), threads);
+        if (op == 2) twa::reconstruct(b, x.data(), center, twa::DType::f32, out, twa::DType::f32, threads);
+        const double t1 = now();
+        if (op == 0) sink ^= read_in_projection_order(b, g.data(), threads, twa::int8_run_cap(b, false),
+                                                      twa::kInt8FetchAhead);
+        if (op == 1) sink ^= read_in_projection_order(b, g.data(), threads, twa::project_run_cap(b), twa::kPrefetchBytes);
+        if (op == 2) sink ^= move_in_reconstruct_order(b, center, out, threads);
+        const double t2 = now();
+        sink ^= read_plain(flat, op == 2 ? reconstruct_reads : project_bytes, threads);
+        if (op == 2) write_plain(out, padded, threads);
+        const double t3 = now();
+        if (r < 2) continue;  // warm-up
+        times[op][0].push_back(t1 - t0), times[op][1].push_back(t2 - t1), times[op][2].push_back(t3 - t2);
+      }
     }
-    double median[3];
-    for (int i = 0; i < 3; ++i) {
-      std::sort(times[i].begin(), times[i].end());
-      median[i] = times[i][times[i].size() / 2] * 1e3;
-    }
-    std::printf("%d %lld %.3f %.3f %.3f\n", bits, static_cast<long long>(bytes), median[0], median[1], median[2]);
+    for (int op = 0; op < 3; ++op) report(ops[op].c_str(), bits, op == 2 ? reconstruct_bytes : project_bytes, times[op]);
     std::free(codes);
     std::free(flat);
   }
+  std::free(center);
+  std::free(out);
   volatile uint64_t keep = sink;  // the reads have a use
   (void)keep;
   return 0;

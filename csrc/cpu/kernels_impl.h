@@ -22,30 +22,37 @@ TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gb
   for (; r < rows; ++r, then_in_place()) group_axpy<BITS, 1>(src + r, gbytes, a + r, io);
 }
 
-// ROWS rows from r0 over a run of n whole groups from group t: lanes[r] += scale[r, group] *
-// (the group's dot of row r with g), for each group. A function of its own, with the dots
-// inlined into it, so that the rows' lane sums stay in registers across the run instead of
-// going through memory once a group.
+// ROWS rows from r0 over a run of n whole groups from group t: acc[r * n_blocks] += the sum
+// over the run of scale[r, group] * (the group's dot of row r with g), for each row r of the
+// block. A function of its own, with the dots inlined into it, so that the rows' lane sums
+// stay in registers across the run instead of going through memory once a group; they are
+// reduced to float64 every kFlushGroups groups.
 template <int BITS, int ROWS>
 TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t r0, int64_t t, int64_t n, const float* g,
-                                                   float* lanes, LineFetcher& next_g) {
+                                                   double* acc, LineFetcher& next_g) {
   const int64_t width = b.group_size, gbytes = width * BITS / 8;
   const uint8_t* src[ROWS];
   row_block(b, r0, t, gbytes, ROWS, src);  // the caller has ROWS rows from r0
   fvec sums[ROWS];
-  for (int r = 0; r < ROWS; ++r) sums[r] = load_vec(lanes + r * kLanes);
-  for (int64_t i = 0; i < n; ++i) {
-    fvec dots[ROWS];
-    group_dots<BITS, ROWS>(src, gbytes, g + i * width, dots);
-    const float* scales = b.scales + (t + i) * b.k + r0;
-    for (int r = 0; r < ROWS; ++r) {
-      sums[r] += scales[r] * dots[r];
-      src[r] += gbytes;
+  for (int r = 0; r < ROWS; ++r) sums[r] = fvec{};
+  for (int64_t i0 = 0; i0 < n; i0 += kFlushGroups) {
+    const int64_t i1 = std::min<int64_t>(n, i0 + kFlushGroups);
+    for (int64_t i = i0; i < i1; ++i) {
+      fvec dots[ROWS];
+      group_dots<BITS, ROWS>(src, gbytes, g + i * width, dots);
+      const float* scales = b.scales + (t + i) * b.k + r0;
+      for (int r = 0; r < ROWS; ++r) {
+        sums[r] += scales[r] * dots[r];
+        src[r] += gbytes;
+      }
+      prefetch_rows(src, ROWS, gbytes);  // ahead of the next group, as row_block did for this one
+      next_g.step();
     }
-    prefetch_rows(src, ROWS, gbytes);  // ahead of the next group, as row_block did for this one
-    next_g.step();
+    for (int r = 0; r < ROWS; ++r) {
+      acc[(r0 + r) * b.n_blocks] += hsum(sums[r]);
+      sums[r] = fvec{};
+    }
   }
-  for (int r = 0; r < ROWS; ++r) store_vec(lanes + r * kLanes, sums[r]);
 }
 
 template <int BITS>
@@ -61,24 +68,11 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_begin = n_tiles * tid / nth, t_end = n_tiles * (tid + 1) / nth;
     double* acc = partial.data() + static_cast<size_t>(tid) * kb;
-    std::vector<float> gbuf(run_cap(b) * width + 8), cbuf(width + 8), gsum;
+    // g of a run where it is not one float32 piece; left uninitialised, so that its pages
+    // are never touched where g is read in place
+    std::unique_ptr<float[]> gbuf(new float[project_run_cap(b) * width + 8]);
+    std::vector<float> cbuf(width + 8), gsum;
     std::vector<Segment> segs;
-    // the fast path's pending sums, kLanes floats per row: plain floats, read and written
-    // unaligned, because a heap block is not aligned for a 64-byte vector where the compiler's
-    // default target has no such registers
-    std::vector<float> lanes(static_cast<size_t>(b.k) * kLanes);
-    std::vector<double> min_terms(static_cast<size_t>(b.k));  // the fast path's pending min terms
-    int64_t lanes_block = -1, lanes_groups = 0;
-    auto flush = [&]() {
-      if (lanes_block < 0) return;
-      for (int64_t r = 0; r < b.k; ++r) {
-        acc[r * b.n_blocks + lanes_block] += hsum(load_vec(&lanes[r * kLanes])) + min_terms[r];
-        std::fill(&lanes[r * kLanes], &lanes[r * kLanes] + kLanes, 0.f);
-        min_terms[r] = 0.0;
-      }
-      lanes_block = -1;
-      lanes_groups = 0;
-    };
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
     int64_t piece = g.piece_of(t_begin * width);
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -86,20 +80,17 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
       if constexpr (BITS != 0) {
         if (fast_group(b, len, segs, kLanes)) {
-          if (segs[0].block != lanes_block || lanes_groups == kFlushGroups) flush();
-          lanes_block = segs[0].block;
-          const int64_t n = run_length(b, t, t_end, lanes_block, std::min(run_cap(b), kFlushGroups - lanes_groups));
-          lanes_groups += n;
-          const float* gr = g.tile(c0, n * width, piece, gbuf.data());
+          const int64_t blk = segs[0].block;
+          const int64_t n = run_length(b, t, t_end, blk, project_run_cap(b));
+          const float* gr = g.tile(c0, n * width, piece, gbuf.get());
           // sum_j lo * g[j] = lo * sum_j g[j]: one sum of g per group, shared by all rows, and
           // the k rows' min terms of a group are one pass over its k mins (stored group-major)
           for (int64_t i = 0; i < n; ++i) {
             fvec gs{};
             for (int64_t j = 0; j < width; j += kLanes) gs += load_vec(gr + i * width + j);
-            const double gsum = hsum(gs);
+            const double gsum_i = hsum(gs);
             const float* mins = b.mins + (t + i) * b.k;
-#pragma omp simd
-            for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum;
+            for (int64_t r = 0; r < b.k; ++r) acc[r * b.n_blocks + blk] += static_cast<double>(mins[r]) * gsum_i;
           }
           // the next run's g, fetched while the row blocks pass over this run's
           LineFetcher next_g;
@@ -109,16 +100,14 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
             next_g.start(from, bytes, (b.k / kRowBlock + b.k % kRowBlock) * n);
           }
           int64_t r0 = 0;
-          for (; r0 + kRowBlock <= b.k; r0 += kRowBlock)
-            run_dots<BITS, kRowBlock>(b, r0, t, n, gr, &lanes[r0 * kLanes], next_g);
-          for (; r0 < b.k; ++r0) run_dots<BITS, 1>(b, r0, t, n, gr, &lanes[r0 * kLanes], next_g);
+          for (; r0 + kRowBlock <= b.k; r0 += kRowBlock) run_dots<BITS, kRowBlock>(b, r0, t, n, gr, acc + blk, next_g);
+          for (; r0 < b.k; ++r0) run_dots<BITS, 1>(b, r0, t, n, gr, acc + blk, next_g);
           t += n - 1;
           continue;
         }
       }
-      project_tile_rows<BITS>(b, t, c0, len, segs, g.tile(c0, len, piece, gbuf.data()), cbuf.data(), gsum, acc);
+      project_tile_rows<BITS>(b, t, c0, len, segs, g.tile(c0, len, piece, gbuf.get()), cbuf.data(), gsum, acc);
     }
-    flush();
   }
   sum_partials(partial, nt, kb, y);
 }
