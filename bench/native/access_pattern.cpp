@@ -15,9 +15,10 @@
 //              (reconstruct: its reads, then its writes with streaming stores).
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
-// library's bases are, g on ordinary pages as an autograd gradient is. Arguments: rounds,
-// threads, D. Prints one line per op and bit width: op, bits, bytes, and the median
-// milliseconds of the three over the rounds. Built and run by bench/access_pattern.py.
+// library's bases are, g on ordinary pages as an autograd gradient is. Each round times every
+// bit width and op in turn, so that 2-bit and 4-bit times are compared within rounds.
+// Arguments: rounds, threads, D. Prints one line per op and bit width: op, bits, bytes, and
+// the median milliseconds of the three over the rounds. Built and run by bench/access_pattern.py.
 #include "../../csrc/cpu/kernels.cpp"
 
 #include <sys/mman.h>
@@ -189,27 +190,39 @@ int main(int argc, char** argv) {
   for (int64_t j = 0; j < padded; ++j) center[j] = g[j];
   std::memset(out, 0, padded * sizeof(float));
   std::vector<float> x(k, 0.01f);
-  uint64_t sink = 0;
-  for (int bits : {2, 4, 8}) {
-    const int64_t row_bytes = n_groups * group * bits / 8, tables = 2 * 4 * n_groups * k;  // scales and mins
-    const int64_t project_bytes = k * row_bytes + 4 * d + tables;
-    const int64_t reconstruct_reads = k * row_bytes + 4 * d + tables, reconstruct_bytes = reconstruct_reads + 4 * d;
-    uint8_t* codes = on_huge_pages<uint8_t>(k * row_bytes);
-    for (int64_t i = 0; i < k * row_bytes; ++i) codes[i] = static_cast<uint8_t>(rng());
-    uint8_t* flat = on_huge_pages<uint8_t>(reconstruct_reads);
-    std::memset(flat, 1, reconstruct_reads);
-    std::vector<float> scales(n_groups * k + 16, 1e-3f), mins(n_groups * k + 16, -1e-3f);  // + a vector's overrun
-    std::vector<int64_t> offsets = {0, d};
+  // every bit width's basis at once, so that a round times all of them and a drift of a shared
+  // machine hits the 2-bit and 4-bit passes alike
+  const int widths[3] = {2, 4, 8};
+  struct Case {
+    uint8_t* codes;
+    uint8_t* flat;  // as many bytes as reconstruct reads, for the plain passes
+    std::vector<float> scales, mins;
     twa::PackedBasis b;
-    b.codes = codes, b.scales = scales.data(), b.mins = mins.data(), b.block_offsets = offsets.data();
-    b.k = k, b.num_cols = d, b.row_bytes = row_bytes, b.n_groups = n_groups, b.n_blocks = 1, b.bits = bits;
-    b.group_size = group;
-    std::vector<float> y(k);
-    const void* pieces[1] = {g.data()};
-    const int64_t starts[2] = {0, d};
-    const std::string ops[3] = {"project_int8", "project", "reconstruct"};
-    std::vector<double> times[3][3];  // [op][kernel, its order, plain]
-    for (int r = 0; r < rounds + 2; ++r) {
+  } cases[3];
+  std::vector<int64_t> offsets = {0, d};
+  for (int w = 0; w < 3; ++w) {
+    Case& c = cases[w];
+    const int64_t row_bytes = n_groups * group * widths[w] / 8;
+    const int64_t reads = k * row_bytes + 4 * d + 2 * 4 * n_groups * k;  // codes, g or center, scales and mins
+    c.codes = on_huge_pages<uint8_t>(k * row_bytes);
+    for (int64_t i = 0; i < k * row_bytes; ++i) c.codes[i] = static_cast<uint8_t>(rng());
+    c.flat = on_huge_pages<uint8_t>(reads);
+    std::memset(c.flat, 1, reads);
+    c.scales.assign(n_groups * k + 16, 1e-3f), c.mins.assign(n_groups * k + 16, -1e-3f);  // + a vector's overrun
+    c.b.codes = c.codes, c.b.scales = c.scales.data(), c.b.mins = c.mins.data(), c.b.block_offsets = offsets.data();
+    c.b.k = k, c.b.num_cols = d, c.b.row_bytes = row_bytes, c.b.n_groups = n_groups, c.b.n_blocks = 1;
+    c.b.bits = widths[w], c.b.group_size = group;
+  }
+  std::vector<float> y(k);
+  const void* pieces[1] = {g.data()};
+  const int64_t starts[2] = {0, d};
+  const char* ops[3] = {"project_int8", "project", "reconstruct"};
+  std::vector<double> times[3][3][3];  // [bit width][op][kernel, its order, plain]
+  uint64_t sink = 0;
+  for (int r = 0; r < rounds + 2; ++r) {
+    for (int w = 0; w < 3; ++w) {
+      const twa::PackedBasis& b = cases[w].b;
+      const int64_t reads = k * b.row_bytes + 4 * d + 2 * 4 * n_groups * k;
       for (int op = 0; op < 3; ++op) {
         const double t0 = now();
         if (op == 0) twa::project_int8_pieces(b, pieces, starts, 1, twa::DType::f32, y.data(), threads);
@@ -221,16 +234,19 @@ int main(int argc, char** argv) {
         if (op == 1) sink ^= read_in_projection_order(b, g.data(), threads, twa::project_run_cap(b), twa::kPrefetchBytes);
         if (op == 2) sink ^= move_in_reconstruct_order(b, center, out, threads);
         const double t2 = now();
-        sink ^= read_plain(flat, op == 2 ? reconstruct_reads : project_bytes, threads);
+        sink ^= read_plain(cases[w].flat, reads, threads);
         if (op == 2) write_plain(out, padded, threads);
         const double t3 = now();
         if (r < 2) continue;  // warm-up
-        times[op][0].push_back(t1 - t0), times[op][1].push_back(t2 - t1), times[op][2].push_back(t3 - t2);
+        times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
       }
     }
-    for (int op = 0; op < 3; ++op) report(ops[op].c_str(), bits, op == 2 ? reconstruct_bytes : project_bytes, times[op]);
-    std::free(codes);
-    std::free(flat);
+  }
+  for (int w = 0; w < 3; ++w) {
+    const int64_t reads = k * cases[w].b.row_bytes + 4 * d + 2 * 4 * n_groups * k;
+    for (int op = 0; op < 3; ++op) report(ops[op], widths[w], op == 2 ? reads + 4 * d : reads, times[w][op]);
+    std::free(cases[w].codes);
+    std::free(cases[w].flat);
   }
   std::free(center);
   std::free(out);
