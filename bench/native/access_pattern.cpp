@@ -100,8 +100,8 @@ inline void stream_line(float* dst, const Line& v) {
 }
 
 // reconstruct's traffic without its work: group by group in the kernel's runs, the group's
-// scales and mins, every row's codes and the center's group read (fetching ahead in each row as the kernel does), the
-// group's weights written with streaming stores.
+// scales and mins, every row's codes (fetched ahead in each row as the kernel does) and the
+// center's group read, and the group's weights written with streaming stores.
 uint64_t move_in_reconstruct_order(const twa::PackedBasis& b, const float* center, float* out, int threads) {
   const int64_t width = b.group_size, gbytes = width * b.bits / 8, cap = twa::run_cap(b);
   uint64_t total = 0;
@@ -231,7 +231,8 @@ int main(int argc, char** argv) {
         const double t1 = now();
         if (op == 0) sink ^= read_in_projection_order(b, g.data(), threads, twa::int8_run_cap(b, false),
                                                       twa::kInt8FetchAhead);
-        if (op == 1) sink ^= read_in_projection_order(b, g.data(), threads, twa::project_run_cap(b), twa::kPrefetchBytes);
+        if (op == 1) sink ^= read_in_projection_order(b, g.data(), threads, twa::project_run_cap(b),
+                                                      twa::kPrefetchBytes);
         if (op == 2) sink ^= move_in_reconstruct_order(b, center, out, threads);
         const double t2 = now();
         sink ^= read_plain(cases[w].flat, reads, threads);
