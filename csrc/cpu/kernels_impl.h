@@ -72,6 +72,7 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
     // are never touched where g is read in place
     std::unique_ptr<float[]> gbuf(new float[project_run_cap(b) * width + 8]);
     std::vector<float> cbuf(width + 8), gsum;
+    std::vector<double> min_terms(static_cast<size_t>(b.k));  // a run's min terms, row by row
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
     int64_t piece = g.piece_of(t_begin * width);
@@ -85,13 +86,16 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
           const float* gr = g.tile(c0, n * width, piece, gbuf.get());
           // sum_j lo * g[j] = lo * sum_j g[j]: one sum of g per group, shared by all rows, and
           // the k rows' min terms of a group are one pass over its k mins (stored group-major)
+          std::fill(min_terms.begin(), min_terms.end(), 0.0);
           for (int64_t i = 0; i < n; ++i) {
             fvec gs{};
             for (int64_t j = 0; j < width; j += kLanes) gs += load_vec(gr + i * width + j);
             const double gsum_i = hsum(gs);
             const float* mins = b.mins + (t + i) * b.k;
-            for (int64_t r = 0; r < b.k; ++r) acc[r * b.n_blocks + blk] += static_cast<double>(mins[r]) * gsum_i;
+#pragma omp simd
+            for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum_i;
           }
+          for (int64_t r = 0; r < b.k; ++r) acc[r * b.n_blocks + blk] += min_terms[r];
           // the next run's g, fetched while the row blocks pass over this run's
           LineFetcher next_g;
           if (t + n < t_end) {
