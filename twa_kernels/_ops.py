@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from typing import Optional
@@ -314,8 +315,9 @@ class ReconstructInto(torch.autograd.Function):
 
 
 class ReconstructPieces(torch.autograd.Function):
-    """reconstruct into out_holder[0], returned as its pieces out.split(sizes): a model's
-    weights, one view per tensor. The backward projects the pieces' gradients where
+    """reconstruct into out_holder[0], returned as its pieces: consecutive views of it in
+    `shapes`, a model's weights, one view per tensor (returned shaped, so that no view
+    node per tensor joins the graph). The backward projects the pieces' gradients where
     autograd left them (project_pieces), so no D-long gradient is gathered. The buffer is
     passed in a list so that it is not an input: the pieces are views of it, and the
     write bumps its version counter, so a retained graph that saved a piece of an earlier
@@ -324,16 +326,16 @@ class ReconstructPieces(torch.autograd.Function):
     basis group, a packed basis only)."""
 
     @staticmethod
-    def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, sizes,
+    def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, shapes,
                 on_backward, int8_gradients=False):
         out = out_holder[0]
         reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
         ctx.save_for_backward(codes, scales, mins, block_offsets)
         ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
         ctx.center_dtype = center.dtype if center is not None else None
-        ctx.sizes, ctx.int8_gradients = list(sizes), int8_gradients
+        ctx.sizes, ctx.int8_gradients = [math.prod(shape) for shape in shapes], int8_gradients
         ctx.set_materialize_grads(False)
-        return tuple(out.split(sizes))
+        return tuple(piece.view(shape) for piece, shape in zip(out.split(ctx.sizes), shapes))
 
     @staticmethod
     def backward(ctx, *grads):

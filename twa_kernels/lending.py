@@ -75,6 +75,12 @@ class LentWeights:
     def pending(self) -> bool:
         return bool(self.loans)
 
+    def own_dtypes(self, count: int) -> list[torch.dtype]:
+        """The dtypes of the model's own Parameters in the first `count` slots, lent or not."""
+        if self.own is not None:
+            return [own[0].dtype for own in self.own[:count]]
+        return [module._parameters[attr].dtype for (module, attr), *_ in self.slots[:count]]
+
     def _put(self, tensors: Sequence[Tensor]) -> None:
         if self.own is None:
             self.own = [[module._parameters[attr] for module, attr in slots] for slots in self.slots]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -95,12 +95,13 @@ def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: 
                                  qb.bits or 0, qb.group_size, out.detach(), on_backward)
 
 
-def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor, sizes: list[int],
-                       on_backward: Callable[[], None] | None = None, *,
+def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor,
+                       shapes: Sequence[tuple[int, ...]], on_backward: Callable[[], None] | None = None, *,
                        int8_gradients: bool = False) -> tuple[Tensor, ...]:
-    """reconstruct into `out`, as out.split(sizes) (a model's tensors), without input
-    checks; its backward projects the pieces' gradients in place, without gathering them
-    into one D-long vector (with project_int8's rounding when `int8_gradients`)."""
+    """reconstruct into `out`, returned as consecutive views of it in `shapes` (a model's
+    tensors), without input checks; its backward projects the pieces' gradients in place,
+    without gathering them into one D-long vector (with project_int8's rounding when
+    `int8_gradients`)."""
     return ReconstructPieces.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
-                                   qb.bits or 0, qb.group_size, [out.detach()], sizes, on_backward,
+                                   qb.bits or 0, qb.group_size, [out.detach()], list(shapes), on_backward,
                                    int8_gradients)

@@ -224,8 +224,9 @@ class TWA(nn.Module):
         return super().train(mode)
 
     def _parameter_dtypes(self) -> dict[str, torch.dtype]:
-        params = dict(self.module.named_parameters())
-        return {name: params[name].dtype for name in self.names}
+        # read from the model's own parameter slots, once a forward: walking the module
+        # tree (named_parameters) cost more than the rest of TWA's Python per step
+        return dict(zip(self.names, self._lent.own_dtypes(len(self.names))))
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """The [D] vector's pieces by name, each in its parameter's dtype."""
@@ -253,13 +254,12 @@ class TWA(nn.Module):
             flat = reconstruct(self.basis, self.coefficients, self.center)
         return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
 
-    def _forward_weights(self) -> list[Tensor]:
+    def _forward_weights(self, dtypes: dict[str, torch.dtype]) -> list[Tensor]:
         """weights() in the order of self.names, written into the reused workspace: only
         forward() hands these to the model, which keeps them no longer than its graph."""
         if self._sharded:
             weights = self.weights()
             return [weights[name] for name in self.names]
-        dtypes = self._parameter_dtypes()
         dtype = self._forward_dtype(dtypes)
         record = torch.is_grad_enabled() and self.coefficients.requires_grad
         workspace = self._workspace
@@ -271,26 +271,26 @@ class TWA(nn.Module):
             return [typed[name] for name in self.names]
         # one view of the workspace per tensor; the backward projects their gradients where
         # autograd leaves them (no D-long gradient is gathered), then frees the workspace
-        sizes = [math.prod(shape) for shape in self.shapes]
-        pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, sizes, release,
+        pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, self.shapes, release,
                                     int8_gradients=self.int8_gradients)
-        return [piece.view(shape) if piece.dtype == dtypes[name] else piece.view(shape).to(dtypes[name])
-                for name, piece, shape in zip(self.names, pieces, self.shapes)]
+        return [piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
+                for name, piece in zip(self.names, pieces)]
 
-    def _weights_key(self) -> tuple:
+    def _weights_key(self, dtypes: dict[str, torch.dtype] | None = None) -> tuple:
         """What the weights are computed from: equal keys give equal weights."""
         tensors = (self.center, self.basis_codes, self.basis_scales, self.basis_mins)
-        return (self.coefficients.detach().clone(), self._forward_dtype(),
+        return (self.coefficients.detach().clone(), self._forward_dtype(dtypes),
                 tuple((t.data_ptr(), t._version) for t in tensors))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # the compiled graph holds any recomputation itself
             return functional_call(self.module, self.weights(), args, kwargs)
         lent = self._lent
-        key = self._weights_key() if lent.pending or torch.is_grad_enabled() else None
+        dtypes = self._parameter_dtypes()
+        key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
         if lent.pending:
             lent.expire_other_than(key)
-        weights, pinned = self._forward_weights(), self._pinned()
+        weights, pinned = self._forward_weights(dtypes), self._pinned()
         if not any(w.requires_grad for w in weights):
             with lent.lending(weights + pinned):
                 return self.module(*args, **kwargs)

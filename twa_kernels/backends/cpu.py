@@ -41,7 +41,7 @@ def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size)
     y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
     _lib().project_pieces_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
-        [p.reshape(-1) for p in pieces], bits, group_size, torch.get_num_threads(), y,
+        [p.contiguous() for p in pieces], bits, group_size, torch.get_num_threads(), y,
     )
     return y
 
@@ -51,7 +51,7 @@ def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -
     y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
     _lib().project_int8_pieces_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
-        [p.reshape(-1) for p in pieces], bits, group_size, torch.get_num_threads(), y,
+        [p.contiguous() for p in pieces], bits, group_size, torch.get_num_threads(), y,
     )
     return y
 
