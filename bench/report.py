@@ -344,12 +344,17 @@ def _phase_rows(runs: list[dict], phase: str) -> list[str]:
     if not all("median_phase_ms" in r[phase] for r in runs):
         return []
     heading = "heap kept, " if phase == "training_step_kept_heap" else ""
-    rows = ["", f"| run | {heading}forward, SGD / TWA ms | backward, SGD / TWA ms | optimizer step, SGD / TWA ms |",
-            "|---|---|---|---|"]
+    small = all("small_layout" in r[phase] for r in runs)  # absent in older files
+    rows = ["", f"| run | {heading}forward, SGD / TWA ms | backward, SGD / TWA ms | optimizer step, SGD / TWA ms |"
+            + (" 1/16 width, SGD / TWA ms |" if small else ""),
+            "|---|---|---|---|" + ("---|" if small else "")]
     for i, r in enumerate(runs, 1):
         sgd, twa = r[phase]["median_phase_ms"]["sgd"], r[phase]["median_phase_ms"]["twa"]
-        rows.append(f"| {i} | " + " | ".join(f"{sgd[p]:.1f} / {twa[p]:.1f}" for p in ("forward", "backward", "update"))
-                    + " |")
+        row = f"| {i} | " + " | ".join(f"{sgd[p]:.1f} / {twa[p]:.1f}" for p in ("forward", "backward", "update")) + " |"
+        if small:
+            ms = r[phase]["small_layout"]["median_ms"]
+            row += f" {ms['sgd']:.2f} / {ms['twa']:.2f} |"
+        rows.append(row)
     return rows
 
 

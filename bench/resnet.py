@@ -19,11 +19,12 @@ class BasicBlock(nn.Module):
         return (out + (x if self.downsample is None else self.downsample(x))).relu()
 
 
-def resnet18(num_classes: int = 1000) -> nn.Module:
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    cin = 64
-    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+def resnet18(num_classes: int = 1000, width: int = 64) -> nn.Module:
+    """`width` channels in the first stage (torchvision's 64), doubling at each stage."""
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for cout, stride in [(width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)]:
         layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * width, num_classes)]
     return nn.Sequential(*layers)

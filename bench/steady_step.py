@@ -26,7 +26,9 @@ the median of 10 after 3 warm-ups, interleaved so that drifts of a shared machin
 four alike, with the minor page faults of each step, the median of each phase of a step
 (forward with the loss, backward, optimizer step: TWA's reconstruct runs in the first, its
 project in the second, while SGD updates the weights in the third), and a torch.profiler
-table of the SGD and TWA steps' top operators (where TWA's extra time goes). On glibc the training
+table of the SGD and TWA steps' top operators (where TWA's extra time goes). Last, SGD and TWA
+steps on ResNet-18's 62 tensors at 1/16 of its channels, where the kernels take microseconds:
+their difference is TWA's Python and dispatch per step. On glibc the training
 phase runs a second time in a process that called tk.keep_freed_memory() first (freed
 memory stays in the process instead of going back to the system, as jemalloc or tcmalloc
 keep it), so that page faults of memory the allocator gave back and took again are told
@@ -193,7 +195,49 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     }
     if profile:
         result["profile"] = {name: _profile(steps[name]) for name in ("sgd", "twa", "twa_int8_gradients")}
+    result["small_layout"] = small_layout_steps()
     return result
+
+
+def small_layout_steps(rounds: int = 200) -> dict:
+    """TWA's cost per step beyond its kernels' bytes: ResNet-18's 62 tensors at 1/16 of its
+    channels (45,102 weights, 10 classes, batch 2), where the kernels take microseconds and
+    a step is mostly Python and dispatch. SGD and TWA steps interleaved, medians after 20."""
+    import torch.nn.functional as F
+
+    import twa_kernels as tk
+    from conftest import random_packed_basis
+    from resnet import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, width=4)
+    params = list(model.named_parameters())
+    center = torch.cat([p.detach().reshape(-1) for _, p in params])
+    subspace = tk.Subspace([n for n, _ in params], [tuple(p.shape) for _, p in params], center,
+                           random_packed_basis(K, [p.numel() for _, p in params], BITS))
+    twa = tk.TWA(model, subspace)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+
+    def stepper(params, forward):
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+
+        return step
+
+    steps = {"sgd": stepper(model.parameters(), model), "twa": stepper(twa.parameters(), twa)}
+    times = {name: [] for name in steps}
+    for _ in range(rounds + 20):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t[20:]) * 1e3 for name, t in times.items()}
+    return {"tensors": len(params), "weights": center.numel(), "median_ms": med,
+            "twa_minus_sgd_ms": med["twa"] - med["sgd"]}
 
 
 def _profile(step, calls: int = 3, top: int = 12) -> list[dict]:
@@ -297,6 +341,11 @@ def _print_training(label: str, train: dict) -> None:
           f"page faults per step: " + ", ".join(f"{name} {n:.0f}" for name, n in faults.items()))
     for name, phases in train.get("median_phase_ms", {}).items():
         print(f"  {name}: " + ", ".join(f"{phase} {ms:.1f} ms" for phase, ms in phases.items()))
+    small = train.get("small_layout")
+    if small:
+        print(f"  {small['tensors']} tensors at 1/16 width ({small['weights']} weights): SGD "
+              f"{small['median_ms']['sgd']:.2f} ms, TWA {small['median_ms']['twa']:.2f} ms, "
+              f"TWA - SGD {small['twa_minus_sgd_ms']:+.2f} ms")
     for name, rows in train.get("profile", {}).items():
         print(f"\n{name} step, top operators by self CPU time (ms per step):")
         for row in rows:

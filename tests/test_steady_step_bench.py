@@ -42,6 +42,14 @@ def test_every_training_step_records_its_three_phases(bench_on_path):
         assert all(ms > 0 for ms in split.values()), (name, split)
 
 
+def test_the_small_layout_has_resnet18s_tensors_at_a_sixteenth_of_its_channels(bench_on_path):
+    steady_step = _load("steady_step")
+    small = steady_step.small_layout_steps(rounds=2)
+    assert small["tensors"] == 62 and small["weights"] == 45_102
+    assert set(small["median_ms"]) == {"sgd", "twa"} and all(ms > 0 for ms in small["median_ms"].values())
+    assert small["twa_minus_sgd_ms"] == small["median_ms"]["twa"] - small["median_ms"]["sgd"]
+
+
 def test_the_report_shows_the_phase_split_of_each_run():
     report = _load("report")
     split = {"sgd": {"forward": 20.0, "backward": 45.0, "update": 5.5},
@@ -50,5 +58,9 @@ def test_the_report_shows_the_phase_split_of_each_run():
     rows = report._phase_rows(runs, "training_step_kept_heap")
     assert rows[1].startswith("| run | heap kept, forward")
     assert rows[3:] == ["| 1 | 20.0 / 28.5 | 45.0 / 51.3 | 5.5 / 0.3 |", "| 2 | 20.0 / 28.5 | 45.0 / 51.3 | 5.5 / 0.3 |"]
+    small = {"median_ms": {"sgd": 7.25, "twa": 8.31}}
+    rows = report._phase_rows([{"training_step": {"median_phase_ms": split, "small_layout": small}}], "training_step")
+    assert rows[1].endswith("| 1/16 width, SGD / TWA ms |")
+    assert rows[3] == "| 1 | 20.0 / 28.5 | 45.0 / 51.3 | 5.5 / 0.3 | 7.25 / 8.31 |"
     # files written before the split have no phases: no table rather than a KeyError
     assert report._phase_rows([{"training_step": {"median_ms": {}}}], "training_step") == []
