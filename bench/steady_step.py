@@ -129,16 +129,11 @@ def training_steps(rounds: int = 10, profile: bool = True) -> dict:
     from torch.func import functional_call
 
     import twa_kernels as tk
-    from conftest import random_packed_basis
     from resnet import resnet18
 
     torch.manual_seed(0)
     model = resnet18()
-    names = [n for n, _ in model.named_parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    center = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    subspace = tk.Subspace(names, [tuple(p.shape) for p in model.parameters()], center,
-                           random_packed_basis(K, sizes, BITS))
+    subspace = _random_subspace(model)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 1000, (32,))
     twa = tk.TWA(model, subspace)
     twa_int8 = tk.TWA(model, subspace, int8_gradients=True)
@@ -206,15 +201,11 @@ def small_layout_steps(rounds: int = 200) -> dict:
     import torch.nn.functional as F
 
     import twa_kernels as tk
-    from conftest import random_packed_basis
     from resnet import resnet18
 
     torch.manual_seed(0)
     model = resnet18(num_classes=10, width=4)
-    params = list(model.named_parameters())
-    center = torch.cat([p.detach().reshape(-1) for _, p in params])
-    subspace = tk.Subspace([n for n, _ in params], [tuple(p.shape) for _, p in params], center,
-                           random_packed_basis(K, [p.numel() for _, p in params], BITS))
+    subspace = _random_subspace(model)
     twa = tk.TWA(model, subspace)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
 
@@ -236,8 +227,20 @@ def small_layout_steps(rounds: int = 200) -> dict:
             step()
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t[20:]) * 1e3 for name, t in times.items()}
-    return {"tensors": len(params), "weights": center.numel(), "median_ms": med,
+    return {"tensors": len(subspace.names), "weights": subspace.center.numel(), "median_ms": med,
             "twa_minus_sgd_ms": med["twa"] - med["sgd"]}
+
+
+def _random_subspace(model: torch.nn.Module):
+    """A subspace of all the model's parameters around their values, with a random k x D
+    packed basis (the kernels' cost does not depend on the codes)."""
+    import twa_kernels as tk
+    from conftest import random_packed_basis
+
+    params = list(model.named_parameters())
+    center = torch.cat([p.detach().reshape(-1) for _, p in params])
+    return tk.Subspace([n for n, _ in params], [tuple(p.shape) for _, p in params], center,
+                       random_packed_basis(K, [p.numel() for _, p in params], BITS))
 
 
 def _profile(step, calls: int = 3, top: int = 12) -> list[dict]:
