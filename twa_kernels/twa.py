@@ -224,8 +224,8 @@ class TWA(nn.Module):
         return super().train(mode)
 
     def _parameter_dtypes(self) -> dict[str, torch.dtype]:
-        # read from the model's own parameter slots, once a forward: walking the module
-        # tree (named_parameters) cost more than the rest of TWA's Python per step
+        # from the model's own parameter slots: walking the module tree (named_parameters)
+        # twice a forward cost more than the rest of TWA's Python per step
         return dict(zip(self.names, self._lent.own_dtypes(len(self.names))))
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
