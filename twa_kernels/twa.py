@@ -225,7 +225,7 @@ class TWA(nn.Module):
 
     def _parameter_dtypes(self) -> dict[str, torch.dtype]:
         # from the model's own parameter slots: walking the module tree (named_parameters)
-        # twice a forward cost more than the rest of TWA's Python per step
+        # twice a forward was a large part of TWA's Python per step
         return dict(zip(self.names, self._lent.own_dtypes(len(self.names))))
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
