@@ -197,6 +197,24 @@ def test_dtype_casts_reach_the_model_only(digits):
         assert t.dtype == torch.float32
 
 
+def test_a_cast_of_the_wrapped_model_itself_reaches_the_next_forward(digits):
+    train, _, checkpoints = digits
+    twa = tk.TWA(make_model(), checkpoints, bits=4)
+    x, y = train.tensors
+    F.cross_entropy(twa(x[:64]), y[:64]).backward()  # a float32 step first
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+               for m in twa.module.modules() if isinstance(m, nn.Linear)]
+    twa.module.to(torch.bfloat16)  # the model, not the TWA: the weights follow it
+    twa.coefficients.grad = None
+    out = twa(x[:64].to(torch.bfloat16))
+    F.cross_entropy(out.float(), y[:64]).backward()
+    assert out.dtype == torch.bfloat16 and seen and set(seen) == {torch.bfloat16}
+    assert twa.coefficients.grad.dtype == torch.float32 and twa.coefficients.grad.abs().sum() > 0
+    for handle in handles:
+        handle.remove()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_checkpoints_are_refused_with_file_and_key(digits, tmp_path, bad):
     _, _, checkpoints = digits
