@@ -137,3 +137,47 @@ def test_the_cpu_kernels_large_fresh_outputs_are_advised_where_python_allocates_
     rows = _ops.combine_rows_op(torch.eye(2, dtype=torch.float64), torch.randn(2, d))
     lo, hi = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
     assert any(lo <= start < end <= hi for start, end in advised)
+
+
+def test_the_gradients_worth_holding_are_glibc_heap_blocks_while_the_heap_is_not_kept(monkeypatch):
+    small, on_mmap = torch.ones(1000), torch.empty(8 << 20)  # 4 KB, and 32 MiB: glibc's own mapping
+    monkeypatch.setattr(_memory, "_heap_kept", False)
+    monkeypatch.setattr(_memory, "_libc_call", lambda name: object())  # a glibc
+    held = _memory.gradients_to_hold([small, None, on_mmap])
+    assert len(held) == 1 and held[0] is small
+    monkeypatch.setattr(_memory, "_heap_kept", True)  # keep_freed_memory(): nothing is given back
+    assert _memory.gradients_to_hold([small]) == []
+    monkeypatch.setattr(_memory, "_heap_kept", False)
+    monkeypatch.setattr(_memory, "_libc_call", lambda name: None)  # not glibc
+    assert _memory.gradients_to_hold([small]) == []
+
+
+def test_a_twa_step_holds_its_weight_gradients_until_the_next_backward(monkeypatch):
+    """The held gradients are the last backward's: the next backward drops the ones before
+    once its own exist, and a forward that records nothing (evaluation) drops them all."""
+    import weakref
+
+    import torch.nn.functional as F
+
+    import twa_kernels as tk
+    from twa_kernels import twa as twa_module
+
+    monkeypatch.setattr(twa_module, "gradients_to_hold", lambda grads: [g for g in grads if g is not None])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, states, bits=4)
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+
+    def step() -> list[weakref.ref]:
+        F.cross_entropy(twa(x), y).backward()
+        return [weakref.ref(g) for g in twa._workspace.held]
+
+    first = step()
+    assert len(first) == 4 and all(ref() is not None for ref in first)
+    assert [tuple(ref().shape) for ref in first] == [tuple(p.shape) for p in model.parameters()]
+    second = step()
+    assert all(ref() is None for ref in first) and all(ref() is not None for ref in second)
+    with torch.no_grad():
+        twa(x)
+    assert twa._workspace.held == [] and all(ref() is None for ref in second)

@@ -323,17 +323,18 @@ class ReconstructPieces(torch.autograd.Function):
     write bumps its version counter, so a retained graph that saved a piece of an earlier
     call raises PyTorch's in-place error at backward. `on_backward` as in ReconstructInto.
     With `int8_gradients` the backward is project_int8 (the gradient rounded to int8 per
-    basis group, a packed basis only)."""
+    basis group, a packed basis only). `hold`, when given, receives the pieces' gradients
+    once they are projected (the caller decides how long they live)."""
 
     @staticmethod
     def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, shapes,
-                on_backward, int8_gradients=False):
+                on_backward, int8_gradients=False, hold=None):
         out = out_holder[0]
         reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
         ctx.save_for_backward(codes, scales, mins, block_offsets)
         ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
         ctx.center_dtype = center.dtype if center is not None else None
-        ctx.sizes, ctx.int8_gradients = [math.prod(shape) for shape in shapes], int8_gradients
+        ctx.sizes, ctx.int8_gradients, ctx.hold = [math.prod(shape) for shape in shapes], int8_gradients, hold
         ctx.set_materialize_grads(False)
         return tuple(piece.view(shape) for piece, shape in zip(out.split(ctx.sizes), shapes))
 
@@ -350,9 +351,11 @@ class ReconstructPieces(torch.autograd.Function):
                 grad_x = project(codes, scales, mins, block_offsets, pieces, ctx.bits, ctx.group_size).to(ctx.x_dtype)
             if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
                 grad_center = torch.cat(pieces).to(ctx.center_dtype)
+            if ctx.hold is not None:
+                ctx.hold(grads)
         if ctx.on_backward is not None:
             ctx.on_backward()
-        return None, None, None, None, grad_x, grad_center, None, None, None, None, None, None
+        return None, None, None, None, grad_x, grad_center, None, None, None, None, None, None, None
 
 
 # ---- the passes of orthonormalize ---------------------------------------------------------

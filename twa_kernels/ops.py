@@ -97,11 +97,12 @@ def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: 
 
 def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor,
                        shapes: Sequence[tuple[int, ...]], on_backward: Callable[[], None] | None = None, *,
-                       int8_gradients: bool = False) -> tuple[Tensor, ...]:
+                       int8_gradients: bool = False,
+                       hold: Callable[[Sequence[Tensor | None]], None] | None = None) -> tuple[Tensor, ...]:
     """reconstruct into `out`, returned as consecutive views of it in `shapes` (a model's
     tensors), without input checks; its backward projects the pieces' gradients in place,
     without gathering them into one D-long vector (with project_int8's rounding when
-    `int8_gradients`)."""
+    `int8_gradients`), then hands them to `hold`, when given."""
     return ReconstructPieces.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
                                    qb.bits or 0, qb.group_size, [out.detach()], list(shapes), on_backward,
-                                   int8_gradients)
+                                   int8_gradients, hold)

@@ -51,7 +51,7 @@ from torch.func import functional_call
 
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
 from twa_kernels import sharding
-from twa_kernels._memory import empty_huge
+from twa_kernels._memory import empty_huge, gradients_to_hold
 from twa_kernels.averaging import update_bn
 from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
@@ -272,7 +272,7 @@ class TWA(nn.Module):
         # one view of the workspace per tensor; the backward projects their gradients where
         # autograd leaves them (no D-long gradient is gathered), then frees the workspace
         pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, self.shapes, release,
-                                    int8_gradients=self.int8_gradients)
+                                    int8_gradients=self.int8_gradients, hold=workspace.hold_gradients)
         return [piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
                 for name, piece in zip(self.names, pieces)]
 
@@ -400,6 +400,7 @@ class _Workspace:
         self.buffer: Tensor | None = None
         self.busy = False
         self.generation = 0
+        self.held: list[Tensor] = []  # the last backward's weight gradients (hold_gradients)
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device,
              record: bool) -> tuple[Tensor, Callable[[], None]]:
@@ -411,8 +412,17 @@ class _Workspace:
             self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
             self.generation += 1
         self.busy = record
+        if not record:  # evaluation: no backward follows soon to take the held memory's place
+            self.held = []
         generation = self.generation
         return buffer, lambda: self._release(generation)
+
+    def hold_gradients(self, grads: Sequence[Tensor | None]) -> None:
+        """Hold a backward's weight gradients until the next backward's, dropping the ones
+        held before: as SGD's .grad lives from one step to the next, so that the allocator
+        reuses their memory instead of giving it back and faulting it in again
+        (_memory.gradients_to_hold says which are worth it)."""
+        self.held = gradients_to_hold(grads)
 
     def prepare(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate the weights' buffer ahead of the first forward."""
