@@ -105,8 +105,9 @@ def keep_freed_memory() -> bool:
     """Keep freed memory in this process: glibc's malloc stops giving the top of its heap
     back to the system and serves blocks up to 1 GiB from the heap instead of their own
     mmap. A training step frees and retakes tens of MB; given back, those pages fault in
-    again on the next step, 4 KiB at a time (on ResNet-18 a TWA step took 4,500-14,000
-    faults, a third or more of its overhead over SGD; docs/training.md). This is the process's
+    again on the next step, 4 KiB at a time (on ResNet-18 a TWA step that freed its weight
+    gradients took 4,500-14,000 faults, a third or more of its overhead over SGD; TWA now
+    holds them, see gradients_to_hold, and this keeps the rest). This is the process's
     setting, not the library's: call it at the start of a training script you own (the
     `twa` command does). return_freed_memory() still gives memory back when asked. Returns
     False, changing nothing, where the C library has no glibc mallopt."""
