@@ -27,7 +27,9 @@ and the compiled graph holds its recomputation itself.
 The center, the basis and the coefficients stay float32 whatever the model's dtype; the
 forward writes the weights in the model's dtype (bfloat16 models get bfloat16 weights from
 the kernel itself, no extra pass) into a workspace the module reuses, so a training step
-allocates no D-long buffer. Tied weights (one tensor under several names) are one row
+allocates no D-long buffer. Under glibc each backward's weight gradients are held until
+the next backward's (see _memory.gradients_to_hold), as .grad holds SGD's between steps, so
+that malloc reuses their memory instead of giving it back and faulting it in again. Tied weights (one tensor under several names) are one row
 segment of the basis, and every name gets the averaged value in averaged_state_dict().
 
 Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are kept out
