@@ -181,3 +181,7 @@ def test_a_twa_step_holds_its_weight_gradients_until_the_next_backward(monkeypat
     with torch.no_grad():
         twa(x)
     assert twa._workspace.held == [] and all(ref() is None for ref in second)
+    third = step()
+    assert third and all(ref() is not None for ref in third)
+    twa.eval()  # so does switching to evaluation
+    assert twa._workspace.held == [] and all(ref() is None for ref in third)

@@ -29,8 +29,10 @@ forward writes the weights in the model's dtype (bfloat16 models get bfloat16 we
 the kernel itself, no extra pass) into a workspace the module reuses, so a training step
 allocates no D-long buffer. Under glibc each backward's weight gradients are held until
 the next backward's (see _memory.gradients_to_hold), as .grad holds SGD's between steps, so
-that malloc reuses their memory instead of giving it back and faulting it in again. Tied weights (one tensor under several names) are one row
-segment of the basis, and every name gets the averaged value in averaged_state_dict().
+that malloc reuses their memory instead of giving it back and faulting it in again;
+evaluation (eval(), or a forward that records no graph) lets them go. Tied weights (one
+tensor under several names) are one row segment of the basis, and every name gets the
+averaged value in averaged_state_dict().
 
 Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are kept out
 of the subspace, because a quantisation group spanning a frozen and a trained tensor
@@ -222,6 +224,8 @@ class TWA(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> TWA:
+        if not mode and hasattr(self, "_workspace"):  # no backward soon reuses the held gradients' memory
+            self._workspace.drop_gradients()
         self.module.train(mode)
         return super().train(mode)
 
@@ -415,7 +419,7 @@ class _Workspace:
             self.generation += 1
         self.busy = record
         if not record:  # evaluation: no backward follows soon to take the held memory's place
-            self.held = []
+            self.drop_gradients()
         generation = self.generation
         return buffer, lambda: self._release(generation)
 
@@ -425,6 +429,9 @@ class _Workspace:
         reuses their memory instead of giving it back and faulting it in again
         (_memory.gradients_to_hold says which are worth it)."""
         self.held = gradients_to_hold(grads)
+
+    def drop_gradients(self) -> None:
+        self.held = []
 
     def prepare(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate the weights' buffer ahead of the first forward."""
