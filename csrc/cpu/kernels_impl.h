@@ -27,10 +27,19 @@ TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gb
 // block. A function of its own, with the dots inlined into it, so that the rows' lane sums
 // stay in registers across the run instead of going through memory once a group; they are
 // reduced to float64 every kFlushGroups groups.
-template <int BITS, int ROWS>
+// GROUP is the group width when it is known at compile time (0: read from the basis). The
+// default width, 128 columns, gets a copy of its own: a group is then a fixed number of
+// vector steps (2 at 2 bits, 4 at 4), the group loop unrolls with its prefetches, and the
+// loop bookkeeping that a run-time width leaves around every group goes. On the AMD EPYC
+// (k = 16, D = 11.7M, 2 threads, interleaved calls) this made project 9-14% faster at 1 and 2
+// bits and 3% at 4; 8-bit codes keep the run-time width, which measured 5% faster for them.
+template <int BITS, int ROWS, int64_t GROUP = 0>
 TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t r0, int64_t t, int64_t n, const float* g,
                                                    double* acc, LineFetcher& next_g) {
-  const int64_t width = b.group_size, gbytes = width * BITS / 8;
+  if constexpr (GROUP == 0 && BITS < 8) {
+    if (b.group_size == 128) return run_dots<BITS, ROWS, 128>(b, r0, t, n, g, acc, next_g);
+  }
+  const int64_t width = GROUP ? GROUP : b.group_size, gbytes = width * BITS / 8;
   const uint8_t* src[ROWS];
   row_block(b, r0, t, gbytes, ROWS, src);  // the caller has ROWS rows from r0
   fvec sums[ROWS];
