@@ -39,13 +39,13 @@ def _cpu_has_avx512() -> bool:
 
 ISAS = ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has_avx512(), reason="no AVX-512"))]
 
-# (k, D, group_size, block sizes): k not a multiple of the row blocks (4 rows in project, 8
-# or 16 in reconstruct: k = 27 takes every block size), D ending inside a group, block edges
-# inside groups, one-column blocks, runs longer than 4096 columns and groups whose planes are
-# 8 bytes (the 16-lane path leaves those to the 8-lane one).
+# (k, D, group_size, block sizes): k not a multiple of the row blocks (8, 4 and 1 rows in
+# project, 16, 8, 4 and 1 in reconstruct: k = 29 takes every block size), D ending inside a
+# group, block edges inside groups, one-column blocks, runs longer than 4096 columns and
+# groups whose planes are 8 bytes (the 16-lane path leaves those to the 8-lane one).
 SHAPES = [
     (1, 300, 128, None),
-    (27, 30_000, 128, [10_000, 20_000]),
+    (29, 30_000, 128, [10_000, 20_000]),
     (5, 9_000, 128, [4_100, 1, 4_899]),
     (7, 5_003, 64, [1, 2_000, 3_002]),
     (16, 20_000, 256, [64] * 10 + [19_360]),

@@ -358,6 +358,9 @@ namespace vec8 {
 // it has (AVX2 here, NEON on Arm), with the accumulators kept in registers.
 constexpr int kLanes = 8;
 constexpr int kRowBlock = 4;
+// project's rows per pass over a run's g (kernels_impl.h): AVX2's 16 registers hold 4 rows'
+// two chains each.
+constexpr int kProjectRows = 4;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h): 8 made reconstruct
 // 10-12% faster than 4 on this path (AMD EPYC, TWA_KERNELS_CPU_ISA=avx2, 2 threads, k = 16,
 // D = 11.7M); 16 rows' codes and coefficients would not fit AVX2's 16 vector registers.
@@ -606,9 +609,13 @@ namespace vec16 {
 #define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 constexpr int kLanes = 16;
-// 4 rows with two chains each: taking 8 rows with one chain each made project 10-20% slower
-// on a 2-core Xeon (bench/ops_interleaved.py).
+// Rows per block in project_int8's dots when VNNI is absent.
 constexpr int kRowBlock = 4;
+// project's rows per pass over a run's g (kernels_impl.h), each with two chains of FMAs.
+// Against 4 rows, 8 made project 4-10% faster at 2, 4 and 8 bits (AMD EPYC, 2 threads,
+// k = 16, D = 11.7M, interleaved calls): each g vector loaded feeds twice the rows. 8 rows
+// with one chain each had measured 10-20% slower than 4 with two on a 2-core Xeon.
+constexpr int kProjectRows = 8;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h). Against 4, 16 rows
 // made it 35% faster at 1 bit, 20% at 2 bits and 12% at 4 (AMD EPYC, 2 threads, k = 16,
 // D = 11.7M, medians of interleaved calls); 8-bit codes take 8, since 16 rows of them
@@ -689,13 +696,13 @@ TWA_ISA_FN inline void dot_planes(__m512i wide, const __m512* gv, __m512* acc) {
   }
 }
 
-// As vec8::group_dots, 16 codes of a plane at a time. Fewer than 8 rows keep two chains per
-// row (8-bit codes have one plane, so two chunks are taken per step for them); 8 rows are
-// 8 chains already, and a second set of accumulators would not fit the 32 registers.
+// As vec8::group_dots, 16 codes of a plane at a time, two chains per row (8-bit codes have
+// one plane, so two chunks are taken per step for them). 8 rows' 16 chains, their lane sums
+// and a step's g fit the 32 registers.
 template <int BITS, int ROWS>
 TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
   constexpr int kPerByte = 8 / BITS;
-  constexpr int kChains = ROWS >= 8 ? 1 : 2;
+  constexpr int kChains = 2;
   __m512 acc[ROWS][kChains];
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();

@@ -1,7 +1,7 @@
 // The bodies of project and reconstruct, included once per instruction set by kernels.cpp
 // inside that set's namespace. The namespace supplies TWA_ISA_FN (the target attribute its
-// functions are compiled with), kLanes, the lane vector fvec with load_vec and hsum, and
-// group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
+// functions are compiled with), kLanes, kProjectRows, the lane vector fvec with load_vec and
+// hsum, and group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
 // segments, the row-by-row path for cut groups) is the same code on every instruction set,
 // so every path sums the same terms in the same order apart from the lane width and the
 // order of a horizontal sum.
@@ -64,6 +64,13 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t
   }
 }
 
+// How many row blocks project passes over a run with: kProjectRows rows at a time, then 4,
+// then one.
+constexpr int64_t project_passes(int64_t k) {
+  const int64_t rest = k % kProjectRows;
+  return k / kProjectRows + (kProjectRows > 4 ? rest / 4 + rest % 4 : rest);
+}
+
 template <int BITS>
 TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, int num_threads) {
   const int64_t width = tile_width(b);
@@ -110,10 +117,15 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
           if (t + n < t_end) {
             int64_t bytes = 0;
             const void* from = g.span(c0 + n * width, std::min(n, t_end - t - n) * width, piece, bytes);
-            next_g.start(from, bytes, (b.k / kRowBlock + b.k % kRowBlock) * n);
+            next_g.start(from, bytes, project_passes(b.k) * n);
           }
+          // blocks of kProjectRows rows, then of 4, then single rows
           int64_t r0 = 0;
-          for (; r0 + kRowBlock <= b.k; r0 += kRowBlock) run_dots<BITS, kRowBlock>(b, r0, t, n, gr, acc + blk, next_g);
+          for (; r0 + kProjectRows <= b.k; r0 += kProjectRows)
+            run_dots<BITS, kProjectRows>(b, r0, t, n, gr, acc + blk, next_g);
+          if constexpr (kProjectRows > 4) {
+            for (; r0 + 4 <= b.k; r0 += 4) run_dots<BITS, 4>(b, r0, t, n, gr, acc + blk, next_g);
+          }
           for (; r0 < b.k; ++r0) run_dots<BITS, 1>(b, r0, t, n, gr, acc + blk, next_g);
           t += n - 1;
           continue;
