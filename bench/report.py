@@ -249,8 +249,8 @@ def ops_interleaved(page: Path) -> str:
 
 
 def access_pattern(page: Path) -> str:
-    """Each op against the same bytes moved in its own order and front to back, and the
-    2-bit / 4-bit ratios of the three."""
+    """Each op against the same bytes moved in its own order and front to back and against
+    itself in cache, and the 2-bit / 4-bit ratios of the four."""
     out = []
     for path in _files("access-pattern"):
         d = json.loads(path.read_text())
@@ -259,22 +259,25 @@ def access_pattern(page: Path) -> str:
         out += [f"**{stamp_line(d.get('stamp'), _slug(path, 'access-pattern'))}**; {len(runs)} fresh processes, "
                 f"{case['rounds']} interleaved rounds each, k = {case['k']}, D = {case['D']:,} "
                 f"([JSON]({_link(path, page)}))", "",
-                "| op | bits | MB | kernel ms | its order ms | plain ms | kernel / its order, per process "
-                "| its order / plain, per process |", "|---|---:|---:|---:|---:|---:|---|---|"]
+                "| op | bits | MB | kernel ms | its order ms | plain ms | in cache ms "
+                "| kernel / its order, per process | its order / plain, per process | in cache / plain |",
+                "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
         for i, row in enumerate(d["summary"]):
             per = [r[i] for r in runs]
             kernel = ", ".join(f"{r['kernel_ms'] / r['kernel_order_ms']:.2f}" for r in per)
             order = ", ".join(f"{r['kernel_order_ms'] / r['plain_read_ms']:.2f}" for r in per)
+            in_cache = row.get("kernel_in_cache_ms")  # older files: not measured
+            cached = ("-", "-") if in_cache is None else (f"{in_cache:.2f}", f"{in_cache / row['plain_read_ms']:.2f}")
             out.append(f"| {row.get('op', 'project_int8')} | {row['bits']} | {row['bytes'] / 1e6:.0f} "
                        f"| {row['kernel_ms']:.2f} | {row['kernel_order_ms']:.2f} | {row['plain_read_ms']:.2f} "
-                       f"| {kernel} | {order} |")
-        out += ["", "| op | 2-bit / 4-bit time: kernel | its order | plain |", "|---|---:|---:|---:|"]
+                       f"| {cached[0]} | {kernel} | {order} | {cached[1]} |")
+        out += ["", "| op | 2-bit / 4-bit time: kernel | its order | plain | in cache |", "|---|---:|---:|---:|---:|"]
         for op in ops:
             at = {row["bits"]: row for row in d["summary"] if row.get("op", "project_int8") == op}
             if 2 in at and 4 in at:
-                out.append(f"| {op} | " + " | ".join(f"{at[2][key] / at[4][key]:.2f}"
-                                                     for key in ("kernel_ms", "kernel_order_ms", "plain_read_ms"))
-                           + " |")
+                ratios = [f"{at[2][key] / at[4][key]:.2f}" if key in at[2] and key in at[4] else "-"
+                          for key in ("kernel_ms", "kernel_order_ms", "plain_read_ms", "kernel_in_cache_ms")]
+                out.append(f"| {op} | " + " | ".join(ratios) + " |")
         out.append("")
     return "\n".join(out).strip() or "No access-pattern results in bench/results yet."
 

@@ -6,19 +6,24 @@
 //   kernel     the op itself (csrc/cpu/kernels.cpp, compiled in unchanged);
 //   its order  the same bytes moved in the kernel's order and nothing else: per thread its
 //              range of groups in the kernel's runs. The projections read g's stretch of a
-//              run, then the codes 4 rows at a time (64 KiB of a row at a stretch for
-//              project_int8, a group of each row in turn for project), fetching ahead in
-//              each row as the kernel does, then the run's scales and mins. reconstruct
-//              reads, group by group, the center and every row's codes, and writes the
-//              weights with streaming stores, as its last pass does;
+//              run, then the codes a row block at a time (4 rows and 64 KiB of a row at a
+//              stretch for project_int8, project's rows per block and a group of each row in
+//              turn for project), fetching ahead in each row as the kernel does, then the
+//              run's scales and mins. reconstruct reads, group by group, the center and
+//              every row's codes, and writes the weights with streaming stores, as its last
+//              pass does;
 //   plain      the same number of bytes front to back, split between the threads
-//              (reconstruct: its reads, then its writes with streaming stores).
+//              (reconstruct: its reads, then its writes with streaming stores);
+//   in cache   the op on a problem of 65,536 columns per thread, called again and again, its
+//              time per call scaled to D: the kernel's arithmetic with its data in L2 (L3 for
+//              part of the 8-bit codes), plus a call's fixed cost. reconstruct's weights
+//              still go to memory, as its streaming stores send them there.
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
 // library's bases are, g on ordinary pages as an autograd gradient is. Each round times every
 // bit width and op in turn, so that 2-bit and 4-bit times are compared within rounds.
 // Arguments: rounds, threads, D. Prints one line per op and bit width: op, bits, bytes, and
-// the median milliseconds of the three over the rounds. Built and run by bench/access_pattern.py.
+// the median milliseconds of the four over the rounds. Built and run by bench/access_pattern.py.
 #include "../../csrc/cpu/kernels.cpp"
 
 #include <sys/mman.h>
@@ -58,8 +63,8 @@ inline uint64_t fold(const Line& acc) {
 // A projection's reads without its work, in runs of `cap` groups, fetching `ahead` bytes
 // ahead in each row: returns a value so the loads are kept.
 uint64_t read_in_projection_order(const twa::PackedBasis& b, const float* g, int threads, int64_t cap,
-                                  int64_t ahead) {
-  const int64_t width = b.group_size, gbytes = width * b.bits / 8, rows_per_block = 4;
+                                  int64_t ahead, int64_t rows_per_block) {
+  const int64_t width = b.group_size, gbytes = width * b.bits / 8;
   uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : total)
   {
@@ -71,7 +76,7 @@ uint64_t read_in_projection_order(const twa::PackedBasis& b, const float* g, int
       for (int64_t j = 0; j < n * width; j += 16) xor_load(acc, g + t * width + j);
       for (int64_t r0 = 0; r0 < b.k; r0 += rows_per_block) {
         for (int64_t off = 0; off < span; off += 64)
-          for (int64_t r = r0; r < r0 + rows_per_block; ++r) {
+          for (int64_t r = r0; r < std::min(b.k, r0 + rows_per_block); ++r) {
             const uint8_t* p = b.codes + r * b.row_bytes + t * gbytes + off;
             __builtin_prefetch(p + ahead);
             xor_load(acc, p);
@@ -166,13 +171,54 @@ void write_plain(float* dst, int64_t n, int threads) {
 }
 
 // The medians of each column of `times`, in milliseconds, printed after the op and sizes.
-void report(const char* op, int bits, int64_t bytes, std::vector<double> (&times)[3]) {
-  double median[3];
-  for (int i = 0; i < 3; ++i) {
+void report(const char* op, int bits, int64_t bytes, std::vector<double> (&times)[4]) {
+  double median[4];
+  for (int i = 0; i < 4; ++i) {
     std::sort(times[i].begin(), times[i].end());
     median[i] = times[i][times[i].size() / 2] * 1e3;
   }
-  std::printf("%s %d %lld %.3f %.3f %.3f\n", op, bits, static_cast<long long>(bytes), median[0], median[1], median[2]);
+  std::printf("%s %d %lld %.3f %.3f %.3f %.3f\n", op, bits, static_cast<long long>(bytes), median[0], median[1],
+              median[2], median[3]);
+}
+
+// The rows per block of project's row blocks on the path the library takes on this CPU.
+int64_t project_rows_per_block() {
+#if defined(TWA_HAVE_AVX512)
+  if (twa::cpu_has_avx512()) return twa::vec16::kProjectRows;
+#endif
+  return twa::vec8::kProjectRows;
+}
+
+// A basis of the same k and bit width over `cols` columns, its codes random, with its g,
+// center and output: a problem that stays in cache.
+struct SmallCase {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales, mins, g, center, out;
+  std::vector<int64_t> offsets;
+  twa::PackedBasis b;
+
+  SmallCase(int64_t k, int64_t group, int bits, int64_t cols, std::mt19937& rng)
+      : offsets{0, cols} {
+    const int64_t n_groups = cols / group, row_bytes = n_groups * group * bits / 8;
+    codes.resize(k * row_bytes);
+    for (uint8_t& c : codes) c = static_cast<uint8_t>(rng());
+    scales.assign(n_groups * k + 16, 1e-3f), mins.assign(n_groups * k + 16, -1e-3f);
+    g.resize(cols), center.resize(cols), out.resize(cols);
+    for (int64_t j = 0; j < cols; ++j) g[j] = center[j] = std::normal_distribution<float>()(rng);
+    b.codes = codes.data(), b.scales = scales.data(), b.mins = mins.data(), b.block_offsets = offsets.data();
+    b.k = k, b.num_cols = cols, b.row_bytes = row_bytes, b.n_groups = n_groups, b.n_blocks = 1;
+    b.bits = bits, b.group_size = group;
+  }
+};
+
+// Calls op `op` of the library on `b` with its g, center and output.
+void call_op(int op, const twa::PackedBasis& b, const float* g, const float* center, float* out, const float* x,
+             float* y, int threads) {
+  const void* pieces[1] = {g};
+  const int64_t starts[2] = {0, b.num_cols};
+  if (op == 0) twa::project_int8_pieces(b, pieces, starts, 1, twa::DType::f32, y, threads);
+  if (op == 1) twa::project(b, g, twa::DType::f32, y, threads);
+  if (op == 2) twa::reconstruct(b, x, center, twa::DType::f32, out, twa::DType::f32, threads);
 }
 
 }  // namespace
@@ -214,10 +260,13 @@ int main(int argc, char** argv) {
     c.b.bits = widths[w], c.b.group_size = group;
   }
   std::vector<float> y(k);
-  const void* pieces[1] = {g.data()};
-  const int64_t starts[2] = {0, d};
   const char* ops[3] = {"project_int8", "project", "reconstruct"};
-  std::vector<double> times[3][3][3];  // [bit width][op][kernel, its order, plain]
+  // the in-cache problems: 65,536 columns per thread, called kCacheCalls times a round
+  constexpr int kCacheCalls = 8;
+  const int64_t small_cols = int64_t{65536} * threads;
+  std::vector<SmallCase> small;
+  for (int w = 0; w < 3; ++w) small.emplace_back(k, group, widths[w], small_cols, rng);
+  std::vector<double> times[3][3][4];  // [bit width][op][kernel, its order, plain, in cache]
   uint64_t sink = 0;
   for (int r = 0; r < rounds + 2; ++r) {
     for (int w = 0; w < 3; ++w) {
@@ -225,21 +274,26 @@ int main(int argc, char** argv) {
       const int64_t reads = k * b.row_bytes + 4 * d + 2 * 4 * n_groups * k;
       for (int op = 0; op < 3; ++op) {
         const double t0 = now();
-        if (op == 0) twa::project_int8_pieces(b, pieces, starts, 1, twa::DType::f32, y.data(), threads);
-        if (op == 1) twa::project(b, g.data(), twa::DType::f32, y.data(), threads);
-        if (op == 2) twa::reconstruct(b, x.data(), center, twa::DType::f32, out, twa::DType::f32, threads);
+        call_op(op, b, g.data(), center, out, x.data(), y.data(), threads);
         const double t1 = now();
         if (op == 0) sink ^= read_in_projection_order(b, g.data(), threads, twa::int8_run_cap(b, false),
-                                                      twa::kInt8FetchAhead);
+                                                      twa::kInt8FetchAhead, 4);
         if (op == 1) sink ^= read_in_projection_order(b, g.data(), threads, twa::project_run_cap(b),
-                                                      twa::kPrefetchBytes);
+                                                      twa::kPrefetchBytes, project_rows_per_block());
         if (op == 2) sink ^= move_in_reconstruct_order(b, center, out, threads);
         const double t2 = now();
         sink ^= read_plain(cases[w].flat, reads, threads);
         if (op == 2) write_plain(out, padded, threads);
         const double t3 = now();
+        SmallCase& s = small[w];
+        call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);  // into cache
+        const double t4 = now();
+        for (int i = 0; i < kCacheCalls; ++i)
+          call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);
+        const double in_cache = (now() - t4) / kCacheCalls * (static_cast<double>(padded) / small_cols);
         if (r < 2) continue;  // warm-up
         times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
+        times[w][op][3].push_back(in_cache);
       }
     }
   }
