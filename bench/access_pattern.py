@@ -8,12 +8,13 @@ with the flags of the library's build) and runs it in fresh processes. Each roun
 one after the other on the same k = 16 x D = 11.7M matrix at 2, 4 and 8 bits, for each of
 project_int8, project and reconstruct: the op; a mover of the same bytes in the op's order
 that does nothing else (reconstruct's writes with streaming stores, as the kernel's); a
-plain front-to-back pass over as many bytes; and the op on a problem that fits in cache,
-its time per call scaled to D. The kernel over its own order is what its arithmetic costs;
-its order over the plain pass is what the order costs; a pass's 2-bit time over its 4-bit
-time is the lowest 2-bit / 4-bit ratio its bytes allow; and the in-cache time over the plain
-pass says whether the arithmetic alone fits in the time the bytes take: above 1.25, the op
-cannot reach 80% of the plain pass's bandwidth even if its memory traffic were free.
+plain front-to-back pass over as many bytes; and, for the projections, the op's time per
+column on problems that fit in cache, scaled to D. The kernel over its own order is what
+its arithmetic costs; its order over the plain pass is what the order costs; a pass's 2-bit
+time over its 4-bit time is the lowest 2-bit / 4-bit ratio its bytes allow; and the
+in-cache time over the plain pass says whether the arithmetic alone fits in the time the
+bytes take: above 1.25, the op cannot reach 80% of the plain pass's bandwidth even if its
+memory traffic were free.
 
 Writes bench/results/<machine>-access-pattern.json, stamped with machine, date and commit.
 No assertion on time: this is a measurement.
@@ -57,8 +58,12 @@ def run(binary: Path, rounds: int, threads: int, d: int | None = None) -> list[d
             op, bits, nbytes, kernel, order, plain, in_cache = line.split()
             rows.append(dict(op=op, bits=int(bits), bytes=int(nbytes), kernel_ms=float(kernel),
                              kernel_order_ms=float(order), plain_read_ms=float(plain),
-                             kernel_in_cache_ms=float(in_cache)))
+                             kernel_in_cache_ms=None if in_cache == "nan" else float(in_cache)))
     return rows
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -79,13 +84,13 @@ def main() -> None:
     summary = []
     keys = ("kernel_ms", "kernel_order_ms", "plain_read_ms", "kernel_in_cache_ms")
     for i, row in enumerate(runs[0]):
-        med = {key: statistics.median(r[i][key] for r in runs) for key in keys}
+        med = {key: statistics.median(r[i][key] for r in runs) if row[key] is not None else None for key in keys}
         summary.append(dict(op=row["op"], bits=row["bits"], bytes=row["bytes"], **med))
         print(f"| {row['op']} | {row['bits']} | {med['kernel_ms']:.2f} | {med['kernel_order_ms']:.2f} "
-              f"| {med['plain_read_ms']:.2f} | {med['kernel_in_cache_ms']:.2f} "
+              f"| {med['plain_read_ms']:.2f} | {_ms(med['kernel_in_cache_ms'])} "
               f"| {med['kernel_ms'] / med['kernel_order_ms']:.2f} "
               f"| {med['kernel_order_ms'] / med['plain_read_ms']:.2f} "
-              f"| {med['kernel_in_cache_ms'] / med['plain_read_ms']:.2f} |")
+              f"| {_ms(med['kernel_in_cache_ms'] and med['kernel_in_cache_ms'] / med['plain_read_ms'])} |")
     out = Path(args.out) if args.out else HERE / "results" / f"{stamp.machine_slug()}-access-pattern.json"
     result = dict(stamp=stamp.stamp(), case=dict(k=16, D=11689512, group_size=128, rounds=args.rounds,
                                                   threads=args.threads),

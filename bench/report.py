@@ -266,7 +266,7 @@ def access_pattern(page: Path) -> str:
             per = [r[i] for r in runs]
             kernel = ", ".join(f"{r['kernel_ms'] / r['kernel_order_ms']:.2f}" for r in per)
             order = ", ".join(f"{r['kernel_order_ms'] / r['plain_read_ms']:.2f}" for r in per)
-            in_cache = row.get("kernel_in_cache_ms")  # older files: not measured
+            in_cache = row.get("kernel_in_cache_ms")  # reconstruct and older files: not measured
             cached = ("-", "-") if in_cache is None else (f"{in_cache:.2f}", f"{in_cache / row['plain_read_ms']:.2f}")
             out.append(f"| {row.get('op', 'project_int8')} | {row['bits']} | {row['bytes'] / 1e6:.0f} "
                        f"| {row['kernel_ms']:.2f} | {row['kernel_order_ms']:.2f} | {row['plain_read_ms']:.2f} "
@@ -275,7 +275,7 @@ def access_pattern(page: Path) -> str:
         for op in ops:
             at = {row["bits"]: row for row in d["summary"] if row.get("op", "project_int8") == op}
             if 2 in at and 4 in at:
-                ratios = [f"{at[2][key] / at[4][key]:.2f}" if key in at[2] and key in at[4] else "-"
+                ratios = [f"{at[2][key] / at[4][key]:.2f}" if at[2].get(key) and at[4].get(key) else "-"
                           for key in ("kernel_ms", "kernel_order_ms", "plain_read_ms", "kernel_in_cache_ms")]
                 out.append(f"| {op} | " + " | ".join(ratios) + " |")
         out.append("")

@@ -31,4 +31,9 @@ def test_the_program_builds_and_reports_each_bit_width(tmp_path):
         row_bytes = -(-d // 128) * 128 * row["bits"] // 8
         reads = 16 * row_bytes + 4 * d + 2 * 4 * 16 * -(-d // 128)  # codes, g or center, scales, mins
         assert row["bytes"] == reads + (4 * d if row["op"] == "reconstruct" else 0)  # and the weights written
-        assert min(row["kernel_ms"], row["kernel_order_ms"], row["plain_read_ms"], row["kernel_in_cache_ms"]) > 0
+        assert min(row["kernel_ms"], row["kernel_order_ms"], row["plain_read_ms"]) > 0
+        # the projections' time per column in cache; reconstruct's streaming stores make its own no guide
+        if row["op"] == "reconstruct":
+            assert row["kernel_in_cache_ms"] is None
+        else:
+            assert row["kernel_in_cache_ms"] > 0

@@ -14,10 +14,14 @@
 //              pass does;
 //   plain      the same number of bytes front to back, split between the threads
 //              (reconstruct: its reads, then its writes with streaming stores);
-//   in cache   the op on a problem of 65,536 columns per thread, called again and again, its
-//              time per call scaled to D: the kernel's arithmetic with its data in L2 (L3 for
-//              part of the 8-bit codes), plus a call's fixed cost. reconstruct's weights
-//              still go to memory, as its streaming stores send them there.
+//   in cache   the op's time per column on problems that stay in cache, scaled to D: two
+//              problems of 32,768 and 98,304 columns per thread, each called again and
+//              again, and the difference of their times per call over the difference of
+//              their widths, so that what a call costs whatever its size (starting the
+//              threads, their buffers) drops out. Their codes and g fit in L3 (32,768
+//              columns in L2 below 8 bits). Projections only: reconstruct's streaming
+//              stores would write to lines its previous call left in cache, which costs
+//              more than writing to memory, so "nan" stands in its place.
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
 // library's bases are, g on ordinary pages as an autograd gradient is. Each round times every
@@ -175,7 +179,7 @@ void report(const char* op, int bits, int64_t bytes, std::vector<double> (&times
   double median[4];
   for (int i = 0; i < 4; ++i) {
     std::sort(times[i].begin(), times[i].end());
-    median[i] = times[i][times[i].size() / 2] * 1e3;
+    median[i] = times[i].empty() ? std::nan("") : times[i][times[i].size() / 2] * 1e3;
   }
   std::printf("%s %d %lld %.3f %.3f %.3f %.3f\n", op, bits, static_cast<long long>(bytes), median[0], median[1],
               median[2], median[3]);
@@ -261,11 +265,14 @@ int main(int argc, char** argv) {
   }
   std::vector<float> y(k);
   const char* ops[3] = {"project_int8", "project", "reconstruct"};
-  // the in-cache problems: 65,536 columns per thread, called kCacheCalls times a round
+  // the in-cache problems: 32,768 and 98,304 columns per thread, called kCacheCalls times a round
   constexpr int kCacheCalls = 8;
-  const int64_t small_cols = int64_t{65536} * threads;
-  std::vector<SmallCase> small;
-  for (int w = 0; w < 3; ++w) small.emplace_back(k, group, widths[w], small_cols, rng);
+  const int64_t narrow_cols = int64_t{32768} * threads, wide_cols = int64_t{98304} * threads;
+  std::vector<SmallCase> narrow, wide;
+  for (int w = 0; w < 3; ++w) {
+    narrow.emplace_back(k, group, widths[w], narrow_cols, rng);
+    wide.emplace_back(k, group, widths[w], wide_cols, rng);
+  }
   std::vector<double> times[3][3][4];  // [bit width][op][kernel, its order, plain, in cache]
   uint64_t sink = 0;
   for (int r = 0; r < rounds + 2; ++r) {
@@ -285,12 +292,20 @@ int main(int argc, char** argv) {
         sink ^= read_plain(cases[w].flat, reads, threads);
         if (op == 2) write_plain(out, padded, threads);
         const double t3 = now();
-        SmallCase& s = small[w];
-        call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);  // into cache
-        const double t4 = now();
-        for (int i = 0; i < kCacheCalls; ++i)
-          call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);
-        const double in_cache = (now() - t4) / kCacheCalls * (static_cast<double>(padded) / small_cols);
+        if (op == 2) {  // reconstruct: no in-cache time (see the top of this file)
+          if (r >= 2) times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
+          continue;
+        }
+        double per_call[2];
+        for (int size = 0; size < 2; ++size) {
+          SmallCase& s = size ? wide[w] : narrow[w];
+          call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);  // into cache
+          const double t4 = now();
+          for (int i = 0; i < kCacheCalls; ++i)
+            call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);
+          per_call[size] = (now() - t4) / kCacheCalls;
+        }
+        const double in_cache = (per_call[1] - per_call[0]) / (wide_cols - narrow_cols) * padded;
         if (r < 2) continue;  // warm-up
         times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
         times[w][op][3].push_back(in_cache);
