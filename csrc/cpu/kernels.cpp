@@ -168,10 +168,10 @@ inline int64_t block_of(const int64_t* offsets, int64_t n_blocks, int64_t col) {
 
 inline int64_t tile_width(const PackedBasis& b) { return b.bits ? b.group_size : kDenseTile; }
 
-// ---- fast path: a whole group inside one block, kRowBlock rows at a time ---------------
-// Rows are taken in blocks of kRowBlock so that each chunk of g (or of the
-// output) is loaded once per block and the rows' accumulations are independent chains,
-// not one long FMA dependency. Chunks are kLanes codes of one plane; a plane is `width`
+// ---- fast path: a whole group inside one block, a block of rows at a time --------------
+// Rows are taken in blocks (kProjectRows in project, kAxpyRows in reconstruct, kRowBlock in
+// project_int8) so that each chunk of g (or of the output) is loaded once per block and the
+// rows' accumulations are independent chains, not one long FMA dependency. Chunks are kLanes codes of one plane; a plane is `width`
 // bytes, a multiple of kLanes (fast_group).
 // Each of the k rows is its own stream that advances one group (often one cache line) per
 // tile, too little for the hardware prefetcher: fetch this many bytes ahead in every row.
@@ -213,12 +213,12 @@ inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segm
 }
 
 // Consecutive whole-group tiles of one block are taken in runs of up to kRunCols columns,
-// visited four rows at a time across the whole run. Each row is then read a run (2 KiB
-// at 4 bits, group 128) at a stretch instead of one group (64 bytes), so 4 memory streams
+// visited a row block at a time across the whole run. Each row is then read a run (2 KiB
+// at 4 bits, group 128) at a stretch instead of one group (64 bytes), so a block's streams
 // are open at a time instead of k, and the hardware prefetcher follows them. On ResNet-18
-// shapes at k = 16, 4 bits this made the step 20-30% faster than one group at a time,
-// and steadier from one process to the next (bench/steady_step.py). The run's g or output
-// (16 KiB) stays in L1 while the k rows pass over it.
+// shapes at k = 16, 4 bits (blocks of 4 rows) this made the step 20-30% faster than one
+// group at a time, and steadier from one process to the next (bench/steady_step.py). The
+// run's g or output (16 KiB) stays in L1 while the k rows pass over it.
 constexpr int64_t kRunCols = 4096;
 
 inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>(1, kRunCols / b.group_size) : 1; }
