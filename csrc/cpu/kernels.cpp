@@ -611,10 +611,11 @@ namespace vec16 {
 constexpr int kLanes = 16;
 // Rows per block in project_int8's dots when VNNI is absent.
 constexpr int kRowBlock = 4;
-// project's rows per pass over a run's g (kernels_impl.h), each with two chains of FMAs.
-// Against 4 rows, 8 made project 4-10% faster at 2, 4 and 8 bits (AMD EPYC, 2 threads,
-// k = 16, D = 11.7M, interleaved calls): each g vector loaded feeds twice the rows. 8 rows
-// with one chain each had measured 10-20% slower than 4 with two on a 2-core Xeon.
+// project's rows per pass over a run's g (kernels_impl.h), one chain of FMAs each. Against
+// 4 rows with two chains each, 8 made project 0-5% faster at 2 bits, 3-6% at 4 and 2-8% at
+// 8 (AMD EPYC, 2 threads, k = 16, D = 11.7M, interleaved calls): each g vector loaded feeds
+// twice the rows. On a 2-core Xeon, before the copy of the run loop for 128-column groups,
+// the same change had measured 10-20% slower.
 constexpr int kProjectRows = 8;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h). Against 4, 16 rows
 // made it 35% faster at 1 bit, 20% at 2 bits and 12% at 4 (AMD EPYC, 2 threads, k = 16,
@@ -696,13 +697,15 @@ TWA_ISA_FN inline void dot_planes(__m512i wide, const __m512* gv, __m512* acc) {
   }
 }
 
-// As vec8::group_dots, 16 codes of a plane at a time, two chains per row (8-bit codes have
-// one plane, so two chunks are taken per step for them). 8 rows' 16 chains, their lane sums
-// and a step's g fit the 32 registers.
+// As vec8::group_dots, 16 codes of a plane at a time. Fewer than 8 rows keep two chains per
+// row (8-bit codes have one plane, so two chunks are taken per step for them); 8 rows are
+// 8 chains already, enough to cover the FMA's latency. Against two chains per row, one made
+// the 8-row blocks 1-3% faster at 4 bits and 7-13% at 8, the same at 2 (AMD EPYC, 2 threads,
+// k = 16, D = 11.7M, interleaved calls).
 template <int BITS, int ROWS>
 TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
   constexpr int kPerByte = 8 / BITS;
-  constexpr int kChains = 2;
+  constexpr int kChains = ROWS >= 8 ? 1 : 2;
   __m512 acc[ROWS][kChains];
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
