@@ -2,6 +2,7 @@
 from rotting between the runs that measure with it. It says nothing about speed."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,10 @@ def test_the_program_builds_and_reports_each_bit_width(tmp_path):
         reads = 16 * row_bytes + 4 * d + 2 * 4 * 16 * -(-d // 128)  # codes, g or center, scales, mins
         assert row["bytes"] == reads + (4 * d if row["op"] == "reconstruct" else 0)  # and the weights written
         assert min(row["kernel_ms"], row["kernel_order_ms"], row["plain_read_ms"]) > 0
-        # the projections' time per column in cache; reconstruct's streaming stores make its own no guide
+        # the projections' time per column in cache, a difference of two timings (noise can
+        # take it below zero in one round on a busy machine); reconstruct's streaming stores
+        # make its own no guide, so it has none
         if row["op"] == "reconstruct":
             assert row["kernel_in_cache_ms"] is None
         else:
-            assert row["kernel_in_cache_ms"] > 0
+            assert isinstance(row["kernel_in_cache_ms"], float) and math.isfinite(row["kernel_in_cache_ms"])
