@@ -3,8 +3,9 @@
 // functions are compiled with), kLanes, kProjectRows, the lane vector fvec with load_vec and
 // hsum, and group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
 // segments, the row-by-row path for cut groups) is the same code on every instruction set,
-// so every path sums the same terms in the same order apart from the lane width and the
-// order of a horizontal sum.
+// so every path sums the same terms in the same order apart from the lane width, the
+// number of FMA chains per row (project's 8-row blocks on AVX-512 keep one) and the order
+// of a horizontal sum.
 // No include guard: it is meant to be included more than once.
 
 // group_axpy for `rows` rows (at most kAxpyRows): one whole block of kAxpyRows, else blocks of
