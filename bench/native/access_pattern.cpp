@@ -293,7 +293,8 @@ int main(int argc, char** argv) {
         if (op == 2) write_plain(out, padded, threads);
         const double t3 = now();
         if (op == 2) {  // reconstruct: no in-cache time (see the top of this file)
-          if (r >= 2) times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
+          if (r < 2) continue;  // warm-up
+          times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
           continue;
         }
         double per_call[2];

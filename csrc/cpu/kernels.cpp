@@ -171,8 +171,8 @@ inline int64_t tile_width(const PackedBasis& b) { return b.bits ? b.group_size :
 // ---- fast path: a whole group inside one block, a block of rows at a time --------------
 // Rows are taken in blocks (kProjectRows in project, kAxpyRows in reconstruct, kRowBlock in
 // project_int8) so that each chunk of g (or of the output) is loaded once per block and the
-// rows' accumulations are independent chains, not one long FMA dependency. Chunks are kLanes codes of one plane; a plane is `width`
-// bytes, a multiple of kLanes (fast_group).
+// rows' accumulations are independent chains, not one long FMA dependency. Chunks are
+// kLanes codes of one plane; a plane is `width` bytes, a multiple of kLanes (fast_group).
 // Each of the k rows is its own stream that advances one group (often one cache line) per
 // tile, too little for the hardware prefetcher: fetch this many bytes ahead in every row.
 constexpr int64_t kPrefetchBytes = 512;
