@@ -92,9 +92,10 @@ def gradients_to_hold(grads: Sequence[Tensor | None]) -> list[Tensor]:
     as the backward ends let the heap shrink, and the next step faults the same memory in
     again, page by page (4,500-14,000 faults a ResNet-18 TWA step). Held until the next
     backward's gradients exist, they lie below those and the next step reuses them (0-2,144
-    faults in five processes, none in the benchmarks' runs). Only CPU blocks that glibc serves from its heap (below its largest mmap
-    threshold) are worth it, and none where the heap is kept already or the C library is
-    not glibc: there holding would only cost memory."""
+    faults in five processes, none in the benchmarks' runs). Only CPU blocks that glibc
+    serves from its heap (below its largest mmap threshold) are worth it, and none where the
+    heap is kept already or the C library is not glibc: there holding would only cost
+    memory."""
     if _heap_kept or _libc_call("malloc_trim") is None:
         return []
     return [g for g in grads if g is not None and g.device.type == "cpu"

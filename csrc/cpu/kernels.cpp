@@ -221,11 +221,15 @@ inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segm
 // run's g or output (16 KiB) stays in L1 while the k rows pass over it.
 constexpr int64_t kRunCols = 4096;
 
+// The library's default group width (quant.quantize's group_size): project's run loop and
+// reconstruct's group loop get a copy with it fixed at compile time (kernels_impl.h).
+constexpr int64_t kDefaultGroupSize = 128;
+
 inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>(1, kRunCols / b.group_size) : 1; }
 
 // The float project reads its run's g once per row block, not once per row, so its runs can
-// be longer than reconstruct's: 32768 columns, whose g (128 KiB) stays in L2 while the four
-// row blocks pass over it, and each row is read 16 KiB at a stretch (4 bits). Against runs
+// be longer than reconstruct's: 32768 columns, whose g (128 KiB) stays in L2 while the row
+// blocks pass over it, and each row is read 16 KiB at a stretch (4 bits). Against runs
 // of 4096 columns this made project 5-11% faster at 4 bits, 7% at 2 and 5-18% at 8 on
 // ResNet-18 shapes at k = 16 (AMD EPYC, 2 threads, medians of interleaved calls; 5% at 4
 // bits on its AVX2 path); 16384 columns measured the same, 65536 slower.

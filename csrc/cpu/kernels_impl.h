@@ -16,7 +16,7 @@
 template <int BITS>
 TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, AxpyIO io) {
   if (rows == kAxpyRows<BITS>) {
-    constexpr int64_t kDefaultGroupBytes = 128 * BITS / 8;
+    constexpr int64_t kDefaultGroupBytes = kDefaultGroupSize * BITS / 8;
     if (gbytes == kDefaultGroupBytes) return group_axpy<BITS, kAxpyRows<BITS>>(src, kDefaultGroupBytes, a, io);
     return group_axpy<BITS, kAxpyRows<BITS>>(src, gbytes, a, io);
   }
@@ -44,7 +44,7 @@ template <int BITS, int ROWS, int64_t GROUP = 0>
 TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t r0, int64_t t, int64_t n, const float* g,
                                                    double* acc, LineFetcher& next_g) {
   if constexpr (GROUP == 0 && BITS < 8) {
-    if (b.group_size == 128) return run_dots<BITS, ROWS, 128>(b, r0, t, n, g, acc, next_g);
+    if (b.group_size == kDefaultGroupSize) return run_dots<BITS, ROWS, kDefaultGroupSize>(b, r0, t, n, g, acc, next_g);
   }
   const int64_t width = GROUP ? GROUP : b.group_size, gbytes = width * BITS / 8;
   const uint8_t* src[ROWS];
