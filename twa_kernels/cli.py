@@ -235,6 +235,8 @@ def run() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `twa` command: parse `argv` (default: sys.argv[1:]), run the subcommand and
+    return its exit status."""
     parser = argparse.ArgumentParser(prog="twa", description="Trainable Weight Averaging with fused subspace kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="TWA vs full training, SGD at the same budget, SWA and greedy soup on MNIST-1D")

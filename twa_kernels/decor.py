@@ -287,7 +287,7 @@ def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _Decor)]
 
 
-def _default_group(process_group):
+def _default_group(process_group: torch.distributed.ProcessGroup | None) -> torch.distributed.ProcessGroup | None:
     dist = torch.distributed
     if process_group is not None:
         return process_group
@@ -350,7 +350,7 @@ def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor
 
 
 @torch.no_grad()
-def update(model: nn.Module, process_group=None, check: bool = True) -> Tensor:
+def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | None = None, check: bool = True) -> Tensor:
     """Update every decorrelation matrix R of `model` from the inputs its layers sampled
     since the last update (the last training forward, or several under gradient
     accumulation); call it after optimizer.step(). Returns the mean decorrelation loss over

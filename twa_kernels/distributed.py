@@ -73,6 +73,8 @@ def comm_bytes(twa: nn.Module) -> dict[str, int]:
 
 
 def reset_comm_bytes(twa: nn.Module) -> None:
+    """Set the counters `comm_bytes(twa)` reports back to zero (nothing for a
+    single-process TWA, or any other module)."""
     parallel = getattr(twa, "parallel", None)
     if parallel is not None:
         parallel.comm.reset()

@@ -351,18 +351,22 @@ class SparsityReport:
 
     @property
     def total(self) -> int:
+        """Weights counted over all rows."""
         return sum(r[1] for r in self.rows)
 
     @property
     def nonzero(self) -> int:
+        """Weights at or above the threshold, over all rows."""
         return sum(r[2] for r in self.rows)
 
     @property
     def sparsity(self) -> float:
+        """Fraction of the weights below the threshold."""
         return 1.0 - self.nonzero / max(self.total, 1)
 
     @property
     def compression(self) -> float:
+        """total / nonzero: how many times fewer weights a sparse format would store."""
         return self.total / max(self.nonzero, 1)
 
     def to_dict(self) -> dict:

@@ -40,6 +40,7 @@ class SubspaceOptimizer:
 
     @property
     def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's parameter groups (learning-rate schedulers adjust these)."""
         return self.base_optimizer.param_groups
 
     @torch.no_grad()
@@ -54,7 +55,9 @@ class SubspaceOptimizer:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(piece)
 
-    def step(self, closure: Callable[[], Tensor] | None = None):
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Project the gradients into the subspace, then take the wrapped optimizer's step.
+        With a closure, it is called (under grad) first and its loss returned."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -65,10 +68,13 @@ class SubspaceOptimizer:
         return self.base_optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's zero_grad."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
+        """The wrapped optimizer's state (the subspace holds no state of its own)."""
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Load the wrapped optimizer's state, as saved by `state_dict`."""
         self.base_optimizer.load_state_dict(state)

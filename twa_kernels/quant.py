@@ -64,10 +64,12 @@ class QuantizedBasis:
 
     @property
     def block_sizes(self) -> list[int]:
+        """Number of columns in each coefficient block."""
         return self.block_offsets.diff().tolist()
 
     @property
     def device(self) -> torch.device:
+        """The device every tensor of the basis is on."""
         return self.codes.device
 
     @property
@@ -88,6 +90,9 @@ class QuantizedBasis:
         )
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The basis as plain tensors (codes, scales, mins, block_offsets and a meta tensor of
+        bits, group_size and num_cols), to save with `torch.save` and read back with
+        `torch.load(weights_only=True)` and `QuantizedBasis.from_state_dict`."""
         meta = torch.tensor([self.bits or 0, self.group_size, self.num_cols], dtype=torch.int64)
         return {
             "codes": self.codes,

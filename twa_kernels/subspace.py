@@ -164,6 +164,7 @@ class Subspace:
 
     @property
     def num_weights(self) -> int:
+        """D, the number of weights (columns) the subspace spans."""
         return self.center.numel()
 
     def flatten(self, state: dict[str, Tensor], source: str = "state_dict") -> Tensor:

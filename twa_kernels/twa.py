@@ -197,11 +197,13 @@ class TWA(nn.Module):
 
     @property
     def basis(self) -> QuantizedBasis:
+        """The packed basis, as a QuantizedBasis over this module's buffers (no copy)."""
         return QuantizedBasis(self.basis_codes, self.basis_scales, self.basis_mins, self.basis_block_offsets,
                               self.bits, self.group_size, self.center.numel())
 
     @property
     def subspace(self) -> Subspace:
+        """The subspace the coefficients live in: names, shapes, center and basis."""
         return Subspace(self.names, self.shapes, self.center, self.basis, aliases=self.aliases)
 
     # The model is held outside the module tree; device moves and train/eval reach it here.
@@ -224,6 +226,7 @@ class TWA(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> TWA:
+        """nn.Module.train; leaving training also releases the gradients held for reuse."""
         if not mode and hasattr(self, "_workspace"):  # no backward soon reuses the held gradients' memory
             self._workspace.drop_gradients()
         self.module.train(mode)
@@ -289,6 +292,8 @@ class TWA(nn.Module):
                 tuple((t.data_ptr(), t._version) for t in tensors))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model at the averaged weights center + basis^T coefficients; the
+        backward gives the coefficients their gradient."""
         if torch.compiler.is_compiling():  # the compiled graph holds any recomputation itself
             return functional_call(self.module, self.weights(), args, kwargs)
         lent = self._lent

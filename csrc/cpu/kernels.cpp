@@ -1,8 +1,8 @@
 // OpenMP kernels behind the twa_kernels_cpu ops. Every loop over D is cut into tiles
 // (one quantisation group for a packed basis): each thread takes a contiguous range of
-// tiles, and all k rows of a tile (or of a run of tiles, see kRunCols) are visited while
-// that stretch of g (or of the output) stays in L1, so the packed basis and g stream from
-// memory exactly once.
+// tiles, and all k rows of a run of tiles are visited while that stretch of g (in L2 for
+// project, see project_run_cap) or of the output (in L1 for reconstruct, see kRunCols)
+// stays in cache, so the packed basis and g stream from memory exactly once.
 #include "kernels.h"
 
 #include <omp.h>

@@ -37,6 +37,7 @@ def _column_chunks(qb: QuantizedBasis) -> Iterator[tuple[int, int, Tensor]]:
 
 @register_kernel("project", "reference")
 def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+    """y[r, b] = sum over the columns j of block b of p^[r, j] g[j], float32 [k, B]."""
     qb = _basis(codes, scales, mins, block_offsets, bits, group_size, g.numel())
     y = torch.zeros(qb.k, qb.num_blocks, dtype=torch.float64, device=g.device)
     for start, stop, blocks in _column_chunks(qb):
@@ -47,13 +48,14 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 @register_kernel("project_pieces", "reference")
 def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
-    # the spec: project of the concatenated pieces
+    """project of the pieces concatenated (flattened) in order."""
     return project(codes, scales, mins, block_offsets, torch.cat([p.reshape(-1) for p in pieces]), bits, group_size)
 
 
 @register_kernel("project_int8", "reference")
 def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
-    # the spec: project of g rounded to int8 per group (quant.round_groups_int8)
+    """project of the concatenated pieces rounded to int8 per basis group
+    (quant.round_groups_int8) and scaled back."""
     g = torch.cat([p.reshape(-1) for p in pieces])
     g_hat = unround_groups_int8(*round_groups_int8(g, group_size), group_size)
     return project(codes, scales, mins, block_offsets, g_hat, bits, group_size)
@@ -62,6 +64,8 @@ def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -
 @register_kernel("reconstruct_into", "reference")
 def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
                      out: Tensor) -> None:
+    """out[j] = center[j] + sum_r p^[r, j] x[r, block(j)] (no center: 0), summed in float64
+    and rounded once to out's dtype; out may be the center itself."""
     qb = _basis(codes, scales, mins, block_offsets, bits, group_size, out.numel())
     x = x.double()
     for start, stop, blocks in _column_chunks(qb):
@@ -73,6 +77,7 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
 
 @register_kernel("reconstruct", "reference")
 def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+    """reconstruct_into a new tensor of num_cols elements, in the center's dtype (else float32)."""
     out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
     reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
@@ -80,12 +85,14 @@ def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor],
 
 @register_kernel("gram", "reference")
 def gram(p: Tensor) -> Tensor:
+    """P P^T of a dense [k, D] basis, float64 [k, k]."""
     p64 = p.double()
     return p64 @ p64.T
 
 
 @register_kernel("combine_rows", "reference")
 def combine_rows(t: Tensor, p: Tensor) -> Tensor:
+    """T P, accumulated in float64, returned as float32 [r, D]."""
     return (t @ p.double()).float()
 
 

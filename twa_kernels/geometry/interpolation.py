@@ -58,6 +58,7 @@ class Interpolation:
     bn: str = "recompute"
 
     def table(self) -> str:
+        """Loss and error at each alpha, and the barriers, as printable text."""
         lines = [f"{'alpha':>6} {'loss':>9} {'error (%)':>10}"]
         lines += [f"{a:>6.2f} {l:>9.4f} {100 * e:>10.2f}" for a, l, e in zip(self.alphas, self.loss, self.error)]
         lines.append(f"barrier: loss {self.loss_barrier:.4f}, error {100 * self.error_barrier:.2f} points (bn={self.bn})")
