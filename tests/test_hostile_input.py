@@ -389,3 +389,126 @@ def test_exporting_a_batchnorm_model_without_update_bn_warns_until_it_ran_at_tho
         twa.coefficients.add_(0.1)  # other weights: the statistics are stale again
     with pytest.warns(RuntimeWarning, match="update_bn"):
         twa.averaged_state_dict()
+
+
+# ---- values and tensors that would pass into a result silently ----------------------------
+
+
+def test_a_frozen_parameter_holding_nan_in_any_checkpoint_is_named():
+    checkpoints = _fine_tunes(_Backbone())
+    checkpoints[2]["body.weight"] = checkpoints[2]["body.weight"].clone()
+    checkpoints[2]["body.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="checkpoint #2: the frozen parameter 'body.weight' holds NaN"):
+        tk.TWA(_Backbone(), checkpoints)
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_a_meta_tensor_in_a_checkpoint_is_named_wherever_it_is(index):
+    # on the CPU, adding a meta tensor changes nothing: the mean would have come out short
+    checkpoints = _fine_tunes(_Backbone())
+    checkpoints[index]["body.weight"] = torch.empty(30, 40, device="meta")
+    with pytest.raises(CheckpointError, match=f"checkpoint #{index}: key 'body.weight' is a meta tensor"):
+        tk.TWA(_Backbone(), checkpoints)
+
+
+def test_a_checkpoint_key_that_is_not_a_string_is_named():
+    checkpoints = _fine_tunes(_Backbone())
+    checkpoints[1][7] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="key 7 .int. has no string name"):
+        tk.TWA(_Backbone(), checkpoints)
+
+
+def test_a_loaded_state_with_a_non_finite_pinned_value_is_refused_and_nothing_changes():
+    twa = tk.TWA(_Backbone(), _fine_tunes(_Backbone()))
+    frozen = [n for n in twa.state_dict() if n.startswith("frozen_")]
+    state = twa.state_dict()
+    name = next(n for n in frozen if state[n].is_floating_point())
+    before = state[name].clone()
+    state = {k: v.clone() for k, v in state.items()}
+    state[name].view(-1)[0] = float("inf")
+    with pytest.raises(tk.errors.InvalidArgumentError, match=f"'{name}' holds NaN or Inf"):
+        twa.load_state_dict(state)
+    assert torch.equal(twa.state_dict()[name], before)
+
+
+def test_a_subspace_whose_center_is_not_finite_is_refused():
+    model = nn.Linear(4, 3)
+    subspace = tk.Subspace.from_checkpoints(_fine_tunes(model, 3), bits=4, group_size=8)
+    subspace.center[0] = float("nan")
+    with pytest.raises(tk.errors.InvalidArgumentError, match="center holds NaN or Inf"):
+        tk.TWA(model, subspace)
+
+
+def test_a_float64_basis_beyond_float32_range_is_refused_not_turned_to_inf():
+    P = torch.randn(2, 64, dtype=torch.float64) * 1e300
+    for build in (lambda: tk.quantize(P, bits=None), lambda: tk.quantize(P, bits=4, group_size=8),
+                  lambda: tk.orthonormalize(P)):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="beyond float32's range"):
+            build()
+
+
+@pytest.mark.parametrize("bits", [4.0, True, "4"])
+def test_bits_that_only_compare_equal_to_a_width_are_refused(bits):
+    with pytest.raises(tk.errors.InvalidArgumentError, match="bits must be one of"):
+        tk.quantize(torch.randn(2, 64), bits=bits, group_size=8)
+
+
+def test_a_meta_basis_is_named():
+    with pytest.raises(tk.errors.InvalidArgumentError, match="meta tensor"):
+        tk.quantize(torch.empty(2, 64, device="meta"), bits=4, group_size=8)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="meta tensor"):
+        tk.orthonormalize(torch.empty(2, 64, device="meta"))
+
+
+def test_reconstruct_refuses_an_out_that_partly_overlaps_its_center():
+    qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
+    x = torch.randn(3, 1)
+    buffer = torch.randn(65)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="overlaps center"):
+        tk.reconstruct(qb, x, buffer[:-1], out=buffer[1:])
+    center = torch.randn(64)
+    expected = tk.reconstruct(qb, x, center.clone())
+    with torch.no_grad():
+        tk.reconstruct(qb, x, center, out=center)  # the same elements: an in-place update
+    assert torch.equal(center, expected)
+
+
+def test_ops_name_a_basis_or_vector_of_the_wrong_type():
+    qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
+    with pytest.raises(tk.errors.InvalidTypeError, match="must be a tk.QuantizedBasis"):
+        tk.project([qb], torch.randn(64))
+    with pytest.raises(tk.errors.InvalidTypeError, match="g must be a torch.Tensor"):
+        tk.project(qb, [0.0] * 64)
+    with pytest.raises(tk.errors.InvalidTypeError, match="x must be a torch.Tensor"):
+        tk.reconstruct(qb, [[0.0]] * 3)
+
+
+def test_save_state_dict_refuses_what_it_could_not_read_back(tmp_path):
+    good = tmp_path / "w.safetensors"
+    tk.save_state_dict({"a": torch.ones(2)}, good)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="reserves that name"):
+        tk.save_state_dict({"__metadata__": torch.zeros(1)}, good)
+    assert torch.equal(tk.load_state_dict(good)["a"], torch.ones(2))  # the good file is still there
+    with pytest.raises(tk.errors.InvalidArgumentError, match="is empty"):
+        tk.save_state_dict({}, tmp_path / "e.pt")
+    with pytest.raises(tk.errors.InvalidArgumentError, match="sparse_coo tensor"):
+        tk.save_state_dict({"a": torch.zeros(2).to_sparse()}, tmp_path / "s.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_twa_trains_through_a_sparse_embedding_as_through_a_dense_one():
+    torch.manual_seed(0)
+
+    def model(sparse: bool) -> nn.Module:
+        return nn.Sequential(nn.Embedding(10, 4, sparse=sparse), nn.Flatten(), nn.Linear(12, 2))
+
+    checkpoints = [model(False).state_dict() for _ in range(3)]
+    tokens = torch.randint(0, 10, (5, 3))
+    grads = []
+    for sparse in (True, False):
+        twa = tk.TWA(model(sparse), checkpoints, bits=None)
+        with torch.no_grad():
+            twa.coefficients.copy_(torch.linspace(-1, 1, twa.coefficients.numel()).view_as(twa.coefficients))
+        twa(tokens).square().sum().backward()
+        grads.append(twa.coefficients.grad)
+    torch.testing.assert_close(grads[0], grads[1])

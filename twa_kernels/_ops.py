@@ -342,6 +342,8 @@ class ReconstructPieces(torch.autograd.Function):
     def backward(ctx, *grads):
         codes, scales, mins, block_offsets = ctx.saved_tensors
         grad_x = grad_center = None
+        # an nn.Embedding(sparse=True) gives a sparse gradient: the kernels read dense ones
+        grads = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in grads)
         like = next((g for g in grads if g is not None), None)
         if like is not None:
             # a piece no loss depends on (an unused layer) has no gradient: zeros

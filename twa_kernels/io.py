@@ -150,6 +150,14 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         raise CheckpointError(f"{source}: holds no tensors; save model.state_dict()")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: the tensor under key {key!r} ({type(key).__name__}) has no string name; "
+                                  "a state_dict names each tensor by a string: save model.state_dict()")
+        if value.is_meta or value.layout != torch.strided:
+            kind = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
+            raise CheckpointError(f"{source}: key {key!r} is {kind}; save the model's real, dense weights "
+                                  "(materialise meta tensors, .to_dense() sparse ones)")
     return _strip_prefixes(tensors, source)
 
 
@@ -511,10 +519,19 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
     a crash leaves either the old file or the new one, never half of one."""
     if not isinstance(state, Mapping):
         raise InvalidTypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
+    if not state:
+        raise InvalidArgumentError(f"{path}: the state_dict to save is empty; pass the tensors to save")
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise InvalidTypeError(f"state[{key!r}] is {type(value).__name__}: a state_dict to save holds tensors "
                                    "under string names only; leave other entries out")
+        if value.is_meta or value.layout != torch.strided:
+            kind = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
+            raise InvalidArgumentError(f"state[{key!r}] is {kind}; save real, dense tensors (materialise meta "
+                                       "tensors, .to_dense() sparse ones)")
+    if Path(path).suffix == ".safetensors" and "__metadata__" in state:
+        raise InvalidArgumentError(f"{path}: a .safetensors file cannot hold a tensor named '__metadata__' (the "
+                                   "format reserves that name for its header); rename it or save as .pt")
     # clone: safetensors refuses tensors that share memory (tied weights, views)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     if Path(path).suffix == ".safetensors":

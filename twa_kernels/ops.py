@@ -14,7 +14,15 @@ from twa_kernels.quant import QuantizedBasis
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
 
 
+def _check_basis(qb: QuantizedBasis) -> None:
+    if not isinstance(qb, QuantizedBasis):
+        raise InvalidTypeError(f"the basis must be a tk.QuantizedBasis, got {type(qb).__name__}; make one with "
+                               "tk.quantize(P, bits) (bits=None keeps it dense)")
+
+
 def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
+    if not isinstance(t, Tensor):
+        raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 1 or t.numel() != qb.num_cols:
         raise InvalidArgumentError(f"{name} must be 1-D with {qb.num_cols} elements (the basis columns), got shape "
                          f"{tuple(t.shape)}; flatten it with .reshape(-1)")
@@ -29,6 +37,7 @@ def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
 
     Returns float32 [k, B]. Differentiable in g (the transpose is `reconstruct`).
     """
+    _check_basis(qb)
     _check_vector("g", g, qb)
     return project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
 
@@ -43,6 +52,7 @@ def project_int8(qb: QuantizedBasis, g: Tensor) -> Tensor:
     entries of g give NaN in their block. Returns float32 [k, B], not differentiable: use
     it for a gradient's projection, where `project` would be called under no_grad.
     """
+    _check_basis(qb)
     _check_vector("g", g, qb)
     if qb.bits is None:
         raise InvalidArgumentError("project_int8 needs a packed basis (bits 1, 2, 4 or 8): a dense basis has no "
@@ -64,8 +74,12 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     shares out's memory. Writing bumps out's version counter, so a graph that still needs
     the values of an earlier call raises PyTorch's in-place error at backward rather than
     using the overwritten ones. out may be center itself, under torch.no_grad(): an
-    in-place update (every backend reads an element of center before writing it).
+    in-place update (every backend reads an element of center before writing it); any
+    other overlap of out and center is refused.
     """
+    _check_basis(qb)
+    if not isinstance(x, Tensor):
+        raise InvalidTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or tuple(x.shape) != (qb.k, qb.num_blocks):
         raise InvalidArgumentError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
                          f"got {tuple(x.shape)}")
@@ -82,7 +96,21 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     _check_vector("out", out, qb)
     if not out.is_contiguous():
         raise InvalidArgumentError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")
+    if center is not None and _overlap_but_not_same(out, center):
+        raise InvalidArgumentError("out overlaps center without being the same elements: element j of out would "
+                                   "overwrite another element of center before it is read; pass out=center for an "
+                                   "in-place update, or a separate buffer")
     return reconstruct_into(qb, x, center, out)
+
+
+def _overlap_but_not_same(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous tensors share memory other than as the same elements."""
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    overlap = a0 < b1 and b0 < a1
+    return overlap and not (a0 == b0 and a.dtype == b.dtype and a.numel() == b.numel())
 
 
 def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor,

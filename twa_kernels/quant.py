@@ -15,8 +15,9 @@ all k rows then reads one contiguous stream of metadata instead of k strided one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -284,6 +285,24 @@ def _quantize_row(p: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
     return torch.cat(parts), scale, lo
 
 
+def check_basis_values(P: Tensor) -> None:
+    """Refuse a basis P [k, D] whose values cannot become a float32 basis: a meta tensor
+    (no values), NaN or Inf, or magnitudes beyond float32's range (a float64 P would turn
+    them into Inf when cast)."""
+    if P.is_meta:
+        raise InvalidArgumentError("P is a meta tensor and holds no values; materialise it (e.g. "
+                                   "model.to_empty(device='cpu') and load real weights) before building a basis")
+    if not bool(torch.isfinite(P).all()):
+        bad = int((~torch.isfinite(P)).any(dim=1).nonzero()[0])
+        raise InvalidArgumentError(f"P has NaN or Inf values (first in row {bad}); a basis must be finite")
+    if P.dtype == torch.float64 and P.numel():
+        low, high = torch.aminmax(P)
+        limit = torch.finfo(torch.float32).max
+        if max(-float(low), float(high)) > limit:
+            raise InvalidArgumentError(f"P has values beyond float32's range (+-{limit:.3g}), which the float32 "
+                                       "basis cannot hold; rescale P")
+
+
 def quantize(
     P: Tensor,
     bits: int | None = 4,
@@ -301,13 +320,14 @@ def quantize(
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {shape}; for one row use P[None]")
     if P.shape[0] == 0 or P.shape[1] == 0:
         raise InvalidArgumentError(f"P must have at least one row and one column, got {tuple(P.shape)}")
-    if bits is not None and bits not in SUPPORTED_BITS:
+    # an int, not a float or bool that compares equal to one (4.0 in SUPPORTED_BITS is True)
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, numbers.Integral)
+                             or bits not in SUPPORTED_BITS):
         raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
+    bits = None if bits is None else int(bits)  # a numpy or torch integer becomes the int the layout stores
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
         raise InvalidArgumentError(f"group_size must be a positive multiple of 8, got {group_size!r}")
-    if not bool(torch.isfinite(P).all()):
-        bad = int((~torch.isfinite(P)).any(dim=1).nonzero()[0])
-        raise InvalidArgumentError(f"P has NaN or Inf values (first in row {bad}); a basis must be finite")
+    check_basis_values(P)
     k, num_cols = P.shape
     offsets = block_offsets_from_sizes(block_sizes, num_cols).to(P.device)
     if bits is None:

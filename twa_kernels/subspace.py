@@ -31,6 +31,7 @@ from twa_kernels.quant import (
     SUPPORTED_BITS,
     QuantizedBasis,
     block_offsets_from_sizes,
+    check_basis_values,
     quantize,
 )
 
@@ -77,8 +78,7 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
     if not tol > 0:
         raise InvalidArgumentError(f"tol must be positive, got {tol}")
-    if not bool(torch.isfinite(P).all()):
-        raise InvalidArgumentError("P has NaN or Inf values; orthonormalize needs finite rows")
+    check_basis_values(P)
     p = P.detach().to(torch.float32).contiguous()
     keep, factor = _independent_rows(gram_op(p), tol)
     dropped = sorted(set(range(P.shape[0])) - set(keep))

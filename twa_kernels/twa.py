@@ -119,6 +119,9 @@ class TWA(nn.Module):
         aliases = parameter_aliases(model)
         if isinstance(checkpoints_or_subspace, Subspace):
             subspace = checkpoints_or_subspace
+            if not bool(torch.isfinite(subspace.center).all()):  # from_checkpoints checks its own
+                raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
+                                           "build it from finite checkpoints")
         elif shard:  # each rank reads its own columns of the checkpoints only
             subspace = build_shard(
                 checkpoints_or_subspace, process_group, names, param_shapes,
@@ -323,7 +326,7 @@ class TWA(nn.Module):
             flat = self.center.new_zeros(self.center.numel())
             for segment, grad in zip(flat.split([math.prod(s) for s in self.shapes]), grads):
                 if grad is not None:
-                    segment.copy_(grad.reshape(-1))
+                    segment.copy_((grad.to_dense() if grad.layout != torch.strided else grad).reshape(-1))
             late = (project_int8 if self.int8_gradients else project)(self.basis, flat).to(self.coefficients.dtype)
             if self._parallel is not None:  # replicated: averaged over the ranks like the graph's own gradient
                 late = self._parallel.average_gradient(late)
@@ -388,6 +391,9 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(f"{reader.source}: key {name!r} has shape {tuple(value.shape)} but the model's "
                                       f"frozen parameter has {tuple(param.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} holds NaN or Inf, and TWA "
+                                      "would pin it to that; use finite checkpoints")
             if value.is_floating_point():
                 totals[j] = value.double() if totals[j] is None else totals[j].add_(value.double())
             elif totals[j] is None:
@@ -449,8 +455,8 @@ class _Workspace:
 
 def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
     """Before load_state_dict copies anything: the incoming basis must be valid (the kernels
-    take raw pointers) and match this module's layout, and the center and coefficients must be
-    finite. Raises a ValueError naming the field, and leaves the module untouched."""
+    take raw pointers) and match this module's layout, and the center, the coefficients and the
+    frozen parameters' pinned values must be finite. Raises a ValueError naming the field, and leaves the module untouched."""
     fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
               if key.startswith(prefix + "basis_")}
     if fields:
@@ -463,7 +469,7 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
             raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
                              f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
                              f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
-    for name in ("center", "coefficients"):
+    for name in ("center", "coefficients", *(f"frozen_{i}" for i in range(len(module.frozen_names)))):
         value, own = state.get(prefix + name), getattr(module, name)
         if isinstance(value, Tensor) and value.shape != own.shape:
             raise InvalidArgumentError(f"TWA state_dict: {name!r} has shape {tuple(value.shape)} but this TWA's is "
