@@ -32,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import ROOT, save_figure
-from twa_kernels.io import write_json
+from experiments.common import ROOT, save_figure, write_report
 
 
 # ---- barriers --------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def main() -> None:
         if args.what in ("memory", "all"):
             report["memory"] = memory(args.grid)
             print(memory_table(report["memory"]), "\n")
-    write_json(report_path, report)
+    write_report(report_path, report)  # with the machine, date and commit
     print(f"written: {report_path}" + (f", {out / 'barriers.png'}" if "barriers" in report else ""))
 
 
