@@ -157,6 +157,13 @@ def bn_and_metrics(rank, world):
     norms = [m for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     out = {"mean": [m.running_mean.clone() for m in norms], "var": [m.running_var.clone() for m in norms],
            "metrics": distributed.all_reduce_metrics({"correct": rank + 1, "count": 10 * (rank + 1)})}
+    # a rank whose share is empty still joins the all-reduce, and counts nothing
+    distributed.update_bn(batches[0] if rank == 0 else [], twa)
+    out["first_share_mean"] = [m.running_mean.clone() for m in norms]
+    # no rank has a batch: refused on every rank, the statistics left as they were
+    with pytest.raises(tk.errors.InvalidArgumentError, match="no rank's loader yielded a batch"):
+        distributed.update_bn([], twa)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(out["first_share_mean"], norms))
     if rank == 0:
         model, ckpts = model_and_checkpoints()
         ref = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE)
@@ -164,6 +171,8 @@ def bn_and_metrics(rank, world):
         norms = [m for m in ref.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
         out["ref_mean"] = [m.running_mean.clone() for m in norms]
         out["ref_var"] = [m.running_var.clone() for m in norms]
+        ref.update_bn(batches[0])
+        out["ref_first_share_mean"] = [m.running_mean.clone() for m in norms]
     return out
 
 

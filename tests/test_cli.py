@@ -27,6 +27,8 @@ def train_loader():
 
 def val_loader():
     return DataLoader(digits_splits()[1], batch_size=256)
+
+NOT_CALLABLE = 3
 '''
 
 
@@ -82,7 +84,7 @@ def test_fit_writes_the_averaged_model_and_a_report(project, int8_gradients):
         (dict(bits=3), "bits must be one of [1, 2, 4, 8] or null, got 3"),
         (dict(bits=None, int8_gradients=True), "int8_gradients: true rounds gradients per basis group"),
         (dict(checkpoints="{root}/wrong"), "has shape (10, 47) but the model has (10, 48)"),
-        (dict(epochs="two"), "epochs must be a non-negative integer"),
+        (dict(epochs="two"), "epochs must be a positive integer"),
         (dict(learning_rate=0.1), "unknown key(s) ['learning_rate']"),
     ],
 )
@@ -194,3 +196,99 @@ def test_the_demos_greedy_soup_is_measured_with_its_own_batchnorm_statistics():
     for (name, got), want in zip(soup.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(got, want, msg=name)
     assert 1 <= len(chosen) <= 3 and not torch.allclose(soup[1].running_mean, torch.full((32,), 5.0))
+
+
+# -- connect and plane check their inputs and --out before any evaluation --------------------
+
+
+@pytest.fixture
+def no_evaluation(project, monkeypatch):
+    """main() in this process, from the project, with evaluation replaced by a failure."""
+    from twa_kernels import connectivity
+
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(project))
+
+    def evaluated(*args, **kwargs):
+        raise tk.errors.InvalidArgumentError("evaluation ran")
+
+    monkeypatch.setattr(connectivity, "interpolate", evaluated)
+    monkeypatch.setattr(connectivity, "plane", evaluated)
+    return project
+
+
+def _geometry(command, out, config):
+    ckpts = [str(Path("ckpts") / f"epoch_{i}.pt") for i in range(3 if command == "plane" else 2)]
+    return [command, *ckpts, "--config", str(config), "--out", str(out), "--no-progress"]
+
+
+@pytest.mark.parametrize("command", ["connect", "plane"])
+@pytest.mark.parametrize(
+    "out,message",
+    [
+        ("c.txt", "matplotlib cannot save a '.txt' figure"),
+        ("a-dir", "a-dir is a directory; give a file path"),
+        ("a-file/c.png", "a-file is a file, not a directory"),
+    ],
+)
+def test_geometry_commands_refuse_a_bad_out_before_evaluating(no_evaluation, capsys, command, out, message):
+    from twa_kernels.cli import main
+
+    (no_evaluation / "a-dir").mkdir(exist_ok=True)
+    (no_evaluation / "a-file").write_text("not a directory")
+    assert main(_geometry(command, out, _config(no_evaluation))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("twa: error: --out") and message in err[0], err
+
+
+def test_geometry_commands_create_missing_out_folders_only_when_writing(no_evaluation, capsys):
+    # as every other output (fit, demo, atomic_write): missing parents are created, but only
+    # once there is something to write; here evaluation fails, so nothing is left behind
+    from twa_kernels.cli import main
+
+    assert main(_geometry("connect", "new/sub/c.png", _config(no_evaluation))) == 2
+    assert "evaluation ran" in capsys.readouterr().err and not (no_evaluation / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("binary", "binary.yaml: not a UTF-8 text file"),
+        ("loss", "loss: 'userpkg:NOT_CALLABLE' is int, not callable"),
+    ],
+)
+def test_geometry_commands_name_a_bad_config_before_evaluating(no_evaluation, capsys, config, message):
+    from twa_kernels.cli import main
+
+    if config == "binary":
+        path = no_evaluation / "binary.yaml"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    else:
+        path = _config(no_evaluation, loss="userpkg:NOT_CALLABLE")
+    assert main(_geometry("connect", "c.png", path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+# -- the demo checks its options before creating anything ----------------------------------
+
+
+@pytest.mark.parametrize("seeds", [0, -1])
+def test_the_demo_refuses_no_seeds_and_creates_nothing(tmp_path, capsys, seeds):
+    from twa_kernels.cli import main
+
+    assert main(["demo", "--seeds", str(seeds), "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"seeds must be a positive int (the number of seeds to run), got {seeds}" in err[0]
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    from twa_kernels.cli import main
+
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "a-file"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a directory" in err[0], err
+    assert (tmp_path / "a-file").read_text() == "keep me"

@@ -538,6 +538,29 @@ def test_sharpness_seeds_reproduce_and_leave_the_global_rng_alone(tiny):
                zip(unseeded.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4).values()))
 
 
+def test_sharpness_of_a_zero_hessian_and_bad_chunks():
+    model = torch.nn.Linear(3, 1)
+    data = [(torch.randn(4, 3), torch.zeros(4))]
+    linear = lambda out, y: out.sum()  # linear in the parameters: H = 0
+    result = C.top_eigenvalue(model, linear, data, iters=5, seed=0)
+    assert result.value == 0.0 and result.converged and result.trace == [0.0]
+    for chunk in (0, -1, 1.5, True):
+        with pytest.raises(tk.errors.InvalidArgumentError, match=f"chunk must be a positive integer.*{chunk!r}"):
+            C.hessian_diagonal(model, linear, data, samples=4, chunk=chunk)
+    # x = 0: the loss is 4 b^2, a diagonal Hessian that Hutchinson gets exactly, over chunks of 2 and 1
+    zeros = [(torch.zeros(4, 3), torch.zeros(4))]
+    diag = C.hessian_diagonal(model, lambda out, y: out.square().sum(), zeros, samples=3, chunk=2, seed=0)
+    assert float(diag["bias"]) == pytest.approx(8.0) and not diag["weight"].any()
+
+
+@pytest.mark.parametrize("margin", [float("inf"), float("nan"), -0.1, "0.2"])
+def test_plane_margin_must_be_finite_and_non_negative(margin):
+    model = make_model(0)
+    state = model.state_dict()
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"margin must be a finite number >= 0"):
+        C.plane(model, [state, state, state], [], margin=margin)
+
+
 # ---- the CLI: `twa connect` and `twa plane` ---------------------------------------------------
 
 USER_PACKAGE = '''

@@ -457,6 +457,33 @@ def test_unsupported_layers_are_named():
         tk.decor.update(model)
 
 
+def test_tied_weights_are_refused_and_a_reused_layer_is_not():
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'0' shares its weight Parameter with \['2'\].*"
+                                                             r"untie them.*skip=\['0', '2'\]"):
+        tk.decor.decorrelate(tied)
+    assert tk.decor.decorrelated_layers(tied) == []  # refused before any layer changed
+    lm = nn.ModuleDict({"emb": nn.Embedding(5, 4), "out": nn.Linear(4, 5, bias=False)})
+    lm["out"].weight = lm["emb"].weight
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'out' shares its weight Parameter with \['emb'\]"):
+        tk.decor.decorrelate(lm)
+    # tied after decorrelate(): fold would write W R into the weight both read
+    model = tk.decor.decorrelate(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    model[2].weight = model[0].weight
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'0' shares its weight.*untie them"):
+        tk.decor.fold(model)
+    # one layer used twice is one module, not a tie: it folds to the same function
+    layer = nn.Linear(4, 4)
+    reused = tk.decor.decorrelate(nn.Sequential(layer, nn.ReLU(), layer), sample_fraction=1.0)
+    x = torch.randn(16, 4)
+    reused.train()(x)
+    tk.decor.update(reused)
+    reused.eval()
+    torch.testing.assert_close(tk.decor.fold(reused)(x), reused(x))
+
+
 def test_divergence_raises_with_the_layer_and_a_smaller_lr():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     tk.decor.decorrelate(model, lr=1e-3)

@@ -2,6 +2,8 @@
 examples per class (3 seeds, margin printed), shapes and dtypes follow the real data for 1-D
 signals and images, the saved file reads back, and a too-large ipc is a named error."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +126,47 @@ def test_ipc_larger_than_the_smallest_class_is_a_named_error():
         tk.distill.distribution_matching((x, y), ipc=0)
     with pytest.raises(DistillError, match="floating-point"):
         tk.distill.distribution_matching((x.long(), y), ipc=1)
+
+
+def test_hostile_inputs_are_refused_before_anything_is_saved(tmp_path):
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    embed = tk.distill.default_embedding(x, width=4, depth=1)
+    run = lambda data, **kw: tk.distill.distribution_matching(
+        data, **{"ipc": 2, "iterations": 2, "batch_real": 4, "embed": embed, "seed": 0, "out": tmp_path / "d", **kw})
+    bad = x.clone()
+    bad[3, 0, 5] = float("nan")
+    with pytest.raises(DistillError, match=r"inputs hold 1 NaN/Inf"):
+        run((bad, y))
+    with pytest.raises(DistillError, match="batch_real must be an int >= 1"):
+        run((x, y), batch_real=0)
+    with pytest.raises(DistillError, match="iterations must be an int >= 0"):
+        run((x, y), iterations=2.0)
+    with pytest.raises(DistillError, match="dataset is empty"):
+        run((x[:0], y[:0]))
+    with pytest.raises(DistillError, match="dataset is empty"):
+        run(TensorDataset(x[:0], y[:0]))
+    with pytest.raises(DistillError, match="lr must be finite and > 0"):
+        run((x, y), lr=float("nan"))
+    with pytest.raises(DistillError, match="diverged; lower lr.*nothing was saved"):
+        run((x, y), lr=1e30, iterations=5, embed=nn.Flatten)  # no normalisation: the steps blow up
+    assert not (tmp_path / "d").exists()
+
+
+def test_matching_loss_refuses_a_synthetic_set_that_does_not_fit_the_data():
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    embed = tk.distill.default_embedding(x, width=4, depth=1)
+    x_syn, y_syn = x[:6].clone(), y[:6].clone()
+    assert math.isfinite(tk.distill.matching_loss((x, y), x_syn, y_syn, nets=1, embed=embed, seed=0))
+    with pytest.raises(DistillError, match=r"y_syn has classes \[0, 1\] but the data has \[0, 1, 2\]"):
+        tk.distill.matching_loss((x, y), x_syn[y_syn < 2], y_syn[y_syn < 2], nets=1, embed=embed)
+    with pytest.raises(DistillError, match=r"y_syn has classes \[0, 1, 2, 7\]"):
+        tk.distill.matching_loss((x, y), x[:7], torch.cat([y_syn, torch.tensor([7])]), nets=1, embed=embed)
+    with pytest.raises(DistillError, match="nets must be an int >= 1"):
+        tk.distill.matching_loss((x, y), x_syn, y_syn, nets=0, embed=embed)
+    with pytest.raises(DistillError, match=r"one per row of x_syn"):
+        tk.distill.matching_loss((x, y), x_syn, y_syn[:5], nets=1, embed=embed)
+    with pytest.raises(DistillError, match=r"x_syn has shape \(6, 12\)"):
+        tk.distill.matching_loss((x, y), x_syn[:, 0], y_syn, nets=1, embed=embed)
+    x_syn[0, 0, 0] = float("inf")
+    with pytest.raises(DistillError, match="x_syn hold 1 NaN/Inf"):
+        tk.distill.matching_loss((x, y), x_syn, y_syn, nets=1, embed=embed)

@@ -155,6 +155,8 @@ def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert res["bn"]["metrics"] == {"correct": sum(range(1, world + 1)),
                                         "count": 10 * sum(range(1, world + 1))}
+        for got, want in zip(res["bn"]["first_share_mean"], ref["ref_first_share_mean"]):  # the others' shares empty
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 

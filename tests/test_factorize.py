@@ -300,6 +300,37 @@ def test_named_errors():
         check_optimizer(model, torch.optim.SGD([p for n, p in model.named_parameters() if "bias" in n], lr=0.1))
 
 
+def test_tied_weights_are_refused_and_a_reused_layer_is_not():
+    lm = nn.ModuleDict({"emb": nn.Embedding(5, 4), "out": nn.Linear(4, 5, bias=False)})
+    lm["out"].weight = lm["emb"].weight
+    for layers in (None, ["out"], ["emb", "out"]):
+        with pytest.raises(FactorizationError, match=r"'(out|emb)'.weight is one Parameter shared with "
+                                                     r"\['(emb|out)'\].*Untie them first"):
+            factorize(lm, depth=2, init="keep", layers=layers)
+    assert factor_parameters(lm) == [] and lm["out"].weight is lm["emb"].weight  # refused before any change
+    factorize(_tied_bias(), depth=2)  # a bias left dense may stay shared
+    with pytest.raises(FactorizationError, match=r"'0'.bias is one Parameter shared with \['1'\]"):
+        factorize(_tied_bias(), depth=2, biases=True)
+    layer = nn.Linear(4, 4)
+    reused = factorize(nn.Sequential(layer, nn.ReLU(), layer), depth=2, init="keep")
+    assert len(factor_parameters(reused)) == 2
+
+
+def _tied_bias():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].bias = model[0].bias
+    return model
+
+
+@pytest.mark.parametrize("eps", [-1e-7, float("nan"), float("inf")])
+def test_eps_must_be_finite_and_non_negative(eps):
+    with pytest.raises(FactorizationError, match=r"eps=.*finite eps >= 0"):
+        factorize(_cnn(), depth=3, eps=eps)
+    with pytest.raises(FactorizationError, match=r"eps=.*finite eps >= 0"):
+        factorize(_cnn(), depth=3, eps=eps, init="keep")
+    assert truncation_bounds(0.1, 2, eps=0.0)[1] == 0.0  # no lower bound is allowed
+
+
 def test_truncation_bound_values():
     s, lo, hi = truncation_bounds(0.01, 2)
     assert (s, lo, hi) == pytest.approx((0.1, math.sqrt(EPS), math.sqrt(0.02)))

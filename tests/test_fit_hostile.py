@@ -55,6 +55,24 @@ def empty_loader():
 
 def one_pass_loader():
     return iter(list(DataLoader(digits_splits()[0], batch_size=128)))
+
+NOT_CALLABLE = 3
+
+def int_loader():
+    return 5
+
+def inputs_only_loader():
+    return [x for x, _ in DataLoader(digits_splits()[0], batch_size=128)]
+
+def triple_loader():
+    return [(x, y, y) for x, y in DataLoader(digits_splits()[0], batch_size=128)]
+
+def nan_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets) * float("nan")
+
+def nan_valued_loss(outputs, targets):  # NaN in value only: its gradient is cross-entropy's
+    loss = torch.nn.functional.cross_entropy(outputs, targets)
+    return loss + (loss * float("nan")).detach()
 '''
 
 
@@ -135,7 +153,13 @@ def _consistent(out: Path) -> dict:
         (dict(int8_gradients="yes"), ["int8_gradients must be true or false", "'yes' (a string)"]),
         (dict(optimizer="adam"), ["optimizer must be a mapping such as {name: AdamW, lr: 0.01}", "'adam'",
                                   "did you mean {name: Adam}"]),
-        (dict(optimizer=dict(lr="fast")), ["optimizer.lr must be a non-negative number", "'fast'"]),
+        (dict(optimizer=dict(lr="fast")), ["optimizer.lr must be a finite positive number", "'fast'"]),
+        (dict(optimizer=dict(lr=float("inf"))), ["optimizer.lr must be a finite positive number", "inf"]),
+        (dict(optimizer=dict(lr=0)), ["optimizer.lr must be a finite positive number", "got 0"]),
+        (dict(group_size=1099511627776), ["group_size must be a positive multiple of 8", "at most 1048576",
+                                          "got 1099511627776"]),
+        (dict(epochs=0), ["epochs must be a positive integer", "got 0"]),
+        (dict(loss="fit_hostile_pkg:NOT_CALLABLE"), ["loss: 'fit_hostile_pkg:NOT_CALLABLE' is int, not callable"]),
         (dict(optimizer=dict(name="SGD", lr=0.1, betas=[0.9, 0.99])), ["optimizer SGD does not take", "betas"]),
         (dict(checkpoints=5), ["checkpoints must be a path, a directory, a glob or a non-empty list", "got 5"]),
         (dict(data=dict(train="fit_hostile_pkg:train_loader", test="x:y")), ["data must be a mapping with a 'train'"]),
@@ -165,6 +189,53 @@ def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():
     config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c",
                                optimizer=dict(name="AdamW", lr="1e-3", weight_decay="1e-4")), "config.yaml")
     assert config.optimizer == "AdamW" and config.optimizer_args == {"lr": 1e-3, "weight_decay": 1e-4}
+
+
+def test_a_config_that_is_not_utf8_text_is_refused_naming_the_file(in_project, capsys):
+    from twa_kernels.cli import main
+
+    path = in_project / "binary.yaml"
+    path.write_bytes(b"model: x:y\n\xff\xfe\x00\x80 binary")
+    with pytest.raises(FitError, match=r"binary\.yaml: not a UTF-8 text file"):
+        run_fit(path, progress=False)
+    assert main(["fit", str(path), "--no-progress"]) == 2
+    assert "binary.yaml: not a UTF-8 text file" in capsys.readouterr().err
+
+
+# -- data that is not an iterable of (inputs, targets) batches -----------------------------
+
+
+@pytest.mark.parametrize(
+    "loader,message",
+    [
+        ("int_loader", r"returned 5 \(an integer\), which is not iterable"),
+        ("inputs_only_loader", r"gave a batch that is a Tensor; each batch must be an \(inputs, targets\) pair"),
+        ("triple_loader", r"gave a batch that is a tuple of length 3; each batch must be an \(inputs, targets\) pair"),
+    ],
+)
+def test_data_that_is_not_input_target_batches_is_named(in_project, loader, message):
+    config = _config(in_project, data=dict(train=f"fit_hostile_pkg:{loader}"), output=str(in_project / "pairs-out"))
+    with pytest.raises(FitError, match=rf"data.train \('fit_hostile_pkg:{loader}'\) {message}"):
+        run_fit(config, progress=False)
+    assert not (in_project / "pairs-out").exists()
+
+
+# -- a diverged run writes nothing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(optimizer=dict(name="SGD", lr=1e30)), "training diverged: the coefficients hold NaN or Inf"),
+        (dict(loss="fit_hostile_pkg:nan_loss"), "training diverged: the coefficients hold NaN or Inf"),
+        (dict(loss="fit_hostile_pkg:nan_valued_loss"), "the report's val_loss_at_swa is nan, not a finite number"),
+    ],
+)
+def test_a_run_that_diverges_is_a_fit_error_and_writes_nothing(in_project, overrides, message):
+    config = _config(in_project, output=str(in_project / "nan-out"), **overrides)
+    with pytest.raises(FitError, match=rf"{message}.*nothing was written"):
+        run_fit(config, progress=False)
+    assert not (in_project / "nan-out").exists() and _leftovers(in_project, "nan-out") == []
 
 
 # -- empty data ----------------------------------------------------------------------------

@@ -104,6 +104,76 @@ def test_greedy_soup_adds_only_what_helps():
     assert chosen[0] == 1 and torch.equal(soup["0.weight"], target) and chosen == [1]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), None, float("inf"), "0.9"])
+@pytest.mark.parametrize("where", [0, 1])
+def test_greedy_soup_refuses_a_score_that_is_not_a_finite_number_naming_the_checkpoint(bad, where):
+    # a NaN compares false with everything: {0: nan, 1: 0.9, 2: 0.1} used to pick [0]
+    scores = [0.5, 0.9, 0.1]
+    scores[where] = bad
+    ckpts = _checkpoints(3)
+    by_id = {id(c["0.weight"]): s for c, s in zip(ckpts, scores)}
+    with pytest.raises(tk.errors.InvalidArgumentError, match=rf"score of checkpoint {where} .*finite real number"):
+        tk.greedy_soup(ckpts, lambda state: by_id.get(id(state["0.weight"]), 0.0))
+
+
+def test_greedy_soup_takes_tensor_scores_and_starts_from_the_best_checkpoint():
+    ckpts = _checkpoints(3)
+    scores = {0: 0.2, 1: 0.9, 2: 0.9}  # a tie at the top: the first of the two leads, with its own score
+    by_id = {id(c["0.weight"]): s for c, s in zip(ckpts, scores.values())}
+    soup, chosen = tk.greedy_soup(ckpts, lambda state: torch.tensor(by_id.get(id(state["0.weight"]), 0.0)))
+    assert chosen == [1] and torch.equal(soup["0.weight"], ckpts[1]["0.weight"])
+
+
+def _bn_model():
+    model = make_model(0)
+    with torch.no_grad():  # statistics that a reset (mean 0, var 1) would visibly lose
+        model[1].running_mean.fill_(3.0)
+        model[1].running_var.fill_(5.0)
+        model[1].num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["empty list", "spent generator", "twa spent generator"])
+def test_update_bn_with_no_batches_refuses_and_keeps_the_statistics(kind):
+    # the auditor's case: an empty or used-up loader reset the statistics to 0 and 1 silently
+    model = _bn_model()
+    batches = (torch.randn(8, 64) for _ in range(2))
+    list(batches)  # used up
+    target = tk.TWA(model, _checkpoints(3), bits=None) if kind.startswith("twa") else model
+    module = target.module if kind.startswith("twa") else model
+    before = {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+    momentum = module[1].momentum
+    with pytest.raises(tk.errors.InvalidArgumentError, match="yielded no batches") as info:
+        if kind == "empty list":
+            tk.update_bn([], model)
+        elif kind == "spent generator":
+            tk.update_bn(batches, model)
+        else:
+            target.update_bn(batches)
+    assert ("re-iterable such as a list" in str(info.value)) == (kind != "empty list")
+    after = module.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert module[1].momentum == momentum
+    if kind.startswith("twa"):  # not recorded as measured: exporting still warns
+        with pytest.warns(RuntimeWarning, match="update_bn"):
+            target.averaged_state_dict()
+
+
+def test_update_bn_that_fails_mid_pass_keeps_the_old_statistics():
+    model = _bn_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def batches():
+        yield torch.randn(8, 64)
+        raise RuntimeError("the loader broke")
+
+    with pytest.raises(RuntimeError, match="the loader broke"):
+        tk.update_bn(batches(), model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_subspace_optimizer_keeps_weights_in_the_subspace():
     ckpts = _checkpoints(5)
     model = make_model()

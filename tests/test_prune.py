@@ -253,3 +253,28 @@ def test_train_classifier_seed_reproduces_and_leaves_the_global_rng_alone(digits
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(tk.errors.InvalidTypeError, match="seed"):
         tk.prune.classification_train_fn(digits, seed="7")
+
+
+def test_an_out_dir_that_is_a_file_or_corrupt_resume_state_is_named(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(tk.errors.OutputError, match=r"out_dir '.*afile' cannot be made a directory.*does not exist yet"):
+        tk.prune.imp(make_model(0), lambda m, r: None, rounds=1, out_dir=afile)
+    out = tmp_path / "run"
+    tk.prune.imp(make_model(0), lambda m, r: None, rounds=1, out_dir=out)
+    manifest = json.loads((out / "imp.json").read_text())
+
+    def resume_with(text):
+        (out / "imp.json").write_text(text)
+        with pytest.raises(tk.errors.CheckpointError) as info:
+            tk.prune.imp(make_model(0), lambda m, r: None, rounds=2, out_dir=out)
+        assert "start the run over, or pass a fresh out_dir" in str(info.value)
+        return str(info.value)
+
+    assert "cannot be read as JSON" in resume_with('{"done": 1,')
+    assert "holds a JSON list, not an object" in resume_with("[]")
+    assert "'done'=5 needs 6 rounds, but it lists 2 round files" in resume_with(json.dumps({**manifest, "done": 5}))
+    escape = [{**manifest["files"][0], "trained": "../elsewhere.safetensors"}, manifest["files"][1]]
+    assert "is not {mask, rewound, trained} -> file name" in resume_with(json.dumps({**manifest, "files": escape}))
+    (out / manifest["files"][1]["trained"]).unlink()
+    assert "no such checkpoint file" in resume_with(json.dumps(manifest))

@@ -15,7 +15,9 @@ model (torch.compile, DDP) is read as the module it wraps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -130,7 +132,9 @@ def greedy_soup(
 ) -> tuple[StateDict, list[int]]:
     """Greedy soup (Wortsman et al. 2022): rank checkpoints by `score` (higher is better,
     e.g. held-out accuracy), then add each in turn to the running average while the
-    average's score does not drop. Returns the soup and the indices it holds."""
+    average's score does not drop. Returns the soup and the indices it holds. Every score
+    must be a finite real number (a one-element tensor is read as its value): a NaN would
+    rank anywhere, so it is refused, naming the checkpoint, as is None."""
     specs = resolve_checkpoints(checkpoints)
     scores = []
     first = None
@@ -139,9 +143,9 @@ def greedy_soup(
             first = state
         else:
             _check_layout(first, state, source)
-        scores.append((score(state), i))
+        scores.append((_real_score(score(state), f"checkpoint {i} ({source})"), i))
     order = [i for _, i in sorted(scores, key=lambda t: -t[0])]
-    best_score = max(scores)[0]
+    best_score = scores[order[0]][0]  # the first ingredient's own score, whatever the ties
     chosen = [order[0]]
     total: dict[str, Tensor] | None = None
     last: StateDict | None = None
@@ -153,11 +157,22 @@ def greedy_soup(
             continue
         candidate_total = {k: total[k] + state[k].double() for k in total}
         candidate = _finish(candidate_total, state, 1.0 / (len(chosen) + 1))
-        candidate_score = score(candidate)
+        candidate_score = _real_score(score(candidate), f"the soup of checkpoints {[*chosen, i]}")
         if candidate_score >= best_score:
             total, last, best_score = candidate_total, state, candidate_score
             chosen.append(i)
     return _finish(total, last, 1.0 / len(chosen)), chosen
+
+
+def _real_score(value: Any, what: str) -> float:
+    """`value` as a finite float, or an error naming `what` was scored: NaN compares false
+    with everything, so a NaN score would silently reorder the soup."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InvalidArgumentError(f"greedy_soup: the score of {what} is {value!r}; score must return a finite "
+                                   "real number (higher is better), e.g. held-out accuracy")
+    return float(value)
 
 
 def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = None) -> tuple[Subset, Subset]:
@@ -180,29 +195,49 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = No
 
 @torch.no_grad()
 def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
-              weights: Mapping[str, Tensor] | None = None) -> None:
+              weights: Mapping[str, Tensor] | None = None, *, allow_empty: bool = False) -> None:
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
     (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
     its first element, unless call_fn(model, batch) is given. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the
-    model's own parameters untouched; only its BatchNorm buffers change."""
+    model's own parameters untouched; only its BatchNorm buffers change.
+
+    A loader that yields no batches (empty, or a generator already used up) raises
+    InvalidArgumentError. Then, and when the pass fails, the statistics are left as they
+    were, not reset to mean 0 and variance 1 (or half-measured) as if they had been measured.
+    `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
+    then leave the statistics reset with a batch count of zero, which the all-reduce of
+    distributed.all_reduce_bn_statistics weighs as nothing."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
     momenta = {m: m.momentum for m in norms}
+    saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     was_training = model.training
     model.train()
     runner = model if weights is None else _WithWeights(model, dict(weights))
+    count = 0
     try:
         for batch in loader:
             if call_fn is not None:
                 call_fn(runner, batch)
             else:
                 runner(batch[0] if isinstance(batch, (list, tuple)) else batch)
+            count += 1
+        if count == 0 and not allow_empty:
+            fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "
+                   "such as a list or a DataLoader" if isinstance(loader, Iterator) else "pass a non-empty loader")
+            raise InvalidArgumentError(f"update_bn: the loader yielded no batches, so there are no statistics to "
+                                       f"measure (they are left as they were); {fix}")
+    except BaseException:
+        for m in norms:  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
+            for k, b in saved[m].items():
+                getattr(m, k).copy_(b)
+        raise
     finally:
         for m in norms:
             m.momentum = momenta[m]

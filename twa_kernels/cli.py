@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from twa_kernels import _build, connectivity
+from twa_kernels._imports import optional
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
-from twa_kernels.errors import InvalidArgumentError, TWAKernelsError
-from twa_kernels.fit import DEFAULT_LOSS, FitError, import_string, load_config, run_fit
+from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
+from twa_kernels.fit import DEFAULT_LOSS, FitError, callable_from, load_config, run_fit
 from twa_kernels.io import write_json
 
 
@@ -85,12 +86,11 @@ def _geometry_inputs(args: argparse.Namespace):
     """(model, evaluation data, BatchNorm data, metric, split name) from a `twa fit`-style
     config: model and data as there; checkpoints come from the command line instead."""
     config = load_config(args.config, required=("model", "data"))
+    # the loss is checked before the model is built, not at the first point evaluated
+    loss_fn = callable_from(config.loss, "loss") if config.loss != DEFAULT_LOSS else None
 
     def make(spec: str, what: str):
-        factory = import_string(spec)
-        if not callable(factory):
-            raise FitError(f"{spec!r} ({what}) is not callable")
-        return factory()
+        return callable_from(spec, what)()
 
     model = make(config.model, "model")
     if not isinstance(model, torch.nn.Module):
@@ -101,8 +101,7 @@ def _geometry_inputs(args: argparse.Namespace):
     train = make(config.data["train"], "data.train")
     data = train if split == "train" else make(config.data[split], f"data.{split}")
     metric = connectivity.classification_metric
-    if config.loss != DEFAULT_LOSS:
-        loss_fn = import_string(config.loss)
+    if loss_fn is not None:
 
         def metric(outputs, targets):
             return loss_fn(outputs, targets), connectivity.classification_metric(outputs, targets)[1]
@@ -110,7 +109,30 @@ def _geometry_inputs(args: argparse.Namespace):
     return model, data, train, metric, split
 
 
+def _check_figure_path(out: Path) -> None:
+    """Refuse an --out that the figure (or the JSON beside it) could not be written to, before
+    minutes of evaluation: a suffix matplotlib cannot save (none means PNG), a directory, or
+    a location under a file or without write permission. Missing parent directories are
+    created when the files are written, as for every other output of the library."""
+    figure = optional("matplotlib.figure", "demo", "the --out figure")  # needed anyway; its absence named now
+    formats = figure.Figure().canvas.get_supported_filetypes()
+    if out.suffix and out.suffix.lstrip(".").lower() not in formats:
+        raise InvalidArgumentError(f"--out {str(out)!r}: matplotlib cannot save a {out.suffix!r} figure; end it in "
+                                   f"one of {', '.join('.' + f for f in sorted(formats))} (e.g. .png)")
+    for path in (out, out.with_suffix(".json")):
+        if path.is_dir():
+            raise OutputError(f"--out {str(out)!r}: {path} is a directory; give a file path such as "
+                              f"{path / 'figure.png' if path == out else out.with_name(out.stem + '-figure.png')}")
+    parent = out.absolute().parent
+    while not parent.exists():  # the first existing ancestor must be a directory we can create in
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "a file, not a directory" if not parent.is_dir() else "not writable"
+        raise OutputError(f"--out {str(out)!r} cannot be written: {parent} is {why}; choose a writable location")
+
+
 def _connect(args: argparse.Namespace) -> int:
+    _check_figure_path(Path(args.out))
     try:
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.interpolate(model, args.a, args.b, data, steps=args.steps, bn=args.bn, metric=metric,
@@ -137,6 +159,7 @@ def _plane(args: argparse.Namespace) -> int:
             return 2
         points[name] = path
     grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
+    _check_figure_path(Path(args.out))
     try:
         if len(args.grid) > 2:
             raise InvalidArgumentError(f"--grid takes one or two numbers (N, or NX NY), got {len(args.grid)}")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from twa_kernels._random import check_seed, generator
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.io import tied_owners
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
 
     Subclasses of Linear/Conv (e.g. MultiheadAttention's out_proj, whose weight the attention
     reads directly) are left alone. Grouped, transposed and 3-D convolutions are refused:
-    skip them by name.
+    skip them by name. So is a layer whose weight Parameter another module shares (tied
+    weights, e.g. an output layer tied to an embedding): fold() would write W R into the
+    weight the others read. Untie it, or skip it and every layer tied to it.
     """
     if not 0.0 < sample_fraction <= 1.0:
         raise InvalidArgumentError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
@@ -273,13 +276,27 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
             raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
-        todo.append(module)
-    for module in todo:
+        todo.append((name, module))
+    _refuse_tied(model, todo, "untie them (give each its own nn.Parameter) before decorrelate(), or pass skip={names}")
+    for _, module in todo:
         d = module.weight[0].numel()  # in_features, or C_in * prod(kernel)
         module.__class__ = _DECOR[type(module)]
         module._decor_init(d, lr, kappa, sample_fraction, max_norm, sampler)
     logger.info("decorrelate: %d layers", len(todo))
     return model
+
+
+def _refuse_tied(model: nn.Module, layers: list[tuple[str, nn.Module]], fix: str) -> None:
+    """Refuse layers whose weight Parameter another module also holds: fold() writes W R into
+    that one tensor, so the other modules (or a second fold through it) would read a changed
+    weight. A module reused under two names is one module, not a tie."""
+    for name, module in layers:
+        others = tied_owners(model, module)
+        if others:
+            label = name or "<root>"
+            raise InvalidArgumentError(f"layer {label!r} shares its weight Parameter with {others} (tied weights), "
+                                       f"which folding W R into it would change too: "
+                                       f"{fix.format(names=[label] + others)}")
 
 
 def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -420,7 +437,11 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
 def fold(model: nn.Module) -> nn.Module:
     """A deep copy of `model` whose decorrelated layers are plain nn.Linear / nn.Conv1d /
     nn.Conv2d with W R folded into their weights (no R, no per-forward fold): for inference
-    and export. Its state_dict loads into the original (never decorrelated) architecture."""
+    and export. Its state_dict loads into the original (never decorrelated) architecture.
+    A decorrelated layer whose weight another module shares (tied after decorrelate()) is
+    refused: folding would change the weight the others read."""
+    _refuse_tied(model, decorrelated_layers(model), "untie them (give each its own nn.Parameter) before "
+                                                     "decorrelate(), or skip {names} there")
     out = copy.deepcopy(model)
     for _, m in decorrelated_layers(out):
         m.weight.copy_(m.decor_folded_weight())

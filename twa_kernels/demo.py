@@ -35,7 +35,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, OutputError
 from twa_kernels.geometry import plane, plot_plane
 from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
 from twa_kernels.twa import TWA
@@ -437,13 +437,24 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
              progress: bool | None = None, setting: Setting | None = None) -> dict:
     """Run the demo (5 seeds, or 1 with `quick`; the same setting either way) and write
     results.json, accuracy.png and plane.png into out_dir. `progress`: bars on standard error
-    (None: only when it is a terminal)."""
+    (None: only when it is a terminal). `seeds` must be a positive int and out_dir a
+    directory (or a path to create); anything else is refused before anything is created."""
     setting = setting or DEMO
+    n_seeds = seeds if seeds is not None else (1 if quick else 5)
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:  # the summary needs a seed
+        raise InvalidArgumentError(f"seeds must be a positive int (the number of seeds to run), got {n_seeds!r}; "
+                                   "use --seeds 1 or more, or leave it out for 5 (1 with --quick)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"out_dir (--out) {str(out)!r} is a file, not a directory; the demo writes several "
+                          "files into a directory: give a directory path (it is created if missing)")
     for module, needed_by in (("mnist1d.data", "twa demo's data"), ("matplotlib.figure", "twa demo's figures")):
         optional(module, "demo", needed_by)  # before minutes of training, not after
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_seeds = seeds if seeds is not None else (1 if quick else 5)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, no permission, a read-only file system
+        raise OutputError(f"out_dir (--out) {str(out)!r} cannot be created ({exc.strerror or exc}); choose a "
+                          "directory you can write to") from exc
     start = time.perf_counter()
     threads = torch.get_num_threads()
     # a 14k-weight CNN in batches of 64: a second intra-op thread only adds contention (on 2

@@ -50,6 +50,8 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
     elif isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, Tensor) for t in dataset):
         x, y = dataset
     else:  # a generic map-style dataset of (x, y) pairs: small enough to distill, small enough to stack
+        if len(dataset) == 0:
+            raise DistillError("the dataset is empty; pass at least one example per class")
         items = [dataset[i] for i in range(len(dataset))]
         x = torch.stack([torch.as_tensor(item[0]) for item in items])
         y = torch.as_tensor([int(item[1]) for item in items])
@@ -61,7 +63,41 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
                            f"or images [N, C, H, W]")
     if y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
         raise DistillError(f"labels must be integer class ids of shape [{len(x)}], got {tuple(y.shape)} {y.dtype}")
+    if len(x) == 0:
+        raise DistillError("the dataset is empty; pass at least one example per class")
+    _check_finite(x, "the inputs")
     return x, y
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    # one NaN spreads through the class mean into every synthetic example of its class
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise DistillError(f"{what} hold {bad} NaN/Inf value(s) of {x.numel()}; drop or repair those examples first")
+
+
+def _check_int(name: str, value: int, low: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise DistillError(f"{name} must be an int >= {low} ({meaning}), got {value!r}")
+
+
+def _synthetic(x: Tensor, y: Tensor, x_syn: Tensor, y_syn: Tensor) -> Tensor:
+    """Check a synthetic set against the real data; returns the real classes, which y_syn
+    must cover exactly (a class mean over no examples is 0/0)."""
+    if not isinstance(x_syn, Tensor) or not isinstance(y_syn, Tensor):
+        raise DistillError(f"x_syn and y_syn must be tensors, got {type(x_syn).__name__} and {type(y_syn).__name__}")
+    if x_syn.shape[1:] != x.shape[1:] or not x_syn.is_floating_point():
+        raise DistillError(f"x_syn has shape {tuple(x_syn.shape)} {x_syn.dtype}; the real examples are "
+                           f"{tuple(x.shape[1:])} floating point: pass a set distilled from this data")
+    if y_syn.dim() != 1 or len(y_syn) != len(x_syn) or y_syn.is_floating_point():
+        raise DistillError(f"y_syn must be integer labels of shape [{len(x_syn)}] (one per row of x_syn), got "
+                           f"{tuple(y_syn.shape)} {y_syn.dtype}")
+    _check_finite(x_syn, "x_syn")
+    classes, syn_classes = torch.unique(y), torch.unique(y_syn)
+    if not torch.equal(classes, syn_classes.to(classes.device)):
+        raise DistillError(f"y_syn has classes {syn_classes.tolist()} but the data has {classes.tolist()}; the "
+                           f"synthetic set needs examples of every real class and of no other")
+    return classes
 
 
 def _as_channels(x: Tensor) -> Tensor:
@@ -145,11 +181,19 @@ def distribution_matching(
     sum_c || mean emb(real_c) - mean emb(syn_c) ||^2. `out` saves {"x": x_syn, "y": y_syn}
     as safetensors (atomically; read back with `load_distilled`). An int `seed` makes the
     run reproducible and leaves torch's global RNG as it was; None draws from the global RNG.
+
+    Refused with DistillError: an empty dataset, inputs holding NaN/Inf, iterations or
+    batch_real that are not ints (>= 0 and >= 1), lr not finite and > 0 or momentum not
+    finite and >= 0, and a run whose synthetic set diverges to NaN/Inf (nothing is saved).
     """
     x, y = _tensors(dataset)
     classes, _ = _check_ipc(ipc, y)
-    if iterations < 0:
-        raise DistillError(f"iterations must be >= 0, got {iterations}")
+    _check_int("iterations", iterations, 0, "SGD steps on the synthetic set")
+    _check_int("batch_real", batch_real, 1, "real examples per class drawn each iteration")
+    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf and isinstance(momentum, (int, float))
+            and 0 <= momentum < math.inf):
+        raise DistillError(f"lr must be finite and > 0 and momentum finite and >= 0, got lr={lr!r}, "
+                           f"momentum={momentum!r} (the paper's are 1.0 and 0.5)")
     embed = embed if embed is not None else default_embedding(x)
     gen = generator(seed)
     members = [torch.nonzero(y == c).squeeze(1) for c in classes]
@@ -173,6 +217,9 @@ def distribution_matching(
                 bar.set_postfix(loss=f"{loss.item():.4g}")
             logger.debug("distribution matching iteration %d: loss %.6g", it, loss.item())
     x_syn = x_syn.detach()
+    if not bool(torch.isfinite(x_syn).all()):  # diverged: refuse rather than save it
+        raise DistillError(f"the synthetic set became NaN/Inf at lr={lr:g}: the steps diverged; lower lr (it "
+                           f"depends on the data's scale){'; nothing was saved' if out is not None else ''}")
     if out is not None:
         save_state_dict({"x": x_syn, "y": y_syn}, out)
     return x_syn, y_syn
@@ -184,10 +231,12 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     """The distribution-matching loss of a synthetic set against all of `dataset`, averaged
     over `nets` fresh random networks: how well it matches in feature spaces it was not
     optimised on. Compare two sets with the same int `seed` (the same networks; torch's
-    global RNG is left as it was); None draws the networks from the global RNG."""
+    global RNG is left as it was); None draws the networks from the global RNG. `y_syn` must
+    hold every class of the data and no other, one label per row of `x_syn`; nets >= 1."""
     check_seed(seed)
+    _check_int("nets", nets, 1, "random networks to average over")
     x, y = _tensors(dataset)
-    classes = torch.unique(y)
+    classes = _synthetic(x, y, x_syn, y_syn)
     embed = embed if embed is not None else default_embedding(x)
     total = 0.0
     for i in range(nets):

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from twa_kernels.errors import InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
     CheckpointListMismatchError,
@@ -84,22 +84,23 @@ def reset_comm_bytes(twa: nn.Module) -> None:
 
 
 @torch.no_grad()
-def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> None:
+def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int:
     """After each rank ran update_bn (cumulative averaging: momentum None) over its own
     batches, make every BatchNorm's running stats those of one process over all batches:
     the per-rank stats weighted by their batch counts, summed in one all-reduce of
-    2 x channels + 1 floats per layer. Ranks with no batches count zero."""
+    2 x channels + 1 floats per layer. Ranks with no batches count zero. Returns the most
+    batches any BatchNorm saw over all ranks (0: none, and the statistics are unchanged)."""
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
-        return
+        return 0
     parts = []
     for m in norms:
         n = m.num_batches_tracked.to(torch.float64)
         parts += [m.running_mean.double() * n, m.running_var.double() * n, n.reshape(1)]
     flat = torch.cat(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-    offset = 0
+    offset, most = 0, 0
     for m in norms:
         c = m.running_mean.numel()
         total, count = flat[offset : offset + c], flat[offset + 2 * c]
@@ -107,7 +108,9 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> Non
             m.running_mean.copy_(total / count)
             m.running_var.copy_(flat[offset + c : offset + 2 * c] / count)
             m.num_batches_tracked.fill_(int(count))
+        most = max(most, int(count))
         offset += 2 * c + 1
+    return most
 
 
 def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
@@ -129,8 +132,19 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
                                "distributed.all_reduce_bn_statistics(model, process_group)")
     if process_group is None and twa.parallel is not None:
         process_group = twa.parallel.comm.group
-    twa.update_bn(loader, call_fn)
-    all_reduce_bn_statistics(twa.module, process_group)
+    norms = [m for m in twa.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
+    measured_at = twa._bn_key  # where the saved statistics were measured, if they were
+    # a rank whose share is empty must still join the all-reduce, contributing nothing
+    twa.update_bn(loader, call_fn, allow_empty=True)
+    if norms and all_reduce_bn_statistics(twa.module, process_group) == 0:  # the same answer on every rank
+        for m, buffers in zip(norms, saved):
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+        twa._bn_key = measured_at  # the statistics, and what they were measured at, as before the call
+        raise InvalidArgumentError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
+                                   "statistics to measure (they are left as they were); pass each rank its share "
+                                   "of the training data, as a list or DataLoader that is not used up")
 
 
 def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:

@@ -45,6 +45,7 @@ from torch.nn.utils import parametrize
 
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.io import tied_owners
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +125,18 @@ def _check_depth(depth: int) -> None:
             f"depth={depth!r}: DWF needs an integer depth D >= 2 (D = 2 is the lasso, D = 3 or 4 are sparser)")
 
 
+def _check_eps(eps: float) -> None:
+    # eps^(1/D) bounds |omega| from below: a negative eps has a complex root
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+        raise FactorizationError(f"eps={eps!r}: the truncation bound eps^(1/D) < |omega| needs a finite eps >= 0 "
+                                 f"(the default is float32 eps, {EPS:g})")
+
+
 def truncation_bounds(sigma_w: float, depth: int, eps: float = EPS) -> tuple[float, float, float]:
     """(std, low, high) of DWF's factor distribution: N(0, sigma_w^(2/D)) with
-    eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D))."""
+    eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D)); eps must be finite and >= 0."""
     _check_depth(depth)
+    _check_eps(eps)
     if not sigma_w > 0:
         raise FactorizationError(f"sigma_w={sigma_w!r}: the init scale must be > 0 (pass sigma_w= or init='keep')")
     return sigma_w ** (1.0 / depth), eps ** (1.0 / depth), min(1.0, (2.0 * sigma_w) ** (1.0 / depth))
@@ -188,8 +197,9 @@ def _is_factorized(module: nn.Module) -> bool:
         module.parametrizations.weight[0], DeepFactorization)
 
 
-def _select(model: nn.Module, layers: LayerSpec) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs to factorise: default layer types, or the given names / types."""
+def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs to factorise: default layer types, or the given names / types.
+    Refuses a layer whose weight (or, with biases, bias) Parameter another module shares."""
     if layers is None:
         chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, DEFAULT_LAYERS)]
     else:
@@ -218,6 +228,16 @@ def _select(model: nn.Module, layers: LayerSpec) -> list[tuple[str, nn.Module]]:
                 f"layer {name!r} ({type(module).__name__}) has no `weight` parameter to factorise; DWF factorises "
                 f"layers whose multiplicative weight is `.weight` (Linear, Conv, Embedding, affine norms): "
                 f"leave it out of layers=")
+        params = ["weight"] + (["bias"] if biases and isinstance(getattr(module, "bias", None), nn.Parameter) else [])
+        for pname in params:
+            # a layer reused under two names is one module; another module holding the same
+            # Parameter (an output layer tied to an embedding) would keep the dense tensor
+            tied = tied_owners(model, module, pname)
+            if tied:
+                raise FactorizationError(
+                    f"layer {name!r}.{pname} is one Parameter shared with {tied} (tied weights): factorising "
+                    f"{name!r} would untie them silently. Untie them first (give each its own nn.Parameter), "
+                    f"or pass layers= naming the layers to factorise without {[name] + tied}")
     return chosen
 
 
@@ -237,6 +257,10 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         "keep" factorises the current weights exactly into balanced factors.
     sigma_w: the layer's usual init std; None measures it from the current weight (right at
         construction that is PyTorch's default init), a callable gets the module.
+    eps: the lower truncation bound above, finite and >= 0.
+    A layer whose weight Parameter another module shares (tied weights, e.g. an output
+    layer tied to an embedding) is refused: factorising it would untie them. Untie them
+    first, or leave them out of `layers`.
     Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
     (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
     seed: an int draws every factor from one private generator (reproducible; torch's global
@@ -244,10 +268,11 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     """
     gen = generator_or_seed(seed, generator, "factorize")
     _check_depth(depth)
+    _check_eps(eps)
     if init not in ("dwf", "dwf_matched", "keep"):
         raise FactorizationError(f"init={init!r}: use 'dwf' (the paper's random init), 'dwf_matched' (the same, "
                                  f"scaled so the product's std is sigma_w) or 'keep' (current weights)")
-    targets = _select(model, layers)
+    targets = _select(model, layers, biases)
     if not targets:
         raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer (pass layers=)")
     for name, module in targets:

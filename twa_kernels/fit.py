@@ -7,7 +7,7 @@
     checkpoints: runs/exp1/epoch_*.pt         # paths, a directory or a glob
     bits: 4                                   # 1, 2, 4, 8 or null (dense)
     granularity: tensor                       # model | tensor | an int
-    group_size: 128                           # a positive multiple of 8 (quantisation group)
+    group_size: 128                           # a positive multiple of 8, at most 2**20 (quantisation group)
     int8_gradients: false                     # project gradients rounded to int8 (tk.project_int8)
     optimizer: {name: AdamW, lr: 0.01}        # any torch.optim class and its arguments
     epochs: 2
@@ -24,7 +24,9 @@ Import strings are resolved from the working directory. The whole config is chec
 syntax) raises FitError with one line naming the key, the value and what is allowed. So is
 the output location (OutputError): it must be a directory that can be written and that holds
 nothing but these outputs, because the outputs replace it as one set (see _outdir.py). A data
-loader that gives no batches for a pass it is used for is a FitError, not a silent result.
+loader that gives no batches for a pass it is used for is a FitError, not a silent result, as
+are a batch that is not an (inputs, targets) pair and a run that diverged (a NaN or Inf in
+the averaged weights or the report): nothing is written then.
 
 `val_loss_at_swa` in the report is the loss at the uniform average of the checkpoints, with
 BatchNorm statistics recomputed on data.train as they are for TWA's `val_loss_after_twa`.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import os
 import sys
@@ -50,7 +53,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
-from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
+from twa_kernels.io import atomic_write, resolve_checkpoints, save_state_dict
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
@@ -58,6 +61,9 @@ KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "in
         "train_on", "loss", "output", "distributed"}
 OUTPUTS = ("averaged.pt", "averaged.safetensors", "report.json")
 DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
+# A group wider than a row of the basis (the model's weights) only pads it, and quantising
+# pads each row to a whole group in memory: 2**20 columns (4 MiB a row) is far past any use.
+MAX_GROUP_SIZE = 2**20
 
 
 class FitError(InvalidArgumentError):
@@ -128,9 +134,11 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
                 continue
             if math.isfinite(number):
                 args[key] = number
-    lr = args.get("lr", 0.0)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-        raise FitError(f"{where}: optimizer.lr must be a non-negative number, got {_describe(args['lr'])}")
+    lr = args.get("lr", 1.0)  # absent: the optimizer's own default
+    # an infinite lr (YAML .inf, or 1e400) writes NaN weights; 0 trains nothing
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise FitError(f"{where}: optimizer.lr must be a finite positive number (e.g. 0.01), got "
+                       f"{_describe(args['lr'])}")
     try:
         getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **args)
     except (TypeError, ValueError, KeyError) as exc:
@@ -169,9 +177,9 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
         raise FitError(f"{where}: granularity must be 'model', 'tensor' or a positive integer (elements per "
                        f"coefficient block), got {_describe(granularity)}")
     group_size = raw.get("group_size", 128)
-    if not (_is_int(group_size) and group_size > 0 and group_size % 8 == 0):
-        raise FitError(f"{where}: group_size must be a positive multiple of 8 (e.g. 64, 128), got "
-                       f"{_describe(group_size)}")
+    if not (_is_int(group_size) and 0 < group_size <= MAX_GROUP_SIZE and group_size % 8 == 0):
+        raise FitError(f"{where}: group_size must be a positive multiple of 8 (e.g. 64, 128) of at most "
+                       f"{MAX_GROUP_SIZE}, got {_describe(group_size)}")
     int8_gradients = raw.get("int8_gradients", False)
     if not isinstance(int8_gradients, bool):
         raise FitError(f"{where}: int8_gradients must be true or false, got {_describe(int8_gradients)}")
@@ -180,8 +188,8 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
                        "(bits: null) does not have; set bits to 1, 2, 4 or 8, or int8_gradients: false")
     optimizer, optimizer_args = _optimizer(where, raw.get("optimizer"))
     epochs = raw.get("epochs", 1)
-    if not _is_int(epochs) or epochs < 0:
-        raise FitError(f"{where}: epochs must be a non-negative integer, got {_describe(epochs)}")
+    if not _is_int(epochs) or epochs < 1:  # 0 would write the untrained average as if it were TWA's
+        raise FitError(f"{where}: epochs must be a positive integer, got {_describe(epochs)}")
     train_on = raw.get("train_on", "train")
     if train_on not in ("train", "val"):
         raise FitError(f"{where}: train_on must be 'train' or 'val', got {_describe(train_on)}")
@@ -209,7 +217,12 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
     if not path.is_file():
         raise FitError(f"{path}: no such config file")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FitError(f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded); give the YAML "
+                       "config file, not a checkpoint or other binary file") from exc
+    except OSError as exc:
+        raise FitError(f"{path}: cannot read the config ({exc.strerror or exc}); check its permissions") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -246,11 +259,25 @@ def import_string(spec: str) -> Any:
     return obj
 
 
+def callable_from(spec: str, what: str) -> Callable:
+    """The callable named by the import string `spec` (`what`: the config key, for the error)."""
+    obj = import_string(spec)
+    if not callable(obj):
+        raise FitError(f"{what}: {spec!r} is {type(obj).__name__}, not callable; name a function or class")
+    return obj
+
+
 def _call(spec: str, what: str) -> Any:
-    factory = import_string(spec)
-    if not callable(factory):
-        raise FitError(f"{spec!r} ({what}) is not callable")
-    return factory()
+    return callable_from(spec, what)()
+
+
+def _data(spec: str, key: str) -> Iterable:
+    """The loader data.`key`'s factory returns, refused now if it cannot be iterated at all."""
+    loader = _call(spec, f"data.{key}")
+    if not (hasattr(loader, "__iter__") or hasattr(loader, "__getitem__")):
+        raise FitError(f"data.{key} ({spec!r}) returned {_describe(loader)}, which is not iterable; return an "
+                       "iterable of (inputs, targets) batches such as a DataLoader")
+    return loader
 
 
 class _Batches:
@@ -268,6 +295,11 @@ class _Batches:
     def __iter__(self) -> Iterator:
         self.count = 0
         for batch in self.loader:
+            if not isinstance(batch, (list, tuple)) or len(batch) != 2:  # or a ValueError deep in unpacking
+                length = f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""
+                raise FitError(f"data.{self.key} ({self.spec!r}) gave a batch that is a {type(batch).__name__}"
+                               f"{length}; each batch must be an (inputs, targets) pair, as a DataLoader over "
+                               "TensorDataset(inputs, targets) gives")
             self.count += 1
             yield batch
 
@@ -308,10 +340,15 @@ def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, group: Any
 
 def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
     """BatchNorm statistics recomputed at the current weights, over every rank's share."""
-    if group is None:
-        twa.update_bn(loader)
-    else:
-        distributed.update_bn(loader, twa, group)
+    try:
+        if group is None:
+            twa.update_bn(loader)
+        else:
+            distributed.update_bn(loader, twa, group)
+    except InvalidArgumentError as exc:  # update_bn refuses a pass with no batches: name the loader instead
+        if loader.count == 0 and not isinstance(exc, FitError):
+            raise loader.error("to recompute the BatchNorm statistics on") from exc
+        raise
     loader.check_pass("to recompute the BatchNorm statistics on")
 
 
@@ -344,12 +381,12 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
 def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, outputs: OutputDirectory | None) -> dict:
     progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
+    loss_fn = callable_from(config.loss, "loss")  # before any work, as the config's other checks
     model = _call(config.model, "model")
     if not isinstance(model, nn.Module):
         raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
-    train_loader = _call(config.data["train"], "data.train")
-    val_loader = _call(config.data["val"], "data.val") if "val" in config.data else None
-    loss_fn = import_string(config.loss)
+    train_loader = _data(config.data["train"], "train")
+    val_loader = _data(config.data["val"], "val") if "val" in config.data else None
     if group is not None:
         train_loader = distributed.split_loader(train_loader, group)
         val_loader = None if val_loader is None else distributed.split_loader(val_loader, group)
@@ -390,6 +427,8 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
             losses.append(loss.item())  # after backward: the value only
             report["bytes_communicated_per_step"] = sum(distributed.comm_bytes(twa).values())
         fit_loader.check_pass(f"to train on in epoch {epoch + 1}")
+    if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
+        raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")
     if _has_batchnorm(model):
         _update_bn(twa, train_loader, group)
     if val_loader is not None:
@@ -398,11 +437,31 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
                   seconds=time.perf_counter() - start)
 
     state = twa.averaged_state_dict()  # every rank: sharded mode gathers the weights
+    _check_finite(state, report, config)  # every rank alike, before anything is staged
     if outputs is None:
         return report
     out = Path(config.output)
     for name in ("averaged.pt", "averaged.safetensors"):
         save_state_dict(state, outputs.stage(name))
     report["outputs"] = [str(out / name) for name in OUTPUTS[:2]]
-    write_json(outputs.stage("report.json"), report)
+    # allow_nan=False: a NaN would be written as a bare NaN, which is not JSON
+    text = json.dumps(report, indent=1, allow_nan=False)
+    atomic_write(outputs.stage("report.json"), lambda tmp: Path(tmp).write_text(text))
     return report
+
+
+def _fix(config: FitConfig) -> str:
+    return (f"nothing was written; lower optimizer.lr (now {config.optimizer_args.get('lr', 'the default')}) or "
+            f"check that loss ({config.loss!r}) returns finite values")
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], report: Mapping[str, Any], config: FitConfig) -> None:
+    """Refuse a diverged run (too high a learning rate, a loss that returned NaN): its
+    weights would load without complaint and predict nothing."""
+    fix = _fix(config)
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise FitError(f"training diverged: the averaged weights hold NaN or Inf (first in {key!r}); {fix}")
+    for key, value in report.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FitError(f"the report's {key} is {value}, not a finite number (a diverged run?); {fix}")

@@ -404,6 +404,15 @@ def iter_state_dicts(checkpoints: Sequence[CheckpointSpec],
         yield source, match_names(state, names, source)
 
 
+def tied_owners(model: nn.Module, module: nn.Module, attribute: str = "weight") -> list[str]:
+    """The names of the other modules of `model` that hold `module`'s Parameter `attribute`
+    (tied weights, e.g. an output layer tied to an embedding). A module reused under two
+    names is one module, not a tie; the root module is named "<root>"."""
+    target = getattr(module, attribute)
+    return [name or "<root>" for name, other in model.named_modules(remove_duplicate=False)
+            if other is not module and any(p is target for p in other.parameters(recurse=False))]
+
+
 def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     """Every state_dict name of each parameter of `model`, keyed by the name
     named_parameters() gives it (its first). A tied weight (an embedding shared with the

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import check_seed, generator
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
 from twa_kernels.io import StateDict, load_state_dict, save_state_dict, write_json
 
 logger = logging.getLogger(__name__)
@@ -313,6 +313,41 @@ def _check_args(rounds: int, rate: float, rewind: str | int, scope: str) -> None
         raise PruningError(f"scope must be 'global' or 'layer', got {scope!r}")
 
 
+def _start_over(out: Path) -> str:
+    return f"delete {str(out)!r} to start the run over, or pass a fresh out_dir"
+
+
+def _read_manifest(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """imp.json of an earlier run, checked: the same settings (else PruningError), and a
+    round count that its sparsity and file lists match (else CheckpointError)."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {why}, so it is not the resume state imp() writes; {_start_over(path.parent)}")
+
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise corrupt(f"cannot be read as JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise corrupt(f"holds a JSON {type(manifest).__name__}, not an object")
+    for key, value in settings.items():
+        if manifest.get(key) != value:
+            raise PruningError(f"{path.parent} holds an IMP run with {key}={manifest.get(key)!r}, but this call has "
+                               f"{value!r}; resume with the same model and settings, or use a new out_dir")
+    done, files, fractions = manifest.get("done"), manifest.get("files"), manifest.get("sparsity")
+    if isinstance(done, bool) or not isinstance(done, int) or not isinstance(files, list) or \
+            not isinstance(fractions, list):
+        raise corrupt("'done' is not an int or 'files' / 'sparsity' are not lists")
+    if not (done + 1 == len(files) == len(fractions)):
+        raise corrupt(f"'done'={done} needs {done + 1} rounds, but it lists {len(files)} round files and "
+                      f"{len(fractions)} sparsities")
+    kinds = ("mask", "rewound", "trained")
+    for entry in files:  # plain names inside out_dir, nothing that reaches outside it
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and Path(entry[k]).name == entry[k]
+                                                  and entry[k] not in ("", ".", "..") for k in kinds):
+            raise corrupt(f"round file entry {entry!r} is not {{{', '.join(kinds)}}} -> file name")
+    return manifest
+
+
 def imp(
     model: nn.Module,
     train_fn: TrainFn,
@@ -332,11 +367,17 @@ def imp(
     optimizer holding the model's parameters). Rewinding restores the whole state_dict
     (BatchNorm statistics too) and zeroes the pruned weights. `model` ends holding the last
     round's trained weights. With files of an earlier run with the same settings in
-    `out_dir`, the run resumes after its last finished round.
+    `out_dir`, the run resumes after its last finished round; an `out_dir` that cannot be a
+    directory raises OutputError, an unreadable or inconsistent imp.json (or a round file it
+    names) CheckpointError, and different settings PruningError.
     """
     _check_args(rounds, rate, rewind, scope)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file at out_dir or above it, no permission, a read-only file system
+        raise OutputError(f"out_dir {str(out)!r} cannot be made a directory ({exc.strerror or exc}); pass an "
+                          f"out_dir that is a directory or does not exist yet") from exc
     names = list(prunable_weights(model, layers))
     settings = dict(rate=rate, rewind=rewind, scope=scope, layers=names, shapes=_shapes(model.state_dict()))
     manifest_path = out / _MANIFEST
@@ -345,15 +386,15 @@ def imp(
     rewind_state: StateDict | None = None
     masks: list[Masks] = []
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        for key, value in settings.items():
-            if manifest.get(key) != value:
-                raise PruningError(f"{out} holds an IMP run with {key}={manifest.get(key)!r}, but this call has "
-                                   f"{value!r}; resume with the same model and settings, or use a new out_dir")
-        masks = [{k: v.bool() for k, v in load_state_dict(out / f["mask"]).items()} for f in manifest["files"]]
+        manifest = _read_manifest(manifest_path, settings)
+        try:
+            masks = [{k: v.bool() for k, v in load_state_dict(out / f["mask"]).items()} for f in manifest["files"]]
+            if manifest["done"] >= 0:
+                model.load_state_dict(load_state_dict(out / manifest["files"][-1]["trained"]))
+                rewind_state = load_state_dict(out / "rewind.safetensors")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; the IMP run cannot resume: {_start_over(out)}") from exc
         if manifest["done"] >= 0:
-            model.load_state_dict(load_state_dict(out / manifest["files"][-1]["trained"]))
-            rewind_state = load_state_dict(out / "rewind.safetensors")
             logger.info("resuming the IMP run in %s after round %d", out, manifest["done"])
 
     for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",

@@ -354,12 +354,15 @@ class TWA(nn.Module):
         return state
 
     @torch.no_grad()
-    def update_bn(self, loader: Iterable, call_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    def update_bn(self, loader: Iterable, call_fn: Callable[[nn.Module, Any], Any] | None = None, *,
+                  allow_empty: bool = False) -> None:
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element,
-        unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn)."""
-        update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()})
+        unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn, also for
+        allow_empty, which distributed.update_bn passes for a rank whose share is empty)."""
+        update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
+                  allow_empty=allow_empty)
         self._bn_key = self._weights_key()
 
 

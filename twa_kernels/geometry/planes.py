@@ -435,7 +435,7 @@ def plane(
     grid is (nx, ny) or one int for both, at least 2 each; the grid spans the checkpoints
     and `points` (extra checkpoints by label, e.g. SWA and TWA: they are projected onto the
     plane and their distance from it is reported), with `margin` times the larger of the two
-    spans added on each side. bits (None, or 1/2/4/8) packs the two directions of a
+    spans added on each side (finite, >= 0). bits (None, or 1/2/4/8) packs the two directions of a
     checkpoint plane; None keeps them dense float32 and exact, 4 packs them into about an
     eighth of the memory, and the coordinates stay orthonormal for the quantised directions.
     A Subspace keeps its own basis. The grid adds one weight vector of model size: each row
@@ -447,8 +447,9 @@ def plane(
     nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
     if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
         raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
-    if not margin >= 0:
-        raise InvalidArgumentError(f"margin must be >= 0, got {margin}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+        raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
+                                   f"side; 0.2 is the default), got {margin!r}")
     if bits is not None and bits not in SUPPORTED_BITS:
         raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
     mask = check_masks(model, masks)

@@ -92,9 +92,13 @@ def hessian_diagonal(
     the tests 1000 probes give about 7% error weighted by magnitude. The model runs in eval
     mode (fixed BatchNorm statistics) and is returned as it was. An int `seed` draws the
     probes from a private generator (torch's global RNG untouched); None from the global RNG.
+    chunk: a positive int.
     """
     if not isinstance(samples, int) or samples < 1:
         raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InvalidArgumentError(f"chunk must be a positive integer (probes per vmapped batch; lower it to save "
+                                   f"memory), got {chunk!r}")
     gen = generator(seed)
     with preserved(model):
         model.eval()
@@ -124,7 +128,7 @@ def top_eigenvalue(
     magnitude: the sharpness at a minimum, where the largest eigenvalues are positive) by
     power iteration on Hessian-vector products. Stops when the Rayleigh quotient changes by
     less than tol relative to itself, or after `iters` products. Eval mode and `seed` (the
-    start vector) as hessian_diagonal."""
+    start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged."""
     if not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
     gen = generator(seed)
@@ -136,6 +140,9 @@ def top_eigenvalue(
         v = {k: torch.randn(p.shape, generator=gen).to(p) for k, p in params.items()}
         for _ in progress_bar(range(iters), enabled=progress, desc="power iteration"):
             norm = torch.sqrt(sum((t * t).sum() for t in v.values()))
+            if trace and float(norm) == 0.0:  # H v0 = 0 for a random v0: H = 0, whose top eigenvalue is 0
+                converged = True
+                break
             v = {k: t / norm for k, t in v.items()}
             hv = {k: t[0] for k, t in hvp({k: t[None] for k, t in v.items()}).items()}
             trace.append(float(sum((v[k] * hv[k]).sum() for k in v)))
