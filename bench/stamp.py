@@ -7,50 +7,16 @@ are current and which machine they describe without reading the run's log.
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import re
-import subprocess
 from pathlib import Path
 
 import torch
 
+from twa_kernels import _provenance
+from twa_kernels._provenance import CPU_FEATURES, cpu_flags, cpu_model  # noqa: F401  (this module's names)
+
 REPO = Path(__file__).resolve().parent.parent
-
-# CPU features the kernels dispatch on; the stamp lists those this machine has.
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_vbmi", "avx512_bf16",
-                "avx_vnni", "amx_tile")
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo, or platform's answer elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FEATURES if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def machine_slug() -> str:
@@ -70,26 +36,12 @@ OUTPUT_DIRS = ("bench/results", "results")
 
 def stamp() -> dict:
     """Machine, UTC date, commit (and whether the tree's code was clean: changes under
-    OUTPUT_DIRS do not count) and software versions.
+    OUTPUT_DIRS do not count) and software versions (twa_kernels._provenance.stamp).
 
     A copy of the tree without its git directory (as shipped to a remote GPU machine) names
     its commit in $TWA_BENCH_COMMIT; its cleanliness is then unknown (None)."""
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                  *(f":(exclude){d}" for d in OUTPUT_DIRS))
-    info = {
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD") or os.environ.get("TWA_BENCH_COMMIT") or None,
-        "clean": status == "" if status is not None else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_features": cpu_flags(),
-        "logical_cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
+    info = _provenance.stamp(REPO, OUTPUT_DIRS)
+    info["commit"] = info["commit"] or os.environ.get("TWA_BENCH_COMMIT") or None
     return info
 
 

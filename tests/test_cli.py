@@ -130,6 +130,8 @@ def test_demo_quick_writes_table_json_and_plot(tmp_path):
     assert summary["SGD, budgeted"]["epochs"] == summary["TWA-v"]["epochs"] == budget
     assert summary["SGD, stopped early"]["epochs"] == summary["SWA"]["epochs"] == report["head_epochs"]
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
+    # the numbers carry where they came from (the commit is None outside a git checkout)
+    assert {"datetime", "commit", "cpu", "torch", "twa_kernels"} <= set(report["stamp"])
 
 
 @pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])

@@ -34,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
+from twa_kernels._provenance import stamp
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
 from twa_kernels.errors import InvalidArgumentError, OutputError
 from twa_kernels.geometry import plane, plot_plane
@@ -472,6 +473,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     plot(runs, summary, out / "accuracy.png")
     report["plane"] = plane_figure(runs[0], setting, out / "plane.png", grid=11 if quick else 21, progress=progress)
     report["total_seconds"] = time.perf_counter() - start
+    report["stamp"] = stamp()  # the machine, date and commit these numbers came from
     write_json(out / "results.json", report)
     report["table"] = format_table(summary, n_seeds)
     return report
