@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="TWA vs full training, SGD at the same budget, SWA and greedy soup on MNIST-1D")
     demo.add_argument("--quick", action="store_true", help="one seed of the same setting, the full table (about a minute)")
     demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, or 1 with --quick)")
-    demo.add_argument("--out", default="twa-demo", help="where checkpoints, results.json and accuracy.png go")
+    demo.add_argument("--out", default="twa-demo", help="where checkpoints, results.json, accuracy.png and plane.png go")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     fit = sub.add_parser("fit", help="TWA on your own model and data, from a YAML config")
