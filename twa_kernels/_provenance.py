@@ -7,6 +7,7 @@ every number carries the CPU, the date and the commit that produced it.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -56,19 +57,24 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def _package_version() -> str | None:
+    try:  # the installed distribution's metadata: importing the package here would be circular
+        return importlib.metadata.version("twa-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def stamp(repo: Path = PACKAGE_REPO, output_dirs: Sequence[str] = ()) -> dict:
     """Machine, UTC date, commit of `repo` (None outside a git checkout, where the package
     version says what ran) and whether its code was clean (changes under `output_dirs`,
     where results are written, do not count), and software versions."""
-    from twa_kernels import __version__
-
     status = _git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".",
                   *(f":(exclude){d}" for d in output_dirs))
     info = {
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git(repo, "rev-parse", "HEAD"),
         "clean": status == "" if status is not None else None,
-        "twa_kernels": __version__,
+        "twa_kernels": _package_version(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
