@@ -137,6 +137,14 @@ def match_names(state: Mapping[str, Tensor], names: Iterable[str] | None, source
     return {name: state[key] for name, key in renaming.items()}
 
 
+def _not_dense_values(value: Tensor) -> str | None:
+    """What `value` is when it holds no dense values to read or save (a meta or sparse
+    tensor), else None."""
+    if value.is_meta:
+        return "a meta tensor (no values)"
+    return f"a {value.layout} tensor" if value.layout != torch.strided else None
+
+
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     """The tensors of a loaded checkpoint: nested state_dicts unwrapped, prefixes stripped."""
     for _ in range(3):
@@ -154,8 +162,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         if not isinstance(key, str):
             raise CheckpointError(f"{source}: the tensor under key {key!r} ({type(key).__name__}) has no string name; "
                                   "a state_dict names each tensor by a string: save model.state_dict()")
-        if value.is_meta or value.layout != torch.strided:
-            kind = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
+        if kind := _not_dense_values(value):
             raise CheckpointError(f"{source}: key {key!r} is {kind}; save the model's real, dense weights "
                                   "(materialise meta tensors, .to_dense() sparse ones)")
     return _strip_prefixes(tensors, source)
@@ -534,8 +541,7 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise InvalidTypeError(f"state[{key!r}] is {type(value).__name__}: a state_dict to save holds tensors "
                                    "under string names only; leave other entries out")
-        if value.is_meta or value.layout != torch.strided:
-            kind = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
+        if kind := _not_dense_values(value):
             raise InvalidArgumentError(f"state[{key!r}] is {kind}; save real, dense tensors (materialise meta "
                                        "tensors, .to_dense() sparse ones)")
     if Path(path).suffix == ".safetensors" and "__metadata__" in state:
