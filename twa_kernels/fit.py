@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import os
 import sys
@@ -53,7 +52,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
-from twa_kernels.io import atomic_write, resolve_checkpoints, save_state_dict
+from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
 from twa_kernels.quant import SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
@@ -444,9 +443,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
     for name in ("averaged.pt", "averaged.safetensors"):
         save_state_dict(state, outputs.stage(name))
     report["outputs"] = [str(out / name) for name in OUTPUTS[:2]]
-    # allow_nan=False: a NaN would be written as a bare NaN, which is not JSON
-    text = json.dumps(report, indent=1, allow_nan=False)
-    atomic_write(outputs.stage("report.json"), lambda tmp: Path(tmp).write_text(text))
+    write_json(outputs.stage("report.json"), report, allow_nan=False)  # _check_finite ran: a NaN is a bug
     return report
 
 

@@ -525,9 +525,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented JSON, atomically (see atomic_write)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> Path:
+    """Write `obj` as indented JSON, atomically (see atomic_write). allow_nan=False refuses
+    NaN and infinities (ValueError, nothing written) instead of writing them as the bare
+    NaN / Infinity that strict JSON readers reject."""
+    text = json.dumps(obj, indent=1, allow_nan=allow_nan)  # before the write: a refusal leaves nothing
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
