@@ -93,7 +93,8 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(project, overrides, message):
     if not wrong.exists():
         state = dict(tk.load_state_dict(project / "ckpts" / "epoch_0.pt"))
         state["3.weight"] = torch.zeros(10, 47)
-        tk.save_state_dict(state, wrong / "bad.pt")
+        for name in ("bad_0.pt", "bad_1.pt"):  # two: one checkpoint alone is refused before its shapes
+            tk.save_state_dict(state, wrong / name)
     overrides = {k: v.format(root=project) if isinstance(v, str) else v for k, v in overrides.items()}
     result = _twa(["fit", str(_config(project, **overrides)), "--no-progress"], project)
     assert result.returncode == 2

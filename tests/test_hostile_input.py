@@ -248,7 +248,7 @@ def test_loading_a_twa_state_of_another_shape_is_named(field, shape):
 
 
 def test_one_checkpoint_with_orthonormalize_is_named():
-    with pytest.raises(tk.errors.InvalidArgumentError, match="at least 2 checkpoints"):
+    with pytest.raises(CheckpointError, match="a subspace needs at least 2"):
         tk.Subspace.from_checkpoints(_states(nn.Linear(4, 3), 1), granularity="model", orthonormalize=True)
 
 
@@ -512,3 +512,69 @@ def test_twa_trains_through_a_sparse_embedding_as_through_a_dense_one():
         twa(tokens).square().sum().backward()
         grads.append(twa.coefficients.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_one_checkpoint_is_refused_and_a_trainer_output_directory_is_named(tmp_path):
+    model = nn.Linear(4, 2)
+    with pytest.raises(CheckpointError, match="1 checkpoint .a state_dict.: a subspace needs at least 2"):
+        tk.TWA(model, [model.state_dict()])
+    out = tmp_path / "trainer-out"  # a Trainer's output: its final weights beside checkpoint-* folders
+    for folder in (out, out / "checkpoint-4", out / "checkpoint-8"):
+        folder.mkdir(parents=True)
+        tk.save_state_dict(model.state_dict(), folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"beside 2 checkpoint-\* folders: pass those"):
+        tk.TWA(model, out)
+    tk.TWA(model, str(out / "checkpoint-*"))  # the glob the message suggests
+
+
+class _Generator(nn.Module):
+    """A model with a method that calls it directly, as transformers' generate() does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.body(x)
+
+    def generate(self, x):
+        return self(self(x))
+
+
+def test_averaged_model_lends_the_averaged_weights_to_calls_past_forward():
+    torch.manual_seed(0)
+    model = _Generator()
+    twa = tk.TWA(model, [_Generator().state_dict() for _ in range(3)], bits=None)
+    with torch.no_grad():
+        twa.coefficients.normal_()
+    x = torch.randn(2, 4)
+    own = model.generate(x)
+    with twa.averaged_model() as lent:
+        inside = lent.generate(x)
+    assert torch.allclose(inside, twa(twa(x)).detach(), atol=1e-6)
+    assert not torch.allclose(inside, own)
+    assert torch.equal(model.generate(x), own)  # the model's own parameters again after the block
+
+
+def test_update_bn_feeds_a_mapping_batch_as_keyword_arguments():
+    class Keyed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(3)
+
+        def forward(self, pixel_values, labels=None):
+            return self.norm(pixel_values)
+
+    model = Keyed()
+    data = torch.randn(16, 3) * 2 + 5
+    tk.update_bn([{"pixel_values": data[:8], "labels": None}, {"pixel_values": data[8:]}], model)
+    torch.testing.assert_close(model.norm.running_mean, data.mean(0))
+
+
+def test_a_lightning_weight_averaging_checkpoint_says_which_weights_are_read(tmp_path):
+    model = nn.Linear(4, 2)
+    ema = {f"model.{k}": v + 1 for k, v in model.state_dict().items()}
+    path = tmp_path / "epoch=0.ckpt"
+    torch.save({"state_dict": ema, "current_model_state": dict(model.state_dict())}, path)
+    with pytest.warns(UserWarning, match="current_model_state"):
+        io.load_state_dict(path)

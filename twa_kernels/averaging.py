@@ -175,6 +175,17 @@ def _real_score(value: Any, what: str) -> float:
     return float(value)
 
 
+def _feed(model: Callable[..., Any], batch: Any) -> None:
+    """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs,
+    a mapping of keyword arguments (transformers' batches) is unpacked."""
+    if isinstance(batch, (list, tuple)):
+        model(batch[0])
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    else:
+        model(batch)
+
+
 def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = None) -> tuple[Subset, Subset]:
     """(train, held_out): a random split of `dataset` (an int `seed` reproduces it and leaves
     torch's global RNG untouched; None draws from the global RNG).
@@ -199,7 +210,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
     (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
-    its first element, unless call_fn(model, batch) is given. With `weights` (parameter
+    its first element, a mapping (a Hugging Face batch) its items as keyword arguments,
+    unless call_fn(model, batch) is given. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the
     model's own parameters untouched; only its BatchNorm buffers change.
 
@@ -226,7 +238,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             if call_fn is not None:
                 call_fn(runner, batch)
             else:
-                runner(batch[0] if isinstance(batch, (list, tuple)) else batch)
+                _feed(runner, batch)
             count += 1
         if count == 0 and not allow_empty:
             fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "

@@ -48,6 +48,7 @@ import re
 import struct
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -147,6 +148,14 @@ def _not_dense_values(value: Tensor) -> str | None:
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     """The tensors of a loaded checkpoint: nested state_dicts unwrapped, prefixes stripped."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and \
+            isinstance(obj.get("current_model_state"), Mapping):
+        # Lightning's WeightAveraging callbacks (EMA, SWA) save the average as the state_dict
+        # and the weights being trained beside it
+        warnings.warn(f"{source}: a Lightning checkpoint of a WeightAveraging callback: its state_dict, which is "
+                      "read, holds the callback's running average (e.g. EMA); the weights being trained are under "
+                      "'current_model_state'. To average those, pass ckpt['current_model_state'] state_dicts",
+                      UserWarning, stacklevel=2)
     for _ in range(3):
         if isinstance(obj, Mapping):
             nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -395,6 +404,22 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
                 and not os.path.isfile(os.path.join(item, ".metadata"))):  # DCP: read by ColumnReader
             raise _directory_error(item)
     return items
+
+
+def check_spans(specs: Sequence[CheckpointSpec], checkpoints: Checkpoints) -> None:
+    """Refuse fewer than 2 checkpoints for a subspace: the centred row of a single checkpoint
+    is zero, and a TWA over it could only return that checkpoint."""
+    if len(specs) >= 2:
+        return
+    hint = ""
+    if isinstance(checkpoints, (str, os.PathLike)) and os.path.isdir(checkpoints):
+        runs = sorted(p.name for p in Path(checkpoints).iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
+        if runs:  # a Trainer output directory: its own final weights beside the saved checkpoints
+            hint = (f"; {checkpoints} is one save_pretrained checkpoint itself, beside {len(runs)} checkpoint-* "
+                    f"folders: pass those, e.g. the glob '{Path(checkpoints) / 'checkpoint-*'}'")
+    source = "a state_dict" if isinstance(specs[0], Mapping) else str(specs[0])
+    raise CheckpointError(f"1 checkpoint ({source}): a subspace needs at least 2, since the centred row of one "
+                          f"checkpoint is zero and spans nothing{hint}")
 
 
 def iter_state_dicts(checkpoints: Sequence[CheckpointSpec],

@@ -28,7 +28,7 @@ from twa_kernels import builder
 from twa_kernels._progress import progress_bar
 from twa_kernels.builder import Layout
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import checkpoint_directory_files, resolve_checkpoints
+from twa_kernels.io import check_spans, checkpoint_directory_files, resolve_checkpoints
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharding import BasisMismatchError, _gather_rows, agree, local_blocks, shard_columns
 from twa_kernels.subspace import block_sizes_for
@@ -182,7 +182,12 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
         progress = False
     # every local step runs under agree(): a rank that fails there (an unreadable or corrupt
     # file of its own) makes every rank stop with its error, not wait in the next collective
-    specs = agree(lambda: resolve_checkpoints(checkpoints), process_group, "resolving its checkpoints")
+    def resolve() -> list:
+        specs = resolve_checkpoints(checkpoints)
+        check_spans(specs, checkpoints)
+        return specs
+
+    specs = agree(resolve, process_group, "resolving its checkpoints")
     _same_checkpoint_lists(specs, process_group)
     aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
     shapes = [tuple(s) for s in shapes]

@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -315,6 +316,22 @@ class TWA(nn.Module):
             lent.hold_with(out, loan)
         return out
 
+    @contextmanager
+    def averaged_model(self) -> Iterator[nn.Module]:
+        """The wrapped model holding the averaged weights, for the length of the block: for
+        calls that go to the model itself instead of through this module's forward, such as
+        transformers' `generate()`. Outside the block (and outside a forward) the model holds
+        its own parameters, the values it was built with. The weights are computed once on
+        entry, detached: nothing inside the block gives the coefficients a gradient.
+
+            with twa.averaged_model() as model:
+                tokens = model.generate(prompt, max_new_tokens=20)
+        """
+        with torch.no_grad():
+            weights = self.weights()
+        with self._lent.lending([weights[name] for name in self.names + self.frozen_names]):
+            yield self.module
+
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
         recomputation left on the lent weights after the graph's own projection ran."""
@@ -358,7 +375,8 @@ class TWA(nn.Module):
                   allow_empty: bool = False) -> None:
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
-        cumulative averaging. A batch that is a tuple or list feeds its first element,
+        cumulative averaging. A batch that is a tuple or list feeds its first element, a
+        mapping its items as keyword arguments,
         unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn, also for
         allow_empty, which distributed.update_bn passes for a rank whose share is empty)."""
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
