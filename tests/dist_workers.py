@@ -156,7 +156,8 @@ def bn_and_metrics(rank, world):
                zip(first, [m for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]))
     norms = [m for m in twa.module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     out = {"mean": [m.running_mean.clone() for m in norms], "var": [m.running_var.clone() for m in norms],
-           "metrics": distributed.all_reduce_metrics({"correct": rank + 1, "count": 10 * (rank + 1)})}
+           "metrics": distributed.all_reduce_metrics({"correct": rank + 1, "count": 10 * (rank + 1)} if rank % 2 else
+                                                     {"count": 10 * (rank + 1), "correct": torch.tensor(rank + 1)})}
     # a rank whose share is empty still joins the all-reduce, and counts nothing
     distributed.update_bn(batches[0] if rank == 0 else [], twa)
     out["first_share_mean"] = [m.running_mean.clone() for m in norms]

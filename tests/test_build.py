@@ -36,6 +36,17 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(tmp_path):
     assert not list((tmp_path / "cache").glob("cpu-*/"))
 
 
+def test_an_unusable_cache_falls_back_to_reference_naming_the_variable(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = ("import warnings, torch\nwarnings.simplefilter('always')\nimport twa_kernels as tk\n"
+            "print(tk.backend('cpu'))\n")
+    result = _run(code, {"TWA_KERNELS_CACHE": str(blocker / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["reference"]
+    assert "cannot be used" in result.stderr and "TWA_KERNELS_CACHE" in result.stderr
+
+
 def test_parallel_builds_share_one_cached_library(tmp_path):
     env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path)}
     env.pop("TWA_KERNELS_BACKEND", None)
@@ -57,6 +68,25 @@ def test_cache_key_follows_sources(tmp_path):
     before = _build._cpu_build_key(src)
     (src / "cpu" / "kernels.h").write_text((src / "cpu" / "kernels.h").read_text() + "\n// changed\n")
     assert _build._cpu_build_key(src) != before
+
+
+def test_cache_key_follows_the_cpus_features_not_only_its_name(monkeypatch):
+    # two machines that report the same CPU name with other features must not share a
+    # -march=native build (it would stop the other with an illegal instruction)
+    import builtins
+    import io as stdio
+
+    real_open = builtins.open
+
+    def cpuinfo(flags: str):
+        text = f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+        return lambda path, *a, **k: stdio.StringIO(text) if path == "/proc/cpuinfo" else real_open(path, *a, **k)
+
+    keys = []
+    for flags in ("fpu sse2 avx2 fma", "fpu sse2 avx2 fma avx512f avx512bw"):
+        monkeypatch.setattr(builtins, "open", cpuinfo(flags))
+        keys.append(_build._cpu_build_key(_build.source_dir()))
+    assert keys[0] != keys[1]
 
 
 def test_a_build_killed_mid_compile_leaves_nothing_behind_for_long(tmp_path, monkeypatch):

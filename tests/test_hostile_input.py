@@ -578,3 +578,39 @@ def test_a_lightning_weight_averaging_checkpoint_says_which_weights_are_read(tmp
     torch.save({"state_dict": ema, "current_model_state": dict(model.state_dict())}, path)
     with pytest.warns(UserWarning, match="current_model_state"):
         io.load_state_dict(path)
+
+
+def test_casting_a_twa_keeps_its_center_basis_and_coefficients_exact():
+    torch.manual_seed(0)
+    states = [{k: v * 1e6 + 1e-3 * torch.randn_like(v) for k, v in nn.Linear(8, 4).state_dict().items()}
+              for _ in range(3)]
+    twa = tk.TWA(nn.Linear(8, 4), states, bits=4, group_size=8)
+    with torch.no_grad():
+        twa.coefficients.fill_(0.1234568)
+    before = {k: v.clone() for k, v in twa.state_dict().items() if not k.startswith("frozen_")}
+    twa.half()
+    assert next(twa.module.parameters()).dtype == torch.float16  # the model is cast, as asked
+    twa.float()
+    for key, value in twa.state_dict().items():
+        if key in before:
+            assert torch.equal(value, before[key]), key  # a round trip through float16 rounded these
+
+
+def test_checkpoints_of_live_parameters_are_read_as_values():
+    models = [nn.Linear(8, 4) for _ in range(3)]
+    states = [dict(m.named_parameters()) for m in models]  # tensors that require grad
+    twa = tk.TWA(nn.Linear(8, 4), states, bits=4, group_size=8)
+    assert not twa.center.requires_grad and not tk.uniform_average(states)["weight"].requires_grad
+    opt = torch.optim.SGD(twa.parameters(), lr=0.1)
+    for _ in range(2):  # the second backward failed while the center held the checkpoints' graph
+        opt.zero_grad()
+        twa(torch.randn(3, 8)).sum().backward()
+        opt.step()
+    assert all(m.weight.grad is None for m in models)
+
+
+def test_float8_checkpoints_are_read():
+    states = [{k: v.to(torch.float8_e4m3fn) for k, v in nn.Linear(8, 4).state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(nn.Linear(8, 4), states, bits=4, group_size=8)
+    expected = sum(s["weight"].float() for s in states) / 3
+    torch.testing.assert_close(twa.weights()["weight"], expected, atol=0.05, rtol=0.1)  # 4-bit basis

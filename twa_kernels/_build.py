@@ -32,7 +32,7 @@ from twa_kernels.errors import BuildError
 logger = logging.getLogger(__name__)
 
 CPU_LIBRARY = "twa_kernels_cpu"
-# -march=native is safe because the cache key holds the CPU model: a cache directory
+# -march=native is safe because the cache key holds the CPU model and its flags: a cache directory
 # shared between different machines never hands one of them the other's build.
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CPU_LDFLAGS = ["-fopenmp"]
@@ -56,14 +56,21 @@ def cache_root() -> Path:
 
 
 def _cpu_model() -> str:
+    """The CPU's name and its feature flags (first core), for the build key: -march=native
+    code must not be reused on a CPU with other features under the same name."""
+    wanted = ("model name", "flags", "Features")
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags", "Features")):
-                    return line
+                key = next((w for w in wanted if line.startswith(w)), None)
+                if key is not None and key not in found:
+                    found[key] = line
+                if len(found) == len(wanted) or line.strip() == "" and found:  # the first core is enough
+                    break
     except OSError:
         pass
-    return platform.processor()
+    return "".join(found.values()) or platform.processor()
 
 
 def _cpu_sources(src: Path) -> list[Path]:
@@ -87,9 +94,17 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
     compiler writes into a private temporary directory, renamed into place only on success.
     """
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
     final_dir = root / f"{prefix}-{key}"
-    with FileLock(str(root / f"{prefix}-{key}.lock")):
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root / f"{prefix}-{key}.lock"))
+        lock.acquire()
+    except OSError as exc:  # under a file, read-only, no permission: nothing can be built here
+        if (final_dir / filename).is_file():  # a read-only cache that holds the build already
+            return final_dir / filename
+        raise BuildError(f"the kernel cache {root} cannot be used ({exc.strerror or exc}); set TWA_KERNELS_CACHE "
+                         "to a writable directory") from exc
+    try:
         _remove_abandoned_builds(root, held=f"{prefix}-{key}")
         if (final_dir / filename).is_file():
             return final_dir / filename
@@ -105,6 +120,8 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
             raise BuildError(str(exc)) from exc
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
+    finally:
+        lock.release()
     return final_dir / filename
 
 

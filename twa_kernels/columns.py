@@ -26,6 +26,7 @@ from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.io import (
     CheckpointSpec,
     _directory_error,
+    finite,
     _non_finite,
     _refused,
     _strip_key,
@@ -269,7 +270,7 @@ class ColumnReader:
         n, bad = math.prod(self.shape(key)), 0
         for a in range(0, n, step):
             with self._range(key, a, min(a + step, n)) as value:
-                bad += int((~torch.isfinite(value)).sum())
+                bad += int((~finite(value)).sum())
         return bad
 
     def check_finite(self, keys: Sequence[str] | None = None, *, exclude: Iterable[str] = (),
@@ -284,8 +285,8 @@ class ColumnReader:
             n = math.prod(shape)
             for a in range(0, n, step):
                 with self._range(key, a, min(a + step, n)) as value:
-                    finite = bool(torch.isfinite(value).all())
-                if not finite:
+                    ok = bool(finite(value).all())
+                if not ok:
                     raise _non_finite(self.source, key, self._count_non_finite(key), n)
 
     def columns(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]], start: int, stop: int,
@@ -309,12 +310,12 @@ class ColumnReader:
             if a < b:
                 key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
                 with self._range(key, a, b) as piece:
-                    finite = not check_finite or bool(torch.isfinite(piece).all())
-                    if finite:
+                    ok = not check_finite or bool(finite(piece).all())
+                    if ok:
                         piece = piece.to(torch.float32)  # float32 values whatever `out` is, as Subspace takes them
                         target = out[offset + a - start: offset + b - start]
                         target.add_(piece) if add else target.copy_(piece)
-                if not finite:
+                if not ok:
                     raise _non_finite(self.source, name, self._count_non_finite(key), n)
             offset += n
             if offset >= stop:

@@ -27,6 +27,7 @@ import datetime
 import functools
 import json
 import logging
+import numbers
 import os
 import time
 import traceback
@@ -149,8 +150,16 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
 
 def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:
     """Sums over the ranks of per-rank metric sums (loss sums, correct counts, sample counts):
-    one all-reduce in float64. Divide afterwards: {"correct": c, "count": n} -> c / n."""
-    keys = list(sums)
+    one all-reduce in float64. Divide afterwards: {"correct": c, "count": n} -> c / n.
+    Every rank must pass the same keys (in any order): values are summed key by key."""
+    keys = sorted(sums)  # one order on every rank, whatever order each built its dict in
+    for key in keys:
+        value = sums[key]
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidTypeError(f"all_reduce_metrics: {key!r} is {type(value).__name__}; each metric must be a "
+                                   "number or a one-element tensor (sums per rank, divided after the reduction)")
     values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
     if dist.get_backend(process_group) == "nccl":
         values = values.cuda()

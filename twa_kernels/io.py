@@ -139,10 +139,12 @@ def match_names(state: Mapping[str, Tensor], names: Iterable[str] | None, source
 
 
 def _not_dense_values(value: Tensor) -> str | None:
-    """What `value` is when it holds no dense values to read or save (a meta or sparse
-    tensor), else None."""
+    """What `value` is when it holds no dense values to read or save (a meta, sparse,
+    nested or quantized tensor), else None."""
     if value.is_meta:
         return "a meta tensor (no values)"
+    if value.is_nested or value.is_quantized:
+        return "a nested tensor" if value.is_nested else "a quantized tensor (dequantize() it)"
     return f"a {value.layout} tensor" if value.layout != torch.strided else None
 
 
@@ -174,6 +176,9 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         if kind := _not_dense_values(value):
             raise CheckpointError(f"{source}: key {key!r} is {kind}; save the model's real, dense weights "
                                   "(materialise meta tensors, .to_dense() sparse ones)")
+    # values only: a state_dict of live Parameters (named_parameters(), or a file saved from
+    # them) would otherwise put the averages, and the checkpoints with them, in the graph
+    tensors = {k: v.detach() for k, v in tensors.items()}
     return _strip_prefixes(tensors, source)
 
 
@@ -501,13 +506,18 @@ def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]]) -> St
     return out
 
 
+def finite(value: Tensor) -> Tensor:
+    """torch.isfinite, also for the 8-bit float types it does not take (float8_e4m3fn)."""
+    return torch.isfinite(value.float() if value.element_size() == 1 else value)
+
+
 def check_finite(state: Mapping[str, Tensor], source: str, keys: Sequence[str] | None = None) -> None:
     """Refuse a checkpoint whose floating-point entries (or just `keys`) hold NaN or Inf,
     naming the file and the key: averaged in, one bad value would spoil every result."""
     for key in state if keys is None else keys:
         value = state[key]
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise _non_finite(source, key, int((~torch.isfinite(value)).sum()), value.numel())
+        if value.is_floating_point() and not bool(finite(value).all()):
+            raise _non_finite(source, key, int((~finite(value)).sum()), value.numel())
 
 
 def _non_finite(source: str, key: str, bad: int, numel: int) -> CheckpointError:

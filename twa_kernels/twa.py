@@ -216,14 +216,18 @@ class TWA(nn.Module):
     def _apply(self, fn, recurse=True):
         self._lent.reset()  # the model's own Parameters are the ones to move or cast
         self.module._apply(fn, recurse)
+        # the center, the basis and the coefficients stay float32 whatever .half() or .to(dtype)
+        # asks: cast there and back they would come back rounded, so they only change device
+        kept = ["center", "basis_scales", "basis_mins"] + (["basis_codes"] if self.bits is None else [])
+        exact = {name: getattr(self, name) for name in kept}
+        coefficients = self.coefficients.data
         super()._apply(fn, recurse)
-        for name in ("center", "basis_scales", "basis_mins"):
-            if getattr(self, name).dtype != torch.float32:
-                setattr(self, name, getattr(self, name).float())
-        if self.bits is None and self.basis_codes.dtype != torch.float32:
-            self.basis_codes = self.basis_codes.float()
-        if self.coefficients.dtype != torch.float32:
-            self.coefficients.data = self.coefficients.data.float()
+        for name, value in exact.items():
+            moved = getattr(self, name)
+            if moved.dtype != value.dtype:
+                setattr(self, name, value.to(moved.device))
+        if self.coefficients.dtype != coefficients.dtype:
+            self.coefficients.data = coefficients.to(self.coefficients.device)
         self._workspace = _Workspace()
         if not self._sharded:
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
