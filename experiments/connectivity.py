@@ -190,7 +190,7 @@ gc.collect()
 data = [(torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))]
 # not the plane's memory: the kernels' library (about 130 MB of code mapped at the first call)
 import twa_kernels as tk
-from twa_kernels.averaging import update_bn
+from twa_kernels.batchnorm import update_bn
 tk.reconstruct(tk.quantize(torch.ones(2, 64), bits, 64), torch.ones(2, 1))
 C._return_freed_memory()
 def forward():

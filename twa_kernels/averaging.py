@@ -5,7 +5,7 @@ needs before it is evaluated.
 
 Floating-point entries are averaged (in float64); other entries (integer counters such as
 BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
-statistics of an averaged model afterwards (torch.optim.swa_utils.update_bn). A NaN or Inf
+statistics of an averaged model afterwards (update_bn, from twa_kernels.batchnorm). A NaN or Inf
 in a checkpoint is refused with the file and the key. Given the model (`model=`), the
 result holds exactly the model's state_dict keys, matched as TWA matches them (see
 twa_kernels.io: wrapper prefixes, a LightningModule's `model.`, tied weights saved under one
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils.data import Dataset, Subset, random_split
 
 from twa_kernels._random import generator
+from twa_kernels.batchnorm import update_bn  # noqa: F401  (part of this module's API)
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import (
     CheckpointError,
@@ -175,17 +174,6 @@ def _real_score(value: Any, what: str) -> float:
     return float(value)
 
 
-def _feed(model: Callable[..., Any], batch: Any) -> None:
-    """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs,
-    a mapping of keyword arguments (transformers' batches) is unpacked."""
-    if isinstance(batch, (list, tuple)):
-        model(batch[0])
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        model(batch)
-
-
 def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = None) -> tuple[Subset, Subset]:
     """(train, held_out): a random split of `dataset` (an int `seed` reproduces it and leaves
     torch's global RNG untouched; None draws from the global RNG).
@@ -202,69 +190,6 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = No
         raise InvalidArgumentError(f"a dataset of {len(dataset)} items is too small to hold out {fraction:.0%}")
     train, held_out = random_split(dataset, [len(dataset) - held, held], generator=generator(seed))
     return train, held_out
-
-
-@torch.no_grad()
-def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
-              weights: Mapping[str, Tensor] | None = None, *, allow_empty: bool = False) -> None:
-    """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
-    reset them, then one pass over `loader` in train mode with cumulative averaging
-    (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
-    its first element, a mapping (a Hugging Face batch) its items as keyword arguments,
-    unless call_fn(model, batch) is given. With `weights` (parameter
-    tensors by name) the pass runs at those weights through functional_call, leaving the
-    model's own parameters untouched; only its BatchNorm buffers change.
-
-    A loader that yields no batches (empty, or a generator already used up) raises
-    InvalidArgumentError. Then, and when the pass fails, the statistics are left as they
-    were, not reset to mean 0 and variance 1 (or half-measured) as if they had been measured.
-    `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
-    then leave the statistics reset with a batch count of zero, which the all-reduce of
-    distributed.all_reduce_bn_statistics weighs as nothing."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = {m: m.momentum for m in norms}
-    saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    runner = model if weights is None else _WithWeights(model, dict(weights))
-    count = 0
-    try:
-        for batch in loader:
-            if call_fn is not None:
-                call_fn(runner, batch)
-            else:
-                _feed(runner, batch)
-            count += 1
-        if count == 0 and not allow_empty:
-            fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "
-                   "such as a list or a DataLoader" if isinstance(loader, Iterator) else "pass a non-empty loader")
-            raise InvalidArgumentError(f"update_bn: the loader yielded no batches, so there are no statistics to "
-                                       f"measure (they are left as they were); {fix}")
-    except BaseException:
-        for m in norms:  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
-            for k, b in saved[m].items():
-                getattr(m, k).copy_(b)
-        raise
-    finally:
-        for m in norms:
-            m.momentum = momenta[m]
-        model.train(was_training)
-
-
-class _WithWeights(nn.Module):
-    """`module` called with fixed replacement weights (a list keeps it out of the module tree)."""
-
-    def __init__(self, module: nn.Module, weights: dict[str, Tensor]):
-        super().__init__()
-        self._inner, self._weights = [module], weights
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._inner[0], self._weights, args, kwargs)
 
 
 __all__ = ["ema_average", "greedy_soup", "split_holdout", "uniform_average", "update_bn"]

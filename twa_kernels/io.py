@@ -178,7 +178,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
                                   "(materialise meta tensors, .to_dense() sparse ones)")
     # values only: a state_dict of live Parameters (named_parameters(), or a file saved from
     # them) would otherwise put the averages, and the checkpoints with them, in the graph
-    tensors = {k: v.detach() for k, v in tensors.items()}
+    tensors = {k: v.detach() if v.requires_grad else v for k, v in tensors.items()}
     return _strip_prefixes(tensors, source)
 
 

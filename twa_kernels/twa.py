@@ -57,7 +57,7 @@ from torch.func import functional_call
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
 from twa_kernels import sharding
 from twa_kernels._memory import empty_huge, gradients_to_hold
-from twa_kernels.averaging import update_bn
+from twa_kernels.batchnorm import update_bn
 from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
@@ -381,7 +381,7 @@ class TWA(nn.Module):
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element, a
         mapping its items as keyword arguments,
-        unless call_fn(model, batch) is given (see twa_kernels.averaging.update_bn, also for
+        unless call_fn(model, batch) is given (see twa_kernels.batchnorm.update_bn, also for
         allow_empty, which distributed.update_bn passes for a rank whose share is empty)."""
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
                   allow_empty=allow_empty)

@@ -613,8 +613,6 @@ namespace vec16 {
 #define TWA_ISA_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 constexpr int kLanes = 16;
-// Rows per block in project_int8's dots when VNNI is absent.
-constexpr int kRowBlock = 4;
 // project's rows per pass over a run's g (kernels_impl.h), one chain of FMAs each. Against
 // 4 rows with two chains each, 8 made project 0-5% faster at 2 bits, 3-6% at 4 and 2-8% at
 // 8 (AMD EPYC, 2 threads, k = 16, D = 11.7M, interleaved calls): each g vector loaded feeds
@@ -630,7 +628,6 @@ constexpr int kAxpyRows = BITS == 8 ? 8 : 16;
 typedef float fvec __attribute__((vector_size(64)));
 
 TWA_ISA_FN inline fvec load_vec(const float* p) { return _mm512_loadu_ps(p); }
-TWA_ISA_FN inline void store_vec(float* p, fvec v) { _mm512_storeu_ps(p, v); }
 
 // The 16 lanes summed in float64 as a tree (8 + 8, then halves): a chain of 16 dependent
 // adds, once a group in project, took a tenth of its time.

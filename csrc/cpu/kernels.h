@@ -14,7 +14,7 @@
 
 namespace twa {
 
-// Both return 0, or -1 for a bits value outside {0, 1, 2, 4, 8}.
+// Each of the ops below returns 0, or -1 for a bits value outside {0, 1, 2, 4, 8}.
 // y[r, b] = sum_{j in block b} p^[r, j] * g[j]; y is float32 [k, n_blocks].
 int project(const PackedBasis& basis, const void* g, DType g_dtype, float* y, int num_threads);
 

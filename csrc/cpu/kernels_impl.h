@@ -1,11 +1,13 @@
 // The bodies of project and reconstruct, included once per instruction set by kernels.cpp
 // inside that set's namespace. The namespace supplies TWA_ISA_FN (the target attribute its
-// functions are compiled with), kLanes, kProjectRows, the lane vector fvec with load_vec and
-// hsum, and group_dots / group_axpy, the whole-group inner loops. Everything else (tiles, runs,
-// segments, the row-by-row path for cut groups) is the same code on every instruction set,
-// so every path sums the same terms in the same order apart from the lane width, the
-// number of FMA chains per row (project's 8-row blocks on AVX-512 keep one) and the order
-// of a horizontal sum.
+// functions are compiled with), kLanes, kProjectRows, kAxpyRows, the lane vector fvec with
+// load_vec and hsum, and group_dots / group_axpy, the whole-group inner loops. Everything
+// else (tiles, runs, segments, the row-by-row path for cut groups) is the same code on
+// every instruction set, so every path sums the same terms
+// in the same order apart from the lane width, the number of FMA chains per row (project's
+// 8-row blocks on AVX-512 keep one), the order of a horizontal sum, and AVX-512's
+// reconstruct at 1 and 2 bits, which adds several rows' terms through one table lookup
+// (group_axpy_2bit_pairs, group_axpy_1bit_quads) and so rounds differently.
 // No include guard: it is meant to be included more than once.
 
 // group_axpy for `rows` rows (at most kAxpyRows): one whole block of kAxpyRows, else blocks of

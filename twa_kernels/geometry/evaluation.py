@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.averaging import update_bn
+from twa_kernels.batchnorm import update_bn
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import CheckpointError, StateDict, check_finite, load_state_dict, unwrap_state_dict
 
