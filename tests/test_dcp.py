@@ -121,6 +121,22 @@ def test_metadata_pointing_outside_the_directory_is_refused(tmp_path):
         ColumnReader(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("change", ["shrink", "move outside"])
+def test_metadata_whose_chunks_do_not_cover_a_tensor_is_refused(tmp_path, change):
+    # DCP's load fills only the chunks it is told of: the rest would be uninitialised memory
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    key, entry = next((k, e) for k, e in metadata.state_dict_metadata.items() if k.endswith("weight"))
+    chunk = entry.chunks[0]
+    if change == "shrink":
+        chunk.sizes = torch.Size([chunk.sizes[0] - 1, *chunk.sizes[1:]])
+    else:
+        chunk.offsets = torch.Size([entry.size[0], *chunk.offsets[1:]])
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=f"{key}"):
+        ColumnReader(tmp_path / "ckpt")
+
+
 @pytest.mark.parametrize("content", [b"", b"\x80\x04garbage", pickle.dumps({"a": 1})],
                          ids=["empty", "garbled", "a dict"])
 def test_a_broken_metadata_file_is_a_named_error(tmp_path, content):

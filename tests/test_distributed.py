@@ -428,3 +428,16 @@ def test_a_reentrant_recomputation_over_replicated_ranks_averages_its_gradient(t
     for got in results:
         torch.testing.assert_close(got["reentrant"], got["plain"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[0]["plain"], results[1]["plain"], rtol=0, atol=0)
+
+
+def test_split_loaders_sampler_shuffles_anew_each_pass_alike_on_every_rank():
+    from torch.utils.data import TensorDataset
+
+    from twa_kernels.distributed import _EveryPassSampler
+
+    data = TensorDataset(torch.arange(12.0))
+    ranks = [_EveryPassSampler(data, num_replicas=2, rank=r, shuffle=True, seed=0) for r in range(2)]
+    passes = [[list(sampler) for sampler in ranks] for _ in range(3)]
+    for shares in passes:  # each pass, the ranks' shares are the whole dataset once
+        assert sorted(shares[0] + shares[1]) == list(range(12))
+    assert passes[0][0] != passes[1][0] != passes[2][0]  # a new shuffle every pass

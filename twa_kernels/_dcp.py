@@ -15,6 +15,7 @@ those with `torch.load(weights_only=False)`). Tensors themselves are read by DCP
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import warnings
@@ -145,6 +146,9 @@ def _check(metadata: Any, source: str) -> None:
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(storage, dict):
         raise bad("storage_data is not a dict")
+    for key, entry in entries.items():
+        if isinstance(entry, TensorStorageMetadata):
+            _check_tiling(key, entry, storage, bad)
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
             raise bad(f"storage index {index!r}")
@@ -197,6 +201,29 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         raise CheckpointError(f"{self.source}: refused to load the non-tensor item {read_item.dest_index.fqn!r} "
                               "(DCP stores such items as pickles, which could run code)")
+
+
+def _check_tiling(key: str, entry: TensorStorageMetadata, storage: dict, bad: Any) -> None:
+    """The chunks of a tensor lie inside it, do not overlap and cover it, and each has its
+    data: DCP's load fills only what the chunks name, and the rest of the tensor would be
+    whatever memory held before."""
+    size, chunks = tuple(entry.size), entry.chunks
+    boxes = []
+    for chunk in chunks:
+        start, extent = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(start) != len(size) or len(extent) != len(size) or any(
+                o + n > d for o, n, d in zip(start, extent, size)):
+            raise bad(f"a chunk of {key!r} at {list(start)} of size {list(extent)} lies outside its size {list(size)}")
+        if MetadataIndex(key, chunk.offsets) not in storage:
+            raise bad(f"the chunk of {key!r} at {list(start)} has no data file entry")
+        boxes.append((start, extent))
+    covered = sum(math.prod(extent) for _, extent in boxes)
+    overlap = len(boxes) <= 4096 and any(  # pairwise: a handful of chunks, one per saving rank
+        all(a0 < b0 + bn and b0 < a0 + an for a0, an, b0, bn in zip(a[0], a[1], b[0], b[1]))
+        for i, a in enumerate(boxes) for b in boxes[i + 1:] if math.prod(a[1]) and math.prod(b[1]))
+    if covered != math.prod(size) or overlap:
+        raise bad(f"the chunks of {key!r} cover {covered} of its {math.prod(size)} elements"
+                  f"{' and overlap' if overlap else ''}; every element must come from exactly one chunk")
 
 
 def load_tensor(reader: CheckedReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,

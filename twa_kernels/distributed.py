@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
@@ -239,8 +239,12 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
     them. An unsized iterable is refused."""
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
-        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
-                                     shuffle=isinstance(loader.sampler, RandomSampler), seed=0)
+        if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+            warnings.warn(f"split_loader: the DataLoader's {type(loader.sampler).__name__} is replaced by a "
+                          "DistributedSampler (shuffled or not); to keep its sampling, shard the data yourself",
+                          UserWarning, stacklevel=2)
+        sampler = _EveryPassSampler(loader.dataset, num_replicas=world, rank=rank,
+                                    shuffle=isinstance(loader.sampler, RandomSampler), seed=0)
         return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
     if not hasattr(loader, "__len__"):
@@ -248,6 +252,17 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
                         f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
     per_rank = len(loader) // world
     return _Strided(loader, rank, world, per_rank)
+
+
+class _EveryPassSampler(DistributedSampler):
+    """A DistributedSampler that moves to its next epoch at every pass, so that each epoch
+    is shuffled anew, as a plain shuffled DataLoader is, and alike on every rank (every rank
+    makes the same passes). A DistributedSampler left alone repeats its first order."""
+
+    def __iter__(self):
+        order = super().__iter__()  # the indices of this epoch, already drawn
+        self.set_epoch(self.epoch + 1)
+        return order
 
 
 class _Strided:
