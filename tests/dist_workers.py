@@ -132,6 +132,16 @@ def modes(rank, world):
         if mode == "sharded":
             out[mode].update(chunk=twa.parallel.chunk, start=twa.parallel.start, stop=twa.parallel.stop,
                              b_lo=twa.parallel.b_lo, b_hi=twa.parallel.b_hi, local_center=twa.center.numel())
+            # a rank's own state loads back; another rank's (every rank reading rank 0's file) is refused
+            own = {k: v.clone() for k, v in twa.state_dict().items()}
+            twa.load_state_dict(own)
+            states = [None] * world
+            dist.all_gather_object(states, own)
+            try:
+                twa.load_state_dict(states[(rank + 1) % world])
+                out[mode]["other_rank_state"] = None
+            except tk.errors.InvalidArgumentError as exc:
+                out[mode]["other_rank_state"] = str(exc)
     if rank == 0:
         ref = reference_twa(world)
         out["reference"] = {"coefficients": ref.coefficients.detach().clone(),

@@ -182,6 +182,8 @@ class TWA(nn.Module):
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         self._bn_key: tuple | None = None  # the weights update_bn last measured statistics at
         self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
+        if self._sharded:  # which columns this rank's state holds, checked when it is loaded
+            self._register_state_dict_hook(_record_shard)
 
     @property
     def parallel(self) -> sharding.Replicated | sharding.Sharded | None:
@@ -478,10 +480,38 @@ class _Workspace:
             self.busy = False
 
 
+def _shard_identity(module: TWA) -> list[int]:
+    shard = module._parallel
+    return [shard.num_cols, shard.comm.world, shard.start, shard.stop]
+
+
+def _record_shard(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    state[prefix + "shard_columns"] = torch.tensor(_shard_identity(module))
+
+
+def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
+    """A sharded rank's state holds its own columns only: loaded on another rank (every rank
+    reading rank 0's file) it would fit the shapes and give wrong weights."""
+    recorded = state.pop(prefix + "shard_columns", None)
+    if recorded is None:
+        return
+    got = [int(v) for v in torch.as_tensor(recorded).reshape(-1).tolist()]
+    if not module._sharded:
+        raise InvalidArgumentError("TWA state_dict: it holds one rank's columns of a sharded TWA; load it into the "
+                                   "sharded TWA of that rank, or save averaged_state_dict() for a single process")
+    own = _shard_identity(module)
+    if got != own:
+        raise InvalidArgumentError(f"TWA state_dict: it holds columns {got[2]}..{got[3]} of {got[0]} (rank of "
+                                   f"{got[1]}), but this rank's shard is columns {own[2]}..{own[3]} of {own[0]} "
+                                   f"(rank of {own[1]}); have each rank save and load its own state_dict")
+
+
 def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
     """Before load_state_dict copies anything: the incoming basis must be valid (the kernels
     take raw pointers) and match this module's layout, and the center, the coefficients and the
-    frozen parameters' pinned values must be finite. Raises a ValueError naming the field, and leaves the module untouched."""
+    frozen parameters' pinned values must be finite, and a sharded rank's state must be its
+    own columns. Raises a ValueError naming the field, and leaves the module untouched."""
+    _check_shard(module, state, prefix)
     fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
               if key.startswith(prefix + "basis_")}
     if fields:
