@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import twa_kernels as tk
 from twa_kernels import _dcp
 from twa_kernels.errors import CheckpointError
 from twa_kernels.columns import ColumnReader
@@ -119,6 +120,15 @@ def test_metadata_pointing_outside_the_directory_is_refused(tmp_path):
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(CheckpointError, match="not a file name inside the checkpoint directory"):
         ColumnReader(tmp_path / "ckpt")
+
+
+def test_a_directory_of_checkpoints_counts_its_dcp_subdirectories(tmp_path):
+    from twa_kernels.io import resolve_checkpoints
+
+    tk.save_state_dict(model_state(0), tmp_path / "runs" / "epoch_1.pt")
+    save_dcp(tmp_path / "runs" / "epoch_2", {"model": model_state(1)})
+    found = resolve_checkpoints(tmp_path / "runs")
+    assert [p.name for p in found] == ["epoch_1.pt", "epoch_2"]
 
 
 @pytest.mark.parametrize("change", ["shrink", "move outside"])

@@ -12,8 +12,8 @@ What a checkpoint may be:
   model.safetensors.index.json (or pytorch_model.bin.index.json) lists.
 
 `checkpoints` arguments take a list of those, a glob pattern, or a directory: its checkpoint
-files and its save_pretrained subdirectories (an HF Trainer's checkpoint-N), in natural name
-order (step=5 before step=10). Lightning's last.ckpt (the copy of the newest checkpoint
+files, its save_pretrained subdirectories (an HF Trainer's checkpoint-N) and its
+torch.distributed.checkpoint subdirectories, in natural name order (step=5 before step=10). Lightning's last.ckpt (the copy of the newest checkpoint
 that save_last=True writes beside the others) is left out of a directory that holds others,
 with a warning; name it in a list to use it.
 
@@ -352,11 +352,12 @@ def _natural_key(path: Path) -> list:
 
 
 def _directory_checkpoints(directory: Path) -> list[Path]:
-    """A directory's checkpoint files and save_pretrained subdirectories, in natural order."""
+    """A directory's checkpoint files, save_pretrained and torch.distributed.checkpoint
+    subdirectories, in natural order."""
     found, skipped = [], []
     for entry in directory.iterdir():
         if entry.is_dir():
-            if checkpoint_directory_files(entry) is not None:
+            if checkpoint_directory_files(entry) is not None or (entry / ".metadata").is_file():
                 found.append(entry)
         elif entry.suffix in CHECKPOINT_SUFFIXES:
             (skipped if _LIGHTNING_LAST.fullmatch(entry.name) else found).append(entry)
@@ -370,9 +371,9 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
 
 
 def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
-    """A list of state_dicts and paths from: such a list, a directory (its checkpoint files
-    and save_pretrained subdirectories in natural name order; a save_pretrained directory
-    is one checkpoint) or a glob pattern. An empty result is an error."""
+    """A list of state_dicts and paths from: such a list, a directory (its checkpoint files,
+    save_pretrained and DCP subdirectories in natural name order; a save_pretrained
+    directory is one checkpoint) or a glob pattern. An empty result is an error."""
     if checkpoints is None:
         raise InvalidTypeError("checkpoints is None: pass a list of checkpoint files or state_dicts, a directory "
                                "or a glob pattern")
@@ -385,8 +386,9 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
             if checkpoint_directory_files(spec) is not None:
                 return [Path(spec)]
             found = _directory_checkpoints(Path(spec))
-            where = (f"directory {spec} holds no checkpoint: no {'/'.join(CHECKPOINT_SUFFIXES)} files and no "
-                     f"Hugging Face save_pretrained directories (holding {' or '.join(_HF_WEIGHTS)})")
+            where = (f"directory {spec} holds no checkpoint: no {'/'.join(CHECKPOINT_SUFFIXES)} files, no "
+                     f"Hugging Face save_pretrained directories (holding {' or '.join(_HF_WEIGHTS)}) and no "
+                     "torch.distributed.checkpoint directories (holding .metadata)")
         elif any(ch in spec for ch in "*?["):
             found = sorted((Path(p) for p in globlib.glob(spec)), key=_natural_key)
             where = f"glob {spec!r} matches no files"
