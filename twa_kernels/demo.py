@@ -180,7 +180,7 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int):
         return torch.optim.lr_scheduler.MultiStepLR(opt, [round(epochs / 2), round(3 * epochs / 4)], 0.1)
     if schedule == "constant":
         return None
-    raise ValueError(f"schedule must be cosine, step or constant, got {schedule!r}")
+    raise InvalidArgumentError(f"schedule must be cosine, step or constant, got {schedule!r}")
 
 
 def train_sgd(model: nn.Module, train, epochs: int, seed: int, ckpt_dir: Path, lr: float = 0.05,
@@ -311,7 +311,7 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 def t975(df: int) -> float:
     """The 97.5% quantile of Student's t with `df` degrees of freedom."""
     if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
+        raise InvalidArgumentError(f"df must be >= 1, got {df}")
     if df <= len(_T975):
         return _T975[df - 1]
     z = 1.959964  # past 30, the Cornish-Fisher expansion around the normal quantile is good to 1e-4
@@ -322,7 +322,7 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
     """Mean of a - b over paired seeds, its std, and the 95% t confidence interval of the
     mean (needs two or more pairs); `holds` when the interval excludes zero."""
     if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"need two or more paired values, got {len(a)} and {len(b)}")
+        raise InvalidArgumentError(f"need two or more paired values, got {len(a)} and {len(b)}")
     diffs = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
     mean, std = float(diffs.mean()), float(diffs.std())
     half = t975(len(diffs) - 1) * std / len(diffs) ** 0.5

@@ -88,10 +88,6 @@ class Comm:
         self.bytes[name] += t.numel() * t.element_size()
         self.calls[name] += 1
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes.values())
-
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()

@@ -107,12 +107,6 @@ _orthonormalize = orthonormalize  # from_checkpoints has an argument of that nam
 _BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
-def default_parameter_names(state: dict[str, Tensor]) -> list[str]:
-    """Floating-point entries of a state_dict, less BatchNorm running statistics: the
-    weights a subspace spans when no model says which entries are parameters."""
-    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(_BATCHNORM_STATISTICS)]
-
-
 def check_build_args(bits: object, group_size: object, granularity: object) -> None:
     """Refuse bad subspace settings by name before any checkpoint is read."""
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS):
@@ -227,6 +221,7 @@ class Subspace:
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
         if names is None or shapes is None:  # from the first checkpoint's metadata
             first = ColumnReader(specs[0], 0, names=names)
+            # no model says which entries are parameters: the floating-point ones, less BatchNorm's statistics
             names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
                                                      and not k.endswith(_BATCHNORM_STATISTICS)]
             keys = {n: first.key(n, aliases.get(n, ())) for n in names}
