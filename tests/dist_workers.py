@@ -282,6 +282,13 @@ def errors(rank, world):
                process_group=dist.group.WORLD)
     except distributed.BasisMismatchError as exc:
         out["mismatch"] = str(exc)
+    # a model that does not fit on one rank only: every rank leaves with that rank's error
+    model, ckpts = model_and_checkpoints()
+    try:
+        tk.TWA(model, ckpts, bits=None if rank == 1 else 4, group_size=GROUP_SIZE, int8_gradients=True,
+               process_group=dist.group.WORLD)
+    except tk.errors.TWAKernelsError as exc:
+        out["one_rank"] = f"{type(exc).__name__}: {exc}"
     tiny = torch.nn.Linear(2, 2)
     tiny_ckpts = [{k: v + i for k, v in tiny.state_dict().items()} for i in range(3)]
     try:

@@ -195,6 +195,7 @@ def test_bad_input_gets_named_errors_on_every_rank(job):
         assert "ranks [1] differ from rank 0" in errors["mismatch"] and "codes" in errors["mismatch"]
         assert "only 1 quantisation groups" in errors["too_many_ranks"]
         assert "'gloo' backend cannot run" in errors["backend"] and "shard=False" in errors["backend"]
+        assert "int8_gradients=True" in errors["one_rank"]  # rank 1's own error, on rank 1 and named elsewhere
 
 
 def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_path_factory):

@@ -136,29 +136,22 @@ class TWA(nn.Module):
             # under a process group, a rank that fails here takes every rank down with its error
             subspace = build() if process_group is None else sharding.agree(build, process_group,
                                                                                  "building its subspace")
-        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        for name, shape in zip(subspace.names, subspace.shapes):
-            if shapes.get(name) != shape:
-                raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
-        trained_frozen = sorted(set(subspace.names) & {n for n, _ in frozen})
-        if trained_frozen:
-            raise InvalidArgumentError(f"the subspace spans {trained_frozen[0]!r}, which has requires_grad=False in the "
-                                       "model, so TWA would move a frozen parameter; build the subspace without it "
-                                       "(Subspace.from_checkpoints(..., parameter_names=[...]))")
+
+        def check_and_pin() -> list[Tensor]:
+            _check_model_fits(model, subspace, frozen, int8_gradients)
+            return _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
+                                  else checkpoints_or_subspace, aliases)
+        # under a process group, a rank whose model does not fit fails every rank with its error
+        pinned = check_and_pin() if process_group is None else sharding.agree(check_and_pin, process_group,
+                                                                               "checking its model")
         self._model = [model]  # a list keeps it out of the module tree
         self.names, self.shapes = subspace.names, subspace.shapes
         self.frozen_names = [n for n, _ in frozen]
-        pinned = _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
-                                else checkpoints_or_subspace, aliases)
         for i, value in enumerate(pinned):
             self.register_buffer(f"frozen_{i}", value)
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
-        if int8_gradients and self.bits is None:
-            raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
-                                       "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
-                                       "int8_gradients=False")
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
@@ -388,6 +381,25 @@ class TWA(nn.Module):
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
                   allow_empty=allow_empty)
         self._bn_key = self._weights_key()
+
+
+def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[str, nn.Parameter]],
+                      int8_gradients: bool) -> None:
+    """The subspace spans trainable parameters of `model`, in their shapes, and
+    int8_gradients has groups to round in."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, shape in zip(subspace.names, subspace.shapes):
+        if shapes.get(name) != shape:
+            raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
+    trained_frozen = sorted(set(subspace.names) & {n for n, _ in frozen})
+    if trained_frozen:
+        raise InvalidArgumentError(f"the subspace spans {trained_frozen[0]!r}, which has requires_grad=False in the "
+                                   "model, so TWA would move a frozen parameter; build the subspace without it "
+                                   "(Subspace.from_checkpoints(..., parameter_names=[...]))")
+    if int8_gradients and subspace.basis.bits is None:
+        raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
+                                   "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
+                                   "int8_gradients=False")
 
 
 def _has_running_statistics(model: nn.Module) -> bool:
