@@ -88,11 +88,6 @@ class _MetadataUnpickler(pickle.Unpickler):
                               "file has one; re-save the checkpoint with torch.distributed.checkpoint.save")
 
 
-def is_dcp_directory(path: str | os.PathLike) -> bool:
-    """Whether `path` is a directory holding a DCP `.metadata` file."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_FILE))
-
-
 def read_metadata(path: str | os.PathLike) -> Metadata:
     """The Metadata of DCP directory `path`, read without running code (see the module
     docstring) and checked: CheckpointError naming the file for anything else."""

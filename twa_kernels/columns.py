@@ -27,6 +27,7 @@ from twa_kernels.io import (
     CheckpointSpec,
     _directory_error,
     finite,
+    is_dcp_directory,
     _non_finite,
     _refused,
     _strip_key,
@@ -88,7 +89,7 @@ class ColumnReader:
         if isinstance(spec, Mapping):
             self._open_state = unwrap_state_dict(spec, self.source)
             self._describe(self._open_state)
-        elif os.path.isdir(spec) and os.path.isfile(os.path.join(spec, ".metadata")):
+        elif is_dcp_directory(spec):
             # a torch.distributed.checkpoint directory (what FSDP users save); its metadata is a
             # pickle, read by _dcp without running code, and DCP's load is handed that copy.
             # _dcp imports torch.distributed.checkpoint (about a second): only a DCP read pays for it

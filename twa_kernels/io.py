@@ -182,6 +182,12 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     return _strip_prefixes(tensors, source)
 
 
+def is_dcp_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` is a torch.distributed.checkpoint directory (it holds a .metadata file).
+    Here rather than in _dcp, which imports torch.distributed.checkpoint (about a second)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
 def checkpoint_directory_files(path: str | os.PathLike) -> list[Path] | None:
     """The weight files of a Hugging Face save_pretrained directory: its one weights file,
     or the shards its index lists. None when `path` is not such a directory."""
@@ -229,7 +235,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     path = Path(path)
     if path.is_dir():
         files = checkpoint_directory_files(path)
-        if files is None and (path / ".metadata").is_file():
+        if files is None and is_dcp_directory(path):
             raise CheckpointError(
                 f"{path}: a torch.distributed.checkpoint directory is read column by column only (TWA with "
                 "process_group= and shard=True); to read it whole, convert it once with torch.distributed."
@@ -357,7 +363,7 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
     found, skipped = [], []
     for entry in directory.iterdir():
         if entry.is_dir():
-            if checkpoint_directory_files(entry) is not None or (entry / ".metadata").is_file():
+            if checkpoint_directory_files(entry) is not None or is_dcp_directory(entry):
                 found.append(entry)
         elif entry.suffix in CHECKPOINT_SUFFIXES:
             (skipped if _LIGHTNING_LAST.fullmatch(entry.name) else found).append(entry)
@@ -408,25 +414,9 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
             raise InvalidTypeError(f"checkpoint #{i} is a {type(item).__name__}: each checkpoint must be a file "
                                    "path, a save_pretrained directory or a state_dict")
         if (not isinstance(item, Mapping) and os.path.isdir(item) and checkpoint_directory_files(item) is None
-                and not os.path.isfile(os.path.join(item, ".metadata"))):  # DCP: read by ColumnReader
+                and not is_dcp_directory(item)):  # DCP: read by ColumnReader
             raise _directory_error(item)
     return items
-
-
-def check_spans(specs: Sequence[CheckpointSpec], checkpoints: Checkpoints) -> None:
-    """Refuse fewer than 2 checkpoints for a subspace: the centred row of a single checkpoint
-    is zero, and a TWA over it could only return that checkpoint."""
-    if len(specs) >= 2:
-        return
-    hint = ""
-    if isinstance(checkpoints, (str, os.PathLike)) and os.path.isdir(checkpoints):
-        runs = sorted(p.name for p in Path(checkpoints).iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
-        if runs:  # a Trainer output directory: its own final weights beside the saved checkpoints
-            hint = (f"; {checkpoints} is one save_pretrained checkpoint itself, beside {len(runs)} checkpoint-* "
-                    f"folders: pass those, e.g. the glob '{Path(checkpoints) / 'checkpoint-*'}'")
-    source = "a state_dict" if isinstance(specs[0], Mapping) else str(specs[0])
-    raise CheckpointError(f"1 checkpoint ({source}): a subspace needs at least 2, since the centred row of one "
-                          f"checkpoint is zero and spans nothing{hint}")
 
 
 def iter_state_dicts(checkpoints: Sequence[CheckpointSpec],

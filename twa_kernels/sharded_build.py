@@ -28,7 +28,7 @@ from twa_kernels import builder
 from twa_kernels._progress import progress_bar
 from twa_kernels.builder import Layout
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import check_spans, checkpoint_directory_files, resolve_checkpoints
+from twa_kernels.io import checkpoint_directory_files, is_dcp_directory, resolve_checkpoints
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharding import BasisMismatchError, _gather_rows, agree, local_blocks, shard_columns
 from twa_kernels.subspace import block_sizes_for
@@ -94,7 +94,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
     if isinstance(spec, Mapping):
         return 0, 0
     path = os.fspath(spec)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")):
+    if os.path.isdir(path) and not is_dcp_directory(path):
         # a save_pretrained directory: the fingerprints of its weight files, by relative name
         parts = [(os.path.relpath(f, path), *_file_fingerprint(f)) for f in checkpoint_directory_files(path) or []]
         return sum(size for _, size, _ in parts), _digest(sorted(parts))
@@ -184,7 +184,7 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     # file of its own) makes every rank stop with its error, not wait in the next collective
     def resolve() -> list:
         specs = resolve_checkpoints(checkpoints)
-        check_spans(specs, checkpoints)
+        builder.require_two_checkpoints(specs, checkpoints)
         return specs
 
     specs = agree(resolve, process_group, "resolving its checkpoints")

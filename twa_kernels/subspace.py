@@ -25,7 +25,6 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import (
     CheckpointError,
     Checkpoints,
-    check_spans,
     resolve_checkpoints,
 )
 from twa_kernels.quant import (
@@ -215,7 +214,7 @@ class Subspace:
         if orthonormalize and granularity != "model":
             raise InvalidArgumentError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
         specs = resolve_checkpoints(checkpoints)
-        check_spans(specs, checkpoints)
+        builder.require_two_checkpoints(specs, checkpoints)
         names = parameter_names
         shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
