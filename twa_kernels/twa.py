@@ -375,9 +375,9 @@ class TWA(nn.Module):
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element, a
-        mapping its items as keyword arguments,
-        unless call_fn(model, batch) is given (see twa_kernels.batchnorm.update_bn, also for
-        allow_empty, which distributed.update_bn passes for a rank whose share is empty)."""
+        mapping its items as keyword arguments, unless call_fn(model, batch) is given (see
+        twa_kernels.batchnorm.update_bn, also for allow_empty, which distributed.update_bn
+        passes for a rank whose share is empty)."""
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
                   allow_empty=allow_empty)
         self._bn_key = self._weights_key()
@@ -513,9 +513,9 @@ def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
                                    "sharded TWA of that rank, or save averaged_state_dict() for a single process")
     own = _shard_identity(module)
     if got != own:
-        raise InvalidArgumentError(f"TWA state_dict: it holds columns {got[2]}..{got[3]} of {got[0]} (rank of "
-                                   f"{got[1]}), but this rank's shard is columns {own[2]}..{own[3]} of {own[0]} "
-                                   f"(rank of {own[1]}); have each rank save and load its own state_dict")
+        raise InvalidArgumentError(f"TWA state_dict: it holds columns {got[2]}..{got[3]} of {got[0]} (one of "
+                                   f"{got[1]} ranks), but this rank's shard is columns {own[2]}..{own[3]} of "
+                                   f"{own[0]} (one of {own[1]} ranks); have each rank save and load its own state_dict")
 
 
 def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
