@@ -51,3 +51,14 @@ def test_the_roofline_skips_benchmarks_of_other_suites():
     ]}
     got = report.build_report(run)
     assert got["rows"] == [] and got["copy_GBps"] == 20.0
+
+
+def test_twa_bench_refuses_an_out_it_cannot_write_before_running_anything(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.chdir(tmp_path)
+    for out in (str(tmp_path / "missing" / "run.json"), str(tmp_path)):
+        assert cli.main(["bench", "--out", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"twa: error: --out {out}")
+    assert calls == []  # no benchmark ran

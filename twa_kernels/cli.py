@@ -240,6 +240,11 @@ def _bench(args: argparse.Namespace) -> int:
         spec.loader.exec_module(stamp)
         args.out = f"twa-bench-{stamp.machine_slug()}-{args.grid}.json"
     results = Path(args.out).resolve()
+    if results.is_dir() or not results.parent.is_dir() or not os.access(results.parent, os.W_OK):
+        why = ("is a directory" if results.is_dir()
+               else f"cannot be written: {results.parent} is not a writable directory")
+        print(f"twa: error: --out {args.out} {why}; give a .json file in a writable directory", file=sys.stderr)
+        return 2
     env = {**os.environ, "TWA_BENCH": args.grid}
     suites = [str(bench / name) for name in BENCH_SUITES]
     code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="TWA vs full training, SGD at the same budget, SWA and greedy soup on MNIST-1D")
     demo.add_argument("--quick", action="store_true", help="one seed of the same setting, the full table (about a minute)")
     demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, or 1 with --quick)")
-    demo.add_argument("--out", default="twa-demo", help="where checkpoints, results.json, accuracy.png and plane.png go")
+    demo.add_argument("--out", default="twa-demo",
+                      help="where checkpoints, results.json, accuracy.png and plane.png go")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     fit = sub.add_parser("fit", help="TWA on your own model and data, from a YAML config")

@@ -13,9 +13,10 @@ What a checkpoint may be:
 
 `checkpoints` arguments take a list of those, a glob pattern, or a directory: its checkpoint
 files, its save_pretrained subdirectories (an HF Trainer's checkpoint-N) and its
-torch.distributed.checkpoint subdirectories, in natural name order (step=5 before step=10). Lightning's last.ckpt (the copy of the newest checkpoint
-that save_last=True writes beside the others) is left out of a directory that holds others,
-with a warning; name it in a list to use it.
+torch.distributed.checkpoint subdirectories, in natural name order (step=5 before
+step=10). Lightning's last.ckpt (the copy of the newest checkpoint that save_last=True
+writes beside the others) is left out of a directory that holds others, with a warning;
+name it in a list to use it.
 
 How a checkpoint's keys are matched to the model's names:
 1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel) and `_orig_mod.`
