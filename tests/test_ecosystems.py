@@ -1,12 +1,16 @@
 """Checkpoints in the shapes other libraries write them, with the real libraries: Hugging
 Face save_pretrained directories (one file, or shards read through their index), Lightning
 ModelCheckpoint .ckpt files, and the wrapped models (torch.compile, DataParallel) that wrote
-their checkpoints. Models are tiny and built from configs: nothing is downloaded."""
+their checkpoints; and the output directories of torchvision's and timm's training scripts,
+written here in the same layout. Models are tiny and built from configs: nothing is
+downloaded."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -274,3 +278,99 @@ def test_a_lightning_checkpoint_holding_objects_is_refused_with_the_fix(tmp_path
     with pytest.raises(CheckpointError, match=r"refused\. This Lightning checkpoint holds Python objects "
                                               r"\(.*_Config\).*save_hyperparameters\(\) with plain values"):
         tk.uniform_average(files, model=_Classifier().model)
+
+
+# -- the output directories of torchvision's and timm's training scripts ------------------
+# Written here in their layout: torchvision's references/classification/train.py saves
+# {"model", "optimizer", "lr_scheduler", "epoch", "args", "model_ema"} as model_<epoch>.pth
+# and again as checkpoint.pth; timm's train.py saves {"epoch", "arch", "state_dict",
+# "optimizer", "version", "args", "state_dict_ema", "metric"} as checkpoint-<epoch>.pth.tar,
+# with last.pth.tar and model_best.pth.tar beside them. Both save their argparse.Namespace.
+
+
+def _script_run(folder: Path, layout: str, epochs: int = 11) -> list[dict]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    args = argparse.Namespace(model="resnet18", lr=0.1, epochs=epochs, output_dir=str(folder), lr_steps=[5, 8],
+                              weights=None, amp=False)
+    states = []
+    for epoch in range(epochs):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 4, (32,))).backward()
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        if layout == "torchvision":
+            saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                     "epoch": epoch, "args": args, "model_ema": ema.state_dict()}
+            torch.save(saved, folder / f"model_{epoch}.pth")
+            torch.save(saved, folder / "checkpoint.pth")
+        else:
+            saved = {"epoch": epoch, "arch": "resnet18", "state_dict": model.state_dict(),
+                     "optimizer": opt.state_dict(), "version": 2, "args": args,
+                     "state_dict_ema": ema.module.state_dict(), "metric": 50.0 + epoch % 3}
+            torch.save(saved, folder / f"checkpoint-{epoch}.pth.tar")
+            torch.save(saved, folder / "last.pth.tar")
+            if epoch % 3 == 2:
+                torch.save(saved, folder / "model_best.pth.tar")
+    return states
+
+
+def _averaged(twa: tk.TWA) -> dict:
+    with pytest.warns(RuntimeWarning, match="update_bn"):  # BatchNorm statistics are not measured here
+        return twa.averaged_state_dict()
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "timm"])
+def test_a_training_scripts_output_directory_is_its_checkpoints_in_epoch_order(tmp_path, layout, caplog):
+    states = _script_run(tmp_path, layout)
+    epochs = sorted((p for p in tmp_path.iterdir() if re.search(r"\d", p.name)),
+                    key=lambda p: int(re.search(r"(\d+)", p.name).group(1)))
+    assert len(epochs) == len(states)
+    with caplog.at_level(logging.WARNING, logger="twa_kernels.io"):
+        assert io.resolve_checkpoints(tmp_path) == epochs  # epoch 10 after 9; the copies left out
+    copies = ["checkpoint.pth"] if layout == "torchvision" else ["last.pth.tar", "model_best.pth.tar"]
+    assert all(name in caplog.text for name in copies)
+    # the arguments' Namespace is read as data; the weights, not the EMA's, are averaged
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    twa = tk.TWA(model, tmp_path, bits=None)
+    averaged = _averaged(twa)
+    for name, _ in model.named_parameters():
+        torch.testing.assert_close(averaged[name], _mean(states, [name])[name], rtol=0, atol=1e-6)
+    soup = tk.uniform_average(tmp_path, model=model)
+    torch.testing.assert_close(soup["3.weight"], _mean(states, ["3.weight"])["3.weight"], rtol=0, atol=1e-6)
+    # a copy named in a list is read like any checkpoint
+    assert len(tk.uniform_average([tmp_path / copies[0], epochs[0]], model=model)) == len(states[0])
+    # the EMA weights, read as the guide says
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        emas = [torch.load(p, weights_only=True)["model_ema" if layout == "torchvision" else "state_dict_ema"]
+                for p in epochs]
+    ema_twa = tk.TWA(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)), emas,
+                     bits=None)
+    want = _mean([io.unwrap_state_dict(e) for e in emas], ["0.weight"])["0.weight"]
+    torch.testing.assert_close(_averaged(ema_twa)["0.weight"], want, rtol=0, atol=1e-6)
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_namespace_is_read_as_data_but_what_it_holds_still_may_not_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    model = nn.Linear(3, 2)
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1, hook=_RunsCode(str(marker)))},
+               tmp_path / "model_0.pth")
+    for read in (io.load_state_dict, lambda path: columns.ColumnReader(path).keys()):
+        with pytest.raises(CheckpointError, match=r"model_0\.pth: refused"):
+            read(tmp_path / "model_0.pth")
+    assert not marker.exists()
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "model_1.pth")
+    assert list(io.load_state_dict(tmp_path / "model_1.pth")) == ["weight", "bias"]

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,12 +28,12 @@ from twa_kernels.io import (
     finite,
     is_dcp_directory,
     _non_finite,
-    _refused,
     _strip_key,
     _strip_names,
     checkpoint_directory_files,
     load_state_dict,
     model_renaming,
+    torch_load_safely,
     unwrap_state_dict,
     verify_zip_crc,
 )
@@ -165,13 +164,7 @@ class ColumnReader:
             self._open_state, self._kind = load_state_dict(self._spec), "memory"
         else:
             verify_zip_crc(self._spec)
-            try:
-                obj = torch.load(self._spec, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError as exc:
-                raise _refused(self._spec) from exc
-            except Exception as exc:
-                raise CheckpointError(f"{self._spec}: could not be read as a torch checkpoint ({exc})") from exc
-            self._open_state = unwrap_state_dict(obj, self.source)
+            self._open_state = unwrap_state_dict(torch_load_safely(self._spec, mmap=True), self.source)
         self._read_since_open = 0
         return self._open_state
 

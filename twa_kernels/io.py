@@ -14,9 +14,12 @@ What a checkpoint may be:
 `checkpoints` arguments take a list of those, a glob pattern, or a directory: its checkpoint
 files, its save_pretrained subdirectories (an HF Trainer's checkpoint-N) and its
 torch.distributed.checkpoint subdirectories, in natural name order (step=5 before
-step=10). Lightning's last.ckpt (the copy of the newest checkpoint that save_last=True
-writes beside the others) is left out of a directory that holds others, with a warning;
-name it in a list to use it.
+step=10). The copies that training scripts write beside their checkpoints are left out of
+a directory that holds others, with a warning (name one in a list to use it): Lightning's
+last.ckpt (save_last=True), the torchvision reference scripts' checkpoint.pth and timm's
+last.pth.tar and model_best.pth.tar. Averaged in, each would count one checkpoint twice.
+An argparse.Namespace saved beside the weights (those scripts save their arguments so) is
+read as plain data; any other Python object in a file is refused.
 
 How a checkpoint's keys are matched to the model's names:
 1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel) and `_orig_mod.`
@@ -40,6 +43,8 @@ module it wraps (unwrap_model), whose names its checkpoints hold under rule 1.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import glob as globlib
 import json
 import logging
@@ -67,15 +72,21 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored in
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels._outdir import current_umask  # module-level: tests and benches swap it
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar")  # .pth.tar: timm
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "model."
 # a save_pretrained directory's weights, in the order transformers itself prefers them
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
-# Lightning's save_last=True copy of the newest checkpoint: averaged in, it would count twice
-_LIGHTNING_LAST = re.compile(r"last(-v\d+)?\.ckpt")
+# Copies of another checkpoint that training scripts write beside the others, by file name:
+# averaged in, each would count a checkpoint twice
+_COPIES = re.compile(r"last(-v\d+)?\.ckpt"  # Lightning, save_last=True: the newest
+                     r"|checkpoint\.pth"  # torchvision's reference scripts: the newest
+                     r"|(last|model_best)\.pth\.tar")  # timm's train.py: the newest and the best
+# Python objects that a training script saves beside its weights and that safe loading may
+# build as plain data (no code of theirs runs: a Namespace is an object with attributes)
+_PLAIN_OBJECTS = (argparse.Namespace,)
 
 logger = logging.getLogger(__name__)
 
@@ -327,8 +338,18 @@ def _torch_load(path: Path) -> object:
         if not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with PROTO
             raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
                                   f"(it starts with {head!r}); check the path, or that the file was fully copied")
+    return torch_load_safely(path)
+
+
+def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:
+    """torch.load(weights_only=True) onto the CPU, with an argparse.Namespace admitted as
+    plain data; a file holding any other Python object is refused (CheckpointError) before
+    any of its code runs."""
+    # torch >= 2.5 scopes an allowance to a block; 2.4 reads such a file as refused
+    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed(list(_PLAIN_OBJECTS)) if allowed else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise _refused(path) from exc
     except Exception as exc:
@@ -341,7 +362,7 @@ def _refused(path: object) -> CheckpointError:
     what = f" ({found.group(1)})" if found else ""
     if str(path).endswith(".ckpt"):
         # Lightning stores hyper_parameters and callback states beside the weights; a class
-        # among them (a dataclass, a Namespace) is a Python object that safe loading refuses
+        # among them (a dataclass, a config object) is a Python object that safe loading refuses
         return CheckpointError(
             f"{path}: refused. This Lightning checkpoint holds Python objects{what} beside its weights (its "
             "hyper_parameters or callback states), which safe loading (weights_only=True) does not run. Call "
@@ -366,12 +387,13 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
         if entry.is_dir():
             if checkpoint_directory_files(entry) is not None or is_dcp_directory(entry):
                 found.append(entry)
-        elif entry.suffix in CHECKPOINT_SUFFIXES:
-            (skipped if _LIGHTNING_LAST.fullmatch(entry.name) else found).append(entry)
+        elif entry.name.endswith(CHECKPOINT_SUFFIXES):
+            (skipped if _COPIES.fullmatch(entry.name) else found).append(entry)
     if skipped and found:
-        logger.warning("%s: leaving out %s, Lightning's copy of its newest checkpoint (save_last=True), which "
-                       "would count that checkpoint twice; pass a list of files to choose them yourself",
-                       directory, ", ".join(p.name for p in skipped))
+        logger.warning("%s: leaving out %s, the copy of another checkpoint that a training script writes beside "
+                       "the others (Lightning's last.ckpt, torchvision's checkpoint.pth, timm's last.pth.tar and "
+                       "model_best.pth.tar), which would count that checkpoint twice; pass a list of files to "
+                       "choose them yourself", directory, ", ".join(p.name for p in sorted(skipped)))
     else:
         found += skipped
     return sorted(found, key=_natural_key)
