@@ -229,12 +229,25 @@ def _states(model: nn.Module, k: int = 3) -> list[dict]:
     (dict(group_size=7), "group_size must be"),
     (dict(granularity="layer"), "granularity must be"),
 ])
-def test_bad_twa_settings_are_named_before_any_checkpoint_is_read(kwargs, named, monkeypatch):
-    read = []
-    monkeypatch.setattr(io, "resolve_checkpoints", lambda c: read.append(c) or c)
+def test_bad_twa_settings_are_named_before_any_checkpoint_is_read(kwargs, named):
+    class Watched(list):
+        """The checkpoints, recording every look at them."""
+        looked = 0
+
+        def __iter__(self):
+            Watched.looked += 1
+            return super().__iter__()
+
+        def __getitem__(self, index):
+            Watched.looked += 1
+            return super().__getitem__(index)
+
+    checkpoints = Watched(_states(nn.Linear(4, 3)))
     with pytest.raises(tk.errors.InvalidArgumentError, match=named):
-        tk.TWA(nn.Linear(4, 3), _states(nn.Linear(4, 3)), **kwargs)
-    assert not read
+        tk.TWA(nn.Linear(4, 3), checkpoints, **kwargs)
+    assert Watched.looked == 0
+    tk.TWA(nn.Linear(4, 3), checkpoints, bits=4)  # the same checkpoints with good settings are read
+    assert Watched.looked > 0
 
 
 @pytest.mark.parametrize("field, shape", [("coefficients", (5, 5)), ("center", (7,))])
