@@ -24,19 +24,18 @@ from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.io import (
     CheckpointSpec,
-    _directory_error,
+    checkpoint_directory_files,
     finite,
     is_dcp_directory,
-    _non_finite,
-    _strip_key,
-    _strip_names,
-    checkpoint_directory_files,
     load_state_dict,
     model_renaming,
     torch_load_safely,
     unwrap_state_dict,
     verify_zip_crc,
 )
+from twa_kernels.io.files import _directory_error
+from twa_kernels.io.keys import _strip_key, _strip_names
+from twa_kernels.io.read import _non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +56,8 @@ class ColumnReader:
     torch.distributed.checkpoint directory (DCP's own reader, one whole tensor at a time; the
     last one is kept, so reading a tensor in consecutive ranges reads it once) or a Hugging
     Face save_pretrained directory (each key read from the shard that holds it, by that
-    file's own reader; no shard is read until one of its keys is). Keys are matched as the
-    module docstring says: rule 1 always, rule 2 with the model's `names` (given here, or
+    file's own reader; no shard is read until one of its keys is). Keys are matched as io.keys
+    says: rule 1 always, rule 2 with the model's `names` (given here, or
     at the first columns(), whose names are the model's parameters), and a name's
     `aliases` (its tied names, see parameter_aliases) stand in for it.
 

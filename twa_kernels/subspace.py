@@ -232,7 +232,7 @@ class Subspace:
         if empty:
             raise InvalidArgumentError(f"parameter {empty[0]!r} has no elements (shape {shapes[names.index(empty[0])]}); "
                                        "leave it out of parameter_names (it holds nothing to average)")
-        # the model's names, which checkpoint keys are matched to (io's module docstring)
+        # the model's names, which checkpoint keys are matched to (io.keys)
         layout = Layout(names, shapes, aliases, [*names, *(a for n in names for a in aliases.get(n, ()))])
         steps = lambda items, what: progress_bar(items, enabled=progress, desc=what, total=len(items), unit="ckpt")  # noqa: E731
         center = builder.average(specs, layout, 0, layout.num_cols, group_size, steps)

@@ -1,0 +1,49 @@
+"""Checkpoints in and files out, safely.
+
+- io.files: which files and directories are checkpoints, and the order a directory or a
+  glob gives them in (`resolve_checkpoints`);
+- io.read: reading one checkpoint without running code from it, damaged files refused
+  (`load_state_dict`, `iter_state_dicts`);
+- io.keys: how a checkpoint's keys are matched to the model's names (wrapper prefixes, a
+  LightningModule's `model.`, tied weights), and the model's own names;
+- io.write: atomic writes of state_dicts and JSON (`save_state_dict`, `write_json`).
+
+Every name below is importable from `twa_kernels.io` itself.
+"""
+
+from twa_kernels.errors import CheckpointError
+from twa_kernels.io.files import (
+    CHECKPOINT_SUFFIXES,
+    Checkpoints,
+    CheckpointSpec,
+    checkpoint_directory_files,
+    is_dcp_directory,
+    resolve_checkpoints,
+)
+from twa_kernels.io.keys import (
+    StateDict,
+    fill_tied_keys,
+    match_names,
+    model_renaming,
+    parameter_aliases,
+    tied_owners,
+    unwrap_model,
+    unwrap_state_dict,
+)
+from twa_kernels.io.read import (
+    check_finite,
+    finite,
+    iter_state_dicts,
+    load_state_dict,
+    torch_load_safely,
+    verify_zip_crc,
+)
+from twa_kernels.io.write import atomic_write, save_state_dict, write_json
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "atomic_write",
+    "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
+    "iter_state_dicts", "load_state_dict", "match_names", "model_renaming", "parameter_aliases",
+    "resolve_checkpoints", "save_state_dict", "tied_owners", "torch_load_safely", "unwrap_model",
+    "unwrap_state_dict", "verify_zip_crc", "write_json",
+]

@@ -1,0 +1,165 @@
+"""Which files and directories are checkpoints.
+
+What a checkpoint may be:
+- a state_dict (a mapping of names to tensors);
+- a file: .pt, .pth, .bin, Lightning's .ckpt and timm's .pth.tar (read by
+  torch.load(weights_only=True), see io.read), or .safetensors;
+- a Hugging Face `save_pretrained` directory: one checkpoint, read from its
+  model.safetensors or pytorch_model.bin, or, when sharded, from every shard its
+  model.safetensors.index.json (or pytorch_model.bin.index.json) lists;
+- a torch.distributed.checkpoint directory (it holds .metadata), read column by column
+  (see columns.ColumnReader).
+
+`checkpoints` arguments take a list of those, a glob pattern, or a directory: its checkpoint
+files, its save_pretrained subdirectories (an HF Trainer's checkpoint-N) and its
+torch.distributed.checkpoint subdirectories, in natural name order (step=5 before
+step=10). The copies that training scripts write beside their checkpoints are left out of
+a directory that holds others, with a warning (name one in a list to use it): Lightning's
+last.ckpt (save_last=True), the torchvision reference scripts' checkpoint.pth and timm's
+last.pth.tar and model_best.pth.tar. Averaged in, each would count one checkpoint twice.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+from torch import Tensor
+
+from twa_kernels.errors import CheckpointError, InvalidTypeError
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar")  # .pth.tar: timm
+# a save_pretrained directory's weights, in the order transformers itself prefers them
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+# Copies of another checkpoint that training scripts write beside the others, by file name:
+# averaged in, each would count a checkpoint twice
+_COPIES = re.compile(r"last(-v\d+)?\.ckpt"  # Lightning, save_last=True: the newest
+                     r"|checkpoint\.pth"  # torchvision's reference scripts: the newest
+                     r"|(last|model_best)\.pth\.tar")  # timm's train.py: the newest and the best
+logger = logging.getLogger(__name__)
+CheckpointSpec = Union[str, os.PathLike, Mapping[str, Tensor]]
+Checkpoints = Union[str, os.PathLike, Sequence[CheckpointSpec]]
+
+
+def is_dcp_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` is a torch.distributed.checkpoint directory (it holds a .metadata file).
+    Here rather than in _dcp, which imports torch.distributed.checkpoint (about a second)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def checkpoint_directory_files(path: str | os.PathLike) -> list[Path] | None:
+    """The weight files of a Hugging Face save_pretrained directory: its one weights file,
+    or the shards its index lists. None when `path` is not such a directory."""
+    path = Path(path)
+    for name in _HF_WEIGHTS:
+        candidate = path / name
+        if candidate.is_file():
+            return _index_shards(candidate) if name.endswith(".json") else [candidate]
+    return None
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a save_pretrained index (`{"weight_map": {key: file}}`) lists."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a readable index of shards ({type(exc).__name__}: {exc}); "
+                              "save the model again with save_pretrained") from exc
+    shards = []
+    for name in sorted(files, key=str):
+        # a shard is a file beside its index: a path elsewhere would read files the
+        # checkpoint does not own
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name in {index.parent}")
+        shard = index.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"{index}: lists shard {name}, which is missing from {index.parent}")
+        shards.append(shard)
+    if not shards:
+        raise CheckpointError(f"{index}: lists no shards; save the model again with save_pretrained")
+    return shards
+
+
+def _directory_error(path: object) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: is a directory, not a checkpoint. A checkpoint directory is a Hugging Face save_pretrained "
+        f"directory: it holds {' or '.join(_HF_WEIGHTS)}. To use every checkpoint file in a directory, pass the "
+        "directory itself as `checkpoints`, not inside a list")
+
+
+def _natural_key(path: Path) -> list:
+    """Name order with digit runs compared as numbers: step=5 before step=10."""
+    parts = re.split(r"(\d+)", path.name)
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)]  # digits at odd positions
+
+
+def _directory_checkpoints(directory: Path) -> list[Path]:
+    """A directory's checkpoint files, save_pretrained and torch.distributed.checkpoint
+    subdirectories, in natural order."""
+    found, skipped = [], []
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            if checkpoint_directory_files(entry) is not None or is_dcp_directory(entry):
+                found.append(entry)
+        elif entry.name.endswith(CHECKPOINT_SUFFIXES):
+            (skipped if _COPIES.fullmatch(entry.name) else found).append(entry)
+    if skipped and found:
+        logger.warning("%s: leaving out %s, the copy of another checkpoint that a training script writes beside "
+                       "the others (Lightning's last.ckpt, torchvision's checkpoint.pth, timm's last.pth.tar and "
+                       "model_best.pth.tar), which would count that checkpoint twice; pass a list of files to "
+                       "choose them yourself", directory, ", ".join(p.name for p in sorted(skipped)))
+    else:
+        found += skipped
+    return sorted(found, key=_natural_key)
+
+
+def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
+    """A list of state_dicts and paths from: such a list, a directory (its checkpoint files,
+    save_pretrained and DCP subdirectories in natural name order; a save_pretrained
+    directory is one checkpoint) or a glob pattern. An empty result is an error."""
+    if checkpoints is None:
+        raise InvalidTypeError("checkpoints is None: pass a list of checkpoint files or state_dicts, a directory "
+                               "or a glob pattern")
+    if isinstance(checkpoints, Mapping):
+        raise InvalidTypeError("checkpoints is one state_dict (a mapping of names to tensors) where a list of "
+                               "checkpoints was expected: pass [state_dict], or a list of several")
+    if isinstance(checkpoints, (str, os.PathLike)):
+        spec = str(checkpoints)
+        if os.path.isdir(spec):
+            if checkpoint_directory_files(spec) is not None:
+                return [Path(spec)]
+            found = _directory_checkpoints(Path(spec))
+            where = (f"directory {spec} holds no checkpoint: no {'/'.join(CHECKPOINT_SUFFIXES)} files, no "
+                     f"Hugging Face save_pretrained directories (holding {' or '.join(_HF_WEIGHTS)}) and no "
+                     "torch.distributed.checkpoint directories (holding .metadata)")
+        elif any(ch in spec for ch in "*?["):
+            found = sorted((Path(p) for p in globlib.glob(spec)), key=_natural_key)
+            where = f"glob {spec!r} matches no files"
+        else:
+            found, where = [Path(spec)], ""
+        if not found:
+            raise CheckpointError(where)
+        return list(found)
+    if isinstance(checkpoints, Tensor) or not isinstance(checkpoints, Iterable):
+        raise InvalidTypeError(f"checkpoints must be a list of checkpoint files or state_dicts, a directory or a "
+                               f"glob pattern, got {type(checkpoints).__name__}")
+    items = list(checkpoints)
+    if not items:
+        raise CheckpointError("no checkpoints given")
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, os.PathLike, Mapping)):
+            raise InvalidTypeError(f"checkpoint #{i} is a {type(item).__name__}: each checkpoint must be a file "
+                                   "path, a save_pretrained directory or a state_dict")
+        if (not isinstance(item, Mapping) and os.path.isdir(item) and checkpoint_directory_files(item) is None
+                and not is_dcp_directory(item)):  # DCP: read by ColumnReader
+            raise _directory_error(item)
+    return items

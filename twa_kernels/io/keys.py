@@ -1,0 +1,204 @@
+"""How a checkpoint's keys are matched to the model's names.
+
+1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel) and `_orig_mod.`
+   (torch.compile) are removed from the start of every key. Two keys that become one name
+   (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which one is meant
+   cannot be known.
+2. Where the model's names are known (TWA, the baselines with `model=`, a Subspace given
+   parameter_names, ColumnReader.columns), a checkpoint is also matched with one leading
+   `model.` removed (then rule 1 again), and that reading is used when it finds more of the
+   model's names than the keys as they are. This is a LightningModule that holds the
+   network as `self.model`, whose checkpoint names the network's weights `model.<name>`,
+   read for the network itself; its keys outside `model.` are then not used. A model whose
+   own names start with `model.` (a Hugging Face LlamaForCausalLM) matches its own
+   checkpoints as they are, and its Lightning checkpoints (`model.model.<name>`) with one
+   `model.` removed. Without the model's names, keys are used as rule 1 leaves them.
+
+A state_dict nested under "state_dict", "model" or "model_state_dict" (Lightning's .ckpt,
+training-loop dicts) is unwrapped; the file's other entries are not used. Tied weights that
+a file holds under one of their names only (safetensors writers keep one) are read under
+all of them when the model is given (see parameter_aliases). A wrapped model
+(torch.compile, DistributedDataParallel, DataParallel) given as the model is read as the
+module it wraps (unwrap_model), whose names its checkpoints hold under rule 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from twa_kernels.errors import CheckpointError, InvalidArgumentError
+
+
+_NESTING_KEYS = ("state_dict", "model", "model_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+_LIGHTNING_PREFIX = "model."
+StateDict = dict[str, Tensor]
+
+
+def _strip_key(key: str) -> str:
+    """`key` without its leading wrapper prefixes (`module.`, `_orig_mod.`, in any order)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _strip_names(keys: Iterable[str], source: str) -> dict[str, str]:
+    """{name: stored key}: each key without its wrapper prefixes. Two keys that become one
+    name are refused: which of them is the model's weight cannot be known."""
+    names: dict[str, str] = {}
+    for key in keys:
+        name = _strip_key(key)
+        if name in names:
+            raise CheckpointError(f"{source}: keys {names[name]!r} and {key!r} both name {name!r} once the "
+                                  f"wrapper prefixes {' / '.join(_PREFIXES)} are removed; save the state_dict of one "
+                                  "model (the unwrapped module's) so that each weight is there once")
+        names[name] = key
+    return names
+
+
+def _strip_prefixes(state: Mapping[str, Tensor], source: str = "checkpoint") -> StateDict:
+    return {name: state[key] for name, key in _strip_names(state, source).items()}
+
+
+def model_renaming(keys: Iterable[str], names: Iterable[str], source: str = "checkpoint") -> dict[str, str] | None:
+    """Rule 2 of the module docstring. `keys` are a checkpoint's names after rule 1, `names`
+    the model's: {model's name: key} when the keys are the model's names under a leading
+    `model.` (and match more of them that way than as they are), else None (use the keys
+    as they are)."""
+    wanted = set(names)
+    keys = list(keys)
+    inner = [k for k in keys if k.startswith(_LIGHTNING_PREFIX)]
+    if not inner or not wanted:
+        return None
+    renamed = _strip_names((k[len(_LIGHTNING_PREFIX):] for k in inner), source)
+    renamed = {name: _LIGHTNING_PREFIX + key for name, key in renamed.items()}
+    if sum(n in renamed for n in wanted) > sum(k in wanted for k in keys):
+        return renamed
+    return None
+
+
+def match_names(state: Mapping[str, Tensor], names: Iterable[str] | None, source: str = "checkpoint") -> StateDict:
+    """`state` (keys after rule 1) keyed by the model's `names` where rule 2 applies (see
+    the module docstring); unchanged otherwise or when `names` is None."""
+    renaming = None if names is None else model_renaming(state, names, source)
+    if renaming is None:
+        return dict(state)
+    return {name: state[key] for name, key in renaming.items()}
+
+
+def _not_dense_values(value: Tensor) -> str | None:
+    """What `value` is when it holds no dense values to read or save (a meta, sparse,
+    nested or quantized tensor), else None."""
+    if value.is_meta:
+        return "a meta tensor (no values)"
+    if value.is_nested or value.is_quantized:
+        return "a nested tensor" if value.is_nested else "a quantized tensor (dequantize() it)"
+    return f"a {value.layout} tensor" if value.layout != torch.strided else None
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
+    """The tensors of a loaded checkpoint: nested state_dicts unwrapped, prefixes stripped."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and \
+            isinstance(obj.get("current_model_state"), Mapping):
+        # Lightning's WeightAveraging callbacks (EMA, SWA) save the average as the state_dict
+        # and the weights being trained beside it
+        warnings.warn(f"{source}: a Lightning checkpoint of a WeightAveraging callback: its state_dict, which is "
+                      "read, holds the callback's running average (e.g. EMA); the weights being trained are under "
+                      "'current_model_state'. To average those, pass ckpt['current_model_state'] state_dicts",
+                      UserWarning, stacklevel=2)
+    for _ in range(3):
+        if isinstance(obj, Mapping):
+            nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if nested is None:
+                break
+            obj = nested
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{source}: not a state_dict (got {type(obj).__name__}); save model.state_dict()")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source}: holds no tensors; save model.state_dict()")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: the tensor under key {key!r} ({type(key).__name__}) has no string name; "
+                                  "a state_dict names each tensor by a string: save model.state_dict()")
+        if kind := _not_dense_values(value):
+            raise CheckpointError(f"{source}: key {key!r} is {kind}; save the model's real, dense weights "
+                                  "(materialise meta tensors, .to_dense() sparse ones)")
+    # values only: a state_dict of live Parameters (named_parameters(), or a file saved from
+    # them) would otherwise put the averages, and the checkpoints with them, in the graph
+    tensors = {k: v.detach() if v.requires_grad else v for k, v in tensors.items()}
+    return _strip_prefixes(tensors, source)
+
+
+def tied_owners(model: nn.Module, module: nn.Module, attribute: str = "weight") -> list[str]:
+    """The names of the other modules of `model` that hold `module`'s Parameter `attribute`
+    (tied weights, e.g. an output layer tied to an embedding). A module reused under two
+    names is one module, not a tie; the root module is named "<root>"."""
+    target = getattr(module, attribute)
+    return [name or "<root>" for name, other in model.named_modules(remove_duplicate=False)
+            if other is not module and any(p is target for p in other.parameters(recurse=False))]
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every state_dict name of each parameter of `model`, keyed by the name
+    named_parameters() gives it (its first). A tied weight (an embedding shared with the
+    output layer) is one tensor under several names: one row segment of a subspace, and
+    every one of its names in a state_dict."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a wrapper holds, whose names a checkpoint's keys are matched to:
+    torch.compile's OptimizedModule (`_orig_mod`) and DistributedDataParallel / DataParallel
+    (`.module`) are unwrapped, however nested. A model sharded by FSDP2's fully_shard is
+    refused: its parameters are shards, not the weights a checkpoint holds."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            break
+    if _is_fully_sharded(model):
+        raise InvalidArgumentError(
+            "the model is sharded by FSDP2 (fully_shard): its parameters are shards of the weights. Pass an "
+            "unsharded model of the same architecture, and TWA(..., process_group=pg, shard=True) to split the "
+            "subspace across ranks instead")
+    return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # torch.compile imports torch._dynamo: where it is not imported, nothing is compiled
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
+def _is_fully_sharded(model: nn.Module) -> bool:
+    # as for compile: a model is sharded only where FSDP is imported (importing it costs ~25 MB)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    module_type = getattr(fsdp, "FSDPModule", None)
+    return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
+
+
+def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]]) -> StateDict:
+    """`state` with every name of a tied tensor present: a checkpoint that holds it under
+    one name only (safetensors writers keep one) gets the others from it."""
+    out = dict(state)
+    for names in aliases.values():
+        present = next((n for n in names if n in out), None)
+        if present is not None:
+            for name in names:
+                out.setdefault(name, out[present])
+    return out

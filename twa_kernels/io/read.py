@@ -1,0 +1,205 @@
+"""Reading checkpoints safely: no code in a file runs, and damaged files are refused.
+
+.pt, .pth, .bin, .ckpt and .pth.tar files are read by torch.load(weights_only=True): a
+pickle that may only hold tensors and plain containers, so a file that would run code is
+refused before any of it runs. An argparse.Namespace saved beside the weights (torchvision's
+and timm's training scripts save their arguments so) is read as plain data; any other
+Python object is refused. Every record of a zip-format file is checked against its CRC-32
+first. .safetensors files are read by safetensors. Keys are then matched as io.keys says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import re
+import struct
+import sys
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import safetensors.torch  # read as safetensors.torch.<name> at each call: tests swap them
+import torch
+from torch import Tensor
+
+try:  # the same CRC-32 as zlib's, several times faster where zlib has no folded-multiply path
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored install may lack it
+    from zlib import crc32 as _crc32
+
+from twa_kernels.errors import CheckpointError
+from twa_kernels.io.files import CheckpointSpec, _directory_error, checkpoint_directory_files, is_dcp_directory
+from twa_kernels.io.keys import StateDict, _strip_prefixes, match_names, unwrap_state_dict
+
+
+# Python objects that a training script saves beside its weights and that safe loading may
+# build as plain data (no code of theirs runs: a Namespace is an object with attributes)
+_PLAIN_OBJECTS = (argparse.Namespace,)
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read one checkpoint (a file or a save_pretrained directory) onto the CPU, safely (see
+    the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        files = checkpoint_directory_files(path)
+        if files is None and is_dcp_directory(path):
+            raise CheckpointError(
+                f"{path}: a torch.distributed.checkpoint directory is read column by column only (TWA with "
+                "process_group= and shard=True); to read it whole, convert it once with torch.distributed."
+                "checkpoint.format_utils.dcp_to_torch_save and pass the file")
+        if files is None:
+            raise _directory_error(path)
+        if len(files) == 1:
+            return load_state_dict(files[0])
+        state: StateDict = {}
+        where: dict[str, Path] = {}
+        for shard in files:
+            for key, value in load_state_dict(shard).items():
+                if key in state:
+                    raise CheckpointError(f"{path}: key {key!r} is in two shards, {where[key].name} and "
+                                          f"{shard.name}; save the model again with save_pretrained")
+                state[key], where[key] = value, shard
+        return state
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            tensors = safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return _strip_prefixes(tensors, str(path))
+    return unwrap_state_dict(_torch_load(path), str(path))
+
+
+# Files whose CRC-32s were verified in this process, by identity and modification stamp.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def verify_zip_crc(path: str | os.PathLike) -> None:
+    """Check every record of a zip-format torch file against its stored CRC-32. torch's
+    own zip reader never checks them, so a flipped bit in a tensor's data would otherwise
+    be read as a valid weight. Stored records are read 256 KB at a time into one buffer and
+    summed there (a mapping would count each stretch's pages in the process's resident
+    memory until they are given back: up to a whole record at every open); zlib-ng's
+    CRC-32 runs at several GB/s. Each file is checked once per process unless it changes.
+    Raises CheckpointError naming the record."""
+    stat = os.stat(path)
+    stamp = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if stamp in _VERIFIED:
+        return
+    # records are summed through this buffer: no mapping's pages pile up, and at 256 KB a
+    # call's overhead is far below zlib-ng's time for the bytes
+    buffer = bytearray(1 << 18)
+    try:
+        with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
+            size = os.fstat(file.fileno()).st_size
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:  # not what torch writes: let zipfile check it
+                    with archive.open(info) as record:
+                        while record.read(len(buffer)):
+                            pass
+                    continue
+                head = info.header_offset
+                header = os.pread(file.fileno(), 30, head)
+                if header[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"record {info.filename!r} has no local header")
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                start = head + 30 + name_len + extra_len
+                end = start + info.compress_size
+                if end > size:
+                    raise zipfile.BadZipFile(f"record {info.filename!r} runs past the end of the file")
+                crc, view = 0, memoryview(buffer)
+                for a in range(start, end, len(buffer)):
+                    got = os.preadv(file.fileno(), [view[:min(end - a, len(buffer))]], a)
+                    if got <= 0:
+                        raise zipfile.BadZipFile(f"record {info.filename!r} is cut short")
+                    crc = _crc32(view[:got], crc)
+                    if got < min(end - a, len(buffer)):
+                        raise zipfile.BadZipFile(f"record {info.filename!r} is cut short")
+                if crc != info.CRC:
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for record {info.filename!r}")
+    except (zipfile.BadZipFile, ValueError, OSError, struct.error) as exc:
+        raise CheckpointError(f"{path}: corrupt ({exc}); the file was damaged after it was written: "
+                              "restore it from a good copy or save it again") from exc
+    _VERIFIED.add(stamp)
+
+
+def _torch_load(path: Path) -> object:
+    if zipfile.is_zipfile(path):
+        verify_zip_crc(path)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with PROTO
+            raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
+                                  f"(it starts with {head!r}); check the path, or that the file was fully copied")
+    return torch_load_safely(path)
+
+
+def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:
+    """torch.load(weights_only=True) onto the CPU, with an argparse.Namespace admitted as
+    plain data; a file holding any other Python object is refused (CheckpointError) before
+    any of its code runs."""
+    # torch >= 2.5 scopes an allowance to a block; 2.4 reads such a file as refused
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allowed(list(_PLAIN_OBJECTS)) if allowed else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise _refused(path) from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: could not be read as a torch checkpoint ({exc})") from exc
+
+
+def _refused(path: object) -> CheckpointError:
+    # raised while torch's refusal is handled: its message names the global it refused
+    found = re.search(r"GLOBAL (\S+)", str(sys.exc_info()[1] or ""))
+    what = f" ({found.group(1)})" if found else ""
+    if str(path).endswith(".ckpt"):
+        # Lightning stores hyper_parameters and callback states beside the weights; a class
+        # among them (a dataclass, a config object) is a Python object that safe loading refuses
+        return CheckpointError(
+            f"{path}: refused. This Lightning checkpoint holds Python objects{what} beside its weights (its "
+            "hyper_parameters or callback states), which safe loading (weights_only=True) does not run. Call "
+            "save_hyperparameters() with plain values (numbers, strings, lists, dicts); or, if you trust the "
+            "file, re-save its weights alone: torch.save(torch.load(path, weights_only=False)['state_dict'], "
+            "new_path)")
+    return CheckpointError(f"{path}: refused. It holds Python objects{what} that safe loading (weights_only=True) "
+                           "does not run; if you trust it, load it yourself and re-save only model.state_dict()")
+
+
+def iter_state_dicts(checkpoints: Sequence[CheckpointSpec],
+                     names: Iterable[str] | None = None) -> Iterator[tuple[str, StateDict]]:
+    """(name, state_dict) for each checkpoint, loading files one at a time. With the model's
+    `names`, keys are matched to them as the module docstring says."""
+    names = None if names is None else list(names)
+    for i, item in enumerate(checkpoints):
+        if isinstance(item, Mapping):
+            source = f"checkpoint #{i}"
+            state = unwrap_state_dict(item, source)
+        else:
+            source, state = str(item), load_state_dict(item)
+        yield source, match_names(state, names, source)
+
+
+def finite(value: Tensor) -> Tensor:
+    """torch.isfinite, also for the 8-bit float types it does not take (float8_e4m3fn)."""
+    return torch.isfinite(value.float() if value.element_size() == 1 else value)
+
+
+def check_finite(state: Mapping[str, Tensor], source: str, keys: Sequence[str] | None = None) -> None:
+    """Refuse a checkpoint whose floating-point entries (or just `keys`) hold NaN or Inf,
+    naming the file and the key: averaged in, one bad value would spoil every result."""
+    for key in state if keys is None else keys:
+        value = state[key]
+        if value.is_floating_point() and not bool(finite(value).all()):
+            raise _non_finite(source, key, int((~finite(value)).sum()), value.numel())
+
+
+def _non_finite(source: str, key: str, bad: int, numel: int) -> CheckpointError:
+    return CheckpointError(f"{source}: key {key!r} holds {bad} NaN or Inf value(s) of {numel}; "
+                           "leave this checkpoint out (a diverged step?) or repair it")

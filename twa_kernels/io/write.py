@@ -1,0 +1,86 @@
+"""Writing files atomically: a crash, a full disk or an exception leaves the old file (or
+none), never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch  # read as safetensors.torch.<name> at each call: tests swap them
+import torch
+from torch import Tensor
+
+from twa_kernels._outdir import current_umask
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError
+from twa_kernels.io.keys import _not_dense_values
+
+
+def _default_file_mode() -> int:
+    """The mode open() gives a new file under the current umask (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write a file through `write(temporary_path)`, then move it into place: a crash, a
+    full disk or an exception leaves the old file (or none), never half of one, and no
+    temporary file. The new file gets the old one's mode, or the umask's as open() would
+    give it. An unwritable location is an OutputError naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file path such as {path / 'averaged.safetensors'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if path.exists() else _default_file_mode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
+    try:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
+                          "unchanged); free space or choose another location") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> Path:
+    """Write `obj` as indented JSON, atomically (see atomic_write). allow_nan=False refuses
+    NaN and infinities (ValueError, nothing written) instead of writing them as the bare
+    NaN / Infinity that strict JSON readers reject."""
+    text = json.dumps(obj, indent=1, allow_nan=allow_nan)  # before the write: a refusal leaves nothing
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Write a state_dict as .safetensors or with torch.save, atomically (see atomic_write):
+    a crash leaves either the old file or the new one, never half of one."""
+    if not isinstance(state, Mapping):
+        raise InvalidTypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
+    if not state:
+        raise InvalidArgumentError(f"{path}: the state_dict to save is empty; pass the tensors to save")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise InvalidTypeError(f"state[{key!r}] is {type(value).__name__}: a state_dict to save holds tensors "
+                                   "under string names only; leave other entries out")
+        if kind := _not_dense_values(value):
+            raise InvalidArgumentError(f"state[{key!r}] is {kind}; save real, dense tensors (materialise meta "
+                                       "tensors, .to_dense() sparse ones)")
+    if Path(path).suffix == ".safetensors" and "__metadata__" in state:
+        raise InvalidArgumentError(f"{path}: a .safetensors file cannot hold a tensor named '__metadata__' (the "
+                                   "format reserves that name for its header); rename it or save as .pt")
+    # clone: safetensors refuses tensors that share memory (tied weights, views)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    if Path(path).suffix == ".safetensors":
+        return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
