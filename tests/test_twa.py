@@ -167,3 +167,27 @@ def test_layerwise_granularity_merges_tensors(run):
     assert tk.TWA(make_model(1), ckpts, granularity="model").coefficients.shape == (5, 1)
     # 64*48 + 48 + 48 + 48 + 48*10 + 10: merging up to 3200 elements gives [3072+48+48+48, 480+10]
     assert tk.TWA(make_model(1), ckpts, granularity=3300).coefficients.shape == (5, 2)
+
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["a layer", "a parent of layers"])
+def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
+    train, _, _, ckpts = run
+    if nested:  # the layers sit inside a module that is replaced whole
+        model = torch.nn.Sequential(torch.nn.Identity(), make_model(1))
+        ckpts = [{f"1.{k}": v for k, v in c.items()} for c in ckpts]
+        index, replacement = 1, make_model(2)
+    else:
+        model = make_model(1)
+        index, replacement = 0, torch.nn.Linear(64, 48)  # a user swapping a layer for a new one
+    twa = tk.TWA(model, ckpts, bits=4)
+    twa.eval()
+    x = train.tensors[0][:8]
+    before = twa(x)
+    original, model[index] = model[index], replacement
+    with pytest.raises(tk.errors.UsageError, match=rf"submodule '{index}' was replaced after TWA was built"):
+        twa(x)
+    with pytest.raises(tk.errors.UsageError, match="replaced after TWA was built"), twa.averaged_model():
+        pass
+    model[index] = original  # the module TWA was built on, put back: it runs as before
+    torch.testing.assert_close(twa(x), before, rtol=0, atol=0)

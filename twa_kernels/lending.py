@@ -66,6 +66,17 @@ class LentWeights:
             return model.get_submodule(prefix), attr
 
         self.slots = [[slot(name) for name in names] for names in slot_names]
+        # every (parent, child name, child) link from the model down to a slot's module: a
+        # module replaced after TWA was built would hold the model's own weights unseen
+        links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module, str]] = {}
+        for name in (name for names in slot_names for name in names):
+            parent, path = model, ""
+            for part in name.split(".")[:-1]:
+                child = parent._modules[part]
+                path = f"{path}.{part}" if path else part
+                links[(id(parent), part)] = (parent, part, child, path)
+                parent = child
+        self.links = list(links.values())
         self.own: list[list[Any]] | None = None  # the model's Parameters while it holds others
         self.loans: dict[int, weakref.ref] = {}  # pending, oldest first
         self.opened = 0
@@ -80,6 +91,15 @@ class LentWeights:
         if self.own is not None:
             return [own[0].dtype for own in self.own[:count]]
         return [module._parameters[attr].dtype for (module, attr), *_ in self.slots[:count]]
+
+    def check_structure(self) -> None:
+        """Refuse a model whose submodules holding TWA's weights were replaced after TWA was
+        built: the new module would run at its own weights, untrained, without an error."""
+        for parent, name, child, path in self.links:
+            if parent._modules.get(name) is not child:
+                raise UsageError(f"the model's submodule {path!r} was replaced after TWA was built, so TWA's "
+                                 "weights would not reach it; build TWA once the model has its final structure "
+                                 "(replace or wrap its modules first)")
 
     def _put(self, tensors: Sequence[Tensor]) -> None:
         if self.own is None:
@@ -142,6 +162,7 @@ class LentWeights:
         """The model holds `weights` inside; after, a new loan's aliases or what it held before."""
         self.depth += 1
         try:
+            self.check_structure()
             self._put(weights)
             yield
         except BaseException:
