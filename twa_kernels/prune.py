@@ -348,6 +348,26 @@ def _read_manifest(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _resume(out: Path, settings: dict, model: nn.Module) -> tuple[dict, list[Masks], StateDict | None]:
+    """The manifest, masks and rewind state of an earlier run with these settings in `out`
+    (the model loaded with its last trained round), or a fresh start's."""
+    manifest_path = out / _MANIFEST
+    if not manifest_path.exists():
+        return dict(settings, done=-1, sparsity=[], files=[]), [], None
+    manifest = _read_manifest(manifest_path, settings)
+    rewind_state = None
+    try:
+        masks = [{k: v.bool() for k, v in load_state_dict(out / f["mask"]).items()} for f in manifest["files"]]
+        if manifest["done"] >= 0:
+            model.load_state_dict(load_state_dict(out / manifest["files"][-1]["trained"]))
+            rewind_state = load_state_dict(out / "rewind.safetensors")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; the IMP run cannot resume: {_start_over(out)}") from exc
+    if manifest["done"] >= 0:
+        logger.info("resuming the IMP run in %s after round %d", out, manifest["done"])
+    return manifest, masks, rewind_state
+
+
 def imp(
     model: nn.Module,
     train_fn: TrainFn,
@@ -381,22 +401,8 @@ def imp(
     names = list(prunable_weights(model, layers))
     settings = dict(rate=rate, rewind=rewind, scope=scope, layers=names, shapes=_shapes(model.state_dict()))
     manifest_path = out / _MANIFEST
-    manifest = dict(settings, done=-1, sparsity=[], files=[])
     init = _clone_state(model)
-    rewind_state: StateDict | None = None
-    masks: list[Masks] = []
-    if manifest_path.exists():
-        manifest = _read_manifest(manifest_path, settings)
-        try:
-            masks = [{k: v.bool() for k, v in load_state_dict(out / f["mask"]).items()} for f in manifest["files"]]
-            if manifest["done"] >= 0:
-                model.load_state_dict(load_state_dict(out / manifest["files"][-1]["trained"]))
-                rewind_state = load_state_dict(out / "rewind.safetensors")
-        except CheckpointError as exc:
-            raise CheckpointError(f"{exc}; the IMP run cannot resume: {_start_over(out)}") from exc
-        if manifest["done"] >= 0:
-            logger.info("resuming the IMP run in %s after round %d", out, manifest["done"])
-
+    manifest, masks, rewind_state = _resume(out, settings, model)
     for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",
                           leave=True):
         if r == 0:

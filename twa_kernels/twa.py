@@ -116,26 +116,9 @@ class TWA(nn.Module):
         if not trainable:
             raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing to "
                                        "average; set requires_grad=True on the parameters to train")
-        names, param_shapes = [n for n, _ in trainable], [tuple(p.shape) for _, p in trainable]
         aliases = parameter_aliases(model)
-        if isinstance(checkpoints_or_subspace, Subspace):
-            subspace = checkpoints_or_subspace
-            if not bool(torch.isfinite(subspace.center).all()):  # from_checkpoints checks its own
-                raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
-                                           "build it from finite checkpoints")
-        elif shard:  # each rank reads its own columns of the checkpoints only
-            subspace = build_shard(
-                checkpoints_or_subspace, process_group, names, param_shapes,
-                bits=bits, granularity=granularity, group_size=group_size, aliases=aliases, progress=progress)
-        else:
-            def build() -> Subspace:
-                return Subspace.from_checkpoints(
-                    checkpoints_or_subspace, bits=bits, granularity=granularity, group_size=group_size,
-                    parameter_names=names, parameter_shapes=param_shapes,
-                    progress=progress, parameter_aliases=aliases)
-            # under a process group, a rank that fails here takes every rank down with its error
-            subspace = build() if process_group is None else sharding.agree(build, process_group,
-                                                                                 "building its subspace")
+        subspace = _subspace(checkpoints_or_subspace, trainable, aliases, process_group, shard,
+                             bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
 
         def check_and_pin() -> list[Tensor]:
@@ -381,6 +364,26 @@ class TWA(nn.Module):
         update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
                   allow_empty=allow_empty)
         self._bn_key = self._weights_key()
+
+
+def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Parameter]],
+              aliases: dict[str, list[str]], process_group: Any, shard: bool, **build_args: Any) -> Subspace:
+    """The subspace TWA trains in: the one given, or one built from checkpoints for the
+    `trainable` parameters (this rank's columns only when sharded)."""
+    names, shapes = [n for n, _ in trainable], [tuple(p.shape) for _, p in trainable]
+    if isinstance(source, Subspace):
+        if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
+            raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
+                                       "build it from finite checkpoints")
+        return source
+    if shard:  # each rank reads its own columns of the checkpoints only
+        return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)
+
+    def build() -> Subspace:
+        return Subspace.from_checkpoints(source, parameter_names=names, parameter_shapes=shapes,
+                                         parameter_aliases=aliases, **build_args)
+    # under a process group, a rank that fails here takes every rank down with its error
+    return build() if process_group is None else sharding.agree(build, process_group, "building its subspace")
 
 
 def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[str, nn.Parameter]],
