@@ -216,8 +216,9 @@ inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segm
 // visited a row block at a time across the whole run. Each row is then read a run (2 KiB
 // at 4 bits, group 128) at a stretch instead of one group (64 bytes), so a block's streams
 // are open at a time instead of k, and the hardware prefetcher follows them. On ResNet-18
-// shapes at k = 16, 4 bits (blocks of 4 rows) this made the step 20-30% faster than one
-// group at a time, and steadier from one process to the next (bench/steady_step.py). The
+// shapes at k = 16, 4 bits (blocks of 4 rows) this made the step faster than one group at a
+// time, and steadier from one process to the next (bench/steady_step.py; 2026-11-23, commit
+// 9ee015c). The
 // run's g or output (16 KiB) stays in L1 while the k rows pass over it.
 constexpr int64_t kRunCols = 4096;
 
@@ -231,8 +232,8 @@ inline int64_t run_cap(const PackedBasis& b) { return b.bits ? std::max<int64_t>
 // be longer than reconstruct's: 32768 columns, whose g (128 KiB) stays in L2 while the row
 // blocks pass over it, and each row is read 16 KiB at a stretch (4 bits). Against runs
 // of 4096 columns this made project 5-11% faster at 4 bits, 7% at 2 and 5-18% at 8 on
-// ResNet-18 shapes at k = 16 (AMD EPYC, 2 threads, medians of interleaved calls; 5% at 4
-// bits on its AVX2 path); 16384 columns measured the same, 65536 slower.
+// ResNet-18 shapes at k = 16 (AMD EPYC, 2 threads, medians of interleaved calls, 2026-12-04, commit
+// 7337681; 5% at 4 bits on its AVX2 path); 16384 columns measured the same, 65536 slower.
 constexpr int64_t kProjectRunCols = 32768;
 
 inline int64_t project_run_cap(const PackedBasis& b) {
@@ -245,7 +246,7 @@ inline int64_t project_run_cap(const PackedBasis& b) {
 // prefetcher starts over at every 4 KiB page, and the kernel's arithmetic between loads
 // leaves too few misses in flight to hide the restart. Against runs of 8 KiB that fetched
 // the next row block instead, this made it 5-10% faster on ResNet-18 shapes at k = 16
-// (AMD EPYC, 2 threads, medians of interleaved calls).
+// (AMD EPYC, 2 threads, medians of interleaved calls; 2026-12-04, commit 1445c4e).
 constexpr int64_t kInt8RunBytes = 65536, kInt8RunCols = 131072, kInt8FetchAhead = 2048;
 
 // A path whose dots read q as float32 too (dots_read_floats) keeps a quarter of the columns,
@@ -367,7 +368,7 @@ constexpr int kRowBlock = 4;
 constexpr int kProjectRows = 4;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h): 8 made reconstruct
 // 10-12% faster than 4 on this path (AMD EPYC, TWA_KERNELS_CPU_ISA=avx2, 2 threads, k = 16,
-// D = 11.7M); 16 rows' codes and coefficients would not fit AVX2's 16 vector registers.
+// D = 11.7M; 2026-12-04, commit 9f4251c); 16 rows' codes and coefficients would not fit AVX2's 16 vector registers.
 template <int BITS>
 constexpr int kAxpyRows = 8;
 typedef float fvec __attribute__((vector_size(32)));
@@ -615,13 +616,14 @@ namespace vec16 {
 constexpr int kLanes = 16;
 // project's rows per pass over a run's g (kernels_impl.h), one chain of FMAs each. Against
 // 4 rows with two chains each, 8 made project 0-5% faster at 2 bits, 3-6% at 4 and 2-8% at
-// 8 (AMD EPYC, 2 threads, k = 16, D = 11.7M, interleaved calls): each g vector loaded feeds
-// twice the rows. On a 2-core Xeon, before the copy of the run loop for 128-column groups,
-// the same change had measured 10-20% slower.
+// 8 (AMD EPYC, 2 threads, k = 16, D = 11.7M, interleaved calls; 2026-12-04, commit 4e7cd57):
+// each g vector loaded feeds twice the rows. On a 2-core Xeon, before the copy of the run
+// loop for 128-column groups, the same change had measured 10-20% slower (2026-12-02, commit
+// b6a4450).
 constexpr int kProjectRows = 8;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h). Against 4, 16 rows
 // made it 35% faster at 1 bit, 20% at 2 bits and 12% at 4 (AMD EPYC, 2 threads, k = 16,
-// D = 11.7M, medians of interleaved calls); 8-bit codes take 8, since 16 rows of them
+// D = 11.7M, medians of interleaved calls; 2026-12-04, commit 6ce2c5e); 8-bit codes take 8, since 16 rows of them
 // need more than the 32 registers.
 template <int BITS>
 constexpr int kAxpyRows = BITS == 8 ? 8 : 16;
@@ -702,7 +704,7 @@ TWA_ISA_FN inline void dot_planes(__m512i wide, const __m512* gv, __m512* acc) {
 // row (8-bit codes have one plane, so two chunks are taken per step for them); 8 rows are
 // 8 chains already, enough to cover the FMA's latency. Against two chains per row, one made
 // the 8-row blocks 1-3% faster at 4 bits and 7-13% at 8, the same at 2 (AMD EPYC, 2 threads,
-// k = 16, D = 11.7M, interleaved calls).
+// k = 16, D = 11.7M, interleaved calls; 2026-12-04, commit 4e7cd57).
 template <int BITS, int ROWS>
 TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
   constexpr int kPerByte = 8 / BITS;

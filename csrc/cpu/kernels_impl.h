@@ -14,7 +14,8 @@
 // 8 and 4, then single rows, the first of them from io.in and the rest from io.out. Only a
 // whole block may stream its stores (io.stream), since the others read io.out back.
 // A whole block of 128-column groups (the default width) gets a copy of the loop with the
-// width fixed, unrolled: 3-7% faster at 2 bits (AMD EPYC, k = 16, D = 11.7M, interleaved).
+// width fixed, unrolled: 3-7% faster at 2 bits (AMD EPYC, k = 16, D = 11.7M, interleaved;
+// 2026-12-04, commit 5ea4f74).
 template <int BITS>
 TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gbytes, const float* a, AxpyIO io) {
   if (rows == kAxpyRows<BITS>) {
@@ -40,7 +41,7 @@ TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gb
 // default width, 128 columns, gets a copy of its own: a group is then a fixed number of
 // vector steps (2 at 2 bits, 4 at 4), the group loop unrolls with its prefetches, and the
 // loop bookkeeping that a run-time width leaves around every group goes. On the AMD EPYC
-// (k = 16, D = 11.7M, 2 threads, interleaved calls) this made project 9-14% faster at 1 and 2
+// (k = 16, D = 11.7M, 2 threads, interleaved calls; 2026-12-04, commit 37cfada) this made project 9-14% faster at 1 and 2
 // bits and 3% at 4; 8-bit codes keep the run-time width, which measured 5% faster for them.
 template <int BITS, int ROWS, int64_t GROUP = 0>
 TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t r0, int64_t t, int64_t n, const float* g,
