@@ -10,29 +10,53 @@ from twa_kernels import cli
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _benchmarks_writing(calls: list, code: int = 0):
+    """subprocess.call as the benchmarks run it: pytest writes its --benchmark-json, then
+    exits with `code`; the report only records its call."""
+    def call(args, **kw):
+        calls.append(args)
+        json_arg = next((a for a in args if a.startswith("--benchmark-json=")), None)
+        if json_arg:
+            Path(json_arg.split("=", 1)[1]).write_text('{"benchmarks": []}')
+            return code
+        return 0
+    return call
+
+
 def test_twa_bench_writes_into_the_current_directory(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", _benchmarks_writing(calls))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 0
-    json_arg = next(a for a in calls[0] if a.startswith("--benchmark-json="))
-    out = Path(json_arg.split("=", 1)[1])
+    out = Path(calls[1][-1])  # the file the roofline report reads
     assert out.parent == tmp_path.resolve()
     assert out.name.startswith("twa-bench-") and out.name.endswith("-quick.json")
-    assert calls[1][-1] == str(out)  # the roofline report reads the same file
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
 
 
 def test_twa_bench_out_chooses_the_file(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", _benchmarks_writing(calls))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "--grid", "default", "--out", "run.json"]) == 0
-    assert f"--benchmark-json={tmp_path.resolve() / 'run.json'}" in calls[0]
+    assert (tmp_path / "run.json").read_text() == '{"benchmarks": []}'
+    assert calls[1][-1] == str(tmp_path.resolve() / "run.json")
+
+
+def test_a_failed_twa_bench_run_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", _benchmarks_writing(calls, code=1))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.json").write_text("earlier run")
+    assert cli.main(["bench", "--out", "run.json"]) == 1
+    assert (tmp_path / "run.json").read_text() == "earlier run"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # the partial file is gone
+    assert len(calls) == 1  # no report of a failed run
 
 
 def test_twa_bench_runs_the_kernel_suites_and_they_exist(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", _benchmarks_writing(calls))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 0
     suites = [a for a in calls[0] if a.endswith(".py")]

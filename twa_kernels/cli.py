@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -247,10 +248,19 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     env = {**os.environ, "TWA_BENCH": args.grid}
     suites = [str(bench / name) for name in BENCH_SUITES]
-    code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
-                            f"--benchmark-json={results}"], env=env, cwd=bench.parent)
-    if code != 0:
-        return code
+    # pytest-benchmark writes its JSON as it goes: into a temporary file, moved into place
+    # only once the run has passed, so a failed or interrupted run leaves any earlier file whole
+    fd, partial = tempfile.mkstemp(prefix=f".{results.name}.", suffix=".tmp", dir=results.parent)
+    os.close(fd)
+    try:
+        code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
+                                f"--benchmark-json={partial}"], env=env, cwd=bench.parent)
+        if code != 0:
+            return code
+        os.replace(partial, results)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
     return subprocess.call([sys.executable, str(bench / "report.py"), str(results)])
 
 
