@@ -96,3 +96,16 @@ def spawn(fn: Callable[[int, int], Any], world: int, out: str, timeout: float = 
                     p.kill()
             raise TimeoutError(f"{world} ranks did not finish in {timeout} s")
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def tiny_gpt2(seed: int = 0, tie: bool = True) -> torch.nn.Module:
+    """A 2-layer GPT-2 from a config (nothing downloaded): its attention and MLP layers are
+    transformers' Conv1D, whose weight is stored (in, out), and its lm_head shares the token
+    embedding's weight unless tie=False."""
+    import transformers  # a test extra; only the tests of transformers models need it
+
+    transformers.logging.set_verbosity_error()  # the tiny vocabulary makes it warn about GPT-2's token ids
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=30, n_positions=16,
+                                     tie_word_embeddings=tie)
+    return transformers.GPT2LMHeadModel(config)

@@ -15,7 +15,7 @@ import twa_kernels as tk
 from twa_kernels.decor import DecorrelationDivergedError
 
 from tests.digits import digits_splits
-from tests.helpers import spawn
+from tests.helpers import spawn, tiny_gpt2
 
 
 def _rel(a, b):
@@ -558,3 +558,13 @@ def test_ddp_two_gloo_processes_keep_identical_r_equal_to_the_global_batch(tmp_p
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # bit-identical across ranks
         assert _rel(ranks[0][name], single[name]) < 1e-10, name  # = one process on the global batch
         assert _rel(local[name], single[name]) > 1e-4, name  # (without the all-reduce they would differ)
+
+
+def test_gpt2_conv1d_layers_are_named_as_unsupported():
+    untied = tiny_gpt2(tie=False)
+    with pytest.warns(UserWarning, match=r"leaves \['transformer.h.0.attn.c_attn', .*8 transformers Conv1D"):
+        tk.decor.decorrelate(untied)
+    assert [name for name, _ in tk.decor.decorrelated_layers(untied)] == ["lm_head"]
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"no layer to decorrelate.*8 transformers Conv1D "
+                                                             r"layers .* are not supported"):
+        tk.decor.decorrelate(tiny_gpt2(tie=False), skip=["lm_head"])

@@ -16,6 +16,8 @@ from twa_kernels.factorization import (
     factorize, sparsity_report, truncated_std, truncation_bounds,
 )
 
+from tests.helpers import tiny_gpt2
+
 
 def _regression(n=80, p=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -303,11 +305,19 @@ def test_named_errors():
 def test_tied_weights_are_refused_and_a_reused_layer_is_not():
     lm = nn.ModuleDict({"emb": nn.Embedding(5, 4), "out": nn.Linear(4, 5, bias=False)})
     lm["out"].weight = lm["emb"].weight
-    for layers in (None, ["out"], ["emb", "out"]):
+    for layers in (["out"], ["emb", "out"]):
         with pytest.raises(FactorizationError, match=r"'(out|emb)'.weight is one Parameter shared with "
                                                      r"\['(emb|out)'\].*Untie them first"):
             factorize(lm, depth=2, init="keep", layers=layers)
+    with pytest.raises(FactorizationError, match=r"every layer to factorise shares its weight.*'out': \['emb'\]"):
+        factorize(lm, depth=2, init="keep")
     assert factor_parameters(lm) == [] and lm["out"].weight is lm["emb"].weight  # refused before any change
+    # by default a tied layer is left out, with a warning, and the others are factorised
+    lm["hidden"] = nn.Linear(4, 4)
+    with pytest.warns(UserWarning, match=r"factorize leaves out \['out'\]"):
+        factorize(lm, depth=2, init="keep")
+    assert [n for n, _ in factor_parameters(lm)] == [f"hidden.parametrizations.weight.original{i}" for i in range(2)]
+    assert lm["out"].weight is lm["emb"].weight
     factorize(_tied_bias(), depth=2)  # a bias left dense may stay shared
     with pytest.raises(FactorizationError, match=r"'0'.bias is one Parameter shared with \['1'\]"):
         factorize(_tied_bias(), depth=2, biases=True)
@@ -348,3 +358,24 @@ def test_the_module_is_not_shadowed_by_its_function_and_the_old_path_warns():
     assert dwf_lr is module.dwf_lr
     assert callable(tk.factorize) and importlib.import_module("twa_kernels.factorize").__name__ == "twa_kernels.factorize"
     assert tk.factorize is module.factorize  # importing the old path did not rebind the function
+
+
+def test_gpt2_factorises_its_conv1d_layers_and_reports_them_once_collapsed():
+    model = tiny_gpt2()
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    tokens = torch.randint(0, 30, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        before = model(tokens).logits
+    with pytest.warns(UserWarning, match=r"factorize leaves out \['lm_head'\]"):
+        factorize(model, depth=2, init="keep")
+    assert sorted({n.split(".parametrizations")[0] for n, _ in factor_parameters(model)}) == sorted(conv1d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, before, rtol=1e-5, atol=1e-5)  # "keep" keeps the function
+        layer = model.get_submodule(conv1d[0])
+        layer.parametrizations.weight.original0[:, :8] = 0.0  # half of one layer's entries collapse to zero
+    report = sparsity_report(model)
+    plain = sparsity_report(collapse(model))
+    assert [row[0] for row in plain.rows] == [f"{n}.weight" for n in conv1d] + ["lm_head.weight"]
+    assert plain.nonzero == report.nonzero + 30 * 16  # the same zeros; the dense, tied lm_head counted in full
+    assert plain.nonzero < plain.total

@@ -20,6 +20,7 @@ import twa_kernels as tk
 from twa_kernels.prune import PruningError
 
 from tests.digits import digits_splits, make_model
+from tests.helpers import tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,3 +279,29 @@ def test_an_out_dir_that_is_a_file_or_corrupt_resume_state_is_named(tmp_path):
     assert "is not {mask, rewound, trained} -> file name" in resume_with(json.dumps({**manifest, "files": escape}))
     (out / manifest["files"][1]["trained"]).unlink()
     assert "no such checkpoint file" in resume_with(json.dumps(manifest))
+
+
+def test_gpt2_prunes_its_conv1d_layers_and_leaves_the_tied_lm_head_out():
+    model = tiny_gpt2()
+    conv1d = [f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    with pytest.warns(UserWarning, match=r"pruning leaves out \['lm_head.weight'\]"):
+        assert list(tk.prune.prunable_weights(model)) == conv1d
+    with pytest.warns(UserWarning, match="leaves out"):
+        masks = tk.prune.global_magnitude_masks(model, 0.5)
+    assert sorted(masks) == sorted(conv1d) and tk.prune.sparsity(masks) == pytest.approx(0.5, abs=1e-3)
+    tokens = torch.randint(0, 30, (2, 8))
+    with tk.prune.apply_masks(model, masks):
+        attn = model.transformer.h[0].attn.c_attn
+        assert torch.equal(attn.weight == 0, ~masks["transformer.h.0.attn.c_attn.weight"])  # the forward's weight
+        model(tokens, labels=tokens).loss.backward()
+    for name in conv1d:
+        assert torch.equal(model.get_parameter(name) == 0, ~masks[name])  # exact zeros after the block
+    for bad in (["lm_head"], ["transformer.h.0.attn.c_attn", "lm_head.weight"]):
+        with pytest.raises(PruningError, match=r"lm_head.weight is one Parameter with \['transformer.wte'\]"):
+            tk.prune.prunable_weights(model, bad)
+    with pytest.raises(PruningError, match="tied weights"), \
+            tk.prune.apply_masks(model, {"lm_head.weight": torch.ones(30, 16, dtype=torch.bool)}):
+        pass
+    untied = tiny_gpt2(tie=False)
+    assert list(tk.prune.prunable_weights(untied)) == conv1d + ["lm_head.weight"]

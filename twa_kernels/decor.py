@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 import math
 from collections.abc import Callable, Iterable
 
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from twa_kernels._random import check_seed, generator
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
+from twa_kernels.layers import transformers_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +259,15 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         raise InvalidArgumentError(f"lr must be positive, got {lr}")
     sampler = _Sampler(seed)
     skipped = _skipper(skip)
-    todo = []
+    todo, transposed = [], []
+    conv1d = transformers_conv1d()
     for name, module in model.named_modules():
         if skipped(name, module) or isinstance(module, _Decor):
             continue
         label = name or "<root>"
+        if conv1d is not None and isinstance(module, conv1d):
+            transposed.append(label)
+            continue
         if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):
             raise InvalidArgumentError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
                              f"convolutions are not supported; pass skip=[{name!r}]")
@@ -277,6 +283,15 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
             raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
         todo.append((name, module))
+    # GPT-2's Conv1D stores its weight (in, out): W R would have to fold as R^T W, which the
+    # decorrelated classes do not implement
+    unsupported = (f"; its {len(transposed)} transformers Conv1D layers (GPT-2's linear layers, weight stored "
+                   f"transposed) are not supported" if transposed else "")
+    if not todo:
+        raise InvalidArgumentError(f"no layer to decorrelate: the model has no nn.Linear, nn.Conv1d or nn.Conv2d "
+                                   f"outside skip={skip!r}{unsupported}")
+    if transposed:
+        warnings.warn(f"decorrelate leaves {transposed} alone{unsupported}", UserWarning, stacklevel=2)
     _refuse_tied(model, todo, "untie them (give each its own nn.Parameter) before decorrelate(), or pass skip={names}")
     for _, module in todo:
         d = module.weight[0].numel()  # in_features, or C_in * prod(kernel)

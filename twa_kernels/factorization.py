@@ -46,13 +46,20 @@ from torch.nn.utils import parametrize
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import tied_owners
+from twa_kernels.layers import transformers_conv1d
 
 logger = logging.getLogger(__name__)
 
-#: Layers factorised by default: their `weight` is the layer's multiplicative weight.
+#: Layers factorised by default: their `weight` is the layer's multiplicative weight. So is
+#: transformers' Conv1D (GPT-2's linear layer), factorised by default where it is loaded.
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+
+
+def _default_layers() -> tuple[type[nn.Module], ...]:
+    conv1d = transformers_conv1d()
+    return DEFAULT_LAYERS + ((conv1d,) if conv1d is not None else ())
 EPS = torch.finfo(torch.float32).eps
 
 LayerSpec = Union[None, Iterable[Union[str, type]]]
@@ -201,7 +208,17 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
     """The (name, module) pairs to factorise: default layer types, or the given names / types.
     Refuses a layer whose weight (or, with biases, bias) Parameter another module shares."""
     if layers is None:
-        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, DEFAULT_LAYERS)]
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, _default_layers())]
+        # a weight tied to another module (an output layer sharing an embedding's) is left
+        # out of the default choice; named in layers= it is refused below
+        tied = {n: others for n, m in chosen if (others := tied_owners(model, m))}
+        if tied and len(tied) == len(chosen):
+            raise FactorizationError(f"every layer to factorise shares its weight Parameter with another module "
+                                     f"(tied weights: {tied}); untie them first (give each its own nn.Parameter)")
+        if tied:
+            warnings.warn(f"factorize leaves out {sorted(tied)}: each shares its weight Parameter with another "
+                          f"module ({tied}); untie them to factorise them", UserWarning, stacklevel=3)
+            chosen = [(n, m) for n, m in chosen if n not in tied]
     else:
         specs = list(layers)
         modules = dict(model.named_modules())
@@ -425,7 +442,7 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
                 report.rows.append((f"{name}.{pname}", w.numel(), int((w.abs() >= threshold).sum())))
     else:
         for name, module in model.named_modules():
-            if isinstance(module, DEFAULT_LAYERS):
+            if isinstance(module, _default_layers()):
                 w = module.weight
                 report.rows.append((f"{name}.weight", w.numel(), int((w.abs() >= threshold).sum())))
     return report

@@ -12,9 +12,11 @@ or per tensor), rewinds the kept weights to the rewind point (the initialisation
 weights after k optimizer steps of round 0), and trains again. After r rounds the sparsity
 is 1 - (1 - rate)^r and every mask lies inside the one before it.
 
-The prunable weights are the `weight` of every Linear and Conv layer (biases and
-normalisation layers stay dense, as in the lottery-ticket literature); `layers` narrows
-them. During training a mask is a parametrization (`weight = where(mask, original, 0)`), so
+The prunable weights are the `weight` of every Linear, Conv and transformers Conv1D layer
+(biases, embeddings and normalisation layers stay dense, as in the lottery-ticket
+literature); `layers` narrows them. A weight tied to another module (an output layer that
+shares an embedding's weight) is left out, with a warning: a mask held on one module would
+not reach the other, which would go on computing with the pruned entries. During training a mask is a parametrization (`weight = where(mask, original, 0)`), so
 whatever the optimizer does to the stored entries (momentum, Adam moments, weight decay) the
 network computes with exact zeros, and when training ends the masked values are written
 back: the trained weights are exactly zero where pruned. The parameter objects stay the same
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,14 +49,14 @@ from torch.utils.data import DataLoader, Dataset
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import check_seed, generator
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
-from twa_kernels.io import StateDict, load_state_dict, save_state_dict, write_json
+from twa_kernels.io import StateDict, load_state_dict, save_state_dict, tied_owners, write_json
+from twa_kernels.layers import weight_layer_types
 
 logger = logging.getLogger(__name__)
 
 Masks = dict[str, Tensor]
 TrainFn = Callable[[nn.Module, int], None]
 _MANIFEST = "imp.json"
-_PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 class PruningError(InvalidArgumentError):
@@ -62,18 +65,37 @@ class PruningError(InvalidArgumentError):
 
 def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """{parameter name: module} for the weights that pruning considers: the `weight` of every
-    Linear and Conv layer, in module order. `layers` keeps only the named ones (a module name
-    such as "features.0" or a parameter name such as "features.0.weight")."""
-    found = {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
-             if isinstance(module, _PRUNABLE) and getattr(module, "weight", None) is not None}
+    Linear, Conv and transformers Conv1D layer, in module order, except those tied to another
+    module (left out with a warning). `layers` keeps only the named ones (a module name such
+    as "features.0" or a parameter name such as "features.0.weight"); naming a tied weight
+    is an error."""
+    found: dict[str, nn.Module] = {}
+    tied: dict[str, list[str]] = {}
+    types = weight_layer_types()
+    for name, module in model.named_modules():
+        if isinstance(module, types) and isinstance(getattr(module, "weight", None), Tensor):
+            key = f"{name}.weight" if name else "weight"
+            others = tied_owners(model, module)
+            if others:
+                tied[key] = others
+            else:
+                found[key] = module
     if layers is None:
+        if tied:
+            warnings.warn(f"pruning leaves out {sorted(tied)}: each is one Parameter with another module's "
+                          f"({tied}), which a mask held on one module would not reach", UserWarning, stacklevel=2)
         if not found:
-            raise PruningError("the model has no Linear or Conv layer to prune")
+            raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
+                               (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
         return found
     wanted = {name if name.endswith("weight") else f"{name}.weight" for name in layers}
+    if clash := sorted(wanted & tied.keys()):
+        raise PruningError(f"{clash[0]} is one Parameter with {tied[clash[0]]} (tied weights): a mask held on one "
+                           "module would not reach the other, which would compute with the pruned entries; leave "
+                           "it out of layers (or masks), or untie the weights first")
     unknown = sorted(wanted - found.keys())
     if unknown:
-        raise PruningError(f"layers {unknown} are not prunable Linear/Conv weights of the model; "
+        raise PruningError(f"layers {unknown} are not prunable Linear/Conv/Conv1D weights of the model; "
                            f"choose from {sorted(found)}")
     if not wanted:
         raise PruningError("layers is empty; name at least one Linear/Conv layer, or pass layers=None for all")
@@ -168,10 +190,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     same object as before, is `model.layer.parametrizations.weight.original`). On exit the
     masked values are written back into the parameters, so pruned entries are exactly zero,
     and the model is plain again (its state_dict keys unchanged)."""
-    modules = prunable_weights(model)
-    unknown = sorted(set(masks) - set(modules))
-    if unknown:
-        raise PruningError(f"masks name {unknown}, which are not prunable weights of the model ({sorted(modules)})")
+    modules = prunable_weights(model, masks) if masks else {}
     done = []
     try:
         for name, mask in masks.items():
