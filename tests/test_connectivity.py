@@ -561,6 +561,157 @@ def test_plane_margin_must_be_finite_and_non_negative(margin):
         C.plane(model, [state, state, state], [], margin=margin)
 
 
+# ---- transformers models, checkpoint formats and batches --------------------------------------
+
+
+def _tiny_llama(seed: int = 0):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=50, max_position_embeddings=32)).eval()
+
+
+def _tiny_gpt2(seed: int = 0, head: str = "GPT2LMHeadModel", **config):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    return getattr(transformers, head)(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                               n_positions=32, **config)).eval()
+
+
+def _lm_metric(outputs, targets):
+    return outputs.loss, torch.zeros(())  # the model's own causal-LM loss; no error rate
+
+
+def _token_batches(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 50, (2, 3, 8), generator=gen)]
+
+
+def _nudged(state, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_buffers_no_state_dict_holds_are_the_models_own():
+    model = _tiny_llama()
+    non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    assert "model.rotary_emb.inv_freq" in non_persistent
+    data = _token_batches()
+    state = model.state_dict()
+    with torch.no_grad():
+        want = sum(float(model(**batch).loss) for batch in data) / len(data)
+    for bn in ("interpolate", "recompute", "none"):
+        r = C.interpolate(model, state, state, data, steps=2, bn=bn, metric=_lm_metric)
+        assert r.loss == pytest.approx([want, want], abs=1e-6)
+    p = C.plane(model, [state, _nudged(state, 1), _nudged(state, 2)], data, grid=2, bn="interpolate",
+                metric=_lm_metric)
+    assert torch.isfinite(p.loss).all()
+
+
+def test_interpolate_reads_lightning_and_wrapped_checkpoints(tmp_path):
+    train, test, _ = digits_splits()
+    model = make_model(3)
+    a, b = make_model(0).state_dict(), make_model(1).state_dict()
+    want = C.interpolate(model, a, b, _data(test), steps=3, bn_data=_data(train))
+    # a LightningModule holding the network as self.model saves it as model.<name>, beside its own entries
+    lightning = tmp_path / "epoch=0-step=10.ckpt"
+    torch.save({"epoch": 0, "global_step": 10, "state_dict": {f"model.{k}": v for k, v in a.items()}}, lightning)
+    for first, second in ((lightning, {f"module.{k}": v for k, v in b.items()}),
+                          ({f"_orig_mod.{k}": v for k, v in a.items()}, tk.save_state_dict(
+                              {f"model.{k}": v for k, v in b.items()}, tmp_path / "b.pt"))):
+        got = C.interpolate(model, first, second, _data(test), steps=3, bn_data=_data(train))
+        assert got.loss == want.loss and got.error == want.error
+    # the study's statistics come through the matching too
+    got = C.interpolate(model, lightning, b, _data(test), steps=3, bn="interpolate")
+    assert got.loss == C.interpolate(model, a, b, _data(test), steps=3, bn="interpolate").loss
+
+
+def test_tied_weights_under_any_of_their_names_in_checkpoints_and_masks():
+    model = _tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    data = _token_batches()
+    a, b = model.state_dict(), _nudged(model.state_dict(), 1)
+    b["lm_head.weight"] = b["transformer.wte.weight"]
+    want = C.interpolate(model, a, b, data, steps=3, metric=_lm_metric)
+    # safetensors writers keep one name of a tied weight, which need not be the model's first
+    for dropped in ("lm_head.weight", "transformer.wte.weight"):
+        one_name = {k: v for k, v in b.items() if k != dropped}
+        assert C.interpolate(model, a, one_name, data, steps=3, metric=_lm_metric).loss == want.loss
+    mask = torch.rand(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    masked = C.interpolate(model, a, b, data, steps=3, metric=_lm_metric, masks={"transformer.wte.weight": mask})
+    assert abs(masked.loss[1] - want.loss[1]) > 1e-3
+    for masks in ({"lm_head.weight": mask}, {"lm_head.weight": mask, "transformer.wte.weight": mask.clone()}):
+        assert C.interpolate(model, a, b, data, steps=3, metric=_lm_metric, masks=masks).loss == masked.loss
+    p = C.plane(model, [a, b, _nudged(a, 2)], data, grid=2, metric=_lm_metric, masks={"lm_head.weight": mask})
+    assert torch.isfinite(p.loss).all()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="masks for 'lm_head.weight' and 'transformer.wte.weight' "
+                                                             "differ.*one tied tensor"):
+        C.interpolate(model, a, b, data, metric=_lm_metric,
+                      masks={"lm_head.weight": mask, "transformer.wte.weight": ~mask})
+    with pytest.raises(tk.errors.InvalidArgumentError, match="mask for 'lm_head.bias': the model has no such"):
+        C.interpolate(model, a, b, data, metric=_lm_metric, masks={"lm_head.bias": mask[0]})
+
+
+def test_hugging_face_batches_and_outputs():
+    import torch.nn.functional as F
+
+    model = _tiny_gpt2(head="GPT2ForSequenceClassification", num_labels=3, pad_token_id=0)
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 50, (4, 8), generator=gen), "labels": torch.randint(0, 3, (4,), generator=gen)}
+            for _ in range(2)]
+    with torch.no_grad():
+        outputs = [model(input_ids=batch["input_ids"]) for batch in data]
+    loss = sum(float(F.cross_entropy(o.logits, d["labels"])) for o, d in zip(outputs, data)) / 2
+    error = sum(float((o.logits.argmax(1) != d["labels"]).float().mean()) for o, d in zip(outputs, data)) / 2
+    assert C.classification_metric(outputs[0], data[0]["labels"])[0] == F.cross_entropy(outputs[0].logits,
+                                                                                         data[0]["labels"])
+    r = C.interpolate(model, model.state_dict(), model.state_dict(), data, steps=2)
+    assert r.loss == pytest.approx([loss, loss], abs=1e-6) and r.error == pytest.approx([error, error], abs=1e-6)
+    state = model.state_dict()
+    p = C.plane(model, [state, _nudged(state, 1), _nudged(state, 2)], data, grid=2)
+    assert ((p.error >= 0) & (p.error <= 1)).all()
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'labels' tensor is the targets.*\['input_ids'\]"):
+        C.interpolate(model, state, state, [{"input_ids": data[0]["input_ids"]}])
+    with pytest.raises(tk.errors.InvalidTypeError, match="classification_metric takes logits"):
+        C.classification_metric((outputs[0].logits,), data[0]["labels"])
+    # sharpness takes the same batches; its loss_fn gets the model's output
+    model.config._attn_implementation = "eager"
+    diag = C.hessian_diagonal(model, lambda out, y: F.cross_entropy(out.logits, y), data, samples=2, seed=0)
+    assert set(diag) == {n for n, _ in model.named_parameters()}
+
+
+def test_sharpness_names_an_op_without_forward_mode_derivatives():
+    import torch.nn.functional as F
+
+    def loss_fn(outputs, targets):
+        return outputs.loss
+
+    for model in (_tiny_gpt2(), _tiny_llama()):
+        assert model.config._attn_implementation == "sdpa"
+        data = _token_batches()[:1]
+        with pytest.raises(tk.errors.InvalidArgumentError,
+                           match=r"calls _scaled_dot_product_\w+, which has no forward-mode derivative.*"
+                                 r"attn_implementation='eager'"):
+            C.hessian_diagonal(model, loss_fn, data, samples=2)
+        with pytest.raises(tk.errors.InvalidArgumentError, match="no forward-mode derivative"):
+            C.top_eigenvalue(model, loss_fn, data, iters=2)
+        model.config._attn_implementation = "eager"
+        assert torch.isfinite(torch.tensor(C.top_eigenvalue(model, loss_fn, data, iters=2, seed=0).value))
+
+    class Unfinished(torch.nn.Linear):
+        def forward(self, x):
+            raise NotImplementedError("not written yet")
+
+    with pytest.raises(NotImplementedError, match="not written yet") as caught:  # other ones pass through
+        C.hessian_diagonal(Unfinished(3, 2), F.cross_entropy, [(torch.randn(2, 3), torch.zeros(2).long())], samples=2)
+    assert not isinstance(caught.value, tk.errors.TWAKernelsError)
+
+
 # ---- the CLI: `twa connect` and `twa plane` ---------------------------------------------------
 
 USER_PACKAGE = '''

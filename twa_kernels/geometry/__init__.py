@@ -8,7 +8,8 @@
     value, trace, converged = tk.connectivity.top_eigenvalue(model, loss_fn, data)
 
 `a`, `b`, `c` are state_dicts or checkpoint paths; `data` is a re-iterable of (x, y)
-batches (a DataLoader or a list). The public name is `tk.connectivity`; this package
+batches or of mappings fed as keyword arguments with a "labels" entry (Hugging Face
+batches), a DataLoader or a list. The public name is `tk.connectivity`; this package
 holds one module per job:
 
 - evaluation: checkpoints, the metric, BatchNorm handling (`bn`) and evaluation at given

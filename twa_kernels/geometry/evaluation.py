@@ -11,6 +11,16 @@ semantics (reset, momentum None, one pass in train mode over `bn_data`, which de
 `data`); "interpolate" mixes the checkpoints' running statistics with the weights'
 coefficients, as the code of McDermott & Cummings (arXiv 2310.18769) does, for comparison;
 "none" uses the model's buffers as they are.
+
+Batches. `data` yields (inputs, targets, ...) tuples or lists, whose inputs are the model's
+one argument, or mappings (Hugging Face batches), fed whole as keyword arguments as
+update_bn feeds them, whose "labels" entry is the targets. The metric gets the model's
+output as it is; the default, classification_metric, reads a Hugging Face ModelOutput
+through its `.logits`.
+
+Checkpoint keys are matched to the model's names as io.keys says: wrapper prefixes
+(`module.`, `_orig_mod.`), a LightningModule's `model.`, tied weights under any of their
+names.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +37,43 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.batchnorm import update_bn
-from twa_kernels.errors import InvalidArgumentError
-from twa_kernels.io import CheckpointError, StateDict, check_finite, load_state_dict, unwrap_state_dict
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.io import (
+    CheckpointError,
+    StateDict,
+    check_finite,
+    fill_tied_keys,
+    load_state_dict,
+    match_names,
+    parameter_aliases,
+    unwrap_state_dict,
+)
 
 Checkpoint = str | os.PathLike | Mapping[str, Tensor]
-Metric = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+Metric = Callable[[Any, Tensor], tuple[Tensor, Tensor]]
 BN_MODES = ("recompute", "interpolate", "none")
 _BN_STATS = ("running_mean", "running_var")
 
 
-def classification_metric(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean cross-entropy, top-1 error fraction) of a batch of logits [N, C] and labels [N]."""
-    return F.cross_entropy(outputs, targets), (outputs.argmax(dim=1) != targets).float().mean()
+def classification_metric(outputs: Tensor | Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy, top-1 error fraction) of a batch of logits [N, C] and labels [N].
+    `outputs` is the logits, or a model output that holds them as `.logits` (a Hugging Face
+    ModelOutput, e.g. of a ...ForSequenceClassification model)."""
+    logits = outputs if isinstance(outputs, Tensor) else getattr(outputs, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise InvalidTypeError(f"classification_metric takes logits [N, C], or a model output with a .logits tensor "
+                               f"(a Hugging Face ModelOutput), got {type(outputs).__name__}; pass a metric(outputs, "
+                               "targets) -> (mean loss, error fraction) that reads this model's output")
+    return F.cross_entropy(logits, targets), (logits.argmax(dim=1) != targets).float().mean()
 
 
-def load_checkpoint(checkpoint: Checkpoint, source: str) -> StateDict:
-    """The whole state_dict. A NaN or Inf anywhere is refused, naming the checkpoint and the key."""
+def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None = None) -> StateDict:
+    """The checkpoint's state_dict; given `model`, its keys matched to the model's names (see
+    the module docstring). A NaN or Inf in what is returned is refused, naming the
+    checkpoint and the key."""
     state = unwrap_state_dict(checkpoint, source) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
+    if model is not None:
+        state = fill_tied_keys(match_names(state, model.state_dict().keys(), source), parameter_aliases(model))
     check_finite(state, source)
     return state
 
@@ -69,9 +100,12 @@ def checked_entry(state: Mapping[str, Tensor], key: str, shape: tuple[int, ...],
 
 
 def float_buffers(model: nn.Module, include_bn_stats: bool) -> dict[str, Tensor]:
+    """The model's floating-point buffers that its state_dict holds, by name. Non-persistent
+    ones (a rotary embedding's inv_freq) are in no checkpoint: the model's own are used."""
+    persistent = model.state_dict().keys()
     out = {}
     for name, buf in model.named_buffers():
-        if buf.is_floating_point() and (include_bn_stats or not name.endswith(_BN_STATS)):
+        if name in persistent and buf.is_floating_point() and (include_bn_stats or not name.endswith(_BN_STATS)):
             out[name] = buf
     return out
 
@@ -82,18 +116,45 @@ def check_bn(bn: str) -> None:
 
 
 def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """The masks by the parameters' named_parameters() names, cast to their dtype and device.
+    A tied parameter's mask may be given under any of its names (io.parameter_aliases);
+    masks given under two of them must agree."""
     if masks is None:
         return {}
     params = dict(model.named_parameters())
-    out = {}
-    for name, mask in masks.items():
-        if name not in params:
-            raise InvalidArgumentError(f"mask for {name!r}: the model has no such parameter (e.g. {list(params)[:3]})")
+    canonical = {alias: name for name, aliases in parameter_aliases(model).items() for alias in aliases}
+    out: dict[str, Tensor] = {}
+    given: dict[str, str] = {}
+    for key, mask in masks.items():
+        name = canonical.get(key)
+        if name is None:
+            raise InvalidArgumentError(f"mask for {key!r}: the model has no such parameter (e.g. {list(params)[:3]})")
         if tuple(mask.shape) != tuple(params[name].shape):
-            raise InvalidArgumentError(f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter's is "
+            raise InvalidArgumentError(f"mask for {key!r} has shape {tuple(mask.shape)} but the parameter's is "
                              f"{tuple(params[name].shape)}")
-        out[name] = mask.to(device=params[name].device, dtype=params[name].dtype)
+        mask = mask.to(device=params[name].device, dtype=params[name].dtype)
+        if name in out and not torch.equal(out[name], mask):
+            raise InvalidArgumentError(f"masks for {given[name]!r} and {key!r} differ, but both names are one tied "
+                                       "tensor; give one mask for it, under either name")
+        out[name], given[name] = mask, given.get(name, key)
     return out
+
+
+def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
+    """(args, kwargs, targets) of one batch, on `device` (see the module docstring): an
+    (inputs, targets, ...) tuple or list gives ((inputs,), {}, targets); a mapping gives
+    ((), the whole mapping, its "labels"), as update_bn feeds it."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return (batch[0].to(device),), {}, batch[1].to(device)
+    if isinstance(batch, Mapping):
+        if not isinstance(batch.get("labels"), Tensor):
+            raise InvalidArgumentError(f"a mapping batch is fed to the model as keyword arguments and its 'labels' "
+                                       f"tensor is the targets; this one has none (keys {list(batch)}): add the "
+                                       "targets under 'labels', or yield (inputs, targets) tuples")
+        kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return (), kwargs, kwargs["labels"]
+    raise InvalidArgumentError(f"data must yield (inputs, targets) batches, or mappings of keyword arguments with "
+                               f"a 'labels' tensor (Hugging Face batches), got {type(batch).__name__}")
 
 
 @contextlib.contextmanager
@@ -122,10 +183,8 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
     loss_sum = error_sum = 0.0
     count = 0
     for batch in data:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise InvalidArgumentError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
-        x, y = batch[0].to(device), batch[1].to(device)
-        loss, error = metric(functional_call(model, weights, (x,)), y)
+        args, kwargs, y = split_batch(batch, device)
+        loss, error = metric(functional_call(model, weights, args, kwargs), y)
         n = len(y)
         loss_sum, error_sum, count = loss_sum + float(loss) * n, error_sum + float(error) * n, count + n
     if count == 0:

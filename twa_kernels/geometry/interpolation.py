@@ -85,11 +85,18 @@ def interpolate(
 ) -> Interpolation:
     """Evaluate `model` at (1 - alpha) a + alpha b for `steps` evenly spaced alphas in [0, 1].
 
-    metric(outputs, targets) returns the batch's (mean loss, error fraction); the default is
-    cross-entropy and top-1 error. masks ({parameter name: 0/1 or bool tensor}) multiply the
-    weights at every alpha, so interpolants of sparse networks stay sparse. See the module
-    docstring for `bn` and the barriers. Parameters are mixed with torch.lerp, which is exact
-    at alpha 0 and 1 and when a and b agree.
+    a and b are state_dicts or checkpoint paths, their keys matched to the model's names
+    (wrapper prefixes `module.` and `_orig_mod.`, a Lightning .ckpt of a LightningModule
+    holding the network as `self.model`, tied weights saved under one name: see io.keys).
+    data yields (inputs, targets) tuples, or mappings (Hugging Face batches) fed to the model
+    as keyword arguments whose "labels" are the targets. metric(outputs, targets) returns
+    the batch's (mean loss, error fraction) from the model's output as it is; the default is
+    cross-entropy and top-1 error of the logits (a ModelOutput's `.logits`). masks
+    ({parameter name: 0/1 or bool tensor}; a tied parameter under any of its names) multiply
+    the weights at every alpha, so interpolants of sparse networks stay sparse. Buffers that
+    a state_dict does not hold (non-persistent ones, such as a rotary embedding's inv_freq)
+    are the model's own. See the module docstring for `bn` and the barriers. Parameters are
+    mixed with torch.lerp, which is exact at alpha 0 and 1 and when a and b agree.
     """
     check_bn(bn)
     if not isinstance(steps, int) or steps < 2:
@@ -97,12 +104,12 @@ def interpolate(
     mask = check_masks(model, masks)
     params = dict(model.named_parameters())
     buffers = float_buffers(model, include_bn_stats=bn == "interpolate")
+    wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
+    device = next(iter(params.values())).device
     ends = []
     for i, ckpt in enumerate((a, b)):
         source = checkpoint_source(ckpt, i)
-        state = load_checkpoint(ckpt, source)
-        wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
-        device = next(iter(params.values())).device
+        state = load_checkpoint(ckpt, source, model)
         ends.append({k: checked_entry(state, k, tuple(s), source).to(device=device, dtype=(params.get(k) if k in params
                                                                                      else buffers[k]).dtype)
                      for k, s in wanted.items()})

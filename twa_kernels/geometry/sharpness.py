@@ -8,11 +8,20 @@ Hutchinson's estimator is E[z * Hz] with Rademacher z. Both run on Hessian-vecto
 by forward-over-reverse differentiation (torch.func.jvp of torch.func.grad), vectorised
 over probes with vmap. The model runs in eval mode (fixed BatchNorm statistics), so the
 loss is a deterministic function of the parameters.
+
+`data` yields (inputs, targets) tuples, or mappings (Hugging Face batches) fed to the model
+as keyword arguments, whose "labels" are the targets; loss_fn(outputs, targets) gets the
+model's output as it is (for a transformers model its ModelOutput: read `.logits`, or
+return `.loss`). Every op of the model needs a forward-mode derivative: transformers models
+with their default fused attention (attn_implementation="sdpa") are refused, naming eager
+attention as the way out.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -23,9 +32,11 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
-from twa_kernels.geometry.evaluation import preserved
+from twa_kernels.geometry.evaluation import preserved, split_batch
 
 logger = logging.getLogger(__name__)
+# PyTorch's message for an op without a forward-mode derivative, which torch.func.jvp needs
+_NO_FORWARD_AD = re.compile(r"Trying to use forward AD with (\S+)")
 
 
 class EigenResult(NamedTuple):
@@ -41,29 +52,49 @@ class EigenResult(NamedTuple):
         return dict(value=float(self.value), trace=[float(t) for t in self.trace], converged=bool(self.converged))
 
 
-def _hvp(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Iterable):
+def _no_forward_ad(exc: NotImplementedError) -> InvalidArgumentError | None:
+    """The named error for an op that has no forward-mode derivative, or None when `exc` is
+    another NotImplementedError."""
+    found = _NO_FORWARD_AD.search(str(exc))
+    if found is None:
+        return None
+    op = found.group(1)
+    if "attention" in op:
+        remedy = ("it is the fused kernel of scaled_dot_product_attention, which transformers models use by "
+                  "default (attn_implementation='sdpa'): build the model with eager attention, from_pretrained(..., "
+                  "attn_implementation='eager'), or set model.config._attn_implementation = 'eager' before the call")
+    else:
+        remedy = "compute that part of the model with ops that have one (or pass a model without it)"
+    return InvalidArgumentError(f"the model calls {op}, which has no forward-mode derivative in PyTorch, and the "
+                                f"Hessian-vector products are forward-over-reverse (torch.func.jvp of grad); {remedy}")
+
+
+def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Iterable):
     """(params, hvp): the detached parameters by name and v -> H v for the Hessian of the
     mean loss over `data` (batches weighted by their size), in eval mode. hvp accepts a
-    leading probe dimension on every tensor of v (vmapped)."""
+    leading probe dimension on every tensor of v (vmapped). Batches are fed as evaluation's
+    split_batch reads them."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     device = next(iter(params.values())).device
-    batches = []
-    for batch in data:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise InvalidArgumentError(f"data must yield (inputs, targets) batches, got {type(batch).__name__}")
-        batches.append((batch[0].to(device), batch[1].to(device)))
-    total = sum(len(y) for _, y in batches)
+    batches = [split_batch(batch, device) for batch in data]
+    total = sum(len(y) for _, _, y in batches)
     if total == 0:
         raise InvalidArgumentError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
 
-    def batch_hvp(x: Tensor, y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
-        grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, (x,)), y))
+    def batch_hvp(args: tuple, kwargs: dict[str, Any], y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
         return torch.func.jvp(grad, (params,), (v,))[1]  # forward-over-reverse
 
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         out = None
-        for x, y in batches:
-            part = torch.func.vmap(lambda t: batch_hvp(x, y, t))(v)
+        for args, kwargs, y in batches:
+            try:
+                part = torch.func.vmap(functools.partial(batch_hvp, args, kwargs, y))(v)
+            except NotImplementedError as exc:
+                named = _no_forward_ad(exc)
+                if named is None:
+                    raise
+                raise named from exc
             scale = len(y) / total
             out = {k: t * scale for k, t in part.items()} if out is None else \
                 {k: out[k].add_(t, alpha=scale) for k, t in part.items()}
@@ -92,7 +123,9 @@ def hessian_diagonal(
     the tests 1000 probes give about 7% error weighted by magnitude. The model runs in eval
     mode (fixed BatchNorm statistics) and is returned as it was. An int `seed` draws the
     probes from a private generator (torch's global RNG untouched); None from the global RNG.
-    chunk: a positive int.
+    chunk: a positive int. Batches and loss_fn's arguments as the module docstring says; a
+    model with an op that has no forward-mode derivative (transformers' default SDPA
+    attention: build it with attn_implementation="eager") raises InvalidArgumentError.
     """
     if not isinstance(samples, int) or samples < 1:
         raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
