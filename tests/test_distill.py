@@ -170,3 +170,20 @@ def test_matching_loss_refuses_a_synthetic_set_that_does_not_fit_the_data():
     x_syn[0, 0, 0] = float("inf")
     with pytest.raises(DistillError, match="x_syn hold 1 NaN/Inf"):
         tk.distill.matching_loss((x, y), x_syn, y_syn, nets=1, embed=embed)
+
+
+def test_an_embedding_network_that_returns_no_tensor_is_named():
+    class Output(dict):
+        """What a Hugging Face model returns: a mapping of named outputs, not a tensor."""
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(12, 4)
+
+        def forward(self, x):
+            return Output(pooler_output=self.linear(x.flatten(1)))
+
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    with pytest.raises(tk.errors.InvalidTypeError, match=r"returns Output, not a tensor.*\.pooler_output"):
+        tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=4, embed=Wrapped, seed=0)

@@ -305,3 +305,17 @@ def test_gpt2_prunes_its_conv1d_layers_and_leaves_the_tied_lm_head_out():
         pass
     untied = tiny_gpt2(tie=False)
     assert list(tk.prune.prunable_weights(untied)) == conv1d + ["lm_head.weight"]
+
+
+def test_the_default_training_loop_takes_a_hugging_face_classifier():
+    import transformers  # a test extra
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    data = TensorDataset(torch.randint(0, 30, (32, 8)), torch.arange(32) % 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tk.prune.train_classifier(model, data, epochs=1, batch_size=16, seed=0)  # its forward returns a ModelOutput
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())

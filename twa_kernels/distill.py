@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import check_seed, generator, seeded
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import load_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,12 @@ def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
 
 
 def _class_means(net: nn.Module, x: Tensor, y: Tensor, classes: Tensor) -> Tensor:
-    emb = net(_as_channels(x)).flatten(1)
+    emb = net(_as_channels(x))
+    if not isinstance(emb, Tensor):
+        raise InvalidTypeError(f"embed() built a network that returns {type(emb).__name__}, not a tensor of "
+                               "embeddings; wrap it to return one (for a Hugging Face model, e.g. its "
+                               ".pooler_output or .last_hidden_state.mean(1))")
+    emb = emb.flatten(1)
     index = (y[:, None] == classes[None]).float().argmax(1)  # position of each label in `classes`
     sums = torch.zeros(len(classes), emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, index, emb)
     counts = torch.bincount(index, minlength=len(classes)).to(emb.dtype)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import check_seed, generator
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
+from twa_kernels.geometry.evaluation import classification_metric
 from twa_kernels.io import StateDict, load_state_dict, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import weight_layer_types
 
@@ -228,7 +228,8 @@ def train_classifier(
     schedule: str = "cosine",
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
-    """The default training loop: cross-entropy, SGD with momentum (or `optimizer(params)`),
+    """The default training loop: cross-entropy of the model's logits (or of a Hugging Face
+    ModelOutput's `.logits`), SGD with momentum (or `optimizer(params)`),
     a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds a
     private generator, None shuffles from torch's global RNG)."""
     if schedule not in ("cosine", "constant"):
@@ -243,7 +244,7 @@ def train_classifier(
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            classification_metric(model(x.to(device)), y.to(device))[0].backward()  # logits or a ModelOutput's
             opt.step()
             if sched is not None:
                 sched.step()
