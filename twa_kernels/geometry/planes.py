@@ -410,6 +410,51 @@ class Plane:
                     bn=self.bn)
 
 
+def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None) -> tuple[int, int]:
+    """(nx, ny) of a valid grid; the margin and bits checked."""
+    nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
+        raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+        raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
+                                   f"side; 0.2 is the default), got {margin!r}")
+    if bits is not None and bits not in SUPPORTED_BITS:
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+    return nx, ny
+
+
+def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspace, dims: tuple[int, int],
+                    bits: int | None, group_size: int, bn: str,
+                    labels: Sequence[str] | None) -> tuple[_Frame, list[str], dict[str, PlanePoint]]:
+    """The plane's frame, its anchors' labels, and where the anchors lie in it: a, b and c of
+    a checkpoint plane, or the center of a Subspace."""
+    if isinstance(checkpoints, Subspace):
+        if bn == "interpolate":
+            raise InvalidArgumentError("bn='interpolate' mixes the checkpoints' statistics, which a Subspace does "
+                                       "not hold; use bn='recompute'")
+        frame, anchors = _frame_from_subspace(model, checkpoints, dims), ["center"]
+        located = {"center": PlanePoint(0.0, 0.0, 0.0)}
+    else:
+        frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn == "interpolate")
+        L = frame.chol
+        located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
+                   anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
+    if labels is not None:
+        if len(labels) != len(anchors):
+            raise InvalidArgumentError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
+        located = {new: located[old] for new, old in zip(labels, anchors)}
+        anchors = list(labels)
+    return frame, anchors, located
+
+
+def _grid_axes(located: Mapping[str, PlanePoint], margin: float, nx: int, ny: int) -> tuple[list[float], list[float]]:
+    """The grid's coordinates along x and y: the span of the located points, padded on each side."""
+    x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
+    y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
+    pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
+    return _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
+
+
 def plane(
     model: nn.Module,
     checkpoints: Sequence[Checkpoint] | Subspace,
@@ -444,40 +489,15 @@ def plane(
     needs checkpoints, whose statistics it mixes).
     """
     check_bn(bn)
-    nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
-        raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
-        raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
-                                   f"side; 0.2 is the default), got {margin!r}")
-    if bits is not None and bits not in SUPPORTED_BITS:
-        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+    nx, ny = _check_grid(grid, margin, bits)
     mask = check_masks(model, masks)
-    if isinstance(checkpoints, Subspace):
-        if bn == "interpolate":
-            raise InvalidArgumentError("bn='interpolate' mixes the checkpoints' statistics, which a Subspace does not hold; "
-                             "use bn='recompute'")
-        frame, anchors = _frame_from_subspace(model, checkpoints, dims), ["center"]
-        located = {"center": PlanePoint(0.0, 0.0, 0.0)}
-    else:
-        frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn == "interpolate")
-        L = frame.chol
-        located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
-                   anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
-    if labels is not None:
-        if len(labels) != len(anchors):
-            raise InvalidArgumentError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
-        located = {new: located[old] for new, old in zip(labels, anchors)}
-        anchors = list(labels)
+    frame, anchors, located = _anchored_frame(model, checkpoints, dims, bits, group_size, bn, labels)
     for label, ckpt in (points or {}).items():
         located[label] = frame.locate(ckpt, label)
     device = next(model.parameters()).device
     frame.origin = frame.origin.to(device)
     frame.basis = frame.basis.to(device)
-    x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
-    y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
-    pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
-    xs, ys = _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
+    xs, ys = _grid_axes(located, margin, nx, ny)
     loss, error = torch.empty(ny, nx, dtype=torch.float64), torch.empty(ny, nx, dtype=torch.float64)
     # One weight vector, viewed as the parameters, is the only model-sized memory the grid
     # adds: each row starts from the origin (read back into it) plus one reconstruct, and
