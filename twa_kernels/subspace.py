@@ -25,6 +25,7 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import (
     CheckpointError,
     Checkpoints,
+    CheckpointSpec,
     resolve_checkpoints,
 )
 from twa_kernels.quant import (
@@ -215,23 +216,8 @@ class Subspace:
             raise InvalidArgumentError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
         specs = resolve_checkpoints(checkpoints)
         builder.require_two_checkpoints(specs, checkpoints)
-        names = parameter_names
-        shapes = [tuple(s) for s in parameter_shapes] if parameter_shapes is not None else None
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
-        if names is None or shapes is None:  # from the first checkpoint's metadata
-            first = ColumnReader(specs[0], 0, names=names)
-            # no model says which entries are parameters: the floating-point ones, less BatchNorm's statistics
-            names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
-                                                     and not k.endswith(_BATCHNORM_STATISTICS)]
-            keys = {n: first.key(n, aliases.get(n, ())) for n in names}
-            missing = [n for n, key in keys.items() if key is None]
-            if missing:
-                raise CheckpointError(f"{first.source}: missing key {missing[0]!r}; was it saved from the same model?")
-            shapes = [first.shape(keys[n]) for n in names]
-        empty = [n for n, shape in zip(names, shapes) if math.prod(shape) == 0]
-        if empty:
-            raise InvalidArgumentError(f"parameter {empty[0]!r} has no elements (shape {shapes[names.index(empty[0])]}); "
-                                       "leave it out of parameter_names (it holds nothing to average)")
+        names, shapes = _names_and_shapes(specs[0], parameter_names, parameter_shapes, aliases)
         # the model's names, which checkpoint keys are matched to (io.keys)
         layout = Layout(names, shapes, aliases, [*names, *(a for n in names for a in aliases.get(n, ()))])
         steps = lambda items, what: progress_bar(items, enabled=progress, desc=what, total=len(items), unit="ckpt")  # noqa: E731
@@ -256,6 +242,28 @@ class Subspace:
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
         return cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
+
+
+def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shapes: list[tuple[int, ...]] | None,
+                      aliases: dict[str, list[str]]) -> tuple[list[str], list[tuple[int, ...]]]:
+    """The names and shapes of the weights a subspace spans: as given, or what the first
+    checkpoint holds (without a model to say which entries are parameters, its
+    floating-point ones less BatchNorm's statistics). A weight with no elements is refused."""
+    shapes = [tuple(s) for s in shapes] if shapes is not None else None
+    if names is None or shapes is None:  # from the first checkpoint's metadata
+        first = ColumnReader(first_spec, 0, names=names)
+        names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
+                                                 and not k.endswith(_BATCHNORM_STATISTICS)]
+        keys = {n: first.key(n, aliases.get(n, ())) for n in names}
+        missing = [n for n, key in keys.items() if key is None]
+        if missing:
+            raise CheckpointError(f"{first.source}: missing key {missing[0]!r}; was it saved from the same model?")
+        shapes = [first.shape(keys[n]) for n in names]
+    empty = [n for n, shape in zip(names, shapes) if math.prod(shape) == 0]
+    if empty:
+        raise InvalidArgumentError(f"parameter {empty[0]!r} has no elements (shape {shapes[names.index(empty[0])]}); "
+                                   "leave it out of parameter_names (it holds nothing to average)")
+    return names, shapes
 
 
 def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str,
