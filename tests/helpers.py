@@ -109,3 +109,13 @@ def tiny_gpt2(seed: int = 0, tie: bool = True) -> torch.nn.Module:
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=30, n_positions=16,
                                      tie_word_embeddings=tie)
     return transformers.GPT2LMHeadModel(config)
+
+
+class RunsCode:
+    """Unpickling this creates the marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: object):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -1,7 +1,6 @@
 """torch.distributed.checkpoint (DCP) directories: read correctly, and never run code from
 their pickles (the .metadata file, or non-tensor items in the .distcp data files)."""
 
-import os
 import pickle
 import subprocess
 import sys
@@ -15,18 +14,12 @@ from twa_kernels import _dcp
 from twa_kernels.errors import CheckpointError
 from twa_kernels.columns import ColumnReader
 
-
-class Payload:
-    """Unpickling this creates the marker file: what a hostile checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.helpers import RunsCode
 
 
-class OpenPayload(Payload):
+class OpenPayload(RunsCode):
+    """Unpickling this opens the marker file for writing."""
+
     def __reduce__(self):
         return (open, (self.marker, "w"))
 
@@ -59,14 +52,14 @@ def test_a_genuine_dcp_checkpoint_reads_correctly(tmp_path):
     assert set(_dcp.tensor_entries(metadata)) == {f"model.{k}" for k in state}
 
 
-@pytest.mark.parametrize("payload", [Payload, OpenPayload], ids=["os.system", "open"])
+@pytest.mark.parametrize("payload", [RunsCode, OpenPayload], ids=["os.system", "open"])
 def test_a_malicious_metadata_file_is_refused_and_runs_nothing(tmp_path, payload):
     marker = tmp_path / "MARKER"
     save_dcp(tmp_path / "ckpt", {"model": model_state()})
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(payload(marker)))
     with pytest.raises(CheckpointError, match=r"\.metadata: refused.*names the Python global") as info:
         ColumnReader(tmp_path / "ckpt")
-    assert ("system" if payload is Payload else "open") in str(info.value)
+    assert ("system" if payload is RunsCode else "open") in str(info.value)
     assert not marker.exists()
 
 
@@ -75,7 +68,7 @@ def test_a_payload_hidden_inside_valid_metadata_is_refused(tmp_path):
     marker = tmp_path / "MARKER"
     save_dcp(tmp_path / "ckpt", {"model": model_state()})
     metadata = _dcp.read_metadata(tmp_path / "ckpt")
-    metadata.storage_meta.save_id = Payload(marker)
+    metadata.storage_meta.save_id = RunsCode(marker)
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(CheckpointError, match="system"):
         ColumnReader(tmp_path / "ckpt")
@@ -100,7 +93,7 @@ def test_pickled_non_tensor_items_in_the_data_files_are_never_loaded(tmp_path):
     refuses it."""
     marker = tmp_path / "MARKER"
     state = model_state()
-    save_dcp(tmp_path / "ckpt", {"model": state, "extra": Payload(marker)})
+    save_dcp(tmp_path / "ckpt", {"model": state, "extra": RunsCode(marker)})
     assert not marker.exists()  # saving pickles the object, running nothing
     reader = ColumnReader(tmp_path / "ckpt")
     assert sorted(reader.keys()) == sorted(state)

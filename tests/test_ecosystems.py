@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import twa_kernels as tk
 from twa_kernels import columns, io
 from twa_kernels.errors import CheckpointError
 
-from tests.helpers import one_process_group
+from tests.helpers import RunsCode, one_process_group
 
 GPT2 = dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
 
@@ -355,18 +354,10 @@ def test_a_training_scripts_output_directory_is_its_checkpoints_in_epoch_order(t
     torch.testing.assert_close(_averaged(ema_twa)["0.weight"], want, rtol=0, atol=1e-6)
 
 
-class _RunsCode:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_namespace_is_read_as_data_but_what_it_holds_still_may_not_run_code(tmp_path):
     marker = tmp_path / "ran"
     model = nn.Linear(3, 2)
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1, hook=_RunsCode(str(marker)))},
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1, hook=RunsCode(str(marker)))},
                tmp_path / "model_0.pth")
     for read in (io.load_state_dict, lambda path: columns.ColumnReader(path).keys()):
         with pytest.raises(CheckpointError, match=r"model_0\.pth: refused"):

@@ -15,6 +15,7 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import load_state_dict, resolve_checkpoints
 
 from tests.digits import make_model
+from tests.helpers import RunsCode
 
 HERE = Path(__file__).parent
 
@@ -30,18 +31,10 @@ def _checkpoints(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-class _RunsCode:
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"
-    torch.save({"state_dict": make_model().state_dict(), "payload": _RunsCode(str(marker))}, bad)
+    torch.save({"state_dict": make_model().state_dict(), "payload": RunsCode(str(marker))}, bad)
     with pytest.raises(tk.CheckpointError, match=r"evil\.pt: refused"):
         load_state_dict(bad)
     with pytest.raises(tk.CheckpointError, match="refused"):
