@@ -343,7 +343,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     if release == "madvise":  # each .pt file mapped once, and every range read from it handed back
         assert mappings == [1, 1] and sum(dropped) >= 2 * 4 * numel
     else:  # mapped again and again
-        assert min(mappings) >= 5 and not dropped
+        assert min(mappings) >= 5
     _same_frame(got, want)
     assert point == pytest.approx(want_point, rel=1e-9)
     # the public call, end to end, reads the files the same way
@@ -533,6 +533,8 @@ def test_sharpness_seeds_reproduce_and_leave_the_global_rng_alone(tiny):
     assert json.loads(json.dumps(top.to_dict())) == dict(value=top.value, trace=top.trace, converged=top.converged)
     torch.manual_seed(3)
     unseeded = C.hessian_diagonal(model, F.cross_entropy, data, samples=4)
+    again = C.hessian_diagonal(model, F.cross_entropy, data, samples=4)  # None draws from the global RNG, moving it
+    assert not all(torch.equal(a, b) for a, b in zip(unseeded.values(), again.values()))
     torch.manual_seed(3)
     assert all(torch.equal(a, b) for a, b in
                zip(unseeded.values(), C.hessian_diagonal(model, F.cross_entropy, data, samples=4).values()))

@@ -70,7 +70,7 @@ def test_a_payload_hidden_inside_valid_metadata_is_refused(tmp_path):
     metadata = _dcp.read_metadata(tmp_path / "ckpt")
     metadata.storage_meta.save_id = RunsCode(marker)
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match="system"):
+    with pytest.raises(CheckpointError, match=r"refused.*(posix|os)\.system"):
         ColumnReader(tmp_path / "ckpt")
     assert not marker.exists()
 
@@ -136,7 +136,9 @@ def test_metadata_whose_chunks_do_not_cover_a_tensor_is_refused(tmp_path, change
     else:
         chunk.offsets = torch.Size([entry.size[0], *chunk.offsets[1:]])
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match=f"{key}"):
+    named = (rf"the chunks of '{key}' cover \d+ of its \d+ elements" if change == "shrink"
+             else rf"a chunk of '{key}' at .* lies outside its size")
+    with pytest.raises(CheckpointError, match=named):
         ColumnReader(tmp_path / "ckpt")
 
 

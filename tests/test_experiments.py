@@ -23,7 +23,7 @@ def test_make_mlp_and_accuracy():
     x = torch.randn(5, 1, 40)
     y = model(x).argmax(1)
     assert common.accuracy(model, torch.utils.data.TensorDataset(x, y)) == 1.0
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError, match="widths"):
         common.make_mlp(0, (40,))
 
 

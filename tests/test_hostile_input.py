@@ -626,4 +626,5 @@ def test_float8_checkpoints_are_read():
     states = [{k: v.to(torch.float8_e4m3fn) for k, v in nn.Linear(8, 4).state_dict().items()} for _ in range(3)]
     twa = tk.TWA(nn.Linear(8, 4), states, bits=4, group_size=8)
     expected = sum(s["weight"].float() for s in states) / 3
-    torch.testing.assert_close(twa.weights()["weight"], expected, atol=0.05, rtol=0.1)  # 4-bit basis
+    # the coefficients start at zero, so the weights are the center: the float8 values' mean
+    torch.testing.assert_close(twa.weights()["weight"], expected, atol=1e-6, rtol=0)
