@@ -558,11 +558,27 @@ def test_ddp_two_gloo_processes_keep_identical_r_equal_to_the_global_batch(tmp_p
         assert _rel(local[name], single[name]) > 1e-4, name  # (without the all-reduce they would differ)
 
 
-def test_gpt2_conv1d_layers_are_named_as_unsupported():
-    untied = tiny_gpt2(tie=False)
-    with pytest.warns(UserWarning, match=r"leaves \['transformer.h.0.attn.c_attn', .*8 transformers Conv1D"):
-        tk.decor.decorrelate(untied)
-    assert [name for name, _ in tk.decor.decorrelated_layers(untied)] == ["lm_head"]
-    with pytest.raises(tk.errors.InvalidArgumentError, match=r"no layer to decorrelate.*8 transformers Conv1D "
-                                                             r"layers .* are not supported"):
-        tk.decor.decorrelate(tiny_gpt2(tie=False), skip=["lm_head"])
+def test_gpt2_conv1d_layers_decorrelate_and_fold_in_their_own_layout():
+    model = tiny_gpt2(tie=False).double()
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    tk.decor.decorrelate(model, seed=0)
+    assert [n for n, _ in tk.decor.decorrelated_layers(model)] == conv1d + ["lm_head"]
+    layer = model.get_submodule(conv1d[0])  # c_attn: 16 inputs, 48 outputs, weight stored (16, 48)
+    assert layer.decor_R.shape == (16, 16)
+    R = _random_r(16)
+    layer.decor_R.copy_(R)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    want = (x @ R.T) @ layer.weight + layer.bias  # z = R x per row, then the layer's own x W + b
+    assert _rel(layer(x), want) < 1e-12
+    tokens = torch.randint(0, 30, (2, 8))
+    model.train()
+    model(tokens, labels=tokens).loss.backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (16, 48)
+    tk.decor.update(model)
+    assert not torch.equal(model.get_submodule(conv1d[1]).decor_R, torch.eye(16, dtype=torch.float64))  # R moved
+    model.eval()
+    folded = tk.decor.fold(model)
+    assert type(folded.get_submodule(conv1d[0])).__name__ == "Conv1D"  # the plain layer again
+    with torch.no_grad():
+        assert _rel(folded(tokens).logits, model(tokens).logits) < 1e-10
+    assert set(folded.state_dict()) == set(tiny_gpt2(tie=False).state_dict())

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 import math
 from collections.abc import Callable, Iterable
 
@@ -218,6 +217,43 @@ _DECOR = {nn.Linear: DecorLinear, nn.Conv1d: DecorConv1d, nn.Conv2d: DecorConv2d
 _PLAIN = {v: k for k, v in _DECOR.items()}
 
 
+def _decor_transposed_linear(conv1d: type[nn.Module]) -> type[nn.Module]:
+    """The decorrelated class of transformers' Conv1D (GPT-2's linear layer, y = x W + b with
+    W stored (in, out)), made once and registered beside the others. With z = R x per row,
+    y = x R^T W + b: the folded weight is R^T W, in the layer's own layout."""
+    if conv1d in _DECOR:
+        return _DECOR[conv1d]
+
+    class DecorTransposedLinear(_Decor, conv1d):
+        """transformers' Conv1D computing (x R^T) W as one matmul with the folded R^T W."""
+
+        @torch.no_grad()
+        def decor_capture(self, x: Tensor) -> None:
+            """Add a random subsample of this input's rows, decorrelated, to S."""
+            flat = x.detach().reshape(-1, self.weight.shape[0])
+            idx = self._decor_pick(flat.shape[0], flat.device)
+            self._decor_accumulate(flat if idx is None else flat[idx])
+
+        def decor_folded_weight(self) -> Tensor:
+            return self.decor_R.T @ self.weight
+
+        def forward(self, x: Tensor) -> Tensor:
+            if self.training:
+                self.decor_capture(x)
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.decor_folded_weight())
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+    _DECOR[conv1d], _PLAIN[DecorTransposedLinear] = DecorTransposedLinear, conv1d
+    return DecorTransposedLinear
+
+
+def _input_size(module: nn.Module) -> int:
+    """d of a layer's R: in_features, C_in * prod(kernel), or a Conv1D's rows (it stores (in, out))."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return module.weight[0].numel()
+    return module.weight.shape[0]
+
+
 def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
     if skip is None:
         return lambda name, module: False
@@ -230,7 +266,8 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
 
 def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_fraction: float = 0.1,
                 skip: Skip = None, max_norm: float = 1e4, seed: int | None = None) -> nn.Module:
-    """Make every nn.Linear, nn.Conv1d and nn.Conv2d of `model` decorrelating, in place.
+    """Make every nn.Linear, nn.Conv1d and nn.Conv2d of `model`, and transformers' Conv1D
+    (GPT-2's linear layer), decorrelating, in place.
 
     The layers keep their parameters (the same Parameter objects, under the same names), so an
     optimizer built before, and checkpoints of the plain model (load with strict=False, or
@@ -259,15 +296,14 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         raise InvalidArgumentError(f"lr must be positive, got {lr}")
     sampler = _Sampler(seed)
     skipped = _skipper(skip)
-    todo, transposed = [], []
+    todo = []
     conv1d = transformers_conv1d()
+    if conv1d is not None:  # a model may hold transformers' Conv1D only where transformers loaded it
+        _decor_transposed_linear(conv1d)
     for name, module in model.named_modules():
         if skipped(name, module) or isinstance(module, _Decor):
             continue
         label = name or "<root>"
-        if conv1d is not None and isinstance(module, conv1d):
-            transposed.append(label)
-            continue
         if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):
             raise InvalidArgumentError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
                              f"convolutions are not supported; pass skip=[{name!r}]")
@@ -283,18 +319,12 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
             raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
         todo.append((name, module))
-    # GPT-2's Conv1D stores its weight (in, out): W R would have to fold as R^T W, which the
-    # decorrelated classes do not implement
-    unsupported = (f"; its {len(transposed)} transformers Conv1D layers (GPT-2's linear layers, weight stored "
-                   f"transposed) are not supported" if transposed else "")
     if not todo:
-        raise InvalidArgumentError(f"no layer to decorrelate: the model has no nn.Linear, nn.Conv1d or nn.Conv2d "
-                                   f"outside skip={skip!r}{unsupported}")
-    if transposed:
-        warnings.warn(f"decorrelate leaves {transposed} alone{unsupported}", UserWarning, stacklevel=2)
+        raise InvalidArgumentError(f"no layer to decorrelate: the model has no nn.Linear, nn.Conv1d, nn.Conv2d or "
+                                   f"transformers Conv1D outside skip={skip!r}")
     _refuse_tied(model, todo, "untie them (give each its own nn.Parameter) before decorrelate(), or pass skip={names}")
     for _, module in todo:
-        d = module.weight[0].numel()  # in_features, or C_in * prod(kernel)
+        d = _input_size(module)
         module.__class__ = _DECOR[type(module)]
         module._decor_init(d, lr, kappa, sample_fraction, max_norm, sampler)
     logger.info("decorrelate: %d layers", len(todo))
