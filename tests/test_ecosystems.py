@@ -365,3 +365,17 @@ def test_a_namespace_is_read_as_data_but_what_it_holds_still_may_not_run_code(tm
     assert not marker.exists()
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "model_1.pth")
     assert list(io.load_state_dict(tmp_path / "model_1.pth")) == ["weight", "bias"]
+
+
+def test_reading_leaves_the_callers_own_safe_globals_as_they_were(tmp_path):
+    torch.save({"model": nn.Linear(3, 2).state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "model_0.pth")
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        io.load_state_dict(tmp_path / "model_0.pth")
+        assert argparse.Namespace in torch.serialization.get_safe_globals()  # still the caller's allowance
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+    io.load_state_dict(tmp_path / "model_0.pth")
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # the library's own ended with the read

@@ -144,10 +144,13 @@ def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:
     """torch.load(weights_only=True) onto the CPU, with an argparse.Namespace admitted as
     plain data; a file holding any other Python object is refused (CheckpointError) before
     any of its code runs."""
-    # torch >= 2.5 scopes an allowance to a block; 2.4 reads such a file as refused
+    # torch >= 2.5 scopes an allowance to a block (2.4 reads such a file as refused); one
+    # the caller made already is left alone, since leaving the block would take it away
     allowed = getattr(torch.serialization, "safe_globals", None)
+    made = set(torch.serialization.get_safe_globals()) if allowed else set()
+    extra = [obj for obj in _PLAIN_OBJECTS if obj not in made]
     try:
-        with allowed(list(_PLAIN_OBJECTS)) if allowed else contextlib.nullcontext():
+        with allowed(extra) if allowed and extra else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise _refused(path) from exc
