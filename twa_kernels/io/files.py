@@ -34,7 +34,6 @@ from torch import Tensor
 
 from twa_kernels.errors import CheckpointError, InvalidTypeError
 
-
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar")  # .pth.tar: timm
 # a save_pretrained directory's weights, in the order transformers itself prefers them
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -44,7 +43,9 @@ _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 _COPIES = re.compile(r"last(-v\d+)?\.ckpt"  # Lightning, save_last=True: the newest
                      r"|checkpoint\.pth"  # torchvision's reference scripts: the newest
                      r"|(last|model_best)\.pth\.tar")  # timm's train.py: the newest and the best
+
 logger = logging.getLogger(__name__)
+
 CheckpointSpec = Union[str, os.PathLike, Mapping[str, Tensor]]
 Checkpoints = Union[str, os.PathLike, Sequence[CheckpointSpec]]
 

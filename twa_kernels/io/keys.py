@@ -33,10 +33,10 @@ from torch import Tensor, nn
 
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 
-
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "model."
+
 StateDict = dict[str, Tensor]
 
 

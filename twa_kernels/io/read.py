@@ -34,7 +34,6 @@ from twa_kernels.errors import CheckpointError
 from twa_kernels.io.files import CheckpointSpec, _directory_error, checkpoint_directory_files, is_dcp_directory
 from twa_kernels.io.keys import StateDict, _strip_prefixes, match_names, unwrap_state_dict
 
-
 # Python objects that a training script saves beside its weights and that safe loading may
 # build as plain data (no code of theirs runs: a Namespace is an object with attributes)
 _PLAIN_OBJECTS = (argparse.Namespace,)
