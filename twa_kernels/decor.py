@@ -3,8 +3,10 @@
 Every decorrelated layer keeps a d x d matrix R (a buffer, identity at the start) and feeds
 its weight the decorrelated input z = R x: d = in_features for a Linear layer and
 C_in * k (Conv1d) or C_in * kh * kw (Conv2d) for a convolution, whose z is R applied to each
-input patch. The forward folds the two into one op, A = W R (one matmul or one convolution
-with the folded kernel; the batch's patches are never materialised), and since R is not a
+input patch. transformers' Conv1D (GPT-2's linear layer) stores W as (in, out): d is its
+input size and A = R^T W in that layout. The forward folds the two into one op, A = W R (one
+matmul or one convolution with the folded kernel; the batch's patches are never
+materialised), and since R is not a
 parameter autograd gives dL/dW = delta z^T, exactly as if z were the input.
 
 During a training forward each layer also keeps a random subsample of its z (a fraction

@@ -55,12 +55,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+EPS = torch.finfo(torch.float32).eps
 
 
 def _default_layers() -> tuple[type[nn.Module], ...]:
     conv1d = transformers_conv1d()
     return DEFAULT_LAYERS + ((conv1d,) if conv1d is not None else ())
-EPS = torch.finfo(torch.float32).eps
+
 
 LayerSpec = Union[None, Iterable[Union[str, type]]]
 
