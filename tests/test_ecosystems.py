@@ -279,6 +279,45 @@ def test_a_lightning_checkpoint_holding_objects_is_refused_with_the_fix(tmp_path
         tk.uniform_average(files, model=_Classifier().model)
 
 
+
+class _TWAModule(L.LightningModule):
+    """TWA trained by a Trainer: the module holds the TWA, whose parameters are the coefficients."""
+
+    def __init__(self, twa: tk.TWA):
+        super().__init__()
+        self.twa = twa
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self.twa(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.twa.parameters(), lr=0.05)
+
+
+def test_a_twa_trained_by_a_trainer_resumes_from_its_checkpoint_where_it_stopped(lightning_run, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folder, _, _ = lightning_run
+    gen = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen))
+
+    def fit(epochs: int, root: Path, resume: Path | None = None) -> _TWAModule:
+        module = _TWAModule(tk.TWA(_Classifier().model, folder, bits=4))
+        L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=str(root),
+                  callbacks=[ModelCheckpoint(dirpath=str(root), save_last=True)]
+                  ).fit(module, torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=resume)
+        return module
+
+    straight = fit(3, tmp_path / "straight")
+    fit(1, tmp_path / "stopped")
+    resumed = fit(3, tmp_path / "resumed", resume=tmp_path / "stopped" / "last.ckpt")
+    assert not torch.equal(resumed.twa.coefficients, torch.zeros_like(resumed.twa.coefficients))
+    # the coefficients and AdamW's moments came back from the checkpoint: the same 3 epochs
+    torch.testing.assert_close(resumed.twa.coefficients, straight.twa.coefficients, rtol=0, atol=1e-6)
+
+
 # -- the output directories of torchvision's and timm's training scripts ------------------
 # Written here in their layout: torchvision's references/classification/train.py saves
 # {"model", "optimizer", "lr_scheduler", "epoch", "args", "model_ema"} as model_<epoch>.pth
