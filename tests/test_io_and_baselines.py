@@ -128,7 +128,7 @@ def _bn_model():
 
 @pytest.mark.parametrize("kind", ["empty list", "spent generator", "twa spent generator"])
 def test_update_bn_with_no_batches_refuses_and_keeps_the_statistics(kind):
-    # the auditor's case: an empty or used-up loader reset the statistics to 0 and 1 silently
+    # an empty or used-up loader would reset the statistics to mean 0 and variance 1, as if measured
     model = _bn_model()
     batches = (torch.randn(8, 64) for _ in range(2))
     list(batches)  # used up
