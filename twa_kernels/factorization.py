@@ -46,21 +46,15 @@ from torch.nn.utils import parametrize
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import tied_owners
-from twa_kernels.layers import transformers_conv1d
+from twa_kernels.layers import TORCH_WEIGHT_LAYERS, weight_layer_types
 
 logger = logging.getLogger(__name__)
 
-#: Layers factorised by default: their `weight` is the layer's multiplicative weight. So is
-#: transformers' Conv1D (GPT-2's linear layer), factorised by default where it is loaded.
-DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-)
+#: torch's layers whose `weight` is the layer's multiplicative weight (Linear, every conv).
+#: By default layers.weight_layer_types() is factorised: these, and transformers' Conv1D
+#: (GPT-2's linear layer) where it is loaded.
+DEFAULT_LAYERS: tuple[type[nn.Module], ...] = TORCH_WEIGHT_LAYERS
 EPS = torch.finfo(torch.float32).eps
-
-
-def _default_layers() -> tuple[type[nn.Module], ...]:
-    conv1d = transformers_conv1d()
-    return DEFAULT_LAYERS + ((conv1d,) if conv1d is not None else ())
 
 
 LayerSpec = Union[None, Iterable[Union[str, type]]]
@@ -209,7 +203,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
     """The (name, module) pairs to factorise: default layer types, or the given names / types.
     Refuses a layer whose weight (or, with biases, bias) Parameter another module shares."""
     if layers is None:
-        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, _default_layers())]
+        types = weight_layer_types()
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
         # a weight tied to another module (an output layer sharing an embedding's) is left
         # out of the default choice; named in layers= it is refused below
         tied = {n: others for n, m in chosen if (others := tied_owners(model, m))}
@@ -442,8 +437,9 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
                 w = getattr(module, pname)
                 report.rows.append((f"{name}.{pname}", w.numel(), int((w.abs() >= threshold).sum())))
     else:
+        types = weight_layer_types()
         for name, module in model.named_modules():
-            if isinstance(module, _default_layers()):
+            if isinstance(module, types):
                 w = module.weight
                 report.rows.append((f"{name}.weight", w.numel(), int((w.abs() >= threshold).sum())))
     return report
