@@ -323,7 +323,9 @@ def test_a_twa_trained_by_a_trainer_resumes_from_its_checkpoint_where_it_stopped
 # {"model", "optimizer", "lr_scheduler", "epoch", "args", "model_ema"} as model_<epoch>.pth
 # and again as checkpoint.pth; timm's train.py saves {"epoch", "arch", "state_dict",
 # "optimizer", "version", "args", "state_dict_ema", "metric"} as checkpoint-<epoch>.pth.tar,
-# with last.pth.tar and model_best.pth.tar beside them. Both save their argparse.Namespace.
+# with last.pth.tar and model_best.pth.tar beside them, and with --recovery-interval the
+# newest mid-epoch state as recovery-<epoch>-<batch>.pth.tar. Both save their
+# argparse.Namespace.
 
 
 def _script_run(folder: Path, layout: str, epochs: int = 11) -> list[dict]:
@@ -355,6 +357,9 @@ def _script_run(folder: Path, layout: str, epochs: int = 11) -> list[dict]:
             torch.save(saved, folder / "last.pth.tar")
             if epoch % 3 == 2:
                 torch.save(saved, folder / "model_best.pth.tar")
+            if epoch == epochs - 2:  # a mid-epoch state: not one of the run's epoch points
+                mid = {k: v + 1.0 for k, v in model.state_dict().items()}
+                torch.save(dict(saved, state_dict=mid), folder / f"recovery-{epoch + 1}-40.pth.tar")
     return states
 
 
@@ -366,12 +371,13 @@ def _averaged(twa: tk.TWA) -> dict:
 @pytest.mark.parametrize("layout", ["torchvision", "timm"])
 def test_a_training_scripts_output_directory_is_its_checkpoints_in_epoch_order(tmp_path, layout, caplog):
     states = _script_run(tmp_path, layout)
-    epochs = sorted((p for p in tmp_path.iterdir() if re.search(r"\d", p.name)),
+    epochs = sorted((p for p in tmp_path.iterdir() if re.fullmatch(r"(model_|checkpoint-)\d+\.pth(\.tar)?", p.name)),
                     key=lambda p: int(re.search(r"(\d+)", p.name).group(1)))
     assert len(epochs) == len(states)
     with caplog.at_level(logging.WARNING, logger="twa_kernels.io"):
         assert io.resolve_checkpoints(tmp_path) == epochs  # epoch 10 after 9; the copies left out
-    copies = ["checkpoint.pth"] if layout == "torchvision" else ["last.pth.tar", "model_best.pth.tar"]
+    copies = (["checkpoint.pth"] if layout == "torchvision"
+              else ["last.pth.tar", "model_best.pth.tar", "recovery-10-40.pth.tar"])
     assert all(name in caplog.text for name in copies)
     # the arguments' Namespace is read as data; the weights, not the EMA's, are averaged
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))

@@ -16,7 +16,9 @@ torch.distributed.checkpoint subdirectories, in natural name order (step=5 befor
 step=10). The copies that training scripts write beside their checkpoints are left out of
 a directory that holds others, with a warning (name one in a list to use it): Lightning's
 last.ckpt (save_last=True), the torchvision reference scripts' checkpoint.pth and timm's
-last.pth.tar and model_best.pth.tar. Averaged in, each would count one checkpoint twice.
+last.pth.tar and model_best.pth.tar, each of which would count one checkpoint twice, and
+timm's mid-epoch recovery-E-B.pth.tar and unfinished tmp.pth.tar, which are not points of
+the run's epoch trajectory.
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar
 # a save_pretrained directory's weights, in the order transformers itself prefers them
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
-# Copies of another checkpoint that training scripts write beside the others, by file name:
-# averaged in, each would count a checkpoint twice
+# Files that training scripts write beside their checkpoints, by file name: copies of another
+# checkpoint, which averaged in would count it twice, and timm's mid-epoch and unfinished
+# files, which are not points of the epoch trajectory
 _COPIES = re.compile(r"last(-v\d+)?\.ckpt"  # Lightning, save_last=True: the newest
                      r"|checkpoint\.pth"  # torchvision's reference scripts: the newest
-                     r"|(last|model_best)\.pth\.tar")  # timm's train.py: the newest and the best
+                     r"|(last|model_best)\.pth\.tar"  # timm's train.py: the newest and the best
+                     r"|recovery-\d+-\d+\.pth\.tar"  # timm: mid-epoch, every --recovery-interval batches
+                     r"|(recovery_)?tmp\.pth\.tar")  # timm: a save it had not finished
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +119,11 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
         elif entry.name.endswith(CHECKPOINT_SUFFIXES):
             (skipped if _COPIES.fullmatch(entry.name) else found).append(entry)
     if skipped and found:
-        logger.warning("%s: leaving out %s, the copy of another checkpoint that a training script writes beside "
-                       "the others (Lightning's last.ckpt, torchvision's checkpoint.pth, timm's last.pth.tar and "
-                       "model_best.pth.tar), which would count that checkpoint twice; pass a list of files to "
-                       "choose them yourself", directory, ", ".join(p.name for p in sorted(skipped)))
+        logger.warning("%s: leaving out %s, which a training script writes beside its checkpoints: copies that "
+                       "would count a checkpoint twice (Lightning's last.ckpt, torchvision's checkpoint.pth, timm's "
+                       "last.pth.tar and model_best.pth.tar) or timm's mid-epoch recovery-*.pth.tar and unfinished "
+                       "tmp.pth.tar; pass a list of files to choose them yourself", directory,
+                       ", ".join(p.name for p in sorted(skipped)))
     else:
         found += skipped
     return sorted(found, key=_natural_key)
