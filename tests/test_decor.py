@@ -3,6 +3,9 @@ against an independent statement, decorrelation of correlated inputs, fold(), th
 resume, errors, and which form of the variance term descends the stated loss."""
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -582,3 +585,26 @@ def test_gpt2_conv1d_layers_decorrelate_and_fold_in_their_own_layout():
     with torch.no_grad():
         assert _rel(folded(tokens).logits, model(tokens).logits) < 1e-10
     assert set(folded.state_dict()) == set(tiny_gpt2(tie=False).state_dict())
+
+
+def test_a_decorrelated_gpt2_saved_whole_loads_in_a_new_process(tmp_path):
+    # its Conv1D layers' class is made at run time; a new process must find it by name
+    model = tiny_gpt2(tie=False)
+    tk.decor.decorrelate(model, seed=0)
+    for _, layer in tk.decor.decorrelated_layers(model):
+        layer.decor_R.copy_(_random_r(layer.decor_R.shape[0]).float())
+    model.eval()
+    tokens = torch.randint(0, 30, (2, 8))
+    with torch.no_grad():
+        torch.save({"model": model, "tokens": tokens, "logits": model(tokens).logits}, tmp_path / "whole.pt")
+    script = (
+        "import sys, torch\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "model = saved['model']\n"
+        "assert type(model.transformer.h[0].attn.c_attn).__name__ == 'DecorTransposedLinear'\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(model(saved['tokens']).logits, saved['logits'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "whole.pt")], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]

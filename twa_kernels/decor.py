@@ -245,8 +245,20 @@ def _decor_transposed_linear(conv1d: type[nn.Module]) -> type[nn.Module]:
             out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.decor_folded_weight())
             return out.view(*x.shape[:-1], out.shape[-1])
 
+    DecorTransposedLinear.__qualname__ = "DecorTransposedLinear"  # found by pickle through __getattr__ below
     _DECOR[conv1d], _PLAIN[DecorTransposedLinear] = DecorTransposedLinear, conv1d
     return DecorTransposedLinear
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """`twa_kernels.decor.DecorTransposedLinear`, made on first use from transformers' Conv1D,
+    so that a whole decorrelated GPT-2 saved with torch.save(model) loads in a new process.
+    Only this attribute imports transformers; the rest of the module never does."""
+    if name == "DecorTransposedLinear":
+        from transformers.pytorch_utils import Conv1D
+
+        return _decor_transposed_linear(Conv1D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _input_size(module: nn.Module) -> int:
