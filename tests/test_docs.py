@@ -56,6 +56,36 @@ def test_python_blocks_run(name, tmp_path, monkeypatch):
     assert len(skipped) < len(blocks) or len(blocks) == 1, f"{name}: every block is marked no-run"
 
 
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_the_distributed_pages_job_runs_under_torchrun(tmp_path, shard):
+    from tests.helpers import free_port
+
+    (_, code, why), = python_blocks(DOCS / "distributed.md")
+    assert "torchrun" in why
+    if shard:  # the switch its comment names
+        assert code.count("process_group=pg)") == 1
+        code = code.replace("process_group=pg)", "process_group=pg, shard=True)")
+    (tmp_path / "twa_dist.py").write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "twa_dist.py"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = re.search(r"accuracy (\d\.\d{3}) on 1200 examples, 2 ranks", done.stdout)
+    assert printed, done.stdout
+    # what it printed is the accuracy of the weights it saved, on the whole data
+    torch.manual_seed(0)
+    x = torch.randn(1200, 20)
+    y = x[:, :3].argmax(1)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3))
+    model.load_state_dict(torch.load(tmp_path / "twa.pt", weights_only=True))
+    with torch.no_grad():
+        accuracy = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert abs(accuracy - float(printed.group(1))) < 2 / 1200  # an argmax tie may fall otherwise in a batch of 32
+    assert accuracy > 0.8  # the checkpoints learnt the task, and so did their average
+
+
 def test_the_extractor_reads_markers_and_lines(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("x\n\n```python\na = 1\n```\n\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n")
