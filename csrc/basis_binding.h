@@ -45,7 +45,9 @@ inline twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& sc
     return b;
   }
   TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "bits must be 0, 1, 2, 4 or 8, got ", bits);
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  // at most quant.MAX_GROUP_SIZE: the kernels allocate a group's worth of scratch per thread
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && group_size <= (int64_t{1} << 20),
+              "group_size must be a positive multiple of 8 up to 2**20, got ", group_size);
   TORCH_CHECK(codes.scalar_type() == at::kByte, "packed codes must be uint8");
   check_on(scales, "scales", device);
   check_on(mins, "mins", device);

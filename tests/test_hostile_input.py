@@ -76,21 +76,87 @@ def test_a_hand_built_basis_in_a_subspace_never_reaches_twa():
 
 @pytest.mark.parametrize("offsets", [[0, 900, 100, 1000], [0, 2000, 1000]])
 def test_the_kernel_binding_checks_every_offset_as_a_last_line_of_defence(offsets):
-    # torch.ops reaches the C++ kernel without a QuantizedBasis in between
+    # the C++ kernels called directly, past every check in Python
     done = _run(f"""
         import torch, twa_kernels as tk
+        from twa_kernels.backends import cpu
         qb = tk.quantize(torch.randn(2, 1000), bits=4, group_size=64)
-        for call in (lambda o: torch.ops.twa_kernels.project(qb.codes, qb.scales, qb.mins, o, torch.randn(1000), 4, 64),
-                     lambda o: torch.ops.twa_kernels.reconstruct(qb.codes, qb.scales, qb.mins, o, torch.randn(2, {len(offsets) - 1}),
-                                                                 None, 4, 64, 1000)):
+        tk.project(qb, torch.randn(1000))  # builds or loads the kernels
+        for call in (lambda o: cpu.project(qb.codes, qb.scales, qb.mins, o, torch.randn(1000), 4, 64),
+                     lambda o: cpu.reconstruct(qb.codes, qb.scales, qb.mins, o, torch.randn(2, {len(offsets) - 1}),
+                                               None, 4, 64, 1000)):
             try:
                 call(torch.tensor({offsets}))
                 print("accepted")
-            except (RuntimeError, ValueError) as exc:
+            except RuntimeError as exc:
                 print("refused:", str(exc).splitlines()[0])
     """)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("refused: block_offsets") == 2, done.stdout
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "reference"])
+@pytest.mark.parametrize("edit", ["data", "numpy", "torch.ops"])
+def test_offsets_edited_past_the_basis_are_named_on_every_backend(monkeypatch, backend_name, edit):
+    # writes through .data or .numpy() do not move the tensor's version counter
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", backend_name)
+    qb = tk.quantize(torch.randn(2, 1000), bits=4, group_size=64, block_sizes=[100, 900])
+    g = torch.randn(1000)
+    expected = tk.project(qb, g)
+    if edit == "data":
+        qb.block_offsets.data[1] = 5000
+    elif edit == "numpy":
+        qb.block_offsets.numpy()[1] = 5000
+    with pytest.raises(BasisLayoutError, match="block_offsets"):
+        if edit == "torch.ops":
+            torch.ops.twa_kernels.project(qb.codes, qb.scales, qb.mins, torch.tensor([0, 5000, 1000]), g, 4, 64)
+        else:
+            tk.project(qb, g)
+    qb.block_offsets[1] = 100  # put back: the same basis gives the same numbers
+    assert torch.equal(tk.project(qb, g), expected)
+
+
+def test_offsets_in_a_tensor_subclass_are_checked():
+    class Tagged(torch.Tensor):
+        pass
+
+    qb = tk.quantize(torch.randn(2, 1000), bits=4, group_size=64)
+    with pytest.raises(BasisLayoutError, match="block_offsets"):
+        QuantizedBasis(qb.codes, qb.scales, qb.mins, torch.tensor([0, 40, 10**6]).as_subclass(Tagged), 4, 64, 1000)
+
+
+def test_a_group_wider_than_any_use_is_refused_before_a_kernel_allocates_it():
+    # one group of 2**40 columns fits the layout of a 100-column basis; each kernel thread
+    # would allocate a group's scratch and the process would abort
+    done = _run("""
+        import dataclasses, torch, twa_kernels as tk
+        from twa_kernels.backends import cpu
+        from twa_kernels.errors import TWAKernelsError
+        qb = tk.quantize(torch.randn(3, 100), bits=4, group_size=128)
+        tk.project(qb, torch.randn(100))  # builds or loads the kernels
+        state = qb.state_dict()
+        state["meta"] = torch.tensor([4, 2**40, 100])
+        calls = {
+            "from_state_dict": lambda: tk.QuantizedBasis.from_state_dict(state),
+            "replace": lambda: dataclasses.replace(qb, group_size=2**30),
+            "quantize": lambda: tk.quantize(torch.randn(3, 100), bits=4, group_size=2**33),
+            "torch.ops": lambda: torch.ops.twa_kernels.project(qb.codes, qb.scales, qb.mins, qb.block_offsets,
+                                                               torch.randn(100), 4, 2**30),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+                print(name, "accepted")
+            except TWAKernelsError as exc:
+                print(name, "refused:", exc)
+        try:
+            cpu.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, torch.randn(100), 4, 2**30)
+        except RuntimeError as exc:
+            print("binding refused:", str(exc).splitlines()[0])
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("refused: ") == 5 and "up to" in done.stdout, done.stdout
+    assert "binding refused: group_size must be a positive multiple of 8 up to 2**20" in done.stdout
 
 
 def test_a_valid_hand_built_basis_still_works():
@@ -484,6 +550,78 @@ def test_reconstruct_refuses_an_out_that_partly_overlaps_its_center():
     with torch.no_grad():
         tk.reconstruct(qb, x, center, out=center)  # the same elements: an in-place update
     assert torch.equal(center, expected)
+
+
+def test_reconstruct_refuses_an_out_that_shares_memory_with_x_or_the_basis():
+    # the kernel would write out while it still reads them
+    qb = tk.quantize(torch.randn(3, 100), bits=4, group_size=32, block_sizes=[40, 60])
+    buffer = torch.zeros(100)
+    x = buffer[:6].view(3, 2)
+    x.copy_(torch.randn(3, 2))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="out shares memory with x"):
+        tk.reconstruct(qb, x, out=buffer)
+    wide = tk.quantize(torch.randn(16, 100), bits=8, group_size=32)  # 1,600 code bytes: room for 100 floats
+    codes_as_floats = wide.codes.view(-1).view(torch.float32)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="out shares memory with the basis codes"):
+        tk.reconstruct(wide, torch.randn(16, 1), out=codes_as_floats[:100])
+    fine = torch.empty(100)
+    torch.testing.assert_close(tk.reconstruct(qb, x.clone(), out=fine), tk.reconstruct(qb, x.clone()))
+
+
+def test_out_center_on_a_tensor_that_requires_grad_is_refused_outside_no_grad():
+    qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
+    center = nn.Parameter(torch.randn(64))
+    before = center.detach().clone()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="under torch.no_grad"):
+        tk.reconstruct(qb, torch.randn(3, 1), center, out=center)
+    assert torch.equal(center.detach(), before)
+    with torch.no_grad():
+        tk.reconstruct(qb, torch.randn(3, 1), center, out=center)  # the documented in-place update
+    assert not torch.equal(center.detach(), before)
+
+
+def test_dequantize_checks_its_column_range_for_dense_and_packed_bases():
+    for bits in (None, 4):
+        qb = tk.quantize(torch.randn(3, 64), bits=bits, group_size=8)
+        for start, stop in ((-2, None), (5, 2), (0, 99), (8, 8)):
+            with pytest.raises(tk.errors.InvalidArgumentError, match="range"):
+                tk.dequantize(qb, start, stop)
+        with pytest.raises(tk.errors.InvalidTypeError, match="start must be an int"):
+            tk.dequantize(qb, 0.0, 32)
+    with pytest.raises(tk.errors.InvalidTypeError, match="QuantizedBasis"):
+        tk.dequantize(torch.randn(3, 64))
+
+
+@pytest.mark.parametrize("block_sizes, error", [([40.9, 23.1], "must be ints"), ([True] * 64, "must be ints"),
+                                                 (64, "sequence of ints"), ("ab", "sequence of ints")])
+def test_block_sizes_that_are_not_ints_are_refused_not_truncated(block_sizes, error):
+    with pytest.raises(tk.errors.InvalidTypeError, match=error):
+        tk.quantize(torch.randn(2, 64), bits=4, group_size=8, block_sizes=block_sizes)
+
+
+def test_a_numpy_group_size_is_an_int_and_a_float_one_is_named():
+    np = pytest.importorskip("numpy")
+    qb = tk.quantize(torch.randn(2, 64), bits=np.int64(4), group_size=np.int64(32))
+    assert qb.group_size == 32 and type(qb.group_size) is int
+    with pytest.raises(tk.errors.InvalidArgumentError, match="group_size must be an int, got float"):
+        tk.quantize(torch.randn(2, 64), bits=4, group_size=32.0)
+
+
+def test_orthonormalize_names_a_tol_that_is_not_a_number_and_a_p_that_needs_a_gradient():
+    with pytest.raises(tk.errors.InvalidTypeError, match="tol must be a number"):
+        tk.orthonormalize(torch.randn(2, 64), tol="a")
+    P = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="not differentiable"):
+        tk.orthonormalize(P)
+    with torch.no_grad():
+        assert tk.orthonormalize(P).shape == (2, 64)
+
+
+@pytest.mark.parametrize("device, error", [(None, tk.errors.InvalidTypeError),
+                                           ("bogus", tk.errors.InvalidArgumentError)])
+def test_backend_names_a_device_it_cannot_read(device, error):
+    with pytest.raises(error, match="device"):
+        tk.backend(device)
 
 
 def test_ops_name_a_basis_or_vector_of_the_wrong_type():

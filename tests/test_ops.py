@@ -167,6 +167,45 @@ def test_project_gradient_is_reconstruct(backend_name, device):
     torch.testing.assert_close(g.grad, tk.reconstruct(qb, upstream), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_forward_mode_tangents_equal_dense_forward_mode(backend_name, device, bits):
+    # torch gives a custom op without a forward-mode formula a zero tangent without a word;
+    # the wrappers carry the tangents of these linear ops themselves
+    import torch.autograd.forward_ad as fwAD
+
+    qb = tk.quantize(torch.randn(5, 301), bits, 64, [100, 1, 200]).to(device)
+    P = tk.dequantize(qb)
+    x, x_dot = torch.randn(5, 3, device=device), torch.randn(5, 3, device=device)
+    c, c_dot = torch.randn(301, device=device), torch.randn(301, device=device)
+    g, g_dot = torch.randn(301, device=device), torch.randn(301, device=device)
+    spans = list(zip(qb.block_offsets[:-1].tolist(), qb.block_offsets[1:].tolist()))
+    _, y_dot = torch.func.jvp(lambda g: tk.project(qb, g), (g,), (g_dot,))
+    _, y_dot_dense = torch.func.jvp(lambda g: torch.stack([(P[:, a:b] * g[a:b]).sum(1) for a, b in spans], 1),
+                                    (g,), (g_dot,))
+    torch.testing.assert_close(y_dot, y_dot_dense, rtol=1e-5, atol=1e-5)
+    for tangents in ((x_dot, c_dot), (x_dot, torch.zeros_like(c)), (torch.zeros_like(x), c_dot)):
+        _, w_dot = torch.func.jvp(lambda x, c: tk.reconstruct(qb, x, c), (x, c), tangents)
+        _, w_dot_dense = torch.func.jvp(lambda x, c: _dense_reconstruct(P, qb.block_offsets, x, c), (x, c), tangents)
+        torch.testing.assert_close(w_dot, w_dot_dense, rtol=1e-5, atol=1e-5)
+    _, w_dot_dense = torch.func.jvp(lambda x: _dense_reconstruct(P, qb.block_offsets, x, c), (x,), (x_dot,))
+    with fwAD.dual_level():  # the other forward-mode API, a tangent on one input only
+        w = tk.reconstruct(qb, fwAD.make_dual(x, x_dot), c)
+        torch.testing.assert_close(fwAD.unpack_dual(w).tangent, w_dot_dense, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_is_refused_where_no_tangent_is_carried():
+    import torch.autograd.forward_ad as fwAD
+
+    qb = tk.quantize(torch.randn(3, 64), 4, 8)
+    with fwAD.dual_level():
+        g = fwAD.make_dual(torch.randn(64), torch.randn(64))
+        with pytest.raises(tk.errors.UsageError, match="not differentiable"):
+            tk.project_int8(qb, g)
+        x = fwAD.make_dual(torch.randn(3, 1), torch.randn(3, 1))
+        with pytest.raises(tk.errors.UsageError, match="without out"):
+            tk.reconstruct(qb, x, out=torch.empty(64))
+
+
 @pytest.mark.parametrize("bits", [None, 1, 8])
 def test_gradcheck_reconstruct(backend_name, device, bits):
     qb = tk.quantize(torch.randn(3, 45), bits, 16, [20, 25]).to(device)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels import _build
-from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError
+from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 from twa_kernels.quant import check_layout, round_groups_int8, unround_groups_int8
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -73,7 +73,13 @@ def backend(device: torch.device | str = "cpu") -> str:
     fallback. Otherwise the fastest usable backend is chosen (the C++ kernels for CPU
     tensors, built on first use; the reference when they cannot be built).
     """
-    device = torch.device(device)
+    if not isinstance(device, (torch.device, str)):
+        raise InvalidTypeError(f"device must be a torch.device or a string such as 'cpu', got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise InvalidArgumentError(f"{device!r} is not a device torch knows ({error}); pass e.g. 'cpu' or "
+                                   "'cuda'") from None
     forced = os.environ.get("TWA_KERNELS_BACKEND", "").strip()
     if forced:
         if forced not in BACKENDS:
@@ -109,12 +115,13 @@ def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | 
 
 def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int, group_size: int,
                   num_cols: int) -> None:
-    """Refuse, before a kernel runs, raw basis tensors that do not fit their layout. The
-    C++ binding checks its inputs itself; Triton and CUDA kernels take what they are given,
-    so calls that reach them through torch.ops directly are checked here (each offsets
-    tensor's values once, see quant._validate_offsets)."""
-    if backend(codes.device) != "cpp":
-        check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
+    """Refuse, before a kernel runs, raw basis tensors that do not fit their layout, with a
+    BasisLayoutError: a basis edited in place after it was made (its offsets written
+    through .data, a tensor resized) or tensors passed to torch.ops directly. The Triton
+    and CUDA kernels take what they are given, so this is their only check (an offsets
+    tensor on the GPU is read once per version, see quant._validate_offsets); the C++
+    binding checks its inputs again itself. About 15 us a call."""
+    check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
 
 
 # ---- project: y[r, b] = sum_{j in block b} p^[r, j] * g[j] -------------------------------

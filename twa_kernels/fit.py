@@ -53,16 +53,13 @@ from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
 from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
-from twa_kernels.quant import SUPPORTED_BITS
+from twa_kernels.quant import MAX_GROUP_SIZE, SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
 KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "int8_gradients", "optimizer", "epochs",
         "train_on", "loss", "output", "distributed"}
 OUTPUTS = ("averaged.pt", "averaged.safetensors", "report.json")
 DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
-# A group wider than a row of the basis (the model's weights) only pads it, and quantising
-# pads each row to a whole group in memory: 2**20 columns (4 MiB a row) is far past any use.
-MAX_GROUP_SIZE = 2**20
 
 
 class FitError(InvalidArgumentError):

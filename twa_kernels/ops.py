@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_int8_op, project_op, reconstruct_op
 from twa_kernels.quant import QuantizedBasis
 
@@ -32,14 +33,34 @@ def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
         raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {qb.device}; move one with .to()")
 
 
+def _dual(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(primal, tangent) of a forward-mode AD input; (t, None) outside forward mode.
+
+    The custom ops have a reverse-mode formula only, and torch gives a custom op without a
+    forward-mode one a zero tangent without a word (torch.func.jvp, forward_ad). Both ops are
+    linear in their inputs, so the wrappers carry tangents themselves: the tangent of the
+    output is the op applied to the inputs' tangents."""
+    if t is None:
+        return None, None
+    unpacked = fwAD.unpack_dual(t)
+    return unpacked.primal, unpacked.tangent
+
+
 def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
     """Project g [D] onto the basis, per block: y[r, b] = sum_{j in block b} p^[r, j] g[j].
 
-    Returns float32 [k, B]. Differentiable in g (the transpose is `reconstruct`).
+    Returns float32 [k, B]. Differentiable in g (the transpose is `reconstruct`), in reverse
+    and forward mode.
     """
     _check_basis(qb)
     _check_vector("g", g, qb)
-    return project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
+    g, g_dot = _dual(g)
+    y = project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
+    if g_dot is None:
+        return y
+    y_dot = project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g_dot.contiguous(), qb.bits or 0,
+                       qb.group_size)
+    return fwAD.make_dual(y, y_dot)
 
 
 def project_int8(qb: QuantizedBasis, g: Tensor) -> Tensor:
@@ -54,6 +75,9 @@ def project_int8(qb: QuantizedBasis, g: Tensor) -> Tensor:
     """
     _check_basis(qb)
     _check_vector("g", g, qb)
+    if _dual(g)[1] is not None:
+        raise UsageError("project_int8 is not differentiable, in forward mode either (its rounding has no useful "
+                         "derivative): use tk.project for a tangent of the projection")
     if qb.bits is None:
         raise InvalidArgumentError("project_int8 needs a packed basis (bits 1, 2, 4 or 8): a dense basis has no "
                                    "groups to round g in; use project, or tk.quantize the basis")
@@ -66,7 +90,8 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     """Weights from coefficients: w[j] = center[j] + sum_r p^[r, j] x[r, block(j)].
 
     x is [k, B]; center [D] or None (zero). Returns [D] in center's dtype (float32 without
-    a center). Differentiable in x (dL/dx = project(qb, dL/dw)) and in center.
+    a center). Differentiable in x (dL/dx = project(qb, dL/dw)) and in center, in reverse
+    and (without `out`) forward mode.
 
     out: a [D] float32 or bfloat16 buffer to write into instead of a fresh tensor (a
     training loop that reuses one saves allocating and page-faulting D elements a step).
@@ -75,7 +100,7 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     the values of an earlier call raises PyTorch's in-place error at backward rather than
     using the overwritten ones. out may be center itself, under torch.no_grad(): an
     in-place update (every backend reads an element of center before writing it); any
-    other overlap of out and center is refused.
+    other overlap of out with center, x or the basis is refused.
     """
     _check_basis(qb)
     if not isinstance(x, Tensor):
@@ -89,10 +114,18 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
         raise InvalidArgumentError(f"x is on {x.device} but the basis is on {qb.device}; move one with .to()")
     if center is not None:
         _check_vector("center", center, qb)
+    (x, x_dot), (center, center_dot) = _dual(x), _dual(center)
+    if center is not None:
         center = center.contiguous()
     if out is None:
-        return reconstruct_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
-                              qb.bits or 0, qb.group_size, qb.num_cols)
+        w = _reconstruct(qb, x, center)
+        if x_dot is None and center_dot is None:
+            return w
+        if x_dot is None:
+            return fwAD.make_dual(w, center_dot.to(w.dtype))
+        return fwAD.make_dual(w, _reconstruct(qb, x_dot, center_dot).to(w.dtype))
+    if x_dot is not None or center_dot is not None:
+        raise UsageError("reconstruct(..., out=...) does not carry forward-mode tangents; call it without out")
     _check_vector("out", out, qb)
     if not out.is_contiguous():
         raise InvalidArgumentError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")
@@ -100,7 +133,33 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
         raise InvalidArgumentError("out overlaps center without being the same elements: element j of out would "
                                    "overwrite another element of center before it is read; pass out=center for an "
                                    "in-place update, or a separate buffer")
+    if center is not None and out.data_ptr() == center.data_ptr() and center.requires_grad and torch.is_grad_enabled():
+        raise InvalidArgumentError("out=center updates center in place, which autograd cannot differentiate: do it "
+                                   "under torch.no_grad(), or pass a separate out")
+    for name, t in (("x", x), ("the basis codes", qb.codes), ("the basis scales", qb.scales),
+                    ("the basis mins", qb.mins)):
+        if _overlap(out, t):
+            raise InvalidArgumentError(f"out shares memory with {name}, which the kernel reads while it writes out; "
+                                       "pass a separate buffer")
     return reconstruct_into(qb, x, center, out)
+
+
+def _reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None) -> Tensor:
+    return reconstruct_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(),
+                          None if center is None else center.contiguous(), qb.bits or 0, qb.group_size, qb.num_cols)
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two tensors on one device intersect (strides aside)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _overlap_but_not_same(a: Tensor, b: Tensor) -> bool:

@@ -23,10 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from twa_kernels.errors import BasisLayoutError, InvalidArgumentError, MissingKeyError
+from twa_kernels.errors import BasisLayoutError, InvalidArgumentError, InvalidTypeError, MissingKeyError
 from twa_kernels._memory import empty_huge
 
 SUPPORTED_BITS = (1, 2, 4, 8)
+# The widest quantisation group. The kernels keep a group's worth of scratch per thread and
+# quantize pads each row to whole groups, so a wider group only costs memory: 2**20 columns
+# (4 MiB of float32 a row) is far past any use.
+MAX_GROUP_SIZE = 2**20
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,9 @@ class QuantizedBasis:
         bits, group_size, num_cols = (int(v) for v in meta.tolist())
         if bits not in (0, *SUPPORTED_BITS):
             raise InvalidArgumentError(f"basis meta: bits must be 0 (dense) or one of {SUPPORTED_BITS}, got {bits}")
-        if group_size <= 0 or group_size % 8:
-            raise InvalidArgumentError(f"basis meta: group_size must be a positive multiple of 8, got {group_size}")
+        if not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
+            raise InvalidArgumentError(f"basis meta: group_size must be a positive multiple of 8 up to "
+                                       f"{MAX_GROUP_SIZE}, got {group_size}")
         if num_cols <= 0:
             raise InvalidArgumentError(f"basis meta: num_cols must be positive, got {num_cols}")
         offsets = state["block_offsets"]
@@ -156,8 +161,8 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
         raise BasisLayoutError(f"bits must be one of {SUPPORTED_BITS} or None, got {bits!r}")
     if num_cols <= 0:
         raise BasisLayoutError(f"num_cols must be positive, got {num_cols}")
-    if group_size <= 0 or group_size % 8:
-        raise BasisLayoutError(f"group_size must be a positive multiple of 8, got {group_size}")
+    if not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
+        raise BasisLayoutError(f"group_size must be a positive multiple of 8 up to {MAX_GROUP_SIZE}, got {group_size}")
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise BasisLayoutError(f"the basis tensors are on several devices {sorted(map(str, devices))}; "
@@ -190,17 +195,19 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
         raise BasisLayoutError("the basis tensors must be contiguous; call .contiguous() on them")
 
 
-# Offsets tensors whose values were checked, by id: (weak reference, version, num_cols).
-# Reading them back costs a device sync on a GPU, and TWA makes a QuantizedBasis of its
-# buffers every forward, so each tensor is read once (again only if written in place,
-# which moves its version counter).
+# Offsets tensors on an accelerator whose values were checked, by id: (weak reference,
+# version, num_cols). Reading them back costs a device sync there, and TWA makes a
+# QuantizedBasis of its buffers every forward, so each is read once (again when written in
+# place, which moves its version counter; a write through .data or .numpy() does not, and
+# is not seen). Offsets in host memory are read every time: a few microseconds.
 _CHECKED_OFFSETS: dict[int, tuple[weakref.ref, int, int]] = {}
 
 
 def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
     if _is_traced(offsets):
         return  # no values to read under torch.compile's fake tensors; the eager call checked them
-    seen = _CHECKED_OFFSETS.get(id(offsets))
+    cached = offsets.device.type != "cpu"
+    seen = _CHECKED_OFFSETS.get(id(offsets)) if cached else None
     if seen is not None and seen[0]() is offsets and seen[1:] == (offsets._version, num_cols):
         return
     values = offsets.tolist() if offsets.numel() <= 4096 else None
@@ -214,14 +221,20 @@ def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
     if not ordered:
         raise BasisLayoutError("block_offsets must increase strictly (every block holds at least one column); "
                                f"got {(values or offsets.tolist())[:8]}...; build them with block_offsets_from_sizes")
+    if not cached:
+        return
     if len(_CHECKED_OFFSETS) > 1024:
         _CHECKED_OFFSETS.clear()
     _CHECKED_OFFSETS[id(offsets)] = (weakref.ref(offsets), offsets._version, num_cols)
 
 
 def _is_traced(t: Tensor) -> bool:
-    return torch.compiler.is_compiling() or t.device.type == "meta" or type(t) is not Tensor and not isinstance(
-        t, torch.nn.Parameter)
+    """Whether `t` holds no values to read: torch.compile's and export's fake tensors. Any
+    other subclass of Tensor has values, and they are checked."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def _validate_layout(qb: QuantizedBasis) -> None:
@@ -242,6 +255,11 @@ def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -
     """int64 offsets [0, s0, s0 + s1, ..., num_cols]; None means one block of all columns."""
     if block_sizes is None:
         return torch.tensor([0, num_cols], dtype=torch.int64)
+    if isinstance(block_sizes, (str, bytes)) or not isinstance(block_sizes, Sequence):
+        raise InvalidTypeError(f"block_sizes must be a sequence of ints (one per block), got "
+                               f"{type(block_sizes).__name__}")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in block_sizes):
+        raise InvalidTypeError(f"block_sizes must be ints, got {list(block_sizes)[:8]}")
     sizes = [int(s) for s in block_sizes]
     if not sizes or any(s <= 0 for s in sizes):
         raise InvalidArgumentError(f"block_sizes must be positive integers, got {list(block_sizes)[:8]}")
@@ -325,8 +343,12 @@ def quantize(
                              or bits not in SUPPORTED_BITS):
         raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
     bits = None if bits is None else int(bits)  # a numpy or torch integer becomes the int the layout stores
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
-        raise InvalidArgumentError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise InvalidArgumentError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    group_size = int(group_size)
+    if not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
+        raise InvalidArgumentError(f"group_size must be a positive multiple of 8 up to {MAX_GROUP_SIZE}, got "
+                                   f"{group_size}")
     check_basis_values(P)
     k, num_cols = P.shape
     offsets = block_offsets_from_sizes(block_sizes, num_cols).to(P.device)
@@ -383,7 +405,16 @@ def dequantize(qb: QuantizedBasis, start: int = 0, stop: int | None = None) -> T
 
     By default the whole basis. For a packed basis start must be a multiple of group_size.
     """
+    if not isinstance(qb, QuantizedBasis):
+        raise InvalidTypeError(f"dequantize takes a tk.QuantizedBasis, got {type(qb).__name__}")
     stop = qb.num_cols if stop is None else stop
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidTypeError(f"dequantize: {name} must be an int, got {type(value).__name__} {value!r}")
+    start, stop = int(start), int(stop)
+    if not 0 <= start < stop <= qb.num_cols:
+        raise InvalidArgumentError(f"dequantize: bad column range {start}..{stop} for {qb.num_cols} columns; "
+                                   "0 <= start < stop <= num_cols")
     if qb.bits is None:
         return qb.codes[:, start:stop].clone()
     codes = unpack_codes(qb, start, stop).to(torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from twa_kernels import builder
 from twa_kernels.builder import Layout, mean_center  # noqa: F401  (mean_center: its former home)
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels._progress import progress_bar
 from twa_kernels.columns import ColumnReader
@@ -74,11 +75,20 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
 
     Row i is dropped, with a warning, when its residual after removing the rows kept before
     it is below tol times its norm. Q[i] is Gram-Schmidt's i-th vector of the kept rows.
+    P is read as float32, the kernels' type, and the Gram matrices are summed in float64:
+    for rows of condition number c, Q can differ from Gram-Schmidt of a float64 P by about
+    c * 6e-8 (float32's rounding of P, amplified), while its rows stay orthonormal to
+    float32 rounding. Not differentiable: Q never requires grad.
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise InvalidTypeError(f"tol must be a number, got {type(tol).__name__} {tol!r}")
     if not tol > 0:
         raise InvalidArgumentError(f"tol must be positive, got {tol}")
+    if P.requires_grad and torch.is_grad_enabled():
+        raise InvalidArgumentError("orthonormalize is not differentiable, and P requires grad: pass P.detach(), or "
+                                   "call it under torch.no_grad()")
     check_basis_values(P)
     p = P.detach().to(torch.float32).contiguous()
     keep, factor = _independent_rows(gram_op(p), tol)
