@@ -481,6 +481,33 @@ def test_a_frozen_parameter_holding_nan_in_any_checkpoint_is_named():
         tk.TWA(_Backbone(), checkpoints)
 
 
+def test_a_view_claiming_more_elements_than_its_file_holds_is_named_before_it_is_read(tmp_path):
+    # torch.save keeps an expanded view's strides: 4 bytes on disk read back as 10**10
+    # elements, which every reader would walk or allocate
+    good = {"weight": torch.randn(4, 8), "bias": torch.randn(4)}
+    torch.save(good, tmp_path / "good.pt")
+    torch.save({"weight": torch.zeros(1).expand(10**5, 10**5), "bias": torch.randn(4)}, tmp_path / "huge.pt")
+    done = _run(f"""
+        import torch, twa_kernels as tk
+        from torch import nn
+        from twa_kernels.errors import CheckpointError
+        huge, good = {str(tmp_path / "huge.pt")!r}, {str(tmp_path / "good.pt")!r}
+        for name, call in {{
+            "load_state_dict": lambda: tk.load_state_dict(huge),
+            "uniform_average": lambda: tk.uniform_average([huge, good]),
+            "Subspace": lambda: tk.Subspace.from_checkpoints([good, huge, good], bits=4),
+            "TWA": lambda: tk.TWA(nn.Linear(8, 4), [good, good, huge]),
+        }}.items():
+            try:
+                call()
+                print(name, "accepted")
+            except CheckpointError as exc:
+                print(name, "refused:", exc)
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("'weight' claims 10000000000 elements") == 4, done.stdout
+
+
 @pytest.mark.parametrize("index", [0, 2])
 def test_a_meta_tensor_in_a_checkpoint_is_named_wherever_it_is(index):
     # on the CPU, adding a meta tensor changes nothing: the mean would have come out short

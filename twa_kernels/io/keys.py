@@ -105,6 +105,14 @@ def _not_dense_values(value: Tensor) -> str | None:
     return f"a {value.layout} tensor" if value.layout != torch.strided else None
 
 
+def _storage_bytes(value: Tensor) -> int | None:
+    """The bytes of the storage under `value`; None for a tensor subclass without one."""
+    try:
+        return value.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     """The tensors of a loaded checkpoint: nested state_dicts unwrapped, prefixes stripped."""
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and \
@@ -133,6 +141,13 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         if kind := _not_dense_values(value):
             raise CheckpointError(f"{source}: key {key!r} is {kind}; save the model's real, dense weights "
                                   "(materialise meta tensors, .to_dense() sparse ones)")
+        if (stored := _storage_bytes(value)) is not None and value.numel() * value.element_size() > stored:
+            # an expanded or overlapping view: it would be read, summed and checked element by
+            # element, however few bytes the file holds (10**12 elements from 4 bytes)
+            raise CheckpointError(f"{source}: key {key!r} claims {value.numel()} elements of shape "
+                                  f"{tuple(value.shape)} but its storage holds {stored} bytes (an expanded or "
+                                  "overlapping view); save each weight whole: "
+                                  "{k: v.contiguous() for k, v in state_dict.items()}")
     # values only: a state_dict of live Parameters (named_parameters(), or a file saved from
     # them) would otherwise put the averages, and the checkpoints with them, in the graph
     tensors = {k: v.detach() if v.requires_grad else v for k, v in tensors.items()}
