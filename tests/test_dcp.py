@@ -142,6 +142,43 @@ def test_metadata_whose_chunks_do_not_cover_a_tensor_is_refused(tmp_path, change
         ColumnReader(tmp_path / "ckpt")
 
 
+def test_metadata_claiming_more_bytes_than_a_chunk_stores_is_refused_before_any_allocation(tmp_path):
+    # a model's center is allocated from the claimed sizes before a byte is read
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    key, entry = next((k, e) for k, e in metadata.state_dict_metadata.items() if k.endswith("weight"))
+    entry.size = torch.Size([10**6, 10**6])
+    entry.chunks[0].sizes = entry.size
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    for read in (lambda: ColumnReader(tmp_path / "ckpt"),
+                 lambda: tk.Subspace.from_checkpoints([tmp_path / "ckpt", tmp_path / "ckpt"], bits=4)):
+        with pytest.raises(CheckpointError, match=rf"the chunk of '{key}' at \[0, 0\] claims 4000000000000 bytes"):
+            read()
+
+
+def test_a_flipped_bit_in_a_stored_chunk_is_refused(tmp_path):
+    # DCP stores each chunk in torch.save's zip format, whose CRCs torch's reader never checks
+    import io
+    import zipfile
+
+    state = model_state()
+    save_dcp(tmp_path / "ckpt", {"model": state})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    info = metadata.storage_data[next(i for i in metadata.storage_data if i.fqn == "model.fc.weight")]
+    path = tmp_path / "ckpt" / info.relative_path
+    raw = bytearray(path.read_bytes())
+    blob = zipfile.ZipFile(io.BytesIO(bytes(raw[info.offset:info.offset + info.length])))
+    record = next(r for r in blob.infolist() if "/data/" in r.filename)
+    header = raw[info.offset + record.header_offset:info.offset + record.header_offset + 30]
+    data = info.offset + record.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+        int.from_bytes(header[28:30], "little")
+    assert ColumnReader(tmp_path / "ckpt").tensor("fc.weight").equal(state["fc.weight"])  # intact: read
+    raw[data + 2] ^= 0x40  # one bit of fc.weight[0, 0]
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=r"fc.weight.* is damaged \(Bad CRC-32"):
+        ColumnReader(tmp_path / "ckpt").tensor("fc.weight")
+
+
 @pytest.mark.parametrize("content", [b"", b"\x80\x04garbage", pickle.dumps({"a": 1})],
                          ids=["empty", "garbled", "a dict"])
 def test_a_broken_metadata_file_is_a_named_error(tmp_path, content):

@@ -21,6 +21,8 @@ from twa_kernels import columns, io
 from twa_kernels.errors import BasisLayoutError, CheckpointError, TWAKernelsError
 from twa_kernels.quant import QuantizedBasis
 
+from tests.helpers import RunsCode
+
 
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
@@ -342,6 +344,23 @@ def test_random_bytes_are_not_called_a_checkpoint_with_python_objects(tmp_path):
     path.write_bytes(bytes(range(7, 250)) * 5)
     with pytest.raises(CheckpointError, match="not a checkpoint at all"):
         tk.load_state_dict(path)
+
+
+def test_a_damaged_torch_file_is_called_damaged_not_hostile(tmp_path):
+    # "load it yourself if you trust it" is advice for a file of Python objects, not for a broken one
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.randn(3)}, legacy, _use_new_zipfile_serialization=False)
+    raw = legacy.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[:raw.index(b"FloatStorage") + 7])  # cut inside torch.FloatStorage
+    zipfile.ZipFile(tmp_path / "empty.pt", "w").close()
+    for name in ("cut.pt", "empty.pt"):
+        with pytest.raises(CheckpointError, match="damaged, or not a torch checkpoint") as info:
+            tk.load_state_dict(tmp_path / name)
+        assert "trust" not in str(info.value)
+    torch.save({"w": torch.randn(3), "step": RunsCode(str(tmp_path / "ran"))}, tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError, match="refused. It holds Python objects"):
+        tk.load_state_dict(tmp_path / "objects.pt")
+    assert not (tmp_path / "ran").exists()
 
 
 # ---- writing: atomic, named, and with the umask's mode ---------------------------------

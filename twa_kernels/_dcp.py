@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -158,9 +159,25 @@ def _check(metadata: Any, source: str) -> None:
         if descriptors is not None and not (isinstance(descriptors, (list, tuple))
                                             and all(isinstance(d, str) for d in descriptors)):
             raise bad(f"the transforms of {index.fqn!r} are not strings")
+    for key, entry in entries.items():
+        if isinstance(entry, TensorStorageMetadata):
+            _check_stored_bytes(key, entry, storage, bad)
     storage_meta = getattr(metadata, "storage_meta", None)
     if storage_meta is not None and not isinstance(storage_meta, StorageMeta):
         raise bad("storage_meta is not a StorageMeta")
+
+
+def _check_stored_bytes(key: str, entry: TensorStorageMetadata, storage: dict, bad: Any) -> None:
+    """Each chunk stores at least its bytes (a transformed one, _MAX_EXPANSION times fewer):
+    readers allocate a tensor, or a whole model's center, from the sizes the metadata
+    claims, before any data is read."""
+    for chunk in entry.chunks:
+        info = storage[MetadataIndex(key, chunk.offsets)]
+        claimed = math.prod(chunk.sizes) * entry.properties.dtype.itemsize
+        stored = info.length * (_MAX_EXPANSION if info.transform_descriptors else 1)
+        if claimed > stored + (1 << 10):  # torch.save's framing of a tiny chunk outweighs its bytes
+            raise bad(f"the chunk of {key!r} at {list(chunk.offsets)} claims {claimed} bytes but stores "
+                      f"{info.length}")
 
 
 def tensor_entries(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -221,10 +238,87 @@ def _check_tiling(key: str, entry: TensorStorageMetadata, storage: dict, bad: An
                   f"{' and overlap' if overlap else ''}; every element must come from exactly one chunk")
 
 
+# A transformed item (DCP's compression extensions) may hold far fewer bytes than its
+# tensor; a claim beyond this many times its stored bytes is refused before it is allocated
+_MAX_EXPANSION = 1024
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes offset..offset + length of an open file, as a seekable file of their own."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        super().__init__()
+        self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._length - self._pos))
+        data = os.pread(self._fd, n, self._offset + self._pos) if n else b""
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+# (file, offset, length, file size, mtime) of the items whose CRCs were checked in this process
+_VERIFIED: set[tuple] = set()
+
+
+def _verify_chunks(reader: CheckedReader, key: str, dtype: torch.dtype, source: str) -> None:
+    """Before anything is allocated for tensor `key`: each of its chunks lies inside its
+    data file, and each stored record matches its CRC-32. DCP writes
+    a chunk as torch.save's zip format, whose CRCs torch's reader never checks, so a
+    flipped bit would otherwise be read as a weight."""
+    metadata = reader._checked_metadata
+    entry = metadata.state_dict_metadata.get(key)
+    if not isinstance(entry, TensorStorageMetadata):
+        return  # not a tensor: the planner refuses to load it
+    for chunk in entry.chunks:
+        info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        path = os.path.join(reader.path, info.relative_path)
+        transformed = bool(info.transform_descriptors)
+        try:
+            with open(path, "rb") as file:
+                stat = os.fstat(file.fileno())
+                if info.offset + info.length > stat.st_size:
+                    raise CheckpointError(f"{source}: the chunk of {key!r} at {list(chunk.offsets)} lies past the "
+                                          f"end of {info.relative_path} ({stat.st_size} bytes); the checkpoint is "
+                                          "truncated")
+                stamp = (os.path.realpath(path), info.offset, info.length, stat.st_size, stat.st_mtime_ns)
+                if transformed or stamp in _VERIFIED:
+                    continue  # a transformed item is not a zip record: DCP's transform checks its own framing
+                with zipfile.ZipFile(io.BufferedReader(_FileSlice(file.fileno(), info.offset, info.length))) as zf:
+                    for record in zf.infolist():
+                        with zf.open(record) as stream:  # zipfile compares the CRC-32 at the end
+                            while stream.read(1 << 18):
+                                pass
+                _VERIFIED.add(stamp)
+        except CheckpointError:
+            raise
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+            raise CheckpointError(f"{source}: the stored chunk of {key!r} at {list(chunk.offsets)} in "
+                                  f"{info.relative_path} is damaged ({exc}); restore the file or re-save the "
+                                  "checkpoint") from None
+
+
 def load_tensor(reader: CheckedReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,
                 source: str) -> Tensor:
     """The whole tensor `key` (a tensor entry of the reader's metadata), read by DCP's load
-    in this process alone. `source` names the checkpoint in errors."""
+    in this process alone, once its chunks are checked (_verify_chunks). `source` names
+    the checkpoint in errors."""
+    _verify_chunks(reader, key, dtype, source)
     value = torch.empty(shape, dtype=dtype)  # DCP fills the tensors it is given
     try:
         with warnings.catch_warnings():  # load(no_dist=True) warns that it runs in one process: intended

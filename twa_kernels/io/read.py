@@ -1,4 +1,4 @@
-"""Reading checkpoints safely: no code in a file runs, and damaged files are refused.
+"""Reading checkpoints safely: no code in a file runs, and damage is refused where the format can show it.
 
 .pt, .pth, .bin, .ckpt and .pth.tar files are read by torch.load(weights_only=True): a
 pickle that may only hold tensors and plain containers, so a file that would run code is
@@ -6,6 +6,8 @@ refused before any of it runs. An argparse.Namespace saved beside the weights (t
 and timm's training scripts save their arguments so) is read as plain data; any other
 Python object is refused. Every record of a zip-format file is checked against its CRC-32
 first. .safetensors files are read by safetensors. Keys are then matched as io.keys says.
+A .safetensors file and a legacy (not zip) torch file store no checksum, so a flipped bit
+in their tensor data reads as a valid value; damage to their structure is refused.
 """
 
 from __future__ import annotations
@@ -157,10 +159,24 @@ def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:
         raise CheckpointError(f"{path}: could not be read as a torch checkpoint ({exc})") from exc
 
 
+def _names_a_missing_global(name: str) -> bool:
+    """Whether `name` (module.attribute) cannot be found among the modules already imported:
+    a pickle cut short inside a name ("torch.FloatSt"). Nothing is imported to find out."""
+    module, _, attribute = name.rpartition(".")
+    return module in sys.modules and not hasattr(sys.modules[module], attribute.split(".")[0])
+
+
 def _refused(path: object) -> CheckpointError:
-    # raised while torch's refusal is handled: its message names the global it refused
-    found = re.search(r"GLOBAL (\S+)", str(sys.exc_info()[1] or ""))
-    what = f" ({found.group(1)})" if found else ""
+    # raised while torch's refusal is handled: its message names the global it refused, or
+    # what its unpickler could not read
+    message = re.sub(r"\s+", " ", str(sys.exc_info()[1] or ""))
+    found = re.search(r"GLOBAL (\S+)", message)
+    if found is None or _names_a_missing_global(found.group(1)):
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", message)
+        why = found.group(1) + " does not exist" if found else (detail.group(1) if detail else "unreadable pickle")
+        return CheckpointError(f"{path}: damaged, or not a torch checkpoint: its pickle could not be read ({why}); "
+                               "restore the file or save it again with torch.save(model.state_dict(), path)")
+    what = f" ({found.group(1)})"
     if str(path).endswith(".ckpt"):
         # Lightning stores hyper_parameters and callback states beside the weights; a class
         # among them (a dataclass, a config object) is a Python object that safe loading refuses
