@@ -202,6 +202,17 @@ def test_a_config_that_is_not_utf8_text_is_refused_naming_the_file(in_project, c
     assert "binary.yaml: not a UTF-8 text file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000],
+                         ids=["lists", "mappings"])
+def test_a_config_nested_too_deeply_is_refused_naming_the_file(tmp_path, value):
+    from twa_kernels.fit import load_config
+
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"model: m:f\ndata: {{train: m:t}}\ncheckpoints: c/\noutput: {value}\n")
+    with pytest.raises(FitError, match=r"deep\.yaml: not a valid config: its YAML is nested too deeply"):
+        load_config(path)
+
+
 # -- data that is not an iterable of (inputs, targets) batches -----------------------------
 
 

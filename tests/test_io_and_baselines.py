@@ -286,6 +286,13 @@ def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):
         load_state_dict(sharded)
 
 
+def test_a_shard_index_nested_too_deeply_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(tk.CheckpointError, match=r"model\.safetensors\.index\.json: not a valid index of shards "
+                                                 r"\(its JSON is nested too deeply"):
+        load_state_dict(tmp_path)
+
+
 class _Holder(torch.nn.Module):
     """Own names starting with `model.`, as Hugging Face's LlamaForCausalLM has."""
 

@@ -277,8 +277,42 @@ def test_an_out_dir_that_is_a_file_or_corrupt_resume_state_is_named(tmp_path):
     assert "'done'=5 needs 6 rounds, but it lists 2 round files" in resume_with(json.dumps({**manifest, "done": 5}))
     escape = [{**manifest["files"][0], "trained": "../elsewhere.safetensors"}, manifest["files"][1]]
     assert "is not {mask, rewound, trained} -> file name" in resume_with(json.dumps({**manifest, "files": escape}))
+    assert "nested too deeply" in resume_with("[" * 100_000 + "]" * 100_000)
     (out / manifest["files"][1]["trained"]).unlink()
     assert "no such checkpoint file" in resume_with(json.dumps(manifest))
+
+
+def _nan_weight(state):
+    state["0.weight"] = torch.full_like(state["0.weight"], float("nan"))
+
+
+@pytest.mark.parametrize(
+    "kind,edit,message",
+    [
+        ("mask", lambda s: s.pop("0.weight"), r"lacks the keys \['0.weight'\]"),
+        ("mask", lambda s: s.update({"0.weight": torch.full(s["0.weight"].shape, 0.5)}),
+         r"mask '0.weight' is torch.float32, not the torch.bool mask"),
+        ("mask", lambda s: s.update({"extra": torch.ones(2, dtype=torch.bool)}), r"holds keys \['extra'\]"),
+        ("trained", _nan_weight, r"'0.weight' holds NaN or Inf"),
+        ("trained", lambda s: s.update({"0.weight": torch.zeros(3, 3)}), r"'0.weight' has shape \(3, 3\)"),
+    ],
+    ids=["mask missing a layer", "mask of floats", "mask with an extra key", "NaN weights", "wrong shape"],
+)
+def test_a_changed_round_file_stops_the_resume_naming_file_and_key(tmp_path, kind, edit, message):
+    out = tmp_path / "run"
+    tk.prune.imp(make_model(0), lambda m, r: None, rounds=1, out_dir=out)
+    manifest = json.loads((out / "imp.json").read_text())
+    path = out / manifest["files"][1][kind]
+    state = tk.load_state_dict(path)
+    edit(state)
+    tk.save_state_dict(state, path)
+    model = make_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a file that passed would change the next round's sparsity or the weights it prunes by
+    with pytest.raises(tk.errors.CheckpointError, match=rf"{path.name}: {message}.*IMP run cannot resume: delete"):
+        tk.prune.imp(model, lambda m, r: pytest.fail("trained on a bad resume"), rounds=2, out_dir=out)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not list(out.glob("round_02_*"))
 
 
 def test_gpt2_prunes_its_conv1d_layers_and_leaves_the_tied_lm_head_out():

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 import twa_kernels as tk
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, MissingKeyError
 
 from tests.digits import digits_splits, evaluate, make_model, train_coefficients
 
@@ -160,6 +160,24 @@ def test_resumed_run_takes_bit_identical_steps(run):
     resumed_opt.load_state_dict(saved["opt"])
     _steps(resumed, resumed_opt, batches[3:])
     assert torch.equal(resumed.coefficients, twa.coefficients)
+
+
+def test_a_state_with_moved_block_offsets_or_no_basis_is_refused_by_name(run):
+    _, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    before = {k: v.clone() for k, v in twa.state_dict().items()}
+    # the same block count with another boundary fits every shape, but would change the weights
+    moved = dict(before, basis_block_offsets=before["basis_block_offsets"].clone())
+    moved["basis_block_offsets"][1] += 8
+    with pytest.raises(InvalidArgumentError, match=r"TWA state_dict: its basis_block_offsets \[0, 3080, .* differ "
+                                                   r"from this TWA's \[0, 3072, "):
+        twa.load_state_dict(moved)
+    no_basis = {k: v for k, v in before.items() if not k.startswith("basis_")}
+    with pytest.raises(MissingKeyError, match=r"TWA state_dict: missing \['basis_codes', 'basis_scales', "
+                                              r"'basis_mins', 'basis_block_offsets', 'basis_meta'\]"):
+        twa.load_state_dict(no_basis)
+    assert all(torch.equal(twa.state_dict()[k], v) for k, v in before.items())
+    twa.load_state_dict(no_basis, strict=False)  # keeps its own basis, as strict=False asks
 
 
 def test_layerwise_granularity_merges_tensors(run):

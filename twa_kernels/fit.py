@@ -224,6 +224,9 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise FitError(f"{path}: YAML error{where}: {problem}") from exc
+    except RecursionError:  # a config is a few levels of mappings: nesting this deep is not one
+        raise FitError(f"{path}: not a valid config: its YAML is nested too deeply to read; a `twa fit` config is "
+                       "a mapping of settings (model, data, checkpoints, ...) a few levels deep") from None
     return check_config(config, str(path), required)
 
 

@@ -347,6 +347,8 @@ def _read_manifest(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise corrupt(f"cannot be read as JSON ({exc})") from exc
+    except RecursionError:  # imp() writes a flat object: nesting this deep is not its file
+        raise corrupt("is nested too deeply to be read as JSON") from None
     if not isinstance(manifest, dict):
         raise corrupt(f"holds a JSON {type(manifest).__name__}, not an object")
     for key, value in settings.items():
@@ -368,6 +370,26 @@ def _read_manifest(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _round_file(path: Path, shapes: Mapping[str, list[int]], mask: bool) -> StateDict:
+    """A round file of an earlier run, checked against what imp() writes: exactly the keys and
+    shapes of `shapes`, bool masks, finite weights. A file that passed would otherwise change
+    the next round's pruning or the weights it rewinds to without any error."""
+    state = load_state_dict(path)
+    missing, extra = [k for k in shapes if k not in state], sorted(k for k in state if k not in shapes)
+    if missing or extra:
+        raise CheckpointError(f"{path}: lacks the keys {missing}" if missing else f"{path}: holds keys {extra} "
+                              f"that this run does not have")
+    for key, want in shapes.items():
+        value = state[key]
+        if list(value.shape) != list(want):
+            raise CheckpointError(f"{path}: {key!r} has shape {tuple(value.shape)}, but this run's is {tuple(want)}")
+        if mask and value.dtype != torch.bool:
+            raise CheckpointError(f"{path}: mask {key!r} is {value.dtype}, not the torch.bool mask imp() writes")
+        if not mask and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: {key!r} holds NaN or Inf")
+    return state
+
+
 def _resume(out: Path, settings: dict, model: nn.Module) -> tuple[dict, list[Masks], StateDict | None]:
     """The manifest, masks and rewind state of an earlier run with these settings in `out`
     (the model loaded with its last trained round), or a fresh start's."""
@@ -376,11 +398,15 @@ def _resume(out: Path, settings: dict, model: nn.Module) -> tuple[dict, list[Mas
         return dict(settings, done=-1, sparsity=[], files=[]), [], None
     manifest = _read_manifest(manifest_path, settings)
     rewind_state = None
+    shapes = settings["shapes"]
+    mask_shapes = {name: list(model.get_submodule(name.rpartition(".")[0]).weight.shape)
+                   for name in settings["layers"]}
     try:
-        masks = [{k: v.bool() for k, v in load_state_dict(out / f["mask"]).items()} for f in manifest["files"]]
+        masks = [_round_file(out / f["mask"], mask_shapes, mask=True) for f in manifest["files"]]
         if manifest["done"] >= 0:
-            model.load_state_dict(load_state_dict(out / manifest["files"][-1]["trained"]))
-            rewind_state = load_state_dict(out / "rewind.safetensors")
+            trained = _round_file(out / manifest["files"][-1]["trained"], shapes, mask=False)
+            rewind_state = _round_file(out / "rewind.safetensors", shapes, mask=False)
+            model.load_state_dict(trained)  # once every file passed: a refused resume leaves the model alone
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; the IMP run cannot resume: {_start_over(out)}") from exc
     if manifest["done"] >= 0:

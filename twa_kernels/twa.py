@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, MissingKeyError, UsageError
 from twa_kernels import sharding
 from twa_kernels._memory import empty_huge, gradients_to_hold
 from twa_kernels.batchnorm import update_bn
@@ -187,6 +187,18 @@ class TWA(nn.Module):
     def subspace(self) -> Subspace:
         """The subspace the coefficients live in: names, shapes, center and basis."""
         return Subspace(self.names, self.shapes, self.center, self.basis, aliases=self.aliases)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, with a state that lacks some of this TWA's keys (every
+        basis_* tensor, say) refused under strict=True by a MissingKeyError naming them, before
+        anything is copied. The pre-hook cannot tell: torch hands it strict=True always."""
+        if strict and isinstance(state_dict, Mapping):
+            own = [*self._parameters, *(k for k in self._buffers if k not in self._non_persistent_buffers_set)]
+            missing = [key for key in own if key not in state_dict]
+            if missing:
+                raise MissingKeyError(f"TWA state_dict: missing {missing}; load the whole state_dict() of a TWA built "
+                                      "the same way, or pass strict=False to keep this TWA's own values for them")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # The model is held outside the module tree; device moves and train/eval reach it here.
     # A dtype cast (twa.to(torch.bfloat16), twa.half()) reaches the model only: the center,
@@ -539,6 +551,15 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
             raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
                              f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
                              f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
+        # the same block count with other boundaries passes every shape check, yet every
+        # coefficient would scale other columns than the ones it was trained for
+        own_offsets = [int(v) for v in module.basis_block_offsets.tolist()]
+        if [int(v) for v in loaded.block_offsets.tolist()] != own_offsets:
+            shown = [int(v) for v in loaded.block_offsets[:8].tolist()]
+            raise InvalidArgumentError(f"TWA state_dict: its basis_block_offsets {shown}"
+                                       f"{'...' if loaded.block_offsets.numel() > 8 else ''} differ from this TWA's "
+                                       f"{own_offsets[:8]}{'...' if len(own_offsets) > 8 else ''}: it was saved from "
+                                       "a TWA with another granularity or model; build the TWA the same way")
     for name in ("center", "coefficients", *(f"frozen_{i}" for i in range(len(module.frozen_names)))):
         value, own = state.get(prefix + name), getattr(module, name)
         if isinstance(value, Tensor) and value.shape != own.shape:

@@ -80,6 +80,9 @@ def _index_shards(index: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{index}: not a readable index of shards ({type(exc).__name__}: {exc}); "
                               "save the model again with save_pretrained") from exc
+    except RecursionError:  # save_pretrained writes a flat weight_map: nesting this deep is not an index
+        raise CheckpointError(f"{index}: not a valid index of shards (its JSON is nested too deeply to read); "
+                              "save the model again with save_pretrained") from None
     shards = []
     for name in sorted(files, key=str):
         # a shard is a file beside its index: a path elsewhere would read files the
