@@ -125,7 +125,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
                 entries = json.loads(header)
                 entries.pop("__metadata__", None)
                 return size, _digest(sorted((k, repr(v)) for k, v in entries.items()))
-            except (ValueError, AttributeError):  # not JSON: ColumnReader has refused it already
+            except (ValueError, AttributeError, RecursionError):  # not JSON: ColumnReader has refused it already
                 return size, _digest(header)
         head += f.read(64 << 10)
     return size, _digest(head)
