@@ -120,6 +120,7 @@ class ConvEmbedding(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten())
 
     def forward(self, x: Tensor) -> Tensor:
+        """The flattened features of a batch of images [N, C, H, W]."""
         return self.features(x)
 
 

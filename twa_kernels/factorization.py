@@ -37,7 +37,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -111,13 +111,16 @@ class DeepFactorization(nn.Module):
         self._replaced = weakref.ref(replaced) if replaced is not None else (lambda: None)
 
     def forward(self, *factors: Tensor) -> Tensor:
+        """The weight: the elementwise product of the factors."""
         return _Product.apply(*factors)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """Balanced factors of `weight`: each |w|^(1/D), the first carrying its sign."""
         root = weight.abs().pow(1.0 / self.depth)
         return (torch.sign(weight) * root,) + tuple(root.clone() for _ in range(self.depth - 1))
 
     def extra_repr(self) -> str:
+        """The depth, in the module's repr."""
         return f"depth={self.depth}"
 
 
@@ -272,8 +275,8 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         construction that is PyTorch's default init), a callable gets the module.
     eps: the lower truncation bound above, finite and >= 0.
     A layer whose weight Parameter another module shares (tied weights, e.g. an output
-    layer tied to an embedding) is refused: factorising it would untie them. Untie them
-    first, or leave them out of `layers`.
+    layer tied to an embedding) is left out with a warning, and refused when named in
+    `layers`: factorising it would untie them. Untie them first to factorise it.
     Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
     (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
     seed: an int draws every factor from one private generator (reproducible; torch's global
@@ -321,7 +324,7 @@ def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_decay: float = 0.0,
-                        **group_options) -> list[dict]:
+                        **group_options: Any) -> list[dict]:
     """Two optimizer parameter groups: the factors with `weight_decay` (the DWF penalty) and
     everything else (biases, norms, unfactorised layers) with `other_weight_decay`.
     Extra keyword options (e.g. lr) go into both groups."""

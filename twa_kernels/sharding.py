@@ -89,6 +89,7 @@ class Comm:
         self.calls[name] += 1
 
     def reset(self) -> None:
+        """Zero the byte and call counts."""
         self.bytes.clear()
         self.calls.clear()
 
@@ -99,11 +100,13 @@ class Comm:
         return t
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        """Every rank's t, in rank order, into out (world size times t's length)."""
         self._count("all_gather", out)
         _all_gather(out, t, self.group)
         return out
 
     def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
+        """This rank's chunk of the sum of t over the ranks, into out."""
         self._count("reduce_scatter", t)
         _reduce_scatter(out, t, self.group)
         return out

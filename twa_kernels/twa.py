@@ -188,7 +188,7 @@ class TWA(nn.Module):
         """The subspace the coefficients live in: names, shapes, center and basis."""
         return Subspace(self.names, self.shapes, self.center, self.basis, aliases=self.aliases)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """nn.Module.load_state_dict, with a state that lacks some of this TWA's keys (every
         basis_* tensor, say) refused under strict=True by a MissingKeyError naming them, before
         anything is copied. The pre-hook cannot tell: torch hands it strict=True always."""
