@@ -189,6 +189,10 @@ def test_subspace_optimizer_keeps_weights_in_the_subspace():
     assert float((moved.double() - inside).norm() / moved.norm()) < 1e-4
     with pytest.raises(ValueError, match="orthonormal"):
         tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=1), tk.Subspace.from_checkpoints(ckpts))
+    packed = tk.Subspace.from_checkpoints(ckpts, bits=4, granularity="model", orthonormalize=True,
+                                          parameter_names=names)
+    with pytest.warns(UserWarning, match="bits=None for the exact projection"):
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=1), packed)
 
 
 _MEMORY_PROBE = r"""

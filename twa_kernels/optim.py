@@ -13,6 +13,7 @@ center + span(P).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,12 @@ class SubspaceOptimizer:
         if not subspace.orthonormal:
             raise InvalidArgumentError("SubspaceOptimizer needs an orthonormal basis: build the subspace with "
                              "orthonormalize=True (and granularity='model')")
+        if subspace.basis.bits is not None:
+            warnings.warn(f"SubspaceOptimizer: the basis is packed in {subspace.basis.bits} bits, so its rows are "
+                          "orthonormal only up to their quantisation and P^T P g is not quite a projection (the "
+                          "weights stay in the packed rows' span, but each step's component there is off by the "
+                          "rounding); build the subspace with bits=None for the exact projection", UserWarning,
+                          stacklevel=2)
         params = [p for group in base_optimizer.param_groups for p in group["params"]]
         shapes = [tuple(p.shape) for p in params]
         if shapes != subspace.shapes:
