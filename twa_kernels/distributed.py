@@ -61,6 +61,18 @@ from twa_kernels.sharding import (  # noqa: F401  (public names of tk.distribute
 )
 from twa_kernels.twa import BASIS_BUFFERS, TWA  # noqa: F401  (BASIS_BUFFERS: public name of tk.distributed)
 
+__all__ = [
+    # around a TWA on a process group
+    "init_from_environment", "split_loader", "update_bn", "all_reduce_bn_statistics", "all_reduce_metrics",
+    "comm_bytes", "reset_comm_bytes", "record_errors",
+    # the errors ranks raise
+    "BasisMismatchError", "CheckpointListMismatchError", "CheckpointContentMismatchError", "RankFailedError",
+    "ShardingError",
+    # the pieces sharded mode is made of (twa_kernels/sharding.py, sharded_build.py)
+    "BASIS_BUFFERS", "Comm", "ShardedSubspace", "agree", "basis_checksum", "build_shard", "check_same_basis",
+    "local_blocks", "shard_columns", "slice_basis",
+]
+
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
