@@ -24,7 +24,7 @@ All methods share the initialisation, so the dense level (round 0) is one measur
 
     python -m experiments.lmc_sparse          # 3 seeds, 12-16 minutes on 2 cores
     python -m experiments.lmc_sparse --quick                             # 1 seed, 2 rounds: a smoke run
-    python -m experiments.lmc_sparse fair [--jobs 2]      # the calibration first: fair.json, fair.png
+    python -m experiments.lmc_sparse fair [--seeds 8] [--jobs 2]   # the calibration first: fair.json, fair.png
 
 `fair` first calibrates (see `calibrate`): it looks for a width, learning rate and
 augmentation at which both the dense network and a real-data IMP ticket rewound to

@@ -83,6 +83,13 @@ def test_dwf_fair_tiny(tmp_path, capsys):
     assert len(saved["seeds"]) >= 2
 
 
+def test_lmc_sparse_fair_needs_two_seeds_for_its_intervals(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lmc_sparse.main(["fair", "--size", "tiny", "--seeds", "1", "--out", str(tmp_path)])
+    assert "--seeds must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "fair.json").exists()
+
+
 def test_lmc_sparse_fair_tiny(tmp_path, capsys):
     _, saved = _fair(lmc_sparse, tmp_path, capsys)
     cal = saved["calibration"]
