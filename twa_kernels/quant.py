@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself: no cost
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from twa_kernels.errors import BasisLayoutError, InvalidArgumentError, InvalidTypeError, MissingKeyError
 from twa_kernels._memory import empty_huge
@@ -231,9 +233,6 @@ def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
 def _is_traced(t: Tensor) -> bool:
     """Whether `t` holds no values to read: torch.compile's and export's fake tensors. Any
     other subclass of Tensor has values, and they are checked."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
     return torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
