@@ -645,6 +645,14 @@ def test_block_sizes_that_are_not_ints_are_refused_not_truncated(block_sizes, er
         tk.quantize(torch.randn(2, 64), bits=4, group_size=8, block_sizes=block_sizes)
 
 
+def test_block_sizes_may_be_any_iterable_of_ints():
+    import numpy as np
+
+    for sizes in (torch.tensor([40, 24]), np.array([40, 24]), (s for s in (40, 24)), (40, 24)):
+        assert tk.quantize(torch.randn(2, 64), bits=4, group_size=8, block_sizes=sizes).block_offsets.tolist() == \
+            [0, 40, 64]
+
+
 def test_a_numpy_group_size_is_an_int_and_a_float_one_is_named():
     np = pytest.importorskip("numpy")
     qb = tk.quantize(torch.randn(2, 64), bits=np.int64(4), group_size=np.int64(32))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -254,9 +254,12 @@ def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -
     """int64 offsets [0, s0, s0 + s1, ..., num_cols]; None means one block of all columns."""
     if block_sizes is None:
         return torch.tensor([0, num_cols], dtype=torch.int64)
-    if isinstance(block_sizes, (str, bytes)) or not isinstance(block_sizes, Sequence):
+    if isinstance(block_sizes, Tensor) and not (block_sizes.is_floating_point() or block_sizes.is_complex()):
+        block_sizes = block_sizes.reshape(-1).tolist()
+    if isinstance(block_sizes, (str, bytes)) or not isinstance(block_sizes, Iterable):
         raise InvalidTypeError(f"block_sizes must be a sequence of ints (one per block), got "
                                f"{type(block_sizes).__name__}")
+    block_sizes = list(block_sizes)
     if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in block_sizes):
         raise InvalidTypeError(f"block_sizes must be ints, got {list(block_sizes)[:8]}")
     sizes = [int(s) for s in block_sizes]
