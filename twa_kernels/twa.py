@@ -437,14 +437,14 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
         for j, (name, param) in enumerate(frozen):
-            try:
-                value = reader.tensor(name, aliases.get(name, ()))
-            except KeyError:
+            key = reader.key(name, aliases.get(name, ()))
+            if key is None:
                 raise CheckpointError(f"{reader.source}: missing key {name!r} (a frozen parameter of the model, "
-                                      "pinned to its checkpoint value); was it saved from the same model?") from None
-            if tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"{reader.source}: key {name!r} has shape {tuple(value.shape)} but the model's "
+                                      "pinned to its checkpoint value); was it saved from the same model?")
+            if reader.shape(key) != tuple(param.shape):  # before reading: the file's claim may be huge
+                raise CheckpointError(f"{reader.source}: key {name!r} has shape {reader.shape(key)} but the model's "
                                       f"frozen parameter has {tuple(param.shape)}")
+            value = reader.tensor(key)
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} holds NaN or Inf, and TWA "
                                       "would pin it to that; use finite checkpoints")
