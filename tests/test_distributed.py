@@ -82,6 +82,31 @@ def test_ddp_is_told_to_ignore_the_basis_buffers():
     assert buffers and buffers <= set(twa._ddp_params_and_buffers_to_ignore)
 
 
+def test_a_twa_held_by_another_module_is_ignored_by_ddp_once_asked():
+    # DDP reads the ignore list of the module it wraps only: a LightningModule holding a TWA
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.helpers import one_process_group
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            model, ckpts = w.model_and_checkpoints()
+            self.twa = tk.TWA(model, ckpts, bits=4, group_size=8)
+
+        def forward(self, x):
+            return self.twa(x)
+
+    twa_buffers = {f"twa.{name}" for name, _ in Holder().twa.named_buffers()}
+    with one_process_group():
+        assert twa_buffers <= set(DDP(Holder()).named_module_buffers)  # broadcast before every forward
+        holder = Holder()
+        assert set(tk.distributed.ignore_twa_buffers_in_ddp(holder)) == twa_buffers
+        assert not twa_buffers & set(DDP(holder).named_module_buffers)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="holds no TWA"):
+        tk.distributed.ignore_twa_buffers_in_ddp(torch.nn.Linear(2, 2))
+
+
 def test_shard_needs_a_process_group():
     model, ckpts = w.model_and_checkpoints()
     with pytest.raises(ValueError, match="process_group"):

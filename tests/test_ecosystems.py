@@ -78,6 +78,32 @@ def test_save_pretrained_directories_are_one_checkpoint_each(hf_runs, layout):
         torch.testing.assert_close(soup[key], want[key], rtol=0, atol=1e-6)
 
 
+def test_a_twa_tells_the_hf_trainer_whether_its_model_takes_loss_arguments():
+    # the Trainer passes num_items_in_batch to a forward that takes **kwargs, and asks the
+    # model's accepts_loss_kwargs first; TWA's forward takes **kwargs for any model
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            return self.fc(x)
+
+    class Open(Plain):
+        def forward(self, x, labels=None, **kwargs):
+            return self.fc(x)
+
+    class Refuses(Open):
+        accepts_loss_kwargs = False
+
+    def twa_of(cls):
+        torch.manual_seed(0)
+        states = [{k: v + i for k, v in cls().state_dict().items()} for i in range(3)]
+        return tk.TWA(cls(), states, bits=None)
+
+    assert [twa_of(cls).accepts_loss_kwargs for cls in (Plain, Open, Refuses)] == [False, True, False]
+
+
 def test_a_folder_of_trainer_checkpoints_is_read_in_step_order(hf_runs):
     model = _gpt2(7)
     root = hf_runs["root"] / "sharded"

@@ -64,7 +64,7 @@ from twa_kernels.twa import BASIS_BUFFERS, TWA  # noqa: F401  (BASIS_BUFFERS: pu
 __all__ = [
     # around a TWA on a process group
     "init_from_environment", "split_loader", "update_bn", "all_reduce_bn_statistics", "all_reduce_metrics",
-    "comm_bytes", "reset_comm_bytes", "record_errors",
+    "comm_bytes", "reset_comm_bytes", "record_errors", "ignore_twa_buffers_in_ddp",
     # the errors ranks raise
     "BasisMismatchError", "CheckpointListMismatchError", "CheckpointContentMismatchError", "RankFailedError",
     "ShardingError",
@@ -97,6 +97,25 @@ def reset_comm_bytes(twa: nn.Module) -> None:
 
 
 @torch.no_grad()
+def ignore_twa_buffers_in_ddp(module: nn.Module) -> list[str]:
+    """Tell DDP to leave alone the center and basis of every TWA inside `module`, and
+    return their names. DDP reads the ignore list of the module it wraps, and that one only:
+    a TWA wrapped directly sets its own, but one held by another module (a LightningModule's
+    self.twa) would have DDP broadcast its whole center and basis from rank 0 before every
+    forward. Call it on the module DDP wraps once its TWAs exist (in a LightningModule's
+    __init__, on self)."""
+    if isinstance(module, TWA):
+        return list(module._ddp_params_and_buffers_to_ignore)
+    names = [f"{prefix}.{name}" for prefix, sub in module.named_modules() if isinstance(sub, TWA) and prefix
+             for name in sub._ddp_params_and_buffers_to_ignore]
+    if not names:
+        raise InvalidArgumentError(f"{type(module).__name__} holds no TWA: nothing for DDP to ignore; call it "
+                                   "after the module has made its TWA")
+    ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    module._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+    return names
+
+
 def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int:
     """After each rank ran update_bn (cumulative averaging: momentum None) over its own
     batches, make every BatchNorm's running stats those of one process over all batches:

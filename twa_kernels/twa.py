@@ -44,6 +44,7 @@ summed in float64, which is exactly the value when they agree, as a frozen tenso
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -176,6 +177,17 @@ class TWA(nn.Module):
     def module(self) -> nn.Module:
         """The wrapped model."""
         return self._model[0]
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model's forward takes loss arguments: its own answer, or whether
+        its forward takes **kwargs. transformers' Trainer asks before it passes
+        num_items_in_batch; TWA's own forward takes **kwargs for any model and hands them on,
+        so without this the Trainer would pass them to a model with no place for them."""
+        model = self.module
+        if hasattr(model, "accepts_loss_kwargs"):
+            return bool(model.accepts_loss_kwargs)
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
     @property
     def basis(self) -> QuantizedBasis:
