@@ -458,6 +458,19 @@ def test_unsupported_layers_are_named():
         tk.decor.update(model)
 
 
+@pytest.mark.parametrize("settings, error", [
+    (dict(max_norm=float("nan")), "max_norm must be a finite positive number"),  # no divergence check at all
+    (dict(max_norm=-1.0), "max_norm must be a finite positive number"),  # every update "diverged"
+    (dict(max_norm=None), "max_norm must be a number"),
+    (dict(lr="fast"), "lr must be a number"),
+])
+def test_settings_are_checked_before_any_layer_changes(settings, error):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(tk.errors.TWAKernelsError, match=error):
+        tk.decor.decorrelate(model, **settings)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]  # nothing half-converted
+
+
 def test_tied_weights_are_refused_and_a_reused_layer_is_not():
     torch.manual_seed(0)
     tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))

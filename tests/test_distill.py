@@ -98,6 +98,18 @@ def test_ipc_sets_the_examples_per_class(mnist1d_train, ipc):
     assert torch.equal(torch.bincount(y_syn), torch.full((10,), ipc))
 
 
+def test_any_seed_torch_takes_distills_and_one_past_it_is_named():
+    # each iteration's network is seeded from the seed: a product past 2**63 overflowed
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 1, 12, generator=gen), torch.arange(30) % 3
+    embed = tk.distill.default_embedding(x, width=4, depth=1)
+    for seed in (2**50, 2**64 - 1, -2**63):
+        x_syn, _ = tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=8, embed=embed, seed=seed)
+        assert torch.isfinite(x_syn).all()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="outside the seeds torch takes"):
+        tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=8, embed=embed, seed=2**64)
+
+
 def test_a_seed_reproduces_the_distilled_set_and_leaves_the_global_rng_alone():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(60, 1, 12, generator=gen), torch.arange(60) % 3

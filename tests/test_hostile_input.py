@@ -678,6 +678,14 @@ def test_backend_names_a_device_it_cannot_read(device, error):
         tk.backend(device)
 
 
+def test_geometry_names_a_model_without_parameters():
+    batches = [(torch.randn(2, 3), torch.tensor([0, 1]))]
+    for call in (lambda: tk.connectivity.interpolate(nn.ReLU(), {}, {}, batches),
+                 lambda: tk.connectivity.hessian_diagonal(nn.ReLU(), lambda out, y: out.sum(), batches)):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="ReLU has no parameters"):
+            call()
+
+
 def test_ops_name_a_basis_or_vector_of_the_wrong_type():
     qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
     with pytest.raises(tk.errors.InvalidTypeError, match="must be a tk.QuantizedBasis"):

@@ -16,13 +16,30 @@ import torch
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 
 
+# the seeds torch.Generator.manual_seed takes
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
 def check_seed(seed: int | None, name: str = "seed") -> int | None:
-    """`seed` itself, or an InvalidTypeError naming the argument when it is neither an int nor None."""
+    """`seed` itself, or an InvalidTypeError naming the argument when it is neither an int nor
+    None, or an InvalidArgumentError when torch cannot seed a generator with it."""
     # bool is an int subclass, but seed=True is a mistake for progress=True or similar
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidTypeError(f"{name} must be an int or None (None: draw from torch's global RNG), "
                                f"got {type(seed).__name__} {seed!r}")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InvalidArgumentError(f"{name}={seed} is outside the seeds torch takes, {SEED_RANGE[0]} to "
+                                   f"{SEED_RANGE[1]}")
     return seed
+
+
+def derived_seed(seed: int, *salt: int) -> int:
+    """A seed for one of several streams drawn from `seed` (one per iteration, say), inside
+    torch's range whatever `seed` is."""
+    value = seed
+    for s in salt:
+        value = value * 1_000_003 + s
+    return value % (1 << 63)
 
 
 def generator(seed: int | None, device: torch.device | str | None = None) -> torch.Generator | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twa_kernels._random import check_seed, generator
-from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import transformers_conv1d
 
@@ -302,12 +303,19 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     weights, e.g. an output layer tied to an embedding): fold() would write W R into the
     weight the others read. Untie it, or skip it and every layer tied to it.
     """
+    # every setting is checked before the first layer changes class: a refusal leaves the model as it was
+    for name, value in (("lr", lr), ("kappa", kappa), ("sample_fraction", sample_fraction), ("max_norm", max_norm)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not 0.0 < sample_fraction <= 1.0:
         raise InvalidArgumentError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
     if not 0.0 <= kappa <= 1.0:
         raise InvalidArgumentError(f"kappa must be in [0, 1], got {kappa}")
     if not lr > 0.0:
         raise InvalidArgumentError(f"lr must be positive, got {lr}")
+    if not 0.0 < max_norm < math.inf:
+        raise InvalidArgumentError(f"max_norm must be a finite positive number (the divergence bound on "
+                                   f"||R||_F / sqrt(d), 1 at the start), got {max_norm}")
     sampler = _Sampler(seed)
     skipped = _skipper(skip)
     todo = []

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from twa_kernels._progress import progress_bar
-from twa_kernels._random import check_seed, generator, seeded
+from twa_kernels._random import check_seed, derived_seed, generator, seeded
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import load_state_dict, save_state_dict
 
@@ -210,7 +210,7 @@ def distribution_matching(
 
     bar = progress_bar(range(iterations), enabled=progress, desc=f"distribution matching (ipc {ipc})")
     for it in bar:
-        net = _fresh(embed, None if seed is None else seed * 1_000_003 + it + 1)
+        net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1))
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
         with torch.no_grad():
             target = _class_means(net, x[pick], y[pick], classes)

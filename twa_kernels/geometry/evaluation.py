@@ -110,6 +110,16 @@ def float_buffers(model: nn.Module, include_bn_stats: bool) -> dict[str, Tensor]
     return out
 
 
+def parameter_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters; a model without any has no weights to move
+    along a line or a plane, and is named."""
+    first = next(model.parameters(), None)
+    if first is None:
+        raise InvalidArgumentError(f"{type(model).__name__} has no parameters: there are no weights to interpolate, "
+                                   "project or differentiate; pass the network whose checkpoints these are")
+    return first.device
+
+
 def check_bn(bn: str) -> None:
     if bn not in BN_MODES:
         raise InvalidArgumentError(f"bn must be one of {BN_MODES}, got {bn!r}")

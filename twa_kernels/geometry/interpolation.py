@@ -31,6 +31,7 @@ from twa_kernels.geometry.evaluation import (
     evaluate,
     float_buffers,
     load_checkpoint,
+    parameter_device,
     preserved,
 )
 
@@ -105,7 +106,7 @@ def interpolate(
     params = dict(model.named_parameters())
     buffers = float_buffers(model, include_bn_stats=bn == "interpolate")
     wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
-    device = next(iter(params.values())).device
+    device = parameter_device(model)
     ends = []
     for i, ckpt in enumerate((a, b)):
         source = checkpoint_source(ckpt, i)

@@ -49,6 +49,7 @@ from twa_kernels.geometry.evaluation import (
     classification_metric,
     evaluate,
     float_buffers,
+    parameter_device,
     preserved,
 )
 from twa_kernels.columns import ColumnReader
@@ -494,7 +495,7 @@ def plane(
     frame, anchors, located = _anchored_frame(model, checkpoints, dims, bits, group_size, bn, labels)
     for label, ckpt in (points or {}).items():
         located[label] = frame.locate(ckpt, label)
-    device = next(model.parameters()).device
+    device = parameter_device(model)
     frame.origin = frame.origin.to(device)
     frame.basis = frame.basis.to(device)
     xs, ys = _grid_axes(located, margin, nx, ny)

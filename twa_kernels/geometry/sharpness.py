@@ -32,7 +32,7 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
-from twa_kernels.geometry.evaluation import preserved, split_batch
+from twa_kernels.geometry.evaluation import parameter_device, preserved, split_batch
 
 logger = logging.getLogger(__name__)
 # PyTorch's message for an op without a forward-mode derivative, which torch.func.jvp needs
@@ -74,8 +74,8 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
     mean loss over `data` (batches weighted by their size), in eval mode. hvp accepts a
     leading probe dimension on every tensor of v (vmapped). Batches are fed as evaluation's
     split_batch reads them."""
+    device = parameter_device(model)
     params = {name: p.detach() for name, p in model.named_parameters()}
-    device = next(iter(params.values())).device
     batches = [split_batch(batch, device) for batch in data]
     total = sum(len(y) for _, _, y in batches)
     if total == 0:
