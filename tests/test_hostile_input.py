@@ -678,6 +678,22 @@ def test_backend_names_a_device_it_cannot_read(device, error):
         tk.backend(device)
 
 
+def test_a_number_argument_that_is_none_or_nan_is_named():
+    linear = nn.Linear(3, 2)
+    batches = [(torch.randn(2, 3), torch.tensor([0, 1]))]
+    calls = {
+        "decay must be a number": lambda: tk.ema_average([linear.state_dict()] * 2, decay=None),
+        "fraction must be a number": lambda: tk.split_holdout(list(range(10)), None),
+        "fraction must be a finite number": lambda: tk.split_holdout(list(range(10)), float("nan")),
+        # a NaN tol never counted as converged: every call ran all its iterations
+        "tol must be a finite number": lambda: tk.connectivity.top_eigenvalue(linear, lambda out, y: out.sum(),
+                                                                              batches, tol=float("nan")),
+    }
+    for message, call in calls.items():
+        with pytest.raises(TWAKernelsError, match=message):
+            call()
+
+
 def test_geometry_names_a_model_without_parameters():
     batches = [(torch.randn(2, 3), torch.tensor([0, 1]))]
     for call in (lambda: tk.connectivity.interpolate(nn.ReLU(), {}, {}, batches),

@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, random_split
 
+from twa_kernels._checks import real
 from twa_kernels._random import generator
 from twa_kernels.batchnorm import update_bn  # noqa: F401  (part of this module's API)
 from twa_kernels.errors import InvalidArgumentError
@@ -115,7 +116,7 @@ def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) ->
 
 def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module | None = None) -> StateDict:
     """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt."""
-    if not 0.0 <= decay < 1.0:
+    if not 0.0 <= real("decay", decay) < 1.0:
         raise InvalidArgumentError(f"decay must be in [0, 1), got {decay}")
 
     def blend(acc: dict[str, Tensor], state: StateDict) -> None:
@@ -183,7 +184,7 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = No
     trains them on held-out data: right when the models already fit their training data
     (fine-tuned copies, model soups), where training loss no longer tells them apart.
     """
-    if not 0.0 < fraction < 1.0:
+    if not 0.0 < real("fraction", fraction) < 1.0:
         raise InvalidArgumentError(f"fraction must be in (0, 1), got {fraction}")
     held = max(1, round(len(dataset) * fraction))
     if held >= len(dataset):

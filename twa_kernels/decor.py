@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import numbers
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twa_kernels._random import check_seed, generator
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
+from twa_kernels._checks import real
+from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import transformers_conv1d
 
@@ -304,9 +304,8 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     weight the others read. Untie it, or skip it and every layer tied to it.
     """
     # every setting is checked before the first layer changes class: a refusal leaves the model as it was
-    for name, value in (("lr", lr), ("kappa", kappa), ("sample_fraction", sample_fraction), ("max_norm", max_norm)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    lr, kappa, sample_fraction = real("lr", lr), real("kappa", kappa), real("sample_fraction", sample_fraction)
+    max_norm = real("max_norm", max_norm, finite=False)
     if not 0.0 < sample_fraction <= 1.0:
         raise InvalidArgumentError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
     if not 0.0 <= kappa <= 1.0:

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
+from twa_kernels._checks import real
 from twa_kernels.geometry.evaluation import parameter_device, preserved, split_batch
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def top_eigenvalue(
     start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged."""
     if not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
+    if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged
+        raise InvalidArgumentError(f"tol must be positive (a relative change of the eigenvalue), got {tol}")
     gen = generator(seed)
     trace: list[float] = []
     converged = False
