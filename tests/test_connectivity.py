@@ -258,6 +258,11 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
     png = C.plot_plane(dense_plane, tmp_path / "plane.png", points={"epoch 7": ckpts[6]})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]  # no temp file left behind
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"cannot write \.xyz figures"):
+        C.plot_plane(dense_plane, tmp_path / "plane.xyz")  # named before drawing, not by matplotlib after
+    with pytest.raises(tk.errors.InvalidArgumentError, match="at least one interpolation"):
+        C.plot_interpolation({}, tmp_path / "empty.png")  # an empty figure was written
+    assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]
 
 
 def test_a_figure_without_matplotlib_names_the_extra(dense_plane, tmp_path, monkeypatch):

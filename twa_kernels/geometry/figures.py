@@ -28,6 +28,21 @@ from twa_kernels.io import atomic_write
 _MARKERS = ["*", "s", "D", "^", "v", "P", "X", "h"]
 
 
+def _check_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path whose suffix matplotlib can write (none means PNG), checked before
+    any drawing: an unknown format would otherwise fail in matplotlib after the work."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        known = FigureCanvasBase.get_supported_filetypes()
+        if fmt not in known:
+            raise InvalidArgumentError(f"{path}: matplotlib cannot write .{fmt} figures; use one of "
+                                       f"{', '.join('.' + k for k in sorted(known))}")
+    return path
+
+
 def _save_figure(fig, path: Path) -> Path:
     """Write a matplotlib figure atomically (io.atomic_write), in the format its suffix names."""
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
@@ -43,6 +58,7 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     axes_grid = optional("mpl_toolkits.axes_grid1", "demo", "plot_plane()")
     if value not in ("loss", "error"):
         raise InvalidArgumentError(f"value must be 'loss' or 'error', got {value!r}")
+    path = _check_path(path)
     located = dict(result.points)
     for label, ckpt in (points or {}).items():
         located[label] = result.locate(ckpt, label)
@@ -85,13 +101,17 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     ax.set_title(textwrap.fill(title or f"{value} over the plane through {', '.join(result.anchors)}", 60),
                  fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return _save_figure(fig, path)
 
 
 def plot_interpolation(results: Mapping[str, Interpolation], path: str | os.PathLike,
                        title: str | None = None) -> Path:
     """Loss and error (%) against alpha for one or more interpolations, labelled by key."""
     figure = optional("matplotlib.figure", "demo", "plot_interpolation()")
+    if not results:
+        raise InvalidArgumentError("plot_interpolation needs at least one interpolation, got none: pass "
+                                   "{label: tk.connectivity.interpolate(...)}")
+    path = _check_path(path)
     fig = figure.Figure(figsize=(9, 3.6))
     left, right = fig.subplots(1, 2)
     for label, r in results.items():
@@ -106,4 +126,4 @@ def plot_interpolation(results: Mapping[str, Interpolation], path: str | os.Path
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return _save_figure(fig, path)
