@@ -98,6 +98,14 @@ def test_ipc_sets_the_examples_per_class(mnist1d_train, ipc):
     assert torch.equal(torch.bincount(y_syn), torch.full((10,), ipc))
 
 
+@pytest.mark.parametrize("shape", [(30, 1), (30, 2, 1, 6)])
+def test_inputs_with_a_side_of_one_distill_with_an_embedding_that_does_not_pool_it(shape):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*shape, generator=gen), torch.arange(30) % 3
+    x_syn, y_syn = tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=8, seed=0)
+    assert x_syn.shape == (6, *shape[1:]) and torch.isfinite(x_syn).all()
+
+
 def test_any_seed_torch_takes_distills_and_one_past_it_is_named():
     # each iteration's network is seeded from the seed: a product past 2**63 overflowed
     gen = torch.Generator().manual_seed(0)

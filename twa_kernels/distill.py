@@ -106,17 +106,18 @@ def _as_channels(x: Tensor) -> Tensor:
 
 class ConvEmbedding(nn.Module):
     """The distribution-matching paper's ConvNet without its classifier: `depth` blocks of
-    conv 3x3 (or 3), instance norm, ReLU and 2x average pooling; the flattened features."""
+    conv 3x3 (or 3), instance norm, ReLU and 2x average pooling; the flattened features.
+    No deeper than the input allows: each pooling halves every spatial side, so an input
+    with a side of 1 gets one block without pooling."""
 
     def __init__(self, channels: int, spatial: tuple[int, ...], width: int = 128, depth: int = 3):
         super().__init__()
         conv, pool = (nn.Conv1d, nn.AvgPool1d) if len(spatial) == 1 else (nn.Conv2d, nn.AvgPool2d)
-        # no deeper than the input allows: each block halves every spatial side
-        depth = max(1, min(depth, int(math.log2(max(min(spatial), 2)))))
+        pools = min(depth, int(math.log2(min(spatial))))  # each halves every spatial side
         layers: list[nn.Module] = []
-        for i in range(depth):
+        for i in range(max(1, pools)):
             layers += [conv(channels if i == 0 else width, width, 3, padding=1),
-                       nn.GroupNorm(width, width, affine=True), nn.ReLU(), pool(2)]
+                       nn.GroupNorm(width, width, affine=True), nn.ReLU()] + ([pool(2)] if i < pools else [])
         self.features = nn.Sequential(*layers, nn.Flatten())
 
     def forward(self, x: Tensor) -> Tensor:
