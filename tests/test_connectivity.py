@@ -102,6 +102,12 @@ def test_masks_are_applied_at_every_alpha(runs):
     loss, acc = evaluate(plain, test)
     assert r.loss[1] == pytest.approx(loss, abs=1e-5) and r.error[1] == pytest.approx(1 - acc, abs=1e-6)
     assert abs(r.loss[1] - dense.loss[1]) > 0.1  # half the weights gone: not the dense interpolant
+    # a mask multiplies the weights: a NaN or a fraction would give every point silently wrong
+    name = next(iter(masks))
+    for value in (float("nan"), 0.5):
+        with pytest.raises(tk.errors.InvalidArgumentError, match=f"mask for '{name}' holds values other than 0 and 1"):
+            C.interpolate(model, ckpts[-1], other[-1], _data(test), steps=3, masks={name: torch.full_like(
+                masks[name], value, dtype=torch.float32)})
 
 
 def test_interpolate_named_errors(runs, tmp_path):

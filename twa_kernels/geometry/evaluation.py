@@ -139,9 +139,15 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
         name = canonical.get(key)
         if name is None:
             raise InvalidArgumentError(f"mask for {key!r}: the model has no such parameter (e.g. {list(params)[:3]})")
+        if not isinstance(mask, Tensor):
+            raise InvalidTypeError(f"mask for {key!r} must be a tensor of 0s and 1s, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(params[name].shape):
             raise InvalidArgumentError(f"mask for {key!r} has shape {tuple(mask.shape)} but the parameter's is "
                              f"{tuple(params[name].shape)}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            # a mask multiplies the weights: a NaN spoils every point, another value rescales them
+            raise InvalidArgumentError(f"mask for {key!r} holds values other than 0 and 1; pass a bool mask "
+                                       "(tk.prune's masks are)")
         mask = mask.to(device=params[name].device, dtype=params[name].dtype)
         if name in out and not torch.equal(out[name], mask):
             raise InvalidArgumentError(f"masks for {given[name]!r} and {key!r} differ, but both names are one tied "
