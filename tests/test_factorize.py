@@ -379,3 +379,11 @@ def test_gpt2_factorises_its_conv1d_layers_and_reports_them_once_collapsed():
     assert [row[0] for row in plain.rows] == [f"{n}.weight" for n in conv1d] + ["lm_head.weight"]
     assert plain.nonzero == report.nonzero + 30 * 16  # the same zeros; the dense, tied lm_head counted in full
     assert plain.nonzero < plain.total
+
+
+@pytest.mark.parametrize("sigma_w", [float("inf"), float("nan"), "x", lambda module: float("inf")])
+def test_an_init_scale_that_is_not_a_finite_number_is_named(sigma_w):
+    # an infinite scale drew every factor as NaN
+    model = nn.Linear(4, 8)
+    with pytest.raises(tk.errors.TWAKernelsError, match="sigma_w"):
+        tk.factorize(model, sigma_w=sigma_w, seed=0)

@@ -353,3 +353,38 @@ def test_the_default_training_loop_takes_a_hugging_face_classifier():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tk.prune.train_classifier(model, data, epochs=1, batch_size=16, seed=0)  # its forward returns a ModelOutput
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("settings, error", [
+    (dict(lr=float("nan")), "lr must be a finite number"),  # trained every weight to NaN
+    (dict(lr=float("inf")), "lr must be a finite number"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
+    (dict(lr=-1.0), "lr must be > 0"),
+    (dict(epochs=1.5), "epochs must be an int >= 1"),
+    (dict(batch_size=0), "batch_size must be an int >= 1"),
+])
+def test_train_classifier_names_a_setting_that_would_train_to_nan_or_fail_in_torch(settings, error):
+    model = nn.Linear(4, 3)
+    before = copy.deepcopy(model.state_dict())
+    data = TensorDataset(torch.randn(16, 4), torch.arange(16) % 3)
+    with pytest.raises(tk.errors.TWAKernelsError, match=error):
+        tk.prune.train_classifier(model, data, **settings)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(tk.errors.InvalidArgumentError, match="no parameters to train"):
+        tk.prune.train_classifier(nn.ReLU(), data)
+
+
+def test_a_seed_governs_dropout_too_and_leaves_the_global_rng_alone():
+    data = TensorDataset(torch.randn(32, 4), torch.arange(32) % 3)
+
+    def trained(global_seed):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        tk.prune.train_classifier(model, data, epochs=2, batch_size=8, seed=0)
+        assert torch.equal(torch.get_rng_state(), state)
+        return model.state_dict()
+
+    first, second = trained(1), trained(2)
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from twa_kernels._checks import real
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import tied_owners
@@ -142,8 +143,9 @@ def truncation_bounds(sigma_w: float, depth: int, eps: float = EPS) -> tuple[flo
     eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D)); eps must be finite and >= 0."""
     _check_depth(depth)
     _check_eps(eps)
-    if not sigma_w > 0:
-        raise FactorizationError(f"sigma_w={sigma_w!r}: the init scale must be > 0 (pass sigma_w= or init='keep')")
+    if not real("sigma_w", sigma_w) > 0:  # an infinite scale drew every factor as NaN
+        raise FactorizationError(f"sigma_w={sigma_w!r}: the init scale must be a finite number > 0 (pass sigma_w= "
+                                 "or init='keep')")
     return sigma_w ** (1.0 / depth), eps ** (1.0 / depth), min(1.0, (2.0 * sigma_w) ** (1.0 / depth))
 
 

@@ -46,7 +46,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset
 
 from twa_kernels._progress import progress_bar
-from twa_kernels._random import check_seed, generator
+from twa_kernels._checks import real
+from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric
 from twa_kernels.io import StateDict, load_state_dict, save_state_dict, tied_owners, write_json
@@ -230,10 +231,31 @@ def train_classifier(
 ) -> None:
     """The default training loop: cross-entropy of the model's logits (or of a Hugging Face
     ModelOutput's `.logits`), SGD with momentum (or `optimizer(params)`),
-    a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds a
-    private generator, None shuffles from torch's global RNG)."""
+    a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
+    the shuffling and every other draw of the training, such as dropout's, and leaves torch's
+    global RNG as it was; None draws from torch's global RNG)."""
     if schedule not in ("cosine", "constant"):
         raise InvalidArgumentError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    # a NaN or infinite rate trained every weight to NaN without a word
+    if not real("lr", lr) > 0:
+        raise InvalidArgumentError(f"lr must be > 0, got {lr}")
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+        if not real(name, value) >= 0:
+            raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+    if next(model.parameters(), None) is None:
+        raise InvalidArgumentError(f"{type(model).__name__} has no parameters to train")
+    if len(data) == 0:
+        raise InvalidArgumentError("the training data is empty")
+    with seeded(seed):
+        _train(model, data, epochs, lr, momentum, weight_decay, batch_size, seed, schedule, optimizer)
+
+
+def _train(model: nn.Module, data: Dataset, epochs: int, lr: float, momentum: float, weight_decay: float,
+           batch_size: int, seed: int | None, schedule: str,
+           optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None) -> None:
     device = next(model.parameters()).device
     opt = (optimizer(model.parameters()) if optimizer is not None else
            torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
