@@ -387,3 +387,11 @@ def test_an_init_scale_that_is_not_a_finite_number_is_named(sigma_w):
     model = nn.Linear(4, 8)
     with pytest.raises(tk.errors.TWAKernelsError, match="sigma_w"):
         tk.factorize(model, sigma_w=sigma_w, seed=0)
+
+
+@pytest.mark.parametrize("weight_decay", [None, "x", -1.0, float("nan")])
+def test_factor_param_groups_names_a_weight_decay_that_is_not_a_non_negative_number(weight_decay):
+    model = nn.Linear(4, 8)
+    tk.factorize(model, seed=0)
+    with pytest.raises(tk.errors.TWAKernelsError, match="weight_decay"):
+        tk.factor_param_groups(model, weight_decay)

@@ -388,3 +388,25 @@ def test_a_seed_governs_dropout_too_and_leaves_the_global_rng_alone():
 
     first, second = trained(1), trained(2)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_sparsity_and_masked_state_dict_take_bool_masks_of_their_entries_only():
+    P = tk.prune
+    assert P.sparsity({"a": torch.tensor([True, False]), "b": torch.tensor([False, False])}) == 0.75
+    with pytest.raises(PruningError, match="undefined"):
+        P.sparsity({})  # no weights is not "all pruned"
+    with pytest.raises(PruningError, match="not a bool mask"):
+        P.sparsity({"a": torch.tensor([2, 0])})  # counted as values before
+    state = {"w": torch.ones(3, 4), "b": torch.ones(3)}
+    with pytest.raises(PruningError, match=r"masks\['b'\] has shape \(2, 3\)"):
+        P.masked_state_dict(state, {"b": torch.ones(2, 3, dtype=torch.bool)})  # broadcast it to (2, 3)
+    with pytest.raises(PruningError, match=r"masks\['x'\] masks no entry"):
+        P.masked_state_dict(state, {"x": torch.ones(3, dtype=torch.bool)})
+    masked = P.masked_state_dict(state, {"w": torch.eye(3, 4, dtype=torch.bool)})
+    assert masked["w"].sum() == 3 and torch.equal(masked["b"], state["b"])
+
+
+def test_imp_names_a_train_fn_that_is_not_callable_before_writing_anything(tmp_path):
+    with pytest.raises(PruningError, match="train_fn must be callable"):
+        tk.prune.imp(nn.Linear(4, 3), None, rounds=1, out_dir=tmp_path / "imp")
+    assert not (tmp_path / "imp").exists() or not any((tmp_path / "imp").iterdir())

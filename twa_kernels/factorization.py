@@ -330,6 +330,9 @@ def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_deca
     """Two optimizer parameter groups: the factors with `weight_decay` (the DWF penalty) and
     everything else (biases, norms, unfactorised layers) with `other_weight_decay`.
     Extra keyword options (e.g. lr) go into both groups."""
+    for name, value in (("weight_decay", weight_decay), ("other_weight_decay", other_weight_decay)):
+        if not real(name, value) >= 0:
+            raise FactorizationError(f"{name} must be >= 0, got {value}")
     factors = factor_parameters(model)
     if not factors:
         raise FactorizationError("the model has no factorised layer: call tk.factorize(model, depth) first")

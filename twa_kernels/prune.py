@@ -167,10 +167,23 @@ def global_magnitude_masks(
     return out
 
 
+def _check_bool_masks(masks: Mapping[str, Tensor]) -> None:
+    """Masks are bool tensors: integer or float ones would be summed, or broadcast, as values."""
+    for name, mask in masks.items():
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise PruningError(f"masks[{name!r}] is {what}, not a bool mask; pass mask.bool() (or the masks imp "
+                               "returns)")
+
+
 def sparsity(masks: Mapping[str, Tensor]) -> float:
-    """The fraction of masked-out entries over all tensors of `masks`."""
+    """The fraction of masked-out entries over all tensors of `masks` (bool masks, at least
+    one element in all)."""
+    _check_bool_masks(masks)
     total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+    if total == 0:  # no weights is not "all pruned"
+        raise PruningError("sparsity of no masks (or only empty ones) is undefined; pass the masks of the weights")
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
 
 
 class _Mask(nn.Module):
@@ -212,7 +225,15 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
 
 
 def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> StateDict:
-    """A copy of `state` with the masked-out entries of each masked tensor set to zero."""
+    """A copy of `state` with the masked-out entries of each masked tensor set to zero. Each
+    mask is a bool tensor of its entry's shape, under a key `state` has."""
+    _check_bool_masks(masks)
+    for name, mask in masks.items():
+        if name not in state:
+            raise PruningError(f"masks[{name!r}] masks no entry of the state_dict (it has e.g. {list(state)[:3]})")
+        if mask.shape != state[name].shape:  # a mask of another shape would broadcast, reshaping the entry
+            raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the entry has "
+                               f"{tuple(state[name].shape)}")
     return {k: torch.where(masks[k].to(v.device), v, torch.zeros((), dtype=v.dtype)) if k in masks else v.clone()
             for k, v in state.items()}
 
@@ -460,6 +481,9 @@ def imp(
     names) CheckpointError, and different settings PruningError.
     """
     _check_args(rounds, rate, rewind, scope)
+    if not callable(train_fn):  # checked before round 0's files are written
+        raise PruningError(f"train_fn must be callable as train_fn(model, round), got {type(train_fn).__name__}; "
+                           "tk.prune.classification_train_fn(data) gives one")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
