@@ -395,3 +395,16 @@ def test_factor_param_groups_names_a_weight_decay_that_is_not_a_non_negative_num
     tk.factorize(model, seed=0)
     with pytest.raises(tk.errors.TWAKernelsError, match="weight_decay"):
         tk.factor_param_groups(model, weight_decay)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), None, "x", -1.0, float("inf")])
+def test_sparsity_report_names_a_threshold_that_is_not_a_finite_non_negative_number(threshold):
+    # a NaN threshold counted every weight of a dense layer as zero
+    with pytest.raises(tk.errors.TWAKernelsError, match="threshold"):
+        sparsity_report(nn.Linear(10, 10), threshold=threshold)
+
+
+def test_sparsity_report_refuses_a_model_with_no_weights():
+    # no weights read as sparsity 1.0, the same as a fully pruned model
+    with pytest.raises(tk.errors.TWAKernelsError, match="no factorised layer"):
+        sparsity_report(nn.Sequential(nn.ReLU()))

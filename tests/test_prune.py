@@ -361,6 +361,7 @@ def test_the_default_training_loop_takes_a_hugging_face_classifier():
     (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
     (dict(lr=-1.0), "lr must be > 0"),
     (dict(epochs=1.5), "epochs must be an int >= 1"),
+    (dict(epochs=-1), "epochs must be an int >= 1"),
     (dict(batch_size=0), "batch_size must be an int >= 1"),
 ])
 def test_train_classifier_names_a_setting_that_would_train_to_nan_or_fail_in_torch(settings, error):
@@ -372,6 +373,18 @@ def test_train_classifier_names_a_setting_that_would_train_to_nan_or_fail_in_tor
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(tk.errors.InvalidArgumentError, match="no parameters to train"):
         tk.prune.train_classifier(nn.ReLU(), data)
+
+
+def test_train_classifier_and_its_train_fn_name_empty_data_and_a_nan_rate():
+    # an empty loader made no step and left the model untrained without a word
+    empty = TensorDataset(torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="data is empty"):
+        tk.prune.train_classifier(nn.Linear(4, 3), empty, epochs=1)
+    # classification_train_fn forwards its settings to the same checks
+    data = TensorDataset(torch.randn(16, 4), torch.arange(16) % 3)
+    train_fn = tk.prune.classification_train_fn(data, epochs=1, lr=float("nan"))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="lr must be a finite number"):
+        train_fn(nn.Linear(4, 3), 0)
 
 
 def test_a_seed_governs_dropout_too_and_leaves_the_global_rng_alone():

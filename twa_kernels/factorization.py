@@ -436,7 +436,12 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
-    """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as zero)."""
+    """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as zero).
+    threshold is a finite number >= 0; a model with no weight to count is refused."""
+    # a NaN threshold counted every weight as zero (|w| >= nan is False), so a dense layer read as fully sparse
+    if not real("threshold", threshold) >= 0:
+        raise FactorizationError(f"threshold={threshold!r}: |w| < threshold counts as zero, so it must be a finite "
+                                 f"number >= 0 (the default is eps={EPS})")
     factorised = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
     report = SparsityReport()
     if factorised:
@@ -450,6 +455,9 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
             if isinstance(module, types):
                 w = module.weight
                 report.rows.append((f"{name}.weight", w.numel(), int((w.abs() >= threshold).sum())))
+    if report.total == 0:  # no weights is not "all zero": the report would read sparsity 1.0
+        raise FactorizationError(f"{type(model).__name__} has no factorised layer and no Linear/Conv weight to count; "
+                                 "pass the model whose weights tk.factorize replaced (or its tk.collapse copy)")
     return report
 
 

@@ -269,7 +269,9 @@ def train_classifier(
     if next(model.parameters(), None) is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters to train")
     if len(data) == 0:
-        raise InvalidArgumentError("the training data is empty")
+        # an empty loader made no step at all and left the model silently untrained
+        raise InvalidArgumentError(f"data is empty ({type(data).__name__} of length 0); pass a dataset with at "
+                                   "least one (input, label) pair")
     with seeded(seed):
         _train(model, data, epochs, lr, momentum, weight_decay, batch_size, seed, schedule, optimizer)
 

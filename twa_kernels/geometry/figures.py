@@ -34,9 +34,8 @@ def _check_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt:
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        known = FigureCanvasBase.get_supported_filetypes()
+        backend_bases = optional("matplotlib.backend_bases", "demo", "a figure")
+        known = backend_bases.FigureCanvasBase.get_supported_filetypes()
         if fmt not in known:
             raise InvalidArgumentError(f"{path}: matplotlib cannot write .{fmt} figures; use one of "
                                        f"{', '.join('.' + k for k in sorted(known))}")
