@@ -47,6 +47,9 @@ except ImportError as exc:
         f"({torch.__version__}) was built without; install a torch build with distributed support") from exc
 
 METADATA_FILE = ".metadata"
+# A transformed item (DCP's compression extensions) may hold far fewer bytes than its
+# tensor; a claim beyond this many times its stored bytes is refused before it is allocated
+_MAX_EXPANSION = 1024
 
 # module -> the names a DCP .metadata may resolve there. Everything listed is a plain data
 # class, an enum, torch.Size, a path class or a container: calling it builds a value and
@@ -238,11 +241,6 @@ def _check_tiling(key: str, entry: TensorStorageMetadata, storage: dict, bad: An
                   f"{' and overlap' if overlap else ''}; every element must come from exactly one chunk")
 
 
-# A transformed item (DCP's compression extensions) may hold far fewer bytes than its
-# tensor; a claim beyond this many times its stored bytes is refused before it is allocated
-_MAX_EXPANSION = 1024
-
-
 class _FileSlice(io.RawIOBase):
     """Bytes offset..offset + length of an open file, as a seekable file of their own."""
 
@@ -276,7 +274,7 @@ class _FileSlice(io.RawIOBase):
 _VERIFIED: set[tuple] = set()
 
 
-def _verify_chunks(reader: CheckedReader, key: str, dtype: torch.dtype, source: str) -> None:
+def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
     """Before anything is allocated for tensor `key`: each of its chunks lies inside its
     data file, and each stored record matches its CRC-32. DCP writes
     a chunk as torch.save's zip format, whose CRCs torch's reader never checks, so a
@@ -318,7 +316,7 @@ def load_tensor(reader: CheckedReader, key: str, shape: tuple[int, ...], dtype: 
     """The whole tensor `key` (a tensor entry of the reader's metadata), read by DCP's load
     in this process alone, once its chunks are checked (_verify_chunks). `source` names
     the checkpoint in errors."""
-    _verify_chunks(reader, key, dtype, source)
+    _verify_chunks(reader, key, source)
     value = torch.empty(shape, dtype=dtype)  # DCP fills the tensors it is given
     try:
         with warnings.catch_warnings():  # load(no_dist=True) warns that it runs in one process: intended
