@@ -305,14 +305,14 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     """
     # every setting is checked before the first layer changes class: a refusal leaves the model as it was
     lr, kappa, sample_fraction = real("lr", lr), real("kappa", kappa), real("sample_fraction", sample_fraction)
-    max_norm = real("max_norm", max_norm, finite=False)
+    max_norm = real("max_norm", max_norm)
     if not 0.0 < sample_fraction <= 1.0:
         raise InvalidArgumentError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
     if not 0.0 <= kappa <= 1.0:
         raise InvalidArgumentError(f"kappa must be in [0, 1], got {kappa}")
     if not lr > 0.0:
         raise InvalidArgumentError(f"lr must be positive, got {lr}")
-    if not 0.0 < max_norm < math.inf:
+    if not max_norm > 0.0:
         raise InvalidArgumentError(f"max_norm must be a finite positive number (the divergence bound on "
                                    f"||R||_F / sqrt(d), 1 at the start), got {max_norm}")
     sampler = _Sampler(seed)

@@ -272,13 +272,6 @@ def train_classifier(
         # an empty loader made no step at all and left the model silently untrained
         raise InvalidArgumentError(f"data is empty ({type(data).__name__} of length 0); pass a dataset with at "
                                    "least one (input, label) pair")
-    with seeded(seed):
-        _train(model, data, epochs, lr, momentum, weight_decay, batch_size, seed, schedule, optimizer)
-
-
-def _train(model: nn.Module, data: Dataset, epochs: int, lr: float, momentum: float, weight_decay: float,
-           batch_size: int, seed: int | None, schedule: str,
-           optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None) -> None:
     device = next(model.parameters()).device
     opt = (optimizer(model.parameters()) if optimizer is not None else
            torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -286,13 +279,14 @@ def _train(model: nn.Module, data: Dataset, epochs: int, lr: float, momentum: fl
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader)) if schedule == "cosine"
              else None)
     model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            classification_metric(model(x.to(device)), y.to(device))[0].backward()  # logits or a ModelOutput's
-            opt.step()
-            if sched is not None:
-                sched.step()
+    with seeded(seed):  # an int seed covers every draw of the training (dropout's too), not the order alone
+        for _ in range(epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                classification_metric(model(x.to(device)), y.to(device))[0].backward()  # logits or a ModelOutput's
+                opt.step()
+                if sched is not None:
+                    sched.step()
 
 
 def classification_train_fn(data: Dataset, epochs: int = 10, seed: int | None = None, **kwargs: Any) -> TrainFn:
@@ -444,8 +438,7 @@ def _resume(out: Path, settings: dict, model: nn.Module) -> tuple[dict, list[Mas
     manifest = _read_manifest(manifest_path, settings)
     rewind_state = None
     shapes = settings["shapes"]
-    mask_shapes = {name: list(model.get_submodule(name.rpartition(".")[0]).weight.shape)
-                   for name in settings["layers"]}
+    mask_shapes = {name: list(m.weight.shape) for name, m in prunable_weights(model, settings["layers"]).items()}
     try:
         masks = [_round_file(out / f["mask"], mask_shapes, mask=True) for f in manifest["files"]]
         if manifest["done"] >= 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import warnings
 
 import torch
@@ -19,7 +18,8 @@ from torch import Tensor
 
 from twa_kernels import builder
 from twa_kernels.builder import Layout, mean_center  # noqa: F401  (mean_center: its former home)
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels._checks import real
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels._progress import progress_bar
 from twa_kernels.columns import ColumnReader
@@ -82,9 +82,7 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise InvalidTypeError(f"tol must be a number, got {type(tol).__name__} {tol!r}")
-    if not tol > 0:
+    if not real("tol", tol) > 0:
         raise InvalidArgumentError(f"tol must be positive, got {tol}")
     if P.requires_grad and torch.is_grad_enabled():
         raise InvalidArgumentError("orthonormalize is not differentiable, and P requires grad: pass P.detach(), or "
