@@ -8,6 +8,7 @@ downloaded."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import re
@@ -21,7 +22,7 @@ from torch import nn
 
 import twa_kernels as tk
 from twa_kernels import columns, io
-from twa_kernels.errors import CheckpointError
+from twa_kernels.errors import CheckpointError, UsageError
 
 from tests.helpers import RunsCode, one_process_group
 
@@ -450,3 +451,47 @@ def test_reading_leaves_the_callers_own_safe_globals_as_they_were(tmp_path):
         torch.serialization.add_safe_globals(before)
     io.load_state_dict(tmp_path / "model_0.pth")
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # the library's own ended with the read
+
+
+def _trainer_run(tmp_path: Path, checkpointing: bool) -> torch.Tensor:
+    """Three AdamW steps of the HF Trainer on a TWA over tiny GPT-2 fine-tunes; the coefficients."""
+    config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    states = []
+    for _ in range(3):
+        model = transformers.GPT2LMHeadModel(config)
+        with torch.no_grad():  # through the parameters, so the tied embedding and head stay one
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
+    tokens = torch.randint(0, 100, (12, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    # transformers 5 names the argument activation_checkpointing, 4.x gradient_checkpointing
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    switch = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"out-{checkpointing}"), max_steps=3, per_device_train_batch_size=4,
+        learning_rate=0.05, **{switch: checkpointing}, remove_unused_columns=False,
+        label_names=["labels"], report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0)
+    transformers.Trainer(model=twa, args=args, train_dataset=data).train()
+    if checkpointing:  # the Trainer reached the model inside, which then checkpointed its blocks
+        assert twa.is_activation_checkpointing
+    return twa.coefficients.detach().clone()
+
+
+def test_the_hf_trainer_turns_activation_checkpointing_on_in_the_model_inside_a_twa(tmp_path):
+    plain = _trainer_run(tmp_path, checkpointing=False)
+    checkpointed = _trainer_run(tmp_path, checkpointing=True)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():
+    states = [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]
+    twa = tk.TWA(nn.Linear(4, 2), states, bits=None)
+    assert not twa.is_activation_checkpointing
+    for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        with pytest.raises(UsageError, match=rf"Linear\) has no {name}\(\).*torch.utils.checkpoint"):
+            getattr(twa, name)()

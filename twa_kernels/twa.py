@@ -189,6 +189,36 @@ class TWA(nn.Module):
             return bool(model.accepts_loss_kwargs)
         return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
+    # transformers' Trainer turns activation checkpointing on through the model it is given,
+    # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
+    # TWA's weights (see the module docstring), so these hand the call on.
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `activation_checkpointing_enable` (transformers 5), with the same
+        arguments: what a Trainer with `activation_checkpointing=True` calls."""
+        return self._models_own("activation_checkpointing_enable")(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `gradient_checkpointing_enable` (transformers 4's name), with the
+        same arguments: what a Trainer with `gradient_checkpointing=True` calls."""
+        return self._models_own("gradient_checkpointing_enable")(*args, **kwargs)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether the wrapped model checkpoints its activations (the Trainer asks under DDP)."""
+        model = self.module
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4.x
+            if hasattr(model, name):
+                return bool(getattr(model, name))
+        return False
+
+    def _models_own(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.module, name, None)
+        if not callable(method):
+            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no {name}(): wrap its "
+                             "blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) in its forward, "
+                             "or leave activation checkpointing off")
+        return method
+
     @property
     def basis(self) -> QuantizedBasis:
         """The packed basis, as a QuantizedBasis over this module's buffers (no copy)."""
