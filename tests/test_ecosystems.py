@@ -453,8 +453,9 @@ def test_reading_leaves_the_callers_own_safe_globals_as_they_were(tmp_path):
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # the library's own ended with the read
 
 
-def _trainer_run(tmp_path: Path, checkpointing: bool) -> torch.Tensor:
-    """Three AdamW steps of the HF Trainer on a TWA over tiny GPT-2 fine-tunes; the coefficients."""
+def _trainer_run(out: Path, checkpointing: bool = False, resume: Path | None = None) -> tuple[tk.TWA, dict]:
+    """Four AdamW steps of the HF Trainer on a TWA over tiny GPT-2 fine-tunes, saved every 2
+    steps (or resumed from `resume`); the TWA and the evaluation's metrics."""
     config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     states = []
@@ -465,27 +466,36 @@ def _trainer_run(tmp_path: Path, checkpointing: bool) -> torch.Tensor:
                 p.add_(0.05 * torch.randn_like(p))
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
-    tokens = torch.randint(0, 100, (12, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 100, (16, 16), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": t, "labels": t} for t in tokens]
     # transformers 5 names the argument activation_checkpointing, 4.x gradient_checkpointing
     fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     switch = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / f"out-{checkpointing}"), max_steps=3, per_device_train_batch_size=4,
-        learning_rate=0.05, **{switch: checkpointing}, remove_unused_columns=False,
-        label_names=["labels"], report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-        disable_tqdm=True, seed=0)
-    transformers.Trainer(model=twa, args=args, train_dataset=data).train()
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=0.05,
+        **{switch: checkpointing}, remove_unused_columns=False, label_names=["labels"], report_to=[],
+        save_strategy="steps", save_steps=2, logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=twa, args=args, train_dataset=data, eval_dataset=data[:8])
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if checkpointing:  # the Trainer reached the model inside, which then checkpointed its blocks
         assert twa.is_activation_checkpointing
-    return twa.coefficients.detach().clone()
+    return twa, trainer.evaluate()
 
 
 def test_the_hf_trainer_turns_activation_checkpointing_on_in_the_model_inside_a_twa(tmp_path):
-    plain = _trainer_run(tmp_path, checkpointing=False)
-    checkpointed = _trainer_run(tmp_path, checkpointing=True)
-    assert plain.abs().sum() > 0
-    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+    plain, _ = _trainer_run(tmp_path / "plain")
+    checkpointed, _ = _trainer_run(tmp_path / "checkpointed", checkpointing=True)
+    assert plain.coefficients.abs().sum() > 0
+    torch.testing.assert_close(checkpointed.coefficients, plain.coefficients, rtol=1e-5, atol=1e-6)
+
+
+def test_a_twa_trained_by_the_hf_trainer_resumes_from_its_checkpoint_where_it_stopped(tmp_path):
+    straight, metrics = _trainer_run(tmp_path / "straight")
+    resumed, resumed_metrics = _trainer_run(tmp_path / "resumed", resume=tmp_path / "straight" / "checkpoint-2")
+    # the Trainer saved the TWA's whole state_dict and loaded it back strictly enough
+    assert torch.equal(resumed.coefficients, straight.coefficients)
+    assert resumed_metrics["eval_loss"] == metrics["eval_loss"]
+    assert straight.coefficients.abs().sum() > 0
 
 
 def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():
