@@ -12,7 +12,7 @@ from torch import nn
 
 import twa_kernels as tk
 from twa_kernels.factorization import (
-    EPS, FactorizationError, check_optimizer, collapse, dwf_init_, factor_param_groups, factor_parameters,
+    EPS, FactorizationError, SparsityReport, check_optimizer, collapse, dwf_init_, factor_param_groups, factor_parameters,
     factorize, sparsity_report, truncated_std, truncation_bounds,
 )
 
@@ -408,3 +408,13 @@ def test_sparsity_report_refuses_a_model_with_no_weights():
     # no weights read as sparsity 1.0, the same as a fully pruned model
     with pytest.raises(tk.errors.TWAKernelsError, match="no factorised layer"):
         sparsity_report(nn.Sequential(nn.ReLU()))
+
+
+def test_a_report_that_counts_no_weights_has_no_sparsity_and_an_all_zero_one_compresses_without_bound():
+    with pytest.raises(FactorizationError, match="counts no weights"):
+        SparsityReport().sparsity
+    with pytest.raises(FactorizationError, match="counts no weights"):
+        SparsityReport().compression
+    assert str(SparsityReport()).endswith("no weights counted")  # printing it does not raise
+    zeros = SparsityReport([("fc.weight", 12, 0)])
+    assert zeros.sparsity == 1.0 and zeros.compression == math.inf

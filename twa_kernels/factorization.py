@@ -408,12 +408,20 @@ class SparsityReport:
     @property
     def sparsity(self) -> float:
         """Fraction of the weights below the threshold."""
-        return 1.0 - self.nonzero / max(self.total, 1)
+        return 1.0 - self.nonzero / self._counted()
 
     @property
     def compression(self) -> float:
-        """total / nonzero: how many times fewer weights a sparse format would store."""
-        return self.total / max(self.nonzero, 1)
+        """total / nonzero: how many times fewer weights a sparse format would store (inf when
+        every weight is below the threshold)."""
+        total = self._counted()
+        return total / self.nonzero if self.nonzero else math.inf
+
+    def _counted(self) -> int:
+        if self.total == 0:  # no weights is not "all zero"
+            raise FactorizationError("this SparsityReport counts no weights, so it has no sparsity or compression; "
+                                     "make one with tk.sparsity_report(model)")
+        return self.total
 
     def to_dict(self) -> dict:
         """Per layer and overall counts, sparsity and compression, as JSON-safe data."""
@@ -430,7 +438,7 @@ class SparsityReport:
         lines = [f"{'layer':<{width}} {'weights':>10} {'nonzero':>10} {'sparsity':>9}"]
         for name, total, nz in self.rows + [("overall", self.total, self.nonzero)]:
             lines.append(f"{name:<{width}} {total:>10} {nz:>10} {100 * (1 - nz / max(total, 1)):>8.2f}%")
-        lines.append(f"compression {self.compression:.1f}x")
+        lines.append(f"compression {self.compression:.1f}x" if self.total else "no weights counted")
         return "\n".join(lines)
 
 
