@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import twa_kernels as tk
 from twa_kernels.factorization import (
@@ -418,3 +419,21 @@ def test_a_report_that_counts_no_weights_has_no_sparsity_and_an_all_zero_one_com
     assert str(SparsityReport()).endswith("no weights counted")  # printing it does not raise
     zeros = SparsityReport([("fc.weight", 12, 0)])
     assert zeros.sparsity == 1.0 and zeros.compression == math.inf
+
+
+def test_a_model_on_the_meta_device_is_factorised_given_sigma_w_and_otherwise_told_to_pass_it():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(FactorizationError, match="'0'.weight is on the meta device.*pass sigma_w="):
+        factorize(model)
+    factorize(model, sigma_w=0.1, seed=0)
+    assert model[0].parametrizations.weight.original0.is_meta
+
+
+def test_a_layer_whose_sigma_w_is_refused_leaves_every_layer_as_it_was():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FactorizationError, match="'2'.weight"):
+        factorize(model, sigma_w=lambda m: 0.1 if m.out_features == 8 else float("nan"))
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -293,26 +293,38 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     targets = _select(model, layers, biases)
     if not targets:
         raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer (pass layers=)")
+    # every scale is measured and checked before the first layer changes: an error leaves the model as it was
+    plan = []
     for name, module in targets:
         names = ["weight"] + (["bias"] if biases and isinstance(getattr(module, "bias", None), nn.Parameter) else [])
         for pname in names:
-            dense = getattr(module, pname)
-            if init != "keep":
-                scale = sigma_w(module) if callable(sigma_w) else sigma_w
-                scale = float(dense.detach().float().std()) if scale is None and dense.numel() > 1 else scale
-                try:
-                    truncation_bounds(scale if scale is not None else 0.0, depth, eps)
-                    scale = matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
-                except FactorizationError as err:
-                    raise FactorizationError(f"layer {name!r}.{pname}: {err}") from None
-            parametrize.register_parametrization(module, pname, DeepFactorization(depth, dense), unsafe=True)
-            if init != "keep":
-                plist = module.parametrizations[pname]
-                for i in range(depth):
-                    factor = getattr(plist, f"original{i}")
-                    _dwf_init(factor, scale, depth, eps, gen)
+            plan.append((module, pname, None if init == "keep" else _init_scale(name, module, pname, sigma_w, depth,
+                                                                               eps, init)))
+    for module, pname, scale in plan:
+        parametrize.register_parametrization(module, pname, DeepFactorization(depth, getattr(module, pname)),
+                                             unsafe=True)
+        if init != "keep":
+            plist = module.parametrizations[pname]
+            for i in range(depth):
+                _dwf_init(getattr(plist, f"original{i}"), scale, depth, eps, gen)
     logger.info("factorised %d layers into %d factors each", len(targets), depth)
     return model
+
+
+def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Callable[[nn.Module], float] | None,
+                depth: int, eps: float, init: str) -> float | None:
+    """The std factorize draws a weight's factors for: sigma_w, or measured from the weight."""
+    dense = getattr(module, pname)
+    scale = sigma_w(module) if callable(sigma_w) else sigma_w
+    if scale is None and dense.is_meta:
+        raise FactorizationError(f"layer {name!r}.{pname} is on the meta device, so sigma_w cannot be measured from "
+                                 "its weight; pass sigma_w= (a number, or a function of the module)")
+    scale = float(dense.detach().float().std()) if scale is None and dense.numel() > 1 else scale
+    try:
+        truncation_bounds(scale if scale is not None else 0.0, depth, eps)
+        return matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
+    except InvalidArgumentError as err:  # the number checks' own errors too: named with the layer
+        raise FactorizationError(f"layer {name!r}.{pname}: {err}") from None
 
 
 def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
