@@ -115,6 +115,9 @@ def test_interpolate_named_errors(runs, tmp_path):
     model = make_model(3)
     with pytest.raises(ValueError, match="steps must be"):
         C.interpolate(model, ckpts[0], ckpts[1], _data(test), steps=1)
+    # a line of 10**11 alphas was a list allocated before the first evaluation: the process was killed
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"steps=100000000000 asks for 100,000,000,000 points"):
+        C.interpolate(model, ckpts[0], ckpts[1], _data(test), steps=10**11)
     with pytest.raises(ValueError, match="bn must be one of"):
         C.interpolate(model, ckpts[0], ckpts[1], _data(test), bn="average")
     bad = dict(ckpts[1])
@@ -252,6 +255,8 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
     model = make_model(3)
     with pytest.raises(ValueError, match="at least 2 points along each axis"):
         C.plane(model, ckpts[:3], _data(test), grid=(1, 5))
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"grid=\(100000, 100000\) asks for 10,000,000,000"):
+        C.plane(model, ckpts[:3], _data(test), grid=100_000)
     with pytest.raises(ValueError, match="exactly 3 checkpoints"):
         C.plane(model, ckpts[:2], _data(test))
     collinear = {k: 2 * ckpts[1][k] - ckpts[0][k] if v.is_floating_point() else v for k, v in ckpts[0].items()}

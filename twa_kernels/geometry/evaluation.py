@@ -120,6 +120,19 @@ def parameter_device(model: nn.Module) -> torch.device:
     return first.device
 
 
+# Points of a line or a plane: each is one evaluation of the model over the data, and the
+# results are held in memory, so counts past this are refused up front (a line of 10**11
+# alphas was allocated before the first evaluation, until the process was killed).
+MAX_POINTS = 10**6
+
+
+def check_points(what: str, count: int) -> None:
+    """Refuse more than MAX_POINTS evaluation points, naming the argument to lower."""
+    if count > MAX_POINTS:
+        raise InvalidArgumentError(f"{what} asks for {count:,} points, each a full evaluation of the model on the "
+                                   f"data; at most {MAX_POINTS:,} are taken (a few dozen draw a smooth curve)")
+
+
 def check_bn(bn: str) -> None:
     if bn not in BN_MODES:
         raise InvalidArgumentError(f"bn must be one of {BN_MODES}, got {bn!r}")

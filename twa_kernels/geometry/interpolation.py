@@ -25,6 +25,7 @@ from twa_kernels.geometry.evaluation import (
     Metric,
     check_bn,
     check_masks,
+    check_points,
     checked_entry,
     checkpoint_source,
     classification_metric,
@@ -102,6 +103,7 @@ def interpolate(
     check_bn(bn)
     if not isinstance(steps, int) or steps < 2:
         raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")
+    check_points(f"steps={steps}", steps)
     mask = check_masks(model, masks)
     params = dict(model.named_parameters())
     buffers = float_buffers(model, include_bn_stats=bn == "interpolate")

@@ -44,6 +44,7 @@ from twa_kernels.geometry.evaluation import (
     Metric,
     check_bn,
     check_masks,
+    check_points,
     checkpoint_label,
     checkpoint_source,
     classification_metric,
@@ -416,6 +417,7 @@ def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None) ->
     nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
     if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
         raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
+    check_points(f"grid=({nx}, {ny})", nx * ny)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
         raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
                                    f"side; 0.2 is the default), got {margin!r}")
