@@ -67,6 +67,7 @@ def test_a_payload_hidden_inside_valid_metadata_is_refused(tmp_path):
     """A genuine Metadata object with a payload in one of its free-form fields."""
     marker = tmp_path / "MARKER"
     save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    save_dcp(tmp_path / "other", {"model": model_state()})
     metadata = _dcp.read_metadata(tmp_path / "ckpt")
     metadata.storage_meta.save_id = RunsCode(marker)
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
@@ -107,6 +108,7 @@ def test_pickled_non_tensor_items_in_the_data_files_are_never_loaded(tmp_path):
 
 def test_metadata_pointing_outside_the_directory_is_refused(tmp_path):
     save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    save_dcp(tmp_path / "other", {"model": model_state()})
     metadata = _dcp.read_metadata(tmp_path / "ckpt")
     info = next(iter(metadata.storage_data.values()))
     info.relative_path = "../../etc/passwd"
@@ -128,6 +130,7 @@ def test_a_directory_of_checkpoints_counts_its_dcp_subdirectories(tmp_path):
 def test_metadata_whose_chunks_do_not_cover_a_tensor_is_refused(tmp_path, change):
     # DCP's load fills only the chunks it is told of: the rest would be uninitialised memory
     save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    save_dcp(tmp_path / "other", {"model": model_state()})
     metadata = _dcp.read_metadata(tmp_path / "ckpt")
     key, entry = next((k, e) for k, e in metadata.state_dict_metadata.items() if k.endswith("weight"))
     chunk = entry.chunks[0]
@@ -145,13 +148,14 @@ def test_metadata_whose_chunks_do_not_cover_a_tensor_is_refused(tmp_path, change
 def test_metadata_claiming_more_bytes_than_a_chunk_stores_is_refused_before_any_allocation(tmp_path):
     # a model's center is allocated from the claimed sizes before a byte is read
     save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    save_dcp(tmp_path / "other", {"model": model_state()})
     metadata = _dcp.read_metadata(tmp_path / "ckpt")
     key, entry = next((k, e) for k, e in metadata.state_dict_metadata.items() if k.endswith("weight"))
     entry.size = torch.Size([10**6, 10**6])
     entry.chunks[0].sizes = entry.size
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
     for read in (lambda: ColumnReader(tmp_path / "ckpt"),
-                 lambda: tk.Subspace.from_checkpoints([tmp_path / "ckpt", tmp_path / "ckpt"], bits=4)):
+                 lambda: tk.Subspace.from_checkpoints([tmp_path / "ckpt", tmp_path / "other"], bits=4)):
         with pytest.raises(CheckpointError, match=rf"the chunk of '{key}' at \[0, 0\] claims 4000000000000 bytes"):
             read()
 

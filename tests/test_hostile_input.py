@@ -505,17 +505,18 @@ def test_a_view_claiming_more_elements_than_its_file_holds_is_named_before_it_is
     # elements, which every reader would walk or allocate
     good = {"weight": torch.randn(4, 8), "bias": torch.randn(4)}
     torch.save(good, tmp_path / "good.pt")
+    torch.save(good, tmp_path / "good2.pt")
     torch.save({"weight": torch.zeros(1).expand(10**5, 10**5), "bias": torch.randn(4)}, tmp_path / "huge.pt")
     done = _run(f"""
         import torch, twa_kernels as tk
         from torch import nn
         from twa_kernels.errors import CheckpointError
-        huge, good = {str(tmp_path / "huge.pt")!r}, {str(tmp_path / "good.pt")!r}
+        huge, good, good2 = {str(tmp_path / "huge.pt")!r}, {str(tmp_path / "good.pt")!r}, {str(tmp_path / "good2.pt")!r}
         for name, call in {{
             "load_state_dict": lambda: tk.load_state_dict(huge),
             "uniform_average": lambda: tk.uniform_average([huge, good]),
-            "Subspace": lambda: tk.Subspace.from_checkpoints([good, huge, good], bits=4),
-            "TWA": lambda: tk.TWA(nn.Linear(8, 4), [good, good, huge]),
+            "Subspace": lambda: tk.Subspace.from_checkpoints([good, huge, good2], bits=4),
+            "TWA": lambda: tk.TWA(nn.Linear(8, 4), [good, good2, huge]),
         }}.items():
             try:
                 call()

@@ -328,6 +328,28 @@ def test_glob_and_directory_order_is_natural(tmp_path):
     assert resolve_checkpoints(str(tmp_path / "step=*.pt")) == want
 
 
+def test_globs_inside_a_list_are_expanded_in_natural_order(tmp_path):
+    for name in ("a-10.pt", "a-2.pt", "b-1.pt"):
+        tk.save_state_dict(_checkpoints(1)[0], tmp_path / name)
+    spec = [str(tmp_path / "b-*.pt"), tmp_path / "a-[0-9]*.pt"]
+    assert resolve_checkpoints(spec) == [tmp_path / "b-1.pt", tmp_path / "a-2.pt", tmp_path / "a-10.pt"]
+    with pytest.raises(tk.CheckpointError, match=r"glob '.*c-\*.pt' \(checkpoint #1\) matches no files"):
+        resolve_checkpoints([tmp_path / "a-2.pt", str(tmp_path / "c-*.pt")])
+
+
+def test_a_checkpoint_listed_twice_is_refused_as_it_would_count_twice(tmp_path):
+    tk.save_state_dict(_checkpoints(1)[0], tmp_path / "a.pt")
+    tk.save_state_dict(_checkpoints(1)[0], tmp_path / "b.pt")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "a.pt")
+    for spec in ([tmp_path / "a.pt", tmp_path / "b.pt", str(tmp_path / "a.pt")],  # one file, two spellings
+                 [str(tmp_path / "[ab].pt"), tmp_path / "a.pt"],  # a glob and one of its files
+                 [tmp_path / "link.pt", tmp_path / "a.pt"]):  # a link to it
+        with pytest.raises(tk.CheckpointError, match=r"listed twice .* would count twice in the average"):
+            tk.uniform_average(spec)
+    state = _checkpoints(1)[0]  # a state_dict held twice is the caller's to pass
+    assert len(resolve_checkpoints([state, state])) == 2
+
+
 def test_split_holdout_seed_reproduces_and_leaves_the_global_rng_alone():
     data = torch.utils.data.TensorDataset(torch.arange(50))
     state = torch.get_rng_state()

@@ -133,9 +133,10 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
 
 
 def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
-    """A list of state_dicts and paths from: such a list, a directory (its checkpoint files,
-    save_pretrained and DCP subdirectories in natural name order; a save_pretrained
-    directory is one checkpoint) or a glob pattern. An empty result is an error."""
+    """A list of state_dicts and paths from: such a list (a glob in it gives its files), a
+    directory (its checkpoint files, save_pretrained and DCP subdirectories in natural name
+    order; a save_pretrained directory is one checkpoint) or a glob pattern. An empty result
+    is an error, and so is a file listed twice."""
     if checkpoints is None:
         raise InvalidTypeError("checkpoints is None: pass a list of checkpoint files or state_dicts, a directory "
                                "or a glob pattern")
@@ -162,14 +163,36 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
     if isinstance(checkpoints, Tensor) or not isinstance(checkpoints, Iterable):
         raise InvalidTypeError(f"checkpoints must be a list of checkpoint files or state_dicts, a directory or a "
                                f"glob pattern, got {type(checkpoints).__name__}")
-    items = list(checkpoints)
-    if not items:
-        raise CheckpointError("no checkpoints given")
-    for i, item in enumerate(items):
+    items = []
+    for i, item in enumerate(checkpoints):
         if not isinstance(item, (str, os.PathLike, Mapping)):
             raise InvalidTypeError(f"checkpoint #{i} is a {type(item).__name__}: each checkpoint must be a file "
                                    "path, a save_pretrained directory or a state_dict")
+        if not isinstance(item, Mapping) and not os.path.exists(item) and any(ch in str(item) for ch in "*?["):
+            found = sorted((Path(p) for p in globlib.glob(str(item))), key=_natural_key)  # a glob in a list
+            if not found:
+                raise CheckpointError(f"glob {str(item)!r} (checkpoint #{i}) matches no files")
+            items += found
+            continue
         if (not isinstance(item, Mapping) and os.path.isdir(item) and checkpoint_directory_files(item) is None
                 and not is_dcp_directory(item)):  # DCP: read by ColumnReader
             raise _directory_error(item)
+        items.append(item)
+    if not items:
+        raise CheckpointError("no checkpoints given")
+    _check_listed_once(items)
     return items
+
+
+def _check_listed_once(items: list[CheckpointSpec]) -> None:
+    """A file listed twice (overlapping globs, or a glob and one of its files) would count
+    twice in every average; refused, by its position in the list."""
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            continue
+        key = os.path.realpath(item)
+        if key in seen:
+            raise CheckpointError(f"{item} is listed twice (checkpoints #{seen[key]} and #{i}): it would count "
+                                  "twice in the average; list each checkpoint once")
+        seen[key] = i
