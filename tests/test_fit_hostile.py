@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,13 @@ def inputs_only_loader():
 
 def triple_loader():
     return [(x, y, y) for x, y in DataLoader(digits_splits()[0], batch_size=128)]
+
+def waiting_loader():  # marks that training started, then waits for a signal
+    import time
+    for x, y in DataLoader(digits_splits()[0], batch_size=128):
+        _mark()
+        time.sleep(60)
+        yield x, y
 
 def nan_loss(outputs, targets):
     return torch.nn.functional.cross_entropy(outputs, targets) * float("nan")
@@ -607,3 +615,28 @@ def test_an_output_that_is_the_working_directory_is_refused(tmp_path, monkeypatc
         _outdir.OutputDirectory(".", ["a.bin"])
     with pytest.raises(OutputError, match="is the working directory or holds it"):
         _outdir.OutputDirectory(tmp_path.parent, ["a.bin"])
+
+
+def test_ctrl_c_stops_the_command_with_one_line_and_no_output(project):
+    out = project / "interrupted-out"
+    config = _config(project, name="interrupted.yaml", output=str(out),
+                     data=dict(train="fit_hostile_pkg:waiting_loader"))
+    marker = project / "waiting-started"
+    marker.unlink(missing_ok=True)
+    env = {**_env(PACKAGE_ROOT, TESTS, str(project)), "FIT_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "twa_kernels", "fit", str(config), "--no-progress"], cwd=project,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=30)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    # 130 as a shell reports it: the status 130, or death by SIGINT, as CPython sometimes exits
+    # after a Ctrl-C that was caught (the interrupt may land in model building or in training)
+    assert proc.returncode in (130, -signal.SIGINT) and err.strip().splitlines()[-1] == "twa: interrupted", err
+    assert "Traceback" not in err
+    assert not out.exists() and not [name for name in _leftovers(project, out.name)]

@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: files are written whole or not at all, so there is nothing to show
+        print("twa: interrupted", file=sys.stderr)
+        return 130  # the shells' code for a command stopped by SIGINT
 
 
 if __name__ == "__main__":
