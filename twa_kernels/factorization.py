@@ -424,10 +424,10 @@ class SparsityReport:
 
     @property
     def compression(self) -> float:
-        """total / nonzero: how many times fewer weights a sparse format would store (inf when
-        every weight is below the threshold)."""
-        total = self._counted()
-        return total / self.nonzero if self.nonzero else math.inf
+        """total / nonzero: how many times fewer weights a sparse format would store. A model
+        whose every weight is below the threshold counts as one nonzero (compression = total),
+        so that means over runs, some of which collapse to zero, stay finite."""
+        return self._counted() / max(self.nonzero, 1)
 
     def _counted(self) -> int:
         if self.total == 0:  # no weights is not "all zero"
