@@ -4,7 +4,10 @@ runs; BatchNorm modes against update_bn and the study's interpolated statistics;
 
 import copy
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -824,3 +827,72 @@ def test_cli_named_errors(project, monkeypatch, capsys):
     code, _, err = _run_cli(["connect", str(paths["e1"]), str(root / "missing.pt"), "--config", config],
                             root, monkeypatch, capsys)
     assert code == 2 and "missing.pt: no such checkpoint file" in err
+
+
+def test_cli_outputs_never_replace_an_input(project, monkeypatch, capsys):
+    root, paths = project
+    config = root / "config.yaml"
+    bare = root / "e1-copy"  # a checkpoint without a suffix: an --out of that name is a PNG of that name
+    bare.write_bytes(paths["e1"].read_bytes())
+    json_config = root / "settings.json"  # the config, where the JSON beside the figure would go
+    json_config.write_text(config.read_text())
+    for args in (["connect", str(bare), str(paths["e2"]), "--config", str(config), "--out", str(bare)],
+                 ["connect", str(paths["e1"]), str(paths["e2"]), "--config", str(json_config),
+                  "--out", str(root / "settings.png")],
+                 ["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", str(config),
+                  "--point", f"X={bare}", "--out", str(bare)]):
+        code, _, err = _run_cli(args, root, monkeypatch, capsys)
+        assert code == 2 and "which is the input" in err, err
+    assert bare.read_bytes() == paths["e1"].read_bytes() and json_config.read_text() == config.read_text()
+
+
+def test_cli_plane_points_need_names_of_their_own(project, monkeypatch, capsys):
+    root, paths = project
+    common = [str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", str(root / "config.yaml"),
+              "--grid", "2", "--no-progress", "--out", str(root / "named.png")]
+    # a point named like an anchor took its place: the origin was reported away from (0, 0)
+    code, _, err = _run_cli(["plane", *common, "--point", f"e1={paths['e5']}"], root, monkeypatch, capsys)
+    assert code == 2 and "'e1' is already the name of one of the plane's checkpoints" in err
+    code, _, err = _run_cli(["plane", *common, "--point", f"A={paths['e5']}", "--point", f"A={paths['e6']}"],
+                            root, monkeypatch, capsys)
+    assert code == 2 and "--point A= is given twice" in err
+    code, _, err = _run_cli(["plane", *common, "--margin", "1e100"], root, monkeypatch, capsys)
+    assert code == 2 and "coordinates float32 cannot hold" in err
+    assert not (root / "named.png").exists()
+
+
+def test_cli_takes_a_file_name_that_is_not_utf8_and_names_the_file_system_refusal(project, monkeypatch, capsys):
+    root, paths = project
+    odd = root / os.fsdecode(b"run\xff.pt")
+    odd.write_bytes(paths["e1"].read_bytes())
+    code, out, err = _run_cli(["connect", str(odd), str(paths["e2"]), "--config", str(root / "config.yaml"),
+                               "--steps", "3", "--no-progress", "--out", str(root / "odd.png")], root, monkeypatch, capsys)
+    assert code == 0, err
+    assert "run\ufffd -> e2" in out and json.loads((root / "odd.json").read_text())["a"].endswith("run\ufffd.pt")
+    code, _, err = _run_cli(["connect", str(paths["e1"]), str(paths["e2"]), "--config", str(root / "config.yaml"),
+                             "--out", str(root / ("x" * 300 + ".png"))], root, monkeypatch, capsys)
+    assert code == 2 and err.startswith("twa: error: [Errno 36] File name too long")
+
+
+def test_cli_output_to_a_closed_pipe_writes_the_files_and_ends_quietly(project):
+    root, paths = project
+    out = root / "piped.png"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tk.__file__).resolve().parents[1]), str(root)])}
+    proc = subprocess.Popen([sys.executable, "-m", "twa_kernels", "connect", str(paths["e1"]), str(paths["e2"]),
+                             "--config", str(root / "config.yaml"), "--steps", "3", "--no-progress", "--out",
+                             str(out)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `twa connect ... | head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and "Traceback" not in err, err
+    assert out.read_bytes()[:4] == b"\x89PNG" and json.loads(out.with_suffix(".json").read_text())["alphas"]
+
+
+def test_plot_plane_leaves_diverged_points_blank_and_refuses_a_plane_with_none_finite(dense_plane, tmp_path):
+    plane = copy.copy(dense_plane)
+    plane.loss = dense_plane.loss.clone()
+    plane.loss[0, 0], plane.loss[-1, -1] = float("nan"), float("inf")
+    assert C.plot_plane(plane, tmp_path / "holes.png").read_bytes()[:4] == b"\x89PNG"
+    plane.loss = torch.full_like(dense_plane.loss, float("nan"))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="every point of the plane has a NaN or infinite loss"):
+        C.plot_plane(plane, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

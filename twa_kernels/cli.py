@@ -6,6 +6,7 @@ import argparse
 import gc
 import importlib.util
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from twa_kernels._imports import optional
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
+from twa_kernels.geometry.evaluation import checkpoint_label, printable
 from twa_kernels.fit import DEFAULT_LOSS, FitError, callable_from, load_config, run_fit
 from twa_kernels.io import write_json
 
@@ -110,11 +112,18 @@ def _geometry_inputs(args: argparse.Namespace):
     return model, data, train, metric, split
 
 
-def _check_figure_path(out: Path) -> None:
+def _check_figure_path(out: Path, inputs: list[str]) -> None:
     """Refuse an --out that the figure (or the JSON beside it) could not be written to, before
-    minutes of evaluation: a suffix matplotlib cannot save (none means PNG), a directory, or
-    a location under a file or without write permission. Missing parent directories are
-    created when the files are written, as for every other output of the library."""
+    minutes of evaluation: one of the command's `inputs` (a checkpoint without a suffix, or
+    the config beside the figure, would be replaced), a suffix matplotlib cannot save (none
+    means PNG), a directory, or a location under a file or without write permission. Missing
+    parent directories are created when the files are written, as for every other output of
+    the library; an earlier figure or JSON of the same name is replaced."""
+    taken = {os.path.realpath(path): path for path in inputs}
+    for path in (out, out.with_suffix(".json")):
+        if os.path.realpath(path) in taken:
+            raise OutputError(f"--out {str(out)!r} would write {path}, which is the input "
+                              f"{taken[os.path.realpath(path)]!r}; give the figure another name")
     figure = optional("matplotlib.figure", "demo", "the --out figure")  # needed anyway; its absence named now
     formats = figure.Figure().canvas.get_supported_filetypes()
     if out.suffix and out.suffix.lstrip(".").lower() not in formats:
@@ -133,7 +142,7 @@ def _check_figure_path(out: Path) -> None:
 
 
 def _connect(args: argparse.Namespace) -> int:
-    _check_figure_path(Path(args.out))
+    _check_figure_path(Path(args.out), [args.a, args.b, args.config])
     try:
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.interpolate(model, args.a, args.b, data, steps=args.steps, bn=args.bn, metric=metric,
@@ -141,12 +150,14 @@ def _connect(args: argparse.Namespace) -> int:
     except ValueError as exc:  # CheckpointError and FitError included
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
-    label = f"{Path(args.a).stem} -> {Path(args.b).stem}"
-    print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
-    print(result.table())
+    label = f"{checkpoint_label(args.a, 0)} -> {checkpoint_label(args.b, 1)}"
+    # the files first: a closed or full standard output then loses the printout only
     out = Path(args.out)
     connectivity.plot_interpolation({label: result}, out, title=f"{label} (data.{split}, bn={args.bn})")
-    write_json(out.with_suffix(".json"), dict(a=args.a, b=args.b, split=split, **result.to_dict()))
+    write_json(out.with_suffix(".json"), dict(a=printable(args.a), b=printable(args.b), split=split,
+                                              **result.to_dict()))
+    print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
+    print(result.table())
     print(f"\nwritten: {out}, {out.with_suffix('.json')}")
     return 0
 
@@ -158,31 +169,36 @@ def _plane(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             print(f"twa: error: --point {item!r} must look like NAME=PATH (e.g. SWA=runs/swa.pt)", file=sys.stderr)
             return 2
+        if name in points:
+            print(f"twa: error: --point {name}= is given twice; give each point its own name", file=sys.stderr)
+            return 2
         points[name] = path
     grid = args.grid[0] if len(args.grid) == 1 else tuple(args.grid)
-    _check_figure_path(Path(args.out))
+    _check_figure_path(Path(args.out), [*args.checkpoints, *points.values(), args.config])
     try:
         if len(args.grid) > 2:
             raise InvalidArgumentError(f"--grid takes one or two numbers (N, or NX NY), got {len(args.grid)}")
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.plane(model, args.checkpoints, data, grid=grid, margin=args.margin, bn=args.bn,
                                     metric=metric, bits=args.bits, points=points, bn_data=train,
-                                    labels=[Path(c).stem for c in args.checkpoints], progress=_progress(args))
+                                    labels=[checkpoint_label(c, i) for i, c in enumerate(args.checkpoints)],
+                                    progress=_progress(args))
+        out = Path(args.out)  # the files first: a closed or full standard output then loses the printout only
+        connectivity.plot_plane(result, out, value=args.value)
     except ValueError as exc:  # CheckpointError and FitError included
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
+    write_json(out.with_suffix(".json"), dict(checkpoints=[printable(c) for c in args.checkpoints], split=split,
+                                              **result.to_dict()))
     print(f"plane through {', '.join(result.anchors)} (data.{split}, BatchNorm {args.bn}, "
           f"{'dense' if args.bits is None else f'{args.bits}-bit'} directions, {len(result.xs)}x{len(result.ys)} grid)\n")
     print(f"{'point':<24} {'x':>9} {'y':>9} {'distance':>9}")
     for name, p in result.points.items():
         print(f"{name:<24} {p.x:>9.4f} {p.y:>9.4f} {p.distance:>9.4f}")
-    best = int(result.loss.argmin())
+    best = int(result.loss.nan_to_num(nan=math.inf).argmin())  # a diverged (NaN) point is not the lowest
     i, j = divmod(best, len(result.xs))
     print(f"\nlowest loss on the grid: {float(result.loss[i, j]):.4f} (error {100 * float(result.error[i, j]):.2f}%) "
           f"at ({result.xs[j]:.3f}, {result.ys[i]:.3f})")
-    out = Path(args.out)
-    connectivity.plot_plane(result, out, value=args.value)
-    write_json(out.with_suffix(".json"), dict(checkpoints=args.checkpoints, split=split, **result.to_dict()))
     print(f"written: {out}, {out.with_suffix('.json')}")
     return 0
 
@@ -313,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: files are written whole or not at all, so there is nothing to show
         print("twa: interrupted", file=sys.stderr)
         return 130  # the shells' code for a command stopped by SIGINT
+    except BrokenPipeError:  # `twa ... | head`: the reader has what it wanted; files are already written
+        sys.stdout = open(os.devnull, "w")  # what is left in the buffer goes nowhere at exit, quietly
+        return 1
+    except OSError as exc:  # the file system's own refusal (a name too long, a full disk): its message says which
+        print(f"twa: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -80,7 +80,14 @@ def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None
 
 def checkpoint_label(checkpoint: Checkpoint, index: int) -> str:
     """A short label for plots: the file's stem, or the checkpoint's position."""
-    return Path(checkpoint).stem if isinstance(checkpoint, (str, os.PathLike)) else f"checkpoint #{index}"
+    return printable(Path(checkpoint).stem) if isinstance(checkpoint, (str, os.PathLike)) else f"checkpoint #{index}"
+
+
+def printable(name: str) -> str:
+    """`name` as text that can be drawn and written: a file name that is not UTF-8 decodes
+    to lone surrogates (Python's surrogateescape), which matplotlib and JSON refuse; they
+    become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def checkpoint_source(checkpoint: Checkpoint, index: int) -> str:

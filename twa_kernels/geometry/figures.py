@@ -61,18 +61,24 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     located = dict(result.points)
     for label, ckpt in (points or {}).items():
         located[label] = result.locate(ckpt, label)
-    grid = (result.loss if value == "loss" else 100 * result.error).numpy()
+    values = (result.loss if value == "loss" else 100 * result.error).numpy()
+    finite = values[np.isfinite(values)]  # a diverged corner (NaN, inf) is left blank
+    if not finite.size:
+        raise InvalidArgumentError(f"every point of the plane has a NaN or infinite {value}, so there is nothing to "
+                                   "draw: the weights overflow there (a smaller margin, or checkpoints with finite, "
+                                   "moderate weights)")
+    grid = np.ma.masked_invalid(values)
     aspect = (result.ys[-1] - result.ys[0]) / max(result.xs[-1] - result.xs[0], 1e-12)
     fig = figure.Figure(figsize=(7.0, min(9.0, max(3.6, 5.6 * aspect + 2.4))))
     ax = fig.subplots()
-    positive = grid[grid > 0]
+    positive = finite[finite > 0]
     log = value == "loss" and positive.size and positive.max() / positive.min() > 5
     if log:  # loss spans decades over a plane: log-spaced levels resolve the basin
-        levels = np.geomspace(positive.min(), grid.max(), 25)
+        levels = np.geomspace(positive.min(), finite.max(), 25)
         grid = grid.clip(min=positive.min())
         filled = ax.contourf(result.xs, result.ys, grid, levels=levels, norm=colors.LogNorm(), cmap="viridis")
     else:
-        levels = np.linspace(grid.min(), grid.max() + 1e-12, 25)
+        levels = np.linspace(finite.min(), finite.max() + 1e-12, 25)
         filled = ax.contourf(result.xs, result.ys, grid, levels=levels, cmap="viridis")
     ax.contour(result.xs, result.ys, grid, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
     ax.set_aspect("equal", adjustable="box")

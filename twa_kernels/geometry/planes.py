@@ -450,12 +450,19 @@ def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspa
     return frame, anchors, located
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _grid_axes(located: Mapping[str, PlanePoint], margin: float, nx: int, ny: int) -> tuple[list[float], list[float]]:
     """The grid's coordinates along x and y: the span of the located points, padded on each side."""
     x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
     y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
     pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
-    return _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
+    xs, ys = _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
+    if not all(abs(v) < _FLOAT32_MAX for v in (*xs, *ys)):  # the coefficients are float32
+        raise InvalidArgumentError(f"margin={margin!r} puts the grid's corners at coordinates float32 cannot hold "
+                                   f"({max(map(abs, (*xs, *ys))):.3g}); use a margin of a few times the span at most")
+    return xs, ys
 
 
 def plane(
@@ -496,6 +503,9 @@ def plane(
     mask = check_masks(model, masks)
     frame, anchors, located = _anchored_frame(model, checkpoints, dims, bits, group_size, bn, labels)
     for label, ckpt in (points or {}).items():
+        if label in located:  # it would take the anchor's place in the table, the figure and the JSON
+            raise InvalidArgumentError(f"points: {label!r} is already the name of one of the plane's checkpoints "
+                                       f"({', '.join(anchors)}); give the point another name")
         located[label] = frame.locate(ckpt, label)
     device = parameter_device(model)
     frame.origin = frame.origin.to(device)
