@@ -896,3 +896,18 @@ def test_plot_plane_leaves_diverged_points_blank_and_refuses_a_plane_with_none_f
     with pytest.raises(tk.errors.InvalidArgumentError, match="every point of the plane has a NaN or infinite loss"):
         C.plot_plane(plane, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_diverged_point_is_null_in_the_json_and_named_on_the_command_line(project, monkeypatch, capsys):
+    root, paths = project
+    huge = {k: v.float() * 1e37 if v.is_floating_point() else v for k, v in tk.load_state_dict(paths["e1"]).items()}
+    tk.save_state_dict(huge, root / "huge.pt")  # finite weights whose outputs overflow
+    code, out, err = _run_cli(["connect", str(root / "huge.pt"), str(paths["e2"]), "--config",
+                               str(root / "config.yaml"), "--steps", "3", "--no-progress", "--out",
+                               str(root / "diverged.png")], root, monkeypatch, capsys)
+    assert code == 0 and "twa: warning: the loss is NaN or infinite at" in err, err
+    saved = (root / "diverged.json").read_text()
+    assert "NaN" not in saved and "Infinity" not in saved and None in json.loads(saved)["loss"]
+    code, _, err = _run_cli(["connect", str(paths["e1"]), str(paths["e2"]), "--config", str(root)], root,
+                            monkeypatch, capsys)
+    assert code == 2 and "is a directory, not a config file" in err

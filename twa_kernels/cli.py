@@ -158,6 +158,10 @@ def _connect(args: argparse.Namespace) -> int:
                                               **result.to_dict()))
     print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
     print(result.table())
+    diverged = sum(not math.isfinite(v) for v in result.loss)
+    if diverged:  # a measurement, not an error: said once, and null in the JSON
+        print(f"twa: warning: the loss is NaN or infinite at {diverged} of {len(result.loss)} alphas (weights that "
+              "overflow the model's arithmetic?)", file=sys.stderr)
     print(f"\nwritten: {out}, {out.with_suffix('.json')}")
     return 0
 

@@ -211,7 +211,8 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
     plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
     path = Path(path)
     if not path.is_file():
-        raise FitError(f"{path}: no such config file")
+        raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path" if path.is_dir()
+                       else f"{path}: no such config file")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

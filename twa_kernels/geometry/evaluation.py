@@ -26,6 +26,7 @@ names.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -81,6 +82,15 @@ def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None
 def checkpoint_label(checkpoint: Checkpoint, index: int) -> str:
     """A short label for plots: the file's stem, or the checkpoint's position."""
     return printable(Path(checkpoint).stem) if isinstance(checkpoint, (str, os.PathLike)) else f"checkpoint #{index}"
+
+
+def finite_or_none(values: Any) -> Any:
+    """`values` (a float or nested lists of them) with NaN and infinities as None: JSON has
+    no such numbers (Python writes a bare NaN that strict readers refuse), and a diverged
+    point of a line or plane reads as null."""
+    if isinstance(values, (list, tuple)):
+        return [finite_or_none(v) for v in values]
+    return values if math.isfinite(values) else None
 
 
 def printable(name: str) -> str:

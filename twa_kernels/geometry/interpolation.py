@@ -26,6 +26,7 @@ from twa_kernels.geometry.evaluation import (
     check_bn,
     check_masks,
     check_points,
+    finite_or_none,
     checked_entry,
     checkpoint_source,
     classification_metric,
@@ -67,9 +68,10 @@ class Interpolation:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """The interpolation as JSON-safe data."""
-        return dict(alphas=self.alphas, loss=self.loss, error=self.error, loss_barrier=self.loss_barrier,
-                    error_barrier=self.error_barrier, bn=self.bn)
+        """The interpolation as JSON-safe data (a NaN or infinite value as None)."""
+        return dict(alphas=self.alphas, loss=finite_or_none(self.loss), error=finite_or_none(self.error),
+                    loss_barrier=finite_or_none(self.loss_barrier), error_barrier=finite_or_none(self.error_barrier),
+                    bn=self.bn)
 
 
 def interpolate(

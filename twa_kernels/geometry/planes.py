@@ -45,6 +45,7 @@ from twa_kernels.geometry.evaluation import (
     check_bn,
     check_masks,
     check_points,
+    finite_or_none,
     checkpoint_label,
     checkpoint_source,
     classification_metric,
@@ -406,8 +407,10 @@ class Plane:
                                                                               self.frame.shapes)}
 
     def to_dict(self) -> dict[str, Any]:
-        """The plane as JSON-safe data: the grid, loss and error, placed points, anchors, bits, bn."""
-        return dict(xs=self.xs, ys=self.ys, loss=self.loss.tolist(), error=self.error.tolist(),
+        """The plane as JSON-safe data: the grid, loss and error (a NaN or infinite value as
+        None), placed points, anchors, bits, bn."""
+        return dict(xs=self.xs, ys=self.ys, loss=finite_or_none(self.loss.tolist()),
+                    error=finite_or_none(self.error.tolist()),
                     points={k: p.to_dict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
                     bn=self.bn)
 
