@@ -911,3 +911,15 @@ def test_a_diverged_point_is_null_in_the_json_and_named_on_the_command_line(proj
     code, _, err = _run_cli(["connect", str(paths["e1"]), str(paths["e2"]), "--config", str(root)], root,
                             monkeypatch, capsys)
     assert code == 2 and "is a directory, not a config file" in err
+
+
+def test_a_mismatched_extra_point_is_named_by_its_file(project, monkeypatch, capsys):
+    root, paths = project
+    bad = dict(tk.load_state_dict(paths["e1"]))
+    bad["0.weight"] = torch.zeros(40, 64)
+    tk.save_state_dict(bad, root / "wrong-point.pt")
+    code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config",
+                             str(root / "config.yaml"), "--grid", "2", "--no-progress", "--point",
+                             f"SWA={root / 'wrong-point.pt'}", "--out", str(root / "wrong-point.png")],
+                            root, monkeypatch, capsys)
+    assert code == 2 and f"{root / 'wrong-point.pt'}: key '0.weight' has shape (40, 64)" in err, err

@@ -395,7 +395,7 @@ class Plane:
 
     def locate(self, checkpoint: Checkpoint, label: str = "point") -> PlanePoint:
         """Project a checkpoint (path or state_dict) onto the plane: coordinates and distance."""
-        return self.frame.locate(checkpoint, label)
+        return self.frame.locate(checkpoint, _point_source(checkpoint, label))
 
     @torch.no_grad()
     def state_dict_at(self, x: float, y: float) -> dict[str, Tensor]:
@@ -413,6 +413,11 @@ class Plane:
                     error=finite_or_none(self.error.tolist()),
                     points={k: p.to_dict() for k, p in self.points.items()}, anchors=self.anchors, bits=self.bits,
                     bn=self.bn)
+
+
+def _point_source(checkpoint: Checkpoint, label: str) -> str:
+    """An extra point's name in error messages: its file, or its label."""
+    return str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else f"point {label!r}"
 
 
 def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None) -> tuple[int, int]:
@@ -509,7 +514,7 @@ def plane(
         if label in located:  # it would take the anchor's place in the table, the figure and the JSON
             raise InvalidArgumentError(f"points: {label!r} is already the name of one of the plane's checkpoints "
                                        f"({', '.join(anchors)}); give the point another name")
-        located[label] = frame.locate(ckpt, label)
+        located[label] = frame.locate(ckpt, _point_source(ckpt, label))
     device = parameter_device(model)
     frame.origin = frame.origin.to(device)
     frame.basis = frame.basis.to(device)
