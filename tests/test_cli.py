@@ -67,6 +67,8 @@ def _config(root, **overrides):
 def test_fit_writes_the_averaged_model_and_a_report(project, int8_gradients):
     result = _twa(["fit", str(_config(project, int8_gradients=int8_gradients)), "--no-progress"], project)
     assert result.returncode == 0, result.stderr
+    written = [name.strip() for name in result.stdout.split("written: ")[1].split(",")]
+    assert [Path(name).name for name in written] == ["averaged.pt", "averaged.safetensors", "report.json"]
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["val_loss_after_twa"] < report["val_loss_at_swa"]
     assert report["int8_gradients"] is int8_gradients

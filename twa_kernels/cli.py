@@ -81,7 +81,8 @@ def _fit(args: argparse.Namespace) -> int:
     for key in ("val_loss_at_swa", "val_loss_after_twa"):
         if key in report:
             print(f"{key}: {report[key]:.4f}")
-    print("written: " + ", ".join(report["outputs"]))
+    report_file = Path(report["outputs"][0]).with_name("report.json")  # the report lists the weights, not itself
+    print("written: " + ", ".join([*report["outputs"], str(report_file)]))
     return 0
 
 
