@@ -22,8 +22,8 @@ from twa_kernels._imports import optional
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
-from twa_kernels.geometry.evaluation import checkpoint_label, printable
 from twa_kernels.fit import DEFAULT_LOSS, FitError, callable_from, load_config, run_fit
+from twa_kernels.geometry.evaluation import checkpoint_label, printable
 from twa_kernels.io import write_json
 
 
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         print("twa: interrupted", file=sys.stderr)
         return 130  # the shells' code for a command stopped by SIGINT
     except BrokenPipeError:  # `twa ... | head`: the reader has what it wanted; files are already written
-        sys.stdout = open(os.devnull, "w")  # what is left in the buffer goes nowhere at exit, quietly
+        # what is left in stdout's buffer goes to /dev/null at exit instead of raising again there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # the file system's own refusal (a name too long, a full disk): its message says which
         print(f"twa: error: {exc}", file=sys.stderr)
