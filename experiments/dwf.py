@@ -25,7 +25,7 @@ accuracy_vs_compression.png and prints the tables.
 
 `fair` runs the protocol described at `FAIR_SIZES` below (the paper's initialisation, plain
 SGD for 200 epochs, weight decay and learning rate tuned on validation, pruning without
-fine-tuning as the baseline, 3 seeds).
+fine-tuning as the baseline, 3 seeds, or `--seeds N`).
 """
 
 from __future__ import annotations

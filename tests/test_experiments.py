@@ -83,6 +83,15 @@ def test_dwf_fair_tiny(tmp_path, capsys):
     assert len(saved["seeds"]) >= 2
 
 
+def test_dwf_fair_takes_its_seeds_from_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # one seed gives no interval
+        dwf.main(["fair", "--size", "tiny", "--seeds", "1", "--out", str(tmp_path)])
+    assert "--seeds must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "fair.json").exists()
+    dwf.main(["fair", "--size", "tiny", "--jobs", "1", "--seeds", "3", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "fair.json").read_text())["seeds"] == [1, 2, 3]  # seed 0 is the selection's
+
+
 def test_lmc_sparse_fair_needs_two_seeds_for_its_intervals(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lmc_sparse.main(["fair", "--size", "tiny", "--seeds", "1", "--out", str(tmp_path)])
