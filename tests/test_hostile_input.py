@@ -231,6 +231,59 @@ def test_a_flipped_bit_past_the_first_read_buffer_is_refused(tmp_path):
         tk.load_state_dict(path)
 
 
+def _declare_more_elements(path, key: str, numel: int, more: int) -> None:
+    """Rewrite a torch file so that tensor `key` (numel elements, written as one BININT1 in
+    its size tuple and its storage's persistent id) declares numel + more: still a valid
+    zip whose every CRC-32 holds, but whose pickle asks for bytes its record lacks."""
+    with zipfile.ZipFile(path) as archive:
+        records = {info.filename: archive.read(info) for info in archive.infolist()}
+    name = next(n for n in records if n.endswith("data.pkl"))
+    old = b"K" + bytes([numel])
+    assert records[name].count(old) == 2, "the test's file no longer has the layout it edits"
+    records[name] = records[name].replace(old, b"K" + bytes([numel + more]))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for record, data in records.items():
+            archive.writestr(record, data)
+
+
+def test_a_storage_declaring_more_bytes_than_its_record_is_refused_by_every_reader(tmp_path):
+    # A mapped load takes a storage's size from the pickle: these four extra floats would be
+    # read from the zip records that follow the tensor's own (its headers, the next tensor)
+    path = tmp_path / "ck.pt"
+    torch.save({"w": torch.arange(16.0), "b": torch.ones(3)}, path)
+    _declare_more_elements(path, "w", 16, 4)
+    with pytest.raises(CheckpointError, match=r"corrupt \(its pickle declares 80 bytes for storage '0', whose "
+                                              r"record holds 64 bytes\)"):
+        columns.ColumnReader(path).read("w", (20,), 0, 20)
+    with pytest.raises(CheckpointError, match="ck.pt"):
+        tk.load_state_dict(path)
+    model = nn.Linear(4, 5)  # weight 20 elements: the edited tensor fits it
+    good = [tmp_path / f"{i}.pt" for i in range(2)]
+    for i, other in enumerate(good):
+        torch.save({"weight": torch.randn(5, 4), "bias": torch.randn(5)}, other)
+    torch.save({"weight": torch.arange(16.0), "bias": torch.randn(5)}, path)
+    _declare_more_elements(path, "weight", 16, 4)
+    with pytest.raises(CheckpointError, match="ck.pt: corrupt"):
+        tk.TWA(model, [*good, path], bits=4)
+
+
+def test_the_storage_check_of_a_mapped_read_runs_no_code_of_the_file(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(4), "hook": RunsCode(marker)}, tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        columns.ColumnReader(tmp_path / "ck.pt").read("w", (4,), 0, 4)
+    assert not marker.exists()
+
+
+def test_a_mapped_read_of_an_intact_file_still_reads_its_values(tmp_path):
+    path = tmp_path / "ck.pt"
+    shared = torch.arange(12.0)
+    torch.save({"w": shared, "view": shared[2:6], "b": torch.ones(3)}, path)  # one storage, two tensors
+    reader = columns.ColumnReader(path)
+    assert torch.equal(reader.read("w", (12,), 0, 12), shared)
+    assert torch.equal(reader.read("view", (4,), 0, 4), shared[2:6])
+
+
 # ---- values and ties that would silently give a wrong result ------------------------------
 
 

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import pickle
 import re
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors.torch  # read as safetensors.torch.<name> at each call: tests swap them
 import torch
@@ -76,22 +79,31 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     return unwrap_state_dict(_torch_load(path), str(path))
 
 
-# Files whose CRC-32s were verified in this process, by identity and modification stamp.
-_VERIFIED: set[tuple[str, int, int, int]] = set()
+# Files whose CRC-32s were verified in this process, by identity and modification stamp,
+# with the size of each record's data: {record name: bytes}.
+_VERIFIED: dict[tuple[str, int, int, int], dict[str, int]] = {}
+# Files whose storages were found to be their records (_check_storage_records), the same way.
+_RECORDS_CHECKED: set[tuple[str, int, int, int]] = set()
 
 
-def verify_zip_crc(path: str | os.PathLike) -> None:
+def _file_stamp(path: str | os.PathLike) -> tuple[str, int, int, int]:
+    """A file's identity and modification stamp: a file seen before and unchanged since."""
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
     """Check every record of a zip-format torch file against its stored CRC-32. torch's
     own zip reader never checks them, so a flipped bit in a tensor's data would otherwise
     be read as a valid weight. Stored records are read 256 KB at a time into one buffer and
     summed there (a mapping would count each stretch's pages in the process's resident
     memory until they are given back: up to a whole record at every open); zlib-ng's
     CRC-32 runs at several GB/s. Each file is checked once per process unless it changes.
-    Raises CheckpointError naming the record."""
-    stat = os.stat(path)
-    stamp = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    Raises CheckpointError naming the record. Returns each record's size: {name: bytes}."""
+    stamp = _file_stamp(path)
     if stamp in _VERIFIED:
-        return
+        return _VERIFIED[stamp]
+    spans: dict[str, int] = {}
     # records are summed through this buffer: no mapping's pages pile up, and at 256 KB a
     # call's overhead is far below zlib-ng's time for the bytes
     buffer = bytearray(1 << 18)
@@ -99,6 +111,7 @@ def verify_zip_crc(path: str | os.PathLike) -> None:
         with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
             size = os.fstat(file.fileno()).st_size
             for info in archive.infolist():
+                spans[info.filename] = info.file_size
                 if info.compress_type != zipfile.ZIP_STORED:  # not what torch writes: let zipfile check it
                     with archive.open(info) as record:
                         while record.read(len(buffer)):
@@ -126,7 +139,8 @@ def verify_zip_crc(path: str | os.PathLike) -> None:
     except (zipfile.BadZipFile, ValueError, OSError, struct.error) as exc:
         raise CheckpointError(f"{path}: corrupt ({exc}); the file was damaged after it was written: "
                               "restore it from a good copy or save it again") from exc
-    _VERIFIED.add(stamp)
+    _VERIFIED[stamp] = spans
+    return spans
 
 
 def _torch_load(path: Path) -> object:
@@ -152,11 +166,102 @@ def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:
     extra = [obj for obj in _PLAIN_OBJECTS if obj not in made]
     try:
         with allowed(extra) if allowed and extra else contextlib.nullcontext():
+            if mmap:
+                _check_storage_records(path)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise _refused(path) from exc
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path}: could not be read as a torch checkpoint ({exc})") from exc
+
+
+class _Inert:
+    """What the storage scan builds for every global a pickle names: no code of the file's
+    runs, whatever it calls, builds or appends to."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a torch pickle only for the storages it declares: (key, storage class name,
+    element count) for each. Every global becomes an inert class of its name."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file, encoding="utf-8")
+        self.declared: list[tuple[str, str, int]] = []
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Inert,), {"_module": module})
+
+    def persistent_load(self, pid: object) -> _Inert:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], type)
+                and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        self.declared.append((str(pid[2]), pid[1].__name__, pid[4]))
+        return _Inert()
+
+
+def _storage_dtype(path: str | os.PathLike, kind: str) -> torch.dtype:
+    """The dtype of torch's storage class `kind` (FloatStorage: float32), as torch.load finds it."""
+    if kind == "UntypedStorage":
+        return torch.uint8
+    storage = getattr(torch, kind, None) if kind.endswith("Storage") and not kind.startswith("_") else None
+    with warnings.catch_warnings():  # a typed storage class warns that it is deprecated when asked
+        warnings.simplefilter("ignore")
+        dtype = getattr(storage, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{path}: damaged, or not a torch checkpoint (its pickle declares a storage of "
+                              f"unknown type {kind!r}); restore the file or save it again")
+    return dtype
+
+
+def _check_storage_records(path: str | os.PathLike) -> None:
+    """Refuse a zip torch file where a storage its pickle declares is not exactly one of its
+    data records. A mapped load (torch.load(mmap=True)) takes the size from the pickle and
+    never compares it with the record's, so a pickle that declares more bytes would have the
+    next records' bytes read as weights; the plain load refuses that, and so does this, before
+    the file is mapped. Only the pickle is read, and none of its globals is looked up. Each
+    file is checked once per process unless it changes."""
+    spans = verify_zip_crc(path)
+    stamp = _file_stamp(path)
+    if stamp in _RECORDS_CHECKED:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # torch names the records after the first one's folder: <folder>/data.pkl, <folder>/data/<key>
+            names = archive.namelist()
+            prefix = names[0].split("/")[0] + "/" if names else ""
+            if prefix + "data.pkl" not in spans:
+                raise zipfile.BadZipFile(f"it has no {prefix}data.pkl record")
+            scan = _StorageScan(io.BytesIO(archive.read(prefix + "data.pkl")))
+            scan.load()
+    except Exception as exc:  # whatever a damaged pickle makes the scan trip on
+        raise CheckpointError(f"{path}: damaged, or not a torch checkpoint ({exc}); restore the file or save it "
+                              "again with torch.save(model.state_dict(), path)") from exc
+    for key, kind, numel in scan.declared:
+        declared = numel * _storage_dtype(path, kind).itemsize
+        held = spans.get(f"{prefix}data/{key}")
+        if held != declared:
+            holds = "is missing" if held is None else f"holds {held} bytes"
+            raise CheckpointError(f"{path}: corrupt (its pickle declares {declared} bytes for storage {key!r}, whose "
+                                  f"record {holds}); the file was damaged or altered after it was written: "
+                                  "restore it from a good copy or save it again")
+    _RECORDS_CHECKED.add(stamp)
 
 
 def _names_a_missing_global(name: str) -> bool:
