@@ -93,6 +93,29 @@ def test_coefficient_gradients_equal_dense_autograd(run):
     torch.testing.assert_close(twa.coefficients.grad, coeffs.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_run_lends_the_weights_to_any_call_of_the_model_as_forward_does(run):
+    # a loss computed by another method than forward (a LightningModule's training_step,
+    # model.compute_loss) trains the coefficients as the same loss through forward
+    train, _, _, ckpts = run
+    x, y = train.tensors[0][:50], train.tensors[1][:50]
+    by_forward, by_run = (tk.TWA(make_model(1), ckpts, bits=4) for _ in range(2))
+    for twa in (by_forward, by_run):
+        with torch.no_grad():
+            twa.coefficients.copy_(torch.linspace(-0.3, 0.3, twa.coefficients.numel()).view_as(twa.coefficients))
+    model = by_run.module
+    own = {name: p.detach().clone() for name, p in model.named_parameters()}
+    F.cross_entropy(by_forward(x), y).backward()
+    loss = by_run.run(lambda inputs, targets: {"loss": F.cross_entropy(model(inputs), targets)}, x, targets=y)
+    loss["loss"].backward()
+    torch.testing.assert_close(by_run.coefficients.grad, by_forward.coefficients.grad, rtol=0, atol=0)
+    # the model has its own parameters back, unchanged and without a gradient
+    assert all(torch.equal(p, own[name]) and p.grad is None for name, p in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(by_run.run(model, x), by_run(x), rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="not callable"):
+        by_run.run("forward", x)
+
+
 def _weight_gradient(twa, x, y):
     """dL/dw at the TWA's weights, written with plain autograd, flat in the basis's order."""
     weights = {name: w.detach().requires_grad_() for name, w in twa.weights().items()}

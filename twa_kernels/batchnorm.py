@@ -14,6 +14,11 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError
 
 
+def has_running_statistics(model: nn.Module) -> bool:
+    """Whether `model` holds BatchNorm running statistics, which averaged weights make stale."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
 def _feed(model: Callable[..., Any], batch: Any) -> None:
     """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs,
     a mapping of keyword arguments (transformers' batches) is unpacked."""

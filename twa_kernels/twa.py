@@ -58,7 +58,7 @@ from torch.func import functional_call
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, MissingKeyError, UsageError
 from twa_kernels import sharding
 from twa_kernels._memory import empty_huge, gradients_to_hold
-from twa_kernels.batchnorm import update_bn
+from twa_kernels.batchnorm import has_running_statistics, update_bn
 from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
@@ -336,6 +336,26 @@ class TWA(nn.Module):
         backward gives the coefficients their gradient."""
         if torch.compiler.is_compiling():  # the compiled graph holds any recomputation itself
             return functional_call(self.module, self.weights(), args, kwargs)
+        return self._run_lent(self.module, args, kwargs)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call `fn(*args, **kwargs)` while the wrapped model holds the averaged weights, as
+        forward does for the model's own forward: for a loss computed by another method of the
+        model (a LightningModule's `training_step`, `model.compute_loss(batch)`). What `fn`
+        computes from the model is differentiable in the coefficients, and the backward of
+        what it returns gives them their gradient, as after forward. `fn` must not keep a
+        reference to the weights past its return. Not for use inside a torch.compile'd
+        function: compile the TWA's forward instead."""
+        if torch.compiler.is_compiling():
+            raise UsageError("TWA.run() cannot be compiled: it lends the weights to the model in place; compile the "
+                             "TWA itself (torch.compile(twa)) and call its forward")
+        if not callable(fn):
+            raise InvalidArgumentError(f"TWA.run() calls fn with the averaged weights in the model; got a "
+                                       f"{type(fn).__name__}, which is not callable")
+        return self._run_lent(fn, args, kwargs)
+
+    def _run_lent(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """fn(*args, **kwargs) with the weights lent to the model (see the module docstring)."""
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
@@ -344,11 +364,11 @@ class TWA(nn.Module):
         weights, pinned = self._forward_weights(dtypes), self._pinned()
         if not any(w.requires_grad for w in weights):
             with lent.lending(weights + pinned):
-                return self.module(*args, **kwargs)
+                return fn(*args, **kwargs)
         loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late)
         weights = list(LoanAnchor.apply(loan, *weights))
         with lent.lending(weights + pinned, loan):
-            out = self.module(*args, **kwargs)
+            out = fn(*args, **kwargs)
             lent.hold_with(out, loan)
         return out
 
@@ -394,7 +414,7 @@ class TWA(nn.Module):
         into a plain model. Every name of a tied weight gets the averaged value. A model
         with BatchNorm statistics gets a warning unless update_bn ran at these weights: the
         statistics in the result are the model's own, measured at other weights."""
-        if _has_running_statistics(self.module) and not (
+        if has_running_statistics(self.module) and not (
                 self._bn_key is not None and same_key(self._bn_key, self._weights_key())):
             warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
                           "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
@@ -457,10 +477,6 @@ def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[s
         raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
                                    "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
                                    "int8_gradients=False")
-
-
-def _has_running_statistics(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,

@@ -1,0 +1,201 @@
+"""twa_kernels.lightning.TrainableWeightAveraging with the real Lightning Trainer: it keeps
+the epochs it should, trains the coefficients as a plain TWA loop over the same files does,
+validates at the averaged weights, resumes from a checkpoint of its TWA epochs, and names
+what it cannot do."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import twa_kernels as tk
+from twa_kernels.errors import InvalidArgumentError, UsageError
+from twa_kernels.lightning import TrainableWeightAveraging
+
+_gen = torch.Generator().manual_seed(0)
+_X = torch.randn(96, 10, generator=_gen)
+_Y = (_X[:, 0] + 0.5 * _X[:, 1] > 0).long()
+_VAL = (torch.randn(40, 10, generator=_gen),)
+_VAL = (_VAL[0], (_VAL[0][:, 0] + 0.5 * _VAL[0][:, 1] > 0).long())
+
+
+class _Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, _):
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)]
+
+
+def _loader() -> DataLoader:
+    return DataLoader(TensorDataset(_X, _Y), batch_size=16)  # in order: the batches of every run are the same
+
+
+def _trainer(root: Path, epochs: int = 4, callbacks=(), **kwargs) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=str(root), callbacks=list(callbacks),
+                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kwargs)
+
+
+def _fit(root: Path, callback: TrainableWeightAveraging, val: bool = True, callbacks=(),
+         **kwargs) -> tuple[_Net, L.Trainer]:
+    net = _Net()
+    trainer = _trainer(root, callbacks=[callback, *callbacks], **kwargs)
+    trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40) if val else None)
+    return net, trainer
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("twa_callback")
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    net, trainer = _fit(root, callback)
+    return root, callback, net, trainer
+
+
+def test_the_epochs_from_start_epoch_are_kept_and_the_trainer_is_left_as_configured(straight_run):
+    root, callback, net, trainer = straight_run
+    assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=2.safetensors",
+                                                          "epoch=3.safetensors"]
+    assert all(Path(p).parent == root / "twa_snapshots" for p in callback.snapshots)
+    assert trainer.current_epoch == 6 and trainer.max_epochs == 4  # 4 epochs of SGD, 2 of TWA
+    assert "training_step" not in vars(net) and "validation_step" not in vars(net)
+
+
+def test_the_callback_gives_what_a_plain_twa_loop_over_its_files_gives(straight_run):
+    _, callback, net, trainer = straight_run
+    # the module as the SGD epochs left it: the last snapshot, BatchNorm statistics included
+    plain = _Net()
+    plain.load_state_dict(tk.load_state_dict(callback.snapshots[-1]))
+    twa = tk.TWA(plain, callback.snapshots, bits=4, granularity="tensor")
+    opt = torch.optim.AdamW(twa.parameters(), lr=0.02, weight_decay=0.0)
+    for _ in range(2):
+        twa.train()
+        for x, y in _loader():
+            opt.zero_grad()
+            F.cross_entropy(twa(x), y).backward()
+            opt.step()
+        twa.eval()
+        with torch.no_grad():  # the last epoch's validation runs at the averaged weights
+            val_loss = F.cross_entropy(twa(_VAL[0]), _VAL[1])
+    torch.testing.assert_close(callback.twa.coefficients, twa.coefficients, rtol=0, atol=1e-6)
+    assert not torch.equal(twa.coefficients, torch.zeros_like(twa.coefficients))
+    torch.testing.assert_close(trainer.callback_metrics["val_loss"], val_loss, rtol=1e-5, atol=1e-6)
+    twa.update_bn(_loader())
+    expected = twa.averaged_state_dict()
+    got = net.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # the module holds the averaged weights, not the last epoch's
+    assert not torch.equal(got["model.0.weight"], tk.load_state_dict(callback.snapshots[-1])["model.0.weight"])
+
+
+def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straight_run_ends(straight_run, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, _, straight, _ = straight_run
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_epochs=1)
+    _fit(tmp_path / "first", TrainableWeightAveraging(start_epoch=1, twa_epochs=2), callbacks=[saving])
+    # resumed after the first TWA epoch (epoch 4), by a new Trainer and a new callback
+    ckpt = next((tmp_path / "ckpts").glob("epoch=4-*.ckpt"))
+    net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1,
+                                                                                              twa_epochs=2)])
+    trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40), ckpt_path=str(ckpt))
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_run_resumed_before_its_twa_epochs_keeps_the_epochs_it_kept(straight_run, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, _, straight, _ = straight_run
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_epochs=1)
+    _fit(tmp_path / "first", TrainableWeightAveraging(start_epoch=1, twa_epochs=2), callbacks=[saving])
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[callback])
+    trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40),
+                ckpt_path=str(next((tmp_path / "ckpts").glob("epoch=2-*.ckpt"))))
+    assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=2.safetensors",
+                                                          "epoch=3.safetensors"]
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_fraction_of_max_epochs_and_a_custom_optimizer_and_bn_call(tmp_path):
+    calls = []
+
+    def feed(module, batch):
+        calls.append(len(batch[0]))
+        module(batch[0])
+
+    callback = TrainableWeightAveraging(start_epoch=0.5, twa_epochs=1, bits=None,
+                                        optimizer=partial(torch.optim.SGD, lr=0.05), update_bn=feed)
+    _fit(tmp_path, callback, val=False)
+    assert [Path(p).name for p in callback.snapshots] == ["epoch=2.safetensors", "epoch=3.safetensors"]
+    assert isinstance(callback._twa_optimizer, torch.optim.SGD) and callback.twa.bits is None
+    assert calls == [16] * 6  # one pass over the training data
+
+
+def test_training_stopped_before_the_twa_epochs_warns_and_keeps_the_modules_weights(tmp_path):
+    class StopAtEpoch2(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                trainer.should_stop = True
+
+    with pytest.warns(RuntimeWarning, match="stopped at epoch 3, before the TWA epochs"):
+        net, _ = _fit(tmp_path, TrainableWeightAveraging(start_epoch=1), val=False, callbacks=[StopAtEpoch2()])
+    assert torch.equal(net.state_dict()["model.0.weight"],
+                       tk.load_state_dict(tmp_path / "twa_snapshots" / "epoch=2.safetensors")["model.0.weight"])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(start_epoch=-1), InvalidArgumentError, "start_epoch must be"),
+    (dict(start_epoch=1.5), InvalidArgumentError, "start_epoch must be"),
+    (dict(start_epoch=True), InvalidArgumentError, "start_epoch must be"),
+    (dict(twa_epochs=0), InvalidArgumentError, "twa_epochs must be"),
+    (dict(optimizer="adamw"), InvalidArgumentError, "optimizer must be a function"),
+    (dict(update_bn="yes"), InvalidArgumentError, "update_bn must be"),
+])
+def test_bad_settings_are_named_where_the_callback_is_made(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TrainableWeightAveraging(**kwargs)
+
+
+def test_a_start_past_the_run_and_a_step_limit_are_named_before_training(tmp_path):
+    with pytest.raises(InvalidArgumentError, match=r"start_epoch 4 is epoch 4, but the run has only epochs 0\.\.3"):
+        _fit(tmp_path, TrainableWeightAveraging(start_epoch=4), val=False)
+    with pytest.raises(UsageError, match="counts epochs: give the Trainer max_epochs"):
+        _fit(tmp_path, TrainableWeightAveraging(start_epoch=1), val=False, max_steps=10)
+
+
+def test_manual_optimization_is_named(tmp_path):
+    class Manual(_Net):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(UsageError, match="manual optimization"):
+        _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1)]).fit(Manual(), _loader())

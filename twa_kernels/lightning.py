@@ -1,0 +1,223 @@
+"""TWA as a Lightning callback: `Trainer(callbacks=[TrainableWeightAveraging(...)])`.
+
+    from twa_kernels.lightning import TrainableWeightAveraging
+
+    trainer = L.Trainer(max_epochs=40, callbacks=[TrainableWeightAveraging(start_epoch=0.5, twa_epochs=3)])
+    trainer.fit(module, train_loader, val_loader)    # 40 epochs of the module's own training, then 3 of TWA
+
+The run trains as configured for `max_epochs` epochs. From `start_epoch` on, the callback
+writes the LightningModule's weights at the end of every epoch into `dirpath` (safetensors,
+one file per epoch): the checkpoints whose subspace TWA trains in. After the last epoch it
+builds a `TWA` over them (it starts at their uniform average, SWA) and the same Trainer runs
+`twa_epochs` more epochs in which the optimizer is `optimizer(twa.parameters())` (AdamW by
+default), training the averaging coefficients alone, with the module's own `training_step`
+run at the averaged weights (TWA.run): its loss, logging, precision and gradient clipping
+are the Trainer's as before. Validation in those epochs runs at the averaged weights too.
+When training ends, BatchNorm statistics are recomputed at the averaged weights on the
+training data (TWA.update_bn) and the averaged weights are loaded into the module, as
+Lightning's StochasticWeightAveraging leaves the SWA weights in the module.
+
+Checkpoints written during the TWA epochs resume where they stopped: they hold the module's
+own weights and the first optimizer's state, as before the TWA epochs, and the callback's
+state holds the snapshot files, the coefficients and their optimizer's state (the snapshot
+files must still exist). One process and automatic optimization only: under several
+processes, keep the checkpoints with ModelCheckpoint and train a TWA held by a
+LightningModule (docs/guides/lightning.md), which DDP can wrap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from twa_kernels._imports import optional
+from twa_kernels.batchnorm import has_running_statistics
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
+from twa_kernels.io import save_state_dict
+from twa_kernels.twa import TWA
+
+optional("lightning.pytorch", "lightning", "twa_kernels.lightning")
+import lightning.pytorch as pl  # noqa: E402  (after the check that names the missing extra)
+
+# The LightningModule methods that run at the averaged weights during the TWA epochs.
+_STEPS = ("training_step", "validation_step")
+
+
+def _adamw(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The default optimizer of the coefficients: AdamW at lr 0.02 without weight decay, the
+    setting of `twa demo` (weight decay would pull the average towards the center)."""
+    return torch.optim.AdamW(parameters, lr=0.02, weight_decay=0.0)
+
+
+class TrainableWeightAveraging(pl.Callback):
+    """Train a Trainable Weight Average of the epochs from `start_epoch` on, after the run.
+
+    start_epoch: the first epoch (0-based) whose end-of-epoch weights are kept, or a float
+      in (0, 1): that fraction of max_epochs. twa_epochs: the epochs that train the
+      coefficients after max_epochs. optimizer: builds the coefficients' optimizer from
+      their parameters (default AdamW, lr 0.02). bits, granularity, group_size: as for
+      `TWA`. dirpath: where the per-epoch snapshots go (default
+      `<default_root_dir>/twa_snapshots`); files already there are replaced, never read.
+    update_bn: recompute BatchNorm statistics at the averaged weights at the end: True (the
+      first element of each training batch is fed to the module's forward), False, or a
+      function(module, batch) that runs the module on one batch.
+    """
+
+    def __init__(self, start_epoch: int | float = 0.5, twa_epochs: int = 2, *,
+                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = _adamw,
+                 bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
+                 dirpath: str | os.PathLike | None = None,
+                 update_bn: bool | Callable[[nn.Module, Any], Any] = True):
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or not (
+                (isinstance(start_epoch, int) and start_epoch >= 0)
+                or (isinstance(start_epoch, float) and 0.0 < start_epoch < 1.0)):
+            raise InvalidArgumentError(f"start_epoch must be an epoch index >= 0 or a fraction of max_epochs in "
+                                       f"(0, 1), got {start_epoch!r}")
+        if isinstance(twa_epochs, bool) or not isinstance(twa_epochs, int) or twa_epochs < 1:
+            raise InvalidArgumentError(f"twa_epochs must be an int >= 1 (the epochs that train the coefficients), "
+                                       f"got {twa_epochs!r}")
+        if not callable(optimizer):
+            raise InvalidArgumentError("optimizer must be a function of the coefficients' parameters that returns a "
+                                       f"torch optimizer, e.g. partial(torch.optim.AdamW, lr=0.02); got {optimizer!r}")
+        if not (isinstance(update_bn, bool) or callable(update_bn)):
+            raise InvalidArgumentError(f"update_bn must be True, False or a function(module, batch), got {update_bn!r}")
+        self.start_epoch, self.twa_epochs = start_epoch, twa_epochs
+        self.optimizer, self.update_bn = optimizer, update_bn
+        self.twa_options = dict(bits=bits, granularity=granularity, group_size=group_size)
+        self.dirpath = None if dirpath is None else Path(dirpath)
+        self.snapshots: list[str] = []
+        self.twa: TWA | None = None
+        self._first: int | None = None  # the first epoch kept
+        self._last: int | None = None  # max_epochs of the run: the TWA epochs come after it
+        self._loaded: dict[str, Any] | None = None  # the TWA state of a resumed checkpoint
+        self._twa_optimizer: torch.optim.Optimizer | None = None
+        self._run_optimizers: list[torch.optim.Optimizer] = []
+        self._run_schedulers: list[Any] = []
+
+    # ---- the run -----------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise UsageError(f"TrainableWeightAveraging runs in one process; this Trainer has {trainer.world_size}. "
+                             "Keep the checkpoints with ModelCheckpoint and train a TWA held by a LightningModule "
+                             "(docs/guides/lightning.md), which DDP wraps")
+        if not pl_module.automatic_optimization:
+            raise UsageError("TrainableWeightAveraging swaps the Trainer's optimizer for the coefficients' one, which "
+                             "manual optimization (automatic_optimization = False) would not use; train a TWA held "
+                             "by the LightningModule instead (docs/guides/lightning.md)")
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "twa_snapshots"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last is None:  # a fresh run; a resumed one keeps the schedule it started with
+            last = trainer.max_epochs
+            if trainer.max_steps != -1 or last is None or last < 1:
+                raise UsageError("TrainableWeightAveraging counts epochs: give the Trainer max_epochs (>= 1), not "
+                                 f"max_steps (max_epochs={last}, max_steps={trainer.max_steps})")
+            first = (math.floor(self.start_epoch * last) if isinstance(self.start_epoch, float)
+                     else self.start_epoch)
+            if first >= last:
+                raise InvalidArgumentError(f"start_epoch {self.start_epoch!r} is epoch {first}, but the run has only "
+                                           f"epochs 0..{last - 1}: start earlier or raise max_epochs")
+            self._first, self._last = first, last
+        trainer.fit_loop.max_epochs = self._last + self.twa_epochs
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch >= self._last and self.twa is None:
+            self._start_twa(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self._first <= epoch < self._last:
+            path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
+            if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
+                self.snapshots.append(str(path))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.fit_loop.max_epochs = self._last
+        if self.twa is None:
+            warnings.warn(f"TrainableWeightAveraging: training stopped at epoch {trainer.current_epoch}, before the "
+                          f"TWA epochs (from epoch {self._last}); the module keeps its own weights", RuntimeWarning,
+                          stacklevel=2)
+            return
+        self._restore_steps(pl_module)
+        twa = self.twa
+        twa.eval()
+        if self.update_bn is not False and has_running_statistics(pl_module):
+            twa.update_bn(trainer.train_dataloader, None if self.update_bn is True else self.update_bn)
+        with warnings.catch_warnings():  # the statistics are current unless update_bn=False asked to keep them
+            warnings.simplefilter("ignore", RuntimeWarning)
+            averaged = twa.averaged_state_dict()
+        pl_module.load_state_dict(averaged)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_steps(pl_module)  # also after an exception, which skips on_train_end
+
+    # ---- the TWA epochs ------------------------------------------------------------------
+
+    def _start_twa(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.snapshots:
+            raise UsageError(f"TrainableWeightAveraging kept no epoch to average (start_epoch {self._first}, "
+                             f"max_epochs {self._last}); start earlier")
+        missing = [path for path in self.snapshots if not os.path.exists(path)]
+        if missing:
+            raise CheckpointError(f"TrainableWeightAveraging: snapshot {missing[0]} is gone ({len(missing)} of "
+                                  f"{len(self.snapshots)} missing); the TWA epochs need every epoch it kept. Resume "
+                                  "from a checkpoint of the run whose snapshots still exist")
+        self.twa = TWA(pl_module, self.snapshots, **self.twa_options).to(pl_module.device)
+        self._twa_optimizer = self.optimizer(self.twa.parameters())
+        if self._loaded is not None:
+            self.twa.coefficients.data.copy_(self._loaded["coefficients"])
+            self._twa_optimizer.load_state_dict(self._loaded["optimizer"])
+            self._loaded = None
+        # the run's optimizers and schedulers are kept for the checkpoints (on_save_checkpoint)
+        self._run_optimizers = list(trainer.strategy.optimizers)
+        self._run_schedulers = list(trainer.strategy.lr_scheduler_configs)
+        trainer.strategy.optimizers = [self._twa_optimizer]
+        trainer.strategy.lr_scheduler_configs = []
+        for name in _STEPS:
+            if name not in vars(pl_module):  # a step of the class, not one this callback put there
+                setattr(pl_module, name, partial(self.twa.run, getattr(pl_module, name)))
+
+    def _restore_steps(self, pl_module: pl.LightningModule) -> None:
+        for name in _STEPS:
+            step = vars(pl_module).get(name)
+            if isinstance(step, partial) and self.twa is not None and step.func == self.twa.run:
+                delattr(pl_module, name)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self.twa is not None and self._run_optimizers:
+            # the run's optimizer states, which a resumed Trainer loads into the optimizers that
+            # configure_optimizers makes; the coefficients' optimizer is in this callback's state
+            checkpoint["optimizer_states"] = [opt.state_dict() for opt in self._run_optimizers]
+            checkpoint["lr_schedulers"] = [config.scheduler.state_dict() for config in self._run_schedulers]
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = dict(snapshots=list(self.snapshots), first_epoch=self._first, last_epoch=self._last)
+        if self.twa is not None:
+            state["twa"] = dict(coefficients=self.twa.coefficients.detach().cpu().clone(),
+                                optimizer=self._twa_optimizer.state_dict())
+        elif self._loaded is not None:
+            state["twa"] = self._loaded
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.snapshots = list(state_dict["snapshots"])
+        self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
+        self._loaded = state_dict.get("twa")
+
+
+__all__ = ["TrainableWeightAveraging"]
