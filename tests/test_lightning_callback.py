@@ -178,6 +178,8 @@ def test_training_stopped_before_the_twa_epochs_warns_and_keeps_the_modules_weig
     (dict(twa_epochs=0), InvalidArgumentError, "twa_epochs must be"),
     (dict(optimizer="adamw"), InvalidArgumentError, "optimizer must be a function"),
     (dict(update_bn="yes"), InvalidArgumentError, "update_bn must be"),
+    (dict(bits=3), InvalidArgumentError, "bits"),
+    (dict(granularity="row"), InvalidArgumentError, "granularity"),
 ])
 def test_bad_settings_are_named_where_the_callback_is_made(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -199,3 +201,14 @@ def test_manual_optimization_is_named(tmp_path):
 
     with pytest.raises(UsageError, match="manual optimization"):
         _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1)]).fit(Manual(), _loader())
+
+
+def test_without_lightning_the_import_names_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
+            "from twa_kernels.errors import MissingDependencyError\n"
+            "try:\n    import twa_kernels.lightning\nexcept MissingDependencyError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'twa-kernels[lightning]'" in done.stdout, done.stderr[-2000:]

@@ -42,6 +42,7 @@ from twa_kernels._imports import optional
 from twa_kernels.batchnorm import has_running_statistics
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
 from twa_kernels.io import save_state_dict
+from twa_kernels.subspace import check_build_args
 from twa_kernels.twa import TWA
 
 optional("lightning.pytorch", "lightning", "twa_kernels.lightning")
@@ -89,6 +90,7 @@ class TrainableWeightAveraging(pl.Callback):
                                        f"torch optimizer, e.g. partial(torch.optim.AdamW, lr=0.02); got {optimizer!r}")
         if not (isinstance(update_bn, bool) or callable(update_bn)):
             raise InvalidArgumentError(f"update_bn must be True, False or a function(module, batch), got {update_bn!r}")
+        check_build_args(bits, group_size, granularity)  # here, not after the whole run
         self.start_epoch, self.twa_epochs = start_epoch, twa_epochs
         self.optimizer, self.update_bn = optimizer, update_bn
         self.twa_options = dict(bits=bits, granularity=granularity, group_size=group_size)
