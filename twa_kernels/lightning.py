@@ -201,7 +201,7 @@ class TrainableWeightAveraging(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if self.twa is not None and self._run_optimizers:
+        if self.twa is not None and "optimizer_states" in checkpoint:  # not a weights-only checkpoint
             # the run's optimizer states, which a resumed Trainer loads into the optimizers that
             # configure_optimizers makes; the coefficients' optimizer is in this callback's state
             checkpoint["optimizer_states"] = [opt.state_dict() for opt in self._run_optimizers]
