@@ -417,6 +417,21 @@ def test_sparsity_and_masked_state_dict_take_bool_masks_of_their_entries_only():
         P.masked_state_dict(state, {"x": torch.ones(3, dtype=torch.bool)})
     masked = P.masked_state_dict(state, {"w": torch.eye(3, 4, dtype=torch.bool)})
     assert masked["w"].sum() == 3 and torch.equal(masked["b"], state["b"])
+    with pytest.raises(PruningError, match="masks must be a mapping.*got a Sequential"):
+        P.sparsity(nn.Sequential(nn.Linear(2, 2)))  # an AttributeError from inside before
+
+
+def test_weights_holding_nan_are_named_not_ranked():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight[0, :3] = float("nan")
+    with pytest.raises(PruningError, match=r"2\.weight holds 3 NaN or infinite value\(s\)"):
+        tk.prune.global_magnitude_masks(model, 0.5)
+    # a NaN already pruned away is not ranked again
+    kept = torch.ones(2, 8, dtype=torch.bool)
+    kept[0, :3] = False
+    masks = tk.prune.global_magnitude_masks(model, 0.5, masks={"2.weight": kept}, layers=["2"])
+    assert not masks["2.weight"][0, :3].any()
 
 
 def test_imp_names_a_train_fn_that_is_not_callable_before_writing_anything(tmp_path):

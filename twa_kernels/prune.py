@@ -148,6 +148,11 @@ def global_magnitude_masks(
         prior[name] = mask.to(device=weight.device, dtype=torch.bool)
     groups = [list(modules)] if scope == "global" else [[name] for name in modules]
     out = {name: mask.clone() for name, mask in prior.items()}
+    for name, module in modules.items():  # NaN has no magnitude to rank: topk would keep or drop it arbitrarily
+        bad = int((~torch.isfinite(module.weight.detach()[prior[name]])).sum())
+        if bad:
+            raise PruningError(f"{name} holds {bad} NaN or infinite value(s) among the entries still kept; "
+                               "magnitude pruning cannot rank them. Prune a model whose training did not diverge")
     for names in groups:
         # |w| over the kept entries, flattened tensor by tensor in module order (the order
         # parameters_to_vector uses), so ties break as in torch's global_unstructured
@@ -169,6 +174,9 @@ def global_magnitude_masks(
 
 def _check_bool_masks(masks: Mapping[str, Tensor]) -> None:
     """Masks are bool tensors: integer or float ones would be summed, or broadcast, as values."""
+    if not isinstance(masks, Mapping):
+        raise PruningError(f"masks must be a mapping {{parameter name: bool mask}} (what global_magnitude_masks and "
+                           f"imp return), got a {type(masks).__name__}; for a pruned model's sparsity, pass its masks")
     for name, mask in masks.items():
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
