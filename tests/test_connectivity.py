@@ -923,3 +923,10 @@ def test_a_mismatched_extra_point_is_named_by_its_file(project, monkeypatch, cap
                              f"SWA={root / 'wrong-point.pt'}", "--out", str(root / "wrong-point.png")],
                             root, monkeypatch, capsys)
     assert code == 2 and f"{root / 'wrong-point.pt'}: key '0.weight' has shape (40, 64)" in err, err
+
+
+def test_a_row_of_logits_holding_nan_or_inf_counts_as_an_error():
+    # argmax takes NaN for the largest value: a NaN at the label's index read as right
+    logits = torch.tensor([[float("nan"), 0.0], [2.0, 1.0], [float("inf"), 0.0], [0.0, 1.0]])
+    loss, error = C.classification_metric(logits, torch.tensor([0, 0, 0, 1]))
+    assert error == 0.5 and torch.isnan(loss)

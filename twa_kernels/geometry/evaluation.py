@@ -57,7 +57,8 @@ _BN_STATS = ("running_mean", "running_var")
 
 
 def classification_metric(outputs: Tensor | Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean cross-entropy, top-1 error fraction) of a batch of logits [N, C] and labels [N].
+    """(mean cross-entropy, top-1 error fraction) of a batch of logits [N, C] and labels [N];
+    a row holding NaN or infinity is counted wrong.
     `outputs` is the logits, or a model output that holds them as `.logits` (a Hugging Face
     ModelOutput, e.g. of a ...ForSequenceClassification model)."""
     logits = outputs if isinstance(outputs, Tensor) else getattr(outputs, "logits", None)
@@ -65,7 +66,10 @@ def classification_metric(outputs: Tensor | Any, targets: Tensor) -> tuple[Tenso
         raise InvalidTypeError(f"classification_metric takes logits [N, C], or a model output with a .logits tensor "
                                f"(a Hugging Face ModelOutput), got {type(outputs).__name__}; pass a metric(outputs, "
                                "targets) -> (mean loss, error fraction) that reads this model's output")
-    return F.cross_entropy(logits, targets), (logits.argmax(dim=1) != targets).float().mean()
+    # a row whose logits are not all finite is an error: argmax takes a NaN for the largest
+    # value, so weights that overflow would otherwise be right wherever the label is the NaN's index
+    wrong = (logits.argmax(dim=1) != targets) | ~torch.isfinite(logits).all(dim=1)
+    return F.cross_entropy(logits, targets), wrong.float().mean()
 
 
 def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None = None) -> StateDict:
