@@ -456,6 +456,9 @@ def test_unsupported_layers_are_named():
         tk.decor.decorrelate(nn.ModuleDict({"up": nn.ConvTranspose2d(2, 2, 2)}))
     with pytest.raises(RuntimeError, match="no decorrelated layer saw a training-mode forward"):
         tk.decor.update(model)
+    with pytest.raises(ValueError, match="every supported layer of the model is decorrelated already"):
+        tk.decor.decorrelate(model, skip=["0"])  # it was told the model has no Linear layer at all
+    assert [n for n, _ in tk.decor.decorrelated_layers(tk.decor.decorrelate(tk.decor.fold(model), skip=["0"]))] == ["1"]
 
 
 @pytest.mark.parametrize("settings, error", [

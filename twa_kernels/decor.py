@@ -340,6 +340,10 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
             raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
         todo.append((name, module))
+    if not todo and any(isinstance(m, _Decor) for m in model.modules()):
+        raise InvalidArgumentError("no layer to decorrelate: every supported layer of the model is decorrelated "
+                                   "already (decorrelate() ran on it); train it as it is, or decorrelate the plain copy "
+                                   "that fold(model) returns")
     if not todo:
         raise InvalidArgumentError(f"no layer to decorrelate: the model has no nn.Linear, nn.Conv1d, nn.Conv2d or "
                                    f"transformers Conv1D outside skip={skip!r}")
