@@ -212,3 +212,16 @@ def test_without_lightning_the_import_names_the_extra():
             "try:\n    import twa_kernels.lightning\nexcept MissingDependencyError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'twa-kernels[lightning]'" in done.stdout, done.stderr[-2000:]
+
+
+def test_an_error_in_the_twa_epochs_leaves_the_module_with_its_own_steps(tmp_path):
+    class FailInTWAEpoch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 4 and batch_idx == 2:
+                raise ValueError("stop here")
+
+    net = _Net()
+    with pytest.raises(ValueError, match="stop here"):
+        _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1), FailInTWAEpoch()]).fit(net, _loader())
+    assert "training_step" not in vars(net) and "validation_step" not in vars(net)
+    assert net.training_step.__func__ is _Net.training_step

@@ -162,8 +162,10 @@ class TrainableWeightAveraging(pl.Callback):
             averaged = twa.averaged_state_dict()
         pl_module.load_state_dict(averaged)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_steps(pl_module)  # also after an exception, which skips on_train_end
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_steps(pl_module)  # an error (or Ctrl-C) skips on_train_end and teardown
+        if self._last is not None:
+            trainer.fit_loop.max_epochs = self._last
 
     # ---- the TWA epochs ------------------------------------------------------------------
 
