@@ -118,7 +118,13 @@ def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straig
 
     _, _, straight, _ = straight_run
     saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_epochs=1)
-    _fit(tmp_path / "first", TrainableWeightAveraging(start_epoch=1, twa_epochs=2), callbacks=[saving])
+    _, first = _fit(tmp_path / "first", TrainableWeightAveraging(start_epoch=1, twa_epochs=2), callbacks=[saving])
+    # the last TWA epoch's checkpoint holds the model its validation measured (ckpt_path="best")
+    last = _Net().eval()
+    last.load_state_dict(torch.load(next((tmp_path / "ckpts").glob("epoch=5-*.ckpt")), weights_only=True)["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(F.cross_entropy(last(_VAL[0]), _VAL[1]), first.callback_metrics["val_loss"],
+                                   rtol=1e-5, atol=1e-6)
     # resumed after the first TWA epoch (epoch 4), by a new Trainer and a new callback
     ckpt = next((tmp_path / "ckpts").glob("epoch=4-*.ckpt"))
     net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1,

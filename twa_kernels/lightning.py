@@ -17,10 +17,11 @@ When training ends, BatchNorm statistics are recomputed at the averaged weights 
 training data (TWA.update_bn) and the averaged weights are loaded into the module, as
 Lightning's StochasticWeightAveraging leaves the SWA weights in the module.
 
-Checkpoints written during the TWA epochs resume where they stopped: they hold the module's
-own weights and the first optimizer's state, as before the TWA epochs, and the callback's
-state holds the snapshot files, the coefficients and their optimizer's state (the snapshot
-files must still exist). One process and automatic optimization only: under several
+A checkpoint written during the TWA epochs holds the averaged weights of its epoch (with the
+module's buffers: what that epoch's validation measured), so `ckpt_path="best"` picks a TWA
+model when one validated best. It also resumes where it stopped: it holds the run's own
+optimizer state, as before the TWA epochs, and the callback's state holds the snapshot files
+(which must still exist), the coefficients and their optimizer's state. One process and automatic optimization only: under several
 processes, keep the checkpoints with ModelCheckpoint and train a TWA held by a
 LightningModule (docs/guides/lightning.md), which DDP can wrap.
 """
@@ -203,7 +204,15 @@ class TrainableWeightAveraging(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if self.twa is not None and "optimizer_states" in checkpoint:  # not a weights-only checkpoint
+        if self.twa is None:
+            return
+        # the weights this epoch's validation measured: the averaged ones with the module's
+        # buffers, so that ckpt_path="best" of a TWA epoch is that TWA model. A resumed run does
+        # not read them: TWA rebuilds its weights from the snapshots and coefficients.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # statistics as the validation used them
+            checkpoint["state_dict"] = self.twa.averaged_state_dict()
+        if "optimizer_states" in checkpoint:  # not a weights-only checkpoint
             # the run's optimizer states, which a resumed Trainer loads into the optimizers that
             # configure_optimizers makes; the coefficients' optimizer is in this callback's state
             checkpoint["optimizer_states"] = [opt.state_dict() for opt in self._run_optimizers]
