@@ -132,6 +132,10 @@ def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straig
     trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40), ckpt_path=str(ckpt))
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    # resumed with another granularity, the saved coefficients do not fit: named, not a torch error
+    trainer = _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, granularity="model")])
+    with pytest.raises(UsageError, match=r"coefficients are \(3, \d+\) but this callback's TWA has \(3, 1\)"):
+        trainer.fit(_Net(), _loader(), ckpt_path=str(ckpt))
 
 
 def test_a_run_resumed_before_its_twa_epochs_keeps_the_epochs_it_kept(straight_run, tmp_path):
@@ -193,8 +197,9 @@ def test_bad_settings_are_named_where_the_callback_is_made(kwargs, error, match)
 
 
 def test_a_start_past_the_run_and_a_step_limit_are_named_before_training(tmp_path):
-    with pytest.raises(InvalidArgumentError, match=r"start_epoch 4 is epoch 4, but the run has only epochs 0\.\.3"):
-        _fit(tmp_path, TrainableWeightAveraging(start_epoch=4), val=False)
+    with pytest.raises(InvalidArgumentError, match=r"start_epoch 3 is epoch 3, but the run has epochs 0\.\.3 and "
+                                                   r"TWA needs at least two of them: start at epoch 2"):
+        _fit(tmp_path, TrainableWeightAveraging(start_epoch=3), val=False)  # one checkpoint spans no subspace
     with pytest.raises(UsageError, match="counts epochs: give the Trainer max_epochs"):
         _fit(tmp_path, TrainableWeightAveraging(start_epoch=1), val=False, max_steps=10)
 

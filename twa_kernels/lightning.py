@@ -129,9 +129,10 @@ class TrainableWeightAveraging(pl.Callback):
                                  f"max_steps (max_epochs={last}, max_steps={trainer.max_steps})")
             first = (math.floor(self.start_epoch * last) if isinstance(self.start_epoch, float)
                      else self.start_epoch)
-            if first >= last:
-                raise InvalidArgumentError(f"start_epoch {self.start_epoch!r} is epoch {first}, but the run has only "
-                                           f"epochs 0..{last - 1}: start earlier or raise max_epochs")
+            if first > last - 2:  # a subspace needs two checkpoints
+                raise InvalidArgumentError(f"start_epoch {self.start_epoch!r} is epoch {first}, but the run has "
+                                           f"epochs 0..{last - 1} and TWA needs at least two of them: start at "
+                                           f"epoch {last - 2} or earlier, or raise max_epochs")
             self._first, self._last = first, last
         trainer.fit_loop.max_epochs = self._last + self.twa_epochs
 
@@ -182,7 +183,12 @@ class TrainableWeightAveraging(pl.Callback):
         self.twa = TWA(pl_module, self.snapshots, **self.twa_options).to(pl_module.device)
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
-            self.twa.coefficients.data.copy_(self._loaded["coefficients"])
+            saved = self._loaded["coefficients"]
+            if tuple(saved.shape) != tuple(self.twa.coefficients.shape):
+                raise UsageError(f"the checkpoint's TWA coefficients are {tuple(saved.shape)} but this callback's TWA "
+                                 f"has {tuple(self.twa.coefficients.shape)}: resume with the bits, granularity and "
+                                 "group_size the run started with")
+            self.twa.coefficients.data.copy_(saved)
             self._twa_optimizer.load_state_dict(self._loaded["optimizer"])
             self._loaded = None
         # the run's optimizers and schedulers are kept for the checkpoints (on_save_checkpoint)
