@@ -236,3 +236,15 @@ def test_an_error_in_the_twa_epochs_leaves_the_module_with_its_own_steps(tmp_pat
         _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1), FailInTWAEpoch()]).fit(net, _loader())
     assert "training_step" not in vars(net) and "validation_step" not in vars(net)
     assert net.training_step.__func__ is _Net.training_step
+
+
+def test_several_training_loaders_with_batchnorm_are_named_before_training(tmp_path):
+    class TwoLoaders(_Net):
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch["a"][0]), batch["a"][1]) + F.cross_entropy(self(batch["b"][0]),
+                                                                                       batch["b"][1])
+
+    trainer = _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1)])
+    with pytest.raises(UsageError, match="trains on 2 loaders at once.*pass update_bn=False"):
+        trainer.fit(TwoLoaders(), {"a": _loader(), "b": _loader()})
+    assert trainer.current_epoch == 0

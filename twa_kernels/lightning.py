@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,14 @@ class TrainableWeightAveraging(pl.Callback):
                                            f"epoch {last - 2} or earlier, or raise max_epochs")
             self._first, self._last = first, last
         trainer.fit_loop.max_epochs = self._last + self.twa_epochs
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.train_dataloader
+        if (self.update_bn is not False and has_running_statistics(pl_module)
+                and isinstance(loaders, (Mapping, list, tuple))):
+            raise UsageError(f"TrainableWeightAveraging recomputes BatchNorm statistics on the training data at the "
+                             f"end, but this run trains on {len(loaders)} loaders at once and it cannot tell which "
+                             "to use: pass update_bn=False and call tk.update_bn(loader, module) after fit")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch >= self._last and self.twa is None:
