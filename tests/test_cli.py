@@ -297,3 +297,29 @@ def test_the_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file, not a directory" in err[0], err
     assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_sigterm_during_a_write_leaves_neither_the_file_nor_its_temporary(tmp_path):
+    # SIGTERM's default action ends the process at once, leaving an atomic write's temporary
+    # file behind; under the command it raises instead, so the write cleans up after itself
+    code = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from pathlib import Path
+        from twa_kernels import cli
+        from twa_kernels.io import atomic_write
+
+        def write(tmp):
+            Path(tmp).write_text("half of a file")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises before this ends
+
+        try:
+            with cli._terminate_as_exception():
+                atomic_write({str(tmp_path / "out.txt")!r}, write)
+        except cli._Terminated:
+            print("terminated")
+        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["terminated", "True"], done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

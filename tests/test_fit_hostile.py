@@ -617,9 +617,11 @@ def test_an_output_that_is_the_working_directory_is_refused(tmp_path, monkeypatc
         _outdir.OutputDirectory(tmp_path.parent, ["a.bin"])
 
 
-def test_ctrl_c_stops_the_command_with_one_line_and_no_output(project):
-    out = project / "interrupted-out"
-    config = _config(project, name="interrupted.yaml", output=str(out),
+@pytest.mark.parametrize("signum, status, line", [(signal.SIGINT, 130, "twa: interrupted"),
+                                                 (signal.SIGTERM, 143, "twa: terminated")], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_command_with_one_line_and_no_output(project, signum, status, line):
+    out = project / f"interrupted-out-{signum}"
+    config = _config(project, name=f"interrupted-{signum}.yaml", output=str(out),
                      data=dict(train="fit_hostile_pkg:waiting_loader"))
     marker = project / "waiting-started"
     marker.unlink(missing_ok=True)
@@ -631,12 +633,12 @@ def test_ctrl_c_stops_the_command_with_one_line_and_no_output(project):
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marker.exists(), proc.communicate(timeout=30)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     # 130 as a shell reports it: the status 130, or death by SIGINT, as CPython sometimes exits
     # after a Ctrl-C that was caught (the interrupt may land in model building or in training)
-    assert proc.returncode in (130, -signal.SIGINT) and err.strip().splitlines()[-1] == "twa: interrupted", err
+    assert proc.returncode in (status, -signum) and err.strip().splitlines()[-1] == line, err
     assert "Traceback" not in err
     assert not out.exists() and not [name for name in _leftovers(project, out.name)]

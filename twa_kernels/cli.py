@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -293,6 +297,29 @@ def run() -> int:
     return main()
 
 
+class _Terminated(BaseException):
+    """Raised in the main thread when the process gets SIGTERM."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """SIGTERM raises _Terminated for the length of the block, so that every `finally` runs:
+    atomic writes remove their temporary file and output directories their staging one, where
+    SIGTERM's default action would end the process with them on disk."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `twa` command: parse `argv` (default: sys.argv[1:]), run the subcommand and
     return its exit status."""
@@ -327,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     try:
-        return args.func(args)
+        with _terminate_as_exception():
+            return args.func(args)
+    except _Terminated:  # SIGTERM (a scheduler's time limit, `kill`): cleaned up as after Ctrl-C
+        print("twa: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
