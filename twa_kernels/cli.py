@@ -297,21 +297,20 @@ def run() -> int:
     return main()
 
 
-class _Terminated(BaseException):
-    """Raised in the main thread when the process gets SIGTERM."""
-
-
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
-    """SIGTERM raises _Terminated for the length of the block, so that every `finally` runs:
-    atomic writes remove their temporary file and output directories their staging one, where
-    SIGTERM's default action would end the process with them on disk."""
+    """SIGTERM raises SystemExit(143) for the length of the block, after the line `twa:
+    terminated`, so that every `finally` runs on the way out: atomic writes remove their
+    temporary file and output directories their staging one, where SIGTERM's default action
+    would end the process with them on disk. SystemExit, like Ctrl-C's KeyboardInterrupt, is
+    no Exception: no `except Exception` on the way turns it into an error message."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
 
     def terminate(signum: int, frame: object) -> None:
-        raise _Terminated
+        print("twa: terminated", file=sys.stderr)
+        raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -356,9 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _terminate_as_exception():
             return args.func(args)
-    except _Terminated:  # SIGTERM (a scheduler's time limit, `kill`): cleaned up as after Ctrl-C
-        print("twa: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
