@@ -248,3 +248,13 @@ def test_several_training_loaders_with_batchnorm_are_named_before_training(tmp_p
     with pytest.raises(UsageError, match="trains on 2 loaders at once.*pass update_bn=False"):
         trainer.fit(TwoLoaders(), {"a": _loader(), "b": _loader()})
     assert trainer.current_epoch == 0
+
+
+def test_mixed_precision_clipping_and_accumulation_train_the_coefficients(tmp_path):
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    net, _ = _fit(tmp_path, callback, val=False, precision="bf16-mixed", gradient_clip_val=0.05,
+                  accumulate_grad_batches=2)
+    coefficients = callback.twa.coefficients
+    assert torch.isfinite(coefficients).all() and coefficients.abs().max() > 0
+    assert coefficients.dtype == torch.float32  # the Trainer's precision casts the model's compute, not these
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
