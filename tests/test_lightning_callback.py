@@ -258,3 +258,9 @@ def test_mixed_precision_clipping_and_accumulation_train_the_coefficients(tmp_pa
     assert torch.isfinite(coefficients).all() and coefficients.abs().max() > 0
     assert coefficients.dtype == torch.float32  # the Trainer's precision casts the model's compute, not these
     assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
+
+
+def test_a_remote_root_directory_asks_for_a_local_dirpath(tmp_path):
+    trainer = _trainer("s3://bucket/run", callbacks=[TrainableWeightAveraging(start_epoch=1)])
+    with pytest.raises(UsageError, match="pass dirpath= a local directory"):
+        trainer.fit(_Net(), _loader())

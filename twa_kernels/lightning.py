@@ -119,7 +119,11 @@ class TrainableWeightAveraging(pl.Callback):
                              "manual optimization (automatic_optimization = False) would not use; train a TWA held "
                              "by the LightningModule instead (docs/guides/lightning.md)")
         if self.dirpath is None:
-            self.dirpath = Path(trainer.default_root_dir) / "twa_snapshots"
+            root = str(trainer.default_root_dir)
+            if "://" in root:  # a remote file system that Lightning reaches through fsspec
+                raise UsageError(f"TrainableWeightAveraging writes its snapshots to a local directory, and "
+                                 f"default_root_dir is {root!r}: pass dirpath= a local directory")
+            self.dirpath = Path(root) / "twa_snapshots"
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last is None:  # a fresh run; a resumed one keeps the schedule it started with
