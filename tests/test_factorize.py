@@ -437,3 +437,24 @@ def test_a_layer_whose_sigma_w_is_refused_leaves_every_layer_as_it_was():
         factorize(model, sigma_w=lambda m: 0.1 if m.out_features == 8 else float("nan"))
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["dwf", "dwf_matched"])
+def test_a_layer_whose_truncation_band_is_empty_is_named_before_any_layer_changes(init):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-9)  # its measured sigma_w lies below eps/2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FactorizationError, match=r"layer '1'\.weight: .*truncation band of depth 3 is empty"):
+        tk.factorize(model, depth=3, init=init)
+    assert not parametrize.is_parametrized(model[0]) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("threshold, error", [(float("nan"), "finite"), (-1.0, ">= 0"), (float("inf"), "finite"),
+                                              ("x", "a number")])
+def test_collapse_checks_its_threshold_as_sparsity_report_does(threshold, error):
+    # NaN or -1 zeroed nothing and inf zeroed every weight, without a word
+    model = tk.factorize(nn.Sequential(nn.Linear(4, 4)), depth=2, seed=0)
+    with pytest.raises(tk.errors.TWAKernelsError, match=error):
+        collapse(model, threshold)

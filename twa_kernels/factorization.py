@@ -322,7 +322,12 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
     scale = float(dense.detach().float().std()) if scale is None and dense.numel() > 1 else scale
     try:
         truncation_bounds(scale if scale is not None else 0.0, depth, eps)
-        return matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
+        scale = matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
+        _, lo, hi = truncation_bounds(scale, depth, eps)
+        if not lo < hi:  # checked here, before any layer changes, not when its factors are drawn
+            raise FactorizationError(f"sigma_w={scale!r} is below eps/2: the truncation band of depth {depth} is "
+                                     "empty; pass a larger sigma_w= or a smaller eps=")
+        return scale
     except InvalidArgumentError as err:  # the number checks' own errors too: named with the layer
         raise FactorizationError(f"layer {name!r}.{pname}: {err}") from None
 
@@ -383,9 +388,17 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 
 @torch.no_grad()
+def _check_threshold(threshold: float) -> None:
+    if not real("threshold", threshold) >= 0:  # finite, as real() checks; NaN or < 0 would zero nothing
+        raise FactorizationError(f"threshold={threshold!r}: |w| < threshold counts as zero, so it must be a finite "
+                                 f"number >= 0 (the default is eps={EPS})")
+
+
 def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
     """A plain copy of `model`: every factorised weight replaced by its product, with
-    |w| < threshold set to 0. Its state_dict loads into the original architecture."""
+    |w| < threshold set to 0 (threshold finite and >= 0). Its state_dict loads into the
+    original architecture."""
+    _check_threshold(threshold)  # the same rule as sparsity_report's, so the two agree
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if _is_factorized(module):
@@ -459,9 +472,7 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
     """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as zero).
     threshold is a finite number >= 0; a model with no weight to count is refused."""
     # a NaN threshold counted every weight as zero (|w| >= nan is False), so a dense layer read as fully sparse
-    if not real("threshold", threshold) >= 0:
-        raise FactorizationError(f"threshold={threshold!r}: |w| < threshold counts as zero, so it must be a finite "
-                                 f"number >= 0 (the default is eps={EPS})")
+    _check_threshold(threshold)
     factorised = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
     report = SparsityReport()
     if factorised:
