@@ -438,3 +438,28 @@ def test_imp_names_a_train_fn_that_is_not_callable_before_writing_anything(tmp_p
     with pytest.raises(PruningError, match="train_fn must be callable"):
         tk.prune.imp(nn.Linear(4, 3), None, rounds=1, out_dir=tmp_path / "imp")
     assert not (tmp_path / "imp").exists() or not any((tmp_path / "imp").iterdir())
+
+
+def test_a_refused_apply_masks_leaves_every_weight_as_it_was_and_a_module_name_is_a_key():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {"0.weight": torch.zeros(4, 4, dtype=torch.bool), "2.weight": torch.zeros(3, 3, dtype=torch.bool)}
+    with pytest.raises(PruningError, match=r"masks\['2.weight'\] has shape \(3, 3\)"):
+        with tk.prune.apply_masks(model, bad):
+            pass
+    # the first mask was held and written back on the way out: layer 0 was zeroed
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(PruningError, match="not a bool mask"):
+        with tk.prune.apply_masks(model, {"0.weight": torch.full((4, 4), 0.3)}):
+            pass
+    with tk.prune.apply_masks(model, {"0": torch.zeros(4, 4, dtype=torch.bool)}):  # KeyError '0' before
+        pass
+    assert model[0].weight.abs().sum() == 0
+
+
+def test_masks_naming_no_weight_or_not_bool_are_refused_by_the_pruning_round():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(PruningError, match=r"masks\['0.weigth'\] names no weight of the model"):
+        tk.prune.global_magnitude_masks(model, 0.5, masks={"0.weigth": torch.ones(8, 4, dtype=torch.bool)})
+    with pytest.raises(PruningError, match="not a bool mask"):
+        tk.prune.global_magnitude_masks(model, 0.5, masks={"0.weight": torch.full((8, 4), 0.3)})

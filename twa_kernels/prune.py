@@ -136,6 +136,13 @@ def global_magnitude_masks(
     if scope not in ("global", "layer"):
         raise PruningError(f"scope must be 'global' or 'layer', got {scope!r}")
     modules = prunable_weights(model, layers)
+    if masks is not None:  # a misspelt key would prune its layer from dense; a float mask would read as "keep"
+        _check_bool_masks(masks)
+        weights = {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+                   if isinstance(getattr(m, "weight", None), Tensor)}
+        if unknown := sorted(set(masks) - weights):
+            raise PruningError(f"masks[{unknown[0]!r}] names no weight of the model (it has e.g. "
+                               f"{sorted(weights)[:3]}); pass the masks of this model")
     prior = {}
     for name, module in modules.items():
         weight = module.weight
@@ -212,24 +219,30 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     same object as before, is `model.layer.parametrizations.weight.original`). On exit the
     masked values are written back into the parameters, so pruned entries are exactly zero,
     and the model is plain again (its state_dict keys unchanged)."""
+    # every mask is checked before the first is held: a refusal leaves the model as it was
+    _check_bool_masks(masks)
     modules = prunable_weights(model, masks) if masks else {}
-    done = []
+    plan = []
+    for name, mask in masks.items():
+        module = modules[name if name.endswith("weight") else f"{name}.weight"]  # "0" names "0.weight"
+        if mask.shape != module.weight.shape:
+            raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
+                               f"{tuple(module.weight.shape)}")
+        if parametrize.is_parametrized(module, "weight"):
+            raise PruningError(f"{name} is already parametrized; remove its parametrization before masking")
+        plan.append((module, mask))
+    done, entered = [], False
     try:
-        for name, mask in masks.items():
-            module = modules[name]
-            if mask.shape != module.weight.shape:
-                raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
-                                   f"{tuple(module.weight.shape)}")
-            if parametrize.is_parametrized(module, "weight"):
-                raise PruningError(f"{name} is already parametrized; remove its parametrization before masking")
+        for module, mask in plan:
             parametrize.register_parametrization(
                 module, "weight", _Mask(mask.to(device=module.weight.device, dtype=torch.bool)))
             done.append(module)
+        entered = True
         yield model
     finally:
-        for module in done:
+        for module in done:  # masked values written back only once the block ran
             if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=entered)
 
 
 def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> StateDict:
