@@ -64,6 +64,11 @@ class PruningError(InvalidArgumentError):
     """Bad pruning input: a rate, a round count, a layer name, a train_fn or an out_dir."""
 
 
+def _weight_key(name: str) -> str:
+    """A layer named by its module ("features.0") or its weight ("features.0.weight"): the weight's name."""
+    return name if name.endswith("weight") else f"{name}.weight"
+
+
 def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """{parameter name: module} for the weights that pruning considers: the `weight` of every
     Linear, Conv and transformers Conv1D layer, in module order, except those tied to another
@@ -89,7 +94,7 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
                                (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
         return found
-    wanted = {name if name.endswith("weight") else f"{name}.weight" for name in layers}
+    wanted = {_weight_key(name) for name in layers}
     if clash := sorted(wanted & tied.keys()):
         raise PruningError(f"{clash[0]} is one Parameter with {tied[clash[0]]} (tied weights): a mask held on one "
                            "module would not reach the other, which would compute with the pruned entries; leave "
@@ -153,13 +158,12 @@ def global_magnitude_masks(
             raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
                                f"{tuple(weight.shape)}; masks must come from this model")
         prior[name] = mask.to(device=weight.device, dtype=torch.bool)
-    groups = [list(modules)] if scope == "global" else [[name] for name in modules]
-    out = {name: mask.clone() for name, mask in prior.items()}
-    for name, module in modules.items():  # NaN has no magnitude to rank: topk would keep or drop it arbitrarily
-        bad = int((~torch.isfinite(module.weight.detach()[prior[name]])).sum())
-        if bad:
+        # NaN has no magnitude to rank: topk would keep or drop it arbitrarily
+        if bad := int((~torch.isfinite(weight.detach()[prior[name]])).sum()):
             raise PruningError(f"{name} holds {bad} NaN or infinite value(s) among the entries still kept; "
                                "magnitude pruning cannot rank them. Prune a model whose training did not diverge")
+    groups = [list(modules)] if scope == "global" else [[name] for name in modules]
+    out = {name: mask.clone() for name, mask in prior.items()}
     for names in groups:
         # |w| over the kept entries, flattened tensor by tensor in module order (the order
         # parameters_to_vector uses), so ties break as in torch's global_unstructured
@@ -224,7 +228,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     modules = prunable_weights(model, masks) if masks else {}
     plan = []
     for name, mask in masks.items():
-        module = modules[name if name.endswith("weight") else f"{name}.weight"]  # "0" names "0.weight"
+        module = modules[_weight_key(name)]
         if mask.shape != module.weight.shape:
             raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
                                f"{tuple(module.weight.shape)}")
