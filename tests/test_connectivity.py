@@ -4,6 +4,7 @@ runs; BatchNorm modes against update_bn and the study's interpolated statistics;
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -930,3 +931,37 @@ def test_a_row_of_logits_holding_nan_or_inf_counts_as_an_error():
     logits = torch.tensor([[float("nan"), 0.0], [2.0, 1.0], [float("inf"), 0.0], [0.0, 1.0]])
     loss, error = C.classification_metric(logits, torch.tensor([0, 0, 0, 1]))
     assert error == 0.5 and torch.isnan(loss)
+
+
+class _DivergesAtZero(torch.nn.Module):
+    """Logits x * w / w: the inputs themselves, NaN where the weight passes through 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+        self.norm = torch.nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.norm(x) * self.w / self.w
+
+
+def test_a_nan_inside_the_path_makes_the_barrier_nan_not_the_rest_of_the_path():
+    # Python's max skips NaN: the loss barrier read 0.0 over a diverged midpoint
+    x = torch.tensor([[3.0, 0.0], [0.0, 3.0]] * 4)
+    data = [(x, torch.tensor([0, 1] * 4)), (x[:0], torch.tensor([], dtype=torch.long))]  # and an empty batch
+    model = _DivergesAtZero().eval()
+    a = {**model.state_dict(), "w": torch.ones(2)}
+    b = {**model.state_dict(), "w": -torch.ones(2)}
+    r = C.interpolate(model, a, b, data, steps=3, bn="none")
+    assert r.loss[0] == pytest.approx(r.loss[2]) and math.isnan(r.loss[1]) and r.error == [0.0, 1.0, 0.0]
+    assert math.isnan(r.loss_barrier) and r.error_barrier == 1.0
+    assert json.loads(json.dumps(r.to_dict()))["loss_barrier"] is None
+
+
+def test_interpolate_leaves_each_submodule_in_the_mode_it_was_in():
+    model = _DivergesAtZero().train()
+    model.norm.eval()  # a frozen BatchNorm inside a model in train mode
+    x = torch.randn(8, 2)
+    a = {**model.state_dict(), "w": torch.ones(2)}
+    C.interpolate(model, a, {**a, "w": 2 * torch.ones(2)}, [(x, torch.randint(0, 2, (8,)))], steps=2)
+    assert model.training and not model.norm.training

@@ -86,6 +86,24 @@ def test_uniform_and_ema_averages():
     torch.testing.assert_close(ema["0.weight"], expected.float())
 
 
+@pytest.mark.parametrize("change", ["extra key", "integer entry"])
+@pytest.mark.parametrize("average", ["uniform", "ema", "greedy"])
+def test_averages_refuse_a_later_checkpoint_whose_entries_differ_from_the_first(change, average):
+    # the result's keys and dtypes followed the last checkpoint: an entry held by it alone was taken unaveraged
+    ckpts = _checkpoints(3)
+    if change == "extra key":
+        ckpts[2]["head.weight"] = torch.randn(3)
+    else:
+        ckpts[2]["0.bias"] = ckpts[2]["0.bias"].round().long()
+    run = {"uniform": tk.uniform_average, "ema": tk.ema_average,
+           "greedy": lambda c: tk.greedy_soup(c, lambda state: 0.0)}[average]
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint.*(lacks|first checkpoint's is torch.float32)"):
+        run(ckpts)
+    model = make_model()  # given the model, only its keys are read
+    if change == "extra key":
+        assert set(tk.uniform_average(ckpts, model=model)) == set(model.state_dict())
+
+
 def test_greedy_soup_adds_only_what_helps():
     ckpts = _checkpoints(4)
     target = ckpts[1]["0.weight"]
@@ -165,6 +183,53 @@ def test_update_bn_that_fails_mid_pass_keeps_the_old_statistics():
         tk.update_bn(batches(), model)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("bad", ["unknown key", "wrapper prefix", "shape"])
+def test_update_bn_refuses_weights_the_model_does_not_have_before_changing_anything(bad):
+    # functional_call drops a key it does not know: the statistics were measured at the model's own weights
+    model = _bn_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {k: v + 1.0 for k, v in model.named_parameters()}
+    if bad == "unknown key":
+        weights["head.weight"] = weights.pop("0.weight")
+    elif bad == "wrapper prefix":
+        weights = {"module." + k: v for k, v in weights.items()}
+    else:
+        weights["0.weight"] = weights["0.weight"][:, :3]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="names no parameter|but the model's tensor has shape"):
+        tk.update_bn([torch.randn(8, 64)], model, weights=weights)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_update_bn_at_given_weights_equals_update_bn_of_a_model_holding_them():
+    model, probe = _bn_model(), _bn_model()
+    weights = {k: v + 0.1 * torch.randn_like(v) for k, v in model.named_parameters()}
+    probe.load_state_dict(weights, strict=False)
+    batches = [torch.randn(8, 64) for _ in range(3)]
+    tk.update_bn(batches, model, weights=weights)
+    tk.update_bn(batches, probe)
+    for key, value in probe.state_dict().items():
+        if "running" in key:
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_update_bn_leaves_each_submodule_in_the_mode_it_was_in():
+    # a frozen BatchNorm kept in eval mode inside a model in train mode stays so
+    model = _bn_model().train()
+    model[1].eval()
+    tk.update_bn([torch.randn(8, 64)], model)
+    assert model.training and not model[1].training
+    model.eval()
+    model[0].train()
+    tk.update_bn([torch.randn(8, 64)], model)
+    assert not model.training and model[0].training and not model[1].training
+
+
+def test_update_bn_names_an_empty_tuple_batch():
+    with pytest.raises(tk.errors.InvalidArgumentError, match="empty tuple"):
+        tk.update_bn([()], _bn_model())
 
 
 def test_subspace_optimizer_keeps_weights_in_the_subspace():

@@ -41,12 +41,22 @@ from twa_kernels.io import (
 
 
 def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
+    """`state` holds the first checkpoint's keys, no others, each of its shape and kind
+    (floating point or not): an entry that only later checkpoints hold, or one that turns
+    from float to integer, would otherwise be taken from the last checkpoint unaveraged."""
     for key, value in reference.items():
         if key not in state:
             raise CheckpointError(f"{source}: missing key {key!r} that the first checkpoint has")
         if state[key].shape != value.shape:
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the first "
                                   f"checkpoint has {tuple(value.shape)}")
+        if state[key].is_floating_point() != value.is_floating_point():
+            raise CheckpointError(f"{source}: key {key!r} is {state[key].dtype} but the first checkpoint's is "
+                                  f"{value.dtype}; checkpoints of one model hold each entry in one kind")
+    extra = [key for key in state if key not in reference]
+    if extra:
+        raise CheckpointError(f"{source}: key {extra[0]!r} that the first checkpoint lacks ({len(extra)} such keys); "
+                              "average checkpoints of one model, or pass model= to use only the model's keys")
 
 
 def _finish(total: dict[str, Tensor], last: StateDict, scale: float) -> StateDict:

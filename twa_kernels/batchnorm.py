@@ -23,6 +23,9 @@ def _feed(model: Callable[..., Any], batch: Any) -> None:
     """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs,
     a mapping of keyword arguments (transformers' batches) is unpacked."""
     if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise InvalidArgumentError("update_bn: the loader yielded an empty tuple; a batch is (inputs, ...), a "
+                                       "mapping of keyword arguments or the inputs themselves (or pass call_fn)")
         model(batch[0])
     elif isinstance(batch, Mapping):
         model(**batch)
@@ -39,7 +42,9 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     its first element, a mapping (a Hugging Face batch) its items as keyword arguments,
     unless call_fn(model, batch) is given. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the
-    model's own parameters untouched; only its BatchNorm buffers change.
+    model's own parameters untouched; only its BatchNorm buffers change. A key that names
+    none of the model's parameters or buffers, or a tensor of another shape, is refused
+    before anything changes. Every submodule's train/eval mode is as it was after.
 
     A loader that yields no batches (empty, or a generator already used up) raises
     InvalidArgumentError. Then, and when the pass fails, the statistics are left as they
@@ -50,14 +55,16 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
+    if weights is not None:
+        weights = _model_weights(model, weights)
     momenta = {m: m.momentum for m in norms}
     saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.train()
-    runner = model if weights is None else _WithWeights(model, dict(weights))
+    runner = model if weights is None else _WithWeights(model, weights)
     count = 0
     try:
         for batch in loader:
@@ -79,7 +86,31 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     finally:
         for m in norms:
             m.momentum = momenta[m]
-        model.train(was_training)
+        for m, training in modes.items():  # model.train(flag) would set one mode on every submodule
+            m.training = training
+
+
+def _model_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`weights` keyed by `model`'s names, each the shape of the model's tensor, or an error
+    naming the first key that is not: functional_call would drop an unknown key silently
+    (the statistics then measured at the model's own weights) and fail deep in a forward on
+    a wrong shape."""
+    if not isinstance(weights, Mapping):
+        raise InvalidArgumentError(f"update_bn: weights must be a mapping of tensors by name, got "
+                                   f"{type(weights).__name__}")
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers(remove_duplicate=False))
+    for key, value in weights.items():
+        if key not in own:
+            raise InvalidArgumentError(f"update_bn: weights[{key!r}] names no parameter or buffer of the model "
+                                       f"(it has e.g. {list(own)[:3]}); key the weights by the model's own names "
+                                       "(a DDP or torch.compile wrapper prefixes them with 'module.' or '_orig_mod.': "
+                                       "pass the wrapped module, or its names)")
+        if not isinstance(value, Tensor) or value.shape != own[key].shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise InvalidArgumentError(f"update_bn: weights[{key!r}] is {got} but the model's tensor has shape "
+                                       f"{tuple(own[key].shape)}")
+    return dict(weights)
 
 
 class _WithWeights(nn.Module):

@@ -212,14 +212,15 @@ def preserved(model: nn.Module) -> Iterator[None]:
     """Restore the model's buffers and train/eval mode on exit: BatchNorm recomputation
     writes the buffers, and callers must get their model back as it was."""
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         yield
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(saved[name])
-        model.train(was_training)
+        for m, training in modes.items():  # per submodule: a frozen BatchNorm in eval mode stays so
+            m.training = training
 
 
 @torch.no_grad()
@@ -234,11 +235,13 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
     count = 0
     for batch in data:
         args, kwargs, y = split_batch(batch, device)
-        loss, error = metric(functional_call(model, weights, args, kwargs), y)
         n = len(y)
+        if n == 0:  # weighs nothing; its metric would be the mean of nothing, NaN
+            continue
+        loss, error = metric(functional_call(model, weights, args, kwargs), y)
         loss_sum, error_sum, count = loss_sum + float(loss) * n, error_sum + float(error) * n, count + n
     if count == 0:
-        raise InvalidArgumentError("data yielded no batches; pass a re-iterable (a DataLoader or a list of (x, y) batches), "
+        raise InvalidArgumentError("data yielded no batches (or only empty ones); pass a re-iterable (a DataLoader or a list of (x, y) batches), "
                          "not a generator, which is empty after its first pass")
     if not -1e-6 <= error_sum / count <= 1 + 1e-6:
         raise InvalidArgumentError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "

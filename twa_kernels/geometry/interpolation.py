@@ -11,6 +11,7 @@ itself; it can be negative when every interpolant beats the chord.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +44,12 @@ logger = logging.getLogger(__name__)
 def _barrier(values: Sequence[float], alphas: Sequence[float]) -> float:
     """The largest rise of `values` above the straight line between its ends. The line is
     first + a * (last - first): exactly `first` at every alpha when the ends are equal (the
-    form (1 - a) * first + a * last is not), so identical endpoints give a barrier of 0."""
+    form (1 - a) * first + a * last is not), so identical endpoints give a barrier of 0.
+    A NaN anywhere on the path makes the barrier NaN: Python's max would skip it and report
+    the rest of the path as if the diverged point were not there."""
     first, last = values[0], values[-1]
-    return max(v - (first + a * (last - first)) for v, a in zip(values, alphas))
+    rises = [v - (first + a * (last - first)) for v, a in zip(values, alphas)]
+    return float("nan") if any(math.isnan(r) for r in rises) else max(rises)
 
 
 
