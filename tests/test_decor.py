@@ -513,6 +513,37 @@ def test_divergence_raises_with_the_layer_and_a_smaller_lr():
         assert torch.equal(b, m.decor_R)  # nothing was applied
 
 
+@pytest.mark.parametrize("sample_fraction", [1.0, 0.1])  # the sum of x x^T, and the few-rows path
+def test_inputs_holding_nan_are_named_as_such_not_as_a_too_large_lr(sample_fraction):
+    model = tk.decor.decorrelate(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), lr=1e-3,
+                                 sample_fraction=sample_fraction)
+    before = [m.decor_R.clone() for _, m in tk.decor.decorrelated_layers(model)]
+    x = torch.randn(32, 8)
+    x[:, 3] = float("nan")
+    model(x)
+    with pytest.raises(DecorrelationDivergedError, match=r"inputs layer '0' sampled .* hold NaN or Inf") as info:
+        tk.decor.update(model)
+    assert "lr=0.0001" not in str(info.value)
+    for b, (_, m) in zip(before, tk.decor.decorrelated_layers(model)):
+        assert torch.equal(b, m.decor_R)
+
+
+@pytest.mark.parametrize("layer, x", [(nn.Linear(4, 3), torch.randn(2, 8)), (nn.Conv2d(2, 3, 5), torch.randn(1, 2, 3, 3)),
+                                      (nn.Conv1d(2, 3, 2), torch.randn(1, 4, 6))])
+def test_an_input_of_the_wrong_shape_gets_the_plain_layers_error_and_is_not_sampled(layer, x):
+    # a (2, 8) input was sampled as four rows of 4 before the matmul refused it
+    model = tk.decor.decorrelate(nn.Sequential(layer), sample_fraction=1.0)
+    with pytest.raises(RuntimeError) as info:
+        model.train()(x)
+    assert not isinstance(info.value, IndexError) and model[0]._decor_count == 0
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_layer_with_an_empty_weight_is_named_at_decorrelate():
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"layer '1' has a weight with no entries.*skip=\['1'\]"):
+        tk.decor.decorrelate(nn.Sequential(nn.Linear(4, 4), nn.Linear(0, 3)))
+
+
 # ---- DDP: 2 gloo processes ---------------------------------------------------------------
 
 DDP_STEPS, DDP_BATCH = 20, 16

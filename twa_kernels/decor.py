@@ -150,9 +150,10 @@ class DecorLinear(_Decor, nn.Linear):
         self._decor_accumulate(flat if idx is None else flat[idx])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        out = F.linear(x, self.weight @ self.decor_R, self.bias)
+        if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
             self.decor_capture(x)
-        return F.linear(x, self.weight @ self.decor_R, self.bias)
+        return out
 
 
 def _sample_patches(module: nn.Module, x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
@@ -195,9 +196,10 @@ class DecorConv2d(_Decor, nn.Conv2d):
         self._decor_accumulate(_sample_patches(self, _padded(self, xb), self.kernel_size, self.stride, self.dilation))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        out = self._conv_forward(x, self.decor_folded_weight(), self.bias)
+        if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
             self.decor_capture(x)
-        return self._conv_forward(x, self.decor_folded_weight(), self.bias)
+        return out
 
 
 class DecorConv1d(_Decor, nn.Conv1d):
@@ -211,9 +213,10 @@ class DecorConv1d(_Decor, nn.Conv1d):
                                                (1, self.stride[0]), (1, self.dilation[0])))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        out = self._conv_forward(x, self.decor_folded_weight(), self.bias)
+        if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
             self.decor_capture(x)
-        return self._conv_forward(x, self.decor_folded_weight(), self.bias)
+        return out
 
 
 _DECOR = {nn.Linear: DecorLinear, nn.Conv1d: DecorConv1d, nn.Conv2d: DecorConv2d}
@@ -241,9 +244,9 @@ def _decor_transposed_linear(conv1d: type[nn.Module]) -> type[nn.Module]:
             return self.decor_R.T @ self.weight
 
         def forward(self, x: Tensor) -> Tensor:
-            if self.training:
-                self.decor_capture(x)
             out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.decor_folded_weight())
+            if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
+                self.decor_capture(x)
             return out.view(*x.shape[:-1], out.shape[-1])
 
     DecorTransposedLinear.__qualname__ = "DecorTransposedLinear"  # found by pickle through __getattr__ below
@@ -336,6 +339,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(module.weight,
                                                                              nn.parameter.UninitializedParameter):
             raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
+        if module.weight.numel() == 0:
+            raise InvalidArgumentError(f"layer {label!r} has a weight with no entries {tuple(module.weight.shape)}: "
+                                       f"nothing to decorrelate; pass skip=[{name!r}]")
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
             raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
@@ -403,8 +409,10 @@ def _stacked(tensors: list[Tensor]) -> Tensor:
     return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)  # one layer: a view, no copy
 
 
-def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor, Tensor]:
-    """The new R [G, d, d] and the loss [G] of a group of layers of equal d.
+def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The new R [G, d, d], the loss [G] and whether each layer's sampled inputs were finite
+    [G] (a NaN or Inf among them makes the diagonal of X non-finite) of a group of layers of
+    equal d.
 
     (1 - k) C R + k diag(v) R = (1 - k) X R + diag(k v - (1 - k) diag X) R, so
     R_new = diag(1 - lr (k v - (1 - k) diag X)) R - lr (1 - k) X R: one row scaling of R and
@@ -433,7 +441,7 @@ def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor
     rows = 1 - lr[:, None] * (kappa[:, None] * v - (1 - kappa)[:, None] * diag)
     new = torch.baddbmm(R * rows[:, :, None], left, right)
     off2 = (fro2 - diag.square().sum(1)).clamp(min=0)
-    return new, ((1 - kappa) * off2 + kappa * v.square().sum(1)) / d ** 2
+    return new, ((1 - kappa) * off2 + kappa * v.square().sum(1)) / d ** 2, torch.isfinite(diag).all(1)
 
 
 @torch.no_grad()
@@ -472,11 +480,14 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         rows = sum(z.shape[0] for z in m._decor_rows) if m._decor_sum is None else None
         groups.setdefault((R.shape[0], R.dtype, R.device, rows), []).append(i)
 
-    losses, norms, order, new_rs = [], [], [], []
+    losses, norms, finite_inputs, order, new_rs = [], [], [], [], []
+    home = counts.device  # the per-layer results meet here; each group computes on its own layers' device
     for (d, dtype, device, rows), idx in groups.items():
-        new, loss = _group_step([layers[i][1] for i in idx], counts[idx].to(dtype), lowrank=rows is not None)
-        losses.append(loss if group is None else torch.where(counts[idx] > 0, loss, torch.zeros_like(loss)))
-        norms.append(torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d))
+        n = counts[idx].to(device=device, dtype=dtype)
+        new, loss, finite = _group_step([layers[i][1] for i in idx], n, lowrank=rows is not None)
+        losses.append((loss if group is None else torch.where(n > 0, loss, torch.zeros_like(loss))).to(home))
+        norms.append((torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d)).to(home))
+        finite_inputs.append(finite.to(home))
         order += idx
         new_rs.append(new)
     for _, m in layers:
@@ -489,6 +500,12 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         if bool(bad.any()):  # the one host sync of an update
             j = int(bad.nonzero()[0, 0])
             name, m = layers[order[j]]
+            if not bool(torch.cat(finite_inputs)[j]):
+                raise DecorrelationDivergedError(
+                    f"the inputs layer {name!r} sampled since the last update hold NaN or Inf, so its decorrelation "
+                    f"matrix R cannot be updated (it is left as before this update, as is every R); check the data "
+                    f"and the layers before it (a lower learning rate, of the network or of decorrelation, may help "
+                    f"if those diverged)")
             raise DecorrelationDivergedError(
                 f"decorrelation matrix R of layer {name!r} diverged (||R||_F/sqrt(d) = {float(norm[j]):.3g}, limit "
                 f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update. Lower "
