@@ -168,9 +168,36 @@ def test_hostile_inputs_are_refused_before_anything_is_saved(tmp_path):
         run(TensorDataset(x[:0], y[:0]))
     with pytest.raises(DistillError, match="lr must be finite and > 0"):
         run((x, y), lr=float("nan"))
+    with pytest.raises(DistillError, match="lr must be finite and > 0"):
+        run((x, y), momentum=True)
+    with pytest.raises(DistillError, match=r"dataset\[0\] is tuple of length 1; items must be \(input, label\)"):
+        run([(row,) for row in x])
+    with pytest.raises(DistillError, match=r"dataset\[0\] is dict"):
+        run([{"x": row, "y": label} for row, label in zip(x, y)])
+    with pytest.raises(DistillError, match="an example with no values"):
+        run((x[:, :, :0], y))
     with pytest.raises(DistillError, match="diverged; lower lr.*nothing was saved"):
         run((x, y), lr=1e30, iterations=5, embed=nn.Flatten)  # no normalisation: the steps blow up
     assert not (tmp_path / "d").exists()
+
+
+def test_matching_loss_draws_networks_apart_from_those_a_run_at_the_same_seed_trained_on():
+    # seed + i, as the evaluation drew them, was the stream of the run's iterations 0, 1, ...
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    drawn = []
+
+    def embed():
+        net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+        drawn.append(net[1].weight.detach().clone())
+        return net
+
+    x_syn, y_syn = tk.distill.distribution_matching((x, y), ipc=2, iterations=4, batch_real=4, embed=embed, seed=0)
+    trained = list(drawn)
+    drawn.clear()
+    tk.distill.matching_loss((x, y), x_syn, y_syn, nets=4, embed=embed, seed=0)
+    assert len(trained) == len(drawn) == 4
+    assert not any(torch.equal(a, b) for a in trained for b in drawn)
+    assert math.isfinite(tk.distill.matching_loss((x, y), x_syn, y_syn, nets=2, embed=embed, seed=2**64 - 1))
 
 
 def test_matching_loss_refuses_a_synthetic_set_that_does_not_fit_the_data():

@@ -53,6 +53,11 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
         if len(dataset) == 0:
             raise DistillError("the dataset is empty; pass at least one example per class")
         items = [dataset[i] for i in range(len(dataset))]
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise DistillError(f"dataset[{i}] is {type(item).__name__}"
+                                   f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
+                                   "items must be (input, label) pairs, or pass the tensors (x, y)")
         x = torch.stack([torch.as_tensor(item[0]) for item in items])
         y = torch.as_tensor([int(item[1]) for item in items])
     if not x.is_floating_point():
@@ -65,6 +70,8 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
         raise DistillError(f"labels must be integer class ids of shape [{len(x)}], got {tuple(y.shape)} {y.dtype}")
     if len(x) == 0:
         raise DistillError("the dataset is empty; pass at least one example per class")
+    if 0 in x.shape[1:]:
+        raise DistillError(f"inputs have shape {tuple(x.shape)}: an example with no values has nothing to distill")
     _check_finite(x, "the inputs")
     return x, y
 
@@ -197,8 +204,8 @@ def distribution_matching(
     classes, _ = _check_ipc(ipc, y)
     _check_int("iterations", iterations, 0, "SGD steps on the synthetic set")
     _check_int("batch_real", batch_real, 1, "real examples per class drawn each iteration")
-    if not (isinstance(lr, (int, float)) and 0 < lr < math.inf and isinstance(momentum, (int, float))
-            and 0 <= momentum < math.inf):
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, momentum))
+    if not (numbers and 0 < lr < math.inf and 0 <= momentum < math.inf):
         raise DistillError(f"lr must be finite and > 0 and momentum finite and >= 0, got lr={lr!r}, "
                            f"momentum={momentum!r} (the paper's are 1.0 and 0.5)")
     embed = embed if embed is not None else default_embedding(x)
@@ -232,13 +239,21 @@ def distribution_matching(
     return x_syn, y_syn
 
 
+# matching_loss's networks are a stream of their own, apart from the networks a run at the
+# same seed is optimised on (iteration t's come from derived_seed(seed, t + 1)). torch's CPU
+# generator keys on a seed's low 32 bits only, so the offset lies there: half of that range
+# away, the two streams meet only after 2**31 iterations.
+_EVALUATION_STREAM = 1 << 31
+
+
 @torch.no_grad()
 def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, seed: int | None = None,
                   embed: Callable[[], nn.Module] | None = None) -> float:
     """The distribution-matching loss of a synthetic set against all of `dataset`, averaged
     over `nets` fresh random networks: how well it matches in feature spaces it was not
-    optimised on. Compare two sets with the same int `seed` (the same networks; torch's
-    global RNG is left as it was); None draws the networks from the global RNG. `y_syn` must
+    optimised on. Compare two sets with the same int `seed` (the same networks, none of them
+    one that `distribution_matching` at that seed trains on; torch's global RNG is left as
+    it was); None draws the networks from the global RNG. `y_syn` must
     hold every class of the data and no other, one label per row of `x_syn`; nets >= 1."""
     check_seed(seed)
     _check_int("nets", nets, 1, "random networks to average over")
@@ -247,7 +262,7 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     embed = embed if embed is not None else default_embedding(x)
     total = 0.0
     for i in range(nets):
-        net = _fresh(embed, None if seed is None else seed + i)
+        net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i))
         total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets
 
