@@ -569,6 +569,10 @@ def test_sharpness_of_a_zero_hessian_and_bad_chunks():
     for chunk in (0, -1, 1.5, True):
         with pytest.raises(tk.errors.InvalidArgumentError, match=f"chunk must be a positive integer.*{chunk!r}"):
             C.hessian_diagonal(model, linear, data, samples=4, chunk=chunk)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="samples must be a positive integer, got True"):
+        C.hessian_diagonal(model, linear, data, samples=True)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="iters must be a positive integer, got True"):
+        C.top_eigenvalue(model, linear, data, iters=True)
     # x = 0: the loss is 4 b^2, a diagonal Hessian that Hutchinson gets exactly, over chunks of 2 and 1
     zeros = [(torch.zeros(4, 3), torch.zeros(4))]
     diag = C.hessian_diagonal(model, lambda out, y: out.square().sum(), zeros, samples=3, chunk=2, seed=0)

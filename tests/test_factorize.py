@@ -348,6 +348,17 @@ def test_truncation_bound_values():
     assert truncation_bounds(0.9, 2)[2] == 1.0  # capped at 1
 
 
+def test_dwf_lr_scales_a_positive_rate_and_names_anything_else():
+    from twa_kernels.factorization import dwf_lr
+
+    assert dwf_lr(0.1) == pytest.approx(0.3) and dwf_lr(0.1, 4) == pytest.approx(0.4)
+    for bad in (dict(dense_lr=-0.1), dict(dense_lr=0.1, factor=0), dict(dense_lr=float("nan"))):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="must be"):
+            dwf_lr(**bad)
+    with pytest.raises(tk.errors.InvalidTypeError, match="factor must be a number"):
+        dwf_lr(0.1, factor="3")
+
+
 def test_the_module_is_not_shadowed_by_its_function_and_the_old_path_warns():
     import importlib
 

@@ -387,6 +387,15 @@ def test_train_classifier_and_its_train_fn_name_empty_data_and_a_nan_rate():
         train_fn(nn.Linear(4, 3), 0)
 
 
+def test_train_classifier_takes_items_with_more_than_inputs_and_labels():
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+    plain, extra = nn.Linear(4, 3), nn.Linear(4, 3)
+    extra.load_state_dict(plain.state_dict())
+    tk.prune.train_classifier(plain, TensorDataset(x, y), epochs=2, seed=0)
+    tk.prune.train_classifier(extra, TensorDataset(x, y, torch.arange(16)), epochs=2, seed=0)  # example ids too
+    assert torch.equal(plain.weight, extra.weight)
+
+
 def test_a_seed_governs_dropout_too_and_leaves_the_global_rng_alone():
     data = TensorDataset(torch.randn(32, 4), torch.arange(32) % 3)
 
@@ -432,6 +441,12 @@ def test_weights_holding_nan_are_named_not_ranked():
     kept[0, :3] = False
     masks = tk.prune.global_magnitude_masks(model, 0.5, masks={"2.weight": kept}, layers=["2"])
     assert not masks["2.weight"][0, :3].any()
+
+
+def test_weights_on_the_meta_device_are_named():
+    model = nn.Sequential(nn.Linear(4, 8)).to("meta")
+    with pytest.raises(PruningError, match=r"0\.weight is on the meta device"):
+        tk.prune.global_magnitude_masks(model, 0.5)
 
 
 def test_imp_names_a_train_fn_that_is_not_callable_before_writing_anything(tmp_path):

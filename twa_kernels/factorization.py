@@ -495,6 +495,9 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
 def dwf_lr(dense_lr: float, factor: float = 3.0) -> float:
     """The learning rate to start a DWF run from: `factor` times the dense model's tuned one
     (experiments/dwf.py's sweep measures the best factor; the paper reports 3-4x)."""
+    for name, value in (("dense_lr", dense_lr), ("factor", factor)):
+        if not real(name, value) > 0:
+            raise InvalidArgumentError(f"{name} must be > 0, got {value}")
     return dense_lr * factor
 
 

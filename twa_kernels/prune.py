@@ -141,6 +141,9 @@ def global_magnitude_masks(
     if scope not in ("global", "layer"):
         raise PruningError(f"scope must be 'global' or 'layer', got {scope!r}")
     modules = prunable_weights(model, layers)
+    if meta := [name for name, module in modules.items() if module.weight.is_meta]:
+        raise PruningError(f"{meta[0]} is on the meta device and holds no values to rank; load the model's weights "
+                           "(e.g. model.to_empty(device='cpu') and load_state_dict) before pruning")
     if masks is not None:  # a misspelt key would prune its layer from dense; a float mask would read as "keep"
         _check_bool_masks(masks)
         weights = {f"{n}.weight" if n else "weight" for n, m in model.named_modules()
@@ -275,8 +278,8 @@ def train_classifier(
     schedule: str = "cosine",
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
-    """The default training loop: cross-entropy of the model's logits (or of a Hugging Face
-    ModelOutput's `.logits`), SGD with momentum (or `optimizer(params)`),
+    """The default training loop over (inputs, labels, ...) items: cross-entropy of the
+    model's logits (or of a Hugging Face ModelOutput's `.logits`), SGD with momentum (or `optimizer(params)`),
     a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
     the shuffling and every other draw of the training, such as dropout's, and leaves torch's
     global RNG as it was; None draws from torch's global RNG)."""
@@ -306,7 +309,7 @@ def train_classifier(
     model.train()
     with seeded(seed):  # an int seed covers every draw of the training (dropout's too), not the order alone
         for _ in range(epochs):
-            for x, y in loader:
+            for x, y, *_ in loader:  # (inputs, labels, ...): what follows the labels (weights, ids) is not used
                 opt.zero_grad()
                 classification_metric(model(x.to(device)), y.to(device))[0].backward()  # logits or a ModelOutput's
                 opt.step()

@@ -128,7 +128,7 @@ def hessian_diagonal(
     model with an op that has no forward-mode derivative (transformers' default SDPA
     attention: build it with attn_implementation="eager") raises InvalidArgumentError.
     """
-    if not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InvalidArgumentError(f"chunk must be a positive integer (probes per vmapped batch; lower it to save "
@@ -163,7 +163,7 @@ def top_eigenvalue(
     power iteration on Hessian-vector products. Stops when the Rayleigh quotient changes by
     less than tol relative to itself, or after `iters` products. Eval mode and `seed` (the
     start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged."""
-    if not isinstance(iters, int) or iters < 1:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
     if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged
         raise InvalidArgumentError(f"tol must be positive (a relative change of the eigenvalue), got {tol}")
