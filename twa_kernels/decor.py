@@ -394,13 +394,13 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
     layer that saw no input contributes zeros); afterwards each layer holds the global S as
     its _decor_sum. Returns the global counts."""
     ref = layers[0][1].decor_R
-    parts = [m.decor_dense_sum().to(ref.dtype).reshape(-1) for _, m in layers]
+    parts = [m.decor_dense_sum().to(device=ref.device, dtype=ref.dtype).reshape(-1) for _, m in layers]
     counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
     flat = torch.cat(parts + [counts])
     torch.distributed.all_reduce(flat, group=group)
     offset = 0
     for (_, m), p in zip(layers, parts):
-        m._decor_sum, m._decor_rows = flat[offset:offset + p.numel()].view_as(m.decor_R).to(m.decor_R.dtype), []
+        m._decor_sum, m._decor_rows = flat[offset:offset + p.numel()].view_as(m.decor_R).to(m.decor_R), []
         offset += p.numel()
     return flat[offset:]
 
