@@ -503,6 +503,15 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         # a DCP checkpoint whose .metadata would create a marker file when unpickled
         out["dcp_payload"] = _error_text(twa("dcp"))
         out["marker_exists"] = os.path.exists(os.path.join(root, "MARKER"))
+        # the same files, built with other settings on rank 1: a shard quantised another way
+        # trained silently, and another group size aborted the process at the first forward
+        files = [os.path.join("same", n) for n in sorted(os.listdir("same"))]
+        for setting, value in (("bits", 2), ("group_size", GROUP_SIZE * 2), ("granularity", "model")):
+            settings = dict(bits=4, group_size=GROUP_SIZE, granularity="tensor")
+            if rank == 1:
+                settings[setting] = value
+            out[f"settings_{setting}"] = _error_text(
+                lambda: tk.TWA(model, files, process_group=dist.group.WORLD, shard=True, **settings))
         # a run after the failures: every rank left each failed step together, so the
         # process group is still usable
         out["after"] = _error_text(twa("same"))

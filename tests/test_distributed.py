@@ -383,6 +383,13 @@ def test_sharded_ranks_given_different_copies_of_the_same_paths_fail_naming_the_
         assert "c2.safetensors" not in text and "c3.pt" not in text
 
 
+@pytest.mark.parametrize("setting", ["bits", "group_size", "granularity"])
+def test_sharded_ranks_given_other_build_settings_fail_on_every_rank(hostile_job, setting):
+    for res in hostile_job:
+        text = res[f"settings_{setting}"]
+        assert text.startswith("BasisMismatchError") and "ranks [1] were given other build settings" in text, text
+
+
 @pytest.mark.parametrize("mode", ["sharded", "replicated"])
 def test_a_rank_with_a_corrupt_checkpoint_reports_its_own_error_on_every_rank(hostile_job, mode):
     own, peer = hostile_job[1][f"corrupt_{mode}"], hostile_job[0][f"corrupt_{mode}"]

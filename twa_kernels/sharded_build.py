@@ -73,6 +73,20 @@ def _same_checkpoint_lists(specs: list, group: Any) -> None:
             "rank the same files in the same order")
 
 
+def _same_build_settings(settings: tuple, group: Any) -> None:
+    """All-gather a digest of the build settings (bits, granularity, group_size, the names
+    and shapes) and raise BasisMismatchError on every rank when a rank's differ from rank
+    0's: a shard quantised another way trains silently wrong, and a different group size
+    lays the shards out differently, so the first collective over them would abort."""
+    table = _gather_rows(torch.tensor([_digest(*settings)], dtype=torch.int64), group)
+    bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
+    if bad:
+        raise BasisMismatchError(
+            f"ranks {bad} were given other build settings than rank 0 (bits, granularity, group_size or the model's "
+            f"parameter names and shapes; here bits={settings[0]!r}, granularity={settings[1]!r}, "
+            f"group_size={settings[2]!r}): build the TWA with the same arguments on every rank")
+
+
 _SAMPLE_WINDOWS, _SAMPLE_COLUMNS = 4, 64  # the columns every rank reads of every checkpoint, to compare
 
 
@@ -191,6 +205,7 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
     _same_checkpoint_lists(specs, process_group)
     aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
     shapes = [tuple(s) for s in shapes]
+    _same_build_settings((bits, granularity, group_size, tuple(names), tuple(shapes)), process_group)
     numels = [math.prod(s) for s in shapes]
     num_cols = sum(numels)
     edges = shard_columns(num_cols, group_size, dist.get_world_size(process_group))
