@@ -211,6 +211,20 @@ def test_layerwise_granularity_merges_tensors(run):
 
 
 
+def test_settings_given_beside_a_built_subspace_must_be_its_own(run):
+    # they were taken silently: TWA(model, four_bit_subspace, bits=8).bits was 4
+    _, _, _, ckpts = run
+    model = make_model(1)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sub = tk.Subspace.from_checkpoints(ckpts, bits=4, group_size=64, parameter_names=names)
+    for bad, match in ((dict(bits=8), "bits=8 was given"), (dict(group_size=256), "group_size=256 was given"),
+                       (dict(granularity="model"), "granularity='model' was given")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            tk.TWA(model, sub, **bad)
+    assert tk.TWA(model, sub).bits == 4  # defaults, and the subspace's own values, are taken
+    assert tk.TWA(model, sub, group_size=64, granularity="tensor").group_size == 64
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["a layer", "a parent of layers"])
 def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
     train, _, _, ckpts = run

@@ -65,7 +65,7 @@ from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, 
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis
 from twa_kernels.sharded_build import ShardedSubspace, build_shard
-from twa_kernels.subspace import Subspace, check_build_args
+from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
 
 # TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
 # never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
@@ -440,6 +440,23 @@ class TWA(nn.Module):
         self._bn_key = self._weights_key()
 
 
+def _check_settings_of(subspace: Subspace, numels: list[int], bits: int | None, granularity: str | int,
+                       group_size: int, progress: bool | None = None) -> None:
+    """A setting given beside a built subspace (not left at its default) must be the
+    subspace's own: it cannot change how that basis was built, and taking it silently would
+    train at another bit width than the one asked for."""
+    basis = subspace.basis
+    if bits != 4 and bits != basis.bits:
+        raise InvalidArgumentError(f"bits={bits!r} was given with a subspace built with bits={basis.bits!r}; bits "
+                                   "applies when TWA builds from checkpoints: rebuild the subspace with it, or drop it")
+    if group_size != 128 and basis.bits is not None and group_size != basis.group_size:
+        raise InvalidArgumentError(f"group_size={group_size!r} was given with a subspace built with group_size="
+                                   f"{basis.group_size}; rebuild the subspace with it, or drop it")
+    if granularity != "tensor" and len(block_sizes_for(numels, granularity)) != basis.num_blocks:
+        raise InvalidArgumentError(f"granularity={granularity!r} was given with a subspace of {basis.num_blocks} "
+                                   "blocks, another layout; rebuild the subspace with it, or drop it")
+
+
 def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Parameter]],
               aliases: dict[str, list[str]], process_group: Any, shard: bool, **build_args: Any) -> Subspace:
     """The subspace TWA trains in: the one given, or one built from checkpoints for the
@@ -449,6 +466,7 @@ def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Para
         if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
             raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
                                        "build it from finite checkpoints")
+        _check_settings_of(source, [math.prod(s) for s in shapes], **build_args)
         return source
     if shard:  # each rank reads its own columns of the checkpoints only
         return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)
