@@ -113,6 +113,22 @@ def test_the_callback_gives_what_a_plain_twa_loop_over_its_files_gives(straight_
     assert not torch.equal(got["model.0.weight"], tk.load_state_dict(callback.snapshots[-1])["model.0.weight"])
 
 
+def test_a_callback_used_for_a_second_fit_trains_a_twa_of_its_own(tmp_path):
+    # it kept the first fit's TWA, snapshot folder and epochs: the second module ended with the first's weights
+    callback = TrainableWeightAveraging(start_epoch=2, twa_epochs=1)
+    first, _ = _fit(tmp_path / "a", callback, val=False)
+    first_twa = callback.twa
+    second = _Net()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    _trainer(tmp_path / "b", callbacks=[callback]).fit(second, _loader())
+    assert callback.twa is not first_twa and len(callback.snapshots) == 2
+    assert all(Path(p).parent == tmp_path / "b" / "twa_snapshots" for p in callback.snapshots)
+    assert not torch.equal(callback.twa.coefficients, torch.zeros_like(callback.twa.coefficients))
+    assert not torch.allclose(second.state_dict()["model.0.weight"], first.state_dict()["model.0.weight"])
+
+
 def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straight_run_ends(straight_run, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -95,7 +95,14 @@ class TrainableWeightAveraging(pl.Callback):
         self.start_epoch, self.twa_epochs = start_epoch, twa_epochs
         self.optimizer, self.update_bn = optimizer, update_bn
         self.twa_options = dict(bits=bits, granularity=granularity, group_size=group_size)
-        self.dirpath = None if dirpath is None else Path(dirpath)
+        self._dirpath_given = None if dirpath is None else Path(dirpath)
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Forget any earlier fit: a callback object used for a second fit builds a TWA of its
+        own (a resumed fit gets its state back from load_state_dict, which Lightning calls
+        after setup)."""
+        self.dirpath = self._dirpath_given
         self.snapshots: list[str] = []
         self.twa: TWA | None = None
         self._first: int | None = None  # the first epoch kept
@@ -110,6 +117,7 @@ class TrainableWeightAveraging(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._new_run()
         if trainer.world_size > 1:
             raise UsageError(f"TrainableWeightAveraging runs in one process; this Trainer has {trainer.world_size}. "
                              "Keep the checkpoints with ModelCheckpoint and train a TWA held by a LightningModule "
