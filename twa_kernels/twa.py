@@ -441,18 +441,19 @@ class TWA(nn.Module):
 
 
 def _check_settings_of(subspace: Subspace, numels: list[int], bits: int | None, granularity: str | int,
-                       group_size: int, progress: bool | None = None) -> None:
-    """A setting given beside a built subspace (not left at its default) must be the
+                       group_size: int) -> None:
+    """A setting given beside a built subspace (not left at TWA's default) must be the
     subspace's own: it cannot change how that basis was built, and taking it silently would
     train at another bit width than the one asked for."""
+    defaults = {name: p.default for name, p in inspect.signature(TWA.__init__).parameters.items()}
     basis = subspace.basis
-    if bits != 4 and bits != basis.bits:
+    if bits != defaults["bits"] and bits != basis.bits:
         raise InvalidArgumentError(f"bits={bits!r} was given with a subspace built with bits={basis.bits!r}; bits "
                                    "applies when TWA builds from checkpoints: rebuild the subspace with it, or drop it")
-    if group_size != 128 and basis.bits is not None and group_size != basis.group_size:
+    if group_size != defaults["group_size"] and basis.bits is not None and group_size != basis.group_size:
         raise InvalidArgumentError(f"group_size={group_size!r} was given with a subspace built with group_size="
                                    f"{basis.group_size}; rebuild the subspace with it, or drop it")
-    if granularity != "tensor" and len(block_sizes_for(numels, granularity)) != basis.num_blocks:
+    if granularity != defaults["granularity"] and len(block_sizes_for(numels, granularity)) != basis.num_blocks:
         raise InvalidArgumentError(f"granularity={granularity!r} was given with a subspace of {basis.num_blocks} "
                                    "blocks, another layout; rebuild the subspace with it, or drop it")
 
@@ -466,7 +467,8 @@ def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Para
         if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
             raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
                                        "build it from finite checkpoints")
-        _check_settings_of(source, [math.prod(s) for s in shapes], **build_args)
+        _check_settings_of(source, [math.prod(s) for s in shapes], build_args["bits"], build_args["granularity"],
+                           build_args["group_size"])
         return source
     if shard:  # each rank reads its own columns of the checkpoints only
         return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)

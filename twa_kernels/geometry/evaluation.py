@@ -241,8 +241,9 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
         loss, error = metric(functional_call(model, weights, args, kwargs), y)
         loss_sum, error_sum, count = loss_sum + float(loss) * n, error_sum + float(error) * n, count + n
     if count == 0:
-        raise InvalidArgumentError("data yielded no batches (or only empty ones); pass a re-iterable (a DataLoader or a list of (x, y) batches), "
-                         "not a generator, which is empty after its first pass")
+        raise InvalidArgumentError("data yielded no batches (or only empty ones); pass a re-iterable (a DataLoader "
+                                   "or a list of (x, y) batches), "
+                                   "not a generator, which is empty after its first pass")
     if not -1e-6 <= error_sum / count <= 1 + 1e-6:
         raise InvalidArgumentError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "
                          "must return (mean loss, error fraction)")
