@@ -519,6 +519,20 @@ def test_a_frozen_integer_parameter_that_differs_between_checkpoints_is_named():
         tk.TWA(_Backbone(), checkpoints)
 
 
+def test_a_subspace_that_leaves_out_a_trainable_parameter_is_refused_until_it_is_frozen():
+    model = _Backbone()
+    head_only = tk.Subspace.from_checkpoints(_fine_tunes(model), parameter_names=["head.weight"])
+    with pytest.raises(tk.errors.InvalidArgumentError, match="does not span 2 trainable.*'body.bias'"):
+        tk.TWA(model, head_only)
+    model.body.bias.requires_grad_(False)
+    model.head.bias.requires_grad_(False)
+    kept = model.head.bias.detach().clone()
+    twa = tk.TWA(model, head_only)
+    twa(torch.randn(8, 40)).pow(2).mean().backward()
+    assert model.head.bias.grad is None and twa.coefficients.grad is not None
+    assert torch.equal(twa.averaged_state_dict()["head.bias"], kept)
+
+
 def test_a_model_with_nothing_to_train_is_named():
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(tk.errors.InvalidArgumentError, match="requires_grad=False"):

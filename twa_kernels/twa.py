@@ -482,13 +482,20 @@ def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Para
 
 def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[str, nn.Parameter]],
                       int8_gradients: bool) -> None:
-    """The subspace spans trainable parameters of `model`, in their shapes, and
+    """The subspace spans exactly the trainable parameters of `model`, in their shapes, and
     int8_gradients has groups to round in."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, shape in zip(subspace.names, subspace.shapes):
         if shapes.get(name) != shape:
             raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
-    trained_frozen = sorted(set(subspace.names) & {n for n, _ in frozen})
+    frozen_names, spanned = {n for n, _ in frozen}, set(subspace.names)
+    unspanned = [name for name in shapes if name not in frozen_names and name not in spanned]
+    if unspanned:
+        raise InvalidArgumentError(f"the subspace does not span {len(unspanned)} trainable parameter(s) of the model "
+                                   f"(first: {unspanned[0]!r}), which TWA would leave unaveraged while training "
+                                   "them; build the subspace over every trainable parameter, or freeze these "
+                                   "(requires_grad_(False)) so TWA keeps their current values")
+    trained_frozen = sorted(set(subspace.names) & frozen_names)
     if trained_frozen:
         raise InvalidArgumentError(f"the subspace spans {trained_frozen[0]!r}, which has requires_grad=False in the "
                                    "model, so TWA would move a frozen parameter; build the subspace without it "
