@@ -57,6 +57,50 @@ def test_a_hand_built_basis_with_bad_offsets_is_refused_where_it_is_made(offsets
     assert "refused: block_offsets" in done.stdout
 
 
+_BASIS_16 = tk.quantize(torch.randn(3, 16), bits=4, group_size=8)
+
+
+@pytest.mark.parametrize("names, shapes, center, basis, named", [
+    (["a", "a"], [(8,), (8,)], torch.zeros(16), _BASIS_16, "'a' appears more than once"),
+    (["a", "b"], [(-8,), (24,)], torch.zeros(16), _BASIS_16, "'a' has a negative size"),
+    ([1, 2], [(8,), (8,)], torch.zeros(16), _BASIS_16, "names must be a list of strings"),
+    ("ab", [(8,), (8,)], torch.zeros(16), _BASIS_16, "names must be a list of strings"),
+    (["a", "b"], [8, 8], torch.zeros(16), _BASIS_16, "shapes must be sequences of ints"),
+    (["a", "b"], [(8.5,), (8,)], torch.zeros(16), _BASIS_16, "shapes must be sequences of ints"),
+    (["a", "b"], [(16,)], torch.zeros(16), _BASIS_16, "2 parameter names but 1 shapes"),
+    (["a", "b"], None, torch.zeros(16), _BASIS_16, "needs the shapes"),
+    (["a", "b"], [(8,), (8,)], None, _BASIS_16, "center Tensor and a QuantizedBasis"),
+    (["a", "b"], [(8,), (8,)], torch.zeros(16), torch.zeros(3, 16), "center Tensor and a QuantizedBasis"),
+    (["a", "b"], [(8,), (4,)], torch.zeros(12), _BASIS_16, "inconsistent subspace"),
+])
+def test_a_subspace_whose_layout_cannot_cut_its_vector_is_named(names, shapes, center, basis, named):
+    with pytest.raises(tk.errors.InvalidArgumentError, match=re.escape(named)):
+        tk.Subspace(names, shapes, center, basis)
+
+
+def test_flatten_and_unflatten_name_what_they_were_given():
+    sub = tk.Subspace(["a", "b"], [torch.Size([2, 4]), (8,)], torch.zeros(16), _BASIS_16)
+    assert sub.shapes == [(2, 4), (8,)]
+    for bad, shown in [(torch.zeros(15), r"\(15,\)"), (torch.zeros(4, 4), r"\(4, 4\)"), ([0.0] * 16, "list")]:
+        with pytest.raises(tk.errors.InvalidArgumentError, match=f"vector of the subspace's 16 weights, got {shown}"):
+            sub.unflatten(bad)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="takes a state_dict"):
+        sub.flatten([torch.zeros(16)])
+    with pytest.raises(CheckpointError, match="key 'b' holds a list"):
+        sub.flatten({"a": torch.zeros(2, 4), "b": [0.0] * 8})
+
+
+def test_from_checkpoints_refuses_shapes_without_names_and_a_huge_group_before_reading(tmp_path):
+    checkpoints = [{"w": torch.randn(4)} for _ in range(3)]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="parameter_shapes needs parameter_names"):
+        tk.Subspace.from_checkpoints(checkpoints, parameter_shapes=[(5,)])
+    with pytest.raises(CheckpointError, match=r"'w' has shape \(4,\) but the model has \(5,\)"):
+        tk.Subspace.from_checkpoints(checkpoints, parameter_names=["w"], parameter_shapes=[(5,)])
+    absent = [tmp_path / "no_such_1.pt", tmp_path / "no_such_2.pt"]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="group_size must be .* up to 1048576"):
+        tk.Subspace.from_checkpoints(absent, group_size=2**21)
+
+
 def test_a_hand_built_basis_in_a_subspace_never_reaches_twa():
     done = _run("""
         import torch, twa_kernels as tk

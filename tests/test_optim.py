@@ -176,3 +176,11 @@ def test_set_ups_that_cannot_work_are_refused():
         tk.SubspaceOptimizer(torch.optim.SGD(list(model.parameters())[:2], lr=1), dense)
     with pytest.raises(tk.errors.InvalidArgumentError, match="wraps a torch.optim.Optimizer"):
         tk.SubspaceOptimizer(object(), dense)
+
+
+def test_a_twa_over_an_orthonormal_subspace_hands_it_on_as_orthonormal():
+    model, sub = _at_center()
+    twa = tk.TWA(model, sub)
+    assert twa.subspace.orthonormal and twa.subspace.basis.bits is None
+    tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), twa.subspace)
+    assert not tk.TWA(make_model(), _checkpoints(make_model(), 3)).subspace.orthonormal

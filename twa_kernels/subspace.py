@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import warnings
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -30,6 +32,7 @@ from twa_kernels.io import (
     resolve_checkpoints,
 )
 from twa_kernels.quant import (
+    MAX_GROUP_SIZE,
     SUPPORTED_BITS,
     QuantizedBasis,
     block_offsets_from_sizes,
@@ -52,7 +55,7 @@ def _independent_rows(gram: Tensor, tol: float) -> tuple[list[int], Tensor]:
         else:
             cross = gram.new_zeros(0)
         residual_sq = norm_sq - float(cross @ cross)
-        if norm_sq <= 0 or residual_sq <= (tol * tol) * norm_sq:
+        if norm_sq <= 0 or residual_sq < (tol * tol) * norm_sq:
             continue
         m = len(keep)
         grown = gram.new_zeros((m + 1, m + 1))
@@ -82,8 +85,9 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
-    if not real("tol", tol) > 0:
-        raise InvalidArgumentError(f"tol must be positive, got {tol}")
+    if not 0 < real("tol", tol) < 1:
+        raise InvalidArgumentError(f"tol must be in (0, 1), a fraction of each row's norm (1 or more would drop "
+                                   f"every row), got {tol}")
     if P.requires_grad and torch.is_grad_enabled():
         raise InvalidArgumentError("orthonormalize is not differentiable, and P requires grad: pass P.detach(), or "
                                    "call it under torch.no_grad()")
@@ -120,9 +124,10 @@ def check_build_args(bits: object, group_size: object, granularity: object) -> N
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS):
         raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} (an int) or None for a dense basis, "
                                    f"got {bits!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+    if (isinstance(group_size, bool) or not isinstance(group_size, int) or not 0 < group_size <= MAX_GROUP_SIZE
+            or group_size % 8):
         raise InvalidArgumentError(f"group_size must be a positive int multiple of 8 (codes are packed in bit "
-                                   f"planes of 8), got {group_size!r}; 128 is the default")
+                                   f"planes of 8) up to {MAX_GROUP_SIZE}, got {group_size!r}; 128 is the default")
     if granularity not in ("model", "tensor") and (isinstance(granularity, bool) or not isinstance(granularity, int)
                                                    or granularity <= 0):
         raise InvalidArgumentError(f"granularity must be 'model', 'tensor' or a positive int (elements per "
@@ -156,11 +161,17 @@ class Subspace:
 
     def __init__(self, names: list[str], shapes: list[tuple[int, ...]], center: Tensor, basis: QuantizedBasis,
                  orthonormal: bool = False, aliases: dict[str, list[str]] | None = None):
+        names, shapes = _checked_layout(names, shapes)
+        if shapes is None:
+            raise InvalidArgumentError("a Subspace needs the shapes of its weights, one per name")
+        if not isinstance(center, Tensor) or not isinstance(basis, QuantizedBasis):
+            raise InvalidArgumentError(f"a Subspace takes a center Tensor and a QuantizedBasis, got "
+                                       f"{type(center).__name__} and {type(basis).__name__}")
         numel = sum(math.prod(s) for s in shapes)
-        if center.shape != (numel,) or basis.num_cols != numel or len(names) != len(shapes):
+        if center.shape != (numel,) or basis.num_cols != numel:
             raise InvalidArgumentError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
                              f"{tuple(center.shape)}, basis of {basis.num_cols} columns")
-        self.names, self.shapes, self.center, self.basis = list(names), [tuple(s) for s in shapes], center, basis
+        self.names, self.shapes, self.center, self.basis = names, shapes, center, basis
         self.orthonormal = orthonormal  # rows orthonormal (before quantisation): P^T P g projects g
         # name -> every state_dict name of that tensor, for tied weights (see io.parameter_aliases)
         self.aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
@@ -177,6 +188,9 @@ class Subspace:
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Views of a [D] vector shaped like the parameters, by name."""
+        if not isinstance(vector, Tensor) or tuple(vector.shape) != (self.num_weights,):
+            raise InvalidArgumentError(f"unflatten takes a vector of the subspace's {self.num_weights} weights, got "
+                                       f"{tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__}")
         # split, not slicing: its backward is one concatenation, where each slice's backward
         # would write a full-size zero tensor
         pieces = vector.split([math.prod(shape) for shape in self.shapes])
@@ -257,7 +271,10 @@ def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shape
     """The names and shapes of the weights a subspace spans: as given, or what the first
     checkpoint holds (without a model to say which entries are parameters, its
     floating-point ones less BatchNorm's statistics). A weight with no elements is refused."""
-    shapes = [tuple(s) for s in shapes] if shapes is not None else None
+    if shapes is not None and names is None:
+        raise InvalidArgumentError("parameter_shapes needs parameter_names, which say the entry each shape is for")
+    if names is not None:
+        names, shapes = _checked_layout(names, shapes)
     if names is None or shapes is None:  # from the first checkpoint's metadata
         first = ColumnReader(first_spec, 0, names=names)
         names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
@@ -274,6 +291,30 @@ def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shape
     return names, shapes
 
 
+def _checked_layout(names: object, shapes: object) -> tuple[list[str], list[tuple[int, ...]] | None]:
+    """Names as a list of distinct strings, and shapes (when given) as one tuple of
+    non-negative ints per name: a layout the flat vector can be cut by."""
+    if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgumentError(f"parameter names must be a list of strings, got {names!r:.80}")
+    names = list(names)
+    if len(set(names)) < len(names):
+        repeated = next(n for i, n in enumerate(names) if n in names[:i])
+        raise InvalidArgumentError(f"parameter name {repeated!r} appears more than once; name each weight once")
+    if shapes is None:
+        return names, None
+    try:
+        shapes = [tuple(operator.index(d) for d in s) for s in shapes]
+    except TypeError:
+        raise InvalidArgumentError(f"shapes must be sequences of ints, one per name, got {shapes!r:.80}") from None
+    if len(shapes) != len(names):
+        raise InvalidArgumentError(f"{len(names)} parameter names but {len(shapes)} shapes; give one shape per name")
+    negative = [n for n, s in zip(names, shapes) if any(d < 0 for d in s)]
+    if negative:
+        raise InvalidArgumentError(f"parameter {negative[0]!r} has a negative size in its shape "
+                                   f"{shapes[names.index(negative[0])]}")
+    return names, shapes
+
+
 def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None, source: str,
              aliases: dict[str, list[str]] | None = None) -> Tensor:
     if name not in state:
@@ -285,6 +326,8 @@ def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None,
         raise CheckpointError(f"{source}: missing key {name!r}{f' (or its tied names {also})' if also else ''} "
                               f"(it has {len(state)} keys, e.g. {list(state)[:3]}); was it saved from the same model?")
     value = state[name]
+    if not isinstance(value, Tensor):
+        raise CheckpointError(f"{source}: key {name!r} holds a {type(value).__name__}, not a tensor")
     if shape is not None and tuple(value.shape) != tuple(shape):
         raise CheckpointError(f"{source}: key {name!r} has shape {tuple(value.shape)} but the model has "
                               f"{tuple(shape)}")
@@ -295,6 +338,9 @@ def _checked(state: dict[str, Tensor], name: str, shape: tuple[int, ...] | None,
 
 def _flatten(state: dict[str, Tensor], names: list[str], shapes: list[tuple[int, ...]], source: str,
              aliases: dict[str, list[str]] | None = None) -> Tensor:
+    if not isinstance(state, Mapping):
+        raise InvalidArgumentError(f"flatten takes a state_dict (a mapping of names to tensors), got "
+                                   f"{type(state).__name__}")
     parts = [_checked(state, name, shape, source, aliases) for name, shape in zip(names, shapes)]
     return torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
 

@@ -136,6 +136,7 @@ class TWA(nn.Module):
             self.register_buffer(f"frozen_{i}", value)
         self.aliases = {n: a for n, a in aliases.items() if len(a) > 1}
         self.bits, self.group_size = subspace.basis.bits, subspace.basis.group_size
+        self.orthonormal = bool(getattr(subspace, "orthonormal", False))  # a sharded build never orthonormalises
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
@@ -228,7 +229,8 @@ class TWA(nn.Module):
     @property
     def subspace(self) -> Subspace:
         """The subspace the coefficients live in: names, shapes, center and basis."""
-        return Subspace(self.names, self.shapes, self.center, self.basis, aliases=self.aliases)
+        return Subspace(self.names, self.shapes, self.center, self.basis, orthonormal=self.orthonormal,
+                        aliases=self.aliases)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """nn.Module.load_state_dict, with a state that lacks some of this TWA's keys (every
