@@ -738,6 +738,28 @@ def test_out_center_on_a_tensor_that_requires_grad_is_refused_outside_no_grad():
     assert not torch.equal(center.detach(), before)
 
 
+def test_an_out_that_requires_grad_is_refused_outside_no_grad_and_left_as_it_was():
+    qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
+    out = nn.Parameter(torch.zeros(64))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="out requires grad"):
+        tk.reconstruct(qb, torch.randn(3, 1), out=out)
+    assert torch.equal(out.detach(), torch.zeros(64))
+    with torch.no_grad():
+        tk.reconstruct(qb, torch.randn(3, 1), out=out)
+    assert out.detach().abs().sum() > 0
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda qb: tk.project(qb, torch.randn(64).to_sparse()), "g"),
+    (lambda qb: tk.project_int8(qb, torch.randn(64).to_sparse()), "g"),
+    (lambda qb: tk.reconstruct(qb, torch.randn(3, 1).to_sparse()), "x"),
+    (lambda qb: tk.reconstruct(qb, torch.randn(3, 1), torch.randn(64).to_sparse()), "center"),
+])
+def test_a_sparse_input_to_an_op_is_named(call, name):
+    with pytest.raises(tk.errors.InvalidArgumentError, match=f"{name} is a torch.sparse_coo tensor.*to_dense"):
+        call(tk.quantize(torch.randn(3, 64), bits=4, group_size=8))
+
+
 def test_dequantize_checks_its_column_range_for_dense_and_packed_bases():
     for bits in (None, 4):
         qb = tk.quantize(torch.randn(3, 64), bits=bits, group_size=8)

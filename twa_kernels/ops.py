@@ -21,9 +21,16 @@ def _check_basis(qb: QuantizedBasis) -> None:
                                "tk.quantize(P, bits) (bits=None keeps it dense)")
 
 
-def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
+def _check_dense(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # the kernels read a dense array of values
+        raise InvalidArgumentError(f"{name} is a {t.layout} tensor; the kernels take dense ones: pass "
+                                   f"{name}.to_dense()")
+
+
+def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
+    _check_dense(name, t)
     if t.dim() != 1 or t.numel() != qb.num_cols:
         raise InvalidArgumentError(f"{name} must be 1-D with {qb.num_cols} elements (the basis columns), got shape "
                          f"{tuple(t.shape)}; flatten it with .reshape(-1)")
@@ -103,8 +110,7 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     other overlap of out with center, x or the basis is refused.
     """
     _check_basis(qb)
-    if not isinstance(x, Tensor):
-        raise InvalidTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_dense("x", x)
     if x.dim() != 2 or tuple(x.shape) != (qb.k, qb.num_blocks):
         raise InvalidArgumentError(f"x must be [k, B] = [{qb.k}, {qb.num_blocks}] (one coefficient per row and block), "
                          f"got {tuple(x.shape)}")
@@ -136,6 +142,10 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     if center is not None and out.data_ptr() == center.data_ptr() and center.requires_grad and torch.is_grad_enabled():
         raise InvalidArgumentError("out=center updates center in place, which autograd cannot differentiate: do it "
                                    "under torch.no_grad(), or pass a separate out")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise InvalidArgumentError("out requires grad, and writing into it in place would change a tensor autograd "
+                                   "tracks without its knowing: pass a buffer that does not require grad (the "
+                                   "result carries the gradient to x and center), or write under torch.no_grad()")
     for name, t in (("x", x), ("the basis codes", qb.codes), ("the basis scales", qb.scales),
                     ("the basis mins", qb.mins)):
         if _overlap(out, t):
