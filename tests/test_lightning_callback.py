@@ -80,7 +80,9 @@ def test_the_epochs_from_start_epoch_are_kept_and_the_trainer_is_left_as_configu
     root, callback, net, trainer = straight_run
     assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=2.safetensors",
                                                           "epoch=3.safetensors"]
-    assert all(Path(p).parent == root / "twa_snapshots" for p in callback.snapshots)
+    folder = Path(callback.snapshots[0]).parent  # a folder of this run's own under twa_snapshots
+    assert folder.parent == root / "twa_snapshots" and folder.name.startswith("run-")
+    assert all(Path(p).parent == folder for p in callback.snapshots)
     assert trainer.current_epoch == 6 and trainer.max_epochs == 4  # 4 epochs of SGD, 2 of TWA
     assert "training_step" not in vars(net) and "validation_step" not in vars(net)
 
@@ -124,7 +126,7 @@ def test_a_callback_used_for_a_second_fit_trains_a_twa_of_its_own(tmp_path):
             p.add_(0.5 * torch.randn_like(p))
     _trainer(tmp_path / "b", callbacks=[callback]).fit(second, _loader())
     assert callback.twa is not first_twa and len(callback.snapshots) == 2
-    assert all(Path(p).parent == tmp_path / "b" / "twa_snapshots" for p in callback.snapshots)
+    assert all(Path(p).parent.parent == tmp_path / "b" / "twa_snapshots" for p in callback.snapshots)
     assert not torch.equal(callback.twa.coefficients, torch.zeros_like(callback.twa.coefficients))
     assert not torch.allclose(second.state_dict()["model.0.weight"], first.state_dict()["model.0.weight"])
 
@@ -159,13 +161,15 @@ def test_a_run_resumed_before_its_twa_epochs_keeps_the_epochs_it_kept(straight_r
 
     _, _, straight, _ = straight_run
     saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_epochs=1)
-    _fit(tmp_path / "first", TrainableWeightAveraging(start_epoch=1, twa_epochs=2), callbacks=[saving])
+    first = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    _fit(tmp_path / "first", first, callbacks=[saving])
     callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
     net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[callback])
     trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40),
                 ckpt_path=str(next((tmp_path / "ckpts").glob("epoch=2-*.ckpt"))))
     assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=2.safetensors",
                                                           "epoch=3.safetensors"]
+    assert callback.snapshots == first.snapshots  # the resumed epoch 3 went beside the epochs it kept
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
 
@@ -191,10 +195,12 @@ def test_training_stopped_before_the_twa_epochs_warns_and_keeps_the_modules_weig
             if trainer.current_epoch == 2:
                 trainer.should_stop = True
 
+    callback = TrainableWeightAveraging(start_epoch=1)
     with pytest.warns(RuntimeWarning, match="stopped at epoch 3, before the TWA epochs"):
-        net, _ = _fit(tmp_path, TrainableWeightAveraging(start_epoch=1), val=False, callbacks=[StopAtEpoch2()])
+        net, _ = _fit(tmp_path, callback, val=False, callbacks=[StopAtEpoch2()])
+    assert Path(callback.snapshots[-1]).name == "epoch=2.safetensors"
     assert torch.equal(net.state_dict()["model.0.weight"],
-                       tk.load_state_dict(tmp_path / "twa_snapshots" / "epoch=2.safetensors")["model.0.weight"])
+                       tk.load_state_dict(callback.snapshots[-1])["model.0.weight"])
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -280,3 +286,58 @@ def test_a_remote_root_directory_asks_for_a_local_dirpath(tmp_path):
     trainer = _trainer("s3://bucket/run", callbacks=[TrainableWeightAveraging(start_epoch=1)])
     with pytest.raises(UsageError, match="pass dirpath= a local directory"):
         trainer.fit(_Net(), _loader())
+
+
+def test_runs_sharing_a_root_directory_keep_their_snapshots_apart(tmp_path):
+    first, second = (TrainableWeightAveraging(start_epoch=2, twa_epochs=1) for _ in range(2))
+    _fit(tmp_path, first, val=False)
+    _fit(tmp_path, second, val=False)
+    assert not set(first.snapshots) & set(second.snapshots)
+    assert all(Path(p).exists() for p in first.snapshots + second.snapshots)
+
+
+def test_a_snapshot_written_over_by_another_run_is_named_before_the_twa_uses_it(tmp_path):
+    class OverwriteFirstSnapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 3:  # after the last kept epoch, before the TWA is built
+                other = {k: v + 1 if v.is_floating_point() else v for k, v in pl_module.state_dict().items()}
+                tk.save_state_dict(other, callback.snapshots[0])
+
+    callback = TrainableWeightAveraging(start_epoch=1)
+    with pytest.raises(tk.errors.CheckpointError, match="epoch=1.safetensors no longer holds the weights this run"):
+        _fit(tmp_path, callback, val=False, callbacks=[OverwriteFirstSnapshot()])
+
+
+def test_the_final_statistics_pass_stops_where_limit_train_batches_stops_the_epochs(tmp_path):
+    calls = []
+
+    def feed(module, batch):
+        calls.append(len(batch[0]))
+        module(batch[0])
+
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1, update_bn=feed)
+    _fit(tmp_path, callback, val=False, limit_train_batches=2)
+    assert calls == [16, 16]  # the epochs saw 2 of the loader's 6 batches, and so does the pass
+
+
+def test_a_module_without_forward_is_named_before_training_when_batchnorm_needs_it(tmp_path):
+    class NoForward(_Net):
+        forward = L.LightningModule.forward
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    trainer = _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1)])
+    with pytest.raises(UsageError, match="defines none: define forward, or pass update_bn=function"):
+        trainer.fit(NoForward(), _loader())
+    assert trainer.current_epoch == 0
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1, update_bn=lambda m, b: m.model(b[0]))
+    _trainer(tmp_path, callbacks=[callback]).fit(NoForward(), _loader())
+    assert callback.twa is not None
+
+
+def test_fast_dev_run_leaves_the_callback_out_with_a_warning(tmp_path):
+    callback = TrainableWeightAveraging(start_epoch=1)
+    with pytest.warns(UserWarning, match="does nothing under fast_dev_run"):
+        _fit(tmp_path, callback, val=False, fast_dev_run=True)
+    assert callback.snapshots == [] and callback.twa is None

@@ -21,15 +21,20 @@ A checkpoint written during the TWA epochs holds the averaged weights of its epo
 module's buffers: what that epoch's validation measured), so `ckpt_path="best"` picks a TWA
 model when one validated best. It also resumes where it stopped: it holds the run's own
 optimizer state, as before the TWA epochs, and the callback's state holds the snapshot files
-(which must still exist), the coefficients and their optimizer's state. One process and automatic optimization only: under several
-processes, keep the checkpoints with ModelCheckpoint and train a TWA held by a
-LightningModule (docs/guides/lightning.md), which DDP can wrap.
+(which must still exist and hold what the run wrote: their SHA-256 is checked), the
+coefficients and their optimizer's state. One process and automatic optimization only:
+under several processes, keep the checkpoints with ModelCheckpoint and train a TWA held by
+a LightningModule (docs/guides/lightning.md), which DDP can wrap.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import os
+import secrets
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -66,8 +71,14 @@ class TrainableWeightAveraging(pl.Callback):
       in (0, 1): that fraction of max_epochs. twa_epochs: the epochs that train the
       coefficients after max_epochs. optimizer: builds the coefficients' optimizer from
       their parameters (default AdamW, lr 0.02). bits, granularity, group_size: as for
-      `TWA`. dirpath: where the per-epoch snapshots go (default
-      `<default_root_dir>/twa_snapshots`); files already there are replaced, never read.
+      `TWA`. dirpath: where the per-epoch snapshots go (default a folder of this run's own,
+      `<default_root_dir>/twa_snapshots/run-<time>-<random>`, so runs sharing a root
+      directory never write over each other's); files already there are replaced, never
+      read. The callback's state records each snapshot's SHA-256, and the TWA is built only
+      from files that still hold what this run wrote.
+    Under `fast_dev_run` the callback does nothing (it warns), as Lightning's checkpointing
+    does. In the TWA epochs the Trainer steps the coefficients' optimizer alone, so
+    `self.lr_schedulers()` in the module's steps is None there.
     update_bn: recompute BatchNorm statistics at the averaged weights at the end: True (the
       first element of each training batch is fed to the module's forward), False, or a
       function(module, batch) that runs the module on one batch.
@@ -104,6 +115,8 @@ class TrainableWeightAveraging(pl.Callback):
         after setup)."""
         self.dirpath = self._dirpath_given
         self.snapshots: list[str] = []
+        self._digests: dict[str, str] = {}  # snapshot path -> SHA-256 of what this run wrote there
+        self._off = False  # fast_dev_run: the callback stands aside
         self.twa: TWA | None = None
         self._first: int | None = None  # the first epoch kept
         self._last: int | None = None  # max_epochs of the run: the TWA epochs come after it
@@ -131,9 +144,17 @@ class TrainableWeightAveraging(pl.Callback):
             if "://" in root:  # a remote file system that Lightning reaches through fsspec
                 raise UsageError(f"TrainableWeightAveraging writes its snapshots to a local directory, and "
                                  f"default_root_dir is {root!r}: pass dirpath= a local directory")
-            self.dirpath = Path(root) / "twa_snapshots"
+            # a folder of this run's own: runs sharing a root directory (the default is the
+            # working directory) would otherwise write over each other's snapshots
+            run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            self.dirpath = Path(root) / "twa_snapshots" / run
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            self._off = True
+            warnings.warn("TrainableWeightAveraging does nothing under fast_dev_run, which runs too few batches for "
+                          "a TWA; run without fast_dev_run to train one", UserWarning, stacklevel=2)
+            return
         if self._last is None:  # a fresh run; a resumed one keeps the schedule it started with
             last = trainer.max_epochs
             if trainer.max_steps != -1 or last is None or last < 1:
@@ -149,7 +170,15 @@ class TrainableWeightAveraging(pl.Callback):
         trainer.fit_loop.max_epochs = self._last + self.twa_epochs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._off:
+            return
         loaders = trainer.train_dataloader
+        if (self.update_bn is True and has_running_statistics(pl_module)
+                and type(pl_module).forward is pl.LightningModule.forward):
+            raise UsageError(f"TrainableWeightAveraging recomputes BatchNorm statistics at the end by feeding each "
+                             f"training batch to the module's forward(), and {type(pl_module).__name__} defines "
+                             "none: define forward, or pass update_bn=function(module, batch) that runs the "
+                             "module on a batch")
         if (self.update_bn is not False and has_running_statistics(pl_module)
                 and isinstance(loaders, (Mapping, list, tuple))):
             raise UsageError(f"TrainableWeightAveraging recomputes BatchNorm statistics on the training data at the "
@@ -157,17 +186,22 @@ class TrainableWeightAveraging(pl.Callback):
                              "to use: pass update_bn=False and call tk.update_bn(loader, module) after fit")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._off:
+            return
         if trainer.current_epoch >= self._last and self.twa is None:
             self._start_twa(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self._first <= epoch < self._last:
+        if not self._off and self._first <= epoch < self._last:
             path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
             if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
                 self.snapshots.append(str(path))
+            self._digests[str(path)] = _sha256(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._off:
+            return
         trainer.fit_loop.max_epochs = self._last
         if self.twa is None:
             warnings.warn(f"TrainableWeightAveraging: training stopped at epoch {trainer.current_epoch}, before the "
@@ -178,7 +212,10 @@ class TrainableWeightAveraging(pl.Callback):
         twa = self.twa
         twa.eval()
         if self.update_bn is not False and has_running_statistics(pl_module):
-            twa.update_bn(trainer.train_dataloader, None if self.update_bn is True else self.update_bn)
+            batches = trainer.train_dataloader
+            if math.isfinite(trainer.num_training_batches):  # limit_train_batches, as the epochs ran
+                batches = itertools.islice(batches, int(trainer.num_training_batches))
+            twa.update_bn(batches, None if self.update_bn is True else self.update_bn)
         with warnings.catch_warnings():  # the statistics are current unless update_bn=False asked to keep them
             warnings.simplefilter("ignore", RuntimeWarning)
             averaged = twa.averaged_state_dict()
@@ -200,6 +237,12 @@ class TrainableWeightAveraging(pl.Callback):
             raise CheckpointError(f"TrainableWeightAveraging: snapshot {missing[0]} is gone ({len(missing)} of "
                                   f"{len(self.snapshots)} missing); the TWA epochs need every epoch it kept. Resume "
                                   "from a checkpoint of the run whose snapshots still exist")
+        for path in self.snapshots:
+            expected = self._digests.get(path)
+            if expected is not None and _sha256(path) != expected:
+                raise CheckpointError(f"TrainableWeightAveraging: snapshot {path} no longer holds the weights this "
+                                      "run wrote there (another run writing to the same dirpath?); the TWA would "
+                                      "average another run's weights. Give each run its own dirpath")
         self.twa = TWA(pl_module, self.snapshots, **self.twa_options).to(pl_module.device)
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
@@ -245,7 +288,9 @@ class TrainableWeightAveraging(pl.Callback):
             checkpoint["lr_schedulers"] = [config.scheduler.state_dict() for config in self._run_schedulers]
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = dict(snapshots=list(self.snapshots), first_epoch=self._first, last_epoch=self._last)
+        state: dict[str, Any] = dict(snapshots=list(self.snapshots), first_epoch=self._first, last_epoch=self._last,
+                                     digests=dict(self._digests),
+                                     dirpath=None if self.dirpath is None else str(self.dirpath))
         if self.twa is not None:
             state["twa"] = dict(coefficients=self.twa.coefficients.detach().cpu().clone(),
                                 optimizer=self._twa_optimizer.state_dict())
@@ -255,8 +300,19 @@ class TrainableWeightAveraging(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapshots = list(state_dict["snapshots"])
+        self._digests = dict(state_dict.get("digests", {}))
+        if state_dict.get("dirpath") is not None and self._dirpath_given is None:
+            self.dirpath = Path(state_dict["dirpath"])  # the resumed run writes beside the snapshots it kept
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
         self._loaded = state_dict.get("twa")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 __all__ = ["TrainableWeightAveraging"]

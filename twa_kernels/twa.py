@@ -434,11 +434,12 @@ class TWA(nn.Module):
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element, a
-        mapping its items as keyword arguments, unless call_fn(model, batch) is given (see
-        twa_kernels.batchnorm.update_bn, also for allow_empty, which distributed.update_bn
-        passes for a rank whose share is empty)."""
-        update_bn(loader, self.module, call_fn, weights={k: v.detach() for k, v in self.weights().items()},
-                  allow_empty=allow_empty)
+        mapping its items as keyword arguments, unless call_fn(model, batch) is given: it gets
+        the wrapped model holding the averaged weights, so any of its methods may run the
+        batch (see twa_kernels.batchnorm.update_bn, also for allow_empty, which
+        distributed.update_bn passes for a rank whose share is empty)."""
+        with self.averaged_model() as model:
+            update_bn(loader, model, call_fn, allow_empty=allow_empty)
         self._bn_key = self._weights_key()
 
 
