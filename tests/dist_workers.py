@@ -483,6 +483,7 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
     """Each rank works in root/rank<r> (its own disk); the checkpoint paths are relative, so
     every rank is given the same list. Returns each scenario's error text on this rank."""
     import twa_kernels as tk
+    from twa_kernels import distributed
     model, _ = model_and_checkpoints()
     own = os.path.join(root, f"rank{rank}")
     out = {}
@@ -512,6 +513,19 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                 settings[setting] = value
             out[f"settings_{setting}"] = _error_text(
                 lambda: tk.TWA(model, files, process_group=dist.group.WORLD, shard=True, **settings))
+        # an argument refused on rank 1 only: rank 0 stopped waiting in the build's collectives
+        # until the timeout; now both leave together
+        out["bad_arg_one_rank"] = _error_text(lambda: tk.TWA(model, files, bits=3 if rank == 1 else 4,
+                                                             process_group=dist.group.WORLD))
+        # a process group that is not one: named before any checkpoint is read
+        out["group_type"] = _error_text(lambda: tk.TWA(model, files, process_group="world"))
+        metrics = {"loss": 1.5 * (rank + 1), "count": 2}
+        out["metrics"] = distributed.all_reduce_metrics(metrics)
+        # other names on rank 1: summed into rank 0's names; a key more: a hang
+        for case, theirs in (("renamed", {"loss": 1.0, "n": 2}), ("extra", {**metrics, "correct": 1}),
+                             ("not_a_number", {"loss": "high", "count": 2})):
+            out[f"metrics_{case}"] = _error_text(
+                lambda: distributed.all_reduce_metrics(theirs if rank == 1 else metrics))
         # a run after the failures: every rank left each failed step together, so the
         # process group is still usable
         out["after"] = _error_text(twa("same"))

@@ -390,6 +390,29 @@ def test_sharded_ranks_given_other_build_settings_fail_on_every_rank(hostile_job
         assert text.startswith("BasisMismatchError") and "ranks [1] were given other build settings" in text, text
 
 
+def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):
+    own, peer = hostile_job[1]["bad_arg_one_rank"], hostile_job[0]["bad_arg_one_rank"]
+    assert own.startswith("InvalidArgumentError: bits must be one of"), own
+    assert peer.startswith("RankFailedError: rank 1 failed while checking its arguments"), peer
+
+
+def test_a_process_group_that_is_not_one_is_named_before_reading(hostile_job):
+    for res in hostile_job:
+        assert res["group_type"] == ("InvalidTypeError: process_group must be a torch.distributed ProcessGroup "
+                                     "(dist.group.WORLD, or one from dist.new_group), got str")
+
+
+def test_all_reduce_metrics_sums_by_name_and_refuses_names_that_differ_on_every_rank(hostile_job):
+    for res in hostile_job:
+        assert res["metrics"] == {"count": 4.0, "loss": 4.5}
+        for case in ("renamed", "extra"):
+            text = res[f"metrics_{case}"]
+            assert text.startswith("InvalidArgumentError: all_reduce_metrics: ranks [1] passed other metric names"), text
+    own, peer = hostile_job[1]["metrics_not_a_number"], hostile_job[0]["metrics_not_a_number"]
+    assert own.startswith("InvalidTypeError: all_reduce_metrics: 'loss' is str"), own
+    assert peer.startswith("RankFailedError: rank 1 failed while checking its metrics"), peer
+
+
 @pytest.mark.parametrize("mode", ["sharded", "replicated"])
 def test_a_rank_with_a_corrupt_checkpoint_reports_its_own_error_on_every_rank(hostile_job, mode):
     own, peer = hostile_job[1][f"corrupt_{mode}"], hostile_job[0][f"corrupt_{mode}"]

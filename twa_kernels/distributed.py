@@ -59,6 +59,7 @@ from twa_kernels.sharding import (  # noqa: F401  (public names of tk.distribute
     shard_columns,
     slice_basis,
 )
+from twa_kernels.sharding import check_group, ranks_unlike_rank0
 from twa_kernels.twa import BASIS_BUFFERS, TWA  # noqa: F401  (BASIS_BUFFERS: public name of tk.distributed)
 
 __all__ = [
@@ -122,6 +123,7 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int
     the per-rank stats weighted by their batch counts, summed in one all-reduce of
     2 x channels + 1 floats per layer. Ranks with no batches count zero. Returns the most
     batches any BatchNorm saw over all ranks (0: none, and the statistics are unchanged)."""
+    check_group(process_group)
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
@@ -164,6 +166,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
                                "distributed.all_reduce_bn_statistics(model, process_group)")
     if process_group is None and twa.parallel is not None:
         process_group = twa.parallel.comm.group
+    check_group(process_group)
     norms = [m for m in twa.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     measured_at = twa._bn_key  # where the saved statistics were measured, if they were
@@ -182,16 +185,31 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
 def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:
     """Sums over the ranks of per-rank metric sums (loss sums, correct counts, sample counts):
     one all-reduce in float64. Divide afterwards: {"correct": c, "count": n} -> c / n.
-    Every rank must pass the same keys (in any order): values are summed key by key."""
-    keys = sorted(sums)  # one order on every rank, whatever order each built its dict in
-    for key in keys:
-        value = sums[key]
-        if isinstance(value, Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidTypeError(f"all_reduce_metrics: {key!r} is {type(value).__name__}; each metric must be a "
-                                   "number or a one-element tensor (sums per rank, divided after the reduction)")
-    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    Every rank must pass the same keys (in any order): values are summed key by key. The
+    ranks first agree on that (two small all-gathers), so a rank whose metrics are refused
+    or named otherwise stops every rank with the reason, rather than hanging the others or
+    summing one rank's "loss" into another's "count"."""
+    check_group(process_group)
+
+    def local_values() -> tuple[list[str], Tensor]:
+        if not isinstance(sums, Mapping) or not all(isinstance(k, str) for k in sums):
+            raise InvalidTypeError(f"all_reduce_metrics takes a mapping of metric names to sums, got "
+                                   f"{type(sums).__name__}")
+        keys = sorted(sums)  # one order on every rank, whatever order each built its dict in
+        for key in keys:
+            value = sums[key]
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidTypeError(f"all_reduce_metrics: {key!r} is {type(value).__name__}; each metric must be "
+                                       "a number or a one-element tensor (sums per rank, divided after the reduction)")
+        return keys, torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+
+    keys, values = agree(local_values, process_group, "checking its metrics")
+    differ = ranks_unlike_rank0(keys, process_group)
+    if differ:
+        raise InvalidArgumentError(f"all_reduce_metrics: ranks {differ} passed other metric names than rank 0 (here "
+                                   f"{keys}); pass every rank the same keys")
     if dist.get_backend(process_group) == "nccl":
         values = values.cuda()
     dist.all_reduce(values, op=dist.ReduceOp.SUM, group=process_group)
@@ -268,6 +286,7 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
     map-style dataset is rebuilt with a DistributedSampler (shuffled if the loader was; it
     pads by repeating samples); another sized iterable keeps every W-th batch, len // W of
     them. An unsized iterable is refused."""
+    check_group(process_group)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
         if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):

@@ -30,7 +30,15 @@ from twa_kernels.builder import Layout
 from twa_kernels.columns import ColumnReader
 from twa_kernels.io import checkpoint_directory_files, is_dcp_directory, resolve_checkpoints
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
-from twa_kernels.sharding import BasisMismatchError, _gather_rows, agree, local_blocks, shard_columns
+from twa_kernels.sharding import (
+    BasisMismatchError,
+    _gather_rows,
+    agree,
+    digest,
+    local_blocks,
+    ranks_unlike_rank0,
+    shard_columns,
+)
 from twa_kernels.subspace import block_sizes_for
 
 
@@ -64,8 +72,8 @@ def _same_checkpoint_lists(specs: list, group: Any) -> None:
     """All-gather a digest of the checkpoint list (paths, or state_dict count) and raise
     CheckpointListMismatchError naming the ranks whose list differs from rank 0's."""
     text = "\n".join(str(s) if not isinstance(s, Mapping) else f"<state_dict {i}>" for i, s in enumerate(specs))
-    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-    table = _gather_rows(torch.tensor([digest, len(specs)], dtype=torch.int64), group)
+    fingerprint = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+    table = _gather_rows(torch.tensor([fingerprint, len(specs)], dtype=torch.int64), group)
     bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
     if bad:
         raise CheckpointListMismatchError(
@@ -78,8 +86,7 @@ def _same_build_settings(settings: tuple, group: Any) -> None:
     and shapes) and raise BasisMismatchError on every rank when a rank's differ from rank
     0's: a shard quantised another way trains silently wrong, and a different group size
     lays the shards out differently, so the first collective over them would abort."""
-    table = _gather_rows(torch.tensor([_digest(*settings)], dtype=torch.int64), group)
-    bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
+    bad = ranks_unlike_rank0(settings, group)
     if bad:
         raise BasisMismatchError(
             f"ranks {bad} were given other build settings than rank 0 (bits, granularity, group_size or the model's "
@@ -88,15 +95,6 @@ def _same_build_settings(settings: tuple, group: Any) -> None:
 
 
 _SAMPLE_WINDOWS, _SAMPLE_COLUMNS = 4, 64  # the columns every rank reads of every checkpoint, to compare
-
-
-def _digest(*parts: object) -> int:
-    """63 bits of a SHA-256 of `parts` (bytes, or anything with a stable repr)."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-        h.update(b"\0")
-    return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
 def _file_fingerprint(spec: Any) -> tuple[int, int]:
@@ -111,7 +109,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
     if os.path.isdir(path) and not is_dcp_directory(path):
         # a save_pretrained directory: the fingerprints of its weight files, by relative name
         parts = [(os.path.relpath(f, path), *_file_fingerprint(f)) for f in checkpoint_directory_files(path) or []]
-        return sum(size for _, size, _ in parts), _digest(sorted(parts))
+        return sum(size for _, size, _ in parts), digest(sorted(parts))
     if os.path.isdir(path):
         # _dcp imports torch.distributed.checkpoint (about a second): only a DCP directory pays for it
         from twa_kernels import _dcp
@@ -122,7 +120,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
         layout = sorted((k, tuple(shape), str(dtype)) for k, (shape, dtype) in _dcp.tensor_entries(metadata).items())
         places = sorted((i.fqn, tuple(i.offset or ()), d.relative_path, d.offset, d.length)
                         for i, d in metadata.storage_data.items())
-        return sum(sizes), _digest(layout, places, files, sizes)
+        return sum(sizes), digest(layout, places, files, sizes)
     size = os.path.getsize(path)
     if zipfile.is_zipfile(path):
         # record names start with the file's name at save time, and the serialization id
@@ -130,7 +128,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
         with zipfile.ZipFile(path) as archive:
             records = sorted((i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in archive.infolist()
                              if not i.filename.endswith(".data/serialization_id"))
-        return size, _digest(records)
+        return size, digest(records)
     with open(path, "rb") as f:
         head = f.read(8)
         if path.endswith(".safetensors") and len(head) == 8:
@@ -138,11 +136,11 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
             try:  # the tensors' entries; __metadata__ is free text a writer may fill differently
                 entries = json.loads(header)
                 entries.pop("__metadata__", None)
-                return size, _digest(sorted((k, repr(v)) for k, v in entries.items()))
+                return size, digest(sorted((k, repr(v)) for k, v in entries.items()))
             except (ValueError, AttributeError, RecursionError):  # not JSON: ColumnReader has refused it already
-                return size, _digest(header)
+                return size, digest(header)
         head += f.read(64 << 10)
-    return size, _digest(head)
+    return size, digest(head)
 
 
 def _content_sample(reader: ColumnReader, names: list[str], shapes: list[tuple[int, ...]], num_cols: int,

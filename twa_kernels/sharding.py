@@ -23,6 +23,7 @@ This module knows nothing of TWA itself: it takes and returns tensors and bases.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis
 
@@ -45,6 +46,18 @@ _CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum",
 
 
 _EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
+
+
+def check_group(group: Any) -> None:
+    """torch.distributed initialised, and `group` a ProcessGroup (None: the default group),
+    before any collective or checkpoint read: a wrong value found later fails one rank in the
+    middle of the others' collectives."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError("a process_group needs torch.distributed initialised: call "
+                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise InvalidTypeError(f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
+                               f"from dist.new_group), got {type(group).__name__}")
 
 
 def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:
@@ -118,9 +131,7 @@ def setup(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
     or, when `local` = (num_cols, num_blocks, b_lo, b_hi) is given, this rank's columns of
     a sharded build already (shards differ by design: no basis checksum then). The
     strategy's `center` and `basis` are what this rank holds."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise UsageError("TWA(process_group=...) needs torch.distributed initialised: call "
-                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    check_group(group)
     if local is not None:
         return Sharded(group, center, basis, local)
     check_same_basis(center, basis, group)
@@ -352,6 +363,22 @@ def _gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
     return [row.cpu() for row in table]
 
 
+def digest(*parts: object) -> int:
+    """63 bits of a SHA-256 of `parts` (bytes, or anything with a stable repr)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def ranks_unlike_rank0(parts: object, group: Any) -> list[int]:
+    """The ranks whose `parts` (a digest of them, all-gathered) differ from rank 0's: the
+    same answer on every rank, so all of them can raise together."""
+    table = _gather_rows(torch.tensor([digest(parts)], dtype=torch.int64), group)
+    return [rank for rank, row in enumerate(table) if not torch.equal(row, table[0])]
+
+
 def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
     """Run this rank's local `work`, then learn in one all-gather whether it failed on any
     rank. A rank whose work raised re-raises its own exception; every other rank raises
@@ -359,9 +386,7 @@ def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
     peers go on would leave them in their next collective until the backend notices the
     closed connection, and they would report that instead of the cause; here every rank
     leaves the step together, and each reports the real error."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise UsageError("a process_group needs torch.distributed initialised: call "
-                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    check_group(group)
     error: Exception | None = None
     result = None
     try:

@@ -105,18 +105,27 @@ class TWA(nn.Module):
         int8_gradients: bool = False,
     ):
         super().__init__()
-        check_build_args(bits, group_size, granularity)
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
-        if not isinstance(int8_gradients, bool):
-            raise InvalidArgumentError(f"int8_gradients must be True or False, got {int8_gradients!r}")
+        if process_group is not None:
+            sharding.check_group(process_group)
         model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
-        # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
-        # averaged in the subspace: they are pinned to their checkpoint value (see _pinned_values).
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing to "
-                                       "average; set requires_grad=True on the parameters to train")
+
+        def check_args() -> list[tuple[str, nn.Parameter]]:
+            check_build_args(bits, group_size, granularity)
+            if not isinstance(int8_gradients, bool):
+                raise InvalidArgumentError(f"int8_gradients must be True or False, got {int8_gradients!r}")
+            # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
+            # averaged in the subspace: they are pinned to their checkpoint value (see _pinned_values).
+            trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            if not trainable:
+                raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing "
+                                           "to average; set requires_grad=True on the parameters to train")
+            return trainable
+        # under a process group, arguments refused on one rank stop every rank here, rather
+        # than leaving the others in the build's collectives until the timeout
+        trainable = check_args() if process_group is None else sharding.agree(check_args, process_group,
+                                                                              "checking its arguments")
         aliases = parameter_aliases(model)
         subspace = _subspace(checkpoints_or_subspace, trainable, aliases, process_group, shard,
                              bits=bits, granularity=granularity, group_size=group_size, progress=progress)
