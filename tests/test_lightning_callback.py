@@ -341,3 +341,23 @@ def test_fast_dev_run_leaves_the_callback_out_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="does nothing under fast_dev_run"):
         _fit(tmp_path, callback, val=False, fast_dev_run=True)
     assert callback.snapshots == [] and callback.twa is None
+
+
+def test_batchnorm_the_run_keeps_in_eval_mode_keeps_its_statistics(tmp_path):
+    class FrozenNorm(_Net):
+        def on_train_epoch_start(self):
+            self.model[1].eval()  # fine-tuning with frozen BatchNorm statistics
+
+    net = FrozenNorm()
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    _trainer(tmp_path, callbacks=[callback]).fit(net, _loader())
+    norm = net.model[1]
+    assert torch.equal(norm.running_mean, torch.zeros(16)) and torch.equal(norm.running_var, torch.ones(16))
+    assert int(norm.num_batches_tracked) == 0
+
+
+def test_batchnorm_in_train_mode_is_recomputed_at_the_averaged_weights(tmp_path):
+    net = _Net()
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    _trainer(tmp_path, callbacks=[callback]).fit(net, _loader())
+    assert int(net.model[1].num_batches_tracked) == 6  # one cumulative pass over the 6 training batches

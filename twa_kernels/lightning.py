@@ -81,7 +81,8 @@ class TrainableWeightAveraging(pl.Callback):
     `self.lr_schedulers()` in the module's steps is None there.
     update_bn: recompute BatchNorm statistics at the averaged weights at the end: True (the
       first element of each training batch is fed to the module's forward), False, or a
-      function(module, batch) that runs the module on one batch.
+      function(module, batch) that runs the module on one batch. BatchNorm layers that the
+      run keeps in eval mode (frozen statistics) keep theirs.
     """
 
     def __init__(self, start_epoch: int | float = 0.5, twa_epochs: int = 2, *,
@@ -117,6 +118,7 @@ class TrainableWeightAveraging(pl.Callback):
         self.snapshots: list[str] = []
         self._digests: dict[str, str] = {}  # snapshot path -> SHA-256 of what this run wrote there
         self._off = False  # fast_dev_run: the callback stands aside
+        self._frozen_norms: set[str] = set()  # BatchNorm layers the epochs ran in eval mode
         self.twa: TWA | None = None
         self._first: int | None = None  # the first epoch kept
         self._last: int | None = None  # max_epochs of the run: the TWA epochs come after it
@@ -193,6 +195,8 @@ class TrainableWeightAveraging(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
+        if pl_module.training:  # the modes the epoch trained in (Lightning sets eval before on_train_end)
+            self._frozen_norms = {name for name, m in _batch_norms(pl_module).items() if not m.training}
         if not self._off and self._first <= epoch < self._last:
             path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
             if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
@@ -211,11 +215,19 @@ class TrainableWeightAveraging(pl.Callback):
         self._restore_steps(pl_module)
         twa = self.twa
         twa.eval()
-        if self.update_bn is not False and has_running_statistics(pl_module):
+        # BatchNorm layers the run kept in eval mode (frozen statistics, as in fine-tuning)
+        # keep their statistics; the others are recomputed at the averaged weights
+        norms = _batch_norms(pl_module)
+        frozen = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)}
+                  for name, m in norms.items() if name in self._frozen_norms}
+        if self.update_bn is not False and len(frozen) < len(norms):
             batches = trainer.train_dataloader
             if math.isfinite(trainer.num_training_batches):  # limit_train_batches, as the epochs ran
                 batches = itertools.islice(batches, int(trainer.num_training_batches))
             twa.update_bn(batches, None if self.update_bn is True else self.update_bn)
+            for m, buffers in frozen.items():
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
         with warnings.catch_warnings():  # the statistics are current unless update_bn=False asked to keep them
             warnings.simplefilter("ignore", RuntimeWarning)
             averaged = twa.averaged_state_dict()
@@ -305,6 +317,11 @@ class TrainableWeightAveraging(pl.Callback):
             self.dirpath = Path(state_dict["dirpath"])  # the resumed run writes beside the snapshots it kept
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
         self._loaded = state_dict.get("twa")
+
+
+def _batch_norms(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
 def _sha256(path: str | os.PathLike) -> str:
