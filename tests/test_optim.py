@@ -184,3 +184,32 @@ def test_a_twa_over_an_orthonormal_subspace_hands_it_on_as_orthonormal():
     assert twa.subspace.orthonormal and twa.subspace.basis.bits is None
     tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), twa.subspace)
     assert not tk.TWA(make_model(), _checkpoints(make_model(), 3)).subspace.orthonormal
+
+
+def test_lightning_trains_with_it_from_configure_optimizers(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, sub = _at_center()
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt = tk.SubspaceOptimizer(torch.optim.AdamW(self.net.parameters(), lr=0.01, weight_decay=0.1), sub)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)]
+
+    torch.manual_seed(3)
+    data = TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,)))
+    module = Module()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(data, batch_size=16))
+    moved, outside = _outside_fraction(model, sub)
+    assert moved > 1e-3 and outside < 1e-4
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # two epochs of StepLR
