@@ -40,10 +40,15 @@ def _at_center(seed: int = 0) -> tuple[nn.Module, tk.Subspace]:
 def _train(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 3) -> None:
     torch.manual_seed(2)
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
-    for _ in range(steps):
+
+    def closure() -> torch.Tensor:  # the form every optimizer takes (LBFGS needs it)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
 
 
 def _outside_fraction(model: nn.Module, sub: tk.Subspace) -> tuple[float, float]:
@@ -60,6 +65,7 @@ OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.5),
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01),
+    "lbfgs": lambda ps: torch.optim.LBFGS(ps, lr=0.1, max_iter=4),
 }
 
 
@@ -72,6 +78,19 @@ def test_weights_stay_in_the_subspace_whatever_the_wrapped_optimizer(kind):
     # float32 weights: rounding of three steps leaves ~1e-6 outside; Adam's per-entry scaling
     # unprojected leaves about half of the move outside the 4-dimensional span
     assert outside < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adamw"])
+def test_steps_without_a_closure_stay_in_the_subspace_too(kind):
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(OPTIMIZERS[kind](model.parameters()), sub)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        assert opt.step() is None
+    moved, outside = _outside_fraction(model, sub)
+    assert moved > 1e-3 and outside < 1e-4
 
 
 def test_an_adam_step_is_the_projection_of_the_step_adam_would_take():

@@ -115,28 +115,32 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(piece)
 
-    @torch.no_grad()
-    def _projected_step(self) -> Tensor | None:
-        self.project_gradients()
-        if _steps_inside_span(self.base_optimizer):
-            return self.base_optimizer.step()
-        before = self._flat_weights()
-        result = self.base_optimizer.step()
-        moved = before + self._in_span(self._flat_weights() - before)
-        for p, piece in zip(self._params, self.subspace.unflatten(moved).values()):
-            p.copy_(piece)
-        return result
-
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Project the gradients into the subspace, take the wrapped optimizer's step, and
-        project that step when the optimizer is not plain SGD. With a closure, it is called
-        (under grad) first and its loss returned."""
-        if closure is not None:
-            with torch.enable_grad():
+        project that step when the optimizer is not plain SGD. A closure is handed to the
+        wrapped optimizer with the projection after each of its calls (LBFGS calls it
+        several times a step), and the loss it returns is returned."""
+        if closure is None:
+            self.project_gradients()
+            take_step = self.base_optimizer.step
+        else:
+            def projected_closure() -> Tensor:
                 loss = closure()
-            self._projected_step()
-            return loss
-        return self._projected_step()
+                self.project_gradients()
+                return loss
+
+            def take_step() -> Tensor | None:
+                return self.base_optimizer.step(projected_closure)
+        if _steps_inside_span(self.base_optimizer):
+            return take_step()
+        with torch.no_grad():
+            before = self._flat_weights()
+        result = take_step()
+        with torch.no_grad():
+            moved = before + self._in_span(self._flat_weights() - before)
+            for p, piece in zip(self._params, self.subspace.unflatten(moved).values()):
+                p.copy_(piece)
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The wrapped optimizer's zero_grad."""
