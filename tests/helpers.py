@@ -40,6 +40,17 @@ def random_basis(k: int, d: int, *, constant_groups: int = 0, group_size: int = 
 # -- multi-process tests: gloo on CPU ---------------------------------------------------------
 
 
+def noisy_checkpoints(model: torch.nn.Module, n: int, scale: float = 0.1) -> list[dict]:
+    """n state_dicts of a random walk from `model`'s weights (each adds scale x N(0, 1) to
+    every parameter), as a training run's checkpoints; `model` is left at the last one."""
+    out = []
+    for _ in range(n):
+        for p in model.parameters():
+            p.data.add_(scale * torch.randn_like(p))
+        out.append({k: v.clone() for k, v in model.state_dict().items()})
+    return out
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous)."""
     with socket.socket() as s:

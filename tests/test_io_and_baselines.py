@@ -15,20 +15,14 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import load_state_dict, resolve_checkpoints
 
 from tests.digits import make_model
-from tests.helpers import RunsCode
+from tests.helpers import RunsCode, noisy_checkpoints
 
 HERE = Path(__file__).parent
 
 
 def _checkpoints(n: int, seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
-    model = make_model(seed)
-    out = []
-    for _ in range(n):
-        for p in model.parameters():
-            p.data.add_(0.1 * torch.randn_like(p))
-        out.append({k: v.clone() for k, v in model.state_dict().items()})
-    return out
+    return noisy_checkpoints(make_model(seed), n)
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):

@@ -12,21 +12,13 @@ from torch import nn
 
 import twa_kernels as tk
 from tests.digits import make_model
-
-
-def _checkpoints(model: nn.Module, n: int) -> list[dict]:
-    out = []
-    for _ in range(n):
-        for p in model.parameters():
-            p.data.add_(0.1 * torch.randn_like(p))
-        out.append({k: v.clone() for k, v in model.state_dict().items()})
-    return out
+from tests.helpers import noisy_checkpoints
 
 
 def _subspace(model: nn.Module, n: int = 5, bits: int | None = None) -> tk.Subspace:
     torch.manual_seed(1)
     names = [name for name, _ in model.named_parameters()]
-    return tk.Subspace.from_checkpoints(_checkpoints(model, n), bits=bits, granularity="model",
+    return tk.Subspace.from_checkpoints(noisy_checkpoints(model, n), bits=bits, granularity="model",
                                         orthonormalize=True, parameter_names=names)
 
 
@@ -183,7 +175,7 @@ def test_a_sparse_gradient_is_named():
 def test_set_ups_that_cannot_work_are_refused():
     model = make_model()
     names = [n for n, _ in model.named_parameters()]
-    ckpts = _checkpoints(model, 4)
+    ckpts = noisy_checkpoints(model, 4)
     with pytest.raises(ValueError, match="orthonormal"):
         tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=1), tk.Subspace.from_checkpoints(ckpts))
     packed = tk.Subspace.from_checkpoints(ckpts, bits=4, granularity="model", orthonormalize=True,
@@ -202,7 +194,7 @@ def test_a_twa_over_an_orthonormal_subspace_hands_it_on_as_orthonormal():
     twa = tk.TWA(model, sub)
     assert twa.subspace.orthonormal and twa.subspace.basis.bits is None
     tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), twa.subspace)
-    assert not tk.TWA(make_model(), _checkpoints(make_model(), 3)).subspace.orthonormal
+    assert not tk.TWA(make_model(), noisy_checkpoints(make_model(), 3)).subspace.orthonormal
 
 
 def test_lightning_trains_with_it_from_configure_optimizers(tmp_path):
