@@ -539,6 +539,18 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_power_iteration_on_a_plus_minus_pair_is_not_called_converged():
+    # a zero-initialised deep linear net sits at a saddle whose Hessian has eigenvalues -2 and
+    # +2: v swings between them and the Rayleigh quotient stands still at a value in between
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False))
+    for p in model.parameters():
+        p.data.zero_()
+    data = [(torch.ones(4, 1), torch.ones(4, 1))]
+    for seed in range(3):
+        result = C.top_eigenvalue(model, lambda out, y: ((out - y) ** 2).mean(), data, iters=20, seed=seed)
+        assert not result.converged and len(result.trace) == 20, (seed, result.value)
+
+
 def test_sharpness_seeds_reproduce_and_leave_the_global_rng_alone(tiny):
     import torch.nn.functional as F
 

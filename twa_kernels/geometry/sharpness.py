@@ -161,7 +161,9 @@ def top_eigenvalue(
     """The dominant eigenvalue of the Hessian of the mean loss over `data` (largest in
     magnitude: the sharpness at a minimum, where the largest eigenvalues are positive) by
     power iteration on Hessian-vector products. Stops when the Rayleigh quotient changes by
-    less than tol relative to itself, or after `iters` products. Eval mode and `seed` (the
+    less than tol relative to itself and v is an eigenvector to within sqrt(tol) (residual
+    |Hv - theta v| relative to theta), or after `iters` products, unconverged: a Hessian
+    whose largest eigenvalues are +lambda and -lambda never converges. Eval mode and `seed` (the
     start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
@@ -182,7 +184,12 @@ def top_eigenvalue(
             v = {k: t / norm for k, t in v.items()}
             hv = {k: t[0] for k, t in hvp({k: t[None] for k, t in v.items()}).items()}
             trace.append(float(sum((v[k] * hv[k]).sum() for k in v)))
-            if len(trace) > 1 and abs(trace[-1] - trace[-2]) <= tol * abs(trace[-1]):
+            # the Rayleigh quotient also stands still when v swings between the eigenvectors
+            # of a +lambda/-lambda pair, so v must be an eigenvector too: its residual
+            # |Hv - theta v| bounds the quotient's error by residual^2 / gap, hence sqrt(tol)
+            residual = float(torch.sqrt(sum(((hv[k] - trace[-1] * v[k]) ** 2).sum() for k in v)))
+            if (len(trace) > 1 and abs(trace[-1] - trace[-2]) <= tol * abs(trace[-1])
+                    and residual <= tol**0.5 * abs(trace[-1])):
                 converged = True
                 break
             v = hv
