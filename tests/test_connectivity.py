@@ -981,3 +981,23 @@ def test_interpolate_leaves_each_submodule_in_the_mode_it_was_in():
     a = {**model.state_dict(), "w": torch.ones(2)}
     C.interpolate(model, a, {**a, "w": 2 * torch.ones(2)}, [(x, torch.randint(0, 2, (8,)))], steps=2)
     assert model.training and not model.norm.training
+
+
+def test_plane_and_interpolate_take_a_float64_model_and_refuse_a_meta_one():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ckpts = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        ckpts.append({k: v.clone() for k, v in model.state_dict().items()})
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    single = C.plane(model, ckpts, [(x, y)], grid=3, bn="none")
+    double = C.plane(model.double(), [{k: v.double() for k, v in c.items()} for c in ckpts],
+                     [(x.double(), y)], grid=3, bn="none")
+    torch.testing.assert_close(double.loss, single.loss, rtol=1e-4, atol=1e-5)
+    meta = torch.nn.Sequential(torch.nn.Linear(4, 8, device="meta"), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3, device="meta"))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="meta device"):
+        C.interpolate(meta, ckpts[0], ckpts[1], [(x, y)])

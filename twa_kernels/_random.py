@@ -52,14 +52,19 @@ def generator(seed: int | None, device: torch.device | str | None = None) -> tor
 
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
-    """Run the body under torch's global CPU RNG seeded with `seed`, restoring the caller's
-    state afterwards; with None, under the global RNG as it is. For code that draws from the
-    global RNG itself and takes no generator (a module's constructor, say)."""
+    """Run the body under torch's global CPU RNG seeded with `seed` (and the CUDA ones, where
+    CUDA is initialised), restoring the caller's states afterwards; with None, under the
+    global RNG as it is. For code that draws from the global RNG itself and takes no
+    generator (a module's constructor, say). torch.manual_seed is not used: before CUDA is
+    initialised it queues the seed for the CUDA generators, which no restore can take back."""
     if check_seed(seed) is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
         yield
 
 

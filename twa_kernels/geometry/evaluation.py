@@ -138,6 +138,10 @@ def parameter_device(model: nn.Module) -> torch.device:
     if first is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters: there are no weights to interpolate, "
                                    "project or differentiate; pass the network whose checkpoints these are")
+    if first.is_meta:
+        raise InvalidArgumentError(f"{type(model).__name__} has its parameters on the meta device, which holds no "
+                                   "values to evaluate; build it on a real device (or model.to_empty(device=...) "
+                                   "and load its weights)")
     return first.device
 
 

@@ -518,6 +518,10 @@ def plane(
     device = parameter_device(model)
     frame.origin = frame.origin.to(device)
     frame.basis = frame.basis.to(device)
+    if frame.buffers is not None:  # read from the checkpoints onto the CPU
+        frame.buffers = [{k: t.to(device) for k, t in part.items()} for part in frame.buffers]
+    # the grid's weights are float32; a model of another dtype gets them in its own
+    own_dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     xs, ys = _grid_axes(located, margin, nx, ny)
     loss, error = torch.empty(ny, nx, dtype=torch.float64), torch.empty(ny, nx, dtype=torch.float64)
     # One weight vector, viewed as the parameters, is the only model-sized memory the grid
@@ -537,6 +541,7 @@ def plane(
                 weights[name].mul_(m)
             if bn == "interpolate":
                 weights.update(frame.buffers_at((xs[j], ys[i])))
-            loss[i, j], error[i, j] = evaluate(model, weights, data, metric, bn,
+            point = {name: w.to(own_dtypes.get(name, w.dtype)) for name, w in weights.items()}
+            loss[i, j], error[i, j] = evaluate(model, point, data, metric, bn,
                                                 bn_data if bn_data is not None else data)
     return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
