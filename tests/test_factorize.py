@@ -469,3 +469,19 @@ def test_collapse_checks_its_threshold_as_sparsity_report_does(threshold, error)
     model = tk.factorize(nn.Sequential(nn.Linear(4, 4)), depth=2, seed=0)
     with pytest.raises(tk.errors.TWAKernelsError, match=error):
         collapse(model, threshold)
+
+
+@pytest.mark.parametrize("helper", ["truncated_std", "matched_sigma", "truncation_bounds"])
+def test_the_init_helpers_refuse_an_empty_truncation_band(helper):
+    # the band eps^(1/D) < |omega| < (2 sigma_w)^(1/D) is empty: truncated_std read 5.7e-9 > sigma_w
+    from twa_kernels import factorization
+
+    with pytest.raises(FactorizationError, match="truncation band of depth 3 is empty"):
+        getattr(factorization, helper)(1e-9, 3)
+
+
+def test_factor_param_groups_names_options_it_sets_itself():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    tk.factorize(model, depth=2, seed=0)
+    with pytest.raises(FactorizationError, match="leave params= out"):
+        tk.factor_param_groups(model, 1e-4, params=list(model.parameters()))

@@ -140,13 +140,18 @@ def _check_eps(eps: float) -> None:
 
 def truncation_bounds(sigma_w: float, depth: int, eps: float = EPS) -> tuple[float, float, float]:
     """(std, low, high) of DWF's factor distribution: N(0, sigma_w^(2/D)) with
-    eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D)); eps must be finite and >= 0."""
+    eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D)); eps must be finite and >= 0, and the
+    band must not be empty (sigma_w above eps / 2)."""
     _check_depth(depth)
     _check_eps(eps)
     if not real("sigma_w", sigma_w) > 0:  # an infinite scale drew every factor as NaN
         raise FactorizationError(f"sigma_w={sigma_w!r}: the init scale must be a finite number > 0 (pass sigma_w= "
                                  "or init='keep')")
-    return sigma_w ** (1.0 / depth), eps ** (1.0 / depth), min(1.0, (2.0 * sigma_w) ** (1.0 / depth))
+    std, low, high = sigma_w ** (1.0 / depth), eps ** (1.0 / depth), min(1.0, (2.0 * sigma_w) ** (1.0 / depth))
+    if not low < high:  # the truncated normal has no mass: every number built on it would be meaningless
+        raise FactorizationError(f"sigma_w={sigma_w!r} is below eps/2: the truncation band of depth {depth} is "
+                                 "empty; pass a larger sigma_w= or a smaller eps=")
+    return std, low, high
 
 
 def truncated_std(sigma_w: float, depth: int, eps: float = EPS) -> float:
@@ -189,8 +194,6 @@ def dwf_init_(factor: Tensor, sigma_w: float, depth: int, eps: float = EPS, seed
 @torch.no_grad()
 def _dwf_init(factor: Tensor, sigma_w: float, depth: int, eps: float, generator: torch.Generator | None) -> Tensor:
     s, lo, hi = truncation_bounds(sigma_w, depth, eps)
-    if not lo < hi:
-        raise FactorizationError(f"sigma_w={sigma_w!r} is below eps/2: the truncation band of depth {depth} is empty")
     u = torch.rand(factor.shape, dtype=torch.float64, generator=generator)
     normal = torch.distributions.Normal(0.0, 1.0)
     c_lo, c_hi = normal.cdf(torch.tensor(lo / s, dtype=torch.float64)), normal.cdf(torch.tensor(hi / s, dtype=torch.float64))
@@ -321,13 +324,9 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
                                  "its weight; pass sigma_w= (a number, or a function of the module)")
     scale = float(dense.detach().float().std()) if scale is None and dense.numel() > 1 else scale
     try:
+        # checked here, before any layer changes, not when its factors are drawn
         truncation_bounds(scale if scale is not None else 0.0, depth, eps)
-        scale = matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
-        _, lo, hi = truncation_bounds(scale, depth, eps)
-        if not lo < hi:  # checked here, before any layer changes, not when its factors are drawn
-            raise FactorizationError(f"sigma_w={scale!r} is below eps/2: the truncation band of depth {depth} is "
-                                     "empty; pass a larger sigma_w= or a smaller eps=")
-        return scale
+        return matched_sigma(scale, depth, eps) if init == "dwf_matched" else scale
     except InvalidArgumentError as err:  # the number checks' own errors too: named with the layer
         raise FactorizationError(f"layer {name!r}.{pname}: {err}") from None
 
@@ -347,6 +346,9 @@ def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_deca
     """Two optimizer parameter groups: the factors with `weight_decay` (the DWF penalty) and
     everything else (biases, norms, unfactorised layers) with `other_weight_decay`.
     Extra keyword options (e.g. lr) go into both groups."""
+    if "params" in group_options:
+        raise FactorizationError("factor_param_groups puts the model's parameters into its groups itself: leave "
+                                 "params= out (the other keyword options go into both groups)")
     for name, value in (("weight_decay", weight_decay), ("other_weight_decay", other_weight_decay)):
         if not real(name, value) >= 0:
             raise FactorizationError(f"{name} must be >= 0, got {value}")

@@ -4,8 +4,9 @@
     r.alphas, r.loss, r.error, r.loss_barrier, r.error_barrier      # error in [0, 1]
 
 Barriers (both for the loss and for the error): max over alpha of
-E(alpha) - ((1 - alpha) E(0) + alpha E(1)), on the evaluated alphas. Zero for a model with
-itself; it can be negative when every interpolant beats the chord.
+E(alpha) - ((1 - alpha) E(0) + alpha E(1)), on the evaluated alphas, endpoints included.
+Zero for a model with itself, and never negative: the endpoints lie on the chord, so a path
+whose every interpolant beats the chord reads 0.
 """
 
 from __future__ import annotations
