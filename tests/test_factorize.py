@@ -265,9 +265,9 @@ def test_product_computed_once_per_forward_per_layer(monkeypatch):
     calls = []
     original = mod._Product.forward
 
-    def counting(ctx, *factors):
+    def counting(*factors):
         calls.append(len(factors))
-        return original(ctx, *factors)
+        return original(*factors)
 
     monkeypatch.setattr(mod._Product, "forward", staticmethod(counting))
     model = factorize(_cnn(), depth=4)
@@ -485,3 +485,37 @@ def test_factor_param_groups_names_options_it_sets_itself():
     tk.factorize(model, depth=2, seed=0)
     with pytest.raises(FactorizationError, match="leave params= out"):
         tk.factor_param_groups(model, 1e-4, params=list(model.parameters()))
+
+
+def test_the_hessian_tools_run_through_a_factorised_model_as_through_plain_products():
+    import functools
+
+    from twa_kernels import connectivity
+    from twa_kernels.factorization import DeepFactorization
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    tk.factorize(model, depth=3, seed=0)
+    data = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))]
+    loss = torch.nn.functional.cross_entropy
+    fused_diag = connectivity.hessian_diagonal(model, loss, data, samples=8, seed=2)
+    fused_top = connectivity.top_eigenvalue(model, loss, data, iters=30, seed=2)
+    plain = lambda self, *factors: functools.reduce(torch.mul, factors)  # noqa: E731
+    original = DeepFactorization.forward
+    DeepFactorization.forward = plain
+    try:
+        plain_diag = connectivity.hessian_diagonal(model, loss, data, samples=8, seed=2)
+        plain_top = connectivity.top_eigenvalue(model, loss, data, iters=30, seed=2)
+    finally:
+        DeepFactorization.forward = original
+    for name, value in plain_diag.items():
+        torch.testing.assert_close(fused_diag[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    assert fused_top.trace == pytest.approx(plain_top.trace, rel=1e-5)
+
+
+def test_the_product_passes_gradcheck_in_both_modes():
+    from twa_kernels.factorization import _Product
+
+    for depth in (2, 3, 4):
+        factors = tuple(torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(depth))
+        assert torch.autograd.gradcheck(_Product.apply, factors, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(_Product.apply, factors)

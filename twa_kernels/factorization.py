@@ -67,15 +67,40 @@ class FactorizationError(InvalidArgumentError):
 
 
 class _Product(torch.autograd.Function):
-    """w = prod_d omega_d elementwise; backward from the saved factors, no saved intermediates."""
+    """w = prod_d omega_d elementwise; backward from the saved factors, no saved intermediates.
+
+    In torch.func's form (setup_context, jvp, a generated vmap rule), so the Hessian tools'
+    vmap(jvp(grad)) runs through a factorised model; the backward is made of torch ops, so it
+    is itself differentiable, forward or reverse."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, *factors: Tensor) -> Tensor:
-        ctx.save_for_backward(*factors)
+    def forward(*factors: Tensor) -> Tensor:
         out = factors[0] * factors[1]
         for f in factors[2:]:
             out.mul_(f)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, *tangents: Tensor | None) -> Tensor:
+        # d(prod_j f_j) = sum_i t_i * prod_{j != i} f_j
+        factors = ctx.saved_tensors
+        out = None
+        for i, t in enumerate(tangents):
+            if t is None:
+                continue
+            term = t
+            for j, f in enumerate(factors):
+                if j != i:
+                    term = term * f
+            out = term if out is None else out + term
+        return out if out is not None else torch.zeros_like(factors[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
