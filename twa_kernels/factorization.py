@@ -437,13 +437,14 @@ def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
             del module._modules["parametrizations"]
             for pname, w in weights.items():
                 setattr(module, pname, nn.Parameter(w.masked_fill(w.abs() < threshold, 0.0)))
+            module._dwf_collapsed = tuple(weights)  # so sparsity_report counts what it counted before
     return plain
 
 
 @dataclass
 class SparsityReport:
-    """Nonzero counts of the weights DWF sparsifies (factorised layers, or Linear/Conv weights
-    of a plain model). compression = total / nonzero."""
+    """Nonzero counts of the weights DWF sparsifies (every Linear/Conv weight and every
+    factorised tensor). compression = total / nonzero."""
 
     rows: list[tuple[str, int, int]] = field(default_factory=list)  # (name, total, nonzero)
 
@@ -497,22 +498,21 @@ class SparsityReport:
 @torch.no_grad()
 def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
     """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as zero).
-    threshold is a finite number >= 0; a model with no weight to count is refused."""
+    It counts every Linear/Conv weight and every factorised tensor (a bias or a norm's weight
+    that `factorize` replaced), on a factorised model and on its `collapse` copy alike, so the
+    two reports agree. threshold is a finite number >= 0; a model with no weight to count is
+    refused."""
     # a NaN threshold counted every weight as zero (|w| >= nan is False), so a dense layer read as fully sparse
     _check_threshold(threshold)
-    factorised = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
+    types = weight_layer_types()
     report = SparsityReport()
-    if factorised:
-        for name, module in factorised:
-            for pname in module.parametrizations.keys():
-                w = getattr(module, pname)
-                report.rows.append((f"{name}.{pname}", w.numel(), int((w.abs() >= threshold).sum())))
-    else:
-        types = weight_layer_types()
-        for name, module in model.named_modules():
-            if isinstance(module, types):
-                w = module.weight
-                report.rows.append((f"{name}.weight", w.numel(), int((w.abs() >= threshold).sum())))
+    for name, module in model.named_modules():
+        counted = ["weight"] if isinstance(module, types) else []
+        replaced = module.parametrizations.keys() if _is_factorized(module) else getattr(module, "_dwf_collapsed", ())
+        counted += [pname for pname in replaced if pname not in counted]
+        for pname in counted:
+            w = getattr(module, pname)
+            report.rows.append((f"{name}.{pname}", w.numel(), int((w.abs() >= threshold).sum())))
     if report.total == 0:  # no weights is not "all zero": the report would read sparsity 1.0
         raise FactorizationError(f"{type(model).__name__} has no factorised layer and no Linear/Conv weight to count; "
                                  "pass the model whose weights tk.factorize replaced (or its tk.collapse copy)")
