@@ -1001,3 +1001,19 @@ def test_plane_and_interpolate_take_a_float64_model_and_refuse_a_meta_one():
                                torch.nn.Linear(8, 3, device="meta"))
     with pytest.raises(tk.errors.InvalidArgumentError, match="meta device"):
         C.interpolate(meta, ckpts[0], ckpts[1], [(x, y)])
+
+
+def test_sharpness_of_mse_loss_equals_that_of_the_same_loss_written_out():
+    # torch's forward-over-reverse of F.mse_loss fails ("ZeroTensors are immutable")
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    data = [(torch.randn(8, 3), torch.randn(8, 2)), (torch.randn(4, 3), torch.randn(4, 2))]
+    written_out = lambda out, y: ((out - y) ** 2).mean()  # noqa: E731
+    got = C.hessian_diagonal(model, F.mse_loss, data, samples=16, seed=1)
+    expected = C.hessian_diagonal(model, written_out, data, samples=16, seed=1)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    top = C.top_eigenvalue(model, F.mse_loss, data, seed=1)
+    assert top.value == pytest.approx(C.top_eigenvalue(model, written_out, data, seed=1).value, rel=1e-5)

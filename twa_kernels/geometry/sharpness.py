@@ -86,16 +86,30 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
         grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
         return torch.func.jvp(grad, (params,), (v,))[1]  # forward-over-reverse
 
+    def batch_hvp_reverse(args: tuple, kwargs: dict[str, Any], y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
+        grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
+        return torch.func.vjp(grad, params)[1](v)[0]  # H is symmetric: v^T H = (H v)^T
+
+    reverse = []  # set once forward-over-reverse failed as below: every later product goes reverse
+
     def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
         out = None
         for args, kwargs, y in batches:
             try:
-                part = torch.func.vmap(functools.partial(batch_hvp, args, kwargs, y))(v)
+                product = batch_hvp_reverse if reverse else batch_hvp
+                part = torch.func.vmap(functools.partial(product, args, kwargs, y))(v)
             except NotImplementedError as exc:
                 named = _no_forward_ad(exc)
                 if named is None:
                     raise
                 raise named from exc
+            except RuntimeError as exc:
+                # torch's forward-over-reverse of F.mse_loss writes into an immutable zero
+                # tangent (pytorch/pytorch#123996): reverse-over-reverse gives the same H v
+                if reverse or "ZeroTensors are immutable" not in str(exc):
+                    raise
+                reverse.append(True)
+                part = torch.func.vmap(functools.partial(batch_hvp_reverse, args, kwargs, y))(v)
             scale = len(y) / total
             out = {k: t * scale for k, t in part.items()} if out is None else \
                 {k: out[k].add_(t, alpha=scale) for k, t in part.items()}
