@@ -535,3 +535,13 @@ def test_sparsity_of_a_factorised_model_and_of_its_collapse_agree(biases):
     assert factorised.rows == collapsed.rows
     assert [name for name, _, _ in factorised.rows] == ["0.weight", *(["0.bias"] if biases else []), "2.weight"]
     assert factorised.nonzero == 24 and factorised.total == 32 + 8 * biases + 24
+
+
+def test_collapse_keeps_a_frozen_layer_frozen():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    tk.factorize(model, depth=2, seed=0)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    plain = tk.collapse(model)
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == {
+        "0.bias": False, "0.weight": False, "2.bias": True, "2.weight": True}

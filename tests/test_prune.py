@@ -355,6 +355,33 @@ def test_the_default_training_loop_takes_a_hugging_face_classifier():
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_the_default_training_loop_takes_hugging_face_style_mapping_items_as_the_same_pairs():
+    # items {"input_ids": ..., "labels": ...}: the loop unpacked the mapping's keys and failed
+    import transformers  # a test extra
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    ids, labels = torch.randint(0, 30, (32, 8)), torch.arange(32) % 3
+    trained = []
+    for data in (TensorDataset(ids, labels), [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]):
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(config)
+        tk.prune.train_classifier(model, data, epochs=1, batch_size=16, seed=0)
+        trained.append(model.state_dict())
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_classifier_names_an_iterable_dataset():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.randn(4), torch.tensor(0))])
+
+    with pytest.raises(tk.errors.InvalidArgumentError, match="Stream has no length to shuffle"):
+        tk.prune.train_classifier(nn.Linear(4, 3), Stream())
+
+
 @pytest.mark.parametrize("settings, error", [
     (dict(lr=float("nan")), "lr must be a finite number"),  # trained every weight to NaN
     (dict(lr=float("inf")), "lr must be a finite number"),

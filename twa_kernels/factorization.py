@@ -126,7 +126,8 @@ class DeepFactorization(nn.Module):
     """The parametrization w = prod_d omega_d (registered by `factorize`, one per layer).
 
     `right_inverse` turns a dense weight into D balanced factors (sign on the first), which is
-    how `init="keep"` factorises the current weights exactly; DWF's random initialisation
+    how `init="keep"` factorises the current weights exactly (to the dtype's rounding: about
+    1e-7 relative in float32, 1e-3 in float16, 1e-2 in bfloat16); DWF's random initialisation
     overwrites the factors afterwards.
     """
 
@@ -300,7 +301,8 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         "dwf_matched" is that distribution with its sigma raised so that the product's std
         equals sigma_w (the truncation otherwise leaves the product at 51% / 28% / 17% of
         sigma_w for D = 2 / 3 / 4, which at D >= 3 can trap a deep net at w = 0);
-        "keep" factorises the current weights exactly into balanced factors.
+        "keep" factorises the current weights exactly into balanced factors (to the
+        rounding of the weights' dtype: float16 and bfloat16 products differ in the last bits).
     sigma_w: the layer's usual init std; None measures it from the current weight (right at
         construction that is PyTorch's default init), a callable gets the module.
     eps: the lower truncation bound above, finite and >= 0.
@@ -436,7 +438,9 @@ def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
             module.__class__ = module.__class__.__bases__[0]
             del module._modules["parametrizations"]
             for pname, w in weights.items():
-                setattr(module, pname, nn.Parameter(w.masked_fill(w.abs() < threshold, 0.0)))
+                # trainable as the factors were: a frozen factorised weight stays frozen
+                setattr(module, pname, nn.Parameter(w.detach().masked_fill(w.abs() < threshold, 0.0),
+                                                    requires_grad=w.requires_grad))
             module._dwf_collapsed = tuple(weights)  # so sparsity_report counts what it counted before
     return plain
 

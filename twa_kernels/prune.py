@@ -43,13 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from twa_kernels._progress import progress_bar
 from twa_kernels._checks import real
 from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
-from twa_kernels.geometry.evaluation import classification_metric
+from twa_kernels.geometry.evaluation import classification_metric, split_batch
 from twa_kernels.io import StateDict, load_state_dict, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import weight_layer_types
 
@@ -278,7 +278,8 @@ def train_classifier(
     schedule: str = "cosine",
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
-    """The default training loop over (inputs, labels, ...) items: cross-entropy of the
+    """The default training loop over (inputs, labels, ...) items (or mappings of the model's
+    keyword arguments with a "labels" entry, as Hugging Face datasets give): cross-entropy of the
     model's logits (or of a Hugging Face ModelOutput's `.logits`), SGD with momentum (or `optimizer(params)`),
     a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
     the shuffling and every other draw of the training, such as dropout's, and leaves torch's
@@ -296,6 +297,10 @@ def train_classifier(
             raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
     if next(model.parameters(), None) is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters to train")
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+        raise InvalidArgumentError(f"train_classifier shuffles a map-style dataset, and a {type(data).__name__} has "
+                                   "no length to shuffle or schedule by; pass a Dataset with __getitem__ and __len__ "
+                                   "(a TensorDataset, a list of pairs), or give imp a train_fn of your own")
     if len(data) == 0:
         # an empty loader made no step at all and left the model silently untrained
         raise InvalidArgumentError(f"data is empty ({type(data).__name__} of length 0); pass a dataset with at "
@@ -309,9 +314,10 @@ def train_classifier(
     model.train()
     with seeded(seed):  # an int seed covers every draw of the training (dropout's too), not the order alone
         for _ in range(epochs):
-            for x, y, *_ in loader:  # (inputs, labels, ...): what follows the labels (weights, ids) is not used
+            for batch in loader:  # (inputs, labels, ...): what follows the labels (weights, ids) is not used
+                args, kwargs, labels = split_batch(batch, device)
                 opt.zero_grad()
-                classification_metric(model(x.to(device)), y.to(device))[0].backward()  # logits or a ModelOutput's
+                classification_metric(model(*args, **kwargs), labels)[0].backward()  # logits or a ModelOutput's
                 opt.step()
                 if sched is not None:
                     sched.step()

@@ -197,18 +197,25 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
 def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
     """(args, kwargs, targets) of one batch, on `device` (see the module docstring): an
     (inputs, targets, ...) tuple or list gives ((inputs,), {}, targets); a mapping gives
-    ((), the whole mapping, its "labels"), as update_bn feeds it."""
+    ((), the whole mapping, its "labels"), as update_bn feeds it. Targets carry the batch
+    dimension (batches are weighted by its size)."""
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return (batch[0].to(device),), {}, batch[1].to(device)
-    if isinstance(batch, Mapping):
+        args, kwargs, targets = (batch[0].to(device),), {}, batch[1]
+    elif isinstance(batch, Mapping):
         if not isinstance(batch.get("labels"), Tensor):
             raise InvalidArgumentError(f"a mapping batch is fed to the model as keyword arguments and its 'labels' "
                                        f"tensor is the targets; this one has none (keys {list(batch)}): add the "
                                        "targets under 'labels', or yield (inputs, targets) tuples")
-        kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        return (), kwargs, kwargs["labels"]
-    raise InvalidArgumentError(f"data must yield (inputs, targets) batches, or mappings of keyword arguments with "
-                               f"a 'labels' tensor (Hugging Face batches), got {type(batch).__name__}")
+        args, kwargs = (), {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        targets = kwargs["labels"]
+    else:
+        raise InvalidArgumentError(f"data must yield (inputs, targets) batches, or mappings of keyword arguments "
+                                   f"with a 'labels' tensor (Hugging Face batches), got {type(batch).__name__}")
+    if not isinstance(targets, Tensor) or targets.dim() == 0:
+        got = "a 0-d tensor" if isinstance(targets, Tensor) else type(targets).__name__
+        raise InvalidArgumentError(f"a batch's targets must be a tensor with a batch dimension, got {got}; give one "
+                                   "example as a batch of one (x[None], y[None]), or batch the data with a DataLoader")
+    return args, kwargs, targets.to(device)
 
 
 @contextlib.contextmanager

@@ -131,7 +131,8 @@ def hessian_diagonal(
     """Hutchinson's estimate of the diagonal of the Hessian of the mean loss over `data` with
     respect to the parameters: the mean over `samples` Rademacher probes z of z * (H z).
 
-    Returns tensors shaped like the parameters, by name. Each probe costs one
+    Returns tensors shaped like the parameters, by name: all of them, frozen ones
+    (requires_grad=False) included, as in the Hessian of the loss over every weight. Each probe costs one
     Hessian-vector product per batch (vmapped `chunk` probes at a time), where the exact
     diagonal costs one backward pass per parameter. Its variance for entry i is
     sum_{j != i} H_ij^2 / samples, so accuracy grows as sqrt(samples); on the tiny MLP of
