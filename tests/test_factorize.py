@@ -545,3 +545,19 @@ def test_collapse_keeps_a_frozen_layer_frozen():
     plain = tk.collapse(model)
     assert {n: p.requires_grad for n, p in plain.named_parameters()} == {
         "0.bias": False, "0.weight": False, "2.bias": True, "2.weight": True}
+
+
+def test_a_module_used_under_two_names_is_found_by_either_and_factorised_once():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a  # the same module under a second name
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    for layers in (["b"], ["a", "b"], [nn.Linear]):
+        model = Shared()
+        tk.factorize(model, depth=2, layers=layers, seed=0)
+        assert parametrize.is_parametrized(model.a) and len(tk.factorization.factor_parameters(model)) == 2

@@ -251,7 +251,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
             chosen = [(n, m) for n, m in chosen if n not in tied]
     else:
         specs = list(layers)
-        modules = dict(model.named_modules())
+        # every name of a module used twice is found; the module itself is factorised once
+        modules = dict(model.named_modules(remove_duplicate=False))
         chosen, seen = [], set()
         for spec in specs:
             if isinstance(spec, str):
@@ -264,8 +265,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
             else:
                 raise FactorizationError(f"layers: {spec!r} is neither a module name nor an nn.Module type")
             for name, module in hits:
-                if name not in seen:
-                    seen.add(name)
+                if id(module) not in seen:
+                    seen.add(id(module))
                     chosen.append((name, module))
     for name, module in chosen:
         if _is_factorized(module):
