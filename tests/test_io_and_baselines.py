@@ -226,6 +226,44 @@ def test_update_bn_names_an_empty_tuple_batch():
         tk.update_bn([()], _bn_model())
 
 
+def _rezipped(source: Path, target: Path, compression: int, record=lambda name, data: data) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", compression) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, record(info.filename, old.read(info)))
+    return target
+
+
+@pytest.mark.parametrize("variant", ["deflated", "big_endian"])
+def test_a_torch_zip_that_cannot_be_mapped_as_stored_is_read_whole_and_right(tmp_path, variant):
+    # the streamed reader mapped deflated records (reading compressed bytes as weights) and
+    # dropped the pages of byte-swapped ones (reading them unswapped): wrong weights, no error
+    import array
+    import zipfile
+
+    state = {"a": torch.arange(16.0), "b": torch.arange(16.0) + 100, "c": torch.arange(4.0) + 7}
+    torch.save(state, tmp_path / "plain.pt")
+    if variant == "deflated":
+        path = _rezipped(tmp_path / "plain.pt", tmp_path / "file.pt", zipfile.ZIP_DEFLATED)
+    else:
+        def big(name, data):
+            if name.endswith("/byteorder"):
+                return b"big"
+            if "/data/" in name:
+                values = array.array("f", data)
+                values.byteswap()
+                return values.tobytes()
+            return data
+        path = _rezipped(tmp_path / "plain.pt", tmp_path / "file.pt", zipfile.ZIP_STORED, big)
+    assert all(torch.equal(load_state_dict(path)[k], v) for k, v in state.items())
+    reader = ColumnReader(path)
+    for key in reader.keys():
+        assert torch.equal(reader.tensor(key), state[key]), key
+    sub = tk.Subspace.from_checkpoints([path, tmp_path / "plain.pt"], bits=None)
+    torch.testing.assert_close(sub.center, torch.cat([v for v in state.values()]), rtol=0, atol=0)
+
+
 _MEMORY_PROBE = r"""
 import resource, sys, torch, twa_kernels as tk
 paths = sys.argv[2:]

@@ -35,7 +35,7 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _strip_key, _strip_names
-from twa_kernels.io.read import _non_finite
+from twa_kernels.io.read import _non_finite, zip_maps_as_stored
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,10 @@ class ColumnReader:
                 self._open_state = safetensors.safe_open(str(self._spec), framework="pt", device="cpu")
             except Exception as exc:
                 raise CheckpointError(f"{self._spec}: not a readable safetensors file ({exc})") from exc
-        elif not zipfile.is_zipfile(self._spec):  # a legacy torch file cannot be mapped: load it whole, once
-            logger.warning("%s: not a zip-format torch file, so it cannot be read lazily; loading it whole "
+        elif not zipfile.is_zipfile(self._spec) or not zip_maps_as_stored(self._spec):
+            # a legacy torch file, or a zip torch cannot map as it is: load it whole, once
+            logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "
+                           "records or another byte order), so it cannot be read lazily; loading it whole "
                            "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
             self._open_state, self._kind = load_state_dict(self._spec), "memory"
         else:

@@ -230,6 +230,23 @@ def _storage_dtype(path: str | os.PathLike, kind: str) -> torch.dtype:
     return dtype
 
 
+def zip_maps_as_stored(path: str | os.PathLike) -> bool:
+    """Whether a zip torch file's records can be mapped and read in place, as torch.save
+    writes them: every record stored uncompressed, in this machine's byte order. torch reads
+    a compressed record or a foreign byte order correctly only when it loads the file whole:
+    a mapping would hand out the compressed bytes, or byte-swap pages that are then dropped
+    and read again unswapped (see _memory.drop_pages)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                return False
+            order = next((n for n in archive.namelist() if n.endswith("/byteorder")), None)
+            return order is None or archive.read(order).decode("ascii", "replace").strip() == sys.byteorder
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: damaged, or not a torch checkpoint ({exc}); restore the file or save it "
+                              "again with torch.save(model.state_dict(), path)") from exc
+
+
 def _check_storage_records(path: str | os.PathLike) -> None:
     """Refuse a zip torch file where a storage its pickle declares is not exactly one of its
     data records. A mapped load (torch.load(mmap=True)) takes the size from the pickle and
