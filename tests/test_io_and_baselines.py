@@ -98,6 +98,21 @@ def test_averages_refuse_a_later_checkpoint_whose_entries_differ_from_the_first(
         assert set(tk.uniform_average(ckpts, model=model)) == set(model.state_dict())
 
 
+def test_complex_entries_are_averaged_and_their_nan_refused(tmp_path):
+    # a complex entry came from the last checkpoint unaveraged, and a complex NaN passed
+    paths = []
+    for i, v in enumerate((1.0, 3.0)):
+        torch.save({"w": torch.full((2,), v * (1 + 1j), dtype=torch.complex64), "r": torch.full((2,), v)},
+                   tmp_path / f"c{i}.pt")
+        paths.append(tmp_path / f"c{i}.pt")
+    for average in (tk.uniform_average(paths), tk.ema_average(paths, decay=0.5)):
+        assert torch.equal(average["w"], torch.full((2,), 2 + 2j, dtype=torch.complex64))
+        assert torch.equal(average["r"], torch.full((2,), 2.0))
+    torch.save({"w": torch.full((2,), complex("nan"), dtype=torch.complex64), "r": torch.ones(2)}, tmp_path / "bad.pt")
+    with pytest.raises(tk.errors.CheckpointError, match="'w' holds 2 NaN or Inf"):
+        tk.uniform_average([paths[0], tmp_path / "bad.pt"])
+
+
 def test_greedy_soup_adds_only_what_helps():
     ckpts = _checkpoints(4)
     target = ckpts[1]["0.weight"]

@@ -20,6 +20,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, random_split
 
@@ -40,6 +41,17 @@ from twa_kernels.io import (
 )
 
 
+def _averaged(value: Tensor) -> bool:
+    """Whether an entry is averaged (real or complex floating point); the others, integer
+    counters and masks, come from the last checkpoint."""
+    return value.is_floating_point() or value.is_complex()
+
+
+def _wide(value: Tensor) -> Tensor:
+    """The entry in float64, or complex128: the sums are kept at double precision."""
+    return value.to(torch.complex128 if value.is_complex() else torch.float64)
+
+
 def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
     """`state` holds the first checkpoint's keys, no others, each of its shape and kind
     (floating point or not): an entry that only later checkpoints hold, or one that turns
@@ -50,7 +62,7 @@ def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
         if state[key].shape != value.shape:
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the first "
                                   f"checkpoint has {tuple(value.shape)}")
-        if state[key].is_floating_point() != value.is_floating_point():
+        if _averaged(state[key]) != _averaged(value) or state[key].is_complex() != value.is_complex():
             raise CheckpointError(f"{source}: key {key!r} is {state[key].dtype} but the first checkpoint's is "
                                   f"{value.dtype}; checkpoints of one model hold each entry in one kind")
     extra = [key for key in state if key not in reference]
@@ -105,7 +117,7 @@ def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDi
     for source, state in _states(specs, model):
         if first is None:
             first = state
-            acc = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
+            acc = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}
         else:
             _check_layout(first, state, source)
             update(acc, state)
@@ -118,7 +130,7 @@ def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) ->
 
     def add(acc: dict[str, Tensor], state: StateDict) -> None:
         for k in acc:
-            acc[k] += state[k].double()
+            acc[k] += _wide(state[k])
 
     total, last, count = _fold(checkpoints, add, model)
     return _finish(total, last, 1.0 / count)
@@ -131,7 +143,7 @@ def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module |
 
     def blend(acc: dict[str, Tensor], state: StateDict) -> None:
         for k in acc:
-            acc[k].mul_(decay).add_(state[k].double(), alpha=1.0 - decay)
+            acc[k].mul_(decay).add_(_wide(state[k]), alpha=1.0 - decay)
 
     avg, last, _ = _fold(checkpoints, blend, model)
     return _finish(avg, last, 1.0)
@@ -162,10 +174,10 @@ def greedy_soup(
     for i in order:
         _, state = next(_states([specs[i]], model))
         if total is None:
-            total = {k: v.double().clone() for k, v in state.items() if v.is_floating_point()}
+            total = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}
             last = state
             continue
-        candidate_total = {k: total[k] + state[k].double() for k in total}
+        candidate_total = {k: total[k] + _wide(state[k]) for k in total}
         candidate = _finish(candidate_total, state, 1.0 / (len(chosen) + 1))
         candidate_score = _real_score(score(candidate), f"the soup of checkpoints {[*chosen, i]}")
         if candidate_score >= best_score:

@@ -332,11 +332,11 @@ def finite(value: Tensor) -> Tensor:
 
 
 def check_finite(state: Mapping[str, Tensor], source: str, keys: Sequence[str] | None = None) -> None:
-    """Refuse a checkpoint whose floating-point entries (or just `keys`) hold NaN or Inf,
+    """Refuse a checkpoint whose floating-point or complex entries (or just `keys`) hold NaN or Inf,
     naming the file and the key: averaged in, one bad value would spoil every result."""
     for key in state if keys is None else keys:
         value = state[key]
-        if value.is_floating_point() and not bool(finite(value).all()):
+        if (value.is_floating_point() or value.is_complex()) and not bool(finite(value).all()):
             raise _non_finite(source, key, int((~finite(value)).sum()), value.numel())
 
 
