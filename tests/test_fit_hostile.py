@@ -78,6 +78,9 @@ def waiting_loader():  # marks that training started, then waits for a signal
 def nan_loss(outputs, targets):
     return torch.nn.functional.cross_entropy(outputs, targets) * float("nan")
 
+def per_sample_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
 def nan_valued_loss(outputs, targets):  # NaN in value only: its gradient is cross-entropy's
     loss = torch.nn.functional.cross_entropy(outputs, targets)
     return loss + (loss * float("nan")).detach()
@@ -255,6 +258,26 @@ def test_a_run_that_diverges_is_a_fit_error_and_writes_nothing(in_project, overr
     with pytest.raises(FitError, match=rf"{message}.*nothing was written"):
         run_fit(config, progress=False)
     assert not (in_project / "nan-out").exists() and _leftovers(in_project, "nan-out") == []
+
+
+def test_a_loss_class_is_made_with_its_defaults_and_trains_as_its_function(in_project):
+    reports = [run_fit(_config(in_project, output=str(in_project / f"loss-{i}"), loss=loss), progress=False)
+               for i, loss in enumerate(("torch.nn.functional:cross_entropy", "torch.nn:CrossEntropyLoss"))]
+    assert reports[0]["train_loss_last_10_batches"] == pytest.approx(reports[1]["train_loss_last_10_batches"], rel=1e-6)
+
+
+def test_a_loss_that_is_not_one_number_is_named_and_writes_nothing(in_project):
+    config = _config(in_project, output=str(in_project / "per-sample-out"), loss="fit_hostile_pkg:per_sample_loss")
+    with pytest.raises(FitError, match=r"returned \(128,\), not one number"):
+        run_fit(config, progress=False)
+    assert not (in_project / "per-sample-out").exists()
+
+
+def test_a_key_given_twice_in_the_config_is_refused_naming_it(in_project):
+    path = _config(in_project, name="twice.yaml")
+    path.write_text(path.read_text() + "epochs: 2\n")
+    with pytest.raises(FitError, match="the key 'epochs' appears twice"):
+        run_fit(path, progress=False)
 
 
 # -- empty data ----------------------------------------------------------------------------

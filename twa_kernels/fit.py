@@ -206,6 +206,25 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
                      train_on=train_on, loss=loss, output=output, distributed_mode=mode, source=where)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping: YAML's own rule
+    is that the last one wins, so a second `epochs:` would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (first at line {seen[key] + 1}); give it once",
+                    key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:
     """The checked config; `required` are the keys it must have (`twa connect` and `twa
     plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
@@ -214,7 +233,7 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
         raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path" if path.is_dir()
                        else f"{path}: no such config file")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise FitError(f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded); give the YAML "
                        "config file, not a checkpoint or other binary file") from exc
@@ -265,6 +284,31 @@ def callable_from(spec: str, what: str) -> Callable:
     if not callable(obj):
         raise FitError(f"{what}: {spec!r} is {type(obj).__name__}, not callable; name a function or class")
     return obj
+
+
+def _loss_function(spec: str) -> Callable:
+    """The loss named by `spec`: a function of (outputs, targets), or an nn.Module loss
+    class (torch.nn:CrossEntropyLoss), made with its defaults."""
+    obj = callable_from(spec, "loss")
+    if isinstance(obj, type):
+        if not issubclass(obj, nn.Module):
+            raise FitError(f"loss: {spec!r} is a class, not a loss; name a function of (outputs, targets) or an "
+                           "nn.Module loss class such as torch.nn:CrossEntropyLoss")
+        try:
+            return obj()
+        except TypeError as exc:
+            raise FitError(f"loss: {spec!r} cannot be made without arguments ({exc}); name a function of "
+                           "(outputs, targets) in your own module that builds it as you need") from exc
+    return obj
+
+
+def _one_number(loss: Any, spec: str) -> torch.Tensor:
+    """The loss of one batch, which must be one number (a tensor of one element)."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise FitError(f"loss: {spec!r} returned {shape}, not one number; a loss reduced over the batch "
+                       "(reduction='mean') is what the coefficients train on")
+    return loss
 
 
 def _call(spec: str, what: str) -> Any:
@@ -324,11 +368,11 @@ class _Batches:
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, group: Any = None) -> float:
+def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, spec: str, group: Any = None) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
-        total += float(loss_fn(model(x), y)) * len(y)
+        total += float(_one_number(loss_fn(model(x), y), spec)) * len(y)
         count += len(y)
     if group is not None:  # over every rank's share
         sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
@@ -381,7 +425,7 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
 def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, outputs: OutputDirectory | None) -> dict:
     progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
-    loss_fn = callable_from(config.loss, "loss")  # before any work, as the config's other checks
+    loss_fn = _loss_function(config.loss)  # before any work, as the config's other checks
     model = _call(config.model, "model")
     if not isinstance(model, nn.Module):
         raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
@@ -414,14 +458,14 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
         # normalises with batch statistics, and update_bn recomputes them again at the end.
         if _has_batchnorm(model):
             _update_bn(twa, train_loader, group)
-        report["val_loss_at_swa"] = _mean_loss(twa, val_loader, loss_fn, group)
+        report["val_loss_at_swa"] = _mean_loss(twa, val_loader, loss_fn, config.loss, group)
     losses = []
     for epoch in range(config.epochs):
         twa.train()
         for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
-            loss = loss_fn(twa(x), y)
+            loss = _one_number(loss_fn(twa(x), y), config.loss)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())  # after backward: the value only
@@ -432,7 +476,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
     if _has_batchnorm(model):
         _update_bn(twa, train_loader, group)
     if val_loader is not None:
-        report["val_loss_after_twa"] = _mean_loss(twa, val_loader, loss_fn, group)
+        report["val_loss_after_twa"] = _mean_loss(twa, val_loader, loss_fn, config.loss, group)
     report.update(train_loss_last_10_batches=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                   seconds=time.perf_counter() - start)
 
