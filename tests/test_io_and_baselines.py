@@ -113,6 +113,16 @@ def test_complex_entries_are_averaged_and_their_nan_refused(tmp_path):
         tk.uniform_average([paths[0], tmp_path / "bad.pt"])
 
 
+def test_an_empty_safetensors_file_is_refused_as_an_empty_torch_file_is(tmp_path):
+    # it loaded as {} and two of them averaged to {}
+    import safetensors.torch
+
+    for name in ("a", "b"):
+        safetensors.torch.save_file({}, str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(tk.errors.CheckpointError, match="a.safetensors: holds no tensors"):
+        tk.uniform_average([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+
+
 def test_greedy_soup_adds_only_what_helps():
     ckpts = _checkpoints(4)
     target = ckpts[1]["0.weight"]

@@ -75,6 +75,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
             tensors = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        if not tensors:  # as for a torch file: averaged with others, it would give an empty result
+            raise CheckpointError(f"{path}: holds no tensors; save model.state_dict()")
         return _strip_prefixes(tensors, str(path))
     return unwrap_state_dict(_torch_load(path), str(path))
 
