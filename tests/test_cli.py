@@ -82,6 +82,7 @@ def test_fit_writes_the_averaged_model_and_a_report(project, int8_gradients):
     [
         (dict(model="userpkg:no_such_factory"), "unknown import string 'userpkg:no_such_factory'"),
         (dict(model="nopkg.models:make"), "cannot import module 'nopkg.models'"),
+        (dict(model=".userpkg:make_model"), "cannot import module '.userpkg'"),  # relative: a TypeError before
         (dict(checkpoints="{root}/ckpts/nothing_*.pt"), "matches no files"),
         (dict(bits=3), "bits must be one of [1, 2, 4, 8] or null, got 3"),
         (dict(bits=None, int8_gradients=True), "int8_gradients: true rounds gradients per basis group"),

@@ -267,7 +267,7 @@ def import_string(spec: str) -> Any:
     _working_directory_on_path()
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, TypeError, ValueError) as exc:  # a relative ('.pkg') or empty module name too
         raise FitError(f"unknown import string {spec!r}: cannot import module {module_name!r} ({exc})") from exc
     try:
         obj = module
