@@ -1022,7 +1022,8 @@ def test_sharpness_of_mse_loss_equals_that_of_the_same_loss_written_out():
 def test_a_batch_without_a_batch_dimension_is_named():
     model = torch.nn.Linear(3, 2)
     a, b = model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()}
-    with pytest.raises(tk.errors.InvalidArgumentError, match="targets must be a tensor with a batch dimension, got a 0-d"):
+    with pytest.raises(tk.errors.InvalidArgumentError,
+                       match="targets must be a tensor with a batch dimension, got a 0-d"):
         C.interpolate(model, a, b, [(torch.randn(3), torch.tensor(1))], steps=3, bn="none")
     with pytest.raises(tk.errors.InvalidArgumentError, match="got a 0-d"):
         C.hessian_diagonal(model, torch.nn.functional.cross_entropy, [(torch.randn(3), torch.tensor(1))], samples=2)

@@ -407,7 +407,8 @@ def test_all_reduce_metrics_sums_by_name_and_refuses_names_that_differ_on_every_
         assert res["metrics"] == {"count": 4.0, "loss": 4.5}
         for case in ("renamed", "extra"):
             text = res[f"metrics_{case}"]
-            assert text.startswith("InvalidArgumentError: all_reduce_metrics: ranks [1] passed other metric names"), text
+            expected = "InvalidArgumentError: all_reduce_metrics: ranks [1] passed other metric names"
+            assert text.startswith(expected), text
     own, peer = hostile_job[1]["metrics_not_a_number"], hostile_job[0]["metrics_not_a_number"]
     assert own.startswith("InvalidTypeError: all_reduce_metrics: 'loss' is str"), own
     assert peer.startswith("RankFailedError: rank 1 failed while checking its metrics"), peer

@@ -189,8 +189,9 @@ class Subspace:
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Views of a [D] vector shaped like the parameters, by name."""
         if not isinstance(vector, Tensor) or tuple(vector.shape) != (self.num_weights,):
-            raise InvalidArgumentError(f"unflatten takes a vector of the subspace's {self.num_weights} weights, got "
-                                       f"{tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__}")
+            got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+            raise InvalidArgumentError(f"unflatten takes a vector of the subspace's {self.num_weights} weights, "
+                                       f"got {got}")
         # split, not slicing: its backward is one concatenation, where each slice's backward
         # would write a full-size zero tensor
         pieces = vector.split([math.prod(shape) for shape in self.shapes])
