@@ -14,9 +14,15 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError
 
 
+def running_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """The BatchNorm layers of `model` that keep running statistics, by name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
 def has_running_statistics(model: nn.Module) -> bool:
     """Whether `model` holds BatchNorm running statistics, which averaged weights make stale."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+    return bool(running_norms(model))
 
 
 def _feed(model: Callable[..., Any], batch: Any) -> None:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from twa_kernels.batchnorm import running_norms
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
@@ -124,8 +125,7 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int
     2 x channels + 1 floats per layer. Ranks with no batches count zero. Returns the most
     batches any BatchNorm saw over all ranks (0: none, and the statistics are unchanged)."""
     check_group(process_group)
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = list(running_norms(model).values())
     if not norms:
         return 0
     parts = []

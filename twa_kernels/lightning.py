@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from twa_kernels._imports import optional
-from twa_kernels.batchnorm import has_running_statistics
+from twa_kernels.batchnorm import has_running_statistics, running_norms
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
 from twa_kernels.io import save_state_dict
 from twa_kernels.subspace import check_build_args
@@ -196,7 +196,7 @@ class TrainableWeightAveraging(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if pl_module.training:  # the modes the epoch trained in (Lightning sets eval before on_train_end)
-            self._frozen_norms = {name for name, m in _batch_norms(pl_module).items() if not m.training}
+            self._frozen_norms = {name for name, m in running_norms(pl_module).items() if not m.training}
         if not self._off and self._first <= epoch < self._last:
             path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
             if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
@@ -217,7 +217,7 @@ class TrainableWeightAveraging(pl.Callback):
         twa.eval()
         # BatchNorm layers the run kept in eval mode (frozen statistics, as in fine-tuning)
         # keep their statistics; the others are recomputed at the averaged weights
-        norms = _batch_norms(pl_module)
+        norms = running_norms(pl_module)
         frozen = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)}
                   for name, m in norms.items() if name in self._frozen_norms}
         if self.update_bn is not False and len(frozen) < len(norms):
@@ -317,11 +317,6 @@ class TrainableWeightAveraging(pl.Callback):
             self.dirpath = Path(state_dict["dirpath"])  # the resumed run writes beside the snapshots it kept
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
         self._loaded = state_dict.get("twa")
-
-
-def _batch_norms(module: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
 def _sha256(path: str | os.PathLike) -> str:

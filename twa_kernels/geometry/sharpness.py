@@ -82,13 +82,14 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
     if total == 0:
         raise InvalidArgumentError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
 
+    def loss_grad(args: tuple, kwargs: dict[str, Any], y: Tensor) -> Callable:
+        return torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
+
     def batch_hvp(args: tuple, kwargs: dict[str, Any], y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
-        grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
-        return torch.func.jvp(grad, (params,), (v,))[1]  # forward-over-reverse
+        return torch.func.jvp(loss_grad(args, kwargs, y), (params,), (v,))[1]  # forward-over-reverse
 
     def batch_hvp_reverse(args: tuple, kwargs: dict[str, Any], y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
-        grad = torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
-        return torch.func.vjp(grad, params)[1](v)[0]  # H is symmetric: v^T H = (H v)^T
+        return torch.func.vjp(loss_grad(args, kwargs, y), params)[1](v)[0]  # H is symmetric: v^T H = (H v)^T
 
     reverse = []  # set once forward-over-reverse failed as below: every later product goes reverse
 
