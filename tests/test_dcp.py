@@ -52,6 +52,35 @@ def test_a_genuine_dcp_checkpoint_reads_correctly(tmp_path):
     assert set(_dcp.tensor_entries(metadata)) == {f"model.{k}" for k in state}
 
 
+def test_a_flat_state_dict_whose_names_start_with_model_is_read_as_saved(tmp_path):
+    # a Hugging Face causal LM names its weights model.layers.* and lm_head.*: saved flat, those
+    # are its names, not a {"model": ...} nesting to unwrap
+    gen = torch.Generator().manual_seed(1)
+    state = {"model.embed.weight": torch.randn(5, 3, generator=gen), "lm_head.weight": torch.randn(2, 3, generator=gen)}
+    save_dcp(tmp_path / "flat", state)
+    save_dcp(tmp_path / "nested", {"model": state, "optim": {"state": {"step": torch.tensor(3.0)}}})
+    for path in ("flat", "nested"):
+        reader = ColumnReader(tmp_path / path)
+        assert sorted(reader.keys()) == sorted(state)
+        for key, value in state.items():
+            assert torch.equal(reader.tensor(key), value)
+    model = torch.nn.Module()
+    model.model, model.lm_head = torch.nn.Module(), torch.nn.Linear(3, 2, bias=False)
+    model.model.embed = torch.nn.Embedding(5, 3)
+    twa = tk.TWA(model, [tmp_path / "flat", tmp_path / "nested"], bits=None)
+    with twa.averaged_model() as averaged:
+        assert torch.allclose(averaged.model.embed.weight, state["model.embed.weight"])
+
+
+def test_dcp_keys_that_name_one_weight_once_unwrapped_are_refused(tmp_path):
+    save_dcp(tmp_path / "ckpt", {"fc.weight": torch.ones(2), "module.fc.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="keys 'fc.weight' and 'module.fc.weight' both name 'fc.weight'"):
+        ColumnReader(tmp_path / "ckpt")
+    save_dcp(tmp_path / "optimizer", {"optim": {"state": {"fc.weight": torch.ones(2)}}})
+    with pytest.raises(CheckpointError, match="holds no tensors of a state_dict"):
+        ColumnReader(tmp_path / "optimizer")
+
+
 @pytest.mark.parametrize("payload", [RunsCode, OpenPayload], ids=["os.system", "open"])
 def test_a_malicious_metadata_file_is_refused_and_runs_nothing(tmp_path, payload):
     marker = tmp_path / "MARKER"

@@ -183,6 +183,37 @@ def _check_stored_bytes(key: str, entry: TensorStorageMetadata, storage: dict, b
                       f"{info.length}")
 
 
+_NESTING_KEYS = ("state_dict", "model", "model_state_dict")  # as io.keys unwraps a loaded file
+
+
+def state_dict_keys(metadata: Metadata) -> list[tuple[str, str]]:
+    """The stored keys of a checked Metadata's tensors that make up the model's state_dict,
+    each given as the key it had there: {"model": state_dict, "optim": ...} saved with DCP is
+    read as its state_dict (as a torch file nesting it is), and a flat state_dict as it is.
+
+    DCP joins nested keys with dots, so "model.fc.weight" may be the weight "fc.weight" of a
+    nested state_dict or a flat state_dict's own "model.fc.weight" (a Hugging Face model's).
+    The save's planner_data records which: each stored key's path in the saved object.
+    Without it (a save with flatten_state_dict=False, which cannot nest), keys are as stored.
+    Returns (key in the state_dict, stored key) pairs."""
+    entries = tensor_entries(metadata)
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    paths = {key: paths[key] for key in entries if isinstance(paths.get(key), tuple) and paths[key]}
+    if len(paths) < len(entries):
+        return [(key, key) for key in entries]
+    prefix: tuple = ()
+    for _ in range(3):  # unwrap up to three nestings, the first nesting key found at each
+        depth = len(prefix)
+        nested = next((k for k in _NESTING_KEYS
+                       if any(len(p) > depth + 1 and p[:depth] == prefix and p[depth] == k for p in paths.values())),
+                      None)
+        if nested is None:
+            break
+        prefix += (nested,)
+    depth = len(prefix)
+    return [(str(path[depth]), key) for key, path in paths.items() if len(path) == depth + 1 and path[:depth] == prefix]
+
+
 def tensor_entries(metadata: Metadata) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of each tensor entry of a checked Metadata, by its stored key."""
     return {key: (tuple(entry.size), entry.properties.dtype)

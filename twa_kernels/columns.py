@@ -34,7 +34,7 @@ from twa_kernels.io import (
     verify_zip_crc,
 )
 from twa_kernels.io.files import _directory_error
-from twa_kernels.io.keys import _strip_key, _strip_names
+from twa_kernels.io.keys import _strip_names
 from twa_kernels.io.read import _non_finite, zip_maps_as_stored
 
 logger = logging.getLogger(__name__)
@@ -96,9 +96,14 @@ class ColumnReader:
             self._kind = "dcp"
             metadata = _dcp.read_metadata(spec)
             self._open_state = _dcp.CheckedReader(str(spec), metadata)
-            for key, meta in _dcp.tensor_entries(metadata).items():
-                name = _strip_dcp_prefix(key)
-                self._raw[name], self._meta[name] = key, meta
+            entries = _dcp.tensor_entries(metadata)
+            unwrapped = dict(_dcp.state_dict_keys(metadata))
+            for name, key in _strip_names(unwrapped, self.source).items():
+                self._raw[name], self._meta[name] = unwrapped[key], entries[unwrapped[key]]
+            if not self._raw:
+                raise CheckpointError(f"{spec}: this DCP checkpoint holds no tensors of a state_dict; save "
+                                      "{'model': model.state_dict()} or model.state_dict() with "
+                                      "torch.distributed.checkpoint.save")
         elif os.path.isdir(spec):
             self._open_directory(spec)
         elif not os.path.isfile(spec):
@@ -316,13 +321,3 @@ class ColumnReader:
             if offset >= stop:
                 break
         return out
-
-
-def _strip_dcp_prefix(key: str) -> str:
-    """A DCP key without the nesting prefix of {"model": state_dict} or {"state_dict": ...}
-    and the DDP / compile prefixes."""
-    for nest in ("model.", "state_dict.", "model_state_dict."):
-        if key.startswith(nest):
-            key = key[len(nest):]
-            break
-    return _strip_key(key)
