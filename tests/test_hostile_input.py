@@ -497,6 +497,27 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_write_cut_short_by_the_file_system_is_an_output_error(tmp_path, suffix):
+    # torch.save and safetensors raise their own errors when a write fails, not OSError: a
+    # file size limit (RLIMIT_FSIZE) makes a real one without filling the disk
+    path = tmp_path / f"model{suffix}"
+    script = (
+        "import resource, signal, sys, torch, twa_kernels as tk\n"
+        "tk.save_state_dict({'w': torch.ones(3)}, sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "try:\n"
+        "    tk.save_state_dict({'w': torch.zeros(100_000)}, sys.argv[1])\n"
+        "except tk.errors.OutputError as exc:\n"
+        "    print('OutputError:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "OutputError: cannot write" in done.stdout and "unchanged" in done.stdout
+    assert torch.equal(tk.load_state_dict(path)["w"], torch.ones(3))  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
     import os
 

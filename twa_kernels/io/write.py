@@ -10,12 +10,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch  # read as safetensors.torch.<name> at each call: tests swap them
 import torch
 from torch import Tensor
 
 from twa_kernels._outdir import current_umask
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError, TWAKernelsError
 from twa_kernels.io.keys import _not_dense_values
 
 
@@ -48,6 +49,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
                           "unchanged); free space or choose another location") from exc
+    except (RuntimeError, safetensors.SafetensorError) as exc:
+        if isinstance(exc, TWAKernelsError):
+            raise
+        # torch.save and safetensors report a failed write (a full disk, a file size limit)
+        # as their own errors, not as OSError; the values were checked before writing began
+        raise OutputError(f"cannot write {path}: the writer failed ({type(exc).__name__}: {exc}), as a full disk "
+                          "or a file size limit makes it (the previous file, if any, is unchanged); free space or "
+                          "choose another location") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
