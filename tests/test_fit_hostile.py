@@ -172,6 +172,13 @@ def _consistent(out: Path) -> dict:
         (dict(epochs=0), ["epochs must be a positive integer", "got 0"]),
         (dict(loss="fit_hostile_pkg:NOT_CALLABLE"), ["loss: 'fit_hostile_pkg:NOT_CALLABLE' is int, not callable"]),
         (dict(optimizer=dict(name="SGD", lr=0.1, betas=[0.9, 0.99])), ["optimizer SGD does not take", "betas"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, 0.99, 0.5])), ["optimizer Adam does not take",
+                                                                             "too many values to unpack"]),
+        (dict(optimizer=dict(name="SparseAdam", lr=0.1)), ["optimizer SparseAdam does not take",
+                                                           "does not support dense gradients"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, capturable=True)), ["optimizer Adam does not take",
+                                                                      "capturable"]),
+        (dict(optimizer=dict(name="LBFGS", lr=0.1)), ["optimizer LBFGS needs a closure", "use AdamW or SGD"]),
         (dict(checkpoints=5), ["checkpoints must be a path, a directory, a glob or a non-empty list", "got 5"]),
         (dict(data=dict(train="fit_hostile_pkg:train_loader", test="x:y")), ["data must be a mapping with a 'train'"]),
     ],
@@ -192,6 +199,16 @@ def test_a_bad_config_value_exits_2_from_the_command_line(project):
     result = _twa_module(project, "fit", str(_config(project, group_size=7)), "--no-progress")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("twa: error:") and "group_size must be a positive multiple of 8" in result.stderr
+
+
+@pytest.mark.parametrize("optimizer", [dict(name="Muon", lr=0.02), dict(name="Adafactor", lr=0.01),
+                                       dict(name="SGD", lr=0.1, momentum=0.9, nesterov=True)])
+def test_every_optimizer_that_can_step_the_coefficients_is_accepted(optimizer):
+    # the coefficients are a [k, blocks] matrix: Muon, which steps matrices only, trains them
+    from twa_kernels.fit import check_config
+
+    config = check_config(dict(model="m:f", data=dict(train="m:g"), checkpoints="c", optimizer=optimizer), "cfg")
+    assert config.optimizer == optimizer["name"]
 
 
 def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():

@@ -9,7 +9,7 @@
     granularity: tensor                       # model | tensor | an int
     group_size: 128                           # a positive multiple of 8, at most 2**20 (quantisation group)
     int8_gradients: false                     # project gradients rounded to int8 (tk.project_int8)
-    optimizer: {name: AdamW, lr: 0.01}        # any torch.optim class and its arguments
+    optimizer: {name: AdamW, lr: 0.01}        # a torch.optim class (not LBFGS) and its arguments
     epochs: 2
     train_on: train                           # train (TWA-t) or val (TWA-v)
     loss: torch.nn.functional:cross_entropy   # optional; loss(outputs, targets)
@@ -40,6 +40,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -135,10 +136,23 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
         raise FitError(f"{where}: optimizer.lr must be a finite positive number (e.g. 0.01), got "
                        f"{_describe(args['lr'])}")
+    if name == "LBFGS":
+        raise FitError(f"{where}: optimizer LBFGS needs a closure that re-evaluates the loss at each step, and twa fit "
+                       "takes one plain step per batch; use AdamW or SGD, or train TWA from Python with "
+                       "optimizer.step(closure)")
+    # one step on a stand-in for the coefficients ([k, blocks], zero gradient): arguments that
+    # construction accepts but the step cannot use (3 betas, capturable on CPU, SparseAdam's
+    # sparse-only gradients) are found now, not after the basis is built
+    trial = torch.zeros(2, 3, requires_grad=True)
     try:
-        getattr(torch.optim, name)([torch.zeros(1, requires_grad=True)], **args)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise FitError(f"{where}: optimizer {name} does not take {args}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = getattr(torch.optim, name)([trial], **args)
+            trial.grad = torch.zeros_like(trial)
+            optimizer.step()
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+        raise FitError(f"{where}: optimizer {name} does not take {args} for TWA's coefficients: "
+                       f"{type(exc).__name__}: {exc}") from exc
     return name, args
 
 
