@@ -669,6 +669,29 @@ def test_a_meta_tensor_in_a_checkpoint_is_named_wherever_it_is(index):
         tk.TWA(_Backbone(), checkpoints)
 
 
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="this torch has no packed 4-bit float type")
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_packed_four_bit_float_weights_are_named_not_averaged_as_bytes(tmp_path, suffix):
+    # torch counts, indexes and converts float4_e2m1fn_x2 by the byte (two values each), and
+    # safetensors stores it as F4, whose shape counts values: neither can be averaged
+    import safetensors.torch
+
+    model = nn.Linear(4, 2)
+    packed = torch.arange(8, dtype=torch.uint8).view(torch.float4_e2m1fn_x2).reshape(2, 4)
+    paths = [tmp_path / f"ckpt{i}{suffix}" for i in range(2)]
+    for path in paths:
+        state = {"weight": packed, "bias": torch.ones(2)}
+        torch.save(state, path) if suffix == ".pt" else safetensors.torch.save_file(state, path)
+    named = rf"ckpt0{re.escape(suffix)}: key 'weight' is (stored as F4|a torch.float4_e2m1fn_x2 tensor)"
+    for read in (lambda: tk.load_state_dict(paths[0]), lambda: tk.TWA(model, paths, bits=None),
+                 lambda: tk.Subspace.from_checkpoints(paths, bits=None)):
+        with pytest.raises(CheckpointError, match=named):
+            read()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="float4_e2m1fn_x2 tensor .values packed"):
+        tk.save_state_dict({"weight": packed}, tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
 def test_a_checkpoint_key_that_is_not_a_string_is_named():
     checkpoints = _fine_tunes(_Backbone())
     checkpoints[1][7] = torch.zeros(1)

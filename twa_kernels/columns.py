@@ -34,7 +34,7 @@ from twa_kernels.io import (
     verify_zip_crc,
 )
 from twa_kernels.io.files import _directory_error
-from twa_kernels.io.keys import _strip_names
+from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names
 from twa_kernels.io.read import _non_finite, zip_maps_as_stored
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,15 @@ class ColumnReader:
             for name, key in _strip_names(handle.keys(), self.source).items():
                 part = handle.get_slice(key)
                 shape, stored = tuple(part.get_shape()), part.get_dtype()
-                dtype = _SAFETENSORS_DTYPES.get(stored) or (part[0:0] if shape else handle.get_tensor(key)).dtype
+                try:
+                    dtype = _SAFETENSORS_DTYPES.get(stored) or (part[0:0] if shape else handle.get_tensor(key)).dtype
+                except Exception as exc:  # a type safetensors stores but torch cannot view (F4: packed nibbles)
+                    raise CheckpointError(f"{self.source}: key {key!r} is stored as {stored}, which cannot be read "
+                                          f"as one value per element ({exc}); save the weights dequantized, as "
+                                          "float32, bfloat16 or float16") from exc
+                if dtype in _PACKED_FLOATS:
+                    raise CheckpointError(f"{self.source}: key {key!r} is {dtype} (values packed several to a "
+                                          "byte, which cannot be averaged); save the weights dequantized")
                 self._raw[name], self._meta[name] = key, (shape, dtype)
         else:
             self._kind = "mmap"

@@ -95,11 +95,18 @@ def match_names(state: Mapping[str, Tensor], names: Iterable[str] | None, source
     return {name: state[key] for name, key in renaming.items()}
 
 
+# floating-point dtypes that pack several values into each element: torch counts, indexes and
+# converts their bytes, not their values, so no average of them is defined
+_PACKED_FLOATS = tuple(getattr(torch, name) for name in ("float4_e2m1fn_x2",) if hasattr(torch, name))
+
+
 def _not_dense_values(value: Tensor) -> str | None:
     """What `value` is when it holds no dense values to read or save (a meta, sparse,
-    nested or quantized tensor), else None."""
+    nested, quantized or packed tensor), else None."""
     if value.is_meta:
         return "a meta tensor (no values)"
+    if value.dtype in _PACKED_FLOATS:
+        return f"a {value.dtype} tensor (values packed several to a byte, which cannot be averaged; dequantize it)"
     if value.is_nested or value.is_quantized:
         return "a nested tensor" if value.is_nested else "a quantized tensor (dequantize() it)"
     return f"a {value.layout} tensor" if value.layout != torch.strided else None

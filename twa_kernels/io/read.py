@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored in
 
 from twa_kernels.errors import CheckpointError
 from twa_kernels.io.files import CheckpointSpec, _directory_error, checkpoint_directory_files, is_dcp_directory
-from twa_kernels.io.keys import StateDict, _strip_prefixes, match_names, unwrap_state_dict
+from twa_kernels.io.keys import StateDict, _not_dense_values, _strip_prefixes, match_names, unwrap_state_dict
 
 # Python objects that a training script saves beside its weights and that safe loading may
 # build as plain data (no code of theirs runs: a Namespace is an object with attributes)
@@ -77,6 +77,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
         if not tensors:  # as for a torch file: averaged with others, it would give an empty result
             raise CheckpointError(f"{path}: holds no tensors; save model.state_dict()")
+        for key, value in tensors.items():
+            if kind := _not_dense_values(value):
+                raise CheckpointError(f"{path}: key {key!r} is {kind}")
         return _strip_prefixes(tensors, str(path))
     return unwrap_state_dict(_torch_load(path), str(path))
 
