@@ -107,6 +107,26 @@ def test_a_twa_held_by_another_module_is_ignored_by_ddp_once_asked():
         tk.distributed.ignore_twa_buffers_in_ddp(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("env, named", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE is 'two', not a number of processes"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "WORLD_SIZE is 2 but MASTER_PORT is not set"),
+])
+def test_a_half_set_launch_environment_is_named_before_any_rendezvous(monkeypatch, env, named):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tk.errors.UsageError, match=named):
+        distributed.init_from_environment(timeout_s=5)
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_single_process_environment_needs_no_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_from_environment(timeout_s=5) is None
+
+
 def test_shard_needs_a_process_group():
     model, ckpts = w.model_and_checkpoints()
     with pytest.raises(ValueError, match="process_group"):

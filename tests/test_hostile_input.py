@@ -518,6 +518,20 @@ def test_a_write_cut_short_by_the_file_system_is_an_output_error(tmp_path, suffi
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.mark.parametrize("call, error, what", [
+    (lambda d: tk.Subspace.from_checkpoints([d / "a\0b.pt", d / "c.pt"]), CheckpointError, "checkpoint #0"),
+    (lambda d: tk.Subspace.from_checkpoints(f"{d}/a\0*.pt"), CheckpointError, "the checkpoint path"),
+    (lambda d: tk.load_state_dict(d / "a\0b.pt"), CheckpointError, "the checkpoint path"),
+    (lambda d: tk.save_state_dict({"w": torch.ones(1)}, d / "a\0b.pt"), tk.errors.OutputError, "the output path"),
+    (lambda d: io.write_json(d / "a\0b.json", {}), tk.errors.OutputError, "the output path"),
+], ids=["list", "glob", "load", "save", "json"])
+def test_a_path_with_a_nul_byte_is_named(tmp_path, call, error, what):
+    # every OS call refuses such a path with a bare ValueError from deep inside
+    with pytest.raises(error, match=rf"{what} .* holds a NUL byte"):
+        call(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
     import os
 

@@ -1,11 +1,12 @@
-"""Argument checks the methods share: a number where a number belongs."""
+"""Argument checks the methods share: a number where a number belongs, a path the OS can take."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError
 
 
 def real(name: str, value: object, *, finite: bool = True) -> float:
@@ -18,3 +19,11 @@ def real(name: str, value: object, *, finite: bool = True) -> float:
     if math.isnan(number) or (finite and math.isinf(number)):
         raise InvalidArgumentError(f"{name} must be a finite number, got {number}")
     return number
+
+
+def path_without_nul(path: str | os.PathLike, what: str, error: type[TWAKernelsError] = InvalidArgumentError) -> None:
+    """Refuse a path holding a NUL byte, which no OS call takes (Python raises a bare
+    ValueError from whichever call meets it first), naming `what` the path is for."""
+    text = os.fspath(path)
+    if ("\0" if isinstance(text, str) else b"\0") in text:
+        raise error(f"{what} {text!r} holds a NUL byte (\\0), which no file name can; remove it from the path")

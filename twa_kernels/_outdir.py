@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import OutputError
 
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<pid>\d+)\.[^.]+$")
@@ -105,6 +106,7 @@ class OutputDirectory:
     """
 
     def __init__(self, path: str | os.PathLike, names: Sequence[str]):
+        path_without_nul(path, "the output directory", OutputError)
         self.path = Path(path)
         self.names = list(names)
         # a symlinked output is written where it points, and the link is kept

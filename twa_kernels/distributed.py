@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from twa_kernels.batchnorm import running_norms
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
     CheckpointListMismatchError,
@@ -224,9 +224,19 @@ def init_from_environment(timeout_s: float = 300.0) -> Any:
     this process, initialised if it is not yet: NCCL with CUDA (device LOCAL_RANK), else gloo,
     with a timeout, so a rank that fails ends the others' collectives instead of hanging
     them. None in a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.strip().isdigit():
+        raise UsageError(f"the environment variable WORLD_SIZE is {world!r}, not a number of processes; launch "
+                         "with torchrun, which sets it, or unset it to run in one process")
+    if int(world) <= 1:
         return None
     if not dist.is_initialized():
+        # env:// rendezvous reads these; a launcher that set WORLD_SIZE alone gets a ValueError there
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise UsageError(f"WORLD_SIZE is {world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                             "not set; launch with torchrun (which sets them all), set them by hand, or unset "
+                             "WORLD_SIZE to run in one process")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -34,6 +34,7 @@ from typing import Union
 
 from torch import Tensor
 
+from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import CheckpointError, InvalidTypeError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar")  # .pth.tar: timm
@@ -144,6 +145,7 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
         raise InvalidTypeError("checkpoints is one state_dict (a mapping of names to tensors) where a list of "
                                "checkpoints was expected: pass [state_dict], or a list of several")
     if isinstance(checkpoints, (str, os.PathLike)):
+        path_without_nul(checkpoints, "the checkpoint path", CheckpointError)
         spec = str(checkpoints)
         if os.path.isdir(spec):
             if checkpoint_directory_files(spec) is not None:
@@ -168,6 +170,8 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
         if not isinstance(item, (str, os.PathLike, Mapping)):
             raise InvalidTypeError(f"checkpoint #{i} is a {type(item).__name__}: each checkpoint must be a file "
                                    "path, a save_pretrained directory or a state_dict")
+        if not isinstance(item, Mapping):
+            path_without_nul(item, f"checkpoint #{i}", CheckpointError)
         if not isinstance(item, Mapping) and not os.path.exists(item) and any(ch in str(item) for ch in "*?["):
             found = sorted((Path(p) for p in globlib.glob(str(item))), key=_natural_key)  # a glob in a list
             if not found:

@@ -35,6 +35,7 @@ try:  # the same CRC-32 as zlib's, several times faster where zlib has no folded
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored install may lack it
     from zlib import crc32 as _crc32
 
+from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import CheckpointError
 from twa_kernels.io.files import CheckpointSpec, _directory_error, checkpoint_directory_files, is_dcp_directory
 from twa_kernels.io.keys import StateDict, _not_dense_values, _strip_prefixes, match_names, unwrap_state_dict
@@ -47,6 +48,7 @@ _PLAIN_OBJECTS = (argparse.Namespace,)
 def load_state_dict(path: str | os.PathLike) -> StateDict:
     """Read one checkpoint (a file or a save_pretrained directory) onto the CPU, safely (see
     the module docstring)."""
+    path_without_nul(path, "the checkpoint path", CheckpointError)
     path = Path(path)
     if path.is_dir():
         files = checkpoint_directory_files(path)

@@ -15,6 +15,7 @@ import safetensors.torch  # read as safetensors.torch.<name> at each call: tests
 import torch
 from torch import Tensor
 
+from twa_kernels._checks import path_without_nul
 from twa_kernels._outdir import current_umask
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError, TWAKernelsError
 from twa_kernels.io.keys import _not_dense_values
@@ -30,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     full disk or an exception leaves the old file (or none), never half of one, and no
     temporary file. The new file gets the old one's mode, or the umask's as open() would
     give it. An unwritable location is an OutputError naming the path."""
+    path_without_nul(path, "the output path", OutputError)
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file path such as {path / 'averaged.safetensors'}")
