@@ -443,6 +443,19 @@ def test_random_bytes_are_not_called_a_checkpoint_with_python_objects(tmp_path):
         tk.load_state_dict(path)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_a_torch_file_cut_short_is_called_cut_short(tmp_path, keep, caplog):
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.randn(1000)}, whole)
+    raw = whole.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(raw[:int(len(raw) * keep)])
+    for read in (lambda: tk.load_state_dict(cut), lambda: tk.Subspace.from_checkpoints([cut, whole])):
+        with pytest.raises(CheckpointError, match="cut.pt: cut short: it starts as a zip archive"):
+            read()
+    assert "loading it whole" not in caplog.text  # no advice about a file that cannot be read at all
+
+
 def test_a_damaged_torch_file_is_called_damaged_not_hostile(tmp_path):
     # "load it yourself if you trust it" is advice for a file of Python objects, not for a broken one
     legacy = tmp_path / "legacy.pt"

@@ -171,11 +171,12 @@ class ColumnReader:
             except Exception as exc:
                 raise CheckpointError(f"{self._spec}: not a readable safetensors file ({exc})") from exc
         elif not zipfile.is_zipfile(self._spec) or not zip_maps_as_stored(self._spec):
-            # a legacy torch file, or a zip torch cannot map as it is: load it whole, once
+            # a legacy torch file, or a zip torch cannot map as it is: load it whole, once (a
+            # file that is neither is refused by the load, before the warning)
+            self._open_state, self._kind = load_state_dict(self._spec), "memory"
             logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "
                            "records or another byte order), so it cannot be read lazily; loading it whole "
                            "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
-            self._open_state, self._kind = load_state_dict(self._spec), "memory"
         else:
             verify_zip_crc(self._spec)
             self._open_state = unwrap_state_dict(torch_load_safely(self._spec, mmap=True), self.source)

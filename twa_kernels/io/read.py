@@ -155,7 +155,11 @@ def _torch_load(path: Path) -> object:
         verify_zip_crc(path)
     else:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip's first record, but no directory at its end
+            raise CheckpointError(f"{path}: cut short: it starts as a zip archive (a torch.save file) but its end, "
+                                  "the zip directory, is missing; the file was not fully written or copied: "
+                                  "restore it from a good copy or save it again")
         if not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with PROTO
             raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
                                   f"(it starts with {head!r}); check the path, or that the file was fully copied")
