@@ -655,3 +655,70 @@ def test_a_decorrelated_gpt2_saved_whole_loads_in_a_new_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "whole.pt")], capture_output=True, text=True,
                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("first, second", [(5, 3), (3, 5), (2, 2)])
+def test_forwards_of_any_size_before_one_update_add_up(first, second):
+    """Rows sampled after an earlier forward's rows went into S (more than d of them) count
+    too: the update equals one forward on all the rows."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(first + second, 4, generator=gen, dtype=torch.float64) * 2
+    split, whole = nn.Linear(4, 2).double(), nn.Linear(4, 2).double()
+    for model in (split, whole):
+        tk.decor.decorrelate(model, lr=0.1, kappa=0.5, sample_fraction=1.0)
+    split(x[:first])
+    split(x[first:])
+    whole(x)
+    assert torch.allclose(tk.decor.update(split), tk.decor.update(whole), atol=1e-12)
+    assert torch.allclose(split.decor_R, whole.decor_R, atol=1e-12)
+
+
+def test_half_precision_layers_sum_their_inputs_in_float32():
+    # 70,000 rows: a float16 count is inf and a float16 sum of squares overflows
+    x = torch.full((70_000, 2), 10.0)
+    x[:, 1] = -x[:, 1]
+    reference, half = nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False)
+    for model in (reference, half):
+        tk.decor.decorrelate(model, lr=1e-3, kappa=0.5, sample_fraction=1.0)
+    half.half()
+    reference(x)
+    half(x.half())
+    expected = tk.decor.update(reference)
+    with pytest.warns(UserWarning, match="R are stored in 16-bit floats"):
+        loss = tk.decor.update(half)
+    assert torch.isfinite(loss) and torch.allclose(loss.float(), expected, rtol=1e-3)
+    assert torch.allclose(half.decor_R.float(), reference.decor_R, rtol=2e-3)
+
+
+def test_a_layer_cast_between_its_forward_and_the_update_still_updates():
+    model = tk.decor.decorrelate(nn.Linear(8, 2), sample_fraction=1.0)
+    model(torch.randn(4, 8))
+    model.double()
+    tk.decor.update(model)
+    assert model.decor_R.dtype == torch.float64 and not torch.equal(model.decor_R, torch.eye(8, dtype=torch.float64))
+
+
+def test_skip_takes_one_name_as_a_string():
+    model = nn.Sequential()
+    model.fc, model.head = nn.Linear(4, 4), nn.Linear(4, 2)
+    tk.decor.decorrelate(model, skip="head")
+    assert [name for name, _ in tk.decor.decorrelated_layers(model)] == ["fc"]
+
+
+def test_frozen_layers_are_left_alone():
+    # R keeps moving while a frozen W cannot follow it: the layer's output would drift
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    model[0].requires_grad_(False)
+    tk.decor.decorrelate(model)
+    assert [name for name, _ in tk.decor.decorrelated_layers(model)] == ["2"]
+
+
+def test_a_meta_model_and_a_non_module_are_named():
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="layer '0' is on the meta device"):
+        tk.decor.decorrelate(meta)
+    assert not tk.decor.decorrelated_layers(meta)
+    for call in (tk.decor.decorrelate, tk.decor.update, tk.decor.fold):
+        with pytest.raises(tk.errors.InvalidTypeError, match="takes the model .an nn.Module., got NoneType"):
+            call(None)

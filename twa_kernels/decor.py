@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 
 from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import real
-from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import transformers_conv1d
 
@@ -78,6 +79,13 @@ class _Sampler:
         return self.generators[key]
 
 
+def _compute_dtype(R: Tensor) -> torch.dtype:
+    """The dtype sampled inputs, their sums and the R step are computed in: at least float32.
+    In float16 a sum of squares overflows (and a count of 65520 rows is inf); in bfloat16
+    every step smaller than 1/256 of an entry rounds away."""
+    return torch.promote_types(R.dtype, torch.float32)
+
+
 class _Decor:
     """Mixin for the decorrelated Linear / Conv1d / Conv2d classes (set by class swap, so the
     module keeps its parameters, hooks and parameter names)."""
@@ -104,7 +112,7 @@ class _Decor:
         than d they go into S = Z^T Z. Fewer than d rows stay as rows: update() then forms
         X R as Z^T (Z R) in O(n d^2) instead of X R in O(d^3) (a batch of 32 at 10% gives
         3 rows for a d = 4608 layer)."""
-        R = self.decor_R
+        R = self.decor_R.to(_compute_dtype(self.decor_R))
         self._decor_rows.append(rows.to(R.dtype) @ R.T)
         self._decor_count += rows.shape[0]
         if sum(z.shape[0] for z in self._decor_rows) > R.shape[0]:
@@ -113,9 +121,12 @@ class _Decor:
 
     def decor_dense_sum(self) -> Tensor:
         """S = Z^T Z over everything sampled since the last update, as a d x d matrix."""
-        s = self._decor_sum if self._decor_sum is not None else torch.zeros_like(self.decor_R)
+        R = self.decor_R
+        dtype = _compute_dtype(R)
+        s = self._decor_sum.to(dtype) if self._decor_sum is not None else torch.zeros(R.shape, dtype=dtype,
+                                                                                       device=R.device)
         if self._decor_rows:
-            z = torch.cat(self._decor_rows)
+            z = torch.cat(self._decor_rows).to(dtype)
             s = torch.addmm(s, z.T, z)
         return s
 
@@ -277,7 +288,7 @@ def _skipper(skip: Skip) -> Callable[[str, nn.Module], bool]:
         return lambda name, module: False
     if callable(skip):
         return skip
-    names = set(skip)
+    names = {skip} if isinstance(skip, str) else set(skip)  # one name, not its letters
     # a name skips that module and everything inside it
     return lambda name, module: any(name == s or name.startswith(s + ".") for s in names)
 
@@ -307,6 +318,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     weight the others read. Untie it, or skip it and every layer tied to it.
     """
     # every setting is checked before the first layer changes class: a refusal leaves the model as it was
+    _check_module(model, "decorrelate")
     lr, kappa, sample_fraction = real("lr", lr), real("kappa", kappa), real("sample_fraction", sample_fraction)
     max_norm = real("max_norm", max_norm)
     if not 0.0 < sample_fraction <= 1.0:
@@ -339,6 +351,14 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(module.weight,
                                                                              nn.parameter.UninitializedParameter):
             raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
+        if not module.weight.requires_grad:
+            # R would keep moving while the frozen W cannot follow it: the layer's output would drift
+            logger.info("decorrelate: leaving %r alone (its weight is frozen)", label)
+            continue
+        if module.weight.is_meta:
+            raise InvalidArgumentError(f"layer {label!r} is on the meta device: its R would have no values, and "
+                                       "to_empty() leaves it uninitialised; decorrelate the model once it holds real "
+                                       "weights (after to_empty() and load_state_dict())")
         if module.weight.numel() == 0:
             raise InvalidArgumentError(f"layer {label!r} has a weight with no entries {tuple(module.weight.shape)}: "
                                        f"nothing to decorrelate; pass skip=[{name!r}]")
@@ -375,8 +395,14 @@ def _refuse_tied(model: nn.Module, layers: list[tuple[str, nn.Module]], fix: str
                                        f"{fix.format(names=[label] + others)}")
 
 
+def _check_module(model: object, call: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"decor.{call} takes the model (an nn.Module), got {type(model).__name__}")
+
+
 def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every decorrelated layer of `model`, in module order."""
+    _check_module(model, "decorrelated_layers")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _Decor)]
 
 
@@ -394,13 +420,16 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
     layer that saw no input contributes zeros); afterwards each layer holds the global S as
     its _decor_sum. Returns the global counts."""
     ref = layers[0][1].decor_R
-    parts = [m.decor_dense_sum().to(device=ref.device, dtype=ref.dtype).reshape(-1) for _, m in layers]
-    counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
+    dtype = torch.float64 if any(m.decor_R.dtype == torch.float64 for _, m in layers) else torch.float32
+    parts = [m.decor_dense_sum().to(device=ref.device, dtype=dtype).reshape(-1) for _, m in layers]
+    counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=dtype, device=ref.device)
     flat = torch.cat(parts + [counts])
     torch.distributed.all_reduce(flat, group=group)
     offset = 0
     for (_, m), p in zip(layers, parts):
-        m._decor_sum, m._decor_rows = flat[offset:offset + p.numel()].view_as(m.decor_R).to(m.decor_R), []
+        m._decor_sum = flat[offset:offset + p.numel()].view_as(m.decor_R).to(device=m.decor_R.device,
+                                                                              dtype=_compute_dtype(m.decor_R))
+        m._decor_rows = []
         offset += p.numel()
     return flat[offset:]
 
@@ -421,19 +450,22 @@ def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor
     as Z^T (Z R) without forming X. ||X||_F^2 - ||diag X||^2 = sum C^2 gives the loss.
     """
     R = _stacked([m.decor_R for m in mods])
+    R = R.to(_compute_dtype(R))
     d, dtype, device = R.shape[-1], R.dtype, R.device
+    n = n.to(dtype)
     inv_n = 1 / n.clamp(min=1)
     lr = torch.tensor([m.decor_lr for m in mods], dtype=dtype, device=device) * (n > 0)  # no input: no step
     kappa = torch.tensor([m.decor_kappa for m in mods], dtype=dtype, device=device)
     coef = -lr * (1 - kappa) * inv_n  # the weight of S R (or Z^T Z R) in R_new
     if lowrank:
-        Z = _stacked([torch.cat(m._decor_rows) if len(m._decor_rows) > 1 else m._decor_rows[0] for m in mods])
+        Z = _stacked([torch.cat(m._decor_rows) if len(m._decor_rows) > 1 else m._decor_rows[0]
+                      for m in mods]).to(dtype)
         diag = Z.square().sum(1) * inv_n[:, None]
         gram = torch.bmm(Z, Z.transpose(1, 2))  # [G, n, n]: ||Z^T Z||_F = ||Z Z^T||_F
         fro2 = gram.square().sum((1, 2)) * inv_n ** 2
         left, right = Z.transpose(1, 2), torch.bmm(Z, R).mul_(coef[:, None, None])  # [G, d, n], [G, n, d]
     else:
-        S = _stacked([m._decor_sum for m in mods])
+        S = _stacked([m._decor_sum for m in mods]).to(dtype)
         diag = torch.diagonal(S, dim1=1, dim2=2) * inv_n[:, None]
         fro2 = S.square().sum((1, 2)) * inv_n ** 2
         left, right = S * coef[:, None, None], R
@@ -460,6 +492,7 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     ||R||_F / sqrt(d) > max_norm, raising DecorrelationDivergedError with the layer and a
     smaller lr, and leaving every R as it was. check=False skips the sync.
     """
+    _check_module(model, "update")
     group = _default_group(process_group)
     layers = decorrelated_layers(model)
     if group is None:
@@ -467,11 +500,17 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     if not layers:
         raise UsageError("decor.update: no decorrelated layer saw a training-mode forward since the last update; "
                            "call update() after a forward in model.train() (and decorrelate() the model first)")
+    for name, m in layers:
+        if m._decor_rows and m._decor_rows[0].device != m.decor_R.device:
+            raise UsageError(f"decor.update: layer {name!r} moved to {m.decor_R.device} after its inputs were sampled "
+                             f"on {m._decor_rows[0].device}; call update() before moving the model")
+        if m._decor_sum is not None and m._decor_rows:  # rows sampled after the last fold into S count too
+            m._decor_sum, m._decor_rows = m.decor_dense_sum(), []
     if group is not None:
         counts = _all_reduce(layers, group)
     else:
-        ref = layers[0][1].decor_R
-        counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=ref.dtype, device=ref.device)
+        counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=torch.float64,
+                              device=layers[0][1].decor_R.device)
 
     # one group per (d, dtype, device) and path: S (one bmm X R), or few rows (Z^T (Z R))
     groups: dict[tuple, list[int]] = {}
@@ -483,7 +522,7 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     losses, norms, finite_inputs, order, new_rs = [], [], [], [], []
     home = counts.device  # the per-layer results meet here; each group computes on its own layers' device
     for (d, dtype, device, rows), idx in groups.items():
-        n = counts[idx].to(device=device, dtype=dtype)
+        n = counts[idx].to(device=device)  # float64 or float32: the step casts it to its dtype
         new, loss, finite = _group_step([layers[i][1] for i in idx], n, lowrank=rows is not None)
         losses.append((loss if group is None else torch.where(n > 0, loss, torch.zeros_like(loss))).to(home))
         norms.append((torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d)).to(home))
@@ -492,6 +531,11 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         new_rs.append(new)
     for _, m in layers:
         m.decor_reset()
+    if any(m.decor_R.dtype in (torch.float16, torch.bfloat16) for _, m in layers):
+        warnings.warn("decor.update: the decorrelation matrices R are stored in 16-bit floats (the model was cast), "
+                      "which round away steps below about 1/256 (bfloat16) or 1/2048 (float16) of an entry, so R "
+                      "barely moves at small lr; keep the model in float32 and train under torch.autocast",
+                      UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
 
     if check:
         norm = torch.cat(norms)
@@ -527,6 +571,7 @@ def fold(model: nn.Module) -> nn.Module:
     and export. Its state_dict loads into the original (never decorrelated) architecture.
     A decorrelated layer whose weight another module shares (tied after decorrelate()) is
     refused: folding would change the weight the others read."""
+    _check_module(model, "fold")
     _refuse_tied(model, decorrelated_layers(model), "untie them (give each its own nn.Parameter) before "
                                                      "decorrelate(), or skip {names} there")
     out = copy.deepcopy(model)
