@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
@@ -246,3 +247,23 @@ def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
         pass
     model[index] = original  # the module TWA was built on, put back: it runs as before
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
+
+
+def test_two_twas_over_one_model_never_leave_it_holding_lent_weights():
+    # the second TWA's loan would take the first one's weights for the model's own and put
+    # them back at its end: the model would keep them, as plain tensors, for good
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    own = [p for p in model.parameters()]
+    checkpoints = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+                   for _ in range(3)]
+    first, second = tk.TWA(model, checkpoints), tk.TWA(model, checkpoints)
+    x = torch.randn(4, 5, generator=gen)
+    pending = first(x)
+    with pytest.raises(tk.errors.UsageError, match="holds weights another TWA over it lent"):
+        second(x)
+    pending.sum().backward()
+    assert all(a is b for a, b in zip(model.parameters(), own))
+    second(x).sum().backward()  # once the first loan ended, the second TWA lends as usual
+    assert all(a is b for a, b in zip(model.parameters(), own))
+    assert second.coefficients.grad is not None

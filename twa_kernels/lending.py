@@ -103,7 +103,14 @@ class LentWeights:
 
     def _put(self, tensors: Sequence[Tensor]) -> None:
         if self.own is None:
-            self.own = [[module._parameters[attr] for module, attr in slots] for slots in self.slots]
+            own = [[module._parameters[attr] for module, attr in slots] for slots in self.slots]
+            if not all(isinstance(p, nn.Parameter) for params in own for p in params):
+                # another TWA's loan: taken as the model's own, its weights would stay in the
+                # model after both loans ended
+                raise UsageError("the model holds weights another TWA over it lent for a forward whose graph has "
+                                 "not run backward yet; call backward on (or free) that TWA's outputs first, or "
+                                 "build each TWA on its own copy of the model (copy.deepcopy(model))")
+            self.own = own
         for slots, tensor in zip(self.slots, tensors):
             for module, attr in slots:
                 module._parameters[attr] = tensor
