@@ -282,7 +282,7 @@ def errors(rank, world):
                process_group=dist.group.WORLD)
     except distributed.BasisMismatchError as exc:
         out["mismatch"] = str(exc)
-    # a model that does not fit on one rank only: every rank leaves with that rank's error
+    # settings that differ on one rank only: every rank names them before any collective pairs wrongly
     model, ckpts = model_and_checkpoints()
     try:
         tk.TWA(model, ckpts, bits=None if rank == 1 else 4, group_size=GROUP_SIZE, int8_gradients=True,
@@ -513,6 +513,22 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                 settings[setting] = value
             out[f"settings_{setting}"] = _error_text(
                 lambda: tk.TWA(model, files, process_group=dist.group.WORLD, shard=True, **settings))
+        # shard=True on rank 0 only: the two build paths' collectives paired wrongly and gloo
+        # aborted the process
+        out["settings_shard"] = _error_text(
+            lambda: tk.TWA(model, files, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+                           shard=rank == 0))
+        # a frozen layer whose checkpoint values differ on rank 1: each rank trained on its own backbone
+        frozen_model, frozen_ckpts = model_and_checkpoints()
+        first = next(name for name, p in frozen_model.named_parameters() if p.dim() > 1)
+        frozen_model.get_parameter(first).requires_grad_(False)
+        for state in frozen_ckpts:
+            state[first] = frozen_model.state_dict()[first] + (1.0 if rank == 1 else 0.0)
+        for shard in (False, True):
+            out[f"frozen_differ_{shard}"] = _error_text(
+                lambda: tk.TWA(frozen_model, frozen_ckpts, bits=4, group_size=GROUP_SIZE,
+                               process_group=dist.group.WORLD, shard=shard))
+        out["frozen_name"] = first
         # an argument refused on rank 1 only: rank 0 stopped waiting in the build's collectives
         # until the timeout; now both leave together
         out["bad_arg_one_rank"] = _error_text(lambda: tk.TWA(model, files, bits=3 if rank == 1 else 4,

@@ -236,12 +236,13 @@ def test_subspace_optimizer_under_ddp_matches_one_process(ddp_job):
 @pytest.mark.parametrize("job", [2], ids=["2ranks"], indirect=True)  # 2 ranks only (CI time)
 def test_bad_input_gets_named_errors_on_every_rank(job):
     world, results = job
-    for res in results:
+    for rank, res in enumerate(results):
         errors = res["errors"]
         assert "ranks [1] differ from rank 0" in errors["mismatch"] and "codes" in errors["mismatch"]
         assert "only 1 quantisation groups" in errors["too_many_ranks"]
         assert "'gloo' backend cannot run" in errors["backend"] and "shard=False" in errors["backend"]
-        assert "int8_gradients=True" in errors["one_rank"]  # rank 1's own error, on rank 1 and named elsewhere
+        assert "ranks [1] were given other build settings than rank 0" in errors["one_rank"]
+        assert f"bits={None if rank == 1 else 4}," in errors["one_rank"]
 
 
 def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_path_factory):
@@ -408,6 +409,21 @@ def test_sharded_ranks_given_other_build_settings_fail_on_every_rank(hostile_job
     for res in hostile_job:
         text = res[f"settings_{setting}"]
         assert text.startswith("BasisMismatchError") and "ranks [1] were given other build settings" in text, text
+
+
+def test_shard_given_on_one_rank_only_is_named_on_every_rank(hostile_job):
+    for rank, res in enumerate(hostile_job):
+        text = res["settings_shard"]
+        assert text.startswith("BasisMismatchError: ranks [1] were given other build settings"), text
+        assert f"shard={rank == 0}" in text
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_frozen_parameters_that_differ_across_ranks_are_named_on_every_rank(hostile_job, shard):
+    for res in hostile_job:
+        text = res[f"frozen_differ_{shard}"]
+        assert text.startswith("BasisMismatchError: the values of the model's frozen parameters differ across "
+                               f"ranks: ranks [1] differ from rank 0 (rank 1: {res['frozen_name']})"), text
 
 
 def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):

@@ -1049,3 +1049,30 @@ def test_float8_checkpoints_are_read():
     expected = sum(s["weight"].float() for s in states) / 3
     # the coefficients start at zero, so the weights are the center: the float8 values' mean
     torch.testing.assert_close(twa.weights()["weight"], expected, atol=1e-6, rtol=0)
+
+
+def test_twa_names_a_model_that_is_not_one_or_holds_no_values():
+    checkpoints = _fine_tunes(_Backbone(), 3)
+    with pytest.raises(tk.errors.InvalidTypeError, match="TWA's model must be the nn.Module .* got str"):
+        tk.TWA("model", checkpoints)
+    with torch.device("meta"):
+        meta = _Backbone()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="the model's '(body.weight|steps)' is on the meta device"):
+        tk.TWA(meta, checkpoints)
+
+
+def test_one_state_dict_listed_twice_is_refused_like_one_file_listed_twice():
+    state, other = _fine_tunes(_Backbone(), 2)
+    with pytest.raises(CheckpointError, match="checkpoints #0 and #2 are the same state_dict object"):
+        tk.Subspace.from_checkpoints([state, other, state])
+    tk.Subspace.from_checkpoints([state, dict(state)])  # an equal copy is the caller's choice
+
+
+def test_an_empty_parameter_gets_advice_twa_users_can_follow():
+    model = nn.Linear(3, 2)
+    model.empty = nn.Parameter(torch.zeros(0))
+    checkpoints = [{k: v + i for k, v in model.state_dict().items()} for i in range(3)]
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'empty' has no elements.*requires_grad_\(False\)"):
+        tk.TWA(model, checkpoints)
+    model.empty.requires_grad_(False)
+    tk.TWA(model, checkpoints)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -186,6 +186,28 @@ def check_same_basis(center: Tensor, qb: QuantizedBasis, group: Any) -> None:
             f"the TWA basis differs across ranks: ranks {sorted(bad)} differ from rank 0 ({detail}). Every rank "
             "must build it from the same checkpoints in the same order with the same bits, group_size and "
             "granularity, or load one saved TWA/Subspace file")
+
+
+@torch.no_grad()
+def check_same_values(names: Sequence[str], values: Sequence[Tensor], group: Any, what: str) -> None:
+    """Raise BasisMismatchError on every rank when some rank's `values` (TWA's pinned frozen
+    parameters) differ from rank 0's: one all-gather of a plain and a position-weighted
+    float64 sum of each, compared to 1e-9 (summation order may differ between machines)."""
+    def fingerprint(value: Tensor) -> list[Tensor]:
+        flat = value.reshape(-1).double()
+        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(65521).add_(1)
+        return [flat.sum(), (flat * weights).sum()]
+
+    mine = torch.stack([part.cpu() for value in values for part in fingerprint(value)]
+                       or [torch.zeros((), dtype=torch.float64)])
+    table = _gather_rows(mine, group)
+    bad = {rank: sorted({names[i // 2] for i in (~torch.isclose(row, table[0], rtol=1e-9, atol=0)).nonzero()
+                         .flatten().tolist()}) for rank, row in enumerate(table[1:], start=1)}
+    bad = {rank: differ for rank, differ in bad.items() if differ}
+    if bad:
+        detail = "; ".join(f"rank {r}: {', '.join(differ)}" for r, differ in bad.items())
+        raise BasisMismatchError(f"{what} differ across ranks: ranks {sorted(bad)} differ from rank 0 ({detail}). "
+                                 "Every rank must read the same checkpoints, in the same order")
 
 
 # -- replicated mode ------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, MissingKeyError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
 from twa_kernels import sharding
 from twa_kernels._memory import empty_huge, gradients_to_hold
 from twa_kernels.batchnorm import has_running_statistics, update_bn
@@ -105,6 +105,9 @@ class TWA(nn.Module):
         int8_gradients: bool = False,
     ):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise InvalidTypeError(f"TWA's model must be the nn.Module the checkpoints were saved from, got "
+                                   f"{type(model).__name__}")
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         if process_group is not None:
@@ -117,6 +120,11 @@ class TWA(nn.Module):
                 raise InvalidArgumentError(f"int8_gradients must be True or False, got {int8_gradients!r}")
             # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
             # averaged in the subspace: they are pinned to their checkpoint value (see _pinned_values).
+            meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+            if meta is not None:
+                raise InvalidArgumentError(f"the model's {meta!r} is on the meta device, which holds no values: TWA "
+                                           "lends the model weights and runs it; build the model on a real device "
+                                           "(or model.to_empty(device=...) and load a checkpoint into it)")
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
             if not trainable:
                 raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing "
@@ -126,6 +134,15 @@ class TWA(nn.Module):
         # than leaving the others in the build's collectives until the timeout
         trainable = check_args() if process_group is None else sharding.agree(check_args, process_group,
                                                                               "checking its arguments")
+        if process_group is not None:  # settings that differ would pair unlike collectives, or mix bases
+            settings = dict(shard=shard, bits=bits, granularity=granularity, group_size=group_size,
+                            int8_gradients=int8_gradients)
+            unlike = sharding.ranks_unlike_rank0(sorted(settings.items()), process_group)
+            if unlike:
+                raise sharding.BasisMismatchError(
+                    f"ranks {unlike} were given other build settings than rank 0 ({', '.join(settings)}; here "
+                    f"{', '.join(f'{k}={v!r}' for k, v in settings.items())}): build the TWA with the same arguments "
+                    "on every rank")
         aliases = parameter_aliases(model)
         subspace = _subspace(checkpoints_or_subspace, trainable, aliases, process_group, shard,
                              bits=bits, granularity=granularity, group_size=group_size, progress=progress)
@@ -138,6 +155,9 @@ class TWA(nn.Module):
         # under a process group, a rank whose model does not fit fails every rank with its error
         pinned = check_and_pin() if process_group is None else sharding.agree(check_and_pin, process_group,
                                                                                "checking its model")
+        if process_group is not None:  # the basis is checked below; a frozen backbone must match as well
+            sharding.check_same_values([n for n, _ in frozen], pinned, process_group,
+                                       "the values of the model's frozen parameters")
         self._model = [model]  # a list keeps it out of the module tree
         self.names, self.shapes = subspace.names, subspace.shapes
         self.frozen_names = [n for n, _ in frozen]
