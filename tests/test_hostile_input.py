@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 
 import pytest
@@ -1061,11 +1062,14 @@ def test_twa_names_a_model_that_is_not_one_or_holds_no_values():
         tk.TWA(meta, checkpoints)
 
 
-def test_one_state_dict_listed_twice_is_refused_like_one_file_listed_twice():
+@pytest.mark.parametrize("bits", [None, 4])
+def test_checkpoints_that_are_all_one_point_get_a_warning(bits):
     state, other = _fine_tunes(_Backbone(), 2)
-    with pytest.raises(CheckpointError, match="checkpoints #0 and #2 are the same state_dict object"):
-        tk.Subspace.from_checkpoints([state, other, state])
-    tk.Subspace.from_checkpoints([state, dict(state)])  # an equal copy is the caller's choice
+    with pytest.warns(UserWarning, match="every checkpoint holds the same weights"):
+        tk.TWA(_Backbone(), [state, state, state], bits=bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.TWA(_Backbone(), [state, other, state], bits=bits)  # a repeat among others: the caller's weighting
 
 
 def test_an_empty_parameter_gets_advice_twa_users_can_follow():

@@ -168,6 +168,10 @@ class TWA(nn.Module):
         self.orthonormal = bool(getattr(subspace, "orthonormal", False))  # a sharded build never orthonormalises
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
+        if not isinstance(subspace, ShardedSubspace) and _all_zero(basis):
+            warnings.warn("every checkpoint holds the same weights, so the subspace is that one point and the "
+                          "coefficients have no direction to train; pass checkpoints that differ (is one state_dict "
+                          "listed several times?)", UserWarning, stacklevel=2)
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
         if process_group is not None:
             local = ((subspace.num_cols, subspace.num_blocks, subspace.b_lo, subspace.b_hi)
@@ -536,6 +540,13 @@ def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[s
         raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
                                    "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
                                    "int8_gradients=False")
+
+
+def _all_zero(basis: QuantizedBasis) -> bool:
+    """Whether every row of the basis is zero (a group's value is code * scale + min)."""
+    if basis.bits is None:
+        return not bool(basis.codes.any())
+    return not bool(basis.scales.any()) and not bool(basis.mins.any())
 
 
 def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,

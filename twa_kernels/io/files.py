@@ -192,13 +192,8 @@ def _check_listed_once(items: list[CheckpointSpec]) -> None:
     """A file listed twice (overlapping globs, or a glob and one of its files) would count
     twice in every average; refused, by its position in the list."""
     seen: dict[str, int] = {}
-    objects: dict[int, int] = {}
     for i, item in enumerate(items):
-        if isinstance(item, Mapping):  # the same state_dict object twice
-            if id(item) in objects:
-                raise CheckpointError(f"checkpoints #{objects[id(item)]} and #{i} are the same state_dict object: it "
-                                      "would count twice in the average; list each checkpoint once")
-            objects[id(item)] = i
+        if isinstance(item, Mapping):
             continue
         key = os.path.realpath(item)
         if key in seen:
