@@ -538,3 +538,19 @@ def test_split_loaders_sampler_shuffles_anew_each_pass_alike_on_every_rank():
     for shares in passes:  # each pass, the ranks' shares are the whole dataset once
         assert sorted(shares[0] + shares[1]) == list(range(12))
     assert passes[0][0] != passes[1][0] != passes[2][0]  # a new shuffle every pass
+
+
+def test_the_content_sample_sees_one_replaced_tensor_anywhere_in_the_model():
+    # a copy that differs in one middle tensor only, away from the windows spread over the model
+    from twa_kernels.columns import ColumnReader
+    from twa_kernels.sharded_build import _content_sample
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(40, 40, generator=gen) for i in range(12)}
+    names, shapes = list(state), [tuple(v.shape) for v in state.values()]
+    num_cols = sum(v.numel() for v in state.values())
+    digests = set()
+    for name in [None, *names]:
+        copy = {k: v + 1 if k == name else v for k, v in state.items()}
+        digests.add(_content_sample(ColumnReader(copy, names=names), names, shapes, num_cols, {}))
+    assert len(digests) == len(names) + 1

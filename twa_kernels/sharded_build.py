@@ -145,13 +145,20 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
 
 def _content_sample(reader: ColumnReader, names: list[str], shapes: list[tuple[int, ...]], num_cols: int,
                     aliases: dict[str, list[str]]) -> int:
-    """Digest of the same few columns of a checkpoint on every rank (_SAMPLE_WINDOWS windows
-    of _SAMPLE_COLUMNS, spread over the model): two copies of a path that hold different
-    weights (another epoch, another run) differ there, whatever their headers say."""
+    """Digest of the same columns of a checkpoint on every rank: _SAMPLE_WINDOWS windows of
+    _SAMPLE_COLUMNS spread over the model, the first _SAMPLE_COLUMNS of every tensor and the
+    model's last ones. Two copies of a path that hold different weights (another epoch,
+    another run, one tensor replaced) differ there, whatever their headers say; a copy that
+    differs only in columns outside these windows is not seen."""
     h = hashlib.sha256()
     width = min(_SAMPLE_COLUMNS, num_cols)
-    for j in range(_SAMPLE_WINDOWS):
-        a = min(j * num_cols // _SAMPLE_WINDOWS, num_cols - width)
+    windows = {min(j * num_cols // _SAMPLE_WINDOWS, num_cols - width) for j in range(_SAMPLE_WINDOWS)}
+    windows.add(num_cols - width)
+    start = 0
+    for shape in shapes:  # a window at the start of each tensor: one replaced tensor shows
+        windows.add(min(start, num_cols - width))
+        start += math.prod(shape)
+    for a in sorted(windows):
         values = reader.columns(names, shapes, a, a + width, aliases, check_finite=False)
         h.update(values.numpy().tobytes())
     return int.from_bytes(h.digest()[:8], "little") >> 1
