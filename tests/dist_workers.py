@@ -529,6 +529,13 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                 lambda: tk.TWA(frozen_model, frozen_ckpts, bits=4, group_size=GROUP_SIZE,
                                process_group=dist.group.WORLD, shard=shard))
         out["frozen_name"] = first
+        # coefficients replaced by load_state_dict(assign=True): their gradient was no longer averaged
+        replaced, replaced_ckpts = model_and_checkpoints()
+        assigned = tk.TWA(replaced, replaced_ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
+        assigned.load_state_dict({k: v.clone() for k, v in assigned.state_dict().items()}, assign=True)
+        x, y = data()
+        torch.nn.functional.cross_entropy(assigned(x[0][rank::2]), y[0][rank::2]).backward()
+        out["assigned_grad"] = assigned.coefficients.grad.clone()
         # an argument refused on rank 1 only: rank 0 stopped waiting in the build's collectives
         # until the timeout; now both leave together
         out["bad_arg_one_rank"] = _error_text(lambda: tk.TWA(model, files, bits=3 if rank == 1 else 4,

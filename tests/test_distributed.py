@@ -426,6 +426,11 @@ def test_frozen_parameters_that_differ_across_ranks_are_named_on_every_rank(host
                                f"ranks: ranks [1] differ from rank 0 (rank 1: {res['frozen_name']})"), text
 
 
+def test_coefficients_loaded_with_assign_keep_their_gradient_averaged(hostile_job):
+    grads = [res["assigned_grad"] for res in hostile_job]
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
 def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):
     own, peer = hostile_job[1]["bad_arg_one_rank"], hostile_job[0]["bad_arg_one_rank"]
     assert own.startswith("InvalidArgumentError: bits must be one of"), own

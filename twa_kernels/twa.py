@@ -179,8 +179,8 @@ class TWA(nn.Module):
             self._parallel = sharding.setup(process_group, shard, center, basis, local)
             center, basis, num_blocks = self._parallel.center, self._parallel.basis, self._parallel.num_blocks
         self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, device=basis.device))
-        if isinstance(self._parallel, sharding.Replicated):
-            self.coefficients.register_hook(self._parallel.average_gradient)
+        self._averaged: list[Tensor] = []  # the coefficients Parameter whose gradient is averaged
+        self._keep_gradient_averaged()
         self.register_buffer("center", center)
         for key, value in basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value)
@@ -366,6 +366,15 @@ class TWA(nn.Module):
         return (self.coefficients.detach().clone(), self._forward_dtype(dtypes),
                 tuple((t.data_ptr(), t._version) for t in tensors))
 
+    def _keep_gradient_averaged(self) -> None:
+        """Replicated ranks average the coefficients' gradient through a hook on their
+        Parameter; a Parameter that replaced it (load_state_dict(..., assign=True)) gets
+        the hook too, or each rank would train on its own gradient."""
+        if isinstance(self._parallel, sharding.Replicated) and not (
+                self._averaged and self._averaged[0] is self.coefficients):
+            self.coefficients.register_hook(self._parallel.average_gradient)
+            self._averaged = [self.coefficients]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model at the averaged weights center + basis^T coefficients; the
         backward gives the coefficients their gradient."""
@@ -391,6 +400,7 @@ class TWA(nn.Module):
 
     def _run_lent(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """fn(*args, **kwargs) with the weights lent to the model (see the module docstring)."""
+        self._keep_gradient_averaged()
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
