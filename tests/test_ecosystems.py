@@ -79,6 +79,23 @@ def test_save_pretrained_directories_are_one_checkpoint_each(hf_runs, layout):
         torch.testing.assert_close(soup[key], want[key], rtol=0, atol=1e-6)
 
 
+def test_a_trainer_output_directory_is_not_averaged_as_its_final_weights_alone(hf_runs, tmp_path):
+    # the Trainer saves the final model beside its checkpoint-* folders: read as given, that
+    # directory is one checkpoint, whose "average" would be the final weights
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(hf_runs["single"][-1], out)
+    for run in hf_runs["single"]:
+        shutil.copytree(run, out / run.name)
+    for average in (tk.uniform_average, tk.ema_average):
+        with pytest.raises(tk.CheckpointError, match=r"its average is itself.*checkpoint-\*"):
+            average(out)
+    soup = tk.uniform_average(str(out / "checkpoint-*"))
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.allclose(soup[name], sum(s[name] for s in hf_runs["states"]) / 3)
+
+
 def test_a_twa_tells_the_hf_trainer_whether_its_model_takes_loss_arguments():
     # the Trainer passes num_items_in_batch to a forward that takes **kwargs, and asks the
     # model's accepts_loss_kwargs first; TWA's forward takes **kwargs for any model

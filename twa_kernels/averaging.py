@@ -37,6 +37,7 @@ from twa_kernels.io import (
     iter_state_dicts,
     parameter_aliases,
     resolve_checkpoints,
+    trainer_output_hint,
     unwrap_model,
 )
 
@@ -112,6 +113,8 @@ def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDi
     """Stream the checkpoints: float64 copies of the first one's floating-point entries,
     then update(accumulator, state) for each later one. Returns (accumulator, last, count)."""
     specs = resolve_checkpoints(checkpoints)
+    if len(specs) == 1 and (hint := trainer_output_hint(checkpoints)):  # an average of the final weights alone
+        raise CheckpointError(f"1 checkpoint ({specs[0]}): its average is itself{hint}")
     acc: dict[str, Tensor] = {}
     first = last = None
     for source, state in _states(specs, model):

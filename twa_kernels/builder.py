@@ -14,9 +14,7 @@ so the bytes are those of quantising each whole row at once.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +23,7 @@ from torch import Tensor
 from twa_kernels._memory import empty_huge
 from twa_kernels.errors import CheckpointError
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import Checkpoints, CheckpointSpec
+from twa_kernels.io import Checkpoints, CheckpointSpec, trainer_output_hint
 from twa_kernels.quant import QuantizedBasis, _quantize_row, packed_row_bytes
 
 _READ_COLUMNS = 1 << 18  # a window of about 1 MB of float32 per read
@@ -67,12 +65,7 @@ def require_two_checkpoints(specs: Sequence[CheckpointSpec], checkpoints: Checkp
     is zero, and a TWA over it could only return that checkpoint."""
     if len(specs) >= 2:
         return
-    hint = ""
-    if isinstance(checkpoints, (str, os.PathLike)) and os.path.isdir(checkpoints):
-        runs = sorted(p.name for p in Path(checkpoints).iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
-        if runs:  # a Trainer output directory: its own final weights beside the saved checkpoints
-            hint = (f"; {checkpoints} is one save_pretrained checkpoint itself, beside {len(runs)} checkpoint-* "
-                    f"folders: pass those, e.g. the glob '{Path(checkpoints) / 'checkpoint-*'}'")
+    hint = trainer_output_hint(checkpoints)
     source = "a state_dict" if isinstance(specs[0], Mapping) else str(specs[0])
     raise CheckpointError(f"1 checkpoint ({source}): a subspace needs at least 2, since the centred row of one "
                           f"checkpoint is zero and spans nothing{hint}")

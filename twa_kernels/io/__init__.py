@@ -19,6 +19,7 @@ from twa_kernels.io.files import (
     checkpoint_directory_files,
     is_dcp_directory,
     resolve_checkpoints,
+    trainer_output_hint,
 )
 from twa_kernels.io.keys import (
     StateDict,
@@ -44,6 +45,6 @@ __all__ = [
     "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "atomic_write",
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
     "iter_state_dicts", "load_state_dict", "match_names", "model_renaming", "parameter_aliases",
-    "resolve_checkpoints", "save_state_dict", "tied_owners", "torch_load_safely", "unwrap_model",
-    "unwrap_state_dict", "verify_zip_crc", "write_json",
+    "resolve_checkpoints", "save_state_dict", "tied_owners", "torch_load_safely", "trainer_output_hint",
+    "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "write_json",
 ]

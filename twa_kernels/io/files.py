@@ -188,6 +188,19 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
     return items
 
 
+def trainer_output_hint(checkpoints: object) -> str:
+    """"" or, when `checkpoints` is a transformers Trainer output directory (its final
+    save_pretrained weights beside checkpoint-* folders), advice to pass those folders: read
+    as given, it is one checkpoint."""
+    if not isinstance(checkpoints, (str, os.PathLike)) or not os.path.isdir(checkpoints):
+        return ""
+    runs = sorted(p.name for p in Path(checkpoints).iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
+    if not runs:
+        return ""
+    return (f"; {checkpoints} is one save_pretrained checkpoint itself, beside {len(runs)} checkpoint-* "
+            f"folders: pass those, e.g. the glob '{Path(checkpoints) / 'checkpoint-*'}'")
+
+
 def _check_listed_once(items: list[CheckpointSpec]) -> None:
     """A file listed twice (overlapping globs, or a glob and one of its files) would count
     twice in every average; refused, by its position in the list."""
