@@ -1080,3 +1080,29 @@ def test_an_empty_parameter_gets_advice_twa_users_can_follow():
         tk.TWA(model, checkpoints)
     model.empty.requires_grad_(False)
     tk.TWA(model, checkpoints)
+
+
+def test_checkpoints_whose_buffers_differ_from_the_models_get_a_warning():
+    # weights trained beside other buffers (decorrelation matrices here) meet the model's own
+    model = tk.decor.decorrelate(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)))
+    checkpoints = []
+    for i in range(3):
+        state = {k: v + 0.1 * (i + 1) if k.endswith("weight") else v.clone() for k, v in model.state_dict().items()}
+        state["0.decor_R"] = torch.eye(6) + 0.05 * (i + 1)
+        checkpoints.append(state)
+    with pytest.warns(UserWarning, match=r"checkpoint #0 holds other values of the model's buffer '0.decor_R'"):
+        tk.TWA(model, checkpoints)
+    for state in checkpoints:
+        state["0.decor_R"] = model[0].decor_R.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.TWA(model, checkpoints)
+
+
+def test_a_twa_from_a_subspace_says_its_frozen_parameters_take_the_models_values():
+    checkpoints = _fine_tunes(_Backbone(), 3)
+    model = _Backbone()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    subspace = tk.Subspace.from_checkpoints(checkpoints, parameter_names=trainable)
+    with pytest.warns(UserWarning, match=r"pins the model's 2 frozen parameter\(s\) .* to the model's own values"):
+        tk.TWA(model, subspace)

@@ -58,7 +58,7 @@ from torch.func import functional_call
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
 from twa_kernels import sharding
 from twa_kernels._memory import empty_huge, gradients_to_hold
-from twa_kernels.batchnorm import has_running_statistics, update_bn
+from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
@@ -150,6 +150,13 @@ class TWA(nn.Module):
 
         def check_and_pin() -> list[Tensor]:
             _check_model_fits(model, subspace, frozen, int8_gradients)
+            if not isinstance(checkpoints_or_subspace, Subspace):
+                _warn_if_buffers_differ(model, checkpoints_or_subspace)
+            elif frozen:
+                warnings.warn(f"TWA built from a Subspace pins the model's {len(frozen)} frozen parameter(s) (e.g. "
+                              f"{frozen[0][0]!r}) to the model's own values, which a Subspace does not hold; load "
+                              "the checkpoints' values into the model first if they differ", UserWarning,
+                              stacklevel=3)
             return _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
                                   else checkpoints_or_subspace, aliases)
         # under a process group, a rank whose model does not fit fails every rank with its error
@@ -550,6 +557,34 @@ def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[s
         raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
                                    "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
                                    "int8_gradients=False")
+
+
+def _warn_if_buffers_differ(model: nn.Module, checkpoints: Checkpoints) -> None:
+    """Warn when the checkpoints hold other values of the model's floating-point buffers than
+    the model does (BatchNorm statistics aside, which update_bn recomputes): TWA averages
+    parameters and runs the model with its own buffers, so weights trained beside other
+    buffers (a decorrelation matrix decor_R, a learned-then-frozen scale) meet the wrong ones."""
+    norms = tuple(f"{name}." if name else "" for name in running_norms(model))
+    persistent = model.state_dict().keys()
+    buffers = {name: b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()
+               and not any(name.startswith(n) and "." not in name[len(n):] for n in norms)}
+    if not buffers:
+        return
+    differ: dict[str, str] = {}
+    for i, spec in enumerate(resolve_checkpoints(checkpoints)):
+        reader = ColumnReader(spec, i, names=list(buffers))
+        for name, own in buffers.items():
+            key = reader.key(name)
+            if name in differ or key is None or reader.shape(key) != tuple(own.shape):
+                continue
+            if not torch.equal(reader.tensor(key).to(device=own.device, dtype=own.dtype), own):
+                differ[name] = reader.source
+    if differ:
+        name, source = next(iter(differ.items()))
+        warnings.warn(f"{source} holds other values of the model's buffer {name!r} than the model "
+                      f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
+                      "the model with its own buffers. Load the buffers the weights were trained with into the model "
+                      "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning, stacklevel=4)
 
 
 def _all_zero(basis: QuantizedBasis) -> bool:
