@@ -620,7 +620,8 @@ def test_a_subspace_that_leaves_out_a_trainable_parameter_is_refused_until_it_is
     model.body.bias.requires_grad_(False)
     model.head.bias.requires_grad_(False)
     kept = model.head.bias.detach().clone()
-    twa = tk.TWA(model, head_only)
+    with pytest.warns(UserWarning, match="pins the model's 4 frozen parameter"):
+        twa = tk.TWA(model, head_only)
     twa(torch.randn(8, 40)).pow(2).mean().backward()
     assert model.head.bias.grad is None and twa.coefficients.grad is not None
     assert torch.equal(twa.averaged_state_dict()["head.bias"], kept)
@@ -954,9 +955,9 @@ def test_one_checkpoint_is_refused_and_a_trainer_output_directory_is_named(tmp_p
     with pytest.raises(CheckpointError, match="1 checkpoint .a state_dict.: a subspace needs at least 2"):
         tk.TWA(model, [model.state_dict()])
     out = tmp_path / "trainer-out"  # a Trainer's output: its final weights beside checkpoint-* folders
-    for folder in (out, out / "checkpoint-4", out / "checkpoint-8"):
+    for i, folder in enumerate((out, out / "checkpoint-4", out / "checkpoint-8")):
         folder.mkdir(parents=True)
-        tk.save_state_dict(model.state_dict(), folder / "model.safetensors")
+        tk.save_state_dict({k: v + i for k, v in model.state_dict().items()}, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"beside 2 checkpoint-\* folders: pass those"):
         tk.TWA(model, out)
     tk.TWA(model, str(out / "checkpoint-*"))  # the glob the message suggests
