@@ -146,6 +146,12 @@ def test_greedy_soup_refuses_a_score_that_is_not_a_finite_number_naming_the_chec
         tk.greedy_soup(ckpts, lambda state: by_id.get(id(state["0.weight"]), 0.0))
 
 
+def test_greedy_soup_names_a_score_that_is_not_a_function():
+    # the scores themselves, passed where the function belongs: a bare TypeError, late, before
+    with pytest.raises(tk.errors.InvalidTypeError, match="score must be a function of a state_dict.*got list"):
+        tk.greedy_soup(_checkpoints(3), [0.5, 0.9, 0.1])
+
+
 def test_greedy_soup_takes_tensor_scores_and_starts_from_the_best_checkpoint():
     ckpts = _checkpoints(3)
     scores = {0: 0.2, 1: 0.9, 2: 0.9}  # a tie at the top: the first of the two leads, with its own score

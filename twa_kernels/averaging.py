@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Subset, random_split
 from twa_kernels._checks import real
 from twa_kernels._random import generator
 from twa_kernels.batchnorm import update_bn  # noqa: F401  (part of this module's API)
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import (
     CheckpointError,
     Checkpoints,
@@ -160,6 +160,9 @@ def greedy_soup(
     average's score does not drop. Returns the soup and the indices it holds. Every score
     must be a finite real number (a one-element tensor is read as its value): a NaN would
     rank anywhere, so it is refused, naming the checkpoint, as is None."""
+    if not callable(score):
+        raise InvalidTypeError(f"greedy_soup's score must be a function of a state_dict returning a number (higher "
+                               f"is better, e.g. held-out accuracy), got {type(score).__name__}")
     specs = resolve_checkpoints(checkpoints)
     scores = []
     first = None
