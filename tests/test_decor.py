@@ -720,5 +720,5 @@ def test_a_meta_model_and_a_non_module_are_named():
         tk.decor.decorrelate(meta)
     assert not tk.decor.decorrelated_layers(meta)
     for call in (tk.decor.decorrelate, tk.decor.update, tk.decor.fold):
-        with pytest.raises(tk.errors.InvalidTypeError, match="takes the model .an nn.Module., got NoneType"):
+        with pytest.raises(tk.errors.InvalidTypeError, match="'s model must be an nn.Module, got NoneType"):
             call(None)

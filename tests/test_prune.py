@@ -505,3 +505,9 @@ def test_masks_naming_no_weight_or_not_bool_are_refused_by_the_pruning_round():
         tk.prune.global_magnitude_masks(model, 0.5, masks={"0.weigth": torch.ones(8, 4, dtype=torch.bool)})
     with pytest.raises(PruningError, match="not a bool mask"):
         tk.prune.global_magnitude_masks(model, 0.5, masks={"0.weight": torch.full((8, 4), 0.3)})
+
+
+def test_a_model_that_is_not_a_module_is_named():
+    for call in (lambda: tk.prune.prunable_weights(None), lambda: tk.prune.global_magnitude_masks("model", 0.5)):
+        with pytest.raises(tk.errors.InvalidTypeError, match="the model to prune must be an nn.Module, got"):
+            call()

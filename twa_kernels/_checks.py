@@ -1,10 +1,13 @@
-"""Argument checks the methods share: a number where a number belongs, a path the OS can take."""
+"""Argument checks the methods share: a number where a number belongs, a model where a
+model belongs, a path the OS can take."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
+
+from torch import nn
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError
 
@@ -27,3 +30,10 @@ def path_without_nul(path: str | os.PathLike, what: str, error: type[TWAKernelsE
     text = os.fspath(path)
     if ("\0" if isinstance(text, str) else b"\0") in text:
         raise error(f"{what} {text!r} holds a NUL byte (\\0), which no file name can; remove it from the path")
+
+
+def check_module(value: object, what: str) -> None:
+    """Refuse anything but an nn.Module where `what` (e.g. "decor.update's model") belongs:
+    a bare AttributeError would come from deep inside instead."""
+    if not isinstance(value, nn.Module):
+        raise InvalidTypeError(f"{what} must be an nn.Module, got {type(value).__name__}")

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twa_kernels._random import check_seed, generator
-from twa_kernels._checks import real
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
+from twa_kernels._checks import check_module, real
+from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import transformers_conv1d
 
@@ -318,7 +318,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     weight the others read. Untie it, or skip it and every layer tied to it.
     """
     # every setting is checked before the first layer changes class: a refusal leaves the model as it was
-    _check_module(model, "decorrelate")
+    check_module(model, "decor.decorrelate's model")
     lr, kappa, sample_fraction = real("lr", lr), real("kappa", kappa), real("sample_fraction", sample_fraction)
     max_norm = real("max_norm", max_norm)
     if not 0.0 < sample_fraction <= 1.0:
@@ -395,14 +395,9 @@ def _refuse_tied(model: nn.Module, layers: list[tuple[str, nn.Module]], fix: str
                                        f"{fix.format(names=[label] + others)}")
 
 
-def _check_module(model: object, call: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise InvalidTypeError(f"decor.{call} takes the model (an nn.Module), got {type(model).__name__}")
-
-
 def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every decorrelated layer of `model`, in module order."""
-    _check_module(model, "decorrelated_layers")
+    check_module(model, "decor.decorrelated_layers's model")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _Decor)]
 
 
@@ -492,7 +487,7 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     ||R||_F / sqrt(d) > max_norm, raising DecorrelationDivergedError with the layer and a
     smaller lr, and leaving every R as it was. check=False skips the sync.
     """
-    _check_module(model, "update")
+    check_module(model, "decor.update's model")
     group = _default_group(process_group)
     layers = decorrelated_layers(model)
     if group is None:
@@ -571,7 +566,7 @@ def fold(model: nn.Module) -> nn.Module:
     and export. Its state_dict loads into the original (never decorrelated) architecture.
     A decorrelated layer whose weight another module shares (tied after decorrelate()) is
     refused: folding would change the weight the others read."""
-    _check_module(model, "fold")
+    check_module(model, "decor.fold's model")
     _refuse_tied(model, decorrelated_layers(model), "untie them (give each its own nn.Parameter) before "
                                                      "decorrelate(), or skip {names} there")
     out = copy.deepcopy(model)

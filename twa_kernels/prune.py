@@ -46,7 +46,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from twa_kernels._progress import progress_bar
-from twa_kernels._checks import real
+from twa_kernels._checks import check_module, real
 from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric, split_batch
@@ -75,6 +75,7 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
     module (left out with a warning). `layers` keeps only the named ones (a module name such
     as "features.0" or a parameter name such as "features.0.weight"); naming a tied weight
     is an error."""
+    check_module(model, "the model to prune")
     found: dict[str, nn.Module] = {}
     tied: dict[str, list[str]] = {}
     types = weight_layer_types()

@@ -55,8 +55,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, MissingKeyError, UsageError
 from twa_kernels import sharding
+from twa_kernels._checks import check_module
 from twa_kernels._memory import empty_huge, gradients_to_hold
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.columns import ColumnReader
@@ -105,9 +106,7 @@ class TWA(nn.Module):
         int8_gradients: bool = False,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise InvalidTypeError(f"TWA's model must be the nn.Module the checkpoints were saved from, got "
-                                   f"{type(model).__name__}")
+        check_module(model, "TWA's model (the network the checkpoints were saved from)")
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         if process_group is not None:
