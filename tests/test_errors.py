@@ -39,3 +39,38 @@ def test_a_bad_argument_is_both_a_library_error_and_a_value_error():
     with pytest.raises(TWAKernelsError) as info:
         tk.quantize(torch.zeros(2, 8), bits=3)
     assert isinstance(info.value, ValueError)
+
+
+def _public_functions_taking_a_model_first() -> list:
+    """Every public function of the package whose first parameter is the model."""
+    found = {}
+    for info in pkgutil.walk_packages(tk.__path__, "twa_kernels."):
+        if info.name.endswith("__main__") or ".triton" in info.name or info.name.split(".")[-1].startswith("_"):
+            continue
+        module = importlib.import_module(info.name)
+        for name in getattr(module, "__all__", []):
+            function = getattr(module, name)
+            if inspect.isfunction(function) and not name.startswith("_"):
+                first = next(iter(inspect.signature(function).parameters), None)
+                if first in ("model", "module"):
+                    found[f"{function.__module__}.{function.__name__}"] = function
+    return sorted(found.items())
+
+
+@pytest.mark.parametrize("name, function", _public_functions_taking_a_model_first(), ids=lambda v: v
+                         if isinstance(v, str) else "")
+def test_every_function_taking_a_model_names_one_that_is_not_a_module(name, function):
+    # None where the model belongs: a bare AttributeError from deep inside, before
+    required = [p for p in inspect.signature(function).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    with pytest.raises(TWAKernelsError, match=r"must be an nn.Module, got NoneType"):
+        result = function(*[None] * len(required))
+        if hasattr(result, "__enter__"):  # a context manager checks when it is entered
+            with result:
+                pass
+
+
+def test_the_model_check_covers_the_methods():
+    names = {name for name, _ in _public_functions_taking_a_model_first()}
+    assert {"twa_kernels.decor.update", "twa_kernels.prune.apply_masks", "twa_kernels.factorization.factorize",
+            "twa_kernels.geometry.interpolation.interpolate"} <= names

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from twa_kernels._checks import check_module
 from twa_kernels.batchnorm import running_norms
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
@@ -106,6 +107,7 @@ def ignore_twa_buffers_in_ddp(module: nn.Module) -> list[str]:
     self.twa) would have DDP broadcast its whole center and basis from rank 0 before every
     forward. Call it on the module DDP wraps once its TWAs exist (in a LightningModule's
     __init__, on self)."""
+    check_module(module, "ignore_twa_buffers_in_ddp's module")
     if isinstance(module, TWA):
         return list(module._ddp_params_and_buffers_to_ignore)
     names = [f"{prefix}.{name}" for prefix, sub in module.named_modules() if isinstance(sub, TWA) and prefix
@@ -124,6 +126,7 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int
     the per-rank stats weighted by their batch counts, summed in one all-reduce of
     2 x channels + 1 floats per layer. Ranks with no batches count zero. Returns the most
     batches any BatchNorm saw over all ranks (0: none, and the statistics are unchanged)."""
+    check_module(model, "all_reduce_bn_statistics's model")
     check_group(process_group)
     norms = list(running_norms(model).values())
     if not norms:

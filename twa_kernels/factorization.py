@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from twa_kernels._checks import real
+from twa_kernels._checks import check_module, real
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import tied_owners
@@ -315,6 +315,7 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     seed: an int draws every factor from one private generator (reproducible; torch's global
         RNG untouched); None draws from the global RNG. `generator=` is deprecated.
     """
+    check_module(model, "factorize's model")
     gen = generator_or_seed(seed, generator, "factorize")
     _check_depth(depth)
     _check_eps(eps)
@@ -361,6 +362,7 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
 
 def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every factor in `model`."""
+    check_module(model, "factor_parameters's model")
     out = []
     for name, module in model.named_modules():
         if _is_factorized(module):
@@ -374,6 +376,7 @@ def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_deca
     """Two optimizer parameter groups: the factors with `weight_decay` (the DWF penalty) and
     everything else (biases, norms, unfactorised layers) with `other_weight_decay`.
     Extra keyword options (e.g. lr) go into both groups."""
+    check_module(model, "factor_param_groups's model")
     if "params" in group_options:
         raise FactorizationError("factor_param_groups puts the model's parameters into its groups itself: leave "
                                  "params= out (the other keyword options go into both groups)")
@@ -394,6 +397,7 @@ def factor_param_groups(model: nn.Module, weight_decay: float, other_weight_deca
 def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Raise FactorizationError if `optimizer` would decay (or update) a dense weight that
     `factorize` replaced (an optimizer built before factorising), or misses factors."""
+    check_module(model, "check_optimizer's model")
     replaced = {}
     for name, module in model.named_modules():
         if _is_factorized(module):
@@ -428,6 +432,7 @@ def collapse(model: nn.Module, threshold: float = EPS) -> nn.Module:
     """A plain copy of `model`: every factorised weight replaced by its product, with
     |w| < threshold set to 0 (threshold finite and >= 0). Its state_dict loads into the
     original architecture."""
+    check_module(model, "collapse's model")
     _check_threshold(threshold)  # the same rule as sparsity_report's, so the two agree
     plain = copy.deepcopy(model)
     for module in plain.modules():
@@ -507,6 +512,7 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
     that `factorize` replaced), on a factorised model and on its `collapse` copy alike, so the
     two reports agree. threshold is a finite number >= 0; a model with no weight to count is
     refused."""
+    check_module(model, "sparsity_report's model")
     # a NaN threshold counted every weight as zero (|w| >= nan is False), so a dense layer read as fully sparse
     _check_threshold(threshold)
     types = weight_layer_types()

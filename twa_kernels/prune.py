@@ -227,6 +227,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     same object as before, is `model.layer.parametrizations.weight.original`). On exit the
     masked values are written back into the parameters, so pruned entries are exactly zero,
     and the model is plain again (its state_dict keys unchanged)."""
+    check_module(model, "apply_masks's model")
     # every mask is checked before the first is held: a refusal leaves the model as it was
     _check_bool_masks(masks)
     modules = prunable_weights(model, masks) if masks else {}
@@ -285,6 +286,7 @@ def train_classifier(
     a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
     the shuffling and every other draw of the training, such as dropout's, and leaves torch's
     global RNG as it was; None draws from torch's global RNG)."""
+    check_module(model, "train_classifier's model")
     if schedule not in ("cosine", "constant"):
         raise InvalidArgumentError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     # a NaN or infinite rate trained every weight to NaN without a word
@@ -510,6 +512,7 @@ def imp(
     directory raises OutputError, an unreadable or inconsistent imp.json (or a round file it
     names) CheckpointError, and different settings PruningError.
     """
+    check_module(model, "imp's model")
     _check_args(rounds, rate, rewind, scope)
     if not callable(train_fn):  # checked before round 0's files are written
         raise PruningError(f"train_fn must be callable as train_fn(model, round), got {type(train_fn).__name__}; "

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from twa_kernels._checks import check_module
 from twa_kernels._progress import progress_bar
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
@@ -107,6 +108,7 @@ def interpolate(
     are the model's own. See the module docstring for `bn` and the barriers. Parameters are
     mixed with torch.lerp, which is exact at alpha 0 and 1 and when a and b agree.
     """
+    check_module(model, "interpolate's model")
     check_bn(bn)
     if not isinstance(steps, int) or steps < 2:
         raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from twa_kernels._checks import check_module
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels._progress import progress_bar
@@ -506,6 +507,7 @@ def plane(
     module docstring). bn, metric, masks and bn_data are as in interpolate (bn="interpolate"
     needs checkpoints, whose statistics it mixes).
     """
+    check_module(model, "plane's model")
     check_bn(bn)
     nx, ny = _check_grid(grid, margin, bits)
     mask = check_masks(model, masks)

@@ -32,7 +32,7 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
-from twa_kernels._checks import real
+from twa_kernels._checks import check_module, real
 from twa_kernels.geometry.evaluation import parameter_device, preserved, split_batch
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def hessian_diagonal(
     model with an op that has no forward-mode derivative (transformers' default SDPA
     attention: build it with attn_implementation="eager") raises InvalidArgumentError.
     """
+    check_module(model, "hessian_diagonal's model")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -181,6 +182,7 @@ def top_eigenvalue(
     |Hv - theta v| relative to theta), or after `iters` products, unconverged: a Hessian
     whose largest eigenvalues are +lambda and -lambda never converges. Eval mode and `seed` (the
     start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged."""
+    check_module(model, "top_eigenvalue's model")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
     if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged

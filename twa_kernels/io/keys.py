@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from twa_kernels._checks import check_module
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
@@ -165,6 +166,7 @@ def tied_owners(model: nn.Module, module: nn.Module, attribute: str = "weight") 
     """The names of the other modules of `model` that hold `module`'s Parameter `attribute`
     (tied weights, e.g. an output layer tied to an embedding). A module reused under two
     names is one module, not a tie; the root module is named "<root>"."""
+    check_module(model, "tied_owners's model")
     target = getattr(module, attribute)
     return [name or "<root>" for name, other in model.named_modules(remove_duplicate=False)
             if other is not module and any(p is target for p in other.parameters(recurse=False))]
@@ -175,6 +177,7 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     named_parameters() gives it (its first). A tied weight (an embedding shared with the
     output layer) is one tensor under several names: one row segment of a subspace, and
     every one of its names in a state_dict."""
+    check_module(model, "parameter_aliases's model")
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
@@ -186,6 +189,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     torch.compile's OptimizedModule (`_orig_mod`) and DistributedDataParallel / DataParallel
     (`.module`) are unwrapped, however nested. A model sharded by FSDP2's fully_shard is
     refused: its parameters are shards, not the weights a checkpoint holds."""
+    check_module(model, "unwrap_model's model")
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
