@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels.errors import CheckpointError, MissingDependencyError
+from twa_kernels.io.keys import _NESTING_KEYS  # unwrapped as a loaded torch file's are
 
 try:  # torch.distributed, and with it DCP, is a build option of torch (USE_DISTRIBUTED)
     import torch.distributed.checkpoint as dcp
@@ -181,9 +182,6 @@ def _check_stored_bytes(key: str, entry: TensorStorageMetadata, storage: dict, b
         if claimed > stored + (1 << 10):  # torch.save's framing of a tiny chunk outweighs its bytes
             raise bad(f"the chunk of {key!r} at {list(chunk.offsets)} claims {claimed} bytes but stores "
                       f"{info.length}")
-
-
-_NESTING_KEYS = ("state_dict", "model", "model_state_dict")  # as io.keys unwraps a loaded file
 
 
 def state_dict_keys(metadata: Metadata) -> list[tuple[str, str]]:
