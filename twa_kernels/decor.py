@@ -32,6 +32,7 @@ instead, which is not (tests/test_decor.py checks both against autograd).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import warnings
@@ -415,7 +416,7 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
     layer that saw no input contributes zeros); afterwards each layer holds the global S as
     its _decor_sum. Returns the global counts."""
     ref = layers[0][1].decor_R
-    dtype = torch.float64 if any(m.decor_R.dtype == torch.float64 for _, m in layers) else torch.float32
+    dtype = functools.reduce(torch.promote_types, (_compute_dtype(m.decor_R) for _, m in layers))
     parts = [m.decor_dense_sum().to(device=ref.device, dtype=dtype).reshape(-1) for _, m in layers]
     counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=dtype, device=ref.device)
     flat = torch.cat(parts + [counts])

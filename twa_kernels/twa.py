@@ -149,9 +149,7 @@ class TWA(nn.Module):
 
         def check_and_pin() -> list[Tensor]:
             _check_model_fits(model, subspace, frozen, int8_gradients)
-            if not isinstance(checkpoints_or_subspace, Subspace):
-                _warn_if_buffers_differ(model, checkpoints_or_subspace)
-            elif frozen:
+            if isinstance(checkpoints_or_subspace, Subspace) and frozen:
                 warnings.warn(f"TWA built from a Subspace pins the model's {len(frozen)} frozen parameter(s) (e.g. "
                               f"{frozen[0][0]!r}) to the model's own values, which a Subspace does not hold; load "
                               "the checkpoints' values into the model first if they differ", UserWarning,
@@ -558,32 +556,24 @@ def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[s
                                    "int8_gradients=False")
 
 
-def _warn_if_buffers_differ(model: nn.Module, checkpoints: Checkpoints) -> None:
-    """Warn when the checkpoints hold other values of the model's floating-point buffers than
-    the model does (BatchNorm statistics aside, which update_bn recomputes): TWA averages
-    parameters and runs the model with its own buffers, so weights trained beside other
-    buffers (a decorrelation matrix decor_R, a learned-then-frozen scale) meet the wrong ones."""
+def _buffers_to_compare(model: nn.Module) -> dict[str, Tensor]:
+    """The model's floating-point buffers that its checkpoints hold, BatchNorm statistics aside
+    (update_bn recomputes those): TWA averages parameters and runs the model with its own
+    buffers, so weights trained beside other values of these (a decorrelation matrix
+    decor_R, a learned-then-frozen scale) meet the wrong ones."""
     norms = tuple(f"{name}." if name else "" for name in running_norms(model))
     persistent = model.state_dict().keys()
-    buffers = {name: b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()
-               and not any(name.startswith(n) and "." not in name[len(n):] for n in norms)}
-    if not buffers:
-        return
-    differ: dict[str, str] = {}
-    for i, spec in enumerate(resolve_checkpoints(checkpoints)):
-        reader = ColumnReader(spec, i, names=list(buffers))
-        for name, own in buffers.items():
-            key = reader.key(name)
-            if name in differ or key is None or reader.shape(key) != tuple(own.shape):
-                continue
-            if not torch.equal(reader.tensor(key).to(device=own.device, dtype=own.dtype), own):
-                differ[name] = reader.source
-    if differ:
-        name, source = next(iter(differ.items()))
-        warnings.warn(f"{source} holds other values of the model's buffer {name!r} than the model "
-                      f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
-                      "the model with its own buffers. Load the buffers the weights were trained with into the model "
-                      "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning, stacklevel=4)
+    return {name: b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()
+            and not any(name.startswith(n) and "." not in name[len(n):] for n in norms)}
+
+
+def _warn_buffers_differ(differ: dict[str, str]) -> None:
+    """differ: {buffer name: the first checkpoint holding another value of it}."""
+    name, source = next(iter(differ.items()))
+    warnings.warn(f"{source} holds other values of the model's buffer {name!r} than the model "
+                  f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
+                  "the model with its own buffers. Load the buffers the weights were trained with into the model "
+                  "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning, stacklevel=5)
 
 
 def _all_zero(basis: QuantizedBasis) -> bool:
@@ -598,16 +588,26 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
     """The value each frozen parameter keeps under TWA: its checkpoint value. Floating-point
     ones are the checkpoints' mean, summed in float64, so checkpoints that agree (as a frozen
     tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
-    built from a Subspace) the model's own values. Whole tensors are read, one at a time."""
-    if not frozen:
-        return []
+    built from a Subspace) the model's own values. Whole tensors are read, one at a time.
+    The same pass compares the checkpoints' buffers with the model's (_buffers_to_compare)
+    and warns where they differ."""
     if checkpoints is None:
         return [p.detach().clone() for _, p in frozen]
+    buffers = _buffers_to_compare(model)
+    if not frozen and not buffers:
+        return []
     specs = resolve_checkpoints(checkpoints)
     all_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     totals: list[Tensor | None] = [None] * len(frozen)
+    differ: dict[str, str] = {}
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
+        for name, own in buffers.items():
+            key = reader.key(name)
+            if name in differ or key is None or reader.shape(key) != tuple(own.shape):
+                continue
+            if not torch.equal(reader.tensor(key).to(device=own.device, dtype=own.dtype), own):
+                differ[name] = reader.source
         for j, (name, param) in enumerate(frozen):
             key = reader.key(name, aliases.get(name, ()))
             if key is None:
@@ -627,6 +627,8 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
             elif not torch.equal(totals[j], value):
                 raise CheckpointError(f"{reader.source}: the frozen integer parameter {name!r} differs from the first "
                                       "checkpoint's; integer tensors cannot be averaged: make them agree")
+    if differ:
+        _warn_buffers_differ(differ)
     return [(t / len(specs) if t.is_floating_point() else t).to(dtype=p.dtype, device=p.device)
             for t, (_, p) in zip(totals, frozen)]
 
