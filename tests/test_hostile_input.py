@@ -1055,7 +1055,8 @@ def test_float8_checkpoints_are_read():
 
 def test_twa_names_a_model_that_is_not_one_or_holds_no_values():
     checkpoints = _fine_tunes(_Backbone(), 3)
-    with pytest.raises(tk.errors.InvalidTypeError, match=r"TWA's model \(the network .*\) must be an nn.Module, got str"):
+    with pytest.raises(tk.errors.InvalidTypeError,
+                       match=r"TWA's model \(the network .*\) must be an nn.Module, got str"):
         tk.TWA("model", checkpoints)
     with torch.device("meta"):
         meta = _Backbone()
