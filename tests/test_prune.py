@@ -457,6 +457,19 @@ def test_sparsity_and_masked_state_dict_take_bool_masks_of_their_entries_only():
         P.sparsity(nn.Sequential(nn.Linear(2, 2)))  # an AttributeError from inside before
 
 
+@pytest.mark.parametrize("amount, message", [
+    (-1, r"amount=-1 is a count of weights to prune and must be >= 0"),
+    (57, r"amount=57 weights to prune, but only 56 are left"),
+    (1.5, r"amount=1.5 is a fraction and must lie in \[0, 1\]"),
+    (float("nan"), r"amount=nan is a fraction"),
+    (True, r"amount must be a float in \[0, 1\] or an int count, got True"),
+])
+def test_an_amount_out_of_range_is_named_with_its_kind(amount, message):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # 56 weights
+    with pytest.raises(PruningError, match=message):
+        tk.prune.global_magnitude_masks(model, amount)
+    assert tk.prune.sparsity(tk.prune.global_magnitude_masks(model, 56)) == 1.0
+
 def test_weights_holding_nan_are_named_not_ranked():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():

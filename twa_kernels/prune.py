@@ -115,7 +115,9 @@ def _count_to_prune(amount: float | int, remaining: int) -> int:
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise PruningError(f"amount must be a float in [0, 1] or an int count, got {amount!r}")
     if isinstance(amount, int):
-        if not 0 <= amount <= remaining:
+        if amount < 0:
+            raise PruningError(f"amount={amount} is a count of weights to prune and must be >= 0")
+        if amount > remaining:
             raise PruningError(f"amount={amount} weights to prune, but only {remaining} are left")
         return amount
     if not 0.0 <= amount <= 1.0:
