@@ -949,6 +949,25 @@ def test_a_row_of_logits_holding_nan_or_inf_counts_as_an_error():
     assert error == 0.5 and torch.isnan(loss)
 
 
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0, 3]), r"label 3 is not a class of these 3 logits; labels must lie in \[0, 2\]"),
+    (torch.tensor([-100, 1]), r"label -100 is not a class"),
+    (torch.tensor([0.0, 1.0]), "labels must be integer class ids, got torch.float32"),
+    (torch.tensor([[0], [1]]), r"takes logits \[N, C\] and labels \[N\], got logits \(2, 3\) and labels \(2, 1\)"),
+])
+def test_labels_that_are_not_classes_of_the_logits_are_named(labels, message):
+    # cross_entropy raised a bare IndexError, skipped -100 while argmax counted it wrong,
+    # or read a float label as a probability
+    with pytest.raises(tk.errors.InvalidArgumentError, match=message):
+        C.classification_metric(torch.zeros(2, 3), labels)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"logits \(2, 3, 4\)"):
+        C.classification_metric(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))  # one per position
+    model = torch.nn.Linear(4, 3)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.tensor([0, 1, 2, 3] * 2))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="label 3 is not a class of these 3 logits"):
+        tk.prune.train_classifier(model, data, epochs=1)
+
 class _DivergesAtZero(torch.nn.Module):
     """Logits x * w / w: the inputs themselves, NaN where the weight passes through 0."""
 

@@ -56,6 +56,24 @@ BN_MODES = ("recompute", "interpolate", "none")
 _BN_STATS = ("running_mean", "running_var")
 
 
+def _check_labels(logits: Tensor, targets: Tensor) -> None:
+    # cross_entropy reads a [N, C, T] input as C classes of T positions, raises a bare
+    # IndexError for a label out of range (a device-side assert on a GPU, which ends the
+    # process's CUDA use) and skips -100 in the loss while argmax counted it an error
+    if logits.dim() != 2 or not isinstance(targets, Tensor) or targets.shape != logits.shape[:1]:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise InvalidArgumentError(f"classification_metric takes logits [N, C] and labels [N], got logits "
+                                   f"{tuple(logits.shape)} and labels {shape}; for outputs of another shape "
+                                   "(e.g. one prediction per token) pass a metric of your own")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise InvalidArgumentError(f"labels must be integer class ids, got {targets.dtype}")
+    if targets.numel() and not bool(((targets >= 0) & (targets < logits.shape[1])).all()):
+        bad = targets[(targets < 0) | (targets >= logits.shape[1])][0].item()
+        raise InvalidArgumentError(f"label {bad} is not a class of these {logits.shape[1]} logits; labels must lie "
+                                   f"in [0, {logits.shape[1] - 1}] (an ignored label such as -100 cannot be "
+                                   "counted right or wrong)")
+
+
 def classification_metric(outputs: Tensor | Any, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(mean cross-entropy, top-1 error fraction) of a batch of logits [N, C] and labels [N];
     a row holding NaN or infinity is counted wrong.
@@ -66,6 +84,7 @@ def classification_metric(outputs: Tensor | Any, targets: Tensor) -> tuple[Tenso
         raise InvalidTypeError(f"classification_metric takes logits [N, C], or a model output with a .logits tensor "
                                f"(a Hugging Face ModelOutput), got {type(outputs).__name__}; pass a metric(outputs, "
                                "targets) -> (mean loss, error fraction) that reads this model's output")
+    _check_labels(logits, targets)
     # a row whose logits are not all finite is an error: argmax takes a NaN for the largest
     # value, so weights that overflow would otherwise be right wherever the label is the NaN's index
     wrong = (logits.argmax(dim=1) != targets) | ~torch.isfinite(logits).all(dim=1)
