@@ -591,6 +591,22 @@ def test_sharpness_of_a_zero_hessian_and_bad_chunks():
     assert float(diag["bias"]) == pytest.approx(8.0) and not diag["weight"].any()
 
 
+
+def test_sharpness_names_a_loss_that_is_not_a_scalar_and_stops_at_a_non_finite_product(caplog):
+    model = torch.nn.Linear(3, 2)
+    data = [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))]
+    for loss_fn, got in ((lambda out, y: out.square(), r"shape \(4, 2\)"), (lambda out, y: 1.0, "float")):
+        with pytest.raises(tk.errors.InvalidArgumentError, match=f"must return the batch's mean loss as a 0-dim "
+                                                                 f"tensor, got {got}"):
+            C.top_eigenvalue(model, loss_fn, data, iters=3, seed=0)
+        with pytest.raises(tk.errors.InvalidArgumentError, match="0-dim tensor"):
+            C.hessian_diagonal(model, loss_fn, data, samples=2, seed=0)
+    nan_loss = lambda out, y: out.square().sum() * float("nan")
+    with caplog.at_level("WARNING", logger="twa_kernels"):
+        result = C.top_eigenvalue(model, nan_loss, data, iters=50, seed=0)
+    assert math.isnan(result.value) and not result.converged and len(result.trace) == 1  # not 50 products of NaN
+    assert "Hessian-vector product is not finite" in caplog.text
+
 @pytest.mark.parametrize("margin", [float("inf"), float("nan"), -0.1, "0.2"])
 def test_plane_margin_must_be_finite_and_non_negative(margin):
     model = make_model(0)

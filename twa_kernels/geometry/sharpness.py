@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -83,7 +84,15 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
         raise InvalidArgumentError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
 
     def loss_grad(args: tuple, kwargs: dict[str, Any], y: Tensor) -> Callable:
-        return torch.func.grad(lambda p: loss_fn(functional_call(model, p, args, kwargs), y))
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            value = loss_fn(functional_call(model, p, args, kwargs), y)
+            if not isinstance(value, Tensor) or value.dim() != 0:  # torch.func's own error names neither
+                got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise InvalidArgumentError(f"loss_fn(outputs, targets) must return the batch's mean loss as a "
+                                           f"0-dim tensor, got {got}; reduce it (e.g. .mean())")
+            return value
+
+        return torch.func.grad(loss)
 
     def batch_hvp(args: tuple, kwargs: dict[str, Any], y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
         return torch.func.jvp(loss_grad(args, kwargs, y), (params,), (v,))[1]  # forward-over-reverse
@@ -181,7 +190,9 @@ def top_eigenvalue(
     less than tol relative to itself and v is an eigenvector to within sqrt(tol) (residual
     |Hv - theta v| relative to theta), or after `iters` products, unconverged: a Hessian
     whose largest eigenvalues are +lambda and -lambda never converges. Eval mode and `seed` (the
-    start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged."""
+    start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged; a product
+    that is not finite (the loss overflows or is NaN at these weights) stops it at once with a
+    warning, unconverged, its value the NaN or infinity."""
     check_module(model, "top_eigenvalue's model")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
@@ -202,6 +213,10 @@ def top_eigenvalue(
             v = {k: t / norm for k, t in v.items()}
             hv = {k: t[0] for k, t in hvp({k: t[None] for k, t in v.items()}).items()}
             trace.append(float(sum((v[k] * hv[k]).sum() for k in v)))
+            if not math.isfinite(trace[-1]):  # nothing after a NaN or an infinity would be finite either
+                logger.warning("top_eigenvalue: the Hessian-vector product is not finite at these weights (the "
+                               "loss or its gradient overflows, or is NaN); returning %s", trace[-1])
+                return EigenResult(trace[-1], trace, False)
             # the Rayleigh quotient also stands still when v swings between the eigenvectors
             # of a +lambda/-lambda pair, so v must be an eigenvector too: its residual
             # |Hv - theta v| bounds the quotient's error by residual^2 / gap, hence sqrt(tol)
