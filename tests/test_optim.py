@@ -126,6 +126,24 @@ def test_a_learning_rate_scheduler_drives_the_wrapped_optimizer():
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+
+@pytest.mark.parametrize("loader", ["wrapper", "wrapped"])
+def test_a_scheduler_still_drives_the_wrapped_optimizer_after_a_resume(loader):
+    # torch's load_state_dict replaces the groups and state objects: a wrapper holding the old
+    # ones took the scheduler's lr while the wrapped optimizer stepped on at the old one
+    model, sub = _at_center()
+    base = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    opt = tk.SubspaceOptimizer(base, sub)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    _train(opt, model, steps=1)
+    saved = opt.state_dict()
+    (opt if loader == "wrapper" else base).load_state_dict(saved)
+    schedule.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.1) and opt.param_groups is base.param_groups
+    assert opt.state is base.state and opt.state, "the momentum buffers are the loaded ones"
+    copy = __import__("copy").deepcopy(opt)  # a pickled optimizer is a whole one
+    assert copy.param_groups is copy.base_optimizer.param_groups and copy.param_groups[0]["lr"] == pytest.approx(0.1)
+
 def test_a_closure_is_called_and_its_loss_returned():
     model, sub = _at_center()
     opt = tk.SubspaceOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), sub)

@@ -40,8 +40,9 @@ def _steps_inside_span(optimizer: torch.optim.Optimizer) -> bool:
 class SubspaceOptimizer(torch.optim.Optimizer):
     """Wraps `base_optimizer`; its parameters, in order, must be the subspace's weights.
 
-    It is a torch Optimizer that shares the wrapped one's `param_groups` and `state`, so
-    learning-rate schedulers and Lightning's `configure_optimizers` take it as they are.
+    It is a torch Optimizer whose `param_groups` and `state` are the wrapped one's, read
+    through at every access (also after either's load_state_dict), so learning-rate
+    schedulers and Lightning's `configure_optimizers` take it as they are.
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, subspace: Subspace):
@@ -69,14 +70,40 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                                        f"(first: {frozen[0]!r}), but the subspace spans them, so its steps would "
                                        "move them; build the subspace from the trainable parameters only")
         # Optimizer.__init__ sets up the hooks and the step patching that schedulers and
-        # profilers rely on; the groups and state are then the wrapped optimizer's own
-        # objects, not copies, so a scheduler's change of lr reaches the optimizer that steps.
+        # profilers rely on; the groups and state it makes are dropped for the wrapped
+        # optimizer's own (the properties below)
         super().__init__(params, dict(base_optimizer.defaults))
-        self.param_groups = base_optimizer.param_groups
-        self.state = base_optimizer.state
+        del self.__dict__["_own_param_groups"], self.__dict__["_own_state"]
         self.base_optimizer, self.subspace, self._params = base_optimizer, subspace, params
         if subspace.basis.bits is None:
             self._warn_if_off_subspace()
+
+    # The groups and state are read from the wrapped optimizer at every access, not held:
+    # its load_state_dict (a resume) replaces both objects, and a scheduler writing into a
+    # copy held here would no longer reach the optimizer that steps.
+    @property
+    def param_groups(self) -> list[dict]:
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self.__dict__["_own_param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        if "base_optimizer" in self.__dict__:
+            self.base_optimizer.param_groups = groups
+        else:  # Optimizer.__init__'s own list, dropped once it returns
+            self.__dict__["_own_param_groups"] = groups
+
+    @property
+    def state(self) -> dict:
+        base = self.__dict__.get("base_optimizer")
+        return base.state if base is not None else self.__dict__["_own_state"]
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        if "base_optimizer" in self.__dict__:
+            self.base_optimizer.state = state
+        else:
+            self.__dict__["_own_state"] = state
 
     def __getstate__(self) -> dict:
         return self.__dict__.copy()  # Optimizer's own keeps only defaults, state and groups
