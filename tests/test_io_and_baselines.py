@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import twa_kernels as tk
 from twa_kernels.columns import ColumnReader
@@ -251,6 +252,70 @@ def test_update_bn_leaves_each_submodule_in_the_mode_it_was_in():
     tk.update_bn([torch.randn(8, 64)], model)
     assert not model.training and model[0].training and not model[1].training
 
+
+
+def test_update_bn_at_a_whole_state_dict_measures_into_the_model_and_leaves_the_state_alone():
+    # the state's statistics were swapped in and updated from its batch count on, the model's
+    # own left reset to mean 0 and variance 1
+    model, probe = _bn_model(), _bn_model()
+    state = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+             for k, v in _bn_model().state_dict().items()}
+    given = {k: v.clone() for k, v in state.items()}
+    probe.load_state_dict(state)
+    batches = [torch.randn(8, 64) for _ in range(3)]
+    tk.update_bn(batches, model, weights=state)
+    tk.update_bn(batches, probe)
+    for key, value in probe.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    assert all(torch.equal(state[k], given[k]) for k in state)
+
+
+class _NormEval(nn.Sequential):
+    """A model whose train() keeps its first BatchNorm in eval mode (a frozen backbone's
+    statistics, as detection models' norm_eval does)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8))
+        with torch.no_grad():
+            self[1].running_mean.fill_(2.0)
+            self[1].running_var.fill_(9.0)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def _after_frozen_first_norm(model: nn.Module, batches: list) -> torch.Tensor:
+    """The second BatchNorm's mean over `batches`, measured with the first in eval mode."""
+    with torch.no_grad():
+        hidden = [model[3](model[2](model[1].eval()(model[0](x)))) for x in batches]
+    return torch.cat(hidden).mean(0)
+
+
+@pytest.mark.parametrize("how", ["train() keeps it in eval mode", "frozen_norms"])
+def test_update_bn_leaves_a_frozen_batchnorm_as_it_is_and_measures_the_next_behind_it(how):
+    model = _NormEval() if how.startswith("train") else nn.Sequential(*_NormEval())
+    first = {k: v.clone() for k, v in model[1].state_dict().items()}
+    batches = [torch.randn(16, 6) for _ in range(3)]
+    tk.update_bn(batches, model, frozen_norms=["1"] if how == "frozen_norms" else ())
+    assert all(torch.equal(v, first[k]) for k, v in model[1].state_dict().items()), "neither reset nor measured"
+    torch.testing.assert_close(model[4].running_mean, _after_frozen_first_norm(model, batches), rtol=0, atol=1e-5)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="frozen_norms names '3', which is not a BatchNorm"):
+        tk.update_bn(batches, model, frozen_norms=["3"])
+
+
+def test_update_bn_names_a_twa_and_a_meta_model():
+    # a TWA holds its model outside its module tree: no BatchNorm was found and nothing happened
+    twa = tk.TWA(_bn_model(), _checkpoints(3), bits=None)
+    with pytest.raises(tk.errors.InvalidTypeError, match=r"got a TWA.*twa.update_bn\(loader\)"):
+        tk.update_bn([torch.randn(8, 64)], twa)
+    with torch.device("meta"):
+        meta = make_model(0)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="'0.weight' is on the meta device"):
+        tk.update_bn([torch.randn(8, 64)], meta)
 
 def test_update_bn_names_an_empty_tuple_batch():
     with pytest.raises(tk.errors.InvalidArgumentError, match="empty tuple"):

@@ -361,3 +361,98 @@ def test_batchnorm_in_train_mode_is_recomputed_at_the_averaged_weights(tmp_path)
     callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
     _trainer(tmp_path, callbacks=[callback]).fit(net, _loader())
     assert int(net.model[1].num_batches_tracked) == 6  # one cumulative pass over the 6 training batches
+
+
+def _measured_statistics(net: L.LightningModule, frozen: tuple[int, ...] = (), prepare=lambda batch: batch) -> dict:
+    """The module's BatchNorm statistics measured at its present weights by one cumulative
+    pass over the training batches, the layers in `frozen` run in eval mode as they are."""
+    import copy
+
+    ref = copy.deepcopy(net).train()
+    for i, m in enumerate(ref.model):
+        if isinstance(m, nn.BatchNorm1d):
+            if i in frozen:
+                m.eval()
+            else:
+                m.reset_running_stats()
+                m.momentum = None
+    with torch.no_grad():
+        for batch in _loader():
+            ref(prepare(batch)[0])
+    return {k: v for k, v in ref.state_dict().items() if "running" in k}
+
+
+def test_batchnorm_after_a_frozen_one_is_measured_with_the_frozen_one_in_eval_mode(tmp_path):
+    class FrozenFirstNorm(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                                       nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+            with torch.no_grad():  # pretrained statistics, far from this data's batch statistics
+                self.model[1].running_mean.fill_(1.0)
+                self.model[1].running_var.fill_(4.0)
+
+        def on_train_epoch_start(self):
+            self.model[1].eval()
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    net = FrozenFirstNorm()
+    _trainer(tmp_path, epochs=3, callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=1)]).fit(net, _loader())
+    assert torch.equal(net.model[1].running_mean, torch.ones(16)) and int(net.model[1].num_batches_tracked) == 0
+    expected = _measured_statistics(net, frozen=(1,))  # the second layer ran after the frozen one in batch mode before
+    for key, value in expected.items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert net.training and not net.model[1].training, "the modes Lightning leaves, not the TWA's eval mode"
+
+
+def test_the_statistics_pass_sees_the_batches_as_the_training_steps_saw_them(tmp_path):
+    class Rescaled(_Net):
+        def on_after_batch_transfer(self, batch, dataloader_idx):  # e.g. raw inputs scaled on the device
+            return batch[0] * 10 + 3, batch[1]
+
+    net = Rescaled()
+    _trainer(tmp_path, epochs=3, callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=1)]).fit(net, _loader())
+    expected = _measured_statistics(net, prepare=lambda batch: net.on_after_batch_transfer(batch, 0))
+    for key, value in expected.items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_a_bfloat16_run_recomputes_its_statistics_on_bfloat16_batches(tmp_path):
+    net = _Net()
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    _trainer(tmp_path, epochs=3, callbacks=[callback], precision="bf16-true").fit(net, _loader())
+    assert net.model[0].weight.dtype == torch.bfloat16 and int(net.model[1].num_batches_tracked) == 6
+
+
+def test_a_statistics_pass_that_fails_says_how_to_finish_and_keeps_the_trained_twa(tmp_path):
+    class KeywordBatches(_Net):
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    loader = DataLoader([{"x": x, "y": y} for x, y in zip(_X, _Y)], batch_size=16)
+    net, callback = KeywordBatches(), TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    with pytest.raises(UsageError, match=r"fed each training batch to forward\(\).*a mapping as keyword arguments\)"
+                                         r", which failed: TypeError.*callback's `.twa`"):
+        _trainer(tmp_path, epochs=3, callbacks=[callback]).fit(net, loader)
+    assert callback.twa is not None and callback.twa.coefficients.abs().sum() > 0
+    callback.twa.update_bn(loader, lambda model, batch: model(batch["x"]))  # the way the message gives
+    net.load_state_dict(callback.twa.averaged_state_dict())
+    assert int(net.model[1].num_batches_tracked) == 6
+
+
+def test_a_second_fit_on_the_same_trainer_is_named_before_it_averages_a_part_of_the_run(tmp_path):
+    net, callback = _Net(), TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    trainer = _trainer(tmp_path, epochs=3, callbacks=[callback])
+    trainer.fit(net, _loader())
+    trainer.fit_loop.max_epochs = 8
+    with pytest.raises(UsageError, match="keeps epochs 1..7, but this Trainer starts at epoch 4"):
+        trainer.fit(net, _loader())

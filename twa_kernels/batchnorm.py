@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels._checks import check_module
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 
 
 def running_norms(model: nn.Module) -> dict[str, nn.Module]:
@@ -39,18 +40,30 @@ def _feed(model: Callable[..., Any], batch: Any) -> None:
         model(batch)
 
 
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @torch.no_grad()
 def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
-              weights: Mapping[str, Tensor] | None = None, *, allow_empty: bool = False) -> None:
+              weights: Mapping[str, Tensor] | None = None, *, allow_empty: bool = False,
+              frozen_norms: Iterable[str] = ()) -> None:
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
     (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
     its first element, a mapping (a Hugging Face batch) its items as keyword arguments,
     unless call_fn(model, batch) is given. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the
-    model's own parameters untouched; only its BatchNorm buffers change. A key that names
+    model's own parameters untouched; only its BatchNorm buffers change. BatchNorm statistics
+    in `weights` (a whole averaged state_dict holds them) are left out: they are what the
+    pass measures, into the model's buffers, and `weights` is not changed. A key that names
     none of the model's parameters or buffers, or a tensor of another shape, is refused
     before anything changes. Every submodule's train/eval mode is as it was after.
+
+    A BatchNorm layer that `model.train()` leaves in eval mode (a model whose train() keeps
+    a frozen backbone's statistics, as detection models' norm_eval does), and the layers
+    named in `frozen_norms`, run in eval mode with their statistics as they are, which the
+    pass neither resets nor changes: the layers after them are measured on the activations
+    the model computes when it trains.
 
     A loader that yields no batches (empty, or a generator already used up) raises
     InvalidArgumentError. Then, and when the pass fails, the statistics are left as they
@@ -58,18 +71,39 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
     then leave the statistics reset with a batch count of zero, which the all-reduce of
     distributed.all_reduce_bn_statistics weighs as nothing."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    check_module(model, "update_bn's model")
+    named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not named:
+        if callable(getattr(model, "averaged_model", None)):  # a TWA holds its model outside its module tree
+            raise InvalidTypeError(f"update_bn got a {type(model).__name__}, whose model is not one of its "
+                                   f"submodules; call its own method: twa.update_bn(loader)")
         return
+    frozen_norms = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)
+    unknown = [name for name in frozen_norms if name not in named]
+    if unknown:
+        raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a BatchNorm layer "
+                                   f"of the model (it has e.g. {list(named)[:3]})")
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise InvalidArgumentError(f"update_bn: the model's {meta!r} is on the meta device, which holds no values to "
+                                   "run; build the model on a real device (or to_empty() and load its weights)")
     if weights is not None:
-        weights = _model_weights(model, weights)
+        weights = _model_weights(model, weights, named)
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for name in frozen_norms:
+        named[name].train(False)
+    # layers still in eval mode after model.train() keep their statistics and normalise with them
+    norms = [m for m in named.values() if m.training]
+    if not norms:  # nothing to measure
+        for m, training in modes.items():
+            m.training = training
+        return
     momenta = {m: m.momentum for m in norms}
     saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    modes = {m: m.training for m in model.modules()}
-    model.train()
     runner = model if weights is None else _WithWeights(model, weights)
     count = 0
     try:
@@ -96,11 +130,14 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             m.training = training
 
 
-def _model_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _model_weights(model: nn.Module, weights: Mapping[str, Tensor], norms: Mapping[str, nn.Module]
+                   ) -> dict[str, Tensor]:
     """`weights` keyed by `model`'s names, each the shape of the model's tensor, or an error
     naming the first key that is not: functional_call would drop an unknown key silently
     (the statistics then measured at the model's own weights) and fail deep in a forward on
-    a wrong shape."""
+    a wrong shape. The BatchNorm statistics are left out: functional_call would swap the
+    caller's tensors in, the pass would update those (from their batch count on) and leave
+    the model's own reset ones unmeasured."""
     if not isinstance(weights, Mapping):
         raise InvalidArgumentError(f"update_bn: weights must be a mapping of tensors by name, got "
                                    f"{type(weights).__name__}")
@@ -116,7 +153,8 @@ def _model_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> dict[str,
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise InvalidArgumentError(f"update_bn: weights[{key!r}] is {got} but the model's tensor has shape "
                                        f"{tuple(own[key].shape)}")
-    return dict(weights)
+    statistics = {f"{name}.{stat}" if name else stat for name in norms for stat in _STATISTICS}
+    return {key: value for key, value in weights.items() if key not in statistics}
 
 
 class _WithWeights(nn.Module):

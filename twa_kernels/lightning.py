@@ -36,7 +36,7 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from torch import nn
 
 from twa_kernels._imports import optional
 from twa_kernels.batchnorm import has_running_statistics, running_norms
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import save_state_dict
 from twa_kernels.subspace import check_build_args
 from twa_kernels.twa import TWA
@@ -79,10 +79,12 @@ class TrainableWeightAveraging(pl.Callback):
     Under `fast_dev_run` the callback does nothing (it warns), as Lightning's checkpointing
     does. In the TWA epochs the Trainer steps the coefficients' optimizer alone, so
     `self.lr_schedulers()` in the module's steps is None there.
-    update_bn: recompute BatchNorm statistics at the averaged weights at the end: True (the
-      first element of each training batch is fed to the module's forward), False, or a
-      function(module, batch) that runs the module on one batch. BatchNorm layers that the
-      run keeps in eval mode (frozen statistics) keep theirs.
+    update_bn: recompute BatchNorm statistics at the averaged weights at the end: True (each
+      training batch, after the Trainer's batch hooks and precision conversion, is fed to the
+      module's forward: a tuple's or list's first element, a mapping as keyword arguments),
+      False, or a function(module, batch) that runs the module on one batch. BatchNorm layers
+      that the run keeps in eval mode (frozen statistics) keep theirs and stay in eval mode
+      during the pass. The module's train/eval modes after fit are those Lightning leaves.
     """
 
     def __init__(self, start_epoch: int | float = 0.5, twa_epochs: int = 2, *,
@@ -174,6 +176,13 @@ class TrainableWeightAveraging(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._off:
             return
+        epoch = trainer.current_epoch  # restored by now on a resume
+        if epoch > self._first and not self.snapshots and self._loaded is None:
+            raise UsageError(f"TrainableWeightAveraging keeps epochs {self._first}..{self._last - 1}, but this "
+                             f"Trainer starts at epoch {epoch}: the epochs before it ran without this callback (a "
+                             "second fit on the same Trainer counts on from the first, TWA epochs included; a "
+                             "checkpoint written without the callback holds none of its snapshots). Fit with a new "
+                             "Trainer, or resume from a checkpoint written with this callback")
         loaders = trainer.train_dataloader
         if (self.update_bn is True and has_running_statistics(pl_module)
                 and type(pl_module).forward is pl.LightningModule.forward):
@@ -214,24 +223,50 @@ class TrainableWeightAveraging(pl.Callback):
             return
         self._restore_steps(pl_module)
         twa = self.twa
-        twa.eval()
-        # BatchNorm layers the run kept in eval mode (frozen statistics, as in fine-tuning)
-        # keep their statistics; the others are recomputed at the averaged weights
-        norms = running_norms(pl_module)
-        frozen = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)}
-                  for name, m in norms.items() if name in self._frozen_norms}
-        if self.update_bn is not False and len(frozen) < len(norms):
-            batches = trainer.train_dataloader
-            if math.isfinite(trainer.num_training_batches):  # limit_train_batches, as the epochs ran
-                batches = itertools.islice(batches, int(trainer.num_training_batches))
-            twa.update_bn(batches, None if self.update_bn is True else self.update_bn)
-            for m, buffers in frozen.items():
-                for k, b in buffers.items():
-                    getattr(m, k).copy_(b)
-        with warnings.catch_warnings():  # the statistics are current unless update_bn=False asked to keep them
-            warnings.simplefilter("ignore", RuntimeWarning)
-            averaged = twa.averaged_state_dict()
-        pl_module.load_state_dict(averaged)
+        modes = {m: m.training for m in pl_module.modules()}  # as Lightning left them; twa.eval() sets all
+        try:
+            twa.eval()
+            # BatchNorm layers the run kept in eval mode (frozen statistics, as in fine-tuning)
+            # keep their statistics and run in eval mode; the others are recomputed at the
+            # averaged weights, on the batches as the training steps got them
+            norms = running_norms(pl_module)
+            if self.update_bn is not False and len(self._frozen_norms) < len(norms):
+                self._update_bn(trainer, pl_module)
+            with warnings.catch_warnings():  # the statistics are current unless update_bn=False asked to keep them
+                warnings.simplefilter("ignore", RuntimeWarning)
+                averaged = twa.averaged_state_dict()
+            pl_module.load_state_dict(averaged)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+    def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """twa.update_bn over the training batches, each passed through the Trainer's batch
+        pipeline (precision conversion, on_before_batch_transfer, the move to the device and
+        on_after_batch_transfer) and run in the precision's context, as the training steps ran."""
+        def prepared(batches: Iterable) -> Iterator[Any]:
+            for batch in batches:
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = pl_module.on_before_batch_transfer(batch, 0)
+                yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+        batches = trainer.train_dataloader
+        if math.isfinite(trainer.num_training_batches):  # limit_train_batches, as the epochs ran
+            batches = itertools.islice(batches, int(trainer.num_training_batches))
+        call_fn = None if self.update_bn is True else self.update_bn
+        try:
+            with trainer.precision_plugin.train_step_context():
+                self.twa.update_bn(prepared(batches), call_fn, frozen_norms=sorted(self._frozen_norms))
+        except TWAKernelsError:
+            raise
+        except Exception as exc:
+            how = ("fed each training batch to forward() (a tuple's or list's first element, a mapping as keyword "
+                   "arguments)" if call_fn is None else "called update_bn(module, batch) on each training batch")
+            raise UsageError(f"TrainableWeightAveraging: recomputing the BatchNorm statistics at the averaged weights "
+                             f"{how}, which failed: {type(exc).__name__}: {exc}. The trained TWA is this callback's "
+                             "`.twa`: recompute them with twa.update_bn(loader, call_fn) and load "
+                             "twa.averaged_state_dict() into the module; next time pass update_bn=function(module, "
+                             "batch) that runs the module on one batch") from exc
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_steps(pl_module)  # an error (or Ctrl-C) skips on_train_end and teardown
