@@ -87,6 +87,19 @@ def test_project_int8_matches_its_spec(isa, bits, k, d, group_size, blocks, thre
     torch.testing.assert_close(y_bf16, _reference(qb, g.bfloat16()), rtol=1e-5, atol=budget)
 
 
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_8_bit_groups_too_wide_for_int32_sums_match_the_spec(isa):
+    # a group's sum of code * q reaches columns * 255 * 127, past int32 beyond 66,311
+    # columns: it wrapped around, and the result was off by a factor of thousands
+    d = 2**17 + 2**16
+    torch.manual_seed(0)
+    qb = tk.quantize(torch.randn(3, d), 8, 2**17)
+    g = torch.rand(d) + 0.5  # every q near +127
+    budget = float((tk.dequantize(qb).abs() * g.abs()).sum(1).max()) * 1e-6
+    torch.testing.assert_close(project_int8(qb, g), _reference(qb, g), rtol=1e-5, atol=budget)
+
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

@@ -119,6 +119,22 @@ def test_reconstruct_matches_reference(isa, bits, k, d, group_size, blocks, thre
     assert torch.equal(in_place, w)
 
 
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [1, 4, 8])
+@pytest.mark.parametrize("blocks", [None, [500_000, 2**20 + 3_000 - 500_000]])
+def test_project_of_groups_of_a_million_columns_keeps_the_spec_accuracy(isa, bits, blocks):
+    # float32 sums over a whole group cancelled between lo * sum(g) and scale * sum(code * g):
+    # 2^20-column groups were off by 10 times the tolerance (a block edge inside one took the
+    # row-by-row path, which summed in float32 too)
+    d = 2**20 + 3_000  # one whole group and a short one
+    torch.manual_seed(0)
+    qb = tk.quantize(torch.randn(2, d), bits, 2**20, blocks)
+    g = torch.randn(d) + 1  # a gradient with a mean: large sums that cancel
+    budget = float((tk.dequantize(qb).abs() * g.abs()).sum(1).max()) * 1e-6
+    expected = reference.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, g, bits, 2**20)
+    torch.testing.assert_close(tk.project(qb, g), expected, rtol=1e-5, atol=budget)
+
 @pytest.mark.skipif(not _cpu_has_avx512(), reason="no AVX-512")
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_both_paths_agree(monkeypatch, bits):

@@ -267,28 +267,42 @@ inline int64_t run_length(const PackedBasis& b, int64_t t, int64_t t_end, int64_
 // sums and double updates would otherwise cost a fifth of the work per group.
 constexpr int kFlushGroups = 32;
 
+// The most columns a float32 sum of project runs over before it goes into float64: within a
+// group the terms lo * sum(g) and scale * sum(code * g) cancel, so a float sum over a wide
+// group (2^14 columns and up) lost more than the spec's tolerance (1e-6 of sum |p^ g|).
+constexpr int64_t kLaneColumns = 4096;
+
+// sum_j f(j) over [begin, end), in float32 pieces of kLaneColumns added in float64.
+template <class Term>
+inline double chunked_sum(int64_t begin, int64_t end, Term term) {
+  double total = 0.0;
+  for (int64_t c = begin; c < end; c += kLaneColumns) {
+    const int64_t stop = std::min(end, c + kLaneColumns);
+    float part = 0.f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = c; j < stop; ++j) part += term(j);
+    total += part;
+  }
+  return total;
+}
+
 // A tile cut by a block edge, or a short last group, row by row: acc[r, block] += the
-// tile's terms. gt is g over the tile as float32; gsum is scratch, one float per segment.
+// tile's terms. gt is g over the tile as float32; gsum is scratch, one sum per segment.
 template <int BITS>
 inline void project_tile_rows(const PackedBasis& b, int64_t t, int64_t c0, int64_t len,
                               const std::vector<Segment>& segs, const float* gt, float* cbuf,
-                              std::vector<float>& gsum, double* acc) {
-  gsum.assign(segs.size(), 0.f);
+                              std::vector<double>& gsum, double* acc) {
+  gsum.assign(segs.size(), 0.0);
   if (BITS != 0) {  // sum_j lo * g[j] = lo * sum_j g[j]: one sum per segment, shared by all rows
-    for (size_t s = 0; s < segs.size(); ++s) {
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += gt[j];
-      gsum[s] = sum;
-    }
+    for (size_t s = 0; s < segs.size(); ++s)
+      gsum[s] = chunked_sum(segs[s].begin, segs[s].end, [gt](int64_t j) { return gt[j]; });
   }
   for (int64_t r = 0; r < b.k; ++r) {
     const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf);
     double* acc_r = acc + r * b.n_blocks;
+    const float* values = rt.values;
     for (size_t s = 0; s < segs.size(); ++s) {
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += rt.values[j] * gt[j];
+      const double dot = chunked_sum(segs[s].begin, segs[s].end, [values, gt](int64_t j) { return values[j] * gt[j]; });
       acc_r[segs[s].block] += static_cast<double>(rt.lo) * gsum[s] + static_cast<double>(rt.scale) * dot;
     }
   }
@@ -427,15 +441,17 @@ inline void dot_planes(i32x8 wide, const float* g, int64_t width, fvec* acc) {
   }
 }
 
-// sums[r] = per-lane sums over the group of code[r, j] * g[j], for ROWS rows. Lanes are
-// not reduced here: the caller scales and accumulates whole vectors across groups.
+// sums[r] = per-lane sums over `bytes` bytes of each plane of code[r, j] * g[j], for ROWS
+// rows; planes lie `stride` bytes (and g `stride` floats) apart, the plane width of the
+// group, of which a wide group's dots take one piece at a time. Lanes are not reduced
+// here: the caller scales and accumulates whole vectors across groups.
 template <int BITS, int ROWS>
-inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
+inline void group_dots(const uint8_t* const* src, int64_t bytes, const float* g, fvec* sums, int64_t stride) {
   fvec acc[ROWS][2] = {};
   const uint8_t* p[ROWS];
   for (int r = 0; r < ROWS; ++r) p[r] = src[r];
-  for (int64_t i = 0; i < width; i += kLanes) {
-    for (int r = 0; r < ROWS; ++r) dot_planes<BITS>(widen8(p[r] + i), g + i, width, acc[r]);
+  for (int64_t i = 0; i < bytes; i += kLanes) {
+    for (int r = 0; r < ROWS; ++r) dot_planes<BITS>(widen8(p[r] + i), g + i, stride, acc[r]);
   }
   for (int r = 0; r < ROWS; ++r) sums[r] = acc[r][0] + acc[r][1];
 }
@@ -572,7 +588,7 @@ inline void group_dots_int8(const uint8_t* const* src, int64_t plane, const int8
   const int64_t largest = plane * (8 / BITS) * ((1 << BITS) - 1) * 127;
   if (plane % kLanes == 0 && largest < (int64_t{1} << 24)) {
     fvec sums[ROWS];
-    group_dots<BITS, ROWS>(src, plane, qf, sums);
+    group_dots<BITS, ROWS>(src, plane, qf, sums, plane);
     for (int r = 0; r < ROWS; ++r) dots[r] = static_cast<int32_t>(hsum(sums[r]));
     return;
   }
@@ -706,7 +722,8 @@ TWA_ISA_FN inline void dot_planes(__m512i wide, const __m512* gv, __m512* acc) {
 // the 8-row blocks 1-3% faster at 4 bits and 7-13% at 8, the same at 2 (AMD EPYC, 2 threads,
 // k = 16, D = 11.7M, interleaved calls; 2026-12-04, commit 4e7cd57).
 template <int BITS, int ROWS>
-TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, const float* g, fvec* sums) {
+TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t bytes, const float* g, fvec* sums,
+                                  int64_t stride) {
   constexpr int kPerByte = 8 / BITS;
   constexpr int kChains = ROWS >= 8 ? 1 : 2;
   __m512 acc[ROWS][kChains];
@@ -714,7 +731,7 @@ TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, cons
     for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
   int64_t i = 0;
   if constexpr (kPerByte == 1 && kChains == 2) {
-    for (; i + 2 * kLanes <= width; i += 2 * kLanes) {
+    for (; i + 2 * kLanes <= bytes; i += 2 * kLanes) {
       const __m512 g0 = _mm512_loadu_ps(g + i), g1 = _mm512_loadu_ps(g + i + kLanes);
       for (int r = 0; r < ROWS; ++r) {
         acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(widen16(src[r] + i)), g0, acc[r][0]);
@@ -722,9 +739,9 @@ TWA_ISA_FN inline void group_dots(const uint8_t* const* src, int64_t width, cons
       }
     }
   }
-  for (; i < width; i += kLanes) {
+  for (; i < bytes; i += kLanes) {
     __m512 gv[kPerByte];
-    for (int s = 0; s < kPerByte; ++s) gv[s] = _mm512_loadu_ps(g + s * width + i);
+    for (int s = 0; s < kPerByte; ++s) gv[s] = _mm512_loadu_ps(g + s * stride + i);
     for (int r = 0; r < ROWS; ++r) dot_planes<BITS, kChains>(widen16(src[r] + i), gv, acc[r]);
   }
   for (int r = 0; r < ROWS; ++r) sums[r] = kChains == 2 ? _mm512_add_ps(acc[r][0], acc[r][kChains - 1]) : acc[r][0];

@@ -52,13 +52,31 @@ TWA_ISA_FN __attribute__((noinline)) void run_dots(const PackedBasis& b, int64_t
   const int64_t width = GROUP ? GROUP : b.group_size, gbytes = width * BITS / 8;
   const uint8_t* src[ROWS];
   row_block(b, r0, t, gbytes, ROWS, src);  // the caller has ROWS rows from r0
+  if (GROUP == 0 && width > kLaneColumns) {
+    // a wide group: its dots in pieces of kLaneColumns columns (piece bytes of every plane),
+    // each scaled and added in float64, as the float32 lanes would lose the spec's accuracy
+    const int64_t piece = kLaneColumns / (8 / BITS);  // plane bytes: a multiple of kLanes
+    for (int64_t i = 0; i < n; ++i) {
+      const float* scales = b.scales + (t + i) * b.k + r0;
+      for (int64_t c = 0; c < gbytes; c += piece) {
+        const uint8_t* at[ROWS];
+        for (int r = 0; r < ROWS; ++r) at[r] = src[r] + c;
+        fvec dots[ROWS];
+        group_dots<BITS, ROWS>(at, std::min(piece, gbytes - c), g + i * width + c, dots, gbytes);
+        for (int r = 0; r < ROWS; ++r) acc[(r0 + r) * b.n_blocks] += static_cast<double>(scales[r]) * hsum(dots[r]);
+      }
+      for (int r = 0; r < ROWS; ++r) src[r] += gbytes;
+      next_g.step();
+    }
+    return;
+  }
   fvec sums[ROWS];
   for (int r = 0; r < ROWS; ++r) sums[r] = fvec{};
   for (int64_t i0 = 0; i0 < n; i0 += kFlushGroups) {
     const int64_t i1 = std::min<int64_t>(n, i0 + kFlushGroups);
     for (int64_t i = i0; i < i1; ++i) {
       fvec dots[ROWS];
-      group_dots<BITS, ROWS>(src, gbytes, g + i * width, dots);
+      group_dots<BITS, ROWS>(src, gbytes, g + i * width, dots, gbytes);
       const float* scales = b.scales + (t + i) * b.k + r0;
       for (int r = 0; r < ROWS; ++r) {
         sums[r] += scales[r] * dots[r];
@@ -97,7 +115,8 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
     // g of a run where it is not one float32 piece; left uninitialised, so that its pages
     // are never touched where g is read in place
     std::unique_ptr<float[]> gbuf(new float[project_run_cap(b) * width + 8]);
-    std::vector<float> cbuf(width + 8), gsum;
+    std::vector<float> cbuf(width + 8);
+    std::vector<double> gsum;
     std::vector<double> min_terms(static_cast<size_t>(b.k));  // a run's min terms, row by row
     std::vector<Segment> segs;
     int64_t block = block_of(b.block_offsets, b.n_blocks, t_begin * width);
@@ -114,9 +133,12 @@ TWA_ISA_FN void project_impl(const PackedBasis& b, const Pieces& g, float* y, in
           // the k rows' min terms of a group are one pass over its k mins (stored group-major)
           std::fill(min_terms.begin(), min_terms.end(), 0.0);
           for (int64_t i = 0; i < n; ++i) {
-            fvec gs{};
-            for (int64_t j = 0; j < width; j += kLanes) gs += load_vec(gr + i * width + j);
-            const double gsum_i = hsum(gs);
+            double gsum_i = 0.0;
+            for (int64_t j0 = 0; j0 < width; j0 += kLaneColumns) {  // float lanes, float64 every kLaneColumns
+              fvec gs{};
+              for (int64_t j = j0; j < std::min(width, j0 + kLaneColumns); j += kLanes) gs += load_vec(gr + i * width + j);
+              gsum_i += hsum(gs);
+            }
             const float* mins = b.mins + (t + i) * b.k;
 #pragma omp simd
             for (int64_t r = 0; r < b.k; ++r) min_terms[r] += static_cast<double>(mins[r]) * gsum_i;

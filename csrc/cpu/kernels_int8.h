@@ -69,7 +69,11 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     // the run's buffers are written before they are read: left uninitialised, the pages of
     // those a run never needs (gbuf, for g read in place) are never touched
     std::unique_ptr<float[]> gbuf(new float[cap * width + 8]);
-    std::vector<float> ghat(width + 8), cbuf(width + 8), gsum, scale(cap);
+    std::vector<float> ghat(width + 8), cbuf(width + 8), scale(cap);
+    std::vector<double> gsum;
+    // a group's largest possible int32 sum, columns * (2^bits - 1) * 127, must fit: wider
+    // groups (past 66,311 columns at 8 bits) take the float path below, group by group
+    const bool int32_sums = width * ((int64_t{1} << BITS) - 1) * 127 < (int64_t{1} << 31);
     std::unique_ptr<int8_t[]> q(new int8_t[cap * width]);
     std::unique_ptr<float[]> qf(floats ? new float[cap * width + 8] : nullptr);
     std::vector<int32_t> qsum(cap), dots(cap * b.k);
@@ -82,7 +86,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * width, len = std::min(width, b.num_cols - c0);
       split_tile(b.block_offsets, b.n_blocks, c0, len, block, segs);
-      if (len == width && segs.size() == 1) {  // whole groups of one block, a run at a time
+      if (len == width && segs.size() == 1 && int32_sums) {  // whole groups of one block, a run at a time
         const int64_t blk = segs[0].block;
         const int64_t n = run_length(b, t, t_end, blk, cap);
         const float* gr = g.tile(c0, n * width, piece, gbuf.get());
@@ -115,8 +119,8 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         t += n - 1;
         continue;
       }
-      // a group cut by a block edge, or a short last group: its rounded values as floats,
-      // through project's row-by-row path
+      // a group cut by a block edge, a short last group, or one too wide for int32 sums: its
+      // rounded values as floats, through project's row-by-row path
       const float* gt = g.tile(c0, len, piece, gbuf.get());
       float sg;
       int32_t qs;
