@@ -43,11 +43,12 @@ def test_rounding_is_within_half_a_step_and_uses_the_full_range():
 def test_rounding_flushes_tiny_groups_and_poisons_non_finite_ones():
     g = torch.randn(4 * 16)
     g[16:32] = 1e-40  # below the smallest normal float
+    g[0:16] *= 1e-37 / g[0:16].abs().max()  # normal, but 127 / 1e-37 overflows float32
     g[35] = float("nan")
     g[60] = float("inf")
     q, scales = round_groups_int8(g, 16)
-    assert scales[1] == 0 and torch.all(q[16:32] == 0)
-    assert scales[2].isnan() and scales[3].isnan() and scales[0].isfinite()
+    assert scales[1] == 0 and torch.all(q[16:32] == 0) and scales[0] == 0 and torch.all(q[0:16] == 0)
+    assert scales[2].isnan() and scales[3].isnan()
     assert torch.all(q[32:] == 0)
 
 
@@ -114,7 +115,7 @@ def test_special_groups_anywhere_in_a_run_match_the_spec(isa, bits, group_size):
     qb = tk.quantize(random_basis(3, d, group_size=group_size), bits, group_size,
                      [7 * group_size, 7 * group_size, 9 * group_size])
     g = torch.randn(d)
-    for group, value in ((2, 0.0), (6, 1e-39)):
+    for group, value in ((2, 0.0), (6, 1e-39), (4, 1e-37)):  # 127 / 1e-37 overflows float32 too
         g[group * group_size:(group + 1) * group_size] = value
     g[13 * group_size + 5] = float("inf")
     g[15 * group_size + 3] = float("nan")
@@ -214,8 +215,13 @@ def test_kernel_rounds_g_bit_for_bit_as_the_spec(isa, blocks):
     halves = torch.randint(-127, 127, (n_groups, group), generator=gen) + 0.5
     g = (halves * amax / 127).bfloat16().float()
     g[:, 0] = amax[:, 0].bfloat16().float()
+    # magnitudes where 127 / max|g| overflows (a max of 1e-37) and where it just does not
+    # (4e-37): the first rounds to zero, the second to codes of a subnormal scale
+    g[5], g[6] = g[5] / amax[5] * 1e-37, g[6] / amax[6] * 4e-37
     g = g.reshape(-1)
-    g_hat = unround_groups_int8(*round_groups_int8(g, group), group)
+    q, scales = round_groups_int8(g, group)
+    assert scales[5] == 0 and not q[5 * group:6 * group].any() and q[6 * group:7 * group].abs().max() == 127
+    g_hat = unround_groups_int8(q, scales, group)
     y = project_int8(qb, g)
     if blocks == "groups":
         assert torch.equal(y, g_hat.view(n_groups, group).T)

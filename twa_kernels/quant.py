@@ -431,7 +431,8 @@ def round_groups_int8(g: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     Returns (q, scales): int8 [D] and float32 [n_groups], with g^[j] = q[j] * scales[t] for j
     in group t. scale = max|g| / 127 over the group and q = round_half_even(g * (127 / max|g|)),
     both in float32, so |g^[j] - g[j]| <= scale / 2. A group whose largest magnitude is below
-    the smallest normal float32 rounds to zero; a group holding a NaN or an infinity gets a
+    127 / float32's largest value (3.7e-37), where 127 / max|g| would overflow, rounds to
+    zero; a group holding a NaN or an infinity gets a
     NaN scale, so that the NaN reaches the projection instead of vanishing.
     """
     d = g.numel()
@@ -441,12 +442,13 @@ def round_groups_int8(g: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     groups = padded.view(n_groups, group_size)
     finite = torch.isfinite(groups).all(dim=1)
     amax = torch.where(finite[:, None], groups.abs(), 0.0).amax(dim=1)
-    flushed = amax < torch.finfo(torch.float32).tiny
-    safe = torch.where(flushed, 1.0, amax)
     # tensor / tensor: one correctly rounded division, as in C++ (a Python scalar over a
     # tensor is computed as a reciprocal times the scalar, rounded twice)
-    full = torch.full_like(safe, 127.0)
-    q = torch.round(groups * (full / safe)[:, None])
+    full = torch.full_like(amax, 127.0)
+    factor = full / amax
+    flushed = torch.isinf(factor)  # max|g| below 127 / float32 max (zero and subnormals too)
+    safe = torch.where(flushed, 1.0, amax)
+    q = torch.round(groups * torch.where(flushed, 1.0, factor)[:, None])
     q[flushed | ~finite] = 0
     scales = torch.where(flushed, 0.0, safe / full)
     scales[~finite] = float("nan")

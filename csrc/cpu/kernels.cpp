@@ -319,7 +319,7 @@ inline void sum_partials(const std::vector<double>& partial, int nt, int64_t kb,
 
 // One group of g rounded to int8 with its own scale (quant.round_groups_int8 is the spec):
 // scale = max|g| / 127 and q[j] = round_half_even(g[j] * (127 / max|g|)), so that
-// g^[j] = q[j] * scale. A group whose largest magnitude is below the smallest normal float
+// g^[j] = q[j] * scale. A group whose largest magnitude is below 127 / FLT_MAX (3.7e-37)
 // rounds to zero (127 / max|g| would overflow); a group holding a NaN or an infinity gets a
 // NaN scale, so the NaN reaches every row's result rather than vanishing. Elementwise and
 // max operations only: the same q and scale whatever the vector width it is compiled for.
@@ -337,13 +337,15 @@ inline void round_group_int8(const float* g, int64_t len, int8_t* q, float& scal
   }
   float amax;
   std::memcpy(&amax, &top, sizeof amax);
-  if (top >= 0x7f800000u || amax < std::numeric_limits<float>::min()) {
+  // 127 / max|g| overflows below 127 / FLT_MAX (3.7e-37; zero and subnormals included): such a
+  // group rounds to zero, where an infinite factor would give undefined int8 conversions
+  const float inv = 127.f / amax;
+  if (top >= 0x7f800000u || !(inv <= std::numeric_limits<float>::max())) {
     std::memset(q, 0, static_cast<size_t>(len));
     scale = top >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : 0.f;
     qsum = 0;
     return;
   }
-  const float inv = 127.f / amax;
   int32_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < len; ++j) {
@@ -1057,13 +1059,14 @@ TWA_ISA_FN inline void round_group_int8_x16(const float* g, int64_t len, int8_t*
   float amax;
   std::memcpy(&amax, &bits, sizeof amax);
   const int64_t stride = groups * plane;
-  if (bits >= 0x7f800000u || amax < std::numeric_limits<float>::min()) {  // as round_group_int8
+  const float factor = 127.f / amax;
+  if (bits >= 0x7f800000u || !(factor <= std::numeric_limits<float>::max())) {  // as round_group_int8
     for (int64_t s = 0; s < len / plane; ++s) std::memset(q + s * stride, 0, static_cast<size_t>(plane));
     scale = bits >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : 0.f;
     qsum = 0;
     return;
   }
-  const __m512 inv = _mm512_set1_ps(127.f / amax);
+  const __m512 inv = _mm512_set1_ps(factor);
   __m512i sum = _mm512_setzero_si512();
   if (plane % 64 == 0) {
     // 64 values at a time: two saturating packs (exact, |q| <= 127) leave 4-byte pieces
