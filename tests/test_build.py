@@ -108,3 +108,47 @@ def test_a_build_killed_mid_compile_leaves_nothing_behind_for_long(tmp_path, mon
         holder.wait(timeout=30)
     assert built.read_bytes() == b"lib"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cpu-k1", "cpu-k3.building.alive"]
+
+
+def test_a_cached_library_cut_short_or_emptied_is_built_again(tmp_path, monkeypatch):
+    # dlopen of a truncated library can kill the process (SIGBUS), so the cache checks the
+    # size and digest its build recorded before handing the file out
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
+    builds = []
+
+    def compile_into(directory: Path) -> None:
+        builds.append(directory)
+        (directory / "lib.so").write_bytes(b"library bytes " * 100)
+
+    library = _build._cached_build("cpu", "k", "lib.so", compile_into)
+    assert _build._intact(library) and len(builds) == 1
+    assert _build._cached_build("cpu", "k", "lib.so", compile_into) == library and len(builds) == 1
+    for damage in (lambda: library.write_bytes(library.read_bytes()[:500]), lambda: library.write_bytes(b""),
+                   lambda: _build._record_of(library).unlink()):
+        damage()
+        assert not _build._intact(library)
+        assert _build._cached_build("cpu", "k", "lib.so", compile_into) == library
+        assert _build._intact(library) and library.read_bytes() == b"library bytes " * 100
+    assert len(builds) == 4
+
+
+def test_a_cache_without_room_for_a_build_or_a_library_that_will_not_load_is_a_build_error(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    import pytest
+
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", full_disk)
+        with pytest.raises(_build.BuildError, match=r"kernel cache .* cannot be used \(No space left on device\); "
+                                                    "set TWA_KERNELS_CACHE"):
+            _build._cached_build("cpu", "k", "lib.so", lambda d: (d / "lib.so").write_bytes(b"x"))
+    (tmp_path / "empty.so").write_bytes(b"")
+    with pytest.raises(_build.BuildError, match=r"could not be loaded .*delete .* and run `python -m twa_kernels "
+                                                r"build`"):
+        _build._load(tmp_path / "empty.so")

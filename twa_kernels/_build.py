@@ -87,31 +87,69 @@ def _cpu_build_key(src: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _fingerprint(path: Path) -> str:
+    return f"{path.stat().st_size} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+
+
+def _record_of(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether `library` is whole: the size and SHA-256 its build recorded beside it. A cache
+    copied half-way, a full disk or a crash before the data reached the disk leaves a short
+    or empty file, which dlopen may answer by killing the process (SIGBUS), not with an error."""
+    try:
+        return library.is_file() and _record_of(library).read_text().strip() == _fingerprint(library)
+    except OSError:
+        return False
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(library: Path) -> None:
+    """Flush a freshly built library to disk, then record its size and SHA-256 beside it."""
+    _fsync(library)
+    record = _record_of(library)
+    record.write_text(_fingerprint(library) + "\n")
+    _fsync(record)
+    _fsync(library.parent)
+
+
 def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[Path], None]) -> Path:
-    """`root/prefix-key/filename`, compiled by `compile_into(temp_dir)` unless already cached.
+    """`root/prefix-key/filename`, compiled by `compile_into(temp_dir)` unless already cached
+    whole (_intact: a damaged copy is built again).
 
     Under a file lock, so parallel processes neither race nor see a half-written build: the
     compiler writes into a private temporary directory, renamed into place only on success.
     """
     root = cache_root()
     final_dir = root / f"{prefix}-{key}"
+    unusable = (f"the kernel cache {root} cannot be used ({{reason}}); set TWA_KERNELS_CACHE to a writable "
+                "directory")
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f"{prefix}-{key}.lock"))
         lock.acquire()
     except OSError as exc:  # under a file, read-only, no permission: nothing can be built here
-        if (final_dir / filename).is_file():  # a read-only cache that holds the build already
+        if _intact(final_dir / filename):  # a read-only cache that holds the build already
             return final_dir / filename
-        raise BuildError(f"the kernel cache {root} cannot be used ({exc.strerror or exc}); set TWA_KERNELS_CACHE "
-                         "to a writable directory") from exc
+        raise BuildError(unusable.format(reason=exc.strerror or exc)) from exc
     try:
         _remove_abandoned_builds(root, held=f"{prefix}-{key}")
-        if (final_dir / filename).is_file():
+        if _intact(final_dir / filename):
             return final_dir / filename
         build_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-{key}.building.", dir=root))
         try:
             logger.info("building %s in %s", filename, build_dir)
             compile_into(build_dir)
+            _seal(build_dir / filename)
         except BuildError:
             shutil.rmtree(build_dir, ignore_errors=True)
             raise
@@ -120,9 +158,22 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
             raise BuildError(str(exc)) from exc
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
+        _fsync(root)
+    except OSError as exc:  # the directory gave the lock but no room for a build (full disk, quota)
+        raise BuildError(unusable.format(reason=exc.strerror or exc)) from exc
     finally:
         lock.release()
     return final_dir / filename
+
+
+def _load(library: Path) -> None:
+    """torch.ops.load_library, its OSError named as a BuildError (the fallback's warning then
+    says what happened instead of every op raising it)."""
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as exc:
+        raise BuildError(f"the kernel library {library} could not be loaded ({exc}); delete {library.parent} "
+                         "and run `python -m twa_kernels build`") from exc
 
 
 def _remove_abandoned_builds(root: Path, held: str) -> None:
@@ -155,7 +206,7 @@ def build_cpu(verbose: bool = False) -> Path:
              extra_ldflags=CPU_LDFLAGS, build_directory=str(build_dir), is_python_module=False, verbose=verbose)
 
     library = _cached_build("cpu", _cpu_build_key(src), f"{CPU_LIBRARY}.so", compile_into)
-    torch.ops.load_library(str(library))
+    _load(library)
     return library
 
 
@@ -255,7 +306,10 @@ def build_cuda_kernels() -> Path:
     if nvcc is None:
         raise BuildError("nvcc was not found on PATH or in $CUDA_HOME/bin; install the CUDA toolkit")
     src = source_dir()
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError as exc:  # found but not runnable (a broken link, no execute permission)
+        raise BuildError(f"{nvcc} could not be run ({exc.strerror or exc}); install the CUDA toolkit") from exc
 
     def compile_into(build_dir: Path) -> None:
         # the shipped kernels plus their host emulation (emulate.cu), which only this library has
@@ -290,7 +344,7 @@ def build_cuda(verbose: bool = False) -> Path:
 
     key = _cuda_key(src, torch.__version__, sys.version)
     library = _cached_build("cuda", key, f"{CUDA_LIBRARY}.so", compile_into)
-    torch.ops.load_library(str(library))
+    _load(library)
     return library
 
 
