@@ -97,6 +97,8 @@ def test_bad_basis_is_named():
     bad[1, 4] = float("nan")
     with pytest.raises(ValueError, match="row 1"):
         tk.quantize(bad)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"P is a torch.sparse_coo tensor.*P.to_dense\(\)"):
+        tk.quantize(torch.randn(3, 32).to_sparse())  # a raw NotImplementedError from inside the checks before
 
 
 def test_corrupt_state_dict_is_refused():
@@ -106,3 +108,6 @@ def test_corrupt_state_dict_is_refused():
         tk.QuantizedBasis.from_state_dict(state)
     with pytest.raises(KeyError, match="missing"):
         tk.QuantizedBasis.from_state_dict({"codes": state["codes"]})
+    meta = {key: value.to("meta") for key, value in state.items()}  # a module's state_dict built on meta
+    with pytest.raises(tk.errors.InvalidArgumentError, match="basis 'codes' is on the meta device"):
+        tk.QuantizedBasis.from_state_dict(meta)

@@ -119,6 +119,9 @@ class QuantizedBasis:
         for key in ("codes", "scales", "mins", "block_offsets", "meta"):
             if not isinstance(state[key], Tensor):
                 raise InvalidArgumentError(f"basis {key!r} must be a tensor, got {type(state[key]).__name__}")
+            if state[key].is_meta:  # a state_dict of a module built on the meta device
+                raise InvalidArgumentError(f"basis {key!r} is on the meta device and holds no values; load the basis "
+                                           "from its file, or the module's state_dict once it holds real tensors")
         meta = state["meta"]
         if meta.dtype != torch.int64 or tuple(meta.shape) != (3,):
             raise InvalidArgumentError(f"basis 'meta' must be int64 [bits, group_size, num_cols], got {meta.dtype} "
@@ -309,6 +312,8 @@ def check_basis_values(P: Tensor) -> None:
     """Refuse a basis P [k, D] whose values cannot become a float32 basis: a meta tensor
     (no values), NaN or Inf, or magnitudes beyond float32's range (a float64 P would turn
     them into Inf when cast)."""
+    if P.layout != torch.strided:
+        raise InvalidArgumentError(f"P is a {P.layout} tensor; a basis is built from dense rows: pass P.to_dense()")
     if P.is_meta:
         raise InvalidArgumentError("P is a meta tensor and holds no values; materialise it (e.g. "
                                    "model.to_empty(device='cpu') and load real weights) before building a basis")
