@@ -470,6 +470,84 @@ def _save_small_checkpoints(folder: str, seed: int = 0) -> list[str]:
     return names
 
 
+def _norm_state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def bn_hostile(rank: int, world: int) -> dict:
+    """distributed.update_bn with a frozen BatchNorm layer, SyncBatchNorm layers and uneven
+    shares, a DDP-wrapped TWA, a pass that fails on one rank, and init_from_environment
+    under a group that a launcher other than torchrun made."""
+    import twa_kernels as tk
+    from twa_kernels import distributed
+    out = {}
+    gen = torch.Generator().manual_seed(3)
+    batches = [[torch.randn(5 + r, 1, 40, generator=gen) + r for _ in range(3 - 2 * r)] for r in range(world)]
+    everything = [b for share in batches for b in share]
+
+    def twa_over(model, ckpts, group=dist.group.WORLD):
+        return tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=group)
+
+    # the first BatchNorm frozen: kept as it is (its batch count was multiplied by the world
+    # size), the others equal to one process over every rank's batches
+    model, ckpts = model_and_checkpoints()
+    with torch.no_grad():
+        model[1].running_mean.fill_(2.0)
+        model[1].num_batches_tracked.fill_(100)
+    twa = twa_over(model, ckpts)
+    frozen_before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    distributed.update_bn(batches[rank], twa, frozen_norms=["1"])
+    out["frozen_kept"] = all(torch.equal(v, frozen_before[k]) for k, v in model[1].state_dict().items())
+    out["frozen_measured"] = _norm_state(model)
+    # SyncBatchNorm layers, uneven shares: their per-batch collectives never paired up (a
+    # hang), and on the CPU they refused to run
+    sync_model, sync_ckpts = model_and_checkpoints()
+    sync_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(sync_model)
+    sync = twa_over(sync_model, sync_ckpts)
+    distributed.update_bn(batches[rank], sync)
+    out["sync_measured"] = _norm_state(sync_model)
+    # a TWA wrapped in DDP, as training it under DDP does
+    ddp_model, ddp_ckpts = model_and_checkpoints()
+    ddp = torch.nn.parallel.DistributedDataParallel(twa_over(ddp_model, ddp_ckpts))
+    distributed.update_bn(batches[rank], ddp)
+    out["ddp_measured"] = _norm_state(ddp_model)
+    out["plain_on_ddp"] = _error_text(lambda: tk.update_bn(batches[rank], ddp))
+    # a pass that fails on rank 1 only (its batch has two channels): every rank stops with
+    # the reason (rank 0 waited in the all-reduce until the timeout), its statistics as they were
+    fail_model, fail_ckpts = model_and_checkpoints()
+    fail = twa_over(fail_model, fail_ckpts)
+    before = _norm_state(fail_model)
+    out["one_rank_fails"] = _error_text(
+        lambda: distributed.update_bn([torch.randn(4, 2 if rank == 1 else 1, 40)], fail))
+    out["kept_after_failure"] = all(torch.equal(v, before[k]) for k, v in _norm_state(fail_model).items())
+    # a subspace refused on one rank (a NaN in its center): both ranks stop at once
+    sub_model, sub_ckpts = model_and_checkpoints()
+    names = [n for n, _ in sub_model.named_parameters()]
+    subspace = tk.Subspace.from_checkpoints(sub_ckpts, bits=4, group_size=GROUP_SIZE, parameter_names=names)
+    if rank == 1:
+        subspace.center[0] = float("nan")
+    out["nan_subspace"] = _error_text(lambda: twa_over(sub_model, subspace))
+    # a group made by another launcher (mp.spawn, init_method=tcp://...) without WORLD_SIZE
+    saved = os.environ.pop("WORLD_SIZE", None)
+    try:
+        out["init_existing"] = distributed.init_from_environment() is dist.group.WORLD
+    finally:
+        if saved is not None:
+            os.environ["WORLD_SIZE"] = saved
+    if rank == 0:  # one process over every rank's batches
+        ref_model, ref_ckpts = model_and_checkpoints()
+        with torch.no_grad():
+            ref_model[1].running_mean.fill_(2.0)
+            ref_model[1].num_batches_tracked.fill_(100)
+        ref = tk.TWA(ref_model, ref_ckpts, bits=4, group_size=GROUP_SIZE)
+        ref.update_bn(everything, frozen_norms=["1"])
+        out["ref_frozen"] = _norm_state(ref_model)
+        plain_model, plain_ckpts = model_and_checkpoints()
+        tk.TWA(plain_model, plain_ckpts, bits=4, group_size=GROUP_SIZE).update_bn(everything)
+        out["ref_plain"] = _norm_state(plain_model)
+    return out
+
+
 def _error_text(fn) -> str | None:
     """`Type: message` of what fn() raised, None if it returned."""
     try:
@@ -552,6 +630,7 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         # a run after the failures: every rank left each failed step together, so the
         # process group is still usable
         out["after"] = _error_text(twa("same"))
+        out["bn"] = bn_hostile(rank, world)
     finally:
         os.chdir(cwd)
     return out

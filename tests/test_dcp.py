@@ -52,6 +52,17 @@ def test_a_genuine_dcp_checkpoint_reads_correctly(tmp_path):
     assert set(_dcp.tensor_entries(metadata)) == {f"model.{k}" for k in state}
 
 
+def test_the_dcp_tutorials_app_state_layout_is_read_and_other_readers_are_told_to_convert(tmp_path):
+    # dcp.save({"app": AppState(model, optimizer)}) stores app.model.<name> and app.optim...:
+    # it was refused as holding no tensors of a state_dict
+    state = model_state()
+    save_dcp(tmp_path / "app", {"app": {"model": state, "optim": {"state": {"step": torch.tensor(3.0)}}}})
+    reader = ColumnReader(tmp_path / "app")
+    assert sorted(reader.keys()) == sorted(state)
+    assert all(torch.equal(reader.tensor(key), value) for key, value in state.items())
+    with pytest.raises(CheckpointError, match=r"read column by column, by tk.TWA only .*dcp_to_torch_save"):
+        tk.uniform_average([tmp_path / "app"])
+
 def test_a_flat_state_dict_whose_names_start_with_model_is_read_as_saved(tmp_path):
     # a Hugging Face causal LM names its weights model.layers.* and lm_head.*: saved flat, those
     # are its names, not a {"model": ...} nesting to unwrap

@@ -208,6 +208,25 @@ def test_update_bn_over_ranks_equals_one_process_over_all_batches(job):
 
 
 
+def test_update_bn_over_ranks_keeps_frozen_layers_and_measures_sync_batchnorm_as_one_process(hostile_job):
+    ref = hostile_job[0]["bn"]
+    for res in hostile_job:
+        bn = res["bn"]
+        assert bn["frozen_kept"], "a frozen layer's statistics and batch count stay as they were"
+        for key, want in ref["ref_frozen"].items():
+            torch.testing.assert_close(bn["frozen_measured"][key], want, rtol=1e-5, atol=1e-6, msg=key)
+        for measured in ("sync_measured", "ddp_measured"):  # SyncBatchNorm over uneven shares; DDP(twa)
+            for key, want in ref["ref_plain"].items():
+                torch.testing.assert_close(bn[measured][key], want, rtol=1e-5, atol=1e-6, msg=f"{measured} {key}")
+        assert bn["plain_on_ddp"].startswith("InvalidTypeError") and "ddp.module.update_bn" in bn["plain_on_ddp"]
+        assert bn["kept_after_failure"] and bn["init_existing"]
+    failed, told = hostile_job[1]["bn"]["one_rank_fails"], hostile_job[0]["bn"]["one_rank_fails"]
+    assert failed.startswith("RuntimeError: Given groups=1"), failed
+    assert told.startswith("RankFailedError: rank 1 failed while recomputing BatchNorm statistics"), told
+    assert hostile_job[1]["bn"]["nan_subspace"].startswith("InvalidArgumentError: the subspace's center holds NaN")
+    assert hostile_job[0]["bn"]["nan_subspace"].startswith("RankFailedError: rank 1 failed while checking its "
+                                                          "subspace")
+
 def test_update_bn_refuses_a_plain_model_before_any_collective():
     with pytest.raises(tk.errors.InvalidTypeError, match="tk.update_bn"):
         distributed.update_bn([torch.zeros(1, 3)], torch.nn.Linear(3, 1))

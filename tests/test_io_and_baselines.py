@@ -421,7 +421,7 @@ def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
 
     dcp.save(state, checkpoint_id=tmp_path / "dcp", no_dist=True)
     with pytest.raises(tk.CheckpointError, match=r"dcp: a torch\.distributed\.checkpoint directory is read column "
-                                                 r"by column only.*dcp_to_torch_save"):
+                                                 r"by column, by tk\.TWA only.*dcp_to_torch_save"):
         tk.uniform_average([state, tmp_path / "dcp"])
     # a subspace is built column by column, so it reads a DCP directory like any checkpoint
     built = tk.Subspace.from_checkpoints([state, tmp_path / "dcp"], bits=None)

@@ -28,6 +28,11 @@ from torch import Tensor
 from twa_kernels.errors import CheckpointError, MissingDependencyError
 from twa_kernels.io.keys import _NESTING_KEYS  # unwrapped as a loaded torch file's are
 
+# DCP's tutorial saves {"app": AppState(model, optimizer)}, whose state_dict is {"model": ...,
+# "optim": ...}: "app" is a nesting key of DCP directories only (in a torch file it may be
+# any entry beside the weights)
+_DCP_NESTING_KEYS = (*_NESTING_KEYS, "app")
+
 try:  # torch.distributed, and with it DCP, is a build option of torch (USE_DISTRIBUTED)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
@@ -202,7 +207,7 @@ def state_dict_keys(metadata: Metadata) -> list[tuple[str, str]]:
     prefix: tuple = ()
     for _ in range(3):  # unwrap up to three nestings, the first nesting key found at each
         depth = len(prefix)
-        nested = next((k for k in _NESTING_KEYS
+        nested = next((k for k in _DCP_NESTING_KEYS
                        if any(len(p) > depth + 1 and p[:depth] == prefix and p[depth] == k for p in paths.values())),
                       None)
         if nested is None:

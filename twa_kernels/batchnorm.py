@@ -4,6 +4,7 @@ baselines, the geometry tools)."""
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -43,6 +44,25 @@ def _feed(model: Callable[..., Any], batch: Any) -> None:
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """The BatchNorm layers that update_bn measures, by name: those that `model.train()`
+    puts in train mode and `frozen_norms` does not name (an unknown name is refused).
+    Every submodule's train/eval mode is as it was after."""
+    named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    frozen = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)
+    unknown = [name for name in frozen if name not in named]
+    if unknown:
+        raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a BatchNorm layer "
+                                   f"of the model (it has e.g. {list(named)[:3]})")
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train()
+        return {name: m for name, m in named.items() if m.training and name not in frozen}
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 @torch.no_grad()
 def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
               weights: Mapping[str, Tensor] | None = None, *, allow_empty: bool = False,
@@ -74,31 +94,34 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     check_module(model, "update_bn's model")
     named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not named:
-        if callable(getattr(model, "averaged_model", None)):  # a TWA holds its model outside its module tree
-            raise InvalidTypeError(f"update_bn got a {type(model).__name__}, whose model is not one of its "
-                                   f"submodules; call its own method: twa.update_bn(loader)")
+        for outer in (model, getattr(model, "module", None)):  # a TWA, or a DDP wrapper around one
+            if callable(getattr(outer, "averaged_model", None)):  # a TWA holds its model outside its module tree
+                call = "twa.update_bn(loader)" if outer is model else "ddp.module.update_bn(loader)"
+                raise InvalidTypeError(f"update_bn got a {type(model).__name__}, whose model is not one of its "
+                                       f"submodules; call the TWA's own method: {call}, or "
+                                       "tk.distributed.update_bn(loader, twa) across processes")
         return
-    frozen_norms = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)
-    unknown = [name for name in frozen_norms if name not in named]
-    if unknown:
-        raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a BatchNorm layer "
-                                   f"of the model (it has e.g. {list(named)[:3]})")
+    measured = measured_norms(model, frozen_norms)
     meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise InvalidArgumentError(f"update_bn: the model's {meta!r} is on the meta device, which holds no values to "
                                    "run; build the model on a real device (or to_empty() and load its weights)")
     if weights is not None:
         weights = _model_weights(model, weights, named)
+    if not measured:  # every layer keeps its statistics
+        return
     modes = {m: m.training for m in model.modules()}
     model.train()
-    for name in frozen_norms:
-        named[name].train(False)
-    # layers still in eval mode after model.train() keep their statistics and normalise with them
-    norms = [m for m in named.values() if m.training]
-    if not norms:  # nothing to measure
-        for m, training in modes.items():
-            m.training = training
-        return
+    for name, m in named.items():  # the kept layers normalise with their statistics, as in training
+        if name not in measured:
+            m.train(False)
+    norms = list(measured.values())
+    # A SyncBatchNorm layer takes this process's batches alone, as BatchNorm does: its
+    # forward in train mode would join a collective once per batch, which ranks with uneven
+    # shares never pair up; distributed.all_reduce_bn_statistics merges the ranks after.
+    local = [m for m in norms if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    for m in local:
+        m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
     momenta = {m: m.momentum for m in norms}
     saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
     for m in norms:
@@ -124,6 +147,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                 getattr(m, k).copy_(b)
         raise
     finally:
+        for m in local:
+            del m.forward
         for m in norms:
             m.momentum = momenta[m]
         for m, training in modes.items():  # model.train(flag) would set one mode on every submodule
@@ -168,4 +193,4 @@ class _WithWeights(nn.Module):
         return functional_call(self._inner[0], self._weights, args, kwargs)
 
 
-__all__ = ["update_bn"]
+__all__ = ["measured_norms", "update_bn"]

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from twa_kernels._checks import check_module
-from twa_kernels.batchnorm import running_norms
+from twa_kernels.batchnorm import measured_norms
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
@@ -120,15 +120,17 @@ def ignore_twa_buffers_in_ddp(module: nn.Module) -> list[str]:
     return names
 
 
-def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int:
+def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen_norms: Iterable[str] = ()) -> int:
     """After each rank ran update_bn (cumulative averaging: momentum None) over its own
     batches, make every BatchNorm's running stats those of one process over all batches:
     the per-rank stats weighted by their batch counts, summed in one all-reduce of
-    2 x channels + 1 floats per layer. Ranks with no batches count zero. Returns the most
-    batches any BatchNorm saw over all ranks (0: none, and the statistics are unchanged)."""
+    2 x channels + 1 floats per layer. Ranks with no batches count zero. The layers update_bn
+    keeps (in eval mode after model.train(), or named in frozen_norms, as given to it) are
+    left as they are. Returns the most batches any measured BatchNorm saw over all ranks
+    (0: none, and the statistics are unchanged)."""
     check_module(model, "all_reduce_bn_statistics's model")
     check_group(process_group)
-    norms = list(running_norms(model).values())
+    norms = [m for m in measured_norms(model, frozen_norms).values() if m.track_running_stats]
     if not norms:
         return 0
     parts = []
@@ -151,10 +153,13 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None) -> int
 
 
 def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
-              call_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
+              call_fn: Callable[[nn.Module, Any], Any] | None = None, *, frozen_norms: Iterable[str] = ()) -> None:
     """TWA.update_bn over the union of every rank's `loader` (each rank passes its own
     shard of the data): a local pass at the averaged weights, then one all-reduce of the
-    statistics. Equal to one process running update_bn over all the ranks' batches.
+    statistics. Equal to one process running update_bn over all the ranks' batches
+    (SyncBatchNorm layers included: each rank measures its own batches, merged after).
+    `twa` may be wrapped in DistributedDataParallel. A pass that fails on one rank stops
+    every rank with the reason, each with its statistics as they were.
 
     The argument order is torch.optim.swa_utils.update_bn's (loader, model), as
     tk.update_bn's; the former order (twa, loader, ...) still works, with a DeprecationWarning."""
@@ -163,6 +168,8 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
                       "update_bn(loader, twa, process_group), as torch.optim.swa_utils.update_bn does",
                       DeprecationWarning, stacklevel=2)
         loader, twa = twa, loader
+    if isinstance(twa, nn.parallel.DistributedDataParallel) and isinstance(twa.module, TWA):
+        twa = twa.module
     if not isinstance(twa, TWA):
         raise InvalidTypeError(f"distributed.update_bn(loader, twa, ...) takes a TWA as its second argument, got "
                                f"{type(twa).__name__}; for a plain model use tk.update_bn(loader, model) and then "
@@ -173,13 +180,23 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     norms = [m for m in twa.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     measured_at = twa._bn_key  # where the saved statistics were measured, if they were
-    # a rank whose share is empty must still join the all-reduce, contributing nothing
-    twa.update_bn(loader, call_fn, allow_empty=True)
-    if norms and all_reduce_bn_statistics(twa.module, process_group) == 0:  # the same answer on every rank
+
+    def restore() -> None:  # the statistics, and what they were measured at, as before the call
         for m, buffers in zip(norms, saved):
             for k, b in buffers.items():
                 getattr(m, k).copy_(b)
-        twa._bn_key = measured_at  # the statistics, and what they were measured at, as before the call
+        twa._bn_key = measured_at
+
+    def local_pass() -> None:  # a rank whose share is empty still joins the all-reduce, contributing nothing
+        twa.update_bn(loader, call_fn, allow_empty=True, frozen_norms=frozen_norms)
+
+    try:  # a rank whose pass fails stops every rank here, not in the all-reduce below
+        agree(local_pass, process_group, "recomputing BatchNorm statistics")
+    except Exception:
+        restore()
+        raise
+    if norms and all_reduce_bn_statistics(twa.module, process_group, frozen_norms) == 0:  # the same on every rank
+        restore()
         raise InvalidArgumentError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
                                    "statistics to measure (they are left as they were); pass each rank its share "
                                    "of the training data, as a list or DataLoader that is not used up")
@@ -226,7 +243,10 @@ def init_from_environment(timeout_s: float = 300.0) -> Any:
     """The default process group when torchrun (or any launcher setting WORLD_SIZE > 1) started
     this process, initialised if it is not yet: NCCL with CUDA (device LOCAL_RANK), else gloo,
     with a timeout, so a rank that fails ends the others' collectives instead of hanging
-    them. None in a single process."""
+    them. None in a single process. A process group already initialised (by any launcher or
+    init_method) is the answer when it has more than one rank."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD if dist.get_world_size() > 1 else None
     world = os.environ.get("WORLD_SIZE", "1")
     if not world.strip().isdigit():
         raise UsageError(f"the environment variable WORLD_SIZE is {world!r}, not a number of processes; launch "

@@ -515,12 +515,15 @@ def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Para
     `trainable` parameters (this rank's columns only when sharded)."""
     names, shapes = [n for n, _ in trainable], [tuple(p.shape) for _, p in trainable]
     if isinstance(source, Subspace):
-        if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
-            raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
-                                       "build it from finite checkpoints")
-        _check_settings_of(source, [math.prod(s) for s in shapes], build_args["bits"], build_args["granularity"],
-                           build_args["group_size"])
-        return source
+        def check() -> Subspace:
+            if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
+                raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
+                                           "build it from finite checkpoints")
+            _check_settings_of(source, [math.prod(s) for s in shapes], build_args["bits"],
+                               build_args["granularity"], build_args["group_size"])
+            return source
+        # under a process group, a subspace refused on one rank stops every rank with the reason
+        return check() if process_group is None else sharding.agree(check, process_group, "checking its subspace")
     if shard:  # each rank reads its own columns of the checkpoints only
         return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)
 

@@ -54,9 +54,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         files = checkpoint_directory_files(path)
         if files is None and is_dcp_directory(path):
             raise CheckpointError(
-                f"{path}: a torch.distributed.checkpoint directory is read column by column only (TWA with "
-                "process_group= and shard=True); to read it whole, convert it once with torch.distributed."
-                "checkpoint.format_utils.dcp_to_torch_save and pass the file")
+                f"{path}: a torch.distributed.checkpoint directory is read column by column, by tk.TWA only (in "
+                "one process or over a process group); for the averaging baselines and other readers, convert it "
+                "once with torch.distributed.checkpoint.format_utils.dcp_to_torch_save and pass the file")
         if files is None:
             raise _directory_error(path)
         if len(files) == 1:
