@@ -108,11 +108,11 @@ def _geometry_inputs(args: argparse.Namespace):
         raise FitError(f"{args.config}: --split {split} needs data.{split} in the config")
     train = make(config.data["train"], "data.train")
     data = train if split == "train" else make(config.data[split], f"data.{split}")
-    metric = connectivity.classification_metric
-    if loss_fn is not None:
+    if loss_fn is None:
+        return model, data, train, connectivity.classification_metric, split
 
-        def metric(outputs, targets):
-            return loss_fn(outputs, targets), connectivity.classification_metric(outputs, targets)[1]
+    def metric(outputs, targets):
+        return loss_fn(outputs, targets), connectivity.classification_metric(outputs, targets)[1]
 
     return model, data, train, metric, split
 

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, TensorDataset
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import check_seed, derived_seed, generator, seeded
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
-from twa_kernels.io import load_state_dict, save_state_dict
+from twa_kernels.io import check_output_file, load_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,8 @@ def distribution_matching(
     if not (numbers and 0 < lr < math.inf and 0 <= momentum < math.inf):
         raise DistillError(f"lr must be finite and > 0 and momentum finite and >= 0, got lr={lr!r}, "
                            f"momentum={momentum!r} (the paper's are 1.0 and 0.5)")
+    if out is not None:  # checked before the run, not after it
+        check_output_file(out, example="distilled.safetensors")
     embed = embed if embed is not None else default_embedding(x)
     gen = generator(seed)
     members = [torch.nonzero(y == c).squeeze(1) for c in classes]
@@ -220,9 +222,11 @@ def distribution_matching(
     for it in bar:
         net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1))
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
-        with torch.no_grad():
-            target = _class_means(net, x[pick], y[pick], classes)
-        loss = (target - _class_means(net, x_syn, y_syn, classes)).pow(2).sum()
+        # the forwards run in train mode: an embedding with dropout draws there, from a stream of the seed's own
+        with seeded(None if seed is None else derived_seed(seed, it + 1, 1)):
+            with torch.no_grad():
+                target = _class_means(net, x[pick], y[pick], classes)
+            loss = (target - _class_means(net, x_syn, y_syn, classes)).pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -263,7 +267,8 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     total = 0.0
     for i in range(nets):
         net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i))
-        total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
+        with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)):  # dropout's draws
+            total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets
 
 

@@ -26,15 +26,23 @@ def _default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def check_output_file(path: str | os.PathLike, example: str = "averaged.safetensors") -> Path:
+    """`path` as a Path, or an OutputError when it cannot name a file to write: a NUL byte,
+    an existing directory (the message suggests `example` inside it). For work that runs
+    long before it writes, to check its output first."""
+    path_without_nul(path, "the output path", OutputError)
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file path such as {path / example}")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(temporary_path)`, then move it into place: a crash, a
     full disk or an exception leaves the old file (or none), never half of one, and no
     temporary file. The new file gets the old one's mode, or the umask's as open() would
     give it. An unwritable location is an OutputError naming the path."""
-    path_without_nul(path, "the output path", OutputError)
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory; give a file path such as {path / 'averaged.safetensors'}")
+    path = check_output_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = path.stat().st_mode & 0o7777 if path.exists() else _default_file_mode()
