@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 import twa_kernels as tk
@@ -524,3 +525,63 @@ def test_a_model_that_is_not_a_module_is_named():
     for call in (lambda: tk.prune.prunable_weights(None), lambda: tk.prune.global_magnitude_masks("model", 0.5)):
         with pytest.raises(tk.errors.InvalidTypeError, match="the model to prune must be an nn.Module, got"):
             call()
+
+
+def test_a_ctrl_c_in_round_0_then_imp_again_on_the_same_model_rewinds_to_its_initialisation(tmp_path):
+    # the rerun took the half-trained weights for the initialisation (no imp.json yet)
+    steps = {"n": 0}
+    inner = small_train_fn()
+
+    def interrupted(model, r):
+        def stop(optimizer, args, kwargs):
+            steps["n"] += 1
+            if steps["n"] == 3:
+                raise KeyboardInterrupt
+
+        handle = register_optimizer_step_post_hook(stop)  # Ctrl-C after 3 steps
+        try:
+            inner(model, r)
+        finally:
+            handle.remove()
+
+    model = make_model(0)
+    with pytest.raises(KeyboardInterrupt):
+        tk.prune.imp(model, interrupted, rounds=1, rate=0.3, out_dir=tmp_path / "run")
+    again = tk.prune.imp(model, small_train_fn(), rounds=1, rate=0.3, out_dir=tmp_path / "run")
+    straight = tk.prune.imp(make_model(0), small_train_fn(), rounds=1, rate=0.3, out_dir=tmp_path / "straight")
+    for key, value in straight.rewind_state().items():
+        assert torch.equal(again.rewind_state()[key], value), key
+    assert all(torch.equal(again.masks[1][n], straight.masks[1][n]) for n in straight.masks[1])
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile"])
+def test_a_wrapped_models_run_resumes_from_its_own_files(tmp_path, wrap):
+    # its round files hold module./_orig_mod. keys, which the resume's reader used to unwrap
+    def wrapped():
+        model = make_model(0)
+        return nn.DataParallel(model) if wrap == "DataParallel" else torch.compile(model, backend="eager")
+
+    first = tk.prune.imp(wrapped(), small_train_fn(), rounds=1, rate=0.3, out_dir=tmp_path / "run")
+    rounds_run = []
+    resumed = tk.prune.imp(wrapped(), lambda m, r: rounds_run.append(r) or small_train_fn()(m, r), rounds=2,
+                           rate=0.3, out_dir=tmp_path / "run")
+    assert rounds_run == [2] and resumed.sparsity[:2] == first.sparsity
+    assert set(resumed.trained(2)) == set(wrapped().state_dict())
+
+
+def test_parametrized_lazy_and_replaced_layers_are_named_or_left_out(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.warns(UserWarning, match=r"leaves out \['0.weight'\]: each is computed by a parametrization"):
+        assert list(tk.prune.prunable_weights(model)) == ["2.weight"]
+    with pytest.raises(PruningError, match="0.weight is computed by a parametrization"):
+        tk.prune.prunable_weights(model, ["0"])
+    with pytest.raises(PruningError, match="0.weight is a lazy layer's weight.*run one forward pass"):
+        tk.prune.global_magnitude_masks(nn.Sequential(nn.LazyLinear(4)), 0.5)
+
+    def fresh_head(model, r):  # a new layer of the same shape escaped the masks
+        model[2] = nn.Linear(16, 10)
+
+    with pytest.raises(PruningError, match=r"train_fn replaced the layer of 2.weight in round 0"):
+        tk.prune.imp(nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)), fresh_head, rounds=1,
+                     rate=0.3, out_dir=tmp_path / "replaced")

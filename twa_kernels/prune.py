@@ -29,6 +29,7 @@ round that finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -50,7 +53,7 @@ from twa_kernels._checks import check_module, real
 from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric, split_batch
-from twa_kernels.io import StateDict, load_state_dict, save_state_dict, tied_owners, write_json
+from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import weight_layer_types
 
 logger = logging.getLogger(__name__)
@@ -78,12 +81,19 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
     check_module(model, "the model to prune")
     found: dict[str, nn.Module] = {}
     tied: dict[str, list[str]] = {}
+    parametrized: list[str] = []  # weight_norm, spectral_norm: `weight` is computed, not a stored entry
     types = weight_layer_types()
     for name, module in model.named_modules():
         if isinstance(module, types) and isinstance(getattr(module, "weight", None), Tensor):
             key = f"{name}.weight" if name else "weight"
+            if isinstance(module.weight, nn.parameter.UninitializedParameter):
+                raise PruningError(f"{key} is a lazy layer's weight, which has no shape until the layer first runs; "
+                                   "run one forward pass of the model first")
             others = tied_owners(model, module)
-            if others:
+            if parametrize.is_parametrized(module, "weight") and not all(
+                    isinstance(step, _Mask) for step in module.parametrizations.weight):  # apply_masks' own
+                parametrized.append(key)
+            elif others:
                 tied[key] = others
             else:
                 found[key] = module
@@ -91,11 +101,19 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
         if tied:
             warnings.warn(f"pruning leaves out {sorted(tied)}: each is one Parameter with another module's "
                           f"({tied}), which a mask held on one module would not reach", UserWarning, stacklevel=2)
+        if parametrized:
+            warnings.warn(f"pruning leaves out {parametrized}: each is computed by a parametrization (weight_norm, "
+                          "spectral_norm) from the tensors the state_dict holds, which a mask on the computed "
+                          "weight would not reach", UserWarning, stacklevel=2)
         if not found:
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
                                (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
         return found
     wanted = {_weight_key(name) for name in layers}
+    if clash := sorted(wanted & set(parametrized)):
+        raise PruningError(f"{clash[0]} is computed by a parametrization (weight_norm, spectral_norm), not stored: a "
+                           "mask on it would not reach the tensors the state_dict holds; leave it out of layers, or "
+                           "remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)")
     if clash := sorted(wanted & tied.keys()):
         raise PruningError(f"{clash[0]} is one Parameter with {tied[clash[0]]} (tied weights): a mask held on one "
                            "module would not reach the other, which would compute with the pruned entries; leave "
@@ -381,15 +399,15 @@ class IMPResult:
 
     def rewound(self, round: int) -> StateDict:
         """The weights round `round` started training from (the rewind point, masked)."""
-        return load_state_dict(self.out_dir / self.files[round]["rewound"])
+        return _read_round(self.out_dir / self.files[round]["rewound"])
 
     def trained(self, round: int) -> StateDict:
         """The weights after round `round`'s training (exactly zero where pruned)."""
-        return load_state_dict(self.out_dir / self.files[round]["trained"])
+        return _read_round(self.out_dir / self.files[round]["trained"])
 
     def rewind_state(self) -> StateDict:
         """The unmasked rewind point: the initialisation or the weights after k steps."""
-        return load_state_dict(self.out_dir / "rewind.safetensors")
+        return _read_round(self.out_dir / "rewind.safetensors")
 
     def to_dict(self) -> dict[str, Any]:
         """The run as JSON-safe data: the directory, the rewind point, each round's sparsity
@@ -448,11 +466,22 @@ def _read_manifest(path: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _read_round(path: Path) -> StateDict:
+    """A file imp() wrote, keyed as written: the keys of the model's own state_dict, which
+    load_state_dict would unwrap (a DataParallel or compiled model's `module.`/`_orig_mod.`)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as the safetensors file imp() writes ({exc})") from exc
+
+
 def _round_file(path: Path, shapes: Mapping[str, list[int]], mask: bool) -> StateDict:
     """A round file of an earlier run, checked against what imp() writes: exactly the keys and
     shapes of `shapes`, bool masks, finite weights. A file that passed would otherwise change
     the next round's pruning or the weights it rewinds to without any error."""
-    state = load_state_dict(path)
+    state = _read_round(path)
     missing, extra = [k for k in shapes if k not in state], sorted(k for k in state if k not in shapes)
     if missing or extra:
         raise CheckpointError(f"{path}: lacks the keys {missing}" if missing else f"{path}: holds keys {extra} "
@@ -543,14 +572,25 @@ def imp(
         save_state_dict(mask, out / files["mask"])
         save_state_dict(start, out / files["rewound"])
         capture_steps = rewind if r == 0 and isinstance(rewind, int) and rewind > 0 else 0
-        with apply_masks(model, mask if r > 0 else {}), _capture_after_steps(model, capture_steps) as captured:
-            train_fn(model, r)
+        layers_before = prunable_weights(model, names)
+        try:
+            with apply_masks(model, mask if r > 0 else {}), _capture_after_steps(model, capture_steps) as captured:
+                train_fn(model, r)
+        except BaseException:
+            if r == 0:  # a Ctrl-C: the model as it came, so that imp() run again here starts from the same init
+                with contextlib.suppress(Exception):
+                    model.load_state_dict(init)
+            raise
         trained = _clone_state(model)
         for key, shape in settings["shapes"].items():
             if key not in trained or list(trained[key].shape) != shape:
                 got = tuple(trained[key].shape) if key in trained else "missing"
                 raise PruningError(f"train_fn changed the model in round {r}: {key!r} was {tuple(shape)}, is now "
                                    f"{got}; train_fn must train the weights in place, not replace layers")
+        replaced = [n for n, m in prunable_weights(model, names).items() if m is not layers_before.get(n)]
+        if replaced:  # a new layer of the same shape would hold weights no mask ever reached
+            raise PruningError(f"train_fn replaced the layer of {replaced[0]} in round {r}; train_fn must train the "
+                               "model's own layers in place, which the masks are held on")
         if r == 0:
             if capture_steps and "state" not in captured:
                 raise PruningError(f"rewind={rewind}, but round 0 made only {captured['count']} optimizer steps; "
@@ -565,7 +605,7 @@ def imp(
         write_json(manifest_path, manifest)
         logger.info("IMP round %d: sparsity %.4f", r, manifest["sparsity"][-1])
     if manifest["done"] > rounds:  # an earlier run went further: report the rounds asked for
-        model.load_state_dict(load_state_dict(out / manifest["files"][rounds]["trained"]))
+        model.load_state_dict(_read_round(out / manifest["files"][rounds]["trained"]))
     keep = rounds + 1
     return IMPResult(out, masks[:keep], manifest["sparsity"][:keep], rewind, manifest["files"][:keep])
 
