@@ -454,7 +454,7 @@ def test_unsupported_layers_are_named():
     assert [n for n, _ in tk.decor.decorrelated_layers(model)] == ["1"]
     with pytest.raises(ValueError, match=r"'up'.*ConvTranspose2d.*skip"):
         tk.decor.decorrelate(nn.ModuleDict({"up": nn.ConvTranspose2d(2, 2, 2)}))
-    with pytest.raises(RuntimeError, match="no decorrelated layer saw a training-mode forward"):
+    with pytest.raises(RuntimeError, match="no decorrelated layer sampled an input since the last update"):
         tk.decor.update(model)
     with pytest.raises(ValueError, match="every supported layer of the model is decorrelated already"):
         tk.decor.decorrelate(model, skip=["0"])  # it was told the model has no Linear layer at all
@@ -722,3 +722,27 @@ def test_a_meta_model_and_a_non_module_are_named():
     for call in (tk.decor.decorrelate, tk.decor.update, tk.decor.fold):
         with pytest.raises(tk.errors.InvalidTypeError, match="'s model must be an nn.Module, got NoneType"):
             call(None)
+
+
+def test_a_lazy_layer_is_named_and_a_load_forgets_inputs_sampled_under_the_old_r():
+    with pytest.raises(tk.errors.InvalidArgumentError, match="layer '0' is lazy and not initialised yet"):
+        tk.decor.decorrelate(nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2)))  # it was left plain
+    torch.manual_seed(0)
+    model = tk.decor.decorrelate(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), lr=0.1,
+                                 sample_fraction=1.0)
+    x = torch.randn(32, 6)
+    model(x).sum().backward()
+    tk.decor.update(model)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(32, 6) * 5)  # a forward, then the run stops and is resumed in this process
+    model.load_state_dict(saved)
+    resumed = {k: v.clone() for k, v in model.state_dict().items()}
+    model(x)
+    tk.decor.update(model)
+    fresh = tk.decor.decorrelate(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), lr=0.1,
+                                 sample_fraction=1.0)
+    fresh.load_state_dict(resumed)
+    fresh(x)
+    tk.decor.update(fresh)
+    for key, value in fresh.state_dict().items():  # the stale inputs were folded into the first update
+        assert torch.equal(model.state_dict()[key], value), key

@@ -561,3 +561,28 @@ def test_a_module_used_under_two_names_is_found_by_either_and_factorised_once():
         model = Shared()
         tk.factorize(model, depth=2, layers=layers, seed=0)
         assert parametrize.is_parametrized(model.a) and len(tk.factorization.factor_parameters(model)) == 2
+
+
+def test_frozen_parametrized_and_lazy_layers_are_left_out_or_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)  # pretrained and frozen: random factors would never train
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    frozen = model[0].weight.clone()
+    with pytest.warns(UserWarning) as seen:
+        tk.factorize(model, depth=2, seed=0)
+    messages = " ".join(str(w.message) for w in seen)
+    assert "leaves out the frozen layers ['0']" in messages and "leaves out ['2']: each weight is computed" in messages
+    assert torch.equal(model[0].weight, frozen) and not parametrize.is_parametrized(model[0], "weight")
+    assert parametrize.is_parametrized(model[4], "weight")
+    again = nn.Sequential(nn.Linear(6, 8))
+    again[0].weight.requires_grad_(False)
+    with pytest.raises(FactorizationError, match="layer '0' is frozen.*init='keep'"):
+        tk.factorize(again, depth=2, layers=["0"], seed=0)
+    kept = again[0].weight.clone()
+    tk.factorize(again, depth=2, layers=["0"], init="keep")  # exact, and its factors stay frozen
+    torch.testing.assert_close(again[0].weight, kept)
+    lazy = nn.Sequential(nn.Linear(6, 8), nn.LazyLinear(3))
+    with pytest.raises(FactorizationError, match="layer '1' is lazy"):
+        tk.factorize(lazy, depth=2, init="keep")
+    assert not parametrize.is_parametrized(lazy[0], "weight")  # refused before the first layer changed

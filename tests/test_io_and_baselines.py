@@ -527,3 +527,12 @@ def test_split_holdout_seed_reproduces_and_leaves_the_global_rng_alone():
     assert list(tk.split_holdout(data, 0.2)[1].indices) != unseeded  # None draws from the global RNG, moving it
     torch.manual_seed(1)
     assert list(tk.split_holdout(data, 0.2)[1].indices) == unseeded
+
+
+def test_split_holdout_names_a_dataset_without_length_or_indexing():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from range(10)
+
+    with pytest.raises(tk.errors.InvalidTypeError, match="split_holdout splits a map-style dataset.*Stream"):
+        tk.split_holdout(Stream(), 0.2, seed=0)

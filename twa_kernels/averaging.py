@@ -214,6 +214,10 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = No
     """
     if not 0.0 < real("fraction", fraction) < 1.0:
         raise InvalidArgumentError(f"fraction must be in (0, 1), got {fraction}")
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise InvalidTypeError(f"split_holdout splits a map-style dataset by index, and a {type(dataset).__name__} "
+                               "has no length or indexing; pass a Dataset with __getitem__ and __len__ (a "
+                               "TensorDataset, a list)")
     held = max(1, round(len(dataset) * fraction))
     if held >= len(dataset):
         raise InvalidArgumentError(f"a dataset of {len(dataset)} items is too small to hold out {fraction:.0%}")

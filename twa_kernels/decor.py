@@ -37,6 +37,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,12 @@ class _Decor:
         self.decor_lr, self.decor_kappa = float(lr), float(kappa)
         self.decor_sample_fraction, self.decor_max_norm = float(sample_fraction), float(max_norm)
         self.decor_reset()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # inputs sampled before a load (a run stopped after a forward, then resumed in the
+        # same process) were rotated by the R being replaced: the next update would fold them in
+        self.decor_reset()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def decor_reset(self) -> None:
         """Forget the inputs accumulated since the last update."""
@@ -344,6 +351,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):
             raise InvalidArgumentError(f"layer {label!r} ({type(module).__name__}) cannot be decorrelated: transposed and 3-D "
                              f"convolutions are not supported; pass skip=[{name!r}]")
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, (nn.Linear, nn.Conv1d,
+                                                                                      nn.Conv2d)):
+            raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
         if type(module) not in _DECOR:
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 logger.info("decorrelate: leaving %r alone (%s is a subclass of a supported layer)", label,
@@ -494,8 +504,9 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     if group is None:
         layers = [(n, m) for n, m in layers if m._decor_count > 0]
     if not layers:
-        raise UsageError("decor.update: no decorrelated layer saw a training-mode forward since the last update; "
-                           "call update() after a forward in model.train() (and decorrelate() the model first)")
+        raise UsageError("decor.update: no decorrelated layer sampled an input since the last update (no training-"
+                         "mode forward, or forwards of empty batches); call update() after a forward of a batch in "
+                         "model.train() (and decorrelate() the model first)")
     for name, m in layers:
         if m._decor_rows and m._decor_rows[0].device != m.decor_R.device:
             raise UsageError(f"decor.update: layer {name!r} moved to {m.decor_R.device} after its inputs were sampled "

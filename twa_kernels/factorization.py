@@ -239,6 +239,15 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
     if layers is None:
         types = weight_layer_types()
         chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+        # a weight computed by another parametrization (weight_norm, spectral_norm) has no
+        # Parameter to factorise: left out of the default choice, refused when named
+        computed = [n for n, m in chosen if parametrize.is_parametrized(m, "weight") and not _is_factorized(m)]
+        if computed:
+            warnings.warn(f"factorize leaves out {computed}: each weight is computed by a parametrization "
+                          "(weight_norm, spectral_norm), not held as a Parameter; remove it "
+                          "(torch.nn.utils.parametrize.remove_parametrizations) to factorise the layer",
+                          UserWarning, stacklevel=3)
+            chosen = [(n, m) for n, m in chosen if n not in computed]
         # a weight tied to another module (an output layer sharing an embedding's) is left
         # out of the default choice; named in layers= it is refused below
         tied = {n: others for n, m in chosen if (others := tied_owners(model, m))}
@@ -271,6 +280,9 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
     for name, module in chosen:
         if _is_factorized(module):
             raise FactorizationError(f"layer {name!r} is already factorised; collapse it first")
+        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+            raise FactorizationError(f"layer {name!r} is lazy: its weight has no shape until the layer first runs; "
+                                     "run one forward pass of the model first")
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise FactorizationError(
                 f"layer {name!r} ({type(module).__name__}) has no `weight` parameter to factorise; DWF factorises "
@@ -309,7 +321,10 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     eps: the lower truncation bound above, finite and >= 0.
     A layer whose weight Parameter another module shares (tied weights, e.g. an output
     layer tied to an embedding) is left out with a warning, and refused when named in
-    `layers`: factorising it would untie them. Untie them first to factorise it.
+    `layers`: factorising it would untie them. Untie them first to factorise it. So is a
+    layer whose weight another parametrization computes (weight_norm, spectral_norm), and,
+    unless init="keep", a frozen layer (requires_grad=False), whose random factors would
+    never train. A lazy layer that has not run yet is refused.
     Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
     (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
     seed: an int draws every factor from one private generator (reproducible; torch's global
@@ -323,6 +338,16 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         raise FactorizationError(f"init={init!r}: use 'dwf' (the paper's random init), 'dwf_matched' (the same, "
                                  f"scaled so the product's std is sigma_w) or 'keep' (current weights)")
     targets = _select(model, layers, biases)
+    frozen = [name for name, module in targets if not module.weight.requires_grad]
+    if frozen and init != "keep":  # random factors that can never train would replace a frozen layer's weights
+        if layers is not None:
+            raise FactorizationError(f"layer {frozen[0]!r} is frozen (requires_grad=False), and init={init!r} would "
+                                     "replace its weights with random factors that never train; factorise it with "
+                                     "init='keep', or leave it out of layers=")
+        warnings.warn(f"factorize leaves out the frozen layers {frozen} (requires_grad=False): init={init!r} would "
+                      "replace their weights with random factors that never train; init='keep' factorises them "
+                      "exactly", UserWarning, stacklevel=2)
+        targets = [(name, module) for name, module in targets if name not in frozen]
     if not targets:
         raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer (pass layers=)")
     # every scale is measured and checked before the first layer changes: an error leaves the model as it was
