@@ -48,6 +48,7 @@ def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[s
     """The BatchNorm layers that update_bn measures, by name: those that `model.train()`
     puts in train mode and `frozen_norms` does not name (an unknown name is refused).
     Every submodule's train/eval mode is as it was after."""
+    check_module(model, "measured_norms's model")
     named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     frozen = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)
     unknown = [name for name in frozen if name not in named]
