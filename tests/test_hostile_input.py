@@ -1108,3 +1108,58 @@ def test_a_twa_from_a_subspace_says_its_frozen_parameters_take_the_models_values
     subspace = tk.Subspace.from_checkpoints(checkpoints, parameter_names=trainable)
     with pytest.warns(UserWarning, match=r"pins the model's 2 frozen parameter\(s\) .* to the model's own values"):
         tk.TWA(model, subspace)
+
+
+def _records(obj) -> dict[str, bytes]:
+    """The records of a torch.save zip, by name below its top folder."""
+    import io as _io
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    archive = zipfile.ZipFile(_io.BytesIO(buffer.getvalue()))
+    top = archive.namelist()[0].split("/")[0]
+    return {name[len(top) + 1:]: archive.read(name) for name in archive.namelist()}
+
+
+def test_a_zip_checkpoint_holding_a_record_twice_is_refused_by_every_reader(tmp_path):
+    # torch reads the first copy of a name and zipfile the last: a pickle declaring 8 floats
+    # over a 4-float record passed the size check, and the mapped read took the bytes after it
+    big, small = _records({"w": torch.full((8,), 1.0)}), _records({"w": torch.full((4,), 1.0)})
+    path = tmp_path / "twice.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("twice/data.pkl", big["data.pkl"])
+        archive.writestr("twice/data/0", small["data/0"])
+        for name, data in small.items():
+            if name not in ("data.pkl", "data/0"):
+                archive.writestr(f"twice/{name}", data)
+        archive.writestr("twice/data.pkl", small["data.pkl"])
+        archive.writestr("twice/data/0", small["data/0"])
+    for read in (tk.load_state_dict, lambda p: columns.ColumnReader(p).tensor("w")):
+        with pytest.raises(CheckpointError, match="record 'twice/data.pkl' is in the archive twice"):
+            read(path)
+
+
+def test_an_unreadable_checkpoint_a_frozen_weight_of_another_kind_and_a_key_no_header_holds_are_named(
+        tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(2)}, path)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io.read, "open", refused, raising=False)
+        with pytest.raises(CheckpointError, match=r"c.pt: cannot be read \(Permission denied\)"):
+            tk.load_state_dict(path)
+    model = nn.Sequential(nn.Linear(3, 2))
+    model[0].bias.requires_grad_(False)
+    ckpts = [{k: v + i for k, v in model.state_dict().items()} for i in range(2)]
+    ckpts[1]["0.bias"] = torch.zeros(2, dtype=torch.int64)  # summed into an integer total, a raw cast error
+    with pytest.raises(CheckpointError, match="frozen parameter '0.bias' is stored as torch.int64, but the model's "
+                                              "is torch.float32"):
+        tk.TWA(model, ckpts, bits=None)
+    key = "layer\udcff.weight"  # what os.fsdecode leaves of an undecodable byte
+    with pytest.raises(tk.errors.InvalidArgumentError, match="not valid Unicode text.*save as .pt"):
+        tk.save_state_dict({key: torch.ones(2)}, tmp_path / "bad.safetensors")
+    assert tk.load_state_dict(tk.save_state_dict({key: torch.ones(2)}, tmp_path / "ok.pt")).keys() == {key}
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -621,6 +621,9 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
                 raise CheckpointError(f"{reader.source}: key {name!r} has shape {reader.shape(key)} but the model's "
                                       f"frozen parameter has {tuple(param.shape)}")
             value = reader.tensor(key)
+            if value.is_floating_point() != param.is_floating_point():  # it would pin a float to an integer's value
+                raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} is stored as {value.dtype}, but "
+                                      f"the model's is {param.dtype}; save it with the model's kind of dtype")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} holds NaN or Inf, and TWA "
                                       "would pin it to that; use finite checkpoints")

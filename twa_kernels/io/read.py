@@ -118,6 +118,8 @@ def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
         with open(path, "rb") as file, zipfile.ZipFile(file) as archive:
             size = os.fstat(file.fileno()).st_size
             for info in archive.infolist():
+                if info.filename in spans:  # torch reads the first copy of a name and zipfile the last
+                    raise zipfile.BadZipFile(f"record {info.filename!r} is in the archive twice")
                 spans[info.filename] = info.file_size
                 if info.compress_type != zipfile.ZIP_STORED:  # not what torch writes: let zipfile check it
                     with archive.open(info) as record:
@@ -151,11 +153,14 @@ def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
 
 
 def _torch_load(path: Path) -> object:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:  # no permission, or not a regular file that can be read
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
     if zipfile.is_zipfile(path):
         verify_zip_crc(path)
     else:
-        with open(path, "rb") as f:
-            head = f.read(4)
         if head == b"PK\x03\x04":  # a zip's first record, but no directory at its end
             raise CheckpointError(f"{path}: cut short: it starts as a zip archive (a torch.save file) but its end, "
                                   "the zip directory, is missing; the file was not fully written or copied: "

@@ -26,6 +26,19 @@ def _default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform or file system that cannot open a directory: the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_output_file(path: str | os.PathLike, example: str = "averaged.safetensors") -> Path:
     """`path` as a Path, or an OutputError when it cannot name a file to write: a NUL byte,
     an existing directory (the message suggests `example` inside it). For work that runs
@@ -39,8 +52,9 @@ def check_output_file(path: str | os.PathLike, example: str = "averaged.safetens
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(temporary_path)`, then move it into place: a crash, a
-    full disk or an exception leaves the old file (or none), never half of one, and no
-    temporary file. The new file gets the old one's mode, or the umask's as open() would
+    full disk or an exception leaves the old file (or none), never half of one; a full disk
+    or an exception leaves no temporary file either (a process killed mid-write leaves its
+    `.<name>.*.tmp` beside the target). The new file gets the old one's mode, or the umask's as open() would
     give it. An unwritable location is an OutputError naming the path."""
     path = check_output_file(path)
     try:
@@ -56,6 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the new name itself is on disk too
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
                           "unchanged); free space or choose another location") from exc
@@ -92,6 +107,13 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise InvalidTypeError(f"state[{key!r}] is {type(value).__name__}: a state_dict to save holds tensors "
                                    "under string names only; leave other entries out")
+        if Path(path).suffix == ".safetensors":
+            try:
+                key.encode("utf-8")  # the header is UTF-8 JSON
+            except UnicodeEncodeError:  # a name decoded from bytes with surrogates, as os.fsdecode leaves them
+                raise InvalidArgumentError(f"{path}: state key {key!r} is not valid Unicode text (it holds a lone "
+                                           "surrogate), which a .safetensors header cannot hold; rename it, or save "
+                                           "as .pt") from None
         if kind := _not_dense_values(value):
             raise InvalidArgumentError(f"state[{key!r}] is {kind}; save real, dense tensors (materialise meta "
                                        "tensors, .to_dense() sparse ones)")
