@@ -536,3 +536,19 @@ def test_split_holdout_names_a_dataset_without_length_or_indexing():
 
     with pytest.raises(tk.errors.InvalidTypeError, match="split_holdout splits a map-style dataset.*Stream"):
         tk.split_holdout(Stream(), 0.2, seed=0)
+
+
+def test_a_link_to_a_checkpoint_counts_it_once_in_a_directory_and_is_refused_in_a_list(tmp_path, caplog):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i in (1, 2):
+        torch.save({"w": torch.full((3,), float(i))}, folder / f"epoch{i}.pt")
+    (folder / "a_latest.pt").symlink_to(folder / "epoch2.pt")  # before the epochs in natural order
+    os.link(folder / "epoch1.pt", tmp_path / "best.pt")
+    with caplog.at_level("WARNING", logger="twa_kernels"):
+        found = resolve_checkpoints(folder)
+    assert [p.name for p in found] == ["epoch1.pt", "epoch2.pt"], "the target kept, in its own place"
+    assert "leaving out a_latest.pt (the same file as epoch2.pt)" in caplog.text
+    assert torch.equal(tk.uniform_average(str(folder / "*.pt"))["w"], torch.full((3,), 1.5))  # not 5/3
+    with pytest.raises(tk.CheckpointError, match="best.pt is listed twice"):  # a hard link: another path, one file
+        resolve_checkpoints([folder / "epoch1.pt", tmp_path / "best.pt"])

@@ -161,7 +161,7 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
             found, where = [Path(spec)], ""
         if not found:
             raise CheckpointError(where)
-        return list(found)
+        return _each_file_once(found)
     if isinstance(checkpoints, Tensor) or not isinstance(checkpoints, Iterable):
         raise InvalidTypeError(f"checkpoints must be a list of checkpoint files or state_dicts, a directory or a "
                                f"glob pattern, got {type(checkpoints).__name__}")
@@ -201,14 +201,42 @@ def trainer_output_hint(checkpoints: object) -> str:
             f"folders: pass those, e.g. the glob '{Path(checkpoints) / 'checkpoint-*'}'")
 
 
+def _identity(path: CheckpointSpec) -> tuple:
+    """What names one file whatever path reaches it: its device and inode (a symbolic or a
+    hard link to it has the same), or its resolved path where it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", info.st_dev, info.st_ino)
+
+
+def _each_file_once(found: list[Path]) -> list[Path]:
+    """A directory's or a glob's files, a file that several of them reach (a link such as
+    latest.pt -> epoch_9.pt) kept once, with a warning: counted twice, it would weigh double
+    in every average. The name kept is the one that is not a symbolic link (the target, in
+    its place in the order), else the first in natural order."""
+    groups: dict[tuple, list[Path]] = {}
+    for path in found:
+        groups.setdefault(_identity(path), []).append(path)
+    chosen = {id(next((p for p in paths if not p.is_symlink()), paths[0])) for paths in groups.values()}
+    kept = [path for path in found if id(path) in chosen]
+    dropped = [f"{path.name} (the same file as {next(p for p in groups[_identity(path)] if id(p) in chosen).name})"
+               for path in found if id(path) not in chosen]
+    if dropped:
+        logger.warning("leaving out %s: a link to a checkpoint already counted would count it twice; pass a list "
+                       "of files to choose them yourself", ", ".join(dropped))
+    return kept
+
+
 def _check_listed_once(items: list[CheckpointSpec]) -> None:
-    """A file listed twice (overlapping globs, or a glob and one of its files) would count
-    twice in every average; refused, by its position in the list."""
-    seen: dict[str, int] = {}
+    """A file listed twice (overlapping globs, a glob and one of its files, a symbolic or
+    hard link to it) would count twice in every average; refused, by its position in the list."""
+    seen: dict[tuple, int] = {}
     for i, item in enumerate(items):
         if isinstance(item, Mapping):
             continue
-        key = os.path.realpath(item)
+        key = _identity(item)
         if key in seen:
             raise CheckpointError(f"{item} is listed twice (checkpoints #{seen[key]} and #{i}): it would count "
                                   "twice in the average; list each checkpoint once")
