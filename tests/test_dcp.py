@@ -249,3 +249,34 @@ def test_a_torch_without_distributed_gets_a_named_error_for_a_dcp_directory(tmp_
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "needs torch.distributed, which this torch" in out.stdout
+
+
+def test_overlapping_chunks_are_refused_however_many_chunks_there_are(tmp_path):
+    # past 4096 chunks the pairwise overlap test was skipped: two overlapping chunks whose
+    # sizes still added up to the tensor's left elements no chunk wrote, read as weights
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+    )
+
+    n, width = 8194, 2
+    offsets = list(range(0, n - width, width)) + [1]  # 4097 chunks; the last overlaps, 8192..8193 uncovered
+    chunks, storage, blob = [], {}, io.BytesIO()
+    for offset in offsets:
+        data = io.BytesIO()
+        torch.save(torch.full((width,), 1.0), data)
+        storage[MetadataIndex("w", torch.Size([offset]))] = _StorageInfo("__0_0.distcp", blob.tell(),
+                                                                        len(data.getvalue()))
+        blob.write(data.getvalue())
+        chunks.append(ChunkStorageMetadata(offsets=torch.Size([offset]), sizes=torch.Size([width])))
+    folder = tmp_path / "many"
+    folder.mkdir()
+    (folder / "__0_0.distcp").write_bytes(blob.getvalue())
+    entry = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([n]), chunks)
+    metadata = Metadata(state_dict_metadata={"w": entry}, planner_data={"w": ("w",)}, storage_data=storage)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="the chunks of 'w' cover 8194 of its 8194 elements and overlap"):
+        ColumnReader(folder).tensor("w")

@@ -267,9 +267,16 @@ def _check_tiling(key: str, entry: TensorStorageMetadata, storage: dict, bad: An
             raise bad(f"the chunk of {key!r} at {list(start)} has no data file entry")
         boxes.append((start, extent))
     covered = sum(math.prod(extent) for _, extent in boxes)
-    overlap = len(boxes) <= 4096 and any(  # pairwise: a handful of chunks, one per saving rank
-        all(a0 < b0 + bn and b0 < a0 + an for a0, an, b0, bn in zip(a[0], a[1], b[0], b[1]))
-        for i, a in enumerate(boxes) for b in boxes[i + 1:] if math.prod(a[1]) and math.prod(b[1]))
+    if covered != math.prod(size):
+        overlap = False
+    elif len(boxes) <= 4096:  # pairwise: a handful of chunks, one per saving rank
+        overlap = any(all(a0 < b0 + bn and b0 < a0 + an for a0, an, b0, bn in zip(a[0], a[1], b[0], b[1]))
+                      for i, a in enumerate(boxes) for b in boxes[i + 1:] if math.prod(a[1]) and math.prod(b[1]))
+    else:  # as many elements as the tensor: they overlap exactly where some element is left uncovered
+        seen = torch.zeros(size, dtype=torch.bool)
+        for start, extent in boxes:
+            seen[tuple(slice(o, o + n) for o, n in zip(start, extent))] = True
+        overlap = not bool(seen.all())
     if covered != math.prod(size) or overlap:
         raise bad(f"the chunks of {key!r} cover {covered} of its {math.prod(size)} elements"
                   f"{' and overlap' if overlap else ''}; every element must come from exactly one chunk")
