@@ -552,3 +552,22 @@ def test_a_link_to_a_checkpoint_counts_it_once_in_a_directory_and_is_refused_in_
     assert torch.equal(tk.uniform_average(str(folder / "*.pt"))["w"], torch.full((3,), 1.5))  # not 5/3
     with pytest.raises(tk.CheckpointError, match="best.pt is listed twice"):  # a hard link: another path, one file
         resolve_checkpoints([folder / "epoch1.pt", tmp_path / "best.pt"])
+
+
+def test_the_baselines_refuse_tied_names_that_disagree_as_twa_does():
+    # each name was averaged apart, and which one the model kept depended on the key order
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(4, 3), nn.Linear(3, 4, bias=False)
+            self.head.weight = self.emb.weight
+
+    ckpts = [{"emb.weight": torch.zeros(4, 3) + i, "head.weight": torch.zeros(4, 3) + 10 * i} for i in (1, 2)]
+    for average in (lambda: tk.uniform_average(ckpts, model=Tied()), lambda: tk.ema_average(ckpts, model=Tied()),
+                    lambda: tk.greedy_soup(ckpts, lambda state: 0.0, model=Tied()),
+                    lambda: tk.TWA(Tied(), ckpts, bits=None)):
+        with pytest.raises(tk.CheckpointError, match="'emb.weight' and 'head.weight' are one tied weight in the "
+                                                     "model but differ in the checkpoint"):
+            average()
+    agreeing = [{"emb.weight": torch.zeros(4, 3) + i, "head.weight": torch.zeros(4, 3) + i} for i in (1, 2)]
+    assert torch.equal(tk.uniform_average(agreeing, model=Tied())["head.weight"], torch.full((4, 3), 1.5))

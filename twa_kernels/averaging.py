@@ -88,7 +88,7 @@ def _states(specs: list, model: nn.Module | None):
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     aliases = parameter_aliases(model)
     for source, state in iter_state_dicts(specs, names=expected):
-        state = _model_keys(fill_tied_keys(state, aliases), expected, source)
+        state = _model_keys(fill_tied_keys(state, aliases, source), expected, source)
         check_finite(state, source)
         yield source, state
 

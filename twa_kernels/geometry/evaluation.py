@@ -97,7 +97,7 @@ def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None
     checkpoint and the key."""
     state = unwrap_state_dict(checkpoint, source) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
     if model is not None:
-        state = fill_tied_keys(match_names(state, model.state_dict().keys(), source), parameter_aliases(model))
+        state = fill_tied_keys(match_names(state, model.state_dict().keys(), source), parameter_aliases(model), source)
     check_finite(state, source)
     return state
 

@@ -218,9 +218,20 @@ def _is_fully_sharded(model: nn.Module) -> bool:
     return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
 
 
-def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]]) -> StateDict:
+def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]], source: str = "the checkpoint"
+                   ) -> StateDict:
     """`state` with every name of a tied tensor present: a checkpoint that holds it under
-    one name only (safetensors writers keep one) gets the others from it."""
+    one name only (safetensors writers keep one) gets the others from it. A checkpoint that
+    holds two of its names with different values was not saved from this tying, and taking
+    either would be wrong: CheckpointError naming `source`."""
+    for names in aliases.values():
+        present = [n for n in names if n in state]
+        for other in present[1:]:
+            first, value = state[present[0]], state[other]
+            if value.shape != first.shape or not torch.equal(value, first):
+                raise CheckpointError(f"{source}: {present[0]!r} and {other!r} are one tied weight in the model but "
+                                      "differ in the checkpoint; untie them in the model, or save the checkpoint "
+                                      "from the tied model")
     out = dict(state)
     for names in aliases.values():
         present = next((n for n in names if n in out), None)
