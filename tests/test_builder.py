@@ -66,3 +66,28 @@ def test_a_planes_directions_are_the_builders_rows_from_checkpoint_a(bits, windo
         assert torch.equal(frame.basis.state_dict()[key], value), key
     direct = tk.quantize(torch.stack([_flat(s) for s in states[1:]]) - origin, bits=bits, group_size=16)
     assert torch.equal(frame.basis.codes, direct.codes)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_checkpoint_written_during_the_build_is_named_not_mixed_into_it(tmp_path, monkeypatch, suffix):
+    # a trainer saving over a file while the subspace was built gave a center of one state
+    # and rows of another (between the passes), or one tensor of two states (within one)
+    paths = []
+    for i in range(3):
+        paths.append(tk.save_state_dict({"w": torch.full((4096,), float(i))}, tmp_path / f"c{i}{suffix}"))
+    names, shapes = ["w"], [(4096,)]
+    original = builder.mean_center
+
+    def rewrite_after_pass_one(total, count):
+        tk.save_state_dict({"w": torch.full((4096,), 9.0)}, paths[1])  # atomically: a new inode
+        return original(total, count)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "mean_center", rewrite_after_pass_one)
+        with pytest.raises(tk.CheckpointError, match=rf"c1{suffix}: changed between the passes of the build"):
+            tk.Subspace.from_checkpoints(paths, bits=4, group_size=64, parameter_names=names, parameter_shapes=shapes)
+    reader = builder.Layout(names, shapes).open(paths[2], 2)
+    assert torch.equal(reader.read("w", (4096,), 0, 1024), torch.full((1024,), 2.0))
+    tk.save_state_dict({"w": torch.full((4096,), 7.0)}, paths[2])
+    with pytest.raises(tk.CheckpointError, match=rf"c2{suffix}: changed while it was being read"):
+        reader.read("w", (4096,), 1024, 4096)

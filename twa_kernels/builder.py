@@ -47,9 +47,18 @@ class Layout:
         self.aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
         self.match_names = None if match_names is None else list(match_names)
         self.num_cols = sum(math.prod(s) for s in self.shapes)
+        self._stamps: dict[int, tuple | None] = {}  # each checkpoint's files as the first pass found them
 
     def open(self, spec: CheckpointSpec, index: int) -> ColumnReader:
-        return ColumnReader(spec, index, names=self.match_names)
+        """A reader of checkpoint `index`; CheckpointError when its files changed since an
+        earlier pass of this build opened it (the center would be one state's, the rows another's)."""
+        reader = ColumnReader(spec, index, names=self.match_names)
+        first = self._stamps.setdefault(index, reader.stamp)
+        if first != reader.stamp:
+            raise CheckpointError(f"{reader.source}: changed between the passes of the build (its size, modification "
+                                  "time or inode moved since the first pass read it); build once it is no longer "
+                                  "being written, or from a copy")
+        return reader
 
     def name_of_column(self, column: int) -> str:
         offset = 0

@@ -46,6 +46,21 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _stamp(files: Sequence[Path]) -> tuple | None:
+    """Each file's size, modification time and inode, or None for no files (a state_dict)."""
+    if not files:
+        return None
+    stamps = []
+    for path in files:
+        try:
+            info = os.stat(path)
+        except OSError:  # gone: a stamp no later one equals
+            stamps.append((str(path), None))
+            continue
+        stamps.append((str(path), info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(stamps)
+
+
 class ColumnReader:
     """Element ranges of one checkpoint's tensors, and column ranges of its flattened
     weights, read without holding the checkpoint in memory.
@@ -127,8 +142,28 @@ class ColumnReader:
         else:
             self._kind = "mmap"
             self._describe(self._handle())
+        # the files read, and their size, modification time and inode now: a file written
+        # while it is read (a trainer saving over last.pt) would give a mix of two states
+        self._files = self._files_read()
+        self.stamp = _stamp(self._files)
         if names is not None:
             self.match(names)
+
+    def _files_read(self) -> list[Path]:
+        if isinstance(self._spec, Mapping):
+            return []
+        if self._kind == "dcp":
+            return sorted(p for p in Path(self._spec).iterdir() if p.is_file())
+        if self._kind == "directory":
+            return sorted({Path(part._spec) for part in self._parts.values()})
+        return [Path(self._spec)]
+
+    def check_unchanged(self) -> None:
+        """CheckpointError when a file of this checkpoint changed since the reader opened it:
+        what was read before and what would be read after are two states of it."""
+        if self.stamp is not None and _stamp(self._files) != self.stamp:
+            raise CheckpointError(f"{self.source}: changed while it was being read (its size, modification time or "
+                                  "inode moved); read it once it is no longer being written, or from a copy")
 
     def _open_directory(self, spec: str | os.PathLike) -> None:
         """A save_pretrained directory: one reader per weights file, opened lazily."""
@@ -201,6 +236,8 @@ class ColumnReader:
             with self._parts[key]._range(key, a, b) as value:
                 yield value
             return
+        if self._kind in ("safetensors", "mmap", "dcp"):  # read from the file now, not from memory
+            self.check_unchanged()
         value, mapped = self._slice(name, a, b)
         try:
             yield value
