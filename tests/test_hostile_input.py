@@ -1163,3 +1163,6 @@ def test_an_unreadable_checkpoint_a_frozen_weight_of_another_kind_and_a_key_no_h
         tk.save_state_dict({key: torch.ones(2)}, tmp_path / "bad.safetensors")
     assert tk.load_state_dict(tk.save_state_dict({key: torch.ones(2)}, tmp_path / "ok.pt")).keys() == {key}
     assert not list(tmp_path.glob(".*.tmp"))
+    for read in (tk.load_state_dict, columns.ColumnReader):  # a device is not "no such file"
+        with pytest.raises(CheckpointError, match="/dev/null: not a regular file"):
+            read("/dev/null")

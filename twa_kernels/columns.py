@@ -122,7 +122,8 @@ class ColumnReader:
         elif os.path.isdir(spec):
             self._open_directory(spec)
         elif not os.path.isfile(spec):
-            raise CheckpointError(f"{spec}: no such checkpoint file")
+            raise CheckpointError(f"{spec}: no such checkpoint file" if not os.path.exists(spec) else
+                                  f"{spec}: not a regular file (a pipe or a device?); pass a checkpoint file")
         elif str(spec).endswith(".safetensors"):
             self._kind = "safetensors"
             handle = self._handle()

@@ -71,7 +71,8 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
                 state[key], where[key] = value, shard
         return state
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
+                                  f"{path}: not a regular file (a pipe or a device?); pass a checkpoint file")
     if path.suffix == ".safetensors":
         try:
             tensors = safetensors.torch.load_file(str(path), device="cpu")
