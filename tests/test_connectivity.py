@@ -1062,3 +1062,18 @@ def test_a_batch_without_a_batch_dimension_is_named():
         C.interpolate(model, a, b, [(torch.randn(3), torch.tensor(1))], steps=3, bn="none")
     with pytest.raises(tk.errors.InvalidArgumentError, match="got a 0-d"):
         C.hessian_diagonal(model, torch.nn.functional.cross_entropy, [(torch.randn(3), torch.tensor(1))], samples=2)
+
+
+def test_a_model_with_itself_has_no_barrier_even_when_the_batchnorm_data_shuffles():
+    # each point's BatchNorm pass drew a new shuffle, so statistics and losses moved along a
+    # line from a model to itself
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    x, y = torch.randn(96, 6), torch.randint(0, 3, (96,))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for shuffled in (DataLoader(dataset, batch_size=20, shuffle=True),
+                     DataLoader(dataset, batch_size=20, shuffle=True, generator=torch.Generator().manual_seed(1))):
+        result = C.interpolate(model, state, state, DataLoader(dataset, batch_size=32), steps=4, bn_data=shuffled)
+        assert result.loss_barrier == 0.0 and len(set(result.loss)) == 1, result.loss

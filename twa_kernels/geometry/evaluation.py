@@ -253,12 +253,47 @@ def preserved(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+class SameBatches:
+    """Every pass over a shuffling loader draws the batches of the first: the random state
+    its order comes from (torch's global CPU generator, and the generators the loader and its
+    samplers hold) is taken once and put back before each pass. Recomputed at every point of a
+    line or plane, BatchNorm statistics from a new shuffle each time made the barrier of a
+    model with itself nonzero. The caller's random state is as it was after each pass."""
+
+    def __init__(self, data: Iterable):
+        found: dict[int, torch.Generator] = {}
+        for holder in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None),
+                       getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+            generator = getattr(holder, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found[id(generator)] = generator
+        self._generators = list(found.values())
+        self._states = [g.get_state() for g in self._generators]
+        self._cpu = torch.get_rng_state()
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        callers = [g.get_state() for g in self._generators]
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._cpu)
+            for generator, state in zip(self._generators, self._states):
+                generator.set_state(state)
+            try:
+                yield
+            finally:
+                for generator, state in zip(self._generators, callers):
+                    generator.set_state(state)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metric: Metric, bn: str,
-              bn_data: Iterable) -> tuple[float, float]:
-    """Mean loss and error over `data` at `weights` (parameters and perhaps buffers by name)."""
+             bn_data: Iterable, same_batches: SameBatches | None = None) -> tuple[float, float]:
+    """Mean loss and error over `data` at `weights` (parameters and perhaps buffers by name);
+    with `same_batches` (made once per line or plane from bn_data), every point's BatchNorm
+    pass sees the same batches."""
     if bn == "recompute":
-        update_bn(bn_data, model, weights=weights)
+        with same_batches.replayed() if same_batches is not None else contextlib.nullcontext():
+            update_bn(bn_data, model, weights=weights)
     model.eval()
     device = next(iter(weights.values())).device
     loss_sum = error_sum = 0.0

@@ -26,6 +26,7 @@ from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
+    SameBatches,
     check_bn,
     check_masks,
     check_points,
@@ -127,12 +128,14 @@ def interpolate(
                      for k, s in wanted.items()})
     alphas = [i / (steps - 1) for i in range(steps)]
     losses, errors = [], []
+    bn_batches = bn_data if bn_data is not None else data
+    same_batches = SameBatches(bn_batches)  # one shuffle of the BatchNorm data for every alpha
     with preserved(model):
         for alpha in progress_bar(alphas, enabled=progress, desc="interpolating"):
             weights = {k: torch.lerp(ends[0][k], ends[1][k], alpha) for k in ends[0]}
             for name, m in mask.items():
                 weights[name].mul_(m)
-            loss, error = evaluate(model, weights, data, metric, bn, bn_data if bn_data is not None else data)
+            loss, error = evaluate(model, weights, data, metric, bn, bn_batches, same_batches)
             losses.append(loss)
             errors.append(error)
     result = Interpolation(alphas, losses, errors, _barrier(losses, alphas), _barrier(errors, alphas), bn)

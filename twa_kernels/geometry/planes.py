@@ -43,6 +43,7 @@ from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
+    SameBatches,
     check_bn,
     check_masks,
     check_points,
@@ -533,6 +534,8 @@ def plane(
     pieces = flat.split([math.prod(s) for s in frame.shapes])
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
     cells = [(i, j) for i in range(ny) for j in range(nx)]
+    bn_batches = bn_data if bn_data is not None else data
+    same_batches = SameBatches(bn_batches)  # one shuffle of the BatchNorm data for every point
     with preserved(model), torch.no_grad():
         for i, j in progress_bar(cells, enabled=progress, desc="plane", total=len(cells)):
             if j == 0:
@@ -544,6 +547,5 @@ def plane(
             if bn == "interpolate":
                 weights.update(frame.buffers_at((xs[j], ys[i])))
             point = {name: w.to(own_dtypes.get(name, w.dtype)) for name, w in weights.items()}
-            loss[i, j], error[i, j] = evaluate(model, point, data, metric, bn,
-                                                bn_data if bn_data is not None else data)
+            loss[i, j], error[i, j] = evaluate(model, point, data, metric, bn, bn_batches, same_batches)
     return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
