@@ -152,3 +152,17 @@ def test_a_cache_without_room_for_a_build_or_a_library_that_will_not_load_is_a_b
     with pytest.raises(_build.BuildError, match=r"could not be loaded .*delete .* and run `python -m twa_kernels "
                                                 r"build`"):
         _build._load(tmp_path / "empty.so")
+
+
+def test_a_build_interrupted_by_ctrl_c_leaves_no_half_built_directory(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
+
+    def interrupted(directory: Path) -> None:
+        (directory / "kernels.o").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _build._cached_build("cpu", "k", "lib.so", interrupted)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -180,6 +180,8 @@ def _consistent(out: Path) -> dict:
                                                                       "capturable"]),
         (dict(optimizer=dict(name="LBFGS", lr=0.1)), ["optimizer LBFGS needs a closure", "use AdamW or SGD"]),
         (dict(checkpoints=5), ["checkpoints must be a path, a directory, a glob or a non-empty list", "got 5"]),
+        (dict(model="torch.nn:Linear"), ["model: 'torch.nn:Linear' cannot be called without arguments",
+                                         "missing a required argument: 'in_features'"]),  # a traceback before
         (dict(data=dict(train="fit_hostile_pkg:train_loader", test="x:y")), ["data must be a mapping with a 'train'"]),
     ],
 )

@@ -571,3 +571,17 @@ def test_the_baselines_refuse_tied_names_that_disagree_as_twa_does():
             average()
     agreeing = [{"emb.weight": torch.zeros(4, 3) + i, "head.weight": torch.zeros(4, 3) + i} for i in (1, 2)]
     assert torch.equal(tk.uniform_average(agreeing, model=Tied())["head.weight"], torch.full((4, 3), 1.5))
+
+
+def test_one_checkpoint_in_two_formats_and_a_missing_path_are_named(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i in range(3):
+        torch.save({"w": torch.full((3,), float(i))}, folder / f"epoch_{i}.pt")
+    tk.save_state_dict({"w": torch.full((3,), 2.0)}, folder / "epoch_2.safetensors")  # a converted copy
+    with pytest.raises(tk.CheckpointError, match=r"epoch_2.pt and epoch_2.safetensors look like one checkpoint in "
+                                                 r"two formats.*\*.safetensors"):
+        resolve_checkpoints(folder)
+    assert len(resolve_checkpoints(str(folder / "*.pt"))) == 3
+    with pytest.raises(tk.CheckpointError, match="nothere: no such checkpoint file"):  # not "needs at least 2"
+        tk.TWA(nn.Linear(3, 1), str(tmp_path / "nothere"))

@@ -156,6 +156,9 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
         except Exception as exc:  # compiler missing, compile error, ninja missing, ...
             shutil.rmtree(build_dir, ignore_errors=True)
             raise BuildError(str(exc)) from exc
+        except BaseException:  # Ctrl-C, SIGTERM: nothing half-built is left
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
         _fsync(root)

@@ -26,7 +26,7 @@ from twa_kernels._imports import optional
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
-from twa_kernels.fit import DEFAULT_LOSS, FitError, callable_from, load_config, run_fit
+from twa_kernels.fit import DEFAULT_LOSS, FitError, call_without_arguments, callable_from, load_config, run_fit
 from twa_kernels.geometry.evaluation import checkpoint_label, printable
 from twa_kernels.io import write_json
 
@@ -98,7 +98,7 @@ def _geometry_inputs(args: argparse.Namespace):
     loss_fn = callable_from(config.loss, "loss") if config.loss != DEFAULT_LOSS else None
 
     def make(spec: str, what: str):
-        return callable_from(spec, what)()
+        return call_without_arguments(spec, what)
 
     model = make(config.model, "model")
     if not isinstance(model, torch.nn.Module):

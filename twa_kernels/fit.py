@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -300,6 +301,20 @@ def callable_from(spec: str, what: str) -> Callable:
     return obj
 
 
+def call_without_arguments(spec: str, what: str) -> Any:
+    """What the factory `spec` returns, called with no arguments, as every factory of a config
+    is; a factory that needs some is named (its own TypeError would be a traceback)."""
+    factory = callable_from(spec, what)
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:
+        raise FitError(f"{what}: {spec!r} cannot be called without arguments ({exc}); name a function of no "
+                       "arguments, in a module of your own, that builds it as you need") from None
+    except ValueError:  # no signature to read (some builtins): call it and see
+        pass
+    return factory()
+
+
 def _loss_function(spec: str) -> Callable:
     """The loss named by `spec`: a function of (outputs, targets), or an nn.Module loss
     class (torch.nn:CrossEntropyLoss), made with its defaults."""
@@ -326,7 +341,7 @@ def _one_number(loss: Any, spec: str) -> torch.Tensor:
 
 
 def _call(spec: str, what: str) -> Any:
-    return callable_from(spec, what)()
+    return call_without_arguments(spec, what)
 
 
 def _data(spec: str, key: str) -> Iterable:
@@ -404,7 +419,7 @@ def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
         else:
             distributed.update_bn(loader, twa, group)
     except InvalidArgumentError as exc:  # update_bn refuses a pass with no batches: name the loader instead
-        if loader.count == 0 and not isinstance(exc, FitError):
+        if loader.count == 0 and not isinstance(exc, FitError) and "no batches" in str(exc):
             raise loader.error("to recompute the BatchNorm statistics on") from exc
         raise
     loader.check_pass("to recompute the BatchNorm statistics on")

@@ -130,6 +130,15 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
                        ", ".join(p.name for p in sorted(skipped)))
     else:
         found += skipped
+    stems: dict[str, Path] = {}
+    for path in found:  # epoch_4.pt beside its converted epoch_4.safetensors: one checkpoint, counted twice
+        if path.is_file():
+            stem = next(path.name[: -len(s)] for s in CHECKPOINT_SUFFIXES if path.name.endswith(s))
+            if stem in stems:
+                raise CheckpointError(f"{directory}: {stems[stem].name} and {path.name} look like one checkpoint in "
+                                      "two formats, which would count twice; pass a glob of one format, e.g. "
+                                      f"'{directory / ('*' + path.name[len(stem):])}'")
+            stems[stem] = path
     return sorted(found, key=_natural_key)
 
 
@@ -158,6 +167,8 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
             found = sorted((Path(p) for p in globlib.glob(spec)), key=_natural_key)
             where = f"glob {spec!r} matches no files"
         else:
+            if not os.path.lexists(spec):  # before the count of checkpoints is judged
+                raise CheckpointError(f"{spec}: no such checkpoint file, directory or glob match")
             found, where = [Path(spec)], ""
         if not found:
             raise CheckpointError(where)

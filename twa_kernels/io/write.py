@@ -79,9 +79,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             raise
         # torch.save and safetensors report a failed write (a full disk, a file size limit)
         # as their own errors, not as OSError; the values were checked before writing began
-        raise OutputError(f"cannot write {path}: the writer failed ({type(exc).__name__}: {exc}), as a full disk "
-                          "or a file size limit makes it (the previous file, if any, is unchanged); free space or "
-                          "choose another location") from exc
+        raise OutputError(f"cannot write {path}: the writer failed ({type(exc).__name__}: {exc}); the previous "
+                          "file, if any, is unchanged (a full disk or a file size limit fails it so: free space or "
+                          "choose another location)") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
