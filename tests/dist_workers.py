@@ -631,6 +631,12 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         # process group is still usable
         out["after"] = _error_text(twa("same"))
         out["bn"] = bn_hostile(rank, world)
+        # an evaluation's shares: every sample once (split_loader repeats samples to even
+        # them out, or drops the batches past len // W)
+        samples = torch.utils.data.TensorDataset(torch.arange(7.0))
+        loader = torch.utils.data.DataLoader(samples, batch_size=2, shuffle=True)
+        out["eval_samples"] = [float(v) for (b,) in distributed.split_for_evaluation(loader) for v in b]
+        out["eval_batches"] = [int(b) for b in distributed.split_for_evaluation([10, 11, 12])]
     finally:
         os.chdir(cwd)
     return out

@@ -227,6 +227,12 @@ def test_update_bn_over_ranks_keeps_frozen_layers_and_measures_sync_batchnorm_as
     assert hostile_job[0]["bn"]["nan_subspace"].startswith("RankFailedError: rank 1 failed while checking its "
                                                           "subspace")
 
+
+def test_an_evaluation_split_gives_every_sample_once_over_the_ranks(hostile_job):
+    # twa fit's validation loss under torchrun was over repeated samples or dropped batches
+    assert sorted(v for res in hostile_job for v in res["eval_samples"]) == [float(i) for i in range(7)]
+    assert sorted(v for res in hostile_job for v in res["eval_batches"]) == [10, 11, 12]
+
 def test_update_bn_refuses_a_plain_model_before_any_collective():
     with pytest.raises(tk.errors.InvalidTypeError, match="tk.update_bn"):
         distributed.update_bn([torch.zeros(1, 3)], torch.nn.Linear(3, 1))

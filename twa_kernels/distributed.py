@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from twa_kernels._checks import check_module
 from twa_kernels.batchnorm import measured_norms
@@ -66,7 +66,8 @@ from twa_kernels.twa import BASIS_BUFFERS, TWA  # noqa: F401  (BASIS_BUFFERS: pu
 
 __all__ = [
     # around a TWA on a process group
-    "init_from_environment", "split_loader", "update_bn", "all_reduce_bn_statistics", "all_reduce_metrics",
+    "init_from_environment", "split_for_evaluation", "split_loader", "update_bn", "all_reduce_bn_statistics",
+    "all_reduce_metrics",
     "comm_bytes", "reset_comm_bytes", "record_errors", "ignore_twa_buffers_in_ddp",
     # the errors ranks raise
     "BasisMismatchError", "CheckpointListMismatchError", "CheckpointContentMismatchError", "RankFailedError",
@@ -335,6 +336,28 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
                         f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
     per_rank = len(loader) // world
     return _Strided(loader, rank, world, per_rank)
+
+
+def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterable:
+    """This rank's share of an evaluation loader, every sample (or batch) exactly once over
+    the ranks: the shares may differ by one, which an evaluation whose forward has no
+    collective allows (a replicated TWA's; a sharded TWA's forward gathers, and needs
+    split_loader's equal shares). split_loader's DistributedSampler repeats samples to even
+    the shares out, and its stride over another iterable drops the last len % W batches: a
+    loss over either differs from one process's. A DataLoader over a map-style dataset gets
+    samples rank, rank + W, ... of it, in order, batched as before; another sized iterable its
+    batches rank, rank + W, ...."""
+    check_group(process_group)
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    if (isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__")
+            and hasattr(loader.dataset, "__len__")):
+        share = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+        return DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+    if not hasattr(loader, "__len__"):
+        raise InvalidTypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
+                               f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
+    return _Strided(loader, rank, world, len(range(rank, len(loader), world)))
 
 
 class _EveryPassSampler(DistributedSampler):

@@ -460,14 +460,19 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
         raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
     train_loader = _data(config.data["train"], "train")
     val_loader = _data(config.data["val"], "val") if "val" in config.data else None
+    eval_loader = val_loader  # the loss is evaluated on every sample once, over the ranks
     if group is not None:
         train_loader = distributed.split_loader(train_loader, group)
-        val_loader = None if val_loader is None else distributed.split_loader(val_loader, group)
+        if val_loader is not None:
+            eval_loader = (distributed.split_for_evaluation(val_loader, group)
+                           if config.distributed_mode == "replicated" else distributed.split_loader(val_loader, group))
+            val_loader = distributed.split_loader(val_loader, group)
     train_loader = _Batches(train_loader, "train", config.data["train"], world)
     train_loader.check_not_empty("to train on" if config.train_on == "train" else "for the BatchNorm statistics")
     if val_loader is not None:
         val_loader = _Batches(val_loader, "val", config.data["val"], world)
         val_loader.check_not_empty("to train on" if config.train_on == "val" else "to evaluate the loss on")
+        eval_loader = _Batches(eval_loader, "val", config.data["val"], world)
     fit_loader = val_loader if config.train_on == "val" else train_loader
 
     twa = TWA(model, config.checkpoints, bits=config.bits, granularity=config.granularity,
@@ -487,7 +492,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
         # normalises with batch statistics, and update_bn recomputes them again at the end.
         if _has_batchnorm(model):
             _update_bn(twa, train_loader, group)
-        report["val_loss_at_swa"] = _mean_loss(twa, val_loader, loss_fn, config.loss, group)
+        report["val_loss_at_swa"] = _mean_loss(twa, eval_loader, loss_fn, config.loss, group)
     losses = []
     for epoch in range(config.epochs):
         twa.train()
@@ -505,7 +510,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
     if _has_batchnorm(model):
         _update_bn(twa, train_loader, group)
     if val_loader is not None:
-        report["val_loss_after_twa"] = _mean_loss(twa, val_loader, loss_fn, config.loss, group)
+        report["val_loss_after_twa"] = _mean_loss(twa, eval_loader, loss_fn, config.loss, group)
     report.update(train_loss_last_10_batches=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                   seconds=time.perf_counter() - start)
 
