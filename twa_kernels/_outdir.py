@@ -61,7 +61,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
     """Flush a directory's entries to disk (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -209,7 +209,7 @@ class OutputDirectory:
         if missing:
             raise OutputError(f"outputs {missing} were not written; nothing was replaced")
         self._set_modes()
-        _fsync_directory(self._staging)  # the names are on disk before the swap makes them visible
+        fsync_directory(self._staging)  # the names are on disk before the swap makes them visible
         target = self._target
         try:
             if not target.exists():
@@ -228,7 +228,7 @@ class OutputDirectory:
                 os.rename(aside, self._staging)
         except OSError as exc:
             raise self._unwritable(target, exc) from exc
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         shutil.rmtree(self._staging, ignore_errors=True)
 
     def discard(self) -> None:

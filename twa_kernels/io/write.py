@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels._checks import path_without_nul
-from twa_kernels._outdir import current_umask
+from twa_kernels._outdir import current_umask, fsync_directory
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError, TWAKernelsError
 from twa_kernels.io.keys import _not_dense_values
 
@@ -24,19 +24,6 @@ from twa_kernels.io.keys import _not_dense_values
 def _default_file_mode() -> int:
     """The mode open() gives a new file under the current umask (0644 under umask 022)."""
     return 0o666 & ~current_umask()
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # a platform or file system that cannot open a directory: the rename stands
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_output_file(path: str | os.PathLike, example: str = "averaged.safetensors") -> Path:
@@ -70,7 +57,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-        _fsync_directory(path.parent)  # the new name itself is on disk too
+        fsync_directory(path.parent)  # the new name itself is on disk too
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
                           "unchanged); free space or choose another location") from exc
