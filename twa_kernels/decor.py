@@ -353,7 +353,8 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                              f"convolutions are not supported; pass skip=[{name!r}]")
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, (nn.Linear, nn.Conv1d,
                                                                                       nn.Conv2d)):
-            raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before decorrelate()")
+            raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before "
+                                       "decorrelate()")
         if type(module) not in _DECOR:
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 logger.info("decorrelate: leaving %r alone (%s is a subclass of a supported layer)", label,
