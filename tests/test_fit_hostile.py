@@ -684,3 +684,11 @@ def test_ctrl_c_or_sigterm_stops_the_command_with_one_line_and_no_output(project
     assert proc.returncode in (status, -signum) and err.strip().splitlines()[-1] == line, err
     assert "Traceback" not in err
     assert not out.exists() and not [name for name in _leftovers(project, out.name)]
+
+
+def test_a_run_that_fails_leaves_no_directory_it_made_for_its_outputs(in_project):
+    # new/deeper/ stayed behind, empty, after a run refused for its model
+    with pytest.raises(FitError, match="unknown import string|cannot import|no attribute"):
+        run_fit(_config(in_project, output=str(in_project / "new" / "deeper" / "out"),
+                        model="fit_hostile_pkg:not_there"), progress=False)
+    assert not (in_project / "new").exists()

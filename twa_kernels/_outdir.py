@@ -112,6 +112,9 @@ class OutputDirectory:
         # a symlinked output is written where it points, and the link is kept
         self._target = Path(os.path.realpath(self.path))
         self._check_location()
+        # the parents this run creates, removed again by discard() when it ends without output
+        self._created = [d for d in (self._target.parent, *self._target.parent.parents) if not d.exists()]
+        self._committed = False
         try:
             self.recover()
             self._target.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +233,15 @@ class OutputDirectory:
             raise self._unwritable(target, exc) from exc
         fsync_directory(target.parent)
         shutil.rmtree(self._staging, ignore_errors=True)
+        self._committed = True
 
     def discard(self) -> None:
-        """Remove the staging directory (a no-op after commit)."""
+        """Remove the staging directory and, when nothing was committed, the parent
+        directories this run created for it, if they are still empty (a no-op after commit)."""
         shutil.rmtree(self._staging, ignore_errors=True)
+        if not self._committed:
+            for directory in self._created:  # deepest first
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty (another writer's files), or gone: left as it is
+                    break
