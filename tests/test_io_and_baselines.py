@@ -585,3 +585,17 @@ def test_one_checkpoint_in_two_formats_and_a_missing_path_are_named(tmp_path):
     assert len(resolve_checkpoints(str(folder / "*.pt"))) == 3
     with pytest.raises(tk.CheckpointError, match="nothere: no such checkpoint file"):  # not "needs at least 2"
         tk.TWA(nn.Linear(3, 1), str(tmp_path / "nothere"))
+
+
+def test_a_checkpoint_rewritten_between_greedy_soups_scoring_and_its_soup_is_named(tmp_path):
+    paths = [tk.save_state_dict({"w": torch.full((3,), float(i))}, tmp_path / f"c{i}.pt") for i in range(3)]
+
+    def score(state):
+        if score.calls == 2:  # after the last checkpoint is scored, a trainer saves over the first
+            tk.save_state_dict({"w": torch.full((3,), 50.0)}, paths[0])
+        score.calls += 1
+        return -float(state["w"].mean())
+
+    score.calls = 0
+    with pytest.raises(tk.CheckpointError, match="c0.pt: changed since it was scored"):
+        tk.greedy_soup(paths, score)

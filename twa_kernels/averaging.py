@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from twa_kernels.io import (
     trainer_output_hint,
     unwrap_model,
 )
+from twa_kernels.io.read import _file_stamp
 
 
 def _averaged(value: Tensor) -> bool:
@@ -164,6 +165,7 @@ def greedy_soup(
         raise InvalidTypeError(f"greedy_soup's score must be a function of a state_dict returning a number (higher "
                                f"is better, e.g. held-out accuracy), got {type(score).__name__}")
     specs = resolve_checkpoints(checkpoints)
+    stamps = [None if isinstance(spec, Mapping) else _file_stamp(spec) for spec in specs]
     scores = []
     first = None
     for i, (source, state) in enumerate(_states(specs, model)):
@@ -178,6 +180,9 @@ def greedy_soup(
     total: dict[str, Tensor] | None = None
     last: StateDict | None = None
     for i in order:
+        if stamps[i] is not None and _file_stamp(specs[i]) != stamps[i]:  # scored as one state, souped as another
+            raise CheckpointError(f"{specs[i]}: changed since it was scored (its size, modification time or inode "
+                                  "moved); build the soup once it is no longer being written, or from a copy")
         _, state = next(_states([specs[i]], model))
         if total is None:
             total = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}
