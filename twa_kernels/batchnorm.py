@@ -44,6 +44,10 @@ def _feed(model: Callable[..., Any], batch: Any) -> None:
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+class NoBatchesError(InvalidArgumentError):
+    """update_bn's loader (on every rank, across processes) yielded no batch to measure on."""
+
+
 def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The BatchNorm layers that update_bn measures, by name: those that `model.train()`
     puts in train mode and `frozen_norms` does not name (an unknown name is refused).
@@ -140,7 +144,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
         if count == 0 and not allow_empty:
             fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "
                    "such as a list or a DataLoader" if isinstance(loader, Iterator) else "pass a non-empty loader")
-            raise InvalidArgumentError(f"update_bn: the loader yielded no batches, so there are no statistics to "
+            raise NoBatchesError(f"update_bn: the loader yielded no batches, so there are no statistics to "
                                        f"measure (they are left as they were); {fix}")
     except BaseException:
         for m in norms:  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
@@ -194,4 +198,4 @@ class _WithWeights(nn.Module):
         return functional_call(self._inner[0], self._weights, args, kwargs)
 
 
-__all__ = ["measured_norms", "update_bn"]
+__all__ = ["NoBatchesError", "measured_norms", "update_bn"]

@@ -35,7 +35,7 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names
-from twa_kernels.io.read import _non_finite, zip_maps_as_stored
+from twa_kernels.io.read import _file_stamp, _non_finite, zip_maps_as_stored
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +47,16 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _stamp(files: Sequence[Path]) -> tuple | None:
-    """Each file's size, modification time and inode, or None for no files (a state_dict)."""
+    """Each file's io.read stamp (size, modification time, inode), or None for no files (a
+    state_dict)."""
     if not files:
         return None
     stamps = []
     for path in files:
         try:
-            info = os.stat(path)
+            stamps.append(_file_stamp(path))
         except OSError:  # gone: a stamp no later one equals
             stamps.append((str(path), None))
-            continue
-        stamps.append((str(path), info.st_size, info.st_mtime_ns, info.st_ino))
     return tuple(stamps)
 
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from twa_kernels._checks import check_module
-from twa_kernels.batchnorm import measured_norms
+from twa_kernels.batchnorm import NoBatchesError, measured_norms
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
@@ -198,7 +198,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
         raise
     if norms and all_reduce_bn_statistics(twa.module, process_group, frozen_norms) == 0:  # the same on every rank
         restore()
-        raise InvalidArgumentError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
+        raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
                                    "statistics to measure (they are left as they were); pass each rank its share "
                                    "of the training data, as a list or DataLoader that is not used up")
 

@@ -51,6 +51,7 @@ import yaml
 from torch import nn
 
 from twa_kernels._progress import progress_bar
+from twa_kernels.batchnorm import NoBatchesError
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
@@ -418,10 +419,8 @@ def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
             twa.update_bn(loader)
         else:
             distributed.update_bn(loader, twa, group)
-    except InvalidArgumentError as exc:  # update_bn refuses a pass with no batches: name the loader instead
-        if loader.count == 0 and not isinstance(exc, FitError) and "no batches" in str(exc):
-            raise loader.error("to recompute the BatchNorm statistics on") from exc
-        raise
+    except NoBatchesError as exc:  # update_bn refuses a pass with no batches: name the loader instead
+        raise loader.error("to recompute the BatchNorm statistics on") from exc
     loader.check_pass("to recompute the BatchNorm statistics on")
 
 
