@@ -19,6 +19,7 @@ from torch import nn
 
 import twa_kernels as tk
 from twa_kernels import columns, io
+from twa_kernels import twa as twa_module
 from twa_kernels.errors import BasisLayoutError, CheckpointError, TWAKernelsError
 from twa_kernels.quant import QuantizedBasis
 
@@ -603,6 +604,24 @@ def test_frozen_parameters_stay_exactly_at_their_checkpoint_value_while_twa_trai
     torch.testing.assert_close(twa(x), plain(x), rtol=1e-6, atol=1e-6)
     assert sorted(twa.frozen_names) == ["body.weight", "steps"] and "body.weight" not in twa.names
     assert not torch.equal(model.body.weight, checkpoints[0]["body.weight"])  # the model's own stays its own
+
+
+def test_a_checkpoint_rewritten_between_the_build_and_the_frozen_read_is_named(tmp_path, monkeypatch):
+    # the frozen parameters are read in a pass after the subspace's: a trainer saving over a
+    # checkpoint in between pinned them to another state than the basis's
+    paths = [tk.save_state_dict(state, tmp_path / f"c{i}.safetensors")
+             for i, state in enumerate(_fine_tunes(_Backbone()))]
+    original = twa_module._check_model_fits
+
+    def rewrite_then_check(*args):
+        tk.save_state_dict(_fine_tunes(_Backbone(), k=1)[0], paths[2])
+        return original(*args)
+
+    monkeypatch.setattr(twa_module, "_check_model_fits", rewrite_then_check)
+    with pytest.raises(CheckpointError, match=r"c2.safetensors: changed after the subspace was built"):
+        tk.TWA(_Backbone(), paths, bits=4, group_size=64)
+    monkeypatch.setattr(twa_module, "_check_model_fits", original)
+    assert sorted(tk.TWA(_Backbone(), paths, bits=4, group_size=64).frozen_names) == ["body.weight", "steps"]
 
 
 def test_a_frozen_integer_parameter_that_differs_between_checkpoints_is_named():

@@ -60,6 +60,11 @@ class Layout:
                                   "being written, or from a copy")
         return reader
 
+    def stamps(self, count: int) -> list[tuple | None]:
+        """The stamp each of `count` checkpoints' files had when this build first opened
+        them (None for a state_dict, or one not opened): a later reader compares its own."""
+        return [self._stamps.get(index) for index in range(count)]
+
     def name_of_column(self, column: int) -> str:
         offset = 0
         for name, shape in zip(self.names, self.shapes):

@@ -66,6 +66,7 @@ class ShardedSubspace:
     num_cols: int
     num_blocks: int
     aliases: dict[str, list[str]]
+    source_stamps: list[tuple | None] | None = None  # as Subspace.source_stamps
 
 
 def _same_checkpoint_lists(specs: list, group: Any) -> None:
@@ -235,4 +236,4 @@ def build_shard(checkpoints: Any, process_group: Any, names: list[str], shapes: 
 
     basis = agree(build, process_group, "building its shard of the basis")
     return ShardedSubspace(list(names), shapes, center, basis, start, stop, b_lo, b_hi, num_cols,
-                           offsets.numel() - 1, aliases)
+                           offsets.numel() - 1, aliases, layout.stamps(len(specs)))

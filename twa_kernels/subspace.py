@@ -175,6 +175,9 @@ class Subspace:
         self.orthonormal = orthonormal  # rows orthonormal (before quantisation): P^T P g projects g
         # name -> every state_dict name of that tensor, for tied weights (see io.parameter_aliases)
         self.aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
+        # the stamps of the checkpoint files the build read (from_checkpoints sets them): a
+        # later read of the same files (TWA's frozen parameters) checks it sees that state
+        self.source_stamps: list[tuple | None] | None = None
 
     @property
     def num_weights(self) -> int:
@@ -264,7 +267,9 @@ class Subspace:
             basis = builder.build_basis(specs, layout, center, 0, offsets, bits, group_size, steps, transform)
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
-        return cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
+        subspace = cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
+        subspace.source_stamps = layout.stamps(len(specs))
+        return subspace
 
 
 def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shapes: list[tuple[int, ...]] | None,

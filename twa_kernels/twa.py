@@ -155,7 +155,7 @@ class TWA(nn.Module):
                               "the checkpoints' values into the model first if they differ", UserWarning,
                               stacklevel=3)
             return _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
-                                  else checkpoints_or_subspace, aliases)
+                                  else checkpoints_or_subspace, aliases, subspace.source_stamps)
         # under a process group, a rank whose model does not fit fails every rank with its error
         pinned = check_and_pin() if process_group is None else sharding.agree(check_and_pin, process_group,
                                                                                "checking its model")
@@ -588,13 +588,14 @@ def _all_zero(basis: QuantizedBasis) -> bool:
 
 
 def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
-                   aliases: dict[str, list[str]]) -> list[Tensor]:
+                   aliases: dict[str, list[str]], stamps: list[tuple | None] | None = None) -> list[Tensor]:
     """The value each frozen parameter keeps under TWA: its checkpoint value. Floating-point
     ones are the checkpoints' mean, summed in float64, so checkpoints that agree (as a frozen
     tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
     built from a Subspace) the model's own values. Whole tensors are read, one at a time.
     The same pass compares the checkpoints' buffers with the model's (_buffers_to_compare)
-    and warns where they differ."""
+    and warns where they differ. `stamps` are the files' stamps when the subspace was built
+    from them: a file rewritten since would pin values of another state than the basis's."""
     if checkpoints is None:
         return [p.detach().clone() for _, p in frozen]
     buffers = _buffers_to_compare(model)
@@ -606,6 +607,11 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
     differ: dict[str, str] = {}
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
+        if stamps is not None and stamps[i] is not None and reader.stamp != stamps[i]:
+            raise CheckpointError(f"{reader.source}: changed after the subspace was built from it (its size, "
+                                  "modification time or inode moved), so its frozen parameters would come from "
+                                  "another state than the basis; build once it is no longer being written, or "
+                                  "from a copy")
         for name, own in buffers.items():
             key = reader.key(name)
             if name in differ or key is None or reader.shape(key) != tuple(own.shape):
