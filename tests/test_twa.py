@@ -224,6 +224,13 @@ def test_settings_given_beside_a_built_subspace_must_be_its_own(run):
             tk.TWA(model, sub, **bad)
     assert tk.TWA(model, sub).bits == 4  # defaults, and the subspace's own values, are taken
     assert tk.TWA(model, sub, group_size=64, granularity="tensor").group_size == 64
+    # a setting passed at TWA's default value is a setting given: bits=4 beside an 8-bit basis
+    other = tk.Subspace.from_checkpoints(ckpts, bits=8, group_size=64, granularity="model", parameter_names=names)
+    for bad, match in ((dict(bits=4), "bits=4 was given"), (dict(group_size=128), "group_size=128 was given"),
+                       (dict(granularity="tensor"), "granularity='tensor' was given")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            tk.TWA(model, other, **bad)
+    assert tk.TWA(model, other).bits == 8
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["a layer", "a parent of layers"])

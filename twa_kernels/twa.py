@@ -76,6 +76,25 @@ BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_b
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+class _DefaultInt(int):
+    """A default argument that `is` tells apart from the same number passed explicitly:
+    TWA refuses a setting given beside a built subspace, and only one that was given."""
+    __repr__ = int.__repr__  # the signature shows the number
+
+
+class _DefaultStr(str):
+    """As _DefaultInt, for a string default."""
+    __repr__ = str.__repr__
+
+
+def _given_settings(**settings: Any) -> tuple[set[str], dict[str, Any]]:
+    """The names of the settings passed explicitly, and every setting as a plain value."""
+    given = {name for name, value in settings.items() if not isinstance(value, (_DefaultInt, _DefaultStr))}
+    plain = {name: int(value) if isinstance(value, _DefaultInt) else str(value) if isinstance(value, _DefaultStr)
+             else value for name, value in settings.items()}
+    return given, plain
+
+
 class TWA(nn.Module):
     """Trainable Weight Averaging over `checkpoints_or_subspace` for `model`.
 
@@ -97,15 +116,17 @@ class TWA(nn.Module):
         self,
         model: nn.Module,
         checkpoints_or_subspace: Checkpoints | Subspace,
-        bits: int | None = 4,
-        granularity: str | int = "tensor",
-        group_size: int = 128,
+        bits: int | None = _DefaultInt(4),
+        granularity: str | int = _DefaultStr("tensor"),
+        group_size: int = _DefaultInt(128),
         progress: bool | None = None,
         process_group: Any = None,
         shard: bool = False,
         int8_gradients: bool = False,
     ):
         super().__init__()
+        given, settings = _given_settings(bits=bits, granularity=granularity, group_size=group_size)
+        bits, granularity, group_size = settings["bits"], settings["granularity"], settings["group_size"]
         check_module(model, "TWA's model (the network the checkpoints were saved from)")
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
@@ -143,7 +164,7 @@ class TWA(nn.Module):
                     f"{', '.join(f'{k}={v!r}' for k, v in settings.items())}): build the TWA with the same arguments "
                     "on every rank")
         aliases = parameter_aliases(model)
-        subspace = _subspace(checkpoints_or_subspace, trainable, aliases, process_group, shard,
+        subspace = _subspace(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
                              bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
 
@@ -491,35 +512,36 @@ class TWA(nn.Module):
         self._bn_key = self._weights_key()
 
 
-def _check_settings_of(subspace: Subspace, numels: list[int], bits: int | None, granularity: str | int,
-                       group_size: int) -> None:
-    """A setting given beside a built subspace (not left at TWA's default) must be the
-    subspace's own: it cannot change how that basis was built, and taking it silently would
-    train at another bit width than the one asked for."""
-    defaults = {name: p.default for name, p in inspect.signature(TWA.__init__).parameters.items()}
+def _check_settings_of(subspace: Subspace, numels: list[int], given: set[str], bits: int | None,
+                       granularity: str | int, group_size: int) -> None:
+    """A setting given beside a built subspace (`given`: passed, even at TWA's default value)
+    must be the subspace's own: it cannot change how that basis was built, and taking it
+    silently would train at another bit width than the one asked for."""
     basis = subspace.basis
-    if bits != defaults["bits"] and bits != basis.bits:
+    if "bits" in given and bits != basis.bits:
         raise InvalidArgumentError(f"bits={bits!r} was given with a subspace built with bits={basis.bits!r}; bits "
                                    "applies when TWA builds from checkpoints: rebuild the subspace with it, or drop it")
-    if group_size != defaults["group_size"] and basis.bits is not None and group_size != basis.group_size:
+    if "group_size" in given and basis.bits is not None and group_size != basis.group_size:
         raise InvalidArgumentError(f"group_size={group_size!r} was given with a subspace built with group_size="
                                    f"{basis.group_size}; rebuild the subspace with it, or drop it")
-    if granularity != defaults["granularity"] and len(block_sizes_for(numels, granularity)) != basis.num_blocks:
+    if "granularity" in given and len(block_sizes_for(numels, granularity)) != basis.num_blocks:
         raise InvalidArgumentError(f"granularity={granularity!r} was given with a subspace of {basis.num_blocks} "
                                    "blocks, another layout; rebuild the subspace with it, or drop it")
 
 
 def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Parameter]],
-              aliases: dict[str, list[str]], process_group: Any, shard: bool, **build_args: Any) -> Subspace:
-    """The subspace TWA trains in: the one given, or one built from checkpoints for the
-    `trainable` parameters (this rank's columns only when sharded)."""
+              aliases: dict[str, list[str]], process_group: Any, shard: bool, given: set[str],
+              **build_args: Any) -> Subspace:
+    """The subspace TWA trains in: the one given (whose settings must match the `given`
+    ones), or one built from checkpoints for the `trainable` parameters (this rank's
+    columns only when sharded)."""
     names, shapes = [n for n, _ in trainable], [tuple(p.shape) for _, p in trainable]
     if isinstance(source, Subspace):
         def check() -> Subspace:
             if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
                 raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
                                            "build it from finite checkpoints")
-            _check_settings_of(source, [math.prod(s) for s in shapes], build_args["bits"],
+            _check_settings_of(source, [math.prod(s) for s in shapes], given, build_args["bits"],
                                build_args["granularity"], build_args["group_size"])
             return source
         # under a process group, a subspace refused on one rank stops every rank with the reason
