@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import twa_kernels as tk
 from twa_kernels import connectivity as C
+from twa_kernels.geometry.evaluation import checkpoint_labels
 
 from tests.digits import digits_splits, evaluate, make_model
 
@@ -1077,3 +1078,98 @@ def test_a_model_with_itself_has_no_barrier_even_when_the_batchnorm_data_shuffle
                      DataLoader(dataset, batch_size=20, shuffle=True, generator=torch.Generator().manual_seed(1))):
         result = C.interpolate(model, state, state, DataLoader(dataset, batch_size=32), steps=4, bn_data=shuffled)
         assert result.loss_barrier == 0.0 and len(set(result.loss)) == 1, result.loss
+        # the evaluation data shuffling too: the same losses summed in another order differed in the last bits
+        result = C.interpolate(model, state, state, shuffled, steps=4)
+        assert result.loss_barrier == 0.0 and len(set(result.loss)) == 1, result.loss
+
+
+class _BufferedNet(torch.nn.Module):
+    """A net whose forward reads a persistent float buffer, an integer permutation, and a
+    BatchNorm layer that its train() keeps in eval mode (a frozen backbone's, norm_eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.frozen_bn = torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.BatchNorm1d(16)
+        self.out = torch.nn.Linear(16, 3)
+        self.register_buffer("scale", torch.ones(16))
+        self.register_buffer("perm", torch.arange(16))
+
+    def forward(self, x):
+        h = self.frozen_bn(torch.relu(self.bn(self.fc(x))) * self.scale)
+        return self.out(h[:, self.perm])
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.frozen_bn.eval()
+        return self
+
+
+def _buffered_checkpoint(seed):
+    torch.manual_seed(seed)
+    state = _BufferedNet().state_dict()
+    state.update(scale=torch.rand(16) + 0.5, perm=torch.randperm(16, generator=torch.Generator().manual_seed(7)))
+    state.update({"frozen_bn.running_mean": torch.randn(16), "frozen_bn.running_var": torch.rand(16) + 0.5})
+    return state
+
+
+def test_a_point_at_a_checkpoint_has_its_buffers_float_integer_and_frozen_batchnorm():
+    # every point took the template model's own float buffers (planes), integer buffers and
+    # frozen BatchNorm statistics (both): the point at a checkpoint was not that checkpoint
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    a, b, c = (_buffered_checkpoint(seed) for seed in range(3))
+    for state in (b, c):  # the same permutation and frozen statistics, as fine-tunes of one backbone keep them
+        state.update({k: a[k] for k in ("perm", "frozen_bn.running_mean", "frozen_bn.running_var")})
+    own = _BufferedNet()
+    own.load_state_dict(a)
+    tk.update_bn(data, own)
+    own.eval()
+    with torch.no_grad():
+        want = sum(float(torch.nn.functional.cross_entropy(own(xb), yb)) for xb, yb in data) / 2
+    line = C.interpolate(_BufferedNet(), a, b, data, steps=2)
+    assert line.loss[0] == pytest.approx(want, abs=1e-6)
+    grid = C.plane(_BufferedNet(), [a, b, c], data, grid=2, margin=0.0)
+    at_a = [float(grid.loss[i, j]) for i, yv in enumerate(grid.ys) for j, xv in enumerate(grid.xs)
+            if abs(xv) < 1e-9 and abs(yv) < 1e-9]
+    assert at_a == [pytest.approx(want, abs=1e-5)]
+    b["perm"] = torch.arange(16)  # integer buffers cannot be mixed: checkpoints that differ are named
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint #1: the buffer 'perm' .* differs"):
+        C.interpolate(_BufferedNet(), a, b, data, steps=2)
+    with pytest.raises(tk.CheckpointError, match=r"the buffer 'perm' .* differs"):
+        C.plane(_BufferedNet(), [a, b, c], data, grid=2)
+
+
+def test_anchor_labels_are_distinct_and_weights_must_be_floating_point(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+    paths = []
+    for i, run in enumerate(("run_a", "run_b", "run_a")):
+        (tmp_path / run).mkdir(exist_ok=True)
+        state = {k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        paths.append(tk.save_state_dict(state, tmp_path / run / ("final.pt" if i < 2 else "mid.pt")))
+    # two runs' final.pt: one anchor took the other's place in the points, the JSON and the figure
+    p = C.plane(model, paths, data, grid=2, bn="none")
+    assert p.anchors == ["run_a/final", "run_b/final", "mid"] and set(p.points) == set(p.anchors)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="names two anchors alike"):
+        C.plane(model, paths, data, grid=2, labels=["x", "x", "y"])
+    same = [tmp_path / "run_a" / "final.pt"] * 2
+    assert checkpoint_labels([*same, {}]) == ["run_a/final #0", "run_a/final #1", "checkpoint #2"]
+    ints = {k: v.to(torch.int8) for k, v in model.state_dict().items()}
+    with pytest.raises(tk.CheckpointError, match="checkpoint #1: key '0.weight' is torch.int8, not a floating-point"):
+        C.interpolate(model, model.state_dict(), ints, data, steps=2)
+
+
+def test_a_plane_that_extrapolates_variances_below_zero_says_so():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+    states = []
+    for seed in range(3):
+        state = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        state["1.running_var"] = torch.full((8,), 0.01 if seed else 1.0)
+        states.append(state)
+    with pytest.warns(UserWarning, match=r"points mix the checkpoints' BatchNorm variances to below zero"):
+        p = C.plane(model, states, data, grid=5, margin=1.0, bn="interpolate")
+    assert torch.isnan(p.loss).any() and torch.isfinite(p.loss).any()

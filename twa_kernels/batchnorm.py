@@ -78,9 +78,10 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     its first element, a mapping (a Hugging Face batch) its items as keyword arguments,
     unless call_fn(model, batch) is given. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the
-    model's own parameters untouched; only its BatchNorm buffers change. BatchNorm statistics
-    in `weights` (a whole averaged state_dict holds them) are left out: they are what the
-    pass measures, into the model's buffers, and `weights` is not changed. A key that names
+    model's own parameters untouched; only its BatchNorm buffers change. The statistics in
+    `weights` (a whole averaged state_dict holds them) of the layers the pass measures are
+    left out: they are what it measures, into the model's buffers, and `weights` is not
+    changed; a kept layer (below) normalises with its statistics in `weights`, if any. A key that names
     none of the model's parameters or buffers, or a tensor of another shape, is refused
     before anything changes. Every submodule's train/eval mode is as it was after.
 
@@ -112,7 +113,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
         raise InvalidArgumentError(f"update_bn: the model's {meta!r} is on the meta device, which holds no values to "
                                    "run; build the model on a real device (or to_empty() and load its weights)")
     if weights is not None:
-        weights = _model_weights(model, weights, named)
+        weights = _model_weights(model, weights, measured)
     if not measured:  # every layer keeps its statistics
         return
     modes = {m: m.training for m in model.modules()}
@@ -165,9 +166,9 @@ def _model_weights(model: nn.Module, weights: Mapping[str, Tensor], norms: Mappi
     """`weights` keyed by `model`'s names, each the shape of the model's tensor, or an error
     naming the first key that is not: functional_call would drop an unknown key silently
     (the statistics then measured at the model's own weights) and fail deep in a forward on
-    a wrong shape. The BatchNorm statistics are left out: functional_call would swap the
-    caller's tensors in, the pass would update those (from their batch count on) and leave
-    the model's own reset ones unmeasured."""
+    a wrong shape. The statistics of the `norms` measured are left out: functional_call
+    would swap the caller's tensors in, the pass would update those (from their batch count
+    on) and leave the model's own reset ones unmeasured. A kept layer's are used as given."""
     if not isinstance(weights, Mapping):
         raise InvalidArgumentError(f"update_bn: weights must be a mapping of tensors by name, got "
                                    f"{type(weights).__name__}")

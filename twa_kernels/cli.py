@@ -27,7 +27,7 @@ from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
 from twa_kernels.fit import DEFAULT_LOSS, FitError, call_without_arguments, callable_from, load_config, run_fit
-from twa_kernels.geometry.evaluation import checkpoint_label, printable
+from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
 from twa_kernels.io import write_json
 
 
@@ -190,7 +190,7 @@ def _plane(args: argparse.Namespace) -> int:
         model, data, train, metric, split = _geometry_inputs(args)
         result = connectivity.plane(model, args.checkpoints, data, grid=grid, margin=args.margin, bn=args.bn,
                                     metric=metric, bits=args.bits, points=points, bn_data=train,
-                                    labels=[checkpoint_label(c, i) for i, c in enumerate(args.checkpoints)],
+                                    labels=checkpoint_labels(args.checkpoints),
                                     progress=_progress(args))
         out = Path(args.out)  # the files first: a closed or full standard output then loses the printout only
         connectivity.plot_plane(result, out, value=args.value)

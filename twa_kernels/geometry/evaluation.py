@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.batchnorm import update_bn
+from twa_kernels.batchnorm import measured_norms, running_norms, update_bn
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import (
     CheckpointError,
@@ -107,6 +107,17 @@ def checkpoint_label(checkpoint: Checkpoint, index: int) -> str:
     return printable(Path(checkpoint).stem) if isinstance(checkpoint, (str, os.PathLike)) else f"checkpoint #{index}"
 
 
+def checkpoint_labels(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    """checkpoint_label of each, made distinct: two runs' `final.pt` are told apart by their
+    folders (`run_a/final`, `run_b/final`), and by their position where those agree too.
+    A table, figure or JSON keyed by label would otherwise keep one of the two."""
+    stems = [checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
+    labels = [printable(f"{Path(c).parent.name}/{stem}") if stems.count(stem) > 1
+              and isinstance(c, (str, os.PathLike)) and Path(c).parent.name else stem
+              for c, stem in zip(checkpoints, stems)]
+    return [f"{label} #{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
 def finite_or_none(values: Any) -> Any:
     """`values` (a float or nested lists of them) with NaN and infinities as None: JSON has
     no such numbers (Python writes a bare NaN that strict readers refuse), and a diverged
@@ -139,15 +150,39 @@ def checked_entry(state: Mapping[str, Tensor], key: str, shape: tuple[int, ...],
     return value
 
 
-def float_buffers(model: nn.Module, include_bn_stats: bool) -> dict[str, Tensor]:
-    """The model's floating-point buffers that its state_dict holds, by name. Non-persistent
-    ones (a rotary embedding's inv_freq) are in no checkpoint: the model's own are used."""
+def mixed_buffers(model: nn.Module, bn: str) -> dict[str, Tensor]:
+    """The model's floating-point buffers that a point of a line or plane mixes from the
+    checkpoints, by name: every one its state_dict holds but the BatchNorm statistics that
+    `bn` measures ("recompute": the layers update_bn measures; a layer that model.train()
+    leaves in eval mode keeps the checkpoints' statistics) or takes from the model ("none").
+    Non-persistent buffers (a rotary embedding's inv_freq) are in no checkpoint: the model's
+    own are used."""
     persistent = model.state_dict().keys()
-    out = {}
-    for name, buf in model.named_buffers():
-        if name in persistent and buf.is_floating_point() and (include_bn_stats or not name.endswith(_BN_STATS)):
-            out[name] = buf
-    return out
+    measured = set(measured_norms(model)) if bn == "recompute" else set()
+    own_statistics = {f"{name}.{stat}" if name else stat for name, m in running_norms(model).items()
+                      if bn == "none" or name in measured for stat in _BN_STATS}
+    return {name: buf for name, buf in model.named_buffers()
+            if name in persistent and buf.is_floating_point() and name not in own_statistics}
+
+
+def fixed_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The model's integer and bool buffers that its state_dict holds (a channel permutation,
+    a token map), but BatchNorm's batch counts: a point takes them from the checkpoints,
+    which must agree on them (they cannot be mixed)."""
+    persistent = model.state_dict().keys()
+    return {name: buf for name, buf in model.named_buffers()
+            if name in persistent and not buf.is_floating_point() and not name.endswith("num_batches_tracked")}
+
+
+def agreed_buffer(name: str, values: Sequence[Tensor], sources: Sequence[str]) -> Tensor:
+    """The one value of an integer or bool buffer that every checkpoint holds, or a
+    CheckpointError naming the first that differs."""
+    for value, source in zip(values[1:], sources[1:]):
+        if not torch.equal(value, values[0]):
+            raise CheckpointError(f"{source}: the buffer {name!r} ({values[0].dtype}) differs from the one in "
+                                  f"{sources[0]}; integer and bool buffers cannot be mixed: save the checkpoints "
+                                  "with the same values")
+    return values[0]
 
 
 def parameter_device(model: nn.Module) -> torch.device:
@@ -287,14 +322,21 @@ class SameBatches:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metric: Metric, bn: str,
-             bn_data: Iterable, same_batches: SameBatches | None = None) -> tuple[float, float]:
+             bn_data: Iterable, same_batches: SameBatches | None = None,
+             same_data: SameBatches | None = None) -> tuple[float, float]:
     """Mean loss and error over `data` at `weights` (parameters and perhaps buffers by name);
     with `same_batches` (made once per line or plane from bn_data), every point's BatchNorm
-    pass sees the same batches."""
+    pass sees the same batches, and with `same_data` (from data) every point's evaluation: a
+    shuffled order sums the same losses in another order, off in the last bits."""
     if bn == "recompute":
         with same_batches.replayed() if same_batches is not None else contextlib.nullcontext():
             update_bn(bn_data, model, weights=weights)
     model.eval()
+    with same_data.replayed() if same_data is not None else contextlib.nullcontext():
+        return _mean_metric(model, weights, data, metric)
+
+
+def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metric: Metric) -> tuple[float, float]:
     device = next(iter(weights.values())).device
     loss_sum = error_sum = 0.0
     count = 0

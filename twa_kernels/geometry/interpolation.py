@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from twa_kernels._checks import check_module
 from twa_kernels._progress import progress_bar
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
@@ -30,13 +30,15 @@ from twa_kernels.geometry.evaluation import (
     check_bn,
     check_masks,
     check_points,
+    agreed_buffer,
     checked_entry,
     checkpoint_source,
     classification_metric,
     evaluate,
     finite_or_none,
-    float_buffers,
+    fixed_buffers,
     load_checkpoint,
+    mixed_buffers,
     parameter_device,
     preserved,
 )
@@ -54,6 +56,15 @@ def _barrier(values: Sequence[float], alphas: Sequence[float]) -> float:
     rises = [v - (first + a * (last - first)) for v, a in zip(values, alphas)]
     return float("nan") if any(math.isnan(r) for r in rises) else max(rises)
 
+
+
+def _float_entry(state: Mapping[str, Tensor], key: str, own: Tensor, source: str) -> Tensor:
+    """checked_entry, and floating-point: an integer tensor where the model has a float one
+    would be cast and mixed as if it were weights."""
+    value = checked_entry(state, key, tuple(own.shape), source)
+    if not value.is_floating_point():
+        raise CheckpointError(f"{source}: key {key!r} is {value.dtype}, not a floating-point weight")
+    return value
 
 
 @dataclass
@@ -104,9 +115,11 @@ def interpolate(
     the batch's (mean loss, error fraction) from the model's output as it is; the default is
     cross-entropy and top-1 error of the logits (a ModelOutput's `.logits`). masks
     ({parameter name: 0/1 or bool tensor}; a tied parameter under any of its names) multiply
-    the weights at every alpha, so interpolants of sparse networks stay sparse. Buffers that
-    a state_dict does not hold (non-persistent ones, such as a rotary embedding's inv_freq)
-    are the model's own. See the module docstring for `bn` and the barriers. Parameters are
+    the weights at every alpha, so interpolants of sparse networks stay sparse. The
+    checkpoints' floating-point buffers are mixed like the weights (BatchNorm statistics as
+    `bn` says); their integer and bool ones (a channel permutation) must agree and are
+    taken as they are. Buffers that a state_dict does not hold (non-persistent ones, such
+    as a rotary embedding's inv_freq) are the model's own. See the module docstring for `bn` and the barriers. Parameters are
     mixed with torch.lerp, which is exact at alpha 0 and 1 and when a and b agree.
     """
     check_module(model, "interpolate's model")
@@ -116,26 +129,31 @@ def interpolate(
     check_points(f"steps={steps}", steps)
     mask = check_masks(model, masks)
     params = dict(model.named_parameters())
-    buffers = float_buffers(model, include_bn_stats=bn == "interpolate")
-    wanted = {**{k: p.shape for k, p in params.items()}, **{k: t.shape for k, t in buffers.items()}}
+    mixed = {**{k: p for k, p in params.items() if p.is_floating_point()}, **mixed_buffers(model, bn)}
+    fixed = {**{k: p for k, p in params.items() if not p.is_floating_point()}, **fixed_buffers(model)}
     device = parameter_device(model)
-    ends = []
+    ends, kept, sources = [], [], []
     for i, ckpt in enumerate((a, b)):
         source = checkpoint_source(ckpt, i)
         state = load_checkpoint(ckpt, source, model)
-        ends.append({k: checked_entry(state, k, tuple(s), source).to(device=device, dtype=(params.get(k) if k in params
-                                                                                     else buffers[k]).dtype)
-                     for k, s in wanted.items()})
+        ends.append({k: _float_entry(state, k, own, source).to(device=device, dtype=own.dtype)
+                     for k, own in mixed.items()})
+        kept.append({k: checked_entry(state, k, tuple(own.shape), source).to(device=device, dtype=own.dtype)
+                     for k, own in fixed.items()})
+        sources.append(source)
+    constant = {k: agreed_buffer(k, [kept[0][k], kept[1][k]], sources) for k in fixed}
     alphas = [i / (steps - 1) for i in range(steps)]
     losses, errors = [], []
     bn_batches = bn_data if bn_data is not None else data
-    same_batches = SameBatches(bn_batches)  # one shuffle of the BatchNorm data for every alpha
+    # one shuffle of the BatchNorm data, and one of the data, for every alpha
+    same_batches, same_data = SameBatches(bn_batches), SameBatches(data)
     with preserved(model):
         for alpha in progress_bar(alphas, enabled=progress, desc="interpolating"):
             weights = {k: torch.lerp(ends[0][k], ends[1][k], alpha) for k in ends[0]}
             for name, m in mask.items():
                 weights[name].mul_(m)
-            loss, error = evaluate(model, weights, data, metric, bn, bn_batches, same_batches)
+            weights.update(constant)
+            loss, error = evaluate(model, weights, data, metric, bn, bn_batches, same_batches, same_data)
             losses.append(loss)
             errors.append(error)
     result = Interpolation(alphas, losses, errors, _barrier(losses, alphas), _barrier(errors, alphas), bn)

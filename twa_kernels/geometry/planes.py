@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -44,15 +45,17 @@ from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
     SameBatches,
+    agreed_buffer,
     check_bn,
     check_masks,
     check_points,
-    checkpoint_label,
+    checkpoint_labels,
     checkpoint_source,
     classification_metric,
     evaluate,
     finite_or_none,
-    float_buffers,
+    fixed_buffers,
+    mixed_buffers,
     parameter_device,
     preserved,
 )
@@ -196,6 +199,7 @@ class _Frame:
         self.numel = basis.num_cols
         self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
+        self.fixed_buffers: dict[str, Tensor] = {}  # integer and bool buffers, the same at every point
         # the build's freed windows go back to the OS before the Gram pass adds its own
         # buffers: the two would otherwise stack up into the build's peak
         _return_freed_memory()
@@ -312,7 +316,7 @@ def _dequantize_rows_into(basis: QuantizedBasis, rows: tuple[int, int], start: i
 
 
 def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], bits: int | None,
-                            group_size: int, with_buffers: bool) -> tuple[_Frame, list[str]]:
+                            group_size: int, bn: str) -> tuple[_Frame, list[str]]:
     if len(checkpoints) != 3:
         raise InvalidArgumentError(f"a plane goes through exactly 3 checkpoints, got {len(checkpoints)}; for a slice of "
                          "more, build a tk.Subspace and pass it with dims=(i, j)")
@@ -320,11 +324,11 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     names, shapes = [n for n, _ in named], [s for _, s in named]
     aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1}
     numel = sum(math.prod(s) for s in shapes)
-    buffers = float_buffers(model, include_bn_stats=True) if with_buffers else {}
-    labels = [checkpoint_label(c, i) for i, c in enumerate(checkpoints)]
+    buffers, fixed = mixed_buffers(model, bn), fixed_buffers(model)
+    labels = checkpoint_labels(checkpoints)
     step = _read_step(group_size)
     layout = builder.Layout(names, shapes, aliases)
-    center, buffer_sets = torch.empty(numel), []
+    center, buffer_sets, fixed_sets, sources = torch.empty(numel), [], [], []
     dense = torch.empty(2, numel) if bits is None else None
     if bits is not None:  # the packed basis's tensors, filled row by row (the one builder's)
         codes, scales, mins = builder.empty_packed(2, numel, bits, group_size)
@@ -335,6 +339,9 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         reader = _open(ckpt, label, names, shapes, aliases)
         buffer_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)
                             for k, t in buffers.items()})
+        fixed_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)
+                           for k, t in fixed.items()})
+        sources.append(label)
         if i == 0:
             builder.read_columns(reader, layout, 0, center, group_size)
             origin = _Origin(reader=reader, spec=ckpt, layout=(names, shapes, aliases, step))
@@ -354,9 +361,10 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
     del dense, center  # the origin is read back from checkpoint a when needed, not held
     frame = _Frame(names, shapes, origin, basis, (0, 1), aliases)
-    if with_buffers:
+    if buffers:
         first = buffer_sets[0]
         frame.buffers = [first] + [{k: s[k] - first[k] for k in first} for s in buffer_sets[1:]]
+    frame.fixed_buffers = {k: agreed_buffer(k, [s[k] for s in fixed_sets], sources) for k in fixed}
     return frame, labels
 
 
@@ -448,13 +456,15 @@ def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspa
         frame, anchors = _frame_from_subspace(model, checkpoints, dims), ["center"]
         located = {"center": PlanePoint(0.0, 0.0, 0.0)}
     else:
-        frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn == "interpolate")
+        frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn)
         L = frame.chol
         located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
                    anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
     if labels is not None:
         if len(labels) != len(anchors):
             raise InvalidArgumentError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
+        if len(set(labels)) != len(labels):  # the points are keyed by label: one would replace the other
+            raise InvalidArgumentError(f"labels: {list(labels)} names two anchors alike; give each its own label")
         located = {new: located[old] for new, old in zip(labels, anchors)}
         anchors = list(labels)
     return frame, anchors, located
@@ -523,6 +533,7 @@ def plane(
     frame.basis = frame.basis.to(device)
     if frame.buffers is not None:  # read from the checkpoints onto the CPU
         frame.buffers = [{k: t.to(device) for k, t in part.items()} for part in frame.buffers]
+    frame.fixed_buffers = {k: t.to(device) for k, t in frame.fixed_buffers.items()}
     # the grid's weights are float32; a model of another dtype gets them in its own
     own_dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     xs, ys = _grid_axes(located, margin, nx, ny)
@@ -535,7 +546,8 @@ def plane(
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
     cells = [(i, j) for i in range(ny) for j in range(nx)]
     bn_batches = bn_data if bn_data is not None else data
-    same_batches = SameBatches(bn_batches)  # one shuffle of the BatchNorm data for every point
+    # one shuffle of the BatchNorm data, and one of the data, for every point
+    same_batches, same_data, negative = SameBatches(bn_batches), SameBatches(data), 0
     with preserved(model), torch.no_grad():
         for i, j in progress_bar(cells, enabled=progress, desc="plane", total=len(cells)):
             if j == 0:
@@ -544,8 +556,15 @@ def plane(
                 frame.step(flat, (xs[j] - xs[j - 1], 0.0))
             for name, m in mask.items():  # masks commute with the steps: the points stay sparse
                 weights[name].mul_(m)
-            if bn == "interpolate":
-                weights.update(frame.buffers_at((xs[j], ys[i])))
             point = {name: w.to(own_dtypes.get(name, w.dtype)) for name, w in weights.items()}
-            loss[i, j], error[i, j] = evaluate(model, point, data, metric, bn, bn_batches, same_batches)
+            if frame.buffers is not None:
+                point.update(frame.buffers_at((xs[j], ys[i])))
+                negative += any(bool((t < 0).any()) for name, t in point.items() if name.endswith("running_var"))
+            point.update(frame.fixed_buffers)
+            loss[i, j], error[i, j] = evaluate(model, point, data, metric, bn, bn_batches, same_batches, same_data)
+    if negative:
+        warnings.warn(f"{negative} of the plane's {len(cells)} points mix the checkpoints' BatchNorm variances to "
+                      "below zero (they lie outside the checkpoints' triangle, where bn='interpolate' extrapolates "
+                      "the statistics), so their loss is NaN; bn='recompute' measures statistics at every point",
+                      UserWarning, stacklevel=2)
     return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
