@@ -72,6 +72,32 @@ def test_weights_stay_in_the_subspace_whatever_the_wrapped_optimizer(kind):
     assert outside < 1e-4
 
 
+@pytest.mark.parametrize("how", ["model", "named"])
+def test_parameter_groups_are_matched_by_name_and_their_learning_rates_kept_in_the_span(how):
+    # groups listed out of the model's order were projected with another layer's columns, and
+    # SGD's step with per-group learning rates was taken as inside the span: both left it
+    model, sub = _at_center()
+    layers = [("3", model[3]), ("1", model[1]), ("0", model[0])]  # out of order, each with its own rate
+    if how == "model":
+        groups = [{"params": layer.parameters(), "lr": lr} for (_, layer), lr in zip(layers, (0.5, 0.05, 0.2))]
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(groups, lr=0.1, momentum=0.9), sub, model=model)
+    else:
+        groups = [{"params": [(f"{prefix}.{n}", p) for n, p in layer.named_parameters()], "lr": lr}
+                  for (prefix, layer), lr in zip(layers, (0.5, 0.05, 0.2))]
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(groups, lr=0.1, momentum=0.9), sub)
+    _train(opt, model)
+    moved, outside = _outside_fraction(model, sub)
+    assert moved > 1e-3 and outside < 1e-4
+    unnamed = [{"params": layer.parameters()} for _, layer in layers]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="3 parameter groups, so which subspace weight"):
+        tk.SubspaceOptimizer(torch.optim.SGD(unnamed, lr=0.1), sub)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="not parameters of `model`"):
+        tk.SubspaceOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), sub, model=model)
+    partial = [("0.weight", model[0].weight), ("0.bias", model[0].bias)]
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"missing: \['1.weight'"):
+        tk.SubspaceOptimizer(torch.optim.SGD(partial, lr=0.1), sub)
+
+
 @pytest.mark.parametrize("kind", ["sgd_momentum", "adamw"])
 def test_steps_without_a_closure_stay_in_the_subspace_too(kind):
     model, sub = _at_center()

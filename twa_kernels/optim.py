@@ -8,8 +8,8 @@
 Before every step the gradient g of the model's parameters is replaced by P^T P g, its
 projection onto the span of the orthonormal basis P, computed by the fused project and
 reconstruct ops; the base optimizer then steps as usual. SGD (with or without momentum,
-without weight decay) steps along a linear function of those projected gradients, so its
-step is already inside the span. Any other step (Adam's per-entry scaling, weight decay)
+without weight decay, every group at the same settings) steps along one linear function
+of those projected gradients, so its step is already inside the span. Any other step (Adam's per-entry scaling, weight decay)
 is projected too: the weights move by P^T P of the step the base optimizer took. Either
 way the weights stay in center + span(P).
 """
@@ -20,9 +20,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.io import unwrap_model
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.subspace import Subspace
 
@@ -31,21 +32,78 @@ from twa_kernels.subspace import Subspace
 _OFF_SUBSPACE = 1e-4
 
 
+# SGD's settings that scale a parameter's step: one step moves every parameter by the same
+# linear map of its gradients only when the groups agree on all of them
+_SGD_STEP_SETTINGS = ("lr", "momentum", "dampening", "nesterov", "maximize")
+
+
 def _steps_inside_span(optimizer: torch.optim.Optimizer) -> bool:
-    """True when each step is linear in the gradients it has seen, so projecting them suffices."""
-    return type(optimizer) is torch.optim.SGD and all(
-        float(group.get("weight_decay", 0) or 0) == 0 for group in optimizer.param_groups)
+    """True when each step is one linear map of the gradients seen, the same for every
+    parameter, so projecting the gradients suffices: plain SGD without weight decay whose
+    groups share their step settings (per-group learning rates move each group by its own
+    multiple of the projected gradient, which leaves the span)."""
+    groups = optimizer.param_groups
+    if type(optimizer) is not torch.optim.SGD or any(float(g.get("weight_decay", 0) or 0) != 0 for g in groups):
+        return False
+    return all(len({float(g[key]) if key == "lr" else g.get(key) for g in groups}) == 1
+               for key in _SGD_STEP_SETTINGS)
+
+
+def _parameters_by_weight(base_optimizer: torch.optim.Optimizer, subspace: Subspace,
+                          model: nn.Module | None) -> list[nn.Parameter]:
+    """The optimizer's parameters in the order of the subspace's weights: matched by name
+    through `model`, or through the names the optimizer holds (built from
+    named_parameters()), else by position in a single group. Across several groups the
+    position says nothing (two layers of one shape can be swapped unseen): names are needed."""
+    groups = base_optimizer.param_groups
+    params = [p for group in groups for p in group["params"]]
+    if model is not None:
+        names_of = {id(p): name for name, p in unwrap_model(model).named_parameters()}
+        named = [(names_of.get(id(p)), p) for p in params]
+        stranger = sum(name is None for name, _ in named)
+        if stranger:
+            raise InvalidArgumentError(f"{stranger} of the optimizer's parameters are not parameters of `model`; "
+                                       "pass the model whose parameters the optimizer trains")
+    elif all("param_names" in group for group in groups):
+        named = [(name, p) for group in groups for name, p in zip(group["param_names"], group["params"])]
+    elif len(groups) > 1:
+        raise InvalidArgumentError(f"the optimizer has {len(groups)} parameter groups, so which subspace weight each "
+                                   "parameter is cannot be told from its position; pass model=model, or build the "
+                                   "optimizer from model.named_parameters()")
+    else:
+        shapes = [tuple(p.shape) for p in params]
+        if shapes != subspace.shapes:
+            raise InvalidArgumentError(f"the optimizer's {len(shapes)} parameters do not match the subspace's "
+                                       f"{len(subspace.shapes)} weights; pass model.parameters() of the model the "
+                                       "checkpoints came from, in the same order (or pass model=model)")
+        return params
+    by_name = dict(named)
+    missing = [name for name in subspace.names if name not in by_name]
+    extra = [name for name, _ in named if name not in set(subspace.names)]
+    if missing or extra or len(by_name) != len(named):
+        raise InvalidArgumentError(f"the optimizer's parameters are not the subspace's weights by name (missing: "
+                                   f"{missing[:3]}, not spanned: {extra[:3]}); give the optimizer exactly the "
+                                   "parameters the subspace spans, named as the model names them")
+    ordered = [by_name[name] for name in subspace.names]
+    wrong = next((name for name, p, shape in zip(subspace.names, ordered, subspace.shapes)
+                  if tuple(p.shape) != shape), None)
+    if wrong is not None:
+        raise InvalidArgumentError(f"the optimizer's parameter {wrong!r} has shape {tuple(by_name[wrong].shape)} but "
+                                   f"the subspace's has {subspace.shapes[subspace.names.index(wrong)]}")
+    return ordered
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
-    """Wraps `base_optimizer`; its parameters, in order, must be the subspace's weights.
+    """Wraps `base_optimizer`, whose parameters must be the subspace's weights: matched by
+    name through `model` or the optimizer's own parameter names (an optimizer built from
+    model.named_parameters()), else in order in a single parameter group.
 
     It is a torch Optimizer whose `param_groups` and `state` are the wrapped one's, read
     through at every access (also after either's load_state_dict), so learning-rate
     schedulers and Lightning's `configure_optimizers` take it as they are.
     """
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, subspace: Subspace):
+    def __init__(self, base_optimizer: torch.optim.Optimizer, subspace: Subspace, model: nn.Module | None = None):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise InvalidArgumentError(f"SubspaceOptimizer wraps a torch.optim.Optimizer, got "
                                        f"{type(base_optimizer).__name__}")
@@ -58,12 +116,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                           "weights stay in the packed rows' span, but each step's component there is off by the "
                           "rounding); build the subspace with bits=None for the exact projection", UserWarning,
                           stacklevel=2)
-        params = [p for group in base_optimizer.param_groups for p in group["params"]]
-        shapes = [tuple(p.shape) for p in params]
-        if shapes != subspace.shapes:
-            raise InvalidArgumentError(f"the optimizer's {len(shapes)} parameters do not match the subspace's "
-                                       f"{len(subspace.shapes)} weights; pass model.parameters() of the model the "
-                                       "checkpoints came from, in the same order")
+        if model is not None and not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be the nn.Module the optimizer trains, got {type(model).__name__}")
+        params = _parameters_by_weight(base_optimizer, subspace, model)
         frozen = [name for name, p in zip(subspace.names, params) if not p.requires_grad]
         if frozen:
             raise InvalidArgumentError(f"{len(frozen)} of the optimizer's parameters do not require grad "
