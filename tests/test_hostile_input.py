@@ -624,6 +624,70 @@ def test_a_checkpoint_rewritten_between_the_build_and_the_frozen_read_is_named(t
     assert sorted(tk.TWA(_Backbone(), paths, bits=4, group_size=64).frozen_names) == ["body.weight", "steps"]
 
 
+def test_inference_mode_beside_training_never_leaves_a_twa_that_cannot_train():
+    # a forward under inference_mode while a graph was pending made the next buffer an
+    # inference tensor, and a TWA built there could never train: raw RuntimeErrors
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4, group_size=16)
+    x, y = torch.randn(4, 7), torch.randint(0, 5, (4,))
+    loss = torch.nn.functional.cross_entropy(twa(x), y)
+    with torch.inference_mode():
+        evaluated = twa(x)
+    loss.backward()
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(twa(x), y).backward()
+    assert twa.coefficients.grad is not None and torch.isfinite(evaluated).all()
+    with torch.inference_mode():
+        with pytest.raises(tk.errors.UsageError, match=r"TWA\(\.\.\.\) under torch.inference_mode"):
+            tk.TWA(model, checkpoints, bits=4, group_size=16)
+        with pytest.raises(tk.errors.UsageError, match="Moving or casting a TWA"):
+            twa.to(torch.bfloat16)
+        names = [n for n, _ in model.named_parameters()]
+        subspace = tk.Subspace.from_checkpoints(checkpoints, bits=4, group_size=16, parameter_names=names)
+    from_subspace = tk.TWA(model, subspace)
+    torch.nn.functional.cross_entropy(from_subspace(x), y).backward()
+    assert from_subspace.coefficients.grad is not None
+
+
+def test_a_model_cast_on_its_own_lends_its_frozen_parameters_in_its_dtype_too():
+    # the trainable weights followed model.to(bfloat16), the pinned values stayed float32:
+    # a raw dtype error in the forward
+    checkpoints = _fine_tunes(_Backbone())
+    model = _Backbone()
+    twa = tk.TWA(model, checkpoints, bits=4, group_size=64)
+    model.to(torch.bfloat16)
+    out = twa(torch.randn(8, 40, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_a_state_loaded_with_assign_takes_the_twas_own_dtypes():
+    # assign=True installed a float64 center (refused by the kernels), int32 offsets and
+    # bfloat16 coefficients (which changed the arithmetic) as they were
+    checkpoints = _fine_tunes(_Backbone())
+    source = tk.TWA(_Backbone(), checkpoints, bits=4, group_size=64)
+    with torch.no_grad():
+        source.coefficients.normal_()
+    state = source.state_dict()
+    x = torch.randn(8, 40)
+    for key, dtype in (("center", torch.float64), ("basis_block_offsets", torch.int32),
+                       ("coefficients", torch.float64)):
+        twa = tk.TWA(_Backbone(), checkpoints, bits=4, group_size=64)
+        given = {**state, key: state[key].to(dtype)}
+        twa.load_state_dict(given, assign=True)
+        assert getattr(twa, key).dtype == state[key].dtype and given[key].dtype == dtype
+        torch.testing.assert_close(twa(x), source(x), rtol=0, atol=1e-6)
+
+
+def test_a_model_without_parameters_or_with_all_frozen_is_named_for_what_it_is():
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"the model \(ReLU\) has no parameters"):
+        tk.TWA(nn.ReLU(), [{}, {}])
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="every parameter of the model has requires_grad=False"):
+        tk.TWA(frozen, [frozen.state_dict()] * 2)
+
+
 def test_a_frozen_integer_parameter_that_differs_between_checkpoints_is_named():
     checkpoints = _fine_tunes(_Backbone())
     checkpoints[2]["steps"] = torch.tensor([7, 10])
@@ -1086,8 +1150,9 @@ def test_twa_names_a_model_that_is_not_one_or_holds_no_values():
 @pytest.mark.parametrize("bits", [None, 4])
 def test_checkpoints_that_are_all_one_point_get_a_warning(bits):
     state, other = _fine_tunes(_Backbone(), 2)
+    copies = [{k: v.clone() for k, v in state.items()} for _ in range(3)]
     with pytest.warns(UserWarning, match="every checkpoint holds the same weights"):
-        tk.TWA(_Backbone(), [state, state, state], bits=bits)
+        tk.TWA(_Backbone(), copies, bits=bits)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tk.TWA(_Backbone(), [state, other, state], bits=bits)  # a repeat among others: the caller's weighting

@@ -425,7 +425,8 @@ def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
         tk.uniform_average([state, tmp_path / "dcp"])
     # a subspace is built column by column, so it reads a DCP directory like any checkpoint
     built = tk.Subspace.from_checkpoints([state, tmp_path / "dcp"], bits=None)
-    assert torch.equal(built.center, tk.Subspace.from_checkpoints([state, state], bits=None).center)
+    copy = {k: v.clone() for k, v in state.items()}
+    assert torch.equal(built.center, tk.Subspace.from_checkpoints([state, copy], bits=None).center)
 
 
 def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):
@@ -511,8 +512,16 @@ def test_a_checkpoint_listed_twice_is_refused_as_it_would_count_twice(tmp_path):
                  [tmp_path / "link.pt", tmp_path / "a.pt"]):  # a link to it
         with pytest.raises(tk.CheckpointError, match=r"listed twice .* would count twice in the average"):
             tk.uniform_average(spec)
-    state = _checkpoints(1)[0]  # a state_dict held twice is the caller's to pass
-    assert len(resolve_checkpoints([state, state])) == 2
+    # a live state_dict kept once per epoch: its tensors are the model's own, so every entry
+    # is the last state, and their average was the last weights
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(tk.CheckpointError, match=r"the 3 state_dicts hold the same tensors in memory"):
+        tk.uniform_average([model.state_dict() for _ in range(3)])
+    state = _checkpoints(1)[0]  # a state_dict repeated among others is the caller's weighting
+    assert len(resolve_checkpoints([state, _checkpoints(1)[0], state])) == 3
+    backbone = {"body": torch.ones(4)}  # fine-tunes sharing a frozen backbone's tensors are distinct states
+    tunes = [{**backbone, "head": torch.full((2,), float(i))} for i in range(2)]
+    assert len(resolve_checkpoints(tunes)) == 2
 
 
 def test_split_holdout_seed_reproduces_and_leaves_the_global_rng_alone():

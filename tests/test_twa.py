@@ -231,6 +231,15 @@ def test_settings_given_beside_a_built_subspace_must_be_its_own(run):
         with pytest.raises(InvalidArgumentError, match=match):
             tk.TWA(model, other, **bad)
     assert tk.TWA(model, other).bits == 8
+    # the same number of blocks in another layout is another granularity
+    model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5))  # tensors of 91, 13, 65 and 5 weights
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    names = [n for n, _ in model.named_parameters()]
+    blocks = tk.Subspace.from_checkpoints(states, granularity=100, parameter_names=names)
+    assert blocks.basis.block_sizes == [91, 83]
+    with pytest.raises(InvalidArgumentError, match="granularity=104 was given"):  # it would be [104, 70]
+        tk.TWA(model, blocks, granularity=104)
+    assert tk.TWA(model, blocks, granularity=100).basis.block_sizes == [91, 83]
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["a layer", "a parent of layers"])

@@ -64,7 +64,7 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
-from twa_kernels.quant import QuantizedBasis
+from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharded_build import ShardedSubspace, build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
 
@@ -74,6 +74,14 @@ BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_b
 
 # dtypes the kernels write directly; other model dtypes (float16) get float32 weights cast once
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _refuse_inference_mode(what: str, fix: str) -> None:
+    """UsageError under torch.inference_mode: the tensors a TWA made there (its coefficients,
+    center and basis) record neither gradients nor versions, so it could never train."""
+    if torch.is_inference_mode_enabled():
+        raise UsageError(f"{what} under torch.inference_mode() would give it tensors that can never be trained "
+                         f"(they record no gradients or versions); {fix}, and use inference_mode for evaluating it")
 
 
 class _DefaultInt(int):
@@ -125,6 +133,7 @@ class TWA(nn.Module):
         int8_gradients: bool = False,
     ):
         super().__init__()
+        _refuse_inference_mode("TWA(...)", "build the TWA outside it")
         given, settings = _given_settings(bits=bits, granularity=granularity, group_size=group_size)
         bits, granularity, group_size = settings["bits"], settings["granularity"], settings["group_size"]
         check_module(model, "TWA's model (the network the checkpoints were saved from)")
@@ -146,6 +155,9 @@ class TWA(nn.Module):
                                            "lends the model weights and runs it; build the model on a real device "
                                            "(or model.to_empty(device=...) and load a checkpoint into it)")
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            if next(model.parameters(), None) is None:
+                raise InvalidArgumentError(f"the model ({type(model).__name__}) has no parameters, so TWA has nothing "
+                                           "to average; pass the network the checkpoints were saved from")
             if not trainable:
                 raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing "
                                            "to average; set requires_grad=True on the parameters to train")
@@ -206,9 +218,10 @@ class TWA(nn.Module):
         self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, device=basis.device))
         self._averaged: list[Tensor] = []  # the coefficients Parameter whose gradient is averaged
         self._keep_gradient_averaged()
-        self.register_buffer("center", center)
+        # a subspace made under torch.inference_mode holds tensors that record no versions
+        self.register_buffer("center", center.clone() if center.is_inference() else center)
         for key, value in basis.state_dict().items():
-            self.register_buffer(f"basis_{key}", value)
+            self.register_buffer(f"basis_{key}", value.clone() if value.is_inference() else value)
         self._workspace = _Workspace()
         self._lent = LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
@@ -306,6 +319,7 @@ class TWA(nn.Module):
     # A dtype cast (twa.to(torch.bfloat16), twa.half()) reaches the model only: the center,
     # the basis metadata and the coefficients stay float32, as the kernels need.
     def _apply(self, fn, recurse=True):
+        _refuse_inference_mode("Moving or casting a TWA (.to, .cuda, .half)", "move or cast it outside it")
         self._lent.reset()  # the model's own Parameters are the ones to move or cast
         self.module._apply(fn, recurse)
         # the center, the basis and the coefficients stay float32 whatever .half() or .to(dtype)
@@ -350,8 +364,12 @@ class TWA(nn.Module):
         return kinds.pop() if len(kinds) == 1 and kinds <= set(_KERNEL_OUTPUT_DTYPES) else torch.float32
 
     def _pinned(self) -> list[Tensor]:
-        """The frozen parameters' values, in the order of self.frozen_names."""
-        return [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
+        """The frozen parameters' values, in the order of self.frozen_names, each in its
+        parameter's dtype (the model cast on its own, as the trainable weights follow it)."""
+        dtypes = self._lent.own_dtypes(len(self.names) + len(self.frozen_names))[len(self.names):]
+        values = [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
+        return [value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+                for value, dtype in zip(values, dtypes)]
 
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
@@ -524,9 +542,10 @@ def _check_settings_of(subspace: Subspace, numels: list[int], given: set[str], b
     if "group_size" in given and basis.bits is not None and group_size != basis.group_size:
         raise InvalidArgumentError(f"group_size={group_size!r} was given with a subspace built with group_size="
                                    f"{basis.group_size}; rebuild the subspace with it, or drop it")
-    if "granularity" in given and len(block_sizes_for(numels, granularity)) != basis.num_blocks:
+    if "granularity" in given and not torch.equal(
+            block_offsets_from_sizes(block_sizes_for(numels, granularity), sum(numels)), basis.block_offsets.cpu()):
         raise InvalidArgumentError(f"granularity={granularity!r} was given with a subspace of {basis.num_blocks} "
-                                   "blocks, another layout; rebuild the subspace with it, or drop it")
+                                   "blocks in another layout; rebuild the subspace with it, or drop it")
 
 
 def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Parameter]],
@@ -689,7 +708,8 @@ class _Workspace:
         if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
             # huge pages asked for first, then touched here by a parallel fill, once, not
             # by the kernel's first write (page faults made a fresh output cost 2-3x)
-            self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
+            with torch.inference_mode(False):  # a buffer made in inference mode could never be trained through
+                self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
             self.generation += 1
         self.busy = record
         if not record:  # evaluation: no backward follows soon to take the held memory's place
@@ -777,3 +797,10 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
                                        "bits or granularity: build this one the same way")
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InvalidArgumentError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")
+    # load_state_dict(..., assign=True) installs the given tensors themselves: one of another
+    # dtype would change the arithmetic (bfloat16 coefficients) or reach the kernels as a type
+    # they refuse (a float64 center, int32 offsets); each is cast as the copy without assign casts
+    for name, own in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        value = state.get(prefix + name)
+        if isinstance(value, Tensor) and value.dtype != own.dtype and value.is_floating_point() == own.is_floating_point():
+            state[prefix + name] = value.to(own.dtype)

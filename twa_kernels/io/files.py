@@ -252,3 +252,20 @@ def _check_listed_once(items: list[CheckpointSpec]) -> None:
             raise CheckpointError(f"{item} is listed twice (checkpoints #{seen[key]} and #{i}): it would count "
                                   "twice in the average; list each checkpoint once")
         seen[key] = i
+    _check_not_one_live_state(items)
+
+
+def _check_not_one_live_state(items: list[CheckpointSpec]) -> None:
+    """State_dicts that all hold the same tensors in memory are one state: most often
+    `checkpoints.append(model.state_dict())` in a loop, whose entries are the model's live
+    weights, so every one is the last. Averaged, they gave the last weights as if they were
+    the run's average; refused. (A state_dict repeated among others is the caller's
+    weighting, and fine-tunes sharing a frozen backbone's tensors are distinct states.)"""
+    if len(items) < 2 or not all(isinstance(item, Mapping) for item in items):
+        return
+    memory = [frozenset((v.device.type, v.untyped_storage().data_ptr()) for v in item.values()
+                        if isinstance(v, Tensor) and v.numel() and v.device.type != "meta") for item in items]
+    if memory[0] and all(m == memory[0] for m in memory[1:]):
+        raise CheckpointError(f"the {len(items)} state_dicts hold the same tensors in memory, so they are one state "
+                              "(model.state_dict() returns the model's live weights, which later steps change); "
+                              "keep a copy at each checkpoint: {k: v.clone() for k, v in model.state_dict().items()}")
