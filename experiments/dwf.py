@@ -166,7 +166,9 @@ def summarize(results: dict) -> dict:
         for value in sorted({r[key] for r in runs}):
             rows = [r for r in runs if r[key] == value]
             accs = torch.tensor([r["acc"] for r in rows])
-            points.append(dict(setting=f"{key}={value:g}", acc=float(accs.mean()), acc_std=float(accs.std()),
+            # one seed has no spread: None, where torch's std is NaN (a bare NaN is not JSON)
+            points.append(dict(setting=f"{key}={value:g}", acc=float(accs.mean()),
+                               acc_std=float(accs.std()) if accs.numel() > 1 else None,
                                compression=math.exp(sum(math.log(r["compression"]) for r in rows) / len(rows))))
         within = {}
         for tol in (1, 5):
@@ -187,7 +189,8 @@ def tables(report: dict) -> str:
               f"{'method':<14} {'setting':<14} {'test acc (%)':>14} {'compression':>12}"]
     for method, m in s["methods"].items():
         for p in m["points"]:
-            lines.append(f"{method:<14} {p['setting']:<14} {100 * p['acc']:>7.2f} ± {100 * p['acc_std']:<4.2f} "
+            spread = "n/a " if p["acc_std"] is None else f"{100 * p['acc_std']:<4.2f}"
+            lines.append(f"{method:<14} {p['setting']:<14} {100 * p['acc']:>7.2f} ± {spread} "
                          f"{p['compression']:>11.1f}x")
     lines += ["", "the paper's init as stated (init='dwf', seed 0):"]
     for name, r in report["paper_init"].items():
@@ -211,7 +214,7 @@ def plot(report: dict, path: Path) -> None:
         pts = sorted(m["points"], key=lambda p: p["compression"])
         style, color = styles.get(method, ("x-", "0.4"))
         ax.errorbar([p["compression"] for p in pts], [100 * p["acc"] for p in pts],
-                    yerr=[100 * p["acc_std"] for p in pts], fmt=style, color=color, label=method, capsize=2, ms=5)
+                    yerr=[100 * (p["acc_std"] or 0) for p in pts], fmt=style, color=color, label=method, capsize=2, ms=5)
     ax.axhline(100 * s["dense_acc"], color="0.3", lw=1, label="dense")
     for tol in (1, 5):
         ax.axhline(100 * s["dense_acc"] - tol, color="0.6", lw=0.8, ls=":")
@@ -247,8 +250,11 @@ FAIR_SIZES = {
                  wds={2: [5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3], 3: [2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4, 6.4e-4],
                       4: [1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4]},
                  select_wds=[0, 2, 4],
-                 dense_lrs=[0.3, 1.0], dense_wds=[0.0, 1e-4, 1e-3],
-                 amounts=[0.5, 0.8, 0.9, 0.95, 0.98, 0.99], finetune_epochs=30,
+                 # the dense model's grid reaches the DWF arms' largest lr: the model every
+                 # baseline prunes and the tolerance is measured from is tuned as far as they are
+                 dense_lrs=[0.3, 1.0, 3.0, 10.0], dense_wds=[0.0, 1e-4, 1e-3, 3e-3],
+                 # from 10% pruned on: magnitude pruning's frontier starts where its accuracy does
+                 amounts=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99], finetune_epochs=30,
                  l1s=[3e-5, 1e-4, 3e-4], momentum_arm=True, seeds=[1, 2, 3]),
     # the first, cheaper run (results/dwf/fair_200ep.json): 200 epochs, the lr chosen on two wds
     "full-200ep": dict(num_samples=12500, train=9000, val=1000, widths=(40, 128, 128, 10), batch=256, epochs=200,
@@ -387,19 +393,33 @@ def choose_lr(selection: list[dict], dense_val: float, lrs: list[float]) -> dict
     return out
 
 
-def _log_ratio_ci(a: list[float | None], b: list[float | None]) -> dict | None:
-    """95% interval of mean log(a / b) over paired seeds, as ratios (None where either is missing)."""
-    pairs = [(x, y) for x, y in zip(a, b) if x and y]
+def _log_ratio_ci(a: list[float], b: list[float]) -> dict | None:
+    """95% interval of mean log(a / b) over paired seeds, as ratios; None for fewer than 2
+    seeds. Every seed counts (frontier_point gives each one a value): an interval over the
+    seeds where both methods happened to succeed would be one over chosen seeds."""
+    if len(a) != len(b) or any(v is None for v in (*a, *b)):
+        raise ValueError("every seed needs a compression for both methods (see frontier_point)")
+    pairs = list(zip(a, b))
     if len(pairs) < 2:
         return None
     ci = mean_ci([math.log(x / y) for x, y in pairs])
     return dict(ratio=math.exp(ci["mean"]), ci95=[math.exp(c) for c in ci["ci95"]], n=len(pairs))
 
 
+def frontier_point(points: list[dict], dense: dict, tol_points: float, key: str = "compression") -> float:
+    """The compression one seed's method reaches at `tol_points`: that of its setting with the
+    most compression among those within tol_points *validation* points of the dense model (the
+    choice made as a practitioner would make it: test data chooses nothing, and an arm with
+    more settings gets no more draws at the test set), or 1.0, the dense model itself, when no
+    setting is within: a seed where a method fails counts as no compression, not as missing."""
+    return best_within(points, dense["val"], tol_points, acc_key="val", key=key) or 1.0
+
+
 def fair_tables(rows: list[dict], seeds: list[int]) -> dict:
-    """Per method and setting: accuracy (mean, 95% CI) and compression; per seed and method the
-    largest compression within 1, 5, 10 points of that seed's dense test accuracy."""
-    dense = {r["seed"]: r["test"] for r in rows if r["method"] == "dense"}
+    """Per method and setting: accuracy (mean, 95% CI) and compression (over the runs whose
+    weights stayed finite); per seed and method the compression chosen at 1, 5 and 10 points
+    (frontier_point)."""
+    dense = {r["seed"]: r for r in rows if r["method"] == "dense"}
     methods: dict[str, list[dict]] = {}
     for r in rows:
         if r["method"] != "dense":
@@ -410,20 +430,26 @@ def fair_tables(rows: list[dict], seeds: list[int]) -> dict:
         pts = []
         for value in sorted({r[key] for r in rs}):
             sel = [r for r in rs if r[key] == value]
+            # a diverged run's weights say nothing about its compression
+            finite = [r for r in sel if r.get("finite", True)]
             pts.append(dict(setting=f"{key}={value:g}", lr=sel[0].get("lr"), test=mean_ci([r["test"] for r in sel]),
-                            compression=math.exp(statistics.fmean(math.log(r["compression"]) for r in sel)),
-                            compression_1e3=math.exp(statistics.fmean(math.log(r["compression_1e3"]) for r in sel)),
-                            nonzero=statistics.fmean(r["nonzero"] for r in sel),
-                            nonzero_1e3=statistics.fmean(r["nonzero_1e3"] for r in sel),
-                            diverged=sum(not r.get("finite", True) for r in sel)))
+                            compression=_geometric_mean([r["compression"] for r in finite]),
+                            compression_1e3=_geometric_mean([r["compression_1e3"] for r in finite]),
+                            nonzero=statistics.fmean(r["nonzero"] for r in finite) if finite else None,
+                            nonzero_1e3=statistics.fmean(r["nonzero_1e3"] for r in finite) if finite else None,
+                            diverged=len(sel) - len(finite)))
         settings[method] = pts
-        frontier[method] = {f"within_{t}": [best_within([r for r in rs if r["seed"] == s], dense[s], t)
+        frontier[method] = {f"within_{t}": [frontier_point([r for r in rs if r["seed"] == s], dense[s], t)
                                              for s in seeds] for t in TOLERANCES}
-        frontier_1e3[method] = {f"within_{t}": [best_within([r for r in rs if r["seed"] == s], dense[s], t,
-                                                            key="compression_1e3") for s in seeds]
+        frontier_1e3[method] = {f"within_{t}": [frontier_point([r for r in rs if r["seed"] == s], dense[s], t,
+                                                               key="compression_1e3") for s in seeds]
                                 for t in TOLERANCES}
-    return dict(dense_test=mean_ci(list(dense.values())), settings=settings, frontier_per_seed=frontier,
-                frontier_per_seed_at_1e3=frontier_1e3)
+    return dict(dense_test=mean_ci([r["test"] for r in dense.values()]), settings=settings,
+                frontier_per_seed=frontier, frontier_per_seed_at_1e3=frontier_1e3)
+
+
+def _geometric_mean(values: list[float]) -> float | None:
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
 
 
 def fair_compare(tables: dict, frontier: str = "frontier_per_seed") -> dict:
@@ -469,7 +495,7 @@ def fair_plot(tables: dict, path: Path, epochs: int) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for method, pts in tables["settings"].items():
-        pts = sorted(pts, key=lambda p: p["compression"])
+        pts = sorted((p for p in pts if p["compression"] is not None), key=lambda p: p["compression"])
         ax.errorbar([p["compression"] for p in pts], [100 * p["test"]["mean"] for p in pts],
                     yerr=[100 * (p["test"]["mean"] - p["test"]["ci95"][0]) if p["test"]["ci95"] else 0 for p in pts],
                     fmt="o-" if method.startswith("DWF") else "s--", capsize=2, ms=4, label=method)
@@ -507,7 +533,7 @@ def fair_summary_line(tables: dict, compare: dict, compare_1e3: dict, depths: li
     diverged = sum(not r.get("finite", True) for r in rows if r["method"].startswith("DWF"))
     return ("; ".join(parts) + f" (paired compression ratios, 95% t-intervals of the mean log ratio over seeds). "
             f"{diverged} of {sum(r['method'].startswith('DWF') for r in rows)} DWF runs ended with non-finite weights "
-            "(scored as they are: chance accuracy).")
+            "(scored as they are: chance accuracy; left out of the settings' compression).")
 
 
 def resummarize(out: Path, name: str) -> dict:
@@ -616,6 +642,9 @@ def fair_main(argv: list[str] | None = None) -> dict:
                     "fine-tuning budget of the pruning baseline is 10% of the training budget",
                     "no pruning-at-initialisation baselines"],
         threads_per_process=1, processes=args.jobs)
+    protocol["notes"] = [f"the dense model's chosen {key} {dense_best[key]:g} is on the edge of its grid {grid}"
+                         for key, grid in (("lr", cfg["dense_lrs"]), ("wd", cfg["dense_wds"]))
+                         if len(grid) > 1 and dense_best[key] != 0 and dense_best[key] in (min(grid), max(grid))]
     report = dict(protocol=protocol, seeds=cfg["seeds"], selection=dict(dense=dense_sel, dense_chosen=dense_best,
                                                                           lr=lr_choice, runs=sel[len(dense_jobs):]),
                   tables=tables, compare=compare, compare_at_1e3=compare_1e3, verdict=verdict, summary=summary, rows=rows,

@@ -486,8 +486,9 @@ def full_tables(results: list[dict], full: dict) -> dict:
 
 def full_verdict(tables: dict) -> str:
     """holds: at some measured sparsity, a distilled-data mask's error barrier is below real IMP's
-    and the dense net's (intervals below 0) under both rewinding treatments; partly: below one of
-    them, or under one treatment; does not hold: never below either."""
+    and the dense net's (intervals below 0) under both rewinding treatments; partly: below real
+    IMP's under one treatment (below the dense net's alone says little: real IMP's own masks
+    are below it too); does not hold: never below real IMP's."""
     d = tables["paired_error_barrier"]
     below = {k: v["ci95"][1] < 0 for k, v in d.items() if v.get("ci95")}
     rounds = {k.split(" minus")[0].rsplit(" | ", 1)[0] for k in d}
@@ -496,7 +497,7 @@ def full_verdict(tables: dict) -> str:
               for b in ("real", "dense")]
         if all(ok):
             return "holds"
-    return "partly" if any(below.values()) else "does not hold"
+    return "partly" if any(v for k, v in below.items() if k.endswith(" minus real")) else "does not hold"
 
 
 def fair_main(argv: list[str] | None = None) -> dict:

@@ -117,3 +117,53 @@ def test_lmc_sparse_stability_runs_tiny(tmp_path):
             "ipc 2 | round 1 | weights only"} <= set(tables["table"])
     assert "ipc 2 | round 1 | whole state minus real" in tables["paired_error_barrier"]
     assert lmc_sparse.full_verdict(tables) in VERDICTS
+
+
+def _dwf_rows(dwf_val_and_compression: list[tuple[float, float]], magnitude: list[tuple[float, float]]) -> list[dict]:
+    """Rows of two seeds (1, 2): a dense model at validation 0.9, and per seed one DWF and one
+    magnitude setting of (validation accuracy, compression)."""
+    rows = []
+    for seed, (d, m) in enumerate(zip(dwf_val_and_compression, magnitude), start=1):
+        rows.append(dict(method="dense", seed=seed, val=0.9, test=0.9))
+        rows.append(dict(method="DWF D=3", seed=seed, wd=1e-4, val=d[0], test=d[0], compression=d[1],
+                         compression_1e3=d[1], nonzero=1, nonzero_1e3=1))
+        rows.append(dict(method="magnitude", seed=seed, amount=0.5, val=m[0], test=m[0], compression=m[1],
+                         compression_1e3=m[1], nonzero=1, nonzero_1e3=1))
+    return rows
+
+
+def test_dwf_counts_a_seed_where_a_method_misses_as_no_compression_and_chooses_on_validation():
+    # a seed where DWF reached no setting within tolerance dropped out of the paired interval,
+    # which then rested on the seeds where it happened to succeed
+    rows = _dwf_rows([(0.89, 3.0), (0.5, 40.0)], [(0.89, 2.0), (0.89, 2.0)])
+    tables = dwf.fair_tables(rows, [1, 2])
+    assert tables["frontier_per_seed"]["DWF D=3"]["within_5"] == [3.0, 1.0]  # the miss is the dense model
+    ratio = dwf.fair_compare(tables)["DWF D=3 / magnitude @ -5"]
+    assert ratio["n"] == 2 and ratio["ratio"] == pytest.approx(math.sqrt(1.5 * 0.5))
+    # chosen on validation: a setting within on test but not on validation is not taken
+    rows = _dwf_rows([(0.89, 3.0), (0.89, 3.0)], [(0.89, 2.0), (0.89, 2.0)])
+    rows[1]["val"] = 0.7
+    assert dwf.fair_tables(rows, [1, 2])["frontier_per_seed"]["DWF D=3"]["within_5"] == [1.0, 3.0]
+
+
+def test_dwf_settings_leave_diverged_runs_out_of_their_compression():
+    rows = _dwf_rows([(0.89, 3.0), (0.1, 2000.0)], [(0.89, 2.0), (0.89, 2.0)])
+    rows[4]["finite"] = False  # seed 2's DWF run
+    point = dwf.fair_tables(rows, [1, 2])["settings"]["DWF D=3"][0]
+    assert point["compression"] == pytest.approx(3.0) and point["diverged"] == 1
+
+
+def test_lmc_sparse_verdict_needs_a_barrier_below_real_imps():
+    def table(*below: str) -> dict:
+        """Paired error barriers of one round; those named in `below` have intervals below 0."""
+        keys = [f"ipc 50, round 9 | {t} minus {b}" for t in ("whole state", "weights only") for b in ("real", "dense")]
+        return {"paired_error_barrier": {k: {"ci95": [-2.0, -1.0] if k.split(" | ")[1] in below else [-1.0, 1.0]}
+                                         for k in keys}}
+
+    assert lmc_sparse.full_verdict(table()) == "does not hold"
+    # below the dense net's alone says little: real IMP's own masks are below it too
+    assert lmc_sparse.full_verdict(table("whole state minus dense", "weights only minus dense")) == "does not hold"
+    assert lmc_sparse.full_verdict(table("whole state minus real")) == "partly"
+    everything = ("whole state minus real", "whole state minus dense", "weights only minus real",
+                  "weights only minus dense")
+    assert lmc_sparse.full_verdict(table(*everything)) == "holds"

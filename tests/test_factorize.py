@@ -168,6 +168,12 @@ def test_sparsity_report_counts_the_zeros():
     assert rep.compression == pytest.approx(100 / 70)
     assert "overall" in str(rep) and rep.to_dict()["layers"][".weight"]["nonzero"] == 70
     json.dumps(rep.to_dict())
+    with torch.no_grad():  # a diverged run's NaN weights are not zeros: they read as fully pruned
+        layer.parametrizations.weight.original0[3:5] = float("nan")
+    assert sparsity_report(layer).nonzero == 70
+    with torch.no_grad():
+        layer.parametrizations.weight.original0[:] = float("nan")
+    assert sparsity_report(layer).nonzero == 100
     with pytest.warns(DeprecationWarning, match="to_dict"):
         assert rep.as_dict() == rep.to_dict()
 

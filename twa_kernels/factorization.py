@@ -532,7 +532,8 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
-    """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as zero).
+    """Per-layer and overall sparsity of the collapsed weights (|w| < threshold counts as
+    zero; NaN and Inf do not).
     It counts every Linear/Conv weight and every factorised tensor (a bias or a norm's weight
     that `factorize` replaced), on a factorised model and on its `collapse` copy alike, so the
     two reports agree. threshold is a finite number >= 0; a model with no weight to count is
@@ -548,7 +549,9 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
         counted += [pname for pname in replaced if pname not in counted]
         for pname in counted:
             w = getattr(module, pname)
-            report.rows.append((f"{name}.{pname}", w.numel(), int((w.abs() >= threshold).sum())))
+            # not (|w| < threshold): a NaN or Inf weight of a diverged run is not a zero, which
+            # |w| >= threshold (False for NaN) made it, reporting a NaN layer as all pruned
+            report.rows.append((f"{name}.{pname}", w.numel(), int((~(w.abs() < threshold)).sum())))
     if report.total == 0:  # no weights is not "all zero": the report would read sparsity 1.0
         raise FactorizationError(f"{type(model).__name__} has no factorised layer and no Linear/Conv weight to count; "
                                  "pass the model whose weights tk.factorize replaced (or its tk.collapse copy)")
