@@ -51,6 +51,8 @@ inline twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& sc
   TORCH_CHECK(codes.scalar_type() == at::kByte, "packed codes must be uint8");
   check_on(scales, "scales", device);
   check_on(mins, "mins", device);
+  TORCH_CHECK(scales.device() == codes.device() && mins.device() == codes.device(),
+              "scales and mins must be on the device of codes, ", codes.device());
   b.n_groups = (num_cols + group_size - 1) / group_size;
   const int64_t per_byte = 8 / bits, last = num_cols - (b.n_groups - 1) * group_size;
   TORCH_CHECK(b.row_bytes == (b.n_groups - 1) * (group_size / per_byte) + (last + per_byte - 1) / per_byte,

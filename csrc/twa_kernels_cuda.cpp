@@ -11,8 +11,10 @@ namespace {
 
 using twa_binding::float_dtype;
 
-void check_cuda_contiguous(const at::Tensor& t, const char* name) {
+void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& like) {
   twa_binding::check_on(t, name, c10::DeviceType::CUDA);
+  // the kernels launch on `like`'s GPU: a pointer into another GPU's memory would be read there
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the kernel runs on ", like.device());
 }
 
 void* as_stream(int64_t stream) { return reinterpret_cast<void*>(static_cast<intptr_t>(stream)); }
@@ -40,12 +42,12 @@ int64_t project_scratch(int64_t k, int64_t num_cols, int64_t n_blocks, int64_t b
 void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                  const at::Tensor& block_offsets, const at::Tensor& g, int64_t bits, int64_t group_size,
                  bool deterministic, int64_t stream, const at::Tensor& y, const at::Tensor& partial) {
-  check_cuda_contiguous(g, "g");
+  check_cuda_contiguous(g, "g", codes);
   const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel());
-  check_cuda_contiguous(y, "y");
+  check_cuda_contiguous(y, "y", codes);
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
   if (deterministic) {
-    check_cuda_contiguous(partial, "partial");
+    check_cuda_contiguous(partial, "partial", codes);
     TORCH_CHECK(partial.scalar_type() == at::kFloat && partial.numel() >= twa_cuda::project_partial_floats(b),
                 "partial must hold project_scratch() float32 values");
   }
@@ -58,14 +60,14 @@ void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Te
 void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                      const at::Tensor& block_offsets, const at::Tensor& x, const std::optional<at::Tensor>& center,
                      int64_t bits, int64_t group_size, int64_t stream, const at::Tensor& out) {
-  check_cuda_contiguous(out, "out");
+  check_cuda_contiguous(out, "out", codes);
   const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, out.numel());
-  check_cuda_contiguous(x, "x");
+  check_cuda_contiguous(x, "x", codes);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == b.k * b.n_blocks, "x must be float32 [k, n_blocks]");
   const void* center_ptr = nullptr;
   twa_cuda::DType center_dtype = twa_cuda::DType::f32;
   if (center.has_value()) {
-    check_cuda_contiguous(*center, "center");
+    check_cuda_contiguous(*center, "center", codes);
     TORCH_CHECK(center->numel() == b.num_cols, "center must have ", b.num_cols, " elements");
     center_ptr = center->data_ptr();
     center_dtype = float_dtype(*center, "center");
@@ -77,12 +79,12 @@ void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at
 
 void gram_out(const at::Tensor& p, bool deterministic, int64_t stream, const at::Tensor& out,
               const at::Tensor& partial) {
-  check_cuda_contiguous(p, "p");
-  check_cuda_contiguous(out, "out");
+  check_cuda_contiguous(p, "p", p);
+  check_cuda_contiguous(out, "out", p);
   TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.numel() == p.size(0) * p.size(0), "out must be float64 [k, k]");
   if (deterministic) {
-    check_cuda_contiguous(partial, "partial");
+    check_cuda_contiguous(partial, "partial", p);
     TORCH_CHECK(partial.scalar_type() == at::kDouble &&
                     partial.numel() >= twa_cuda::gram_spans(p.size(1)) * p.size(0) * p.size(0),
                 "partial must hold gram_scratch() float64 values");
@@ -95,9 +97,9 @@ void gram_out(const at::Tensor& p, bool deterministic, int64_t stream, const at:
 int64_t gram_scratch(int64_t k, int64_t d) { return twa_cuda::gram_spans(d) * k * k; }
 
 void combine_rows_out(const at::Tensor& t, const at::Tensor& p, int64_t stream, const at::Tensor& out) {
-  check_cuda_contiguous(t, "t");
-  check_cuda_contiguous(p, "p");
-  check_cuda_contiguous(out, "out");
+  check_cuda_contiguous(t, "t", p);
+  check_cuda_contiguous(p, "p", p);
+  check_cuda_contiguous(out, "out", p);
   TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kDouble && t.size(1) == p.size(0), "t must be float64 [r, k]");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == t.size(0) * p.size(1), "out must be float32 [r, d]");

@@ -164,6 +164,29 @@ def test_offsets_edited_past_the_basis_are_named_on_every_backend(monkeypatch, b
     assert torch.equal(tk.project(qb, g), expected)
 
 
+def test_raw_ops_name_operands_that_do_not_fit_the_basis(backend_name):
+    # the Triton kernels read a short center or x past its end (1e30 from the next bytes),
+    # and project_pieces took a 2-D piece whose backward then failed; raw calls are named
+    qb = tk.quantize(torch.randn(3, 50), bits=4, group_size=16, block_sizes=[20, 30])
+    ops, basis = torch.ops.twa_kernels, (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    x, g = torch.randn(3, 2), torch.randn(50)
+    calls = {
+        "center has 45 elements but the basis has 50": lambda: ops.reconstruct(*basis, x, torch.randn(45), 4, 16, 50),
+        r"x has shape \(3, 1\) but the basis needs \(3, 2\)":
+            lambda: ops.reconstruct(*basis, x[:, :1], None, 4, 16, 50),
+        "g must be float32 or bfloat16, got torch.float64": lambda: ops.project(*basis, g.double(), 4, 16),
+        "pieces is empty": lambda: ops.project_pieces(*basis, [], 4, 16),
+        r"pieces\[0\] is \(5, 10\)": lambda: ops.project_pieces(*basis, [g.view(5, 10)], 4, 16),
+        "out must be float32 or bfloat16": lambda: ops.reconstruct_into(*basis, x, None, 4, 16, torch.empty(50).half()),
+        r"combine_rows takes .* \(1, 4\)": lambda: ops.combine_rows(torch.randn(1, 4, dtype=torch.float64),
+                                                                   torch.randn(3, 50)),
+    }
+    for message, call in calls.items():
+        with pytest.raises(TWAKernelsError, match=message):
+            call()
+    torch.testing.assert_close(ops.reconstruct(*basis, x, None, 4, 16, 50), tk.reconstruct(qb, x))
+
+
 def test_offsets_in_a_tensor_subclass_are_checked():
     class Tagged(torch.Tensor):
         pass

@@ -7,6 +7,7 @@ import twa_kernels as tk
 from twa_kernels import _ops
 from twa_kernels.backends import reference
 
+from tests.conftest import BACKENDS, DEVICE
 from tests.helpers import BITS, SHAPES, random_basis
 
 
@@ -309,3 +310,12 @@ def test_deterministic_mode_is_reproducible_and_exact(backend_name, device, dete
     P = random_basis(5, 20005).to(device)
     assert torch.equal(_ops.gram_op(P), _ops.gram_op(P))
     torch.testing.assert_close(_ops.gram_op(P), reference.gram(P), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend does not run here")
+def test_triton_names_a_group_wider_than_its_tiles(monkeypatch):
+    # a group is one tile's row: wide ones failed deep in Triton's compiler, or compiled for minutes
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "triton")
+    qb = tk.quantize(torch.randn(2, 3 * 8192, device=DEVICE), bits=4, group_size=8192)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="group_size must be at most 4096, got 8192"):
+        tk.project(qb, torch.randn(3 * 8192, device=DEVICE))

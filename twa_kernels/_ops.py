@@ -118,10 +118,49 @@ def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Te
     """Refuse, before a kernel runs, raw basis tensors that do not fit their layout, with a
     BasisLayoutError: a basis edited in place after it was made (its offsets written
     through .data, a tensor resized) or tensors passed to torch.ops directly. The Triton
-    and CUDA kernels take what they are given, so this is their only check (an offsets
+    and CUDA kernels take what they are given, so this and the operand checks below are
+    their only checks (an offsets
     tensor on the GPU is read once per version, see quant._validate_offsets); the C++
     binding checks its inputs again itself. About 15 us a call."""
     check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
+
+
+# what the kernels read as a gradient or a center and write as weights
+_VECTOR_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_vector(name: str, t: Tensor, codes: Tensor, numel: int | None = None) -> None:
+    """The Triton and CUDA kernels index an operand by the basis's layout alone: one of
+    another dtype, on another device (or another GPU) or with fewer elements would be read
+    as garbage or out of bounds. Raw torch.ops calls get the library's errors here; the
+    public wrappers in ops.py check the same before."""
+    if t.dtype not in _VECTOR_DTYPES:
+        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+    if t.device != codes.device:
+        raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {codes.device}")
+    if numel is not None and t.numel() != numel:
+        raise InvalidArgumentError(f"{name} has {t.numel()} elements but the basis has {numel} columns")
+
+
+def _check_pieces(pieces: list[Tensor], codes: Tensor) -> None:
+    """A gradient given as pieces: at least one, each 1-D, in one dtype, on the basis's device."""
+    if not pieces:
+        raise InvalidArgumentError("pieces is empty: pass the gradient as one or more 1-D tensors")
+    for i, piece in enumerate(pieces):
+        _check_vector(f"pieces[{i}]", piece, codes)
+        if piece.dim() != 1 or piece.dtype != pieces[0].dtype:
+            raise InvalidArgumentError(f"pieces[{i}] is {tuple(piece.shape)} {piece.dtype}: every piece must be 1-D "
+                                       f"and of one dtype ({pieces[0].dtype}); pass piece.reshape(-1)")
+
+
+def _check_coefficients(x: Tensor, codes: Tensor, block_offsets: Tensor) -> None:
+    shape = (codes.shape[0], block_offsets.numel() - 1)
+    if not x.is_floating_point():
+        raise InvalidTypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise InvalidArgumentError(f"x has shape {tuple(x.shape)} but the basis needs {shape} (rows, blocks)")
+    if x.device != codes.device:
+        raise InvalidArgumentError(f"x is on {x.device} but the basis is on {codes.device}")
 
 
 # ---- project: y[r, b] = sum_{j in block b} p^[r, j] * g[j] -------------------------------
@@ -132,6 +171,7 @@ def project_op(
     codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int, group_size: int
 ) -> Tensor:
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, g.numel())
+    _check_vector("g", g, codes)
     return _kernel("project", g.device)(codes, scales, mins, block_offsets, g, bits, group_size)
 
 
@@ -169,6 +209,7 @@ def project_pieces_op(
     """project of g = cat(pieces) (1-D, one dtype), without forming g: a model's per-tensor
     gradients are read where autograd left them. A backend without its own kernel gets
     the concatenation and its project kernel."""
+    _check_pieces(pieces, codes)
     device = pieces[0].device
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
     kernel = _kernel("project_pieces", device, required=False)
@@ -210,6 +251,7 @@ def project_int8_op(
     """project of g^ = quant.round_groups_int8(cat(pieces)), for a packed basis. Not
     differentiable: it is the projection of a gradient, never part of a graph. A backend
     without its own kernel gets g^ rounded here and its project kernel."""
+    _check_pieces(pieces, codes)
     device = pieces[0].device
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
     kernel = _kernel("project_int8", device, required=False)
@@ -241,6 +283,9 @@ def reconstruct_op(
     num_cols: int,
 ) -> Tensor:
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, num_cols)
+    _check_coefficients(x, codes, block_offsets)
+    if center is not None:
+        _check_vector("center", center, codes, num_cols)
     return _kernel("reconstruct", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, num_cols)
 
 
@@ -289,6 +334,12 @@ def reconstruct_into_op(
 ) -> None:
     """reconstruct, written into `out` (float32 or bfloat16, whatever center's dtype)."""
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, out.numel())
+    _check_coefficients(x, codes, block_offsets)
+    _check_vector("out", out, codes)
+    if not out.is_contiguous():
+        raise InvalidArgumentError("out must be contiguous: the kernels write it as one block of memory")
+    if center is not None:
+        _check_vector("center", center, codes, out.numel())
     _kernel("reconstruct_into", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
 
 
@@ -373,6 +424,8 @@ class ReconstructPieces(torch.autograd.Function):
 @torch.library.custom_op("twa_kernels::gram", mutates_args=())
 def gram_op(p: Tensor) -> Tensor:
     """p p^T for float32 p [k, d], accumulated in float64 -> float64 [k, k]."""
+    if p.dim() != 2 or not p.is_floating_point():
+        raise InvalidArgumentError(f"gram takes a floating-point [k, d] matrix, got {tuple(p.shape)} {p.dtype}")
     return _kernel("gram", p.device)(p)
 
 
@@ -384,6 +437,12 @@ def _(p):
 @torch.library.custom_op("twa_kernels::combine_rows", mutates_args=())
 def combine_rows_op(t: Tensor, p: Tensor) -> Tensor:
     """t @ p for float64 t [r, k] and float32 p [k, d], accumulated in float64 -> float32 [r, d]."""
+    if t.dim() != 2 or p.dim() != 2 or t.shape[1] != p.shape[0] or not (t.is_floating_point()
+                                                                        and p.is_floating_point()):
+        raise InvalidArgumentError(f"combine_rows takes floating-point t [r, k] and p [k, d], got "
+                                   f"{tuple(t.shape)} {t.dtype} and {tuple(p.shape)} {p.dtype}")
+    if t.device != p.device:
+        raise InvalidArgumentError(f"t is on {t.device} but p is on {p.device}")
     return _kernel("combine_rows", p.device)(t, p)
 
 

@@ -30,6 +30,10 @@ DENSE_GROUP = 256  # a dense basis has no groups; this is just its tiling
 GRAM_SPAN, GRAM_COLS, GRAM_K_BLOCK = 8192, 32, 16
 COMBINE_COLS, COMBINE_ROWS = 128, 16
 SUM_CHUNK = 64  # pieces summed per step in the deterministic second pass
+# A group is one tile's row: at 4096 columns a kernel compiles in seconds; at 65,536 its build
+# ran past 4 minutes and at 131,072 Triton refused the tile (sm_90 builds on a 2-core AMD EPYC,
+# 2026-12-05)
+MAX_GROUP_SIZE = 4096
 
 
 def deterministic() -> bool:
@@ -44,6 +48,10 @@ class _Layout:
         if num_cols >= 2**31:
             raise InvalidArgumentError(f"the Triton kernels index columns in 32 bits, so D must be below 2^31, got {num_cols}; "
                              "use the cuda backend (TWA_KERNELS_BACKEND=cuda) for larger bases")
+        if bits and group_size > MAX_GROUP_SIZE:
+            raise InvalidArgumentError(f"the Triton kernels hold a whole group in one tile, so group_size must be at "
+                                       f"most {MAX_GROUP_SIZE}, got {group_size}; quantize with a smaller group_size, "
+                                       "or use the cuda backend (TWA_KERNELS_BACKEND=cuda)")
         self.bits = bits
         self.per_byte = 8 // bits if bits else 1
         self.group = group_size if bits else DENSE_GROUP

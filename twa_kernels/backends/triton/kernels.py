@@ -175,7 +175,7 @@ def gram_pieces(p, out, partial, k, d, span,
     ri = tl.program_id(1) * K_BLOCK + tl.arange(0, K_BLOCK)
     rj = tl.program_id(2) * K_BLOCK + tl.arange(0, K_BLOCK)
     acc = tl.zeros([K_BLOCK, K_BLOCK], dtype=tl.float64)
-    start = pid * span
+    start = pid.to(tl.int64) * span  # int64: past 2^31 columns an int32 product wraps
     stop = tl.minimum(start + span, d)
     for c0 in range(start, stop, COLS):
         cols = c0 + tl.arange(0, COLS)
@@ -193,12 +193,15 @@ def gram_pieces(p, out, partial, k, d, span,
 @triton.jit
 def combine_rows_tiles(t, p, out, r, k, d, R_BLOCK: tl.constexpr, COLS: tl.constexpr):
     """out = t @ p for float64 t [r, k] and float32 p [k, d], accumulated in float64."""
-    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    # int64 columns, and a row pointer stepped by d: the int32 product i * d wraps past 2^31
+    cols = tl.program_id(0).to(tl.int64) * COLS + tl.arange(0, COLS)
     rows = tl.program_id(1) * R_BLOCK + tl.arange(0, R_BLOCK)
     acc = tl.zeros([R_BLOCK, COLS], dtype=tl.float64)
+    row = p
     for i in range(0, k):
-        pv = tl.load(p + i * d + cols.to(tl.int64), mask=cols < d, other=0.0).to(tl.float64)
+        pv = tl.load(row + cols, mask=cols < d, other=0.0).to(tl.float64)
         tv = tl.load(t + rows * k + i, mask=rows < r, other=0.0)
         acc += tv[:, None] * pv[None, :]
+        row += d
     ok = (rows < r)[:, None] & (cols < d)[None, :]
     tl.store(out + rows[:, None].to(tl.int64) * d + cols[None, :], acc.to(tl.float32), mask=ok)
