@@ -424,6 +424,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "claims")
     args = parser.parse_args(argv)
+    stamp()  # the run's provenance, as it starts (experiments.common.stamp)
     # the seeds after the calibration's: a verdict on the seeds that chose the setting would
     # count the choice's luck as TWA's gain
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))

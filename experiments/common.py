@@ -8,6 +8,7 @@ under results/<name>/.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import math
 import statistics
@@ -127,16 +128,24 @@ def pyplot():
     return plt
 
 
+_RUN_STAMP: dict = {}
+
+
 def stamp() -> dict:
-    """Machine, date, commit and software: bench/stamp.py's stamp(), loaded by path."""
-    spec = importlib.util.spec_from_file_location("_bench_stamp", ROOT / "bench" / "stamp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.stamp()
+    """Machine, date, commit and software (bench/stamp.py's stamp(), loaded by path) as they
+    were at this process's first call, which each experiment makes when it starts: a commit
+    made, or a file edited, while a run goes on is not the code that ran. "written" is when
+    this call was made."""
+    if not _RUN_STAMP:
+        spec = importlib.util.spec_from_file_location("_bench_stamp", ROOT / "bench" / "stamp.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _RUN_STAMP.update(module.stamp())
+    return {**_RUN_STAMP, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def write_report(path: str | Path, report: dict) -> Path:
-    """Write a results JSON atomically, with the provenance stamp under "stamp"."""
+    """Write a results JSON atomically, with the run's provenance stamp under "stamp"."""
     return write_json(path, {**report, "stamp": stamp()})
 
 

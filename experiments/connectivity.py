@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import ROOT, save_figure, write_report
+from experiments.common import ROOT, save_figure, stamp, write_report
 
 
 # ---- barriers --------------------------------------------------------------------------------
@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "results" / "connectivity"))
     parser.add_argument("--grid", type=int, default=21, help="memory: points per axis of the ResNet-18 plane")
     args = parser.parse_args()
+    stamp()  # the run's provenance, as it starts (experiments.common.stamp)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "connectivity.json"

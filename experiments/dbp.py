@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import twa_kernels as tk
-from experiments.common import accuracy, make_mlp, parser, pyplot, save_figure, write_report
+from experiments.common import accuracy, make_mlp, parser, pyplot, save_figure, stamp, write_report
 from twa_kernels.demo import make_model, mnist1d
 
 BATCH = 64
@@ -637,6 +637,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    stamp()  # the run's provenance, as it starts (experiments.common.stamp)
     if argv and argv[0] == "fair":
         return fair_main(argv[1:])
     if argv and argv[0] == "sweep":

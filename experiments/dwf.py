@@ -43,7 +43,8 @@ from torch.nn.utils import prune
 from tqdm import tqdm
 
 import twa_kernels as tk
-from experiments.common import RESULTS, accuracy, make_mlp as _make_mlp, mean_ci, parser, pyplot, save_figure, write_report
+from experiments.common import (RESULTS, accuracy, make_mlp as _make_mlp, mean_ci, parser, pyplot, save_figure,
+                                stamp, write_report)
 from twa_kernels.demo import mnist1d
 
 OUT = RESULTS / "dwf"
@@ -658,6 +659,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    stamp()  # the run's provenance, as it starts (experiments.common.stamp)
     if argv and argv[0] == "fair":
         fair_main(argv[1:])
         return

@@ -55,7 +55,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import twa_kernels as tk
-from experiments.common import accuracy, mnist1d as mnist1d_cached, parser, pyplot, save_figure, write_report
+from experiments.common import accuracy, mnist1d as mnist1d_cached, parser, pyplot, save_figure, stamp, write_report
 from twa_kernels.demo import make_model, mnist1d
 
 METHODS = ("real", "distilled ipc 10", "distilled ipc 50")
@@ -594,6 +594,7 @@ def fair_main(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    stamp()  # the run's provenance, as it starts (experiments.common.stamp)
     if argv and argv[0] == "fair":
         return fair_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -167,3 +167,11 @@ def test_lmc_sparse_verdict_needs_a_barrier_below_real_imps():
     everything = ("whole state minus real", "whole state minus dense", "weights only minus real",
                   "weights only minus dense")
     assert lmc_sparse.full_verdict(table(*everything)) == "holds"
+
+
+def test_a_runs_stamp_is_taken_when_it_starts():
+    # a JSON written at the end of a run named the commit made while it ran
+    first = common.stamp()
+    later = common.stamp()
+    assert later["datetime"] == first["datetime"] and later["commit"] == first["commit"]
+    assert "written" in later
