@@ -1173,3 +1173,25 @@ def test_a_plane_that_extrapolates_variances_below_zero_says_so():
     with pytest.warns(UserWarning, match=r"points mix the checkpoints' BatchNorm variances to below zero"):
         p = C.plane(model, states, data, grid=5, margin=1.0, bn="interpolate")
     assert torch.isnan(p.loss).any() and torch.isfinite(p.loss).any()
+
+
+def test_each_pass_replays_the_gpus_random_state_too(monkeypatch):
+    # dropout on a GPU draws from the GPU's generator: each point's BatchNorm pass drew other
+    # masks; the GPU's state is put back before every pass, as the CPU's is
+    from twa_kernels.geometry.evaluation import SameBatches
+
+    gpu = {"state": torch.tensor([1], dtype=torch.uint8)}
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=0: gpu.update(state=state.clone()))
+    replay = SameBatches([])
+    for caller in (5, 6):
+        gpu["state"] = torch.tensor([caller], dtype=torch.uint8)  # the caller drew between points
+        with replay.replayed():
+            seen.append(int(gpu["state"]))
+            gpu["state"] = torch.tensor([9], dtype=torch.uint8)  # the pass draws
+        assert int(gpu["state"]) == caller  # and the caller's state is as it was
+    assert seen == [1, 1]

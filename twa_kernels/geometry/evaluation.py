@@ -290,10 +290,11 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 class SameBatches:
     """Every pass over a shuffling loader draws the batches of the first: the random state
-    its order comes from (torch's global CPU generator, and the generators the loader and its
-    samplers hold) is taken once and put back before each pass. Recomputed at every point of a
-    line or plane, BatchNorm statistics from a new shuffle each time made the barrier of a
-    model with itself nonzero. The caller's random state is as it was after each pass."""
+    its order comes from (torch's global CPU generator, the GPUs' when CUDA is in use, and
+    the generators the loader and its samplers hold) is taken once and put back before each
+    pass. Recomputed at every point of a line or plane, BatchNorm statistics from a new
+    shuffle each time made the barrier of a model with itself nonzero. The caller's random
+    state is as it was after each pass."""
 
     def __init__(self, data: Iterable):
         found: dict[int, torch.Generator] = {}
@@ -305,12 +306,18 @@ class SameBatches:
         self._generators = list(found.values())
         self._states = [g.get_state() for g in self._generators]
         self._cpu = torch.get_rng_state()
+        # dropout on a GPU draws from its own generators: a pass in train mode (BatchNorm's)
+        # drew other masks at every point, as a new shuffle did on the CPU
+        self._cuda = ([torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())]
+                      if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
 
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
         callers = [g.get_state() for g in self._generators]
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=list(range(len(self._cuda))), device_type="cuda"):
             torch.set_rng_state(self._cpu)
+            for device, state in enumerate(self._cuda):
+                torch.cuda.set_rng_state(state, device)
             for generator, state in zip(self._generators, self._states):
                 generator.set_state(state)
             try:
