@@ -419,8 +419,15 @@ def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progre
     return dict(grid=grid, points={k: p.to_dict() for k, p in result.points.items()})
 
 
+# Seeds 0-2 chose the setting (experiments/claims.py calibrate: SGD alone, on the validation
+# split); the demo runs the seeds after them, which the choice never saw, so its intervals
+# are not those of the seeds that picked it.
+FIRST_SEED = 3
+
+
 def first_seed_model() -> nn.Module:
-    """The demo's model for its first seed, for `twa connect/plane --config` on that seed's checkpoints."""
+    """The demo's model for its first seed, for `twa connect/plane --config` on that seed's
+    checkpoints (results/connectivity/demo_first_seed_config.yaml)."""
     return make_model(FIRST_SEED, DEMO.width)
 
 
@@ -429,19 +436,22 @@ def first_seed_train_loader() -> DataLoader:
     return bn_loader(mnist1d(FIRST_SEED, DEMO.train_size)[0])
 
 
-def first_seed_test_loader() -> DataLoader:
-    """The 1,000 test signals of MNIST-1D."""
-    return batches(mnist1d(FIRST_SEED)[2], 500)
+def seed0_model() -> nn.Module:
+    """The demo's model for seed 0 (results/connectivity/demo_config.yaml)."""
+    return make_model(0, DEMO.width)
 
 
-# the names of earlier configs
-seed0_model, seed0_train_loader, seed0_test_loader = first_seed_model, first_seed_train_loader, first_seed_test_loader
+def seed0_train_loader() -> DataLoader:
+    """Seed 0's training signals in batches of 500."""
+    return bn_loader(mnist1d(0, DEMO.train_size)[0])
 
 
-# Seeds 0-2 chose the setting (experiments/claims.py calibrate: SGD alone, on the validation
-# split); the demo runs the seeds after them, which the choice never saw, so its intervals
-# are not those of the seeds that picked it.
-FIRST_SEED = 3
+def mnist1d_test_loader() -> DataLoader:
+    """The 1,000 test signals of MNIST-1D (the same for every seed)."""
+    return batches(mnist1d(0)[2], 500)
+
+
+first_seed_test_loader = seed0_test_loader = mnist1d_test_loader  # the names the configs use
 
 
 def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int | None = None,
