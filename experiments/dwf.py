@@ -215,7 +215,8 @@ def plot(report: dict, path: Path) -> None:
         pts = sorted(m["points"], key=lambda p: p["compression"])
         style, color = styles.get(method, ("x-", "0.4"))
         ax.errorbar([p["compression"] for p in pts], [100 * p["acc"] for p in pts],
-                    yerr=[100 * (p["acc_std"] or 0) for p in pts], fmt=style, color=color, label=method, capsize=2, ms=5)
+                    yerr=[100 * (p["acc_std"] or 0) for p in pts], fmt=style, color=color, label=method,
+                    capsize=2, ms=5)
     ax.axhline(100 * s["dense_acc"], color="0.3", lw=1, label="dense")
     for tol in (1, 5):
         ax.axhline(100 * s["dense_acc"] - tol, color="0.6", lw=0.8, ls=":")

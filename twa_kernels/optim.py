@@ -9,9 +9,9 @@ Before every step the gradient g of the model's parameters is replaced by P^T P 
 projection onto the span of the orthonormal basis P, computed by the fused project and
 reconstruct ops; the base optimizer then steps as usual. SGD (with or without momentum,
 without weight decay, every group at the same settings) steps along one linear function
-of those projected gradients, so its step is already inside the span. Any other step (Adam's per-entry scaling, weight decay)
-is projected too: the weights move by P^T P of the step the base optimizer took. Either
-way the weights stay in center + span(P).
+of those projected gradients, so its step is already inside the span. Any other step
+(Adam's per-entry scaling, weight decay) is projected too: the weights move by P^T P of
+the step the base optimizer took. Either way the weights stay in center + span(P).
 """
 
 from __future__ import annotations

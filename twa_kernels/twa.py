@@ -802,5 +802,6 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
     # they refuse (a float64 center, int32 offsets); each is cast as the copy without assign casts
     for name, own in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         value = state.get(prefix + name)
-        if isinstance(value, Tensor) and value.dtype != own.dtype and value.is_floating_point() == own.is_floating_point():
+        same_kind = isinstance(value, Tensor) and value.is_floating_point() == own.is_floating_point()
+        if same_kind and value.dtype != own.dtype:
             state[prefix + name] = value.to(own.dtype)

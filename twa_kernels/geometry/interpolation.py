@@ -119,8 +119,9 @@ def interpolate(
     checkpoints' floating-point buffers are mixed like the weights (BatchNorm statistics as
     `bn` says); their integer and bool ones (a channel permutation) must agree and are
     taken as they are. Buffers that a state_dict does not hold (non-persistent ones, such
-    as a rotary embedding's inv_freq) are the model's own. See the module docstring for `bn` and the barriers. Parameters are
-    mixed with torch.lerp, which is exact at alpha 0 and 1 and when a and b agree.
+    as a rotary embedding's inv_freq) are the model's own. See the module docstring for
+    `bn` and the barriers. Parameters are mixed with torch.lerp, which is exact at alpha 0
+    and 1 and when a and b agree.
     """
     check_module(model, "interpolate's model")
     check_bn(bn)
