@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
+import torch
 from torch import Tensor
 
 from twa_kernels._checks import path_without_nul
@@ -264,7 +265,8 @@ def _check_not_one_live_state(items: list[CheckpointSpec]) -> None:
     if len(items) < 2 or not all(isinstance(item, Mapping) for item in items):
         return
     memory = [frozenset((v.device.type, v.untyped_storage().data_ptr()) for v in item.values()
-                        if isinstance(v, Tensor) and v.numel() and v.device.type != "meta") for item in items]
+                        if isinstance(v, Tensor) and v.numel() and v.layout == torch.strided
+                        and v.device.type != "meta") for item in items]
     if memory[0] and all(m == memory[0] for m in memory[1:]):
         raise CheckpointError(f"the {len(items)} state_dicts hold the same tensors in memory, so they are one state "
                               "(model.state_dict() returns the model's live weights, which later steps change); "
