@@ -38,6 +38,13 @@ def cases() -> list[tuple[str, int, int]]:
     return [(m, k, b) for m in GRID["models"] for k in GRID["ks"] for b in GRID["bits"]]
 
 
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on huge pages (empty_huge), touched. The kernels' basis, center and
+    output live there, as tk.TWA's do: a copy, a peer or a plain read on 4 KiB pages would be
+    slowed by TLB misses the kernels do not pay, and the kernels' fraction of it flattered."""
+    return empty_huge(tuple(t.shape), t.dtype).copy_(t)
+
+
 def random_packed_basis(k: int, sizes: list[int], bits: int) -> QuantizedBasis:
     """A packed basis with random codes: the kernels' cost does not depend on the values,
     and quantising a dense k x 88M float basis would not fit this machine's memory."""
@@ -88,12 +95,6 @@ def bases():
 @pytest.fixture(autouse=True)
 def _fused_backend(monkeypatch):
     monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
-
-
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    import stamp  # bench/stamp.py: machine, date, commit and software of the run
-
-    output_json["stamp"] = stamp.stamp()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

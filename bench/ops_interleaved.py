@@ -67,7 +67,7 @@ def _isa(name: str):
 
 def worker(rounds: int, warmup: int) -> dict:
     import twa_kernels as tk
-    from conftest import random_packed_basis
+    from conftest import on_huge_pages, random_packed_basis
     from shapes import MODELS
     from twa_kernels._memory import empty_huge
 
@@ -83,17 +83,16 @@ def worker(rounds: int, warmup: int) -> dict:
 
     # the peers, on the same k x D matrix (D cut to a multiple of 1024, as their packing needs)
     dp = d // 1024 * 1024
-    w8 = torch.randint(-128, 128, (K, dp), dtype=torch.int8, generator=gen)
+    # the peers' matrices, the copies and the plain reads on huge pages, as the kernels' basis
+    w8 = on_huge_pages(torch.randint(-128, 128, (K, dp), dtype=torch.int8, generator=gen))
     s8 = torch.rand(K, generator=gen).bfloat16()
     g_bf16 = g[:dp].bfloat16()[None]
-    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        torch.randint(0, 16, (K, dp), dtype=torch.int32, generator=gen), 2)
-    sz4 = torch.rand(dp // GROUP, K, 2, generator=gen).bfloat16()
-    dense = torch.empty(K, d).fill_(1e-3)
-    big_src, big_dst = torch.randn(64 << 20, generator=gen), torch.empty(64 << 20)
-    big_dst.copy_(big_src)
-    src_d, dst_d = torch.randn(d, generator=gen), torch.empty(d)
-    dst_d.copy_(src_d)
+    w4 = on_huge_pages(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (K, dp), dtype=torch.int32, generator=gen), 2))
+    sz4 = on_huge_pages(torch.rand(dp // GROUP, K, 2, generator=gen).bfloat16())
+    dense = on_huge_pages(torch.full((K, d), 1e-3))
+    big_src, big_dst = on_huge_pages(torch.randn(64 << 20, generator=gen)), on_huge_pages(torch.zeros(64 << 20))
+    src_d, dst_d = on_huge_pages(torch.randn(d, generator=gen)), on_huge_pages(torch.zeros(d))
 
     ops: dict[str, tuple] = {}  # name -> (call, bytes, info)
     for b, qb in bases.items():
@@ -130,7 +129,7 @@ def worker(rounds: int, warmup: int) -> dict:
     # size): how fast those bytes can be read at all, the floor no project can beat
     for b in (2, 4):
         nbytes = bases[b].nbytes + 4 * d
-        block = torch.randn(nbytes // 4, generator=gen)
+        block = on_huge_pages(torch.randn(nbytes // 4, generator=gen))
         ops[f"read_{b}bit_bytes"] = (block.sum, nbytes, dict(op="read", bits=b, impl="torch_sum"))
 
     isa_default = torch.ops.twa_kernels_cpu.isa() if tk.backend("cpu") == "cpp" else "none"

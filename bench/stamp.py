@@ -42,7 +42,20 @@ def stamp() -> dict:
     its commit in $TWA_BENCH_COMMIT; its cleanliness is then unknown (None)."""
     info = _provenance.stamp(REPO, OUTPUT_DIRS)
     info["commit"] = info["commit"] or os.environ.get("TWA_BENCH_COMMIT") or None
+    info["transparent_hugepage"] = transparent_hugepage()
     return info
+
+
+def transparent_hugepage() -> str | None:
+    """The kernel's transparent huge page mode (always, madvise or never; None where it cannot
+    be read): with "never" no buffer gets huge pages, and the kernels' times rise by their
+    TLB misses."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    chosen = re.search(r"\[(\w+)\]", text)
+    return chosen.group(1) if chosen else None
 
 
 if __name__ == "__main__":  # `python bench/stamp.py` prints the slug, for results file names

@@ -61,8 +61,9 @@ _PHASES = ("forward", "backward", "update")
 
 
 def _copy_bandwidth() -> float:
-    src = torch.randn(64 << 20)
-    dst = torch.empty_like(src)
+    from conftest import on_huge_pages  # on huge pages, as the step's basis, center and workspace
+
+    src, dst = on_huge_pages(torch.randn(64 << 20)), on_huge_pages(torch.zeros(64 << 20))
     times = []
     for _ in range(12):
         t0 = time.perf_counter()
@@ -73,7 +74,7 @@ def _copy_bandwidth() -> float:
 
 def worker(calls: int) -> dict:
     import twa_kernels as tk
-    from conftest import random_packed_basis
+    from conftest import on_huge_pages, random_packed_basis
     from shapes import MODELS
     from twa_kernels._memory import empty_huge
     from twa_kernels.twa import _Workspace
@@ -92,8 +93,7 @@ def worker(calls: int) -> dict:
     t0 = time.perf_counter()
     tk.project(tk.quantize(torch.randn(2, 256), bits=BITS), torch.randn(256))
     load = time.perf_counter() - t0
-    ref_src, ref_dst = torch.randn(d), torch.empty(d)
-    ref_dst.copy_(ref_src)  # its pages touched before the timed calls
+    ref_src, ref_dst = on_huge_pages(torch.randn(d)), on_huge_pages(torch.zeros(d))  # touched before the calls
     times, copies = [], []
     for _ in range(calls):
         t0 = time.perf_counter()
