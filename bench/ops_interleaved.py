@@ -94,6 +94,9 @@ def worker(rounds: int, warmup: int) -> dict:
     big_src, big_dst = on_huge_pages(torch.randn(64 << 20, generator=gen)), on_huge_pages(torch.zeros(64 << 20))
     src_d, dst_d = on_huge_pages(torch.randn(d, generator=gen)), on_huge_pages(torch.zeros(d))
 
+    if tk.backend("cpu") != "cpp":
+        raise SystemExit("the C++ kernels are not available here (see `twa build`): nothing to time")
+    tk.project(tk.quantize(torch.randn(2, 256), bits=4), torch.randn(256))  # loads the kernels and isa()
     # the paths this CPU runs: asked for AVX-512 without it, the kernels take their AVX2 path,
     # whose rows would be labelled with a path that never ran
     paths = [isa for isa in ("avx512", "avx2") if _isa(isa)(torch.ops.twa_kernels_cpu.isa)() == isa]
@@ -136,7 +139,7 @@ def worker(rounds: int, warmup: int) -> dict:
         block = on_huge_pages(torch.randn(nbytes // 4, generator=gen))
         ops[f"read_{b}bit_bytes"] = (block.sum, nbytes, dict(op="read", bits=b, impl="torch_sum"))
 
-    isa_default = torch.ops.twa_kernels_cpu.isa() if tk.backend("cpu") == "cpp" else "none"
+    isa_default = torch.ops.twa_kernels_cpu.isa()
     times: dict[str, list[float]] = {name: [] for name in ops}
     for r in range(warmup + rounds):
         for name, (call, _, _) in ops.items():
