@@ -264,9 +264,12 @@ def _check_not_one_live_state(items: list[CheckpointSpec]) -> None:
     weighting, and fine-tunes sharing a frozen backbone's tensors are distinct states.)"""
     if len(items) < 2 or not all(isinstance(item, Mapping) for item in items):
         return
-    memory = [frozenset((v.device.type, v.untyped_storage().data_ptr()) for v in item.values()
-                        if isinstance(v, Tensor) and v.numel() and v.layout == torch.strided
-                        and v.device.type != "meta") for item in items]
+    try:
+        memory = [frozenset((v.device.type, v.untyped_storage().data_ptr()) for v in item.values()
+                            if isinstance(v, Tensor) and v.numel() and v.layout == torch.strided
+                            and v.device.type != "meta") for item in items]
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage (DTensor): no check
+        return
     if memory[0] and all(m == memory[0] for m in memory[1:]):
         raise CheckpointError(f"the {len(items)} state_dicts hold the same tensors in memory, so they are one state "
                               "(model.state_dict() returns the model's live weights, which later steps change); "
