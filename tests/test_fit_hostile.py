@@ -668,8 +668,12 @@ def test_ctrl_c_or_sigterm_stops_the_command_with_one_line_and_no_output(project
     marker = project / "waiting-started"
     marker.unlink(missing_ok=True)
     env = {**_env(PACKAGE_ROOT, TESTS, str(project)), "FIT_MARKER": str(marker)}
+    # a command started in the background by a non-interactive shell (as a CI runner may start
+    # the suite) inherits SIGINT ignored, and then never sees the Ctrl-C this test sends: the
+    # child gets the default disposition, as a terminal's command has
     proc = subprocess.Popen([sys.executable, "-m", "twa_kernels", "fit", str(config), "--no-progress"], cwd=project,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
