@@ -146,14 +146,10 @@ def stamp_line(stamp: dict | None, slug: str = "") -> str:
     return f"{', '.join(parts)}; {date}, {commit}"
 
 
-# every suite's file suffix; `*-ops.json` also matches `<gpu>-cuda-ops.json`, another suite's
-_SUITE_NAMES = ("ops", "ops-interleaved", "access-pattern", "steady-step", "distributed-step", "cuda-ops",
-                "builder-memory")
-
-
 def _files(suite: str) -> list[Path]:
-    """The results files of one suite, newest stamp first (an undated file last)."""
-    longer = [other for other in _SUITE_NAMES if other != suite and other.endswith(f"-{suite}")]
+    """The results files of one suite, newest stamp first (an undated file last). `*-ops.json`
+    also matches `<gpu>-cuda-ops.json`, another section's suite: those are left out."""
+    longer = [other for other in SECTIONS if other != suite and other.endswith(f"-{suite}")]
     paths = sorted(p for p in RESULTS.glob(f"*-{suite}.json")
                    if not any(p.name.endswith(f"-{other}.json") for other in longer))
     return sorted(paths, key=lambda p: (json.loads(p.read_text()).get("stamp") or {}).get("datetime") or "",

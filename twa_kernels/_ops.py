@@ -133,11 +133,11 @@ def _check_vector(name: str, t: Tensor, codes: Tensor, numel: int | None = None)
     """The Triton and CUDA kernels index an operand by the basis's layout alone: one of
     another dtype, on another device (or another GPU) or with fewer elements would be read
     as garbage or out of bounds. Raw torch.ops calls get the library's errors here; the
-    public wrappers in ops.py check the same before."""
+    public wrappers in ops.py call it too, after their own checks of the tensor's kind."""
     if t.dtype not in _VECTOR_DTYPES:
-        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; cast it with .float()")
     if t.device != codes.device:
-        raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {codes.device}")
+        raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {codes.device}; move one with .to()")
     if numel is not None and t.numel() != numel:
         raise InvalidArgumentError(f"{name} has {t.numel()} elements but the basis has {numel} columns")
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_int8_op, project_op, reconstruct_op
+from twa_kernels._ops import _check_vector as _check_operand
 from twa_kernels.quant import QuantizedBasis
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
@@ -34,10 +35,7 @@ def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
     if t.dim() != 1 or t.numel() != qb.num_cols:
         raise InvalidArgumentError(f"{name} must be 1-D with {qb.num_cols} elements (the basis columns), got shape "
                          f"{tuple(t.shape)}; flatten it with .reshape(-1)")
-    if t.dtype not in _FLOAT_INPUTS:
-        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; cast it with .float()")
-    if t.device != qb.device:
-        raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {qb.device}; move one with .to()")
+    _check_operand(name, t, qb.codes)  # dtype and device, as the raw ops check them
 
 
 def _dual(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
