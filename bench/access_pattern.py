@@ -14,7 +14,11 @@ its arithmetic costs; its order over the plain pass is what the order costs; a p
 time over its 4-bit time is the lowest 2-bit / 4-bit ratio its bytes allow; and the
 in-cache time over the plain pass says whether the arithmetic alone fits in the time the
 bytes take: above 1.25, the op cannot reach 80% of the plain pass's bandwidth even if its
-memory traffic were free.
+memory traffic were free. Two more columns say what the op's surroundings cost: the
+projections and their order again with g on huge pages (where torch puts a gradient when
+the process starts with THP_MEM_ALLOC_ENABLE=1; autograd's gradients are otherwise on 4 KiB
+pages), and each op's bytes in the order a group-major codes layout would give (all k rows
+of a group adjacent: one stream of codes instead of one per row; g on huge pages).
 
 Writes bench/results/<machine>-access-pattern.json, stamped with machine, date and commit.
 No assertion on time: this is a measurement.
@@ -34,6 +38,9 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 SOURCE = HERE / "native" / "access_pattern.cpp"
+# the program's columns, in its order: milliseconds, or None where a column does not apply
+COLUMNS = ("kernel_ms", "kernel_order_ms", "plain_read_ms", "kernel_in_cache_ms", "kernel_g_huge_ms",
+           "kernel_order_g_huge_ms", "group_major_order_ms")
 
 
 def compile_program(out_dir: Path, optimize: bool = True) -> Path:
@@ -55,10 +62,9 @@ def run(binary: Path, rounds: int, threads: int, d: int | None = None) -> list[d
     rows = []
     for line in done.stdout.split("\n"):
         if line.strip():
-            op, bits, nbytes, kernel, order, plain, in_cache = line.split()
-            rows.append(dict(op=op, bits=int(bits), bytes=int(nbytes), kernel_ms=float(kernel),
-                             kernel_order_ms=float(order), plain_read_ms=float(plain),
-                             kernel_in_cache_ms=None if in_cache == "nan" else float(in_cache)))
+            op, bits, nbytes, *times = line.split()
+            rows.append(dict(op=op, bits=int(bits), bytes=int(nbytes),
+                             **{key: None if value == "nan" else float(value) for key, value in zip(COLUMNS, times)}))
     return rows
 
 
@@ -82,9 +88,8 @@ def main() -> None:
           "| its order / plain | in cache / plain |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary = []
-    keys = ("kernel_ms", "kernel_order_ms", "plain_read_ms", "kernel_in_cache_ms")
     for i, row in enumerate(runs[0]):
-        med = {key: statistics.median(r[i][key] for r in runs) if row[key] is not None else None for key in keys}
+        med = {key: statistics.median(r[i][key] for r in runs) if row[key] is not None else None for key in COLUMNS}
         summary.append(dict(op=row["op"], bits=row["bits"], bytes=row["bytes"], **med))
         print(f"| {row['op']} | {row['bits']} | {med['kernel_ms']:.2f} | {med['kernel_order_ms']:.2f} "
               f"| {med['plain_read_ms']:.2f} | {_ms(med['kernel_in_cache_ms'])} "

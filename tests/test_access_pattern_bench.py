@@ -40,3 +40,7 @@ def test_the_program_builds_and_reports_each_bit_width(tmp_path):
             assert row["kernel_in_cache_ms"] is None
         else:
             assert isinstance(row["kernel_in_cache_ms"], float) and math.isfinite(row["kernel_in_cache_ms"])
+        # g on huge pages: the projections only (reconstruct's center is on huge pages already)
+        g_huge = (row["kernel_g_huge_ms"], row["kernel_order_g_huge_ms"])
+        assert g_huge == (None, None) if row["op"] == "reconstruct" else min(g_huge) > 0
+        assert row["group_major_order_ms"] > 0

@@ -21,13 +21,19 @@
 //              threads, their buffers) drops out. Their codes and g fit in L3 (32,768
 //              columns in L2 below 8 bits). Projections only: reconstruct's streaming
 //              stores would write to lines its previous call left in cache, which costs
-//              more than writing to memory, so "nan" stands in its place.
+//              more than writing to memory, so "nan" stands in its place;
+//   g on huge pages  the projections and their order again with g on 2 MiB pages, as torch
+//              puts a gradient when the process starts with THP_MEM_ALLOC_ENABLE=1 ("nan"
+//              for reconstruct, whose center is on huge pages already);
+//   group-major order  the same bytes in the order a group-major codes layout would give
+//              (all k rows of a group adjacent, one stream of codes instead of a stream per
+//              row), g on huge pages: what the packed format's row-major order costs.
 //
 // k = 16, D = 11,689,512 (ResNet-18), groups of 128, one block, codes on 2 MiB pages as the
 // library's bases are, g on ordinary pages as an autograd gradient is. Each round times every
 // bit width and op in turn, so that 2-bit and 4-bit times are compared within rounds.
 // Arguments: rounds, threads, D. Prints one line per op and bit width: op, bits, bytes, and
-// the median milliseconds of the four over the rounds. Built and run by bench/access_pattern.py.
+// the median milliseconds of the seven over the rounds. Built and run by bench/access_pattern.py.
 #include "../../csrc/cpu/kernels.cpp"
 
 #include <sys/mman.h>
@@ -147,6 +153,41 @@ uint64_t move_in_reconstruct_order(const twa::PackedBasis& b, const float* cente
   return total;
 }
 
+// The op's traffic in the order a group-major codes layout would give: group by group, the
+// group's k rows read as one stretch (here the row-major codes' bytes, read as if they were
+// laid out so, which moves the same bytes), with g's group (projections) or the center's
+// group and the weights written (reconstruct), and the group's scales and mins.
+uint64_t move_in_group_major_order(const twa::PackedBasis& b, const float* g_or_center, float* out, int threads) {
+  const int64_t width = b.group_size, stretch = width * b.bits / 8 * b.k;
+  uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(^ : total)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_begin = b.n_groups * tid / nth, t_end = b.n_groups * (tid + 1) / nth;
+    Line acc = {};
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      for (const float* table : {b.scales, b.mins})
+        for (int64_t j = 0; j < b.k; j += 16) xor_load(acc, table + t * b.k + j);
+      const uint8_t* p = b.codes + t * stretch;
+      for (int64_t off = 0; off < stretch; off += 64) {
+        __builtin_prefetch(p + twa::kPrefetchBytes + off);
+        xor_load(acc, p + off);
+      }
+      for (int64_t j = 0; j < width; j += 16) {
+        Line v;
+        std::memcpy(&v, g_or_center + t * width + j, sizeof v);
+        acc ^= v;
+        if (out != nullptr) stream_line(out + t * width + j, acc);
+      }
+    }
+    total ^= fold(acc);
+  }
+#if defined(__AVX__)
+  if (out != nullptr) _mm_sfence();
+#endif
+  return total;
+}
+
 uint64_t read_plain(const uint8_t* p, int64_t bytes, int threads) {
   uint64_t total = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : total)
@@ -174,15 +215,17 @@ void write_plain(float* dst, int64_t n, int threads) {
 #endif
 }
 
+// kernel, its order, plain, in cache, kernel with g on huge pages, its order so, group-major order
+constexpr int kColumns = 7;
+
 // The medians of each column of `times`, in milliseconds, printed after the op and sizes.
-void report(const char* op, int bits, int64_t bytes, std::vector<double> (&times)[4]) {
-  double median[4];
-  for (int i = 0; i < 4; ++i) {
-    std::sort(times[i].begin(), times[i].end());
-    median[i] = times[i].empty() ? std::nan("") : times[i][times[i].size() / 2] * 1e3;
+void report(const char* op, int bits, int64_t bytes, std::vector<double> (&times)[kColumns]) {
+  std::printf("%s %d %lld", op, bits, static_cast<long long>(bytes));
+  for (std::vector<double>& column : times) {
+    std::sort(column.begin(), column.end());
+    std::printf(" %.3f", column.empty() ? std::nan("") : column[column.size() / 2] * 1e3);
   }
-  std::printf("%s %d %lld %.3f %.3f %.3f %.3f\n", op, bits, static_cast<long long>(bytes), median[0], median[1],
-              median[2], median[3]);
+  std::printf("\n");
 }
 
 // The rows per block of project's row blocks on the path the library takes on this CPU.
@@ -240,6 +283,8 @@ int main(int argc, char** argv) {
   for (int64_t j = 0; j < padded; ++j) center[j] = g[j];
   std::memset(out, 0, padded * sizeof(float));
   std::vector<float> x(k, 0.01f);
+  float* g_huge = on_huge_pages<float>(padded);  // the same gradient where THP_MEM_ALLOC_ENABLE=1 puts it
+  std::memcpy(g_huge, g.data(), padded * sizeof(float));
   // every bit width's basis at once, so that a round times all of them and a drift of a shared
   // machine hits the 2-bit and 4-bit passes alike
   const int widths[3] = {2, 4, 8};
@@ -273,7 +318,7 @@ int main(int argc, char** argv) {
     narrow.emplace_back(k, group, widths[w], narrow_cols, rng);
     wide.emplace_back(k, group, widths[w], wide_cols, rng);
   }
-  std::vector<double> times[3][3][4];  // [bit width][op][kernel, its order, plain, in cache]
+  std::vector<double> times[3][3][kColumns];  // [bit width][op][column, as kColumns lists them]
   uint64_t sink = 0;
   for (int r = 0; r < rounds + 2; ++r) {
     for (int w = 0; w < 3; ++w) {
@@ -292,19 +337,33 @@ int main(int argc, char** argv) {
         sink ^= read_plain(cases[w].flat, reads, threads);
         if (op == 2) write_plain(out, padded, threads);
         const double t3 = now();
-        if (op == 2) {  // reconstruct: no in-cache time (see the top of this file)
+        if (op == 2) {
+          sink ^= move_in_group_major_order(b, center, out, threads);
+          const double t4 = now();
           if (r < 2) continue;  // warm-up
           times[w][op][0].push_back(t1 - t0), times[w][op][1].push_back(t2 - t1), times[w][op][2].push_back(t3 - t2);
+          times[w][op][6].push_back(t4 - t3);  // reconstruct: no in-cache time (see the top of this file)
           continue;
         }
+        call_op(op, b, g_huge, center, out, x.data(), y.data(), threads);
+        const double t4 = now();
+        if (op == 0) sink ^= read_in_projection_order(b, g_huge, threads, twa::int8_run_cap(b, false),
+                                                      twa::kInt8FetchAhead, 4);
+        if (op == 1) sink ^= read_in_projection_order(b, g_huge, threads, twa::project_run_cap(b),
+                                                      twa::kPrefetchBytes, project_rows_per_block());
+        const double t5 = now();
+        sink ^= move_in_group_major_order(b, g_huge, nullptr, threads);
+        const double t6 = now();
+        if (r >= 2)
+          for (int c : {4, 5, 6}) times[w][op][c].push_back(c == 4 ? t4 - t3 : c == 5 ? t5 - t4 : t6 - t5);
         double per_call[2];
         for (int size = 0; size < 2; ++size) {
           SmallCase& s = size ? wide[w] : narrow[w];
           call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);  // into cache
-          const double t4 = now();
+          const double start = now();
           for (int i = 0; i < kCacheCalls; ++i)
             call_op(op, s.b, s.g.data(), s.center.data(), s.out.data(), x.data(), y.data(), threads);
-          per_call[size] = (now() - t4) / kCacheCalls;
+          per_call[size] = (now() - start) / kCacheCalls;
         }
         const double in_cache = (per_call[1] - per_call[0]) / (wide_cols - narrow_cols) * padded;
         if (r < 2) continue;  // warm-up
@@ -321,6 +380,7 @@ int main(int argc, char** argv) {
   }
   std::free(center);
   std::free(out);
+  std::free(g_huge);
   volatile uint64_t keep = sink;  // the reads have a use
   (void)keep;
   return 0;
