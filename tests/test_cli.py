@@ -277,6 +277,38 @@ def test_geometry_commands_name_a_bad_config_before_evaluating(no_evaluation, ca
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("command", ["connect", "plane"])
+def test_geometry_commands_take_a_loss_class_as_fit_does(project, monkeypatch, tmp_path, capsys, command):
+    # torch.nn:CrossEntropyLoss is made with its defaults, then called as the loss function is
+    from twa_kernels.cli import main
+
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(project))
+    losses = []
+    for i, loss in enumerate(("torch.nn:CrossEntropyLoss", "torch.nn.functional:cross_entropy")):
+        out = tmp_path / f"{command}-{i}.png"
+        args = _geometry(command, out, _config(project, loss=loss))
+        args += ["--steps", "2"] if command == "connect" else ["--grid", "2"]
+        assert main(args) == 0, capsys.readouterr().err
+        losses.append(torch.tensor(json.loads(out.with_suffix(".json").read_text())["loss"]).flatten().tolist())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_geometry_commands_resolve_every_import_string_before_building_the_model(no_evaluation, capsys):
+    from twa_kernels.cli import main
+
+    (no_evaluation / "marked.py").write_text("from pathlib import Path\nfrom userpkg import make_model as _make\n"
+                                             "def make_model():\n    Path('model-built').touch()\n"
+                                             "    return _make()\n")
+    config = _config(no_evaluation, model="marked:make_model",
+                     data=dict(train="userpkg:train_loader", val="userpkg:val_laoder"))
+    assert main(_geometry("connect", "c.png", config) + ["--split", "train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.val: unknown import string 'userpkg:val_laoder'" in err[0], err
+    assert not (no_evaluation / "model-built").exists()
+
+
 # -- the demo checks its options before creating anything ----------------------------------
 
 

@@ -5,13 +5,17 @@ as one set or not at all."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,6 +88,28 @@ def per_sample_loss(outputs, targets):
 def nan_valued_loss(outputs, targets):  # NaN in value only: its gradient is cross-entropy's
     loss = torch.nn.functional.cross_entropy(outputs, targets)
     return loss + (loss * float("nan")).detach()
+
+def no_grad_loss(outputs, targets):
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+def noting_loader():  # the user's own code writes into the output directory while the run works
+    notes = Path(os.environ["FIT_NOTES"])
+    notes.parent.mkdir(parents=True, exist_ok=True)
+    notes.write_text("mine")
+    return DataLoader(digits_splits()[0], batch_size=128)
+
+def one_sample_val_loader():  # as DataLoader(batch_size=None) gives them: each target 0-d
+    return [(x[None], y) for x, y in digits_splits()[1]]
+
+def flat_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets.reshape(-1))
+
+def dict_target_val_loader():  # 350 samples in batches of 128, 128 and 94
+    return [(x, {"label": y}) for x, y in DataLoader(digits_splits()[1], batch_size=128)]
+
+def label_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets["label"] if isinstance(targets, dict) else targets)
 '''
 
 
@@ -183,6 +209,21 @@ def _consistent(out: Path) -> dict:
         (dict(model="torch.nn:Linear"), ["model: 'torch.nn:Linear' cannot be called without arguments",
                                          "missing a required argument: 'in_features'"]),  # a traceback before
         (dict(data=dict(train="fit_hostile_pkg:train_loader", test="x:y")), ["data must be a mapping with a 'train'"]),
+        # every import string is resolved before the model factory runs, and its key is named
+        (dict(data=dict(train="fit_hostile_pkg:train_loader", val="fit_hostile_pkg:val_laoder")),
+         ["data.val: unknown import string 'fit_hostile_pkg:val_laoder'", "has no 'val_laoder'"]),
+        (dict(data=dict(train="fit_hostile_pkg:train_laoder")), ["data.train: unknown import string"]),
+        (dict(optimizer=dict(lr=10**400)), ["optimizer.lr must be a finite positive number", "(an integer)"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, momentum=10**400)), ["optimizer.momentum must be a finite number",
+                                                                      "(an integer)"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, weight_decay=10**30)), ["optimizer SGD does not take",
+                                                                         "OverflowError"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, momentum=float("nan"))), ["optimizer.momentum must be a finite "
+                                                                           "number, got nan"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, weight_decay=float("inf"))), ["optimizer.weight_decay must be a "
+                                                                               "finite number, got inf"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[float("nan"), 0.99])), ["optimizer.betas[0] must be a "
+                                                                                 "finite number"]),
     ],
 )
 def test_a_bad_config_value_is_one_line_naming_key_value_and_what_is_allowed(in_project, capsys, overrides,
@@ -213,6 +254,49 @@ def test_every_optimizer_that_can_step_the_coefficients_is_accepted(optimizer):
     assert config.optimizer == optimizer["name"]
 
 
+@pytest.mark.parametrize("line,shown", [("1: x", "1 (an integer)"), ("null: x", "None (null)"),
+                                        ("true: x", "True (a boolean)")])
+def test_a_config_key_that_is_not_a_name_is_one_line_naming_it(in_project, capsys, line, shown):
+    from twa_kernels.cli import main
+
+    path = _config(in_project, name="odd-key.yaml")
+    path.write_text(path.read_text() + line + "\nsurplus: y\n")
+    assert main(["fit", str(path), "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"the key {shown} is not a name; the keys are" in lines[0], lines
+
+
+@pytest.mark.parametrize("key", ["checkpoints", "optimizer", "distributed"])
+def test_a_value_built_from_nested_yaml_aliases_is_shown_cut_short(tmp_path, key):
+    from twa_kernels.fit import load_config
+
+    # five levels of ten aliases: 100,000 strings, whose whole repr would be 1.4 MB
+    items = [f"  - &a0 [{', '.join(['xxxxxxxxxx'] * 10)}]"]
+    items += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 5)]
+    value = "\n".join(items)
+    settings = dict(checkpoints="checkpoints:\n" + value, distributed="distributed:\n mode:\n" + value,
+                    optimizer="optimizer:\n name: SGD\n lr: 0.1\n bomb:\n" + value)
+    path = tmp_path / "aliases.yaml"
+    text = "model: m:f\ndata: {train: m:t}\n" + ("" if key == "checkpoints" else "checkpoints: c/\n")
+    path.write_text(text + settings[key] + "\n")
+    with pytest.raises(FitError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert key in message and "..." in message and len(message) < 1000, message[:2000]
+
+
+def test_distributed_must_be_a_mapping_or_left_empty():
+    from twa_kernels.fit import check_config
+
+    base = dict(model="m:f", data=dict(train="m:t"), checkpoints="c")
+    assert check_config(dict(base, distributed=None), "cfg").distributed_mode == "replicated"  # `distributed:` alone
+    assert check_config(dict(base, distributed={}), "cfg").distributed_mode == "replicated"
+    for value, shown in ((False, "False (a boolean)"), ([], "[] (a list)"), ("sharded", "'sharded' (a string)")):
+        with pytest.raises(FitError, match=rf"distributed must be \{{mode: replicated\}} or \{{mode: sharded\}}, got "
+                                           rf"{re.escape(shown)}; write one of them"):
+            check_config(dict(base, distributed=value), "cfg")
+
+
 def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():
     from twa_kernels.fit import check_config
 
@@ -241,6 +325,41 @@ def test_a_config_nested_too_deeply_is_refused_naming_the_file(tmp_path, value):
     path.write_text(f"model: m:f\ndata: {{train: m:t}}\ncheckpoints: c/\noutput: {value}\n")
     with pytest.raises(FitError, match=r"deep\.yaml: not a valid config: its YAML is nested too deeply"):
         load_config(path)
+
+
+def test_a_config_given_as_a_pipe_is_read_once(tmp_path):
+    # `twa fit <(envsubst < base.yaml)` passes /dev/fd/63, a pipe, not a regular file
+    from twa_kernels.fit import load_config
+
+    pipe = tmp_path / "config.pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=("model: m:f\ndata: {train: m:t}\ncheckpoints: c/\n",),
+                              daemon=True)
+    writer.start()
+    try:
+        config = load_config(pipe)
+    finally:
+        if writer.is_alive():  # not read: open the reading end, so the writer's open() returns
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(10)
+    assert (config.model, config.data, config.checkpoints) == ("m:f", {"train": "m:t"}, "c/")
+
+
+def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, monkeypatch):
+    from twa_kernels.fit import load_config
+
+    monkeypatch.chdir(tmp_path)  # a socket's path must be short
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind("s")
+        with pytest.raises(FitError, match=r"^s: not a regular file \(a socket\), so not a config file; give"):
+            load_config("s")
+    finally:
+        server.close()
+    with pytest.raises(FitError, match=r"is a directory, not a config file"):
+        load_config(tmp_path)
+    with pytest.raises(FitError, match=r"missing\.yaml: no such config file"):
+        load_config(tmp_path / "missing.yaml")
 
 
 # -- data that is not an iterable of (inputs, targets) batches -----------------------------
@@ -283,6 +402,25 @@ def test_a_loss_class_is_made_with_its_defaults_and_trains_as_its_function(in_pr
     reports = [run_fit(_config(in_project, output=str(in_project / f"loss-{i}"), loss=loss), progress=False)
                for i, loss in enumerate(("torch.nn.functional:cross_entropy", "torch.nn:CrossEntropyLoss"))]
     assert reports[0]["train_loss_last_10_batches"] == pytest.approx(reports[1]["train_loss_last_10_batches"], rel=1e-6)
+
+
+def test_a_loss_that_does_not_require_grad_is_named_and_writes_nothing(in_project):
+    config = _config(in_project, output=str(in_project / "no-grad-out"), loss="fit_hostile_pkg:no_grad_loss")
+    with pytest.raises(FitError, match=r"loss: 'fit_hostile_pkg:no_grad_loss' returned a value that does not "
+                                       r"require grad.*torch\.no_grad\(\)"):
+        run_fit(config, progress=False)
+    assert not (in_project / "no-grad-out").exists() and _leftovers(in_project, "no-grad-out") == []
+
+
+@pytest.mark.parametrize("loader", ["one_sample_val_loader", "dict_target_val_loader"])
+def test_the_validation_loss_is_the_mean_over_samples_whatever_the_batches_hold(in_project, loader):
+    # 0-d targets (batch_size=None) have no len(); a dict of targets has the len() of its keys
+    loss = "fit_hostile_pkg:flat_loss" if loader == "one_sample_val_loader" else "fit_hostile_pkg:label_loss"
+    reports = [run_fit(_config(in_project, output=str(in_project / f"{loader}-{val}"), loss=loss,
+                               data=dict(train="fit_hostile_pkg:train_loader", val=f"fit_hostile_pkg:{val}")),
+                       progress=False) for val in ("val_loader", loader)]
+    for key in ("val_loss_at_swa", "val_loss_after_twa"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-5), key
 
 
 def test_a_loss_that_is_not_one_number_is_named_and_writes_nothing(in_project):
@@ -413,6 +551,109 @@ def test_an_output_directory_holding_other_files_is_refused_not_emptied(in_proje
     assert os.listdir(shared) == ["notes.txt"] and not (in_project / "factory-called").exists()
 
 
+@pytest.mark.parametrize("entry", ["directory", "backup", "link to a directory"])
+def test_an_output_directory_holding_what_only_looks_like_an_output_is_refused(in_project, entry):
+    out = in_project / f"look-alike-{entry.replace(' ', '-')}"
+    out.mkdir()
+    if entry == "directory":
+        (out / "report.json").mkdir()
+        (out / "report.json" / "draft.txt").write_text("mine")
+    elif entry == "backup":
+        (out / ".report.json.bak").write_text("mine")
+    else:
+        (in_project / "elsewhere").mkdir(exist_ok=True)
+        (out / "averaged.pt").symlink_to(in_project / "elsewhere")
+    before = sorted(os.listdir(out))
+    shown = {"directory": "report.json/", "backup": ".report.json.bak", "link to a directory": "averaged.pt/"}[entry]
+    with pytest.raises(OutputError, match=rf"holds files other than .*\({re.escape(shown)}\)"):
+        run_fit(_config(in_project, output=str(out)), progress=False)
+    assert sorted(os.listdir(out)) == before and not (in_project / "factory-called").exists()
+    if entry == "directory":
+        assert (out / "report.json" / "draft.txt").read_text() == "mine"
+
+
+def test_a_file_written_into_the_output_during_a_run_is_kept_in_the_new_set(in_project, monkeypatch):
+    out = in_project / "noted-out"
+    monkeypatch.setenv("FIT_NOTES", str(out / "notes.txt"))
+    report = run_fit(_config(in_project, output=str(out), data=dict(train="fit_hostile_pkg:noting_loader")),
+                     progress=False)
+    assert sorted(os.listdir(out)) == ["averaged.pt", "averaged.safetensors", "notes.txt", "report.json"]
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "report.json").read_text()) == report
+    assert _leftovers(in_project, out.name) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])
+@pytest.mark.parametrize("existed", [True, False], ids=["replaced", "new"])
+def test_entries_that_appear_in_the_output_during_a_run_are_moved_into_the_new_set(tmp_path, monkeypatch, exchange,
+                                                                                     existed):
+    from twa_kernels import _outdir
+
+    if not exchange:
+        monkeypatch.setattr(_outdir, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    if existed:
+        first = _outdir.OutputDirectory(out, ["a.bin", "b.json"])
+        for name in first.names:
+            first.stage(name).write_text("old")
+        first.commit()
+    second = _outdir.OutputDirectory(out, ["a.bin", "b.json"])
+    for name in second.names:
+        second.stage(name).write_text("new")
+    out.mkdir(exist_ok=True)  # while the run works, the user writes there
+    (out / "notes.txt").write_text("mine")
+    (out / "figures").mkdir()
+    (out / "figures" / "loss.png").write_bytes(b"png")
+    (out / ".b.json.x7_k2q9a.tmp").write_text("what an interrupted write of an output leaves")
+    second.commit()
+    second.discard()
+    assert sorted(os.listdir(out)) == ["a.bin", "b.json", "figures", "notes.txt"]
+    assert {(out / name).read_text() for name in ("a.bin", "b.json")} == {"new"}
+    assert (out / "notes.txt").read_text() == "mine" and (out / "figures" / "loss.png").read_bytes() == b"png"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_directory_named_like_an_output_that_appears_during_a_run_is_kept_aside(tmp_path):
+    from twa_kernels import _outdir
+
+    out = tmp_path / "out"
+    target = _outdir.OutputDirectory(out, ["a.bin"])
+    target.stage("a.bin").write_text("new")
+    (out / "a.bin").mkdir(parents=True)
+    (out / "a.bin" / "mine.txt").write_text("mine")
+    with pytest.warns(RuntimeWarning, match=r"a\.bin appeared in it during the run .* kept in '.*\.out\.twa-kept"):
+        target.commit()
+    target.discard()
+    assert (out / "a.bin").read_text() == "new"
+    kept = [p for p in tmp_path.iterdir() if ".twa-kept." in p.name]
+    assert len(kept) == 1 and (kept[0] / "a.bin" / "mine.txt").read_text() == "mine"
+    _outdir.OutputDirectory(out, ["a.bin"]).discard()  # the next run's clean-up leaves it alone
+    assert (kept[0] / "a.bin" / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("length", [240, 300])
+def test_an_output_name_too_long_for_its_staging_directory_names_the_limit(in_project, length):
+    from twa_kernels._outdir import STAGING_NAME_EXTRA
+
+    limit = os.pathconf(in_project, "PC_NAME_MAX") - STAGING_NAME_EXTRA
+    with pytest.raises(OutputError, match=rf"the directory name is {length} characters, too long for the staging "
+                                          rf"directory name .* at most {limit} characters .*choose a shorter name"):
+        run_fit(_config(in_project, output=str(in_project / ("n" * length))), progress=False)
+    assert not (in_project / "factory-called").exists()
+
+
+def test_an_output_name_at_the_limit_is_written_and_a_longer_folder_is_an_output_error(tmp_path):
+    from twa_kernels._outdir import STAGING_NAME_EXTRA, OutputDirectory
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX") - STAGING_NAME_EXTRA
+    target = OutputDirectory(tmp_path / ("n" * limit), ["a.bin"])
+    target.stage("a.bin").write_text("new")
+    target.commit()
+    assert (tmp_path / ("n" * limit) / "a.bin").read_text() == "new"
+    with pytest.raises(OutputError, match=r"the folder name '.*' is 300 characters, more than the .* the file system "
+                                          r"allows in one name; choose a shorter path"):
+        OutputDirectory(tmp_path / ("d" * 300) / "out", ["a.bin"])
+
+
 def test_the_cli_names_an_unwritable_output_in_one_line(project):
     (project / "a-file").write_text("not a directory")
     result = _twa_module(project, "fit", str(_config(project, output=str(project / "a-file"))), "--no-progress")
@@ -527,9 +768,9 @@ def test_outputs_follow_the_umask_and_replaced_files_keep_their_mode(in_project)
         os.chmod(out / "report.json", 0o600)
         os.chmod(out / "averaged.pt", 0o444)
         os.chmod(out, 0o700)
-        (out / ".averaged.safetensors.k3j9x2").write_bytes(b"a temporary file a killed writer left")
+        (out / ".averaged.safetensors.k3j9x2_q.tmp").write_bytes(b"a temporary file a killed writer left")
         run_fit(_config(in_project, output=str(out)), progress=False)
-        assert not (out / ".averaged.safetensors.k3j9x2").exists()
+        assert not (out / ".averaged.safetensors.k3j9x2_q.tmp").exists()
         assert stat.S_IMODE((out / "report.json").stat().st_mode) == 0o600
         assert stat.S_IMODE((out / "averaged.pt").stat().st_mode) == 0o444
         assert stat.S_IMODE((out / "averaged.safetensors").stat().st_mode) == 0o640
@@ -688,6 +929,31 @@ def test_ctrl_c_or_sigterm_stops_the_command_with_one_line_and_no_output(project
     assert proc.returncode in (status, -signum) and err.strip().splitlines()[-1] == line, err
     assert "Traceback" not in err
     assert not out.exists() and not [name for name in _leftovers(project, out.name)]
+
+
+def test_sharded_mode_in_one_process_warns_that_it_trains_unsharded(in_project, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = _config(in_project, output=str(in_project / "sharded-out"), distributed=dict(mode="sharded"))
+    with pytest.warns(UserWarning, match=r"distributed: \{mode: sharded\} has no effect in one process .*torchrun"):
+        report = run_fit(config, progress=False)
+    assert report["world_size"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # replicated, the default, is said nothing about
+        run_fit(_config(in_project, output=str(in_project / "sharded-out"), distributed=dict(mode="replicated")),
+                progress=False)
+
+
+def test_a_leading_tilde_in_output_is_the_home_directory(in_project, tmp_path, monkeypatch, capsys):
+    from twa_kernels import _build
+    from twa_kernels.cli import main
+
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(_build.cache_root()))  # the built kernels, whatever HOME is
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["fit", str(_config(in_project, output="~/twa-home-out")), "--no-progress"]) == 0
+    out = tmp_path / "twa-home-out"
+    assert f"written: {out / 'averaged.pt'}, " in capsys.readouterr().out
+    _consistent(out)
+    assert not (in_project / "~").exists()
 
 
 def test_a_run_that_fails_leaves_no_directory_it_made_for_its_outputs(in_project):

@@ -524,6 +524,25 @@ def test_a_checkpoint_listed_twice_is_refused_as_it_would_count_twice(tmp_path):
     assert len(resolve_checkpoints(tunes)) == 2
 
 
+def test_a_write_through_a_symlink_replaces_the_file_it_points_to_and_keeps_the_link(tmp_path):
+    from twa_kernels.io import write_json
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "report.json").write_text("{}")
+    link = tmp_path / "latest.json"
+    link.symlink_to(Path("store") / "report.json")  # relative, as `ln -s` makes them
+    write_json(link, {"a": 1})
+    assert link.is_symlink() and os.readlink(link) == str(Path("store") / "report.json")
+    assert json.loads((store / "report.json").read_text()) == {"a": 1}
+    dangling = tmp_path / "next.pt"
+    dangling.symlink_to(store / "next.pt")  # to a file not written yet
+    tk.save_state_dict({"w": torch.ones(2)}, dangling)
+    assert dangling.is_symlink() and torch.equal(load_state_dict(store / "next.pt")["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "next.pt", "store"]
+    assert sorted(p.name for p in store.iterdir()) == ["next.pt", "report.json"]  # no temporary left
+
+
 def test_split_holdout_seed_reproduces_and_leaves_the_global_rng_alone():
     data = torch.utils.data.TensorDataset(torch.arange(50))
     state = torch.get_rng_state()

@@ -12,8 +12,14 @@ Staging and set-aside directories are named `.<target>.twa-stage.<pid>.<random>`
 `.<target>.twa-old.<pid>.<random>`; the next run removes those whose process is gone, so an
 interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long.
 
-Because the whole directory is replaced, it must hold nothing but these outputs: a directory
-with other files in it is refused before any work, never emptied.
+Because the whole directory is replaced, it must hold nothing but these outputs (regular
+files of exactly those names, and the `.<name>.<random>.tmp` files an interrupted atomic_write
+leaves): a directory with anything else in it is refused before any work, never emptied.
+What appears in it while the run works (a file a data loader writes there, say) is moved into
+the new set after the swap, not removed with the old one.
+
+The staging name is the target's and STAGING_NAME_EXTRA characters more, so the target's name
+must be at least that much shorter than the file system's limit for one name (227 of 255).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import ctypes
 import errno
 import os
 import re
+import reprlib
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +40,18 @@ from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import OutputError
 
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<pid>\d+)\.[^.]+$")
+# `.twa-stage.` and the pid (7 digits hold Linux's largest, 2**22) around the name, and
+# mkdtemp's 8 random characters after it: a fixed bound, so a name that fits fits every run
+STAGING_NAME_EXTRA = len("..twa-stage..") + 7 + 8
+_DEFAULT_NAME_MAX = 255  # bytes per name on ext4, XFS, btrfs, APFS and NTFS
+
+_PATH_REPR = reprlib.Repr()
+_PATH_REPR.maxstring = 200
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A path as a message shows it: quoted, and cut short when it is long."""
+    return _PATH_REPR.repr(str(path))
 
 
 def current_umask() -> int:
@@ -115,6 +135,7 @@ class OutputDirectory:
         # the parents this run creates, removed again by discard() when it ends without output
         self._created = [d for d in (self._target.parent, *self._target.parent.parents) if not d.exists()]
         self._committed = False
+        self._staging_removable = True
         try:
             self.recover()
             self._target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,36 +148,74 @@ class OutputDirectory:
 
     def _unwritable(self, where: Path, exc: OSError | None = None) -> OutputError:
         why = f": {exc.strerror or exc}" if exc is not None else ": no write permission"
-        return OutputError(f"output {str(self.path)!r} cannot be written ({where}{why}); choose a directory "
-                           "you can write to")
+        return OutputError(f"output {_shown(self.path)} cannot be written ({_shown(where)[1:-1]}{why}); choose a "
+                           "directory you can write to")
 
-    def _owned(self, entry: str) -> bool:
-        """An output, or a temporary file an earlier writer of an output may have left."""
-        return entry in self.names or any(entry.startswith(f".{name}.") for name in self.names)
+    def _owned(self, folder: Path, entry: str) -> bool:
+        """A regular file (or a link to one) named as an output, or as the temporary file an
+        interrupted atomic_write of an output leaves (`.<name>.<random>.tmp`, mkstemp's name):
+        what the swap may remove. A directory named like an output is the user's."""
+        named = entry in self.names or any(re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp", entry)
+                                           for name in self.names)
+        return named and os.path.isfile(folder / entry)
+
+    def _check_name_length(self) -> None:
+        """The staging directory's name is the target's and STAGING_NAME_EXTRA characters
+        more: a name that leaves no room for them would fail at mkdtemp, naming the parent."""
+        existing = self._target.parent
+        while not os.path.isdir(existing) and existing != existing.parent:  # isdir: False on any error
+            existing = existing.parent
+        try:
+            name_max = os.pathconf(existing, "PC_NAME_MAX")
+        except (OSError, ValueError):  # no such query on this OS or file system
+            name_max = _DEFAULT_NAME_MAX
+        for part in self._target.parent.parts:
+            if len(os.fsencode(part)) > name_max:
+                raise OutputError(f"output {_shown(self.path)}: the folder name {_shown(part)} is "
+                                  f"{len(os.fsencode(part))} characters, more than the {name_max} the file system "
+                                  "allows in one name; choose a shorter path")
+        limit = name_max - STAGING_NAME_EXTRA
+        length = len(os.fsencode(self._target.name))
+        if length > limit:
+            raise OutputError(f"output {_shown(self.path)}: the directory name is {length} characters, too long for "
+                              f"the staging directory name beside it, which adds {STAGING_NAME_EXTRA}: at most "
+                              f"{limit} characters (the file system allows {name_max} in one name); choose a "
+                              "shorter name")
 
     def _check_location(self) -> None:
+        try:
+            self._check_name_length()
+            self._check_existing()
+        except OSError as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise self._unwritable(Path(exc.filename) if exc.filename else self._target, exc) from exc
+
+    def _check_existing(self) -> None:
         target = self._target
         if target.exists() and not target.is_dir():
-            raise OutputError(f"output {str(self.path)!r} is a file, not a directory; the outputs "
+            raise OutputError(f"output {_shown(self.path)} is a file, not a directory; the outputs "
                               f"({', '.join(self.names)}) go into a directory: choose another path")
         cwd = Path.cwd().resolve()
         if target.exists() and (target.resolve() == cwd or target.resolve() in cwd.parents):
-            raise OutputError(f"output {str(self.path)!r} is the working directory or holds it; the output "
+            raise OutputError(f"output {_shown(self.path)} is the working directory or holds it; the output "
                               "directory is replaced as a whole, so give the outputs a directory of their own")
         if target.is_dir() and os.path.ismount(target):  # a mount point cannot be renamed or swapped
-            raise OutputError(f"output {str(self.path)!r} is a mount point; the output directory is replaced as a "
+            raise OutputError(f"output {_shown(self.path)} is a mount point; the output directory is replaced as a "
                               "whole, so give the outputs a directory inside it")
         existing = target if target.exists() else target.parent
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise OutputError(f"output {str(self.path)!r} lies under {str(existing)!r}, which is a file, not a "
+            raise OutputError(f"output {_shown(self.path)} lies under {_shown(existing)}, which is a file, not a "
                               "directory: choose another path")
         if target.is_dir():
-            foreign = sorted(e for e in os.listdir(target) if not self._owned(e))
+            # a directory is shown as `name/`: one named like an output is the user's, not an output
+            foreign = sorted(e + ("/" if os.path.isdir(target / e) else "") for e in os.listdir(target)
+                             if not self._owned(target, e))
             if foreign:
                 shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-                raise OutputError(f"output {str(self.path)!r} holds files other than {', '.join(self.names)} "
+                raise OutputError(f"output {_shown(self.path)} holds files other than {', '.join(self.names)} "
                                   f"({shown}); the output directory is replaced as a whole, so give the outputs "
                                   "a directory of their own (a new or empty one)")
             if not os.access(target, os.W_OK | os.X_OK):
@@ -206,8 +265,63 @@ class OutputDirectory:
         old_dir = self._target.stat().st_mode & 0o7777 if self._target.is_dir() else 0o777 & ~umask
         os.chmod(self._staging, old_dir)
 
+    def _swap(self) -> bool:
+        """Put the staged set in place of the target; True when the old set is then at the
+        staging path (False: there was no target)."""
+        target = self._target
+        if not target.exists():
+            try:
+                os.rename(self._staging, target)
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # a directory with entries appeared there during the run: swapped as one that was there
+        if _exchange(self._staging, target):
+            return True  # the staging path now holds the old set
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.twa-old.{os.getpid()}.", dir=target.parent))
+        os.rename(target, aside)  # replaces the empty directory mkdtemp made
+        try:
+            os.rename(self._staging, target)
+        except BaseException:  # an error or Ctrl-C here: the old set goes back at once
+            if not target.exists():
+                os.rename(aside, target)
+            raise
+        os.rename(aside, self._staging)
+        return True
+
+    def _keep_foreign(self) -> bool:
+        """Move what is not an output from the old set (now at the staging path) into the new
+        target: entries that appeared in the target while the run worked, which the check at
+        construction could not see, stay where the user put them. False when some could not
+        be moved: the old set is then kept (and named in a warning), not removed."""
+        kept = []
+        for entry in sorted(os.listdir(self._staging)):
+            if self._owned(self._staging, entry):
+                continue
+            try:
+                if os.path.lexists(self._target / entry):  # a directory named like an output, say
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(self._target / entry))
+                os.rename(self._staging / entry, self._target / entry)
+            except OSError:
+                kept.append(entry)
+        if not kept:
+            return True
+        folder = self._staging
+        try:  # under a name the next run's clean-up of staging directories leaves alone
+            folder = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-kept.", dir=self._target.parent))
+            os.rename(self._staging, folder)  # replaces the empty directory mkdtemp made
+        except OSError:
+            pass
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        warnings.warn(f"output {_shown(self.path)}: {shown} appeared in it during the run and could not be moved "
+                      f"into the new set; the previous set, with them, is kept in {_shown(folder)}: move what you "
+                      "need out of it, then remove it", RuntimeWarning, stacklevel=3)
+        return False
+
     def commit(self) -> None:
-        """Replace the target directory by the staged files in one step."""
+        """Replace the target directory by the staged files in one step; entries that are
+        not outputs and appeared in it during the run are moved into the new set."""
         missing = [n for n in self.names if not (self._staging / n).is_file()]
         if missing:
             raise OutputError(f"outputs {missing} were not written; nothing was replaced")
@@ -215,30 +329,29 @@ class OutputDirectory:
         fsync_directory(self._staging)  # the names are on disk before the swap makes them visible
         target = self._target
         try:
-            if not target.exists():
-                os.rename(self._staging, target)
-            elif _exchange(self._staging, target):
-                pass  # the staging path now holds the old set
-            else:
-                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.twa-old.{os.getpid()}.", dir=target.parent))
-                os.rename(target, aside)  # replaces the empty directory mkdtemp made
-                try:
-                    os.rename(self._staging, target)
-                except BaseException:  # an error or Ctrl-C here: the old set goes back at once
-                    if not target.exists():
-                        os.rename(aside, target)
-                    raise
-                os.rename(aside, self._staging)
+            swapped = self._swap()
         except OSError as exc:
             raise self._unwritable(target, exc) from exc
-        fsync_directory(target.parent)
-        shutil.rmtree(self._staging, ignore_errors=True)
         self._committed = True
+        try:
+            removable = not swapped or self._keep_foreign()
+        except OSError as exc:  # the old set could not even be listed: left where it is rather than removed
+            removable = False
+            warnings.warn(f"output {_shown(self.path)} was replaced, but the previous set in {_shown(self._staging)} "
+                          f"could not be read ({exc.strerror or exc}), so it is left there; move what you need out "
+                          "of it before the next run to this output, which removes it", RuntimeWarning, stacklevel=2)
+        if not removable:
+            self._staging_removable = False
+        fsync_directory(target)
+        fsync_directory(target.parent)
+        if removable:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     def discard(self) -> None:
         """Remove the staging directory and, when nothing was committed, the parent
         directories this run created for it, if they are still empty (a no-op after commit)."""
-        shutil.rmtree(self._staging, ignore_errors=True)
+        if self._staging_removable:
+            shutil.rmtree(self._staging, ignore_errors=True)
         if not self._committed:
             for directory in self._created:  # deepest first
                 try:

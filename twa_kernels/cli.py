@@ -26,7 +26,8 @@ from twa_kernels._imports import optional
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
-from twa_kernels.fit import DEFAULT_LOSS, FitError, call_without_arguments, callable_from, load_config, run_fit
+from twa_kernels.fit import (DEFAULT_LOSS, FitError, call_factory, load_config, loss_from, resolve_import_strings,
+                             run_fit)
 from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
 from twa_kernels.io import write_json
 
@@ -94,20 +95,24 @@ def _geometry_inputs(args: argparse.Namespace):
     """(model, evaluation data, BatchNorm data, metric, split name) from a `twa fit`-style
     config: model and data as there; checkpoints come from the command line instead."""
     config = load_config(args.config, required=("model", "data"))
-    # the loss is checked before the model is built, not at the first point evaluated
-    loss_fn = callable_from(config.loss, "loss") if config.loss != DEFAULT_LOSS else None
-
-    def make(spec: str, what: str):
-        return call_without_arguments(spec, what)
-
-    model = make(config.model, "model")
-    if not isinstance(model, torch.nn.Module):
-        raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
     split = args.split or ("val" if "val" in config.data else "train")
     if split not in config.data:
         raise FitError(f"{args.config}: --split {split} needs data.{split} in the config")
-    train = make(config.data["train"], "data.train")
-    data = train if split == "train" else make(config.data[split], f"data.{split}")
+    # every import string resolved, and the loss made as `twa fit` makes it (a function, or an
+    # nn.Module class with its defaults), before any factory runs or any point is evaluated
+    callables = resolve_import_strings(config)
+    loss_fn = loss_from(callables["loss"], config.loss) if config.loss != DEFAULT_LOSS else None
+
+    def make(key: str):
+        spec = config.model if key == "model" else config.data[key.removeprefix("data.")]
+        return call_factory(callables[key], spec, key)
+
+    model = make("model")
+    if not isinstance(model, torch.nn.Module):
+        raise FitError(f"model: {config.model!r} returned {type(model).__name__}, not an nn.Module; return the "
+                       "model itself")
+    train = make("data.train")
+    data = train if split == "train" else make(f"data.{split}")
     if loss_fn is None:
         return model, data, train, connectivity.classification_metric, split
 

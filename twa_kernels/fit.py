@@ -18,12 +18,16 @@
 
 Under torchrun (`torchrun --nproc_per_node N -m twa_kernels fit config.yaml`) every rank
 trains on its share of the data (DistributedSampler), and rank 0 alone writes the outputs.
+In one process `distributed` has no effect; `{mode: sharded}` there trains unsharded, with a
+warning. A leading `~` in `output` is the home directory, as in a shell.
 
 Import strings are resolved from the working directory. The whole config is checked
-(FitConfig) before any work: a problem (an unknown key or import string, a bad value, YAML
-syntax) raises FitError with one line naming the key, the value and what is allowed. So is
-the output location (OutputError): it must be a directory that can be written and that holds
-nothing but these outputs, because the outputs replace it as one set (see _outdir.py). A data
+(FitConfig) before any work, and every import string in it (model, data.train, data.val,
+loss) is resolved before any factory is called: a problem (an unknown key or import string,
+a bad value, YAML syntax) raises FitError with one line naming the key, the value and what
+is allowed. So is the output location (OutputError): it must be a directory that can be
+written and that holds nothing but these outputs, because the outputs replace it as one set
+(see _outdir.py); what appears in it during the run is kept in the new set. A data
 loader that gives no batches for a pass it is used for is a FitError, not a silent result, as
 are a batch that is not an (inputs, targets) pair and a run that diverged (a NaN or Inf in
 the averaged weights or the report): nothing is written then.
@@ -39,6 +43,8 @@ import importlib
 import inspect
 import math
 import os
+import reprlib
+import stat
 import sys
 import time
 import warnings
@@ -94,11 +100,55 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# a config's values can be huge (YAML aliases nest a list of ten in itself a few times over):
+# a message shows a few hundred characters of one, never all of it
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 120, 60, 120
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_MAX_SHOWN = 300
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to a few hundred characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+
+
 def _describe(value: Any) -> str:
     """The value as the user wrote it, and its YAML type where that is the problem."""
     kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
              dict: "a mapping", type(None): "null"}
-    return f"{value!r} ({kinds.get(type(value), type(value).__name__)})"
+    return f"{_short(value)} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _as_float(value: Any) -> float | None:
+    """A number of the config as a float (an integer too large for one is infinite); None
+    for what is not a number (a bool included: YAML's true is no learning rate)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _non_finite(value: Any, key: str, depth: int = 0) -> tuple[str, Any] | None:
+    """(key, number) of the first NaN or infinite number in an optimizer argument (a number,
+    or one inside a list such as betas)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)  # YAML reads `nan` and `inf` (no dot) as strings
+        except ValueError:
+            return None
+        return None if math.isfinite(number) else (key, value)
+    if isinstance(value, (list, tuple)) and depth < 3:
+        for i, item in enumerate(value):
+            found = _non_finite(item, f"{key}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    number = _as_float(value)
+    return (key, value) if number is not None and not math.isfinite(number) else None
 
 
 def _check_import_string(where: str, key: str, value: Any) -> str:
@@ -133,11 +183,19 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
                 continue
             if math.isfinite(number):
                 args[key] = number
-    lr = args.get("lr", 1.0)  # absent: the optimizer's own default
+    lr = _as_float(args.get("lr", 1.0))  # absent: the optimizer's own default
     # an infinite lr (YAML .inf, or 1e400) writes NaN weights; 0 trains nothing
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if lr is None or not (math.isfinite(lr) and lr > 0):
         raise FitError(f"{where}: optimizer.lr must be a finite positive number (e.g. 0.01), got "
                        f"{_describe(args['lr'])}")
+    for key, arg in args.items():
+        # a NaN or infinite momentum or weight decay makes every step NaN, which would be
+        # reported as a divergence blamed on the learning rate
+        found = _non_finite(arg, str(key))
+        if found:
+            raise FitError(f"{where}: optimizer.{_short(found[0])[1:-1]} must be a finite number, got "
+                           f"{_describe(found[1])}: NaN, an infinity or an integer too large for a float makes "
+                           "every step NaN; give a finite value, or leave the key out for the optimizer's default")
     if name == "LBFGS":
         raise FitError(f"{where}: optimizer LBFGS needs a closure that re-evaluates the loss at each step, and twa fit "
                        "takes one plain step per batch; use AdamW or SGD, or train TWA from Python with "
@@ -152,9 +210,10 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
             optimizer = getattr(torch.optim, name)([trial], **args)
             trial.grad = torch.zeros_like(trial)
             optimizer.step()
-    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
-        raise FitError(f"{where}: optimizer {name} does not take {args} for TWA's coefficients: "
-                       f"{type(exc).__name__}: {exc}") from exc
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, OverflowError) as exc:
+        raise FitError(f"{where}: optimizer {name} does not take {_short(args)} for TWA's coefficients: "
+                       f"{type(exc).__name__}: {_short(str(exc))[1:-1]}; give it arguments its documentation "
+                       "lists, with values in their ranges") from exc
     return name, args
 
 
@@ -163,9 +222,13 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
     problem raises FitError naming the key, the value and what is allowed."""
     if not isinstance(raw, Mapping):
         raise FitError(f"{where}: the config must be a mapping of keys to values, got {_describe(raw)}")
+    names = [key for key in raw if not isinstance(key, str)]
+    if names:  # `1: x` or `null: x`: a YAML key that is not a name
+        raise FitError(f"{where}: the key {_describe(names[0])} is not a name; the keys are {sorted(KEYS)}: write "
+                       "one of them, or remove the line")
     unknown = set(raw) - KEYS
     if unknown:
-        raise FitError(f"{where}: unknown key(s) {sorted(unknown)}; the keys are {sorted(KEYS)}")
+        raise FitError(f"{where}: unknown key(s) {_short(sorted(unknown))}; the keys are {sorted(KEYS)}")
     for key in required:
         if key not in raw:
             raise FitError(f"{where}: missing required key {key!r}")
@@ -211,11 +274,14 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
     output = raw.get("output", "twa-out")
     if not isinstance(output, str) or not output:
         raise FitError(f"{where}: output must be a directory path, got {_describe(output)}")
-    dist_config = raw.get("distributed") or {}
+    output = os.path.expanduser(output)  # as a shell would: `~/runs` is in the home directory, not ./~/runs
+    dist_config = raw.get("distributed")
+    dist_config = {} if dist_config is None else dist_config  # `distributed:` with nothing after it
     mode = dist_config.get("mode", "replicated") if isinstance(dist_config, Mapping) else None
     if mode not in ("replicated", "sharded") or set(dist_config) - {"mode"}:
         raise FitError(f"{where}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
-                       f"{raw.get('distributed')!r}")
+                       f"{_describe(raw.get('distributed'))}; write one of them, or leave the key out (it has an "
+                       "effect under torchrun only)")
     return FitConfig(model=model, data=data, checkpoints=checkpoints, bits=bits, granularity=granularity,
                      group_size=group_size, int8_gradients=int8_gradients, optimizer=optimizer,
                      optimizer_args=optimizer_args, epochs=epochs,
@@ -234,7 +300,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} appears twice (first at line {seen[key] + 1}); give it once",
+                    None, None, f"the key {_short(key)} appears twice (first at line {seen[key] + 1}); give it once",
                     key_node.start_mark)
             if isinstance(key, (str, int, float, bool)):
                 seen[key] = key_node.start_mark.line
@@ -245,11 +311,8 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
     """The checked config; `required` are the keys it must have (`twa connect` and `twa
     plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
     path = Path(path)
-    if not path.is_file():
-        raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path" if path.is_dir()
-                       else f"{path}: no such config file")
     try:
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        config = yaml.load(_read_config(path), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise FitError(f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded); give the YAML "
                        "config file, not a checkpoint or other binary file") from exc
@@ -266,6 +329,35 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
     return check_config(config, str(path), required)
 
 
+# a config is a few lines; a pipe or device giving more than this is not one (and /dev/zero never ends)
+_MAX_STREAMED_CONFIG = 16 * 2**20
+
+
+def _read_config(path: Path) -> str:
+    """The config's text: a regular file, or what a pipe or character device gives once
+    (`twa fit <(envsubst < base.yaml)` passes /dev/fd/63, a pipe)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FitError(f"{path}: no such config file; give the YAML file's path") from None
+    except OSError as exc:
+        raise FitError(f"{path}: cannot read the config ({exc.strerror or exc}); check the path and its "
+                       "permissions") from exc
+    if stat.S_ISDIR(mode):
+        raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path")
+    if stat.S_ISREG(mode):
+        return path.read_text(encoding="utf-8")
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        kind = "a socket" if stat.S_ISSOCK(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file"
+        raise FitError(f"{path}: not a regular file ({kind}), so not a config file; give the YAML file's path")
+    with open(path, "rb") as f:
+        data = f.read(_MAX_STREAMED_CONFIG + 1)
+    if len(data) > _MAX_STREAMED_CONFIG:
+        raise FitError(f"{path}: gave more than {_MAX_STREAMED_CONFIG // 2**20} MiB, which is no config; give the "
+                       "YAML file's path (or a pipe that gives its text)")
+    return data.decode("utf-8")
+
+
 def _working_directory_on_path() -> None:
     """Import strings name the user's own modules, so they are found from the working
     directory, as `python -m` does and uvicorn and gunicorn do for theirs; an installed
@@ -275,81 +367,110 @@ def _working_directory_on_path() -> None:
         sys.path.insert(0, cwd)
 
 
-def import_string(spec: str) -> Any:
-    """The object named by 'package.module:attribute', importable from the working directory."""
+def import_string(spec: str, what: str = "") -> Any:
+    """The object named by 'package.module:attribute', importable from the working directory
+    (`what`: the config key that gave it, named in the error)."""
+    key = f"{what}: " if what else ""
     if not isinstance(spec, str) or spec.count(":") != 1:
-        raise FitError(f"import string {spec!r} must look like 'package.module:name'")
+        raise FitError(f"{key}import string {_short(spec)} must look like 'package.module:name'")
     module_name, attr = spec.split(":")
     _working_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except (ImportError, TypeError, ValueError) as exc:  # a relative ('.pkg') or empty module name too
-        raise FitError(f"unknown import string {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+        raise FitError(f"{key}unknown import string {_short(spec)}: cannot import module {_short(module_name)} "
+                       f"({_short(str(exc))[1:-1]}); check the module's name and that it is importable from the "
+                       "working directory") from exc
     try:
         obj = module
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as exc:
-        raise FitError(f"unknown import string {spec!r}: module {module_name!r} has no {attr!r}") from exc
+        raise FitError(f"{key}unknown import string {_short(spec)}: module {_short(module_name)} has no "
+                       f"{_short(attr)}; check the name after the ':'") from exc
     return obj
 
 
 def callable_from(spec: str, what: str) -> Callable:
     """The callable named by the import string `spec` (`what`: the config key, for the error)."""
-    obj = import_string(spec)
+    obj = import_string(spec, what)
     if not callable(obj):
-        raise FitError(f"{what}: {spec!r} is {type(obj).__name__}, not callable; name a function or class")
+        raise FitError(f"{what}: {_short(spec)} is {type(obj).__name__}, not callable; name a function or class")
     return obj
 
 
-def call_without_arguments(spec: str, what: str) -> Any:
-    """What the factory `spec` returns, called with no arguments, as every factory of a config
-    is; a factory that needs some is named (its own TypeError would be a traceback)."""
-    factory = callable_from(spec, what)
+def resolve_import_strings(config: FitConfig) -> dict[str, Callable]:
+    """Every import string of `config` resolved to its callable, keyed by its config key
+    (model, data.train, data.val, loss), before any is called: a misspelt data.val is named
+    before the model factory runs, which may take minutes (a download, a large model)."""
+    specs = {"model": config.model, **{f"data.{key}": spec for key, spec in config.data.items()},
+             "loss": config.loss}
+    return {key: callable_from(spec, key) for key, spec in specs.items() if spec}
+
+
+def call_factory(factory: Callable, spec: str, what: str) -> Any:
+    """What `factory` (resolved from the import string `spec`) returns, called with no
+    arguments, as every factory of a config is; a factory that needs some is named (its own
+    TypeError would be a traceback)."""
     try:
         inspect.signature(factory).bind()
     except TypeError as exc:
-        raise FitError(f"{what}: {spec!r} cannot be called without arguments ({exc}); name a function of no "
+        raise FitError(f"{what}: {_short(spec)} cannot be called without arguments ({exc}); name a function of no "
                        "arguments, in a module of your own, that builds it as you need") from None
     except ValueError:  # no signature to read (some builtins): call it and see
         pass
     return factory()
 
 
-def _loss_function(spec: str) -> Callable:
-    """The loss named by `spec`: a function of (outputs, targets), or an nn.Module loss
-    class (torch.nn:CrossEntropyLoss), made with its defaults."""
-    obj = callable_from(spec, "loss")
+def call_without_arguments(spec: str, what: str) -> Any:
+    """What the factory named by `spec` returns, called with no arguments (see call_factory)."""
+    return call_factory(callable_from(spec, what), spec, what)
+
+
+def loss_from(obj: Callable, spec: str) -> Callable:
+    """The loss that `obj` (resolved from the loss import string `spec`) names: a function of
+    (outputs, targets), or an nn.Module loss class (torch.nn:CrossEntropyLoss), made with its
+    defaults. `twa connect` and `twa plane` take their loss from here too."""
     if isinstance(obj, type):
         if not issubclass(obj, nn.Module):
-            raise FitError(f"loss: {spec!r} is a class, not a loss; name a function of (outputs, targets) or an "
-                           "nn.Module loss class such as torch.nn:CrossEntropyLoss")
+            raise FitError(f"loss: {_short(spec)} is a class, not a loss; name a function of (outputs, targets) or "
+                           "an nn.Module loss class such as torch.nn:CrossEntropyLoss")
         try:
             return obj()
         except TypeError as exc:
-            raise FitError(f"loss: {spec!r} cannot be made without arguments ({exc}); name a function of "
+            raise FitError(f"loss: {_short(spec)} cannot be made without arguments ({exc}); name a function of "
                            "(outputs, targets) in your own module that builds it as you need") from exc
     return obj
+
+
+def _loss_function(spec: str) -> Callable:
+    """The loss named by the import string `spec` (see loss_from)."""
+    return loss_from(callable_from(spec, "loss"), spec)
 
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:
     """The loss of one batch, which must be one number (a tensor of one element)."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise FitError(f"loss: {spec!r} returned {shape}, not one number; a loss reduced over the batch "
-                       "(reduction='mean') is what the coefficients train on")
+        raise FitError(f"loss: {_short(spec)} returned {_short(shape)}, not one number; a loss reduced over the "
+                       "batch (reduction='mean') is what the coefficients train on")
     return loss
 
 
-def _call(spec: str, what: str) -> Any:
-    return call_without_arguments(spec, what)
+def _trainable(loss: torch.Tensor, spec: str) -> torch.Tensor:
+    """The loss of a training batch, which must carry the gradient back to the coefficients."""
+    if not loss.requires_grad:
+        raise FitError(f"loss: {_short(spec)} returned a value that does not require grad, so the coefficients "
+                       "cannot train on it (computed under torch.no_grad(), detached, or rebuilt with "
+                       "torch.tensor(...)); return the loss computed from the outputs as they are")
+    return loss
 
 
-def _data(spec: str, key: str) -> Iterable:
+def _data(factory: Callable, spec: str, key: str) -> Iterable:
     """The loader data.`key`'s factory returns, refused now if it cannot be iterated at all."""
-    loader = _call(spec, f"data.{key}")
+    loader = call_factory(factory, spec, f"data.{key}")
     if not (hasattr(loader, "__iter__") or hasattr(loader, "__getitem__")):
-        raise FitError(f"data.{key} ({spec!r}) returned {_describe(loader)}, which is not iterable; return an "
+        raise FitError(f"data.{key} ({_short(spec)}) returned {_describe(loader)}, which is not iterable; return an "
                        "iterable of (inputs, targets) batches such as a DataLoader")
     return loader
 
@@ -371,7 +492,7 @@ class _Batches:
         for batch in self.loader:
             if not isinstance(batch, (list, tuple)) or len(batch) != 2:  # or a ValueError deep in unpacking
                 length = f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""
-                raise FitError(f"data.{self.key} ({self.spec!r}) gave a batch that is a {type(batch).__name__}"
+                raise FitError(f"data.{self.key} ({_short(self.spec)}) gave a batch that is a {type(batch).__name__}"
                                f"{length}; each batch must be an (inputs, targets) pair, as a DataLoader over "
                                "TensorDataset(inputs, targets) gives")
             self.count += 1
@@ -379,8 +500,8 @@ class _Batches:
 
     def error(self, doing: str) -> FitError:
         share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
-        return FitError(f"data.{self.key} ({self.spec!r}) gave no batches{share} {doing}: the loader is empty, or "
-                        "an iterator that was used up; return a DataLoader over a non-empty data set")
+        return FitError(f"data.{self.key} ({_short(self.spec)}) gave no batches{share} {doing}: the loader is empty, "
+                        "or an iterator that was used up; return a DataLoader over a non-empty data set")
 
     def check_not_empty(self, doing: str) -> None:
         """Before any work, where the loader has a length."""
@@ -397,13 +518,43 @@ class _Batches:
             raise self.error(doing)
 
 
+def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
+    """The first tensor in a batch's inputs or targets (a tensor, or one in a mapping or a
+    sequence of them, as a DataLoader collates dicts and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if depth < 4:
+        items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+        for item in items:
+            found = _first_tensor(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _samples(x: Any, y: Any, loader: _Batches) -> int:
+    """How many samples a batch holds, to weight its mean loss by: the targets' leading
+    dimension (1 for a 0-d target, as a loader with batch_size=None gives one sample at a
+    time); the inputs' where the targets hold no tensor. len() of a dict of targets would
+    count its keys."""
+    tensor = _first_tensor(y)
+    if tensor is None:
+        tensor = _first_tensor(x)
+    if tensor is None:
+        raise FitError(f"data.{loader.key} ({_short(loader.spec)}) gave a batch whose inputs "
+                       f"({type(x).__name__}) and targets ({type(y).__name__}) hold no tensor to count its samples "
+                       "by; give tensors, or mappings or tuples of them, as a DataLoader collates them")
+    return tensor.shape[0] if tensor.ndim else 1
+
+
 @torch.no_grad()
 def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, spec: str, group: Any = None) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
-        total += float(_one_number(loss_fn(model(x), y), spec)) * len(y)
-        count += len(y)
+        samples = _samples(x, y, loader)
+        total += float(_one_number(loss_fn(model(x), y), spec)) * samples
+        count += samples
     if group is not None:  # over every rank's share
         sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
         total, count = sums["total"], sums["count"]
@@ -438,6 +589,11 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     config = load_config(config_path)
     resolve_checkpoints(config.checkpoints)  # an empty glob or a missing directory, now
     group = distributed.init_from_environment()
+    if group is None and config.distributed_mode == "sharded":
+        # a config shared by one-process trials and torchrun jobs: the one process runs, but is told
+        warnings.warn(f"{config.source}: distributed: {{mode: sharded}} has no effect in one process (no torchrun, "
+                      "or WORLD_SIZE 1): this run trains unsharded; launch it with torchrun --nproc_per_node N to "
+                      "shard the basis, or remove the key", UserWarning, stacklevel=3)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
     try:
@@ -453,12 +609,14 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
 def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, outputs: OutputDirectory | None) -> dict:
     progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
-    loss_fn = _loss_function(config.loss)  # before any work, as the config's other checks
-    model = _call(config.model, "model")
+    callables = resolve_import_strings(config)  # all of them before any factory runs
+    loss_fn = loss_from(callables["loss"], config.loss)
+    model = call_factory(callables["model"], config.model, "model")
     if not isinstance(model, nn.Module):
-        raise FitError(f"{config.model!r} returned {type(model).__name__}, not an nn.Module")
-    train_loader = _data(config.data["train"], "train")
-    val_loader = _data(config.data["val"], "val") if "val" in config.data else None
+        raise FitError(f"model: {_short(config.model)} returned {type(model).__name__}, not an nn.Module; return "
+                       "the model itself")
+    train_loader = _data(callables["data.train"], config.data["train"], "train")
+    val_loader = _data(callables["data.val"], config.data["val"], "val") if "val" in config.data else None
     eval_loader = val_loader  # the loss is evaluated on every sample once, over the ranks
     if group is not None:
         train_loader = distributed.split_loader(train_loader, group)
@@ -498,7 +656,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
         for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
-            loss = _one_number(loss_fn(twa(x), y), config.loss)
+            loss = _trainable(_one_number(loss_fn(twa(x), y), config.loss), config.loss)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())  # after backward: the value only
@@ -526,8 +684,8 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
 
 
 def _fix(config: FitConfig) -> str:
-    return (f"nothing was written; lower optimizer.lr (now {config.optimizer_args.get('lr', 'the default')}) or "
-            f"check that loss ({config.loss!r}) returns finite values")
+    return (f"nothing was written; lower optimizer.lr (now {_short(config.optimizer_args.get('lr', 'the default'))}) "
+            f"or check that loss ({_short(config.loss)}) returns finite values")
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], report: Mapping[str, Any], config: FitConfig) -> None:

@@ -42,12 +42,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     full disk or an exception leaves the old file (or none), never half of one; a full disk
     or an exception leaves no temporary file either (a process killed mid-write leaves its
     `.<name>.*.tmp` beside the target). The new file gets the old one's mode, or the umask's as open() would
-    give it. An unwritable location is an OutputError naming the path."""
+    give it. A symbolic link is written through: the file it points to is replaced and the link
+    kept, as OutputDirectory keeps a linked output directory. An unwritable location is an
+    OutputError naming the path."""
     path = check_output_file(path)
+    # the temporary goes beside the file the link points to: os.replace onto the link itself
+    # would put a regular file in its place, and across file systems it could not rename at all
+    real = Path(os.path.realpath(path))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = path.stat().st_mode & 0o7777 if path.exists() else _default_file_mode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        mode = real.stat().st_mode & 0o7777 if real.exists() else _default_file_mode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
     try:
@@ -56,8 +61,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)  # the new name itself is on disk too
+        os.replace(tmp, real)
+        fsync_directory(real.parent)  # the new name itself is on disk too
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
                           "unchanged); free space or choose another location") from exc
