@@ -2,6 +2,7 @@
 against an independent statement, decorrelation of correlated inputs, fold(), the MLP path,
 resume, errors, and which form of the variance term descends the stated loss."""
 
+import copy
 import io
 import os
 import subprocess
@@ -746,3 +747,69 @@ def test_a_lazy_layer_is_named_and_a_load_forgets_inputs_sampled_under_the_old_r
     tk.decor.update(fresh)
     for key, value in fresh.state_dict().items():  # the stale inputs were folded into the first update
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_a_skip_name_that_is_no_module_is_refused():
+    # a misspelt name decorrelated the layer it meant to leave plain; factorize and prune refuse theirs
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    for skip in (["O"], "2.weight", iter(["0", "head"])):
+        with pytest.raises(tk.errors.InvalidArgumentError, match=r"skip: no module named '(O|2.weight|head)'"):
+            tk.decor.decorrelate(model, skip=skip)
+        assert not tk.decor.decorrelated_layers(model)
+    tk.decor.decorrelate(model, skip=iter(["0"]))  # a one-pass iterable is read once
+    assert [name for name, _ in tk.decor.decorrelated_layers(model)] == ["2"]
+
+
+@pytest.mark.parametrize("hook, source", [
+    (torch.nn.utils.spectral_norm, "spectral_norm's hook"),
+    (torch.nn.utils.weight_norm, "weight_norm's hook"),
+    (torch.nn.utils.parametrizations.weight_norm, "a parametrization"),
+])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_computed_weights_are_left_out_with_a_warning_and_fold_copies_them(hook, source):
+    # the hook's weight was taken for a frozen one (or, after a forward, decorrelated, with fold
+    # writing W R where the next forward overwrites it), and fold() failed in deepcopy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    hook(model[0])
+    x = torch.randn(16, 4)
+    model(x)  # the old hooks leave a weight with a history in the module, which deepcopy refuses
+    with pytest.warns(UserWarning, match=rf"decorrelate leaves out \['0'\]: each weight is computed by .*{source}"):
+        tk.decor.decorrelate(model, lr=0.1, sample_fraction=1.0)
+    assert [name for name, _ in tk.decor.decorrelated_layers(model)] == ["2"]
+    for _ in range(3):
+        model(x)
+        tk.decor.update(model)
+    folded = tk.decor.fold(model)
+    torch.testing.assert_close(folded.eval()(x), model.eval()(x))
+    assert not tk.decor.decorrelated_layers(folded)
+
+
+def test_update_bn_and_interpolate_leave_the_decorrelation_state_as_it_was():
+    # their BatchNorm pass runs the model in train mode: the layers sampled its batches, and
+    # the next update() moved R by them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    tk.decor.decorrelate(model, sample_fraction=0.5, seed=0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    model(x[:24])  # inputs pending for the next update, and the sampler's generator advanced
+    untouched = copy.deepcopy(model)
+
+    def state(m):
+        return [(layer.decor_R.clone(), [r.clone() for r in layer._decor_rows], layer.decor_dense_sum(),
+                 layer._decor_count, layer._decor_sampler.generator(layer.decor_R.device).get_state())
+                for _, layer in tk.decor.decorrelated_layers(m)]
+
+    before = state(model)
+    tk.batchnorm.update_bn(loader, model)
+    tk.connectivity.interpolate(model, model.state_dict(), untouched.state_dict(), loader, steps=3)
+    for (r, rows, s, n, g), (r2, rows2, s2, n2, g2) in zip(before, state(model)):
+        assert torch.equal(r, r2) and torch.equal(s, s2) and n == n2 == 12 and torch.equal(g, g2)
+        assert len(rows) == len(rows2) and all(torch.equal(a, b) for a, b in zip(rows, rows2))
+    tk.decor.update(model)
+    tk.decor.update(untouched)
+    for (_, a), (_, b) in zip(tk.decor.decorrelated_layers(model), tk.decor.decorrelated_layers(untouched)):
+        assert torch.equal(a.decor_R, b.decor_R)
+    model(x[:24])  # sampling is back once the pass is over
+    assert all(layer._decor_count == 12 for _, layer in tk.decor.decorrelated_layers(model))

@@ -98,12 +98,30 @@ def test_ipc_sets_the_examples_per_class(mnist1d_train, ipc):
     assert torch.equal(torch.bincount(y_syn), torch.full((10,), ipc))
 
 
-@pytest.mark.parametrize("shape", [(30, 1), (30, 2, 1, 6)])
+@pytest.mark.parametrize("shape", [(30, 2, 1, 6), (30, 2, 6, 1), (30, 1, 2)])
 def test_inputs_with_a_side_of_one_distill_with_an_embedding_that_does_not_pool_it(shape):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(*shape, generator=gen), torch.arange(30) % 3
+    start, _ = tk.distill.distribution_matching((x, y), ipc=2, iterations=0, seed=0)  # the real examples drawn
     x_syn, y_syn = tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=8, seed=0)
     assert x_syn.shape == (6, *shape[1:]) and torch.isfinite(x_syn).all()
+    assert (x_syn - start).abs().max() > 1e-3  # the examples learned, not only kept their shape
+
+
+@pytest.mark.parametrize("shape, fix", [((30, 1), "pass embed="), ((30, 3, 1), r"x.reshape\(len\(x\), 1, -1\)"),
+                                        ((30, 3, 1, 1), r"x.reshape\(len\(x\), 1, -1\)")])
+def test_inputs_with_one_position_per_example_are_refused_with_the_default_embedding(shape, fix, tmp_path):
+    # instance norm over one position outputs a constant: the synthetic set got no gradient and stayed as drawn
+    x, y = torch.randn(*shape, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
+    with pytest.raises(DistillError, match=f"one position per example.*{fix}"):
+        tk.distill.distribution_matching((x, y), ipc=2, iterations=2, seed=0, out=tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()
+    with pytest.raises(DistillError, match="one position per example"):
+        tk.distill.matching_loss((x, y), x[:6], y[:6], nets=1, seed=0)
+    mlp = lambda: nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), 8), nn.Tanh())  # noqa: E731
+    x_syn, _ = tk.distill.distribution_matching((x, y), ipc=2, iterations=2, seed=0, embed=mlp)
+    start, _ = tk.distill.distribution_matching((x, y), ipc=2, iterations=0, seed=0, embed=mlp)
+    assert (x_syn - start).abs().max() > 1e-3  # the fix the message names distills them
 
 
 def test_any_seed_torch_takes_distills_and_one_past_it_is_named():
@@ -174,6 +192,10 @@ def test_hostile_inputs_are_refused_before_anything_is_saved(tmp_path):
         run([(row,) for row in x])
     with pytest.raises(DistillError, match=r"dataset\[0\] is dict"):
         run([{"x": row, "y": label} for row, label in zip(x, y)])
+    with pytest.raises(DistillError, match=r"dataset\[0\]'s label is a str \('dog'\), not an integer class id"):
+        run([(row, "dog" if i % 2 == 0 else "cat") for i, row in enumerate(x)])
+    with pytest.raises(DistillError, match=r"TensorDataset holds 1 tensor\(s\).*TensorDataset\(x, y\)"):
+        run(TensorDataset(x))
     with pytest.raises(DistillError, match="an example with no values"):
         run((x[:, :, :0], y))
     with pytest.raises(DistillError, match="diverged; lower lr.*nothing was saved"):
@@ -239,6 +261,9 @@ def test_matching_loss_refuses_a_synthetic_set_that_does_not_fit_the_data():
         tk.distill.matching_loss((x, y), x_syn, y_syn[:5], nets=1, embed=embed)
     with pytest.raises(DistillError, match=r"x_syn has shape \(6, 12\)"):
         tk.distill.matching_loss((x, y), x_syn[:, 0], y_syn, nets=1, embed=embed)
+    # another floating dtype is measured in the data's, as the networks are built for it
+    assert tk.distill.matching_loss((x, y), x_syn.double(), y_syn, nets=1, embed=embed, seed=0) == pytest.approx(
+        tk.distill.matching_loss((x, y), x_syn, y_syn, nets=1, embed=embed, seed=0), rel=1e-6)
     x_syn[0, 0, 0] = float("inf")
     with pytest.raises(DistillError, match="x_syn hold 1 NaN/Inf"):
         tk.distill.matching_loss((x, y), x_syn, y_syn, nets=1, embed=embed)

@@ -178,6 +178,17 @@ def test_sparsity_report_counts_the_zeros():
         assert rep.as_dict() == rep.to_dict()
 
 
+def test_sparsity_report_counts_a_weight_two_layers_share_once():
+    # a Parameter held by two layers was counted under both names, skewing total and sparsity
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 100))
+    model[2].weight = model[0].weight
+    with torch.no_grad():
+        model[0].weight.zero_()
+    for report in (sparsity_report(model), sparsity_report(collapse(model))):
+        assert [row[0] for row in report.rows] == ["0.weight", "3.weight"]
+        assert (report.total, report.nonzero) == (416, 400) and report.sparsity == pytest.approx(16 / 416)
+
+
 def _factors(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for _, p in factor_parameters(model)]
 
@@ -592,3 +603,56 @@ def test_frozen_parametrized_and_lazy_layers_are_left_out_or_named():
     with pytest.raises(FactorizationError, match="layer '1' is lazy"):
         tk.factorize(lazy, depth=2, init="keep")
     assert not parametrize.is_parametrized(lazy[0], "weight")  # refused before the first layer changed
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_keep_factorises_zero_entries_exactly_into_factors_that_train(depth):
+    # the balanced factors of 0 were all 0, whose gradients are all 0: a zero-initialised bias
+    # (transformers', a norm layer's) or a zero weight entry never moved again
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[0].weight[1].zero_()
+    dense = {name: p.detach().clone() for name, p in model.named_parameters()}
+    factorize(model, depth=depth, layers=[nn.Linear, nn.LayerNorm], init="keep", biases=True)
+    for name, value in dense.items():  # a zero exactly (0 times the other factors), the rest to rounding
+        layer, attr = name.split(".")
+        got = getattr(model[int(layer)], attr)
+        assert torch.equal(got[value == 0], value[value == 0]), name
+        torch.testing.assert_close(got, value, rtol=1e-6, atol=0.0, msg=name)
+    plist = model[0].parametrizations.weight
+    assert torch.equal(plist.original0[1], torch.zeros(4))
+    nonzero = dense["0.weight"][[0, 2]].abs().pow(1 / depth)
+    for i in range(1, depth):  # the others get the magnitude the layer's nonzero entries' factors have
+        torch.testing.assert_close(getattr(plist, f"original{i}")[1], nonzero.mean().expand(4))
+        assert torch.equal(getattr(model[0].parametrizations.bias, f"original{i}"), torch.ones(3))  # none nonzero
+    opt = torch.optim.SGD(factor_param_groups(model, 0.0), lr=0.1)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) - 1).pow(2).mean().backward()
+        opt.step()
+    assert (model[0].bias != 0).all() and (model[1].bias != 0).all() and (model[0].weight[1] != 0).all()
+
+
+@pytest.mark.parametrize("hook, source, fix", [
+    (torch.nn.utils.spectral_norm, "spectral_norm's hook from weight_orig", "remove_spectral_norm"),
+    (torch.nn.utils.weight_norm, "weight_norm's hook from weight_g and weight_v", "remove_weight_norm"),
+])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_weights_torchs_older_norm_hooks_compute_are_left_out_and_named_like_parametrized_ones(hook, source, fix):
+    # the default choice refused them, telling the user to edit a layers= they never passed
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    hook(model[0])
+    with pytest.warns(UserWarning, match=rf"factorize leaves out \['0'\]: each weight is computed by "
+                                         rf"torch.nn.utils.{source}.*{fix}"):
+        factorize(model, depth=2, seed=0)
+    assert [n for n, _ in factor_parameters(model)] == ["2.parametrizations.weight.original0",
+                                                        "2.parametrizations.weight.original1"]
+    assert not parametrize.is_parametrized(model[0])
+    named = nn.Sequential(nn.Linear(6, 8))
+    hook(named[0])
+    with pytest.raises(FactorizationError, match=rf"layer '0' \(Linear\): its weight is computed by torch.nn.utils."
+                                                 rf"{source}.*leave it out of layers=, or remove the hook.*{fix}"):
+        factorize(named, depth=2, layers=["0"], seed=0)

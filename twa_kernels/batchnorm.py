@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels._checks import check_module
+from twa_kernels.decor import sampling_paused
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 
 
@@ -28,13 +29,17 @@ def has_running_statistics(model: nn.Module) -> bool:
 
 
 def _feed(model: Callable[..., Any], batch: Any) -> None:
-    """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs,
-    a mapping of keyword arguments (transformers' batches) is unpacked."""
+    """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs
+    (unpacked when they are a mapping of keyword arguments), a mapping of keyword arguments
+    (transformers' batches) is unpacked."""
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise InvalidArgumentError("update_bn: the loader yielded an empty tuple; a batch is (inputs, ...), a "
                                        "mapping of keyword arguments or the inputs themselves (or pass call_fn)")
-        model(batch[0])
+        if isinstance(batch[0], Mapping):  # ({"input_ids": ...}, labels): the inputs are keyword arguments
+            model(**batch[0])
+        else:
+            model(batch[0])
     elif isinstance(batch, Mapping):
         model(**batch)
     else:
@@ -75,8 +80,10 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
     (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
-    its first element, a mapping (a Hugging Face batch) its items as keyword arguments,
-    unless call_fn(model, batch) is given. With `weights` (parameter
+    its first element (its items as keyword arguments when it is a mapping), a mapping (a
+    Hugging Face batch) its items as keyword arguments, unless call_fn(model, batch) is given.
+    Decorrelated layers (tk.decor) sample nothing during the pass: the inputs they hold for
+    the next decor.update(), and their R, are as they were. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the
     model's own parameters untouched; only its BatchNorm buffers change. The statistics in
     `weights` (a whole averaged state_dict holds them) of the layers the pass measures are
@@ -136,12 +143,13 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     runner = model if weights is None else _WithWeights(model, weights)
     count = 0
     try:
-        for batch in loader:
-            if call_fn is not None:
-                call_fn(runner, batch)
-            else:
-                _feed(runner, batch)
-            count += 1
+        with sampling_paused(model):  # train mode would queue these batches for the next decor.update()
+            for batch in loader:
+                if call_fn is not None:
+                    call_fn(runner, batch)
+                else:
+                    _feed(runner, batch)
+                count += 1
         if count == 0 and not allow_empty:
             fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "
                    "such as a list or a DataLoader" if isinstance(loader, Iterator) else "pass a non-empty loader")

@@ -31,12 +31,13 @@ instead, which is not (tests/test_decor.py checks both against autograd).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,11 +48,11 @@ from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, real
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
-from twa_kernels.layers import transformers_conv1d
+from twa_kernels.layers import computed_weight, transformers_conv1d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DecorrelationDivergedError", "decorrelate", "decorrelated_layers", "fold", "update"]
+__all__ = ["DecorrelationDivergedError", "decorrelate", "decorrelated_layers", "fold", "sampling_paused", "update"]
 
 BUFFER = "decor_R"  # the state_dict key of R is "<layer>.decor_R"
 
@@ -93,6 +94,7 @@ class _Decor:
     module keeps its parameters, hooks and parameter names)."""
 
     decor_R: Tensor
+    _decor_paused = False  # set by sampling_paused(): a train-mode forward that samples nothing
 
     def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float,
                     sampler: _Sampler) -> None:
@@ -170,7 +172,7 @@ class DecorLinear(_Decor, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight @ self.decor_R, self.bias)
-        if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
+        if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
             self.decor_capture(x)
         return out
 
@@ -216,7 +218,7 @@ class DecorConv2d(_Decor, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(x, self.decor_folded_weight(), self.bias)
-        if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
+        if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
             self.decor_capture(x)
         return out
 
@@ -233,7 +235,7 @@ class DecorConv1d(_Decor, nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(x, self.decor_folded_weight(), self.bias)
-        if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
+        if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
             self.decor_capture(x)
         return out
 
@@ -264,7 +266,7 @@ def _decor_transposed_linear(conv1d: type[nn.Module]) -> type[nn.Module]:
 
         def forward(self, x: Tensor) -> Tensor:
             out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.decor_folded_weight())
-            if self.training:  # after the forward, which refuses an input of the wrong shape before it is sampled
+            if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
                 self.decor_capture(x)
             return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -313,14 +315,17 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
 
     lr: step size of the R update; kappa in [0, 1]: weight of the unit-variance (whitening)
     term against decorrelation; sample_fraction in (0, 1]: share of each batch's rows (conv:
-    patch positions) that feed the update; skip: qualified module names (a name skips its
-    submodules too) or a predicate (name, module) -> bool; max_norm: update() raises
+    patch positions) that feed the update; skip: qualified module names of the model (a name
+    skips its submodules too; one that names no module is refused) or a predicate
+    (name, module) -> bool; max_norm: update() raises
     DecorrelationDivergedError when ||R||_F / sqrt(d) of a layer exceeds it; seed: an int
     draws the subsamples of every layer from one private generator (reproducible; torch's
     global RNG untouched), None from torch's global RNG.
 
     Subclasses of Linear/Conv (e.g. MultiheadAttention's out_proj, whose weight the attention
-    reads directly) are left alone. Grouped, transposed and 3-D convolutions are refused:
+    reads directly) are left alone, and so, with a warning, is a layer whose weight is computed
+    rather than held as a Parameter (a parametrization, or torch.nn.utils.spectral_norm's or
+    weight_norm's hook). Grouped, transposed and 3-D convolutions are refused:
     skip them by name. So is a layer whose weight Parameter another module shares (tied
     weights, e.g. an output layer tied to an embedding): fold() would write W R into the
     weight the others read. Untie it, or skip it and every layer tied to it.
@@ -339,11 +344,20 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         raise InvalidArgumentError(f"max_norm must be a finite positive number (the divergence bound on "
                                    f"||R||_F / sqrt(d), 1 at the start), got {max_norm}")
     sampler = _Sampler(seed)
+    if skip is not None and not callable(skip):  # a misspelt name would decorrelate the layer it meant to skip
+        skip = [skip] if isinstance(skip, str) else list(skip)
+        modules = dict(model.named_modules(remove_duplicate=False))
+        for name in skip:
+            if name not in modules:
+                raise InvalidArgumentError(f"skip: no module named {name!r} in the model (names as in "
+                                           f"model.named_modules(), e.g. {[n for n in modules if n][:3]})")
     skipped = _skipper(skip)
     todo = []
     conv1d = transformers_conv1d()
     if conv1d is not None:  # a model may hold transformers' Conv1D only where transformers loaded it
         _decor_transposed_linear(conv1d)
+    supported = (nn.Linear, nn.Conv1d, nn.Conv2d) + ((conv1d,) if conv1d is not None else ())
+    computed: dict[tuple[str, str], list[str]] = {}
     for name, module in model.named_modules():
         if skipped(name, module) or isinstance(module, _Decor):
             continue
@@ -355,6 +369,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                                                                                       nn.Conv2d)):
             raise InvalidArgumentError(f"layer {label!r} is lazy and not initialised yet: run one forward before "
                                        "decorrelate()")
+        if isinstance(module, supported) and (why := computed_weight(module)) is not None:
+            computed.setdefault(why, []).append(label)
+            continue
         if type(module) not in _DECOR:
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 logger.info("decorrelate: leaving %r alone (%s is a subclass of a supported layer)", label,
@@ -378,6 +395,10 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
             raise InvalidArgumentError(f"layer {label!r} has groups={module.groups}: grouped convolutions are not supported; "
                              f"pass skip=[{name!r}]")
         todo.append((name, module))
+    for (cause, fix), labels in computed.items():  # fold() would write W R where the next forward overwrites it
+        warnings.warn(f"decorrelate leaves out {labels}: each weight is {cause}, not held as a Parameter, so R and "
+                      f"fold() would not reach the tensors the layer trains and saves; to decorrelate such a layer, "
+                      f"{fix}", UserWarning, stacklevel=2)
     if not todo and any(isinstance(m, _Decor) for m in model.modules()):
         raise InvalidArgumentError("no layer to decorrelate: every supported layer of the model is decorrelated "
                                    "already (decorrelate() ran on it); train it as it is, or decorrelate the plain copy "
@@ -392,6 +413,24 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         module._decor_init(d, lr, kappa, sample_fraction, max_norm, sampler)
     logger.info("decorrelate: %d layers", len(todo))
     return model
+
+
+@contextlib.contextmanager
+def sampling_paused(model: nn.Module) -> Iterator[None]:
+    """Inside the block the decorrelated layers of `model` sample no inputs, in train mode too:
+    a pass that runs the model in train mode for another purpose (update_bn's BatchNorm
+    statistics) leaves the inputs pending for the next update(), R and the sampling generators
+    exactly as they were."""
+    check_module(model, "decor.sampling_paused's model")
+    # a layer an enclosing block paused is left to that block, which resumes it when it ends
+    layers = [m for m in model.modules() if isinstance(m, _Decor) and not m._decor_paused]
+    for m in layers:
+        m._decor_paused = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("_decor_paused", None)
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, nn.Module]], fix: str) -> None:
@@ -572,17 +611,41 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     return total.sum() / (counts > 0).sum().clamp(min=1)
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy of `model`, also where torch.nn.utils.spectral_norm's or weight_norm's hook
+    left its computed weight in the module (a tensor with a history, which deepcopy refuses):
+    the copy gets it detached, and its own hook recomputes it before every forward."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            value = getattr(m, hook.name, None) if isinstance(hook, (SpectralNorm, WeightNorm)) else None
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except RuntimeError as exc:  # a tensor with a history held outside those hooks
+        raise InvalidArgumentError(f"decor.fold copies the model, and copy.deepcopy refused it ({exc}); a module "
+                                   "keeps a tensor computed with gradients as an attribute: detach it, or run the "
+                                   "model once under torch.no_grad() before fold()") from exc
+
+
 @torch.no_grad()
 def fold(model: nn.Module) -> nn.Module:
     """A deep copy of `model` whose decorrelated layers are plain nn.Linear / nn.Conv1d /
     nn.Conv2d with W R folded into their weights (no R, no per-forward fold): for inference
     and export. Its state_dict loads into the original (never decorrelated) architecture.
+    A weight that torch.nn.utils.spectral_norm's or weight_norm's hook computed in a forward
+    is copied detached (the copy's hook recomputes it); any other module attribute that
+    deepcopy refuses is named in an InvalidArgumentError.
     A decorrelated layer whose weight another module shares (tied after decorrelate()) is
     refused: folding would change the weight the others read."""
     check_module(model, "decor.fold's model")
     _refuse_tied(model, decorrelated_layers(model), "untie them (give each its own nn.Parameter) before "
                                                      "decorrelate(), or skip {names} there")
-    out = copy.deepcopy(model)
+    out = _deepcopy(model)
     for _, m in decorrelated_layers(out):
         m.weight.copy_(m.decor_folded_weight())
         del m._buffers[BUFFER]

@@ -46,6 +46,9 @@ class DistillError(InvalidArgumentError):
 
 def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
     if isinstance(dataset, TensorDataset):
+        if len(dataset.tensors) < 2:
+            raise DistillError(f"the TensorDataset holds {len(dataset.tensors)} tensor(s); distillation needs inputs "
+                               "and their class labels: TensorDataset(x, y)")
         x, y = dataset.tensors[:2]
     elif isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, Tensor) for t in dataset):
         x, y = dataset
@@ -59,7 +62,14 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
                                    f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
                                    "items must be (input, label) pairs, or pass the tensors (x, y)")
         x = torch.stack([torch.as_tensor(item[0]) for item in items])
-        y = torch.as_tensor([int(item[1]) for item in items])
+        labels = []
+        for i, item in enumerate(items):
+            try:
+                labels.append(int(item[1]))
+            except (TypeError, ValueError, RuntimeError):  # a class name, None, a tensor of several values
+                raise DistillError(f"dataset[{i}]'s label is a {type(item[1]).__name__} ({str(item[1])[:40]!r}), not "
+                                   "an integer class id; map the classes to 0, 1, ... first") from None
+        y = torch.as_tensor(labels)
     if not x.is_floating_point():
         raise DistillError(f"inputs have dtype {x.dtype}; distillation learns them by gradient descent, so "
                            f"convert them to a floating-point dtype first (e.g. x.float() / 255)")
@@ -133,8 +143,18 @@ class ConvEmbedding(nn.Module):
 
 
 def default_embedding(x: Tensor, width: int = 128, depth: int = 3) -> Callable[[], nn.Module]:
-    """A factory of ConvEmbedding networks for inputs shaped like `x` ([N, L], [N, C, L] or [N, C, H, W])."""
+    """A factory of ConvEmbedding networks for inputs shaped like `x` ([N, L], [N, C, L] or [N, C, H, W]).
+    Inputs with one position per example ([N, 1], [N, C, 1], [N, C, 1, 1]) are refused: the
+    network's instance norm makes each channel of one position a constant, so nothing would
+    be learned."""
     shape = _as_channels(x).shape
+    if math.prod(shape[2:]) == 1:
+        fix = ("pass the C values as one signal of length C, x.reshape(len(x), 1, -1), or "
+               if math.prod(shape[1:]) > 1 else "")
+        raise DistillError(f"inputs have shape {tuple(x.shape)}: one position per example, where the default "
+                           "embedding's instance norm (GroupNorm with a group per channel) outputs a constant, so "
+                           f"the synthetic examples would get no gradient and never change; {fix}pass embed= a "
+                           "network that does not normalise over positions (e.g. an MLP)")
     return lambda: ConvEmbedding(shape[1], tuple(shape[2:]), width, depth).to(device=x.device, dtype=x.dtype)
 
 
@@ -196,7 +216,8 @@ def distribution_matching(
     as safetensors (atomically; read back with `load_distilled`). An int `seed` makes the
     run reproducible and leaves torch's global RNG as it was; None draws from the global RNG.
 
-    Refused with DistillError: an empty dataset, inputs holding NaN/Inf, iterations or
+    Refused with DistillError: an empty dataset, inputs holding NaN/Inf, inputs of one
+    position per example under the default embedding (see default_embedding), iterations or
     batch_real that are not ints (>= 0 and >= 1), lr not finite and > 0 or momentum not
     finite and >= 0, and a run whose synthetic set diverges to NaN/Inf (nothing is saved).
     """
@@ -258,11 +279,14 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     optimised on. Compare two sets with the same int `seed` (the same networks, none of them
     one that `distribution_matching` at that seed trains on; torch's global RNG is left as
     it was); None draws the networks from the global RNG. `y_syn` must
-    hold every class of the data and no other, one label per row of `x_syn`; nets >= 1."""
+    hold every class of the data and no other, one label per row of `x_syn`; nets >= 1.
+    `x_syn` is cast to the data's dtype and device (a float64 set against float32 data is
+    measured in float32), as the networks are built for the data."""
     check_seed(seed)
     _check_int("nets", nets, 1, "random networks to average over")
     x, y = _tensors(dataset)
     classes = _synthetic(x, y, x_syn, y_syn)
+    x_syn = x_syn.to(device=x.device, dtype=x.dtype)  # the networks take the data's dtype: measured in it
     embed = embed if embed is not None else default_embedding(x)
     total = 0.0
     for i in range(nets):

@@ -47,7 +47,7 @@ from twa_kernels._checks import check_module, real
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.io import tied_owners
-from twa_kernels.layers import TORCH_WEIGHT_LAYERS, weight_layer_types
+from twa_kernels.layers import TORCH_WEIGHT_LAYERS, computed_weight, weight_layer_types
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ class _Product(torch.autograd.Function):
 class DeepFactorization(nn.Module):
     """The parametrization w = prod_d omega_d (registered by `factorize`, one per layer).
 
-    `right_inverse` turns a dense weight into D balanced factors (sign on the first), which is
+    `right_inverse` turns a dense weight into D balanced factors (sign on the first; a zero
+    entry into 0 times nonzero factors, so that it can train), which is
     how `init="keep"` factorises the current weights exactly (to the dtype's rounding: about
     1e-7 relative in float32, 1e-3 in float16, 1e-2 in bfloat16); DWF's random initialisation
     overwrites the factors afterwards.
@@ -142,9 +143,17 @@ class DeepFactorization(nn.Module):
         return _Product.apply(*factors)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
-        """Balanced factors of `weight`: each |w|^(1/D), the first carrying its sign."""
+        """Balanced factors of `weight`: each |w|^(1/D), the first carrying its sign. A zero
+        entry gets 0 in the first factor and, in the others, the mean factor magnitude of the
+        tensor's nonzero entries (1 if it has none): all-zero factors would have zero gradients
+        and stay zero for good (a zero-initialised bias could never train)."""
         root = weight.abs().pow(1.0 / self.depth)
-        return (torch.sign(weight) * root,) + tuple(root.clone() for _ in range(self.depth - 1))
+        live = (weight != 0) & torch.isfinite(weight)  # a NaN among them would make the fill NaN, and 0 * NaN too
+        count = live.sum()
+        typical = (root * live).nan_to_num(0.0).sum() / count.clamp(min=1)
+        fill = torch.where(count > 0, typical, torch.ones((), dtype=root.dtype, device=root.device))
+        rest = torch.where(weight == 0, fill, root)
+        return (torch.sign(weight) * root,) + tuple(rest.clone() for _ in range(self.depth - 1))
 
     def extra_repr(self) -> str:
         """The depth, in the module's repr."""
@@ -241,13 +250,12 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
         chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
         # a weight computed by another parametrization (weight_norm, spectral_norm) has no
         # Parameter to factorise: left out of the default choice, refused when named
-        computed = [n for n, m in chosen if parametrize.is_parametrized(m, "weight") and not _is_factorized(m)]
-        if computed:
-            warnings.warn(f"factorize leaves out {computed}: each weight is computed by a parametrization "
-                          "(weight_norm, spectral_norm), not held as a Parameter; remove it "
-                          "(torch.nn.utils.parametrize.remove_parametrizations) to factorise the layer",
-                          UserWarning, stacklevel=3)
-            chosen = [(n, m) for n, m in chosen if n not in computed]
+        computed = {n: why for n, m in chosen if not _is_factorized(m) and (why := computed_weight(m))}
+        for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its layers
+            names = [n for n, why in computed.items() if why == (cause, fix)]
+            warnings.warn(f"factorize leaves out {names}: each weight is {cause}, not held as a Parameter; "
+                          f"to factorise such a layer, {fix}", UserWarning, stacklevel=3)
+        chosen = [(n, m) for n, m in chosen if n not in computed]
         # a weight tied to another module (an output layer sharing an embedding's) is left
         # out of the default choice; named in layers= it is refused below
         tied = {n: others for n, m in chosen if (others := tied_owners(model, m))}
@@ -283,6 +291,10 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
         if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
             raise FactorizationError(f"layer {name!r} is lazy: its weight has no shape until the layer first runs; "
                                      "run one forward pass of the model first")
+        if (computed := computed_weight(module)) is not None:
+            raise FactorizationError(f"layer {name!r} ({type(module).__name__}): its weight is {computed[0]}, not "
+                                     f"held as a Parameter, so factors would not reach the tensors it trains and "
+                                     f"saves; leave it out of layers=, or {computed[1]}")
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise FactorizationError(
                 f"layer {name!r} ({type(module).__name__}) has no `weight` parameter to factorise; DWF factorises "
@@ -536,18 +548,25 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
     zero; NaN and Inf do not).
     It counts every Linear/Conv weight and every factorised tensor (a bias or a norm's weight
     that `factorize` replaced), on a factorised model and on its `collapse` copy alike, so the
-    two reports agree. threshold is a finite number >= 0; a model with no weight to count is
-    refused."""
+    two reports agree; a Parameter that several layers share counts once, under its first
+    name. threshold is a finite number >= 0; a model with no weight to count is refused."""
     check_module(model, "sparsity_report's model")
     # a NaN threshold counted every weight as zero (|w| >= nan is False), so a dense layer read as fully sparse
     _check_threshold(threshold)
     types = weight_layer_types()
     report = SparsityReport()
+    seen: set[int] = set()
     for name, module in model.named_modules():
         counted = ["weight"] if isinstance(module, types) else []
         replaced = module.parametrizations.keys() if _is_factorized(module) else getattr(module, "_dwf_collapsed", ())
         counted += [pname for pname in replaced if pname not in counted]
         for pname in counted:
+            # a Parameter two layers share (tied weights) is one set of weights, counted once
+            stored = module.parametrizations[pname] if parametrize.is_parametrized(module, pname) else \
+                getattr(module, pname)
+            if id(stored) in seen:
+                continue
+            seen.add(id(stored))
             w = getattr(module, pname)
             # not (|w| < threshold): a NaN or Inf weight of a diverged run is not a zero, which
             # |w| >= threshold (False for NaN) made it, reporting a NaN layer as all pruned

@@ -1,4 +1,5 @@
-"""Which modules are weight layers: those whose `weight` multiplies their input.
+"""Which modules are weight layers (those whose `weight` multiplies their input), and which
+of their weights are computed rather than stored.
 
 torch's Linear and convolutions, and transformers' Conv1D, the linear layer of GPT-2 and
 its kin, which stores its weight as (in, out), the transpose of Linear's. Methods that act
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 TORCH_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -25,3 +27,31 @@ def weight_layer_types() -> tuple[type[nn.Module], ...]:
     """Linear, every convolution, and transformers' Conv1D where it is loaded."""
     conv1d = transformers_conv1d()
     return TORCH_WEIGHT_LAYERS + ((conv1d,) if conv1d is not None else ())
+
+
+def computed_weight(module: nn.Module, name: str = "weight") -> tuple[str, str] | None:
+    """(why, fix) when `module.<name>` is a tensor that is not held as an nn.Parameter, else None:
+    a parametrization's output, a tensor that torch.nn.utils.spectral_norm's or weight_norm's
+    forward pre-hook writes before every forward (from weight_orig, or weight_g and weight_v),
+    or a plain buffer or attribute. Methods that act on the stored weight (masks, factors, W R)
+    would not reach the tensors such a layer trains and saves."""
+    from torch.nn.utils.spectral_norm import SpectralNorm  # the hook-based forms torch still ships
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if parametrize.is_parametrized(module, name):
+        return ("computed by a parametrization (weight_norm, spectral_norm) from the tensors the state_dict holds",
+                f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, {name!r}))")
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return (f"computed by torch.nn.utils.spectral_norm's hook from {name}_orig before every forward",
+                    "remove the hook first (torch.nn.utils.remove_spectral_norm(layer)), or use "
+                    "torch.nn.utils.parametrizations.spectral_norm and leave the layer out")
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return (f"computed by torch.nn.utils.weight_norm's hook from {name}_g and {name}_v before every forward",
+                    "remove the hook first (torch.nn.utils.remove_weight_norm(layer)), or use "
+                    "torch.nn.utils.parametrizations.weight_norm and leave the layer out")
+    value = getattr(module, name, None)
+    if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+        kind = "a buffer" if name in module._buffers else "a plain tensor attribute"
+        return f"{kind}, not an nn.Parameter", "make it an nn.Parameter first"
+    return None

@@ -16,9 +16,12 @@ The prunable weights are the `weight` of every Linear, Conv and transformers Con
 (biases, embeddings and normalisation layers stay dense, as in the lottery-ticket
 literature); `layers` narrows them. A weight tied to another module (an output layer that
 shares an embedding's weight) is left out, with a warning: a mask held on one module would
-not reach the other, which would go on computing with the pruned entries. During training a mask is a parametrization (`weight = where(mask, original, 0)`), so
-whatever the optimizer does to the stored entries (momentum, Adam moments, weight decay) the
-network computes with exact zeros, and when training ends the masked values are written
+not reach the other, which would go on computing with the pruned entries. So is a weight
+computed rather than stored (weight_norm, spectral_norm, as parametrizations or as torch's
+older hooks): a mask on it would not reach the tensors the layer trains. During training a
+mask is a parametrization (`weight = where(mask, original, 0)`), so whatever the optimizer
+does to the stored entries (momentum, Adam moments, weight decay) the network computes with
+exact zeros, and when training ends the masked values are written
 back: the trained weights are exactly zero where pruned. The parameter objects stay the same
 throughout, so an optimizer built before or during training stays valid.
 
@@ -30,9 +33,11 @@ round that finished.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -54,7 +59,7 @@ from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric, split_batch
 from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
-from twa_kernels.layers import weight_layer_types
+from twa_kernels.layers import computed_weight, weight_layer_types
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,19 @@ class PruningError(InvalidArgumentError):
     """Bad pruning input: a rate, a round count, a layer name, a train_fn or an out_dir."""
 
 
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
+
+
+def _caller_level() -> int:
+    """The stacklevel that points a warning raised in the caller of this function at the first
+    frame outside twa_kernels and torch (torch.no_grad's wrapper included): the user's call,
+    whichever of prunable_weights, global_magnitude_masks or imp it went through."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _weight_key(name: str) -> str:
     """A layer named by its module ("features.0") or its weight ("features.0.weight"): the weight's name."""
     return name if name.endswith("weight") else f"{name}.weight"
@@ -75,13 +93,14 @@ def _weight_key(name: str) -> str:
 def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """{parameter name: module} for the weights that pruning considers: the `weight` of every
     Linear, Conv and transformers Conv1D layer, in module order, except those tied to another
-    module (left out with a warning). `layers` keeps only the named ones (a module name such
-    as "features.0" or a parameter name such as "features.0.weight"); naming a tied weight
-    is an error."""
+    module and those computed rather than stored as a Parameter (by a parametrization, or by
+    torch.nn.utils.spectral_norm's or weight_norm's hook), which are left out with a warning.
+    `layers` keeps only the named ones (a module name such as "features.0" or a parameter name
+    such as "features.0.weight"); naming a tied or computed weight is an error."""
     check_module(model, "the model to prune")
     found: dict[str, nn.Module] = {}
     tied: dict[str, list[str]] = {}
-    parametrized: list[str] = []  # weight_norm, spectral_norm: `weight` is computed, not a stored entry
+    computed: dict[str, tuple[str, str]] = {}  # weight_norm, spectral_norm: `weight` is computed, not a stored entry
     types = weight_layer_types()
     for name, module in model.named_modules():
         if isinstance(module, types) and isinstance(getattr(module, "weight", None), Tensor):
@@ -90,9 +109,10 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
                 raise PruningError(f"{key} is a lazy layer's weight, which has no shape until the layer first runs; "
                                    "run one forward pass of the model first")
             others = tied_owners(model, module)
-            if parametrize.is_parametrized(module, "weight") and not all(
-                    isinstance(step, _Mask) for step in module.parametrizations.weight):  # apply_masks' own
-                parametrized.append(key)
+            masked = parametrize.is_parametrized(module, "weight") and all(
+                isinstance(step, _Mask) for step in module.parametrizations.weight)  # apply_masks' own
+            if not masked and (why := computed_weight(module)):
+                computed[key] = why
             elif others:
                 tied[key] = others
             else:
@@ -100,27 +120,29 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
     if layers is None:
         if tied:
             warnings.warn(f"pruning leaves out {sorted(tied)}: each is one Parameter with another module's "
-                          f"({tied}), which a mask held on one module would not reach", UserWarning, stacklevel=2)
-        if parametrized:
-            warnings.warn(f"pruning leaves out {parametrized}: each is computed by a parametrization (weight_norm, "
-                          "spectral_norm) from the tensors the state_dict holds, which a mask on the computed "
-                          "weight would not reach", UserWarning, stacklevel=2)
+                          f"({tied}), which a mask held on one module would not reach", UserWarning,
+                          stacklevel=_caller_level())
+        for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its weights
+            keys = [key for key, why in computed.items() if why == (cause, fix)]
+            warnings.warn(f"pruning leaves out {keys}: each is {cause}, which a mask on the computed weight would not "
+                          f"reach; to prune such a layer, {fix}", UserWarning, stacklevel=_caller_level())
         if not found:
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
                                (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
         return found
     wanted = {_weight_key(name) for name in layers}
-    if clash := sorted(wanted & set(parametrized)):
-        raise PruningError(f"{clash[0]} is computed by a parametrization (weight_norm, spectral_norm), not stored: a "
-                           "mask on it would not reach the tensors the state_dict holds; leave it out of layers, or "
-                           "remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)")
+    if clash := sorted(wanted & computed.keys()):
+        cause, fix = computed[clash[0]]
+        raise PruningError(f"{clash[0]} is {cause}, not stored as a Parameter: a mask on it would not reach the "
+                           f"tensors the layer trains and the state_dict holds; leave it out of layers (or masks), "
+                           f"or {fix}")
     if clash := sorted(wanted & tied.keys()):
         raise PruningError(f"{clash[0]} is one Parameter with {tied[clash[0]]} (tied weights): a mask held on one "
                            "module would not reach the other, which would compute with the pruned entries; leave "
                            "it out of layers (or masks), or untie the weights first")
     unknown = sorted(wanted - found.keys())
     if unknown:
-        raise PruningError(f"layers {unknown} are not prunable Linear/Conv/Conv1D weights of the model; "
+        raise PruningError(f"layers (or masks) {unknown} are not prunable Linear/Conv/Conv1D weights of the model; "
                            f"choose from {sorted(found)}")
     if not wanted:
         raise PruningError("layers is empty; name at least one Linear/Conv layer, or pass layers=None for all")
@@ -172,6 +194,8 @@ def global_magnitude_masks(
         if unknown := sorted(set(masks) - weights):
             raise PruningError(f"masks[{unknown[0]!r}] names no weight of the model (it has e.g. "
                                f"{sorted(weights)[:3]}); pass the masks of this model")
+        if masks:  # a mask of a weight pruning leaves alone (an embedding's) would be dropped from the result
+            prunable_weights(model, masks)
     prior = {}
     for name, module in modules.items():
         weight = module.weight
@@ -288,6 +312,19 @@ def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) 
             for k, v in state.items()}
 
 
+def _check_sgd_options(options: Mapping[str, Any], error: type[Exception]) -> None:
+    """Refuse lr, momentum or weight_decay set beside optimizer=: they configure the default SGD
+    only, and the optimizer given would train without them."""
+    if options.get("optimizer") is None:
+        return
+    defaults = inspect.signature(train_classifier).parameters
+    if changed := [name for name in ("lr", "momentum", "weight_decay")
+                   if name in options and options[name] != defaults[name].default]:
+        raise error(f"train_classifier got optimizer= and {changed}, which set the default SGD only and would be "
+                    "ignored; set them in the optimizer (e.g. optimizer=lambda params: torch.optim.AdamW(params, "
+                    "lr=...)), or leave optimizer= out")
+
+
 def train_classifier(
     model: nn.Module,
     data: Dataset,
@@ -300,13 +337,17 @@ def train_classifier(
     schedule: str = "cosine",
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
-    """The default training loop over (inputs, labels, ...) items (or mappings of the model's
-    keyword arguments with a "labels" entry, as Hugging Face datasets give): cross-entropy of the
-    model's logits (or of a Hugging Face ModelOutput's `.logits`), SGD with momentum (or `optimizer(params)`),
-    a cosine or constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
+    """The default training loop over (inputs, labels, ...) items (inputs a tensor, or a mapping of
+    the model's keyword arguments) or mappings of the model's keyword arguments with a "labels"
+    entry, as Hugging Face datasets give: cross-entropy of the model's logits (or of a Hugging Face
+    ModelOutput's `.logits`), SGD with `lr`, `momentum` and `weight_decay`, or `optimizer(params)`
+    (then those three are refused: set them in the optimizer), a cosine or
+    constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
     the shuffling and every other draw of the training, such as dropout's, and leaves torch's
     global RNG as it was; None draws from torch's global RNG)."""
     check_module(model, "train_classifier's model")
+    _check_sgd_options(dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay),
+                       InvalidArgumentError)
     if schedule not in ("cosine", "constant"):
         raise InvalidArgumentError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     # a NaN or infinite rate trained every weight to NaN without a word
@@ -349,8 +390,16 @@ def train_classifier(
 def classification_train_fn(data: Dataset, epochs: int = 10, seed: int | None = None, **kwargs: Any) -> TrainFn:
     """A train_fn for `imp`: `train_classifier(model, data, epochs, seed=seed, **kwargs)` in
     every round (with an int seed, the same data order each round, as IMP usually does;
-    None shuffles from torch's global RNG)."""
+    None shuffles from torch's global RNG). A keyword train_classifier does not take, or lr,
+    momentum or weight_decay beside optimizer=, is refused here, before imp writes anything."""
     check_seed(seed)
+    # a misspelt option would otherwise surface as a TypeError only once round 0 runs, after imp wrote its files
+    allowed = [name for name in inspect.signature(train_classifier).parameters if name not in
+               ("model", "data", "epochs", "seed")]
+    if unknown := sorted(set(kwargs) - set(allowed)):
+        raise PruningError(f"classification_train_fn got {unknown}, which train_classifier does not take; its "
+                           f"options are {allowed}")
+    _check_sgd_options(kwargs, PruningError)
 
     def train_fn(model: nn.Module, round: int) -> None:
         train_classifier(model, data, epochs=epochs, seed=seed, **kwargs)
