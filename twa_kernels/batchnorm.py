@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels._checks import check_module
-from twa_kernels.decor import sampling_paused
+from twa_kernels._passes import statistics_pass
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 
 
@@ -143,7 +143,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     runner = model if weights is None else _WithWeights(model, weights)
     count = 0
     try:
-        with sampling_paused(model):  # train mode would queue these batches for the next decor.update()
+        with statistics_pass():  # layers that learn from train-mode inputs (tk.decor's) leave these alone
             for batch in loader:
                 if call_fn is not None:
                     call_fn(runner, batch)

@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twa_kernels._passes import in_statistics_pass
 from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, real
 from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
-from twa_kernels.layers import computed_weight, transformers_conv1d
+from twa_kernels.layers import NORM_HOOKS, computed_weight, transformers_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,12 @@ class _Decor:
 
     decor_R: Tensor
     _decor_paused = False  # set by sampling_paused(): a train-mode forward that samples nothing
+
+    def _decor_samples(self) -> bool:
+        """Whether this forward samples its inputs for the next update(): in train mode, except
+        under sampling_paused() and in a BatchNorm statistics pass (update_bn), whose batches
+        are no training data."""
+        return self.training and not self._decor_paused and not in_statistics_pass()
 
     def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float,
                     sampler: _Sampler) -> None:
@@ -172,7 +179,7 @@ class DecorLinear(_Decor, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight @ self.decor_R, self.bias)
-        if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
+        if self._decor_samples():  # after the forward, which refuses a wrong shape first
             self.decor_capture(x)
         return out
 
@@ -218,7 +225,7 @@ class DecorConv2d(_Decor, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(x, self.decor_folded_weight(), self.bias)
-        if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
+        if self._decor_samples():  # after the forward, which refuses a wrong shape first
             self.decor_capture(x)
         return out
 
@@ -235,7 +242,7 @@ class DecorConv1d(_Decor, nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._conv_forward(x, self.decor_folded_weight(), self.bias)
-        if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
+        if self._decor_samples():  # after the forward, which refuses a wrong shape first
             self.decor_capture(x)
         return out
 
@@ -266,7 +273,7 @@ def _decor_transposed_linear(conv1d: type[nn.Module]) -> type[nn.Module]:
 
         def forward(self, x: Tensor) -> Tensor:
             out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.decor_folded_weight())
-            if self.training and not self._decor_paused:  # after the forward, which refuses a wrong shape first
+            if self._decor_samples():  # after the forward, which refuses a wrong shape first
                 self.decor_capture(x)
             return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -418,9 +425,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
 @contextlib.contextmanager
 def sampling_paused(model: nn.Module) -> Iterator[None]:
     """Inside the block the decorrelated layers of `model` sample no inputs, in train mode too:
-    a pass that runs the model in train mode for another purpose (update_bn's BatchNorm
-    statistics) leaves the inputs pending for the next update(), R and the sampling generators
-    exactly as they were."""
+    a pass that runs the model in train mode for another purpose leaves the inputs pending for
+    the next update(), R and the sampling generators exactly as they were (update_bn's
+    BatchNorm pass does this for every model by itself)."""
     check_module(model, "decor.sampling_paused's model")
     # a layer an enclosing block paused is left to that block, which resumes it when it ends
     layers = [m for m in model.modules() if isinstance(m, _Decor) and not m._decor_paused]
@@ -615,13 +622,10 @@ def _deepcopy(model: nn.Module) -> nn.Module:
     """copy.deepcopy of `model`, also where torch.nn.utils.spectral_norm's or weight_norm's hook
     left its computed weight in the module (a tensor with a history, which deepcopy refuses):
     the copy gets it detached, and its own hook recomputes it before every forward."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     memo: dict[int, Any] = {}
     for m in model.modules():
         for hook in m._forward_pre_hooks.values():
-            value = getattr(m, hook.name, None) if isinstance(hook, (SpectralNorm, WeightNorm)) else None
+            value = getattr(m, hook.name, None) if isinstance(hook, NORM_HOOKS) else None
             if isinstance(value, Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     try:

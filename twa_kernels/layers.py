@@ -13,6 +13,11 @@ import sys
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm  # the hook-based forms torch still ships
+from torch.nn.utils.weight_norm import WeightNorm
+
+# torch.nn.utils.spectral_norm and weight_norm: forward pre-hooks that write `weight` before each forward
+NORM_HOOKS = (SpectralNorm, WeightNorm)
 
 TORCH_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -35,9 +40,6 @@ def computed_weight(module: nn.Module, name: str = "weight") -> tuple[str, str] 
     forward pre-hook writes before every forward (from weight_orig, or weight_g and weight_v),
     or a plain buffer or attribute. Methods that act on the stored weight (masks, factors, W R)
     would not reach the tensors such a layer trains and saves."""
-    from torch.nn.utils.spectral_norm import SpectralNorm  # the hook-based forms torch still ships
-    from torch.nn.utils.weight_norm import WeightNorm
-
     if parametrize.is_parametrized(module, name):
         return ("computed by a parametrization (weight_norm, spectral_norm) from the tensors the state_dict holds",
                 f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, {name!r}))")
