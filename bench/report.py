@@ -543,7 +543,9 @@ def main(argv: list[str]) -> int:
     run_path = Path(argv[0])
     out_path = Path(argv[1]) if len(argv) > 1 else run_path.with_name(run_path.stem + "-roofline.json")
     report = build_report(json.loads(run_path.read_text()))
-    out_path.write_text(json.dumps(report, indent=1))
+    partial = out_path.with_name(f".{out_path.name}.tmp")  # moved into place whole: never half a file
+    partial.write_text(json.dumps(report, indent=1))
+    partial.replace(out_path)
     print(stamp_line(report["stamp"]) + "\n")
     print(markdown(report))
     print(f"\nwritten: {out_path}")

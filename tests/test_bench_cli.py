@@ -81,8 +81,11 @@ def test_twa_bench_refuses_an_out_it_cannot_write_before_running_anything(tmp_pa
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: calls.append(args) or 0)
     monkeypatch.chdir(tmp_path)
-    for out in (str(tmp_path / "missing" / "run.json"), str(tmp_path)):
+    (tmp_path / "blocked-roofline.json").mkdir()  # where the roofline table's JSON would go
+    for out, named in ((str(tmp_path / "missing" / "run.json"), "run.json"), (str(tmp_path), tmp_path.name),
+                       ("blocked.json", "blocked-roofline.json"), ("x" * 300 + ".json", None)):
         assert cli.main(["bench", "--out", out]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"twa: error: --out {out}")
+        assert len(err) == 1 and err[0].startswith("twa: error: ")
+        assert f"{named} (from --out {out})" in err[0] if named else "give a shorter path" in err[0]
     assert calls == []  # no benchmark ran

@@ -134,8 +134,53 @@ def test_demo_quick_writes_table_json_and_plot(tmp_path):
     assert summary["SGD, budgeted"]["epochs"] == summary["TWA-v"]["epochs"] == budget
     assert summary["SGD, stopped early"]["epochs"] == summary["SWA"]["epochs"] == report["head_epochs"]
     assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
-    # the numbers carry where they came from (the commit is None outside a git checkout)
+    # the numbers carry where they came from (the commit is None outside a git checkout), and
+    # the one thread the demo trains on
     assert {"datetime", "commit", "cpu", "torch", "twa_kernels"} <= set(report["stamp"])
+    assert report["stamp"]["threads"] == 1
+    assert "MNIST-1D, 1 seed(s):" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("where, message", [
+    ("results.json", "holds a directory named results.json, where the demo writes that file"),
+    ("nul", "holds a NUL byte"),
+    ("long", "cannot be used .*File name too long.*choose a shorter path"),
+])
+def test_the_demo_refuses_an_output_it_could_not_write_before_training(tmp_path, where, message):
+    from twa_kernels.demo import run_demo
+
+    out = tmp_path / "demo"
+    if where == "results.json":
+        (out / "results.json").mkdir(parents=True)
+    elif where == "nul":
+        out = str(out) + "\0x"
+    else:
+        out = tmp_path / ("x" * 300)
+    with pytest.raises(tk.errors.OutputError, match=message):
+        run_demo(out, quick=True, progress=False)  # at once: no training comes before the refusal
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["demo"] if where == "results.json" else [])
+
+
+def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path, monkeypatch):
+    from twa_kernels import demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in demo.OUTPUTS:
+        (out / name).write_text("previous run")
+    monkeypatch.setattr(demo, "run_seed", lambda seed, setting, out_dir, progress: {"head_epochs": 1})
+    monkeypatch.setattr(demo, "summarize", lambda runs: {})
+    monkeypatch.setattr(demo, "plot", lambda runs, summary, path: Path(path).write_text("new figure"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "plane_figure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, quick=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)  # and no staging folder
+    assert all((out / name).read_text() == "previous run" for name in demo.OUTPUTS)
 
 
 @pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])

@@ -1065,32 +1065,34 @@ def test_a_batch_without_a_batch_dimension_is_named():
         C.hessian_diagonal(model, torch.nn.functional.cross_entropy, [(torch.randn(3), torch.tensor(1))], samples=2)
 
 
-class _KeywordNet(torch.nn.Module):
-    """A BatchNorm network whose input comes as a keyword argument."""
+class _DictNet(torch.nn.Module):
+    """A BatchNorm network whose one argument is a mapping of tensors."""
 
     def __init__(self):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
                                        torch.nn.Linear(8, 3))
 
-    def forward(self, features):
-        return self.net(features)
+    def forward(self, inputs):
+        return self.net(inputs["features"])
 
 
-def test_batches_whose_inputs_are_a_mapping_feed_them_as_keyword_arguments():
-    # ({"features": x}, y) batches failed on dict.to() in the metric pass and in update_bn's
+def test_batches_whose_inputs_are_a_mapping_feed_it_as_one_argument():
+    # ({"features": x}, y) batches failed on dict.to() in the metric pass; update_bn and
+    # `twa fit` pass such inputs as one argument, and so does every pass here
     torch.manual_seed(0)
-    model = _KeywordNet()
+    model = _DictNet()
     a, b = model.state_dict(), {k: v + 0.1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     pairs = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
     keyword = [({"features": xb}, yb) for xb, yb in pairs]
-    positional = C.interpolate(model, a, b, pairs, steps=3)
+    inner = {k.removeprefix("net."): v for k, v in a.items()}, {k.removeprefix("net."): v for k, v in b.items()}
+    positional = C.interpolate(model.net, *inner, pairs, steps=3)  # the same network, fed tensors
     by_name = C.interpolate(model, a, b, keyword, steps=3)
     assert by_name.loss == positional.loss and by_name.error == positional.error
     tk.batchnorm.update_bn(keyword, model)
     measured = model.net[1].running_mean.clone()
-    tk.batchnorm.update_bn(pairs, model)
+    tk.batchnorm.update_bn(pairs, model.net)
     assert torch.equal(model.net[1].running_mean, measured)
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"inputs are a list; data must yield \(inputs, targets\) "
                                                             r"batches whose inputs are a tensor or a mapping"):

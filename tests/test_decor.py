@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -813,3 +814,32 @@ def test_update_bn_and_interpolate_leave_the_decorrelation_state_as_it_was():
         assert torch.equal(a.decor_R, b.decor_R)
     model(x[:24])  # sampling is back once the pass is over
     assert all(layer._decor_count == 12 for _, layer in tk.decor.decorrelated_layers(model))
+
+
+def test_sampling_paused_pauses_this_model_in_this_thread_only():
+    # the pause lived on the layers: a copy made inside the block stayed paused for good, and
+    # a block ending in one thread resumed sampling inside another thread's block
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    tk.decor.decorrelate(model, sample_fraction=1.0, seed=0)
+    x = torch.randn(4, 8)
+
+    def counts(m):
+        return [layer._decor_count for _, layer in tk.decor.decorrelated_layers(m)]
+
+    seen_in_thread = []
+    with tk.decor.sampling_paused(model):
+        with tk.decor.sampling_paused(model):  # nested: the inner end leaves the outer pause
+            model(x)
+        model(x)
+        copied = copy.deepcopy(model)
+        worker = threading.Thread(target=lambda: (model(x), seen_in_thread.append(counts(model))))
+        worker.start()
+        worker.join()
+        model(x)
+    assert seen_in_thread == [[4, 4]]  # another thread, outside any block, sampled
+    assert counts(model) == [4, 4]  # none of the four forwards in the block did
+    copied(x)
+    assert counts(copied) == [4, 4]  # a copy made inside the block (before the thread ran) samples as usual
+    model(x)
+    assert counts(model) == [8, 8]

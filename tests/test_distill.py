@@ -194,6 +194,8 @@ def test_hostile_inputs_are_refused_before_anything_is_saved(tmp_path):
         run([{"x": row, "y": label} for row, label in zip(x, y)])
     with pytest.raises(DistillError, match=r"dataset\[0\]'s label is a str \('dog'\), not an integer class id"):
         run([(row, "dog" if i % 2 == 0 else "cat") for i, row in enumerate(x)])
+    with pytest.raises(DistillError, match=r"dataset\[0\]'s label is a float \('inf'\), not an integer class id"):
+        run([(row, float("inf")) for row in x])
     with pytest.raises(DistillError, match=r"TensorDataset holds 1 tensor\(s\).*TensorDataset\(x, y\)"):
         run(TensorDataset(x))
     with pytest.raises(DistillError, match="an example with no values"):

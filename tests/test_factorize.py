@@ -636,6 +636,20 @@ def test_keep_factorises_zero_entries_exactly_into_factors_that_train(depth):
     assert (model[0].bias != 0).all() and (model[1].bias != 0).all() and (model[0].weight[1] != 0).all()
 
 
+def test_keep_fills_zero_entries_without_overflow_in_half_precision():
+    # the nonzero factors' mean was summed in float16: past 65504 it was inf, and 0 * inf NaN
+    torch.manual_seed(0)
+    layer = nn.Linear(2048, 2048).half()  # 4M factors of about 0.1: their float16 sum overflows
+    with torch.no_grad():
+        layer.weight[0, :4] = 0
+    dense = layer.weight.detach().clone()
+    factorize(nn.Sequential(layer), depth=2, init="keep")
+    weight = layer.weight.detach()
+    assert not weight.isnan().any()
+    assert torch.equal(weight[0, :4], dense[0, :4])
+    assert layer.parametrizations.weight.original1[0, :4].isfinite().all()
+
+
 @pytest.mark.parametrize("hook, source, fix", [
     (torch.nn.utils.spectral_norm, "spectral_norm's hook from weight_orig", "remove_spectral_norm"),
     (torch.nn.utils.weight_norm, "weight_norm's hook from weight_g and weight_v", "remove_weight_norm"),

@@ -360,6 +360,24 @@ def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, monkeypatch):
         load_config(tmp_path)
     with pytest.raises(FitError, match=r"missing\.yaml: no such config file"):
         load_config(tmp_path / "missing.yaml")
+    for name in ("bad\0name.yaml", "bad\ud800.yaml"):  # os.stat raises ValueError, UnicodeEncodeError
+        with pytest.raises(FitError, match=r"not a path a config file can have"):
+            load_config(name)
+
+
+@pytest.mark.parametrize("targets, samples", [
+    (torch.zeros(5), 5),
+    (torch.tensor(2), 1),  # one sample at a time, as batch_size=None gives
+    ({"label": torch.zeros(6), "weight": torch.ones(6)}, 6),  # not its 2 keys
+    ((torch.zeros(7), torch.zeros(7, 3)), 7),  # one targets tensor per task
+    ([torch.zeros(5), torch.tensor(1), torch.zeros(2)], 3),  # one item per sample, of varied shapes
+    ([torch.tensor(0), torch.tensor(1), torch.tensor(2)], 3),
+    (["a", "b"], 4),  # no tensor: counted on the inputs
+])
+def test_a_validation_batch_is_weighted_by_the_samples_it_holds(targets, samples):
+    from twa_kernels.fit import _samples
+
+    assert _samples(torch.zeros(4, 2), targets, loader=None) == samples
 
 
 # -- data that is not an iterable of (inputs, targets) batches -----------------------------
@@ -610,6 +628,53 @@ def test_entries_that_appear_in_the_output_during_a_run_are_moved_into_the_new_s
     assert {(out / name).read_text() for name in ("a.bin", "b.json")} == {"new"}
     assert (out / "notes.txt").read_text() == "mine" and (out / "figures" / "loss.png").read_bytes() == b"png"
     assert _leftovers(tmp_path) == []
+
+
+def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_kept_aside(tmp_path):
+    # killed between the swap and moving the user's entries back: the old set, with them,
+    # sat in a staging folder of a dead process, which the next run removed whole
+    from twa_kernels import _outdir
+
+    out = tmp_path / "out"
+    first = _outdir.OutputDirectory(out, ["a.bin"])
+    first.stage("a.bin").write_text("old")
+    first.commit()
+    second = _outdir.OutputDirectory(out, ["a.bin"])
+    second.stage("a.bin").write_text("new")
+    (out / "notes.txt").write_text("mine")
+    staging = second._staging
+    assert second._swap()  # the swap alone, as a run killed right after it leaves things
+    dead = staging.with_name(staging.name.replace(f".{os.getpid()}.", ".999999999."))
+    os.rename(staging, dead)
+    with pytest.warns(RuntimeWarning, match=r"interrupted run left notes\.txt .* kept in '.*\.out\.twa-kept"):
+        _outdir.OutputDirectory(out, ["a.bin"]).discard()
+    kept = [p for p in tmp_path.iterdir() if ".twa-kept." in p.name]
+    assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "mine"
+    assert not dead.exists() and (out / "a.bin").read_text() == "new"
+
+
+def test_an_entry_that_vanishes_before_it_is_moved_back_is_no_reason_to_keep_the_old_set(tmp_path, monkeypatch):
+    from twa_kernels import _outdir
+
+    out = tmp_path / "out"
+    target = _outdir.OutputDirectory(out, ["a.bin"])
+    target.stage("a.bin").write_text("new")
+    out.mkdir()
+    (out / "loader.lock").write_text("")
+    rename = os.rename
+
+    def lock_released_first(src, dst):  # the loader removes its lock file just before the move
+        if Path(src).name == "loader.lock":
+            os.unlink(src)
+        return rename(src, dst)
+
+    monkeypatch.setattr(_outdir.os, "rename", lock_released_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.commit()
+    target.discard()
+    assert os.listdir(out) == ["a.bin"] and _leftovers(tmp_path) == []
+    assert not [p for p in tmp_path.iterdir() if ".twa-kept." in p.name]
 
 
 def test_a_directory_named_like_an_output_that_appears_during_a_run_is_kept_aside(tmp_path):

@@ -661,15 +661,16 @@ def test_train_fn_options_are_checked_when_it_is_made_and_sgd_options_beside_an_
     assert not torch.equal(model.weight, before["weight"])
 
 
-def test_the_default_training_loop_takes_pairs_whose_inputs_are_keyword_arguments():
-    # ({"x": ...}, label) items: the loop called .to() on the dict and failed
+def test_the_default_training_loop_takes_pairs_whose_inputs_are_a_mapping():
+    # ({"x": ...}, label) items: the loop called .to() on the dict and failed; the mapping is
+    # the model's one argument, as update_bn and `twa fit` pass it
     class Keyword(nn.Module):
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.linear(x)
+            return self.linear(x["x"] if isinstance(x, dict) else x)
 
     x, y = torch.randn(16, 4), torch.arange(16) % 3
     plain, keyword = Keyword(), Keyword()
@@ -678,5 +679,5 @@ def test_the_default_training_loop_takes_pairs_whose_inputs_are_keyword_argument
     tk.prune.train_classifier(keyword, [({"x": xi}, yi) for xi, yi in zip(x, y)], epochs=2, seed=0)
     torch.testing.assert_close(keyword.linear.weight, plain.linear.weight)
     # the loader collates a batch of strings into a tuple of them
-    with pytest.raises(tk.errors.InvalidArgumentError, match=r"inputs are a tuple.*a tensor or a mapping of keyword"):
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"inputs are a tuple.*a tensor or a mapping of tensors"):
         tk.prune.train_classifier(Keyword(), [("text", 0)] * 4, epochs=1)

@@ -54,6 +54,11 @@ def _shown(path: str | os.PathLike) -> str:
     return _PATH_REPR.repr(str(path))
 
 
+def _entries(names: Sequence[str]) -> str:
+    """The first few of `names`, for a message."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the OS allows (os.umask can only
     be read by setting it, which races with other threads creating files)."""
@@ -214,7 +219,7 @@ class OutputDirectory:
             foreign = sorted(e + ("/" if os.path.isdir(target / e) else "") for e in os.listdir(target)
                              if not self._owned(target, e))
             if foreign:
-                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                shown = _entries(foreign)
                 raise OutputError(f"output {_shown(self.path)} holds files other than {', '.join(self.names)} "
                                   f"({shown}); the output directory is replaced as a whole, so give the outputs "
                                   "a directory of their own (a new or empty one)")
@@ -243,8 +248,34 @@ class OutputDirectory:
         for kind, leftover in leftovers:
             if kind == "old" and not self._target.exists():
                 os.rename(leftover, self._target)  # the last complete set
-            else:
+                continue
+            try:
+                foreign = [e for e in os.listdir(leftover) if not self._owned(leftover, e)]
+            except OSError:
+                foreign = []
+            if not foreign:
                 shutil.rmtree(leftover, ignore_errors=True)
+                continue
+            # a run stopped after its swap and before it moved the user's entries back: the
+            # old set holds them, so it is set aside, not removed
+            kept = self._keep_aside(leftover)
+            warnings.warn(f"output {_shown(self.path)}: an interrupted run left {_entries(foreign)} of the previous "
+                          f"set's folder, which are not outputs; they are kept in {_shown(kept)}: move what you need "
+                          "out of it, then remove it", RuntimeWarning, stacklevel=3)
+
+    def _keep_aside(self, folder: Path) -> Path:
+        """`folder` renamed to `.<target>.twa-kept.<random>`, which no run's clean-up removes;
+        `folder` itself where the rename fails (a full disk, say)."""
+        try:
+            kept = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-kept.", dir=self._target.parent))
+        except OSError:
+            return folder
+        try:
+            os.rename(folder, kept)  # replaces the empty directory mkdtemp made
+        except OSError:
+            kept.rmdir()
+            return folder
+        return kept
 
     # -- writing -------------------------------------------------------------------------
 
@@ -303,20 +334,20 @@ class OutputDirectory:
                 if os.path.lexists(self._target / entry):  # a directory named like an output, say
                     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(self._target / entry))
                 os.rename(self._staging / entry, self._target / entry)
+            except FileNotFoundError:
+                if os.path.lexists(self._staging / entry):
+                    kept.append(entry)
+                # else it went away by itself (a loader's lock file): nothing to keep
             except OSError:
                 kept.append(entry)
         if not kept:
             return True
-        folder = self._staging
-        try:  # under a name the next run's clean-up of staging directories leaves alone
-            folder = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-kept.", dir=self._target.parent))
-            os.rename(self._staging, folder)  # replaces the empty directory mkdtemp made
-        except OSError:
-            pass
-        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
-        warnings.warn(f"output {_shown(self.path)}: {shown} appeared in it during the run and could not be moved "
-                      f"into the new set; the previous set, with them, is kept in {_shown(folder)}: move what you "
-                      "need out of it, then remove it", RuntimeWarning, stacklevel=3)
+        folder = self._keep_aside(self._staging)
+        if folder == self._staging:  # not set aside: the next run would take it for a leftover
+            self._staging_removable = False
+        warnings.warn(f"output {_shown(self.path)}: {_entries(kept)} appeared in it during the run and could not be "
+                      f"moved into the new set; the previous set, with them, is kept in {_shown(folder)}: move what "
+                      "you need out of it, then remove it", RuntimeWarning, stacklevel=3)
         return False
 
     def commit(self) -> None:

@@ -30,16 +30,13 @@ def has_running_statistics(model: nn.Module) -> bool:
 
 def _feed(model: Callable[..., Any], batch: Any) -> None:
     """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs
-    (unpacked when they are a mapping of keyword arguments), a mapping of keyword arguments
-    (transformers' batches) is unpacked."""
+    as one argument (a mapping of them too, as `twa fit` feeds its model), a mapping of
+    keyword arguments (transformers' batches) is unpacked."""
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise InvalidArgumentError("update_bn: the loader yielded an empty tuple; a batch is (inputs, ...), a "
                                        "mapping of keyword arguments or the inputs themselves (or pass call_fn)")
-        if isinstance(batch[0], Mapping):  # ({"input_ids": ...}, labels): the inputs are keyword arguments
-            model(**batch[0])
-        else:
-            model(batch[0])
+        model(batch[0])
     elif isinstance(batch, Mapping):
         model(**batch)
     else:
@@ -80,8 +77,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
     (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
-    its first element (its items as keyword arguments when it is a mapping), a mapping (a
-    Hugging Face batch) its items as keyword arguments, unless call_fn(model, batch) is given.
+    its first element as one argument, a mapping (a Hugging Face batch) its items as keyword
+    arguments, unless call_fn(model, batch) is given.
     Decorrelated layers (tk.decor) sample nothing during the pass: the inputs they hold for
     the next decor.update(), and their R, are as they were. With `weights` (parameter
     tensors by name) the pass runs at those weights through functional_call, leaving the

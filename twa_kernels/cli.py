@@ -61,7 +61,7 @@ def _build_command(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=_progress(args))
-    print(f"\nMNIST-1D, {report['seeds']} seed(s): SGD for {report['epochs']} epochs; SWA, TWA and "
+    print(f"\nMNIST-1D, {len(report['seeds'])} seed(s): SGD for {report['epochs']} epochs; SWA, TWA and "
           f"greedy soup use the checkpoints of the first {report['head_epochs']} epochs ({report['bits']}-bit basis)\n")
     print(report["table"])
     print(f"\nwritten: {Path(args.out) / 'results.json'}, {Path(args.out) / 'accuracy.png'}, "
@@ -271,10 +271,18 @@ def _bench(args: argparse.Namespace) -> int:
         spec.loader.exec_module(stamp)
         args.out = f"twa-bench-{stamp.machine_slug()}-{args.grid}.json"
     results = Path(args.out).resolve()
-    if results.is_dir() or not results.parent.is_dir() or not os.access(results.parent, os.W_OK):
-        why = ("is a directory" if results.is_dir()
-               else f"cannot be written: {results.parent} is not a writable directory")
-        print(f"twa: error: --out {args.out} {why}; give a .json file in a writable directory", file=sys.stderr)
+    roofline = results.with_name(results.stem + "-roofline.json")  # where report.py writes its table's JSON
+    try:
+        for path in (results, roofline):
+            if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+                why = ("is a directory" if path.is_dir()
+                       else f"cannot be written: {path.parent} is not a writable directory")
+                print(f"twa: error: {path.name} (from --out {args.out}) {why}; give a .json file in a writable "
+                      "directory", file=sys.stderr)
+                return 2
+    except OSError as exc:  # a name too long for the file system, say
+        print(f"twa: error: --out {args.out[:200]!r} cannot be used ({exc.strerror or exc}); give a shorter path "
+              "to a .json file in a writable directory", file=sys.stderr)
         return 2
     env = {**os.environ, "TWA_BENCH": args.grid}
     suites = [str(bench / name) for name in BENCH_SUITES]
@@ -330,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twa", description="Trainable Weight Averaging with fused subspace kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="TWA vs full training, SGD at the same budget, SWA and greedy soup on MNIST-1D")
-    demo.add_argument("--quick", action="store_true", help="one seed of the same setting, the full table (about a minute)")
+    demo.add_argument("--quick", action="store_true", help="one seed of the same setting, the full table (under a minute)")
     demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, or 1 with --quick)")
     demo.add_argument("--out", default="twa-demo",
-                      help="where checkpoints, results.json, accuracy.png and plane.png go")
+                      help="where checkpoints, results.json, accuracy.png and plane.png go (default: twa-demo)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     fit = sub.add_parser("fit", help="TWA on your own model and data, from a YAML config")

@@ -32,6 +32,7 @@ instead, which is not (tests/test_decor.py checks both against autograd).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import logging
@@ -90,18 +91,21 @@ def _compute_dtype(R: Tensor) -> torch.dtype:
     return torch.promote_types(R.dtype, torch.float32)
 
 
+# the ids of the layers that sampling_paused() blocks, in this thread or task, pause
+_paused_layers: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("twa_kernels_decor_paused",
+                                                                                 default=frozenset())
+
+
 class _Decor:
     """Mixin for the decorrelated Linear / Conv1d / Conv2d classes (set by class swap, so the
     module keeps its parameters, hooks and parameter names)."""
 
     decor_R: Tensor
-    _decor_paused = False  # set by sampling_paused(): a train-mode forward that samples nothing
-
     def _decor_samples(self) -> bool:
         """Whether this forward samples its inputs for the next update(): in train mode, except
         under sampling_paused() and in a BatchNorm statistics pass (update_bn), whose batches
         are no training data."""
-        return self.training and not self._decor_paused and not in_statistics_pass()
+        return self.training and not in_statistics_pass() and id(self) not in _paused_layers.get()
 
     def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float,
                     sampler: _Sampler) -> None:
@@ -429,15 +433,14 @@ def sampling_paused(model: nn.Module) -> Iterator[None]:
     the next update(), R and the sampling generators exactly as they were (update_bn's
     BatchNorm pass does this for every model by itself)."""
     check_module(model, "decor.sampling_paused's model")
-    # a layer an enclosing block paused is left to that block, which resumes it when it ends
-    layers = [m for m in model.modules() if isinstance(m, _Decor) and not m._decor_paused]
-    for m in layers:
-        m._decor_paused = True
+    # held in a context variable, not on the layers: a copy made inside the block (an EMA
+    # copy, a saved model) samples as usual, and a block in another thread pauses only there
+    paused = _paused_layers.get() | {id(m) for m in model.modules() if isinstance(m, _Decor)}
+    token = _paused_layers.set(paused)
     try:
         yield
     finally:
-        for m in layers:
-            m.__dict__.pop("_decor_paused", None)
+        _paused_layers.reset(token)
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, nn.Module]], fix: str) -> None:

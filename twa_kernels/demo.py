@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
+from twa_kernels._checks import path_without_nul
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
@@ -465,17 +469,17 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:  # the summary needs a seed
         raise InvalidArgumentError(f"seeds must be a positive int (the number of seeds to run), got {n_seeds!r}; "
                                    "use --seeds 1 or more, or leave it out for 5 (1 with --quick)")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"out_dir (--out) {str(out)!r} is a file, not a directory; the demo writes several "
-                          "files into a directory: give a directory path (it is created if missing)")
+    out = _checked_out_dir(out_dir)
     for module, needed_by in (("mnist1d.data", "twa demo's data"), ("matplotlib.figure", "twa demo's figures")):
         optional(module, "demo", needed_by)  # before minutes of training, not after
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # under a file, no permission, a read-only file system
-        raise OutputError(f"out_dir (--out) {str(out)!r} cannot be created ({exc.strerror or exc}); choose a "
+        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be created ({exc.strerror or exc}); choose a "
                           "directory you can write to") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be written (no write permission); choose a "
+                          "directory you can write to")
     start = time.perf_counter()
     threads = torch.get_num_threads()
     # a 14k-weight CNN in batches of 64: a second intra-op thread only adds contention (on 2
@@ -483,6 +487,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     # numbers match experiments/claims.py's, which runs one thread per process
     torch.set_num_threads(1)
     try:
+        run_stamp = stamp()  # the machine, date and commit these numbers came from, and the one thread they ran on
         runs = [run_seed(seed, setting, out, progress) for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
     finally:
         torch.set_num_threads(threads)
@@ -491,13 +496,53 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
                   seeds=list(range(FIRST_SEED, FIRST_SEED + n_seeds)),
                   setting=setting.describe(), epochs=setting.epochs, head_epochs=runs[0]["head_epochs"],
                   twa_epochs=setting.twa_epochs, bits=4, summary=summary, runs=runs)
-    plot(runs, summary, out / "accuracy.png")
-    report["plane"] = plane_figure(runs[0], setting, out / "plane.png", grid=11 if quick else 21, progress=progress)
-    report["total_seconds"] = time.perf_counter() - start
-    report["stamp"] = stamp()  # the machine, date and commit these numbers came from
-    write_json(out / "results.json", report)
+    # the three outputs go in together: an interrupted rerun leaves the previous three, not a
+    # new figure beside an old results.json
+    staging = Path(tempfile.mkdtemp(prefix=".twa-demo-stage.", dir=out))
+    try:
+        plot(runs, summary, staging / "accuracy.png")
+        report["plane"] = plane_figure(runs[0], setting, staging / "plane.png", grid=11 if quick else 21,
+                                       progress=progress)
+        report["total_seconds"] = time.perf_counter() - start
+        report["stamp"] = run_stamp
+        write_json(staging / "results.json", report)
+        for name in OUTPUTS:  # results.json last: it names the run the figures belong to
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     report["table"] = format_table(summary, n_seeds)
     return report
+
+
+OUTPUTS = ("accuracy.png", "plane.png", "results.json")
+
+
+def _shown(path: Path) -> str:
+    """A path for a message: quoted, and cut short when it is long."""
+    text = str(path)
+    return repr(text if len(text) <= 200 else text[:197] + "...")
+
+
+def _checked_out_dir(out_dir: str | Path) -> Path:
+    """out_dir as a Path, refused (OutputError) before any work where the demo's outputs
+    could not be written: a NUL byte, a file, a name too long, a directory in the place of
+    an output."""
+    path_without_nul(out_dir, "out_dir (--out)", OutputError)
+    out = Path(out_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"out_dir (--out) {_shown(out)} is a file, not a directory; the demo writes several "
+                              "files into a directory: give a directory path (it is created if missing)")
+        for name in OUTPUTS:
+            if (out / name).is_dir():
+                raise OutputError(f"out_dir (--out) {_shown(out)} holds a directory named {name}, where the demo "
+                                  "writes that file: rename or remove it, or choose another --out")
+    except OSError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be used ({exc.strerror or exc}); choose a "
+                          "shorter path to a directory you can write to") from exc
+    return out
 
 
 __all__ = ["DEMO", "Setting", "paired_difference", "run_demo"]

@@ -66,7 +66,7 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
         for i, item in enumerate(items):
             try:
                 labels.append(int(item[1]))
-            except (TypeError, ValueError, RuntimeError):  # a class name, None, a tensor of several values
+            except (TypeError, ValueError, RuntimeError, OverflowError):  # a class name, None, several values, inf
                 raise DistillError(f"dataset[{i}]'s label is a {type(item[1]).__name__} ({str(item[1])[:40]!r}), not "
                                    "an integer class id; map the classes to 0, 1, ... first") from None
         y = torch.as_tensor(labels)

@@ -343,6 +343,9 @@ def _read_config(path: Path) -> str:
     except OSError as exc:
         raise FitError(f"{path}: cannot read the config ({exc.strerror or exc}); check the path and its "
                        "permissions") from exc
+    except (ValueError, UnicodeError):  # a NUL byte, or a name the file system's encoding cannot hold
+        raise FitError(f"{_short(str(path))}: not a path a config file can have (it holds a NUL byte or text the "
+                       "file system cannot encode); give the YAML file's path") from None
     if stat.S_ISDIR(mode):
         raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path")
     if stat.S_ISREG(mode):
@@ -533,18 +536,32 @@ def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
 
 
 def _samples(x: Any, y: Any, loader: _Batches) -> int:
-    """How many samples a batch holds, to weight its mean loss by: the targets' leading
-    dimension (1 for a 0-d target, as a loader with batch_size=None gives one sample at a
-    time); the inputs' where the targets hold no tensor. len() of a dict of targets would
-    count its keys."""
-    tensor = _first_tensor(y)
-    if tensor is None:
-        tensor = _first_tensor(x)
-    if tensor is None:
-        raise FitError(f"data.{loader.key} ({_short(loader.spec)}) gave a batch whose inputs "
-                       f"({type(x).__name__}) and targets ({type(y).__name__}) hold no tensor to count its samples "
-                       "by; give tensors, or mappings or tuples of them, as a DataLoader collates them")
-    return tensor.shape[0] if tensor.ndim else 1
+    """How many samples a batch holds, to weight its mean loss by, counted on the targets
+    (on the inputs where the targets hold no tensor): a tensor's leading dimension (1 for a
+    0-d target, as a loader with batch_size=None gives one sample at a time); a mapping's
+    first tensor's (len() would count its keys); a list or tuple of tensors that share a
+    leading dimension (one per task) that dimension, and any other list or tuple its length
+    (one item per sample)."""
+    for value in (y, x):
+        count = _batch_size(value)
+        if count is not None:
+            return count
+    raise FitError(f"data.{loader.key} ({_short(loader.spec)}) gave a batch whose inputs "
+                   f"({type(x).__name__}) and targets ({type(y).__name__}) hold no tensor to count its samples "
+                   "by; give tensors, or mappings or tuples of them, as a DataLoader collates them")
+
+
+def _batch_size(value: Any) -> int | None:
+    """The samples `value` holds (see _samples), or None where it holds no tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.ndim else 1
+    if isinstance(value, (list, tuple)) and value:
+        leading = {item.shape[0] if item.ndim else None for item in value if isinstance(item, torch.Tensor)}
+        if len(leading) == 1 and None not in leading and all(isinstance(item, torch.Tensor) for item in value):
+            return leading.pop()  # (targets of task 1, targets of task 2, ...), each [B, ...]
+        return len(value) if _first_tensor(value) is not None else None
+    tensor = _first_tensor(value)
+    return None if tensor is None else (tensor.shape[0] if tensor.ndim else 1)
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ coefficients, as the code of McDermott & Cummings (arXiv 2310.18769) does, for c
 "none" uses the model's buffers as they are.
 
 Batches. `data` yields (inputs, targets, ...) tuples or lists, whose inputs are the model's
-one argument (or, when they are a mapping, its keyword arguments), or mappings (Hugging
-Face batches), fed whole as keyword arguments as update_bn feeds them, whose "labels"
-entry is the targets. The metric gets the model's
+one argument (a mapping of tensors too, moved to the device as one argument, as update_bn
+and `twa fit` feed it), or mappings (Hugging Face batches), fed whole as keyword arguments
+as update_bn feeds them, whose "labels" entry is the targets. The metric gets the model's
 output as it is; the default, classification_metric, reads a Hugging Face ModelOutput
 through its `.logits`.
 
@@ -251,19 +251,19 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
 
 def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
     """(args, kwargs, targets) of one batch, on `device` (see the module docstring): an
-    (inputs, targets, ...) tuple or list gives ((inputs,), {}, targets), or ((), inputs,
-    targets) when the inputs are a mapping of keyword arguments; a mapping gives ((), the
+    (inputs, targets, ...) tuple or list gives ((inputs,), {}, targets), inputs that are a
+    mapping of tensors included (one argument, its tensors moved); a mapping gives ((), the
     whole mapping, its "labels"), as update_bn feeds them. Targets carry the batch
     dimension (batches are weighted by its size)."""
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         inputs, targets = batch[0], batch[1]
-        if isinstance(inputs, Mapping):
-            args, kwargs = (), {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        if isinstance(inputs, Mapping):  # one argument, as update_bn and `twa fit` feed it
+            args, kwargs = ({k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()},), {}
         elif callable(getattr(inputs, "to", None)):  # a tensor, or a PackedSequence and its kin
             args, kwargs = (inputs.to(device),), {}
         else:
             raise InvalidArgumentError(f"a batch's inputs are a {type(inputs).__name__}; data must yield (inputs, "
-                                       "targets) batches whose inputs are a tensor or a mapping of keyword arguments, "
+                                       "targets) batches whose inputs are a tensor or a mapping of tensors, "
                                        "or mappings of keyword arguments with a 'labels' tensor (Hugging Face batches)")
     elif isinstance(batch, Mapping):
         if not isinstance(batch.get("labels"), Tensor):
