@@ -114,6 +114,25 @@ inline void stream_line(float* dst, const Line& v) {
 #endif
 }
 
+// `bytes` of codes from `p`, fetched ahead as the kernels fetch a row.
+inline void read_codes(Line& acc, const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(p + twa::kPrefetchBytes + off);
+    xor_load(acc, p + off);
+  }
+}
+
+// One group's `width` floats of g or the center read, and (where `out` is given) the
+// group's weights written with streaming stores.
+inline void read_group(Line& acc, const float* src, float* out, int64_t width) {
+  for (int64_t j = 0; j < width; j += 16) {
+    Line v;
+    std::memcpy(&v, src + j, sizeof v);
+    acc ^= v;
+    if (out != nullptr) stream_line(out + j, acc);
+  }
+}
+
 // reconstruct's traffic without its work: group by group in the kernel's runs, the group's
 // scales and mins, every row's codes (fetched ahead in each row as the kernel does) and the
 // center's group read, and the group's weights written with streaming stores.
@@ -130,19 +149,8 @@ uint64_t move_in_reconstruct_order(const twa::PackedBasis& b, const float* cente
       for (int64_t i = t; i < t + n; ++i) {
         for (const float* table : {b.scales, b.mins})  // the group's k scales and mins
           for (int64_t j = 0; j < b.k; j += 16) xor_load(acc, table + i * b.k + j);
-        for (int64_t r = 0; r < b.k; ++r) {
-          const uint8_t* p = b.codes + r * b.row_bytes + i * gbytes;
-          for (int64_t off = 0; off < gbytes; off += 64) {
-            __builtin_prefetch(p + twa::kPrefetchBytes + off);
-            xor_load(acc, p + off);
-          }
-        }
-        for (int64_t j = 0; j < width; j += 16) {
-          Line v;
-          std::memcpy(&v, center + i * width + j, sizeof v);
-          acc ^= v;
-          stream_line(out + i * width + j, acc);
-        }
+        for (int64_t r = 0; r < b.k; ++r) read_codes(acc, b.codes + r * b.row_bytes + i * gbytes, gbytes);
+        read_group(acc, center + i * width, out + i * width, width);
       }
     }
     total ^= fold(acc);
@@ -168,17 +176,8 @@ uint64_t move_in_group_major_order(const twa::PackedBasis& b, const float* g_or_
     for (int64_t t = t_begin; t < t_end; ++t) {
       for (const float* table : {b.scales, b.mins})
         for (int64_t j = 0; j < b.k; j += 16) xor_load(acc, table + t * b.k + j);
-      const uint8_t* p = b.codes + t * stretch;
-      for (int64_t off = 0; off < stretch; off += 64) {
-        __builtin_prefetch(p + twa::kPrefetchBytes + off);
-        xor_load(acc, p + off);
-      }
-      for (int64_t j = 0; j < width; j += 16) {
-        Line v;
-        std::memcpy(&v, g_or_center + t * width + j, sizeof v);
-        acc ^= v;
-        if (out != nullptr) stream_line(out + t * width + j, acc);
-      }
+      read_codes(acc, b.codes + t * stretch, stretch);
+      read_group(acc, g_or_center + t * width, out == nullptr ? nullptr : out + t * width, width);
     }
     total ^= fold(acc);
   }
