@@ -182,6 +182,20 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)  # and no staging folder
     assert all((out / name).read_text() == "previous run" for name in demo.OUTPUTS)
 
+    # run to the end, each output is replaced whole and through a symlink that stands in its place
+    elsewhere = tmp_path / "kept-elsewhere.json"
+    elsewhere.write_text("previous run")
+    (out / "results.json").unlink()
+    (out / "results.json").symlink_to(elsewhere)
+    monkeypatch.setattr(demo, "plane_figure", lambda runs, setting, path, **kw: Path(path).write_text("new plane"))
+    monkeypatch.setattr(demo, "format_table", lambda summary, n: "")
+    demo.run_demo(out, quick=True, progress=False)
+    assert (out / "results.json").is_symlink() and json.loads(elsewhere.read_text())["seeds"] == [demo.FIRST_SEED]
+    assert (out / "plane.png").read_text() == "new plane"
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)
+    with pytest.raises(tk.errors.InvalidTypeError, match="out_dir must be a directory path"):
+        demo.run_demo(123, quick=True, progress=False)
+
 
 @pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])
 def test_the_demo_without_its_extra_names_the_extra_before_training(tmp_path, monkeypatch, missing):
@@ -281,6 +295,8 @@ def _geometry(command, out, config):
         ("c.txt", "matplotlib cannot save a '.txt' figure"),
         ("a-dir", "a-dir is a directory; give a file path"),
         ("a-file/c.png", "a-file is a file, not a directory"),
+        (".", "names a directory, not a figure file"),
+        ("", "names a directory, not a figure file"),
     ],
 )
 def test_geometry_commands_refuse_a_bad_out_before_evaluating(no_evaluation, capsys, command, out, message):

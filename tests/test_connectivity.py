@@ -590,6 +590,31 @@ def test_sharpness_of_a_zero_hessian_and_bad_chunks():
     zeros = [(torch.zeros(4, 3), torch.zeros(4))]
     diag = C.hessian_diagonal(model, lambda out, y: out.square().sum(), zeros, samples=3, chunk=2, seed=0)
     assert float(diag["bias"]) == pytest.approx(8.0) and not diag["weight"].any()
+    # a loss that does not depend on the weights read as a zero Hessian, converged
+    for loss_fn in (lambda out, y: out.detach().square().sum(), lambda out, y: (out > 0).sum()):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="does not depend on the model's weights"):
+            C.top_eigenvalue(model, loss_fn, data, iters=5, seed=0)
+        with pytest.raises(tk.errors.InvalidArgumentError, match="does not depend on the model's weights"):
+            C.hessian_diagonal(model, loss_fn, data, samples=2)
+
+
+def test_a_constant_plane_of_large_values_is_drawn(dense_plane, tmp_path):
+    plane = copy.copy(dense_plane)
+    plane.loss = torch.full_like(dense_plane.loss, 1e5)  # its top level plus 1e-12 was no level above it
+    assert C.plot_plane(plane, tmp_path / "flat.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grid=2.0), "grid must be an int or a pair of ints"),
+    (dict(grid=(2, 2, 2)), "grid must be an int or a pair of ints"),
+    (dict(grid=2, bits=4, group_size=0), "group_size must be a positive multiple of 8"),
+    (dict(grid=2, bits=4, group_size=7), "group_size must be a positive multiple of 8"),
+])
+def test_plane_names_a_bad_grid_or_group_size(kwargs, message):
+    model = torch.nn.Linear(3, 2)
+    states = [model.state_dict(), _nudged(model.state_dict(), 1), _nudged(model.state_dict(), 2)]
+    with pytest.raises(tk.errors.InvalidArgumentError, match=message):
+        C.plane(model, states, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))], bn="none", **kwargs)
 
 
 
@@ -702,8 +727,15 @@ def test_tied_weights_under_any_of_their_names_in_checkpoints_and_masks():
     assert abs(masked.loss[1] - want.loss[1]) > 1e-3
     for masks in ({"lm_head.weight": mask}, {"lm_head.weight": mask, "transformer.wte.weight": mask.clone()}):
         assert C.interpolate(model, a, b, data, steps=3, metric=_lm_metric, masks=masks).loss == masked.loss
-    p = C.plane(model, [a, b, _nudged(a, 2)], data, grid=2, metric=_lm_metric, masks={"lm_head.weight": mask})
+    c = _nudged(a, 2)
+    c["lm_head.weight"] = c["transformer.wte.weight"]
+    p = C.plane(model, [a, b, c], data, grid=2, metric=_lm_metric, masks={"lm_head.weight": mask})
     assert torch.isfinite(p.loss).all()
+    # two copies of one tied weight that differ: the plane read one of them and ignored the other
+    untied = dict(b, **{"lm_head.weight": b["lm_head.weight"] + 5})
+    for anchors, points in (([a, b, untied], None), ([a, b, c], {"untied": untied})):
+        with pytest.raises(tk.errors.CheckpointError, match="one tied weight in the model but differ"):
+            C.plane(model, anchors, data, grid=2, metric=_lm_metric, points=points)
     with pytest.raises(tk.errors.InvalidArgumentError, match="masks for 'lm_head.weight' and 'transformer.wte.weight' "
                                                              "differ.*one tied tensor"):
         C.interpolate(model, a, b, data, metric=_lm_metric,
@@ -854,7 +886,7 @@ def test_cli_named_errors(project, monkeypatch, capsys):
     assert code == 2 and "wrong.pt: key '0.weight' has shape (40, 64) but the model's is (48, 64)" in err
     code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", config,
                              "--grid", "1"], root, monkeypatch, capsys)
-    assert code == 2 and "grid must have at least 2 points along each axis" in err
+    assert code == 2 and "at least 2 points along each axis" in err
     code, _, err = _run_cli(["plane", str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", config,
                              "--point", "SWA"], root, monkeypatch, capsys)
     assert code == 2 and "NAME=PATH" in err

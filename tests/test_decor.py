@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import twa_kernels as tk
+from twa_kernels._passes import statistics_pass
 from twa_kernels.decor import DecorrelationDivergedError
 
 from tests.digits import digits_splits
@@ -816,9 +817,8 @@ def test_update_bn_and_interpolate_leave_the_decorrelation_state_as_it_was():
     assert all(layer._decor_count == 12 for _, layer in tk.decor.decorrelated_layers(model))
 
 
-def test_sampling_paused_pauses_this_model_in_this_thread_only():
-    # the pause lived on the layers: a copy made inside the block stayed paused for good, and
-    # a block ending in one thread resumed sampling inside another thread's block
+def test_sampling_paused_pauses_the_models_layers_not_their_copies_and_blocks_end_in_any_order():
+    # the pause lived on the layers: a copy made inside the block stayed paused for good
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     tk.decor.decorrelate(model, sample_fraction=1.0, seed=0)
@@ -827,19 +827,32 @@ def test_sampling_paused_pauses_this_model_in_this_thread_only():
     def counts(m):
         return [layer._decor_count for _, layer in tk.decor.decorrelated_layers(m)]
 
-    seen_in_thread = []
     with tk.decor.sampling_paused(model):
         with tk.decor.sampling_paused(model):  # nested: the inner end leaves the outer pause
             model(x)
         model(x)
         copied = copy.deepcopy(model)
-        worker = threading.Thread(target=lambda: (model(x), seen_in_thread.append(counts(model))))
-        worker.start()
-        worker.join()
-        model(x)
-    assert seen_in_thread == [[4, 4]]  # another thread, outside any block, sampled
-    assert counts(model) == [4, 4]  # none of the four forwards in the block did
+    assert counts(model) == [0, 0]  # none of the forwards in the block sampled
     copied(x)
-    assert counts(copied) == [4, 4]  # a copy made inside the block (before the thread ran) samples as usual
+    assert counts(copied) == [4, 4]  # a copy made inside the block samples as usual
+    first, second = tk.decor.sampling_paused(model), tk.decor.sampling_paused(model)
+    first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None)  # blocks that end out of order (two generators closed in turn)
     model(x)
-    assert counts(model) == [8, 8]
+    second.__exit__(None, None, None)
+    model(x)
+    assert counts(model) == [4, 4]  # paused until the last block ended, then sampling again
+
+
+def test_a_compiled_decorrelated_model_samples_in_one_graph_and_honours_the_pauses():
+    torch.manual_seed(0)
+    model = tk.decor.decorrelate(nn.Sequential(nn.Linear(8, 4)), sample_fraction=1.0, seed=0)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break would raise
+    x = torch.randn(4, 8)
+    compiled(x)
+    with tk.decor.sampling_paused(model):
+        compiled(x)
+    with statistics_pass():  # as update_bn runs its BatchNorm pass
+        compiled(x)
+    compiled(x)
+    assert [layer._decor_count for _, layer in tk.decor.decorrelated_layers(model)] == [8]

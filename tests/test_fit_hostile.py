@@ -370,8 +370,10 @@ def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, monkeypatch):
     (torch.tensor(2), 1),  # one sample at a time, as batch_size=None gives
     ({"label": torch.zeros(6), "weight": torch.ones(6)}, 6),  # not its 2 keys
     ((torch.zeros(7), torch.zeros(7, 3)), 7),  # one targets tensor per task
-    ([torch.zeros(5), torch.tensor(1), torch.zeros(2)], 3),  # one item per sample, of varied shapes
-    ([torch.tensor(0), torch.tensor(1), torch.tensor(2)], 3),
+    (((torch.zeros(8), torch.zeros(8)), torch.zeros(8)), 8),
+    ((torch.zeros(8), ["id"] * 8), 8),
+    ((torch.tensor(1), torch.tensor(2)), 1),  # one sample, two tasks
+    ([{"label": torch.tensor(0)}, {"label": torch.tensor(1)}, {"label": torch.tensor(2)}], 3),  # one per sample
     (["a", "b"], 4),  # no tensor: counted on the inputs
 ])
 def test_a_validation_batch_is_weighted_by_the_samples_it_holds(targets, samples):

@@ -251,8 +251,8 @@ class OutputDirectory:
                 continue
             try:
                 foreign = [e for e in os.listdir(leftover) if not self._owned(leftover, e)]
-            except OSError:
-                foreign = []
+            except OSError:  # cannot tell what it holds: left where it is rather than removed
+                continue
             if not foreign:
                 shutil.rmtree(leftover, ignore_errors=True)
                 continue

@@ -2,30 +2,39 @@
 
 update_bn runs the model in train mode so that its BatchNorm layers measure their
 statistics; layers that learn from the inputs they see in train mode (tk.decor's, which
-sample inputs for their next update) must not take those batches as training data. The
-flag is a context variable, so a pass in one thread leaves training in another alone, and
-this module sits below both: the BatchNorm code sets it without knowing which layers read it.
+sample inputs for their next update) must not take those batches as training data. This
+module sits below both, so the BatchNorm code marks the pass without knowing which layers
+read the mark.
+
+The mark is a module-level count, process-wide: torch.compile guards on a module global
+(a context variable or a thread-local would break its graph at every layer that reads it).
+A statistics pass in one thread therefore also pauses such layers in another thread's
+training while it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from collections.abc import Iterator
 
-_measuring_statistics = contextvars.ContextVar("twa_kernels_measuring_statistics", default=False)
+_open_passes = 0
+_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def statistics_pass() -> Iterator[None]:
     """Inside the block, train-mode forwards are a normalisation statistics pass."""
-    token = _measuring_statistics.set(True)
+    global _open_passes
+    with _lock:
+        _open_passes += 1
     try:
         yield
     finally:
-        _measuring_statistics.reset(token)
+        with _lock:
+            _open_passes -= 1
 
 
 def in_statistics_pass() -> bool:
-    """Whether the current forward belongs to a statistics pass (see statistics_pass)."""
-    return _measuring_statistics.get()
+    """Whether a statistics pass (see statistics_pass) is running."""
+    return _open_passes > 0

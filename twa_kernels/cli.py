@@ -129,6 +129,9 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
     means PNG), a directory, or a location under a file or without write permission. Missing
     parent directories are created when the files are written, as for every other output of
     the library; an earlier figure or JSON of the same name is replaced."""
+    if out.name in ("", ".", ".."):  # '.', '/' or '': a directory, and no file name to put a suffix on
+        raise OutputError(f"--out {str(out)!r} names a directory, not a figure file; give a file such as "
+                          f"{str(out / 'plane.png')!r}")
     taken = {os.path.realpath(path): path for path in inputs}
     for path in (out, out.with_suffix(".json")):
         if os.path.realpath(path) in taken:

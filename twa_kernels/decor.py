@@ -32,11 +32,11 @@ instead, which is not (tests/test_decor.py checks both against autograd).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import functools
 import logging
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -91,9 +91,11 @@ def _compute_dtype(R: Tensor) -> torch.dtype:
     return torch.promote_types(R.dtype, torch.float32)
 
 
-# the ids of the layers that sampling_paused() blocks, in this thread or task, pause
-_paused_layers: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("twa_kernels_decor_paused",
-                                                                                 default=frozenset())
+# the ids of the layers that open sampling_paused() blocks pause, and how many blocks pause
+# each: module globals, which torch.compile guards on (a context variable breaks its graph)
+_pause_counts: dict[int, int] = {}
+_paused_layers: frozenset[int] = frozenset()
+_pause_lock = threading.Lock()
 
 
 class _Decor:
@@ -105,7 +107,7 @@ class _Decor:
         """Whether this forward samples its inputs for the next update(): in train mode, except
         under sampling_paused() and in a BatchNorm statistics pass (update_bn), whose batches
         are no training data."""
-        return self.training and not in_statistics_pass() and id(self) not in _paused_layers.get()
+        return self.training and not in_statistics_pass() and id(self) not in _paused_layers
 
     def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float,
                     sampler: _Sampler) -> None:
@@ -431,16 +433,28 @@ def sampling_paused(model: nn.Module) -> Iterator[None]:
     """Inside the block the decorrelated layers of `model` sample no inputs, in train mode too:
     a pass that runs the model in train mode for another purpose leaves the inputs pending for
     the next update(), R and the sampling generators exactly as they were (update_bn's
-    BatchNorm pass does this for every model by itself)."""
+    BatchNorm pass does this for every model by itself). The pause holds in every thread of
+    the process (torch.compile reads it as a module global); a copy of the model made inside
+    the block is not paused."""
     check_module(model, "decor.sampling_paused's model")
-    # held in a context variable, not on the layers: a copy made inside the block (an EMA
-    # copy, a saved model) samples as usual, and a block in another thread pauses only there
-    paused = _paused_layers.get() | {id(m) for m in model.modules() if isinstance(m, _Decor)}
-    token = _paused_layers.set(paused)
+    # held by id, not on the layers: a copy made inside the block (an EMA copy, a saved
+    # model) samples as usual; counted, so blocks may end in any order
+    ids = [id(m) for m in model.modules() if isinstance(m, _Decor)]
+    _count_pauses(ids, +1)
     try:
         yield
     finally:
-        _paused_layers.reset(token)
+        _count_pauses(ids, -1)
+
+
+def _count_pauses(ids: list[int], change: int) -> None:
+    global _paused_layers
+    with _pause_lock:
+        for key in ids:
+            _pause_counts[key] = _pause_counts.get(key, 0) + change
+            if _pause_counts[key] <= 0:
+                del _pause_counts[key]
+        _paused_layers = frozenset(_pause_counts)
 
 
 def _refuse_tied(model: nn.Module, layers: list[tuple[str, nn.Module]], fix: str) -> None:

@@ -21,6 +21,7 @@ it. SWA and TWA-v are saved beside the checkpoints for `twa connect` and `twa pl
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -40,7 +41,7 @@ from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
-from twa_kernels.errors import InvalidArgumentError, OutputError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels.geometry import plane, plot_plane
 from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
 from twa_kernels.twa import TWA
@@ -506,8 +507,10 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
         report["total_seconds"] = time.perf_counter() - start
         report["stamp"] = run_stamp
         write_json(staging / "results.json", report)
+        _checked_out_dir(out)  # a directory that appeared in an output's place: refused before any is replaced
         for name in OUTPUTS:  # results.json last: it names the run the figures belong to
-            os.replace(staging / name, out / name)
+            # each written whole, through a symlink where one stands and with the old file's mode
+            atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(staging / name, tmp))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report["table"] = format_table(summary, n_seeds)
@@ -527,6 +530,8 @@ def _checked_out_dir(out_dir: str | Path) -> Path:
     """out_dir as a Path, refused (OutputError) before any work where the demo's outputs
     could not be written: a NUL byte, a file, a name too long, a directory in the place of
     an output."""
+    if not isinstance(out_dir, (str, os.PathLike)) or isinstance(os.fspath(out_dir), bytes):
+        raise InvalidTypeError(f"out_dir must be a directory path (str or pathlib.Path), got {type(out_dir).__name__}")
     path_without_nul(out_dir, "out_dir (--out)", OutputError)
     out = Path(out_dir)
     try:
@@ -540,8 +545,9 @@ def _checked_out_dir(out_dir: str | Path) -> Path:
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise
-        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be used ({exc.strerror or exc}); choose a "
-                          "shorter path to a directory you can write to") from exc
+        fix = "a shorter path" if exc.errno == errno.ENAMETOOLONG else "a directory you can read and write"
+        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be used ({exc.strerror or exc}); choose {fix}") \
+            from exc
     return out
 
 

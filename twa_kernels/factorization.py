@@ -150,10 +150,10 @@ class DeepFactorization(nn.Module):
         root = weight.abs().pow(1.0 / self.depth)
         live = (weight != 0) & torch.isfinite(weight)  # a NaN among them would make the fill NaN, and 0 * NaN too
         count = live.sum()
-        # summed in float32: a float16 sum of a million factors overflows, and 0 * inf is NaN
-        typical = (root.float() * live).nan_to_num(0.0).sum() / count.clamp(min=1)
-        largest = min(torch.finfo(root.dtype).max, torch.finfo(torch.float32).max)  # float16's is 65504
-        fill = torch.where(count > 0, typical, 1.0).clamp(max=largest).to(root.dtype)
+        # summed in float32 at least: a float16 sum of a million factors overflows, and 0 * inf is NaN
+        wide = root.to(torch.promote_types(root.dtype, torch.float32))
+        typical = (wide * live).nan_to_num(0.0).sum() / count.clamp(min=1)
+        fill = torch.where(count > 0, typical, 1.0).clamp(max=torch.finfo(root.dtype).max).to(root.dtype)
         rest = torch.where(weight == 0, fill, root)
         return (torch.sign(weight) * root,) + tuple(rest.clone() for _ in range(self.depth - 1))
 

@@ -538,10 +538,10 @@ def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
 def _samples(x: Any, y: Any, loader: _Batches) -> int:
     """How many samples a batch holds, to weight its mean loss by, counted on the targets
     (on the inputs where the targets hold no tensor): a tensor's leading dimension (1 for a
-    0-d target, as a loader with batch_size=None gives one sample at a time); a mapping's
-    first tensor's (len() would count its keys); a list or tuple of tensors that share a
-    leading dimension (one per task) that dimension, and any other list or tuple its length
-    (one item per sample)."""
+    0-d target, as a loader with batch_size=None gives one sample at a time); a list or
+    tuple of mappings (one per sample) its length; otherwise the count of the first item of
+    a list, tuple or mapping that gives one (len() of a dict would count its keys, of a
+    tuple of targets per task the tasks)."""
     for value in (y, x):
         count = _batch_size(value)
         if count is not None:
@@ -555,13 +555,14 @@ def _batch_size(value: Any) -> int | None:
     """The samples `value` holds (see _samples), or None where it holds no tensor."""
     if isinstance(value, torch.Tensor):
         return value.shape[0] if value.ndim else 1
-    if isinstance(value, (list, tuple)) and value:
-        leading = {item.shape[0] if item.ndim else None for item in value if isinstance(item, torch.Tensor)}
-        if len(leading) == 1 and None not in leading and all(isinstance(item, torch.Tensor) for item in value):
-            return leading.pop()  # (targets of task 1, targets of task 2, ...), each [B, ...]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, Mapping) for item in value):
         return len(value) if _first_tensor(value) is not None else None
-    tensor = _first_tensor(value)
-    return None if tensor is None else (tensor.shape[0] if tensor.ndim else 1)
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        count = _batch_size(item)
+        if count is not None:
+            return count
+    return None
 
 
 @torch.no_grad()

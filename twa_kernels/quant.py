@@ -328,6 +328,24 @@ def check_basis_values(P: Tensor) -> None:
                                        "basis cannot hold; rescale P")
 
 
+def check_settings(bits: int | None, group_size: int) -> tuple[int | None, int]:
+    """(bits, group_size) as the layout stores them (plain ints), or InvalidArgumentError:
+    bits one of SUPPORTED_BITS or None (dense float32), group_size a positive multiple of 8
+    up to MAX_GROUP_SIZE."""
+    # an int, not a float or bool that compares equal to one (4.0 in SUPPORTED_BITS is True)
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, numbers.Integral)
+                             or bits not in SUPPORTED_BITS):
+        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
+    bits = None if bits is None else int(bits)  # a numpy or torch integer becomes the int the layout stores
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise InvalidArgumentError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    group_size = int(group_size)
+    if not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
+        raise InvalidArgumentError(f"group_size must be a positive multiple of 8 up to {MAX_GROUP_SIZE}, got "
+                                   f"{group_size}")
+    return bits, group_size
+
+
 def quantize(
     P: Tensor,
     bits: int | None = 4,
@@ -345,17 +363,7 @@ def quantize(
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {shape}; for one row use P[None]")
     if P.shape[0] == 0 or P.shape[1] == 0:
         raise InvalidArgumentError(f"P must have at least one row and one column, got {tuple(P.shape)}")
-    # an int, not a float or bool that compares equal to one (4.0 in SUPPORTED_BITS is True)
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, numbers.Integral)
-                             or bits not in SUPPORTED_BITS):
-        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense float32), got {bits!r}")
-    bits = None if bits is None else int(bits)  # a numpy or torch integer becomes the int the layout stores
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise InvalidArgumentError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
-    group_size = int(group_size)
-    if not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
-        raise InvalidArgumentError(f"group_size must be a positive multiple of 8 up to {MAX_GROUP_SIZE}, got "
-                                   f"{group_size}")
+    bits, group_size = check_settings(bits, group_size)
     check_basis_values(P)
     k, num_cols = P.shape
     offsets = block_offsets_from_sizes(block_sizes, num_cols).to(P.device)

@@ -78,7 +78,9 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
         grid = grid.clip(min=positive.min())
         filled = ax.contourf(result.xs, result.ys, grid, levels=levels, norm=colors.LogNorm(), cmap="viridis")
     else:
-        levels = np.linspace(finite.min(), finite.max() + 1e-12, 25)
+        low, top = finite.min(), finite.max()
+        # a constant plane still needs 25 rising levels, whatever its scale (1e-12 vanishes next to 1e5)
+        levels = np.linspace(low, low + max(top - low, abs(top) * 1e-6, 1e-12), 25)
         filled = ax.contourf(result.xs, result.ys, grid, levels=levels, cmap="viridis")
     ax.contour(result.xs, result.ys, grid, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
     ax.set_aspect("equal", adjustable="box")

@@ -63,9 +63,9 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_state_dict
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
-    SUPPORTED_BITS,
     QuantizedBasis,
     block_offsets_from_sizes,
+    check_settings,
     dequantize,
     unpack_codes,
 )
@@ -101,9 +101,32 @@ def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Seq
         key = _entry_key(reader, name, shape, source, aliases.get(name, ()))
         if not reader.dtype(key).is_floating_point:
             raise CheckpointError(f"{source}: key {name!r} is {reader.dtype(key)}, not a floating-point weight")
+        _check_tied_copies_agree(reader, key, [n for n in (name, *aliases.get(name, ())) if n in reader.keys()],
+                                 source)
         present.add(key)
     reader.check_finite(exclude=present)
     return reader
+
+
+def _check_tied_copies_agree(reader: ColumnReader, key: str, copies: Sequence[str], source: str,
+                             step: int = 1 << 20) -> None:
+    """A tied weight held under several names must hold one value (io.fill_tied_keys's rule,
+    checked a range at a time): the plane reads `key` only, and a copy that differs, from a
+    checkpoint not saved from this tying, would go unused without a word."""
+    numel = math.prod(reader.shape(key))
+    for other in copies:
+        if other == key:
+            continue
+        same = reader.shape(other) == reader.shape(key) and reader.dtype(other) == reader.dtype(key)
+        for a in range(0, numel, step) if same else ():
+            b = min(numel, a + step)
+            with reader._range(key, a, b) as first, reader._range(other, a, b) as second:
+                if not torch.equal(first, second):
+                    same = False
+                    break
+        if not same:
+            raise CheckpointError(f"{source}: {key!r} and {other!r} are one tied weight in the model but differ in "
+                                  "the checkpoint; untie them in the model, or save the checkpoint from the tied model")
 
 
 def _entry_key(reader: ColumnReader, name: str, shape: tuple[int, ...], source: str,
@@ -430,17 +453,20 @@ def _point_source(checkpoint: Checkpoint, label: str) -> str:
     return str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else f"point {label!r}"
 
 
-def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None) -> tuple[int, int]:
-    """(nx, ny) of a valid grid; the margin and bits checked."""
-    nx, ny = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    if not all(isinstance(n, int) and n >= 2 for n in (nx, ny)):
-        raise InvalidArgumentError(f"grid must have at least 2 points along each axis, got {grid!r}")
+def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None,
+                group_size: int = 128) -> tuple[int, int]:
+    """(nx, ny) of a valid grid; the margin, bits and group size checked."""
+    pair = (grid, grid) if isinstance(grid, int) else tuple(grid) if isinstance(grid, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in pair):
+        raise InvalidArgumentError(f"grid must be an int or a pair of ints, at least 2 points along each axis "
+                                   f"(e.g. 21 or (21, 11)), got {grid!r}")
+    nx, ny = pair
     check_points(f"grid=({nx}, {ny})", nx * ny)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
         raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
                                    f"side; 0.2 is the default), got {margin!r}")
-    if bits is not None and bits not in SUPPORTED_BITS:
-        raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} or None (dense), got {bits!r}")
+    if bits is not None:
+        check_settings(bits, group_size)
     return nx, ny
 
 
@@ -520,7 +546,7 @@ def plane(
     """
     check_module(model, "plane's model")
     check_bn(bn)
-    nx, ny = _check_grid(grid, margin, bits)
+    nx, ny = _check_grid(grid, margin, bits, group_size)
     mask = check_masks(model, masks)
     frame, anchors, located = _anchored_frame(model, checkpoints, dims, bits, group_size, bn, labels)
     for label, ckpt in (points or {}).items():

@@ -71,6 +71,25 @@ def _no_forward_ad(exc: NotImplementedError) -> InvalidArgumentError | None:
                                 f"Hessian-vector products are forward-over-reverse (torch.func.jvp of grad); {remedy}")
 
 
+def _check_differentiable(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], params: dict[str, Tensor],
+                          batch: tuple[tuple, dict[str, Any], Tensor]) -> None:
+    """Refuse a loss_fn whose value does not depend on the weights: torch.func.grad gives such
+    a loss zero gradients, and the Hessian would read as exactly zero (a top eigenvalue of 0,
+    converged). One plain autograd forward on the first batch tells."""
+    args, kwargs, y = batch
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    with torch.enable_grad():
+        value = loss_fn(functional_call(model, leaves, args, kwargs), y)
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        return  # the Hessian's own check names what a loss must be
+    if not (value.is_floating_point() and value.requires_grad):
+        got = f"a {value.dtype} tensor" + ("" if value.requires_grad else " that does not require grad")
+        raise InvalidArgumentError(f"loss_fn(outputs, targets) returned {got}: its value does not depend on the "
+                                   "model's weights (detached, .item(), an argmax or a count of errors?), so its "
+                                   "Hessian would read as zero; return a differentiable floating-point loss such as "
+                                   "F.cross_entropy(outputs, targets)")
+
+
 def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Iterable):
     """(params, hvp): the detached parameters by name and v -> H v for the Hessian of the
     mean loss over `data` (batches weighted by their size), in eval mode. hvp accepts a
@@ -82,6 +101,7 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
     total = sum(len(y) for _, _, y in batches)
     if total == 0:
         raise InvalidArgumentError("data yielded no batches; pass a DataLoader or a list of (x, y) batches")
+    _check_differentiable(model, loss_fn, params, batches[0])
 
     def loss_grad(args: tuple, kwargs: dict[str, Any], y: Tensor) -> Callable:
         def loss(p: dict[str, Tensor]) -> Tensor:
