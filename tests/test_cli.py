@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -195,6 +196,20 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)
     with pytest.raises(tk.errors.InvalidTypeError, match="out_dir must be a directory path"):
         demo.run_demo(123, quick=True, progress=False)
+    # a full disk while the outputs are copied into place: none of them changes
+    copyfile = shutil.copyfile
+
+    def disk_full_at_the_plane(src, dst):
+        if Path(src).name == "plane.png":
+            raise OSError(28, "No space left on device")
+        return copyfile(src, dst)
+
+    monkeypatch.setattr(demo.shutil, "copyfile", disk_full_at_the_plane)
+    monkeypatch.setattr(demo, "plot", lambda runs, summary, path: Path(path).write_text("newer figure"))
+    with pytest.raises(tk.errors.OutputError, match="No space left on device.*previous ones, if any, are unchanged"):
+        demo.run_demo(out, quick=True, progress=False)
+    assert (out / "accuracy.png").read_text() == "new figure" and (out / "plane.png").read_text() == "new plane"
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)
 
 
 @pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])

@@ -369,6 +369,9 @@ def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, monkeypatch):
     (torch.zeros(5), 5),
     (torch.tensor(2), 1),  # one sample at a time, as batch_size=None gives
     ({"label": torch.zeros(6), "weight": torch.ones(6)}, 6),  # not its 2 keys
+    ([torch.zeros(5), torch.tensor(1), torch.zeros(2)], 3),  # one tensor per sample, of varied shapes
+    ([torch.zeros(3), torch.zeros(5), torch.zeros(2), torch.zeros(7)], 4),
+    ([torch.tensor(0), torch.tensor(1), torch.tensor(2)], 3),
     ((torch.zeros(7), torch.zeros(7, 3)), 7),  # one targets tensor per task
     (((torch.zeros(8), torch.zeros(8)), torch.zeros(8)), 8),
     ((torch.zeros(8), ["id"] * 8), 8),

@@ -6,9 +6,10 @@ sample inputs for their next update) must not take those batches as training dat
 module sits below both, so the BatchNorm code marks the pass without knowing which layers
 read the mark.
 
-The mark is a module-level count, process-wide: torch.compile guards on a module global
-(a context variable or a thread-local would break its graph at every layer that reads it).
-A statistics pass in one thread therefore also pauses such layers in another thread's
+The mark is a module-level flag, process-wide: torch.compile guards on a module global
+(a context variable or a thread-local would break its graph at every layer that reads it),
+and a flag, unlike the count of open passes, gives it two states to compile for. A
+statistics pass in one thread therefore also pauses such layers in another thread's
 training while it runs.
 """
 
@@ -19,22 +20,25 @@ import threading
 from collections.abc import Iterator
 
 _open_passes = 0
+_measuring = False  # _open_passes > 0, the one value a compiled forward reads
 _lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def statistics_pass() -> Iterator[None]:
     """Inside the block, train-mode forwards are a normalisation statistics pass."""
-    global _open_passes
+    global _open_passes, _measuring
     with _lock:
         _open_passes += 1
+        _measuring = True
     try:
         yield
     finally:
         with _lock:
             _open_passes -= 1
+            _measuring = _open_passes > 0
 
 
 def in_statistics_pass() -> bool:
     """Whether a statistics pass (see statistics_pass) is running."""
-    return _open_passes > 0
+    return _measuring

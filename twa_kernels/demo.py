@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._checks import path_without_nul
+from twa_kernels._outdir import current_umask
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
@@ -508,9 +509,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
         report["stamp"] = run_stamp
         write_json(staging / "results.json", report)
         _checked_out_dir(out)  # a directory that appeared in an output's place: refused before any is replaced
-        for name in OUTPUTS:  # results.json last: it names the run the figures belong to
-            # each written whole, through a symlink where one stands and with the old file's mode
-            atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(staging / name, tmp))
+        _replace_together(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report["table"] = format_table(summary, n_seeds)
@@ -518,6 +517,31 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
 
 
 OUTPUTS = ("accuracy.png", "plane.png", "results.json")
+
+
+def _replace_together(staging: Path, out: Path) -> None:
+    """Put the staged outputs in place of out's: each first copied whole beside the file it
+    replaces (through a symlink where one stands, with the old file's mode), then all renamed
+    into place, so that a full disk stops the run before any output changes."""
+    ready: list[tuple[str, Path]] = []
+    try:
+        for name in OUTPUTS:
+            target = Path(os.path.realpath(out / name))
+            mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~current_umask()
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            ready.append((tmp, target))
+            shutil.copyfile(staging / name, tmp)
+            os.chmod(tmp, mode)
+        for tmp, target in ready:  # results.json last: it names the run the figures belong to
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError(f"cannot write the demo's outputs into {_shown(out)} ({exc.strerror or exc}); the "
+                          "previous ones, if any, are unchanged: free space or choose another --out") from exc
+    finally:
+        for tmp, _ in ready:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _shown(path: Path) -> str:

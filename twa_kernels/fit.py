@@ -538,10 +538,11 @@ def _first_tensor(value: Any, depth: int = 0) -> torch.Tensor | None:
 def _samples(x: Any, y: Any, loader: _Batches) -> int:
     """How many samples a batch holds, to weight its mean loss by, counted on the targets
     (on the inputs where the targets hold no tensor): a tensor's leading dimension (1 for a
-    0-d target, as a loader with batch_size=None gives one sample at a time); a list or
-    tuple of mappings (one per sample) its length; otherwise the count of the first item of
-    a list, tuple or mapping that gives one (len() of a dict would count its keys, of a
-    tuple of targets per task the tasks)."""
+    0-d target, as a loader with batch_size=None gives one sample at a time); tensors that
+    share a leading dimension (targets per task, as default_collate gives them) that
+    dimension; a tuple of 0-d tensors (one sample's targets per task) 1; other lists of
+    tensors, and lists of mappings, one item per sample; otherwise the count of the first
+    item of a list, tuple or mapping that gives one (len() of a dict would count its keys)."""
     for value in (y, x):
         count = _batch_size(value)
         if count is not None:
@@ -555,6 +556,13 @@ def _batch_size(value: Any) -> int | None:
     """The samples `value` holds (see _samples), or None where it holds no tensor."""
     if isinstance(value, torch.Tensor):
         return value.shape[0] if value.ndim else 1
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, torch.Tensor) for item in value):
+        leading = {item.shape[0] if item.ndim else None for item in value}
+        if len(leading) == 1 and None not in leading:
+            return leading.pop()  # default_collate's targets per task, each [B, ...]
+        if leading == {None} and isinstance(value, tuple):
+            return 1  # one sample's targets per task (batch_size=None)
+        return len(value)  # one tensor per sample (a custom collate's labels, boxes, sequences)
     if isinstance(value, (list, tuple)) and value and all(isinstance(item, Mapping) for item in value):
         return len(value) if _first_tensor(value) is not None else None
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()

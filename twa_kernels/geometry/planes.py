@@ -114,6 +114,8 @@ def _check_tied_copies_agree(reader: ColumnReader, key: str, copies: Sequence[st
     checked a range at a time): the plane reads `key` only, and a copy that differs, from a
     checkpoint not saved from this tying, would go unused without a word."""
     numel = math.prod(reader.shape(key))
+    if reader._kind == "dcp":  # DCP reads a whole tensor per range: one range each, not one per step
+        step = max(numel, 1)
     for other in copies:
         if other == key:
             continue
