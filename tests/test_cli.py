@@ -190,6 +190,7 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     (out / "results.json").symlink_to(elsewhere)
     monkeypatch.setattr(demo, "plane_figure", lambda runs, setting, path, **kw: Path(path).write_text("new plane"))
     monkeypatch.setattr(demo, "format_table", lambda summary, n: "")
+    (out / ".twa-demo-stage.999999999.abc").mkdir()  # a killed demo's, its process gone
     demo.run_demo(out, quick=True, progress=False)
     assert (out / "results.json").is_symlink() and json.loads(elsewhere.read_text())["seeds"] == [demo.FIRST_SEED]
     assert (out / "plane.png").read_text() == "new plane"

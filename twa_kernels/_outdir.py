@@ -74,7 +74,8 @@ def current_umask() -> int:
     return mask
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (this one included; another user's counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -243,7 +244,7 @@ class OutputDirectory:
         leftovers = []
         for entry in os.listdir(parent):
             match = _LEFTOVER.match(entry)
-            if match and match["target"] == self._target.name and not _process_alive(int(match["pid"])):
+            if match and match["target"] == self._target.name and not process_alive(int(match["pid"])):
                 leftovers.append((match["kind"], parent / entry))
         for kind, leftover in leftovers:
             if kind == "old" and not self._target.exists():

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._checks import path_without_nul
-from twa_kernels._outdir import current_umask
+from twa_kernels._outdir import current_umask, process_alive
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
@@ -500,7 +500,8 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
                   twa_epochs=setting.twa_epochs, bits=4, summary=summary, runs=runs)
     # the three outputs go in together: an interrupted rerun leaves the previous three, not a
     # new figure beside an old results.json
-    staging = Path(tempfile.mkdtemp(prefix=".twa-demo-stage.", dir=out))
+    _remove_abandoned_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".twa-demo-stage.{os.getpid()}.", dir=out))
     try:
         plot(runs, summary, staging / "accuracy.png")
         report["plane"] = plane_figure(runs[0], setting, staging / "plane.png", grid=11 if quick else 21,
@@ -517,6 +518,15 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
 
 
 OUTPUTS = ("accuracy.png", "plane.png", "results.json")
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Remove the staging folders of demos that were killed (SIGKILL, a crash) before they
+    could clean up: those whose process is gone."""
+    for entry in out.glob(".twa-demo-stage.*"):
+        pid = entry.name.split(".")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_together(staging: Path, out: Path) -> None:
