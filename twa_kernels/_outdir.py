@@ -49,7 +49,7 @@ _PATH_REPR = reprlib.Repr()
 _PATH_REPR.maxstring = 200
 
 
-def _shown(path: str | os.PathLike) -> str:
+def shown(path: str | os.PathLike) -> str:
     """A path as a message shows it: quoted, and cut short when it is long."""
     return _PATH_REPR.repr(str(path))
 
@@ -154,7 +154,7 @@ class OutputDirectory:
 
     def _unwritable(self, where: Path, exc: OSError | None = None) -> OutputError:
         why = f": {exc.strerror or exc}" if exc is not None else ": no write permission"
-        return OutputError(f"output {_shown(self.path)} cannot be written ({_shown(where)[1:-1]}{why}); choose a "
+        return OutputError(f"output {shown(self.path)} cannot be written ({shown(where)[1:-1]}{why}); choose a "
                            "directory you can write to")
 
     def _owned(self, folder: Path, entry: str) -> bool:
@@ -177,13 +177,13 @@ class OutputDirectory:
             name_max = _DEFAULT_NAME_MAX
         for part in self._target.parent.parts:
             if len(os.fsencode(part)) > name_max:
-                raise OutputError(f"output {_shown(self.path)}: the folder name {_shown(part)} is "
+                raise OutputError(f"output {shown(self.path)}: the folder name {shown(part)} is "
                                   f"{len(os.fsencode(part))} characters, more than the {name_max} the file system "
                                   "allows in one name; choose a shorter path")
         limit = name_max - STAGING_NAME_EXTRA
         length = len(os.fsencode(self._target.name))
         if length > limit:
-            raise OutputError(f"output {_shown(self.path)}: the directory name is {length} characters, too long for "
+            raise OutputError(f"output {shown(self.path)}: the directory name is {length} characters, too long for "
                               f"the staging directory name beside it, which adds {STAGING_NAME_EXTRA}: at most "
                               f"{limit} characters (the file system allows {name_max} in one name); choose a "
                               "shorter name")
@@ -200,30 +200,29 @@ class OutputDirectory:
     def _check_existing(self) -> None:
         target = self._target
         if target.exists() and not target.is_dir():
-            raise OutputError(f"output {_shown(self.path)} is a file, not a directory; the outputs "
+            raise OutputError(f"output {shown(self.path)} is a file, not a directory; the outputs "
                               f"({', '.join(self.names)}) go into a directory: choose another path")
         cwd = Path.cwd().resolve()
         if target.exists() and (target.resolve() == cwd or target.resolve() in cwd.parents):
-            raise OutputError(f"output {_shown(self.path)} is the working directory or holds it; the output "
+            raise OutputError(f"output {shown(self.path)} is the working directory or holds it; the output "
                               "directory is replaced as a whole, so give the outputs a directory of their own")
         if target.is_dir() and os.path.ismount(target):  # a mount point cannot be renamed or swapped
-            raise OutputError(f"output {_shown(self.path)} is a mount point; the output directory is replaced as a "
+            raise OutputError(f"output {shown(self.path)} is a mount point; the output directory is replaced as a "
                               "whole, so give the outputs a directory inside it")
         existing = target if target.exists() else target.parent
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise OutputError(f"output {_shown(self.path)} lies under {_shown(existing)}, which is a file, not a "
+            raise OutputError(f"output {shown(self.path)} lies under {shown(existing)}, which is a file, not a "
                               "directory: choose another path")
         if target.is_dir():
             # a directory is shown as `name/`: one named like an output is the user's, not an output
             foreign = sorted(e + ("/" if os.path.isdir(target / e) else "") for e in os.listdir(target)
                              if not self._owned(target, e))
             if foreign:
-                shown = _entries(foreign)
-                raise OutputError(f"output {_shown(self.path)} holds files other than {', '.join(self.names)} "
-                                  f"({shown}); the output directory is replaced as a whole, so give the outputs "
-                                  "a directory of their own (a new or empty one)")
+                raise OutputError(f"output {shown(self.path)} holds files other than {', '.join(self.names)} "
+                                  f"({_entries(foreign)}); the output directory is replaced as a whole, so give the "
+                                  "outputs a directory of their own (a new or empty one)")
             if not os.access(target, os.W_OK | os.X_OK):
                 raise self._unwritable(target)
         # the staging directory and the swap both write into the target's parent (or into
@@ -260,8 +259,8 @@ class OutputDirectory:
             # a run stopped after its swap and before it moved the user's entries back: the
             # old set holds them, so it is set aside, not removed
             kept = self._keep_aside(leftover)
-            warnings.warn(f"output {_shown(self.path)}: an interrupted run left {_entries(foreign)} of the previous "
-                          f"set's folder, which are not outputs; they are kept in {_shown(kept)}: move what you need "
+            warnings.warn(f"output {shown(self.path)}: an interrupted run left {_entries(foreign)} of the previous "
+                          f"set's folder, which are not outputs; they are kept in {shown(kept)}: move what you need "
                           "out of it, then remove it", RuntimeWarning, stacklevel=3)
 
     def _keep_aside(self, folder: Path) -> Path:
@@ -346,8 +345,8 @@ class OutputDirectory:
         folder = self._keep_aside(self._staging)
         if folder == self._staging:  # not set aside: the next run would take it for a leftover
             self._staging_removable = False
-        warnings.warn(f"output {_shown(self.path)}: {_entries(kept)} appeared in it during the run and could not be "
-                      f"moved into the new set; the previous set, with them, is kept in {_shown(folder)}: move what "
+        warnings.warn(f"output {shown(self.path)}: {_entries(kept)} appeared in it during the run and could not be "
+                      f"moved into the new set; the previous set, with them, is kept in {shown(folder)}: move what "
                       "you need out of it, then remove it", RuntimeWarning, stacklevel=3)
         return False
 
@@ -367,11 +366,12 @@ class OutputDirectory:
         self._committed = True
         try:
             removable = not swapped or self._keep_foreign()
-        except OSError as exc:  # the old set could not even be listed: left where it is rather than removed
+        except OSError as exc:  # the old set could not even be listed: set aside rather than removed
             removable = False
-            warnings.warn(f"output {_shown(self.path)} was replaced, but the previous set in {_shown(self._staging)} "
-                          f"could not be read ({exc.strerror or exc}), so it is left there; move what you need out "
-                          "of it before the next run to this output, which removes it", RuntimeWarning, stacklevel=2)
+            folder = self._keep_aside(self._staging)
+            warnings.warn(f"output {shown(self.path)} was replaced, but the previous set could not be read "
+                          f"({exc.strerror or exc}), so it is kept in {shown(folder)}: move what you need out "
+                          "of it, then remove it", RuntimeWarning, stacklevel=2)
         if not removable:
             self._staging_removable = False
         fsync_directory(target)

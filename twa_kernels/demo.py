@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._checks import path_without_nul
-from twa_kernels._outdir import current_umask, process_alive
+from twa_kernels._outdir import current_umask, process_alive, shown
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
@@ -477,10 +477,10 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # under a file, no permission, a read-only file system
-        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be created ({exc.strerror or exc}); choose a "
+        raise OutputError(f"out_dir (--out) {shown(out)} cannot be created ({exc.strerror or exc}); choose a "
                           "directory you can write to") from exc
     if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be written (no write permission); choose a "
+        raise OutputError(f"out_dir (--out) {shown(out)} cannot be written (no write permission); choose a "
                           "directory you can write to")
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -546,18 +546,12 @@ def _replace_together(staging: Path, out: Path) -> None:
         for tmp, target in ready:  # results.json last: it names the run the figures belong to
             os.replace(tmp, target)
     except OSError as exc:
-        raise OutputError(f"cannot write the demo's outputs into {_shown(out)} ({exc.strerror or exc}); the "
+        raise OutputError(f"cannot write the demo's outputs into {shown(out)} ({exc.strerror or exc}); the "
                           "previous ones, if any, are unchanged: free space or choose another --out") from exc
     finally:
         for tmp, _ in ready:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-def _shown(path: Path) -> str:
-    """A path for a message: quoted, and cut short when it is long."""
-    text = str(path)
-    return repr(text if len(text) <= 200 else text[:197] + "...")
 
 
 def _checked_out_dir(out_dir: str | Path) -> Path:
@@ -570,17 +564,17 @@ def _checked_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     try:
         if out.exists() and not out.is_dir():
-            raise OutputError(f"out_dir (--out) {_shown(out)} is a file, not a directory; the demo writes several "
+            raise OutputError(f"out_dir (--out) {shown(out)} is a file, not a directory; the demo writes several "
                               "files into a directory: give a directory path (it is created if missing)")
         for name in OUTPUTS:
             if (out / name).is_dir():
-                raise OutputError(f"out_dir (--out) {_shown(out)} holds a directory named {name}, where the demo "
+                raise OutputError(f"out_dir (--out) {shown(out)} holds a directory named {name}, where the demo "
                                   "writes that file: rename or remove it, or choose another --out")
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise
         fix = "a shorter path" if exc.errno == errno.ENAMETOOLONG else "a directory you can read and write"
-        raise OutputError(f"out_dir (--out) {_shown(out)} cannot be used ({exc.strerror or exc}); choose {fix}") \
+        raise OutputError(f"out_dir (--out) {shown(out)} cannot be used ({exc.strerror or exc}); choose {fix}") \
             from exc
     return out
 

@@ -425,11 +425,6 @@ def call_factory(factory: Callable, spec: str, what: str) -> Any:
     return factory()
 
 
-def call_without_arguments(spec: str, what: str) -> Any:
-    """What the factory named by `spec` returns, called with no arguments (see call_factory)."""
-    return call_factory(callable_from(spec, what), spec, what)
-
-
 def loss_from(obj: Callable, spec: str) -> Callable:
     """The loss that `obj` (resolved from the loss import string `spec`) names: a function of
     (outputs, targets), or an nn.Module loss class (torch.nn:CrossEntropyLoss), made with its
@@ -444,11 +439,6 @@ def loss_from(obj: Callable, spec: str) -> Callable:
             raise FitError(f"loss: {_short(spec)} cannot be made without arguments ({exc}); name a function of "
                            "(outputs, targets) in your own module that builds it as you need") from exc
     return obj
-
-
-def _loss_function(spec: str) -> Callable:
-    """The loss named by the import string `spec` (see loss_from)."""
-    return loss_from(callable_from(spec, "loss"), spec)
 
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:
