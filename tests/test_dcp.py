@@ -280,3 +280,52 @@ def test_overlapping_chunks_are_refused_however_many_chunks_there_are(tmp_path):
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(CheckpointError, match="the chunks of 'w' cover 8194 of its 8194 elements and overlap"):
         ColumnReader(folder).tensor("w")
+
+
+def test_metadata_whose_byte_ranges_lie_past_its_data_files_is_refused_before_any_allocation(tmp_path):
+    # a metadata file of a few KB claimed a tensor of 10^9 floats and as many stored bytes:
+    # the tiling check and the builder's center were allocated from it before a byte was read
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    key, entry = next((k, e) for k, e in metadata.state_dict_metadata.items() if k.endswith("bias"))
+    entry.size = entry.chunks[0].sizes = torch.Size([10**9])
+    metadata.storage_data[next(i for i in metadata.storage_data if i.fqn == key)].length = 4 * 10**9
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=rf"the data of '{key}' lies past the end of __0_0.distcp "
+                                              r"\(\d+ bytes\); the checkpoint is truncated"):
+        ColumnReader(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("replacement", ["missing", "fifo"])
+def test_a_data_file_that_is_missing_or_not_a_regular_file_is_a_named_error(tmp_path, replacement):
+    # opening a FIFO blocks until a writer comes: the reader waited for ever
+    import os
+
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    data = tmp_path / "ckpt" / "__0_0.distcp"
+    data.unlink()
+    if replacement == "fifo":
+        os.mkfifo(data)
+    named = "could not be read" if replacement == "missing" else "is not a regular file"
+    script = ("from twa_kernels.columns import ColumnReader\n"
+              "from twa_kernels.errors import CheckpointError\n"
+              "try:\n"
+              f"    ColumnReader({str(tmp_path / 'ckpt')!r}).tensor('fc.weight')\n"
+              "except CheckpointError as exc:\n"
+              "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"the data file __0_0.distcp of 'model.fc.weight' {named}" in out.stdout
+
+
+def test_a_stored_chunk_whose_dtype_differs_from_the_metadata_is_refused(tmp_path):
+    # DCP copies a stored chunk into a tensor of the metadata's dtype: float32 data under a
+    # float16 entry came back rounded to float16 without a word
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    metadata.state_dict_metadata["model.fc.weight"].properties.dtype = torch.float16
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="the chunk of 'model.fc.weight' stores torch.float32 but the "
+                                              "checkpoint's metadata gives it torch.float16"):
+        ColumnReader(tmp_path / "ckpt").tensor("fc.weight")
+    assert ColumnReader(tmp_path / "ckpt").tensor("fc.bias").equal(model_state()["fc.bias"])  # the others read

@@ -18,6 +18,7 @@ import io
 import math
 import os
 import pickle
+import stat
 import warnings
 import zipfile
 from typing import Any
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from twa_kernels.errors import CheckpointError, MissingDependencyError
 from twa_kernels.io.keys import _NESTING_KEYS  # unwrapped as a loaded torch file's are
+from twa_kernels.io.read import _StorageScan, _storage_dtype  # a torch pickle's storages, read inertly
 
 # DCP's tutorial saves {"app": AppState(model, optimizer)}, whose state_dict is {"model": ...,
 # "optim": ...}: "app" is a nesting key of DCP directories only (in a torch file it may be
@@ -112,13 +114,15 @@ def read_metadata(path: str | os.PathLike) -> Metadata:
     except Exception as exc:  # truncated, garbled, or an allowed class given bad arguments
         raise CheckpointError(f"{source}: not a readable DCP metadata file ({type(exc).__name__}: {exc}); "
                               "re-save the checkpoint with torch.distributed.checkpoint.save") from exc
-    _check(metadata, source)
+    _check(metadata, source, os.fspath(path))
     return metadata
 
 
-def _check(metadata: Any, source: str) -> None:
+def _check(metadata: Any, source: str, directory: str) -> None:
     """Every field that tensor loading relies on has the type DCP gives it, and every data
-    file lies inside the checkpoint directory."""
+    file lies inside the checkpoint directory and holds the bytes the metadata gives it.
+    Sizes are checked against the bytes on disk before anything is allocated from them:
+    a metadata file of a few KB may claim tensors of any size."""
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{source}: not a valid DCP metadata file ({what}); re-save the checkpoint with "
                                "torch.distributed.checkpoint.save")
@@ -151,9 +155,6 @@ def _check(metadata: Any, source: str) -> None:
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(storage, dict):
         raise bad("storage_data is not a dict")
-    for key, entry in entries.items():
-        if isinstance(entry, TensorStorageMetadata):
-            _check_tiling(key, entry, storage, bad)
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
             raise bad(f"storage index {index!r}")
@@ -168,12 +169,48 @@ def _check(metadata: Any, source: str) -> None:
         if descriptors is not None and not (isinstance(descriptors, (list, tuple))
                                             and all(isinstance(d, str) for d in descriptors)):
             raise bad(f"the transforms of {index.fqn!r} are not strings")
+    _check_data_files(storage, source, directory)
     for key, entry in entries.items():
         if isinstance(entry, TensorStorageMetadata):
+            _check_chunk_entries(key, entry, storage, bad)
             _check_stored_bytes(key, entry, storage, bad)
+            _check_tiling(key, entry, bad)
     storage_meta = getattr(metadata, "storage_meta", None)
     if storage_meta is not None and not isinstance(storage_meta, StorageMeta):
         raise bad("storage_meta is not a StorageMeta")
+
+
+def _check_data_files(storage: dict, source: str, directory: str) -> None:
+    """Each data file the metadata names is a regular file (a FIFO would block its reader
+    for ever) that holds every byte range the metadata gives inside it."""
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        name = info.relative_path
+        if name not in sizes:
+            try:
+                status = os.stat(os.path.join(directory, name))
+            except OSError as exc:
+                raise CheckpointError(f"{source}: the data file {name} of {index.fqn!r} could not be read ({exc}); "
+                                      "the checkpoint is incomplete: restore it or re-save it") from None
+            if not stat.S_ISREG(status.st_mode):
+                raise CheckpointError(f"{source}: the data file {name} of {index.fqn!r} is not a regular file; "
+                                      "restore the checkpoint or re-save it")
+            sizes[name] = status.st_size
+        if info.offset + info.length > sizes[name]:
+            raise CheckpointError(f"{source}: the data of {index.fqn!r} lies past the end of {name} "
+                                  f"({sizes[name]} bytes); the checkpoint is truncated: restore it or re-save it")
+
+
+def _check_chunk_entries(key: str, entry: TensorStorageMetadata, storage: dict, bad: Any) -> None:
+    """Each chunk of a tensor lies inside it and has a data file entry."""
+    size = tuple(entry.size)
+    for chunk in entry.chunks:
+        start, extent = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(start) != len(size) or len(extent) != len(size) or any(
+                o + n > d for o, n, d in zip(start, extent, size)):
+            raise bad(f"a chunk of {key!r} at {list(start)} of size {list(extent)} lies outside its size {list(size)}")
+        if MetadataIndex(key, chunk.offsets) not in storage:
+            raise bad(f"the chunk of {key!r} at {list(start)} has no data file entry")
 
 
 def _check_stored_bytes(key: str, entry: TensorStorageMetadata, storage: dict, bad: Any) -> None:
@@ -252,20 +289,13 @@ class _TensorsOnlyPlanner(DefaultLoadPlanner):
                               "(DCP stores such items as pickles, which could run code)")
 
 
-def _check_tiling(key: str, entry: TensorStorageMetadata, storage: dict, bad: Any) -> None:
-    """The chunks of a tensor lie inside it, do not overlap and cover it, and each has its
-    data: DCP's load fills only what the chunks name, and the rest of the tensor would be
-    whatever memory held before."""
-    size, chunks = tuple(entry.size), entry.chunks
-    boxes = []
-    for chunk in chunks:
-        start, extent = tuple(chunk.offsets), tuple(chunk.sizes)
-        if len(start) != len(size) or len(extent) != len(size) or any(
-                o + n > d for o, n, d in zip(start, extent, size)):
-            raise bad(f"a chunk of {key!r} at {list(start)} of size {list(extent)} lies outside its size {list(size)}")
-        if MetadataIndex(key, chunk.offsets) not in storage:
-            raise bad(f"the chunk of {key!r} at {list(start)} has no data file entry")
-        boxes.append((start, extent))
+def _check_tiling(key: str, entry: TensorStorageMetadata, bad: Any) -> None:
+    """The chunks of a tensor (each inside it, _check_chunk_entries) do not overlap and cover
+    it: DCP's load fills only what the chunks name, and the rest of the tensor would be
+    whatever memory held before. Called once the chunks' bytes are known to be on disk
+    (_check_stored_bytes), which bounds the element map below by the checkpoint's size."""
+    size = tuple(entry.size)
+    boxes = [(tuple(chunk.offsets), tuple(chunk.sizes)) for chunk in entry.chunks]
     covered = sum(math.prod(extent) for _, extent in boxes)
     if covered != math.prod(size):
         overlap = False
@@ -329,13 +359,17 @@ def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
         path = os.path.join(reader.path, info.relative_path)
         transformed = bool(info.transform_descriptors)
         try:
-            with open(path, "rb") as file:
-                stat = os.fstat(file.fileno())
-                if info.offset + info.length > stat.st_size:
+            # O_NONBLOCK: a FIFO put in the file's place after read_metadata opens at once
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+                status = os.fstat(file.fileno())
+                if not stat.S_ISREG(status.st_mode):
+                    raise CheckpointError(f"{source}: the data file {info.relative_path} of {key!r} is not a regular "
+                                          "file; restore the checkpoint or re-save it")
+                if info.offset + info.length > status.st_size:
                     raise CheckpointError(f"{source}: the chunk of {key!r} at {list(chunk.offsets)} lies past the "
-                                          f"end of {info.relative_path} ({stat.st_size} bytes); the checkpoint is "
+                                          f"end of {info.relative_path} ({status.st_size} bytes); the checkpoint is "
                                           "truncated")
-                stamp = (os.path.realpath(path), info.offset, info.length, stat.st_size, stat.st_mtime_ns)
+                stamp = (os.path.realpath(path), info.offset, info.length, status.st_size, status.st_mtime_ns)
                 if transformed or stamp in _VERIFIED:
                     continue  # a transformed item is not a zip record: DCP's transform checks its own framing
                 with zipfile.ZipFile(io.BufferedReader(_FileSlice(file.fileno(), info.offset, info.length))) as zf:
@@ -343,6 +377,7 @@ def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
                         with zf.open(record) as stream:  # zipfile compares the CRC-32 at the end
                             while stream.read(1 << 18):
                                 pass
+                    _check_stored_dtype(zf, key, entry.properties.dtype, f"{source}: {info.relative_path}")
                 _VERIFIED.add(stamp)
         except CheckpointError:
             raise
@@ -350,6 +385,27 @@ def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
             raise CheckpointError(f"{source}: the stored chunk of {key!r} at {list(chunk.offsets)} in "
                                   f"{info.relative_path} is damaged ({exc}); restore the file or re-save the "
                                   "checkpoint") from None
+
+
+def _check_stored_dtype(record: zipfile.ZipFile, key: str, dtype: torch.dtype, source: str) -> None:
+    """The chunk stored in `record` (torch.save's zip format) holds `dtype`, the dtype the
+    metadata gives its tensor: DCP's load copies a stored chunk into a tensor of the
+    metadata's dtype, so a stored float32 chunk under a float16 entry would be rounded
+    without a word. Only the chunk's pickle is read, with none of its globals looked up."""
+    pickles = [name for name in record.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+    try:
+        scan = _StorageScan(io.BytesIO(record.read(pickles[0]))) if len(pickles) == 1 else None
+        if scan is not None:
+            scan.load()
+    except Exception as exc:  # garbled: torch.load would refuse it too
+        raise CheckpointError(f"{source}: the stored chunk of {key!r} is not a torch tensor record ({exc}); "
+                              "restore the file or re-save the checkpoint") from None
+    kinds = {kind for _, kind, _ in scan.declared} if scan is not None else set()
+    stored = {_storage_dtype(source, kind) for kind in kinds}
+    if stored != {dtype}:
+        found = ", ".join(sorted(str(d) for d in stored)) or "no tensor storage"
+        raise CheckpointError(f"{source}: the chunk of {key!r} stores {found} but the checkpoint's metadata gives "
+                              f"it {dtype}; the checkpoint's files do not belong together: restore it or re-save it")
 
 
 def load_tensor(reader: CheckedReader, key: str, shape: tuple[int, ...], dtype: torch.dtype,
