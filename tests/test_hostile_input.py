@@ -905,6 +905,70 @@ def test_reconstruct_refuses_an_out_that_shares_memory_with_x_or_the_basis():
     torch.testing.assert_close(tk.reconstruct(qb, x.clone(), out=fine), tk.reconstruct(qb, x.clone()))
 
 
+def test_an_out_over_the_basis_block_offsets_is_refused_before_the_kernel_reads_them():
+    # the kernel wrote floats over offsets it had not read yet, and its column walk then
+    # never reached the end: the process aborted with std::bad_alloc
+    D, n_blocks = 4000, 1000
+    made = tk.quantize(torch.randn(2, D), bits=4, group_size=64, block_sizes=[4] * n_blocks)
+    buffer = torch.zeros(4 * (n_blocks + 1) + D, dtype=torch.int64)
+    offsets = buffer[n_blocks + 1: 2 * (n_blocks + 1)]
+    offsets.copy_(made.block_offsets)
+    qb = QuantizedBasis(made.codes, made.scales, made.mins, offsets, 4, 64, D)
+    out = buffer.view(torch.float32)[D:2 * D]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="out shares memory with the basis block offsets"):
+        tk.reconstruct(qb, torch.randn(2, n_blocks), out=out)
+    assert torch.equal(offsets, made.block_offsets)
+
+
+def test_the_raw_op_refuses_an_out_that_shares_memory_with_what_it_reads():
+    # torch.ops calls skip the public wrapper's checks: the op itself checks
+    qb = tk.quantize(torch.randn(3, 40), bits=4, group_size=16, block_sizes=[10, 30])
+    buffer = torch.zeros(40)
+    x = buffer[:6].view(3, 2)
+    x.copy_(torch.randn(3, 2))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="out shares memory with x"):
+        torch.ops.twa_kernels.reconstruct_into(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, None, 4, 16, buffer)
+
+
+def test_an_out_on_meta_tensors_reports_no_overlap_that_does_not_exist():
+    # meta tensors have no memory: their data pointers are all 0
+    qb = tk.quantize(torch.randn(3, 40), bits=4, group_size=16, block_sizes=[10, 30]).to("meta")
+    out = torch.empty(40, device="meta")
+    assert tk.reconstruct(qb, torch.empty(3, 2, device="meta"), out=out).device.type == "meta"
+
+
+def test_a_float64_basis_row_below_float32s_normal_range_is_refused():
+    # cast to float32 it became zeros (1e-50) or kept a few bits (1e-42), without a word
+    for scale in (1e-50, 1e-42):
+        P = torch.randn(2, 64, dtype=torch.float64)
+        P[1] *= scale
+        for build in (lambda: tk.quantize(P, bits=4, group_size=64), lambda: tk.quantize(P, bits=None),
+                      lambda: tk.orthonormalize(P)):
+            with pytest.raises(tk.errors.InvalidArgumentError, match="row 1 has magnitudes below float32's smallest"):
+                build()
+    P = torch.randn(2, 64, dtype=torch.float64)
+    P[0, 3] = 1e-45  # one tiny entry in a normal row loses nothing the row's scale can show
+    tk.quantize(P, bits=4, group_size=64)
+
+
+def test_project_int8_on_a_dense_basis_through_the_raw_op_is_a_named_error():
+    qb = tk.quantize(torch.randn(2, 64), bits=None)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="needs a packed basis"):
+        torch.ops.twa_kernels.project_int8(qb.codes, qb.scales, qb.mins, qb.block_offsets, [torch.randn(64)], 0, 128)
+
+
+def test_dequantize_from_inside_a_group_names_the_group_edge():
+    qb = tk.quantize(torch.randn(2, 40), bits=4, group_size=16)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"start must be a multiple of group_size \(16\)"):
+        tk.dequantize(qb, 5, 20)
+
+
+def test_a_non_float_out_is_told_to_be_allocated_in_a_kernel_dtype():
+    qb = tk.quantize(torch.randn(2, 40), bits=4, group_size=16)
+    with pytest.raises(tk.errors.InvalidTypeError, match="allocate it as float32 or bfloat16"):
+        tk.reconstruct(qb, torch.randn(2, 1), out=torch.empty(40, dtype=torch.float64))
+
+
 def test_out_center_on_a_tensor_that_requires_grad_is_refused_outside_no_grad():
     qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
     center = nn.Parameter(torch.randn(64))

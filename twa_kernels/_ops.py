@@ -51,7 +51,8 @@ def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
         if device.type not in ("cpu", "cuda"):
             return False, f"Triton does not run on {device.type}"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return False, "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set it before importing twa_kernels)"
+            return False, ("Triton runs CPU tensors only under TRITON_INTERPRET=1, set before triton is first "
+                           "imported (torch.compile and torch's error paths import it): best before the program starts")
         if importlib.util.find_spec("triton") is None:
             return False, "Triton is not installed (pip install triton)"
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -135,7 +136,10 @@ def _check_vector(name: str, t: Tensor, codes: Tensor, numel: int | None = None)
     as garbage or out of bounds. Raw torch.ops calls get the library's errors here; the
     public wrappers in ops.py call it too, after their own checks of the tensor's kind."""
     if t.dtype not in _VECTOR_DTYPES:
-        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; cast it with .float()")
+        # a cast copies: a written buffer must be allocated in the right dtype instead
+        fix = ("allocate it as float32 or bfloat16 (a cast would be a copy the result never reaches)"
+               if name == "out" else "cast it with .float()")
+        raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; {fix}")
     if t.device != codes.device:
         raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {codes.device}; move one with .to()")
     if numel is not None and t.numel() != numel:
@@ -254,6 +258,9 @@ def project_int8_op(
     _check_pieces(pieces, codes)
     device = pieces[0].device
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
+    if bits == 0:
+        raise InvalidArgumentError("project_int8 rounds g per quantisation group and needs a packed basis "
+                                   "(bits 1, 2, 4 or 8), not a dense one (bits 0); call project")
     kernel = _kernel("project_int8", device, required=False)
     if kernel is not None:
         return kernel(codes, scales, mins, block_offsets, pieces, bits, group_size)
@@ -340,7 +347,47 @@ def reconstruct_into_op(
         raise InvalidArgumentError("out must be contiguous: the kernels write it as one block of memory")
     if center is not None:
         _check_vector("center", center, codes, out.numel())
+    _check_out_aliasing(out, x, center, codes, scales, mins, block_offsets)
     _kernel("reconstruct_into", x.device)(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+
+
+def _check_out_aliasing(out: Tensor, x: Tensor, center: Tensor | None, codes: Tensor, scales: Tensor, mins: Tensor,
+                        block_offsets: Tensor) -> None:
+    """out shares no memory with what the kernel reads while it writes out, except center as
+    the very same elements (an in-place update). A write over the block offsets not yet
+    read could send the kernel's column walk past its end."""
+    if center is not None and _overlap_but_not_same(out, center):
+        raise InvalidArgumentError("out overlaps center without being the same elements: element j of out would "
+                                   "overwrite another element of center before it is read; pass out=center for an "
+                                   "in-place update, or a separate buffer")
+    for name, t in (("x", x), ("the basis codes", codes), ("the basis scales", scales), ("the basis mins", mins),
+                    ("the basis block offsets", block_offsets)):
+        if _overlap(out, t):
+            raise InvalidArgumentError(f"out shares memory with {name}, which the kernel reads while it writes out; "
+                                       "pass a separate buffer")
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two tensors on one device intersect (strides aside)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _overlap_but_not_same(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous tensors share memory other than as the same elements."""
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    overlap = a0 < b1 and b0 < a1
+    return overlap and not (a0 == b0 and a.dtype == b.dtype and a.numel() == b.numel())
 
 
 @reconstruct_into_op.register_fake

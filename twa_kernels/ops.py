@@ -11,7 +11,7 @@ from torch import Tensor
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_int8_op, project_op, reconstruct_op
 from twa_kernels._ops import _check_vector as _check_operand
-from twa_kernels.quant import QuantizedBasis
+from twa_kernels.quant import QuantizedBasis, _is_traced
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16)
 
@@ -74,8 +74,9 @@ def project_int8(qb: QuantizedBasis, g: Tensor) -> Tensor:
 
     g^[j] = q[j] * scale_t with scale_t = max|g| / 127 over group t (quant.round_groups_int8),
     so |g^[j] - g[j]| <= scale_t / 2 and each result moves from project(qb, g) by at most
-    sum_t scale_t / 2 * sum_{j in t} |p^[r, j]| over the block's groups. NaN or infinite
-    entries of g give NaN in their block. Returns float32 [k, B], not differentiable: use
+    sum_t scale_t / 2 * sum_{j in t} |p^[r, j]| over the block's groups. A NaN or infinite
+    entry of g gives NaN in every block that shares a quantisation group with it (the
+    group's scale is NaN), not only in its own. Returns float32 [k, B], not differentiable: use
     it for a gradient's projection, where `project` would be called under no_grad.
     """
     _check_basis(qb)
@@ -133,51 +134,21 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
     _check_vector("out", out, qb)
     if not out.is_contiguous():
         raise InvalidArgumentError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")
-    if center is not None and _overlap_but_not_same(out, center):
-        raise InvalidArgumentError("out overlaps center without being the same elements: element j of out would "
-                                   "overwrite another element of center before it is read; pass out=center for an "
-                                   "in-place update, or a separate buffer")
-    if center is not None and out.data_ptr() == center.data_ptr() and center.requires_grad and torch.is_grad_enabled():
+    # (out's overlaps with what the kernel reads are refused by the op, raw torch.ops calls included)
+    if (center is not None and center.requires_grad and torch.is_grad_enabled() and not _is_traced(out)
+            and out.data_ptr() == center.data_ptr()):
         raise InvalidArgumentError("out=center updates center in place, which autograd cannot differentiate: do it "
                                    "under torch.no_grad(), or pass a separate out")
     if out.requires_grad and torch.is_grad_enabled():
         raise InvalidArgumentError("out requires grad, and writing into it in place would change a tensor autograd "
                                    "tracks without its knowing: pass a buffer that does not require grad (the "
                                    "result carries the gradient to x and center), or write under torch.no_grad()")
-    for name, t in (("x", x), ("the basis codes", qb.codes), ("the basis scales", qb.scales),
-                    ("the basis mins", qb.mins)):
-        if _overlap(out, t):
-            raise InvalidArgumentError(f"out shares memory with {name}, which the kernel reads while it writes out; "
-                                       "pass a separate buffer")
     return reconstruct_into(qb, x, center, out)
 
 
 def _reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None) -> Tensor:
     return reconstruct_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(),
                           None if center is None else center.contiguous(), qb.bits or 0, qb.group_size, qb.num_cols)
-
-
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of two tensors on one device intersect (strides aside)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-
-    def span(t: Tensor) -> tuple[int, int]:
-        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
-def _overlap_but_not_same(a: Tensor, b: Tensor) -> bool:
-    """Whether two contiguous tensors share memory other than as the same elements."""
-    if a.device != b.device:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
-    overlap = a0 < b1 and b0 < a1
-    return overlap and not (a0 == b0 and a.dtype == b.dtype and a.numel() == b.numel())
 
 
 def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor,

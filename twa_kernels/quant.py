@@ -311,7 +311,7 @@ def _quantize_row(p: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
 def check_basis_values(P: Tensor) -> None:
     """Refuse a basis P [k, D] whose values cannot become a float32 basis: a meta tensor
     (no values), NaN or Inf, or magnitudes beyond float32's range (a float64 P would turn
-    them into Inf when cast)."""
+    them into Inf when cast, or a whole row into subnormals or zeros)."""
     if P.layout != torch.strided:
         raise InvalidArgumentError(f"P is a {P.layout} tensor; a basis is built from dense rows: pass P.to_dense()")
     if P.is_meta:
@@ -326,6 +326,15 @@ def check_basis_values(P: Tensor) -> None:
         if max(-float(low), float(high)) > limit:
             raise InvalidArgumentError(f"P has values beyond float32's range (+-{limit:.3g}), which the float32 "
                                        "basis cannot hold; rescale P")
+        # a row whose largest magnitude is below float32's smallest normal number would be
+        # cast to subnormals (a few bits of precision) or to zero: a wrong row, not a warning
+        peak = P.abs().amax(dim=1)
+        tiny = torch.finfo(torch.float32).tiny
+        small = ((peak > 0) & (peak < tiny)).nonzero()
+        if small.numel():
+            raise InvalidArgumentError(f"P's row {int(small[0])} has magnitudes below float32's smallest normal "
+                                       f"number ({tiny:.3g}), which the float32 basis would round to few bits or "
+                                       "to zero; rescale P")
 
 
 def check_settings(bits: int | None, group_size: int) -> tuple[int | None, int]:
@@ -393,8 +402,12 @@ def unpack_codes(qb: QuantizedBasis, start: int = 0, stop: int | None = None) ->
     if qb.bits is None:
         raise InvalidArgumentError("a dense basis (bits=None) has no codes")
     stop = qb.num_cols if stop is None else stop
-    if start % qb.group_size or not 0 <= start < stop <= qb.num_cols:
-        raise InvalidArgumentError(f"bad column range {start}..{stop} for {qb.num_cols} columns in groups of {qb.group_size}")
+    if not 0 <= start < stop <= qb.num_cols:
+        raise InvalidArgumentError(f"column range {start}..{stop} is not a non-empty range inside the basis's "
+                                   f"{qb.num_cols} columns")
+    if start % qb.group_size:
+        raise InvalidArgumentError(f"column range {start}..{stop} starts inside a quantisation group: start must be "
+                                   f"a multiple of group_size ({qb.group_size})")
     bits, per_byte, group = qb.bits, 8 // qb.bits, qb.group_size
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qb.device).view(1, 1, per_byte, 1)
 
