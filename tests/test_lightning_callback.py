@@ -426,6 +426,24 @@ def test_the_statistics_pass_sees_the_batches_as_the_training_steps_saw_them(tmp
         torch.testing.assert_close(net.state_dict()[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
+def test_the_statistics_pass_runs_a_datamodules_batch_hook_as_the_training_steps_did(tmp_path):
+    # the pass called the module's on_before_batch_transfer, and a DataModule's own hook
+    # (which Lightning calls instead) never ran: statistics of inputs training never saw
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return _loader()
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return batch[0] * 10 + 5, batch[1]
+
+    net = _Net()
+    _trainer(tmp_path, epochs=3, callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=1)]).fit(
+        net, datamodule=Data())
+    expected = _measured_statistics(net, prepare=lambda batch: (batch[0] * 10 + 5, batch[1]))
+    for key, value in expected.items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
 def test_a_bfloat16_run_recomputes_its_statistics_on_bfloat16_batches(tmp_path):
     net = _Net()
     callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)

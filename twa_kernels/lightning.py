@@ -247,7 +247,8 @@ class TrainableWeightAveraging(pl.Callback):
         def prepared(batches: Iterable) -> Iterator[Any]:
             for batch in batches:
                 batch = trainer.precision_plugin.convert_input(batch)
-                batch = pl_module.on_before_batch_transfer(batch, 0)
+                # as the fit loop calls it: the DataModule's hook where it defines one, else the module's
+                batch = pl_module._on_before_batch_transfer(batch, 0)
                 yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
         batches = trainer.train_dataloader
