@@ -756,6 +756,28 @@ def test_exporting_a_batchnorm_model_without_update_bn_warns_until_it_ran_at_tho
         twa.averaged_state_dict()
 
 
+def test_exporting_the_weights_of_a_diverged_twa_is_refused():
+    # a NaN export would be loaded into a working model (the Lightning callback loads it)
+    model = nn.Linear(4, 2)
+    twa = tk.TWA(model, _fine_tunes(model, 3))
+    with torch.no_grad():
+        twa.coefficients.fill_(float("nan"))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="holds NaN or Inf .*the coefficients diverged"):
+        twa.averaged_state_dict()
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), "cpu", 5])
+def test_update_bn_names_a_call_fn_that_cannot_be_called(device):
+    # swa_utils.update_bn(loader, model, device): here the third argument is call_fn
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tk.errors.InvalidTypeError, match="call_fn must be a callable") as info:
+        tk.update_bn([torch.randn(8, 4)], model, device)
+    assert ("takes a device there" in str(info.value)) == (device != 5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 # ---- values and tensors that would pass into a result silently ----------------------------
 
 

@@ -102,6 +102,12 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     then leave the statistics reset with a batch count of zero, which the all-reduce of
     distributed.all_reduce_bn_statistics weighs as nothing."""
     check_module(model, "update_bn's model")
+    if call_fn is not None and not callable(call_fn):
+        device = isinstance(call_fn, (torch.device, str))  # swa_utils.update_bn(loader, model, device)
+        raise InvalidTypeError(f"update_bn's call_fn must be a callable(model, batch) or None, got "
+                               f"{type(call_fn).__name__} {call_fn!r}"
+                               + ("; torch.optim.swa_utils.update_bn takes a device there, this one does not: move "
+                                  "the model and the batches to the device yourself" if device else ""))
     named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not named:
         for outer in (model, getattr(model, "module", None)):  # a TWA, or a DDP wrapper around one

@@ -508,7 +508,14 @@ class TWA(nn.Module):
                           "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
                           "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
         state = {k: v.clone() for k, v in self.module.state_dict().items()}
-        for name, value in self.weights().items():
+        weights = self.weights()
+        broken = next((name for name, value in weights.items()
+                       if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+        if broken is not None:  # a diverged run: its export would load NaN into a working model
+            raise InvalidArgumentError(f"averaged_state_dict(): the averaged weight {broken!r} holds NaN or Inf (the "
+                                       "coefficients diverged, or grew past the weights' range); train again with a "
+                                       "lower lr, or load_state_dict a TWA state saved before it diverged")
+        for name, value in weights.items():
             for key in self.aliases.get(name, [name]):
                 if key in state:
                     state[key] = value.detach().to(state[key].dtype).clone()
