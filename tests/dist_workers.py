@@ -520,6 +520,15 @@ def bn_hostile(rank: int, world: int) -> dict:
     out["one_rank_fails"] = _error_text(
         lambda: distributed.update_bn([torch.randn(4, 2 if rank == 1 else 1, 40)], fail))
     out["kept_after_failure"] = all(torch.equal(v, before[k]) for k, v in _norm_state(fail_model).items())
+    # ranks that measure other layers (a frozen_norms given on one rank only): every rank
+    # stops with the reason, its statistics as they were (rank 1 waited in an all-reduce of
+    # another length until the timeout, or paired it with the next collective)
+    odd_model, odd_ckpts = model_and_checkpoints()
+    odd = twa_over(odd_model, odd_ckpts)
+    before = _norm_state(odd_model)
+    out["other_layers"] = _error_text(
+        lambda: distributed.update_bn(batches[0], odd, frozen_norms=["1"] if rank == 0 else []))
+    out["kept_after_other_layers"] = all(torch.equal(v, before[k]) for k, v in _norm_state(odd_model).items())
     # a subspace refused on one rank (a NaN in its center): both ranks stop at once
     sub_model, sub_ckpts = model_and_checkpoints()
     names = [n for n, _ in sub_model.named_parameters()]

@@ -223,6 +223,10 @@ def test_update_bn_over_ranks_keeps_frozen_layers_and_measures_sync_batchnorm_as
     failed, told = hostile_job[1]["bn"]["one_rank_fails"], hostile_job[0]["bn"]["one_rank_fails"]
     assert failed.startswith("RuntimeError: Given groups=1"), failed
     assert told.startswith("RankFailedError: rank 1 failed while recomputing BatchNorm statistics"), told
+    for res in hostile_job:
+        assert res["bn"]["other_layers"].startswith("InvalidArgumentError: all_reduce_bn_statistics: ranks [1] "
+                                                    "measure other BatchNorm layers than rank 0"), res["bn"]
+        assert res["bn"]["kept_after_other_layers"]
     assert hostile_job[1]["bn"]["nan_subspace"].startswith("InvalidArgumentError: the subspace's center holds NaN")
     assert hostile_job[0]["bn"]["nan_subspace"].startswith("RankFailedError: rank 1 failed while checking its "
                                                           "subspace")

@@ -131,7 +131,16 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
     (0: none, and the statistics are unchanged)."""
     check_module(model, "all_reduce_bn_statistics's model")
     check_group(process_group)
-    norms = [m for m in measured_norms(model, frozen_norms).values() if m.track_running_stats]
+    measured = {name: m for name, m in measured_norms(model, frozen_norms).items() if m.track_running_stats}
+    # the ranks agree on the layers first (every rank joins, with layers or without): one
+    # all-reduce over layouts that differ would pair with another rank's next collective
+    layout = [(name, m.running_mean.numel()) for name, m in measured.items()]
+    differ = ranks_unlike_rank0(layout, process_group)
+    if differ:
+        raise InvalidArgumentError(f"all_reduce_bn_statistics: ranks {differ} measure other BatchNorm layers than "
+                                   f"rank 0 (here {[name for name, _ in layout][:6]}); give every rank the same model "
+                                   "and the same frozen_norms")
+    norms = list(measured.values())
     if not norms:
         return 0
     parts = []
@@ -196,7 +205,12 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     except Exception:
         restore()
         raise
-    if norms and all_reduce_bn_statistics(twa.module, process_group, frozen_norms) == 0:  # the same on every rank
+    try:  # every rank joins, with BatchNorm layers or without: their layouts are compared first
+        batches = all_reduce_bn_statistics(twa.module, process_group, frozen_norms)
+    except Exception:
+        restore()
+        raise
+    if norms and batches == 0:  # the same on every rank
         restore()
         raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
                                    "statistics to measure (they are left as they were); pass each rank its share "
