@@ -268,3 +268,22 @@ def test_lightning_trains_with_it_from_configure_optimizers(tmp_path):
     moved, outside = _outside_fraction(model, sub)
     assert moved > 1e-3 and outside < 1e-4
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # two epochs of StepLR
+
+
+def test_weights_of_one_shape_given_out_of_order_by_position_are_pointed_out():
+    # two layers of one shape, handed over in the other order, passed the shape check: the
+    # warning said to load the center, which had been loaded
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    model = Two()
+    sub = _subspace(model)
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    swapped = [*model.b.parameters(), *model.a.parameters()]
+    with pytest.warns(UserWarning, match="may be in another order than the subspace's weights"):
+        tk.SubspaceOptimizer(torch.optim.SGD(swapped, lr=0.1), sub)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.SubspaceOptimizer(torch.optim.SGD(swapped, lr=0.1), sub, model=model)  # matched by name: right

@@ -131,7 +131,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         del self.__dict__["_own_param_groups"], self.__dict__["_own_state"]
         self.base_optimizer, self.subspace, self._params = base_optimizer, subspace, params
         if subspace.basis.bits is None:
-            self._warn_if_off_subspace()
+            # matched by position alone, two weights of one shape may have been swapped
+            by_position = model is None and not all("param_names" in g for g in base_optimizer.param_groups)
+            self._warn_if_off_subspace(by_position and len(set(subspace.shapes)) < len(subspace.shapes))
 
     # The groups and state are read from the wrapped optimizer at every access, not held:
     # its load_state_dict (a resume) replaces both objects, and a scheduler writing into a
@@ -171,16 +173,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return reconstruct(basis, project(basis, flat))
 
     @torch.no_grad()
-    def _warn_if_off_subspace(self) -> None:
+    def _warn_if_off_subspace(self, order_unknown: bool = False) -> None:
         offset = self._flat_weights() - self.subspace.center.to(torch.float32)
         size = float(offset.norm())
         if size == 0:
             return
         outside = float((offset - self._in_span(offset)).norm()) / size
         if outside > _OFF_SUBSPACE:
+            order = (" If it was loaded, the optimizer's parameters may be in another order than the subspace's "
+                     "weights (several have one shape, and parameters without names are matched by position): "
+                     "pass model=model, or build the optimizer from model.named_parameters()") if order_unknown else ""
             warnings.warn(f"SubspaceOptimizer: {outside:.2g} of the model's distance from the subspace's center "
                           "lies outside the subspace, so its steps move parallel to it without reaching it; load "
-                          "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)",
+                          "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)." + order,
                           UserWarning, stacklevel=3)
 
     @torch.no_grad()
