@@ -927,6 +927,28 @@ def test_reconstruct_refuses_an_out_that_shares_memory_with_x_or_the_basis():
     torch.testing.assert_close(tk.reconstruct(qb, x.clone(), out=fine), tk.reconstruct(qb, x.clone()))
 
 
+def test_a_saved_basis_in_another_format_is_refused_and_one_without_a_version_is_read_as_format_1():
+    # a layout change passes every shape check where k equals the number of groups: the
+    # file's format number is what tells
+    from twa_kernels.quant import FORMAT_VERSION
+
+    qb = tk.quantize(torch.randn(4, 64), bits=4, group_size=16)  # k = n_groups = 4
+    state = qb.state_dict()
+    assert state["meta"].tolist() == [4, 16, 64, FORMAT_VERSION]
+    state["meta"] = torch.tensor([4, 16, 64, FORMAT_VERSION + 1])
+    with pytest.raises(tk.errors.InvalidArgumentError, match=f"stored in format {FORMAT_VERSION + 1}, and this "
+                                                             f"version of twa-kernels reads format {FORMAT_VERSION}"):
+        tk.QuantizedBasis.from_state_dict(state)
+    state["meta"] = torch.tensor([4, 16, 64])  # written before the meta held the version
+    assert torch.equal(tk.dequantize(tk.QuantizedBasis.from_state_dict(state)), tk.dequantize(qb))
+    model = nn.Linear(8, 4)
+    twa = tk.TWA(model, _fine_tunes(model, 3), bits=4, group_size=8)
+    saved = twa.state_dict()
+    saved["basis_meta"] = saved["basis_meta"][:3].clone()
+    twa.load_state_dict(saved)  # a TWA state_dict saved then still loads
+    assert twa.basis_meta.tolist()[-1] == FORMAT_VERSION
+
+
 def test_an_out_over_the_basis_block_offsets_is_refused_before_the_kernel_reads_them():
     # the kernel wrote floats over offsets it had not read yet, and its column walk then
     # never reached the end: the process aborted with std::bad_alloc

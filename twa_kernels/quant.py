@@ -33,6 +33,10 @@ SUPPORTED_BITS = (1, 2, 4, 8)
 # quantize pads each row to whole groups, so a wider group only costs memory: 2**20 columns
 # (4 MiB of float32 a row) is far past any use.
 MAX_GROUP_SIZE = 2**20
+# The stored layout of a basis (the fields below, codes packed in planes), saved in its
+# state_dict's meta: a file in another format is refused by name instead of read as this
+# one. Raised whenever the stored layout changes; a meta without it is format 1.
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,9 @@ class QuantizedBasis:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The basis as plain tensors (codes, scales, mins, block_offsets and a meta tensor of
-        bits, group_size and num_cols), to save with `torch.save` and read back with
-        `torch.load(weights_only=True)` and `QuantizedBasis.from_state_dict`."""
-        meta = torch.tensor([self.bits or 0, self.group_size, self.num_cols], dtype=torch.int64)
+        bits, group_size, num_cols and FORMAT_VERSION), to save with `torch.save` and read
+        back with `torch.load(weights_only=True)` and `QuantizedBasis.from_state_dict`."""
+        meta = basis_meta(self.bits, self.group_size, self.num_cols)
         return {
             "codes": self.codes,
             "scales": self.scales,
@@ -123,10 +127,14 @@ class QuantizedBasis:
                 raise InvalidArgumentError(f"basis {key!r} is on the meta device and holds no values; load the basis "
                                            "from its file, or the module's state_dict once it holds real tensors")
         meta = state["meta"]
-        if meta.dtype != torch.int64 or tuple(meta.shape) != (3,):
-            raise InvalidArgumentError(f"basis 'meta' must be int64 [bits, group_size, num_cols], got {meta.dtype} "
-                             f"{tuple(meta.shape)}")
-        bits, group_size, num_cols = (int(v) for v in meta.tolist())
+        if meta.dtype != torch.int64 or tuple(meta.shape) not in ((3,), (4,)):
+            raise InvalidArgumentError(f"basis 'meta' must be int64 [bits, group_size, num_cols, format version], got "
+                                       f"{meta.dtype} {tuple(meta.shape)}")
+        bits, group_size, num_cols, *version = (int(v) for v in meta.tolist())
+        if version and version[0] != FORMAT_VERSION:  # three entries: written before the version entry, format 1
+            raise InvalidArgumentError(f"basis meta: the basis is stored in format {version[0]}, and this version of "
+                                       f"twa-kernels reads format {FORMAT_VERSION}; rebuild the basis from its "
+                                       "checkpoints, or read it with the twa-kernels that wrote it")
         if bits not in (0, *SUPPORTED_BITS):
             raise InvalidArgumentError(f"basis meta: bits must be 0 (dense) or one of {SUPPORTED_BITS}, got {bits}")
         if not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
@@ -141,6 +149,12 @@ class QuantizedBasis:
                  offsets.to(torch.int64).contiguous(), bits or None, group_size, num_cols)
         _validate_layout(qb)
         return qb
+
+
+def basis_meta(bits: int | None, group_size: int, num_cols: int) -> Tensor:
+    """The 'meta' entry of a basis's state_dict: [bits (0: dense), group_size, num_cols,
+    FORMAT_VERSION], int64."""
+    return torch.tensor([bits or 0, group_size, num_cols, FORMAT_VERSION], dtype=torch.int64)
 
 
 def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:

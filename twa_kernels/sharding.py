@@ -35,7 +35,7 @@ from torch import Tensor
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.ops import project, project_int8, reconstruct
-from twa_kernels.quant import QuantizedBasis
+from twa_kernels.quant import QuantizedBasis, basis_meta
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def slice_basis(qb: QuantizedBasis, start: int, stop: int) -> tuple[QuantizedBas
     sliced = QuantizedBasis.from_state_dict({
         "codes": codes.contiguous().clone(), "scales": scales.contiguous().clone(), "mins": mins.contiguous().clone(),
         "block_offsets": local_offsets,
-        "meta": torch.tensor([qb.bits or 0, qb.group_size, stop - start], dtype=torch.int64)})
+        "meta": basis_meta(qb.bits, qb.group_size, stop - start)})
     return sliced, b_lo, b_hi
 
 

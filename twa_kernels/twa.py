@@ -64,7 +64,7 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
-from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
+from twa_kernels.quant import QuantizedBasis, basis_meta, block_offsets_from_sizes
 from twa_kernels.sharded_build import ShardedSubspace, build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
 
@@ -787,6 +787,8 @@ def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: 
             raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
                              f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
                              f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
+        if state[prefix + "basis_meta"].numel() == 3:  # saved before the meta held the format version
+            state[prefix + "basis_meta"] = basis_meta(loaded.bits, loaded.group_size, loaded.num_cols)
         # the same block count with other boundaries passes every shape check, yet every
         # coefficient would scale other columns than the ones it was trained for
         own_offsets = [int(v) for v in module.basis_block_offsets.tolist()]
