@@ -406,6 +406,31 @@ def test_two_keys_that_name_one_weight_are_refused_naming_both(tmp_path, form):
         ColumnReader(spec)  # read lazily, column by column
 
 
+def test_a_model_whose_own_names_start_with_a_wrapper_prefix_reads_back_as_saved(tmp_path):
+    # `module.` was removed from every key that had it, so a model with a submodule named
+    # `module` read back other names: its weights were skipped or reported missing
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.module(x))
+
+    model = Holder()
+    state = model.state_dict()
+    for form in ("pt", "safetensors"):
+        path = tk.save_state_dict(state, tmp_path / f"w.{form}")
+        assert set(tk.load_state_dict(path)) == set(state)
+        assert torch.equal(ColumnReader(path).tensor("module.weight"), state["module.weight"])  # read lazily
+    ckpts = [{k: v + i for k, v in state.items()} for i in range(3)]
+    twa = tk.TWA(model, ckpts, bits=None)
+    with twa.averaged_model() as averaged:
+        torch.testing.assert_close(averaged.module.weight, state["module.weight"] + 1)
+    wrapped = {f"module.{k}": v for k, v in state.items()}  # a DDP wrapper's: every key prefixed
+    assert set(tk.load_state_dict(tk.save_state_dict(wrapped, tmp_path / "ddp.pt"))) == set(state)
+
+
 def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
     state = _checkpoints(1)[0]
     with pytest.raises(tk.errors.InvalidTypeError, match=r"one state_dict .* pass \[state_dict\]"):

@@ -1,9 +1,11 @@
 """How a checkpoint's keys are matched to the model's names.
 
 1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel) and `_orig_mod.`
-   (torch.compile) are removed from the start of every key. Two keys that become one name
-   (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which one is meant
-   cannot be known.
+   (torch.compile) are removed from the start of the keys where every key starts with
+   them, as a wrapper writes them; on some keys only, such a prefix is a submodule's own
+   name (a model with an attribute `module`) and stays. Keys that one of these prefixes
+   makes one name (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which
+   one is meant cannot be known.
 2. Where the model's names are known (TWA, the baselines with `model=`, a Subspace given
    parameter_names, ColumnReader.columns), a checkpoint is also matched with one leading
    `model.` removed (then rule 1 again), and that reading is used when it finds more of the
@@ -53,17 +55,27 @@ def _strip_key(key: str) -> str:
 
 
 def _strip_names(keys: Iterable[str], source: str) -> dict[str, str]:
-    """{name: stored key}: each key without its wrapper prefixes. Two keys that become one
-    name are refused: which of them is the model's weight cannot be known."""
-    names: dict[str, str] = {}
-    for key in keys:
-        name = _strip_key(key)
-        if name in names:
-            raise CheckpointError(f"{source}: keys {names[name]!r} and {key!r} both name {name!r} once the "
+    """{name: stored key}: the keys without the wrapper prefixes that every one of them
+    carries (a wrapper prefixes every key; a prefix on some keys only is a submodule's own
+    name, such as a model's `module` attribute, and stays). A key that a wrapper prefix
+    makes another key's name is refused, naming both: which of them is the model's weight
+    cannot be known."""
+    keys = list(keys)
+    names = keys
+    stripped = True
+    while stripped and names:
+        stripped = False
+        for prefix in _PREFIXES:
+            if all(name.startswith(prefix) for name in names):
+                names, stripped = [name[len(prefix):] for name in names], True
+    by_name = dict(zip(names, keys))
+    for name, key in by_name.items():
+        inner = _strip_key(name)
+        if inner != name and inner in by_name:
+            raise CheckpointError(f"{source}: keys {by_name[inner]!r} and {key!r} both name {inner!r} once the "
                                   f"wrapper prefixes {' / '.join(_PREFIXES)} are removed; save the state_dict of one "
                                   "model (the unwrapped module's) so that each weight is there once")
-        names[name] = key
-    return names
+    return by_name
 
 
 def _strip_prefixes(state: Mapping[str, Tensor], source: str = "checkpoint") -> StateDict:
