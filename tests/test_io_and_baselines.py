@@ -607,6 +607,24 @@ def test_a_link_to_a_checkpoint_counts_it_once_in_a_directory_and_is_refused_in_
         resolve_checkpoints([folder / "epoch1.pt", tmp_path / "best.pt"])
 
 
+def test_a_checkpoint_whose_save_did_not_finish_is_left_out_of_a_directory_with_a_warning(tmp_path, caplog):
+    # an interrupted DCP save (data files, no .metadata) or save_pretrained (config.json, no
+    # weights) was skipped without a word: the average silently used one checkpoint fewer
+    folder = tmp_path / "run"
+    for i in (1, 2):
+        tk.save_state_dict({"w": torch.full((3,), float(i))}, folder / f"epoch{i}.pt")
+    (folder / "step_3").mkdir()
+    (folder / "step_3" / "__0_0.distcp").write_bytes(b"partial")
+    (folder / "hf_4").mkdir()
+    (folder / "hf_4" / "config.json").write_text("{}")
+    (folder / "logs").mkdir()  # an unrelated folder: no warning
+    with caplog.at_level("WARNING", logger="twa_kernels"):
+        found = resolve_checkpoints(folder)
+    assert [p.name for p in found] == ["epoch1.pt", "epoch2.pt"]
+    assert "leaving out hf_4, step_3, whose save did not finish" in caplog.text
+    assert "logs" not in caplog.text
+
+
 def test_the_baselines_refuse_tied_names_that_disagree_as_twa_does():
     # each name was averaged apart, and which one the model kept depended on the key order
     class Tied(nn.Module):

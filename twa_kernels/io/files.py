@@ -107,6 +107,15 @@ def _directory_error(path: object) -> CheckpointError:
         "directory itself as `checkpoints`, not inside a list")
 
 
+def _unfinished_save(entry: Path) -> bool:
+    """Whether a subdirectory that is not a checkpoint holds the start of one: DCP data
+    files (.distcp) or a Hugging Face config.json, without what completes them."""
+    try:
+        return any(child.name.endswith(".distcp") or child.name == "config.json" for child in entry.iterdir())
+    except OSError:
+        return False
+
+
 def _natural_key(path: Path) -> list:
     """Name order with digit runs compared as numbers: step=5 before step=10."""
     parts = re.split(r"(\d+)", path.name)
@@ -116,13 +125,20 @@ def _natural_key(path: Path) -> list:
 def _directory_checkpoints(directory: Path) -> list[Path]:
     """A directory's checkpoint files, save_pretrained and torch.distributed.checkpoint
     subdirectories, in natural order."""
-    found, skipped = [], []
+    found, skipped, unfinished = [], [], []
     for entry in directory.iterdir():
         if entry.is_dir():
             if checkpoint_directory_files(entry) is not None or is_dcp_directory(entry):
                 found.append(entry)
+            elif _unfinished_save(entry):
+                unfinished.append(entry)
         elif entry.name.endswith(CHECKPOINT_SUFFIXES):
             (skipped if _COPIES.fullmatch(entry.name) else found).append(entry)
+    if unfinished:  # a save killed part way (the newest checkpoint, typically): the average has one fewer
+        logger.warning("%s: leaving out %s, whose save did not finish (torch.distributed.checkpoint data files "
+                       "without their .metadata, or a save_pretrained config.json without weights); the average "
+                       "uses the %d complete checkpoints: save that one again to include it", directory,
+                       ", ".join(p.name for p in sorted(unfinished)), len(found))
     if skipped and found:
         logger.warning("%s: leaving out %s, which a training script writes beside its checkpoints: copies that "
                        "would count a checkpoint twice (Lightning's last.ckpt, torchvision's checkpoint.pth, timm's "
