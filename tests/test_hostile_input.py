@@ -488,8 +488,9 @@ def test_a_damaged_torch_file_is_called_damaged_not_hostile(tmp_path):
     raw = legacy.read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[:raw.index(b"FloatStorage") + 7])  # cut inside torch.FloatStorage
     zipfile.ZipFile(tmp_path / "empty.pt", "w").close()
-    for name in ("cut.pt", "empty.pt"):
-        with pytest.raises(CheckpointError, match="damaged, or not a torch checkpoint") as info:
+    for name, named in (("cut.pt", "damaged, or not a torch checkpoint"),
+                        ("empty.pt", "not a checkpoint at all: neither a torch zip archive nor a pickle")):
+        with pytest.raises(CheckpointError, match=named) as info:
             tk.load_state_dict(tmp_path / name)
         assert "trust" not in str(info.value)
     torch.save({"w": torch.randn(3), "step": RunsCode(str(tmp_path / "ran"))}, tmp_path / "objects.pt")

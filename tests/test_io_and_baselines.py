@@ -625,6 +625,46 @@ def test_a_checkpoint_whose_save_did_not_finish_is_left_out_of_a_directory_with_
     assert "logs" not in caplog.text
 
 
+def test_a_legacy_torch_file_whose_tensor_bytes_look_like_a_zip_directory_is_read(tmp_path):
+    # a zip was recognised by a directory signature near the file's end, which a legacy
+    # (pickle) file's weights may hold: the lazy reader refused a good file as damaged
+    import struct
+    import warnings
+    import zipfile
+
+    signature = torch.frombuffer(bytearray(struct.pack("<I", 0x06054B50) + bytes(20)), dtype=torch.float32)
+    weights = torch.cat([torch.randn(100), signature])
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": weights}, path, _use_new_zipfile_serialization=False)
+    assert zipfile.is_zipfile(path)
+    other = tk.save_state_dict({"w": torch.randn(106)}, tmp_path / "other.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(tk.load_state_dict(path)["w"], weights)
+        assert torch.equal(ColumnReader(path).tensor("w"), weights)
+        tk.Subspace.from_checkpoints([other, path], bits=4, group_size=8)
+
+
+@pytest.mark.parametrize("given", [None, 123, b"w.pt", ["w.pt"], {"w": torch.ones(1)}, ""],
+                         ids=["None", "int", "bytes", "list", "state_dict", "empty"])
+def test_load_state_dict_names_what_it_was_given_instead_of_a_path(given):
+    error = tk.CheckpointError if given == "" else tk.errors.InvalidTypeError
+    with pytest.raises(error, match="must be a path|reads one checkpoint|is loaded already|path is empty"):
+        tk.load_state_dict(given)
+
+
+def test_save_state_dict_names_an_output_that_is_not_a_path():
+    with pytest.raises(tk.errors.InvalidTypeError, match="the output path must be a path"):
+        tk.save_state_dict({"w": torch.ones(1)}, None)
+
+
+def test_an_unfinished_dcp_save_given_as_a_checkpoint_is_named_as_one(tmp_path):
+    (tmp_path / "step_3").mkdir()
+    (tmp_path / "step_3" / "__0_0.distcp").write_bytes(b"partial")
+    with pytest.raises(tk.CheckpointError, match="a checkpoint whose save did not finish"):
+        tk.Subspace.from_checkpoints([tmp_path / "step_3", {"w": torch.ones(2)}])
+
+
 def test_the_baselines_refuse_tied_names_that_disagree_as_twa_does():
     # each name was averaged apart, and which one the model kept depended on the key order
     class Tied(nn.Module):

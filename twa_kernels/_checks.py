@@ -26,7 +26,10 @@ def real(name: str, value: object, *, finite: bool = True) -> float:
 
 def path_without_nul(path: str | os.PathLike, what: str, error: type[TWAKernelsError] = InvalidArgumentError) -> None:
     """Refuse a path holding a NUL byte, which no OS call takes (Python raises a bare
-    ValueError from whichever call meets it first), naming `what` the path is for."""
+    ValueError from whichever call meets it first), naming `what` the path is for; and
+    anything but a str or os.PathLike of one (InvalidTypeError)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise InvalidTypeError(f"{what} must be a path (str or pathlib.Path), got {type(path).__name__}")
     text = os.fspath(path)
     if ("\0" if isinstance(text, str) else b"\0") in text:
         raise error(f"{what} {text!r} holds a NUL byte (\\0), which no file name can; remove it from the path")

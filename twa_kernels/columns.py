@@ -35,7 +35,7 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names
-from twa_kernels.io.read import _file_stamp, _non_finite, zip_maps_as_stored
+from twa_kernels.io.read import _file_stamp, _non_finite, is_torch_zip, zip_maps_as_stored
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +205,9 @@ class ColumnReader:
                 self._open_state = safetensors.safe_open(str(self._spec), framework="pt", device="cpu")
             except Exception as exc:
                 raise CheckpointError(f"{self._spec}: not a readable safetensors file ({exc})") from exc
-        elif not zipfile.is_zipfile(self._spec) or not zip_maps_as_stored(self._spec):
+        elif not (is_torch_zip(self._spec) and zipfile.is_zipfile(self._spec)) or not zip_maps_as_stored(self._spec):
             # a legacy torch file, or a zip torch cannot map as it is: load it whole, once (a
-            # file that is neither is refused by the load, before the warning)
+            # file that is neither, or a zip cut short, is refused by the load, before the warning)
             self._open_state, self._kind = load_state_dict(self._spec), "memory"
             logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "
                            "records or another byte order), so it cannot be read lazily; loading it whole "

@@ -29,6 +29,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels.builder import Layout
 from twa_kernels.columns import ColumnReader
 from twa_kernels.io import checkpoint_directory_files, is_dcp_directory, resolve_checkpoints
+from twa_kernels.io.read import is_torch_zip
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharding import (
     BasisMismatchError,
@@ -123,7 +124,7 @@ def _file_fingerprint(spec: Any) -> tuple[int, int]:
                         for i, d in metadata.storage_data.items())
         return sum(sizes), digest(layout, places, files, sizes)
     size = os.path.getsize(path)
-    if zipfile.is_zipfile(path):
+    if is_torch_zip(path):
         # record names start with the file's name at save time, and the serialization id
         # identifies a save, not the weights: both left out
         with zipfile.ZipFile(path) as archive:

@@ -101,6 +101,11 @@ def _index_shards(index: Path) -> list[Path]:
 
 
 def _directory_error(path: object) -> CheckpointError:
+    if _unfinished_save(Path(str(path))):
+        return CheckpointError(
+            f"{path}: a checkpoint whose save did not finish: it holds torch.distributed.checkpoint data files "
+            "without their .metadata, or a save_pretrained config.json without weights; save it again, or leave it "
+            "out")
     return CheckpointError(
         f"{path}: is a directory, not a checkpoint. A checkpoint directory is a Hugging Face save_pretrained "
         f"directory: it holds {' or '.join(_HF_WEIGHTS)}. To use every checkpoint file in a directory, pass the "

@@ -36,9 +36,11 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; a vendored in
     from zlib import crc32 as _crc32
 
 from twa_kernels._checks import path_without_nul
-from twa_kernels.errors import CheckpointError
+from twa_kernels.errors import CheckpointError, InvalidTypeError
 from twa_kernels.io.files import CheckpointSpec, _directory_error, checkpoint_directory_files, is_dcp_directory
 from twa_kernels.io.keys import StateDict, _not_dense_values, _strip_prefixes, match_names, unwrap_state_dict
+
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a zip archive's first record
 
 # Python objects that a training script saves beside its weights and that safe loading may
 # build as plain data (no code of theirs runs: a Namespace is an object with attributes)
@@ -48,7 +50,15 @@ _PLAIN_OBJECTS = (argparse.Namespace,)
 def load_state_dict(path: str | os.PathLike) -> StateDict:
     """Read one checkpoint (a file or a save_pretrained directory) onto the CPU, safely (see
     the module docstring)."""
+    if isinstance(path, (list, tuple)):
+        raise InvalidTypeError(f"load_state_dict reads one checkpoint, got a {type(path).__name__}; for several, "
+                               "iterate over them, or use twa_kernels.io.iter_state_dicts(checkpoints)")
+    if isinstance(path, Mapping):
+        raise InvalidTypeError("load_state_dict reads a checkpoint from its path, and got a mapping: a state_dict "
+                               "is loaded already; use it as it is")
     path_without_nul(path, "the checkpoint path", CheckpointError)
+    if not os.fspath(path):
+        raise CheckpointError("the checkpoint path is empty; pass the file or directory to read")
     path = Path(path)
     if path.is_dir():
         files = checkpoint_directory_files(path)
@@ -159,17 +169,27 @@ def _torch_load(path: Path) -> object:
             head = f.read(4)
     except OSError as exc:  # no permission, or not a regular file that can be read
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
-    if zipfile.is_zipfile(path):
-        verify_zip_crc(path)
-    else:
-        if head == b"PK\x03\x04":  # a zip's first record, but no directory at its end
+    if head == ZIP_MAGIC:  # torch.load tells its two formats apart by the first bytes too
+        if not zipfile.is_zipfile(path):  # a zip's first record, but no directory at its end
             raise CheckpointError(f"{path}: cut short: it starts as a zip archive (a torch.save file) but its end, "
                                   "the zip directory, is missing; the file was not fully written or copied: "
                                   "restore it from a good copy or save it again")
-        if not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with PROTO
-            raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
-                                  f"(it starts with {head!r}); check the path, or that the file was fully copied")
+        verify_zip_crc(path)
+    elif not head.startswith(b"\x80"):  # a legacy torch file is a pickle, which starts with PROTO
+        raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
+                              f"(it starts with {head!r}); check the path, or that the file was fully copied")
     return torch_load_safely(path)
+
+
+def is_torch_zip(path: str | os.PathLike) -> bool:
+    """Whether a file is in torch.save's zip format, told as torch.load tells it: by its
+    first record's signature. zipfile.is_zipfile looks for a zip directory near the end,
+    which the tensor bytes of a legacy (pickle) torch file may happen to hold."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == ZIP_MAGIC
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
 
 
 def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:

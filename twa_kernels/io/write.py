@@ -91,6 +91,7 @@ def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> 
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
     """Write a state_dict as .safetensors or with torch.save, atomically (see atomic_write):
     a crash leaves either the old file or the new one, never half of one."""
+    path_without_nul(path, "the output path", OutputError)
     if not isinstance(state, Mapping):
         raise InvalidTypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
     if not state:
