@@ -156,6 +156,66 @@ def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straig
         trainer.fit(_Net(), _loader(), ckpt_path=str(ckpt))
 
 
+def test_a_run_resumed_from_the_checkpoint_of_its_last_twa_epoch_ends_where_the_straight_run_ends(straight_run,
+                                                                                                  tmp_path):
+    # a job stopped between its last checkpoint and the end of fit: Lightning's fit loop has
+    # no epoch left and skips on_train_end, which left the module with the checkpoint's state
+    # (the averaged weights, but the BatchNorm statistics of the TWA epochs), without a word
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, _, straight, _ = straight_run
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_last=True)
+    first = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    _fit(tmp_path / "first", first, callbacks=[saving])
+    ckpt = tmp_path / "ckpts" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 5  # the last TWA epoch
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[callback])
+    trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40), ckpt_path=str(ckpt))
+    got = net.state_dict()
+    assert got.keys() == straight.state_dict().keys()
+    for key, value in straight.state_dict().items():  # the weights, and the statistics recomputed at them
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+    assert int(net.model[1].num_batches_tracked) == 6  # one pass over the training batches, not the TWA epochs'
+    assert trainer.current_epoch == 6 and trainer.max_epochs == 4
+    assert callback.twa is not None and callback.snapshots == first.snapshots
+    torch.testing.assert_close(callback.twa.coefficients, first.twa.coefficients, rtol=0, atol=0)
+    assert "training_step" not in vars(net) and "validation_step" not in vars(net)
+    # what cannot be finished is named, not left as the checkpoint's weights
+    Path(first.snapshots[0]).unlink()
+    trainer = _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=2)])
+    with pytest.raises(tk.errors.CheckpointError, match="epoch=1.safetensors is gone"):
+        trainer.fit(_Net(), _loader(), ckpt_path=str(ckpt))
+
+
+def test_a_finished_run_fitted_again_on_the_same_trainer_is_named_not_left_unfinished(tmp_path):
+    net, callback = _Net(), TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    trainer = _trainer(tmp_path, epochs=3, callbacks=[callback])
+    trainer.fit(net, _loader())
+    with pytest.raises(UsageError, match=r"starts at epoch 4, after the TWA epochs \(epochs 3..3\), with no trained"):
+        trainer.fit(net, _loader())  # no epoch left to run: nothing of this fit to average
+
+
+def test_a_resumed_run_with_nothing_left_to_run_keeps_the_statistics_of_frozen_batchnorm(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class FrozenNorm(_Net):
+        def on_train_epoch_start(self):
+            self.model[1].eval()  # a hook the resumed fit, with no epoch to run, never calls
+
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_last=True)
+    _trainer(tmp_path, epochs=3, callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=1), saving]).fit(
+        FrozenNorm(), _loader())
+    net = FrozenNorm()
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
+    _trainer(tmp_path, epochs=3, callbacks=[callback]).fit(net, _loader(), ckpt_path=str(tmp_path / "ckpts" /
+                                                                                           "last.ckpt"))
+    assert callback.twa is not None
+    norm = net.model[1]
+    assert torch.equal(norm.running_mean, torch.zeros(16)) and torch.equal(norm.running_var, torch.ones(16))
+    assert int(norm.num_batches_tracked) == 0
+
+
 def test_a_run_resumed_before_its_twa_epochs_keeps_the_epochs_it_kept(straight_run, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

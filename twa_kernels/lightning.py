@@ -22,9 +22,12 @@ module's buffers: what that epoch's validation measured), so `ckpt_path="best"` 
 model when one validated best. It also resumes where it stopped: it holds the run's own
 optimizer state, as before the TWA epochs, and the callback's state holds the snapshot files
 (which must still exist and hold what the run wrote: their SHA-256 is checked), the
-coefficients and their optimizer's state. One process and automatic optimization only:
-under several processes, keep the checkpoints with ModelCheckpoint and train a TWA held by
-a LightningModule (docs/guides/lightning.md), which DDP can wrap.
+coefficients and their optimizer's state. A checkpoint of the last TWA epoch (ModelCheckpoint's
+`save_last`, or one written every epoch: what a job stopped before the end of fit resumes
+from) leaves no epoch to run, and the resumed fit ends as the run would have ended: BatchNorm
+statistics recomputed and the averaged weights in the module. One process and automatic
+optimization only: under several processes, keep the checkpoints with ModelCheckpoint and
+train a TWA held by a LightningModule (docs/guides/lightning.md), which DDP can wrap.
 """
 
 from __future__ import annotations
@@ -183,6 +186,10 @@ class TrainableWeightAveraging(pl.Callback):
                              "second fit on the same Trainer counts on from the first, TWA epochs included; a "
                              "checkpoint written without the callback holds none of its snapshots). Fit with a new "
                              "Trainer, or resume from a checkpoint written with this callback")
+        self._check_statistics_pass(trainer, pl_module)
+
+    def _check_statistics_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Name, before the run, a BatchNorm statistics pass that the end of fit could not run."""
         loaders = trainer.train_dataloader
         if (self.update_bn is True and has_running_statistics(pl_module)
                 and type(pl_module).forward is pl.LightningModule.forward):
@@ -221,6 +228,40 @@ class TrainableWeightAveraging(pl.Callback):
                           f"TWA epochs (from epoch {self._last}); the module keeps its own weights", RuntimeWarning,
                           stacklevel=2)
             return
+        self._finish(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Finish a fit resumed from a checkpoint of the last TWA epoch. Lightning's fit loop
+        has no epoch left to run there and skips them, on_train_end included, so this fit built
+        no TWA (one that did was finished by on_train_end, and is not finished again)."""
+        if self._off or self._last is None or self.twa is not None:
+            return
+        trainer.fit_loop.max_epochs = self._last
+        epoch, end = trainer.current_epoch, self._last + self.twa_epochs
+        if epoch < end:  # stopped before the end of the TWA epochs: on_train_end said so, if training ran
+            return
+        if self._loaded is None:
+            raise UsageError(f"TrainableWeightAveraging: this fit starts at epoch {epoch}, after the TWA epochs "
+                             f"(epochs {self._last}..{end - 1}), with no trained TWA to finish: the epochs before "
+                             "it ran without this callback (a second fit on the same Trainer counts on from the "
+                             "first; a checkpoint written without the callback holds none of its state), and the "
+                             "module keeps the weights it has. Fit with a new Trainer, or resume from a "
+                             "checkpoint written with this callback")
+        self._check_statistics_pass(trainer, pl_module)
+        # the Trainer's teardown has moved the module off its device: finish there, as the
+        # TWA epochs would have, and leave the module where the teardown left it
+        device = pl_module.device
+        try:
+            pl_module.to(trainer.strategy.root_device)
+            self._start_twa(trainer, pl_module)  # from the snapshots and the checkpoint's coefficients
+            self._finish(trainer, pl_module)
+        finally:
+            self._restore_steps(pl_module)
+            pl_module.to(device)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The end of the run: BatchNorm statistics recomputed at the averaged weights, and
+        those weights loaded into the module."""
         self._restore_steps(pl_module)
         twa = self.twa
         modes = {m: m.training for m in pl_module.modules()}  # as Lightning left them; twa.eval() sets all
@@ -337,7 +378,7 @@ class TrainableWeightAveraging(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = dict(snapshots=list(self.snapshots), first_epoch=self._first, last_epoch=self._last,
-                                     digests=dict(self._digests),
+                                     digests=dict(self._digests), frozen_norms=sorted(self._frozen_norms),
                                      dirpath=None if self.dirpath is None else str(self.dirpath))
         if self.twa is not None:
             state["twa"] = dict(coefficients=self.twa.coefficients.detach().cpu().clone(),
@@ -349,6 +390,8 @@ class TrainableWeightAveraging(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.snapshots = list(state_dict["snapshots"])
         self._digests = dict(state_dict.get("digests", {}))
+        # the BatchNorm layers the epochs ran in eval mode, for a resumed fit that runs none
+        self._frozen_norms = set(state_dict.get("frozen_norms", ()))
         if state_dict.get("dirpath") is not None and self._dirpath_given is None:
             self.dirpath = Path(state_dict["dirpath"])  # the resumed run writes beside the snapshots it kept
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
