@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="TWA vs full training, SGD at the same budget, SWA and greedy soup on MNIST-1D")
     demo.add_argument("--quick", action="store_true",
-                      help="one seed of the same setting, the full table (under a minute)")
+                      help="one seed of the same setting, the full table")
     demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, or 1 with --quick)")
     demo.add_argument("--out", default="twa-demo",
                       help="where checkpoints, results.json, accuracy.png and plane.png go (default: twa-demo)")
