@@ -665,6 +665,17 @@ def test_an_unfinished_dcp_save_given_as_a_checkpoint_is_named_as_one(tmp_path):
         tk.Subspace.from_checkpoints([tmp_path / "step_3", {"w": torch.ones(2)}])
 
 
+def test_files_that_are_not_what_their_name_or_nesting_says_are_named_as_they_are(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "zip.safetensors")
+    with pytest.raises(tk.CheckpointError, match="a torch.save file named .safetensors; rename it to .pt"):
+        tk.load_state_dict(tmp_path / "zip.safetensors")
+    with pytest.raises(tk.CheckpointError, match="a torch.save file named .safetensors; rename it to .pt"):
+        ColumnReader(tmp_path / "zip.safetensors").tensor("w")
+    torch.save({"run": {"state_dict": {"w": torch.ones(2)}}}, tmp_path / "nested.pt")
+    with pytest.raises(tk.CheckpointError, match=r"holds no tensors at its top level \(it nests mappings under 'run'"):
+        tk.load_state_dict(tmp_path / "nested.pt")
+
+
 def test_the_baselines_refuse_tied_names_that_disagree_as_twa_does():
     # each name was averaged apart, and which one the model kept depended on the key order
     class Tied(nn.Module):

@@ -201,6 +201,10 @@ class ColumnReader:
         if self._open_state is not None:
             return self._open_state
         if self._kind == "safetensors":
+            if is_torch_zip(self._spec):
+                raise CheckpointError(f"{self._spec}: a torch.save file named .safetensors; rename it to .pt, or "
+                                      "save it with tk.save_state_dict(state, path), which writes the format its "
+                                      "suffix names")
             try:
                 self._open_state = safetensors.safe_open(str(self._spec), framework="pt", device="cpu")
             except Exception as exc:

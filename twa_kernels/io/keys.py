@@ -153,7 +153,10 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         raise CheckpointError(f"{source}: not a state_dict (got {type(obj).__name__}); save model.state_dict()")
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise CheckpointError(f"{source}: holds no tensors; save model.state_dict()")
+        holders = [repr(k) for k, v in obj.items() if isinstance(v, Mapping)]  # a state_dict nested under another key
+        where = (f" at its top level (it nests mappings under {', '.join(holders[:3])}: pass the state_dict itself, "
+                 "e.g. torch.load(path)[key])" if holders else "")
+        raise CheckpointError(f"{source}: holds no tensors{where}; save model.state_dict()")
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{source}: the tensor under key {key!r} ({type(key).__name__}) has no string name; "

@@ -84,6 +84,9 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
                                   f"{path}: not a regular file (a pipe or a device?); pass a checkpoint file")
     if path.suffix == ".safetensors":
+        if is_torch_zip(path):
+            raise CheckpointError(f"{path}: a torch.save file named .safetensors; rename it to .pt, or save it with "
+                                  "tk.save_state_dict(state, path), which writes the format its suffix names")
         try:
             tensors = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
