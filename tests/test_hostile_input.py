@@ -536,6 +536,19 @@ def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_failed_write_removes_the_directories_it_created(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(tk.errors.OutputError, match="No space left on device"):
+        tk.save_state_dict({"w": torch.zeros(3)}, tmp_path / "kept" / "new" / "deeper" / "w.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_a_write_cut_short_by_the_file_system_is_an_output_error(tmp_path, suffix):
     # torch.save and safetensors raise their own errors when a write fails, not OSError: a

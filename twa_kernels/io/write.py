@@ -49,11 +49,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     # the temporary goes beside the file the link points to: os.replace onto the link itself
     # would put a regular file in its place, and across file systems it could not rename at all
     real = Path(os.path.realpath(path))
+    created = [parent for parent in real.parents if not parent.exists()]  # deepest first: removed if the write fails
+    written = False
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
         mode = real.stat().st_mode & 0o7777 if real.exists() else _default_file_mode()
         fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as exc:
+        _remove_empty(created)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
     try:
         os.close(fd)
@@ -62,6 +65,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, mode)
         os.replace(tmp, real)
+        written = True
         fsync_directory(real.parent)  # the new name itself is on disk too
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
@@ -77,7 +81,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not written:
+            _remove_empty(created)
     return path
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a failed write created (deepest first), where still empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (something else wrote there meanwhile) or already gone: leave the rest
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> Path:
