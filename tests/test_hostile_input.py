@@ -963,6 +963,15 @@ def test_a_saved_basis_in_another_format_is_refused_and_one_without_a_version_is
     assert twa.basis_meta.tolist()[-1] == FORMAT_VERSION
 
 
+@pytest.mark.parametrize("device, error", [(torch.float64, tk.errors.InvalidTypeError),
+                                           ("nope", tk.errors.InvalidArgumentError)])
+def test_moving_a_basis_to_something_that_is_not_a_device_is_named(device, error):
+    qb = tk.quantize(torch.randn(2, 64), bits=4, group_size=16)
+    with pytest.raises(error, match="QuantizedBasis.to"):
+        qb.to(device)
+    assert qb.to("cpu").codes.equal(qb.codes)
+
+
 def test_an_out_over_the_basis_block_offsets_is_refused_before_the_kernel_reads_them():
     # the kernel wrote floats over offsets it had not read yet, and its column walk then
     # never reached the end: the process aborted with std::bad_alloc

@@ -89,7 +89,16 @@ class QuantizedBasis:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins, self.block_offsets))
 
     def to(self, device: torch.device | str) -> QuantizedBasis:
-        """The same basis with every tensor on `device`."""
+        """The same basis with every tensor on `device` (a device only: the layout fixes
+        every tensor's dtype)."""
+        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):  # a dtype among them
+            raise InvalidTypeError(f"QuantizedBasis.to takes a device such as 'cpu' or 'cuda:0', got "
+                                   f"{type(device).__name__} {device!r}: the layout fixes the tensors' dtypes")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"QuantizedBasis.to: {device!r} is not a device torch knows ({exc}); pass "
+                                       "e.g. 'cpu' or 'cuda:0'") from None
         return QuantizedBasis(
             self.codes.to(device),
             self.scales.to(device),
