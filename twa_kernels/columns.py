@@ -35,7 +35,8 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names
-from twa_kernels.io.read import _file_stamp, _non_finite, is_torch_zip, zip_maps_as_stored
+from twa_kernels.io.read import (_file_stamp, _non_finite, is_torch_zip, refuse_torch_zip_as_safetensors,
+                                  zip_maps_as_stored)
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +202,7 @@ class ColumnReader:
         if self._open_state is not None:
             return self._open_state
         if self._kind == "safetensors":
-            if is_torch_zip(self._spec):
-                raise CheckpointError(f"{self._spec}: a torch.save file named .safetensors; rename it to .pt, or "
-                                      "save it with tk.save_state_dict(state, path), which writes the format its "
-                                      "suffix names")
+            refuse_torch_zip_as_safetensors(self._spec)
             try:
                 self._open_state = safetensors.safe_open(str(self._spec), framework="pt", device="cpu")
             except Exception as exc:

@@ -84,9 +84,7 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
                                   f"{path}: not a regular file (a pipe or a device?); pass a checkpoint file")
     if path.suffix == ".safetensors":
-        if is_torch_zip(path):
-            raise CheckpointError(f"{path}: a torch.save file named .safetensors; rename it to .pt, or save it with "
-                                  "tk.save_state_dict(state, path), which writes the format its suffix names")
+        refuse_torch_zip_as_safetensors(path)
         try:
             tensors = safetensors.torch.load_file(str(path), device="cpu")
         except Exception as exc:
@@ -182,6 +180,14 @@ def _torch_load(path: Path) -> object:
         raise CheckpointError(f"{path}: not a checkpoint at all: neither a torch zip archive nor a pickle "
                               f"(it starts with {head!r}); check the path, or that the file was fully copied")
     return torch_load_safely(path)
+
+
+def refuse_torch_zip_as_safetensors(path: str | os.PathLike) -> None:
+    """Name a torch.save file given a .safetensors name, which the safetensors reader would
+    call a bad header."""
+    if is_torch_zip(path):
+        raise CheckpointError(f"{path}: a torch.save file named .safetensors; rename it to .pt, or save it with "
+                              "tk.save_state_dict(state, path), which writes the format its suffix names")
 
 
 def is_torch_zip(path: str | os.PathLike) -> bool:
