@@ -972,6 +972,14 @@ def test_moving_a_basis_to_something_that_is_not_a_device_is_named(device, error
     assert qb.to("cpu").codes.equal(qb.codes)
 
 
+def test_a_saved_basis_whose_scales_reach_past_float32_is_refused():
+    # scales of 3e38 passed as finite, and every dequantised value of the group became Inf
+    state = tk.quantize(torch.randn(2, 64), bits=4, group_size=16).state_dict()
+    state["scales"] = state["scales"].clone().fill_(3e38)
+    with pytest.raises(BasisLayoutError, match="beyond float32's range"):
+        tk.QuantizedBasis.from_state_dict(state)
+
+
 def test_an_out_over_the_basis_block_offsets_is_refused_before_the_kernel_reads_them():
     # the kernel wrote floats over offsets it had not read yet, and its column walk then
     # never reached the end: the process aborted with std::bad_alloc

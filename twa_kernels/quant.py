@@ -274,6 +274,11 @@ def _validate_layout(qb: QuantizedBasis) -> None:
             raise BasisLayoutError(f"{name} hold NaN or Inf: the basis is corrupt; rebuild it from the checkpoints")
     if bool((qb.scales < 0).any()):
         raise BasisLayoutError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
+    if qb.scales.numel():  # lo + scale * (2^bits - 1), a group's largest value, must be a float32 too
+        peak = float((qb.mins.double().abs() + qb.scales.double() * (2**qb.bits - 1)).max())
+        if peak > torch.finfo(torch.float32).max:
+            raise BasisLayoutError(f"scales and mins give values up to {peak:.3g}, beyond float32's range: the basis "
+                                   "is corrupt; rebuild it from the checkpoints")
 
 
 def block_offsets_from_sizes(block_sizes: Sequence[int] | None, num_cols: int) -> Tensor:
