@@ -356,38 +356,30 @@ def _check_out_aliasing(out: Tensor, x: Tensor, center: Tensor | None, codes: Te
     """out shares no memory with what the kernel reads while it writes out, except center as
     the very same elements (an in-place update). A write over the block offsets not yet
     read could send the kernel's column walk past its end."""
-    if center is not None and _overlap_but_not_same(out, center):
-        raise InvalidArgumentError("out overlaps center without being the same elements: element j of out would "
-                                   "overwrite another element of center before it is read; pass out=center for an "
-                                   "in-place update, or a separate buffer")
+    # checked on every TWA step, so kept to a few attribute reads: spans from data_ptr and
+    # nbytes where contiguous (out, x and the basis tensors are), devices compared once
+    device, start = out.device, out.data_ptr()
+    end = start + out.nbytes
+    if center is not None and center.device == device:
+        at = center.data_ptr()
+        if at < end and start < at + _extent(center) and not (at == start and center.dtype == out.dtype):
+            raise InvalidArgumentError("out overlaps center without being the same elements: element j of out "
+                                       "would overwrite another element of center before it is read; pass "
+                                       "out=center for an in-place update, or a separate buffer")
+    same_device = codes.device == device
     for name, t in (("x", x), ("the basis codes", codes), ("the basis scales", scales), ("the basis mins", mins),
                     ("the basis block offsets", block_offsets)):
-        if _overlap(out, t):
+        at = t.data_ptr()
+        if at < end and start < at + _extent(t) and t.numel() and (same_device if t is not x else x.device == device):
             raise InvalidArgumentError(f"out shares memory with {name}, which the kernel reads while it writes out; "
                                        "pass a separate buffer")
 
 
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of two tensors on one device intersect (strides aside)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-
-    def span(t: Tensor) -> tuple[int, int]:
-        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
-def _overlap_but_not_same(a: Tensor, b: Tensor) -> bool:
-    """Whether two contiguous tensors share memory other than as the same elements."""
-    if a.device != b.device:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
-    overlap = a0 < b1 and b0 < a1
-    return overlap and not (a0 == b0 and a.dtype == b.dtype and a.numel() == b.numel())
+def _extent(t: Tensor) -> int:
+    """Bytes from a tensor's first element to just past its last (strides followed)."""
+    if t.is_contiguous():
+        return t.nbytes
+    return (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 @reconstruct_into_op.register_fake
