@@ -73,6 +73,7 @@ def test_fit_writes_the_averaged_model_and_a_report(project, int8_gradients):
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["val_loss_after_twa"] < report["val_loss_at_swa"]
     assert report["int8_gradients"] is int8_gradients
+    assert report["stamp"]["twa_kernels"] and report["stamp"]["cpu"] and report["stamp"]["datetime"]
     for name in ("averaged.pt", "averaged.safetensors"):
         model = make_model(5)
         model.load_state_dict(tk.load_state_dict(project / "out" / name))
@@ -368,7 +369,9 @@ def test_geometry_commands_take_a_loss_class_as_fit_does(project, monkeypatch, t
         args = _geometry(command, out, _config(project, loss=loss))
         args += ["--steps", "2"] if command == "connect" else ["--grid", "2"]
         assert main(args) == 0, capsys.readouterr().err
-        losses.append(torch.tensor(json.loads(out.with_suffix(".json").read_text())["loss"]).flatten().tolist())
+        written = json.loads(out.with_suffix(".json").read_text())
+        losses.append(torch.tensor(written["loss"]).flatten().tolist())
+        assert written["stamp"]["twa_kernels"] and written["stamp"]["datetime"]  # where the numbers came from
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 

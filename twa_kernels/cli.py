@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from twa_kernels import _build, connectivity
 from twa_kernels._imports import optional
+from twa_kernels._provenance import stamp
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
@@ -168,7 +169,7 @@ def _connect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     connectivity.plot_interpolation({label: result}, out, title=f"{label} (data.{split}, bn={args.bn})")
     write_json(out.with_suffix(".json"), dict(a=printable(args.a), b=printable(args.b), split=split,
-                                              **result.to_dict()))
+                                              **result.to_dict(), stamp=stamp()))
     print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
     print(result.table())
     diverged = sum(not math.isfinite(v) for v in result.loss)
@@ -206,7 +207,7 @@ def _plane(args: argparse.Namespace) -> int:
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
     write_json(out.with_suffix(".json"), dict(checkpoints=[printable(c) for c in args.checkpoints], split=split,
-                                              **result.to_dict()))
+                                              **result.to_dict(), stamp=stamp()))
     print(f"plane through {', '.join(result.anchors)} (data.{split}, BatchNorm {args.bn}, "
           f"{'dense' if args.bits is None else f'{args.bits}-bit'} directions, {len(result.xs)}x{len(result.ys)} grid)\n")
     print(f"{'point':<24} {'x':>9} {'y':>9} {'distance':>9}")

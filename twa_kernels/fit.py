@@ -61,6 +61,7 @@ from twa_kernels.batchnorm import NoBatchesError
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
+from twa_kernels._provenance import stamp
 from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
 from twa_kernels.quant import MAX_GROUP_SIZE, SUPPORTED_BITS
 from twa_kernels.twa import TWA
@@ -695,7 +696,8 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
     for name in ("averaged.pt", "averaged.safetensors"):
         save_state_dict(state, outputs.stage(name))
     report["outputs"] = [str(out / name) for name in OUTPUTS[:2]]
-    write_json(outputs.stage("report.json"), report, allow_nan=False)  # _check_finite ran: a NaN is a bug
+    # with the machine, date and software the numbers came from; _check_finite ran: a NaN is a bug
+    write_json(outputs.stage("report.json"), {**report, "stamp": stamp()}, allow_nan=False)
     return report
 
 
