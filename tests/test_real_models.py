@@ -304,7 +304,7 @@ def test_loading_a_corrupt_twa_state_changes_nothing(digits):
     twa = tk.TWA(make_model(), checkpoints, bits=4)
     before = {k: v.clone() for k, v in twa.state_dict().items()}
     for key, corrupt in [("basis_scales", lambda t: t.fill_(float("nan"))),
-                         ("basis_meta", lambda t: t.copy_(torch.tensor([4, 0, t[2]]))),
+                         ("basis_meta", lambda t: t.copy_(torch.tensor([4, 0, t[2], t[3]]))),
                          ("center", lambda t: t.fill_(float("inf")))]:
         state = {k: v.clone() for k, v in before.items()}
         corrupt(state[key])

@@ -1,11 +1,13 @@
 """How a checkpoint's keys are matched to the model's names.
 
-1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel) and `_orig_mod.`
-   (torch.compile) are removed from the start of the keys where every key starts with
-   them, as a wrapper writes them; on some keys only, such a prefix is a submodule's own
-   name (a model with an attribute `module`) and stays. Keys that one of these prefixes
-   makes one name (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which
-   one is meant cannot be known.
+1. The wrapper prefixes `module.` (DistributedDataParallel, DataParallel, swa_utils'
+   AveragedModel) and `_orig_mod.` (torch.compile) are removed from the start of the keys
+   where every key carries them, as a wrapper writes them, apart from keys without a dot
+   (the wrapper's or the script's own entries beside the weights, such as AveragedModel's
+   `n_averaged`). Where a dotted key lacks the prefix, the prefix is a submodule's own name
+   (a model with an attribute `module`) and stays. Keys that one of these prefixes makes
+   one name (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which one is
+   meant cannot be known.
 2. Where the model's names are known (TWA, the baselines with `model=`, a Subspace given
    parameter_names, ColumnReader.columns), a checkpoint is also matched with one leading
    `model.` removed (then rule 1 again), and that reading is used when it finds more of the
@@ -55,27 +57,38 @@ def _strip_key(key: str) -> str:
 
 
 def _strip_names(keys: Iterable[str], source: str) -> dict[str, str]:
-    """{name: stored key}: the keys without the wrapper prefixes that every one of them
-    carries (a wrapper prefixes every key; a prefix on some keys only is a submodule's own
-    name, such as a model's `module` attribute, and stays). A key that a wrapper prefix
-    makes another key's name is refused, naming both: which of them is the model's weight
-    cannot be known."""
+    """{name: stored key}: the keys without the wrapper prefixes that a wrapper put on them
+    (see the module docstring, rule 1). Two keys that become one name, or a key that a
+    wrapper prefix would make another key's name, are refused, naming both: which of them
+    is the model's weight cannot be known."""
     keys = list(keys)
     names = keys
     stripped = True
     while stripped and names:
         stripped = False
         for prefix in _PREFIXES:
-            if all(name.startswith(prefix) for name in names):
-                names, stripped = [name[len(prefix):] for name in names], True
-    by_name = dict(zip(names, keys))
+            # a wrapper prefixes every key of the model it wraps; keys without a dot beside
+            # them are the wrapper's or the script's own entries (AveragedModel's n_averaged,
+            # a saved step), while a dotted key without the prefix means `module` is a
+            # submodule's own name, which stays
+            if any(n.startswith(prefix) for n in names) and all(n.startswith(prefix) or "." not in n for n in names):
+                names, stripped = [n[len(prefix):] if n.startswith(prefix) else n for n in names], True
+    by_name: dict[str, str] = {}
+    for name, key in zip(names, keys):
+        if name in by_name:
+            raise _both_name(source, by_name[name], key, name)
+        by_name[name] = key
     for name, key in by_name.items():
         inner = _strip_key(name)
         if inner != name and inner in by_name:
-            raise CheckpointError(f"{source}: keys {by_name[inner]!r} and {key!r} both name {inner!r} once the "
-                                  f"wrapper prefixes {' / '.join(_PREFIXES)} are removed; save the state_dict of one "
-                                  "model (the unwrapped module's) so that each weight is there once")
+            raise _both_name(source, by_name[inner], key, inner)
     return by_name
+
+
+def _both_name(source: str, first: str, second: str, name: str) -> CheckpointError:
+    return CheckpointError(f"{source}: keys {first!r} and {second!r} both name {name!r} once the wrapper prefixes "
+                           f"{' / '.join(_PREFIXES)} are removed; save the state_dict of one model (the unwrapped "
+                           "module's) so that each weight is there once")
 
 
 def _strip_prefixes(state: Mapping[str, Tensor], source: str = "checkpoint") -> StateDict:
