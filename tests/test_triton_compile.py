@@ -69,3 +69,18 @@ def test_triton_kernels_compile_for_hopper_and_ampere():
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split() == ["compiled", "39"]
+
+
+@pytest.mark.parametrize("k, num_cols, n_blocks, named", [
+    (16, 2**31 - 100, 1, "lies within one tile of 2\\^31"),
+    (64, 1 << 20, 2**25 + 2**20, "index \\(row, block\\) pairs in 32 bits"),
+])
+def test_sizes_whose_32_bit_indices_would_wrap_are_refused_before_a_launch(k, num_cols, n_blocks, named):
+    # a tile's end column, or row * n_blocks, computed in int32 wrapped: the last tile was
+    # dropped (0.0 for its sum) or y was written out of bounds
+    from twa_kernels.backends.triton import _Layout
+    from twa_kernels.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=named):
+        _Layout(k, num_cols, 4, 128, n_blocks)
+    _Layout(k, 1 << 20, 4, 128, 1 << 10)  # an ordinary size

@@ -44,7 +44,7 @@ def deterministic() -> bool:
 class _Layout:
     """Launch geometry of one basis: tiles of whole groups, the short last group separate."""
 
-    def __init__(self, k: int, num_cols: int, bits: int, group_size: int):
+    def __init__(self, k: int, num_cols: int, bits: int, group_size: int, n_blocks: int = 1):
         if num_cols >= 2**31:
             raise InvalidArgumentError(f"the Triton kernels index columns in 32 bits, so D must be below 2^31, got {num_cols}; "
                              "use the cuda backend (TWA_KERNELS_BACKEND=cuda) for larger bases")
@@ -64,6 +64,15 @@ class _Layout:
         else:  # dense: every "group" is full; the column mask trims the last one
             self.n_full, self.tail = triton.cdiv(num_cols, self.group), 0
         self.n_main_tiles = triton.cdiv(self.n_full, self.tile_groups)
+        # the kernels compute a tile's end column and a (row, block) index in 32 bits: past
+        # 2^31 they would wrap, dropping a tile or writing outside y
+        if num_cols + self.tile_groups * self.group >= 2**31:
+            raise InvalidArgumentError(f"the Triton kernels index columns in 32 bits, and D = {num_cols} lies within "
+                                       "one tile of 2^31; use the cuda backend (TWA_KERNELS_BACKEND=cuda)")
+        if (self.n_main_tiles + 1 + n_blocks) * k >= 2**31:
+            raise InvalidArgumentError(f"the Triton kernels index (row, block) pairs in 32 bits, and k = {k} rows of "
+                                       f"{n_blocks} blocks reach 2^31; use the cuda backend (TWA_KERNELS_BACKEND=cuda) "
+                                       "or fewer blocks")
 
     def launches(self):
         """(first_group, n_groups, tile_base, W, L, grid) for the full groups, then the tail."""
@@ -88,7 +97,7 @@ def _metadata(codes: Tensor, scales: Tensor, mins: Tensor, bits: int) -> tuple[T
 @on_tensors_device
 def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     k, num_cols, n_blocks = codes.shape[0], g.numel(), block_offsets.numel() - 1
-    layout = _Layout(k, num_cols, bits, group_size)
+    layout = _Layout(k, num_cols, bits, group_size, n_blocks)
     codes, g, offsets = codes.contiguous(), g.contiguous(), block_offsets.contiguous()
     scales, mins = _metadata(codes, scales, mins, bits)
     row_stride = codes.shape[1]
@@ -117,7 +126,7 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
     # the kernel loads center in its dtype and stores in out's: a cast costs no pass
     num_cols = out.numel()
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
-    layout = _Layout(k, num_cols, bits, group_size)
+    layout = _Layout(k, num_cols, bits, group_size, n_blocks)
     codes, offsets = codes.contiguous(), block_offsets.contiguous()
     scales, mins = _metadata(codes, scales, mins, bits)
     x = x.to(torch.float32).contiguous()
