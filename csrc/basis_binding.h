@@ -27,7 +27,7 @@ inline twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& sc
                  c10::DeviceType device) {
   check_on(codes, "codes", device);
   check_on(block_offsets, "block_offsets", device);
-  TORCH_CHECK(codes.dim() == 2, "codes must be 2-D, got ", codes.dim(), "-D");
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) >= 1, "codes must be 2-D [k, ...] with k >= 1, got ", codes.sizes());
   TORCH_CHECK(block_offsets.scalar_type() == at::kLong && block_offsets.dim() == 1 && block_offsets.numel() >= 2,
               "block_offsets must be a 1-D int64 tensor with at least 2 entries");
   twa::PackedBasis b;

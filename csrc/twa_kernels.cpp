@@ -16,17 +16,22 @@ using twa_binding::float_dtype;
 
 void check_cpu_contiguous(const at::Tensor& t, const char* name) { twa_binding::check_on(t, name, c10::DeviceType::CPU); }
 
+// The basis checked and its block offsets copied into `offsets`, which the basis then points
+// at: the kernels walk their columns by the offsets, so an `out` over the offsets tensor
+// must not change them while they run (it ran a column walk out of bounds).
 twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
-                            const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols) {
-  const auto b = twa_binding::make_basis(codes, scales, mins, block_offsets, bits, group_size, num_cols,
-                                         c10::DeviceType::CPU);
+                            const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols,
+                            std::vector<int64_t>& offsets) {
+  auto b = twa_binding::make_basis(codes, scales, mins, block_offsets, bits, group_size, num_cols,
+                                   c10::DeviceType::CPU);
+  offsets.assign(b.block_offsets, b.block_offsets + b.n_blocks + 1);
+  b.block_offsets = offsets.data();
   // The last line of defence for memory safety (QuantizedBasis validates its layout when
   // it is made): every offset in order and inside [0, num_cols]. O(B), B being small.
-  TORCH_CHECK(b.block_offsets[0] == 0 && b.block_offsets[b.n_blocks] == num_cols,
-              "block_offsets must run from 0 to ", num_cols);
+  TORCH_CHECK(offsets[0] == 0 && offsets[b.n_blocks] == num_cols, "block_offsets must run from 0 to ", num_cols);
   for (int64_t i = 0; i < b.n_blocks; ++i) {
-    TORCH_CHECK(b.block_offsets[i] < b.block_offsets[i + 1], "block_offsets must increase strictly; entry ", i + 1,
-                " is ", b.block_offsets[i + 1], " after ", b.block_offsets[i]);
+    TORCH_CHECK(offsets[i] < offsets[i + 1], "block_offsets must increase strictly; entry ", i + 1, " is ",
+                offsets[i + 1], " after ", offsets[i]);
   }
   return b;
 }
@@ -35,7 +40,8 @@ void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Te
                  const at::Tensor& block_offsets, const at::Tensor& g, int64_t bits, int64_t group_size,
                  int64_t num_threads, const at::Tensor& y) {
   check_cpu_contiguous(g, "g");
-  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel());
+  std::vector<int64_t> offsets;
+  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel(), offsets);
   check_cpu_contiguous(y, "y");
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
   const int status =
@@ -69,7 +75,9 @@ void run_pieces(PiecesKernel kernel, const char* op, const at::Tensor& codes, co
                 const at::Tensor& mins, const at::Tensor& block_offsets, at::TensorList pieces, int64_t bits,
                 int64_t group_size, int64_t num_threads, const at::Tensor& y) {
   const PiecePointers g = piece_pointers(pieces, op);
-  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.starts.back());
+  std::vector<int64_t> offsets;
+  const twa::PackedBasis b =
+      make_basis(codes, scales, mins, block_offsets, bits, group_size, g.starts.back(), offsets);
   check_cpu_contiguous(y, "y");
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
   const int status = kernel(b, g.ptrs.data(), g.starts.data(), static_cast<int64_t>(g.ptrs.size()),
@@ -95,7 +103,8 @@ void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at
                      const at::Tensor& block_offsets, const at::Tensor& x, const std::optional<at::Tensor>& center,
                      int64_t bits, int64_t group_size, int64_t num_threads, const at::Tensor& out) {
   check_cpu_contiguous(out, "out");
-  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, out.numel());
+  std::vector<int64_t> offsets;
+  const twa::PackedBasis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, out.numel(), offsets);
   check_cpu_contiguous(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == b.k * b.n_blocks, "x must be float32 [k, n_blocks]");
   const void* center_ptr = nullptr;

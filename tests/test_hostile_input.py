@@ -1005,6 +1005,35 @@ def test_the_raw_op_refuses_an_out_that_shares_memory_with_what_it_reads():
         torch.ops.twa_kernels.reconstruct_into(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, None, 4, 16, buffer)
 
 
+def test_the_cpu_binding_reads_its_own_copy_of_the_offsets_and_refuses_k_0():
+    # below the op's checks, where torch.ops.twa_kernels_cpu is called directly: an out over
+    # the block offsets sent the column walk out of bounds (the process aborted), and a
+    # basis of no rows left reconstruct's output unwritten
+    done = _run("""
+        import torch, twa_kernels as tk
+        from twa_kernels.backends import cpu
+        cpu_ops = torch.ops.twa_kernels_cpu
+        D, n_blocks = 4000, 1000
+        qb = tk.quantize(torch.randn(2, D), bits=4, group_size=64, block_sizes=[4] * n_blocks)
+        x = torch.randn(2, n_blocks)
+        want = tk.reconstruct(qb, x)
+        buffer = torch.zeros(4 * (n_blocks + 1) + D, dtype=torch.int64)
+        offsets = buffer[n_blocks + 1: 2 * (n_blocks + 1)]
+        offsets.copy_(qb.block_offsets)
+        out = buffer.view(torch.float32)[D:2 * D]
+        cpu_ops.reconstruct_out(qb.codes, qb.scales, qb.mins, offsets, x, None, 4, 64, 2, out)
+        print("same weights:", torch.equal(out, want))
+        try:
+            cpu_ops.reconstruct_out(qb.codes[:0], qb.scales[:0], qb.mins[:0], qb.block_offsets, x[:0], None, 4, 64,
+                                    2, torch.full((D,), float("nan")))
+        except RuntimeError as exc:
+            print("k = 0 refused:", str(exc).splitlines()[0])
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same weights: True" in done.stdout, done.stdout
+    assert "k = 0 refused: codes must be 2-D [k, ...] with k >= 1" in done.stdout, done.stdout
+
+
 def test_an_out_on_meta_tensors_reports_no_overlap_that_does_not_exist():
     # meta tensors have no memory: their data pointers are all 0
     qb = tk.quantize(torch.randn(3, 40), bits=4, group_size=16, block_sizes=[10, 30]).to("meta")

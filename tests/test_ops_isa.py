@@ -119,6 +119,18 @@ def test_reconstruct_matches_reference(isa, bits, k, d, group_size, blocks, thre
     assert torch.equal(in_place, w)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("blocks", [None, [100, 412]])
+def test_reconstruct_sums_the_group_minimums_of_many_rows_in_float64(isa, blocks):
+    # constant groups dequantise to their minimums alone, so the weights are sum_r lo_r x_r.
+    # Summed in float32, each of 288 terms of 10000.2 rounded the same way: 8 off, 2.8 times
+    # the tolerance; the spec sums in float64 and rounds once
+    k, d = 288, 512
+    qb = tk.quantize(torch.full((k, d), 10000.2), 4, 128, blocks)
+    x = torch.ones(k, qb.num_blocks)
+    expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, None, 4, 128, d)
+    assert torch.equal(tk.reconstruct(qb, x), expected)
+
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("bits", [1, 4, 8])

@@ -308,6 +308,35 @@ inline void project_tile_rows(const PackedBasis& b, int64_t t, int64_t c0, int64
   }
 }
 
+// project_int8's row-by-row path (a group cut by a block edge, a short last group, or one
+// too wide for int32 sums): acc[r, block] += sg * (scale * sum_j code[j] * q[j] + lo *
+// sum_j q[j]) per segment, the fast path's formula. Each product is an integer of at most
+// 255 * 127, so both sums are exact in int64 at any group width; summing the rounded values
+// q[j] * sg in float32 instead lost the spec's tolerance on groups of 2^16 columns and up.
+template <int BITS>
+inline void project_tile_rows_int8(const PackedBasis& b, int64_t t, int64_t c0, int64_t len,
+                                   const std::vector<Segment>& segs, const int8_t* q, float sg, float* cbuf,
+                                   std::vector<int64_t>& qsums, double* acc) {
+  qsums.assign(segs.size(), 0);
+  for (size_t s = 0; s < segs.size(); ++s) {
+    int64_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = segs[s].begin; j < segs[s].end; ++j) sum += q[j];
+    qsums[s] = sum;
+  }
+  for (int64_t r = 0; r < b.k; ++r) {
+    const RowTile rt = row_tile<BITS>(b, r, t, c0, len, cbuf);
+    const float* codes = rt.values;  // the codes themselves, as floats
+    for (size_t s = 0; s < segs.size(); ++s) {
+      int64_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = segs[s].begin; j < segs[s].end; ++j) dot += static_cast<int32_t>(codes[j]) * q[j];
+      acc[r * b.n_blocks + segs[s].block] += static_cast<double>(sg) * (static_cast<double>(rt.scale) * dot +
+                                                                        static_cast<double>(rt.lo) * qsums[s]);
+    }
+  }
+}
+
 // y = the threads' partial sums, added in thread order: deterministic for a thread count.
 inline void sum_partials(const std::vector<double>& partial, int nt, int64_t kb, float* y) {
   for (int64_t i = 0; i < kb; ++i) {

@@ -197,11 +197,14 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
           }
           const int64_t n = run_length(b, t, t_end, xb_block, run_cap(b));
           const float* ct = center ? float_view(center, center_dtype, c0, n * width, ctmp.data()) : nullptr;
-          for (int64_t i = 0; i < n; ++i) {  // sum_r lo[r] * x[r, b]: one constant for the whole group
+          // sum_r lo[r] * x[r, b]: one constant for the whole group, summed in float64 (float32
+          // over a few hundred rows lost the spec's tolerance where the terms cancel)
+          for (int64_t i = 0; i < n; ++i) {
             const float* mins = b.mins + (t + i) * b.k;
-            float base = 0.f;
-            for (int64_t r = 0; r < b.k; ++r) base += mins[r] * xb[r];
-            bases[i] = base;
+            double base = 0.0;
+#pragma omp simd reduction(+ : base)
+            for (int64_t r = 0; r < b.k; ++r) base += static_cast<double>(mins[r]) * xb[r];
+            bases[i] = static_cast<float>(base);
           }
           // The rows pass over the run's output in blocks of kAxpyRows, the fewest passes the
           // registers allow; a block of the k % kAxpyRows rows left over goes first, so that
@@ -251,8 +254,9 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
       }
       if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
         for (const Segment& s : segs) {
-          float base = 0.f;
-          for (int64_t r = 0; r < b.k; ++r) base += b.mins[t * b.k + r] * x[r * b.n_blocks + s.block];
+          double sum = 0.0;
+          for (int64_t r = 0; r < b.k; ++r) sum += static_cast<double>(b.mins[t * b.k + r]) * x[r * b.n_blocks + s.block];
+          const float base = static_cast<float>(sum);
 #pragma omp simd
           for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
         }

@@ -69,8 +69,8 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     // the run's buffers are written before they are read: left uninitialised, the pages of
     // those a run never needs (gbuf, for g read in place) are never touched
     std::unique_ptr<float[]> gbuf(new float[cap * width + 8]);
-    std::vector<float> ghat(width + 8), cbuf(width + 8), scale(cap);
-    std::vector<double> gsum;
+    std::vector<float> cbuf(width + 8), scale(cap);
+    std::vector<int64_t> qsums;
     // a group's largest possible int32 sum, columns * (2^bits - 1) * 127, must fit: wider
     // groups (past 66,311 columns at 8 bits) take the float path below, group by group
     const bool int32_sums = width * ((int64_t{1} << BITS) - 1) * 127 < (int64_t{1} << 31);
@@ -119,14 +119,13 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
         t += n - 1;
         continue;
       }
-      // a group cut by a block edge, a short last group, or one too wide for int32 sums: its
-      // rounded values as floats, through project's row-by-row path
+      // a group cut by a block edge, a short last group, or one too wide for int32 sums: row by
+      // row, with int64 sums
       const float* gt = g.tile(c0, len, piece, gbuf.get());
       float sg;
       int32_t qs;
       round_group_int8(gt, len, q.get(), sg, qs);
-      for (int64_t j = 0; j < len; ++j) ghat[j] = static_cast<float>(q[j]) * sg;
-      project_tile_rows<BITS>(b, t, c0, len, segs, ghat.data(), cbuf.data(), gsum, acc);
+      project_tile_rows_int8<BITS>(b, t, c0, len, segs, q.get(), sg, cbuf.data(), qsums, acc);
     }
   }
   sum_partials(partial, nt, kb, y);
