@@ -45,13 +45,13 @@ void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Te
   check_cuda_contiguous(g, "g", codes);
   const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel());
   check_cuda_contiguous(y, "y", codes);
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.numel() == b.k * b.n_blocks, "y must be float32 [k, n_blocks]");
+  TORCH_CHECK(y.scalar_type() == at::kDouble && y.numel() == b.k * b.n_blocks, "y must be float64 [k, n_blocks]");
   if (deterministic) {
     check_cuda_contiguous(partial, "partial", codes);
     TORCH_CHECK(partial.scalar_type() == at::kFloat && partial.numel() >= twa_cuda::project_partial_floats(b),
                 "partial must hold project_scratch() float32 values");
   }
-  check_status(twa_cuda::project(b, g.data_ptr(), float_dtype(g, "g"), y.data_ptr<float>(),
+  check_status(twa_cuda::project(b, g.data_ptr(), float_dtype(g, "g"), y.data_ptr<double>(),
                                  deterministic ? partial.data_ptr<float>() : nullptr, deterministic,
                                  as_stream(stream)),
                "project");

@@ -42,13 +42,42 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 def test_emulated_project_matches_reference(emulator, bits, k, d, group_size, blocks, deterministic):
     qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
     g = torch.randn(d).bfloat16() if deterministic else torch.randn(d)
-    y = torch.zeros(k, qb.num_blocks)
-    partial = torch.full(((d + qb.num_blocks) * k,), float("nan"))  # more than enough; unused pieces stay NaN
+    _assert_project_matches_reference(emulator, qb, g, deterministic)
+
+
+def _assert_project_matches_reference(emulator, qb, g, deterministic):
+    y = torch.zeros(qb.k, qb.num_blocks, dtype=torch.float64)  # the kernels sum into float64
+    partial = torch.full(((g.numel() + qb.num_blocks) * qb.k,), float("nan"))  # ample; unused pieces stay NaN
     emulator.twa_cuda_emulate_project(*_basis_args(qb), _ptr(g), DTYPE_CODE[g.dtype], _ptr(y), _ptr(partial),
                                       int(deterministic))
-    expected = reference.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, g, qb.bits or 0, group_size)
+    expected = reference.project(qb.codes, qb.scales, qb.mins, qb.block_offsets, g, qb.bits or 0, qb.group_size)
     budget = float((tk.dequantize(qb).abs() * g.float().abs()).sum(1).max()) * 1e-6
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=budget)
+    torch.testing.assert_close(y.float(), expected, rtol=1e-5, atol=budget)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bits", [1, 4, 8])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_emulated_project_of_groups_of_a_million_columns_keeps_the_spec_accuracy(emulator, bits, deterministic):
+    # scale * sum(code * g) and min * sum(g) cancel within a group: summed in float32 over a
+    # 2^20-column group they came to 2.7 times the tolerance at 4 bits
+    d = 2**20 + 3_000  # one whole group and a short one
+    torch.manual_seed(0)
+    qb = tk.quantize(torch.randn(2, d), bits, 2**20)
+    _assert_project_matches_reference(emulator, qb, torch.randn(d) + 1, deterministic)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_emulated_project_over_a_block_of_many_runs_keeps_the_spec_accuracy(emulator, deterministic):
+    # one block of 120,000 runs whose sums share a sign (g correlated with the row): added
+    # into a float32 result each rounded by half an ulp of a large running sum, 1.5 times the
+    # tolerance here and hundreds of times at millions of runs
+    d = 16 * 8 * 120_000  # runs of 16 groups of 8 columns
+    torch.manual_seed(0)
+    row = torch.randn(1, d)
+    g = 0.3 * row[0] + 0.95 * torch.randn(d)
+    _assert_project_matches_reference(emulator, tk.quantize(row, 8, 8), g, deterministic)
 
 
 @needs_nvcc

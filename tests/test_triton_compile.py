@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 from twa_kernels.backends import triton as backend
 from twa_kernels.backends.triton import kernels
 
-POINTERS = {"codes": "*u8", "scales": "*fp32", "mins": "*fp32", "offsets": "*i64", "g": "*fp32", "y": "*fp32",
+POINTERS = {"codes": "*u8", "scales": "*fp32", "mins": "*fp32", "offsets": "*i64", "g": "*fp32", "y": "*fp64",
             "partial": "*fp32", "x": "*fp32", "p": "*fp32", "t": "*fp64"}
 
 def compile_kernel(fn, arch, constants, **types):

@@ -27,7 +27,7 @@ Basis make_basis(const void* codes, const float* scales, const float* mins, cons
 }
 
 template <int BITS>
-void emulate_project_bits(const Basis& b, const void* g, DType g_dtype, float* y, float* partial,
+void emulate_project_bits(const Basis& b, const void* g, DType g_dtype, double* y, float* partial,
                           bool deterministic) {
   for (int64_t run = 0; run < num_runs(b); ++run)
     project_run<BITS>(b, g, g_dtype, y, partial, deterministic, run, HostLanes{});
@@ -36,7 +36,7 @@ void emulate_project_bits(const Basis& b, const void* g, DType g_dtype, float* y
     int64_t first, last;
     runs_of_block(b, blk, &first, &last);
     for (int64_t r = 0; r < b.k; ++r) {
-      float v = 0.f;
+      double v = 0.0;
       for (int64_t run = first; run <= last; ++run) v += partial[(run + blk) * b.k + r];
       y[r * b.n_blocks + blk] = v;
     }
@@ -53,11 +53,11 @@ void emulate_reconstruct_bits(const Basis& b, const float* x, const void* center
 }  // namespace
 }  // namespace twa_cuda
 
-// y must be zeroed.
+// y (float64 [k, n_blocks]) must be zeroed.
 extern "C" void twa_cuda_emulate_project(const void* codes, const float* scales, const float* mins,
                                          const int64_t* block_offsets, int64_t k, int64_t num_cols,
                                          int64_t row_bytes, int64_t n_blocks, int64_t group_size, int bits,
-                                         const void* g, int g_dtype, float* y, float* partial, int deterministic) {
+                                         const void* g, int g_dtype, double* y, float* partial, int deterministic) {
   using namespace twa_cuda;
   const Basis b = make_basis(codes, scales, mins, block_offsets, k, num_cols, row_bytes, n_blocks, group_size, bits);
   const auto dt = static_cast<DType>(g_dtype);

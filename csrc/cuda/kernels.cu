@@ -19,20 +19,20 @@ constexpr int64_t kGramSpan = 16384;
 // ---- project -----------------------------------------------------------------------------
 
 template <int BITS>
-__global__ void project_kernel(Basis b, const void* g, DType g_dtype, float* y, float* partial, bool deterministic,
+__global__ void project_kernel(Basis b, const void* g, DType g_dtype, double* y, float* partial, bool deterministic,
                                int64_t n_runs) {
   const int64_t run = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (run < n_runs) project_run<BITS>(b, g, g_dtype, y, partial, deterministic, run, WarpLanes{});
 }
 
 // Deterministic second pass: one thread block per (block, row); a fixed split over threads
-// and a fixed tree make the sum the same on every run.
-__global__ void sum_pieces_kernel(Basis b, const float* partial, float* y) {
-  __shared__ float sums[kSumThreads];
+// and a fixed tree make the sum the same on every run. Summed in float64, as the atomics are.
+__global__ void sum_pieces_kernel(Basis b, const float* partial, double* y) {
+  __shared__ double sums[kSumThreads];
   const int64_t blk = blockIdx.x, r = blockIdx.y;
   int64_t first, last;
   runs_of_block(b, blk, &first, &last);
-  float v = 0.f;
+  double v = 0.0;
   for (int64_t run = first + threadIdx.x; run <= last; run += kSumThreads) v += partial[(run + blk) * b.k + r];
   sums[threadIdx.x] = v;
   __syncthreads();
@@ -114,7 +114,7 @@ int dispatch_bits(int bits, Args&&... args) {
 
 template <int BITS>
 struct LaunchProject {
-  static int run(const Basis& b, const void* g, DType g_dtype, float* y, float* partial, bool deterministic,
+  static int run(const Basis& b, const void* g, DType g_dtype, double* y, float* partial, bool deterministic,
                  cudaStream_t stream) {
     const int64_t n_runs = num_runs(b);
     const unsigned grid = static_cast<unsigned>((n_runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
@@ -146,7 +146,7 @@ int64_t num_runs(const Basis& b) { return (b.num_cols + run_cols(b) - 1) / run_c
 
 int64_t project_partial_floats(const Basis& b) { return (num_runs(b) + b.n_blocks) * b.k; }
 
-int project(const Basis& b, const void* g, DType g_dtype, float* y, float* partial, bool deterministic,
+int project(const Basis& b, const void* g, DType g_dtype, double* y, float* partial, bool deterministic,
             void* stream) {
   return dispatch_bits<LaunchProject>(b.bits, b, g, g_dtype, y, partial, deterministic,
                                       static_cast<cudaStream_t>(stream));

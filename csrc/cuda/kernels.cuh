@@ -30,8 +30,8 @@ int64_t num_runs(const Basis& b);
 int64_t project_partial_floats(const Basis& b);
 
 // Launchers: enqueue on `stream` (a cudaStream_t) and return a cudaError_t (0 = success).
-// y must be zeroed by the caller unless deterministic.
-int project(const Basis& b, const void* g, DType g_dtype, float* y, float* partial, bool deterministic,
+// project's y is float64 [k, n_blocks], zeroed by the caller unless deterministic.
+int project(const Basis& b, const void* g, DType g_dtype, double* y, float* partial, bool deterministic,
             void* stream);
 // center (may be null) and out each have their own dtype: a bfloat16 model's weights are
 // written from a float32 center as they are stored.

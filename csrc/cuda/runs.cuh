@@ -97,9 +97,16 @@ struct WarpLanes {
     return true;
 #endif
   }
-  TWA_HD void add(float* p, float v) const {
-#ifdef __CUDA_ARCH__
+  TWA_HD void add(double* p, double v) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 600
     atomicAdd(p, v);
+#elif defined(__CUDA_ARCH__)  // no float64 atomicAdd before sm_60: a compare-and-swap loop
+    auto* word = reinterpret_cast<unsigned long long*>(p);
+    unsigned long long seen = *word, expected;
+    do {
+      expected = seen;
+      seen = atomicCAS(word, expected, __double_as_longlong(__longlong_as_double(expected) + v));
+    } while (seen != expected);
 #else
     *p += v;
 #endif
@@ -118,10 +125,18 @@ struct HostLanes {
     for (int lane = 0; lane < kWarp; ++lane) f(lane);
   }
   TWA_HD bool leader() const { return true; }
-  TWA_HD void add(float* p, float v) const { *p += v; }
+  TWA_HD void add(double* p, double v) const { *p += v; }
 };
 
 // ---- project -----------------------------------------------------------------------------
+
+// A group of more than kFloatGroupCols columns sums each lane's products in float32 for
+// kWideFlushSteps bytes at a time and then in float64: within a group, scale * sum(code * g)
+// and min * sum(g) cancel, and float32 sums over a group of 2^20 columns came to 2.7 times the
+// spec's tolerance. Narrower groups stay in float32, as float64 runs at a small fraction of
+// float32's rate on most GPUs.
+constexpr int64_t kFloatGroupCols = 4096;
+constexpr int kWideFlushSteps = 16;
 
 // One lane's share of sum_{j in [s0, s1)} p^[r, j] * g[j]: bytes lane, lane + 32, ... of each
 // group touching the segment. scale * sum(code * g) + min * sum(g) per group.
@@ -132,11 +147,14 @@ TWA_HD float packed_dot(const Basis& b, const void* g, DType g_dtype, int64_t r,
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const int64_t G = b.group_size, group_bytes = G / kPerByte;
   const uint8_t* row = b.codes + r * b.row_bytes;
+  const bool wide = G > kFloatGroupCols;  // the same for every lane: no divergence
   float part = 0.f;
   for (int64_t t = s0 / G; t * G < s1; ++t) {
     const int64_t first = t * G, length = (b.num_cols - first < G) ? b.num_cols - first : G;
     const int64_t width = (length + kPerByte - 1) / kPerByte;
     float code_dot = 0.f, g_sum = 0.f;
+    double code_dot_wide = 0.0, g_sum_wide = 0.0;
+    int steps = 0;
     for (int64_t i = lane; i < width; i += kWarp) {
       const uint32_t byte = row[t * group_bytes + i];
 #pragma unroll
@@ -147,8 +165,19 @@ TWA_HD float packed_dot(const Basis& b, const void* g, DType g_dtype, int64_t r,
         code_dot += code_to_float((byte >> (s * BITS)) & kMask) * gv;
         g_sum += gv;
       }
+      if (wide && ++steps == kWideFlushSteps) {
+        code_dot_wide += code_dot;
+        g_sum_wide += g_sum;
+        code_dot = g_sum = 0.f;
+        steps = 0;
+      }
     }
-    part += b.scales[t * b.k + r] * code_dot + b.mins[t * b.k + r] * g_sum;
+    if (wide) {
+      part += static_cast<float>(static_cast<double>(b.scales[t * b.k + r]) * (code_dot_wide + code_dot) +
+                                 static_cast<double>(b.mins[t * b.k + r]) * (g_sum_wide + g_sum));
+    } else {
+      part += b.scales[t * b.k + r] * code_dot + b.mins[t * b.k + r] * g_sum;
+    }
   }
   return part;
 }
@@ -161,11 +190,13 @@ TWA_HD inline float dense_dot(const Basis& b, const void* g, DType g_dtype, int6
   return part;
 }
 
-// Run `run` of project: per block segment and row, the lanes' sums go to y by atomics, or to
-// the partial row (run + block), unique because along D each next segment advances the run,
-// the block or both.
+// Run `run` of project: per block segment and row, the lanes' sums go to y by float64
+// atomics, or to the partial row (run + block), unique because along D each next segment
+// advances the run, the block or both. y is float64 because a block may hold millions of
+// runs: float32 atomics over 3.4M runs whose terms share a sign came to hundreds of times
+// the spec's tolerance, each add rounding by half an ulp of a large running sum.
 template <int BITS, class Lanes>
-TWA_HD void project_run(const Basis& b, const void* g, DType g_dtype, float* y, float* partial, bool deterministic,
+TWA_HD void project_run(const Basis& b, const void* g, DType g_dtype, double* y, float* partial, bool deterministic,
                         int64_t run, const Lanes& lanes) {
   const int64_t c0 = run * run_cols(b);
   const int64_t c1 = (c0 + run_cols(b) < b.num_cols) ? c0 + run_cols(b) : b.num_cols;

@@ -31,12 +31,13 @@ def _stream(device: torch.device) -> int:
 def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
     exact = torch.are_deterministic_algorithms_enabled()
-    y = torch.zeros(k, n_blocks, dtype=torch.float32, device=g.device)
+    # float64 sums: a block may hold millions of runs, too many terms for a float32 sum
+    y = torch.zeros(k, n_blocks, dtype=torch.float64, device=g.device)
     scratch = _lib().project_scratch(k, g.numel(), n_blocks, bits, group_size) if exact else 0
     partial = torch.empty(scratch, dtype=torch.float32, device=g.device)
     _lib().project_out(codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
                        g.contiguous(), bits, group_size, exact, _stream(g.device), y, partial)
-    return y
+    return y.to(torch.float32)
 
 
 @register_kernel("reconstruct_into", "cuda")

@@ -102,7 +102,8 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
     scales, mins = _metadata(codes, scales, mins, bits)
     row_stride = codes.shape[1]
     exact = deterministic()
-    y = torch.zeros(k, n_blocks, dtype=torch.float32, device=g.device)
+    # float64 sums: a block may hold millions of tiles, too many terms for a float32 sum
+    y = torch.zeros(k, n_blocks, dtype=torch.float64, device=g.device)
     partial = (torch.empty((layout.n_main_tiles + 1 + n_blocks) * k, dtype=torch.float32, device=g.device)
                if exact else y)
     for first_group, n_groups, tile_base, width, length, grid in layout.launches():
@@ -116,7 +117,7 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
             partial, offsets, y, k, n_blocks, layout.n_full, layout.n_main_tiles,
             TILE_COLS=layout.tile_groups * layout.group, GROUP=layout.group, CHUNK=SUM_CHUNK, K_BLOCK=k_block,
         )
-    return y
+    return y.to(torch.float32)
 
 
 @register_kernel("reconstruct_into", "triton")

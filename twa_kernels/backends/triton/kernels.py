@@ -16,7 +16,9 @@ Blocks: a tile usually lies inside one coefficient block; where it crosses block
 kernels loop over the blocks it touches, masking columns. project sums each (tile, block)
 piece either with atomics into y, or (DETERMINISTIC) into a partial row `tile + block`,
 unique because along D each next piece advances the tile, the block or both; a second pass
-then sums a block's pieces in a fixed order.
+then sums a block's pieces in a fixed order. Both sum into float64: a block may hold
+millions of tiles, and float32 atomics over that many same-signed pieces lose the spec's
+accuracy (each add rounds by half an ulp of the running sum).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def project_tiles(codes, scales, mins, offsets, g, y, partial, k, n_blocks, row_
             if DETERMINISTIC:
                 tl.store(partial + (tile_base + pid + b).to(tl.int64) * k + rows, sums, mask=rows < k)
             else:
-                tl.atomic_add(y + rows * n_blocks + b, sums, mask=rows < k)
+                tl.atomic_add(y + rows * n_blocks + b, sums.to(tl.float64), mask=rows < k)
             b += 1
             block_lo = block_hi
 
@@ -122,12 +124,12 @@ def project_sum_pieces(partial, offsets, y, k, n_blocks, n_full_groups, n_main_t
     tail_start = n_full_groups * GROUP  # the short last group is tile n_main_tiles
     t_first = tl.where(first_col >= tail_start, n_main_tiles, first_col // TILE_COLS)
     t_last = tl.where(last_col >= tail_start, n_main_tiles, last_col // TILE_COLS)
-    acc = tl.zeros([K_BLOCK], dtype=tl.float32)
+    acc = tl.zeros([K_BLOCK], dtype=tl.float64)
     for t0 in range(t_first, t_last + 1, CHUNK):
         tiles = t0 + tl.arange(0, CHUNK)
         ok = (tiles <= t_last)[:, None] & (rows < k)[None, :]
         pieces = tl.load(partial + (tiles + b).to(tl.int64)[:, None] * k + rows[None, :], mask=ok, other=0.0)
-        acc += tl.sum(pieces, axis=0)
+        acc += tl.sum(pieces.to(tl.float64), axis=0)
     tl.store(y + rows * n_blocks + b, acc, mask=rows < k)
 
 
