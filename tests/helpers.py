@@ -8,6 +8,7 @@ import datetime
 import gc
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -87,6 +88,13 @@ def _entry(rank: int, fn: Callable[[int, int], Any], world: int, port: int, out:
         # interpreter exit, their teardown can abort the process.
         gc.collect()
         dist.destroy_process_group()
+    # The rank's work is done and its result is on disk. Leave without the interpreter's
+    # teardown: on a loaded machine, torch's native threads could still abort the process
+    # there ("terminate called without an active exception"), after the result was written.
+    # A rank that raised took the path above instead and reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable[[int, int], Any], world: int, out: str, timeout: float = 100.0,
