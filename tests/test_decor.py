@@ -510,10 +510,15 @@ def test_divergence_raises_with_the_layer_and_a_smaller_lr():
     model[2].decor_lr = 10.0
     before = [m.decor_R.clone() for _, m in tk.decor.decorrelated_layers(model)]
     model(100 * torch.randn(32, 8))
-    with pytest.raises(DecorrelationDivergedError, match=r"layer '2'.*lr=10.*lr=1\b"):
+    with pytest.raises(DecorrelationDivergedError, match=r"layer '2'.*lr=10.*decor_lr = 1 .*update\(model\) again"):
         tk.decor.update(model)
     for b, (_, m) in zip(before, tk.decor.decorrelated_layers(model)):
         assert torch.equal(b, m.decor_R)  # nothing was applied
+    # the samples were kept: at the lower rate the same update goes through (they were
+    # dropped before the check, and the retry found nothing sampled)
+    model[2].decor_lr = 1e-3
+    assert torch.isfinite(tk.decor.update(model))
+    assert not torch.equal(before[1], model[2].decor_R)
 
 
 @pytest.mark.parametrize("sample_fraction", [1.0, 0.1])  # the sum of x x^T, and the few-rows path
@@ -529,6 +534,13 @@ def test_inputs_holding_nan_are_named_as_such_not_as_a_too_large_lr(sample_fract
     assert "lr=0.0001" not in str(info.value)
     for b, (_, m) in zip(before, tk.decor.decorrelated_layers(model)):
         assert torch.equal(b, m.decor_R)
+        assert m._decor_count == 0  # samples holding NaN are dropped: kept, every later update would fail
+
+
+def test_a_model_whose_supported_layers_are_all_frozen_is_named_as_frozen():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).requires_grad_(False)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"every supported layer is frozen.*\['0', '2'\]"):
+        tk.decor.decorrelate(model)
 
 
 @pytest.mark.parametrize("layer, x", [(nn.Linear(4, 3), torch.randn(2, 8)), (nn.Conv2d(2, 3, 5), torch.randn(1, 2, 3, 3)),

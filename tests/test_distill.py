@@ -286,3 +286,12 @@ def test_an_embedding_network_that_returns_no_tensor_is_named():
     x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
     with pytest.raises(tk.errors.InvalidTypeError, match=r"returns Output, not a tensor.*\.pooler_output"):
         tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=4, embed=Wrapped, seed=0)
+
+
+def test_a_network_instead_of_a_factory_and_inputs_of_two_shapes_are_named():
+    data = TensorDataset(torch.randn(6, 5), torch.tensor([0, 1] * 3))
+    with pytest.raises(DistillError, match="factory .* got a Linear instance"):
+        tk.distill.distribution_matching(data, ipc=1, iterations=1, embed=nn.Linear(5, 4), seed=0)
+    ragged = [(torch.randn(5), 0), (torch.randn(6), 1)]
+    with pytest.raises(DistillError, match=r"dataset\[1\]'s input has shape \(6,\) but dataset\[0\]'s has \(5,\)"):
+        tk.distill.distribution_matching(ragged, ipc=1, iterations=1, seed=0)

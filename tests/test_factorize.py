@@ -670,3 +670,22 @@ def test_weights_torchs_older_norm_hooks_compute_are_left_out_and_named_like_par
     with pytest.raises(FactorizationError, match=rf"layer '0' \(Linear\): its weight is computed by torch.nn.utils."
                                                  rf"{source}.*leave it out of layers=, or remove the hook.*{fix}"):
         factorize(named, depth=2, layers=["0"], seed=0)
+
+
+def test_a_frozen_bias_is_kept_as_it_is_unless_init_keeps_it():
+    # only the weight's flag was read: a frozen bias became random factors that never train
+    model = nn.Linear(3, 3)
+    model.bias.requires_grad_(False)
+    bias = model.bias.detach().clone()
+    with pytest.warns(UserWarning, match=r"frozen biases of \['\(the model itself\)'\]"):
+        tk.factorize(model, biases=True, seed=0)
+    assert parametrize.is_parametrized(model, "weight") and not parametrize.is_parametrized(model, "bias")
+    assert torch.equal(model.bias, bias)
+    named = nn.Sequential(nn.Linear(3, 3))
+    named[0].bias.requires_grad_(False)
+    with pytest.raises(FactorizationError, match="bias of layer '0' is frozen"):
+        tk.factorize(named, layers=["0"], biases=True, seed=0)
+    kept = nn.Linear(3, 3)
+    kept.bias.requires_grad_(False)
+    tk.factorize(kept, biases=True, init="keep")
+    assert parametrize.is_parametrized(kept, "bias")

@@ -721,3 +721,13 @@ def test_a_checkpoint_rewritten_between_greedy_soups_scoring_and_its_soup_is_nam
     score.calls = 0
     with pytest.raises(tk.CheckpointError, match="c0.pt: changed since it was scored"):
         tk.greedy_soup(paths, score)
+
+
+def test_update_bn_names_a_batch_of_one_and_keeps_the_statistics():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    x = torch.randn(5, 4)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="batch of one example.*drop_last=True"):
+        tk.update_bn([x[:4], x[4:]], model)
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, before[key]), key

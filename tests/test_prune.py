@@ -681,3 +681,53 @@ def test_the_default_training_loop_takes_pairs_whose_inputs_are_a_mapping():
     # the loader collates a batch of strings into a tuple of them
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"inputs are a tuple.*a tensor or a mapping of tensors"):
         tk.prune.train_classifier(Keyword(), [("text", 0)] * 4, epochs=1)
+
+
+def test_a_layer_used_twice_stays_pruned_under_both_of_its_names(tmp_path):
+    # the state_dict holds a layer used twice under both names; masked under the first only,
+    # the unmasked copy was loaded last and undid the pruning
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(8, 3))
+    masks = tk.prune.global_magnitude_masks(model, 0.5)
+    assert set(masks) == {"0.weight", "4.weight"}
+    state = tk.prune.masked_state_dict(model.state_dict(), masks)
+    assert torch.equal(state["2.weight"], state["0.weight"])
+    model.load_state_dict(state)
+    assert (shared.weight[~masks["0.weight"]] == 0).all()
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,)))
+    train = tk.prune.classification_train_fn(data, epochs=1, seed=0, batch_size=16)
+    result = tk.prune.imp(model, train, rounds=1, rate=0.5, out_dir=tmp_path, progress=False)
+    rewound, mask = result.rewound(1), result.masks[1]["0.weight"]
+    assert (rewound["0.weight"][~mask] == 0).all() and (rewound["2.weight"][~mask] == 0).all()
+
+
+def test_a_round_of_some_layers_keeps_the_masks_of_the_others():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    first = tk.prune.global_magnitude_masks(model, 0.5)
+    second = tk.prune.global_magnitude_masks(model, 0.2, masks=first, layers=["2"])
+    assert torch.equal(second["0.weight"], first["0.weight"])  # it was dropped: layer 0 trained dense again
+    assert int(second["2.weight"].sum()) < int(first["2.weight"].sum())
+
+
+def test_rounds_a_run_did_not_finish_and_a_nul_out_dir_are_named(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    train = tk.prune.classification_train_fn(data, epochs=1, seed=0, batch_size=4)
+    result = tk.prune.imp(model, train, rounds=1, out_dir=tmp_path, progress=False)
+    for bad in (2, -1, 1.0):
+        with pytest.raises(PruningError, match=r"round must be an int from 0 to 1"):
+            result.trained(bad)
+    with pytest.raises(tk.errors.OutputError, match="NUL"):
+        tk.prune.imp(model, train, rounds=1, out_dir=str(tmp_path / "a\0b"), progress=False)
+
+
+def test_a_last_batch_of_one_is_left_out_for_batchnorm_and_a_batch_of_one_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    data = TensorDataset(torch.randn(9, 4), torch.randint(0, 3, (9,)))  # batches of 4, 4 and 1
+    tk.prune.train_classifier(model, data, epochs=1, batch_size=4, seed=0)
+    assert int(model[1].num_batches_tracked) == 2
+    with pytest.raises(tk.errors.InvalidArgumentError, match="batch of one example reached a BatchNorm layer"):
+        tk.prune.train_classifier(model, data, epochs=1, batch_size=1, seed=0)

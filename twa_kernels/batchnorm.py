@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -146,7 +147,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     runner = model if weights is None else _WithWeights(model, weights)
     count = 0
     try:
-        with statistics_pass():  # layers that learn from train-mode inputs (tk.decor's) leave these alone
+        # layers that learn from train-mode inputs (tk.decor's) leave these alone
+        with statistics_pass(), batch_of_one_named("update_bn"):
             for batch in loader:
                 if call_fn is not None:
                     call_fn(runner, batch)
@@ -170,6 +172,21 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             m.momentum = momenta[m]
         for m, training in modes.items():  # model.train(flag) would set one mode on every submodule
             m.training = training
+
+
+@contextmanager
+def batch_of_one_named(what: str) -> Iterator[None]:
+    """torch's bare ValueError for a batch of one example in a train-mode BatchNorm layer,
+    as the library's error naming the fix."""
+    try:
+        yield
+    except ValueError as exc:
+        if "Expected more than 1 value per channel" not in str(exc):
+            raise
+        raise InvalidArgumentError(
+            f"{what}: a batch of one example reached a BatchNorm layer in train mode, which cannot normalise one "
+            "value per channel; use batches of two or more (DataLoader(..., drop_last=True) leaves out a last "
+            "batch of one)") from exc
 
 
 def _model_weights(model: nn.Module, weights: Mapping[str, Tensor], norms: Mapping[str, nn.Module]

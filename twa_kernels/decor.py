@@ -365,7 +365,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                 raise InvalidArgumentError(f"skip: no module named {name!r} in the model (names as in "
                                            f"model.named_modules(), e.g. {[n for n in modules if n][:3]})")
     skipped = _skipper(skip)
-    todo = []
+    todo, frozen = [], []
     conv1d = transformers_conv1d()
     if conv1d is not None:  # a model may hold transformers' Conv1D only where transformers loaded it
         _decor_transposed_linear(conv1d)
@@ -396,6 +396,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         if not module.weight.requires_grad:
             # R would keep moving while the frozen W cannot follow it: the layer's output would drift
             logger.info("decorrelate: leaving %r alone (its weight is frozen)", label)
+            frozen.append(label)
             continue
         if module.weight.is_meta:
             raise InvalidArgumentError(f"layer {label!r} is on the meta device: its R would have no values, and "
@@ -416,6 +417,10 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         raise InvalidArgumentError("no layer to decorrelate: every supported layer of the model is decorrelated "
                                    "already (decorrelate() ran on it); train it as it is, or decorrelate the plain copy "
                                    "that fold(model) returns")
+    if not todo and frozen:
+        raise InvalidArgumentError(f"no layer to decorrelate: every supported layer is frozen (requires_grad=False: "
+                                   f"{frozen[:5]}{' ...' if len(frozen) > 5 else ''}), and R would move while a frozen "
+                                   "weight cannot follow it; unfreeze the layers to decorrelate")
     if not todo:
         raise InvalidArgumentError(f"no layer to decorrelate: the model has no nn.Linear, nn.Conv1d, nn.Conv2d or "
                                    f"transformers Conv1D outside skip={skip!r}")
@@ -600,8 +605,6 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         finite_inputs.append(finite.to(home))
         order += idx
         new_rs.append(new)
-    for _, m in layers:
-        m.decor_reset()
     if any(m.decor_R.dtype in (torch.float16, torch.bfloat16) for _, m in layers):
         warnings.warn("decor.update: the decorrelation matrices R are stored in 16-bit floats (the model was cast), "
                       "which round away steps below about 1/256 (bfloat16) or 1/2048 (float16) of an entry, so R "
@@ -616,16 +619,21 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
             j = int(bad.nonzero()[0, 0])
             name, m = layers[order[j]]
             if not bool(torch.cat(finite_inputs)[j]):
+                for _, layer in layers:  # samples holding NaN would fail every later update too
+                    layer.decor_reset()
                 raise DecorrelationDivergedError(
                     f"the inputs layer {name!r} sampled since the last update hold NaN or Inf, so its decorrelation "
-                    f"matrix R cannot be updated (it is left as before this update, as is every R); check the data "
-                    f"and the layers before it (a lower learning rate, of the network or of decorrelation, may help "
-                    f"if those diverged)")
+                    f"matrix R cannot be updated (it is left as before this update, as is every R, and the samples "
+                    f"are dropped); check the data and the layers before it (a lower learning rate, of the network "
+                    f"or of decorrelation, may help if those diverged)")
+            # the samples are kept: update(model) again after lowering the rate takes the same step
             raise DecorrelationDivergedError(
                 f"decorrelation matrix R of layer {name!r} diverged (||R||_F/sqrt(d) = {float(norm[j]):.3g}, limit "
-                f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update. Lower "
-                f"it, e.g. decorrelate(..., lr={m.decor_lr / 10:g}) or set layer.decor_lr = {m.decor_lr / 10:g} on "
-                f"every layer of tk.decor.decorrelated_layers(model)")
+                f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update and the "
+                f"sampled inputs are kept. Lower it, e.g. set layer.decor_lr = {m.decor_lr / 10:g} on every layer "
+                f"of tk.decor.decorrelated_layers(model), and call update(model) again")
+    for _, m in layers:
+        m.decor_reset()
     for idx, new in zip((groups[k] for k in groups), new_rs):
         for i, r in zip(idx, new.unbind(0)):
             layers[i][1].decor_R.copy_(r)

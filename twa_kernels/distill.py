@@ -61,7 +61,12 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
                 raise DistillError(f"dataset[{i}] is {type(item).__name__}"
                                    f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
                                    "items must be (input, label) pairs, or pass the tensors (x, y)")
-        x = torch.stack([torch.as_tensor(item[0]) for item in items])
+        inputs = [torch.as_tensor(item[0]) for item in items]
+        if odd := next((i for i, t in enumerate(inputs) if t.shape != inputs[0].shape), None):
+            raise DistillError(f"dataset[{odd}]'s input has shape {tuple(inputs[odd].shape)} but dataset[0]'s has "
+                               f"{tuple(inputs[0].shape)}; distillation stacks the inputs, so give them one shape "
+                               "(resize or pad them first)")
+        x = torch.stack(inputs)
         labels = []
         for i, item in enumerate(items):
             try:
@@ -161,8 +166,15 @@ def default_embedding(x: Tensor, width: int = 128, depth: int = 3) -> Callable[[
 def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
     # a new random network: `embed` draws from the global RNG, so an int seed forks it and
     # leaves the caller's state as it was; None draws from it
+    if isinstance(embed, nn.Module):  # a network, called as a factory, would be run on no input
+        raise DistillError(f"embed must be a factory that builds a fresh random network on each call, got a "
+                           f"{type(embed).__name__} instance; pass e.g. lambda: {type(embed).__name__}(...)")
+    if not callable(embed):
+        raise DistillError(f"embed must be a factory that builds a fresh random network, got {type(embed).__name__}")
     with seeded(seed):
         net = embed()
+    if not isinstance(net, nn.Module):
+        raise DistillError(f"embed() must build an nn.Module, got {type(net).__name__}")
     for p in net.parameters():
         p.requires_grad_(False)
     return net.train()  # the paper embeds in train mode; GroupNorm has no running statistics

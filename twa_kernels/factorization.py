@@ -337,8 +337,8 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     layer tied to an embedding) is left out with a warning, and refused when named in
     `layers`: factorising it would untie them. Untie them first to factorise it. So is a
     layer whose weight another parametrization computes (weight_norm, spectral_norm), and,
-    unless init="keep", a frozen layer (requires_grad=False), whose random factors would
-    never train. A lazy layer that has not run yet is refused.
+    unless init="keep", a frozen layer or frozen bias (requires_grad=False), whose random
+    factors would never train. A lazy layer that has not run yet is refused.
     Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
     (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
     seed: an int draws every factor from one private generator (reproducible; torch's global
@@ -364,10 +364,25 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         targets = [(name, module) for name, module in targets if name not in frozen]
     if not targets:
         raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer (pass layers=)")
+
+    def has_bias(module: nn.Module) -> bool:
+        return biases and isinstance(getattr(module, "bias", None), nn.Parameter)
+
+    # a frozen bias of a trainable layer: the layer's weight is factorised, its bias kept as it is
+    frozen_biases = [name for name, module in targets if has_bias(module) and not module.bias.requires_grad]
+    shown = [name or "(the model itself)" for name in frozen_biases]
+    if frozen_biases and init != "keep":
+        if layers is not None:
+            raise FactorizationError(f"the bias of layer {shown[0]!r} is frozen (requires_grad=False), and "
+                                     f"init={init!r} would replace it with random factors that never train; "
+                                     "factorise it with init='keep', or pass biases=False")
+        warnings.warn(f"factorize leaves the frozen biases of {shown} as they are (requires_grad=False): "
+                      f"init={init!r} would replace them with random factors that never train", UserWarning,
+                      stacklevel=2)
     # every scale is measured and checked before the first layer changes: an error leaves the model as it was
     plan = []
     for name, module in targets:
-        names = ["weight"] + (["bias"] if biases and isinstance(getattr(module, "bias", None), nn.Parameter) else [])
+        names = ["weight"] + (["bias"] if has_bias(module) and (init == "keep" or name not in frozen_biases) else [])
         for pname in names:
             plan.append((module, pname, None if init == "keep" else _init_scale(name, module, pname, sigma_w, depth,
                                                                                eps, init)))

@@ -54,8 +54,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from twa_kernels._progress import progress_bar
-from twa_kernels._checks import check_module, real
+from twa_kernels._checks import check_module, path_without_nul, real
 from twa_kernels._random import check_seed, generator, seeded
+from twa_kernels.batchnorm import batch_of_one_named
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric, split_batch
 from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
@@ -177,7 +178,8 @@ def global_magnitude_masks(
 
     Removes `amount` (a fraction of the entries still kept by `masks`, or an int count) of
     the smallest-magnitude weights, ranked over all prunable tensors together (scope
-    "global") or within each tensor (scope "layer"). The result lies inside `masks`. With
+    "global") or within each tensor (scope "layer"). The result lies inside `masks`, and
+    keeps the masks of weights outside `layers` as they are. With
     scope "global" this is the mask of torch.nn.utils.prune.global_unstructured with
     L1Unstructured at the same amount.
     """
@@ -228,7 +230,10 @@ def global_magnitude_masks(
             kept = flat.nonzero().squeeze(1)
             flat[kept[drop[start:start + kept.numel()]]] = False
             start += kept.numel()
-    return out
+    # the masks of weights outside `layers` stay as they were: dropped, the next round's
+    # model would train those weights dense again
+    carried = {name: mask.clone() for name, mask in (masks or {}).items() if name not in out}
+    return {**carried, **out}
 
 
 def _check_bool_masks(masks: Mapping[str, Tensor]) -> None:
@@ -308,8 +313,35 @@ def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) 
         if mask.shape != state[name].shape:  # a mask of another shape would broadcast, reshaping the entry
             raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the entry has "
                                f"{tuple(state[name].shape)}")
+    masks = {**masks, **_masks_of_aliases(state, masks)}
     return {k: torch.where(masks[k].to(v.device), v, torch.zeros((), dtype=v.dtype)) if k in masks else v.clone()
             for k, v in state.items()}
+
+
+def _masks_of_aliases(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The masks of the entries that are the same tensor as a masked one under another name (a
+    layer used twice in a model, whose state_dict holds it once per use): masked under one
+    name only, the unmasked copy would be loaded last and undo the pruning."""
+    def identity(t: Tensor) -> tuple | None:
+        if t.numel() == 0 or t.is_meta:
+            return None
+        return t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()
+
+    by_tensor: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor) and (ident := identity(value)) is not None:
+            by_tensor.setdefault(ident, []).append(key)
+    out: dict[str, Tensor] = {}
+    for names in by_tensor.values():
+        masked = [n for n in names if n in masks]
+        if not masked:
+            continue
+        for other in masked[1:]:
+            if not torch.equal(masks[other].cpu(), masks[masked[0]].cpu()):
+                raise PruningError(f"masks[{masked[0]!r}] and masks[{other!r}] differ, but the state_dict holds one "
+                                   "tensor under both names; give it one mask")
+        out.update({n: masks[masked[0]] for n in names if n not in masks})
+    return out
 
 
 def _check_sgd_options(options: Mapping[str, Any], error: type[Exception]) -> None:
@@ -344,7 +376,8 @@ def train_classifier(
     (then those three are refused: set them in the optimizer), a cosine or
     constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
     the shuffling and every other draw of the training, such as dropout's, and leaves torch's
-    global RNG as it was; None draws from torch's global RNG)."""
+    global RNG as it was; None draws from torch's global RNG). For a model with BatchNorm
+    layers, a last batch of one example is left out of each epoch."""
     check_module(model, "train_classifier's model")
     _check_sgd_options(dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay),
                        InvalidArgumentError)
@@ -372,11 +405,16 @@ def train_classifier(
     device = next(model.parameters()).device
     opt = (optimizer(model.parameters()) if optimizer is not None else
            torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator(seed))
+    # a last batch of one example would stop a train-mode BatchNorm layer (torch refuses to
+    # normalise one value per channel); it is left out of each epoch instead
+    has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    drop_last = has_norm and len(data) > 1 and len(data) % batch_size == 1
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator(seed), drop_last=drop_last)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader)) if schedule == "cosine"
              else None)
     model.train()
-    with seeded(seed):  # an int seed covers every draw of the training (dropout's too), not the order alone
+    # an int seed covers every draw of the training (dropout's too), not the order alone
+    with seeded(seed), batch_of_one_named("train_classifier"):
         for _ in range(epochs):
             for batch in loader:  # (inputs, labels, ...): what follows the labels (weights, ids) is not used
                 args, kwargs, labels = split_batch(batch, device)
@@ -448,11 +486,18 @@ class IMPResult:
 
     def rewound(self, round: int) -> StateDict:
         """The weights round `round` started training from (the rewind point, masked)."""
-        return _read_round(self.out_dir / self.files[round]["rewound"])
+        return _read_round(self.out_dir / self.files[self._round(round)]["rewound"])
 
     def trained(self, round: int) -> StateDict:
         """The weights after round `round`'s training (exactly zero where pruned)."""
-        return _read_round(self.out_dir / self.files[round]["trained"])
+        return _read_round(self.out_dir / self.files[self._round(round)]["trained"])
+
+    def _round(self, round: int) -> int:
+        # a negative index would read a round from the end, which is not what "round -1" means
+        if isinstance(round, bool) or not isinstance(round, int) or not 0 <= round < len(self.files):
+            raise PruningError(f"round must be an int from 0 to {len(self.files) - 1} (the rounds this run "
+                               f"finished), got {round!r}")
+        return round
 
     def rewind_state(self) -> StateDict:
         """The unmasked rewind point: the initialisation or the weights after k steps."""
@@ -597,6 +642,7 @@ def imp(
     if not callable(train_fn):  # checked before round 0's files are written
         raise PruningError(f"train_fn must be callable as train_fn(model, round), got {type(train_fn).__name__}; "
                            "tk.prune.classification_train_fn(data) gives one")
+    path_without_nul(out_dir, "imp's out_dir", OutputError)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -615,7 +661,9 @@ def imp(
             start = init
         else:
             mask = global_magnitude_masks(model, rate, masks=masks[-1], layers=names, scope=scope)
-            start = masked_state_dict(rewind_state, mask)
+            # a layer used twice is one tensor under two names: rewind_state's copies no longer
+            # share it, so the model's own state_dict tells which entries the mask covers too
+            start = masked_state_dict(rewind_state, {**mask, **_masks_of_aliases(model.state_dict(), mask)})
         model.load_state_dict(start)
         files = {kind: f"round_{r:02d}_{kind}.safetensors" for kind in ("mask", "rewound", "trained")}
         save_state_dict(mask, out / files["mask"])
