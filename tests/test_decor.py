@@ -7,7 +7,6 @@ import io
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
