@@ -224,6 +224,11 @@ def _consistent(out: Path) -> dict:
                                                                                "finite number, got inf"]),
         (dict(optimizer=dict(name="Adam", lr=0.1, betas=[float("nan"), 0.99])), ["optimizer.betas[0] must be a "
                                                                                  "finite number"]),
+        # any non-empty text is true to torch: "false" trained the coefficients up the loss
+        (dict(optimizer=dict(name="AdamW", lr=0.02, maximize="false")), ["optimizer.maximize is a yes/no setting",
+                                                                         "'false'", "without quotes"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, momentum=0.9, nesterov="no")), ["optimizer.nesterov is a yes/no"]),
+        (dict(loss="os.path:exists"), ["loss: 'os.path:exists' cannot be called as loss(outputs, targets)"]),
     ],
 )
 def test_a_bad_config_value_is_one_line_naming_key_value_and_what_is_allowed(in_project, capsys, overrides,
@@ -1033,3 +1038,31 @@ def test_a_run_that_fails_leaves_no_directory_it_made_for_its_outputs(in_project
         run_fit(_config(in_project, output=str(in_project / "new" / "deeper" / "out"),
                         model="fit_hostile_pkg:not_there"), progress=False)
     assert not (in_project / "new").exists()
+
+
+def test_a_loss_that_cannot_take_the_outputs_and_targets_is_one_line_naming_both_shapes(in_project, capsys):
+    # mean squared error of [128, 10] logits against [128] class labels: torch's own
+    # RuntimeError came as a traceback, after the model, the data and the basis were built
+    from twa_kernels.cli import main
+
+    config = _config(in_project, loss="torch.nn.functional:mse_loss", output=str(in_project / "out_mse"))
+    code = main(["fit", str(config), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "loss: 'torch.nn.functional:mse_loss' failed on the model's outputs (128, 10) and the targets (128,)" \
+        in lines[0], lines[0]
+    assert not (in_project / "out_mse").exists()
+
+
+def test_an_earlier_output_given_as_a_checkpoint_is_refused_before_it_is_replaced(in_project, capsys):
+    from twa_kernels.cli import main
+
+    out = in_project / "out_reused"
+    tk.save_state_dict(tk.load_state_dict(in_project / "ckpts" / "epoch_0.pt"), out / "averaged.pt")
+    before = _digests(out)
+    checkpoints = [str(in_project / "ckpts" / "epoch_1.pt"), str(in_project / "ckpts" / "epoch_2.pt"),
+                   str(out / "averaged.pt")]
+    code = main(["fit", str(_config(in_project, checkpoints=checkpoints, output=str(out))), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is the output averaged.pt of output:" in lines[0], lines
+    assert _digests(out) == before and not (in_project / "factory-called").exists()

@@ -731,3 +731,24 @@ def test_update_bn_names_a_batch_of_one_and_keeps_the_statistics():
         tk.update_bn([x[:4], x[4:]], model)
     for key, value in model[1].state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_files_written_together_change_together(tmp_path):
+    # a figure and the JSON of its numbers: the JSON's failure left a new figure beside the old numbers
+    from pathlib import Path
+
+    from twa_kernels.io import atomic_write_together
+
+    figure, numbers = tmp_path / "plane.png", tmp_path / "sub" / "plane.json"
+    figure.write_text("old figure")
+
+    def fail(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(tk.errors.OutputError, match="cannot write .*plane.json: No space left on device"):
+        atomic_write_together({figure: lambda tmp: Path(tmp).write_text("new figure"), numbers: fail})
+    assert figure.read_text() == "old figure" and not (tmp_path / "sub").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plane.png"]  # no temporary file left
+    atomic_write_together({figure: lambda tmp: Path(tmp).write_text("new figure"),
+                           numbers: lambda tmp: Path(tmp).write_text("{}")})
+    assert figure.read_text() == "new figure" and numbers.read_text() == "{}"

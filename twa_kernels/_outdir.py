@@ -121,6 +121,18 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def name_limit(directory: Path) -> int:
+    """The most bytes one file name may hold in `directory`, or in its nearest existing
+    ancestor where it does not exist yet."""
+    existing = directory
+    while not os.path.isdir(existing) and existing != existing.parent:  # isdir: False on any error
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):  # no such query on this OS or file system
+        return _DEFAULT_NAME_MAX
+
+
 class OutputDirectory:
     """The directory `path`, to be replaced by the files `names` as one set.
 
@@ -168,13 +180,7 @@ class OutputDirectory:
     def _check_name_length(self) -> None:
         """The staging directory's name is the target's and STAGING_NAME_EXTRA characters
         more: a name that leaves no room for them would fail at mkdtemp, naming the parent."""
-        existing = self._target.parent
-        while not os.path.isdir(existing) and existing != existing.parent:  # isdir: False on any error
-            existing = existing.parent
-        try:
-            name_max = os.pathconf(existing, "PC_NAME_MAX")
-        except (OSError, ValueError):  # no such query on this OS or file system
-            name_max = _DEFAULT_NAME_MAX
+        name_max = name_limit(self._target.parent)
         for part in self._target.parent.parts:
             if len(os.fsencode(part)) > name_max:
                 raise OutputError(f"output {shown(self.path)}: the folder name {shown(part)} is "

@@ -6,16 +6,18 @@ import argparse
 import contextlib
 import gc
 import importlib.util
+import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,12 +27,14 @@ from twa_kernels import _build, connectivity
 from twa_kernels._imports import optional
 from twa_kernels._provenance import stamp
 from twa_kernels._memory import keep_freed_memory
+from twa_kernels._outdir import name_limit
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
-from twa_kernels.fit import (DEFAULT_LOSS, FitError, call_factory, load_config, loss_from, resolve_import_strings,
-                             run_fit)
+from twa_kernels.fit import (DEFAULT_LOSS, FitError, call_factory, call_loss, load_config, loss_from,
+                             resolve_import_strings, run_fit)
 from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
-from twa_kernels.io import write_json
+from twa_kernels.io import atomic_write_together
+from twa_kernels.io.write import TEMPORARY_NAME_EXTRA
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -118,7 +122,8 @@ def _geometry_inputs(args: argparse.Namespace):
         return model, data, train, connectivity.classification_metric, split
 
     def metric(outputs, targets):
-        return loss_fn(outputs, targets), connectivity.classification_metric(outputs, targets)[1]
+        loss = call_loss(loss_fn, outputs, targets, config.loss)
+        return loss, connectivity.classification_metric(outputs, targets)[1]
 
     return model, data, train, metric, split
 
@@ -153,6 +158,24 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "a file, not a directory" if not parent.is_dir() else "not writable"
         raise OutputError(f"--out {str(out)!r} cannot be written: {parent} is {why}; choose a writable location")
+    limit = name_limit(out.absolute().parent) - TEMPORARY_NAME_EXTRA  # room for the temporary file's name
+    for path in (out, out.with_suffix(".json")):
+        if len(os.fsencode(path.name)) > limit:
+            raise OutputError(f"--out {str(out)!r}: the name {path.name[:40]!r}... is {len(os.fsencode(path.name))} "
+                              f"bytes, and the temporary file it is written through needs {TEMPORARY_NAME_EXTRA} more "
+                              f"than the file system's limit allows (at most {limit}); choose a shorter name")
+
+
+def _write_figure_and_json(out: Path, draw: Callable[[Path], object], record: dict) -> None:
+    """The figure and the JSON of its numbers replaced together: the figure is drawn in a
+    scratch folder first, then both are moved into place (io.atomic_write_together), so that
+    a failure leaves the old pair, never a new figure beside the old numbers."""
+    text = json.dumps(record, indent=1)  # as write_json writes it
+    with tempfile.TemporaryDirectory(prefix="twa-figure-") as scratch:
+        staged = Path(scratch) / out.name  # the same suffix: it names the format
+        draw(staged)
+        atomic_write_together({out: lambda tmp: shutil.copyfile(staged, tmp),
+                               out.with_suffix(".json"): lambda tmp: Path(tmp).write_text(text)})
 
 
 def _connect(args: argparse.Namespace) -> int:
@@ -167,9 +190,10 @@ def _connect(args: argparse.Namespace) -> int:
     label = f"{checkpoint_label(args.a, 0)} -> {checkpoint_label(args.b, 1)}"
     # the files first: a closed or full standard output then loses the printout only
     out = Path(args.out)
-    connectivity.plot_interpolation({label: result}, out, title=f"{label} (data.{split}, bn={args.bn})")
-    write_json(out.with_suffix(".json"), dict(a=printable(args.a), b=printable(args.b), split=split,
-                                              **result.to_dict(), stamp=stamp()))
+    _write_figure_and_json(
+        out, lambda path: connectivity.plot_interpolation({label: result}, path,
+                                                          title=f"{label} (data.{split}, bn={args.bn})"),
+        dict(a=printable(args.a), b=printable(args.b), split=split, **result.to_dict(), stamp=stamp()))
     print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
     print(result.table())
     diverged = sum(not math.isfinite(v) for v in result.loss)
@@ -202,12 +226,12 @@ def _plane(args: argparse.Namespace) -> int:
                                     labels=checkpoint_labels(args.checkpoints),
                                     progress=_progress(args))
         out = Path(args.out)  # the files first: a closed or full standard output then loses the printout only
-        connectivity.plot_plane(result, out, value=args.value)
+        _write_figure_and_json(out, lambda path: connectivity.plot_plane(result, path, value=args.value),
+                               dict(checkpoints=[printable(c) for c in args.checkpoints], split=split,
+                                    **result.to_dict(), stamp=stamp()))
     except ValueError as exc:  # CheckpointError and FitError included
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
-    write_json(out.with_suffix(".json"), dict(checkpoints=[printable(c) for c in args.checkpoints], split=split,
-                                              **result.to_dict(), stamp=stamp()))
     print(f"plane through {', '.join(result.anchors)} (data.{split}, BatchNorm {args.bn}, "
           f"{'dense' if args.bits is None else f'{args.bits}-bit'} directions, {len(result.xs)}x{len(result.ys)} grid)\n")
     print(f"{'point':<24} {'x':>9} {'y':>9} {'distance':>9}")

@@ -184,6 +184,14 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
                 continue
             if math.isfinite(number):
                 args[key] = number
+    # a yes/no setting given as text ("false") is true to the optimizer, as any non-empty
+    # string is: maximize: "false" trained the coefficients up the loss
+    defaults = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    for key, arg in args.items():
+        default = defaults[key].default if key in defaults else inspect.Parameter.empty
+        if isinstance(arg, str) and (default is None or isinstance(default, bool)):
+            raise FitError(f"{where}: optimizer.{key} is a yes/no setting, got the text {_describe(arg)}; write true "
+                           "or false without quotes, or leave the key out for the optimizer's default")
     lr = _as_float(args.get("lr", 1.0))  # absent: the optimizer's own default
     # an infinite lr (YAML .inf, or 1e400) writes NaN weights; 0 trains nothing
     if lr is None or not (math.isfinite(lr) and lr > 0):
@@ -435,11 +443,34 @@ def loss_from(obj: Callable, spec: str) -> Callable:
             raise FitError(f"loss: {_short(spec)} is a class, not a loss; name a function of (outputs, targets) or "
                            "an nn.Module loss class such as torch.nn:CrossEntropyLoss")
         try:
-            return obj()
+            obj = obj()
         except TypeError as exc:
             raise FitError(f"loss: {_short(spec)} cannot be made without arguments ({exc}); name a function of "
                            "(outputs, targets) in your own module that builds it as you need") from exc
+    if not callable(obj):
+        raise FitError(f"loss: {_short(spec)} is a {type(obj).__name__}, not a function of (outputs, targets)")
+    try:  # found now, before the model, the data and the basis are built
+        inspect.signature(obj).bind(None, None)
+    except TypeError as exc:
+        raise FitError(f"loss: {_short(spec)} cannot be called as loss(outputs, targets) ({exc}); name a loss of "
+                       "two arguments, such as torch.nn.functional:cross_entropy") from None
+    except ValueError:  # no signature to read (some builtins): the first call tells
+        pass
     return obj
+
+
+def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch.Tensor:
+    """loss_fn(outputs, targets), one number; a loss that cannot take this model's outputs and
+    these targets (class labels given to a regression loss, say) is named with both shapes."""
+    try:
+        loss = loss_fn(outputs, targets)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        def shape(value: Any) -> str:
+            return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise FitError(f"loss: {_short(spec)} failed on the model's outputs {shape(outputs)} and the targets "
+                       f"{shape(targets)}: {type(exc).__name__}: {_short(str(exc))[1:-1]}; name a loss that takes "
+                       "them, such as torch.nn.functional:cross_entropy for class labels") from exc
+    return _one_number(loss, spec)
 
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:
@@ -570,7 +601,7 @@ def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, spec: str,
     total, count = 0.0, 0
     for x, y in loader:
         samples = _samples(x, y, loader)
-        total += float(_one_number(loss_fn(model(x), y), spec)) * samples
+        total += float(call_loss(loss_fn, model(x), y, spec)) * samples
         count += samples
     if group is not None:  # over every rank's share
         sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
@@ -604,7 +635,14 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     any work; the outputs replace the output directory's old ones as one set. Rank 0 shows
     progress bars (`progress` None: only when standard error is a terminal)."""
     config = load_config(config_path)
-    resolve_checkpoints(config.checkpoints)  # an empty glob or a missing directory, now
+    inputs = resolve_checkpoints(config.checkpoints)  # an empty glob or a missing directory, now
+    # an earlier run's averaged weights given as a checkpoint would be replaced by this run's
+    outputs_paths = {os.path.realpath(Path(config.output) / name): name for name in OUTPUTS}
+    for spec in inputs:
+        if isinstance(spec, (str, os.PathLike)) and os.path.realpath(spec) in outputs_paths:
+            raise FitError(f"{config.source}: the checkpoint {str(spec)!r} is the output "
+                           f"{outputs_paths[os.path.realpath(spec)]} of output: {config.output}, which this run "
+                           "replaces; copy it elsewhere first, or choose another output")
     group = distributed.init_from_environment()
     if group is None and config.distributed_mode == "sharded":
         # a config shared by one-process trials and torchrun jobs: the one process runs, but is told
@@ -673,7 +711,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
         for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
-            loss = _trainable(_one_number(loss_fn(twa(x), y), config.loss), config.loss)
+            loss = _trainable(call_loss(loss_fn, twa(x), y, config.loss), config.loss)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())  # after backward: the value only

@@ -39,11 +39,11 @@ from twa_kernels.io.read import (
     torch_load_safely,
     verify_zip_crc,
 )
-from twa_kernels.io.write import atomic_write, check_output_file, save_state_dict, write_json
+from twa_kernels.io.write import atomic_write, atomic_write_together, check_output_file, save_state_dict, write_json
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "atomic_write",
-    "check_output_file",
+    "atomic_write_together", "check_output_file",
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
     "iter_state_dicts", "load_state_dict", "match_names", "model_renaming", "parameter_aliases",
     "resolve_checkpoints", "save_state_dict", "tied_owners", "torch_load_safely", "trainer_output_hint",

@@ -21,6 +21,11 @@ from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputErr
 from twa_kernels.io.keys import _not_dense_values
 
 
+# atomic_write's temporary file is named `.<name>.<8 random characters>.tmp`: a name within
+# this many bytes of the file system's limit cannot be written
+TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
+
+
 def _default_file_mode() -> int:
     """The mode open() gives a new file under the current umask (0644 under umask 022)."""
     return 0o666 & ~current_umask()
@@ -45,45 +50,63 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     give it. A symbolic link is written through: the file it points to is replaced and the link
     kept, as OutputDirectory keeps a linked output directory. An unwritable location is an
     OutputError naming the path."""
-    path = check_output_file(path)
-    # the temporary goes beside the file the link points to: os.replace onto the link itself
-    # would put a regular file in its place, and across file systems it could not rename at all
-    real = Path(os.path.realpath(path))
-    created = [parent for parent in real.parents if not parent.exists()]  # deepest first: removed if the write fails
-    written = False
+    return atomic_write_together({path: write})[0]
+
+
+def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
+    """atomic_write for several files that belong together (a figure and the JSON of its
+    numbers): every file is written whole beside its target first, and only then are they
+    moved into place, in the order given. A full disk or an exception while writing leaves
+    every old file as it was."""
+    paths = [check_output_file(path) for path in writes]
+    staged: list[tuple[str, Path, Path]] = []  # (temporary, target, path as given)
+    created: list[Path] = []  # deepest first per file: removed if the writes fail
+    replaced = 0
+    current = paths[0] if paths else None
     try:
-        real.parent.mkdir(parents=True, exist_ok=True)
-        mode = real.stat().st_mode & 0o7777 if real.exists() else _default_file_mode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+        for path, write in zip(paths, writes.values()):
+            current = path
+            # the temporary goes beside the file the link points to: os.replace onto the link
+            # itself would put a regular file in its place, and across file systems it could
+            # not rename at all
+            real = Path(os.path.realpath(path))
+            created += [parent for parent in real.parents if not parent.exists()]
+            try:
+                real.parent.mkdir(parents=True, exist_ok=True)
+                mode = real.stat().st_mode & 0o7777 if real.exists() else _default_file_mode()
+                fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+            except OSError as exc:
+                raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
+            os.close(fd)
+            staged.append((tmp, real, path))
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.chmod(tmp, mode)
+        for tmp, real, path in staged:
+            current = path
+            os.replace(tmp, real)
+            replaced += 1
+            fsync_directory(real.parent)  # the new name itself is on disk too
+    except TWAKernelsError:  # named already (an unwritable location above, or by `write`)
+        raise
     except OSError as exc:
-        _remove_empty(created)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
-    try:
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, mode)
-        os.replace(tmp, real)
-        written = True
-        fsync_directory(real.parent)  # the new name itself is on disk too
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc} (the previous file, if any, is "
-                          "unchanged); free space or choose another location") from exc
+        kept = "the previous file, if any, is unchanged" if replaced == 0 else "the files before it were replaced"
+        raise OutputError(f"cannot write {current}: {exc.strerror or exc} ({kept}); free space or choose another "
+                          "location") from exc
     except (RuntimeError, safetensors.SafetensorError) as exc:
-        if isinstance(exc, TWAKernelsError):
-            raise
         # torch.save and safetensors report a failed write (a full disk, a file size limit)
         # as their own errors, not as OSError; the values were checked before writing began
-        raise OutputError(f"cannot write {path}: the writer failed ({type(exc).__name__}: {exc}); the previous "
+        raise OutputError(f"cannot write {current}: the writer failed ({type(exc).__name__}: {exc}); the previous "
                           "file, if any, is unchanged (a full disk or a file size limit fails it so: free space or "
                           "choose another location)") from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if not written:
-            _remove_empty(created)
-    return path
+        for tmp, _, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if replaced < len(staged) or len(staged) < len(paths):
+            _remove_empty(sorted(set(created), key=lambda p: len(p.parts), reverse=True))
+    return paths
 
 
 def _remove_empty(directories: list[Path]) -> None:
