@@ -74,6 +74,10 @@ def test_fit_writes_the_averaged_model_and_a_report(project, int8_gradients):
     assert report["val_loss_after_twa"] < report["val_loss_at_swa"]
     assert report["int8_gradients"] is int8_gradients
     assert report["stamp"]["twa_kernels"] and report["stamp"]["cpu"] and report["stamp"]["datetime"]
+    # what ran, defaults filled in, and the files the glob resolved to
+    assert report["settings"]["int8_gradients"] is int8_gradients and report["settings"]["bits"] == 4
+    assert report["settings"]["optimizer_args"]["lr"] > 0 and report["settings"]["granularity"] == "tensor"
+    assert [Path(p).name for p in report["checkpoints"]] == sorted(p.name for p in (project / "ckpts").iterdir())
     for name in ("averaged.pt", "averaged.safetensors"):
         model = make_model(5)
         model.load_state_dict(tk.load_state_dict(project / "out" / name))
@@ -162,6 +166,29 @@ def test_the_demo_refuses_an_output_it_could_not_write_before_training(tmp_path,
     with pytest.raises(tk.errors.OutputError, match=message):
         run_demo(out, quick=True, progress=False)  # at once: no training comes before the refusal
     assert sorted(p.name for p in tmp_path.iterdir()) == (["demo"] if where == "results.json" else [])
+
+
+def test_an_interrupted_demo_removes_the_checkpoint_folders_it_began(tmp_path, monkeypatch):
+    # a seed folder holding part of a run was left beside the results, for twa connect to read
+    from twa_kernels import demo
+
+    out = tmp_path / "demo"
+    earlier = out / f"seed{demo.FIRST_SEED}"
+    earlier.mkdir(parents=True)
+    (earlier / "epoch_001.safetensors").write_text("an earlier run's")
+
+    def run_seed(seed, setting, out_dir, progress):
+        folder = out_dir / f"seed{seed}"
+        folder.mkdir(exist_ok=True)
+        (folder / "epoch_001.safetensors").write_text("this run's")
+        if seed == demo.FIRST_SEED + 1:
+            raise KeyboardInterrupt
+        return {"head_epochs": 1}
+
+    monkeypatch.setattr(demo, "run_seed", run_seed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, seeds=3, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [earlier.name]
 
 
 def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path, monkeypatch):

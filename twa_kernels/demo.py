@@ -488,9 +488,17 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     # busy cores the quick demo took 8 minutes with 2 threads); one thread also makes the
     # numbers match experiments/claims.py's, which runs one thread per process
     torch.set_num_threads(1)
+    seed_dirs = [out / f"seed{seed}" for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
+    new_dirs = [d for d in seed_dirs if not os.path.lexists(d)]
     try:
         run_stamp = stamp()  # the machine, date and commit these numbers came from, and the one thread they ran on
         runs = [run_seed(seed, setting, out, progress) for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
+    except BaseException:
+        # an interrupted run leaves no checkpoint folder it began (a part of a run that
+        # twa connect would read as a whole); an earlier run's folders keep their files
+        for folder in new_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
     summary = summarize(runs)

@@ -694,7 +694,11 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
     optimizer = getattr(torch.optim, config.optimizer)(twa.parameters(), **config.optimizer_args)
 
     start = time.perf_counter()
-    report: dict[str, Any] = dict(config=config.source, coefficients=list(twa.coefficients.shape),
+    # what ran, with every default filled in: the config file may change, or be a pipe read once
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "checkpoints")}
+    report: dict[str, Any] = dict(config=config.source, settings=settings,
+                                  checkpoints=[str(p) for p in resolve_checkpoints(config.checkpoints)],
+                                  coefficients=list(twa.coefficients.shape),
                                   basis_bytes=twa.basis.nbytes, int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     if val_loader is not None:
