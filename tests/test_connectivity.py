@@ -253,6 +253,10 @@ def test_plane_through_a_subspace_slice(runs):
         got = torch.cat([t.reshape(-1) for t in p.state_dict_at(x, y).values()]).double()
         torch.testing.assert_close(got, sub.center.double() + x * q[1] + y * q[3], rtol=0, atol=2e-6)
     assert p.anchors == ["center"] and p.loss.shape == (2, 2)
+    # the grid spans the rows' tips either side of the center (it was one point, every loss the center's)
+    tip = float(q[1].norm())
+    assert p.xs[0] < -tip and p.xs[1] > tip and p.ys[0] < 0 < p.ys[1]
+    assert float(p.loss[0, 0]) != float(p.loss[1, 1])
 
 
 def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
@@ -278,7 +282,42 @@ def test_plane_named_errors_and_the_figure(runs, dense_plane, tmp_path):
         C.plot_plane(dense_plane, tmp_path / "plane.xyz")  # named before drawing, not by matplotlib after
     with pytest.raises(tk.errors.InvalidArgumentError, match="at least one interpolation"):
         C.plot_interpolation({}, tmp_path / "empty.png")  # an empty figure was written
+    anchor = dense_plane.anchors[0]  # its dot and label moved to the point's place
+    with pytest.raises(tk.errors.InvalidArgumentError, match=f"points: '{anchor}' is already the name"):
+        C.plot_plane(dense_plane, tmp_path / "clash.png", points={anchor: ckpts[6]})
     assert [f.name for f in tmp_path.iterdir()] == ["plane.png"]
+    # a bad group_size without bits met a ZeroDivisionError; labels must be strings
+    with pytest.raises(tk.errors.InvalidArgumentError, match="group_size must be a positive multiple of 8"):
+        C.plane(model, ckpts[:3], _data(test), grid=2, group_size=0)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="labels must be a list of 3 strings"):
+        C.plane(model, ckpts[:3], _data(test), grid=2, labels=[1, 2, 3])
+    complex_mask = {"3.weight": torch.ones(10, 48, dtype=torch.complex64)}
+    with pytest.raises(tk.errors.InvalidArgumentError, match="complex64; pass a bool mask"):
+        C.plane(model, ckpts[:3], _data(test), grid=2, masks=complex_mask)
+
+
+def test_a_plane_through_the_models_own_state_dict_stays_usable(runs):
+    # measuring the plane writes the model's BatchNorm buffers in place, which the live
+    # state_dict shares: the origin read as changed, on the next row or at locate()
+    train, test, ckpts, _ = runs
+    model = make_model(3)
+    model.load_state_dict(ckpts[0])
+    for bn in ("recompute", "none"):
+        live = C.plane(model, [model.state_dict(), ckpts[1], ckpts[2]], _data(test), grid=2, bn=bn,
+                       bn_data=_data(train))
+        copied = C.plane(model, [copy.deepcopy(ckpts[0]), ckpts[1], ckpts[2]], _data(test), grid=2, bn=bn,
+                         bn_data=_data(train))
+        assert torch.equal(live.loss, copied.loss)
+        assert live.locate(ckpts[3]) == copied.locate(ckpts[3])
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, lambda m: torch.compile(m, backend="eager")],
+                         ids=["DataParallel", "compiled"])
+def test_a_wrapped_model_reads_checkpoints_of_the_module_it_wraps(runs, wrap):
+    train, test, ckpts, _ = runs
+    plain = C.interpolate(make_model(3), ckpts[0], ckpts[1], _data(test), steps=3, bn_data=_data(train))
+    wrapped = C.interpolate(wrap(make_model(3)), ckpts[0], ckpts[1], _data(test), steps=3, bn_data=_data(train))
+    assert wrapped.loss == plain.loss
 
 
 def test_a_figure_without_matplotlib_names_the_extra(dense_plane, tmp_path, monkeypatch):
@@ -538,6 +577,19 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
     assert result.converged and result.value == pytest.approx(top, rel=1e-2)
     assert result.trace[-1] == result.value and len(result.trace) > 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_integer_parameter_stays_fixed_outside_the_hessian(tiny):
+    # requires_grad on it raised torch's "only Tensors of floating point dtype can require gradients"
+    import torch.nn.functional as F
+
+    model, data, _ = tiny
+    indexed = copy.deepcopy(model)
+    indexed.register_parameter("index", torch.nn.Parameter(torch.arange(3), requires_grad=False))
+    want = C.top_eigenvalue(model, F.cross_entropy, data, iters=5, seed=0)
+    assert C.top_eigenvalue(indexed, F.cross_entropy, data, iters=5, seed=0).value == want.value
+    diagonal = C.hessian_diagonal(indexed, F.cross_entropy, data, samples=2, seed=0)
+    assert "index" not in diagonal and len(diagonal) == len(list(model.parameters()))
 
 
 def test_power_iteration_on_a_plus_minus_pair_is_not_called_converged():

@@ -237,6 +237,8 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
         if tuple(mask.shape) != tuple(params[name].shape):
             raise InvalidArgumentError(f"mask for {key!r} has shape {tuple(mask.shape)} but the parameter's is "
                              f"{tuple(params[name].shape)}")
+        if mask.is_complex():  # multiplied into real weights, its imaginary part would be dropped
+            raise InvalidArgumentError(f"mask for {key!r} is {mask.dtype}; pass a bool mask (tk.prune's masks are)")
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             # a mask multiplies the weights: a NaN spoils every point, another value rescales them
             raise InvalidArgumentError(f"mask for {key!r} holds values other than 0 and 1; pass a bool mask "

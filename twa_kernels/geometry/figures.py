@@ -60,6 +60,9 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     path = _check_path(path)
     located = dict(result.points)
     for label, ckpt in (points or {}).items():
+        if label in located:  # it would move that point's dot and label to its own place
+            raise InvalidArgumentError(f"points: {label!r} is already the name of one of the plane's points "
+                                       f"({', '.join(located)}); give the point another name")
         located[label] = result.locate(ckpt, label)
     values = (result.loss if value == "loss" else 100 * result.error).numpy()
     finite = values[np.isfinite(values)]  # a diverged corner (NaN, inf) is left blank

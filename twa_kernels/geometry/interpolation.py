@@ -42,6 +42,7 @@ from twa_kernels.geometry.evaluation import (
     parameter_device,
     preserved,
 )
+from twa_kernels.io import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def interpolate(
     and 1 and when a and b agree.
     """
     check_module(model, "interpolate's model")
+    model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
     check_bn(bn)
     if not isinstance(steps, int) or steps < 2:
         raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -60,7 +60,7 @@ from twa_kernels.geometry.evaluation import (
     preserved,
 )
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_state_dict
+from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_model, unwrap_state_dict
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
     QuantizedBasis,
@@ -150,13 +150,15 @@ def _read_step(group_size: int) -> int:
     return group_size * _CHUNK_GROUPS * max(1, _READ_COLUMNS // (group_size * _CHUNK_GROUPS))
 
 
-def _stamp(spec: Checkpoint) -> tuple:
+def _stamp(spec: Checkpoint, read: Collection[str]) -> tuple:
     """What changes when a checkpoint changes: a file's (or a DCP directory's metadata's)
-    size and mtime; a state_dict's tensors' version counters (bumped by in-place writes;
-    inference tensors have none, so in-place writes to those go unnoticed)."""
+    size and mtime; the version counters of the state_dict tensors named in `read` (bumped by
+    in-place writes; inference tensors have none, so in-place writes to those go unnoticed).
+    Only the weights the origin reads count: a model's own state_dict() given as checkpoint
+    a shares its BatchNorm buffers, which measuring the plane writes in place."""
     if isinstance(spec, Mapping):
         return tuple(None if t.is_inference() else t._version
-                     for t in unwrap_state_dict(spec, "origin").values() if isinstance(t, Tensor))
+                     for k, t in unwrap_state_dict(spec, "origin").items() if isinstance(t, Tensor) and k in read)
     path = os.path.join(spec, ".metadata") if os.path.isdir(spec) else spec
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
@@ -171,7 +173,8 @@ class _Origin:
     def __init__(self, tensor: Tensor | None = None, reader: ColumnReader | None = None, spec: Checkpoint | None = None,
                  layout: tuple[list[str], list[tuple[int, ...]], Mapping[str, Sequence[str]], int] | None = None):
         self.tensor, self.reader, self.layout = tensor, reader, layout
-        self.stamp = None if reader is None else _stamp(spec)
+        self.read = set() if layout is None else {*layout[0], *(a for names in layout[2].values() for a in names)}
+        self.stamp = None if reader is None else _stamp(spec, self.read)
         self.spec = spec
 
     def to(self, device: torch.device) -> _Origin:
@@ -185,7 +188,7 @@ class _Origin:
         if self.stamp is None:
             return
         try:
-            stamp = _stamp(self.spec)
+            stamp = _stamp(self.spec, self.read)
         except OSError as exc:
             raise CheckpointError(f"{self.reader.source}: the plane's origin can no longer be read ({exc}); it is "
                                   "read back, not copied: keep checkpoint a while you use the plane") from exc
@@ -467,8 +470,7 @@ def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None,
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
         raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
                                    f"side; 0.2 is the default), got {margin!r}")
-    if bits is not None:
-        check_settings(bits, group_size)
+    check_settings(bits, group_size)  # group_size sets the read chunk even where bits is None
     return nx, ny
 
 
@@ -489,6 +491,9 @@ def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspa
         located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
                    anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
     if labels is not None:
+        if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+            raise InvalidArgumentError(f"labels must be a list of {len(anchors)} strings, one per anchor, got "
+                                       f"{labels!r}")
         if len(labels) != len(anchors):
             raise InvalidArgumentError(f"labels: {len(labels)} given for {len(anchors)} anchor point(s)")
         if len(set(labels)) != len(labels):  # the points are keyed by label: one would replace the other
@@ -501,10 +506,11 @@ def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspa
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _grid_axes(located: Mapping[str, PlanePoint], margin: float, nx: int, ny: int) -> tuple[list[float], list[float]]:
-    """The grid's coordinates along x and y: the span of the located points, padded on each side."""
-    x_lo, x_hi = min(p.x for p in located.values()), max(p.x for p in located.values())
-    y_lo, y_hi = min(p.y for p in located.values()), max(p.y for p in located.values())
+def _grid_axes(spanned: Sequence[tuple[float, float]], margin: float, nx: int,
+               ny: int) -> tuple[list[float], list[float]]:
+    """The grid's coordinates along x and y: the span of the points (x, y), padded on each side."""
+    x_lo, x_hi = min(x for x, _ in spanned), max(x for x, _ in spanned)
+    y_lo, y_hi = min(y for _, y in spanned), max(y for _, y in spanned)
     pad = margin * max(x_hi - x_lo, y_hi - y_lo)  # one pad for both axes: a thin plane still shows its sides
     xs, ys = _axis(x_lo, x_hi, pad, nx), _axis(y_lo, y_hi, pad, ny)
     if not all(abs(v) < _FLOAT32_MAX for v in (*xs, *ys)):  # the coefficients are float32
@@ -547,6 +553,7 @@ def plane(
     needs checkpoints, whose statistics it mixes).
     """
     check_module(model, "plane's model")
+    model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
     check_bn(bn)
     nx, ny = _check_grid(grid, margin, bits, group_size)
     mask = check_masks(model, masks)
@@ -564,7 +571,14 @@ def plane(
     frame.fixed_buffers = {k: t.to(device) for k, t in frame.fixed_buffers.items()}
     # the grid's weights are float32; a model of another dtype gets them in its own
     own_dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    xs, ys = _grid_axes(located, margin, nx, ny)
+    spanned = [(p.x, p.y) for p in located.values()]
+    if isinstance(checkpoints, Subspace):
+        # its one anchor, the center, spans nothing (the grid was one point): the two rows'
+        # tips either side of it give the span
+        L = frame.chol
+        tips = [(float(L[0, 0]), 0.0), (float(L[1, 0]), float(L[1, 1]))]
+        spanned += tips + [(-x, -y) for x, y in tips]
+    xs, ys = _grid_axes(spanned, margin, nx, ny)
     loss, error = torch.empty(ny, nx, dtype=torch.float64), torch.empty(ny, nx, dtype=torch.float64)
     # One weight vector, viewed as the parameters, is the only model-sized memory the grid
     # adds: each row starts from the origin (read back into it) plus one reconstruct, and

@@ -35,6 +35,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
 from twa_kernels._checks import check_module, real
 from twa_kernels.geometry.evaluation import parameter_device, preserved, split_batch
+from twa_kernels.io import unwrap_model
 
 logger = logging.getLogger(__name__)
 # PyTorch's message for an op without a forward-mode derivative, which torch.func.jvp needs
@@ -96,7 +97,8 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
     leading probe dimension on every tensor of v (vmapped). Batches are fed as evaluation's
     split_batch reads them."""
     device = parameter_device(model)
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    # an integer parameter (an index table) has no Hessian: it stays the module's own, fixed
+    params = {name: p.detach() for name, p in model.named_parameters() if p.is_floating_point()}
     batches = [split_batch(batch, device) for batch in data]
     total = sum(len(y) for _, _, y in batches)
     if total == 0:
@@ -174,6 +176,7 @@ def hessian_diagonal(
     attention: build it with attn_implementation="eager") raises InvalidArgumentError.
     """
     check_module(model, "hessian_diagonal's model")
+    model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -214,6 +217,7 @@ def top_eigenvalue(
     that is not finite (the loss overflows or is NaN at these weights) stops it at once with a
     warning, unconverged, its value the NaN or infinity."""
     check_module(model, "top_eigenvalue's model")
+    model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
     if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged
