@@ -1294,16 +1294,21 @@ def test_casting_a_twa_keeps_its_center_basis_and_coefficients_exact():
     torch.manual_seed(0)
     states = [{k: v * 1e6 + 1e-3 * torch.randn_like(v) for k, v in nn.Linear(8, 4).state_dict().items()}
               for _ in range(3)]
-    twa = tk.TWA(nn.Linear(8, 4), states, bits=4, group_size=8)
+    for state in states[1:]:
+        state["bias"] = states[0]["bias"]
+    model = nn.Linear(8, 4)
+    model.bias.requires_grad_(False)  # its checkpoint value is kept too: it was rounded, unlike the rest
+    twa = tk.TWA(model, states, bits=4, group_size=8)
     with torch.no_grad():
         twa.coefficients.fill_(0.1234568)
-    before = {k: v.clone() for k, v in twa.state_dict().items() if not k.startswith("frozen_")}
+    before = {k: v.clone() for k, v in twa.state_dict().items()}
+    assert "frozen_0" in before
     twa.half()
     assert next(twa.module.parameters()).dtype == torch.float16  # the model is cast, as asked
     twa.float()
     for key, value in twa.state_dict().items():
-        if key in before:
-            assert torch.equal(value, before[key]), key  # a round trip through float16 rounded these
+        assert torch.equal(value, before[key]), key  # a round trip through float16 rounded these
+    assert torch.equal(twa.averaged_state_dict()["bias"], states[0]["bias"])
 
 
 def test_checkpoints_of_live_parameters_are_read_as_values():
