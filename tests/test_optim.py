@@ -229,7 +229,7 @@ def test_set_ups_that_cannot_work_are_refused():
     dense = _subspace(model)
     with pytest.raises(tk.errors.InvalidArgumentError, match="parameters do not match"):
         tk.SubspaceOptimizer(torch.optim.SGD(list(model.parameters())[:2], lr=1), dense)
-    with pytest.raises(tk.errors.InvalidArgumentError, match="wraps a torch.optim.Optimizer"):
+    with pytest.raises(tk.errors.InvalidTypeError, match="wraps a torch.optim.Optimizer"):
         tk.SubspaceOptimizer(object(), dense)
 
 
@@ -287,3 +287,88 @@ def test_weights_of_one_shape_given_out_of_order_by_position_are_pointed_out():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tk.SubspaceOptimizer(torch.optim.SGD(swapped, lr=0.1), sub, model=model)  # matched by name: right
+
+
+def test_momentum_that_left_the_span_is_projected_after_weight_decay_ends():
+    # plain SGD's steps went unprojected once weight decay was 0, but its momentum buffers
+    # still held the decay's w * p from before: 58-74% of each move left the span
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05), sub)
+    _train(opt, model, steps=3)
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.0  # a schedule that ends weight decay
+    _train(opt, model, steps=3)
+    assert _outside_fraction(model, sub)[1] < 1e-4
+
+
+def test_momentum_an_optimizer_brings_along_is_projected():
+    # an SGD that trained before, or a resumed one, holds buffers outside the span: 98.7% of
+    # the moves left it
+    model, sub = _at_center()
+    trained = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(trained, model, steps=2)
+    state = trained.state_dict()
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    opt = tk.SubspaceOptimizer(trained, sub)
+    _train(opt, model, steps=2)
+    assert _outside_fraction(model, sub)[1] < 1e-4
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    resumed = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sub)
+    resumed.load_state_dict(state)
+    _train(resumed, model, steps=2)
+    assert _outside_fraction(model, sub)[1] < 1e-4
+
+
+def test_a_weight_frozen_or_a_group_added_after_wrapping_is_refused():
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
+    with pytest.raises(tk.errors.UsageError, match="a parameter group added now would train outside it"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    model[0].weight.requires_grad_(False)  # it still moved, with a projected gradient
+    with pytest.raises(tk.errors.UsageError, match="parameter '0.weight' no longer requires grad"):
+        _train(opt, model, steps=1)
+
+
+def test_a_float64_model_keeps_its_small_steps():
+    # the projected step was added in float32 and rounded away with the weights: Adam at
+    # lr 1e-9 moved by float32's rounding of the weights, not by its step
+    import copy
+
+    model = make_model(0).double()
+    sub = _subspace(model)
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    plain = copy.deepcopy(model)
+    basis = tk.dequantize(sub.basis).double()
+    x, y = torch.randn(32, 64, dtype=torch.float64), torch.randint(0, 10, (32,))
+    moves = []
+    for net, wrap in ((plain, False), (model, True)):
+        params = dict(net.named_parameters())
+
+        def flat(values):  # in float64, as the model holds them
+            return torch.cat([values[name].reshape(-1) for name in sub.names])
+
+        start = flat({n: p.detach() for n, p in params.items()}).clone()
+        adam = torch.optim.Adam(net.parameters(), lr=1e-9)
+        opt = tk.SubspaceOptimizer(adam, sub) if wrap else adam
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        if not wrap:  # the reference: the gradient and the step projected in float64
+            inside = basis.T @ (basis @ flat({n: p.grad for n, p in params.items()}))
+            for piece, (name, p) in zip(inside.split([p.numel() for p in params.values()]), params.items()):
+                p.grad.copy_(piece.view_as(p))
+        opt.step()
+        move = flat({n: p.detach() for n, p in params.items()}) - start
+        moves.append(basis.T @ (basis @ move) if not wrap else move)
+    assert float((moves[1] - moves[0]).norm() / moves[0].norm()) < 1e-3
+
+
+def test_a_subspace_or_optimizer_of_the_wrong_kind_and_a_meta_model_are_named():
+    model, sub = _at_center()
+    with pytest.raises(tk.errors.InvalidTypeError, match="needs a tk.Subspace"):
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub.basis)
+    with pytest.raises(tk.errors.InvalidTypeError, match="pass an instance"):
+        tk.SubspaceOptimizer(torch.optim.SGD, sub)
+    with torch.device("meta"):
+        meta = make_model(0)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="is on meta but the subspace is on cpu"):
+        tk.SubspaceOptimizer(torch.optim.SGD(meta.parameters(), lr=0.1), sub)

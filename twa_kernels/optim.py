@@ -9,9 +9,11 @@ Before every step the gradient g of the model's parameters is replaced by P^T P 
 projection onto the span of the orthonormal basis P, computed by the fused project and
 reconstruct ops; the base optimizer then steps as usual. SGD (with or without momentum,
 without weight decay, every group at the same settings) steps along one linear function
-of those projected gradients, so its step is already inside the span. Any other step
-(Adam's per-entry scaling, weight decay) is projected too: the weights move by P^T P of
-the step the base optimizer took. Either way the weights stay in center + span(P).
+of those projected gradients, so its step is already inside the span, as long as its
+momentum buffers hold only such gradients (not state it brought along, a resumed state,
+or what a step with weight decay left). Any other step (Adam's per-entry scaling, weight
+decay) is projected too: the weights move by P^T P of the step the base optimizer took,
+added to each weight in its own dtype. Either way the weights stay in center + span(P).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.io import unwrap_model
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.subspace import Subspace
@@ -105,8 +107,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, subspace: Subspace, model: nn.Module | None = None):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise InvalidArgumentError(f"SubspaceOptimizer wraps a torch.optim.Optimizer, got "
-                                       f"{type(base_optimizer).__name__}")
+            what = (f"the class {base_optimizer.__name__}; pass an instance, e.g. "
+                    f"{base_optimizer.__name__}(model.parameters(), lr=...)" if isinstance(base_optimizer, type)
+                    else type(base_optimizer).__name__)
+            raise InvalidTypeError(f"SubspaceOptimizer wraps a torch.optim.Optimizer instance, got {what}")
+        if not isinstance(subspace, Subspace):
+            raise InvalidTypeError(f"SubspaceOptimizer needs a tk.Subspace (center and basis), got "
+                                   f"{type(subspace).__name__}; build one with tk.Subspace.from_checkpoints(...)")
         if not subspace.orthonormal:
             raise InvalidArgumentError("SubspaceOptimizer needs an orthonormal basis: build the subspace with "
                                        "orthonormalize=True (and granularity='model')")
@@ -124,12 +131,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise InvalidArgumentError(f"{len(frozen)} of the optimizer's parameters do not require grad "
                                        f"(first: {frozen[0]!r}), but the subspace spans them, so its steps would "
                                        "move them; build the subspace from the trainable parameters only")
+        device = subspace.center.device
+        elsewhere = next((name for name, p in zip(subspace.names, params) if p.device != device), None)
+        if elsewhere is not None:
+            where = params[subspace.names.index(elsewhere)].device
+            raise InvalidArgumentError(f"the parameter {elsewhere!r} is on {where} but the subspace is on {device}; "
+                                       + ("load the model's weights first (to_empty() and load_state_dict())"
+                                          if where.type == "meta" else "build the subspace on the model's device"))
         # Optimizer.__init__ sets up the hooks and the step patching that schedulers and
         # profilers rely on; the groups and state it makes are dropped for the wrapped
         # optimizer's own (the properties below)
         super().__init__(params, dict(base_optimizer.defaults))
         del self.__dict__["_own_param_groups"], self.__dict__["_own_state"]
         self.base_optimizer, self.subspace, self._params = base_optimizer, subspace, params
+        # plain SGD's steps need no projection only while its momentum buffers lie in the span:
+        # state it brings along (a resumed run, an optimizer that trained before) or that a
+        # projected step left (weight decay's w * p) may not
+        self._state_in_span = not base_optimizer.state
         if subspace.basis.bits is None:
             # matched by position alone, two weights of one shape may have been swapped
             by_position = model is None and not all("param_names" in g for g in base_optimizer.param_groups)
@@ -162,6 +180,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         else:
             self.__dict__["_own_state"] = state
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused once wrapped: the subspace spans the weights it was built with, and a new
+        group's parameters would train unprojected."""
+        if "base_optimizer" not in self.__dict__:  # Optimizer.__init__'s own groups
+            return super().add_param_group(param_group)
+        raise UsageError("SubspaceOptimizer trains exactly the weights its subspace spans; a parameter group added "
+                         "now would train outside it. Build the subspace over those weights too, and wrap an "
+                         "optimizer that holds every group")
+
     def __getstate__(self) -> dict:
         return self.__dict__.copy()  # Optimizer's own keeps only defaults, state and groups
 
@@ -192,6 +219,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def project_gradients(self) -> None:
         """Replace each parameter's gradient by its part inside the subspace."""
         for name, p in zip(self.subspace.names, self._params):
+            if not p.requires_grad:  # frozen after wrapping: given a projected gradient, it would move
+                raise UsageError(f"parameter {name!r} no longer requires grad, but the subspace spans it and each "
+                                 "step moves every weight it spans; build the subspace and the optimizer over the "
+                                 "trainable parameters only")
             if p.grad is not None and p.grad.is_sparse:
                 raise InvalidArgumentError(f"parameter {name!r} has a sparse gradient, which SubspaceOptimizer "
                                            "cannot project; use a dense gradient (sparse=False on the embedding)")
@@ -218,15 +249,18 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
             def take_step() -> Tensor | None:
                 return self.base_optimizer.step(projected_closure)
-        if _steps_inside_span(self.base_optimizer):
+        if self._state_in_span and _steps_inside_span(self.base_optimizer):
             return take_step()
         with torch.no_grad():
-            before = self._flat_weights()
+            before = [p.detach().clone() for p in self._params]
         result = take_step()
         with torch.no_grad():
-            moved = before + self._in_span(self._flat_weights() - before)
-            for p, piece in zip(self._params, self.subspace.unflatten(moved).values()):
-                p.copy_(piece)
+            # the step projected in float32, added to each weight in its own dtype (a float64
+            # model's small steps were rounded away with its weights)
+            step = torch.cat([(p.detach() - b).reshape(-1).to(torch.float32) for p, b in zip(self._params, before)])
+            for p, b, piece in zip(self._params, before, self.subspace.unflatten(self._in_span(step)).values()):
+                p.copy_(b + piece.to(p.dtype))
+        self._state_in_span = False  # the wrapped optimizer's buffers now hold unprojected steps
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -240,3 +274,4 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state: dict) -> None:
         """Load the wrapped optimizer's state, as saved by `state_dict`."""
         self.base_optimizer.load_state_dict(state)
+        self._state_in_span = not self.base_optimizer.state
