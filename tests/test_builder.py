@@ -125,3 +125,17 @@ def test_the_range_check_names_the_key_of_the_first_value_out_of_range_in_any_wi
     layout = builder.Layout(["a", "b"], [(builder._READ_COLUMNS,), (2 * builder._READ_COLUMNS,)])
     with pytest.raises(tk.CheckpointError, match="key 'b' lies more than"):
         builder.check_range(row, layout, "checkpoint", 0)
+
+
+def test_checkpoints_that_span_nothing_or_hold_no_real_weights_are_named():
+    # orthonormalising identical checkpoints ended in quantize's "P must have at least one row";
+    # checkpoints without a real floating-point entry, in "block_sizes must be positive integers"
+    import copy
+
+    a = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    with pytest.warns(RuntimeWarning, match="dropped 2 of 2 rows"), pytest.raises(tk.errors.InvalidArgumentError, match="span no direction"):
+        tk.Subspace.from_checkpoints([a, copy.deepcopy(a), copy.deepcopy(a)], bits=None, granularity="model",
+                                     orthonormalize=True)
+    for entries in ({"w": torch.randn(3, dtype=torch.complex64)}, {"n": torch.tensor(1)}):
+        with pytest.raises(tk.CheckpointError, match="holds no real floating-point weight"):
+            tk.Subspace.from_checkpoints([entries, copy.deepcopy(entries)], bits=None, granularity="model")

@@ -262,7 +262,12 @@ class Subspace:
             dense = builder.build_basis(specs, layout, center, 0, offsets, None, group_size, steps, transform)
             # centred rows sum to zero (after scaling): any k - 1 of them span the subspace
             rows = dense.codes[:-1] if dense.k > 1 else dense.codes
-            basis = quantize(_orthonormalize(rows), bits, group_size, blocks)
+            orthonormal = _orthonormalize(rows)
+            if orthonormal.shape[0] == 0:  # quantize's own message would name an empty P
+                raise InvalidArgumentError(f"the {len(specs)} checkpoints span no direction (each holds the center's "
+                                           "weights), so there is nothing to orthonormalize; pass checkpoints that "
+                                           "differ")
+            basis = quantize(orthonormal, bits, group_size, blocks)
         else:
             basis = builder.build_basis(specs, layout, center, 0, offsets, bits, group_size, steps, transform)
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
@@ -285,6 +290,9 @@ def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shape
         first = ColumnReader(first_spec, 0, names=names)
         names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
                                                  and not k.endswith(_BATCHNORM_STATISTICS)]
+        if not names:  # else an empty layout, named later as a block of no columns
+            raise CheckpointError(f"{first.source} holds no real floating-point weight to average (integer, bool "
+                                  "and complex entries are not averaged); pass checkpoints of a model's weights")
         keys = {n: first.key(n, aliases.get(n, ())) for n in names}
         missing = [n for n, key in keys.items() if key is None]
         if missing:
