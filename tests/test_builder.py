@@ -133,7 +133,8 @@ def test_checkpoints_that_span_nothing_or_hold_no_real_weights_are_named():
     import copy
 
     a = {"w": torch.randn(4, 3), "b": torch.randn(3)}
-    with pytest.warns(RuntimeWarning, match="dropped 2 of 2 rows"), pytest.raises(tk.errors.InvalidArgumentError, match="span no direction"):
+    with pytest.warns(RuntimeWarning, match="dropped 2 of 2 rows"), \
+            pytest.raises(tk.errors.InvalidArgumentError, match="span no direction"):
         tk.Subspace.from_checkpoints([a, copy.deepcopy(a), copy.deepcopy(a)], bits=None, granularity="model",
                                      orthonormalize=True)
     for entries in ({"w": torch.randn(3, dtype=torch.complex64)}, {"n": torch.tensor(1)}):

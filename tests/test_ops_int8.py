@@ -91,7 +91,8 @@ def test_project_int8_matches_its_spec(isa, bits, k, d, group_size, blocks, thre
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("d,block_sizes", [(2**17 + 2**16, None), (2**18, None), (3 * 2**17 + 1000, [2**17 // 3, 1000])])
+@pytest.mark.parametrize("d,block_sizes",
+                         [(2**17 + 2**16, None), (2**18, None), (3 * 2**17 + 1000, [2**17 // 3, 1000])])
 def test_8_bit_groups_too_wide_for_int32_sums_match_the_spec(isa, d, block_sizes):
     # a group's sum of code * q reaches columns * 255 * 127, past int32 beyond 66,311
     # columns: it wrapped around, and the result was off by a factor of thousands. Such

@@ -255,7 +255,8 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
       if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
         for (const Segment& s : segs) {
           double sum = 0.0;
-          for (int64_t r = 0; r < b.k; ++r) sum += static_cast<double>(b.mins[t * b.k + r]) * x[r * b.n_blocks + s.block];
+          for (int64_t r = 0; r < b.k; ++r)
+            sum += static_cast<double>(b.mins[t * b.k + r]) * x[r * b.n_blocks + s.block];
           const float base = static_cast<float>(sum);
 #pragma omp simd
           for (int64_t j = s.begin; j < s.end; ++j) o[j] += base;
