@@ -97,8 +97,9 @@ def main() -> None:
               f"| {med['kernel_order_ms'] / med['plain_read_ms']:.2f} "
               f"| {_ms(med['kernel_in_cache_ms'] and med['kernel_in_cache_ms'] / med['plain_read_ms'])} |")
     out = Path(args.out) if args.out else HERE / "results" / f"{stamp.machine_slug()}-access-pattern.json"
-    result = dict(stamp=stamp.stamp(), case=dict(k=16, D=11689512, group_size=128, rounds=args.rounds,
-                                                  threads=args.threads),
+    # the C++ program runs args.threads OpenMP threads, whatever this process's torch uses
+    result = dict(stamp={**stamp.stamp(), "threads": args.threads},
+                  case=dict(k=16, D=11689512, group_size=128, rounds=args.rounds, threads=args.threads),
                   summary=summary, processes=runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -515,17 +515,22 @@ def check_pages(write: bool) -> list[str]:
     stale = []
     for rel, names in PAGES.items():
         page = REPO / rel
-        text = page.read_text()
-        missing = [n for n in names if f"<!-- report:{n} -->" not in text]
-        if missing:
-            raise SystemExit(f"{rel} has no <!-- report:{missing[0]} --> section")
+        text = original = page.read_text()
+        for name in names:  # each section whole and once: a lost closing marker let --check pass
+            opening = re.compile(rf"<!-- report:{name} -->[ \t\r]*\n")
+            counts = len(opening.findall(text)), text.count(f"<!-- /report:{name} -->")
+            if counts != (1, 1):
+                raise SystemExit(f"{rel}: the section {name} must open with <!-- report:{name} --> on a line of "
+                                 f"its own and close with <!-- /report:{name} -->, once each; found {counts[0]} "
+                                 f"and {counts[1]}")
+            text = opening.sub(f"<!-- report:{name} -->\n", text)
         new = render(text, page)
-        if new != text:
+        if new != original:
             stale.append(rel)
             if write:
                 page.write_text(new)
             else:
-                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), rel, rel))
+                sys.stdout.writelines(difflib.unified_diff(original.splitlines(True), new.splitlines(True), rel, rel))
     return stale
 
 

@@ -10,14 +10,17 @@ from twa_kernels import cli
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _benchmarks_writing(calls: list, code: int = 0):
+RESULTS = '{"benchmarks": [{"name": "copy"}]}'
+
+
+def _benchmarks_writing(calls: list, code: int = 0, written: str = RESULTS):
     """subprocess.call as the benchmarks run it: pytest writes its --benchmark-json, then
     exits with `code`; the report only records its call."""
     def call(args, **kw):
         calls.append(args)
         json_arg = next((a for a in args if a.startswith("--benchmark-json=")), None)
         if json_arg:
-            Path(json_arg.split("=", 1)[1]).write_text('{"benchmarks": []}')
+            Path(json_arg.split("=", 1)[1]).write_text(written)
             return code
         return 0
     return call
@@ -39,7 +42,7 @@ def test_twa_bench_out_chooses_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.subprocess, "call", _benchmarks_writing(calls))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "--grid", "default", "--out", "run.json"]) == 0
-    assert (tmp_path / "run.json").read_text() == '{"benchmarks": []}'
+    assert (tmp_path / "run.json").read_text() == RESULTS
     assert calls[1][-1] == str(tmp_path.resolve() / "run.json")
 
 
@@ -52,6 +55,27 @@ def test_a_failed_twa_bench_run_leaves_the_earlier_file_whole(tmp_path, monkeypa
     assert (tmp_path / "run.json").read_text() == "earlier run"
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # the partial file is gone
     assert len(calls) == 1  # no report of a failed run
+
+
+def test_a_twa_bench_run_that_timed_nothing_leaves_the_earlier_files_whole(tmp_path, monkeypatch, capsys):
+    # pytest passed with the benchmarks switched off (PYTEST_ADDOPTS=--benchmark-disable, -n):
+    # the earlier results became an empty file and the report a traceback
+    for written in ('{"benchmarks": []}', ""):
+        calls = []
+        monkeypatch.setattr(cli.subprocess, "call", _benchmarks_writing(calls, written=written))
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "run.json").write_text("earlier run")
+        (tmp_path / "run-roofline.json").write_text("earlier roofline")
+        assert cli.main(["bench", "--out", "run.json"]) == 2
+        assert "timed no benchmark" in capsys.readouterr().err and len(calls) == 1
+        assert (tmp_path / "run.json").read_text() == "earlier run"
+        assert (tmp_path / "run-roofline.json").read_text() == "earlier roofline"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run-roofline.json", "run.json"]
+    monkeypatch.setenv("PYTEST_ADDOPTS", "--benchmark-disable")
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args, **kw: seen.append(kw["env"]) or 1)
+    cli.main(["bench", "--out", "run.json"])
+    assert "PYTEST_ADDOPTS" not in seen[0]
 
 
 def test_twa_bench_runs_the_kernel_suites_and_they_exist(tmp_path, monkeypatch):

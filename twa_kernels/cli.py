@@ -27,7 +27,7 @@ from twa_kernels import _build, connectivity
 from twa_kernels._imports import optional
 from twa_kernels._provenance import stamp
 from twa_kernels._memory import keep_freed_memory
-from twa_kernels._outdir import name_limit
+from twa_kernels._outdir import current_umask, name_limit
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
 from twa_kernels.fit import (DEFAULT_LOSS, FitError, call_factory, call_loss, load_config, loss_from,
@@ -312,17 +312,36 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"twa: error: --out {args.out[:200]!r} cannot be used ({exc.strerror or exc}); give a shorter path "
               "to a .json file in a writable directory", file=sys.stderr)
         return 2
-    env = {**os.environ, "TWA_BENCH": args.grid}
+    for module, what in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark")):
+        if importlib.util.find_spec(module) is None:
+            print(f"twa: error: `twa bench` runs its suites with {what}, which is not installed; pip install -e "
+                  "'.[test]' installs it", file=sys.stderr)
+            return 2
+    # PYTEST_ADDOPTS could switch the benchmarks off (--benchmark-disable, -n with xdist): a run
+    # that passed would then have written no results
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"} | {"TWA_BENCH": args.grid}
     suites = [str(bench / name) for name in BENCH_SUITES]
     # pytest-benchmark writes its JSON as it goes: into a temporary file, moved into place
-    # only once the run has passed, so a failed or interrupted run leaves any earlier file whole
+    # only once the run has passed and holds results, so a failed or interrupted run leaves
+    # any earlier file (and its roofline beside it) whole
     fd, partial = tempfile.mkstemp(prefix=f".{results.name}.", suffix=".tmp", dir=results.parent)
     os.close(fd)
     try:
         code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
-                                f"--benchmark-json={partial}"], env=env, cwd=bench.parent)
+                                "-p", "no:xdist", f"--benchmark-json={partial}"], env=env, cwd=bench.parent)
         if code != 0:
             return code
+        try:
+            timed = json.loads(Path(partial).read_text()).get("benchmarks")
+        except (OSError, ValueError, AttributeError):
+            timed = None
+        if not timed:
+            print("twa: error: pytest passed but timed no benchmark, so no results were written (the earlier "
+                  f"{results.name}, if any, is unchanged)", file=sys.stderr)
+            return 2
+        os.chmod(partial, 0o666 & ~current_umask())  # mkstemp's 0600 otherwise
+        if roofline.exists():  # the earlier run's, which would stand beside the new results if the report fails
+            roofline.unlink()
         os.replace(partial, results)
     finally:
         if os.path.exists(partial):
