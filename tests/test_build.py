@@ -166,3 +166,42 @@ def test_a_build_interrupted_by_ctrl_c_leaves_no_half_built_directory(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         _build._cached_build("cpu", "k", "lib.so", interrupted)
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_a_cached_build_is_used_while_another_process_holds_its_lock(tmp_path):
+    # every process waited on the lock, silently and for ever, even for an intact build
+    cache = tmp_path / "cache"
+    built = _run("from twa_kernels import _build; print(_build.build_cpu())", {"TWA_KERNELS_CACHE": str(cache)})
+    assert built.returncode == 0, built.stderr[-2000:]
+    library = Path(built.stdout.strip().splitlines()[-1])
+    lock = cache / f"{library.parent.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"held = FileLock({str(lock)!r}); held.acquire(); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        again = subprocess.run([sys.executable, "-c", "from twa_kernels import _build; print(_build.build_cpu())"],
+                               env={**os.environ, "TWA_KERNELS_CACHE": str(cache)}, capture_output=True, text=True,
+                               timeout=60)
+        assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(library), again.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_build_in_one_process_returns_the_library_it_loaded(tmp_path):
+    # built into a second cache, the library registered its namespace again: the process aborted
+    code = ("import os; from twa_kernels import _build\n"
+            "first = _build.build_cpu()\n"
+            f"os.environ['TWA_KERNELS_CACHE'] = {str(tmp_path / 'other')!r}\n"
+            "print(first == _build.build_cpu())\n")
+    result = _run(code, {})
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
+    assert not (tmp_path / "other").exists()  # nothing compiled there
+
+
+def test_a_build_failure_is_named_by_its_cause_line():
+    error = _build.BuildError("Error building extension 'twa_kernels_cpu': [1/3] c++ -MMD -MF kernels.o.d -O3 ...\n"
+                              "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
+    assert _build._reason(error) == "/bin/sh: 1: c++: not found"
+    assert _build._reason(_build.BuildError("torch 2.13.0+cpu has no CUDA")) == "torch 2.13.0+cpu has no CUDA"

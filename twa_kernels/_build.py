@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from twa_kernels.errors import BuildError
 
@@ -122,6 +122,10 @@ def _seal(library: Path) -> None:
     _fsync(library.parent)
 
 
+# How long a process waits for another's build lock before it says so (and waits again).
+_LOCK_WAIT_S = 30.0
+
+
 def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[Path], None]) -> Path:
     """`root/prefix-key/filename`, compiled by `compile_into(temp_dir)` unless already cached
     whole (_intact: a damaged copy is built again).
@@ -133,18 +137,29 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
     final_dir = root / f"{prefix}-{key}"
     unusable = (f"the kernel cache {root} cannot be used ({{reason}}); set TWA_KERNELS_CACHE to a writable "
                 "directory")
+    # a finished build is renamed into place whole and sealed, so it needs no lock to be read:
+    # a process holding the lock (a stopped build, a hung compiler) made every other wait
+    if _intact(final_dir / filename):
+        return final_dir / filename
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f"{prefix}-{key}.lock"))
-        lock.acquire()
+        while True:
+            try:
+                lock.acquire(timeout=_LOCK_WAIT_S)
+                break
+            except Timeout:  # said, then waited for again: a compile takes a while
+                logger.warning("waiting for %s, held by another process building the same kernels",
+                               root / f"{prefix}-{key}.lock")
     except OSError as exc:  # under a file, read-only, no permission: nothing can be built here
         if _intact(final_dir / filename):  # a read-only cache that holds the build already
             return final_dir / filename
-        raise BuildError(unusable.format(reason=exc.strerror or exc)) from exc
+        where = f"{exc.strerror or exc}" + (f": {exc.filename}" if getattr(exc, "filename", None) else "")
+        raise BuildError(unusable.format(reason=where)) from exc
     try:
-        _remove_abandoned_builds(root, held=f"{prefix}-{key}")
-        if _intact(final_dir / filename):
+        if _intact(final_dir / filename):  # built by the process that held the lock
             return final_dir / filename
+        _remove_abandoned_builds(root, held=f"{prefix}-{key}")
         build_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-{key}.building.", dir=root))
         try:
             logger.info("building %s in %s", filename, build_dir)
@@ -169,11 +184,17 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
     return final_dir / filename
 
 
+# The libraries this process loaded, by name: a second copy of one (built into another
+# cache) would register its torch.library namespace again, which aborts the process.
+_loaded: dict[str, Path] = {}
+
+
 def _load(library: Path) -> None:
     """torch.ops.load_library, its OSError named as a BuildError (the fallback's warning then
     says what happened instead of every op raising it)."""
     try:
         torch.ops.load_library(str(library))
+        _loaded[library.stem] = library
     except OSError as exc:
         raise BuildError(f"the kernel library {library} could not be loaded ({exc}); delete {library.parent} "
                          "and run `python -m twa_kernels build`") from exc
@@ -191,7 +212,7 @@ def _remove_abandoned_builds(root: Path, held: str) -> None:
         try:
             with FileLock(str(root / f"{owner}.lock"), timeout=0):
                 shutil.rmtree(stale, ignore_errors=True)
-        except TimeoutError:  # filelock.Timeout: another process is building that key now
+        except OSError:  # filelock.Timeout: being built now; or another user's lock, not ours to take
             continue
 
 
@@ -200,6 +221,8 @@ def build_cpu(verbose: bool = False) -> Path:
 
     Raises BuildError with the compiler's message when the build fails.
     """
+    if CPU_LIBRARY in _loaded:  # this process has it already (from whichever cache)
+        return _loaded[CPU_LIBRARY]
     src = source_dir()
 
     def compile_into(build_dir: Path) -> None:
@@ -228,9 +251,17 @@ def _built_once(state: dict[str, object], build: Callable[[], Path], failure: st
             except BuildError as exc:
                 state["ok"] = False
                 state["error"] = exc
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                reason = _reason(exc)
                 warnings.warn(failure.format(reason=reason[:300]), RuntimeWarning, stacklevel=4)
         return bool(state["ok"])
+
+
+def _reason(exc: BuildError) -> str:
+    """The line of a build error that says why: a compiler's log starts with its command
+    line, and the cause (`c++: not found`, `error: ...`) comes later."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    causes = [line for line in lines if re.search(r"error|not found|No such file", line, re.I)]
+    return (causes[-1] if causes else lines[0])
 
 
 def cpu_kernels_available() -> bool:
@@ -335,6 +366,8 @@ def build_cuda(verbose: bool = False) -> Path:
         raise BuildError(f"torch {torch.__version__} has no CUDA; install a CUDA build of torch to use the cuda backend")
     if find_nvcc() is None:
         raise BuildError("nvcc was not found on PATH or in $CUDA_HOME/bin; install the CUDA toolkit")
+    if CUDA_LIBRARY in _loaded:  # this process has it already (from whichever cache)
+        return _loaded[CUDA_LIBRARY]
     src = source_dir()
 
     def compile_into(build_dir: Path) -> None:
