@@ -189,7 +189,9 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     defaults = inspect.signature(getattr(torch.optim, name).__init__).parameters
     for key, arg in args.items():
         default = defaults[key].default if key in defaults else inspect.Parameter.empty
-        if isinstance(arg, str) and (default is None or isinstance(default, bool)):
+        # foreach and fused default to None (torch chooses) and are yes/no too; LBFGS's
+        # line_search_fn defaults to None and takes a name
+        if isinstance(arg, str) and (isinstance(default, bool) or (default is None and key in ("foreach", "fused"))):
             raise FitError(f"{where}: optimizer.{key} is a yes/no setting, got the text {_describe(arg)}; write true "
                            "or false without quotes, or leave the key out for the optimizer's default")
     lr = _as_float(args.get("lr", 1.0))  # absent: the optimizer's own default
