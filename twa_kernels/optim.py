@@ -249,7 +249,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
             def take_step() -> Tensor | None:
                 return self.base_optimizer.step(projected_closure)
-        if self._state_in_span and _steps_inside_span(self.base_optimizer):
+        # (an optimizer pickled before the flag existed holds none: its steps are projected)
+        if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer):
             return take_step()
         with torch.no_grad():
             before = [p.detach().clone() for p in self._params]
