@@ -249,7 +249,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
             def take_step() -> Tensor | None:
                 return self.base_optimizer.step(projected_closure)
-        # (an optimizer pickled before the flag existed holds none: its steps are projected)
+        # (one unpickled from an earlier twa-kernels version has no flag: its steps are projected)
         if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer):
             return take_step()
         with torch.no_grad():
