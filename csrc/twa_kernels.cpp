@@ -17,8 +17,8 @@ using twa_binding::float_dtype;
 void check_cpu_contiguous(const at::Tensor& t, const char* name) { twa_binding::check_on(t, name, c10::DeviceType::CPU); }
 
 // The basis checked and its block offsets copied into `offsets`, which the basis then points
-// at: the kernels walk their columns by the offsets, so an `out` over the offsets tensor
-// must not change them while they run (it ran a column walk out of bounds).
+// at: the kernels walk their columns by the offsets, and an `out` over the offsets tensor
+// that changed them while they run would send that walk out of bounds.
 twa::PackedBasis make_basis(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
                             const at::Tensor& block_offsets, int64_t bits, int64_t group_size, int64_t num_cols,
                             std::vector<int64_t>& offsets) {

@@ -256,8 +256,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             before = [p.detach().clone() for p in self._params]
         result = take_step()
         with torch.no_grad():
-            # the step projected in float32, added to each weight in its own dtype (a float64
-            # model's small steps were rounded away with its weights)
+            # the step projected in float32, added to each weight in its own dtype (in float32,
+            # a float64 model's small steps would be rounded away with its weights)
             step = torch.cat([(p.detach() - b).reshape(-1).to(torch.float32) for p, b in zip(self._params, before)])
             for p, b, piece in zip(self._params, before, self.subspace.unflatten(self._in_span(step)).values()):
                 p.copy_(b + piece.to(p.dtype))

@@ -573,8 +573,8 @@ def plane(
     own_dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     spanned = [(p.x, p.y) for p in located.values()]
     if isinstance(checkpoints, Subspace):
-        # its one anchor, the center, spans nothing (the grid was one point): the two rows'
-        # tips either side of it give the span
+        # its one anchor, the center, spans nothing: the two rows' tips either side of it
+        # give the grid its extent
         L = frame.chol
         tips = [(float(L[0, 0]), 0.0), (float(L[1, 0]), float(L[1, 1]))]
         spanned += tips + [(-x, -y) for x, y in tips]
