@@ -27,7 +27,6 @@ No assertion on time: this is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -102,7 +101,7 @@ def main() -> None:
                   case=dict(k=16, D=11689512, group_size=128, rounds=args.rounds, threads=args.threads),
                   summary=summary, processes=runs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    stamp.write_result(out, result)
     print(f"wrote {out}")
 
 

@@ -239,7 +239,7 @@ def main() -> None:
                                                   copy_reference=COPY_REFERENCE),
                   summary=summary, processes=runs, benchmarks=as_benchmarks(runs, summary))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    stamp.write_result(out, result)
     print(f"wrote {out}")
 
 

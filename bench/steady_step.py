@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement, one after another")
     parser.add_argument("--out", default=None, help="default: bench/results/<machine>-steady-step.json")
     args = parser.parse_args()
+    if args.calls <= 10:  # the first 10 calls warm up and are not timed
+        parser.error(f"--calls must be more than 10, got {args.calls}")
     if args.worker:
         if args.keep_freed_memory:
             import twa_kernels as tk
@@ -273,7 +275,7 @@ def main() -> None:
         result = worker(args.calls) if args.worker == "step" else training_steps()
         print(json.dumps(result))
         return
-    from stamp import machine_slug, stamp
+    from stamp import machine_slug, stamp, write_result
 
     out = Path(args.out or HERE / "results" / f"{machine_slug()}-steady-step.json")
     info = stamp()
@@ -283,7 +285,7 @@ def main() -> None:
             print(f"\nrun {i + 1} of {args.runs}")
         results.append(one_run(args))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"suite": "steady-step", "stamp": info, "runs": results}, indent=1) + "\n")
+    write_result(out, {"suite": "steady-step", "stamp": info, "runs": results})
     print(f"wrote {out}")
 
 

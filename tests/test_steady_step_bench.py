@@ -64,3 +64,19 @@ def test_the_report_shows_the_phase_split_of_each_run():
     assert rows[3] == "| 1 | 20.0 / 28.5 | 45.0 / 51.3 | 5.5 / 0.3 | 7.25 / 8.31 |"
     # files written before the split have no phases: no table rather than a KeyError
     assert report._phase_rows([{"training_step": {"median_ms": {}}}], "training_step") == []
+
+
+def test_results_are_written_whole_and_too_few_calls_are_refused(tmp_path, bench_on_path):
+    # the scripts wrote with write_text: an interrupted run left half a JSON; --calls 10 or
+    # fewer ended in statistics.median([]) inside a worker, as a CalledProcessError
+    import json
+    import subprocess
+
+    stamp = _load("stamp")
+    out = tmp_path / "sub" / "result.json"
+    stamp.write_result(out, {"stamp": {"cpu": "x"}, "value": 1.5})
+    assert json.loads(out.read_text()) == {"stamp": {"cpu": "x"}, "value": 1.5}
+    assert [p.name for p in out.parent.iterdir()] == ["result.json"]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "steady_step.py"), "--calls", "10"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--calls must be more than 10, got 10" in done.stderr
