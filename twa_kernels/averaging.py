@@ -130,7 +130,9 @@ def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDi
 
 
 def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) -> StateDict:
-    """SWA / uniform soup: the mean of every floating-point entry over the checkpoints."""
+    """SWA / uniform soup: the mean of every floating-point entry over the checkpoints,
+    summed in float64 and returned in the last checkpoint's dtype of that entry; integer and
+    bool entries (BatchNorm's num_batches_tracked) are the last checkpoint's."""
 
     def add(acc: dict[str, Tensor], state: StateDict) -> None:
         for k in acc:
