@@ -7,7 +7,6 @@ are current and which machine they describe without reading the run's log.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -64,9 +63,8 @@ if __name__ == "__main__":  # `python bench/stamp.py` prints the slug, for resul
 
 
 def write_result(path: Path, result: dict) -> None:
-    """`result` as indented JSON at `path`, written whole or not at all (io.atomic_write): an
-    interrupted run leaves the earlier file, never half of one."""
-    from twa_kernels.io import atomic_write
+    """`result` as JSON at `path`, written whole or not at all (io.write_json): an interrupted
+    run leaves the earlier file, never half of one."""
+    from twa_kernels.io import write_json
 
-    text = json.dumps(result, indent=1) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_json(path, result)

@@ -654,7 +654,7 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
     try:
-        report = _fit(config, group, rank, progress, outputs)
+        report = _fit(config, inputs, group, rank, progress, outputs)
         if outputs is not None:
             outputs.commit()
     finally:
@@ -663,7 +663,8 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     return report
 
 
-def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, outputs: OutputDirectory | None) -> dict:
+def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool | None,
+         outputs: OutputDirectory | None) -> dict:
     progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
     callables = resolve_import_strings(config)  # all of them before any factory runs
@@ -699,7 +700,7 @@ def _fit(config: FitConfig, group: Any, rank: int, progress: bool | None, output
     # what ran, with every default filled in: the config file may change, or be a pipe read once
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "checkpoints")}
     report: dict[str, Any] = dict(config=config.source, settings=settings,
-                                  checkpoints=[str(p) for p in resolve_checkpoints(config.checkpoints)],
+                                  checkpoints=[str(p) for p in inputs],
                                   coefficients=list(twa.coefficients.shape),
                                   basis_bytes=twa.basis.nbytes, int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
