@@ -1251,10 +1251,43 @@ def test_a_point_at_a_checkpoint_has_its_buffers_float_integer_and_frozen_batchn
             if abs(xv) < 1e-9 and abs(yv) < 1e-9]
     assert at_a == [pytest.approx(want, abs=1e-5)]
     b["perm"] = torch.arange(16)  # integer buffers cannot be mixed: checkpoints that differ are named
-    with pytest.raises(tk.CheckpointError, match=r"checkpoint #1: the buffer 'perm' .* differs"):
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint #1: the integer entry 'perm' .* differs"):
         C.interpolate(_BufferedNet(), a, b, data, steps=2)
-    with pytest.raises(tk.CheckpointError, match=r"the buffer 'perm' .* differs"):
+    with pytest.raises(tk.CheckpointError, match=r"the integer entry 'perm' .* differs"):
         C.plane(_BufferedNet(), [a, b, c], data, grid=2)
+
+
+class _IndexedNet(torch.nn.Module):
+    """A model with a frozen integer parameter (a column permutation) beside its weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 3)
+        self.order = torch.nn.Parameter(torch.arange(5, -1, -1), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc(x[:, self.order])
+
+
+def test_a_plane_holds_an_integer_parameter_fixed_as_interpolate_does():
+    # the plane spanned every parameter and refused the integer one as "not a floating-point
+    # weight", blaming the checkpoint; interpolate holds it fixed, and now the plane does too
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    data = [(x, y)]
+    states = [{k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+               for k, v in _IndexedNet().state_dict().items()} for _ in range(3)]
+    own = _IndexedNet()
+    own.load_state_dict(states[0])
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(own(x), y))
+    grid = C.plane(_IndexedNet(), states, data, grid=2, margin=0.0, bn="none")
+    at_a = [float(grid.loss[i, j]) for i, yv in enumerate(grid.ys) for j, xv in enumerate(grid.xs)
+            if abs(xv) < 1e-9 and abs(yv) < 1e-9]
+    assert at_a == [pytest.approx(want, abs=1e-5)]
+    states[2]["order"] = torch.arange(6)  # an integer parameter cannot be mixed: a differing one is named
+    with pytest.raises(tk.CheckpointError, match=r"checkpoint #2: the integer entry 'order' .* differs"):
+        C.plane(_IndexedNet(), states, data, grid=2, bn="none")
 
 
 def test_anchor_labels_are_distinct_and_weights_must_be_floating_point(tmp_path):

@@ -176,13 +176,13 @@ def fixed_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 
 def agreed_buffer(name: str, values: Sequence[Tensor], sources: Sequence[str]) -> Tensor:
-    """The one value of an integer or bool buffer that every checkpoint holds, or a
-    CheckpointError naming the first that differs."""
+    """The one value of an integer or bool buffer (or parameter) that every checkpoint holds,
+    or a CheckpointError naming the first that differs."""
     for value, source in zip(values[1:], sources[1:]):
         if not torch.equal(value, values[0]):
-            raise CheckpointError(f"{source}: the buffer {name!r} ({values[0].dtype}) differs from the one in "
-                                  f"{sources[0]}; integer and bool buffers cannot be mixed: save the checkpoints "
-                                  "with the same values")
+            raise CheckpointError(f"{source}: the integer entry {name!r} ({values[0].dtype}) differs from the one in "
+                                  f"{sources[0]}; integer and bool buffers and parameters cannot be mixed: save the "
+                                  "checkpoints with the same values")
     return values[0]
 
 

@@ -348,11 +348,15 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     if len(checkpoints) != 3:
         raise InvalidArgumentError(f"a plane goes through exactly 3 checkpoints, got {len(checkpoints)}; for a slice of "
                          "more, build a tk.Subspace and pass it with dims=(i, j)")
-    named = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    # integer parameters (a frozen index table) cannot be mixed: like integer buffers, every
+    # checkpoint must hold the same value, and each point takes it (interpolate's rule)
+    params = dict(model.named_parameters())
+    named = [(n, tuple(p.shape)) for n, p in params.items() if p.is_floating_point()]
     names, shapes = [n for n, _ in named], [s for _, s in named]
-    aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1}
+    aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1 and n in dict(named)}
     numel = sum(math.prod(s) for s in shapes)
-    buffers, fixed = mixed_buffers(model, bn), fixed_buffers(model)
+    buffers = mixed_buffers(model, bn)
+    fixed = {**{n: p for n, p in params.items() if not p.is_floating_point()}, **fixed_buffers(model)}
     labels = checkpoint_labels(checkpoints)
     step = _read_step(group_size)
     layout = builder.Layout(names, shapes, aliases)
