@@ -215,7 +215,7 @@ def main() -> int:
         once(usable_backends())
         return 0
     device = torch.cuda.get_device_name()
-    name = f"{machine_slug()}-cuda-ops{'-quick' if args.quick else ''}.json"
+    name = f"{machine_slug(gpu=True)}-cuda-ops{'-quick' if args.quick else ''}.json"
     out = Path(args.out or Path(__file__).parent / "results" / name)
     copy = copy_bandwidth_gbps()
     print(f"{device}: device-to-device copy {copy:.0f} GB/s (read + write)", flush=True)

@@ -143,12 +143,19 @@ def stamp_line(stamp: dict | None, slug: str = "") -> str:
     if s.get("threads"):
         parts.append(f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}")
     parts.append(f"torch {s['torch']}" if s.get("torch") else "torch version not recorded")
+    return f"{', '.join(parts)}; {date_and_commit(s)}"
+
+
+def date_and_commit(stamp: dict | None) -> str:
+    """'2026-11-23, commit cafb196', saying so where the tree had local changes or a field is
+    missing."""
+    s = stamp or {}
     date = s["datetime"][:10] if s.get("datetime") else "date not recorded"
     if s.get("commit"):
         commit = f"commit {s['commit'][:7]}" + (" with local changes" if s.get("clean") is False else "")
     else:
         commit = "commit not recorded"
-    return f"{', '.join(parts)}; {date}, {commit}"
+    return f"{date}, {commit}"
 
 
 def _files(suite: str) -> list[Path]:
@@ -211,8 +218,7 @@ def _interleaved_fractions(slug: str, page: Path) -> str:
         names = (f"project_4bit_{best}", f"reconstruct_4bit_{best}", "twa_step_4bit")
         if not all(name in fractions for name in names):
             continue
-        stamp = d.get("stamp") or {}
-        when = f"{(stamp.get('datetime') or '')[:10]}, commit {(stamp.get('commit') or '?')[:7]}"
+        when = date_and_commit(d.get("stamp"))
         docs = REPO / "docs" / "benchmarks.md"
         link = ("" if page == docs else _link(docs, page)) + "#against-torchs-own-kernels"
         return (f" Timed against a copy beside each call, in {d['summary']['processes']} fresh processes "

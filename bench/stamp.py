@@ -19,9 +19,11 @@ from twa_kernels._provenance import CPU_FEATURES, cpu_flags, cpu_model  # noqa: 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def machine_slug() -> str:
-    """A short file-name prefix for this machine: device, CPU family, logical cores."""
-    if torch.cuda.is_available():
+def machine_slug(gpu: bool = False) -> str:
+    """A short file-name prefix for the device a benchmark measured: the GPU's name for a GPU
+    benchmark (gpu=True), else the CPU family and logical cores, also on a machine that has
+    a GPU, so that CPU numbers are never filed under the GPU."""
+    if gpu:
         name = torch.cuda.get_device_name(0).lower()
         return "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.replace("nvidia", "")).strip("-")
     model = cpu_model().lower()
@@ -58,7 +60,7 @@ def transparent_hugepage() -> str | None:
     return chosen.group(1) if chosen else None
 
 
-if __name__ == "__main__":  # `python bench/stamp.py` prints the slug, for results file names
+if __name__ == "__main__":  # `python bench/stamp.py` prints the CPU's slug, for results file names
     print(machine_slug())
 
 

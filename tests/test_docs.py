@@ -149,3 +149,17 @@ def test_a_table_that_lost_its_closing_marker_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "REPO", tmp_path)
     with pytest.raises(SystemExit, match=f"the section {names[0]} must open .* found 1 and 0"):
         report.check_pages(write=False)
+
+
+def test_a_result_from_a_changed_tree_says_so_wherever_its_commit_is_quoted():
+    # the roofline sentence quoted the commit of an interleaved run without "with local changes"
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    changed = {"datetime": "2026-12-01T10:00:00+00:00", "commit": "0123456789abcdef", "clean": False}
+    assert report.date_and_commit(changed) == "2026-12-01, commit 0123456 with local changes"
+    assert report.stamp_line(changed, "cpu-epyc-2core").endswith("2026-12-01, commit 0123456 with local changes")
+    assert report.date_and_commit({**changed, "clean": True}) == "2026-12-01, commit 0123456"
+    assert report.date_and_commit(None) == "date not recorded, commit not recorded"

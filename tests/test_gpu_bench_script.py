@@ -90,3 +90,14 @@ def test_gpu_bench_script_runs_and_writes_its_json(tmp_path, monkeypatch):
         (results / name).write_text((REPO / "bench" / "results" / name).read_text())
     assert [p.name for p in bench_report._files("ops")] == ["cpu-epyc-2core-ops.json"]
     assert bench_report.ops(REPO / "docs" / "benchmarks.md").startswith("**AMD EPYC")
+
+
+def test_results_are_filed_under_the_device_they_measured(monkeypatch):
+    # on a machine with a GPU, the CPU suites' files were named after the GPU
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import stamp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert stamp.machine_slug().startswith("cpu-") and stamp.machine_slug().endswith(f"-{os.cpu_count()}core")
+    assert stamp.machine_slug(gpu=True) == "gpu-h100-80gb-hbm3"
