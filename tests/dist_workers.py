@@ -4,6 +4,7 @@ as fn(rank, world) in every process of a group."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -529,6 +530,18 @@ def bn_hostile(rank: int, world: int) -> dict:
     out["other_layers"] = _error_text(
         lambda: distributed.update_bn(batches[0], odd, frozen_norms=["1"] if rank == 0 else []))
     out["kept_after_other_layers"] = all(torch.equal(v, before[k]) for k, v in _norm_state(odd_model).items())
+    # every BatchNorm frozen: nothing to measure, so nothing to refuse (it raised "no rank's
+    # loader yielded a batch" although they had)
+    all_model, all_ckpts = model_and_checkpoints()
+    every = [name for name, m in all_model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    all_frozen = twa_over(all_model, all_ckpts)
+    before = _norm_state(all_model)
+    out["all_frozen"] = _error_text(lambda: distributed.update_bn(batches[rank], all_frozen,
+                                                                  frozen_norms=iter(every)))
+    out["kept_all_frozen"] = all(torch.equal(v, before[k]) for k, v in _norm_state(all_model).items())
+    # a misspelt frozen_norms on rank 1 only: rank 0 waited in the layout check until the timeout
+    out["misspelt_one_rank"] = _error_text(lambda: distributed.all_reduce_bn_statistics(
+        all_model, dist.group.WORLD, frozen_norms=["nope"] if rank == 1 else []))
     # a subspace refused on one rank (a NaN in its center): both ranks stop at once
     sub_model, sub_ckpts = model_and_checkpoints()
     names = [n for n, _ in sub_model.named_parameters()]
@@ -600,6 +613,13 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                 settings[setting] = value
             out[f"settings_{setting}"] = _error_text(
                 lambda: tk.TWA(model, files, process_group=dist.group.WORLD, shard=True, **settings))
+        # rank 1's model in bfloat16: it built, and its gradients were of that precision
+        for shard in (False, True):
+            cast_model, cast_ckpts = model_and_checkpoints()
+            if rank == 1:
+                cast_model.to(torch.bfloat16)
+            out[f"dtype_{shard}"] = _error_text(lambda: tk.TWA(cast_model, cast_ckpts, bits=4, group_size=GROUP_SIZE,
+                                                               process_group=dist.group.WORLD, shard=shard))
         # shard=True on rank 0 only: the two build paths' collectives paired wrongly and gloo
         # aborted the process
         out["settings_shard"] = _error_text(
@@ -646,8 +666,80 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         loader = torch.utils.data.DataLoader(samples, batch_size=2, shuffle=True)
         out["eval_samples"] = [float(v) for (b,) in distributed.split_for_evaluation(loader) for v in b]
         out["eval_batches"] = [int(b) for b in distributed.split_for_evaluation([10, 11, 12])]
+        out.update(sampler_splits())
+        out.update(training_alone(rank))
     finally:
         os.chdir(cwd)
+    return out
+
+
+def training_alone(rank: int) -> dict:
+    """A TWA without a process group in a 2-rank job (process_group=dist.group.WORLD taken
+    before init_process_group is None): each rank trained its own coefficients, silently.
+    Inside DDP that is how it is meant to be used. And a rank outside a dist.new_group."""
+    import twa_kernels as tk
+    out = {}
+    x, y = data()
+
+    def warnings_of(module) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                torch.nn.functional.cross_entropy(module(x[0][rank::2]), y[0][rank::2]).backward()
+        return [str(w.message) for w in caught if "trains coefficients of its own" in str(w.message)]
+
+    model, ckpts = model_and_checkpoints()
+    out["alone"] = warnings_of(tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE))
+    model, ckpts = model_and_checkpoints()
+    ddp = torch.nn.parallel.DistributedDataParallel(tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE))
+    out["in_ddp"] = warnings_of(ddp)
+    model, ckpts = model_and_checkpoints()
+    out["with_group"] = warnings_of(tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD))
+    only_rank0 = dist.new_group([0])  # every rank calls new_group; rank 1 gets the non-member marker
+    if rank == 1:
+        out["non_member"] = _error_text(lambda: tk.TWA(model, ckpts, bits=4, process_group=only_rank0))
+    return out
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset of 0 .. n - 1, without a length."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(torch.arange(float(self.n)))
+
+
+class _SizedStream(_Stream):
+    """The same with a length."""
+
+    def __len__(self):
+        return self.n
+
+
+def sampler_splits() -> dict:
+    """split_loader and split_for_evaluation over samplers other than the plain two, and
+    over iterable datasets: a train/validation split of one dataset by SubsetRandomSampler
+    was split over the whole dataset, so the validation loss counted the training samples."""
+    from twa_kernels import distributed
+    out = {}
+    samples = torch.utils.data.TensorDataset(torch.arange(10.0))
+    subset = torch.utils.data.SubsetRandomSampler([0, 1, 2, 3, 7])
+    loader = torch.utils.data.DataLoader(samples, batch_size=2, sampler=subset)
+    out["subset_eval"] = [float(v) for (b,) in distributed.split_for_evaluation(loader) for v in b]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a sampler it keeps is not warned about
+        out["subset_train"] = [float(v) for (b,) in distributed.split_loader(loader, dist.group.WORLD) for v in b]
+    weighted = torch.utils.data.WeightedRandomSampler([1.0] * 10, 10)
+    out["weighted_eval"] = _error_text(lambda: distributed.split_for_evaluation(
+        torch.utils.data.DataLoader(samples, batch_size=2, sampler=weighted)))
+    sized = torch.utils.data.DataLoader(_SizedStream(6), batch_size=2)
+    out["stream_train"] = [float(v) for b in distributed.split_loader(sized, dist.group.WORLD) for v in b]
+    out["stream_eval"] = [float(v) for b in distributed.split_for_evaluation(sized) for v in b]
+    unsized = torch.utils.data.DataLoader(_Stream(6), batch_size=2)
+    out["unsized_train"] = _error_text(lambda: distributed.split_loader(unsized, dist.group.WORLD))
+    out["unsized_eval"] = _error_text(lambda: distributed.split_for_evaluation(unsized))
     return out
 
 

@@ -227,6 +227,12 @@ def test_update_bn_over_ranks_keeps_frozen_layers_and_measures_sync_batchnorm_as
         assert res["bn"]["other_layers"].startswith("InvalidArgumentError: all_reduce_bn_statistics: ranks [1] "
                                                     "measure other BatchNorm layers than rank 0"), res["bn"]
         assert res["bn"]["kept_after_other_layers"]
+    for res in hostile_job:  # every layer frozen (given as an iterator, read more than once): kept, no error
+        assert res["bn"]["all_frozen"] is None and res["bn"]["kept_all_frozen"], res["bn"]["all_frozen"]
+    assert hostile_job[1]["bn"]["misspelt_one_rank"].startswith("InvalidArgumentError: update_bn: frozen_norms names "
+                                                                "'nope'")
+    assert hostile_job[0]["bn"]["misspelt_one_rank"].startswith("RankFailedError: rank 1 failed while checking the "
+                                                                "BatchNorm layers")
     assert hostile_job[1]["bn"]["nan_subspace"].startswith("InvalidArgumentError: the subspace's center holds NaN")
     assert hostile_job[0]["bn"]["nan_subspace"].startswith("RankFailedError: rank 1 failed while checking its "
                                                           "subspace")
@@ -236,6 +242,30 @@ def test_an_evaluation_split_gives_every_sample_once_over_the_ranks(hostile_job)
     # twa fit's validation loss under torchrun was over repeated samples or dropped batches
     assert sorted(v for res in hostile_job for v in res["eval_samples"]) == [float(i) for i in range(7)]
     assert sorted(v for res in hostile_job for v in res["eval_batches"]) == [10, 11, 12]
+
+def test_a_loaders_sampler_is_split_as_it_draws_or_refused(hostile_job):
+    # a SubsetRandomSampler (a train/validation split of one dataset) was split over the whole
+    # dataset: the validation loss counted training samples, and training took validation ones
+    evaluated = sorted(v for res in hostile_job for v in res["subset_eval"])
+    assert evaluated == [0.0, 1.0, 2.0, 3.0, 7.0]
+    trained = [res["subset_train"] for res in hostile_job]
+    assert len({len(t) for t in trained}) == 1 and set(sum(trained, [])) == {0.0, 1.0, 2.0, 3.0, 7.0}
+    for res in hostile_job:
+        assert res["weighted_eval"].startswith("InvalidArgumentError: split_for_evaluation: the DataLoader's "
+                                               "WeightedRandomSampler"), res["weighted_eval"]
+        for case in ("unsized_train", "unsized_eval"):  # raw TypeError / ValueError / NotImplementedError before
+            assert res[case].startswith("InvalidTypeError: under torch.distributed a data loader must be"), res[case]
+    # an iterable dataset with a length: every W-th batch (training), each batch once (evaluation)
+    assert sorted(v for res in hostile_job for v in res["stream_eval"]) == [float(i) for i in range(6)]
+    assert [len(res["stream_train"]) for res in hostile_job] == [2, 2]
+
+
+def test_a_twa_training_alone_in_a_distributed_job_is_warned_about_once(hostile_job):
+    for res in hostile_job:
+        assert len(res["alone"]) == 1 and "Build the TWA after init_process_group" in res["alone"][0], res["alone"]
+        assert res["in_ddp"] == [] and res["with_group"] == []
+    assert hostile_job[1]["non_member"].startswith("UsageError: this rank is not a member of the process_group")
+
 
 def test_update_bn_refuses_a_plain_model_before_any_collective():
     with pytest.raises(tk.errors.InvalidTypeError, match="tk.update_bn"):
@@ -438,6 +468,14 @@ def test_sharded_ranks_given_other_build_settings_fail_on_every_rank(hostile_job
     for res in hostile_job:
         text = res[f"settings_{setting}"]
         assert text.startswith("BasisMismatchError") and "ranks [1] were given other build settings" in text, text
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_a_model_of_another_dtype_on_one_rank_is_named_on_every_rank(hostile_job, shard):
+    for rank, res in enumerate(hostile_job):
+        text = res[f"dtype_{shard}"]
+        assert text.startswith("BasisMismatchError: ranks [1] were given other build settings"), text
+        assert f"parameter_dtypes={['bfloat16'] if rank else ['float32']}" in text, text
 
 
 def test_shard_given_on_one_rank_only_is_named_on_every_rank(hostile_job):

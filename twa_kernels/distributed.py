@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler, Subset, SubsetRandomSampler)
 
 from twa_kernels._checks import check_module
 from twa_kernels.batchnorm import NoBatchesError, measured_norms
@@ -131,7 +132,10 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
     (0: none, and the statistics are unchanged)."""
     check_module(model, "all_reduce_bn_statistics's model")
     check_group(process_group)
-    measured = {name: m for name, m in measured_norms(model, frozen_norms).items() if m.track_running_stats}
+    # a refused argument (a misspelt frozen_norms) on one rank stops every rank with its
+    # reason, instead of leaving the others in the all-gather below until the timeout
+    measured = agree(lambda: {name: m for name, m in measured_norms(model, frozen_norms).items()
+                              if m.track_running_stats}, process_group, "checking the BatchNorm layers")
     # the ranks agree on the layers first (every rank joins, with layers or without): one
     # all-reduce over layouts that differ would pair with another rank's next collective
     layout = [(name, m.running_mean.numel()) for name, m in measured.items()]
@@ -162,6 +166,12 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
     return most
 
 
+def _measured_bn(model: nn.Module, frozen_norms: Iterable[str]) -> Iterable[nn.Module]:
+    """The BatchNorm layers update_bn measures: neither kept in eval mode nor frozen, and
+    tracking running statistics (all_reduce_bn_statistics's layers)."""
+    return (m for m in measured_norms(model, frozen_norms).values() if m.track_running_stats)
+
+
 def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
               call_fn: Callable[[nn.Module, Any], Any] | None = None, *, frozen_norms: Iterable[str] = ()) -> None:
     """TWA.update_bn over the union of every rank's `loader` (each rank passes its own
@@ -187,6 +197,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     if process_group is None and twa.parallel is not None:
         process_group = twa.parallel.comm.group
     check_group(process_group)
+    frozen_norms = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)  # read three times below
     norms = [m for m in twa.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     measured_at = twa._bn_key  # where the saved statistics were measured, if they were
@@ -210,7 +221,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     except Exception:
         restore()
         raise
-    if norms and batches == 0:  # the same on every rank
+    if batches == 0 and any(True for _ in _measured_bn(twa.module, frozen_norms)):  # the same on every rank
         restore()
         raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
                                    "statistics to measure (they are left as they were); pass each rank its share "
@@ -328,28 +339,62 @@ def _write_error_file(path: str, exc: BaseException) -> None:
         logger.warning("could not write the torchrun error file %s: %s", path, err)
 
 
+def _drawn_from(loader: DataLoader) -> tuple[Dataset, bool] | None:
+    """The samples a batching DataLoader over a map-style dataset draws, as a dataset, and
+    whether it shuffles them, where ranks can split them exactly: a sequential or plain
+    random sampler draws the whole dataset, a SubsetRandomSampler its indices (a train or
+    validation split of one dataset). None for any other sampler (weighted, with
+    replacement, or custom)."""
+    sampler = loader.sampler
+    if isinstance(sampler, SequentialSampler):
+        return loader.dataset, False
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and getattr(sampler, "_num_samples", None) is None:
+        return loader.dataset, True
+    if isinstance(sampler, SubsetRandomSampler):
+        return Subset(loader.dataset, list(sampler.indices)), True
+    return None
+
+
+def _batches_map_style(loader: Iterable) -> bool:
+    """Whether `loader` is a DataLoader that batches a map-style dataset through a sampler."""
+    return (isinstance(loader, DataLoader) and loader.batch_size is not None
+            and not isinstance(loader.dataset, IterableDataset))
+
+
+def _sized(loader: Iterable) -> int:
+    """len(loader), or InvalidTypeError for a loader without one (a DataLoader over an
+    IterableDataset without __len__ has the method but raises TypeError)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidTypeError(f"under torch.distributed a data loader must be a DataLoader over a map-style dataset "
+                               f"or have a length, got a {type(loader).__name__} without one; return a "
+                               "torch.utils.data.DataLoader over a map-style dataset (or give the iterable a __len__) "
+                               "from the data factory") from None
+
+
 def split_loader(loader: Iterable, process_group: Any) -> Iterable:
     """This rank's share of `loader`, with the same number of batches on every rank (a rank
     with one batch more would wait forever in its extra all-reduce). A DataLoader over a
-    map-style dataset is rebuilt with a DistributedSampler (shuffled if the loader was; it
-    pads by repeating samples); another sized iterable keeps every W-th batch, len // W of
-    them. An unsized iterable is refused."""
+    map-style dataset is rebuilt with a DistributedSampler over the samples its sampler
+    draws (the whole dataset, or a SubsetRandomSampler's indices; shuffled if the loader
+    was; it pads by repeating samples); any other sampler is replaced, with a warning.
+    Another sized iterable (a DataLoader over an IterableDataset with a length included)
+    keeps every W-th batch, len // W of them. An unsized iterable is refused."""
     check_group(process_group)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    if isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__"):
-        if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+    if _batches_map_style(loader):
+        drawn = _drawn_from(loader)
+        if drawn is None:
             warnings.warn(f"split_loader: the DataLoader's {type(loader.sampler).__name__} is replaced by a "
-                          "DistributedSampler (shuffled or not); to keep its sampling, shard the data yourself",
-                          UserWarning, stacklevel=2)
-        sampler = _EveryPassSampler(loader.dataset, num_replicas=world, rank=rank,
-                                    shuffle=isinstance(loader.sampler, RandomSampler), seed=0)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                          "DistributedSampler over the whole dataset (shuffled or not); to keep its sampling, shard "
+                          "the data yourself", UserWarning, stacklevel=2)
+            drawn = loader.dataset, isinstance(loader.sampler, RandomSampler)
+        dataset, shuffle = drawn
+        sampler = _EveryPassSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=0)
+        return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler,
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
-    if not hasattr(loader, "__len__"):
-        raise InvalidTypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
-                        f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
-    per_rank = len(loader) // world
-    return _Strided(loader, rank, world, per_rank)
+    return _Strided(loader, rank, world, _sized(loader) // world)
 
 
 def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterable:
@@ -359,19 +404,24 @@ def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterabl
     split_loader's equal shares). split_loader's DistributedSampler repeats samples to even
     the shares out, and its stride over another iterable drops the last len % W batches: a
     loss over either differs from one process's. A DataLoader over a map-style dataset gets
-    samples rank, rank + W, ... of it, in order, batched as before; another sized iterable its
-    batches rank, rank + W, ...."""
+    samples rank, rank + W, ... of what its sampler draws (the whole dataset, or a
+    SubsetRandomSampler's indices), in order, batched as before; a sampler whose draws
+    cannot be split so (weighted, with replacement, custom) is refused. Another sized
+    iterable gets its batches rank, rank + W, ...."""
     check_group(process_group)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    if (isinstance(loader, DataLoader) and loader.batch_size is not None and hasattr(loader.dataset, "__getitem__")
-            and hasattr(loader.dataset, "__len__")):
-        share = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+    if _batches_map_style(loader):
+        drawn = _drawn_from(loader)
+        if drawn is None:
+            raise InvalidArgumentError(
+                f"split_for_evaluation: the DataLoader's {type(loader.sampler).__name__} draws samples that cannot "
+                "be split over the ranks so that each is evaluated once; evaluate a DataLoader over "
+                "torch.utils.data.Subset(dataset, indices) instead")
+        dataset, _ = drawn
+        share = Subset(dataset, range(rank, len(dataset), world))
         return DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers,
                           collate_fn=loader.collate_fn, drop_last=loader.drop_last)
-    if not hasattr(loader, "__len__"):
-        raise InvalidTypeError(f"under torch.distributed a data loader must be a DataLoader or have a length, got "
-                               f"{type(loader).__name__}; return a torch.utils.data.DataLoader from the data factory")
-    return _Strided(loader, rank, world, len(range(rank, len(loader), world)))
+    return _Strided(loader, rank, world, len(range(rank, _sized(loader), world)))
 
 
 class _EveryPassSampler(DistributedSampler):

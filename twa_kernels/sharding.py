@@ -55,9 +55,24 @@ def check_group(group: Any) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise UsageError("a process_group needs torch.distributed initialised: call "
                          "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:  # new_group's answer outside it
+        raise UsageError("this rank is not a member of the process_group (dist.new_group returned it a non-member "
+                         "marker): build and train the TWA on the group's ranks only, or pass a group that holds "
+                         "every rank that builds it")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise InvalidTypeError(f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
                                f"from dist.new_group), got {type(group).__name__}")
+
+
+def training_alone() -> bool:
+    """Whether this process is one of several in an initialised torch.distributed job and
+    runs outside a DistributedDataParallel forward: a TWA without a process group then
+    trains coefficients of its own, which no rank shares (what `process_group=dist.group.WORLD`
+    evaluated before init_process_group gives: None)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return False
+    active = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)
+    return active is None or active() is None
 
 
 def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:

@@ -167,9 +167,12 @@ class TWA(nn.Module):
         trainable = check_args() if process_group is None else sharding.agree(check_args, process_group,
                                                                               "checking its arguments")
         if process_group is not None:  # settings that differ would pair unlike collectives, or mix bases
+            # a model cast to another dtype on one rank built, and trained on gradients of that rank's
+            # precision (compared per parameter, shown as the set of dtypes)
+            dtypes = [str(p.dtype).removeprefix("torch.") for _, p in trainable]
             settings = dict(shard=shard, bits=bits, granularity=granularity, group_size=group_size,
-                            int8_gradients=int8_gradients)
-            unlike = sharding.ranks_unlike_rank0(sorted(settings.items()), process_group)
+                            int8_gradients=int8_gradients, parameter_dtypes=sorted(set(dtypes)))
+            unlike = sharding.ranks_unlike_rank0([*sorted(settings.items()), dtypes], process_group)
             if unlike:
                 raise sharding.BasisMismatchError(
                     f"ranks {unlike} were given other build settings than rank 0 ({', '.join(settings)}; here "
@@ -458,6 +461,15 @@ class TWA(nn.Module):
     def _run_lent(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """fn(*args, **kwargs) with the weights lent to the model (see the module docstring)."""
         self._keep_gradient_averaged()
+        if self._parallel is None and torch.is_grad_enabled() and not getattr(self, "_alone_checked", False):
+            self._alone_checked = True  # once, at the first forward that trains
+            if sharding.training_alone():
+                warnings.warn(f"this process is one of {torch.distributed.get_world_size()} in a torch.distributed "
+                              "job, but the TWA has no process_group and is not inside DistributedDataParallel: "
+                              "each rank trains coefficients of its own. Build the TWA after init_process_group "
+                              "with process_group=dist.group.WORLD (before it, that name is None), or wrap it in "
+                              "DDP; ignore this warning if each rank is meant to train alone", UserWarning,
+                              stacklevel=3)
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
