@@ -353,7 +353,8 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     params = dict(model.named_parameters())
     named = [(n, tuple(p.shape)) for n, p in params.items() if p.is_floating_point()]
     names, shapes = [n for n, _ in named], [s for _, s in named]
-    aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1 and n in dict(named)}
+    floating = set(names)
+    aliases = {n: a for n, a in parameter_aliases(model).items() if len(a) > 1 and n in floating}
     numel = sum(math.prod(s) for s in shapes)
     buffers = mixed_buffers(model, bn)
     fixed = {**{n: p for n, p in params.items() if not p.is_floating_point()}, **fixed_buffers(model)}
