@@ -1311,6 +1311,37 @@ def test_casting_a_twa_keeps_its_center_basis_and_coefficients_exact():
     assert torch.equal(twa.averaged_state_dict()["bias"], states[0]["bias"])
 
 
+def test_casting_a_twa_keeps_its_coefficients_gradient_exact_and_float32():
+    # nn.Module casts a parameter's gradient with it: .half() and back rounded it, and after
+    # .double() the next Adam step refused the float64 gradient on float32 coefficients
+    torch.manual_seed(0)
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in nn.Linear(8, 4).state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(nn.Linear(8, 4), states, bits=4, group_size=8)
+    opt = torch.optim.Adam(twa.parameters(), lr=1e-2)
+    twa(torch.randn(5, 8)).square().mean().backward()
+    grad = twa.coefficients.grad.clone()
+    twa.half().float()
+    assert torch.equal(twa.coefficients.grad, grad)
+    twa.double()
+    assert twa.coefficients.grad.dtype == torch.float32 and torch.equal(twa.coefficients.grad, grad)
+    opt.step()  # raised "expected dtype float ... but got dtype double"
+
+
+def test_a_weight_changed_in_place_during_the_forward_is_named():
+    # nn.Embedding(max_norm=...) renormalises rows of its weight in place: autograd refused
+    # that with a message about views of a multi-output function, naming no weight and no fix
+    torch.manual_seed(0)
+    model = nn.Embedding(10, 4, max_norm=0.5)
+    states = [{"weight": torch.randn(10, 4)} for _ in range(3)]
+    twa = tk.TWA(model, states, bits=4, group_size=8)
+    with pytest.raises(tk.errors.UsageError, match="changed one of its weights in place during the forward"):
+        twa(torch.tensor([1, 2, 3]))
+    assert isinstance(model.weight, nn.Parameter)  # the model holds its own weight again
+    model.max_norm = None
+    twa(torch.tensor([1, 2, 3])).sum().backward()  # and the next step trains
+    assert twa.coefficients.grad is not None
+
+
 def test_checkpoints_of_live_parameters_are_read_as_values():
     models = [nn.Linear(8, 4) for _ in range(3)]
     states = [dict(m.named_parameters()) for m in models]  # tensors that require grad

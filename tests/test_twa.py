@@ -94,6 +94,42 @@ def test_coefficient_gradients_equal_dense_autograd(run):
     torch.testing.assert_close(twa.coefficients.grad, coeffs.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_torch_func_transforms_and_forward_mode_over_a_twa_give_autograds_numbers(run):
+    # torch.func.grad and vmap(grad) raised "must override the setup_context staticmethod",
+    # and forward_ad "must implement the jvp function"
+    import torch.autograd.forward_ad as fwAD
+
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    with torch.no_grad():
+        twa.coefficients.normal_(0, 0.3)
+    x, y = train.tensors[0][:6], train.tensors[1][:6]
+    start = twa.coefficients.detach().clone()
+
+    def loss(c, xb, yb):
+        return F.cross_entropy(functional_call(twa, {"coefficients": c}, (xb,)), yb)
+
+    twa.eval()  # per-sample losses: BatchNorm from its running statistics
+    per_sample = []
+    for i in range(len(x)):
+        c = start.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(c, x[i:i + 1], y[i:i + 1]), c)
+        per_sample.append(g)
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(start, x[:, None], y[:, None])
+    torch.testing.assert_close(got, torch.stack(per_sample), rtol=1e-4, atol=1e-6)
+    whole = torch.func.grad(loss)(start, x, y)
+    c = start.clone().requires_grad_()
+    (reference,) = torch.autograd.grad(loss(c, x, y), c)
+    torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-6)
+    tangent = torch.randn_like(start)
+    _, jvp = torch.func.jvp(lambda c: loss(c, x, y), (start,), (tangent,))
+    torch.testing.assert_close(jvp, (reference * tangent).sum(), rtol=1e-4, atol=1e-6)
+    with fwAD.dual_level():
+        dual = loss(fwAD.make_dual(start, tangent), x, y)
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, jvp, rtol=1e-4, atol=1e-6)
+    assert all(isinstance(p, nn.Parameter) for p in twa.module.parameters())  # the model's own, as before
+
+
 def test_run_lends_the_weights_to_any_call_of_the_model_as_forward_does(run):
     # a loss computed by another method than forward (a LightningModule's training_step,
     # model.compute_loss) trains the coefficients as the same loss through forward

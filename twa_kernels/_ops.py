@@ -14,7 +14,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -387,12 +387,29 @@ def _(codes, scales, mins, block_offsets, x, center, bits, group_size, out):
     return None
 
 
+def _when_graph_freed(ctx: Any) -> None:
+    """Call ctx.on_backward at the end of this backward pass if the pass freed the graph
+    (its saved tensors are gone then). A graph kept with retain_graph=True, or by
+    autograd.grad(create_graph=True), may be backpropagated again: its buffer must not be
+    handed to the next forward, whose write would spoil it."""
+    if ctx.on_backward is None:
+        return
+
+    def check() -> None:
+        try:
+            ctx.saved_tensors
+        except RuntimeError:  # released: no later pass reads this buffer
+            ctx.on_backward()
+
+    torch.autograd.Variable._execution_engine.queue_callback(check)
+
+
 class ReconstructInto(torch.autograd.Function):
     """reconstruct into `out` with reconstruct's gradients. `out` is marked dirty, so its
     version counter moves: a graph that saved views of an earlier result (a layer's weight)
     raises PyTorch's in-place error at backward instead of using the overwritten values.
-    `on_backward`, when given, is called once the gradients are computed (the owner of a
-    workspace learns that it may be reused)."""
+    `on_backward`, when given, is called once a backward pass has freed the graph (the owner
+    of a workspace learns that it may be reused; see _when_graph_freed)."""
 
     @staticmethod
     def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out, on_backward):
@@ -406,8 +423,7 @@ class ReconstructInto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_w):
         grads = _reconstruct_backward(ctx, grad_w)  # inputs 0-7 are reconstruct's
-        if ctx.on_backward is not None:
-            ctx.on_backward()
+        _when_graph_freed(ctx)
         return (*grads[:8], None, None)
 
 
@@ -452,8 +468,7 @@ class ReconstructPieces(torch.autograd.Function):
                 grad_center = torch.cat(pieces).to(ctx.center_dtype)
             if ctx.hold is not None:
                 ctx.hold(grads)
-        if ctx.on_backward is not None:
-            ctx.on_backward()
+        _when_graph_freed(ctx)
         return None, None, None, None, grad_x, grad_center, None, None, None, None, None, None, None
 
 

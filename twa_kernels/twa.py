@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -64,7 +65,7 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
-from twa_kernels.quant import QuantizedBasis, basis_meta, block_offsets_from_sizes
+from twa_kernels.quant import QuantizedBasis, basis_meta, block_offsets_from_sizes, dequantize
 from twa_kernels.sharded_build import ShardedSubspace, build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
 
@@ -332,6 +333,7 @@ class TWA(nn.Module):
         # the frozen parameters' checkpoint values too: _pinned casts them to the model's dtype
         kept += [f"frozen_{i}" for i in range(len(self.frozen_names))]
         exact = {name: getattr(self, name) for name in kept}
+        gradient = None if self.coefficients.grad is None else self.coefficients.grad.detach()  # its own storage
         coefficients = self.coefficients.data
         super()._apply(fn, recurse)
         for name, value in exact.items():
@@ -340,6 +342,11 @@ class TWA(nn.Module):
                 setattr(self, name, value.to(moved.device))
         if self.coefficients.dtype != coefficients.dtype:
             self.coefficients.data = coefficients.to(self.coefficients.device)
+        grad = self.coefficients.grad
+        if gradient is not None and grad is not None and grad.dtype != gradient.dtype:
+            # nn.Module._apply casts the gradient with its parameter: a float64 gradient on float32
+            # coefficients broke the optimizer's next step, and .half() there and back rounded it
+            self.coefficients.grad = gradient.to(grad.device)
         self._workspace = _Workspace()
         if not self._sharded:
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
@@ -385,6 +392,18 @@ class TWA(nn.Module):
             flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center, self.int8_gradients)
         else:
             flat = reconstruct(self.basis, self.coefficients, self.center)
+        return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
+
+    def _transformable_weights(self) -> dict[str, Tensor]:
+        """weights() in plain torch ops, for forward under a torch.func transform: the basis
+        dequantised whole (k x D floats, held for the backward), summed in float32."""
+        if self._sharded:
+            raise UsageError("a sharded TWA cannot run under a torch.func transform (its forward gathers the weights "
+                             "across ranks); use a replicated one, or loss.backward()")
+        basis = self.basis
+        columns = torch.arange(basis.num_cols, device=self.center.device)
+        blocks = torch.bucketize(columns, basis.block_offsets[1:-1], right=True)
+        flat = self.center + (dequantize(basis) * self.coefficients[:, blocks]).sum(0)
         return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
 
     def _forward_weights(self, dtypes: dict[str, torch.dtype]) -> list[Tensor]:
@@ -436,6 +455,12 @@ class TWA(nn.Module):
                 # with the weights lent until its backward.
                 return self._lent_forward(args, kwargs)
             return functional_call(self.module, self.weights(), args, kwargs)
+        if torch._C._functorch.peek_interpreter_stack() is not None or fwAD.unpack_dual(self.coefficients).tangent \
+                is not None:
+            # under a torch.func transform (grad, vmap, jvp) or forward-mode AD: neither
+            # transforms the autograd.Functions that lend the weights, nor functorch a custom
+            # op's registered autograd, so the weights are computed in plain torch ops
+            return functional_call(self.module, self._transformable_weights(), args, kwargs)
         return self._run_lent(self.module, args, kwargs)
 
     @torch.compiler.disable
@@ -482,7 +507,11 @@ class TWA(nn.Module):
         loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late)
         weights = list(LoanAnchor.apply(loan, *weights))
         with lent.lending(weights + pinned, loan):
-            out = fn(*args, **kwargs)
+            try:
+                out = fn(*args, **kwargs)
+            except RuntimeError as exc:
+                _name_an_in_place_change(exc)
+                raise
             lent.hold_with(out, loan)
         return out
 
@@ -720,13 +749,26 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
             for t, (_, p) in zip(totals, frozen)]
 
 
+def _name_an_in_place_change(exc: RuntimeError) -> None:
+    """Raise UsageError from autograd's refusal of an in-place change to a lent weight (a
+    view of the one reconstructed buffer), which names neither the weight nor a fix."""
+    if "is a view" in str(exc) and "modified inplace" in str(exc):
+        raise UsageError("the model changed one of its weights in place during the forward (nn.Embedding(max_norm=...) "
+                         "renormalises its rows in place; a hook or forward may clamp_ or copy_ into a weight): "
+                         "under TWA the weights are the average center + basis^T coefficients, computed anew at "
+                         "every forward, so an in-place change has nothing to keep it; remove it (for Embedding, "
+                         "max_norm=None) or apply it out of place") from exc
+
+
 class _Workspace:
     """The reused buffer of TWA's forward, the weights it writes. It is handed out again
-    only after the backward of the forward that filled it has run (or at once when no
-    graph was recorded); while a graph still needs it, the next forward gets a fresh
-    buffer, which then becomes the workspace. So a second forward before the first backward
-    works, and a backward through a retained graph after an overwrite raises PyTorch's
-    in-place error (the write bumps the version counter) instead of using wrong weights."""
+    only after a backward pass has freed the graph of the forward that filled it (or at
+    once when no graph was recorded); while a graph still needs it (before its backward, or
+    kept by retain_graph=True or create_graph=True), the next forward gets a fresh buffer,
+    which then becomes the workspace. So a second forward before the first backward works,
+    and so does a second backward through a retained graph. Every write bumps the buffer's
+    version counter, so a graph that saved its weights and outlived them raises PyTorch's
+    in-place error instead of using wrong weights."""
 
     def __init__(self):
         self.buffer: Tensor | None = None
