@@ -348,7 +348,8 @@ def _drawn_from(loader: DataLoader) -> tuple[Dataset, bool] | None:
     sampler = loader.sampler
     if isinstance(sampler, SequentialSampler):
         return loader.dataset, False
-    if isinstance(sampler, RandomSampler) and not sampler.replacement and getattr(sampler, "_num_samples", None) is None:
+    whole = getattr(sampler, "_num_samples", None) is None  # num_samples not given: one pass over the dataset
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and whole:
         return loader.dataset, True
     if isinstance(sampler, SubsetRandomSampler):
         return Subset(loader.dataset, list(sampler.indices)), True
