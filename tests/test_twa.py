@@ -130,6 +130,26 @@ def test_torch_func_transforms_and_forward_mode_over_a_twa_give_autograds_number
     assert all(isinstance(p, nn.Parameter) for p in twa.module.parameters())  # the model's own, as before
 
 
+def test_a_training_step_inside_averaged_model_leaves_the_block_its_weights(run):
+    # the block's model kept the inner forward's weights, graph and all: its outputs then
+    # required grad, and drifted once the reused buffer was written by the next forward
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    opt = torch.optim.SGD(twa.parameters(), lr=0.5)
+    x, y = train.tensors[0][:32], train.tensors[1][:32]
+    twa.eval()
+    with twa.averaged_model() as model:
+        before = model(x)
+        for _ in range(2):
+            F.cross_entropy(twa(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        after = model(x)
+    assert not after.requires_grad
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # the weights of the block's entry, as documented
+    assert all(isinstance(p, nn.Parameter) for p in twa.module.parameters())
+
+
 def test_run_lends_the_weights_to_any_call_of_the_model_as_forward_does(run):
     # a loss computed by another method than forward (a LightningModule's training_step,
     # model.compute_loss) trains the coefficients as the same loss through forward

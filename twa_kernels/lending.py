@@ -166,7 +166,10 @@ class LentWeights:
 
     @contextmanager
     def lending(self, weights: Sequence[Tensor], loan: Loan | None = None):
-        """The model holds `weights` inside; after, a new loan's aliases or what it held before."""
+        """The model holds `weights` inside; after, a new loan's aliases or what it held before.
+        Nested in another lending (a forward inside `averaged_model()`), it gives the outer
+        block its weights back: they stayed the inner forward's, graph and all."""
+        outer = [module._parameters[attr] for (module, attr), *_ in self.slots] if self.depth else None
         self.depth += 1
         try:
             self.check_structure()
@@ -178,6 +181,8 @@ class LentWeights:
             raise
         finally:
             self.depth -= 1
+            if outer is not None:
+                self._put(outer)
             self._settle()
 
     def hold_with(self, out: Any, loan: Loan) -> None:
