@@ -150,6 +150,27 @@ def test_a_training_step_inside_averaged_model_leaves_the_block_its_weights(run)
     assert all(isinstance(p, nn.Parameter) for p in twa.module.parameters())
 
 
+def test_a_copy_taken_between_a_forward_and_its_backward_is_its_own(run, tmp_path):
+    # the copy shared the original's pending loans: its forward at other coefficients made
+    # the original's backward refuse, and torch.save failed on the loans' weak references
+    import copy
+
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    x, y = train.tensors[0][:32], train.tensors[1][:32]
+    loss = F.cross_entropy(twa(x), y)
+    clone = copy.deepcopy(twa)
+    torch.save(twa, tmp_path / "twa.pt")
+    assert all(isinstance(p, nn.Parameter) for p in clone.module.parameters())
+    with torch.no_grad():
+        clone.coefficients.add_(0.2)
+    F.cross_entropy(clone(x), y).backward()
+    loss.backward()  # raised UsageError: "the coefficients ... changed after this graph's forward"
+    fresh = tk.TWA(make_model(1), ckpts, bits=4)
+    F.cross_entropy(fresh(x), y).backward()
+    torch.testing.assert_close(twa.coefficients.grad, fresh.coefficients.grad, rtol=1e-6, atol=1e-8)
+
+
 def test_run_lends_the_weights_to_any_call_of_the_model_as_forward_does(run):
     # a loss computed by another method than forward (a LightningModule's training_step,
     # model.compute_loss) trains the coefficients as the same loss through forward

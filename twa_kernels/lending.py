@@ -82,6 +82,16 @@ class LentWeights:
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (copy.deepcopy, torch.save of the module) starts with no pending graph: the
+        loans belong to the original's graphs, and a copy sharing them would mark them
+        expired at its own forwards (and weak references cannot be pickled)."""
+        return {**self.__dict__, "loans": {}, "depth": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
+
     @property
     def pending(self) -> bool:
         return bool(self.loans)
