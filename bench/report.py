@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -556,14 +554,9 @@ def main(argv: list[str]) -> int:
     run_path = Path(argv[0])
     out_path = Path(argv[1]) if len(argv) > 1 else run_path.with_name(run_path.stem + "-roofline.json")
     report = build_report(json.loads(run_path.read_text()))
-    fd, partial = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:  # moved into place whole: never half a file
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(report, indent=1))
-        os.replace(partial, out_path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    from twa_kernels.io import write_json  # the package's atomic write (torch, not needed by --check)
+
+    write_json(out_path, report)  # whole or not at all, flushed, in the umask's mode
     print(stamp_line(report["stamp"]) + "\n")
     print(markdown(report))
     print(f"\nwritten: {out_path}")

@@ -734,6 +734,14 @@ def sampler_splits() -> dict:
     weighted = torch.utils.data.WeightedRandomSampler([1.0] * 10, 10)
     out["weighted_eval"] = _error_text(lambda: distributed.split_for_evaluation(
         torch.utils.data.DataLoader(samples, batch_size=2, sampler=weighted)))
+    # a shuffled split drew from seed 0 whatever torch.manual_seed said; the ranks seed
+    # differently here, and rank 0's draw is the one they share
+    shuffled = torch.utils.data.DataLoader(samples, batch_size=10, shuffle=True)
+    orders = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed + 100 * dist.get_rank())
+        orders.append([float(v) for (b,) in distributed.split_loader(shuffled, dist.group.WORLD) for v in b])
+    out["orders"] = orders
     sized = torch.utils.data.DataLoader(_SizedStream(6), batch_size=2)
     out["stream_train"] = [float(v) for b in distributed.split_loader(sized, dist.group.WORLD) for v in b]
     out["stream_eval"] = [float(v) for b in distributed.split_for_evaluation(sized) for v in b]

@@ -235,7 +235,7 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
 
     monkeypatch.setattr(demo.shutil, "copyfile", disk_full_at_the_plane)
     monkeypatch.setattr(demo, "plot", lambda runs, summary, path: Path(path).write_text("newer figure"))
-    with pytest.raises(tk.errors.OutputError, match="No space left on device.*previous ones, if any, are unchanged"):
+    with pytest.raises(tk.errors.OutputError, match="No space left on device.*previous file, if any, is unchanged"):
         demo.run_demo(out, quick=True, progress=False)
     assert (out / "accuracy.png").read_text() == "new figure" and (out / "plane.png").read_text() == "new plane"
     assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)

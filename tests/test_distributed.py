@@ -255,6 +255,9 @@ def test_a_loaders_sampler_is_split_as_it_draws_or_refused(hostile_job):
                                                "WeightedRandomSampler"), res["weighted_eval"]
         for case in ("unsized_train", "unsized_eval"):  # raw TypeError / ValueError / NotImplementedError before
             assert res[case].startswith("InvalidTypeError: under torch.distributed a data loader must be"), res[case]
+    first, other, again = zip(*(res["orders"] for res in hostile_job))  # per seed: each rank's share
+    assert sorted(sum(first, [])) == [float(i) for i in range(10)]  # one order, split over the ranks
+    assert first == again and first != other  # torch.manual_seed decides it
     # an iterable dataset with a length: every W-th batch (training), each batch once (evaluation)
     assert sorted(v for res in hostile_job for v in res["stream_eval"]) == [float(i) for i in range(6)]
     assert [len(res["stream_train"]) for res in hostile_job] == [2, 2]

@@ -74,3 +74,50 @@ def test_the_model_check_covers_the_methods():
     names = {name for name, _ in _public_functions_taking_a_model_first()}
     assert {"twa_kernels.decor.update", "twa_kernels.prune.apply_masks", "twa_kernels.factorization.factorize",
             "twa_kernels.geometry.interpolation.interpolate"} <= names
+
+
+def _interpolation_and_plane():
+    from twa_kernels import connectivity as C
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    return (C.interpolate(model, states[0], states[1], data, steps=2, bn="none"),
+            C.plane(model, states, data, grid=2, bn="none"))
+
+
+def test_a_value_of_the_wrong_kind_gets_a_library_error_naming_the_fix(tmp_path):
+    # each of these raised AttributeError or TypeError from inside the call, or went through
+    from twa_kernels import connectivity as C
+    from twa_kernels.decor import decorrelate
+    from twa_kernels.factorization import check_optimizer
+    from twa_kernels.io import write_json
+
+    line, grid = _interpolation_and_plane()
+    cases = [
+        (lambda: C.plot_interpolation(line, tmp_path / "i.png"), "a mapping of labels to interpolations"),
+        (lambda: C.plot_interpolation({"a": grid}, tmp_path / "i.png"), "holding other values"),
+        (lambda: C.plot_plane(line, tmp_path / "p.png"), "plot_plane takes the result of"),
+        (lambda: check_optimizer(torch.nn.Linear(2, 2), None), "check_optimizer takes a torch.optim.Optimizer"),
+        (lambda: decorrelate(torch.nn.Linear(2, 2), skip=5), "skip must be a module name"),
+        (lambda: tk.TWA(torch.nn.Linear(2, 2), [torch.nn.Linear(2, 2).state_dict() for _ in range(2)], progress="no"),
+         "progress must be True, False or None"),
+        (lambda: write_json(tmp_path / "s.json", {"a": {1, 2}}), "convert tensors with .tolist"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TWAKernelsError, match=message):
+            call()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="write None where a value is not finite"):
+        write_json(tmp_path / "n.json", {"a": float("nan")}, allow_nan=False)
+    assert not any(tmp_path.iterdir())  # nothing written by any of them
+
+
+def test_an_eigenvalue_result_writes_strict_json():
+    import json
+
+    from twa_kernels.geometry.sharpness import EigenResult
+
+    data = EigenResult(float("nan"), [1.0, float("inf")], False).to_dict()
+    assert data == {"value": None, "trace": [1.0, None], "converged": False}
+    json.dumps(data, allow_nan=False)

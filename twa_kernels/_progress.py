@@ -12,9 +12,15 @@ from collections.abc import Iterable
 
 from tqdm import tqdm
 
+from twa_kernels.errors import InvalidTypeError
+
 
 def progress_enabled(enabled: bool | None) -> bool:
-    """Whether a bar shows for `enabled` (None: only when standard error is a terminal)."""
+    """Whether a bar shows for `enabled` (None: only when standard error is a terminal);
+    anything but True, False or None is refused (progress="no" would show one)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise InvalidTypeError(f"progress must be True, False or None (a bar only on a terminal), got "
+                               f"{type(enabled).__name__} {enabled!r}")
     if enabled is None:
         isatty = getattr(sys.stderr, "isatty", None)
         # a replaced stderr (a logger, a notebook capture) may lack isatty or be closed

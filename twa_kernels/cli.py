@@ -27,7 +27,7 @@ from twa_kernels import _build, connectivity
 from twa_kernels._imports import optional
 from twa_kernels._provenance import stamp
 from twa_kernels._memory import keep_freed_memory
-from twa_kernels._outdir import current_umask, name_limit
+from twa_kernels._outdir import name_limit
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
 from twa_kernels.fit import (DEFAULT_LOSS, FitError, call_factory, call_loss, load_config, loss_from,
@@ -339,10 +339,9 @@ def _bench(args: argparse.Namespace) -> int:
             print("twa: error: pytest passed but timed no benchmark, so no results were written (the earlier "
                   f"{results.name}, if any, is unchanged)", file=sys.stderr)
             return 2
-        os.chmod(partial, 0o666 & ~current_umask())  # mkstemp's 0600 otherwise
         if roofline.exists():  # the earlier run's, which would stand beside the new results if the report fails
             roofline.unlink()
-        os.replace(partial, results)
+        atomic_write_together({results: lambda tmp: shutil.copyfile(partial, tmp)})  # flushed, the umask's mode
     finally:
         if os.path.exists(partial):
             os.unlink(partial)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from twa_kernels._passes import in_statistics_pass
 from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, real
-from twa_kernels.errors import InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import NORM_HOOKS, computed_weight, transformers_conv1d
 
@@ -358,7 +358,10 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                                    f"||R||_F / sqrt(d), 1 at the start), got {max_norm}")
     sampler = _Sampler(seed)
     if skip is not None and not callable(skip):  # a misspelt name would decorrelate the layer it meant to skip
-        skip = [skip] if isinstance(skip, str) else list(skip)
+        skip = [skip] if isinstance(skip, str) else list(skip) if isinstance(skip, Iterable) else None
+        if skip is None or not all(isinstance(name, str) for name in skip):
+            raise InvalidTypeError("skip must be a module name, a list of names, or a callable (name, module) -> "
+                                   "bool that says which modules to leave alone")
         modules = dict(model.named_modules(remove_duplicate=False))
         for name in skip:
             if name not in modules:

@@ -37,14 +37,14 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._checks import path_without_nul
-from twa_kernels._outdir import current_umask, process_alive, shown
+from twa_kernels._outdir import process_alive, shown
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels.geometry import plane, plot_plane
-from twa_kernels.io import atomic_write, load_state_dict, save_state_dict, write_json
+from twa_kernels.io import atomic_write, atomic_write_together, load_state_dict, save_state_dict, write_json
 from twa_kernels.twa import TWA
 
 logger = logging.getLogger(__name__)
@@ -538,28 +538,12 @@ def _remove_abandoned_staging(out: Path) -> None:
 
 
 def _replace_together(staging: Path, out: Path) -> None:
-    """Put the staged outputs in place of out's: each first copied whole beside the file it
-    replaces (through a symlink where one stands, with the old file's mode), then all renamed
-    into place, so that a full disk stops the run before any output changes."""
-    ready: list[tuple[str, Path]] = []
-    try:
-        for name in OUTPUTS:
-            target = Path(os.path.realpath(out / name))
-            mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~current_umask()
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            ready.append((tmp, target))
-            shutil.copyfile(staging / name, tmp)
-            os.chmod(tmp, mode)
-        for tmp, target in ready:  # results.json last: it names the run the figures belong to
-            os.replace(tmp, target)
-    except OSError as exc:
-        raise OutputError(f"cannot write the demo's outputs into {shown(out)} ({exc.strerror or exc}); the "
-                          "previous ones, if any, are unchanged: free space or choose another --out") from exc
-    finally:
-        for tmp, _ in ready:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    """Put the staged outputs in place of out's (io.atomic_write_together): each first
+    copied whole beside the file it replaces (through a symlink where one stands, with the
+    old file's mode) and flushed to disk, then all renamed into place, results.json last (it
+    names the run the figures belong to), so that a full disk stops the run before any
+    output changes."""
+    atomic_write_together({out / name: functools.partial(shutil.copyfile, staging / name) for name in OUTPUTS})
 
 
 def _checked_out_dir(out_dir: str | Path) -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import logging
 import numbers
 import os
@@ -42,8 +41,10 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableD
                               SequentialSampler, Subset, SubsetRandomSampler)
 
 from twa_kernels._checks import check_module
+from twa_kernels._random import check_seed
 from twa_kernels.batchnorm import NoBatchesError, measured_norms
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
+from twa_kernels.io import write_json
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
     CheckpointListMismatchError,
@@ -332,9 +333,8 @@ def _write_error_file(path: str, exc: BaseException) -> None:
     data = {"message": {"message": f"{type(exc).__name__}: {exc}",
                         "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc)),
                                       "timestamp": str(stamp)}}}
-    try:
-        with open(path, "w") as f:
-            json.dump(data, f)
+    try:  # whole or not at all: torchrun reads it once this process has ended
+        write_json(path, data)
     except OSError as err:  # the error being raised matters more than its record
         logger.warning("could not write the torchrun error file %s: %s", path, err)
 
@@ -374,15 +374,31 @@ def _sized(loader: Iterable) -> int:
                                "from the data factory") from None
 
 
-def split_loader(loader: Iterable, process_group: Any) -> Iterable:
+def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
+    """The seed of split_loader's shuffled order: `seed`, else rank 0's draw from the loader's
+    own generator (DataLoader(generator=...)) or torch's global RNG, sent to every rank so
+    that they agree on one order and split it, as they must."""
+    if seed is not None:
+        return check_seed(seed)
+    source = getattr(loader.sampler, "generator", None)
+    drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=source)
+    dist.broadcast(drawn, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return int(drawn)
+
+
+def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) -> Iterable:
     """This rank's share of `loader`, with the same number of batches on every rank (a rank
     with one batch more would wait forever in its extra all-reduce). A DataLoader over a
     map-style dataset is rebuilt with a DistributedSampler over the samples its sampler
     draws (the whole dataset, or a SubsetRandomSampler's indices; shuffled if the loader
     was; it pads by repeating samples); any other sampler is replaced, with a warning.
     Another sized iterable (a DataLoader over an IterableDataset with a length included)
-    keeps every W-th batch, len // W of them. An unsized iterable is refused."""
+    keeps every W-th batch, len // W of them. An unsized iterable is refused. A shuffled
+    order is drawn anew at every pass from `seed` (None: from a seed rank 0 draws from the
+    loader's generator or torch's global RNG, so torch.manual_seed governs it as it does a
+    plain DataLoader's)."""
     check_group(process_group)
+    check_seed(seed)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
@@ -392,7 +408,8 @@ def split_loader(loader: Iterable, process_group: Any) -> Iterable:
                           "the data yourself", UserWarning, stacklevel=2)
             drawn = loader.dataset, isinstance(loader.sampler, RandomSampler)
         dataset, shuffle = drawn
-        sampler = _EveryPassSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=0)
+        sampler = _EveryPassSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
+                                    seed=_shuffle_seed(loader, seed, process_group) if shuffle else 0)
         return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler,
                           num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
     return _Strided(loader, rank, world, _sized(loader) // world)

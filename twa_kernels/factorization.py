@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 
 from twa_kernels._checks import check_module, real
 from twa_kernels._random import generator_or_seed
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import TORCH_WEIGHT_LAYERS, computed_weight, weight_layer_types
 
@@ -452,6 +452,9 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Raise FactorizationError if `optimizer` would decay (or update) a dense weight that
     `factorize` replaced (an optimizer built before factorising), or misses factors."""
     check_module(model, "check_optimizer's model")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidTypeError(f"check_optimizer takes a torch.optim.Optimizer, got {type(optimizer).__name__}; pass "
+                               "the optimizer built over the factorised model's parameters")
     replaced = {}
     for name, module in model.named_modules():
         if _is_factorized(module):

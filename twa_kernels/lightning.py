@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from twa_kernels._imports import optional
+from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import has_running_statistics, running_norms
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, TWAKernelsError, UsageError
 from twa_kernels.io import save_state_dict
@@ -78,7 +79,9 @@ class TrainableWeightAveraging(pl.Callback):
       `<default_root_dir>/twa_snapshots/run-<time>-<random>`, so runs sharing a root
       directory never write over each other's); files already there are replaced, never
       read. The callback's state records each snapshot's SHA-256, and the TWA is built only
-      from files that still hold what this run wrote.
+      from files that still hold what this run wrote. progress: the bars of building the
+      basis (None: only when standard error is a terminal; False: never, as with
+      Trainer(enable_progress_bar=False)).
     Under `fast_dev_run` the callback does nothing (it warns), as Lightning's checkpointing
     does. In the TWA epochs the Trainer steps the coefficients' optimizer alone, so
     `self.lr_schedulers()` in the module's steps is None there.
@@ -94,7 +97,7 @@ class TrainableWeightAveraging(pl.Callback):
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = _adamw,
                  bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
                  dirpath: str | os.PathLike | None = None,
-                 update_bn: bool | Callable[[nn.Module, Any], Any] = True):
+                 update_bn: bool | Callable[[nn.Module, Any], Any] = True, progress: bool | None = None):
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or not (
                 (isinstance(start_epoch, int) and start_epoch >= 0)
                 or (isinstance(start_epoch, float) and 0.0 < start_epoch < 1.0)):
@@ -109,9 +112,10 @@ class TrainableWeightAveraging(pl.Callback):
         if not (isinstance(update_bn, bool) or callable(update_bn)):
             raise InvalidArgumentError(f"update_bn must be True, False or a function(module, batch), got {update_bn!r}")
         check_build_args(bits, group_size, granularity)  # here, not after the whole run
+        progress_enabled(progress)  # refused here, not after the whole run
         self.start_epoch, self.twa_epochs = start_epoch, twa_epochs
         self.optimizer, self.update_bn = optimizer, update_bn
-        self.twa_options = dict(bits=bits, granularity=granularity, group_size=group_size)
+        self.twa_options = dict(bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         self._dirpath_given = None if dirpath is None else Path(dirpath)
         self._new_run()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from twa_kernels._imports import optional
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.geometry.evaluation import Checkpoint
 from twa_kernels.geometry.interpolation import Interpolation
 from twa_kernels.geometry.planes import Plane
@@ -55,6 +55,9 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     figure = optional("matplotlib.figure", "demo", "plot_plane()")
     colors = optional("matplotlib.colors", "demo", "plot_plane()")
     axes_grid = optional("mpl_toolkits.axes_grid1", "demo", "plot_plane()")
+    if not isinstance(result, Plane):
+        raise InvalidTypeError(f"plot_plane takes the result of tk.connectivity.plane(...), got "
+                               f"{type(result).__name__}; for interpolations use plot_interpolation")
     if value not in ("loss", "error"):
         raise InvalidArgumentError(f"value must be 'loss' or 'error', got {value!r}")
     path = _check_path(path)
@@ -118,6 +121,13 @@ def plot_interpolation(results: Mapping[str, Interpolation], path: str | os.Path
                        title: str | None = None) -> Path:
     """Loss and error (%) against alpha for one or more interpolations, labelled by key."""
     figure = optional("matplotlib.figure", "demo", "plot_interpolation()")
+    if isinstance(results, Interpolation):
+        raise InvalidTypeError("plot_interpolation takes a mapping of labels to interpolations, got one "
+                               "Interpolation; pass {'a to b': result}")
+    if not isinstance(results, Mapping) or not all(isinstance(r, Interpolation) for r in results.values()):
+        raise InvalidTypeError(f"plot_interpolation takes {{label: tk.connectivity.interpolate(...)}}, got "
+                               f"{type(results).__name__}" + (" holding other values" if isinstance(results, Mapping)
+                                                              else ""))
     if not results:
         raise InvalidArgumentError("plot_interpolation needs at least one interpolation, got none: pass "
                                    "{label: tk.connectivity.interpolate(...)}")

@@ -34,7 +34,7 @@ from twa_kernels.errors import InvalidArgumentError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
 from twa_kernels._checks import check_module, real
-from twa_kernels.geometry.evaluation import parameter_device, preserved, split_batch
+from twa_kernels.geometry.evaluation import finite_or_none, parameter_device, preserved, split_batch
 from twa_kernels.io import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ class EigenResult(NamedTuple):
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-safe data."""
-        return dict(value=float(self.value), trace=[float(t) for t in self.trace], converged=bool(self.converged))
+        # a diverged run's NaN or infinity as null, as Interpolation and Plane write them
+        return dict(value=finite_or_none(float(self.value)), trace=finite_or_none([float(t) for t in self.trace]),
+                    converged=bool(self.converged))
 
 
 def _no_forward_ad(exc: NotImplementedError) -> InvalidArgumentError | None:

@@ -120,9 +120,18 @@ def _remove_empty(directories: list[Path]) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> Path:
     """Write `obj` as indented JSON, atomically (see atomic_write). allow_nan=False refuses
-    NaN and infinities (ValueError, nothing written) instead of writing them as the bare
-    NaN / Infinity that strict JSON readers reject."""
-    text = json.dumps(obj, indent=1, allow_nan=allow_nan)  # before the write: a refusal leaves nothing
+    NaN and infinities (InvalidArgumentError, a ValueError; nothing written) instead of
+    writing them as the bare NaN / Infinity that strict JSON readers reject; a value JSON
+    cannot hold (a set, a tensor) is InvalidTypeError."""
+    try:  # before the write: a refusal leaves nothing
+        text = json.dumps(obj, indent=1, allow_nan=allow_nan)
+    except ValueError as exc:  # a NaN or infinity with allow_nan=False, or a container holding itself
+        fix = ("write None where a value is not finite" if "float" in str(exc)
+               else "give data without a reference cycle")
+        raise InvalidArgumentError(f"{path}: cannot be written as JSON ({exc}); {fix}") from exc
+    except TypeError as exc:
+        raise InvalidTypeError(f"{path}: {exc}; give JSON's types (dicts with str keys, lists, str, numbers, bools, "
+                               "None): convert tensors with .tolist() and sets with sorted()") from exc
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
