@@ -60,10 +60,12 @@ def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
     from float to integer, would otherwise be taken from the last checkpoint unaveraged."""
     for key, value in reference.items():
         if key not in state:
-            raise CheckpointError(f"{source}: missing key {key!r} that the first checkpoint has")
+            raise CheckpointError(f"{source}: missing key {key!r} that the first checkpoint has; the checkpoints "
+                                  "must be saved from one model")
         if state[key].shape != value.shape:
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the first "
-                                  f"checkpoint has {tuple(value.shape)}")
+                                  f"checkpoint has {tuple(value.shape)}; the checkpoints must come from one "
+                                  "architecture")
         if _averaged(state[key]) != _averaged(value) or state[key].is_complex() != value.is_complex():
             raise CheckpointError(f"{source}: key {key!r} is {state[key].dtype} but the first checkpoint's is "
                                   f"{value.dtype}; checkpoints of one model hold each entry in one kind")

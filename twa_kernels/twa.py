@@ -56,7 +56,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, MissingKeyError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
 from twa_kernels import sharding
 from twa_kernels._checks import check_module
 from twa_kernels._memory import empty_huge, gradients_to_hold
@@ -311,7 +311,10 @@ class TWA(nn.Module):
         """nn.Module.load_state_dict, with a state that lacks some of this TWA's keys (every
         basis_* tensor, say) refused under strict=True by a MissingKeyError naming them, before
         anything is copied. The pre-hook cannot tell: torch hands it strict=True always."""
-        if strict and isinstance(state_dict, Mapping):
+        if not isinstance(state_dict, Mapping):
+            raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
+                                   f"TWA.state_dict() returns), got {type(state_dict).__name__}")
+        if strict:
             own = [*self._parameters, *(k for k in self._buffers if k not in self._non_persistent_buffers_set)]
             missing = [key for key in own if key not in state_dict]
             if missing:
