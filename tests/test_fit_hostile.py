@@ -302,6 +302,15 @@ def test_distributed_must_be_a_mapping_or_left_empty():
             check_config(dict(base, distributed=value), "cfg")
 
 
+def test_the_default_optimizer_has_no_weight_decay():
+    # AdamW's own weight_decay (0.01) pulled the coefficients towards the center; the demo
+    # and the Lightning callback use none
+    from twa_kernels.fit import check_config
+
+    config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c"), "config.yaml")
+    assert config.optimizer == "AdamW" and config.optimizer_args == {"lr": 1e-2, "weight_decay": 0.0}
+
+
 def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():
     from twa_kernels.fit import check_config
 

@@ -161,8 +161,8 @@ def _check_import_string(where: str, key: str, value: Any) -> str:
 def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     """(class name, arguments) of the `optimizer` entry, tried on a dummy parameter so a bad
     argument is found now, not at the first step."""
-    if value is None:
-        return "AdamW", {"lr": 1e-2}
+    if value is None:  # no weight decay: it would pull the coefficients, and the average, towards the center
+        return "AdamW", {"lr": 1e-2, "weight_decay": 0.0}
     names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
              and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"]
     if not isinstance(value, Mapping):
