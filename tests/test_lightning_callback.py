@@ -534,3 +534,22 @@ def test_a_second_fit_on_the_same_trainer_is_named_before_it_averages_a_part_of_
     trainer.fit_loop.max_epochs = 8
     with pytest.raises(UsageError, match="keeps epochs 1..7, but this Trainer starts at epoch 4"):
         trainer.fit(net, _loader())
+
+
+@pytest.mark.parametrize("progress, shown", [(None, False), (True, True)])
+def test_the_basis_bars_follow_the_trainers_progress_bar_unless_asked(tmp_path, monkeypatch, progress, shown):
+    # the callback had no progress= and drew its bars on a terminal under enable_progress_bar=False
+    import twa_kernels.lightning as tl
+
+    asked = []
+    real = tl.TWA
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["progress"])
+        return real(*args, **dict(kwargs, progress=False))
+
+    monkeypatch.setattr(tl, "TWA", recording)
+    _fit(tmp_path, TrainableWeightAveraging(start_epoch=1, twa_epochs=1, progress=progress), epochs=3)
+    assert asked == [shown]
+    with pytest.raises(tk.errors.InvalidTypeError, match="progress must be True, False or None"):
+        TrainableWeightAveraging(progress="no")

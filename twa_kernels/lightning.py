@@ -80,8 +80,8 @@ class TrainableWeightAveraging(pl.Callback):
       directory never write over each other's); files already there are replaced, never
       read. The callback's state records each snapshot's SHA-256, and the TWA is built only
       from files that still hold what this run wrote. progress: the bars of building the
-      basis (None: only when standard error is a terminal; False: never, as with
-      Trainer(enable_progress_bar=False)).
+      basis (None: as the Trainer's own, none with enable_progress_bar=False, else only
+      when standard error is a terminal; False: never).
     Under `fast_dev_run` the callback does nothing (it warns), as Lightning's checkpointing
     does. In the TWA epochs the Trainer steps the coefficients' optimizer alone, so
     `self.lr_schedulers()` in the module's steps is None there.
@@ -336,7 +336,10 @@ class TrainableWeightAveraging(pl.Callback):
                 raise CheckpointError(f"TrainableWeightAveraging: snapshot {path} no longer holds the weights this "
                                       "run wrote there (another run writing to the same dirpath?); the TWA would "
                                       "average another run's weights. Give each run its own dirpath")
-        self.twa = TWA(pl_module, self.snapshots, **self.twa_options).to(pl_module.device)
+        options = dict(self.twa_options)
+        if options["progress"] is None and trainer.progress_bar_callback is None:  # enable_progress_bar=False
+            options["progress"] = False
+        self.twa = TWA(pl_module, self.snapshots, **options).to(pl_module.device)
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
             saved = self._loaded["coefficients"]
