@@ -420,6 +420,10 @@ def test_twa_fit_under_torchrun_sharded(user_project):
     D = sum(p.numel() for p in w.model_and_checkpoints()[0].parameters())
     padded = 2 * -(-(-(-D // 8)) // 2) * 8  # W x (the larger rank's groups x group_size)
     assert report["bytes_communicated_per_step"] == 4 * (2 * padded + k * B)
+    # the basis over both ranks, not rank 0's share alone
+    whole = tk.TWA(w.model_and_checkpoints()[0], sorted((user_project / "ckpts").glob("epoch_*.pt")), bits=4,
+                   group_size=8).basis.nbytes
+    assert report["basis_bytes_per_rank"] < whole <= report["basis_bytes"] < 2 * report["basis_bytes_per_rank"] + 64
     # numbers from both ranks' shares (single-process runs check that TWA lowers the loss)
     assert math.isfinite(report["val_loss_after_twa"]) and math.isfinite(report["val_loss_at_swa"])
     averaged = tk.load_state_dict(user_project / "out" / "averaged.safetensors")

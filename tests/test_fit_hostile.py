@@ -715,6 +715,32 @@ def test_a_directory_named_like_an_output_that_appears_during_a_run_is_kept_asid
     assert (kept[0] / "a.bin" / "mine.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "over-an-earlier-output"])
+def test_a_file_named_like_an_output_written_during_a_run_is_kept_aside(tmp_path, earlier):
+    # a data loader that wrote report.json into the output directory: it was taken for the
+    # previous run's output and removed with it, without a word
+    from twa_kernels import _outdir
+
+    out = tmp_path / "out"
+    if earlier:  # the previous run's set
+        out.mkdir()
+        (out / "a.bin").write_text("previous")
+        (out / "b.json").write_text("previous")
+    target = _outdir.OutputDirectory(out, ["a.bin", "b.json"])
+    target.stage("a.bin").write_text("new")
+    target.stage("b.json").write_text("new")
+    out.mkdir(exist_ok=True)
+    (out / "b.json").write_text("the loader's")
+    with pytest.warns(RuntimeWarning, match=r"b\.json appeared in it during the run .* kept in '.*\.out\.twa-kept"):
+        target.commit()
+    target.discard()
+    assert (out / "a.bin").read_text() == "new" and (out / "b.json").read_text() == "new"
+    kept = [p for p in tmp_path.iterdir() if ".twa-kept." in p.name]
+    assert len(kept) == 1 and (kept[0] / "b.json").read_text() == "the loader's"
+    if earlier:
+        assert (kept[0] / "a.bin").read_text() == "previous"
+
+
 @pytest.mark.parametrize("length", [240, 300])
 def test_an_output_name_too_long_for_its_staging_directory_names_the_limit(in_project, length):
     from twa_kernels._outdir import STAGING_NAME_EXTRA

@@ -16,7 +16,8 @@ Because the whole directory is replaced, it must hold nothing but these outputs 
 files of exactly those names, and the `.<name>.<random>.tmp` files an interrupted atomic_write
 leaves): a directory with anything else in it is refused before any work, never emptied.
 What appears in it while the run works (a file a data loader writes there, say) is moved into
-the new set after the swap, not removed with the old one.
+the new set after the swap, not removed with the old one; one named like an output (which the
+new set's file takes the place of) keeps the previous set aside, with a warning.
 
 The staging name is the target's and STAGING_NAME_EXTRA characters more, so the target's name
 must be at least that much shorter than the file system's limit for one name (227 of 255).
@@ -159,6 +160,9 @@ class OutputDirectory:
             self._target.parent.mkdir(parents=True, exist_ok=True)
             self._staging = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-stage.{os.getpid()}.",
                                                   dir=self._target.parent))
+            # the outputs the target holds now: one that is new or changed at commit was written
+            # there during the run (by a data loader, say), and is the user's, not an old output
+            self._before = self._signatures(self._target)
         except OSError as exc:  # a read-only file system, a permission os.access did not see
             raise self._unwritable(self._target.parent, exc) from exc
 
@@ -176,6 +180,17 @@ class OutputDirectory:
         named = entry in self.names or any(re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp", entry)
                                            for name in self.names)
         return named and os.path.isfile(folder / entry)
+
+    def _signatures(self, folder: Path) -> dict[str, tuple[int, int, int]]:
+        """(inode, size, modification time) of each output-named file in `folder`."""
+        if not folder.is_dir():
+            return {}
+        found = {}
+        for entry in os.listdir(folder):
+            if self._owned(folder, entry):
+                st = os.stat(folder / entry)
+                found[entry] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        return found
 
     def _check_name_length(self) -> None:
         """The staging directory's name is the target's and STAGING_NAME_EXTRA characters
@@ -333,8 +348,10 @@ class OutputDirectory:
         construction could not see, stay where the user put them. False when some could not
         be moved: the old set is then kept (and named in a warning), not removed."""
         kept = []
+        now = self._signatures(self._staging)  # the old set's, renamed: the same files
         for entry in sorted(os.listdir(self._staging)):
-            if self._owned(self._staging, entry):
+            # an output of the previous set, or a temporary file an interrupted write left
+            if entry in now and (entry not in self.names or now[entry] == self._before.get(entry)):
                 continue
             try:
                 if os.path.lexists(self._target / entry):  # a directory named like an output, say

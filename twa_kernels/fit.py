@@ -697,12 +697,17 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     optimizer = getattr(torch.optim, config.optimizer)(twa.parameters(), **config.optimizer_args)
 
     start = time.perf_counter()
+    basis_bytes = twa.basis.nbytes  # a sharded rank's share: summed over the ranks below
+    shares = {"own": basis_bytes}
+    if twa.parallel is not None and config.distributed_mode == "sharded":
+        shares = distributed.all_reduce_metrics(shares, group)
     # what ran, with every default filled in: the config file may change, or be a pipe read once
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("source", "checkpoints")}
     report: dict[str, Any] = dict(config=config.source, settings=settings,
                                   checkpoints=[str(p) for p in inputs],
                                   coefficients=list(twa.coefficients.shape),
-                                  basis_bytes=twa.basis.nbytes, int8_gradients=twa.int8_gradients, world_size=world,
+                                  basis_bytes=int(shares["own"]), basis_bytes_per_rank=basis_bytes,
+                                  int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     if val_loader is not None:
         # The SWA baseline is measured the way TWA is: at the uniform average (the
