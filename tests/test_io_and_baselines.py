@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,38 @@ def test_update_bn_that_fails_mid_pass_keeps_the_old_statistics():
         tk.update_bn(batches(), model)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class _HeadOutsideForward(torch.nn.Module):
+    """forward runs the backbone only; training runs backbone and head (as a LightningModule's
+    training_step that calls its parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8))
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def test_update_bn_names_a_batchnorm_its_pass_never_reaches_and_keeps_its_statistics():
+    # the head's BatchNorm was reset to mean 0 and variance 1, measured nothing, and stayed so
+    torch.manual_seed(0)
+    model = _HeadOutsideForward()
+    with torch.no_grad():
+        model.head[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    batches = [torch.randn(8, 6) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match=r"\['head.1'\] saw none of the 3 batches .* pass call_fn"):
+        tk.update_bn(batches, model)
+    for key, value in model.head.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert int(model.backbone[1].num_batches_tracked) == 3  # the layer it reaches is measured
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.update_bn(batches, model, call_fn=lambda m, x: m.head(m(x)))  # reached: measured, no warning
+    assert int(model.head[1].num_batches_tracked) == 3
 
 
 @pytest.mark.parametrize("bad", ["unknown key", "wrapper prefix", "shape"])

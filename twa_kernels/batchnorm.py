@@ -5,6 +5,7 @@ baselines, the geometry tools)."""
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -160,6 +161,18 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                    "such as a list or a DataLoader" if isinstance(loader, Iterator) else "pass a non-empty loader")
             raise NoBatchesError(f"update_bn: the loader yielded no batches, so there are no statistics to "
                                        f"measure (they are left as they were); {fix}")
+        # a layer the pass never reached (used by a training_step, not by forward) was reset
+        # and measured nothing: it keeps its statistics, and the caller is told how to reach it
+        unreached = [name for name, m in measured.items() if m.track_running_stats and count
+                     and int(m.num_batches_tracked) == 0]
+        for name in unreached:
+            for k, b in saved[measured[name]].items():
+                getattr(measured[name], k).copy_(b)
+        if unreached:
+            warnings.warn(f"update_bn: the BatchNorm layer(s) {unreached[:5]} saw none of the {count} batches (the "
+                          "pass runs the model's forward, which does not reach them), so they keep the statistics "
+                          "they had; pass call_fn(model, batch) that runs the model as it trains (for the Lightning "
+                          "callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=3)
     except BaseException:
         for m in norms:  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
             for k, b in saved[m].items():
