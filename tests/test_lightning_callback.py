@@ -5,6 +5,7 @@ what it cannot do."""
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -553,3 +554,43 @@ def test_the_basis_bars_follow_the_trainers_progress_bar_unless_asked(tmp_path, 
     assert asked == [shown]
     with pytest.raises(tk.errors.InvalidTypeError, match="progress must be True, False or None"):
         TrainableWeightAveraging(progress="no")
+
+
+def test_a_run_resumed_from_a_checkpoint_written_inside_an_epoch_keeps_every_epoch_and_trains_the_coefficients(
+        tmp_path):
+    # Lightning calls neither on_train_epoch_end for the epoch it resumes into nor
+    # on_train_epoch_start: resumed from an epoch's last batch, the TWA averaged one epoch
+    # fewer (or the fit was refused); resumed inside a TWA epoch, the rest of it trained the
+    # module's own weights with the run's SGD instead of the coefficients
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_train_steps=4)  # 6 batches/epoch
+    straight_callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    straight, _ = _fit(tmp_path / "first", straight_callback, callbacks=[saving])
+
+    def resumed(name):
+        callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+        net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[callback])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
+            trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40),
+                        ckpt_path=str(tmp_path / "ckpts" / name))
+        return net, callback
+
+    for name in ("epoch=1-step=12.ckpt", "epoch=3-step=24.ckpt"):  # written at an epoch's last batch
+        net, callback = resumed(name)
+        assert [Path(p).name for p in callback.snapshots] == [f"epoch={e}.safetensors" for e in (1, 2, 3)], name
+        for key, value in straight.state_dict().items():
+            torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
+    _, callback = resumed("epoch=4-step=28.ckpt")  # inside the first TWA epoch
+    steps = [int(state["step"]) for state in callback._twa_optimizer.state.values()]
+    assert steps == [int(s["step"]) for s in straight_callback._twa_optimizer.state.values()] == [12]
+    # a checkpoint without the snapshot of an epoch it finished (written before the callback
+    # kept it) is named, rather than averaged over the epochs it has
+    state = torch.load(tmp_path / "ckpts" / "epoch=3-step=24.ckpt", weights_only=False)
+    key = next(k for k in state["callbacks"] if "TrainableWeightAveraging" in k)
+    state["callbacks"][key]["snapshots"] = state["callbacks"][key]["snapshots"][:2]
+    torch.save(state, tmp_path / "older.ckpt")
+    trainer = _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=2)])
+    with pytest.raises(UsageError, match=r"holds no snapshot of epoch\(s\) \[3\]"):
+        trainer.fit(_Net(), _loader(), ckpt_path=str(tmp_path / "older.ckpt"))

@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import secrets
 import time
 import warnings
@@ -126,6 +127,7 @@ class TrainableWeightAveraging(pl.Callback):
         self.dirpath = self._dirpath_given
         self.snapshots: list[str] = []
         self._digests: dict[str, str] = {}  # snapshot path -> SHA-256 of what this run wrote there
+        self._snapped: int | None = None  # the epoch whose snapshot this fit wrote last
         self._off = False  # fast_dev_run: the callback stands aside
         self._frozen_norms: set[str] = set()  # BatchNorm layers the epochs ran in eval mode
         self.twa: TWA | None = None
@@ -191,6 +193,27 @@ class TrainableWeightAveraging(pl.Callback):
                              "checkpoint written without the callback holds none of its snapshots). Fit with a new "
                              "Trainer, or resume from a checkpoint written with this callback")
         self._check_statistics_pass(trainer, pl_module)
+        self._check_snapshots_cover(epoch)
+        if epoch >= self._last and self.twa is None:
+            # a fit resumed inside a TWA epoch: Lightning calls no on_train_epoch_start for the
+            # epoch it resumes into, and the rest of that epoch would train the module's own
+            # weights with the run's optimizer
+            self._start_twa(trainer, pl_module)
+
+    def _check_snapshots_cover(self, epoch: int) -> None:
+        """A resumed fit has a snapshot of every finished epoch it keeps: a checkpoint written
+        before an epoch's snapshot (by an older version, or with snapshots deleted since)
+        would train a TWA over fewer epochs without a word."""
+        if not self.snapshots and self._loaded is None:
+            return
+        kept = {int(m.group(1)) for m in (re.fullmatch(r"epoch=(\d+)\.safetensors", Path(p).name)
+                                          for p in self.snapshots) if m}
+        missing = [e for e in range(self._first, min(epoch, self._last)) if e not in kept]
+        if missing:
+            raise UsageError(f"TrainableWeightAveraging: this fit resumes at epoch {epoch}, but the checkpoint holds "
+                             f"no snapshot of epoch(s) {missing} (it was written before the callback kept them), so "
+                             "the TWA would average fewer epochs than the run trained; resume from a checkpoint "
+                             "written at the end of an epoch")
 
     def _check_statistics_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Name, before the run, a BatchNorm statistics pass that the end of fit could not run."""
@@ -213,15 +236,29 @@ class TrainableWeightAveraging(pl.Callback):
         if trainer.current_epoch >= self._last and self.twa is None:
             self._start_twa(trainer, pl_module)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # the epoch's weights are final after its last batch: kept now, before a checkpoint
+        # that ModelCheckpoint writes at this batch (its hooks run after this callback's), so
+        # that a fit resumed from that checkpoint holds this epoch's snapshot. Lightning runs
+        # no on_train_epoch_end for the epoch it resumes into.
+        if trainer.is_last_batch:
+            self._snapshot(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
         if pl_module.training:  # the modes the epoch trained in (Lightning sets eval before on_train_end)
             self._frozen_norms = {name for name, m in running_norms(pl_module).items() if not m.training}
-        if not self._off and self._first <= epoch < self._last:
-            path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
-            if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
-                self.snapshots.append(str(path))
-            self._digests[str(path)] = _sha256(path)
+        self._snapshot(trainer, pl_module)  # where no batch was known to be the last (an unsized loader)
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
+            return
+        path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
+        if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
+            self.snapshots.append(str(path))
+        self._digests[str(path)] = _sha256(path)
+        self._snapped = epoch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._off:
