@@ -5,6 +5,7 @@ what it cannot do."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -228,9 +229,11 @@ def test_a_run_resumed_before_its_twa_epochs_keeps_the_epochs_it_kept(straight_r
     net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[callback])
     trainer.fit(net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40),
                 ckpt_path=str(next((tmp_path / "ckpts").glob("epoch=2-*.ckpt"))))
-    assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=2.safetensors",
-                                                          "epoch=3.safetensors"]
-    assert callback.snapshots == first.snapshots  # the resumed epoch 3 went beside the epochs it kept
+    # the resumed epoch 3 went beside the epochs it kept, in a file of its own: the earlier
+    # fit's epoch=3.safetensors, which its later checkpoints name, is left as it was
+    assert callback.snapshots[:2] == first.snapshots[:2]
+    assert Path(callback.snapshots[2]).parent == Path(first.snapshots[2]).parent
+    assert re.fullmatch(r"epoch=3\.[0-9a-f]+\.safetensors", Path(callback.snapshots[2]).name)
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
 
@@ -579,7 +582,7 @@ def test_a_run_resumed_from_a_checkpoint_written_inside_an_epoch_keeps_every_epo
 
     for name in ("epoch=1-step=12.ckpt", "epoch=3-step=24.ckpt"):  # written at an epoch's last batch
         net, callback = resumed(name)
-        assert [Path(p).name for p in callback.snapshots] == [f"epoch={e}.safetensors" for e in (1, 2, 3)], name
+        assert [Path(p).name.split(".")[0] for p in callback.snapshots] == [f"epoch={e}" for e in (1, 2, 3)], name
         for key, value in straight.state_dict().items():
             torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=f"{name} {key}")
     _, callback = resumed("epoch=4-step=28.ckpt")  # inside the first TWA epoch
@@ -594,3 +597,30 @@ def test_a_run_resumed_from_a_checkpoint_written_inside_an_epoch_keeps_every_epo
     trainer = _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=2)])
     with pytest.raises(UsageError, match=r"holds no snapshot of epoch\(s\) \[3\]"):
         trainer.fit(_Net(), _loader(), ckpt_path=str(tmp_path / "older.ckpt"))
+
+
+class _FasterNet(_Net):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+def test_a_resumed_fit_leaves_the_snapshots_the_earlier_checkpoints_name(straight_run, tmp_path):
+    # a resumed fit that ran an epoch again (here at another learning rate) wrote over its
+    # snapshot file, so every other checkpoint of the run was refused from then on
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, _, straight, _ = straight_run
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_epochs=1)
+    _fit(tmp_path / "first", TrainableWeightAveraging(start_epoch=1, twa_epochs=2), callbacks=[saving])
+    other = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    _trainer(tmp_path / "first", callbacks=[other]).fit(_FasterNet(), _loader(),
+                                                        ckpt_path=str(next((tmp_path / "ckpts").glob("epoch=1-*"))))
+    assert [Path(p).name.split(".")[0] for p in other.snapshots] == ["epoch=1", "epoch=2", "epoch=3"]
+    assert Path(other.snapshots[0]).name == "epoch=1.safetensors"  # the earlier fit's, kept as it was
+    assert all(Path(p).name != f"epoch={e}.safetensors" for p, e in zip(other.snapshots[1:], (2, 3)))
+    net = _Net()
+    _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=2)]).fit(
+        net, _loader(), DataLoader(TensorDataset(*_VAL), batch_size=40),
+        ckpt_path=str(next((tmp_path / "ckpts").glob("epoch=3-*"))))
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)

@@ -79,7 +79,8 @@ class TrainableWeightAveraging(pl.Callback):
       `TWA`. dirpath: where the per-epoch snapshots go (default a folder of this run's own,
       `<default_root_dir>/twa_snapshots/run-<time>-<random>`, so runs sharing a root
       directory never write over each other's); files already there are replaced, never
-      read. The callback's state records each snapshot's SHA-256, and the TWA is built only
+      read, but by a fit resumed from a checkpoint, which writes an epoch it runs again to
+      `epoch=<n>.<random>.safetensors` (the run's other checkpoints name the earlier file). The callback's state records each snapshot's SHA-256, and the TWA is built only
       from files that still hold what this run wrote. progress: the bars of building the
       basis (None: as the Trainer's own, none with enable_progress_bar=False, else only
       when standard error is a terminal; False: never).
@@ -128,6 +129,8 @@ class TrainableWeightAveraging(pl.Callback):
         self.snapshots: list[str] = []
         self._digests: dict[str, str] = {}  # snapshot path -> SHA-256 of what this run wrote there
         self._snapped: int | None = None  # the epoch whose snapshot this fit wrote last
+        self._written: set[str] = set()  # the snapshot files this fit wrote
+        self._resumed = False  # a fit from a checkpoint: the snapshot folder holds the earlier fit's files
         self._off = False  # fast_dev_run: the callback stands aside
         self._frozen_norms: set[str] = set()  # BatchNorm layers the epochs ran in eval mode
         self.twa: TWA | None = None
@@ -206,8 +209,7 @@ class TrainableWeightAveraging(pl.Callback):
         would train a TWA over fewer epochs without a word."""
         if not self.snapshots and self._loaded is None:
             return
-        kept = {int(m.group(1)) for m in (re.fullmatch(r"epoch=(\d+)\.safetensors", Path(p).name)
-                                          for p in self.snapshots) if m}
+        kept = {_epoch_of(p) for p in self.snapshots}
         missing = [e for e in range(self._first, min(epoch, self._last)) if e not in kept]
         if missing:
             raise UsageError(f"TrainableWeightAveraging: this fit resumes at epoch {epoch}, but the checkpoint holds "
@@ -254,10 +256,16 @@ class TrainableWeightAveraging(pl.Callback):
         epoch = trainer.current_epoch
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
             return
-        path = save_state_dict(pl_module.state_dict(), self.dirpath / f"epoch={epoch}.safetensors")
-        if str(path) not in self.snapshots:  # an epoch run again after a resume replaces its file
-            self.snapshots.append(str(path))
+        path = self.dirpath / f"epoch={epoch}.safetensors"
+        if self._resumed and path.exists() and str(path) not in self._written:
+            # an epoch that a resumed fit runs again: the file is the earlier fit's, which its
+            # other checkpoints name (with its digest), so it is left as it is
+            path = self.dirpath / f"epoch={epoch}.{secrets.token_hex(4)}.safetensors"
+        path = save_state_dict(pl_module.state_dict(), path)
+        self.snapshots = [p for p in self.snapshots if _epoch_of(p) != epoch] + [str(path)]
+        self.snapshots.sort(key=_epoch_of)
         self._digests[str(path)] = _sha256(path)
+        self._written.add(str(path))
         self._snapped = epoch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -440,6 +448,14 @@ class TrainableWeightAveraging(pl.Callback):
             self.dirpath = Path(state_dict["dirpath"])  # the resumed run writes beside the snapshots it kept
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
         self._loaded = state_dict.get("twa")
+        self._resumed = True
+
+
+def _epoch_of(path: str) -> int:
+    """The epoch of a snapshot file, `epoch=N.safetensors` or a resumed fit's
+    `epoch=N.<random>.safetensors`."""
+    match = re.fullmatch(r"epoch=(\d+)(\.[0-9a-f]+)?\.safetensors", Path(path).name)
+    return int(match.group(1)) if match else -1
 
 
 def _sha256(path: str | os.PathLike) -> str:
