@@ -86,6 +86,8 @@ def test_the_epochs_from_start_epoch_are_kept_and_the_trainer_is_left_as_configu
     assert folder.parent == root / "twa_snapshots" and folder.name.startswith("run-")
     assert all(Path(p).parent == folder for p in callback.snapshots)
     assert trainer.current_epoch == 6 and trainer.max_epochs == 4  # 4 epochs of SGD, 2 of TWA
+    # the run's optimizer and scheduler, not the coefficients' AdamW
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD) and len(trainer.lr_scheduler_configs) == 1
     assert "training_step" not in vars(net) and "validation_step" not in vars(net)
 
 

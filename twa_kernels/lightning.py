@@ -329,6 +329,9 @@ class TrainableWeightAveraging(pl.Callback):
         finally:
             for m, training in modes.items():
                 m.training = training
+        # the Trainer holds the run's optimizers and schedulers again, as it did before the TWA epochs
+        trainer.strategy.optimizers = self._run_optimizers
+        trainer.strategy.lr_scheduler_configs = self._run_schedulers
 
     def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """twa.update_bn over the training batches, each passed through the Trainer's batch
