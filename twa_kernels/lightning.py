@@ -80,8 +80,9 @@ class TrainableWeightAveraging(pl.Callback):
       `<default_root_dir>/twa_snapshots/run-<time>-<random>`, so runs sharing a root
       directory never write over each other's); files already there are replaced, never
       read, but by a fit resumed from a checkpoint, which writes an epoch it runs again to
-      `epoch=<n>.<random>.safetensors` (the run's other checkpoints name the earlier file). The callback's state records each snapshot's SHA-256, and the TWA is built only
-      from files that still hold what this run wrote. progress: the bars of building the
+      `epoch=<n>.<random>.safetensors` (the run's other checkpoints name the earlier
+      file). The callback's state records each snapshot's SHA-256, and the TWA is built
+      only from files that still hold what this run wrote. progress: the bars of building the
       basis (None: as the Trainer's own, none with enable_progress_bar=False, else only
       when standard error is a terminal; False: never).
     Under `fast_dev_run` the callback does nothing (it warns), as Lightning's checkpointing
