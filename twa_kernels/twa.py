@@ -458,8 +458,7 @@ class TWA(nn.Module):
                 # with the weights lent until its backward.
                 return self._lent_forward(args, kwargs)
             return functional_call(self.module, self.weights(), args, kwargs)
-        if torch._C._functorch.peek_interpreter_stack() is not None or fwAD.unpack_dual(self.coefficients).tangent \
-                is not None:
+        if _transform_active() or fwAD.unpack_dual(self.coefficients).tangent is not None:
             # under a torch.func transform (grad, vmap, jvp) or forward-mode AD: neither
             # transforms the autograd.Functions that lend the weights, nor functorch a custom
             # op's registered autograd, so the weights are computed in plain torch ops
@@ -752,12 +751,21 @@ def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], che
             for t, (_, p) in zip(totals, frozen)]
 
 
+_PEEK_TRANSFORMS = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def _transform_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp) is running this call."""
+    return _PEEK_TRANSFORMS is not None and _PEEK_TRANSFORMS() is not None
+
+
 def _name_an_in_place_change(exc: RuntimeError) -> None:
     """Raise UsageError from autograd's refusal of an in-place change to a lent weight (a
     view of the one reconstructed buffer), which names neither the weight nor a fix."""
     if "is a view" in str(exc) and "modified inplace" in str(exc):
-        raise UsageError("the model changed one of its weights in place during the forward (nn.Embedding(max_norm=...) "
-                         "renormalises its rows in place; a hook or forward may clamp_ or copy_ into a weight): "
+        raise UsageError("the model changed one of its weights in place during the forward "
+                         "(nn.Embedding(max_norm=...) renormalises its rows in place; a hook or forward may clamp_ "
+                         "or copy_ into a weight): "
                          "under TWA the weights are the average center + basis^T coefficients, computed anew at "
                          "every forward, so an in-place change has nothing to keep it; remove it (for Embedding, "
                          "max_norm=None) or apply it out of place") from exc
