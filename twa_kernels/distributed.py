@@ -63,7 +63,7 @@ from twa_kernels.sharding import (  # noqa: F401  (public names of tk.distribute
     shard_columns,
     slice_basis,
 )
-from twa_kernels.sharding import check_group, ranks_unlike_rank0
+from twa_kernels.sharding import _gather_rows, check_group, ranks_unlike_rank0
 from twa_kernels.twa import BASIS_BUFFERS, TWA  # noqa: F401  (BASIS_BUFFERS: public name of tk.distributed)
 
 __all__ = [
@@ -382,8 +382,7 @@ def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
         return check_seed(seed)
     source = getattr(loader.sampler, "generator", None)
     drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=source)
-    dist.broadcast(drawn, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return int(drawn)
+    return int(_gather_rows(drawn, group)[0])  # rank 0's (through the GPU under NCCL)
 
 
 def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) -> Iterable:
