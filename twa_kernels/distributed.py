@@ -135,8 +135,7 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
     check_group(process_group)
     # a refused argument (a misspelt frozen_norms) on one rank stops every rank with its
     # reason, instead of leaving the others in the all-gather below until the timeout
-    measured = agree(lambda: {name: m for name, m in measured_norms(model, frozen_norms).items()
-                              if m.track_running_stats}, process_group, "checking the BatchNorm layers")
+    measured = agree(lambda: _measured_bn(model, frozen_norms), process_group, "checking the BatchNorm layers")
     # the ranks agree on the layers first (every rank joins, with layers or without): one
     # all-reduce over layouts that differ would pair with another rank's next collective
     layout = [(name, m.running_mean.numel()) for name, m in measured.items()]
@@ -167,10 +166,10 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
     return most
 
 
-def _measured_bn(model: nn.Module, frozen_norms: Iterable[str]) -> Iterable[nn.Module]:
-    """The BatchNorm layers update_bn measures: neither kept in eval mode nor frozen, and
-    tracking running statistics (all_reduce_bn_statistics's layers)."""
-    return (m for m in measured_norms(model, frozen_norms).values() if m.track_running_stats)
+def _measured_bn(model: nn.Module, frozen_norms: Iterable[str]) -> dict[str, nn.Module]:
+    """The BatchNorm layers update_bn measures, by name: neither kept in eval mode nor
+    frozen, and tracking running statistics."""
+    return {name: m for name, m in measured_norms(model, frozen_norms).items() if m.track_running_stats}
 
 
 def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
@@ -222,7 +221,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     except Exception:
         restore()
         raise
-    if batches == 0 and any(True for _ in _measured_bn(twa.module, frozen_norms)):  # the same on every rank
+    if batches == 0 and _measured_bn(twa.module, frozen_norms):  # the same on every rank
         restore()
         raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
                                    "statistics to measure (they are left as they were); pass each rank its share "

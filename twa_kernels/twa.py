@@ -221,6 +221,7 @@ class TWA(nn.Module):
             center, basis, num_blocks = self._parallel.center, self._parallel.basis, self._parallel.num_blocks
         self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, device=basis.device))
         self._averaged: list[Tensor] = []  # the coefficients Parameter whose gradient is averaged
+        self._alone_checked = False  # whether a training forward looked for a job it is not part of
         self._keep_gradient_averaged()
         # a subspace made under torch.inference_mode holds tensors that record no versions
         self.register_buffer("center", center.clone() if center.is_inference() else center)
@@ -395,6 +396,11 @@ class TWA(nn.Module):
             flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center, self.int8_gradients)
         else:
             flat = reconstruct(self.basis, self.coefficients, self.center)
+        return self._named(flat)
+
+    def _named(self, flat: Tensor) -> dict[str, Tensor]:
+        """The weights vector's pieces by parameter name in their dtypes, and the frozen
+        parameters' pinned values."""
         return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
 
     def _transformable_weights(self) -> dict[str, Tensor]:
@@ -406,8 +412,7 @@ class TWA(nn.Module):
         basis = self.basis
         columns = torch.arange(basis.num_cols, device=self.center.device)
         blocks = torch.bucketize(columns, basis.block_offsets[1:-1], right=True)
-        flat = self.center + (dequantize(basis) * self.coefficients[:, blocks]).sum(0)
-        return {**self._typed(flat, self._parameter_dtypes()), **dict(zip(self.frozen_names, self._pinned()))}
+        return self._named(self.center + (dequantize(basis) * self.coefficients[:, blocks]).sum(0))
 
     def _forward_weights(self, dtypes: dict[str, torch.dtype]) -> list[Tensor]:
         """weights() in the order of self.names, written into the reused workspace: only
@@ -488,7 +493,7 @@ class TWA(nn.Module):
     def _run_lent(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """fn(*args, **kwargs) with the weights lent to the model (see the module docstring)."""
         self._keep_gradient_averaged()
-        if self._parallel is None and torch.is_grad_enabled() and not getattr(self, "_alone_checked", False):
+        if self._parallel is None and torch.is_grad_enabled() and not self._alone_checked:
             self._alone_checked = True  # once, at the first forward that trains
             if sharding.training_alone():
                 warnings.warn(f"this process is one of {torch.distributed.get_world_size()} in a torch.distributed "
