@@ -36,7 +36,7 @@ def test_orthonormal_for_ill_conditioned_rows_where_classical_gs_fails(backend_n
     assert torch.linalg.cond(P.double()) > cond / 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a row at the tolerance may be dropped
-        Q = tk.orthonormalize(P, tol=1e-9)
+        Q = tk.orthonormalize(P, tol=2**-23)
     assert Q.shape == (16, 5000)
     assert orthogonality_error(Q) <= 1e-6
     # Q spans P: projecting P onto Q's rows reproduces it
@@ -80,6 +80,21 @@ def test_single_row_is_normalised(backend_name, device):
 def test_bad_input():
     with pytest.raises(ValueError, match=r"\[k, D\]"):
         tk.orthonormalize(torch.randn(10))
-    for tol in (0, 1, 2.5):  # 1 or more would drop every row
-        with pytest.raises(ValueError, match=r"tol must be in \(0, 1\)"):
+    for tol in (0, 1e-8, 1, 2.5):  # below float32's resolution, or 1 or more, which would drop every row
+        with pytest.raises(ValueError, match=r"tol must be in \[2\*\*-23, 1\)"):
             tk.orthonormalize(torch.randn(2, 10), tol=tol)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_dependent_up_to_rounding_are_dropped_at_the_smallest_tol(seed):
+    # rows 2-4 are sums of rows 0 and 1 in float32: their residuals are rounding, which a tol
+    # below 2**-23 kept as directions of their own (rows not orthonormal, or a failed Cholesky)
+    torch.manual_seed(seed)
+    A = torch.randn(5, 33)
+    A[2] = A[0] + A[1]
+    A[3] = A[0]
+    A[4] = 3 * A[1] - A[2]
+    with pytest.warns(RuntimeWarning, match="dropped 3 of 5 rows"):
+        Q = tk.orthonormalize(A, tol=2**-23)
+    assert Q.shape == (2, 33)
+    assert orthogonality_error(Q) <= 1e-6

@@ -73,11 +73,16 @@ def _apply_inverse(factor: Tensor, p: Tensor) -> Tensor:
     return combine_rows_op(inverse, p)
 
 
+# float32's machine epsilon: the smallest tol orthonormalize takes
+_FLOAT32_RESOLUTION = 2.0**-23
+
+
 def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     """Orthonormal rows Q [r, D] (float32) spanning the rows of P [k, D].
 
     Row i is dropped, with a warning, when its residual after removing the rows kept before
-    it is below tol times its norm. Q[i] is Gram-Schmidt's i-th vector of the kept rows.
+    it is below tol times its norm (tol is at least 2**-23, float32's resolution: a smaller
+    residual is rounding). Q[i] is Gram-Schmidt's i-th vector of the kept rows.
     P is read as float32, the kernels' type, and the Gram matrices are summed in float64:
     for rows of condition number c, Q can differ from Gram-Schmidt of a float64 P by about
     c * 6e-8 (float32's rounding of P, amplified), while its rows stay orthonormal to
@@ -85,9 +90,10 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
         raise InvalidArgumentError(f"P must be a floating-point tensor [k, D], got {getattr(P, 'shape', type(P).__name__)}")
-    if not 0 < real("tol", tol) < 1:
-        raise InvalidArgumentError(f"tol must be in (0, 1), a fraction of each row's norm (1 or more would drop "
-                                   f"every row), got {tol}")
+    if not _FLOAT32_RESOLUTION <= real("tol", tol) < 1:
+        raise InvalidArgumentError(f"tol must be in [2**-23, 1), a fraction of each row's norm: P is read as float32, "
+                                   f"so a residual below its resolution 2**-23 (1.2e-7) is rounding rather than a "
+                                   f"direction, and 1 or more would drop every row; got {tol}")
     if P.requires_grad and torch.is_grad_enabled():
         raise InvalidArgumentError("orthonormalize is not differentiable, and P requires grad: pass P.detach(), or "
                                    "call it under torch.no_grad()")
@@ -107,7 +113,11 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     if len(keep) < p.shape[0]:
         p = p[keep].contiguous()
     q = _apply_inverse(factor, p)  # first CholQR pass: orthogonal up to ~cond(P)^2 * eps64
-    second = torch.linalg.cholesky(gram_op(q))
+    second, failed = torch.linalg.cholesky_ex(gram_op(q))
+    if failed:
+        raise InvalidArgumentError(f"orthonormalize: the {len(keep)} rows kept at tol={tol:g} are too close to "
+                                   "dependent to orthonormalize in float32; raise tol (the default 1e-6 keeps rows "
+                                   "of condition number up to 1e6)")
     return _apply_inverse(second, q)  # second pass: orthogonal to float32 rounding
 
 
