@@ -244,9 +244,10 @@ def test_update_bn_names_a_batchnorm_its_pass_never_reaches_and_keeps_its_statis
     assert int(model.head[1].num_batches_tracked) == 3
 
 
-@pytest.mark.parametrize("bad", ["unknown key", "wrapper prefix", "shape"])
+@pytest.mark.parametrize("bad", ["unknown key", "wrapper prefix", "shape", "meta", "dtype"])
 def test_update_bn_refuses_weights_the_model_does_not_have_before_changing_anything(bad):
-    # functional_call drops a key it does not know: the statistics were measured at the model's own weights
+    # an unknown key would leave the model's own tensor in place, the statistics measured at
+    # its weights; a meta tensor read uninitialised memory into them; a float64 one failed deep
     model = _bn_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     weights = {k: v + 1.0 for k, v in model.named_parameters()}
@@ -254,9 +255,14 @@ def test_update_bn_refuses_weights_the_model_does_not_have_before_changing_anyth
         weights["head.weight"] = weights.pop("0.weight")
     elif bad == "wrapper prefix":
         weights = {"module." + k: v for k, v in weights.items()}
-    else:
+    elif bad == "shape":
         weights["0.weight"] = weights["0.weight"][:, :3]
-    with pytest.raises(tk.errors.InvalidArgumentError, match="names no parameter|but the model's tensor has shape"):
+    elif bad == "meta":
+        weights["0.weight"] = weights["0.weight"].to("meta")
+    else:
+        weights["0.weight"] = weights["0.weight"].double()
+    with pytest.raises(tk.errors.InvalidArgumentError,
+                       match="names no parameter|but the model's tensor has shape|in the model's dtypes and on its"):
         tk.update_bn([torch.randn(8, 64)], model, weights=weights)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -272,6 +278,72 @@ def test_update_bn_at_given_weights_equals_update_bn_of_a_model_holding_them():
     for key, value in probe.state_dict().items():
         if "running" in key:
             torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+class _TiedBN(nn.Module):
+    """An embedding tied to the output layer, with a BatchNorm between."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.bn, self.out = nn.Embedding(10, 4), nn.BatchNorm1d(4), nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(self.bn(self.emb(tokens)))
+
+
+def test_update_bn_at_an_averaged_state_dict_of_a_tied_model_hands_call_fn_the_model():
+    # the averaged state_dict names a tied weight twice, which functional_call refused; and
+    # call_fn was handed a wrapper without the model's submodules
+    torch.manual_seed(0)
+    model, probe = _TiedBN(), _TiedBN()
+    avg = tk.uniform_average([_TiedBN().state_dict() for _ in range(3)], model=model)
+    probe.load_state_dict(avg)
+    batches = [torch.randint(0, 10, (8,)) for _ in range(3)]
+    tk.update_bn(batches, model, call_fn=lambda m, tokens: m.out(m.bn(m.emb(tokens))), weights=avg)
+    tk.update_bn(batches, probe)
+    torch.testing.assert_close(model.bn.running_mean, probe.bn.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.bn.running_var, probe.bn.running_var, rtol=0, atol=1e-6)
+    assert model.out.weight is model.emb.weight and not torch.equal(model.emb.weight, avg["emb.weight"])
+    with pytest.raises(tk.errors.InvalidArgumentError, match="ties them"):
+        tk.update_bn(batches, model, weights={**avg, "out.weight": avg["emb.weight"] + 1})
+
+
+def test_update_bn_recomputes_a_tracking_instancenorm_as_a_cumulative_average():
+    # torch's InstanceNorm reads momentum None as 0: its statistics were left as they were
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, affine=True, track_running_stats=True))
+    batches = [torch.randn(4, 2, 8, 8) for _ in range(3)]
+    tk.update_bn(batches, model)
+    with torch.no_grad():
+        features = [model[0](x) for x in batches]
+    mean = torch.stack([f.mean((2, 3)).mean(0) for f in features]).mean(0)
+    var = torch.stack([f.var((2, 3)).mean(0) for f in features]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, var, rtol=1e-5, atol=1e-6)
+    assert int(model[1].num_batches_tracked) == 3 and model[1].momentum == 0.1
+
+
+def test_update_bn_leaves_a_layer_as_it_was_for_an_input_with_no_rows():
+    # an empty batch counted as a batch of mean 0 and halved the statistics
+    torch.manual_seed(0)
+    model, probe = _bn_model(), _bn_model()
+    batches = [torch.randn(8, 64) for _ in range(2)]
+    tk.update_bn(batches, probe)
+    tk.update_bn([batches[0], torch.randn(0, 64), batches[1]], model)
+    for key, value in probe.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.warns(RuntimeWarning, match="saw none of the 1 batches"):
+        tk.update_bn([torch.randn(0, 64)], model)  # no rows at all: the statistics are kept
+    for key, value in probe.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_update_bn_passes_over_a_batchnorm_whose_statistics_were_removed():
+    model = _bn_model()
+    model[1].running_mean = model[1].running_var = None  # normalises with each batch's, in every mode
+    tk.update_bn([torch.randn(8, 64)], model)  # reset_running_stats raised on the missing buffers
+    assert model[1].running_mean is None
 
 
 def test_update_bn_leaves_each_submodule_in_the_mode_it_was_in():

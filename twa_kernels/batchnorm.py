@@ -12,21 +12,35 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from twa_kernels._checks import check_module
 from twa_kernels._passes import statistics_pass
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.io.keys import parameter_aliases
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether update_bn deals with `module`: a BatchNorm layer (SyncBatchNorm included), or
+    an InstanceNorm layer that tracks running statistics (torch's track none by default)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats
+
+
+def holds_statistics(norm: nn.Module) -> bool:
+    """Whether a norm layer holds running statistics: a layer built with them whose
+    running_mean was set to None normalises with each batch's, as one built without."""
+    return norm.track_running_stats and norm.running_mean is not None
 
 
 def running_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """The BatchNorm layers of `model` that keep running statistics, by name."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    """The norm layers of `model` (is_norm) that hold running statistics, by name."""
+    return {name: m for name, m in model.named_modules() if is_norm(m) and holds_statistics(m)}
 
 
 def has_running_statistics(model: nn.Module) -> bool:
-    """Whether `model` holds BatchNorm running statistics, which averaged weights make stale."""
+    """Whether `model` holds BatchNorm (or InstanceNorm) running statistics, which averaged
+    weights make stale."""
     return bool(running_norms(model))
 
 
@@ -57,8 +71,14 @@ def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[s
     puts in train mode and `frozen_norms` does not name (an unknown name is refused).
     Every submodule's train/eval mode is as it was after."""
     check_module(model, "measured_norms's model")
-    named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    frozen = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)
+    named = {name: m for name, m in model.named_modules() if is_norm(m)}
+    if isinstance(frozen_norms, Iterable) and not isinstance(frozen_norms, (str, Mapping)):
+        frozen = list(frozen_norms)
+    elif isinstance(frozen_norms, str):
+        frozen = [frozen_norms]
+    else:
+        raise InvalidTypeError(f"update_bn: frozen_norms takes the names of BatchNorm layers (a list of str, or one "
+                               f"str), got {type(frozen_norms).__name__}")
     unknown = [name for name in frozen if name not in named]
     if unknown:
         raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a BatchNorm layer "
@@ -78,18 +98,22 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
               frozen_norms: Iterable[str] = ()) -> None:
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
-    (momentum None), so every batch counts equally. A batch that is a tuple or list feeds
-    its first element as one argument, a mapping (a Hugging Face batch) its items as keyword
-    arguments, unless call_fn(model, batch) is given.
+    (momentum None), so every batch counts equally. InstanceNorm layers that track running
+    statistics are recomputed the same way. An input with no rows leaves a layer's
+    statistics as they were rather than counting as a batch. A batch that is a tuple or
+    list feeds its first element as one argument, a mapping (a Hugging Face batch) its items
+    as keyword arguments, unless call_fn(model, batch) is given.
     Decorrelated layers (tk.decor) sample nothing during the pass: the inputs they hold for
-    the next decor.update(), and their R, are as they were. With `weights` (parameter
-    tensors by name) the pass runs at those weights through functional_call, leaving the
-    model's own parameters untouched; only its BatchNorm buffers change. The statistics in
-    `weights` (a whole averaged state_dict holds them) of the layers the pass measures are
-    left out: they are what it measures, into the model's buffers, and `weights` is not
-    changed; a kept layer (below) normalises with its statistics in `weights`, if any. A key that names
-    none of the model's parameters or buffers, or a tensor of another shape, is refused
-    before anything changes. Every submodule's train/eval mode is as it was after.
+    the next decor.update(), and their R, are as they were. With `weights` (tensors by
+    name, in the model's dtypes and on its device; any one name of a tied weight will do)
+    the model holds those weights for the pass (call_fn gets the model itself) and its own
+    after, untouched; only its BatchNorm buffers change. The statistics in `weights` (a
+    whole averaged state_dict holds them) of the layers the pass measures are left out:
+    they are what it measures, into the model's buffers, and `weights` is not changed; a
+    kept layer (below) normalises with its statistics in `weights`, if any. A key that
+    names none of the model's parameters or buffers, or a tensor of another shape, dtype or
+    device, is refused before anything changes. Every submodule's train/eval mode is as it
+    was after.
 
     A BatchNorm layer that `model.train()` leaves in eval mode (a model whose train() keeps
     a frozen backbone's statistics, as detection models' norm_eval does), and the layers
@@ -110,7 +134,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                                f"{type(call_fn).__name__} {call_fn!r}"
                                + ("; torch.optim.swa_utils.update_bn takes a device there, this one does not: move "
                                   "the model and the batches to the device yourself" if device else ""))
-    named = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    named = {name: m for name, m in model.named_modules() if is_norm(m)}
     if not named:
         for outer in (model, getattr(model, "module", None)):  # a TWA, or a DDP wrapper around one
             if callable(getattr(outer, "averaged_model", None)):  # a TWA holds its model outside its module tree
@@ -133,28 +157,28 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     for name, m in named.items():  # the kept layers normalise with their statistics, as in training
         if name not in measured:
             m.train(False)
-    norms = list(measured.values())
     # A SyncBatchNorm layer takes this process's batches alone, as BatchNorm does: its
     # forward in train mode would join a collective once per batch, which ranks with uneven
     # shares never pair up; distributed.all_reduce_bn_statistics merges the ranks after.
-    local = [m for m in norms if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
+    local = [m for m in measured.values() if isinstance(m, nn.SyncBatchNorm) and "forward" not in vars(m)]
     for m in local:
         m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
+    norms = [m for m in measured.values() if holds_statistics(m)]
     momenta = {m: m.momentum for m in norms}
     saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    runner = model if weights is None else _WithWeights(model, weights)
+    hooks = [h for m in norms for h in _count_batches(m)]
     count = 0
     try:
         # layers that learn from train-mode inputs (tk.decor's) leave these alone
-        with statistics_pass(), batch_of_one_named("update_bn"):
+        with statistics_pass(), batch_of_one_named("update_bn"), _holding(model, weights or {}):
             for batch in loader:
                 if call_fn is not None:
-                    call_fn(runner, batch)
+                    call_fn(model, batch)
                 else:
-                    _feed(runner, batch)
+                    _feed(model, batch)
                 count += 1
         if count == 0 and not allow_empty:
             fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "
@@ -170,7 +194,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                 getattr(measured[name], k).copy_(b)
         if unreached:
             warnings.warn(f"update_bn: the BatchNorm layer(s) {unreached[:5]} saw none of the {count} batches (the "
-                          "pass runs the model's forward, which does not reach them), so they keep the statistics "
+                          "pass runs the model's forward, which does not reach them, or reaches them with no rows), "
+                          "so they keep the statistics "
                           "they had; pass call_fn(model, batch) that runs the model as it trains (for the Lightning "
                           "callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=3)
     except BaseException:
@@ -179,6 +204,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                 getattr(m, k).copy_(b)
         raise
     finally:
+        for hook in hooks:
+            hook.remove()
         for m in local:
             del m.forward
         for m in norms:
@@ -204,12 +231,13 @@ def batch_of_one_named(what: str) -> Iterator[None]:
 
 def _model_weights(model: nn.Module, weights: Mapping[str, Tensor], norms: Mapping[str, nn.Module]
                    ) -> dict[str, Tensor]:
-    """`weights` keyed by `model`'s names, each the shape of the model's tensor, or an error
-    naming the first key that is not: functional_call would drop an unknown key silently
-    (the statistics then measured at the model's own weights) and fail deep in a forward on
-    a wrong shape. The statistics of the `norms` measured are left out: functional_call
-    would swap the caller's tensors in, the pass would update those (from their batch count
-    on) and leave the model's own reset ones unmeasured. A kept layer's are used as given."""
+    """`weights` keyed by `model`'s names, each of the model's tensor's shape, dtype and
+    device, or an error naming the first key that is not (an unknown key would leave the
+    model's own tensor in place, the statistics then measured at its weights). Every name
+    of a tied weight gets the value given for any of them (copies given under two names
+    must agree). The statistics of the `norms` measured are left out: held by the model
+    during the pass they would be what it updates, from their own batch count on, and the
+    model's reset ones would stay unmeasured. A kept layer's are used as given."""
     if not isinstance(weights, Mapping):
         raise InvalidArgumentError(f"update_bn: weights must be a mapping of tensors by name, got "
                                    f"{type(weights).__name__}")
@@ -225,19 +253,64 @@ def _model_weights(model: nn.Module, weights: Mapping[str, Tensor], norms: Mappi
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise InvalidArgumentError(f"update_bn: weights[{key!r}] is {got} but the model's tensor has shape "
                                        f"{tuple(own[key].shape)}")
+        if value.is_meta or value.device != own[key].device or value.dtype != own[key].dtype:
+            raise InvalidArgumentError(f"update_bn: weights[{key!r}] is {value.dtype} on {value.device} but the "
+                                       f"model's tensor is {own[key].dtype} on {own[key].device}; pass weights with "
+                                       f"values, in the model's dtypes and on its device (value.to(...))")
     statistics = {f"{name}.{stat}" if name else stat for name in norms for stat in _STATISTICS}
-    return {key: value for key, value in weights.items() if key not in statistics}
+    held = {key: value for key, value in weights.items() if key not in statistics}
+    for names in parameter_aliases(model).values():
+        given = [name for name in names if name in held]
+        if len(names) < 2 or not given:
+            continue
+        for name in given[1:]:
+            if not torch.equal(held[name], held[given[0]]):
+                raise InvalidArgumentError(f"update_bn: weights[{given[0]!r}] and weights[{name!r}] differ, but the "
+                                           "model ties them (one tensor); give one value for the tied weight")
+        held.update(dict.fromkeys(names, held[given[0]]))
+    return held
 
 
-class _WithWeights(nn.Module):
-    """`module` called with fixed replacement weights (a list keeps it out of the module tree)."""
+def _count_batches(norm: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that make `norm`'s pass a cumulative average over the inputs that have rows:
+    an input with none (an empty batch, or a branch no example took) leaves the layer's
+    statistics as they were, where BatchNorm would count it as a batch of mean 0. An
+    InstanceNorm layer reads momentum None as 0 and would not update at all: the hooks
+    count its batches and give the k-th the weight 1 / k."""
+    before: list[dict[str, Tensor]] = []
+    instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm)
 
-    def __init__(self, module: nn.Module, weights: dict[str, Tensor]):
-        super().__init__()
-        self._inner, self._weights = [module], weights
+    def pre(module: nn.Module, args: tuple) -> None:
+        empty = bool(args) and isinstance(args[0], Tensor) and args[0].numel() == 0
+        before.append({k: b.clone() for k, b in module.named_buffers(recurse=False)} if empty else {})
+        if instance and not empty:
+            module.num_batches_tracked += 1
+            module.momentum = 1.0 / float(module.num_batches_tracked)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._inner[0], self._weights, args, kwargs)
+    def post(module: nn.Module, args: tuple, output: Any) -> None:
+        for k, b in before.pop().items():
+            getattr(module, k).copy_(b)
+
+    return [norm.register_forward_pre_hook(pre), norm.register_forward_hook(post)]
+
+
+@contextmanager
+def _holding(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[None]:
+    """`model` holding `weights` in its parameter and buffer slots for the block, its own
+    tensors put back after, so that call_fn gets the model itself (functional_call would
+    hand it a wrapper) and activation checkpointing reruns at the same weights."""
+    slots = []
+    try:
+        for name, value in weights.items():
+            prefix, _, attr = name.rpartition(".")
+            module = model.get_submodule(prefix)
+            table = module._parameters if attr in module._parameters else module._buffers
+            slots.append((table, attr, table[attr]))
+            table[attr] = value
+        yield
+    finally:
+        for table, attr, own in reversed(slots):
+            table[attr] = own
 
 
 __all__ = ["NoBatchesError", "measured_norms", "update_bn"]

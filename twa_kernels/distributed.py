@@ -42,7 +42,7 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableD
 
 from twa_kernels._checks import check_module
 from twa_kernels._random import check_seed
-from twa_kernels.batchnorm import NoBatchesError, measured_norms
+from twa_kernels.batchnorm import NoBatchesError, holds_statistics, is_norm, measured_norms
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.io import write_json
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
@@ -169,7 +169,7 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
 def _measured_bn(model: nn.Module, frozen_norms: Iterable[str]) -> dict[str, nn.Module]:
     """The BatchNorm layers update_bn measures, by name: neither kept in eval mode nor
     frozen, and tracking running statistics."""
-    return {name: m for name, m in measured_norms(model, frozen_norms).items() if m.track_running_stats}
+    return {name: m for name, m in measured_norms(model, frozen_norms).items() if holds_statistics(m)}
 
 
 def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
@@ -198,7 +198,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
         process_group = twa.parallel.comm.group
     check_group(process_group)
     frozen_norms = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)  # read three times below
-    norms = [m for m in twa.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in twa.module.modules() if is_norm(m)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
     measured_at = twa._bn_key  # where the saved statistics were measured, if they were
 

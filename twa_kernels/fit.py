@@ -57,7 +57,7 @@ import yaml
 from torch import nn
 
 from twa_kernels._progress import progress_bar
-from twa_kernels.batchnorm import NoBatchesError
+from twa_kernels.batchnorm import NoBatchesError, has_running_statistics
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
 from twa_kernels._outdir import OutputDirectory
@@ -625,11 +625,6 @@ def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
     loader.check_pass("to recompute the BatchNorm statistics on")
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    """Whether update_bn has statistics to recompute (its own test)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 @distributed.record_errors  # under torchrun, each rank's own error reaches the job's summary
 def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     """Build, train and write a TWA from the config at `config_path` (see the module
@@ -714,7 +709,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
         # coefficients start at zero) with BatchNorm statistics recomputed for those
         # weights, not the model's fresh ones. Training is unaffected: train-mode BatchNorm
         # normalises with batch statistics, and update_bn recomputes them again at the end.
-        if _has_batchnorm(model):
+        if has_running_statistics(model):
             _update_bn(twa, train_loader, group)
         report["val_loss_at_swa"] = _mean_loss(twa, eval_loader, loss_fn, config.loss, group)
     losses = []
@@ -731,7 +726,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
         fit_loader.check_pass(f"to train on in epoch {epoch + 1}")
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
         raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")
-    if _has_batchnorm(model):
+    if has_running_statistics(model):
         _update_bn(twa, train_loader, group)
     if val_loader is not None:
         report["val_loss_after_twa"] = _mean_loss(twa, eval_loader, loss_fn, config.loss, group)
