@@ -178,6 +178,16 @@ def test_sparsity_report_counts_the_zeros():
         assert rep.as_dict() == rep.to_dict()
 
 
+def test_one_layer_name_or_type_given_alone_is_that_layer():
+    # "10" was read as layers "1" and "0", and a bare type was refused by list()
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(11)])
+    factorize(model, 2, layers="10")
+    assert [n for n, _ in factor_parameters(model)] == [f"10.parametrizations.weight.original{i}" for i in range(2)]
+    other = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(2, 2, 3))
+    factorize(other, 2, layers=nn.Conv1d)
+    assert {n.split(".")[0] for n, _ in factor_parameters(other)} == {"1"}
+
+
 def test_sparsity_report_counts_a_weight_two_layers_share_once():
     # a Parameter held by two layers was counted under both names, skewing total and sparsity
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 100))

@@ -891,6 +891,16 @@ def test_a_subspace_whose_center_is_not_finite_is_refused():
         tk.TWA(model, subspace)
 
 
+@pytest.mark.parametrize("center", ["long", "meta"])
+def test_a_subspace_whose_center_is_not_floating_point_values_is_refused(center):
+    # an integer center was cast by TWA (the weights all 0.0); a meta one failed in .item()
+    model = nn.Linear(4, 3)
+    subspace = tk.Subspace.from_checkpoints(_fine_tunes(model, 3), bits=4, group_size=8)
+    bad = subspace.center.long() if center == "long" else subspace.center.to("meta")
+    with pytest.raises(tk.errors.InvalidArgumentError, match="center must be a floating-point tensor with values"):
+        tk.Subspace(subspace.names, subspace.shapes, bad, subspace.basis)
+
+
 def test_a_float64_basis_beyond_float32_range_is_refused_not_turned_to_inf():
     P = torch.randn(2, 64, dtype=torch.float64) * 1e300
     for build in (lambda: tk.quantize(P, bits=None), lambda: tk.quantize(P, bits=4, group_size=8),

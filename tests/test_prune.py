@@ -711,6 +711,14 @@ def test_a_round_of_some_layers_keeps_the_masks_of_the_others():
     assert int(second["2.weight"].sum()) < int(first["2.weight"].sum())
 
 
+def test_one_layer_name_given_as_a_string_is_that_layer_not_its_characters():
+    # "10" was read as layers "1" and "0"
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(11)])
+    assert list(tk.prune.prunable_weights(model, "10")) == ["10.weight"]
+    masks = tk.prune.global_magnitude_masks(model, 0.5, layers="10")
+    assert list(masks) == ["10.weight"]
+
+
 def test_rounds_a_run_did_not_finish_and_a_nul_out_dir_are_named(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3))
     data = TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,)))

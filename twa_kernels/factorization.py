@@ -269,7 +269,7 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
                           f"module ({tied}); untie them to factorise them", UserWarning, stacklevel=3)
             chosen = [(n, m) for n, m in chosen if n not in tied]
     else:
-        specs = list(layers)
+        specs = [layers] if isinstance(layers, (str, type)) else list(layers)  # one name or type, not its characters
         # every name of a module used twice is found; the module itself is factorised once
         modules = dict(model.named_modules(remove_duplicate=False))
         chosen, seen = [], set()

@@ -131,6 +131,8 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
                                (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
         return found
+    if isinstance(layers, str):  # one name, not its characters
+        layers = [layers]
     wanted = {_weight_key(name) for name in layers}
     if clash := sorted(wanted & computed.keys()):
         cause, fix = computed[clash[0]]

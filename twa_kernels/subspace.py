@@ -177,6 +177,9 @@ class Subspace:
         if not isinstance(center, Tensor) or not isinstance(basis, QuantizedBasis):
             raise InvalidArgumentError(f"a Subspace takes a center Tensor and a QuantizedBasis, got "
                                        f"{type(center).__name__} and {type(basis).__name__}")
+        if not center.is_floating_point() or center.is_meta or center.device != basis.device:
+            raise InvalidArgumentError(f"a Subspace's center must be a floating-point tensor with values on the "
+                                       f"basis's device ({basis.device}), got {center.dtype} on {center.device}")
         numel = sum(math.prod(s) for s in shapes)
         if center.shape != (numel,) or basis.num_cols != numel:
             raise InvalidArgumentError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
