@@ -342,6 +342,49 @@ def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
+def test_a_gradient_hook_on_a_model_parameter_is_named_as_not_run():
+    # a gradient mask registered on the model's Parameter was silently left out of training
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    model[0].weight.register_hook(lambda grad: grad * 0)
+    with pytest.warns(UserWarning, match=r"\['0.weight'\] have gradient hooks"):
+        tk.TWA(model, checkpoints, bits=8)
+
+
+class _ExtraState(nn.Module):
+    """A layer whose extra state is a plain object, not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.scale = nn.Linear(4, 2), 2.0
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+    def get_extra_state(self):
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state):
+        self.scale = state["scale"]
+
+
+def test_averaged_state_dict_copies_a_modules_extra_state_that_is_not_a_tensor():
+    # state_dict values were all cloned as tensors: a dict raised AttributeError
+    torch.manual_seed(0)
+    model = _ExtraState()
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) if isinstance(v, torch.Tensor) else v
+                    for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, [{k: v for k, v in c.items() if k != "_extra_state"} for c in checkpoints], bits=8)
+    state = twa.averaged_state_dict()
+    assert state["_extra_state"] == {"scale": 2.0} and state["_extra_state"] is not model.get_extra_state()
+    plain = _ExtraState()
+    plain.load_state_dict(state)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), twa(x), rtol=0, atol=0)
+
+
 def test_two_twas_over_one_model_never_leave_it_holding_lent_weights():
     # the second TWA's loan would take the first one's weights for the model's own and put
     # them back at its end: the model would keep them, as plain tensors, for good

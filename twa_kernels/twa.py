@@ -44,6 +44,7 @@ summed in float64, which is exactly the value when they agree, as a frozen tenso
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -156,6 +157,13 @@ class TWA(nn.Module):
                                            "lends the model weights and runs it; build the model on a real device "
                                            "(or model.to_empty(device=...) and load a checkpoint into it)")
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            hooked = [name for name, p in trainable if p._backward_hooks or p._post_accumulate_grad_hooks]
+            if hooked:  # TWA's weights are other tensors: a hook on the model's Parameter never runs
+                warnings.warn(f"the model's parameter(s) {hooked[:5]} have gradient hooks (register_hook, "
+                              "register_post_accumulate_grad_hook), which TWA's forward does not run: it lends the "
+                              "model other tensors and trains the coefficients; mask or scale the loss instead, or "
+                              "freeze the parameter (requires_grad=False) to keep it at its checkpoint value",
+                              UserWarning, stacklevel=3)
             if next(model.parameters(), None) is None:
                 raise InvalidArgumentError(f"the model ({type(model).__name__}) has no parameters, so TWA has nothing "
                                            "to average; pass the network the checkpoints were saved from")
@@ -569,7 +577,9 @@ class TWA(nn.Module):
             warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
                           "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
                           "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
-        state = {k: v.clone() for k, v in self.module.state_dict().items()}
+        # a module's extra state (get_extra_state) may be any object: copied as it is
+        state = {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                 for k, v in self.module.state_dict().items()}
         weights = self.weights()
         broken = next((name for name, value in weights.items()
                        if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
