@@ -901,6 +901,32 @@ def test_a_subspace_whose_center_is_not_floating_point_values_is_refused(center)
         tk.Subspace(subspace.names, subspace.shapes, bad, subspace.basis)
 
 
+@pytest.mark.parametrize("call", ["normalize_rows", "orthonormalize", "biases", "check", "allow_empty"])
+def test_an_option_flag_that_is_not_a_bool_is_refused_not_read_as_true(call):
+    # "no" is a true string: each of these turned its option on
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    checkpoints = _fine_tunes(model, 3)
+    calls = {
+        "normalize_rows": lambda: tk.Subspace.from_checkpoints(checkpoints, normalize_rows="no"),
+        "orthonormalize": lambda: tk.Subspace.from_checkpoints(checkpoints, orthonormalize="no"),
+        "biases": lambda: tk.factorize(model, 2, biases="no"),
+        "check": lambda: tk.decor.update(model, check="no"),
+        "allow_empty": lambda: tk.update_bn([torch.randn(4, 4)], model, allow_empty="no"),
+    }
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tk.errors.InvalidTypeError, match=f"{call} must be True or False, got str 'no'"):
+        calls[call]()
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("aliases", [[1, 2], {"0.weight": 3}, {"0.weight": [4]}])
+def test_parameter_aliases_that_are_not_names_by_name_are_refused(aliases):
+    model = nn.Linear(4, 3)
+    with pytest.raises(tk.errors.InvalidTypeError, match="aliases must map each name to a list of its state_dict"):
+        tk.Subspace.from_checkpoints(_fine_tunes(model, 3), parameter_aliases=aliases)
+
+
 def test_a_float64_basis_beyond_float32_range_is_refused_not_turned_to_inf():
     P = torch.randn(2, 64, dtype=torch.float64) * 1e300
     for build in (lambda: tk.quantize(P, bits=None), lambda: tk.quantize(P, bits=4, group_size=8),

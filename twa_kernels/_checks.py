@@ -24,6 +24,14 @@ def real(name: str, value: object, *, finite: bool = True) -> float:
     return number
 
 
+def flag(name: str, value: object) -> bool:
+    """`value` if it is True or False, else InvalidTypeError: a string such as "no", or 0.5,
+    would read as true and turn the option on."""
+    if not isinstance(value, bool):
+        raise InvalidTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def path_without_nul(path: str | os.PathLike, what: str, error: type[TWAKernelsError] = InvalidArgumentError) -> None:
     """Refuse a path holding a NUL byte, which no OS call takes (Python raises a bare
     ValueError from whichever call meets it first), naming `what` the path is for; and

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_module
+from twa_kernels._checks import check_module, flag
 from twa_kernels._passes import statistics_pass
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io.keys import parameter_aliases
@@ -128,6 +128,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     then leave the statistics reset with a batch count of zero, which the all-reduce of
     distributed.all_reduce_bn_statistics weighs as nothing."""
     check_module(model, "update_bn's model")
+    flag("update_bn's allow_empty", allow_empty)
     if call_fn is not None and not callable(call_fn):
         device = isinstance(call_fn, (torch.device, str))  # swa_utils.update_bn(loader, model, device)
         raise InvalidTypeError(f"update_bn's call_fn must be a callable(model, batch) or None, got "

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from twa_kernels._passes import in_statistics_pass
 from twa_kernels._random import check_seed, generator
-from twa_kernels._checks import check_module, real
+from twa_kernels._checks import check_module, flag, real
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import NORM_HOOKS, computed_weight, transformers_conv1d
@@ -571,6 +571,7 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     smaller lr, and leaving every R as it was. check=False skips the sync.
     """
     check_module(model, "decor.update's model")
+    flag("decor.update's check", check)
     group = _default_group(process_group)
     layers = decorrelated_layers(model)
     if group is None:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from twa_kernels._checks import check_module, real
+from twa_kernels._checks import check_module, flag, real
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import tied_owners
@@ -345,6 +345,7 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         RNG untouched); None draws from the global RNG. `generator=` is deprecated.
     """
     check_module(model, "factorize's model")
+    flag("factorize's biases", biases)
     gen = generator_or_seed(seed, generator, "factorize")
     _check_depth(depth)
     _check_eps(eps)

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from twa_kernels import builder
-from twa_kernels.builder import Layout, mean_center  # noqa: F401  (mean_center: its former home)
-from twa_kernels._checks import real
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.builder import Layout
+from twa_kernels._checks import flag, real
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels._progress import progress_bar
 from twa_kernels.columns import ColumnReader
@@ -163,6 +163,18 @@ def block_sizes_for(numels: list[int], granularity: str | int) -> list[int]:
     raise InvalidArgumentError(f"granularity must be 'model', 'tensor' or a positive int, got {granularity!r}")
 
 
+def _check_aliases(aliases: object) -> None:
+    """Refuse anything but {name: [every state_dict name of that tensor]} (or None), as
+    io.parameter_aliases(model) makes it."""
+    if aliases is None:
+        return
+    if not isinstance(aliases, Mapping) or not all(
+            isinstance(name, str) and isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+            for name, names in aliases.items()):
+        raise InvalidTypeError(f"parameter aliases must map each name to a list of its state_dict names "
+                               f"(io.parameter_aliases(model) makes them), got {type(aliases).__name__} {aliases!r:.80}")
+
+
 class Subspace:
     """An affine subspace of weight space: w = center + sum_r x[r, block] * basis[r].
 
@@ -172,6 +184,7 @@ class Subspace:
     def __init__(self, names: list[str], shapes: list[tuple[int, ...]], center: Tensor, basis: QuantizedBasis,
                  orthonormal: bool = False, aliases: dict[str, list[str]] | None = None):
         names, shapes = _checked_layout(names, shapes)
+        _check_aliases(aliases)
         if shapes is None:
             raise InvalidArgumentError("a Subspace needs the shapes of its weights, one per name")
         if not isinstance(center, Tensor) or not isinstance(basis, QuantizedBasis):
@@ -251,6 +264,8 @@ class Subspace:
         refused with the file and the key.
         """
         check_build_args(bits, group_size, granularity)
+        flag("orthonormalize", orthonormalize), flag("normalize_rows", normalize_rows)
+        _check_aliases(parameter_aliases)
         if orthonormalize and granularity != "model":
             raise InvalidArgumentError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
         specs = resolve_checkpoints(checkpoints)
