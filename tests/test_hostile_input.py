@@ -920,6 +920,14 @@ def test_an_option_flag_that_is_not_a_bool_is_refused_not_read_as_true(call):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("call", ["TWA", "update_bn"])
+def test_a_lazy_layer_not_yet_run_is_named_with_the_fix(call):
+    # torch's message spoke of load_state_dict
+    model = nn.Sequential(nn.LazyLinear(3), nn.LazyBatchNorm1d())
+    with pytest.raises(tk.errors.InvalidArgumentError, match="'0.weight' belongs to a lazy layer.*run one forward"):
+        tk.TWA(model, [{}, {}]) if call == "TWA" else tk.update_bn([torch.randn(4, 5)], model)
+
+
 @pytest.mark.parametrize("aliases", [[1, 2], {"0.weight": 3}, {"0.weight": [4]}])
 def test_parameter_aliases_that_are_not_names_by_name_are_refused(aliases):
     model = nn.Linear(4, 3)

@@ -375,7 +375,9 @@ def test_averaged_state_dict_copies_a_modules_extra_state_that_is_not_a_tensor()
     model = _ExtraState()
     checkpoints = [{k: v + 0.1 * torch.randn_like(v) if isinstance(v, torch.Tensor) else v
                     for k, v in model.state_dict().items()} for _ in range(3)]
-    twa = tk.TWA(model, [{k: v for k, v in c.items() if k != "_extra_state"} for c in checkpoints], bits=8)
+    files = [{k: v for k, v in c.items() if k != "_extra_state"} for c in checkpoints]  # files hold tensors only
+    assert set(tk.uniform_average(files, model=model)) == {"linear.weight", "linear.bias"}  # raised AttributeError
+    twa = tk.TWA(model, files, bits=8)
     state = twa.averaged_state_dict()
     assert state["_extra_state"] == {"scale": 2.0} and state["_extra_state"] is not model.get_extra_state()
     plain = _ExtraState()

@@ -88,7 +88,8 @@ def _states(specs: list, model: nn.Module | None):
             yield source, state
         return
     model = unwrap_model(model)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    # a module's extra state that is not a tensor (get_extra_state) is no checkpoint entry
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if isinstance(value, Tensor)}
     aliases = parameter_aliases(model)
     for source, state in iter_state_dicts(specs, names=expected):
         state = _model_keys(fill_tied_keys(state, aliases, source), expected, source)

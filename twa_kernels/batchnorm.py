@@ -149,6 +149,11 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     if meta is not None:
         raise InvalidArgumentError(f"update_bn: the model's {meta!r} is on the meta device, which holds no values to "
                                    "run; build the model on a real device (or to_empty() and load its weights)")
+    lazy = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if nn.parameter.is_lazy(t)),
+                None)
+    if lazy is not None:
+        raise InvalidArgumentError(f"update_bn: the model's {lazy!r} belongs to a lazy layer, which has no shape until "
+                                   "it first runs; run one forward pass of the model on a batch first")
     if weights is not None:
         weights = _model_weights(model, weights, measured)
     if not measured:  # every layer keeps its statistics

@@ -156,6 +156,12 @@ class TWA(nn.Module):
                 raise InvalidArgumentError(f"the model's {meta!r} is on the meta device, which holds no values: TWA "
                                            "lends the model weights and runs it; build the model on a real device "
                                            "(or model.to_empty(device=...) and load a checkpoint into it)")
+            lazy = next((name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                         if nn.parameter.is_lazy(t)), None)
+            if lazy is not None:
+                raise InvalidArgumentError(f"the model's {lazy!r} belongs to a lazy layer (LazyLinear, LazyConv...), "
+                                           "which has no shape until it first runs; run one forward pass of the "
+                                           "model on a batch before building TWA")
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
             hooked = [name for name, p in trainable if p._backward_hooks or p._post_accumulate_grad_hooks]
             if hooked:  # TWA's weights are other tensors: a hook on the model's Parameter never runs
