@@ -80,8 +80,10 @@ def test_depth3_fixed_point_is_l23_stationary():
     torch.testing.assert_close(grad_loss[support], -penalty_grad, atol=1e-6, rtol=1e-5)
 
 
-def test_init_statistics_match_the_truncated_normal():
-    depth, sigma = 3, 0.05
+@pytest.mark.parametrize("depth, sigma", [(3, 0.05), (2, 1e16), (3, 1e300)])
+def test_init_statistics_match_the_truncated_normal(depth, sigma):
+    # a sigma far above 1 puts the band near 0: its std came out negative or complex, and
+    # every factor was drawn at the band's lower end
     s, lo, hi = truncation_bounds(sigma, depth)
     factor = torch.empty(400_000, dtype=torch.float64)
     dwf_init_(factor, sigma, depth, seed=0)
@@ -93,6 +95,16 @@ def test_init_statistics_match_the_truncated_normal():
     var = float(torch.trapezoid(grid ** 2 * dens, grid) / torch.trapezoid(dens, grid))
     assert float(factor.var()) == pytest.approx(var, rel=0.01)
     assert truncated_std(sigma, depth) == pytest.approx(var ** (depth / 2), rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", ["int64", "bool", "meta", "list", "expanded"])
+def test_dwf_init_refuses_a_tensor_it_cannot_fill_with_values(bad):
+    # an int64 tensor was filled with zeros, a bool one with True; the others raised torch's errors
+    factor = {"int64": torch.zeros(4, dtype=torch.int64), "bool": torch.zeros(4, dtype=torch.bool),
+              "meta": torch.empty(4, device="meta"), "list": [0.0] * 4,
+              "expanded": torch.zeros(1).expand(4)}[bad]
+    with pytest.raises(FactorizationError, match="dwf_init_"):
+        dwf_init_(factor, 0.05, 3, seed=0)
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])

@@ -191,14 +191,28 @@ def truncation_bounds(sigma_w: float, depth: int, eps: float = EPS) -> tuple[flo
     return std, low, high
 
 
+# Below this upper end of the standardised band (hi / std) the normal density is flat to
+# within 5e-5 over it, and the formulas that subtract its CDF at the two ends lose digits.
+_FLAT_BAND = 1e-2
+
+
 def truncated_std(sigma_w: float, depth: int, eps: float = EPS) -> float:
     """The standard deviation the product of D independent DWF factors has (exact for the
     truncated normal): sigma_w times the factor by which truncation shrinks it."""
     s, lo, hi = truncation_bounds(sigma_w, depth, eps)
     a, b = lo / s, hi / s
-    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    mass = math.erf(b / math.sqrt(2)) - math.erf(a / math.sqrt(2))  # P(a < |z| < b)
-    second = 1.0 + 2.0 * (a * phi(a) - b * phi(b)) / mass  # E[z^2 | a < |z| < b]
+    if b < _FLAT_BAND:
+        # a band this near 0 (sigma_w far above 1, where |omega| < 1 caps it): the closed form
+        # below is 1 minus nearly 1, which lost every digit (a negative std at sigma_w = 1e16).
+        # The density there is 1 - z^2 / 2 to within b^4: E[z^2] from its moments, over
+        # b^2 (with r = a / b), so that no power of b underflows; s * b is hi.
+        r = a / b
+        ratio = ((1 - r**3) / 3 - b * b * (1 - r**5) / 10) / ((1 - r) - b * b * (1 - r**3) / 6)
+        return (hi * hi * ratio) ** (depth / 2.0)
+    else:
+        phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        mass = math.erf(b / math.sqrt(2)) - math.erf(a / math.sqrt(2))  # P(a < |z| < b)
+        second = 1.0 + 2.0 * (a * phi(a) - b * phi(b)) / mass  # E[z^2 | a < |z| < b]
     return (s * s * second) ** (depth / 2.0)
 
 
@@ -225,6 +239,12 @@ def dwf_init_(factor: Tensor, sigma_w: float, depth: int, eps: float = EPS, seed
     by inverting the normal CDF on the allowed band of |x| (exact, no rejection loop). An int
     `seed` draws from a private generator (torch's global RNG untouched), None from the
     global RNG; `generator=` is deprecated."""
+    if not isinstance(factor, Tensor) or not factor.is_floating_point() or factor.is_meta:
+        got = f"{factor.dtype} on {factor.device}" if isinstance(factor, Tensor) else type(factor).__name__
+        raise FactorizationError(f"dwf_init_ fills a floating-point tensor with values in place, got {got}")
+    if any(stride == 0 and size > 1 for stride, size in zip(factor.stride(), factor.shape)):  # an expanded view
+        raise FactorizationError("dwf_init_ got a tensor whose elements overlap in memory (an expanded view); pass a "
+                                 "tensor that owns its elements (.clone())")
     return _dwf_init(factor, sigma_w, depth, eps, generator_or_seed(seed, generator, "dwf_init_"))
 
 
@@ -232,9 +252,16 @@ def dwf_init_(factor: Tensor, sigma_w: float, depth: int, eps: float = EPS, seed
 def _dwf_init(factor: Tensor, sigma_w: float, depth: int, eps: float, generator: torch.Generator | None) -> Tensor:
     s, lo, hi = truncation_bounds(sigma_w, depth, eps)
     u = torch.rand(factor.shape, dtype=torch.float64, generator=generator)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    c_lo, c_hi = normal.cdf(torch.tensor(lo / s, dtype=torch.float64)), normal.cdf(torch.tensor(hi / s, dtype=torch.float64))
-    mag = s * torch.special.ndtri(c_lo + u * (c_hi - c_lo)).clamp_(lo / s, hi / s)
+    if hi / s < _FLAT_BAND:
+        # a band near 0: the normal CDF there is 0.5 plus less than float64 keeps, so its
+        # inverse gave every factor the band's lower end; erf keeps the digits near 0
+        e_lo, e_hi = math.erf(lo / s / math.sqrt(2)), math.erf(hi / s / math.sqrt(2))
+        mag = s * math.sqrt(2) * torch.special.erfinv(e_lo + u * (e_hi - e_lo)).clamp_(lo / s, hi / s)
+    else:
+        normal = torch.distributions.Normal(0.0, 1.0)
+        c_lo = normal.cdf(torch.tensor(lo / s, dtype=torch.float64))
+        c_hi = normal.cdf(torch.tensor(hi / s, dtype=torch.float64))
+        mag = s * torch.special.ndtri(c_lo + u * (c_hi - c_lo)).clamp_(lo / s, hi / s)
     sign = torch.randint(0, 2, factor.shape, generator=generator).to(torch.float64).mul_(2).sub_(1)
     return factor.copy_(mag * sign)
 
