@@ -1149,6 +1149,18 @@ def test_a_batch_without_a_batch_dimension_is_named():
         C.hessian_diagonal(model, torch.nn.functional.cross_entropy, [(torch.randn(3), torch.tensor(1))], samples=2)
 
 
+@pytest.mark.parametrize("result", ["per example", "none", "one number"])
+def test_a_metric_that_does_not_return_two_numbers_is_named(result):
+    # a loss per example, or None, failed in float() with torch's or Python's words
+    model = torch.nn.Linear(3, 2)
+    a, b = model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()}
+    metric = {"per example": lambda out, y: (torch.nn.functional.cross_entropy(out, y, reduction="none"), 0.0),
+              "none": lambda out, y: None, "one number": lambda out, y: 1.0}[result]
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"must return \(mean loss, error fraction\), two numbers"):
+        C.interpolate(model, a, b, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], steps=3, bn="none",
+                      metric=metric)
+
+
 class _DictNet(torch.nn.Module):
     """A BatchNorm network whose one argument is a mapping of tensors."""
 

@@ -355,6 +355,18 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
         return _mean_metric(model, weights, data, metric)
 
 
+def _numbers(result: object) -> tuple[float, float]:
+    """A metric's (mean loss, error fraction) as two floats, or an error saying what it must
+    return: a loss per example, or None, failed in float() with torch's or Python's words."""
+    try:
+        loss, error = result
+        return float(loss), float(error)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidArgumentError(f"the metric returned {type(result).__name__} {result!r:.80}: metric(outputs, "
+                                   "targets) must return (mean loss, error fraction), two numbers (or one-element "
+                                   "tensors) for the batch") from exc
+
+
 def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metric: Metric) -> tuple[float, float]:
     device = next(iter(weights.values())).device
     loss_sum = error_sum = 0.0
@@ -364,8 +376,8 @@ def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, m
         n = len(y)
         if n == 0:  # weighs nothing; its metric would be the mean of nothing, NaN
             continue
-        loss, error = metric(functional_call(model, weights, args, kwargs), y)
-        loss_sum, error_sum, count = loss_sum + float(loss) * n, error_sum + float(error) * n, count + n
+        loss, error = _numbers(metric(functional_call(model, weights, args, kwargs), y))
+        loss_sum, error_sum, count = loss_sum + loss * n, error_sum + error * n, count + n
     if count == 0:
         raise InvalidArgumentError("data yielded no batches (or only empty ones); pass a re-iterable (a DataLoader "
                                    "or a list of (x, y) batches), "
