@@ -47,7 +47,7 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 def random_packed_basis(k: int, sizes: list[int], bits: int) -> QuantizedBasis:
     """A packed basis with random codes: the kernels' cost does not depend on the values,
-    and quantising a dense k x 88M float basis would not fit this machine's memory."""
+    and quantising a dense k x 88M float basis would not fit a 24 GiB machine's memory."""
     gen = torch.Generator().manual_seed(0)
     d = sum(sizes)
     n_groups = -(-d // GROUP_SIZE)

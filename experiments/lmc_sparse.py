@@ -31,7 +31,8 @@ augmentation at which both the dense network and a real-data IMP ticket rewound 
 initialisation are unstable (error barrier >= 2 points between two data orders), the regime
 where the claim can show. Without such a setting it records the sweep and stops.
 
-Writes results/lmc_sparse/results.json, lmc_sparse.png (accuracy and barrier against
+Writes results/lmc_sparse/results.json (once the calibration finds such a setting; the sweep
+alone goes to fair.json and fair.png), lmc_sparse.png (accuracy and barrier against
 sparsity), plane_*.png and interpolation.png, and prints the table. IMP's per-round files go
 to --work (default: a folder in the temp dir; resumable: a killed run picks up where it
 stopped). --quick writes everything under the work folder, nothing in results/.

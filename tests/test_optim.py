@@ -329,6 +329,21 @@ def test_a_weight_frozen_or_a_group_added_after_wrapping_is_refused():
         _train(opt, model, steps=1)
 
 
+def test_a_bfloat16_model_loaded_at_the_center_is_not_reported_off_the_subspace():
+    # the center rounded to bfloat16 was measured as a distance outside the span
+    model = make_model().to(torch.bfloat16)
+    sub = _subspace(model)
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    with pytest.warns(UserWarning, match="lies outside the subspace"):
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
+
+
 def test_a_float64_model_keeps_its_small_steps():
     # the projected step was added in float32 and rounded away with the weights: Adam at
     # lr 1e-9 moved by float32's rounding of the weights, not by its step

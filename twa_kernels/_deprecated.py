@@ -1,4 +1,5 @@
-"""Old import paths that keep working for one release, each with a DeprecationWarning."""
+"""Old import paths that keep working, each with a DeprecationWarning, until the release
+after 0.1.0 removes them."""
 
 from __future__ import annotations
 

@@ -107,8 +107,8 @@ def keep_freed_memory() -> bool:
     back to the system and serves blocks up to 1 GiB from the heap instead of their own
     mmap. A training step frees and retakes tens of MB; given back, those pages fault in
     again on the next step, 4 KiB at a time (on ResNet-18 a TWA step that freed its weight
-    gradients took 4,500-14,000 faults, a third or more of its overhead over SGD; TWA now
-    holds them, see gradients_to_hold, and this keeps the rest). This is the process's
+    gradients took 4,500-14,000 faults, a third or more of its overhead over SGD (AMD EPYC,
+    2026-12-04, commit 2145a82); TWA holds them, see gradients_to_hold, and this keeps the rest). This is the process's
     setting, not the library's: call it at the start of a training script you own (the
     `twa` command does). return_freed_memory() still gives memory back when asked. Returns
     False, changing nothing, where the C library has no glibc mallopt."""

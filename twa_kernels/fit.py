@@ -88,7 +88,7 @@ class FitConfig:
     group_size: int = 128
     int8_gradients: bool = False
     optimizer: str = "AdamW"
-    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"lr": 1e-2})
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"lr": 1e-2, "weight_decay": 0.0})
     epochs: int = 1
     train_on: str = "train"
     loss: str = DEFAULT_LOSS

@@ -199,9 +199,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         basis = self.subspace.basis
         return reconstruct(basis, project(basis, flat))
 
+    def _center_as_held(self) -> Tensor:
+        """The center as the parameters hold it, rounded to each one's dtype: a bfloat16 model
+        loaded at the center is off it by that rounding alone, which is no distance to report."""
+        pieces = torch.split(self.subspace.center, [p.numel() for p in self._params])
+        return torch.cat([c.to(p.dtype).to(torch.float32) for c, p in zip(pieces, self._params)])
+
     @torch.no_grad()
     def _warn_if_off_subspace(self, order_unknown: bool = False) -> None:
-        offset = self._flat_weights() - self.subspace.center.to(torch.float32)
+        offset = self._flat_weights() - self._center_as_held()
         size = float(offset.norm())
         if size == 0:
             return

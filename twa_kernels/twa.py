@@ -1,7 +1,7 @@
 """TWA: the averaging coefficients of a subspace as trainable parameters (journal version).
 
     twa = tk.TWA(model, checkpoints, bits=4, granularity="tensor")
-    opt = torch.optim.AdamW(twa.parameters(), lr=1e-3)     # only the coefficients
+    opt = torch.optim.AdamW(twa.parameters(), lr=0.02, weight_decay=0.0)  # only the coefficients
     loss = F.cross_entropy(twa(x), y); loss.backward(); opt.step()
     twa.update_bn(loader); model.load_state_dict(twa.averaged_state_dict())
 

@@ -1,6 +1,7 @@
 """One module per backend; importing a module registers its kernels with twa_kernels._ops.
 
-Each module has one function per op, named after it, taking the op's arguments in the
+Each module has one function per op it implements (an op a backend lacks falls back as
+twa_kernels/_ops.py says), named after it, taking the op's arguments in the
 order of its schema in twa_kernels/_ops.py (the packed basis as codes, scales, mins,
 block_offsets, bits and group_size); what each op computes is documented there and in
 docs/design.md ("Math of each op"). Users call the ops (twa_kernels.ops), never these.
