@@ -920,6 +920,19 @@ def test_an_option_flag_that_is_not_a_bool_is_refused_not_read_as_true(call):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_arguments_of_the_wrong_kind_are_named_in_the_librarys_words(tmp_path):
+    # each raised a bare TypeError, or read an empty file as "not a state_dict (got dict)"
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    for loader in (None, torch.randn(4, 4)):
+        with pytest.raises(tk.errors.InvalidTypeError, match="loader must be an iterable of batches"):
+            tk.update_bn(loader, model)
+    with pytest.raises(tk.errors.InvalidTypeError, match="takes the mapping basis.state_dict"):
+        QuantizedBasis.from_state_dict(None)
+    torch.save({}, tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="an empty mapping, with no weights"):
+        tk.load_state_dict(tmp_path / "empty.pt")
+
+
 @pytest.mark.parametrize("call", ["TWA", "update_bn"])
 def test_a_lazy_layer_not_yet_run_is_named_with_the_fix(call):
     # torch's message spoke of load_state_dict

@@ -129,6 +129,9 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     distributed.all_reduce_bn_statistics weighs as nothing."""
     check_module(model, "update_bn's model")
     flag("update_bn's allow_empty", allow_empty)
+    if not isinstance(loader, Iterable) or isinstance(loader, (Tensor, str, Mapping)):
+        raise InvalidTypeError(f"update_bn's loader must be an iterable of batches (a DataLoader, or a list of "
+                               f"them), got {type(loader).__name__}")
     if call_fn is not None and not callable(call_fn):
         device = isinstance(call_fn, (torch.device, str))  # swa_utils.update_bn(loader, model, device)
         raise InvalidTypeError(f"update_bn's call_fn must be a callable(model, batch) or None, got "

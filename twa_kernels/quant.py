@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +126,9 @@ class QuantizedBasis:
     def from_state_dict(cls, state: dict[str, Tensor]) -> QuantizedBasis:
         """Rebuild a basis from `state_dict()`'s tensors, checking every field first: the
         kernels take raw pointers, so a corrupt file must fail here, by name, not in them."""
+        if not isinstance(state, Mapping):
+            raise InvalidTypeError(f"QuantizedBasis.from_state_dict takes the mapping basis.state_dict() returns, got "
+                                   f"{type(state).__name__}")
         missing = {"codes", "scales", "mins", "block_offsets", "meta"} - set(state)
         if missing:
             raise MissingKeyError(f"not a QuantizedBasis state_dict: missing {sorted(missing)}")

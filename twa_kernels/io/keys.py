@@ -162,8 +162,10 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
             if nested is None:
                 break
             obj = nested
-    if not isinstance(obj, Mapping) or not obj:
+    if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: not a state_dict (got {type(obj).__name__}); save model.state_dict()")
+    if not obj:
+        raise CheckpointError(f"{source}: an empty mapping, with no weights; save model.state_dict() of the model")
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not tensors:
         holders = [repr(k) for k, v in obj.items() if isinstance(v, Mapping)]  # a state_dict nested under another key
