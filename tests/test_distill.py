@@ -156,6 +156,19 @@ def test_a_seed_reproduces_the_distilled_set_and_leaves_the_global_rng_alone():
                        unseeded[0])
 
 
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(width=0), tk.errors.InvalidArgumentError, "width must be at least 1, got 0"),
+    (dict(depth=-1), tk.errors.InvalidArgumentError, "depth must be at least 1, got -1"),
+    (dict(width="a"), tk.errors.InvalidTypeError, "width must be an int, got str"),
+])
+def test_the_default_embeddings_width_and_depth_are_checked(kw, error, message):
+    # width=0 ended in a ZeroDivisionError, depth=-1 built an embedding of no blocks
+    from twa_kernels.distill import default_embedding
+
+    with pytest.raises(error, match=message):
+        default_embedding(torch.randn(4, 1, 8), **kw)
+
+
 def test_ipc_larger_than_the_smallest_class_is_a_named_error():
     x = torch.randn(30, 1, 12)
     y = torch.tensor([0] * 20 + [1] * 10)

@@ -24,6 +24,16 @@ def real(name: str, value: object, *, finite: bool = True) -> float:
     return number
 
 
+def integer(name: str, value: object, low: int) -> int:
+    """`value` if it is an int of at least `low`: InvalidTypeError for anything but an int
+    (a bool, a float such as 2.0 included), InvalidArgumentError below `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise InvalidArgumentError(f"{name} must be at least {low}, got {value}")
+    return int(value)
+
+
 def flag(name: str, value: object) -> bool:
     """`value` if it is True or False, else InvalidTypeError: a string such as "no", or 0.5,
     would read as true and turn the option on."""
