@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "twa_kernels"
 # every user who never reaches the function (measured in docs/design.md, "Imports").
 LAZY_ALLOWED = {
     "twa_kernels._dcp": "torch.distributed.checkpoint: a build option of torch (MissingDependencyError without it), "
-                        "+1.5 s on a 2.3 s import; only DCP directories need it",
-    "torch.utils.cpp_extension": "a build tool (it imports setuptools and drives a compiler), +0.27 s; only compiling "
-                                 "the C++ kernels needs it, not loading a cached build",
+                        "its cost in docs/design.md; only DCP directories need it",
+    "torch.utils.cpp_extension": "a build tool (it imports setuptools and drives a compiler), its cost in "
+                                 "docs/design.md; only compiling the C++ kernels needs it, not loading a cached build",
     "triton": "optional: the Triton backend only",
     "transformers": "optional and heavy: Hugging Face models only",
     "lightning": "optional and heavy: Lightning checkpoints only",
