@@ -9,7 +9,7 @@ all-reduce per backward); sharded mode gives each rank its own columns of the ba
 center and gathers the weights (twa_kernels/sharding.py says how, and what a step moves).
 A sharded basis is built from each rank's columns alone (twa_kernels/sharded_build.py),
 and the ranks check that they read the same files. A rank that fails while building makes
-every rank stop together, each naming its error (sharding.agree); under torchrun,
+every rank stop together, each naming its error (_collectives.agree); under torchrun,
 `record_errors` puts each rank's own error in the job summary.
 
 This module holds what a user calls around TWA on a process group (init_from_environment,
@@ -51,19 +51,23 @@ from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distr
     ShardedSubspace,
     build_shard,
 )
-from twa_kernels.sharding import (  # noqa: F401  (public names of tk.distributed)
+from twa_kernels._collectives import (  # noqa: F401  (public names of tk.distributed)
     BasisMismatchError,
-    Comm,
     RankFailedError,
-    ShardingError,
     agree,
+    check_group,
+    gather_rows,
+    ranks_unlike_rank0,
+)
+from twa_kernels.sharding import (  # noqa: F401  (public names of tk.distributed)
+    Comm,
+    ShardingError,
     basis_checksum,
     check_same_basis,
     local_blocks,
     shard_columns,
     slice_basis,
 )
-from twa_kernels.sharding import _gather_rows, check_group, ranks_unlike_rank0
 from twa_kernels.twa import BASIS_BUFFERS, TWA  # noqa: F401  (BASIS_BUFFERS: public name of tk.distributed)
 
 __all__ = [
@@ -381,7 +385,7 @@ def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
         return check_seed(seed)
     source = getattr(loader.sampler, "generator", None)
     drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=source)
-    return int(_gather_rows(drawn, group)[0])  # rank 0's (through the GPU under NCCL)
+    return int(gather_rows(drawn, group)[0])  # rank 0's (through the GPU under NCCL)
 
 
 def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) -> Iterable:

@@ -6,7 +6,7 @@ single-process build. A sharded build cannot compare bases (each rank holds othe
 columns), so it compares the files: each checkpoint's size, a digest of its header (a zip
 torch file's records' CRC-32s, a safetensors header, a DCP directory's tensors and data
 files) and of a few columns every rank reads, raising CheckpointContentMismatchError naming
-each file whose copies differ. Every local step runs under sharding.agree.
+each file whose copies differ. Every local step runs under _collectives.agree.
 """
 
 from __future__ import annotations
@@ -31,15 +31,8 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import checkpoint_directory_files, is_dcp_directory, resolve_checkpoints
 from twa_kernels.io.read import is_torch_zip
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
-from twa_kernels.sharding import (
-    BasisMismatchError,
-    _gather_rows,
-    agree,
-    digest,
-    local_blocks,
-    ranks_unlike_rank0,
-    shard_columns,
-)
+from twa_kernels._collectives import BasisMismatchError, agree, digest, gather_rows, ranks_unlike_rank0
+from twa_kernels.sharding import local_blocks, shard_columns
 from twa_kernels.subspace import block_sizes_for
 
 
@@ -75,7 +68,7 @@ def _same_checkpoint_lists(specs: list, group: Any) -> None:
     CheckpointListMismatchError naming the ranks whose list differs from rank 0's."""
     text = "\n".join(str(s) if not isinstance(s, Mapping) else f"<state_dict {i}>" for i, s in enumerate(specs))
     fingerprint = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-    table = _gather_rows(torch.tensor([fingerprint, len(specs)], dtype=torch.int64), group)
+    table = gather_rows(torch.tensor([fingerprint, len(specs)], dtype=torch.int64), group)
     bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
     if bad:
         raise CheckpointListMismatchError(
@@ -171,7 +164,7 @@ def _same_checkpoint_contents(specs: list, prints: list[tuple[int, int, int]], g
     CheckpointContentMismatchError naming each file that differs from rank 0's copy, on
     which ranks and how. Replicated mode compares the whole bases; sharded mode cannot (each
     rank holds other columns), so it compares the files."""
-    table = _gather_rows(torch.tensor(prints, dtype=torch.int64).reshape(-1), group)
+    table = gather_rows(torch.tensor(prints, dtype=torch.int64).reshape(-1), group)
     ref = table[0].view(len(specs), 3)
     what = ("size", "header", "sampled weights")
     problems = []

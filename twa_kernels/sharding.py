@@ -15,53 +15,36 @@ W x group_size elements (all_gather_into_tensor needs equal chunks).
 `setup` picks the strategy for a TWA and hands back this rank's center and basis; TWA
 registers them as its own buffers. Every rank must hold the same basis: setup all-gathers a
 cheap checksum of it and raises BasisMismatchError naming the ranks that differ (a basis
-built sharded is checked file by file instead, see sharded_build). `agree` runs one local
-step on every rank and makes them all stop together, each naming the failing rank's error.
+built sharded is checked file by file instead, see sharded_build). The collectives that
+every rank joins to check and agree (`agree`, `ranks_unlike_rank0`) are in _collectives.
 
 This module knows nothing of TWA itself: it takes and returns tensors and bases.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
+from twa_kernels._collectives import BasisMismatchError, check_group, gather_rows
+from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis, basis_meta
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 
 _CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum", "codes weighted sum",
                     "scales sum", "mins sum", "center sum", "center weighted sum", "block offsets sum")
 
 
 _EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
-
-
-def check_group(group: Any) -> None:
-    """torch.distributed initialised, and `group` a ProcessGroup (None: the default group),
-    before any collective or checkpoint read: a wrong value found later fails one rank in the
-    middle of the others' collectives."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise UsageError("a process_group needs torch.distributed initialised: call "
-                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
-    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:  # new_group's answer outside it
-        raise UsageError("this rank is not a member of the process_group (dist.new_group returned it a non-member "
-                         "marker): build and train the TWA on the group's ranks only, or pass a group that holds "
-                         "every rank that builds it")
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise InvalidTypeError(f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
-                               f"from dist.new_group), got {type(group).__name__}")
 
 
 def training_alone() -> bool:
@@ -85,16 +68,8 @@ def _reduce_scatter(out: Tensor, t: Tensor, group: Any) -> None:
                                                                                   group=group)
 
 
-class BasisMismatchError(TWAKernelsError, RuntimeError):
-    """The ranks of a process group hold different bases (or centers)."""
-
-
 class ShardingError(InvalidArgumentError):
     """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
-
-
-class RankFailedError(TWAKernelsError, RuntimeError):
-    """Another rank of the process group failed: the message names it and its own error."""
 
 
 class Comm:
@@ -215,7 +190,7 @@ def check_same_values(names: Sequence[str], values: Sequence[Tensor], group: Any
 
     mine = torch.stack([part.cpu() for value in values for part in fingerprint(value)]
                        or [torch.zeros((), dtype=torch.float64)])
-    table = _gather_rows(mine, group)
+    table = gather_rows(mine, group)
     bad = {rank: sorted({names[i // 2] for i in (~torch.isclose(row, table[0], rtol=1e-9, atol=0)).nonzero()
                          .flatten().tolist()}) for rank, row in enumerate(table[1:], start=1)}
     bad = {rank: differ for rank, differ in bad.items() if differ}
@@ -383,65 +358,3 @@ class _GatherReconstruct(torch.autograd.Function):
         grad_x = torch.zeros(local.shape[0], shard.num_blocks, dtype=torch.float32, device=grad_w.device)
         grad_x[:, shard.b_lo : shard.b_hi] = local  # straddling blocks: partial sums, added by the all-reduce
         return comm.all_reduce(grad_x), None, None, None, None
-
-
-# -- every rank leaves a failing step together ------------------------------------------------
-
-
-_MESSAGE_BYTES = 2048  # of a failing rank's error message, sent to the others
-
-
-def _gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
-    """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL)."""
-    if dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
-    return [row.cpu() for row in table]
-
-
-def digest(*parts: object) -> int:
-    """63 bits of a SHA-256 of `parts` (bytes, or anything with a stable repr)."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-        h.update(b"\0")
-    return int.from_bytes(h.digest()[:8], "little") >> 1
-
-
-def ranks_unlike_rank0(parts: object, group: Any) -> list[int]:
-    """The ranks whose `parts` (a digest of them, all-gathered) differ from rank 0's: the
-    same answer on every rank, so all of them can raise together."""
-    table = _gather_rows(torch.tensor([digest(parts)], dtype=torch.int64), group)
-    return [rank for rank, row in enumerate(table) if not torch.equal(row, table[0])]
-
-
-def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
-    """Run this rank's local `work`, then learn in one all-gather whether it failed on any
-    rank. A rank whose work raised re-raises its own exception; every other rank raises
-    RankFailedError naming the failing ranks and their messages. A rank that fails while its
-    peers go on would leave them in their next collective until the backend notices the
-    closed connection, and they would report that instead of the cause; here every rank
-    leaves the step together, and each reports the real error."""
-    check_group(group)
-    error: Exception | None = None
-    result = None
-    try:
-        result = work()
-    except Exception as exc:  # reported to the peers below, then raised again here
-        error = exc
-    row = torch.zeros(1 + _MESSAGE_BYTES, dtype=torch.uint8)
-    if error is not None:
-        text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
-        row[0] = 1
-        row[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    table = _gather_rows(row, group)
-    if error is not None:
-        raise error
-    failed = {rank: bytes(r[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
-              for rank, r in enumerate(table) if r[0]}
-    if failed:
-        detail = "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())
-        raise RankFailedError(f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed while "
-                              f"{what}, so this rank stops too ({detail}). Fix the error reported there")
-    return result  # type: ignore[return-value]

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
-from twa_kernels import sharding
+from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
 from twa_kernels._memory import empty_huge, gradients_to_hold
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
@@ -142,7 +142,7 @@ class TWA(nn.Module):
         if shard and process_group is None:
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         if process_group is not None:
-            sharding.check_group(process_group)
+            _collectives.check_group(process_group)
         model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
 
         def check_args() -> list[tuple[str, nn.Parameter]]:
@@ -179,7 +179,7 @@ class TWA(nn.Module):
             return trainable
         # under a process group, arguments refused on one rank stop every rank here, rather
         # than leaving the others in the build's collectives until the timeout
-        trainable = check_args() if process_group is None else sharding.agree(check_args, process_group,
+        trainable = check_args() if process_group is None else _collectives.agree(check_args, process_group,
                                                                               "checking its arguments")
         if process_group is not None:  # settings that differ would pair unlike collectives, or mix bases
             # a model cast to another dtype on one rank built, and trained on gradients of that rank's
@@ -187,9 +187,9 @@ class TWA(nn.Module):
             dtypes = [str(p.dtype).removeprefix("torch.") for _, p in trainable]
             settings = dict(shard=shard, bits=bits, granularity=granularity, group_size=group_size,
                             int8_gradients=int8_gradients, parameter_dtypes=sorted(set(dtypes)))
-            unlike = sharding.ranks_unlike_rank0([*sorted(settings.items()), dtypes], process_group)
+            unlike = _collectives.ranks_unlike_rank0([*sorted(settings.items()), dtypes], process_group)
             if unlike:
-                raise sharding.BasisMismatchError(
+                raise _collectives.BasisMismatchError(
                     f"ranks {unlike} were given other build settings than rank 0 ({', '.join(settings)}; here "
                     f"{', '.join(f'{k}={v!r}' for k, v in settings.items())}): build the TWA with the same arguments "
                     "on every rank")
@@ -208,7 +208,7 @@ class TWA(nn.Module):
             return _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
                                   else checkpoints_or_subspace, aliases, subspace.source_stamps)
         # under a process group, a rank whose model does not fit fails every rank with its error
-        pinned = check_and_pin() if process_group is None else sharding.agree(check_and_pin, process_group,
+        pinned = check_and_pin() if process_group is None else _collectives.agree(check_and_pin, process_group,
                                                                                "checking its model")
         if process_group is not None:  # the basis is checked below; a frozen backbone must match as well
             sharding.check_same_values([n for n, _ in frozen], pinned, process_group,
@@ -649,7 +649,7 @@ def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Para
                                build_args["granularity"], build_args["group_size"])
             return source
         # under a process group, a subspace refused on one rank stops every rank with the reason
-        return check() if process_group is None else sharding.agree(check, process_group, "checking its subspace")
+        return check() if process_group is None else _collectives.agree(check, process_group, "checking its subspace")
     if shard:  # each rank reads its own columns of the checkpoints only
         return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)
 
@@ -657,7 +657,7 @@ def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Para
         return Subspace.from_checkpoints(source, parameter_names=names, parameter_shapes=shapes,
                                          parameter_aliases=aliases, **build_args)
     # under a process group, a rank that fails here takes every rank down with its error
-    return build() if process_group is None else sharding.agree(build, process_group, "building its subspace")
+    return build() if process_group is None else _collectives.agree(build, process_group, "building its subspace")
 
 
 def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[str, nn.Parameter]],

@@ -1,0 +1,104 @@
+"""Collectives every rank of a process group joins together, below TWA and the sharded
+build that both use them: a check of the group itself, an all-gather of one small row per
+rank, a comparison with rank 0 through a digest, and `agree`, which runs one local step on
+every rank and makes them all stop together, each naming the failing rank's error."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from twa_kernels.errors import InvalidTypeError, TWAKernelsError, UsageError
+
+_T = TypeVar("_T")
+
+
+class BasisMismatchError(TWAKernelsError, RuntimeError):
+    """The ranks of a process group hold different bases (or centers)."""
+
+
+class RankFailedError(TWAKernelsError, RuntimeError):
+    """Another rank of the process group failed: the message names it and its own error."""
+
+
+def check_group(group: Any) -> None:
+    """torch.distributed initialised, and `group` a ProcessGroup (None: the default group),
+    before any collective or checkpoint read: a wrong value found later fails one rank in the
+    middle of the others' collectives."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise UsageError("a process_group needs torch.distributed initialised: call "
+                         "torch.distributed.init_process_group(...) first (torchrun sets its environment)")
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:  # new_group's answer outside it
+        raise UsageError("this rank is not a member of the process_group (dist.new_group returned it a non-member "
+                         "marker): build and train the TWA on the group's ranks only, or pass a group that holds "
+                         "every rank that builds it")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise InvalidTypeError(f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
+                               f"from dist.new_group), got {type(group).__name__}")
+
+
+# -- every rank leaves a failing step together ------------------------------------------------
+
+
+_MESSAGE_BYTES = 2048  # of a failing rank's error message, sent to the others
+
+
+def gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
+    """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    return [row.cpu() for row in table]
+
+
+def digest(*parts: object) -> int:
+    """63 bits of a SHA-256 of `parts` (bytes, or anything with a stable repr)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def ranks_unlike_rank0(parts: object, group: Any) -> list[int]:
+    """The ranks whose `parts` (a digest of them, all-gathered) differ from rank 0's: the
+    same answer on every rank, so all of them can raise together."""
+    table = gather_rows(torch.tensor([digest(parts)], dtype=torch.int64), group)
+    return [rank for rank, row in enumerate(table) if not torch.equal(row, table[0])]
+
+
+def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
+    """Run this rank's local `work`, then learn in one all-gather whether it failed on any
+    rank. A rank whose work raised re-raises its own exception; every other rank raises
+    RankFailedError naming the failing ranks and their messages. A rank that fails while its
+    peers go on would leave them in their next collective until the backend notices the
+    closed connection, and they would report that instead of the cause; here every rank
+    leaves the step together, and each reports the real error."""
+    check_group(group)
+    error: Exception | None = None
+    result = None
+    try:
+        result = work()
+    except Exception as exc:  # reported to the peers below, then raised again here
+        error = exc
+    row = torch.zeros(1 + _MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
+        row[0] = 1
+        row[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    table = gather_rows(row, group)
+    if error is not None:
+        raise error
+    failed = {rank: bytes(r[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+              for rank, r in enumerate(table) if r[0]}
+    if failed:
+        detail = "; ".join(f"rank {rank}: {text}" for rank, text in failed.items())
+        raise RankFailedError(f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed while "
+                              f"{what}, so this rank stops too ({detail}). Fix the error reported there")
+    return result  # type: ignore[return-value]
