@@ -933,6 +933,17 @@ def test_arguments_of_the_wrong_kind_are_named_in_the_librarys_words(tmp_path):
         tk.load_state_dict(tmp_path / "empty.pt")
 
 
+def test_a_state_dict_or_process_group_of_the_wrong_kind_is_named():
+    # a bare TypeError from `in`, an AttributeError from .clone() and from the group's methods
+    masks = {"weight": torch.ones(3, 4, dtype=torch.bool)}
+    with pytest.raises(tk.prune.PruningError, match="takes a state_dict \\(a mapping of tensors\\), got NoneType"):
+        tk.prune.masked_state_dict(None, masks)
+    with pytest.raises(tk.prune.PruningError, match="holds \\['list'\\]"):
+        tk.prune.masked_state_dict({"weight": [0.0] * 12}, masks)
+    with pytest.raises(tk.errors.InvalidTypeError, match="process_group must be a torch.distributed ProcessGroup"):
+        tk.decor.update(nn.Linear(2, 2), process_group="x")
+
+
 @pytest.mark.parametrize("call", ["TWA", "update_bn"])
 def test_a_lazy_layer_not_yet_run_is_named_with_the_fix(call):
     # torch's message spoke of load_state_dict

@@ -487,6 +487,9 @@ def decorrelated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _default_group(process_group: torch.distributed.ProcessGroup | None) -> torch.distributed.ProcessGroup | None:
     dist = torch.distributed
     if process_group is not None:
+        if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+            raise InvalidTypeError(f"process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one "
+                                   f"from dist.new_group) or None, got {type(process_group).__name__}")
         return process_group
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD

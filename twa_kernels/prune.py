@@ -308,6 +308,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
 def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> StateDict:
     """A copy of `state` with the masked-out entries of each masked tensor set to zero. Each
     mask is a bool tensor of its entry's shape, under a key `state` has."""
+    if not isinstance(state, Mapping):
+        raise PruningError(f"masked_state_dict takes a state_dict (a mapping of tensors), got {type(state).__name__}")
+    kinds = {type(v).__name__ for v in state.values() if not isinstance(v, Tensor)}
+    if kinds:
+        raise PruningError(f"masked_state_dict takes a state_dict of tensors, but it holds {sorted(kinds)}")
     _check_bool_masks(masks)
     for name, mask in masks.items():
         if name not in state:
