@@ -160,9 +160,9 @@ def evaluate(model: nn.Module, dataset: TensorDataset) -> tuple[float, float]:
 def _fit_coefficients(twa: TWA, dataset, epochs: int, seed: int, shift: int = 0) -> None:
     opt = torch.optim.AdamW(twa.parameters(), lr=LR_COEFFICIENTS, weight_decay=0.0)
     augment = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         twa.train()
-        for x, y in batches(dataset, 64, seed):
+        for x, y in batches(dataset, 64, seed + epoch):  # a new order each epoch, as SGD's epochs draw
             if shift:  # the same data pipeline as SGD's, as the paper trains its coefficients
                 x = random_shift(x, shift, augment)
             opt.zero_grad()
