@@ -180,7 +180,7 @@ class TWA(nn.Module):
         # under a process group, arguments refused on one rank stop every rank here, rather
         # than leaving the others in the build's collectives until the timeout
         trainable = check_args() if process_group is None else _collectives.agree(check_args, process_group,
-                                                                              "checking its arguments")
+                                                                                  "checking its arguments")
         if process_group is not None:  # settings that differ would pair unlike collectives, or mix bases
             # a model cast to another dtype on one rank built, and trained on gradients of that rank's
             # precision (compared per parameter, shown as the set of dtypes)
@@ -209,7 +209,7 @@ class TWA(nn.Module):
                                   else checkpoints_or_subspace, aliases, subspace.source_stamps)
         # under a process group, a rank whose model does not fit fails every rank with its error
         pinned = check_and_pin() if process_group is None else _collectives.agree(check_and_pin, process_group,
-                                                                               "checking its model")
+                                                                                   "checking its model")
         if process_group is not None:  # the basis is checked below; a frozen backbone must match as well
             sharding.check_same_values([n for n, _ in frozen], pinned, process_group,
                                        "the values of the model's frozen parameters")
