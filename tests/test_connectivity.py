@@ -1149,6 +1149,23 @@ def test_a_batch_without_a_batch_dimension_is_named():
         C.hessian_diagonal(model, torch.nn.functional.cross_entropy, [(torch.randn(3), torch.tensor(1))], samples=2)
 
 
+def test_arguments_of_the_wrong_kind_are_named_before_any_work():
+    # data=None, masks as a list, points as a list and loss_fn=None raised bare TypeErrors or
+    # AttributeErrors from deep inside
+    model = torch.nn.Linear(3, 2)
+    a, b, c = (model.state_dict(), {k: v + 0.1 for k, v in model.state_dict().items()},
+               {k: v - 0.1 for k, v in model.state_dict().items()})
+    data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    with pytest.raises(tk.errors.InvalidTypeError, match="interpolate's data must be an iterable of"):
+        C.interpolate(model, a, b, None, steps=3, bn="none")
+    with pytest.raises(tk.errors.InvalidTypeError, match="masks must map parameter names"):
+        C.interpolate(model, a, b, data, steps=3, bn="none", masks=[torch.ones(2, 3)])
+    with pytest.raises(tk.errors.InvalidTypeError, match="points must map a label to a checkpoint"):
+        C.plane(model, [a, b, c], data, grid=2, bn="none", points=[a])
+    with pytest.raises(tk.errors.InvalidTypeError, match="loss_fn must be a callable"):
+        C.hessian_diagonal(model, None, data, samples=2)
+
+
 @pytest.mark.parametrize("result", ["per example", "none", "one number"])
 def test_a_metric_that_does_not_return_two_numbers_is_named(result):
     # a loss per example, or None, failed in float() with torch's or Python's words

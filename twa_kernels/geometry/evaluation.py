@@ -213,6 +213,14 @@ def check_points(what: str, count: int) -> None:
                                    f"data; at most {MAX_POINTS:,} are taken (a few dozen draw a smooth curve)")
 
 
+def check_data(what: str, data: object) -> None:
+    """Refuse anything but an iterable of batches where `what` ("interpolate's data") belongs:
+    None failed in a loop deep inside, a tensor would be read one example at a time."""
+    if not isinstance(data, Iterable) or isinstance(data, (Tensor, str, Mapping)):
+        raise InvalidTypeError(f"{what} must be an iterable of (inputs, targets) batches (a DataLoader, or a list of "
+                               f"them), got {type(data).__name__}")
+
+
 def check_bn(bn: str) -> None:
     if bn not in BN_MODES:
         raise InvalidArgumentError(f"bn must be one of {BN_MODES}, got {bn!r}")
@@ -224,6 +232,9 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
     masks given under two of them must agree."""
     if masks is None:
         return {}
+    if not isinstance(masks, Mapping):
+        raise InvalidTypeError(f"masks must map parameter names to masks (as tk.prune gives them), got "
+                               f"{type(masks).__name__}")
     params = dict(model.named_parameters())
     canonical = {alias: name for name, aliases in parameter_aliases(model).items() for alias in aliases}
     out: dict[str, Tensor] = {}

@@ -28,6 +28,7 @@ from twa_kernels.geometry.evaluation import (
     Metric,
     SameBatches,
     check_bn,
+    check_data,
     check_masks,
     check_points,
     agreed_buffer,
@@ -127,6 +128,9 @@ def interpolate(
     check_module(model, "interpolate's model")
     model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
     check_bn(bn)
+    check_data("interpolate's data", data)
+    if bn_data is not None:
+        check_data("interpolate's bn_data", bn_data)
     if not isinstance(steps, int) or steps < 2:
         raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")
     check_points(f"steps={steps}", steps)

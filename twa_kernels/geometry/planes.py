@@ -36,17 +36,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_module
+from twa_kernels._checks import check_module, real
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels._progress import progress_bar
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
     SameBatches,
     agreed_buffer,
     check_bn,
+    check_data,
     check_masks,
     check_points,
     checkpoint_labels,
@@ -444,7 +445,7 @@ class Plane:
     def state_dict_at(self, x: float, y: float) -> dict[str, Tensor]:
         """The parameters at plane coordinates (x, y), by name (e.g. to load the grid's best
         point into the model, then update_bn): a reconstruct, as the grid's points are."""
-        flat = self.frame.weights((x, y))
+        flat = self.frame.weights((real("state_dict_at's x", x), real("state_dict_at's y", y)))
         pieces = flat.split([math.prod(s) for s in self.frame.shapes])
         return {name: piece.view(shape) for name, piece, shape in zip(self.frame.names, pieces,
                                                                               self.frame.shapes)}
@@ -560,6 +561,12 @@ def plane(
     check_module(model, "plane's model")
     model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
     check_bn(bn)
+    check_data("plane's data", data)
+    if bn_data is not None:
+        check_data("plane's bn_data", bn_data)
+    if points is not None and not isinstance(points, Mapping):
+        raise InvalidTypeError(f"points must map a label to a checkpoint (e.g. {{'SWA': swa_state}}), got "
+                               f"{type(points).__name__}")
     nx, ny = _check_grid(grid, margin, bits, group_size)
     mask = check_masks(model, masks)
     frame, anchors, located = _anchored_frame(model, checkpoints, dims, bits, group_size, bn, labels)

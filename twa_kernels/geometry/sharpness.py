@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
 from twa_kernels._checks import check_module, real
-from twa_kernels.geometry.evaluation import finite_or_none, parameter_device, preserved, split_batch
+from twa_kernels.geometry.evaluation import check_data, finite_or_none, parameter_device, preserved, split_batch
 from twa_kernels.io import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -179,6 +179,10 @@ def hessian_diagonal(
     """
     check_module(model, "hessian_diagonal's model")
     model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
+    if not callable(loss_fn):
+        raise InvalidTypeError(f"hessian_diagonal's loss_fn must be a callable(outputs, targets), got "
+                               f"{type(loss_fn).__name__}")
+    check_data("hessian_diagonal's data", data)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
