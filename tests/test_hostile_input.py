@@ -952,6 +952,17 @@ def test_a_lazy_layer_not_yet_run_is_named_with_the_fix(call):
         tk.TWA(model, [{}, {}]) if call == "TWA" else tk.update_bn([torch.randn(4, 5)], model)
 
 
+def test_parameter_names_as_a_generator_are_read_once_and_an_empty_list_is_named():
+    # a generator was used up by the check ("0 parameter names but 2 shapes"); [] was blamed
+    # on the checkpoint ("holds no real floating-point weight")
+    model = nn.Linear(4, 3)
+    checkpoints = _fine_tunes(model, 3)
+    subspace = tk.Subspace.from_checkpoints(checkpoints, parameter_names=(n for n in ["weight", "bias"]))
+    assert subspace.names == ["weight", "bias"]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="parameter_names is empty"):
+        tk.Subspace.from_checkpoints(checkpoints, parameter_names=[])
+
+
 @pytest.mark.parametrize("aliases", [[1, 2], {"0.weight": 3}, {"0.weight": [4]}])
 def test_parameter_aliases_that_are_not_names_by_name_are_refused(aliases):
     model = nn.Linear(4, 3)

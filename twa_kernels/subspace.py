@@ -314,6 +314,9 @@ def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shape
         raise InvalidArgumentError("parameter_shapes needs parameter_names, which say the entry each shape is for")
     if names is not None:
         names, shapes = _checked_layout(names, shapes)
+        if not names:
+            raise InvalidArgumentError("parameter_names is empty: name the weights to average (TWA passes the "
+                                       "model's trainable parameters), or pass None for every floating-point entry")
     if names is None or shapes is None:  # from the first checkpoint's metadata
         first = ColumnReader(first_spec, 0, names=names)
         names = names if names is not None else [k for k in first.keys() if first.dtype(k).is_floating_point
@@ -337,9 +340,11 @@ def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shape
 def _checked_layout(names: object, shapes: object) -> tuple[list[str], list[tuple[int, ...]] | None]:
     """Names as a list of distinct strings, and shapes (when given) as one tuple of
     non-negative ints per name: a layout the flat vector can be cut by."""
-    if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(n, str) for n in names):
+    if isinstance(names, str) or not isinstance(names, Iterable):
         raise InvalidArgumentError(f"parameter names must be a list of strings, got {names!r:.80}")
-    names = list(names)
+    names = list(names)  # once: a generator would be used up by the check below
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidArgumentError(f"parameter names must be a list of strings, got {names!r:.80}")
     if len(set(names)) < len(names):
         repeated = next(n for i, n in enumerate(names) if n in names[:i])
         raise InvalidArgumentError(f"parameter name {repeated!r} appears more than once; name each weight once")
