@@ -169,6 +169,13 @@ def test_the_default_embeddings_width_and_depth_are_checked(kw, error, message):
         default_embedding(torch.randn(4, 1, 8), **kw)
 
 
+@pytest.mark.parametrize("dataset", [None, {"x": 1}, 5])
+def test_a_dataset_of_the_wrong_kind_is_named(dataset):
+    # None and 5 raised a bare TypeError from len(), a dict a KeyError
+    with pytest.raises(DistillError, match="the dataset must be a TensorDataset, a pair"):
+        tk.distill.distribution_matching(dataset)
+
+
 def test_ipc_larger_than_the_smallest_class_is_a_named_error():
     x = torch.randn(30, 1, 12)
     y = torch.tensor([0] * 20 + [1] * 10)

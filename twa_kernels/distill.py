@@ -54,6 +54,9 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
     elif isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, Tensor) for t in dataset):
         x, y = dataset
     else:  # a generic map-style dataset of (x, y) pairs: small enough to distill, small enough to stack
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or isinstance(dataset, (str, dict)):
+            raise DistillError(f"the dataset must be a TensorDataset, a pair (x, y) of tensors, or a map-style "
+                               f"dataset of (input, label) pairs, got {type(dataset).__name__}")
         if len(dataset) == 0:
             raise DistillError("the dataset is empty; pass at least one example per class")
         items = [dataset[i] for i in range(len(dataset))]
