@@ -4,6 +4,7 @@ imports form no cycle, and `import twa_kernels` stays free of heavy optional pac
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,53 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_top_level_imports_form_no_cycle():
     assert _cycle(_top_level_graph()) is None, " -> ".join(_cycle(_top_level_graph()) or [])
+
+
+# The rows of docs/design.md's "Where the code is" table, from the bottom: a module imports
+# modules of its own row and of the rows before it in this order, never of a row after it.
+LAYERS = ("shared conventions", "reading and writing", "the ops", "the kernels", "the subspace", "training in it",
+          "methods beside TWA", "entry points")
+DESIGN = PACKAGE.parent / "docs" / "design.md"
+
+
+def _layer_of_each_module() -> dict[str, int]:
+    """Module name -> its row's place in LAYERS, from the table's backticked paths: `a/b.py`
+    names a module, `a/` a package and everything in it."""
+    table = DESIGN.read_text().split("## Where the code is", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in LAYERS:
+            rows[cells[0]] = [p for p in re.findall(r"`([^`]+)`", cells[1]) if p.endswith((".py", "/"))]
+    assert set(rows) == set(LAYERS), f"design.md's table has the rows {sorted(rows)}"
+    layer = {}
+    for name in _modules():
+        path = name.removeprefix("twa_kernels").lstrip(".").replace(".", "/")
+        for rank, title in enumerate(LAYERS):
+            for entry in rows[title]:
+                folder = entry.rstrip("/") if entry.endswith("/") else None
+                if (path + ".py" == entry or (folder and (path == folder or path.startswith(folder + "/")))
+                        or (entry.endswith(".py") and "/" in entry and path == entry.rsplit("/", 1)[0])):
+                    layer.setdefault(name, rank)
+    return layer
+
+
+def test_every_module_imports_only_its_own_row_and_rows_below_in_the_design_table():
+    layer = _layer_of_each_module()
+    unlisted = sorted(set(_modules()) - set(layer) - {"twa_kernels", "twa_kernels.__main__"})
+    assert not unlisted, f"modules missing from docs/design.md's table: {unlisted}"
+    upward = [f"{module} ({LAYERS[layer[module]]}) imports {name} ({LAYERS[layer[name]]})"
+              for module, names in _top_level_graph().items() if module in layer
+              for name in sorted(names) if name in layer and layer[name] > layer[module]]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_layer_scan_reads_the_table_and_places_packages():
+    layer = _layer_of_each_module()
+    assert LAYERS[layer["twa_kernels.io.read"]] == LAYERS[layer["twa_kernels.io"]] == "reading and writing"
+    assert LAYERS[layer["twa_kernels.backends.triton.kernels"]] == "the kernels"
+    assert LAYERS[layer["twa_kernels.geometry.planes"]] == "methods beside TWA"
+    assert LAYERS[layer["twa_kernels.twa"]] == "training in it"
 
 
 def test_the_cycle_scan_finds_a_cycle():
