@@ -55,7 +55,7 @@ def cache_root() -> Path:
     return Path(base) / "twa_kernels"
 
 
-def _cpu_model() -> str:
+def _cpu_identity() -> str:
     """The CPU's name and its feature flags (first core), for the build key: -march=native
     code must not be reused on a CPU with other features under the same name."""
     wanted = ("model name", "flags", "Features")
@@ -82,7 +82,7 @@ def _cpu_build_key(src: Path) -> str:
     for path in sorted([*_cpu_sources(src), *src.glob("*.h"), *(src / "cpu").glob("*.h")]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    for part in (torch.__version__, sys.version, " ".join(CPU_CFLAGS), _cpu_model(), os.environ.get("CXX", "")):
+    for part in (torch.__version__, sys.version, " ".join(CPU_CFLAGS), _cpu_identity(), os.environ.get("CXX", "")):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 

@@ -35,7 +35,7 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names
-from twa_kernels.io.read import (_file_stamp, _non_finite, is_torch_zip, refuse_torch_zip_as_safetensors,
+from twa_kernels.io.read import (_file_stamp, _non_finite_error, is_torch_zip, refuse_torch_zip_as_safetensors,
                                   zip_maps_as_stored)
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ class ColumnReader:
                 with self._range(key, a, min(a + step, n)) as value:
                     ok = bool(finite(value).all())
                 if not ok:
-                    raise _non_finite(self.source, key, self._count_non_finite(key), n)
+                    raise _non_finite_error(self.source, key, self._count_non_finite(key), n)
 
     def columns(self, names: Sequence[str], shapes: Sequence[tuple[int, ...]], start: int, stop: int,
                 aliases: Mapping[str, Sequence[str]] | None = None, out: Tensor | None = None,
@@ -364,7 +364,7 @@ class ColumnReader:
                         target = out[offset + a - start: offset + b - start]
                         target.add_(piece) if add else target.copy_(piece)
                 if not ok:
-                    raise _non_finite(self.source, name, self._count_non_finite(key), n)
+                    raise _non_finite_error(self.source, name, self._count_non_finite(key), n)
             offset += n
             if offset >= stop:
                 break

@@ -12,9 +12,9 @@ to the column owners, projects locally and all-reduces the [k, B] partial sums. 
 2 x W x L + k x B floats, L the largest shard: 2 D + k B up to a padding of fewer than
 W x group_size elements (all_gather_into_tensor needs equal chunks).
 
-`setup` picks the strategy for a TWA and hands back this rank's center and basis; TWA
-registers them as its own buffers. Every rank must hold the same basis: setup all-gathers a
-cheap checksum of it and raises BasisMismatchError naming the ranks that differ (a basis
+`make_strategy` picks the strategy for a TWA and hands back this rank's center and basis;
+TWA registers them as its own buffers. Every rank must hold the same basis: make_strategy
+all-gathers a cheap checksum of it and raises BasisMismatchError naming the ranks that differ (a basis
 built sharded is checked file by file instead, see sharded_build). The collectives that
 every rank joins to check and agree (`agree`, `ranks_unlike_rank0`) are in _collectives.
 
@@ -115,7 +115,7 @@ class Comm:
         return out
 
 
-def setup(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
+def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
           local: tuple[int, int, int, int] | None = None) -> Replicated | Sharded:
     """The strategy for a TWA over `group`. `center` and `basis` are the whole subspace's,
     or, when `local` = (num_cols, num_blocks, b_lo, b_hi) is given, this rank's columns of

@@ -231,7 +231,7 @@ class TWA(nn.Module):
         if process_group is not None:
             local = ((subspace.num_cols, subspace.num_blocks, subspace.b_lo, subspace.b_hi)
                      if isinstance(subspace, ShardedSubspace) else None)
-            self._parallel = sharding.setup(process_group, shard, center, basis, local)
+            self._parallel = sharding.make_strategy(process_group, shard, center, basis, local)
             center, basis, num_blocks = self._parallel.center, self._parallel.basis, self._parallel.num_blocks
         self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, device=basis.device))
         self._averaged: list[Tensor] = []  # the coefficients Parameter whose gradient is averaged

@@ -383,9 +383,9 @@ def check_finite(state: Mapping[str, Tensor], source: str, keys: Sequence[str] |
     for key in state if keys is None else keys:
         value = state[key]
         if (value.is_floating_point() or value.is_complex()) and not bool(finite(value).all()):
-            raise _non_finite(source, key, int((~finite(value)).sum()), value.numel())
+            raise _non_finite_error(source, key, int((~finite(value)).sum()), value.numel())
 
 
-def _non_finite(source: str, key: str, bad: int, numel: int) -> CheckpointError:
+def _non_finite_error(source: str, key: str, bad: int, numel: int) -> CheckpointError:
     return CheckpointError(f"{source}: key {key!r} holds {bad} NaN or Inf value(s) of {numel}; "
                            "leave this checkpoint out (a diverged step?) or repair it")
