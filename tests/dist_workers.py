@@ -556,6 +556,15 @@ def bn_hostile(rank: int, world: int) -> dict:
     finally:
         if saved is not None:
             os.environ["WORLD_SIZE"] = saved
+    # a layer that rank 1's rows never reach, and one that no rank reaches: the first was
+    # restored on rank 1 with its old statistics and batch count (1000), which the all-reduce
+    # then weighed against rank 0's measurement; the second keeps its statistics, with a warning
+    branch_batches = [torch.randn(6, 3, generator=gen).abs().add(0.1) * (1 if r == 0 else -1) for r in range(world)]
+    out["branch"], out["branch_warned"] = _branch_pass(lambda m, c: twa_over(m, c), [branch_batches[rank]],
+                                                       distributed.update_bn)
+    if rank == 0:
+        out["ref_branch"], _ = _branch_pass(lambda m, c: tk.TWA(m, c, bits=4, group_size=GROUP_SIZE),
+                                            branch_batches, lambda data, twa: twa.update_bn(data))
     if rank == 0:  # one process over every rank's batches
         ref_model, ref_ckpts = model_and_checkpoints()
         with torch.no_grad():
@@ -568,6 +577,35 @@ def bn_hostile(rank: int, world: int) -> dict:
         tk.TWA(plain_model, plain_ckpts, bits=4, group_size=GROUP_SIZE).update_bn(everything)
         out["ref_plain"] = _norm_state(plain_model)
     return out
+
+
+class _Branch(torch.nn.Module):
+    """A BatchNorm layer that sees the rows whose first input is positive, and one that the
+    forward never reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.never = torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.lin(x)[x[:, 0] > 0])
+
+
+def _branch_pass(build, batches, update_bn) -> tuple[dict, bool]:
+    """The statistics of a _Branch TWA after update_bn(batches, twa), and whether it warned
+    that a layer saw none of the batches."""
+    torch.manual_seed(0)
+    model = _Branch()
+    ckpts = [{k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v.clone()
+              for k, v in model.state_dict().items()} for _ in range(3)]
+    with torch.no_grad():
+        model.bn.running_mean.fill_(100.0), model.bn.num_batches_tracked.fill_(1000)
+        model.never.running_mean.fill_(7.0), model.never.num_batches_tracked.fill_(5)
+    twa = build(model, ckpts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        update_bn(batches, twa)
+    return _norm_state(model), any("['never'] saw none of the" in str(w.message) for w in caught)
 
 
 def _error_text(fn) -> str | None:

@@ -227,6 +227,12 @@ def test_update_bn_over_ranks_keeps_frozen_layers_and_measures_sync_batchnorm_as
         assert res["bn"]["other_layers"].startswith("InvalidArgumentError: all_reduce_bn_statistics: ranks [1] "
                                                     "measure other BatchNorm layers than rank 0"), res["bn"]
         assert res["bn"]["kept_after_other_layers"]
+    for res in hostile_job:  # reached on rank 0 alone: rank 0's measurement; reached by none: kept, with a warning
+        branch = res["bn"]["branch"]
+        assert res["bn"]["branch_warned"]
+        for key, want in ref["ref_branch"].items():
+            torch.testing.assert_close(branch[key], want, rtol=1e-5, atol=1e-6, msg=key)
+        assert float(branch["never.running_mean"][0]) == 7.0 and int(branch["never.num_batches_tracked"]) == 5
     for res in hostile_job:  # every layer frozen (given as an iterator, read more than once): kept, no error
         assert res["bn"]["all_frozen"] is None and res["bn"]["kept_all_frozen"], res["bn"]["all_frozen"]
     assert hostile_job[1]["bn"]["misspelt_one_rank"].startswith("InvalidArgumentError: update_bn: frozen_norms names "

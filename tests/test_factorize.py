@@ -88,6 +88,7 @@ def test_init_statistics_match_the_truncated_normal(depth, sigma):
     factor = torch.empty(400_000, dtype=torch.float64)
     dwf_init_(factor, sigma, depth, seed=0)
     assert factor.abs().min() > lo and factor.abs().max() < hi
+    assert int((factor.abs() == factor.abs().min()).sum()) < 10  # no pile-up at a clamped bound
     assert abs(float((factor > 0).double().mean()) - 0.5) < 0.01
     # the variance of N(0, s^2) restricted to lo < |x| < hi, by numerical integration
     grid = torch.linspace(lo, hi, 200_001, dtype=torch.float64)

@@ -339,11 +339,44 @@ def test_update_bn_leaves_a_layer_as_it_was_for_an_input_with_no_rows():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
-def test_update_bn_passes_over_a_batchnorm_whose_statistics_were_removed():
-    model = _bn_model()
-    model[1].running_mean = model[1].running_var = None  # normalises with each batch's, in every mode
-    tk.update_bn([torch.randn(8, 64)], model)  # reset_running_stats raised on the missing buffers
-    assert model[1].running_mean is None
+@pytest.mark.parametrize("kind", ["batchnorm reached", "batchnorm unreached", "instancenorm"])
+def test_update_bn_passes_over_a_norm_layer_whose_statistics_were_removed(kind):
+    # reset_running_stats raised on the missing buffers; an InstanceNorm or an unreached layer
+    # then raised KeyError, and a reached BatchNorm's batch count was left changed
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm1d(3, track_running_stats=True) if kind == "instancenorm" else nn.BatchNorm1d(3)
+    norm.running_mean = norm.running_var = None  # normalises with each batch's, in every mode
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), norm)
+    run = (lambda m, x: m[0](x)) if kind == "batchnorm unreached" else None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.update_bn([torch.randn(4, 2, 5) for _ in range(3)], model, call_fn=run)
+    assert norm.running_mean is None and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_update_bn_at_weights_measures_a_layer_registered_under_two_names_into_the_model():
+    # the weights' statistics under the second name were swapped into the layer: the pass
+    # wrote into the caller's weights and left the model's statistics as they were
+    class TwoNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.BatchNorm1d(4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(x)
+
+    torch.manual_seed(0)
+    model, probe = TwoNames(), TwoNames()
+    weights = {k: v.clone() for k, v in TwoNames().state_dict().items()}
+    given = {k: v.clone() for k, v in weights.items()}
+    batches = [torch.randn(8, 4) for _ in range(3)]
+    tk.update_bn(batches, model, weights=weights)
+    tk.update_bn(batches, probe)
+    torch.testing.assert_close(model.a.running_mean, probe.a.running_mean, rtol=0, atol=1e-6)
+    assert all(torch.equal(v, given[k]) for k, v in weights.items())
 
 
 def test_update_bn_leaves_each_submodule_in_the_mode_it_was_in():
@@ -408,7 +441,7 @@ def test_update_bn_leaves_a_frozen_batchnorm_as_it_is_and_measures_the_next_behi
     tk.update_bn(batches, model, frozen_norms=["1"] if how == "frozen_norms" else ())
     assert all(torch.equal(v, first[k]) for k, v in model[1].state_dict().items()), "neither reset nor measured"
     torch.testing.assert_close(model[4].running_mean, _after_frozen_first_norm(model, batches), rtol=0, atol=1e-5)
-    with pytest.raises(tk.errors.InvalidArgumentError, match="frozen_norms names '3', which is not a BatchNorm"):
+    with pytest.raises(tk.errors.InvalidArgumentError, match="frozen_norms names '3', which is not a norm layer"):
         tk.update_bn(batches, model, frozen_norms=["3"])
 
 

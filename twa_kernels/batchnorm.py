@@ -81,7 +81,7 @@ def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[s
                                f"str), got {type(frozen_norms).__name__}")
     unknown = [name for name in frozen if name not in named]
     if unknown:
-        raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a BatchNorm layer "
+        raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a norm layer "
                                    f"of the model (it has e.g. {list(named)[:3]})")
     modes = {m: m.training for m in model.modules()}
     try:
@@ -126,7 +126,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     were, not reset to mean 0 and variance 1 (or half-measured) as if they had been measured.
     `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
     then leave the statistics reset with a batch count of zero, which the all-reduce of
-    distributed.all_reduce_bn_statistics weighs as nothing."""
+    distributed.all_reduce_bn_statistics weighs as nothing, and so does a layer that saw no
+    rows (distributed.update_bn keeps the statistics of a layer no rank reached)."""
     check_module(model, "update_bn's model")
     flag("update_bn's allow_empty", allow_empty)
     if not isinstance(loader, Iterable) or isinstance(loader, (Tensor, str, Mapping)):
@@ -174,7 +175,9 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
         m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
     norms = [m for m in measured.values() if holds_statistics(m)]
     momenta = {m: m.momentum for m in norms}
-    saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms}
+    # every measured layer's buffers: one without statistics (running_mean set to None) still
+    # counts its batches in train mode, which the pass must not leave changed
+    saved = {m: {k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in measured.values()}
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
@@ -195,22 +198,19 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             raise NoBatchesError(f"update_bn: the loader yielded no batches, so there are no statistics to "
                                        f"measure (they are left as they were); {fix}")
         # a layer the pass never reached (used by a training_step, not by forward) was reset
-        # and measured nothing: it keeps its statistics, and the caller is told how to reach it
-        unreached = [name for name, m in measured.items() if m.track_running_stats and count
-                     and int(m.num_batches_tracked) == 0]
-        for name in unreached:
-            for k, b in saved[measured[name]].items():
-                getattr(measured[name], k).copy_(b)
+        # and measured nothing: it keeps its statistics, and the caller is told how to reach it.
+        # One rank of a distributed pass (allow_empty) leaves it reset with a count of 0, which
+        # the all-reduce weighs as nothing; distributed.update_bn keeps the statistics of a
+        # layer that no rank reached.
+        unreached = {name: m for name, m in measured.items() if m in saved and holds_statistics(m) and count
+                     and int(m.num_batches_tracked) == 0 and not allow_empty}
+        for m in [*unreached.values(), *(m for m in measured.values() if not holds_statistics(m))]:
+            _restore(m, saved[m])
         if unreached:
-            warnings.warn(f"update_bn: the BatchNorm layer(s) {unreached[:5]} saw none of the {count} batches (the "
-                          "pass runs the model's forward, which does not reach them, or reaches them with no rows), "
-                          "so they keep the statistics "
-                          "they had; pass call_fn(model, batch) that runs the model as it trains (for the Lightning "
-                          "callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=3)
+            warn_unreached(list(unreached), count)
     except BaseException:
-        for m in norms:  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
-            for k, b in saved[m].items():
-                getattr(m, k).copy_(b)
+        for m in measured.values():  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
+            _restore(m, saved[m])
         raise
     finally:
         for hook in hooks:
@@ -221,6 +221,20 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             m.momentum = momenta[m]
         for m, training in modes.items():  # model.train(flag) would set one mode on every submodule
             m.training = training
+
+
+def _restore(norm: nn.Module, buffers: Mapping[str, Tensor]) -> None:
+    for k, b in buffers.items():
+        getattr(norm, k).copy_(b)
+
+
+def warn_unreached(names: list[str], count: int) -> None:
+    """Name the norm layers a pass over `count` batches never reached, which keep the
+    statistics they had."""
+    warnings.warn(f"update_bn: the norm layer(s) {names[:5]} saw none of the {count} batches (the pass runs the "
+                  "model's forward, which does not reach them, or reaches them with no rows), so they keep the "
+                  "statistics they had; pass call_fn(model, batch) that runs the model as it trains (for the "
+                  "Lightning callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=4)
 
 
 @contextmanager
@@ -266,7 +280,9 @@ def _model_weights(model: nn.Module, weights: Mapping[str, Tensor], norms: Mappi
             raise InvalidArgumentError(f"update_bn: weights[{key!r}] is {value.dtype} on {value.device} but the "
                                        f"model's tensor is {own[key].dtype} on {own[key].device}; pass weights with "
                                        f"values, in the model's dtypes and on its device (value.to(...))")
-    statistics = {f"{name}.{stat}" if name else stat for name in norms for stat in _STATISTICS}
+    measured = set(norms.values())  # every name of each: a layer registered twice has its statistics under both
+    statistics = {f"{name}.{stat}" if name else stat for name, m in model.named_modules(remove_duplicate=False)
+                  if m in measured for stat in _STATISTICS}
     held = {key: value for key, value in weights.items() if key not in statistics}
     for names in parameter_aliases(model).values():
         given = [name for name in names if name in held]

@@ -42,7 +42,7 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableD
 
 from twa_kernels._checks import check_module
 from twa_kernels._random import check_seed
-from twa_kernels.batchnorm import NoBatchesError, holds_statistics, is_norm, measured_norms
+from twa_kernels.batchnorm import NoBatchesError, holds_statistics, is_norm, measured_norms, warn_unreached
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.io import write_json
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
@@ -230,6 +230,15 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
         raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
                                    "statistics to measure (they are left as they were); pass each rank its share "
                                    "of the training data, as a list or DataLoader that is not used up")
+    # a layer no rank's pass reached measured nothing: it keeps its statistics, as in one process
+    measured = _measured_bn(twa.module, frozen_norms)
+    unreached = [name for name, m in measured.items() if int(m.num_batches_tracked) == 0]
+    if unreached:
+        buffers_of = dict(zip(norms, saved))
+        for name in unreached:
+            for k, b in buffers_of[measured[name]].items():
+                getattr(measured[name], k).copy_(b)
+        warn_unreached(unreached, batches)
 
 
 def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:

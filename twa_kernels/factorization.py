@@ -256,7 +256,7 @@ def _dwf_init(factor: Tensor, sigma_w: float, depth: int, eps: float, generator:
         # a band near 0: the normal CDF there is 0.5 plus less than float64 keeps, so its
         # inverse gave every factor the band's lower end; erf keeps the digits near 0
         e_lo, e_hi = math.erf(lo / s / math.sqrt(2)), math.erf(hi / s / math.sqrt(2))
-        mag = s * math.sqrt(2) * torch.special.erfinv(e_lo + u * (e_hi - e_lo)).clamp_(lo / s, hi / s)
+        mag = s * (math.sqrt(2) * torch.special.erfinv(e_lo + u * (e_hi - e_lo))).clamp_(lo / s, hi / s)
     else:
         normal = torch.distributions.Normal(0.0, 1.0)
         c_lo = normal.cdf(torch.tensor(lo / s, dtype=torch.float64))
