@@ -36,7 +36,8 @@ def _lib():
 
 
 @register_kernel("project", "cpp")
-def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+def project(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int,
+            group_size: int) -> Tensor:
     y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
     _lib().project_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
@@ -46,7 +47,8 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 
 @register_kernel("project_pieces", "cpp")
-def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+def project_pieces(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor],
+                   bits: int, group_size: int) -> Tensor:
     y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
     _lib().project_pieces_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
@@ -56,7 +58,8 @@ def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size)
 
 
 @register_kernel("project_int8", "cpp")
-def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+def project_int8(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor],
+                 bits: int, group_size: int) -> Tensor:
     y = torch.empty(codes.shape[0], block_offsets.numel() - 1, dtype=torch.float32)
     _lib().project_int8_pieces_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
@@ -66,8 +69,8 @@ def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -
 
 
 @register_kernel("reconstruct_into", "cpp")
-def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
-                     out: Tensor) -> None:
+def reconstruct_into(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                     center: Optional[Tensor], bits: int, group_size: int, out: Tensor) -> None:
     # the kernel reads center in its dtype and writes out in its own: a cast costs no pass
     _lib().reconstruct_out(
         codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
@@ -77,7 +80,8 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
 
 
 @register_kernel("reconstruct", "cpp")
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+def reconstruct(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                center: Optional[Tensor], bits: int, group_size: int, num_cols: int) -> Tensor:
     out = empty_huge((num_cols,), center.dtype if center is not None else torch.float32)
     reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out

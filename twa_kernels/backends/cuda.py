@@ -28,7 +28,8 @@ def _stream(device: torch.device) -> int:
 
 @register_kernel("project", "cuda")
 @on_tensors_device
-def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+def project(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int,
+            group_size: int) -> Tensor:
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
     exact = torch.are_deterministic_algorithms_enabled()
     # float64 sums: a block may hold millions of runs, too many terms for a float32 sum
@@ -42,8 +43,8 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 @register_kernel("reconstruct_into", "cuda")
 @on_tensors_device
-def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
-                     out: Tensor) -> None:
+def reconstruct_into(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                     center: Optional[Tensor], bits: int, group_size: int, out: Tensor) -> None:
     # the kernel reads center in its dtype and writes out in its own: a cast costs no pass
     _lib().reconstruct_out(codes.contiguous(), scales.contiguous(), mins.contiguous(), block_offsets.contiguous(),
                            x.to(torch.float32).contiguous(), None if center is None else center.contiguous(),
@@ -52,7 +53,8 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
 
 @register_kernel("reconstruct", "cuda")
 @on_tensors_device
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+def reconstruct(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                center: Optional[Tensor], bits: int, group_size: int, num_cols: int) -> Tensor:
     out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
     reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out

@@ -20,7 +20,8 @@ from twa_kernels.quant import QuantizedBasis, dequantize, round_groups_int8, unr
 _CHUNK_ELEMENTS = 1 << 22  # basis elements dequantised at a time
 
 
-def _basis(codes, scales, mins, block_offsets, bits, group_size, num_cols) -> QuantizedBasis:
+def _basis(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int, group_size: int,
+           num_cols: int) -> QuantizedBasis:
     return QuantizedBasis(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
 
 
@@ -36,7 +37,8 @@ def _column_chunks(qb: QuantizedBasis) -> Iterator[tuple[int, int, Tensor]]:
 
 
 @register_kernel("project", "reference")
-def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+def project(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int,
+            group_size: int) -> Tensor:
     """y[r, b] = sum over the columns j of block b of p^[r, j] g[j], float32 [k, B]."""
     qb = _basis(codes, scales, mins, block_offsets, bits, group_size, g.numel())
     y = torch.zeros(qb.k, qb.num_blocks, dtype=torch.float64, device=g.device)
@@ -47,13 +49,15 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 
 @register_kernel("project_pieces", "reference")
-def project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+def project_pieces(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor],
+                   bits: int, group_size: int) -> Tensor:
     """project of the pieces concatenated (flattened) in order."""
     return project(codes, scales, mins, block_offsets, torch.cat([p.reshape(-1) for p in pieces]), bits, group_size)
 
 
 @register_kernel("project_int8", "reference")
-def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -> Tensor:
+def project_int8(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor],
+                 bits: int, group_size: int) -> Tensor:
     """project of the concatenated pieces rounded to int8 per basis group
     (quant.round_groups_int8) and scaled back."""
     g = torch.cat([p.reshape(-1) for p in pieces])
@@ -62,8 +66,8 @@ def project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size) -
 
 
 @register_kernel("reconstruct_into", "reference")
-def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
-                     out: Tensor) -> None:
+def reconstruct_into(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                     center: Optional[Tensor], bits: int, group_size: int, out: Tensor) -> None:
     """out[j] = center[j] + sum_r p^[r, j] x[r, block(j)] (no center: 0), summed in float64
     and rounded once to out's dtype; out may be the center itself."""
     qb = _basis(codes, scales, mins, block_offsets, bits, group_size, out.numel())
@@ -76,7 +80,8 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
 
 
 @register_kernel("reconstruct", "reference")
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+def reconstruct(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                center: Optional[Tensor], bits: int, group_size: int, num_cols: int) -> Tensor:
     """reconstruct_into a new tensor of num_cols elements, in the center's dtype (else float32)."""
     out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
     reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)

@@ -95,7 +95,8 @@ def _metadata(codes: Tensor, scales: Tensor, mins: Tensor, bits: int) -> tuple[T
 
 @register_kernel("project", "triton")
 @on_tensors_device
-def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
+def project(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int,
+            group_size: int) -> Tensor:
     k, num_cols, n_blocks = codes.shape[0], g.numel(), block_offsets.numel() - 1
     layout = _Layout(k, num_cols, bits, group_size, n_blocks)
     codes, g, offsets = codes.contiguous(), g.contiguous(), block_offsets.contiguous()
@@ -122,8 +123,8 @@ def project(codes, scales, mins, block_offsets, g, bits, group_size) -> Tensor:
 
 @register_kernel("reconstruct_into", "triton")
 @on_tensors_device
-def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size,
-                     out: Tensor) -> None:
+def reconstruct_into(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                     center: Optional[Tensor], bits: int, group_size: int, out: Tensor) -> None:
     # the kernel loads center in its dtype and stores in out's: a cast costs no pass
     num_cols = out.numel()
     k, n_blocks = codes.shape[0], block_offsets.numel() - 1
@@ -141,7 +142,8 @@ def reconstruct_into(codes, scales, mins, block_offsets, x, center: Optional[Ten
 
 @register_kernel("reconstruct", "triton")
 @on_tensors_device
-def reconstruct(codes, scales, mins, block_offsets, x, center: Optional[Tensor], bits, group_size, num_cols) -> Tensor:
+def reconstruct(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                center: Optional[Tensor], bits: int, group_size: int, num_cols: int) -> Tensor:
     out = torch.empty(num_cols, dtype=center.dtype if center is not None else torch.float32, device=x.device)
     reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
     return out
