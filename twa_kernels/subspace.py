@@ -172,7 +172,8 @@ def _check_aliases(aliases: object) -> None:
             isinstance(name, str) and isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
             for name, names in aliases.items()):
         raise InvalidTypeError(f"parameter aliases must map each name to a list of its state_dict names "
-                               f"(io.parameter_aliases(model) makes them), got {type(aliases).__name__} {aliases!r:.80}")
+                               f"(io.parameter_aliases(model) makes them), got {type(aliases).__name__} "
+                               f"{aliases!r:.80}")
 
 
 class Subspace:
