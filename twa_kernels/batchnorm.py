@@ -202,7 +202,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
         # One rank of a distributed pass (allow_empty) leaves it reset with a count of 0, which
         # the all-reduce weighs as nothing; distributed.update_bn keeps the statistics of a
         # layer that no rank reached.
-        unreached = {name: m for name, m in measured.items() if m in saved and holds_statistics(m) and count
+        unreached = {name: m for name, m in measured.items() if holds_statistics(m) and count
                      and int(m.num_batches_tracked) == 0 and not allow_empty}
         for m in [*unreached.values(), *(m for m in measured.values() if not holds_statistics(m))]:
             _restore(m, saved[m])
