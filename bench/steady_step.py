@@ -7,7 +7,7 @@ Each worker process builds a ResNet-18-shaped basis (11.7M weights, k = 16, 4-bi
 block per tensor), measures the copy bandwidth (a 256 MiB tensor copy, median of 10), then
 times every call of the fused step from the first one: project a gradient, step the
 coefficients, reconstruct the weights into the workspace the way tk.TWA's forward does
-(twa._Workspace, allocated and its pages touched when the TWA is built). Loading the
+(`_memory.Workspace`, allocated and its pages touched when the TWA is built). Loading the
 compiled kernels, once per process, is timed apart on a tiny basis. It reports:
 
 - steady: the median of calls 11..N, and its fraction of the copy bandwidth (the step's
@@ -77,7 +77,7 @@ def worker(calls: int) -> dict:
     from conftest import on_huge_pages, random_packed_basis
     from shapes import MODELS
     from twa_kernels._memory import empty_huge
-    from twa_kernels.twa import _Workspace
+    from twa_kernels._memory import Workspace
 
     sizes = MODELS["resnet18"]()
     qb = random_packed_basis(K, sizes, BITS)
@@ -85,7 +85,7 @@ def worker(calls: int) -> dict:
     g = torch.randn(d)  # autograd's gradient: on ordinary pages
     center = empty_huge((d,), torch.float32).normal_()  # on huge pages, as tk.TWA's center is
     x = torch.zeros(K, qb.num_blocks)
-    workspace = _Workspace()
+    workspace = Workspace()
     workspace.prepare(d, torch.float32, center.device)  # as tk.TWA's constructor does
     copy = _copy_bandwidth()
     # Loading the compiled kernels (a once-per-process import, not a property of the step)

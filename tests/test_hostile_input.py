@@ -648,16 +648,16 @@ def test_a_checkpoint_rewritten_between_the_build_and_the_frozen_read_is_named(t
     # checkpoint in between pinned them to another state than the basis's
     paths = [tk.save_state_dict(state, tmp_path / f"c{i}.safetensors")
              for i, state in enumerate(_fine_tunes(_Backbone()))]
-    original = twa_module._check_model_fits
+    original = twa_module.check_model_fits
 
     def rewrite_then_check(*args):
         tk.save_state_dict(_fine_tunes(_Backbone(), k=1)[0], paths[2])
         return original(*args)
 
-    monkeypatch.setattr(twa_module, "_check_model_fits", rewrite_then_check)
+    monkeypatch.setattr(twa_module, "check_model_fits", rewrite_then_check)
     with pytest.raises(CheckpointError, match=r"c2.safetensors: changed after the subspace was built"):
         tk.TWA(_Backbone(), paths, bits=4, group_size=64)
-    monkeypatch.setattr(twa_module, "_check_model_fits", original)
+    monkeypatch.setattr(twa_module, "check_model_fits", original)
     assert sorted(tk.TWA(_Backbone(), paths, bits=4, group_size=64).frozen_names) == ["body.weight", "steps"]
 
 

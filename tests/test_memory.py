@@ -160,9 +160,8 @@ def test_a_twa_step_holds_its_weight_gradients_until_the_next_backward(monkeypat
     import torch.nn.functional as F
 
     import twa_kernels as tk
-    from twa_kernels import twa as twa_module
 
-    monkeypatch.setattr(twa_module, "gradients_to_hold", lambda grads: [g for g in grads if g is not None])
+    monkeypatch.setattr(_memory, "gradients_to_hold", lambda grads: [g for g in grads if g is not None])
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     states = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]

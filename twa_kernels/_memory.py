@@ -1,6 +1,7 @@
 """Hints to the operating system about memory the library owns (give pages back, ask for
-huge pages), and keep_freed_memory, the allocator setting a training process may ask for.
-All are advisory and return False (or do nothing) where the OS or libc does not offer them
+huge pages); keep_freed_memory, the allocator setting a training process may ask for; and
+Workspace, the buffer TWA's forward writes its weights into and reuses. The hints are
+advisory and return False (or do nothing) where the OS or libc does not offer them
 (non-Linux, no glibc): results never depend on them, only memory and speed."""
 
 from __future__ import annotations
@@ -125,3 +126,54 @@ def keep_freed_memory() -> bool:
     global _heap_kept
     _heap_kept = bool(call(_M_TRIM_THRESHOLD, _KEEP_THRESHOLD))
     return _heap_kept
+
+
+class Workspace:
+    """The reused buffer of TWA's forward, the weights it writes. It is handed out again
+    only after a backward pass has freed the graph of the forward that filled it (or at
+    once when no graph was recorded); while a graph still needs it (before its backward, or
+    kept by retain_graph=True or create_graph=True), the next forward gets a fresh buffer,
+    which then becomes the workspace. So a second forward before the first backward works,
+    and so does a second backward through a retained graph. Every write bumps the buffer's
+    version counter, so a graph that saved its weights and outlived them raises PyTorch's
+    in-place error instead of using wrong weights."""
+
+    def __init__(self):
+        self.buffer: Tensor | None = None
+        self.busy = False
+        self.generation = 0
+        self.held: list[Tensor] = []  # the last backward's weight gradients (hold_gradients)
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device,
+             record: bool) -> tuple[Tensor, Callable[[], None]]:
+        """(buffer, release): the weights' buffer, and the call that frees it for reuse."""
+        buffer = self.buffer
+        if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
+            # huge pages asked for first, then touched here by a parallel fill, once, not
+            # by the kernel's first write (page faults made a fresh output cost 2-3x)
+            with torch.inference_mode(False):  # a buffer made in inference mode could never be trained through
+                self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
+            self.generation += 1
+        self.busy = record
+        if not record:  # evaluation: no backward follows soon to take the held memory's place
+            self.drop_gradients()
+        generation = self.generation
+        return buffer, lambda: self._release(generation)
+
+    def hold_gradients(self, grads: Sequence[Tensor | None]) -> None:
+        """Hold a backward's weight gradients until the next backward's, dropping the ones
+        held before: as SGD's .grad lives from one step to the next, so that the allocator
+        reuses their memory instead of giving it back and faulting it in again
+        (_memory.gradients_to_hold says which are worth it)."""
+        self.held = gradients_to_hold(grads)
+
+    def drop_gradients(self) -> None:
+        self.held = []
+
+    def prepare(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the weights' buffer ahead of the first forward."""
+        self.take(numel, dtype, device, record=False)
+
+    def _release(self, generation: int) -> None:
+        if generation == self.generation:  # a late backward of a replaced buffer frees nothing
+            self.busy = False

@@ -57,18 +57,20 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
 from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
-from twa_kernels._memory import empty_huge, gradients_to_hold
-from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
-from twa_kernels.columns import ColumnReader
+from twa_kernels._memory import Workspace
+from twa_kernels._twa_setup import (DefaultInt, DefaultStr, all_zero, check_model_fits, given_settings,
+                                    pinned_values, subspace_for, trainable_parameters)
+from twa_kernels._twa_state import check_loaded_state, record_shard
+from twa_kernels.batchnorm import has_running_statistics, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
-from twa_kernels.io import Checkpoints, parameter_aliases, resolve_checkpoints, unwrap_model
+from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
-from twa_kernels.quant import QuantizedBasis, basis_meta, block_offsets_from_sizes, dequantize
-from twa_kernels.sharded_build import ShardedSubspace, build_shard
-from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
+from twa_kernels.quant import QuantizedBasis, dequantize
+from twa_kernels.sharded_build import ShardedSubspace
+from twa_kernels.subspace import Subspace
 
 # TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
 # never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
@@ -86,23 +88,6 @@ def _refuse_inference_mode(what: str, fix: str) -> None:
                          f"(they record no gradients or versions); {fix}, and use inference_mode for evaluating it")
 
 
-class _DefaultInt(int):
-    """A default argument that `is` tells apart from the same number passed explicitly:
-    TWA refuses a setting given beside a built subspace, and only one that was given."""
-    __repr__ = int.__repr__  # the signature shows the number
-
-
-class _DefaultStr(str):
-    """As _DefaultInt, for a string default."""
-    __repr__ = str.__repr__
-
-
-def _given_settings(**settings: Any) -> tuple[set[str], dict[str, Any]]:
-    """The names of the settings passed explicitly, and every setting as a plain value."""
-    given = {name for name, value in settings.items() if not isinstance(value, (_DefaultInt, _DefaultStr))}
-    plain = {name: int(value) if isinstance(value, _DefaultInt) else str(value) if isinstance(value, _DefaultStr)
-             else value for name, value in settings.items()}
-    return given, plain
 
 
 class TWA(nn.Module):
@@ -126,9 +111,9 @@ class TWA(nn.Module):
         self,
         model: nn.Module,
         checkpoints_or_subspace: Checkpoints | Subspace,
-        bits: int | None = _DefaultInt(4),
-        granularity: str | int = _DefaultStr("tensor"),
-        group_size: int = _DefaultInt(128),
+        bits: int | None = DefaultInt(4),
+        granularity: str | int = DefaultStr("tensor"),
+        group_size: int = DefaultInt(128),
         progress: bool | None = None,
         process_group: Any = None,
         shard: bool = False,
@@ -136,7 +121,7 @@ class TWA(nn.Module):
     ):
         super().__init__()
         _refuse_inference_mode("TWA(...)", "build the TWA outside it")
-        given, settings = _given_settings(bits=bits, granularity=granularity, group_size=group_size)
+        given, settings = given_settings(bits=bits, granularity=granularity, group_size=group_size)
         bits, granularity, group_size = settings["bits"], settings["granularity"], settings["group_size"]
         check_module(model, "TWA's model (the network the checkpoints were saved from)")
         if shard and process_group is None:
@@ -146,37 +131,7 @@ class TWA(nn.Module):
         model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
 
         def check_args() -> list[tuple[str, nn.Parameter]]:
-            check_build_args(bits, group_size, granularity)
-            if not isinstance(int8_gradients, bool):
-                raise InvalidArgumentError(f"int8_gradients must be True or False, got {int8_gradients!r}")
-            # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
-            # averaged in the subspace: they are pinned to their checkpoint value (see _pinned_values).
-            meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-            if meta is not None:
-                raise InvalidArgumentError(f"the model's {meta!r} is on the meta device, which holds no values: TWA "
-                                           "lends the model weights and runs it; build the model on a real device "
-                                           "(or model.to_empty(device=...) and load a checkpoint into it)")
-            lazy = next((name for name, t in [*model.named_parameters(), *model.named_buffers()]
-                         if nn.parameter.is_lazy(t)), None)
-            if lazy is not None:
-                raise InvalidArgumentError(f"the model's {lazy!r} belongs to a lazy layer (LazyLinear, LazyConv...), "
-                                           "which has no shape until it first runs; run one forward pass of the "
-                                           "model on a batch before building TWA")
-            trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-            hooked = [name for name, p in trainable if p._backward_hooks or p._post_accumulate_grad_hooks]
-            if hooked:  # TWA's weights are other tensors: a hook on the model's Parameter never runs
-                warnings.warn(f"the model's parameter(s) {hooked[:5]} have gradient hooks (register_hook, "
-                              "register_post_accumulate_grad_hook), which TWA's forward does not run: it lends the "
-                              "model other tensors and trains the coefficients; mask or scale the loss instead, or "
-                              "freeze the parameter (requires_grad=False) to keep it at its checkpoint value",
-                              UserWarning, stacklevel=3)
-            if next(model.parameters(), None) is None:
-                raise InvalidArgumentError(f"the model ({type(model).__name__}) has no parameters, so TWA has nothing "
-                                           "to average; pass the network the checkpoints were saved from")
-            if not trainable:
-                raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing "
-                                           "to average; set requires_grad=True on the parameters to train")
-            return trainable
+            return trainable_parameters(model, bits, granularity, group_size, int8_gradients)
         # under a process group, arguments refused on one rank stop every rank here, rather
         # than leaving the others in the build's collectives until the timeout
         trainable = check_args() if process_group is None else _collectives.agree(check_args, process_group,
@@ -194,18 +149,18 @@ class TWA(nn.Module):
                     f"{', '.join(f'{k}={v!r}' for k, v in settings.items())}): build the TWA with the same arguments "
                     "on every rank")
         aliases = parameter_aliases(model)
-        subspace = _subspace(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
+        subspace = subspace_for(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
                              bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
 
         def check_and_pin() -> list[Tensor]:
-            _check_model_fits(model, subspace, frozen, int8_gradients)
+            check_model_fits(model, subspace, frozen, int8_gradients)
             if isinstance(checkpoints_or_subspace, Subspace) and frozen:
                 warnings.warn(f"TWA built from a Subspace pins the model's {len(frozen)} frozen parameter(s) (e.g. "
                               f"{frozen[0][0]!r}) to the model's own values, which a Subspace does not hold; load "
                               "the checkpoints' values into the model first if they differ", UserWarning,
                               stacklevel=3)
-            return _pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
+            return pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
                                   else checkpoints_or_subspace, aliases, subspace.source_stamps)
         # under a process group, a rank whose model does not fit fails every rank with its error
         pinned = check_and_pin() if process_group is None else _collectives.agree(check_and_pin, process_group,
@@ -223,7 +178,7 @@ class TWA(nn.Module):
         self.orthonormal = bool(getattr(subspace, "orthonormal", False))  # a sharded build never orthonormalises
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
-        if not isinstance(subspace, ShardedSubspace) and _all_zero(basis):
+        if not isinstance(subspace, ShardedSubspace) and all_zero(basis):
             warnings.warn("every checkpoint holds the same weights, so the subspace is that one point and the "
                           "coefficients have no direction to train; pass checkpoints that differ (is one state_dict "
                           "listed several times?)", UserWarning, stacklevel=2)
@@ -241,7 +196,7 @@ class TWA(nn.Module):
         self.register_buffer("center", center.clone() if center.is_inference() else center)
         for key, value in basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value.clone() if value.is_inference() else value)
-        self._workspace = _Workspace()
+        self._workspace = Workspace()
         self._lent = LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
         self._ddp_params_and_buffers_to_ignore = list(BASIS_BUFFERS)
@@ -249,9 +204,9 @@ class TWA(nn.Module):
             # allocated (and its pages touched) now, so the first training step does not pay for it
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         self._bn_key: tuple | None = None  # the weights update_bn last measured statistics at
-        self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
+        self._register_load_state_dict_pre_hook(check_loaded_state, with_module=True)
         if self._sharded:  # which columns this rank's state holds, checked when it is loaded
-            self._register_state_dict_hook(_record_shard)
+            self._register_state_dict_hook(record_shard)
 
     @property
     def parallel(self) -> sharding.Replicated | sharding.Sharded | None:
@@ -365,7 +320,7 @@ class TWA(nn.Module):
             # nn.Module._apply casts the gradient with its parameter: a float64 gradient on float32
             # coefficients broke the optimizer's next step, and .half() there and back rounded it
             self.coefficients.grad = gradient.to(grad.device)
-        self._workspace = _Workspace()
+        self._workspace = Workspace()
         if not self._sharded:
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         return self
@@ -615,161 +570,6 @@ class TWA(nn.Module):
         self._bn_key = self._weights_key()
 
 
-def _check_settings_of(subspace: Subspace, numels: list[int], given: set[str], bits: int | None,
-                       granularity: str | int, group_size: int) -> None:
-    """A setting given beside a built subspace (`given`: passed, even at TWA's default value)
-    must be the subspace's own: it cannot change how that basis was built, and taking it
-    silently would train at another bit width than the one asked for."""
-    basis = subspace.basis
-    if "bits" in given and bits != basis.bits:
-        raise InvalidArgumentError(f"bits={bits!r} was given with a subspace built with bits={basis.bits!r}; bits "
-                                   "applies when TWA builds from checkpoints: rebuild the subspace with it, or drop it")
-    if "group_size" in given and basis.bits is not None and group_size != basis.group_size:
-        raise InvalidArgumentError(f"group_size={group_size!r} was given with a subspace built with group_size="
-                                   f"{basis.group_size}; rebuild the subspace with it, or drop it")
-    if "granularity" in given and not torch.equal(
-            block_offsets_from_sizes(block_sizes_for(numels, granularity), sum(numels)), basis.block_offsets.cpu()):
-        raise InvalidArgumentError(f"granularity={granularity!r} was given with a subspace of {basis.num_blocks} "
-                                   "blocks in another layout; rebuild the subspace with it, or drop it")
-
-
-def _subspace(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Parameter]],
-              aliases: dict[str, list[str]], process_group: Any, shard: bool, given: set[str],
-              **build_args: Any) -> Subspace:
-    """The subspace TWA trains in: the one given (whose settings must match the `given`
-    ones), or one built from checkpoints for the `trainable` parameters (this rank's
-    columns only when sharded)."""
-    names, shapes = [n for n, _ in trainable], [tuple(p.shape) for _, p in trainable]
-    if isinstance(source, Subspace):
-        def check() -> Subspace:
-            if not bool(torch.isfinite(source.center).all()):  # from_checkpoints checks its own
-                raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
-                                           "build it from finite checkpoints")
-            _check_settings_of(source, [math.prod(s) for s in shapes], given, build_args["bits"],
-                               build_args["granularity"], build_args["group_size"])
-            return source
-        # under a process group, a subspace refused on one rank stops every rank with the reason
-        return check() if process_group is None else _collectives.agree(check, process_group, "checking its subspace")
-    if shard:  # each rank reads its own columns of the checkpoints only
-        return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)
-
-    def build() -> Subspace:
-        return Subspace.from_checkpoints(source, parameter_names=names, parameter_shapes=shapes,
-                                         parameter_aliases=aliases, **build_args)
-    # under a process group, a rank that fails here takes every rank down with its error
-    return build() if process_group is None else _collectives.agree(build, process_group, "building its subspace")
-
-
-def _check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[str, nn.Parameter]],
-                      int8_gradients: bool) -> None:
-    """The subspace spans exactly the trainable parameters of `model`, in their shapes, and
-    int8_gradients has groups to round in."""
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    for name, shape in zip(subspace.names, subspace.shapes):
-        if shapes.get(name) != shape:
-            raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
-    frozen_names, spanned = {n for n, _ in frozen}, set(subspace.names)
-    unspanned = [name for name in shapes if name not in frozen_names and name not in spanned]
-    if unspanned:
-        raise InvalidArgumentError(f"the subspace does not span {len(unspanned)} trainable parameter(s) of the model "
-                                   f"(first: {unspanned[0]!r}), which TWA would leave unaveraged while training "
-                                   "them; build the subspace over every trainable parameter, or freeze these "
-                                   "(requires_grad_(False)) so TWA keeps their current values")
-    trained_frozen = sorted(set(subspace.names) & frozen_names)
-    if trained_frozen:
-        raise InvalidArgumentError(f"the subspace spans {trained_frozen[0]!r}, which has requires_grad=False in the "
-                                   "model, so TWA would move a frozen parameter; build the subspace without it "
-                                   "(Subspace.from_checkpoints(..., parameter_names=[...]))")
-    if int8_gradients and subspace.basis.bits is None:
-        raise InvalidArgumentError("int8_gradients=True rounds the weight gradient per basis group, and a "
-                                   "dense basis (bits=None) has no groups; use bits 1, 2, 4 or 8, or "
-                                   "int8_gradients=False")
-
-
-def _buffers_to_compare(model: nn.Module) -> dict[str, Tensor]:
-    """The model's floating-point buffers that its checkpoints hold, BatchNorm statistics aside
-    (update_bn recomputes those): TWA averages parameters and runs the model with its own
-    buffers, so weights trained beside other values of these (a decorrelation matrix
-    decor_R, a learned-then-frozen scale) meet the wrong ones."""
-    norms = tuple(f"{name}." if name else "" for name in running_norms(model))
-    persistent = model.state_dict().keys()
-    return {name: b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()
-            and not any(name.startswith(n) and "." not in name[len(n):] for n in norms)}
-
-
-def _warn_buffers_differ(differ: dict[str, str]) -> None:
-    """differ: {buffer name: the first checkpoint holding another value of it}."""
-    name, source = next(iter(differ.items()))
-    warnings.warn(f"{source} holds other values of the model's buffer {name!r} than the model "
-                  f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
-                  "the model with its own buffers. Load the buffers the weights were trained with into the model "
-                  "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning, stacklevel=5)
-
-
-def _all_zero(basis: QuantizedBasis) -> bool:
-    """Whether every row of the basis is zero (a group's value is code * scale + min)."""
-    if basis.bits is None:
-        return not bool(basis.codes.any())
-    return not bool(basis.scales.any()) and not bool(basis.mins.any())
-
-
-def _pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
-                   aliases: dict[str, list[str]], stamps: list[tuple | None] | None = None) -> list[Tensor]:
-    """The value each frozen parameter keeps under TWA: its checkpoint value. Floating-point
-    ones are the checkpoints' mean, summed in float64, so checkpoints that agree (as a frozen
-    tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
-    built from a Subspace) the model's own values. Whole tensors are read, one at a time.
-    The same pass compares the checkpoints' buffers with the model's (_buffers_to_compare)
-    and warns where they differ. `stamps` are the files' stamps when the subspace was built
-    from them: a file rewritten since would pin values of another state than the basis's."""
-    if checkpoints is None:
-        return [p.detach().clone() for _, p in frozen]
-    buffers = _buffers_to_compare(model)
-    if not frozen and not buffers:
-        return []
-    specs = resolve_checkpoints(checkpoints)
-    all_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    totals: list[Tensor | None] = [None] * len(frozen)
-    differ: dict[str, str] = {}
-    for i, spec in enumerate(specs):
-        reader = ColumnReader(spec, i, names=all_names)
-        if stamps is not None and stamps[i] is not None and reader.stamp != stamps[i]:
-            raise CheckpointError(f"{reader.source}: changed after the subspace was built from it (its size, "
-                                  "modification time or inode moved), so its frozen parameters would come from "
-                                  "another state than the basis; build once it is no longer being written, or "
-                                  "from a copy")
-        for name, own in buffers.items():
-            key = reader.key(name)
-            if name in differ or key is None or reader.shape(key) != tuple(own.shape):
-                continue
-            if not torch.equal(reader.tensor(key).to(device=own.device, dtype=own.dtype), own):
-                differ[name] = reader.source
-        for j, (name, param) in enumerate(frozen):
-            key = reader.key(name, aliases.get(name, ()))
-            if key is None:
-                raise CheckpointError(f"{reader.source}: missing key {name!r} (a frozen parameter of the model, "
-                                      "pinned to its checkpoint value); was it saved from the same model?")
-            if reader.shape(key) != tuple(param.shape):  # before reading: the file's claim may be huge
-                raise CheckpointError(f"{reader.source}: key {name!r} has shape {reader.shape(key)} but the model's "
-                                      f"frozen parameter has {tuple(param.shape)}")
-            value = reader.tensor(key)
-            if value.is_floating_point() != param.is_floating_point():  # it would pin a float to an integer's value
-                raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} is stored as {value.dtype}, but "
-                                      f"the model's is {param.dtype}; save it with the model's kind of dtype")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} holds NaN or Inf, and TWA "
-                                      "would pin it to that; use finite checkpoints")
-            if value.is_floating_point():
-                totals[j] = value.double() if totals[j] is None else totals[j].add_(value.double())
-            elif totals[j] is None:
-                totals[j] = value
-            elif not torch.equal(totals[j], value):
-                raise CheckpointError(f"{reader.source}: the frozen integer parameter {name!r} differs from the first "
-                                      "checkpoint's; integer tensors cannot be averaged: make them agree")
-    if differ:
-        _warn_buffers_differ(differ)
-    return [(t / len(specs) if t.is_floating_point() else t).to(dtype=p.dtype, device=p.device)
-            for t, (_, p) in zip(totals, frozen)]
 
 
 _PEEK_TRANSFORMS = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
@@ -790,127 +590,3 @@ def _name_an_in_place_change(exc: RuntimeError) -> None:
                          "under TWA the weights are the average center + basis^T coefficients, computed anew at "
                          "every forward, so an in-place change has nothing to keep it; remove it (for Embedding, "
                          "max_norm=None) or apply it out of place") from exc
-
-
-class _Workspace:
-    """The reused buffer of TWA's forward, the weights it writes. It is handed out again
-    only after a backward pass has freed the graph of the forward that filled it (or at
-    once when no graph was recorded); while a graph still needs it (before its backward, or
-    kept by retain_graph=True or create_graph=True), the next forward gets a fresh buffer,
-    which then becomes the workspace. So a second forward before the first backward works,
-    and so does a second backward through a retained graph. Every write bumps the buffer's
-    version counter, so a graph that saved its weights and outlived them raises PyTorch's
-    in-place error instead of using wrong weights."""
-
-    def __init__(self):
-        self.buffer: Tensor | None = None
-        self.busy = False
-        self.generation = 0
-        self.held: list[Tensor] = []  # the last backward's weight gradients (hold_gradients)
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device,
-             record: bool) -> tuple[Tensor, Callable[[], None]]:
-        """(buffer, release): the weights' buffer, and the call that frees it for reuse."""
-        buffer = self.buffer
-        if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
-            # huge pages asked for first, then touched here by a parallel fill, once, not
-            # by the kernel's first write (page faults made a fresh output cost 2-3x)
-            with torch.inference_mode(False):  # a buffer made in inference mode could never be trained through
-                self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
-            self.generation += 1
-        self.busy = record
-        if not record:  # evaluation: no backward follows soon to take the held memory's place
-            self.drop_gradients()
-        generation = self.generation
-        return buffer, lambda: self._release(generation)
-
-    def hold_gradients(self, grads: Sequence[Tensor | None]) -> None:
-        """Hold a backward's weight gradients until the next backward's, dropping the ones
-        held before: as SGD's .grad lives from one step to the next, so that the allocator
-        reuses their memory instead of giving it back and faulting it in again
-        (_memory.gradients_to_hold says which are worth it)."""
-        self.held = gradients_to_hold(grads)
-
-    def drop_gradients(self) -> None:
-        self.held = []
-
-    def prepare(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate the weights' buffer ahead of the first forward."""
-        self.take(numel, dtype, device, record=False)
-
-    def _release(self, generation: int) -> None:
-        if generation == self.generation:  # a late backward of a replaced buffer frees nothing
-            self.busy = False
-
-
-def _shard_identity(module: TWA) -> list[int]:
-    shard = module._parallel
-    return [shard.num_cols, shard.comm.world, shard.start, shard.stop]
-
-
-def _record_shard(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
-    state[prefix + "shard_columns"] = torch.tensor(_shard_identity(module))
-
-
-def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
-    """A sharded rank's state holds its own columns only: loaded on another rank (every rank
-    reading rank 0's file) it would fit the shapes and give wrong weights."""
-    recorded = state.pop(prefix + "shard_columns", None)
-    if recorded is None:
-        return
-    got = [int(v) for v in torch.as_tensor(recorded).reshape(-1).tolist()]
-    if not module._sharded:
-        raise InvalidArgumentError("TWA state_dict: it holds one rank's columns of a sharded TWA; load it into the "
-                                   "sharded TWA of that rank, or save averaged_state_dict() for a single process")
-    own = _shard_identity(module)
-    if got != own:
-        raise InvalidArgumentError(f"TWA state_dict: it holds columns {got[2]}..{got[3]} of {got[0]} (one of "
-                                   f"{got[1]} ranks), but this rank's shard is columns {own[2]}..{own[3]} of "
-                                   f"{own[0]} (one of {own[1]} ranks); have each rank save and load its own state_dict")
-
-
-def _check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Before load_state_dict copies anything: the incoming basis must be valid (the kernels
-    take raw pointers) and match this module's layout, and the center, the coefficients and the
-    frozen parameters' pinned values must be finite, and a sharded rank's state must be its
-    own columns. Raises a ValueError naming the field, and leaves the module untouched."""
-    _check_shard(module, state, prefix)
-    fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
-              if key.startswith(prefix + "basis_")}
-    if fields:
-        try:
-            loaded = QuantizedBasis.from_state_dict(fields)
-        except (KeyError, ValueError) as exc:
-            raise InvalidArgumentError(f"TWA state_dict: the basis is invalid: {exc}") from exc
-        if (loaded.bits, loaded.group_size, loaded.num_cols) != (module.bits, module.group_size,
-                                                                  module.center.numel()):
-            raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
-                             f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
-                             f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
-        if state[prefix + "basis_meta"].numel() == 3:  # saved before the meta held the format version
-            state[prefix + "basis_meta"] = basis_meta(loaded.bits, loaded.group_size, loaded.num_cols)
-        # the same block count with other boundaries passes every shape check, yet every
-        # coefficient would scale other columns than the ones it was trained for
-        own_offsets = [int(v) for v in module.basis_block_offsets.tolist()]
-        if [int(v) for v in loaded.block_offsets.tolist()] != own_offsets:
-            shown = [int(v) for v in loaded.block_offsets[:8].tolist()]
-            raise InvalidArgumentError(f"TWA state_dict: its basis_block_offsets {shown}"
-                                       f"{'...' if loaded.block_offsets.numel() > 8 else ''} differ from this TWA's "
-                                       f"{own_offsets[:8]}{'...' if len(own_offsets) > 8 else ''}: it was saved from "
-                                       "a TWA with another granularity or model; build the TWA the same way")
-    for name in ("center", "coefficients", *(f"frozen_{i}" for i in range(len(module.frozen_names)))):
-        value, own = state.get(prefix + name), getattr(module, name)
-        if isinstance(value, Tensor) and value.shape != own.shape:
-            raise InvalidArgumentError(f"TWA state_dict: {name!r} has shape {tuple(value.shape)} but this TWA's is "
-                                       f"{tuple(own.shape)}; it was saved from a TWA built with other checkpoints, "
-                                       "bits or granularity: build this one the same way")
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InvalidArgumentError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")
-    # load_state_dict(..., assign=True) installs the given tensors themselves: one of another
-    # dtype would change the arithmetic (bfloat16 coefficients) or reach the kernels as a type
-    # they refuse (a float64 center, int32 offsets); each is cast as the copy without assign casts
-    for name, own in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-        value = state.get(prefix + name)
-        same_kind = isinstance(value, Tensor) and value.is_floating_point() == own.is_floating_point()
-        if same_kind and value.dtype != own.dtype:
-            state[prefix + name] = value.to(own.dtype)

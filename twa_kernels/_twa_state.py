@@ -1,0 +1,89 @@
+"""The hooks of a TWA's state_dict: a sharded rank records which columns it holds, and a
+state is checked before load_state_dict copies any of it (a basis the kernels can read, the
+same layout, finite values, the rank's own columns)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.quant import QuantizedBasis, basis_meta
+
+if TYPE_CHECKING:
+    from twa_kernels.twa import TWA
+
+
+def _shard_identity(module: TWA) -> list[int]:
+    shard = module._parallel
+    return [shard.num_cols, shard.comm.world, shard.start, shard.stop]
+
+
+def record_shard(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    state[prefix + "shard_columns"] = torch.tensor(_shard_identity(module))
+
+
+def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
+    """A sharded rank's state holds its own columns only: loaded on another rank (every rank
+    reading rank 0's file) it would fit the shapes and give wrong weights."""
+    recorded = state.pop(prefix + "shard_columns", None)
+    if recorded is None:
+        return
+    got = [int(v) for v in torch.as_tensor(recorded).reshape(-1).tolist()]
+    if not module._sharded:
+        raise InvalidArgumentError("TWA state_dict: it holds one rank's columns of a sharded TWA; load it into the "
+                                   "sharded TWA of that rank, or save averaged_state_dict() for a single process")
+    own = _shard_identity(module)
+    if got != own:
+        raise InvalidArgumentError(f"TWA state_dict: it holds columns {got[2]}..{got[3]} of {got[0]} (one of "
+                                   f"{got[1]} ranks), but this rank's shard is columns {own[2]}..{own[3]} of "
+                                   f"{own[0]} (one of {own[1]} ranks); have each rank save and load its own state_dict")
+
+
+def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Before load_state_dict copies anything: the incoming basis must be valid (the kernels
+    take raw pointers) and match this module's layout, and the center, the coefficients and the
+    frozen parameters' pinned values must be finite, and a sharded rank's state must be its
+    own columns. Raises a ValueError naming the field, and leaves the module untouched."""
+    _check_shard(module, state, prefix)
+    fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
+              if key.startswith(prefix + "basis_")}
+    if fields:
+        try:
+            loaded = QuantizedBasis.from_state_dict(fields)
+        except (KeyError, ValueError) as exc:
+            raise InvalidArgumentError(f"TWA state_dict: the basis is invalid: {exc}") from exc
+        if (loaded.bits, loaded.group_size, loaded.num_cols) != (module.bits, module.group_size,
+                                                                  module.center.numel()):
+            raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "
+                             f"{loaded.num_cols} columns, but this TWA has bits={module.bits}, group_size="
+                             f"{module.group_size}, {module.center.numel()} columns; build the TWA the same way")
+        if state[prefix + "basis_meta"].numel() == 3:  # saved before the meta held the format version
+            state[prefix + "basis_meta"] = basis_meta(loaded.bits, loaded.group_size, loaded.num_cols)
+        # the same block count with other boundaries passes every shape check, yet every
+        # coefficient would scale other columns than the ones it was trained for
+        own_offsets = [int(v) for v in module.basis_block_offsets.tolist()]
+        if [int(v) for v in loaded.block_offsets.tolist()] != own_offsets:
+            shown = [int(v) for v in loaded.block_offsets[:8].tolist()]
+            raise InvalidArgumentError(f"TWA state_dict: its basis_block_offsets {shown}"
+                                       f"{'...' if loaded.block_offsets.numel() > 8 else ''} differ from this TWA's "
+                                       f"{own_offsets[:8]}{'...' if len(own_offsets) > 8 else ''}: it was saved from "
+                                       "a TWA with another granularity or model; build the TWA the same way")
+    for name in ("center", "coefficients", *(f"frozen_{i}" for i in range(len(module.frozen_names)))):
+        value, own = state.get(prefix + name), getattr(module, name)
+        if isinstance(value, Tensor) and value.shape != own.shape:
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} has shape {tuple(value.shape)} but this TWA's is "
+                                       f"{tuple(own.shape)}; it was saved from a TWA built with other checkpoints, "
+                                       "bits or granularity: build this one the same way")
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")
+    # load_state_dict(..., assign=True) installs the given tensors themselves: one of another
+    # dtype would change the arithmetic (bfloat16 coefficients) or reach the kernels as a type
+    # they refuse (a float64 center, int32 offsets); each is cast as the copy without assign casts
+    for name, own in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        value = state.get(prefix + name)
+        same_kind = isinstance(value, Tensor) and value.is_floating_point() == own.is_floating_point()
+        if same_kind and value.dtype != own.dtype:
+            state[prefix + name] = value.to(own.dtype)
