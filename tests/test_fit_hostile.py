@@ -253,7 +253,7 @@ def test_a_bad_config_value_exits_2_from_the_command_line(project):
                                        dict(name="SGD", lr=0.1, momentum=0.9, nesterov=True)])
 def test_every_optimizer_that_can_step_the_coefficients_is_accepted(optimizer):
     # the coefficients are a [k, blocks] matrix: Muon, which steps matrices only, trains them
-    from twa_kernels.fit import check_config
+    from twa_kernels._fit_config import check_config
 
     config = check_config(dict(model="m:f", data=dict(train="m:g"), checkpoints="c", optimizer=optimizer), "cfg")
     assert config.optimizer == optimizer["name"]
@@ -273,7 +273,7 @@ def test_a_config_key_that_is_not_a_name_is_one_line_naming_it(in_project, capsy
 
 @pytest.mark.parametrize("key", ["checkpoints", "optimizer", "distributed"])
 def test_a_value_built_from_nested_yaml_aliases_is_shown_cut_short(tmp_path, key):
-    from twa_kernels.fit import load_config
+    from twa_kernels._fit_config import load_config
 
     # five levels of ten aliases: 100,000 strings, whose whole repr would be 1.4 MB
     items = [f"  - &a0 [{', '.join(['xxxxxxxxxx'] * 10)}]"]
@@ -291,7 +291,7 @@ def test_a_value_built_from_nested_yaml_aliases_is_shown_cut_short(tmp_path, key
 
 
 def test_distributed_must_be_a_mapping_or_left_empty():
-    from twa_kernels.fit import check_config
+    from twa_kernels._fit_config import check_config
 
     base = dict(model="m:f", data=dict(train="m:t"), checkpoints="c")
     assert check_config(dict(base, distributed=None), "cfg").distributed_mode == "replicated"  # `distributed:` alone
@@ -305,14 +305,14 @@ def test_distributed_must_be_a_mapping_or_left_empty():
 def test_the_default_optimizer_has_no_weight_decay():
     # AdamW's own weight_decay (0.01) pulled the coefficients towards the center; the demo
     # and the Lightning callback use none
-    from twa_kernels.fit import check_config
+    from twa_kernels._fit_config import check_config
 
     config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c"), "config.yaml")
     assert config.optimizer == "AdamW" and config.optimizer_args == {"lr": 1e-2, "weight_decay": 0.0}
 
 
 def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():
-    from twa_kernels.fit import check_config
+    from twa_kernels._fit_config import check_config
 
     config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c",
                                optimizer=dict(name="AdamW", lr="1e-3", weight_decay="1e-4")), "config.yaml")
@@ -333,7 +333,7 @@ def test_a_config_that_is_not_utf8_text_is_refused_naming_the_file(in_project, c
 @pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000],
                          ids=["lists", "mappings"])
 def test_a_config_nested_too_deeply_is_refused_naming_the_file(tmp_path, value):
-    from twa_kernels.fit import load_config
+    from twa_kernels._fit_config import load_config
 
     path = tmp_path / "deep.yaml"
     path.write_text(f"model: m:f\ndata: {{train: m:t}}\ncheckpoints: c/\noutput: {value}\n")
@@ -343,7 +343,7 @@ def test_a_config_nested_too_deeply_is_refused_naming_the_file(tmp_path, value):
 
 def test_a_config_given_as_a_pipe_is_read_once(tmp_path):
     # `twa fit <(envsubst < base.yaml)` passes /dev/fd/63, a pipe, not a regular file
-    from twa_kernels.fit import load_config
+    from twa_kernels._fit_config import load_config
 
     pipe = tmp_path / "config.pipe"
     os.mkfifo(pipe)
@@ -360,7 +360,7 @@ def test_a_config_given_as_a_pipe_is_read_once(tmp_path):
 
 
 def test_a_config_path_that_is_no_file_says_what_it_is(tmp_path, monkeypatch):
-    from twa_kernels.fit import load_config
+    from twa_kernels._fit_config import load_config
 
     monkeypatch.chdir(tmp_path)  # a socket's path must be short
     server = socket.socket(socket.AF_UNIX)

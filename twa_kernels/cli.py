@@ -30,8 +30,9 @@ from twa_kernels._memory import keep_freed_memory
 from twa_kernels._outdir import name_limit
 from twa_kernels.demo import run_demo
 from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
-from twa_kernels.fit import (DEFAULT_LOSS, FitError, call_factory, call_loss, load_config, loss_from,
-                             resolve_import_strings, run_fit)
+from twa_kernels._fit_config import DEFAULT_LOSS, FitError, load_config
+from twa_kernels._user_code import call_factory, call_loss, loss_from, resolve_import_strings
+from twa_kernels.fit import run_fit
 from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
 from twa_kernels.io import atomic_write_together
 from twa_kernels.io.write import TEMPORARY_NAME_EXTRA

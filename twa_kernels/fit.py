@@ -39,13 +39,8 @@ BatchNorm statistics recomputed on data.train as they are for TWA's `val_loss_af
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import math
 import os
-import reprlib
-import stat
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -53,451 +48,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from twa_kernels._progress import progress_bar
 from twa_kernels.batchnorm import NoBatchesError, has_running_statistics
-from twa_kernels.errors import InvalidArgumentError
 from twa_kernels import distributed
+from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, short
 from twa_kernels._outdir import OutputDirectory
+from twa_kernels._user_code import trainable_loss, call_factory, call_loss, loss_from, resolve_import_strings
 from twa_kernels._provenance import stamp
 from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
-from twa_kernels.quant import MAX_GROUP_SIZE, SUPPORTED_BITS
 from twa_kernels.twa import TWA
 
-KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "int8_gradients", "optimizer", "epochs",
-        "train_on", "loss", "output", "distributed"}
 OUTPUTS = ("averaged.pt", "averaged.safetensors", "report.json")
-DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
-
-
-class FitError(InvalidArgumentError):
-    """A problem with a `twa fit` config."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FitConfig:
-    """A checked `twa fit` config, with every default filled in (see the module docstring)."""
-
-    model: str
-    data: dict[str, str]
-    checkpoints: str | list[str] | None
-    bits: int | None = 4
-    granularity: str | int = "tensor"
-    group_size: int = 128
-    int8_gradients: bool = False
-    optimizer: str = "AdamW"
-    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"lr": 1e-2, "weight_decay": 0.0})
-    epochs: int = 1
-    train_on: str = "train"
-    loss: str = DEFAULT_LOSS
-    output: str = "twa-out"
-    distributed_mode: str = "replicated"
-    source: str = ""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-# a config's values can be huge (YAML aliases nest a list of ten in itself a few times over):
-# a message shows a few hundred characters of one, never all of it
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 120, 60, 120
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
-_MAX_SHOWN = 300
-
-
-def _short(value: Any) -> str:
-    """repr(value), cut to a few hundred characters."""
-    text = _REPR.repr(value)
-    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
-
-
-def _describe(value: Any) -> str:
-    """The value as the user wrote it, and its YAML type where that is the problem."""
-    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
-             dict: "a mapping", type(None): "null"}
-    return f"{_short(value)} ({kinds.get(type(value), type(value).__name__)})"
-
-
-def _as_float(value: Any) -> float | None:
-    """A number of the config as a float (an integer too large for one is infinite); None
-    for what is not a number (a bool included: YAML's true is no learning rate)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
-def _non_finite(value: Any, key: str, depth: int = 0) -> tuple[str, Any] | None:
-    """(key, number) of the first NaN or infinite number in an optimizer argument (a number,
-    or one inside a list such as betas)."""
-    if isinstance(value, str):
-        try:
-            number = float(value)  # YAML reads `nan` and `inf` (no dot) as strings
-        except ValueError:
-            return None
-        return None if math.isfinite(number) else (key, value)
-    if isinstance(value, (list, tuple)) and depth < 3:
-        for i, item in enumerate(value):
-            found = _non_finite(item, f"{key}[{i}]", depth + 1)
-            if found:
-                return found
-        return None
-    number = _as_float(value)
-    return (key, value) if number is not None and not math.isfinite(number) else None
-
-
-def _check_import_string(where: str, key: str, value: Any) -> str:
-    if not isinstance(value, str) or value.count(":") != 1 or not all(value.split(":")):
-        raise FitError(f"{where}: {key} must be an import string like 'package.module:name', got {_describe(value)}")
-    return value
-
-
-def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
-    """(class name, arguments) of the `optimizer` entry, tried on a dummy parameter so a bad
-    argument is found now, not at the first step."""
-    if value is None:  # no weight decay: it would pull the coefficients, and the average, towards the center
-        return "AdamW", {"lr": 1e-2, "weight_decay": 0.0}
-    names = [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
-             and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"]
-    if not isinstance(value, Mapping):
-        hint = next((f"; did you mean {{name: {n}}}?" for n in names if isinstance(value, str)
-                     and n.lower() == value.lower()), "")
-        raise FitError(f"{where}: optimizer must be a mapping such as {{name: AdamW, lr: 0.01}}, got "
-                       f"{_describe(value)}{hint}")
-    args = dict(value)
-    name = args.pop("name", "AdamW")
-    if name not in names:
-        hint = next((f"; did you mean {n}?" for n in names if isinstance(name, str) and n.lower() == name.lower()), "")
-        raise FitError(f"{where}: optimizer.name must be a torch.optim optimizer ({', '.join(sorted(names))}), "
-                       f"got {_describe(name)}{hint}")
-    for key, arg in list(args.items()):
-        if isinstance(arg, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                number = float(arg)
-            except ValueError:
-                continue
-            if math.isfinite(number):
-                args[key] = number
-    # a yes/no setting given as text ("false") is true to the optimizer, as any non-empty
-    # string is: maximize: "false" trained the coefficients up the loss
-    defaults = inspect.signature(getattr(torch.optim, name).__init__).parameters
-    for key, arg in args.items():
-        default = defaults[key].default if key in defaults else inspect.Parameter.empty
-        # foreach and fused default to None (torch chooses) and are yes/no too; LBFGS's
-        # line_search_fn defaults to None and takes a name
-        if isinstance(arg, str) and (isinstance(default, bool) or (default is None and key in ("foreach", "fused"))):
-            raise FitError(f"{where}: optimizer.{key} is a yes/no setting, got the text {_describe(arg)}; write true "
-                           "or false without quotes, or leave the key out for the optimizer's default")
-    lr = _as_float(args.get("lr", 1.0))  # absent: the optimizer's own default
-    # an infinite lr (YAML .inf, or 1e400) writes NaN weights; 0 trains nothing
-    if lr is None or not (math.isfinite(lr) and lr > 0):
-        raise FitError(f"{where}: optimizer.lr must be a finite positive number (e.g. 0.01), got "
-                       f"{_describe(args['lr'])}")
-    for key, arg in args.items():
-        # a NaN or infinite momentum or weight decay makes every step NaN, which would be
-        # reported as a divergence blamed on the learning rate
-        found = _non_finite(arg, str(key))
-        if found:
-            raise FitError(f"{where}: optimizer.{_short(found[0])[1:-1]} must be a finite number, got "
-                           f"{_describe(found[1])}: NaN, an infinity or an integer too large for a float makes "
-                           "every step NaN; give a finite value, or leave the key out for the optimizer's default")
-    if name == "LBFGS":
-        raise FitError(f"{where}: optimizer LBFGS needs a closure that re-evaluates the loss at each step, and twa fit "
-                       "takes one plain step per batch; use AdamW or SGD, or train TWA from Python with "
-                       "optimizer.step(closure)")
-    # one step on a stand-in for the coefficients ([k, blocks], zero gradient): arguments that
-    # construction accepts but the step cannot use (3 betas, capturable on CPU, SparseAdam's
-    # sparse-only gradients) are found now, not after the basis is built
-    trial = torch.zeros(2, 3, requires_grad=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optimizer = getattr(torch.optim, name)([trial], **args)
-            trial.grad = torch.zeros_like(trial)
-            optimizer.step()
-    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, OverflowError) as exc:
-        raise FitError(f"{where}: optimizer {name} does not take {_short(args)} for TWA's coefficients: "
-                       f"{type(exc).__name__}: {_short(str(exc))[1:-1]}; give it arguments its documentation "
-                       "lists, with values in their ranges") from exc
-    return name, args
-
-
-def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:
-    """Every key of a parsed config checked against the schema (FitConfig): the first
-    problem raises FitError naming the key, the value and what is allowed."""
-    if not isinstance(raw, Mapping):
-        raise FitError(f"{where}: the config must be a mapping of keys to values, got {_describe(raw)}")
-    names = [key for key in raw if not isinstance(key, str)]
-    if names:  # `1: x` or `null: x`: a YAML key that is not a name
-        raise FitError(f"{where}: the key {_describe(names[0])} is not a name; the keys are {sorted(KEYS)}: write "
-                       "one of them, or remove the line")
-    unknown = set(raw) - KEYS
-    if unknown:
-        raise FitError(f"{where}: unknown key(s) {_short(sorted(unknown))}; the keys are {sorted(KEYS)}")
-    for key in required:
-        if key not in raw:
-            raise FitError(f"{where}: missing required key {key!r}")
-    model = _check_import_string(where, "model", raw.get("model", "")) if "model" in raw else ""
-    data = raw.get("data", {})
-    if not isinstance(data, Mapping) or "train" not in data or set(data) - {"train", "val"}:
-        raise FitError(f"{where}: data must be a mapping with a 'train' and an optional 'val' import string, "
-                       f"got {_describe(data)}")
-    data = {k: _check_import_string(where, f"data.{k}", v) for k, v in data.items()}
-    checkpoints = raw.get("checkpoints")
-    if "checkpoints" in raw and not (
-            (isinstance(checkpoints, str) and checkpoints)
-            or (isinstance(checkpoints, list) and checkpoints and all(isinstance(c, str) and c for c in checkpoints))):
-        raise FitError(f"{where}: checkpoints must be a path, a directory, a glob or a non-empty list of paths, "
-                       f"got {_describe(checkpoints)}")
-    bits = raw.get("bits", 4)
-    if bits is not None and not (_is_int(bits) and bits in SUPPORTED_BITS):
-        raise FitError(f"{where}: bits must be one of {list(SUPPORTED_BITS)} or null, got {_describe(bits)}")
-    granularity = raw.get("granularity", "tensor")
-    if granularity not in ("model", "tensor") and not (_is_int(granularity) and granularity > 0):
-        raise FitError(f"{where}: granularity must be 'model', 'tensor' or a positive integer (elements per "
-                       f"coefficient block), got {_describe(granularity)}")
-    group_size = raw.get("group_size", 128)
-    if not (_is_int(group_size) and 0 < group_size <= MAX_GROUP_SIZE and group_size % 8 == 0):
-        raise FitError(f"{where}: group_size must be a positive multiple of 8 (e.g. 64, 128) of at most "
-                       f"{MAX_GROUP_SIZE}, got {_describe(group_size)}")
-    int8_gradients = raw.get("int8_gradients", False)
-    if not isinstance(int8_gradients, bool):
-        raise FitError(f"{where}: int8_gradients must be true or false, got {_describe(int8_gradients)}")
-    if int8_gradients and bits is None:
-        raise FitError(f"{where}: int8_gradients: true rounds gradients per basis group, which a dense basis "
-                       "(bits: null) does not have; set bits to 1, 2, 4 or 8, or int8_gradients: false")
-    optimizer, optimizer_args = _optimizer(where, raw.get("optimizer"))
-    epochs = raw.get("epochs", 1)
-    if not _is_int(epochs) or epochs < 1:  # 0 would write the untrained average as if it were TWA's
-        raise FitError(f"{where}: epochs must be a positive integer, got {_describe(epochs)}")
-    train_on = raw.get("train_on", "train")
-    if train_on not in ("train", "val"):
-        raise FitError(f"{where}: train_on must be 'train' or 'val', got {_describe(train_on)}")
-    if train_on == "val" and "val" not in data:
-        raise FitError(f"{where}: train_on: val needs data.val")
-    loss = _check_import_string(where, "loss", raw.get("loss", DEFAULT_LOSS))
-    output = raw.get("output", "twa-out")
-    if not isinstance(output, str) or not output:
-        raise FitError(f"{where}: output must be a directory path, got {_describe(output)}")
-    output = os.path.expanduser(output)  # as a shell would: `~/runs` is in the home directory, not ./~/runs
-    dist_config = raw.get("distributed")
-    dist_config = {} if dist_config is None else dist_config  # `distributed:` with nothing after it
-    mode = dist_config.get("mode", "replicated") if isinstance(dist_config, Mapping) else None
-    if mode not in ("replicated", "sharded") or set(dist_config) - {"mode"}:
-        raise FitError(f"{where}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
-                       f"{_describe(raw.get('distributed'))}; write one of them, or leave the key out (it has an "
-                       "effect under torchrun only)")
-    return FitConfig(model=model, data=data, checkpoints=checkpoints, bits=bits, granularity=granularity,
-                     group_size=group_size, int8_gradients=int8_gradients, optimizer=optimizer,
-                     optimizer_args=optimizer_args, epochs=epochs,
-                     train_on=train_on, loss=loss, output=output, distributed_mode=mode, source=where)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, refusing a key given twice in one mapping: YAML's own rule
-    is that the last one wins, so a second `epochs:` would silently replace the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {_short(key)} appears twice (first at line {seen[key] + 1}); give it once",
-                    key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:
-    """The checked config; `required` are the keys it must have (`twa connect` and `twa
-    plane` take their checkpoints from the command line, so they need no 'checkpoints')."""
-    path = Path(path)
-    try:
-        config = yaml.load(_read_config(path), Loader=_UniqueKeyLoader)
-    except UnicodeDecodeError as exc:
-        raise FitError(f"{path}: not a UTF-8 text file (byte {exc.start} cannot be decoded); give the YAML "
-                       "config file, not a checkpoint or other binary file") from exc
-    except OSError as exc:
-        raise FitError(f"{path}: cannot read the config ({exc.strerror or exc}); check its permissions") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise FitError(f"{path}: YAML error{where}: {problem}") from exc
-    except RecursionError:  # a config is a few levels of mappings: nesting this deep is not one
-        raise FitError(f"{path}: not a valid config: its YAML is nested too deeply to read; a `twa fit` config is "
-                       "a mapping of settings (model, data, checkpoints, ...) a few levels deep") from None
-    return check_config(config, str(path), required)
-
-
-# a config is a few lines; a pipe or device giving more than this is not one (and /dev/zero never ends)
-_MAX_STREAMED_CONFIG = 16 * 2**20
-
-
-def _read_config(path: Path) -> str:
-    """The config's text: a regular file, or what a pipe or character device gives once
-    (`twa fit <(envsubst < base.yaml)` passes /dev/fd/63, a pipe)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FitError(f"{path}: no such config file; give the YAML file's path") from None
-    except OSError as exc:
-        raise FitError(f"{path}: cannot read the config ({exc.strerror or exc}); check the path and its "
-                       "permissions") from exc
-    except (ValueError, UnicodeError):  # a NUL byte, or a name the file system's encoding cannot hold
-        raise FitError(f"{_short(str(path))}: not a path a config file can have (it holds a NUL byte or text the "
-                       "file system cannot encode); give the YAML file's path") from None
-    if stat.S_ISDIR(mode):
-        raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path")
-    if stat.S_ISREG(mode):
-        return path.read_text(encoding="utf-8")
-    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-        kind = "a socket" if stat.S_ISSOCK(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file"
-        raise FitError(f"{path}: not a regular file ({kind}), so not a config file; give the YAML file's path")
-    with open(path, "rb") as f:
-        data = f.read(_MAX_STREAMED_CONFIG + 1)
-    if len(data) > _MAX_STREAMED_CONFIG:
-        raise FitError(f"{path}: gave more than {_MAX_STREAMED_CONFIG // 2**20} MiB, which is no config; give the "
-                       "YAML file's path (or a pipe that gives its text)")
-    return data.decode("utf-8")
-
-
-def _working_directory_on_path() -> None:
-    """Import strings name the user's own modules, so they are found from the working
-    directory, as `python -m` does and uvicorn and gunicorn do for theirs; an installed
-    console script's sys.path starts with its bin/ folder instead."""
-    cwd = os.getcwd()
-    if not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
-        sys.path.insert(0, cwd)
-
-
-def import_string(spec: str, what: str = "") -> Any:
-    """The object named by 'package.module:attribute', importable from the working directory
-    (`what`: the config key that gave it, named in the error)."""
-    key = f"{what}: " if what else ""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise FitError(f"{key}import string {_short(spec)} must look like 'package.module:name'")
-    module_name, attr = spec.split(":")
-    _working_directory_on_path()
-    try:
-        module = importlib.import_module(module_name)
-    except (ImportError, TypeError, ValueError) as exc:  # a relative ('.pkg') or empty module name too
-        raise FitError(f"{key}unknown import string {_short(spec)}: cannot import module {_short(module_name)} "
-                       f"({_short(str(exc))[1:-1]}); check the module's name and that it is importable from the "
-                       "working directory") from exc
-    try:
-        obj = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as exc:
-        raise FitError(f"{key}unknown import string {_short(spec)}: module {_short(module_name)} has no "
-                       f"{_short(attr)}; check the name after the ':'") from exc
-    return obj
-
-
-def callable_from(spec: str, what: str) -> Callable:
-    """The callable named by the import string `spec` (`what`: the config key, for the error)."""
-    obj = import_string(spec, what)
-    if not callable(obj):
-        raise FitError(f"{what}: {_short(spec)} is {type(obj).__name__}, not callable; name a function or class")
-    return obj
-
-
-def resolve_import_strings(config: FitConfig) -> dict[str, Callable]:
-    """Every import string of `config` resolved to its callable, keyed by its config key
-    (model, data.train, data.val, loss), before any is called: a misspelt data.val is named
-    before the model factory runs, which may take minutes (a download, a large model)."""
-    specs = {"model": config.model, **{f"data.{key}": spec for key, spec in config.data.items()},
-             "loss": config.loss}
-    return {key: callable_from(spec, key) for key, spec in specs.items() if spec}
-
-
-def call_factory(factory: Callable, spec: str, what: str) -> Any:
-    """What `factory` (resolved from the import string `spec`) returns, called with no
-    arguments, as every factory of a config is; a factory that needs some is named (its own
-    TypeError would be a traceback)."""
-    try:
-        inspect.signature(factory).bind()
-    except TypeError as exc:
-        raise FitError(f"{what}: {_short(spec)} cannot be called without arguments ({exc}); name a function of no "
-                       "arguments, in a module of your own, that builds it as you need") from None
-    except ValueError:  # no signature to read (some builtins): call it and see
-        pass
-    return factory()
-
-
-def loss_from(obj: Callable, spec: str) -> Callable:
-    """The loss that `obj` (resolved from the loss import string `spec`) names: a function of
-    (outputs, targets), or an nn.Module loss class (torch.nn:CrossEntropyLoss), made with its
-    defaults. `twa connect` and `twa plane` take their loss from here too."""
-    if isinstance(obj, type):
-        if not issubclass(obj, nn.Module):
-            raise FitError(f"loss: {_short(spec)} is a class, not a loss; name a function of (outputs, targets) or "
-                           "an nn.Module loss class such as torch.nn:CrossEntropyLoss")
-        try:
-            obj = obj()
-        except TypeError as exc:
-            raise FitError(f"loss: {_short(spec)} cannot be made without arguments ({exc}); name a function of "
-                           "(outputs, targets) in your own module that builds it as you need") from exc
-    if not callable(obj):
-        raise FitError(f"loss: {_short(spec)} is a {type(obj).__name__}, not a function of (outputs, targets)")
-    try:  # found now, before the model, the data and the basis are built
-        inspect.signature(obj).bind(None, None)
-    except TypeError as exc:
-        raise FitError(f"loss: {_short(spec)} cannot be called as loss(outputs, targets) ({exc}); name a loss of "
-                       "two arguments, such as torch.nn.functional:cross_entropy") from None
-    except ValueError:  # no signature to read (some builtins): the first call tells
-        pass
-    return obj
-
-
-def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch.Tensor:
-    """loss_fn(outputs, targets), one number; a loss that cannot take this model's outputs and
-    these targets (class labels given to a regression loss, say) is named with both shapes."""
-    try:
-        loss = loss_fn(outputs, targets)
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-        def shape(value: Any) -> str:
-            return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise FitError(f"loss: {_short(spec)} failed on the model's outputs {shape(outputs)} and the targets "
-                       f"{shape(targets)}: {type(exc).__name__}: {_short(str(exc))[1:-1]}; name a loss that takes "
-                       "them, such as torch.nn.functional:cross_entropy for class labels") from exc
-    return _one_number(loss, spec)
-
-
-def _one_number(loss: Any, spec: str) -> torch.Tensor:
-    """The loss of one batch, which must be one number (a tensor of one element)."""
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise FitError(f"loss: {_short(spec)} returned {_short(shape)}, not one number; a loss reduced over the "
-                       "batch (reduction='mean') is what the coefficients train on")
-    return loss
-
-
-def _trainable(loss: torch.Tensor, spec: str) -> torch.Tensor:
-    """The loss of a training batch, which must carry the gradient back to the coefficients."""
-    if not loss.requires_grad:
-        raise FitError(f"loss: {_short(spec)} returned a value that does not require grad, so the coefficients "
-                       "cannot train on it (computed under torch.no_grad(), detached, or rebuilt with "
-                       "torch.tensor(...)); return the loss computed from the outputs as they are")
-    return loss
 
 
 def _data(factory: Callable, spec: str, key: str) -> Iterable:
     """The loader data.`key`'s factory returns, refused now if it cannot be iterated at all."""
     loader = call_factory(factory, spec, f"data.{key}")
     if not (hasattr(loader, "__iter__") or hasattr(loader, "__getitem__")):
-        raise FitError(f"data.{key} ({_short(spec)}) returned {_describe(loader)}, which is not iterable; return an "
+        raise FitError(f"data.{key} ({short(spec)}) returned {describe(loader)}, which is not iterable; return an "
                        "iterable of (inputs, targets) batches such as a DataLoader")
     return loader
 
@@ -519,7 +89,7 @@ class _Batches:
         for batch in self.loader:
             if not isinstance(batch, (list, tuple)) or len(batch) != 2:  # or a ValueError deep in unpacking
                 length = f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""
-                raise FitError(f"data.{self.key} ({_short(self.spec)}) gave a batch that is a {type(batch).__name__}"
+                raise FitError(f"data.{self.key} ({short(self.spec)}) gave a batch that is a {type(batch).__name__}"
                                f"{length}; each batch must be an (inputs, targets) pair, as a DataLoader over "
                                "TensorDataset(inputs, targets) gives")
             self.count += 1
@@ -527,7 +97,7 @@ class _Batches:
 
     def error(self, doing: str) -> FitError:
         share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
-        return FitError(f"data.{self.key} ({_short(self.spec)}) gave no batches{share} {doing}: the loader is empty, "
+        return FitError(f"data.{self.key} ({short(self.spec)}) gave no batches{share} {doing}: the loader is empty, "
                         "or an iterator that was used up; return a DataLoader over a non-empty data set")
 
     def check_not_empty(self, doing: str) -> None:
@@ -571,7 +141,7 @@ def _samples(x: Any, y: Any, loader: _Batches) -> int:
         count = _batch_size(value)
         if count is not None:
             return count
-    raise FitError(f"data.{loader.key} ({_short(loader.spec)}) gave a batch whose inputs "
+    raise FitError(f"data.{loader.key} ({short(loader.spec)}) gave a batch whose inputs "
                    f"({type(x).__name__}) and targets ({type(y).__name__}) hold no tensor to count its samples "
                    "by; give tensors, or mappings or tuples of them, as a DataLoader collates them")
 
@@ -666,7 +236,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     loss_fn = loss_from(callables["loss"], config.loss)
     model = call_factory(callables["model"], config.model, "model")
     if not isinstance(model, nn.Module):
-        raise FitError(f"model: {_short(config.model)} returned {type(model).__name__}, not an nn.Module; return "
+        raise FitError(f"model: {short(config.model)} returned {type(model).__name__}, not an nn.Module; return "
                        "the model itself")
     train_loader = _data(callables["data.train"], config.data["train"], "train")
     val_loader = _data(callables["data.val"], config.data["val"], "val") if "val" in config.data else None
@@ -718,7 +288,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
         for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
-            loss = _trainable(call_loss(loss_fn, twa(x), y, config.loss), config.loss)
+            loss = trainable_loss(call_loss(loss_fn, twa(x), y, config.loss), config.loss)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())  # after backward: the value only
@@ -747,8 +317,8 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
 
 
 def _fix(config: FitConfig) -> str:
-    return (f"nothing was written; lower optimizer.lr (now {_short(config.optimizer_args.get('lr', 'the default'))}) "
-            f"or check that loss ({_short(config.loss)}) returns finite values")
+    return (f"nothing was written; lower optimizer.lr (now {short(config.optimizer_args.get('lr', 'the default'))}) "
+            f"or check that loss ({short(config.loss)}) returns finite values")
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], report: Mapping[str, Any], config: FitConfig) -> None:
