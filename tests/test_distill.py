@@ -157,9 +157,9 @@ def test_a_seed_reproduces_the_distilled_set_and_leaves_the_global_rng_alone():
 
 
 @pytest.mark.parametrize("kw, error, message", [
-    (dict(width=0), tk.errors.InvalidArgumentError, "width must be at least 1, got 0"),
-    (dict(depth=-1), tk.errors.InvalidArgumentError, "depth must be at least 1, got -1"),
-    (dict(width="a"), tk.errors.InvalidTypeError, "width must be an int, got str"),
+    (dict(width=0), tk.errors.InvalidArgumentError, "width must be an int >= 1, got 0"),
+    (dict(depth=-1), tk.errors.InvalidArgumentError, "depth must be an int >= 1, got -1"),
+    (dict(width="a"), tk.errors.InvalidTypeError, "width must be an int >= 1, got str"),
 ])
 def test_the_default_embeddings_width_and_depth_are_checked(kw, error, message):
     # width=0 ended in a ZeroDivisionError, depth=-1 built an embedding of no blocks

@@ -24,13 +24,18 @@ def real(name: str, value: object, *, finite: bool = True) -> float:
     return number
 
 
-def integer(name: str, value: object, low: int) -> int:
+def integer(name: str, value: object, low: int, meaning: str = "",
+            error: type[TWAKernelsError] | None = None) -> int:
     """`value` if it is an int of at least `low`: InvalidTypeError for anything but an int
-    (a bool, a float such as 2.0 included), InvalidArgumentError below `low`."""
+    (a bool, a float such as 2.0 included), InvalidArgumentError below `low`; a method with
+    an error class of its own passes it as `error`, raised for both. `meaning` says what the
+    number counts, in the message."""
+    said = f" ({meaning})" if meaning else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise (error or InvalidTypeError)(f"{name} must be an int >= {low}{said}, got {type(value).__name__} "
+                                          f"{value!r}")
     if value < low:
-        raise InvalidArgumentError(f"{name} must be at least {low}, got {value}")
+        raise (error or InvalidArgumentError)(f"{name} must be an int >= {low}{said}, got {value}")
     return int(value)
 
 

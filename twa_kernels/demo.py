@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from twa_kernels._checks import path_without_nul
+from twa_kernels._checks import integer, path_without_nul
 from twa_kernels._outdir import process_alive, shown
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
@@ -468,9 +468,8 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     directory (or a path to create); anything else is refused before anything is created."""
     setting = setting or DEMO
     n_seeds = seeds if seeds is not None else (1 if quick else 5)
-    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:  # the summary needs a seed
-        raise InvalidArgumentError(f"seeds must be a positive int (the number of seeds to run), got {n_seeds!r}; "
-                                   "use --seeds 1 or more, or leave it out for 5 (1 with --quick)")
+    # the summary needs a seed
+    integer("seeds", n_seeds, 1, "the number of seeds to run: --seeds 1 or more, or none for 5, 1 with --quick")
     out = _checked_out_dir(out_dir)
     for module, needed_by in (("mnist1d.data", "twa demo's data"), ("matplotlib.figure", "twa demo's figures")):
         optional(module, "demo", needed_by)  # before minutes of training, not after

@@ -102,11 +102,6 @@ def _check_finite(x: Tensor, what: str) -> None:
         raise DistillError(f"{what} hold {bad} NaN/Inf value(s) of {x.numel()}; drop or repair those examples first")
 
 
-def _check_int(name: str, value: int, low: int, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DistillError(f"{name} must be an int >= {low} ({meaning}), got {value!r}")
-
-
 def _synthetic(x: Tensor, y: Tensor, x_syn: Tensor, y_syn: Tensor) -> Tensor:
     """Check a synthetic set against the real data; returns the real classes, which y_syn
     must cover exactly (a class mean over no examples is 0/0)."""
@@ -200,8 +195,7 @@ def _class_means(net: nn.Module, x: Tensor, y: Tensor, classes: Tensor) -> Tenso
 
 def _check_ipc(ipc: int, y: Tensor) -> tuple[Tensor, Tensor]:
     classes, counts = torch.unique(y, return_counts=True)
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise DistillError(f"ipc must be an int >= 1 (synthetic examples per class), got {ipc!r}")
+    integer("ipc", ipc, 1, "synthetic examples per class", DistillError)
     smallest = int(counts.argmin())
     if ipc > int(counts[smallest]):
         raise DistillError(f"ipc={ipc} is larger than the smallest class (class {int(classes[smallest])} has "
@@ -240,8 +234,8 @@ def distribution_matching(
     """
     x, y = _tensors(dataset)
     classes, _ = _check_ipc(ipc, y)
-    _check_int("iterations", iterations, 0, "SGD steps on the synthetic set")
-    _check_int("batch_real", batch_real, 1, "real examples per class drawn each iteration")
+    integer("iterations", iterations, 0, "SGD steps on the synthetic set", DistillError)
+    integer("batch_real", batch_real, 1, "real examples per class drawn each iteration", DistillError)
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, momentum))
     if not (numbers and 0 < lr < math.inf and 0 <= momentum < math.inf):
         raise DistillError(f"lr must be finite and > 0 and momentum finite and >= 0, got lr={lr!r}, "
@@ -300,7 +294,7 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     `x_syn` is cast to the data's dtype and device (a float64 set against float32 data is
     measured in float32), as the networks are built for the data."""
     check_seed(seed)
-    _check_int("nets", nets, 1, "random networks to average over")
+    integer("nets", nets, 1, "random networks to average over", DistillError)
     x, y = _tensors(dataset)
     classes = _synthetic(x, y, x_syn, y_syn)
     x_syn = x_syn.to(device=x.device, dtype=x.dtype)  # the networks take the data's dtype: measured in it

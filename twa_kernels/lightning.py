@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from twa_kernels._checks import integer
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import has_running_statistics, running_norms
@@ -106,9 +107,7 @@ class TrainableWeightAveraging(pl.Callback):
                 or (isinstance(start_epoch, float) and 0.0 < start_epoch < 1.0)):
             raise InvalidArgumentError(f"start_epoch must be an epoch index >= 0 or a fraction of max_epochs in "
                                        f"(0, 1), got {start_epoch!r}")
-        if isinstance(twa_epochs, bool) or not isinstance(twa_epochs, int) or twa_epochs < 1:
-            raise InvalidArgumentError(f"twa_epochs must be an int >= 1 (the epochs that train the coefficients), "
-                                       f"got {twa_epochs!r}")
+        integer("twa_epochs", twa_epochs, 1, "the epochs that train the coefficients")
         if not callable(optimizer):
             raise InvalidArgumentError("optimizer must be a function of the coefficients' parameters that returns a "
                                        f"torch optimizer, e.g. partial(torch.optim.AdamW, lr=0.02); got {optimizer!r}")

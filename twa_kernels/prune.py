@@ -54,7 +54,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from twa_kernels._progress import progress_bar
-from twa_kernels._checks import check_module, path_without_nul, real
+from twa_kernels._checks import check_module, integer, path_without_nul, real
 from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.batchnorm import batch_of_one_named
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
@@ -396,9 +396,7 @@ def train_classifier(
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
         if not real(name, value) >= 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+    integer("epochs", epochs, 1), integer("batch_size", batch_size, 1)
     if next(model.parameters(), None) is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters to train")
     if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
@@ -518,8 +516,7 @@ class IMPResult:
 
 
 def _check_args(rounds: int, rate: float, rewind: str | int, scope: str) -> None:
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise PruningError(f"rounds must be an int >= 1 (pruning rounds after the dense round 0), got {rounds!r}")
+    integer("rounds", rounds, 1, "pruning rounds after the dense round 0", PruningError)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
         raise PruningError(f"rate must lie in (0, 1): the fraction of the remaining weights removed per round, "
                            f"got {rate!r}")

@@ -33,7 +33,7 @@ from torch.func import functional_call
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
-from twa_kernels._checks import check_module, real
+from twa_kernels._checks import check_module, integer, real
 from twa_kernels.geometry.evaluation import check_data, finite_or_none, parameter_device, preserved, split_batch
 from twa_kernels.io import unwrap_model
 
@@ -183,11 +183,8 @@ def hessian_diagonal(
         raise InvalidTypeError(f"hessian_diagonal's loss_fn must be a callable(outputs, targets), got "
                                f"{type(loss_fn).__name__}")
     check_data("hessian_diagonal's data", data)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InvalidArgumentError(f"samples must be a positive integer, got {samples!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise InvalidArgumentError(f"chunk must be a positive integer (probes per vmapped batch; lower it to save "
-                                   f"memory), got {chunk!r}")
+    integer("samples", samples, 1, "Hutchinson probes")
+    integer("chunk", chunk, 1, "probes per vmapped batch; lower it to save memory")
     gen = generator(seed)
     with preserved(model):
         model.eval()
@@ -224,8 +221,7 @@ def top_eigenvalue(
     warning, unconverged, its value the NaN or infinity."""
     check_module(model, "top_eigenvalue's model")
     model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise InvalidArgumentError(f"iters must be a positive integer, got {iters!r}")
+    integer("iters", iters, 1, "power iterations")
     if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged
         raise InvalidArgumentError(f"tol must be positive (a relative change of the eigenvalue), got {tol}")
     gen = generator(seed)
