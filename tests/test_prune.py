@@ -571,6 +571,42 @@ def test_a_ctrl_c_in_round_0_then_imp_again_on_the_same_model_rewinds_to_its_ini
     assert all(torch.equal(again.masks[1][n], straight.masks[1][n]) for n in straight.masks[1])
 
 
+@pytest.mark.parametrize("failure", ["rewind past the steps", "ctrl-c saving round 0", "ctrl-c saving round 1"])
+def test_a_round_that_fails_after_training_leaves_the_model_as_before_it_and_none_of_its_files(
+        tmp_path, monkeypatch, failure):
+    # a failure after round 0's training (the rewind check, a save cut short) left the model
+    # trained and no imp.json: the rerun took the trained weights for the initialisation
+    from twa_kernels import prune as prune_module
+
+    model, out = make_model(0), tmp_path / "run"
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    rewind, broken = ("init", {"ctrl-c saving round 0": "round_00_trained", "ctrl-c saving round 1":
+                                "round_01_trained"}.get(failure))
+    if failure == "rewind past the steps":
+        rewind = 10_000
+    real_save = prune_module.save_state_dict
+
+    def save(state, path):
+        if broken and Path(path).name.startswith(broken):
+            raise KeyboardInterrupt
+        return real_save(state, path)
+
+    monkeypatch.setattr(prune_module, "save_state_dict", save)
+    with pytest.raises((KeyboardInterrupt, PruningError)):
+        tk.prune.imp(model, small_train_fn(), rounds=1, rate=0.3, rewind=rewind, out_dir=out)
+    monkeypatch.setattr(prune_module, "save_state_dict", real_save)
+    finished = ["imp.json", *(f"round_00_{kind}.safetensors" for kind in ("mask", "rewound", "trained")),
+                "rewind.safetensors"] if broken == "round_01_trained" else []
+    assert sorted(p.name for p in out.iterdir()) == sorted(finished)
+    before = init if not finished else tk.load_state_dict(out / "round_00_trained.safetensors")
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    again = tk.prune.imp(model if not finished else make_model(0), small_train_fn(), rounds=1, rate=0.3,
+                         out_dir=out)
+    straight = tk.prune.imp(make_model(0), small_train_fn(), rounds=1, rate=0.3, out_dir=tmp_path / "straight")
+    for key, value in straight.trained(1).items():
+        assert torch.equal(again.trained(1)[key], value), key
+
+
 @pytest.mark.parametrize("wrap", ["DataParallel", "compile"])
 def test_a_wrapped_models_run_resumes_from_its_own_files(tmp_path, wrap):
     # its round files hold module./_orig_mod. keys, which the resume's reader used to unwrap

@@ -660,55 +660,88 @@ def imp(
     manifest, masks, rewind_state = _resume(out, settings, model)
     for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",
                           leave=True):
-        if r == 0:
-            mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_weights(model, names).items()}
-            start = init
-        else:
-            mask = global_magnitude_masks(model, rate, masks=masks[-1], layers=names, scope=scope)
-            # a layer used twice is one tensor under two names: rewind_state's copies no longer
-            # share it, so the model's own state_dict tells which entries the mask covers too
-            start = masked_state_dict(rewind_state, {**mask, **_masks_of_aliases(model.state_dict(), mask)})
-        model.load_state_dict(start)
-        files = {kind: f"round_{r:02d}_{kind}.safetensors" for kind in ("mask", "rewound", "trained")}
-        save_state_dict(mask, out / files["mask"])
-        save_state_dict(start, out / files["rewound"])
-        capture_steps = rewind if r == 0 and isinstance(rewind, int) and rewind > 0 else 0
-        layers_before = prunable_weights(model, names)
+        before, written = _clone_state(model), []
         try:
-            with apply_masks(model, mask if r > 0 else {}), _capture_after_steps(model, capture_steps) as captured:
-                train_fn(model, r)
+            rewind_state = _imp_round(model, train_fn, r, out, names, settings, init, masks, rewind_state, rewind,
+                                      scope, written)
+            files = {kind: f"round_{r:02d}_{kind}.safetensors" for kind in ("mask", "rewound", "trained")}
+            finished = {**manifest, "done": r, "sparsity": [*manifest["sparsity"], sparsity(masks[-1])],
+                        "files": [*manifest["files"], files]}
+            write_json(manifest_path, finished)
+            manifest = finished
         except BaseException:
-            if r == 0:  # a Ctrl-C: the model as it came, so that imp() run again here starts from the same init
-                with contextlib.suppress(Exception):
-                    model.load_state_dict(init)
+            # a round that did not finish leaves nothing: the model as it was before the round
+            # (round 0: as it came, so that imp() run again here starts from the same init),
+            # and none of the round's files, unless imp.json names them (an interruption after
+            # its rename)
+            del masks[manifest["done"] + 1:]
+            with contextlib.suppress(Exception):
+                model.load_state_dict(before)
+            if not _manifest_names_round(manifest_path, r):
+                for path in written:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
             raise
-        trained = _clone_state(model)
-        for key, shape in settings["shapes"].items():
-            if key not in trained or list(trained[key].shape) != shape:
-                got = tuple(trained[key].shape) if key in trained else "missing"
-                raise PruningError(f"train_fn changed the model in round {r}: {key!r} was {tuple(shape)}, is now "
-                                   f"{got}; train_fn must train the weights in place, not replace layers")
-        replaced = [n for n, m in prunable_weights(model, names).items() if m is not layers_before.get(n)]
-        if replaced:  # a new layer of the same shape would hold weights no mask ever reached
-            raise PruningError(f"train_fn replaced the layer of {replaced[0]} in round {r}; train_fn must train the "
-                               "model's own layers in place, which the masks are held on")
-        if r == 0:
-            if capture_steps and "state" not in captured:
-                raise PruningError(f"rewind={rewind}, but round 0 made only {captured['count']} optimizer steps; "
-                                   f"rewind to an earlier step or train longer")
-            rewind_state = captured["state"] if capture_steps else init
-            save_state_dict(rewind_state, out / "rewind.safetensors")
-        save_state_dict(trained, out / files["trained"])
-        masks.append(mask)
-        manifest["done"] = r
-        manifest["sparsity"].append(sparsity(mask))
-        manifest["files"].append(files)
-        write_json(manifest_path, manifest)
         logger.info("IMP round %d: sparsity %.4f", r, manifest["sparsity"][-1])
     if manifest["done"] > rounds:  # an earlier run went further: report the rounds asked for
         model.load_state_dict(_read_round(out / manifest["files"][rounds]["trained"]))
     keep = rounds + 1
     return IMPResult(out, masks[:keep], manifest["sparsity"][:keep], rewind, manifest["files"][:keep])
+
+
+def _manifest_names_round(path: Path, r: int) -> bool:
+    """Whether the imp.json at `path` records round `r` as done."""
+    try:
+        return json.loads(path.read_text()).get("done", -1) >= r
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+def _imp_round(model: nn.Module, train_fn: Callable[[nn.Module, int], Any], r: int, out: Path, names: list[str],
+               settings: dict[str, Any], init: dict[str, Tensor], masks: list[dict[str, Tensor]],
+               rewind_state: dict[str, Tensor] | None, rewind: str | int, scope: str,
+               written: list[Path]) -> dict[str, Tensor] | None:
+    """IMP's round `r`: prune (round 0: no mask), rewind, train under the mask and save the
+    round's files, each added to `written` once it exists. Appends the round's mask to
+    `masks` and returns the rewind state (set by round 0)."""
+    if r == 0:
+        mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_weights(model, names).items()}
+        start = init
+    else:
+        mask = global_magnitude_masks(model, settings["rate"], masks=masks[-1], layers=names, scope=scope)
+        # a layer used twice is one tensor under two names: rewind_state's copies no longer
+        # share it, so the model's own state_dict tells which entries the mask covers too
+        start = masked_state_dict(rewind_state, {**mask, **_masks_of_aliases(model.state_dict(), mask)})
+    model.load_state_dict(start)
+
+    def save(state: Mapping[str, Tensor], name: str) -> None:
+        written.append(out / name)  # before: a write cut short leaves nothing, but the name is the round's
+        save_state_dict(state, out / name)
+
+    save(mask, f"round_{r:02d}_mask.safetensors")
+    save(start, f"round_{r:02d}_rewound.safetensors")
+    capture_steps = rewind if r == 0 and isinstance(rewind, int) and rewind > 0 else 0
+    layers_before = prunable_weights(model, names)
+    with apply_masks(model, mask if r > 0 else {}), _capture_after_steps(model, capture_steps) as captured:
+        train_fn(model, r)
+    trained = _clone_state(model)
+    for key, shape in settings["shapes"].items():
+        if key not in trained or list(trained[key].shape) != shape:
+            got = tuple(trained[key].shape) if key in trained else "missing"
+            raise PruningError(f"train_fn changed the model in round {r}: {key!r} was {tuple(shape)}, is now "
+                               f"{got}; train_fn must train the weights in place, not replace layers")
+    replaced = [n for n, m in prunable_weights(model, names).items() if m is not layers_before.get(n)]
+    if replaced:  # a new layer of the same shape would hold weights no mask ever reached
+        raise PruningError(f"train_fn replaced the layer of {replaced[0]} in round {r}; train_fn must train the "
+                           "model's own layers in place, which the masks are held on")
+    if r == 0:
+        if capture_steps and "state" not in captured:
+            raise PruningError(f"rewind={rewind}, but round 0 made only {captured['count']} optimizer steps; "
+                               f"rewind to an earlier step or train longer")
+        rewind_state = captured["state"] if capture_steps else init
+        save(rewind_state, "rewind.safetensors")
+    save(trained, f"round_{r:02d}_trained.safetensors")
+    masks.append(mask)
+    return rewind_state
 
 
 __all__ = [
