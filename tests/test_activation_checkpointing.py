@@ -206,7 +206,8 @@ def test_evaluation_and_exports_between_forward_and_backward():
     model.use_reentrant = False
     twa.coefficients.grad = None
     loss = F.cross_entropy(twa(x), y)
-    state = twa.averaged_state_dict()
+    with pytest.warns(RuntimeWarning, match="has not run its backward yet"):  # a load now would be undone
+        state = twa.averaged_state_dict()
     assert state.keys() == before.keys()
     twa.update_bn([x])
     with torch.no_grad():

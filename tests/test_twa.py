@@ -171,6 +171,33 @@ def test_a_copy_taken_between_a_forward_and_its_backward_is_its_own(run, tmp_pat
     torch.testing.assert_close(twa.coefficients.grad, fresh.coefficients.grad, rtol=1e-6, atol=1e-8)
 
 
+def test_exporting_while_a_graph_waits_for_its_backward_warns_that_a_load_would_be_undone(run):
+    # a step interrupted between forward and backward, whose traceback a notebook keeps:
+    # the model holds that forward's weights, and model.load_state_dict(averaged) went into
+    # them, to be undone without a word once the graph was freed
+    import gc
+    import warnings
+
+    train, _, _, ckpts = run
+    model = make_model(1)
+    own = {k: v.clone() for k, v in model.named_parameters()}
+    twa = tk.TWA(model, ckpts, bits=4)
+    x = train.tensors[0][:8]
+    kept = twa(x)  # its graph waits for a backward
+    assert not all(torch.equal(v, own[k]) for k, v in model.named_parameters())  # the forward's weights
+    with pytest.warns(RuntimeWarning, match=r"has not run its backward yet.*sys.last_traceback = None"):
+        twa.averaged_state_dict()
+    del kept
+    gc.collect()
+    assert all(torch.equal(v, own[k]) for k, v in model.named_parameters())  # the model's own again
+    twa.update_bn([x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        averaged = twa.averaged_state_dict()  # no graph waits: no warning
+    model.load_state_dict(averaged)
+    assert all(torch.equal(v, averaged[k]) for k, v in model.state_dict().items())
+
+
 def test_run_lends_the_weights_to_any_call_of_the_model_as_forward_does(run):
     # a loss computed by another method than forward (a LightningModule's training_step,
     # model.compute_loss) trains the coefficients as the same loss through forward

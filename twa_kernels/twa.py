@@ -532,12 +532,24 @@ class TWA(nn.Module):
         """The model's state_dict with the averaged weights, in the model's dtypes: load it
         into a plain model. Every name of a tied weight gets the averaged value. A model
         with BatchNorm statistics gets a warning unless update_bn ran at these weights: the
-        statistics in the result are the model's own, measured at other weights."""
+        statistics in the result are the model's own, measured at other weights. So does a
+        forward's graph that has not run its backward: the model holds that forward's weights
+        until it does, and gets its own back then, undoing a load into it in between."""
         if has_running_statistics(self.module) and not (
                 self._bn_key is not None and same_key(self._bn_key, self._weights_key())):
             warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
                           "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
                           "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
+        if self._lent.pending and not self._lent.depth:
+            # a graph kept from a step interrupted between forward and backward (a notebook keeps
+            # its traceback), or losses kept with their graphs: the model holds that forward's
+            # weights until the graph runs backward or is freed, and then gets its own back
+            warnings.warn("averaged_state_dict(): a forward's graph has not run its backward yet, so until it does "
+                          "(or is freed) the model holds that forward's weights, and a model.load_state_dict() of "
+                          "this state now would be undone then; run the backward, or free the graph (del the loss "
+                          "and outputs; after an interrupted step in IPython or Jupyter, the kept traceback holds "
+                          "it: `import sys; sys.last_traceback = None`) before loading it", RuntimeWarning,
+                          stacklevel=3)
         # a module's extra state (get_extra_state) may be any object: copied as it is
         state = {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
                  for k, v in self.module.state_dict().items()}
