@@ -387,3 +387,31 @@ def test_a_subspace_or_optimizer_of_the_wrong_kind_and_a_meta_model_are_named():
         meta = make_model(0)
     with pytest.raises(tk.errors.InvalidArgumentError, match="is on meta but the subspace is on cpu"):
         tk.SubspaceOptimizer(torch.optim.SGD(meta.parameters(), lr=0.1), sub)
+
+
+def test_a_step_cut_short_before_its_projection_leaves_the_weights_where_it_began(monkeypatch):
+    # the wrapped step ran, the projection did not: the weights stayed off the subspace for good
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), sub)
+    _train(opt, model, steps=2)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    calls, project = [], opt._in_span
+
+    def interrupted(flat):  # the gradient's projection runs, the step's is cut short
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return project(flat)
+
+    monkeypatch.setattr(opt, "_in_span", interrupted)
+    torch.manual_seed(3)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 10, (8,))).backward()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert len(calls) == 2
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+    monkeypatch.undo()
+    _train(opt, model, steps=1)  # it trains on, inside the subspace
+    assert _outside_fraction(model, sub)[1] < 1e-4

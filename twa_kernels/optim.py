@@ -260,14 +260,24 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             return take_step()
         with torch.no_grad():
             before = [p.detach().clone() for p in self._params]
-        result = take_step()
-        with torch.no_grad():
-            # the step projected in float32, added to each weight in its own dtype (in float32,
-            # a float64 model's small steps would be rounded away with its weights)
-            step = torch.cat([(p.detach() - b).reshape(-1).to(torch.float32) for p, b in zip(self._params, before)])
-            for p, b, piece in zip(self._params, before, self.subspace.unflatten(self._in_span(step)).values()):
-                p.copy_(b + piece.to(p.dtype))
-        self._state_in_span = False  # the wrapped optimizer's buffers now hold unprojected steps
+        try:
+            result = take_step()
+            with torch.no_grad():
+                # the step projected in float32, added to each weight in its own dtype (in float32,
+                # a float64 model's small steps would be rounded away with its weights)
+                step = torch.cat([(p.detach() - b).reshape(-1).to(torch.float32)
+                                  for p, b in zip(self._params, before)])
+                for p, b, piece in zip(self._params, before, self.subspace.unflatten(self._in_span(step)).values()):
+                    p.copy_(b + piece.to(p.dtype))
+        except BaseException:
+            # a step cut short (an error, Ctrl-C) before its projection would leave the weights
+            # off the subspace for good: they go back to where the step began
+            with torch.no_grad():
+                for p, b in zip(self._params, before):
+                    p.copy_(b)
+            raise
+        finally:
+            self._state_in_span = False  # the wrapped optimizer's buffers may hold unprojected steps
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
