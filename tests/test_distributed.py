@@ -639,3 +639,28 @@ def test_the_content_sample_sees_one_replaced_tensor_anywhere_in_the_model():
         copy = {k: v + 1 if k == name else v for k, v in state.items()}
         digests.add(_content_sample(ColumnReader(copy, names=names), names, shapes, num_cols, {}))
     assert len(digests) == len(names) + 1
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_update_bn_interrupted_in_its_all_reduce_leaves_the_statistics_and_their_stamp_as_before(
+        monkeypatch, interruption):
+    # a Ctrl-C there kept one rank's own statistics, stamped as measured at these weights
+    from tests.helpers import one_process_group
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 2))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                    for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+
+    def cut(*args, **kwargs):
+        raise interruption("cut short")
+
+    monkeypatch.setattr(distributed, "all_reduce_bn_statistics", cut)
+    with one_process_group(), pytest.raises(interruption):
+        distributed.update_bn([torch.randn(16, 4) for _ in range(3)], twa, torch.distributed.group.WORLD)
+    assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
+    with pytest.warns(RuntimeWarning, match="BatchNorm statistics were not measured"):  # still stale, as said
+        twa.averaged_state_dict()

@@ -217,12 +217,9 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
 
     try:  # a rank whose pass fails stops every rank here, not in the all-reduce below
         agree(local_pass, process_group, "recomputing BatchNorm statistics")
-    except Exception:
-        restore()
-        raise
-    try:  # every rank joins, with BatchNorm layers or without: their layouts are compared first
+        # every rank joins, with BatchNorm layers or without: their layouts are compared first
         batches = all_reduce_bn_statistics(twa.module, process_group, frozen_norms)
-    except Exception:
+    except BaseException:  # a Ctrl-C too: one rank's share alone is no statistics to keep
         restore()
         raise
     if batches == 0 and _measured_bn(twa.module, frozen_norms):  # the same on every rank
