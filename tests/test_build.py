@@ -200,6 +200,44 @@ def test_a_second_build_in_one_process_returns_the_library_it_loaded(tmp_path):
     assert not (tmp_path / "other").exists()  # nothing compiled there
 
 
+def test_a_build_stopped_after_its_library_loaded_is_not_loaded_a_second_time(tmp_path):
+    # cpp_extension.load() loads the library from the build directory; a Ctrl-C while it was
+    # sealed removed that directory, and the retry loaded a fresh build: the process aborted
+    # ("Only a single TORCH_LIBRARY can be used to register the namespace")
+    built = _run("from twa_kernels import _build; print(_build.build_cpu())", {})  # in another process
+    assert built.returncode == 0, built.stderr[-2000:]
+    code = f"""
+import os, shutil, torch, torch.utils.cpp_extension as extension
+from twa_kernels import _build
+built = {built.stdout.strip().splitlines()[-1]!r}
+os.environ["TWA_KERNELS_CACHE"] = {str(tmp_path / "cache")!r}
+
+def load(name, sources, build_directory, is_python_module, **kwargs):  # a compile, without compiling
+    shutil.copy(built, os.path.join(build_directory, name + ".so"))
+    torch.ops.load_library(os.path.join(build_directory, name + ".so"))
+
+extension.load = load
+seal, calls = _build._seal, []
+
+def interrupted(library):
+    calls.append(library)
+    if len(calls) == 1:
+        raise KeyboardInterrupt
+    seal(library)
+
+_build._seal = interrupted
+try:
+    _build.build_cpu()
+except KeyboardInterrupt:
+    pass
+_build.build_cpu()
+print("ok", len(calls))
+"""
+    result = _run(code, {})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "ok 1"  # the retry found the library loaded
+
+
 def test_a_build_failure_is_named_by_its_cause_line():
     error = _build.BuildError("Error building extension 'twa_kernels_cpu': [1/3] c++ -MMD -MF kernels.o.d -O3 ...\n"
                               "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")

@@ -200,6 +200,14 @@ def _load(library: Path) -> None:
                          "and run `python -m twa_kernels build`") from exc
 
 
+def _loaded_from(library: Path) -> None:
+    """Record a library that cpp_extension.load() has just loaded from its build directory,
+    at once: a build stopped after it (Ctrl-C while it is sealed and renamed) deletes that
+    directory, and loading a fresh build of it again would abort the process. Loading the
+    renamed copy later is the same file (the same inode) to the dynamic loader."""
+    _loaded[library.stem] = library
+
+
 def _remove_abandoned_builds(root: Path, held: str) -> None:
     """Delete the temporary directories of builds whose process died mid-compile (killed,
     out of memory). A live build holds its key's lock for its whole life, so a building
@@ -230,6 +238,7 @@ def build_cpu(verbose: bool = False) -> Path:
 
         load(name=CPU_LIBRARY, sources=[str(p) for p in _cpu_sources(src)], extra_cflags=CPU_CFLAGS,
              extra_ldflags=CPU_LDFLAGS, build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+        _loaded_from(build_dir / f"{CPU_LIBRARY}.so")
 
     library = _cached_build("cpu", _cpu_build_key(src), f"{CPU_LIBRARY}.so", compile_into)
     _load(library)
@@ -377,6 +386,7 @@ def build_cuda(verbose: bool = False) -> Path:
         load(name=CUDA_LIBRARY, sources=[str(src / "twa_kernels_cuda.cpp"), str(src / "cuda" / "kernels.cu")],
              extra_cflags=["-O3"], extra_cuda_cflags=[*NVCC_FLAGS, *cuda_arch_flags()],
              build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+        _loaded_from(build_dir / f"{CUDA_LIBRARY}.so")
 
     key = _cuda_key(src, torch.__version__, sys.version)
     library = _cached_build("cuda", key, f"{CUDA_LIBRARY}.so", compile_into)
