@@ -867,3 +867,32 @@ def test_a_compiled_decorrelated_model_samples_in_one_graph_and_honours_the_paus
         compiled(x)
     compiled(x)
     assert [layer._decor_count for _, layer in tk.decor.decorrelated_layers(model)] == [8]
+
+
+def test_a_decorrelate_that_fails_part_way_leaves_every_layer_as_it_was(monkeypatch):
+    # a MemoryError for R of the second layer left it of the decorrelated class without R:
+    # every forward failed, and a retry passed it over as decorrelated already
+    from twa_kernels import decor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    plain, out = copy.deepcopy(model), model(x)
+    init, calls = decor._Decor._decor_init, []
+
+    def out_of_memory(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise MemoryError("R of the second layer")
+        return init(self, *args, **kwargs)
+
+    monkeypatch.setattr(decor._Decor, "_decor_init", out_of_memory)
+    with pytest.raises(MemoryError):
+        tk.decor.decorrelate(model, seed=0)
+    monkeypatch.undo()
+    assert [type(m) for m in model] == [type(m) for m in plain]
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert not any(n.startswith(("_decor", "decor_")) for m in model for n in vars(m))
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    tk.decor.decorrelate(model, seed=0)  # a retry decorrelates every layer
+    assert sum(isinstance(m, decor._Decor) for m in model) == 3

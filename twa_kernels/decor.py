@@ -428,12 +428,29 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
         raise InvalidArgumentError(f"no layer to decorrelate: the model has no nn.Linear, nn.Conv1d, nn.Conv2d or "
                                    f"transformers Conv1D outside skip={skip!r}")
     _refuse_tied(model, todo, "untie them (give each its own nn.Parameter) before decorrelate(), or pass skip={names}")
-    for _, module in todo:
-        d = _input_size(module)
-        module.__class__ = _DECOR[type(module)]
-        module._decor_init(d, lr, kappa, sample_fraction, max_norm, sampler)
+    converted: list[tuple[nn.Module, type]] = []
+    try:
+        for _, module in todo:
+            d = _input_size(module)
+            converted.append((module, type(module)))
+            module.__class__ = _DECOR[type(module)]
+            module._decor_init(d, lr, kappa, sample_fraction, max_norm, sampler)
+    except BaseException:
+        # R of a large layer may not fit in memory, or a Ctrl-C comes: a layer left of the new
+        # class without R would fail every forward, and look decorrelated to a retry
+        for module, plain in converted:
+            _undo_decorrelation(module, plain)
+        raise
     logger.info("decorrelate: %d layers", len(todo))
     return model
+
+
+def _undo_decorrelation(module: nn.Module, plain: type) -> None:
+    """The layer as decorrelate() found it: its own class, without R or the decor settings."""
+    module.__class__ = plain
+    module._buffers.pop(BUFFER, None)
+    for name in [n for n in vars(module) if n.startswith(("_decor", "decor_"))]:
+        delattr(module, name)
 
 
 @contextlib.contextmanager
