@@ -712,3 +712,33 @@ def test_a_frozen_bias_is_kept_as_it_is_unless_init_keeps_it():
     kept.bias.requires_grad_(False)
     tk.factorize(kept, biases=True, init="keep")
     assert parametrize.is_parametrized(kept, "bias")
+
+
+def test_a_factorize_that_fails_part_way_leaves_every_layer_as_it_was(monkeypatch):
+    # a Ctrl-C while the second layer's factors were drawn left the first factorised: a retry
+    # was refused ("already factorised") and the state_dict had other keys
+    from twa_kernels import factorization
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    params = [(name, p) for name, p in model.named_parameters()]
+    x = torch.randn(4, 8)
+    out = model(x)
+    draw, calls = factorization._dwf_init, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second layer's weight (its first factor of 2)
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(factorization, "_dwf_init", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tk.factorize(model, depth=2, seed=0)
+    monkeypatch.undo()
+    assert [(name, p) for name, p in model.named_parameters()] == params  # the same objects, in order
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    tk.factorize(model, depth=2, seed=0)  # a retry factorises every layer
+    assert all(parametrize.is_parametrized(m) for m in (model[0], model[2]))

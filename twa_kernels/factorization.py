@@ -414,13 +414,26 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         for pname in names:
             plan.append((module, pname, None if init == "keep" else _init_scale(name, module, pname, sigma_w, depth,
                                                                                eps, init)))
-    for module, pname, scale in plan:
-        parametrize.register_parametrization(module, pname, DeepFactorization(depth, getattr(module, pname)),
-                                             unsafe=True)
-        if init != "keep":
-            plist = module.parametrizations[pname]
-            for i in range(depth):
-                _dwf_init(getattr(plist, f"original{i}"), scale, depth, eps, gen)
+    own = {id(module): (module, dict(module._parameters)) for module, _, _ in plan}  # objects and order
+    added: list[tuple[nn.Module, str]] = []
+    try:
+        for module, pname, scale in plan:
+            parametrize.register_parametrization(module, pname, DeepFactorization(depth, getattr(module, pname)),
+                                                 unsafe=True)
+            added.append((module, pname))
+            if init != "keep":
+                plist = module.parametrizations[pname]
+                for i in range(depth):
+                    _dwf_init(getattr(plist, f"original{i}"), scale, depth, eps, gen)
+    except BaseException:
+        # a Ctrl-C, or memory for the factors running out: layers factorised so far would be
+        # refused by a retry ("already factorised"), so each gets its own Parameters back
+        for module, pname in reversed(added):
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        for module, params in own.values():
+            module._parameters.clear()
+            module._parameters.update(params)
+        raise
     logger.info("factorised %d layers into %d factors each", len(targets), depth)
     return model
 
