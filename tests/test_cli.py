@@ -189,6 +189,13 @@ def test_an_interrupted_demo_removes_the_checkpoint_folders_it_began(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(out, seeds=3, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [earlier.name]
+    # the earlier run's folder whole: a seed trained again before the interruption did not
+    # overwrite its files (this run's and the earlier run's files were mixed)
+    assert (earlier / "epoch_001.safetensors").read_text() == "an earlier run's"
+    # a first run interrupted leaves none of the folders it created
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "new" / "demo", seeds=3, progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path, monkeypatch):
@@ -198,7 +205,12 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     out.mkdir()
     for name in demo.OUTPUTS:
         (out / name).write_text("previous run")
-    monkeypatch.setattr(demo, "run_seed", lambda seed, setting, out_dir, progress: {"head_epochs": 1})
+    def run_seed(seed, setting, out_dir, progress):
+        (out_dir / f"seed{seed}").mkdir()
+        (out_dir / f"seed{seed}" / "swa.safetensors").write_text("this run's")
+        return {"head_epochs": 1, "files": {"swa": str(out_dir / f"seed{seed}" / "swa.safetensors")}}
+
+    monkeypatch.setattr(demo, "run_seed", run_seed)
     monkeypatch.setattr(demo, "summarize", lambda runs: {})
     monkeypatch.setattr(demo, "plot", lambda runs, summary, path: Path(path).write_text("new figure"))
 
@@ -220,9 +232,12 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     monkeypatch.setattr(demo, "format_table", lambda summary, n: "")
     (out / ".twa-demo-stage.999999999.abc").mkdir()  # a killed demo's, its process gone
     demo.run_demo(out, quick=True, progress=False)
-    assert (out / "results.json").is_symlink() and json.loads(elsewhere.read_text())["seeds"] == [demo.FIRST_SEED]
+    results = json.loads(elsewhere.read_text())
+    assert (out / "results.json").is_symlink() and results["seeds"] == [demo.FIRST_SEED]
+    seed_folder = f"seed{demo.FIRST_SEED}"
+    assert results["runs"][0]["files"]["swa"] == str(out / seed_folder / "swa.safetensors")  # where it is now
     assert (out / "plane.png").read_text() == "new plane"
-    assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*demo.OUTPUTS, seed_folder])
     with pytest.raises(tk.errors.InvalidTypeError, match="out_dir must be a directory path"):
         demo.run_demo(123, quick=True, progress=False)
     # a full disk while the outputs are copied into place: none of them changes
@@ -238,7 +253,7 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     with pytest.raises(tk.errors.OutputError, match="No space left on device.*previous file, if any, is unchanged"):
         demo.run_demo(out, quick=True, progress=False)
     assert (out / "accuracy.png").read_text() == "new figure" and (out / "plane.png").read_text() == "new plane"
-    assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*demo.OUTPUTS, seed_folder])
 
 
 @pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])

@@ -21,6 +21,7 @@ it. SWA and TWA-v are saved beside the checkpoints for `twa connect` and `twa pl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -28,6 +29,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -473,6 +475,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     out = _checked_out_dir(out_dir)
     for module, needed_by in (("mnist1d.data", "twa demo's data"), ("matplotlib.figure", "twa demo's figures")):
         optional(module, "demo", needed_by)  # before minutes of training, not after
+    created = [d for d in (out, *out.parents) if not os.path.lexists(d)]  # removed again if the run fails
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # under a file, no permission, a read-only file system
@@ -487,44 +490,60 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     # busy cores the quick demo took 8 minutes with 2 threads); one thread also makes the
     # numbers match experiments/claims.py's, which runs one thread per process
     torch.set_num_threads(1)
-    seed_dirs = [out / f"seed{seed}" for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
-    new_dirs = [d for d in seed_dirs if not os.path.lexists(d)]
-    try:
-        run_stamp = stamp()  # the machine, date and commit these numbers came from, and the one thread they ran on
-        runs = [run_seed(seed, setting, out, progress) for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
-    except BaseException:
-        # an interrupted run leaves no checkpoint folder it began (a part of a run that
-        # twa connect would read as a whole); an earlier run's folders keep their files
-        for folder in new_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    summary = summarize(runs)
-    report = dict(dataset=f"MNIST-1D ({setting.train_size} train / 500 validation / 1000 test)",
-                  seeds=list(range(FIRST_SEED, FIRST_SEED + n_seeds)),
-                  setting=setting.describe(), epochs=setting.epochs, head_epochs=runs[0]["head_epochs"],
-                  twa_epochs=setting.twa_epochs, bits=4, summary=summary, runs=runs)
-    # the three outputs go in together: an interrupted rerun leaves the previous three, not a
-    # new figure beside an old results.json
+    # every seed trains into a staging folder, and its folder replaces the earlier run's only
+    # when all of the run is done: an interrupted run leaves no seed folder begun (a part of a
+    # run that twa connect would read as a whole), nor an earlier run's folders half rewritten
     _remove_abandoned_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".twa-demo-stage.{os.getpid()}.", dir=out))
     try:
+        try:
+            run_stamp = stamp()  # the machine, date and commit of these numbers, and the one thread they ran on
+            runs = [run_seed(seed, setting, staging, progress) for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
+        finally:
+            torch.set_num_threads(threads)
+        summary = summarize(runs)
+        report = dict(dataset=f"MNIST-1D ({setting.train_size} train / 500 validation / 1000 test)",
+                      seeds=list(range(FIRST_SEED, FIRST_SEED + n_seeds)),
+                      setting=setting.describe(), epochs=setting.epochs, head_epochs=runs[0]["head_epochs"],
+                      twa_epochs=setting.twa_epochs, bits=4, summary=summary, runs=runs)
         plot(runs, summary, staging / "accuracy.png")
         report["plane"] = plane_figure(runs[0], setting, staging / "plane.png", grid=11 if quick else 21,
                                        progress=progress)
         report["total_seconds"] = time.perf_counter() - start
         report["stamp"] = run_stamp
+        for run in runs:  # results.json names the files where they will be
+            run["files"] = _moved(run["files"], staging, out)
         write_json(staging / "results.json", report)
         _checked_out_dir(out)  # a directory that appeared in an output's place: refused before any is replaced
+        # the three outputs go in together (a full disk stops the run before any changes), then
+        # the seed folders, each renamed in place of the earlier run's
         _replace_together(staging, out)
-    finally:
+        for seed in report["seeds"]:
+            if os.path.lexists(out / f"seed{seed}"):  # the earlier run's, removed with the staging folder
+                os.replace(out / f"seed{seed}", staging / f"replaced-seed{seed}")
+            os.replace(staging / f"seed{seed}", out / f"seed{seed}")
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # the folders this run made, if nothing else was put in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     report["table"] = format_table(summary, n_seeds)
     return report
 
 
 OUTPUTS = ("accuracy.png", "plane.png", "results.json")
+
+
+def _moved(files: Any, staging: Path, out: Path) -> Any:
+    """`files` (paths, and lists and dicts of them) with the staging folder's paths in `out`."""
+    if isinstance(files, dict):
+        return {key: _moved(value, staging, out) for key, value in files.items()}
+    if isinstance(files, list):
+        return [_moved(value, staging, out) for value in files]
+    path = Path(files)
+    return str(out / path.relative_to(staging)) if path.is_relative_to(staging) else files
 
 
 def _remove_abandoned_staging(out: Path) -> None:
