@@ -890,3 +890,25 @@ def test_files_written_together_change_together(tmp_path):
     atomic_write_together({figure: lambda tmp: Path(tmp).write_text("new figure"),
                            numbers: lambda tmp: Path(tmp).write_text("{}")})
     assert figure.read_text() == "new figure" and numbers.read_text() == "{}"
+
+
+def test_an_interruption_while_the_folder_is_flushed_never_splits_files_written_together(tmp_path, monkeypatch):
+    # the folder was flushed after each rename: a Ctrl-C in the first flush left a new
+    # figure beside the old numbers
+    from pathlib import Path
+
+    from twa_kernels.io import atomic_write_together, write
+
+    figure, numbers = tmp_path / "plane.png", tmp_path / "plane.json"
+    figure.write_text("old figure")
+    numbers.write_text("old numbers")
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write, "fsync_directory", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_together({figure: lambda tmp: Path(tmp).write_text("new figure"),
+                               numbers: lambda tmp: Path(tmp).write_text("new numbers")})
+    assert (figure.read_text(), numbers.read_text()) == ("new figure", "new numbers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plane.json", "plane.png"]

@@ -83,11 +83,12 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the bytes are on disk before the name points at them
             os.chmod(tmp, mode)
-        for tmp, real, path in staged:
-            current = path
+        for tmp, real, path in staged:  # the renames one after another: an interruption between
+            current = path              # two of them (an fsync takes a while) would split the set
             os.replace(tmp, real)
             replaced += 1
-            fsync_directory(real.parent)  # the new name itself is on disk too
+        for folder in dict.fromkeys(real.parent for _, real, _ in staged):
+            fsync_directory(folder)  # the new names themselves are on disk too
     except TWAKernelsError:  # named already (an unwritable location above, or by `write`)
         raise
     except OSError as exc:
