@@ -514,6 +514,16 @@ def test_a_refused_apply_masks_leaves_every_weight_as_it_was_and_a_module_name_i
     assert model[0].weight.abs().sum() == 0
 
 
+def test_a_masked_block_gives_the_parameters_back_in_their_own_order():
+    # the weight came back after the bias: an optimizer's state saved before the block
+    # loaded positionally onto the wrong tensors after it
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    params, keys = list(model.named_parameters()), list(model.state_dict())
+    with tk.prune.apply_masks(model, {"0.weight": torch.ones(4, 4, dtype=torch.bool)}):
+        pass
+    assert list(model.named_parameters()) == params and list(model.state_dict()) == keys
+
+
 def test_masks_naming_no_weight_or_not_bool_are_refused_by_the_pruning_round():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(PruningError, match=r"masks\['0.weigth'\] names no weight of the model"):

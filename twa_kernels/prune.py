@@ -294,15 +294,23 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     done, entered = [], False
     try:
         for module, mask in plan:
+            order = list(module._parameters)
             parametrize.register_parametrization(
                 module, "weight", _Mask(mask.to(device=module.weight.device, dtype=torch.bool)))
-            done.append(module)
+            done.append((module, order))
         entered = True
         yield model
     finally:
-        for module in done:  # masked values written back only once the block ran
+        for module, order in done:  # masked values written back only once the block ran
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=entered)
+            # torch registers the weight again after the bias: the parameters' order (what an
+            # optimizer's state is matched by) and the state_dict's go back to the model's own
+            params = module._parameters
+            ordered = {name: params[name] for name in order if name in params}
+            ordered.update(params)
+            params.clear()
+            params.update(ordered)
 
 
 def masked_state_dict(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> StateDict:
