@@ -664,3 +664,33 @@ def test_update_bn_interrupted_in_its_all_reduce_leaves_the_statistics_and_their
     assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
     with pytest.warns(RuntimeWarning, match="BatchNorm statistics were not measured"):  # still stale, as said
         twa.averaged_state_dict()
+
+
+def test_update_bn_over_ranks_names_unreached_layers_and_tells_them_from_empty_loaders():
+    # every BatchNorm layer out of the forward's reach was blamed on loaders "that yielded no
+    # batch", when they had yielded batches: one process warns of the layers instead
+    from tests.helpers import one_process_group
+
+    class Unreached(torch.nn.Module):  # its BatchNorm runs in a training_step, not in forward
+        def __init__(self):
+            super().__init__()
+            self.body, self.norm = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Unreached()
+    model.norm.running_mean.fill_(3.0)
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                    for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4)
+    with one_process_group():
+        with pytest.warns(RuntimeWarning, match=r"norm layer\(s\) \['norm'\] saw none of the 3 batches"):
+            distributed.update_bn([torch.randn(8, 4) for _ in range(3)], twa, torch.distributed.group.WORLD)
+        assert torch.equal(model.norm.running_mean, torch.full((4,), 3.0))  # kept, as in one process
+        with pytest.raises(tk.batchnorm.NoBatchesError, match="no rank's loader yielded a batch"):
+            distributed.update_bn([], twa, torch.distributed.group.WORLD)
+    with pytest.warns(RuntimeWarning, match="saw none of the 2 batches"):
+        assert twa.update_bn([torch.randn(8, 4)] * 2) == 2  # the batches the pass fed the model
+    assert tk.update_bn([torch.randn(8, 4)], torch.nn.Linear(4, 4)) == 0  # nothing to measure: not read

@@ -95,7 +95,7 @@ def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[s
 @torch.no_grad()
 def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None = None,
               weights: Mapping[str, Tensor] | None = None, *, allow_empty: bool = False,
-              frozen_norms: Iterable[str] = ()) -> None:
+              frozen_norms: Iterable[str] = ()) -> int:
     """Recompute `model`'s BatchNorm statistics, as torch.optim.swa_utils.update_bn does:
     reset them, then one pass over `loader` in train mode with cumulative averaging
     (momentum None), so every batch counts equally. InstanceNorm layers that track running
@@ -127,7 +127,10 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
     then leave the statistics reset with a batch count of zero, which the all-reduce of
     distributed.all_reduce_bn_statistics weighs as nothing, and so does a layer that saw no
-    rows (distributed.update_bn keeps the statistics of a layer no rank reached)."""
+    rows (distributed.update_bn keeps the statistics of a layer no rank reached).
+
+    Returns the number of batches the pass fed the model (0 where the model has no layer to
+    measure: the loader is not read then)."""
     check_module(model, "update_bn's model")
     flag("update_bn's allow_empty", allow_empty)
     if not isinstance(loader, Iterable) or isinstance(loader, (Tensor, str, Mapping)):
@@ -147,7 +150,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                 raise InvalidTypeError(f"update_bn got a {type(model).__name__}, whose model is not one of its "
                                        f"submodules; call the TWA's own method: {call}, or "
                                        "tk.distributed.update_bn(loader, twa) across processes")
-        return
+        return 0
     measured = measured_norms(model, frozen_norms)
     meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
@@ -161,7 +164,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     if weights is not None:
         weights = _model_weights(model, weights, measured)
     if not measured:  # every layer keeps its statistics
-        return
+        return 0
     modes = {m: m.training for m in model.modules()}
     model.train()
     for name, m in named.items():  # the kept layers normalise with their statistics, as in training
@@ -221,6 +224,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             m.momentum = momenta[m]
         for m, training in modes.items():  # model.train(flag) would set one mode on every submodule
             m.training = training
+    return count
 
 
 def _restore(norm: nn.Module, buffers: Mapping[str, Tensor]) -> None:

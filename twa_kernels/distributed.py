@@ -212,21 +212,24 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
                 getattr(m, k).copy_(b)
         twa._bn_key = measured_at
 
-    def local_pass() -> None:  # a rank whose share is empty still joins the all-reduce, contributing nothing
-        twa.update_bn(loader, call_fn, allow_empty=True, frozen_norms=frozen_norms)
+    def local_pass() -> int:  # a rank whose share is empty still joins the all-reduce, contributing nothing
+        return twa.update_bn(loader, call_fn, allow_empty=True, frozen_norms=frozen_norms)
 
     try:  # a rank whose pass fails stops every rank here, not in the all-reduce below
-        agree(local_pass, process_group, "recomputing BatchNorm statistics")
+        fed = agree(local_pass, process_group, "recomputing BatchNorm statistics")
         # every rank joins, with BatchNorm layers or without: their layouts are compared first
         batches = all_reduce_bn_statistics(twa.module, process_group, frozen_norms)
     except BaseException:  # a Ctrl-C too: one rank's share alone is no statistics to keep
         restore()
         raise
     if batches == 0 and _measured_bn(twa.module, frozen_norms):  # the same on every rank
-        restore()
-        raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
-                                   "statistics to measure (they are left as they were); pass each rank its share "
-                                   "of the training data, as a list or DataLoader that is not used up")
+        # no layer saw a batch: either no loader yielded one, or no layer was reached (below)
+        batches = int(all_reduce_metrics({"fed": fed}, process_group)["fed"])
+        if batches == 0:
+            restore()
+            raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
+                                 "statistics to measure (they are left as they were); pass each rank its share "
+                                 "of the training data, as a list or DataLoader that is not used up")
     # a layer no rank's pass reached measured nothing: it keeps its statistics, as in one process
     measured = _measured_bn(twa.module, frozen_norms)
     unreached = [name for name, m in measured.items() if int(m.num_batches_tracked) == 0]

@@ -568,7 +568,7 @@ class TWA(nn.Module):
 
     @torch.no_grad()
     def update_bn(self, loader: Iterable, call_fn: Callable[[nn.Module, Any], Any] | None = None, *,
-                  allow_empty: bool = False, frozen_norms: Iterable[str] = ()) -> None:
+                  allow_empty: bool = False, frozen_norms: Iterable[str] = ()) -> int:
         """Recompute BatchNorm statistics at the averaged weights, as
         torch.optim.swa_utils.update_bn does: reset them, then one pass in train mode with
         cumulative averaging. A batch that is a tuple or list feeds its first element, a
@@ -576,10 +576,11 @@ class TWA(nn.Module):
         the wrapped model holding the averaged weights, so any of its methods may run the
         batch (see twa_kernels.batchnorm.update_bn, also for frozen_norms, the BatchNorm layers
         that keep their statistics, and allow_empty, which distributed.update_bn passes for a
-        rank whose share is empty)."""
+        rank whose share is empty). Returns the number of batches the pass fed the model."""
         with self.averaged_model() as model:
-            update_bn(loader, model, call_fn, allow_empty=allow_empty, frozen_norms=frozen_norms)
+            fed = update_bn(loader, model, call_fn, allow_empty=allow_empty, frozen_norms=frozen_norms)
         self._bn_key = self._weights_key()
+        return fed
 
 
 
