@@ -254,6 +254,36 @@ def test_a_compiled_twa_projects_in_float32_even_with_int8_gradients(run):
     torch.testing.assert_close(twa.coefficients.grad, tk.project(twa.basis, g), rtol=1e-5, atol=1e-7)
 
 
+def test_a_compiled_twa_over_sparse_embeddings_gives_the_eager_gradients():
+    # the embedding's sparse gradient could not pass back through the weights' views in the
+    # compiled graph: "reshape is not implemented for sparse tensors"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, sparse=True), nn.Flatten(), nn.Linear(8 * 3, 2))
+    bag = nn.EmbeddingBag(50, 4, mode="sum", sparse=True)
+    model.add_module("bag", bag)
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net[:3](x) + self.net.bag(x).sum(1, keepdim=True)
+
+    wrapped = Both()
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in wrapped.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(wrapped, checkpoints, bits=4)
+    x = torch.randint(0, 50, (4, 3))
+    twa(x).square().sum().backward()
+    eager, twa.coefficients.grad = twa.coefficients.grad, None
+    compiled = torch.compile(twa, backend="aot_eager")
+    for _ in range(2):  # and again, through the same compiled graph
+        compiled(x).square().sum().backward()
+        torch.testing.assert_close(twa.coefficients.grad, eager, rtol=1e-5, atol=1e-6)
+        twa.coefficients.grad = None
+    assert model[0].sparse and bag.sparse  # the model's own setting, as it was
+
+
 def test_int8_gradients_need_a_packed_basis(run):
     _, _, _, ckpts = run
     with pytest.raises(InvalidArgumentError, match="dense basis"):

@@ -431,7 +431,18 @@ class TWA(nn.Module):
                 # (coefficient gradients 20-80% off, without a word). Such a model runs eagerly,
                 # with the weights lent until its backward.
                 return self._lent_forward(args, kwargs)
-            return functional_call(self.module, self.weights(), args, kwargs)
+            # an embedding's sparse gradient cannot pass back through the weights' views in a
+            # compiled graph ("reshape is not implemented for sparse tensors"), and it would be
+            # densified to be projected anyway: such layers are traced with dense gradients, and
+            # keep their own setting outside the call
+            sparse = [m for m in self.module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+            for m in sparse:
+                m.sparse = False
+            try:
+                return functional_call(self.module, self.weights(), args, kwargs)
+            finally:
+                for m in sparse:
+                    m.sparse = True
         if _transform_active() or fwAD.unpack_dual(self.coefficients).tangent is not None:
             # under a torch.func transform (grad, vmap, jvp) or forward-mode AD: neither
             # transforms the autograd.Functions that lend the weights, nor functorch a custom
