@@ -863,3 +863,23 @@ def reentrant_replicated(rank: int, world: int) -> dict:
         twa(x).pow(2).mean().backward()
         grads["reentrant" if reentrant else "plain"] = twa.coefficients.grad.clone()
     return grads
+
+
+def one_rank_exports(rank: int, world: int) -> dict:
+    """Rank 0 alone asks a sharded TWA for its averaged state (under `if rank == 0:`), which
+    gathers the weights from every rank: it waits for the others until the timeout, then
+    gets an error saying that every rank makes the call."""
+    import time
+
+    import twa_kernels as tk
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD, shard=True)
+    out = {}
+    if rank == 0:
+        try:
+            twa.averaged_state_dict()
+        except tk.errors.TWAKernelsError as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        time.sleep(8)  # alive past rank 0's timeout, so rank 0 meets the timeout and not a closed peer
+    return out

@@ -694,3 +694,11 @@ def test_update_bn_over_ranks_names_unreached_layers_and_tells_them_from_empty_l
     with pytest.warns(RuntimeWarning, match="saw none of the 2 batches"):
         assert twa.update_bn([torch.randn(8, 4)] * 2) == 2  # the batches the pass fed the model
     assert tk.update_bn([torch.randn(8, 4)], torch.nn.Linear(4, 4)) == 0  # nothing to measure: not read
+
+
+def test_a_gathering_call_on_one_rank_alone_says_every_rank_must_make_it(tmp_path):
+    # the all-gather's timeout named only gloo's transport, 30 minutes after the call
+    results = w.spawn(w.one_rank_exports, 2, str(tmp_path), timeout=120, collective_timeout=3)
+    assert results[0]["error"].startswith("UsageError: TWA's all-gather across its process group failed (")
+    assert "Every rank must make the same TWA calls" in results[0]["error"]
+    assert "under `if rank == 0:`" in results[0]["error"]

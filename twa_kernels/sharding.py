@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from twa_kernels._collectives import BasisMismatchError, check_group, gather_rows
-from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.errors import InvalidArgumentError, UsageError
 from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis, basis_meta
 
@@ -99,20 +99,40 @@ class Comm:
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum of t over the ranks, in place."""
         self._count("all_reduce", t)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
+            raise _failed("all-reduce", exc) from exc
         return t
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """Every rank's t, in rank order, into out (world size times t's length)."""
         self._count("all_gather", out)
-        _all_gather(out, t, self.group)
+        try:
+            _all_gather(out, t, self.group)
+        except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
+            raise _failed("all-gather", exc) from exc
         return out
 
     def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """This rank's chunk of the sum of t over the ranks, into out."""
         self._count("reduce_scatter", t)
-        _reduce_scatter(out, t, self.group)
+        try:
+            _reduce_scatter(out, t, self.group)
+        except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
+            raise _failed("reduce-scatter", exc) from exc
         return out
+
+
+def _failed(collective: str, exc: RuntimeError) -> UsageError:
+    """A collective of TWA's that failed, most often on one rank that waited alone until the
+    timeout, as UsageError saying what every rank must do (torch's own error, kept as the
+    cause, names only the transport)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return UsageError(f"TWA's {collective} across its process group failed ({first}). Every rank must make the "
+                      "same TWA calls in the same order: each forward and backward, weights(), "
+                      "averaged_state_dict(), update_bn. A call made on one rank alone (under `if rank == 0:`) "
+                      "waits for the others until the timeout; if another rank failed, its own error says why")
 
 
 def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
