@@ -1464,14 +1464,18 @@ def test_checkpoints_that_are_all_one_point_get_a_warning(bits):
         tk.TWA(_Backbone(), [state, other, state], bits=bits)  # a repeat among others: the caller's weighting
 
 
-def test_an_empty_parameter_gets_advice_twa_users_can_follow():
+def test_a_parameter_with_no_elements_is_kept_out_of_the_subspace_as_a_frozen_one_is():
+    # AdaptiveLogSoftmaxWithLoss with an empty cluster: TWA refused the model, trainable as it is
     model = nn.Linear(3, 2)
-    model.empty = nn.Parameter(torch.zeros(0))
+    model.empty = nn.Parameter(torch.zeros(0, 3))
     checkpoints = [{k: v + i for k, v in model.state_dict().items()} for i in range(3)]
-    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'empty' has no elements.*requires_grad_\(False\)"):
-        tk.TWA(model, checkpoints)
-    model.empty.requires_grad_(False)
-    tk.TWA(model, checkpoints)
+    twa = tk.TWA(model, checkpoints, bits=None)
+    assert twa.names == ["weight", "bias"] and twa.frozen_names == ["empty"]
+    twa(torch.randn(4, 3)).sum().backward()
+    assert twa.coefficients.grad.abs().sum() > 0
+    assert twa.averaged_state_dict()["empty"].shape == (0, 3)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"'empty' has no elements.*leave it out"):
+        tk.Subspace.from_checkpoints(checkpoints)  # the builder asked for it by name: refused
 
 
 def test_checkpoints_whose_buffers_differ_from_the_models_get_a_warning():

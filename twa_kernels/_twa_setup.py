@@ -40,6 +40,13 @@ def given_settings(**settings: Any) -> tuple[set[str], dict[str, Any]]:
     return given, plain
 
 
+def averaged(param: nn.Parameter) -> bool:
+    """Whether TWA averages `param` in the subspace: it trains and holds values. The others
+    are pinned (see pinned_values); a parameter with no elements (an empty cluster of
+    AdaptiveLogSoftmaxWithLoss) is kept as it is, having nothing to average."""
+    return param.requires_grad and param.numel() > 0
+
+
 def trainable_parameters(model: nn.Module, bits: int | None, granularity: str | int, group_size: int,
                          int8_gradients: bool) -> list[tuple[str, nn.Parameter]]:
     """The model's parameters TWA averages (those with requires_grad), once the build
@@ -62,7 +69,7 @@ def trainable_parameters(model: nn.Module, bits: int | None, granularity: str | 
         raise InvalidArgumentError(f"the model's {lazy!r} belongs to a lazy layer (LazyLinear, LazyConv...), "
                                    "which has no shape until it first runs; run one forward pass of the "
                                    "model on a batch before building TWA")
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in model.named_parameters() if averaged(p)]
     hooked = [name for name, p in trainable if p._backward_hooks or p._post_accumulate_grad_hooks]
     if hooked:  # TWA's weights are other tensors: a hook on the model's Parameter never runs
         warnings.warn(f"the model's parameter(s) {hooked[:5]} have gradient hooks (register_hook, "

@@ -333,8 +333,8 @@ def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shape
     empty = [n for n, shape in zip(names, shapes) if math.prod(shape) == 0]
     if empty:
         raise InvalidArgumentError(f"parameter {empty[0]!r} has no elements (shape {shapes[names.index(empty[0])]}); "
-                                   "it holds nothing to average: leave it out of parameter_names, or for TWA "
-                                   "freeze it (requires_grad_(False))")
+                                   "it holds nothing to average: leave it out of parameter_names (TWA leaves "
+                                   "such parameters out by itself)")
     return names, shapes
 
 

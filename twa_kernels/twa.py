@@ -34,8 +34,8 @@ evaluation (eval(), or a forward that records no graph) lets them go. Tied weigh
 tensor under several names) are one row segment of the basis, and every name gets the
 averaged value in averaged_state_dict().
 
-Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are kept out
-of the subspace, because a quantisation group spanning a frozen and a trained tensor
+Frozen parameters (requires_grad=False: a frozen backbone, integer tensors), and parameters
+with no elements, are kept out of the subspace, because a quantisation group spanning a frozen and a trained tensor
 would move the frozen one. Each is pinned to its checkpoint value: the checkpoints' mean
 summed in float64, which is exactly the value when they agree, as a frozen tensor's do
 (integer ones must agree). TWA holds the pinned values as buffers (`frozen_<i>`, names in
@@ -61,8 +61,8 @@ from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, MissingKe
 from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
 from twa_kernels._memory import Workspace
-from twa_kernels._twa_setup import (DefaultInt, DefaultStr, all_zero, check_model_fits, given_settings,
-                                    pinned_values, subspace_for, trainable_parameters)
+from twa_kernels._twa_setup import (DefaultInt, DefaultStr, all_zero, averaged, check_model_fits,
+                                    given_settings, pinned_values, subspace_for, trainable_parameters)
 from twa_kernels._twa_state import check_loaded_state, record_shard
 from twa_kernels.batchnorm import has_running_statistics, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
@@ -151,13 +151,14 @@ class TWA(nn.Module):
         aliases = parameter_aliases(model)
         subspace = subspace_for(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
                              bits=bits, granularity=granularity, group_size=group_size, progress=progress)
-        frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+        frozen = [(n, p) for n, p in model.named_parameters() if not averaged(p)]
 
         def check_and_pin() -> list[Tensor]:
             check_model_fits(model, subspace, frozen, int8_gradients)
-            if isinstance(checkpoints_or_subspace, Subspace) and frozen:
-                warnings.warn(f"TWA built from a Subspace pins the model's {len(frozen)} frozen parameter(s) (e.g. "
-                              f"{frozen[0][0]!r}) to the model's own values, which a Subspace does not hold; load "
+            valued = [name for name, p in frozen if p.numel()]  # an empty one has no value to differ
+            if isinstance(checkpoints_or_subspace, Subspace) and valued:
+                warnings.warn(f"TWA built from a Subspace pins the model's {len(valued)} frozen parameter(s) (e.g. "
+                              f"{valued[0]!r}) to the model's own values, which a Subspace does not hold; load "
                               "the checkpoints' values into the model first if they differ", UserWarning,
                               stacklevel=3)
             return pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
