@@ -205,9 +205,12 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     out.mkdir()
     for name in demo.OUTPUTS:
         (out / name).write_text("previous run")
+    runs = []
+
     def run_seed(seed, setting, out_dir, progress):
+        runs.append(seed)
         (out_dir / f"seed{seed}").mkdir()
-        (out_dir / f"seed{seed}" / "swa.safetensors").write_text("this run's")
+        (out_dir / f"seed{seed}" / "swa.safetensors").write_text(f"run {len(runs)}")
         return {"head_epochs": 1, "files": {"swa": str(out_dir / f"seed{seed}" / "swa.safetensors")}}
 
     monkeypatch.setattr(demo, "run_seed", run_seed)
@@ -254,6 +257,35 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
         demo.run_demo(out, quick=True, progress=False)
     assert (out / "accuracy.png").read_text() == "new figure" and (out / "plane.png").read_text() == "new plane"
     assert sorted(p.name for p in out.iterdir()) == sorted([*demo.OUTPUTS, seed_folder])
+    finished = (out / seed_folder / "swa.safetensors").read_text()
+    assert finished == "run 2"  # the folder of the run the outputs belong to, not the failed run's
+    monkeypatch.setattr(demo.shutil, "copyfile", copyfile)
+    # a seed folder that cannot be moved (the second of two): every earlier folder goes back
+    earlier_second = out / f"seed{demo.FIRST_SEED + 1}"
+    earlier_second.mkdir()
+    (earlier_second / "swa.safetensors").write_text("earlier")
+    replace = os.replace
+
+    def unmovable(src, dst):
+        if Path(src) == earlier_second:
+            raise PermissionError(13, "Permission denied")
+        return replace(src, dst)
+
+    monkeypatch.setattr(demo.os, "replace", unmovable)
+    with pytest.raises(tk.errors.OutputError, match="a seed folder could not be put in place.*Permission denied"):
+        demo.run_demo(out, seeds=2, progress=False)
+    monkeypatch.setattr(demo.os, "replace", replace)
+    assert (out / seed_folder / "swa.safetensors").read_text() == finished
+    assert (earlier_second / "swa.safetensors").read_text() == "earlier"
+    assert (out / "accuracy.png").read_text() == "new figure"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*demo.OUTPUTS, seed_folder, earlier_second.name])
+    # a symbolic link or a file where a seed's folder goes is refused before any training
+    earlier_second.rename(tmp_path / "elsewhere")
+    earlier_second.symlink_to(tmp_path / "elsewhere")
+    trained = len(runs)
+    with pytest.raises(tk.errors.OutputError, match=r"holds a symbolic link named seed\d+, where the demo puts"):
+        demo.run_demo(out, seeds=2, progress=False)
+    assert len(runs) == trained
 
 
 @pytest.mark.parametrize("missing", ["mnist1d", "matplotlib"])

@@ -666,7 +666,7 @@ def test_update_bn_interrupted_in_its_all_reduce_leaves_the_statistics_and_their
         twa.averaged_state_dict()
 
 
-def test_update_bn_over_ranks_names_unreached_layers_and_tells_them_from_empty_loaders():
+def test_update_bn_over_ranks_names_unreached_layers_and_tells_them_from_empty_loaders(monkeypatch):
     # every BatchNorm layer out of the forward's reach was blamed on loaders "that yielded no
     # batch", when they had yielded batches: one process warns of the layers instead
     from tests.helpers import one_process_group
@@ -687,10 +687,19 @@ def test_update_bn_over_ranks_names_unreached_layers_and_tells_them_from_empty_l
     twa = tk.TWA(model, checkpoints, bits=4)
     with one_process_group():
         with pytest.warns(RuntimeWarning, match=r"norm layer\(s\) \['norm'\] saw none of the 3 batches"):
-            distributed.update_bn([torch.randn(8, 4) for _ in range(3)], twa, torch.distributed.group.WORLD)
+            fed = distributed.update_bn([torch.randn(8, 4) for _ in range(3)], twa, torch.distributed.group.WORLD)
+        assert fed == 3  # this rank's batches
         assert torch.equal(model.norm.running_mean, torch.full((4,), 3.0))  # kept, as in one process
         with pytest.raises(tk.batchnorm.NoBatchesError, match="no rank's loader yielded a batch"):
             distributed.update_bn([], twa, torch.distributed.group.WORLD)
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(distributed, "all_reduce_metrics", interrupted)  # the count's all-reduce
+        with pytest.raises(KeyboardInterrupt):
+            distributed.update_bn([torch.randn(8, 4)], twa, torch.distributed.group.WORLD)
+        assert torch.equal(model.norm.running_mean, torch.full((4,), 3.0))  # not left reset
     with pytest.warns(RuntimeWarning, match="saw none of the 2 batches"):
         assert twa.update_bn([torch.randn(8, 4)] * 2) == 2  # the batches the pass fed the model
     assert tk.update_bn([torch.randn(8, 4)], torch.nn.Linear(4, 4)) == 0  # nothing to measure: not read
@@ -702,3 +711,25 @@ def test_a_gathering_call_on_one_rank_alone_says_every_rank_must_make_it(tmp_pat
     assert results[0]["error"].startswith("UsageError: TWA's all-gather across its process group failed (")
     assert "Every rank must make the same TWA calls" in results[0]["error"]
     assert "under `if rank == 0:`" in results[0]["error"]
+
+
+def test_a_collective_that_fails_for_another_reason_keeps_its_own_error(monkeypatch):
+    # memory running out in a collective was reworded as a rank mismatch
+    from tests.helpers import one_process_group
+    from twa_kernels.sharding import Comm
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (test stand-in)")
+
+    with one_process_group():
+        comm = Comm(torch.distributed.group.WORLD)
+        monkeypatch.setattr(torch.distributed, "all_reduce", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError, match="test stand-in"):
+            comm.all_reduce(torch.ones(2))
+
+        def timed_out(*args, **kwargs):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 3000ms for recv operation")
+
+        monkeypatch.setattr(torch.distributed, "all_reduce", timed_out)
+        with pytest.raises(tk.errors.UsageError, match="all-reduce across its process group failed .*Every rank"):
+            comm.all_reduce(torch.ones(2))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import twa_kernels as tk
-from twa_kernels.errors import InvalidArgumentError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.lightning import TrainableWeightAveraging
 
 _gen = torch.Generator().manual_seed(0)
@@ -272,8 +272,10 @@ def test_training_stopped_before_the_twa_epochs_warns_and_keeps_the_modules_weig
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(start_epoch=-1), InvalidArgumentError, "start_epoch must be"),
     (dict(start_epoch=1.5), InvalidArgumentError, "start_epoch must be"),
-    (dict(start_epoch=True), InvalidArgumentError, "start_epoch must be"),
+    (dict(start_epoch=True), InvalidTypeError, "start_epoch must be"),
+    (dict(start_epoch="half"), InvalidTypeError, "start_epoch must be"),
     (dict(twa_epochs=0), InvalidArgumentError, "twa_epochs must be"),
+    (dict(twa_epochs=True), InvalidTypeError, "twa_epochs must be an int >= 1"),
     (dict(optimizer="adamw"), InvalidArgumentError, "optimizer must be a function"),
     (dict(update_bn="yes"), InvalidArgumentError, "update_bn must be"),
     (dict(bits=3), InvalidArgumentError, "bits"),

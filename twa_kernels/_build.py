@@ -204,7 +204,9 @@ def _loaded_from(library: Path) -> None:
     """Record a library that cpp_extension.load() has just loaded from its build directory,
     at once: a build stopped after it (Ctrl-C while it is sealed and renamed) deletes that
     directory, and loading a fresh build of it again would abort the process. Loading the
-    renamed copy later is the same file (the same inode) to the dynamic loader."""
+    renamed copy later is the same file (the same inode) to the dynamic loader. After such a
+    stop the path recorded is gone from disk while the library stays loaded: the next
+    process builds it again."""
     _loaded[library.stem] = library
 
 

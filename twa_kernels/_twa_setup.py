@@ -49,15 +49,15 @@ def averaged(param: nn.Parameter) -> bool:
 
 def trainable_parameters(model: nn.Module, bits: int | None, granularity: str | int, group_size: int,
                          int8_gradients: bool) -> list[tuple[str, nn.Parameter]]:
-    """The model's parameters TWA averages (those with requires_grad), once the build
+    """The model's parameters TWA averages (see `averaged`), once the build
     settings and the model are known to be usable: a model on the meta device, with lazy
     layers or with nothing to train is refused, and gradient hooks that TWA cannot run are
     named in a warning."""
     check_build_args(bits, group_size, granularity)
     if not isinstance(int8_gradients, bool):
         raise InvalidArgumentError(f"int8_gradients must be True or False, got {int8_gradients!r}")
-    # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) are not
-    # averaged in the subspace: they are pinned to their checkpoint value (see pinned_values).
+    # Frozen parameters (requires_grad=False: a frozen backbone, integer tensors) and empty ones
+    # are not averaged in the subspace: they are pinned to their checkpoint value (see pinned_values).
     meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise InvalidArgumentError(f"the model's {meta!r} is on the meta device, which holds no values: TWA "
@@ -81,13 +81,13 @@ def trainable_parameters(model: nn.Module, bits: int | None, granularity: str | 
         raise InvalidArgumentError(f"the model ({type(model).__name__}) has no parameters, so TWA has nothing "
                                    "to average; pass the network the checkpoints were saved from")
     if not trainable:
-        raise InvalidArgumentError("every parameter of the model has requires_grad=False, so TWA has nothing "
-                                   "to average; set requires_grad=True on the parameters to train")
+        raise InvalidArgumentError("every parameter of the model has requires_grad=False or no elements, so TWA "
+                                   "has nothing to average; set requires_grad=True on the parameters to train")
     return trainable
 
 
 def check_settings_of(subspace: Subspace, numels: list[int], given: set[str], bits: int | None,
-                       granularity: str | int, group_size: int) -> None:
+                      granularity: str | int, group_size: int) -> None:
     """A setting given beside a built subspace (`given`: passed, even at TWA's default value)
     must be the subspace's own: it cannot change how that basis was built, and taking it
     silently would train at another bit width than the one asked for."""
@@ -105,8 +105,8 @@ def check_settings_of(subspace: Subspace, numels: list[int], given: set[str], bi
 
 
 def subspace_for(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.Parameter]],
-              aliases: dict[str, list[str]], process_group: Any, shard: bool, given: set[str],
-              **build_args: Any) -> Subspace:
+                 aliases: dict[str, list[str]], process_group: Any, shard: bool, given: set[str],
+                 **build_args: Any) -> Subspace:
     """The subspace TWA trains in: the one given (whose settings must match the `given`
     ones), or one built from checkpoints for the `trainable` parameters (this rank's
     columns only when sharded)."""
@@ -117,7 +117,7 @@ def subspace_for(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.P
                 raise InvalidArgumentError("the subspace's center holds NaN or Inf, so every averaged weight would; "
                                            "build it from finite checkpoints")
             check_settings_of(source, [math.prod(s) for s in shapes], given, build_args["bits"],
-                               build_args["granularity"], build_args["group_size"])
+                              build_args["granularity"], build_args["group_size"])
             return source
         # under a process group, a subspace refused on one rank stops every rank with the reason
         return check() if process_group is None else _collectives.agree(check, process_group, "checking its subspace")
@@ -185,7 +185,7 @@ def all_zero(basis: QuantizedBasis) -> bool:
 
 
 def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
-                   aliases: dict[str, list[str]], stamps: list[tuple | None] | None = None) -> list[Tensor]:
+                  aliases: dict[str, list[str]], stamps: list[tuple | None] | None = None) -> list[Tensor]:
     """The value each frozen parameter keeps under TWA: its checkpoint value. Floating-point
     ones are the checkpoints' mean, summed in float64, so checkpoints that agree (as a frozen
     tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA

@@ -29,9 +29,10 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -472,7 +473,8 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     n_seeds = seeds if seeds is not None else (1 if quick else 5)
     # the summary needs a seed
     integer("seeds", n_seeds, 1, "the number of seeds to run: --seeds 1 or more, or none for 5, 1 with --quick")
-    out = _checked_out_dir(out_dir)
+    seeds_run = list(range(FIRST_SEED, FIRST_SEED + n_seeds))
+    out = _checked_out_dir(out_dir, seeds_run)
     for module, needed_by in (("mnist1d.data", "twa demo's data"), ("matplotlib.figure", "twa demo's figures")):
         optional(module, "demo", needed_by)  # before minutes of training, not after
     created = [d for d in (out, *out.parents) if not os.path.lexists(d)]  # removed again if the run fails
@@ -498,12 +500,12 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     try:
         try:
             run_stamp = stamp()  # the machine, date and commit of these numbers, and the one thread they ran on
-            runs = [run_seed(seed, setting, staging, progress) for seed in range(FIRST_SEED, FIRST_SEED + n_seeds)]
+            runs = [run_seed(seed, setting, staging, progress) for seed in seeds_run]
         finally:
             torch.set_num_threads(threads)
         summary = summarize(runs)
         report = dict(dataset=f"MNIST-1D ({setting.train_size} train / 500 validation / 1000 test)",
-                      seeds=list(range(FIRST_SEED, FIRST_SEED + n_seeds)),
+                      seeds=seeds_run,
                       setting=setting.describe(), epochs=setting.epochs, head_epochs=runs[0]["head_epochs"],
                       twa_epochs=setting.twa_epochs, bits=4, summary=summary, runs=runs)
         plot(runs, summary, staging / "accuracy.png")
@@ -514,14 +516,10 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
         for run in runs:  # results.json names the files where they will be
             run["files"] = _moved(run["files"], staging, out)
         write_json(staging / "results.json", report)
-        _checked_out_dir(out)  # a directory that appeared in an output's place: refused before any is replaced
-        # the three outputs go in together (a full disk stops the run before any changes), then
-        # the seed folders, each renamed in place of the earlier run's
-        _replace_together(staging, out)
-        for seed in report["seeds"]:
-            if os.path.lexists(out / f"seed{seed}"):  # the earlier run's, removed with the staging folder
-                os.replace(out / f"seed{seed}", staging / f"replaced-seed{seed}")
-            os.replace(staging / f"seed{seed}", out / f"seed{seed}")
+        _checked_out_dir(out, seeds_run)  # what appeared in an output's place: refused before any is replaced
+        # the seed folders, then the three outputs together (results.json last of all); a
+        # failure in either leaves the earlier run's folders beside the earlier run's outputs
+        _replace_seed_folders(staging, out, seeds_run, then=lambda: _replace_together(staging, out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # the folders this run made, if nothing else was put in them
@@ -534,6 +532,36 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
 
 
 OUTPUTS = ("accuracy.png", "plane.png", "results.json")
+
+
+def _replace_seed_folders(staging: Path, out: Path, seeds: list[int], then: Callable[[], None]) -> None:
+    """Put each seed's folder from `staging` in place of the earlier run's in `out`, the
+    earlier ones moved into `staging` (removed with it), and call `then` (which puts the
+    outputs in place). A failure part-way (a folder that cannot be moved, a full disk in
+    `then`, a Ctrl-C) puts every earlier folder back and raises, so that the earlier run's
+    outputs never sit beside this run's folders."""
+    done: list[tuple[Path, Path, Path | None]] = []  # (new folder's place, its staged place, the earlier one's)
+    try:
+        for seed in seeds:
+            final, new = out / f"seed{seed}", staging / f"seed{seed}"
+            earlier = staging / f"replaced-seed{seed}" if os.path.lexists(final) else None
+            done.append((final, new, earlier))
+            if earlier is not None:
+                os.replace(final, earlier)
+            os.replace(new, final)
+        then()
+    except BaseException as exc:
+        for final, new, earlier in reversed(done):
+            with contextlib.suppress(OSError):
+                if os.path.lexists(final) and not os.path.lexists(new):
+                    os.replace(final, new)
+                if earlier is not None and os.path.lexists(earlier):
+                    os.replace(earlier, final)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"out_dir (--out) {shown(out)}: a seed folder could not be put in place of the earlier "
+                              f"run's ({exc.strerror or exc}); the earlier run's folders and outputs are as they "
+                              "were: check the folder's permissions, or choose another --out") from exc
+        raise
 
 
 def _moved(files: Any, staging: Path, out: Path) -> Any:
@@ -564,10 +592,11 @@ def _replace_together(staging: Path, out: Path) -> None:
     atomic_write_together({out / name: functools.partial(shutil.copyfile, staging / name) for name in OUTPUTS})
 
 
-def _checked_out_dir(out_dir: str | Path) -> Path:
+def _checked_out_dir(out_dir: str | Path, seeds: list[int] = ()) -> Path:
     """out_dir as a Path, refused (OutputError) before any work where the demo's outputs
     could not be written: a NUL byte, a file, a name too long, a directory in the place of
-    an output."""
+    an output, or anything but a directory in the place of a seed's folder (a file, or a
+    symbolic link, which the new folder would replace rather than write through)."""
     if not isinstance(out_dir, (str, os.PathLike)) or isinstance(os.fspath(out_dir), bytes):
         raise InvalidTypeError(f"out_dir must be a directory path (str or pathlib.Path), got {type(out_dir).__name__}")
     path_without_nul(out_dir, "out_dir (--out)", OutputError)
@@ -580,6 +609,13 @@ def _checked_out_dir(out_dir: str | Path) -> Path:
             if (out / name).is_dir():
                 raise OutputError(f"out_dir (--out) {shown(out)} holds a directory named {name}, where the demo "
                                   "writes that file: rename or remove it, or choose another --out")
+        for seed in seeds:
+            folder = out / f"seed{seed}"
+            if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+                kind = "a symbolic link" if folder.is_symlink() else "a file"
+                raise OutputError(f"out_dir (--out) {shown(out)} holds {kind} named seed{seed}, where the demo puts "
+                                  f"seed {seed}'s checkpoint folder in place of an earlier run's: rename or remove "
+                                  "it, or choose another --out")
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise

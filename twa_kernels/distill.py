@@ -151,7 +151,8 @@ def default_embedding(x: Tensor, width: int = 128, depth: int = 3) -> Callable[[
     Inputs with one position per example ([N, 1], [N, C, 1], [N, C, 1, 1]) are refused: the
     network's instance norm makes each channel of one position a constant, so nothing would
     be learned."""
-    integer("default_embedding's width", width, 1), integer("default_embedding's depth", depth, 1)
+    integer("default_embedding's width", width, 1)
+    integer("default_embedding's depth", depth, 1)
     shape = _as_channels(x).shape
     if math.prod(shape[2:]) == 1:
         fix = ("pass the C values as one signal of length C, x.reshape(len(x), 1, -1), or "

@@ -177,13 +177,14 @@ def _measured_bn(model: nn.Module, frozen_norms: Iterable[str]) -> dict[str, nn.
 
 
 def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
-              call_fn: Callable[[nn.Module, Any], Any] | None = None, *, frozen_norms: Iterable[str] = ()) -> None:
+              call_fn: Callable[[nn.Module, Any], Any] | None = None, *, frozen_norms: Iterable[str] = ()) -> int:
     """TWA.update_bn over the union of every rank's `loader` (each rank passes its own
     shard of the data): a local pass at the averaged weights, then one all-reduce of the
     statistics. Equal to one process running update_bn over all the ranks' batches
     (SyncBatchNorm layers included: each rank measures its own batches, merged after).
     `twa` may be wrapped in DistributedDataParallel. A pass that fails on one rank stops
-    every rank with the reason, each with its statistics as they were.
+    every rank with the reason, each with its statistics as they were. Returns the number
+    of batches this rank's pass fed the model.
 
     The argument order is torch.optim.swa_utils.update_bn's (loader, model), as
     tk.update_bn's; the former order (twa, loader, ...) still works, with a DeprecationWarning."""
@@ -219,17 +220,16 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
         fed = agree(local_pass, process_group, "recomputing BatchNorm statistics")
         # every rank joins, with BatchNorm layers or without: their layouts are compared first
         batches = all_reduce_bn_statistics(twa.module, process_group, frozen_norms)
+        if batches == 0 and _measured_bn(twa.module, frozen_norms):  # the same on every rank
+            # no layer saw a batch: either no loader yielded one, or no layer was reached (below)
+            batches = int(all_reduce_metrics({"fed": fed}, process_group)["fed"])
+            if batches == 0:
+                raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
+                                     "statistics to measure (they are left as they were); pass each rank its "
+                                     "share of the training data, as a list or DataLoader that is not used up")
     except BaseException:  # a Ctrl-C too: one rank's share alone is no statistics to keep
         restore()
         raise
-    if batches == 0 and _measured_bn(twa.module, frozen_norms):  # the same on every rank
-        # no layer saw a batch: either no loader yielded one, or no layer was reached (below)
-        batches = int(all_reduce_metrics({"fed": fed}, process_group)["fed"])
-        if batches == 0:
-            restore()
-            raise NoBatchesError("distributed.update_bn: no rank's loader yielded a batch, so there are no "
-                                 "statistics to measure (they are left as they were); pass each rank its share "
-                                 "of the training data, as a list or DataLoader that is not used up")
     # a layer no rank's pass reached measured nothing: it keeps its statistics, as in one process
     measured = _measured_bn(twa.module, frozen_norms)
     unreached = [name for name, m in measured.items() if int(m.num_batches_tracked) == 0]
@@ -239,6 +239,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
             for k, b in buffers_of[measured[name]].items():
                 getattr(measured[name], k).copy_(b)
         warn_unreached(unreached, batches)
+    return fed
 
 
 def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = None) -> dict[str, float]:

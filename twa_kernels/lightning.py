@@ -52,7 +52,7 @@ from twa_kernels._checks import integer
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import has_running_statistics, running_norms
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, TWAKernelsError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import save_state_dict
 from twa_kernels.subspace import check_build_args
 from twa_kernels.twa import TWA
@@ -102,11 +102,12 @@ class TrainableWeightAveraging(pl.Callback):
                  bits: int | None = 4, granularity: str | int = "tensor", group_size: int = 128,
                  dirpath: str | os.PathLike | None = None,
                  update_bn: bool | Callable[[nn.Module, Any], Any] = True, progress: bool | None = None):
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or not (
-                (isinstance(start_epoch, int) and start_epoch >= 0)
-                or (isinstance(start_epoch, float) and 0.0 < start_epoch < 1.0)):
-            raise InvalidArgumentError(f"start_epoch must be an epoch index >= 0 or a fraction of max_epochs in "
-                                       f"(0, 1), got {start_epoch!r}")
+        wrong_kind = isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float))
+        if wrong_kind or not ((isinstance(start_epoch, int) and start_epoch >= 0)
+                              or (isinstance(start_epoch, float) and 0.0 < start_epoch < 1.0)):
+            # a bool or a string is of the wrong kind, as twa_epochs=True is (InvalidTypeError)
+            raise (InvalidTypeError if wrong_kind else InvalidArgumentError)(
+                f"start_epoch must be an epoch index >= 0 or a fraction of max_epochs in (0, 1), got {start_epoch!r}")
         integer("twa_epochs", twa_epochs, 1, "the epochs that train the coefficients")
         if not callable(optimizer):
             raise InvalidArgumentError("optimizer must be a function of the coefficients' parameters that returns a "

@@ -404,7 +404,8 @@ def train_classifier(
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
         if not real(name, value) >= 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
-    integer("epochs", epochs, 1), integer("batch_size", batch_size, 1)
+    integer("epochs", epochs, 1)
+    integer("batch_size", batch_size, 1)
     if next(model.parameters(), None) is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters to train")
     if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
@@ -668,7 +669,7 @@ def imp(
     manifest, masks, rewind_state = _resume(out, settings, model)
     for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",
                           leave=True):
-        before, written = _clone_state(model), []
+        written: list[Path] = []
         try:
             rewind_state = _imp_round(model, train_fn, r, out, names, settings, init, masks, rewind_state, rewind,
                                       scope, written)
@@ -678,13 +679,13 @@ def imp(
             write_json(manifest_path, finished)
             manifest = finished
         except BaseException:
-            # a round that did not finish leaves nothing: the model as it was before the round
-            # (round 0: as it came, so that imp() run again here starts from the same init),
-            # and none of the round's files, unless imp.json names them (an interruption after
-            # its rename)
+            # a round that did not finish leaves nothing: the model as after the last finished
+            # round, read back from its file (round 0: as it came, so that imp() run again here
+            # starts from the same init), and none of the round's files, unless imp.json names
+            # them (an interruption after its rename)
             del masks[manifest["done"] + 1:]
             with contextlib.suppress(Exception):
-                model.load_state_dict(before)
+                model.load_state_dict(init if r == 0 else _read_round(out / manifest["files"][-1]["trained"]))
             if not _manifest_names_round(manifest_path, r):
                 for path in written:
                     with contextlib.suppress(OSError):

@@ -101,8 +101,8 @@ class Comm:
         self._count("all_reduce", t)
         try:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
-            raise _failed("all-reduce", exc) from exc
+        except RuntimeError as exc:
+            _raise_as_named("all-reduce", exc)
         return t
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
@@ -110,8 +110,8 @@ class Comm:
         self._count("all_gather", out)
         try:
             _all_gather(out, t, self.group)
-        except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
-            raise _failed("all-gather", exc) from exc
+        except RuntimeError as exc:
+            _raise_as_named("all-gather", exc)
         return out
 
     def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
@@ -119,20 +119,31 @@ class Comm:
         self._count("reduce_scatter", t)
         try:
             _reduce_scatter(out, t, self.group)
-        except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
-            raise _failed("reduce-scatter", exc) from exc
+        except RuntimeError as exc:
+            _raise_as_named("reduce-scatter", exc)
         return out
 
 
-def _failed(collective: str, exc: RuntimeError) -> UsageError:
-    """A collective of TWA's that failed, most often on one rank that waited alone until the
-    timeout, as UsageError saying what every rank must do (torch's own error, kept as the
-    cause, names only the transport)."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return UsageError(f"TWA's {collective} across its process group failed ({first}). Every rank must make the "
-                      "same TWA calls in the same order: each forward and backward, weights(), "
-                      "averaged_state_dict(), update_bn. A call made on one rank alone (under `if rank == 0:`) "
-                      "waits for the others until the timeout; if another rank failed, its own error says why")
+# what gloo and NCCL say when a peer never came or went away (gloo's timeout is a plain
+# RuntimeError, not one of torch.distributed's DistError kinds)
+_PEER_TROUBLE = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
+
+
+def _raise_as_named(collective: str, exc: RuntimeError) -> None:
+    """Re-raise `exc` from a collective of TWA's. A timeout or a lost peer, most often one
+    rank that waited alone, becomes UsageError saying what every rank must do (torch's own
+    error, kept as the cause, names only the transport); anything else (memory running
+    out, a tensor the backend refuses) is raised as it is."""
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or not (
+            isinstance(exc, dist.DistError) or any(word in text.lower() for word in _PEER_TROUBLE)):
+        raise exc
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    raise UsageError(f"TWA's {collective} across its process group failed ({first}). Every rank must make the "
+                     "same TWA calls in the same order: each forward and backward, weights(), "
+                     "averaged_state_dict(), update_bn. A call made on one rank alone (under `if rank == 0:`) "
+                     "waits for the others until the timeout; if another rank failed, its own error says "
+                     "why") from exc
 
 
 def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,

@@ -35,8 +35,9 @@ tensor under several names) are one row segment of the basis, and every name get
 averaged value in averaged_state_dict().
 
 Frozen parameters (requires_grad=False: a frozen backbone, integer tensors), and parameters
-with no elements, are kept out of the subspace, because a quantisation group spanning a frozen and a trained tensor
-would move the frozen one. Each is pinned to its checkpoint value: the checkpoints' mean
+with no elements, are kept out of the subspace, because a quantisation group spanning a
+frozen and a trained tensor would move the frozen one. Each is pinned to its checkpoint
+value: the checkpoints' mean
 summed in float64, which is exactly the value when they agree, as a frozen tensor's do
 (integer ones must agree). TWA holds the pinned values as buffers (`frozen_<i>`, names in
 `frozen_names`) and lends them to the model with the averaged weights.
@@ -86,8 +87,6 @@ def _refuse_inference_mode(what: str, fix: str) -> None:
     if torch.is_inference_mode_enabled():
         raise UsageError(f"{what} under torch.inference_mode() would give it tensors that can never be trained "
                          f"(they record no gradients or versions); {fix}, and use inference_mode for evaluating it")
-
-
 
 
 class TWA(nn.Module):
@@ -150,7 +149,7 @@ class TWA(nn.Module):
                     "on every rank")
         aliases = parameter_aliases(model)
         subspace = subspace_for(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
-                             bits=bits, granularity=granularity, group_size=group_size, progress=progress)
+                                bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not averaged(p)]
 
         def check_and_pin() -> list[Tensor]:
@@ -162,7 +161,7 @@ class TWA(nn.Module):
                               "the checkpoints' values into the model first if they differ", UserWarning,
                               stacklevel=3)
             return pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
-                                  else checkpoints_or_subspace, aliases, subspace.source_stamps)
+                                 else checkpoints_or_subspace, aliases, subspace.source_stamps)
         # under a process group, a rank whose model does not fit fails every rank with its error
         pinned = check_and_pin() if process_group is None else _collectives.agree(check_and_pin, process_group,
                                                                                    "checking its model")
