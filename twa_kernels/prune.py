@@ -705,12 +705,13 @@ def _manifest_names_round(path: Path, r: int) -> bool:
     except (OSError, ValueError, AttributeError, TypeError):
         return False
 
+
 def _imp_round(model: nn.Module, train_fn: Callable[[nn.Module, int], Any], r: int, out: Path, names: list[str],
                settings: dict[str, Any], init: dict[str, Tensor], masks: list[dict[str, Tensor]],
                rewind_state: dict[str, Tensor] | None, rewind: str | int, scope: str,
                written: list[Path]) -> dict[str, Tensor] | None:
     """IMP's round `r`: prune (round 0: no mask), rewind, train under the mask and save the
-    round's files, each added to `written` once it exists. Appends the round's mask to
+    round's files, each added to `written` as its write begins. Appends the round's mask to
     `masks` and returns the rewind state (set by round 0)."""
     if r == 0:
         mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_weights(model, names).items()}
@@ -723,7 +724,7 @@ def _imp_round(model: nn.Module, train_fn: Callable[[nn.Module, int], Any], r: i
     model.load_state_dict(start)
 
     def save(state: Mapping[str, Tensor], name: str) -> None:
-        written.append(out / name)  # before: a write cut short leaves nothing, but the name is the round's
+        written.append(out / name)  # before the write: one cut short may have replaced an earlier run's file
         save_state_dict(state, out / name)
 
     save(mask, f"round_{r:02d}_mask.safetensors")
