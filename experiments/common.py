@@ -64,7 +64,7 @@ def mnist1d(split_seed: int = 0, train_size: int = 9000, val_size: int = 1000, n
     data = None
     if cache.is_file():
         try:
-            data = torch.load(cache)
+            data = torch.load(cache, weights_only=True)  # a file in a shared folder: tensors only
         except (OSError, RuntimeError, EOFError):
             data = None
     if data is None:
