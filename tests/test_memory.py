@@ -184,3 +184,46 @@ def test_a_twa_step_holds_its_weight_gradients_until_the_next_backward(monkeypat
     assert third and all(ref() is not None for ref in third)
     twa.eval()  # so does switching to evaluation
     assert twa._workspace.held == [] and all(ref() is None for ref in third)
+
+
+def test_losses_kept_for_logging_hold_neither_a_copy_of_the_weights_nor_up_each_step():
+    # a loss kept after its backward held its forward's weights (a D-long copy where the
+    # kernels cannot write the model's dtype, or on a sharded rank), and graphs kept without
+    # a backward made every backward look at all of them
+    import gc
+
+    import torch.nn.functional as F
+
+    import twa_kernels as tk
+    from twa_kernels import lending
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, states, bits=4)
+    x, y = torch.randn(5, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def first_layer_copies() -> int:
+        gc.collect()
+        return sum(1 for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.dtype == torch.float64
+                   and t.shape == (64, 8))
+
+    before, kept = first_layer_copies(), []
+    for _ in range(10):
+        loss = F.cross_entropy(twa(x), y)
+        loss.backward()
+        kept.append(loss)
+    assert first_layer_copies() - before <= 1  # was 10 more: one per kept loss
+
+    looked_at, take_grads = [], lending.Loan.take_grads
+
+    def counted(loan):
+        looked_at.append(loan)
+        return take_grads(loan)
+
+    waiting = [F.cross_entropy(twa(x), y) for _ in range(30)]  # graphs kept without a backward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lending.Loan, "take_grads", counted)
+        F.cross_entropy(twa(x), y).backward()
+    assert len(looked_at) == 0  # no recomputation gave an alias a gradient: none is looked at
+    del waiting

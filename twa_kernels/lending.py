@@ -79,6 +79,7 @@ class LentWeights:
         self.links = list(links.values())
         self.own: list[list[Any]] | None = None  # the model's Parameters while it holds others
         self.loans: dict[int, weakref.ref] = {}  # pending, oldest first
+        self.with_grads: set[int] = set()  # the pending loans whose aliases got a gradient (loans_with_grads)
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
 
@@ -86,10 +87,10 @@ class LentWeights:
         """A copy (copy.deepcopy, torch.save of the module) starts with no pending graph: the
         loans belong to the original's graphs, and a copy sharing them would mark them
         expired at its own forwards (and weak references cannot be pickled)."""
-        return {**self.__dict__, "loans": {}, "depth": 0}
+        return {**self.__dict__, "loans": {}, "with_grads": set(), "depth": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"with_grads": set(), **state})  # a copy saved before the set existed has none
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
     @property
@@ -150,14 +151,29 @@ class LentWeights:
         number = self.opened
         loan = Loan(number, key, aliases, self, project_late)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
+        for alias in aliases:
+            if alias.requires_grad:  # only a reentrant recomputation gives an alias a gradient: noted
+                alias.register_post_accumulate_grad_hook(functools.partial(_note_gradient, self.with_grads, number))
         return loan
 
     def close(self, loan: Loan) -> None:
         self._closed(loan.number)
+        # the graph may outlive its loan (a loss kept for logging): the aliases, a D-long
+        # copy of the weights where the forward could not use the workspace, go now
+        loan.aliases, loan.key = [], None
 
     def _closed(self, number: int) -> None:
+        self.with_grads.discard(number)
         if self.loans.pop(number, None) is not None:
             self._settle()
+
+    def loans_with_grads(self) -> list[Loan]:
+        """The pending loans whose aliases a recomputation gave a gradient since their last
+        take_grads(): the others hold none, so a backward need not look at every pending
+        loan (hundreds of graphs kept for logging made each step slower)."""
+        numbers = sorted(self.with_grads)
+        self.with_grads.clear()  # in place: the aliases' hooks hold this set
+        return [loan for loan in (self.loans[n]() for n in numbers if n in self.loans) if loan is not None]
 
     def expire_other_than(self, key: tuple) -> None:
         """A forward at other weights than a pending loan's: that loan's graph can no longer
@@ -172,6 +188,7 @@ class LentWeights:
         for loan in self.live():
             loan.expired = True
         self.loans.clear()
+        self.with_grads.clear()
         self._give_back()
 
     @contextmanager
@@ -222,7 +239,7 @@ class LentWeights:
         """Project what reentrant recomputations left on any pending aliases after the
         graphs' own projections ran (or where the graph has none: its weights were used
         only inside reentrant checkpoints)."""
-        for loan in self.live():
+        for loan in self.loans_with_grads():
             grads = loan.take_grads()
             if grads is not None:
                 loan.project_late(grads)
@@ -259,12 +276,16 @@ class LoanAnchor(torch.autograd.Function):
         if loan.expired:
             lender.refuse()
         grads = list(grads)
-        for other in lender.live():
+        for other in lender.loans_with_grads():
             left = other.take_grads()
             if left is not None:
                 grads = [g if extra is None else extra if g is None else g + extra for g, extra in zip(grads, left)]
         torch.autograd.Variable._execution_engine.queue_callback(lambda: lender.after_backward(ctx))
         return (None, *grads)
+
+
+def _note_gradient(with_grads: set[int], number: int, alias: Tensor) -> None:
+    with_grads.add(number)
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:
