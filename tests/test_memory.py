@@ -221,9 +221,13 @@ def test_losses_kept_for_logging_hold_neither_a_copy_of_the_weights_nor_up_each_
         looked_at.append(loan)
         return take_grads(loan)
 
-    waiting = [F.cross_entropy(twa(x), y) for _ in range(30)]  # graphs kept without a backward
+    waiting = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lending.Loan, "take_grads", counted)
-        F.cross_entropy(twa(x), y).backward()
-    assert len(looked_at) == 0  # no recomputation gave an alias a gradient: none is looked at
+        for _ in range(30):  # a training step, and a graph kept without a backward, each step
+            looked_at.clear()
+            F.cross_entropy(twa(x), y).backward()
+            waiting.append(F.cross_entropy(twa(x), y))
+            # only loans whose weights the model held since the last backward: not all that wait
+            assert len(looked_at) <= 6  # a few, however many wait (it grew with them)
     del waiting

@@ -79,7 +79,8 @@ class LentWeights:
         self.links = list(links.values())
         self.own: list[list[Any]] | None = None  # the model's Parameters while it holds others
         self.loans: dict[int, weakref.ref] = {}  # pending, oldest first
-        self.with_grads: set[int] = set()  # the pending loans whose aliases got a gradient (loans_with_grads)
+        self.holder: int | None = None  # the loan whose aliases the slots hold outside a forward
+        self.in_slots_since: set[int] = set()  # loans whose aliases the slots held (loans_with_grads)
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
 
@@ -87,10 +88,11 @@ class LentWeights:
         """A copy (copy.deepcopy, torch.save of the module) starts with no pending graph: the
         loans belong to the original's graphs, and a copy sharing them would mark them
         expired at its own forwards (and weak references cannot be pickled)."""
-        return {**self.__dict__, "loans": {}, "with_grads": set(), "depth": 0}
+        return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "depth": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"with_grads": set(), **state})  # a copy saved before the set existed has none
+        # a copy saved before these existed has neither
+        self.__dict__.update({"holder": None, "in_slots_since": set(), **state})
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
     @property
@@ -127,6 +129,7 @@ class LentWeights:
                 module._parameters[attr] = tensor
 
     def _give_back(self) -> None:
+        self.holder = None
         if self.own is not None:
             for slots, own in zip(self.slots, self.own):
                 for (module, attr), param in zip(slots, own):
@@ -143,6 +146,8 @@ class LentWeights:
         loans = self.live()
         if loans:
             self._put(loans[-1].aliases)
+            self.holder = loans[-1].number
+            self.in_slots_since.add(self.holder)
         else:
             self._give_back()
 
@@ -151,9 +156,6 @@ class LentWeights:
         number = self.opened
         loan = Loan(number, key, aliases, self, project_late)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
-        for alias in aliases:
-            if alias.requires_grad:  # only a reentrant recomputation gives an alias a gradient: noted
-                alias.register_post_accumulate_grad_hook(functools.partial(_note_gradient, self.with_grads, number))
         return loan
 
     def close(self, loan: Loan) -> None:
@@ -163,16 +165,16 @@ class LentWeights:
         loan.aliases, loan.key = [], None
 
     def _closed(self, number: int) -> None:
-        self.with_grads.discard(number)
         if self.loans.pop(number, None) is not None:
             self._settle()
 
     def loans_with_grads(self) -> list[Loan]:
-        """The pending loans whose aliases a recomputation gave a gradient since their last
-        take_grads(): the others hold none, so a backward need not look at every pending
-        loan (hundreds of graphs kept for logging made each step slower)."""
-        numbers = sorted(self.with_grads)
-        self.with_grads.clear()  # in place: the aliases' hooks hold this set
+        """The pending loans whose aliases may hold gradients: a recomputation reads the
+        weights from the model's slots, so only loans whose aliases the slots held since
+        the last call can have any. A backward then need not look at every pending loan
+        (hundreds of graphs kept for logging made each step slower)."""
+        numbers = sorted(self.in_slots_since)
+        self.in_slots_since = {self.holder} if self.holder is not None else set()  # it may get more
         return [loan for loan in (self.loans[n]() for n in numbers if n in self.loans) if loan is not None]
 
     def expire_other_than(self, key: tuple) -> None:
@@ -188,7 +190,6 @@ class LentWeights:
         for loan in self.live():
             loan.expired = True
         self.loans.clear()
-        self.with_grads.clear()
         self._give_back()
 
     @contextmanager
@@ -282,10 +283,6 @@ class LoanAnchor(torch.autograd.Function):
                 grads = [g if extra is None else extra if g is None else g + extra for g, extra in zip(grads, left)]
         torch.autograd.Variable._execution_engine.queue_callback(lambda: lender.after_backward(ctx))
         return (None, *grads)
-
-
-def _note_gradient(with_grads: set[int], number: int, alias: Tensor) -> None:
-    with_grads.add(number)
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:
