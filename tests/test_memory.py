@@ -231,3 +231,25 @@ def test_losses_kept_for_logging_hold_neither_a_copy_of_the_weights_nor_up_each_
             # only loans whose weights the model held since the last backward: not all that wait
             assert len(looked_at) <= 6  # a few, however many wait (it grew with them)
     del waiting
+
+
+def test_an_evaluation_without_no_grad_reuses_the_workspace_once_its_graph_is_freed():
+    # each forward whose graph was freed without a backward left the workspace busy: the
+    # next took a fresh D-long buffer, zeroed (a validation loop that forgot torch.no_grad())
+    import twa_kernels as tk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    states = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, states, bits=4).eval()
+    x = torch.randn(5, 8)
+    first = twa(x).sum().item()
+    buffer, generation = twa._workspace.buffer, twa._workspace.generation
+    for _ in range(5):
+        assert twa(x).sum().item() == first  # the graph dies with the output
+    assert twa._workspace.buffer is buffer and twa._workspace.generation == generation
+    kept = twa(x)  # a graph still alive keeps the workspace: the next forward gets another
+    twa(x)
+    assert twa._workspace.generation == generation + 1
+    kept.sum().backward()  # and its backward works as before
+    assert twa.coefficients.grad is not None

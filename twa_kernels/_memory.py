@@ -130,13 +130,13 @@ def keep_freed_memory() -> bool:
 
 class Workspace:
     """The reused buffer of TWA's forward, the weights it writes. It is handed out again
-    only after a backward pass has freed the graph of the forward that filled it (or at
-    once when no graph was recorded); while a graph still needs it (before its backward, or
-    kept by retain_graph=True or create_graph=True), the next forward gets a fresh buffer,
-    which then becomes the workspace. So a second forward before the first backward works,
-    and so does a second backward through a retained graph. Every write bumps the buffer's
-    version counter, so a graph that saved its weights and outlived them raises PyTorch's
-    in-place error instead of using wrong weights."""
+    only after a backward pass has freed the graph of the forward that filled it, or that
+    graph was freed without one (or at once when no graph was recorded); while a graph still
+    needs it (before its backward, or kept by retain_graph=True or create_graph=True), the
+    next forward gets a fresh buffer, which then becomes the workspace. So a second forward
+    before the first backward works, and so does a second backward through a retained graph.
+    Every write bumps the buffer's version counter, so a graph that saved its weights and
+    outlived them raises PyTorch's in-place error instead of using wrong weights."""
 
     def __init__(self):
         self.buffer: Tensor | None = None

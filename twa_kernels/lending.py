@@ -81,6 +81,7 @@ class LentWeights:
         self.loans: dict[int, weakref.ref] = {}  # pending, oldest first
         self.holder: int | None = None  # the loan whose aliases the slots hold outside a forward
         self.in_slots_since: set[int] = set()  # loans whose aliases the slots held (loans_with_grads)
+        self.releases: dict[int, Callable[[], None]] = {}  # called when the loan of that number ends
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
 
@@ -88,11 +89,11 @@ class LentWeights:
         """A copy (copy.deepcopy, torch.save of the module) starts with no pending graph: the
         loans belong to the original's graphs, and a copy sharing them would mark them
         expired at its own forwards (and weak references cannot be pickled)."""
-        return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "depth": 0}
+        return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "releases": {}, "depth": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy saved before these existed has neither
-        self.__dict__.update({"holder": None, "in_slots_since": set(), **state})
+        self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, **state})
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
     @property
@@ -151,11 +152,16 @@ class LentWeights:
         else:
             self._give_back()
 
-    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None]], None]) -> Loan:
+    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None]], None],
+             release: Callable[[], None] | None = None) -> Loan:
+        """A new pending loan of `aliases`; `release` is called when it ends (its graph
+        consumed by a backward, or freed)."""
         self.opened += 1
         number = self.opened
         loan = Loan(number, key, aliases, self, project_late)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
+        if release is not None:
+            self.releases[number] = release
         return loan
 
     def close(self, loan: Loan) -> None:
@@ -165,6 +171,9 @@ class LentWeights:
         loan.aliases, loan.key = [], None
 
     def _closed(self, number: int) -> None:
+        release = self.releases.pop(number, None)
+        if release is not None:
+            release()
         if self.loans.pop(number, None) is not None:
             self._settle()
 

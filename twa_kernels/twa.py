@@ -383,12 +383,14 @@ class TWA(nn.Module):
         blocks = torch.bucketize(columns, basis.block_offsets[1:-1], right=True)
         return self._named(self.center + (dequantize(basis) * self.coefficients[:, blocks]).sum(0))
 
-    def _forward_weights(self, dtypes: dict[str, torch.dtype]) -> list[Tensor]:
+    def _forward_weights(self, dtypes: dict[str, torch.dtype]) -> tuple[list[Tensor], Callable[[], None] | None]:
         """weights() in the order of self.names, written into the reused workspace: only
-        forward() hands these to the model, which keeps them no longer than its graph."""
+        forward() hands these to the model, which keeps them no longer than its graph. And
+        the call that frees the workspace when the graph is freed without a backward (None
+        where nothing waits for it)."""
         if self._sharded:
             weights = self.weights()
-            return [weights[name] for name in self.names]
+            return [weights[name] for name in self.names], None
         dtype = self._forward_dtype(dtypes)
         record = torch.is_grad_enabled() and self.coefficients.requires_grad
         workspace = self._workspace
@@ -397,13 +399,13 @@ class TWA(nn.Module):
             flat = reconstruct_into(self.basis, self.coefficients, self.center, out)
             release()
             typed = self._typed(flat, dtypes)
-            return [typed[name] for name in self.names]
+            return [typed[name] for name in self.names], None
         # one view of the workspace per tensor; the backward projects their gradients where
         # autograd leaves them (no D-long gradient is gathered), then frees the workspace
         pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, self.shapes, release,
                                     int8_gradients=self.int8_gradients, hold=workspace.hold_gradients)
         return [piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])
-                for name, piece in zip(self.names, pieces)]
+                for name, piece in zip(self.names, pieces)], release
 
     def _weights_key(self, dtypes: dict[str, torch.dtype] | None = None) -> tuple:
         """What the weights are computed from: equal keys give equal weights."""
@@ -487,11 +489,13 @@ class TWA(nn.Module):
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
         if lent.pending:
             lent.expire_other_than(key)
-        weights, pinned = self._forward_weights(dtypes), self._pinned()
+        (weights, release), pinned = self._forward_weights(dtypes), self._pinned()
         if not any(w.requires_grad for w in weights):
             with lent.lending(weights + pinned):
                 return fn(*args, **kwargs)
-        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late)
+        # a graph freed without a backward (an evaluation that forgot torch.no_grad()) frees
+        # the workspace with its loan; otherwise every such forward took a fresh D-long buffer
+        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late, release)
         weights = list(LoanAnchor.apply(loan, *weights))
         with lent.lending(weights + pinned, loan):
             try:
