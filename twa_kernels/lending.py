@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -140,14 +140,20 @@ class LentWeights:
     def live(self) -> list[Loan]:
         return [loan for loan in (ref() for ref in list(self.loans.values())) if loan is not None]
 
+    def _newest_first(self) -> Iterator[Loan]:
+        for ref in reversed(list(self.loans.values())):
+            loan = ref()
+            if loan is not None:
+                yield loan
+
     def _settle(self) -> None:
         """Outside a forward: the model holds the newest pending loan, else its own weights."""
         if self.depth:
             return
-        loans = self.live()
-        if loans:
-            self._put(loans[-1].aliases)
-            self.holder = loans[-1].number
+        newest = next(self._newest_first(), None)
+        if newest is not None:
+            self._put(newest.aliases)
+            self.holder = newest.number
             self.in_slots_since.add(self.holder)
         else:
             self._give_back()
@@ -190,8 +196,12 @@ class LentWeights:
         """A forward at other weights than a pending loan's: that loan's graph can no longer
         be recomputed at its own weights (the model will hold others, and its workspace may
         be written), so its backward will refuse."""
-        for loan in self.live():
-            if not loan.expired and not same_key(loan.key, key):
+        # the loans not expired yet are the newest ones (a forward at other weights expires
+        # every older loan at once), so the walk stops at the first expired one
+        for loan in self._newest_first():
+            if loan.expired:
+                break
+            if not same_key(loan.key, key):
                 loan.expired = True
 
     def reset(self) -> None:
