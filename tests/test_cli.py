@@ -474,7 +474,8 @@ def test_the_demo_refuses_no_seeds_and_creates_nothing(tmp_path, capsys, seeds):
 
     assert main(["demo", "--seeds", str(seeds), "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "seeds must be an int >= 1 (the number of seeds to run" in err[0] and err[0].endswith(f"got {seeds}")
+    assert len(err) == 1 and "seeds must be an int >= 1 (the number of seeds to run" in err[0]
+    assert err[0].endswith(f"got {seeds}")
     assert not (tmp_path / "demo").exists()
 
 

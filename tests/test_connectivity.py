@@ -633,7 +633,8 @@ def test_sharpness_of_a_zero_hessian_and_bad_chunks():
     assert result.value == 0.0 and result.converged and result.trace == [0.0]
     for chunk in (0, -1, 1.5, True):
         # a non-int is an InvalidTypeError, a small int an InvalidArgumentError: both in the one family
-        with pytest.raises(tk.errors.TWAKernelsError, match=rf"chunk must be an int >= 1 \(probes per vmapped.*{chunk!r}"):
+        message = rf"chunk must be an int >= 1 \(probes per vmapped.*{chunk!r}"
+        with pytest.raises(tk.errors.TWAKernelsError, match=message):
             C.hessian_diagonal(model, linear, data, samples=4, chunk=chunk)
     with pytest.raises(tk.errors.InvalidTypeError, match="samples must be an int >= 1 .*got bool True"):
         C.hessian_diagonal(model, linear, data, samples=True)
