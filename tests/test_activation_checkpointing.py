@@ -217,6 +217,29 @@ def test_evaluation_and_exports_between_forward_and_backward():
     _assert_model_untouched(model, params, before)
 
 
+@pytest.mark.parametrize("order", [(2, 0, 1), (0, 1, 2), (1, 2, 0)])
+def test_a_penalty_over_the_models_parameters_counts_whatever_order_the_backwards_run_in(order):
+    # the penalty's gradient lands on the weights the model held when it was computed; a
+    # backward that looked only at the weights the model held lately dropped it
+    def penalty(model):
+        return sum((p.float() ** 2).sum() for p in model.parameters())
+
+    batches = [_batch(i) for i in range(3)]
+    twa, model = _twa_blocks()
+    for i, (x, y) in enumerate(batches):  # one backward after each forward
+        loss = F.cross_entropy(twa(x), y)
+        (loss + penalty(model) if i == 0 else loss).backward()
+    want = twa.coefficients.grad.clone()
+    twa, model = _twa_blocks()
+    losses = []
+    for i, (x, y) in enumerate(batches):  # three graphs waiting, then their backwards
+        loss = F.cross_entropy(twa(x), y)
+        losses.append(loss + penalty(model) if i == 0 else loss)
+    for i in order:
+        losses[i].backward()
+    torch.testing.assert_close(twa.coefficients.grad, want, rtol=1e-5, atol=1e-6)
+
+
 # ---- a tiny Hugging Face GPT-2, built from a config (never downloaded) ---------------------
 
 def _gpt2(seed: int, dtype: torch.dtype = torch.float32):

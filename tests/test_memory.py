@@ -248,6 +248,7 @@ def test_an_evaluation_without_no_grad_reuses_the_workspace_once_its_graph_is_fr
     for _ in range(5):
         assert twa(x).sum().item() == first  # the graph dies with the output
     assert twa._workspace.buffer is buffer and twa._workspace.generation == generation
+    assert len(twa._lent.in_slots_since) <= 1  # nor does the lender remember each ended loan
     kept = twa(x)  # a graph still alive keeps the workspace: the next forward gets another
     twa(x)
     assert twa._workspace.generation == generation + 1

@@ -177,20 +177,24 @@ class LentWeights:
         loan.aliases, loan.key = [], None
 
     def _closed(self, number: int) -> None:
+        self.in_slots_since.discard(number)
         release = self.releases.pop(number, None)
         if release is not None:
             release()
         if self.loans.pop(number, None) is not None:
             self._settle()
 
-    def loans_with_grads(self) -> list[Loan]:
-        """The pending loans whose aliases may hold gradients: a recomputation reads the
-        weights from the model's slots, so only loans whose aliases the slots held since
-        the last call can have any. A backward then need not look at every pending loan
-        (hundreds of graphs kept for logging made each step slower)."""
-        numbers = sorted(self.in_slots_since)
+    def loans_with_grads(self, own: Loan | None = None) -> list[Loan]:
+        """The pending loans whose aliases may hold gradients, for a backward through `own`'s
+        graph. Aliases are read only from the model's slots: by a recomputation inside a
+        backward, which reads the loans the slots held since the last call, or by the
+        caller's own code between a forward and the next (a penalty over
+        model.parameters()), whose graph is the one of that forward's loan, `own`. So a
+        backward need not look at every pending loan (hundreds of graphs kept for logging
+        made each step slower)."""
+        numbers = self.in_slots_since | ({own.number} if own is not None else set())
         self.in_slots_since = {self.holder} if self.holder is not None else set()  # it may get more
-        return [loan for loan in (self.loans[n]() for n in numbers if n in self.loans) if loan is not None]
+        return [loan for loan in (self.loans[n]() for n in sorted(numbers) if n in self.loans) if loan is not None]
 
     def expire_other_than(self, key: tuple) -> None:
         """A forward at other weights than a pending loan's: that loan's graph can no longer
@@ -243,7 +247,7 @@ class LentWeights:
     def _on_backward_start(self, loan: Loan, grad_outputs: Any) -> None:
         if loan.expired:
             self.refuse()
-        torch.autograd.Variable._execution_engine.queue_callback(self.project_left_over)
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self.project_left_over, loan))
 
     def refuse(self) -> None:
         """Raise for a backward whose loan expired, dropping what recomputations left."""
@@ -255,11 +259,11 @@ class LentWeights:
             "would not see this graph's weights. Call backward before changing the coefficients (an optimizer "
             "step), or run this forward again")
 
-    def project_left_over(self) -> None:
+    def project_left_over(self, own: Loan | None = None) -> None:
         """Project what reentrant recomputations left on any pending aliases after the
         graphs' own projections ran (or where the graph has none: its weights were used
         only inside reentrant checkpoints)."""
-        for loan in self.loans_with_grads():
+        for loan in self.loans_with_grads(own):
             grads = loan.take_grads()
             if grads is not None:
                 loan.project_late(grads)
@@ -267,7 +271,7 @@ class LentWeights:
     def after_backward(self, ctx: Any) -> None:
         """At the end of a backward pass through a loan's anchor: project_left_over(), and
         end the loan if the pass freed its graph (a retained one may be recomputed again)."""
-        self.project_left_over()
+        self.project_left_over(ctx.loan)
         try:
             ctx.saved_tensors
         except RuntimeError:  # released: this graph will not be backpropagated again
@@ -296,7 +300,7 @@ class LoanAnchor(torch.autograd.Function):
         if loan.expired:
             lender.refuse()
         grads = list(grads)
-        for other in lender.loans_with_grads():
+        for other in lender.loans_with_grads(loan):
             left = other.take_grads()
             if left is not None:
                 grads = [g if extra is None else extra if g is None else g + extra for g, extra in zip(grads, left)]

@@ -18,7 +18,9 @@ part of its forward during the backward, with activation checkpointing
 `gradient_checkpointing_enable()`, or `activation_checkpointing_enable()` in transformers 5), then recomputes at TWA's weights, and the gradients
 that a reentrant recompute leaves on those aliases are added to the coefficients' own.
 After the backward the model holds its own Parameter objects again, unchanged and with no
-`.grad`; between a forward and its backward, `model.weight` is TWA's weight. Changing the
+`.grad`; between a forward and its backward, `model.weight` is TWA's weight. A tensor that
+views one of TWA's weights (a model output that is part of one, detached) holds its values
+until the next forward, which may write the same memory. Changing the
 coefficients while an earlier graph is still waiting for its backward and then running
 another forward makes that earlier backward raise UsageError (its recomputation would no
 longer see its own weights). Under torch.compile the forward goes through functional_call,
