@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -592,7 +592,7 @@ def _replace_together(staging: Path, out: Path) -> None:
     atomic_write_together({out / name: functools.partial(shutil.copyfile, staging / name) for name in OUTPUTS})
 
 
-def _checked_out_dir(out_dir: str | Path, seeds: list[int] = ()) -> Path:
+def _checked_out_dir(out_dir: str | Path, seeds: Sequence[int] = ()) -> Path:
     """out_dir as a Path, refused (OutputError) before any work where the demo's outputs
     could not be written: a NUL byte, a file, a name too long, a directory in the place of
     an output, or anything but a directory in the place of a seed's folder (a file, or a

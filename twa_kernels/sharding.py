@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -99,28 +99,19 @@ class Comm:
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum of t over the ranks, in place."""
         self._count("all_reduce", t)
-        try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        except RuntimeError as exc:
-            _raise_as_named("all-reduce", exc)
+        _named_on_failure("all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
         return t
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """Every rank's t, in rank order, into out (world size times t's length)."""
         self._count("all_gather", out)
-        try:
-            _all_gather(out, t, self.group)
-        except RuntimeError as exc:
-            _raise_as_named("all-gather", exc)
+        _named_on_failure("all-gather", lambda: _all_gather(out, t, self.group))
         return out
 
     def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """This rank's chunk of the sum of t over the ranks, into out."""
         self._count("reduce_scatter", t)
-        try:
-            _reduce_scatter(out, t, self.group)
-        except RuntimeError as exc:
-            _raise_as_named("reduce-scatter", exc)
+        _named_on_failure("reduce-scatter", lambda: _reduce_scatter(out, t, self.group))
         return out
 
 
@@ -129,21 +120,24 @@ class Comm:
 _PEER_TROUBLE = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
 
 
-def _raise_as_named(collective: str, exc: RuntimeError) -> None:
-    """Re-raise `exc` from a collective of TWA's. A timeout or a lost peer, most often one
-    rank that waited alone, becomes UsageError saying what every rank must do (torch's own
-    error, kept as the cause, names only the transport); anything else (memory running
-    out, a tensor the backend refuses) is raised as it is."""
-    text = str(exc)
-    if isinstance(exc, torch.OutOfMemoryError) or not (
-            isinstance(exc, dist.DistError) or any(word in text.lower() for word in _PEER_TROUBLE)):
-        raise exc
-    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
-    raise UsageError(f"TWA's {collective} across its process group failed ({first}). Every rank must make the "
-                     "same TWA calls in the same order: each forward and backward, weights(), "
-                     "averaged_state_dict(), update_bn. A call made on one rank alone (under `if rank == 0:`) "
-                     "waits for the others until the timeout; if another rank failed, its own error says "
-                     "why") from exc
+def _named_on_failure(collective: str, call: Callable[[], Any]) -> None:
+    """Run a collective of TWA's. A timeout or a lost peer, most often one rank that waited
+    alone, becomes UsageError saying what every rank must do (torch's own error, kept as the
+    cause, names only the transport); anything else (memory running out, a tensor the
+    backend refuses) is raised as it is."""
+    try:
+        call()
+    except RuntimeError as exc:
+        text = str(exc)
+        if isinstance(exc, torch.OutOfMemoryError) or not (
+                isinstance(exc, dist.DistError) or any(word in text.lower() for word in _PEER_TROUBLE)):
+            raise
+        first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"TWA's {collective} across its process group failed ({first}). Every rank must make "
+                         "the same TWA calls in the same order: each forward and backward, weights(), "
+                         "averaged_state_dict(), update_bn. A call made on one rank alone (under `if rank == 0:`) "
+                         "waits for the others until the timeout; if another rank failed, its own error says "
+                         "why") from exc
 
 
 def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
