@@ -628,3 +628,83 @@ def test_a_resumed_fit_leaves_the_snapshots_the_earlier_checkpoints_name(straigh
         ckpt_path=str(next((tmp_path / "ckpts").glob("epoch=3-*"))))
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+# -- under DDP: two processes joined in a gloo group, as Lightning's own launcher would start them
+
+class _NetWithoutNorm(_Net):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _ddp_fit(root: str, net_class: type, world: int) -> dict:
+    """A fit with the callback whose global batch is 16 samples at any world size: each
+    process takes every world-th sample in order, so that step i of every world sees the same
+    samples. Returns what the test compares, and the batches this process fed."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = TensorDataset(_X, _Y)
+    sampler = DistributedSampler(data, shuffle=False) if world > 1 else None
+    loader = DataLoader(data, batch_size=16 // world, sampler=sampler)
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    net = net_class()
+    ddp = dict(strategy="ddp", devices=world, use_distributed_sampler=False) if world > 1 else {}
+    _trainer(Path(root), callbacks=[callback], **ddp).fit(net, loader)
+    return dict(coefficients=callback.twa.coefficients.detach().clone(), state=net.state_dict(),
+                snapshots=list(callback.snapshots), batches=[x.clone() for x, _ in loader])
+
+
+def _ddp_rank(root: str, rank: int, world: int) -> dict:
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")  # Lightning joins the group the test started
+    return {name: _ddp_fit(os.path.join(root, name), net_class, world)
+            for name, net_class in (("plain", _NetWithoutNorm), ("batchnorm", _Net))}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    from tests.helpers import spawn
+
+    root = tmp_path_factory.mktemp("twa_callback_ddp")
+    return root, spawn(partial(_ddp_rank, str(root)), 2, str(root), timeout=150)
+
+
+def test_under_ddp_the_callback_trains_what_one_process_trains_on_the_same_batches(ddp_run, tmp_path):
+    root, ranks = ddp_run
+    one = _ddp_fit(str(tmp_path), _NetWithoutNorm, 1)
+    for rank in ranks:
+        torch.testing.assert_close(rank["plain"]["coefficients"], one["coefficients"], rtol=0, atol=1e-6)
+        for key, value in one["state"].items():
+            torch.testing.assert_close(rank["plain"]["state"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert torch.equal(ranks[0]["plain"]["coefficients"], ranks[1]["plain"]["coefficients"])
+    # rank 0 wrote each snapshot once, and every process averaged those files
+    assert ranks[0]["plain"]["snapshots"] == ranks[1]["plain"]["snapshots"]
+    written = sorted(p.name for p in (root / "plain").rglob("*") if p.is_file())
+    assert written == ["epoch=1.safetensors", "epoch=2.safetensors", "epoch=3.safetensors"]
+
+
+def test_under_ddp_batchnorm_statistics_are_measured_over_every_processs_batches(ddp_run):
+    _, ranks = ddp_run
+    final = ranks[0]["batchnorm"]["state"]
+    for key, value in final.items():
+        assert torch.equal(ranks[1]["batchnorm"]["state"][key], value), key
+    # one process, at the final weights, over the batches of both processes
+    net = _Net()
+    net.load_state_dict(final)
+    tk.update_bn(ranks[0]["batchnorm"]["batches"] + ranks[1]["batchnorm"]["batches"], net)
+    for key in ("model.1.running_mean", "model.1.running_var"):
+        torch.testing.assert_close(final[key], net.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_strategies_that_split_the_weights_over_processes_are_named(strategy):
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+
+    split = SimpleNamespace(world_size=2, strategy=object.__new__(getattr(pl.strategies, strategy)))
+    with pytest.raises(UsageError, match=f"one process or under DDP.*runs {strategy} over 2 processes"):
+        TrainableWeightAveraging(start_epoch=1).setup(split, _Net(), "fit")

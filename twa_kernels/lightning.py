@@ -25,9 +25,14 @@ optimizer state, as before the TWA epochs, and the callback's state holds the sn
 coefficients and their optimizer's state. A checkpoint of the last TWA epoch (ModelCheckpoint's
 `save_last`, or one written every epoch: what a job stopped before the end of fit resumes
 from) leaves no epoch to run, and the resumed fit ends as the run would have ended: BatchNorm
-statistics recomputed and the averaged weights in the module. One process and automatic
-optimization only: under several processes, keep the checkpoints with ModelCheckpoint and
-train a TWA held by a LightningModule (docs/guides/lightning.md), which DDP can wrap.
+statistics recomputed and the averaged weights in the module.
+
+Under DDP (strategy="ddp") rank 0 writes the snapshots, which every process reads (dirpath
+on a file system they all see), the TWA all-reduces the coefficients' gradients, and the
+BatchNorm statistics are measured over every process's batches. Automatic optimization only;
+strategies that split the weights over processes (FSDP, DeepSpeed) are refused: keep the
+checkpoints with ModelCheckpoint and train a TWA held by a LightningModule
+(docs/guides/lightning.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from twa_kernels import distributed
 from twa_kernels._checks import integer
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_enabled
@@ -148,10 +154,11 @@ class TrainableWeightAveraging(pl.Callback):
         if stage != "fit":
             return
         self._new_run()
-        if trainer.world_size > 1:
-            raise UsageError(f"TrainableWeightAveraging runs in one process; this Trainer has {trainer.world_size}. "
-                             "Keep the checkpoints with ModelCheckpoint and train a TWA held by a LightningModule "
-                             "(docs/guides/lightning.md), which DDP wraps")
+        if trainer.world_size > 1 and not _replicates_the_module(trainer.strategy):
+            raise UsageError(f"TrainableWeightAveraging runs in one process or under DDP (strategy='ddp'); this "
+                             f"Trainer runs {type(trainer.strategy).__name__} over {trainer.world_size} processes, "
+                             "whose modules hold parts of the weights. Keep the checkpoints with ModelCheckpoint and "
+                             "train a TWA held by a LightningModule (docs/guides/lightning.md)")
         if not pl_module.automatic_optimization:
             raise UsageError("TrainableWeightAveraging swaps the Trainer's optimizer for the coefficients' one, which "
                              "manual optimization (automatic_optimization = False) would not use; train a TWA held "
@@ -164,7 +171,8 @@ class TrainableWeightAveraging(pl.Callback):
             # a folder of this run's own: runs sharing a root directory (the default is the
             # working directory) would otherwise write over each other's snapshots
             run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-            self.dirpath = Path(root) / "twa_snapshots" / run
+            # every process of a DDP run reads the snapshots that rank 0 writes: its name
+            self.dirpath = Path(root) / "twa_snapshots" / trainer.strategy.broadcast(run)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:
@@ -257,16 +265,22 @@ class TrainableWeightAveraging(pl.Callback):
         epoch = trainer.current_epoch
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
             return
-        path = self.dirpath / f"epoch={epoch}.safetensors"
-        if self._resumed and path.exists() and str(path) not in self._written:
-            # an epoch that a resumed fit runs again: the file is the earlier fit's, which its
-            # other checkpoints name (with its digest), so it is left as it is
-            path = self.dirpath / f"epoch={epoch}.{secrets.token_hex(4)}.safetensors"
-        path = save_state_dict(pl_module.state_dict(), path)
-        self.snapshots = [p for p in self.snapshots if _epoch_of(p) != epoch] + [str(path)]
+        written = None
+        if trainer.is_global_zero:  # DDP keeps the same weights in every process: rank 0 writes them
+            path = self.dirpath / f"epoch={epoch}.safetensors"
+            if self._resumed and path.exists() and str(path) not in self._written:
+                # an epoch that a resumed fit runs again: the file is the earlier fit's, which its
+                # other checkpoints name (with its digest), so it is left as it is
+                path = self.dirpath / f"epoch={epoch}.{secrets.token_hex(4)}.safetensors"
+            path = save_state_dict(pl_module.state_dict(), path)
+            written = (str(path), _sha256(path))
+        if trainer.world_size > 1:  # also the barrier: no process reads a snapshot before it is whole
+            written = trainer.strategy.broadcast(written)
+        path, digest = written
+        self.snapshots = [p for p in self.snapshots if _epoch_of(p) != epoch] + [path]
         self.snapshots.sort(key=_epoch_of)
-        self._digests[str(path)] = _sha256(path)
-        self._written.add(str(path))
+        self._digests[path] = digest
+        self._written.add(path)
         self._snapped = epoch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -351,7 +365,11 @@ class TrainableWeightAveraging(pl.Callback):
         call_fn = None if self.update_bn is True else self.update_bn
         try:
             with trainer.precision_plugin.train_step_context():
-                self.twa.update_bn(prepared(batches), call_fn, frozen_norms=sorted(self._frozen_norms))
+                if trainer.world_size > 1:  # each process's share of the batches, merged as one pass over all
+                    distributed.update_bn(prepared(batches), self.twa, None, call_fn,
+                                          frozen_norms=sorted(self._frozen_norms))
+                else:
+                    self.twa.update_bn(prepared(batches), call_fn, frozen_norms=sorted(self._frozen_norms))
         except TWAKernelsError:
             raise
         except Exception as exc:
@@ -388,6 +406,11 @@ class TrainableWeightAveraging(pl.Callback):
         options = dict(self.twa_options)
         if options["progress"] is None and trainer.progress_bar_callback is None:  # enable_progress_bar=False
             options["progress"] = False
+        if trainer.world_size > 1:
+            # the coefficients are not the module's parameters, so DDP does not average their
+            # gradients: the TWA all-reduces them itself (and DDP, whose parameters get no
+            # gradient in these epochs, reduces nothing)
+            options["process_group"] = torch.distributed.group.WORLD
         self.twa = TWA(pl_module, self.snapshots, **options).to(pl_module.device)
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
@@ -453,6 +476,13 @@ class TrainableWeightAveraging(pl.Callback):
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
         self._loaded = state_dict.get("twa")
         self._resumed = True
+
+
+def _replicates_the_module(strategy: Any) -> bool:
+    """Whether every process holds the whole module, as DDP keeps it: DeepSpeed, a DDPStrategy
+    too, may partition the weights, as FSDP does."""
+    deepspeed = getattr(pl.strategies, "DeepSpeedStrategy", ())
+    return isinstance(strategy, pl.strategies.DDPStrategy) and not isinstance(strategy, deepspeed)
 
 
 def _epoch_of(path: str) -> int:
