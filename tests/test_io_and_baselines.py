@@ -82,6 +82,26 @@ def test_uniform_and_ema_averages():
     torch.testing.assert_close(ema["0.weight"], expected.float())
 
 
+@pytest.mark.parametrize("average", ["uniform", "ema", "greedy"])
+def test_averages_come_back_in_the_widest_dtype_whatever_the_order(average):
+    # the result took the last checkpoint's dtype: bfloat16 files averaged for a float32
+    # model were rounded to bfloat16, and a mixed set changed dtype and values with its order
+    ckpts = _checkpoints(3)
+    mixed = [{k: v.bfloat16() if v.is_floating_point() and i else v for k, v in c.items()}
+             for i, c in enumerate(ckpts)]  # the first checkpoint float32, the others bfloat16
+    run = {"uniform": tk.uniform_average, "ema": lambda c, **kw: tk.ema_average(c, decay=0.0, **kw),
+           "greedy": lambda c, **kw: tk.greedy_soup(c, lambda state: 0.0, **kw)[0]}[average]
+    forward, backward = run(mixed), run(mixed[::-1])
+    assert forward["0.weight"].dtype == backward["0.weight"].dtype == torch.float32
+    if average == "uniform":
+        torch.testing.assert_close(forward["0.weight"], backward["0.weight"], rtol=0, atol=1e-7)
+        expected = torch.stack([c["0.weight"].double() for c in mixed]).mean(0)
+        torch.testing.assert_close(forward["0.weight"], expected.float(), rtol=0, atol=0)
+    halves = [{k: v.bfloat16() if v.is_floating_point() else v for k, v in c.items()} for c in ckpts]
+    assert run(halves)["0.weight"].dtype == torch.bfloat16  # as the files, without a model
+    assert run(halves, model=make_model())["0.weight"].dtype == torch.float32  # given one: at least its dtype
+
+
 @pytest.mark.parametrize("change", ["extra key", "integer entry"])
 @pytest.mark.parametrize("average", ["uniform", "ema", "greedy"])
 def test_averages_refuse_a_later_checkpoint_whose_entries_differ_from_the_first(change, average):

@@ -3,8 +3,10 @@ SWA / uniform soup, EMA over checkpoints, and greedy soup. Also the held-out spl
 TWA-v trains its coefficients on, and update_bn, which every averaged or interpolated model
 needs before it is evaluated.
 
-Floating-point entries are averaged (in float64); other entries (integer counters such as
-BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
+Floating-point entries are averaged (in float64) and returned in the widest of their
+checkpoints' dtypes and, given the model, the model's own (bfloat16 files averaged for a
+float32 model come back in float32, whatever the files' order); other entries (integer
+counters such as BatchNorm's num_batches_tracked) are taken from the last checkpoint. Recompute BatchNorm
 statistics of an averaged model afterwards (update_bn, from twa_kernels.batchnorm). A NaN or Inf
 in a checkpoint is refused with the file and the key. Given the model (`model=`), the
 result holds exactly the model's state_dict keys, matched as TWA matches them (see
@@ -75,8 +77,23 @@ def _check_layout(reference: StateDict, state: StateDict, source: str) -> None:
                               "average checkpoints of one model, or pass model= to use only the model's keys")
 
 
-def _finish(total: dict[str, Tensor], last: StateDict, scale: float) -> StateDict:
-    return {k: (total[k] * scale).to(v.dtype) if k in total else v.clone() for k, v in last.items()}
+def _finish(total: dict[str, Tensor], last: StateDict, scale: float, dtypes: dict[str, torch.dtype]) -> StateDict:
+    return {k: (total[k] * scale).to(dtypes[k]) if k in total else v.clone() for k, v in last.items()}
+
+
+def _widen(dtypes: dict[str, torch.dtype], state: StateDict) -> None:
+    """Promote dtypes[key] by each averaged entry's dtype: the result's dtype of that entry."""
+    for key, value in state.items():
+        if _averaged(value):
+            dtypes[key] = torch.promote_types(dtypes[key], value.dtype) if key in dtypes else value.dtype
+
+
+def _model_dtypes(model: nn.Module | None) -> dict[str, torch.dtype]:
+    """The dtypes of the model's averaged entries, the floor of the result's (none without one)."""
+    if model is None:
+        return {}
+    state = unwrap_model(model).state_dict()
+    return {key: value.dtype for key, value in state.items() if isinstance(value, Tensor) and _averaged(value)}
 
 
 def _states(specs: list, model: nn.Module | None):
@@ -115,13 +132,16 @@ def _model_keys(state: StateDict, expected: dict[str, tuple[int, ...]], source: 
 def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDict], None],
           model: nn.Module | None = None):
     """Stream the checkpoints: float64 copies of the first one's floating-point entries,
-    then update(accumulator, state) for each later one. Returns (accumulator, last, count)."""
+    then update(accumulator, state) for each later one. Returns (accumulator, last, count,
+    the result's dtype of each averaged entry)."""
     specs = resolve_checkpoints(checkpoints)
     if len(specs) == 1 and (hint := trainer_output_hint(checkpoints)):  # an average of the final weights alone
         raise CheckpointError(f"1 checkpoint ({specs[0]}): its average is itself{hint}")
     acc: dict[str, Tensor] = {}
+    dtypes = _model_dtypes(model)
     first = last = None
     for source, state in _states(specs, model):
+        _widen(dtypes, state)
         if first is None:
             first = state
             acc = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}
@@ -129,20 +149,21 @@ def _fold(checkpoints: Checkpoints, update: Callable[[dict[str, Tensor], StateDi
             _check_layout(first, state, source)
             update(acc, state)
         last = state
-    return acc, last, len(specs)
+    return acc, last, len(specs), dtypes
 
 
 def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) -> StateDict:
     """SWA / uniform soup: the mean of every floating-point entry over the checkpoints,
-    summed in float64 and returned in the last checkpoint's dtype of that entry; integer and
-    bool entries (BatchNorm's num_batches_tracked) are the last checkpoint's."""
+    summed in float64 and returned in the widest of the checkpoints' (and the model's) dtypes
+    of that entry; integer and bool entries (BatchNorm's num_batches_tracked) are the last
+    checkpoint's."""
 
     def add(acc: dict[str, Tensor], state: StateDict) -> None:
         for k in acc:
             acc[k] += _wide(state[k])
 
-    total, last, count = _fold(checkpoints, add, model)
-    return _finish(total, last, 1.0 / count)
+    total, last, count, dtypes = _fold(checkpoints, add, model)
+    return _finish(total, last, 1.0 / count, dtypes)
 
 
 def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module | None = None) -> StateDict:
@@ -154,8 +175,8 @@ def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module |
         for k in acc:
             acc[k].mul_(decay).add_(_wide(state[k]), alpha=1.0 - decay)
 
-    avg, last, _ = _fold(checkpoints, blend, model)
-    return _finish(avg, last, 1.0)
+    avg, last, _, dtypes = _fold(checkpoints, blend, model)
+    return _finish(avg, last, 1.0, dtypes)
 
 
 def greedy_soup(
@@ -165,15 +186,19 @@ def greedy_soup(
     e.g. held-out accuracy), then add each in turn to the running average while the
     average's score does not drop. Returns the soup and the indices it holds. Every score
     must be a finite real number (a one-element tensor is read as its value): a NaN would
-    rank anywhere, so it is refused, naming the checkpoint, as is None."""
+    rank anywhere, so it is refused, naming the checkpoint, as is None. Averaged entries
+    come back in the widest of all the checkpoints' (and the model's) dtypes, the soup
+    scored at each step included; integer entries are those of the last checkpoint added."""
     if not callable(score):
         raise InvalidTypeError(f"greedy_soup's score must be a function of a state_dict returning a number (higher "
                                f"is better, e.g. held-out accuracy), got {type(score).__name__}")
     specs = resolve_checkpoints(checkpoints)
     stamps = [None if isinstance(spec, Mapping) else _file_stamp(spec) for spec in specs]
     scores = []
+    dtypes = _model_dtypes(model)
     first = None
     for i, (source, state) in enumerate(_states(specs, model)):
+        _widen(dtypes, state)
         if first is None:
             first = state
         else:
@@ -194,12 +219,12 @@ def greedy_soup(
             last = state
             continue
         candidate_total = {k: total[k] + _wide(state[k]) for k in total}
-        candidate = _finish(candidate_total, state, 1.0 / (len(chosen) + 1))
+        candidate = _finish(candidate_total, state, 1.0 / (len(chosen) + 1), dtypes)
         candidate_score = _real_score(score(candidate), f"the soup of checkpoints {[*chosen, i]}")
         if candidate_score >= best_score:
             total, last, best_score = candidate_total, state, candidate_score
             chosen.append(i)
-    return _finish(total, last, 1.0 / len(chosen)), chosen
+    return _finish(total, last, 1.0 / len(chosen), dtypes), chosen
 
 
 def _real_score(value: Any, what: str) -> float:
