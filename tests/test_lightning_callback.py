@@ -708,3 +708,51 @@ def test_strategies_that_split_the_weights_over_processes_are_named(strategy):
     split = SimpleNamespace(world_size=2, strategy=object.__new__(getattr(pl.strategies, strategy)))
     with pytest.raises(UsageError, match=f"one process or under DDP.*runs {strategy} over 2 processes"):
         TrainableWeightAveraging(start_epoch=1).setup(split, _Net(), "fit")
+
+
+class _HideFirstSnapshotOnRank1(L.Callback):
+    """Rank 1 cannot see the first snapshot, as on a machine whose disk rank 0's files are not on."""
+
+    def __init__(self, averaging: TrainableWeightAveraging):
+        self.averaging = averaging
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_rank == 1 and trainer.current_epoch == 3:
+            self.averaging.snapshots[0] += ".elsewhere"
+
+
+def _ddp_failures(root: str, rank: int, world: int) -> dict:
+    import os
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
+    data = TensorDataset(_X, _Y)
+    errors = {}
+    for case in ("unseen snapshot", "unwritable dirpath"):
+        blocker = Path(root) / "a-file"
+        blocker.write_text("")
+        averaging = TrainableWeightAveraging(start_epoch=1, dirpath=blocker / "snapshots" if "dirpath" in case
+                                             else None)
+        callbacks = [averaging] + ([_HideFirstSnapshotOnRank1(averaging)] if "snapshot" in case else [])
+        trainer = _trainer(Path(root) / case.replace(" ", "-"), callbacks=callbacks, strategy="ddp", devices=world)
+        try:
+            trainer.fit(_Net(), DataLoader(data, batch_size=8))
+        except tk.errors.TWAKernelsError as exc:
+            errors[case] = (type(exc).__name__, str(exc), trainer.current_epoch)
+    return errors
+
+
+def test_under_ddp_a_process_that_cannot_go_on_stops_every_process_with_a_named_error(tmp_path):
+    from tests.helpers import spawn
+
+    first, second = spawn(partial(_ddp_failures, str(tmp_path)), 2, str(tmp_path), timeout=150,
+                          collective_timeout=60)
+    # every process stops at the same point, none waits in a collective for one that stopped
+    kind, message, epoch = second["unseen snapshot"]
+    assert kind == "CheckpointError" and "epoch=1.safetensors.elsewhere is gone" in message and epoch == 4
+    kind, message, epoch = first["unseen snapshot"]
+    assert kind == "CheckpointError" and "another process of this DDP run cannot read the snapshots" in message
+    assert epoch == 4
+    kind, message, _ = first["unwritable dirpath"]
+    assert kind == "OutputError" and "a-file" in message
+    kind, message, _ = second["unwritable dirpath"]
+    assert kind == "CheckpointError" and "rank 0 could not write the snapshot of epoch 1" in message

@@ -265,17 +265,26 @@ class TrainableWeightAveraging(pl.Callback):
         epoch = trainer.current_epoch
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
             return
-        written = None
+        written: tuple[str, str] | None = None
+        failure: BaseException | None = None
         if trainer.is_global_zero:  # DDP keeps the same weights in every process: rank 0 writes them
             path = self.dirpath / f"epoch={epoch}.safetensors"
             if self._resumed and path.exists() and str(path) not in self._written:
                 # an epoch that a resumed fit runs again: the file is the earlier fit's, which its
                 # other checkpoints name (with its digest), so it is left as it is
                 path = self.dirpath / f"epoch={epoch}.{secrets.token_hex(4)}.safetensors"
-            path = save_state_dict(pl_module.state_dict(), path)
-            written = (str(path), _sha256(path))
+            try:
+                path = save_state_dict(pl_module.state_dict(), path)
+                written = (str(path), _sha256(path))
+            except Exception as exc:  # the others wait for the broadcast below: they learn it failed
+                failure = exc
         if trainer.world_size > 1:  # also the barrier: no process reads a snapshot before it is whole
             written = trainer.strategy.broadcast(written)
+        if failure is not None:
+            raise failure
+        if written is None:
+            raise CheckpointError(f"TrainableWeightAveraging: rank 0 could not write the snapshot of epoch {epoch} "
+                                  f"in {self.dirpath} (its own error says why)")
         path, digest = written
         self.snapshots = [p for p in self.snapshots if _epoch_of(p) != epoch] + [path]
         self.snapshots.sort(key=_epoch_of)
@@ -392,17 +401,16 @@ class TrainableWeightAveraging(pl.Callback):
         if not self.snapshots:
             raise UsageError(f"TrainableWeightAveraging kept no epoch to average (start_epoch {self._first}, "
                              f"max_epochs {self._last}); start earlier")
-        missing = [path for path in self.snapshots if not os.path.exists(path)]
-        if missing:
-            raise CheckpointError(f"TrainableWeightAveraging: snapshot {missing[0]} is gone ({len(missing)} of "
-                                  f"{len(self.snapshots)} missing); the TWA epochs need every epoch it kept. Resume "
-                                  "from a checkpoint of the run whose snapshots still exist")
-        for path in self.snapshots:
-            expected = self._digests.get(path)
-            if expected is not None and _sha256(path) != expected:
-                raise CheckpointError(f"TrainableWeightAveraging: snapshot {path} no longer holds the weights this "
-                                      "run wrote there (another run writing to the same dirpath?); the TWA would "
-                                      "average another run's weights. Give each run its own dirpath")
+        problem = self._snapshots_problem()
+        # every process checks the files before any of them builds a TWA, whose collectives
+        # would leave the others waiting for one that stopped here
+        if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            problem = problem or CheckpointError(
+                "TrainableWeightAveraging: another process of this DDP run cannot read the snapshots that rank 0 "
+                f"wrote in {self.dirpath} (its own error names the file); every process reads them, so dirpath "
+                "must be on a file system that every machine of the job sees")
+        if problem is not None:
+            raise problem
         options = dict(self.twa_options)
         if options["progress"] is None and trainer.progress_bar_callback is None:  # enable_progress_bar=False
             options["progress"] = False
@@ -430,6 +438,22 @@ class TrainableWeightAveraging(pl.Callback):
         for name in _STEPS:
             if name not in vars(pl_module):  # a step of the class, not one this callback put there
                 setattr(pl_module, name, partial(self.twa.run, getattr(pl_module, name)))
+
+    def _snapshots_problem(self) -> CheckpointError | None:
+        """Why the snapshots cannot be averaged here (gone, or written over), or None."""
+        missing = [path for path in self.snapshots if not os.path.exists(path)]
+        if missing:
+            return CheckpointError(f"TrainableWeightAveraging: snapshot {missing[0]} is gone ({len(missing)} of "
+                                   f"{len(self.snapshots)} missing); the TWA epochs need every epoch it kept. Resume "
+                                   "from a checkpoint of the run whose snapshots still exist (under DDP, dirpath must "
+                                   "be on a file system that every machine of the job sees)")
+        for path in self.snapshots:
+            expected = self._digests.get(path)
+            if expected is not None and _sha256(path) != expected:
+                return CheckpointError(f"TrainableWeightAveraging: snapshot {path} no longer holds the weights this "
+                                       "run wrote there (another run writing to the same dirpath?); the TWA would "
+                                       "average another run's weights. Give each run its own dirpath")
+        return None
 
     def _restore_steps(self, pl_module: pl.LightningModule) -> None:
         for name in _STEPS:
