@@ -100,6 +100,13 @@ def test_averages_come_back_in_the_widest_dtype_whatever_the_order(average):
     halves = [{k: v.bfloat16() if v.is_floating_point() else v for k, v in c.items()} for c in ckpts]
     assert run(halves)["0.weight"].dtype == torch.bfloat16  # as the files, without a model
     assert run(halves, model=make_model())["0.weight"].dtype == torch.float32  # given one: at least its dtype
+    # torch has no promotion for 8-bit floats: they give way to the other dtype
+    eights = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}
+              for c, dtype in zip(ckpts, (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn))]
+    same_kind = [eights[0], eights[2]]
+    assert run(same_kind)["0.weight"].dtype == torch.float8_e4m3fn
+    assert run(same_kind, model=make_model())["0.weight"].dtype == torch.float32
+    assert run(eights)["0.weight"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("change", ["extra key", "integer entry"])

@@ -85,7 +85,18 @@ def _widen(dtypes: dict[str, torch.dtype], state: StateDict) -> None:
     """Promote dtypes[key] by each averaged entry's dtype: the result's dtype of that entry."""
     for key, value in state.items():
         if _averaged(value):
-            dtypes[key] = torch.promote_types(dtypes[key], value.dtype) if key in dtypes else value.dtype
+            dtypes[key] = _wider(dtypes[key], value.dtype) if key in dtypes else value.dtype
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch's promotion, which has none for the 8-bit floats: beside another dtype they give
+    way to it, and two kinds of them meet in float32."""
+    if a == b:
+        return a
+    eight_bit = [d.is_floating_point and d.itemsize == 1 for d in (a, b)]
+    if any(eight_bit):
+        return torch.float32 if all(eight_bit) else (b if eight_bit[0] else a)
+    return torch.promote_types(a, b)
 
 
 def _model_dtypes(model: nn.Module | None) -> dict[str, torch.dtype]:

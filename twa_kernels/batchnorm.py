@@ -44,7 +44,7 @@ def has_running_statistics(model: nn.Module) -> bool:
     return bool(running_norms(model))
 
 
-def _feed(model: Callable[..., Any], batch: Any) -> None:
+def feed_batch(model: Callable[..., Any], batch: Any) -> None:
     """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs
     as one argument (a mapping of them too, as `twa fit` feeds its model), a mapping of
     keyword arguments (transformers' batches) is unpacked."""
@@ -193,7 +193,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                 if call_fn is not None:
                     call_fn(model, batch)
                 else:
-                    _feed(model, batch)
+                    feed_batch(model, batch)
                 count += 1
         if count == 0 and not allow_empty:
             fix = ("it is an iterator (a generator?), which an earlier pass may have used up: pass a re-iterable "

@@ -55,9 +55,10 @@ from torch import nn
 
 from twa_kernels import distributed
 from twa_kernels._checks import integer
+from twa_kernels._collectives import agree
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_enabled
-from twa_kernels.batchnorm import has_running_statistics, running_norms
+from twa_kernels.batchnorm import feed_batch, has_running_statistics, running_norms
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import save_state_dict
 from twa_kernels.subspace import check_build_args
@@ -265,26 +266,24 @@ class TrainableWeightAveraging(pl.Callback):
         epoch = trainer.current_epoch
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
             return
-        written: tuple[str, str] | None = None
-        failure: BaseException | None = None
-        if trainer.is_global_zero:  # DDP keeps the same weights in every process: rank 0 writes them
+        def write() -> tuple[str, str] | None:
+            if not trainer.is_global_zero:  # DDP keeps the same weights in every process: rank 0 writes them
+                return None
             path = self.dirpath / f"epoch={epoch}.safetensors"
             if self._resumed and path.exists() and str(path) not in self._written:
                 # an epoch that a resumed fit runs again: the file is the earlier fit's, which its
                 # other checkpoints name (with its digest), so it is left as it is
                 path = self.dirpath / f"epoch={epoch}.{secrets.token_hex(4)}.safetensors"
-            try:
-                path = save_state_dict(pl_module.state_dict(), path)
-                written = (str(path), _sha256(path))
-            except Exception as exc:  # the others wait for the broadcast below: they learn it failed
-                failure = exc
-        if trainer.world_size > 1:  # also the barrier: no process reads a snapshot before it is whole
+            path = save_state_dict(pl_module.state_dict(), path)
+            return str(path), _sha256(path)
+
+        if trainer.world_size > 1:
+            # a failed write stops every process with its reason; the broadcast is also the
+            # barrier: no process reads a snapshot before it is whole
+            written = agree(write, _world_group(), f"writing the snapshot of epoch {epoch}")
             written = trainer.strategy.broadcast(written)
-        if failure is not None:
-            raise failure
-        if written is None:
-            raise CheckpointError(f"TrainableWeightAveraging: rank 0 could not write the snapshot of epoch {epoch} "
-                                  f"in {self.dirpath} (its own error says why)")
+        else:
+            written = write()
         path, digest = written
         self.snapshots = [p for p in self.snapshots if _epoch_of(p) != epoch] + [path]
         self.snapshots.sort(key=_epoch_of)
@@ -324,6 +323,9 @@ class TrainableWeightAveraging(pl.Callback):
         # the Trainer's teardown has moved the module off its device: finish there, as the
         # TWA epochs would have, and leave the module where the teardown left it
         device = pl_module.device
+        # the statistics pass reads the batches in the order of the run's last epoch: under DDP
+        # Lightning's DistributedSampler shuffles by epoch, and this fit ran none
+        _set_sampler_epoch(trainer.train_dataloader, end - 1)
         try:
             pl_module.to(trainer.strategy.root_device)
             self._start_twa(trainer, pl_module)  # from the snapshots and the checkpoint's coefficients
@@ -361,34 +363,54 @@ class TrainableWeightAveraging(pl.Callback):
         """twa.update_bn over the training batches, each passed through the Trainer's batch
         pipeline (precision conversion, on_before_batch_transfer, the move to the device and
         on_after_batch_transfer) and run in the precision's context, as the training steps ran."""
+        call_fn = feed_batch if self.update_bn is True else self.update_bn
+        how = ("fed each training batch to forward() (a tuple's or list's first element, a mapping as keyword "
+               "arguments)" if self.update_bn is True else "called update_bn(module, batch) on each training batch")
+
+        def named(exc: Exception) -> UsageError:  # for a failure of this process's own pass
+            return UsageError(f"TrainableWeightAveraging: recomputing the BatchNorm statistics at the averaged "
+                              f"weights {how}, which failed: {type(exc).__name__}: {exc}. The trained TWA is this "
+                              "callback's `.twa`: recompute them with twa.update_bn(loader, call_fn) (under DDP, "
+                              "tk.distributed.update_bn(loader, twa, None, call_fn)) and load "
+                              "twa.averaged_state_dict() into the module; next time pass update_bn=function(module, "
+                              "batch) that runs the module on one batch")
+
         def prepared(batches: Iterable) -> Iterator[Any]:
-            for batch in batches:
-                batch = trainer.precision_plugin.convert_input(batch)
-                # as the fit loop calls it: the DataModule's hook where it defines one, else the module's
-                batch = pl_module._on_before_batch_transfer(batch, 0)
-                yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            batches = iter(batches)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    raise named(exc) from exc
+                try:
+                    batch = trainer.precision_plugin.convert_input(batch)
+                    # as the fit loop calls it: the DataModule's hook where it defines one, else the module's
+                    batch = pl_module._on_before_batch_transfer(batch, 0)
+                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+                except Exception as exc:
+                    raise named(exc) from exc
+                yield batch
+
+        def run(module: nn.Module, batch: Any) -> None:
+            try:
+                call_fn(module, batch)
+            except TWAKernelsError:
+                raise
+            except Exception as exc:
+                raise named(exc) from exc
 
         batches = trainer.train_dataloader
         if math.isfinite(trainer.num_training_batches):  # limit_train_batches, as the epochs ran
             batches = itertools.islice(batches, int(trainer.num_training_batches))
-        call_fn = None if self.update_bn is True else self.update_bn
-        try:
-            with trainer.precision_plugin.train_step_context():
-                if trainer.world_size > 1:  # each process's share of the batches, merged as one pass over all
-                    distributed.update_bn(prepared(batches), self.twa, None, call_fn,
-                                          frozen_norms=sorted(self._frozen_norms))
-                else:
-                    self.twa.update_bn(prepared(batches), call_fn, frozen_norms=sorted(self._frozen_norms))
-        except TWAKernelsError:
-            raise
-        except Exception as exc:
-            how = ("fed each training batch to forward() (a tuple's or list's first element, a mapping as keyword "
-                   "arguments)" if call_fn is None else "called update_bn(module, batch) on each training batch")
-            raise UsageError(f"TrainableWeightAveraging: recomputing the BatchNorm statistics at the averaged weights "
-                             f"{how}, which failed: {type(exc).__name__}: {exc}. The trained TWA is this callback's "
-                             "`.twa`: recompute them with twa.update_bn(loader, call_fn) and load "
-                             "twa.averaged_state_dict() into the module; next time pass update_bn=function(module, "
-                             "batch) that runs the module on one batch") from exc
+        # the errors of the pass are named where they arise, so that an error of the processes'
+        # exchange under DDP (a peer gone) keeps its own message
+        with trainer.precision_plugin.train_step_context():
+            if trainer.world_size > 1:  # each process's share of the batches, merged as one pass over all
+                distributed.update_bn(prepared(batches), self.twa, None, run, frozen_norms=sorted(self._frozen_norms))
+            else:
+                self.twa.update_bn(prepared(batches), run, frozen_norms=sorted(self._frozen_norms))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_steps(pl_module)  # an error (or Ctrl-C) skips on_train_end and teardown
@@ -401,16 +423,12 @@ class TrainableWeightAveraging(pl.Callback):
         if not self.snapshots:
             raise UsageError(f"TrainableWeightAveraging kept no epoch to average (start_epoch {self._first}, "
                              f"max_epochs {self._last}); start earlier")
-        problem = self._snapshots_problem()
-        # every process checks the files before any of them builds a TWA, whose collectives
-        # would leave the others waiting for one that stopped here
-        if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(problem is None, all=True):
-            problem = problem or CheckpointError(
-                "TrainableWeightAveraging: another process of this DDP run cannot read the snapshots that rank 0 "
-                f"wrote in {self.dirpath} (its own error names the file); every process reads them, so dirpath "
-                "must be on a file system that every machine of the job sees")
-        if problem is not None:
-            raise problem
+        if trainer.world_size > 1:
+            # every process checks the files before any of them builds a TWA, whose collectives
+            # would leave the others waiting for one that stopped here
+            agree(self._check_snapshots, _world_group(), "checking the snapshots")
+        else:
+            self._check_snapshots()
         options = dict(self.twa_options)
         if options["progress"] is None and trainer.progress_bar_callback is None:  # enable_progress_bar=False
             options["progress"] = False
@@ -418,7 +436,7 @@ class TrainableWeightAveraging(pl.Callback):
             # the coefficients are not the module's parameters, so DDP does not average their
             # gradients: the TWA all-reduces them itself (and DDP, whose parameters get no
             # gradient in these epochs, reduces nothing)
-            options["process_group"] = torch.distributed.group.WORLD
+            options["process_group"] = _world_group()
         self.twa = TWA(pl_module, self.snapshots, **options).to(pl_module.device)
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
@@ -439,21 +457,20 @@ class TrainableWeightAveraging(pl.Callback):
             if name not in vars(pl_module):  # a step of the class, not one this callback put there
                 setattr(pl_module, name, partial(self.twa.run, getattr(pl_module, name)))
 
-    def _snapshots_problem(self) -> CheckpointError | None:
-        """Why the snapshots cannot be averaged here (gone, or written over), or None."""
+    def _check_snapshots(self) -> None:
+        """A CheckpointError where the snapshots cannot be averaged here (gone, or written over)."""
         missing = [path for path in self.snapshots if not os.path.exists(path)]
         if missing:
-            return CheckpointError(f"TrainableWeightAveraging: snapshot {missing[0]} is gone ({len(missing)} of "
+            raise CheckpointError(f"TrainableWeightAveraging: snapshot {missing[0]} is gone ({len(missing)} of "
                                    f"{len(self.snapshots)} missing); the TWA epochs need every epoch it kept. Resume "
                                    "from a checkpoint of the run whose snapshots still exist (under DDP, dirpath must "
                                    "be on a file system that every machine of the job sees)")
         for path in self.snapshots:
             expected = self._digests.get(path)
             if expected is not None and _sha256(path) != expected:
-                return CheckpointError(f"TrainableWeightAveraging: snapshot {path} no longer holds the weights this "
+                raise CheckpointError(f"TrainableWeightAveraging: snapshot {path} no longer holds the weights this "
                                        "run wrote there (another run writing to the same dirpath?); the TWA would "
                                        "average another run's weights. Give each run its own dirpath")
-        return None
 
     def _restore_steps(self, pl_module: pl.LightningModule) -> None:
         for name in _STEPS:
@@ -500,6 +517,20 @@ class TrainableWeightAveraging(pl.Callback):
         self._first, self._last = state_dict["first_epoch"], state_dict["last_epoch"]
         self._loaded = state_dict.get("twa")
         self._resumed = True
+
+
+def _set_sampler_epoch(loader: Any, epoch: int) -> None:
+    """Call set_epoch(epoch) on a loader's sampler (or its batch sampler's) where it has one."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+def _world_group() -> Any:
+    """The process group of every process of the run, which Lightning's DDP initialised."""
+    return torch.distributed.group.WORLD
 
 
 def _replicates_the_module(strategy: Any) -> bool:
