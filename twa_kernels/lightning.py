@@ -266,6 +266,7 @@ class TrainableWeightAveraging(pl.Callback):
         epoch = trainer.current_epoch
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
             return
+
         def write() -> tuple[str, str] | None:
             if not trainer.is_global_zero:  # DDP keeps the same weights in every process: rank 0 writes them
                 return None
