@@ -939,3 +939,30 @@ def test_an_interruption_while_the_folder_is_flushed_never_splits_files_written_
                                numbers: lambda tmp: Path(tmp).write_text("new numbers")})
     assert (figure.read_text(), numbers.read_text()) == ("new figure", "new numbers")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plane.json", "plane.png"]
+
+
+def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
+    # a model built smaller than the one that saved the checkpoints (a config with fewer
+    # layers) ran on their first layers without a word: TWA, the averages, interpolate, plane
+    from torch.utils.data import TensorDataset
+
+    def net(layers: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), *[m for _ in range(layers - 1) for m in (nn.ReLU(), nn.Linear(8, 8))])
+
+    gen = torch.Generator().manual_seed(0)
+    larger = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in net(3).state_dict().items()}
+              for _ in range(3)]
+    data = [(torch.randn(6, 4, generator=gen), torch.randint(0, 8, (6,), generator=gen))]
+    calls = {"TWA": lambda: tk.TWA(net(2), larger, bits=4),
+             "uniform_average": lambda: tk.uniform_average(larger, model=net(2)),
+             "interpolate": lambda: tk.connectivity.interpolate(net(2), larger[0], larger[1], data, bn="none"),
+             "plane": lambda: tk.connectivity.plane(net(2), larger, data, grid=2, bn="none")}
+    for name, call in calls.items():
+        with pytest.warns(UserWarning, match=r"checkpoint #0: 2 floating-point tensor\(s\) match no name of the "
+                                             r"model and are left out \(e.g. \['4.weight', '4.bias'\]\)"):
+            call()
+    same = larger[:2] + [{**larger[2]}]
+    with warnings.catch_warnings():  # checkpoints of the model itself: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        tk.TWA(net(3), same, bits=4)
+        tk.uniform_average(same, model=net(3))

@@ -15,7 +15,7 @@ from twa_kernels import _collectives
 from twa_kernels.batchnorm import running_norms
 from twa_kernels.columns import ColumnReader
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
-from twa_kernels.io import Checkpoints, resolve_checkpoints
+from twa_kernels.io import Checkpoints, model_key_names, resolve_checkpoints, warn_unmatched_keys
 from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
 from twa_kernels.sharded_build import build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
@@ -191,19 +191,24 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
     built from a Subspace) the model's own values. Whole tensors are read, one at a time.
     The same pass compares the checkpoints' buffers with the model's (_buffers_to_compare)
-    and warns where they differ. `stamps` are the files' stamps when the subspace was built
-    from them: a file rewritten since would pin values of another state than the basis's."""
+    and warns where they differ, and the first checkpoint's floating-point tensors that no
+    name of the model matches are named in a warning (io.warn_unmatched_keys). `stamps` are
+    the files' stamps when the subspace was built from them: a file rewritten since would
+    pin values of another state than the basis's."""
     if checkpoints is None:
         return [p.detach().clone() for _, p in frozen]
     buffers = _buffers_to_compare(model)
-    if not frozen and not buffers:
-        return []
     specs = resolve_checkpoints(checkpoints)
     all_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     totals: list[Tensor | None] = [None] * len(frozen)
     differ: dict[str, str] = {}
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
+        if i == 0:  # a model built smaller than the checkpoints' would train on their first layers
+            warn_unmatched_keys({key: reader.dtype(key) for key in reader.keys()}, model_key_names(model),
+                                reader.source)
+            if not frozen and not buffers:
+                return []
         if stamps is not None and stamps[i] is not None and reader.stamp != stamps[i]:
             raise CheckpointError(f"{reader.source}: changed after the subspace was built from it (its size, "
                                   "modification time or inode moved), so its frozen parameters would come from "

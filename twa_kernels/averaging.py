@@ -37,10 +37,12 @@ from twa_kernels.io import (
     check_finite,
     fill_tied_keys,
     iter_state_dicts,
+    model_key_names,
     parameter_aliases,
     resolve_checkpoints,
     trainer_output_hint,
     unwrap_model,
+    warn_unmatched_keys,
 )
 from twa_kernels.io.read import _file_stamp
 
@@ -107,9 +109,10 @@ def _model_dtypes(model: nn.Module | None) -> dict[str, torch.dtype]:
     return {key: value.dtype for key, value in state.items() if isinstance(value, Tensor) and _averaged(value)}
 
 
-def _states(specs: list, model: nn.Module | None):
+def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     """(source, state) per checkpoint: finite; given the model, keyed exactly as its
-    state_dict (tied names filled in)."""
+    state_dict (tied names filled in), with a warning where the first checkpoint holds
+    floating-point tensors the model has no name for (warn_unmatched)."""
     if model is None:
         for source, state in iter_state_dicts(specs):
             check_finite(state, source)
@@ -119,8 +122,12 @@ def _states(specs: list, model: nn.Module | None):
     # a module's extra state that is not a tensor (get_extra_state) is no checkpoint entry
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if isinstance(value, Tensor)}
     aliases = parameter_aliases(model)
-    for source, state in iter_state_dicts(specs, names=expected):
-        state = _model_keys(fill_tied_keys(state, aliases, source), expected, source)
+    known = model_key_names(model) if warn_unmatched else set()
+    for i, (source, state) in enumerate(iter_state_dicts(specs, names=expected)):
+        state = fill_tied_keys(state, aliases, source)
+        if i == 0 and warn_unmatched:
+            warn_unmatched_keys({key: value.dtype for key, value in state.items()}, known, source)
+        state = _model_keys(state, expected, source)
         check_finite(state, source)
         yield source, state
 
@@ -224,7 +231,7 @@ def greedy_soup(
         if stamps[i] is not None and _file_stamp(specs[i]) != stamps[i]:  # scored as one state, souped as another
             raise CheckpointError(f"{specs[i]}: changed since it was scored (its size, modification time or inode "
                                   "moved); build the soup once it is no longer being written, or from a copy")
-        _, state = next(_states([specs[i]], model))
+        _, state = next(_states([specs[i]], model, warn_unmatched=False))  # the scoring pass warned
         if total is None:
             total = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}
             last = state

@@ -47,8 +47,10 @@ from twa_kernels.io import (
     fill_tied_keys,
     load_state_dict,
     match_names,
+    model_key_names,
     parameter_aliases,
     unwrap_state_dict,
+    warn_unmatched_keys,
 )
 
 Checkpoint = str | os.PathLike | Mapping[str, Tensor]
@@ -99,6 +101,7 @@ def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None
     state = unwrap_state_dict(checkpoint, source) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
     if model is not None:
         state = fill_tied_keys(match_names(state, model.state_dict().keys(), source), parameter_aliases(model), source)
+        warn_unmatched_keys({key: value.dtype for key, value in state.items()}, model_key_names(model), source)
     check_finite(state, source)
     return state
 

@@ -61,7 +61,8 @@ from twa_kernels.geometry.evaluation import (
     preserved,
 )
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import CheckpointError, parameter_aliases, unwrap_model, unwrap_state_dict
+from twa_kernels.io import (CheckpointError, model_key_names, parameter_aliases, unwrap_model, unwrap_state_dict,
+                            warn_unmatched_keys)
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
     QuantizedBasis,
@@ -90,13 +91,16 @@ class PlanePoint(NamedTuple):
 
 
 def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-          aliases: Mapping[str, Sequence[str]]) -> ColumnReader:
+          aliases: Mapping[str, Sequence[str]], known: set[str] | None = None) -> ColumnReader:
     """A lazy reader of one checkpoint (columns.ColumnReader: the file is read a range at a time,
     never whole), checked against the model from its metadata before anything is read: each
     parameter present (or a tied alias of it), with the model's shape and a floating-point
     dtype. Its other floating-point entries are checked finite here; the parameters are
-    checked as they are read."""
+    checked as they are read. Given every name of the model (`known`, io.model_key_names),
+    a warning names the floating-point entries that match none of them."""
     reader = ColumnReader(checkpoint, source=source, names=[*names, *(a for n in names for a in aliases.get(n, ()))])
+    if known is not None:
+        warn_unmatched_keys({key: reader.dtype(key) for key in reader.keys()}, known, source)
     present = set()
     for name, shape in zip(names, shapes):
         key = _entry_key(reader, name, shape, source, aliases.get(name, ()))
@@ -360,6 +364,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     buffers = mixed_buffers(model, bn)
     fixed = {**{n: p for n, p in params.items() if not p.is_floating_point()}, **fixed_buffers(model)}
     labels = checkpoint_labels(checkpoints)
+    known = model_key_names(model)
     step = _read_step(group_size)
     layout = builder.Layout(names, shapes, aliases)
     center, buffer_sets, fixed_sets, sources = torch.empty(numel), [], [], []
@@ -370,7 +375,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         # each checkpoint is read a chunk of columns at a time (columns.ColumnReader): the peak is
         # the origin, the basis and one chunk, never a whole checkpoint
         label = checkpoint_source(ckpt, i)
-        reader = _open(ckpt, label, names, shapes, aliases)
+        reader = _open(ckpt, label, names, shapes, aliases, known)
         buffer_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)
                             for k, t in buffers.items()})
         fixed_sets.append({k: reader.tensor(_entry_key(reader, k, tuple(t.shape), label)).to(t.dtype)

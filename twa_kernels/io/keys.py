@@ -248,6 +248,30 @@ def _is_fully_sharded(model: nn.Module) -> bool:
     return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
 
 
+def model_key_names(model: nn.Module) -> set[str]:
+    """Every name under which a checkpoint of `model` may hold a tensor: its state_dict's keys
+    (buffers included) and every name of a tied parameter."""
+    model = unwrap_model(model)
+    names = set(model.state_dict().keys()) | {n for n, _ in model.named_buffers()}
+    for tied in parameter_aliases(model).values():
+        names.update(tied)
+    return names
+
+
+def warn_unmatched_keys(dtypes: Mapping[str, torch.dtype], known: set[str], source: str) -> None:
+    """Warn when a checkpoint holds floating-point tensors under names the model does not
+    have (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes):
+    they are left out, and a model built smaller than the one that saved them (a config
+    with fewer layers) would otherwise run on the first layers of the checkpoint without a
+    word."""
+    extra = [key for key, dtype in dtypes.items() if key not in known and dtype.is_floating_point]
+    if extra:
+        warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) match no name of the model and are left out "
+                      f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built smaller "
+                      "than the one that saved it (a config with fewer layers?); tensors of another module saved "
+                      "beside it are rightly left out", UserWarning, stacklevel=3)
+
+
 def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]], source: str = "the checkpoint"
                    ) -> StateDict:
     """`state` with every name of a tied tensor present: a checkpoint that holds it under
