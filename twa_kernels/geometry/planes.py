@@ -441,6 +441,7 @@ class Plane:
     bits: int | None
     bn: str
     frame: _Frame = field(repr=False)
+    masks: dict[str, Tensor] = field(default_factory=dict, repr=False)  # as the grid's weights were masked
 
     def locate(self, checkpoint: Checkpoint, label: str = "point") -> PlanePoint:
         """Project a checkpoint (path or state_dict) onto the plane: coordinates and distance."""
@@ -449,11 +450,13 @@ class Plane:
     @torch.no_grad()
     def state_dict_at(self, x: float, y: float) -> dict[str, Tensor]:
         """The parameters at plane coordinates (x, y), by name (e.g. to load the grid's best
-        point into the model, then update_bn): a reconstruct, as the grid's points are."""
+        point into the model, then update_bn): a reconstruct, masked as the grid's points are."""
         flat = self.frame.weights((real("state_dict_at's x", x), real("state_dict_at's y", y)))
         pieces = flat.split([math.prod(s) for s in self.frame.shapes])
-        return {name: piece.view(shape) for name, piece, shape in zip(self.frame.names, pieces,
-                                                                              self.frame.shapes)}
+        weights = {name: piece.view(shape) for name, piece, shape in zip(self.frame.names, pieces, self.frame.shapes)}
+        for name, mask in self.masks.items():
+            weights[name].mul_(mask.to(weights[name].device))
+        return weights
 
     def to_dict(self) -> dict[str, Any]:
         """The plane as JSON-safe data: the grid, loss and error (a NaN or infinite value as
@@ -622,8 +625,11 @@ def plane(
             point.update(frame.fixed_buffers)
             loss[i, j], error[i, j] = evaluate(model, point, data, metric, bn, bn_batches, same_batches, same_data)
     if negative:
+        mixed = sorted({name.rsplit(".", 1)[0] for name in frame.buffers[0] if name.endswith("running_var")})
+        why = ("bn='interpolate' extrapolates the statistics there; bn='recompute' measures them at every point"
+               if bn == "interpolate" else f"the BatchNorm layers the model keeps in eval mode ({', '.join(mixed[:3])}) "
+               "keep statistics mixed from the checkpoints, which bn='recompute' does not measure")
         warnings.warn(f"{negative} of the plane's {len(cells)} points mix the checkpoints' BatchNorm variances to "
-                      "below zero (they lie outside the checkpoints' triangle, where bn='interpolate' extrapolates "
-                      "the statistics), so their loss is NaN; bn='recompute' measures statistics at every point",
+                      f"below zero (they lie outside the checkpoints' triangle: {why}), so their loss is NaN",
                       UserWarning, stacklevel=2)
-    return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame)
+    return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame, mask)

@@ -191,9 +191,13 @@ def hessian_diagonal(
         params, hvp = _hvp(model, loss_fn, data)
         acc = {k: torch.zeros_like(p) for k, p in params.items()}
         sizes = [min(chunk, samples - s) for s in range(0, samples, chunk)]
+        numels = [p.numel() for p in params.values()]
         for m in progress_bar(sizes, enabled=progress, desc="Hutchinson probes"):
-            z = {k: (torch.randint(0, 2, (m, *p.shape), generator=gen) * 2 - 1).to(p)
-                 for k, p in params.items()}
+            # each probe is one draw over every weight in turn, so the probes, and the estimate,
+            # do not depend on how many go into a chunk
+            flat = torch.randint(0, 2, (m, sum(numels)), generator=gen) * 2 - 1
+            z = {k: piece.reshape(m, *p.shape).to(p)
+                 for (k, p), piece in zip(params.items(), flat.split(numels, dim=1))}
             hz = hvp(z)
             for k in acc:
                 acc[k] += (z[k] * hz[k]).sum(0)
@@ -221,6 +225,10 @@ def top_eigenvalue(
     warning, unconverged, its value the NaN or infinity."""
     check_module(model, "top_eigenvalue's model")
     model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
+    if not callable(loss_fn):
+        raise InvalidTypeError(f"top_eigenvalue's loss_fn must be a callable(outputs, targets), got "
+                               f"{type(loss_fn).__name__}")
+    check_data("top_eigenvalue's data", data)
     integer("iters", iters, 1, "power iterations")
     if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged
         raise InvalidArgumentError(f"tol must be positive (a relative change of the eigenvalue), got {tol}")
