@@ -1089,6 +1089,31 @@ def test_a_loss_that_cannot_take_the_outputs_and_targets_is_one_line_naming_both
     assert not (in_project / "out_mse").exists()
 
 
+def test_a_loss_that_fails_on_a_later_batch_is_not_told_to_take_other_outputs():
+    # it passed the earlier batches, so the advice to name another loss pointed the wrong way
+    from twa_kernels._user_code import call_loss
+
+    calls = []
+
+    def flaky(outputs, targets):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ValueError("a label out of range in this batch")
+        return outputs.sum()
+
+    outputs, targets = torch.ones(8, 3), torch.zeros(8, dtype=torch.long)
+    call_loss(flaky, outputs, targets, "pkg:flaky")
+    with pytest.raises(FitError, match="a label out of range in this batch; it took earlier batches, so look at "
+                                       "this batch's values"):
+        call_loss(flaky, outputs, targets, "pkg:flaky")
+
+    def never(outputs, targets):
+        raise ValueError("shapes differ")
+
+    with pytest.raises(FitError, match="name a loss that takes them"):
+        call_loss(never, outputs, targets, "pkg:never")
+
+
 def test_an_earlier_output_given_as_a_checkpoint_is_refused_before_it_is_replaced(in_project, capsys):
     from twa_kernels.cli import main
 

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -115,10 +116,27 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
         def shape(value: Any) -> str:
             return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+        # a loss that took earlier batches takes this kind of output: this batch made it fail
+        fix = ("it took earlier batches, so look at this batch's values" if _took_a_batch(loss_fn) else
+               "name a loss that takes them, such as torch.nn.functional:cross_entropy for class labels")
         raise FitError(f"loss: {short(spec)} failed on the model's outputs {shape(outputs)} and the targets "
-                       f"{shape(targets)}: {type(exc).__name__}: {short(str(exc))[1:-1]}; name a loss that takes "
-                       "them, such as torch.nn.functional:cross_entropy for class labels") from exc
+                       f"{shape(targets)}: {type(exc).__name__}: {short(str(exc))[1:-1]}; {fix}") from exc
+    try:
+        _LOSSES_THAT_TOOK_A_BATCH.add(loss_fn)
+    except TypeError:  # not weakly referable: its errors keep the first call's advice
+        pass
     return _one_number(loss, spec)
+
+
+# the loss functions that returned for some batch, held weakly: their later errors are the batch's
+_LOSSES_THAT_TOOK_A_BATCH: weakref.WeakSet = weakref.WeakSet()
+
+
+def _took_a_batch(loss_fn: Callable) -> bool:
+    try:
+        return loss_fn in _LOSSES_THAT_TOOK_A_BATCH
+    except TypeError:
+        return False
 
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:
