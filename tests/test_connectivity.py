@@ -1428,3 +1428,18 @@ def test_each_pass_replays_the_gpus_random_state_too(monkeypatch):
             gpu["state"] = torch.tensor([9], dtype=torch.uint8)  # the pass draws
         assert int(gpu["state"]) == caller  # and the caller's state is as it was
     assert seen == [1, 1]
+
+
+def test_a_plane_through_save_pretrained_directories(tmp_path):
+    # every directory was taken for a DCP one, whose .metadata a save_pretrained folder lacks
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+    folders = []
+    for i in range(3):
+        state = {k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        tk.save_state_dict(state, tmp_path / f"finetune-{i}" / "model.safetensors")
+        folders.append(tmp_path / f"finetune-{i}")
+    from_folders = C.plane(model, folders, data, grid=2, bn="none")
+    from_files = C.plane(model, [f / "model.safetensors" for f in folders], data, grid=2, bn="none")
+    torch.testing.assert_close(from_folders.loss, from_files.loss)

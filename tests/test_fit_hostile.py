@@ -1112,6 +1112,14 @@ def test_a_loss_that_fails_on_a_later_batch_is_not_told_to_take_other_outputs():
 
     with pytest.raises(FitError, match="name a loss that takes them"):
         call_loss(never, outputs, targets, "pkg:never")
+    # each run holds its own handle on a loss: one that took a batch in an earlier run (a
+    # notebook's second fit) is not taken to have taken one in this run
+    from twa_kernels._user_code import loss_from
+
+    earlier, this = (loss_from(torch.nn.functional.cross_entropy, "torch.nn.functional:cross_entropy") for _ in "ab")
+    call_loss(earlier, outputs, targets, "torch.nn.functional:cross_entropy")
+    with pytest.raises(FitError, match="name a loss that takes them"):
+        call_loss(this, torch.ones(4, 1), torch.ones(4, 1, 2), "torch.nn.functional:cross_entropy")
 
 
 def test_an_earlier_output_given_as_a_checkpoint_is_refused_before_it_is_replaced(in_project, capsys):

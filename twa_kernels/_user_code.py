@@ -4,6 +4,7 @@ the loss called on the model's outputs. A problem is a FitError naming the confi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -105,7 +106,9 @@ def loss_from(obj: Callable, spec: str) -> Callable:
                        "two arguments, such as torch.nn.functional:cross_entropy") from None
     except ValueError:  # no signature to read (some builtins): the first call tells
         pass
-    return obj
+    # a run's own handle on the loss: call_loss records that it took a batch, and a module-level
+    # function (cross_entropy) that took one in an earlier run says nothing about this one's
+    return functools.partial(obj)
 
 
 def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch.Tensor:

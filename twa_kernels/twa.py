@@ -150,6 +150,8 @@ class TWA(nn.Module):
                     f"{', '.join(f'{k}={v!r}' for k, v in settings.items())}): build the TWA with the same arguments "
                     "on every rank")
         aliases = parameter_aliases(model)
+        if isinstance(checkpoints_or_subspace, Iterator):  # a generator (Path.glob): read by the build and the pins
+            checkpoints_or_subspace = list(checkpoints_or_subspace)
         subspace = subspace_for(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
                                 bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not averaged(p)]

@@ -156,16 +156,19 @@ def _read_step(group_size: int) -> int:
 
 
 def _stamp(spec: Checkpoint, read: Collection[str]) -> tuple:
-    """What changes when a checkpoint changes: a file's (or a DCP directory's metadata's)
-    size and mtime; the version counters of the state_dict tensors named in `read` (bumped by
-    in-place writes; inference tensors have none, so in-place writes to those go unnoticed).
-    Only the weights the origin reads count: a model's own state_dict() given as checkpoint
-    a shares its BatchNorm buffers, which measuring the plane writes in place."""
+    """What changes when a checkpoint changes: a file's (or every file of a DCP or
+    save_pretrained directory's) size and mtime; the version counters of the state_dict
+    tensors named in `read` (bumped by in-place writes; inference tensors have none, so
+    in-place writes to those go unnoticed). Only the weights the origin reads count: a
+    model's own state_dict() given as checkpoint a shares its BatchNorm buffers, which
+    measuring the plane writes in place."""
     if isinstance(spec, Mapping):
         return tuple(None if t.is_inference() else t._version
                      for k, t in unwrap_state_dict(spec, "origin").items() if isinstance(t, Tensor) and k in read)
-    path = os.path.join(spec, ".metadata") if os.path.isdir(spec) else spec
-    st = os.stat(path)
+    if os.path.isdir(spec):  # a DCP or save_pretrained directory: every file in it
+        files = sorted((entry for entry in os.scandir(spec) if entry.is_file()), key=lambda entry: entry.name)
+        return tuple((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in files)
+    st = os.stat(spec)
     return st.st_size, st.st_mtime_ns
 
 

@@ -195,7 +195,7 @@ def hessian_diagonal(
         for m in progress_bar(sizes, enabled=progress, desc="Hutchinson probes"):
             # each probe is one draw over every weight in turn, so the probes, and the estimate,
             # do not depend on how many go into a chunk
-            flat = torch.randint(0, 2, (m, sum(numels)), generator=gen) * 2 - 1
+            flat = torch.randint(0, 2, (m, sum(numels)), generator=gen, dtype=torch.int8).mul_(2).sub_(1)
             z = {k: piece.reshape(m, *p.shape).to(p)
                  for (k, p), piece in zip(params.items(), flat.split(numels, dim=1))}
             hz = hvp(z)

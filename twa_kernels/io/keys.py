@@ -259,15 +259,19 @@ def model_key_names(model: nn.Module) -> set[str]:
 
 
 def warn_unmatched_keys(dtypes: Mapping[str, torch.dtype], known: set[str], source: str) -> None:
-    """Warn when a checkpoint holds floating-point tensors under names the model does not
-    have (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes):
+    """Warn when a checkpoint holds floating-point tensors of modules the model does not have
+    (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes):
     they are left out, and a model built smaller than the one that saved them (a config
     with fewer layers) would otherwise run on the first layers of the checkpoint without a
     word."""
-    extra = [key for key, dtype in dtypes.items() if key not in known and dtype.is_floating_point]
+    # a key under a module the model has is an entry that module no longer keeps (a buffer
+    # that older versions saved), not weights of a module the model lacks
+    modules = {""} | {key.rsplit(".", i)[0] for key in known for i in range(1, key.count(".") + 1)}
+    extra = [key for key, dtype in dtypes.items()
+             if key not in known and dtype.is_floating_point and key.rpartition(".")[0] not in modules]
     if extra:
-        warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) match no name of the model and are left out "
-                      f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built smaller "
+        warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) of modules the model does not have are left "
+                      f"out (e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built smaller "
                       "than the one that saved it (a config with fewer layers?); tensors of another module saved "
                       "beside it are rightly left out", UserWarning, stacklevel=3)
 
