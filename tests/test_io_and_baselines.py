@@ -944,8 +944,6 @@ def test_an_interruption_while_the_folder_is_flushed_never_splits_files_written_
 def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
     # a model built smaller than the one that saved the checkpoints (a config with fewer
     # layers) ran on their first layers without a word: TWA, the averages, interpolate, plane
-    from torch.utils.data import TensorDataset
-
     def net(layers: int) -> nn.Module:
         return nn.Sequential(nn.Linear(4, 8), *[m for _ in range(layers - 1) for m in (nn.ReLU(), nn.Linear(8, 8))])
 
