@@ -112,7 +112,7 @@ def _model_dtypes(model: nn.Module | None) -> dict[str, torch.dtype]:
 def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     """(source, state) per checkpoint: finite; given the model, keyed exactly as its
     state_dict (tied names filled in), with a warning where the first checkpoint holds
-    floating-point tensors the model has no name for (warn_unmatched)."""
+    floating-point tensors of modules the model lacks (warn_unmatched)."""
     if model is None:
         for source, state in iter_state_dicts(specs):
             check_finite(state, source)

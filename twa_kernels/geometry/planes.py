@@ -97,7 +97,7 @@ def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Seq
     parameter present (or a tied alias of it), with the model's shape and a floating-point
     dtype. Its other floating-point entries are checked finite here; the parameters are
     checked as they are read. Given every name of the model (`known`, io.model_key_names),
-    a warning names the floating-point entries that match none of them."""
+    a warning names the floating-point entries of modules the model lacks."""
     reader = ColumnReader(checkpoint, source=source, names=[*names, *(a for n in names for a in aliases.get(n, ()))])
     if known is not None:
         warn_unmatched_keys({key: reader.dtype(key) for key in reader.keys()}, known, source)
