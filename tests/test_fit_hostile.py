@@ -1091,15 +1091,17 @@ def test_a_loss_that_cannot_take_the_outputs_and_targets_is_one_line_naming_both
 
 def test_a_loss_that_fails_on_a_later_batch_is_not_told_to_take_other_outputs():
     # it passed the earlier batches, so the advice to name another loss pointed the wrong way
-    from twa_kernels._user_code import call_loss
+    from twa_kernels._user_code import call_loss, loss_from
 
     calls = []
 
-    def flaky(outputs, targets):
+    def flaky_loss(outputs, targets):
         calls.append(1)
         if len(calls) > 1:
             raise ValueError("a label out of range in this batch")
         return outputs.sum()
+
+    flaky = loss_from(flaky_loss, "pkg:flaky")  # a run's handle on the loss, as run_fit holds it
 
     outputs, targets = torch.ones(8, 3), torch.zeros(8, dtype=torch.long)
     call_loss(flaky, outputs, targets, "pkg:flaky")
@@ -1114,8 +1116,6 @@ def test_a_loss_that_fails_on_a_later_batch_is_not_told_to_take_other_outputs():
         call_loss(never, outputs, targets, "pkg:never")
     # each run holds its own handle on a loss: one that took a batch in an earlier run (a
     # notebook's second fit) is not taken to have taken one in this run
-    from twa_kernels._user_code import loss_from
-
     earlier, this = (loss_from(torch.nn.functional.cross_entropy, "torch.nn.functional:cross_entropy") for _ in "ab")
     call_loss(earlier, outputs, targets, "torch.nn.functional:cross_entropy")
     with pytest.raises(FitError, match="name a loss that takes them"):

@@ -4,12 +4,10 @@ the loss called on the model's outputs. A problem is a FitError naming the confi
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import os
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -106,9 +104,19 @@ def loss_from(obj: Callable, spec: str) -> Callable:
                        "two arguments, such as torch.nn.functional:cross_entropy") from None
     except ValueError:  # no signature to read (some builtins): the first call tells
         pass
-    # a run's own handle on the loss: call_loss records that it took a batch, and a module-level
-    # function (cross_entropy) that took one in an earlier run says nothing about this one's
-    return functools.partial(obj)
+    return RunLoss(obj)
+
+
+class RunLoss:
+    """A run's own handle on its loss: call_loss records on it that the loss took a batch, so
+    a later failure is that batch's. A module-level function (cross_entropy) that took one in
+    an earlier run says nothing about this one."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.took_a_batch = fn, False
+
+    def __call__(self, outputs: Any, targets: Any) -> Any:
+        return self.fn(outputs, targets)
 
 
 def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch.Tensor:
@@ -120,26 +128,14 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
         def shape(value: Any) -> str:
             return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
         # a loss that took earlier batches takes this kind of output: this batch made it fail
-        fix = ("it took earlier batches, so look at this batch's values" if _took_a_batch(loss_fn) else
+        took_a_batch = isinstance(loss_fn, RunLoss) and loss_fn.took_a_batch
+        fix = ("it took earlier batches, so look at this batch's values" if took_a_batch else
                "name a loss that takes them, such as torch.nn.functional:cross_entropy for class labels")
         raise FitError(f"loss: {short(spec)} failed on the model's outputs {shape(outputs)} and the targets "
                        f"{shape(targets)}: {type(exc).__name__}: {short(str(exc))[1:-1]}; {fix}") from exc
-    try:
-        _LOSSES_THAT_TOOK_A_BATCH.add(loss_fn)
-    except TypeError:  # not weakly referable: its errors keep the first call's advice
-        pass
+    if isinstance(loss_fn, RunLoss):
+        loss_fn.took_a_batch = True
     return _one_number(loss, spec)
-
-
-# the loss functions that returned for some batch, held weakly: their later errors are the batch's
-_LOSSES_THAT_TOOK_A_BATCH: weakref.WeakSet = weakref.WeakSet()
-
-
-def _took_a_batch(loss_fn: Callable) -> bool:
-    try:
-        return loss_fn in _LOSSES_THAT_TOOK_A_BATCH
-    except TypeError:
-        return False
 
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:

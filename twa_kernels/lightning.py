@@ -281,7 +281,7 @@ class TrainableWeightAveraging(pl.Callback):
         if trainer.world_size > 1:
             # a failed write stops every process with its reason; the broadcast is also the
             # barrier: no process reads a snapshot before it is whole
-            written = agree(write, _world_group(), f"writing the snapshot of epoch {epoch}")
+            written = agree(write, torch.distributed.group.WORLD, f"writing the snapshot of epoch {epoch}")
             written = trainer.strategy.broadcast(written)
         else:
             written = write()
@@ -427,7 +427,7 @@ class TrainableWeightAveraging(pl.Callback):
         if trainer.world_size > 1:
             # every process checks the files before any of them builds a TWA, whose collectives
             # would leave the others waiting for one that stopped here
-            agree(self._check_snapshots, _world_group(), "checking the snapshots")
+            agree(self._check_snapshots, torch.distributed.group.WORLD, "checking the snapshots")
         else:
             self._check_snapshots()
         options = dict(self.twa_options)
@@ -437,7 +437,7 @@ class TrainableWeightAveraging(pl.Callback):
             # the coefficients are not the module's parameters, so DDP does not average their
             # gradients: the TWA all-reduces them itself (and DDP, whose parameters get no
             # gradient in these epochs, reduces nothing)
-            options["process_group"] = _world_group()
+            options["process_group"] = torch.distributed.group.WORLD
         self.twa = TWA(pl_module, self.snapshots, **options).to(pl_module.device)
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
@@ -527,11 +527,6 @@ def _set_sampler_epoch(loader: Any, epoch: int) -> None:
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
-
-
-def _world_group() -> Any:
-    """The process group of every process of the run, which Lightning's DDP initialised."""
-    return torch.distributed.group.WORLD
 
 
 def _replicates_the_module(strategy: Any) -> bool:
