@@ -941,6 +941,48 @@ def test_an_interruption_while_the_folder_is_flushed_never_splits_files_written_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plane.json", "plane.png"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the writers' locks are POSIX file locks")
+def test_a_write_removes_the_temporary_a_killed_writer_left_but_never_a_live_writers(tmp_path):
+    # a writer killed mid-write (the out-of-memory killer) left its hidden temporary, as large as
+    # the file, beside the target for good
+    from twa_kernels.io import atomic_write
+
+    target = tmp_path / "averaged.safetensors"
+    writer = ("import sys\nfrom pathlib import Path\nfrom twa_kernels.io import atomic_write\n"
+              "def write(tmp):\n    Path(tmp).write_bytes(b'x' * 4096)\n    print('writing', flush=True)\n"
+              "    sys.stdin.readline()\n    Path(tmp).write_bytes(b'theirs')\n"
+              f"atomic_write({str(target)!r}, write)\n")
+
+    def start_writer() -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", writer], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+        assert process.stdout.readline() == "writing\n"
+        return process
+
+    def temporaries() -> set[str]:
+        return {p.name for p in tmp_path.glob(".averaged.safetensors.*.tmp")}
+
+    killed = start_writer()
+    killed.kill()
+    killed.wait(timeout=60)
+    abandoned = temporaries()
+    assert len(abandoned) == 1
+    live = start_writer()
+    try:
+        live_one = temporaries() - abandoned
+        empty = tmp_path / ".averaged.safetensors.abcd1234.tmp"  # its writer may not have locked it yet
+        empty.touch()
+        others = tmp_path / ".other.safetensors.abcd1234.tmp"  # another file's
+        others.write_bytes(b"y")
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"mine"))
+        assert target.read_bytes() == b"mine"
+        assert temporaries() == live_one | {empty.name} and others.exists()
+    finally:
+        live.communicate("\n", timeout=60)
+    assert live.returncode == 0 and target.read_bytes() == b"theirs"
+    assert temporaries() == {empty.name}
+
+
 def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
     # a model built smaller than the one that saved the checkpoints (a config with fewer
     # layers) ran on their first layers without a word: TWA, the averages, interpolate, plane

@@ -3,6 +3,7 @@ does, it is a torch Optimizer that schedulers take, and bad set-ups are named.""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -415,3 +416,49 @@ def test_a_step_cut_short_before_its_projection_leaves_the_weights_where_it_bega
     monkeypatch.undo()
     _train(opt, model, steps=1)  # it trains on, inside the subspace
     assert _outside_fraction(model, sub)[1] < 1e-4
+
+
+def test_an_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monkeypatch):
+    # plain SGD takes the path without a projection of its step, and on CPU it steps one
+    # parameter after another: a Ctrl-C between two left some moved and the rest not, off the
+    # subspace for good
+    sgd = importlib.import_module("torch.optim.sgd")  # (torch.optim deletes its name)
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), sub)
+    _train(opt, model, steps=2)
+    assert opt._state_in_span
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    whole_step = sgd._single_tensor_sgd
+
+    def cut_short(params, grads, buffers, **settings):  # half the parameters step, then Ctrl-C
+        half = len(params) // 2
+        whole_step(params[:half], grads[:half], buffers[:half], **settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sgd, "_single_tensor_sgd", cut_short)
+    torch.manual_seed(3)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 10, (8,))).backward()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert any(not torch.equal(v, before[k]) for k, v in model.named_parameters())  # it moved
+    assert _outside_fraction(model, sub)[1] < 1e-4
+    monkeypatch.undo()
+    _train(opt, model, steps=2)  # it trains on, its steps now projected
+    assert _outside_fraction(model, sub)[1] < 1e-4
+
+
+def test_an_error_before_an_sgd_step_moved_anything_leaves_the_weights_exactly(monkeypatch):
+    sgd = importlib.import_module("torch.optim.sgd")
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), sub)
+    _train(opt, model, steps=2)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no step")
+
+    monkeypatch.setattr(sgd, "_single_tensor_sgd", fails)
+    with pytest.raises(RuntimeError, match="no step"):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())

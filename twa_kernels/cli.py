@@ -35,7 +35,7 @@ from twa_kernels._user_code import call_factory, call_loss, loss_from, resolve_i
 from twa_kernels.fit import run_fit
 from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
 from twa_kernels.io import atomic_write_together
-from twa_kernels.io.write import TEMPORARY_NAME_EXTRA
+from twa_kernels.io.write import TEMPORARY_NAME_EXTRA, locked_temporary
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -325,8 +325,8 @@ def _bench(args: argparse.Namespace) -> int:
     # pytest-benchmark writes its JSON as it goes: into a temporary file, moved into place
     # only once the run has passed and holds results, so a failed or interrupted run leaves
     # any earlier file (and its roofline beside it) whole
-    fd, partial = tempfile.mkstemp(prefix=f".{results.name}.", suffix=".tmp", dir=results.parent)
-    os.close(fd)
+    # (locked while this process lives, so that no write of the results takes it for abandoned)
+    fd, partial = locked_temporary(results)
     try:
         code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
                                 "-p", "no:xdist", f"--benchmark-json={partial}"], env=env, cwd=bench.parent)
@@ -346,6 +346,7 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+        os.close(fd)
     return subprocess.call([sys.executable, str(bench / "report.py"), str(results)])
 
 

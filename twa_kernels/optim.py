@@ -222,6 +222,18 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                           UserWarning, stacklevel=3)
 
     @torch.no_grad()
+    def _return_to_subspace(self) -> None:
+        """Remove the part of the weights' distance from the center that lies outside the
+        span, in each weight's own dtype; weights already on the subspace (up to float32
+        rounding) are left exactly as they are."""
+        offset = self._flat_weights() - self._center_as_held()
+        outside = offset - self._in_span(offset)
+        if float(outside.norm()) <= _OFF_SUBSPACE * float(offset.norm()):
+            return
+        for p, piece in zip(self._params, self.subspace.unflatten(outside).values()):
+            p.sub_(piece.to(p.dtype))
+
+    @torch.no_grad()
     def project_gradients(self) -> None:
         """Replace each parameter's gradient by its part inside the subspace."""
         for name, p in zip(self.subspace.names, self._params):
@@ -257,7 +269,16 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 return self.base_optimizer.step(projected_closure)
         # (one unpickled from an earlier twa-kernels version has no flag: its steps are projected)
         if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer):
-            return take_step()
+            try:
+                return take_step()
+            except BaseException:
+                # SGD on CPU steps parameter by parameter: one cut short (an error, Ctrl-C) moved
+                # some weights and not others, off the subspace. Nothing was copied beforehand, to
+                # keep this path free, so the weights go back onto the subspace, and the momentum
+                # buffers, which may be partly updated too, count as outside the span from now on
+                self._state_in_span = False
+                self._return_to_subspace()
+                raise
         with torch.no_grad():
             before = [p.detach().clone() for p in self._params]
         try:

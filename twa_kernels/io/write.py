@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,9 +23,63 @@ from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputErr
 from twa_kernels.io.keys import _not_dense_values
 
 
+try:
+    import fcntl  # POSIX: a writer holds a lock on its temporary file for as long as it lives
+except ImportError:  # Windows: without the lock no temporary file can be told abandoned
+    fcntl = None
+
 # atomic_write's temporary file is named `.<name>.<8 random characters>.tmp`: a name within
 # this many bytes of the file system's limit cannot be written
 TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
+
+
+def locked_temporary(target: Path) -> tuple[int, str]:
+    """A new empty temporary file beside `target`, `.<name>.<8 random characters>.tmp`, as
+    (open descriptor, path). The descriptor holds an exclusive lock on the file until it is
+    closed, the kernel's sign that its writer lives: the lock goes with the process, however
+    it ends, so the next write of `target` can remove what a killed writer left
+    (remove_abandoned_temporaries)."""
+    fd, path = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner looks at the still empty file
+        except OSError:  # a file system without locks: no cleaner can take the lock either
+            pass
+    return fd, path
+
+
+def remove_abandoned_temporaries(target: Path) -> None:
+    """Remove the temporary files of `target` that writers killed mid-write left (SIGKILL,
+    the out-of-memory killer, a power cut): a `.<name>.<8 characters>.tmp` beside it that
+    holds bytes and whose lock no process holds. A live writer holds its lock from before
+    its first byte (locked_temporary), so its file is never taken; an empty file may be one
+    whose writer has not locked it yet, and is left. Best effort: anything unreadable,
+    unlockable or not a regular file is left as it is."""
+    if fcntl is None:
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    try:
+        entries = os.listdir(target.parent)
+    except OSError:
+        return
+    for entry in entries:
+        if not pattern.fullmatch(entry):
+            continue
+        path = target.parent / entry
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            # the name must still be this file: a writer's rename or unlink may have come between
+            if stat.S_ISREG(held.st_mode) and held.st_size > 0 and os.lstat(path).st_ino == held.st_ino:
+                os.unlink(path)
+        except OSError:  # a live writer's lock, no locks on this file system, no permission
+            pass
+        finally:
+            os.close(fd)
 
 
 def _default_file_mode() -> int:
@@ -46,7 +102,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(temporary_path)`, then move it into place: a crash, a
     full disk or an exception leaves the old file (or none), never half of one; a full disk
     or an exception leaves no temporary file either (a process killed mid-write leaves its
-    `.<name>.*.tmp` beside the target). The new file gets the old one's mode, or the umask's as open() would
+    `.<name>.*.tmp` beside the target, which the next write of the same file removes). The new file gets the old one's mode, or the umask's as open() would
     give it. A symbolic link is written through: the file it points to is replaced and the link
     kept, as OutputDirectory keeps a linked output directory. An unwritable location is an
     OutputError naming the path."""
@@ -60,6 +116,7 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
     every old file as it was."""
     paths = [check_output_file(path) for path in writes]
     staged: list[tuple[str, Path, Path]] = []  # (temporary, target, path as given)
+    locks: list[int] = []  # the temporaries' descriptors, open (and locked) until the end
     created: list[Path] = []  # deepest first per file: removed if the writes fail
     replaced = 0
     current = paths[0] if paths else None
@@ -74,10 +131,11 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
             try:
                 real.parent.mkdir(parents=True, exist_ok=True)
                 mode = real.stat().st_mode & 0o7777 if real.exists() else _default_file_mode()
-                fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+                remove_abandoned_temporaries(real)
+                fd, tmp = locked_temporary(real)
             except OSError as exc:
                 raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
-            os.close(fd)
+            locks.append(fd)
             staged.append((tmp, real, path))
             write(tmp)
             with open(tmp, "rb+") as f:
@@ -105,6 +163,8 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
         for tmp, _, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        for fd in locks:  # after the unlinks: a cleaner must not see an unlocked temporary
+            os.close(fd)
         if replaced < len(staged) or len(staged) < len(paths):
             _remove_empty(sorted(set(created), key=lambda p: len(p.parts), reverse=True))
     return paths
