@@ -1010,3 +1010,9 @@ def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
         tk.uniform_average(larger, model=net(3))
         tk.TWA(net(3), older, bits=4)
         tk.TWA(net(3), iter(larger), bits=4)  # a generator (Path.glob) is read by the build and the pins alike
+    # a point placed on a plane of the model's own checkpoints, as `points=` or `Plane.locate`
+    point = {**larger[0], "6.weight": torch.zeros(8, 8), "6.bias": torch.zeros(8)}
+    with pytest.warns(UserWarning, match=r"point 'extra'.*modules the model does not have.*'6.weight'"):
+        surface = tk.connectivity.plane(net(3), larger, data, grid=2, bn="none", points={"extra": point})
+    with pytest.warns(UserWarning, match=r"modules the model does not have.*'6.weight'"):
+        surface.locate(point)

@@ -230,8 +230,9 @@ class _Frame:
     Gram matrix of the two (dequantised) rows: z are orthonormal coordinates of the plane."""
 
     def __init__(self, names, shapes, origin: _Origin, basis: QuantizedBasis, rows: tuple[int, int],
-                 aliases: Mapping[str, Sequence[str]] | None = None):
+                 aliases: Mapping[str, Sequence[str]] | None = None, known: set[str] | None = None):
         self.names, self.shapes, self.origin, self.basis, self.rows = list(names), list(shapes), origin, basis, rows
+        self.known = known  # every key of the model's state (io.model_key_names): a point's others are named
         self.numel = basis.num_cols
         self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences
@@ -314,7 +315,7 @@ class _Frame:
         """Orthonormal coordinates of a checkpoint projected onto the plane, and its distance
         from the plane (the norm of the residual). The checkpoint is read twice, a chunk of
         columns at a time (inner products, then the residual): no copy of it is held."""
-        reader = _open(checkpoint, source, self.names, self.shapes, self.aliases)
+        reader = _open(checkpoint, source, self.names, self.shapes, self.aliases, self.known)
         buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.numel))
         origin = torch.empty_like(buffer)
 
@@ -402,7 +403,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     else:
         basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
     del dense, center  # the origin is read back from checkpoint a when needed, not held
-    frame = _Frame(names, shapes, origin, basis, (0, 1), aliases)
+    frame = _Frame(names, shapes, origin, basis, (0, 1), aliases, known)
     if buffers:
         first = buffer_sets[0]
         frame.buffers = [first] + [{k: s[k] - first[k] for k in first} for s in buffer_sets[1:]]
@@ -420,7 +421,7 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
     if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < k for d in dims):
         raise InvalidArgumentError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
     return _Frame(subspace.names, subspace.shapes, _Origin(tensor=subspace.center), subspace.basis,
-                  (int(dims[0]), int(dims[1])), subspace.aliases)
+                  (int(dims[0]), int(dims[1])), subspace.aliases, model_key_names(model))
 
 
 def _axis(lo: float, hi: float, pad: float, n: int) -> list[float]:
