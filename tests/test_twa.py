@@ -306,18 +306,23 @@ def test_resumed_run_takes_bit_identical_steps(run):
     opt = torch.optim.AdamW(twa.parameters(), lr=0.05)
     _steps(twa, opt, batches[:3])
     buf = io.BytesIO()
-    torch.save({"twa": twa.state_dict(), "opt": opt.state_dict()}, buf)
+    torch.save({"twa": twa.state_dict(), "opt": opt.state_dict(), "model": twa.module.state_dict()}, buf)
     _steps(twa, opt, batches[3:])
 
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    resumed = tk.TWA(make_model(3), tk.Subspace.from_checkpoints(ckpts, bits=4,
+    model = make_model(3)
+    model.load_state_dict(saved["model"])  # the BatchNorm statistics the steps so far measured
+    resumed = tk.TWA(model, tk.Subspace.from_checkpoints(ckpts, bits=4,
                      parameter_names=[n for n, _ in make_model(3).named_parameters()]))
     resumed.load_state_dict(saved["twa"])
     resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=0.05)
     resumed_opt.load_state_dict(saved["opt"])
     _steps(resumed, resumed_opt, batches[3:])
     assert torch.equal(resumed.coefficients, twa.coefficients)
+    twa.eval(), resumed.eval()
+    with torch.no_grad():  # the running statistics too, as the docs' recipe says
+        assert torch.equal(resumed(batches[0][0]), twa(batches[0][0]))
 
 
 def test_a_state_with_moved_block_offsets_or_no_basis_is_refused_by_name(run):
