@@ -998,8 +998,8 @@ def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
              "interpolate": lambda: tk.connectivity.interpolate(net(2), larger[0], larger[1], data, bn="none"),
              "plane": lambda: tk.connectivity.plane(net(2), larger, data, grid=2, bn="none")}
     for name, call in calls.items():
-        with pytest.warns(UserWarning, match=r"checkpoint #0: 2 floating-point tensor\(s\) of modules the model "
-                                             r"does not have are left out \(e.g. \['4.weight', '4.bias'\]\)"):
+        with pytest.warns(UserWarning, match=r"checkpoint #0: 2 floating-point tensor\(s\) that the model has no "
+                                             r"place for are left out \(e.g. \['4.weight', '4.bias'\]\)"):
             call()
     # a buffer that an older version of a module saved (GPT-2's attn.bias), under a module the
     # model has, is no sign of a larger model
@@ -1012,7 +1012,18 @@ def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
         tk.TWA(net(3), iter(larger), bits=4)  # a generator (Path.glob) is read by the build and the pins alike
     # a point placed on a plane of the model's own checkpoints, as `points=` or `Plane.locate`
     point = {**larger[0], "6.weight": torch.zeros(8, 8), "6.bias": torch.zeros(8)}
-    with pytest.warns(UserWarning, match=r"point 'extra'.*modules the model does not have.*'6.weight'"):
+    with pytest.warns(UserWarning, match=r"point 'extra'.*no place for.*'6.weight'"):
         surface = tk.connectivity.plane(net(3), larger, data, grid=2, bn="none", points={"extra": point})
-    with pytest.warns(UserWarning, match=r"modules the model does not have.*'6.weight'"):
+    with pytest.warns(UserWarning, match=r"no place for.*'6.weight'"):
         surface.locate(point)
+    # a parameter the model was built without (bias=False) and a tensor of the root module are
+    # no entries an older version of a module kept: named too
+    no_bias = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"1 floating-point tensor\(s\) that the model has no place for.*\['0.bias'\]"):
+        tk.uniform_average(larger, model=no_bias)
+    with pytest.warns(UserWarning, match=r"\['temperature'\]"):
+        tk.uniform_average([{**state, "temperature": torch.tensor(2.0)} for state in larger], model=net(3))
+    unmeasured = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False))
+    measured = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).state_dict()
+    with pytest.warns(UserWarning, match=r"2 floating-point tensor\(s\).*\['1.running_mean', '1.running_var'\]"):
+        tk.uniform_average([measured], model=unmeasured)

@@ -191,8 +191,8 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
     built from a Subspace) the model's own values. Whole tensors are read, one at a time.
     The same pass compares the checkpoints' buffers with the model's (_buffers_to_compare)
-    and warns where they differ, and the first checkpoint's floating-point tensors of modules
-    the model lacks are named in a warning (io.warn_unmatched_keys). `stamps` are
+    and warns where they differ, and the first checkpoint's floating-point tensors that the
+    model has no place for are named in a warning (io.warn_unmatched_keys). `stamps` are
     the files' stamps when the subspace was built from them: a file rewritten since would
     pin values of another state than the basis's."""
     if checkpoints is None:

@@ -112,7 +112,7 @@ def _model_dtypes(model: nn.Module | None) -> dict[str, torch.dtype]:
 def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     """(source, state) per checkpoint: finite; given the model, keyed exactly as its
     state_dict (tied names filled in), with a warning where the first checkpoint holds
-    floating-point tensors of modules the model lacks (warn_unmatched)."""
+    floating-point tensors the model has no place for (warn_unmatched)."""
     if model is None:
         for source, state in iter_state_dicts(specs):
             check_finite(state, source)
@@ -122,10 +122,10 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     # a module's extra state that is not a tensor (get_extra_state) is no checkpoint entry
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if isinstance(value, Tensor)}
     aliases = parameter_aliases(model)
-    known = model_key_names(model) if warn_unmatched else set()
+    known = model_key_names(model) if warn_unmatched else None
     for i, (source, state) in enumerate(iter_state_dicts(specs, names=expected)):
         state = fill_tied_keys(state, aliases, source)
-        if i == 0 and warn_unmatched:
+        if i == 0 and known is not None:
             warn_unmatched_keys({key: value.dtype for key, value in state.items()}, known, source)
         state = _model_keys(state, expected, source)
         check_finite(state, source)

@@ -61,8 +61,8 @@ from twa_kernels.geometry.evaluation import (
     preserved,
 )
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import (CheckpointError, model_key_names, parameter_aliases, unwrap_model, unwrap_state_dict,
-                            warn_unmatched_keys)
+from twa_kernels.io import (CheckpointError, ModelKeys, model_key_names, parameter_aliases, unwrap_model,
+                            unwrap_state_dict, warn_unmatched_keys)
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
     QuantizedBasis,
@@ -91,13 +91,13 @@ class PlanePoint(NamedTuple):
 
 
 def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-          aliases: Mapping[str, Sequence[str]], known: set[str] | None = None) -> ColumnReader:
+          aliases: Mapping[str, Sequence[str]], known: ModelKeys | None = None) -> ColumnReader:
     """A lazy reader of one checkpoint (columns.ColumnReader: the file is read a range at a time,
     never whole), checked against the model from its metadata before anything is read: each
     parameter present (or a tied alias of it), with the model's shape and a floating-point
     dtype. Its other floating-point entries are checked finite here; the parameters are
-    checked as they are read. Given every name of the model (`known`, io.model_key_names),
-    a warning names the floating-point entries of modules the model lacks."""
+    checked as they are read. Given the model's keys (`known`, io.model_key_names), a
+    warning names the floating-point entries the model has no place for."""
     reader = ColumnReader(checkpoint, source=source, names=[*names, *(a for n in names for a in aliases.get(n, ()))])
     if known is not None:
         warn_unmatched_keys({key: reader.dtype(key) for key in reader.keys()}, known, source)
@@ -230,9 +230,9 @@ class _Frame:
     Gram matrix of the two (dequantised) rows: z are orthonormal coordinates of the plane."""
 
     def __init__(self, names, shapes, origin: _Origin, basis: QuantizedBasis, rows: tuple[int, int],
-                 aliases: Mapping[str, Sequence[str]] | None = None, known: set[str] | None = None):
+                 aliases: Mapping[str, Sequence[str]] | None = None, known: ModelKeys | None = None):
         self.names, self.shapes, self.origin, self.basis, self.rows = list(names), list(shapes), origin, basis, rows
-        self.known = known  # every key of the model's state (io.model_key_names): a point's others are named
+        self.known = known  # the model's keys (io.model_key_names): a point's tensors it has no place for are named
         self.numel = basis.num_cols
         self.aliases = dict(aliases or {})  # name -> its tied names, under which a checkpoint may hold it
         self.buffers: list[dict[str, Tensor]] | None = None  # origin's buffers and the two rows' differences

@@ -22,6 +22,7 @@ from twa_kernels.io.files import (
     trainer_output_hint,
 )
 from twa_kernels.io.keys import (
+    ModelKeys,
     StateDict,
     fill_tied_keys,
     match_names,
@@ -47,7 +48,8 @@ __all__ = [
     "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "atomic_write",
     "atomic_write_together", "check_output_file",
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
-    "iter_state_dicts", "load_state_dict", "match_names", "model_key_names", "model_renaming", "parameter_aliases",
+    "iter_state_dicts", "load_state_dict", "match_names", "ModelKeys", "model_key_names", "model_renaming",
+    "parameter_aliases",
     "resolve_checkpoints", "save_state_dict", "tied_owners", "torch_load_safely", "trainer_output_hint",
     "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",
 ]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -248,32 +249,50 @@ def _is_fully_sharded(model: nn.Module) -> bool:
     return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
 
 
-def model_key_names(model: nn.Module) -> set[str]:
-    """Every name under which a checkpoint of `model` may hold a tensor: its state_dict's keys
-    (buffers included) and every name of a tied parameter."""
+@dataclass(frozen=True)
+class ModelKeys:
+    """What a checkpoint of a model may hold (model_key_names): `names`, every key of its
+    state (buffers and the names of tied parameters included); `modules`, the dotted
+    names of its modules ("" for the root); `unset`, the parameters and buffers a module
+    declares but was built without (Linear(bias=False)'s bias, BatchNorm's running
+    statistics with track_running_stats=False)."""
+
+    names: frozenset[str]
+    modules: frozenset[str]
+    unset: frozenset[str]
+
+
+def model_key_names(model: nn.Module) -> ModelKeys:
+    """The keys a checkpoint of `model` may hold, its modules, and the entries it declares
+    without a value (see ModelKeys)."""
     model = unwrap_model(model)
     names = set(model.state_dict().keys()) | {n for n, _ in model.named_buffers()}
     for tied in parameter_aliases(model).values():
         names.update(tied)
-    return names
+    modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    unset = {f"{prefix}.{name}" if prefix else name
+             for prefix, module in model.named_modules(remove_duplicate=False)
+             for slots in (module._parameters, module._buffers) for name, value in slots.items() if value is None}
+    return ModelKeys(frozenset(names), frozenset(modules), frozenset(unset - names))
 
 
-def warn_unmatched_keys(dtypes: Mapping[str, torch.dtype], known: set[str], source: str) -> None:
-    """Warn when a checkpoint holds floating-point tensors of modules the model does not have
-    (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes):
-    they are left out, and a model built smaller than the one that saved them (a config
-    with fewer layers) would otherwise run on the first layers of the checkpoint without a
-    word."""
-    # a key under a module the model has is an entry that module no longer keeps (a buffer
-    # that older versions saved), not weights of a module the model lacks
-    modules = {""} | {key.rsplit(".", i)[0] for key in known for i in range(1, key.count(".") + 1)}
+def warn_unmatched_keys(dtypes: Mapping[str, torch.dtype], known: ModelKeys, source: str) -> None:
+    """Warn when a checkpoint holds floating-point tensors that the model has no place for
+    (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes): those
+    of modules it does not have, of parameters it was built without, and of its root module.
+    They are left out, and a model built smaller than the one that saved them (a config
+    with fewer layers, without biases) would otherwise run on part of the checkpoint
+    without a word."""
+    # any other key, under a module the model has, is an entry that module no longer keeps
+    # (a buffer that older versions saved: GPT-2's attn.bias), not weights the model lacks
     extra = [key for key, dtype in dtypes.items()
-             if key not in known and dtype.is_floating_point and key.rpartition(".")[0] not in modules]
+             if key not in known.names and dtype.is_floating_point
+             and (key in known.unset or "." not in key or key.rpartition(".")[0] not in known.modules)]
     if extra:
-        warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) of modules the model does not have are left "
-                      f"out (e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built smaller "
-                      "than the one that saved it (a config with fewer layers?); tensors of another module saved "
-                      "beside it are rightly left out", UserWarning, stacklevel=3)
+        warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) that the model has no place for are left out "
+                      f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built "
+                      "differently from the one that saved it (a config with fewer layers, or without biases?); "
+                      "tensors of another module saved beside it are rightly left out", UserWarning, stacklevel=3)
 
 
 def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]], source: str = "the checkpoint"
