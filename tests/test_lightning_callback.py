@@ -535,6 +535,19 @@ def test_a_statistics_pass_that_fails_says_how_to_finish_and_keeps_the_trained_t
     assert int(net.model[1].num_batches_tracked) == 6
 
 
+def test_a_library_error_in_the_statistics_pass_says_how_to_finish_too(tmp_path):
+    # a library error raised inside the pass went out bare, without the way to finish by hand
+    def measure(module, batch):
+        raise tk.errors.InvalidArgumentError("this batch cannot be measured")
+
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1, update_bn=measure)
+    with pytest.raises(UsageError, match=r"called update_bn\(module, batch\).*which failed: InvalidArgumentError: this "
+                                         r"batch cannot be measured.*callback's `.twa`: recompute them") as caught:
+        _trainer(tmp_path, epochs=3, callbacks=[callback]).fit(_Net(), _loader())
+    assert "next time pass update_bn=function" not in str(caught.value)  # it was given one
+    assert callback.twa is not None
+
+
 def test_a_second_fit_on_the_same_trainer_is_named_before_it_averages_a_part_of_the_run(tmp_path):
     net, callback = _Net(), TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
     trainer = _trainer(tmp_path, epochs=3, callbacks=[callback])

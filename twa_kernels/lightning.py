@@ -59,7 +59,7 @@ from twa_kernels._collectives import agree
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import feed_batch, has_running_statistics, running_norms
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.io import save_state_dict
 from twa_kernels.subspace import check_build_args
 from twa_kernels.twa import TWA
@@ -368,13 +368,17 @@ class TrainableWeightAveraging(pl.Callback):
         how = ("fed each training batch to forward() (a tuple's or list's first element, a mapping as keyword "
                "arguments)" if self.update_bn is True else "called update_bn(module, batch) on each training batch")
 
-        def named(exc: Exception) -> UsageError:  # for a failure of this process's own pass
-            return UsageError(f"TrainableWeightAveraging: recomputing the BatchNorm statistics at the averaged "
-                              f"weights {how}, which failed: {type(exc).__name__}: {exc}. The trained TWA is this "
-                              "callback's `.twa`: recompute them with twa.update_bn(loader, call_fn) (under DDP, "
-                              "tk.distributed.update_bn(loader, twa, None, call_fn)) and load "
-                              "twa.averaged_state_dict() into the module; next time pass update_bn=function(module, "
-                              "batch) that runs the module on one batch")
+        def named(exc: Exception, by_the_module: bool = True) -> UsageError:  # a failure of this process's own pass
+            feeding = f"{how}, which failed" if by_the_module else "failed"
+            advice = ("; next time pass update_bn=function(module, batch) that runs the module on one batch"
+                      if by_the_module and self.update_bn is True else "")
+            error = UsageError(f"TrainableWeightAveraging: recomputing the BatchNorm statistics at the averaged "
+                               f"weights {feeding}: {type(exc).__name__}: {exc}. The trained TWA is this callback's "
+                               "`.twa`: recompute them with twa.update_bn(loader, call_fn) (under DDP, "
+                               "tk.distributed.update_bn(loader, twa, None, call_fn)) and load "
+                               f"twa.averaged_state_dict() into the module{advice}")
+            error._names_the_pass = True
+            return error
 
         def prepared(batches: Iterable) -> Iterator[Any]:
             batches = iter(batches)
@@ -384,22 +388,20 @@ class TrainableWeightAveraging(pl.Callback):
                 except StopIteration:
                     return
                 except Exception as exc:
-                    raise named(exc) from exc
+                    raise named(exc, by_the_module=False) from exc
                 try:
                     batch = trainer.precision_plugin.convert_input(batch)
                     # as the fit loop calls it: the DataModule's hook where it defines one, else the module's
                     batch = pl_module._on_before_batch_transfer(batch, 0)
                     batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
                 except Exception as exc:
-                    raise named(exc) from exc
+                    raise named(exc, by_the_module=False) from exc
                 yield batch
 
         def run(module: nn.Module, batch: Any) -> None:
             try:
                 call_fn(module, batch)
-            except TWAKernelsError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # the library's own errors too (a batch feed_batch cannot feed)
                 raise named(exc) from exc
 
         batches = trainer.train_dataloader
@@ -410,8 +412,13 @@ class TrainableWeightAveraging(pl.Callback):
         with trainer.precision_plugin.train_step_context():
             if trainer.world_size > 1:  # each process's share of the batches, merged as one pass over all
                 distributed.update_bn(prepared(batches), self.twa, None, run, frozen_norms=sorted(self._frozen_norms))
-            else:
+                return
+            try:
                 self.twa.update_bn(prepared(batches), run, frozen_norms=sorted(self._frozen_norms))
+            except Exception as exc:  # in one process every failure is the pass's own (no batch, a lone example)
+                if getattr(exc, "_names_the_pass", False):
+                    raise
+                raise named(exc, by_the_module=False) from exc
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_steps(pl_module)  # an error (or Ctrl-C) skips on_train_end and teardown
