@@ -72,7 +72,7 @@ TWA_ISA_FN void project_int8_impl(const PackedBasis& b, const Pieces& g, float* 
     std::vector<float> cbuf(width + 8), scale(cap);
     std::vector<int64_t> qsums;
     // a group's largest possible int32 sum, columns * (2^bits - 1) * 127, must fit: wider
-    // groups (past 66,311 columns at 8 bits) take the float path below, group by group
+    // groups (past 66,311 columns at 8 bits) take the row-by-row path below, with int64 sums
     const bool int32_sums = width * ((int64_t{1} << BITS) - 1) * 127 < (int64_t{1} << 31);
     std::unique_ptr<int8_t[]> q(new int8_t[cap * width]);
     std::unique_ptr<float[]> qf(floats ? new float[cap * width + 8] : nullptr);
