@@ -66,7 +66,9 @@ def remove_abandoned_temporaries(target: Path) -> None:
         if not pattern.fullmatch(entry):
             continue
         path = target.parent / entry
-        try:
+        try:  # a regular file only: opening a FIFO or a device may have effects of its own
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue
