@@ -948,9 +948,10 @@ def test_a_write_removes_the_temporary_a_killed_writer_left_but_never_a_live_wri
     from twa_kernels.io import atomic_write
 
     target = tmp_path / "averaged.safetensors"
-    writer = ("import sys\nfrom pathlib import Path\nfrom twa_kernels.io import atomic_write\n"
-              "def write(tmp):\n    Path(tmp).write_bytes(b'x' * 4096)\n    print('writing', flush=True)\n"
-              "    sys.stdin.readline()\n    Path(tmp).write_bytes(b'theirs')\n"
+    # (the writer fills its temporary by renaming another file onto it, as some writers do)
+    writer = ("import os, sys\nfrom pathlib import Path\nfrom twa_kernels.io import atomic_write\n"
+              "def write(tmp):\n    Path(tmp + '-').write_bytes(b'x' * 4096)\n    os.replace(tmp + '-', tmp)\n"
+              "    print('writing', flush=True)\n    sys.stdin.readline()\n    Path(tmp).write_bytes(b'theirs')\n"
               f"atomic_write({str(target)!r}, write)\n")
 
     def start_writer() -> subprocess.Popen:
@@ -970,17 +971,18 @@ def test_a_write_removes_the_temporary_a_killed_writer_left_but_never_a_live_wri
     live = start_writer()
     try:
         live_one = temporaries() - abandoned
-        empty = tmp_path / ".averaged.safetensors.abcd1234.tmp"  # its writer may not have locked it yet
-        empty.touch()
+        unlocked = tmp_path / ".averaged.safetensors.abcd1234.tmp"  # no lock file: written without locks
+        unlocked.write_bytes(b"z")
         others = tmp_path / ".other.safetensors.abcd1234.tmp"  # another file's
         others.write_bytes(b"y")
         atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"mine"))
         assert target.read_bytes() == b"mine"
-        assert temporaries() == live_one | {empty.name} and others.exists()
+        assert temporaries() == live_one | {unlocked.name} and others.exists()
     finally:
         live.communicate("\n", timeout=60)
     assert live.returncode == 0 and target.read_bytes() == b"theirs"
-    assert temporaries() == {empty.name}
+    assert temporaries() == {unlocked.name}
+    assert not list(tmp_path.glob("*.lock"))  # the killed writer's lock file went with its temporary
 
 
 def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():

@@ -35,7 +35,7 @@ from twa_kernels._user_code import call_factory, call_loss, loss_from, resolve_i
 from twa_kernels.fit import run_fit
 from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
 from twa_kernels.io import atomic_write_together
-from twa_kernels.io.write import TEMPORARY_NAME_EXTRA, locked_temporary
+from twa_kernels.io.write import TEMPORARY_NAME_EXTRA, Temporary
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -326,7 +326,8 @@ def _bench(args: argparse.Namespace) -> int:
     # only once the run has passed and holds results, so a failed or interrupted run leaves
     # any earlier file (and its roofline beside it) whole
     # (locked while this process lives, so that no write of the results takes it for abandoned)
-    fd, partial = locked_temporary(results)
+    temporary = Temporary(results)
+    partial = temporary.path
     try:
         code = subprocess.call([sys.executable, "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider",
                                 "-p", "no:xdist", f"--benchmark-json={partial}"], env=env, cwd=bench.parent)
@@ -346,7 +347,7 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-        os.close(fd)
+        temporary.release()
     return subprocess.call([sys.executable, str(bench / "report.py"), str(results)])
 
 

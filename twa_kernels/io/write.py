@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,60 +24,94 @@ from twa_kernels.io.keys import _not_dense_values
 
 
 try:
-    import fcntl  # POSIX: a writer holds a lock on its temporary file for as long as it lives
+    import fcntl  # POSIX: a writer holds a lock beside its temporary file for as long as it lives
 except ImportError:  # Windows: without the lock no temporary file can be told abandoned
     fcntl = None
 
-# atomic_write's temporary file is named `.<name>.<8 random characters>.tmp`: a name within
-# this many bytes of the file system's limit cannot be written
-TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
+# atomic_write's temporary file is `.<name>.<8 random characters>.tmp`, and its lock file the
+# same with `.lock`: a name within this many bytes of the file system's limit cannot be written
+TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".lock")
+_NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's
 
 
-def locked_temporary(target: Path) -> tuple[int, str]:
-    """A new empty temporary file beside `target`, `.<name>.<8 random characters>.tmp`, as
-    (open descriptor, path). The descriptor holds an exclusive lock on the file until it is
-    closed, the kernel's sign that its writer lives: the lock goes with the process, however
-    it ends, so the next write of `target` can remove what a killed writer left
-    (remove_abandoned_temporaries)."""
-    fd, path = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner looks at the still empty file
-        except OSError:  # a file system without locks: no cleaner can take the lock either
-            pass
-    return fd, path
+class Temporary:
+    """A new empty file beside `target`, `.<name>.<8 random characters>.tmp` (`path`), for a
+    writer to fill and rename onto it. While the writer lives it holds an exclusive flock on a
+    lock file beside it, `.<name>.<same 8>.lock`, taken before the temporary exists: the
+    kernel drops the lock with the process however it ends, so the next write of `target`
+    can remove what a killed writer left (remove_abandoned_temporaries). The lock is on a
+    file of its own, never on the one written: on SMB mounts a lock makes every other
+    descriptor's reads and writes fail, and the writers (torch.save, safetensors) open the
+    temporary by name. `release()` removes the lock file; call it once the temporary is
+    renamed or removed. Without fcntl (Windows) there is no lock file."""
+
+    def __init__(self, target: Path):
+        self._lock_fd: int | None = None
+        self._lock_path: Path | None = None
+        while True:
+            stem = f".{target.name}." + "".join(secrets.choice(_NAME_CHARACTERS) for _ in range(8))
+            path = target.parent / f"{stem}.tmp"
+            try:
+                if fcntl is not None:
+                    lock_path = target.parent / f"{stem}.lock"
+                    self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    self._lock_path = lock_path
+                    try:  # nobody else looks at the lock file before its temporary exists: no waiting
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:  # a file system without locks: no cleaner can take the lock either
+                        pass
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # a name another writer has: draw again
+                self.release()
+                continue
+            except BaseException:
+                self.release()
+                raise
+            break
+        self.path = str(path)
+
+    def release(self) -> None:
+        """Remove the lock file (first, while still locked) and let the lock go."""
+        if self._lock_path is not None:
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
+            self._lock_path = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def remove_abandoned_temporaries(target: Path) -> None:
     """Remove the temporary files of `target` that writers killed mid-write left (SIGKILL,
-    the out-of-memory killer, a power cut): a `.<name>.<8 characters>.tmp` beside it that
-    holds bytes and whose lock no process holds. A live writer holds its lock from before
-    its first byte (locked_temporary), so its file is never taken; an empty file may be one
-    whose writer has not locked it yet, and is left. Best effort: anything unreadable,
-    unlockable or not a regular file is left as it is."""
+    the out-of-memory killer): a `.<name>.<8 characters>.tmp` beside it whose lock file is
+    there and locked by no process. A live writer holds the lock from before its temporary
+    exists (Temporary), so its file is never taken; a temporary without a lock file (one
+    written without locks, or by an earlier version) is left. Best effort: anything
+    unreadable, unlockable or not a regular file is left as it is."""
     if fcntl is None:
         return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"(\.{re.escape(target.name)}\.[a-z0-9_]{{8}})\.tmp")
     try:
         entries = os.listdir(target.parent)
     except OSError:
         return
     for entry in entries:
-        if not pattern.fullmatch(entry):
+        found = pattern.fullmatch(entry)
+        if not found:
             continue
-        path = target.parent / entry
-        try:  # a regular file only: opening a FIFO or a device may have effects of its own
-            if not stat.S_ISREG(os.lstat(path).st_mode):
+        path, lock_path = target.parent / entry, target.parent / f"{found.group(1)}.lock"
+        try:  # regular files only: opening a FIFO or a device may have effects of its own
+            if not (stat.S_ISREG(os.lstat(path).st_mode) and stat.S_ISREG(os.lstat(lock_path).st_mode)):
                 continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)  # NFS locks exclusively only files open to write
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = os.fstat(fd)
-            # the name must still be this file: a writer's rename or unlink may have come between
-            if stat.S_ISREG(held.st_mode) and held.st_size > 0 and os.lstat(path).st_ino == held.st_ino:
-                os.unlink(path)
+            os.unlink(path)
+            os.unlink(lock_path)
         except OSError:  # a live writer's lock, no locks on this file system, no permission
             pass
         finally:
@@ -104,7 +138,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(temporary_path)`, then move it into place: a crash, a
     full disk or an exception leaves the old file (or none), never half of one; a full disk
     or an exception leaves no temporary file either (a process killed mid-write leaves its
-    `.<name>.*.tmp` beside the target, which the next write of the same file removes). The new file gets the old one's mode, or the umask's as open() would
+    `.<name>.*.tmp` and `.lock` beside the target, which the next write of the same file removes). The new file gets the old one's mode, or the umask's as open() would
     give it. A symbolic link is written through: the file it points to is replaced and the link
     kept, as OutputDirectory keeps a linked output directory. An unwritable location is an
     OutputError naming the path."""
@@ -118,7 +152,7 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
     every old file as it was."""
     paths = [check_output_file(path) for path in writes]
     staged: list[tuple[str, Path, Path]] = []  # (temporary, target, path as given)
-    locks: list[int] = []  # the temporaries' descriptors, open (and locked) until the end
+    temporaries: list[Temporary] = []  # their locks, held until the end
     created: list[Path] = []  # deepest first per file: removed if the writes fail
     replaced = 0
     current = paths[0] if paths else None
@@ -134,10 +168,10 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
                 real.parent.mkdir(parents=True, exist_ok=True)
                 mode = real.stat().st_mode & 0o7777 if real.exists() else _default_file_mode()
                 remove_abandoned_temporaries(real)
-                fd, tmp = locked_temporary(real)
+                temporaries.append(Temporary(real))
             except OSError as exc:
                 raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location") from exc
-            locks.append(fd)
+            tmp = temporaries[-1].path
             staged.append((tmp, real, path))
             write(tmp)
             with open(tmp, "rb+") as f:
@@ -165,8 +199,8 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
         for tmp, _, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        for fd in locks:  # after the unlinks: a cleaner must not see an unlocked temporary
-            os.close(fd)
+        for temporary in temporaries:  # after the renames and unlinks: no temporary is ever left unlocked
+            temporary.release()
         if replaced < len(staged) or len(staged) < len(paths):
             _remove_empty(sorted(set(created), key=lambda p: len(p.parts), reverse=True))
     return paths
