@@ -448,11 +448,22 @@ def test_an_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monke
     assert _outside_fraction(model, sub)[1] < 1e-4
 
 
-def test_an_error_before_an_sgd_step_moved_anything_leaves_the_weights_exactly(monkeypatch):
+@pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16", "4-bit basis"])
+def test_an_error_before_an_sgd_step_moved_anything_leaves_everything_exactly(monkeypatch, kind):
     sgd = importlib.import_module("torch.optim.sgd")
-    model, sub = _at_center()
-    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), sub)
-    _train(opt, model, steps=2)
+    model = make_model(0)
+    sub = _subspace(model, bits=4 if kind == "4-bit basis" else None)
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    if kind in ("float64", "bfloat16"):
+        model.to(getattr(torch, kind))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the packed basis's note
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), sub)
+    x = torch.randn(32, 64, dtype=next(model.parameters()).dtype)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), torch.randint(0, 10, (32,))).backward()
+        opt.step()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def fails(*args, **kwargs):
@@ -462,3 +473,4 @@ def test_an_error_before_an_sgd_step_moved_anything_leaves_the_weights_exactly(m
     with pytest.raises(RuntimeError, match="no step"):
         opt.step()
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+    assert opt._state_in_span  # its later steps keep the path without a copy of the weights

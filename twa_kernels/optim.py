@@ -221,6 +221,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                           "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)." + order,
                           UserWarning, stacklevel=3)
 
+    def _momentum_buffers(self) -> list[Tensor | None]:
+        return [self.base_optimizer.state.get(p, {}).get("momentum_buffer") for p in self._params]
+
+    def _versions(self) -> tuple[list[int], list[tuple[int, int] | None]]:
+        """The parameters' version counters, and each momentum buffer's identity and version."""
+        return ([p._version for p in self._params],
+                [None if b is None else (id(b), b._version) for b in self._momentum_buffers()])
+
+    def _changed_since(self, versions: tuple[list[int], list[tuple[int, int] | None]]) -> tuple[bool, bool]:
+        """(whether a parameter changed, whether a momentum buffer did) since _versions()."""
+        params, buffers = self._versions()
+        return params != versions[0], buffers != versions[1]
+
     @torch.no_grad()
     def _return_to_subspace(self) -> None:
         """Remove the part of the weights' distance from the center that lies outside the
@@ -269,15 +282,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 return self.base_optimizer.step(projected_closure)
         # (one unpickled from an earlier twa-kernels version has no flag: its steps are projected)
         if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer):
+            versions = self._versions()
             try:
                 return take_step()
             except BaseException:
-                # SGD on CPU steps parameter by parameter: one cut short (an error, Ctrl-C) moved
-                # some weights and not others, off the subspace. Nothing was copied beforehand, to
-                # keep this path free, so the weights go back onto the subspace, and the momentum
-                # buffers, which may be partly updated too, count as outside the span from now on
-                self._state_in_span = False
-                self._return_to_subspace()
+                # SGD on CPU steps parameter by parameter: one cut short (an error, Ctrl-C) may
+                # have moved some weights and not others, off the subspace. Nothing was copied
+                # beforehand, to keep this path free; the tensors' version counters tell what
+                # changed. Moved weights go back onto the subspace, and momentum buffers that
+                # changed (perhaps some only) count as outside the span from now on; a step that
+                # changed nothing leaves everything as it was
+                weights_moved, buffers_changed = self._changed_since(versions)
+                if weights_moved or buffers_changed:
+                    self._state_in_span = False
+                if weights_moved:
+                    self._return_to_subspace()
                 raise
         with torch.no_grad():
             before = [p.detach().clone() for p in self._params]
