@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -261,6 +261,16 @@ class ModelKeys:
     modules: frozenset[str]
     unset: frozenset[str]
 
+    # read as the set of names it was before it carried the other two
+    def __contains__(self, key: object) -> bool:
+        return key in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
 
 def model_key_names(model: nn.Module) -> ModelKeys:
     """The keys a checkpoint of `model` may hold, its modules, and the entries it declares
@@ -279,15 +289,16 @@ def model_key_names(model: nn.Module) -> ModelKeys:
 def warn_unmatched_keys(dtypes: Mapping[str, torch.dtype], known: ModelKeys, source: str) -> None:
     """Warn when a checkpoint holds floating-point tensors that the model has no place for
     (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes): those
-    of modules it does not have, of parameters it was built without, and of its root module.
-    They are left out, and a model built smaller than the one that saved them (a config
-    with fewer layers, without biases) would otherwise run on part of the checkpoint
-    without a word."""
+    of modules it does not have and of parameters or buffers it was built without. They
+    are left out, and a model built smaller than the one that saved them (a config with
+    fewer layers, without biases) would otherwise run on part of the checkpoint without a
+    word."""
     # any other key, under a module the model has, is an entry that module no longer keeps
-    # (a buffer that older versions saved: GPT-2's attn.bias), not weights the model lacks
+    # (a buffer that older versions saved: GPT-2's attn.bias), not weights the model lacks;
+    # one of the root module is most often a script's own entry (`lr` beside a wrapper's weights)
     extra = [key for key, dtype in dtypes.items()
              if key not in known.names and dtype.is_floating_point
-             and (key in known.unset or "." not in key or key.rpartition(".")[0] not in known.modules)]
+             and (key in known.unset or key.rpartition(".")[0] not in known.modules)]
     if extra:
         warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) that the model has no place for are left out "
                       f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built "
