@@ -44,6 +44,13 @@ def _train(opt: torch.optim.Optimizer, model: nn.Module, steps: int = 3) -> None
         opt.step(closure)
 
 
+def _one_gradient(opt: torch.optim.Optimizer, model: nn.Module) -> None:
+    """The gradient of one fixed batch, for a step to take."""
+    torch.manual_seed(3)
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 10, (8,))).backward()
+
+
 def _outside_fraction(model: nn.Module, sub: tk.Subspace) -> tuple[float, float]:
     """(norm moved from the center, fraction of it outside the span)."""
     moved = sub.flatten(dict(model.named_parameters())).detach().double() - sub.center.double()
@@ -406,9 +413,7 @@ def test_a_step_cut_short_before_its_projection_leaves_the_weights_where_it_bega
         return project(flat)
 
     monkeypatch.setattr(opt, "_in_span", interrupted)
-    torch.manual_seed(3)
-    opt.zero_grad()
-    F.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 10, (8,))).backward()
+    _one_gradient(opt, model)
     with pytest.raises(KeyboardInterrupt):
         opt.step()
     assert len(calls) == 2
@@ -436,9 +441,7 @@ def test_an_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sgd, "_single_tensor_sgd", cut_short)
-    torch.manual_seed(3)
-    opt.zero_grad()
-    F.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 10, (8,))).backward()
+    _one_gradient(opt, model)
     with pytest.raises(KeyboardInterrupt):
         opt.step()
     assert any(not torch.equal(v, before[k]) for k, v in model.named_parameters())  # it moved
