@@ -119,10 +119,10 @@ def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Te
     """Refuse, before a kernel runs, raw basis tensors that do not fit their layout, with a
     BasisLayoutError: a basis edited in place after it was made (its offsets written
     through .data, a tensor resized) or tensors passed to torch.ops directly. The Triton
-    and CUDA kernels take what they are given, so this and the operand checks below are
-    their only checks (an offsets
-    tensor on the GPU is read once per version, see quant._validate_offsets); the C++
-    binding checks its inputs again itself. Its cost per call: docs/design.md."""
+    kernels take what they are given, and the CUDA binding checks the tensors' layout but not
+    block_offsets' values, so this and the operand checks below are their only checks of
+    those (an offsets tensor on the GPU is read once per version, see
+    quant._validate_offsets); the C++ binding checks its inputs again itself. Its cost per call: docs/design.md."""
     check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
 
 
@@ -431,7 +431,8 @@ class ReconstructPieces(torch.autograd.Function):
     """reconstruct into out_holder[0], returned as its pieces: consecutive views of it in
     `shapes`, a model's weights, one view per tensor (returned shaped, so that no view
     node per tensor joins the graph). The backward projects the pieces' gradients where
-    autograd left them (project_pieces), so no D-long gradient is gathered. The buffer is
+    autograd left them (project_pieces), so on the C++ backend no D-long gradient is
+    gathered (the others concatenate them). The buffer is
     passed in a list so that it is not an input: the pieces are views of it, and the
     write bumps its version counter, so a retained graph that saved a piece of an earlier
     call raises PyTorch's in-place error at backward. `on_backward` as in ReconstructInto.

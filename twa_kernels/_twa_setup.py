@@ -43,7 +43,8 @@ def given_settings(**settings: Any) -> tuple[set[str], dict[str, Any]]:
 def averaged(param: nn.Parameter) -> bool:
     """Whether TWA averages `param` in the subspace: it trains and holds values. The others
     are pinned (see pinned_values); a parameter with no elements (an empty cluster of
-    AdaptiveLogSoftmaxWithLoss) is kept as it is, having nothing to average."""
+    AdaptiveLogSoftmaxWithLoss), having nothing to average, is pinned like them (its key
+    must be in every checkpoint)."""
     return param.requires_grad and param.numel() > 0
 
 

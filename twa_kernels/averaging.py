@@ -1,4 +1,5 @@
-"""The baselines TWA is compared against, all streaming (one checkpoint in memory at a time):
+"""The baselines TWA is compared against, all streaming (the first checkpoint, kept for the
+layout checks, the one being added and a float64 sum are held; never the whole set):
 SWA / uniform soup, EMA over checkpoints, and greedy soup. Also the held-out split that
 TWA-v trains its coefficients on, and update_bn, which every averaged or interpolated model
 needs before it is evaluated.

@@ -26,7 +26,7 @@ from twa_kernels.columns import ColumnReader
 from twa_kernels.io import Checkpoints, CheckpointSpec, trainer_output_hint
 from twa_kernels.quant import QuantizedBasis, _quantize_row, packed_row_bytes
 
-_READ_COLUMNS = 1 << 18  # a window of about 1 MB of float32 per read
+_READ_COLUMNS = 1 << 18  # a window of about 1 MB of float32 per read (at least _CHUNK_GROUPS groups)
 _CHUNK_GROUPS = 256  # groups quantised at once: temporaries of one chunk, not of a row
 
 # A centred value beyond this cannot be quantised: a group's max - min would overflow
@@ -86,8 +86,9 @@ def require_two_checkpoints(specs: Sequence[CheckpointSpec], checkpoints: Checkp
 
 
 def windows(start: int, stop: int, group_size: int) -> Iterator[tuple[int, int]]:
-    """(a, b) windows of about 1 MB covering start..stop, each starting on a group edge
-    (relative to `start`, which sits on one)."""
+    """(a, b) windows covering start..stop, each starting on a group edge (relative to
+    `start`, which sits on one): about 1 MB of float32 for groups of up to 1024 columns,
+    _CHUNK_GROUPS whole groups for wider ones."""
     step = group_size * _CHUNK_GROUPS * max(1, _READ_COLUMNS // (group_size * _CHUNK_GROUPS))
     for a in range(start, stop, step):
         yield a, min(a + step, stop)

@@ -299,7 +299,7 @@ class ColumnReader:
 
     def read(self, name: str, shape: tuple[int, ...], a: int, b: int,
              aliases: Mapping[str, Sequence[str]] | None = None) -> Tensor:
-        """Elements a..b of the flattened tensor `name`, as float32 (a view where it can be)."""
+        """Elements a..b of the flattened tensor `name`, as a new float32 tensor (always a copy)."""
         key = self._checked_key(name, shape, (aliases or {}).get(name, ()))
         with self._range(key, a, b) as value:
             return value.to(torch.float32, copy=True)

@@ -416,7 +416,7 @@ def plane_figure(run: dict, setting: Setting, path: Path, grid: int = 21, progre
     train, _, test = mnist1d(seed, setting.train_size)
     points = {"SWA": run["files"]["swa"], "TWA-v": run["files"]["twa_v"], "SGD, final": run["files"]["final"]}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 14k-weight CNN: more intra-op threads only add contention (10x slower on 2 busy cores)
+    torch.set_num_threads(1)  # a 14k-weight CNN: more intra-op threads only add contention
     try:
         result = plane(make_model(seed, setting.width), picks, [test.tensors], grid=grid, points=points,
                        labels=[f"epoch {Path(p).stem.split('_')[-1].lstrip('0')}" for p in picks],
@@ -488,9 +488,9 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
                           "directory you can write to")
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    # a 14k-weight CNN in batches of 64: a second intra-op thread only adds contention (on 2
-    # busy cores the quick demo took 8 minutes with 2 threads); one thread also makes the
-    # numbers match experiments/claims.py's, which runs one thread per process
+    # a 14k-weight CNN in batches of 64: a second intra-op thread only adds contention, most of
+    # all on cores that other work keeps busy; one thread also makes the numbers match
+    # experiments/claims.py's, which runs one thread per process
     torch.set_num_threads(1)
     # every seed trains into a staging folder, and its folder replaces the earlier run's only
     # when all of the run is done: an interrupted run leaves no seed folder begun (a part of a

@@ -14,7 +14,7 @@ every rank stop together, each naming its error (_collectives.agree); under torc
 
 This module holds what a user calls around TWA on a process group (init_from_environment,
 split_loader, update_bn and all_reduce_metrics over the ranks, comm_bytes, record_errors)
-and re-exports the public names of the two modules above.
+and re-exports the public names of the modules above and of _collectives.
 
 DDP over a TWA module is supported (TWA tells DDP to ignore the center and basis buffers,
 so they are never broadcast); it averages the coefficient gradients itself, so leave

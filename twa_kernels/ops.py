@@ -154,7 +154,8 @@ def _reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None) -> Tensor
 def reconstruct_into(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out: Tensor,
                      on_backward: Callable[[], None] | None = None) -> Tensor:
     """reconstruct(qb, x, center, out=out) without the input checks, for callers that
-    made the inputs themselves; on_backward() is called after the backward pass."""
+    made the inputs themselves; on_backward() is called once a backward has freed the graph
+    (not under retain_graph=True)."""
     # out.detach(): the result's history starts here, and a buffer reused from an earlier
     # call does not chain this graph to that call's (it shares storage and version counter)
     return ReconstructInto.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
@@ -166,9 +167,10 @@ def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out
                        int8_gradients: bool = False,
                        hold: Callable[[Sequence[Tensor | None]], None] | None = None) -> tuple[Tensor, ...]:
     """reconstruct into `out`, returned as consecutive views of it in `shapes` (a model's
-    tensors), without input checks; its backward projects the pieces' gradients in place,
-    without gathering them into one D-long vector (with project_int8's rounding when
-    `int8_gradients`), then hands them to `hold`, when given."""
+    tensors), without input checks; its backward projects the pieces' gradients in place
+    (with project_int8's rounding when `int8_gradients`), without gathering them into one
+    D-long vector on the C++ backend (the others concatenate them),
+    then hands them to `hold`, when given."""
     return ReconstructPieces.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
                                    qb.bits or 0, qb.group_size, [out.detach()], list(shapes), on_backward,
                                    int8_gradients, hold)

@@ -395,8 +395,9 @@ def quantize(
     """Pack a basis P [k, D] into `bits` bits per element (None keeps dense float32).
 
     block_sizes partitions the D columns into the blocks that share one coefficient
-    (None: a single block). Rows are quantised one at a time, so the temporary memory is
-    that of one row, not of the whole basis.
+    (None: a single block). Rows are quantised one at a time, so the float temporaries are
+    one row's; the packed rows are held and then stacked (about twice the packed basis at
+    the peak).
     """
     if not isinstance(P, Tensor) or P.dim() != 2 or not P.is_floating_point():
         shape = tuple(P.shape) if isinstance(P, Tensor) else type(P).__name__

@@ -160,7 +160,8 @@ def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis
 def basis_checksum(center: Tensor, qb: QuantizedBasis) -> Tensor:
     """A float64 fingerprint of (center, basis): the layout and plain and position-weighted
     sums of the codes, scales, mins and center. Rows are summed one at a time, so the
-    temporary memory is one row in float64. Reordered checkpoints or a different bits,
+    temporary memory is one codes row in float64, and three D-long float64 vectors for the
+    center. Reordered checkpoints or a different bits,
     group_size or granularity change it."""
     def weighted(row: Tensor) -> Tensor:
         weights = torch.arange(row.numel(), device=row.device, dtype=torch.float64).remainder_(65521).add_(1)

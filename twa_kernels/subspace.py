@@ -289,7 +289,8 @@ class Subspace:
         transform = unit_blocks if normalize_rows else None
         if orthonormalize:
             dense = builder.build_basis(specs, layout, center, 0, offsets, None, group_size, steps, transform)
-            # centred rows sum to zero (after scaling): any k - 1 of them span the subspace
+            # centred rows sum to zero, so any k - 1 of them span the subspace (one row scaled
+            # by a number each, as normalize_rows does with one block, keep that span)
             rows = dense.codes[:-1] if dense.k > 1 else dense.codes
             orthonormal = _orthonormalize(rows)
             if orthonormal.shape[0] == 0:  # quantize's own message would name an empty P

@@ -105,7 +105,8 @@ class TWA(nn.Module):
     (`tk.project_int8`: faster where the CPU has AVX-512 VNNI, a packed basis only), so the
     coefficients' gradient moves from the float one by at most project_int8's bound.
     Replicated ranks round their own gradients, sharded ranks the reduce-scattered mean.
-    A compiled forward (torch.compile) projects in float32.
+    A compiled forward (torch.compile) of a replicated or single-process TWA projects in
+    float32.
     """
 
     def __init__(
@@ -299,7 +300,7 @@ class TWA(nn.Module):
     # The model is held outside the module tree; device moves and train/eval reach it here.
     # A dtype cast (twa.to(torch.bfloat16), twa.half()) reaches the model only: the center,
     # the basis metadata and the coefficients stay float32, as the kernels need, and the frozen
-    # parameters' values keep their checkpoint dtype.
+    # parameters' values keep the dtype the model had when the TWA was built.
     def _apply(self, fn, recurse=True):
         _refuse_inference_mode("Moving or casting a TWA (.to, .cuda, .half)", "move or cast it outside it")
         self._lent.reset()  # the model's own Parameters are the ones to move or cast
@@ -322,7 +323,7 @@ class TWA(nn.Module):
         grad = self.coefficients.grad
         if gradient is not None and grad is not None and grad.dtype != gradient.dtype:
             # nn.Module._apply casts the gradient with its parameter: a float64 gradient on float32
-            # coefficients broke the optimizer's next step, and .half() there and back rounded it
+            # coefficients would break the optimizer's next step, and .half() there and back round it
             self.coefficients.grad = gradient.to(grad.device)
         self._workspace = Workspace()
         if not self._sharded:
@@ -338,7 +339,7 @@ class TWA(nn.Module):
 
     def _parameter_dtypes(self) -> dict[str, torch.dtype]:
         # from the model's own parameter slots: walking the module tree (named_parameters)
-        # twice a forward was a large part of TWA's Python per step
+        # twice a forward would be a large part of TWA's Python per step (docs/design.md)
         return dict(zip(self.names, self._lent.own_dtypes(len(self.names))))
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
@@ -405,7 +406,7 @@ class TWA(nn.Module):
             typed = self._typed(flat, dtypes)
             return [typed[name] for name in self.names], None
         # one view of the workspace per tensor; the backward projects their gradients where
-        # autograd leaves them (no D-long gradient is gathered), then frees the workspace
+        # autograd leaves them (on the CPU, without gathering a D-long gradient), then frees the workspace
         pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, self.shapes, release,
                                     int8_gradients=self.int8_gradients, hold=workspace.hold_gradients)
         return [piece if piece.dtype == dtypes[name] else piece.to(dtypes[name])

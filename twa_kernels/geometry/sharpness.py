@@ -139,7 +139,7 @@ def _hvp(model: nn.Module, loss_fn: Callable[[Any, Tensor], Tensor], data: Itera
                 raise named from exc
             except RuntimeError as exc:
                 # torch's forward-over-reverse of F.mse_loss writes into an immutable zero
-                # tangent (pytorch/pytorch#123996): reverse-over-reverse gives the same H v
+                # tangent ("ZeroTensors are immutable"): reverse-over-reverse gives the same H v
                 if reverse or "ZeroTensors are immutable" not in str(exc):
                     raise
                 reverse.append(True)

@@ -168,7 +168,8 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
     """A list of state_dicts and paths from: such a list (a glob in it gives its files), a
     directory (its checkpoint files, save_pretrained and DCP subdirectories in natural name
     order; a save_pretrained directory is one checkpoint) or a glob pattern. An empty result
-    is an error, and so is a file listed twice."""
+    is an error, and so is a file listed twice in a list; a directory's or glob's links to a
+    file it already gives are left out, with a warning."""
     if checkpoints is None:
         raise InvalidTypeError("checkpoints is None: pass a list of checkpoint files or state_dicts, a directory "
                                "or a glob pattern")

@@ -261,7 +261,7 @@ class ModelKeys:
     modules: frozenset[str]
     unset: frozenset[str]
 
-    # read as the set of names it was before it carried the other two
+    # read as the set of its names (`key in model_key_names(model)`)
     def __contains__(self, key: object) -> bool:
         return key in self.names
 

@@ -23,7 +23,8 @@ from twa_kernels._ops import register_kernel
 from twa_kernels.backends import on_tensors_device
 from twa_kernels.backends.triton import kernels
 
-# Columns per program: 512 keeps a K_CHUNK x 512 tile of unpacked values in registers.
+# Columns per program: at most 512, which keeps a K_CHUNK x 512 tile of unpacked values in
+# registers; a group wider than that is one program's tile on its own.
 TILE_COLS = 512
 K_CHUNK = 16
 DENSE_GROUP = 256  # a dense basis has no groups; this is just its tiling
