@@ -1023,7 +1023,9 @@ def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
     no_bias = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     with pytest.warns(UserWarning, match=r"1 floating-point tensor\(s\) that the model has no place for.*\['0.bias'\]"):
         tk.uniform_average(larger, model=no_bias)
-    with warnings.catch_warnings():  # a script's own entry beside the weights is no sign of another model
+    with pytest.warns(UserWarning, match=r"\['cls_token'\]"):  # a root weight of a model built with one
+        tk.uniform_average([{**state, "cls_token": torch.zeros(1, 8)} for state in larger], model=net(3))
+    with warnings.catch_warnings():  # a script's own scalar beside the weights is no sign of another model
         warnings.simplefilter("error", UserWarning)
         tk.uniform_average([{**{f"module.{k}": v for k, v in state.items()}, "lr": torch.tensor(0.1)}
                             for state in larger], model=net(3))

@@ -206,8 +206,8 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
         if i == 0:  # a model built smaller than the checkpoints' would train on their first layers
-            warn_unmatched_keys({key: reader.dtype(key) for key in reader.keys()}, model_key_names(model),
-                                reader.source)
+            warn_unmatched_keys({key: (reader.dtype(key), reader.shape(key)) for key in reader.keys()},
+                                model_key_names(model), reader.source)
             if not frozen and not buffers:
                 return []
         if stamps is not None and stamps[i] is not None and reader.stamp != stamps[i]:

@@ -127,7 +127,7 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     for i, (source, state) in enumerate(iter_state_dicts(specs, names=expected)):
         state = fill_tied_keys(state, aliases, source)
         if i == 0 and known is not None:
-            warn_unmatched_keys({key: value.dtype for key, value in state.items()}, known, source)
+            warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, known, source)
         state = _model_keys(state, expected, source)
         check_finite(state, source)
         yield source, state

@@ -101,7 +101,8 @@ def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None
     state = unwrap_state_dict(checkpoint, source) if isinstance(checkpoint, Mapping) else load_state_dict(checkpoint)
     if model is not None:
         state = fill_tied_keys(match_names(state, model.state_dict().keys(), source), parameter_aliases(model), source)
-        warn_unmatched_keys({key: value.dtype for key, value in state.items()}, model_key_names(model), source)
+        warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, model_key_names(model),
+                            source)
     check_finite(state, source)
     return state
 

@@ -100,7 +100,7 @@ def _open(checkpoint: Checkpoint, source: str, names: Sequence[str], shapes: Seq
     warning names the floating-point entries the model has no place for."""
     reader = ColumnReader(checkpoint, source=source, names=[*names, *(a for n in names for a in aliases.get(n, ()))])
     if known is not None:
-        warn_unmatched_keys({key: reader.dtype(key) for key in reader.keys()}, known, source)
+        warn_unmatched_keys({key: (reader.dtype(key), reader.shape(key)) for key in reader.keys()}, known, source)
     present = set()
     for name, shape in zip(names, shapes):
         key = _entry_key(reader, name, shape, source, aliases.get(name, ()))

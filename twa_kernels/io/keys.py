@@ -286,19 +286,27 @@ def model_key_names(model: nn.Module) -> ModelKeys:
     return ModelKeys(frozenset(names), frozenset(modules), frozenset(unset - names))
 
 
-def warn_unmatched_keys(dtypes: Mapping[str, torch.dtype], known: ModelKeys, source: str) -> None:
+def warn_unmatched_keys(entries: Mapping[str, tuple[torch.dtype, Sequence[int]]], known: ModelKeys,
+                        source: str) -> None:
     """Warn when a checkpoint holds floating-point tensors that the model has no place for
-    (`dtypes`: the checkpoint's names, as matched to the model's, and their dtypes): those
-    of modules it does not have and of parameters or buffers it was built without. They
-    are left out, and a model built smaller than the one that saved them (a config with
-    fewer layers, without biases) would otherwise run on part of the checkpoint without a
-    word."""
-    # any other key, under a module the model has, is an entry that module no longer keeps
-    # (a buffer that older versions saved: GPT-2's attn.bias), not weights the model lacks;
-    # one of the root module is most often a script's own entry (`lr` beside a wrapper's weights)
-    extra = [key for key, dtype in dtypes.items()
-             if key not in known.names and dtype.is_floating_point
-             and (key in known.unset or key.rpartition(".")[0] not in known.modules)]
+    (`entries`: the checkpoint's names, as matched to the model's, and their dtypes and
+    shapes): those of modules it does not have, of parameters or buffers it was built
+    without, and the root module's tensors it lacks (a `cls_token` of a model built
+    without one). They are left out, and a model built from another config than the one
+    that saved them (fewer layers, no biases) would otherwise run on part of the
+    checkpoint without a word."""
+    def unplaced(key: str, shape: Sequence[int]) -> bool:
+        if key in known.unset:
+            return True
+        module = key.rpartition(".")[0]
+        if "." not in key:  # the root's: a script's own scalar (`lr` beside a wrapper's weights) is no weight
+            return len(shape) > 0
+        # any other key under a module the model has is an entry that module no longer keeps
+        # (a buffer that older versions saved: GPT-2's attn.bias), not weights the model lacks
+        return module not in known.modules
+
+    extra = [key for key, (dtype, shape) in entries.items()
+             if key not in known.names and dtype.is_floating_point and unplaced(key, shape)]
     if extra:
         warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) that the model has no place for are left out "
                       f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built "
