@@ -477,3 +477,24 @@ def test_an_error_before_an_sgd_step_moved_anything_leaves_everything_exactly(mo
         opt.step()
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
     assert opt._state_in_span  # its later steps keep the path without a copy of the weights
+
+
+def test_a_fused_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monkeypatch):
+    # fused SGD's kernel changes no version counter, so a cut that moved some weights looked
+    # like one that moved none
+    model, sub = _at_center()
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, fused=True), sub)
+    _train(opt, model, steps=2)
+    whole_step = torch._fused_sgd_
+
+    def cut_short(params, grads, buffers, **settings):  # half the parameters step, then Ctrl-C
+        half = len(params) // 2
+        whole_step(params[:half], grads[:half], buffers[:half], **settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "_fused_sgd_", cut_short)
+    _one_gradient(opt, model)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    assert _outside_fraction(model, sub)[1] < 1e-4
+    assert not opt._state_in_span

@@ -294,6 +294,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 # changed (perhaps some only) count as outside the span from now on; a step that
                 # changed nothing leaves everything as it was
                 weights_moved, buffers_changed = self._changed_since(versions)
+                if any(group.get("fused") for group in self.base_optimizer.param_groups):
+                    # the fused kernel bumps no version counter: anything may have changed
+                    weights_moved = buffers_changed = True
                 if weights_moved or buffers_changed:
                     self._state_in_span = False
                 if weights_moved:
