@@ -389,7 +389,7 @@ def _geometry(command, out, config):
         (".", "names a directory, not a figure file"),
         ("", "names a directory, not a figure file"),
         # within the limit, but not with the temporary file's 14 more: it failed after the evaluation
-        pytest.param("n" * 240 + ".png", "the temporary file it is written through needs 15 more", id="long-name"),
+        pytest.param("n" * 240 + ".png", "the temporary file it is written through needs 14 more", id="long-name"),
     ],
 )
 def test_geometry_commands_refuse_a_bad_out_before_evaluating(no_evaluation, capsys, command, out, message):

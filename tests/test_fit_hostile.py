@@ -880,10 +880,10 @@ def test_outputs_follow_the_umask_and_replaced_files_keep_their_mode(in_project)
         os.chmod(out / "averaged.pt", 0o444)
         os.chmod(out, 0o700)
         (out / ".averaged.safetensors.k3j9x2_q.tmp").write_bytes(b"a temporary file a killed writer left")
-        (out / ".averaged.safetensors.k3j9x2_q.lock").touch()  # and its lock file
+        (out / ".averaged.safetensors.k3j9x2_q.lck").touch()  # and its lock file
         run_fit(_config(in_project, output=str(out)), progress=False)
         assert not (out / ".averaged.safetensors.k3j9x2_q.tmp").exists()
-        assert not (out / ".averaged.safetensors.k3j9x2_q.lock").exists()
+        assert not (out / ".averaged.safetensors.k3j9x2_q.lck").exists()
         assert stat.S_IMODE((out / "report.json").stat().st_mode) == 0o600
         assert stat.S_IMODE((out / "averaged.pt").stat().st_mode) == 0o444
         assert stat.S_IMODE((out / "averaged.safetensors").stat().st_mode) == 0o640

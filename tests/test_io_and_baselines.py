@@ -982,7 +982,7 @@ def test_a_write_removes_the_temporary_a_killed_writer_left_but_never_a_live_wri
         live.communicate("\n", timeout=60)
     assert live.returncode == 0 and target.read_bytes() == b"theirs"
     assert temporaries() == {unlocked.name}
-    assert not list(tmp_path.glob("*.lock"))  # the killed writer's lock file went with its temporary
+    assert not list(tmp_path.glob("*.lck"))  # the killed writer's lock file went with its temporary
 
 
 def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
@@ -1033,3 +1033,32 @@ def test_checkpoints_of_a_larger_model_are_named_wherever_a_model_reads_them():
     measured = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).state_dict()
     with pytest.warns(UserWarning, match=r"2 floating-point tensor\(s\).*\['1.running_mean', '1.running_var'\]"):
         tk.uniform_average([measured], model=unmeasured)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the writers' locks are POSIX file locks")
+def test_lock_files_left_alone_are_removed_and_a_file_system_without_locks_keeps_everything(tmp_path, monkeypatch):
+    import errno
+
+    from twa_kernels.io import atomic_write, write
+
+    target = tmp_path / "m.json"
+    orphan = tmp_path / ".m.json.abcd1234.lck"  # its writer died before its temporary existed
+    orphan.touch()
+    atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(write.fcntl, "flock", no_locks)
+    left = [tmp_path / ".m.json.abcd1234.tmp", tmp_path / ".m.json.abcd1234.lck"]
+    for path in left:
+        path.write_bytes(b"x")
+    atomic_write(target, lambda tmp: Path(tmp).write_text("[]"))  # writes unlocked, and removes nothing
+    assert target.read_text() == "[]" and all(path.exists() for path in left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(p.name for p in left)])
+    monkeypatch.setattr(write, "fcntl", None)  # as on Windows: no lock files at all
+    for path in left:
+        path.unlink()
+    atomic_write(target, lambda tmp: Path(tmp).write_text("null"))
+    assert target.read_text() == "null" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

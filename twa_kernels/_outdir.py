@@ -13,7 +13,7 @@ Staging and set-aside directories are named `.<target>.twa-stage.<pid>.<random>`
 interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long.
 
 Because the whole directory is replaced, it must hold nothing but these outputs (regular
-files of exactly those names, and the `.<name>.<random>.tmp` and `.lock` files an interrupted
+files of exactly those names, and the `.<name>.<random>.tmp` and `.lck` files an interrupted
 atomic_write leaves): a directory with anything else in it is refused before any work, never emptied.
 What appears in it while the run works (a file a data loader writes there, say) is moved into
 the new set after the swap, not removed with the old one; one named like an output (which the
@@ -175,9 +175,9 @@ class OutputDirectory:
 
     def _owned(self, folder: Path, entry: str) -> bool:
         """A regular file (or a link to one) named as an output, or as the temporary file an
-        interrupted atomic_write of an output leaves (`.<name>.<random>.tmp` and its `.lock`):
+        interrupted atomic_write of an output leaves (`.<name>.<random>.tmp` and its `.lck`):
         what the swap may remove. A directory named like an output is the user's."""
-        named = entry in self.names or any(re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.(tmp|lock)", entry)
+        named = entry in self.names or any(re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.(tmp|lck)", entry)
                                            for name in self.names)
         return named and os.path.isfile(folder / entry)
 

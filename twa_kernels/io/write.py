@@ -4,6 +4,7 @@ none), never half of one."""
 from __future__ import annotations
 
 import json
+import errno
 import os
 import re
 import secrets
@@ -29,15 +30,17 @@ except ImportError:  # Windows: without the lock no temporary file can be told a
     fcntl = None
 
 # atomic_write's temporary file is `.<name>.<8 random characters>.tmp`, and its lock file the
-# same with `.lock`: a name within this many bytes of the file system's limit cannot be written
-TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".lock")
+# same with `.lck`: a name within this many bytes of the file system's limit cannot be written
+TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
 _NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's
+# what flock raises where the file system has no locks (so no cleaner has them either)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
 
 
 class Temporary:
     """A new empty file beside `target`, `.<name>.<8 random characters>.tmp` (`path`), for a
     writer to fill and rename onto it. While the writer lives it holds an exclusive flock on a
-    lock file beside it, `.<name>.<same 8>.lock`, taken before the temporary exists: the
+    lock file beside it, `.<name>.<same 8>.lck`, taken before the temporary exists: the
     kernel drops the lock with the process however it ends, so the next write of `target`
     can remove what a killed writer left (remove_abandoned_temporaries). The lock is on a
     file of its own, never on the one written: on SMB mounts a lock makes every other
@@ -52,14 +55,9 @@ class Temporary:
             stem = f".{target.name}." + "".join(secrets.choice(_NAME_CHARACTERS) for _ in range(8))
             path = target.parent / f"{stem}.tmp"
             try:
-                if fcntl is not None:
-                    lock_path = target.parent / f"{stem}.lock"
-                    self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                    self._lock_path = lock_path
-                    try:  # nobody else looks at the lock file before its temporary exists: no waiting
-                        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:  # a file system without locks: no cleaner can take the lock either
-                        pass
+                if fcntl is not None and not self._lock(target.parent / f"{stem}.lck"):
+                    self.release()  # a lock file of that name someone holds: draw again
+                    continue
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:  # a name another writer has: draw again
                 self.release()
@@ -70,47 +68,72 @@ class Temporary:
             break
         self.path = str(path)
 
+    def _lock(self, lock_path: Path) -> bool:
+        """Create the lock file and lock it; False if another process holds its lock."""
+        self._lock_path = None
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._lock_path = lock_path
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            return exc.errno in _NO_LOCKS  # without locks the file is taken unlocked
+        # a cleaner that locked it first took it for an orphan and removed it: draw again
+        return self._holds_the_name()
+
+    def _holds_the_name(self) -> bool:
+        """Whether the lock file's name still names the file this writer holds open."""
+        try:
+            return os.lstat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
+        except OSError:
+            return False
+
     def release(self) -> None:
         """Remove the lock file (first, while still locked) and let the lock go."""
-        if self._lock_path is not None:
-            try:
-                os.unlink(self._lock_path)
-            except OSError:
-                pass
+        try:
+            if self._lock_path is not None and self._holds_the_name():
+                try:
+                    os.unlink(self._lock_path)
+                except OSError:
+                    pass
+        finally:
             self._lock_path = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            if self._lock_fd is not None:
+                fd, self._lock_fd = self._lock_fd, None
+                os.close(fd)
 
 
 def remove_abandoned_temporaries(target: Path) -> None:
     """Remove the temporary files of `target` that writers killed mid-write left (SIGKILL,
     the out-of-memory killer): a `.<name>.<8 characters>.tmp` beside it whose lock file is
-    there and locked by no process. A live writer holds the lock from before its temporary
-    exists (Temporary), so its file is never taken; a temporary without a lock file (one
-    written without locks, or by an earlier version) is left. Best effort: anything
-    unreadable, unlockable or not a regular file is left as it is."""
+    there and locked by no process, with that lock file, and a lock file locked by no
+    process whose temporary is gone. A live writer holds the lock from before its
+    temporary exists (Temporary), so its file is never taken; a temporary without a lock
+    file (one written without locks, or by an earlier version) is left. Best effort:
+    anything unreadable, unlockable or not a regular file is left as it is."""
     if fcntl is None:
         return
-    pattern = re.compile(rf"(\.{re.escape(target.name)}\.[a-z0-9_]{{8}})\.tmp")
+    pattern = re.compile(rf"(\.{re.escape(target.name)}\.[a-z0-9_]{{8}})\.(tmp|lck)")
     try:
         entries = os.listdir(target.parent)
     except OSError:
         return
-    for entry in entries:
-        found = pattern.fullmatch(entry)
-        if not found:
-            continue
-        path, lock_path = target.parent / entry, target.parent / f"{found.group(1)}.lock"
+    stems = {found.group(1) for found in map(pattern.fullmatch, entries) if found}
+    for stem in stems:
+        path, lock_path = target.parent / f"{stem}.tmp", target.parent / f"{stem}.lck"
         try:  # regular files only: opening a FIFO or a device may have effects of its own
-            if not (stat.S_ISREG(os.lstat(path).st_mode) and stat.S_ISREG(os.lstat(lock_path).st_mode)):
+            if not stat.S_ISREG(os.lstat(lock_path).st_mode):
                 continue
             fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)  # NFS locks exclusively only files open to write
-        except OSError:
+        except OSError:  # no lock file: a temporary written without locks is left
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
+            if os.fstat(fd).st_ino != os.lstat(lock_path).st_ino:
+                continue  # the name is another writer's lock file now
+            if os.path.lexists(path):
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                os.unlink(path)
             os.unlink(lock_path)
         except OSError:  # a live writer's lock, no locks on this file system, no permission
             pass
@@ -138,7 +161,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(temporary_path)`, then move it into place: a crash, a
     full disk or an exception leaves the old file (or none), never half of one; a full disk
     or an exception leaves no temporary file either (a process killed mid-write leaves its
-    `.<name>.*.tmp` and `.lock` beside the target, which the next write of the same file removes). The new file gets the old one's mode, or the umask's as open() would
+    `.<name>.*.tmp` and `.lck` beside the target, which the next write of the same file removes). The new file gets the old one's mode, or the umask's as open() would
     give it. A symbolic link is written through: the file it points to is replaced and the link
     kept, as OutputDirectory keeps a linked output directory. An unwritable location is an
     OutputError naming the path."""
@@ -196,11 +219,13 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
                           "file, if any, is unchanged (a full disk or a file size limit fails it so: free space or "
                           "choose another location)") from exc
     finally:
-        for tmp, _, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        for temporary in temporaries:  # after the renames and unlinks: no temporary is ever left unlocked
-            temporary.release()
+        try:
+            for tmp, _, _ in staged:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        finally:
+            for temporary in temporaries:  # after the renames and unlinks: no temporary is ever left unlocked
+                temporary.release()
         if replaced < len(staged) or len(staged) < len(paths):
             _remove_empty(sorted(set(created), key=lambda p: len(p.parts), reverse=True))
     return paths
