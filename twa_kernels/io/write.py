@@ -161,8 +161,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file through `write(temporary_path)`, then move it into place: a crash, a
     full disk or an exception leaves the old file (or none), never half of one; a full disk
     or an exception leaves no temporary file either (a process killed mid-write leaves its
-    `.<name>.*.tmp` and `.lck` beside the target, which the next write of the same file removes). The new file gets the old one's mode, or the umask's as open() would
-    give it. A symbolic link is written through: the file it points to is replaced and the link
+    `.<name>.*.tmp` and `.lck` beside the target, which the next write of the same file
+    removes). The new file gets the old one's mode, or the umask's as open() would give it.
+    A symbolic link is written through: the file it points to is replaced and the link
     kept, as OutputDirectory keeps a linked output directory. An unwritable location is an
     OutputError naming the path."""
     return atomic_write_together({path: write})[0]
