@@ -1057,8 +1057,41 @@ def test_lock_files_left_alone_are_removed_and_a_file_system_without_locks_keeps
     atomic_write(target, lambda tmp: Path(tmp).write_text("[]"))  # writes unlocked, and removes nothing
     assert target.read_text() == "[]" and all(path.exists() for path in left)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(p.name for p in left)])
-    monkeypatch.setattr(write, "fcntl", None)  # as on Windows: no lock files at all
+    def broken(fd, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(write.fcntl, "flock", broken)  # named, not retried for ever
     for path in left:
         path.unlink()
+    with pytest.raises(tk.errors.OutputError, match="cannot write .*m.json: Input/output error"):
+        atomic_write(target, lambda tmp: Path(tmp).write_text("[1]"))
+    assert target.read_text() == "[]" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    monkeypatch.setattr(write, "fcntl", None)  # as on Windows: no lock files at all
     atomic_write(target, lambda tmp: Path(tmp).write_text("null"))
     assert target.read_text() == "null" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the writers' locks are POSIX file locks")
+def test_a_temporary_that_cannot_be_removed_after_a_failed_write_keeps_its_lock_file_for_the_next(tmp_path,
+                                                                                                   monkeypatch):
+    # the lock file went, and a temporary without one is never taken
+    from twa_kernels.io import atomic_write
+
+    target, unlink = tmp_path / "m.json", os.unlink
+
+    def stale_handle(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise OSError(116, "Stale file handle")
+        return unlink(path, *args, **kwargs)
+
+    def fails(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("the writer failed")
+
+    monkeypatch.setattr(os, "unlink", stale_handle)
+    with pytest.raises(tk.errors.OutputError, match="the writer failed"):
+        atomic_write(target, fails)
+    monkeypatch.undo()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lck", ".tmp"]
+    atomic_write(target, lambda tmp: Path(tmp).write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

@@ -35,6 +35,7 @@ TEMPORARY_NAME_EXTRA = len("..") + 8 + len(".tmp")
 _NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # mkstemp's
 # what flock raises where the file system has no locks (so no cleaner has them either)
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+_DRAWS = 100  # names tried for a temporary before giving up (one is almost always enough)
 
 
 class Temporary:
@@ -51,7 +52,7 @@ class Temporary:
     def __init__(self, target: Path):
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
-        while True:
+        for _ in range(_DRAWS):
             stem = f".{target.name}." + "".join(secrets.choice(_NAME_CHARACTERS) for _ in range(8))
             path = target.parent / f"{stem}.tmp"
             try:
@@ -65,8 +66,9 @@ class Temporary:
             except BaseException:
                 self.release()
                 raise
-            break
-        self.path = str(path)
+            self.path = str(path)
+            return
+        raise OSError(errno.EEXIST, f"no free name for a temporary file after {_DRAWS} draws")
 
     def _lock(self, lock_path: Path) -> bool:
         """Create the lock file and lock it; False if another process holds its lock."""
@@ -76,7 +78,11 @@ class Temporary:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            return exc.errno in _NO_LOCKS  # without locks the file is taken unlocked
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            if exc.errno in _NO_LOCKS:  # without locks the file is taken unlocked
+                return True
+            raise
         # a cleaner that locked it first took it for an orphan and removed it: draw again
         return self._holds_the_name()
 
@@ -87,10 +93,12 @@ class Temporary:
         except OSError:
             return False
 
-    def release(self) -> None:
-        """Remove the lock file (first, while still locked) and let the lock go."""
+    def release(self, keep_lock_file: bool = False) -> None:
+        """Remove the lock file (first, while still locked) and let the lock go. A temporary
+        that could not be removed keeps its lock file (`keep_lock_file`), so that the next
+        write of its target takes both."""
         try:
-            if self._lock_path is not None and self._holds_the_name():
+            if self._lock_path is not None and not keep_lock_file and self._holds_the_name():
                 try:
                     os.unlink(self._lock_path)
                 except OSError:
@@ -220,13 +228,17 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
                           "file, if any, is unchanged (a full disk or a file size limit fails it so: free space or "
                           "choose another location)") from exc
     finally:
-        try:
-            for tmp, _, _ in staged:
+        for (tmp, _, _), temporary in zip(staged, temporaries):
+            left = False
+            try:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        finally:
-            for temporary in temporaries:  # after the renames and unlinks: no temporary is ever left unlocked
-                temporary.release()
+            except OSError:  # the error being raised matters more; the next write takes this one
+                left = True
+            finally:  # after the rename or unlink: no temporary is ever left unlocked
+                temporary.release(keep_lock_file=left)
+        for temporary in temporaries[len(staged):]:
+            temporary.release()
         if replaced < len(staged) or len(staged) < len(paths):
             _remove_empty(sorted(set(created), key=lambda p: len(p.parts), reverse=True))
     return paths
