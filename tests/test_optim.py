@@ -423,29 +423,33 @@ def test_a_step_cut_short_before_its_projection_leaves_the_weights_where_it_bega
     assert _outside_fraction(model, sub)[1] < 1e-4
 
 
-def test_an_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monkeypatch, fused):
     # plain SGD takes the path without a projection of its step, and on CPU it steps one
     # parameter after another: a Ctrl-C between two left some moved and the rest not, off the
-    # subspace for good
-    sgd = importlib.import_module("torch.optim.sgd")  # (torch.optim deletes its name)
+    # subspace for good. Fused SGD's kernel changes no version counter, so a cut that moved
+    # some weights looked like one that moved none.
     model, sub = _at_center()
-    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), sub)
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, fused=fused), sub)
     _train(opt, model, steps=2)
     assert opt._state_in_span
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    whole_step = sgd._single_tensor_sgd
+    # the function that steps the parameters (torch.optim deletes its sgd module's name)
+    owner, name = ((torch, "_fused_sgd_") if fused
+                   else (importlib.import_module("torch.optim.sgd"), "_single_tensor_sgd"))
+    whole_step = getattr(owner, name)
 
     def cut_short(params, grads, buffers, **settings):  # half the parameters step, then Ctrl-C
         half = len(params) // 2
         whole_step(params[:half], grads[:half], buffers[:half], **settings)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sgd, "_single_tensor_sgd", cut_short)
+    monkeypatch.setattr(owner, name, cut_short)
     _one_gradient(opt, model)
     with pytest.raises(KeyboardInterrupt):
         opt.step()
     assert any(not torch.equal(v, before[k]) for k, v in model.named_parameters())  # it moved
-    assert _outside_fraction(model, sub)[1] < 1e-4
+    assert _outside_fraction(model, sub)[1] < 1e-4 and not opt._state_in_span
     monkeypatch.undo()
     _train(opt, model, steps=2)  # it trains on, its steps now projected
     assert _outside_fraction(model, sub)[1] < 1e-4
@@ -477,24 +481,3 @@ def test_an_error_before_an_sgd_step_moved_anything_leaves_everything_exactly(mo
         opt.step()
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
     assert opt._state_in_span  # its later steps keep the path without a copy of the weights
-
-
-def test_a_fused_sgd_step_cut_short_part_way_leaves_the_weights_on_the_subspace(monkeypatch):
-    # fused SGD's kernel changes no version counter, so a cut that moved some weights looked
-    # like one that moved none
-    model, sub = _at_center()
-    opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, fused=True), sub)
-    _train(opt, model, steps=2)
-    whole_step = torch._fused_sgd_
-
-    def cut_short(params, grads, buffers, **settings):  # half the parameters step, then Ctrl-C
-        half = len(params) // 2
-        whole_step(params[:half], grads[:half], buffers[:half], **settings)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "_fused_sgd_", cut_short)
-    _one_gradient(opt, model)
-    with pytest.raises(KeyboardInterrupt):
-        opt.step()
-    assert _outside_fraction(model, sub)[1] < 1e-4
-    assert not opt._state_in_span
