@@ -14,10 +14,10 @@ interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long.
 
 Because the whole directory is replaced, it must hold nothing but these outputs (regular
 files of exactly those names, and the `.<name>.<random>.tmp` and `.lck` files an interrupted
-atomic_write leaves): a directory with anything else in it is refused before any work, never emptied.
-What appears in it while the run works (a file a data loader writes there, say) is moved into
-the new set after the swap, not removed with the old one; one named like an output (which the
-new set's file takes the place of) keeps the previous set aside, with a warning.
+atomic_write leaves): a directory with anything else in it is refused before any work, never
+emptied. What appears in it while the run works (a file a data loader writes there, say) is
+moved into the new set after the swap, not removed with the old one; one named like an output
+(which the new set's file takes the place of) keeps the previous set aside, with a warning.
 
 The staging name is the target's and STAGING_NAME_EXTRA characters more, so the target's name
 must be at least that much shorter than the file system's limit for one name (227 of 255).

@@ -267,9 +267,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Project the gradients into the subspace, take the wrapped optimizer's step, and
         project that step unless the optimizer is plain SGD whose momentum is known to lie in
-        the span. A closure is handed to the
-        wrapped optimizer with the projection after each of its calls (LBFGS calls it
-        several times a step), and the loss it returns is returned."""
+        the span. A closure is handed to the wrapped optimizer with the projection after each
+        of its calls (LBFGS calls it several times a step), and the loss it returns is
+        returned."""
         if closure is None:
             self.project_gradients()
             take_step = self.base_optimizer.step
