@@ -709,12 +709,97 @@ def test_sharpness_names_a_loss_that_is_not_a_scalar_and_stops_at_a_non_finite_p
     assert math.isnan(result.value) and not result.converged and len(result.trace) == 1  # not 50 products of NaN
     assert "Hessian-vector product is not finite" in caplog.text
 
-@pytest.mark.parametrize("margin", [float("inf"), float("nan"), -0.1, "0.2"])
-def test_plane_margin_must_be_finite_and_non_negative(margin):
+@pytest.mark.parametrize("margin, error", [(float("inf"), tk.errors.InvalidArgumentError),
+                                           (float("nan"), tk.errors.InvalidArgumentError),
+                                           (-0.1, tk.errors.InvalidArgumentError), ("0.2", tk.errors.InvalidTypeError)])
+def test_plane_margin_must_be_finite_and_non_negative(margin, error):
     model = make_model(0)
     state = model.state_dict()
-    with pytest.raises(tk.errors.InvalidArgumentError, match=r"margin must be a finite number >= 0"):
+    with pytest.raises(error, match=r"margin \(the share of the span .*\) must be a"):
         C.plane(model, [state, state, state], [], margin=margin)
+
+
+def _small_plane_setup():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    states = [model.state_dict(), _nudged(model.state_dict(), 1), _nudged(model.state_dict(), 2)]
+    data = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 3)]
+    return model, states, data
+
+
+def test_numpy_numbers_are_taken_for_counts_and_margins():
+    np = pytest.importorskip("numpy")
+    model, states, data = _small_plane_setup()
+    plain = C.plane(model, states, data, grid=2, bn="none", margin=0.2)
+    numpy = C.plane(model, states, data, grid=np.int64(2), bn="none", margin=np.float32(0.2))
+    torch.testing.assert_close(numpy.loss, plain.loss)
+    line = C.interpolate(model, states[0], states[1], data, steps=np.int64(3), bn="none")
+    assert line.alphas == [0.0, 0.5, 1.0]
+    for steps in (2.0, True, "3"):
+        with pytest.raises(tk.errors.InvalidTypeError, match="steps must be an int >= 2"):
+            C.interpolate(model, states[0], states[1], data, steps=steps, bn="none")
+
+
+def test_plane_dims_are_two_integer_rows_of_a_subspace_and_only_of_one():
+    model, states, data = _small_plane_setup()
+    sub = tk.Subspace.from_checkpoints(states, bits=None, granularity="model", orthonormalize=True)
+    for dims, error, message in (((0, 1.7), tk.errors.InvalidTypeError, r"dims\[1\] must be an int"),
+                                 ((False, True), tk.errors.InvalidTypeError, r"dims\[0\] must be an int"),
+                                 (1, tk.errors.InvalidTypeError, "dims must be a pair of basis rows"),
+                                 ((0, 0), tk.errors.InvalidArgumentError, "two different basis rows"),
+                                 ((0, 9), tk.errors.InvalidArgumentError, "two different basis rows")):
+        with pytest.raises(error, match=message):
+            C.plane(model, sub, data, grid=2, bn="none", dims=dims)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"dims=\(1, 2\) picks two rows of a Subspace's basis"):
+        C.plane(model, states, data, grid=2, bn="none", dims=(1, 2))
+
+
+def test_plane_state_dict_at_a_coordinate_float32_cannot_hold_is_named():
+    model, states, data = _small_plane_setup()
+    p = C.plane(model, states, data, grid=2, bn="none")
+    with pytest.raises(tk.errors.InvalidArgumentError, match="a coordinate beyond float32's range"):
+        p.state_dict_at(1e39, 0.0)
+
+
+def test_int32_labels_are_class_ids_like_int64_ones():
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 2])
+    expected = C.classification_metric(logits, labels)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        got = C.classification_metric(logits, labels.to(dtype))
+        torch.testing.assert_close(got, expected)
+
+
+def test_lazy_layers_are_named_before_anything_runs():
+    model, states, data = _small_plane_setup()
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(6), torch.nn.LazyBatchNorm1d(), torch.nn.ReLU(),
+                               torch.nn.Linear(6, 3))
+    loss = torch.nn.functional.cross_entropy
+    calls = (lambda: C.interpolate(lazy, states[0], states[1], data, steps=2),
+             lambda: C.plane(lazy, states, data, grid=2),
+             lambda: C.hessian_diagonal(lazy, loss, data, samples=1, seed=0),
+             lambda: C.top_eigenvalue(lazy, loss, data, iters=1, seed=0))
+    for call in calls:
+        with pytest.raises(tk.errors.InvalidArgumentError, match="'0.weight' belongs to a lazy layer.*run one forward"):
+            call()
+
+
+def test_the_statistics_pass_feeds_batches_on_the_models_device():
+    """The BatchNorm pass of a line or a plane moves each batch's inputs to the model's
+    device, as the evaluation after it does (a GPU model takes a loader's CPU batches)."""
+    from twa_kernels.geometry.evaluation import fed_on
+
+    seen = []
+    record = lambda *args, **kwargs: seen.append([t.device.type for v in (*args, *kwargs.values())
+                                                  for t in (v.values() if isinstance(v, dict) else [v])
+                                                  if isinstance(t, torch.Tensor)])
+    feed = fed_on(torch.device("meta"))
+    x, y = torch.randn(2, 3), torch.zeros(2, dtype=torch.long)
+    feed(record, (x, y))
+    feed(record, [{"pixels": x, "mask": None}, y])
+    feed(record, {"input_ids": x, "labels": y})
+    feed(record, x)
+    assert seen == [["meta"], ["meta"], ["meta", "meta"], ["meta"]]
+    assert x.device.type == "cpu"  # the loader's own batch is not changed
 
 
 # ---- transformers models, checkpoint formats and batches --------------------------------------

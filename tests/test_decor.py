@@ -719,6 +719,15 @@ def test_skip_takes_one_name_as_a_string():
     assert [name for name, _ in tk.decor.decorrelated_layers(model)] == ["fc"]
 
 
+def test_a_layer_used_twice_is_skipped_by_either_of_its_names():
+    shared = nn.Linear(4, 4)
+    for skip in ("1", "3", lambda name, module: name == "3"):
+        model = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared)
+        tk.decor.decorrelate(model, skip=skip)
+        assert [name for name, _ in tk.decor.decorrelated_layers(model)] == ["0"], skip
+        assert type(model[1]) is nn.Linear and model[1] is model[3]
+
+
 def test_frozen_layers_are_left_alone():
     # R keeps moving while a frozen W cannot follow it: the layer's output would drift
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))

@@ -4,6 +4,7 @@ signals and images, the saved file reads back, and a too-large ipc is a named er
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -216,6 +217,13 @@ def test_hostile_inputs_are_refused_before_anything_is_saved(tmp_path):
         run([(row, "dog" if i % 2 == 0 else "cat") for i, row in enumerate(x)])
     with pytest.raises(DistillError, match=r"dataset\[0\]'s label is a float \('inf'\), not an integer class id"):
         run([(row, float("inf")) for row in x])
+    for label in (0.9, torch.tensor(1.2), np.float32(0.3)):  # int() rounded them, merging classes
+        with pytest.raises(DistillError, match=rf"dataset\[0\]'s label is a {type(label).__name__} .*not an "
+                                                "integer class id"):
+            run([(row, label) for row in x])
+    with pytest.raises(DistillError, match=r"dataset\[0\]'s input is a object, which is not an array of numbers.*"
+                                           "ToTensor"):
+        run([(object(), int(label)) for label in y])
     with pytest.raises(DistillError, match=r"TensorDataset holds 1 tensor\(s\).*TensorDataset\(x, y\)"):
         run(TensorDataset(x))
     with pytest.raises(DistillError, match="an example with no values"):
@@ -224,6 +232,16 @@ def test_hostile_inputs_are_refused_before_anything_is_saved(tmp_path):
         run((x, y), lr=1e30, iterations=5, embed=nn.Flatten)  # no normalisation: the steps blow up
     assert not (tmp_path / "d").exists()
 
+
+
+def test_a_map_style_dataset_takes_integer_labels_of_every_kind():
+    x, y = torch.randn(12, 1, 8), torch.arange(12) % 3
+    embed = tk.distill.default_embedding(x, width=4, depth=1)
+    run = lambda data: tk.distill.distribution_matching(data, ipc=2, iterations=1, batch_real=4, embed=embed, seed=0)
+    expected = run((x, y))
+    for to_label in (int, lambda c: torch.tensor(c), lambda c: np.int64(c), lambda c: np.array([c])):
+        got = run([(row, to_label(int(c))) for row, c in zip(x, y)])
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_a_seed_also_governs_an_embedding_with_dropout_and_a_directory_as_out_is_named_first(tmp_path):

@@ -93,6 +93,27 @@ def test_layer_scope_prunes_each_tensor_by_the_rate():
         assert mask.numel() - int(mask.sum()) == round(0.25 * mask.numel()), name
 
 
+def test_weights_and_masks_in_another_memory_layout_are_pruned_as_contiguous_ones(tmp_path):
+    """A channels_last conv's weight, and a mask given transposed, are ranked and pruned as
+    the same tensors in the standard layout are (their flat view is a copy)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+    reference = tk.prune.global_magnitude_masks(model, 0.5)
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    masks = tk.prune.global_magnitude_masks(model, 0.5)
+    assert masks.keys() == reference.keys()
+    for name in masks:
+        assert torch.equal(masks[name], reference[name]), name
+    linear = nn.Sequential(nn.Linear(6, 4))
+    given = {"0.weight": torch.ones(6, 4, dtype=torch.bool).T}  # transposed: not contiguous
+    pruned = tk.prune.global_magnitude_masks(linear, 0.5, masks=given)["0.weight"]
+    assert int(pruned.sum()) == 12
+    assert torch.equal(pruned, tk.prune.global_magnitude_masks(linear, 0.5)["0.weight"])
+    result = tk.prune.imp(model, lambda m, r: None, rounds=2, rate=0.5, out_dir=tmp_path)
+    assert result.sparsity[1] == pytest.approx(0.5, abs=0.01) and result.sparsity[2] == pytest.approx(0.75, abs=0.01)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
 def test_pruned_weights_stay_exactly_zero_through_training(optimizer, digits):
     torch.manual_seed(0)
@@ -382,6 +403,22 @@ def test_train_classifier_names_an_iterable_dataset():
 
     with pytest.raises(tk.errors.InvalidArgumentError, match="Stream has no length to shuffle"):
         tk.prune.train_classifier(nn.Linear(4, 3), Stream())
+
+
+def test_train_classifier_names_an_optimizer_factory_that_is_not_one():
+    data = TensorDataset(torch.randn(8, 4), torch.arange(8) % 3)
+    with pytest.raises(tk.errors.InvalidTypeError, match="optimizer factory returned NoneType, not a torch.optim"):
+        tk.prune.train_classifier(nn.Linear(4, 3), data, optimizer=lambda params: None)
+    with pytest.raises(tk.errors.InvalidTypeError, match="optimizer must be a factory, params -> optimizer"):
+        tk.prune.train_classifier(nn.Linear(4, 3), data, optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters()))
+
+
+def test_layers_are_named_by_module_or_weight_whatever_the_modules_names():
+    model = nn.Sequential()
+    model.gate_weight, model.out = nn.Linear(4, 4), nn.Linear(4, 2)
+    for layers in (["gate_weight"], ["gate_weight.weight"]):
+        assert set(tk.prune.global_magnitude_masks(model, 0.5, layers=layers)) == {"gate_weight.weight"}
+    assert set(tk.prune.global_magnitude_masks(nn.Linear(4, 2), 0.5, layers=[""])) == {"weight"}
 
 
 @pytest.mark.parametrize("settings, error", [

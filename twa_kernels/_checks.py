@@ -63,3 +63,16 @@ def check_module(value: object, what: str) -> None:
     a bare AttributeError would come from deep inside instead."""
     if not isinstance(value, nn.Module):
         raise InvalidTypeError(f"{what} must be an nn.Module, got {type(value).__name__}")
+
+
+def check_materialized(model: nn.Module, what: str) -> None:
+    """Refuse a model with a parameter or buffer that holds no values yet: one on the meta
+    device, or a lazy layer's before its first forward (torch's errors for either come
+    from deep inside, after other state has changed). `what` names the caller."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise InvalidArgumentError(f"{what}: the model's {name!r} is on the meta device, which holds no values to "
+                                       "run; build the model on a real device (or to_empty() and load its weights)")
+        if nn.parameter.is_lazy(tensor):
+            raise InvalidArgumentError(f"{what}: the model's {name!r} belongs to a lazy layer, which has no shape "
+                                       "until it first runs; run one forward pass of the model on a batch first")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_module, flag
+from twa_kernels._checks import check_materialized, check_module, flag
 from twa_kernels._passes import statistics_pass
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io.keys import parameter_aliases
@@ -152,15 +152,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
                                        "tk.distributed.update_bn(loader, twa) across processes")
         return 0
     measured = measured_norms(model, frozen_norms)
-    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if meta is not None:
-        raise InvalidArgumentError(f"update_bn: the model's {meta!r} is on the meta device, which holds no values to "
-                                   "run; build the model on a real device (or to_empty() and load its weights)")
-    lazy = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if nn.parameter.is_lazy(t)),
-                None)
-    if lazy is not None:
-        raise InvalidArgumentError(f"update_bn: the model's {lazy!r} belongs to a lazy layer, which has no shape until "
-                                   "it first runs; run one forward pass of the model on a batch first")
+    check_materialized(model, "update_bn")
     if weights is not None:
         weights = _model_weights(model, weights, measured)
     if not measured:  # every layer keeps its statistics

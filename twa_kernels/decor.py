@@ -329,8 +329,8 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     lr: step size of the R update; kappa in [0, 1]: weight of the unit-variance (whitening)
     term against decorrelation; sample_fraction in (0, 1]: share of each batch's rows (conv:
     patch positions) that feed the update; skip: qualified module names of the model (a name
-    skips its submodules too; one that names no module is refused) or a predicate
-    (name, module) -> bool; max_norm: update() raises
+    skips its submodules too, a layer used under several names is skipped by any of them,
+    and a name that names no module is refused) or a predicate (name, module) -> bool; max_norm: update() raises
     DecorrelationDivergedError when ||R||_F / sqrt(d) of a layer exceeds it; seed: an int
     draws the subsamples of every layer from one private generator (reproducible; torch's
     global RNG untouched), None from torch's global RNG.
@@ -368,6 +368,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                 raise InvalidArgumentError(f"skip: no module named {name!r} in the model (names as in "
                                            f"model.named_modules(), e.g. {[n for n in modules if n][:3]})")
     skipped = _skipper(skip)
+    # a module the model holds under two names (one layer called twice) is left alone if
+    # either name is skipped: named_modules() below gives it under its first name only
+    left_alone = {id(m) for name, m in model.named_modules(remove_duplicate=False) if skipped(name, m)}
     todo, frozen = [], []
     conv1d = transformers_conv1d()
     if conv1d is not None:  # a model may hold transformers' Conv1D only where transformers loaded it
@@ -375,7 +378,7 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     supported = (nn.Linear, nn.Conv1d, nn.Conv2d) + ((conv1d,) if conv1d is not None else ())
     computed: dict[tuple[str, str], list[str]] = {}
     for name, module in model.named_modules():
-        if skipped(name, module) or isinstance(module, _Decor):
+        if id(module) in left_alone or isinstance(module, _Decor):
             continue
         label = name or "<root>"
         if isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Conv3d)):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Union
@@ -65,7 +66,14 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
                 raise DistillError(f"dataset[{i}] is {type(item).__name__}"
                                    f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
                                    "items must be (input, label) pairs, or pass the tensors (x, y)")
-        inputs = [torch.as_tensor(item[0]) for item in items]
+        inputs = []
+        for i, item in enumerate(items):
+            try:
+                inputs.append(torch.as_tensor(item[0]))
+            except (TypeError, ValueError, RuntimeError) as exc:  # a PIL image, a file name, a ragged list
+                raise DistillError(f"dataset[{i}]'s input is a {type(item[0]).__name__}, which is not an array of "
+                                   "numbers; give the dataset a transform that returns a tensor (for images, "
+                                   "torchvision's ToTensor) first") from exc
         if odd := next((i for i, t in enumerate(inputs) if t.shape != inputs[0].shape), None):
             raise DistillError(f"dataset[{odd}]'s input has shape {tuple(inputs[odd].shape)} but dataset[0]'s has "
                                f"{tuple(inputs[0].shape)}; distillation stacks the inputs, so give them one shape "
@@ -73,11 +81,11 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
         x = torch.stack(inputs)
         labels = []
         for i, item in enumerate(items):
-            try:
-                labels.append(int(item[1]))
-            except (TypeError, ValueError, RuntimeError, OverflowError):  # a class name, None, several values, inf
+            label = _class_id(item[1])
+            if label is None:  # a class name, None, several values, or a float (int() would round 0.9 to 0)
                 raise DistillError(f"dataset[{i}]'s label is a {type(item[1]).__name__} ({str(item[1])[:40]!r}), not "
-                                   "an integer class id; map the classes to 0, 1, ... first") from None
+                                   "an integer class id; map the classes to 0, 1, ... first")
+            labels.append(label)
         y = torch.as_tensor(labels)
     if not x.is_floating_point():
         raise DistillError(f"inputs have dtype {x.dtype}; distillation learns them by gradient descent, so "
@@ -93,6 +101,21 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
         raise DistillError(f"inputs have shape {tuple(x.shape)}: an example with no values has nothing to distill")
     _check_finite(x, "the inputs")
     return x, y
+
+
+def _class_id(label: object) -> int | None:
+    """A map-style dataset item's label as an int, if it is one: a Python or numpy integer,
+    or a one-element integer tensor or array. None for anything else, floats included, as
+    a tensor of float labels is refused."""
+    if isinstance(label, Tensor):
+        whole = label.numel() == 1 and not (label.is_floating_point() or label.is_complex())
+        return int(label) if whole else None
+    if isinstance(label, numbers.Integral):  # bool included, as an integer tensor's would be
+        return int(label)
+    dtype = getattr(label, "dtype", None)  # a numpy array of one integer
+    if getattr(dtype, "kind", None) in ("i", "u", "b") and getattr(label, "size", 0) == 1:
+        return int(label.item())
+    return None
 
 
 def _check_finite(x: Tensor, what: str) -> None:
@@ -221,7 +244,8 @@ def distribution_matching(
     ascending order, `ipc` rows each.
 
     Each iteration draws a fresh network from `embed` (a factory; default: the paper's
-    ConvNet for the data's shape) and, for every class, up to
+    ConvNet for the data's shape; either network gets 1-D signals with a channel
+    dimension, [N, L] data as [N, 1, L]) and, for every class, up to
     `batch_real` real examples, then takes an SGD step (`lr`, `momentum`: the paper's 1.0
     and 0.5) on the synthetic examples to reduce
     sum_c || mean emb(real_c) - mean emb(syn_c) ||^2. `out` saves {"x": x_syn, "y": y_syn}
@@ -237,8 +261,8 @@ def distribution_matching(
     classes, _ = _check_ipc(ipc, y)
     integer("iterations", iterations, 0, "SGD steps on the synthetic set", DistillError)
     integer("batch_real", batch_real, 1, "real examples per class drawn each iteration", DistillError)
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, momentum))
-    if not (numbers and 0 < lr < math.inf and 0 <= momentum < math.inf):
+    real_numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, momentum))
+    if not (real_numbers and 0 < lr < math.inf and 0 <= momentum < math.inf):
         raise DistillError(f"lr must be finite and > 0 and momentum finite and >= 0, got lr={lr!r}, "
                            f"momentum={momentum!r} (the paper's are 1.0 and 0.5)")
     if out is not None:  # checked before the run, not after it

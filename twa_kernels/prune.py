@@ -57,7 +57,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels._checks import check_module, integer, path_without_nul, real
 from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.batchnorm import batch_of_one_named
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, OutputError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric, split_batch
 from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import computed_weight, weight_layer_types
@@ -88,7 +88,9 @@ def _caller_level() -> int:
 
 def _weight_key(name: str) -> str:
     """A layer named by its module ("features.0") or its weight ("features.0.weight"): the weight's name."""
-    return name if name.endswith("weight") else f"{name}.weight"
+    if name == "weight" or name.endswith(".weight"):
+        return name
+    return f"{name}.weight" if name else "weight"  # "" is the root module
 
 
 def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
@@ -205,11 +207,13 @@ def global_magnitude_masks(
         weight = module.weight
         mask = masks.get(name) if masks is not None else None
         if mask is None:
-            mask = torch.ones_like(weight, dtype=torch.bool)
+            mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
         elif mask.shape != weight.shape:
             raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
                                f"{tuple(weight.shape)}; masks must come from this model")
-        prior[name] = mask.to(device=weight.device, dtype=torch.bool)
+        # in the standard layout: a channels_last or transposed mask's reshape(-1) is a copy,
+        # and the entries dropped below would be dropped from the copy alone
+        prior[name] = mask.to(device=weight.device, dtype=torch.bool).contiguous()
         # NaN has no magnitude to rank: topk would keep or drop it arbitrarily
         if bad := int((~torch.isfinite(weight.detach()[prior[name]])).sum()):
             raise PruningError(f"{name} holds {bad} NaN or infinite value(s) among the entries still kept; "
@@ -228,7 +232,7 @@ def global_magnitude_masks(
         drop[torch.topk(scores, k, largest=False).indices] = True
         start = 0
         for n in names:
-            flat = out[n].reshape(-1)
+            flat = out[n].view(-1)  # a view: the drops below land in the mask itself
             kept = flat.nonzero().squeeze(1)
             flat[kept[drop[start:start + kept.numel()]]] = False
             start += kept.numel()
@@ -417,8 +421,15 @@ def train_classifier(
         raise InvalidArgumentError(f"data is empty ({type(data).__name__} of length 0); pass a dataset with at "
                                    "least one (input, label) pair")
     device = next(model.parameters()).device
+    if optimizer is not None and not callable(optimizer):
+        raise InvalidTypeError(f"train_classifier's optimizer must be a factory, params -> optimizer (e.g. lambda p: "
+                               f"torch.optim.AdamW(p, lr=1e-3)), got {type(optimizer).__name__}")
     opt = (optimizer(model.parameters()) if optimizer is not None else
            torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise InvalidTypeError(f"train_classifier's optimizer factory returned {type(opt).__name__}, not a "
+                               "torch.optim.Optimizer; return the optimizer it builds (e.g. lambda p: "
+                               "torch.optim.AdamW(p, lr=1e-3))")
     # a last batch of one example would stop a train-mode BatchNorm layer (torch refuses to
     # normalise one value per channel); it is left out of each epoch instead
     has_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -714,7 +725,8 @@ def _imp_round(model: nn.Module, train_fn: Callable[[nn.Module, int], Any], r: i
     round's files, each added to `written` as its write begins. Appends the round's mask to
     `masks` and returns the rewind state (set by round 0)."""
     if r == 0:
-        mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_weights(model, names).items()}
+        mask = {n: torch.ones(m.weight.shape, dtype=torch.bool, device=m.weight.device)
+                for n, m in prunable_weights(model, names).items()}
         start = init
     else:
         mask = global_magnitude_masks(model, settings["rate"], masks=masks[-1], layers=names, scope=scope)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.batchnorm import measured_norms, running_norms, update_bn
+from twa_kernels._checks import check_materialized
+from twa_kernels.batchnorm import feed_batch, measured_norms, running_norms, update_bn
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import (
     CheckpointError,
@@ -91,7 +92,7 @@ def classification_metric(outputs: Tensor | Any, targets: Tensor) -> tuple[Tenso
     # a row whose logits are not all finite is an error: argmax takes a NaN for the largest
     # value, so weights that overflow would otherwise be right wherever the label is the NaN's index
     wrong = (logits.argmax(dim=1) != targets) | ~torch.isfinite(logits).all(dim=1)
-    return F.cross_entropy(logits, targets), wrong.float().mean()
+    return F.cross_entropy(logits, targets.long()), wrong.float().mean()  # int32 labels (numpy's) too
 
 
 def load_checkpoint(checkpoint: Checkpoint, source: str, model: nn.Module | None = None) -> StateDict:
@@ -192,15 +193,13 @@ def agreed_buffer(name: str, values: Sequence[Tensor], sources: Sequence[str]) -
 
 def parameter_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters; a model without any has no weights to move
-    along a line or a plane, and is named."""
+    along a line or a plane, and one whose tensors hold no values yet (meta, lazy) cannot
+    be run: both are named."""
     first = next(model.parameters(), None)
     if first is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters: there are no weights to interpolate, "
                                    "project or differentiate; pass the network whose checkpoints these are")
-    if first.is_meta:
-        raise InvalidArgumentError(f"{type(model).__name__} has its parameters on the meta device, which holds no "
-                                   "values to evaluate; build it on a real device (or model.to_empty(device=...) "
-                                   "and load its weights)")
+    check_materialized(model, type(model).__name__)
     return first.device
 
 
@@ -274,10 +273,8 @@ def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict
     dimension (batches are weighted by its size)."""
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         inputs, targets = batch[0], batch[1]
-        if isinstance(inputs, Mapping):  # one argument, as update_bn and `twa fit` feed it
-            args, kwargs = ({k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()},), {}
-        elif callable(getattr(inputs, "to", None)):  # a tensor, or a PackedSequence and its kin
-            args, kwargs = (inputs.to(device),), {}
+        if isinstance(inputs, Mapping) or callable(getattr(inputs, "to", None)):
+            args, kwargs = (_on_device(inputs, device),), {}
         else:
             raise InvalidArgumentError(f"a batch's inputs are a {type(inputs).__name__}; data must yield (inputs, "
                                        "targets) batches whose inputs are a tensor or a mapping of tensors, "
@@ -287,7 +284,7 @@ def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict
             raise InvalidArgumentError(f"a mapping batch is fed to the model as keyword arguments and its 'labels' "
                                        f"tensor is the targets; this one has none (keys {list(batch)}): add the "
                                        "targets under 'labels', or yield (inputs, targets) tuples")
-        args, kwargs = (), {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        args, kwargs = (), _on_device(batch, device)
         targets = kwargs["labels"]
     else:
         raise InvalidArgumentError(f"data must yield (inputs, targets) batches, or mappings of keyword arguments "
@@ -297,6 +294,30 @@ def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict
         raise InvalidArgumentError(f"a batch's targets must be a tensor with a batch dimension, got {got}; give one "
                                    "example as a batch of one (x[None], y[None]), or batch the data with a DataLoader")
     return args, kwargs, targets.to(device)
+
+
+def _on_device(inputs: Any, device: torch.device) -> Any:
+    """A model's inputs on `device`: a tensor (or a PackedSequence and its kin) moved, a
+    mapping's tensors moved (one argument, as update_bn and `twa fit` feed it, or keyword
+    arguments), anything else as it is."""
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    return inputs.to(device) if callable(getattr(inputs, "to", None)) else inputs
+
+
+def fed_on(device: torch.device) -> Callable[[nn.Module, Any], None]:
+    """An update_bn call_fn that feeds a batch as update_bn would, its inputs on `device`
+    first, as the evaluation after the pass reads them (split_batch): a model on a GPU
+    takes a loader's CPU batches in both."""
+
+    def feed(model: nn.Module, batch: Any) -> None:
+        if isinstance(batch, (list, tuple)) and batch:
+            batch = (_on_device(batch[0], device),)
+        else:
+            batch = _on_device(batch, device)
+        feed_batch(model, batch)
+
+    return feed
 
 
 @contextlib.contextmanager
@@ -364,7 +385,7 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
     shuffled order sums the same losses in another order, off in the last bits."""
     if bn == "recompute":
         with same_batches.replayed() if same_batches is not None else contextlib.nullcontext():
-            update_bn(bn_data, model, weights=weights)
+            update_bn(bn_data, model, fed_on(next(iter(weights.values())).device), weights=weights)
     model.eval()
     with same_data.replayed() if same_data is not None else contextlib.nullcontext():
         return _mean_metric(model, weights, data, metric)

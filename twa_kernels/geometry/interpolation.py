@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_module
+from twa_kernels._checks import check_module, integer
 from twa_kernels._progress import progress_bar
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.geometry.evaluation import (
@@ -131,14 +131,13 @@ def interpolate(
     check_data("interpolate's data", data)
     if bn_data is not None:
         check_data("interpolate's bn_data", bn_data)
-    if not isinstance(steps, int) or steps < 2:
-        raise InvalidArgumentError(f"steps must be an integer >= 2 (alpha 0 and 1 at least), got {steps!r}")
+    steps = integer("steps", steps, 2, "alpha 0 and 1 at least")
     check_points(f"steps={steps}", steps)
+    device = parameter_device(model)  # before masks and checkpoints are read: a model without values is named first
     mask = check_masks(model, masks)
     params = dict(model.named_parameters())
     mixed = {**{k: p for k, p in params.items() if p.is_floating_point()}, **mixed_buffers(model, bn)}
     fixed = {**{k: p for k, p in params.items() if not p.is_floating_point()}, **fixed_buffers(model)}
-    device = parameter_device(model)
     ends, kept, sources = [], [], []
     for i, ckpt in enumerate((a, b)):
         source = checkpoint_source(ckpt, i)

@@ -27,6 +27,7 @@ The plane's two directions are (checkpoint - origin) rows of the one basis build
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_module, real
+from twa_kernels._checks import check_module, integer, real
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels._progress import progress_bar
@@ -418,10 +419,13 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
             raise InvalidArgumentError(f"the subspace's {name!r} has shape {tuple(shape)} but the model's is "
                              f"{params.get(name)}; build the subspace from this model's checkpoints")
     k = subspace.basis.k
-    if len(dims) != 2 or dims[0] == dims[1] or not all(0 <= d < k for d in dims):
+    if not isinstance(dims, (tuple, list)) or len(dims) != 2:
+        raise InvalidTypeError(f"dims must be a pair of basis rows (i, j), got {type(dims).__name__} {dims!r}")
+    rows = tuple(integer(f"dims[{n}]", d, 0, "a row of the subspace's basis") for n, d in enumerate(dims))
+    if rows[0] == rows[1] or max(rows) >= k:
         raise InvalidArgumentError(f"dims must be two different basis rows in 0..{k - 1}, got {dims!r}")
-    return _Frame(subspace.names, subspace.shapes, _Origin(tensor=subspace.center), subspace.basis,
-                  (int(dims[0]), int(dims[1])), subspace.aliases, model_key_names(model))
+    return _Frame(subspace.names, subspace.shapes, _Origin(tensor=subspace.center), subspace.basis, rows,
+                  subspace.aliases, model_key_names(model))
 
 
 def _axis(lo: float, hi: float, pad: float, n: int) -> list[float]:
@@ -455,7 +459,12 @@ class Plane:
     def state_dict_at(self, x: float, y: float) -> dict[str, Tensor]:
         """The parameters at plane coordinates (x, y), by name (e.g. to load the grid's best
         point into the model, then update_bn): a reconstruct, masked as the grid's points are."""
-        flat = self.frame.weights((real("state_dict_at's x", x), real("state_dict_at's y", y)))
+        at = (real("state_dict_at's x", x), real("state_dict_at's y", y))
+        if not all(abs(v) < _FLOAT32_MAX for v in at):  # the coefficients are float32
+            raise InvalidArgumentError(f"state_dict_at({x!r}, {y!r}): a coordinate beyond float32's range "
+                                       f"({_FLOAT32_MAX:.3g}); the grid spans {self.xs[0]:.3g}..{self.xs[-1]:.3g} "
+                                       f"by {self.ys[0]:.3g}..{self.ys[-1]:.3g}")
+        flat = self.frame.weights(at)
         pieces = flat.split([math.prod(s) for s in self.frame.shapes])
         weights = {name: piece.view(shape) for name, piece, shape in zip(self.frame.names, pieces, self.frame.shapes)}
         for name, mask in self.masks.items():
@@ -479,15 +488,16 @@ def _point_source(checkpoint: Checkpoint, label: str) -> str:
 def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None,
                 group_size: int = 128) -> tuple[int, int]:
     """(nx, ny) of a valid grid; the margin, bits and group size checked."""
-    pair = (grid, grid) if isinstance(grid, int) else tuple(grid) if isinstance(grid, (tuple, list)) else ()
-    if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in pair):
+    whole = lambda n: isinstance(n, numbers.Integral) and not isinstance(n, bool)  # numpy's ints too
+    pair = (grid, grid) if whole(grid) else tuple(grid) if isinstance(grid, (tuple, list)) else ()
+    if len(pair) != 2 or not all(whole(n) and n >= 2 for n in pair):
         raise InvalidArgumentError(f"grid must be an int or a pair of ints, at least 2 points along each axis "
                                    f"(e.g. 21 or (21, 11)), got {grid!r}")
-    nx, ny = pair
+    nx, ny = int(pair[0]), int(pair[1])
     check_points(f"grid=({nx}, {ny})", nx * ny)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
-        raise InvalidArgumentError(f"margin must be a finite number >= 0 (the share of the span added on each "
-                                   f"side; 0.2 is the default), got {margin!r}")
+    what = "margin (the share of the span added on each side; 0.2 is the default)"
+    if real(what, margin) < 0:
+        raise InvalidArgumentError(f"{what} must be a finite number >= 0, got {margin!r}")
     check_settings(bits, group_size)  # group_size sets the read chunk even where bits is None
     return nx, ny
 
@@ -504,6 +514,10 @@ def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspa
         frame, anchors = _frame_from_subspace(model, checkpoints, dims), ["center"]
         located = {"center": PlanePoint(0.0, 0.0, 0.0)}
     else:
+        if not (isinstance(dims, (tuple, list)) and tuple(dims) == (0, 1)):
+            raise InvalidArgumentError(f"dims={dims!r} picks two rows of a Subspace's basis; a plane through "
+                                       "checkpoints is spanned by them (a towards b, then c): leave dims out, or "
+                                       "pass a tk.Subspace")
         frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn)
         L = frame.chol
         located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
@@ -568,7 +582,9 @@ def plane(
     A Subspace keeps its own basis. The grid adds one weight vector of model size: each row
     reads the origin back into it and each point is one in-place `reconstruct` (see the
     module docstring). bn, metric, masks and bn_data are as in interpolate (bn="interpolate"
-    needs checkpoints, whose statistics it mixes).
+    needs checkpoints, whose statistics it mixes). A Subspace over some of the model's
+    parameters (built with parameter_names) moves those: the others keep the model's current
+    values at every point, as they do in a TWA over that subspace.
     """
     check_module(model, "plane's model")
     model = unwrap_model(model)  # a compiled or DataParallel model: checkpoints name its module's keys
@@ -580,6 +596,7 @@ def plane(
         raise InvalidTypeError(f"points must map a label to a checkpoint (e.g. {{'SWA': swa_state}}), got "
                                f"{type(points).__name__}")
     nx, ny = _check_grid(grid, margin, bits, group_size)
+    device = parameter_device(model)  # before masks and checkpoints are read: a model without values is named first
     mask = check_masks(model, masks)
     frame, anchors, located = _anchored_frame(model, checkpoints, dims, bits, group_size, bn, labels)
     for label, ckpt in (points or {}).items():
@@ -587,7 +604,6 @@ def plane(
             raise InvalidArgumentError(f"points: {label!r} is already the name of one of the plane's checkpoints "
                                        f"({', '.join(anchors)}); give the point another name")
         located[label] = frame.locate(ckpt, _point_source(ckpt, label))
-    device = parameter_device(model)
     frame.origin = frame.origin.to(device)
     frame.basis = frame.basis.to(device)
     if frame.buffers is not None:  # read from the checkpoints onto the CPU

@@ -165,8 +165,9 @@ def hessian_diagonal(
     """Hutchinson's estimate of the diagonal of the Hessian of the mean loss over `data` with
     respect to the parameters: the mean over `samples` Rademacher probes z of z * (H z).
 
-    Returns tensors shaped like the parameters, by name: all of them, frozen ones
-    (requires_grad=False) included, as in the Hessian of the loss over every weight. Each probe costs one
+    Returns tensors shaped like the parameters, by name: one per floating-point parameter
+    (a tied weight once, under its first name), frozen ones (requires_grad=False) included,
+    as in the Hessian of the loss over every weight. Each probe costs one
     Hessian-vector product per batch (vmapped `chunk` probes at a time), where the exact
     diagonal costs one backward pass per parameter. Its variance for entry i is
     sum_{j != i} H_ij^2 / samples, so accuracy grows as sqrt(samples); on the tiny MLP of
@@ -185,6 +186,7 @@ def hessian_diagonal(
     check_data("hessian_diagonal's data", data)
     integer("samples", samples, 1, "Hutchinson probes")
     integer("chunk", chunk, 1, "probes per vmapped batch; lower it to save memory")
+    parameter_device(model)  # a model without values (meta, lazy) named before preserved() copies it
     gen = generator(seed)
     with preserved(model):
         model.eval()
@@ -232,6 +234,7 @@ def top_eigenvalue(
     integer("iters", iters, 1, "power iterations")
     if not real("tol", tol) > 0:  # a NaN or negative tol would never count as converged
         raise InvalidArgumentError(f"tol must be positive (a relative change of the eigenvalue), got {tol}")
+    parameter_device(model)  # a model without values (meta, lazy) named before preserved() copies it
     gen = generator(seed)
     trace: list[float] = []
     converged = False
