@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Iterable, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError
 
@@ -63,6 +64,15 @@ def check_module(value: object, what: str) -> None:
     a bare AttributeError would come from deep inside instead."""
     if not isinstance(value, nn.Module):
         raise InvalidTypeError(f"{what} must be an nn.Module, got {type(value).__name__}")
+
+
+def check_batches(what: str, data: object, batches: str = "batches") -> None:
+    """Refuse anything but an iterable of batches where `what` ("update_bn's loader")
+    belongs: None fails in a loop deep inside, and a tensor, a string or a mapping would be
+    read one element or key at a time."""
+    if not isinstance(data, Iterable) or isinstance(data, (Tensor, str, Mapping)):
+        raise InvalidTypeError(f"{what} must be an iterable of {batches} (a DataLoader, or a list of them), got "
+                               f"{type(data).__name__}")
 
 
 def check_materialized(model: nn.Module, what: str) -> None:

@@ -19,6 +19,8 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+from torch import nn
+
 _open_passes = 0
 _measuring = False  # _open_passes > 0, the one value a compiled forward reads
 _lock = threading.Lock()
@@ -42,3 +44,16 @@ def statistics_pass() -> Iterator[None]:
 def in_statistics_pass() -> bool:
     """Whether a statistics pass (see statistics_pass) is running."""
     return _measuring
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Every submodule's train/eval mode as it was before the block, after it: a pass puts
+    the model in train or eval mode, and model.train(flag) sets one mode on every
+    submodule, which would undo a layer the model keeps in eval mode (a frozen BatchNorm)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_materialized, check_module, flag
-from twa_kernels._passes import statistics_pass
+from twa_kernels._checks import check_batches, check_materialized, check_module, flag
+from twa_kernels._passes import kept_modes, statistics_pass
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io.keys import parameter_aliases
 
@@ -83,13 +83,9 @@ def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[s
     if unknown:
         raise InvalidArgumentError(f"update_bn: frozen_norms names {unknown[0]!r}, which is not a norm layer "
                                    f"of the model (it has e.g. {list(named)[:3]})")
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with kept_modes(model):
         model.train()
         return {name: m for name, m in named.items() if m.training and name not in frozen}
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @torch.no_grad()
@@ -133,9 +129,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     measure: the loader is not read then)."""
     check_module(model, "update_bn's model")
     flag("update_bn's allow_empty", allow_empty)
-    if not isinstance(loader, Iterable) or isinstance(loader, (Tensor, str, Mapping)):
-        raise InvalidTypeError(f"update_bn's loader must be an iterable of batches (a DataLoader, or a list of "
-                               f"them), got {type(loader).__name__}")
+    check_batches("update_bn's loader", loader)
     if call_fn is not None and not callable(call_fn):
         device = isinstance(call_fn, (torch.device, str))  # swa_utils.update_bn(loader, model, device)
         raise InvalidTypeError(f"update_bn's call_fn must be a callable(model, batch) or None, got "
@@ -157,7 +151,14 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
         weights = _model_weights(model, weights, measured)
     if not measured:  # every layer keeps its statistics
         return 0
-    modes = {m: m.training for m in model.modules()}
+    with kept_modes(model):  # model.train(flag) sets one mode on every submodule
+        return _measure(loader, model, call_fn, weights, named, measured, allow_empty)
+
+
+def _measure(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, Any], Any] | None,
+             weights: Mapping[str, Tensor] | None, named: Mapping[str, nn.Module],
+             measured: Mapping[str, nn.Module], allow_empty: bool) -> int:
+    """update_bn's pass over `loader`, its arguments checked; the caller restores the modes."""
     model.train()
     for name, m in named.items():  # the kept layers normalise with their statistics, as in training
         if name not in measured:
@@ -202,7 +203,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
         for m in [*unreached.values(), *(m for m in measured.values() if not holds_statistics(m))]:
             _restore(m, saved[m])
         if unreached:
-            warn_unreached(list(unreached), count)
+            warn_unreached(list(unreached), count, stacklevel=5)  # from _measure, update_bn and no_grad's wrapper
     except BaseException:
         for m in measured.values():  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
             _restore(m, saved[m])
@@ -214,8 +215,6 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
             del m.forward
         for m in norms:
             m.momentum = momenta[m]
-        for m, training in modes.items():  # model.train(flag) would set one mode on every submodule
-            m.training = training
     return count
 
 
@@ -224,13 +223,13 @@ def _restore(norm: nn.Module, buffers: Mapping[str, Tensor]) -> None:
         getattr(norm, k).copy_(b)
 
 
-def warn_unreached(names: list[str], count: int) -> None:
+def warn_unreached(names: list[str], count: int, stacklevel: int = 4) -> None:
     """Name the norm layers a pass over `count` batches never reached, which keep the
-    statistics they had."""
+    statistics they had; `stacklevel` counts from here to the user's call."""
     warnings.warn(f"update_bn: the norm layer(s) {names[:5]} saw none of the {count} batches (the pass runs the "
                   "model's forward, which does not reach them, or reaches them with no rows), so they keep the "
                   "statistics they had; pass call_fn(model, batch) that runs the model as it trains (for the "
-                  "Lightning callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=4)
+                  "Lightning callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=stacklevel)
 
 
 @contextmanager

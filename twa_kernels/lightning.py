@@ -57,6 +57,7 @@ from twa_kernels import distributed
 from twa_kernels._checks import integer
 from twa_kernels._collectives import agree
 from twa_kernels._imports import optional
+from twa_kernels._passes import kept_modes
 from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import feed_batch, has_running_statistics, running_norms
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, UsageError
@@ -340,8 +341,7 @@ class TrainableWeightAveraging(pl.Callback):
         those weights loaded into the module."""
         self._restore_steps(pl_module)
         twa = self.twa
-        modes = {m: m.training for m in pl_module.modules()}  # as Lightning left them; twa.eval() sets all
-        try:
+        with kept_modes(pl_module):  # as Lightning left them; twa.eval() sets all
             twa.eval()
             # BatchNorm layers the run kept in eval mode (frozen statistics, as in fine-tuning)
             # keep their statistics and run in eval mode; the others are recomputed at the
@@ -353,9 +353,6 @@ class TrainableWeightAveraging(pl.Callback):
                 warnings.simplefilter("ignore", RuntimeWarning)
                 averaged = twa.averaged_state_dict()
             pl_module.load_state_dict(averaged)
-        finally:
-            for m, training in modes.items():
-                m.training = training
         # the Trainer holds the run's optimizers and schedulers again, as it did before the TWA epochs
         trainer.strategy.optimizers = self._run_optimizers
         trainer.strategy.lr_scheduler_configs = self._run_schedulers

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels._checks import check_materialized
+from twa_kernels._checks import check_batches, check_materialized
+from twa_kernels._passes import kept_modes
 from twa_kernels.batchnorm import feed_batch, measured_norms, running_norms, update_bn
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import (
@@ -219,9 +220,7 @@ def check_points(what: str, count: int) -> None:
 def check_data(what: str, data: object) -> None:
     """Refuse anything but an iterable of batches where `what` ("interpolate's data") belongs:
     None failed in a loop deep inside, a tensor would be read one example at a time."""
-    if not isinstance(data, Iterable) or isinstance(data, (Tensor, str, Mapping)):
-        raise InvalidTypeError(f"{what} must be an iterable of (inputs, targets) batches (a DataLoader, or a list of "
-                               f"them), got {type(data).__name__}")
+    check_batches(what, data, "(inputs, targets) batches")
 
 
 def check_bn(bn: str) -> None:
@@ -325,15 +324,13 @@ def preserved(model: nn.Module) -> Iterator[None]:
     """Restore the model's buffers and train/eval mode on exit: BatchNorm recomputation
     writes the buffers, and callers must get their model back as it was."""
     saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    modes = {m: m.training for m in model.modules()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
-        for m, training in modes.items():  # per submodule: a frozen BatchNorm in eval mode stays so
-            m.training = training
+    with kept_modes(model):  # per submodule: a frozen BatchNorm in eval mode stays so
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    buf.copy_(saved[name])
 
 
 class SameBatches:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from twa_kernels._checks import check_module, integer
 from twa_kernels._progress import progress_bar
-from twa_kernels.errors import CheckpointError, InvalidArgumentError
+from twa_kernels.errors import CheckpointError
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
