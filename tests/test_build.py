@@ -47,6 +47,21 @@ def test_an_unusable_cache_falls_back_to_reference_naming_the_variable(tmp_path)
     assert "cannot be used" in result.stderr and "TWA_KERNELS_CACHE" in result.stderr
 
 
+def test_no_home_directory_falls_back_to_reference_naming_the_variable(tmp_path):
+    # a container's user with neither $HOME nor a passwd entry: Path.home() raises RuntimeError
+    code = ("import os, pathlib, warnings, torch\nwarnings.simplefilter('always')\n"
+            "def no_home(): raise RuntimeError('Could not determine home directory.')\n"
+            "pathlib.Path.home = staticmethod(no_home)\n"
+            "import twa_kernels as tk\nprint(tk.backend('cpu'))\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("HOME", "XDG_CACHE_HOME",
+                                                                          "TWA_KERNELS_CACHE", "TWA_KERNELS_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["reference"]
+    assert "no home directory" in result.stderr and "TWA_KERNELS_CACHE" in result.stderr
+
+
 def test_parallel_builds_share_one_cached_library(tmp_path):
     env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path)}
     env.pop("TWA_KERNELS_BACKEND", None)

@@ -296,6 +296,25 @@ def test_metadata_whose_byte_ranges_lie_past_its_data_files_is_refused_before_an
         ColumnReader(tmp_path / "ckpt")
 
 
+def test_metadata_pointing_two_items_at_the_same_bytes_is_refused(tmp_path):
+    # many chunks pointing at one byte range each passed the stored-bytes bound, so a few KB of
+    # metadata claimed a tensor of any size, allocated by the tiling check and the readers
+    save_dcp(tmp_path / "ckpt", {"model": model_state()})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")
+    weight, bias = (next(i for i in metadata.storage_data if i.fqn.endswith(end)) for end in ("weight", "bias"))
+    metadata.storage_data[bias].offset = metadata.storage_data[weight].offset
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"the data of '.*' and of '.*' share bytes of __0_0.distcp"):
+        ColumnReader(tmp_path / "ckpt")
+
+
+def test_a_tied_weight_saved_under_two_keys_passes_the_checks(tmp_path):
+    shared = torch.randn(4, 3)
+    save_dcp(tmp_path / "ckpt", {"model": {"embed.weight": shared, "head.weight": shared}})
+    metadata = _dcp.read_metadata(tmp_path / "ckpt")  # each key's bytes written apart
+    assert {key for key, _ in _dcp.state_dict_keys(metadata)} == {"embed.weight", "head.weight"}
+
+
 @pytest.mark.parametrize("replacement", ["missing", "fifo"])
 def test_a_data_file_that_is_missing_or_not_a_regular_file_is_a_named_error(tmp_path, replacement):
     # opening a FIFO blocks until a writer comes: the reader waited for ever

@@ -2,6 +2,7 @@
 way users run it: each problem is one named error before any work, and the outputs change
 as one set or not at all."""
 
+import datetime
 import hashlib
 import json
 import os
@@ -107,6 +108,14 @@ def flat_loss(outputs, targets):
 
 def dict_target_val_loader():  # 350 samples in batches of 128, 128 and 94
     return [(x, {"label": y}) for x, y in DataLoader(digits_splits()[1], batch_size=128)]
+
+def five_features_loader():  # the digits model takes 64
+    return DataLoader(TensorDataset(torch.randn(64, 5), torch.arange(64) % 10), batch_size=32)
+
+def growing_model():  # a training job still saving: one more checkpoint appears as the run starts
+    import shutil
+    shutil.copy(os.environ["FIT_COPY_FROM"], os.environ["FIT_COPY_TO"])
+    return make_model()
 
 def label_loss(outputs, targets):
     return torch.nn.functional.cross_entropy(outputs, targets["label"] if isinstance(targets, dict) else targets)
@@ -228,6 +237,12 @@ def _consistent(out: Path) -> dict:
         (dict(optimizer=dict(name="AdamW", lr=0.02, maximize="false")), ["optimizer.maximize is a yes/no setting",
                                                                          "'false'", "without quotes"]),
         (dict(optimizer=dict(name="SGD", lr=0.1, momentum=0.9, nesterov="no")), ["optimizer.nesterov is a yes/no"]),
+        # read by their truth, a date and a list turned the setting on (and the date then failed the report)
+        (dict(optimizer=dict(name="AdamW", lr=0.02, maximize=datetime.date(2024, 1, 1))),
+         ["optimizer.maximize is a yes/no setting", "datetime.date(2024, 1, 1)"]),
+        (dict(optimizer=dict(name="AdamW", lr=0.02, amsgrad=[1])), ["optimizer.amsgrad is a yes/no setting"]),
+        (dict(optimizer=dict(name="AdamW", lr=0.02, foreach=1)), ["optimizer.foreach is a yes/no setting"]),
+        (dict(output="runs/a\0b"), ["output 'runs/a\\x00b' (a string) holds a NUL byte"]),
         (dict(loss="os.path:exists"), ["loss: 'os.path:exists' cannot be called as loss(outputs, targets)"]),
     ],
 )
@@ -317,6 +332,10 @@ def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():
     config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c",
                                optimizer=dict(name="AdamW", lr="1e-3", weight_decay="1e-4")), "config.yaml")
     assert config.optimizer == "AdamW" and config.optimizer_args == {"lr": 1e-3, "weight_decay": 1e-4}
+    # inside a list too: betas: [9e-1, 0.999] failed on "'<=' not supported between float and str"
+    config = check_config(yaml.safe_load("{model: 'm:f', data: {train: 'm:t'}, checkpoints: c, "
+                                         "optimizer: {name: Adam, lr: 1e-3, betas: [9e-1, 0.999]}}"), "config.yaml")
+    assert config.optimizer_args == {"lr": 1e-3, "betas": [0.9, 0.999]}
 
 
 def test_a_config_that_is_not_utf8_text_is_refused_naming_the_file(in_project, capsys):
@@ -328,6 +347,25 @@ def test_a_config_that_is_not_utf8_text_is_refused_naming_the_file(in_project, c
         run_fit(path, progress=False)
     assert main(["fit", str(path), "--no-progress"]) == 2
     assert "binary.yaml: not a UTF-8 text file" in capsys.readouterr().err
+
+
+def test_an_output_path_the_file_system_cannot_encode_is_named():
+    from twa_kernels._fit_config import check_config
+
+    config = dict(model="m:f", data=dict(train="m:g"), checkpoints="c", output="runs/\ud800")
+    with pytest.raises(FitError, match="output 'runs/\\\\ud800' .*text the file system cannot encode"):
+        check_config(config, "cfg")
+
+
+def test_a_config_file_too_large_to_be_one_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from twa_kernels import _fit_config
+
+    path = tmp_path / "epoch_3.pt"  # a checkpoint given where the config belongs
+    path.write_bytes(b"PK\x03\x04" + bytes(4096))
+    monkeypatch.setattr(_fit_config, "_MAX_STREAMED_CONFIG", 1024)
+    monkeypatch.setattr(Path, "read_text", lambda *args, **kwargs: pytest.fail("the file was read"))
+    with pytest.raises(FitError, match=r"epoch_3\.pt: a file of 0 MiB, which is no config \(at most 0 MiB"):
+        _fit_config.load_config(path)
 
 
 @pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000],
@@ -532,6 +570,37 @@ def test_val_loss_at_swa_is_the_uniform_average_with_batchnorm_recomputed(in_pro
     with torch.no_grad():
         stale = sum(float(F.cross_entropy(fresh(x), y)) * len(y) for x, y in val_loader()) / len(digits_splits()[1])
     assert abs(stale - expected) > 1e-3
+
+
+@pytest.mark.parametrize("key", ["train", "val"])
+def test_inputs_the_model_cannot_take_are_one_line_naming_model_and_data(in_project, capsys, key):
+    from twa_kernels.cli import main
+
+    data = dict(train="fit_hostile_pkg:train_loader", val="fit_hostile_pkg:val_loader")
+    data[key] = "fit_hostile_pkg:five_features_loader"
+    output = in_project / f"mismatch-{key}"
+    code = main(["fit", str(_config(in_project, data=data, output=str(output))), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert (f"model: 'fit_hostile_pkg:make_model' failed on a batch of data.{key} "
+            f"('fit_hostile_pkg:five_features_loader'), inputs (32, 5): RuntimeError: mat1 and mat2") in lines[0]
+    assert not output.exists()
+
+
+def test_the_checkpoints_are_read_as_the_glob_matched_them_before_any_work(in_project, monkeypatch):
+    import shutil
+
+    folder = in_project / "growing"
+    folder.mkdir()
+    for i in range(2):
+        shutil.copy(in_project / "ckpts" / f"epoch_{i}.pt", folder / f"epoch_{i}.pt")
+    monkeypatch.setenv("FIT_COPY_FROM", str(in_project / "ckpts" / "epoch_2.pt"))
+    monkeypatch.setenv("FIT_COPY_TO", str(folder / "epoch_2.pt"))
+    report = run_fit(_config(in_project, model="fit_hostile_pkg:growing_model", checkpoints=str(folder / "epoch_*.pt"),
+                             output=str(in_project / "growing-out")), progress=False)
+    assert (folder / "epoch_2.pt").exists()  # written after the glob was read
+    assert [Path(p).name for p in report["checkpoints"]] == ["epoch_0.pt", "epoch_1.pt"]
+    assert report["coefficients"][0] == 2, report["coefficients"]
 
 
 # -- the output location is checked before training -------------------------------------------

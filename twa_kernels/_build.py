@@ -51,7 +51,14 @@ def cache_root() -> Path:
     """$TWA_KERNELS_CACHE, else $XDG_CACHE_HOME/twa_kernels, else ~/.cache/twa_kernels."""
     if os.environ.get("TWA_KERNELS_CACHE"):
         return Path(os.environ["TWA_KERNELS_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except (RuntimeError, KeyError) as exc:  # no $HOME and no passwd entry (a container's user)
+            raise BuildError("no home directory to keep the compiled kernels in (no $HOME, and the user has no "
+                             "passwd entry); set TWA_KERNELS_CACHE (or XDG_CACHE_HOME) to a writable "
+                             "directory") from exc
     return Path(base) / "twa_kernels"
 
 

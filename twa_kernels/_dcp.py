@@ -182,8 +182,12 @@ def _check(metadata: Any, source: str, directory: str) -> None:
 
 def _check_data_files(storage: dict, source: str, directory: str) -> None:
     """Each data file the metadata names is a regular file (a FIFO would block its reader
-    for ever) that holds every byte range the metadata gives inside it."""
+    for ever) that holds every byte range the metadata gives inside it, and no two items
+    share a byte: the stored-bytes bound (_check_stored_bytes) counts each item's range, so
+    a few KB of metadata pointing many chunks at one range would claim a tensor that size
+    again and again, which the tiling check and the readers allocate."""
     sizes: dict[str, int] = {}
+    ranges: dict[str, list[tuple[int, int, str]]] = {}
     for index, info in storage.items():
         name = info.relative_path
         if name not in sizes:
@@ -199,6 +203,14 @@ def _check_data_files(storage: dict, source: str, directory: str) -> None:
         if info.offset + info.length > sizes[name]:
             raise CheckpointError(f"{source}: the data of {index.fqn!r} lies past the end of {name} "
                                   f"({sizes[name]} bytes); the checkpoint is truncated: restore it or re-save it")
+        ranges.setdefault(name, []).append((info.offset, info.length, index.fqn))
+    for name, spans in ranges.items():  # DCP writes each item after the last: their ranges never meet
+        spans.sort()
+        for (start, length, first), (next_start, _, second) in zip(spans, spans[1:]):
+            if next_start < start + length:
+                raise CheckpointError(f"{source}: the data of {first!r} and of {second!r} share bytes of {name}, "
+                                      "which a save never writes; the metadata is corrupt or was altered: restore "
+                                      "the checkpoint or re-save it")
 
 
 def _check_chunk_entries(key: str, entry: TensorStorageMetadata, storage: dict, bad: Any) -> None:

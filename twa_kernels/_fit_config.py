@@ -114,6 +114,20 @@ def _check_import_string(where: str, key: str, value: Any) -> str:
     return value
 
 
+def _text_as_number(value: Any) -> Any:
+    """An optimizer argument with the numbers YAML 1.1 reads as text (1e-3, without a dot)
+    made numbers, in a list such as betas too; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    if isinstance(value, list):
+        return [_text_as_number(item) for item in value]
+    return value
+
+
 def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     """(class name, arguments) of the `optimizer` entry, tried on a dummy parameter so a bad
     argument is found now, not at the first step."""
@@ -132,24 +146,19 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
         hint = next((f"; did you mean {n}?" for n in names if isinstance(name, str) and n.lower() == name.lower()), "")
         raise FitError(f"{where}: optimizer.name must be a torch.optim optimizer ({', '.join(sorted(names))}), "
                        f"got {describe(name)}{hint}")
-    for key, arg in list(args.items()):
-        if isinstance(arg, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                number = float(arg)
-            except ValueError:
-                continue
-            if math.isfinite(number):
-                args[key] = number
-    # a yes/no setting given as text ("false") is true to the optimizer, as any non-empty
-    # string is: maximize: "false" trained the coefficients up the loss
+    args = {key: _text_as_number(arg) for key, arg in args.items()}
+    # a yes/no setting given as anything but true or false is read by its truth: the text
+    # "false" is true, as any non-empty string is (maximize: "false" trained the coefficients
+    # up the loss), and a date or a list turned the setting on, then failed the report's write
     defaults = inspect.signature(getattr(torch.optim, name).__init__).parameters
     for key, arg in args.items():
         default = defaults[key].default if key in defaults else inspect.Parameter.empty
         # foreach and fused default to None (torch chooses) and are yes/no too; LBFGS's
         # line_search_fn defaults to None and takes a name
-        if isinstance(arg, str) and (isinstance(default, bool) or (default is None and key in ("foreach", "fused"))):
-            raise FitError(f"{where}: optimizer.{key} is a yes/no setting, got the text {describe(arg)}; write true "
-                           "or false without quotes, or leave the key out for the optimizer's default")
+        yes_no = isinstance(default, bool) or (default is None and key in ("foreach", "fused"))
+        if yes_no and not (isinstance(arg, bool) or (arg is None and default is None)):
+            raise FitError(f"{where}: optimizer.{key} is a yes/no setting, got {describe(arg)}; write true or false "
+                           "without quotes, or leave the key out for the optimizer's default")
     lr = _as_float(args.get("lr", 1.0))  # absent: the optimizer's own default
     # an infinite lr (YAML .inf, or 1e400) writes NaN weights; 0 trains nothing
     if lr is None or not (math.isfinite(lr) and lr > 0):
@@ -241,6 +250,9 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
     output = raw.get("output", "twa-out")
     if not isinstance(output, str) or not output:
         raise FitError(f"{where}: output must be a directory path, got {describe(output)}")
+    if not _encodable_path(output):
+        raise FitError(f"{where}: output {describe(output)} holds a NUL byte or text the file system cannot encode; "
+                       "give a directory path without them")
     output = os.path.expanduser(output)  # as a shell would: `~/runs` is in the home directory, not ./~/runs
     dist_config = raw.get("distributed")
     dist_config = {} if dist_config is None else dist_config  # `distributed:` with nothing after it
@@ -300,6 +312,15 @@ def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", 
 _MAX_STREAMED_CONFIG = 16 * 2**20
 
 
+def _encodable_path(text: str) -> bool:
+    """Whether `text` can name a file: no NUL byte, and encodable by the file system (a
+    lone surrogate is not)."""
+    try:
+        return b"\0" not in os.fsencode(text)
+    except UnicodeError:
+        return False
+
+
 def _read_config(path: Path) -> str:
     """The config's text: a regular file, or what a pipe or character device gives once
     (`twa fit <(envsubst < base.yaml)` passes /dev/fd/63, a pipe)."""
@@ -315,6 +336,10 @@ def _read_config(path: Path) -> str:
                        "file system cannot encode); give the YAML file's path") from None
     if stat.S_ISDIR(mode):
         raise FitError(f"{path}: is a directory, not a config file; give the YAML file's path")
+    if stat.S_ISREG(mode) and os.stat(path).st_size > _MAX_STREAMED_CONFIG:  # read whole, a checkpoint given
+        # by mistake would take several times its size in memory before it is refused
+        raise FitError(f"{path}: a file of {os.stat(path).st_size / 2**20:,.0f} MiB, which is no config (at most "
+                       f"{_MAX_STREAMED_CONFIG // 2**20} MiB are read); give the YAML file's path")
     if stat.S_ISREG(mode):
         return path.read_text(encoding="utf-8")
     if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):

@@ -38,6 +38,7 @@ BatchNorm statistics recomputed on data.train as they are for TWA's `val_loss_af
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -54,6 +55,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels.batchnorm import NoBatchesError, has_running_statistics
 from twa_kernels import distributed
 from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, short
+from twa_kernels.errors import TWAKernelsError
 from twa_kernels._outdir import OutputDirectory
 from twa_kernels._user_code import trainable_loss, call_factory, call_loss, loss_from, resolve_import_strings
 from twa_kernels._provenance import stamp
@@ -80,6 +82,7 @@ class _Batches:
     def __init__(self, loader: Iterable, key: str, spec: str, ranks: int):
         self.loader, self.key, self.spec, self.ranks = loader, key, spec, ranks
         self.count = 0
+        self.inputs: Any = None  # the last batch's, to name in an error
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -93,6 +96,7 @@ class _Batches:
                                f"{length}; each batch must be an (inputs, targets) pair, as a DataLoader over "
                                "TensorDataset(inputs, targets) gives")
             self.count += 1
+            self.inputs = batch[0]
             yield batch
 
     def error(self, doing: str) -> FitError:
@@ -167,13 +171,35 @@ def _batch_size(value: Any) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _running(config: FitConfig, loader: _Batches, group: Any) -> Iterator[None]:
+    """The user's model run on `loader`'s batches: a failure inside it (inputs of another
+    shape than it takes, say) is a FitError naming the model and the data. The library's
+    own errors pass through, and so does everything across processes (`group`), where a
+    failed exchange raises the same kinds of error as a model."""
+    try:
+        yield
+    except TWAKernelsError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        if group is not None:
+            raise
+        first = _first_tensor(loader.inputs)
+        inputs = f"inputs {tuple(first.shape)}" if first is not None else f"inputs {describe(loader.inputs)}"
+        raise FitError(f"model: {short(config.model)} failed on a batch of data.{loader.key} "
+                       f"({short(loader.spec)}), {inputs}: {type(exc).__name__}: {short(str(exc))[1:-1]}; check "
+                       f"that data.{loader.key} gives the inputs the model takes") from exc
+
+
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, spec: str, group: Any = None) -> float:
+def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, config: FitConfig, group: Any = None) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
         samples = _samples(x, y, loader)
-        total += float(call_loss(loss_fn, model(x), y, spec)) * samples
+        with _running(config, loader, group):
+            predictions = model(x)
+        total += float(call_loss(loss_fn, predictions, y, config.loss)) * samples
         count += samples
     if group is not None:  # over every rank's share
         sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
@@ -183,11 +209,12 @@ def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, spec: str,
     return total / count
 
 
-def _update_bn(twa: TWA, loader: _Batches, group: Any) -> None:
+def _update_bn(twa: TWA, loader: _Batches, config: FitConfig, group: Any) -> None:
     """BatchNorm statistics recomputed at the current weights, over every rank's share."""
     try:
         if group is None:
-            twa.update_bn(loader)
+            with _running(config, loader, group):
+                twa.update_bn(loader)
         else:
             distributed.update_bn(loader, twa, group)
     except NoBatchesError as exc:  # update_bn refuses a pass with no batches: name the loader instead
@@ -255,7 +282,9 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
         eval_loader = _Batches(eval_loader, "val", config.data["val"], world)
     fit_loader = val_loader if config.train_on == "val" else train_loader
 
-    twa = TWA(model, config.checkpoints, bits=config.bits, granularity=config.granularity,
+    # the checkpoints resolved once, before any work: a glob read again here could take in a
+    # file written since (a training job still saving), which the report would not list
+    twa = TWA(model, inputs, bits=config.bits, granularity=config.granularity,
               group_size=config.group_size, progress=progress, process_group=group,
               int8_gradients=config.int8_gradients,
               shard=group is not None and config.distributed_mode == "sharded")
@@ -280,15 +309,17 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
         # weights, not the model's fresh ones. Training is unaffected: train-mode BatchNorm
         # normalises with batch statistics, and update_bn recomputes them again at the end.
         if has_running_statistics(model):
-            _update_bn(twa, train_loader, group)
-        report["val_loss_at_swa"] = _mean_loss(twa, eval_loader, loss_fn, config.loss, group)
+            _update_bn(twa, train_loader, config, group)
+        report["val_loss_at_swa"] = _mean_loss(twa, eval_loader, loss_fn, config, group)
     losses = []
     for epoch in range(config.epochs):
         twa.train()
         for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
             optimizer.zero_grad()
-            loss = trainable_loss(call_loss(loss_fn, twa(x), y, config.loss), config.loss)
+            with _running(config, fit_loader, group):
+                predictions = twa(x)
+            loss = trainable_loss(call_loss(loss_fn, predictions, y, config.loss), config.loss)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())  # after backward: the value only
@@ -297,9 +328,9 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
         raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")
     if has_running_statistics(model):
-        _update_bn(twa, train_loader, group)
+        _update_bn(twa, train_loader, config, group)
     if val_loader is not None:
-        report["val_loss_after_twa"] = _mean_loss(twa, eval_loader, loss_fn, config.loss, group)
+        report["val_loss_after_twa"] = _mean_loss(twa, eval_loader, loss_fn, config, group)
     report.update(train_loss_last_10_batches=sum(losses[-10:]) / len(losses[-10:]) if losses else None,
                   seconds=time.perf_counter() - start)
 
