@@ -18,8 +18,9 @@ hooks, deepcopy and torch.compile work) and gives readable state_dict keys,
 `<layer>.parametrizations.weight.original0 ... original{D-1}`. bench/test_bench_factorize.py
 times it against a module swap (a pre-hook writing the product into a plain attribute) on
 ResNet-18. Both compute the product once per forward per layer; in two noisy runs their D = 3
-SGD steps swapped order (swap 255 vs 287 ms, then 207 vs 187 ms; results/dwf/bench*.json), so
-the cost is the same within noise and the choice is for compatibility. The product is
+SGD steps swapped order (swap 255 vs 287 ms, then 207 vs 187 ms; AMD EPYC, 2 cores,
+2026-11-23, commit e935fff; results/dwf/bench*.json), so the cost is the same within noise
+and the choice is for compatibility. The product is
 computed when the layer reads its weight, i.e. once per forward per layer; code that reads
 `layer.weight` several times per step can wrap the step in
 `torch.nn.utils.parametrize.cached()`. Its gradient is one autograd function, `_Product`: the

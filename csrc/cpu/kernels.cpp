@@ -217,8 +217,8 @@ inline bool fast_group(const PackedBasis& b, int64_t len, const std::vector<Segm
 // at 4 bits, group 128) at a stretch instead of one group (64 bytes), so a block's streams
 // are open at a time instead of k, and the hardware prefetcher follows them. On ResNet-18
 // shapes at k = 16, 4 bits (blocks of 4 rows) this made the step faster than one group at a
-// time, and steadier from one process to the next (bench/steady_step.py; 2026-11-23, commit
-// 9ee015c). The
+// time, and steadier from one process to the next (bench/steady_step.py; AMD EPYC, 2 cores;
+// 2026-11-23, commit 9ee015c). The
 // run's g or output (16 KiB) stays in L1 while the k rows pass over it.
 constexpr int64_t kRunCols = 4096;
 
