@@ -2,6 +2,7 @@
 MLP. Barriers of a model with itself, of nearby epochs of one run and of two independent
 runs; BatchNorm modes against update_bn and the study's interpolated statistics; masks."""
 
+import collections
 import copy
 import json
 import math
@@ -749,6 +750,8 @@ def test_plane_dims_are_two_integer_rows_of_a_subspace_and_only_of_one():
                                  ((0, 9), tk.errors.InvalidArgumentError, "two different basis rows")):
         with pytest.raises(error, match=message):
             C.plane(model, sub, data, grid=2, bn="none", dims=dims)
+    for dims in (torch.tensor([1, 0]), (1, 0)):  # an array of two rows too
+        assert C.plane(model, sub, data, grid=2, bn="none", dims=dims).frame.rows == (1, 0)
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"dims=\(1, 2\) picks two rows of a Subspace's basis"):
         C.plane(model, states, data, grid=2, bn="none", dims=(1, 2))
 
@@ -800,6 +803,17 @@ def test_the_statistics_pass_feeds_batches_on_the_models_device():
     feed(record, x)
     assert seen == [["meta"], ["meta"], ["meta", "meta"], ["meta"]]
     assert x.device.type == "cpu"  # the loader's own batch is not changed
+
+    class Encoding(collections.UserDict):  # a mapping read by attribute, as transformers' BatchEncoding is
+        def __getattr__(self, name):
+            try:
+                return self.data[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    kinds = []
+    fed_on(torch.device("cpu"))(lambda inputs: kinds.append((type(inputs), inputs.pixels)), (Encoding(pixels=x), y))
+    assert kinds[0][0] is Encoding and kinds[0][1] is x  # on its device already: passed as it is
 
 
 # ---- transformers models, checkpoint formats and batches --------------------------------------

@@ -239,7 +239,7 @@ def test_a_map_style_dataset_takes_integer_labels_of_every_kind():
     embed = tk.distill.default_embedding(x, width=4, depth=1)
     run = lambda data: tk.distill.distribution_matching(data, ipc=2, iterations=1, batch_real=4, embed=embed, seed=0)
     expected = run((x, y))
-    for to_label in (int, lambda c: torch.tensor(c), lambda c: np.int64(c), lambda c: np.array([c])):
+    for to_label in (int, str, lambda c: torch.tensor(c), lambda c: np.int64(c), lambda c: np.array([c])):
         got = run([(row, to_label(int(c))) for row, c in zip(x, y)])
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 

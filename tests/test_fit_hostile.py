@@ -112,6 +112,21 @@ def dict_target_val_loader():  # 350 samples in batches of 128, 128 and 94
 def five_features_loader():  # the digits model takes 64
     return DataLoader(TensorDataset(torch.randn(64, 5), torch.arange(64) % 10), batch_size=32)
 
+def breaking_loader():  # a data set whose second batch cannot be read
+    x, y = digits_splits()[0].tensors
+    yield x[:64], y[:64]
+    raise ValueError("image file is truncated (3 bytes not processed)")
+
+class _OutOfMemory(torch.nn.Module):
+    def forward(self, x):
+        raise torch.OutOfMemoryError("out of memory: tried to allocate 9 GiB")
+
+def out_of_memory_model():
+    model = make_model()
+    model.add_module("oom", _OutOfMemory())
+    model.forward = lambda x: model.oom(x)
+    return model
+
 def growing_model():  # a training job still saving: one more checkpoint appears as the run starts
     import shutil
     shutil.copy(os.environ["FIT_COPY_FROM"], os.environ["FIT_COPY_TO"])
@@ -585,6 +600,16 @@ def test_inputs_the_model_cannot_take_are_one_line_naming_model_and_data(in_proj
     assert (f"model: 'fit_hostile_pkg:make_model' failed on a batch of data.{key} "
             f"('fit_hostile_pkg:five_features_loader'), inputs (32, 5): RuntimeError: mat1 and mat2") in lines[0]
     assert not output.exists()
+
+
+def test_a_failing_loader_or_running_out_of_memory_is_not_blamed_on_the_model(in_project):
+    data = dict(train="fit_hostile_pkg:breaking_loader", val="fit_hostile_pkg:val_loader")
+    with pytest.raises(ValueError, match="image file is truncated") as caught:  # in the BatchNorm pass
+        run_fit(_config(in_project, data=data, output=str(in_project / "broken-out")), progress=False)
+    assert not isinstance(caught.value, FitError)
+    with pytest.raises(torch.OutOfMemoryError, match="tried to allocate"):
+        run_fit(_config(in_project, model="fit_hostile_pkg:out_of_memory_model",
+                        output=str(in_project / "oom-out")), progress=False)
 
 
 def test_the_checkpoints_are_read_as_the_glob_matched_them_before_any_work(in_project, monkeypatch):

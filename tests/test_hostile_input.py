@@ -1311,8 +1311,9 @@ def test_one_checkpoint_is_refused_and_a_trainer_output_directory_is_named(tmp_p
     for i, folder in enumerate((out, out / "checkpoint-4", out / "checkpoint-8")):
         folder.mkdir(parents=True)
         tk.save_state_dict({k: v + i for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"beside 2 checkpoint-\* folders: pass those"):
-        tk.TWA(model, out)
+    for given in (out, [out], tk.io.resolve_checkpoints(out)):  # as given, and as `twa fit` resolves it first
+        with pytest.raises(CheckpointError, match=r"beside 2 checkpoint-\* folders: pass those"):
+            tk.TWA(model, given)
     tk.TWA(model, str(out / "checkpoint-*"))  # the glob the message suggests
 
 

@@ -105,12 +105,14 @@ def _tensors(dataset: Data) -> tuple[Tensor, Tensor]:
 
 def _class_id(label: object) -> int | None:
     """A map-style dataset item's label as an int, if it is one: a Python or numpy integer,
-    or a one-element integer tensor or array. None for anything else, floats included, as
-    a tensor of float labels is refused."""
+    a one-element integer tensor or array, or the digits of one ("3"). None for anything
+    else, floats included, as a tensor of float labels is refused."""
     if isinstance(label, Tensor):
         whole = label.numel() == 1 and not (label.is_floating_point() or label.is_complex())
         return int(label) if whole else None
     if isinstance(label, numbers.Integral):  # bool included, as an integer tensor's would be
+        return int(label)
+    if isinstance(label, str) and label.isascii() and label.isdigit():  # a class id read from text ("3")
         return int(label)
     dtype = getattr(label, "dtype", None)  # a numpy array of one integer
     if getattr(dtype, "kind", None) in ("i", "u", "b") and getattr(label, "size", 0) == 1:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from twa_kernels._progress import progress_bar
-from twa_kernels.batchnorm import NoBatchesError, has_running_statistics
+from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
 from twa_kernels import distributed
 from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, short
 from twa_kernels.errors import TWAKernelsError
@@ -171,18 +171,31 @@ def _batch_size(value: Any) -> int | None:
     return None
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _raised_in_the_library(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of `exc`'s traceback is in twa_kernels: a failure
+    of the library's own code, not of the user's model (or of torch's layers under it)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
+
+
 @contextlib.contextmanager
 def _running(config: FitConfig, loader: _Batches, group: Any) -> Iterator[None]:
-    """The user's model run on `loader`'s batches: a failure inside it (inputs of another
-    shape than it takes, say) is a FitError naming the model and the data. The library's
-    own errors pass through, and so does everything across processes (`group`), where a
-    failed exchange raises the same kinds of error as a model."""
+    """The user's model run on `loader`'s current batch: a failure inside it (inputs of
+    another shape than it takes, say) is a FitError naming the model and the data. Passed
+    through as they are: the library's own errors and failures of its code, running out of
+    memory, and everything across processes (`group`), where a failed exchange raises the
+    same kinds of error as a model."""
     try:
         yield
-    except TWAKernelsError:
+    except (TWAKernelsError, torch.OutOfMemoryError):
         raise
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-        if group is not None:
+        if group is not None or _raised_in_the_library(exc):
             raise
         first = _first_tensor(loader.inputs)
         inputs = f"inputs {tuple(first.shape)}" if first is not None else f"inputs {describe(loader.inputs)}"
@@ -213,8 +226,11 @@ def _update_bn(twa: TWA, loader: _Batches, config: FitConfig, group: Any) -> Non
     """BatchNorm statistics recomputed at the current weights, over every rank's share."""
     try:
         if group is None:
-            with _running(config, loader, group):
-                twa.update_bn(loader)
+            def feed(model: nn.Module, batch: Any) -> None:  # the model's call alone: not the loader's
+                with _running(config, loader, group):
+                    feed_batch(model, batch)
+
+            twa.update_bn(loader, feed)
         else:
             distributed.update_bn(loader, twa, group)
     except NoBatchesError as exc:  # update_bn refuses a pass with no batches: name the loader instead

@@ -296,12 +296,17 @@ def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict
 
 
 def _on_device(inputs: Any, device: torch.device) -> Any:
-    """A model's inputs on `device`: a tensor (or a PackedSequence and its kin) moved, a
-    mapping's tensors moved (one argument, as update_bn and `twa fit` feed it, or keyword
-    arguments), anything else as it is."""
+    """A model's inputs on `device`: a tensor (or a PackedSequence, or a mapping with a .to
+    such as transformers' BatchEncoding) moved by its own .to, another mapping's tensors
+    moved into a dict (one argument, as update_bn and `twa fit` feed it, or keyword
+    arguments; one already there is left as it is), anything else as it is."""
+    if callable(getattr(inputs, "to", None)):
+        return inputs.to(device)
     if isinstance(inputs, Mapping):
+        if all(v.device == device for v in inputs.values() if isinstance(v, Tensor)):
+            return inputs
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    return inputs.to(device) if callable(getattr(inputs, "to", None)) else inputs
+    return inputs
 
 
 def fed_on(device: torch.device) -> Callable[[nn.Module, Any], None]:

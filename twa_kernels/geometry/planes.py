@@ -419,6 +419,8 @@ def _frame_from_subspace(model: nn.Module, subspace: Subspace, dims: tuple[int, 
             raise InvalidArgumentError(f"the subspace's {name!r} has shape {tuple(shape)} but the model's is "
                              f"{params.get(name)}; build the subspace from this model's checkpoints")
     k = subspace.basis.k
+    if callable(getattr(dims, "tolist", None)):  # a numpy array or a tensor of two rows
+        dims = dims.tolist()
     if not isinstance(dims, (tuple, list)) or len(dims) != 2:
         raise InvalidTypeError(f"dims must be a pair of basis rows (i, j), got {type(dims).__name__} {dims!r}")
     rows = tuple(integer(f"dims[{n}]", d, 0, "a row of the subspace's basis") for n, d in enumerate(dims))

@@ -226,7 +226,10 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
 def trainer_output_hint(checkpoints: object) -> str:
     """"" or, when `checkpoints` is a transformers Trainer output directory (its final
     save_pretrained weights beside checkpoint-* folders), advice to pass those folders: read
-    as given, it is one checkpoint."""
+    as given, it is one checkpoint. A list of that one directory (as a glob resolves to)
+    is read as the directory."""
+    if isinstance(checkpoints, (list, tuple)) and len(checkpoints) == 1:
+        checkpoints = checkpoints[0]
     if not isinstance(checkpoints, (str, os.PathLike)) or not os.path.isdir(checkpoints):
         return ""
     runs = sorted(p.name for p in Path(checkpoints).iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
