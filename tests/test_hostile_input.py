@@ -1496,6 +1496,47 @@ def test_checkpoints_whose_buffers_differ_from_the_models_get_a_warning():
         tk.TWA(model, checkpoints)
 
 
+class _FrozenBackbone(nn.Module):
+    """A frozen backbone whose BatchNorm train() keeps in eval mode, as fine-tuning does."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)), nn.Linear(6, 3)
+        self.backbone.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_statistics_of_a_batchnorm_kept_in_eval_mode_that_differ_from_the_checkpoints_get_a_warning():
+    # the training steps normalise with them and update_bn leaves them: a fresh model's 0 and 1
+    # met weights fine-tuned behind the checkpoints' statistics, without a word
+    torch.manual_seed(0)
+    trained = _FrozenBackbone()
+    trained.backbone[1].running_mean.fill_(2.0)
+    trained.backbone[1].running_var.fill_(9.0)
+    checkpoints = [{k: v + 0.1 * i if k.startswith("head") else v.clone() for k, v in trained.state_dict().items()}
+                   for i in range(3)]
+    with pytest.warns(UserWarning, match=r"other values of the model's buffer 'backbone.1.running_mean'"):
+        tk.TWA(_FrozenBackbone(), checkpoints)
+    fresh = _FrozenBackbone()
+    fresh.load_state_dict(checkpoints[0])
+    with warnings.catch_warnings():  # loaded first, as the training guide says: nothing to say
+        warnings.simplefilter("error")
+        tk.TWA(fresh, checkpoints)
+    measured = _FrozenBackbone()
+    measured.backbone.train = lambda mode=True: nn.Module.train(measured.backbone, mode)  # no longer frozen
+    measured.train = lambda mode=True: nn.Module.train(measured, mode)
+    with warnings.catch_warnings():  # statistics update_bn measures are not compared
+        warnings.simplefilter("error")
+        tk.TWA(measured, checkpoints)
+
+
 def test_a_twa_from_a_subspace_says_its_frozen_parameters_take_the_models_values():
     checkpoints = _fine_tunes(_Backbone(), 3)
     model = _Backbone()

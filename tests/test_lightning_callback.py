@@ -304,6 +304,17 @@ def test_manual_optimization_is_named(tmp_path):
         _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1)]).fit(Manual(), _loader())
 
 
+@pytest.mark.parametrize("other", ["StochasticWeightAveraging", "EMAWeightAveraging"])
+def test_another_weight_averaging_callback_in_the_trainer_is_named(tmp_path, other):
+    # EMA's average replaced TWA's in the module without a word; SWA added an epoch of its own
+    if not hasattr(L.pytorch.callbacks, other):  # an older Lightning, without WeightAveraging
+        pytest.skip(f"this Lightning has no {other}")
+    kind = getattr(L.pytorch.callbacks, other)
+    made = kind(swa_lrs=0.01) if other == "StochasticWeightAveraging" else kind()
+    with pytest.raises(UsageError, match=rf"also has {other}.*use one weight-averaging callback per Trainer"):
+        _trainer(tmp_path, callbacks=[TrainableWeightAveraging(start_epoch=1), made]).fit(_Net(), _loader())
+
+
 def test_without_lightning_the_import_names_the_extra():
     import subprocess
     import sys

@@ -2,6 +2,7 @@
 export, gradients and resuming."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -429,6 +430,57 @@ class _ExtraState(nn.Module):
 
     def set_extra_state(self, state):
         self.scale = state["scale"]
+
+
+def test_the_statistics_warning_follows_the_statistics_not_only_the_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                    for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4)
+    loader = [torch.randn(16, 4) for _ in range(3)]
+
+    def warned() -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            twa.averaged_state_dict()
+        return any("statistics were not measured at these averaged weights" in str(w.message) for w in caught)
+
+    assert warned()
+    twa.update_bn(loader)
+    assert not warned()
+    tk.update_bn(loader, model)  # measured again, at the model's own weights: stale for the average
+    assert warned()
+    twa.update_bn(loader)
+    twa.train()
+    twa(torch.randn(16, 4))  # a train-mode forward moves them
+    assert warned()
+    twa.update_bn(loader)
+    with pytest.raises(ZeroDivisionError):  # a pass cut short puts back the statistics measured before
+        twa.update_bn(_failing(loader))
+    assert not warned()
+
+
+def _failing(batches):
+    yield from batches[:1]
+    raise ZeroDivisionError("the loader broke")
+
+
+def test_a_twa_over_an_averaged_model_averages_the_network_it_holds():
+    # its checkpoints' keys lost their "module." prefix to be matched, the model's names kept it
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ema = AveragedModel(net)
+    checkpoints = [{k: v + 0.1 * i if v.is_floating_point() else v for k, v in ema.state_dict().items()}
+                   for i in range(3)]
+    twa = tk.TWA(ema, checkpoints, bits=None)
+    plain = tk.TWA(net, [{k[len("module."):]: v for k, v in c.items() if k.startswith("module.")}
+                         for c in checkpoints], bits=None)
+    assert twa.module is ema.module  # AveragedModel holds a copy of the network
+    for name, value in plain.weights().items():
+        torch.testing.assert_close(twa.weights()[name], value)
 
 
 def test_averaged_state_dict_copies_a_modules_extra_state_that_is_not_a_tensor():

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from twa_kernels import _collectives
-from twa_kernels.batchnorm import running_norms
+from twa_kernels.batchnorm import measured_norms, running_norms
 from twa_kernels.columns import ColumnReader
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.io import Checkpoints, model_key_names, resolve_checkpoints, warn_unmatched_keys
@@ -159,11 +159,14 @@ def check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[st
 
 
 def _buffers_to_compare(model: nn.Module) -> dict[str, Tensor]:
-    """The model's floating-point buffers that its checkpoints hold, BatchNorm statistics aside
-    (update_bn recomputes those): TWA averages parameters and runs the model with its own
-    buffers, so weights trained beside other values of these (a decorrelation matrix
-    decor_R, a learned-then-frozen scale) meet the wrong ones."""
-    norms = tuple(f"{name}." if name else "" for name in running_norms(model))
+    """The model's floating-point buffers that its checkpoints hold, aside from the
+    statistics of the BatchNorm layers that train in train mode (update_bn recomputes
+    those): TWA averages parameters and runs the model with its own buffers, so weights
+    trained beside other values of these (a decorrelation matrix decor_R, a learned-then-
+    frozen scale, the statistics of a BatchNorm layer the model keeps in eval mode, as a
+    frozen backbone's) meet the wrong ones."""
+    running = running_norms(model)
+    norms = tuple(f"{name}." if name else "" for name in measured_norms(model) if name in running)
     persistent = model.state_dict().keys()
     return {name: b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()
             and not any(name.startswith(n) and "." not in name[len(n):] for n in norms)}

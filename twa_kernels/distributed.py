@@ -205,13 +205,13 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     frozen_norms = [frozen_norms] if isinstance(frozen_norms, str) else list(frozen_norms)  # read three times below
     norms = [m for m in twa.module.modules() if is_norm(m)]
     saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
-    measured_at = twa._bn_key  # where the saved statistics were measured, if they were
+    measured_at = twa._statistics_measured_at()  # where the saved statistics were measured, if they were
 
     def restore() -> None:  # the statistics, and what they were measured at, as before the call
         for m, buffers in zip(norms, saved):
             for k, b in buffers.items():
                 getattr(m, k).copy_(b)
-        twa._bn_key = measured_at
+        twa._mark_statistics_measured(measured_at)
 
     def local_pass() -> int:  # a rank whose share is empty still joins the all-reduce, contributing nothing
         return twa.update_bn(loader, call_fn, allow_empty=True, frozen_norms=frozen_norms)
@@ -239,6 +239,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
             for k, b in buffers_of[measured[name]].items():
                 getattr(measured[name], k).copy_(b)
         warn_unreached(unreached, batches)
+    twa._mark_statistics_measured(twa._weights_key())  # the merged statistics, not this rank's pass's
     return fed
 
 

@@ -161,6 +161,14 @@ class TrainableWeightAveraging(pl.Callback):
                              f"Trainer runs {type(trainer.strategy).__name__} over {trainer.world_size} processes, "
                              "whose modules hold parts of the weights. Keep the checkpoints with ModelCheckpoint and "
                              "train a TWA held by a LightningModule (docs/guides/lightning.md)")
+        # Lightning's own weight averaging (an older Lightning has no WeightAveraging)
+        averaging = tuple(getattr(pl.callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                          if hasattr(pl.callbacks, name))
+        other = next((c for c in trainer.callbacks if isinstance(c, averaging)), None)
+        if other is not None:  # its average would replace TWA's in the module at the end, or add its own epochs
+            raise UsageError(f"TrainableWeightAveraging leaves its averaged weights in the module, and the Trainer "
+                             f"also has {type(other).__name__}, which puts its own average there (or trains epochs of "
+                             "its own after TWA's); use one weight-averaging callback per Trainer")
         if not pl_module.automatic_optimization:
             raise UsageError("TrainableWeightAveraging swaps the Trainer's optimizer for the coefficients' one, which "
                              "manual optimization (automatic_optimization = False) would not use; train a TWA held "

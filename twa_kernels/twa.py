@@ -67,7 +67,7 @@ from twa_kernels._memory import Workspace
 from twa_kernels._twa_setup import (DefaultInt, DefaultStr, all_zero, averaged, check_model_fits,
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
 from twa_kernels._twa_state import check_loaded_state, record_shard
-from twa_kernels.batchnorm import has_running_statistics, update_bn
+from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
@@ -208,7 +208,8 @@ class TWA(nn.Module):
         if not self._sharded:
             # allocated (and its pages touched) now, so the first training step does not pay for it
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
-        self._bn_key: tuple | None = None  # the weights update_bn last measured statistics at
+        # (the weights update_bn last measured statistics at, the statistics' _statistics_key then)
+        self._bn_key: tuple | None = None
         self._register_load_state_dict_pre_hook(check_loaded_state, with_module=True)
         if self._sharded:  # which columns this rank's state holds, checked when it is loaded
             self._register_state_dict_hook(record_shard)
@@ -418,6 +419,24 @@ class TWA(nn.Module):
         return (self.coefficients.detach().clone(), self._forward_dtype(dtypes),
                 tuple((t.data_ptr(), t._version) for t in tensors))
 
+    def _statistics_key(self) -> tuple:
+        """Which tensors the model's running statistics are and how many writes each has had:
+        unchanged keys mean unchanged statistics."""
+        return tuple((id(b), b._version) for m in running_norms(self.module).values() for b in m.buffers(recurse=False))
+
+    def _mark_statistics_measured(self, weights_key: tuple | None) -> None:
+        """Record that the model's statistics, as they are now, were measured at the weights
+        of `weights_key` (_weights_key; None: at no weights this TWA knows of)."""
+        self._bn_key = None if weights_key is None else (weights_key, self._statistics_key())
+
+    def _statistics_measured_at(self) -> tuple | None:
+        """The weights key the model's statistics were measured at, while they are as they
+        were then; None once anything has written them since (a train-mode forward, a
+        load, a pass of another update_bn at other weights)."""
+        if self._bn_key is None or self._bn_key[1] != self._statistics_key():
+            return None
+        return self._bn_key[0]
+
     def _keep_gradient_averaged(self) -> None:
         """Replicated ranks average the coefficients' gradient through a hook on their
         Parameter; a Parameter that replaced it (load_state_dict(..., assign=True)) gets
@@ -555,8 +574,9 @@ class TWA(nn.Module):
         statistics in the result are the model's own, measured at other weights. So does a
         forward's graph that has not run its backward: the model holds that forward's weights
         until it does, and gets its own back then, undoing a load into it in between."""
+        measured_at = self._statistics_measured_at()
         if has_running_statistics(self.module) and not (
-                self._bn_key is not None and same_key(self._bn_key, self._weights_key())):
+                measured_at is not None and same_key(measured_at, self._weights_key())):
             warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
                           "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
                           "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
@@ -597,9 +617,14 @@ class TWA(nn.Module):
         batch (see twa_kernels.batchnorm.update_bn, also for frozen_norms, the BatchNorm layers
         that keep their statistics, and allow_empty, which distributed.update_bn passes for a
         rank whose share is empty). Returns the number of batches the pass fed the model."""
-        with self.averaged_model() as model:
-            fed = update_bn(loader, model, call_fn, allow_empty=allow_empty, frozen_norms=frozen_norms)
-        self._bn_key = self._weights_key()
+        before = self._statistics_measured_at()
+        try:
+            with self.averaged_model() as model:
+                fed = update_bn(loader, model, call_fn, allow_empty=allow_empty, frozen_norms=frozen_norms)
+        except BaseException:  # update_bn put the statistics back as they were: so is where they were measured
+            self._mark_statistics_measured(before)
+            raise
+        self._mark_statistics_measured(self._weights_key())
         return fed
 
 

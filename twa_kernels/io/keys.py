@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from twa_kernels._checks import check_module
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
@@ -217,12 +218,13 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module a wrapper holds, whose names a checkpoint's keys are matched to:
-    torch.compile's OptimizedModule (`_orig_mod`) and DistributedDataParallel / DataParallel
-    (`.module`) are unwrapped, however nested. A model sharded by FSDP2's fully_shard is
+    torch.compile's OptimizedModule (`_orig_mod`), DistributedDataParallel / DataParallel
+    and torch.optim.swa_utils.AveragedModel (`.module`; its `n_averaged` is no weight) are
+    unwrapped, however nested. A model sharded by FSDP2's fully_shard is
     refused: its parameters are shards, not the weights a checkpoint holds."""
     check_module(model, "unwrap_model's model")
     while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel)):
             model = model.module
         elif _is_compiled(model):
             model = model._orig_mod
