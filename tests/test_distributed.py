@@ -625,6 +625,30 @@ def test_split_loaders_sampler_shuffles_anew_each_pass_alike_on_every_rank():
     assert passes[0][0] != passes[1][0] != passes[2][0]  # a new shuffle every pass
 
 
+def _seed_workers(worker_id):
+    torch.manual_seed(worker_id)
+
+
+def test_a_split_loader_keeps_how_the_loader_makes_its_batches():
+    # workers' setup, pinning and timeouts were dropped: only what a rank draws may change
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.helpers import one_process_group
+
+    data = TensorDataset(torch.arange(12.0))
+    settings = ("batch_size", "drop_last", "collate_fn", "num_workers", "pin_memory", "timeout", "worker_init_fn",
+                "persistent_workers", "prefetch_factor", "generator")
+    for workers in (0, 2):
+        extra = dict(persistent_workers=True, prefetch_factor=3) if workers else {}
+        loader = DataLoader(data, batch_size=5, shuffle=True, drop_last=True, num_workers=workers, pin_memory=True,
+                            timeout=7, worker_init_fn=_seed_workers, generator=torch.Generator(), **extra)
+        with one_process_group():
+            group = torch.distributed.group.WORLD
+            for split in (distributed.split_loader(loader, group), distributed.split_for_evaluation(loader, group)):
+                for name in settings:
+                    assert getattr(split, name) == getattr(loader, name), name
+
+
 def test_the_content_sample_sees_one_replaced_tensor_anywhere_in_the_model():
     # a copy that differs in one middle tensor only, away from the windows spread over the model
     from twa_kernels.columns import ColumnReader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -742,3 +743,13 @@ def test_a_factorize_that_fails_part_way_leaves_every_layer_as_it_was(monkeypatc
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
     tk.factorize(model, depth=2, seed=0)  # a retry factorises every layer
     assert all(parametrize.is_parametrized(m) for m in (model[0], model[2]))
+
+
+def test_a_one_element_bias_without_sigma_w_is_named_with_the_fix():
+    # std() of one value has no spread: the error named sigma_w=0.0, which no one passed
+    for model, name in ((nn.Linear(3, 1), "(the model itself)"), (nn.Sequential(nn.Linear(3, 1)), "0")):
+        with pytest.raises(FactorizationError, match=rf"layer '{re.escape(name)}'.bias has 1 element\(s\), so "
+                                                     r"sigma_w cannot be measured .*init='keep'"):
+            tk.factorize(model, 3, biases=True)
+        assert type(model.bias if isinstance(model, nn.Linear) else model[0].bias) is nn.Parameter  # left as it was
+    assert tk.factorize(nn.Linear(3, 1), 3, biases=True, sigma_w=0.1) is not None

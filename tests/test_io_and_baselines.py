@@ -170,9 +170,13 @@ def test_greedy_soup_refuses_a_score_that_is_not_a_finite_number_naming_the_chec
     scores = [0.5, 0.9, 0.1]
     scores[where] = bad
     ckpts = _checkpoints(3)
-    by_id = {id(c["0.weight"]): s for c, s in zip(ckpts, scores)}
     with pytest.raises(tk.errors.InvalidArgumentError, match=rf"score of checkpoint {where} .*finite real number"):
-        tk.greedy_soup(ckpts, lambda state: by_id.get(id(state["0.weight"]), 0.0))
+        tk.greedy_soup(ckpts, lambda state: _score_of(state, ckpts, scores))
+
+
+def _score_of(state, checkpoints, scores, other=0.0):
+    """The score given for the checkpoint `state` holds the weights of (`other` for a soup)."""
+    return next((s for c, s in zip(checkpoints, scores) if torch.equal(c["0.weight"], state["0.weight"])), other)
 
 
 def test_greedy_soup_names_a_score_that_is_not_a_function():
@@ -181,11 +185,22 @@ def test_greedy_soup_names_a_score_that_is_not_a_function():
         tk.greedy_soup(_checkpoints(3), [0.5, 0.9, 0.1])
 
 
+def test_greedy_soup_is_not_changed_by_a_score_that_writes_into_what_it_is_given():
+    checkpoints = [{"w": torch.ones(2)}, {"w": torch.full((2,), 3.0)}]
+
+    def score(state):
+        state["w"].clamp_(max=2.0)  # as a load with assign=True, then update_bn or training, would
+        return 1.0
+
+    soup, kept = tk.greedy_soup(checkpoints, score)
+    assert kept == [0, 1] and torch.equal(soup["w"], torch.full((2,), 2.0))
+    assert torch.equal(checkpoints[1]["w"], torch.full((2,), 3.0))
+
+
 def test_greedy_soup_takes_tensor_scores_and_starts_from_the_best_checkpoint():
     ckpts = _checkpoints(3)
     scores = {0: 0.2, 1: 0.9, 2: 0.9}  # a tie at the top: the first of the two leads, with its own score
-    by_id = {id(c["0.weight"]): s for c, s in zip(ckpts, scores.values())}
-    soup, chosen = tk.greedy_soup(ckpts, lambda state: torch.tensor(by_id.get(id(state["0.weight"]), 0.0)))
+    soup, chosen = tk.greedy_soup(ckpts, lambda state: torch.tensor(_score_of(state, ckpts, list(scores.values()))))
     assert chosen == [1] and torch.equal(soup["0.weight"], ckpts[1]["0.weight"])
 
 
@@ -596,6 +611,28 @@ def test_a_model_whose_own_names_start_with_a_wrapper_prefix_reads_back_as_saved
     assert set(tk.load_state_dict(tk.save_state_dict(wrapped, tmp_path / "ddp.pt"))) == set(state)
 
 
+def test_a_model_whose_only_child_is_named_module_reads_its_own_checkpoints(tmp_path):
+    # every key carries `module.`, which was taken off as a wrapper's: the model's own files
+    # were refused as missing 'module.weight'
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.module(x)
+
+    model = Wrapper()
+    states = [{k: v + i for k, v in model.state_dict().items()} for i in range(3)]
+    files = [tk.save_state_dict(state, tmp_path / f"w{i}.safetensors") for i, state in enumerate(states)]
+    for given in (states, files):
+        averaged = tk.uniform_average(given, model=model)
+        assert set(averaged) == {"module.weight", "module.bias"}
+        torch.testing.assert_close(averaged["module.weight"], states[1]["module.weight"])
+        twa = tk.TWA(Wrapper(), given, bits=None)
+        torch.testing.assert_close(twa.weights()["module.weight"], states[1]["module.weight"])
+
+
 def test_checkpoints_given_in_the_wrong_shape_get_named_errors(tmp_path):
     state = _checkpoints(1)[0]
     with pytest.raises(tk.errors.InvalidTypeError, match=r"one state_dict .* pass \[state_dict\]"):
@@ -754,6 +791,8 @@ def test_split_holdout_names_a_dataset_without_length_or_indexing():
 
     with pytest.raises(tk.errors.InvalidTypeError, match="split_holdout splits a map-style dataset.*Stream"):
         tk.split_holdout(Stream(), 0.2, seed=0)
+    with pytest.raises(tk.errors.InvalidTypeError, match="split_holdout splits a map-style dataset.*dict"):
+        tk.split_holdout({"a": 1, "b": 2, "c": 3}, 0.3, seed=1)  # indexed by key: its Subsets failed on use
 
 
 def test_a_link_to_a_checkpoint_counts_it_once_in_a_directory_and_is_refused_in_a_list(tmp_path, caplog):
@@ -872,6 +911,20 @@ def test_one_checkpoint_in_two_formats_and_a_missing_path_are_named(tmp_path):
     assert len(resolve_checkpoints(str(folder / "*.pt"))) == 3
     with pytest.raises(tk.CheckpointError, match="nothere: no such checkpoint file"):  # not "needs at least 2"
         tk.TWA(nn.Linear(3, 1), str(tmp_path / "nothere"))
+
+
+def test_a_link_to_nothing_and_an_unreadable_torch_file_are_named_with_the_fix(tmp_path):
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop.pt")
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "gone.pt")
+    for name in ("loop.pt", "dangling.pt"):  # "no such checkpoint file" for a name that is there
+        with pytest.raises(tk.CheckpointError, match=rf"{name}: a symbolic link to nothing .* point it at"):
+            tk.load_state_dict(tmp_path / name)
+    torch.save({"w": torch.ones(1000)}, tmp_path / "cut.pt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "cut.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(tk.CheckpointError, match=r"cut.pt: could not be read as a torch checkpoint .*restore it "
+                                                 "from a good copy or save it again"):
+        tk.load_state_dict(tmp_path / "cut.pt")
 
 
 def test_a_checkpoint_rewritten_between_greedy_soups_scoring_and_its_soup_is_named(tmp_path):

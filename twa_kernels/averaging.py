@@ -207,7 +207,9 @@ def greedy_soup(
     must be a finite real number (a one-element tensor is read as its value): a NaN would
     rank anywhere, so it is refused, naming the checkpoint, as is None. Averaged entries
     come back in the widest of all the checkpoints' (and the model's) dtypes, the soup
-    scored at each step included; integer entries are those of the last checkpoint added."""
+    scored at each step included; integer entries are those of the last checkpoint added.
+    `score` gets copies of in-memory checkpoints, so one that writes into what it is given
+    changes neither the caller's state_dicts nor the soup."""
     if not callable(score):
         raise InvalidTypeError(f"greedy_soup's score must be a function of a state_dict returning a number (higher "
                                f"is better, e.g. held-out accuracy), got {type(score).__name__}")
@@ -222,7 +224,11 @@ def greedy_soup(
             first = state
         else:
             _check_layout(first, state, source)
-        scores.append((_real_score(score(state), f"checkpoint {i} ({source})"), i))
+        # a score that writes into what it is given (a load with assign=True, then update_bn or
+        # training) gets a copy of an in-memory state_dict: the caller's and the soup's stay
+        scored = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()} \
+            if isinstance(specs[i], Mapping) else state
+        scores.append((_real_score(score(scored), f"checkpoint {i} ({source})"), i))
     order = [i for _, i in sorted(scores, key=lambda t: -t[0])]
     best_score = scores[order[0]][0]  # the first ingredient's own score, whatever the ties
     chosen = [order[0]]
@@ -268,7 +274,7 @@ def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = No
     """
     if not 0.0 < real("fraction", fraction) < 1.0:
         raise InvalidArgumentError(f"fraction must be in (0, 1), got {fraction}")
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or isinstance(dataset, Mapping):
         raise InvalidTypeError(f"split_holdout splits a map-style dataset by index, and a {type(dataset).__name__} "
                                "has no length or indexing; pass a Dataset with __getitem__ and __len__ (a "
                                "TensorDataset, a list)")

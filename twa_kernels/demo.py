@@ -588,7 +588,8 @@ def _replace_together(staging: Path, out: Path) -> None:
     copied whole beside the file it replaces (through a symlink where one stands, with the
     old file's mode) and flushed to disk, then all renamed into place, results.json last (it
     names the run the figures belong to), so that a full disk stops the run before any
-    output changes."""
+    output changes. Only a rename that fails part-way (no full disk does: the bytes are
+    written by then) would leave the outputs before it replaced, which its error says."""
     atomic_write_together({out / name: functools.partial(shutil.copyfile, staging / name) for name in OUTPUTS})
 
 

@@ -423,9 +423,22 @@ def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) 
         dataset, shuffle = drawn
         sampler = _EveryPassSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
                                     seed=_shuffle_seed(loader, seed, process_group) if shuffle else 0)
-        return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler,
-                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+        return DataLoader(dataset, sampler=sampler, **_loading_settings(loader))
     return _Strided(loader, rank, world, _sized(loader) // world)
+
+
+def _loading_settings(loader: DataLoader) -> dict[str, Any]:
+    """How `loader` makes its batches, for a loader rebuilt over another sampler or subset:
+    everything but what it draws (workers and their setup, pinning, timeouts, prefetching)."""
+    settings = dict(batch_size=loader.batch_size, drop_last=loader.drop_last, collate_fn=loader.collate_fn,
+                    num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                    worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+                    generator=loader.generator, pin_memory_device=loader.pin_memory_device)
+    if loader.num_workers > 0:  # DataLoader refuses these without workers
+        settings.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+    if hasattr(loader, "in_order"):  # torch 2.6 and later
+        settings["in_order"] = loader.in_order
+    return settings
 
 
 def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterable:
@@ -450,8 +463,7 @@ def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterabl
                 "torch.utils.data.Subset(dataset, indices) instead")
         dataset, _ = drawn
         share = Subset(dataset, range(rank, len(dataset), world))
-        return DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers,
-                          collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+        return DataLoader(share, **_loading_settings(loader))
     return _Strided(loader, rank, world, len(range(rank, _sized(loader), world)))
 
 

@@ -447,7 +447,11 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
     if scale is None and dense.is_meta:
         raise FactorizationError(f"layer {name!r}.{pname} is on the meta device, so sigma_w cannot be measured from "
                                  "its weight; pass sigma_w= (a number, or a function of the module)")
-    scale = float(dense.detach().float().std()) if scale is None and dense.numel() > 1 else scale
+    if scale is None and dense.numel() <= 1:  # no spread to measure: std() of one value is NaN
+        raise FactorizationError(f"layer {name or '(the model itself)'!r}.{pname} has {dense.numel()} element(s), "
+                                 "so sigma_w cannot be measured from it; pass sigma_w= (a number, or a function of "
+                                 "the module), or init='keep'")
+    scale = float(dense.detach().float().std()) if scale is None else scale
     try:
         # checked here, before any layer changes, not when its factors are drawn
         truncation_bounds(scale if scale is not None else 0.0, depth, eps)

@@ -5,7 +5,8 @@
    where every key carries them, as a wrapper writes them, apart from keys without a dot
    (the wrapper's or the script's own entries beside the weights, such as AveragedModel's
    `n_averaged`). Where a dotted key lacks the prefix, the prefix is a submodule's own name
-   (a model with an attribute `module`) and stays. Keys that one of these prefixes makes
+   (a model with an attribute `module`) and stays; a model whose only child is named
+   `module` gets it back under rule 2. Keys that one of these prefixes makes
    one name (`fc1.weight` and `module.fc1.weight`) are refused, naming both: which one is
    meant cannot be known.
 2. Where the model's names are known (TWA, the baselines with `model=`, a Subspace given
@@ -16,7 +17,9 @@
    read for the network itself; its keys outside `model.` are then not used. A model whose
    own names start with `model.` (a Hugging Face LlamaForCausalLM) matches its own
    checkpoints as they are, and its Lightning checkpoints (`model.model.<name>`) with one
-   `model.` removed. Without the model's names, keys are used as rule 1 leaves them.
+   `model.` removed. Likewise the keys are matched with a wrapper prefix put back, for a
+   model whose own names carry it. Without the model's names, keys are used as rule 1
+   leaves them.
 
 A state_dict nested under "state_dict", "model" or "model_state_dict" (Lightning's .ckpt,
 training-loop dicts) is unwrapped; the file's other entries are not used. Tied weights that
@@ -104,14 +107,23 @@ def model_renaming(keys: Iterable[str], names: Iterable[str], source: str = "che
     as they are)."""
     wanted = set(names)
     keys = list(keys)
-    inner = [k for k in keys if k.startswith(_LIGHTNING_PREFIX)]
-    if not inner or not wanted:
+    if not wanted:
         return None
-    renamed = _strip_names((k[len(_LIGHTNING_PREFIX):] for k in inner), source)
-    renamed = {name: _LIGHTNING_PREFIX + key for name, key in renamed.items()}
-    if sum(n in renamed for n in wanted) > sum(k in wanted for k in keys):
-        return renamed
-    return None
+    best, found = None, sum(k in wanted for k in keys)
+    inner = [k for k in keys if k.startswith(_LIGHTNING_PREFIX)]
+    if inner:
+        renamed = _strip_names((k[len(_LIGHTNING_PREFIX):] for k in inner), source)
+        renamed = {name: _LIGHTNING_PREFIX + key for name, key in renamed.items()}
+        if sum(n in renamed for n in wanted) > found:
+            best, found = renamed, sum(n in renamed for n in wanted)
+    for prefix in _PREFIXES:
+        # a model whose only child is named `module` saves every dotted key under `module.`,
+        # which rule 1 takes for a wrapper's: the prefix is put back where the model's names have it
+        if any(n.startswith(prefix) for n in wanted):
+            renamed = {prefix + k if prefix + k in wanted else k: k for k in keys}
+            if len(renamed) == len(keys) and sum(n in renamed for n in wanted) > found:
+                best, found = renamed, sum(n in renamed for n in wanted)
+    return best
 
 
 def match_names(state: Mapping[str, Tensor], names: Iterable[str] | None, source: str = "checkpoint") -> StateDict:

@@ -81,8 +81,11 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
                 state[key], where[key] = value, shard
         return state
     if not path.is_file():
+        if os.path.islink(path) and not os.path.exists(path):  # exists() follows the link
+            raise CheckpointError(f"{path}: a symbolic link to nothing (its target is missing, or it loops); point "
+                                  "it at the checkpoint file")
         raise CheckpointError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
-                                  f"{path}: not a regular file (a pipe or a device?); pass a checkpoint file")
+                              f"{path}: not a regular file (a pipe or a device?); pass a checkpoint file")
     if path.suffix == ".safetensors":
         refuse_torch_zip_as_safetensors(path)
         try:
@@ -220,7 +223,8 @@ def torch_load_safely(path: str | os.PathLike, *, mmap: bool = False) -> object:
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"{path}: could not be read as a torch checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: could not be read as a torch checkpoint ({exc}); the file is truncated or "
+                              "corrupt, or not a checkpoint: restore it from a good copy or save it again") from exc
 
 
 class _Inert:
