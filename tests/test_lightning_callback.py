@@ -89,6 +89,9 @@ def test_the_epochs_from_start_epoch_are_kept_and_the_trainer_is_left_as_configu
     # the run's optimizer and scheduler, not the coefficients' AdamW
     assert isinstance(trainer.optimizers[0], torch.optim.SGD) and len(trainer.lr_scheduler_configs) == 1
     assert "training_step" not in vars(net) and "validation_step" not in vars(net)
+    with warnings.catch_warnings():  # the statistics it measured, loaded into the module with the weights: current
+        warnings.simplefilter("error")
+        callback.twa.averaged_state_dict()
 
 
 def test_the_callback_gives_what_a_plain_twa_loop_over_its_files_gives(straight_run):

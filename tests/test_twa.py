@@ -452,6 +452,8 @@ def test_the_statistics_warning_follows_the_statistics_not_only_the_weights():
     tk.update_bn(loader, model)  # measured again, at the model's own weights: stale for the average
     assert warned()
     twa.update_bn(loader)
+    model.load_state_dict(twa.averaged_state_dict())  # the export loaded back: the same statistics
+    assert not warned()
     twa.train()
     twa(torch.randn(16, 4))  # a train-mode forward moves them
     assert warned()

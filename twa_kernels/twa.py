@@ -208,7 +208,7 @@ class TWA(nn.Module):
         if not self._sharded:
             # allocated (and its pages touched) now, so the first training step does not pay for it
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
-        # (the weights update_bn last measured statistics at, the statistics' _statistics_key then)
+        # (the weights update_bn last measured statistics at, a copy of the statistics it measured)
         self._bn_key: tuple | None = None
         self._register_load_state_dict_pre_hook(check_loaded_state, with_module=True)
         if self._sharded:  # which columns this rank's state holds, checked when it is loaded
@@ -419,21 +419,26 @@ class TWA(nn.Module):
         return (self.coefficients.detach().clone(), self._forward_dtype(dtypes),
                 tuple((t.data_ptr(), t._version) for t in tensors))
 
-    def _statistics_key(self) -> tuple:
-        """Which tensors the model's running statistics are and how many writes each has had:
-        unchanged keys mean unchanged statistics."""
-        return tuple((id(b), b._version) for m in running_norms(self.module).values() for b in m.buffers(recurse=False))
+    def _statistics(self) -> list[Tensor]:
+        """The model's running statistics (BatchNorm's, and InstanceNorm's that it tracks)."""
+        return [b for m in running_norms(self.module).values() for b in m.buffers(recurse=False)]
 
     def _mark_statistics_measured(self, weights_key: tuple | None) -> None:
-        """Record that the model's statistics, as they are now, were measured at the weights
-        of `weights_key` (_weights_key; None: at no weights this TWA knows of)."""
-        self._bn_key = None if weights_key is None else (weights_key, self._statistics_key())
+        """Record that the model's statistics, as they are now (a copy: they are small), were
+        measured at the weights of `weights_key` (_weights_key; None: at no weights this TWA
+        knows of). Compared by value: loading the same values back (a load of the export into
+        the model) keeps them measured, as it should."""
+        self._bn_key = None if weights_key is None else (weights_key, [b.detach().clone() for b in self._statistics()])
 
     def _statistics_measured_at(self) -> tuple | None:
-        """The weights key the model's statistics were measured at, while they are as they
-        were then; None once anything has written them since (a train-mode forward, a
-        load, a pass of another update_bn at other weights)."""
-        if self._bn_key is None or self._bn_key[1] != self._statistics_key():
+        """The weights key the model's statistics were measured at, while they hold the
+        values measured then; None once anything has changed them (a train-mode forward, a
+        pass of another update_bn at other weights, a load of other values)."""
+        if self._bn_key is None:
+            return None
+        now, then = self._statistics(), self._bn_key[1]
+        if len(now) != len(then) or not all(a.shape == b.shape and torch.equal(b.to(device=a.device, dtype=a.dtype), a)
+                                            for a, b in zip(now, then)):
             return None
         return self._bn_key[0]
 
