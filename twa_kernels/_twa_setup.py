@@ -166,7 +166,8 @@ def _buffers_to_compare(model: nn.Module) -> dict[str, Tensor]:
     frozen scale, the statistics of a BatchNorm layer the model keeps in eval mode, as a
     frozen backbone's) meet the wrong ones."""
     running = running_norms(model)
-    norms = tuple(f"{name}." if name else "" for name in measured_norms(model) if name in running)
+    measured = measured_norms(model) if running else {}  # model.train() is called only where it tells something
+    norms = tuple(f"{name}." if name else "" for name in measured if name in running)
     persistent = model.state_dict().keys()
     return {name: b for name, b in model.named_buffers() if name in persistent and b.is_floating_point()
             and not any(name.startswith(n) and "." not in name[len(n):] for n in norms)}
