@@ -468,6 +468,20 @@ def _failing(batches):
     raise ZeroDivisionError("the loader broke")
 
 
+def test_numpy_ints_are_taken_for_the_build_settings_as_quantize_takes_them():
+    np = pytest.importorskip("numpy")
+    model = nn.Linear(4, 3)
+    checkpoints = [{k: v + i for k, v in model.state_dict().items()} for i in range(3)]
+    subspace = tk.Subspace.from_checkpoints(checkpoints, bits=np.int64(4), group_size=np.int64(8),
+                                            granularity=np.int64(4))
+    assert (subspace.basis.bits, subspace.basis.group_size) == (4, 8) and type(subspace.basis.bits) is int
+    twa = tk.TWA(model, checkpoints, bits=np.int64(2), group_size=np.int32(16))
+    assert (twa.bits, twa.group_size) == (2, 16) and type(twa.bits) is int
+    for bad in (np.float64(4.0), True):
+        with pytest.raises(InvalidArgumentError, match="bits must be one of"):
+            tk.Subspace.from_checkpoints(checkpoints, bits=bad)
+
+
 def test_a_twa_over_an_averaged_model_averages_the_network_it_holds():
     # its checkpoints' keys lost their "module." prefix to be matched, the model's names kept it
     from torch.optim.swa_utils import AveragedModel

@@ -450,7 +450,7 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
     if scale is None and dense.numel() <= 1:  # no spread to measure: std() of one value is NaN
         raise FactorizationError(f"layer {name or '(the model itself)'!r}.{pname} has {dense.numel()} element(s), "
                                  "so sigma_w cannot be measured from it; pass sigma_w= (a number, or a function of "
-                                 "the module), or init='keep'")
+                                 "the module that returns one), or init='keep'")
     scale = float(dense.detach().float().std()) if scale is None else scale
     try:
         # checked here, before any layer changes, not when its factors are drawn

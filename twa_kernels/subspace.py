@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Iterable, Mapping
@@ -129,19 +130,30 @@ _orthonormalize = orthonormalize  # from_checkpoints has an argument of that nam
 _BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
+def _whole(value: object) -> bool:
+    """An int, numpy's included, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_build_args(bits: object, group_size: object, granularity: object) -> None:
-    """Refuse bad subspace settings by name before any checkpoint is read."""
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS):
+    """Refuse bad subspace settings by name before any checkpoint is read (numpy's ints
+    are ints here, as quantize takes them)."""
+    if bits is not None and (not _whole(bits) or bits not in SUPPORTED_BITS):
         raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} (an int) or None for a dense basis, "
                                    f"got {bits!r}")
-    if (isinstance(group_size, bool) or not isinstance(group_size, int) or not 0 < group_size <= MAX_GROUP_SIZE
-            or group_size % 8):
+    if not _whole(group_size) or not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
         raise InvalidArgumentError(f"group_size must be a positive int multiple of 8 (codes are packed in bit "
                                    f"planes of 8) up to {MAX_GROUP_SIZE}, got {group_size!r}; 128 is the default")
-    if granularity not in ("model", "tensor") and (isinstance(granularity, bool) or not isinstance(granularity, int)
-                                                   or granularity <= 0):
+    if granularity not in ("model", "tensor") and (not _whole(granularity) or granularity <= 0):
         raise InvalidArgumentError(f"granularity must be 'model', 'tensor' or a positive int (elements per "
                                    f"block), got {granularity!r}")
+
+
+def checked_build_args(bits: object, group_size: object, granularity: object) -> tuple[int | None, int, str | int]:
+    """(bits, group_size, granularity) checked (check_build_args), numpy's ints as Python's."""
+    check_build_args(bits, group_size, granularity)
+    return (None if bits is None else int(bits)), int(group_size), (
+        granularity if isinstance(granularity, str) else int(granularity))
 
 
 def block_sizes_for(numels: list[int], granularity: str | int) -> list[int]:
@@ -264,7 +276,7 @@ class Subspace:
         that holds the tensor under any of them is read. A NaN or Inf in any checkpoint is
         refused with the file and the key.
         """
-        check_build_args(bits, group_size, granularity)
+        bits, group_size, granularity = checked_build_args(bits, group_size, granularity)
         flag("orthonormalize", orthonormalize), flag("normalize_rows", normalize_rows)
         _check_aliases(parameter_aliases)
         if orthonormalize and granularity != "model":

@@ -73,7 +73,7 @@ from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis, dequantize
 from twa_kernels.sharded_build import ShardedSubspace
-from twa_kernels.subspace import Subspace
+from twa_kernels.subspace import Subspace, checked_build_args
 
 # TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
 # never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
@@ -138,6 +138,7 @@ class TWA(nn.Module):
         # than leaving the others in the build's collectives until the timeout
         trainable = check_args() if process_group is None else _collectives.agree(check_args, process_group,
                                                                                   "checking its arguments")
+        bits, group_size, granularity = checked_build_args(bits, group_size, granularity)  # numpy's ints as ints
         if process_group is not None:  # settings that differ would pair unlike collectives, or mix bases
             # a model cast to another dtype on one rank built, and trained on gradients of that rank's
             # precision (compared per parameter, shown as the set of dtypes)
