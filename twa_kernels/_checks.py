@@ -25,6 +25,11 @@ def real(name: str, value: object, *, finite: bool = True) -> float:
     return number
 
 
+def is_whole_number(value: object) -> bool:
+    """Whether `value` is an int (numpy's included), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def integer(name: str, value: object, low: int, meaning: str = "",
             error: type[TWAKernelsError] | None = None) -> int:
     """`value` if it is an int of at least `low`: InvalidTypeError for anything but an int
@@ -32,7 +37,7 @@ def integer(name: str, value: object, low: int, meaning: str = "",
     an error class of its own passes it as `error`, raised for both. `meaning` says what the
     number counts, in the message."""
     said = f" ({meaning})" if meaning else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_whole_number(value):
         raise (error or InvalidTypeError)(f"{name} must be an int >= {low}{said}, got {type(value).__name__} "
                                           f"{value!r}")
     if value < low:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import operator
 import warnings
 from collections.abc import Iterable, Mapping
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from twa_kernels import builder
 from twa_kernels.builder import Layout
-from twa_kernels._checks import flag, real
+from twa_kernels._checks import flag, is_whole_number, real
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels._progress import progress_bar
@@ -130,21 +129,16 @@ _orthonormalize = orthonormalize  # from_checkpoints has an argument of that nam
 _BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
-def _whole(value: object) -> bool:
-    """An int, numpy's included, but not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_build_args(bits: object, group_size: object, granularity: object) -> None:
     """Refuse bad subspace settings by name before any checkpoint is read (numpy's ints
     are ints here, as quantize takes them)."""
-    if bits is not None and (not _whole(bits) or bits not in SUPPORTED_BITS):
+    if bits is not None and (not is_whole_number(bits) or bits not in SUPPORTED_BITS):
         raise InvalidArgumentError(f"bits must be one of {SUPPORTED_BITS} (an int) or None for a dense basis, "
                                    f"got {bits!r}")
-    if not _whole(group_size) or not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
+    if not is_whole_number(group_size) or not 0 < group_size <= MAX_GROUP_SIZE or group_size % 8:
         raise InvalidArgumentError(f"group_size must be a positive int multiple of 8 (codes are packed in bit "
                                    f"planes of 8) up to {MAX_GROUP_SIZE}, got {group_size!r}; 128 is the default")
-    if granularity not in ("model", "tensor") and (not _whole(granularity) or granularity <= 0):
+    if granularity not in ("model", "tensor") and (not is_whole_number(granularity) or granularity <= 0):
         raise InvalidArgumentError(f"granularity must be 'model', 'tensor' or a positive int (elements per "
                                    f"block), got {granularity!r}")
 

@@ -580,12 +580,12 @@ class TWA(nn.Module):
         statistics in the result are the model's own, measured at other weights. So does a
         forward's graph that has not run its backward: the model holds that forward's weights
         until it does, and gets its own back then, undoing a load into it in between."""
-        measured_at = self._statistics_measured_at()
-        if has_running_statistics(self.module) and not (
-                measured_at is not None and same_key(measured_at, self._weights_key())):
-            warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
-                          "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
-                          "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
+        if has_running_statistics(self.module):
+            measured_at = self._statistics_measured_at()
+            if measured_at is None or not same_key(measured_at, self._weights_key()):
+                warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
+                              "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
+                              "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
         if self._lent.pending and not self._lent.depth:
             # a graph kept from a step interrupted between forward and backward (a notebook keeps
             # its traceback), or losses kept with their graphs: the model holds that forward's

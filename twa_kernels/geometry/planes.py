@@ -27,7 +27,6 @@ The plane's two directions are (checkpoint - origin) rows of the one basis build
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from twa_kernels._checks import check_module, integer, real
+from twa_kernels._checks import check_module, integer, is_whole_number, real
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels._progress import progress_bar
@@ -490,9 +489,8 @@ def _point_source(checkpoint: Checkpoint, label: str) -> str:
 def _check_grid(grid: int | tuple[int, int], margin: float, bits: int | None,
                 group_size: int = 128) -> tuple[int, int]:
     """(nx, ny) of a valid grid; the margin, bits and group size checked."""
-    whole = lambda n: isinstance(n, numbers.Integral) and not isinstance(n, bool)  # numpy's ints too
-    pair = (grid, grid) if whole(grid) else tuple(grid) if isinstance(grid, (tuple, list)) else ()
-    if len(pair) != 2 or not all(whole(n) and n >= 2 for n in pair):
+    pair = (grid, grid) if is_whole_number(grid) else tuple(grid) if isinstance(grid, (tuple, list)) else ()
+    if len(pair) != 2 or not all(is_whole_number(n) and n >= 2 for n in pair):
         raise InvalidArgumentError(f"grid must be an int or a pair of ints, at least 2 points along each axis "
                                    f"(e.g. 21 or (21, 11)), got {grid!r}")
     nx, ny = int(pair[0]), int(pair[1])
