@@ -3,8 +3,10 @@ as fn(rank, world) in every process of a group."""
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
+import weakref
 from collections import defaultdict
 
 import pytest
@@ -681,6 +683,17 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         x, y = data()
         torch.nn.functional.cross_entropy(assigned(x[0][rank::2]), y[0][rank::2]).backward()
         out["assigned_grad"] = assigned.coefficients.grad.clone()
+        # an optimizer over a replicated TWA's coefficients kept the TWA's strategy, and with it
+        # the process group, alive after the TWA was deleted
+        optimizer = torch.optim.SGD(assigned.parameters(), lr=0.1)
+        strategy = weakref.ref(assigned._parallel)
+        # a graph through the TWA holds it; one through its coefficients alone does not
+        pending = assigned.coefficients.square().sum()
+        del assigned
+        gc.collect()
+        out["strategy_outlives_twa"] = strategy() is not None
+        out["backward_after_twa"] = _error_text(pending.backward)
+        del optimizer, pending
         # an argument refused on rank 1 only: rank 0 stopped waiting in the build's collectives
         # until the timeout; now both leave together
         out["bad_arg_one_rank"] = _error_text(lambda: tk.TWA(model, files, bits=3 if rank == 1 else 4,

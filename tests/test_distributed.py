@@ -511,6 +511,14 @@ def test_coefficients_loaded_with_assign_keep_their_gradient_averaged(hostile_jo
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
 
 
+def test_an_optimizer_keeps_no_deleted_replicated_twa_or_its_group_alive(hostile_job):
+    for res in hostile_job:
+        assert res["strategy_outlives_twa"] is False
+        text = res["backward_after_twa"]
+        assert text.startswith("UsageError: a backward reached the coefficients of a replicated TWA that no longer "
+                               "exists"), text
+
+
 def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):
     own, peer = hostile_job[1]["bad_arg_one_rank"], hostile_job[0]["bad_arg_one_rank"]
     assert own.startswith("InvalidArgumentError: bits must be one of"), own

@@ -24,6 +24,7 @@ This module knows nothing of TWA itself: it takes and returns tensors and bases.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -245,6 +246,25 @@ class Replicated:
         so gradient accumulation over several backwards averages each of them once."""
         grad = grad.contiguous().clone()  # the graph may still hold the incoming tensor
         return self.comm.all_reduce(grad).div_(self.comm.world)
+
+
+def gradient_averaging_hook(strategy: Replicated) -> Callable[[Tensor], Tensor]:
+    """`strategy.average_gradient` as a tensor hook that holds the strategy weakly. The hook
+    lives on the coefficients, and so does every optimizer over them: a bound method there
+    would keep the strategy, and through it the process group, alive after the TWA is gone,
+    and a group still held when destroy_process_group() runs stops its threads only during
+    interpreter exit, which can abort the process."""
+    held = weakref.ref(strategy)
+
+    def average(grad: Tensor) -> Tensor:
+        alive = held()
+        if alive is None:
+            raise UsageError("a backward reached the coefficients of a replicated TWA that no longer exists, so "
+                             "their gradient cannot be averaged over the ranks; keep the TWA until the last "
+                             "backward through it")
+        return alive.average_gradient(grad)
+
+    return average
 
 
 # -- sharded mode ---------------------------------------------------------------------------

@@ -449,7 +449,7 @@ class TWA(nn.Module):
         the hook too, or each rank would train on its own gradient."""
         if isinstance(self._parallel, sharding.Replicated) and not (
                 self._averaged and self._averaged[0] is self.coefficients):
-            self.coefficients.register_hook(self._parallel.average_gradient)
+            self.coefficients.register_hook(sharding.gradient_averaging_hook(self._parallel))
             self._averaged = [self.coefficients]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
