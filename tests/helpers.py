@@ -41,6 +41,15 @@ def random_basis(k: int, d: int, *, constant_groups: int = 0, group_size: int = 
 # -- multi-process tests: gloo on CPU ---------------------------------------------------------
 
 
+def assert_one_rounding_of_the_weight(w: torch.Tensor, expected: torch.Tensor, budget: float) -> None:
+    """|w - expected| within the terms' budget plus one float32 rounding of the weight: what
+    a reconstruct that sums the rows' terms and adds the center last may differ by from the
+    spec, which sums in float64 and rounds once."""
+    one_rounding = torch.nextafter(expected.abs(), torch.tensor(float("inf"), device=expected.device)) - expected.abs()
+    excess = (w - expected).abs() - (budget + one_rounding)
+    assert float(excess.max()) <= 0, f"{int((excess > 0).sum())} of {w.numel()} weights beyond one rounding"
+
+
 def noisy_checkpoints(model: torch.nn.Module, n: int, scale: float = 0.1) -> list[dict]:
     """n state_dicts of a random walk from `model`'s weights (each adds scale x N(0, 1) to
     every parameter), as a training run's checkpoints; `model` is left at the last one."""

@@ -12,7 +12,7 @@ import twa_kernels as tk
 from twa_kernels import _build
 from twa_kernels.backends import reference
 
-from tests.helpers import BITS, SHAPES, random_basis
+from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis
 
 needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc not found: CUDA sources cannot compile here")
 
@@ -101,6 +101,19 @@ def test_emulated_reconstruct_matches_reference(emulator, bits, k, d, group_size
     budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
     rtol = 8e-3 if out.dtype == torch.bfloat16 else 1e-5  # one bfloat16 ulp
     torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=budget)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bits", BITS)
+def test_emulated_reconstruct_adds_a_large_center_once_after_the_rows(emulator, bits):
+    k, d, blocks = 16, 4099, [1000, 3099]
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=128), bits, 128, blocks)
+    x, center, out = 1e-2 * torch.randn(k, qb.num_blocks), 100 * torch.randn(d), torch.empty(d)
+    emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(center), 0, _ptr(out), 0)
+    expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits or 0, 128, d)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    assert_one_rounding_of_the_weight(out, expected, budget)
 
 
 @needs_nvcc

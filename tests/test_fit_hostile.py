@@ -1021,19 +1021,9 @@ def test_the_console_script_imports_the_project_from_the_working_directory(tmp_p
     for i in range(3):
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
         tk.save_state_dict(model.state_dict(), project / "runs" / "exp1" / f"epoch_{i}.pt")
-    (project / "config.yaml").write_text(textwrap.dedent('''
-        model: mypackage.models:make_model
-        data:
-          train: mypackage.data:train_loader
-          val: mypackage.data:val_loader
-        checkpoints: runs/exp1/epoch_*.pt
-        bits: 4
-        granularity: tensor
-        optimizer: {name: AdamW, lr: 0.02}
-        epochs: 2
-        train_on: train
-        output: twa-out
-    '''))
+    # the config exactly as the page gives it
+    page = (Path(PACKAGE_ROOT) / "docs" / "cli.md").read_text()
+    (project / "config.yaml").write_text(page.split("## twa fit", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0])
     # The console script pip installed (its first sys.path entry is its bin/ folder, not the
     # working directory); where this environment has none, the same wrapper pip writes.
     script = Path(sys.executable).parent / "twa"
@@ -1046,6 +1036,9 @@ def test_the_console_script_imports_the_project_from_the_working_directory(tmp_p
     assert result.returncode == 0, result.stderr
     assert "val_loss_after_twa" in result.stdout
     _consistent(project / "twa-out")
+    # the page's optimizer is the one the library recommends: AdamW without decay towards the center
+    report = json.loads((project / "twa-out" / "report.json").read_text())
+    assert report["settings"]["optimizer_args"] == {"lr": 0.02, "weight_decay": 0}, report["settings"]
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two renames"])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import twa_kernels as tk
-from twa_kernels import columns, io
+from twa_kernels import _ops, columns, io
 from twa_kernels import twa as twa_module
 from twa_kernels.errors import BasisLayoutError, CheckpointError, TWAKernelsError
 from twa_kernels.quant import QuantizedBasis
@@ -1002,6 +1002,32 @@ def test_reconstruct_refuses_an_out_that_partly_overlaps_its_center():
     with torch.no_grad():
         tk.reconstruct(qb, x, center, out=center)  # the same elements: an in-place update
     assert torch.equal(center, expected)
+
+
+@pytest.mark.parametrize("view", ["expanded", "strided"])
+def test_reconstruct_refuses_a_center_that_starts_at_out_but_is_not_its_elements(view):
+    # the reference backend writes out a chunk at a time while it still reads center: an
+    # expanded or strided center starting at out's first element read weights already written
+    qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=8)
+    buffer = torch.randn(128)
+    out = buffer[:64]
+    center, x = out[:1].expand(64) if view == "expanded" else buffer[::2], torch.randn(3, 1)
+    with torch.no_grad(), pytest.raises(tk.errors.InvalidArgumentError, match="overlaps center"):
+        _ops.reconstruct_into_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, 4, 8, out)
+    expected = tk.reconstruct(qb, x, center.clone())
+    with torch.no_grad():
+        tk.reconstruct(qb, x, center, out=out)  # the public op reads a non-contiguous center from its own copy
+    torch.testing.assert_close(out, expected)
+
+
+def test_raw_ops_refuse_a_gradient_or_center_that_is_not_1d():
+    # the reference broadcast a [10, 100] g against the basis's 1,000 columns, the kernels read it flat
+    qb = tk.quantize(torch.randn(5, 1000), bits=4, group_size=128, block_sizes=[300, 700])
+    layout = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"g must be 1-D .* got shape \(10, 100\)"):
+        _ops.project_op(*layout, torch.ones(10, 100), 4, 128)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="center must be 1-D"):
+        _ops.reconstruct_op(*layout, torch.ones(5, 2), torch.ones(10, 100), 4, 128, 1000)
 
 
 def test_reconstruct_refuses_an_out_that_shares_memory_with_x_or_the_basis():

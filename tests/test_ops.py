@@ -8,7 +8,7 @@ from twa_kernels import _ops
 from twa_kernels.backends import reference
 
 from tests.conftest import BACKENDS, DEVICE
-from tests.helpers import BITS, SHAPES, random_basis
+from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis
 
 
 def _reference_project(qb, g):
@@ -92,6 +92,24 @@ def test_reconstruct_into_out_casts_as_it_stores(backend_name, device, bits, k, 
     budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
     rtol = 8e-3 if out_dtype == torch.bfloat16 else 1e-5  # one bfloat16 rounding of the float32 result
     torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=budget)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k", [16, 40])
+def test_reconstruct_rounds_the_rows_terms_at_their_own_size_not_the_centers(backend_name, device, bits, k):
+    """The spec sums center + sum_r p^ x and rounds once: a kernel that started from a large
+    center rounded each row's term at the weight's size (k = 16 rows on a center near 100
+    came to hundreds of times the terms' budget). Allowed: the terms' budget plus one
+    rounding of the weight."""
+    d, blocks = 4099, [1000, 3099]  # a cut group and a short last one take the row-by-row path
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=128), bits, 128, blocks).to(device)
+    x = 1e-2 * torch.randn(k, qb.num_blocks, device=device)
+    center = 100 * torch.randn(d, device=device)
+    w = tk.reconstruct(qb, x, center)
+    expected = _reference_reconstruct(qb, x, center)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=device), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    assert_one_rounding_of_the_weight(w, expected, budget)
 
 
 @pytest.mark.parametrize("bits", BITS)

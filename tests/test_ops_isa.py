@@ -20,7 +20,7 @@ from twa_kernels import _build
 from twa_kernels._build import cpu_kernels_available
 from twa_kernels.backends import reference
 
-from tests.helpers import random_basis
+from tests.helpers import assert_one_rounding_of_the_weight, random_basis
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ CPU kernels could not be built")
 
@@ -116,6 +116,25 @@ def test_reconstruct_matches_reference(isa, bits, k, d, group_size, blocks, thre
     torch.testing.assert_close(w_none, reference.reconstruct(*args, x, None, bits, group_size, d), rtol=1e-5,
                                atol=budget)
     torch.testing.assert_close(out_bf16.float(), expected, rtol=8e-3, atol=budget)  # one bfloat16 rounding
+    assert torch.equal(in_place, w)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("k,d,group_size,blocks", SHAPES)
+def test_reconstruct_adds_a_large_center_once_after_the_rows(isa, bits, k, d, group_size, blocks):
+    """Every row block size (k = 29), cut groups and both paths: the rows' terms round at
+    their own size, the center is added once (started from it, each row's add rounded at
+    the weight's size)."""
+    qb = tk.quantize(random_basis(k, d, constant_groups=1, group_size=group_size), bits, group_size, blocks)
+    x, center = 1e-2 * torch.randn(k, qb.num_blocks), 100 * torch.randn(d)
+    in_place = center.clone()
+    w = tk.reconstruct(qb, x, center)
+    tk.reconstruct(qb, x, in_place, out=in_place)
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
+    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
+    assert_one_rounding_of_the_weight(w, reference.reconstruct(*args, x, center, bits, group_size, d), budget)
     assert torch.equal(in_place, w)
 
 

@@ -142,6 +142,9 @@ def _check_vector(name: str, t: Tensor, codes: Tensor, numel: int | None = None)
         raise InvalidTypeError(f"{name} must be float32 or bfloat16, got {t.dtype}; {fix}")
     if t.device != codes.device:
         raise InvalidArgumentError(f"{name} is on {t.device} but the basis is on {codes.device}; move one with .to()")
+    if t.dim() != 1:  # the reference would broadcast it against the basis's columns, the kernels read its elements
+        raise InvalidArgumentError(f"{name} must be 1-D (one entry per basis column), got shape {tuple(t.shape)}; "
+                                   "flatten it with .reshape(-1)")
     if numel is not None and t.numel() != numel:
         raise InvalidArgumentError(f"{name} has {t.numel()} elements but the basis has {numel} columns")
 
@@ -362,7 +365,9 @@ def _check_out_aliasing(out: Tensor, x: Tensor, center: Tensor | None, codes: Te
     end = start + out.nbytes
     if center is not None and center.device == device:
         at = center.data_ptr()
-        if at < end and start < at + _extent(center) and not (at == start and center.dtype == out.dtype):
+        # the same elements: same start, dtype and (as out is) contiguous, not an expanded or strided view
+        same = at == start and center.dtype == out.dtype and center.is_contiguous()
+        if at < end and start < at + _extent(center) and not same:
             raise InvalidArgumentError("out overlaps center without being the same elements: element j of out "
                                        "would overwrite another element of center before it is read; pass "
                                        "out=center for an in-place update, or a separate buffer")

@@ -387,16 +387,20 @@ inline void round_group_int8(const float* g, int64_t len, int8_t* q, float& scal
 }
 
 // Where group_axpy reads a group's running output and where it writes it: from `in` plus
-// `add` in every column (nullptr: from `add` alone) into `out`, with streaming stores when
-// `stream` (out is then the op's own output, aligned to a whole vector). Reconstruct's first
-// pass over a run starts from the center plus the group's constant term, and its last pass
-// writes the weights themselves, so the run's output buffer is not filled first and copied
-// out after.
+// `add` in every column (nullptr: from `add` alone) into `out`, plus `center` at the store
+// (nullptr: none), with streaming stores when `stream` (out is then the op's own output,
+// aligned to a whole vector). Reconstruct's first pass over a run starts from the group's
+// constant term, and its last pass adds the center and writes the weights themselves, so
+// the run's output buffer is not filled first and copied out after. The center comes last,
+// as in the spec, so that the rows' terms round at their own size rather than the weight's:
+// started from the center, each row's add rounded at |w| (k = 16, |center| near 100: 366
+// times the spec's tolerance). Read just before its element is written, it may be `out`.
 struct AxpyIO {
   const float* in;
   float add;
   float* out;
   bool stream;
+  const float* center;
 };
 
 // ---- 8 lanes: AVX2, or whatever the compiler targets ------------------------------------
@@ -501,6 +505,7 @@ inline fvec axpy_load(const AxpyIO& io, int64_t off) {
 }
 
 inline void axpy_store(const AxpyIO& io, int64_t off, fvec v) {
+  if (io.center) v += load_vec(io.center + off);
 #if defined(__AVX__)
   if (io.stream) {
     __m256 m;
@@ -511,8 +516,8 @@ inline void axpy_store(const AxpyIO& io, int64_t off, fvec v) {
   store_vec(io.out + off, v);
 }
 
-// out[j] = in[j] + add + sum_r a[r] * code[r, j] over the group, for ROWS rows: each 8-column
-// chunk of every plane is loaded once, and each 8 bytes of a row are widened once.
+// out[j] = in[j] + add + sum_r a[r] * code[r, j] (+ center[j]) over the group, for ROWS rows:
+// each 8-column chunk of every plane is loaded once, and each 8 bytes of a row are widened once.
 template <int BITS, int ROWS>
 inline void group_axpy(const uint8_t* const* src, int64_t width, const float* a, const AxpyIO& io) {
   constexpr int kPerByte = 8 / BITS;
@@ -699,6 +704,7 @@ TWA_ISA_FN inline __m512 axpy_load(const AxpyIO& io, int64_t off) {
 }
 
 TWA_ISA_FN inline void axpy_store(const AxpyIO& io, int64_t off, __m512 v) {
+  if (io.center) v = _mm512_add_ps(v, _mm512_loadu_ps(io.center + off));
   if (io.stream) return _mm512_stream_ps(io.out + off, v);
   _mm512_storeu_ps(io.out + off, v);
 }

@@ -11,8 +11,9 @@
 // No include guard: it is meant to be included more than once.
 
 // group_axpy for `rows` rows (at most kAxpyRows): one whole block of kAxpyRows, else blocks of
-// 8 and 4, then single rows, the first of them from io.in and the rest from io.out. Only a
-// whole block may stream its stores (io.stream), since the others read io.out back.
+// 8 and 4, then single rows, the first of them from io.in and the rest from io.out, the last
+// adding io.center. Only a whole block may stream its stores (io.stream), since the others
+// read io.out back.
 // A whole block of 128-column groups (the default width) gets a copy of the loop with the
 // width fixed, unrolled: 3-7% faster at 2 bits (AMD EPYC, k = 16, D = 11.7M, interleaved;
 // 2026-12-04, commit 5ea4f74).
@@ -24,12 +25,15 @@ TWA_ISA_FN inline void rows_axpy(const uint8_t* const* src, int rows, int64_t gb
     return group_axpy<BITS, kAxpyRows<BITS>>(src, gbytes, a, io);
   }
   int r = 0;
-  const auto then_in_place = [&io]() { io = AxpyIO{io.out, 0.f, io.out, false}; };
+  const float* center = io.center;
+  // the io of the sub-block of n rows from r: the center only where it is the last
+  const auto part = [&](int n) { return AxpyIO{io.in, io.add, io.out, io.stream, r + n == rows ? center : nullptr}; };
+  const auto then_in_place = [&io]() { io = AxpyIO{io.out, 0.f, io.out, false, nullptr}; };
   if constexpr (kAxpyRows<BITS> > 8) {
-    for (; r + 8 <= rows; r += 8, then_in_place()) group_axpy<BITS, 8>(src + r, gbytes, a + r, io);
+    for (; r + 8 <= rows; r += 8, then_in_place()) group_axpy<BITS, 8>(src + r, gbytes, a + r, part(8));
   }
-  for (; r + 4 <= rows; r += 4, then_in_place()) group_axpy<BITS, 4>(src + r, gbytes, a + r, io);
-  for (; r < rows; ++r, then_in_place()) group_axpy<BITS, 1>(src + r, gbytes, a + r, io);
+  for (; r + 4 <= rows; r += 4, then_in_place()) group_axpy<BITS, 4>(src + r, gbytes, a + r, part(4));
+  for (; r < rows; ++r, then_in_place()) group_axpy<BITS, 1>(src + r, gbytes, a + r, part(1));
 }
 
 // ROWS rows from r0 over a run of n whole groups from group t: acc[r * n_blocks] += the sum
@@ -208,11 +212,11 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
           }
           // The rows pass over the run's output in blocks of kAxpyRows, the fewest passes the
           // registers allow; a block of the k % kAxpyRows rows left over goes first, so that
-          // the last pass is a whole block. The first pass starts from center + base, the last
-          // writes the weights themselves where they are float32 and aligned to a vector,
-          // with streaming stores, as it finishes each group (the run's output buffer holds
-          // the groups between passes). Meanwhile the next run's center is fetched a few
-          // lines per group: the memory traffic is spread over the arithmetic instead of
+          // the last pass is a whole block. The first pass starts from base, the last adds the
+          // center and writes the weights themselves where they are float32 and aligned to a
+          // vector, with streaming stores, as it finishes each group (the run's output buffer
+          // holds the groups between passes). Meanwhile the next run's center is fetched a
+          // few lines per group: the memory traffic is spread over the arithmetic instead of
           // coming in bursts between runs.
           const int64_t gbytes = b.group_size * BITS / 8;
           const int64_t first_rows = b.k % kAxpyRows<BITS> ? b.k % kAxpyRows<BITS> : kAxpyRows<BITS>;
@@ -234,8 +238,9 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
               float a[kAxpyRows<BITS>];
               for (int r = 0; r < rows; ++r) a[r] = scales[r] * xb[r0 + r];
               const bool direct = last_pass && weights && rows == kAxpyRows<BITS>;
-              const AxpyIO io{first_pass ? (ct ? ct + i * width : nullptr) : o + i * width,
-                              first_pass ? bases[i] : 0.f, direct ? weights + i * width : o + i * width, direct};
+              const AxpyIO io{first_pass ? nullptr : o + i * width, first_pass ? bases[i] : 0.f,
+                              direct ? weights + i * width : o + i * width, direct,
+                              last_pass && ct ? ct + i * width : nullptr};
               rows_axpy<BITS>(src, static_cast<int>(rows), gbytes, a, io);
               next_center.step();
               if (last_pass && !direct) store_floats(out, out_dtype, c0 + i * width, width, o + i * width);
@@ -245,13 +250,8 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
           continue;
         }
       }
-      // a tile cut by a block edge, or a short last group: row by row
-      if (center) {
-        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
-        std::memcpy(o, ct, len * sizeof(float));
-      } else {
-        std::fill(o, o + len, 0.f);
-      }
+      // a tile cut by a block edge, or a short last group: row by row, the center added last
+      std::fill(o, o + len, 0.f);
       if (BITS != 0) {  // sum_r lo[r] * x[r, b] is one constant per segment
         for (const Segment& s : segs) {
           double sum = 0.0;
@@ -269,6 +269,11 @@ TWA_ISA_FN void reconstruct_impl(const PackedBasis& b, const float* x, const voi
 #pragma omp simd
           for (int64_t j = s.begin; j < s.end; ++j) o[j] += a * rt.values[j];
         }
+      }
+      if (center) {
+        const float* ct = float_view(center, center_dtype, c0, len, ctmp.data());
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) o[j] += ct[j];
       }
       store_floats(out, out_dtype, c0, len, o);
     }

@@ -237,9 +237,9 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
       int64_t blk = block_of(b.block_offsets, b.n_blocks, c0);
       for (int64_t col = c0 + lane; col < c1; col += kWarp) {
         while (b.block_offsets[blk + 1] <= col) ++blk;
-        float acc = center ? load_value(center, center_dtype, col) : 0.f;
+        float acc = 0.f;  // the center comes last, as in the spec: the rows' terms round at their own size
         for (int64_t r = 0; r < b.k; ++r) acc += codes[r * b.num_cols + col] * x[r * b.n_blocks + blk];
-        store_value(out, out_dtype, col, acc);
+        store_value(out, out_dtype, col, acc + (center ? load_value(center, center_dtype, col) : 0.f));
       }
     });
   } else {
