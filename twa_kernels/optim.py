@@ -10,8 +10,9 @@ projection onto the span of the orthonormal basis P, computed by the fused proje
 reconstruct ops; the base optimizer then steps as usual. SGD (with or without momentum,
 without weight decay, every group at the same settings) steps along one linear function
 of those projected gradients, so its step is already inside the span, as long as its
-momentum buffers hold only such gradients (not state it brought along, a resumed state,
-or what a step with weight decay left). Any other step (Adam's per-entry scaling, weight
+momentum buffers hold only such gradients (not state it brought along, or what a step with
+weight decay left; a state loaded with load_state_dict is tested, so a resumed run steps as
+the run that saved it did). Any other step (Adam's per-entry scaling, weight
 decay) is projected too: the weights move by P^T P of the step the base optimizer took,
 added to each weight in its own dtype. Either way the weights stay in center + span(P).
 """
@@ -335,4 +336,27 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state: dict) -> None:
         """Load the wrapped optimizer's state, as saved by `state_dict`."""
         self.base_optimizer.load_state_dict(state)
-        self._state_in_span = not self.base_optimizer.state
+        self._state_in_span = self._loaded_state_in_span()
+
+    @torch.no_grad()
+    def _loaded_state_in_span(self) -> bool:
+        """Whether loaded state lets plain SGD step without projection: momentum buffers in
+        the span up to float32 rounding, as a run that stepped so leaves them. Its resumed
+        steps then take the same path as the run that saved it did, and repeat its numbers
+        exactly; taking the projected path instead rounded them differently. Other state (or
+        a quantised basis, whose P^T P is not a projection to test against) is projected."""
+        if not self.base_optimizer.state:
+            return True
+        if self.subspace.basis.bits is not None or not _steps_inside_span(self.base_optimizer):
+            return False
+        buffers = self._momentum_buffers()
+        if any(set(self.base_optimizer.state.get(p, {})) - {"momentum_buffer"} for p in self._params):
+            return False
+        flat = torch.cat([torch.zeros(p.numel(), device=p.device) if b is None else b.reshape(-1).to(torch.float32)
+                          for p, b in zip(self._params, buffers)])
+        size = float(flat.norm())
+        if size == 0:
+            return True
+        if size != size or size == float("inf"):
+            return False
+        return float((flat - self._in_span(flat)).norm()) / size <= _OFF_SUBSPACE
