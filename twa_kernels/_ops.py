@@ -154,10 +154,10 @@ def _check_pieces(pieces: list[Tensor], codes: Tensor) -> None:
     if not pieces:
         raise InvalidArgumentError("pieces is empty: pass the gradient as one or more 1-D tensors")
     for i, piece in enumerate(pieces):
-        _check_vector(f"pieces[{i}]", piece, codes)
         if piece.dim() != 1 or piece.dtype != pieces[0].dtype:
             raise InvalidArgumentError(f"pieces[{i}] is {tuple(piece.shape)} {piece.dtype}: every piece must be 1-D "
                                        f"and of one dtype ({pieces[0].dtype}); pass piece.reshape(-1)")
+        _check_vector(f"pieces[{i}]", piece, codes)
 
 
 def _check_coefficients(x: Tensor, codes: Tensor, block_offsets: Tensor) -> None:
