@@ -14,7 +14,7 @@ import twa_kernels as tk
 from experiments import common, dbp, dwf, lmc_sparse
 from twa_kernels.errors import InvalidArgumentError
 
-VERDICTS = {"holds", "partly", "does not hold", "not testable at this scale"}
+VERDICTS = {"holds", "partly", "does not hold", "not shown", "not testable at this scale"}
 
 
 def test_make_mlp_and_accuracy():
@@ -72,6 +72,27 @@ def test_dbp_fair_tiny(tmp_path, capsys):
         assert len(row["per_seed"]) == len(saved["seeds"])
         assert row["final_test"]["dbp_minus_bp"]["ci95"] is not None
     assert saved["resnet18_projection"]["rules"]["2d rows"]["overhead"] > 0
+
+
+def test_dbp_verdict_tells_not_shown_from_does_not_hold():
+    # the claim is fewer epochs and less wall-clock on every model; intervals that include no
+    # difference show nothing either way, and were read as "does not hold"
+    def row(saved, ratio):
+        ci = lambda lo, hi: {"mean": (lo + hi) / 2, "ci95": [lo, hi]}  # noqa: E731
+        return {"epochs_saved": ci(*saved), "wallclock_ratio": ci(*ratio), "wallclock_ratio_projected": ci(*ratio),
+                "dbp_reached_bp_peak": "5/5", "per_seed": [{"bp_epochs": 10}],
+                "secondary_shared_target": {"epochs_saved": ci(*saved)},
+                "final_test": {m: ci(0.9, 0.95) for m in ("bp", "dbp", "dbp_minus_bp")}}
+
+    projection = {"size": 224, "batch": 256, "rules": {"2d rows": {"overhead": 1.3}, "10% of rows": {"overhead": 0.7}}}
+    include, fewer, more = (-3, 12), (1, 9), (-9, -1)
+    faster, tie, slower = (0.5, 0.9), (0.9, 1.2), (1.1, 2.2)
+    cases = {("not shown", (include, tie), (include, tie)), ("partly", (fewer, tie), (include, tie)),
+             ("holds", (fewer, faster), (fewer, faster)), ("does not hold", (include, slower), (include, tie)),
+             ("does not hold", (more, tie), (fewer, faster))}
+    for expected, cnn, mlp in cases:
+        verdict, _ = dbp.fair_verdict({"cnn": row(*cnn), "mlp": row(*mlp)}, projection)
+        assert verdict == expected, (cnn, mlp)
 
 
 def test_dwf_fair_tiny(tmp_path, capsys):
@@ -169,9 +190,13 @@ def test_lmc_sparse_verdict_needs_a_barrier_below_real_imps():
     assert lmc_sparse.full_verdict(table(*everything)) == "holds"
 
 
-def test_a_runs_stamp_is_taken_when_it_starts():
-    # a JSON written at the end of a run named the commit made while it ran
+def test_a_runs_stamp_is_taken_when_it_starts(monkeypatch):
+    # a JSON written at the end of a run named the commit made while it ran: here the
+    # machine's stamp changes between the run's first call and its last
+    states = iter([{"datetime": "start", "commit": "aaa"}, {"datetime": "end", "commit": "bbb"}])
+    monkeypatch.setattr(common, "_RUN_STAMP", {})
+    monkeypatch.setattr(common, "_machine_stamp", lambda: next(states))
     first = common.stamp()
     later = common.stamp()
-    assert later["datetime"] == first["datetime"] and later["commit"] == first["commit"]
+    assert (later["datetime"], later["commit"]) == (first["datetime"], first["commit"]) == ("start", "aaa")
     assert "written" in later
