@@ -106,6 +106,31 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     return dict(mean=mean, std=std, ci95=[mean - half, mean + half], n=len(vals))
 
 
+def paired_p_value(mean: float, std: float, n: int) -> float:
+    """Two-sided p-value of a paired t-test from the differences' mean, standard deviation
+    (n - 1 in the denominator, as paired_difference gives them) and count."""
+    from scipy import stats  # the experiments' only use of scipy (installed with scikit-learn)
+
+    if n < 2:
+        raise InvalidArgumentError(f"a paired t-test needs two or more pairs, got {n}")
+    if std == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * stats.t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for a family of tests, in their given order:
+    the i-th smallest is multiplied by (m - i + 1), kept no smaller than the one before,
+    capped at 1. Below alpha after adjustment keeps the family-wise error rate at alpha."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure atomically (the format from the suffix) and close it."""
     import matplotlib.pyplot as plt
@@ -154,5 +179,5 @@ def write_report(path: str | Path, report: dict) -> Path:
     return write_json(path, {**report, "stamp": stamp()})
 
 
-__all__ = ["RESULTS", "ROOT", "accuracy", "make_mlp", "mean_ci", "mnist1d", "parser", "pyplot", "save_figure", "stamp",
-           "write_report"]
+__all__ = ["RESULTS", "ROOT", "accuracy", "holm", "make_mlp", "mean_ci", "mnist1d", "paired_p_value", "parser", "pyplot",
+           "save_figure", "stamp", "write_report"]

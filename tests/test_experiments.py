@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -188,6 +189,36 @@ def test_lmc_sparse_verdict_needs_a_barrier_below_real_imps():
     everything = ("whole state minus real", "whole state minus dense", "weights only minus real",
                   "weights only minus dense")
     assert lmc_sparse.full_verdict(table(*everything)) == "holds"
+
+
+def test_holm_adjusts_step_down_and_paired_p_values_are_students():
+    from scipy import stats
+
+    # Holm: sorted p times (m - i + 1), kept monotone, capped at 1, returned in input order
+    assert common.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert common.holm([0.2, 0.9]) == pytest.approx([0.4, 0.9])
+    diffs = [0.3, 1.1, 0.4, 0.9, 0.2]
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    assert common.paired_p_value(mean, std, 5) == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def test_the_corrected_family_reads_every_paired_comparison_of_twa_v(tmp_path, monkeypatch):
+    from experiments import claims
+
+    def table(**diffs):
+        return {m: {"TWA-v_minus_this": {"mean": mean, "std": 0.5, "ci95": [mean - 1, mean + 1], "holds": False}}
+                for m, mean in diffs.items()} | {"TWA-v": {"accs": [97.0] * 5}}
+
+    files = {"head_sweep.json": table(a=2.0, b=0.1), "tail.json": table(c=1.0), "finetune.json": table(d=0.0)}
+    for name, t in files.items():
+        (tmp_path / name).write_text(json.dumps({"seeds": [3, 4, 5, 6, 7], "table": t, "stamp": {"commit": name}}))
+    monkeypatch.setattr(claims, "stamp", lambda: {"commit": "now"})
+    report = claims.corrected([], 1, tmp_path)
+    rows = {r["baseline"]: r for r in report["table"]}
+    assert report["comparisons"] == 4 and set(rows) == {"a", "b", "c", "d"}
+    assert rows["a"]["p_holm"] == pytest.approx(4 * common.paired_p_value(2.0, 0.5, 5))
+    assert rows["d"]["p_holm"] == 1.0
+    assert json.loads((tmp_path / "corrected.json").read_text())["sources"]["tail.json"] == {"commit": "tail.json"}
 
 
 def test_a_runs_stamp_is_taken_when_it_starts(monkeypatch):
