@@ -1,6 +1,7 @@
 """The claims of TWA, reproduced at CPU scale on MNIST-1D (generated locally, nothing downloaded).
 
-    python -m experiments.claims calibrate|head|tail|finetune|corrected|all [--seeds 5] [--jobs 2] [--out results/claims]
+    python -m experiments.claims calibrate|head|tail|finetune|corrected|all [--seeds 5] [--jobs 2]
+                                 [--out results/claims]
 
 calibrate  the search for a setting where the head stage matters (calibration.json): SGD
            alone, on the validation split, over a small grid of schedules, learning rates,
@@ -15,8 +16,8 @@ tail       the tail stage as SWA runs it: a trained network, then a stage at a c
            learning rate; TWA against SWA over the same checkpoints (tail.json).
 finetune   several fine-tuned copies of one pretrained network: TWA-v against the uniform
            soup, the greedy soup and the best single model (finetune.json).
-corrected  Holm's correction over all of TWA-v's paired comparisons in head_sweep.json,
-           tail.json and finetune.json (corrected.json): trains nothing.
+corrected  Holm's correction over every paired comparison in head_sweep.json, tail.json,
+           finetune.json and bits.json (corrected.json): trains nothing.
 
 The seeds are those after the calibration's (3, 4, ... with --seeds 5: 3-7), which the
 choice of setting never saw. Every accuracy is on the 1,000 test signals, every model's
@@ -329,34 +330,39 @@ def finetune(seeds: list[int], jobs: int, out: Path) -> dict:
     return report
 
 
-# The comparisons the page reads verdicts from, one family: each of TWA-v's paired differences
-# in these files (the head sweep holds head fraction 0.5, which head.json repeats).
-CORRECTED_FAMILY = ("head_sweep.json", "tail.json", "finetune.json")
+# One family: every paired comparison the claims page's verdicts come from, that is each
+# "<method>_minus_this" difference in these files (TWA-v's against its baselines, TWA-t's in
+# the tail, the dense basis's against each bit width), each pair of methods once. The head
+# sweep holds head fraction 0.5, which head.json repeats.
+CORRECTED_FAMILY = ("head_sweep.json", "tail.json", "finetune.json", "bits.json")
 
 
 def corrected(seeds: list[int], jobs: int, out: Path) -> dict:
-    """Holm's correction over every paired comparison of TWA-v in CORRECTED_FAMILY's files:
-    a 95% interval per comparison holds the error rate of each, not of the page's many
-    together. Reads the files the other experiments wrote; trains nothing."""
-    rows, sources = [], {}
+    """Holm's correction over every paired comparison in CORRECTED_FAMILY's files: a 95%
+    interval per comparison holds the error rate of each, not of the page's many together.
+    Reads the files the other experiments wrote; trains nothing."""
+    rows, sources, seen = [], {}, set()
     for name in CORRECTED_FAMILY:
         report = json.loads((out / name).read_text())
         sources[name] = report.get("stamp")
         n = len(report["seeds"])
         for method, entry in report["table"].items():
-            d = entry.get("TWA-v_minus_this")
-            if d:
-                rows.append(dict(file=name, baseline=method, mean=d["mean"], ci95=d["ci95"], holds=d["holds"],
-                                 p=paired_p_value(d["mean"], d["std"], n)))
+            for key, d in entry.items():
+                pair = (name, frozenset((key.removesuffix("_minus_this"), method)))
+                if key.endswith("_minus_this") and d and pair not in seen:  # b minus a is a minus b's test
+                    seen.add(pair)
+                    rows.append(dict(file=name, comparison=f"{key.removesuffix('_minus_this')} minus {method}",
+                                     mean=d["mean"], ci95=d["ci95"], holds=d["holds"],
+                                     p=paired_p_value(d["mean"], d["std"], n)))
     for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
         row["p_holm"] = adjusted
     report = dict(experiment="corrected", family=list(CORRECTED_FAMILY), comparisons=len(rows),
                   method="paired t-tests over seeds, Holm's step-down adjustment over the family",
                   table=rows, sources=sources, stamp=stamp())
     _write(out / "corrected.json", report)
-    print(f"\n{len(rows)} paired comparisons of TWA-v, Holm-adjusted")
+    print(f"\n{len(rows)} paired comparisons, Holm-adjusted")
     for r in sorted(rows, key=lambda r: r["p"]):
-        print(f"{r['file']:<16} {r['baseline']:<34} {r['mean']:+.2f}  p {r['p']:.4f}  Holm {r['p_holm']:.3f}")
+        print(f"{r['file']:<16} {r['comparison']:<42} {r['mean']:+.2f}  p {r['p']:.4f}  Holm {r['p_holm']:.3f}")
     return report
 
 

@@ -179,5 +179,5 @@ def write_report(path: str | Path, report: dict) -> Path:
     return write_json(path, {**report, "stamp": stamp()})
 
 
-__all__ = ["RESULTS", "ROOT", "accuracy", "holm", "make_mlp", "mean_ci", "mnist1d", "paired_p_value", "parser", "pyplot",
-           "save_figure", "stamp", "write_report"]
+__all__ = ["RESULTS", "ROOT", "accuracy", "holm", "make_mlp", "mean_ci", "mnist1d", "paired_p_value", "parser",
+           "pyplot", "save_figure", "stamp", "write_report"]

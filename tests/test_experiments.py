@@ -75,6 +75,14 @@ def test_dbp_fair_tiny(tmp_path, capsys):
     assert saved["resnet18_projection"]["rules"]["2d rows"]["overhead"] > 0
 
 
+def test_dbp_times_a_miss_as_one_epoch_past_the_end_at_the_trained_epochs_mean():
+    curve = [{"seconds": s} for s in (1.0, 2.0, 3.0, 4.0)]
+    assert dbp.seconds_to(curve, 2) == 2.0 and dbp.seconds_to(curve, None) == 5.0
+    # diverged in epoch 3: its seconds stop there, and the epochs after it took no time
+    diverged = [{"seconds": s} for s in (1.0, 2.0, 2.0, 2.0)]
+    assert dbp.seconds_to(diverged, None) == 5.0
+
+
 def test_dbp_verdict_tells_not_shown_from_does_not_hold():
     # the claim is fewer epochs and less wall-clock on every model; intervals that include no
     # difference show nothing either way, and were read as "does not hold"
@@ -202,22 +210,31 @@ def test_holm_adjusts_step_down_and_paired_p_values_are_students():
     assert common.paired_p_value(mean, std, 5) == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
-def test_the_corrected_family_reads_every_paired_comparison_of_twa_v(tmp_path, monkeypatch):
+def test_the_corrected_family_reads_every_paired_comparison_once(tmp_path, monkeypatch):
     from experiments import claims
 
-    def table(**diffs):
-        return {m: {"TWA-v_minus_this": {"mean": mean, "std": 0.5, "ci95": [mean - 1, mean + 1], "holds": False}}
-                for m, mean in diffs.items()} | {"TWA-v": {"accs": [97.0] * 5}}
+    def diff(mean):
+        return {"mean": mean, "std": 0.5, "ci95": [mean - 1, mean + 1], "holds": False}
 
-    files = {"head_sweep.json": table(a=2.0, b=0.1), "tail.json": table(c=1.0), "finetune.json": table(d=0.0)}
+    def table(ref="TWA-v", **diffs):
+        return {m: {f"{ref}_minus_this": diff(mean)} for m, mean in diffs.items()} | {ref: {"accs": [97.0] * 5}}
+
+    tail = table(c=1.0)
+    tail["TWA-t"] = {"TWA-v_minus_this": diff(0.4)}
+    tail["TWA-v"]["TWA-t_minus_this"] = diff(-0.4)  # the same test as TWA-v minus TWA-t: counted once
+    files = {"head_sweep.json": table(a=2.0, b=0.1), "tail.json": tail, "finetune.json": table(d=0.0),
+             "bits.json": table("dense", **{"4": 0.05})}
     for name, t in files.items():
         (tmp_path / name).write_text(json.dumps({"seeds": [3, 4, 5, 6, 7], "table": t, "stamp": {"commit": name}}))
     monkeypatch.setattr(claims, "stamp", lambda: {"commit": "now"})
     report = claims.corrected([], 1, tmp_path)
-    rows = {r["baseline"]: r for r in report["table"]}
-    assert report["comparisons"] == 4 and set(rows) == {"a", "b", "c", "d"}
-    assert rows["a"]["p_holm"] == pytest.approx(4 * common.paired_p_value(2.0, 0.5, 5))
-    assert rows["d"]["p_holm"] == 1.0
+    rows = {r["comparison"]: r for r in report["table"]}
+    assert len({"TWA-v minus TWA-t", "TWA-t minus TWA-v"} & set(rows)) == 1
+    assert set(rows) - {"TWA-v minus TWA-t", "TWA-t minus TWA-v"} == {
+        "TWA-v minus a", "TWA-v minus b", "TWA-v minus c", "TWA-v minus d", "dense minus 4"}
+    assert report["comparisons"] == 6
+    assert rows["TWA-v minus a"]["p_holm"] == pytest.approx(6 * common.paired_p_value(2.0, 0.5, 5))
+    assert rows["TWA-v minus d"]["p_holm"] == 1.0
     assert json.loads((tmp_path / "corrected.json").read_text())["sources"]["tail.json"] == {"commit": "tail.json"}
 
 

@@ -11,8 +11,9 @@ reconstruct ops; the base optimizer then steps as usual. SGD (with or without mo
 without weight decay, every group at the same settings) steps along one linear function
 of those projected gradients, so its step is already inside the span, as long as its
 momentum buffers hold only such gradients (not state it brought along, or what a step with
-weight decay left; a state loaded with load_state_dict is tested, so a resumed run steps as
-the run that saved it did). Any other step (Adam's per-entry scaling, weight
+weight decay left). A state loaded with load_state_dict is tested: with a dense basis and
+float32 or float64 weights, momentum in the span lets a resumed run step as the run that
+saved it did; anything else is projected. Any other step (Adam's per-entry scaling, weight
 decay) is projected too: the weights move by P^T P of the step the base optimizer took,
 added to each weight in its own dtype. Either way the weights stay in center + span(P).
 """
