@@ -30,8 +30,8 @@ from twa_kernels.factorization import check_optimizer, collapse, factor_param_gr
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels._deprecated import alias_module as _alias_module
 
-# The module was named like its function, which shadowed it: `import twa_kernels.factorize`
-# gave the function. The old module path still imports, with a warning.
+# `twa_kernels.factorize` is the function; the module is `twa_kernels.factorization`. The
+# module path of the same name imports, with a warning, for code written against it.
 _alias_module("twa_kernels.factorize", factorization)
 
 __version__ = "0.1.0"

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     fit = sub.add_parser("fit", help="TWA on your own model and data, from a YAML config")
-    fit.add_argument("config", help="the YAML config (see twa_kernels/fit.py)")
+    fit.add_argument("config", help="the YAML config (every key: docs/cli.md)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
     bench = sub.add_parser("bench", help="run the benchmark suite and print the roofline table")
