@@ -707,6 +707,13 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                              ("not_a_number", {"loss": "high", "count": 2})):
             out[f"metrics_{case}"] = _error_text(
                 lambda: distributed.all_reduce_metrics(theirs if rank == 1 else metrics))
+        # each rank given its own share (pre-sharded data): the split waited in a collective
+        # until the timeout, then named no cause
+        n = 40 if rank == 0 else 24
+        share = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(n, 3), torch.zeros(n)),
+                                            batch_size=8, shuffle=True)
+        out["own_share_train"] = _error_text(lambda: distributed.split_loader(share, dist.group.WORLD))
+        out["own_share_eval"] = _error_text(lambda: distributed.split_for_evaluation(share, dist.group.WORLD))
         # a run after the failures: every rank left each failed step together, so the
         # process group is still usable
         out["after"] = _error_text(twa("same"))

@@ -519,6 +519,14 @@ def test_an_optimizer_keeps_no_deleted_replicated_twa_or_its_group_alive(hostile
                                "exists"), text
 
 
+def test_ranks_given_data_of_their_own_are_named_before_the_split(hostile_job):
+    for res in hostile_job:
+        for who in ("train", "eval"):
+            text = res[f"own_share_{who}"]
+            assert text.startswith("UsageError: split_") and "the ranks were given other data (rank 0: 40 samples in " \
+                "batches of 8; rank 1: 24 samples in batches of 8)" in text, text
+
+
 def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):
     own, peer = hostile_job[1]["bad_arg_one_rank"], hostile_job[0]["bad_arg_one_rank"]
     assert own.startswith("InvalidArgumentError: bits must be one of"), own

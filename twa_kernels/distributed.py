@@ -399,6 +399,36 @@ def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
     return int(gather_rows(drawn, group)[0])  # rank 0's (through the GPU under NCCL)
 
 
+def _local_shape(loader: Iterable) -> tuple[int, int, int]:
+    """What the ranks must agree on before splitting a loader: (samples its sampler draws,
+    batch size, drop_last) for a batching DataLoader over a map-style dataset, else
+    (len(loader), 0, 0)."""
+    if _batches_map_style(loader):
+        drawn = _drawn_from(loader)
+        samples = len(drawn[0]) if drawn is not None else len(loader.dataset)
+        return samples, loader.batch_size, int(loader.drop_last)
+    return _sized(loader), 0, 0
+
+
+def _check_same_data(loader: Iterable, process_group: Any, who: str) -> None:
+    """Every rank passes the same whole loader, which the split then shares out: a rank
+    given its own share (pre-sharded files) would split it again, and a count of batches
+    that differs left the others waiting in a collective until the timeout, which then
+    named no cause. One all-gather of each rank's sizes; ranks that differ stop every rank."""
+    mine = agree(lambda: _local_shape(loader), process_group, f"measuring the loader given to {who}")
+    table = gather_rows(torch.tensor(mine, dtype=torch.int64), process_group)
+    if all(torch.equal(row, table[0]) for row in table):
+        return
+    def described(row: Tensor) -> str:
+        samples, batch, drop_last = row.tolist()
+        return (f"{samples} samples in batches of {batch}{', drop_last' if drop_last else ''}" if batch
+                else f"{samples} batches")
+    detail = "; ".join(f"rank {rank}: {described(row)}" for rank, row in enumerate(table))
+    raise UsageError(f"{who}: the ranks were given other data ({detail}). It splits one dataset over the ranks "
+                     "itself, so every rank must pass the same whole loader (in twa fit, data.train and data.val "
+                     "return the whole dataset on every rank), not a share of its own")
+
+
 def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) -> Iterable:
     """This rank's share of `loader`, with the same number of batches on every rank (a rank
     with one batch more would wait forever in its extra all-reduce). A DataLoader over a
@@ -412,6 +442,7 @@ def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) 
     plain DataLoader's)."""
     check_group(process_group)
     check_seed(seed)
+    _check_same_data(loader, process_group, "split_loader")
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
@@ -453,6 +484,7 @@ def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterabl
     cannot be split so (weighted, with replacement, custom) is refused. Another sized
     iterable gets its batches rank, rank + W, ...."""
     check_group(process_group)
+    _check_same_data(loader, process_group, "split_for_evaluation")
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
