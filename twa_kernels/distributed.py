@@ -419,6 +419,7 @@ def _check_same_data(loader: Iterable, process_group: Any, who: str) -> None:
     table = gather_rows(torch.tensor(mine, dtype=torch.int64), process_group)
     if all(torch.equal(row, table[0]) for row in table):
         return
+
     def described(row: Tensor) -> str:
         samples, batch, drop_last = row.tolist()
         return (f"{samples} samples in batches of {batch}{', drop_last' if drop_last else ''}" if batch

@@ -394,7 +394,8 @@ inline void round_group_int8(const float* g, int64_t len, int8_t* q, float& scal
 // the run's output buffer is not filled first and copied out after. The center comes last,
 // as in the spec, so that the rows' terms round at their own size rather than the weight's:
 // started from the center, each row's add rounded at |w| (k = 16, |center| near 100: 366
-// times the spec's tolerance). Read just before its element is written, it may be `out`.
+// times the spec's tolerance; AMD EPYC, 2026-12-06, commit d42f4e7). Read just before its
+// element is written, the center may be `out` itself.
 struct AxpyIO {
   const float* in;
   float add;
