@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from twa_kernels.quant import QuantizedBasis, dequantize
+
 BITS = [None, 1, 2, 4, 8]
 # (k, D, group_size, block_sizes): D not a multiple of 8 or of the group, k = 1,
 # one-element blocks, groups straddling block edges, a basis smaller than one group.
@@ -39,6 +41,12 @@ def random_basis(k: int, d: int, *, constant_groups: int = 0, group_size: int = 
 
 
 # -- multi-process tests: gloo on CPU ---------------------------------------------------------
+
+
+def reconstruct_budget(qb: QuantizedBasis, x: torch.Tensor) -> float:
+    """The spec's tolerance for reconstruct: 1e-6 of the largest column's sum_r |p^ x|."""
+    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=x.device), qb.block_offsets.diff())
+    return float((dequantize(qb).abs() * x.float().abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
 
 
 def assert_one_rounding_of_the_weight(w: torch.Tensor, expected: torch.Tensor, budget: float) -> None:

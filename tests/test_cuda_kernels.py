@@ -12,7 +12,7 @@ import twa_kernels as tk
 from twa_kernels import _build
 from twa_kernels.backends import reference
 
-from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis
+from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis, reconstruct_budget
 
 needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc not found: CUDA sources cannot compile here")
 
@@ -97,8 +97,7 @@ def test_emulated_reconstruct_matches_reference(emulator, bits, k, d, group_size
                                           DTYPE_CODE[out_dtype])
     expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits or 0,
                                      group_size, d)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     if out.dtype == torch.bfloat16:  # both round to bfloat16: one ulp apart at most
         torch.testing.assert_close(out.float(), expected.float(), rtol=8e-3, atol=budget)
     else:
@@ -113,8 +112,7 @@ def test_emulated_reconstruct_adds_a_large_center_once_after_the_rows(emulator, 
     x, center, out = 1e-2 * torch.randn(k, qb.num_blocks), 100 * torch.randn(d), torch.empty(d)
     emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(center), 0, _ptr(out), 0)
     expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, center, qb.bits or 0, 128, d)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     assert_one_rounding_of_the_weight(out, expected, budget)
 
 
@@ -129,8 +127,7 @@ def test_emulated_reconstruct_in_place_on_its_own_center(emulator, bits, k, d, g
     expected = reference.reconstruct(qb.codes, qb.scales, qb.mins, qb.block_offsets, x, weights, qb.bits or 0,
                                      group_size, d)
     emulator.twa_cuda_emulate_reconstruct(*_basis_args(qb), _ptr(x), _ptr(weights), 0, _ptr(weights), 0)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=budget)
 
 

@@ -8,7 +8,7 @@ from twa_kernels import _ops
 from twa_kernels.backends import reference
 
 from tests.conftest import BACKENDS, DEVICE
-from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis
+from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis, reconstruct_budget
 
 
 def _reference_project(qb, g):
@@ -47,8 +47,7 @@ def test_reconstruct_matches_reference(backend_name, device, bits, k, d, group_s
     w = tk.reconstruct(qb, x, center)
     expected = _reference_reconstruct(qb, x, center)
     assert w.dtype == (dtype if with_center else torch.float32) and w.shape == (d,)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=device), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.float().abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     if w.dtype == torch.bfloat16:  # both round a float result to bfloat16: at most one ulp apart
         torch.testing.assert_close(w.float(), expected.float(), rtol=8e-3, atol=budget)
     else:  # the budget plus one rounding of the weight, not a relative tolerance that hides more
@@ -89,8 +88,7 @@ def test_reconstruct_into_out_casts_as_it_stores(backend_name, device, bits, k, 
     w = tk.reconstruct(qb, x, center, out=out)
     assert w.data_ptr() == out.data_ptr() and w.dtype == out_dtype
     expected = _reference_reconstruct(qb, x, center)  # float32
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=device), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     rtol = 8e-3 if out_dtype == torch.bfloat16 else 1e-5  # one bfloat16 rounding of the float32 result
     torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=budget)
 
@@ -108,8 +106,7 @@ def test_reconstruct_rounds_the_rows_terms_at_their_own_size_not_the_centers(bac
     center = 100 * torch.randn(d, device=device)
     w = tk.reconstruct(qb, x, center)
     expected = _reference_reconstruct(qb, x, center)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks, device=device), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     assert_one_rounding_of_the_weight(w, expected, budget)
 
 

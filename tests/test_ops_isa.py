@@ -20,7 +20,7 @@ from twa_kernels import _build
 from twa_kernels._build import cpu_kernels_available
 from twa_kernels.backends import reference
 
-from tests.helpers import assert_one_rounding_of_the_weight, random_basis
+from tests.helpers import assert_one_rounding_of_the_weight, random_basis, reconstruct_budget
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ CPU kernels could not be built")
 
@@ -109,8 +109,7 @@ def test_reconstruct_matches_reference(isa, bits, k, d, group_size, blocks, thre
     finally:
         torch.set_num_threads(previous)
     args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     expected = reference.reconstruct(*args, x, center, bits, group_size, d)
     assert_one_rounding_of_the_weight(w, expected, budget)
     assert_one_rounding_of_the_weight(w_none, reference.reconstruct(*args, x, None, bits, group_size, d), budget)
@@ -130,8 +129,7 @@ def test_reconstruct_adds_a_large_center_once_after_the_rows(isa, bits, k, d, gr
     in_place = center.clone()
     w = tk.reconstruct(qb, x, center)
     tk.reconstruct(qb, x, in_place, out=in_place)
-    blocks_of_col = torch.repeat_interleave(torch.arange(qb.num_blocks), qb.block_offsets.diff())
-    budget = float((tk.dequantize(qb).abs() * x.abs()[:, blocks_of_col]).sum(0).max()) * 1e-6
+    budget = reconstruct_budget(qb, x)
     args = (qb.codes, qb.scales, qb.mins, qb.block_offsets)
     assert_one_rounding_of_the_weight(w, reference.reconstruct(*args, x, center, bits, group_size, d), budget)
     assert torch.equal(in_place, w)
