@@ -248,3 +248,20 @@ def test_a_runs_stamp_is_taken_when_it_starts(monkeypatch):
     later = common.stamp()
     assert (later["datetime"], later["commit"]) == (first["datetime"], first["commit"]) == ("start", "aaa")
     assert "written" in later
+
+
+def test_connectivity_tables_and_figure_read_the_committed_report(tmp_path):
+    # the report on the methods page (results/connectivity/connectivity.json) is what the
+    # script's tables and figure are drawn from: a renamed key in either breaks this
+    from experiments import connectivity
+
+    report = json.loads((common.ROOT / "results" / "connectivity" / "connectivity.json").read_text())
+    barriers = connectivity.barrier_table(report["barriers"]).splitlines()
+    assert len(barriers) == 1 + len(report["barriers"])
+    assert any(line.startswith("two seeds, epoch 15") and "interpolate" in line for line in barriers)
+    sharpness = connectivity.sharpness_table(report["sharpness"]).splitlines()
+    assert [line.split("  ")[0] for line in sharpness[1:]] == list(report["sharpness"])
+    memory = connectivity.memory_table(report["memory"]).splitlines()
+    assert [line.split()[0] for line in memory[1:]] == ["dense", "4-bit"]
+    connectivity.plot_barriers(report["barriers"], tmp_path / "barriers.png")
+    assert (tmp_path / "barriers.png").stat().st_size > 0

@@ -445,22 +445,12 @@ def first_seed_train_loader() -> DataLoader:
     return bn_loader(mnist1d(FIRST_SEED, DEMO.train_size)[0])
 
 
-def seed0_model() -> nn.Module:
-    """The demo's model for seed 0 (results/connectivity/demo_config.yaml)."""
-    return make_model(0, DEMO.width)
-
-
-def seed0_train_loader() -> DataLoader:
-    """Seed 0's training signals in batches of 500."""
-    return bn_loader(mnist1d(0, DEMO.train_size)[0])
-
-
 def mnist1d_test_loader() -> DataLoader:
     """The 1,000 test signals of MNIST-1D (the same for every seed)."""
     return batches(mnist1d(0)[2], 500)
 
 
-first_seed_test_loader = seed0_test_loader = mnist1d_test_loader  # the names the configs use
+first_seed_test_loader = mnist1d_test_loader  # the name the config uses
 
 
 def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int | None = None,
