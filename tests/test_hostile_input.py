@@ -1484,8 +1484,12 @@ def test_twa_names_a_model_that_is_not_one_or_holds_no_values():
 def test_checkpoints_that_are_all_one_point_get_a_warning(bits):
     state, other = _fine_tunes(_Backbone(), 2)
     copies = [{k: v.clone() for k, v in state.items()} for _ in range(3)]
-    with pytest.warns(UserWarning, match="every checkpoint holds the same weights"):
+    with pytest.warns(UserWarning, match="every checkpoint holds the same weights") as once:
         tk.TWA(_Backbone(), copies, bits=bits)
+    assert [w.filename for w in once] == [__file__]  # one warning, at the caller's line
+    with pytest.warns(UserWarning, match="every checkpoint holds the same weights") as built:
+        tk.Subspace.from_checkpoints(copies, bits=bits)  # a subspace built to be saved warns too
+    assert [w.filename for w in built] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tk.TWA(_Backbone(), [state, other, state], bits=bits)  # a repeat among others: the caller's weighting

@@ -16,7 +16,7 @@ from twa_kernels.batchnorm import measured_norms, running_norms
 from twa_kernels.columns import ColumnReader
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.io import Checkpoints, model_key_names, resolve_checkpoints, warn_unmatched_keys
-from twa_kernels.quant import QuantizedBasis, block_offsets_from_sizes
+from twa_kernels.quant import block_offsets_from_sizes
 from twa_kernels.sharded_build import build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
 
@@ -126,8 +126,10 @@ def subspace_for(source: Checkpoints | Subspace, trainable: list[tuple[str, nn.P
         return build_shard(source, process_group, names, shapes, aliases=aliases, **build_args)
 
     def build() -> Subspace:
-        return Subspace.from_checkpoints(source, parameter_names=names, parameter_shapes=shapes,
-                                         parameter_aliases=aliases, **build_args)
+        with warnings.catch_warnings():  # TWA warns of a one-point subspace itself, at the caller's line
+            warnings.filterwarnings("ignore", message="every checkpoint holds the same weights")
+            return Subspace.from_checkpoints(source, parameter_names=names, parameter_shapes=shapes,
+                                             parameter_aliases=aliases, **build_args)
     # under a process group, a rank that fails here takes every rank down with its error
     return build() if process_group is None else _collectives.agree(build, process_group, "building its subspace")
 
@@ -180,13 +182,6 @@ def _warn_buffers_differ(differ: dict[str, str]) -> None:
                   f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
                   "the model with its own buffers. Load the buffers the weights were trained with into the model "
                   "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning, stacklevel=5)
-
-
-def all_zero(basis: QuantizedBasis) -> bool:
-    """Whether every row of the basis is zero (a group's value is code * scale + min)."""
-    if basis.bits is None:
-        return not bool(basis.codes.any())
-    return not bool(basis.scales.any()) and not bool(basis.mins.any())
 
 
 def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,

@@ -306,11 +306,23 @@ class Subspace:
             basis = quantize(orthonormal, bits, group_size, blocks)
         else:
             basis = builder.build_basis(specs, layout, center, 0, offsets, bits, group_size, steps, transform)
+            warn_if_one_point(basis, stacklevel=2)
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
         subspace = cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
         subspace.source_stamps = layout.stamps(len(specs))
         return subspace
+
+
+def warn_if_one_point(basis: QuantizedBasis, stacklevel: int) -> None:
+    """Warn when every row of the basis is zero (a group's value is code * scale + min): the
+    checkpoints were all the same weights, and the coefficients have nothing to move."""
+    zero = (not bool(basis.codes.any())) if basis.bits is None else not (bool(basis.scales.any()) or
+                                                                         bool(basis.mins.any()))
+    if zero:
+        warnings.warn("every checkpoint holds the same weights, so the subspace is that one point and the "
+                      "coefficients have no direction to train; pass checkpoints that differ (is one state_dict "
+                      "listed several times?)", UserWarning, stacklevel=stacklevel + 1)
 
 
 def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shapes: list[tuple[int, ...]] | None,

@@ -64,7 +64,7 @@ from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, MissingKe
 from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
 from twa_kernels._memory import Workspace
-from twa_kernels._twa_setup import (DefaultInt, DefaultStr, all_zero, averaged, check_model_fits,
+from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_model_fits,
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
 from twa_kernels._twa_state import check_loaded_state, record_shard
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
@@ -73,7 +73,7 @@ from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis, dequantize
 from twa_kernels.sharded_build import ShardedSubspace
-from twa_kernels.subspace import Subspace, checked_build_args
+from twa_kernels.subspace import Subspace, checked_build_args, warn_if_one_point
 
 # TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
 # never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
@@ -184,10 +184,8 @@ class TWA(nn.Module):
         self.orthonormal = bool(getattr(subspace, "orthonormal", False))  # a sharded build never orthonormalises
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
-        if not isinstance(subspace, ShardedSubspace) and all_zero(basis):
-            warnings.warn("every checkpoint holds the same weights, so the subspace is that one point and the "
-                          "coefficients have no direction to train; pass checkpoints that differ (is one state_dict "
-                          "listed several times?)", UserWarning, stacklevel=2)
+        if not isinstance(subspace, ShardedSubspace):
+            warn_if_one_point(basis, stacklevel=2)
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
         if process_group is not None:
             local = ((subspace.num_cols, subspace.num_blocks, subspace.b_lo, subspace.b_hi)
