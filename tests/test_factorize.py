@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -473,13 +475,58 @@ def test_a_report_that_counts_no_weights_has_no_sparsity_or_compression():
     assert zeros.sparsity == 1.0 and zeros.compression == 12  # all zero: counted as one nonzero, finite
 
 
-def test_a_model_on_the_meta_device_is_factorised_given_sigma_w_and_otherwise_told_to_pass_it():
+@pytest.mark.parametrize("sigma_w", [None, 0.1])
+def test_a_model_on_the_meta_device_is_factorised_with_a_warning_that_its_factors_are_not_drawn(sigma_w):
+    # sigma_w= was asked for and then drew nothing: to_empty() left the factors uninitialised
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(FactorizationError, match="'0'.weight is on the meta device.*pass sigma_w="):
-        factorize(model)
-    factorize(model, sigma_w=0.1, seed=0)
+    with pytest.warns(UserWarning, match=r"\['0', '2'\] are on the meta device.*not drawn.*dwf_init_"):
+        factorize(model, sigma_w=sigma_w, seed=0)
     assert model[0].parametrizations.weight.original0.is_meta
+    model.to_empty(device="cpu")
+    for _, factor in factor_parameters(model):
+        dwf_init_(factor, 0.1, 3, seed=0)
+    assert torch.isfinite(model[0].weight).all() and model[0].weight.abs().max() > 0
+
+
+@pytest.mark.parametrize("init", ["dwf", "dwf_matched"])
+def test_an_embeddings_padding_row_stays_zero_through_random_factors_training_and_collapse(init):
+    # the padding row gets no gradient, so random factors there stayed random for good
+    embedding = nn.Embedding(10, 4, padding_idx=3)
+    factorize(embedding, 3, layers=[nn.Embedding], init=init, seed=0)
+    assert torch.equal(embedding.weight[3], torch.zeros(4)) and embedding.weight[4].abs().sum() > 0
+    optimizer = torch.optim.SGD([p for _, p in factor_parameters(embedding)], lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        embedding(torch.tensor([[3, 1, 3, 2]])).pow(2).sum().backward()
+        optimizer.step()
+    collapse(embedding)
+    assert torch.equal(embedding.weight[3], torch.zeros(4))
+
+
+def test_a_complex_layer_is_refused_by_name_and_the_model_left_as_it_was():
+    # torch.sign has no complex factor: one `original` was registered, and the undo then failed
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note that complex modules are new
+        model[1].to(torch.complex64)
+    with pytest.raises(FactorizationError, match=r"layer '1'.weight is torch.complex64; DWF factorises real"):
+        factorize(model, layers=[nn.Linear])
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("layers, match", [(5, "layers must be None, module names and/or nn.Module types, got int"),
+                                           ([], r"layers=\[\] names no layer"),
+                                           ({"0": nn.Linear}, "got dict")])
+def test_a_layers_argument_that_names_no_layer_is_refused_by_what_it_is(layers, match):
+    with pytest.raises(FactorizationError, match=match):
+        factorize(nn.Sequential(nn.Linear(3, 3)), layers=layers)
+
+
+def test_numpy_numbers_are_taken_for_depth_and_eps():
+    model = nn.Sequential(nn.Linear(8, 8))
+    factorize(model, np.int64(4), eps=np.float32(1e-7), seed=0)
+    assert model[0].parametrizations.weight[0].depth == 4 and len(factor_parameters(model)) == 4
 
 
 def test_a_layer_whose_sigma_w_is_refused_leaves_every_layer_as_it_was():

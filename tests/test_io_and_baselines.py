@@ -502,6 +502,29 @@ def test_update_bn_names_an_empty_tuple_batch():
         tk.update_bn([()], _bn_model())
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, a, b):
+        return self.bn(a + b)
+
+
+@pytest.mark.parametrize("layout", ["mapping", "three-tuple"])
+def test_update_bn_names_a_batch_its_model_does_not_take_with_call_fn_and_keeps_the_statistics(layout):
+    # a raw TypeError from inside forward named neither the batch's layout nor call_fn
+    model = _TwoInputs()
+    a, b = torch.randn(8, 3), torch.randn(8, 3)
+    batch = {"a": a, "b": b, "label": torch.zeros(8)} if layout == "mapping" else (a, b, torch.zeros(8))
+    with pytest.raises(tk.errors.InvalidArgumentError, match="its forward does not take.*pass call_fn"):
+        tk.update_bn([batch], model)
+    assert int(model.bn.num_batches_tracked) == 0 and torch.equal(model.bn.running_mean, torch.zeros(3))
+    fed = (lambda m, x: m(x["a"], x["b"])) if layout == "mapping" else (lambda m, x: m(*x[:-1]))
+    tk.update_bn([batch], model, call_fn=fed)
+    assert torch.allclose(model.bn.running_mean, (a + b).mean(0))
+
+
 def _rezipped(source: Path, target: Path, compression: int, record=lambda name, data: data) -> Path:
     import zipfile
 

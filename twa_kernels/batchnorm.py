@@ -4,6 +4,7 @@ baselines, the geometry tools)."""
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -52,11 +53,29 @@ def feed_batch(model: Callable[..., Any], batch: Any) -> None:
         if not batch:
             raise InvalidArgumentError("update_bn: the loader yielded an empty tuple; a batch is (inputs, ...), a "
                                        "mapping of keyword arguments or the inputs themselves (or pass call_fn)")
-        model(batch[0])
+        args, kwargs, how = (batch[0],), {}, f"its first element alone (of a {type(batch).__name__} of {len(batch)})"
     elif isinstance(batch, Mapping):
-        model(**batch)
+        args, kwargs, how = (), dict(batch), f"keyword arguments {sorted(map(str, batch))[:6]}"
     else:
-        model(batch)
+        args, kwargs, how = (batch,), {}, "one argument"
+    _check_call(model, args, kwargs, how)
+    model(*args, **kwargs)
+
+
+def _check_call(model: Callable[..., Any], args: tuple, kwargs: dict, how: str) -> None:
+    """A batch whose layout the model's forward does not take is named with the fix, before
+    the call: the TypeError from inside the call names neither the batch nor call_fn."""
+    try:
+        signature = inspect.signature(model.forward if isinstance(model, nn.Module) else model)
+    except (TypeError, ValueError):  # a builtin or C function: the call itself will tell
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArgumentError(
+            f"a batch was fed to the model as {how}, which its forward does not take ({exc}); pass call_fn, a "
+            "function (model, batch) that runs the model on a batch, e.g. call_fn=lambda m, b: m(*b[:-1]) or "
+            "call_fn=lambda m, b: m(b['image'])") from None
 
 
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")

@@ -34,9 +34,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from twa_kernels._checks import check_module, flag, real
+from twa_kernels._checks import check_module, flag, is_whole_number, real
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import tied_owners
@@ -163,25 +164,28 @@ class DeepFactorization(nn.Module):
         return f"depth={self.depth}"
 
 
-def _check_depth(depth: int) -> None:
-    if not isinstance(depth, int) or depth < 2:
+def _check_depth(depth: int) -> int:
+    """depth as an int (numpy's too), or a FactorizationError naming what it must be."""
+    if not is_whole_number(depth) or depth < 2:
         raise FactorizationError(
             f"depth={depth!r}: DWF needs an integer depth D >= 2 (D = 2 is the lasso, D = 3 or 4 are sparser)")
+    return int(depth)
 
 
-def _check_eps(eps: float) -> None:
+def _check_eps(eps: float) -> float:
+    """eps as a float (numpy's too), or a FactorizationError naming what it must be."""
     # eps^(1/D) bounds |omega| from below: a negative eps has a complex root
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps < math.inf:
         raise FactorizationError(f"eps={eps!r}: the truncation bound eps^(1/D) < |omega| needs a finite eps >= 0 "
                                  f"(the default is float32 eps, {EPS:g})")
+    return float(eps)
 
 
 def truncation_bounds(sigma_w: float, depth: int, eps: float = EPS) -> tuple[float, float, float]:
     """(std, low, high) of DWF's factor distribution: N(0, sigma_w^(2/D)) with
     eps^(1/D) < |omega| < min(1, (2 sigma_w)^(1/D)); eps must be finite and >= 0, and the
     band must not be empty (sigma_w above eps / 2)."""
-    _check_depth(depth)
-    _check_eps(eps)
+    depth, eps = _check_depth(depth), _check_eps(eps)
     if not real("sigma_w", sigma_w) > 0:  # an infinite scale drew every factor as NaN
         raise FactorizationError(f"sigma_w={sigma_w!r}: the init scale must be a finite number > 0 (pass sigma_w= "
                                  "or init='keep')")
@@ -297,7 +301,13 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
                           f"module ({tied}); untie them to factorise them", UserWarning, stacklevel=3)
             chosen = [(n, m) for n, m in chosen if n not in tied]
     else:
+        if not isinstance(layers, (str, type, Iterable)) or isinstance(layers, Mapping):
+            raise FactorizationError(f"layers must be None, module names and/or nn.Module types, got "
+                                     f"{type(layers).__name__} {layers!r:.80}")
         specs = [layers] if isinstance(layers, (str, type)) else list(layers)  # one name or type, not its characters
+        if not specs:
+            raise FactorizationError("layers=[] names no layer to factorise; pass None for every Linear/Conv layer, "
+                                     "or the names or types to factorise")
         # every name of a module used twice is found; the module itself is factorised once
         modules = dict(model.named_modules(remove_duplicate=False))
         chosen, seen = [], set()
@@ -332,6 +342,10 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
                 f"leave it out of layers=")
         params = ["weight"] + (["bias"] if biases and isinstance(getattr(module, "bias", None), nn.Parameter) else [])
         for pname in params:
+            dtype = getattr(module, pname).dtype
+            if not dtype.is_floating_point:  # complex: torch.sign has no real factor of it
+                raise FactorizationError(f"layer {name or '(the model itself)'!r}.{pname} is {dtype}; DWF factorises "
+                                         "real floating-point weights: leave it out of layers=")
             # a layer reused under two names is one module; another module holding the same
             # Parameter (an output layer tied to an embedding) would keep the dense tensor
             tied = tied_owners(model, module, pname)
@@ -366,7 +380,10 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     `layers`: factorising it would untie them. Untie them first to factorise it. So is a
     layer whose weight another parametrization computes (weight_norm, spectral_norm), and,
     unless init="keep", a frozen layer or frozen bias (requires_grad=False), whose random
-    factors would never train. A lazy layer that has not run yet is refused.
+    factors would never train. A lazy layer that has not run yet is refused, and so is a
+    complex one. An Embedding's padding row stays zero (its first factor's row is zero: the
+    row gets no gradient). On the meta device no factor is drawn (a warning): after
+    `to_empty`, load a state_dict of the factorised model or draw them with `dwf_init_`.
     Train with weight decay wd on the factors (`factor_param_groups`): the penalty is then
     (wd * D / 2) ||w||_{2/D}^{2/D}. DWF wants a larger learning rate than the dense model.
     seed: an int draws every factor from one private generator (reproducible; torch's global
@@ -375,8 +392,7 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     check_module(model, "factorize's model")
     flag("factorize's biases", biases)
     gen = generator_or_seed(seed, generator, "factorize")
-    _check_depth(depth)
-    _check_eps(eps)
+    depth, eps = _check_depth(depth), _check_eps(eps)
     if init not in ("dwf", "dwf_matched", "keep"):
         raise FactorizationError(f"init={init!r}: use 'dwf' (the paper's random init), 'dwf_matched' (the same, "
                                  f"scaled so the product's std is sigma_w) or 'keep' (current weights)")
@@ -415,6 +431,11 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
         for pname in names:
             plan.append((module, pname, None if init == "keep" else _init_scale(name, module, pname, sigma_w, depth,
                                                                                eps, init)))
+    on_meta = sorted({name for name, module in targets if module.weight.is_meta})
+    if on_meta and init != "keep":
+        warnings.warn(f"the layers {on_meta[:5]} are on the meta device, which holds no values, so their factors "
+                      "are not drawn: after model.to_empty(device=...), load a state_dict of the factorised model, or "
+                      "draw each factor (factor_parameters(model)) with dwf_init_", UserWarning, stacklevel=2)
     own = {id(module): (module, dict(module._parameters)) for module, _, _ in plan}  # objects and order
     added: list[tuple[nn.Module, str]] = []
     try:
@@ -422,10 +443,15 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
             parametrize.register_parametrization(module, pname, DeepFactorization(depth, getattr(module, pname)),
                                                  unsafe=True)
             added.append((module, pname))
-            if init != "keep":
-                plist = module.parametrizations[pname]
+            plist = module.parametrizations[pname]
+            if init != "keep" and not plist.original0.is_meta:
                 for i in range(depth):
                     _dwf_init(getattr(plist, f"original{i}"), scale, depth, eps, gen)
+                padding = getattr(module, "padding_idx", None) if pname == "weight" else None
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and padding is not None:
+                    # the padding row gets no gradient: a zero factor keeps it zero, as init="keep" does
+                    with torch.no_grad():
+                        plist.original0[padding] = 0
     except BaseException:
         # a Ctrl-C, or memory for the factors running out: layers factorised so far would be
         # refused by a retry ("already factorised"), so each gets its own Parameters back
@@ -443,10 +469,9 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
                 depth: int, eps: float, init: str) -> float | None:
     """The std factorize draws a weight's factors for: sigma_w, or measured from the weight."""
     dense = getattr(module, pname)
+    if dense.is_meta:  # no values to draw into (factorize warns): no scale to measure or check
+        return None
     scale = sigma_w(module) if callable(sigma_w) else sigma_w
-    if scale is None and dense.is_meta:
-        raise FactorizationError(f"layer {name!r}.{pname} is on the meta device, so sigma_w cannot be measured from "
-                                 "its weight; pass sigma_w= (a number, or a function of the module)")
     if scale is None and dense.numel() <= 1:  # no spread to measure: std() of one value is NaN
         raise FactorizationError(f"layer {name or '(the model itself)'!r}.{pname} has {dense.numel()} element(s), "
                                  "so sigma_w cannot be measured from it; pass sigma_w= (a number, or a function of "
