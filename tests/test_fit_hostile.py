@@ -767,6 +767,29 @@ def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_k
     assert not dead.exists() and (out / "a.bin").read_text() == "new"
 
 
+def test_a_ctrl_c_between_the_swap_and_moving_the_users_entries_back_keeps_them(tmp_path, monkeypatch):
+    # the run's own clean-up (discard, in a finally) removed the old set with the user's files
+    from twa_kernels import _outdir
+
+    out = tmp_path / "out"
+    first = _outdir.OutputDirectory(out, ["a.bin"])
+    first.stage("a.bin").write_text("old")
+    first.commit()
+    second = _outdir.OutputDirectory(out, ["a.bin"])
+    second.stage("a.bin").write_text("new")
+    (out / "notes.txt").write_text("mine")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_outdir.OutputDirectory, "_keep_foreign", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        second.commit()
+    second.discard()
+    assert (out / "a.bin").read_text() == "new"
+    assert (second._staging / "notes.txt").read_text() == "mine"  # for the next run's recover() to keep aside
+
+
 def test_an_entry_that_vanishes_before_it_is_moved_back_is_no_reason_to_keep_the_old_set(tmp_path, monkeypatch):
     from twa_kernels import _outdir
 

@@ -382,10 +382,17 @@ class OutputDirectory:
         self._set_modes()
         fsync_directory(self._staging)  # the names are on disk before the swap makes them visible
         target = self._target
+        # from the swap until the user's entries are moved out of the old set, the staging path
+        # may hold them: an interruption in between leaves it to the next run's recover()
+        self._staging_removable = False
         try:
             swapped = self._swap()
-        except OSError as exc:
-            raise self._unwritable(target, exc) from exc
+        except BaseException as exc:
+            # _swap puts the old set back when it fails: the staging path holds this run's files
+            self._staging_removable = True
+            if isinstance(exc, OSError):
+                raise self._unwritable(target, exc) from exc
+            raise
         self._committed = True
         try:
             removable = not swapped or self._keep_foreign()
@@ -395,8 +402,7 @@ class OutputDirectory:
             warnings.warn(f"output {shown(self.path)} was replaced, but the previous set could not be read "
                           f"({exc.strerror or exc}), so it is kept in {shown(folder)}: move what you need out "
                           "of it, then remove it", RuntimeWarning, stacklevel=2)
-        if not removable:
-            self._staging_removable = False
+        self._staging_removable = removable
         fsync_directory(target)
         fsync_directory(target.parent)
         if removable:
