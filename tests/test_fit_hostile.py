@@ -257,6 +257,16 @@ def _consistent(out: Path) -> dict:
          ["optimizer.maximize is a yes/no setting", "datetime.date(2024, 1, 1)"]),
         (dict(optimizer=dict(name="AdamW", lr=0.02, amsgrad=[1])), ["optimizer.amsgrad is a yes/no setting"]),
         (dict(optimizer=dict(name="AdamW", lr=0.02, foreach=1)), ["optimizer.foreach is a yes/no setting"]),
+        # true was read as 1.0 (a weight decay of 1); null and a date passed the check and failed the
+        # second step of training (SGD reads dampening once momentum has a buffer) or the report
+        (dict(optimizer=dict(name="AdamW", lr=0.02, weight_decay=True)), ["optimizer.weight_decay is a number",
+                                                                          "True (a boolean)"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, momentum=0.9, dampening=None)), ["optimizer.dampening is a number",
+                                                                                   "None (null)"]),
+        (dict(optimizer=dict(name="SGD", lr=0.1, dampening=datetime.date(2020, 1, 1))),
+         ["optimizer.dampening is a number"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=0.9)), ["optimizer.betas is a list of numbers"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, True])), ["optimizer.betas is a list of numbers"]),
         (dict(output="runs/a\0b"), ["output 'runs/a\\x00b' (a string) holds a NUL byte"]),
         (dict(loss="os.path:exists"), ["loss: 'os.path:exists' cannot be called as loss(outputs, targets)"]),
     ],
@@ -339,6 +349,17 @@ def test_the_default_optimizer_has_no_weight_decay():
 
     config = check_config(dict(model="m:f", data=dict(train="m:t"), checkpoints="c"), "config.yaml")
     assert config.optimizer == "AdamW" and config.optimizer_args == {"lr": 1e-2, "weight_decay": 0.0}
+
+
+def test_a_leading_tilde_in_checkpoints_is_the_home_directory_as_in_output(monkeypatch, tmp_path):
+    # `output: ~/runs` was the home directory, `checkpoints: ~/runs/*.pt` a glob matching nothing
+    from twa_kernels._fit_config import check_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = dict(model="m:f", data=dict(train="m:t"))
+    assert check_config(dict(base, checkpoints="~/runs/*.pt"), "cfg").checkpoints == f"{tmp_path}/runs/*.pt"
+    listed = check_config(dict(base, checkpoints=["~/a.pt", "b.pt"]), "cfg").checkpoints
+    assert listed == [f"{tmp_path}/a.pt", "b.pt"]
 
 
 def test_yaml_numbers_without_a_dot_are_numbers_for_the_optimizer():

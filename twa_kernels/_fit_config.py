@@ -128,6 +128,14 @@ def _text_as_number(value: Any) -> Any:
     return value
 
 
+def _plain(value: Any) -> bool:
+    """Whether a YAML value is one JSON writes as it is: null, a bool, a number, text, or a
+    list of them (a YAML date or timestamp is not)."""
+    if isinstance(value, list):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     """(class name, arguments) of the `optimizer` entry, tried on a dummy parameter so a bad
     argument is found now, not at the first step."""
@@ -172,11 +180,24 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
             raise FitError(f"{where}: optimizer.{short(found[0])[1:-1]} must be a finite number, got "
                            f"{describe(found[1])}: NaN, an infinity or an integer too large for a float makes "
                            "every step NaN; give a finite value, or leave the key out for the optimizer's default")
+        default = defaults[key].default if key in defaults else inspect.Parameter.empty
+        # a number given as true, null or a date: true was read as 1 (weight_decay: yes decayed by 1.0),
+        # and the others failed at a later step (dampening is read from the second step on)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and _as_float(arg) is None:
+            raise FitError(f"{where}: optimizer.{key} is a number (its default is {default!r}), got {describe(arg)}; "
+                           "give a number, or leave the key out for the optimizer's default")
+        if isinstance(default, tuple) and not (isinstance(arg, list) and all(
+                _as_float(item) is not None or (item is None and None in default) for item in arg)):
+            raise FitError(f"{where}: optimizer.{key} is a list of numbers (its default is {list(default)!r}), got "
+                           f"{describe(arg)}; give a list such as [0.9, 0.999], or leave the key out")
+        if not _plain(arg):  # the report writes the arguments as JSON
+            raise FitError(f"{where}: optimizer.{key} must be a number, true/false, a name or a list of numbers, got "
+                           f"{describe(arg)}")
     if name == "LBFGS":
         raise FitError(f"{where}: optimizer LBFGS needs a closure that re-evaluates the loss at each step, and twa fit "
                        "takes one plain step per batch; use AdamW or SGD, or train TWA from Python with "
                        "optimizer.step(closure)")
-    # one step on a stand-in for the coefficients ([k, blocks], zero gradient): arguments that
+    # two steps on a stand-in for the coefficients ([k, blocks], a small gradient): arguments that
     # construction accepts but the step cannot use (3 betas, capturable on CPU, SparseAdam's
     # sparse-only gradients) are found now, not after the basis is built
     trial = torch.zeros(2, 3, requires_grad=True)
@@ -184,8 +205,9 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optimizer = getattr(torch.optim, name)([trial], **args)
-            trial.grad = torch.zeros_like(trial)
-            optimizer.step()
+            for _ in range(2):  # the second step reads what the first set up (SGD's dampening with momentum)
+                trial.grad = torch.full_like(trial, 1e-3)
+                optimizer.step()
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, OverflowError) as exc:
         raise FitError(f"{where}: optimizer {name} does not take {short(args)} for TWA's coefficients: "
                        f"{type(exc).__name__}: {short(str(exc))[1:-1]}; give it arguments its documentation "
@@ -220,6 +242,9 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
             or (isinstance(checkpoints, list) and checkpoints and all(isinstance(c, str) and c for c in checkpoints))):
         raise FitError(f"{where}: checkpoints must be a path, a directory, a glob or a non-empty list of paths, "
                        f"got {describe(checkpoints)}")
+    if checkpoints is not None:  # `~/runs/*.pt` in the home directory, as a shell and `output:` read it
+        checkpoints = ([os.path.expanduser(c) for c in checkpoints] if isinstance(checkpoints, list)
+                       else os.path.expanduser(checkpoints))
     bits = raw.get("bits", 4)
     if bits is not None and not (_is_int(bits) and bits in SUPPORTED_BITS):
         raise FitError(f"{where}: bits must be one of {list(SUPPORTED_BITS)} or null, got {describe(bits)}")
