@@ -2,7 +2,7 @@
 
     python bench/report.py RUN.json [OUT.json]   # roofline table of one pytest-benchmark run
     python bench/report.py --print               # the docs' tables, from bench/results/*.json
-    python bench/report.py --write               # rewrite them in README.md and docs/benchmarks.md
+    python bench/report.py --write               # rewrite them in README.md, docs/benchmarks.md and docs/design.md
     python bench/report.py --check               # exit 1 if the docs' tables differ from --print
 
 Roofline: for every (op, model, k, bits) the fused kernel's median time, its speed-up over
@@ -15,7 +15,8 @@ bytes take at copy bandwidth: the larger one says what bounds the op.
 Docs' tables: each sits in a Markdown file between `<!-- report:NAME -->` and
 `<!-- /report:NAME -->`, and is generated from the results files of bench/results
 (`<machine>-ops.json`, `<machine>-ops-interleaved.json`, `<machine>-steady-step.json`,
-`<machine>-distributed-step.json`, and bench/gpu.py's `<machine>-cuda-ops.json`),
+`<machine>-distributed-step.json`, `<machine>-builder-memory.json`, and bench/gpu.py's
+`<machine>-cuda-ops.json`),
 each stamped with the machine, date, commit and torch version it came from.
 """
 
@@ -497,9 +498,32 @@ def cuda_ops(page: Path) -> str:
     return "\n".join(out).strip() or "No GPU results in bench/results yet (bench/gpu_run.sh writes them)."
 
 
+def builder_memory(page: Path) -> str:
+    """Peak memory growth of a subspace build (bench/builder_memory.py), newest run."""
+    paths = _files("builder-memory")
+    if not paths:
+        return "No builder-memory results in bench/results yet."
+    run = json.loads(paths[0].read_text())
+    rows, mb = run["rows"], lambda x: f"{x:.1f}"
+    first = rows[0]
+    plane = next((r for r in rows if r["case"].startswith("plane")), None)
+    lines = [f"Peak memory growth of a build, k = {run['k']} checkpoints ({run['checkpoint']}, "
+             f"{first['w_mb'] / 4:.1f}M weights), {run['bits']}-bit basis (W = {mb(first['w_mb'])} MB "
+             f"one dense checkpoint; basis {mb(first['basis_mb'])} MB"
+             + (f", a plane's {mb(plane['basis_mb'])} MB" if plane else "") + "), measured by "
+             f"`python bench/builder_memory.py` in fresh processes ([JSON]({_link(paths[0], page)}): "
+             f"{stamp_line(run['stamp'], _slug(paths[0], 'builder-memory'))}):",
+             "", "| caller | peak growth |", "|---|---|"]
+    for i, r in enumerate(rows):
+        ratio = r["peak_mb"] / (r["w_mb"] + r["basis_mb"])
+        lines.append(f"| {r['case']} | {r['peak_mb']:.0f} MB ({ratio:.2f} x{' (W + basis)' if i == 0 else ''}) |")
+    return "\n".join(lines)
+
+
 SECTIONS = {"headline": headline, "ops": ops, "ops-interleaved": ops_interleaved, "access-pattern": access_pattern,
-            "steady-step": steady_step, "distributed-step": distributed_step, "cuda-ops": cuda_ops}
-PAGES = {"README.md": ["headline"],
+            "steady-step": steady_step, "distributed-step": distributed_step, "cuda-ops": cuda_ops,
+            "builder-memory": builder_memory}
+PAGES = {"README.md": ["headline"], "docs/design.md": ["builder-memory"],
          "docs/benchmarks.md": ["headline", "ops", "ops-interleaved", "access-pattern", "steady-step",
                                 "distributed-step", "cuda-ops"]}
 
