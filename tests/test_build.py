@@ -1,8 +1,11 @@
 """The JIT build: cache, lock, CLI, and the fallback when no compiler works."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import twa_kernels
@@ -258,3 +261,45 @@ def test_a_build_failure_is_named_by_its_cause_line():
                               "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
     assert _build._reason(error) == "/bin/sh: 1: c++: not found"
     assert _build._reason(_build.BuildError("torch 2.13.0+cpu has no CUDA")) == "torch 2.13.0+cpu has no CUDA"
+
+
+def test_a_wheel_built_through_the_source_distribution_ships_the_kernel_sources_and_builds_them(tmp_path):
+    # `python -m build` makes the wheel from the sdist, which held no csrc/: the installed
+    # package had no kernels to build and ran every op on the reference backend
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((REPO / name).read_bytes())
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("twa_kernels", "csrc"):
+        shutil.copytree(REPO / folder, source / folder, ignore=ignore)
+    build = ("import sys\nfrom setuptools import build_meta\n"
+             "print(getattr(build_meta, sys.argv[1])(sys.argv[2]))\n")
+
+    def hook(name: str, cwd: Path, out: Path) -> Path:
+        done = subprocess.run([sys.executable, "-c", build, name, str(out)], cwd=cwd, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return out / done.stdout.strip().splitlines()[-1]
+
+    sdist = hook("build_sdist", source, tmp_path / "dist")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    wheel = hook("build_wheel", tmp_path / "unpacked" / sdist.name[: -len(".tar.gz")], tmp_path / "dist")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {n[len("twa_kernels/csrc/"):] for n in archive.namelist() if n.startswith("twa_kernels/csrc/")}
+        archive.extractall(tmp_path / "site")  # a pure-Python wheel: unpacking it is installing it
+    assert shipped == {p.relative_to(REPO / "csrc").as_posix() for p in (REPO / "csrc").rglob("*") if p.is_file()}
+    code = ("import torch, twa_kernels as tk\n"
+            "assert tk.__file__.startswith(%r), tk.__file__\n"
+            "qb = tk.quantize(torch.randn(3, 256), 4, 32)\n"
+            "g = torch.randn(256)\n"
+            "dense = (tk.dequantize(qb).double() @ g.double()).float()\n"
+            "print(tk.backend('cpu'), torch.allclose(tk.project(qb, g)[:, 0], dense, rtol=0, atol=1e-4))\n"
+            ) % str(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "TWA_KERNELS_CACHE": str(tmp_path / "cache")}
+    env.pop("TWA_KERNELS_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["cpp", "True"], (done.stdout, done.stderr[-2000:])
