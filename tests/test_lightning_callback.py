@@ -541,7 +541,8 @@ def test_a_statistics_pass_that_fails_says_how_to_finish_and_keeps_the_trained_t
     loader = DataLoader([{"x": x, "y": y} for x, y in zip(_X, _Y)], batch_size=16)
     net, callback = KeywordBatches(), TrainableWeightAveraging(start_epoch=1, twa_epochs=1)
     with pytest.raises(UsageError, match=r"fed each training batch to forward\(\).*a mapping as keyword arguments\)"
-                                         r", which failed: TypeError.*callback's `.twa`"):
+                                         r", which failed: InvalidArgumentError: .*its forward does not take"
+                                         r".*callback's `.twa`"):
         _trainer(tmp_path, epochs=3, callbacks=[callback]).fit(net, loader)
     assert callback.twa is not None and callback.twa.coefficients.abs().sum() > 0
     callback.twa.update_bn(loader, lambda model, batch: model(batch["x"]))  # the way the message gives
