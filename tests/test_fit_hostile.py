@@ -765,9 +765,9 @@ def test_entries_that_appear_in_the_output_during_a_run_are_moved_into_the_new_s
     assert _leftovers(tmp_path) == []
 
 
-def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_kept_aside(tmp_path):
-    # killed between the swap and moving the user's entries back: the old set, with them,
-    # sat in a staging folder of a dead process, which the next run removed whole
+def _a_second_run_while_the_user_writes_notes(tmp_path):
+    """An output directory holding a first run's a.bin, a second run staged to replace it, and
+    notes.txt the user wrote into the directory meanwhile."""
     from twa_kernels import _outdir
 
     out = tmp_path / "out"
@@ -777,6 +777,15 @@ def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_k
     second = _outdir.OutputDirectory(out, ["a.bin"])
     second.stage("a.bin").write_text("new")
     (out / "notes.txt").write_text("mine")
+    return out, second
+
+
+def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_kept_aside(tmp_path):
+    # killed between the swap and moving the user's entries back: the old set, with them,
+    # sat in a staging folder of a dead process, which the next run removed whole
+    from twa_kernels import _outdir
+
+    out, second = _a_second_run_while_the_user_writes_notes(tmp_path)
     staging = second._staging
     assert second._swap()  # the swap alone, as a run killed right after it leaves things
     dead = staging.with_name(staging.name.replace(f".{os.getpid()}.", ".999999999."))
@@ -792,13 +801,7 @@ def test_a_ctrl_c_between_the_swap_and_moving_the_users_entries_back_keeps_them(
     # the run's own clean-up (discard, in a finally) removed the old set with the user's files
     from twa_kernels import _outdir
 
-    out = tmp_path / "out"
-    first = _outdir.OutputDirectory(out, ["a.bin"])
-    first.stage("a.bin").write_text("old")
-    first.commit()
-    second = _outdir.OutputDirectory(out, ["a.bin"])
-    second.stage("a.bin").write_text("new")
-    (out / "notes.txt").write_text("mine")
+    out, second = _a_second_run_while_the_user_writes_notes(tmp_path)
 
     def interrupted(self):
         raise KeyboardInterrupt
