@@ -483,6 +483,10 @@ def test_a_model_on_the_meta_device_is_factorised_with_a_warning_that_its_factor
     with pytest.warns(UserWarning, match=r"\['0', '2'\] are on the meta device.*not drawn.*dwf_init_"):
         factorize(model, sigma_w=sigma_w, seed=0)
     assert model[0].parametrizations.weight.original0.is_meta
+    with torch.device("meta"):
+        other = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(FactorizationError, match=r"layer '0'.weight: .*sigma_w"):  # a number given is checked
+        factorize(other, sigma_w=-1.0)
     model.to_empty(device="cpu")
     for _, factor in factor_parameters(model):
         dwf_init_(factor, 0.1, 3, seed=0)

@@ -797,16 +797,29 @@ def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_k
     assert not dead.exists() and (out / "a.bin").read_text() == "new"
 
 
-def test_a_ctrl_c_between_the_swap_and_moving_the_users_entries_back_keeps_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["moving them back", "the exchange's return"])
+def test_a_ctrl_c_between_the_swap_and_moving_the_users_entries_back_keeps_them(tmp_path, monkeypatch, when):
     # the run's own clean-up (discard, in a finally) removed the old set with the user's files
     from twa_kernels import _outdir
 
     out, second = _a_second_run_while_the_user_writes_notes(tmp_path)
+    exchange = _outdir._exchange
+    if when == "the exchange's return":
+        probe = [tmp_path / "p", tmp_path / "q"]
+        for folder in probe:
+            folder.mkdir()
+        if not exchange(*probe):
+            pytest.skip("this file system has no renameat2 exchange")
 
-    def interrupted(self):
+    def interrupted(*args):
+        if when == "the exchange's return":
+            exchange(*args)  # the directories swapped, and the Ctrl-C lands before _swap returns
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_outdir.OutputDirectory, "_keep_foreign", interrupted)
+    if when == "moving them back":
+        monkeypatch.setattr(_outdir.OutputDirectory, "_keep_foreign", interrupted)
+    else:
+        monkeypatch.setattr(_outdir, "_exchange", interrupted)
     with pytest.raises(KeyboardInterrupt):
         second.commit()
     second.discard()

@@ -511,6 +511,25 @@ class _TwoInputs(nn.Module):
         return self.bn(a + b)
 
 
+def test_update_bn_feeds_a_model_whose_hooks_take_what_its_forward_signature_does_not():
+    # the batch is judged by the call, not by forward's signature: a pre-hook may rename keywords
+    model = _TwoInputs()
+    model.register_forward_pre_hook(lambda m, args, kwargs: ((), {"a": kwargs["image"], "b": kwargs["image"]}),
+                                    with_kwargs=True)
+    x = torch.randn(8, 3)
+    tk.update_bn([{"image": x}], model)
+    assert torch.allclose(model.bn.running_mean, (2 * x).mean(0))
+
+
+def test_update_bn_lets_a_type_error_from_inside_the_forward_through_as_it_is():
+    class Broken(_TwoInputs):
+        def forward(self, a):
+            return self.bn(a) + "text"  # the model's own bug, not the batch's layout
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        tk.update_bn([(torch.randn(8, 3), torch.zeros(8))], Broken())
+
+
 @pytest.mark.parametrize("layout", ["mapping", "three-tuple"])
 def test_update_bn_names_a_batch_its_model_does_not_take_with_call_fn_and_keeps_the_statistics(layout):
     # a raw TypeError from inside forward named neither the batch's layout nor call_fn

@@ -342,6 +342,14 @@ class OutputDirectory:
         os.rename(aside, self._staging)
         return True
 
+    def _holds_no_other_folder(self, staged: os.stat_result) -> bool:
+        """Whether the staging path is the folder this run staged (`staged`) or is gone."""
+        try:
+            now = os.stat(self._staging)
+        except FileNotFoundError:
+            return True
+        return (now.st_dev, now.st_ino) == (staged.st_dev, staged.st_ino)
+
     def _keep_foreign(self) -> bool:
         """Move what is not an output from the old set (now at the staging path) into the new
         target: entries that appeared in the target while the run worked, which the check at
@@ -384,12 +392,14 @@ class OutputDirectory:
         target = self._target
         # from the swap until the user's entries are moved out of the old set, the staging path
         # may hold them: an interruption in between leaves it to the next run's recover()
+        staged = os.stat(self._staging)
         self._staging_removable = False
         try:
             swapped = self._swap()
         except BaseException as exc:
-            # _swap puts the old set back when it fails: the staging path holds this run's files
-            self._staging_removable = True
+            # _swap puts the old set back when it fails, but a Ctrl-C just after the exchange
+            # leaves the old set at the staging path: only this run's own folder is removed
+            self._staging_removable = self._holds_no_other_folder(staged)
             if isinstance(exc, OSError):
                 raise self._unwritable(target, exc) from exc
             raise

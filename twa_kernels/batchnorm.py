@@ -45,10 +45,17 @@ def has_running_statistics(model: nn.Module) -> bool:
     return bool(running_norms(model))
 
 
-def feed_batch(model: Callable[..., Any], batch: Any) -> None:
+# what update_bn's error for a batch layout the model does not take tells its caller to do
+CALL_FN_FIX = ("pass call_fn, a function (model, batch) that runs the model on a batch, e.g. "
+               "call_fn=lambda m, b: m(*b[:-1]) or call_fn=lambda m, b: m(b['image'])")
+
+
+def feed_batch(model: Callable[..., Any], batch: Any, fix: str = CALL_FN_FIX) -> None:
     """Run `model` on a batch as loaders give them: (inputs, targets, ...) feeds the inputs
     as one argument (a mapping of them too, as `twa fit` feeds its model), a mapping of
-    keyword arguments (transformers' batches) is unpacked."""
+    keyword arguments (transformers' batches) is unpacked. A TypeError of a call whose
+    arguments the model's forward does not take is an InvalidArgumentError naming the
+    batch's layout and `fix`, the caller's way to feed it."""
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise InvalidArgumentError("update_bn: the loader yielded an empty tuple; a batch is (inputs, ...), a "
@@ -58,24 +65,28 @@ def feed_batch(model: Callable[..., Any], batch: Any) -> None:
         args, kwargs, how = (), dict(batch), f"keyword arguments {sorted(map(str, batch))[:6]}"
     else:
         args, kwargs, how = (batch,), {}, "one argument"
-    _check_call(model, args, kwargs, how)
-    model(*args, **kwargs)
+    try:
+        model(*args, **kwargs)
+    except TypeError as exc:
+        if _takes(model, args, kwargs):
+            raise  # raised inside the forward: the model's own error
+        raise InvalidArgumentError(f"a batch was fed to the model as {how}, which its forward does not take "
+                                   f"({exc}); {fix}") from exc
 
 
-def _check_call(model: Callable[..., Any], args: tuple, kwargs: dict, how: str) -> None:
-    """A batch whose layout the model's forward does not take is named with the fix, before
-    the call: the TypeError from inside the call names neither the batch nor call_fn."""
+def _takes(model: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    """Whether the model's forward binds these arguments (True where its signature cannot be
+    read: nothing then says the layout is at fault). Asked after a TypeError only, as hooks,
+    decorators and a __call__ of its own may take what the signature does not."""
     try:
         signature = inspect.signature(model.forward if isinstance(model, nn.Module) else model)
-    except (TypeError, ValueError):  # a builtin or C function: the call itself will tell
-        return
+    except (TypeError, ValueError):
+        return True
     try:
         signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise InvalidArgumentError(
-            f"a batch was fed to the model as {how}, which its forward does not take ({exc}); pass call_fn, a "
-            "function (model, batch) that runs the model on a batch, e.g. call_fn=lambda m, b: m(*b[:-1]) or "
-            "call_fn=lambda m, b: m(b['image'])") from None
+    except TypeError:
+        return False
+    return True
 
 
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")

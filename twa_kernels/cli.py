@@ -169,8 +169,10 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
 
 def _write_figure_and_json(out: Path, draw: Callable[[Path], object], record: dict) -> None:
     """The figure and the JSON of its numbers replaced together: the figure is drawn in a
-    scratch folder first, then both are moved into place (io.atomic_write_together), so that
-    a failure leaves the old pair, never a new figure beside the old numbers."""
+    scratch folder first, then both are moved into place one right after the other
+    (io.atomic_write_together), so that a failure while drawing or writing leaves the old
+    pair; one between the two renames leaves the new figure beside the old numbers, and its
+    error says so."""
     text = json.dumps(record, indent=1)  # as write_json writes it
     with tempfile.TemporaryDirectory(prefix="twa-figure-") as scratch:
         staged = Path(scratch) / out.name  # the same suffix: it names the format

@@ -306,8 +306,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
                                      f"{type(layers).__name__} {layers!r:.80}")
         specs = [layers] if isinstance(layers, (str, type)) else list(layers)  # one name or type, not its characters
         if not specs:
-            raise FactorizationError("layers=[] names no layer to factorise; pass None for every Linear/Conv layer, "
-                                     "or the names or types to factorise")
+            raise FactorizationError(f"layers={layers!r} names no layer to factorise; pass None for every "
+                                     "Linear/Conv layer, or the names or types to factorise")
         # every name of a module used twice is found; the module itself is factorised once
         modules = dict(model.named_modules(remove_duplicate=False))
         chosen, seen = [], set()
@@ -435,7 +435,8 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
     if on_meta and init != "keep":
         warnings.warn(f"the layers {on_meta[:5]} are on the meta device, which holds no values, so their factors "
                       "are not drawn: after model.to_empty(device=...), load a state_dict of the factorised model, or "
-                      "draw each factor (factor_parameters(model)) with dwf_init_", UserWarning, stacklevel=2)
+                      "draw each factor (factor_parameters(model)) with dwf_init_ (and zero an Embedding's padding row "
+                      "in its first factor)", UserWarning, stacklevel=2)
     own = {id(module): (module, dict(module._parameters)) for module, _, _ in plan}  # objects and order
     added: list[tuple[nn.Module, str]] = []
     try:
@@ -469,7 +470,12 @@ def _init_scale(name: str, module: nn.Module, pname: str, sigma_w: float | Calla
                 depth: int, eps: float, init: str) -> float | None:
     """The std factorize draws a weight's factors for: sigma_w, or measured from the weight."""
     dense = getattr(module, pname)
-    if dense.is_meta:  # no values to draw into (factorize warns): no scale to measure or check
+    if dense.is_meta:  # no values to draw into (factorize warns): a number given is checked all the same
+        if sigma_w is not None and not callable(sigma_w):
+            try:
+                truncation_bounds(sigma_w, depth, eps)
+            except InvalidArgumentError as err:
+                raise FactorizationError(f"layer {name!r}.{pname}: {err}") from None
         return None
     scale = sigma_w(module) if callable(sigma_w) else sigma_w
     if scale is None and dense.numel() <= 1:  # no spread to measure: std() of one value is NaN

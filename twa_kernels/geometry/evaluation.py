@@ -309,6 +309,11 @@ def _on_device(inputs: Any, device: torch.device) -> Any:
     return inputs
 
 
+# the geometry tools take no call_fn: a model that needs its batch fed otherwise is wrapped
+_WRAP_FIX = ("wrap the model in a module whose forward takes a batch's first element (or a mapping's entries as "
+             "keyword arguments) and runs it")
+
+
 def fed_on(device: torch.device) -> Callable[[nn.Module, Any], None]:
     """An update_bn call_fn that feeds a batch as update_bn would, its inputs on `device`
     first, as the evaluation after the pass reads them (split_batch): a model on a GPU
@@ -316,10 +321,10 @@ def fed_on(device: torch.device) -> Callable[[nn.Module, Any], None]:
 
     def feed(model: nn.Module, batch: Any) -> None:
         if isinstance(batch, (list, tuple)) and batch:
-            batch = (_on_device(batch[0], device),)
+            batch = (_on_device(batch[0], device), *batch[1:])  # the rest is not fed: left where it is
         else:
             batch = _on_device(batch, device)
-        feed_batch(model, batch)
+        feed_batch(model, batch, _WRAP_FIX)
 
     return feed
 
