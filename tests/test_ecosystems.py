@@ -522,3 +522,70 @@ def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():
     for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         with pytest.raises(UsageError, match=rf"Linear\) has no {name}\(\).*torch.utils.checkpoint"):
             getattr(twa, name)()
+
+
+def _lora_runs(tmp_path: Path, modules_to_save: list[str] | None = None):
+    """Three PEFT adapters of one tiny GPT-2 (the base), each its own random nudge of the
+    trainable weights, saved with peft's save_pretrained; and a fresh model to average them."""
+    import peft
+    config = transformers.GPT2Config(**GPT2, num_labels=3, pad_token_id=0)
+    cls = transformers.GPT2ForSequenceClassification if modules_to_save else transformers.GPT2LMHeadModel
+    torch.manual_seed(0)
+    base = cls(config).state_dict()
+    lora = dict(r=2, target_modules=["c_attn"], lora_dropout=0.0, modules_to_save=modules_to_save,
+                task_type="SEQ_CLS" if modules_to_save else None)
+
+    def adapted():
+        transformers.logging.set_verbosity_error()
+        model = cls(config)
+        model.load_state_dict(base)
+        return peft.get_peft_model(model, peft.LoraConfig(**lora)).eval()
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = adapted()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"adapter-{seed}")
+    return adapted
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["score"]], ids=["lora", "lora and a saved head"])
+def test_a_twa_over_peft_adapter_directories_averages_the_adapters_and_keeps_the_base(tmp_path, modules_to_save):
+    # adapter files hold `lora_A.weight` for the parameter `lora_A.default.weight`, and no base
+    # weight: TWA named the first as missing, then the frozen base weights
+    from safetensors.torch import load_file
+
+    adapted = _lora_runs(tmp_path, modules_to_save)
+    model = adapted()
+    keys = io.adapter_file_keys(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(keys) == sorted(trainable) and all(".default." not in key for key in keys.values())
+    files = [load_file(tmp_path / f"adapter-{seed}" / "adapter_model.safetensors") for seed in range(3)]
+    twa = tk.TWA(model, tmp_path, bits=None)  # a directory of adapter directories
+    assert twa.names == trainable
+    averaged = twa.averaged_state_dict()
+    for name, key in keys.items():  # the uniform average to start
+        torch.testing.assert_close(averaged[name], torch.stack([f[key] for f in files]).mean(0), rtol=0, atol=1e-6)
+    own = dict(model.named_parameters())
+    frozen = [n for n, p in own.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(averaged[n], own[n]) for n in frozen)  # the base, as the model holds it
+
+
+def test_a_frozen_weight_that_only_some_adapter_checkpoints_hold_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapted = _lora_runs(tmp_path)
+    model = adapted()
+    frozen = next(n for n, p in model.named_parameters() if not p.requires_grad)
+    second = tmp_path / "adapter-1" / "adapter_model.safetensors"
+    save_file({**load_file(second), frozen: dict(model.named_parameters())[frozen].detach().clone()}, second)
+    with pytest.raises(CheckpointError, match=rf"holds the frozen parameter {re.escape(repr(frozen))}, which the first"):
+        tk.TWA(model, tmp_path)
+
+
+def test_a_model_without_peft_has_no_adapter_file_keys():
+    model = _gpt2(0)
+    assert io.adapter_file_keys(model) == {} and io.checkpoint_aliases(model) == io.parameter_aliases(model)

@@ -185,7 +185,8 @@ def _warn_buffers_differ(differ: dict[str, str]) -> None:
 
 
 def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
-                  aliases: dict[str, list[str]], stamps: list[tuple | None] | None = None) -> list[Tensor]:
+                  aliases: dict[str, list[str]], stamps: list[tuple | None] | None = None,
+                  adapters_only: bool = False) -> list[Tensor]:
     """The value each frozen parameter keeps under TWA: its checkpoint value. Floating-point
     ones are the checkpoints' mean, summed in float64, so checkpoints that agree (as a frozen
     tensor's do) give their value exactly; integer ones must agree. Without checkpoints (TWA
@@ -194,13 +195,16 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     and warns where they differ, and the first checkpoint's floating-point tensors that the
     model has no place for are named in a warning (io.warn_unmatched_keys). `stamps` are
     the files' stamps when the subspace was built from them: a file rewritten since would
-    pin values of another state than the basis's."""
+    pin values of another state than the basis's. With `adapters_only` (a PEFT model, whose
+    adapter files hold the adapters alone) a frozen parameter that no checkpoint holds keeps
+    the model's own value."""
     if checkpoints is None:
         return [p.detach().clone() for _, p in frozen]
     buffers = _buffers_to_compare(model)
     specs = resolve_checkpoints(checkpoints)
     all_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     totals: list[Tensor | None] = [None] * len(frozen)
+    absent: set[str] = set()  # frozen parameters the checkpoints leave to the model (adapters_only)
     differ: dict[str, str] = {}
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
@@ -222,6 +226,13 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
                 differ[name] = reader.source
         for j, (name, param) in enumerate(frozen):
             key = reader.key(name, aliases.get(name, ()))
+            if key is None and adapters_only and i == 0:
+                absent.add(name)  # the base model's weight: an adapter file does not hold it
+            if name in absent:
+                if key is not None:
+                    raise CheckpointError(f"{reader.source}: holds the frozen parameter {name!r}, which the first "
+                                          "checkpoint does not; pass checkpoints that hold the same entries")
+                continue
             if key is None:
                 raise CheckpointError(f"{reader.source}: missing key {name!r} (a frozen parameter of the model, "
                                       "pinned to its checkpoint value); was it saved from the same model?")
@@ -244,5 +255,5 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
                                       "checkpoint's; integer tensors cannot be averaged: make them agree")
     if differ:
         _warn_buffers_differ(differ)
-    return [(t / len(specs) if t.is_floating_point() else t).to(dtype=p.dtype, device=p.device)
-            for t, (_, p) in zip(totals, frozen)]
+    return [p.detach().clone() if t is None else (t / len(specs) if t.is_floating_point() else t).to(
+        dtype=p.dtype, device=p.device) for t, (_, p) in zip(totals, frozen)]

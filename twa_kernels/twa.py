@@ -69,7 +69,7 @@ from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_mode
 from twa_kernels._twa_state import check_loaded_state, record_shard
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
-from twa_kernels.io import Checkpoints, parameter_aliases, unwrap_model
+from twa_kernels.io import Checkpoints, checkpoint_aliases, parameter_aliases, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis, dequantize
 from twa_kernels.sharded_build import ShardedSubspace
@@ -152,9 +152,12 @@ class TWA(nn.Module):
                     f"{', '.join(f'{k}={v!r}' for k, v in settings.items())}): build the TWA with the same arguments "
                     "on every rank")
         aliases = parameter_aliases(model)
+        # the keys checkpoints hold the parameters under: also a PEFT adapter file's, which drop
+        # the adapter's name (and hold no frozen base weight: those keep the model's values)
+        read_as = checkpoint_aliases(model)
         if isinstance(checkpoints_or_subspace, Iterator):  # a generator (Path.glob): read by the build and the pins
             checkpoints_or_subspace = list(checkpoints_or_subspace)
-        subspace = subspace_for(checkpoints_or_subspace, trainable, aliases, process_group, shard, given,
+        subspace = subspace_for(checkpoints_or_subspace, trainable, read_as, process_group, shard, given,
                                 bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not averaged(p)]
 
@@ -167,7 +170,8 @@ class TWA(nn.Module):
                               "the checkpoints' values into the model first if they differ", UserWarning,
                               stacklevel=3)
             return pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
-                                 else checkpoints_or_subspace, aliases, subspace.source_stamps)
+                                 else checkpoints_or_subspace, read_as, subspace.source_stamps,
+                                 adapters_only=read_as != aliases)
         # under a process group, a rank whose model does not fit fails every rank with its error
         pinned = check_and_pin() if process_group is None else _collectives.agree(check_and_pin, process_group,
                                                                                    "checking its model")

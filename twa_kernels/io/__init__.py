@@ -5,7 +5,7 @@
 - io.read: reading one checkpoint without running code from it, damaged files refused
   (`load_state_dict`, `iter_state_dicts`);
 - io.keys: how a checkpoint's keys are matched to the model's names (wrapper prefixes, a
-  LightningModule's `model.`, tied weights), and the model's own names;
+  LightningModule's `model.`, tied weights, PEFT adapter files), and the model's own names;
 - io.write: atomic writes of state_dicts and JSON (`save_state_dict`, `write_json`).
 
 Every name below is importable from `twa_kernels.io` itself.
@@ -23,6 +23,8 @@ from twa_kernels.io.files import (
 )
 from twa_kernels.io.keys import (
     ModelKeys,
+    adapter_file_keys,
+    checkpoint_aliases,
     StateDict,
     fill_tied_keys,
     match_names,
@@ -45,7 +47,8 @@ from twa_kernels.io.read import (
 from twa_kernels.io.write import atomic_write, atomic_write_together, check_output_file, save_state_dict, write_json
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "atomic_write",
+    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "adapter_file_keys",
+    "atomic_write", "checkpoint_aliases",
     "atomic_write_together", "check_output_file",
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
     "iter_state_dicts", "load_state_dict", "match_names", "ModelKeys", "model_key_names", "model_renaming",

@@ -39,9 +39,10 @@ from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import CheckpointError, InvalidTypeError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar")  # .pth.tar: timm
-# a save_pretrained directory's weights, in the order transformers itself prefers them
+# a save_pretrained directory's weights, in the order transformers itself prefers them, then
+# a PEFT adapter's (peft's save_pretrained writes the adapter weights alone)
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
+               "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 # Files that training scripts write beside their checkpoints, by file name: copies of another
 # checkpoint, which averaged in would count it twice, and timm's mid-epoch and unfinished
 # files, which are not points of the epoch trajectory

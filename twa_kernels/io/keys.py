@@ -26,7 +26,9 @@ training-loop dicts) is unwrapped; the file's other entries are not used. Tied w
 a file holds under one of their names only (safetensors writers keep one) are read under
 all of them when the model is given (see parameter_aliases). A wrapped model
 (torch.compile, DistributedDataParallel, DataParallel) given as the model is read as the
-module it wraps (unwrap_model), whose names its checkpoints hold under rule 1.
+module it wraps (unwrap_model), whose names its checkpoints hold under rule 1. A PEFT
+model's adapter files hold each adapter weight under the key peft gives it, without the
+adapter's name; TWA reads them under that key too (checkpoint_aliases).
 """
 
 from __future__ import annotations
@@ -228,6 +230,42 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in groups.values()}
 
 
+def adapter_file_keys(model: nn.Module) -> dict[str, str]:
+    """For a PEFT model (peft's PeftModel, or its tuner holding `peft_config`): the key its
+    adapter file (save_pretrained's adapter_model.safetensors) holds each adapter weight
+    under, by the parameter's name, where the two differ. PEFT leaves the adapter's name out
+    of the file (`lora_A.default.weight` is saved as `lora_A.weight`) by rules of each tuner;
+    peft's own get_peft_model_state_dict gives them, matched to the parameters by storage.
+    Empty for any other model."""
+    model = unwrap_model(model)
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping) or not configs:
+        return {}
+    from peft import get_peft_model_state_dict  # a model holding peft_config was made by peft
+
+    owner = {}
+    for name, param in model.named_parameters():
+        if param.data_ptr():
+            owner.setdefault((param.data_ptr(), tuple(param.shape), param.dtype), name)
+    keys = {}
+    for adapter in configs:
+        # save_embedding_layers=False: "auto" may look the base model up on the Hugging Face Hub
+        for key, value in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items():
+            name = owner.get((value.data_ptr(), tuple(value.shape), value.dtype))
+            if name is not None and key != name:
+                keys[name] = key
+    return keys
+
+
+def checkpoint_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """parameter_aliases, with each PEFT adapter weight's adapter-file key (adapter_file_keys)
+    among its names: every key a checkpoint of `model` may hold a parameter under."""
+    aliases = parameter_aliases(model)
+    for name, key in adapter_file_keys(model).items():
+        aliases[name] = [*aliases.get(name, [name]), key]
+    return aliases
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module a wrapper holds, whose names a checkpoint's keys are matched to:
     torch.compile's OptimizedModule (`_orig_mod`), DistributedDataParallel / DataParallel
@@ -291,7 +329,7 @@ def model_key_names(model: nn.Module) -> ModelKeys:
     without a value (see ModelKeys)."""
     model = unwrap_model(model)
     names = set(model.state_dict().keys()) | {n for n, _ in model.named_buffers()}
-    for tied in parameter_aliases(model).values():
+    for tied in checkpoint_aliases(model).values():
         names.update(tied)
     modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unset = {f"{prefix}.{name}" if prefix else name
