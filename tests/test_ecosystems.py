@@ -572,6 +572,10 @@ def test_a_twa_over_peft_adapter_directories_averages_the_adapters_and_keeps_the
     own = dict(model.named_parameters())
     frozen = [n for n, p in own.items() if not p.requires_grad]
     assert frozen and all(torch.equal(averaged[n], own[n]) for n in frozen)  # the base, as the model holds it
+    soup = tk.uniform_average(tmp_path, model=model)  # the soups read adapter files alike
+    assert sorted(soup) == sorted(model.state_dict())
+    for name, value in averaged.items():
+        torch.testing.assert_close(soup[name], value, rtol=0, atol=1e-6)
 
 
 def test_a_frozen_weight_that_only_some_adapter_checkpoints_hold_is_refused(tmp_path):

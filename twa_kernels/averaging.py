@@ -35,11 +35,12 @@ from twa_kernels.io import (
     CheckpointError,
     Checkpoints,
     StateDict,
+    adapter_file_keys,
     check_finite,
+    checkpoint_aliases,
     fill_tied_keys,
     iter_state_dicts,
     model_key_names,
-    parameter_aliases,
     resolve_checkpoints,
     trainer_output_hint,
     unwrap_model,
@@ -121,14 +122,18 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
         return
     model = unwrap_model(model)
     # a module's extra state that is not a tensor (get_extra_state) is no checkpoint entry
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if isinstance(value, Tensor)}
-    aliases = parameter_aliases(model)
+    own = {key: value for key, value in model.state_dict().items() if isinstance(value, Tensor)}
+    expected = {key: tuple(value.shape) for key, value in own.items()}
+    aliases = checkpoint_aliases(model)
+    # a PEFT model's adapter files hold its adapters alone: the rest (the base) is the model's own
+    adapters = adapter_file_keys(model)
+    base = {key: value for key, value in own.items() if key not in adapters} if adapters else {}
     known = model_key_names(model) if warn_unmatched else None
-    for i, (source, state) in enumerate(iter_state_dicts(specs, names=expected)):
+    for i, (source, state) in enumerate(iter_state_dicts(specs, names=[*expected, *adapters.values()])):
         state = fill_tied_keys(state, aliases, source)
         if i == 0 and known is not None:
             warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, known, source)
-        state = _model_keys(state, expected, source)
+        state = _model_keys({**base, **state}, expected, source)
         check_finite(state, source)
         yield source, state
 
