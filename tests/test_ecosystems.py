@@ -524,7 +524,7 @@ def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():
             getattr(twa, name)()
 
 
-def _lora_runs(tmp_path: Path, modules_to_save: list[str] | None = None):
+def _lora_runs(tmp_path: Path, modules_to_save: list[str] | None = None, bias: str = "none"):
     """Three PEFT adapters of one tiny GPT-2 (the base), each its own random nudge of the
     trainable weights, saved with peft's save_pretrained; and a fresh model to average them."""
     import peft
@@ -532,7 +532,7 @@ def _lora_runs(tmp_path: Path, modules_to_save: list[str] | None = None):
     cls = transformers.GPT2ForSequenceClassification if modules_to_save else transformers.GPT2LMHeadModel
     torch.manual_seed(0)
     base = cls(config).state_dict()
-    lora = dict(r=2, target_modules=["c_attn"], lora_dropout=0.0, modules_to_save=modules_to_save,
+    lora = dict(r=2, target_modules=["c_attn"], lora_dropout=0.0, modules_to_save=modules_to_save, bias=bias,
                 task_type="SEQ_CLS" if modules_to_save else None)
 
     def adapted():
@@ -593,3 +593,59 @@ def test_a_frozen_weight_that_only_some_adapter_checkpoints_hold_is_refused(tmp_
 def test_a_model_without_peft_has_no_adapter_file_keys():
     model = _gpt2(0)
     assert io.adapter_file_keys(model) == {} and io.checkpoint_aliases(model) == io.parameter_aliases(model)
+
+
+def test_a_second_adapter_of_the_model_keeps_its_values_while_the_trained_one_is_averaged(tmp_path):
+    # peft saves every adapter under the same keys: the frozen adapter was pinned to the files'
+    import peft
+
+    adapted = _lora_runs(tmp_path)
+    model = adapted()
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0))
+    model.set_adapter("default")
+    other = {n: p.detach().clone().normal_() for n, p in model.named_parameters() if ".other." in n}
+    model.load_state_dict(other, strict=False)
+    assert other and not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+    averaged = tk.TWA(model, tmp_path, bits=None).averaged_state_dict()
+    soup = tk.uniform_average(tmp_path, model=model)
+    for name, value in other.items():
+        assert torch.equal(averaged[name], value) and torch.equal(soup[name], value), name
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="all trainable.*train one adapter at a time"):
+        tk.TWA(model, tmp_path)
+
+
+@pytest.mark.parametrize("which", ["tuner", "transformers model"])
+def test_the_model_inside_a_peft_model_reads_the_peft_models_adapter_files(tmp_path, which):
+    # the files' keys start at the PeftModel (base_model.model.): the inner models missed them
+    adapted = _lora_runs(tmp_path)
+    outer = adapted()
+    inner = outer.base_model if which == "tuner" else outer.base_model.model
+    soup = tk.uniform_average(tmp_path, model=outer)
+    prefix = "base_model." if which == "tuner" else "base_model.model."
+    averaged = tk.TWA(inner, tmp_path, bits=None).averaged_state_dict()
+    for name, value in averaged.items():
+        torch.testing.assert_close(value, soup[prefix + name], rtol=0, atol=1e-6)
+
+
+def test_soups_of_adapters_name_a_trainable_weight_that_one_file_lacks(tmp_path):
+    # a trained bias is saved under its own name: the model's value was averaged in for the
+    # file that lacked it, where TWA refused
+    from safetensors.torch import load_file, save_file
+
+    adapted = _lora_runs(tmp_path, bias="lora_only")
+    third = tmp_path / "adapter-2" / "adapter_model.safetensors"
+    state = load_file(third)
+    assert any(k.endswith("c_attn.base_layer.bias") for k in state)
+    save_file({k: v for k, v in state.items() if not k.endswith("bias")}, third)
+    with pytest.raises(CheckpointError, match=r"adapter-2.*missing key .*c_attn\.base_layer\.bias"):
+        tk.uniform_average(tmp_path, model=adapted())
+
+
+def test_prompt_learning_adapters_are_refused_by_what_they_are():
+    import peft
+
+    model = peft.get_peft_model(_gpt2(0), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"\['default'\] learn prompts"):
+        io.adapter_file_keys(model)

@@ -125,27 +125,39 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     own = {key: value for key, value in model.state_dict().items() if isinstance(value, Tensor)}
     expected = {key: tuple(value.shape) for key, value in own.items()}
     aliases = checkpoint_aliases(model)
-    # a PEFT model's adapter files hold its adapters alone: the rest (the base) is the model's own
     adapters = adapter_file_keys(model)
-    base = {key: value for key, value in own.items() if key not in adapters} if adapters else {}
+    # a PEFT model's adapter files hold its adapters alone: its frozen entries (the base) that
+    # the first file lacks are the model's own, and no later file may hold them
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    base = {key: value for key, value in own.items() if key not in trainable} if adapters else {}
+    absent: set[str] = set()
     known = model_key_names(model) if warn_unmatched else None
     for i, (source, state) in enumerate(iter_state_dicts(specs, names=[*expected, *adapters.values()])):
         state = fill_tied_keys(state, aliases, source)
         if i == 0 and known is not None:
             warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, known, source)
-        state = _model_keys({**base, **state}, expected, source)
+        if i == 0:
+            absent = {key for key in base if key not in state}
+        held = sorted(absent & state.keys())
+        if held:
+            raise CheckpointError(f"{source}: holds {held[0]!r}, which the first checkpoint does not (it leaves it "
+                                  "to the model's own value); pass checkpoints that hold the same entries")
+        state = _model_keys(state, expected, source, {key: base[key] for key in absent})
         check_finite(state, source)
         yield source, state
 
 
-def _model_keys(state: StateDict, expected: dict[str, tuple[int, ...]], source: str) -> StateDict:
+def _model_keys(state: StateDict, expected: dict[str, tuple[int, ...]], source: str,
+                own: StateDict | None = None) -> StateDict:
     """The model's keys of `state`, each with the model's shape; the checkpoint's other
-    entries are left out."""
-    missing = [key for key in expected if key not in state]
+    entries are left out. `own`: the model's values of the keys the checkpoints leave to it."""
+    own = own or {}
+    missing = [key for key in expected if key not in state and key not in own]
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]!r} that the model has ({len(missing)} of its "
                               f"{len(expected)} keys missing; the checkpoint has {len(state)} keys, e.g. "
                               f"{list(state)[:3]}); was it saved from this model?")
+    state = {**own, **state}
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the model has "
