@@ -1267,8 +1267,25 @@ def test_a_loss_that_fails_on_a_later_batch_is_not_told_to_take_other_outputs():
     # notebook's second fit) is not taken to have taken one in this run
     earlier, this = (loss_from(torch.nn.functional.cross_entropy, "torch.nn.functional:cross_entropy") for _ in "ab")
     call_loss(earlier, outputs, targets, "torch.nn.functional:cross_entropy")
-    with pytest.raises(FitError, match="name a loss that takes them"):
+    with pytest.raises(FitError, match="cross_entropy takes logits .*; name a loss that takes these"):
         call_loss(this, torch.ones(4, 1), torch.ones(4, 1, 2), "torch.nn.functional:cross_entropy")
+
+
+def test_a_loss_given_a_transformers_model_output_says_to_take_its_logits():
+    # it suggested cross_entropy, the loss that had just failed; and out.loss, always None as
+    # twa fit calls the model without the targets, was "not one number"
+    import transformers
+
+    from twa_kernels._user_code import call_loss, loss_from
+
+    output = transformers.modeling_outputs.SequenceClassifierOutput(logits=torch.randn(8, 3))
+    labels = torch.zeros(8, dtype=torch.long)
+    loss = loss_from(torch.nn.functional.cross_entropy, "torch.nn.functional:cross_entropy")
+    with pytest.raises(FitError, match="returns a SequenceClassifierOutput: name a loss that takes its .logits"):
+        call_loss(loss, output, labels, "torch.nn.functional:cross_entropy")
+    with pytest.raises(FitError, match="holds no loss, as twa fit calls model\\(x\\) without the targets"):
+        call_loss(lambda out, y: out.loss, output, labels, "pkg:hf_loss")
+    assert call_loss(lambda out, y: torch.nn.functional.cross_entropy(out.logits, y), output, labels, "pkg:ok") > 0
 
 
 def test_an_earlier_output_given_as_a_checkpoint_is_refused_before_it_is_replaced(in_project, capsys):

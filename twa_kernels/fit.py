@@ -228,8 +228,8 @@ def _update_bn(twa: TWA, loader: _Batches, config: FitConfig, group: Any) -> Non
         if group is None:
             def feed(model: nn.Module, batch: Any) -> None:  # the model's call alone: not the loader's
                 with _running(config, loader, group):
-                    feed_batch(model, batch, "make the config's model take a batch's first element (or a "
-                               "mapping's entries as keyword arguments), as twa fit feeds it")
+                    feed_batch(model, batch, "make the config's model take the x of each (x, y) batch as its "
+                               "one argument, as twa fit calls it: model(x)")
 
             twa.update_bn(loader, feed)
         else:
