@@ -649,3 +649,14 @@ def test_prompt_learning_adapters_are_refused_by_what_they_are():
     model = peft.get_peft_model(_gpt2(0), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"\['default'\] learn prompts"):
         io.adapter_file_keys(model)
+
+
+def test_a_peft_model_and_whole_model_checkpoints_or_the_reverse_are_named_with_the_fix(tmp_path):
+    adapted = _lora_runs(tmp_path / "adapters")
+    model = adapted()
+    for name in ("a", "b"):  # fine-tunes of the whole base model, without adapters
+        _gpt2(0).save_pretrained(tmp_path / "whole" / name)
+    with pytest.raises(CheckpointError, match="holds no adapter weight: pass the adapter directories"):
+        tk.TWA(model, tmp_path / "whole")
+    with pytest.raises(CheckpointError, match="holds PEFT adapter weights: pass the model with those adapters"):
+        tk.TWA(_gpt2(0), tmp_path / "adapters")
