@@ -560,7 +560,7 @@ def test_a_twa_over_peft_adapter_directories_averages_the_adapters_and_keeps_the
 
     adapted = _lora_runs(tmp_path, modules_to_save)
     model = adapted()
-    keys = io.adapter_file_keys(model)
+    keys = {name: key for name, (key,) in io.adapter_file_keys(model).items()}  # one form for a PeftModel
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(keys) == sorted(trainable) and all(".default." not in key for key in keys.values())
     files = [load_file(tmp_path / f"adapter-{seed}" / "adapter_model.safetensors") for seed in range(3)]
@@ -586,7 +586,8 @@ def test_a_frozen_weight_that_only_some_adapter_checkpoints_hold_is_refused(tmp_
     frozen = next(n for n, p in model.named_parameters() if not p.requires_grad)
     second = tmp_path / "adapter-1" / "adapter_model.safetensors"
     save_file({**load_file(second), frozen: dict(model.named_parameters())[frozen].detach().clone()}, second)
-    with pytest.raises(CheckpointError, match=rf"holds the frozen parameter {re.escape(repr(frozen))}, which the first"):
+    held = re.escape(repr(frozen))
+    with pytest.raises(CheckpointError, match=rf"holds the frozen parameter {held}, which the first"):
         tk.TWA(model, tmp_path)
 
 
@@ -643,12 +644,27 @@ def test_soups_of_adapters_name_a_trainable_weight_that_one_file_lacks(tmp_path)
         tk.uniform_average(tmp_path, model=adapted())
 
 
-def test_prompt_learning_adapters_are_refused_by_what_they_are():
+def test_prompt_tuning_models_average_their_whole_state_dicts_as_before():
+    # their adapter files hold computed embeddings: no adapter keys, and whole state_dicts still work
     import peft
 
     model = peft.get_peft_model(_gpt2(0), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    with pytest.raises(tk.errors.InvalidArgumentError, match=r"\['default'\] learn prompts"):
-        io.adapter_file_keys(model)
+    assert io.adapter_file_keys(model) == {}
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        states.append({k: v + 0.1 * torch.randn_like(v) if "prompt" in k else v.clone()
+                       for k, v in model.state_dict().items()})
+    twa = tk.TWA(model, states, bits=None)
+    assert twa.names == ["prompt_encoder.default.embedding.weight"]
+
+
+def test_a_model_whose_peft_config_is_not_peft_s_is_no_peft_model():
+    model = nn.Linear(3, 3)
+    model.peft_config = {"r": 8}  # a model of the user's own, with its own meaning for the name
+    assert io.adapter_file_keys(model) == {}
+    states = [{k: v + i for k, v in model.state_dict().items()} for i in range(3)]
+    assert torch.equal(tk.uniform_average(states, model=model)["weight"], model.weight.detach() + 1)
 
 
 def test_a_peft_model_and_whole_model_checkpoints_or_the_reverse_are_named_with_the_fix(tmp_path):
@@ -656,7 +672,27 @@ def test_a_peft_model_and_whole_model_checkpoints_or_the_reverse_are_named_with_
     model = adapted()
     for name in ("a", "b"):  # fine-tunes of the whole base model, without adapters
         _gpt2(0).save_pretrained(tmp_path / "whole" / name)
-    with pytest.raises(CheckpointError, match="holds no adapter weight: pass the adapter directories"):
+    with pytest.raises(CheckpointError, match="holds no LoRA weight: for a PEFT model, pass the adapter dir"):
         tk.TWA(model, tmp_path / "whole")
-    with pytest.raises(CheckpointError, match="holds PEFT adapter weights: pass the model with those adapters"):
+    with pytest.raises(CheckpointError, match="is a PEFT adapter file: pass the model with those adapters"):
         tk.TWA(_gpt2(0), tmp_path / "adapters")
+
+
+def test_greedy_soup_keeps_the_base_the_model_had_before_its_score_ran_the_model(tmp_path):
+    # the second pass read the base again from a model the score had just changed
+    adapted = _lora_runs(tmp_path)
+    model = adapted()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def score(state):  # a score that moves the model's own frozen weights, as a careless one might
+        calls.append(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.add_(1.0)
+        return -len(calls)
+
+    soup, _ = tk.greedy_soup(tmp_path, score, model=model)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(torch.equal(soup[n], before[n]) for n in frozen)

@@ -23,7 +23,7 @@ LAZY_ALLOWED = {
     "triton": "optional: the Triton backend only",
     "transformers": "optional and heavy: Hugging Face models only",
     "lightning": "optional and heavy: Lightning checkpoints only",
-    "peft": "optional: PEFT adapter files only, read for a model peft made (so peft is already imported)",
+    "peft": "optional: PEFT adapter files only, for a model peft made, which has imported peft already",
 }
 
 

@@ -131,7 +131,7 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
         took_a_batch = isinstance(loss_fn, RunLoss) and loss_fn.took_a_batch
         if took_a_batch:
             fix = "it took earlier batches, so look at this batch's values"
-        elif hasattr(outputs, "logits"):  # a transformers ModelOutput
+        elif hasattr(outputs, "logits"):  # a transformers ModelOutput, say
             fix = (f"the model returns a {type(outputs).__name__}: name a loss that takes its .logits, e.g. a "
                    "function (outputs, targets) returning cross_entropy(outputs.logits, targets)")
         elif getattr(loss_fn, "fn", loss_fn) is torch.nn.functional.cross_entropy:
@@ -141,10 +141,10 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
             fix = "name a loss that takes them, such as torch.nn.functional:cross_entropy for class labels"
         raise FitError(f"loss: {short(spec)} failed on the model's outputs {shape(outputs)} and the targets "
                        f"{shape(targets)}: {type(exc).__name__}: {short(str(exc))[1:-1]}; {fix}") from exc
-    if loss is None and getattr(outputs, "loss", False) is None:  # a transformers ModelOutput
-        raise FitError(f"loss: {short(spec)} returned None: the model's {type(outputs).__name__} holds no loss, as "
-                       "twa fit calls model(x) without the targets; compute the loss from outputs.logits and the "
-                       "targets")
+    if loss is None and getattr(outputs, "loss", False) is None:  # a transformers ModelOutput, say
+        raise FitError(f"loss: {short(spec)} returned None; if it returns the model's outputs.loss, that is None in "
+                       f"a {type(outputs).__name__} of a model called without the targets, as twa fit calls model(x): "
+                       "compute the loss from outputs.logits and the targets")
     if isinstance(loss_fn, RunLoss):
         loss_fn.took_a_batch = True
     return _one_number(loss, spec)

@@ -111,10 +111,13 @@ def _model_dtypes(model: nn.Module | None) -> dict[str, torch.dtype]:
     return {key: value.dtype for key, value in state.items() if isinstance(value, Tensor) and _averaged(value)}
 
 
-def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
+def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True, kept: StateDict | None = None):
     """(source, state) per checkpoint: finite; given the model, keyed exactly as its
     state_dict (tied names filled in), with a warning where the first checkpoint holds
-    floating-point tensors the model has no place for (warn_unmatched)."""
+    floating-point tensors the model has no place for (warn_unmatched). The model's own
+    values of a PEFT model's entries that adapter files leave to it are copied into `kept`
+    when first needed and read from there after: a caller that runs the model between
+    passes (greedy_soup's score) passes the same `kept` to each."""
     if model is None:
         for source, state in iter_state_dicts(specs):
             check_finite(state, source)
@@ -131,18 +134,22 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     base = {key: value for key, value in own.items() if key not in trainable} if adapters else {}
     absent: set[str] = set()
+    kept = {} if kept is None else kept
     known = model_key_names(model) if warn_unmatched else None
-    for i, (source, state) in enumerate(iter_state_dicts(specs, names=[*expected, *adapters.values()])):
+    names = [*expected, *(key for keys in adapters.values() for key in keys)]
+    for i, (source, state) in enumerate(iter_state_dicts(specs, names=names)):
         state = fill_tied_keys(state, aliases, source)
         if i == 0 and known is not None:
             warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, known, source)
         if i == 0:
             absent = {key for key in base if key not in state}
+            for key in absent:  # a copy: the model's own tensors change when a score runs it
+                kept.setdefault(key, base[key].detach().clone())
         held = sorted(absent & state.keys())
         if held:
             raise CheckpointError(f"{source}: holds {held[0]!r}, which the first checkpoint does not (it leaves it "
                                   "to the model's own value); pass checkpoints that hold the same entries")
-        state = _model_keys(state, expected, source, {key: base[key] for key in absent})
+        state = _model_keys(state, expected, source, {key: kept[key] for key in absent})
         check_finite(state, source)
         yield source, state
 
@@ -235,7 +242,8 @@ def greedy_soup(
     scores = []
     dtypes = _model_dtypes(model)
     first = None
-    for i, (source, state) in enumerate(_states(specs, model)):
+    kept: StateDict = {}  # the model's own values a PEFT model's adapter files leave to it, before any score
+    for i, (source, state) in enumerate(_states(specs, model, kept=kept)):
         _widen(dtypes, state)
         if first is None:
             first = state
@@ -255,7 +263,7 @@ def greedy_soup(
         if stamps[i] is not None and _file_stamp(specs[i]) != stamps[i]:  # scored as one state, souped as another
             raise CheckpointError(f"{specs[i]}: changed since it was scored (its size, modification time or inode "
                                   "moved); build the soup once it is no longer being written, or from a copy")
-        _, state = next(_states([specs[i]], model, warn_unmatched=False))  # the scoring pass warned
+        _, state = next(_states([specs[i]], model, warn_unmatched=False, kept=kept))  # the scoring pass warned
         if total is None:
             total = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}
             last = state

@@ -61,15 +61,17 @@ def _stamp(files: Sequence[Path]) -> tuple | None:
     return tuple(stamps)
 
 
-def _adapter_hint(name: str, keys: Sequence[str]) -> str | None:
-    """The fix where a PEFT model meets whole-model checkpoints, or a plain model adapter files."""
-    adapter_name, adapter_keys = ".lora_" in name, any(".lora_" in key for key in keys)
-    if adapter_name and not adapter_keys:
-        return ("the model is a PEFT model, and this checkpoint holds no adapter weight: pass the adapter "
-                "directories peft's save_pretrained wrote, or the model without its adapters")
-    if adapter_keys and not adapter_name:
-        return ("this checkpoint holds PEFT adapter weights: pass the model with those adapters "
-                "(peft.get_peft_model(model, config)) to average them")
+def _adapter_hint(name: str, keys: Sequence[str], source: str) -> str | None:
+    """The fix where a PEFT model may meet whole-model checkpoints, or a model adapter files."""
+    path = Path(source)
+    adapter = path.name.startswith("adapter_model.") or any(
+        (path / file).is_file() for file in ("adapter_model.safetensors", "adapter_model.bin"))
+    if adapter and ".lora_" not in name:
+        return ("this is a PEFT adapter file: pass the model with those adapters (peft.get_peft_model(model, "
+                "config)) to average them")
+    if ".lora_" in name and not any(".lora_" in key for key in keys):
+        return ("this checkpoint holds no LoRA weight: for a PEFT model, pass the adapter directories peft's "
+                "save_pretrained wrote, or the model without its adapters")
     return None
 
 
@@ -301,7 +303,7 @@ class ColumnReader:
         if key is None:
             keys = self.keys()
             raise CheckpointError(f"{self.source}: missing key {name!r} (it has {len(keys)} keys, e.g. {keys[:3]}); "
-                                  f"{_adapter_hint(name, keys) or 'was it saved from the same model?'}")
+                                  f"{_adapter_hint(name, keys, self.source) or 'was it saved from the same model?'}")
         got = self.shape(key)
         if got != tuple(shape):
             raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")

@@ -230,60 +230,63 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in groups.values()}
 
 
-def adapter_file_keys(model: nn.Module) -> dict[str, str]:
+def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
     """For a PEFT model (peft's PeftModel, its tuner, or a transformers model holding
-    `peft_config`): the key its adapter file (save_pretrained's adapter_model.safetensors)
-    holds each adapter weight under, by the parameter's name. PEFT leaves the adapter's name
+    adapters): the keys its adapter files (save_pretrained's adapter_model.safetensors) may
+    hold each adapter weight under, by the parameter's name. PEFT leaves the adapter's name
     out of the file (`lora_A.default.weight` is saved as `lora_A.weight`) by rules of each
     tuner; peft's own get_peft_model_state_dict gives them, matched to the parameters by
-    storage, and the file's keys start at the PeftModel (`base_model.model.`). Adapters of
-    one model are saved under the same keys: where several map to one, the trainable one
-    is read (the others keep the model's values), and several trainable ones are refused.
-    Empty for any other model."""
+    storage. A PeftModel's files name keys from it (`base_model.model.`), a transformers
+    model's own save_pretrained from the model: a model inside a PeftModel gets both forms.
+    Adapters of one model are saved under the same keys: where several map to one, the
+    trainable one is read (the others keep the model's values), and several trainable ones
+    are refused. Prompt-learning adapters, whose files hold computed embeddings rather than
+    parameters, get none. Empty for any other model."""
     model = unwrap_model(model)
     configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, Mapping) or not configs:
+    peft = sys.modules.get("peft")  # a model peft made has imported it
+    if (peft is None or not isinstance(configs, Mapping) or not configs
+            or not all(isinstance(config, peft.PeftConfig) for config in configs.values())):
         return {}
-    from peft import PeftModel, get_peft_model_state_dict  # a model holding peft_config was made by peft
     from peft.tuners.tuners_utils import BaseTuner
 
-    prompts = [name for name, config in configs.items() if getattr(config, "is_prompt_learning", False)]
-    if prompts:
-        raise InvalidArgumentError(f"the PEFT adapter(s) {prompts} learn prompts (prompt tuning, p-tuning, prefix "
-                                   "tuning): their files hold the computed prompt embeddings, not parameters of the "
-                                   "model, so they cannot be averaged here; average LoRA-style adapters")
-    # where the model sits under the PeftModel whose names the file's keys carry
-    prefix = ("" if isinstance(model, PeftModel) else "base_model." if isinstance(model, BaseTuner)
-              else "base_model.model.")
+    # where the model sits under the PeftModel whose names a PeftModel's files carry
+    prefixes = ([""] if isinstance(model, peft.PeftModel) else ["base_model."] if isinstance(model, BaseTuner)
+                else ["base_model.model.", ""])
     params = dict(model.named_parameters())
     owner = {}
     for name, param in params.items():
         if param.data_ptr():
             owner.setdefault((param.data_ptr(), tuple(param.shape), param.dtype), name)
     by_key: dict[str, list[str]] = {}
-    for adapter in configs:
+    for adapter, config in configs.items():
+        if getattr(config, "is_prompt_learning", False):
+            continue
         # save_embedding_layers=False: "auto" may look the base model up on the Hugging Face Hub
-        for key, value in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items():
+        state = peft.get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False)
+        for key, value in state.items():
             name = owner.get((value.data_ptr(), tuple(value.shape), value.dtype))
-            if name is not None and name not in by_key.setdefault(prefix + key, []):
-                by_key[prefix + key].append(name)
-    keys = {}
+            if name is not None and name not in by_key.setdefault(key, []):
+                by_key[key].append(name)
+    keys: dict[str, list[str]] = {}
     for key, names in by_key.items():
         read = [name for name in names if params[name].requires_grad] if len(names) > 1 else names
         if len(read) > 1:
             raise InvalidArgumentError(f"the PEFT model's parameters {read} are all trainable, and adapter files hold "
                                        f"each of them under the one key {key!r}; train one adapter at a time "
                                        "(set_adapter), so that its files are read for it alone")
-        keys.update({name: key for name in read if name != key})
+        for name in read:
+            if [prefix + key for prefix in prefixes] != [name]:
+                keys[name] = [prefix + key for prefix in prefixes if prefix + key != name]
     return keys
 
 
 def checkpoint_aliases(model: nn.Module) -> dict[str, list[str]]:
-    """parameter_aliases, with each PEFT adapter weight's adapter-file key (adapter_file_keys)
+    """parameter_aliases, with each PEFT adapter weight's adapter-file keys (adapter_file_keys)
     among its names: every key a checkpoint of `model` may hold a parameter under."""
     aliases = parameter_aliases(model)
-    for name, key in adapter_file_keys(model).items():
-        aliases[name] = [*aliases.get(name, [name]), key]
+    for name, keys in adapter_file_keys(model).items():
+        aliases[name] = [*aliases.get(name, [name]), *keys]
     return aliases
 
 
