@@ -134,7 +134,7 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True, k
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     base = {key: value for key, value in own.items() if key not in trainable} if adapters else {}
     absent: set[str] = set()
-    kept = {} if kept is None else kept
+    copy, kept = kept is not None, {} if kept is None else kept
     known = model_key_names(model) if warn_unmatched else None
     names = [*expected, *(key for keys in adapters.values() for key in keys)]
     for i, (source, state) in enumerate(iter_state_dicts(specs, names=names)):
@@ -143,8 +143,8 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True, k
             warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, known, source)
         if i == 0:
             absent = {key for key in base if key not in state}
-            for key in absent:  # a copy: the model's own tensors change when a score runs it
-                kept.setdefault(key, base[key].detach().clone())
+            for key in absent:  # copied for a caller that runs the model between passes
+                kept.setdefault(key, base[key].detach().clone() if copy else base[key])
         held = sorted(absent & state.keys())
         if held:
             raise CheckpointError(f"{source}: holds {held[0]!r}, which the first checkpoint does not (it leaves it "
@@ -252,7 +252,7 @@ def greedy_soup(
         # a score that writes into what it is given (a load with assign=True, then update_bn or
         # training) gets a copy of an in-memory state_dict: the caller's and the soup's stay
         scored = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()} \
-            if isinstance(specs[i], Mapping) else state
+            if isinstance(specs[i], Mapping) else {**state, **{k: state[k].clone() for k in kept}}
         scores.append((_real_score(score(scored), f"checkpoint {i} ({source})"), i))
     order = [i for _, i in sorted(scores, key=lambda t: -t[0])]
     best_score = scores[order[0]][0]  # the first ingredient's own score, whatever the ties

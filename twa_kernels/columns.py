@@ -64,11 +64,15 @@ def _stamp(files: Sequence[Path]) -> tuple | None:
 def _adapter_hint(name: str, keys: Sequence[str], source: str) -> str | None:
     """The fix where a PEFT model may meet whole-model checkpoints, or a model adapter files."""
     path = Path(source)
-    adapter = path.name.startswith("adapter_model.") or any(
-        (path / file).is_file() for file in ("adapter_model.safetensors", "adapter_model.bin"))
-    if adapter and ".lora_" not in name:
-        return ("this is a PEFT adapter file: pass the model with those adapters (peft.get_peft_model(model, "
-                "config)) to average them")
+    try:
+        adapter = path.name.startswith("adapter_model.") or any(
+            (path / file).is_file() for file in ("adapter_model.safetensors", "adapter_model.bin"))
+    except OSError:  # a source that names no file
+        adapter = False
+    if adapter:
+        return ("this is a PEFT adapter file, which holds adapter weights alone: for a model without adapters, "
+                "pass the model with them (peft.get_peft_model(model, config)); for a PEFT model, the file was "
+                "saved with another adapter config (target_modules, modules_to_save)")
     if ".lora_" in name and not any(".lora_" in key for key in keys):
         return ("this checkpoint holds no LoRA weight: for a PEFT model, pass the adapter directories peft's "
                 "save_pretrained wrote, or the model without its adapters")
