@@ -127,8 +127,8 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True, k
     # a module's extra state that is not a tensor (get_extra_state) is no checkpoint entry
     own = {key: value for key, value in model.state_dict().items() if isinstance(value, Tensor)}
     expected = {key: tuple(value.shape) for key, value in own.items()}
-    aliases = checkpoint_aliases(model)
     adapters = adapter_file_keys(model)
+    aliases = checkpoint_aliases(model, adapters)
     # a PEFT model's adapter files hold its adapters alone: its frozen entries (the base) that
     # the first file lacks are the model's own, and no later file may hold them
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -281,11 +281,12 @@ def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
     return keys
 
 
-def checkpoint_aliases(model: nn.Module) -> dict[str, list[str]]:
-    """parameter_aliases, with each PEFT adapter weight's adapter-file keys (adapter_file_keys)
-    among its names: every key a checkpoint of `model` may hold a parameter under."""
+def checkpoint_aliases(model: nn.Module, adapters: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """parameter_aliases, with each PEFT adapter weight's adapter-file keys (adapter_file_keys,
+    or `adapters` where the caller has them already) among its names: every key a checkpoint
+    of `model` may hold a parameter under."""
     aliases = parameter_aliases(model)
-    for name, keys in adapter_file_keys(model).items():
+    for name, keys in (adapter_file_keys(model) if adapters is None else adapters).items():
         aliases[name] = [*aliases.get(name, [name]), *keys]
     return aliases
 
