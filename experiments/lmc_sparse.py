@@ -56,7 +56,8 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import twa_kernels as tk
-from experiments.common import accuracy, mnist1d as mnist1d_cached, parser, pyplot, save_figure, stamp, write_report
+from experiments.common import (RESULTS, accuracy, mnist1d as mnist1d_cached, parser, pyplot, save_figure, stamp,
+                                write_report)
 from twa_kernels.demo import make_model, mnist1d
 
 METHODS = ("real", "distilled ipc 10", "distilled ipc 50")
@@ -611,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (the model and batches are tiny: one thread is about as fast, and "
                              "does not fight other jobs for cores)")
-    parser.add_argument("--out", default="results/lmc_sparse")
+    parser.add_argument("--out", default=str(RESULTS / "lmc_sparse"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "twa-lmc-sparse"),
                         help="IMP rounds and distilled sets (resumable)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, short training: a smoke run")
