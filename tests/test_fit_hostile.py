@@ -222,8 +222,15 @@ def _consistent(out: Path) -> dict:
         (dict(epochs=0), ["epochs must be a positive integer", "got 0"]),
         (dict(loss="fit_hostile_pkg:NOT_CALLABLE"), ["loss: 'fit_hostile_pkg:NOT_CALLABLE' is int, not callable"]),
         (dict(optimizer=dict(name="SGD", lr=0.1, betas=[0.9, 0.99])), ["optimizer SGD does not take", "betas"]),
-        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, 0.99, 0.5])), ["optimizer Adam does not take",
-                                                                             "too many values to unpack"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, 0.99, 0.5])), ["optimizer.betas is a list of 2 "
+                                                                             "numbers", "[0.9, 0.99, 0.5]"]),
+        # one beta failed inside the first step with an IndexError, a traceback
+        (dict(optimizer=dict(name="AdamW", lr=0.1, betas=[0.9])), ["optimizer.betas is a list of 2 numbers",
+                                                                   "give a list such as [0.9, 0.999]"]),
+        (dict(optimizer=dict(name="Rprop", lr=0.1, etas=[0.5])), ["optimizer.etas is a list of 2 numbers"]),
+        # ASGD divides by its alpha-scaled step: a ZeroDivisionError, a traceback
+        (dict(optimizer=dict(name="ASGD", lr=0.1, alpha=-1e30)), ["optimizer ASGD does not take",
+                                                                  "ZeroDivisionError"]),
         (dict(optimizer=dict(name="SparseAdam", lr=0.1)), ["optimizer SparseAdam does not take",
                                                            "does not support dense gradients"]),
         (dict(optimizer=dict(name="Adam", lr=0.1, capturable=True)), ["optimizer Adam does not take",
@@ -265,8 +272,8 @@ def _consistent(out: Path) -> dict:
                                                                                    "None (null)"]),
         (dict(optimizer=dict(name="SGD", lr=0.1, dampening=datetime.date(2020, 1, 1))),
          ["optimizer.dampening is a number"]),
-        (dict(optimizer=dict(name="Adam", lr=0.1, betas=0.9)), ["optimizer.betas is a list of numbers"]),
-        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, True])), ["optimizer.betas is a list of numbers"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=0.9)), ["optimizer.betas is a list of 2 numbers"]),
+        (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, True])), ["optimizer.betas is a list of 2 numbers"]),
         (dict(output="runs/a\0b"), ["output 'runs/a\\x00b' (a string) holds a NUL byte"]),
         (dict(loss="os.path:exists"), ["loss: 'os.path:exists' cannot be called as loss(outputs, targets)"]),
     ],

@@ -186,10 +186,12 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
         if isinstance(default, (int, float)) and not isinstance(default, bool) and _as_float(arg) is None:
             raise FitError(f"{where}: optimizer.{key} is a number (its default is {default!r}), got {describe(arg)}; "
                            "give a number, or leave the key out for the optimizer's default")
-        if isinstance(default, tuple) and not (isinstance(arg, list) and all(
+        # as long as the default: a shorter betas failed inside the step with an IndexError
+        if isinstance(default, tuple) and not (isinstance(arg, list) and len(arg) == len(default) and all(
                 _as_float(item) is not None or (item is None and None in default) for item in arg)):
-            raise FitError(f"{where}: optimizer.{key} is a list of numbers (its default is {list(default)!r}), got "
-                           f"{describe(arg)}; give a list such as [0.9, 0.999], or leave the key out")
+            raise FitError(f"{where}: optimizer.{key} is a list of {len(default)} numbers (its default is "
+                           f"{list(default)!r}), got {describe(arg)}; give a list such as {list(default)!r}, or "
+                           "leave the key out")
         if not _plain(arg):  # the report writes the arguments as JSON
             raise FitError(f"{where}: optimizer.{key} must be a number, true/false, a name or a list of numbers, got "
                            f"{describe(arg)}")
@@ -208,7 +210,7 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
             for _ in range(2):  # the second step reads what the first set up (SGD's dampening with momentum)
                 trial.grad = torch.full_like(trial, 1e-3)
                 optimizer.step()
-    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, OverflowError) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AssertionError, ArithmeticError) as exc:
         raise FitError(f"{where}: optimizer {name} does not take {short(args)} for TWA's coefficients: "
                        f"{type(exc).__name__}: {short(str(exc))[1:-1]}; give it arguments its documentation "
                        "lists, with values in their ranges") from exc
