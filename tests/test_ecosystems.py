@@ -678,6 +678,63 @@ def test_a_peft_model_and_whole_model_checkpoints_or_the_reverse_are_named_with_
         tk.TWA(_gpt2(0), tmp_path / "adapters")
 
 
+def test_the_soups_name_the_fix_for_a_peft_mismatch_as_twa_does(tmp_path):
+    # the soups said "was it saved from this model?" where TWA named the mismatch
+    _lora_runs(tmp_path / "adapters")
+    with pytest.raises(CheckpointError, match="is a PEFT adapter file.*for a model without adapters, pass the model"):
+        tk.uniform_average(tmp_path / "adapters", model=_gpt2(0))
+
+
+def test_adapter_files_for_a_model_with_several_adapters_none_trainable_name_the_fix(tmp_path):
+    # peft saves every adapter under the same keys, so the files belong to no adapter of such a
+    # model: the soups blamed the checkpoints ("was it saved from this model?")
+    import peft
+
+    adapted = _lora_runs(tmp_path / "adapters")
+    model = adapted()
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0))
+    for p in model.parameters():
+        p.requires_grad_(False)  # as PeftModel.from_pretrained leaves a model loaded for inference
+    with pytest.raises(CheckpointError, match=r"adapters \['default', 'other'\], none of them trainable.*set_adapter"):
+        tk.uniform_average(tmp_path / "adapters", model=model)
+
+
+def test_vera_adapters_are_averaged_with_the_projections_their_files_hold(tmp_path):
+    # VeRA's files hold its random projections (buffers shared by every adapted layer): the
+    # soups kept the model's own, drawn from another seed, beside the files' averaged vectors,
+    # and TWA ran with them without a word
+    import peft
+    from safetensors.torch import load_file
+
+    if not hasattr(peft, "VeraConfig"):
+        pytest.skip(f"peft {peft.__version__} has no VeRA")
+
+    def adapted(key: int):
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(0)
+        config = peft.VeraConfig(r=4, target_modules=["c_attn"], save_projection=True, projection_prng_key=key)
+        return peft.get_peft_model(_gpt2(0), config).eval()
+
+    for seed in range(2):
+        model = adapted(key=7)
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"vera-{seed}")
+    files = [load_file(tmp_path / f"vera-{seed}" / "adapter_model.safetensors") for seed in range(2)]
+    projection = next(key for key in files[0] if key.endswith("vera_A"))
+    model = adapted(key=0)  # other projections than the files'
+    names = [name for name in model.state_dict() if ".vera_A." in name]
+    assert len(names) > 1 and not torch.equal(model.state_dict()[names[0]], files[0][projection])
+    soup = tk.uniform_average(tmp_path, model=model)
+    for name in names:  # every name the shared projection has in the state_dict
+        assert torch.equal(soup[name], files[0][projection]), name
+    with pytest.warns(UserWarning, match=r"holds other values of the model's buffer .*vera_A"):
+        tk.TWA(model, tmp_path, bits=None)
+
+
 @pytest.mark.parametrize("load", ["none", "assign"])
 def test_greedy_soup_keeps_the_base_the_model_had_before_its_score_ran_the_model(tmp_path, load):
     # the second pass read the base again from a model the score had just changed, and a

@@ -219,7 +219,7 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
                                   "another state than the basis; build once it is no longer being written, or "
                                   "from a copy")
         for name, own in buffers.items():
-            key = reader.key(name)
+            key = reader.key(name, aliases.get(name, ()))  # VeRA's projections are under their adapter-file key
             if name in differ or key is None or reader.shape(key) != tuple(own.shape):
                 continue
             if not torch.equal(reader.tensor(key).to(device=own.device, dtype=own.dtype), own):

@@ -36,6 +36,7 @@ from twa_kernels.io import (
     Checkpoints,
     StateDict,
     adapter_file_keys,
+    adapter_hint,
     check_finite,
     checkpoint_aliases,
     fill_tied_keys,
@@ -149,21 +150,23 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True, k
         if held:
             raise CheckpointError(f"{source}: holds {held[0]!r}, which the first checkpoint does not (it leaves it "
                                   "to the model's own value); pass checkpoints that hold the same entries")
-        state = _model_keys(state, expected, source, {key: kept[key] for key in absent})
+        state = _model_keys(state, expected, source, {key: kept[key] for key in absent}, model)
         check_finite(state, source)
         yield source, state
 
 
 def _model_keys(state: StateDict, expected: dict[str, tuple[int, ...]], source: str,
-                own: StateDict | None = None) -> StateDict:
+                own: StateDict | None = None, model: nn.Module | None = None) -> StateDict:
     """The model's keys of `state`, each with the model's shape; the checkpoint's other
-    entries are left out. `own`: the model's values of the keys the checkpoints leave to it."""
+    entries are left out. `own`: the model's values of the keys the checkpoints leave to it;
+    `model`, where given, lets a missing key's error name a PEFT mismatch (adapter_hint)."""
     own = own or {}
     missing = [key for key in expected if key not in state and key not in own]
     if missing:
+        hint = adapter_hint(missing[0], list(state), source, model) or "was it saved from this model?"
         raise CheckpointError(f"{source}: missing key {missing[0]!r} that the model has ({len(missing)} of its "
                               f"{len(expected)} keys missing; the checkpoint has {len(state)} keys, e.g. "
-                              f"{list(state)[:3]}); was it saved from this model?")
+                              f"{list(state)[:3]}); {hint}")
     state = {**own, **state}
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:

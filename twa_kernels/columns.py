@@ -34,7 +34,7 @@ from twa_kernels.io import (
     verify_zip_crc,
 )
 from twa_kernels.io.files import _directory_error
-from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names
+from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names, adapter_hint
 from twa_kernels.io.read import (_file_stamp, _non_finite_error, is_torch_zip, refuse_torch_zip_as_safetensors,
                                   zip_maps_as_stored)
 
@@ -59,24 +59,6 @@ def _stamp(files: Sequence[Path]) -> tuple | None:
         except OSError:  # gone: a stamp no later one equals
             stamps.append((str(path), None))
     return tuple(stamps)
-
-
-def _adapter_hint(name: str, keys: Sequence[str], source: str) -> str | None:
-    """The fix where a PEFT model may meet whole-model checkpoints, or a model adapter files."""
-    path = Path(source)
-    try:
-        adapter = path.name.startswith("adapter_model.") or any(
-            (path / file).is_file() for file in ("adapter_model.safetensors", "adapter_model.bin"))
-    except OSError:  # a source that names no file
-        adapter = False
-    if adapter:
-        return ("this is a PEFT adapter file, which holds adapter weights alone: for a model without adapters, "
-                "pass the model with them (peft.get_peft_model(model, config)); for a PEFT model, the file was "
-                "saved with another adapter config (target_modules, modules_to_save)")
-    if ".lora_" in name and not any(".lora_" in key for key in keys):
-        return ("this checkpoint holds no LoRA weight: for a PEFT model, pass the adapter directories peft's "
-                "save_pretrained wrote, or the model without its adapters")
-    return None
 
 
 class ColumnReader:
@@ -307,7 +289,7 @@ class ColumnReader:
         if key is None:
             keys = self.keys()
             raise CheckpointError(f"{self.source}: missing key {name!r} (it has {len(keys)} keys, e.g. {keys[:3]}); "
-                                  f"{_adapter_hint(name, keys, self.source) or 'was it saved from the same model?'}")
+                                  f"{adapter_hint(name, keys, self.source) or 'was it saved from the same model?'}")
         got = self.shape(key)
         if got != tuple(shape):
             raise CheckpointError(f"{self.source}: key {name!r} has shape {got} but the model has {tuple(shape)}")

@@ -37,6 +37,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -253,11 +254,14 @@ def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
     # where the model sits under the PeftModel whose names a PeftModel's files carry
     prefixes = ([""] if isinstance(model, peft.PeftModel) else ["base_model."] if isinstance(model, BaseTuner)
                 else ["base_model.model.", ""])
+    # buffers too: VeRA's files hold its shared random projections (vera_A, vera_B), buffers
+    # of the model, and the adapter weights are only right beside the projections they met
     params = dict(model.named_parameters())
+    tensors = {**dict(model.named_buffers()), **params}
     owner = {}
-    for name, param in params.items():
-        if param.data_ptr():
-            owner.setdefault((param.data_ptr(), tuple(param.shape), param.dtype), name)
+    for name, tensor in tensors.items():
+        if tensor.data_ptr():
+            owner.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.dtype), name)
     by_key: dict[str, list[str]] = {}
     for adapter, config in configs.items():
         if getattr(config, "is_prompt_learning", False):
@@ -270,7 +274,7 @@ def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
                 by_key[key].append(name)
     keys: dict[str, list[str]] = {}
     for key, names in by_key.items():
-        read = [name for name in names if params[name].requires_grad] if len(names) > 1 else names
+        read = [name for name in names if name in params and params[name].requires_grad] if len(names) > 1 else names
         if len(read) > 1:
             raise InvalidArgumentError(f"the PEFT model's parameters {read} are all trainable, and adapter files hold "
                                        f"each of them under the one key {key!r}; train one adapter at a time "
@@ -281,13 +285,48 @@ def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
     return keys
 
 
+def adapter_hint(name: str, keys: Sequence[str], source: str, model: nn.Module | None = None) -> str | None:
+    """The fix where checkpoint `source` lacks the model's `name` (`keys`: what it holds) and a
+    PEFT model may meet whole-model checkpoints, a model adapter files, or adapter files a
+    model with several adapters cannot tell apart (None: no such case)."""
+    path = Path(source)
+    try:
+        adapter = path.name.startswith("adapter_model.") or any(
+            (path / file).is_file() for file in ("adapter_model.safetensors", "adapter_model.bin"))
+    except OSError:  # a source that names no file
+        adapter = False
+    if adapter and model is not None:
+        model = unwrap_model(model)
+        configs = getattr(model, "peft_config", None)
+        adapters = ([adapter_name for adapter_name, config in configs.items()
+                     if not getattr(config, "is_prompt_learning", False)] if isinstance(configs, Mapping) else [])
+        if len(adapters) > 1 and not any(p.requires_grad for p in model.parameters()):
+            return (f"the model holds the PEFT adapters {adapters}, none of them trainable, and peft saves every "
+                    "adapter under the same keys, so these files cannot be read for one of them: make the adapter "
+                    "they were saved from trainable (model.set_adapter(name), or PeftModel.from_pretrained(..., "
+                    "is_trainable=True))")
+    if adapter:
+        return ("this is a PEFT adapter file, which holds adapter weights alone: for a model without adapters, "
+                "pass the model with them (peft.get_peft_model(model, config)); for a PEFT model, the file was "
+                "saved with another adapter config (target_modules, modules_to_save)")
+    if ".lora_" in name and not any(".lora_" in key for key in keys):
+        return ("this checkpoint holds no LoRA weight: for a PEFT model, pass the adapter directories peft's "
+                "save_pretrained wrote, or the model without its adapters")
+    return None
+
+
 def checkpoint_aliases(model: nn.Module, adapters: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """parameter_aliases, with each PEFT adapter weight's adapter-file keys (adapter_file_keys,
     or `adapters` where the caller has them already) among its names: every key a checkpoint
     of `model` may hold a parameter under."""
     aliases = parameter_aliases(model)
+    # a buffer shared by several modules (VeRA's projections) is filled under every name it has
+    shared: dict[int, list[str]] = {}
+    for name, buffer in unwrap_model(model).named_buffers(remove_duplicate=False):
+        shared.setdefault(id(buffer), []).append(name)
+    buffers = {names[0]: names for names in shared.values()}
     for name, keys in (adapter_file_keys(model) if adapters is None else adapters).items():
-        aliases[name] = [*aliases.get(name, [name]), *keys]
+        aliases[name] = [*aliases.get(name, buffers.get(name, [name])), *keys]
     return aliases
 
 
