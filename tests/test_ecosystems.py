@@ -699,6 +699,65 @@ def test_adapter_files_for_a_model_with_several_adapters_none_trainable_name_the
         tk.uniform_average(tmp_path / "adapters", model=model)
 
 
+class _Tagger(nn.Module):
+    """A layer PEFT adapts, a norm, and a head with running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(6, 6), nn.LayerNorm(6)
+        self.head = nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(x)))
+
+
+def test_the_several_adapters_fix_is_named_though_a_layer_beside_them_trains(tmp_path):
+    # every parameter was asked: a trainable norm beside the frozen adapters hid the fix
+    import peft
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Tagger(), peft.LoraConfig(r=2, target_modules=["lin"]))
+    model.save_pretrained(tmp_path / "a")
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["lin"]))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("base_model.model.norm."))
+    with pytest.raises(CheckpointError, match=r"adapters \['default', 'other'\], none of them trainable"):
+        tk.uniform_average([tmp_path / "a"], model=model)
+
+
+def test_an_adapter_weight_keeps_its_file_key_where_a_buffer_shares_its_memory():
+    # the buffer was matched first and took the weight's key, leaving the weight with none
+    import peft
+
+    model = peft.get_peft_model(_Tagger(), peft.LoraConfig(r=2, target_modules=["lin"]))
+    inner = model.base_model.model
+    inner.register_buffer("lora_start", inner.lin.lora_A["default"].weight.detach())
+    keys = io.adapter_file_keys(model)
+    assert keys["base_model.model.lin.lora_A.default.weight"] == ["base_model.model.lin.lora_A.weight"]
+    assert "base_model.model.lora_start" not in keys
+
+
+def test_a_saved_heads_running_statistics_are_read_from_the_adapter_files(tmp_path):
+    # modules_to_save keeps a head's BatchNorm statistics in the adapter files: the soups now
+    # average them with the head's weights, where they kept the model's own
+    import peft
+    from safetensors.torch import load_file
+
+    means = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(_Tagger(), peft.LoraConfig(r=2, target_modules=["lin"], modules_to_save=["head"]))
+        model.train()(torch.randn(8, 6) + seed)  # statistics of its own data
+        model.save_pretrained(tmp_path / f"run-{seed}")
+        state = load_file(tmp_path / f"run-{seed}" / "adapter_model.safetensors")
+        means.append(next(v for k, v in state.items() if k.endswith("running_mean")))
+    torch.manual_seed(5)
+    model = peft.get_peft_model(_Tagger(), peft.LoraConfig(r=2, target_modules=["lin"], modules_to_save=["head"]))
+    soup = tk.uniform_average(tmp_path, model=model)
+    key = "base_model.model.head.modules_to_save.default.1.running_mean"
+    torch.testing.assert_close(soup[key], (means[0] + means[1]) / 2)
+
+
 def test_vera_adapters_are_averaged_with_the_projections_their_files_hold(tmp_path):
     # VeRA's files hold its random projections (buffers shared by every adapted layer): the
     # soups kept the model's own, drawn from another seed, beside the files' averaged vectors,

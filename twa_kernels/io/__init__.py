@@ -48,8 +48,8 @@ from twa_kernels.io.read import (
 from twa_kernels.io.write import atomic_write, atomic_write_together, check_output_file, save_state_dict, write_json
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "adapter_file_keys", "adapter_hint",
-    "atomic_write", "checkpoint_aliases",
+    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "adapter_file_keys",
+    "adapter_hint", "atomic_write", "checkpoint_aliases",
     "atomic_write_together", "check_output_file",
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
     "iter_state_dicts", "load_state_dict", "match_names", "ModelKeys", "model_key_names", "model_renaming",

@@ -257,7 +257,7 @@ def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
     # buffers too: VeRA's files hold its shared random projections (vera_A, vera_B), buffers
     # of the model, and the adapter weights are only right beside the projections they met
     params = dict(model.named_parameters())
-    tensors = {**dict(model.named_buffers()), **params}
+    tensors = {**params, **dict(model.named_buffers())}  # a parameter first, where a buffer shares its memory
     owner = {}
     for name, tensor in tensors.items():
         if tensor.data_ptr():
@@ -300,7 +300,8 @@ def adapter_hint(name: str, keys: Sequence[str], source: str, model: nn.Module |
         configs = getattr(model, "peft_config", None)
         adapters = ([adapter_name for adapter_name, config in configs.items()
                      if not getattr(config, "is_prompt_learning", False)] if isinstance(configs, Mapping) else [])
-        if len(adapters) > 1 and not any(p.requires_grad for p in model.parameters()):
+        in_adapter = [p for n, p in model.named_parameters() if any(f".{a}." in f"{n}." for a in adapters)]
+        if len(adapters) > 1 and not any(p.requires_grad for p in in_adapter):
             return (f"the model holds the PEFT adapters {adapters}, none of them trainable, and peft saves every "
                     "adapter under the same keys, so these files cannot be read for one of them: make the adapter "
                     "they were saved from trainable (model.set_adapter(name), or PeftModel.from_pretrained(..., "
