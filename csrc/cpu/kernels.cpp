@@ -249,6 +249,22 @@ inline int64_t project_run_cap(const PackedBasis& b) {
 // (AMD EPYC, 2 threads, medians of interleaved calls; 2026-12-04, commit 1445c4e).
 constexpr int64_t kInt8RunBytes = 65536, kInt8RunCols = 131072, kInt8FetchAhead = 2048;
 
+// project_int8 rounds a whole run of g before its dots, one stream read on the 4 KiB pages
+// autograd allocates: it fetches kInt8GFetchAhead bytes ahead of the group it rounds, so that
+// the misses of the next page are in flight before a hardware prefetcher would start on it.
+// 1 KiB ahead made the kernel 5-14% faster at 2 bits, 4-8% at 4 and 1-9% at 8 on the Intel
+// Xeon of docs/benchmarks.md (k = 16, D = 11.7M, 2 threads, bench/native/access_pattern.cpp
+// with the kernel modified, 3 interleaved runs; 2026-12-07, commit 0499ea4); 2 KiB measured
+// about the same, and 4 and 8 KiB slower than none.
+constexpr int64_t kInt8GFetchAhead = 1024;
+
+// Fetch the lines of g's run (`run_bytes` long) from kInt8GFetchAhead bytes past `offset`,
+// one group's worth (`group_bytes`), stopping at the run's end.
+inline void prefetch_g_ahead(const float* run, int64_t offset, int64_t group_bytes, int64_t run_bytes) {
+  const int64_t from = offset + kInt8GFetchAhead, to = std::min(from + group_bytes, run_bytes);
+  for (int64_t o = from; o < to; o += 64) __builtin_prefetch(reinterpret_cast<const char*>(run) + o);
+}
+
 // A path whose dots read q as float32 too (dots_read_floats) keeps a quarter of the columns,
 // so that its q, four bytes a column, still fits in L2 beside the codes.
 inline int64_t int8_run_cap(const PackedBasis& b, bool q_as_floats) {
@@ -646,7 +662,11 @@ constexpr bool kInt8GroupedDots = false;
 // A run of n groups of g rounded, q group after group (groups_per_dot is always 1 here).
 inline void round_run_int8(const float* g, int64_t n, int64_t width, int64_t, int, int8_t* q, int8_t*, float* scale,
                            int32_t* qsum) {
-  for (int64_t i = 0; i < n; ++i) round_group_int8(g + i * width, width, &q[i * width], scale[i], qsum[i]);
+  const int64_t group_bytes = width * static_cast<int64_t>(sizeof(float));
+  for (int64_t i = 0; i < n; ++i) {
+    prefetch_g_ahead(g, i * group_bytes, group_bytes, n * group_bytes);
+    round_group_int8(g + i * width, width, &q[i * width], scale[i], qsum[i]);
+  }
 }
 template <int BITS>  // declared for kernels_int8.h's discarded branch; never defined, never called
 void grouped_dots_int8(const uint8_t* const*, int, int64_t, const int8_t*, int32_t*, int64_t);
@@ -1137,8 +1157,10 @@ TWA_ISA_FN inline void round_group_int8_x16(const float* g, int64_t len, int8_t*
 TWA_ISA_FN inline void round_run_int8(const float* g, int64_t n, int64_t width, int64_t plane, int groups_per_dot,
                                       int8_t* q, int8_t* q_grouped, float* scale, int32_t* qsum) {
   const int64_t in_chunks = groups_per_dot > 1 ? n / groups_per_dot * groups_per_dot : 0;
+  const int64_t group_bytes = width * static_cast<int64_t>(sizeof(float));
   for (int64_t i = 0; i < n; ++i) {
     const float* gi = g + i * width;
+    prefetch_g_ahead(g, i * group_bytes, group_bytes, n * group_bytes);
     if (width % 16 != 0)
       round_group_int8(gi, width, &q[i * width], scale[i], qsum[i]);
     else if (i < in_chunks)
