@@ -234,7 +234,8 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
 def adapter_file_keys(model: nn.Module) -> dict[str, list[str]]:
     """For a PEFT model (peft's PeftModel, its tuner, or a transformers model holding
     adapters): the keys its adapter files (save_pretrained's adapter_model.safetensors) may
-    hold each adapter weight under, by the parameter's name. PEFT leaves the adapter's name
+    hold each adapter weight under, by the parameter's name, and each buffer they hold (VeRA's
+    projections, a saved head's running statistics), by the buffer's. PEFT leaves the adapter's name
     out of the file (`lora_A.default.weight` is saved as `lora_A.weight`) by rules of each
     tuner; peft's own get_peft_model_state_dict gives them, matched to the parameters by
     storage. A PeftModel's files name keys from it (`base_model.model.`), a transformers
@@ -318,8 +319,9 @@ def adapter_hint(name: str, keys: Sequence[str], source: str, model: nn.Module |
 
 def checkpoint_aliases(model: nn.Module, adapters: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """parameter_aliases, with each PEFT adapter weight's adapter-file keys (adapter_file_keys,
-    or `adapters` where the caller has them already) among its names: every key a checkpoint
-    of `model` may hold a parameter under."""
+    or `adapters` where the caller has them already) among its names, and an adapter buffer's
+    keys beside every name the buffer has: every key a checkpoint of `model` may hold a
+    parameter or an adapter buffer under."""
     aliases = parameter_aliases(model)
     # a buffer shared by several modules (VeRA's projections) is filled under every name it has
     shared: dict[int, list[str]] = {}
