@@ -323,12 +323,15 @@ def checkpoint_aliases(model: nn.Module, adapters: dict[str, list[str]] | None =
     keys beside every name the buffer has: every key a checkpoint of `model` may hold a
     parameter or an adapter buffer under."""
     aliases = parameter_aliases(model)
+    adapters = adapter_file_keys(model) if adapters is None else adapters
+    if not adapters:  # no PEFT model: its buffers are read under their own names
+        return aliases
     # a buffer shared by several modules (VeRA's projections) is filled under every name it has
     shared: dict[int, list[str]] = {}
     for name, buffer in unwrap_model(model).named_buffers(remove_duplicate=False):
         shared.setdefault(id(buffer), []).append(name)
     buffers = {names[0]: names for names in shared.values()}
-    for name, keys in (adapter_file_keys(model) if adapters is None else adapters).items():
+    for name, keys in adapters.items():
         aliases[name] = [*aliases.get(name, buffers.get(name, [name])), *keys]
     return aliases
 
