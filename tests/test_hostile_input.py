@@ -717,6 +717,28 @@ def test_a_state_loaded_with_assign_takes_the_twas_own_dtypes():
         torch.testing.assert_close(twa(x), source(x), rtol=0, atol=1e-6)
 
 
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a tensor that is not contiguous (every other element of a wider one)."""
+    wide = torch.stack([t, torch.zeros_like(t)], dim=-1)
+    return wide[..., 0]
+
+
+def test_a_state_loaded_with_assign_installs_contiguous_tensors():
+    # assign=True installed a strided basis as it was: the load succeeded, then every
+    # forward refused the basis ("must be contiguous")
+    checkpoints = _fine_tunes(_Backbone())
+    source = tk.TWA(_Backbone(), checkpoints, bits=4, group_size=64)
+    with torch.no_grad():
+        source.coefficients.normal_()
+    x = torch.randn(8, 40)
+    given = {key: _strided_copy(value) if value.dim() else value for key, value in source.state_dict().items()}
+    assert not given["basis_codes"].is_contiguous() and not given["center"].is_contiguous()
+    twa = tk.TWA(_Backbone(), checkpoints, bits=4, group_size=64)
+    twa.load_state_dict(given, assign=True)
+    assert all(t.is_contiguous() for t in [*twa.parameters(recurse=False), *twa.buffers(recurse=False)])
+    torch.testing.assert_close(twa(x), source(x), rtol=0, atol=1e-6)
+
+
 def test_a_model_without_parameters_or_with_all_frozen_is_named_for_what_it_is():
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"the model \(ReLU\) has no parameters"):
         tk.TWA(nn.ReLU(), [{}, {}])

@@ -405,6 +405,28 @@ def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("how", ["deleted", "set to None"])
+def test_a_parameter_removed_after_build_is_refused_by_name(run, how):
+    # a raw KeyError or AttributeError from deep inside the lending, outside the library's errors
+    train, _, _, ckpts = run
+    model = make_model(1)
+    twa = tk.TWA(model, ckpts, bits=4)
+    x = train.tensors[0][:8]
+    with torch.no_grad():  # no graph keeps the weights lent: the model holds its own Parameters again
+        before = twa(x)
+    bias = model[0].bias
+    if how == "deleted":
+        del model[0].bias
+    else:
+        model[0].bias = None
+    with pytest.raises(tk.errors.UsageError, match=r"parameter '0.bias' was removed \(deleted or set to None\)"):
+        twa(x)
+    with pytest.raises(tk.errors.UsageError, match="'0.bias' was removed"), twa.averaged_model():
+        pass
+    model[0].bias = bias  # put back: it runs as before
+    torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
+
+
 def test_a_gradient_hook_on_a_model_parameter_is_named_as_not_run():
     # a gradient mask registered on the model's Parameter was silently left out of training
     torch.manual_seed(0)

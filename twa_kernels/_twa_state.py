@@ -81,9 +81,10 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
             raise InvalidArgumentError(f"TWA state_dict: {name!r} holds NaN or Inf; load an earlier, finite state")
     # load_state_dict(..., assign=True) installs the given tensors themselves: one of another
     # dtype would change the arithmetic (bfloat16 coefficients) or reach the kernels as a type
-    # they refuse (a float64 center, int32 offsets); each is cast as the copy without assign casts
+    # they refuse (a float64 center, int32 offsets), and a strided one as a layout they refuse;
+    # each is cast and laid out as the copy without assign does
     for name, own in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         value = state.get(prefix + name)
         same_kind = isinstance(value, Tensor) and value.is_floating_point() == own.is_floating_point()
-        if same_kind and value.dtype != own.dtype:
-            state[prefix + name] = value.to(own.dtype)
+        if same_kind and (value.dtype != own.dtype or not value.is_contiguous()):
+            state[prefix + name] = value.to(own.dtype).contiguous()

@@ -66,6 +66,7 @@ class LentWeights:
             return model.get_submodule(prefix), attr
 
         self.slots = [[slot(name) for name in names] for names in slot_names]
+        self.slot_names = slot_names
         # every (parent, child name, child) link from the model down to a slot's module: a
         # module replaced after TWA was built would hold the model's own weights unseen
         links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module, str]] = {}
@@ -93,7 +94,7 @@ class LentWeights:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy saved before these existed has neither
-        self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, **state})
+        self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, "slot_names": None, **state})
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
     @property
@@ -104,7 +105,22 @@ class LentWeights:
         """The dtypes of the model's own Parameters in the first `count` slots, lent or not."""
         if self.own is not None:
             return [own[0].dtype for own in self.own[:count]]
-        return [module._parameters[attr].dtype for (module, attr), *_ in self.slots[:count]]
+        try:
+            return [module._parameters[attr].dtype for (module, attr), *_ in self.slots[:count]]
+        except (KeyError, AttributeError):  # a parameter deleted, or set to None
+            self.check_parameters()
+            raise
+
+    def check_parameters(self) -> None:
+        """Refuse a model that lost a parameter TWA lends (deleted, or set to None) after
+        TWA was built: its weights would have no slot to go to."""
+        for i, slots in enumerate(self.slots):
+            for j, (module, attr) in enumerate(slots):
+                if not isinstance(module._parameters.get(attr), Tensor):
+                    name = repr(self.slot_names[i][j]) if self.slot_names else f"{type(module).__name__}.{attr}"
+                    raise UsageError(f"the model's parameter {name} was removed (deleted or set to None) after TWA "
+                                     "was built, so TWA's weights for it have nowhere to go; put it back, or build "
+                                     "a new TWA over the model as it is now")
 
     def check_structure(self) -> None:
         """Refuse a model whose submodules holding TWA's weights were replaced after TWA was
@@ -117,8 +133,13 @@ class LentWeights:
 
     def _put(self, tensors: Sequence[Tensor]) -> None:
         if self.own is None:
-            own = [[module._parameters[attr] for module, attr in slots] for slots in self.slots]
+            try:
+                own = [[module._parameters[attr] for module, attr in slots] for slots in self.slots]
+            except KeyError:
+                self.check_parameters()
+                raise
             if not all(isinstance(p, nn.Parameter) for params in own for p in params):
+                self.check_parameters()
                 # another TWA's loan: taken as the model's own, its weights would stay in the
                 # model after both loans ended
                 raise UsageError("the model holds weights another TWA over it lent for a forward whose graph has "
