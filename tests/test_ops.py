@@ -1,5 +1,7 @@
 """project and reconstruct on every backend against the reference (the executable spec)."""
 
+import math
+
 import pytest
 import torch
 
@@ -124,6 +126,34 @@ def test_reconstruct_in_place_on_its_own_center(backend_name, device, bits, k, d
         got = tk.reconstruct(qb, x, weights, out=weights)
     assert got.data_ptr() == weights.data_ptr()
     assert torch.equal(weights, expected)
+
+
+@pytest.mark.parametrize("int8_gradients", [False, True])
+def test_reconstruct_pieces_gives_the_ops_views_and_gradient(backend_name, device, int8_gradients):
+    """TWA's forward (ops.reconstruct_pieces) calls the kernels without the ops' dispatch on
+    plain tensors: its views are out's consecutive elements in every shape, scalars and
+    empty tensors included, wherever out starts in its storage, and its backward gives the
+    coefficients what the public ops give."""
+    shapes = [(3, 5), (), (0,), (7,), (2, 1, 3, 4), (0, 3), (129,)]
+    sizes = [math.prod(shape) for shape in shapes]
+    d = sum(sizes)
+    qb = tk.quantize(random_basis(4, d, constant_groups=1, group_size=32), 4, 32, [20, 1, d - 21]).to(device)
+    x = torch.randn(4, qb.num_blocks, device=device, requires_grad=True)
+    center = torch.randn(d, device=device)
+    storage = torch.full((d + 13,), float("nan"), device=device)
+    out = storage[13:]  # starts 13 elements into its storage
+    pieces = tk.ops.reconstruct_pieces(qb, x, center, out, shapes, int8_gradients=int8_gradients)
+    assert [tuple(p.shape) for p in pieces] == shapes
+    assert all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+               for p in pieces)
+    expected = tk.reconstruct(qb, x.detach(), center)
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.cat([p.reshape(-1) for p in pieces]), expected)
+    upstream = [torch.randn(shape, device=device) for shape in shapes]
+    torch.autograd.backward([p for p in pieces if p.numel()], [u for u in upstream if u.numel()])
+    g = torch.cat([u.reshape(-1) for u in upstream])
+    want = tk.project_int8(qb, g) if int8_gradients else tk.project(qb, g)
+    assert torch.equal(x.grad, want)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

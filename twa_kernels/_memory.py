@@ -100,8 +100,7 @@ def gradients_to_hold(grads: Sequence[Tensor | None]) -> list[Tensor]:
     memory."""
     if _heap_kept or _libc_call("malloc_trim") is None:
         return []
-    return [g for g in grads if g is not None and g.device.type == "cpu"
-            and g.numel() * g.element_size() < _GLIBC_DYNAMIC_MMAP_MAX]
+    return [g for g in grads if g is not None and g.is_cpu and g.nbytes < _GLIBC_DYNAMIC_MMAP_MAX]
 
 
 def keep_freed_memory() -> bool:

@@ -9,12 +9,13 @@ device with `backend()`. Nothing here knows how a kernel is written.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
 import os
-from collections.abc import Callable
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -217,12 +218,20 @@ def project_pieces_op(
     gradients are read where autograd left them. A backend without its own kernel gets
     the concatenation and its project kernel."""
     _check_pieces(pieces, codes)
-    device = pieces[0].device
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
+    return _project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size)
+
+
+def _project_pieces(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor],
+                    bits: int, group_size: int) -> Tensor:
+    """project_pieces_op's kernel call, for inputs already checked; a piece of any shape is
+    read as its flattening (the backends' project_pieces kernels read elements in order)."""
+    device = pieces[0].device
     kernel = _kernel("project_pieces", device, required=False)
     if kernel is not None:
         return kernel(codes, scales, mins, block_offsets, pieces, bits, group_size)
-    return _kernel("project", device)(codes, scales, mins, block_offsets, torch.cat(pieces), bits, group_size)
+    g = torch.cat([p.reshape(-1) for p in pieces])
+    return _kernel("project", device)(codes, scales, mins, block_offsets, g, bits, group_size)
 
 
 @project_pieces_op.register_fake
@@ -259,11 +268,18 @@ def project_int8_op(
     differentiable: it is the projection of a gradient, never part of a graph. A backend
     without its own kernel gets g^ rounded here and its project kernel."""
     _check_pieces(pieces, codes)
-    device = pieces[0].device
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
     if bits == 0:
         raise InvalidArgumentError("project_int8 rounds g per quantisation group and needs a packed basis "
                                    "(bits 1, 2, 4 or 8), not a dense one (bits 0); call project")
+    return _project_int8(codes, scales, mins, block_offsets, pieces, bits, group_size)
+
+
+def _project_int8(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, pieces: list[Tensor],
+                  bits: int, group_size: int) -> Tensor:
+    """project_int8_op's kernel call, for inputs already checked (pieces of any shape, as
+    _project_pieces)."""
+    device = pieces[0].device
     kernel = _kernel("project_int8", device, required=False)
     if kernel is not None:
         return kernel(codes, scales, mins, block_offsets, pieces, bits, group_size)
@@ -343,6 +359,12 @@ def reconstruct_into_op(
     out: Tensor,
 ) -> None:
     """reconstruct, written into `out` (float32 or bfloat16, whatever center's dtype)."""
+    _reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+
+
+def _reconstruct_into(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
+                      center: Optional[Tensor], bits: int, group_size: int, out: Tensor) -> None:
+    """reconstruct_into_op's checks and kernel call, without the op's dispatch."""
     _check_layout(codes, scales, mins, block_offsets, bits, group_size, out.numel())
     _check_coefficients(x, codes, block_offsets)
     _check_vector("out", out, codes)
@@ -432,6 +454,38 @@ class ReconstructInto(torch.autograd.Function):
         return (*grads[:8], None, None)
 
 
+def _eager(codes: Tensor, others: Sequence[Tensor]) -> bool:
+    """Whether an op's kernel may be called without the op: plain tensors with values,
+    outside tracing. A fake tensor (torch.compile, export, compiled autograd) or a subclass
+    that intercepts ops must see the op itself. An op's tensors share codes' device."""
+    return (not torch.compiler.is_compiling() and not codes.is_meta
+            and {type(codes), *map(type, others)} <= _PLAIN_TENSOR_TYPES)
+
+
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
+
+class _PiecesLayout(NamedTuple):
+    sizes: tuple[int, ...]
+    views: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...]  # as_strided's (shape, stride, offset)
+
+
+@functools.lru_cache(maxsize=16)
+def _pieces_layout(shapes: tuple[tuple[int, ...], ...]) -> _PiecesLayout:
+    """Consecutive contiguous tensors of `shapes` in one flat buffer, computed once per
+    model: one as_strided call per tensor takes about half the time of split and view."""
+    sizes, views, offset = [], [], 0
+    for shape in shapes:
+        strides, step = [], 1
+        for n in reversed(shape):
+            strides.append(step)
+            step *= n
+        sizes.append(math.prod(shape))
+        views.append((shape, tuple(reversed(strides)), offset))
+        offset += sizes[-1]
+    return _PiecesLayout(tuple(sizes), tuple(views))
+
+
 class ReconstructPieces(torch.autograd.Function):
     """reconstruct into out_holder[0], returned as its pieces: consecutive views of it in
     `shapes`, a model's weights, one view per tensor (returned shaped, so that no view
@@ -449,13 +503,17 @@ class ReconstructPieces(torch.autograd.Function):
     def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, shapes,
                 on_backward, int8_gradients=False, hold=None):
         out = out_holder[0]
-        reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+        # eager calls skip the op's dispatch (a tenth of a millisecond a step on a small model)
+        write = _reconstruct_into if _eager(codes, (x, out)) else reconstruct_into_op
+        write(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
         ctx.save_for_backward(codes, scales, mins, block_offsets)
         ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
         ctx.center_dtype = center.dtype if center is not None else None
-        ctx.sizes, ctx.int8_gradients, ctx.hold = [math.prod(shape) for shape in shapes], int8_gradients, hold
+        layout = _pieces_layout(tuple(map(tuple, shapes)))
+        ctx.sizes, ctx.int8_gradients, ctx.hold = layout.sizes, int8_gradients, hold
         ctx.set_materialize_grads(False)
-        return tuple(piece.view(shape) for piece, shape in zip(out.split(ctx.sizes), shapes))
+        base = out.storage_offset()  # as_strided's offset counts from the storage's start
+        return tuple(out.as_strided(shape, stride, base + offset) for shape, stride, offset in layout.views)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -466,12 +524,19 @@ class ReconstructPieces(torch.autograd.Function):
         like = next((g for g in grads if g is not None), None)
         if like is not None:
             # a piece no loss depends on (an unused layer) has no gradient: zeros
-            pieces = [g.reshape(-1) if g is not None else like.new_zeros(n) for g, n in zip(grads, ctx.sizes)]
+            pieces = [g if g is not None else like.new_zeros(n) for g, n in zip(grads, ctx.sizes)]
             if ctx.needs_input_grad[4]:
-                project = project_int8_op if ctx.int8_gradients else project_pieces_op
+                # autograd hands over gradients of the outputs' shapes, dtype and device, and
+                # the forward checked the basis (saved, so unchanged): eager calls skip the
+                # op's checks and dispatch, and the flattening the op's schema asks for
+                if _eager(codes, pieces):
+                    project = _project_int8 if ctx.int8_gradients else _project_pieces
+                else:
+                    pieces = [p.reshape(-1) for p in pieces]
+                    project = project_int8_op if ctx.int8_gradients else project_pieces_op
                 grad_x = project(codes, scales, mins, block_offsets, pieces, ctx.bits, ctx.group_size).to(ctx.x_dtype)
             if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
-                grad_center = torch.cat(pieces).to(ctx.center_dtype)
+                grad_center = torch.cat([p.reshape(-1) for p in pieces]).to(ctx.center_dtype)
             if ctx.hold is not None:
                 ctx.hold(grads)
         _when_graph_freed(ctx)

@@ -101,12 +101,12 @@ class LentWeights:
     def pending(self) -> bool:
         return bool(self.loans)
 
-    def own_dtypes(self, count: int) -> list[torch.dtype]:
-        """The dtypes of the model's own Parameters in the first `count` slots, lent or not."""
+    def own_dtypes(self, start: int, stop: int) -> list[torch.dtype]:
+        """The dtypes of the model's own Parameters in slots start..stop-1, lent or not."""
         if self.own is not None:
-            return [own[0].dtype for own in self.own[:count]]
+            return [own[0].dtype for own in self.own[start:stop]]
         try:
-            return [module._parameters[attr].dtype for (module, attr), *_ in self.slots[:count]]
+            return [slots[0][0]._parameters[slots[0][1]].dtype for slots in self.slots[start:stop]]
         except (KeyError, AttributeError):  # a parameter deleted, or set to None
             self.check_parameters()
             raise

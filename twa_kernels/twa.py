@@ -344,7 +344,7 @@ class TWA(nn.Module):
     def _parameter_dtypes(self) -> dict[str, torch.dtype]:
         # from the model's own parameter slots: walking the module tree (named_parameters)
         # twice a forward would be a large part of TWA's Python per step (docs/design.md)
-        return dict(zip(self.names, self._lent.own_dtypes(len(self.names))))
+        return dict(zip(self.names, self._lent.own_dtypes(0, len(self.names))))
 
     def _typed(self, flat: Tensor, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """The [D] vector's pieces by name, each in its parameter's dtype."""
@@ -361,7 +361,9 @@ class TWA(nn.Module):
     def _pinned(self) -> list[Tensor]:
         """The frozen parameters' values, in the order of self.frozen_names, each in its
         parameter's dtype (the model cast on its own, as the trainable weights follow it)."""
-        dtypes = self._lent.own_dtypes(len(self.names) + len(self.frozen_names))[len(self.names):]
+        if not self.frozen_names:
+            return []
+        dtypes = self._lent.own_dtypes(len(self.names), len(self.names) + len(self.frozen_names))
         values = [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
         return [value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
                 for value, dtype in zip(values, dtypes)]
