@@ -156,6 +156,40 @@ def test_reconstruct_pieces_gives_the_ops_views_and_gradient(backend_name, devic
     assert torch.equal(x.grad, want)
 
 
+def test_reconstruct_pieces_refuses_shapes_that_do_not_fill_out():
+    # views cut with as_strided reached past out's end into the rest of its storage
+    qb = tk.quantize(random_basis(2, 300, constant_groups=1, group_size=32), 4, 32)
+    storage = torch.zeros(400)
+    x = torch.zeros(2, 1, requires_grad=True)
+    for shapes in ([(10, 31)], [(299,)], [(-1,)]):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="shapes hold .* elements but out has 300"):
+            tk.ops.reconstruct_pieces(qb, x, torch.zeros(300), storage[:300], shapes)
+
+
+def test_a_dispatch_mode_sees_twas_ops():
+    """A TorchDispatchMode (a FLOP counter, make_fx, a logger) is shown TWA's custom ops, as
+    tensor subclasses and tracing are, not the kernels they call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4)
+    with Seen() as seen:
+        twa(torch.randn(3, 6)).sum().backward()
+    assert {"twa_kernels.reconstruct_into", "twa_kernels.project_pieces"} <= seen.ops
+    assert not any(op.startswith("twa_kernels_cpu.") for op in seen.ops)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_runs_of_groups_match_reference(monkeypatch, bits, threads):

@@ -427,6 +427,55 @@ def test_a_parameter_removed_after_build_is_refused_by_name(run, how):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
+def test_a_gradient_penalty_through_the_forward_matches_the_weights_path(run):
+    # a backward under create_graph=True projected without recording a graph: the
+    # penalty's own gradient was silently dropped (coefficient gradient 0.14 for 4.50)
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    with torch.no_grad():
+        twa.coefficients.normal_(std=0.1)
+    xb, yb = train.tensors[0][:32], train.tensors[1][:32]
+
+    def penalised(logits):
+        loss = F.cross_entropy(logits, yb)
+        (grad,) = torch.autograd.grad(loss, twa.coefficients, create_graph=True)
+        return loss + 10 * grad.square().sum()
+
+    (got,) = torch.autograd.grad(penalised(twa(xb)), twa.coefficients)
+    # the same loss through twa.weights() (reconstruct's autograd rule, no workspace)
+    (want,) = torch.autograd.grad(penalised(functional_call(twa.module, twa.weights(), (xb,))), twa.coefficients)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.left, self.right = nn.Linear(20, 32), nn.Linear(32, 5), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.left(h), self.right(h), h
+
+
+def test_a_graph_whose_weights_were_rewritten_raises_the_in_place_error():
+    # one head's backward freed the forward's graph node and with it the workspace; the next
+    # forward wrote new weights there while the other head's graph still held the old ones:
+    # its gradient came from the new weights without a word
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4)
+    x = torch.randn(8, 20)
+    left, right, h = twa(x)
+    left.sum().backward()
+    with torch.no_grad():
+        twa.coefficients.add_(1.0)
+    twa(x)
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        torch.autograd.grad(right.sum(), h)
+
+
 def test_a_gradient_hook_on_a_model_parameter_is_named_as_not_run():
     # a gradient mask registered on the model's Parameter was silently left out of training
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from twa_kernels import _build
 from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
@@ -456,16 +457,20 @@ class ReconstructInto(torch.autograd.Function):
 
 def _eager(codes: Tensor, others: Sequence[Tensor]) -> bool:
     """Whether an op's kernel may be called without the op: plain tensors with values,
-    outside tracing. A fake tensor (torch.compile, export, compiled autograd) or a subclass
-    that intercepts ops must see the op itself. An op's tensors share codes' device."""
-    return (not torch.compiler.is_compiling() and not codes.is_meta
-            and {type(codes), *map(type, others)} <= _PLAIN_TENSOR_TYPES)
+    outside tracing and dispatch modes, with no graph to record. A fake tensor
+    (torch.compile, export, compiled autograd), a subclass that intercepts ops, or a
+    dispatch mode (FlopCounterMode, make_fx) must see the op itself, and a backward under
+    create_graph=True needs the op's autograd rule for its own gradient. An op's tensors
+    share codes' device."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not codes.is_meta
+            and not is_in_torch_dispatch_mode() and {type(codes), *map(type, others)} <= _PLAIN_TENSOR_TYPES)
 
 
 _PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
 
 class _PiecesLayout(NamedTuple):
+    numel: int
     sizes: tuple[int, ...]
     views: tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...]  # as_strided's (shape, stride, offset)
 
@@ -483,7 +488,7 @@ def _pieces_layout(shapes: tuple[tuple[int, ...], ...]) -> _PiecesLayout:
         sizes.append(math.prod(shape))
         views.append((shape, tuple(reversed(strides)), offset))
         offset += sizes[-1]
-    return _PiecesLayout(tuple(sizes), tuple(views))
+    return _PiecesLayout(offset, tuple(sizes), tuple(views))
 
 
 class ReconstructPieces(torch.autograd.Function):
@@ -503,13 +508,21 @@ class ReconstructPieces(torch.autograd.Function):
     def forward(ctx, codes, scales, mins, block_offsets, x, center, bits, group_size, out_holder, shapes,
                 on_backward, int8_gradients=False, hold=None):
         out = out_holder[0]
+        layout = _pieces_layout(tuple(map(tuple, shapes)))
+        if layout.numel != out.numel():  # as_strided would not notice
+            raise InvalidArgumentError(f"shapes hold {layout.numel} elements but out has {out.numel()}; pass the "
+                                       "shapes of the tensors out holds, in order")
         # eager calls skip the op's dispatch (a tenth of a millisecond a step on a small model)
-        write = _reconstruct_into if _eager(codes, (x, out)) else reconstruct_into_op
-        write(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+        if _eager(codes, (scales, mins, block_offsets, x, out, *(() if center is None else (center,)))):
+            _reconstruct_into(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
+            # as the op does for an argument it mutates: a graph that saved an earlier
+            # result's views raises PyTorch's in-place error instead of reading these values
+            torch.autograd.graph.increment_version(out)
+        else:
+            reconstruct_into_op(codes, scales, mins, block_offsets, x, center, bits, group_size, out)
         ctx.save_for_backward(codes, scales, mins, block_offsets)
         ctx.bits, ctx.group_size, ctx.x_dtype, ctx.on_backward = bits, group_size, x.dtype, on_backward
         ctx.center_dtype = center.dtype if center is not None else None
-        layout = _pieces_layout(tuple(map(tuple, shapes)))
         ctx.sizes, ctx.int8_gradients, ctx.hold = layout.sizes, int8_gradients, hold
         ctx.set_materialize_grads(False)
         base = out.storage_offset()  # as_strided's offset counts from the storage's start
@@ -529,7 +542,7 @@ class ReconstructPieces(torch.autograd.Function):
                 # autograd hands over gradients of the outputs' shapes, dtype and device, and
                 # the forward checked the basis (saved, so unchanged): eager calls skip the
                 # op's checks and dispatch, and the flattening the op's schema asks for
-                if _eager(codes, pieces):
+                if _eager(codes, (scales, mins, block_offsets, *pieces)):
                     project = _project_int8 if ctx.int8_gradients else _project_pieces
                 else:
                     pieces = [p.reshape(-1) for p in pieces]
