@@ -1154,6 +1154,59 @@ def test_a_diverged_point_is_null_in_the_json_and_named_on_the_command_line(proj
     assert code == 2 and "is a directory, not a config file" in err
 
 
+REGRESSION_PACKAGE = '''
+import torch
+from torch import nn
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+
+def train_batches():
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    return [(x, x.sum(1, keepdim=True))]
+'''
+
+
+def test_a_regression_config_gets_its_loss_and_no_error(tmp_path, monkeypatch, capsys):
+    # a custom loss for outputs that are no classifier's logits: every point was refused by
+    # the top-1 error count, whose advice (pass a metric of your own) the command line cannot take
+    import yaml
+
+    (tmp_path / "regression.py").write_text(REGRESSION_PACKAGE)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dict(
+        model="regression:make_model", data=dict(train="regression:train_batches"),
+        loss="torch.nn.functional:mse_loss")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import regression
+
+    paths = []
+    for i in range(3):
+        model = regression.make_model()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        paths.append(str(tk.save_state_dict(model.state_dict(), tmp_path / f"r{i}.safetensors")))
+    config = str(tmp_path / "config.yaml")
+    code, out, err = _run_cli(["connect", paths[0], paths[1], "--config", config, "--steps", "3", "--no-progress",
+                               "--out", str(tmp_path / "connect.png")], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "the error is not measured, only the loss (classification_metric takes logits [N, C]" in err
+    saved = json.loads((tmp_path / "connect.json").read_text())
+    assert saved["error"] == [None] * 3 and saved["error_barrier"] is None
+    x, y = regression.train_batches()[0]
+    model = regression.make_model()
+    model.load_state_dict(tk.load_state_dict(paths[0]))
+    assert saved["loss"][0] == pytest.approx(float(torch.nn.functional.mse_loss(model(x), y).detach()), rel=1e-5)
+    code, out, err = _run_cli(["plane", *paths, "--config", config, "--grid", "2", "--no-progress",
+                               "--out", str(tmp_path / "plane.png")], tmp_path, monkeypatch, capsys)
+    assert code == 0 and "the error is not measured" in err, err
+    code, out, err = _run_cli(["plane", *paths, "--config", config, "--grid", "2", "--no-progress", "--value",
+                               "error", "--out", str(tmp_path / "error.png")], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "--value error counts the top-1 errors of a classifier" in err and "--value loss" in err
+    assert not (tmp_path / "error.png").exists()
+
+
 def test_a_mismatched_extra_point_is_named_by_its_file(project, monkeypatch, capsys):
     root, paths = project
     bad = dict(tk.load_state_dict(paths["e1"]))

@@ -622,6 +622,33 @@ def test_ddp_two_gloo_processes_keep_identical_r_equal_to_the_global_batch(tmp_p
         assert _rel(local[name], single[name]) > 1e-4, name  # (without the all-reduce they would differ)
 
 
+def _retry_rank(rank, world):
+    torch.manual_seed(0)
+    x = 3 * torch.randn(8, 4, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    tk.decor.decorrelate(model, lr=1.0, kappa=0.5, sample_fraction=1.0, max_norm=1.5)
+    model(x.chunk(world)[rank])
+    with pytest.raises(tk.decor.DecorrelationDivergedError, match="diverged"):
+        tk.decor.update(model)
+    model[0].decor_lr = 1e-3
+    tk.decor.update(model)
+    return model[0].decor_R.clone()
+
+
+def test_a_retry_after_divergence_over_ranks_takes_the_global_batchs_step(tmp_path):
+    # the refused update left each rank holding the sum over all ranks: the retry summed the
+    # sums again, a step world_size times too large, equal on every rank and unnoticed
+    ranks = spawn(_retry_rank, 2, str(tmp_path), timeout=120)
+    torch.manual_seed(0)
+    x = 3 * torch.randn(8, 4, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 2)).double()
+    tk.decor.decorrelate(model, lr=1e-3, kappa=0.5, sample_fraction=1.0)
+    model(x)
+    tk.decor.update(model)
+    assert torch.equal(ranks[0], ranks[1])
+    assert _rel(ranks[0], model[0].decor_R) < 1e-10
+
+
 def test_gpt2_conv1d_layers_decorrelate_and_fold_in_their_own_layout():
     model = tiny_gpt2(tie=False).double()
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]

@@ -29,7 +29,7 @@ from twa_kernels._provenance import stamp
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels._outdir import name_limit
 from twa_kernels.demo import run_demo
-from twa_kernels.errors import InvalidArgumentError, OutputError, TWAKernelsError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError, TWAKernelsError
 from twa_kernels._fit_config import DEFAULT_LOSS, FitError, load_config
 from twa_kernels._user_code import call_factory, call_loss, loss_from, resolve_import_strings
 from twa_kernels.fit import run_fit
@@ -97,9 +97,13 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _geometry_inputs(args: argparse.Namespace):
-    """(model, evaluation data, BatchNorm data, metric, split name) from a `twa fit`-style
-    config: model and data as there; checkpoints come from the command line instead."""
+def _geometry_inputs(args: argparse.Namespace, need_error: bool = False):
+    """(model, evaluation data, BatchNorm data, metric, split name, why the error is not
+    measured) from a `twa fit`-style config: model and data as there; checkpoints come from
+    the command line instead. With a loss of the config's, the error is the top-1 error where
+    the model's outputs are a classifier's logits and NaN (not measured) elsewhere: a
+    regression or a per-token loss has no error to count. `need_error` (plane's --value
+    error) refuses that instead. The last item holds the reason once the first batch is in."""
     config = load_config(args.config, required=("model", "data"))
     split = args.split or ("val" if "val" in config.data else "train")
     if split not in config.data:
@@ -119,14 +123,30 @@ def _geometry_inputs(args: argparse.Namespace):
                        "model itself")
     train = make("data.train")
     data = train if split == "train" else make(f"data.{split}")
+    unmeasured: list[str] = []
     if loss_fn is None:
-        return model, data, train, connectivity.classification_metric, split
+        return model, data, train, connectivity.classification_metric, split, unmeasured
 
     def metric(outputs, targets):
         loss = call_loss(loss_fn, outputs, targets, config.loss)
-        return loss, connectivity.classification_metric(outputs, targets)[1]
+        try:
+            error = connectivity.classification_metric(outputs, targets)[1]
+        except (InvalidArgumentError, InvalidTypeError) as exc:
+            if need_error:
+                raise InvalidArgumentError(f"--value error counts the top-1 errors of a classifier, but {exc}; "
+                                           "show --value loss for this model") from None
+            if not unmeasured:
+                unmeasured.append(str(exc).split(";")[0])
+            error = torch.tensor(float("nan"))
+        return loss, error
 
-    return model, data, train, metric, split
+    return model, data, train, metric, split, unmeasured
+
+
+def _warn_unmeasured(unmeasured: list[str]) -> None:
+    if unmeasured:
+        print(f"twa: warning: the error is not measured, only the loss ({unmeasured[0]}); it is null in the JSON",
+              file=sys.stderr)
 
 
 def _check_figure_path(out: Path, inputs: list[str]) -> None:
@@ -184,7 +204,7 @@ def _write_figure_and_json(out: Path, draw: Callable[[Path], object], record: di
 def _connect(args: argparse.Namespace) -> int:
     _check_figure_path(Path(args.out), [args.a, args.b, args.config])
     try:
-        model, data, train, metric, split = _geometry_inputs(args)
+        model, data, train, metric, split, unmeasured = _geometry_inputs(args)
         result = connectivity.interpolate(model, args.a, args.b, data, steps=args.steps, bn=args.bn, metric=metric,
                                           bn_data=train, progress=_progress(args))
     except ValueError as exc:  # CheckpointError and FitError included
@@ -197,6 +217,7 @@ def _connect(args: argparse.Namespace) -> int:
         out, lambda path: connectivity.plot_interpolation({label: result}, path,
                                                           title=f"{label} (data.{split}, bn={args.bn})"),
         dict(a=printable(args.a), b=printable(args.b), split=split, **result.to_dict(), stamp=stamp()))
+    _warn_unmeasured(unmeasured)
     print(f"{label}, on data.{split}, BatchNorm {args.bn}\n")
     print(result.table())
     diverged = sum(not math.isfinite(v) for v in result.loss)
@@ -223,7 +244,7 @@ def _plane(args: argparse.Namespace) -> int:
     try:
         if len(args.grid) > 2:
             raise InvalidArgumentError(f"--grid takes one or two numbers (N, or NX NY), got {len(args.grid)}")
-        model, data, train, metric, split = _geometry_inputs(args)
+        model, data, train, metric, split, unmeasured = _geometry_inputs(args, need_error=args.value == "error")
         result = connectivity.plane(model, args.checkpoints, data, grid=grid, margin=args.margin, bn=args.bn,
                                     metric=metric, bits=args.bits, points=points, bn_data=train,
                                     labels=checkpoint_labels(args.checkpoints),
@@ -235,6 +256,7 @@ def _plane(args: argparse.Namespace) -> int:
     except ValueError as exc:  # CheckpointError and FitError included
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
+    _warn_unmeasured(unmeasured)
     print(f"plane through {', '.join(result.anchors)} (data.{split}, BatchNorm {args.bn}, "
           f"{'dense' if args.bits is None else f'{args.bits}-bit'} directions, {len(result.xs)}x{len(result.ys)} grid)\n")
     print(f"{'point':<24} {'x':>9} {'y':>9} {'distance':>9}")

@@ -610,6 +610,9 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         if m._decor_sum is not None and m._decor_rows:  # rows sampled after the last fold into S count too
             m._decor_sum, m._decor_rows = m.decor_dense_sum(), []
     if group is not None:
+        # each rank's own samples, put back if the check refuses the step: a retry must sum
+        # them across ranks again, not the sums already summed
+        local = [(m._decor_sum, m._decor_rows) for _, m in layers]
         counts = _all_reduce(layers, group)
     else:
         counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=torch.float64,
@@ -654,6 +657,9 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
                     f"are dropped); check the data and the layers before it (a lower learning rate, of the network "
                     f"or of decorrelation, may help if those diverged)")
             # the samples are kept: update(model) again after lowering the rate takes the same step
+            if group is not None:
+                for (_, layer), (own_sum, own_rows) in zip(layers, local):
+                    layer._decor_sum, layer._decor_rows = own_sum, own_rows
             raise DecorrelationDivergedError(
                 f"decorrelation matrix R of layer {name!r} diverged (||R||_F/sqrt(d) = {float(norm[j]):.3g}, limit "
                 f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update and the "

@@ -425,7 +425,8 @@ def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, m
         raise InvalidArgumentError("data yielded no batches (or only empty ones); pass a re-iterable (a DataLoader "
                                    "or a list of (x, y) batches), "
                                    "not a generator, which is empty after its first pass")
-    if not -1e-6 <= error_sum / count <= 1 + 1e-6:
+    # NaN: a metric that counts no errors (a regression loss, a language model's) says so
+    if not math.isnan(error_sum) and not -1e-6 <= error_sum / count <= 1 + 1e-6:
         raise InvalidArgumentError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "
-                         "must return (mean loss, error fraction)")
+                         "must return (mean loss, error fraction), or NaN for the error where it counts none")
     return loss_sum / count, error_sum / count
