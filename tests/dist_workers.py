@@ -312,6 +312,23 @@ def errors(rank, world):
     finally:
         for n, f in originals.items():
             setattr(dist, n, f)
+    # twa.update_bn on a TWA over ranks: each rank measured its own batches alone, silently
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
+    x, _ = data()
+    before = [b.clone() for b in model.buffers()]
+    try:
+        twa.update_bn([x[0]])
+    except tk.errors.UsageError as exc:
+        out["local_bn"] = str(exc)
+    out["local_bn_kept"] = all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    # a whole (unsharded) state loaded into a sharded TWA: named as such, not as another build
+    model, ckpts = model_and_checkpoints()
+    sharded = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD, shard=True)
+    try:
+        sharded.load_state_dict(twa.state_dict())
+    except tk.errors.InvalidArgumentError as exc:
+        out["whole_into_shard"] = str(exc)
     return out
 
 
@@ -786,6 +803,9 @@ def sampler_splits() -> dict:
     subset = torch.utils.data.SubsetRandomSampler([0, 1, 2, 3, 7])
     loader = torch.utils.data.DataLoader(samples, batch_size=2, sampler=subset)
     out["subset_eval"] = [float(v) for (b,) in distributed.split_for_evaluation(loader) for v in b]
+    # drop_last=True: each rank's share dropped its own last partial batch, 6 of the 9 kept
+    dropping = torch.utils.data.DataLoader(samples, batch_size=3, drop_last=True)
+    out["drop_last_eval"] = [float(v) for (b,) in distributed.split_for_evaluation(dropping) for v in b]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a sampler it keeps is not warned about
         out["subset_train"] = [float(v) for (b,) in distributed.split_loader(loader, dist.group.WORLD) for v in b]

@@ -254,6 +254,8 @@ def test_a_loaders_sampler_is_split_as_it_draws_or_refused(hostile_job):
     # dataset: the validation loss counted training samples, and training took validation ones
     evaluated = sorted(v for res in hostile_job for v in res["subset_eval"])
     assert evaluated == [0.0, 1.0, 2.0, 3.0, 7.0]
+    # with drop_last=True, the samples one process keeps (9 of 10 in batches of 3), each once
+    assert sorted(v for res in hostile_job for v in res["drop_last_eval"]) == [float(i) for i in range(9)]
     trained = [res["subset_train"] for res in hostile_job]
     assert len({len(t) for t in trained}) == 1 and set(sum(trained, [])) == {0.0, 1.0, 2.0, 3.0, 7.0}
     for res in hostile_job:
@@ -311,6 +313,10 @@ def test_bad_input_gets_named_errors_on_every_rank(job):
         assert "'gloo' backend cannot run" in errors["backend"] and "shard=False" in errors["backend"]
         assert "ranks [1] were given other build settings than rank 0" in errors["one_rank"]
         assert f"bits={None if rank == 1 else 4}," in errors["one_rank"]
+        assert "call tk.distributed.update_bn(loader, twa) on every rank" in errors["local_bn"]
+        assert errors["local_bn_kept"]
+        assert "holds all" in errors["whole_into_shard"] and "columns of an unsharded TWA" in errors["whole_into_shard"]
+        assert "shard=False" in errors["whole_into_shard"]
 
 
 def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_path_factory):
@@ -662,6 +668,10 @@ def test_a_split_loader_keeps_how_the_loader_makes_its_batches():
             group = torch.distributed.group.WORLD
             for split in (distributed.split_loader(loader, group), distributed.split_for_evaluation(loader, group)):
                 for name in settings:
+                    if name == "drop_last" and split.drop_last != loader.drop_last:
+                        # an evaluation share holds only the samples one process keeps, all evaluated
+                        assert len(split.dataset) == 10 and not split.drop_last
+                        continue
                     assert getattr(split, name) == getattr(loader, name), name
 
 

@@ -47,6 +47,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
     take raw pointers) and match this module's layout, and the center, the coefficients and the
     frozen parameters' pinned values must be finite, and a sharded rank's state must be its
     own columns. Raises a ValueError naming the field, and leaves the module untouched."""
+    original_keys = set(state)
     _check_shard(module, state, prefix)
     fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
               if key.startswith(prefix + "basis_")}
@@ -55,6 +56,13 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
             loaded = QuantizedBasis.from_state_dict(fields)
         except (KeyError, ValueError) as exc:
             raise InvalidArgumentError(f"TWA state_dict: the basis is invalid: {exc}") from exc
+        whole = module._sharded and prefix + "shard_columns" not in original_keys
+        if whole and loaded.num_cols == module._parallel.num_cols:
+            raise InvalidArgumentError(f"TWA state_dict: it holds all {loaded.num_cols} columns of an unsharded TWA, "
+                                       f"but this TWA is sharded over {module._parallel.comm.world} ranks and holds "
+                                       f"columns {module._parallel.start}..{module._parallel.stop}; load each rank's "
+                                       "own state_dict() into a TWA sharded the same way, or build this one with "
+                                       "shard=False to load a whole state")
         if (loaded.bits, loaded.group_size, loaded.num_cols) != (module.bits, module.group_size,
                                                                   module.center.numel()):
             raise InvalidArgumentError(f"TWA state_dict: its basis has bits={loaded.bits}, group_size={loaded.group_size}, "

@@ -214,7 +214,7 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
         twa._mark_statistics_measured(measured_at)
 
     def local_pass() -> int:  # a rank whose share is empty still joins the all-reduce, contributing nothing
-        return twa.update_bn(loader, call_fn, allow_empty=True, frozen_norms=frozen_norms)
+        return twa._update_bn_here(loader, call_fn, allow_empty=True, frozen_norms=frozen_norms)
 
     try:  # a rank whose pass fails stops every rank here, not in the all-reduce below
         fed = agree(local_pass, process_group, "recomputing BatchNorm statistics")
@@ -481,9 +481,10 @@ def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterabl
     the shares out, and its stride over another iterable drops the last len % W batches: a
     loss over either differs from one process's. A DataLoader over a map-style dataset gets
     samples rank, rank + W, ... of what its sampler draws (the whole dataset, or a
-    SubsetRandomSampler's indices), in order, batched as before; a sampler whose draws
-    cannot be split so (weighted, with replacement, custom) is refused. Another sized
-    iterable gets its batches rank, rank + W, ...."""
+    SubsetRandomSampler's indices), in order, batched as before (with drop_last=True, of the
+    samples one process keeps: all but the last len % batch_size of the draw); a sampler
+    whose draws cannot be split so (weighted, with replacement, custom) is refused. Another
+    sized iterable gets its batches rank, rank + W, ...."""
     check_group(process_group)
     _check_same_data(loader, process_group, "split_for_evaluation")
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
@@ -495,8 +496,13 @@ def split_for_evaluation(loader: Iterable, process_group: Any = None) -> Iterabl
                 "be split over the ranks so that each is evaluated once; evaluate a DataLoader over "
                 "torch.utils.data.Subset(dataset, indices) instead")
         dataset, _ = drawn
-        share = Subset(dataset, range(rank, len(dataset), world))
-        return DataLoader(share, **_loading_settings(loader))
+        kept, settings = len(dataset), _loading_settings(loader)
+        if loader.drop_last and loader.batch_size:
+            # one process drops its last partial batch: the ranks share the samples it keeps,
+            # every one of them, in batches of their own (each rank's last may be partial)
+            kept -= kept % loader.batch_size
+            settings["drop_last"] = False
+        return DataLoader(Subset(dataset, range(rank, kept, world)), **settings)
     return _Strided(loader, rank, world, len(range(rank, _sized(loader), world)))
 
 

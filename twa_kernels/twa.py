@@ -626,7 +626,21 @@ class TWA(nn.Module):
         the wrapped model holding the averaged weights, so any of its methods may run the
         batch (see twa_kernels.batchnorm.update_bn, also for frozen_norms, the BatchNorm layers
         that keep their statistics, and allow_empty, which distributed.update_bn passes for a
-        rank whose share is empty). Returns the number of batches the pass fed the model."""
+        rank whose share is empty). Returns the number of batches the pass fed the model.
+
+        A TWA built with a process_group is refused: each rank would measure its own batches
+        alone. tk.distributed.update_bn(loader, twa) measures them over every rank's."""
+        if self._parallel is not None:
+            raise UsageError("this TWA trains across processes (built with process_group=...), so its BatchNorm "
+                             "statistics must be measured over every rank's batches, not this rank's alone: call "
+                             "tk.distributed.update_bn(loader, twa) on every rank, each with its own share of the "
+                             "data")
+        return self._update_bn_here(loader, call_fn, allow_empty=allow_empty, frozen_norms=frozen_norms)
+
+    @torch.no_grad()
+    def _update_bn_here(self, loader: Iterable, call_fn: Callable[[nn.Module, Any], Any] | None = None, *,
+                        allow_empty: bool = False, frozen_norms: Iterable[str] = ()) -> int:
+        """update_bn's pass over this process's batches (distributed.update_bn's local part)."""
         before = self._statistics_measured_at()
         try:
             with self.averaged_model() as model:
