@@ -1207,6 +1207,33 @@ def test_a_regression_config_gets_its_loss_and_no_error(tmp_path, monkeypatch, c
     assert not (tmp_path / "error.png").exists()
 
 
+def test_a_metric_that_counts_no_errors_says_so_at_every_batch_or_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b, c = ({k: v + 0.1 * torch.randn_like(v) for k, v in a.items()} for _ in range(2))
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+
+    def no_errors(outputs, targets):
+        return torch.nn.functional.cross_entropy(outputs, targets), torch.tensor(float("nan"))
+
+    r = C.interpolate(model, a, b, data, steps=3, bn="none", metric=no_errors)
+    assert r.to_dict()["error"] == [None] * 3 and r.to_dict()["error_barrier"] is None
+    assert all(math.isfinite(loss) for loss in r.loss)
+    # NaN at one batch of three: the other two's errors were lost from the mean unseen
+    calls = []
+
+    def sometimes(outputs, targets):
+        calls.append(None)
+        return torch.nn.functional.cross_entropy(outputs, targets), torch.tensor(float("nan") if len(calls) % 3 == 0 else 0.5)
+
+    with pytest.raises(tk.errors.InvalidArgumentError, match="error is NaN at 1 of 3 batches"):
+        C.interpolate(model, a, b, data, steps=2, bn="none", metric=sometimes)
+    plane = C.plane(model, [a, b, c], data, grid=2, bn="none", metric=no_errors)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="counts no errors .* draw value='loss'"):
+        C.plot_plane(plane, tmp_path / "error.png", value="error")
+
+
 def test_a_mismatched_extra_point_is_named_by_its_file(project, monkeypatch, capsys):
     root, paths = project
     bad = dict(tk.load_state_dict(paths["e1"]))

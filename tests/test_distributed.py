@@ -675,6 +675,28 @@ def test_a_split_loader_keeps_how_the_loader_makes_its_batches():
                     assert getattr(split, name) == getattr(loader, name), name
 
 
+def test_a_twa_sharded_over_one_rank_loads_a_whole_state():
+    # its one shard is every column: a whole state fits it, and is not refused as another rank's
+    import warnings
+
+    from tests.helpers import one_process_group
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    whole = tk.TWA(model, checkpoints, bits=4, group_size=8)
+    with torch.no_grad():
+        whole.coefficients.normal_()
+    with one_process_group(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one rank of a "job": the warnings of a lone rank are not this test's
+        sharded = tk.TWA(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)), checkpoints, bits=4,
+                         group_size=8, process_group=torch.distributed.group.WORLD, shard=True)
+        sharded.load_state_dict(whole.state_dict())
+        got = sharded.averaged_state_dict()
+    want = whole.averaged_state_dict()
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k]) for k in want)
+
+
 def test_the_content_sample_sees_one_replaced_tensor_anywhere_in_the_model():
     # a copy that differs in one middle tensor only, away from the windows spread over the model
     from twa_kernels.columns import ColumnReader

@@ -56,7 +56,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
             loaded = QuantizedBasis.from_state_dict(fields)
         except (KeyError, ValueError) as exc:
             raise InvalidArgumentError(f"TWA state_dict: the basis is invalid: {exc}") from exc
-        whole = module._sharded and prefix + "shard_columns" not in original_keys
+        whole = module._sharded and module._parallel.comm.world > 1 and prefix + "shard_columns" not in original_keys
         if whole and loaded.num_cols == module._parallel.num_cols:
             raise InvalidArgumentError(f"TWA state_dict: it holds all {loaded.num_cols} columns of an unsharded TWA, "
                                        f"but this TWA is sharded over {module._parallel.comm.world} ranks and holds "

@@ -587,9 +587,10 @@ class TWA(nn.Module):
         if has_running_statistics(self.module):
             measured_at = self._statistics_measured_at()
             if measured_at is None or not same_key(measured_at, self._weights_key()):
+                call = "tk.distributed.update_bn(loader, twa)" if self._parallel is not None else "twa.update_bn(loader)"
                 warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
-                              "averaged weights; call twa.update_bn(train_loader) first, or the exported model "
-                              "normalises with statistics of other weights", RuntimeWarning, stacklevel=3)
+                              f"averaged weights; call {call} first, or the exported model normalises with "
+                              "statistics of other weights", RuntimeWarning, stacklevel=3)
         if self._lent.pending and not self._lent.depth:
             # a graph kept from a step interrupted between forward and backward (a notebook keeps
             # its traceback), or losses kept with their graphs: the model holds that forward's

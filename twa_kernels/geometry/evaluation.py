@@ -413,7 +413,7 @@ def _numbers(result: object) -> tuple[float, float]:
 def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metric: Metric) -> tuple[float, float]:
     device = next(iter(weights.values())).device
     loss_sum = error_sum = 0.0
-    count = 0
+    count = batches = uncounted = 0  # uncounted: batches whose error is NaN
     for batch in data:
         args, kwargs, y = split_batch(batch, device)
         n = len(y)
@@ -421,12 +421,18 @@ def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, m
             continue
         loss, error = _numbers(metric(functional_call(model, weights, args, kwargs), y))
         loss_sum, error_sum, count = loss_sum + loss * n, error_sum + error * n, count + n
+        batches, uncounted = batches + 1, uncounted + math.isnan(error)
     if count == 0:
         raise InvalidArgumentError("data yielded no batches (or only empty ones); pass a re-iterable (a DataLoader "
                                    "or a list of (x, y) batches), "
                                    "not a generator, which is empty after its first pass")
-    # NaN: a metric that counts no errors (a regression loss, a language model's) says so
-    if not math.isnan(error_sum) and not -1e-6 <= error_sum / count <= 1 + 1e-6:
+    # NaN at every batch: a metric that counts no errors (a regression loss, a language
+    # model's) says so; at some batches only, the error of the rest would be lost unseen
+    if 0 < uncounted < batches:
+        raise InvalidArgumentError(f"the metric's error is NaN at {uncounted} of {batches} batches: return NaN for "
+                                   "the error at every batch (a metric that counts no errors) or at none (a batch "
+                                   "with nothing to count, e.g. every label ignored, counts 0 errors of 0)")
+    if not uncounted and not -1e-6 <= error_sum / count <= 1 + 1e-6:
         raise InvalidArgumentError(f"the metric's error is {error_sum / count:g}, outside [0, 1]: metric(outputs, targets) "
                          "must return (mean loss, error fraction), or NaN for the error where it counts none")
     return loss_sum / count, error_sum / count

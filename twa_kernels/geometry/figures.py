@@ -70,9 +70,11 @@ def plot_plane(result: Plane, path: str | os.PathLike, points: Mapping[str, Chec
     values = (result.loss if value == "loss" else 100 * result.error).numpy()
     finite = values[np.isfinite(values)]  # a diverged corner (NaN, inf) is left blank
     if not finite.size:
-        raise InvalidArgumentError(f"every point of the plane has a NaN or infinite {value}, so there is nothing to "
-                                   "draw: the weights overflow there (a smaller margin, or checkpoints with finite, "
-                                   "moderate weights)")
+        uncounted = value == "error" and bool(np.isnan(values).all() and np.isfinite(result.loss.numpy()).any())
+        raise InvalidArgumentError(
+            "the plane's metric counts no errors (its error is NaN everywhere): draw value='loss'" if uncounted else
+            f"every point of the plane has a NaN or infinite {value}, so there is nothing to draw: the weights "
+            "overflow there (a smaller margin, or checkpoints with finite, moderate weights)")
     grid = np.ma.masked_invalid(values)
     aspect = (result.ys[-1] - result.ys[0]) / max(result.xs[-1] - result.xs[0], 1e-12)
     fig = figure.Figure(figsize=(7.0, min(9.0, max(3.6, 5.6 * aspect + 2.4))))
