@@ -785,6 +785,36 @@ def test_a_gathering_call_on_one_rank_alone_says_every_rank_must_make_it(tmp_pat
     assert "under `if rank == 0:`" in results[0]["error"]
 
 
+def test_every_collective_of_the_library_names_a_rank_that_waited_alone(monkeypatch):
+    # the checks that compare the ranks, update_bn's and all_reduce_metrics' exchanges and
+    # decor.update's raised gloo's bare timeout, naming neither the call nor the fix
+    from tests.helpers import one_process_group
+    from twa_kernels._collectives import agree
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 15000ms for send operation")
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    decorrelated = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    tk.decor.decorrelate(decorrelated, sample_fraction=1.0)
+    decorrelated(torch.randn(4, 3))
+    with one_process_group():
+        group = torch.distributed.group.WORLD
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.distributed, "all_gather", timed_out)
+            with pytest.raises(tk.errors.UsageError, match="an all-gather of the ranks' settings across its process "
+                                                           "group failed .*Every rank"):
+                agree(lambda: 1, group, "a step")
+        monkeypatch.setattr(torch.distributed, "all_reduce", timed_out)  # the all-gathers before them pass
+        calls = {"all_reduce_metrics' all-reduce": lambda: distributed.all_reduce_metrics({"loss": 1.0}, group),
+                 "the all-reduce of the BatchNorm statistics": lambda: distributed.all_reduce_bn_statistics(model,
+                                                                                                          group),
+                 "decor.update's all-reduce": lambda: tk.decor.update(decorrelated, group)}
+        for what, call in calls.items():
+            with pytest.raises(tk.errors.UsageError, match=f"{what} across its process group failed .*Every rank"):
+                call()
+
+
 def test_a_collective_that_fails_for_another_reason_keeps_its_own_error(monkeypatch):
     # memory running out in a collective was reworded as a rank mismatch
     from tests.helpers import one_process_group

@@ -48,12 +48,37 @@ def check_group(group: Any) -> None:
 _MESSAGE_BYTES = 2048  # of a failing rank's error message, sent to the others
 
 
+# what gloo and NCCL say when a peer never came or went away (gloo's timeout is a plain
+# RuntimeError, not one of torch.distributed's DistError kinds)
+_PEER_TROUBLE = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
+
+
+def named_on_failure(what: str, call: Callable[[], _T]) -> _T:
+    """Run a collective of the library's (`what` names it). A timeout or a lost peer, most
+    often one rank that waited alone, becomes UsageError saying what every rank must do
+    (torch's own error, kept as the cause, names only the transport); anything else (memory
+    running out, a tensor the backend refuses) is raised as it is."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        text = str(exc)
+        if isinstance(exc, torch.OutOfMemoryError) or not (
+                isinstance(exc, dist.DistError) or any(word in text.lower() for word in _PEER_TROUBLE)):
+            raise
+        first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"{what} across its process group failed ({first}). Every rank must make the same TWA "
+                         "calls in the same order: each forward and backward, weights(), averaged_state_dict(), "
+                         "and the helpers of tk.distributed and tk.decor.update. A call made on one rank alone "
+                         "(under `if rank == 0:`) waits for the others until the timeout; if another rank failed, "
+                         "its own error says why") from exc
+
+
 def gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
     """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL)."""
     if dist.get_backend(group) == "nccl":
         mine = mine.cuda()
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
+    named_on_failure("an all-gather of the ranks' settings", lambda: dist.all_gather(table, mine, group=group))
     return [row.cpu() for row in table]
 
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twa_kernels._collectives import named_on_failure
 from twa_kernels._passes import in_statistics_pass
 from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, flag, real
@@ -525,7 +526,7 @@ def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
     parts = [m.decor_dense_sum().to(device=ref.device, dtype=dtype).reshape(-1) for _, m in layers]
     counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=dtype, device=ref.device)
     flat = torch.cat(parts + [counts])
-    torch.distributed.all_reduce(flat, group=group)
+    named_on_failure("decor.update's all-reduce", lambda: torch.distributed.all_reduce(flat, group=group))
     offset = 0
     for (_, m), p in zip(layers, parts):
         m._decor_sum = flat[offset:offset + p.numel()].view_as(m.decor_R).to(device=m.decor_R.device,

@@ -59,6 +59,7 @@ from twa_kernels._collectives import (  # noqa: F401  (public names of tk.distri
     gather_rows,
     ranks_unlike_rank0,
 )
+from twa_kernels._collectives import named_on_failure
 from twa_kernels.sharding import (  # noqa: F401  (public names of tk.distributed)
     Comm,
     ShardingError,
@@ -156,7 +157,8 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
         n = m.num_batches_tracked.to(torch.float64)
         parts += [m.running_mean.double() * n, m.running_var.double() * n, n.reshape(1)]
     flat = torch.cat(parts)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    named_on_failure("the all-reduce of the BatchNorm statistics",
+                     lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group))
     offset, most = 0, 0
     for m in norms:
         c = m.running_mean.numel()
@@ -273,7 +275,8 @@ def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = 
                                    f"{keys}); pass every rank the same keys")
     if dist.get_backend(process_group) == "nccl":
         values = values.cuda()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=process_group)
+    named_on_failure("all_reduce_metrics' all-reduce",
+                     lambda: dist.all_reduce(values, op=dist.ReduceOp.SUM, group=process_group))
     return dict(zip(keys, values.tolist()))
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from twa_kernels._collectives import BasisMismatchError, check_group, gather_rows
+from twa_kernels._collectives import BasisMismatchError, check_group, gather_rows, named_on_failure
 from twa_kernels.errors import InvalidArgumentError, UsageError
 from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis, basis_meta
@@ -100,45 +100,20 @@ class Comm:
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum of t over the ranks, in place."""
         self._count("all_reduce", t)
-        _named_on_failure("all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
+        named_on_failure("TWA's all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
         return t
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """Every rank's t, in rank order, into out (world size times t's length)."""
         self._count("all_gather", out)
-        _named_on_failure("all-gather", lambda: _all_gather(out, t, self.group))
+        named_on_failure("TWA's all-gather", lambda: _all_gather(out, t, self.group))
         return out
 
     def reduce_scatter_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """This rank's chunk of the sum of t over the ranks, into out."""
         self._count("reduce_scatter", t)
-        _named_on_failure("reduce-scatter", lambda: _reduce_scatter(out, t, self.group))
+        named_on_failure("TWA's reduce-scatter", lambda: _reduce_scatter(out, t, self.group))
         return out
-
-
-# what gloo and NCCL say when a peer never came or went away (gloo's timeout is a plain
-# RuntimeError, not one of torch.distributed's DistError kinds)
-_PEER_TROUBLE = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
-
-
-def _named_on_failure(collective: str, call: Callable[[], Any]) -> None:
-    """Run a collective of TWA's. A timeout or a lost peer, most often one rank that waited
-    alone, becomes UsageError saying what every rank must do (torch's own error, kept as the
-    cause, names only the transport); anything else (memory running out, a tensor the
-    backend refuses) is raised as it is."""
-    try:
-        call()
-    except RuntimeError as exc:
-        text = str(exc)
-        if isinstance(exc, torch.OutOfMemoryError) or not (
-                isinstance(exc, dist.DistError) or any(word in text.lower() for word in _PEER_TROUBLE)):
-            raise
-        first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise UsageError(f"TWA's {collective} across its process group failed ({first}). Every rank must make "
-                         "the same TWA calls in the same order: each forward and backward, weights(), "
-                         "averaged_state_dict(), update_bn. A call made on one rank alone (under `if rank == 0:`) "
-                         "waits for the others until the timeout; if another rank failed, its own error says "
-                         "why") from exc
 
 
 def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis,
