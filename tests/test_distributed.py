@@ -805,6 +805,14 @@ def test_every_collective_of_the_library_names_a_rank_that_waited_alone(monkeypa
             with pytest.raises(tk.errors.UsageError, match="an all-gather of the ranks' settings across its process "
                                                            "group failed .*Every rank"):
                 agree(lambda: 1, group, "a step")
+            with pytest.raises(tk.errors.UsageError, match="the all-gather that compares the ranks' bases across"):
+                distributed.check_same_basis(torch.zeros(32), quantize(torch.randn(2, 32), 4, 16), group)
+
+            def fails():
+                raise ValueError("this rank's own failure")
+
+            with pytest.raises(ValueError, match="this rank's own failure"):  # not the exchange that followed it
+                agree(fails, group, "a step")
         monkeypatch.setattr(torch.distributed, "all_reduce", timed_out)  # the all-gathers before them pass
         calls = {"all_reduce_metrics' all-reduce": lambda: distributed.all_reduce_metrics({"loss": 1.0}, group),
                  "the all-reduce of the BatchNorm statistics": lambda: distributed.all_reduce_bn_statistics(model,

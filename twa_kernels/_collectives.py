@@ -117,7 +117,12 @@ def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
         text = f"{type(error).__name__}: {error}".encode("utf-8", "replace")[:_MESSAGE_BYTES]
         row[0] = 1
         row[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    table = gather_rows(row, group)
+    try:
+        table = gather_rows(row, group)
+    except Exception:
+        if error is not None:  # this rank's own failure says more than the exchange that followed
+            raise error  # (that failure stays attached as its __context__)
+        raise
     if error is not None:
         raise error
     failed = {rank: bytes(r[1:].tolist()).rstrip(b"\0").decode("utf-8", "replace")

@@ -162,7 +162,7 @@ def check_same_basis(center: Tensor, qb: QuantizedBasis, group: Any) -> None:
     every rank raises (no rank is left waiting in a later collective)."""
     mine = basis_checksum(center, qb)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
+    named_on_failure("the all-gather that compares the ranks' bases", lambda: dist.all_gather(table, mine, group=group))
     ref = table[0].cpu()
     bad: dict[int, list[str]] = {}
     for rank, row in enumerate(table[1:], start=1):
