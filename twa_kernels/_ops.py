@@ -455,6 +455,9 @@ class ReconstructInto(torch.autograd.Function):
         return (*grads[:8], None, None)
 
 
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
+
 def _eager(codes: Tensor, others: Sequence[Tensor]) -> bool:
     """Whether an op's kernel may be called without the op: plain tensors with values,
     outside tracing and dispatch modes, with no graph to record. A fake tensor
@@ -464,9 +467,6 @@ def _eager(codes: Tensor, others: Sequence[Tensor]) -> bool:
     share codes' device."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not codes.is_meta
             and not is_in_torch_dispatch_mode() and {type(codes), *map(type, others)} <= _PLAIN_TENSOR_TYPES)
-
-
-_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
 
 class _PiecesLayout(NamedTuple):

@@ -47,7 +47,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
     take raw pointers) and match this module's layout, and the center, the coefficients and the
     frozen parameters' pinned values must be finite, and a sharded rank's state must be its
     own columns. Raises a ValueError naming the field, and leaves the module untouched."""
-    original_keys = set(state)
+    from_a_shard = prefix + "shard_columns" in state  # _check_shard takes the record out
     _check_shard(module, state, prefix)
     fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
               if key.startswith(prefix + "basis_")}
@@ -56,7 +56,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
             loaded = QuantizedBasis.from_state_dict(fields)
         except (KeyError, ValueError) as exc:
             raise InvalidArgumentError(f"TWA state_dict: the basis is invalid: {exc}") from exc
-        whole = module._sharded and module._parallel.comm.world > 1 and prefix + "shard_columns" not in original_keys
+        whole = module._sharded and module._parallel.comm.world > 1 and not from_a_shard
         if whole and loaded.num_cols == module._parallel.num_cols:
             raise InvalidArgumentError(f"TWA state_dict: it holds all {loaded.num_cols} columns of an unsharded TWA, "
                                        f"but this TWA is sharded over {module._parallel.comm.world} ranks and holds "
