@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import twa_kernels as tk
 from twa_kernels import distributed
@@ -381,6 +382,11 @@ def train_loader():
 
 def val_loader():
     return DataLoader(_data(32, 1), batch_size=16)
+
+def ragged_val_loader():
+    # one process keeps 36 of the 37 samples (9 batches of 4); ranks that pad their shares to
+    # 19 samples each, then drop their own last partial batch, keep 32
+    return DataLoader(_data(37, 1), batch_size=4, drop_last=True)
 '''
 
 
@@ -424,7 +430,9 @@ def _fit_config(root, **overrides):
 def test_twa_fit_under_torchrun_sharded(user_project):
     import json
 
-    result = _torchrun(user_project, _fit_config(user_project))
+    config = _fit_config(user_project)
+    config["data"]["val"] = "userpkg_dist:ragged_val_loader"
+    result = _torchrun(user_project, config)
     assert result.returncode == 0, result.stderr[-8000:]
     report = json.loads((user_project / "out" / "report.json").read_text())
     assert report["world_size"] == 2 and report["distributed_mode"] == "sharded"
@@ -441,6 +449,15 @@ def test_twa_fit_under_torchrun_sharded(user_project):
     averaged = tk.load_state_dict(user_project / "out" / "averaged.safetensors")
     assert set(averaged) == set(w.model_and_checkpoints()[0].state_dict())
     assert not list((user_project / "out").glob("*.tmp"))
+    # the loss over the samples one process keeps, each once, at the exported weights (the
+    # ranks' padded, separately trimmed shares counted 32 of them: 0.6% lower)
+    model = w.model_and_checkpoints()[0].eval()
+    model.load_state_dict(averaged)
+    gen = torch.Generator().manual_seed(1)  # userpkg_dist._data(37, 1)
+    x, y = torch.randn(37, 1, 40, generator=gen), torch.randint(0, 10, (37,), generator=gen)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x[:36]), y[:36]).item()
+    assert report["val_loss_after_twa"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):

@@ -205,15 +205,19 @@ def _running(config: FitConfig, loader: _Batches, group: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, loader: _Batches, loss_fn: Callable, config: FitConfig, group: Any = None) -> float:
-    model.eval()
+def _mean_loss(twa: TWA, loader: _Batches, loss_fn: Callable, config: FitConfig, group: Any = None) -> float:
+    """The loss at the averaged weights, computed once (in sharded mode, gathered once) for
+    every batch: the forwards then need no exchange, so the ranks' shares of the samples may
+    differ (split_for_evaluation's, each sample once)."""
+    twa.eval()
     total, count = 0.0, 0
-    for x, y in loader:
-        samples = _samples(x, y, loader)
-        with _running(config, loader, group):
-            predictions = model(x)
-        total += float(call_loss(loss_fn, predictions, y, config.loss)) * samples
-        count += samples
+    with twa.averaged_model() as model:
+        for x, y in loader:
+            samples = _samples(x, y, loader)
+            with _running(config, loader, group):
+                predictions = model(x)
+            total += float(call_loss(loss_fn, predictions, y, config.loss)) * samples
+            count += samples
     if group is not None:  # over every rank's share
         sums = distributed.all_reduce_metrics({"total": total, "count": count}, group)
         total, count = sums["total"], sums["count"]
@@ -288,8 +292,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     if group is not None:
         train_loader = distributed.split_loader(train_loader, group)
         if val_loader is not None:
-            eval_loader = (distributed.split_for_evaluation(val_loader, group)
-                           if config.distributed_mode == "replicated" else distributed.split_loader(val_loader, group))
+            eval_loader = distributed.split_for_evaluation(val_loader, group)
             val_loader = distributed.split_loader(val_loader, group)
     train_loader = _Batches(train_loader, "train", config.data["train"], world)
     train_loader.check_not_empty("to train on" if config.train_on == "train" else "for the BatchNorm statistics")
