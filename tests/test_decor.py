@@ -628,6 +628,17 @@ def _retry_rank(rank, world):
     model = nn.Sequential(nn.Linear(4, 2)).double()
     tk.decor.decorrelate(model, lr=1.0, kappa=0.5, sample_fraction=1.0, max_norm=1.5)
     model(x.chunk(world)[rank])
+    step = tk.decor._group_step
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no memory for the step")
+
+    tk.decor._group_step = out_of_memory  # an update stopped after the all-reduce by another error
+    try:
+        with pytest.raises(MemoryError):
+            tk.decor.update(model)
+    finally:
+        tk.decor._group_step = step
     with pytest.raises(tk.decor.DecorrelationDivergedError, match="diverged"):
         tk.decor.update(model)
     model[0].decor_lr = 1e-3
@@ -637,7 +648,8 @@ def _retry_rank(rank, world):
 
 def test_a_retry_after_divergence_over_ranks_takes_the_global_batchs_step(tmp_path):
     # the refused update left each rank holding the sum over all ranks: the retry summed the
-    # sums again, a step world_size times too large, equal on every rank and unnoticed
+    # sums again, a step world_size times too large, equal on every rank and unnoticed; an
+    # update stopped by another error (memory, an interrupt) after the all-reduce did the same
     ranks = spawn(_retry_rank, 2, str(tmp_path), timeout=120)
     torch.manual_seed(0)
     x = 3 * torch.randn(8, 4, dtype=torch.float64)

@@ -517,33 +517,33 @@ def _default_group(process_group: torch.distributed.ProcessGroup | None) -> torc
     return None
 
 
-def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> Tensor:
-    """Sum every layer's S and sample count across the group in one flattened all_reduce (a
-    layer that saw no input contributes zeros); afterwards each layer holds the global S as
-    its _decor_sum. Returns the global counts."""
+def _all_reduce(layers: list[tuple[str, nn.Module]], group) -> tuple[list[Tensor], Tensor]:
+    """Every layer's S and sample count summed across the group in one flattened all_reduce
+    (a layer that saw no input contributes zeros): the global S of each layer and the global
+    counts. The layers keep their own samples until the update is applied, so a step that
+    stops before (refused, or interrupted) leaves each rank its own, and a retry sums them once."""
     ref = layers[0][1].decor_R
     dtype = functools.reduce(torch.promote_types, (_compute_dtype(m.decor_R) for _, m in layers))
     parts = [m.decor_dense_sum().to(device=ref.device, dtype=dtype).reshape(-1) for _, m in layers]
     counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=dtype, device=ref.device)
     flat = torch.cat(parts + [counts])
     named_on_failure("decor.update's all-reduce", lambda: torch.distributed.all_reduce(flat, group=group))
-    offset = 0
+    sums, offset = [], 0
     for (_, m), p in zip(layers, parts):
-        m._decor_sum = flat[offset:offset + p.numel()].view_as(m.decor_R).to(device=m.decor_R.device,
-                                                                              dtype=_compute_dtype(m.decor_R))
-        m._decor_rows = []
+        sums.append(flat[offset:offset + p.numel()].view_as(m.decor_R).to(device=m.decor_R.device,
+                                                                           dtype=_compute_dtype(m.decor_R)))
         offset += p.numel()
-    return flat[offset:]
+    return sums, flat[offset:]
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
     return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)  # one layer: a view, no copy
 
 
-def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _group_step(mods: list[nn.Module], n: Tensor, sums: list[Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
     """The new R [G, d, d], the loss [G] and whether each layer's sampled inputs were finite
     [G] (a NaN or Inf among them makes the diagonal of X non-finite) of a group of layers of
-    equal d.
+    equal d, from their S matrices `sums`, or (None) from their sampled rows.
 
     (1 - k) C R + k diag(v) R = (1 - k) X R + diag(k v - (1 - k) diag X) R, so
     R_new = diag(1 - lr (k v - (1 - k) diag X)) R - lr (1 - k) X R: one row scaling of R and
@@ -559,7 +559,7 @@ def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor
     lr = torch.tensor([m.decor_lr for m in mods], dtype=dtype, device=device) * (n > 0)  # no input: no step
     kappa = torch.tensor([m.decor_kappa for m in mods], dtype=dtype, device=device)
     coef = -lr * (1 - kappa) * inv_n  # the weight of S R (or Z^T Z R) in R_new
-    if lowrank:
+    if sums is None:
         Z = _stacked([torch.cat(m._decor_rows) if len(m._decor_rows) > 1 else m._decor_rows[0]
                       for m in mods]).to(dtype)
         diag = Z.square().sum(1) * inv_n[:, None]
@@ -567,7 +567,7 @@ def _group_step(mods: list[nn.Module], n: Tensor, lowrank: bool) -> tuple[Tensor
         fro2 = gram.square().sum((1, 2)) * inv_n ** 2
         left, right = Z.transpose(1, 2), torch.bmm(Z, R).mul_(coef[:, None, None])  # [G, d, n], [G, n, d]
     else:
-        S = _stacked([m._decor_sum for m in mods]).to(dtype)
+        S = _stacked(sums).to(dtype)
         diag = torch.diagonal(S, dim1=1, dim2=2) * inv_n[:, None]
         fro2 = S.square().sum((1, 2)) * inv_n ** 2
         left, right = S * coef[:, None, None], R
@@ -610,12 +610,10 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
                              f"on {m._decor_rows[0].device}; call update() before moving the model")
         if m._decor_sum is not None and m._decor_rows:  # rows sampled after the last fold into S count too
             m._decor_sum, m._decor_rows = m.decor_dense_sum(), []
-    if group is not None:
-        # each rank's own samples, put back if the check refuses the step: a retry must sum
-        # them across ranks again, not the sums already summed
-        local = [(m._decor_sum, m._decor_rows) for _, m in layers]
-        counts = _all_reduce(layers, group)
+    if group is not None:  # the global S of every layer (each keeps its own samples until the end)
+        sums, counts = _all_reduce(layers, group)
     else:
+        sums = [m._decor_sum for _, m in layers]  # None where a layer holds few rows
         counts = torch.tensor([float(m._decor_count) for _, m in layers], dtype=torch.float64,
                               device=layers[0][1].decor_R.device)
 
@@ -623,14 +621,15 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     groups: dict[tuple, list[int]] = {}
     for i, (_, m) in enumerate(layers):
         R = m.decor_R
-        rows = sum(z.shape[0] for z in m._decor_rows) if m._decor_sum is None else None
+        rows = sum(z.shape[0] for z in m._decor_rows) if sums[i] is None else None
         groups.setdefault((R.shape[0], R.dtype, R.device, rows), []).append(i)
 
     losses, norms, finite_inputs, order, new_rs = [], [], [], [], []
     home = counts.device  # the per-layer results meet here; each group computes on its own layers' device
     for (d, dtype, device, rows), idx in groups.items():
         n = counts[idx].to(device=device)  # float64 or float32: the step casts it to its dtype
-        new, loss, finite = _group_step([layers[i][1] for i in idx], n, lowrank=rows is not None)
+        new, loss, finite = _group_step([layers[i][1] for i in idx], n,
+                                        None if rows is not None else [sums[i] for i in idx])
         losses.append((loss if group is None else torch.where(n > 0, loss, torch.zeros_like(loss))).to(home))
         norms.append((torch.linalg.matrix_norm(new).to(torch.float64) / math.sqrt(d)).to(home))
         finite_inputs.append(finite.to(home))
@@ -658,9 +657,6 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
                     f"are dropped); check the data and the layers before it (a lower learning rate, of the network "
                     f"or of decorrelation, may help if those diverged)")
             # the samples are kept: update(model) again after lowering the rate takes the same step
-            if group is not None:
-                for (_, layer), (own_sum, own_rows) in zip(layers, local):
-                    layer._decor_sum, layer._decor_rows = own_sum, own_rows
             raise DecorrelationDivergedError(
                 f"decorrelation matrix R of layer {name!r} diverged (||R||_F/sqrt(d) = {float(norm[j]):.3g}, limit "
                 f"{m.decor_max_norm:g}) at decorrelation lr={m.decor_lr:g}; R is left as before this update and the "
