@@ -923,3 +923,33 @@ def one_rank_exports(rank: int, world: int) -> dict:
     else:
         time.sleep(8)  # alive past rank 0's timeout, so rank 0 meets the timeout and not a closed peer
     return out
+
+
+def unlike_exchanges(rank: int, world: int) -> dict:
+    """Ranks that reach different exchanges of the library at once: a helper called on rank
+    0 only meets another on rank 1, and one check gets rows of other sizes on each rank."""
+    import twa_kernels as tk
+    from twa_kernels import distributed
+    from twa_kernels.sharding import check_same_values
+
+    torch.manual_seed(0)  # the same model on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    twa = tk.TWA(model, [model.state_dict(), {k: v + 0.1 if v.is_floating_point() else v
+                                             for k, v in model.state_dict().items()}],
+                 bits=8, group_size=8, process_group=dist.group.WORLD)
+    out = {}
+    try:
+        if rank == 0:
+            distributed.all_reduce_metrics({"loss": 1.0}, dist.group.WORLD)
+        else:
+            distributed.update_bn([torch.randn(8, 3)], twa, dist.group.WORLD)
+    except tk.errors.TWAKernelsError as exc:
+        out["helpers"] = f"{type(exc).__name__}: {exc}"
+    try:
+        check_same_values(["w"] * (rank + 1), [torch.ones(2)] * (rank + 1), dist.group.WORLD, "the test's values")
+    except tk.errors.TWAKernelsError as exc:
+        out["sizes"] = f"{type(exc).__name__}: {exc}"
+    ones = torch.ones(1)
+    dist.all_reduce(ones)  # the ranks are still in step: the next collective pairs as it should
+    out["after"] = float(ones)
+    return out

@@ -819,10 +819,10 @@ def test_every_collective_of_the_library_names_a_rank_that_waited_alone(monkeypa
         group = torch.distributed.group.WORLD
         with monkeypatch.context() as patch:
             patch.setattr(torch.distributed, "all_gather", timed_out)
-            with pytest.raises(tk.errors.UsageError, match="an all-gather of the ranks' settings across its process "
+            with pytest.raises(tk.errors.UsageError, match="the exchange after a step across its process "
                                                            "group failed .*Every rank"):
                 agree(lambda: 1, group, "a step")
-            with pytest.raises(tk.errors.UsageError, match="the all-gather that compares the ranks' bases across"):
+            with pytest.raises(tk.errors.UsageError, match="the check of the ranks' bases across"):
                 distributed.check_same_basis(torch.zeros(32), quantize(torch.randn(2, 32), 4, 16), group)
 
             def fails():
@@ -838,6 +838,19 @@ def test_every_collective_of_the_library_names_a_rank_that_waited_alone(monkeypa
         for what, call in calls.items():
             with pytest.raises(tk.errors.UsageError, match=f"{what} across its process group failed .*Every rank"):
                 call()
+
+
+def test_ranks_at_different_exchanges_of_the_library_raise_together(tmp_path):
+    # the all-gathers of unequal sizes met, and gloo ended both processes (SIGABRT)
+    results = w.spawn(w.unlike_exchanges, 2, str(tmp_path), timeout=120, collective_timeout=20)
+    for res in results:
+        assert res["helpers"].startswith("UsageError: the ranks reached different exchanges of the library at once "
+                                         "(rank 0: the exchange after checking its metrics (2049 bytes); rank 1: the "
+                                         "exchange after recomputing BatchNorm statistics (2049 bytes))"), res["helpers"]
+        assert "under `if rank == 0:`" in res["helpers"]
+        assert "rank 0: the check of the test's values (16 bytes); rank 1: the check of the test's values (32 " \
+               "bytes)" in res["sizes"], res["sizes"]
+        assert res["after"] == 2.0
 
 
 def test_a_collective_that_fails_for_another_reason_keeps_its_own_error(monkeypatch):

@@ -73,13 +73,39 @@ def named_on_failure(what: str, call: Callable[[], _T]) -> _T:
                          "its own error says why") from exc
 
 
-def gather_rows(mine: Tensor, group: Any) -> list[Tensor]:
-    """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL)."""
+_NAME_BYTES = 120  # of an exchange's name, in the row that announces it
+
+
+def _all_gather(mine: Tensor, group: Any, what: str) -> list[Tensor]:
     if dist.get_backend(group) == "nccl":
         mine = mine.cuda()
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    named_on_failure("an all-gather of the ranks' settings", lambda: dist.all_gather(table, mine, group=group))
+    named_on_failure(what, lambda: dist.all_gather(table, mine, group=group))
     return [row.cpu() for row in table]
+
+
+def gather_rows(mine: Tensor, group: Any, what: str) -> list[Tensor]:
+    """all_gather of one small CPU tensor per rank (moved to the GPU and back under NCCL),
+    announced first: every rank all-gathers a row of the same size that names the exchange
+    (`what`) and its size. Ranks that reach different exchanges of the library at once
+    (helpers called on some ranks only), or the same one with rows of other sizes, raise
+    UsageError together, naming what each rank was doing; without it the all-gathers of
+    unequal sizes meet, and gloo ends the process."""
+    name = what.encode("utf-8", "replace")[:_NAME_BYTES]
+    announced = torch.zeros(8 + _NAME_BYTES, dtype=torch.uint8)
+    announced[:8] = torch.tensor([mine.numel() * mine.element_size()], dtype=torch.int64).view(torch.uint8)
+    if name:
+        announced[8 : 8 + len(name)] = torch.frombuffer(bytearray(name), dtype=torch.uint8)
+    rows = _all_gather(announced, group, what)
+    if any(not torch.equal(row, rows[0]) for row in rows):
+        def said(row: Tensor) -> str:
+            size = int(row[:8].view(torch.int64))
+            return bytes(row[8:].tolist()).rstrip(b"\0").decode("utf-8", "replace") + f" ({size} bytes)"
+        detail = "; ".join(f"rank {rank}: {said(row)}" for rank, row in enumerate(rows))
+        raise UsageError(f"the ranks reached different exchanges of the library at once ({detail}). Every rank must "
+                         "make the same TWA calls in the same order, with the same settings: a helper of tk.distributed "
+                         "or a TWA built on some ranks only (under `if rank == 0:`) meets another call on the others")
+    return _all_gather(mine, group, what)
 
 
 def digest(*parts: object) -> int:
@@ -91,10 +117,10 @@ def digest(*parts: object) -> int:
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
-def ranks_unlike_rank0(parts: object, group: Any) -> list[int]:
+def ranks_unlike_rank0(parts: object, group: Any, what: str) -> list[int]:
     """The ranks whose `parts` (a digest of them, all-gathered) differ from rank 0's: the
-    same answer on every rank, so all of them can raise together."""
-    table = gather_rows(torch.tensor([digest(parts)], dtype=torch.int64), group)
+    same answer on every rank, so all of them can raise together. `what` names the check."""
+    table = gather_rows(torch.tensor([digest(parts)], dtype=torch.int64), group, what)
     return [rank for rank, row in enumerate(table) if not torch.equal(row, table[0])]
 
 
@@ -118,7 +144,7 @@ def agree(work: Callable[[], _T], group: Any, what: str) -> _T:
         row[0] = 1
         row[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     try:
-        table = gather_rows(row, group)
+        table = gather_rows(row, group, f"the exchange after {what}")
     except Exception:
         if error is not None:  # this rank's own failure says more than the exchange that followed
             raise error  # (that failure stays attached as its __context__)

@@ -144,7 +144,7 @@ def all_reduce_bn_statistics(model: nn.Module, process_group: Any = None, frozen
     # the ranks agree on the layers first (every rank joins, with layers or without): one
     # all-reduce over layouts that differ would pair with another rank's next collective
     layout = [(name, m.running_mean.numel()) for name, m in measured.items()]
-    differ = ranks_unlike_rank0(layout, process_group)
+    differ = ranks_unlike_rank0(layout, process_group, "update_bn's check of the BatchNorm layers")
     if differ:
         raise InvalidArgumentError(f"all_reduce_bn_statistics: ranks {differ} measure other BatchNorm layers than "
                                    f"rank 0 (here {[name for name, _ in layout][:6]}); give every rank the same model "
@@ -269,7 +269,7 @@ def all_reduce_metrics(sums: Mapping[str, float | Tensor], process_group: Any = 
         return keys, torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
 
     keys, values = agree(local_values, process_group, "checking its metrics")
-    differ = ranks_unlike_rank0(keys, process_group)
+    differ = ranks_unlike_rank0(keys, process_group, "all_reduce_metrics' check of the metric names")
     if differ:
         raise InvalidArgumentError(f"all_reduce_metrics: ranks {differ} passed other metric names than rank 0 (here "
                                    f"{keys}); pass every rank the same keys")
@@ -399,7 +399,7 @@ def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
         return check_seed(seed)
     source = getattr(loader.sampler, "generator", None)
     drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=source)
-    return int(gather_rows(drawn, group)[0])  # rank 0's (through the GPU under NCCL)
+    return int(gather_rows(drawn, group, "split_loader's draw of the shared seed")[0])  # rank 0's (through the GPU under NCCL)
 
 
 def _local_shape(loader: Iterable) -> tuple[int, int, int]:
@@ -419,7 +419,7 @@ def _check_same_data(loader: Iterable, process_group: Any, who: str) -> None:
     that differs left the others waiting in a collective until the timeout, which then
     named no cause. One all-gather of each rank's sizes; ranks that differ stop every rank."""
     mine = agree(lambda: _local_shape(loader), process_group, f"measuring the loader given to {who}")
-    table = gather_rows(torch.tensor(mine, dtype=torch.int64), process_group)
+    table = gather_rows(torch.tensor(mine, dtype=torch.int64), process_group, f"{who}'s check of the loaders")
     if all(torch.equal(row, table[0]) for row in table):
         return
 

@@ -68,7 +68,8 @@ def _same_checkpoint_lists(specs: list, group: Any) -> None:
     CheckpointListMismatchError naming the ranks whose list differs from rank 0's."""
     text = "\n".join(str(s) if not isinstance(s, Mapping) else f"<state_dict {i}>" for i, s in enumerate(specs))
     fingerprint = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-    table = gather_rows(torch.tensor([fingerprint, len(specs)], dtype=torch.int64), group)
+    table = gather_rows(torch.tensor([fingerprint, len(specs)], dtype=torch.int64), group,
+                        "the check of the ranks' checkpoint lists")
     bad = [r for r, row in enumerate(table) if not torch.equal(row, table[0])]
     if bad:
         raise CheckpointListMismatchError(
@@ -81,7 +82,7 @@ def _same_build_settings(settings: tuple, group: Any) -> None:
     and shapes) and raise BasisMismatchError on every rank when a rank's differ from rank
     0's: a shard quantised another way trains silently wrong, and a different group size
     lays the shards out differently, so the first collective over them would abort."""
-    bad = ranks_unlike_rank0(settings, group)
+    bad = ranks_unlike_rank0(settings, group, "the check of the ranks' build settings")
     if bad:
         raise BasisMismatchError(
             f"ranks {bad} were given other build settings than rank 0 (bits, granularity, group_size or the model's "
@@ -164,7 +165,8 @@ def _same_checkpoint_contents(specs: list, prints: list[tuple[int, int, int]], g
     CheckpointContentMismatchError naming each file that differs from rank 0's copy, on
     which ranks and how. Replicated mode compares the whole bases; sharded mode cannot (each
     rank holds other columns), so it compares the files."""
-    table = gather_rows(torch.tensor(prints, dtype=torch.int64).reshape(-1), group)
+    table = gather_rows(torch.tensor(prints, dtype=torch.int64).reshape(-1), group,
+                        "the check of the ranks' checkpoint files")
     ref = table[0].view(len(specs), 3)
     what = ("size", "header", "sampled weights")
     problems = []

@@ -161,12 +161,10 @@ def check_same_basis(center: Tensor, qb: QuantizedBasis, group: Any) -> None:
     rank 0's. One all-gather of 12 float64 per rank; every rank sees the same table, so
     every rank raises (no rank is left waiting in a later collective)."""
     mine = basis_checksum(center, qb)
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    named_on_failure("the all-gather that compares the ranks' bases", lambda: dist.all_gather(table, mine, group=group))
-    ref = table[0].cpu()
+    table = gather_rows(mine.cpu(), group, "the check of the ranks' bases")
+    ref = table[0]
     bad: dict[int, list[str]] = {}
     for rank, row in enumerate(table[1:], start=1):
-        row = row.cpu()
         exact = ~torch.eq(row[:_EXACT_FIELDS], ref[:_EXACT_FIELDS])
         close = ~torch.isclose(row[_EXACT_FIELDS:], ref[_EXACT_FIELDS:], rtol=1e-12, atol=0)
         differs = torch.cat([exact, close]).nonzero().flatten().tolist()
@@ -192,7 +190,7 @@ def check_same_values(names: Sequence[str], values: Sequence[Tensor], group: Any
 
     mine = torch.stack([part.cpu() for value in values for part in fingerprint(value)]
                        or [torch.zeros((), dtype=torch.float64)])
-    table = gather_rows(mine, group)
+    table = gather_rows(mine, group, f"the check of {what}")
     bad = {rank: sorted({names[i // 2] for i in (~torch.isclose(row, table[0], rtol=1e-9, atol=0)).nonzero()
                          .flatten().tolist()}) for rank, row in enumerate(table[1:], start=1)}
     bad = {rank: differ for rank, differ in bad.items() if differ}

@@ -145,7 +145,8 @@ class TWA(nn.Module):
             dtypes = [str(p.dtype).removeprefix("torch.") for _, p in trainable]
             settings = dict(shard=shard, bits=bits, granularity=granularity, group_size=group_size,
                             int8_gradients=int8_gradients, parameter_dtypes=sorted(set(dtypes)))
-            unlike = _collectives.ranks_unlike_rank0([*sorted(settings.items()), dtypes], process_group)
+            unlike = _collectives.ranks_unlike_rank0([*sorted(settings.items()), dtypes], process_group,
+                                                      "TWA's check of the ranks' settings")
             if unlike:
                 raise _collectives.BasisMismatchError(
                     f"ranks {unlike} were given other build settings than rank 0 ({', '.join(settings)}; here "
