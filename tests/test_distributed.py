@@ -651,6 +651,19 @@ def test_a_reentrant_recomputation_over_replicated_ranks_averages_its_gradient(t
     torch.testing.assert_close(results[0]["plain"], results[1]["plain"], rtol=0, atol=0)
 
 
+def test_a_reentrant_recomputation_under_ddp_averages_its_gradient(tmp_path):
+    # where the weights are used only inside reentrant checkpoints, the whole coefficient
+    # gradient was added after DDP's average: each rank trained coefficients of its own
+    results = w.spawn(w.reentrant_under_ddp, 2, str(tmp_path))
+    for layout in ("inside", "beside"):
+        plain = results[0][layout, False]
+        for rank in (0, 1):
+            for got, want in zip(results[rank][layout, True], plain):  # one backward; two accumulated
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        for got, other in zip(plain, results[1][layout, False]):  # DDP's own average, alike on both ranks
+            torch.testing.assert_close(got, other, rtol=0, atol=0)
+
+
 def test_split_loaders_sampler_shuffles_anew_each_pass_alike_on_every_rank():
     from torch.utils.data import TensorDataset
 

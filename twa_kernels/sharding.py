@@ -59,6 +59,23 @@ def training_alone() -> bool:
     return active is None or active() is None
 
 
+def active_ddp_group() -> Any:
+    """The process group of the DistributedDataParallel whose forward is running, or None
+    outside one (torch.distributed absent or not initialised included)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    active = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)
+    ddp = None if active is None else active()
+    return None if ddp is None else ddp.process_group
+
+
+def average_over(group: Any, grad: Tensor) -> Tensor:
+    """`grad` averaged over `group`'s ranks, in place (every rank calls it at the same point)."""
+    named_on_failure("the all-reduce of a reentrant recomputation's gradient",
+                     lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group))
+    return grad.div_(dist.get_world_size(group))
+
+
 def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:
     # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns); older has only the latter
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, t, group=group)

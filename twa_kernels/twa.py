@@ -48,6 +48,7 @@ summed in float64, which is exactly the value when they agree, as a frozen tenso
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import warnings
@@ -530,7 +531,11 @@ class TWA(nn.Module):
                 return fn(*args, **kwargs)
         # a graph freed without a backward (an evaluation that forgot torch.no_grad()) frees
         # the workspace with its loan; otherwise every such forward took a fresh D-long buffer
-        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late, release)
+        # DDP averages what reaches the coefficients through autograd; what a reentrant recomputation
+        # leaves behind is added after, so it is averaged over the DDP's group here, as DDP would
+        ddp_group = sharding.active_ddp_group() if self._parallel is None else None
+        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned,
+                         functools.partial(self._project_late, ddp_group=ddp_group), release)
         weights = list(LoanAnchor.apply(loan, *weights))
         with lent.lending(weights + pinned, loan):
             try:
@@ -557,9 +562,15 @@ class TWA(nn.Module):
         with self._lent.lending([weights[name] for name in self.names + self.frozen_names]):
             yield self.module
 
-    def _project_late(self, grads: Sequence[Tensor | None]) -> None:
+    def _project_late(self, grads: Sequence[Tensor | None], ddp_group: Any = None) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
-        recomputation left on the lent weights after the graph's own projection ran."""
+        recomputation left on the lent weights after the graph's own projection ran,
+        averaged over the ranks of the TWA's process group or of the DistributedDataParallel
+        (`ddp_group`) whose forward made the graph. That gradient never passes through
+        autograd to the coefficients, so DDP does not see it: where the weights are used
+        only inside reentrant checkpoints (LoRA under gradient checkpointing), it is all of
+        the gradient. Averaged on every rank whether or not DDP syncs this backward (under
+        no_sync): the ranks then hold the same value, which DDP's later average keeps."""
         if self._sharded:
             raise UsageError("a reentrant activation-checkpointing recomputation gave weight gradients that the "
                              "sharded TWA's own backward did not reduce across ranks; use torch.utils.checkpoint "
@@ -572,6 +583,8 @@ class TWA(nn.Module):
             late = (project_int8 if self.int8_gradients else project)(self.basis, flat).to(self.coefficients.dtype)
             if self._parallel is not None:  # replicated: averaged over the ranks like the graph's own gradient
                 late = self._parallel.average_gradient(late)
+            elif ddp_group is not None:
+                late = sharding.average_over(ddp_group, late)
             if self.coefficients.grad is None:
                 self.coefficients.grad = late
             else:
