@@ -59,14 +59,19 @@ def training_alone() -> bool:
     return active is None or active() is None
 
 
-def active_ddp_group() -> Any:
-    """The process group of the DistributedDataParallel whose forward is running, or None
-    outside one (torch.distributed absent or not initialised included)."""
+def active_ddp_group(parameter: Tensor) -> Any:
+    """The process group of the DistributedDataParallel whose forward is running and which
+    averages `parameter`'s gradient, or None (outside one, or torch.distributed absent)."""
     if not dist.is_available() or not dist.is_initialized():
         return None
     active = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)
     ddp = None if active is None else active()
-    return None if ddp is None else ddp.process_group
+    if ddp is None:
+        return None
+    synced = getattr(ddp, "_module_parameters", None)  # its parameters less those it was told to ignore
+    if synced is None:
+        synced = list(ddp.module.parameters())
+    return ddp.process_group if any(p is parameter for p in synced) else None
 
 
 def average_over(group: Any, grad: Tensor) -> Tensor:

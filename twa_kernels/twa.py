@@ -533,7 +533,7 @@ class TWA(nn.Module):
         # the workspace with its loan; otherwise every such forward took a fresh D-long buffer
         # DDP averages what reaches the coefficients through autograd; what a reentrant recomputation
         # leaves behind is added after, so it is averaged over the DDP's group here, as DDP would
-        ddp_group = sharding.active_ddp_group() if self._parallel is None else None
+        ddp_group = sharding.active_ddp_group(self.coefficients) if self._parallel is None else None
         loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned,
                          functools.partial(self._project_late, ddp_group=ddp_group), release)
         weights = list(LoanAnchor.apply(loan, *weights))
