@@ -739,6 +739,35 @@ def test_a_state_loaded_with_assign_installs_contiguous_tensors():
     torch.testing.assert_close(twa(x), source(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_state_with_entries_of_the_wrong_kind_is_refused_before_anything_is_copied(assign):
+    # an integer or bool center and complex coefficients were cast silently by the copy; a
+    # list, a sparse or a meta tensor, or an unexpected key failed inside torch's load after
+    # the entries before it were copied, leaving the TWA half loaded
+    checkpoints = _fine_tunes(_Backbone())
+    source = tk.TWA(_Backbone(), checkpoints, bits=4, group_size=64)
+    with torch.no_grad():
+        source.coefficients.normal_()
+    state = source.state_dict()
+    twa = tk.TWA(_Backbone(), checkpoints, bits=4, group_size=64)
+    before = {k: v.clone() for k, v in twa.state_dict().items()}
+    center = state["center"]
+    cases = {"integer values": {"center": center.round().long()},
+             "bool values": {"center": center > 0},
+             "complex values": {"coefficients": state["coefficients"].to(torch.complex64)},
+             "is a list, not a tensor": {"coefficients": state["coefficients"].tolist()},
+             "sparse_coo tensor, not a dense": {"coefficients": state["coefficients"].to_sparse()},
+             "meta tensor": {"coefficients": state["coefficients"].to("meta")},
+             "unexpected keys \\['extra'\\]": {"extra": torch.ones(1)}}
+    for message, changed in cases.items():
+        with pytest.raises(tk.errors.InvalidArgumentError, match=message):
+            twa.load_state_dict({**state, "center": center + 1, **changed}, assign=assign)
+        for key, value in twa.state_dict().items():
+            assert torch.equal(value, before[key]), (message, key)  # nothing copied
+    twa.load_state_dict({**state, "extra": torch.ones(1)}, strict=False, assign=assign)  # what strict=False is for
+    assert torch.equal(twa.center, center)
+
+
 def test_a_model_without_parameters_or_with_all_frozen_is_named_for_what_it_is():
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"the model \(ReLU\) has no parameters"):
         tk.TWA(nn.ReLU(), [{}, {}])

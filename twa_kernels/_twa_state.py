@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels.errors import InvalidArgumentError
+from twa_kernels.io.keys import _not_dense_values
 from twa_kernels.quant import QuantizedBasis, basis_meta
 
 if TYPE_CHECKING:
@@ -42,6 +43,31 @@ def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
                                    f"{own[0]} (one of {own[1]} ranks); have each rank save and load its own state_dict")
 
 
+def _kind(t: Tensor) -> str:
+    return ("complex" if t.is_complex() else "floating-point" if t.is_floating_point()
+            else "bool" if t.dtype == torch.bool else "integer")
+
+
+def _check_kinds(module: TWA, state: dict[str, Any], prefix: str) -> None:
+    """Each of the module's own entries in `state` a dense tensor of the same kind of number
+    (an integer center or complex coefficients would be cast silently by the copy, and a
+    list or a sparse tensor would fail inside it after other entries were copied)."""
+    for name, own in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if prefix + name not in state:
+            continue
+        value = state[prefix + name]
+        if not isinstance(value, Tensor):
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} is a {type(value).__name__}, not a tensor; load "
+                                       "the state_dict() of a TWA built the same way")
+        if not own.is_meta and (what := _not_dense_values(value)):
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} is {what}, not a dense tensor of values; load the "
+                                       "state_dict() of a TWA built the same way")
+        if _kind(value) != _kind(own):
+            raise InvalidArgumentError(f"TWA state_dict: {name!r} holds {_kind(value)} values ({value.dtype}) where "
+                                       f"this TWA keeps {_kind(own)} ones ({own.dtype}); load the state_dict() of a "
+                                       "TWA built the same way")
+
+
 def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
     """Before load_state_dict copies anything: the incoming basis must be valid (the kernels
     take raw pointers) and match this module's layout, and the center, the coefficients and the
@@ -49,6 +75,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
     own columns. Raises a ValueError naming the field, and leaves the module untouched."""
     from_a_shard = prefix + "shard_columns" in state  # _check_shard takes the record out
     _check_shard(module, state, prefix)
+    _check_kinds(module, state, prefix)
     fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
               if key.startswith(prefix + "basis_")}
     if fields:

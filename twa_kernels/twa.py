@@ -295,12 +295,17 @@ class TWA(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
                                    f"TWA.state_dict() returns), got {type(state_dict).__name__}")
-        if strict:
+        if strict:  # torch would copy every entry it can and raise only after
             own = [*self._parameters, *(k for k in self._buffers if k not in self._non_persistent_buffers_set)]
             missing = [key for key in own if key not in state_dict]
             if missing:
                 raise MissingKeyError(f"TWA state_dict: missing {missing}; load the whole state_dict() of a TWA built "
                                       "the same way, or pass strict=False to keep this TWA's own values for them")
+            unexpected = [key for key in state_dict if key not in own and key != "shard_columns"]
+            if unexpected:
+                raise InvalidArgumentError(f"TWA state_dict: unexpected keys {unexpected[:8]}; load the state_dict() "
+                                           "of a TWA (a model's own state goes to twa.module), or pass strict=False "
+                                           "to ignore them")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # The model is held outside the module tree; device moves and train/eval reach it here.
