@@ -908,8 +908,9 @@ def reentrant_replicated(rank: int, world: int) -> dict:
 def reentrant_under_ddp(rank: int, world: int) -> dict:
     """Coefficient gradients of a TWA inside DistributedDataParallel over a model whose
     weights are used only inside reentrant checkpoints (LoRA under gradient checkpointing),
-    or partly beside them, with and without checkpointing: one backward, and two micro-
-    batches accumulated under no_sync, each rank on its own batches."""
+    with and without checkpointing, each rank on its own batches: DDP(twa) for one backward
+    and for two micro-batches accumulated under no_sync; and a TWA inside a module with a
+    head, under find_unused_parameters=True, whose checkpointed block rank 1 skips once."""
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.checkpoint import checkpoint
@@ -917,39 +918,54 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
     import twa_kernels as tk
 
     class Net(nn.Module):
-        def __init__(self, layout: str, reentrant: bool):
+        def __init__(self, reentrant: bool):
             super().__init__()
             torch.manual_seed(1)
             self.a, self.b = nn.Sequential(nn.Linear(6, 10), nn.Tanh()), nn.Linear(10, 3)
-            self.side = nn.Linear(6, 3)
-            self.layout, self.reentrant = layout, reentrant
+            self.reentrant = reentrant
 
         def run(self, block, x):
             return checkpoint(block, x, use_reentrant=True) if self.reentrant else block(x)
 
-        def forward(self, x):
-            if self.layout == "inside":  # every weight inside a checkpoint
-                return self.run(self.b, self.run(self.a, x)) + self.run(self.side, x)
-            return self.side(x) + self.run(lambda v: self.b(self.a(v)), x)  # one beside it
+        def forward(self, x, use=True):
+            return self.run(self.b, self.run(self.a, x)) if use else x[:, :3] * 1.0
+
+    class WithHead(nn.Module):
+        def __init__(self, twa):
+            super().__init__()
+            self.twa, self.head = twa, nn.Linear(3, 3)
+
+        def forward(self, x, use=True):
+            return self.head(self.twa(x, use))
 
     gen = torch.Generator().manual_seed(0)
-    base = Net("inside", False).state_dict()
+    base = Net(False).state_dict()
     states = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
-    xs = torch.randn(2, 8, 6, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
+    xs = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(10 + rank)).requires_grad_()
     grads = {}
-    for layout in ("inside", "beside"):
-        for reentrant in (False, True):
-            twa = tk.TWA(Net(layout, reentrant), states, bits=4, group_size=8)
-            with torch.no_grad():
-                twa.coefficients.copy_(torch.linspace(-0.5, 0.5, twa.coefficients.numel()).view_as(twa.coefficients))
-            ddp = DDP(twa)
+    for reentrant in (False, True):
+        twa = tk.TWA(Net(reentrant), states, bits=4, group_size=8)
+        with torch.no_grad():
+            twa.coefficients.copy_(torch.linspace(-0.5, 0.5, twa.coefficients.numel()).view_as(twa.coefficients))
+        ddp = DDP(twa)
+        ddp(xs[0]).pow(2).mean().backward()
+        got = [twa.coefficients.grad.clone()]
+        twa.coefficients.grad = None
+        with ddp.no_sync():
             ddp(xs[0]).pow(2).mean().backward()
-            one = twa.coefficients.grad.clone()
-            twa.coefficients.grad = None
-            with ddp.no_sync():
-                ddp(xs[0]).pow(2).mean().backward()
-            ddp(xs[1]).pow(2).mean().backward()
-            grads[layout, reentrant] = (one, twa.coefficients.grad.clone())
+        ddp(xs[1]).pow(2).mean().backward()
+        grads["whole", reentrant] = got + [twa.coefficients.grad.clone()]
+
+        twa = tk.TWA(Net(reentrant), states, bits=4, group_size=8)
+        torch.manual_seed(5)
+        model = WithHead(twa)
+        ddp = DDP(model, find_unused_parameters=True)
+        got = []
+        for step in range(3):
+            model.zero_grad()
+            ddp(xs[step], use=not (step == 0 and rank == 1)).pow(2).mean().backward()
+            got.append(twa.coefficients.grad.clone())
+        grads["skipped", reentrant] = got
     return grads
 
 

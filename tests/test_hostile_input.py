@@ -768,6 +768,22 @@ def test_a_state_with_entries_of_the_wrong_kind_is_refused_before_anything_is_co
     assert torch.equal(twa.center, center)
 
 
+def test_a_twa_subclass_with_modules_of_its_own_loads_its_whole_state_strictly():
+    # the strict check of unexpected keys knew the TWA's own tensors only, and refused a head's
+    class WithHead(tk.TWA):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.head = nn.Linear(4, 2)
+
+    checkpoints = _fine_tunes(_Backbone())
+    source = WithHead(_Backbone(), checkpoints, bits=4, group_size=64)
+    twa = WithHead(_Backbone(), checkpoints, bits=4, group_size=64)
+    twa.load_state_dict(source.state_dict())
+    assert torch.equal(twa.head.weight, source.head.weight)
+    with pytest.raises(tk.errors.MissingKeyError, match="head.bias"):
+        twa.load_state_dict({k: v for k, v in source.state_dict().items() if k != "head.bias"})
+
+
 def test_a_model_without_parameters_or_with_all_frozen_is_named_for_what_it_is():
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"the model \(ReLU\) has no parameters"):
         tk.TWA(nn.ReLU(), [{}, {}])

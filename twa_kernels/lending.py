@@ -28,14 +28,18 @@ class Loan:
     memory, leaves that require grad) that the model holds after that forward returned,
     for whatever reruns part of it during the backward. `key` is what they were computed
     from; `expired` is set when a later forward saw other coefficients, a basis or a
-    center, after which these aliases may no longer hold the graph's weights."""
+    center, after which these aliases may no longer hold the graph's weights.
+    `every_backward`: project_late is called at the end of every backward through the
+    graph, with None where nothing was left (its exchange with other ranks must run on each)."""
 
-    __slots__ = ("number", "key", "aliases", "expired", "lender", "project_late", "__weakref__")
+    __slots__ = ("number", "key", "aliases", "expired", "lender", "project_late", "every_backward", "queued_in",
+                 "__weakref__")
 
     def __init__(self, number: int, key: tuple, aliases: list[Tensor], lender: LentWeights,
-                 project_late: Callable[[Sequence[Tensor | None]], None]):
+                 project_late: Callable[[Sequence[Tensor | None] | None], None], every_backward: bool = False):
         self.number, self.key, self.aliases, self.expired = number, key, aliases, False
-        self.lender, self.project_late = lender, project_late
+        self.lender, self.project_late, self.every_backward = lender, project_late, every_backward
+        self.queued_in: int | None = None  # the backward whose end is already to look at this loan
 
     def take_grads(self) -> list[Tensor | None] | None:
         """The gradients a reentrant recomputation left on the aliases (cleared), or None."""
@@ -179,13 +183,13 @@ class LentWeights:
         else:
             self._give_back()
 
-    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None]], None],
-             release: Callable[[], None] | None = None) -> Loan:
+    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None] | None], None],
+             release: Callable[[], None] | None = None, every_backward: bool = False) -> Loan:
         """A new pending loan of `aliases`; `release` is called when it ends (its graph
         consumed by a backward, or freed)."""
         self.opened += 1
         number = self.opened
-        loan = Loan(number, key, aliases, self, project_late)
+        loan = Loan(number, key, aliases, self, project_late, every_backward)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
         if release is not None:
             self.releases[number] = release
@@ -268,7 +272,16 @@ class LentWeights:
     def _on_backward_start(self, loan: Loan, grad_outputs: Any) -> None:
         if loan.expired:
             self.refuse()
-        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self.project_left_over, loan))
+        task = _graph_task()
+        if task is not None and loan.queued_in == task:  # another of the output's tensors: once per backward
+            return
+        loan.queued_in = task
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._backward_ended, loan))
+
+    def _backward_ended(self, loan: Loan) -> None:
+        loan.queued_in = None
+        if not self.project_left_over(loan) and loan.every_backward:
+            loan.project_late(None)
 
     def refuse(self) -> None:
         """Raise for a backward whose loan expired, dropping what recomputations left."""
@@ -280,14 +293,17 @@ class LentWeights:
             "would not see this graph's weights. Call backward before changing the coefficients (an optimizer "
             "step), or run this forward again")
 
-    def project_left_over(self, own: Loan | None = None) -> None:
+    def project_left_over(self, own: Loan | None = None) -> bool:
         """Project what reentrant recomputations left on any pending aliases after the
         graphs' own projections ran (or where the graph has none: its weights were used
-        only inside reentrant checkpoints)."""
+        only inside reentrant checkpoints). Whether `own` had some."""
+        projected_own = False
         for loan in self.loans_with_grads(own):
             grads = loan.take_grads()
             if grads is not None:
                 loan.project_late(grads)
+                projected_own |= loan is own
+        return projected_own
 
     def after_backward(self, ctx: Any) -> None:
         """At the end of a backward pass through a loan's anchor: project_left_over(), and
@@ -327,6 +343,12 @@ class LoanAnchor(torch.autograd.Function):
                 grads = [g if extra is None else extra if g is None else g + extra for g, extra in zip(grads, left)]
         torch.autograd.Variable._execution_engine.queue_callback(lambda: lender.after_backward(ctx))
         return (None, *grads)
+
+
+def _graph_task() -> int | None:
+    """The id of the backward pass running now (a private torch call; None without it)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current()
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:
