@@ -910,7 +910,9 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
     weights are used only inside reentrant checkpoints (LoRA under gradient checkpointing),
     with and without checkpointing, each rank on its own batches: DDP(twa) for one backward
     and for two micro-batches accumulated under no_sync; and a TWA inside a module with a
-    head, under find_unused_parameters=True, whose checkpointed block rank 1 skips once."""
+    head under find_unused_parameters=True, whose graph differs by rank: rank 1 skips the
+    TWA's weights once (an output with no graph), and rank 0 once uses a weight beside the
+    checkpoints too."""
     import torch.nn as nn
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.checkpoint import checkpoint
@@ -927,15 +929,18 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
         def run(self, block, x):
             return checkpoint(block, x, use_reentrant=True) if self.reentrant else block(x)
 
-        def forward(self, x, use=True):
-            return self.run(self.b, self.run(self.a, x)) if use else x[:, :3] * 1.0
+        def forward(self, x, use="inside"):
+            if use == "skip":
+                return x.detach()[:, :3] * 1.0
+            out = self.run(self.b, self.run(self.a, x))
+            return out + 0.1 * self.b.weight.sum() if use == "beside" else out
 
     class WithHead(nn.Module):
         def __init__(self, twa):
             super().__init__()
             self.twa, self.head = twa, nn.Linear(3, 3)
 
-        def forward(self, x, use=True):
+        def forward(self, x, use="inside"):
             return self.head(self.twa(x, use))
 
     gen = torch.Generator().manual_seed(0)
@@ -948,7 +953,9 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
         with torch.no_grad():
             twa.coefficients.copy_(torch.linspace(-0.5, 0.5, twa.coefficients.numel()).view_as(twa.coefficients))
         ddp = DDP(twa)
-        ddp(xs[0]).pow(2).mean().backward()
+        out = ddp(xs[0])
+        out[:, 0] *= 1.0  # changed in place, as logits are masked: allowed on the output tied to the anchor
+        out.pow(2).mean().backward()
         got = [twa.coefficients.grad.clone()]
         twa.coefficients.grad = None
         with ddp.no_sync():
@@ -961,11 +968,11 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
         model = WithHead(twa)
         ddp = DDP(model, find_unused_parameters=True)
         got = []
-        for step in range(3):
+        for use in (("inside", "skip"), ("beside", "inside"), ("inside", "inside")):
             model.zero_grad()
-            ddp(xs[step], use=not (step == 0 and rank == 1)).pow(2).mean().backward()
+            ddp(xs[len(got)], use[rank]).pow(2).mean().backward()
             got.append(twa.coefficients.grad.clone())
-        grads["skipped", reentrant] = got
+        grads["differing", reentrant] = got
     return grads
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,18 +28,14 @@ class Loan:
     memory, leaves that require grad) that the model holds after that forward returned,
     for whatever reruns part of it during the backward. `key` is what they were computed
     from; `expired` is set when a later forward saw other coefficients, a basis or a
-    center, after which these aliases may no longer hold the graph's weights.
-    `every_backward`: project_late is called at the end of every backward through the
-    graph, with None where nothing was left (its exchange with other ranks must run on each)."""
+    center, after which these aliases may no longer hold the graph's weights."""
 
-    __slots__ = ("number", "key", "aliases", "expired", "lender", "project_late", "every_backward", "queued_in",
-                 "__weakref__")
+    __slots__ = ("number", "key", "aliases", "expired", "lender", "project_late", "__weakref__")
 
     def __init__(self, number: int, key: tuple, aliases: list[Tensor], lender: LentWeights,
-                 project_late: Callable[[Sequence[Tensor | None] | None], None], every_backward: bool = False):
+                 project_late: Callable[[Sequence[Tensor | None]], None]):
         self.number, self.key, self.aliases, self.expired = number, key, aliases, False
-        self.lender, self.project_late, self.every_backward = lender, project_late, every_backward
-        self.queued_in: int | None = None  # the backward whose end is already to look at this loan
+        self.lender, self.project_late = lender, project_late
 
     def take_grads(self) -> list[Tensor | None] | None:
         """The gradients a reentrant recomputation left on the aliases (cleared), or None."""
@@ -183,13 +179,13 @@ class LentWeights:
         else:
             self._give_back()
 
-    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None] | None], None],
-             release: Callable[[], None] | None = None, every_backward: bool = False) -> Loan:
+    def open(self, key: tuple, aliases: list[Tensor], project_late: Callable[[Sequence[Tensor | None]], None],
+             release: Callable[[], None] | None = None) -> Loan:
         """A new pending loan of `aliases`; `release` is called when it ends (its graph
         consumed by a backward, or freed)."""
         self.opened += 1
         number = self.opened
-        loan = Loan(number, key, aliases, self, project_late, every_backward)
+        loan = Loan(number, key, aliases, self, project_late)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
         if release is not None:
             self.releases[number] = release
@@ -269,19 +265,25 @@ class LentWeights:
         for node in {id(t.grad_fn): t.grad_fn for t in _tensors(out) if t.grad_fn is not None}.values():
             node.register_prehook(functools.partial(self._on_backward_start, loan))  # the node holds the loan
 
-    def _on_backward_start(self, loan: Loan, grad_outputs: Any) -> None:
+    def tie(self, out: Any, loan: Loan, token: Tensor) -> Any:
+        """The model's output with each of its tensors that can carry a gradient passed through
+        OutputTie to the loan's anchor token (a tensor, or tuples, lists and mappings of them,
+        as a Hugging Face ModelOutput; what another object holds is left as it is). Every
+        backward from the output then reaches the anchor, also where the weights are used
+        only inside reentrant checkpoints and no use of them is recorded outside: the anchor
+        adds what the recomputations left on the aliases through autograd, where
+        DistributedDataParallel sees it (hold_with's projection after the backward comes
+        after DDP's average). The tied tensors are new graph nodes: a gradient of one output
+        with respect to another (torch.autograd.grad, retain_grad) no longer passes between them."""
+        def tied(t: Tensor) -> Tensor:
+            return OutputTie.apply(loan, token, t) if t.requires_grad else t
+
+        return _map_tensors(out, tied)
+
+    def _on_backward_start(self, loan: Loan, grad_outputs: Any = None) -> None:
         if loan.expired:
             self.refuse()
-        task = _graph_task()
-        if task is not None and loan.queued_in == task:  # another of the output's tensors: once per backward
-            return
-        loan.queued_in = task
-        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._backward_ended, loan))
-
-    def _backward_ended(self, loan: Loan) -> None:
-        loan.queued_in = None
-        if not self.project_left_over(loan) and loan.every_backward:
-            loan.project_late(None)
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self.project_left_over, loan))
 
     def refuse(self) -> None:
         """Raise for a backward whose loan expired, dropping what recomputations left."""
@@ -293,17 +295,14 @@ class LentWeights:
             "would not see this graph's weights. Call backward before changing the coefficients (an optimizer "
             "step), or run this forward again")
 
-    def project_left_over(self, own: Loan | None = None) -> bool:
+    def project_left_over(self, own: Loan | None = None) -> None:
         """Project what reentrant recomputations left on any pending aliases after the
         graphs' own projections ran (or where the graph has none: its weights were used
-        only inside reentrant checkpoints). Whether `own` had some."""
-        projected_own = False
+        only inside reentrant checkpoints)."""
         for loan in self.loans_with_grads(own):
             grads = loan.take_grads()
             if grads is not None:
                 loan.project_late(grads)
-                projected_own |= loan is own
-        return projected_own
 
     def after_backward(self, ctx: Any) -> None:
         """At the end of a backward pass through a loan's anchor: project_left_over(), and
@@ -316,11 +315,12 @@ class LentWeights:
 
 
 class LoanAnchor(torch.autograd.Function):
-    """Identity on the weights a recording forward hands the model. Its backward runs once
-    every use of those weights in the graph has given its gradient, reentrant
-    recomputations included where they feed into them: it adds what those recomputations
-    left on the loan's aliases, refuses a graph whose loan expired, and at the end of the
-    pass lets the lender end the loan."""
+    """Identity on the weights a recording forward hands the model, and an empty token that
+    OutputTie joins to the model's output. Its backward runs once every use of those weights
+    in the graph has given its gradient, and after the reentrant recomputations of that
+    backward (it is the graph's oldest node, which autograd runs last among those ready): it
+    adds what those recomputations left on the loan's aliases, refuses a graph whose loan
+    expired, and at the end of the pass lets the lender end the loan."""
 
     @staticmethod
     def forward(ctx, loan, *weights):
@@ -328,10 +328,10 @@ class LoanAnchor(torch.autograd.Function):
         # released with the graph's saved tensors: tells a consumed graph from a retained one
         ctx.save_for_backward(weights[0].new_empty(0))
         ctx.set_materialize_grads(False)
-        return weights
+        return (weights[0].new_empty(0), *weights)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, token_grad, *grads):
         loan = ctx.loan
         lender = loan.lender
         if loan.expired:
@@ -345,10 +345,48 @@ class LoanAnchor(torch.autograd.Function):
         return (None, *grads)
 
 
-def _graph_task() -> int | None:
-    """The id of the backward pass running now (a private torch call; None without it)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return None if current is None else current()
+class OutputTie(torch.autograd.Function):
+    """Identity on one tensor of a model's output, joined to its loan's anchor token (see
+    LentWeights.tie): the anchor is then part of every backward from the output."""
+
+    @staticmethod
+    def forward(ctx, loan, token, t):
+        ctx.loan = loan
+        ctx.set_materialize_grads(False)
+        # the same memory and version counter, but not a view: autograd refuses in-place
+        # changes to a view made inside a custom Function, and callers mask logits in place
+        return t.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.loan.lender._on_backward_start(ctx.loan)
+        return None, None, grad
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`value` with fn applied to each tensor in it: a tensor, or tuples, lists and mappings
+    of them; lists and mutable mappings (a Hugging Face ModelOutput) are changed in place,
+    so that the object the model returned keeps its type and its other contents."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, MutableMapping):
+        for key, item in list(value.items()):
+            mapped = _map_tensors(item, fn)
+            if mapped is not item:
+                value[key] = mapped
+        return value
+    if isinstance(value, list):
+        value[:] = [_map_tensors(item, fn) for item in value]
+        return value
+    if isinstance(value, tuple):
+        items = [_map_tensors(item, fn) for item in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        try:
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        except TypeError:  # a tuple type built another way: left untied
+            return value
+    return value
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:

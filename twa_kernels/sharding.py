@@ -59,26 +59,19 @@ def training_alone() -> bool:
     return active is None or active() is None
 
 
-def active_ddp_group(parameter: Tensor) -> Any:
-    """The process group of the DistributedDataParallel whose forward is running and which
-    averages `parameter`'s gradient, or None (outside one, or torch.distributed absent)."""
+def averaged_by_ddp(parameter: Tensor) -> bool:
+    """Whether a DistributedDataParallel forward is running and averages `parameter`'s
+    gradient (False outside one, or without torch.distributed)."""
     if not dist.is_available() or not dist.is_initialized():
-        return None
+        return False
     active = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)
     ddp = None if active is None else active()
     if ddp is None:
-        return None
+        return False
     synced = getattr(ddp, "_module_parameters", None)  # its parameters less those it was told to ignore
     if synced is None:
         synced = list(ddp.module.parameters())
-    return ddp.process_group if any(p is parameter for p in synced) else None
-
-
-def average_over(group: Any, grad: Tensor) -> Tensor:
-    """`grad` averaged over `group`'s ranks, in place (every rank calls it at the same point)."""
-    named_on_failure("the all-reduce of a reentrant recomputation's gradient",
-                     lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group))
-    return grad.div_(dist.get_world_size(group))
+    return any(p is parameter for p in synced)
 
 
 def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:

@@ -48,7 +48,6 @@ summed in float64, which is exactly the value when they agree, as a frozen tenso
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import math
 import warnings
@@ -536,19 +535,18 @@ class TWA(nn.Module):
                 return fn(*args, **kwargs)
         # a graph freed without a backward (an evaluation that forgot torch.no_grad()) frees
         # the workspace with its loan; otherwise every such forward took a fresh D-long buffer
-        # DDP averages what reaches the coefficients through autograd; what a reentrant recomputation
-        # leaves behind is added after, so it is averaged over the DDP's group here, as DDP would
-        ddp_group = sharding.active_ddp_group(self.coefficients) if self._parallel is None else None
-        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned,
-                         functools.partial(self._project_late, ddp_group=ddp_group), release,
-                         every_backward=ddp_group is not None)
-        weights = list(LoanAnchor.apply(loan, *weights))
+        loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late, release)
+        token, *weights = LoanAnchor.apply(loan, *weights)
         with lent.lending(weights + pinned, loan):
             try:
                 out = fn(*args, **kwargs)
             except RuntimeError as exc:
                 _name_an_in_place_change(exc)
                 raise
+            # inside DDP the output is tied to the anchor, so that what a reentrant recomputation
+            # leaves reaches the coefficients through autograd, before DDP averages them
+            if self._parallel is None and sharding.averaged_by_ddp(self.coefficients):
+                return lent.tie(out, loan, token)
             lent.hold_with(out, loan)
         return out
 
@@ -568,37 +566,21 @@ class TWA(nn.Module):
         with self._lent.lending([weights[name] for name in self.names + self.frozen_names]):
             yield self.module
 
-    def _project_late(self, grads: Sequence[Tensor | None] | None, ddp_group: Any = None) -> None:
+    def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
-        recomputation left on the lent weights after the graph's own projection ran,
-        averaged over the ranks of the TWA's process group or of the DistributedDataParallel
-        (`ddp_group`) whose forward made the graph. That gradient never passes through
-        autograd to the coefficients, so DDP does not see it: where the weights are used
-        only inside reentrant checkpoints (LoRA under gradient checkpointing), it is all of
-        the gradient. Averaged on every rank whether or not DDP syncs this backward (under
-        no_sync): the ranks then hold the same value, which DDP's later average keeps. Under
-        DDP it runs at the end of every backward through the forward's output, with `grads`
-        None where this rank's recomputations left nothing (a graph that differs by rank,
-        as find_unused_parameters=True allows), so that every rank joins the all-reduce."""
+        recomputation left on the lent weights after the graph's own projection ran."""
         if self._sharded:
             raise UsageError("a reentrant activation-checkpointing recomputation gave weight gradients that the "
                              "sharded TWA's own backward did not reduce across ranks; use torch.utils.checkpoint "
                              "with use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False})")
         with torch.no_grad():
-            if grads is None:
-                late = torch.zeros_like(self.coefficients)
-            else:
-                flat = self.center.new_zeros(self.center.numel())
-                for segment, grad in zip(flat.split([math.prod(s) for s in self.shapes]), grads):
-                    if grad is not None:
-                        segment.copy_((grad.to_dense() if grad.layout != torch.strided else grad).reshape(-1))
-                late = (project_int8 if self.int8_gradients else project)(self.basis, flat).to(self.coefficients.dtype)
+            flat = self.center.new_zeros(self.center.numel())
+            for segment, grad in zip(flat.split([math.prod(s) for s in self.shapes]), grads):
+                if grad is not None:
+                    segment.copy_((grad.to_dense() if grad.layout != torch.strided else grad).reshape(-1))
+            late = (project_int8 if self.int8_gradients else project)(self.basis, flat).to(self.coefficients.dtype)
             if self._parallel is not None:  # replicated: averaged over the ranks like the graph's own gradient
                 late = self._parallel.average_gradient(late)
-            elif ddp_group is not None:
-                late = sharding.average_over(ddp_group, late)
-                if grads is None and self.coefficients.grad is None and not bool(late.any()):
-                    return  # no rank had any: no gradient, as without DDP
             if self.coefficients.grad is None:
                 self.coefficients.grad = late
             else:
