@@ -973,6 +973,28 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
             ddp(xs[len(got)], use[rank]).pow(2).mean().backward()
             got.append(twa.coefficients.grad.clone())
         grads["differing", reentrant] = got
+
+        # an output and a view of it, one changed in place, the loss on the other: each rank
+        # on the same batch, against the same TWA outside DDP
+        class Pair(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = Net(reentrant)
+
+            def forward(self, x):
+                h = self.net(x)
+                return h, h[:, :2]
+
+        pair_states = [{f"net.{k}": v for k, v in state.items()} for state in states]
+        same = torch.randn(8, 6, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        got = []
+        for wrap in (DDP, lambda m: m):
+            twa = tk.TWA(Pair(), pair_states, bits=4, group_size=8)
+            h, view = wrap(twa)(same)
+            h.mul_(3.0)  # scaled in place, as logits by a temperature
+            view.pow(2).sum().backward()
+            got.append(twa.coefficients.grad.clone())
+        grads["aliased", reentrant] = got
     return grads
 
 

@@ -662,6 +662,12 @@ def test_a_reentrant_recomputation_under_ddp_averages_its_gradient(tmp_path):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         for got, other in zip(plain, results[1][case, False]):  # DDP's own average, alike on both ranks
             torch.testing.assert_close(got, other, rtol=0, atol=0)
+    for res in results:
+        for reentrant in (False, True):
+            # a view of an output changed in place through the output: DDP's gradient is the
+            # plain one (the output tied apart from its view gave a third of it)
+            in_ddp, plain = res["aliased", reentrant]
+            torch.testing.assert_close(in_ddp, plain, rtol=1e-6, atol=1e-7)
 
 
 def test_split_loaders_sampler_shuffles_anew_each_pass_alike_on_every_rank():

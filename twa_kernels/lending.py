@@ -266,19 +266,39 @@ class LentWeights:
             node.register_prehook(functools.partial(self._on_backward_start, loan))  # the node holds the loan
 
     def tie(self, out: Any, loan: Loan, token: Tensor) -> Any:
-        """The model's output with each of its tensors that can carry a gradient passed through
+        """The model's output with each of its tensors that carries a graph passed through
         OutputTie to the loan's anchor token (a tensor, or tuples, lists and mappings of them,
-        as a Hugging Face ModelOutput; what another object holds is left as it is). Every
+        as a Hugging Face ModelOutput; lists and mutable mappings are changed in place). Every
         backward from the output then reaches the anchor, also where the weights are used
         only inside reentrant checkpoints and no use of them is recorded outside: the anchor
         adds what the recomputations left on the aliases through autograd, where
         DistributedDataParallel sees it (hold_with's projection after the backward comes
-        after DDP's average). The tied tensors are new graph nodes: a gradient of one output
-        with respect to another (torch.autograd.grad, retain_grad) no longer passes between them."""
-        def tied(t: Tensor) -> Tensor:
-            return OutputTie.apply(loan, token, t) if t.requires_grad else t
+        after DDP's average). A tensor that appears twice is tied once, and a view is rebuilt
+        as the same view of its tied base, so in-place changes through one reach the others'
+        gradients. The tied tensors are new graph nodes: a gradient of one output with respect
+        to another computed from it inside the model (torch.autograd.grad, retain_grad) no
+        longer passes between them. Tensors held in other objects stay as they are, and are
+        held by hold_with() as outside DDP."""
+        tied: dict[int, Tensor] = {}
 
-        return _map_tensors(out, tied)
+        def tie_base(base: Tensor) -> Tensor:
+            if id(base) not in tied:
+                tied[id(base)] = OutputTie.apply(loan, token, base)
+            return tied[id(base)]
+
+        def tie_one(t: Tensor) -> Tensor:
+            if t.grad_fn is None:  # a leaf (an input handed back): no graph of the weights to reach
+                return t
+            base = t._base
+            if base is None or base.grad_fn is None:
+                return tie_base(t)
+            if id(t) not in tied:
+                tied[id(t)] = tie_base(base).as_strided(t.size(), t.stride(), t.storage_offset())
+            return tied[id(t)]
+
+        out = _map_tensors(out, tie_one)
+        self.hold_with(out, loan)  # what the mapping could not rebuild
+        return out
 
     def _on_backward_start(self, loan: Loan, grad_outputs: Any = None) -> None:
         if loan.expired:
@@ -351,7 +371,7 @@ class OutputTie(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, loan, token, t):
-        ctx.loan = loan
+        ctx.loan, ctx.token = loan, (token.dtype, token.device)
         ctx.set_materialize_grads(False)
         # the same memory and version counter, but not a view: autograd refuses in-place
         # changes to a view made inside a custom Function, and callers mask logits in place
@@ -360,7 +380,10 @@ class OutputTie(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ctx.loan.lender._on_backward_start(ctx.loan)
-        return None, None, grad
+        # a defined (empty) gradient puts the anchor on its own device's queue: autograd
+        # orders by age within a queue only, and the anchor must run after the recomputations
+        dtype, device = ctx.token
+        return None, torch.zeros(0, dtype=dtype, device=device), grad
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
