@@ -290,7 +290,7 @@ class LentWeights:
             if t.grad_fn is None:  # a leaf (an input handed back): no graph of the weights to reach
                 return t
             base = t._base
-            if base is None or base.grad_fn is None:
+            if base is None or base.grad_fn is None or base.dtype != t.dtype:  # (view_as_real: not as_strided)
                 return tie_base(t)
             if id(t) not in tied:
                 tied[id(t)] = tie_base(base).as_strided(t.size(), t.stride(), t.storage_offset())
