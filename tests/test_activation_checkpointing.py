@@ -196,6 +196,38 @@ def test_a_model_checkpointed_as_a_whole(use_reentrant, int8_gradients):
     _assert_model_untouched(model, params, before)
 
 
+class WholeTail(nn.Module):
+    """A view of Whole's output (its last two logits), returned alone."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.whole = Whole(seed)
+
+    def forward(self, x):
+        return self.whole(x)[:, 1:]
+
+
+@pytest.mark.parametrize("use_reentrant", REENTRANT)
+def test_an_output_view_changed_in_place_keeps_the_gradient(use_reentrant):
+    # the change gave the view a new node, and the loan hooked on the old one was freed before
+    # the backward: the recomputation ran at the model's own Parameters, the coefficients got None
+    model = WholeTail(seed=1)
+    params, before = dict(model.named_parameters()), _own_state(model)
+    twa = tk.TWA(model, _perturbed(WholeTail(seed=0).state_dict()), bits=4)
+    x, _ = _batch()
+    x.requires_grad_()
+
+    def loss():
+        tail = twa(x)
+        tail.mul_(3.0)  # in place, as a temperature on logits
+        return tail.pow(2).mean()
+
+    want = _coefficient_grad(twa, loss)
+    model.whole.use_reentrant = use_reentrant
+    torch.testing.assert_close(_coefficient_grad(twa, loss), want, rtol=1e-6, atol=1e-6)
+    _assert_model_untouched(model, params, before)
+
+
 def test_evaluation_and_exports_between_forward_and_backward():
     twa, model = _twa_blocks()
     model.use_reentrant = False

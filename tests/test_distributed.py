@@ -670,6 +670,40 @@ def test_a_reentrant_recomputation_under_ddp_averages_its_gradient(tmp_path):
             torch.testing.assert_close(in_ddp, plain, rtol=1e-6, atol=1e-7)
 
 
+def test_outputs_tied_under_ddp_keep_their_values_and_in_place_rules():
+    # a conjugated view of an output was rebuilt without its conj bit (other values, other
+    # gradient), and a view of an input leaf could be changed in place, changing the input
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.helpers import one_process_group
+
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            c = torch.complex(h, 0.5 * h)
+            return c, c.conj(), x[:, :2]
+
+    states = [{k: v + 0.1 * i for k, v in Outputs().state_dict().items()} for i in range(3)]
+    x = torch.randn(5, 4, requires_grad=True)
+    x_before = x.detach().clone()
+    with one_process_group():
+        plain, in_ddp = tk.TWA(Outputs(), states, bits=8, group_size=8), tk.TWA(Outputs(), states, bits=8, group_size=8)
+        got, want = DDP(in_ddp)(x), plain(x)
+        assert got[1].is_conj() and torch.equal(got[1].resolve_conj(), want[1].resolve_conj())
+        for twa, (c, conj, _) in ((in_ddp, got), (plain, want)):
+            (c.abs().sum() + conj.imag.sum()).backward()
+        torch.testing.assert_close(in_ddp.coefficients.grad, plain.coefficients.grad, rtol=1e-6, atol=1e-7)
+        for out in (got, want):
+            with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+                out[2].mul_(2.0)
+    assert torch.equal(x, x_before)  # the input unchanged
+
+
 def test_split_loaders_sampler_shuffles_anew_each_pass_alike_on_every_rank():
     from torch.utils.data import TensorDataset
 

@@ -262,7 +262,10 @@ class LentWeights:
         every backward pass from it end with project_left_over(). A model that uses its
         weights only inside reentrant checkpoints records no use of them outside: the
         output's graph is then all that reaches the recomputation."""
-        for node in {id(t.grad_fn): t.grad_fn for t in _tensors(out) if t.grad_fn is not None}.values():
+        # a view's base too: an in-place change through the view gives the view a new node, and
+        # the graph from it reaches the base's node as it was, not the view's
+        owners = [u for t in _tensors(out) for u in (t, t._base) if u is not None]
+        for node in {id(u.grad_fn): u.grad_fn for u in owners if u.grad_fn is not None}.values():
             node.register_prehook(functools.partial(self._on_backward_start, loan))  # the node holds the loan
 
     def tie(self, out: Any, loan: Loan, token: Tensor) -> Any:
@@ -277,8 +280,9 @@ class LentWeights:
         as the same view of its tied base, so in-place changes through one reach the others'
         gradients. The tied tensors are new graph nodes: a gradient of one output with respect
         to another computed from it inside the model (torch.autograd.grad, retain_grad) no
-        longer passes between them. Tensors held in other objects stay as they are, and are
-        held by hold_with() as outside DDP."""
+        longer passes between them. Tensors in tuples and mappings that cannot be rebuilt are
+        held by hold_with() as outside DDP; tensors inside other objects (a dataclass) are
+        neither tied nor held, inside DDP or outside it."""
         tied: dict[int, Tensor] = {}
 
         def tie_base(base: Tensor) -> Tensor:
@@ -290,7 +294,10 @@ class LentWeights:
             if t.grad_fn is None:  # a leaf (an input handed back): no graph of the weights to reach
                 return t
             base = t._base
-            if base is None or base.grad_fn is None or base.dtype != t.dtype:  # (view_as_real: not as_strided)
+            if base is not None and base.grad_fn is None:  # a view of a leaf: no graph of the weights either
+                return t
+            # as_strided rebuilds a view's geometry only: not another dtype (view_as_real) or a conj/neg bit
+            if base is None or base.dtype != t.dtype or base.is_conj() != t.is_conj() or base.is_neg() != t.is_neg():
                 return tie_base(t)
             if id(t) not in tied:
                 tied[id(t)] = tie_base(base).as_strided(t.size(), t.stride(), t.storage_offset())
