@@ -102,9 +102,10 @@ def gather_rows(mine: Tensor, group: Any, what: str) -> list[Tensor]:
             size = int(row[:8].view(torch.int64))
             return bytes(row[8:].tolist()).rstrip(b"\0").decode("utf-8", "replace") + f" ({size} bytes)"
         detail = "; ".join(f"rank {rank}: {said(row)}" for rank, row in enumerate(rows))
-        raise UsageError(f"the ranks reached different exchanges of the library at once ({detail}). Every rank must "
-                         "make the same TWA calls in the same order, with the same settings: a helper of tk.distributed "
-                         "or a TWA built on some ranks only (under `if rank == 0:`) meets another call on the others")
+        raise UsageError(f"the ranks reached different exchanges of the library at once ({detail}). Every rank "
+                         "must make the same TWA calls in the same order, with the same settings: a helper of "
+                         "tk.distributed or a TWA built on some ranks only (under `if rank == 0:`) meets another call "
+                         "on the others")
     return _all_gather(mine, group, what)
 
 

@@ -399,7 +399,8 @@ def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
         return check_seed(seed)
     source = getattr(loader.sampler, "generator", None)
     drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=source)
-    return int(gather_rows(drawn, group, "split_loader's draw of the shared seed")[0])  # rank 0's (through the GPU under NCCL)
+    # rank 0's (through the GPU under NCCL)
+    return int(gather_rows(drawn, group, "split_loader's draw of the shared seed")[0])
 
 
 def _local_shape(loader: Iterable) -> tuple[int, int, int]:
