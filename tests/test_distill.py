@@ -309,6 +309,33 @@ def test_matching_loss_refuses_a_synthetic_set_that_does_not_fit_the_data():
         tk.distill.matching_loss((x, y), x_syn, y_syn, nets=1, embed=embed)
 
 
+def test_an_embedding_of_one_value_per_example_is_named_and_one_of_another_dtype_takes_the_datas():
+    # a [N] output raised an IndexError from inside the matching, and a float32 network over
+    # float64 data a dtype mismatch
+    x, y = torch.randn(20, 1, 8), torch.arange(20) % 2
+
+    class OneValue(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1)).squeeze(1)
+
+    with pytest.raises(DistillError, match=r"returns shape \(20,\) for 20 examples; it must return \[examples"):
+        tk.distill.distribution_matching((x, y), ipc=1, iterations=1, seed=0, embed=OneValue)
+
+    def mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(8, 4))
+
+    x_syn, _ = tk.distill.distribution_matching((x.double(), y), ipc=1, iterations=2, seed=0, embed=mlp)
+    assert x_syn.dtype == torch.float64 and torch.isfinite(x_syn).all()
+    # numpy's numbers are taken as Python's
+    same = tk.distill.distribution_matching((x, y), ipc=1, iterations=2, seed=0, embed=mlp, lr=1.0)[0]
+    given = tk.distill.distribution_matching((x, y), ipc=1, iterations=2, seed=0, embed=mlp, lr=np.float32(1.0))[0]
+    assert torch.equal(same, given)
+
+
 def test_an_embedding_network_that_returns_no_tensor_is_named():
     class Output(dict):
         """What a Hugging Face model returns: a mapping of named outputs, not a tensor."""

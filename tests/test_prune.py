@@ -528,6 +528,25 @@ def test_weights_on_the_meta_device_are_named():
         tk.prune.global_magnitude_masks(model, 0.5)
 
 
+def test_weights_on_the_meta_device_are_named_by_imp_before_out_dir_is_made(tmp_path):
+    # named only when round 0's weights were saved, after out_dir was made
+    model = nn.Sequential(nn.Linear(4, 8)).to("meta")
+    with pytest.raises(PruningError, match=r"0\.weight is on the meta device.*before imp"):
+        tk.prune.imp(model, lambda m, r: None, rounds=1, out_dir=tmp_path / "imp")
+    assert not (tmp_path / "imp").exists()
+
+
+def test_numpy_numbers_are_taken_as_pythons():
+    # numpy's floats and ints were refused with messages about their range
+    import numpy as np
+
+    for given, same in ((np.float32(0.5), 0.5), (np.int64(10), 10)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8))
+        want = tk.prune.global_magnitude_masks(model, same)
+        assert torch.equal(tk.prune.global_magnitude_masks(model, given)["0.weight"], want["0.weight"])
+
+
 def test_imp_names_a_train_fn_that_is_not_callable_before_writing_anything(tmp_path):
     with pytest.raises(PruningError, match="train_fn must be callable"):
         tk.prune.imp(nn.Linear(4, 3), None, rounds=1, out_dir=tmp_path / "imp")

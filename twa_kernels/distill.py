@@ -189,7 +189,7 @@ def default_embedding(x: Tensor, width: int = 128, depth: int = 3) -> Callable[[
     return lambda: ConvEmbedding(shape[1], tuple(shape[2:]), width, depth).to(device=x.device, dtype=x.dtype)
 
 
-def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
+def _fresh(embed: Callable[[], nn.Module], seed: int | None, like: Tensor) -> nn.Module:
     # a new random network: `embed` draws from the global RNG, so an int seed forks it and
     # leaves the caller's state as it was; None draws from it
     if isinstance(embed, nn.Module):  # a network, called as a factory, would be run on no input
@@ -203,6 +203,8 @@ def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
         raise DistillError(f"embed() must build an nn.Module, got {type(net).__name__}")
     for p in net.parameters():
         p.requires_grad_(False)
+    # on the data's device and in its dtype, as default_embedding builds it (integer buffers stay)
+    net.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
     return net.train()  # the paper embeds in train mode; GroupNorm has no running statistics
 
 
@@ -212,6 +214,9 @@ def _class_means(net: nn.Module, x: Tensor, y: Tensor, classes: Tensor) -> Tenso
         raise InvalidTypeError(f"embed() built a network that returns {type(emb).__name__}, not a tensor of "
                                "embeddings; wrap it to return one (for a Hugging Face model, e.g. its "
                                ".pooler_output or .last_hidden_state.mean(1))")
+    if emb.dim() < 2 or emb.shape[0] != len(x):
+        raise DistillError(f"embed() built a network that returns shape {tuple(emb.shape)} for {len(x)} examples; "
+                           "it must return [examples, features...] (one embedding per example, the batch first)")
     emb = emb.flatten(1)
     index = (y[:, None] == classes[None]).float().argmax(1)  # position of each label in `classes`
     sums = torch.zeros(len(classes), emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, index, emb)
@@ -263,10 +268,11 @@ def distribution_matching(
     classes, _ = _check_ipc(ipc, y)
     integer("iterations", iterations, 0, "SGD steps on the synthetic set", DistillError)
     integer("batch_real", batch_real, 1, "real examples per class drawn each iteration", DistillError)
-    real_numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, momentum))
+    real_numbers = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (lr, momentum))
     if not (real_numbers and 0 < lr < math.inf and 0 <= momentum < math.inf):
         raise DistillError(f"lr must be finite and > 0 and momentum finite and >= 0, got lr={lr!r}, "
                            f"momentum={momentum!r} (the paper's are 1.0 and 0.5)")
+    lr, momentum = float(lr), float(momentum)  # numpy's floats too
     if out is not None:  # checked before the run, not after it
         check_output_file(out, example="distilled.safetensors")
     embed = embed if embed is not None else default_embedding(x)
@@ -279,7 +285,7 @@ def distribution_matching(
 
     bar = progress_bar(range(iterations), enabled=progress, desc=f"distribution matching (ipc {ipc})")
     for it in bar:
-        net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1))
+        net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1), x)
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
         # the forwards run in train mode: an embedding with dropout draws there, from a stream of the seed's own
         with seeded(None if seed is None else derived_seed(seed, it + 1, 1)):
@@ -328,7 +334,7 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     embed = embed if embed is not None else default_embedding(x)
     total = 0.0
     for i in range(nets):
-        net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i))
+        net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i), x)
         with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)):  # dropout's draws
             total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets

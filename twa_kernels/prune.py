@@ -36,6 +36,7 @@ import contextlib
 import inspect
 import json
 import logging
+import numbers
 import os
 import sys
 import warnings
@@ -157,14 +158,16 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
 def _count_to_prune(amount: float | int, remaining: int) -> int:
     # torch.nn.utils.prune's rule: a float is a fraction of the remaining entries (rounded
     # half to even, as Python's round), an int is a count
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
         raise PruningError(f"amount must be a float in [0, 1] or an int count, got {amount!r}")
-    if isinstance(amount, int):
+    if isinstance(amount, numbers.Integral):  # numpy's ints count too
+        amount = int(amount)
         if amount < 0:
             raise PruningError(f"amount={amount} is a count of weights to prune and must be >= 0")
         if amount > remaining:
             raise PruningError(f"amount={amount} weights to prune, but only {remaining} are left")
         return amount
+    amount = float(amount)
     if not 0.0 <= amount <= 1.0:
         raise PruningError(f"amount={amount} is a fraction and must lie in [0, 1]")
     return round(amount * remaining)
@@ -388,9 +391,9 @@ def train_classifier(
     schedule: str = "cosine",
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
-    """The default training loop over (inputs, labels, ...) items (inputs a tensor, or a mapping of
-    the model's keyword arguments) or mappings of the model's keyword arguments with a "labels"
-    entry, as Hugging Face datasets give: cross-entropy of the model's logits (or of a Hugging Face
+    """The default training loop over (inputs, labels, ...) items (inputs a tensor, or any
+    batch the model takes as its one argument) or mappings of the model's keyword arguments
+    with a "labels" entry, as Hugging Face datasets give: cross-entropy of the model's logits (or of a Hugging Face
     ModelOutput's `.logits`), SGD with `lr`, `momentum` and `weight_decay`, or `optimizer(params)`
     (then those three are refused: set them in the optimizer), a cosine or
     constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
@@ -537,7 +540,7 @@ class IMPResult:
 
 def _check_args(rounds: int, rate: float, rewind: str | int, scope: str) -> None:
     integer("rounds", rounds, 1, "pruning rounds after the dense round 0", PruningError)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 < rate < 1.0:
         raise PruningError(f"rate must lie in (0, 1): the fraction of the remaining weights removed per round, "
                            f"got {rate!r}")
     if not (rewind == "init" or (isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0)):
@@ -663,17 +666,21 @@ def imp(
     """
     check_module(model, "imp's model")
     _check_args(rounds, rate, rewind, scope)
+    rate = float(rate)  # numpy's floats too; the settings are written as JSON
     if not callable(train_fn):  # checked before round 0's files are written
         raise PruningError(f"train_fn must be callable as train_fn(model, round), got {type(train_fn).__name__}; "
                            "tk.prune.classification_train_fn(data) gives one")
     path_without_nul(out_dir, "imp's out_dir", OutputError)
+    names = list(prunable_weights(model, layers))
+    if meta := [name for name, t in model.state_dict().items() if t.is_meta]:  # before out_dir is made
+        raise PruningError(f"{meta[0]} is on the meta device and holds no values to train, prune or save; load the "
+                           "model's weights (e.g. model.to_empty(device='cpu') and load_state_dict) before imp")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file at out_dir or above it, no permission, a read-only file system
         raise OutputError(f"out_dir {str(out)!r} cannot be made a directory ({exc.strerror or exc}); pass an "
                           f"out_dir that is a directory or does not exist yet") from exc
-    names = list(prunable_weights(model, layers))
     settings = dict(rate=rate, rewind=rewind, scope=scope, layers=names, shapes=_shapes(model.state_dict()))
     manifest_path = out / _MANIFEST
     init = _clone_state(model)
