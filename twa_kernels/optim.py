@@ -15,7 +15,10 @@ weight decay left). A state loaded with load_state_dict is tested: with a dense 
 float32 or float64 weights, momentum in the span lets a resumed run step as the run that
 saved it did; anything else is projected. Any other step (Adam's per-entry scaling, weight
 decay) is projected too: the weights move by P^T P of the step the base optimizer took,
-added to each weight in its own dtype. Either way the weights stay in center + span(P).
+added to each weight in its own dtype. Either way the weights stay in center + span(P);
+16-bit weights (float16, bfloat16) are put back at their rounding of the nearest point of it
+after every step, so they stay off it by one rounding, where the roundings of step after
+step would add up.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from twa_kernels.subspace import Subspace
 # Relative distance from center + span(P) above which the starting weights are reported:
 # float32 rounding of an in-span point leaves ~1e-7, a point off the subspace leaves ~1.
 _OFF_SUBSPACE = 1e-4
+
+# weights whose every step is rounded visibly (a bfloat16 step of 1e-3 moves a weight of 1 by
+# 0 or 2^-7): SubspaceOptimizer puts them back onto the subspace after each step
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 # SGD's settings that scale a parameter's step: one step moves every parameter by the same
@@ -249,6 +256,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             p.sub_(piece.to(p.dtype))
 
     @torch.no_grad()
+    def _snap_low_precision(self) -> None:
+        """Put each 16-bit weight at its rounding of center + P^T P (w - center), computed in
+        float32. Each step adds a projected step to a weight that was rounded before: left
+        alone, the roundings add up off the subspace (to several times one rounding after a
+        few hundred steps, and SGD's steps, inside the span, are rounded off it too); snapped,
+        the weights are off it by the last rounding only."""
+        offset = self._flat_weights() - self.subspace.center
+        on = self.subspace.unflatten(self.subspace.center + self._in_span(offset)).values()
+        for p, piece in zip(self._params, on):
+            if p.dtype in _LOW_PRECISION:
+                p.copy_(piece.to(p.dtype))
+
+    @torch.no_grad()
     def project_gradients(self) -> None:
         """Replace each parameter's gradient by its part inside the subspace."""
         for name, p in zip(self.subspace.names, self._params):
@@ -284,7 +304,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             def take_step() -> Tensor | None:
                 return self.base_optimizer.step(projected_closure)
         # (one unpickled from an earlier twa-kernels version has no flag: its steps are projected)
-        if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer):
+        low_precision = any(p.dtype in _LOW_PRECISION for p in self._params)
+        if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer) and not low_precision:
             versions = self._versions()
             try:
                 return take_step()
@@ -315,6 +336,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                                   for p, b in zip(self._params, before)])
                 for p, b, piece in zip(self._params, before, self.subspace.unflatten(self._in_span(step)).values()):
                     p.copy_(b + piece.to(p.dtype))
+                if low_precision:
+                    self._snap_low_precision()
         except BaseException:
             # a step cut short (an error, Ctrl-C) before its projection would leave the weights
             # off the subspace for good: they go back to where the step began
