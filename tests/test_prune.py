@@ -536,6 +536,16 @@ def test_weights_on_the_meta_device_are_named_by_imp_before_out_dir_is_made(tmp_
     assert not (tmp_path / "imp").exists()
 
 
+def test_attention_projections_left_out_are_named():
+    # nn.MultiheadAttention's in_proj_weight (three quarters of its weights) was left out silently
+    model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16)
+    with pytest.warns(UserWarning, match=r"pruning leaves out \['self_attn.in_proj_weight'\]"):
+        masks = tk.prune.global_magnitude_masks(model, 0.5)
+    assert "self_attn.out_proj.weight" in masks and "self_attn.in_proj_weight" not in masks
+    with pytest.warns(UserWarning, match=r"factorize leaves out \['self_attn.in_proj_weight'\]"):
+        tk.factorize(nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16), depth=2)
+
+
 def test_numpy_numbers_are_taken_as_pythons():
     # numpy's floats and ints were refused with messages about their range
     import numpy as np

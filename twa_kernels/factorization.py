@@ -49,7 +49,7 @@ from twa_kernels._checks import check_module, flag, is_whole_number, real
 from twa_kernels._random import generator_or_seed
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import tied_owners
-from twa_kernels.layers import TORCH_WEIGHT_LAYERS, computed_weight, weight_layer_types
+from twa_kernels.layers import TORCH_WEIGHT_LAYERS, attention_projections, computed_weight, weight_layer_types
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +290,10 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
             warnings.warn(f"factorize leaves out {names}: each weight is {cause}, not held as a Parameter; "
                           f"to factorise such a layer, {fix}", UserWarning, stacklevel=3)
         chosen = [(n, m) for n, m in chosen if n not in computed]
+        if attention := attention_projections(model):
+            warnings.warn(f"factorize leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
+                          "projections as Parameters of its own, not in Linear layers (its out_proj is factorised)",
+                          UserWarning, stacklevel=3)
         # a weight tied to another module (an output layer sharing an embedding's) is left
         # out of the default choice; named in layers= it is refused below
         tied = {n: others for n, m in chosen if (others := tied_owners(model, m))}

@@ -57,3 +57,16 @@ def computed_weight(module: nn.Module, name: str = "weight") -> tuple[str, str] 
         kind = "a buffer" if name in module._buffers else "a plain tensor attribute"
         return f"{kind}, not an nn.Parameter", "make it an nn.Parameter first"
     return None
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """The names of nn.MultiheadAttention's query, key and value projection weights, which it
+    holds as Parameters of its own instead of in Linear layers (its out_proj is a Linear):
+    methods that take weight layers leave them out, and say so."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if isinstance(getattr(module, attr, None), nn.Parameter):
+                    names.append(f"{name}.{attr}" if name else attr)
+    return names

@@ -61,7 +61,7 @@ from twa_kernels.batchnorm import batch_of_one_named
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels.geometry.evaluation import classification_metric, split_batch
 from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
-from twa_kernels.layers import computed_weight, weight_layer_types
+from twa_kernels.layers import attention_projections, computed_weight, weight_layer_types
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,10 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
             keys = [key for key, why in computed.items() if why == (cause, fix)]
             warnings.warn(f"pruning leaves out {keys}: each is {cause}, which a mask on the computed weight would not "
                           f"reach; to prune such a layer, {fix}", UserWarning, stacklevel=_caller_level())
+        if attention := attention_projections(model):
+            warnings.warn(f"pruning leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
+                          "projections as Parameters of its own, not in Linear layers (its out_proj is pruned)",
+                          UserWarning, stacklevel=_caller_level())
         if not found:
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
                                (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
