@@ -328,8 +328,10 @@ def test_an_embedding_of_one_value_per_example_is_named_and_one_of_another_dtype
     def mlp():
         return nn.Sequential(nn.Flatten(), nn.Linear(8, 4))
 
-    x_syn, _ = tk.distill.distribution_matching((x.double(), y), ipc=1, iterations=2, seed=0, embed=mlp)
+    shared = mlp()
+    x_syn, _ = tk.distill.distribution_matching((x.double(), y), ipc=1, iterations=2, seed=0, embed=lambda: shared)
     assert x_syn.dtype == torch.float64 and torch.isfinite(x_syn).all()
+    assert shared[1].weight.dtype == torch.float32  # the network is left as its factory built it
     # numpy's numbers are taken as Python's
     same = tk.distill.distribution_matching((x, y), ipc=1, iterations=2, seed=0, embed=mlp, lr=1.0)[0]
     given = tk.distill.distribution_matching((x, y), ipc=1, iterations=2, seed=0, embed=mlp, lr=np.float32(1.0))[0]

@@ -394,6 +394,28 @@ def test_a_bfloat16_model_stays_off_the_subspace_by_one_rounding_only(name):
     assert float((moved - inside).norm()) <= 1.5 * floor
 
 
+def test_a_bfloat16_model_over_a_quantized_basis_is_not_scaled_by_its_steps():
+    # with a 4-bit basis P^T P is not quite a projection: putting the weights back onto the
+    # subspace with it at every step scaled their distance from the center, 2.0 to 51 in 200
+    # steps of a zero learning rate
+    model = make_model(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the packed basis's note
+        sub = _subspace(model, bits=4)
+        model.load_state_dict(sub.unflatten(sub.center), strict=False)
+        model.to(torch.bfloat16)
+        with torch.no_grad():
+            model[0].weight.add_(0.01)
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), sub)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.randn(8, 64).bfloat16()
+    for _ in range(50):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
 def test_a_float64_model_keeps_its_small_steps():
     # the projected step was added in float32 and rounded away with the weights: Adam at
     # lr 1e-9 moved by float32's rounding of the weights, not by its step

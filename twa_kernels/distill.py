@@ -189,7 +189,7 @@ def default_embedding(x: Tensor, width: int = 128, depth: int = 3) -> Callable[[
     return lambda: ConvEmbedding(shape[1], tuple(shape[2:]), width, depth).to(device=x.device, dtype=x.dtype)
 
 
-def _fresh(embed: Callable[[], nn.Module], seed: int | None, like: Tensor) -> nn.Module:
+def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
     # a new random network: `embed` draws from the global RNG, so an int seed forks it and
     # leaves the caller's state as it was; None draws from it
     if isinstance(embed, nn.Module):  # a network, called as a factory, would be run on no input
@@ -203,13 +203,17 @@ def _fresh(embed: Callable[[], nn.Module], seed: int | None, like: Tensor) -> nn
         raise DistillError(f"embed() must build an nn.Module, got {type(net).__name__}")
     for p in net.parameters():
         p.requires_grad_(False)
-    # on the data's device and in its dtype, as default_embedding builds it (integer buffers stay)
-    net.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
     return net.train()  # the paper embeds in train mode; GroupNorm has no running statistics
 
 
 def _class_means(net: nn.Module, x: Tensor, y: Tensor, classes: Tensor) -> Tensor:
-    emb = net(_as_channels(x))
+    inputs = _as_channels(x)
+    # in the dtype of the network's weights (a float32 network over float64 data); the
+    # network itself is left as its factory built it (a shared one, one of complex weights)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    emb = net(inputs)
     if not isinstance(emb, Tensor):
         raise InvalidTypeError(f"embed() built a network that returns {type(emb).__name__}, not a tensor of "
                                "embeddings; wrap it to return one (for a Hugging Face model, e.g. its "
@@ -285,7 +289,7 @@ def distribution_matching(
 
     bar = progress_bar(range(iterations), enabled=progress, desc=f"distribution matching (ipc {ipc})")
     for it in bar:
-        net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1), x)
+        net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1))
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
         # the forwards run in train mode: an embedding with dropout draws there, from a stream of the seed's own
         with seeded(None if seed is None else derived_seed(seed, it + 1, 1)):
@@ -334,7 +338,7 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     embed = embed if embed is not None else default_embedding(x)
     total = 0.0
     for i in range(nets):
-        net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i), x)
+        net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i))
         with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)):  # dropout's draws
             total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets

@@ -16,9 +16,10 @@ float32 or float64 weights, momentum in the span lets a resumed run step as the 
 saved it did; anything else is projected. Any other step (Adam's per-entry scaling, weight
 decay) is projected too: the weights move by P^T P of the step the base optimizer took,
 added to each weight in its own dtype. Either way the weights stay in center + span(P);
-16-bit weights (float16, bfloat16) are put back at their rounding of the nearest point of it
-after every step, so they stay off it by one rounding, where the roundings of step after
-step would add up.
+16-bit weights (float16, bfloat16) over a dense basis are put back at their rounding of the
+nearest point of it after every step (a second projection, and no fast path for SGD), so
+they stay off it by one rounding, where the roundings of step after step would add up; a
+step of zero may then move them once, by a rounding.
 """
 
 from __future__ import annotations
@@ -304,7 +305,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             def take_step() -> Tensor | None:
                 return self.base_optimizer.step(projected_closure)
         # (one unpickled from an earlier twa-kernels version has no flag: its steps are projected)
-        low_precision = any(p.dtype in _LOW_PRECISION for p in self._params)
+        # (with a quantized basis P^T P is not quite a projection: applied to the whole offset at
+        # every step it would scale it up step after step, so such a subspace is not snapped to)
+        low_precision = self.subspace.basis.bits is None and any(p.dtype in _LOW_PRECISION for p in self._params)
         if getattr(self, "_state_in_span", False) and _steps_inside_span(self.base_optimizer) and not low_precision:
             versions = self._versions()
             try:
