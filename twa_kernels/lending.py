@@ -287,7 +287,7 @@ class LentWeights:
 
         def tie_base(base: Tensor) -> Tensor:
             if id(base) not in tied:
-                tied[id(base)] = OutputTie.apply(loan, token, base)
+                tied[id(base)] = OutputTie.apply(token, base)
             return tied[id(base)]
 
         def tie_one(t: Tensor) -> Tensor:
@@ -304,10 +304,10 @@ class LentWeights:
             return tied[id(t)]
 
         out = _map_tensors(out, tie_one)
-        self.hold_with(out, loan)  # what the mapping could not rebuild
+        self.hold_with(out, loan)  # the tied tensors' nodes hold the loan, and so do what could not be rebuilt
         return out
 
-    def _on_backward_start(self, loan: Loan, grad_outputs: Any = None) -> None:
+    def _on_backward_start(self, loan: Loan, grad_outputs: Any) -> None:
         if loan.expired:
             self.refuse()
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self.project_left_over, loan))
@@ -377,8 +377,8 @@ class OutputTie(torch.autograd.Function):
     LentWeights.tie): the anchor is then part of every backward from the output."""
 
     @staticmethod
-    def forward(ctx, loan, token, t):
-        ctx.loan, ctx.token = loan, (token.dtype, token.device)
+    def forward(ctx, token, t):
+        ctx.token = (token.dtype, token.device)
         ctx.set_materialize_grads(False)
         # the same memory and version counter, but not a view: autograd refuses in-place
         # changes to a view made inside a custom Function, and callers mask logits in place
@@ -386,11 +386,10 @@ class OutputTie(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.loan.lender._on_backward_start(ctx.loan)
         # a defined (empty) gradient puts the anchor on its own device's queue: autograd
         # orders by age within a queue only, and the anchor must run after the recomputations
         dtype, device = ctx.token
-        return None, torch.zeros(0, dtype=dtype, device=device), grad
+        return torch.zeros(0, dtype=dtype, device=device), grad
 
 
 def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

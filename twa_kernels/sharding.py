@@ -55,8 +55,13 @@ def training_alone() -> bool:
     evaluated before init_process_group gives: None)."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return False
+    return _active_ddp() is None
+
+
+def _active_ddp() -> Any:
+    """The DistributedDataParallel whose forward is running, or None (a private torch call)."""
     active = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)
-    return active is None or active() is None
+    return None if active is None else active()
 
 
 def averaged_by_ddp(parameter: Tensor) -> bool:
@@ -64,8 +69,7 @@ def averaged_by_ddp(parameter: Tensor) -> bool:
     gradient (False outside one, or without torch.distributed)."""
     if not dist.is_available() or not dist.is_initialized():
         return False
-    active = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)
-    ddp = None if active is None else active()
+    ddp = _active_ddp()
     if ddp is None:
         return False
     synced = getattr(ddp, "_module_parameters", None)  # its parameters less those it was told to ignore
