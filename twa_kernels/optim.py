@@ -17,9 +17,10 @@ saved it did; anything else is projected. Any other step (Adam's per-entry scali
 decay) is projected too: the weights move by P^T P of the step the base optimizer took,
 added to each weight in its own dtype. Either way the weights stay in center + span(P);
 16-bit weights (float16, bfloat16) over a dense basis are put back at their rounding of the
-nearest point of it after every step (a second projection, and no fast path for SGD), so
-they stay off it by one rounding, where the roundings of step after step would add up; a
-step of zero may then move them once, by a rounding.
+nearest point of it after every step (no fast path for SGD, and a second projection where
+other weights are float32 or float64), so they stay off it by one rounding, where the
+roundings of step after step would add up; a step of zero may then move them once, by a
+rounding.
 """
 
 from __future__ import annotations
@@ -333,13 +334,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         try:
             result = take_step()
             with torch.no_grad():
-                # the step projected in float32, added to each weight in its own dtype (in float32,
-                # a float64 model's small steps would be rounded away with its weights)
-                step = torch.cat([(p.detach() - b).reshape(-1).to(torch.float32)
-                                  for p, b in zip(self._params, before)])
-                for p, b, piece in zip(self._params, before, self.subspace.unflatten(self._in_span(step)).values()):
-                    p.copy_(b + piece.to(p.dtype))
+                if not (low_precision and all(p.dtype in _LOW_PRECISION for p in self._params)):
+                    # the step projected in float32, added to each weight in its own dtype (in
+                    # float32, a float64 model's small steps would be rounded away with its weights)
+                    step = torch.cat([(p.detach() - b).reshape(-1).to(torch.float32)
+                                      for p, b in zip(self._params, before)])
+                    for p, b, piece in zip(self._params, before,
+                                           self.subspace.unflatten(self._in_span(step)).values()):
+                        p.copy_(b + piece.to(p.dtype))
                 if low_precision:
+                    # (with every weight 16-bit, putting the stepped weights back onto the subspace
+                    # is the projection of the step: one projection does both)
                     self._snap_low_precision()
         except BaseException:
             # a step cut short (an error, Ctrl-C) before its projection would leave the weights
