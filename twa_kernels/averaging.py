@@ -213,7 +213,8 @@ def uniform_average(checkpoints: Checkpoints, model: nn.Module | None = None) ->
 
 
 def ema_average(checkpoints: Checkpoints, decay: float = 0.9, model: nn.Module | None = None) -> StateDict:
-    """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt."""
+    """Exponential moving average over the checkpoints in order: w <- decay * w + (1 - decay) * ckpt.
+    Given `model`, the result holds its keys and dtypes, as for every average here."""
     if not 0.0 <= real("decay", decay) < 1.0:
         raise InvalidArgumentError(f"decay must be in [0, 1), got {decay}")
 
@@ -292,8 +293,9 @@ def _real_score(value: Any, what: str) -> float:
 
 
 def split_holdout(dataset: Dataset, fraction: float = 0.1, seed: int | None = None) -> tuple[Subset, Subset]:
-    """(train, held_out): a random split of `dataset` (an int `seed` reproduces it and leaves
-    torch's global RNG untouched; None draws from the global RNG).
+    """(train, held_out): a random split of `dataset`, `fraction` of it held out (an int
+    `seed` reproduces it and leaves torch's global RNG untouched; None draws from the global
+    RNG).
 
     TWA-t trains the coefficients on the training data: right for checkpoints of one run,
     where it finishes training early (the head stage) or refines SWA (the tail). TWA-v

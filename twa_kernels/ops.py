@@ -69,8 +69,9 @@ def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
 
 
 def project_int8(qb: QuantizedBasis, g: Tensor) -> Tensor:
-    """project(qb, g^), where g^ is g rounded to int8 per basis group: faster where the
-    CPU sums bytes as integers (VNNI), for a packed basis (bits 1, 2, 4 or 8).
+    """project(qb, g^), where g^ is g rounded to int8 per basis group, for a packed basis
+    (bits 1, 2, 4 or 8): it sums bytes as integers (VNNI or AVX2 byte dots), which is faster
+    than `project` on some CPUs and bit widths and slower on others (docs/benchmarks.md).
 
     g^[j] = q[j] * scale_t with scale_t = max|g| / 127 over group t (quant.round_groups_int8),
     so |g^[j] - g[j]| <= scale_t / 2 and each result moves from project(qb, g) by at most

@@ -658,6 +658,12 @@ def imp(
 ) -> IMPResult:
     """Iterative magnitude pruning with rewinding; see the module docstring.
 
+    `rounds` counts the prunings after the dense round 0: round r trains with a mask that
+    leaves (1 - rate)^r of the prunable weights (`rounds + 1` trainings in all). `scope`
+    "global" ranks all prunable weights together, "layer" each tensor on its own; `layers`
+    keeps only the named ones of `prunable_weights(model)`. Each round's files are written
+    under `out_dir`; `progress` shows a bar (None: where stderr is a terminal).
+
     `train_fn(model, round)` trains `model` in place (round 0 dense, then with the round's
     mask held by `apply_masks`); `classification_train_fn` gives one. `rewind` is "init" or
     k: the state after the k-th `optimizer.step()` of round 0 (counted over any torch.optim

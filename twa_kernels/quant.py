@@ -392,7 +392,8 @@ def quantize(
     group_size: int = 128,
     block_sizes: Sequence[int] | None = None,
 ) -> QuantizedBasis:
-    """Pack a basis P [k, D] into `bits` bits per element (None keeps dense float32).
+    """Pack a basis P [k, D] into `bits` bits per element (None keeps dense float32), each
+    group of `group_size` columns of a row with its own scale and minimum.
 
     block_sizes partitions the D columns into the blocks that share one coefficient
     (None: a single block). Rows are quantised one at a time, so the float temporaries are

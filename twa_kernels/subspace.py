@@ -186,6 +186,9 @@ class Subspace:
     """An affine subspace of weight space: w = center + sum_r x[r, block] * basis[r].
 
     `names` and `shapes` say how the D = sum of numels weights map to parameter tensors.
+    `orthonormal` records that the rows were orthonormalised (so P^T P g projects g), and
+    `aliases` maps a name to every state_dict name of that tensor (tied weights;
+    `io.parameter_aliases(model)` makes it).
     """
 
     def __init__(self, names: list[str], shapes: list[tuple[int, ...]], center: Tensor, basis: QuantizedBasis,
@@ -248,6 +251,12 @@ class Subspace:
         parameter_aliases: dict[str, list[str]] | None = None,
     ) -> Subspace:
         """Build the subspace spanned by k checkpoints, streaming.
+
+        `bits` is the width of the stored basis codes (1-8; None keeps it dense in float32),
+        quantised in groups of `group_size` columns, each with its own scale and minimum.
+        `granularity` sets the coefficient blocks: "model" (one set of k coefficients), "tensor"
+        (one per parameter tensor) or an int N (consecutive tensors merged while a block stays
+        within N weights). `progress` shows a bar (None: only where stderr is a terminal).
 
         Pass 1 averages the checkpoints into the center (the SWA point). Pass 2 reads them
         again; each centred checkpoint becomes a basis row, read and quantised to `bits` a

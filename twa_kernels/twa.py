@@ -101,9 +101,15 @@ class TWA(nn.Module):
     back, and they change only when you load `averaged_state_dict()` into it. The state
     (coefficients, basis, center) is in `state_dict()`, loadable with weights_only=True.
 
+    `bits`, `granularity`, `group_size` and `progress` build the subspace as
+    `Subspace.from_checkpoints` does; given a Subspace, they come from it. `process_group`
+    trains over the ranks of a torch.distributed group, each rank holding the whole basis,
+    or, with `shard=True`, its own columns of it (docs/distributed.md).
+
     `int8_gradients=True` projects each weight gradient rounded to int8 per basis group
-    (`tk.project_int8`: faster where the CPU has AVX-512 VNNI, a packed basis only), so the
-    coefficients' gradient moves from the float one by at most project_int8's bound.
+    (`tk.project_int8`, a packed basis only), so the coefficients' gradient moves from the
+    float one by at most project_int8's bound. Whether that is faster depends on the CPU and
+    the bit width (on some, only at 1 bit; docs/benchmarks.md).
     Replicated ranks round their own gradients, sharded ranks the reduce-scattered mean.
     A compiled forward (torch.compile) of a replicated or single-process TWA projects in
     float32.
