@@ -376,5 +376,7 @@ def test_a_compiled_twa_over_a_checkpointing_model_gives_the_eager_gradients(use
     x, y = _batch()
     want = _coefficient_grad(twa, lambda: F.cross_entropy(twa(x), y))
     compiled = torch.compile(twa, backend="eager")
+    torch._dynamo.utils.counters.clear()
     got = _coefficient_grad(twa, lambda: F.cross_entropy(compiled(x), y))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the model ran eagerly, untraced

@@ -513,3 +513,13 @@ def test_sigterm_during_a_write_leaves_neither_the_file_nor_its_temporary(tmp_pa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["143", "True"] and done.stderr.strip() == "twa: terminated", done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_library_leaves_torch_compile_unloaded():
+    # the TWA class's compile-disabled method imported torch._dynamo when the class was
+    # defined: 1.7 s more for every `twa --help` and every script, before any work
+    package_root = str(Path(tk.__file__).resolve().parents[1])
+    code = "import sys, twa_kernels, twa_kernels.cli; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": package_root})
+    assert done.stdout.split() == ["False"], done.stderr[-2000:]

@@ -498,7 +498,8 @@ class TWA(nn.Module):
             return functional_call(self.module, self._transformable_weights(), args, kwargs)
         return self._run_lent(self.module, args, kwargs)
 
-    @torch.compiler.disable
+    # torch.compiler.disable, importing dynamo (1.7 s) at the first call instead of at `import twa_kernels`
+    @torch._disable_dynamo
     def _lent_forward(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         return self._run_lent(self.module, args, kwargs)
 
