@@ -59,6 +59,13 @@ def val_loader():
 def empty_loader():
     return DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.int64)), batch_size=8)
 
+def shuffled_noisy_loader():  # as users write them: every random draw from a global RNG
+    import random
+    import numpy as np
+    x, y = digits_splits()[0].tensors
+    noise = torch.from_numpy(np.random.standard_normal(tuple(x.shape))).float() * random.random() * 0.1
+    return DataLoader(TensorDataset(x + noise, y), batch_size=64, shuffle=True)
+
 def one_pass_loader():
     return iter(list(DataLoader(digits_splits()[0], batch_size=128)))
 
@@ -276,6 +283,9 @@ def _consistent(out: Path) -> dict:
         (dict(optimizer=dict(name="Adam", lr=0.1, betas=[0.9, True])), ["optimizer.betas is a list of 2 numbers"]),
         (dict(output="runs/a\0b"), ["output 'runs/a\\x00b' (a string) holds a NUL byte"]),
         (dict(loss="os.path:exists"), ["loss: 'os.path:exists' cannot be called as loss(outputs, targets)"]),
+        (dict(seed="0"), ["seed must be an integer", "'0' (a string)"]),
+        (dict(seed=True), ["seed must be an integer"]),
+        (dict(seed=2**64), ["seed must be an integer from"]),
     ],
 )
 def test_a_bad_config_value_is_one_line_naming_key_value_and_what_is_allowed(in_project, capsys, overrides,
@@ -288,6 +298,28 @@ def test_a_bad_config_value_is_one_line_naming_key_value_and_what_is_allowed(in_
     for part in expected:
         assert part in lines[0], lines[0]
     assert not (in_project / "factory-called").exists()  # refused before the model (or anything) was built
+
+
+def test_a_run_draws_from_global_rngs_seeded_by_its_config_and_leaves_them_as_they_were(in_project):
+    # the user's loader shuffled (and drew noise) from unseeded global RNGs: the same config
+    # gave another SWA baseline and another TWA in every run
+    import random
+
+    import numpy as np
+
+    def run(seed):
+        config = _config(in_project, data=dict(train="fit_hostile_pkg:shuffled_noisy_loader",
+                                               val="fit_hostile_pkg:val_loader"), seed=seed)
+        report = run_fit(config, progress=False)
+        return report["val_loss_at_swa"], report["val_loss_after_twa"], report["settings"]["seed"]
+
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    first, again, other = run(None), run(0), run(7)
+    assert first == again and first[2] == 0  # seed 0 by default
+    assert other[:2] != first[:2] and other[2] == 7
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
 
 
 def test_a_bad_config_value_exits_2_from_the_command_line(project):

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import yaml
 
+from twa_kernels._random import SEED_RANGE
 from twa_kernels.errors import InvalidArgumentError
 from twa_kernels.quant import MAX_GROUP_SIZE, SUPPORTED_BITS
 
 
 KEYS = {"model", "data", "checkpoints", "bits", "granularity", "group_size", "int8_gradients", "optimizer", "epochs",
-        "train_on", "loss", "output", "distributed"}
+        "train_on", "loss", "output", "distributed", "seed"}
 
 DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
 
@@ -50,6 +51,7 @@ class FitConfig:
     loss: str = DEFAULT_LOSS
     output: str = "twa-out"
     distributed_mode: str = "replicated"
+    seed: int = 0
     source: str = ""
 
 
@@ -288,10 +290,14 @@ def check_config(raw: Any, where: str, required: tuple[str, ...] = ("model", "da
         raise FitError(f"{where}: distributed must be {{mode: replicated}} or {{mode: sharded}}, got "
                        f"{describe(raw.get('distributed'))}; write one of them, or leave the key out (it has an "
                        "effect under torchrun only)")
+    seed = raw.get("seed", 0)
+    if not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise FitError(f"{where}: seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got "
+                       f"{describe(seed)}")
     return FitConfig(model=model, data=data, checkpoints=checkpoints, bits=bits, granularity=granularity,
                      group_size=group_size, int8_gradients=int8_gradients, optimizer=optimizer,
                      optimizer_args=optimizer_args, epochs=epochs,
-                     train_on=train_on, loss=loss, output=output, distributed_mode=mode, source=where)
+                     train_on=train_on, loss=loss, output=output, distributed_mode=mode, seed=seed, source=where)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -15,6 +15,7 @@
     loss: torch.nn.functional:cross_entropy   # optional; loss(outputs, targets)
     output: twa-out                           # a directory of its own: averaged.pt, averaged.safetensors, report.json
     distributed: {mode: replicated}           # under torchrun: replicated | sharded (see distributed.py)
+    seed: 0                                   # torch's, Python's and numpy's global RNGs, for the run
 
 Under torchrun (`torchrun --nproc_per_node N -m twa_kernels fit config.yaml`) every rank
 trains on its share of the data (DistributedSampler), and rank 0 alone writes the outputs.
@@ -42,6 +43,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -52,6 +54,7 @@ import torch
 from torch import nn
 
 from twa_kernels._progress import progress_bar
+from twa_kernels._random import seeded
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
 from twa_kernels import distributed
 from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, short
@@ -267,13 +270,37 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
     try:
-        report = _fit(config, inputs, group, rank, progress, outputs)
+        with _seeded_everywhere(config.seed):
+            report = _fit(config, inputs, group, rank, progress, outputs)
         if outputs is not None:
             outputs.commit()
     finally:
         if outputs is not None:
             outputs.discard()
     return report
+
+
+@contextlib.contextmanager
+def _seeded_everywhere(seed: int) -> Iterator[None]:
+    """torch's, Python's and numpy's global RNGs seeded with `seed` for the run (the user's
+    factories and loaders draw from any of them: shuffling, augmentation), their states
+    restored afterwards. The BatchNorm statistics and TWA-t's batches then come in the same
+    order in every run of one config, so reports of identical runs agree."""
+    import random
+
+    python_state = random.getstate()
+    numpy_random = getattr(sys.modules.get("numpy"), "random", None)  # imported by torch when it is installed
+    numpy_state = numpy_random.get_state() if numpy_random is not None else None
+    random.seed(seed)
+    if numpy_random is not None:
+        numpy_random.seed(seed % (1 << 32))  # numpy takes seeds below 2**32
+    try:
+        with seeded(seed):
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy_random is not None:
+            numpy_random.set_state(numpy_state)
 
 
 def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool | None,
