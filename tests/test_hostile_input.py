@@ -237,6 +237,35 @@ def test_a_valid_hand_built_basis_still_works():
     assert torch.equal(tk.project(same, g), tk.project(qb, g))
 
 
+@pytest.mark.parametrize("bits, field", [(None, "codes"), (4, "scales"), (4, "mins")])
+def test_a_basis_whose_tensors_require_grad_is_refused_by_the_ops_while_grad_is_on(bits, field):
+    # the ops give the basis no gradient: its tensors' .grad stayed None after a backward, silently
+    qb = tk.quantize(torch.randn(3, 64), bits=bits, group_size=16)
+    fields = dict(codes=qb.codes, scales=qb.scales, mins=qb.mins)
+    fields[field] = fields[field].clone().requires_grad_()
+    basis = QuantizedBasis(**fields, block_offsets=qb.block_offsets, bits=bits, group_size=16, num_cols=64)
+    for call in (lambda: tk.project(basis, torch.randn(64)), lambda: tk.reconstruct(basis, torch.randn(3, 1))):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="tensors require grad, but these ops give the "
+                                                                 "basis no gradient"):
+            call()
+        with torch.no_grad():
+            call()  # nothing to lose there
+
+
+def test_a_subspace_takes_its_orthonormal_flag_as_a_bool_only():
+    qb = tk.quantize(torch.randn(2, 6), bits=None)
+    with pytest.raises(tk.errors.InvalidTypeError, match="orthonormal must be True or False"):
+        tk.Subspace(["w"], [(6,)], torch.zeros(6), qb, orthonormal="no")
+
+
+def test_int8_gradients_over_a_dense_basis_are_refused_before_the_forward():
+    from twa_kernels.ops import reconstruct_pieces
+
+    qb = tk.quantize(torch.randn(2, 6), bits=None)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="int8_gradients rounds gradients per basis group"):
+        reconstruct_pieces(qb, torch.zeros(2, 1), None, torch.empty(6), [(6,)], int8_gradients=True)
+
+
 @pytest.mark.parametrize("field, value", [("group_size", 4.0), ("num_cols", True), ("bits", 3)])
 def test_a_hand_built_basis_with_bad_metadata_is_refused(field, value):
     qb = tk.quantize(torch.randn(2, 64), bits=4, group_size=32)

@@ -98,3 +98,15 @@ def test_rows_dependent_up_to_rounding_are_dropped_at_the_smallest_tol(seed):
         Q = tk.orthonormalize(A, tol=2**-23)
     assert Q.shape == (2, 33)
     assert orthogonality_error(Q) <= 1e-6
+
+
+@pytest.mark.parametrize("seed", [39, 42, 69])
+def test_more_rows_than_dimensions_keep_at_most_the_dimension(seed):
+    # 12 ill-conditioned rows in 8 dimensions: rounding left a 9th row a residual above tol,
+    # and the second Cholesky pass then refused the 9 rows as too close to dependent
+    torch.manual_seed(seed)
+    P = torch.randn(12, 8) @ torch.diag(torch.logspace(0, -4, 8))
+    with pytest.warns(RuntimeWarning, match="dropped 4 of 12 rows"):
+        Q = tk.orthonormalize(P)
+    assert Q.shape == (8, 8)
+    assert orthogonality_error(Q) <= 1e-5

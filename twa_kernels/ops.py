@@ -20,6 +20,12 @@ def _check_basis(qb: QuantizedBasis) -> None:
     if not isinstance(qb, QuantizedBasis):
         raise InvalidTypeError(f"the basis must be a tk.QuantizedBasis, got {type(qb).__name__}; make one with "
                                "tk.quantize(P, bits) (bits=None keeps it dense)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qb.codes, qb.scales, qb.mins)):
+        # the ops differentiate in g, x and the center only: a basis tensor left requiring grad
+        # would silently get none
+        raise InvalidArgumentError("the basis's tensors require grad, but these ops give the basis no gradient "
+                                   "(only g, x and the center get one); build it from detached tensors, or train "
+                                   "a dense basis with plain torch on tk.dequantize(qb)")
 
 
 def _check_dense(name: str, t: Tensor) -> None:
@@ -172,6 +178,9 @@ def reconstruct_pieces(qb: QuantizedBasis, x: Tensor, center: Tensor | None, out
     (with project_int8's rounding when `int8_gradients`), without gathering them into one
     D-long vector on the C++ backend (the others concatenate them),
     then hands them to `hold`, when given."""
+    if int8_gradients and not qb.bits:
+        raise InvalidArgumentError("int8_gradients rounds gradients per basis group, which a dense basis does not "
+                                   "have: pass int8_gradients=False, or a packed basis (bits 1, 2, 4 or 8)")
     return ReconstructPieces.apply(qb.codes, qb.scales, qb.mins, qb.block_offsets, x.contiguous(), center,
                                    qb.bits or 0, qb.group_size, [out.detach()], list(shapes), on_backward,
                                    int8_gradients, hold)

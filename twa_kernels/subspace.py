@@ -43,12 +43,16 @@ from twa_kernels.quant import (
 logger = logging.getLogger(__name__)
 
 
-def _independent_rows(gram: Tensor, tol: float) -> tuple[list[int], Tensor]:
+def _independent_rows(gram: Tensor, tol: float, max_rows: int) -> tuple[list[int], Tensor]:
     """Cholesky of the Gram matrix row by row, skipping rows whose residual norm is below
-    tol times their own norm. Returns the kept rows and the Cholesky factor of their Gram."""
+    tol times their own norm, and every row once `max_rows` (the dimension, D) are kept: in
+    D dimensions a further row is dependent, whatever rounding leaves of its residual.
+    Returns the kept rows and the Cholesky factor of their Gram."""
     keep: list[int] = []
     factor = gram.new_zeros((0, 0))
     for i in range(gram.shape[0]):
+        if len(keep) == max_rows:
+            break
         norm_sq = float(gram[i, i])
         if keep:
             cross = torch.linalg.solve_triangular(factor, gram[keep, i][:, None], upper=False)[:, 0]
@@ -99,7 +103,7 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
                                    "call it under torch.no_grad()")
     check_basis_values(P)
     p = P.detach().to(torch.float32).contiguous()
-    keep, factor = _independent_rows(gram_op(p), tol)
+    keep, factor = _independent_rows(gram_op(p), tol, p.shape[1])
     dropped = sorted(set(range(P.shape[0])) - set(keep))
     if dropped:
         warnings.warn(
@@ -208,7 +212,7 @@ class Subspace:
             raise InvalidArgumentError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
                              f"{tuple(center.shape)}, basis of {basis.num_cols} columns")
         self.names, self.shapes, self.center, self.basis = names, shapes, center, basis
-        self.orthonormal = orthonormal  # rows orthonormal (before quantisation): P^T P g projects g
+        self.orthonormal = flag("orthonormal", orthonormal)  # rows orthonormal (before quantisation): P^T P g projects g
         # name -> every state_dict name of that tensor, for tied weights (see io.parameter_aliases)
         self.aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
         # the stamps of the checkpoint files the build read (from_checkpoints sets them): a
