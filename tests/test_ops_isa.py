@@ -228,3 +228,28 @@ def test_a_build_for_an_avx2_only_target_runs_both_paths(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["auto", "avx512" if _cpu_has_avx512() else "avx2", "avx2", "avx2"]
+
+
+def _terms_budget(qb, g):
+    """Per row, sum_j (|p^_j - lo| + |lo|) |g_j|: the sizes of the two terms the C++ project
+    adds per group, scale * sum(code * g) and lo * sum(g), whose float32 rounding its error
+    is relative to."""
+    p = tk.dequantize(qb).double()
+    lo = qb.mins.double().T.repeat_interleave(qb.group_size, 1)[:, :qb.num_cols]
+    return (((p - lo).abs() + lo.abs()) * g.double().abs()).sum(1)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("group_size", [128, 1024, 4096])
+def test_project_of_an_outlier_group_rounds_relative_to_the_terms_it_adds(isa, bits, group_size):
+    # one outlier sets a group's minimum far below its other values: scale * sum(code * g) and
+    # lo * sum(g) then nearly cancel, and float32 sums over 4,096 columns left 1.1e-6 of them
+    # (9e-3 of sum |p^ g|, the spec's budget) on the AVX2 path
+    rows = torch.full((3, group_size * 2), 1e-3)
+    rows[0, 0], rows[1, :: group_size // 2], rows[2, 5] = -1000.0, -50.0, 300.0
+    qb = tk.quantize(rows, bits, group_size)
+    g = torch.full((group_size * 2,), 1 / 3)
+    exact = (tk.dequantize(qb).double() @ g.double())
+    error = (tk.project(qb, g)[:, 0].double() - exact).abs()
+    assert (error <= 1e-6 * _terms_budget(qb, g)).all(), (error / _terms_budget(qb, g)).max()
