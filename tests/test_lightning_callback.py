@@ -150,6 +150,12 @@ def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straig
     with torch.no_grad():
         torch.testing.assert_close(F.cross_entropy(last(_VAL[0]), _VAL[1]), first.callback_metrics["val_loss"],
                                    rtol=1e-5, atol=1e-6)
+    # a later TWA over the folder would count those averages as points of the run: named
+    with pytest.warns(UserWarning, match="epoch=5-.*a checkpoint of a TWA epoch of the Lightning"):
+        tk.uniform_average(str(tmp_path / "ckpts"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.uniform_average(sorted((tmp_path / "ckpts").glob("epoch=[0-2]-*.ckpt")))  # the run's own: no word
     # resumed after the first TWA epoch (epoch 4), by a new Trainer and a new callback
     ckpt = next((tmp_path / "ckpts").glob("epoch=4-*.ckpt"))
     net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1,

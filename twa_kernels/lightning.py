@@ -61,7 +61,7 @@ from twa_kernels._passes import kept_modes
 from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import feed_batch, has_running_statistics, running_norms
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, UsageError
-from twa_kernels.io import save_state_dict
+from twa_kernels.io import TWA_AVERAGE_MARK, save_state_dict
 from twa_kernels.subspace import check_build_args
 from twa_kernels.twa import TWA
 
@@ -503,6 +503,7 @@ class TrainableWeightAveraging(pl.Callback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # statistics as the validation used them
             checkpoint["state_dict"] = self.twa.averaged_state_dict()
+        checkpoint[TWA_AVERAGE_MARK] = True  # reading it as a checkpoint of the run warns
         if "optimizer_states" in checkpoint:  # not a weights-only checkpoint
             # the run's optimizer states, which a resumed Trainer loads into the optimizers that
             # configure_optimizers makes; the coefficients' optimizer is in this callback's state

@@ -22,6 +22,7 @@ from twa_kernels.io.files import (
     trainer_output_hint,
 )
 from twa_kernels.io.keys import (
+    TWA_AVERAGE_MARK,
     ModelKeys,
     adapter_file_keys,
     adapter_hint,
@@ -48,7 +49,8 @@ from twa_kernels.io.read import (
 from twa_kernels.io.write import atomic_write, atomic_write_together, check_output_file, save_state_dict, write_json
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "adapter_file_keys",
+    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "TWA_AVERAGE_MARK",
+    "adapter_file_keys",
     "adapter_hint", "atomic_write", "checkpoint_aliases",
     "atomic_write_together", "check_output_file",
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",

@@ -47,6 +47,10 @@ from twa_kernels._checks import check_module
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
+
+# set to True in the checkpoints the Lightning TrainableWeightAveraging callback saves during
+# its TWA epochs, whose state_dict holds TWA's averaged weights rather than the run's own
+TWA_AVERAGE_MARK = "twa_kernels_averaged"
 _PREFIXES = ("module.", "_orig_mod.")
 _LIGHTNING_PREFIX = "model."
 
@@ -173,6 +177,11 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
                       "read, holds the callback's running average (e.g. EMA); the weights being trained are under "
                       "'current_model_state'. To average those, pass ckpt['current_model_state'] state_dicts",
                       UserWarning, stacklevel=2)
+    if isinstance(obj, Mapping) and obj.get(TWA_AVERAGE_MARK) is True:
+        warnings.warn(f"{source}: a checkpoint of a TWA epoch of the Lightning TrainableWeightAveraging callback: its "
+                      "state_dict holds TWA's averaged weights, not a point of the training run, and averaging it "
+                      "with the run's checkpoints counts that average as one more point. Pass the checkpoints of "
+                      "the epochs before TWA started (a list or a glob)", UserWarning, stacklevel=2)
     for _ in range(3):
         if isinstance(obj, Mapping):
             nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
