@@ -66,6 +66,19 @@ def shuffled_noisy_loader():  # as users write them: every random draw from a gl
     noise = torch.from_numpy(np.random.standard_normal(tuple(x.shape))).float() * random.random() * 0.1
     return DataLoader(TensorDataset(x + noise, y), batch_size=64, shuffle=True)
 
+class _StoppingLoader:  # a shuffling loader that Ctrl-C stops as pass FIT_STOP_AT_PASS begins
+    def __init__(self):
+        self.loader, self.passes = DataLoader(digits_splits()[0], batch_size=128, shuffle=True), 0
+
+    def __iter__(self):
+        self.passes += 1
+        if str(self.passes) == os.environ.get("FIT_STOP_AT_PASS"):
+            raise KeyboardInterrupt
+        return iter(self.loader)
+
+def stopping_loader():
+    return _StoppingLoader()
+
 def one_pass_loader():
     return iter(list(DataLoader(digits_splits()[0], batch_size=128)))
 
@@ -320,6 +333,53 @@ def test_a_run_draws_from_global_rngs_seeded_by_its_config_and_leaves_them_as_th
     assert other[:2] != first[:2] and other[2] == 7
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert (np.random.get_state()[1] == states[2]).all()
+
+
+def test_an_interrupted_fit_resumes_after_its_last_epoch_and_ends_as_the_uninterrupted_run(in_project, monkeypatch,
+                                                                                          tmp_path):
+    # an interrupted run kept nothing: the next one trained every epoch again
+    def run(output, stop_at=None):
+        monkeypatch.delenv("FIT_STOP_AT_PASS", raising=False)
+        if stop_at is not None:
+            monkeypatch.setenv("FIT_STOP_AT_PASS", str(stop_at))
+        config = _config(in_project, data=dict(train="fit_hostile_pkg:stopping_loader",
+                                               val="fit_hostile_pkg:val_loader"), epochs=3, output=str(output))
+        return run_fit(config, progress=False)
+
+    straight = run(tmp_path / "straight")
+    assert straight["resumed_after_epoch"] is None
+    progress = tmp_path / ".resumed.twa-progress.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", stop_at=4)  # passes: BatchNorm statistics, epochs 1, 2 and 3
+    assert progress.is_file() and not (tmp_path / "resumed").exists()
+    with pytest.warns(UserWarning, match="resuming after epoch 2 of 3"):
+        resumed = run(tmp_path / "resumed")
+    assert resumed["resumed_after_epoch"] == 2 and not progress.exists()
+    for key in ("val_loss_at_swa", "val_loss_after_twa", "train_loss_last_10_batches"):
+        assert resumed[key] == straight[key], key
+    want = tk.load_state_dict(tmp_path / "straight" / "averaged.safetensors")
+    got = tk.load_state_dict(tmp_path / "resumed" / "averaged.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_progress_file_of_another_run_or_unreadable_is_replaced_with_a_warning(in_project, monkeypatch, tmp_path):
+    import pickle
+
+    progress = tmp_path / ".out.twa-progress.pt"
+    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    config = _config(in_project, data=data, output=str(tmp_path / "out"))
+    progress.write_bytes(pickle.dumps(print))  # what a pickle may run is refused, not run
+    with pytest.warns(UserWarning, match="cannot resume from .* starts afresh"):
+        assert run_fit(config, progress=False)["resumed_after_epoch"] is None
+    assert not progress.exists()
+    monkeypatch.setenv("FIT_STOP_AT_PASS", "3")  # in epoch 2 of 2, after epoch 1's progress
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(_config(in_project, "other.yaml", data=data, output=str(tmp_path / "out"), epochs=2), progress=False)
+    assert progress.is_file()
+    monkeypatch.delenv("FIT_STOP_AT_PASS")
+    with pytest.warns(UserWarning, match="progress of a run with other settings"):
+        assert run_fit(config, progress=False)["resumed_after_epoch"] is None
+    assert not progress.exists()
 
 
 def test_a_bad_config_value_exits_2_from_the_command_line(project):
@@ -1057,7 +1117,12 @@ def test_an_interrupt_between_writes_keeps_the_old_set_and_leaves_nothing(in_pro
     monkeypatch.setattr(fit, "save_state_dict", save)
     with pytest.raises(KeyboardInterrupt):  # a run whose outputs would differ (another learning rate)
         run_fit(_config(in_project, output=str(out), optimizer=dict(lr=0.05)), progress=False)
-    assert _digests(out) == before and _leftovers(in_project, out.name) == []
+    # nothing of the new set; only the progress of its finished epoch, for the next run
+    assert _digests(out) == before and _leftovers(in_project, out.name) == [".interrupted.twa-progress.pt"]
+    monkeypatch.setattr(fit, "save_state_dict", real_save)
+    with pytest.warns(UserWarning, match="resuming after epoch 1 of 1"):
+        run_fit(_config(in_project, output=str(out), optimizer=dict(lr=0.05)), progress=False)
+    assert _digests(out) != before and _leftovers(in_project, out.name) == []
 
 
 def test_outputs_follow_the_umask_and_replaced_files_keep_their_mode(in_project):

@@ -35,6 +35,9 @@ the averaged weights or the report): nothing is written then.
 
 `val_loss_at_swa` in the report is the loss at the uniform average of the checkpoints, with
 BatchNorm statistics recomputed on data.train as they are for TWA's `val_loss_after_twa`.
+
+An interrupted run resumes after its last finished epoch when the same config is run again
+(_fit_progress.py keeps the progress beside the output directory between epochs).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from twa_kernels import _fit_progress as fit_progress
+from twa_kernels._collectives import ranks_unlike_rank0
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import seeded
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
@@ -274,6 +279,7 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
             report = _fit(config, inputs, group, rank, progress, outputs)
         if outputs is not None:
             outputs.commit()
+            fit_progress.remove(fit_progress.progress_path(config.output))  # nothing left to resume
     finally:
         if outputs is not None:
             outputs.discard()
@@ -350,16 +356,30 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                                   basis_bytes=int(shares["own"]), basis_bytes_per_rank=basis_bytes,
                                   int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
-    if val_loader is not None:
-        # The SWA baseline is measured the way TWA is: at the uniform average (the
-        # coefficients start at zero) with BatchNorm statistics recomputed for those
-        # weights, not the model's fresh ones. Training is unaffected: train-mode BatchNorm
-        # normalises with batch statistics, and update_bn recomputes them again at the end.
-        if has_running_statistics(model):
-            _update_bn(twa, train_loader, config, group)
-        report["val_loss_at_swa"] = _mean_loss(twa, eval_loader, loss_fn, config, group)
-    losses = []
-    for epoch in range(config.epochs):
+    progress_file = fit_progress.progress_path(config.output)
+    run = fit_progress.fingerprint(settings, inputs)
+    resumed = _resumed(progress_file, run, config, group)
+    report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
+    if resumed is not None:
+        with torch.no_grad():
+            twa.coefficients.copy_(resumed.coefficients)
+        optimizer.load_state_dict(resumed.optimizer)
+        losses, first_epoch = resumed.losses, resumed.epochs_done
+        report["bytes_communicated_per_step"] = resumed.bytes_per_step
+        if resumed.val_loss_at_swa is not None:
+            report["val_loss_at_swa"] = resumed.val_loss_at_swa
+        fit_progress.set_rng_states(resumed.rng)  # the batches the uninterrupted run would draw next
+    else:
+        losses, first_epoch = [], 0
+        if val_loader is not None:
+            # The SWA baseline is measured the way TWA is: at the uniform average (the
+            # coefficients start at zero) with BatchNorm statistics recomputed for those
+            # weights, not the model's fresh ones. Training is unaffected: train-mode BatchNorm
+            # normalises with batch statistics, and update_bn recomputes them again at the end.
+            if has_running_statistics(model):
+                _update_bn(twa, train_loader, config, group)
+            report["val_loss_at_swa"] = _mean_loss(twa, eval_loader, loss_fn, config, group)
+    for epoch in range(first_epoch, config.epochs):
         twa.train()
         for x, y in progress_bar(fit_loader, enabled=progress, desc=f"TWA epoch {epoch + 1}"):
             distributed.reset_comm_bytes(twa)
@@ -372,7 +392,14 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
             losses.append(loss.item())  # after backward: the value only
             report["bytes_communicated_per_step"] = sum(distributed.comm_bytes(twa).values())
         fit_loader.check_pass(f"to train on in epoch {epoch + 1}")
+        if outputs is not None and bool(torch.isfinite(twa.coefficients).all()):  # rank 0, which writes the outputs
+            fit_progress.save(progress_file, run, fit_progress.Progress(
+                epochs_done=epoch + 1, coefficients=twa.coefficients.detach().cpu().clone(),
+                optimizer=optimizer.state_dict(), losses=losses, val_loss_at_swa=report.get("val_loss_at_swa"),
+                bytes_per_step=report.get("bytes_communicated_per_step", 0), rng=fit_progress.rng_states()))
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
+        if outputs is not None:
+            fit_progress.remove(progress_file)  # a rerun would diverge again
         raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")
     if has_running_statistics(model):
         _update_bn(twa, train_loader, config, group)
@@ -382,7 +409,12 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                   seconds=time.perf_counter() - start)
 
     state = twa.averaged_state_dict()  # every rank: sharded mode gathers the weights
-    _check_finite(state, report, config)  # every rank alike, before anything is staged
+    try:
+        _check_finite(state, report, config)  # every rank alike, before anything is staged
+    except FitError:
+        if outputs is not None:
+            fit_progress.remove(progress_file)  # a rerun would end the same way
+        raise
     if outputs is None:
         return report
     out = Path(config.output)
@@ -392,6 +424,22 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     # with the machine, date and software the numbers came from; _check_finite ran: a NaN is a bug
     write_json(outputs.stage("report.json"), {**report, "stamp": stamp()}, allow_nan=False)
     return report
+
+
+def _resumed(path: Path, run: str, config: FitConfig, group: Any) -> fit_progress.Progress | None:
+    """The progress of an interrupted run of this config (every rank reads the same file,
+    and they must agree on it), or None to start afresh."""
+    resumed = fit_progress.load(path, run)
+    if group is not None:
+        seen = None if resumed is None else (resumed.epochs_done, resumed.coefficients.tolist())
+        unlike = ranks_unlike_rank0(seen, group, "the check of the ranks' fit progress")
+        if unlike:
+            raise FitError(f"ranks {unlike} read another progress file {path} than rank 0 (or none): the folder of "
+                           "output: must be one every rank sees; delete the file to start afresh")
+    if resumed is not None:  # (the fingerprint holds every setting, epochs too)
+        warnings.warn(f"twa fit: resuming after epoch {resumed.epochs_done} of {config.epochs} from {path}, which an "
+                      "interrupted run of this config left; delete it to start afresh", UserWarning, stacklevel=3)
+    return resumed
 
 
 def _fix(config: FitConfig) -> str:
