@@ -237,3 +237,12 @@ def test_kernel_rounds_g_bit_for_bit_as_the_spec(isa, blocks):
         assert torch.equal(y, g_hat.view(n_groups, group).T)
     else:
         assert torch.equal(y[torch.arange(d) % group, torch.arange(d)], g_hat)
+
+
+def test_vmap_over_g_rounds_and_projects_each_g_as_one_call_does():
+    # torch.vmap raised torch's "Batching rule not implemented for twa_kernels::project_int8"
+    qb = tk.quantize(torch.randn(3, 256), bits=4, group_size=64, block_sizes=[100, 156])
+    G = torch.randn(5, 256) * torch.logspace(-2, 2, 5)[:, None]  # another scale per g
+    want = torch.stack([tk.project_int8(qb, g) for g in G])
+    assert torch.equal(torch.vmap(lambda g: tk.project_int8(qb, g))(G), want)
+    assert torch.equal(torch.vmap(lambda g: tk.project_int8(qb, g), in_dims=1)(G.T.contiguous()), want)

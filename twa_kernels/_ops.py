@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from twa_kernels import _build
-from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels.quant import check_layout, round_groups_int8, unround_groups_int8
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -287,6 +287,21 @@ def _project_int8(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Te
     g = torch.cat([p.reshape(-1) for p in pieces])
     g_hat = unround_groups_int8(*round_groups_int8(g, group_size), group_size)
     return _kernel("project", device)(codes, scales, mins, block_offsets, g_hat, bits, group_size)
+
+
+def _project_int8_vmap(info, in_dims, codes, scales, mins, block_offsets, pieces, bits, group_size):
+    """torch.vmap over g: one rounding and projection per mapped g (each is rounded over its
+    own groups, as a call per g would be)."""
+    if any(dim is not None for dim in in_dims[:4]):
+        raise UsageError("project_int8 under torch.vmap maps over g only, not over the basis's tensors")
+    dims = in_dims[4] if in_dims[4] is not None else [None] * len(pieces)
+    rows = [project_int8_op(codes, scales, mins, block_offsets,
+                            [p if d is None else p.select(d, i) for p, d in zip(pieces, dims)], bits, group_size)
+            for i in range(info.batch_size)]
+    return torch.stack(rows), 0
+
+
+torch.library.register_vmap(project_int8_op, _project_int8_vmap)
 
 
 @project_int8_op.register_fake
