@@ -871,6 +871,19 @@ def test_a_checkpoint_whose_save_did_not_finish_is_left_out_of_a_directory_with_
     assert "logs" not in caplog.text
 
 
+def test_a_twa_over_a_directory_lists_it_once(tmp_path, caplog):
+    # the build and the frozen parameters' pins each listed the directory: its notes came twice,
+    # and a checkpoint saved between the two listings could be pinned from but not averaged
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    for i in range(3):
+        tk.save_state_dict({k: v + i for k, v in model.state_dict().items()}, tmp_path / f"epoch={i}.ckpt")
+    tk.save_state_dict(model.state_dict(), tmp_path / "last.ckpt")
+    with caplog.at_level("WARNING", logger="twa_kernels"):
+        tk.TWA(model, tmp_path, bits=None)
+    assert caplog.text.count("leaving out last.ckpt") == 1, caplog.text
+
+
 def test_a_legacy_torch_file_whose_tensor_bytes_look_like_a_zip_directory_is_read(tmp_path):
     # a zip was recognised by a directory signature near the file's end, which a legacy
     # (pickle) file's weights may hold: the lazy reader refused a good file as damaged

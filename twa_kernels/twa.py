@@ -69,7 +69,7 @@ from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_mode
 from twa_kernels._twa_state import check_loaded_state, record_shard
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
-from twa_kernels.io import Checkpoints, checkpoint_aliases, parameter_aliases, unwrap_model
+from twa_kernels.io import Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints, unwrap_model
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis, dequantize
 from twa_kernels.sharded_build import ShardedSubspace
@@ -162,8 +162,10 @@ class TWA(nn.Module):
         # the keys checkpoints hold the parameters under: also a PEFT adapter file's, which drop
         # the adapter's name (and hold no frozen base weight: those keep the model's values)
         read_as = checkpoint_aliases(model)
-        if isinstance(checkpoints_or_subspace, Iterator):  # a generator (Path.glob): read by the build and the pins
-            checkpoints_or_subspace = list(checkpoints_or_subspace)
+        if not isinstance(checkpoints_or_subspace, Subspace):
+            # once, for the build and the pins alike: a generator (Path.glob) is read once, a
+            # directory is listed once (and its notes, such as a last.ckpt left out, said once)
+            checkpoints_or_subspace = resolve_checkpoints(checkpoints_or_subspace)
         subspace = subspace_for(checkpoints_or_subspace, trainable, read_as, process_group, shard, given,
                                 bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not averaged(p)]
