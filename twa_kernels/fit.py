@@ -358,7 +358,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                                   distributed_mode=None if group is None else config.distributed_mode)
     progress_file = fit_progress.progress_path(config.output)
     run = fit_progress.fingerprint(settings, inputs)
-    resumed = _resumed(progress_file, run, config, group)
+    resumed = _resumed(progress_file, run, config, twa, group)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
     if resumed is not None:
         with torch.no_grad():
@@ -426,10 +426,16 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     return report
 
 
-def _resumed(path: Path, run: str, config: FitConfig, group: Any) -> fit_progress.Progress | None:
+def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, group: Any) -> fit_progress.Progress | None:
     """The progress of an interrupted run of this config (every rank reads the same file,
     and they must agree on it), or None to start afresh."""
     resumed = fit_progress.load(path, run)
+    if resumed is not None and resumed.coefficients.shape != twa.coefficients.shape:
+        # the settings and files are the same, but the model factory now builds another model
+        warnings.warn(f"twa fit: {path} holds coefficients of shape {tuple(resumed.coefficients.shape)}, this run's "
+                      f"are {tuple(twa.coefficients.shape)} (the model changed?); this run starts afresh and "
+                      "replaces it", UserWarning, stacklevel=3)
+        resumed = None
     if group is not None:
         seen = None if resumed is None else (resumed.epochs_done, resumed.coefficients.tolist())
         unlike = ranks_unlike_rank0(seen, group, "the check of the ranks' fit progress")
