@@ -156,6 +156,8 @@ def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straig
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tk.uniform_average(sorted((tmp_path / "ckpts").glob("epoch=[0-2]-*.ckpt")))  # the run's own: no word
+        first.save_checkpoint(tmp_path / "final.ckpt")  # after fit, as the guide says: the final model
+        tk.load_state_dict(tmp_path / "final.ckpt")
     # resumed after the first TWA epoch (epoch 4), by a new Trainer and a new callback
     ckpt = next((tmp_path / "ckpts").glob("epoch=4-*.ckpt"))
     net, trainer = _Net(), _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1,

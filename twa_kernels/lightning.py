@@ -143,6 +143,7 @@ class TrainableWeightAveraging(pl.Callback):
         self._off = False  # fast_dev_run: the callback stands aside
         self._frozen_norms: set[str] = set()  # BatchNorm layers the epochs ran in eval mode
         self.twa: TWA | None = None
+        self._finished = False  # the module holds the final model (the BatchNorm pass done)
         self._first: int | None = None  # the first epoch kept
         self._last: int | None = None  # max_epochs of the run: the TWA epochs come after it
         self._loaded: dict[str, Any] | None = None  # the TWA state of a resumed checkpoint
@@ -364,6 +365,7 @@ class TrainableWeightAveraging(pl.Callback):
         # the Trainer holds the run's optimizers and schedulers again, as it did before the TWA epochs
         trainer.strategy.optimizers = self._run_optimizers
         trainer.strategy.lr_scheduler_configs = self._run_schedulers
+        self._finished = True
 
     def _update_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """twa.update_bn over the training batches, each passed through the Trainer's batch
@@ -451,6 +453,7 @@ class TrainableWeightAveraging(pl.Callback):
             # gradient in these epochs, reduces nothing)
             options["process_group"] = torch.distributed.group.WORLD
         self.twa = TWA(pl_module, self.snapshots, **options).to(pl_module.device)
+        self._finished = False
         self._twa_optimizer = self.optimizer(self.twa.parameters())
         if self._loaded is not None:
             saved = self._loaded["coefficients"]
@@ -503,7 +506,8 @@ class TrainableWeightAveraging(pl.Callback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # statistics as the validation used them
             checkpoint["state_dict"] = self.twa.averaged_state_dict()
-        checkpoint[TWA_AVERAGE_MARK] = True  # reading it as a checkpoint of the run warns
+        if not self._finished:  # a TWA epoch's average; a save after fit holds the run's final model
+            checkpoint[TWA_AVERAGE_MARK] = True  # reading it as a checkpoint of the run warns
         if "optimizer_states" in checkpoint:  # not a weights-only checkpoint
             # the run's optimizer states, which a resumed Trainer loads into the optimizers that
             # configure_optimizers makes; the coefficients' optimizer is in this callback's state

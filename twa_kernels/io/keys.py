@@ -179,9 +179,9 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
                       UserWarning, stacklevel=2)
     if isinstance(obj, Mapping) and obj.get(TWA_AVERAGE_MARK) is True:
         warnings.warn(f"{source}: a checkpoint of a TWA epoch of the Lightning TrainableWeightAveraging callback: its "
-                      "state_dict holds TWA's averaged weights, not a point of the training run, and averaging it "
-                      "with the run's checkpoints counts that average as one more point. Pass the checkpoints of "
-                      "the epochs before TWA started (a list or a glob)", UserWarning, stacklevel=2)
+                      "state_dict holds TWA's averaged weights, not a point of the training run; averaged with the "
+                      "run's checkpoints it would count that average as one more point, so average the checkpoints "
+                      "of the epochs before TWA started (a list or a glob)", UserWarning, stacklevel=2)
     for _ in range(3):
         if isinstance(obj, Mapping):
             nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
