@@ -383,6 +383,14 @@ def train_loader():
 def val_loader():
     return DataLoader(_data(32, 1), batch_size=16)
 
+_calls = [0]
+
+def stopping_loss(outputs, targets):  # Ctrl-C on every rank at loss call FIT_STOP_AT_LOSS
+    _calls[0] += 1
+    if str(_calls[0]) == os.environ.get("FIT_STOP_AT_LOSS"):
+        raise KeyboardInterrupt
+    return torch.nn.functional.cross_entropy(outputs, targets)
+
 def ragged_val_loader():
     # one process keeps 36 of the 37 samples (9 batches of 4); ranks that pad their shares to
     # 19 samples each, then drop their own last partial batch, keep 32
@@ -458,6 +466,32 @@ def test_twa_fit_under_torchrun_sharded(user_project):
     with torch.no_grad():
         expected = F.cross_entropy(model(x[:36]), y[:36]).item()
     assert report["val_loss_after_twa"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_interrupted_torchrun_fit_resumes_and_ends_as_the_uninterrupted_run(user_project, monkeypatch):
+    import json
+
+    # each rank's shuffled share comes from a sampler that counts its passes: resumed at its first
+    # pass's order, the run trained the later epochs on other batches
+    def run(name, stop_at=None):
+        monkeypatch.delenv("FIT_STOP_AT_LOSS", raising=False)
+        if stop_at is not None:
+            monkeypatch.setenv("FIT_STOP_AT_LOSS", str(stop_at))
+        return _torchrun(user_project, _fit_config(user_project, epochs=3, loss="userpkg_dist:stopping_loss",
+                                                   distributed=dict(mode="replicated"),
+                                                   output=str(user_project / name)))
+
+    assert run("straight").returncode == 0
+    # loss calls: the SWA baseline's evaluation, then 3 batches a rank per epoch: 6 is in epoch 2
+    stopped = run("resumed", stop_at=6)
+    assert stopped.returncode != 0 and (user_project / ".resumed.twa-progress.pt").is_file()
+    resumed = run("resumed")
+    assert resumed.returncode == 0 and "resuming after epoch 1 of 3" in resumed.stderr, resumed.stderr[-4000:]
+    reports = [json.loads((user_project / name / "report.json").read_text()) for name in ("straight", "resumed")]
+    assert reports[1]["resumed_after_epoch"] == 1
+    assert reports[1]["val_loss_after_twa"] == reports[0]["val_loss_after_twa"]
+    want, got = (tk.load_state_dict(user_project / name / "averaged.safetensors") for name in ("straight", "resumed"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_failing_rank_ends_the_torchrun_job_with_its_error(user_project):

@@ -67,8 +67,9 @@ def shuffled_noisy_loader():  # as users write them: every random draw from a gl
     return DataLoader(TensorDataset(x + noise, y), batch_size=64, shuffle=True)
 
 class _StoppingLoader:  # a shuffling loader that Ctrl-C stops as pass FIT_STOP_AT_PASS begins
-    def __init__(self):
-        self.loader, self.passes = DataLoader(digits_splits()[0], batch_size=128, shuffle=True), 0
+    def __init__(self, generator=None):
+        self.loader = DataLoader(digits_splits()[0], batch_size=128, shuffle=True, generator=generator)
+        self.passes = 0
 
     def __iter__(self):
         self.passes += 1
@@ -78,6 +79,9 @@ class _StoppingLoader:  # a shuffling loader that Ctrl-C stops as pass FIT_STOP_
 
 def stopping_loader():
     return _StoppingLoader()
+
+def stopping_seeded_loader():  # shuffled by a generator of its own, seeded as the loader is made
+    return _StoppingLoader(torch.Generator().manual_seed(5))
 
 def one_pass_loader():
     return iter(list(DataLoader(digits_splits()[0], batch_size=128)))
@@ -335,14 +339,16 @@ def test_a_run_draws_from_global_rngs_seeded_by_its_config_and_leaves_them_as_th
     assert (np.random.get_state()[1] == states[2]).all()
 
 
+@pytest.mark.parametrize("loader", ["stopping_loader", "stopping_seeded_loader"])
 def test_an_interrupted_fit_resumes_after_its_last_epoch_and_ends_as_the_uninterrupted_run(in_project, monkeypatch,
-                                                                                          tmp_path):
-    # an interrupted run kept nothing: the next one trained every epoch again
+                                                                                          tmp_path, loader):
+    # an interrupted run kept nothing: the next one trained every epoch again (and a loader's
+    # own generator, made anew, would shuffle the resumed epochs as the first ones)
     def run(output, stop_at=None):
         monkeypatch.delenv("FIT_STOP_AT_PASS", raising=False)
         if stop_at is not None:
             monkeypatch.setenv("FIT_STOP_AT_PASS", str(stop_at))
-        config = _config(in_project, data=dict(train="fit_hostile_pkg:stopping_loader",
+        config = _config(in_project, data=dict(train=f"fit_hostile_pkg:{loader}",
                                                val="fit_hostile_pkg:val_loader"), epochs=3, output=str(output))
         return run_fit(config, progress=False)
 
@@ -380,6 +386,51 @@ def test_a_progress_file_of_another_run_or_unreadable_is_replaced_with_a_warning
     with pytest.warns(UserWarning, match="progress of a run with other settings"):
         assert run_fit(config, progress=False)["resumed_after_epoch"] is None
     assert not progress.exists()
+
+
+@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer"])
+def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in_project, monkeypatch, tmp_path,
+                                                                              edit):
+    # read whole, but failing as the run took it up: every rerun crashed with torch's error
+    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    config = _config(in_project, data=data, output=str(tmp_path / "out"), epochs=2)
+    straight = run_fit(_config(in_project, "straight.yaml", data=data, output=str(tmp_path / "straight"), epochs=2),
+                       progress=False)
+    monkeypatch.setenv("FIT_STOP_AT_PASS", "3")
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(config, progress=False)
+    monkeypatch.delenv("FIT_STOP_AT_PASS")
+    progress = tmp_path / ".out.twa-progress.pt"
+    state = torch.load(progress, weights_only=True)
+    if edit == "coefficients":
+        state["coefficients"] = state["coefficients"][:, :1]
+    elif edit == "rng":
+        del state["rng"]["python"]
+    elif edit == "epochs_done":
+        state["epochs_done"] = 7
+    else:
+        state["optimizer"]["param_groups"].append(state["optimizer"]["param_groups"][0])
+    torch.save(state, progress)
+    with pytest.warns(UserWarning, match="cannot resume from"):
+        report = run_fit(config, progress=False)
+    assert report["resumed_after_epoch"] is None and not progress.exists()
+    assert report["val_loss_after_twa"] == straight["val_loss_after_twa"]  # trained from the start, untouched
+
+
+def test_the_progress_fingerprint_sees_the_files_inside_a_checkpoint_directory_the_world_and_the_version(tmp_path):
+    # a shard rewritten in a save_pretrained directory left the directory's own size and time
+    from twa_kernels import _fit_progress
+
+    folder = tmp_path / "checkpoint-10"
+    tk.save_state_dict({"w": torch.zeros(3)}, folder / "model.safetensors")
+    stamp = os.stat(folder).st_mtime_ns
+    first = _fit_progress.fingerprint({"lr": 1}, [folder], 1, "0.1.0")
+    tk.save_state_dict({"w": torch.ones(4)}, folder / "model.safetensors")
+    os.utime(folder, ns=(stamp, stamp))
+    assert _fit_progress.fingerprint({"lr": 1}, [folder], 1, "0.1.0") != first
+    again = _fit_progress.fingerprint({"lr": 1}, [folder], 1, "0.1.0")
+    assert again != _fit_progress.fingerprint({"lr": 1}, [folder], 2, "0.1.0")  # another number of processes
+    assert again != _fit_progress.fingerprint({"lr": 1}, [folder], 1, "0.2.0")
 
 
 def test_a_bad_config_value_exits_2_from_the_command_line(project):

@@ -1,12 +1,13 @@
 """A `twa fit` run's progress, kept between epochs so that an interrupted run resumes.
 
 After every epoch rank 0 writes `.<output name>.twa-progress.pt` beside the output
-directory: the run's fingerprint (its settings, and each checkpoint's path, size and
-modification time), the epochs done, the coefficients, the optimizer's state, the losses so
-far, the SWA baseline and the states of the global random number generators. The next run
-of the same config reads it and goes on after that epoch, drawing the same batches the
-uninterrupted run would have drawn; a run with another fingerprint (a changed setting or
-checkpoint) starts afresh and replaces it, with a warning. The file is written whole or not
+directory: the run's fingerprint (its settings, the number of processes, the library's
+version, and the path, size and modification time of each checkpoint file), the epochs done,
+the coefficients, the optimizer's state, the losses so far, the SWA baseline, the states of
+the global random number generators and of the generators and distributed samplers that
+order the loaders' batches. The next run of the same config reads it and goes on after that
+epoch, drawing the same batches the uninterrupted run would have drawn; a run with another
+fingerprint (a changed setting or checkpoint) starts afresh and replaces it, with a warning. The file is written whole or not
 at all (atomic_write), read with torch.load(weights_only=True), which runs no code, and
 removed once the run's outputs are in place.
 """
@@ -25,8 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torch.utils.data import DistributedSampler
+
 from twa_kernels.errors import TWAKernelsError
-from twa_kernels.io import atomic_write, torch_load_safely
+from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely
 
 _FORMAT = 1
 
@@ -42,6 +45,7 @@ class Progress:
     val_loss_at_swa: float | None
     bytes_per_step: int
     rng: dict
+    loaders: list  # per loader, the state of each of its order sources (order_sources)
 
 
 def progress_path(output: str | os.PathLike) -> Path:
@@ -50,17 +54,73 @@ def progress_path(output: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.twa-progress.pt"
 
 
-def fingerprint(settings: dict[str, Any], inputs: list) -> str:
-    """The settings and each checkpoint's path, size and modification time: a run with the
-    same fingerprint trains the same TWA from the same files."""
+def _files(spec: object) -> list[str]:
+    """The files a checkpoint is read from: itself, or every file of a save_pretrained or
+    torch.distributed.checkpoint directory (rewriting one leaves the directory's own stamp)."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.path.isdir(spec):
+        return [str(spec)]
+    listed = checkpoint_directory_files(spec)
+    if listed is not None:
+        return [str(p) for p in listed]
+    return sorted(str(p) for p in Path(spec).rglob("*") if p.is_file())
+
+
+def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version: str) -> str:
+    """The settings, the number of processes, the library's version and each checkpoint
+    file's path, size and modification time: a run with the same fingerprint trains the same
+    TWA from the same files."""
     stamps = []
     for spec in inputs:
-        try:
-            st = os.stat(spec)
-            stamps.append([str(spec), st.st_size, st.st_mtime_ns])
-        except (OSError, TypeError):  # a state_dict given in memory: no file to stamp
-            stamps.append([type(spec).__name__])
-    return json.dumps([settings, stamps], sort_keys=True, default=str)
+        for name in _files(spec):
+            try:
+                st = os.stat(name)
+                stamps.append([name, st.st_size, st.st_mtime_ns])
+            except (OSError, TypeError, ValueError):  # a state_dict given in memory: no file to stamp
+                stamps.append([type(spec).__name__])
+    return json.dumps([settings, world_size, version, stamps], sort_keys=True, default=str)
+
+
+def order_sources(loader: object) -> list:
+    """The torch.Generators and DistributedSamplers that set a loader's batch order, found
+    where a DataLoader, its samplers and the library's loader wrappers keep them (instance
+    attributes only: no user property runs). A DataLoader with persistent workers keeps
+    state in its workers that no file holds."""
+    found, seen, todo = [], set(), [loader]
+    while todo:
+        obj = todo.pop(0)
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            found.append(obj)
+            continue
+        if isinstance(obj, DistributedSampler):
+            found.append(obj)
+        attrs = getattr(obj, "__dict__", {})
+        todo += [attrs.get(name) for name in ("loader", "generator", "sampler", "batch_sampler")]
+    return found
+
+
+def loader_states(loaders: list) -> list:
+    return [[s.get_state() if isinstance(s, torch.Generator) else int(s.epoch) for s in order_sources(loader)]
+            for loader in loaders]
+
+
+def set_loader_states(loaders: list, states: list) -> None:
+    """Put each loader's order sources back as they were after the saved epoch; a ValueError
+    where the loaders are not built as they were."""
+    if len(states) != len(loaders):
+        raise ValueError("another set of loaders than the saved run's")
+    for loader, saved in zip(loaders, states):
+        sources = order_sources(loader)
+        kinds = [isinstance(s, torch.Generator) for s in sources]
+        if kinds != [isinstance(v, Tensor) for v in saved]:
+            raise ValueError("a loader built with other generators or samplers than the saved run's")
+        for source, value in zip(sources, saved):
+            if isinstance(source, torch.Generator):
+                source.set_state(value)
+            else:
+                source.set_epoch(int(value))
 
 
 def rng_states() -> dict:

@@ -357,18 +357,17 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                                   int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     progress_file = fit_progress.progress_path(config.output)
-    run = fit_progress.fingerprint(settings, inputs)
-    resumed = _resumed(progress_file, run, config, twa, group)
+    from twa_kernels import __version__  # (the package is whole by the time a run starts)
+
+    run = fit_progress.fingerprint(settings, inputs, world, __version__)
+    ordered = [train_loader, val_loader]  # the loaders whose batch order a resumed run takes up
+    resumed = _resumed(progress_file, run, config, twa, optimizer, ordered, group)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
     if resumed is not None:
-        with torch.no_grad():
-            twa.coefficients.copy_(resumed.coefficients)
-        optimizer.load_state_dict(resumed.optimizer)
         losses, first_epoch = resumed.losses, resumed.epochs_done
         report["bytes_communicated_per_step"] = resumed.bytes_per_step
         if resumed.val_loss_at_swa is not None:
             report["val_loss_at_swa"] = resumed.val_loss_at_swa
-        fit_progress.set_rng_states(resumed.rng)  # the batches the uninterrupted run would draw next
     else:
         losses, first_epoch = [], 0
         if val_loader is not None:
@@ -396,7 +395,8 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
             fit_progress.save(progress_file, run, fit_progress.Progress(
                 epochs_done=epoch + 1, coefficients=twa.coefficients.detach().cpu().clone(),
                 optimizer=optimizer.state_dict(), losses=losses, val_loss_at_swa=report.get("val_loss_at_swa"),
-                bytes_per_step=report.get("bytes_communicated_per_step", 0), rng=fit_progress.rng_states()))
+                bytes_per_step=report.get("bytes_communicated_per_step", 0), rng=fit_progress.rng_states(),
+                loaders=fit_progress.loader_states(ordered)))
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
         if outputs is not None:
             fit_progress.remove(progress_file)  # a rerun would diverge again
@@ -426,23 +426,45 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     return report
 
 
-def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, group: Any) -> fit_progress.Progress | None:
-    """The progress of an interrupted run of this config (every rank reads the same file,
-    and they must agree on it), or None to start afresh."""
+def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch.optim.Optimizer,
+             loaders: list, group: Any) -> fit_progress.Progress | None:
+    """Take up the progress of an interrupted run of this config: the coefficients, the
+    optimizer's state, the generators' states. Every rank reads the same file, and they must
+    agree on it. None to start afresh: no file, or one that does not fit this run (which is
+    then left as this run found it, and replaced after its first epoch)."""
     resumed = fit_progress.load(path, run)
-    if resumed is not None and resumed.coefficients.shape != twa.coefficients.shape:
-        # the settings and files are the same, but the model factory now builds another model
-        warnings.warn(f"twa fit: {path} holds coefficients of shape {tuple(resumed.coefficients.shape)}, this run's "
-                      f"are {tuple(twa.coefficients.shape)} (the model changed?); this run starts afresh and "
-                      "replaces it", UserWarning, stacklevel=3)
-        resumed = None
+    if resumed is not None:
+        kept = (twa.coefficients.detach().clone(), optimizer.state_dict(), fit_progress.rng_states(),
+                fit_progress.loader_states(loaders))
+        try:
+            if resumed.coefficients.shape != twa.coefficients.shape or not 0 < resumed.epochs_done <= config.epochs \
+                    or not bool(torch.isfinite(resumed.coefficients).all()):
+                # the settings and files are the same, but the model factory builds another model (or a
+                # file made by hand)
+                raise ValueError(f"its coefficients {tuple(resumed.coefficients.shape)} after epoch "
+                                 f"{resumed.epochs_done} do not fit this run's {tuple(twa.coefficients.shape)} "
+                                 f"over {config.epochs} epochs")
+            with torch.no_grad():
+                twa.coefficients.copy_(resumed.coefficients)
+            optimizer.load_state_dict(resumed.optimizer)
+            fit_progress.set_rng_states(resumed.rng)  # the batches the uninterrupted run would draw next
+            fit_progress.set_loader_states(loaders, resumed.loaders)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            with torch.no_grad():
+                twa.coefficients.copy_(kept[0])
+            optimizer.load_state_dict(kept[1])
+            fit_progress.set_rng_states(kept[2])
+            fit_progress.set_loader_states(loaders, kept[3])
+            warnings.warn(f"twa fit: cannot resume from {path} ({type(exc).__name__}: {exc}); this run starts "
+                          "afresh and replaces it", UserWarning, stacklevel=3)
+            resumed = None
     if group is not None:
         seen = None if resumed is None else (resumed.epochs_done, resumed.coefficients.tolist())
         unlike = ranks_unlike_rank0(seen, group, "the check of the ranks' fit progress")
         if unlike:
             raise FitError(f"ranks {unlike} read another progress file {path} than rank 0 (or none): the folder of "
                            "output: must be one every rank sees; delete the file to start afresh")
-    if resumed is not None:  # (the fingerprint holds every setting, epochs too)
+    if resumed is not None:
         warnings.warn(f"twa fit: resuming after epoch {resumed.epochs_done} of {config.epochs} from {path}, which an "
                       "interrupted run of this config left; delete it to start afresh", UserWarning, stacklevel=3)
     return resumed
