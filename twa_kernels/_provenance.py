@@ -57,7 +57,7 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def _package_version() -> str | None:
+def package_version() -> str | None:
     try:  # the installed distribution's metadata: importing the package here would be circular
         return importlib.metadata.version("twa-kernels")
     except importlib.metadata.PackageNotFoundError:
@@ -74,7 +74,7 @@ def stamp(repo: Path = PACKAGE_REPO, output_dirs: Sequence[str] = ()) -> dict:
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git(repo, "rev-parse", "HEAD"),
         "clean": status == "" if status is not None else None,
-        "twa_kernels": _package_version(),
+        "twa_kernels": package_version(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),

@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import sys
 import time
 import warnings
@@ -66,7 +67,7 @@ from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, 
 from twa_kernels.errors import TWAKernelsError
 from twa_kernels._outdir import OutputDirectory
 from twa_kernels._user_code import trainable_loss, call_factory, call_loss, loss_from, resolve_import_strings
-from twa_kernels._provenance import stamp
+from twa_kernels._provenance import package_version, stamp
 from twa_kernels.io import resolve_checkpoints, save_state_dict, write_json
 from twa_kernels.twa import TWA
 
@@ -292,8 +293,6 @@ def _seeded_everywhere(seed: int) -> Iterator[None]:
     factories and loaders draw from any of them: shuffling, augmentation), their states
     restored afterwards. The BatchNorm statistics and TWA-t's batches then come in the same
     order in every run of one config, so reports of identical runs agree."""
-    import random
-
     python_state = random.getstate()
     numpy_random = getattr(sys.modules.get("numpy"), "random", None)  # imported by torch when it is installed
     numpy_state = numpy_random.get_state() if numpy_random is not None else None
@@ -357,9 +356,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                                   int8_gradients=twa.int8_gradients, world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     progress_file = fit_progress.progress_path(config.output)
-    from twa_kernels import __version__  # (the package is whole by the time a run starts)
-
-    run = fit_progress.fingerprint(settings, inputs, world, __version__)
+    run = fit_progress.fingerprint(settings, inputs, world, str(package_version()))
     ordered = [train_loader, val_loader]  # the loaders whose batch order a resumed run takes up
     resumed = _resumed(progress_file, run, config, twa, optimizer, ordered, group)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
