@@ -248,6 +248,19 @@ def test_project_gradient_is_reconstruct(backend_name, device):
     torch.testing.assert_close(g.grad, tk.reconstruct(qb, upstream), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap of grad", "grad of vmap"])
+def test_torch_func_reverse_transforms_are_refused_naming_what_works(transform):
+    # torch's own error spoke of autograd.Function's setup_context, which the user never wrote
+    qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=16)
+    project = lambda g: tk.project(qb, g).sum()  # noqa: E731
+    calls = {"grad": lambda: torch.func.grad(project)(torch.randn(64)),
+             "jacrev": lambda: torch.func.jacrev(lambda x: tk.reconstruct(qb, x))(torch.randn(3, 1)),
+             "vmap of grad": lambda: torch.func.vmap(torch.func.grad(project))(torch.randn(2, 64)),
+             "grad of vmap": lambda: torch.func.grad(lambda g: torch.func.vmap(project)(g).sum())(torch.randn(2, 64))}
+    with pytest.raises(tk.errors.UsageError, match="reverse-mode transforms.*torch.autograd.grad"):
+        calls[transform]()
+
+
 @pytest.mark.parametrize("bits", [None, 4])
 def test_forward_mode_tangents_equal_dense_forward_mode(backend_name, device, bits):
     # torch gives a custom op without a forward-mode formula a zero tangent without a word;

@@ -44,6 +44,20 @@ def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
     _check_operand(name, t, qb.codes)  # dtype and device, as the raw ops check them
 
 
+def _refuse_reverse_func_transform(op: str) -> None:
+    """UsageError inside torch.func.grad (vjp, jacrev, hessian): the custom ops' reverse-mode
+    formula is registered for autograd, which functorch's reverse transforms do not use, and
+    torch's own error there speaks of autograd.Function's setup_context."""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the look at functorch's stack)
+        return
+    functorch = torch._C._functorch
+    stack = getattr(functorch, "get_interpreter_stack", lambda: None)() or []
+    if any(level.key() == functorch.TransformType.Grad for level in stack):
+        raise UsageError(f"tk.{op} has no rule for torch.func's reverse-mode transforms (grad, vjp, jacrev, "
+                         "hessian): take its gradient with loss.backward() or torch.autograd.grad; torch.func.jvp, "
+                         "jacfwd and vmap work")
+
+
 def _dual(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """(primal, tangent) of a forward-mode AD input; (t, None) outside forward mode.
 
@@ -65,6 +79,7 @@ def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
     """
     _check_basis(qb)
     _check_vector("g", g, qb)
+    _refuse_reverse_func_transform("project")
     g, g_dot = _dual(g)
     y = project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
     if g_dot is None:
@@ -126,6 +141,7 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
         raise InvalidArgumentError(f"x is on {x.device} but the basis is on {qb.device}; move one with .to()")
     if center is not None:
         _check_vector("center", center, qb)
+    _refuse_reverse_func_transform("reconstruct")
     (x, x_dot), (center, center_dot) = _dual(x), _dual(center)
     if center is not None:
         center = center.contiguous()
