@@ -358,8 +358,12 @@ def test_an_interrupted_fit_resumes_after_its_last_epoch_and_ends_as_the_uninter
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", stop_at=4)  # passes: BatchNorm statistics, epochs 1, 2 and 3
     assert progress.is_file() and not (tmp_path / "resumed").exists()
-    with pytest.warns(UserWarning, match="resuming after epoch 2 of 3"):
+    with pytest.warns(UserWarning) as caught:
         resumed = run(tmp_path / "resumed")
+    said = [str(w.message) for w in caught]
+    assert any("resuming after epoch 2 of 3" in text for text in said), said
+    # (the test's loader is a class of its own, whose state the progress file cannot know it holds)
+    assert any("data.train ('fit_hostile_pkg:" in text and "is a _StoppingLoader" in text for text in said), said
     assert resumed["resumed_after_epoch"] == 2 and not progress.exists()
     for key in ("val_loss_at_swa", "val_loss_after_twa", "train_loss_last_10_batches"):
         assert resumed[key] == straight[key], key
@@ -388,11 +392,12 @@ def test_a_progress_file_of_another_run_or_unreadable_is_replaced_with_a_warning
     assert not progress.exists()
 
 
-@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer"])
+@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders"])
 def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in_project, monkeypatch, tmp_path,
                                                                               edit):
-    # read whole, but failing as the run took it up: every rerun crashed with torch's error
-    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    # read whole, but failing as the run took it up: every rerun crashed with torch's error (and
+    # what was set before the failure, the train loader's generator, is put back)
+    data = dict(train="fit_hostile_pkg:stopping_seeded_loader", val="fit_hostile_pkg:val_loader")
     config = _config(in_project, data=data, output=str(tmp_path / "out"), epochs=2)
     straight = run_fit(_config(in_project, "straight.yaml", data=data, output=str(tmp_path / "straight"), epochs=2),
                        progress=False)
@@ -408,6 +413,8 @@ def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in
         del state["rng"]["python"]
     elif edit == "epochs_done":
         state["epochs_done"] = 7
+    elif edit == "loaders":
+        state["loaders"][1] = [torch.zeros(3)]  # the val loader has no generator to take it
     else:
         state["optimizer"]["param_groups"].append(state["optimizer"]["param_groups"][0])
     torch.save(state, progress)
@@ -415,6 +422,47 @@ def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in
         report = run_fit(config, progress=False)
     assert report["resumed_after_epoch"] is None and not progress.exists()
     assert report["val_loss_after_twa"] == straight["val_loss_after_twa"]  # trained from the start, untouched
+
+
+def test_a_run_refused_after_an_epoch_leaves_no_progress_to_resume(in_project, tmp_path):
+    # a loader used up by its first pass failed epoch 2, and the rerun took up epoch 1's
+    # progress, trained epoch 2 on a fresh iterator and wrote what no whole run can
+    config = _config(in_project, data=dict(train="fit_hostile_pkg:one_pass_loader"), epochs=2,
+                     output=str(tmp_path / "out"))
+    for _ in range(2):
+        with pytest.raises(FitError, match="gave no batches to train on in epoch 2"):
+            run_fit(config, progress=False)
+        assert not (tmp_path / ".out.twa-progress.pt").exists()
+
+
+def test_loaders_whose_order_the_progress_may_not_hold_are_named():
+    from torch.utils.data import DataLoader, IterableDataset, Sampler, TensorDataset
+
+    from twa_kernels import _fit_progress
+
+    data = TensorDataset(torch.zeros(8, 2), torch.zeros(8))
+
+    class OwnSampler(Sampler):
+        def __init__(self):
+            self.rng = torch.Generator()  # an attribute the progress file does not look for
+
+        def __iter__(self):
+            return iter(torch.randperm(8, generator=self.rng).tolist())
+
+        def __len__(self):
+            return 8
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    held = [DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator()), DataLoader(data), [(1, 2)]]
+    assert [_fit_progress.unheld_order(loader) for loader in held] == [None, None, None]
+    unheld = {"sampler": DataLoader(data, sampler=OwnSampler()), "workers": DataLoader(
+        data, num_workers=1, persistent_workers=True), "stream": DataLoader(Stream()), "own": OwnSampler()}
+    reasons = {key: _fit_progress.unheld_order(loader) for key, loader in unheld.items()}
+    assert "with a OwnSampler" in reasons["sampler"] and "persistent workers" in reasons["workers"]
+    assert "IterableDataset" in reasons["stream"] and reasons["own"].startswith("a OwnSampler")
 
 
 def test_the_progress_fingerprint_sees_the_files_inside_a_checkpoint_directory_the_world_and_the_version(tmp_path):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from twa_kernels.errors import TWAKernelsError
 from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely
@@ -101,6 +101,27 @@ def order_sources(loader: object) -> list:
     return found
 
 
+def unheld_order(loader: object) -> str | None:
+    """Why the progress file may not hold all that sets `loader`'s batch order (so a resumed
+    run may draw other batches than the uninterrupted one), or None where it does: a list of
+    batches, or a DataLoader over a map-style data set whose samplers are torch's own."""
+    while type(loader).__module__.startswith("twa_kernels.") and "loader" in vars(loader):
+        loader = vars(loader)["loader"]  # the library's own wrappers (a rank's share, a batch count)
+    if isinstance(loader, (list, tuple)):
+        return None
+    if not isinstance(loader, DataLoader):
+        return f"a {type(loader).__name__}, which may keep random state of its own"
+    if loader.persistent_workers:
+        return "a DataLoader with persistent workers, which keep random state of their own"
+    if isinstance(loader.dataset, IterableDataset):
+        return "a DataLoader over an IterableDataset, which may keep random state of its own"
+    for sampler in (loader.sampler, loader.batch_sampler):
+        if sampler is not None and not (type(sampler).__module__.startswith("torch.utils.data")
+                                        or isinstance(sampler, DistributedSampler)):
+            return f"a DataLoader with a {type(sampler).__name__}, which may keep random state of its own"
+    return None
+
+
 def loader_states(loaders: list) -> list:
     return [[s.get_state() if isinstance(s, torch.Generator) else int(s.epoch) for s in order_sources(loader)]
             for loader in loaders]
@@ -129,7 +150,7 @@ def rng_states() -> dict:
     version, internal, gauss = random.getstate()
     states: dict[str, Any] = dict(torch=torch.get_rng_state(), python=[version, torch.tensor(internal), gauss])
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's device (a rank's own under torchrun)
     numpy_random = getattr(sys.modules.get("numpy"), "random", None)
     if numpy_random is not None:
         kind, keys, pos, has_gauss, cached = numpy_random.get_state()
@@ -142,7 +163,7 @@ def set_rng_states(states: dict) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
     numpy_random = getattr(sys.modules.get("numpy"), "random", None)
     if numpy_random is not None and "numpy" in states:
         kind, keys, pos, has_gauss, cached = states["numpy"]

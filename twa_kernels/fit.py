@@ -276,8 +276,15 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
     try:
-        with _seeded_everywhere(config.seed):
-            report = _fit(config, inputs, group, rank, progress, outputs)
+        try:
+            with _seeded_everywhere(config.seed):
+                report = _fit(config, inputs, group, rank, progress, outputs)
+        except FitError:
+            # the config, data or loss needs a change (a diverged run, a loader used up after one
+            # pass): a rerun must not take up epochs that the run could not have finished
+            if outputs is not None:
+                fit_progress.remove(fit_progress.progress_path(config.output))
+            raise
         if outputs is not None:
             outputs.commit()
             fit_progress.remove(fit_progress.progress_path(config.output))  # nothing left to resume
@@ -359,6 +366,13 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     run = fit_progress.fingerprint(settings, inputs, world, str(package_version()))
     ordered = [train_loader, val_loader]  # the loaders whose batch order a resumed run takes up
     resumed = _resumed(progress_file, run, config, twa, optimizer, ordered, group)
+    for key, loader in zip(("train", "val"), ordered if resumed is not None else ()):
+        reason = fit_progress.unheld_order(loader)
+        if loader is not None and reason is not None:
+            warnings.warn(f"twa fit: data.{key} ({short(config.data[key])}) is {reason}: the resumed epochs may see "
+                          "other batches than the uninterrupted run would have (the progress file holds the global "
+                          "random number generators, and a DataLoader's own generators and samplers)", UserWarning,
+                          stacklevel=2)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
     if resumed is not None:
         losses, first_epoch = resumed.losses, resumed.epochs_done
@@ -395,8 +409,6 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                 bytes_per_step=report.get("bytes_communicated_per_step", 0), rng=fit_progress.rng_states(),
                 loaders=fit_progress.loader_states(ordered)))
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
-        if outputs is not None:
-            fit_progress.remove(progress_file)  # a rerun would diverge again
         raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")
     if has_running_statistics(model):
         _update_bn(twa, train_loader, config, group)
@@ -406,12 +418,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                   seconds=time.perf_counter() - start)
 
     state = twa.averaged_state_dict()  # every rank: sharded mode gathers the weights
-    try:
-        _check_finite(state, report, config)  # every rank alike, before anything is staged
-    except FitError:
-        if outputs is not None:
-            fit_progress.remove(progress_file)  # a rerun would end the same way
-        raise
+    _check_finite(state, report, config)  # every rank alike, before anything is staged
     if outputs is None:
         return report
     out = Path(config.output)
@@ -446,7 +453,7 @@ def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch
             optimizer.load_state_dict(resumed.optimizer)
             fit_progress.set_rng_states(resumed.rng)  # the batches the uninterrupted run would draw next
             fit_progress.set_loader_states(loaders, resumed.loaders)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
             with torch.no_grad():
                 twa.coefficients.copy_(kept[0])
             optimizer.load_state_dict(kept[1])
