@@ -433,6 +433,14 @@ def test_a_run_refused_after_an_epoch_leaves_no_progress_to_resume(in_project, t
         with pytest.raises(FitError, match="gave no batches to train on in epoch 2"):
             run_fit(config, progress=False)
         assert not (tmp_path / ".out.twa-progress.pt").exists()
+    # a run refused before training leaves the progress an earlier run left, for the run after
+    progress = tmp_path / ".out.twa-progress.pt"
+    progress.write_bytes(b"an earlier run's")
+    with pytest.raises(FitError, match="returned int"):
+        run_fit(_config(in_project, model="fit_hostile_pkg:int_loader",
+                        data=dict(train="fit_hostile_pkg:train_loader"), epochs=2, output=str(tmp_path / "out")),
+                progress=False)
+    assert progress.read_bytes() == b"an earlier run's"
 
 
 def test_loaders_whose_order_the_progress_may_not_hold_are_named():

@@ -7,9 +7,10 @@ the coefficients, the optimizer's state, the losses so far, the SWA baseline, th
 the global random number generators and of the generators and distributed samplers that
 order the loaders' batches. The next run of the same config reads it and goes on after that
 epoch, drawing the same batches the uninterrupted run would have drawn; a run with another
-fingerprint (a changed setting or checkpoint) starts afresh and replaces it, with a warning. The file is written whole or not
-at all (atomic_write), read with torch.load(weights_only=True), which runs no code, and
-removed once the run's outputs are in place.
+fingerprint (a changed setting or checkpoint) starts afresh and replaces it, with a warning.
+The file is written whole or not at all (atomic_write), read with
+torch.load(weights_only=True), which runs no code, and removed once the run's outputs are in
+place or a FitError stopped the run in or after training.
 """
 
 from __future__ import annotations

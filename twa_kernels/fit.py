@@ -275,14 +275,17 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
                       "shard the basis, or remove the key", UserWarning, stacklevel=3)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
+    training: list[bool] = []  # set once the run has taken up or started its epochs
     try:
         try:
             with _seeded_everywhere(config.seed):
-                report = _fit(config, inputs, group, rank, progress, outputs)
+                report = _fit(config, inputs, group, rank, progress, outputs, training)
         except FitError:
-            # the config, data or loss needs a change (a diverged run, a loader used up after one
-            # pass): a rerun must not take up epochs that the run could not have finished
-            if outputs is not None:
+            # in training or after it, the config, data or loss needs a change (a diverged run, a
+            # loader used up after one pass): a rerun must not take up epochs this run could not
+            # have finished. (A FitError before, such as a model factory that failed, leaves the
+            # progress an earlier run of the config may have left.)
+            if outputs is not None and training:
                 fit_progress.remove(fit_progress.progress_path(config.output))
             raise
         if outputs is not None:
@@ -316,7 +319,7 @@ def _seeded_everywhere(seed: int) -> Iterator[None]:
 
 
 def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool | None,
-         outputs: OutputDirectory | None) -> dict:
+         outputs: OutputDirectory | None, training: list[bool]) -> dict:
     progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
     callables = resolve_import_strings(config)  # all of them before any factory runs
@@ -374,6 +377,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                           "random number generators, and a DataLoader's own generators and samplers)", UserWarning,
                           stacklevel=2)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
+    training.append(True)
     if resumed is not None:
         losses, first_epoch = resumed.losses, resumed.epochs_done
         report["bytes_communicated_per_step"] = resumed.bytes_per_step

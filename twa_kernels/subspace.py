@@ -212,7 +212,8 @@ class Subspace:
             raise InvalidArgumentError(f"inconsistent subspace: {len(names)} names, {numel} weights, center "
                              f"{tuple(center.shape)}, basis of {basis.num_cols} columns")
         self.names, self.shapes, self.center, self.basis = names, shapes, center, basis
-        self.orthonormal = flag("orthonormal", orthonormal)  # rows orthonormal (before quantisation): P^T P g projects g
+        # rows orthonormal (before quantisation): P^T P g projects g
+        self.orthonormal = flag("orthonormal", orthonormal)
         # name -> every state_dict name of that tensor, for tied weights (see io.parameter_aliases)
         self.aliases = {n: list(a) for n, a in (aliases or {}).items() if len(a) > 1}
         # the stamps of the checkpoint files the build read (from_checkpoints sets them): a
