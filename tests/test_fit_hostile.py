@@ -464,13 +464,22 @@ def test_loaders_whose_order_the_progress_may_not_hold_are_named():
         def __iter__(self):
             return iter([])
 
-    held = [DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator()), DataLoader(data), [(1, 2)]]
-    assert [_fit_progress.unheld_order(loader) for loader in held] == [None, None, None]
+    class Augmented(TensorDataset):
+        def __init__(self):
+            super().__init__(torch.zeros(8, 2), torch.zeros(8))
+            self.rng = torch.Generator()
+
+    held = [DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator()), DataLoader(data), [(1, 2)],
+            DataLoader(torch.utils.data.Subset(data, [0, 1, 2]), shuffle=True, num_workers=2)]
+    assert [_fit_progress.unheld_order(loader) for loader in held] == [None] * 4
     unheld = {"sampler": DataLoader(data, sampler=OwnSampler()), "workers": DataLoader(
-        data, num_workers=1, persistent_workers=True), "stream": DataLoader(Stream()), "own": OwnSampler()}
+        data, num_workers=1, persistent_workers=True), "stream": DataLoader(Stream()), "own": OwnSampler(),
+              "batches": DataLoader(data, batch_sampler=torch.utils.data.BatchSampler(OwnSampler(), 4, False)),
+              "dataset": DataLoader(Augmented())}
     reasons = {key: _fit_progress.unheld_order(loader) for key, loader in unheld.items()}
     assert "with a OwnSampler" in reasons["sampler"] and "persistent workers" in reasons["workers"]
     assert "IterableDataset" in reasons["stream"] and reasons["own"].startswith("a OwnSampler")
+    assert "with a OwnSampler" in reasons["batches"] and "Augmented that holds a random generator" in reasons["dataset"]
 
 
 def test_the_progress_fingerprint_sees_the_files_inside_a_checkpoint_directory_the_world_and_the_version(tmp_path):

@@ -248,17 +248,22 @@ def test_project_gradient_is_reconstruct(backend_name, device):
     torch.testing.assert_close(g.grad, tk.reconstruct(qb, upstream), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap of grad", "grad of vmap"])
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap of grad", "grad of vmap", "grad into out"])
 def test_torch_func_reverse_transforms_are_refused_naming_what_works(transform):
     # torch's own error spoke of autograd.Function's setup_context, which the user never wrote
     qb = tk.quantize(torch.randn(3, 64), bits=4, group_size=16)
     project = lambda g: tk.project(qb, g).sum()  # noqa: E731
     calls = {"grad": lambda: torch.func.grad(project)(torch.randn(64)),
              "jacrev": lambda: torch.func.jacrev(lambda x: tk.reconstruct(qb, x))(torch.randn(3, 1)),
+             "grad into out": lambda: torch.func.grad(lambda x: tk.reconstruct(qb, x, out=torch.empty(64)).sum())(
+                 torch.randn(3, 1)),
              "vmap of grad": lambda: torch.func.vmap(torch.func.grad(project))(torch.randn(2, 64)),
              "grad of vmap": lambda: torch.func.grad(lambda g: torch.func.vmap(project)(g).sum())(torch.randn(2, 64))}
     with pytest.raises(tk.errors.UsageError, match="reverse-mode transforms.*torch.autograd.grad"):
         calls[transform]()
+    # a call whose inputs the transform does not differentiate runs inside it, as before
+    w, g = torch.randn(3, 1), torch.randn(64)
+    torch.testing.assert_close(torch.func.grad(lambda w: (w * tk.project(qb, g)).sum())(w), tk.project(qb, g))
 
 
 @pytest.mark.parametrize("bits", [None, 4])

@@ -116,11 +116,25 @@ def unheld_order(loader: object) -> str | None:
         return "a DataLoader with persistent workers, which keep random state of their own"
     if isinstance(loader.dataset, IterableDataset):
         return "a DataLoader over an IterableDataset, which may keep random state of its own"
-    for sampler in (loader.sampler, loader.batch_sampler):
+    if any(_is_generator(value) for value in getattr(loader.dataset, "__dict__", {}).values()):
+        return f"a DataLoader over a {type(loader.dataset).__name__} that holds a random generator of its own"
+    samplers, sampler = [], loader.batch_sampler
+    while sampler is not None and sampler not in samplers:  # a batch sampler's sampler, and so on
+        samplers.append(sampler)
+        sampler = vars(sampler).get("sampler") if hasattr(sampler, "__dict__") else None
+    for sampler in samplers + [loader.sampler]:
         if sampler is not None and not (type(sampler).__module__.startswith("torch.utils.data")
-                                        or isinstance(sampler, DistributedSampler)):
+                                        or type(sampler).__module__.startswith("twa_kernels.")):
             return f"a DataLoader with a {type(sampler).__name__}, which may keep random state of its own"
     return None
+
+
+def _is_generator(value: object) -> bool:
+    """A torch.Generator or a numpy one (numpy.random.Generator, RandomState)."""
+    if isinstance(value, torch.Generator):
+        return True
+    numpy_random = getattr(sys.modules.get("numpy"), "random", None)
+    return numpy_random is not None and isinstance(value, (numpy_random.Generator, numpy_random.RandomState))
 
 
 def loader_states(loaders: list) -> list:
@@ -145,13 +159,15 @@ def set_loader_states(loaders: list, states: list) -> None:
                 source.set_epoch(int(value))
 
 
-def rng_states() -> dict:
+def rng_states(one_device: bool = False) -> dict:
     """torch's, Python's and numpy's global generator states, as tensors and numbers only
-    (what torch.load(weights_only=True) reads back)."""
+    (what torch.load(weights_only=True) reads back). CUDA's for every device, or with
+    `one_device` for this process's own (a rank's, under torchrun: rank 0's file then gives
+    each rank the state of its own device rather than device 0's)."""
     version, internal, gauss = random.getstate()
     states: dict[str, Any] = dict(torch=torch.get_rng_state(), python=[version, torch.tensor(internal), gauss])
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()  # this process's device (a rank's own under torchrun)
+        states["cuda"] = torch.cuda.get_rng_state() if one_device else torch.cuda.get_rng_state_all()
     numpy_random = getattr(sys.modules.get("numpy"), "random", None)
     if numpy_random is not None:
         kind, keys, pos, has_gauss, cached = numpy_random.get_state()
@@ -164,7 +180,10 @@ def set_rng_states(states: dict) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+        if isinstance(states["cuda"], Tensor):
+            torch.cuda.set_rng_state(states["cuda"])
+        else:
+            torch.cuda.set_rng_state_all(states["cuda"])
     numpy_random = getattr(sys.modules.get("numpy"), "random", None)
     if numpy_random is not None and "numpy" in states:
         kind, keys, pos, has_gauss, cached = states["numpy"]

@@ -369,13 +369,14 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     run = fit_progress.fingerprint(settings, inputs, world, str(package_version()))
     ordered = [train_loader, val_loader]  # the loaders whose batch order a resumed run takes up
     resumed = _resumed(progress_file, run, config, twa, optimizer, ordered, group)
-    for key, loader in zip(("train", "val"), ordered if resumed is not None else ()):
-        reason = fit_progress.unheld_order(loader)
-        if loader is not None and reason is not None:
-            warnings.warn(f"twa fit: data.{key} ({short(config.data[key])}) is {reason}: the resumed epochs may see "
-                          "other batches than the uninterrupted run would have (the progress file holds the global "
-                          "random number generators, and a DataLoader's own generators and samplers)", UserWarning,
-                          stacklevel=2)
+    # the loader trained on (the others' order changes only the order of a mean's terms), on rank 0
+    reason = fit_progress.unheld_order(fit_loader) if resumed is not None and rank == 0 else None
+    if reason is not None:
+        key = config.train_on
+        warnings.warn(f"twa fit: data.{key} ({short(config.data[key])}) is {reason}: the resumed epochs may see "
+                      "other batches than the uninterrupted run would have (the progress file holds the global "
+                      "random number generators, and a DataLoader's own generators and samplers)", UserWarning,
+                      stacklevel=2)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
     training.append(True)
     if resumed is not None:
@@ -410,7 +411,8 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
             fit_progress.save(progress_file, run, fit_progress.Progress(
                 epochs_done=epoch + 1, coefficients=twa.coefficients.detach().cpu().clone(),
                 optimizer=optimizer.state_dict(), losses=losses, val_loss_at_swa=report.get("val_loss_at_swa"),
-                bytes_per_step=report.get("bytes_communicated_per_step", 0), rng=fit_progress.rng_states(),
+                bytes_per_step=report.get("bytes_communicated_per_step", 0),
+                rng=fit_progress.rng_states(one_device=group is not None),
                 loaders=fit_progress.loader_states(ordered)))
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
         raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -44,18 +45,21 @@ def _check_vector(name: str, t: Tensor, qb: QuantizedBasis) -> None:
     _check_operand(name, t, qb.codes)  # dtype and device, as the raw ops check them
 
 
-def _refuse_reverse_func_transform(op: str) -> None:
-    """UsageError inside torch.func.grad (vjp, jacrev, hessian): the custom ops' reverse-mode
-    formula is registered for autograd, which functorch's reverse transforms do not use, and
-    torch's own error there speaks of autograd.Function's setup_context."""
-    if torch.compiler.is_compiling():  # (dynamo cannot trace the look at functorch's stack)
-        return
-    functorch = torch._C._functorch
-    stack = getattr(functorch, "get_interpreter_stack", lambda: None)() or []
-    if any(level.key() == functorch.TransformType.Grad for level in stack):
+@contextlib.contextmanager
+def _named_reverse_func_transform(op: str) -> Iterator[None]:
+    """A UsageError for an op differentiated by torch.func.grad (vjp, jacrev, hessian): the
+    custom ops' reverse-mode formula is registered for autograd, which functorch's reverse
+    transforms do not use, and torch's own error there speaks of autograd.Function's
+    setup_context. (Inside such a transform, a call whose inputs it does not differentiate
+    runs as before.)"""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "setup_context" not in str(exc):
+            raise
         raise UsageError(f"tk.{op} has no rule for torch.func's reverse-mode transforms (grad, vjp, jacrev, "
                          "hessian): take its gradient with loss.backward() or torch.autograd.grad; torch.func.jvp, "
-                         "jacfwd and vmap work")
+                         "jacfwd and vmap work") from None
 
 
 def _dual(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -79,9 +83,9 @@ def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
     """
     _check_basis(qb)
     _check_vector("g", g, qb)
-    _refuse_reverse_func_transform("project")
     g, g_dot = _dual(g)
-    y = project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
+    with _named_reverse_func_transform("project"):
+        y = project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g.contiguous(), qb.bits or 0, qb.group_size)
     if g_dot is None:
         return y
     y_dot = project_op(qb.codes, qb.scales, qb.mins, qb.block_offsets, g_dot.contiguous(), qb.bits or 0,
@@ -141,12 +145,12 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
         raise InvalidArgumentError(f"x is on {x.device} but the basis is on {qb.device}; move one with .to()")
     if center is not None:
         _check_vector("center", center, qb)
-    _refuse_reverse_func_transform("reconstruct")
     (x, x_dot), (center, center_dot) = _dual(x), _dual(center)
     if center is not None:
         center = center.contiguous()
     if out is None:
-        w = _reconstruct(qb, x, center)
+        with _named_reverse_func_transform("reconstruct"):
+            w = _reconstruct(qb, x, center)
         if x_dot is None and center_dot is None:
             return w
         if x_dot is None:
@@ -166,7 +170,8 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
         raise InvalidArgumentError("out requires grad, and writing into it in place would change a tensor autograd "
                                    "tracks without its knowing: pass a buffer that does not require grad (the "
                                    "result carries the gradient to x and center), or write under torch.no_grad()")
-    return reconstruct_into(qb, x, center, out)
+    with _named_reverse_func_transform("reconstruct"):
+        return reconstruct_into(qb, x, center, out)
 
 
 def _reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None) -> Tensor:
