@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from twa_kernels.errors import TWAKernelsError
@@ -55,10 +54,10 @@ def progress_path(output: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.twa-progress.pt"
 
 
-def _files(spec: object) -> list[str]:
+def _files(spec: str | os.PathLike) -> list[str]:
     """The files a checkpoint is read from: itself, or every file of a save_pretrained or
     torch.distributed.checkpoint directory (rewriting one leaves the directory's own stamp)."""
-    if not isinstance(spec, (str, os.PathLike)) or not os.path.isdir(spec):
+    if not os.path.isdir(spec):
         return [str(spec)]
     listed = checkpoint_directory_files(spec)
     if listed is not None:
@@ -72,12 +71,15 @@ def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version
     TWA from the same files."""
     stamps = []
     for spec in inputs:
+        if not isinstance(spec, (str, os.PathLike)):  # a state_dict given in memory: no file to stamp
+            stamps.append([type(spec).__name__])
+            continue
         for name in _files(spec):
             try:
                 st = os.stat(name)
                 stamps.append([name, st.st_size, st.st_mtime_ns])
-            except (OSError, TypeError, ValueError):  # a state_dict given in memory: no file to stamp
-                stamps.append([type(spec).__name__])
+            except (OSError, ValueError):  # gone since it was listed: the build will say so
+                stamps.append([name])
     return json.dumps([settings, world_size, version, stamps], sort_keys=True, default=str)
 
 
@@ -138,6 +140,7 @@ def _is_generator(value: object) -> bool:
 
 
 def loader_states(loaders: list) -> list:
+    """Per loader, each order source's state: a generator's bytes, a sampler's epoch."""
     return [[s.get_state() if isinstance(s, torch.Generator) else int(s.epoch) for s in order_sources(loader)]
             for loader in loaders]
 
@@ -176,6 +179,7 @@ def rng_states(one_device: bool = False) -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    """Put back what rng_states() saved."""
     torch.set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
