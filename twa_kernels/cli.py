@@ -445,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: files are written whole or not at all, so there is nothing to show
-        print("twa: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C: files are written whole or not at all, so there is nothing to show
+        note = f"; {exc}" if str(exc) else ""  # (`twa fit` says where a rerun resumes)
+        print(f"twa: interrupted{note}", file=sys.stderr)
         return 130  # the shells' code for a command stopped by SIGINT
     except BrokenPipeError:  # `twa ... | head`: the reader has what it wanted; files are already written
         # what is left in stdout's buffer goes to /dev/null at exit instead of raising again there

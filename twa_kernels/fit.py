@@ -288,6 +288,12 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
             if outputs is not None and training:
                 fit_progress.remove(fit_progress.progress_path(config.output))
             raise
+        except KeyboardInterrupt:
+            kept = fit_progress.progress_path(config.output)
+            if outputs is not None and training and kept.is_file():  # say so where Ctrl-C says the run stopped
+                raise KeyboardInterrupt(f"its finished epochs are kept in {kept}: run the same command again to "
+                                        "resume after them") from None
+            raise
         if outputs is not None:
             outputs.commit()
             fit_progress.remove(fit_progress.progress_path(config.output))  # nothing left to resume
