@@ -15,12 +15,14 @@ place or a FitError stopped the run in or after training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from twa_kernels._random import seeded
 from twa_kernels.errors import TWAKernelsError
 from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely
 
@@ -131,11 +134,33 @@ def unheld_order(loader: object) -> str | None:
     return None
 
 
+def _numpy_random() -> Any:
+    """numpy.random where numpy is imported (torch imports it when it is installed), else None."""
+    return getattr(sys.modules.get("numpy"), "random", None)
+
+
+@contextlib.contextmanager
+def seeded_everywhere(seed: int) -> Iterator[None]:
+    """torch's, Python's and numpy's global RNGs seeded with `seed` for the body (a run's
+    factories and loaders draw from any of them: shuffling, augmentation), their states
+    restored afterwards."""
+    saved = rng_states()
+    random.seed(seed)
+    numpy_random = _numpy_random()
+    if numpy_random is not None:
+        numpy_random.seed(seed % (1 << 32))  # numpy takes seeds below 2**32
+    try:
+        with seeded(seed):  # torch's, CUDA's included
+            yield
+    finally:
+        set_rng_states(saved)
+
+
 def _is_generator(value: object) -> bool:
     """A torch.Generator or a numpy one (numpy.random.Generator, RandomState)."""
     if isinstance(value, torch.Generator):
         return True
-    numpy_random = getattr(sys.modules.get("numpy"), "random", None)
+    numpy_random = _numpy_random()
     return numpy_random is not None and isinstance(value, (numpy_random.Generator, numpy_random.RandomState))
 
 
@@ -171,7 +196,7 @@ def rng_states(one_device: bool = False) -> dict:
     states: dict[str, Any] = dict(torch=torch.get_rng_state(), python=[version, torch.tensor(internal), gauss])
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state() if one_device else torch.cuda.get_rng_state_all()
-    numpy_random = getattr(sys.modules.get("numpy"), "random", None)
+    numpy_random = _numpy_random()
     if numpy_random is not None:
         kind, keys, pos, has_gauss, cached = numpy_random.get_state()
         states["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
@@ -188,7 +213,7 @@ def set_rng_states(states: dict) -> None:
             torch.cuda.set_rng_state(states["cuda"])
         else:
             torch.cuda.set_rng_state_all(states["cuda"])
-    numpy_random = getattr(sys.modules.get("numpy"), "random", None)
+    numpy_random = _numpy_random()
     if numpy_random is not None and "numpy" in states:
         kind, keys, pos, has_gauss, cached = states["numpy"]
         numpy_random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))

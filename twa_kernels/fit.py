@@ -46,8 +46,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -60,7 +58,6 @@ from torch import nn
 from twa_kernels import _fit_progress as fit_progress
 from twa_kernels._collectives import ranks_unlike_rank0
 from twa_kernels._progress import progress_bar
-from twa_kernels._random import seeded
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
 from twa_kernels import distributed
 from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, short
@@ -276,9 +273,10 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
     training: list[bool] = []  # set once the run has taken up or started its epochs
+    progress_file = fit_progress.progress_path(config.output)
     try:
         try:
-            with _seeded_everywhere(config.seed):
+            with fit_progress.seeded_everywhere(config.seed):
                 report = _fit(config, inputs, group, rank, progress, outputs, training)
         except FitError:
             # in training or after it, the config, data or loss needs a change (a diverged run, a
@@ -286,42 +284,20 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
             # have finished. (A FitError before, such as a model factory that failed, leaves the
             # progress an earlier run of the config may have left.)
             if outputs is not None and training:
-                fit_progress.remove(fit_progress.progress_path(config.output))
+                fit_progress.remove(progress_file)
             raise
         except KeyboardInterrupt:
-            kept = fit_progress.progress_path(config.output)
-            if outputs is not None and training and kept.is_file():  # say so where Ctrl-C says the run stopped
-                raise KeyboardInterrupt(f"its finished epochs are kept in {kept}: run the same command again to "
-                                        "resume after them") from None
+            if outputs is not None and training and progress_file.is_file():  # said where Ctrl-C says it stopped
+                raise KeyboardInterrupt(f"its finished epochs are kept in {progress_file}: run the same command "
+                                        "again to resume after them") from None
             raise
         if outputs is not None:
             outputs.commit()
-            fit_progress.remove(fit_progress.progress_path(config.output))  # nothing left to resume
+            fit_progress.remove(progress_file)  # nothing left to resume
     finally:
         if outputs is not None:
             outputs.discard()
     return report
-
-
-@contextlib.contextmanager
-def _seeded_everywhere(seed: int) -> Iterator[None]:
-    """torch's, Python's and numpy's global RNGs seeded with `seed` for the run (the user's
-    factories and loaders draw from any of them: shuffling, augmentation), their states
-    restored afterwards. The BatchNorm statistics and TWA-t's batches then come in the same
-    order in every run of one config, so reports of identical runs agree."""
-    python_state = random.getstate()
-    numpy_random = getattr(sys.modules.get("numpy"), "random", None)  # imported by torch when it is installed
-    numpy_state = numpy_random.get_state() if numpy_random is not None else None
-    random.seed(seed)
-    if numpy_random is not None:
-        numpy_random.seed(seed % (1 << 32))  # numpy takes seeds below 2**32
-    try:
-        with seeded(seed):
-            yield
-    finally:
-        random.setstate(python_state)
-        if numpy_random is not None:
-            numpy_random.set_state(numpy_state)
 
 
 def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool | None,
