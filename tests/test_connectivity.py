@@ -1415,6 +1415,38 @@ def test_batches_whose_inputs_are_a_mapping_feed_it_as_one_argument():
         C.interpolate(model, a, b, [([1.0, 2.0], y[:2])], steps=3, bn="none")
 
 
+def test_a_mapping_batch_the_forward_does_not_take_is_named_by_every_pass():
+    # {"x": ..., "labels": ...} batches for a forward without `labels` gave a bare TypeError
+    # in interpolate, the Hessian passes and train_classifier (update_bn named it)
+    import torch.nn.functional as F
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = Net()
+    state = model.state_dict()
+    data = [{"x": torch.randn(4, 3), "labels": torch.randint(0, 2, (4,))}]
+    fed = r"fed to the model as keyword arguments \['labels', 'x'\], which its forward does not take"
+    for run in (lambda: C.interpolate(model, state, state, data, steps=2),
+                lambda: C.hessian_diagonal(model, F.cross_entropy, data, samples=2, seed=0),
+                lambda: C.top_eigenvalue(model, F.cross_entropy, data, iters=2, seed=0),
+                lambda: tk.prune.train_classifier(model, data, epochs=1)):
+        with pytest.raises(tk.errors.InvalidArgumentError, match=fed + ".*yield \\(inputs, targets\\) batches"):
+            run()
+
+    class Raising(Net):  # a TypeError raised inside a forward that takes the batch is the model's own
+        def forward(self, x, labels=None):
+            raise TypeError("inside the forward")
+
+    with pytest.raises(TypeError, match="^inside the forward$"):
+        C.interpolate(Raising(), state, state, data, steps=2)
+
+
 def test_a_model_with_itself_has_no_barrier_even_when_the_batchnorm_data_shuffles():
     # each point's BatchNorm pass drew a new shuffle, so statistics and losses moved along a
     # line from a model to itself

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -687,6 +688,33 @@ def test_gpt2_conv1d_layers_decorrelate_and_fold_in_their_own_layout():
     assert set(folded.state_dict()) == set(tiny_gpt2(tie=False).state_dict())
 
 
+def test_torch_transformer_encoder_layers_apply_r_on_their_fused_inference_path_too():
+    # in eval mode under no_grad, nn.TransformerEncoderLayer (and the encoder's nested-tensor
+    # path) read linear1/linear2's weights themselves: without R the outputs were off by 1.4
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    tk.decor.decorrelate(model, seed=0)
+    assert len(tk.decor.decorrelated_layers(model)) == 4  # linear1 and linear2 of both layers
+    for _, m in tk.decor.decorrelated_layers(model):
+        m.decor_R.copy_(_random_r(m.decor_R.shape[0]).float())
+    model.eval()
+    folded = tk.decor.fold(model)
+    assert not any(m._forward_pre_hooks for m in folded.modules())  # the plain copy takes torch's fast path
+    x = torch.randn(3, 5, 8)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": padding}):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's nested tensors are a prototype
+                got, want = model(x, **kwargs), folded(x, **kwargs)
+            kept = ~padding if kwargs else torch.ones_like(padding)
+            torch.testing.assert_close(got[kept], want[kept], rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():
+        torch.testing.assert_close(model.layers[0](x), folded.layers[0](x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_decorrelated_gpt2_saved_whole_loads_in_a_new_process(tmp_path):
     # its Conv1D layers' class is made at run time; a new process must find it by name
     model = tiny_gpt2(tie=False)
@@ -941,6 +969,7 @@ def test_a_decorrelate_that_fails_part_way_leaves_every_layer_as_it_was(monkeypa
     assert [type(m) for m in model] == [type(m) for m in plain]
     assert list(model.state_dict()) == list(plain.state_dict())
     assert not any(n.startswith(("_decor", "decor_")) for m in model for n in vars(m))
+    assert not any(m._forward_pre_hooks for m in model)
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
     tk.decor.decorrelate(model, seed=0)  # a retry decorrelates every layer
     assert sum(isinstance(m, decor._Decor) for m in model) == 3

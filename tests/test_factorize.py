@@ -344,6 +344,14 @@ def test_named_errors():
     check_optimizer(model, torch.optim.SGD(factor_param_groups(model, 1e-4), lr=0.1))
     with pytest.raises(FactorizationError, match="does not hold the factors"):
         check_optimizer(model, torch.optim.SGD([p for n, p in model.named_parameters() if "bias" in n], lr=0.1))
+    # a frozen layer's factors are trained by no optimizer: one built from the trainable
+    # parameters only is whole
+    model = _cnn()
+    model[0].requires_grad_(False)
+    factorize(model, depth=2, init="keep")
+    check_optimizer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    with pytest.raises(FactorizationError, match="does not hold the factors"):
+        check_optimizer(model, torch.optim.SGD([model[1].weight], lr=0.1))
 
 
 def test_tied_weights_are_refused_and_a_reused_layer_is_not():

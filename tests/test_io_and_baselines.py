@@ -254,6 +254,20 @@ def test_update_bn_that_fails_mid_pass_keeps_the_old_statistics():
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_update_bn_refuses_statistics_that_a_nan_or_inf_in_one_batch_makes_and_keeps_the_old(bad):
+    # one NaN in one batch turned every channel's statistics into NaN without a word
+    model = _bn_model()
+    batches = [torch.randn(8, 64) for _ in range(3)]
+    tk.update_bn(batches, model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches[1][0, 0] = bad
+    with pytest.raises(tk.batchnorm.NonFiniteStatisticsError, match=r"statistics measured for the norm layer"):
+        tk.update_bn(batches, model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 class _HeadOutsideForward(torch.nn.Module):
     """forward runs the backbone only; training runs backbone and head (as a LightningModule's
     training_step that calls its parts)."""

@@ -462,6 +462,21 @@ def test_train_classifier_takes_items_with_more_than_inputs_and_labels():
     assert torch.equal(plain.weight, extra.weight)
 
 
+def test_train_classifier_and_imp_take_the_pair_of_tensors_that_distill_returns(tmp_path):
+    # a DataLoader took the pair (x, y) for a dataset of two items and failed in round 0
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+    pair, dataset = nn.Linear(4, 3), nn.Linear(4, 3)
+    dataset.load_state_dict(pair.state_dict())
+    tk.prune.train_classifier(pair, (x, y), epochs=2, batch_size=4, seed=0)
+    tk.prune.train_classifier(dataset, TensorDataset(x, y), epochs=2, batch_size=4, seed=0)
+    assert torch.equal(pair.weight, dataset.weight)
+    tk.prune.imp(nn.Linear(4, 3), tk.prune.classification_train_fn([x, y], epochs=1, seed=0), rounds=1,
+                 out_dir=tmp_path / "imp")
+    # refused before imp writes anything
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"shapes \(16, 4\) and \(15,\)"):
+        tk.prune.classification_train_fn((x, y[:15]), epochs=1)
+
+
 def test_a_seed_governs_dropout_too_and_leaves_the_global_rng_alone():
     data = TensorDataset(torch.randn(32, 4), torch.arange(32) % 3)
 

@@ -65,11 +65,22 @@ def feed_batch(model: Callable[..., Any], batch: Any, fix: str = CALL_FN_FIX) ->
         args, kwargs, how = (), dict(batch), f"keyword arguments {sorted(map(str, batch))[:6]}"
     else:
         args, kwargs, how = (batch,), {}, "one argument"
-    try:
+    with layout_named(model, args, kwargs, fix, how):
         model(*args, **kwargs)
+
+
+@contextmanager
+def layout_named(model: Callable[..., Any], args: tuple, kwargs: dict[str, Any], fix: str,
+                 how: str | None = None) -> Iterator[None]:
+    """Around a call of `model` on (args, kwargs) taken from a batch: a TypeError of a call
+    whose arguments its forward does not take becomes an InvalidArgumentError naming how the
+    batch was fed and `fix`; one raised inside the forward goes through as it is."""
+    try:
+        yield
     except TypeError as exc:
         if _takes(model, args, kwargs):
             raise  # raised inside the forward: the model's own error
+        how = how or (f"keyword arguments {sorted(map(str, kwargs))[:6]}" if kwargs else "one argument")
         raise InvalidArgumentError(f"a batch was fed to the model as {how}, which its forward does not take "
                                    f"({exc}); {fix}") from exc
 
@@ -94,6 +105,11 @@ _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 class NoBatchesError(InvalidArgumentError):
     """update_bn's loader (on every rank, across processes) yielded no batch to measure on."""
+
+
+class NonFiniteStatisticsError(InvalidArgumentError):
+    """update_bn measured NaN or inf statistics (a batch held NaN or inf, or the activations
+    overflowed); the statistics were left as they were."""
 
 
 def measured_norms(model: nn.Module, frozen_norms: Iterable[str] = ()) -> dict[str, nn.Module]:
@@ -148,8 +164,9 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     the model computes when it trains.
 
     A loader that yields no batches (empty, or a generator already used up) raises
-    InvalidArgumentError. Then, and when the pass fails, the statistics are left as they
-    were, not reset to mean 0 and variance 1 (or half-measured) as if they had been measured.
+    InvalidArgumentError, and statistics that come out NaN or inf (a batch holding NaN or
+    inf, activations that overflow) NonFiniteStatisticsError. Then, and when the pass fails,
+    the statistics are left as they were, not reset to mean 0 and variance 1 (or half-measured) as if they had been measured.
     `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
     then leave the statistics reset with a batch count of zero, which the all-reduce of
     distributed.all_reduce_bn_statistics weighs as nothing, and so does a layer that saw no
@@ -232,6 +249,15 @@ def _measure(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, A
                      and int(m.num_batches_tracked) == 0 and not allow_empty}
         for m in [*unreached.values(), *(m for m in measured.values() if not holds_statistics(m))]:
             _restore(m, saved[m])
+        # one NaN or inf anywhere in one batch makes a layer's statistics NaN, and every
+        # output of the model after it: refused, the statistics left as they were
+        if broken := [name for name, m in measured.items() if holds_statistics(m) and name not in unreached
+                      and not all(bool(torch.isfinite(b).all()) for b in (m.running_mean, m.running_var))]:
+            raise NonFiniteStatisticsError(
+                f"update_bn: the statistics measured for the norm layer(s) {broken[:5]} are not finite (NaN or "
+                "inf), so every output after them would be too; they are left as they were. A batch holds NaN or "
+                "inf values, or the model's weights or activations overflow (in 16-bit?): check the batches with "
+                "torch.isfinite, and the weights the pass ran at")
         if unreached:
             warn_unreached(list(unreached), count, stacklevel=5)  # from _measure, update_bn and no_grad's wrapper
     except BaseException:
@@ -363,4 +389,4 @@ def _holding(model: nn.Module, weights: Mapping[str, Tensor]) -> Iterator[None]:
             table[attr] = own
 
 
-__all__ = ["NoBatchesError", "measured_norms", "update_bn"]
+__all__ = ["NoBatchesError", "NonFiniteStatisticsError", "measured_norms", "update_bn"]

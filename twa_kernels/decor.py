@@ -99,6 +99,14 @@ _paused_layers: frozenset[int] = frozenset()
 _pause_lock = threading.Lock()
 
 
+def _through_forward(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing. nn.TransformerEncoderLayer's inference path
+    (eval mode, no grad) reads linear1.weight and linear2.weight itself and never calls their
+    forward, so it would skip R; torch takes that path only where no module of the layer has
+    hooks, and this one keeps it off for layers holding a decorrelated Linear."""
+    return None
+
+
 class _Decor:
     """Mixin for the decorrelated Linear / Conv1d / Conv2d classes (set by class swap, so the
     module keeps its parameters, hooks and parameter names)."""
@@ -118,6 +126,11 @@ class _Decor:
         self.decor_lr, self.decor_kappa = float(lr), float(kappa)
         self.decor_sample_fraction, self.decor_max_norm = float(sample_fraction), float(max_norm)
         self.decor_reset()
+        if isinstance(self, nn.Linear):
+            self._decor_hook = self.register_forward_pre_hook(_through_forward).id
+
+    def _decor_remove_hook(self) -> None:
+        self._forward_pre_hooks.pop(self.__dict__.pop("_decor_hook", None), None)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # inputs sampled before a load (a run stopped after a forward, then resumed in the
@@ -342,7 +355,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
     weight_norm's hook). Grouped, transposed and 3-D convolutions are refused:
     skip them by name. So is a layer whose weight Parameter another module shares (tied
     weights, e.g. an output layer tied to an embedding): fold() would write W R into the
-    weight the others read. Untie it, or skip it and every layer tied to it.
+    weight the others read. Untie it, or skip it and every layer tied to it. A decorrelated
+    Linear carries a forward pre-hook that changes nothing: it keeps nn.TransformerEncoderLayer
+    off its fused inference path, which reads linear1/linear2's weights without R.
     """
     # every setting is checked before the first layer changes class: a refusal leaves the model as it was
     check_module(model, "decor.decorrelate's model")
@@ -451,6 +466,8 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
 
 def _undo_decorrelation(module: nn.Module, plain: type) -> None:
     """The layer as decorrelate() found it: its own class, without R or the decor settings."""
+    if isinstance(module, _Decor):
+        module._decor_remove_hook()
     module.__class__ = plain
     module._buffers.pop(BUFFER, None)
     for name in [n for n in vars(module) if n.startswith(("_decor", "decor_"))]:
@@ -707,6 +724,7 @@ def fold(model: nn.Module) -> nn.Module:
     out = _deepcopy(model)
     for _, m in decorrelated_layers(out):
         m.weight.copy_(m.decor_folded_weight())
+        m._decor_remove_hook()
         del m._buffers[BUFFER]
         for attr in ("decor_lr", "decor_kappa", "decor_sample_fraction", "decor_max_norm", "_decor_sum",
                      "_decor_rows", "_decor_count", "_decor_sampler"):

@@ -553,7 +553,8 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
                     f"weight {replaced[id(p)]!r} that factorize() replaced: its decay would act on a tensor the "
                     f"model no longer uses. Build the optimizer after factorize(), e.g. from "
                     f"tk.factor_param_groups(model, weight_decay)")
-    missing = [n for n, p in factor_parameters(model) if id(p) not in held]
+    # frozen factors (a frozen layer factorised with init='keep') train in no optimizer
+    missing = [n for n, p in factor_parameters(model) if p.requires_grad and id(p) not in held]
     if missing:
         raise FactorizationError(f"optimizer does not hold the factors {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                                  f"build it from tk.factor_param_groups(model, weight_decay)")

@@ -52,14 +52,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from twa_kernels._progress import progress_bar
 from twa_kernels._checks import check_module, integer, path_without_nul, real
 from twa_kernels._random import check_seed, generator, seeded
-from twa_kernels.batchnorm import batch_of_one_named
+from twa_kernels.batchnorm import batch_of_one_named, layout_named
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
-from twa_kernels.geometry.evaluation import classification_metric, split_batch
+from twa_kernels.geometry.evaluation import SPLIT_BATCH_FIX, classification_metric, split_batch
 from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import attention_projections, computed_weight, weight_layer_types
 
@@ -383,9 +383,32 @@ def _check_sgd_options(options: Mapping[str, Any], error: type[Exception]) -> No
                     "lr=...)), or leave optimizer= out")
 
 
+def _training_data(data: Dataset | tuple[Tensor, Tensor]) -> Dataset:
+    """`data` as the map-style dataset train_classifier shuffles: a pair (x, y) of tensors, as
+    tk.distill returns, becomes TensorDataset(x, y) (a DataLoader would take it for a dataset
+    of two items)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise InvalidArgumentError(f"data is a pair of tensors of shapes {tuple(x.shape)} and {tuple(y.shape)}: "
+                                       "as (inputs, labels) both need one entry per example along their first "
+                                       "dimension")
+        data = TensorDataset(x, y)
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+        raise InvalidArgumentError(f"train_classifier shuffles a map-style dataset, and a {type(data).__name__} has "
+                                   "no length to shuffle or schedule by; pass a Dataset with __getitem__ and __len__ "
+                                   "(a TensorDataset, a list of pairs, a pair (x, y) of tensors), or give imp a "
+                                   "train_fn of your own")
+    if len(data) == 0:
+        # an empty loader made no step at all and left the model silently untrained
+        raise InvalidArgumentError(f"data is empty ({type(data).__name__} of length 0); pass a dataset with at "
+                                   "least one (input, label) pair")
+    return data
+
+
 def train_classifier(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | tuple[Tensor, Tensor],
     epochs: int = 10,
     lr: float = 0.05,
     momentum: float = 0.9,
@@ -403,7 +426,8 @@ def train_classifier(
     constant learning rate, data shuffled by `seed` (the SGD noise; an int seeds
     the shuffling and every other draw of the training, such as dropout's, and leaves torch's
     global RNG as it was; None draws from torch's global RNG). For a model with BatchNorm
-    layers, a last batch of one example is left out of each epoch."""
+    layers, a last batch of one example is left out of each epoch. `data` may also be a pair
+    (x, y) of tensors, as tk.distill's distribution_matching returns."""
     check_module(model, "train_classifier's model")
     _check_sgd_options(dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay),
                        InvalidArgumentError)
@@ -419,14 +443,7 @@ def train_classifier(
     integer("batch_size", batch_size, 1)
     if next(model.parameters(), None) is None:
         raise InvalidArgumentError(f"{type(model).__name__} has no parameters to train")
-    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
-        raise InvalidArgumentError(f"train_classifier shuffles a map-style dataset, and a {type(data).__name__} has "
-                                   "no length to shuffle or schedule by; pass a Dataset with __getitem__ and __len__ "
-                                   "(a TensorDataset, a list of pairs), or give imp a train_fn of your own")
-    if len(data) == 0:
-        # an empty loader made no step at all and left the model silently untrained
-        raise InvalidArgumentError(f"data is empty ({type(data).__name__} of length 0); pass a dataset with at "
-                                   "least one (input, label) pair")
+    data = _training_data(data)
     device = next(model.parameters()).device
     if optimizer is not None and not callable(optimizer):
         raise InvalidTypeError(f"train_classifier's optimizer must be a factory, params -> optimizer (e.g. lambda p: "
@@ -451,13 +468,16 @@ def train_classifier(
             for batch in loader:  # (inputs, labels, ...): what follows the labels (weights, ids) is not used
                 args, kwargs, labels = split_batch(batch, device)
                 opt.zero_grad()
-                classification_metric(model(*args, **kwargs), labels)[0].backward()  # logits or a ModelOutput's
+                with layout_named(model, args, kwargs, SPLIT_BATCH_FIX):
+                    outputs = model(*args, **kwargs)
+                classification_metric(outputs, labels)[0].backward()  # logits or a ModelOutput's
                 opt.step()
                 if sched is not None:
                     sched.step()
 
 
-def classification_train_fn(data: Dataset, epochs: int = 10, seed: int | None = None, **kwargs: Any) -> TrainFn:
+def classification_train_fn(data: Dataset | tuple[Tensor, Tensor], epochs: int = 10, seed: int | None = None,
+                            **kwargs: Any) -> TrainFn:
     """A train_fn for `imp`: `train_classifier(model, data, epochs, seed=seed, **kwargs)` in
     every round (with an int seed, the same data order each round, as IMP usually does;
     None shuffles from torch's global RNG). A keyword train_classifier does not take, or lr,
@@ -470,6 +490,7 @@ def classification_train_fn(data: Dataset, epochs: int = 10, seed: int | None = 
         raise PruningError(f"classification_train_fn got {unknown}, which train_classifier does not take; its "
                            f"options are {allowed}")
     _check_sgd_options(kwargs, PruningError)
+    data = _training_data(data)  # refused here, before imp writes anything
 
     def train_fn(model: nn.Module, round: int) -> None:
         train_classifier(model, data, epochs=epochs, seed=seed, **kwargs)

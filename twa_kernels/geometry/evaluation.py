@@ -40,7 +40,8 @@ from torch.func import functional_call
 
 from twa_kernels._checks import check_batches, check_materialized
 from twa_kernels._passes import kept_modes
-from twa_kernels.batchnorm import feed_batch, measured_norms, running_norms, update_bn
+from twa_kernels.batchnorm import (
+    NonFiniteStatisticsError, feed_batch, layout_named, measured_norms, running_norms, update_bn)
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import (
     CheckpointError,
@@ -264,6 +265,12 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
     return out
 
 
+# what the error for a batch the model's forward does not take, fed as split_batch reads it, says to do
+SPLIT_BATCH_FIX = ("yield (inputs, targets) batches, whose inputs are fed as one argument, or mappings of the "
+                   "forward's keyword arguments with a 'labels' entry, which the forward must take too (as Hugging "
+                   "Face models do)")
+
+
 def split_batch(batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
     """(args, kwargs, targets) of one batch, on `device` (see the module docstring): an
     (inputs, targets, ...) tuple or list gives ((inputs,), {}, targets), inputs that are a
@@ -392,7 +399,12 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
     shuffled order sums the same losses in another order, off in the last bits."""
     if bn == "recompute":
         with same_batches.replayed() if same_batches is not None else contextlib.nullcontext():
-            update_bn(bn_data, model, fed_on(next(iter(weights.values())).device), weights=weights)
+            try:
+                update_bn(bn_data, model, fed_on(next(iter(weights.values())).device), weights=weights)
+            except NonFiniteStatisticsError:
+                # a point where the model diverges (outputs that overflow): NaN statistics make
+                # every output NaN, which the callers report as a diverged point
+                return math.nan, math.nan
     model.eval()
     with same_data.replayed() if same_data is not None else contextlib.nullcontext():
         return _mean_metric(model, weights, data, metric)
@@ -419,7 +431,9 @@ def _mean_metric(model: nn.Module, weights: dict[str, Tensor], data: Iterable, m
         n = len(y)
         if n == 0:  # weighs nothing; its metric would be the mean of nothing, NaN
             continue
-        loss, error = _numbers(metric(functional_call(model, weights, args, kwargs), y))
+        with layout_named(model, args, kwargs, SPLIT_BATCH_FIX):
+            outputs = functional_call(model, weights, args, kwargs)
+        loss, error = _numbers(metric(outputs, y))
         loss_sum, error_sum, count = loss_sum + loss * n, error_sum + error * n, count + n
         batches, uncounted = batches + 1, uncounted + math.isnan(error)
     if count == 0:

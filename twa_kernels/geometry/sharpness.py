@@ -34,7 +34,9 @@ from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import generator
 from twa_kernels._checks import check_module, integer, real
-from twa_kernels.geometry.evaluation import check_data, finite_or_none, parameter_device, preserved, split_batch
+from twa_kernels.batchnorm import layout_named
+from twa_kernels.geometry.evaluation import (
+    SPLIT_BATCH_FIX, check_data, finite_or_none, parameter_device, preserved, split_batch)
 from twa_kernels.io import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,9 @@ def _check_differentiable(model: nn.Module, loss_fn: Callable[[Any, Tensor], Ten
     args, kwargs, y = batch
     leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
     with torch.enable_grad():
-        value = loss_fn(functional_call(model, leaves, args, kwargs), y)
+        with layout_named(model, args, kwargs, SPLIT_BATCH_FIX):
+            outputs = functional_call(model, leaves, args, kwargs)
+        value = loss_fn(outputs, y)
     if not isinstance(value, Tensor) or value.dim() != 0:
         return  # the Hessian's own check names what a loss must be
     if not (value.is_floating_point() and value.requires_grad):
