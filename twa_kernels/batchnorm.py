@@ -166,7 +166,8 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     A loader that yields no batches (empty, or a generator already used up) raises
     InvalidArgumentError, and statistics that come out NaN or inf (a batch holding NaN or
     inf, activations that overflow) NonFiniteStatisticsError. Then, and when the pass fails,
-    the statistics are left as they were, not reset to mean 0 and variance 1 (or half-measured) as if they had been measured.
+    the statistics are left as they were, not reset to mean 0 and variance 1 (or
+    half-measured) as if they had been measured.
     `allow_empty` is for one rank of a distributed pass, whose share may be empty: no batches
     then leave the statistics reset with a batch count of zero, which the all-reduce of
     distributed.all_reduce_bn_statistics weighs as nothing, and so does a layer that saw no
