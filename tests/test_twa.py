@@ -405,6 +405,34 @@ def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("how", ["a layer appended", "a parameter registered", "a frozen layer unfrozen"])
+def test_a_parameter_the_twa_does_not_hold_after_build_is_refused_by_name(run, how):
+    # the new or unfrozen parameter trained outside the subspace (or not at all) and was
+    # missing from the export, without a word
+    train, _, _, ckpts = run
+    model = make_model(1)
+    if how == "a frozen layer unfrozen":
+        model[0].requires_grad_(False)
+    twa = tk.TWA(model, ckpts, bits=4)
+    x = train.tensors[0][:8]
+    before = twa(x).detach()
+    torch.nn.Linear(4, 4)  # a module built elsewhere in the process is no change to this model
+    torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
+    if how == "a layer appended":
+        model.append(torch.nn.Linear(10, 10))
+        name, match = "'4.weight'", "was added after TWA was built"
+    elif how == "a parameter registered":
+        model[0].register_parameter("scale", torch.nn.Parameter(torch.ones(1)))
+        name, match = "'0.scale'", "was added after TWA was built"
+    else:
+        model[0].weight.requires_grad_(True)
+        name, match = "'0.weight'", "was frozen when TWA was built"
+    with pytest.raises(tk.errors.UsageError, match=f"parameter {name} {match}"):
+        twa(x)
+    with pytest.raises(tk.errors.UsageError, match=match), twa.averaged_model():
+        pass
+
+
 @pytest.mark.parametrize("how", ["deleted", "set to None"])
 def test_a_parameter_removed_after_build_is_refused_by_name(run, how):
     # a raw KeyError or AttributeError from deep inside the lending, outside the library's errors

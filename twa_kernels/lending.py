@@ -47,6 +47,22 @@ class Loan:
         return grads
 
 
+# Registrations of modules and parameters in any module of the process, counted by global
+# hooks that the first LentWeights installs: while the count stands still no model has
+# grown a parameter, so a lending walks its model's parameters only after the count moved.
+_registrations = [0]
+
+
+def _count_registration(*_: Any) -> None:
+    _registrations[0] += 1
+
+
+@functools.cache
+def _count_registrations() -> None:
+    nn.modules.module.register_module_module_registration_hook(_count_registration)
+    nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
 def same_key(a: tuple, b: tuple) -> bool:
     return a[1:] == b[1:] and a[0].shape == b[0].shape and bool(torch.equal(a[0], b[0]))
 
@@ -60,7 +76,9 @@ class LentWeights:
     the backward and reads the weights from the model again. While loans are pending the
     model holds the newest one's."""
 
-    def __init__(self, model: nn.Module, slot_names: list[list[str]]):
+    def __init__(self, model: nn.Module, slot_names: list[list[str]], pinned_from: int | None = None):
+        """slot_names: every name of each tensor lent, the trained ones first, then from
+        `pinned_from` on the frozen parameters' pinned values."""
         def slot(name: str) -> tuple[nn.Module, str]:
             prefix, _, attr = name.rpartition(".")
             return model.get_submodule(prefix), attr
@@ -78,6 +96,9 @@ class LentWeights:
                 links[(id(parent), part)] = (parent, part, child, path)
                 parent = child
         self.links = list(links.values())
+        _count_registrations()
+        self.root, self.registrations_seen = model, _registrations[0]
+        self.pinned_from = len(slot_names) if pinned_from is None else pinned_from
         self.own: list[list[Any]] | None = None  # the model's Parameters while it holds others
         self.loans: dict[int, weakref.ref] = {}  # pending, oldest first
         self.holder: int | None = None  # the loan whose aliases the slots hold outside a forward
@@ -130,6 +151,33 @@ class LentWeights:
                 raise UsageError(f"the model's submodule {path!r} was replaced after TWA was built, so TWA's "
                                  "weights would not reach it; build TWA once the model has its final structure "
                                  "(replace or wrap its modules first)")
+
+    def check_parameters_held(self) -> None:
+        """Refuse a model that gained a parameter after TWA was built (a module added or
+        given a new parameter), or whose frozen parameter now requires grad: TWA lends it
+        no weights, so it would train outside the subspace, or not at all, and be missing
+        from the export, without an error."""
+        root = getattr(self, "root", None)  # a copy pickled before these existed has neither
+        for i in range(getattr(self, "pinned_from", len(self.slots)), len(self.slots)):
+            module, attr = self.slots[i][0]
+            own = self.own[i][0] if self.own is not None else module._parameters.get(attr)
+            if isinstance(own, Tensor) and own.requires_grad and own.numel():  # an empty one has nothing to train
+                raise UsageError(f"the model's parameter {self.slot_names[i][0]!r} was frozen when TWA was built, "
+                                 "so TWA holds it at its pinned value, and it requires grad now: it would not "
+                                 "train; freeze it again (requires_grad_(False)), or build a new TWA over the "
+                                 "model as it is now")
+        if root is None or _registrations[0] == self.registrations_seen:
+            return
+        held = {(id(module), attr) for slots in self.slots for module, attr in slots}
+        for prefix, module in root.named_modules():
+            for attr, param in module._parameters.items():
+                if isinstance(param, Tensor) and (id(module), attr) not in held:
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    raise UsageError(f"the model's parameter {name!r} was added after TWA was built, so the "
+                                     "subspace does not span it: it would train outside it (or stay at its "
+                                     "initial value) and be missing from averaged_state_dict(); build TWA once "
+                                     "the model has its final structure")
+        self.registrations_seen = _registrations[0]
 
     def _put(self, tensors: Sequence[Tensor]) -> None:
         if self.own is None:
@@ -245,6 +293,8 @@ class LentWeights:
         self.depth += 1
         try:
             self.check_structure()
+            if self.depth == 1:  # a nested forward's model holds the outer one's weights
+                self.check_parameters_held()
             self._put(weights)
             yield
         except BaseException:

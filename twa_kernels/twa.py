@@ -214,7 +214,8 @@ class TWA(nn.Module):
         for key, value in basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value.clone() if value.is_inference() else value)
         self._workspace = Workspace()
-        self._lent = LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names])
+        self._lent = LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names],
+                                 pinned_from=len(self.names))
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
         self._ddp_params_and_buffers_to_ignore = list(BASIS_BUFFERS)
         if not self._sharded:
