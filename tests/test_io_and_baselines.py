@@ -38,6 +38,23 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_plain_pickle_is_refused_as_one_not_called_damaged(tmp_path, protocol):
+    # torch's safe unpickler stops at protocol 4's first frame: the file was called damaged
+    import pickle
+
+    marker = tmp_path / "pwned"
+    for name, payload in (("evil", RunsCode(str(marker))), ("tensors", make_model().state_dict())):
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(pickle.dumps({"state_dict": payload}, protocol=protocol))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own note on the protocol
+            with pytest.raises(tk.CheckpointError, match=rf"{name}\.pkl: refused. It is a plain Python pickle "
+                                                         rf"\(protocol {protocol}"):
+                load_state_dict(path)
+    assert not marker.exists()
+
+
 def test_wrong_shape_names_file_key_and_both_shapes(tmp_path):
     good = _checkpoints(2)
     wrong = dict(good[1])
@@ -916,6 +933,16 @@ def test_a_legacy_torch_file_whose_tensor_bytes_look_like_a_zip_directory_is_rea
         assert torch.equal(tk.load_state_dict(path)["w"], weights)
         assert torch.equal(ColumnReader(path).tensor("w"), weights)
         tk.Subspace.from_checkpoints([other, path], bits=4, group_size=8)
+
+
+def test_a_legacy_file_is_noted_as_loaded_whole_once_per_build(tmp_path, caplog):
+    # the note came once per read pass: three to six times for one file in one build
+    model = make_model()
+    states = noisy_checkpoints(model, 3)
+    torch.save(states[0], tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with caplog.at_level("WARNING", logger="twa_kernels.columns"):
+        tk.TWA(model, [tmp_path / "legacy.pt", *states[1:]], bits=4)
+    assert caplog.text.count("legacy.pt: not a zip-format torch file") == 1, caplog.text
 
 
 @pytest.mark.parametrize("given", [None, 123, b"w.pt", ["w.pt"], {"w": torch.ones(1)}, ""],

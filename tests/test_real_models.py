@@ -89,6 +89,20 @@ def test_tied_weights_export_matches_the_twa_model(tied_checkpoints):
     assert (got - expected).abs().max() < 1e-5
 
 
+def test_a_subspace_built_without_the_models_names_holding_a_tied_weight_twice_is_named(tied_checkpoints):
+    # the error said the model's 'head.weight' was None; the model ties it to embed.weight
+    subspace = tk.Subspace.from_checkpoints(tied_checkpoints, bits=4)
+    assert {"embed.weight", "head.weight"} <= set(subspace.names)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"spans 'head.weight' and the model ties it to "
+                                                             r"'embed.weight'.*parameter_names="):
+        tk.TWA(TiedLM(), subspace)
+    renamed = [{f"lm.{k}": v for k, v in state.items()} for state in tied_checkpoints]
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"spans 'lm.embed.weight', which is no parameter"):
+        tk.TWA(TiedLM(), tk.Subspace.from_checkpoints(renamed, bits=4))
+    names = [n for n, _ in TiedLM().named_parameters()]
+    assert tk.TWA(TiedLM(), tk.Subspace.from_checkpoints(tied_checkpoints, bits=4, parameter_names=names)).names == names
+
+
 def test_tied_key_missing_from_the_files(tied_checkpoints, tmp_path):
     # safetensors writers keep one name of a shared tensor: files with only embed.weight
     paths = []

@@ -15,7 +15,7 @@ from twa_kernels import _collectives
 from twa_kernels.batchnorm import measured_norms, running_norms
 from twa_kernels.columns import ColumnReader
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
-from twa_kernels.io import Checkpoints, model_key_names, resolve_checkpoints, warn_unmatched_keys
+from twa_kernels.io import Checkpoints, model_key_names, parameter_aliases, resolve_checkpoints, warn_unmatched_keys
 from twa_kernels.quant import block_offsets_from_sizes
 from twa_kernels.sharded_build import build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
@@ -139,9 +139,20 @@ def check_model_fits(model: nn.Module, subspace: Subspace, frozen: list[tuple[st
     """The subspace spans exactly the trainable parameters of `model`, in their shapes, and
     int8_gradients has groups to round in."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    alias_of = {alias: names[0] for names in parameter_aliases(model).values() for alias in names[1:]}
     for name, shape in zip(subspace.names, subspace.shapes):
-        if shapes.get(name) != shape:
-            raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes.get(name)}")
+        if name in alias_of:  # a tied weight's second name, which named_parameters() does not give
+            raise InvalidArgumentError(
+                f"the subspace spans {name!r} and the model ties it to {alias_of[name]!r}: one tensor, which the "
+                "subspace would hold twice; build the subspace over the model's parameter names, "
+                "Subspace.from_checkpoints(..., parameter_names=[n for n, _ in model.named_parameters()]), or "
+                "pass the checkpoints to tk.TWA, which does")
+        if name not in shapes:
+            raise InvalidArgumentError(f"the subspace spans {name!r}, which is no parameter of the model (it has "
+                                       f"e.g. {list(shapes)[:3]}); build the subspace over the model's parameter "
+                                       "names (parameter_names=...), or pass the checkpoints to tk.TWA")
+        if shapes[name] != shape:
+            raise InvalidArgumentError(f"the subspace's {name!r} has shape {shape} but the model's is {shapes[name]}")
     frozen_names, spanned = {n for n, _ in frozen}, set(subspace.names)
     unspanned = [name for name in shapes if name not in frozen_names and name not in spanned]
     if unspanned:

@@ -39,6 +39,8 @@ from twa_kernels.io.read import (_file_stamp, _non_finite_error, is_torch_zip, r
                                   zip_maps_as_stored)
 
 logger = logging.getLogger(__name__)
+# the files (and their versions) whose note that they are loaded whole was given
+_LOADED_WHOLE_NOTED: set[tuple] = set()
 
 # -- reading ranges of a checkpoint without loading it ------------------------------------
 
@@ -211,9 +213,12 @@ class ColumnReader:
             # a legacy torch file, or a zip torch cannot map as it is: load it whole, once (a
             # file that is neither, or a zip cut short, is refused by the load, before the warning)
             self._open_state, self._kind = load_state_dict(self._spec), "memory"
-            logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "
-                           "records or another byte order), so it cannot be read lazily; loading it whole "
-                           "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
+            stamp = _file_stamp(self._spec)
+            if stamp not in _LOADED_WHOLE_NOTED:  # a build reads each file in several passes: said once
+                _LOADED_WHOLE_NOTED.add(stamp)
+                logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "
+                               "records or another byte order), so it cannot be read lazily; loading it whole "
+                               "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)
         else:
             verify_zip_crc(self._spec)
             self._open_state = unwrap_state_dict(torch_load_safely(self._spec, mmap=True), self.source)
