@@ -116,6 +116,30 @@ def reference_twa(world):
 # -- scenarios ----------------------------------------------------------------------------
 
 
+def dcp_round_trip(twa, build) -> bool:
+    """Save the TWA's state with torch.distributed.checkpoint as DCP's own examples do, load it
+    into a fresh TWA in place and then with load_state_dict: whether the fresh one has this
+    rank's center and the same weights (DCP keeps one copy of a name it takes for the same
+    on every rank: a sharded rank's columns must be saved under names of their own)."""
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+
+    where = [tempfile.mkdtemp(prefix="twa-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where)
+    dcp.save({"twa": twa.state_dict()}, checkpoint_id=where[0])
+    fresh = build()
+    state = {"twa": fresh.state_dict()}
+    dcp.load(state, checkpoint_id=where[0])
+    fresh.load_state_dict(state["twa"])
+    mine, theirs = twa.weights(), fresh.weights()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(where[0])
+    return torch.equal(fresh.center, twa.center) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 def modes(rank, world):
     """Replicated and sharded training against one process; bytes per step."""
     import twa_kernels as tk
@@ -132,6 +156,9 @@ def modes(rank, world):
                      "weights": torch.cat([w.detach().reshape(-1) for w in twa.weights().values()]),
                      "bytes_per_step": torch.tensor(per_step), "seen_bytes": torch.tensor(sum(seen.values())),
                      "seen_ops": sorted(seen), "k": twa.coefficients.shape[0], "B": twa.coefficients.shape[1]}
+        out[mode]["dcp_round_trip"] = dcp_round_trip(twa, lambda: tk.TWA(
+            *model_and_checkpoints(), bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+            shard=mode == "sharded"))
         if mode == "sharded":
             out[mode].update(chunk=twa.parallel.chunk, start=twa.parallel.start, stop=twa.parallel.stop,
                              b_lo=twa.parallel.b_lo, b_hi=twa.parallel.b_hi, local_center=twa.center.numel())

@@ -4,6 +4,7 @@ same layout, finite values, the rank's own columns)."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,8 +23,52 @@ def _shard_identity(module: TWA) -> list[int]:
     return [shard.num_cols, shard.comm.world, shard.start, shard.stop]
 
 
+# A sharded rank's center and basis are its own columns: its state_dict holds them under
+# names of their own, "rank<r>_center", so that a save that keeps one copy of each name
+# (torch.distributed.checkpoint, which takes plain tensors for the same on every rank) keeps
+# every rank's, and each rank loads back its own.
+PER_RANK = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_block_offsets", "basis_meta",
+            "shard_columns")
+_RANK_KEY = re.compile(r"rank(\d+)_(" + "|".join(PER_RANK) + r")$")
+
+
+def rank_key(rank: int, name: str) -> str:
+    return f"rank{rank}_{name}"
+
+
 def record_shard(module: TWA, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """state_dict hook of a sharded TWA: its per-rank entries under this rank's names, and
+    which columns they are."""
     state[prefix + "shard_columns"] = torch.tensor(_shard_identity(module))
+    rank = module._parallel.comm.rank
+    for name in PER_RANK:
+        if prefix + name in state:
+            state[prefix + rank_key(rank, name)] = state.pop(prefix + name)
+
+
+def take_own_rank(module: TWA, state: dict[str, Any], prefix: str) -> None:
+    """This rank's per-rank entries back under the buffers' names; a state holding other
+    ranks' entries only (rank 0's file loaded on every rank) is refused by name."""
+    ranks = sorted({int(m.group(1)) for key in state if key.startswith(prefix)
+                    and (m := _RANK_KEY.match(key[len(prefix):]))})
+    if not ranks:
+        return  # a state saved before the names were per rank, or an unsharded one
+    if not module._sharded:
+        raise InvalidArgumentError(f"TWA state_dict: it holds the columns of rank(s) {ranks} of a sharded TWA; load "
+                                   "each into the sharded TWA of that rank, or save averaged_state_dict() for a "
+                                   "single process")
+    rank = module._parallel.comm.rank
+    if rank not in ranks:
+        raise InvalidArgumentError(f"TWA state_dict: it holds the columns of rank(s) {ranks} of a sharded TWA, not "
+                                   f"those of this rank ({rank}); have each rank save and load its own state_dict "
+                                   "(torch.distributed.checkpoint keeps every rank's)")
+    for name in PER_RANK:
+        value = state.pop(prefix + rank_key(rank, name), None)
+        if value is not None:
+            state[prefix + name] = value
+    for other in ranks:  # another rank's columns: a DCP state holds them all
+        for name in PER_RANK:
+            state.pop(prefix + rank_key(other, name), None)
 
 
 def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
@@ -73,6 +118,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
     take raw pointers) and match this module's layout, and the center, the coefficients and the
     frozen parameters' pinned values must be finite, and a sharded rank's state must be its
     own columns. Raises a ValueError naming the field, and leaves the module untouched."""
+    take_own_rank(module, state, prefix)
     from_a_shard = prefix + "shard_columns" in state  # _check_shard takes the record out
     _check_shard(module, state, prefix)
     _check_kinds(module, state, prefix)

@@ -66,7 +66,7 @@ from twa_kernels._checks import check_module
 from twa_kernels._memory import Workspace
 from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_model_fits,
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
-from twa_kernels._twa_state import check_loaded_state, record_shard
+from twa_kernels._twa_state import check_loaded_state, record_shard, take_own_rank
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints, unwrap_model
@@ -304,12 +304,16 @@ class TWA(nn.Module):
             raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
                                    f"TWA.state_dict() returns), got {type(state_dict).__name__}")
         if strict:  # torch would copy every entry it can and raise only after
-            own = [key for key in self.state_dict(keep_vars=True) if key != "shard_columns"]  # (a subclass's too)
-            missing = [key for key in own if key not in state_dict]
+            # a sharded rank's entries by the buffers' names, in both (see _twa_state.PER_RANK)
+            incoming, own_state = dict(state_dict), self.state_dict(keep_vars=True)  # (a subclass's too)
+            take_own_rank(self, incoming, "")
+            take_own_rank(self, own_state, "")
+            own = [key for key in own_state if key != "shard_columns"]
+            missing = [key for key in own if key not in incoming]
             if missing:
                 raise MissingKeyError(f"TWA state_dict: missing {missing}; load the whole state_dict() of a TWA built "
                                       "the same way, or pass strict=False to keep this TWA's own values for them")
-            unexpected = [key for key in state_dict if key not in own and key != "shard_columns"]
+            unexpected = [key for key in incoming if key not in own and key != "shard_columns"]
             if unexpected:
                 raise InvalidArgumentError(f"TWA state_dict: unexpected keys {unexpected[:8]}; load the state_dict() "
                                            "of a TWA (a model's own state goes to twa.module), or pass strict=False "
