@@ -165,6 +165,9 @@ def modes(rank, world):
             # a rank's own state loads back; another rank's (every rank reading rank 0's file) is refused
             own = {k: v.clone() for k, v in twa.state_dict().items()}
             twa.load_state_dict(own)
+            # a rank's file saved before the names carried the rank loads as it did
+            twa.load_state_dict({k.removeprefix(f"rank{rank}_"): v for k, v in own.items()})
+            out[mode]["own_names"] = sorted(k for k in own if k.startswith(f"rank{rank}_"))
             states = [None] * world
             dist.all_gather_object(states, own)
             try:

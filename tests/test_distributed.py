@@ -154,6 +154,7 @@ def test_ranks_on_a_split_batch_match_one_process(job, mode):
         assert got["dcp_round_trip"], rank
         if mode == "sharded":  # another rank's state fits the shapes but not the columns
             assert f"not those of this rank ({rank})" in got["other_rank_state"]
+            assert f"rank{rank}_center" in got["own_names"] and f"rank{rank}_basis_codes" in got["own_names"]
 
 
 @pytest.mark.parametrize("mode", ["replicated", "sharded"])
