@@ -761,6 +761,16 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
                                             batch_size=8, shuffle=True)
         out["own_share_train"] = _error_text(lambda: distributed.split_loader(share, dist.group.WORLD))
         out["own_share_eval"] = _error_text(lambda: distributed.split_for_evaluation(share, dist.group.WORLD))
+        # the same sizes, drawn otherwise: samples were seen twice and others never, silently
+        twenty = torch.utils.data.TensorDataset(torch.randn(20, 3), torch.zeros(20))
+        same = torch.utils.data.DataLoader(twenty, batch_size=4, shuffle=True)
+        out["own_seed"] = _error_text(lambda: distributed.split_loader(same, dist.group.WORLD, seed=1234 + rank))
+        one_shuffles = torch.utils.data.DataLoader(twenty, batch_size=4, shuffle=rank == 0)
+        out["one_shuffles"] = _error_text(lambda: distributed.split_loader(one_shuffles, dist.group.WORLD))
+        subset = torch.utils.data.DataLoader(twenty, batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(
+            list(range(rank, rank + 10))))
+        out["own_subset"] = _error_text(lambda: distributed.split_loader(subset, dist.group.WORLD))
+        out["same_seed"] = len(distributed.split_loader(same, dist.group.WORLD, seed=7))
         # a run after the failures: every rank left each failed step together, so the
         # process group is still usable
         out["after"] = _error_text(twa("same"))

@@ -585,7 +585,15 @@ def test_ranks_given_data_of_their_own_are_named_before_the_split(hostile_job):
         for who in ("train", "eval"):
             text = res[f"own_share_{who}"]
             assert text.startswith("UsageError: split_") and "the ranks were given other data (rank 0: 40 samples in " \
-                "batches of 8; rank 1: 24 samples in batches of 8)" in text, text
+                "batches of 8, shuffled; rank 1: 24 samples in batches of 8, shuffled)" in text, text
+        # the same sizes drawn otherwise: another seed, shuffle on one rank, another subset
+        assert "rank 0: 20 samples in batches of 4, shuffled, seed=1234; rank 1: 20 samples in batches of 4, " \
+            "shuffled, seed=1235" in res["own_seed"], res["own_seed"]
+        assert "rank 0: 20 samples in batches of 4, shuffled; rank 1: 20 samples in batches of 4)" \
+            in res["one_shuffles"], res["one_shuffles"]
+        assert res["own_subset"].startswith("UsageError: split_loader: the ranks were given other data") \
+            and "a subset with index digest" in res["own_subset"], res["own_subset"]
+        assert res["same_seed"] == 3  # 20 samples over 2 ranks in batches of 4
 
 
 def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):

@@ -30,6 +30,7 @@ import numbers
 import os
 import time
 import traceback
+import zlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -403,35 +404,48 @@ def _shuffle_seed(loader: DataLoader, seed: int | None, group: Any) -> int:
     return int(gather_rows(drawn, group, "split_loader's draw of the shared seed")[0])
 
 
-def _local_shape(loader: Iterable) -> tuple[int, int, int]:
+def _local_shape(loader: Iterable, seed: int | None = None) -> tuple[int, ...]:
     """What the ranks must agree on before splitting a loader: (samples its sampler draws,
-    batch size, drop_last) for a batching DataLoader over a map-style dataset, else
-    (len(loader), 0, 0)."""
+    batch size, drop_last, whether it shuffles, a digest of the indices a
+    SubsetRandomSampler draws from, split_loader's seed) for a batching DataLoader over a
+    map-style dataset, else (len(loader), 0, ...). Ranks that differ in any of them split
+    different draws: some samples are seen twice, others never."""
+    unset = -1  # no subset
+    # whether a seed was given (None: rank 0 draws one for every rank), and which, as an int64
+    given = (0, 0) if seed is None else (1, seed - 2**64 if seed >= 2**63 else seed)
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
         samples = len(drawn[0]) if drawn is not None else len(loader.dataset)
-        return samples, loader.batch_size, int(loader.drop_last)
-    return _sized(loader), 0, 0
+        shuffles = drawn[1] if drawn is not None else isinstance(loader.sampler, RandomSampler)
+        subset = unset
+        if drawn is not None and isinstance(drawn[0], Subset):  # the indices in order: positions are split
+            subset = zlib.crc32(torch.as_tensor(list(drawn[0].indices), dtype=torch.int64).numpy().tobytes())
+        return samples, loader.batch_size, int(loader.drop_last), int(shuffles), subset, *given
+    return _sized(loader), 0, 0, 0, unset, *given
 
 
-def _check_same_data(loader: Iterable, process_group: Any, who: str) -> None:
+def _check_same_data(loader: Iterable, process_group: Any, who: str, seed: int | None = None) -> None:
     """Every rank passes the same whole loader, which the split then shares out: a rank
     given its own share (pre-sharded files) would split it again, and a count of batches
     that differs left the others waiting in a collective until the timeout, which then
-    named no cause. One all-gather of each rank's sizes; ranks that differ stop every rank."""
-    mine = agree(lambda: _local_shape(loader), process_group, f"measuring the loader given to {who}")
+    named no cause. One all-gather of each rank's sizes, sampling and seed; ranks that
+    differ stop every rank."""
+    mine = agree(lambda: _local_shape(loader, seed), process_group, f"measuring the loader given to {who}")
     table = gather_rows(torch.tensor(mine, dtype=torch.int64), process_group, f"{who}'s check of the loaders")
     if all(torch.equal(row, table[0]) for row in table):
         return
 
     def described(row: Tensor) -> str:
-        samples, batch, drop_last = row.tolist()
-        return (f"{samples} samples in batches of {batch}{', drop_last' if drop_last else ''}" if batch
-                else f"{samples} batches")
+        samples, batch, drop_last, shuffles, subset, seeded, seed = row.tolist()
+        what = (f"{samples} samples in batches of {batch}{', drop_last' if drop_last else ''}"
+                f"{', shuffled' if shuffles else ''}{f', a subset with index digest {subset}' if subset >= 0 else ''}"
+                if batch else f"{samples} batches")
+        return what + (f", seed={seed}" if seeded else "")  # (a seed of 2**63 or more as its int64 wrap)
     detail = "; ".join(f"rank {rank}: {described(row)}" for rank, row in enumerate(table))
     raise UsageError(f"{who}: the ranks were given other data ({detail}). It splits one dataset over the ranks "
-                     "itself, so every rank must pass the same whole loader (in twa fit, data.train and data.val "
-                     "return the whole dataset on every rank), not a share of its own")
+                     "itself, so every rank must pass the same whole loader, sampled the same way, and the same "
+                     "seed (in twa fit, data.train and data.val return the whole dataset on every rank), not a "
+                     "share or an order of its own")
 
 
 def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) -> Iterable:
@@ -447,7 +461,7 @@ def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) 
     plain DataLoader's)."""
     check_group(process_group)
     check_seed(seed)
-    _check_same_data(loader, process_group, "split_loader")
+    _check_same_data(loader, process_group, "split_loader", seed)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
