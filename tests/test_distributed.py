@@ -572,6 +572,15 @@ def test_coefficients_loaded_with_assign_keep_their_gradient_averaged(hostile_jo
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
 
 
+def test_a_deep_copy_of_a_replicated_twa_averages_its_gradient_and_pickling_is_named(hostile_job):
+    grads = [res["copy_grad"] for res in hostile_job]
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], hostile_job[0]["assigned_grad"], rtol=0, atol=0)  # the same step
+    for res in hostile_job:
+        assert res["pickled"].startswith("UsageError: a TWA built with a process_group holds that "
+                                         "torch.distributed group, which cannot be pickled"), res["pickled"]
+
+
 def test_an_optimizer_keeps_no_deleted_replicated_twa_or_its_group_alive(hostile_job):
     for res in hostile_job:
         assert res["strategy_outlives_twa"] is False

@@ -107,6 +107,16 @@ class Comm:
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Comm:
+        """A copy (copy.deepcopy of a TWA, AveragedModel) runs its collectives on the same
+        process group, which cannot be copied, with counts of its own."""
+        return Comm(self.group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise UsageError("a TWA built with a process_group holds that torch.distributed group, which cannot be "
+                         "pickled (torch.save of the module, multiprocessing): save twa.state_dict() on every rank, "
+                         "or averaged_state_dict() for a plain model, and build the TWA anew to load it")
+
     def _count(self, name: str, t: Tensor) -> None:
         self.bytes[name] += t.numel() * t.element_size()
         self.calls[name] += 1

@@ -475,6 +475,12 @@ class TWA(nn.Module):
             self.coefficients.register_hook(sharding.gradient_averaging_hook(self._parallel))
             self._averaged = [self.coefficients]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: its
+        # next forward registers one, or each rank's copy would train on its own gradient
+        self._averaged = []
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model at the averaged weights center + basis^T coefficients; the
         backward gives the coefficients their gradient."""
