@@ -755,6 +755,12 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         # until the timeout; now both leave together
         out["bad_arg_one_rank"] = _error_text(lambda: tk.TWA(model, files, bits=3 if rank == 1 else 4,
                                                              process_group=dist.group.WORLD))
+        # a checkpoint folder missing on rank 1 only: rank 0 waited in the build's first
+        # collective until the timeout, which named no cause
+        for shard in (False, True):
+            out[f"missing_one_rank_{shard}"] = _error_text(lambda: tk.TWA(
+                model, files if rank == 0 else os.path.join(os.path.dirname(files[0]), "nowhere"),
+                process_group=dist.group.WORLD, shard=shard))
         # a process group that is not one: named before any checkpoint is read
         out["group_type"] = _error_text(lambda: tk.TWA(model, files, process_group="world"))
         metrics = {"loss": 1.5 * (rank + 1), "count": 2}

@@ -609,6 +609,10 @@ def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):
     own, peer = hostile_job[1]["bad_arg_one_rank"], hostile_job[0]["bad_arg_one_rank"]
     assert own.startswith("InvalidArgumentError: bits must be one of"), own
     assert peer.startswith("RankFailedError: rank 1 failed while checking its arguments"), peer
+    for shard in (False, True):  # a checkpoint folder only rank 1 cannot find
+        own, peer = hostile_job[1][f"missing_one_rank_{shard}"], hostile_job[0][f"missing_one_rank_{shard}"]
+        assert own.startswith("CheckpointError") and "nowhere" in own, own
+        assert peer.startswith("RankFailedError: rank 1 failed while resolving its checkpoints"), peer
 
 
 def test_a_process_group_that_is_not_one_is_named_before_reading(hostile_job):

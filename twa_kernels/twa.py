@@ -165,7 +165,11 @@ class TWA(nn.Module):
         if not isinstance(checkpoints_or_subspace, Subspace):
             # once, for the build and the pins alike: a generator (Path.glob) is read once, a
             # directory is listed once (and its notes, such as a last.ckpt left out, said once)
-            checkpoints_or_subspace = resolve_checkpoints(checkpoints_or_subspace)
+            given_checkpoints = checkpoints_or_subspace
+            checkpoints_or_subspace = (resolve_checkpoints(given_checkpoints) if process_group is None else
+                                       # a rank that cannot list its files stops every rank, naming why
+                                       _collectives.agree(lambda: resolve_checkpoints(given_checkpoints),
+                                                          process_group, "resolving its checkpoints"))
         subspace = subspace_for(checkpoints_or_subspace, trainable, read_as, process_group, shard, given,
                                 bits=bits, granularity=granularity, group_size=group_size, progress=progress)
         frozen = [(n, p) for n, p in model.named_parameters() if not averaged(p)]
