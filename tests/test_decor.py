@@ -662,6 +662,26 @@ def test_a_retry_after_divergence_over_ranks_takes_the_global_batchs_step(tmp_pa
     assert _rel(ranks[0], model[0].decor_R) < 1e-10
 
 
+def _other_layers_rank(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
+    tk.decor.decorrelate(model, sample_fraction=1.0, skip=["0"] if rank == 1 else [])
+    model(torch.randn(4, 6))
+    try:
+        tk.decor.update(model)
+    except tk.errors.InvalidArgumentError as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_with_other_decorrelated_layers_are_named_before_the_all_reduce(tmp_path):
+    # rank 1 decorrelated one layer fewer: gloo aborted the process inside the all-reduce
+    ranks = spawn(_other_layers_rank, 2, str(tmp_path), timeout=120)
+    for rank, text in enumerate(ranks):
+        assert text is not None and "decor.update: ranks [1] hold other decorrelated layers than rank 0" in text, text
+    assert "(here ['0', '2'])" in ranks[0] and "(here ['2'])" in ranks[1]
+
+
 def test_gpt2_conv1d_layers_decorrelate_and_fold_in_their_own_layout():
     model = tiny_gpt2(tie=False).double()
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twa_kernels._collectives import named_on_failure
+from twa_kernels._collectives import agree, named_on_failure, ranks_unlike_rank0
 from twa_kernels._passes import in_statistics_pass
 from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, flag, real
@@ -617,14 +617,28 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     layers = decorrelated_layers(model)
     if group is None:
         layers = [(n, m) for n, m in layers if m._decor_count > 0]
-    if not layers:
-        raise UsageError("decor.update: no decorrelated layer sampled an input since the last update (no training-"
-                         "mode forward, or forwards of empty batches); call update() after a forward of a batch in "
-                         "model.train() (and decorrelate() the model first)")
-    for name, m in layers:
-        if m._decor_rows and m._decor_rows[0].device != m.decor_R.device:
-            raise UsageError(f"decor.update: layer {name!r} moved to {m.decor_R.device} after its inputs were sampled "
-                             f"on {m._decor_rows[0].device}; call update() before moving the model")
+    else:
+        # the ranks agree on the layers first: an all-reduce over other layouts would pair
+        # with another rank's collective (or abort the process inside gloo)
+        layout = [(name, m.decor_R.shape[0], str(m.decor_R.dtype)) for name, m in layers]
+        if differ := ranks_unlike_rank0(layout, group, "decor.update's check of the decorrelated layers"):
+            raise InvalidArgumentError(f"decor.update: ranks {differ} hold other decorrelated layers than rank 0 "
+                                       f"(here {[name for name, _ in layers][:6]}); decorrelate the same model with "
+                                       "the same skip= on every rank")
+
+    def check_samples() -> None:
+        if not layers:
+            raise UsageError("decor.update: no decorrelated layer sampled an input since the last update (no "
+                             "training-mode forward, or forwards of empty batches); call update() after a forward "
+                             "of a batch in model.train() (and decorrelate() the model first)")
+        for name, m in layers:
+            if m._decor_rows and m._decor_rows[0].device != m.decor_R.device:
+                raise UsageError(f"decor.update: layer {name!r} moved to {m.decor_R.device} after its inputs were "
+                                 f"sampled on {m._decor_rows[0].device}; call update() before moving the model")
+
+    # a rank whose layers are refused stops every rank with the reason, not in the all-reduce
+    check_samples() if group is None else agree(check_samples, group, "checking its decorrelated layers")
+    for _, m in layers:
         if m._decor_sum is not None and m._decor_rows:  # rows sampled after the last fold into S count too
             m._decor_sum, m._decor_rows = m.decor_dense_sum(), []
     if group is not None:  # the global S of every layer (each keeps its own samples until the end)
