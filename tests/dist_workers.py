@@ -359,6 +359,8 @@ def errors(rank, world):
         sharded.load_state_dict(twa.state_dict())
     except tk.errors.InvalidArgumentError as exc:
         out["whole_into_shard"] = str(exc)
+    # the subspace of a sharded TWA: an inconsistent Subspace was built from this rank's columns
+    out["sharded_subspace"] = _error_text(lambda: sharded.subspace)
     return out
 
 

@@ -322,6 +322,8 @@ def test_bad_input_gets_named_errors_on_every_rank(job):
         assert errors["local_bn_kept"]
         assert "holds all" in errors["whole_into_shard"] and "columns of an unsharded TWA" in errors["whole_into_shard"]
         assert "shard=False" in errors["whole_into_shard"]
+        assert errors["sharded_subspace"].startswith("UsageError: twa.subspace: this TWA is sharded over"), \
+            errors["sharded_subspace"]
 
 
 def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_path_factory):

@@ -296,7 +296,13 @@ class TWA(nn.Module):
 
     @property
     def subspace(self) -> Subspace:
-        """The subspace the coefficients live in: names, shapes, center and basis."""
+        """The subspace the coefficients live in: names, shapes, center and basis (a
+        sharded TWA holds only its rank's columns of them, and refuses)."""
+        if self._sharded:
+            raise UsageError(f"twa.subspace: this TWA is sharded over {self._parallel.comm.world} ranks and holds "
+                             f"only columns {self._parallel.start}..{self._parallel.stop} of the center and basis; "
+                             "for the weights call averaged_state_dict() (on every rank), or build the TWA with "
+                             "shard=False to hold the whole subspace")
         return Subspace(self.names, self.shapes, self.center, self.basis, orthonormal=self.orthonormal,
                         aliases=self.aliases)
 
