@@ -407,6 +407,18 @@ def test_a_progress_file_of_another_run_or_unreadable_is_replaced_with_a_warning
     assert not progress.exists()
 
 
+def test_the_warning_for_another_runs_progress_says_what_differs():
+    # a resume under another world size said "other settings or checkpoints"
+    from twa_kernels._fit_progress import _what_differs, fingerprint
+
+    base = fingerprint({"epochs": 2}, [], 2, "1.0")
+    assert _what_differs(base, fingerprint({"epochs": 2}, [], 4, "1.0")) == \
+        "another number of processes (2 then, 4 now)"
+    assert _what_differs(base, fingerprint({"epochs": 3}, [], 2, "1.1")) == \
+        "other settings, another version of twa-kernels (1.0)"
+    assert _what_differs("not json", base) == "other settings or checkpoints"
+
+
 @pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders"])
 def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in_project, monkeypatch, tmp_path,
                                                                               edit):

@@ -86,6 +86,20 @@ def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version
     return json.dumps([settings, world_size, version, stamps], sort_keys=True, default=str)
 
 
+def _what_differs(saved: object, run: str) -> str:
+    """What a saved fingerprint and this run's differ in, in words."""
+    try:
+        (settings, world, version, stamps), now = json.loads(saved), json.loads(run)
+    except (TypeError, ValueError):  # not one this version writes
+        return "other settings or checkpoints"
+    parts = [what for what, differs in (
+        ("other settings", settings != now[0]),
+        (f"another number of processes ({world} then, {now[1]} now)", world != now[1]),
+        (f"another version of twa-kernels ({version})", version != now[2]),
+        ("other checkpoint files (or files changed since)", stamps != now[3])) if differs]
+    return ", ".join(parts) or "other settings or checkpoints"
+
+
 def order_sources(loader: object) -> list:
     """The torch.Generators and DistributedSamplers that set a loader's batch order, found
     where a DataLoader, its samplers and the library's loader wrappers keep them (instance
@@ -241,8 +255,9 @@ def load(path: Path, run: str) -> Progress | None:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError("not a progress file of this version of twa-kernels")
         if state.get("fingerprint") != run:
-            warnings.warn(f"twa fit: {path} holds the progress of a run with other settings or checkpoints; this run "
-                          "starts afresh and replaces it", UserWarning, stacklevel=2)
+            differs = _what_differs(state.get("fingerprint"), run)
+            warnings.warn(f"twa fit: {path} holds the progress of a run with {differs}; this run starts afresh "
+                          "and replaces it", UserWarning, stacklevel=2)
             return None
         fields = {f.name: state[f.name] for f in dataclasses.fields(Progress)}
         fields["losses"] = [float(v) for v in fields["losses"].tolist()]
