@@ -605,6 +605,19 @@ def test_a_masked_block_gives_the_parameters_back_in_their_own_order():
     assert list(model.named_parameters()) == params and list(model.state_dict()) == keys
 
 
+def test_a_masked_channels_last_convolution_keeps_its_layout_and_values():
+    # the masked weight came out contiguous: each forward converted it back to channels_last
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).to(memory_format=torch.channels_last)
+    mask = torch.rand(8, 3, 3, 3) > 0.5
+    want = torch.where(mask, model[0].weight.detach(), 0.0)
+    with tk.prune.apply_masks(model, {"0.weight": mask}):
+        masked = model[0].weight
+        assert masked.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(masked, want)
+    assert torch.equal(model[0].weight, want)
+
+
 def test_masks_naming_no_weight_or_not_bool_are_refused_by_the_pruning_round():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(PruningError, match=r"masks\['0.weigth'\] names no weight of the model"):

@@ -306,8 +306,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     try:
         for module, mask in plan:
             order = list(module._parameters)
-            parametrize.register_parametrization(
-                module, "weight", _Mask(mask.to(device=module.weight.device, dtype=torch.bool)))
+            # laid out as the weight (empty_like keeps its strides): the masked weight of a
+            # channels_last convolution stays channels_last, with no conversion at each forward
+            held = torch.empty_like(module.weight, dtype=torch.bool).copy_(mask)
+            parametrize.register_parametrization(module, "weight", _Mask(held))
             done.append((module, order))
         entered = True
         yield model
