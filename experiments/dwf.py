@@ -24,8 +24,9 @@ accuracy_vs_compression.png and prints the tables.
     python -m experiments.dwf fair [--seeds 5] [--jobs 2]      # the fair protocol: fair.json, fair.png
 
 `fair` runs the protocol described at `FAIR_SIZES` below (the paper's initialisation, plain
-SGD for 200 epochs, weight decay and learning rate tuned on validation, pruning without
-fine-tuning as the baseline, 3 seeds, or `--seeds N`).
+SGD for 300 epochs, or 200 with `--size full-200ep`, weight decay and learning rate tuned on
+validation, pruning without fine-tuning as the baseline, 3 seeds, or `--seeds N`; the
+results on docs/methods/factorization.md are of `--seeds 5`).
 """
 
 from __future__ import annotations

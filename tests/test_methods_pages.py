@@ -189,6 +189,18 @@ def test_the_factorization_page_quotes_dwf_fair_jsons_as_they_stand():
     deep = {t: {r(f"{d}{m}", "magnitude", t)[:5] for d in depths if d >= 3 for m in ("", " momentum")} for t in (5, 10)}
     assert all(len(v) == 1 for v in deep.values())  # every deep arm keeps the same ratio, quoted once for all
     runs = [x for x in fair["rows"] if x["method"].startswith("DWF")]
+    settings = fair["tables"]["settings"]
+
+    def setting(method, name):
+        return next(x for x in settings[method] if x["setting"] == name)
+
+    def acc(method, name, ci_too=True):
+        test = setting(method, name)["test"]
+        return f"{100 * test['mean']:.1f}%" + (f" [{100 * test['ci95'][0]:.1f}, {100 * test['ci95'][1]:.1f}]"
+                                                if ci_too else "")
+
+    def comp(method, name):
+        return f"{setting(method, name)['compression']:.1f}x"
     want = [
         f"**Verdict: {verdict}** at this scale",  # the headline paragraph
         f"D = 2 comes closest, {r(2, 'magnitude', 10)} at 10 points",
@@ -196,6 +208,14 @@ def test_the_factorization_page_quotes_dwf_fair_jsons_as_they_stand():
         f"D = 2 keeps {r(2, 'magnitude+FT', 5)} of its compression at 5 points and {r(2, 'magnitude+FT', 10)} at 10, "
         f"the momentum arm {r('2 momentum', 'magnitude+FT', 5)} and {r('2 momentum', 'magnitude+FT', 10)}",
         f"keep {min(deep[5])} and {min(deep[10])} of plain magnitude pruning's at 5 and 10 points",
+        # far from dense: accuracy at near compressions
+        f"D = 2 reaches {acc('DWF D=2', 'wd=0.0008')} test accuracy ({comp('DWF D=2', 'wd=0.0008')}) and its\n"
+        f"momentum arm {acc('DWF D=2 momentum', 'wd=0.0008')} ({comp('DWF D=2 momentum', 'wd=0.0008')})",
+        f"magnitude pruning at {comp('magnitude', 'amount=0.95')} reaches {acc('magnitude+FT', 'amount=0.95')} "
+        f"with fine-tuning and {acc('magnitude', 'amount=0.95')} without",
+        f"at {comp('DWF D=2 momentum', 'wd=0.0016')} the momentum arm\nkeeps {acc('DWF D=2 momentum', 'wd=0.0016')}",
+        f"magnitude pruning at 50x is at {acc('magnitude+FT', 'amount=0.98', ci_too=False)} with fine-tuning and\n"
+        f"{acc('magnitude', 'amount=0.98', ci_too=False)} without",
         # the table: compression against magnitude pruning within 5 and 10 points of dense
         *(row(f"D = 2{name}, {ft}", r(arm, base, 5), r(arm, base, 10)) for ft, base in
           (("without fine-tuning", "magnitude"), ("with fine-tuning", "magnitude+FT"))
