@@ -120,6 +120,7 @@ def test_the_twa_claims_page_verdicts_follow_the_claims_jsons():
         f"| {fd['uniform soup']} over the uniform soup, {fd['greedy soup']} against greedy soup, "
         f"{fd['best single (by val)']} against the best single model |",
         f"greedy soup has the best mean, {ft['greedy soup']['acc_mean']:.2f})",
+        f"the intervals allow losses of up to {dense['8']['ci95'][1]:.2f} and {dense['4']['ci95'][1]:.2f} points",
         *(f"the mean loss ({dense['2']['mean']:.2f} and {dense['1']['mean']:.2f} points) is {rest}"
           for rest in ("within the intervals |", "not shown either")),  # verdict column, and under the bits table
         # the head-stage bullets: each verdict word follows its interval
@@ -148,6 +149,7 @@ def test_the_decor_page_quotes_dbp_fair_json_as_it_stands():
         f"**Verdict: {verdict}**",  # the headline paragraph
         f"({ci(mlp['epochs_saved'], fmt='.1f')} saved) but takes longer to get there: "
         f"{ratio(mlp['wallclock_ratio'])} BP's wall-clock, since each of its steps costs {over['mlp']['ratio']:.1f}x",
+        f"at epoch {statistics.fmean(p['bp_epochs'] for p in mlp['per_seed']):.1f} of 20 on average",
         f"On the CNN neither is shown: {ci(cnn['epochs_saved'], fmt='.1f')} epochs saved and "
         f"{ratio(cnn['wallclock_ratio'])} the wall-clock",
         cols("chosen Adam lr, BP and DBP",
