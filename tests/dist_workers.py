@@ -361,6 +361,12 @@ def errors(rank, world):
         out["whole_into_shard"] = str(exc)
     # the subspace of a sharded TWA: an inconsistent Subspace was built from this rank's columns
     out["sharded_subspace"] = _error_text(lambda: sharded.subspace)
+    # sharded over a group of one rank, the TWA holds every column: its subspace is whole
+    solo = dist.new_group([0])
+    if rank == 0:
+        model, ckpts = model_and_checkpoints()
+        one = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=solo, shard=True)
+        out["one_rank_subspace"] = one.subspace.center.numel() == one.center.numel()
     return out
 
 
@@ -789,6 +795,8 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
             list(range(rank, rank + 10))))
         out["own_subset"] = _error_text(lambda: distributed.split_loader(subset, dist.group.WORLD))
         out["same_seed"] = len(distributed.split_loader(same, dist.group.WORLD, seed=7))
+        unshuffled = torch.utils.data.DataLoader(twenty, batch_size=4)  # a seed it never uses may differ
+        out["unshuffled_own_seed"] = len(distributed.split_loader(unshuffled, dist.group.WORLD, seed=100 + rank))
         # a run after the failures: every rank left each failed step together, so the
         # process group is still usable
         out["after"] = _error_text(twa("same"))

@@ -1415,6 +1415,21 @@ def test_batches_whose_inputs_are_a_mapping_feed_it_as_one_argument():
         C.interpolate(model, a, b, [([1.0, 2.0], y[:2])], steps=3, bn="none")
 
 
+def test_a_point_whose_batchnorm_statistics_overflow_is_scored_all_wrong_and_its_loss_null():
+    # update_bn refuses NaN statistics; along a line such a point is diverged, its error the
+    # classifier's at NaN outputs (every row wrong), not null
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    b = {**a, "0.weight": torch.full_like(a["0.weight"], 1e38)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(8, 3) * 100, torch.randint(0, 2, (8,)))]
+    result = C.interpolate(model, a, b, data, steps=3, bn="recompute").to_dict()
+    assert result["error"][1:] == [1.0, 1.0] and result["loss"][1:] == [None, None]
+    assert result["error_barrier"] is not None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_a_mapping_batch_the_forward_does_not_take_is_named_by_every_pass():
     # {"x": ..., "labels": ...} batches for a forward without `labels` gave a bare TypeError
     # in interpolate, the Hessian passes and train_classifier (update_bn named it)

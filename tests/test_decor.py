@@ -674,6 +674,43 @@ def _other_layers_rank(rank, world):
     return None
 
 
+def _collectives_per_update_rank(rank, world):
+    import torch.distributed as dist
+
+    counts = {"all_gather": 0, "all_reduce": 0}
+    originals = {name: getattr(dist, name) for name in counts}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
+    tk.decor.decorrelate(model, sample_fraction=1.0)
+    per_update = []
+    for name in counts:
+        setattr(dist, name, counted(name))
+    try:
+        for _ in range(3):
+            model(torch.randn(4, 6))
+            before = dict(counts)
+            tk.decor.update(model, check=False)
+            per_update.append({k: counts[k] - before[k] for k in counts})
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return per_update
+
+
+def test_the_ranks_layers_are_compared_at_the_first_update_only(tmp_path):
+    # every update paid four all-gathers for the check beside its one all-reduce
+    for per_update in spawn(_collectives_per_update_rank, 2, str(tmp_path), timeout=120):
+        assert per_update[0]["all_gather"] > 0 and per_update[0]["all_reduce"] == 1, per_update
+        assert per_update[1:] == [{"all_gather": 0, "all_reduce": 1}] * 2, per_update
+
+
 def test_ranks_with_other_decorrelated_layers_are_named_before_the_all_reduce(tmp_path):
     # rank 1 decorrelated one layer fewer: gloo aborted the process inside the all-reduce
     ranks = spawn(_other_layers_rank, 2, str(tmp_path), timeout=120)

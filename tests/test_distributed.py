@@ -324,6 +324,7 @@ def test_bad_input_gets_named_errors_on_every_rank(job):
         assert "shard=False" in errors["whole_into_shard"]
         assert errors["sharded_subspace"].startswith("UsageError: twa.subspace: this TWA is sharded over"), \
             errors["sharded_subspace"]
+    assert results[0]["errors"]["one_rank_subspace"] is True
 
 
 def test_sharded_build_reads_only_its_columns_and_equals_the_whole_basis(tmp_path_factory):
@@ -605,6 +606,7 @@ def test_ranks_given_data_of_their_own_are_named_before_the_split(hostile_job):
         assert res["own_subset"].startswith("UsageError: split_loader: the ranks were given other data") \
             and "a subset with index digest" in res["own_subset"], res["own_subset"]
         assert res["same_seed"] == 3  # 20 samples over 2 ranks in batches of 4
+        assert res["unshuffled_own_seed"] == 3
 
 
 def test_an_argument_refused_on_one_rank_stops_every_rank_at_once(hostile_job):

@@ -53,6 +53,14 @@ def test_a_plain_pickle_is_refused_as_one_not_called_damaged(tmp_path, protocol)
                                                          rf"\(protocol {protocol}"):
                 load_state_dict(path)
     assert not marker.exists()
+    # torch.save's own legacy format at that protocol is named as such, not as a plain pickle
+    legacy = tmp_path / "legacy.pt"
+    torch.save(make_model().state_dict(), legacy, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(tk.CheckpointError, match=rf"legacy.pt: refused. It is a torch.save file in the legacy "
+                                                     rf"format at pickle_protocol={protocol}"):
+            load_state_dict(legacy)
 
 
 def test_wrong_shape_names_file_key_and_both_shapes(tmp_path):

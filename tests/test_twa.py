@@ -431,6 +431,8 @@ def test_a_parameter_the_twa_does_not_hold_after_build_is_refused_by_name(run, h
         twa(x)
     with pytest.raises(tk.errors.UsageError, match=match), twa.averaged_model():
         pass
+    with pytest.raises(tk.errors.UsageError, match=match):  # the export would hold it untrained
+        twa.averaged_state_dict()
 
 
 @pytest.mark.parametrize("how", ["deleted", "set to None"])

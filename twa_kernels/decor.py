@@ -38,6 +38,7 @@ import logging
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -595,6 +596,10 @@ def _group_step(mods: list[nn.Module], n: Tensor, sums: list[Tensor] | None) -> 
     return new, ((1 - kappa) * off2 + kappa * v.square().sum(1)) / d ** 2, torch.isfinite(diag).all(1)
 
 
+# the layers each model's ranks agreed on, by process group: checked again only when they change
+_agreed_layouts: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | None = None, check: bool = True) -> Tensor:
     """Update every decorrelation matrix R of `model` from the inputs its layers sampled
@@ -605,7 +610,8 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     Layers of equal d are updated together with one bmm. Under torch.distributed
     (process_group, or the default group when one is initialised) the S matrices and sample
     counts of all layers are summed across ranks in one all_reduce, so every rank computes
-    the same X (that of the global batch) and keeps an identical R.
+    the same X (that of the global batch) and keeps an identical R. The ranks' layers are
+    compared before the first update's all-reduce (and after they change), not at every step.
 
     check: one combined test of all new R (a single host sync) for NaN/Inf or
     ||R||_F / sqrt(d) > max_norm, raising DecorrelationDivergedError with the layer and a
@@ -617,11 +623,14 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     layers = decorrelated_layers(model)
     if group is None:
         layers = [(n, m) for n, m in layers if m._decor_count > 0]
-    else:
-        # the ranks agree on the layers first: an all-reduce over other layouts would pair
-        # with another rank's collective (or abort the process inside gloo)
-        layout = [(name, m.decor_R.shape[0], str(m.decor_R.dtype)) for name, m in layers]
-        if differ := ranks_unlike_rank0(layout, group, "decor.update's check of the decorrelated layers"):
+    layout = None if group is None else (id(group), tuple((name, m.decor_R.shape[0], str(m.decor_R.dtype))
+                                                          for name, m in layers))
+    first = group is not None and _agreed_layouts.get(model) != layout
+    if first:
+        # the ranks agree on the layers before the first all-reduce (and after a rank's
+        # layers change): one over other layouts would pair with another rank's collective,
+        # or abort the process inside gloo. Once agreed, a step costs the all-reduce alone.
+        if differ := ranks_unlike_rank0(layout[1], group, "decor.update's check of the decorrelated layers"):
             raise InvalidArgumentError(f"decor.update: ranks {differ} hold other decorrelated layers than rank 0 "
                                        f"(here {[name for name, _ in layers][:6]}); decorrelate the same model with "
                                        "the same skip= on every rank")
@@ -636,8 +645,10 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
                 raise UsageError(f"decor.update: layer {name!r} moved to {m.decor_R.device} after its inputs were "
                                  f"sampled on {m._decor_rows[0].device}; call update() before moving the model")
 
-    # a rank whose layers are refused stops every rank with the reason, not in the all-reduce
-    check_samples() if group is None else agree(check_samples, group, "checking its decorrelated layers")
+    # at the first update, a rank whose layers are refused stops every rank with the reason
+    agree(check_samples, group, "checking its decorrelated layers") if first else check_samples()
+    if first:
+        _agreed_layouts[model] = layout
     for _, m in layers:
         if m._decor_sum is not None and m._decor_rows:  # rows sampled after the last fold into S count too
             m._decor_sum, m._decor_rows = m.decor_dense_sum(), []

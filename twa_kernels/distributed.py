@@ -411,8 +411,6 @@ def _local_shape(loader: Iterable, seed: int | None = None) -> tuple[int, ...]:
     map-style dataset, else (len(loader), 0, ...). Ranks that differ in any of them split
     different draws: some samples are seen twice, others never."""
     unset = -1  # no subset
-    # whether a seed was given (None: rank 0 draws one for every rank), and which, as an int64
-    given = (0, 0) if seed is None else (1, seed - 2**64 if seed >= 2**63 else seed)
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
         samples = len(drawn[0]) if drawn is not None else len(loader.dataset)
@@ -420,8 +418,11 @@ def _local_shape(loader: Iterable, seed: int | None = None) -> tuple[int, ...]:
         subset = unset
         if drawn is not None and isinstance(drawn[0], Subset):  # the indices in order: positions are split
             subset = zlib.crc32(torch.as_tensor(list(drawn[0].indices), dtype=torch.int64).numpy().tobytes())
+        # whether a seed was given to shuffle with (None: rank 0 draws one for every rank), and
+        # which, as an int64; a loader that does not shuffle never uses it
+        given = (0, 0) if seed is None or not shuffles else (1, seed - 2**64 if seed >= 2**63 else seed)
         return samples, loader.batch_size, int(loader.drop_last), int(shuffles), subset, *given
-    return _sized(loader), 0, 0, 0, unset, *given
+    return _sized(loader), 0, 0, 0, unset, 0, 0
 
 
 def _check_same_data(loader: Iterable, process_group: Any, who: str, seed: int | None = None) -> None:

@@ -298,7 +298,7 @@ class TWA(nn.Module):
     def subspace(self) -> Subspace:
         """The subspace the coefficients live in: names, shapes, center and basis (a
         sharded TWA holds only its rank's columns of them, and refuses)."""
-        if self._sharded:
+        if self._sharded and self._parallel.comm.world > 1:
             raise UsageError(f"twa.subspace: this TWA is sharded over {self._parallel.comm.world} ranks and holds "
                              f"only columns {self._parallel.start}..{self._parallel.stop} of the center and basis; "
                              "for the weights call averaged_state_dict() (on every rank), or build the TWA with "
@@ -624,6 +624,9 @@ class TWA(nn.Module):
         statistics in the result are the model's own, measured at other weights. So does a
         forward's graph that has not run its backward: the model holds that forward's weights
         until it does, and gets its own back then, undoing a load into it in between."""
+        if not self._lent.depth:  # the export of a model that changed since the build would be wrong
+            self._lent.check_structure()
+            self._lent.check_parameters_held()
         if has_running_statistics(self.module):
             measured_at = self._statistics_measured_at()
             if measured_at is None or not same_key(measured_at, self._weights_key()):

@@ -402,9 +402,12 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
             try:
                 update_bn(bn_data, model, fed_on(next(iter(weights.values())).device), weights=weights)
             except NonFiniteStatisticsError:
-                # a point where the model diverges (outputs that overflow): NaN statistics make
-                # every output NaN, which the callers report as a diverged point
-                return math.nan, math.nan
+                # a point where the model diverges (outputs that overflow): it is scored with
+                # the statistics it measured, NaN, as its outputs then are (a classifier's
+                # error counts every NaN row wrong), and the callers report the point diverged
+                for norm in measured_norms(model).values():
+                    norm.running_mean.fill_(math.nan)
+                    norm.running_var.fill_(math.nan)
     model.eval()
     with same_data.replayed() if same_data is not None else contextlib.nullcontext():
         return _mean_metric(model, weights, data, metric)

@@ -338,15 +338,21 @@ def _names_a_missing_global(name: str) -> bool:
     return module in sys.modules and not hasattr(sys.modules[module], attribute.split(".")[0])
 
 
-def _plain_pickle_protocol(path: object) -> int | None:
-    """The protocol of a file that opens as a pickle of protocol 4 or 5 (torch.save never
-    writes one), else None."""
+# torch.save's legacy (non-zip) format opens with this number, pickled as a LONG1 opcode
+_LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _pickle_protocol(path: object) -> tuple[int, bool] | None:
+    """(protocol, whether it is torch.save's legacy format) of a file that opens as a pickle
+    of protocol 4 or 5, which torch's safe loader cannot read, else None."""
     try:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(32)
     except (OSError, TypeError):  # a file-like object, or gone since
         return None
-    return head[1] if len(head) == 2 and head[0] == 0x80 and head[1] in (4, 5) else None
+    if len(head) < 2 or head[0] != 0x80 or head[1] not in (4, 5):
+        return None
+    return head[1], _LEGACY_TORCH_MAGIC in head
 
 
 def _refused(path: object) -> CheckpointError:
@@ -354,13 +360,15 @@ def _refused(path: object) -> CheckpointError:
     # what its unpickler could not read
     message = re.sub(r"\s+", " ", str(sys.exc_info()[1] or ""))
     found = re.search(r"GLOBAL (\S+)", message)
-    if found is None and (protocol := _plain_pickle_protocol(path)) is not None:
+    if found is None and (opened := _pickle_protocol(path)) is not None:
         # torch's safe unpickler stops at the first frame of protocol 4 and 5, before any
         # global it would refuse: the file is whole, and what it holds was not run
-        return CheckpointError(f"{path}: refused. It is a plain Python pickle (protocol {protocol}, as pickle.dump "
-                               "writes it), not a torch.save file, and safe loading (weights_only=True) does not "
-                               "read those; if you trust it, load it yourself and re-save the state_dict with "
-                               "torch.save or tk.save_state_dict")
+        protocol, legacy_torch = opened
+        what = (f"a torch.save file in the legacy format at pickle_protocol={protocol}" if legacy_torch else
+                f"a plain Python pickle (protocol {protocol}, as pickle.dump writes it), not a torch.save file")
+        return CheckpointError(f"{path}: refused. It is {what}, which safe loading (weights_only=True) does not "
+                               "read; if you trust it, load it yourself and re-save the state_dict with "
+                               "torch.save(state_dict, path) at its default settings, or tk.save_state_dict")
     if found is None or _names_a_missing_global(found.group(1)):
         detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", message)
         why = found.group(1) + " does not exist" if found else (detail.group(1) if detail else "unreadable pickle")
