@@ -741,12 +741,13 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         # copy.deepcopy (a best-model snapshot, AveragedModel) raised pickle's TypeError on the
         # process group; a copy that shared it trained on each rank's own gradient
         import copy
+        import functools
         import io
 
         snapshot = copy.deepcopy(assigned)
         torch.nn.functional.cross_entropy(snapshot(x[0][rank::2]), y[0][rank::2]).backward()
         out["copy_grad"] = snapshot.coefficients.grad.clone()
-        out["pickled"] = _error_text(lambda: torch.save(snapshot, io.BytesIO()))
+        out["pickled"] = _error_text(functools.partial(torch.save, snapshot, io.BytesIO()))
         del snapshot
         # an optimizer over a replicated TWA's coefficients kept the TWA's strategy, and with it
         # the process group, alive after the TWA was deleted

@@ -100,7 +100,8 @@ def test_a_subspace_built_without_the_models_names_holding_a_tied_weight_twice_i
     with pytest.raises(tk.errors.InvalidArgumentError, match=r"spans 'lm.embed.weight', which is no parameter"):
         tk.TWA(TiedLM(), tk.Subspace.from_checkpoints(renamed, bits=4))
     names = [n for n, _ in TiedLM().named_parameters()]
-    assert tk.TWA(TiedLM(), tk.Subspace.from_checkpoints(tied_checkpoints, bits=4, parameter_names=names)).names == names
+    named = tk.Subspace.from_checkpoints(tied_checkpoints, bits=4, parameter_names=names)
+    assert tk.TWA(TiedLM(), named).names == names
 
 
 def test_tied_key_missing_from_the_files(tied_checkpoints, tmp_path):
