@@ -515,6 +515,35 @@ def test_a_twa_trained_by_the_hf_trainer_resumes_from_its_checkpoint_where_it_st
     assert straight.coefficients.abs().sum() > 0
 
 
+def test_the_hf_trainer_predicts_with_a_twa_over_a_causal_lm_as_with_the_model(tmp_path):
+    # the Trainer reaches cache settings through model.config, which a TWA did not give: the
+    # model kept its cache on and predict() failed on the cache among the logits
+    config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    states = []
+    for _ in range(3):
+        model = transformers.GPT2LMHeadModel(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
+    assert twa.config is twa.module.config
+    tokens = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False,
+                                          label_names=["labels"], report_to=[], use_cpu=True, disable_tqdm=True,
+                                          per_device_eval_batch_size=8)
+    predicted = transformers.Trainer(model=twa, args=args).predict(data).predictions
+    plain = transformers.GPT2LMHeadModel(config)
+    plain.load_state_dict(twa.averaged_state_dict())
+    with torch.no_grad():
+        want = plain.eval()(tokens).logits
+    torch.testing.assert_close(torch.as_tensor(predicted), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(AttributeError, match="no attribute 'config'"):  # as for any module without one
+        tk.TWA(nn.Linear(4, 2), [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]).config
+
+
 def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():
     states = [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]
     twa = tk.TWA(nn.Linear(4, 2), states, bits=None)

@@ -350,6 +350,27 @@ def test_an_error_in_the_twa_epochs_leaves_the_module_with_its_own_steps(tmp_pat
     assert net.training_step.__func__ is _Net.training_step
 
 
+class _UnloggedNet(_Net):  # Lightning 2.6 cannot self.log inside a compiled step
+    def training_step(self, batch, _):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_a_compiled_module_trains_the_coefficients_and_gets_its_compiled_steps_back(tmp_path):
+    # Lightning keeps a compiled module's steps on the instance, which the callback took for
+    # its own wrappers: the TWA epochs ran at the module's own weights, the coefficients
+    # stayed 0
+    runs = {}
+    for compiled in (False, True):
+        callback, net = TrainableWeightAveraging(start_epoch=1, twa_epochs=2), _UnloggedNet()
+        _trainer(tmp_path / str(compiled), callbacks=[callback]).fit(
+            torch.compile(net, backend="eager") if compiled else net, _loader())
+        runs[compiled] = callback.twa.coefficients.detach().clone(), net
+    assert runs[False][0].abs().sum() > 0
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    compiled_net = runs[True][1]
+    assert "training_step" in vars(compiled_net) and not isinstance(vars(compiled_net)["training_step"], partial)
+
+
 def test_several_training_loaders_with_batchnorm_are_named_before_training(tmp_path):
     class TwoLoaders(_Net):
         def training_step(self, batch, _):

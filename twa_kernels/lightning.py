@@ -72,6 +72,12 @@ import lightning.pytorch as pl  # noqa: E402  (after the check that names the mi
 _STEPS = ("training_step", "validation_step")
 
 
+def _twa_step(step: object) -> bool:
+    """Whether `step` is a training or validation step this callback wrapped to run at a
+    TWA's averaged weights."""
+    return isinstance(step, partial) and getattr(step.func, "__func__", None) is TWA.run
+
+
 def _adamw(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The default optimizer of the coefficients: AdamW at lr 0.02 without weight decay, the
     setting of `twa demo` (weight decay would pull the average towards the center)."""
@@ -144,6 +150,7 @@ class TrainableWeightAveraging(pl.Callback):
         self._frozen_norms: set[str] = set()  # BatchNorm layers the epochs ran in eval mode
         self.twa: TWA | None = None
         self._finished = False  # the module holds the final model (the BatchNorm pass done)
+        self._instance_steps: dict[str, Any] = {}  # steps the module held as its own (compiled ones)
         self._first: int | None = None  # the first epoch kept
         self._last: int | None = None  # max_epochs of the run: the TWA epochs come after it
         self._loaded: dict[str, Any] | None = None  # the TWA state of a resumed checkpoint
@@ -469,9 +476,17 @@ class TrainableWeightAveraging(pl.Callback):
         self._run_schedulers = list(trainer.strategy.lr_scheduler_configs)
         trainer.strategy.optimizers = [self._twa_optimizer]
         trainer.strategy.lr_scheduler_configs = []
+        # the steps run at the averaged weights: the class's, or one the instance holds (Lightning
+        # keeps a torch.compile'd module's compiled steps there), which is put back after
+        self._instance_steps = {}
         for name in _STEPS:
-            if name not in vars(pl_module):  # a step of the class, not one this callback put there
-                setattr(pl_module, name, partial(self.twa.run, getattr(pl_module, name)))
+            step = vars(pl_module).get(name)
+            if _twa_step(step):  # a wrapper left by an earlier start: wrap what it wrapped
+                step = step.args[0]
+                setattr(pl_module, name, step)
+            if step is not None:
+                self._instance_steps[name] = step
+            setattr(pl_module, name, partial(self.twa.run, getattr(pl_module, name)))
 
     def _check_snapshots(self) -> None:
         """A CheckpointError where the snapshots cannot be averaged here (gone, or written over)."""
@@ -493,6 +508,9 @@ class TrainableWeightAveraging(pl.Callback):
             step = vars(pl_module).get(name)
             if isinstance(step, partial) and self.twa is not None and step.func == self.twa.run:
                 delattr(pl_module, name)
+                kept = self._instance_steps.get(name)
+                if kept is not None:  # the instance's own step (a compiled one), as it was
+                    setattr(pl_module, name, kept)
 
     # ---- checkpoints -----------------------------------------------------------------------
 

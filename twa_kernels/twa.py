@@ -258,6 +258,18 @@ class TWA(nn.Module):
             return bool(model.accepts_loss_kwargs)
         return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
+    @property
+    def config(self) -> Any:
+        """The wrapped model's `config` (a transformers model's; AttributeError for a model
+        without one). transformers' Trainer reads and sets the model it is given's config: the
+        cache it turns off for training (`use_cache`) and the outputs it leaves out of
+        predictions (`keys_to_ignore_at_inference`). Without it a TWA over a causal LM kept its
+        cache on, and Trainer.predict failed on the cache among the logits."""
+        model = self.module
+        if not hasattr(model, "config"):
+            raise AttributeError(f"the model TWA wraps ({type(model).__name__}) has no config")
+        return model.config
+
     # transformers' Trainer turns activation checkpointing on through the model it is given,
     # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
     # TWA's weights (see the module docstring), so these hand the call on.
