@@ -38,6 +38,7 @@ TESTS = str(Path(__file__).resolve().parent)
 # factory leaves a marker file, so a test can tell whether any work started.
 USER_MODULE = '''
 import os
+import sys
 from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -75,6 +76,8 @@ class _StoppingLoader:  # a shuffling loader that Ctrl-C stops as pass FIT_STOP_
         self.passes += 1
         if str(self.passes) == os.environ.get("FIT_STOP_AT_PASS"):
             raise KeyboardInterrupt
+        if str(self.passes) == os.environ.get("FIT_EXIT_AT_PASS"):
+            sys.exit(0)
         return iter(self.loader)
 
 def stopping_loader():
@@ -385,6 +388,53 @@ def test_an_interrupted_fit_resumes_after_its_last_epoch_and_ends_as_the_uninter
     want = tk.load_state_dict(tmp_path / "straight" / "averaged.safetensors")
     got = tk.load_state_dict(tmp_path / "resumed" / "averaged.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_user_code_that_calls_sys_exit_fails_the_command_and_keeps_the_earlier_outputs(in_project, monkeypatch,
+                                                                                      tmp_path, capsys):
+    # sys.exit(0) in a loader ended `twa fit` with status 0, no word and no outputs: a script
+    # `twa fit cfg && deploy out/` deployed the earlier run's weights
+    from twa_kernels.cli import main
+
+    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    config = _config(in_project, data=data, output=str(tmp_path / "out"), epochs=2)
+    assert main(["fit", str(config), "--no-progress"]) == 0
+    before = _digests(tmp_path / "out")
+    monkeypatch.setenv("FIT_EXIT_AT_PASS", "2")
+    capsys.readouterr()
+    assert main(["fit", str(_config(in_project, "other.yaml", data=data, output=str(tmp_path / "out"), epochs=3)),
+                 "--no-progress"]) == 2
+    assert "twa: error: code the command ran" in capsys.readouterr().err
+    assert _digests(tmp_path / "out") == before
+
+
+def test_ctrl_c_says_progress_is_kept_only_when_this_run_kept_some(in_project, monkeypatch, tmp_path):
+    # stopped in its first epoch beside another run's progress, a run said its finished
+    # epochs were kept: the file was the other run's, and a rerun started afresh
+    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    monkeypatch.setenv("FIT_STOP_AT_PASS", "3")  # after epoch 1: this run's progress is kept
+    with pytest.raises(KeyboardInterrupt, match="finished epochs are kept in"):
+        run_fit(_config(in_project, "b.yaml", data=data, output=str(tmp_path / "out"), epochs=2), progress=False)
+    monkeypatch.setenv("FIT_STOP_AT_PASS", "1")  # another config, stopped in its first epoch
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_fit(_config(in_project, "a.yaml", data=data, output=str(tmp_path / "out"), epochs=3), progress=False)
+    assert str(stopped.value) == ""
+
+
+def test_a_run_whose_output_sits_in_its_checkpoint_folder_resumes(in_project, monkeypatch, tmp_path):
+    # the progress file beside the output was read as one more checkpoint: every rerun failed
+    import shutil
+
+    folder = tmp_path / "ckpts"
+    shutil.copytree(in_project / "ckpts", folder)
+    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    config = _config(in_project, data=data, checkpoints=str(folder), output=str(folder / "out"), epochs=2)
+    monkeypatch.setenv("FIT_STOP_AT_PASS", "3")  # in epoch 2 of 2, after epoch 1's progress
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(config, progress=False)
+    assert (folder / ".out.twa-progress.pt").is_file()
+    monkeypatch.delenv("FIT_STOP_AT_PASS")
+    assert run_fit(config, progress=False)["resumed_after_epoch"] == 1
 
 
 def test_a_progress_file_of_another_run_or_unreadable_is_replaced_with_a_warning(in_project, monkeypatch, tmp_path):
@@ -788,6 +838,20 @@ def test_a_key_given_twice_in_the_config_is_refused_naming_it(in_project):
     path.write_text(path.read_text() + "epochs: 2\n")
     with pytest.raises(FitError, match="the key 'epochs' appears twice"):
         run_fit(path, progress=False)
+
+
+@pytest.mark.parametrize("written", ["epochs: 010", "epochs: 0b11", "seed: 1:30", "group_size: 0x20"])
+def test_integers_not_written_in_decimal_are_refused_not_read_in_another_base(in_project, written):
+    # YAML 1.1 read epochs: 010 as 8 and seed: 1:30 as 90, and the run went on with them
+    from twa_kernels._fit_config import load_config
+
+    key = written.split(":")[0]
+    path = _config(in_project, name="ints.yaml", **{key: None})
+    path.write_text(path.read_text() + written + "\n")
+    with pytest.raises(FitError, match=rf"{key} must be"):
+        load_config(path)
+    path.write_text(path.read_text().replace(written, f"{key}: 1_6"))  # decimal, with YAML's digit separator
+    assert getattr(load_config(path), key) == 16
 
 
 # -- empty data ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 import reprlib
 import stat
 import warnings
@@ -317,6 +318,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, (str, int, float, bool)):
                 seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+# Integers in decimal only (YAML 1.2's rule): YAML 1.1, which PyYAML follows, reads `epochs:
+# 010` as 8 (octal), `seed: 1:30` as 90 (base 60), and 0b11 and 0x80 too, without a word. Such
+# a value stays a string here, which the checks then name.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                       list("-+0123456789"))
 
 
 def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:

@@ -383,6 +383,10 @@ def run() -> int:
     return main()
 
 
+class _Terminated(SystemExit):
+    """The SystemExit that SIGTERM raises (any other comes from code the command ran)."""
+
+
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
     """SIGTERM raises SystemExit(143) for the length of the block, after the line `twa:
@@ -396,7 +400,7 @@ def _terminate_as_exception() -> Iterator[None]:
 
     def terminate(signum: int, frame: object) -> None:
         print("twa: terminated", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        raise _Terminated(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -455,6 +459,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:  # the file system's own refusal (a name too long, a full disk): its message says which
         print(f"twa: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        if isinstance(exc, _Terminated):
+            raise
+        # code of the user's the command ran (a factory, a loader, the loss) called sys.exit():
+        # its code would pass for the command's, 0 for a success that wrote nothing
+        print(f"twa: error: code the command ran (the model or data factory, a loader, the loss or metric) called "
+              f"sys.exit({exc.code!r}), so the run stopped there and wrote no outputs (an earlier run's are as they "
+              "were); raise an exception there instead, or return", file=sys.stderr)
         return 2
 
 

@@ -272,22 +272,24 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
                       "shard the basis, or remove the key", UserWarning, stacklevel=3)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
-    training: list[bool] = []  # set once the run has taken up or started its epochs
+    # "training" once the run has taken up or started its epochs, "kept" once a progress
+    # file of this run is on disk (taken up, or written after an epoch)
+    stage: set[str] = set()
     progress_file = fit_progress.progress_path(config.output)
     try:
         try:
             with fit_progress.seeded_everywhere(config.seed):
-                report = _fit(config, inputs, group, rank, progress, outputs, training)
+                report = _fit(config, inputs, group, rank, progress, outputs, stage)
         except FitError:
             # in training or after it, the config, data or loss needs a change (a diverged run, a
             # loader used up after one pass): a rerun must not take up epochs this run could not
             # have finished. (A FitError before, such as a model factory that failed, leaves the
             # progress an earlier run of the config may have left.)
-            if outputs is not None and training:
+            if outputs is not None and "training" in stage:
                 fit_progress.remove(progress_file)
             raise
         except KeyboardInterrupt:
-            if outputs is not None and training and progress_file.is_file():  # said where Ctrl-C says it stopped
+            if outputs is not None and "kept" in stage and progress_file.is_file():  # said where Ctrl-C stopped
                 raise KeyboardInterrupt(f"its finished epochs are kept in {progress_file}: run the same command "
                                         "again to resume after them") from None
             raise
@@ -301,7 +303,7 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
 
 
 def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool | None,
-         outputs: OutputDirectory | None, training: list[bool]) -> dict:
+         outputs: OutputDirectory | None, stage: set[str]) -> dict:
     progress = progress if rank == 0 else False
     world = 1 if group is None else torch.distributed.get_world_size(group)
     callables = resolve_import_strings(config)  # all of them before any factory runs
@@ -360,8 +362,9 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                       "random number generators, and a DataLoader's own generators and samplers)", UserWarning,
                       stacklevel=2)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
-    training.append(True)
+    stage.add("training")
     if resumed is not None:
+        stage.add("kept")
         losses, first_epoch = resumed.losses, resumed.epochs_done
         report["bytes_communicated_per_step"] = resumed.bytes_per_step
         if resumed.val_loss_at_swa is not None:
@@ -396,6 +399,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                 bytes_per_step=report.get("bytes_communicated_per_step", 0),
                 rng=fit_progress.rng_states(one_device=group is not None),
                 loaders=fit_progress.loader_states(ordered)))
+            stage.add("kept")
     if not bool(torch.isfinite(twa.coefficients).all()):  # diverged: no BatchNorm pass or export at NaN weights
         raise FitError(f"training diverged: the coefficients hold NaN or Inf; {_fix(config)}")
     if has_running_statistics(model):

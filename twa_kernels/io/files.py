@@ -128,11 +128,18 @@ def _natural_key(path: Path) -> list:
     return [int(part) if i % 2 else part for i, part in enumerate(parts)]  # digits at odd positions
 
 
+# what `twa fit` keeps beside its output directory (its progress, staging and set-aside
+# folders): never checkpoints of a run, also where the output sits in the checkpoints' folder
+_OWN_FILES = re.compile(r"^\..+\.twa-(progress\.pt|(stage|old|kept)\..+)$")
+
+
 def _directory_checkpoints(directory: Path) -> list[Path]:
     """A directory's checkpoint files, save_pretrained and torch.distributed.checkpoint
-    subdirectories, in natural order."""
+    subdirectories, in natural order (the library's own files left out)."""
     found, skipped, unfinished = [], [], []
     for entry in directory.iterdir():
+        if _OWN_FILES.match(entry.name):
+            continue
         if entry.is_dir():
             if checkpoint_directory_files(entry) is not None or is_dcp_directory(entry):
                 found.append(entry)
