@@ -1087,6 +1087,20 @@ def test_cli_outputs_never_replace_an_input(project, monkeypatch, capsys):
     assert bare.read_bytes() == paths["e1"].read_bytes() and json_config.read_text() == config.read_text()
 
 
+def test_cli_outputs_never_replace_another_commands_json(project, monkeypatch, capsys):
+    # `--out demo/results.png` replaced the demo's results.json with the line's numbers
+    root, paths = project
+    results = root / "results.json"
+    results.write_text('{"seeds": [3], "stamp": {"machine": "x"}}')
+    args = ["connect", str(paths["e1"]), str(paths["e2"]), "--config", str(root / "config.yaml"), "--steps", "3"]
+    code, _, err = _run_cli([*args, "--out", str(root / "results.png")], root, monkeypatch, capsys)
+    assert code == 2 and "which is no record of twa connect or twa plane" in err, err
+    assert results.read_text() == '{"seeds": [3], "stamp": {"machine": "x"}}'
+    # an earlier line's own JSON is replaced, as the docs say
+    assert _run_cli([*args, "--out", str(root / "line.png")], root, monkeypatch, capsys)[0] == 0
+    assert _run_cli([*args, "--out", str(root / "line.png")], root, monkeypatch, capsys)[0] == 0
+
+
 def test_cli_plane_points_need_names_of_their_own(project, monkeypatch, capsys):
     root, paths = project
     common = [str(paths["e1"]), str(paths["e2"]), str(paths["e3"]), "--config", str(root / "config.yaml"),

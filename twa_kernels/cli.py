@@ -173,6 +173,10 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
         if path.is_dir():
             raise OutputError(f"--out {str(out)!r}: {path} is a directory; give a file path such as "
                               f"{path / 'figure.png' if path == out else out.with_name(out.stem + '-figure.png')}")
+    numbers = out.with_suffix(".json")
+    if numbers.is_file() and not _a_geometry_record(numbers):
+        raise OutputError(f"--out {str(out)!r} would replace {numbers}, which is no record of twa connect or twa "
+                          "plane (another command's results?); give the figure another name, or move that file")
     parent = out.absolute().parent
     while not parent.exists():  # the first existing ancestor must be a directory we can create in
         parent = parent.parent
@@ -185,6 +189,16 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
             raise OutputError(f"--out {str(out)!r}: the name {path.name[:40]!r}... is {len(os.fsencode(path.name))} "
                               f"bytes, and the temporary file it is written through needs {TEMPORARY_NAME_EXTRA} more "
                               f"than the file system's limit allows (at most {limit}); choose a shorter name")
+
+
+def _a_geometry_record(path: Path) -> bool:
+    """Whether `path` holds the JSON that twa connect or twa plane writes beside its figure
+    (its numbers along a line, or over a plane, and a stamp)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "stamp" in record and ("alphas" in record or "anchors" in record)
 
 
 def _write_figure_and_json(out: Path, draw: Callable[[Path], object], record: dict) -> None:
