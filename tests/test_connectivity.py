@@ -1096,8 +1096,12 @@ def test_cli_outputs_never_replace_another_commands_json(project, monkeypatch, c
     code, _, err = _run_cli([*args, "--out", str(root / "results.png")], root, monkeypatch, capsys)
     assert code == 2 and "which is no record of twa connect or twa plane" in err, err
     assert results.read_text() == '{"seeds": [3], "stamp": {"machine": "x"}}'
-    # an earlier line's own JSON is replaced, as the docs say
+    # an earlier line's own JSON is replaced, as the docs say, also one written without a stamp
+    import json
+
     assert _run_cli([*args, "--out", str(root / "line.png")], root, monkeypatch, capsys)[0] == 0
+    record = json.loads((root / "line.json").read_text())
+    (root / "line.json").write_text(json.dumps({k: v for k, v in record.items() if k != "stamp"}))
     assert _run_cli([*args, "--out", str(root / "line.png")], root, monkeypatch, capsys)[0] == 0
 
 

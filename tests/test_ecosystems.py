@@ -540,8 +540,19 @@ def test_the_hf_trainer_predicts_with_a_twa_over_a_causal_lm_as_with_the_model(t
     with torch.no_grad():
         want = plain.eval()(tokens).logits
     torch.testing.assert_close(torch.as_tensor(predicted), want, rtol=1e-4, atol=1e-4)
+    linear_states = [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]
     with pytest.raises(AttributeError, match="no attribute 'config'"):  # as for any module without one
-        tk.TWA(nn.Linear(4, 2), [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]).config
+        tk.TWA(nn.Linear(4, 2), linear_states).config
+
+    class DictConfig(nn.Linear):  # a config of the user's own, which the Trainer would try to set
+        def __init__(self):
+            super().__init__(4, 2)
+            self.config = {"hidden": 4}
+
+    own = tk.TWA(DictConfig(), linear_states)
+    assert not hasattr(own, "config")
+    own.config = {"mine": 1}  # an attribute of the user's, as on any module
+    assert own.config == {"mine": 1}
 
 
 def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():

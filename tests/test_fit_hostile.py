@@ -854,6 +854,21 @@ def test_integers_not_written_in_decimal_are_refused_not_read_in_another_base(in
     assert getattr(load_config(path), key) == 16
 
 
+
+@pytest.mark.parametrize("lr", ["0:00.5", "010", "0x10"])
+def test_an_optimizer_number_not_written_in_decimal_is_refused(in_project, lr):
+    # lr: 0:00.5 was read as 0.5 (base 60) and lr: 010 as 10.0, silently
+    from twa_kernels._fit_config import load_config
+
+    path = _config(in_project, name="lr.yaml", optimizer=None)
+    base = path.read_text()
+    path.write_text(base + f"optimizer:\n  name: AdamW\n  lr: {lr}\n")
+    with pytest.raises(FitError, match="lr"):
+        load_config(path)
+    path.write_text(base + "optimizer:\n  name: AdamW\n  lr: 1e-3\n")
+    assert load_config(path).optimizer_args["lr"] == 1e-3
+
+
 # -- empty data ----------------------------------------------------------------------------
 
 

@@ -117,14 +117,18 @@ def _check_import_string(where: str, key: str, value: Any) -> str:
     return value
 
 
+# a decimal number as text: what YAML 1.1 leaves as text (1e-3, with no dot) and means a number
+_DECIMAL = re.compile(r"^[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+
+
 def _text_as_number(value: Any) -> Any:
     """An optimizer argument with the numbers YAML 1.1 reads as text (1e-3, without a dot)
-    made numbers, in a list such as betas too; anything else as it is."""
+    made numbers, in a list such as betas too; anything else as it is (text such as 010,
+    0x10 or 1:30, which the checks then name)."""
     if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
+        if not _DECIMAL.match(value):
             return value
+        number = float(value)
         return number if math.isfinite(number) else value
     if isinstance(value, list):
         return [_text_as_number(item) for item in value]
@@ -320,14 +324,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# Integers in decimal only (YAML 1.2's rule): YAML 1.1, which PyYAML follows, reads `epochs:
-# 010` as 8 (octal), `seed: 1:30` as 90 (base 60), and 0b11 and 0x80 too, without a word. Such
-# a value stays a string here, which the checks then name.
+# Numbers in decimal only (YAML 1.2's rule): YAML 1.1, which PyYAML follows, reads `epochs:
+# 010` as 8 (octal), `seed: 1:30` as 90 and `lr: 0:00.5` as 0.5 (base 60), and 0b11 and 0x80
+# too, without a word. Such a value stays a string here, which the checks then name.
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int",
+                                                                       "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
                                        list("-+0123456789"))
+# floats as YAML 1.1 writes them (a dot; 1e-3 stays text), less its base 60 (`lr: 0:00.5`)
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
 def load_config(path: str | Path, required: tuple[str, ...] = ("model", "data", "checkpoints")) -> FitConfig:

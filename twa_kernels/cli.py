@@ -192,13 +192,13 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
 
 
 def _a_geometry_record(path: Path) -> bool:
-    """Whether `path` holds the JSON that twa connect or twa plane writes beside its figure
-    (its numbers along a line, or over a plane, and a stamp)."""
+    """Whether `path` holds the JSON that twa connect or twa plane writes beside its figure:
+    its numbers along a line (alphas, losses) or over a plane (anchors)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(record, dict) and "stamp" in record and ("alphas" in record or "anchors" in record)
+    return isinstance(record, dict) and ({"alphas", "loss"} <= record.keys() or "anchors" in record)
 
 
 def _write_figure_and_json(out: Path, draw: Callable[[Path], object], record: dict) -> None:

@@ -192,6 +192,12 @@ class TWA(nn.Module):
             sharding.check_same_values([n for n, _ in frozen], pinned, process_group,
                                        "the values of the model's frozen parameters")
         self._model = [model]  # a list keeps it out of the module tree
+        hf_config = getattr(model, "config", None)
+        if callable(getattr(hf_config, "to_dict", None)) and callable(getattr(hf_config, "to_json_string", None)):
+            # a transformers model's config, the same object: the Trainer reads and sets the
+            # config of the model it is given (the cache it turns off for training, the outputs
+            # predict() leaves out), and without it a TWA over a causal LM kept its cache on
+            self.config = hf_config
         self.names, self.shapes = subspace.names, subspace.shapes
         self.frozen_names = [n for n, _ in frozen]
         for i, value in enumerate(pinned):
@@ -257,18 +263,6 @@ class TWA(nn.Module):
         if hasattr(model, "accepts_loss_kwargs"):
             return bool(model.accepts_loss_kwargs)
         return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-
-    @property
-    def config(self) -> Any:
-        """The wrapped model's `config` (a transformers model's; AttributeError for a model
-        without one). transformers' Trainer reads and sets the model it is given's config: the
-        cache it turns off for training (`use_cache`) and the outputs it leaves out of
-        predictions (`keys_to_ignore_at_inference`). Without it a TWA over a causal LM kept its
-        cache on, and Trainer.predict failed on the cache among the logits."""
-        model = self.module
-        if not hasattr(model, "config"):
-            raise AttributeError(f"the model TWA wraps ({type(model).__name__}) has no config")
-        return model.config
 
     # transformers' Trainer turns activation checkpointing on through the model it is given,
     # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
