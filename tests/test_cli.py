@@ -503,15 +503,17 @@ def test_sigterm_during_a_write_leaves_neither_the_file_nor_its_temporary(tmp_pa
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # the handler raises before this ends
 
+        terminated = []
         try:
-            with cli._terminate_as_exception():
+            with cli._terminate_as_exception(terminated):
                 atomic_write({str(tmp_path / "out.txt")!r}, write)
         except SystemExit as exc:
             print(exc.code)
-        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, terminated == [signal.SIGTERM])
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["143", "True"] and done.stderr.strip() == "twa: terminated", done.stderr[-2000:]
+    assert done.stdout.split() == ["143", "True", "True"] and done.stderr.strip() == "twa: terminated", \
+        done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -397,24 +397,22 @@ def run() -> int:
     return main()
 
 
-class _Terminated(SystemExit):
-    """The SystemExit that SIGTERM raises (any other comes from code the command ran)."""
-
-
 @contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
+def _terminate_as_exception(terminated: list[int]) -> Iterator[None]:
     """SIGTERM raises SystemExit(143) for the length of the block, after the line `twa:
     terminated`, so that every `finally` runs on the way out: atomic writes remove their
     temporary file and output directories their staging one, where SIGTERM's default action
     would end the process with them on disk. SystemExit, like Ctrl-C's KeyboardInterrupt, is
-    no Exception: no `except Exception` on the way turns it into an error message."""
+    no Exception: no `except Exception` on the way turns it into an error message. The signal
+    is appended to `terminated`, which tells this SystemExit from one of the user's code."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
 
     def terminate(signum: int, frame: object) -> None:
         print("twa: terminated", file=sys.stderr)
-        raise _Terminated(128 + signum)
+        terminated.append(signum)  # this SystemExit is SIGTERM's; any other comes from code the command ran
+        raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -457,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
+    terminated: list[int] = []  # the signal, once SIGTERM has raised its SystemExit
     try:
-        with _terminate_as_exception():
+        with _terminate_as_exception(terminated):
             return args.func(args)
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
@@ -475,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twa: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:
-        if isinstance(exc, _Terminated):
+        if terminated:
             raise
         # code of the user's the command ran (a factory, a loader, the loss) called sys.exit():
         # its code would pass for the command's, 0 for a success that wrote nothing
