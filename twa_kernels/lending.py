@@ -155,8 +155,8 @@ class LentWeights:
     def check_parameters_held(self) -> None:
         """Refuse a model that gained a parameter after TWA was built (a module added or
         given a new parameter), or whose frozen parameter now requires grad: TWA lends it
-        no weights, so it would train outside the subspace, or not at all, and be missing
-        from the export, without an error."""
+        no weights, so it would train outside the subspace, or not at all, and be exported
+        as it is, without an error."""
         root = getattr(self, "root", None)  # a copy pickled before these existed has neither
         for i in range(getattr(self, "pinned_from", len(self.slots)), len(self.slots)):
             module, attr = self.slots[i][0]
@@ -175,8 +175,8 @@ class LentWeights:
                     name = f"{prefix}.{attr}" if prefix else attr
                     raise UsageError(f"the model's parameter {name!r} was added after TWA was built, so the "
                                      "subspace does not span it: it would train outside it (or stay at its "
-                                     "initial value) and be missing from averaged_state_dict(); build TWA once "
-                                     "the model has its final structure")
+                                     "initial value), and averaged_state_dict() would export it as it is; build "
+                                     "TWA once the model has its final structure")
         self.registrations_seen = _registrations[0]
 
     def _put(self, tensors: Sequence[Tensor]) -> None:
