@@ -645,10 +645,11 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
                 raise UsageError(f"decor.update: layer {name!r} moved to {m.decor_R.device} after its inputs were "
                                  f"sampled on {m._decor_rows[0].device}; call update() before moving the model")
 
-    # at the first update, a rank whose layers are refused stops every rank with the reason
-    agree(check_samples, group, "checking its decorrelated layers") if first else check_samples()
-    if first:
+    if first:  # a rank whose layers are refused stops every rank with the reason
+        agree(check_samples, group, "checking its decorrelated layers")
         _agreed_layouts[model] = layout
+    else:
+        check_samples()
     for _, m in layers:
         if m._decor_sum is not None and m._decor_rows:  # rows sampled after the last fold into S count too
             m._decor_sum, m._decor_rows = m.decor_dense_sum(), []
