@@ -5,6 +5,7 @@ what it cannot do."""
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from functools import partial
@@ -477,8 +478,6 @@ def test_batchnorm_in_train_mode_is_recomputed_at_the_averaged_weights(tmp_path)
 def _measured_statistics(net: L.LightningModule, frozen: tuple[int, ...] = (), prepare=lambda batch: batch) -> dict:
     """The module's BatchNorm statistics measured at its present weights by one cumulative
     pass over the training batches, the layers in `frozen` run in eval mode as they are."""
-    import copy
-
     ref = copy.deepcopy(net).train()
     for i, m in enumerate(ref.model):
         if isinstance(m, nn.BatchNorm1d):
@@ -841,3 +840,26 @@ def test_under_ddp_a_process_that_cannot_go_on_stops_every_process_with_a_named_
     assert kind == "OutputError" and "a-file" in message
     kind, message, _ = second["unwritable dirpath"]
     assert kind == "RankFailedError" and "rank 0 failed while writing the snapshot of epoch 1" in message
+
+
+def test_a_copy_taken_during_the_twa_epochs_trains_later_with_its_class_steps(tmp_path):
+    # a deep copy taken while the steps were wrapped holds the wrapper; a later fit of the copy
+    # unwraps it and leaves the class's steps, not a bound copy of them, once it is done
+    copies = []
+
+    class CopyInTWAEpoch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 4 and batch_idx == 0 and not copies:
+                trainer_of_module, pl_module._trainer = pl_module._trainer, None
+                copies.append(copy.deepcopy(pl_module))
+                pl_module._trainer = trainer_of_module
+
+    _trainer(tmp_path / "a", callbacks=[TrainableWeightAveraging(start_epoch=1), CopyInTWAEpoch()]).fit(
+        _Net(), _loader())
+    (copied,) = copies
+    assert isinstance(vars(copied)["training_step"], partial)
+    callback = TrainableWeightAveraging(start_epoch=1)
+    _trainer(tmp_path / "b", callbacks=[callback]).fit(copied, _loader())
+    assert callback.twa.coefficients.abs().sum() > 0
+    assert "training_step" not in vars(copied) and "validation_step" not in vars(copied)
+    assert copied.training_step.__func__ is _Net.training_step

@@ -78,6 +78,19 @@ def _twa_step(step: object) -> bool:
     return isinstance(step, partial) and getattr(step.func, "__func__", None) is TWA.run
 
 
+def _unwrap_steps(pl_module: pl.LightningModule) -> None:
+    """Give the module back the steps another TWA wrapped (a deep copy taken during a TWA's
+    epochs holds that TWA's wrappers, which would run this fit's epochs at its weights)."""
+    for name in _STEPS:
+        while _twa_step(step := vars(pl_module).get(name)):
+            inner = step.args[0]
+            if getattr(inner, "__self__", None) is pl_module and getattr(inner, "__func__", None) is getattr(
+                    type(pl_module), name, None):
+                delattr(pl_module, name)  # the class's own step
+            else:
+                setattr(pl_module, name, inner)  # one the instance held (a compiled step)
+
+
 def _adamw(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The default optimizer of the coefficients: AdamW at lr 0.02 without weight decay, the
     setting of `twa demo` (weight decay would pull the average towards the center)."""
@@ -181,6 +194,7 @@ class TrainableWeightAveraging(pl.Callback):
             raise UsageError("TrainableWeightAveraging swaps the Trainer's optimizer for the coefficients' one, which "
                              "manual optimization (automatic_optimization = False) would not use; train a TWA held "
                              "by the LightningModule instead (docs/guides/lightning.md)")
+        _unwrap_steps(pl_module)
         if self.dirpath is None:
             root = str(trainer.default_root_dir)
             if "://" in root:  # a remote file system that Lightning reaches through fsspec
@@ -481,9 +495,6 @@ class TrainableWeightAveraging(pl.Callback):
         self._instance_steps = {}
         for name in _STEPS:
             step = vars(pl_module).get(name)
-            if _twa_step(step):  # a wrapper left by an earlier start: wrap what it wrapped
-                step = step.args[0]
-                setattr(pl_module, name, step)
             if step is not None:
                 self._instance_steps[name] = step
             setattr(pl_module, name, partial(self.twa.run, getattr(pl_module, name)))
