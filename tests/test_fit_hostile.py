@@ -422,6 +422,22 @@ def test_ctrl_c_says_progress_is_kept_only_when_this_run_kept_some(in_project, m
     assert str(stopped.value) == ""
 
 
+def test_checkpoint_listings_skip_every_file_twa_fit_keeps_beside_its_output(tmp_path):
+    # twa fit's progress file and its staging, set-aside and kept folders (each holding a
+    # checkpoint-like file) are never read as checkpoints of the run
+    from twa_kernels import _outdir
+    from twa_kernels.io import resolve_checkpoints
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "epoch_1.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / _outdir.fit_file_name("out", "progress.pt"))
+    for kind in (f"stage.{os.getpid()}.", f"old.{os.getpid()}.", "kept."):
+        folder = tmp_path / (_outdir.fit_file_name("out", kind) + "a1b2c3d4")
+        folder.mkdir()
+        torch.save({"w": torch.zeros(2)}, folder / "model.pt")
+        (folder / "config.json").write_text("{}")
+    assert resolve_checkpoints(tmp_path) == [tmp_path / "epoch_1.pt"]
+
+
 def test_a_run_whose_output_sits_in_its_checkpoint_folder_resumes(in_project, monkeypatch, tmp_path):
     # the progress file beside the output was read as one more checkpoint: every rerun failed
     import shutil

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from twa_kernels._random import seeded
 from twa_kernels.errors import TWAKernelsError
+from twa_kernels._outdir import fit_file_name
 from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely
 
 _FORMAT = 1
@@ -54,7 +55,7 @@ class Progress:
 def progress_path(output: str | os.PathLike) -> Path:
     """Beside the output directory, which must hold nothing but the outputs (see _outdir.py)."""
     out = Path(output)
-    return out.parent / f".{out.name}.twa-progress.pt"
+    return out.parent / fit_file_name(out.name, "progress.pt")
 
 
 def _files(spec: str | os.PathLike) -> list[str]:

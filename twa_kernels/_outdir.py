@@ -40,6 +40,16 @@ from pathlib import Path
 from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import OutputError
 
+def fit_file_name(output_name: str, kind: str) -> str:
+    """`.<output_name>.twa-<kind>`: a file or folder `twa fit` keeps beside its output directory
+    `output_name`: its progress (kind `progress.pt`), or a staging, set-aside or kept folder
+    (kind `stage.<pid>.`, `old.<pid>.` or `kept.`, to which mkdtemp adds its own characters)."""
+    return f".{output_name}.twa-{kind}"
+
+
+# every name fit_file_name gives: directory listings of checkpoints skip them, also where the
+# output sits in the checkpoints' folder
+FIT_FILE = re.compile(r"^\..+\.twa-(progress\.pt|(stage|old|kept)\..+)$")
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<pid>\d+)\.[^.]+$")
 # `.twa-stage.` and the pid (7 digits hold Linux's largest, 2**22) around the name, and
 # mkdtemp's 8 random characters after it: a fixed bound, so a name that fits fits every run
@@ -158,7 +168,7 @@ class OutputDirectory:
         try:
             self.recover()
             self._target.parent.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-stage.{os.getpid()}.",
+            self._staging = Path(tempfile.mkdtemp(prefix=fit_file_name(self._target.name, f"stage.{os.getpid()}."),
                                                   dir=self._target.parent))
             # the outputs the target holds now: one that is new or changed at commit was written
             # there during the run (by a data loader, say), and is the user's, not an old output
@@ -288,7 +298,7 @@ class OutputDirectory:
         """`folder` renamed to `.<target>.twa-kept.<random>`, which no run's clean-up removes;
         `folder` itself where the rename fails (a full disk, say)."""
         try:
-            kept = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.twa-kept.", dir=self._target.parent))
+            kept = Path(tempfile.mkdtemp(prefix=fit_file_name(self._target.name, "kept."), dir=self._target.parent))
         except OSError:
             return folder
         try:
@@ -331,7 +341,7 @@ class OutputDirectory:
                 # a directory with entries appeared there during the run: swapped as one that was there
         if _exchange(self._staging, target):
             return True  # the staging path now holds the old set
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.twa-old.{os.getpid()}.", dir=target.parent))
+        aside = Path(tempfile.mkdtemp(prefix=fit_file_name(target.name, f"old.{os.getpid()}."), dir=target.parent))
         os.rename(target, aside)  # replaces the empty directory mkdtemp made
         try:
             os.rename(self._staging, target)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels._checks import path_without_nul
+from twa_kernels._outdir import FIT_FILE
 from twa_kernels.errors import CheckpointError, InvalidTypeError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pth.tar")  # .pth.tar: timm
@@ -128,9 +129,6 @@ def _natural_key(path: Path) -> list:
     return [int(part) if i % 2 else part for i, part in enumerate(parts)]  # digits at odd positions
 
 
-# what `twa fit` keeps beside its output directory (its progress, staging and set-aside
-# folders): never checkpoints of a run, also where the output sits in the checkpoints' folder
-_OWN_FILES = re.compile(r"^\..+\.twa-(progress\.pt|(stage|old|kept)\..+)$")
 
 
 def _directory_checkpoints(directory: Path) -> list[Path]:
@@ -138,7 +136,7 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
     subdirectories, in natural order (the library's own files left out)."""
     found, skipped, unfinished = [], [], []
     for entry in directory.iterdir():
-        if _OWN_FILES.match(entry.name):
+        if FIT_FILE.match(entry.name):
             continue
         if entry.is_dir():
             if checkpoint_directory_files(entry) is not None or is_dcp_directory(entry):
