@@ -58,6 +58,17 @@ def assert_one_rounding_of_the_weight(w: torch.Tensor, expected: torch.Tensor, b
     assert float(excess.max()) <= 0, f"{int((excess > 0).sum())} of {w.numel()} weights beyond one rounding"
 
 
+def assert_rounded_to_nearest_bfloat16(w: torch.Tensor, expected: torch.Tensor, budget: float) -> None:
+    """bfloat16 `w` within the terms' budget of the spec's float32 `expected`, plus half a
+    bfloat16 step: one round-to-nearest of the float result (a truncation is off by up to a
+    whole step) and one float32 rounding of the weight."""
+    _, exponent = torch.frexp(expected.abs())  # |e| = m 2^exponent, m in [0.5, 1): a bfloat16 step is 2^(exponent - 8)
+    half_step = torch.ldexp(torch.ones_like(expected), exponent - 9)
+    float32_rounding = expected.abs() * 2.0 ** -23
+    excess = (w.float() - expected).abs() - (budget + half_step + float32_rounding)
+    assert float(excess.max()) <= 0, f"{int((excess > 0).sum())} of {w.numel()} weights beyond a nearest rounding"
+
+
 def noisy_checkpoints(model: torch.nn.Module, n: int, scale: float = 0.1) -> list[dict]:
     """n state_dicts of a random walk from `model`'s weights (each adds scale x N(0, 1) to
     every parameter), as a training run's checkpoints; `model` is left at the last one."""

@@ -10,7 +10,8 @@ from twa_kernels import _ops
 from twa_kernels.backends import reference
 
 from tests.conftest import BACKENDS, DEVICE
-from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis, reconstruct_budget
+from tests.helpers import (BITS, SHAPES, assert_one_rounding_of_the_weight, assert_rounded_to_nearest_bfloat16,
+                           random_basis, reconstruct_budget)
 
 
 def _reference_project(qb, g):
@@ -50,8 +51,8 @@ def test_reconstruct_matches_reference(backend_name, device, bits, k, d, group_s
     expected = _reference_reconstruct(qb, x, center)
     assert w.dtype == (dtype if with_center else torch.float32) and w.shape == (d,)
     budget = reconstruct_budget(qb, x)
-    if w.dtype == torch.bfloat16:  # both round a float result to bfloat16: at most one ulp apart
-        torch.testing.assert_close(w.float(), expected.float(), rtol=8e-3, atol=budget)
+    if w.dtype == torch.bfloat16:  # the spec's float result, rounded to the nearest bfloat16
+        assert_rounded_to_nearest_bfloat16(w, _reference_reconstruct(qb, x.float(), center.float()), budget)
     else:  # the budget plus one rounding of the weight, not a relative tolerance that hides more
         assert_one_rounding_of_the_weight(w, expected, budget)
 
@@ -91,8 +92,10 @@ def test_reconstruct_into_out_casts_as_it_stores(backend_name, device, bits, k, 
     assert w.data_ptr() == out.data_ptr() and w.dtype == out_dtype
     expected = _reference_reconstruct(qb, x, center)  # float32
     budget = reconstruct_budget(qb, x)
-    rtol = 8e-3 if out_dtype == torch.bfloat16 else 1e-5  # one bfloat16 rounding of the float32 result
-    torch.testing.assert_close(out.float(), expected, rtol=rtol, atol=budget)
+    if out_dtype == torch.bfloat16:  # one round-to-nearest of the float32 result
+        assert_rounded_to_nearest_bfloat16(out, expected, budget)
+    else:
+        assert_one_rounding_of_the_weight(out, expected, budget)
 
 
 @pytest.mark.parametrize("bits", BITS)

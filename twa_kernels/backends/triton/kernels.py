@@ -166,7 +166,22 @@ def reconstruct_tiles(codes, scales, mins, offsets, x, center, out, k, n_blocks,
             acc += tl.sum(values * col_coeff, axis=0)
     if HAS_CENTER:
         acc += tl.load(center + col, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out + col, acc.to(out.dtype.element_ty), mask=col_ok)
+    _store_rounded(out, col, acc, col_ok)
+
+
+@triton.jit
+def _store_rounded(out, index, value, mask):
+    """out[index] = float32 `value` in out's dtype, a bfloat16 rounded to nearest even in integer
+    steps as the CPU kernels round it: a cast leaves the rounding to the compiler (Triton's
+    interpreter truncates)."""
+    if out.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        quiet_nan = (bits >> 16) | 0x40
+        half = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, quiet_nan, rounded).to(tl.uint16)
+        tl.store(out + index, half.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out + index, value.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
