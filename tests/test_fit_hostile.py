@@ -486,7 +486,7 @@ def test_the_warning_for_another_runs_progress_says_what_differs():
     assert _what_differs("not json", base) == "other settings or checkpoints"
 
 
-@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders"])
+@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders", "damaged"])
 def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in_project, monkeypatch, tmp_path,
                                                                               edit):
     # read whole, but failing as the run took it up: every rerun crashed with torch's error (and
@@ -509,9 +509,14 @@ def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in
         state["epochs_done"] = 7
     elif edit == "loaders":
         state["loaders"][1] = [torch.zeros(3)]  # the val loader has no generator to take it
-    else:
+    elif edit == "optimizer":
         state["optimizer"]["param_groups"].append(state["optimizer"]["param_groups"][0])
-    torch.save(state, progress)
+    if edit == "damaged":  # a flipped bit in the coefficients' data: a file torch reads, and a wrong point
+        raw = bytearray(progress.read_bytes())
+        raw[raw.index(state["coefficients"].flatten()[:2].numpy().tobytes())] ^= 1
+        progress.write_bytes(raw)
+    else:
+        torch.save(state, progress)
     with pytest.warns(UserWarning, match="cannot resume from"):
         report = run_fit(config, progress=False)
     assert report["resumed_after_epoch"] is None and not progress.exists()

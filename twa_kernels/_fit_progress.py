@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from twa_kernels._random import seeded
 from twa_kernels.errors import TWAKernelsError
 from twa_kernels._outdir import fit_file_name
-from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely
+from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely, verify_zip_crc
 
 _FORMAT = 1
 
@@ -252,6 +252,7 @@ def load(path: Path, run: str) -> Progress | None:
     if not path.is_file():
         return None
     try:
+        verify_zip_crc(path)  # torch reads a flipped bit in a tensor as a valid value: a wrong point to resume at
         state = torch_load_safely(path)
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError("not a progress file of this version of twa-kernels")
