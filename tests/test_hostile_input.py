@@ -542,6 +542,49 @@ def test_saving_a_non_tensor_value_names_the_key(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_saving_a_modules_extra_state_says_how_to_keep_it(tmp_path):
+    class WithExtraState(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"calibrated": True}
+
+        def set_extra_state(self, state):
+            pass
+
+    state = WithExtraState(2, 2).state_dict()  # as averaged_state_dict() gives it, extra state included
+    with pytest.raises(tk.errors.InvalidTypeError, match=r"'_extra_state'\] is a module's extra state .* dict"):
+        tk.save_state_dict(state, tmp_path / "x.safetensors")
+    tk.save_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, tmp_path / "x.safetensors")
+
+
+def test_saving_under_a_file_or_onto_a_link_loop_is_an_output_error(tmp_path):
+    # the file as a folder read "File exists"; the loop was replaced by a regular file
+    tk.save_state_dict({"a": torch.zeros(2)}, tmp_path / "m.pt")
+    for under in ("m.pt/x.pt", "m.pt/a/x.pt"):
+        with pytest.raises(tk.errors.OutputError, match="m.pt is a file, not a folder"):
+            tk.save_state_dict({"a": torch.zeros(2)}, tmp_path / under)
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    with pytest.raises(tk.errors.OutputError, match="symbolic link that leads back to itself"):
+        tk.save_state_dict({"a": torch.zeros(2)}, tmp_path / "loop1")
+    assert (tmp_path / "loop1").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["loop1", "loop2",
+                                                                                                 "m.pt"]
+
+
+@pytest.mark.parametrize("dtype,suffix,named", [
+    (torch.complex32, ".safetensors", "a .safetensors file cannot hold"),
+    (torch.bits8, ".safetensors", "a .safetensors file cannot hold"),
+    (torch.uint4, ".pt", "torch cannot copy"),
+])
+def test_saving_a_dtype_the_format_cannot_hold_names_the_key(tmp_path, dtype, suffix, named):
+    # a bare KeyError from safetensors' dtype table, a NotImplementedError from torch's copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # complex32's "experimental" note
+        value = torch.empty(4, dtype=dtype)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=rf"state\['w'\] is {dtype}, which {named}"):
+        tk.save_state_dict({"w": value}, tmp_path / f"x{suffix}")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, suffix):
     import errno

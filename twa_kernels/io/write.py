@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import errno
+import functools
 import os
 import re
 import secrets
@@ -156,12 +157,19 @@ def _default_file_mode() -> int:
 
 def check_output_file(path: str | os.PathLike, example: str = "averaged.safetensors") -> Path:
     """`path` as a Path, or an OutputError when it cannot name a file to write: a NUL byte,
-    an existing directory (the message suggests `example` inside it). For work that runs
+    an existing directory (the message suggests `example` inside it), a file where a folder
+    of the path should be, a symbolic link that leads back to itself. For work that runs
     long before it writes, to check its output first."""
     path_without_nul(path, "the output path", OutputError)
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file path such as {path / example}")
+    if os.path.islink(os.path.realpath(path)):  # where realpath stops: a link whose chain comes back to it
+        raise OutputError(f"{path} is a symbolic link that leads back to itself; remove the loop or give another path")
+    nearest = next((parent for parent in path.parents if parent.exists()), None)  # the folder the file goes under
+    if nearest is not None and not nearest.is_dir():
+        raise OutputError(f"cannot write {path}: {nearest} is a file, not a folder; give a path whose folders are "
+                          "folders")
     return path
 
 
@@ -244,6 +252,16 @@ def atomic_write_together(writes: Mapping[str | os.PathLike, Callable[[str], Non
     return paths
 
 
+@functools.cache
+def _safetensors_holds(dtype: torch.dtype) -> bool:
+    """Whether safetensors writes `dtype` (its writer fails on others with a bare KeyError)."""
+    try:
+        safetensors.torch.save({"probe": torch.empty(0, dtype=dtype)})
+    except Exception:  # noqa: BLE001  (any failure means: not a dtype the format holds)
+        return False
+    return True
+
+
 def _remove_empty(directories: list[Path]) -> None:
     """Remove the directories a failed write created (deepest first), where still empty."""
     for directory in directories:
@@ -279,6 +297,11 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
     if not state:
         raise InvalidArgumentError(f"{path}: the state_dict to save is empty; pass the tensors to save")
     for key, value in state.items():
+        if isinstance(key, str) and key.rpartition(".")[2] == "_extra_state" and not isinstance(value, Tensor):
+            raise InvalidTypeError(f"state[{key!r}] is a module's extra state (get_extra_state), a "
+                                   f"{type(value).__name__}, which a weights file does not hold: save the tensors "
+                                   "({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}) and keep the "
+                                   "extra state apart (torch.save)")
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise InvalidTypeError(f"state[{key!r}] is {type(value).__name__}: a state_dict to save holds tensors "
                                    "under string names only; leave other entries out")
@@ -289,6 +312,9 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
                 raise InvalidArgumentError(f"{path}: state key {key!r} is not valid Unicode text (it holds a lone "
                                            "surrogate), which a .safetensors header cannot hold; rename it, or save "
                                            "as .pt") from None
+        if Path(path).suffix == ".safetensors" and not _safetensors_holds(value.dtype):
+            raise InvalidArgumentError(f"state[{key!r}] is {value.dtype}, which a .safetensors file cannot hold; "
+                                       "save as .pt, or cast it to a dtype the format has (such as torch.float32)")
         if kind := _not_dense_values(value):
             raise InvalidArgumentError(f"state[{key!r}] is {kind}; save real, dense tensors (materialise meta "
                                        "tensors, .to_dense() sparse ones)")
@@ -296,7 +322,13 @@ def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Pat
         raise InvalidArgumentError(f"{path}: a .safetensors file cannot hold a tensor named '__metadata__' (the "
                                    "format reserves that name for its header); rename it or save as .pt")
     # clone: safetensors refuses tensors that share memory (tied weights, views)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    tensors = {}
+    for key, value in state.items():
+        try:
+            tensors[key] = value.detach().cpu().clone().contiguous()
+        except (RuntimeError, NotImplementedError) as exc:  # torch copies no sub-byte dtype (uint4, int2, ...)
+            raise InvalidArgumentError(f"state[{key!r}] is {value.dtype}, which torch cannot copy to save ({exc}); "
+                                       "cast it to a dtype torch computes in, such as torch.uint8") from exc
     if Path(path).suffix == ".safetensors":
         return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp))
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
