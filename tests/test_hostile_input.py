@@ -13,6 +13,7 @@ import textwrap
 import warnings
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -175,7 +176,13 @@ def test_raw_ops_name_operands_that_do_not_fit_the_basis(backend_name):
         r"x has shape \(3, 1\) but the basis needs \(3, 2\)":
             lambda: ops.reconstruct(*basis, x[:, :1], None, 4, 16, 50),
         "g must be float32 or bfloat16, got torch.float64": lambda: ops.project(*basis, g.double(), 4, 16),
+        "g has 49 elements but the basis's block_offsets end at 50": lambda: ops.project(*basis, g[:49], 4, 16),
+        "the pieces have 60 elements": lambda: ops.project_pieces(*basis, [g, g[:10]], 4, 16),
+        "out has 49 elements": lambda: ops.reconstruct_into(*basis, x, None, 4, 16, torch.empty(49)),
         "pieces is empty": lambda: ops.project_pieces(*basis, [], 4, 16),
+        "gram reads p as float32, got torch.float64": lambda: ops.gram(torch.randn(3, 50, dtype=torch.float64)),
+        "combine_rows reads p as float32, got torch.float64":
+            lambda: ops.combine_rows(torch.eye(3, dtype=torch.float64), torch.randn(3, 50, dtype=torch.float64)),
         r"pieces\[0\] is \(5, 10\)": lambda: ops.project_pieces(*basis, [g.view(5, 10)], 4, 16),
         "out must be float32 or bfloat16": lambda: ops.reconstruct_into(*basis, x, None, 4, 16, torch.empty(50).half()),
         r"combine_rows takes .* \(1, 4\)": lambda: ops.combine_rows(torch.randn(1, 4, dtype=torch.float64),
@@ -235,6 +242,11 @@ def test_a_valid_hand_built_basis_still_works():
     same = QuantizedBasis(qb.codes, qb.scales, qb.mins, torch.tensor([0, 100, 1000]), 2, 64, 1000)
     g = torch.randn(1000)
     assert torch.equal(tk.project(same, g), tk.project(qb, g))
+    # numpy's integers (a layout read from an array) are taken as the ints they are, as quantize takes them
+    from_numpy = QuantizedBasis(qb.codes, qb.scales, qb.mins, qb.block_offsets, *np.array([2, 64, 1000]))
+    assert (from_numpy.bits, from_numpy.group_size, from_numpy.num_cols) == (2, 64, 1000)
+    assert all(type(v) is int for v in (from_numpy.bits, from_numpy.group_size, from_numpy.num_cols))
+    assert torch.equal(tk.project(from_numpy, g), tk.project(qb, g))
 
 
 @pytest.mark.parametrize("bits, field", [(None, "codes"), (4, "scales"), (4, "mins")])

@@ -117,7 +117,7 @@ def _kernel(op: str, device: torch.device, required: bool = True) -> Callable | 
 
 
 def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int, group_size: int,
-                  num_cols: int) -> None:
+                  num_cols: int, columns_of: str = "num_cols") -> None:
     """Refuse, before a kernel runs, raw basis tensors that do not fit their layout, with a
     BasisLayoutError: a basis edited in place after it was made (its offsets written
     through .data, a tensor resized) or tensors passed to torch.ops directly. The Triton
@@ -125,7 +125,7 @@ def _check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Te
     block_offsets' values, so this and the operand checks below are their only checks of
     those (an offsets tensor on the GPU is read once per version, see
     quant._validate_offsets); the C++ binding checks its inputs again itself. Its cost per call: docs/design.md."""
-    check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols)
+    check_layout(codes, scales, mins, block_offsets, bits or None, group_size, num_cols, columns_of)
 
 
 # what the kernels read as a gradient or a center and write as weights
@@ -179,7 +179,7 @@ def _check_coefficients(x: Tensor, codes: Tensor, block_offsets: Tensor) -> None
 def project_op(
     codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, g: Tensor, bits: int, group_size: int
 ) -> Tensor:
-    _check_layout(codes, scales, mins, block_offsets, bits, group_size, g.numel())
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, g.numel(), "g has")
     _check_vector("g", g, codes)
     return _kernel("project", g.device)(codes, scales, mins, block_offsets, g, bits, group_size)
 
@@ -219,7 +219,8 @@ def project_pieces_op(
     gradients are read where autograd left them. A backend without its own kernel gets
     the concatenation and its project kernel."""
     _check_pieces(pieces, codes)
-    _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces),
+                  "the pieces have")
     return _project_pieces(codes, scales, mins, block_offsets, pieces, bits, group_size)
 
 
@@ -269,7 +270,8 @@ def project_int8_op(
     differentiable: it is the projection of a gradient, never part of a graph. A backend
     without its own kernel gets g^ rounded here and its project kernel."""
     _check_pieces(pieces, codes)
-    _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces))
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, sum(p.numel() for p in pieces),
+                  "the pieces have")
     if bits == 0:
         raise InvalidArgumentError("project_int8 rounds g per quantisation group and needs a packed basis "
                                    "(bits 1, 2, 4 or 8), not a dense one (bits 0); call project")
@@ -381,7 +383,7 @@ def reconstruct_into_op(
 def _reconstruct_into(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, x: Tensor,
                       center: Optional[Tensor], bits: int, group_size: int, out: Tensor) -> None:
     """reconstruct_into_op's checks and kernel call, without the op's dispatch."""
-    _check_layout(codes, scales, mins, block_offsets, bits, group_size, out.numel())
+    _check_layout(codes, scales, mins, block_offsets, bits, group_size, out.numel(), "out has")
     _check_coefficients(x, codes, block_offsets)
     _check_vector("out", out, codes)
     if not out.is_contiguous():
@@ -579,7 +581,15 @@ def gram_op(p: Tensor) -> Tensor:
     """p p^T for float32 p [k, d], accumulated in float64 -> float64 [k, k]."""
     if p.dim() != 2 or not p.is_floating_point():
         raise InvalidArgumentError(f"gram takes a floating-point [k, d] matrix, got {tuple(p.shape)} {p.dtype}")
+    _check_float32_rows("gram", p)
     return _kernel("gram", p.device)(p)
+
+
+def _check_float32_rows(op: str, p: Tensor) -> None:
+    """The kernels read p as float32; the reference reads it as it is. A p of another dtype
+    would give each its own answer (float64's digits rounded away by the kernels alone)."""
+    if p.dtype != torch.float32:
+        raise InvalidTypeError(f"{op} reads p as float32, got {p.dtype}; pass p.float()")
 
 
 @gram_op.register_fake
@@ -596,6 +606,7 @@ def combine_rows_op(t: Tensor, p: Tensor) -> Tensor:
                                    f"{tuple(t.shape)} {t.dtype} and {tuple(p.shape)} {p.dtype}")
     if t.device != p.device:
         raise InvalidArgumentError(f"t is on {t.device} but p is on {p.device}")
+    _check_float32_rows("combine_rows", p)
     return _kernel("combine_rows", p.device)(t, p)
 
 

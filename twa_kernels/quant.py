@@ -60,6 +60,10 @@ class QuantizedBasis:
         # offsets past the end or out of order would read and write out of bounds. The
         # checks are O(k + B) on metadata, never a pass over the codes; value checks
         # (finite scales) are from_state_dict's, for bases read from files.
+        for name in ("bits", "group_size", "num_cols"):  # a numpy or torch integer as the int it is
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, name, int(value))
         check_layout(self.codes, self.scales, self.mins, self.block_offsets, self.bits, self.group_size,
                      self.num_cols)
 
@@ -177,10 +181,11 @@ def packed_row_bytes(num_cols: int, bits: int, group_size: int) -> int:
 
 
 def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Tensor, bits: int | None,
-                 group_size: int, num_cols: int) -> None:
+                 group_size: int, num_cols: int, columns_of: str = "num_cols") -> None:
     """Types, shapes, dtypes and devices of a basis's tensors, and the values of its block
     offsets: everything a kernel relies on for memory safety. Raises BasisLayoutError
-    naming the field."""
+    naming the field. `columns_of` names where num_cols came from (an op's operand), for the
+    message when the offsets end elsewhere."""
     tensors = {"codes": codes, "scales": scales, "mins": mins, "block_offsets": block_offsets}
     for name, value in tensors.items():
         if not isinstance(value, Tensor):
@@ -204,7 +209,7 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
         raise BasisLayoutError(f"block_offsets must be a 1-D int64 tensor with at least 2 entries, got "
                                f"{block_offsets.dtype} {tuple(block_offsets.shape)}; build it with "
                                "block_offsets_from_sizes")
-    _validate_offsets(block_offsets, num_cols)
+    _validate_offsets(block_offsets, num_cols, columns_of)
     k = codes.shape[0]
     if bits is None:
         if codes.dtype != torch.float32 or codes.shape[1] != num_cols:
@@ -234,7 +239,7 @@ def check_layout(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Ten
 _CHECKED_OFFSETS: dict[int, tuple[weakref.ref, int, int]] = {}
 
 
-def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
+def _validate_offsets(offsets: Tensor, num_cols: int, columns_of: str = "num_cols") -> None:
     if _is_traced(offsets):
         return  # no values to read under torch.compile's fake tensors; the eager call checked them
     cached = offsets.device.type != "cpu"
@@ -247,6 +252,10 @@ def _validate_offsets(offsets: Tensor, num_cols: int) -> None:
     else:
         first, last = values[0], values[-1]
         ordered = all(b > a for a, b in zip(values, values[1:]))
+    if first == 0 and last != num_cols and columns_of != "num_cols":  # an operand of another length, most likely
+        raise BasisLayoutError(f"{columns_of} {num_cols} elements but the basis's block_offsets end at {last} "
+                               f"columns: give one entry per basis column ({last}), or, if the offsets were edited, "
+                               "rebuild them with block_offsets_from_sizes")
     if first != 0 or last != num_cols:
         raise BasisLayoutError(f"block_offsets must run from 0 to num_cols={num_cols}, got {first} to {last}")
     if not ordered:
