@@ -6,6 +6,7 @@ shows as that process's exit code instead of ending the test run."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -312,6 +313,19 @@ def test_one_flipped_bit_in_a_torch_file_is_refused(tmp_path):
         tk.load_state_dict(path)
     with pytest.raises(CheckpointError, match="corrupt.*CRC"):
         columns.ColumnReader(path).read("b.weight", (300,), 0, 10)
+
+
+def test_a_flipped_bit_in_a_file_checked_before_is_refused_after_its_mtime_was_put_back(tmp_path):
+    # the check is done once per file: a rewrite in place that restores the modification time
+    # (rsync --inplace -t) kept the size, mtime and inode it is remembered by
+    path = tmp_path / "ck.pt"
+    torch.save({"a.weight": torch.randn(300), "b.weight": torch.randn(300)}, path)
+    tk.load_state_dict(path)
+    before = path.stat()
+    _flip_a_bit_in_tensor_data(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(CheckpointError, match="corrupt.*CRC"):
+        tk.load_state_dict(path)
 
 
 def test_one_flipped_bit_is_refused_by_twa(tmp_path):
@@ -669,8 +683,6 @@ def test_a_path_with_a_nul_byte_is_named(tmp_path, call, error, what):
 
 
 def test_saved_files_follow_the_umask_and_keep_an_existing_mode(tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         path = tk.save_state_dict({"w": torch.ones(3)}, tmp_path / "a.pt")

@@ -771,6 +771,17 @@ def test_a_shard_index_nested_too_deeply_is_a_checkpoint_error(tmp_path):
         load_state_dict(tmp_path)
 
 
+def test_a_shard_index_larger_than_any_models_is_refused_unread(tmp_path, monkeypatch):
+    from twa_kernels.io import files
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {f"layer{i}.weight": "model.safetensors" for i in range(100)}}))
+    monkeypatch.setattr(files, "_MAX_INDEX_BYTES", index.stat().st_size - 1)
+    monkeypatch.setattr(files.Path, "read_text", lambda *_: pytest.fail("read an index past the limit"))
+    with pytest.raises(tk.CheckpointError, match=r"not a readable index of shards .* more than an index of any model"):
+        load_state_dict(tmp_path)
+
+
 class _Holder(torch.nn.Module):
     """Own names starting with `model.`, as Hugging Face's LlamaForCausalLM has."""
 

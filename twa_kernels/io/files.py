@@ -76,9 +76,17 @@ def checkpoint_directory_files(path: str | os.PathLike) -> list[Path] | None:
     return None
 
 
+# A save_pretrained index maps each key to its shard: about 100 bytes a key, so a model of a
+# million tensors stays under 128 MiB; a larger "index" is not one, and is not read into memory
+_MAX_INDEX_BYTES = 128 << 20
+
+
 def _index_shards(index: Path) -> list[Path]:
     """The shard files a save_pretrained index (`{"weight_map": {key: file}}`) lists."""
     try:
+        if index.stat().st_size > _MAX_INDEX_BYTES:
+            raise ValueError(f"it is {index.stat().st_size} bytes, more than an index of any model "
+                             f"({_MAX_INDEX_BYTES >> 20} MiB)")
         weight_map = json.loads(index.read_text())["weight_map"]
         files = set(weight_map.values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

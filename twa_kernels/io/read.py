@@ -103,15 +103,24 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
 
 # Files whose CRC-32s were verified in this process, by identity and modification stamp,
 # with the size of each record's data: {record name: bytes}.
-_VERIFIED: dict[tuple[str, int, int, int], dict[str, int]] = {}
+_VERIFIED: dict[tuple[str, int, int, int, int], dict[str, int]] = {}
 # Files whose storages were found to be their records (_check_storage_records), the same way.
-_RECORDS_CHECKED: set[tuple[str, int, int, int]] = set()
+_RECORDS_CHECKED: set[tuple[str, int, int, int, int]] = set()
 
 
 def _file_stamp(path: str | os.PathLike) -> tuple[str, int, int, int]:
     """A file's identity and modification stamp: a file seen before and unchanged since."""
     stat = os.stat(path)
     return os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _checked_stamp(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
+    """_file_stamp and the change time, which no program can set back: the key of a check
+    done once per file (a copy that restores the modification time, `rsync --inplace -t`,
+    leaves size, mtime and inode as they were). Not for telling a rewrite apart from a file
+    whose metadata changed (a chmod moves the change time too)."""
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
 
 
 def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
@@ -122,7 +131,7 @@ def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
     memory until they are given back: up to a whole record at every open); zlib-ng's
     CRC-32 runs at several GB/s. Each file is checked once per process unless it changes.
     Raises CheckpointError naming the record. Returns each record's size: {name: bytes}."""
-    stamp = _file_stamp(path)
+    stamp = _checked_stamp(path)
     if stamp in _VERIFIED:
         return _VERIFIED[stamp]
     spans: dict[str, int] = {}
@@ -305,7 +314,7 @@ def _check_storage_records(path: str | os.PathLike) -> None:
     the file is mapped. Only the pickle is read, and none of its globals is looked up. Each
     file is checked once per process unless it changes."""
     spans = verify_zip_crc(path)
-    stamp = _file_stamp(path)
+    stamp = _checked_stamp(path)
     if stamp in _RECORDS_CHECKED:
         return
     try:
