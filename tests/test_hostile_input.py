@@ -505,6 +505,24 @@ def test_loading_a_twa_state_of_another_shape_is_named(field, shape):
         twa.load_state_dict(state)
 
 
+def test_the_state_of_a_compiled_or_wrapped_twa_loads_and_one_of_nothing_here_is_named():
+    # a compiled TWA's state (every key `_orig_mod.`) was refused with advice to pass
+    # strict=False, which then loaded nothing and said nothing
+    model = nn.Linear(4, 3)
+    twa = tk.TWA(model, _states(model))
+    with torch.no_grad():
+        twa.coefficients.fill_(0.25)
+    saved = torch.compile(twa).state_dict()
+    assert all(key.startswith("_orig_mod.") for key in saved)
+    fresh = tk.TWA(model, _states(model))
+    fresh.load_state_dict(saved)
+    assert torch.equal(fresh.coefficients, twa.coefficients)
+    fresh.load_state_dict({f"module.{k}": v for k, v in twa.state_dict().items()})  # a DDP-wrapped one's
+    for strict in (True, False):
+        with pytest.raises(tk.errors.InvalidArgumentError, match="none of its keys .* is this TWA's"):
+            fresh.load_state_dict(model.state_dict(), strict=strict)
+
+
 def test_one_checkpoint_with_orthonormalize_is_named():
     with pytest.raises(CheckpointError, match="a subspace needs at least 2"):
         tk.Subspace.from_checkpoints(_states(nn.Linear(4, 3), 1), granularity="model", orthonormalize=True)

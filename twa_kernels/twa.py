@@ -69,7 +69,8 @@ from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_mode
 from twa_kernels._twa_state import check_loaded_state, record_shard, take_own_rank
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
-from twa_kernels.io import Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints, unwrap_model
+from twa_kernels.io import (Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints,
+                            strip_wrapper_prefixes, unwrap_model)
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
 from twa_kernels.quant import QuantizedBasis, dequantize
 from twa_kernels.sharded_build import ShardedSubspace
@@ -319,6 +320,16 @@ class TWA(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
                                    f"TWA.state_dict() returns), got {type(state_dict).__name__}")
+        own_keys = set(self.state_dict(keep_vars=True))
+        if state_dict and own_keys.isdisjoint(state_dict):
+            # the state of a wrapped TWA: torch.compile's `_orig_mod.`, DDP's `module.` before every key
+            unwrapped = {strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
+            if len(unwrapped) == len(state_dict) and not own_keys.isdisjoint(unwrapped):
+                state_dict = unwrapped
+            else:  # strict=False would load nothing, and say nothing
+                raise InvalidArgumentError(f"TWA state_dict: none of its keys {sorted(state_dict)[:6]} is this TWA's "
+                                           f"({sorted(own_keys)[:6]}); load the state_dict() of a TWA built the same "
+                                           "way (a model's own state goes to twa.module)")
         if strict:  # torch would copy every entry it can and raise only after
             # a sharded rank's entries by the buffers' names, in both (see _twa_state.PER_RANK)
             incoming, own_state = dict(state_dict), self.state_dict(keep_vars=True)  # (a subclass's too)

@@ -33,6 +33,7 @@ from twa_kernels.io.keys import (
     model_key_names,
     model_renaming,
     parameter_aliases,
+    strip_wrapper_prefixes,
     tied_owners,
     unwrap_model,
     unwrap_state_dict,
@@ -56,6 +57,7 @@ __all__ = [
     "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
     "iter_state_dicts", "load_state_dict", "match_names", "ModelKeys", "model_key_names", "model_renaming",
     "parameter_aliases",
-    "resolve_checkpoints", "save_state_dict", "tied_owners", "torch_load_safely", "trainer_output_hint",
+    "resolve_checkpoints", "save_state_dict", "strip_wrapper_prefixes", "tied_owners", "torch_load_safely",
+    "trainer_output_hint",
     "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",
 ]

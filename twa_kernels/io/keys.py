@@ -57,7 +57,7 @@ _LIGHTNING_PREFIX = "model."
 StateDict = dict[str, Tensor]
 
 
-def _strip_key(key: str) -> str:
+def strip_wrapper_prefixes(key: str) -> str:
     """`key` without its leading wrapper prefixes (`module.`, `_orig_mod.`, in any order)."""
     changed = True
     while changed:
@@ -91,7 +91,7 @@ def _strip_names(keys: Iterable[str], source: str) -> dict[str, str]:
             raise _both_name(source, by_name[name], key, name)
         by_name[name] = key
     for name, key in by_name.items():
-        inner = _strip_key(name)
+        inner = strip_wrapper_prefixes(name)
         if inner != name and inner in by_name:
             raise _both_name(source, by_name[inner], key, inner)
     return by_name
