@@ -15,7 +15,8 @@ from twa_kernels import _collectives
 from twa_kernels.batchnorm import measured_norms, running_norms
 from twa_kernels.columns import ColumnReader
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
-from twa_kernels.io import Checkpoints, model_key_names, parameter_aliases, resolve_checkpoints, warn_unmatched_keys
+from twa_kernels.io import (Checkpoints, changed_error, model_key_names, parameter_aliases, resolve_checkpoints,
+                            warn_unmatched_keys)
 from twa_kernels.quant import block_offsets_from_sizes
 from twa_kernels.sharded_build import build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
@@ -225,10 +226,8 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
             if not frozen and not buffers:
                 return []
         if stamps is not None and stamps[i] is not None and reader.stamp != stamps[i]:
-            raise CheckpointError(f"{reader.source}: changed after the subspace was built from it (its size, "
-                                  "modification time or inode moved), so its frozen parameters would come from "
-                                  "another state than the basis; build once it is no longer being written, or "
-                                  "from a copy")
+            raise changed_error(reader.source, "after the subspace was built from it, so its frozen parameters "
+                                "would come from another state than the basis", "build")
         for name, own in buffers.items():
             key = reader.key(name, aliases.get(name, ()))  # VeRA's projections are under their adapter-file key
             if name in differ or key is None or reader.shape(key) != tuple(own.shape):

@@ -37,8 +37,10 @@ from twa_kernels.io import (
     StateDict,
     adapter_file_keys,
     adapter_hint,
+    changed_error,
     check_finite,
     checkpoint_aliases,
+    file_stamp,
     fill_tied_keys,
     iter_state_dicts,
     model_key_names,
@@ -47,7 +49,6 @@ from twa_kernels.io import (
     unwrap_model,
     warn_unmatched_keys,
 )
-from twa_kernels.io.read import _file_stamp
 
 
 def _averaged(value: Tensor) -> bool:
@@ -242,7 +243,7 @@ def greedy_soup(
         raise InvalidTypeError(f"greedy_soup's score must be a function of a state_dict returning a number (higher "
                                f"is better, e.g. held-out accuracy), got {type(score).__name__}")
     specs = resolve_checkpoints(checkpoints)
-    stamps = [None if isinstance(spec, Mapping) else _file_stamp(spec) for spec in specs]
+    stamps = [None if isinstance(spec, Mapping) else file_stamp(spec) for spec in specs]
     scores = []
     dtypes = _model_dtypes(model)
     first = None
@@ -264,9 +265,8 @@ def greedy_soup(
     total: dict[str, Tensor] | None = None
     last: StateDict | None = None
     for i in order:
-        if stamps[i] is not None and _file_stamp(specs[i]) != stamps[i]:  # scored as one state, souped as another
-            raise CheckpointError(f"{specs[i]}: changed since it was scored (its size, modification time or inode "
-                                  "moved); build the soup once it is no longer being written, or from a copy")
+        if stamps[i] is not None and file_stamp(specs[i]) != stamps[i]:  # scored as one state, souped as another
+            raise changed_error(specs[i], "since it was scored", "build the soup")
         _, state = next(_states([specs[i]], model, warn_unmatched=False, kept=kept))  # the scoring pass warned
         if total is None:
             total = {k: _wide(v).clone() for k, v in state.items() if _averaged(v)}

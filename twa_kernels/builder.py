@@ -23,7 +23,7 @@ from torch import Tensor
 from twa_kernels._memory import empty_huge
 from twa_kernels.errors import CheckpointError
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import Checkpoints, CheckpointSpec, trainer_output_hint
+from twa_kernels.io import Checkpoints, CheckpointSpec, changed_error, trainer_output_hint
 from twa_kernels.quant import QuantizedBasis, _quantize_row, packed_row_bytes
 
 _READ_COLUMNS = 1 << 18  # a window of about 1 MB of float32 per read (at least _CHUNK_GROUPS groups)
@@ -55,9 +55,7 @@ class Layout:
         reader = ColumnReader(spec, index, names=self.match_names)
         first = self._stamps.setdefault(index, reader.stamp)
         if first != reader.stamp:
-            raise CheckpointError(f"{reader.source}: changed between the passes of the build (its size, modification "
-                                  "time or inode moved since the first pass read it); build once it is no longer "
-                                  "being written, or from a copy")
+            raise changed_error(reader.source, "between the passes of the build", "build")
         return reader
 
     def stamps(self, count: int) -> list[tuple | None]:

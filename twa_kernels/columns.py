@@ -24,7 +24,9 @@ from twa_kernels._memory import drop_pages as _drop_pages  # module-level: tests
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 from twa_kernels.io import (
     CheckpointSpec,
+    changed_error,
     checkpoint_directory_files,
+    file_stamp,
     finite,
     is_dcp_directory,
     load_state_dict,
@@ -35,8 +37,7 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names, adapter_hint
-from twa_kernels.io.read import (_file_stamp, _non_finite_error, is_torch_zip, refuse_torch_zip_as_safetensors,
-                                  zip_maps_as_stored)
+from twa_kernels.io.read import _non_finite_error, is_torch_zip, refuse_torch_zip_as_safetensors, zip_maps_as_stored
 
 logger = logging.getLogger(__name__)
 # the files (and their versions) whose note that they are loaded whole was given
@@ -57,7 +58,7 @@ def _stamp(files: Sequence[Path]) -> tuple | None:
     stamps = []
     for path in files:
         try:
-            stamps.append(_file_stamp(path))
+            stamps.append(file_stamp(path))
         except OSError:  # gone: a stamp no later one equals
             stamps.append((str(path), None))
     return tuple(stamps)
@@ -165,8 +166,7 @@ class ColumnReader:
         """CheckpointError when a file of this checkpoint changed since the reader opened it:
         what was read before and what would be read after are two states of it."""
         if self.stamp is not None and _stamp(self._files) != self.stamp:
-            raise CheckpointError(f"{self.source}: changed while it was being read (its size, modification time or "
-                                  "inode moved); read it once it is no longer being written, or from a copy")
+            raise changed_error(self.source, "while it was being read", "read it")
 
     def _open_directory(self, spec: str | os.PathLike) -> None:
         """A save_pretrained directory: one reader per weights file, opened lazily."""
@@ -213,7 +213,7 @@ class ColumnReader:
             # a legacy torch file, or a zip torch cannot map as it is: load it whole, once (a
             # file that is neither, or a zip cut short, is refused by the load, before the warning)
             self._open_state, self._kind = load_state_dict(self._spec), "memory"
-            stamp = _file_stamp(self._spec)
+            stamp = file_stamp(self._spec)
             if stamp not in _LOADED_WHOLE_NOTED:  # a build reads each file in several passes: said once
                 _LOADED_WHOLE_NOTED.add(stamp)
                 logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "

@@ -17,8 +17,8 @@ is one in-place reconstruct step along x (a row of n points drifts by about n fl
 roundings from direct reconstruction). A plane through a Subspace uses the subspace's
 center where it is. The construction and `locate` read checkpoint files a chunk of
 columns at a time (columns.ColumnReader), so no checkpoint is ever held whole; a checkpoint `a`
-changed after the plane was built (file size or mtime, or a state_dict tensor written in
-place) is refused when it is read back.
+changed after the plane was built (a file's size, mtime or inode, or a state_dict tensor
+written in place) is refused when it is read back.
 
 The plane's two directions are (checkpoint - origin) rows of the one basis builder
 (twa_kernels/builder.py), read and quantised a window at a time.
@@ -61,7 +61,7 @@ from twa_kernels.geometry.evaluation import (
     preserved,
 )
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import (CheckpointError, ModelKeys, model_key_names, parameter_aliases, unwrap_model,
+from twa_kernels.io import (CheckpointError, ModelKeys, file_stamp, model_key_names, parameter_aliases, unwrap_model,
                             unwrap_state_dict, warn_unmatched_keys)
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
@@ -157,7 +157,7 @@ def _read_step(group_size: int) -> int:
 
 def _stamp(spec: Checkpoint, read: Collection[str]) -> tuple:
     """What changes when a checkpoint changes: a file's (or every file of a DCP or
-    save_pretrained directory's) size and mtime; the version counters of the state_dict
+    save_pretrained directory's) io.file_stamp; the version counters of the state_dict
     tensors named in `read` (bumped by in-place writes; inference tensors have none, so
     in-place writes to those go unnoticed). Only the weights the origin reads count: a
     model's own state_dict() given as checkpoint a shares its BatchNorm buffers, which
@@ -166,10 +166,9 @@ def _stamp(spec: Checkpoint, read: Collection[str]) -> tuple:
         return tuple(None if t.is_inference() else t._version
                      for k, t in unwrap_state_dict(spec, "origin").items() if isinstance(t, Tensor) and k in read)
     if os.path.isdir(spec):  # a DCP or save_pretrained directory: every file in it
-        files = sorted((entry for entry in os.scandir(spec) if entry.is_file()), key=lambda entry: entry.name)
-        return tuple((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in files)
-    st = os.stat(spec)
-    return st.st_size, st.st_mtime_ns
+        files = sorted(entry.path for entry in os.scandir(spec) if entry.is_file())
+        return tuple(file_stamp(path) for path in files)
+    return file_stamp(spec)
 
 
 class _Origin:

@@ -40,7 +40,9 @@ from twa_kernels.io.keys import (
     warn_unmatched_keys,
 )
 from twa_kernels.io.read import (
+    changed_error,
     check_finite,
+    file_stamp,
     finite,
     iter_state_dicts,
     load_state_dict,
@@ -50,14 +52,11 @@ from twa_kernels.io.read import (
 from twa_kernels.io.write import atomic_write, atomic_write_together, check_output_file, save_state_dict, write_json
 
 __all__ = [
-    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "StateDict", "TWA_AVERAGE_MARK",
-    "adapter_file_keys",
-    "adapter_hint", "atomic_write", "checkpoint_aliases",
-    "atomic_write_together", "check_output_file",
-    "check_finite", "checkpoint_directory_files", "fill_tied_keys", "finite", "is_dcp_directory",
-    "iter_state_dicts", "load_state_dict", "match_names", "ModelKeys", "model_key_names", "model_renaming",
-    "parameter_aliases",
-    "resolve_checkpoints", "save_state_dict", "strip_wrapper_prefixes", "tied_owners", "torch_load_safely",
-    "trainer_output_hint",
+    "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "ModelKeys", "StateDict",
+    "TWA_AVERAGE_MARK", "adapter_file_keys", "adapter_hint", "atomic_write", "atomic_write_together",
+    "changed_error", "check_finite", "check_output_file", "checkpoint_aliases", "checkpoint_directory_files",
+    "file_stamp", "fill_tied_keys", "finite", "is_dcp_directory", "iter_state_dicts", "load_state_dict",
+    "match_names", "model_key_names", "model_renaming", "parameter_aliases", "resolve_checkpoints",
+    "save_state_dict", "strip_wrapper_prefixes", "tied_owners", "torch_load_safely", "trainer_output_hint",
     "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",
 ]

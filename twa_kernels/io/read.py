@@ -108,14 +108,21 @@ _VERIFIED: dict[tuple[str, int, int, int, int], dict[str, int]] = {}
 _RECORDS_CHECKED: set[tuple[str, int, int, int, int]] = set()
 
 
-def _file_stamp(path: str | os.PathLike) -> tuple[str, int, int, int]:
+def file_stamp(path: str | os.PathLike) -> tuple[str, int, int, int]:
     """A file's identity and modification stamp: a file seen before and unchanged since."""
     stat = os.stat(path)
     return os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
+def changed_error(source: object, when: str, fix: str) -> CheckpointError:
+    """The error for a checkpoint whose file_stamp moved between two reads of one job (a
+    file still being written, or replaced): `when` says between which, `fix` what to do."""
+    return CheckpointError(f"{source}: changed {when} (its size, modification time or inode moved); {fix} once it "
+                           "is no longer being written, or from a copy")
+
+
 def _checked_stamp(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
-    """_file_stamp and the change time, which no program can set back: the key of a check
+    """file_stamp and the change time, which no program can set back: the key of a check
     done once per file (a copy that restores the modification time, `rsync --inplace -t`,
     leaves size, mtime and inode as they were). Not for telling a rewrite apart from a file
     whose metadata changed (a chmod moves the change time too)."""
