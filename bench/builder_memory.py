@@ -64,10 +64,7 @@ elif case == "sharded (1 rank)":
     from twa_kernels.distributed import build_shard
     basis = build_shard(paths, dist.group.WORLD, names, shapes, bits=bits).basis
 else:
-    from twa_kernels import connectivity
-    frame = getattr(connectivity, "_frame_from_checkpoints", None)
-    if frame is None:
-        from twa_kernels.geometry.planes import _frame_from_checkpoints as frame
+    from twa_kernels.geometry.planes import _frame_from_checkpoints as frame
     basis = frame(model, paths[:3], bits, 128, False)[0].basis
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(dict(grown=max(peak, base_peak) - before, basis=basis.nbytes)))

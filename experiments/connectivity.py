@@ -165,6 +165,7 @@ from resnet import resnet18  # bench/ is on the child's PYTHONPATH
 from safetensors.torch import save_file
 from twa_kernels import connectivity as C
 from twa_kernels import io
+from twa_kernels._memory import return_freed_memory
 from twa_kernels.geometry import planes
 from twa_kernels import columns
 from twa_kernels.columns import ColumnReader
@@ -192,7 +193,7 @@ data = [(torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))]
 import twa_kernels as tk
 from twa_kernels.batchnorm import update_bn
 tk.reconstruct(tk.quantize(torch.ones(2, 64), bits, 64), torch.ones(2, 1))
-C._return_freed_memory()
+return_freed_memory()
 def forward():
     update_bn(data, model)
     with torch.no_grad():
@@ -203,18 +204,18 @@ Path("/proc/self/clear_refs").write_text("5")
 forward()
 forward_bytes = status("VmHWM") - before
 gc.collect()
-C._return_freed_memory()
+return_freed_memory()
 def build_peak(files):
     # the construction alone (streaming the three files into the origin and the packed directions)
     gc.collect()
-    C._return_freed_memory()
+    return_freed_memory()
     before = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
-    frame, _ = C._frame_from_checkpoints(model, files, bits, 128, False)
+    frame, _ = planes._frame_from_checkpoints(model, files, bits, 128, False)
     peak = status("VmHWM") - before
     del frame
     gc.collect()
-    C._return_freed_memory()
+    return_freed_memory()
     return peak
 builds = dict(pt=build_peak(paths), safetensors=build_peak(safetensors))
 # for comparison: a .pt file read through one mapping whose pages are never given back

@@ -357,7 +357,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     for i, fmt in ((1, "pt"), (4, "safetensors"), (7, "pt"), (5, "safetensors")):
         files.append(tmp_path / f"e{i}.{fmt}")
         torch.save(ckpts[i], files[-1]) if fmt == "pt" else save_file(ckpts[i], files[-1])
-    want, _ = C._frame_from_checkpoints(model, [ckpts[1], ckpts[4], ckpts[7]], bits, 8, True)
+    want, _ = planes._frame_from_checkpoints(model, [ckpts[1], ckpts[4], ckpts[7]], bits, 8, True)
     want_point = want.locate(ckpts[5], "epoch 6")
     # tiny chunks (quantised in 32 columns, read in 96) so that every tensor is cut somewhere,
     # and a mapping budget of 1 KB (a file is ~15 KB) for when pages cannot be given back
@@ -393,7 +393,7 @@ def test_a_plane_from_files_reads_them_in_bounded_chunks(runs, tmp_path, monkeyp
     monkeypatch.setattr(evaluation, "load_state_dict", whole)
     monkeypatch.setattr(torch, "load", load)
     monkeypatch.setattr(columns, "_drop_pages", drop)
-    got, _ = C._frame_from_checkpoints(model, files[:3], bits, 8, True)
+    got, _ = planes._frame_from_checkpoints(model, files[:3], bits, 8, True)
     point = got.locate(files[3], "epoch 6")
     numel = sum(p.numel() for p in model.parameters())
     print(f"\n{len(spans)} reads of at most {max(spans)} elements ({numel} per checkpoint); "

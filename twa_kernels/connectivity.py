@@ -20,10 +20,6 @@ from twa_kernels.geometry import (
     top_eigenvalue,
 )
 
-# Internals that measurement scripts read under this name. Patching them here does not
-# reach the code: patch twa_kernels.geometry.planes instead.
-from twa_kernels.geometry.planes import ColumnReader, _frame_from_checkpoints, _return_freed_memory  # noqa: F401
-
 __all__ = [
     "BN_MODES", "Checkpoint", "EigenResult", "Interpolation", "Metric", "Plane", "PlanePoint", "classification_metric",
     "hessian_diagonal", "interpolate", "plane", "plot_interpolation", "plot_plane", "top_eigenvalue",
