@@ -11,24 +11,11 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
 from twa_kernels import _provenance
-from twa_kernels._provenance import CPU_FEATURES, cpu_flags, cpu_model  # noqa: F401  (this module's names)
+# the names bench scripts read from this module
+from twa_kernels._provenance import CPU_FEATURES, cpu_flags, cpu_model, machine_slug  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def machine_slug(gpu: bool = False) -> str:
-    """A short file-name prefix for the device a benchmark measured: the GPU's name for a GPU
-    benchmark (gpu=True), else the CPU family and logical cores, also on a machine that has
-    a GPU, so that CPU numbers are never filed under the GPU."""
-    if gpu:
-        name = torch.cuda.get_device_name(0).lower()
-        return "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.replace("nvidia", "")).strip("-")
-    model = cpu_model().lower()
-    family = next((f for f in ("epyc", "xeon", "ryzen", "core", "graviton", "neoverse") if f in model), "cpu")
-    return f"cpu-{family}-{os.cpu_count()}core"
 
 
 # Where benchmarks and experiments write their results: a results file written earlier in

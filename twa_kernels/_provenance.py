@@ -10,6 +10,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,3 +87,15 @@ def stamp(repo: Path = PACKAGE_REPO, output_dirs: Sequence[str] = ()) -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def machine_slug(gpu: bool = False) -> str:
+    """A short file-name prefix for the device a benchmark measured: the GPU's name for a GPU
+    benchmark (gpu=True), else the CPU family and logical cores, also on a machine that has
+    a GPU, so that CPU numbers are never filed under the GPU."""
+    if gpu:
+        name = torch.cuda.get_device_name(0).lower()
+        return "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.replace("nvidia", "")).strip("-")
+    model = cpu_model().lower()
+    family = next((f for f in ("epyc", "xeon", "ryzen", "core", "graviton", "neoverse") if f in model), "cpu")
+    return f"cpu-{family}-{os.cpu_count()}core"

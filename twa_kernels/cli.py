@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from twa_kernels import _build, connectivity
 from twa_kernels._imports import optional
-from twa_kernels._provenance import stamp
+from twa_kernels._provenance import machine_slug, stamp
 from twa_kernels._memory import keep_freed_memory
 from twa_kernels._outdir import name_limit
 from twa_kernels.demo import run_demo
@@ -333,10 +333,7 @@ def _bench(args: argparse.Namespace) -> int:
               "install; clone the repository and pip install -e it", file=sys.stderr)
         return 2
     if args.out is None:  # in the current directory, never inside the source tree
-        spec = importlib.util.spec_from_file_location("_twa_bench_stamp", bench / "stamp.py")
-        stamp = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(stamp)
-        args.out = f"twa-bench-{stamp.machine_slug()}-{args.grid}.json"
+        args.out = f"twa-bench-{machine_slug()}-{args.grid}.json"
     results = Path(args.out).resolve()
     roofline = results.with_name(results.stem + "-roofline.json")  # where report.py writes its table's JSON
     try:
