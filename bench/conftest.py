@@ -101,6 +101,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["grid"] = os.environ.get("TWA_BENCH", "default")
+    machine_info["node"] = None  # the host's name: the stamp says which machine ran it
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -495,7 +495,7 @@ def cuda_ops(page: Path) -> str:
             out += ["", "Cases that failed in this run:", ""]
             out += [f"- {f['case']}: {str(f['error'])[:200]}" for f in d["failures"]]
         out.append("")
-    return "\n".join(out).strip() or "No GPU results in bench/results yet (bench/gpu_run.sh writes them)."
+    return "\n".join(out).strip() or "bench/results holds no GPU results (bench/gpu_run.sh writes them)."
 
 
 def builder_memory(page: Path) -> str:

@@ -150,7 +150,8 @@ class Workspace:
         buffer = self.buffer
         if buffer is None or self.busy or buffer.dtype != dtype or buffer.device != device or buffer.numel() != numel:
             # huge pages asked for first, then touched here by a parallel fill, once, not
-            # by the kernel's first write (page faults made a fresh output cost 2-3x)
+            # by the kernel's first write (docs/benchmarks.md, Methodology: a fresh output per
+            # call made reconstruct 1.3-1.5x and the step 1.3-2.9x slower, by its page faults)
             with torch.inference_mode(False):  # a buffer made in inference mode could never be trained through
                 self.buffer = buffer = empty_huge((numel,), dtype, device).zero_()
             self.generation += 1

@@ -254,7 +254,7 @@ constexpr int64_t kInt8RunBytes = 65536, kInt8RunCols = 131072, kInt8FetchAhead 
 // the misses of the next page are in flight before a hardware prefetcher would start on it.
 // 1 KiB ahead made the kernel 5-14% faster at 2 bits, 4-8% at 4 and 1-9% at 8 on the Intel
 // Xeon of docs/benchmarks.md (k = 16, D = 11.7M, 2 threads, bench/native/access_pattern.cpp
-// with the kernel modified, 3 interleaved runs; 2026-12-07, commit 0499ea4); 2 KiB measured
+// built with each distance in turn, 3 interleaved runs; 2026-12-07, commit 0499ea4); 2 KiB measured
 // about the same, and 4 and 8 KiB slower than none.
 constexpr int64_t kInt8GFetchAhead = 1024;
 
@@ -692,9 +692,7 @@ constexpr int kLanes = 16;
 // project's rows per pass over a run's g (kernels_impl.h), one chain of FMAs each. Against
 // 4 rows with two chains each, 8 made project 0-5% faster at 2 bits, 3-6% at 4 and 2-8% at
 // 8 (AMD EPYC, 2 threads, k = 16, D = 11.7M, interleaved calls; 2026-12-04, commit 4e7cd57):
-// each g vector loaded feeds twice the rows. On a 2-core Xeon, before the copy of the run
-// loop for 128-column groups, the same change had measured 10-20% slower (2026-12-02, commit
-// b6a4450).
+// each g vector loaded feeds twice the rows.
 constexpr int kProjectRows = 8;
 // reconstruct's rows per pass over a run's output (see kernels_impl.h). Against 4, 16 rows
 // made it 35% faster at 1 bit, 20% at 2 bits and 12% at 4 (AMD EPYC, 2 threads, k = 16,

@@ -374,7 +374,8 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def _is_fully_sharded(model: nn.Module) -> bool:
-    # as for compile: a model is sharded only where FSDP is imported (importing it costs ~25 MB)
+    # as for compile: a model is sharded only where FSDP is imported, which this check does
+    # not do itself (the import costs memory and time a process without FSDP never needs)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     module_type = getattr(fsdp, "FSDPModule", None)
     return module_type is not None and any(isinstance(m, module_type) for m in model.modules())
