@@ -757,6 +757,27 @@ def test_frozen_parameters_stay_exactly_at_their_checkpoint_value_while_twa_trai
     assert not torch.equal(model.body.weight, checkpoints[0]["body.weight"])  # the model's own stays its own
 
 
+def test_a_frozen_parameter_the_run_trained_is_named_and_one_that_agrees_is_not():
+    # frozen only when the TWA is built, it was pinned to the checkpoints' mean without a word
+    source = _Backbone()
+    checkpoints = _fine_tunes(source)
+    model = _Backbone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fine-tunes' frozen body agrees: nothing to say
+        tk.TWA(model, checkpoints)
+    model.head.weight.requires_grad_(False)  # trained in every fine-tune
+    with pytest.warns(UserWarning, match=r"frozen parameters \['head.weight'\] differ between the checkpoints"):
+        twa = tk.TWA(model, checkpoints)
+    mean = sum(c["head.weight"].double() for c in checkpoints) / len(checkpoints)
+    assert torch.equal(twa.averaged_state_dict()["head.weight"], mean.float())
+    # the same values stored in another dtype agree
+    agreeing = [{**c, "head.weight": checkpoints[0]["head.weight"].double() if i else checkpoints[0]["head.weight"]}
+                for i, c in enumerate(checkpoints)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.TWA(model, agreeing)
+
+
 def test_a_checkpoint_rewritten_between_the_build_and_the_frozen_read_is_named(tmp_path, monkeypatch):
     # the frozen parameters are read in a pass after the subspace's: a trainer saving over a
     # checkpoint in between pinned them to another state than the basis's

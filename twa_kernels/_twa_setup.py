@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from typing import Any
 
 import torch
@@ -218,6 +219,8 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     totals: list[Tensor | None] = [None] * len(frozen)
     absent: set[str] = set()  # frozen parameters the checkpoints leave to the model (adapters_only)
     differ: dict[str, str] = {}
+    first_digests: dict[str, int] = {}  # a frozen float parameter's first value, by its CRC
+    varied: list[str] = []  # frozen float parameters whose checkpoints disagree
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
         if i == 0:  # a model built smaller than the checkpoints' would train on their first layers
@@ -257,7 +260,11 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
                 raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} holds NaN or Inf, and TWA "
                                       "would pin it to that; use finite checkpoints")
             if value.is_floating_point():
-                totals[j] = value.double() if totals[j] is None else totals[j].add_(value.double())
+                wide = value.double()
+                digest = zlib.crc32(wide.reshape(-1).view(torch.uint8).numpy())
+                if first_digests.setdefault(name, digest) != digest and name not in varied:
+                    varied.append(name)
+                totals[j] = wide if totals[j] is None else totals[j].add_(wide)
             elif totals[j] is None:
                 totals[j] = value
             elif not torch.equal(totals[j], value):
@@ -265,5 +272,10 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
                                       "checkpoint's; integer tensors cannot be averaged: make them agree")
     if differ:
         _warn_buffers_differ(differ)
+    if varied:
+        warnings.warn(f"frozen parameters {varied[:5]}{' and more' if len(varied) > 5 else ''} differ between the "
+                      "checkpoints, so they were trained in the run, but TWA pins each to the checkpoints' mean and "
+                      "trains none of them; set requires_grad=True on them before building the TWA to train them "
+                      "in the subspace (or pass checkpoints in which they agree)", UserWarning, stacklevel=4)
     return [p.detach().clone() if t is None else (t / len(specs) if t.is_floating_point() else t).to(
         dtype=p.dtype, device=p.device) for t, (_, p) in zip(totals, frozen)]

@@ -39,10 +39,11 @@ averaged value in averaged_state_dict().
 Frozen parameters (requires_grad=False: a frozen backbone, integer tensors), and parameters
 with no elements, are kept out of the subspace, because a quantisation group spanning a
 frozen and a trained tensor would move the frozen one. Each is pinned to its checkpoint
-value: the checkpoints' mean
-summed in float64, which is exactly the value when they agree, as a frozen tensor's do
-(integer ones must agree). TWA holds the pinned values as buffers (`frozen_<i>`, names in
-`frozen_names`) and lends them to the model with the averaged weights.
+value: the checkpoints' mean summed in float64, which is exactly the value when they agree,
+as a frozen tensor's do (integer ones must agree; floating-point ones that differ, trained
+in the run and frozen only for the TWA, get a warning). TWA holds the pinned values as
+buffers (`frozen_<i>`, names in `frozen_names`) and lends them to the model with the
+averaged weights.
 """
 
 from __future__ import annotations
