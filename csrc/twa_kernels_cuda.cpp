@@ -2,6 +2,7 @@
 // `twa_kernels_cuda` namespace. Like the CPU binding, outputs and scratch are allocated in
 // Python; the CUDA stream comes in as an integer (torch.cuda.current_stream().cuda_stream),
 // so this file needs neither CUDA nor c10/cuda headers and compiles with the host compiler.
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "basis_binding.h"
@@ -13,7 +14,8 @@ using twa_binding::float_dtype;
 
 void check_cuda_contiguous(const at::Tensor& t, const char* name, const at::Tensor& like) {
   twa_binding::check_on(t, name, c10::DeviceType::CUDA);
-  // the kernels launch on `like`'s GPU: a pointer into another GPU's memory would be read there
+  // the kernels launch on `like`'s GPU (each op sets it current: a DeviceGuard): a pointer into
+  // another GPU's memory would be read there
   TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the kernel runs on ", like.device());
 }
 
@@ -43,6 +45,7 @@ void project_out(const at::Tensor& codes, const at::Tensor& scales, const at::Te
                  const at::Tensor& block_offsets, const at::Tensor& g, int64_t bits, int64_t group_size,
                  bool deterministic, int64_t stream, const at::Tensor& y, const at::Tensor& partial) {
   check_cuda_contiguous(g, "g", codes);
+  const c10::DeviceGuard on_device(codes.device());  // a direct call from another current GPU
   const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, g.numel());
   check_cuda_contiguous(y, "y", codes);
   TORCH_CHECK(y.scalar_type() == at::kDouble && y.numel() == b.k * b.n_blocks, "y must be float64 [k, n_blocks]");
@@ -61,6 +64,7 @@ void reconstruct_out(const at::Tensor& codes, const at::Tensor& scales, const at
                      const at::Tensor& block_offsets, const at::Tensor& x, const std::optional<at::Tensor>& center,
                      int64_t bits, int64_t group_size, int64_t stream, const at::Tensor& out) {
   check_cuda_contiguous(out, "out", codes);
+  const c10::DeviceGuard on_device(codes.device());
   const twa_cuda::Basis b = make_basis(codes, scales, mins, block_offsets, bits, group_size, out.numel());
   check_cuda_contiguous(x, "x", codes);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == b.k * b.n_blocks, "x must be float32 [k, n_blocks]");
@@ -81,6 +85,7 @@ void gram_out(const at::Tensor& p, bool deterministic, int64_t stream, const at:
               const at::Tensor& partial) {
   check_cuda_contiguous(p, "p", p);
   check_cuda_contiguous(out, "out", p);
+  const c10::DeviceGuard on_device(p.device());
   TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
   TORCH_CHECK(out.scalar_type() == at::kDouble && out.numel() == p.size(0) * p.size(0), "out must be float64 [k, k]");
   if (deterministic) {
@@ -100,6 +105,7 @@ void combine_rows_out(const at::Tensor& t, const at::Tensor& p, int64_t stream, 
   check_cuda_contiguous(t, "t", p);
   check_cuda_contiguous(p, "p", p);
   check_cuda_contiguous(out, "out", p);
+  const c10::DeviceGuard on_device(p.device());
   TORCH_CHECK(p.dim() == 2 && p.scalar_type() == at::kFloat, "p must be float32 [k, d]");
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kDouble && t.size(1) == p.size(0), "t must be float64 [r, k]");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() == t.size(0) * p.size(1), "out must be float32 [r, d]");

@@ -68,6 +68,24 @@ def test_emulated_project_of_groups_of_a_million_columns_keeps_the_spec_accuracy
 
 
 @needs_nvcc
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("group_size", [128, 1024, 8192])
+def test_emulated_project_of_an_outlier_group_keeps_the_spec_accuracy(emulator, bits, group_size):
+    # one outlier sets a group's minimum far below its other values: summing code * g and g
+    # apart and scaling after, the two terms cancelled to 200-2,000 times the tolerance
+    rows = torch.full((3, group_size * 2), 1e-3)
+    rows[0, 0], rows[1, :: group_size // 2], rows[2, 5] = -1000.0, -50.0, 300.0
+    qb = tk.quantize(rows, bits, group_size)
+    g = torch.full((group_size * 2,), 1 / 3)
+    y = torch.zeros(qb.k, qb.num_blocks, dtype=torch.float64)
+    emulator.twa_cuda_emulate_project(*_basis_args(qb), _ptr(g), DTYPE_CODE[g.dtype], _ptr(y), _ptr(torch.empty(0)),
+                                      0)
+    exact = tk.dequantize(qb).double() @ g.double()
+    budget = float((tk.dequantize(qb).double().abs() @ g.double().abs()).max()) * 1e-6  # as test_ops measures it
+    assert ((y[:, 0] - exact).abs() <= budget).all(), ((y[:, 0] - exact).abs() / budget).tolist()
+
+
+@needs_nvcc
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_emulated_project_over_a_block_of_many_runs_keeps_the_spec_accuracy(emulator, deterministic):
     # one block of 120,000 runs whose sums share a sign (g correlated with the row): added
@@ -136,7 +154,10 @@ def test_a_cuda_type_error_fails_the_build(tmp_path, monkeypatch):
     src = tmp_path / "csrc"
     shutil.copytree(_build.source_dir(), src)
     runs = src / "cuda" / "runs.cuh"  # the run code that kernels.cu compiles for the device
-    runs.write_text(runs.read_text().replace("const float gv = load_value(", "const float* gv = load_value("))
+    code = runs.read_text()
+    broken = code.replace("const uint32_t byte = row[", "const uint32_t* byte = row[")  # a uint8_t read as a pointer
+    assert broken != code
+    runs.write_text(broken)
     monkeypatch.setattr(_build, "source_dir", lambda: src)
     monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(_build.BuildError, match="kernels.cu"):

@@ -117,6 +117,7 @@ struct LaunchProject {
   static int run(const Basis& b, const void* g, DType g_dtype, double* y, float* partial, bool deterministic,
                  cudaStream_t stream) {
     const int64_t n_runs = num_runs(b);
+    if (n_runs == 0 || b.k == 0) return 0;  // nothing to sum, and a grid of zero blocks is a launch error
     const unsigned grid = static_cast<unsigned>((n_runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
     project_kernel<BITS><<<grid, kWarpsPerBlock * kWarp, 0, stream>>>(b, g, g_dtype, y, partial, deterministic,
                                                                         n_runs);
@@ -133,6 +134,7 @@ struct LaunchReconstruct {
   static int run(const Basis& b, const float* x, const void* center, DType center_dtype, void* out,
                  DType out_dtype, cudaStream_t stream) {
     const int64_t n_runs = num_runs(b);
+    if (n_runs == 0) return 0;  // no columns to write
     const unsigned grid = static_cast<unsigned>((n_runs + kWarpsPerBlock - 1) / kWarpsPerBlock);
     reconstruct_kernel<BITS><<<grid, kWarpsPerBlock * kWarp, 0, stream>>>(b, x, center, center_dtype, out, out_dtype,
                                                                           n_runs);
@@ -162,10 +164,13 @@ int64_t gram_spans(int64_t d) { return (d + kGramSpan - 1) / kGramSpan; }
 
 int gram(const float* p, int64_t k, int64_t d, double* out, double* partial, bool deterministic, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
+  if (k == 0) return 0;  // an empty result; a grid of zero blocks is a launch error
   const unsigned tiles = static_cast<unsigned>((k + kGramTile - 1) / kGramTile);
   const int64_t spans = gram_spans(d);
-  gram_kernel<<<dim3(static_cast<unsigned>(spans), tiles, tiles), dim3(kGramTile, kGramTile), 0, s>>>(
-      p, k, d, out, partial, deterministic);
+  if (spans > 0) {  // no columns: the sums are the zeros out holds (or the sum pass writes)
+    gram_kernel<<<dim3(static_cast<unsigned>(spans), tiles, tiles), dim3(kGramTile, kGramTile), 0, s>>>(
+        p, k, d, out, partial, deterministic);
+  }
   if (deterministic) {
     const unsigned blocks = static_cast<unsigned>((k * k + 255) / 256);
     gram_sum_kernel<<<blocks, 256, 0, s>>>(partial, k, spans, out);
@@ -174,6 +179,7 @@ int gram(const float* p, int64_t k, int64_t d, double* out, double* partial, boo
 }
 
 int combine_rows(const double* t, const float* p, int64_t r, int64_t k, int64_t d, float* out, void* stream) {
+  if (r == 0 || d == 0) return 0;  // an empty result
   const dim3 grid(static_cast<unsigned>((d + 255) / 256), static_cast<unsigned>(r));
   combine_rows_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(t, p, k, d, out);
   return static_cast<int>(cudaGetLastError());

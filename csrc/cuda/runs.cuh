@@ -46,8 +46,10 @@ TWA_HD inline void store_value(void* p, DType dtype, int64_t i, float v) {
     return;
   }
   uint32_t u = float_to_bits(v);
-  // bfloat16 by round-to-nearest-even, as torch rounds; NaN stays a quiet NaN.
-  const uint16_t h = (v != v) ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  // bfloat16 by round-to-nearest-even, as torch rounds; a NaN stays a quiet NaN with its sign
+  // and payload's high bits, as the CPU and Triton kernels keep it.
+  const uint16_t h = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? static_cast<uint16_t>((u >> 16) | 0x40u)
+                                                       : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   static_cast<uint16_t*>(p)[i] = h;
 }
 
@@ -74,10 +76,11 @@ TWA_HD inline int64_t run_of(const Basis& b, int64_t col) { return col / run_col
 // Both policies are __host__ __device__ so that the run templates compile for either side;
 // WarpLanes is only ever executed on the device (its host side is never called).
 struct WarpLanes {
+  // The lanes' values summed in their own type (float, or double for a packed project).
   template <class F>
-  TWA_HD float sum(F f) const {
+  TWA_HD auto sum(F f) const -> decltype(f(0)) {
 #ifdef __CUDA_ARCH__
-    float v = f(static_cast<int>(threadIdx.x % kWarp));
+    auto v = f(static_cast<int>(threadIdx.x % kWarp));
     for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 #else
@@ -115,8 +118,8 @@ struct WarpLanes {
 
 struct HostLanes {
   template <class F>
-  TWA_HD float sum(F f) const {
-    float v = 0.f;
+  TWA_HD auto sum(F f) const -> decltype(f(0)) {
+    decltype(f(0)) v = 0;
     for (int lane = 0; lane < kWarp; ++lane) v += f(lane);
     return v;
   }
@@ -130,30 +133,46 @@ struct HostLanes {
 
 // ---- project -----------------------------------------------------------------------------
 
-// A group of more than kFloatGroupCols columns sums each lane's products in float32 for
-// kWideFlushSteps bytes at a time and then in float64: within a group, scale * sum(code * g)
-// and min * sum(g) cancel, and float32 sums over a group of 2^20 columns came to 2.7 times the
-// spec's tolerance. Narrower groups stay in float32, as float64 runs at a small fraction of
-// float32's rate on most GPUs.
-constexpr int64_t kFloatGroupCols = 4096;
-constexpr int kWideFlushSteps = 16;
+// Each code is dequantised before its product, rounded as the spec rounds it (the product,
+// then the sum: dequantized()), so a lane sums the spec's own p^ times g. Summing code * g and
+// g apart and scaling after, the two terms cancel where a group's minimum lies far from its
+// other values (an outlier), which came to 200-2,000 times the tolerance over groups of
+// 1,024-8,192 columns. A lane sums kFlushCodes products in float32 and then adds them to a
+// float64 sum, and the lanes' sums are added in float64: a float32 chain rounds each add
+// relative to its running sum (an outlier's term, or a 2^20-column group's total). With an
+// outlier of -1000 the error grew with the chain, 0.45, 0.93 and 1.9 times the tolerance at
+// 16, 32 and 64 codes (host emulation, 1-8 bits, groups of 1,024-8,192 columns); one float64
+// add per 16 codes costs little even where float64 runs at 1/64 of float32's rate.
+constexpr int kFlushCodes = 16;
+
+// lo + scale * code as the spec's dequantize computes it: the product rounded, then the sum.
+// A fused multiply-add (what the compiler makes of `lo + scale * code` on the device) rounds
+// once, and in a group whose lo is an outlier the two differ by up to half an ulp of lo.
+TWA_HD inline float dequantized(float scale, float code, float low) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(__fmul_rn(scale, code), low);
+#else
+  const float product = scale * code;
+  return product + low;
+#endif
+}
 
 // One lane's share of sum_{j in [s0, s1)} p^[r, j] * g[j]: bytes lane, lane + 32, ... of each
-// group touching the segment. scale * sum(code * g) + min * sum(g) per group.
+// group touching the segment.
 template <int BITS>
-TWA_HD float packed_dot(const Basis& b, const void* g, DType g_dtype, int64_t r, int64_t s0, int64_t s1,
+TWA_HD double packed_dot(const Basis& b, const void* g, DType g_dtype, int64_t r, int64_t s0, int64_t s1,
                         int lane) {
   constexpr int kPerByte = 8 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
+  constexpr int kFlushBytes = kFlushCodes / kPerByte;
   const int64_t G = b.group_size, group_bytes = G / kPerByte;
   const uint8_t* row = b.codes + r * b.row_bytes;
-  const bool wide = G > kFloatGroupCols;  // the same for every lane: no divergence
-  float part = 0.f;
+  double part = 0.0;
   for (int64_t t = s0 / G; t * G < s1; ++t) {
     const int64_t first = t * G, length = (b.num_cols - first < G) ? b.num_cols - first : G;
     const int64_t width = (length + kPerByte - 1) / kPerByte;
-    float code_dot = 0.f, g_sum = 0.f;
-    double code_dot_wide = 0.0, g_sum_wide = 0.0;
+    const float scale = b.scales[t * b.k + r], low = b.mins[t * b.k + r];
+    float dot = 0.f;
     int steps = 0;
     for (int64_t i = lane; i < width; i += kWarp) {
       const uint32_t byte = row[t * group_bytes + i];
@@ -161,23 +180,15 @@ TWA_HD float packed_dot(const Basis& b, const void* g, DType g_dtype, int64_t r,
       for (int s = 0; s < kPerByte; ++s) {
         const int64_t col = first + s * width + i;
         if (s * width + i >= length || col < s0 || col >= s1) continue;
-        const float gv = load_value(g, g_dtype, col);
-        code_dot += code_to_float((byte >> (s * BITS)) & kMask) * gv;
-        g_sum += gv;
+        dot += dequantized(scale, code_to_float((byte >> (s * BITS)) & kMask), low) * load_value(g, g_dtype, col);
       }
-      if (wide && ++steps == kWideFlushSteps) {
-        code_dot_wide += code_dot;
-        g_sum_wide += g_sum;
-        code_dot = g_sum = 0.f;
+      if (++steps == kFlushBytes) {
+        part += dot;
+        dot = 0.f;
         steps = 0;
       }
     }
-    if (wide) {
-      part += static_cast<float>(static_cast<double>(b.scales[t * b.k + r]) * (code_dot_wide + code_dot) +
-                                 static_cast<double>(b.mins[t * b.k + r]) * (g_sum_wide + g_sum));
-    } else {
-      part += b.scales[t * b.k + r] * code_dot + b.mins[t * b.k + r] * g_sum;
-    }
+    part += dot;
   }
   return part;
 }
@@ -205,12 +216,12 @@ TWA_HD void project_run(const Basis& b, const void* g, DType g_dtype, double* y,
     const int64_t s0 = b.block_offsets[blk] > c0 ? b.block_offsets[blk] : c0;
     const int64_t s1 = b.block_offsets[blk + 1] < c1 ? b.block_offsets[blk + 1] : c1;
     for (int64_t r = 0; r < b.k; ++r) {
-      const float total = lanes.sum([&](int lane) {
+      const double total = lanes.sum([&](int lane) {
         if constexpr (BITS == 0) return dense_dot(b, g, g_dtype, r, s0, s1, lane);
         else return packed_dot<BITS>(b, g, g_dtype, r, s0, s1, lane);
       });
       if (!lanes.leader()) continue;
-      if (deterministic) partial[(run + blk) * b.k + r] = total;
+      if (deterministic) partial[(run + blk) * b.k + r] = static_cast<float>(total);
       else lanes.add(&y[r * b.n_blocks + blk], total);
     }
   }
@@ -218,8 +229,12 @@ TWA_HD void project_run(const Basis& b, const void* g, DType g_dtype, double* y,
 
 // The runs holding block blk's segments: first and last (inclusive).
 TWA_HD inline void runs_of_block(const Basis& b, int64_t blk, int64_t* first, int64_t* last) {
-  *first = run_of(b, b.block_offsets[blk]);
-  *last = run_of(b, b.block_offsets[blk + 1] - 1);
+  // clamped to the runs there are: offsets edited on the device after their check must not
+  // send a read of the scratch past its end
+  const int64_t runs = (b.num_cols + run_cols(b) - 1) / run_cols(b);
+  const auto clamp = [runs](int64_t run) { return run < 0 ? 0 : (run >= runs ? runs - 1 : run); };
+  *first = clamp(run_of(b, b.block_offsets[blk]));
+  *last = clamp(run_of(b, b.block_offsets[blk + 1] - 1));
 }
 
 // ---- reconstruct ---------------------------------------------------------------------------
@@ -236,7 +251,7 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
       const float* codes = reinterpret_cast<const float*>(b.codes);
       int64_t blk = block_of(b.block_offsets, b.n_blocks, c0);
       for (int64_t col = c0 + lane; col < c1; col += kWarp) {
-        while (b.block_offsets[blk + 1] <= col) ++blk;
+        while (blk + 1 < b.n_blocks && b.block_offsets[blk + 1] <= col) ++blk;  // bounded: offsets may be edited
         float acc = 0.f;  // the center comes last, as in the spec: the rows' terms round at their own size
         for (int64_t r = 0; r < b.k; ++r) acc += codes[r * b.num_cols + col] * x[r * b.n_blocks + blk];
         store_value(out, out_dtype, col, acc + (center ? load_value(center, center_dtype, col) : 0.f));
@@ -258,7 +273,7 @@ TWA_HD void reconstruct_run(const Basis& b, const float* x, const void* center, 
           for (int s = 0; s < kPerByte; ++s) {
             blk[s] = blk0;
             if (!one_block && s * width + i < length) {
-              while (b.block_offsets[blk[s] + 1] <= first + s * width + i) ++blk[s];
+              while (blk[s] + 1 < b.n_blocks && b.block_offsets[blk[s] + 1] <= first + s * width + i) ++blk[s];
             }
           }
           float acc[kPerByte] = {};
