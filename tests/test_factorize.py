@@ -812,3 +812,21 @@ def test_a_one_element_bias_without_sigma_w_is_named_with_the_fix():
             tk.factorize(model, 3, biases=True)
         assert type(model.bias if isinstance(model, nn.Linear) else model[0].bias) is nn.Parameter  # left as it was
     assert tk.factorize(nn.Linear(3, 1), 3, biases=True, sigma_w=0.1) is not None
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_a_compiled_factorized_model_runs_under_no_grad_and_trains_as_eager(depth):
+    # torch.compile failed on the product's Function in any no_grad forward (an evaluation)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    tk.factorize(model, depth, seed=0)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

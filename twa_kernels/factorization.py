@@ -68,6 +68,14 @@ class FactorizationError(InvalidArgumentError):
     non-positive init scale, or weight decay on a weight the factorisation replaced."""
 
 
+def _product(factors: tuple[Tensor, ...]) -> Tensor:
+    """prod_d factors[d], left to right (one new tensor, multiplied in place)."""
+    out = factors[0] * factors[1]
+    for f in factors[2:]:
+        out.mul_(f)
+    return out
+
+
 class _Product(torch.autograd.Function):
     """w = prod_d omega_d elementwise; backward from the saved factors, no saved intermediates.
 
@@ -79,10 +87,7 @@ class _Product(torch.autograd.Function):
 
     @staticmethod
     def forward(*factors: Tensor) -> Tensor:
-        out = factors[0] * factors[1]
-        for f in factors[2:]:
-            out.mul_(f)
-        return out
+        return _product(factors)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -141,7 +146,11 @@ class DeepFactorization(nn.Module):
         self._replaced = weakref.ref(replaced) if replaced is not None else (lambda: None)
 
     def forward(self, *factors: Tensor) -> Tensor:
-        """The weight: the elementwise product of the factors."""
+        """The weight: the elementwise product of the factors. Without grad mode the product
+        is plain torch ops (forward-mode AD and vmap still see them): the Function only saves
+        memory in a backward, and torch.compile fails on it under no_grad (torch 2.13)."""
+        if not torch.is_grad_enabled():
+            return _product(factors)
         return _Product.apply(*factors)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, ...]:
