@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
 import twa_kernels as tk
 from twa_kernels._passes import statistics_pass
 from twa_kernels.decor import DecorrelationDivergedError
+from twa_kernels.errors import InvalidArgumentError
 
 from tests.digits import digits_splits
 from tests.helpers import spawn, tiny_gpt2
@@ -1030,3 +1032,34 @@ def test_a_decorrelate_that_fails_part_way_leaves_every_layer_as_it_was(monkeypa
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
     tk.decor.decorrelate(model, seed=0)  # a retry decorrelates every layer
     assert sum(isinstance(m, decor._Decor) for m in model) == 3
+
+
+def test_pruning_or_factorizing_a_decorrelated_layer_is_named_and_folding_a_parametrized_one_too():
+    # masks and factors of W left the layer computing with a dense W R (fold wrote that), and
+    # fold of a masked or factorized decorrelated layer failed with a bare KeyError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    tk.decor.decorrelate(model, lr=0.1, sample_fraction=1.0, skip=["2"])
+    model(torch.randn(8, 4))
+    tk.decor.update(model)
+    with pytest.warns(UserWarning, match=r"pruning leaves out \['0.weight'\]: each is multiplied by the layer's "
+                                         r"decorrelation matrix R .* tk.decor.fold"):
+        masks = tk.prune.global_magnitude_masks(model, 0.5)
+    assert list(masks) == ["2.weight"]
+    with pytest.raises(tk.prune.PruningError, match=r"0.weight is multiplied by .*tk.decor.fold"):
+        tk.prune.global_magnitude_masks(model, 0.5, layers=["0"])
+    with pytest.raises(tk.factorization.FactorizationError, match=r"layer '0' .* multiplied by .*tk.decor.fold"):
+        tk.factorize(model, 2, layers=["0"])
+    parametrize.register_parametrization(model[0], "weight", _Scaled())
+    with pytest.raises(InvalidArgumentError, match=r"decor.fold: the decorrelated layers \['0'\] compute their "
+                                                  r"weight through a parametrization"):
+        tk.decor.fold(model)
+    parametrize.remove_parametrizations(model[0], "weight")
+    folded = tk.decor.fold(model)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(folded(x), model(x))
+
+
+class _Scaled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight

@@ -52,13 +52,13 @@ from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, flag, real
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
 from twa_kernels.io import tied_owners
-from twa_kernels.layers import NORM_HOOKS, computed_weight, transformers_conv1d
+from twa_kernels.layers import DECOR_BUFFER, NORM_HOOKS, computed_weight, transformers_conv1d
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecorrelationDivergedError", "decorrelate", "decorrelated_layers", "fold", "sampling_paused", "update"]
 
-BUFFER = "decor_R"  # the state_dict key of R is "<layer>.decor_R"
+BUFFER = DECOR_BUFFER  # the state_dict key of R is "<layer>.decor_R"
 
 Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
@@ -433,9 +433,9 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                              f"pass skip=[{name!r}]")
         todo.append((name, module))
     for (cause, fix), labels in computed.items():  # fold() would write W R where the next forward overwrites it
-        warnings.warn(f"decorrelate leaves out {labels}: each weight is {cause}, not held as a Parameter, so R and "
-                      f"fold() would not reach the tensors the layer trains and saves; to decorrelate such a layer, "
-                      f"{fix}", UserWarning, stacklevel=2)
+        warnings.warn(f"decorrelate leaves out {labels}: each weight is {cause}, so R and fold() would not reach "
+                      f"the tensors the layer trains and saves; to decorrelate such a layer, {fix}", UserWarning,
+                      stacklevel=2)
     if not todo and any(isinstance(m, _Decor) for m in model.modules()):
         raise InvalidArgumentError("no layer to decorrelate: every supported layer of the model is decorrelated "
                                    "already (decorrelate() ran on it); train it as it is, or decorrelate the plain copy "
@@ -747,6 +747,13 @@ def fold(model: nn.Module) -> nn.Module:
     check_module(model, "decor.fold's model")
     _refuse_tied(model, decorrelated_layers(model), "untie them (give each its own nn.Parameter) before "
                                                      "decorrelate(), or skip {names} there")
+    parametrized = [name or "<root>" for name, m in decorrelated_layers(model)
+                    if torch.nn.utils.parametrize.is_parametrized(m, "weight")]
+    if parametrized:  # its weight is computed: W R written into it would be lost, and the layer has no plain class
+        raise InvalidArgumentError(f"decor.fold: the decorrelated layers {parametrized[:5]} compute their weight "
+                                   "through a parametrization (prune.apply_masks held, tk.factorize, weight_norm), "
+                                   "which W R cannot be written into; leave apply_masks, tk.collapse(model) or "
+                                   "remove the parametrization first")
     out = _deepcopy(model)
     for _, m in decorrelated_layers(out):
         m.weight.copy_(m.decor_folded_weight())

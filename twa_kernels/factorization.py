@@ -296,8 +296,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
         computed = {n: why for n, m in chosen if not _is_factorized(m) and (why := computed_weight(m))}
         for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its layers
             names = [n for n, why in computed.items() if why == (cause, fix)]
-            warnings.warn(f"factorize leaves out {names}: each weight is {cause}, not held as a Parameter; "
-                          f"to factorise such a layer, {fix}", UserWarning, stacklevel=3)
+            warnings.warn(f"factorize leaves out {names}: each weight is {cause}, so factors would not reach the "
+                          f"weight the layer computes with; to factorise such a layer, {fix}", UserWarning, stacklevel=3)
         chosen = [(n, m) for n, m in chosen if n not in computed]
         if attention := attention_projections(model):
             warnings.warn(f"factorize leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
@@ -345,9 +345,9 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
             raise FactorizationError(f"layer {name!r} is lazy: its weight has no shape until the layer first runs; "
                                      "run one forward pass of the model first")
         if (computed := computed_weight(module)) is not None:
-            raise FactorizationError(f"layer {name!r} ({type(module).__name__}): its weight is {computed[0]}, not "
-                                     f"held as a Parameter, so factors would not reach the tensors it trains and "
-                                     f"saves; leave it out of layers=, or {computed[1]}")
+            raise FactorizationError(f"layer {name!r} ({type(module).__name__}): its weight is {computed[0]}, so "
+                                     f"factors would not reach the weight it computes with, trains and saves; leave "
+                                     f"it out of layers=, or {computed[1]}")
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise FactorizationError(
                 f"layer {name!r} ({type(module).__name__}) has no `weight` parameter to factorise; DWF factorises "
@@ -421,7 +421,8 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
                       "exactly", UserWarning, stacklevel=2)
         targets = [(name, module) for name, module in targets if name not in frozen]
     if not targets:
-        raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer (pass layers=)")
+        raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer that factorize can "
+                                 "reach (a warning above names any it left out; pass layers=)")
 
     def has_bias(module: nn.Module) -> bool:
         return biases and isinstance(getattr(module, "bias", None), nn.Parameter)

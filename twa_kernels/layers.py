@@ -21,6 +21,10 @@ NORM_HOOKS = (SpectralNorm, WeightNorm)
 
 TORCH_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
+# The buffer a decorrelated layer (twa_kernels.decor) holds its R in: the layer computes
+# with W R, never with its stored W alone.
+DECOR_BUFFER = "decor_R"
+
 
 def transformers_conv1d() -> type[nn.Module] | None:
     """transformers' Conv1D class where transformers has loaded it (a model holding one has),
@@ -35,11 +39,16 @@ def weight_layer_types() -> tuple[type[nn.Module], ...]:
 
 
 def computed_weight(module: nn.Module, name: str = "weight") -> tuple[str, str] | None:
-    """(why, fix) when `module.<name>` is a tensor that is not held as an nn.Parameter, else None:
-    a parametrization's output, a tensor that torch.nn.utils.spectral_norm's or weight_norm's
-    forward pre-hook writes before every forward (from weight_orig, or weight_g and weight_v),
-    or a plain buffer or attribute. Methods that act on the stored weight (masks, factors, W R)
-    would not reach the tensors such a layer trains and saves."""
+    """(why, fix) when the weight the layer computes with is not `module.<name>` held as an
+    nn.Parameter, else None: a parametrization's output, a tensor that
+    torch.nn.utils.spectral_norm's or weight_norm's forward pre-hook writes before every forward
+    (from weight_orig, or weight_g and weight_v), a plain buffer or attribute, or a decorrelated
+    layer's W, which it multiplies by R in every forward. Methods that act on the stored weight
+    (masks, factors, W R) would not reach the weight such a layer computes with, trains or
+    saves. `why` completes "its weight is ..."."""
+    if name == "weight" and DECOR_BUFFER in module._buffers:
+        return ("multiplied by the layer's decorrelation matrix R in every forward (twa_kernels.decor)",
+                "fold R into the weights first (model = tk.decor.fold(model))")
     if parametrize.is_parametrized(module, name):
         return ("computed by a parametrization (weight_norm, spectral_norm) from the tensors the state_dict holds",
                 f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, {name!r}))")

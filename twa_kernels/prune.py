@@ -128,24 +128,24 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
                           stacklevel=_caller_level())
         for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its weights
             keys = [key for key, why in computed.items() if why == (cause, fix)]
-            warnings.warn(f"pruning leaves out {keys}: each is {cause}, which a mask on the computed weight would not "
-                          f"reach; to prune such a layer, {fix}", UserWarning, stacklevel=_caller_level())
+            warnings.warn(f"pruning leaves out {keys}: each is {cause}, so a mask would not reach the weight the layer "
+                          f"computes with; to prune such a layer, {fix}", UserWarning, stacklevel=_caller_level())
         if attention := attention_projections(model):
             warnings.warn(f"pruning leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
                           "projections as Parameters of its own, not in Linear layers (its out_proj is pruned)",
                           UserWarning, stacklevel=_caller_level())
         if not found:
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
-                               (f" that is not tied to another module (tied: {sorted(tied)})" if tied else ""))
+                               (f" that is not tied to another module (tied: {sorted(tied)})" if tied else "") +
+                               (f" (left out, as warned: {sorted(computed)})" if computed else ""))
         return found
     if isinstance(layers, str):  # one name, not its characters
         layers = [layers]
     wanted = {_weight_key(name) for name in layers}
     if clash := sorted(wanted & computed.keys()):
         cause, fix = computed[clash[0]]
-        raise PruningError(f"{clash[0]} is {cause}, not stored as a Parameter: a mask on it would not reach the "
-                           f"tensors the layer trains and the state_dict holds; leave it out of layers (or masks), "
-                           f"or {fix}")
+        raise PruningError(f"{clash[0]} is {cause}: a mask would not reach the weight the layer computes with, "
+                           f"trains and saves; leave it out of layers (or masks), or {fix}")
     if clash := sorted(wanted & tied.keys()):
         raise PruningError(f"{clash[0]} is one Parameter with {tied[clash[0]]} (tied weights): a mask held on one "
                            "module would not reach the other, which would compute with the pruned entries; leave "
