@@ -1063,3 +1063,19 @@ def test_pruning_or_factorizing_a_decorrelated_layer_is_named_and_folding_a_para
 class _Scaled(nn.Module):
     def forward(self, weight):
         return 2 * weight
+
+
+def test_decorrelating_a_factorized_or_masked_layer_names_this_packages_own_undo():
+    # the message advised remove_parametrizations, which would leave a factorized layer's
+    # weight at its factors' product without collapse's clean-up, and break apply_masks
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    tk.factorize(model, 2, init="keep", layers=["0"])
+    with pytest.warns(UserWarning, match=r"decorrelate leaves out \['0'\]: each weight is the product of "
+                                         r"tk.factorize's factors.*model = tk.collapse\(model\)"):
+        tk.decor.decorrelate(model, lr=0.1)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    masks = tk.prune.global_magnitude_masks(model, 0.5, layers=["0"])
+    with tk.prune.apply_masks(model, masks):
+        with pytest.warns(UserWarning, match=r"each weight is masked by tk.prune.apply_masks.*leave the "
+                                             r"apply_masks block first"):
+            tk.decor.decorrelate(model, lr=0.1)

@@ -38,6 +38,16 @@ def weight_layer_types() -> tuple[type[nn.Module], ...]:
     return TORCH_WEIGHT_LAYERS + ((conv1d,) if conv1d is not None else ())
 
 
+# The parametrizations of this package's methods (by class name: this module sits below
+# them), with how each is undone.
+_OWN_PARAMETRIZATIONS = {
+    "_Mask": ("masked by tk.prune.apply_masks, which computes it from the stored entries",
+              "leave the apply_masks block first"),
+    "DeepFactorization": ("the product of tk.factorize's factors",
+                          "collapse the factors first (model = tk.collapse(model))"),
+}
+
+
 def computed_weight(module: nn.Module, name: str = "weight") -> tuple[str, str] | None:
     """(why, fix) when the weight the layer computes with is not `module.<name>` held as an
     nn.Parameter, else None: a parametrization's output, a tensor that
@@ -50,6 +60,10 @@ def computed_weight(module: nn.Module, name: str = "weight") -> tuple[str, str] 
         return ("multiplied by the layer's decorrelation matrix R in every forward (twa_kernels.decor)",
                 "fold R into the weights first (model = tk.decor.fold(model))")
     if parametrize.is_parametrized(module, name):
+        kinds = {type(step).__name__ for step in module.parametrizations[name]}
+        if kinds & _OWN_PARAMETRIZATIONS.keys():  # this package's: undone by its own call
+            kind = sorted(kinds & _OWN_PARAMETRIZATIONS.keys())[0]
+            return _OWN_PARAMETRIZATIONS[kind]
         return ("computed by a parametrization (weight_norm, spectral_norm) from the tensors the state_dict holds",
                 f"remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, {name!r}))")
     for hook in module._forward_pre_hooks.values():
