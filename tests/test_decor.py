@@ -1079,3 +1079,21 @@ def test_decorrelating_a_factorized_or_masked_layer_names_this_packages_own_undo
         with pytest.warns(UserWarning, match=r"each weight is masked by tk.prune.apply_masks.*leave the "
                                              r"apply_masks block first"):
             tk.decor.decorrelate(model, lr=0.1)
+
+
+def test_a_layer_frozen_after_decorrelate_keeps_its_r_and_what_it_computes():
+    # update() went on moving R under a W that no longer trains: the layer's output drifted
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    tk.decor.decorrelate(model, lr=0.5, sample_fraction=1.0)
+    x = torch.randn(32, 4) @ torch.randn(4, 4)  # correlated inputs: R has somewhere to go
+    model(x)
+    tk.decor.update(model)
+    model[0].weight.requires_grad_(False)
+    before = model[0].decor_R.clone()
+    kept = model[0](x).detach()
+    model(x)
+    with pytest.warns(UserWarning, match=r"weights of decorrelated layers \['0'\] are frozen .* left as they are"):
+        tk.decor.update(model)
+    assert model[0]._decor_count == 0  # its samples were dropped, not kept to pile up
+    assert torch.equal(model[0].decor_R, before) and torch.equal(model[0](x), kept)

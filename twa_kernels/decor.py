@@ -621,6 +621,17 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
     flag("decor.update's check", check)
     group = _default_group(process_group)
     layers = decorrelated_layers(model)
+    if frozen := [(name, m) for name, m in layers if not m.weight.requires_grad]:
+        # R moving under a W that cannot follow it would change what the layer computes, which
+        # is why decorrelate() leaves frozen layers alone; one frozen later keeps its R as it is
+        for _, m in frozen:
+            m.decor_reset()  # its samples are not used: kept, they would pile up
+        warnings.warn(f"decor.update: the weights of decorrelated layers {[name for name, _ in frozen][:5]} are "
+                      "frozen (requires_grad=False), so their R are left as they are; fold() the model to keep "
+                      "them as plain layers", UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
+        layers = [(name, m) for name, m in layers if m.weight.requires_grad]
+        if not layers:
+            return torch.zeros((), dtype=torch.float64)
     if group is None:
         layers = [(n, m) for n, m in layers if m._decor_count > 0]
     layout = None if group is None else (id(group), tuple((name, m.decor_R.shape[0], str(m.decor_R.dtype))
