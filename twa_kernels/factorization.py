@@ -297,7 +297,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
         for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its layers
             names = [n for n, why in computed.items() if why == (cause, fix)]
             warnings.warn(f"factorize leaves out {names}: each weight is {cause}, so factors would not reach the "
-                          f"weight the layer computes with; to factorise such a layer, {fix}", UserWarning, stacklevel=3)
+                          f"weight the layer computes with; to factorise such a layer, {fix}", UserWarning,
+                          stacklevel=3)
         chosen = [(n, m) for n, m in chosen if n not in computed]
         if attention := attention_projections(model):
             warnings.warn(f"factorize leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
