@@ -101,7 +101,9 @@ def project_tiles(codes, scales, mins, offsets, g, y, partial, k, n_blocks, row_
         products = values * gv[None, :, :]
         b = b_first
         block_lo = tl.load(offsets + b)
-        while block_lo < col_hi:  # usually once: a tile seldom crosses a block edge
+        # usually once: a tile seldom crosses a block edge (bounded by the blocks there are,
+        # whatever the offsets hold: they are checked once per version on a GPU)
+        while (block_lo < col_hi) & (b < n_blocks):
             block_hi = tl.load(offsets + b + 1)
             in_block = (col >= block_lo) & (col < block_hi)
             sums = tl.sum(tl.sum(tl.where(in_block[None, :, :], products, 0.0), axis=2), axis=1)
@@ -122,8 +124,9 @@ def project_sum_pieces(partial, offsets, y, k, n_blocks, n_full_groups, n_main_t
     first_col = tl.load(offsets + b)
     last_col = tl.load(offsets + b + 1) - 1
     tail_start = n_full_groups * GROUP  # the short last group is tile n_main_tiles
-    t_first = tl.where(first_col >= tail_start, n_main_tiles, first_col // TILE_COLS)
-    t_last = tl.where(last_col >= tail_start, n_main_tiles, last_col // TILE_COLS)
+    # clamped to the tiles there are, whatever the offsets hold
+    t_first = tl.maximum(tl.where(first_col >= tail_start, n_main_tiles, first_col // TILE_COLS), 0)
+    t_last = tl.minimum(tl.where(last_col >= tail_start, n_main_tiles, last_col // TILE_COLS), n_main_tiles)
     acc = tl.zeros([K_BLOCK], dtype=tl.float64)
     for t0 in range(t_first, t_last + 1, CHUNK):
         tiles = t0 + tl.arange(0, CHUNK)
@@ -148,7 +151,7 @@ def reconstruct_tiles(codes, scales, mins, offsets, x, center, out, k, n_blocks,
     block = tl.zeros([PER_BYTE, TILE_GROUPS * W_BLOCK], dtype=tl.int32) + b_first
     b = b_first + 1
     edge = tl.load(offsets + b)
-    while edge < col_hi:
+    while (edge < col_hi) & (b < n_blocks):  # bounded, as in project
         block += (col >= edge).to(tl.int32)
         b += 1
         edge = tl.load(offsets + b)
