@@ -749,6 +749,28 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         out["copy_grad"] = snapshot.coefficients.grad.clone()
         out["pickled"] = _error_text(functools.partial(torch.save, snapshot, io.BytesIO()))
         del snapshot
+        # the same two through torch.compile, whose forward never reached the eager path that
+        # attached the averaging hook: each rank trained on its own gradient
+        for case in ("assigned", "copy"):
+            fresh_model, fresh_ckpts = model_and_checkpoints()
+            fresh = tk.TWA(fresh_model, fresh_ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
+            if case == "assigned":
+                fresh.load_state_dict({k: v.clone() for k, v in fresh.state_dict().items()}, assign=True)
+            else:
+                fresh = copy.deepcopy(fresh)
+            compiled = torch.compile(fresh, backend="eager")
+            torch.nn.functional.cross_entropy(compiled(x[0][rank::2]), y[0][rank::2]).backward()
+            out[f"compiled_{case}_grad"] = fresh.coefficients.grad.clone()
+        # DDP over a TWA whose coefficients were then replaced: DDP averaged the old Parameter,
+        # and each rank trained its own, silently
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model, ddp_ckpts = model_and_checkpoints()
+        ddp_twa = tk.TWA(ddp_model, ddp_ckpts, bits=4, group_size=GROUP_SIZE)
+        wrapped = DistributedDataParallel(ddp_twa)
+        ddp_twa.load_state_dict({k: v.clone() for k, v in ddp_twa.state_dict().items()}, assign=True)
+        out["ddp_assigned"] = _error_text(lambda: wrapped(x[0][rank::2]))
+        del wrapped, ddp_twa
         # an optimizer over a replicated TWA's coefficients kept the TWA's strategy, and with it
         # the process group, alive after the TWA was deleted
         optimizer = torch.optim.SGD(assigned.parameters(), lr=0.1)

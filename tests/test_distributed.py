@@ -584,6 +584,20 @@ def test_a_deep_copy_of_a_replicated_twa_averages_its_gradient_and_pickling_is_n
                                          "torch.distributed group, which cannot be pickled"), res["pickled"]
 
 
+def test_a_compiled_twa_with_assigned_or_copied_coefficients_averages_its_gradient(hostile_job):
+    for case in ("assigned", "copy"):
+        grads = [res[f"compiled_{case}_grad"] for res in hostile_job]
+        assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1]), case
+        torch.testing.assert_close(grads[0], hostile_job[0]["assigned_grad"], rtol=1e-5, atol=1e-7)  # the same step
+
+
+def test_ddp_over_a_twa_whose_coefficients_were_replaced_is_named(hostile_job):
+    for res in hostile_job:
+        text = res["ddp_assigned"]
+        assert text.startswith("UsageError: this TWA runs inside a DistributedDataParallel forward, but its "
+                               "coefficients are not a Parameter that DDP averages"), text
+
+
 def test_an_optimizer_keeps_no_deleted_replicated_twa_or_its_group_alive(hostile_job):
     for res in hostile_job:
         assert res["strategy_outlives_twa"] is False

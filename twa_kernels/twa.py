@@ -346,7 +346,10 @@ class TWA(nn.Module):
                 raise InvalidArgumentError(f"TWA state_dict: unexpected keys {unexpected[:8]}; load the state_dict() "
                                            "of a TWA (a model's own state goes to twa.module), or pass strict=False "
                                            "to ignore them")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # a new coefficients Parameter: its gradient averaged from now, compiled forward or not
+            self._keep_gradient_averaged()
+        return result
 
     # The model is held outside the module tree; device moves and train/eval reach it here.
     # A dtype cast (twa.to(torch.bfloat16), twa.half()) reaches the model only: the center,
@@ -505,9 +508,11 @@ class TWA(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: its
-        # next forward registers one, or each rank's copy would train on its own gradient
+        # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: it gets
+        # one here, or each rank's copy would train on its own gradient (a compiled forward
+        # never reaches the eager path that registers it)
         self._averaged = []
+        self._keep_gradient_averaged()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model at the averaged weights center + basis^T coefficients; the
@@ -572,6 +577,11 @@ class TWA(nn.Module):
                               "with process_group=dist.group.WORLD (before it, that name is None), or wrap it in "
                               "DDP; ignore this warning if each rank is meant to train alone", UserWarning,
                               stacklevel=3)
+        if self._parallel is None and torch.is_grad_enabled() and sharding.ddp_leaves_out(self.coefficients):
+            raise UsageError("this TWA runs inside a DistributedDataParallel forward, but its coefficients are not "
+                             "a Parameter that DDP averages (replaced after DDP was built, by load_state_dict("
+                             "..., assign=True)?): each rank would train its own. Load without assign=True, or wrap "
+                             "the TWA in DDP after loading")
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
