@@ -140,6 +140,23 @@ def dcp_round_trip(twa, build) -> bool:
     return torch.equal(fresh.center, twa.center) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def coefficients_over_dcp(path, rank, world):
+    """A sharded TWA's coefficients saved by torch.distributed.checkpoint on `world` ranks
+    (the first run: trained, then saved), or loaded alone into a TWA sharded over another
+    number of ranks (the second): the shards differ, the coefficients are the same [k, B]."""
+    import torch.distributed.checkpoint as dcp
+
+    import twa_kernels as tk
+    model, ckpts = model_and_checkpoints()
+    twa = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD, shard=True)
+    if not os.path.exists(path):
+        train_twa(twa, rank, world)
+        dcp.save({"twa": twa.state_dict()}, checkpoint_id=path)
+    else:
+        dcp.load({"twa": {"coefficients": twa.coefficients}}, checkpoint_id=path)
+    return twa.coefficients.detach().clone()
+
+
 def modes(rank, world):
     """Replicated and sharded training against one process; bytes per step."""
     import twa_kernels as tk

@@ -584,6 +584,18 @@ def test_a_deep_copy_of_a_replicated_twa_averages_its_gradient_and_pickling_is_n
                                          "torch.distributed group, which cannot be pickled"), res["pickled"]
 
 
+def test_a_sharded_twas_coefficients_carry_over_dcp_to_another_number_of_ranks(tmp_path):
+    # the per-rank center and basis differ with the world size; the coefficients do not
+    import functools
+
+    path = str(tmp_path / "dcp")
+    saved = spawn(functools.partial(w.coefficients_over_dcp, path), 2, str(tmp_path))
+    loaded = spawn(functools.partial(w.coefficients_over_dcp, path), 3, str(tmp_path))
+    assert saved[0].abs().sum() > 0 and torch.equal(saved[0], saved[1])
+    for coefficients in loaded:
+        assert torch.equal(coefficients, saved[0])
+
+
 def test_a_compiled_twa_with_assigned_or_copied_coefficients_averages_its_gradient(hostile_job):
     for case in ("assigned", "copy"):
         grads = [res[f"compiled_{case}_grad"] for res in hostile_job]

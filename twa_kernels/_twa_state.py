@@ -85,7 +85,9 @@ def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
     if got != own:
         raise InvalidArgumentError(f"TWA state_dict: it holds columns {got[2]}..{got[3]} of {got[0]} (one of "
                                    f"{got[1]} ranks), but this rank's shard is columns {own[2]}..{own[3]} of "
-                                   f"{own[0]} (one of {own[1]} ranks); have each rank save and load its own state_dict")
+                                   f"{own[0]} (one of {own[1]} ranks); have each rank save and load its own state_dict "
+                                   "(on another number of ranks, load the coefficients alone: "
+                                   "twa.coefficients.data.copy_(state['coefficients']))")
 
 
 def _kind(t: Tensor) -> str:
