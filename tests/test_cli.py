@@ -1,6 +1,7 @@
 """The `twa` command: fit on a user's model and data from YAML, its one-line errors, and the demo."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -168,6 +169,36 @@ def test_the_demo_refuses_an_output_it_could_not_write_before_training(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == (["demo"] if where == "results.json" else [])
 
 
+@pytest.mark.parametrize("stranger", ["seed folder", "budget folder", "results", "figure"])
+def test_the_demo_replaces_nothing_it_did_not_write(tmp_path, stranger):
+    # a user's notes in a seed folder were deleted with the earlier run's folder, and another
+    # program's results.json or figures replaced, without a word
+    from twa_kernels import demo
+
+    out = tmp_path / "demo"
+    seed = out / f"seed{demo.FIRST_SEED}"
+    (seed / "budget10").mkdir(parents=True)
+    (seed / "epoch_001.safetensors").write_text("an earlier demo's")
+    (seed / "budget10" / "epoch_001.safetensors").write_text("an earlier demo's")
+    (out / "results.json").write_text(json.dumps({"dataset": "MNIST-1D", "runs": [], "summary": {}}))
+    (out / "accuracy.png").write_text("an earlier demo's")
+    demo._checked_out_dir(out, [demo.FIRST_SEED])  # an earlier demo's outputs are its to replace
+    named = {"seed folder": seed / "notes.txt", "budget folder": seed / "budget10" / "notes.txt",
+             "results": out / "results.json", "figure": out / "plane.png"}[stranger]
+    if stranger == "results":
+        named.write_text('{"my": "results"}')
+    elif stranger == "figure":
+        (out / "results.json").unlink()
+        (out / "accuracy.png").unlink()
+        named.write_text("another program's")
+    else:
+        named.write_text("mine")
+    with pytest.raises(tk.errors.OutputError, match=rf"{re.escape(named.name)}'? is not (a file the demo writes|an "
+                                                    r"earlier demo's output)"):
+        demo.run_demo(out, quick=True, progress=False)  # before any training
+    assert named.exists() and not any(p.name.startswith(".twa-demo-stage") for p in out.iterdir())
+
+
 def test_an_interrupted_demo_removes_the_checkpoint_folders_it_began(tmp_path, monkeypatch):
     # a seed folder holding part of a run was left beside the results, for twa connect to read
     from twa_kernels import demo
@@ -203,8 +234,10 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
 
     out = tmp_path / "demo"
     out.mkdir()
-    for name in demo.OUTPUTS:
-        (out / name).write_text("previous run")
+    previous = {name: "previous run" for name in demo.OUTPUTS}
+    previous["results.json"] = json.dumps({"dataset": "previous run", "runs": [], "summary": {}})  # a demo's record
+    for name, text in previous.items():
+        (out / name).write_text(text)
     runs = []
 
     def run_seed(seed, setting, out_dir, progress):
@@ -224,11 +257,11 @@ def test_an_interrupted_demo_leaves_the_previous_runs_outputs_together(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(out, quick=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(demo.OUTPUTS)  # and no staging folder
-    assert all((out / name).read_text() == "previous run" for name in demo.OUTPUTS)
+    assert all((out / name).read_text() == text for name, text in previous.items())
 
     # run to the end, each output is replaced whole and through a symlink that stands in its place
     elsewhere = tmp_path / "kept-elsewhere.json"
-    elsewhere.write_text("previous run")
+    elsewhere.write_text(previous["results.json"])
     (out / "results.json").unlink()
     (out / "results.json").symlink_to(elsewhere)
     monkeypatch.setattr(demo, "plane_figure", lambda runs, setting, path, **kw: Path(path).write_text("new plane"))

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -524,6 +526,9 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
 
 
 OUTPUTS = ("accuracy.png", "plane.png", "results.json")
+# what a seed's folder holds: its epochs, the budget run's folder of epochs, SWA and TWA-v
+_SEED_ENTRY = re.compile(r"epoch_\d+\.safetensors|swa\.safetensors|twa_v\.safetensors|budget\d+")
+_BUDGET_ENTRY = re.compile(r"epoch_\d+\.safetensors")
 
 
 def _replace_seed_folders(staging: Path, out: Path, seeds: list[int], then: Callable[[], None]) -> None:
@@ -585,11 +590,36 @@ def _replace_together(staging: Path, out: Path) -> None:
     atomic_write_together({out / name: functools.partial(shutil.copyfile, staging / name) for name in OUTPUTS})
 
 
+def _not_the_demos(folder: Path) -> Path | None:
+    """An entry of an earlier seed folder (or of its budget folder) that the demo does not
+    write, or None: replacing the folder would delete it."""
+    for entry in folder.iterdir():
+        if not _SEED_ENTRY.fullmatch(entry.name) or entry.name.startswith("budget") != entry.is_dir():
+            return entry
+        if entry.is_dir():
+            stranger = next((e for e in entry.iterdir() if not _BUDGET_ENTRY.fullmatch(e.name) or not e.is_file()),
+                            None)
+            if stranger is not None:
+                return stranger
+    return None
+
+
+def _a_demo_record(path: Path) -> bool:
+    """Whether `path` holds the results.json a demo wrote (its data set, runs and summary)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and {"dataset", "runs", "summary"} <= record.keys()
+
+
 def _checked_out_dir(out_dir: str | Path, seeds: Sequence[int] = ()) -> Path:
     """out_dir as a Path, refused (OutputError) before any work where the demo's outputs
     could not be written: a NUL byte, a file, a name too long, a directory in the place of
     an output, or anything but a directory in the place of a seed's folder (a file, or a
-    symbolic link, which the new folder would replace rather than write through)."""
+    symbolic link, which the new folder would replace rather than write through). Nothing
+    the demo did not write is replaced or deleted: a seed folder holding other files, a
+    results.json of another program, or a figure beside no demo record is refused too."""
     if not isinstance(out_dir, (str, os.PathLike)) or isinstance(os.fspath(out_dir), bytes):
         raise InvalidTypeError(f"out_dir must be a directory path (str or pathlib.Path), got {type(out_dir).__name__}")
     path_without_nul(out_dir, "out_dir (--out)", OutputError)
@@ -609,6 +639,19 @@ def _checked_out_dir(out_dir: str | Path, seeds: Sequence[int] = ()) -> Path:
                 raise OutputError(f"out_dir (--out) {shown(out)} holds {kind} named seed{seed}, where the demo puts "
                                   f"seed {seed}'s checkpoint folder in place of an earlier run's: rename or remove "
                                   "it, or choose another --out")
+            if folder.is_dir() and (stranger := _not_the_demos(folder)):
+                raise OutputError(f"out_dir (--out) {shown(out)}: {shown(stranger)} is not a file the demo writes, "
+                                  f"and seed{seed}'s folder is replaced whole by this run's: move it out, or choose "
+                                  "another --out")
+        # the demo writes its three outputs together, results.json last: figures beside no
+        # record of the demo's are another program's
+        record = out / "results.json"
+        if record.exists() and not _a_demo_record(record) or not record.exists() and any(
+                (out / name).exists() for name in OUTPUTS):
+            theirs = record if record.exists() else next(out / name for name in OUTPUTS if (out / name).exists())
+            raise OutputError(f"out_dir (--out) {shown(out)}: {shown(theirs)} is not an earlier demo's output (no "
+                              "demo results.json beside it), and the demo would replace it: move it, or choose "
+                              "another --out")
     except OSError as exc:
         if isinstance(exc, OutputError):
             raise
