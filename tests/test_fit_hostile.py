@@ -644,6 +644,21 @@ def test_a_value_built_from_nested_yaml_aliases_is_shown_cut_short(tmp_path, key
     assert key in message and "..." in message and len(message) < 1000, message[:2000]
 
 
+def test_optimizer_arguments_of_nested_yaml_aliases_are_refused_before_they_are_walked(tmp_path):
+    # nine levels of ten aliases stand for 10^9 strings: converting the optimizer's arguments
+    # walked them all (minutes, and memory that grew with it)
+    from twa_kernels._fit_config import load_config
+
+    items = [f"  a0: &a0 [{', '.join(['x'] * 10)}]"]
+    items += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("model: m:f\ndata: {train: m:t}\ncheckpoints: c/\noptimizer:\n  name: SGD\n  lr: 0.1\n"
+                    + "\n".join(items) + "\n")
+    with pytest.raises(FitError, match=r"optimizer.a1 must be a number, true/false, a name or a list of up to 16 "
+                                       r"numbers, got \[\['x'"):
+        load_config(path)
+
+
 def test_distributed_must_be_a_mapping_or_left_empty():
     from twa_kernels._fit_config import check_config
 

@@ -143,6 +143,9 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+_MAX_LIST = 16  # the longest list an optimizer argument takes (betas has 2, Rprop's etas 2)
+
+
 def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     """(class name, arguments) of the `optimizer` entry, tried on a dummy parameter so a bad
     argument is found now, not at the first step."""
@@ -161,6 +164,13 @@ def _optimizer(where: str, value: Any) -> tuple[str, dict[str, Any]]:
         hint = next((f"; did you mean {n}?" for n in names if isinstance(name, str) and n.lower() == name.lower()), "")
         raise FitError(f"{where}: optimizer.name must be a torch.optim optimizer ({', '.join(sorted(names))}), "
                        f"got {describe(name)}{hint}")
+    for key, arg in args.items():
+        # before any walk of the values: lists nested in lists (YAML aliases of aliases) can
+        # stand for billions of items, and an optimizer takes numbers, names and short lists
+        if isinstance(arg, Mapping) or isinstance(arg, list) and (
+                len(arg) > _MAX_LIST or any(isinstance(item, (list, Mapping)) for item in arg)):
+            raise FitError(f"{where}: optimizer.{key} must be a number, true/false, a name or a list of up to "
+                           f"{_MAX_LIST} numbers, got {describe(arg)}")
     args = {key: _text_as_number(arg) for key, arg in args.items()}
     # a yes/no setting given as anything but true or false is read by its truth: the text
     # "false" is true, as any non-empty string is (maximize: "false" trained the coefficients
