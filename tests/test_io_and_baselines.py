@@ -887,6 +887,27 @@ def test_split_holdout_names_a_dataset_without_length_or_indexing():
         tk.split_holdout({"a": 1, "b": 2, "c": 3}, 0.3, seed=1)  # indexed by key: its Subsets failed on use
 
 
+def test_a_copy_of_a_checkpoint_counts_once_in_a_directory_or_a_glob(tmp_path, caplog):
+    # a last.pt copied from the newest epoch was averaged twice, weighing double without a word
+    import shutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        torch.save({"w": torch.full((300_000,), float(i))}, folder / f"epoch{i}.pt")  # sampled blocks apart
+    shutil.copyfile(folder / "epoch3.pt", folder / "last.pt")
+    # the same size and the same bytes at the sampled places, one byte apart elsewhere: kept
+    near = bytearray((folder / "epoch2.pt").read_bytes())
+    near[len(near) // 2 + 100] ^= 1
+    (folder / "near.pt").write_bytes(near)
+    for spec in (folder, str(folder / "*.pt")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="twa_kernels"):
+            found = resolve_checkpoints(spec)
+        assert [p.name for p in found] == ["epoch1.pt", "epoch2.pt", "epoch3.pt", "near.pt"]
+        assert "leaving out last.pt (the same bytes as epoch3.pt)" in caplog.text
+
+
 def test_a_link_to_a_checkpoint_counts_it_once_in_a_directory_and_is_refused_in_a_list(tmp_path, caplog):
     folder = tmp_path / "run"
     folder.mkdir()

@@ -23,6 +23,7 @@ the run's epoch trajectory.
 
 from __future__ import annotations
 
+import filecmp
 import glob as globlib
 import json
 import logging
@@ -183,7 +184,7 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
     directory (its checkpoint files, save_pretrained and DCP subdirectories in natural name
     order; a save_pretrained directory is one checkpoint) or a glob pattern. An empty result
     is an error, and so is a file listed twice in a list; a directory's or glob's links to a
-    file it already gives are left out, with a warning."""
+    file it already gives, and copies of one (the same bytes), are left out, with a warning."""
     if checkpoints is None:
         raise InvalidTypeError("checkpoints is None: pass a list of checkpoint files or state_dicts, a directory "
                                "or a glob pattern")
@@ -278,7 +279,51 @@ def _each_file_once(found: list[Path]) -> list[Path]:
     if dropped:
         logger.warning("leaving out %s: a link to a checkpoint already counted would count it twice; pass a list "
                        "of files to choose them yourself", ", ".join(dropped))
-    return kept
+    return _without_copies(kept)
+
+
+_SAMPLES, _SAMPLE_BYTES = 8, 4096
+
+
+def _sample(path: Path, size: int) -> bytes | None:
+    """A few blocks spread over the file (its end included): checkpoints of one run share
+    their size and headers, and differ in nearly every block of their weights."""
+    try:
+        with open(path, "rb") as file:
+            blocks = []
+            for i in range(_SAMPLES):
+                file.seek(max(0, size * (i + 1) // _SAMPLES - _SAMPLE_BYTES))
+                blocks.append(file.read(_SAMPLE_BYTES))
+            return b"".join(blocks)
+    except OSError:  # unreadable here: the read says so, by name
+        return None
+
+
+def _without_copies(found: list[Path]) -> list[Path]:
+    """`found` less the files whose bytes repeat an earlier one's (a `last.pt` copied from the
+    newest epoch), with a warning: counted twice, it would weigh double in every average.
+    Files of one size are compared by a few sampled blocks, and only those that agree there
+    byte for byte, so a run's distinct checkpoints cost a few small reads each."""
+    by_sample: dict[tuple, list[Path]] = {}
+    for path in found:
+        if not path.is_file():
+            continue  # save_pretrained and DCP directories: a copy of one is a new save
+        size = path.stat().st_size
+        sample = _sample(path, size)
+        if sample is not None:
+            by_sample.setdefault((size, sample), []).append(path)
+    copies: dict[int, Path] = {}  # id of a copy -> the file it repeats
+    for paths in by_sample.values():
+        for i, path in enumerate(paths[1:], 1):
+            original = next((p for p in paths[:i] if id(p) not in copies and filecmp.cmp(p, path, shallow=False)),
+                            None)
+            if original is not None:
+                copies[id(path)] = original
+    if copies:
+        logger.warning("leaving out %s: a copy of a checkpoint already counted would count it twice; pass a list of "
+                       "files to choose them yourself", ", ".join(f"{p.name} (the same bytes as {copies[id(p)].name})"
+                                                                for p in found if id(p) in copies))
+    return [path for path in found if id(path) not in copies]
 
 
 def _check_listed_once(items: list[CheckpointSpec]) -> None:
