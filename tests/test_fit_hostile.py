@@ -1529,9 +1529,12 @@ def test_ctrl_c_or_sigterm_stops_the_command_with_one_line_and_no_output(project
     _interrupt(project, signum, status, line, "waiting_loader", epochs=1, marker_name="waiting-started")
 
 
-def test_ctrl_c_after_an_epoch_says_that_the_same_command_resumes(project):
-    out = _interrupt(project, signal.SIGINT, 130, "twa: interrupted; its finished epochs are kept in",
-                     "waiting_in_epoch_2_loader", epochs=2, marker_name="waiting-started.epoch2")
+@pytest.mark.parametrize("signum, status, line", [
+    (signal.SIGINT, 130, "twa: interrupted; its finished epochs are kept in"),
+    (signal.SIGTERM, 143, "twa: its finished epochs are kept in")], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_after_an_epoch_says_that_the_same_command_resumes(project, signum, status, line):
+    out = _interrupt(project, signum, status, line, "waiting_in_epoch_2_loader", epochs=2,
+                     marker_name="waiting-started.epoch2")
     assert _leftovers(project, out.name) == [f".{out.name}.twa-progress.pt"]
 
 

@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -292,6 +293,11 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
             if outputs is not None and "kept" in stage and progress_file.is_file():  # said where Ctrl-C stopped
                 raise KeyboardInterrupt(f"its finished epochs are kept in {progress_file}: run the same command "
                                         "again to resume after them") from None
+            raise
+        except SystemExit:  # SIGTERM (a scheduler's stop: `twa: terminated` is said), or the user's code's exit
+            if outputs is not None and "kept" in stage and progress_file.is_file():
+                print(f"twa: its finished epochs are kept in {progress_file}: run the same command again to resume "
+                      "after them", file=sys.stderr)
             raise
         if outputs is not None:
             outputs.commit()
