@@ -132,6 +132,12 @@ def _unfinished_save(entry: Path) -> bool:
         return False
 
 
+def _relative_to_cwd(spec: str) -> str:
+    """For a message about a relative path that names nothing: where it was looked for (a
+    config's paths are read from the working directory, not from the config's folder)."""
+    return "" if os.path.isabs(spec) else f" (looked for from the working directory {os.getcwd()})"
+
+
 def _natural_key(path: Path) -> list:
     """Name order with digit runs compared as numbers: step=5 before step=10."""
     parts = re.split(r"(\d+)", path.name)
@@ -203,10 +209,11 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
                      "torch.distributed.checkpoint directories (holding .metadata)")
         elif any(ch in spec for ch in "*?["):
             found = sorted((Path(p) for p in globlib.glob(spec)), key=_natural_key)
-            where = f"glob {spec!r} matches no files"
+            where = f"glob {spec!r} matches no files{_relative_to_cwd(spec)}"
         else:
             if not os.path.lexists(spec):  # before the count of checkpoints is judged
-                raise CheckpointError(f"{spec}: no such checkpoint file, directory or glob match")
+                raise CheckpointError(f"{spec}: no such checkpoint file, directory or glob match"
+                                      f"{_relative_to_cwd(spec)}")
             found, where = [Path(spec)], ""
         if not found:
             raise CheckpointError(where)
@@ -224,7 +231,8 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
         if not isinstance(item, Mapping) and not os.path.exists(item) and any(ch in str(item) for ch in "*?["):
             found = sorted((Path(p) for p in globlib.glob(str(item))), key=_natural_key)  # a glob in a list
             if not found:
-                raise CheckpointError(f"glob {str(item)!r} (checkpoint #{i}) matches no files")
+                raise CheckpointError(f"glob {str(item)!r} (checkpoint #{i}) matches no files"
+                                      f"{_relative_to_cwd(str(item))}")
             items += found
             continue
         if (not isinstance(item, Mapping) and os.path.isdir(item) and checkpoint_directory_files(item) is None
