@@ -887,6 +887,20 @@ def test_split_holdout_names_a_dataset_without_length_or_indexing():
         tk.split_holdout({"a": 1, "b": 2, "c": 3}, 0.3, seed=1)  # indexed by key: its Subsets failed on use
 
 
+def test_an_optimizers_state_in_a_folder_of_checkpoints_is_named_with_the_glob_to_pass(tmp_path):
+    # it was read as a checkpoint nesting mappings, with the advice to save model.state_dict()
+    model = torch.nn.Linear(3, 2)
+    for i in (1, 2):
+        torch.save(model.state_dict(), tmp_path / f"epoch_{i}.pt")
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(tk.CheckpointError, match=r"optimizer.pt: an optimizer's state_dict \(state, param_groups\), "
+                                                 r"not a model's; .* pass a glob of the checkpoints"):
+        tk.uniform_average(tmp_path, model)
+
+
 def test_a_copy_of_a_checkpoint_counts_once_in_a_directory_or_a_glob(tmp_path, caplog):
     # a last.pt copied from the newest epoch was averaged twice, weighing double without a word
     import shutil

@@ -193,6 +193,10 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
     if not obj:
         raise CheckpointError(f"{source}: an empty mapping, with no weights; save model.state_dict() of the model")
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors and {"state", "param_groups"} <= obj.keys():
+        raise CheckpointError(f"{source}: an optimizer's state_dict (state, param_groups), not a model's; if it sits "
+                              "in a folder of checkpoints, pass a glob of the checkpoints instead of the folder (e.g. "
+                              "'run/epoch_*.pt')")
     if not tensors:
         holders = [repr(k) for k, v in obj.items() if isinstance(v, Mapping)]  # a state_dict nested under another key
         where = (f" at its top level (it nests mappings under {', '.join(holders[:3])}: pass the state_dict itself, "
