@@ -778,6 +778,16 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
             compiled = torch.compile(fresh, backend="eager")
             torch.nn.functional.cross_entropy(compiled(x[0][rank::2]), y[0][rank::2]).backward()
             out[f"compiled_{case}_grad"] = fresh.coefficients.grad.clone()
+        # a snapshot of frozen coefficients: copying one failed on registering the hook; unfrozen
+        # again, the copy averages its gradient
+        frozen_model, frozen_ckpts = model_and_checkpoints()
+        frozen = tk.TWA(frozen_model, frozen_ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
+        frozen.coefficients.requires_grad_(False)
+        out["frozen_copy"] = _error_text(lambda: copy.deepcopy(frozen))
+        thawed = copy.deepcopy(frozen)
+        thawed.coefficients.requires_grad_(True)
+        torch.nn.functional.cross_entropy(thawed(x[0][rank::2]), y[0][rank::2]).backward()
+        out["thawed_copy_grad"] = thawed.coefficients.grad.clone()
         # DDP over a TWA whose coefficients were then replaced: DDP averaged the old Parameter,
         # and each rank trained its own, silently
         from torch.nn.parallel import DistributedDataParallel

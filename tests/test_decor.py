@@ -676,6 +676,24 @@ def _other_layers_rank(rank, world):
     return None
 
 
+def _all_frozen_on_one_rank(rank, world):
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
+    tk.decor.decorrelate(model, sample_fraction=1.0)
+    if rank == 1:  # every decorrelated layer frozen here alone: it returned before the check, the other waited
+        model.requires_grad_(False)
+    model(torch.randn(4, 6))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tk.decor.update(model)
+    except tk.errors.InvalidArgumentError as exc:
+        return str(exc)
+    return None
+
+
 def _collectives_per_update_rank(rank, world):
     import torch.distributed as dist
 
@@ -719,6 +737,13 @@ def test_ranks_with_other_decorrelated_layers_are_named_before_the_all_reduce(tm
     for rank, text in enumerate(ranks):
         assert text is not None and "decor.update: ranks [1] hold other decorrelated layers than rank 0" in text, text
     assert "(here ['0', '2'])" in ranks[0] and "(here ['2'])" in ranks[1]
+
+
+def test_ranks_that_froze_other_decorrelated_layers_are_named_on_every_rank(tmp_path):
+    ranks = spawn(_all_frozen_on_one_rank, 2, str(tmp_path), timeout=120)
+    for text in ranks:
+        assert text is not None and "ranks [1] hold other decorrelated layers than rank 0" in text, text
+        assert "freeze the same layers" in text
 
 
 def test_gpt2_conv1d_layers_decorrelate_and_fold_in_their_own_layout():

@@ -603,11 +603,17 @@ def test_a_compiled_twa_with_assigned_or_copied_coefficients_averages_its_gradie
         torch.testing.assert_close(grads[0], hostile_job[0]["assigned_grad"], rtol=1e-5, atol=1e-7)  # the same step
 
 
+def test_a_copy_of_frozen_coefficients_is_made_and_averages_once_it_trains(hostile_job):
+    grads = [res["thawed_copy_grad"] for res in hostile_job]
+    assert all(res["frozen_copy"] is None for res in hostile_job), [res["frozen_copy"] for res in hostile_job]
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
 def test_ddp_over_a_twa_whose_coefficients_were_replaced_is_named(hostile_job):
     for res in hostile_job:
         text = res["ddp_assigned"]
         assert text.startswith("UsageError: this TWA runs inside a DistributedDataParallel forward, but its "
-                               "coefficients are not a Parameter that DDP averages"), text
+                               "coefficients are not among the Parameters DDP was built over"), text
 
 
 def test_an_optimizer_keeps_no_deleted_replicated_twa_or_its_group_alive(hostile_job):

@@ -879,3 +879,28 @@ def test_a_last_batch_of_one_is_left_out_for_batchnorm_and_a_batch_of_one_is_nam
     assert int(model[1].num_batches_tracked) == 2
     with pytest.raises(tk.errors.InvalidArgumentError, match="batch of one example reached a BatchNorm layer"):
         tk.prune.train_classifier(model, data, epochs=1, batch_size=1, seed=0)
+
+
+def test_twa_over_pruned_checkpoints_keeps_zeros_with_a_dense_basis_and_the_masks_restore_them():
+    # docs/methods/pruning-and-distillation.md: a packed basis stores a group's zeros within its
+    # quantisation step, so pruned entries come back small but nonzero
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    masks = tk.prune.global_magnitude_masks(model, 0.5)
+    checkpoints = [tk.prune.masked_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in
+                                               model.state_dict().items()}, masks) for _ in range(5)]
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    worst = {}
+    for bits in (None, 8, 4):
+        twa = tk.TWA(model, checkpoints, bits=bits)
+        optimizer = torch.optim.SGD(twa.parameters(), lr=0.5)
+        for _ in range(10):
+            F.cross_entropy(twa(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        state = twa.averaged_state_dict()
+        worst[bits] = max(float(state[k][~m].abs().max() / state[k].abs().max()) for k, m in masks.items())
+        restored = tk.prune.masked_state_dict(state, masks)
+        assert all(bool((restored[k][~m] == 0).all()) for k, m in masks.items())
+    assert worst[None] == 0.0
+    assert 0 < worst[8] < 1e-3 and 0 < worst[4] < 2e-2, worst

@@ -40,6 +40,7 @@ from pathlib import Path
 from twa_kernels._checks import path_without_nul
 from twa_kernels.errors import OutputError
 
+
 def fit_file_name(output_name: str, kind: str) -> str:
     """`.<output_name>.twa-<kind>`: a file or folder `twa fit` keeps beside its output directory
     `output_name`: its progress (kind `progress.pt`), or a staging, set-aside or kept folder
@@ -50,6 +51,7 @@ def fit_file_name(output_name: str, kind: str) -> str:
 # every name fit_file_name gives: directory listings of checkpoints skip them, also where the
 # output sits in the checkpoints' folder
 FIT_FILE = re.compile(r"^\..+\.twa-(progress\.pt|(stage|old|kept)\..+)$")
+
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<pid>\d+)\.[^.]+$")
 # `.twa-stage.` and the pid (7 digits hold Linux's largest, 2**22) around the name, and
 # mkdtemp's 8 random characters after it: a fixed bound, so a name that fits fits every run

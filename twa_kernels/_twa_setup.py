@@ -260,11 +260,13 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
                 raise CheckpointError(f"{reader.source}: the frozen parameter {name!r} holds NaN or Inf, and TWA "
                                       "would pin it to that; use finite checkpoints")
             if value.is_floating_point():
-                wide = value.double()
-                digest = zlib.crc32(wide.reshape(-1).view(torch.uint8).numpy())
+                # in the parameter's own dtype, on the host: values that agree in another stored
+                # dtype agree, and a state_dict on a GPU is read too
+                own = value.detach().to(device="cpu", dtype=param.dtype).contiguous()
+                digest = zlib.crc32(own.reshape(-1).view(torch.uint8).numpy())
                 if first_digests.setdefault(name, digest) != digest and name not in varied:
                     varied.append(name)
-                totals[j] = wide if totals[j] is None else totals[j].add_(wide)
+                totals[j] = value.double() if totals[j] is None else totals[j].add_(value.double())
             elif totals[j] is None:
                 totals[j] = value
             elif not torch.equal(totals[j], value):

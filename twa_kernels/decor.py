@@ -113,11 +113,13 @@ class _Decor:
     module keeps its parameters, hooks and parameter names)."""
 
     decor_R: Tensor
+
     def _decor_samples(self) -> bool:
         """Whether this forward samples its inputs for the next update(): in train mode, except
-        under sampling_paused() and in a BatchNorm statistics pass (update_bn), whose batches
-        are no training data."""
-        return self.training and not in_statistics_pass() and id(self) not in _paused_layers
+        under sampling_paused(), in a BatchNorm statistics pass (update_bn), whose batches are
+        no training data, and once the weight is frozen (update() keeps such a layer's R)."""
+        return (self.training and self.weight.requires_grad and not in_statistics_pass()
+                and id(self) not in _paused_layers)
 
     def _decor_init(self, d: int, lr: float, kappa: float, sample_fraction: float, max_norm: float,
                     sampler: _Sampler) -> None:
@@ -630,8 +632,7 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
                       "frozen (requires_grad=False), so their R are left as they are; fold() the model to keep "
                       "them as plain layers", UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
         layers = [(name, m) for name, m in layers if m.weight.requires_grad]
-        if not layers:
-            return torch.zeros((), dtype=torch.float64)
+    all_frozen = bool(frozen) and not layers
     if group is None:
         layers = [(n, m) for n, m in layers if m._decor_count > 0]
     layout = None if group is None else (id(group), tuple((name, m.decor_R.shape[0], str(m.decor_R.dtype))
@@ -644,7 +645,11 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         if differ := ranks_unlike_rank0(layout[1], group, "decor.update's check of the decorrelated layers"):
             raise InvalidArgumentError(f"decor.update: ranks {differ} hold other decorrelated layers than rank 0 "
                                        f"(here {[name for name, _ in layers][:6]}); decorrelate the same model with "
-                                       "the same skip= on every rank")
+                                       "the same skip= (and freeze the same layers) on every rank")
+    if all_frozen:  # every decorrelated layer frozen (on every rank: their layers agreed above)
+        if first:
+            _agreed_layouts[model] = layout
+        return torch.zeros((), dtype=torch.float64, device=frozen[0][1].decor_R.device)
 
     def check_samples() -> None:
         if not layers:

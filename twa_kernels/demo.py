@@ -527,7 +527,8 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
 
 OUTPUTS = ("accuracy.png", "plane.png", "results.json")
 # what a seed's folder holds: its epochs, the budget run's folder of epochs, SWA and TWA-v
-_SEED_ENTRY = re.compile(r"epoch_\d+\.safetensors|swa\.safetensors|twa_v\.safetensors|budget\d+")
+# (named for their head stage by versions of 2026-12-02), and a desktop's folder notes
+_SEED_ENTRY = re.compile(r"epoch_\d+\.safetensors|(swa|twa_v)(_head\d+)?\.safetensors|budget\d+|\.DS_Store")
 _BUDGET_ENTRY = re.compile(r"epoch_\d+\.safetensors")
 
 

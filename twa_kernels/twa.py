@@ -501,6 +501,8 @@ class TWA(nn.Module):
         """Replicated ranks average the coefficients' gradient through a hook on their
         Parameter; a Parameter that replaced it (load_state_dict(..., assign=True)) gets
         the hook too, or each rank would train on its own gradient."""
+        if not self.coefficients.requires_grad:  # frozen (a snapshot): hooked when it trains again
+            return
         if isinstance(self._parallel, sharding.Replicated) and not (
                 self._averaged and self._averaged[0] is self.coefficients):
             self.coefficients.register_hook(sharding.gradient_averaging_hook(self._parallel))
@@ -579,9 +581,10 @@ class TWA(nn.Module):
                               stacklevel=3)
         if self._parallel is None and torch.is_grad_enabled() and sharding.ddp_leaves_out(self.coefficients):
             raise UsageError("this TWA runs inside a DistributedDataParallel forward, but its coefficients are not "
-                             "a Parameter that DDP averages (replaced after DDP was built, by load_state_dict("
-                             "..., assign=True)?): each rank would train its own. Load without assign=True, or wrap "
-                             "the TWA in DDP after loading")
+                             "among the Parameters DDP was built over, so each rank would train its own (replaced "
+                             "after DDP was built, by load_state_dict(..., assign=True)?). Load without assign=True, "
+                             "or wrap the TWA in DDP after loading; a TWA that trains alone inside another model's "
+                             "DDP forward takes process_group=")
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None

@@ -141,8 +141,11 @@ struct HostLanes {
 // float64 sum, and the lanes' sums are added in float64: a float32 chain rounds each add
 // relative to its running sum (an outlier's term, or a 2^20-column group's total). With an
 // outlier of -1000 the error grew with the chain, 0.45, 0.93 and 1.9 times the tolerance at
-// 16, 32 and 64 codes (host emulation, 1-8 bits, groups of 1,024-8,192 columns); one float64
-// add per 16 codes costs little even where float64 runs at 1/64 of float32's rate.
+// 16, 32 and 64 codes (host emulation of this code, whose host build adds without fused
+// multiply-adds: 1-8 bits, groups of 1,024-8,192 columns; Intel Xeon, 2026-12-07, commit
+// 17acdea). What the float64 adds cost on a GPU, one per 16 codes, is unmeasured: where
+// float64 runs at 1/64 of float32's rate they may take as long as the float32 work
+// (bench/gpu_run.sh times project against a copy).
 constexpr int kFlushCodes = 16;
 
 // lo + scale * code as the spec's dequantize computes it: the product rounded, then the sum.

@@ -23,8 +23,8 @@ the run's epoch trajectory.
 
 from __future__ import annotations
 
-import filecmp
 import glob as globlib
+import hashlib
 import json
 import logging
 import os
@@ -142,8 +142,6 @@ def _natural_key(path: Path) -> list:
     """Name order with digit runs compared as numbers: step=5 before step=10."""
     parts = re.split(r"(\d+)", path.name)
     return [int(part) if i % 2 else part for i, part in enumerate(parts)]  # digits at odd positions
-
-
 
 
 def _directory_checkpoints(directory: Path) -> list[Path]:
@@ -307,26 +305,41 @@ def _sample(path: Path, size: int) -> bytes | None:
         return None
 
 
+def _digest(path: Path) -> bytes | None:
+    """A hash of the whole file (None where it cannot be read: the read says so, by name)."""
+    digest = hashlib.blake2b(digest_size=32)
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.digest()
+
+
 def _without_copies(found: list[Path]) -> list[Path]:
     """`found` less the files whose bytes repeat an earlier one's (a `last.pt` copied from the
     newest epoch), with a warning: counted twice, it would weigh double in every average.
-    Files of one size are compared by a few sampled blocks, and only those that agree there
-    byte for byte, so a run's distinct checkpoints cost a few small reads each."""
-    by_sample: dict[tuple, list[Path]] = {}
+    Only files of one size are sampled at a few blocks, and only those alike there are read
+    whole, each once (checkpoints of a frozen backbone can differ in few blocks)."""
+    by_size: dict[int, list[Path]] = {}
     for path in found:
-        if not path.is_file():
-            continue  # save_pretrained and DCP directories: a copy of one is a new save
-        size = path.stat().st_size
-        sample = _sample(path, size)
-        if sample is not None:
-            by_sample.setdefault((size, sample), []).append(path)
+        if path.is_file():  # save_pretrained and DCP directories: a copy of one is a new save
+            by_size.setdefault(path.stat().st_size, []).append(path)
     copies: dict[int, Path] = {}  # id of a copy -> the file it repeats
-    for paths in by_sample.values():
-        for i, path in enumerate(paths[1:], 1):
-            original = next((p for p in paths[:i] if id(p) not in copies and filecmp.cmp(p, path, shallow=False)),
-                            None)
-            if original is not None:
-                copies[id(path)] = original
+    for size, paths in by_size.items():
+        if len(paths) < 2:
+            continue
+        by_sample: dict[bytes, list[Path]] = {}
+        for path in paths:
+            if (sample := _sample(path, size)) is not None:
+                by_sample.setdefault(sample, []).append(path)
+        for alike in by_sample.values():
+            first_of: dict[bytes, Path] = {}  # in `found`'s order: the first of each content is kept
+            for path in alike if len(alike) > 1 else ():
+                if (digest := _digest(path)) is not None:
+                    copies.update({id(path): first_of[digest]} if digest in first_of else {})
+                    first_of.setdefault(digest, path)
     if copies:
         logger.warning("leaving out %s: a copy of a checkpoint already counted would count it twice; pass a list of "
                        "files to choose them yourself", ", ".join(f"{p.name} (the same bytes as {copies[id(p)].name})"
