@@ -474,6 +474,25 @@ def test_a_progress_file_of_another_run_or_unreadable_is_replaced_with_a_warning
     assert not progress.exists()
 
 
+def test_progress_of_the_same_config_with_other_code_is_not_taken_up(in_project, monkeypatch, tmp_path):
+    # a loader fixed between two runs resumed the first run's epochs under the new code
+    data = dict(train="fit_hostile_pkg:stopping_loader", val="fit_hostile_pkg:val_loader")
+    config = _config(in_project, data=data, output=str(tmp_path / "out"), epochs=2)
+    monkeypatch.setenv("FIT_STOP_AT_PASS", "3")  # in epoch 2 of 2, after epoch 1's progress
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(config, progress=False)
+    monkeypatch.delenv("FIT_STOP_AT_PASS")
+    module = in_project / "fit_hostile_pkg.py"
+    source = module.read_text()
+    module.write_text(source + "\n# the loaders' code changed\n")
+    try:
+        with pytest.warns(UserWarning, match="progress of a run with other code in fit_hostile_pkg; this run starts "
+                                             "afresh"):
+            assert run_fit(config, progress=False)["resumed_after_epoch"] is None
+    finally:
+        module.write_text(source)
+
+
 def test_the_warning_for_another_runs_progress_says_what_differs():
     # a resume under another world size said "other settings or checkpoints"
     from twa_kernels._fit_progress import _what_differs, fingerprint

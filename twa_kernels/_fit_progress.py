@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -69,10 +70,32 @@ def _files(spec: str | os.PathLike) -> list[str]:
     return sorted(str(p) for p in Path(spec).rglob("*") if p.is_file())
 
 
+def _code_digests(settings: Any) -> list[list[str]]:
+    """[module, digest of its source file] for each module an import string of the settings
+    names (the model's, the loaders', the loss's) that is loaded from a file: a loader fixed
+    between two runs makes the second a run of its own."""
+    names: set[str] = set()
+    todo = [settings]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, str) and value.count(":") == 1:
+            names.add(value.split(":")[0])
+    digests = []
+    for name in sorted(names):
+        path = getattr(sys.modules.get(name), "__file__", None)
+        try:
+            digests.append([name, hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]] if path else [name])
+        except OSError:  # gone since it was imported: its code as imported is what runs
+            digests.append([name])
+    return digests
+
+
 def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version: str) -> str:
-    """The settings, the number of processes, the library's version and each checkpoint
-    file's path, size and modification time: a run with the same fingerprint trains the same
-    TWA from the same files."""
+    """The settings, the number of processes, the library's version, each checkpoint file's
+    path, size and modification time, and the source of the modules the settings import: a
+    run with the same fingerprint trains the same TWA from the same files with the same code."""
     stamps = []
     for spec in inputs:
         if not isinstance(spec, (str, os.PathLike)):  # a state_dict given in memory: no file to stamp
@@ -84,20 +107,22 @@ def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version
                 stamps.append([name, st.st_size, st.st_mtime_ns])
             except (OSError, ValueError):  # gone since it was listed: the build will say so
                 stamps.append([name])
-    return json.dumps([settings, world_size, version, stamps], sort_keys=True, default=str)
+    return json.dumps([settings, world_size, version, stamps, _code_digests(settings)], sort_keys=True, default=str)
 
 
 def _what_differs(saved: object, run: str) -> str:
     """What a saved fingerprint and this run's differ in, in words."""
     try:
-        (settings, world, version, stamps), now = json.loads(saved), json.loads(run)
+        (settings, world, version, stamps, code), now = json.loads(saved), json.loads(run)
     except (TypeError, ValueError):  # not one this version writes
         return "other settings or checkpoints"
+    changed = [name for name, *digest in now[4] if [name, *digest] not in code]
     parts = [what for what, differs in (
         ("other settings", settings != now[0]),
         (f"another number of processes ({world} then, {now[1]} now)", world != now[1]),
         (f"another version of twa-kernels ({version})", version != now[2]),
-        ("other checkpoint files (or files changed since)", stamps != now[3])) if differs]
+        ("other checkpoint files (or files changed since)", stamps != now[3]),
+        (f"other code in {', '.join(changed)}", bool(changed))) if differs]
     return ", ".join(parts) or "other settings or checkpoints"
 
 
