@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from twa_kernels.quant import QuantizedBasis, dequantize
+from twa_kernels.quant import QuantizedBasis, dequantize, quantize
 
 BITS = [None, 1, 2, 4, 8]
 # (k, D, group_size, block_sizes): D not a multiple of 8 or of the group, k = 1,
@@ -56,6 +56,15 @@ def assert_one_rounding_of_the_weight(w: torch.Tensor, expected: torch.Tensor, b
     one_rounding = torch.nextafter(expected.abs(), torch.tensor(float("inf"), device=expected.device)) - expected.abs()
     excess = (w - expected).abs() - (budget + one_rounding)
     assert float(excess.max()) <= 0, f"{int((excess > 0).sum())} of {w.numel()} weights beyond one rounding"
+
+
+def outlier_basis(bits: int, group_size: int) -> tuple[QuantizedBasis, torch.Tensor]:
+    """(basis, g): rows of 1e-3 with one outlier each (-1000 once, -50 at every half group,
+    300 once) over two groups, and g = 1/3: each group's minimum lies far below its other
+    values, so scale * sum(code * g) and lo * sum(g) nearly cancel."""
+    rows = torch.full((3, group_size * 2), 1e-3)
+    rows[0, 0], rows[1, :: group_size // 2], rows[2, 5] = -1000.0, -50.0, 300.0
+    return quantize(rows, bits, group_size), torch.full((group_size * 2,), 1 / 3)
 
 
 def assert_rounded_to_nearest_bfloat16(w: torch.Tensor, expected: torch.Tensor, budget: float) -> None:

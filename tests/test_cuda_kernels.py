@@ -12,7 +12,8 @@ import twa_kernels as tk
 from twa_kernels import _build
 from twa_kernels.backends import reference
 
-from tests.helpers import BITS, SHAPES, assert_one_rounding_of_the_weight, random_basis, reconstruct_budget
+from tests.helpers import (BITS, SHAPES, assert_one_rounding_of_the_weight, outlier_basis, random_basis,
+                           reconstruct_budget)
 
 needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc not found: CUDA sources cannot compile here")
 
@@ -73,10 +74,7 @@ def test_emulated_project_of_groups_of_a_million_columns_keeps_the_spec_accuracy
 def test_emulated_project_of_an_outlier_group_keeps_the_spec_accuracy(emulator, bits, group_size):
     # one outlier sets a group's minimum far below its other values: summing code * g and g
     # apart and scaling after, the two terms cancelled to 200-2,000 times the tolerance
-    rows = torch.full((3, group_size * 2), 1e-3)
-    rows[0, 0], rows[1, :: group_size // 2], rows[2, 5] = -1000.0, -50.0, 300.0
-    qb = tk.quantize(rows, bits, group_size)
-    g = torch.full((group_size * 2,), 1 / 3)
+    qb, g = outlier_basis(bits, group_size)
     y = torch.zeros(qb.k, qb.num_blocks, dtype=torch.float64)
     emulator.twa_cuda_emulate_project(*_basis_args(qb), _ptr(g), DTYPE_CODE[g.dtype], _ptr(y), _ptr(torch.empty(0)),
                                       0)

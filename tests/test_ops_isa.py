@@ -20,7 +20,7 @@ from twa_kernels import _build
 from twa_kernels._build import cpu_kernels_available
 from twa_kernels.backends import reference
 
-from tests.helpers import assert_one_rounding_of_the_weight, random_basis, reconstruct_budget
+from tests.helpers import assert_one_rounding_of_the_weight, outlier_basis, random_basis, reconstruct_budget
 
 pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ CPU kernels could not be built")
 
@@ -246,10 +246,7 @@ def test_project_of_an_outlier_group_rounds_relative_to_the_terms_it_adds(isa, b
     # one outlier sets a group's minimum far below its other values: scale * sum(code * g) and
     # lo * sum(g) then nearly cancel, and float32 sums over 4,096 columns left 1.1e-6 of them
     # (9e-3 of sum |p^ g|, the spec's budget) on the AVX2 path
-    rows = torch.full((3, group_size * 2), 1e-3)
-    rows[0, 0], rows[1, :: group_size // 2], rows[2, 5] = -1000.0, -50.0, 300.0
-    qb = tk.quantize(rows, bits, group_size)
-    g = torch.full((group_size * 2,), 1 / 3)
+    qb, g = outlier_basis(bits, group_size)
     exact = (tk.dequantize(qb).double() @ g.double())
     error = (tk.project(qb, g)[:, 0].double() - exact).abs()
     assert (error <= 1e-6 * _terms_budget(qb, g)).all(), (error / _terms_budget(qb, g)).max()
