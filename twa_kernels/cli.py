@@ -34,7 +34,7 @@ from twa_kernels._fit_config import DEFAULT_LOSS, FitError, load_config
 from twa_kernels._user_code import call_factory, call_loss, loss_from, resolve_import_strings
 from twa_kernels.fit import run_fit
 from twa_kernels.geometry.evaluation import checkpoint_label, checkpoint_labels, printable
-from twa_kernels.io import atomic_write_together
+from twa_kernels.io import atomic_write_together, json_record
 from twa_kernels.io.write import TEMPORARY_NAME_EXTRA, Temporary
 
 
@@ -194,11 +194,8 @@ def _check_figure_path(out: Path, inputs: list[str]) -> None:
 def _a_geometry_record(path: Path) -> bool:
     """Whether `path` holds the JSON that twa connect or twa plane writes beside its figure:
     its numbers along a line (alphas, losses) or over a plane (anchors)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and ({"alphas", "loss"} <= record.keys() or "anchors" in record)
+    record = json_record(path)
+    return record is not None and ({"alphas", "loss"} <= record.keys() or "anchors" in record)
 
 
 def _write_figure_and_json(out: Path, draw: Callable[[Path], object], record: dict) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import logging
 import os
 import re
@@ -49,7 +48,8 @@ from twa_kernels._provenance import stamp
 from twa_kernels.averaging import greedy_soup, uniform_average, update_bn
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels.geometry import plane, plot_plane
-from twa_kernels.io import atomic_write, atomic_write_together, load_state_dict, save_state_dict, write_json
+from twa_kernels.io import (atomic_write, atomic_write_together, json_record, load_state_dict, save_state_dict,
+                            write_json)
 from twa_kernels.twa import TWA
 
 logger = logging.getLogger(__name__)
@@ -607,11 +607,8 @@ def _not_the_demos(folder: Path) -> Path | None:
 
 def _a_demo_record(path: Path) -> bool:
     """Whether `path` holds the results.json a demo wrote (its data set, runs and summary)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(record, dict) and {"dataset", "runs", "summary"} <= record.keys()
+    record = json_record(path)
+    return record is not None and {"dataset", "runs", "summary"} <= record.keys()
 
 
 def _checked_out_dir(out_dir: str | Path, seeds: Sequence[int] = ()) -> Path:

@@ -78,13 +78,9 @@ def averaged_by_ddp(parameter: Tensor) -> bool:
     return any(p is parameter for p in synced)
 
 
-def ddp_leaves_out(parameter: Tensor) -> bool:
-    """Whether a DistributedDataParallel forward is running and `parameter` requires grad but
-    is not among the parameters it averages: one that replaced DDP's (load_state_dict with
-    assign=True after DDP was built), whose gradient no rank would share."""
-    if not parameter.requires_grad or not dist.is_available() or not dist.is_initialized():
-        return False
-    return _active_ddp() is not None and not averaged_by_ddp(parameter)
+def in_ddp_forward() -> bool:
+    """Whether a DistributedDataParallel forward is running (False without torch.distributed)."""
+    return dist.is_available() and dist.is_initialized() and _active_ddp() is not None
 
 
 def _all_gather(out: Tensor, t: Tensor, group: Any) -> None:

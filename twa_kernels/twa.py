@@ -321,7 +321,8 @@ class TWA(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
                                    f"TWA.state_dict() returns), got {type(state_dict).__name__}")
-        own_keys = set(self.state_dict(keep_vars=True))
+        own_state = self.state_dict(keep_vars=True)  # (a subclass's too)
+        own_keys = set(own_state)
         if state_dict and own_keys.isdisjoint(state_dict):
             # the state of a wrapped TWA: torch.compile's `_orig_mod.`, DDP's `module.` before every key
             unwrapped = {strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
@@ -333,7 +334,7 @@ class TWA(nn.Module):
                                            "way (a model's own state goes to twa.module)")
         if strict:  # torch would copy every entry it can and raise only after
             # a sharded rank's entries by the buffers' names, in both (see _twa_state.PER_RANK)
-            incoming, own_state = dict(state_dict), self.state_dict(keep_vars=True)  # (a subclass's too)
+            incoming = dict(state_dict)
             take_own_rank(self, incoming, "")
             take_own_rank(self, own_state, "")
             own = [key for key in own_state if key != "shard_columns"]
@@ -579,7 +580,10 @@ class TWA(nn.Module):
                               "with process_group=dist.group.WORLD (before it, that name is None), or wrap it in "
                               "DDP; ignore this warning if each rank is meant to train alone", UserWarning,
                               stacklevel=3)
-        if self._parallel is None and torch.is_grad_enabled() and sharding.ddp_leaves_out(self.coefficients):
+        # inside a DDP forward, whether DDP averages the coefficients (once per forward: it walks DDP's parameters)
+        ddp_averages = self._parallel is None and sharding.averaged_by_ddp(self.coefficients)
+        if (self._parallel is None and not ddp_averages and torch.is_grad_enabled()
+                and self.coefficients.requires_grad and sharding.in_ddp_forward()):
             raise UsageError("this TWA runs inside a DistributedDataParallel forward, but its coefficients are not "
                              "among the Parameters DDP was built over, so each rank would train its own (replaced "
                              "after DDP was built, by load_state_dict(..., assign=True)?). Load without assign=True, "
@@ -606,7 +610,7 @@ class TWA(nn.Module):
                 raise
             # inside DDP the output is tied to the anchor, so that what a reentrant recomputation
             # leaves reaches the coefficients through autograd, before DDP averages them
-            if self._parallel is None and sharding.averaged_by_ddp(self.coefficients):
+            if ddp_averages:
                 return lent.tie(out, loan, token)
             lent.hold_with(out, loan)
         return out

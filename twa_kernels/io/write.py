@@ -288,6 +288,17 @@ def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> 
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def json_record(path: str | os.PathLike) -> dict | None:
+    """The JSON object a file holds (a record write_json wrote, say), or None where it holds
+    none: unreadable, not JSON, or JSON of another kind. For a command that replaces only a
+    record of its own."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def save_state_dict(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
     """Write a state_dict as .safetensors or with torch.save, atomically (see atomic_write):
     a crash leaves either the old file or the new one, never half of one."""
