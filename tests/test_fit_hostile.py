@@ -1174,6 +1174,44 @@ def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_k
     assert not dead.exists() and (out / "a.bin").read_text() == "new"
 
 
+def test_a_killed_runs_staging_folder_is_removed_though_its_process_number_was_given_again(tmp_path, monkeypatch):
+    # a restarted container's first process gets the number the killed run had (often this
+    # very run's): a staging folder was judged by its number alone and kept for ever
+    from twa_kernels import _outdir
+
+    out = tmp_path / "out"
+    mine = tmp_path / f".out.twa-stage.{os.getpid()}.k1lled"
+    mine.mkdir()
+    (mine / "a.bin").write_text("half")
+    started = _outdir._process_start(os.getpid())
+    assert started is None or started <= time.time()
+    if started is None:
+        pytest.skip("no /proc: a process's start cannot be read here")
+    # this process, started after the folder last changed: the number's second owner
+    monkeypatch.setattr(_outdir, "_process_start", lambda pid: time.time() + 60)
+    _outdir.OutputDirectory(out, ["a.bin"]).discard()
+    assert not mine.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_live_runs_staging_folder_is_kept(tmp_path):
+    from twa_kernels import _outdir
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            time.sleep(0.1)
+            live = tmp_path / f".out.twa-stage.{other.pid}.wrking"
+            live.mkdir()  # made by the live process, after it started
+            if _outdir._process_start(other.pid) is not None:
+                assert _outdir._process_start(other.pid) <= time.time()
+            _outdir.OutputDirectory(tmp_path / "out", ["a.bin"]).discard()
+            assert live.is_dir()
+        finally:
+            other.kill()
+    other.wait(timeout=30)
+    _outdir.OutputDirectory(tmp_path / "out", ["a.bin"]).discard()  # its process gone
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("when", ["moving them back", "the exchange's return"])
 def test_a_ctrl_c_between_the_swap_and_moving_the_users_entries_back_keeps_them(tmp_path, monkeypatch, when):
     # the run's own clean-up (discard, in a finally) removed the old set with the user's files

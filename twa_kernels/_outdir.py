@@ -10,7 +10,9 @@ the old set back before it starts.
 
 Staging and set-aside directories are named `.<target>.twa-stage.<pid>.<random>` and
 `.<target>.twa-old.<pid>.<random>`; the next run removes those whose process is gone, so an
-interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long.
+interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long. A process of that
+number that started after the folder last changed is not its owner (numbers are reused, and a
+restarted container's first process often gets the one its killed run had).
 
 Because the whole directory is replaced, it must hold nothing but these outputs (regular
 files of exactly those names, and the `.<name>.<random>.tmp` and `.lck` files an interrupted
@@ -87,17 +89,47 @@ def current_umask() -> int:
     return mask
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists (this one included; another user's counts as alive)."""
-    if pid == os.getpid():
-        return True
+# a folder changed this long before its owner's recorded start still counts as the owner's:
+# /proc's start times are in whole clock ticks after a boot time in whole seconds, and the
+# wall clock may have been stepped since
+_START_SLACK_SECONDS = 2.0
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started, in time.time()'s terms, or None where /proc cannot tell
+    (another OS, no such process, a restricted /proc)."""
     try:
-        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            # the command name (field 2) may hold spaces and parentheses: fields follow its last ')'
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as system:
+            boot = next(float(line.split()[1]) for line in system if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks after boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def owner_alive(pid: int, folder: Path) -> bool:
+    """Whether the process that made `folder` (numbered `pid` in its name) may still run:
+    a process of that number exists and started before the folder last changed. One that
+    started later got the number again after the owner ended, as a restarted container's
+    first process does (often this very one); where /proc cannot tell when a process
+    started, any process of that number counts (another user's too)."""
+    try:
+        if pid != os.getpid():
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
+        pass
+    started = _process_start(pid)
+    if started is None:
         return True
-    return True
+    try:
+        info = os.lstat(folder)
+    except OSError:  # gone already: nothing to remove
+        return True
+    return started <= max(info.st_mtime, info.st_ctime) + _START_SLACK_SECONDS
 
 
 def fsync_directory(path: Path) -> None:
@@ -269,14 +301,14 @@ class OutputDirectory:
     def recover(self) -> None:
         """Put back a set an interrupted fallback swap left aside (when the target is
         missing), and remove every staging or set-aside directory of this target whose
-        process is gone."""
+        process is gone (owner_alive)."""
         parent = self._target.parent
         if not parent.is_dir():
             return
         leftovers = []
         for entry in os.listdir(parent):
             match = _LEFTOVER.match(entry)
-            if match and match["target"] == self._target.name and not process_alive(int(match["pid"])):
+            if match and match["target"] == self._target.name and not owner_alive(int(match["pid"]), parent / entry):
                 leftovers.append((match["kind"], parent / entry))
         for kind, leftover in leftovers:
             if kind == "old" and not self._target.exists():

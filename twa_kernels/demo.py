@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._checks import integer, path_without_nul
-from twa_kernels._outdir import process_alive, shown
+from twa_kernels._outdir import owner_alive, shown
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
@@ -577,7 +577,7 @@ def _remove_abandoned_staging(out: Path) -> None:
     could clean up: those whose process is gone."""
     for entry in out.glob(".twa-demo-stage.*"):
         pid = entry.name.split(".")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if pid.isdigit() and not owner_alive(int(pid), entry):
             shutil.rmtree(entry, ignore_errors=True)
 
 
