@@ -1642,6 +1642,28 @@ def test_sharded_mode_in_one_process_warns_that_it_trains_unsharded(in_project, 
                 progress=False)
 
 
+def test_the_command_prints_the_librarys_warnings_as_its_own_lines(in_project, monkeypatch, capsys):
+    # Python's format showed a source path, a line number and the warn() call's code line
+    from twa_kernels import _build, cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(_build.cache_root()))
+    config = _config(in_project, output=str(in_project / "sharded-out"), distributed=dict(mode="sharded"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        assert cli.main(["fit", str(config), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "has no effect in one process" in line)
+    assert line.startswith("twa: warning: ") and "fit.py" not in err and "warnings.warn(" not in err
+    # another library's or the user's code's keep Python's format, whose location helps
+    shown = []
+    cli._show_warning(lambda *args: shown.append(args), UserWarning("theirs"), UserWarning, "/their/code.py", 7)
+    assert shown and shown[0][2:4] == ("/their/code.py", 7)
+    cli._show_warning(print, "twa fit: resuming after epoch 2", UserWarning, cli.__file__, 1)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "twa fit: warning: resuming after epoch 2\n"
+
+
 def test_a_leading_tilde_in_output_is_the_home_directory(in_project, tmp_path, monkeypatch, capsys):
     from twa_kernels import _build
     from twa_kernels.cli import main

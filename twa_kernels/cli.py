@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -391,6 +393,26 @@ def run() -> int:
     return main()
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _show_warning(python_format: Callable[..., None], message: Warning | str, category: type[Warning],
+                  filename: str, lineno: int, file: object = None, line: str | None = None) -> None:
+    """Print the library's warnings as the command's own lines (`twa fit: warning: ...`), not
+    as Python's source location and code line; another library's, or the user code's, keep
+    Python's format, whose location says where to look."""
+    if not Path(filename).resolve().is_relative_to(_PACKAGE):
+        python_format(message, category, filename, lineno, file, line)
+        return
+    text = str(message)
+    command, colon, rest = text.partition(": ")
+    if colon and command.startswith("twa ") and " " not in command[4:]:  # already says which command
+        print(f"{command}: warning: {rest}", file=sys.stderr)
+    else:
+        print(f"twa: warning: {text}", file=sys.stderr)
+
+
+
 @contextlib.contextmanager
 def _terminate_as_exception(terminated: list[int]) -> Iterator[None]:
     """SIGTERM raises SystemExit(143) for the length of the block, after the line `twa:
@@ -451,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 
     terminated: list[int] = []  # the signal, once SIGTERM has raised its SystemExit
     try:
-        with _terminate_as_exception(terminated):
+        with _terminate_as_exception(terminated), warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             return args.func(args)
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
         print(f"twa: error: {exc}", file=sys.stderr)
