@@ -510,6 +510,29 @@ def full_verdict(tables: dict) -> str:
     return {2: "holds", 1: "partly"}.get(len(stable_where_real_is_not), "does not hold")
 
 
+def full_summary_line(tables: dict) -> str:
+    """The paired error-barrier differences of full_tables, one clause each."""
+    parts = [f"{k}: {100 * v['mean']:+.2f} [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}] points"
+             for k, v in tables["paired_error_barrier"].items()]
+    return "Error-barrier differences (95% t-intervals over seeds): " + "; ".join(parts)
+
+
+def resummarize(out: Path) -> dict:
+    """Tables, verdict and summary of `out`/fair.json recomputed from its per-seed results
+    under today's rule; the run's own stamp is kept as run_stamp."""
+    import json
+
+    report = json.loads((out / "fair.json").read_text())
+    if "results" not in report:
+        raise SystemExit(f"{out / 'fair.json'} holds no stability runs (calibration only): nothing to resummarize")
+    report.setdefault("run_stamp", report.pop("stamp", None))
+    tables = full_tables(report["results"], dict(measure=report["protocol"]["measured_rounds"]))
+    report.update(tables=tables, verdict=full_verdict(tables), summary=full_summary_line(tables))
+    write_report(out / "fair.json", report)
+    print(f"verdict: {report['verdict']}\n{report['summary']}")
+    return report
+
+
 def fair_main(argv: list[str] | None = None) -> dict:
     p = parser("Sparse-network stability on distilled data: calibration first (see experiments/lmc_sparse.py).",
                "lmc_sparse")
@@ -524,7 +547,11 @@ def fair_main(argv: list[str] | None = None) -> dict:
                    help="stop after the calibration (then --reuse-calibration runs the rest)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "twa-lmc-fair"),
                    help="IMP rounds (resumable)")
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the tables, verdict and summary of an existing fair.json from its runs")
     args = p.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.out)
     cfg, full = CAL_SIZES[args.size], FULL_SIZES[args.size]
     if args.seeds is not None:
         if args.seeds < 2:
@@ -588,11 +615,8 @@ def fair_main(argv: list[str] | None = None) -> dict:
                                     f"{full['dm_iterations']} distribution-matching iterations and {full['syn_steps']} "
                                     "steps per distilled IMP round (the 30-minute budget on 2 cores)",
                                     "no Hessian-diagonal figure"])
-        parts = []
-        for k, v in tables["paired_error_barrier"].items():
-            parts.append(f"{k}: {100 * v['mean']:+.2f} [{100 * v['ci95'][0]:+.2f}, {100 * v['ci95'][1]:+.2f}] points")
         report.update(seeds=full["seeds"], results=results, tables=tables, verdict=verdict,
-                      summary="Error-barrier differences (95% t-intervals over seeds): " + "; ".join(parts))
+                      summary=full_summary_line(tables))
     report["total_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out / "fair.json", report)
