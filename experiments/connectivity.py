@@ -38,13 +38,19 @@ from experiments.common import ROOT, save_figure, stamp, write_report
 # ---- barriers --------------------------------------------------------------------------------
 
 
+# train_sgd shuffles epoch e of seed s with seed s + e: runs of seeds 0 and 1 would share 14
+# of 15 batch orders, so each run's orders start this far apart
+_ORDER_SEEDS_APART = 1000
+
+
 def _trained_runs(work: Path, seeds=(0, 1), epochs: int = 15) -> dict[int, list[Path]]:
     from twa_kernels.demo import make_model, mnist1d, train_sgd
 
     runs = {}
     for seed in seeds:
-        train, _, _ = mnist1d(0)  # one data split for both runs: only the initialisation and batch order differ
-        paths, _, _ = train_sgd(make_model(seed), train, epochs, seed, work / f"seed{seed}", lr=0.05)
+        train, _, _ = mnist1d(0)  # one data split for both runs: only the initialisation and batch orders differ
+        paths, _, _ = train_sgd(make_model(seed), train, epochs, _ORDER_SEEDS_APART * seed, work / f"seed{seed}",
+                                lr=0.05)
         runs[seed] = paths
     return runs
 
@@ -277,19 +283,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "connectivity.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    # each section keeps the provenance of the run that measured it; "stamp" is the last run's
+    run_stamps = report.setdefault("run_stamps", {})
+    for section in ("barriers", "sharpness", "memory"):
+        if section in report and section not in run_stamps and "stamp" in report:
+            run_stamps[section] = report["stamp"]
     torch.set_num_threads(1)  # small models on a shared machine: one thread is the fastest
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.what in ("barriers", "all"):
             start = time.perf_counter()
             report["barriers"] = barriers(work)
+            run_stamps["barriers"] = stamp()
             print(barrier_table(report["barriers"]), f"\n({time.perf_counter() - start:.0f}s)\n")
             plot_barriers(report["barriers"], out / "barriers.png")
         if args.what in ("sharpness", "all"):
             report["sharpness"] = sharpness(work)
+            run_stamps["sharpness"] = stamp()
             print(sharpness_table(report["sharpness"]), "\n")
         if args.what in ("memory", "all"):
             report["memory"] = memory(args.grid)
+            run_stamps["memory"] = stamp()
             print(memory_table(report["memory"]), "\n")
     write_report(report_path, report)  # with the machine, date and commit
     print(f"written: {report_path}" + (f", {out / 'barriers.png'}" if "barriers" in report else ""))
