@@ -568,3 +568,38 @@ def test_an_error_before_an_sgd_step_moved_anything_leaves_everything_exactly(mo
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
     if kind != "bfloat16":  # (a 16-bit model's steps are always projected and put back onto the subspace)
         assert opt._state_in_span  # its later steps keep the path without a copy of the weights
+
+
+def test_the_iclr_codes_linear_span_holds_the_checkpoints_themselves_and_can_rescale_the_weights():
+    # the ICLR code orthonormalises the checkpoints as they are; the affine hull around the
+    # center has one direction fewer, the one that scales the whole weight vector
+    model = make_model(0)
+    names = [name for name, _ in model.named_parameters()]
+    torch.manual_seed(1)
+    ckpts = noisy_checkpoints(model, 4)
+    build = lambda span: tk.Subspace.from_checkpoints(ckpts, bits=None, granularity="model",  # noqa: E731
+                                                      orthonormalize=True, parameter_names=names, span=span)
+    affine, linear = build("affine"), build("linear")
+    assert (affine.basis.k, linear.basis.k) == (3, 4)
+    P = linear.basis.codes.double()
+    assert torch.allclose(P @ P.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    flat = torch.stack([torch.cat([c[n].reshape(-1) for n in names]) for c in ckpts]).double()
+    for basis, offset in ((P, 0), (affine.basis.codes.double(), affine.center.double())):
+        assert torch.allclose((flat - offset) @ basis.T @ basis, flat - offset, atol=1e-4)  # every checkpoint
+    c = linear.center.double()  # the rescaling direction: in the linear span, not in the affine hull's
+    A = affine.basis.codes.double()
+    assert (c @ P.T @ P - c).norm() < 1e-4 * c.norm() < (c @ A.T @ A - c).norm()
+    # projected SGD along g = w (what weight decay adds) shrinks the weights in the linear span only
+    for sub, shrinks in ((affine, False), (linear, True)):
+        model.load_state_dict(sub.unflatten(sub.center), strict=False)
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()
+        for p in model.parameters():
+            p.grad = p.detach().clone()
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()
+        assert (after < 0.95 * before) == shrinks
+    with pytest.raises(tk.errors.InvalidArgumentError, match="span='linear' is the ICLR version's basis"):
+        tk.Subspace.from_checkpoints(ckpts, granularity="model", parameter_names=names, span="linear")
+    with pytest.raises(tk.errors.InvalidArgumentError, match="span must be 'affine'"):
+        tk.Subspace.from_checkpoints(ckpts, granularity="model", parameter_names=names, span="convex")

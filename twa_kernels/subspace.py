@@ -254,6 +254,7 @@ class Subspace:
         progress: bool | None = None,
         normalize_rows: bool = False,
         parameter_aliases: dict[str, list[str]] | None = None,
+        span: str = "affine",
     ) -> Subspace:
         """Build the subspace spanned by k checkpoints, streaming.
 
@@ -274,7 +275,11 @@ class Subspace:
         every block instead (then a step moves every block by the same absolute amount,
         which trained worse in `twa demo`: tiny blocks such as biases overshoot).
         With orthonormalize=True (the ICLR version; needs granularity="model") the rows are
-        orthonormalised first, which holds all k rows dense at once.
+        orthonormalised first, which holds all k rows dense at once. The subspace is the
+        checkpoints' affine hull (center + span of the centred rows: k - 1 directions, as the
+        journal version's code builds it); span="linear" (with orthonormalize=True) adds the
+        center's own direction, for the linear span of the checkpoints that the ICLR code
+        orthonormalises: k directions, one of which rescales the weights.
 
         parameter_names selects the entries that are trainable weights (TWA passes the
         model's parameters); by default every floating-point entry but BatchNorm statistics.
@@ -289,6 +294,13 @@ class Subspace:
         _check_aliases(parameter_aliases)
         if orthonormalize and granularity != "model":
             raise InvalidArgumentError("orthonormalize=True makes one orthonormal basis of whole rows: use granularity='model'")
+        if span not in ("affine", "linear"):
+            raise InvalidArgumentError(f"span must be 'affine' (center + the centred checkpoints' span) or 'linear' "
+                                       f"(the checkpoints' own span), got {span!r}")
+        if span == "linear" and not orthonormalize:
+            raise InvalidArgumentError("span='linear' is the ICLR version's basis: pass orthonormalize=True (and "
+                                       "granularity='model') with it; TWA's coefficients train around the center, "
+                                       "in the affine hull")
         specs = resolve_checkpoints(checkpoints)
         builder.require_two_checkpoints(specs, checkpoints)
         aliases = {n: list(a) for n, a in (parameter_aliases or {}).items() if len(a) > 1}
@@ -312,6 +324,8 @@ class Subspace:
             # centred rows sum to zero, so any k - 1 of them span the subspace (one row scaled
             # by a number each, as normalize_rows does with one block, keep that span)
             rows = dense.codes[:-1] if dense.k > 1 else dense.codes
+            if span == "linear":  # with the center's direction, the checkpoints themselves are in the span
+                rows = torch.cat([center.reshape(1, -1).to(rows.dtype), rows])
             orthonormal = _orthonormalize(rows)
             if orthonormal.shape[0] == 0:  # quantize's own message would name an empty P
                 raise InvalidArgumentError(f"the {len(specs)} checkpoints span no direction (each holds the center's "
