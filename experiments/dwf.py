@@ -274,6 +274,10 @@ FAIR_SIZES = {
                  dense_wds=[0.0], amounts=[0.5, 0.9], finetune_epochs=1, l1s=[1e-4], momentum_arm=True,
                  seeds=[1, 2]),
 }
+# "full" with DWF's lr grid capped where the dense model's is (results/dwf/fair_lr_cap.json):
+# DWF D = 2's lr 3 diverged on fresh seeds as the dense model's did, and one cap for every arm
+# treats divergence alike
+FAIR_SIZES["full-lr-cap"] = dict(FAIR_SIZES["full"], lrs=FAIR_SIZES["full"]["dense_lrs"])
 SELECT_SEED = 0
 TOLERANCES = (1, 5, 10)
 SELECT_TOLERANCE = 5
