@@ -856,3 +856,32 @@ def test_greedy_soup_keeps_the_base_the_model_had_before_its_score_ran_the_model
     soup, _ = tk.greedy_soup(tmp_path, score, model=model)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all(torch.equal(soup[n], before[n]) for n in frozen)
+
+
+def test_seq2seq_trainer_generates_with_a_twa_at_the_averaged_weights(tmp_path):
+    # predict_with_generate calls model.generate on the model it trains: a TWA had none
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    states = []
+    for _ in range(3):
+        model = transformers.T5ForConditionalGeneration(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    twa = tk.TWA(transformers.T5ForConditionalGeneration(config), states, bits=4)
+    assert twa.generation_config is twa.module.generation_config
+    tokens = torch.randint(2, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), predict_with_generate=True, generation_max_length=5, remove_unused_columns=False,
+        label_names=["labels"], report_to=[], use_cpu=True, disable_tqdm=True, per_device_eval_batch_size=4)
+    predicted = transformers.Seq2SeqTrainer(model=twa, args=args).predict(data).predictions
+    plain = transformers.T5ForConditionalGeneration(config)
+    plain.load_state_dict(twa.averaged_state_dict())
+    want = plain.eval().generate(tokens, max_length=5, do_sample=False)
+    assert torch.equal(torch.as_tensor(predicted)[:, :want.shape[1]], want)
+    with pytest.raises(tk.errors.UsageError, match=r"has no generate\(\)"):
+        tk.TWA(nn.Linear(4, 2), [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]
+               ).generate()

@@ -636,3 +636,53 @@ def test_two_twas_over_one_model_never_leave_it_holding_lent_weights():
     second(x).sum().backward()  # once the first loan ended, the second TWA lends as usual
     assert all(a is b for a, b in zip(model.parameters(), own))
     assert second.coefficients.grad is not None
+
+
+def _twa_with_a_frozen_first_layer(embedding: bool = False) -> tuple[tk.TWA, torch.Tensor]:
+    """A TWA over a model whose first layer is frozen (the same in every checkpoint), and an input."""
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        first = nn.Embedding(10, 4, max_norm=1.0) if embedding else nn.Linear(4, 8)
+        m = nn.Sequential(first, nn.ReLU(), nn.Linear(4 if embedding else 8, 2))
+        m[0].requires_grad_(False)
+        return m
+
+    base, checkpoints = model(), []
+    with torch.no_grad():
+        base[0].weight.mul_(3.0)  # rows above max_norm, which an Embedding renormalises as it looks them up
+    for i in range(3):
+        with torch.no_grad():
+            base[2].weight.add_(0.1 * torch.randn_like(base[2].weight))
+        checkpoints.append({k: v.clone() for k, v in base.state_dict().items()})
+    x = torch.randint(0, 10, (5,)) if embedding else torch.randn(5, 4)
+    return tk.TWA(model(), checkpoints, bits=8), x
+
+
+def test_a_cast_inside_averaged_model_lasts_for_the_block_and_leaves_the_frozen_values_alone():
+    # the frozen values were the TWA's own buffers, whose dtype the model's cast changed for good
+    twa, x = _twa_with_a_frozen_first_layer()
+    with torch.no_grad():
+        before, stored = twa(x), twa.averaged_state_dict()["0.weight"].clone()
+    with twa.averaged_model() as model:
+        model.to(torch.bfloat16)
+        assert model[0].weight.dtype == model[2].weight.dtype == torch.bfloat16
+        model(x.bfloat16())
+    assert twa.frozen_0.dtype == torch.float32 and twa.module[0].weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
+    assert torch.equal(twa.averaged_state_dict()["0.weight"], stored)
+
+
+def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
+    twa, x = _twa_with_a_frozen_first_layer()
+    with pytest.raises(tk.errors.UsageError, match=r"changed its frozen parameter\(s\) \['0.weight'\] in place "
+                                                    r"inside averaged_model\(\)"):
+        with twa.averaged_model() as model:
+            with torch.no_grad():
+                model[0].weight.add_(1.0)  # as merging adapters into a base weight does
+    embedding, tokens = _twa_with_a_frozen_first_layer(embedding=True)
+    with pytest.raises(tk.errors.UsageError, match=r"in place during the forward \(nn.Embedding\(max_norm"):
+        embedding(tokens)
+    twa, x = _twa_with_a_frozen_first_layer()
+    twa(x).sum().backward()  # a forward that leaves them alone is not refused
+    assert twa.coefficients.grad is not None

@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import reprlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -200,6 +201,8 @@ class TWA(nn.Module):
             # config of the model it is given (the cache it turns off for training, the outputs
             # predict() leaves out), and without it a TWA over a causal LM kept its cache on
             self.config = hf_config
+            if callable(getattr(model, "generate", None)) and hasattr(model, "generation_config"):
+                self.generation_config = model.generation_config  # what Seq2SeqTrainer reads beside generate()
         self.names, self.shapes = subspace.names, subspace.shapes
         self.frozen_names = [n for n, _ in frozen]
         for i, value in enumerate(pinned):
@@ -415,9 +418,34 @@ class TWA(nn.Module):
         if not self.frozen_names:
             return []
         dtypes = self._lent.own_dtypes(len(self.names), len(self.names) + len(self.frozen_names))
-        values = [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
-        return [value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-                for value, dtype in zip(values, dtypes)]
+        # detached: the model's own `.data =` (a cast inside averaged_model()) replaces what its
+        # slot holds, not the TWA's buffer; an in-place change is caught by _keeping_frozen
+        return [value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value.detach()
+                for value, dtype in zip(self._frozen_values(), dtypes)]
+
+    def _frozen_values(self) -> list[Tensor]:
+        return [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
+
+    @contextmanager
+    def _keeping_frozen(self, during: str) -> Iterator[None]:
+        """Raise UsageError after a block that changed a frozen parameter in place: the TWA
+        holds one copy of each, handed to the model uncopied (a copy per forward would double
+        a frozen backbone's memory traffic), so the change would last, silently."""
+        if not self.frozen_names:
+            yield
+            return
+        values = self._frozen_values()
+        versions = [value._version for value in values]
+        yield
+        changed = [name for name, value, version in zip(self.frozen_names, values, versions)
+                   if value._version != version]
+        if changed:
+            raise UsageError(f"the model changed its frozen parameter(s) {reprlib.repr(changed)} in place {during} "
+                             "(nn.Embedding(max_norm=...) renormalises the rows it looks up; PEFT's merge_and_unload() "
+                             "adds the adapters into the base weights): the TWA holds the one copy of each frozen "
+                             "parameter, which is now changed, so its outputs and averaged_state_dict() no longer "
+                             "hold the checkpoints' values; build the TWA again, and make such changes on a model of "
+                             "your own (model.load_state_dict(twa.averaged_state_dict())) or out of place")
 
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
@@ -596,7 +624,7 @@ class TWA(nn.Module):
             lent.expire_other_than(key)
         (weights, release), pinned = self._forward_weights(dtypes), self._pinned()
         if not any(w.requires_grad for w in weights):
-            with lent.lending(weights + pinned):
+            with lent.lending(weights + pinned), self._keeping_frozen("during the forward"):
                 return fn(*args, **kwargs)
         # a graph freed without a backward (an evaluation that forgot torch.no_grad()) frees
         # the workspace with its loan; otherwise every such forward took a fresh D-long buffer
@@ -604,7 +632,8 @@ class TWA(nn.Module):
         token, *weights = LoanAnchor.apply(loan, *weights)
         with lent.lending(weights + pinned, loan):
             try:
-                out = fn(*args, **kwargs)
+                with self._keeping_frozen("during the forward"):
+                    out = fn(*args, **kwargs)
             except RuntimeError as exc:
                 _name_an_in_place_change(exc)
                 raise
@@ -625,11 +654,26 @@ class TWA(nn.Module):
 
             with twa.averaged_model() as model:
                 tokens = model.generate(prompt, max_new_tokens=20)
+
+        What the block does to the model lasts for the block: a cast (`model.to(torch.bfloat16)`)
+        or a move is undone on exit. A frozen parameter changed in place there (merging
+        adapters into it) raises UsageError on exit, since the TWA holds its one copy.
         """
         with torch.no_grad():
             weights = self.weights()
-        with self._lent.lending([weights[name] for name in self.names + self.frozen_names]):
+        with self._lent.lending([weights[name] for name in self.names + self.frozen_names]), \
+                self._keeping_frozen("inside averaged_model()"):
             yield self.module
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `generate()` (transformers) at the averaged weights, inside
+        averaged_model(): what Seq2SeqTrainer's predict_with_generate calls on the model it
+        trains. No gradient reaches the coefficients."""
+        if not callable(getattr(self.module, "generate", None)):
+            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no generate(); call what "
+                             "it has inside `with twa.averaged_model() as model:`")
+        with self.averaged_model() as model:
+            return model.generate(*args, **kwargs)
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
