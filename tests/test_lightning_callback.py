@@ -863,3 +863,23 @@ def test_a_copy_taken_during_the_twa_epochs_trains_later_with_its_class_steps(tm
     assert callback.twa.coefficients.abs().sum() > 0
     assert "training_step" not in vars(copied) and "validation_step" not in vars(copied)
     assert copied.training_step.__func__ is _Net.training_step
+
+
+def test_a_resumed_run_with_another_length_is_refused_once_it_kept_epochs_and_takes_it_before(tmp_path):
+    # the resumed fit kept its first length silently: asked for 8 epochs, it stopped after 5
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, every_n_epochs=1,
+                             filename="{epoch}")
+    _fit(tmp_path, TrainableWeightAveraging(start_epoch=2, twa_epochs=1), callbacks=[saving], val=False)
+    longer = TrainableWeightAveraging(start_epoch=2, twa_epochs=1)
+    with pytest.raises(UsageError, match=r"resumes a run of max_epochs=4 whose TWA keeps epochs 2..3 \(1 kept so "
+                                         r"far\).*now has max_epochs=8.*resume with max_epochs=4"):
+        _trainer(tmp_path, epochs=8, callbacks=[longer]).fit(_Net(), _loader(),
+                                                             ckpt_path=str(tmp_path / "ckpts" / "epoch=2.ckpt"))
+    # resumed before the first kept epoch: nothing was kept, and the new length holds
+    early = TrainableWeightAveraging(start_epoch=2, twa_epochs=1)
+    trainer = _trainer(tmp_path, epochs=5, callbacks=[early])
+    trainer.fit(_Net(), _loader(), ckpt_path=str(tmp_path / "ckpts" / "epoch=0.ckpt"))
+    assert [Path(p).name.split(".")[0] for p in early.snapshots] == ["epoch=2", "epoch=3", "epoch=4"]
+    assert trainer.current_epoch == 6 and early.twa is not None

@@ -212,19 +212,30 @@ class TrainableWeightAveraging(pl.Callback):
             warnings.warn("TrainableWeightAveraging does nothing under fast_dev_run, which runs too few batches for "
                           "a TWA; run without fast_dev_run to train one", UserWarning, stacklevel=2)
             return
-        if self._last is None:  # a fresh run; a resumed one keeps the schedule it started with
-            last = trainer.max_epochs
-            if trainer.max_steps != -1 or last is None or last < 1:
-                raise UsageError("TrainableWeightAveraging counts epochs: give the Trainer max_epochs (>= 1), not "
-                                 f"max_steps (max_epochs={last}, max_steps={trainer.max_steps})")
-            first = (math.floor(self.start_epoch * last) if isinstance(self.start_epoch, float)
-                     else self.start_epoch)
-            if first > last - 2:  # a subspace needs two checkpoints
-                raise InvalidArgumentError(f"start_epoch {self.start_epoch!r} is epoch {first}, but the run has "
-                                           f"epochs 0..{last - 1} and TWA needs at least two of them: start at "
-                                           f"epoch {last - 2} or earlier, or raise max_epochs")
-            self._first, self._last = first, last
+        if self._last is None or not self.snapshots and self._loaded is None:
+            # a fresh run, or one resumed before it kept an epoch: the Trainer's length holds
+            self._first, self._last = self._schedule(trainer)
+        elif trainer.max_epochs != self._last or self._schedule(trainer)[0] != self._first:
+            # the kept epochs and the TWA epochs' place follow from the run's length
+            raise UsageError(f"this fit resumes a run of max_epochs={self._last} whose TWA keeps epochs "
+                             f"{self._first}..{self._last - 1} ({len(self.snapshots)} kept so far) and trains after "
+                             f"them, but the Trainer now has max_epochs={trainer.max_epochs} and start_epoch "
+                             f"{self.start_epoch!r}: resume with max_epochs={self._last} and the same start_epoch "
+                             "(the TWA epochs follow on their own), or start a new fit to train longer")
         trainer.fit_loop.max_epochs = self._last + self.twa_epochs
+
+    def _schedule(self, trainer: pl.Trainer) -> tuple[int, int]:
+        """(first kept epoch, max_epochs) of a run on `trainer`, checked."""
+        last = trainer.max_epochs
+        if trainer.max_steps != -1 or last is None or last < 1:
+            raise UsageError("TrainableWeightAveraging counts epochs: give the Trainer max_epochs (>= 1), not "
+                             f"max_steps (max_epochs={last}, max_steps={trainer.max_steps})")
+        first = math.floor(self.start_epoch * last) if isinstance(self.start_epoch, float) else self.start_epoch
+        if first > last - 2:  # a subspace needs two checkpoints
+            raise InvalidArgumentError(f"start_epoch {self.start_epoch!r} is epoch {first}, but the run has "
+                                       f"epochs 0..{last - 1} and TWA needs at least two of them: start at "
+                                       f"epoch {last - 2} or earlier, or raise max_epochs")
+        return first, last
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._off:
