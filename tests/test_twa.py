@@ -686,3 +686,18 @@ def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
     twa, x = _twa_with_a_frozen_first_layer()
     twa(x).sum().backward()  # a forward that leaves them alone is not refused
     assert twa.coefficients.grad is not None
+
+
+def test_a_twa_over_a_compiled_model_says_it_holds_the_model_inside():
+    # the compiled wrapper was dropped without a word, and the average's keys did not load into it
+    model = make_model(0)
+    compiled = torch.compile(model)
+    checkpoints = [{k: v + 0.01 * i for k, v in model.state_dict().items()} for i in range(3)]
+    with pytest.warns(UserWarning, match=r"inside the OptimizedModule it was given .* load it into the inner model\. "
+                                         r"To compile, compile the TWA"):
+        twa = tk.TWA(compiled, checkpoints, bits=None)
+    assert twa.module is model
+    compiled._orig_mod.load_state_dict(twa.averaged_state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model itself: nothing to say
+        tk.TWA(make_model(0), checkpoints, bits=None)

@@ -139,7 +139,13 @@ class TWA(nn.Module):
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         if process_group is not None:
             _collectives.check_group(process_group)
-        model = unwrap_model(model)  # a compiled or DDP-wrapped model: its checkpoints name the inner module's weights
+        given, model = model, unwrap_model(model)  # a compiled or DDP-wrapped model: checkpoints name the inner one's
+        if model is not given:
+            warnings.warn(f"TWA holds the model inside the {type(given).__name__} it was given (`._orig_mod` of "
+                          "torch.compile, `.module` of DDP, DataParallel or AveragedModel) and runs it as it is, "
+                          "without the wrapper: averaged_state_dict() has that inner model's keys, so load it into "
+                          "the inner model. To compile, compile the TWA (torch.compile(twa)); to train across "
+                          "processes, wrap the TWA in DDP or pass process_group=", UserWarning, stacklevel=2)
 
         def check_args() -> list[tuple[str, nn.Parameter]]:
             return trainable_parameters(model, bits, granularity, group_size, int8_gradients)
