@@ -1687,3 +1687,35 @@ def test_a_plane_through_save_pretrained_directories(tmp_path):
     from_folders = C.plane(model, folders, data, grid=2, bn="none")
     from_files = C.plane(model, [f / "model.safetensors" for f in folders], data, grid=2, bn="none")
     torch.testing.assert_close(from_folders.loss, from_files.loss)
+
+
+def test_a_diverged_point_of_a_model_with_a_batchnorm_without_statistics_reads_nan():
+    # filling the diverged point's statistics with NaN reached a BatchNorm that holds none
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False), torch.nn.Linear(4, 4),
+                             torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+    data = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(2)]
+    a = net().state_dict()
+    b = {k: v.clone() for k, v in a.items()}
+    b["2.weight"] *= 1e25  # outputs that overflow: a diverged end
+    line = C.interpolate(net(), a, b, data, steps=3)
+    assert math.isfinite(line.loss[0]) and math.isnan(line.loss[1]) and math.isnan(line.loss[2])
+
+
+def test_a_plane_takes_a_folder_of_its_three_checkpoints_and_names_none(tmp_path):
+    # a folder's path was split into characters ("exactly 3 checkpoints, got 14"), None was a raw TypeError
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    states = [net().state_dict() for _ in range(3)]
+    for i, state in enumerate(states):
+        torch.save(state, tmp_path / f"epoch_{i}.pt")
+    from_folder = C.plane(net(), tmp_path, data, grid=2, progress=False)
+    from_list = C.plane(net(), [tmp_path / f"epoch_{i}.pt" for i in range(3)], data, grid=2, progress=False)
+    assert torch.equal(from_folder.loss, from_list.loss)
+    with pytest.raises(tk.errors.InvalidTypeError, match="checkpoints is None"):
+        C.plane(net(), None, data, grid=2)

@@ -41,7 +41,7 @@ from torch.func import functional_call
 from twa_kernels._checks import check_batches, check_materialized
 from twa_kernels._passes import kept_modes
 from twa_kernels.batchnorm import (
-    NonFiniteStatisticsError, feed_batch, layout_named, measured_norms, running_norms, update_bn)
+    NonFiniteStatisticsError, feed_batch, holds_statistics, layout_named, measured_norms, running_norms, update_bn)
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
 from twa_kernels.io import (
     CheckpointError,
@@ -406,8 +406,9 @@ def evaluate(model: nn.Module, weights: dict[str, Tensor], data: Iterable, metri
                 # the statistics it measured, NaN, as its outputs then are (a classifier's
                 # error counts every NaN row wrong), and the callers report the point diverged
                 for norm in measured_norms(model).values():
-                    norm.running_mean.fill_(math.nan)
-                    norm.running_var.fill_(math.nan)
+                    if holds_statistics(norm):  # one normalising with each batch's has none to spoil
+                        norm.running_mean.fill_(math.nan)
+                        norm.running_var.fill_(math.nan)
     model.eval()
     with same_data.replayed() if same_data is not None else contextlib.nullcontext():
         return _mean_metric(model, weights, data, metric)

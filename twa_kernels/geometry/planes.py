@@ -61,8 +61,8 @@ from twa_kernels.geometry.evaluation import (
     preserved,
 )
 from twa_kernels.columns import ColumnReader
-from twa_kernels.io import (CheckpointError, ModelKeys, file_stamp, model_key_names, parameter_aliases, unwrap_model,
-                            unwrap_state_dict, warn_unmatched_keys)
+from twa_kernels.io import (CheckpointError, ModelKeys, file_stamp, model_key_names, parameter_aliases,
+                            resolve_checkpoints, unwrap_model, unwrap_state_dict, warn_unmatched_keys)
 from twa_kernels.ops import reconstruct
 from twa_kernels.quant import (
     QuantizedBasis,
@@ -517,7 +517,8 @@ def _anchored_frame(model: nn.Module, checkpoints: Sequence[Checkpoint] | Subspa
             raise InvalidArgumentError(f"dims={dims!r} picks two rows of a Subspace's basis; a plane through "
                                        "checkpoints is spanned by them (a towards b, then c): leave dims out, or "
                                        "pass a tk.Subspace")
-        frame, anchors = _frame_from_checkpoints(model, list(checkpoints), bits, group_size, bn)
+        # a folder or a glob of the three, as the baselines take them; None and a lone state_dict named
+        frame, anchors = _frame_from_checkpoints(model, resolve_checkpoints(checkpoints), bits, group_size, bn)
         L = frame.chol
         located = {anchors[0]: PlanePoint(0.0, 0.0, 0.0), anchors[1]: PlanePoint(float(L[0, 0]), 0.0, 0.0),
                    anchors[2]: PlanePoint(float(L[1, 0]), float(L[1, 1]), 0.0)}
@@ -569,8 +570,8 @@ def plane(
     progress: bool | None = None,
 ) -> Plane:
     """Loss and error of `model` on a grid over the plane through three checkpoints [a, b, c]
-    (origin a, first axis towards b), or through the center of a tk.Subspace along its
-    basis rows `dims`.
+    (origin a, first axis towards b; a folder or glob of three is taken in name order), or
+    through the center of a tk.Subspace along its basis rows `dims`.
 
     grid is (nx, ny) or one int for both, at least 2 each; the grid spans the checkpoints
     and `points` (extra checkpoints by label, e.g. SWA and TWA: they are projected onto the
