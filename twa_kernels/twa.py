@@ -456,7 +456,7 @@ class TWA(nn.Module):
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
         parameter's dtype (differentiable; fresh tensors, safe to keep), and the frozen
-        parameters' pinned values."""
+        parameters' pinned values (views of the TWA's own copy: clone one before changing it)."""
         if self._sharded:  # this rank holds some columns: gather
             flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center, self.int8_gradients)
         else:
