@@ -1693,8 +1693,9 @@ def test_a_diverged_point_of_a_model_with_a_batchnorm_without_statistics_reads_n
     # filling the diverged point's statistics with NaN reached a BatchNorm that holds none
     def net() -> torch.nn.Module:
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False), torch.nn.Linear(4, 4),
-                             torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        nn = torch.nn
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 4),
+                             nn.BatchNorm1d(4), nn.Linear(4, 2))
 
     data = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(2)]
     a = net().state_dict()

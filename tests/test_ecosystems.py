@@ -882,6 +882,13 @@ def test_seq2seq_trainer_generates_with_a_twa_at_the_averaged_weights(tmp_path):
     plain.load_state_dict(twa.averaged_state_dict())
     want = plain.eval().generate(tokens, max_length=5, do_sample=False)
     assert torch.equal(torch.as_tensor(predicted)[:, :want.shape[1]], want)
+    # a generation config given to the Trainer is the one the model generates with
+    shorter = transformers.GenerationConfig(max_length=3, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    args = transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), predict_with_generate=True, generation_config=shorter, remove_unused_columns=False,
+        label_names=["labels"], report_to=[], use_cpu=True, disable_tqdm=True, per_device_eval_batch_size=4)
+    predicted = transformers.Seq2SeqTrainer(model=twa, args=args).predict(data).predictions
+    assert torch.as_tensor(predicted).shape == (4, 3) and twa.module.generation_config.max_length == 3
     with pytest.raises(tk.errors.UsageError, match=r"has no generate\(\)"):
         tk.TWA(nn.Linear(4, 2), [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)]
                ).generate()

@@ -1174,35 +1174,37 @@ def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_k
     assert not dead.exists() and (out / "a.bin").read_text() == "new"
 
 
-def test_a_killed_runs_staging_folder_is_removed_though_its_process_number_was_given_again(tmp_path, monkeypatch):
+def test_a_killed_runs_staging_folder_is_removed_though_its_process_number_was_given_again(tmp_path):
     # a restarted container's first process gets the number the killed run had (often this
     # very run's): a staging folder was judged by its number alone and kept for ever
     from twa_kernels import _outdir
 
-    out = tmp_path / "out"
-    mine = tmp_path / f".out.twa-stage.{os.getpid()}.k1lled"
-    mine.mkdir()
-    (mine / "a.bin").write_text("half")
-    started = _outdir._process_start(os.getpid())
-    assert started is None or started <= time.time()
-    if started is None:
+    mine = _outdir.owner_tag()
+    if "-" not in mine:
         pytest.skip("no /proc: a process's start cannot be read here")
-    # this process, started after the folder last changed: the number's second owner
-    monkeypatch.setattr(_outdir, "_process_start", lambda pid: time.time() + 60)
-    _outdir.OutputDirectory(out, ["a.bin"]).discard()
-    assert not mine.exists() and _leftovers(tmp_path) == []
+    number = mine.split("-")[0]
+    earlier = tmp_path / f".out.twa-stage.{number}-0.k1lled"  # this number, started at boot: another process
+    earlier.mkdir()
+    (earlier / "a.bin").write_text("half")
+    legacy = tmp_path / f".out.twa-old.{number}.0ld3r"  # a name without the start: the number alone decides
+    legacy.mkdir()
+    assert _outdir._start_ticks(int(number)) > 0
+    outputs = _outdir.OutputDirectory(tmp_path / "out", ["a.bin"])
+    assert not earlier.exists() and legacy.is_dir()
+    assert outputs._staging.name.startswith(f".out.twa-stage.{mine}.")  # this run's own, kept while it runs
+    assert _outdir.owner_alive(mine) and _outdir._LEFTOVER.match(outputs._staging.name)
+    outputs.discard()
 
 
 def test_a_live_runs_staging_folder_is_kept(tmp_path):
     from twa_kernels import _outdir
 
-    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+    script = "from twa_kernels._outdir import owner_tag; import time; print(owner_tag(), flush=True); time.sleep(60)"
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as other:
         try:
-            time.sleep(0.1)
-            live = tmp_path / f".out.twa-stage.{other.pid}.wrking"
-            live.mkdir()  # made by the live process, after it started
-            if _outdir._process_start(other.pid) is not None:
-                assert _outdir._process_start(other.pid) <= time.time()
+            tag = other.stdout.readline().strip()
+            live = tmp_path / f".out.twa-stage.{tag}.wrking"
+            live.mkdir()
             _outdir.OutputDirectory(tmp_path / "out", ["a.bin"]).discard()
             assert live.is_dir()
         finally:

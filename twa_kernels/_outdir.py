@@ -8,11 +8,13 @@ OS, a file system without it) the old directory is first renamed aside and then 
 into place; a run killed between those two renames leaves no target, and the next run puts
 the old set back before it starts.
 
-Staging and set-aside directories are named `.<target>.twa-stage.<pid>.<random>` and
-`.<target>.twa-old.<pid>.<random>`; the next run removes those whose process is gone, so an
+Staging and set-aside directories are named `.<target>.twa-stage.<owner>.<random>` and
+`.<target>.twa-old.<owner>.<random>`, where <owner> is the process's number and its start time
+in clock ticks after boot; the next run removes those whose process is gone, so an
 interrupted run (SIGINT, SIGKILL, a crash) leaves nothing behind for long. A process of that
-number that started after the folder last changed is not its owner (numbers are reused, and a
-restarted container's first process often gets the one its killed run had).
+number that started at another time is not the owner (numbers are reused, and a restarted
+container's first process often gets the one its killed run had); ticks after boot, unlike
+file times, no change of the wall clock moves.
 
 Because the whole directory is replaced, it must hold nothing but these outputs (regular
 files of exactly those names, and the `.<name>.<random>.tmp` and `.lck` files an interrupted
@@ -22,7 +24,7 @@ moved into the new set after the swap, not removed with the old one; one named l
 (which the new set's file takes the place of) keeps the previous set aside, with a warning.
 
 The staging name is the target's and STAGING_NAME_EXTRA characters more, so the target's name
-must be at least that much shorter than the file system's limit for one name (227 of 255).
+must be at least that much shorter than the file system's limit for one name (218 of 255).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from twa_kernels.errors import OutputError
 def fit_file_name(output_name: str, kind: str) -> str:
     """`.<output_name>.twa-<kind>`: a file or folder `twa fit` keeps beside its output directory
     `output_name`: its progress (kind `progress.pt`), or a staging, set-aside or kept folder
-    (kind `stage.<pid>.`, `old.<pid>.` or `kept.`, to which mkdtemp adds its own characters)."""
+    (kind `stage.<owner>.`, `old.<owner>.` or `kept.`, to which mkdtemp adds its own characters;
+    <owner> is owner_tag())."""
     return f".{output_name}.twa-{kind}"
 
 
@@ -54,10 +57,13 @@ def fit_file_name(output_name: str, kind: str) -> str:
 # output sits in the checkpoints' folder
 FIT_FILE = re.compile(r"^\..+\.twa-(progress\.pt|(stage|old|kept)\..+)$")
 
-_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<pid>\d+)\.[^.]+$")
-# `.twa-stage.` and the pid (7 digits hold Linux's largest, 2**22) around the name, and
-# mkdtemp's 8 random characters after it: a fixed bound, so a name that fits fits every run
-STAGING_NAME_EXTRA = len("..twa-stage..") + 7 + 8
+# the owner's part of a name (owner_tag): a process number, and its start where it could be read
+OWNER = r"\d+(?:-[0-9a-z]+)?"
+_LEFTOVER = re.compile(rf"^\.(?P<target>.+)\.twa-(?P<kind>stage|old)\.(?P<owner>{OWNER})\.[^.]+$")
+# `.twa-stage.` and the owner's tag around the name (the pid, in 7 digits for Linux's largest,
+# 2**22, a dash and its start in 8 base-36 digits: ticks for centuries), and mkdtemp's 8 random
+# characters after it: a fixed bound, so a name that fits fits every run
+STAGING_NAME_EXTRA = len("..twa-stage..") + 7 + 1 + 8 + 8
 _DEFAULT_NAME_MAX = 255  # bytes per name on ext4, XFS, btrfs, APFS and NTFS
 
 _PATH_REPR = reprlib.Repr()
@@ -89,32 +95,43 @@ def current_umask() -> int:
     return mask
 
 
-# a folder changed this long before its owner's recorded start still counts as the owner's:
-# /proc's start times are in whole clock ticks after a boot time in whole seconds, and the
-# wall clock may have been stepped since
-_START_SLACK_SECONDS = 2.0
-
-
-def _process_start(pid: int) -> float | None:
-    """When process `pid` started, in time.time()'s terms, or None where /proc cannot tell
-    (another OS, no such process, a restricted /proc)."""
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/<pid>/stat's field 22: a
+    count that no change of the wall clock moves), or None where /proc cannot tell (another
+    OS, no such process, a restricted /proc)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
             # the command name (field 2) may hold spaces and parentheses: fields follow its last ')'
-            fields = stat_file.read().rsplit(b")", 1)[1].split()
-        with open("/proc/stat", "rb") as system:
-            boot = next(float(line.split()[1]) for line in system if line.startswith(b"btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, in ticks after boot
-    except (OSError, ValueError, IndexError, StopIteration):
+            return int(stat_file.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def owner_alive(pid: int, folder: Path) -> bool:
-    """Whether the process that made `folder` (numbered `pid` in its name) may still run:
-    a process of that number exists and started before the folder last changed. One that
-    started later got the number again after the owner ended, as a restarted container's
-    first process does (often this very one); where /proc cannot tell when a process
-    started, any process of that number counts (another user's too)."""
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def owner_tag() -> str:
+    """`<pid>-<start>` of this process (its start in ticks, base 36), or `<pid>` where /proc
+    cannot tell: what a staging folder's name says of the process that made it."""
+    ticks = _start_ticks(os.getpid())
+    if ticks is None:
+        return str(os.getpid())
+    digits = ""
+    while True:
+        ticks, digit = divmod(ticks, 36)
+        digits = _BASE36[digit] + digits
+        if not ticks:
+            return f"{os.getpid()}-{digits}"
+
+
+def owner_alive(tag: str) -> bool:
+    """Whether the process that a name's `tag` (owner_tag) names may still run: a process of
+    that number exists and, where the tag has its start, started then. One that started at
+    another time got the number again after the owner ended, as a restarted container's
+    first process does (often this very one). A tag without the start (no /proc where it
+    was made) counts any process of that number, another user's too."""
+    number, _, start = tag.partition("-")
+    pid = int(number)
     try:
         if pid != os.getpid():
             os.kill(pid, 0)
@@ -122,14 +139,10 @@ def owner_alive(pid: int, folder: Path) -> bool:
         return False
     except PermissionError:  # someone else's live process
         pass
-    started = _process_start(pid)
-    if started is None:
+    if not start:
         return True
-    try:
-        info = os.lstat(folder)
-    except OSError:  # gone already: nothing to remove
-        return True
-    return started <= max(info.st_mtime, info.st_ctime) + _START_SLACK_SECONDS
+    ticks = _start_ticks(pid)
+    return ticks is None or ticks == int(start, 36)
 
 
 def fsync_directory(path: Path) -> None:
@@ -202,7 +215,7 @@ class OutputDirectory:
         try:
             self.recover()
             self._target.parent.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=fit_file_name(self._target.name, f"stage.{os.getpid()}."),
+            self._staging = Path(tempfile.mkdtemp(prefix=fit_file_name(self._target.name, f"stage.{owner_tag()}."),
                                                   dir=self._target.parent))
             # the outputs the target holds now: one that is new or changed at commit was written
             # there during the run (by a data loader, say), and is the user's, not an old output
@@ -308,7 +321,7 @@ class OutputDirectory:
         leftovers = []
         for entry in os.listdir(parent):
             match = _LEFTOVER.match(entry)
-            if match and match["target"] == self._target.name and not owner_alive(int(match["pid"]), parent / entry):
+            if match and match["target"] == self._target.name and not owner_alive(match["owner"]):
                 leftovers.append((match["kind"], parent / entry))
         for kind, leftover in leftovers:
             if kind == "old" and not self._target.exists():
@@ -375,7 +388,7 @@ class OutputDirectory:
                 # a directory with entries appeared there during the run: swapped as one that was there
         if _exchange(self._staging, target):
             return True  # the staging path now holds the old set
-        aside = Path(tempfile.mkdtemp(prefix=fit_file_name(target.name, f"old.{os.getpid()}."), dir=target.parent))
+        aside = Path(tempfile.mkdtemp(prefix=fit_file_name(target.name, f"old.{owner_tag()}."), dir=target.parent))
         os.rename(target, aside)  # replaces the empty directory mkdtemp made
         try:
             os.rename(self._staging, target)

@@ -412,7 +412,6 @@ def _show_warning(python_format: Callable[..., None], message: Warning | str, ca
         print(f"twa: warning: {text}", file=sys.stderr)
 
 
-
 @contextlib.contextmanager
 def _terminate_as_exception(terminated: list[int]) -> Iterator[None]:
     """SIGTERM raises SystemExit(143) for the length of the block, after the line `twa:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from twa_kernels._checks import integer, path_without_nul
-from twa_kernels._outdir import owner_alive, shown
+from twa_kernels._outdir import OWNER, owner_alive, owner_tag, shown
 from twa_kernels._imports import optional
 from twa_kernels._progress import progress_bar
 from twa_kernels._provenance import stamp
@@ -490,7 +490,7 @@ def run_demo(out_dir: str | Path = "twa-demo", quick: bool = False, seeds: int |
     # when all of the run is done: an interrupted run leaves no seed folder begun (a part of a
     # run that twa connect would read as a whole), nor an earlier run's folders half rewritten
     _remove_abandoned_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".twa-demo-stage.{os.getpid()}.", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=f".twa-demo-stage.{owner_tag()}.", dir=out))
     try:
         try:
             run_stamp = stamp()  # the machine, date and commit of these numbers, and the one thread they ran on
@@ -576,8 +576,8 @@ def _remove_abandoned_staging(out: Path) -> None:
     """Remove the staging folders of demos that were killed (SIGKILL, a crash) before they
     could clean up: those whose process is gone."""
     for entry in out.glob(".twa-demo-stage.*"):
-        pid = entry.name.split(".")[2]
-        if pid.isdigit() and not owner_alive(int(pid), entry):
+        tag = entry.name.split(".")[2]
+        if re.fullmatch(OWNER, tag) and not owner_alive(tag):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -207,8 +207,6 @@ class TWA(nn.Module):
             # config of the model it is given (the cache it turns off for training, the outputs
             # predict() leaves out), and without it a TWA over a causal LM kept its cache on
             self.config = hf_config
-            if callable(getattr(model, "generate", None)) and hasattr(model, "generation_config"):
-                self.generation_config = model.generation_config  # what Seq2SeqTrainer reads beside generate()
         self.names, self.shapes = subspace.names, subspace.shapes
         self.frozen_names = [n for n, _ in frozen]
         for i, value in enumerate(pinned):
@@ -263,6 +261,18 @@ class TWA(nn.Module):
     def module(self) -> nn.Module:
         """The wrapped model."""
         return self._model[0]
+
+    @property
+    def generation_config(self) -> Any:
+        """The wrapped model's `generation_config` (transformers), read and set through: what
+        Seq2SeqTrainer sets on the model it trains before it calls generate()."""
+        if not hasattr(self.module, "generation_config"):
+            raise AttributeError(f"the model inside this TWA ({type(self.module).__name__}) has no generation_config")
+        return self.module.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.module.generation_config = value
 
     @property
     def accepts_loss_kwargs(self) -> bool:
@@ -441,10 +451,22 @@ class TWA(nn.Module):
             yield
             return
         values = self._frozen_values()
-        versions = [value._version for value in values]
+        prints = self.__dict__.setdefault("_frozen_prints", {})  # index -> (storage, version, fingerprint)
+        for i, value in enumerate(values):
+            if prints.get(i, (None, None))[:2] != (value.data_ptr(), value._version):  # new, or changed since
+                prints[i] = (value.data_ptr(), value._version, _fingerprint(value))
         yield
-        changed = [name for name, value, version in zip(self.frozen_names, values, versions)
-                   if value._version != version]
+        changed = []
+        for i, (name, value) in enumerate(zip(self.frozen_names, values)):
+            if value._version == prints[i][1]:
+                continue
+            # a version moves with any in-place op, also one that writes the same values (an
+            # Embedding's max_norm over rows within it): the values decide
+            now = _fingerprint(value)
+            if torch.equal(now, prints[i][2]):
+                prints[i] = (value.data_ptr(), value._version, now)
+            else:
+                changed.append(name)
         if changed:
             raise UsageError(f"the model changed its frozen parameter(s) {reprlib.repr(changed)} in place {during} "
                              "(nn.Embedding(max_norm=...) renormalises the rows it looks up; PEFT's merge_and_unload() "
@@ -791,6 +813,15 @@ _PEEK_TRANSFORMS = getattr(getattr(torch._C, "_functorch", None), "peek_interpre
 def _transform_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jvp) is running this call."""
     return _PEEK_TRANSFORMS is not None and _PEEK_TRANSFORMS() is not None
+
+
+def _fingerprint(value: Tensor) -> Tensor:
+    """Float64 sum and norm of `value`: what tells a frozen weight changed in place
+    from one rewritten with its own values, without a copy of it."""
+    flat = torch.view_as_real(value) if value.is_complex() else value
+    if not flat.is_floating_point():  # an integer Parameter: rare, and small
+        flat = flat.to(torch.float64)
+    return torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
 
 
 def _name_an_in_place_change(exc: RuntimeError) -> None:
