@@ -139,9 +139,9 @@ class TWA(nn.Module):
             raise InvalidArgumentError("shard=True splits the basis across a process group: pass process_group= too")
         if process_group is not None:
             _collectives.check_group(process_group)
-        given, model = model, unwrap_model(model)  # a compiled or DDP-wrapped model: checkpoints name the inner one's
-        if model is not given:
-            warnings.warn(f"TWA holds the model inside the {type(given).__name__} it was given (`._orig_mod` of "
+        wrapper, model = model, unwrap_model(model)  # compiled or DDP-wrapped: checkpoints name the inner one's
+        if model is not wrapper:
+            warnings.warn(f"TWA holds the model inside the {type(wrapper).__name__} it was given (`._orig_mod` of "
                           "torch.compile, `.module` of DDP, DataParallel or AveragedModel) and runs it as it is, "
                           "without the wrapper: averaged_state_dict() has that inner model's keys, so load it into "
                           "the inner model. To compile, compile the TWA (torch.compile(twa)); to train across "
