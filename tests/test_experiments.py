@@ -277,7 +277,8 @@ def test_connectivity_tables_and_figure_read_the_committed_report(tmp_path):
 
 
 @pytest.mark.parametrize("module, record", [(lmc_sparse, "lmc_sparse/fair.json"), (dwf, "dwf/fair.json"),
-                                            (dwf, "dwf/fair_200ep.json"), (dbp, "dbp/fair.json")])
+                                            (dwf, "dwf/fair_200ep.json"), (dwf, "dwf/fair_lr_cap.json"),
+                                            (dbp, "dbp/fair.json")])
 def test_each_committed_record_states_the_verdict_its_own_runs_give(module, record, tmp_path):
     # a record summarised under an earlier rule kept that rule's verdict beside runs that give
     # another; resummarize recomputes it (and the stored per-seed runs are what it reads)
