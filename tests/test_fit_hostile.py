@@ -3,6 +3,7 @@ way users run it: each problem is one named error before any work, and the outpu
 as one set or not at all."""
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -430,7 +431,7 @@ def test_checkpoint_listings_skip_every_file_twa_fit_keeps_beside_its_output(tmp
 
     torch.save({"w": torch.ones(2)}, tmp_path / "epoch_1.pt")
     torch.save({"w": torch.zeros(2)}, tmp_path / _outdir.fit_file_name("out", "progress.pt"))
-    for kind in (f"stage.{os.getpid()}.", f"old.{os.getpid()}.", "kept."):
+    for kind in (f"stage.{_outdir.owner_tag()}.", f"old.{_outdir.owner_tag()}.", "kept."):
         folder = tmp_path / (_outdir.fit_file_name("out", kind) + "a1b2c3d4")
         folder.mkdir()
         torch.save({"w": torch.zeros(2)}, folder / "model.pt")
@@ -1165,7 +1166,7 @@ def test_a_run_stopped_after_its_swap_leaves_the_users_entries_to_the_next_run_k
     out, second = _a_second_run_while_the_user_writes_notes(tmp_path)
     staging = second._staging
     assert second._swap()  # the swap alone, as a run killed right after it leaves things
-    dead = staging.with_name(staging.name.replace(f".{os.getpid()}.", ".999999999."))
+    dead = staging.with_name(staging.name.replace(f".{_outdir.owner_tag()}.", ".999999999."))
     os.rename(staging, dead)
     with pytest.warns(RuntimeWarning, match=r"interrupted run left notes\.txt .* kept in '.*\.out\.twa-kept"):
         _outdir.OutputDirectory(out, ["a.bin"]).discard()
@@ -1659,11 +1660,15 @@ def test_the_command_prints_the_librarys_warnings_as_its_own_lines(in_project, m
     assert line.startswith("twa: warning: ") and "fit.py" not in err and "warnings.warn(" not in err
     # another library's or the user's code's keep Python's format, whose location helps
     shown = []
-    cli._show_warning(lambda *args: shown.append(args), UserWarning("theirs"), UserWarning, "/their/code.py", 7)
-    assert shown and shown[0][2:4] == ("/their/code.py", 7)
-    cli._show_warning(print, "twa fit: resuming after epoch 2", UserWarning, cli.__file__, 1)
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == "twa fit: warning: resuming after epoch 2\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = functools.partial(cli._show_warning, lambda *args: shown.append(args))
+        warnings.warn("theirs", UserWarning)  # this test's own code
+        torch.nn.functional.mse_loss(torch.zeros(4, 1), torch.zeros(4))  # torch's, about a call made here
+    assert [str(args[0]) for args in shown][0] == "theirs" and "target size" in str(shown[1][0])
+    assert shown[0][2] == __file__ and capsys.readouterr().err == ""
+    assert cli._as_command_line("twa fit: resuming after epoch 2") == "twa fit: warning: resuming after epoch 2"
+    assert cli._as_command_line("the basis: packed") == "twa: warning: the basis: packed"
 
 
 def test_a_leading_tilde_in_output_is_the_home_directory(in_project, tmp_path, monkeypatch, capsys):

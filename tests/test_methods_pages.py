@@ -58,6 +58,11 @@ def stamp(s):
     return f"{s['datetime'][:10]}, commit {s['commit'][:7]}"
 
 
+def cpu_name(s):
+    """The machine as the pages name it."""
+    return next((name for key, name in (("Xeon", "Intel Xeon"), ("EPYC", "AMD EPYC")) if key in s["cpu"]), s["cpu"])
+
+
 def test_the_twa_claims_page_tables_quote_the_claims_jsons_as_they_stand():
     head, sweep, tail = load("claims/head.json"), load("claims/head_sweep.json"), load("claims/tail.json")
     bits, finetune, cal = load("claims/bits.json"), load("claims/finetune.json"), load("claims/calibration.json")
@@ -234,7 +239,8 @@ def test_the_factorization_page_quotes_dwf_fair_jsons_as_they_stand():
 def test_the_pruning_page_quotes_lmc_sparse_fair_json_as_it_stands():
     fair = load("lmc_sparse/fair.json")
     t, d, cal = fair["tables"]["table"], fair["tables"]["paired_error_barrier"], fair["calibration"]
-    verdict = lmc_sparse.full_verdict(fair["tables"])  # recomputed; the page says what the JSON's field holds
+    verdict = lmc_sparse.full_verdict(fair["tables"])  # recomputed, and the JSON's own field says the same
+    assert fair["verdict"] == verdict
     cols = [(r, w) for w in ("whole state", "weights only") for r in (4, 9)]
 
     def bar(k):
@@ -257,7 +263,6 @@ def test_the_pruning_page_quotes_lmc_sparse_fair_json_as_it_stands():
     setting = fair["protocol"]["setting"]
     want += [
         f"**Verdict: {verdict}.**",
-        f"The JSON's own `verdict` field reads \"{fair['verdict']}\"",
         f"the lowest barrier is {bar(lowest)} points (ipc 50, round 9, whole state)",
         f"dense copies reach {100 * dense['acc']['mean']:.1f}% [{100 * dense['acc']['ci95'][0]:.1f}, "
         f"{100 * dense['acc']['ci95'][1]:.1f}] test accuracy",
@@ -269,7 +274,8 @@ def test_the_pruning_page_quotes_lmc_sparse_fair_json_as_it_stands():
         f"width {setting['width']}, lr {setting['lr']:g}, random shift {setting['shift']}",
         f"tickets are {100 * (dense['error_barrier']['mean'] - real['error_barrier']['mean']):.0f} points more stable",
         f"reach {100 * t[k]['acc']['mean']:.1f}% test accuracy against real IMP's {100 * real['acc']['mean']:.1f}%",
-        f"minus real is {ci(no0, 100)}, the same finding", f"2 cores, {stamp(fair['stamp'])} (the JSON's stamp)"]
+        f"minus real is {ci(no0, 100)}, the same finding",
+        f"2 cores, {stamp(fair.get('run_stamp', fair['stamp']))} (the run's stamp"]
     assert not missing(page("pruning-and-distillation"), want)
 
 
@@ -293,7 +299,9 @@ def test_the_geometry_page_quotes_connectivity_json_as_it_stands():
     want += [f"(a {100 * two['error_barrier']:.0f}-point error barrier)",
              f"({study['loss_barrier']:.2f} against {two['loss_barrier']:.2f})",
              f"near-random classifier ({100 * study['error_barrier']:.0f} points)",
-             f"AMD EPYC, {stamp(res['stamp'])}):"]
+             *(f"{cpu_name(s)}, {stamp(s)}{end}" for s, end in ((res["run_stamps"]["barriers"], ";"),
+                                                                (res["run_stamps"]["sharpness"], ")"),
+                                                                (res["run_stamps"]["memory"], ")")))]
     for m in res["memory"]:  # the plane's memory in MB, as experiments.connectivity.memory_table computes it
         bp = m["build_peak"]
         want.append(row("dense (`bits=None`)" if m["bits"] is None else f"{m['bits']}-bit",

@@ -400,16 +400,24 @@ def _show_warning(python_format: Callable[..., None], message: Warning | str, ca
                   filename: str, lineno: int, file: object = None, line: str | None = None) -> None:
     """Print the library's warnings as the command's own lines (`twa fit: warning: ...`), not
     as Python's source location and code line; another library's, or the user code's, keep
-    Python's format, whose location says where to look."""
-    if not Path(filename).resolve().is_relative_to(_PACKAGE):
+    Python's format, whose location says where to look. Whose it is, the code that called
+    warnings.warn says: `filename` is where its stacklevel points, which for torch's own
+    warnings about a call the library made is the library."""
+    caller = sys._getframe(1)
+    while caller is not None and caller.f_code.co_filename in (__file__, warnings.__file__):
+        caller = caller.f_back  # this function, then the warnings module's machinery
+    if caller is None or not Path(caller.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
         python_format(message, category, filename, lineno, file, line)
         return
-    text = str(message)
+    print(_as_command_line(str(message)), file=sys.stderr)
+
+
+def _as_command_line(text: str) -> str:
+    """`twa: warning: <text>`, or `twa fit: warning: ...` for a text that names its command."""
     command, colon, rest = text.partition(": ")
-    if colon and command.startswith("twa ") and " " not in command[4:]:  # already says which command
-        print(f"{command}: warning: {rest}", file=sys.stderr)
-    else:
-        print(f"twa: warning: {text}", file=sys.stderr)
+    if colon and command.startswith("twa ") and " " not in command[4:]:
+        return f"{command}: warning: {rest}"
+    return f"twa: warning: {text}"
 
 
 @contextlib.contextmanager
