@@ -403,9 +403,9 @@ def _show_warning(python_format: Callable[..., None], message: Warning | str, ca
     Python's format, whose location says where to look. Whose it is, the code that called
     warnings.warn says: `filename` is where its stacklevel points, which for torch's own
     warnings about a call the library made is the library."""
-    caller = sys._getframe(1)
-    while caller is not None and caller.f_code.co_filename in (__file__, warnings.__file__):
-        caller = caller.f_back  # this function, then the warnings module's machinery
+    caller = sys._getframe(1)  # past this function: the warnings module's machinery, then warn()'s caller
+    while caller is not None and caller.f_code.co_filename == warnings.__file__:
+        caller = caller.f_back
     if caller is None or not Path(caller.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
         python_format(message, category, filename, lineno, file, line)
         return
