@@ -49,7 +49,6 @@ averaged weights.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import reprlib
 import warnings
@@ -63,6 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
+from twa_kernels._transformers import TransformersFacade
 from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
 from twa_kernels._memory import Workspace
@@ -94,7 +94,7 @@ def _refuse_inference_mode(what: str, fix: str) -> None:
                          f"(they record no gradients or versions); {fix}, and use inference_mode for evaluating it")
 
 
-class TWA(nn.Module):
+class TWA(TransformersFacade, nn.Module):
     """Trainable Weight Averaging over `checkpoints_or_subspace` for `model`.
 
     `model` supplies the architecture and the buffers (BatchNorm statistics); it is held,
@@ -201,12 +201,7 @@ class TWA(nn.Module):
             sharding.check_same_values([n for n, _ in frozen], pinned, process_group,
                                        "the values of the model's frozen parameters")
         self._model = [model]  # a list keeps it out of the module tree
-        hf_config = getattr(model, "config", None)
-        if callable(getattr(hf_config, "to_dict", None)) and callable(getattr(hf_config, "to_json_string", None)):
-            # a transformers model's config, the same object: the Trainer reads and sets the
-            # config of the model it is given (the cache it turns off for training, the outputs
-            # predict() leaves out), and without it a TWA over a causal LM kept its cache on
-            self.config = hf_config
+        self._share_transformers_config(model)
         self.names, self.shapes = subspace.names, subspace.shapes
         self.frozen_names = [n for n, _ in frozen]
         for i, value in enumerate(pinned):
@@ -261,59 +256,6 @@ class TWA(nn.Module):
     def module(self) -> nn.Module:
         """The wrapped model."""
         return self._model[0]
-
-    @property
-    def generation_config(self) -> Any:
-        """The wrapped model's `generation_config` (transformers), read and set through: what
-        Seq2SeqTrainer sets on the model it trains before it calls generate()."""
-        if not hasattr(self.module, "generation_config"):
-            raise AttributeError(f"the model inside this TWA ({type(self.module).__name__}) has no generation_config")
-        return self.module.generation_config
-
-    @generation_config.setter
-    def generation_config(self, value: Any) -> None:
-        self.module.generation_config = value
-
-    @property
-    def accepts_loss_kwargs(self) -> bool:
-        """Whether the wrapped model's forward takes loss arguments: its own answer, or whether
-        its forward takes **kwargs. transformers' Trainer asks before it passes
-        num_items_in_batch; TWA's own forward takes **kwargs for any model and hands them on,
-        so without this the Trainer would pass them to a model with no place for them."""
-        model = self.module
-        if hasattr(model, "accepts_loss_kwargs"):
-            return bool(model.accepts_loss_kwargs)
-        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
-
-    # transformers' Trainer turns activation checkpointing on through the model it is given,
-    # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
-    # TWA's weights (see the module docstring), so these hand the call on.
-    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's `activation_checkpointing_enable` (transformers 5), with the same
-        arguments: what a Trainer with `activation_checkpointing=True` calls."""
-        return self._models_own("activation_checkpointing_enable")(*args, **kwargs)
-
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's `gradient_checkpointing_enable` (transformers 4's name), with the
-        same arguments: what a Trainer with `gradient_checkpointing=True` calls."""
-        return self._models_own("gradient_checkpointing_enable")(*args, **kwargs)
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        """Whether the wrapped model checkpoints its activations (the Trainer asks under DDP)."""
-        model = self.module
-        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4.x
-            if hasattr(model, name):
-                return bool(getattr(model, name))
-        return False
-
-    def _models_own(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.module, name, None)
-        if not callable(method):
-            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no {name}(): wrap its "
-                             "blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) in its forward, "
-                             "or leave activation checkpointing off")
-        return method
 
     @property
     def basis(self) -> QuantizedBasis:
@@ -694,16 +636,6 @@ class TWA(nn.Module):
         with self._lent.lending([weights[name] for name in self.names + self.frozen_names]), \
                 self._keeping_frozen("inside averaged_model()"):
             yield self.module
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's `generate()` (transformers) at the averaged weights, inside
-        averaged_model(): what Seq2SeqTrainer's predict_with_generate calls on the model it
-        trains. No gradient reaches the coefficients."""
-        if not callable(getattr(self.module, "generate", None)):
-            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no generate(); call what "
-                             "it has inside `with twa.averaged_model() as model:`")
-        with self.averaged_model() as model:
-            return model.generate(*args, **kwargs)
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant

@@ -1,0 +1,92 @@
+"""What transformers' Trainer and Seq2SeqTrainer ask of the model they train, answered by a
+TWA for the model it wraps: its config and generation config (the same objects), whether its
+forward takes loss arguments, activation checkpointing turned on in it, and generate() at the
+averaged weights. A mixin of TWA's, kept apart so that twa.py holds the training itself."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from twa_kernels.errors import UsageError
+
+
+class TransformersFacade:
+    """The transformers-facing members of TWA, which provides `module` (the wrapped model)
+    and `averaged_model()`."""
+
+    module: nn.Module
+
+    def _share_transformers_config(self, model: nn.Module) -> None:
+        hf_config = getattr(model, "config", None)
+        if callable(getattr(hf_config, "to_dict", None)) and callable(getattr(hf_config, "to_json_string", None)):
+            # a transformers model's config, the same object: the Trainer reads and sets the
+            # config of the model it is given (the cache it turns off for training, the outputs
+            # predict() leaves out), and without it a TWA over a causal LM kept its cache on
+            self.config = hf_config
+
+    @property
+    def generation_config(self) -> Any:
+        """The wrapped model's `generation_config` (transformers), read and set through: what
+        Seq2SeqTrainer sets on the model it trains before it calls generate()."""
+        if not hasattr(self.module, "generation_config"):
+            raise AttributeError(f"the model inside this TWA ({type(self.module).__name__}) has no generation_config")
+        return self.module.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.module.generation_config = value
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model's forward takes loss arguments: its own answer, or whether
+        its forward takes **kwargs. transformers' Trainer asks before it passes
+        num_items_in_batch; TWA's own forward takes **kwargs for any model and hands them on,
+        so without this the Trainer would pass them to a model with no place for them."""
+        model = self.module
+        if hasattr(model, "accepts_loss_kwargs"):
+            return bool(model.accepts_loss_kwargs)
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+    # transformers' Trainer turns activation checkpointing on through the model it is given,
+    # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
+    # TWA's weights (see the module docstring), so these hand the call on.
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `activation_checkpointing_enable` (transformers 5), with the same
+        arguments: what a Trainer with `activation_checkpointing=True` calls."""
+        return self._models_own("activation_checkpointing_enable")(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `gradient_checkpointing_enable` (transformers 4's name), with the
+        same arguments: what a Trainer with `gradient_checkpointing=True` calls."""
+        return self._models_own("gradient_checkpointing_enable")(*args, **kwargs)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether the wrapped model checkpoints its activations (the Trainer asks under DDP)."""
+        model = self.module
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, then 4.x
+            if hasattr(model, name):
+                return bool(getattr(model, name))
+        return False
+
+    def _models_own(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.module, name, None)
+        if not callable(method):
+            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no {name}(): wrap its "
+                             "blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) in its forward, "
+                             "or leave activation checkpointing off")
+        return method
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `generate()` (transformers) at the averaged weights, inside
+        averaged_model(): what Seq2SeqTrainer's predict_with_generate calls on the model it
+        trains. No gradient reaches the coefficients."""
+        if not callable(getattr(self.module, "generate", None)):
+            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no generate(); call what "
+                             "it has inside `with twa.averaged_model() as model:`")
+        with self.averaged_model() as model:
+            return model.generate(*args, **kwargs)
