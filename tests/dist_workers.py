@@ -271,6 +271,15 @@ def ddp_over_twa(rank, world):
     out["coefficients"] = twa.coefficients.detach().clone()
     if rank == 0:
         out["reference"] = reference_twa(world).coefficients.detach().clone()
+    # a TWA that averages over its process group itself, inside DDP: averaged twice, said once
+    model, ckpts = model_and_checkpoints()
+    both = tk.TWA(model, ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twice = DDP(both)
+        for _ in range(2):
+            twice(x[0, :4]).sum().backward()
+    out["averaged_twice"] = [str(w.message) for w in caught if "averages them again" in str(w.message)]
     return out
 
 

@@ -298,6 +298,8 @@ def test_ddp_over_twa_trains_like_one_process_and_never_broadcasts_the_basis(ddp
         assert ddp["control_center_is_rank0s"]
         assert ddp["control_broadcast_bytes"] >= ddp["basis_bytes"] + ddp["coefficient_bytes"]
         torch.testing.assert_close(ddp["coefficients"], results[0]["ddp"]["reference"], **TOL)
+        # built with process_group= and wrapped in DDP too: each backward averaged twice, said once
+        assert len(ddp["averaged_twice"]) == 1 and "Build the TWA without process_group=" in ddp["averaged_twice"][0]
 
 
 def test_subspace_optimizer_under_ddp_matches_one_process(ddp_job):

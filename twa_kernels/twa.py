@@ -587,6 +587,14 @@ class TWA(TransformersFacade, nn.Module):
                              "after DDP was built, by load_state_dict(..., assign=True)?). Load without assign=True, "
                              "or wrap the TWA in DDP after loading; a TWA that trains alone inside another model's "
                              "DDP forward takes process_group=")
+        if (self._parallel is not None and not self.__dict__.get("_told_averaged_twice")
+                and sharding.averaged_by_ddp(self.coefficients)):
+            self._told_averaged_twice = True  # once: the numbers are right, the traffic doubled
+            warnings.warn("this TWA averages its coefficients' gradient over its process_group itself, and the "
+                          "DistributedDataParallel it runs in averages them again: each backward all-reduces "
+                          "them twice (with the same result), and the TWA's own all-reduce ignores ddp.no_sync(). "
+                          "Build the TWA without process_group= to let DDP average them, or leave DDP out",
+                          UserWarning, stacklevel=4)
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
