@@ -1120,6 +1120,16 @@ def reentrant_under_ddp(rank: int, world: int) -> dict:
             view.pow(2).sum().backward()
             got.append(twa.coefficients.grad.clone())
         grads["aliased", reentrant] = got
+    # one process, no DDP, no checkpoints: the mean of the gradients of every rank's first batch
+    alone = []
+    for other in range(world):
+        twa = tk.TWA(Net(False), states, bits=4, group_size=8)
+        with torch.no_grad():
+            twa.coefficients.copy_(torch.linspace(-0.5, 0.5, twa.coefficients.numel()).view_as(twa.coefficients))
+        batch = torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(10 + other))[0]
+        twa(batch).pow(2).mean().backward()
+        alone.append(twa.coefficients.grad.clone())
+    grads["one process"] = sum(alone) / world
     return grads
 
 

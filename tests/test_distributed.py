@@ -759,6 +759,9 @@ def test_a_reentrant_recomputation_under_ddp_averages_its_gradient(tmp_path):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         for got, other in zip(plain, results[1][case, False]):  # DDP's own average, alike on both ranks
             torch.testing.assert_close(got, other, rtol=0, atol=0)
+    for res in results:  # and that average is one process's over both ranks' batches
+        for reentrant in (False, True):
+            torch.testing.assert_close(res["whole", reentrant][0], res["one process"], rtol=1e-5, atol=1e-7)
     for res in results:
         for reentrant in (False, True):
             # a view of an output changed in place through the output: DDP's gradient is the
