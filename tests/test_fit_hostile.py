@@ -102,6 +102,28 @@ def inputs_only_loader():
 def triple_loader():
     return [(x, y, y) for x, y in DataLoader(digits_splits()[0], batch_size=128)]
 
+def labelled_dict_loader():  # a transformers collator's batches: the targets under 'labels'
+    return [{"pixels": x, "labels": y} for x, y in DataLoader(digits_splits()[0], batch_size=128)]
+
+def unlabelled_dict_loader():
+    return [{"pixels": x} for x, _ in DataLoader(digits_splits()[0], batch_size=128)]
+
+def dict_input_loader():  # (mapping, targets) pairs
+    return [({"pixels": x}, y) for x, y in DataLoader(digits_splits()[0], batch_size=128)]
+
+class _Sized(torch.nn.Sequential):  # takes a tensor, as a transformers model calls input_ids.size()
+    def forward(self, x):
+        return super().forward(x.reshape(x.size(0), -1))
+
+def sized_model():
+    return _Sized(*_make(0))
+
+def logits_loss(outputs, targets):  # written for a model that returns a ModelOutput
+    return torch.nn.functional.cross_entropy(outputs.logits, targets)
+
+def float_loss(outputs, targets):
+    return float(torch.nn.functional.cross_entropy(outputs, targets))
+
 def waiting_loader():  # marks that training started, then waits for a signal
     import time
     for x, y in DataLoader(digits_splits()[0], batch_size=128):
@@ -831,6 +853,9 @@ def test_a_validation_batch_is_weighted_by_the_samples_it_holds(targets, samples
         ("int_loader", r"returned 5 \(an integer\), which is not iterable"),
         ("inputs_only_loader", r"gave a batch that is a Tensor; each batch must be an \(inputs, targets\) pair"),
         ("triple_loader", r"gave a batch that is a tuple of length 3; each batch must be an \(inputs, targets\) pair"),
+        ("labelled_dict_loader", r"gave a batch that is a dict; .* give \(the mapping without 'labels', "
+                                 r"batch\['labels'\]\)"),
+        ("unlabelled_dict_loader", r"gave a batch that is a dict; .* \(\['pixels'\]\) holds no 'labels'"),
     ],
 )
 def test_data_that_is_not_input_target_batches_is_named(in_project, loader, message):
@@ -881,6 +906,31 @@ def test_the_validation_loss_is_the_mean_over_samples_whatever_the_batches_hold(
                        progress=False) for val in ("val_loader", loader)]
     for key in ("val_loss_at_swa", "val_loss_after_twa"):
         assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # AttributeError and KeyError came as tracebacks: a transformers model given a mapping, a
+    # loss written for a ModelOutput given a tensor, a float that cut the gradient
+    (dict(model="fit_hostile_pkg:sized_model", data=dict(train="fit_hostile_pkg:dict_input_loader")),
+     r"model: 'fit_hostile_pkg:sized_model' failed on a batch of data.train .*AttributeError: .*reshape.* a "
+     r"transformers model takes it through a subclass whose forward\(x\) returns super\(\).forward\(\*\*x\).logits"),
+    (dict(data=dict(train="fit_hostile_pkg:dict_input_loader")),
+     r"model: 'fit_hostile_pkg:make_model' failed on a batch of data.train"),
+    (dict(loss="fit_hostile_pkg:logits_loss"),
+     r"loss: 'fit_hostile_pkg:logits_loss' failed on the model's outputs \(128, 10\) .*AttributeError.* the model "
+     r"returns a tensor \(128, 10\), which has no such attribute: take the outputs as they are"),
+    (dict(loss="fit_hostile_pkg:float_loss"),
+     r"loss: 'fit_hostile_pkg:float_loss' returned a Python float, which carries no gradient"),
+])
+def test_a_model_or_loss_that_fails_as_users_write_them_is_one_error(in_project, capsys, overrides, message):
+    from twa_kernels.cli import main
+
+    config = _config(in_project, output=str(in_project / "user-code-out"), **overrides)
+    with pytest.raises(FitError, match=message):
+        run_fit(config, progress=False)
+    assert main(["fit", str(config), "--no-progress"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (in_project / "user-code-out").exists()
 
 
 def test_a_loss_that_is_not_one_number_is_named_and_writes_nothing(in_project):

@@ -124,13 +124,16 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
     these targets (class labels given to a regression loss, say) is named with both shapes."""
     try:
         loss = loss_fn(outputs, targets)
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, KeyError) as exc:
         def shape(value: Any) -> str:
             return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
         # a loss that took earlier batches takes this kind of output: this batch made it fail
         took_a_batch = isinstance(loss_fn, RunLoss) and loss_fn.took_a_batch
         if took_a_batch:
             fix = "it took earlier batches, so look at this batch's values"
+        elif isinstance(exc, AttributeError) and isinstance(outputs, torch.Tensor):
+            fix = (f"the model returns a tensor {shape(outputs)}, which has no such attribute: take the outputs "
+                   "as they are (not .logits or .loss)")
         elif hasattr(outputs, "logits"):  # a transformers ModelOutput, say
             fix = (f"the model returns a {type(outputs).__name__}: name a loss that takes its .logits, e.g. a "
                    "function (outputs, targets) returning cross_entropy(outputs.logits, targets)")
@@ -152,6 +155,9 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:
     """The loss of one batch, which must be one number (a tensor of one element)."""
+    if isinstance(loss, (int, float)):  # float(loss) or loss.item(): the graph is gone
+        raise FitError(f"loss: {short(spec)} returned a Python {type(loss).__name__}, which carries no gradient to "
+                       "the coefficients; return the loss tensor itself (no float() or .item())")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise FitError(f"loss: {short(spec)} returned {short(shape)}, not one number; a loss reduced over the "

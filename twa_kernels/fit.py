@@ -99,9 +99,15 @@ class _Batches:
         for batch in self.loader:
             if not isinstance(batch, (list, tuple)) or len(batch) != 2:  # or a ValueError deep in unpacking
                 length = f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""
+                hint = ""
+                if isinstance(batch, Mapping):  # a transformers collator's or a datasets batch
+                    hint = ("; from a mapping with the targets under 'labels', give (the mapping without 'labels', "
+                            "batch['labels']), e.g. from the DataLoader's collate_fn" if "labels" in batch else
+                            f"; this mapping ({short(sorted(map(str, batch)))}) holds no 'labels': give the "
+                            "targets beside the inputs")
                 raise FitError(f"data.{self.key} ({short(self.spec)}) gave a batch that is a {type(batch).__name__}"
                                f"{length}; each batch must be an (inputs, targets) pair, as a DataLoader over "
-                               "TensorDataset(inputs, targets) gives")
+                               f"TensorDataset(inputs, targets) gives{hint}")
             self.count += 1
             self.inputs = batch[0]
             yield batch
@@ -201,14 +207,21 @@ def _running(config: FitConfig, loader: _Batches, group: Any) -> Iterator[None]:
         yield
     except (TWAKernelsError, torch.OutOfMemoryError):
         raise
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+    # AttributeError and KeyError: a transformers model given a dict batch as one input (it
+    # calls .size() on it), a forward that looks up a key the batches do not have
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError, KeyError) as exc:
         if group is not None or _raised_in_the_library(exc):
             raise
         first = _first_tensor(loader.inputs)
         inputs = f"inputs {tuple(first.shape)}" if first is not None else f"inputs {describe(loader.inputs)}"
+        fix = f"check that data.{loader.key} gives the inputs the model takes"
+        if isinstance(loader.inputs, Mapping):
+            fix += (" (the model is called as model(inputs) with the mapping as one argument: a transformers "
+                    "model takes it through a subclass whose forward(x) returns super().forward(**x).logits, "
+                    "docs/cli.md)")
         raise FitError(f"model: {short(config.model)} failed on a batch of data.{loader.key} "
-                       f"({short(loader.spec)}), {inputs}: {type(exc).__name__}: {short(str(exc))[1:-1]}; check "
-                       f"that data.{loader.key} gives the inputs the model takes") from exc
+                       f"({short(loader.spec)}), {inputs}: {type(exc).__name__}: {short(str(exc))[1:-1]}; "
+                       f"{fix}") from exc
 
 
 @torch.no_grad()
