@@ -920,7 +920,7 @@ def test_the_validation_loss_is_the_mean_over_samples_whatever_the_batches_hold(
      r"loss: 'fit_hostile_pkg:logits_loss' failed on the model's outputs \(128, 10\) .*AttributeError.* the model "
      r"returns a tensor \(128, 10\), which has no such attribute: take the outputs as they are"),
     (dict(loss="fit_hostile_pkg:float_loss"),
-     r"loss: 'fit_hostile_pkg:float_loss' returned a Python float, which carries no gradient"),
+     r"loss: 'fit_hostile_pkg:float_loss' returned a float, which carries no gradient"),
 ])
 def test_a_model_or_loss_that_fails_as_users_write_them_is_one_error(in_project, capsys, overrides, message):
     from twa_kernels.cli import main
@@ -1709,14 +1709,21 @@ def test_the_command_prints_the_librarys_warnings_as_its_own_lines(in_project, m
     line = next(line for line in err.splitlines() if "has no effect in one process" in line)
     assert line.startswith("twa: warning: ") and "fit.py" not in err and "warnings.warn(" not in err
     # another library's or the user's code's keep Python's format, whose location helps
+    from twa_kernels._user_code import call_loss
+
     shown = []
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = functools.partial(cli._show_warning, lambda *args: shown.append(args))
         warnings.warn("theirs", UserWarning)  # this test's own code
-        torch.nn.functional.mse_loss(torch.zeros(4, 1), torch.zeros(4))  # torch's, about a call made here
+        # torch's own warning about a call the library made, whose stacklevel points into the library
+        call_loss(torch.nn.functional.mse_loss, torch.zeros(4, 1, requires_grad=True), torch.zeros(4), "mse")
+        # the library's own, whose stacklevel points here
+        model = torch.nn.Linear(2, 2)
+        tk.TWA(torch.compile(model), [{k: v + i for k, v in model.state_dict().items()} for i in range(3)])
     assert [str(args[0]) for args in shown][0] == "theirs" and "target size" in str(shown[1][0])
-    assert shown[0][2] == __file__ and capsys.readouterr().err == ""
+    assert shown[0][2] == __file__ and shown[1][2].endswith("_user_code.py")
+    assert capsys.readouterr().err.startswith("twa: warning: TWA holds the model inside the OptimizedModule")
     assert cli._as_command_line("twa fit: resuming after epoch 2") == "twa fit: warning: resuming after epoch 2"
     assert cli._as_command_line("the basis: packed") == "twa: warning: the basis: packed"
 

@@ -675,11 +675,13 @@ def test_a_cast_inside_averaged_model_lasts_for_the_block_and_leaves_the_frozen_
 
 def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
     twa, x = _twa_with_a_frozen_first_layer()
-    with pytest.raises(tk.errors.UsageError, match=r"changed its frozen parameter\(s\) \['0.weight'\] in place "
-                                                    r"inside averaged_model\(\)"):
-        with twa.averaged_model() as model:
-            with torch.no_grad():
-                model[0].weight.add_(1.0)  # as merging adapters into a base weight does
+    for change in (lambda weight: weight.add_(1.0), lambda weight: weight.data.add_(1.0)):  # .data: no version
+        twa, x = _twa_with_a_frozen_first_layer()
+        with pytest.raises(tk.errors.UsageError, match=r"changed its frozen parameter\(s\) \['0.weight'\] in "
+                                                        r"place inside averaged_model\(\)"):
+            with twa.averaged_model() as model:
+                with torch.no_grad():
+                    change(model[0].weight)  # as merging adapters into a base weight does
     embedding, tokens = _twa_with_a_frozen_first_layer(embedding=True)
     with pytest.raises(tk.errors.UsageError, match=r"in place during the forward \(nn.Embedding\(max_norm"):
         embedding(tokens)
@@ -692,6 +694,13 @@ def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
     for _ in range(2):
         within(tokens).sum().backward()
     assert within.frozen_0._version >= 2
+    # values moved, not changed (their sum and norm alike): a change all the same
+    twa, x = _twa_with_a_frozen_first_layer()
+    flip = twa.module[0].register_forward_pre_hook(lambda module, args: module.weight.detach().copy_(
+        module.weight.detach().flip(0)))
+    with pytest.raises(tk.errors.UsageError, match=r"changed its frozen parameter\(s\) \['0.weight'\]"):
+        twa(x)
+    flip.remove()
 
 
 def test_a_twa_over_a_compiled_model_says_it_holds_the_model_inside():

@@ -49,7 +49,8 @@ class TransformersFacade:
         model = self.module
         if hasattr(model, "accepts_loss_kwargs"):
             return bool(model.accepts_loss_kwargs)
-        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+        parameters = inspect.signature(model.forward).parameters.values()
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
     # transformers' Trainer turns activation checkpointing on through the model it is given,
     # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at

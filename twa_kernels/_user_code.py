@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
 import os
 import sys
 from collections.abc import Callable
@@ -155,8 +156,8 @@ def call_loss(loss_fn: Callable, outputs: Any, targets: Any, spec: str) -> torch
 
 def _one_number(loss: Any, spec: str) -> torch.Tensor:
     """The loss of one batch, which must be one number (a tensor of one element)."""
-    if isinstance(loss, (int, float)):  # float(loss) or loss.item(): the graph is gone
-        raise FitError(f"loss: {short(spec)} returned a Python {type(loss).__name__}, which carries no gradient to "
+    if isinstance(loss, numbers.Number):  # float(loss), loss.item(), a NumPy number: the graph is gone
+        raise FitError(f"loss: {short(spec)} returned a {type(loss).__name__}, which carries no gradient to "
                        "the coefficients; return the loss tensor itself (no float() or .item())")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -402,9 +402,11 @@ def _show_warning(python_format: Callable[..., None], message: Warning | str, ca
     as Python's source location and code line; another library's, or the user code's, keep
     Python's format, whose location says where to look. Whose it is, the code that called
     warnings.warn says: `filename` is where its stacklevel points, which for torch's own
-    warnings about a call the library made is the library."""
+    warnings about a call the library made is the library. (A warning raised in C, as
+    torch's C++ code raises some, has no such caller: one raised inside the library's call
+    reads as the library's.)"""
     caller = sys._getframe(1)  # past this function: the warnings module's machinery, then warn()'s caller
-    while caller is not None and caller.f_code.co_filename == warnings.__file__:
+    while caller is not None and caller.f_globals.get("__name__") in ("warnings", "_py_warnings"):  # 3.14's
         caller = caller.f_back
     if caller is None or not Path(caller.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
         python_format(message, category, filename, lineno, file, line)

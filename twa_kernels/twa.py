@@ -385,10 +385,13 @@ class TWA(TransformersFacade, nn.Module):
         return [getattr(self, f"frozen_{i}") for i in range(len(self.frozen_names))]
 
     @contextmanager
-    def _keeping_frozen(self, during: str) -> Iterator[None]:
+    def _keeping_frozen(self, during: str, every: bool = False) -> Iterator[None]:
         """Raise UsageError after a block that changed a frozen parameter in place: the TWA
         holds one copy of each, handed to the model uncopied (a copy per forward would double
-        a frozen backbone's memory traffic), so the change would last, silently."""
+        a frozen backbone's memory traffic), so the change would last, silently. A forward
+        looks at the values of those whose version moved; `every` looks at all of them, also
+        one changed through `.data`, which moves no version (PEFT merges adapters so), at the
+        cost of one pass over the frozen weights."""
         if not self.frozen_names:
             yield
             return
@@ -400,7 +403,7 @@ class TWA(TransformersFacade, nn.Module):
         yield
         changed = []
         for i, (name, value) in enumerate(zip(self.frozen_names, values)):
-            if value._version == prints[i][1]:
+            if value._version == prints[i][1] and not every:
                 continue
             # a version moves with any in-place op, also one that writes the same values (an
             # Embedding's max_norm over rows within it): the values decide
@@ -642,7 +645,7 @@ class TWA(TransformersFacade, nn.Module):
         with torch.no_grad():
             weights = self.weights()
         with self._lent.lending([weights[name] for name in self.names + self.frozen_names]), \
-                self._keeping_frozen("inside averaged_model()"):
+                self._keeping_frozen("inside averaged_model()", every=True):
             yield self.module
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
@@ -755,13 +758,21 @@ def _transform_active() -> bool:
     return _PEEK_TRANSFORMS is not None and _PEEK_TRANSFORMS() is not None
 
 
+_FINGERPRINT_CHUNK = 1 << 20  # elements cast to float64 at a time: 8 MB, whatever the parameter's size
+
+
 def _fingerprint(value: Tensor) -> Tensor:
-    """Float64 sum and norm of `value`: what tells a frozen weight changed in place
-    from one rewritten with its own values, without a copy of it."""
-    flat = torch.view_as_real(value) if value.is_complex() else value
-    if not flat.is_floating_point():  # an integer Parameter: rare, and small
-        flat = flat.to(torch.float64)
-    return torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+    """Float64 sum, sum of squares and sum weighted by position of `value`, a chunk at a time:
+    what tells a frozen weight changed in place (values changed, or moved) from one rewritten
+    with its own values, without a copy of it."""
+    flat = (torch.view_as_real(value) if value.is_complex() else value).detach().reshape(-1)
+    ramp = torch.arange(min(flat.numel(), _FINGERPRINT_CHUNK), dtype=torch.float64, device=flat.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for i, chunk in enumerate(flat.split(_FINGERPRINT_CHUNK)):
+        part = chunk.to(torch.float64)
+        position = ramp[:part.numel()] + i * _FINGERPRINT_CHUNK
+        totals += torch.stack([part.sum(), part.square().sum(), (part * position).sum()])
+    return totals
 
 
 def _name_an_in_place_change(exc: RuntimeError) -> None:
