@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -470,18 +471,25 @@ def test_reading_leaves_the_callers_own_safe_globals_as_they_were(tmp_path):
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # the library's own ended with the read
 
 
+def _perturbed_states(make_model: Callable[[], nn.Module], n: int = 3) -> list[dict]:
+    """n state_dicts of fresh models, each moved by small noise through its parameters (so a
+    tied embedding and head stay one), from torch's seed 0."""
+    torch.manual_seed(0)
+    states = []
+    for _ in range(n):
+        model = make_model()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
 def _trainer_run(out: Path, checkpointing: bool = False, resume: Path | None = None) -> tuple[tk.TWA, dict]:
     """Four AdamW steps of the HF Trainer on a TWA over tiny GPT-2 fine-tunes, saved every 2
     steps (or resumed from `resume`); the TWA and the evaluation's metrics."""
     config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    states = []
-    for _ in range(3):
-        model = transformers.GPT2LMHeadModel(config)
-        with torch.no_grad():  # through the parameters, so the tied embedding and head stay one
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    states = _perturbed_states(lambda: transformers.GPT2LMHeadModel(config))
     twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
     tokens = torch.randint(0, 100, (16, 16), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": t, "labels": t} for t in tokens]
@@ -519,14 +527,7 @@ def test_the_hf_trainer_predicts_with_a_twa_over_a_causal_lm_as_with_the_model(t
     # the Trainer reaches cache settings through model.config, which a TWA did not give: the
     # model kept its cache on and predict() failed on the cache among the logits
     config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    states = []
-    for _ in range(3):
-        model = transformers.GPT2LMHeadModel(config)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    states = _perturbed_states(lambda: transformers.GPT2LMHeadModel(config))
     twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
     assert twa.config is twa.module.config
     tokens = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -862,14 +863,7 @@ def test_seq2seq_trainer_generates_with_a_twa_at_the_averaged_weights(tmp_path):
     # predict_with_generate calls model.generate on the model it trains: a TWA had none
     config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    states = []
-    for _ in range(3):
-        model = transformers.T5ForConditionalGeneration(config)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    states = _perturbed_states(lambda: transformers.T5ForConditionalGeneration(config))
     twa = tk.TWA(transformers.T5ForConditionalGeneration(config), states, bits=4)
     assert twa.generation_config is twa.module.generation_config
     tokens = torch.randint(2, 50, (4, 6), generator=torch.Generator().manual_seed(0))
