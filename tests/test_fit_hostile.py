@@ -218,6 +218,9 @@ def in_project(project, monkeypatch):
     monkeypatch.chdir(project)
     monkeypatch.syspath_prepend(TESTS)
     monkeypatch.syspath_prepend(str(project))  # and restored afterwards
+    # the project's own module, not an earlier copy's: a worker that ran other files' tests in
+    # between makes the module-scoped project again, in another folder
+    monkeypatch.delitem(sys.modules, "fit_hostile_pkg", raising=False)
     marker = project / "factory-called"
     marker.unlink(missing_ok=True)
     monkeypatch.setenv("FIT_MARKER", str(marker))
