@@ -106,8 +106,8 @@ def _formulas(sizes: list[int], world: int, bn_buffer_floats: int) -> dict[str, 
         "paper: all-reduce of dL/dw (D floats)": 4 * D,
         "DDP over the full model (D grads + BN buffers)": 4 * (D + bn_buffer_floats),
         "DDP over TWA, basis buffers not excluded": 4 * D + packed + 4 * K * B,
-        "ours, replicated (k x B)": 4 * K * B,
-        f"ours, sharded over {world} (2 x W x L + k x B)": 4 * (2 * world * chunk + K * B),
+        "ours, replicated (k x B + 2)": 4 * (K * B + 2),
+        f"ours, sharded over {world} (2 x W x L + k x B + 2)": 4 * (2 * world * chunk + K * B + 2),
     }
 
 
@@ -143,8 +143,8 @@ def main() -> None:
                            "clip-vit-b32": _formulas(clip_vit_b32_visual_sizes(), args.world, 0)},
     }
     formula = _formulas(resnet, args.world, 0)  # the measured bytes are what the formulas say
-    assert report["measured"]["replicated"]["bytes"] == formula["ours, replicated (k x B)"]
-    assert report["measured"]["sharded"]["bytes"] == formula[f"ours, sharded over {args.world} (2 x W x L + k x B)"]
+    assert report["measured"]["replicated"]["bytes"] == formula["ours, replicated (k x B + 2)"]
+    assert report["measured"]["sharded"]["bytes"] == formula[f"ours, sharded over {args.world} (2 x W x L + k x B + 2)"]
     path = Path(args.out or HERE / "results" / f"{machine_slug()}-distributed-step.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

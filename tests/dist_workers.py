@@ -818,6 +818,22 @@ def hostile_scenarios(root: str, rank: int, world: int) -> dict:
         out["strategy_outlives_twa"] = strategy() is not None
         out["backward_after_twa"] = _error_text(pending.backward)
         del optimizer, pending
+        # gradient accumulation over two backwards on rank 0 only: its second backward's
+        # all-reduce paired with rank 1's second step, and the ranks trained apart silently
+        def two_batches(shard, accumulate_on):
+            uneven_model, uneven_ckpts = model_and_checkpoints()
+            twa = tk.TWA(uneven_model, uneven_ckpts, bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+                         shard=shard)
+            optimizer = torch.optim.SGD(twa.parameters(), lr=0.1)
+            for batch in range(2):
+                torch.nn.functional.cross_entropy(twa(x[batch][rank::2]), y[batch][rank::2]).backward()
+                if rank not in accumulate_on or batch == 1:
+                    optimizer.step()
+
+        for shard in (False, True):
+            out[f"uneven_accumulation_{shard}"] = _error_text(lambda: two_batches(shard, accumulate_on=[0]))
+            # the same accumulation on every rank is no mismatch
+            out[f"even_accumulation_{shard}"] = _error_text(lambda: two_batches(shard, accumulate_on=[0, 1]))
         # an argument refused on rank 1 only: rank 0 stopped waiting in the build's collectives
         # until the timeout; now both leave together
         out["bad_arg_one_rank"] = _error_text(lambda: tk.TWA(model, files, bits=3 if rank == 1 else 4,

@@ -171,7 +171,7 @@ def test_replicated_moves_k_by_b_floats_a_step(job):
     world, results = job
     for res in results:
         got = res["modes"]["replicated"]
-        kb_bytes = got["k"] * got["B"] * 4
+        kb_bytes = (got["k"] * got["B"] + 2) * 4  # and the two numbers that check the ranks agree
         assert got["bytes_per_step"].tolist() == [kb_bytes] * w.STEPS
         # the collectives torch.distributed itself saw: the same, and nothing else
         assert int(got["seen_bytes"]) == kb_bytes * w.STEPS and got["seen_ops"] == ["all_reduce"]
@@ -187,7 +187,7 @@ def test_sharded_moves_two_gathers_of_d_plus_k_by_b_a_step(job):
         assert got["local_center"] == got["stop"] - got["start"]  # the rank stores its columns only
         padded = world * got["chunk"]
         assert D <= padded < D + world * w.GROUP_SIZE  # equal chunks: padding under W x group_size
-        expected = 4 * (2 * padded + got["k"] * got["B"])
+        expected = 4 * (2 * padded + got["k"] * got["B"] + 2)
         assert got["bytes_per_step"].tolist() == [expected] * w.STEPS
         assert int(got["seen_bytes"]) == expected * w.STEPS
         single = hasattr(torch.distributed, "all_gather_single")  # torch >= 2.13's names
@@ -456,7 +456,7 @@ def test_twa_fit_under_torchrun_sharded(user_project):
     k, B = report["coefficients"]
     D = sum(p.numel() for p in w.model_and_checkpoints()[0].parameters())
     padded = 2 * -(-(-(-D // 8)) // 2) * 8  # W x (the larger rank's groups x group_size)
-    assert report["bytes_communicated_per_step"] == 4 * (2 * padded + k * B)
+    assert report["bytes_communicated_per_step"] == 4 * (2 * padded + k * B + 2)
     # the basis over both ranks, not rank 0's share alone
     whole = tk.TWA(w.model_and_checkpoints()[0], sorted((user_project / "ckpts").glob("epoch_*.pt")), bits=4,
                    group_size=8).basis.nbytes
@@ -584,6 +584,16 @@ def test_a_deep_copy_of_a_replicated_twa_averages_its_gradient_and_pickling_is_n
     for res in hostile_job:
         assert res["pickled"].startswith("UsageError: a TWA built with a process_group holds that "
                                          "torch.distributed group, which cannot be pickled"), res["pickled"]
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_ranks_that_step_after_different_numbers_of_backwards_are_named_on_every_rank(hostile_job, shard):
+    for res in hostile_job:
+        assert res[f"uneven_accumulation_{shard}"].startswith(
+            "UsageError: the ranks of this TWA averaged a gradient over coefficients that differ from rank to "
+            "rank: they ran different numbers of backwards per optimizer step"), res[f"uneven_accumulation_{shard}"]
+        # the check has no false positives: the same two backwards per step on every rank
+        assert res[f"even_accumulation_{shard}"] is None, res[f"even_accumulation_{shard}"]
 
 
 def test_a_sharded_twas_coefficients_carry_over_dcp_to_another_number_of_ranks(tmp_path):

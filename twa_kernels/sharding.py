@@ -2,14 +2,15 @@
 
 Replicated: every rank holds the whole basis. `project` is linear, so each rank's backward
 projects its own dL/dw and only the [k, B] coefficient gradient is averaged: one all-reduce
-of k x B floats per backward (a hook on the coefficients; no host sync), instead of the D
-floats a data-parallel step over the model would move.
+of k x B floats per backward (a hook on the coefficients), instead of the D floats a
+data-parallel step over the model would move. Two floats more check that every rank holds
+the same coefficients (Comm.all_reduce_agreed).
 
 Sharded: rank r holds columns [c_r, c_r+1) of the codes, scales, mins and center, cut on
 quantisation-group edges. Forward reconstructs the local columns and all-gathers them into
 the full weight vector (as FSDP gathers its flat parameters); backward reduce-scatters dL/dw
 to the column owners, projects locally and all-reduces the [k, B] partial sums. A step moves
-2 x W x L + k x B floats, L the largest shard: 2 D + k B up to a padding of fewer than
+2 x W x L + k x B (+ 2) floats, L the largest shard: 2 D + k B up to a padding of fewer than
 W x group_size elements (all_gather_into_tensor needs equal chunks).
 
 `make_strategy` picks the strategy for a TWA and hands back this rank's center and basis;
@@ -24,6 +25,7 @@ This module knows nothing of TWA itself: it takes and returns tensors and bases.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -97,6 +99,19 @@ class ShardingError(InvalidArgumentError):
     """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
 
 
+def _pairing_modulus(world: int) -> int:
+    """The largest m for which W m^2 stays an integer that float32 holds exactly (2^24)."""
+    return max(2, math.isqrt((1 << 24) // world))
+
+
+def _hash(values: Tensor, modulus: int) -> Tensor:
+    """A hash in [0, modulus) of the float32 bit patterns of `values`, by position, computed
+    where they are (no host sync); equal values give equal hashes on every rank."""
+    bits = values.detach().float().contiguous().view(torch.int32).reshape(-1).to(torch.int64) % 65521
+    positions = torch.arange(1, bits.numel() + 1, device=bits.device) % 65521
+    return (bits * positions).sum() % modulus
+
+
 class Comm:
     """The collectives TWA calls, on one process group, counting what each moves.
 
@@ -111,6 +126,7 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
+        self._disagreed: Tensor | None = None  # the last checked all-reduce's verdict, not yet read
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Comm:
         """A copy (copy.deepcopy of a TWA, AveragedModel) runs its collectives on the same
@@ -133,9 +149,45 @@ class Comm:
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum of t over the ranks, in place."""
+        self._check_agreement()
         self._count("all_reduce", t)
         named_on_failure("TWA's all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
         return t
+
+    def all_reduce_agreed(self, t: Tensor, agreed: Tensor) -> Tensor:
+        """Sum of t (a floating tensor; t itself is left as it is) over the ranks, checked
+        that every rank holds the same `agreed` (the coefficients a gradient belongs to).
+
+        The n-th all-reduce of each rank pairs with the others' n-th, whatever step each
+        made it for: ranks that run different numbers of backwards per optimizer step would
+        average gradients of different steps, step apart and train different coefficients
+        without a word. Two numbers ride along: h and h^2, h a hash of `agreed` below
+        `_pairing_modulus`. The sums equal W h and W h^2 on every rank exactly when every
+        rank's h is h (a sum of squares at W times the squared mean means no spread), so
+        every rank raises the same UsageError together. The verdict is read on the host at
+        once for CPU tensors, and for a GPU's at the next collective, so that the backward
+        does not wait for this one (a mismatch there shows one step late)."""
+        self._check_agreement()
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32  # W h^2 is exact in either
+        h = _hash(agreed, _pairing_modulus(self.world)).to(wide)
+        check = torch.stack([h, h * h])
+        buffer = torch.cat([t.reshape(-1).to(wide), check])
+        self._count("all_reduce", buffer)
+        named_on_failure("TWA's all-reduce", lambda: dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group))
+        self._disagreed = (buffer[-2:] != check * self.world).any()
+        if buffer.device.type == "cpu":
+            self._check_agreement()
+        return buffer[:-2].view(t.shape).to(t.dtype)
+
+    def _check_agreement(self) -> None:
+        disagreed, self._disagreed = self._disagreed, None
+        if disagreed is not None and bool(disagreed):
+            raise UsageError("the ranks of this TWA averaged a gradient over coefficients that differ from rank to "
+                             "rank: they ran different numbers of backwards per optimizer step (gradient "
+                             "accumulation, or a skipped batch, on some ranks only), or changed the coefficients "
+                             "on some ranks only, so each would now train on its own; run the same backwards and "
+                             "steps on every rank (give every rank the same number of batches: DistributedSampler "
+                             "and tk.distributed.split_loader pad to that)")
 
     def all_gather_into_tensor(self, out: Tensor, t: Tensor) -> Tensor:
         """Every rank's t, in rank order, into out (world size times t's length)."""
@@ -248,28 +300,29 @@ class Replicated:
         self.comm = Comm(group)
         self.center, self.basis, self.num_blocks = center, basis, basis.num_blocks
 
-    def average_gradient(self, grad: Tensor) -> Tensor:
-        """A tensor hook sees each backward's gradient before it is accumulated into .grad,
-        so gradient accumulation over several backwards averages each of them once."""
-        grad = grad.contiguous().clone()  # the graph may still hold the incoming tensor
-        return self.comm.all_reduce(grad).div_(self.comm.world)
+    def average_gradient(self, grad: Tensor, coefficients: Tensor) -> Tensor:
+        """The mean over the ranks of `grad`, the gradient of `coefficients` (checked to be
+        the same on every rank). A tensor hook sees each backward's gradient before it is
+        accumulated into .grad, so gradient accumulation over several backwards averages
+        each of them once."""
+        return self.comm.all_reduce_agreed(grad, coefficients).div_(self.comm.world)
 
 
-def gradient_averaging_hook(strategy: Replicated) -> Callable[[Tensor], Tensor]:
+def gradient_averaging_hook(strategy: Replicated, coefficients: Tensor) -> Callable[[Tensor], Tensor]:
     """`strategy.average_gradient` as a tensor hook that holds the strategy weakly. The hook
     lives on the coefficients, and so does every optimizer over them: a bound method there
     would keep the strategy, and through it the process group, alive after the TWA is gone,
     and a group still held when destroy_process_group() runs stops its threads only during
     interpreter exit, which can abort the process."""
-    held = weakref.ref(strategy)
+    held, averaged = weakref.ref(strategy), weakref.ref(coefficients)  # the hook lives on the coefficients
 
     def average(grad: Tensor) -> Tensor:
-        alive = held()
-        if alive is None:
+        alive, of = held(), averaged()
+        if alive is None or of is None:
             raise UsageError("a backward reached the coefficients of a replicated TWA that no longer exists, so "
                              "their gradient cannot be averaged over the ranks; keep the TWA until the last "
                              "backward through it")
-        return alive.average_gradient(grad)
+        return alive.average_gradient(grad, of)
 
     return average
 
@@ -395,6 +448,7 @@ class _GatherReconstruct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, qb: QuantizedBasis, center: Tensor, shard: Sharded, int8_gradients: bool) -> Tensor:
         ctx.qb, ctx.shard, ctx.project = qb, shard, project_int8 if int8_gradients else project
+        ctx.coefficients = x.detach()  # shares x's storage: what the backward's gradient belongs to
         comm = shard.comm
         mine = torch.zeros(shard.chunk, dtype=torch.float32, device=center.device)
         reconstruct(qb, x[:, shard.b_lo : shard.b_hi], center, out=mine[: shard.stop - shard.start])
@@ -410,4 +464,4 @@ class _GatherReconstruct(torch.autograd.Function):
         local = ctx.project(qb, mine[: shard.stop - shard.start].div_(comm.world))
         grad_x = torch.zeros(local.shape[0], shard.num_blocks, dtype=torch.float32, device=grad_w.device)
         grad_x[:, shard.b_lo : shard.b_hi] = local  # straddling blocks: partial sums, added by the all-reduce
-        return comm.all_reduce(grad_x), None, None, None, None
+        return comm.all_reduce_agreed(grad_x, ctx.coefficients), None, None, None, None

@@ -507,7 +507,7 @@ class TWA(TransformersFacade, nn.Module):
             return
         if isinstance(self._parallel, sharding.Replicated) and not (
                 self._averaged and self._averaged[0] is self.coefficients):
-            self.coefficients.register_hook(sharding.gradient_averaging_hook(self._parallel))
+            self.coefficients.register_hook(sharding.gradient_averaging_hook(self._parallel, self.coefficients))
             self._averaged = [self.coefficients]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -662,7 +662,7 @@ class TWA(TransformersFacade, nn.Module):
                     segment.copy_((grad.to_dense() if grad.layout != torch.strided else grad).reshape(-1))
             late = (project_int8 if self.int8_gradients else project)(self.basis, flat).to(self.coefficients.dtype)
             if self._parallel is not None:  # replicated: averaged over the ranks like the graph's own gradient
-                late = self._parallel.average_gradient(late)
+                late = self._parallel.average_gradient(late, self.coefficients)
             if self.coefficients.grad is None:
                 self.coefficients.grad = late
             else:
