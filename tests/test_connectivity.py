@@ -852,6 +852,31 @@ def _nudged(state, seed):
     return {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in state.items()}
 
 
+class _ComplexLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.cfloat))
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head((x.cfloat() @ self.w).abs())
+
+
+def test_complex_weights_are_mixed_along_a_line_and_named_by_a_plane():
+    # interpolate and plane took a complex parameter for an integer one and refused to mix it
+    torch.manual_seed(0)
+    model, ends = _ComplexLayer(), [_ComplexLayer().state_dict(), _ComplexLayer().state_dict()]
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    r = C.interpolate(model, *ends, [(x, y)], steps=3, bn="none")
+    for alpha, loss in zip(r.alphas, r.loss):
+        mixed = {k: torch.lerp(ends[0][k], ends[1][k], alpha) for k in ends[0]}
+        want = torch.nn.functional.cross_entropy(torch.func.functional_call(model, mixed, (x,)), y)
+        assert loss == pytest.approx(float(want), rel=1e-6)
+    assert r.loss[1] not in (r.loss[0], r.loss[2])  # the middle point is neither end
+    with pytest.raises(tk.errors.InvalidTypeError, match="parameter 'w' is complex, and a plane's basis holds real"):
+        C.plane(model, [*ends, ends[0]], [(x, y)], grid=2, bn="none")
+
+
 def test_buffers_no_state_dict_holds_are_the_models_own():
     model = _tiny_llama()
     non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())

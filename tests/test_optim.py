@@ -200,6 +200,10 @@ def test_a_start_off_the_subspace_is_reported_and_one_on_it_is_not():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     with pytest.warns(UserWarning, match="lies outside the subspace"):
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub, model=model)
+    # matched by position, with weights of one shape (a BatchNorm's weight and bias): it may
+    # as well be a swap, so it is refused
+    with pytest.raises(tk.errors.InvalidArgumentError, match="matched to the subspace's weights by position"):
         tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
     model.load_state_dict(sub.unflatten(sub.center), strict=False)
     with warnings.catch_warnings():
@@ -278,9 +282,9 @@ def test_lightning_trains_with_it_from_configure_optimizers(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # two epochs of StepLR
 
 
-def test_weights_of_one_shape_given_out_of_order_by_position_are_pointed_out():
-    # two layers of one shape, handed over in the other order, passed the shape check: the
-    # warning said to load the center, which had been loaded
+def test_weights_of_one_shape_given_out_of_order_by_position_are_refused():
+    # two layers of one shape, handed over in the other order, passed the shape check: a
+    # warning said so, and the steps moved each layer along the other's directions
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
@@ -290,11 +294,37 @@ def test_weights_of_one_shape_given_out_of_order_by_position_are_pointed_out():
     sub = _subspace(model)
     model.load_state_dict(sub.unflatten(sub.center), strict=False)
     swapped = [*model.b.parameters(), *model.a.parameters()]
-    with pytest.warns(UserWarning, match="may be in another order than the subspace's weights"):
+    with pytest.raises(tk.errors.InvalidArgumentError, match="may be matched in another order.*Pass model=model"):
         tk.SubspaceOptimizer(torch.optim.SGD(swapped, lr=0.1), sub)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)  # the model's order: on the subspace
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         tk.SubspaceOptimizer(torch.optim.SGD(swapped, lr=0.1), sub, model=model)  # matched by name: right
+
+
+@pytest.mark.parametrize("match", ["position", "model", "names"])
+def test_a_frozen_parameter_the_subspace_leaves_out_may_be_in_the_optimizer(match):
+    # SGD(model.parameters()) over a model with a frozen layer was refused, with the advice to
+    # pass model.parameters()
+    model = make_model()
+    frozen = next(p for p in model.parameters() if p.dim() == 1)
+    frozen.requires_grad_(False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sub = tk.Subspace.from_checkpoints(noisy_checkpoints(model, 4), bits=None, granularity="model",
+                                       orthonormalize=True, parameter_names=names)
+    before = frozen.detach().clone()
+    model.load_state_dict(sub.unflatten(sub.center), strict=False)
+    given = model.named_parameters() if match == "names" else model.parameters()
+    opt = tk.SubspaceOptimizer(torch.optim.SGD(given, lr=0.1), sub, model=model if match == "model" else None)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    moved, outside = _outside_fraction(model, sub)
+    assert moved > 0 and outside < 1e-4
+    assert torch.equal(frozen, before)
 
 
 def test_momentum_that_left_the_span_is_projected_after_weight_decay_ends():
@@ -368,7 +398,7 @@ def test_a_bfloat16_model_loaded_at_the_center_is_not_reported_off_the_subspace(
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     with pytest.warns(UserWarning, match="lies outside the subspace"):
-        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub, model=model)
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
@@ -404,7 +434,7 @@ def test_a_16_bit_step_projects_once_when_every_weight_is_16_bit(monkeypatch, mi
     model.to(torch.bfloat16)
     if mixed:
         model[-1].float()
-    opt = tk.SubspaceOptimizer(OPTIMIZERS["adam"](model.parameters()), sub)
+    opt = tk.SubspaceOptimizer(OPTIMIZERS["adam"](model.parameters()), sub, model=model)
     calls = []
     monkeypatch.setattr(optim, "project", lambda *a: calls.append(1) or tk.ops.project(*a))
     x = torch.randn(8, 64)

@@ -457,6 +457,17 @@ def test_a_parameter_removed_after_build_is_refused_by_name(run, how):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
+def test_a_parametrization_registered_after_the_build_is_named_as_one(run):
+    # the weight moved into parametrizations.weight.original, and the error said it was deleted
+    train, _, _, ckpts = run
+    model = make_model(1)
+    twa = tk.TWA(model, ckpts, bits=4)
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(tk.errors.UsageError, match=r"a parametrization \(weight_norm.*registered on the model's "
+                                                   r"parameter '0.weight' after TWA was built"):
+        twa(train.tensors[0][:8])
+
+
 def test_a_gradient_penalty_through_the_forward_matches_the_weights_path(run):
     # a backward under create_graph=True projected without recording a graph: the
     # penalty's own gradient was silently dropped (coefficient gradient 0.14 for 4.50)

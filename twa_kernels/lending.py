@@ -139,6 +139,12 @@ class LentWeights:
             for j, (module, attr) in enumerate(slots):
                 if not isinstance(module._parameters.get(attr), Tensor):
                     name = repr(self.slot_names[i][j]) if self.slot_names else f"{type(module).__name__}.{attr}"
+                    if attr in getattr(module, "parametrizations", {}):  # moved into parametrizations.<attr>.original
+                        raise UsageError(f"a parametrization (weight_norm, spectral_norm, orthogonal, ...) was "
+                                         f"registered on the model's parameter {name} after TWA was built, so TWA's "
+                                         "weights for it have nowhere to go; register parametrizations before "
+                                         "building the TWA (its checkpoints then hold the parametrization's "
+                                         "parameters), or build a new TWA over the model as it is now")
                     raise UsageError(f"the model's parameter {name} was removed (deleted or set to None) after TWA "
                                      "was built, so TWA's weights for it have nowhere to go; put it back, or build "
                                      "a new TWA over the model as it is now")

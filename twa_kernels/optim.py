@@ -84,15 +84,20 @@ def _parameters_by_weight(base_optimizer: torch.optim.Optimizer, subspace: Subsp
                                    "parameter is cannot be told from its position; pass model=model, or build the "
                                    "optimizer from model.named_parameters()")
     else:
+        if [tuple(p.shape) for p in params] != subspace.shapes:  # frozen ones never step: a subspace may leave them out
+            params = [p for p in params if p.requires_grad]
         shapes = [tuple(p.shape) for p in params]
         if shapes != subspace.shapes:
-            raise InvalidArgumentError(f"the optimizer's {len(shapes)} parameters do not match the subspace's "
-                                       f"{len(subspace.shapes)} weights; pass model.parameters() of the model the "
-                                       "checkpoints came from, in the same order (or pass model=model)")
+            raise InvalidArgumentError(f"the optimizer's {len(shapes)} trainable parameters do not match the "
+                                       f"subspace's {len(subspace.shapes)} weights; pass the parameters of the model "
+                                       "the checkpoints came from, in the same order, or pass model=model to "
+                                       "match them by name")
         return params
     by_name = dict(named)
+    spanned = set(subspace.names)
     missing = [name for name in subspace.names if name not in by_name]
-    extra = [name for name, _ in named if name not in set(subspace.names)]
+    # a frozen parameter the subspace leaves out never steps (it gets no gradient)
+    extra = [name for name, p in named if name not in spanned and p.requires_grad]
     if missing or extra or len(by_name) != len(named):
         raise InvalidArgumentError(f"the optimizer's parameters are not the subspace's weights by name (missing: "
                                    f"{missing[:3]}, not spanned: {extra[:3]}); give the optimizer exactly the "
@@ -107,9 +112,11 @@ def _parameters_by_weight(base_optimizer: torch.optim.Optimizer, subspace: Subsp
 
 
 class SubspaceOptimizer(torch.optim.Optimizer):
-    """Wraps `base_optimizer`, whose parameters must be the subspace's weights: matched by
-    name through `model` or the optimizer's own parameter names (an optimizer built from
-    model.named_parameters()), else in order in a single parameter group.
+    """Wraps `base_optimizer`, whose trainable parameters must be the subspace's weights
+    (frozen ones it leaves out may be there too): matched by name through `model` or the
+    optimizer's own parameter names (an optimizer built from model.named_parameters()), else
+    in order in a single parameter group, where a start off the subspace is refused if
+    several weights share one shape (it may be a swap).
 
     It is a torch Optimizer whose `param_groups` and `state` are the wrapped one's, read
     through at every access (also after either's load_state_dict), so learning-rate
@@ -162,7 +169,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if subspace.basis.bits is None:
             # matched by position alone, two weights of one shape may have been swapped
             by_position = model is None and not all("param_names" in g for g in base_optimizer.param_groups)
-            self._warn_if_off_subspace(by_position and len(set(subspace.shapes)) < len(subspace.shapes))
+            self._check_on_subspace(by_position and len(set(subspace.shapes)) < len(subspace.shapes))
 
     # The groups and state are read from the wrapped optimizer at every access, not held:
     # its load_state_dict (a resume) replaces both objects, and a scheduler writing into a
@@ -217,19 +224,27 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return torch.cat([c.to(p.dtype).to(torch.float32) for c, p in zip(pieces, self._params)])
 
     @torch.no_grad()
-    def _warn_if_off_subspace(self, order_unknown: bool = False) -> None:
+    def _check_on_subspace(self, order_unknown: bool = False) -> None:
+        """Warn when the model's weights lie off the subspace. With `order_unknown` (unnamed
+        parameters matched by position, several weights of one shape) that is refused: two
+        swapped layers look exactly so, and every step would then move the wrong weights."""
         offset = self._flat_weights() - self._center_as_held()
         size = float(offset.norm())
         if size == 0:
             return
         outside = float((offset - self._in_span(offset)).norm()) / size
+        if outside > _OFF_SUBSPACE and order_unknown:
+            raise InvalidArgumentError(
+                f"SubspaceOptimizer: {outside:.2g} of the model's distance from the subspace's center lies outside "
+                "the subspace, and its parameters were matched to the subspace's weights by position, with several "
+                "weights of one shape: they may be matched in another order, and each step would move the wrong "
+                "weights. Pass model=model (or build the optimizer from model.named_parameters()) to match them by "
+                "name, and load a point of the subspace first: model.load_state_dict(sub.unflatten(sub.center), "
+                "strict=False)")
         if outside > _OFF_SUBSPACE:
-            order = (" If it was loaded, the optimizer's parameters may be in another order than the subspace's "
-                     "weights (several have one shape, and parameters without names are matched by position): "
-                     "pass model=model, or build the optimizer from model.named_parameters()") if order_unknown else ""
             warnings.warn(f"SubspaceOptimizer: {outside:.2g} of the model's distance from the subspace's center "
                           "lies outside the subspace, so its steps move parallel to it without reaching it; load "
-                          "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)." + order,
+                          "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)",
                           UserWarning, stacklevel=3)
 
     def _momentum_buffers(self) -> list[Tensor | None]:

@@ -158,6 +158,12 @@ def checked_entry(state: Mapping[str, Tensor], key: str, shape: tuple[int, ...],
     return value
 
 
+def mixable(t: Tensor) -> bool:
+    """Whether a point between checkpoints mixes this entry (floating point or complex: a
+    complex number mixes as its two real parts do), or takes it as every checkpoint holds it."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def mixed_buffers(model: nn.Module, bn: str) -> dict[str, Tensor]:
     """The model's floating-point buffers that a point of a line or plane mixes from the
     checkpoints, by name: every one its state_dict holds but the BatchNorm statistics that
@@ -170,7 +176,7 @@ def mixed_buffers(model: nn.Module, bn: str) -> dict[str, Tensor]:
     own_statistics = {f"{name}.{stat}" if name else stat for name, m in running_norms(model).items()
                       if bn == "none" or name in measured for stat in _BN_STATS}
     return {name: buf for name, buf in model.named_buffers()
-            if name in persistent and buf.is_floating_point() and name not in own_statistics}
+            if name in persistent and mixable(buf) and name not in own_statistics}
 
 
 def fixed_buffers(model: nn.Module) -> dict[str, Tensor]:
@@ -179,7 +185,7 @@ def fixed_buffers(model: nn.Module) -> dict[str, Tensor]:
     which must agree on them (they cannot be mixed)."""
     persistent = model.state_dict().keys()
     return {name: buf for name, buf in model.named_buffers()
-            if name in persistent and not buf.is_floating_point() and not name.endswith("num_batches_tracked")}
+            if name in persistent and not mixable(buf) and not name.endswith("num_batches_tracked")}
 
 
 def agreed_buffer(name: str, values: Sequence[Tensor], sources: Sequence[str]) -> Tensor:

@@ -39,6 +39,7 @@ from twa_kernels.geometry.evaluation import (
     finite_or_none,
     fixed_buffers,
     load_checkpoint,
+    mixable,
     mixed_buffers,
     parameter_device,
     preserved,
@@ -61,10 +62,10 @@ def _barrier(values: Sequence[float], alphas: Sequence[float]) -> float:
 
 
 def _float_entry(state: Mapping[str, Tensor], key: str, own: Tensor, source: str) -> Tensor:
-    """checked_entry, and floating-point: an integer tensor where the model has a float one
-    would be cast and mixed as if it were weights."""
+    """checked_entry, and floating-point (or complex): an integer tensor where the model has a
+    float one would be cast and mixed as if it were weights."""
     value = checked_entry(state, key, tuple(own.shape), source)
-    if not value.is_floating_point():
+    if not mixable(value):
         raise CheckpointError(f"{source}: key {key!r} is {value.dtype}, not a floating-point weight")
     return value
 
@@ -136,8 +137,8 @@ def interpolate(
     device = parameter_device(model)  # before masks and checkpoints are read: a model without values is named first
     mask = check_masks(model, masks)
     params = dict(model.named_parameters())
-    mixed = {**{k: p for k, p in params.items() if p.is_floating_point()}, **mixed_buffers(model, bn)}
-    fixed = {**{k: p for k, p in params.items() if not p.is_floating_point()}, **fixed_buffers(model)}
+    mixed = {**{k: p for k, p in params.items() if mixable(p)}, **mixed_buffers(model, bn)}
+    fixed = {**{k: p for k, p in params.items() if not mixable(p)}, **fixed_buffers(model)}
     ends, kept, sources = [], [], []
     for i, ckpt in enumerate((a, b)):
         source = checkpoint_source(ckpt, i)
