@@ -308,6 +308,26 @@ def test_forward_mode_is_refused_where_no_tangent_is_carried():
             tk.reconstruct(qb, x, out=torch.empty(64))
 
 
+def test_nested_forward_mode_is_refused_rather_than_dropping_the_outer_tangent():
+    # the wrappers unpacked the innermost level only: jacfwd(jacfwd(f)) gave a zero Hessian
+    from torch.func import jacfwd, jvp, vmap
+
+    qb = tk.quantize(torch.randn(3, 64), 4, 8)
+    P = tk.dequantize(qb)
+    x, t = torch.randn(3, 1), torch.randn(3, 1)
+    with pytest.raises(tk.errors.UsageError, match="nested forward-mode transforms"):
+        jacfwd(jacfwd(lambda x: (tk.reconstruct(qb, x) ** 2).sum()))(x)
+    with pytest.raises(tk.errors.UsageError, match="nested forward-mode transforms"):
+        jvp(lambda g: jvp(lambda g: tk.project(qb, g), (g,), (g,))[1], (P[0],), (P[1],))
+    with pytest.raises(tk.errors.UsageError, match="put vmap outside"):
+        jvp(vmap(lambda x: tk.reconstruct(qb, x)), (x[None],), (t[None],))
+    # what the messages point to works: reverse over one level, and vmap outside
+    hessian = torch.autograd.functional.hessian(lambda x: (tk.reconstruct(qb, x) ** 2).sum(), x)
+    torch.testing.assert_close(hessian.reshape(3, 3), 2 * P @ P.T, rtol=1e-4, atol=1e-4)
+    tangents = vmap(lambda x, t: jvp(lambda x: tk.reconstruct(qb, x), (x,), (t,))[1])(x[None], t[None])
+    torch.testing.assert_close(tangents[0], P.T @ t[:, 0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [None, 1, 8])
 def test_gradcheck_reconstruct(backend_name, device, bits):
     qb = tk.quantize(torch.randn(3, 45), bits, 16, [20, 25]).to(device)

@@ -457,6 +457,25 @@ def test_a_parameter_removed_after_build_is_refused_by_name(run, how):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bits", [4, None])
+def test_a_float64_default_dtype_builds_the_same_twa(run, bits):
+    # torch.set_default_dtype(torch.float64) made the builder allocate float64 scales and the
+    # coefficients float64, and the build failed on the basis's own layout check
+    train, _, _, ckpts = run
+    x = train.tensors[0][:8]
+    want = tk.TWA(make_model(1), ckpts, bits=bits)(x)
+    model, before = make_model(1), torch.get_default_dtype()  # a float32 model, as its checkpoints are
+    torch.set_default_dtype(torch.float64)
+    try:
+        twa = tk.TWA(model, ckpts, bits=bits)
+        got = twa(x)
+        got.sum().backward()
+    finally:
+        torch.set_default_dtype(before)
+    assert twa.coefficients.dtype == torch.float32 and twa.coefficients.grad.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_parametrization_registered_after_the_build_is_named_as_one(run):
     # the weight moved into parametrizations.weight.original, and the error said it was deleted
     train, _, _, ckpts = run

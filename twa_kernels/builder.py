@@ -192,7 +192,8 @@ def streamed_row(reader: ColumnReader, layout: Layout, origin: Tensor, start: in
                  check_finite: bool = False) -> Callable[[int, int], Tensor]:
     """Columns a..b (relative to `start`) of (checkpoint - origin), read when asked for
     (checked finite with check_finite, as dense_row)."""
-    buffer = torch.empty(min(origin.numel(), next(iter(windows(0, origin.numel(), group_size)))[1]))
+    first_window = next(iter(windows(0, origin.numel(), group_size)))[1]
+    buffer = torch.empty(min(origin.numel(), first_window), dtype=torch.float32)
 
     def window(a: int, b: int) -> Tensor:
         part = buffer[:b - a]
@@ -210,7 +211,7 @@ def empty_packed(k: int, num_cols: int, bits: int, group_size: int) -> tuple[Ten
     every training step streams them)."""
     n_groups = -(-num_cols // group_size)
     codes = empty_huge((k, packed_row_bytes(num_cols, bits, group_size)), torch.uint8)
-    return codes, torch.empty(n_groups, k), torch.empty(n_groups, k)
+    return codes, torch.empty(n_groups, k, dtype=torch.float32), torch.empty(n_groups, k, dtype=torch.float32)
 
 
 def build_basis(specs: Sequence[CheckpointSpec], layout: Layout, center: Tensor, start: int, block_offsets: Tensor,
@@ -222,12 +223,12 @@ def build_basis(specs: Sequence[CheckpointSpec], layout: Layout, center: Tensor,
     one dense row; without it a packed row is read and quantised window by window."""
     num_cols, k = center.numel(), len(specs)
     if bits is None:
-        rows = torch.empty(k, num_cols)
+        rows = torch.empty(k, num_cols, dtype=torch.float32)
         for i, spec in enumerate(progress(specs, "building basis")):
             dense_row(layout.open(spec, i), layout, center, start, group_size, out=rows[i])
             if row_transform is not None:
                 row_transform(rows[i])
-        empty = torch.empty(0, k)
+        empty = torch.empty(0, k, dtype=torch.float32)
         return QuantizedBasis(rows, empty, empty.clone(), block_offsets, None, group_size, num_cols)
     codes, scales, mins = empty_packed(k, num_cols, bits, group_size)
     for i, spec in enumerate(progress(specs, "building basis")):

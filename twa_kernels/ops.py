@@ -71,8 +71,29 @@ def _dual(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     output is the op applied to the inputs' tangents."""
     if t is None:
         return None, None
-    unpacked = fwAD.unpack_dual(t)
+    if _forward_mode_levels() > 1:
+        raise UsageError("the twa_kernels ops carry one level of forward-mode tangents, and this call is inside "
+                         "nested forward-mode transforms (jvp of jvp, jacfwd of jacfwd), whose outer tangents "
+                         "they would drop; take the second derivative with reverse mode over one forward-mode "
+                         "level (torch.autograd.grad with create_graph=True, or "
+                         "torch.autograd.functional.hessian)")
+    try:
+        unpacked = fwAD.unpack_dual(t)
+    except RuntimeError as exc:
+        if "_unpack_dual" not in str(exc):
+            raise
+        raise UsageError("the twa_kernels ops cannot take tangents through vmap inside a forward-mode transform "
+                         "(jvp or jacfwd of a vmapped function): put vmap outside, vmap(jvp(f)) or "
+                         "vmap(jacfwd(f))") from None
     return unpacked.primal, unpacked.tangent
+
+
+def _forward_mode_levels() -> int:
+    """How many torch.func forward-mode transforms (jvp, jacfwd) this call runs inside."""
+    if torch._C._functorch.peek_interpreter_stack() is None:  # no torch.func transform at all
+        return 0
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return sum(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
 def project(qb: QuantizedBasis, g: Tensor) -> Tensor:

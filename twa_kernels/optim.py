@@ -399,8 +399,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         buffers = self._momentum_buffers()
         if any(set(self.base_optimizer.state.get(p, {})) - {"momentum_buffer"} for p in self._params):
             return False
-        flat = torch.cat([torch.zeros(p.numel(), device=p.device) if b is None else b.reshape(-1).to(torch.float32)
-                          for p, b in zip(self._params, buffers)])
+        flat = torch.cat([torch.zeros(p.numel(), dtype=torch.float32, device=p.device) if b is None
+                          else b.reshape(-1).to(torch.float32) for p, b in zip(self._params, buffers)])
         size = float(flat.norm())
         if size == 0:
             return True

@@ -377,9 +377,9 @@ def _probe(comm: Comm, device: torch.device) -> None:
     that lacks them fails here, by name, and not in the first backward."""
     backend = dist.get_backend(comm.group)
     try:
-        out = torch.zeros(comm.world, device=device)
-        _all_gather(out, torch.ones(1, device=device), comm.group)
-        _reduce_scatter(torch.zeros(1, device=device), out, comm.group)
+        out = torch.zeros(comm.world, dtype=torch.float32, device=device)
+        _all_gather(out, torch.ones(1, dtype=torch.float32, device=device), comm.group)
+        _reduce_scatter(torch.zeros(1, dtype=torch.float32, device=device), out, comm.group)
     except (RuntimeError, NotImplementedError, ValueError) as exc:
         raise ShardingError(f"shard=True needs an all-gather and a reduce-scatter into flat tensors, which the "
                             f"{backend!r} backend cannot run on {device} ({exc}); use shard=False (replicated "

@@ -219,7 +219,7 @@ class TWA(TransformersFacade, nn.Module):
                      if isinstance(subspace, ShardedSubspace) else None)
             self._parallel = sharding.make_strategy(process_group, shard, center, basis, local)
             center, basis, num_blocks = self._parallel.center, self._parallel.basis, self._parallel.num_blocks
-        self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, device=basis.device))
+        self.coefficients = nn.Parameter(torch.zeros(basis.k, num_blocks, dtype=torch.float32, device=basis.device))
         self._averaged: list[Tensor] = []  # the coefficients Parameter whose gradient is averaged
         self._alone_checked = False  # whether a training forward looked for a job it is not part of
         self._keep_gradient_averaged()

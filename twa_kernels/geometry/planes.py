@@ -217,7 +217,7 @@ class _Origin:
             return out.copy_(self.tensor)
         self.check_unchanged()
         step = self.layout[3]
-        buffer = torch.empty(min(step, out.numel()))
+        buffer = torch.empty(min(step, out.numel()), dtype=torch.float32)
         for start in range(0, out.numel(), step):
             stop = min(start + step, out.numel())
             out[start:stop].copy_(self.chunk(start, stop, buffer))
@@ -265,7 +265,7 @@ class _Frame:
                 yield start, stop, _dequantize_rows(self.basis, self.rows, start, stop).double().cpu()
                 continue
             if buffers is None:
-                buffers = (torch.empty(2, step, device=self.basis.device),
+                buffers = (torch.empty(2, step, dtype=torch.float32, device=self.basis.device),
                            torch.empty(2, step, dtype=torch.float64, device=self.basis.device))
             rows32, rows64 = buffers
             _dequantize_rows_into(self.basis, self.rows, start, rows32)
@@ -281,7 +281,7 @@ class _Frame:
     def coefficients(self, z: Sequence[float]) -> Tensor:
         """The basis coefficients [k, B] of plane coordinates z."""
         c = torch.linalg.solve_triangular(self.chol.T, torch.tensor(z, dtype=torch.float64)[:, None], upper=True)
-        x = torch.zeros(self.basis.k, self.basis.num_blocks)
+        x = torch.zeros(self.basis.k, self.basis.num_blocks, dtype=torch.float32)
         x[self.rows[0]], x[self.rows[1]] = float(c[0]), float(c[1])
         return x
 
@@ -292,7 +292,7 @@ class _Frame:
         x = self.coefficients(z).to(device)
         if self.origin.tensor is not None:
             return reconstruct(self.basis, x, self.origin.tensor, out=out)
-        out = self.origin.read_into(torch.empty(self.numel, device=device) if out is None else out)
+        out = self.origin.read_into(torch.empty(self.numel, dtype=torch.float32, device=device) if out is None else out)
         return reconstruct(self.basis, x, out, out=out)  # in place: each element is read before it is written
 
     def step(self, weights: Tensor, dz: Sequence[float]) -> Tensor:
@@ -303,7 +303,9 @@ class _Frame:
 
     def center(self) -> Tensor:
         """The origin as a [D] tensor (a copy when it is read back from a checkpoint)."""
-        return self.origin.tensor if self.origin.tensor is not None else self.origin.read_into(torch.empty(self.numel))
+        if self.origin.tensor is not None:
+            return self.origin.tensor
+        return self.origin.read_into(torch.empty(self.numel, dtype=torch.float32))
 
     def buffers_at(self, z: Sequence[float]) -> dict[str, Tensor]:
         c = self.coefficients(z)[list(self.rows), 0].tolist()
@@ -315,7 +317,7 @@ class _Frame:
         from the plane (the norm of the residual). The checkpoint is read twice, a chunk of
         columns at a time (inner products, then the residual): no copy of it is held."""
         reader = _open(checkpoint, source, self.names, self.shapes, self.aliases, self.known)
-        buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.numel))
+        buffer = torch.empty(min(self.basis.group_size * _CHUNK_GROUPS, self.numel), dtype=torch.float32)
         origin = torch.empty_like(buffer)
 
         def offsets() -> Iterator[tuple[Tensor, Tensor]]:  # (rows, checkpoint - origin) per chunk, float64
@@ -375,8 +377,8 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     known = model_key_names(model)
     step = _read_step(group_size)
     layout = builder.Layout(names, shapes, aliases)
-    center, buffer_sets, fixed_sets, sources = torch.empty(numel), [], [], []
-    dense = torch.empty(2, numel) if bits is None else None
+    center, buffer_sets, fixed_sets, sources = torch.empty(numel, dtype=torch.float32), [], [], []
+    dense = torch.empty(2, numel, dtype=torch.float32) if bits is None else None
     if bits is not None:  # the packed basis's tensors, filled row by row (the one builder's)
         codes, scales, mins = builder.empty_packed(2, numel, bits, group_size)
     for i, ckpt in enumerate(checkpoints):
@@ -402,7 +404,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
         del reader
     offsets = block_offsets_from_sizes(None, numel)
     if dense is not None:
-        empty = torch.empty(0, 2)
+        empty = torch.empty(0, 2, dtype=torch.float32)
         basis = QuantizedBasis(dense, empty, empty.clone(), offsets, None, group_size, numel)
     else:
         basis = QuantizedBasis(codes, scales, mins, offsets, bits, group_size, numel)
@@ -628,7 +630,7 @@ def plane(
     # One weight vector, viewed as the parameters, is the only model-sized memory the grid
     # adds: each row starts from the origin (read back into it) plus one reconstruct, and
     # each next point of the row is one in-place step of reconstruct along x.
-    flat = torch.empty(frame.numel, device=device)
+    flat = torch.empty(frame.numel, dtype=torch.float32, device=device)
     pieces = flat.split([math.prod(s) for s in frame.shapes])
     weights = {name: piece.view(shape) for name, piece, shape in zip(frame.names, pieces, frame.shapes)}
     cells = [(i, j) for i in range(ny) for j in range(nx)]
