@@ -321,6 +321,8 @@ def test_nested_forward_mode_is_refused_rather_than_dropping_the_outer_tangent()
         jvp(lambda g: jvp(lambda g: tk.project(qb, g), (g,), (g,))[1], (P[0],), (P[1],))
     with pytest.raises(tk.errors.UsageError, match="put vmap outside"):
         jvp(vmap(lambda x: tk.reconstruct(qb, x)), (x[None],), (t[None],))
+    with pytest.raises(tk.errors.UsageError, match=r"out=\.\.\.\) writes into out in place, which torch.vmap"):
+        vmap(lambda x: tk.reconstruct(qb, x, out=torch.empty(64)))(x[None])
     # what the messages point to works: reverse over one level, and vmap outside
     hessian = torch.autograd.functional.hessian(lambda x: (tk.reconstruct(qb, x) ** 2).sum(), x)
     torch.testing.assert_close(hessian.reshape(3, 3), 2 * P @ P.T, rtol=1e-4, atol=1e-4)

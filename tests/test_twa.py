@@ -131,6 +131,63 @@ def test_torch_func_transforms_and_forward_mode_over_a_twa_give_autograds_number
     assert all(isinstance(p, nn.Parameter) for p in twa.module.parameters())  # the model's own, as before
 
 
+def test_a_vectorised_forward_mode_hessian_over_a_twa(run):
+    # a vectorised forward-over-reverse Hessian met "vmap: aten::_index_put_impl_ ... not possible"
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4).eval()
+    x, y = train.tensors[0][:8], train.tensors[1][:8]
+
+    def loss(c):
+        return F.cross_entropy(functional_call(twa, {"coefficients": c}, (x,)), y)
+
+    start = twa.coefficients.detach()
+    reverse = torch.autograd.functional.hessian(loss, start)
+    forward = torch.autograd.functional.hessian(loss, start, vectorize=True, outer_jacobian_strategy="forward-mode")
+    torch.testing.assert_close(forward, reverse, rtol=1e-4, atol=1e-6)
+
+
+def test_tracing_a_twa_with_torch_jit_is_named(run):
+    # torch.jit.trace failed on "QuantizedBasis.num_cols must be an int, got tensor(...)"
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    with pytest.raises(tk.errors.UsageError, match="torch.jit.trace cannot trace a TWA"):
+        torch.jit.trace(twa, (train.tensors[0][:4],))
+
+
+def test_compiled_autograd_over_an_eager_forward_gives_autograds_gradient(run):
+    # compiled autograd refused the end-of-backward callbacks the backward queued, with a raw
+    # AssertionError
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4)
+    x, y = train.tensors[0][:16], train.tensors[1][:16]
+    F.cross_entropy(twa(x), y).backward()
+    want, twa.coefficients.grad = twa.coefficients.grad, None
+    loss = F.cross_entropy(twa(x), y)
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    torch.testing.assert_close(twa.coefficients.grad, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("int8_gradients", [False, True])
+def test_a_batched_or_penalised_backward_the_kernels_cannot_run_is_named(run, int8_gradients):
+    # is_grads_batched=True raised torch's "Batching rule not implemented", and a gradient
+    # penalty over int8 gradients "no autograd formula was registered"
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4, int8_gradients=int8_gradients)
+    x, y = train.tensors[0][:8], train.tensors[1][:8]
+    out = twa(x)
+    with pytest.raises(tk.errors.UsageError, match="batched backward .*call backward once per gradient"):
+        torch.autograd.grad(out, twa.coefficients, torch.randn(3, *out.shape), is_grads_batched=True)
+    loss = F.cross_entropy(twa(x), y)
+    if int8_gradients:
+        with pytest.raises(tk.errors.UsageError, match="create_graph=True .*int8_gradients=False"):
+            torch.autograd.grad(loss, twa.coefficients, create_graph=True)
+    else:  # the float path has the penalty's gradient
+        (g,) = torch.autograd.grad(loss, twa.coefficients, create_graph=True)
+        (loss + g.square().sum()).backward()
+        assert twa.coefficients.grad.abs().sum() > 0
+
+
 def test_a_training_step_inside_averaged_model_leaves_the_block_its_weights(run):
     # the block's model kept the inner forward's weights, graph and all: its outputs then
     # required grad, and drifted once the reused buffer was written by the next forward

@@ -291,19 +291,23 @@ def _project_int8(codes: Tensor, scales: Tensor, mins: Tensor, block_offsets: Te
     return _kernel("project", device)(codes, scales, mins, block_offsets, g_hat, bits, group_size)
 
 
-def _project_int8_vmap(info, in_dims, codes, scales, mins, block_offsets, pieces, bits, group_size):
-    """torch.vmap over g: one rounding and projection per mapped g (each is rounded over its
-    own groups, as a call per g would be)."""
-    if any(dim is not None for dim in in_dims[:4]):
-        raise UsageError("project_int8 under torch.vmap maps over g only, not over the basis's tensors")
-    dims = in_dims[4] if in_dims[4] is not None else [None] * len(pieces)
-    rows = [project_int8_op(codes, scales, mins, block_offsets,
-                            [p if d is None else p.select(d, i) for p, d in zip(pieces, dims)], bits, group_size)
-            for i in range(info.batch_size)]
-    return torch.stack(rows), 0
+def _vmap_over_pieces(op: Any, name: str) -> Callable[..., tuple[Tensor, int]]:
+    """A torch.vmap rule for an op over gradient pieces (project_pieces, project_int8): one
+    call per mapped set of pieces (project_int8 rounds each over its own groups, as a call
+    per g would). The kernels write into the pieces' layout, which vmap's own fallback
+    cannot batch (a backward with is_grads_batched=True reaches them so)."""
+    def rule(info, in_dims, codes, scales, mins, block_offsets, pieces, bits, group_size):
+        if any(dim is not None for dim in in_dims[:4]):
+            raise UsageError(f"{name} under torch.vmap maps over g only, not over the basis's tensors")
+        dims = in_dims[4] if in_dims[4] is not None else [None] * len(pieces)
+        rows = [op(codes, scales, mins, block_offsets, [p if d is None else p.select(d, i) for p, d in zip(pieces, dims)],
+                   bits, group_size) for i in range(info.batch_size)]
+        return torch.stack(rows), 0
+    return rule
 
 
-torch.library.register_vmap(project_int8_op, _project_int8_vmap)
+torch.library.register_vmap(project_int8_op, _vmap_over_pieces(project_int8_op, "project_int8"))
+torch.library.register_vmap(project_pieces_op, _vmap_over_pieces(project_pieces_op, "project_pieces"))
 
 
 @project_int8_op.register_fake
@@ -432,6 +436,22 @@ def _(codes, scales, mins, block_offsets, x, center, bits, group_size, out):
     return None
 
 
+def _queue_callback(callback: Callable[[], None]) -> None:
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+@functools.cache
+def _untraced_queue_callback() -> Callable[[Callable[[], None]], None]:
+    return torch.compiler.disable(_queue_callback)  # made at first use: disable imports torch._dynamo
+
+
+def queue_after_backward(callback: Callable[[], None]) -> None:
+    """Have the autograd engine call `callback` at the end of this backward pass. Never
+    traced: compiled autograd refuses a callback queued while Dynamo traces a backward
+    node, and takes one queued from a call it leaves to run eagerly."""
+    _untraced_queue_callback()(callback)
+
+
 def _when_graph_freed(ctx: Any) -> None:
     """Call ctx.on_backward at the end of this backward pass if the pass freed the graph
     (its saved tensors are gone then). A graph kept with retain_graph=True, or by
@@ -446,7 +466,7 @@ def _when_graph_freed(ctx: Any) -> None:
         except RuntimeError:  # released: no later pass reads this buffer
             ctx.on_backward()
 
-    torch.autograd.Variable._execution_engine.queue_callback(check)
+    queue_after_backward(check)
 
 
 class ReconstructInto(torch.autograd.Function):
@@ -477,13 +497,14 @@ _PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
 def _eager(codes: Tensor, others: Sequence[Tensor]) -> bool:
     """Whether an op's kernel may be called without the op: plain tensors with values,
-    outside tracing and dispatch modes, with no graph to record. A fake tensor
+    outside tracing, dispatch modes and torch.func transforms, with no graph to record. A fake tensor
     (torch.compile, export, compiled autograd), a subclass that intercepts ops, or a
     dispatch mode (FlopCounterMode, make_fx) must see the op itself, and a backward under
     create_graph=True needs the op's autograd rule for its own gradient. An op's tensors
     share codes' device."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not codes.is_meta
-            and not is_in_torch_dispatch_mode() and {type(codes), *map(type, others)} <= _PLAIN_TENSOR_TYPES)
+            and not is_in_torch_dispatch_mode() and {type(codes), *map(type, others)} <= _PLAIN_TENSOR_TYPES
+            and torch._C._functorch.peek_interpreter_stack() is None)  # vmap's batched tensors pass as plain
 
 
 class _PiecesLayout(NamedTuple):
@@ -556,6 +577,10 @@ class ReconstructPieces(torch.autograd.Function):
             # a piece no loss depends on (an unused layer) has no gradient: zeros
             pieces = [g if g is not None else like.new_zeros(n) for g, n in zip(grads, ctx.sizes)]
             if ctx.needs_input_grad[4]:
+                if ctx.int8_gradients and torch.is_grad_enabled():
+                    raise UsageError("a backward with create_graph=True (a gradient penalty, a Hessian) through a "
+                                     "TWA built with int8_gradients=True: its rounding of the gradient has no "
+                                     "derivative; build the TWA with int8_gradients=False for it")
                 # autograd hands over gradients of the outputs' shapes, dtype and device, and
                 # the forward checked the basis (saved, so unchanged): eager calls skip the
                 # op's checks and dispatch, and the flattening the op's schema asks for
@@ -564,7 +589,16 @@ class ReconstructPieces(torch.autograd.Function):
                 else:
                     pieces = [p.reshape(-1) for p in pieces]
                     project = project_int8_op if ctx.int8_gradients else project_pieces_op
-                grad_x = project(codes, scales, mins, block_offsets, pieces, ctx.bits, ctx.group_size).to(ctx.x_dtype)
+                try:
+                    grad_x = project(codes, scales, mins, block_offsets, pieces, ctx.bits, ctx.group_size)
+                except RuntimeError as exc:
+                    if "Batching rule not implemented" not in str(exc):
+                        raise
+                    raise UsageError("a batched backward (torch.autograd.grad(..., is_grads_batched=True), or "
+                                     "torch.autograd.functional.jacobian(..., vectorize=True)) cannot run through "
+                                     "the TWA's kernels: call backward once per gradient, or use torch.func "
+                                     "(vmap over grad or vjp), which the TWA runs in plain torch ops") from None
+                grad_x = grad_x.to(ctx.x_dtype)
             if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
                 grad_center = torch.cat([p.reshape(-1) for p in pieces]).to(ctx.center_dtype)
             if ctx.hold is not None:

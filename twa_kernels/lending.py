@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from twa_kernels._ops import queue_after_backward
 from twa_kernels.errors import UsageError
 
 
@@ -366,7 +367,7 @@ class LentWeights:
     def _on_backward_start(self, loan: Loan, grad_outputs: Any) -> None:
         if loan.expired:
             self.refuse()
-        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self.project_left_over, loan))
+        queue_after_backward(functools.partial(self.project_left_over, loan))
 
     def refuse(self) -> None:
         """Raise for a backward whose loan expired, dropping what recomputations left."""
@@ -424,7 +425,7 @@ class LoanAnchor(torch.autograd.Function):
             left = other.take_grads()
             if left is not None:
                 grads = [g if extra is None else extra if g is None else g + extra for g, extra in zip(grads, left)]
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: lender.after_backward(ctx))
+        queue_after_backward(lambda: lender.after_backward(ctx))
         return (None, *grads)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -88,12 +89,18 @@ def _dual(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     return unpacked.primal, unpacked.tangent
 
 
+def _active_transforms() -> list[Any]:
+    """The torch.func transforms this call runs inside, outermost first (their
+    torch._C._functorch.TransformType); none seen while Dynamo traces, which handles them."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return []
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return [i.key() for i in retrieve_all_functorch_interpreters()]
+
+
 def _forward_mode_levels() -> int:
     """How many torch.func forward-mode transforms (jvp, jacfwd) this call runs inside."""
-    if torch._C._functorch.peek_interpreter_stack() is None:  # no torch.func transform at all
-        return 0
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    return sum(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    return _active_transforms().count(torch._C._functorch.TransformType.Jvp)
 
 
 def project(qb: QuantizedBasis, g: Tensor) -> Tensor:
@@ -179,6 +186,9 @@ def reconstruct(qb: QuantizedBasis, x: Tensor, center: Tensor | None = None, *, 
         return fwAD.make_dual(w, _reconstruct(qb, x_dot, center_dot).to(w.dtype))
     if x_dot is not None or center_dot is not None:
         raise UsageError("reconstruct(..., out=...) does not carry forward-mode tangents; call it without out")
+    if torch._C._functorch.TransformType.Vmap in _active_transforms():
+        raise UsageError("reconstruct(..., out=...) writes into out in place, which torch.vmap cannot batch; call "
+                         "it without out inside vmap")
     _check_vector("out", out, qb)
     if not out.is_contiguous():
         raise InvalidArgumentError("out must be contiguous; allocate it with torch.empty(D, dtype=..., device=...)")

@@ -444,7 +444,8 @@ class TWA(TransformersFacade, nn.Module):
         basis = self.basis
         columns = torch.arange(basis.num_cols, device=self.center.device)
         blocks = torch.bucketize(columns, basis.block_offsets[1:-1], right=True)
-        return self._named(self.center + (dequantize(basis) * self.coefficients[:, blocks]).sum(0))
+        # index_select, not indexing: vmap over forward-mode AD (a vectorised Hessian) has no rule for index_put
+        return self._named(self.center + (dequantize(basis) * self.coefficients.index_select(1, blocks)).sum(0))
 
     def _forward_weights(self, dtypes: dict[str, torch.dtype]) -> tuple[list[Tensor], Callable[[], None] | None]:
         """weights() in the order of self.names, written into the reused workspace: only
@@ -521,6 +522,10 @@ class TWA(TransformersFacade, nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model at the averaged weights center + basis^T coefficients; the
         backward gives the coefficients their gradient."""
+        if torch.jit.is_tracing():
+            raise UsageError("torch.jit.trace cannot trace a TWA (its forward lends the weights to the model in "
+                             "place): compile it with torch.compile(twa), or trace a plain model holding the "
+                             "averaged weights (model.load_state_dict(twa.averaged_state_dict()))")
         if torch.compiler.is_compiling():
             if self.is_activation_checkpointing:
                 # functional_call puts the model's own Parameters back when it returns: a graph
