@@ -76,6 +76,23 @@ def test_checksum_sees_reordered_rows_and_a_changed_center():
     assert not torch.equal(base, distributed.basis_checksum(bumped, qb))
 
 
+def test_checksums_are_summed_a_chunk_at_a_time_to_the_whole_tensors_sums(monkeypatch):
+    # the checksum cast the center and each codes row to float64 whole, with position weights
+    # as long: 24 bytes per column at once (168 GB per rank for a 7B-parameter model)
+    from twa_kernels import _sums
+
+    torch.manual_seed(0)
+    P, center = torch.randn(3, 1000), torch.randn(1000)
+    qb = quantize(P, 4, 16)
+    whole = distributed.basis_checksum(center, qb)
+    monkeypatch.setattr(_sums, "CHUNK", 7)  # chunks that end inside a group, a row and the center
+    torch.testing.assert_close(distributed.basis_checksum(center, qb), whole, rtol=1e-13, atol=0)
+    flat = center.double()
+    position = torch.arange(1000, dtype=torch.float64) % 65521 + 1
+    want = torch.stack([flat.sum(), flat.square().sum(), (flat * position).sum()])
+    torch.testing.assert_close(_sums.float64_sums(center, 65521), want, rtol=1e-13, atol=0)
+
+
 def test_ddp_is_told_to_ignore_the_basis_buffers():
     model, ckpts = w.model_and_checkpoints()
     twa = tk.TWA(model, ckpts, bits=4, group_size=8)

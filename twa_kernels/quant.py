@@ -287,7 +287,10 @@ def _validate_layout(qb: QuantizedBasis) -> None:
     if bool((qb.scales < 0).any()):
         raise BasisLayoutError("scales must be >= 0 (max - min of a group): the basis is corrupt; rebuild it")
     if qb.scales.numel():  # lo + scale * (2^bits - 1), a group's largest value, must be a float32 too
-        peak = float((qb.mins.double().abs() + qb.scales.double() * (2**qb.bits - 1)).max())
+        # in chunks of groups: float64 copies of the whole scales and mins would be 16x the codes at 1 bit
+        rows = max(1, (1 << 20) // max(1, qb.k))
+        peak = max(float((mins.double().abs() + scales.double() * (2**qb.bits - 1)).max())
+                   for mins, scales in zip(qb.mins.split(rows), qb.scales.split(rows)))
         if peak > torch.finfo(torch.float32).max:
             raise BasisLayoutError(f"scales and mins give values up to {peak:.3g}, beyond float32's range: the basis "
                                    "is corrupt; rebuild it from the checkpoints")

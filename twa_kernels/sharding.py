@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from twa_kernels._collectives import BasisMismatchError, check_group, gather_rows, named_on_failure
+from twa_kernels._sums import float64_sums
 from twa_kernels.errors import InvalidArgumentError, UsageError
 from twa_kernels.ops import project, project_int8, reconstruct
 from twa_kernels.quant import QuantizedBasis, basis_meta
@@ -48,6 +49,8 @@ _CHECKSUM_FIELDS = ("k", "columns", "blocks", "bits", "group_size", "codes sum",
 
 
 _EXACT_FIELDS = 5  # the metadata counts, compared exactly; the sums to a relative 1e-12
+
+_PERIOD = 65521  # position weights of the fingerprints: position mod a prime, + 1
 
 
 def training_alone() -> bool:
@@ -221,24 +224,20 @@ def make_strategy(group: Any, shard: bool, center: Tensor, basis: QuantizedBasis
 @torch.no_grad()
 def basis_checksum(center: Tensor, qb: QuantizedBasis) -> Tensor:
     """A float64 fingerprint of (center, basis): the layout and plain and position-weighted
-    sums of the codes, scales, mins and center. Rows are summed one at a time, so the
-    temporary memory is one codes row in float64, and three D-long float64 vectors for the
-    center. Reordered checkpoints or a different bits,
-    group_size or granularity change it."""
-    def weighted(row: Tensor) -> Tensor:
-        weights = torch.arange(row.numel(), device=row.device, dtype=torch.float64).remainder_(65521).add_(1)
-        return (row.reshape(-1).double() * weights).sum()
-
+    sums of the codes, scales, mins and center, summed a chunk at a time (a few MB of
+    float64, whatever D). Reordered checkpoints or a different bits, group_size or
+    granularity change it."""
     codes_sum = torch.zeros((), dtype=torch.float64, device=qb.device)
     codes_weighted = torch.zeros_like(codes_sum)
     for r in range(qb.k):
-        row = qb.codes[r]
-        codes_sum += row.double().sum()
-        codes_weighted += weighted(row) * (r + 1)
+        sums = float64_sums(qb.codes[r], _PERIOD)
+        codes_sum += sums[0]
+        codes_weighted += sums[2] * (r + 1)
+    center_sums = float64_sums(center, _PERIOD)
     values = [torch.tensor(float(v), dtype=torch.float64, device=qb.device)
               for v in (qb.k, qb.num_cols, qb.num_blocks, qb.bits or 0, qb.group_size)]
-    values += [codes_sum, codes_weighted, qb.scales.double().sum(), qb.mins.double().sum(),
-               center.double().sum(), weighted(center), qb.block_offsets.double().sum()]
+    values += [codes_sum, codes_weighted, float64_sums(qb.scales)[0], float64_sums(qb.mins)[0], center_sums[0],
+               center_sums[2], qb.block_offsets.double().sum()]
     return torch.stack(values)
 
 
@@ -270,9 +269,8 @@ def check_same_values(names: Sequence[str], values: Sequence[Tensor], group: Any
     parameters) differ from rank 0's: one all-gather of a plain and a position-weighted
     float64 sum of each, compared to 1e-9 (summation order may differ between machines)."""
     def fingerprint(value: Tensor) -> list[Tensor]:
-        flat = value.reshape(-1).double()
-        weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(65521).add_(1)
-        return [flat.sum(), (flat * weights).sum()]
+        sums = float64_sums(value, _PERIOD)
+        return [sums[0], sums[2]]
 
     mine = torch.stack([part.cpu() for value in values for part in fingerprint(value)]
                        or [torch.zeros((), dtype=torch.float64)])

@@ -66,6 +66,7 @@ from twa_kernels._transformers import TransformersFacade
 from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
 from twa_kernels._memory import Workspace
+from twa_kernels._sums import float64_sums
 from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_model_fits,
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
 from twa_kernels._twa_state import check_loaded_state, record_shard, take_own_rank
@@ -399,7 +400,7 @@ class TWA(TransformersFacade, nn.Module):
         prints = self.__dict__.setdefault("_frozen_prints", {})  # index -> (storage, version, fingerprint)
         for i, value in enumerate(values):
             if prints.get(i, (None, None))[:2] != (value.data_ptr(), value._version):  # new, or changed since
-                prints[i] = (value.data_ptr(), value._version, _fingerprint(value))
+                prints[i] = (value.data_ptr(), value._version, float64_sums(value))
         yield
         changed = []
         for i, (name, value) in enumerate(zip(self.frozen_names, values)):
@@ -407,7 +408,7 @@ class TWA(TransformersFacade, nn.Module):
                 continue
             # a version moves with any in-place op, also one that writes the same values (an
             # Embedding's max_norm over rows within it): the values decide
-            now = _fingerprint(value)
+            now = float64_sums(value)
             if torch.equal(now, prints[i][2]):
                 prints[i] = (value.data_ptr(), value._version, now)
             else:
@@ -761,23 +762,6 @@ _PEEK_TRANSFORMS = getattr(getattr(torch._C, "_functorch", None), "peek_interpre
 def _transform_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jvp) is running this call."""
     return _PEEK_TRANSFORMS is not None and _PEEK_TRANSFORMS() is not None
-
-
-_FINGERPRINT_CHUNK = 1 << 20  # elements cast to float64 at a time: 8 MB, whatever the parameter's size
-
-
-def _fingerprint(value: Tensor) -> Tensor:
-    """Float64 sum, sum of squares and sum weighted by position of `value`, a chunk at a time:
-    what tells a frozen weight changed in place (values changed, or moved) from one rewritten
-    with its own values, without a copy of it."""
-    flat = (torch.view_as_real(value) if value.is_complex() else value).detach().reshape(-1)
-    ramp = torch.arange(min(flat.numel(), _FINGERPRINT_CHUNK), dtype=torch.float64, device=flat.device)
-    totals = torch.zeros(3, dtype=torch.float64, device=flat.device)
-    for i, chunk in enumerate(flat.split(_FINGERPRINT_CHUNK)):
-        part = chunk.to(torch.float64)
-        position = ramp[:part.numel()] + i * _FINGERPRINT_CHUNK
-        totals += torch.stack([part.sum(), part.square().sum(), (part * position).sum()])
-    return totals
 
 
 def _name_an_in_place_change(exc: RuntimeError) -> None:
