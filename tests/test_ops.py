@@ -308,6 +308,27 @@ def test_forward_mode_is_refused_where_no_tangent_is_carried():
             tk.reconstruct(qb, x, out=torch.empty(64))
 
 
+def test_forward_over_reverse_gives_the_hessian_vector_product():
+    # a create_graph=True backward under forward-mode AD handed the ops' backward formulas
+    # dual gradients, and torch raised "You must implement the jvp function"
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    qb = tk.quantize(torch.randn(3, 64), 4, 8)
+    P = tk.dequantize(qb)
+    v, u = torch.randn(3, 1), torch.randn(64)
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(3, 1).requires_grad_(), v)
+        (gx,) = torch.autograd.grad((tk.reconstruct(qb, x) ** 2).sum(), x, create_graph=True)
+        torch.testing.assert_close(fwAD.unpack_dual(gx).tangent[:, 0], 2 * P @ P.T @ v[:, 0], rtol=1e-4, atol=1e-4)
+        g = fwAD.make_dual(torch.randn(64).requires_grad_(), u)
+        (gg,) = torch.autograd.grad((tk.project(qb, g) ** 2).sum(), g, create_graph=True)
+        torch.testing.assert_close(fwAD.unpack_dual(gg).tangent, 2 * P.T @ (P @ u), rtol=1e-4, atol=1e-4)
+    forward = torch.autograd.functional.hessian(lambda x: (tk.reconstruct(qb, x) ** 2).sum(), torch.randn(3, 1),
+                                                vectorize=True, outer_jacobian_strategy="forward-mode")
+    torch.testing.assert_close(forward.reshape(3, 3), 2 * P @ P.T, rtol=1e-4, atol=1e-4)
+
+
 def test_nested_forward_mode_is_refused_rather_than_dropping_the_outer_tangent():
     # the wrappers unpacked the innermost level only: jacfwd(jacfwd(f)) gave a zero Hessian
     from torch.func import jacfwd, jvp, vmap

@@ -146,6 +146,28 @@ def test_a_vectorised_forward_mode_hessian_over_a_twa(run):
     torch.testing.assert_close(forward, reverse, rtol=1e-4, atol=1e-6)
 
 
+def test_a_gradient_differentiated_in_forward_mode_along_the_input(run):
+    # the backward of a create_graph=True pass under forward-mode AD (an input tangent) met
+    # "You must implement the jvp function"
+    import torch.autograd.forward_ad as fwAD
+
+    train, _, _, ckpts = run
+    twa = tk.TWA(make_model(1), ckpts, bits=4).eval()
+    x, y = train.tensors[0][:8], train.tensors[1][:8]
+    tangent = torch.randn_like(x)
+
+    def gradient(inputs):
+        return torch.autograd.grad(F.cross_entropy(twa(inputs), y), twa.coefficients, create_graph=True)[0]
+
+    with fwAD.dual_level():
+        loss = F.cross_entropy(twa(fwAD.make_dual(x, tangent)), y)
+        (g,) = torch.autograd.grad(loss, twa.coefficients, create_graph=True)
+        got = fwAD.unpack_dual(g).tangent
+    _, want = torch.autograd.functional.jvp(gradient, x, tangent)  # reverse over reverse: the double-backward trick
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_tracing_a_twa_with_torch_jit_is_named(run):
     # torch.jit.trace failed on "QuantizedBasis.num_cols must be an int, got tensor(...)"
     train, _, _, ckpts = run

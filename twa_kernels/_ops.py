@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -195,12 +196,27 @@ def _project_setup(ctx, inputs, output):
     ctx.bits, ctx.group_size, ctx.num_cols, ctx.g_dtype = bits, group_size, g.numel(), g.dtype
 
 
+def _linear_in(grad: Tensor, apply: Callable[[Tensor], Tensor]) -> Tensor:
+    """apply(grad), for an `apply` linear in grad, carrying the forward-mode tangent grad may
+    hold: a create_graph=True backward under forward-mode AD (a forward-over-reverse Hessian)
+    hands the formulas dual gradients, and the custom ops have no forward-mode rule."""
+    return _linear_in_all([grad], lambda grads: apply(grads[0]))
+
+
+def _linear_in_all(grads: list[Tensor], apply: Callable[[list[Tensor]], Tensor]) -> Tensor:
+    """_linear_in for an `apply` linear in a list of gradients (a model's pieces)."""
+    unpacked = [fwAD.unpack_dual(g) for g in grads]
+    if all(u.tangent is None for u in unpacked):
+        return apply(grads)
+    tangents = [u.primal.new_zeros(()).expand_as(u.primal) if u.tangent is None else u.tangent for u in unpacked]
+    return fwAD.make_dual(apply([u.primal for u in unpacked]), apply(tangents))
+
+
 def _project_backward(ctx, grad_y):
     # project is linear in g; its transpose is reconstruct without a center.
     codes, scales, mins, block_offsets = ctx.saved_tensors
-    grad_g = reconstruct_op(
-        codes, scales, mins, block_offsets, grad_y.contiguous(), None, ctx.bits, ctx.group_size, ctx.num_cols
-    )
+    grad_g = _linear_in(grad_y, lambda grad: reconstruct_op(
+        codes, scales, mins, block_offsets, grad.contiguous(), None, ctx.bits, ctx.group_size, ctx.num_cols))
     return None, None, None, None, grad_g.to(ctx.g_dtype), None, None
 
 
@@ -250,8 +266,8 @@ def _project_pieces_setup(ctx, inputs, output):
 
 def _project_pieces_backward(ctx, grad_y):
     codes, scales, mins, block_offsets = ctx.saved_tensors
-    grad_g = reconstruct_op(codes, scales, mins, block_offsets, grad_y.contiguous(), None, ctx.bits,
-                            ctx.group_size, sum(ctx.sizes))
+    grad_g = _linear_in(grad_y, lambda grad: reconstruct_op(codes, scales, mins, block_offsets, grad.contiguous(),
+                                                             None, ctx.bits, ctx.group_size, sum(ctx.sizes)))
     return None, None, None, None, list(grad_g.to(ctx.g_dtype).split(ctx.sizes)), None, None
 
 
@@ -356,7 +372,8 @@ def _reconstruct_backward(ctx, grad_w):
     grad_w = grad_w.contiguous()
     grad_x = grad_center = None
     if ctx.needs_input_grad[4]:
-        grad_x = project_op(codes, scales, mins, block_offsets, grad_w, ctx.bits, ctx.group_size).to(ctx.x_dtype)
+        grad_x = _linear_in(grad_w, lambda grad: project_op(codes, scales, mins, block_offsets, grad.contiguous(),
+                                                            ctx.bits, ctx.group_size)).to(ctx.x_dtype)
     if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
         grad_center = grad_w.to(ctx.center_dtype)
     return None, None, None, None, grad_x, grad_center, None, None, None
@@ -590,7 +607,8 @@ class ReconstructPieces(torch.autograd.Function):
                     pieces = [p.reshape(-1) for p in pieces]
                     project = project_int8_op if ctx.int8_gradients else project_pieces_op
                 try:
-                    grad_x = project(codes, scales, mins, block_offsets, pieces, ctx.bits, ctx.group_size)
+                    grad_x = _linear_in_all(pieces, lambda grads: project(codes, scales, mins, block_offsets,
+                                                                          grads, ctx.bits, ctx.group_size))
                 except RuntimeError as exc:
                     if "Batching rule not implemented" not in str(exc):
                         raise
