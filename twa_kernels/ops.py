@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters  # imported by torch already
 
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
 from twa_kernels._ops import ReconstructInto, ReconstructPieces, project_int8_op, project_op, reconstruct_op
@@ -94,7 +95,6 @@ def _active_transforms() -> list[Any]:
     torch._C._functorch.TransformType); none seen while Dynamo traces, which handles them."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
         return []
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     return [i.key() for i in retrieve_all_functorch_interpreters()]
 
 
