@@ -1034,6 +1034,33 @@ def test_ranks_at_different_exchanges_of_the_library_raise_together(tmp_path):
         assert res["after"] == 2.0
 
 
+def test_an_agreement_flag_left_on_a_device_is_read_every_few_all_reduces(monkeypatch):
+    # on a GPU each read is a host sync: the flags are gathered there and read now and then
+    from tests.helpers import one_process_group
+    from twa_kernels import sharding
+
+    sums = torch.distributed.all_reduce
+    calls = []
+
+    def disagreeing_third(buffer, **kwargs):  # as if another rank held other coefficients at call 3
+        sums(buffer, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            buffer[-1] += 1
+    monkeypatch.setattr(sharding, "_read_at_once", lambda device: False)
+    monkeypatch.setattr(sharding, "_READ_EVERY", 4)
+    with one_process_group():
+        comm = sharding.Comm(torch.distributed.group.WORLD)
+        monkeypatch.setattr(torch.distributed, "all_reduce", disagreeing_third)
+        coefficients = torch.randn(2, 3)
+        for _ in range(3):  # read at the fourth
+            torch.testing.assert_close(comm.all_reduce_agreed(torch.ones(2, 3), coefficients), torch.ones(2, 3))
+        with pytest.raises(tk.errors.UsageError, match="averaged a gradient over coefficients that differ"):
+            comm.all_reduce_agreed(torch.ones(2, 3), coefficients)
+        for _ in range(8):  # read, and reset, at every fourth
+            comm.all_reduce_agreed(torch.ones(2, 3), coefficients)
+
+
 def test_a_collective_that_fails_for_another_reason_keeps_its_own_error(monkeypatch):
     # memory running out in a collective was reworded as a rank mismatch
     from tests.helpers import one_process_group

@@ -401,6 +401,29 @@ def test_a_bfloat16_model_loaded_at_the_center_is_not_reported_off_the_subspace(
         tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub, model=model)
 
 
+def test_a_bfloat16_model_at_a_checkpoint_or_resumed_is_on_the_subspace():
+    # its own rounding, measured against a short distance from the center, read as "off the
+    # subspace": warned, and refused once parameters matched by position were refused there
+    model = make_model(0)
+    torch.manual_seed(1)
+    checkpoints = noisy_checkpoints(model, 5)
+    sub = tk.Subspace.from_checkpoints(checkpoints, bits=None, granularity="model", orthonormalize=True,
+                                       parameter_names=[name for name, _ in model.named_parameters()])
+    model.to(torch.bfloat16).load_state_dict(checkpoints[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)
+        x, y = torch.randn(32, 64, dtype=torch.bfloat16), torch.randint(0, 10, (32,))
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+        assert _outside_fraction(model, sub)[0] > 0  # it moved
+        resumed = make_model(0).to(torch.bfloat16)
+        resumed.load_state_dict(model.state_dict())
+        tk.SubspaceOptimizer(torch.optim.SGD(resumed.parameters(), lr=0.1), sub)
+
+
 @pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
 def test_a_bfloat16_model_stays_off_the_subspace_by_one_rounding_only(name):
     # each step was added to weights rounded before, and the roundings added up: Adam's weights
@@ -434,7 +457,7 @@ def test_a_16_bit_step_projects_once_when_every_weight_is_16_bit(monkeypatch, mi
     model.to(torch.bfloat16)
     if mixed:
         model[-1].float()
-    opt = tk.SubspaceOptimizer(OPTIMIZERS["adam"](model.parameters()), sub, model=model)
+    opt = tk.SubspaceOptimizer(OPTIMIZERS["adam"](model.parameters()), sub)
     calls = []
     monkeypatch.setattr(optim, "project", lambda *a: calls.append(1) or tk.ops.project(*a))
     x = torch.randn(8, 64)

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -465,8 +466,12 @@ def _untraced_queue_callback() -> Callable[[Callable[[], None]], None]:
 def queue_after_backward(callback: Callable[[], None]) -> None:
     """Have the autograd engine call `callback` at the end of this backward pass. Never
     traced: compiled autograd refuses a callback queued while Dynamo traces a backward
-    node, and takes one queued from a call it leaves to run eagerly."""
-    _untraced_queue_callback()(callback)
+    node, and takes one queued from a call it leaves to run eagerly. (Without Dynamo
+    imported nothing traces, and importing it would cost the first backward a second.)"""
+    if "torch._dynamo" not in sys.modules:
+        _queue_callback(callback)
+    else:
+        _untraced_queue_callback()(callback)
 
 
 def _when_graph_freed(ctx: Any) -> None:
@@ -546,6 +551,22 @@ def _pieces_layout(shapes: tuple[tuple[int, ...], ...]) -> _PiecesLayout:
     return _PiecesLayout(offset, tuple(sizes), tuple(views))
 
 
+class _Int8GradientHasNoDerivative(torch.autograd.Function):
+    """The coefficients' gradient of an int8_gradients backward under create_graph=True: the
+    first-order value as it is, and a UsageError for a backward through it (a gradient
+    penalty, a Hessian), since the rounding it went through has no useful derivative."""
+
+    @staticmethod
+    def forward(ctx, grad_x, *pieces):
+        return grad_x.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise UsageError("a backward through the coefficients' gradient (a gradient penalty, a Hessian) of a TWA "
+                         "built with int8_gradients=True: that gradient's rounding has no derivative; build the "
+                         "TWA with int8_gradients=False for it")
+
+
 class ReconstructPieces(torch.autograd.Function):
     """reconstruct into out_holder[0], returned as its pieces: consecutive views of it in
     `shapes`, a model's weights, one view per tensor (returned shaped, so that no view
@@ -594,10 +615,6 @@ class ReconstructPieces(torch.autograd.Function):
             # a piece no loss depends on (an unused layer) has no gradient: zeros
             pieces = [g if g is not None else like.new_zeros(n) for g, n in zip(grads, ctx.sizes)]
             if ctx.needs_input_grad[4]:
-                if ctx.int8_gradients and torch.is_grad_enabled():
-                    raise UsageError("a backward with create_graph=True (a gradient penalty, a Hessian) through a "
-                                     "TWA built with int8_gradients=True: its rounding of the gradient has no "
-                                     "derivative; build the TWA with int8_gradients=False for it")
                 # autograd hands over gradients of the outputs' shapes, dtype and device, and
                 # the forward checked the basis (saved, so unchanged): eager calls skip the
                 # op's checks and dispatch, and the flattening the op's schema asks for
@@ -617,6 +634,8 @@ class ReconstructPieces(torch.autograd.Function):
                                      "the TWA's kernels: call backward once per gradient, or use torch.func "
                                      "(vmap over grad or vjp), which the TWA runs in plain torch ops") from None
                 grad_x = grad_x.to(ctx.x_dtype)
+                if ctx.int8_gradients and any(p.requires_grad for p in pieces):  # create_graph=True
+                    grad_x = _Int8GradientHasNoDerivative.apply(grad_x, *[p for p in pieces if p.requires_grad])
             if ctx.center_dtype is not None and ctx.needs_input_grad[5]:
                 grad_center = torch.cat([p.reshape(-1) for p in pieces]).to(ctx.center_dtype)
             if ctx.hold is not None:

@@ -25,6 +25,7 @@ rounding.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -232,7 +233,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         size = float(offset.norm())
         if size == 0:
             return
-        outside = float((offset - self._in_span(offset)).norm()) / size
+        # a 16-bit weight at a point of the subspace is off it by its own rounding (half an
+        # eps of each value): no distance to report
+        rounding = math.sqrt(sum(float((p.detach().float() * torch.finfo(p.dtype).eps).square().sum())
+                                 for p in self._params))
+        outside = float((offset - self._in_span(offset)).norm())
+        if outside <= rounding:
+            return
+        outside /= size
         if outside > _OFF_SUBSPACE and order_unknown:
             raise InvalidArgumentError(
                 f"SubspaceOptimizer: {outside:.2g} of the model's distance from the subspace's center lies outside "

@@ -102,6 +102,15 @@ class ShardingError(InvalidArgumentError):
     """shard=True cannot run: too many ranks for the basis, or a backend without the collectives."""
 
 
+_READ_EVERY = 64  # a GPU's agreement flags are read every this many all-reduces: one host sync each
+
+
+def _read_at_once(device: torch.device) -> bool:
+    """Whether an agreement flag on `device` is read as soon as it is computed: on the CPU the
+    collective has finished already, so reading costs nothing."""
+    return device.type == "cpu"
+
+
 def _pairing_modulus(world: int) -> int:
     """The largest m for which W m^2 stays an integer that float32 holds exactly (2^24)."""
     return max(2, math.isqrt((1 << 24) // world))
@@ -129,7 +138,8 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
-        self._disagreed: Tensor | None = None  # the last checked all-reduce's verdict, not yet read
+        self._disagreed: Tensor | None = None  # whether some checked all-reduce since the last read disagreed
+        self._unread = 0  # checked all-reduces since that read
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Comm:
         """A copy (copy.deepcopy of a TWA, AveragedModel) runs its collectives on the same
@@ -152,7 +162,6 @@ class Comm:
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum of t over the ranks, in place."""
-        self._check_agreement()
         self._count("all_reduce", t)
         named_on_failure("TWA's all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
         return t
@@ -168,22 +177,24 @@ class Comm:
         `_pairing_modulus`. The sums equal W h and W h^2 on every rank exactly when every
         rank's h is h (a sum of squares at W times the squared mean means no spread), so
         every rank raises the same UsageError together. The verdict is read on the host at
-        once for CPU tensors, and for a GPU's at the next collective, so that the backward
-        does not wait for this one (a mismatch there shows one step late)."""
-        self._check_agreement()
+        once for CPU tensors. A GPU's is gathered on the device and read every
+        `_READ_EVERY` all-reduces, each read a host sync (a mismatch there shows up to that
+        many steps late, and the backward seldom waits)."""
         wide = torch.float64 if t.dtype == torch.float64 else torch.float32  # W h^2 is exact in either
         h = _hash(agreed, _pairing_modulus(self.world)).to(wide)
         check = torch.stack([h, h * h])
         buffer = torch.cat([t.reshape(-1).to(wide), check])
         self._count("all_reduce", buffer)
         named_on_failure("TWA's all-reduce", lambda: dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group))
-        self._disagreed = (buffer[-2:] != check * self.world).any()
-        if buffer.device.type == "cpu":
+        disagreed = (buffer[-2:] != check * self.world).any()
+        self._disagreed = disagreed if self._disagreed is None else self._disagreed | disagreed
+        self._unread += 1
+        if _read_at_once(buffer.device) or self._unread >= _READ_EVERY:
             self._check_agreement()
         return buffer[:-2].view(t.shape).to(t.dtype)
 
     def _check_agreement(self) -> None:
-        disagreed, self._disagreed = self._disagreed, None
+        disagreed, self._disagreed, self._unread = self._disagreed, None, 0
         if disagreed is not None and bool(disagreed):
             raise UsageError("the ranks of this TWA averaged a gradient over coefficients that differ from rank to "
                              "rank: they ran different numbers of backwards per optimizer step (gradient "

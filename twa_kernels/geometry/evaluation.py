@@ -193,6 +193,11 @@ def agreed_buffer(name: str, values: Sequence[Tensor], sources: Sequence[str]) -
     or a CheckpointError naming the first that differs."""
     for value, source in zip(values[1:], sources[1:]):
         if not torch.equal(value, values[0]):
+            if value.is_complex():  # only a plane fixes these: its basis holds real weights
+                raise CheckpointError(f"{source}: the complex parameter {name!r} differs from the one in "
+                                      f"{sources[0]}, and a plane's basis holds real weights only: "
+                                      "tk.connectivity.interpolate mixes complex ones, or give the model real "
+                                      "parameters (two real tensors, or a real one viewed with torch.view_as_complex)")
             raise CheckpointError(f"{source}: the integer entry {name!r} ({values[0].dtype}) differs from the one in "
                                   f"{sources[0]}; integer and bool buffers and parameters cannot be mixed: save the "
                                   "checkpoints with the same values")

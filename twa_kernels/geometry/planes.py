@@ -361,11 +361,7 @@ def _frame_from_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint],
     # integer parameters (a frozen index table) cannot be mixed: like integer buffers, every
     # checkpoint must hold the same value, and each point takes it (interpolate's rule)
     params = dict(model.named_parameters())
-    complex_ = [n for n, p in params.items() if p.is_complex()]
-    if complex_:
-        raise InvalidTypeError(f"plane: the model's parameter {complex_[0]!r} is complex, and a plane's basis holds "
-                               "real weights only; tk.connectivity.interpolate mixes complex weights, or give the "
-                               "model real parameters (two real tensors, or torch.view_as_real of one)")
+    # complex parameters are fixed too: a plane's basis holds real weights (agreed_buffer names one that differs)
     named = [(n, tuple(p.shape)) for n, p in params.items() if p.is_floating_point()]
     names, shapes = [n for n, _ in named], [s for _, s in named]
     floating = set(names)
