@@ -881,6 +881,20 @@ def test_complex_weights_are_mixed_along_a_line_and_named_by_a_plane():
     assert torch.isfinite(p.loss).all()
 
 
+def test_masks_of_a_compiled_model_apply_to_the_model_it_wraps():
+    # prune's masks of a compiled model are keyed "_orig_mod.<name>"; interpolate reads the
+    # model unwrapped and refused them as masks of parameters it does not have
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 3))
+    a, b = model.state_dict(), {k: v + 1 for k, v in model.state_dict().items()}
+    masks = tk.prune.global_magnitude_masks(torch.compile(model), 0.5)
+    assert set(masks) == {"_orig_mod.0.weight"}
+    data = [(torch.randn(4, 10), torch.tensor([0, 1, 2, 0]))]
+    got = C.interpolate(torch.compile(model), a, b, data, steps=2, bn="none", masks=masks)
+    plain = {k.removeprefix("_orig_mod."): m for k, m in masks.items()}
+    assert got.loss == C.interpolate(model, a, b, data, steps=2, bn="none", masks=plain).loss
+
+
 def test_buffers_no_state_dict_holds_are_the_models_own():
     model = _tiny_llama()
     non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
@@ -987,8 +1001,10 @@ def test_sharpness_names_an_op_without_forward_mode_derivatives():
         data = _token_batches()[:1]
         with pytest.raises(tk.errors.InvalidArgumentError,
                            match=r"calls _scaled_dot_product_\w+, which has no forward-mode derivative.*"
-                                 r"attn_implementation='eager'"):
+                                 r"sdpa_kernel\(torch.nn.attention.SDPBackend.MATH\).*_attn_implementation = 'eager'"):
             C.hessian_diagonal(model, loss_fn, data, samples=2)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # the advice works
+            assert all(torch.isfinite(d).all() for d in C.hessian_diagonal(model, loss_fn, data, samples=2).values())
         with pytest.raises(tk.errors.InvalidArgumentError, match="no forward-mode derivative"):
             C.top_eigenvalue(model, loss_fn, data, iters=2)
         model.config._attn_implementation = "eager"

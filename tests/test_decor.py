@@ -1122,3 +1122,29 @@ def test_a_layer_frozen_after_decorrelate_keeps_its_r_and_what_it_computes():
         tk.decor.update(model)
     assert model[0]._decor_count == 0  # its samples were dropped, not kept to pile up
     assert torch.equal(model[0].decor_R, before) and torch.equal(model[0](x), kept)
+
+
+def test_a_decorrelated_models_checkpoints_given_with_a_plain_model_are_refused():
+    # their decor_R entries sat under modules the plain model has and were left out without
+    # a word: every average, line and plane ran on W instead of W R
+    def plain():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    decorrelated = tk.decor.decorrelate(plain())
+    for _, layer in tk.decor.decorrelated_layers(decorrelated):
+        layer.decor_R.add_(0.3 * torch.randn_like(layer.decor_R))
+    a = copy.deepcopy(decorrelated.state_dict())
+    b = copy.deepcopy(a)
+    data = [(torch.randn(8, 10), torch.randint(0, 3, (8,)))]
+    refused = "saved from a decorrelated model .*'0.decor_R'.*tk.decor.fold"
+    for call in (lambda: tk.connectivity.interpolate(plain(), a, b, data, steps=2),
+                 lambda: tk.connectivity.plane(plain(), [a, b, copy.deepcopy(a)], data, grid=2),
+                 lambda: tk.uniform_average([a, b], model=plain()),
+                 lambda: tk.TWA(plain(), [a, b], bits=4)):
+        with pytest.raises(tk.errors.CheckpointError, match=refused):
+            call()
+    # given the decorrelated model, or folded first, they load
+    tk.connectivity.interpolate(decorrelated, a, b, data, steps=2)
+    folded = tk.decor.fold(decorrelated).state_dict()
+    tk.uniform_average([folded, copy.deepcopy(folded)], model=plain())

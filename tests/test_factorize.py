@@ -439,8 +439,10 @@ def test_gpt2_factorises_its_conv1d_layers_and_reports_them_once_collapsed():
         layer.parametrizations.weight.original0[:, :8] = 0.0  # half of one layer's entries collapse to zero
     report = sparsity_report(model)
     plain = sparsity_report(collapse(model))
-    assert [row[0] for row in plain.rows] == [f"{n}.weight" for n in conv1d] + ["lm_head.weight"]
-    assert plain.rows == report.rows  # the same zeros; the dense, tied lm_head counted in full by both
+    # the lm_head tied to the embedding, which factorize left out, is left out of the count as
+    # tk.prune leaves it out (counted, it held the compression down whatever the factors did)
+    assert [row[0] for row in plain.rows] == [f"{n}.weight" for n in conv1d]
+    assert plain.rows == report.rows  # the same zeros
     assert plain.nonzero < plain.total
 
 

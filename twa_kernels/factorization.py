@@ -662,13 +662,19 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
     It counts every Linear/Conv weight and every factorised tensor (a bias or a norm's weight
     that `factorize` replaced), on a factorised model and on its `collapse` copy alike, so the
     two reports agree; a Parameter that several layers share counts once, under its first
-    name. threshold is a finite number >= 0; a model with no weight to count is refused."""
+    name, and one tied to an embedding (a language model's output layer) not at all, as
+    `factorize` and `tk.prune` leave it out. threshold is a finite number >= 0; a model with
+    no weight to count is refused."""
     check_module(model, "sparsity_report's model")
     # a NaN threshold counted every weight as zero (|w| >= nan is False), so a dense layer read as fully sparse
     _check_threshold(threshold)
     types = weight_layer_types()
     report = SparsityReport()
     seen: set[int] = set()
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
     for name, module in model.named_modules():
         counted = ["weight"] if isinstance(module, types) else []
         replaced = module.parametrizations.keys() if _is_factorized(module) else getattr(module, "_dwf_collapsed", ())
@@ -680,6 +686,8 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
             if id(stored) in seen:
                 continue
             seen.add(id(stored))
+            if any(not isinstance(other, types) for other in owners.get(id(stored), ())):
+                continue  # tied to an embedding (an LM's head): factorize and prune leave it out, so does the count
             w = getattr(module, pname)
             # not (|w| < threshold): a NaN or Inf weight of a diverged run is not a zero, which
             # |w| >= threshold (False for NaN) made it, reporting a NaN layer as all pruned

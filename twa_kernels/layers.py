@@ -16,14 +16,14 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm  # the hook-based forms torch still ships
 from torch.nn.utils.weight_norm import WeightNorm
 
+# The buffer a decorrelated layer (twa_kernels.decor) holds its R in: the layer computes
+# with W R, never with its stored W alone. Its name is part of the checkpoint format.
+from twa_kernels.io.keys import DECOR_BUFFER  # noqa: F401  (re-exported for decor and the methods)
+
 # torch.nn.utils.spectral_norm and weight_norm: forward pre-hooks that write `weight` before each forward
 NORM_HOOKS = (SpectralNorm, WeightNorm)
 
 TORCH_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-
-# The buffer a decorrelated layer (twa_kernels.decor) holds its R in: the layer computes
-# with W R, never with its stored W alone.
-DECOR_BUFFER = "decor_R"
 
 
 def transformers_conv1d() -> type[nn.Module] | None:

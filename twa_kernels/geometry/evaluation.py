@@ -52,6 +52,7 @@ from twa_kernels.io import (
     match_names,
     model_key_names,
     parameter_aliases,
+    strip_wrapper_prefixes,
     unwrap_state_dict,
     warn_unmatched_keys,
 )
@@ -254,7 +255,8 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[st
     out: dict[str, Tensor] = {}
     given: dict[str, str] = {}
     for key, mask in masks.items():
-        name = canonical.get(key)
+        # masks of a compiled or DDP-wrapped model carry its wrapper's prefix; the model is read unwrapped
+        name = canonical.get(key, canonical.get(strip_wrapper_prefixes(key)))
         if name is None:
             raise InvalidArgumentError(f"mask for {key!r}: the model has no such parameter (e.g. {list(params)[:3]})")
         if not isinstance(mask, Tensor):

@@ -67,9 +67,10 @@ def _no_forward_ad(exc: NotImplementedError) -> InvalidArgumentError | None:
         return None
     op = found.group(1)
     if "attention" in op:
-        remedy = ("it is the fused kernel of scaled_dot_product_attention, which transformers models use by "
-                  "default (attn_implementation='sdpa'): build the model with eager attention, from_pretrained(..., "
-                  "attn_implementation='eager'), or set model.config._attn_implementation = 'eager' before the call")
+        remedy = ("it is a fused kernel of scaled_dot_product_attention (nn.MultiheadAttention's, and transformers "
+                  "models' by default, attn_implementation='sdpa'): make the call inside "
+                  "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`, whose kernel has "
+                  "one, or for a transformers model set model.config._attn_implementation = 'eager'")
     else:
         remedy = "compute that part of the model with ops that have one (or pass a model without it)"
     return InvalidArgumentError(f"the model calls {op}, which has no forward-mode derivative in PyTorch, and the "
@@ -198,7 +199,8 @@ def hessian_diagonal(
         acc = {k: torch.zeros_like(p) for k, p in params.items()}
         sizes = [min(chunk, samples - s) for s in range(0, samples, chunk)]
         numels = [p.numel() for p in params.values()]
-        for m in progress_bar(sizes, enabled=progress, desc="Hutchinson probes"):
+        for m in progress_bar(sizes, enabled=progress, desc=f"Hutchinson probes, {min(chunk, samples)} a chunk",
+                              unit="chunk"):
             # each probe is one draw over every weight in turn, so the probes, and the estimate,
             # do not depend on how many go into a chunk
             flat = torch.randint(0, 2, (m, sum(numels)), generator=gen, dtype=torch.int8).mul_(2).sub_(1)

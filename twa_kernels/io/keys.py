@@ -46,6 +46,8 @@ from torch.optim.swa_utils import AveragedModel
 from twa_kernels._checks import check_module
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
 
+DECOR_BUFFER = "decor_R"  # the buffer of a decorrelated layer's R, "<layer>.decor_R" in its checkpoints
+
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict")
 
 # set to True in the checkpoints the Lightning TrainableWeightAveraging callback saves during
@@ -430,7 +432,17 @@ def warn_unmatched_keys(entries: Mapping[str, tuple[torch.dtype, Sequence[int]]]
     without, and the root module's tensors it lacks (a `cls_token` of a model built
     without one). They are left out, and a model built from another config than the one
     that saved them (fewer layers, no biases) would otherwise run on part of the
-    checkpoint without a word."""
+    checkpoint without a word. A decorrelated model's checkpoint given with a model not
+    decorrelated there is refused (CheckpointError): its weights act through R."""
+    decorrelation = [key for key in entries if key.rpartition(".")[2] == DECOR_BUFFER and key not in known.names]
+    if decorrelation:
+        raise CheckpointError(f"{source} was saved from a decorrelated model (it holds {decorrelation[0]!r}, a "
+                              "decorrelation matrix R the layer's input goes through), but the model given is not "
+                              "decorrelated there, so its weights would run without R: pass the decorrelated model "
+                              "(tk.decor.decorrelate(model) before loading), or fold R into each checkpoint's "
+                              "weights first (load it into the decorrelated model and save "
+                              "tk.decor.fold(model).state_dict())")
+
     def unplaced(key: str, shape: Sequence[int]) -> bool:
         if key in known.unset:
             return True
