@@ -146,10 +146,12 @@ class DeepFactorization(nn.Module):
         self._replaced = weakref.ref(replaced) if replaced is not None else (lambda: None)
 
     def forward(self, *factors: Tensor) -> Tensor:
-        """The weight: the elementwise product of the factors. Without grad mode the product
-        is plain torch ops (forward-mode AD and vmap still see them): the Function only saves
-        memory in a backward, and torch.compile fails on it under no_grad (torch 2.13)."""
-        if not torch.is_grad_enabled():
+        """The weight: the elementwise product of the factors. Without grad mode, and under
+        torch.compile, the product is plain torch ops (forward-mode AD and vmap still see
+        them): the Function only saves memory in a backward, torch.compile fails on it under
+        no_grad, and with grad it breaks the graph at every layer, as Dynamo cannot trace an
+        autograd.Function with a jvp (torch 2.13)."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return _product(factors)
         return _Product.apply(*factors)
 
