@@ -317,8 +317,9 @@ def _vmap_over_pieces(op: Any, name: str) -> Callable[..., tuple[Tensor, int]]:
         if any(dim is not None for dim in in_dims[:4]):
             raise UsageError(f"{name} under torch.vmap maps over g only, not over the basis's tensors")
         dims = in_dims[4] if in_dims[4] is not None else [None] * len(pieces)
-        rows = [op(codes, scales, mins, block_offsets, [p if d is None else p.select(d, i) for p, d in zip(pieces, dims)],
-                   bits, group_size) for i in range(info.batch_size)]
+        rows = [op(codes, scales, mins, block_offsets,
+                   [p if d is None else p.select(d, i) for p, d in zip(pieces, dims)], bits, group_size)
+                for i in range(info.batch_size)]
         return torch.stack(rows), 0
     return rule
 
