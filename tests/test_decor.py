@@ -1144,6 +1144,16 @@ def test_a_decorrelated_models_checkpoints_given_with_a_plain_model_are_refused(
                  lambda: tk.TWA(plain(), [a, b], bits=4)):
         with pytest.raises(tk.errors.CheckpointError, match=refused):
             call()
+    # a run decorrelated part way: its later checkpoints hold R, the first does not
+    first = copy.deepcopy(plain().state_dict())
+    for call in (lambda: tk.uniform_average([first, a], model=plain()),
+                 lambda: tk.TWA(plain(), [first, a, b], bits=4)):
+        with pytest.raises(tk.errors.CheckpointError, match=refused):
+            call()
+    # a decorrelated layer the model does not have at all is left out with the usual warning
+    smaller = tk.decor.decorrelate(nn.Sequential(nn.Linear(10, 16)))
+    with pytest.warns(UserWarning, match="no place for are left out"):
+        tk.uniform_average([a, b], model=smaller)
     # given the decorrelated model, or folded first, they load
     tk.connectivity.interpolate(decorrelated, a, b, data, steps=2)
     folded = tk.decor.fold(decorrelated).state_dict()

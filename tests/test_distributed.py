@@ -1059,6 +1059,11 @@ def test_an_agreement_flag_left_on_a_device_is_read_every_few_all_reduces(monkey
             comm.all_reduce_agreed(torch.ones(2, 3), coefficients)
         for _ in range(8):  # read, and reset, at every fourth
             comm.all_reduce_agreed(torch.ones(2, 3), coefficients)
+        calls.clear()
+        for _ in range(3):  # the third disagrees; nothing reads it until the run's end asks
+            comm.all_reduce_agreed(torch.ones(2, 3), coefficients)
+        with pytest.raises(tk.errors.UsageError, match="averaged a gradient over coefficients that differ"):
+            comm.check_agreement()  # TWA's eval() and averaged_state_dict() call it
 
 
 def test_a_collective_that_fails_for_another_reason_keeps_its_own_error(monkeypatch):

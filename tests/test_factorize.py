@@ -639,6 +639,16 @@ def test_sparsity_of_a_factorised_model_and_of_its_collapse_agree(biases):
     assert factorised.nonzero == 24 and factorised.total == 32 + 8 * biases + 24
 
 
+def test_sparsity_of_a_factorised_norm_and_embedding_agrees_with_their_collapse():
+    # leaving out weights an embedding holds (a tied head) left out a collapsed Embedding's
+    # and LayerNorm's own weights as well, so the two reports parted
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    tk.factorize(model, depth=2, layers=["0", "1", "2"], init="keep")
+    factorised, collapsed = tk.sparsity_report(model), tk.sparsity_report(tk.collapse(model))
+    assert [name for name, _, _ in factorised.rows] == ["0.weight", "1.weight", "2.weight"]
+    assert factorised.rows == collapsed.rows
+
+
 def test_collapse_keeps_a_frozen_layer_frozen():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     tk.factorize(model, depth=2, seed=0)

@@ -424,6 +424,29 @@ def test_a_bfloat16_model_at_a_checkpoint_or_resumed_is_on_the_subspace():
         tk.SubspaceOptimizer(torch.optim.SGD(resumed.parameters(), lr=0.1), sub)
 
 
+def test_a_swap_in_a_bfloat16_model_is_not_taken_for_rounding():
+    # the rounding tolerance must not take a swap of two layers for rounding (its bound is
+    # over all weights, so a swap of layers far smaller than an embedding this size's would hide)
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.a, self.b = nn.Embedding(5000, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    torch.manual_seed(0)
+    model = Model()
+    torch.manual_seed(1)
+    checkpoints = noisy_checkpoints(model, 4)
+    sub = tk.Subspace.from_checkpoints(checkpoints, bits=None, granularity="model", orthonormalize=True,
+                                       parameter_names=[name for name, _ in model.named_parameters()])
+    model.to(torch.bfloat16).load_state_dict(checkpoints[0])
+    swapped = [model.embedding.weight, *model.b.parameters(), *model.a.parameters()]
+    with pytest.raises(tk.errors.InvalidArgumentError, match="may be matched in another order"):
+        tk.SubspaceOptimizer(torch.optim.SGD(swapped, lr=0.1), sub)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tk.SubspaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sub)  # in order: on the subspace
+
+
 @pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
 def test_a_bfloat16_model_stays_off_the_subspace_by_one_rounding_only(name):
     # each step was added to weights rounded before, and the roundings added up: Adam's weights

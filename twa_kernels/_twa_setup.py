@@ -16,8 +16,8 @@ from twa_kernels import _collectives
 from twa_kernels.batchnorm import measured_norms, running_norms
 from twa_kernels.columns import ColumnReader
 from twa_kernels.errors import CheckpointError, InvalidArgumentError
-from twa_kernels.io import (Checkpoints, changed_error, model_key_names, parameter_aliases, resolve_checkpoints,
-                            warn_unmatched_keys)
+from twa_kernels.io import (Checkpoints, changed_error, model_key_names, parameter_aliases,
+                            refuse_decorrelated_keys, resolve_checkpoints, warn_unmatched_keys)
 from twa_kernels.quant import block_offsets_from_sizes
 from twa_kernels.sharded_build import build_shard
 from twa_kernels.subspace import Subspace, block_sizes_for, check_build_args
@@ -221,13 +221,16 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     differ: dict[str, str] = {}
     first_digests: dict[str, int] = {}  # a frozen float parameter's first value, by its CRC
     varied: list[str] = []  # frozen float parameters whose checkpoints disagree
+    known = model_key_names(model)
     for i, spec in enumerate(specs):
         reader = ColumnReader(spec, i, names=all_names)
         if i == 0:  # a model built smaller than the checkpoints' would train on their first layers
-            warn_unmatched_keys({key: (reader.dtype(key), reader.shape(key)) for key in reader.keys()},
-                                model_key_names(model), reader.source)
-            if not frozen and not buffers:
-                return []
+            warn_unmatched_keys({key: (reader.dtype(key), reader.shape(key)) for key in reader.keys()}, known,
+                                reader.source)
+        else:  # a run decorrelated part way: its later checkpoints hold R
+            refuse_decorrelated_keys(reader.keys(), known, reader.source)
+        if not frozen and not buffers:
+            continue
         if stamps is not None and stamps[i] is not None and reader.stamp != stamps[i]:
             raise changed_error(reader.source, "after the subspace was built from it, so its frozen parameters "
                                 "would come from another state than the basis", "build")

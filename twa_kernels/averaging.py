@@ -47,6 +47,7 @@ from twa_kernels.io import (
     resolve_checkpoints,
     trainer_output_hint,
     unwrap_model,
+    refuse_decorrelated_keys,
     warn_unmatched_keys,
 )
 
@@ -143,6 +144,8 @@ def _states(specs: list, model: nn.Module | None, warn_unmatched: bool = True, k
         state = fill_tied_keys(state, aliases, source)
         if i == 0 and known is not None:
             warn_unmatched_keys({key: (value.dtype, value.shape) for key, value in state.items()}, known, source)
+        elif known is not None:  # a run decorrelated part way: its later checkpoints hold R
+            refuse_decorrelated_keys(state.keys(), known, source)
         if i == 0:
             absent = {key for key in base if key not in state}
             for key in absent:  # copied for a caller that runs the model between passes

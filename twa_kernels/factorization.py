@@ -688,7 +688,7 @@ def sparsity_report(model: nn.Module, threshold: float = EPS) -> SparsityReport:
             if id(stored) in seen:
                 continue
             seen.add(id(stored))
-            if any(not isinstance(other, types) for other in owners.get(id(stored), ())):
+            if any(other is not module and not isinstance(other, types) for other in owners.get(id(stored), ())):
                 continue  # tied to an embedding (an LM's head): factorize and prune leave it out, so does the count
             w = getattr(module, pname)
             # not (|w| < threshold): a NaN or Inf weight of a diverged run is not a zero, which

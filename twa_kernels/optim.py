@@ -229,14 +229,18 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """Warn when the model's weights lie off the subspace. With `order_unknown` (unnamed
         parameters matched by position, several weights of one shape) that is refused: two
         swapped layers look exactly so, and every step would then move the wrong weights."""
-        offset = self._flat_weights() - self._center_as_held()
+        held = self._center_as_held()
+        offset = self._flat_weights() - held
         size = float(offset.norm())
         if size == 0:
             return
-        # a 16-bit weight at a point of the subspace is off it by its own rounding (half an
-        # eps of each value): no distance to report
-        rounding = math.sqrt(sum(float((p.detach().float() * torch.finfo(p.dtype).eps).square().sum())
-                                 for p in self._params))
+        # A 16-bit weight at a point x of the subspace holds x rounded (off by e_w, at most half
+        # an eps of each value), and the offset is taken from the center rounded alike (off
+        # by e_c): what lies outside is (I - P^T P)(e_w - e_c), whose norm is at most
+        # |e_w| + |e_c|. Within that it is no distance. (A bound over all weights: a swap of
+        # two layers far smaller than the rest can hide in the rest's rounding.)
+        rounding = math.sqrt(sum(float((p.detach().float() * (torch.finfo(p.dtype).eps / 2)).square().sum())
+                                 for p in self._params)) + float((held - self.subspace.center).norm())
         outside = float((offset - self._in_span(offset)).norm())
         if outside <= rounding:
             return

@@ -178,8 +178,8 @@ class Comm:
         rank's h is h (a sum of squares at W times the squared mean means no spread), so
         every rank raises the same UsageError together. The verdict is read on the host at
         once for CPU tensors. A GPU's is gathered on the device and read every
-        `_READ_EVERY` all-reduces, each read a host sync (a mismatch there shows up to that
-        many steps late, and the backward seldom waits)."""
+        `_READ_EVERY` all-reduces and at check_agreement(), each read a host sync (a
+        mismatch there shows up to that many steps late, and the backward seldom waits)."""
         wide = torch.float64 if t.dtype == torch.float64 else torch.float32  # W h^2 is exact in either
         h = _hash(agreed, _pairing_modulus(self.world)).to(wide)
         check = torch.stack([h, h * h])
@@ -190,10 +190,13 @@ class Comm:
         self._disagreed = disagreed if self._disagreed is None else self._disagreed | disagreed
         self._unread += 1
         if _read_at_once(buffer.device) or self._unread >= _READ_EVERY:
-            self._check_agreement()
+            self.check_agreement()
         return buffer[:-2].view(t.shape).to(t.dtype)
 
-    def _check_agreement(self) -> None:
+    def check_agreement(self) -> None:
+        """Raise UsageError if an all-reduce since the last read found the ranks holding
+        different coefficients (all_reduce_agreed); a host sync where the flags are on a GPU.
+        TWA calls it when it leaves training (eval()) and in averaged_state_dict()."""
         disagreed, self._disagreed, self._unread = self._disagreed, None, 0
         if disagreed is not None and bool(disagreed):
             raise UsageError("the ranks of this TWA averaged a gradient over coefficients that differ from rank to "

@@ -348,9 +348,12 @@ class TWA(TransformersFacade, nn.Module):
         return self
 
     def train(self, mode: bool = True) -> TWA:
-        """nn.Module.train; leaving training also releases the gradients held for reuse."""
+        """nn.Module.train; leaving training also releases the gradients held for reuse, and
+        reads the ranks' agreement flags still on a GPU (Comm.check_agreement)."""
         if not mode and hasattr(self, "_workspace"):  # no backward soon reuses the held gradients' memory
             self._workspace.drop_gradients()
+        if not mode and getattr(self, "_parallel", None) is not None:  # an evaluation: the ranks agreed so far?
+            self._parallel.comm.check_agreement()
         self.module.train(mode)
         return super().train(mode)
 
@@ -685,6 +688,8 @@ class TWA(TransformersFacade, nn.Module):
         if not self._lent.depth:  # the export of a model that changed since the build would be wrong
             self._lent.check_structure()
             self._lent.check_parameters_held()
+        if self._parallel is not None:  # coefficients that ranks trained apart would be exported as one
+            self._parallel.comm.check_agreement()
         if has_running_statistics(self.module):
             measured_at = self._statistics_measured_at()
             if measured_at is None or not same_key(measured_at, self._weights_key()):

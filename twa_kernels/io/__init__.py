@@ -33,6 +33,7 @@ from twa_kernels.io.keys import (
     model_key_names,
     model_renaming,
     parameter_aliases,
+    refuse_decorrelated_keys,
     strip_wrapper_prefixes,
     tied_owners,
     unwrap_model,
@@ -57,7 +58,7 @@ __all__ = [
     "TWA_AVERAGE_MARK", "adapter_file_keys", "adapter_hint", "atomic_write", "atomic_write_together",
     "changed_error", "check_finite", "check_output_file", "checkpoint_aliases", "checkpoint_directory_files",
     "file_stamp", "fill_tied_keys", "finite", "is_dcp_directory", "iter_state_dicts", "json_record",
-    "load_state_dict", "match_names", "model_key_names", "model_renaming", "parameter_aliases", "resolve_checkpoints",
-    "save_state_dict", "strip_wrapper_prefixes", "tied_owners", "torch_load_safely", "trainer_output_hint",
-    "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",
+    "load_state_dict", "match_names", "model_key_names", "model_renaming", "parameter_aliases",
+    "refuse_decorrelated_keys", "resolve_checkpoints", "save_state_dict", "strip_wrapper_prefixes", "tied_owners",
+    "torch_load_safely", "trainer_output_hint", "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",
 ]

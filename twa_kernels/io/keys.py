@@ -424,6 +424,22 @@ def model_key_names(model: nn.Module) -> ModelKeys:
     return ModelKeys(frozenset(names), frozenset(modules), frozenset(unset - names))
 
 
+def refuse_decorrelated_keys(keys: Iterable[str], known: ModelKeys, source: str) -> None:
+    """CheckpointError for a checkpoint of a decorrelated model (twa_kernels.decor) given
+    with a model whose layer there is not decorrelated: the layer's weights act through the
+    `decor_R` the checkpoint holds, and would run without it. (A layer the model does not
+    have at all is left to warn_unmatched_keys.)"""
+    decorrelation = [key for key in keys if key.rpartition(".")[2] == DECOR_BUFFER and key not in known.names
+                     and key.rpartition(".")[0] in known.modules]
+    if decorrelation:
+        raise CheckpointError(f"{source} was saved from a decorrelated model (it holds {decorrelation[0]!r}, a "
+                              "decorrelation matrix R the layer's input goes through), but the model given is not "
+                              "decorrelated there, so its weights would run without R: pass the decorrelated model "
+                              "(tk.decor.decorrelate(model) before loading), or fold R into each checkpoint's "
+                              "weights first (load it into the decorrelated model and save "
+                              "tk.decor.fold(model).state_dict())")
+
+
 def warn_unmatched_keys(entries: Mapping[str, tuple[torch.dtype, Sequence[int]]], known: ModelKeys,
                         source: str) -> None:
     """Warn when a checkpoint holds floating-point tensors that the model has no place for
@@ -434,14 +450,7 @@ def warn_unmatched_keys(entries: Mapping[str, tuple[torch.dtype, Sequence[int]]]
     that saved them (fewer layers, no biases) would otherwise run on part of the
     checkpoint without a word. A decorrelated model's checkpoint given with a model not
     decorrelated there is refused (CheckpointError): its weights act through R."""
-    decorrelation = [key for key in entries if key.rpartition(".")[2] == DECOR_BUFFER and key not in known.names]
-    if decorrelation:
-        raise CheckpointError(f"{source} was saved from a decorrelated model (it holds {decorrelation[0]!r}, a "
-                              "decorrelation matrix R the layer's input goes through), but the model given is not "
-                              "decorrelated there, so its weights would run without R: pass the decorrelated model "
-                              "(tk.decor.decorrelate(model) before loading), or fold R into each checkpoint's "
-                              "weights first (load it into the decorrelated model and save "
-                              "tk.decor.fold(model).state_dict())")
+    refuse_decorrelated_keys(entries, known, source)
 
     def unplaced(key: str, shape: Sequence[int]) -> bool:
         if key in known.unset:
