@@ -190,14 +190,18 @@ def test_the_cycle_scan_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+def _printed_by_a_fresh_python(code: str) -> str:
+    """What `code` prints in a fresh interpreter (nothing imported before it)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=PACKAGE.parent).stdout.strip()
+
+
 def test_import_stays_free_of_heavy_packages():
     code = ("import sys, twa_kernels; heavy = {m.split('.')[0] for m in sys.modules} & "
             "{'matplotlib', 'transformers', 'lightning', 'mnist1d', 'scipy'}; "
             "heavy |= {m for m in ('torch.distributed.checkpoint', 'torch.utils.cpp_extension') if m in sys.modules}; "
             "print(' '.join(sorted(heavy)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=PACKAGE.parent)
-    assert out.stdout.strip() == ""
+    assert _printed_by_a_fresh_python(code) == ""
 
 
 def test_an_eager_training_step_leaves_dynamo_unimported():
@@ -207,6 +211,4 @@ def test_an_eager_training_step_leaves_dynamo_unimported():
             "ck = [{k: v + i for k, v in m.state_dict().items()} for i in range(3)]; "
             "twa = tk.TWA(m, ck, bits=4, group_size=8); twa(torch.randn(2, 4)).sum().backward(); "
             "assert twa.coefficients.grad.abs().sum() > 0; print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=PACKAGE.parent)
-    assert out.stdout.strip() == "False"
+    assert _printed_by_a_fresh_python(code) == "False"
