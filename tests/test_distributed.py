@@ -1078,11 +1078,11 @@ def test_a_collective_that_fails_for_another_reason_keeps_its_own_error(monkeypa
         comm = Comm(torch.distributed.group.WORLD)
         monkeypatch.setattr(torch.distributed, "all_reduce", out_of_memory)
         with pytest.raises(torch.OutOfMemoryError, match="test stand-in"):
-            comm.all_reduce(torch.ones(2))
+            comm.all_reduce_agreed(torch.ones(2), torch.zeros(2))
 
         def timed_out(*args, **kwargs):
             raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Timed out waiting 3000ms for recv operation")
 
         monkeypatch.setattr(torch.distributed, "all_reduce", timed_out)
         with pytest.raises(tk.errors.UsageError, match="all-reduce across its process group failed .*Every rank"):
-            comm.all_reduce(torch.ones(2))
+            comm.all_reduce_agreed(torch.ones(2), torch.zeros(2))

@@ -119,8 +119,8 @@ def _pairing_modulus(world: int) -> int:
 def _hash(values: Tensor, modulus: int) -> Tensor:
     """A hash in [0, modulus) of the float32 bit patterns of `values`, by position, computed
     where they are (no host sync); equal values give equal hashes on every rank."""
-    bits = values.detach().float().contiguous().view(torch.int32).reshape(-1).to(torch.int64) % 65521
-    positions = torch.arange(1, bits.numel() + 1, device=bits.device) % 65521
+    bits = values.detach().float().contiguous().view(torch.int32).reshape(-1).to(torch.int64) % _PERIOD
+    positions = torch.arange(1, bits.numel() + 1, device=bits.device) % _PERIOD
     return (bits * positions).sum() % modulus
 
 
@@ -159,12 +159,6 @@ class Comm:
         """Zero the byte and call counts."""
         self.bytes.clear()
         self.calls.clear()
-
-    def all_reduce(self, t: Tensor) -> Tensor:
-        """Sum of t over the ranks, in place."""
-        self._count("all_reduce", t)
-        named_on_failure("TWA's all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group))
-        return t
 
     def all_reduce_agreed(self, t: Tensor, agreed: Tensor) -> Tensor:
         """Sum of t (a floating tensor; t itself is left as it is) over the ranks, checked
