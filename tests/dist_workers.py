@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from tests.helpers import free_port, spawn  # noqa: F401  (test modules launch the scenarios as w.spawn)
 
@@ -140,6 +141,34 @@ def dcp_round_trip(twa, build) -> bool:
     return torch.equal(fresh.center, twa.center) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def dcp_parent_round_trip(twa, build) -> bool:
+    """The same through DCP's get_model_state_dict and set_model_state_dict over a module
+    holding the TWA (as a training loop saves its whole model), into a fresh one whose
+    coefficients differ: whether it ends with this rank's center and the same weights."""
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    where = [tempfile.mkdtemp(prefix="twa-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where)
+    dcp.save({"model": get_model_state_dict(nn.ModuleDict({"twa": twa}))}, checkpoint_id=where[0])
+    fresh = build()
+    with torch.no_grad():
+        fresh.coefficients.add_(1.0)
+    holder = nn.ModuleDict({"twa": fresh})
+    state = {"model": get_model_state_dict(holder)}
+    dcp.load(state, checkpoint_id=where[0])
+    set_model_state_dict(holder, state["model"])
+    mine, theirs = twa.weights(), fresh.weights()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(where[0])
+    return (torch.equal(fresh.coefficients, twa.coefficients) and torch.equal(fresh.center, twa.center)
+            and all(torch.equal(mine[k], theirs[k]) for k in mine))
+
+
 def coefficients_over_dcp(path, rank, world):
     """A sharded TWA's coefficients saved by torch.distributed.checkpoint on `world` ranks
     (the first run: trained, then saved), or loaded alone into a TWA sharded over another
@@ -174,6 +203,9 @@ def modes(rank, world):
                      "bytes_per_step": torch.tensor(per_step), "seen_bytes": torch.tensor(sum(seen.values())),
                      "seen_ops": sorted(seen), "k": twa.coefficients.shape[0], "B": twa.coefficients.shape[1]}
         out[mode]["dcp_round_trip"] = dcp_round_trip(twa, lambda: tk.TWA(
+            *model_and_checkpoints(), bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
+            shard=mode == "sharded"))
+        out[mode]["dcp_parent_round_trip"] = dcp_parent_round_trip(twa, lambda: tk.TWA(
             *model_and_checkpoints(), bits=4, group_size=GROUP_SIZE, process_group=dist.group.WORLD,
             shard=mode == "sharded"))
         if mode == "sharded":

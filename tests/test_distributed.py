@@ -169,6 +169,9 @@ def test_ranks_on_a_split_batch_match_one_process(job, mode):
         # saved with torch.distributed.checkpoint and loaded into a fresh TWA: a sharded
         # rank's columns were saved from one rank only, and another rank's loaded silently
         assert got["dcp_round_trip"], rank
+        # and through DCP's get/set_model_state_dict over a module holding the TWA, which look
+        # each key up as an attribute (a sharded rank's "rank1_center" too)
+        assert got["dcp_parent_round_trip"], rank
         if mode == "sharded":  # another rank's state fits the shapes but not the columns
             assert f"not those of this rank ({rank})" in got["other_rank_state"]
             assert f"rank{rank}_center" in got["own_names"] and f"rank{rank}_basis_codes" in got["own_names"]

@@ -46,6 +46,19 @@ def record_shard(module: TWA, state: dict[str, Any], prefix: str, *args: Any) ->
             state[prefix + rank_key(rank, name)] = state.pop(prefix + name)
 
 
+def state_entry(module: TWA, name: str) -> Tensor | None:
+    """The tensor a sharded rank's state_dict holds under `name` when `name` is one of the
+    names record_shard gives this rank ("rank<r>_center", ...), else None:
+    torch.distributed.checkpoint's get_model_state_dict and set_model_state_dict look each
+    key of a state_dict up as an attribute of its module."""
+    match = _RANK_KEY.match(name)
+    if not module._sharded or not match or int(match.group(1)) != module._parallel.comm.rank:
+        return None
+    if match.group(2) == "shard_columns":
+        return torch.tensor(_shard_identity(module))
+    return getattr(module, match.group(2))
+
+
 def take_own_rank(module: TWA, state: dict[str, Any], prefix: str) -> None:
     """This rank's per-rank entries back under the buffers' names; a state holding other
     ranks' entries only (rank 0's file loaded on every rank) is refused by name."""

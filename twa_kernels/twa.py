@@ -69,7 +69,7 @@ from twa_kernels._memory import Workspace
 from twa_kernels._sums import float64_sums
 from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_model_fits,
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
-from twa_kernels._twa_state import check_loaded_state, record_shard, take_own_rank
+from twa_kernels._twa_state import check_loaded_state, record_shard, state_entry, take_own_rank
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, same_key
 from twa_kernels.io import (Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints,
@@ -241,6 +241,16 @@ class TWA(TransformersFacade, nn.Module):
         self._register_load_state_dict_pre_hook(check_loaded_state, with_module=True)
         if self._sharded:  # which columns this rank's state holds, checked when it is loaded
             self._register_state_dict_hook(record_shard)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # a sharded rank's per-rank state_dict names, which DCP's get/set_model_state_dict
+            # look up as attributes; checked only after nn.Module's own lookup has missed
+            if name.startswith("rank") and (entry := state_entry(self, name)) is not None:
+                return entry
+            raise
 
     @property
     def parallel(self) -> sharding.Replicated | sharding.Sharded | None:
