@@ -523,6 +523,50 @@ def test_a_twa_trained_by_the_hf_trainer_resumes_from_its_checkpoint_where_it_st
     assert straight.coefficients.abs().sum() > 0
 
 
+def test_the_hf_trainers_label_smoothing_scores_a_twa_over_a_causal_lm_as_the_model(tmp_path):
+    # the Trainer shifts the labels for label smoothing only for a model named as a causal LM:
+    # under the name "TWA" each position was scored on its own input token, without a word
+    config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    states = _perturbed_states(lambda: transformers.GPT2LMHeadModel(config))
+    twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
+    plain = transformers.GPT2LMHeadModel(config)
+    plain.load_state_dict(twa.averaged_state_dict())
+    tokens = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False,
+                                          label_names=["labels"], report_to=[], use_cpu=True, disable_tqdm=True,
+                                          per_device_eval_batch_size=8, label_smoothing_factor=0.1)
+    got = transformers.Trainer(model=twa, args=args).evaluate(data)["eval_loss"]
+    want = transformers.Trainer(model=plain, args=args).evaluate(data)["eval_loss"]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert twa._get_name() == "GPT2LMHeadModel" and repr(twa).startswith("TWA(")
+
+
+def test_the_hf_trainers_neftune_adds_its_noise_inside_a_twa_and_takes_it_away(tmp_path):
+    config = transformers.GPT2Config(**GPT2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    states = _perturbed_states(lambda: transformers.GPT2LMHeadModel(config))
+    twa = tk.TWA(transformers.GPT2LMHeadModel(config), states, bits=4)
+    assert twa.get_input_embeddings() is twa.module.get_input_embeddings()
+    tokens = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          remove_unused_columns=False, label_names=["labels"], report_to=[],
+                                          use_cpu=True, disable_tqdm=True, save_strategy="no", logging_strategy="no",
+                                          neftune_noise_alpha=5.0)
+    trainer = transformers.Trainer(model=twa, args=args, train_dataset=data)
+    embeddings = twa.get_input_embeddings()
+    noisy = []
+    handle = embeddings.register_forward_hook(lambda module, inputs, output: noisy.append(
+        hasattr(module, "neftune_noise_alpha")))
+    trainer.train()
+    handle.remove()
+    assert noisy and all(noisy)  # every training forward went through NEFTune's embeddings
+    assert not embeddings._forward_hooks and twa.coefficients.abs().sum() > 0  # its hook taken away
+    with pytest.raises(tk.errors.UsageError, match="NEFTune"):
+        tk.TWA(nn.Linear(4, 2), [{k: v + i for k, v in nn.Linear(4, 2).state_dict().items()} for i in range(3)],
+               bits=4).get_input_embeddings()
+
+
 def test_the_hf_trainer_predicts_with_a_twa_over_a_causal_lm_as_with_the_model(tmp_path):
     # the Trainer reaches cache settings through model.config, which a TWA did not give: the
     # model kept its cache on and predict() failed on the cache among the logits

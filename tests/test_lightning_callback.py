@@ -170,6 +170,12 @@ def test_a_run_resumed_from_a_checkpoint_of_its_twa_epochs_ends_where_the_straig
     trainer = _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, granularity="model")])
     with pytest.raises(UsageError, match=r"coefficients are \(3, \d+\) but this callback's TWA has \(3, 1\)"):
         trainer.fit(_Net(), _loader(), ckpt_path=str(ckpt))
+    # resumed with a layer frozen that trained before (BackboneFinetuning leaves it so): named too
+    frozen = _Net()
+    frozen.model[0].requires_grad_(False)
+    trainer = _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=2)])
+    with pytest.raises(UsageError, match=r"same parameters trainable \(requires_grad\)"):
+        trainer.fit(frozen, _loader(), ckpt_path=str(ckpt))
 
 
 def test_a_run_resumed_from_the_checkpoint_of_its_last_twa_epoch_ends_where_the_straight_run_ends(straight_run,
@@ -446,6 +452,31 @@ def test_a_module_without_forward_is_named_before_training_when_batchnorm_needs_
     callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=1, update_bn=lambda m, b: m.model(b[0]))
     _trainer(tmp_path, callbacks=[callback]).fit(NoForward(), _loader())
     assert callback.twa is not None
+
+
+class _SkipsAnEpoch(torch.utils.data.Sampler):
+    """In order, but empty in one epoch: what a fit resumed from a checkpoint at an epoch's
+    last batch sees from a loader that keeps its place (torchdata's StatefulDataLoader)."""
+
+    def __init__(self, n: int, empty: int):
+        self.n, self.empty, self.epoch = n, empty, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(()) if self.epoch == self.empty else iter(range(self.n))
+
+
+def test_an_epoch_that_ran_no_batch_is_not_kept_as_a_copy_of_the_one_before(tmp_path):
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    loader = DataLoader(TensorDataset(_X, _Y), batch_size=16, sampler=_SkipsAnEpoch(len(_X), empty=2))
+    with pytest.warns(RuntimeWarning, match="epoch 2 ran no training batch"):
+        _trainer(tmp_path, callbacks=[callback]).fit(_Net(), loader)
+    assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=3.safetensors"]
 
 
 def test_fast_dev_run_leaves_the_callback_out_with_a_warning(tmp_path):

@@ -1,11 +1,12 @@
 """What transformers' Trainer and Seq2SeqTrainer ask of the model they train, answered by a
 TWA for the model it wraps: its config and generation config (the same objects), whether its
-forward takes loss arguments, activation checkpointing turned on in it, and generate() at the
-averaged weights. A mixin of TWA's, kept apart so that twa.py holds the training itself."""
+forward takes loss arguments, its class name and input embeddings, activation checkpointing
+turned on in it, and generate() at the averaged weights. A mixin of TWA's, kept apart so that twa.py holds the training itself."""
 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,27 @@ class TransformersFacade:
         parameters = inspect.signature(model.forward).parameters.values()
         return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
+    def _get_name(self) -> str:
+        """The wrapped model's class name (a PeftModel's: its base model's), not "TWA": the
+        Trainer's label smoothing shifts the labels by one only for a model whose name is a
+        causal LM's, and scored a TWA over GPT-2 on its own input tokens. A TWA's repr
+        still says TWA."""
+        model = self.module
+        peft = sys.modules.get("peft")  # a PeftModel has imported it
+        if peft is not None and isinstance(model, peft.PeftModel):
+            model = model.base_model.model
+        return model._get_name()
+
+    def __repr__(self) -> str:
+        own = super().__repr__()  # nn.Module's, which starts with _get_name()
+        return "TWA" + own[len(self._get_name()):]
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The wrapped model's input embeddings (transformers): where the Trainer's NEFTune
+        puts its noise, which then reaches every forward of the TWA."""
+        return self._models_own("get_input_embeddings", "leave NEFTune (neftune_noise_alpha) off, or add noise to "
+                                "the embeddings in the model's own forward")()
+
     # transformers' Trainer turns activation checkpointing on through the model it is given,
     # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
     # TWA's weights (see the module docstring), so these hand the call on.
@@ -74,12 +96,11 @@ class TransformersFacade:
                 return bool(getattr(model, name))
         return False
 
-    def _models_own(self, name: str) -> Callable[..., Any]:
+    def _models_own(self, name: str, fix: str = "wrap its blocks in torch.utils.checkpoint.checkpoint(..., "
+                    "use_reentrant=False) in its forward, or leave activation checkpointing off") -> Callable[..., Any]:
         method = getattr(self.module, name, None)
         if not callable(method):
-            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no {name}(): wrap its "
-                             "blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) in its forward, "
-                             "or leave activation checkpointing off")
+            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no {name}(): {fix}")
         return method
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

@@ -168,6 +168,7 @@ class TrainableWeightAveraging(pl.Callback):
         self._last: int | None = None  # max_epochs of the run: the TWA epochs come after it
         self._loaded: dict[str, Any] | None = None  # the TWA state of a resumed checkpoint
         self._twa_optimizer: torch.optim.Optimizer | None = None
+        self._batches_run: int | None = None  # the training batches of the current epoch (None: not counted)
         self._run_optimizers: list[torch.optim.Optimizer] = []
         self._run_schedulers: list[Any] = []
 
@@ -240,6 +241,7 @@ class TrainableWeightAveraging(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._off:
             return
+        self._batches_run = 0  # a resumed fit runs no on_train_epoch_start for the epoch it resumes into
         epoch = trainer.current_epoch  # restored by now on a resume
         if epoch > self._first and not self.snapshots and self._loaded is None:
             raise UsageError(f"TrainableWeightAveraging keeps epochs {self._first}..{self._last - 1}, but this "
@@ -287,6 +289,7 @@ class TrainableWeightAveraging(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._off:
             return
+        self._batches_run = 0
         if trainer.current_epoch >= self._last and self.twa is None:
             self._start_twa(trainer, pl_module)
 
@@ -296,6 +299,8 @@ class TrainableWeightAveraging(pl.Callback):
         # that ModelCheckpoint writes at this batch (its hooks run after this callback's), so
         # that a fit resumed from that checkpoint holds this epoch's snapshot. Lightning runs
         # no on_train_epoch_end for the epoch it resumes into.
+        if self._batches_run is not None:
+            self._batches_run += 1
         if trainer.is_last_batch:
             self._snapshot(trainer, pl_module)
 
@@ -307,6 +312,16 @@ class TrainableWeightAveraging(pl.Callback):
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
+            return
+        if self._batches_run == 0:
+            # a fit resumed from a checkpoint taken at an epoch's last batch, with a loader that
+            # keeps its place (torchdata's StatefulDataLoader), runs the next epoch with no batch
+            warnings.warn(f"TrainableWeightAveraging: epoch {epoch} ran no training batch (a fit resumed from a "
+                          "checkpoint taken at an epoch's last batch, with a loader that keeps its place, runs the "
+                          "next epoch empty); its weights are the epoch before's, so it is not kept as a snapshot. "
+                          "Resume from a checkpoint taken at an epoch's end or inside one", RuntimeWarning,
+                          stacklevel=2)
+            self._snapped = epoch
             return
 
         def write() -> tuple[str, str] | None:
@@ -492,7 +507,9 @@ class TrainableWeightAveraging(pl.Callback):
             if tuple(saved.shape) != tuple(self.twa.coefficients.shape):
                 raise UsageError(f"the checkpoint's TWA coefficients are {tuple(saved.shape)} but this callback's TWA "
                                  f"has {tuple(self.twa.coefficients.shape)}: resume with the bits, granularity and "
-                                 "group_size the run started with")
+                                 "group_size the run started with, and with the same parameters trainable "
+                                 "(requires_grad) when the TWA epochs start: a callback that freezes or thaws layers "
+                                 "(BackboneFinetuning) may leave them otherwise after a resume")
             self.twa.coefficients.data.copy_(saved)
             self._twa_optimizer.load_state_dict(self._loaded["optimizer"])
             self._loaded = None
