@@ -1,7 +1,8 @@
 """What transformers' Trainer and Seq2SeqTrainer ask of the model they train, answered by a
 TWA for the model it wraps: its config and generation config (the same objects), whether its
 forward takes loss arguments, its class name and input embeddings, activation checkpointing
-turned on in it, and generate() at the averaged weights. A mixin of TWA's, kept apart so that twa.py holds the training itself."""
+turned on in it, and generate() at the averaged weights. A mixin of TWA's, kept apart so
+that twa.py holds the training itself."""
 
 from __future__ import annotations
 
