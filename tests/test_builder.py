@@ -127,6 +127,14 @@ def test_the_range_check_names_the_key_of_the_first_value_out_of_range_in_any_wi
         builder.check_range(row, layout, "checkpoint", 0)
 
 
+def test_float64_checkpoints_beyond_float32s_range_are_named_as_such():
+    # they lie close to their average; float32, which the basis is, cannot hold them
+    make = lambda: nn.Linear(3, 2).double()  # noqa: E731
+    big = [{k: torch.full_like(v, scale) for k, v in make().state_dict().items()} for scale in (1.0e39, 1.1e39, 1.2e39)]
+    with pytest.raises(tk.CheckpointError, match="holds a value float32 cannot"):
+        tk.TWA(make(), big, bits=None)
+
+
 def test_checkpoints_that_span_nothing_or_hold_no_real_weights_are_named():
     # orthonormalising identical checkpoints ended in quantize's "P must have at least one row";
     # checkpoints without a real floating-point entry, in "block_sizes must be positive integers"

@@ -602,6 +602,22 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_power_iteration_on_a_bfloat16_model_settles_within_its_rounding():
+    # the default tol (1e-4) lies below bfloat16's step (2^-7): every run used all its products
+    import torch.nn.functional as F
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        x = torch.randn(64, 4)
+        data = [(x, (x[:, 0] > 0).long())]
+        exact = C.top_eigenvalue(net, F.cross_entropy, data, seed=seed)
+        low = C.top_eigenvalue(copy.deepcopy(net).bfloat16(), lambda out, y: F.cross_entropy(out.float(), y),
+                               [(x.bfloat16(), data[0][1])], seed=seed)
+        assert exact.converged and low.converged, (seed, len(low.trace))
+        assert low.value == pytest.approx(exact.value, rel=0.05)
+
+
 def test_an_integer_parameter_stays_fixed_outside_the_hessian(tiny):
     # requires_grad on it raised torch's "only Tensors of floating point dtype can require gradients"
     import torch.nn.functional as F

@@ -1033,6 +1033,31 @@ def test_a_view_claiming_more_elements_than_its_file_holds_is_named_before_it_is
     assert done.stdout.count("'weight' claims 10000000000 elements") == 4, done.stdout
 
 
+class _BroadcastBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.rand(3, 1).expand(3, 4))  # kept expanded, as some models do
+
+    def forward(self, x):
+        return self.lin(x * self.scale[0])
+
+
+def test_a_broadcast_buffer_a_model_keeps_expanded_is_read_as_its_values(tmp_path):
+    # a model's own state_dict, which torch saves and loads as it is, was refused as a hostile view
+    torch.manual_seed(0)
+    states = [_BroadcastBuffer().state_dict() for _ in range(3)]
+    torch.save(states[0], tmp_path / "one.pt")
+    loaded = tk.load_state_dict(tmp_path / "one.pt")
+    assert torch.equal(loaded["scale"], states[0]["scale"]) and loaded["scale"].is_contiguous()
+    average = tk.uniform_average(states)
+    for key in ("lin.weight", "scale"):
+        torch.testing.assert_close(average[key], sum(s[key] for s in states) / 3)
+    twa = tk.TWA(_BroadcastBuffer(), states, bits=8)
+    twa(torch.randn(2, 4)).sum().backward()
+    assert twa.coefficients.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("index", [0, 2])
 def test_a_meta_tensor_in_a_checkpoint_is_named_wherever_it_is(index):
     # on the CPU, adding a meta tensor changes nothing: the mean would have come out short

@@ -784,6 +784,32 @@ def test_a_cast_inside_averaged_model_lasts_for_the_block_and_leaves_the_frozen_
     assert torch.equal(twa.averaged_state_dict()["0.weight"], stored)
 
 
+def test_a_cast_inside_averaged_model_leaves_the_models_buffers_as_they_were():
+    # only the parameters came back: BatchNorm's statistics stayed bfloat16 (the next forward
+    # raised torch's dtype error, the export held rounded statistics)
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))  # noqa: E731
+    ckpts = []
+    for i in range(3):
+        net = make()
+        net[1].running_mean.normal_()
+        ckpts.append({k: v + 0.1 * i if v.is_floating_point() else v for k, v in net.state_dict().items()})
+    twa = tk.TWA(make(), ckpts, bits=8).eval()
+    twa.module.load_state_dict(ckpts[0])
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before, exported = twa(x), twa.averaged_state_dict()
+    mean = twa.module[1].running_mean
+    with twa.averaged_model() as model:
+        model.to(torch.bfloat16)
+        assert model[1].running_mean.dtype == torch.bfloat16
+    assert twa.module[1].running_mean is mean and mean.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
+    after = twa.averaged_state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in exported.items())
+
+
 def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
     twa, x = _twa_with_a_frozen_first_layer()
     for change in (lambda weight: weight.add_(1.0), lambda weight: weight.data.add_(1.0)):  # .data: no version

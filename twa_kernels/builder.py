@@ -102,8 +102,9 @@ def check_range(window: Tensor, layout: Layout, source: str, start: int) -> None
         if bool(bad.any()):
             name = layout.name_of_column(start + a + int(bad.nonzero()[0]))
             raise CheckpointError(f"{source}: key {name!r} lies more than {_ROW_LIMIT:.2g} from the checkpoints' "
-                                  "average (an overflowing, diverged checkpoint?); leave this checkpoint out or "
-                                  "repair it")
+                                  "average, or holds a value float32 cannot (over 3.4e38, as a float64 checkpoint "
+                                  "can): an overflowing, diverged checkpoint? The basis is float32: leave this "
+                                  "checkpoint out or repair it")
 
 
 def check_tied(reader: ColumnReader, layout: Layout) -> None:

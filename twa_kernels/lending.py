@@ -398,6 +398,20 @@ class LentWeights:
             self.close(ctx.loan)
 
 
+@contextmanager
+def keeping_buffers(model: nn.Module) -> Iterator[None]:
+    """The model's buffers, as objects, back in their slots on exit: a cast or a move inside
+    (`model.to(torch.bfloat16)`) puts new tensors there, and would leave BatchNorm's
+    statistics, or a rotary embedding's frequencies, rounded to the block's dtype. A buffer
+    changed in place inside stays changed, as the model's own would."""
+    kept = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
+    try:
+        yield
+    finally:
+        for module, name, buffer in kept:
+            module._buffers[name] = buffer
+
+
 class LoanAnchor(torch.autograd.Function):
     """Identity on the weights a recording forward hands the model, and an empty token that
     OutputTie joins to the model's output. Its backward runs once every use of those weights

@@ -71,7 +71,7 @@ from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_mode
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
 from twa_kernels._twa_state import check_loaded_state, record_shard, state_entry, take_own_rank
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
-from twa_kernels.lending import LentWeights, LoanAnchor, same_key
+from twa_kernels.lending import LentWeights, LoanAnchor, keeping_buffers, same_key
 from twa_kernels.io import (Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints,
                             strip_wrapper_prefixes, unwrap_model)
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
@@ -656,14 +656,15 @@ class TWA(TransformersFacade, nn.Module):
                 tokens = model.generate(prompt, max_new_tokens=20)
 
         What the block does to the model lasts for the block: a cast (`model.to(torch.bfloat16)`)
-        or a move is undone on exit. A frozen parameter changed in place there (merging
+        or a move is undone on exit, for its parameters and buffers alike. A frozen parameter changed in place there (merging
         adapters into it) raises UsageError on exit, since the TWA holds its one copy. The
         block's weights are plain tensors, not Parameters: to keep the average as a model of
         its own, load `averaged_state_dict()` into a fresh one rather than copying this one.
         """
         with torch.no_grad():
             weights = self.weights()
-        with self._lent.lending([weights[name] for name in self.names + self.frozen_names]), \
+        lent = [weights[name] for name in self.names + self.frozen_names]
+        with keeping_buffers(self.module), self._lent.lending(lent), \
                 self._keeping_frozen("inside averaged_model()", every=True):
             yield self.module
 

@@ -226,7 +226,8 @@ def top_eigenvalue(
     magnitude: the sharpness at a minimum, where the largest eigenvalues are positive) by
     power iteration on Hessian-vector products. Stops when the Rayleigh quotient changes by
     less than tol relative to itself and v is an eigenvector to within sqrt(tol) (residual
-    |Hv - theta v| relative to theta), or after `iters` products, unconverged: a Hessian
+    |Hv - theta v| relative to theta; tol is at least 4 eps of the weights' dtype, 0.03 for
+    bfloat16), or after `iters` products, unconverged: a Hessian
     whose largest eigenvalues are +lambda and -lambda never converges. Eval mode and `seed` (the
     start vector) as hessian_diagonal. A zero Hessian (H v = 0) gives 0.0, converged; a product
     that is not finite (the loss overflows or is NaN at these weights) stops it at once with a
@@ -247,6 +248,10 @@ def top_eigenvalue(
     with preserved(model):
         model.eval()
         params, hvp = _hvp(model, loss_fn, data)
+        # products in bfloat16 move by a few of its steps (eps 2^-7) from one to the next
+        coarsest = max((p.dtype for p in params.values() if p.is_floating_point()),
+                       key=lambda dtype: torch.finfo(dtype).eps, default=torch.float32)
+        tol = max(tol, 4 * torch.finfo(coarsest).eps)
         v = {k: torch.randn(p.shape, generator=gen).to(p) for k, p in params.items()}
         for _ in progress_bar(range(iters), enabled=progress, desc="power iteration"):
             norm = torch.sqrt(sum((t * t).sum() for t in v.values()))
@@ -270,6 +275,10 @@ def top_eigenvalue(
                 break
             v = hv
     if not converged:
-        logger.warning("top_eigenvalue: no convergence in %d iterations (last relative change %.2g)", iters,
-                       abs(trace[-1] - trace[-2]) / max(abs(trace[-1]), 1e-30) if len(trace) > 1 else float("nan"))
+        coarse = (f"; the weights are {str(coarsest).removeprefix('torch.')}, whose rounding can keep the products "
+                  "from settling: a float32 copy (copy.deepcopy(model).float()) converges further"
+                  if torch.finfo(coarsest).bits < 32 else "")
+        logger.warning("top_eigenvalue: no convergence in %d iterations (last relative change %.2g)%s", iters,
+                       abs(trace[-1] - trace[-2]) / max(abs(trace[-1]), 1e-30) if len(trace) > 1 else float("nan"),
+                       coarse)
     return EigenResult(trace[-1], trace, converged)

@@ -161,6 +161,11 @@ def _not_dense_values(value: Tensor) -> str | None:
     return f"a {value.layout} tensor" if value.layout != torch.strided else None
 
 
+# The most bytes a checkpoint's expanded views may add when made whole: far above any broadcast
+# buffer of a real model, far below what a hostile file could claim from a few bytes.
+_EXPANDED_BYTES_LIMIT = 256 << 20
+
+
 def _storage_bytes(value: Tensor) -> int | None:
     """The bytes of the storage under `value`; None for a tensor subclass without one."""
     try:
@@ -204,6 +209,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
         where = (f" at its top level (it nests mappings under {', '.join(holders[:3])}: pass the state_dict itself, "
                  "e.g. torch.load(path)[key])" if holders else "")
         raise CheckpointError(f"{source}: holds no tensors{where}; save model.state_dict()")
+    expanded_bytes = 0  # what the expanded views below claim beyond their storage
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{source}: the tensor under key {key!r} ({type(key).__name__}) has no string name; "
@@ -212,12 +218,17 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
             raise CheckpointError(f"{source}: key {key!r} is {kind}; save the model's real, dense weights "
                                   "(materialise meta tensors, .to_dense() sparse ones)")
         if (stored := _storage_bytes(value)) is not None and value.numel() * value.element_size() > stored:
-            # an expanded or overlapping view: it would be read, summed and checked element by
-            # element, however few bytes the file holds (10**12 elements from 4 bytes)
-            raise CheckpointError(f"{source}: key {key!r} claims {value.numel()} elements of shape "
-                                  f"{tuple(value.shape)} but its storage holds {stored} bytes (an expanded or "
-                                  "overlapping view); save each weight whole: "
-                                  "{k: v.contiguous() for k, v in state_dict.items()}")
+            # an expanded or overlapping view (a broadcast buffer a model keeps as expand()):
+            # made whole, within a bound, since it is read, summed and checked element by element
+            # however few bytes the file holds (10**12 elements from 4 bytes)
+            expanded_bytes += value.numel() * value.element_size() - stored
+            if expanded_bytes > _EXPANDED_BYTES_LIMIT:
+                raise CheckpointError(f"{source}: key {key!r} claims {value.numel()} elements of shape "
+                                      f"{tuple(value.shape)} but its storage holds {stored} bytes (an expanded or "
+                                      f"overlapping view), and the checkpoint's expanded views come to more than "
+                                      f"{_EXPANDED_BYTES_LIMIT >> 20} MiB beyond their bytes; save each weight whole: "
+                                      "{k: v.contiguous() for k, v in state_dict.items()}")
+            tensors[key] = value.contiguous()
     # values only: a state_dict of live Parameters (named_parameters(), or a file saved from
     # them) would otherwise put the averages, and the checkpoints with them, in the graph
     tensors = {k: v.detach() if v.requires_grad else v for k, v in tensors.items()}
