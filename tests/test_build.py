@@ -111,23 +111,28 @@ def test_cache_key_follows_the_cpus_features_not_only_its_name(monkeypatch):
 
 def test_a_build_killed_mid_compile_leaves_nothing_behind_for_long(tmp_path, monkeypatch):
     """Building directories whose owner died are removed by the next build; one whose
-    owner still holds its lock is left alone."""
+    owner still holds its lock is left alone, and so are the user's folders that only look
+    like one (the cache may be any folder)."""
     monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
-    for name in ("cpu-k1.building.dead1", "cpu-k2.building.dead2", "cpu-k3.building.alive"):
+    k1, k2, k3 = (f"{n:016x}" for n in (1, 2, 3))
+    for name in (f"cpu-{k1}.building.dead1abc", f"cuda-{k2}.building.dead2abc", f"cpu-{k3}.building.alive_ab",
+                 "thesis.building.v2", f"cpu-{k1}.building.mine"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "partial.o").write_bytes(b"\0" * 10)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom filelock import FileLock\n"
-        f"with FileLock({str(tmp_path / 'cpu-k3.lock')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        f"with FileLock({str(tmp_path / f'cpu-{k3}.lock')!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        built = _build._cached_build("cpu", "k1", "lib.so", lambda d: (d / "lib.so").write_bytes(b"lib"))
+        built = _build._cached_build("cpu", k1, "lib.so", lambda d: (d / "lib.so").write_bytes(b"lib"))
     finally:
         holder.kill()
         holder.wait(timeout=30)
     assert built.read_bytes() == b"lib"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cpu-k1", "cpu-k3.building.alive"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
+        [f"cpu-{k1}", f"cpu-{k3}.building.alive_ab", "thesis.building.v2", f"cpu-{k1}.building.mine"])
+    assert not (tmp_path / "thesis.lock").exists()  # no lock made for an owner that is no build
 
 
 def test_a_cached_library_cut_short_or_emptied_is_built_again(tmp_path, monkeypatch):

@@ -217,11 +217,18 @@ def _loaded_from(library: Path) -> None:
     _loaded[library.stem] = library
 
 
+# The temporary directory of a build, as _cached_build's mkdtemp names it: the cache may be a
+# folder the user keeps other things in (TWA_KERNELS_CACHE), whose look-alikes stay untouched.
+_BUILDING_NAME = re.compile(r"(cpu|cuda|cuda-kernels)-[0-9a-f]{16}\.building\.[a-z0-9_]{8}")
+
+
 def _remove_abandoned_builds(root: Path, held: str) -> None:
     """Delete the temporary directories of builds whose process died mid-compile (killed,
     out of memory). A live build holds its key's lock for its whole life, so a building
     directory whose lock this process holds (`held`) or can take at once has no owner left."""
     for stale in root.glob("*.building.*"):
+        if not _BUILDING_NAME.fullmatch(stale.name):  # not a build's: a folder of the user's, left alone
+            continue
         owner = stale.name.split(".building.", 1)[0]
         if owner == held:
             shutil.rmtree(stale, ignore_errors=True)
