@@ -218,7 +218,8 @@ def test_killed_run_resumes_after_the_last_finished_round(tmp_path):
         rounds_run.append(r)
         inner(model, r)
 
-    resumed = tk.prune.imp(make_model(0), train_fn, rounds=5, rate=0.3, out_dir=out)
+    with pytest.warns(UserWarning, match=r"resuming the run in .* after round 2.*train_fn must train as it did"):
+        resumed = tk.prune.imp(make_model(0), train_fn, rounds=5, rate=0.3, out_dir=out)
     full = tk.prune.imp(make_model(0), small_train_fn(), rounds=5, rate=0.3, out_dir=tmp_path / "full")
     assert rounds_run == [3, 4, 5]  # rounds 0-2 were not redone
     assert len(resumed.masks) == len(full.masks) == 6
@@ -228,7 +229,8 @@ def test_killed_run_resumes_after_the_last_finished_round(tmp_path):
     for key, value in resumed.trained(5).items():
         assert torch.equal(value, full.trained(5)[key]), key
     # a finished run asked again does nothing and returns the same masks
-    again = tk.prune.imp(make_model(0), lambda m, r: pytest.fail("retrained"), rounds=5, rate=0.3, out_dir=out)
+    with pytest.warns(UserWarning, match="resuming"):
+        again = tk.prune.imp(make_model(0), lambda m, r: pytest.fail("retrained"), rounds=5, rate=0.3, out_dir=out)
     assert all(torch.equal(again.masks[5][n], full.masks[5][n]) for n in full.masks[5])
     with pytest.raises(PruningError, match="rate=0.3.*new out_dir"):
         tk.prune.imp(make_model(0), small_train_fn(), rounds=5, rate=0.2, out_dir=out)
@@ -277,6 +279,26 @@ def test_train_classifier_seed_reproduces_and_leaves_the_global_rng_alone(digits
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(tk.errors.InvalidTypeError, match="seed"):
         tk.prune.classification_train_fn(digits, seed="7")
+
+
+def test_a_second_run_on_a_folder_a_run_is_writing_is_refused_not_mixed(tmp_path):
+    # both wrote their rounds into one folder, and each read back the other's files
+    out = tmp_path / "imp"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(out)!r}, os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(tk.errors.OutputError, match="is being written by another tk.prune.imp run running now"):
+            tk.prune.imp(make_model(0), lambda m, r: pytest.fail("trained"), rounds=1, out_dir=out)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert list(out.iterdir()) == []  # nothing written by the refused run
+    tk.prune.imp(make_model(0), small_train_fn(), rounds=1, out_dir=out)  # the folder is free again
+    assert (out / "imp.json").exists()
 
 
 def test_an_out_dir_that_is_a_file_or_corrupt_resume_state_is_named(tmp_path):

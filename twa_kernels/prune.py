@@ -60,7 +60,7 @@ from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.batchnorm import batch_of_one_named, layout_named
 from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
 from twa_kernels.geometry.evaluation import SPLIT_BATCH_FIX, classification_metric, split_batch
-from twa_kernels.io import StateDict, save_state_dict, tied_owners, write_json
+from twa_kernels.io import StateDict, directory_held, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import attention_projections, computed_weight, weight_layer_types
 
 logger = logging.getLogger(__name__)
@@ -664,7 +664,10 @@ def _resume(out: Path, settings: dict, model: nn.Module) -> tuple[dict, list[Mas
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; the IMP run cannot resume: {_start_over(out)}") from exc
     if manifest["done"] >= 0:
-        logger.info("resuming the IMP run in %s after round %d", out, manifest["done"])
+        # the settings above are checked; what train_fn does (its epochs, its seed) cannot be
+        warnings.warn(f"tk.prune.imp: resuming the run in {str(out)!r} after round {manifest['done']}, whose rounds "
+                      "are the earlier run's files; train_fn must train as it did then (imp cannot check it), or "
+                      f"{_start_over(out)}", UserWarning, stacklevel=3)
     return manifest, masks, rewind_state
 
 
@@ -714,39 +717,41 @@ def imp(
     except OSError as exc:  # a file at out_dir or above it, no permission, a read-only file system
         raise OutputError(f"out_dir {str(out)!r} cannot be made a directory ({exc.strerror or exc}); pass an "
                           f"out_dir that is a directory or does not exist yet") from exc
-    settings = dict(rate=rate, rewind=rewind, scope=scope, layers=names, shapes=_shapes(model.state_dict()))
-    manifest_path = out / _MANIFEST
-    init = _clone_state(model)
-    manifest, masks, rewind_state = _resume(out, settings, model)
-    for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",
-                          leave=True):
-        written: list[Path] = []
-        try:
-            rewind_state = _imp_round(model, train_fn, r, out, names, settings, init, masks, rewind_state, rewind,
-                                      scope, written)
-            files = {kind: f"round_{r:02d}_{kind}.safetensors" for kind in ("mask", "rewound", "trained")}
-            finished = {**manifest, "done": r, "sparsity": [*manifest["sparsity"], sparsity(masks[-1])],
-                        "files": [*manifest["files"], files]}
-            write_json(manifest_path, finished)
-            manifest = finished
-        except BaseException:
-            # a round that did not finish leaves nothing: the model as after the last finished
-            # round, read back from its file (round 0: as it came, so that imp() run again here
-            # starts from the same init), and none of the round's files, unless imp.json names
-            # them (an interruption after its rename)
-            del masks[manifest["done"] + 1:]
-            with contextlib.suppress(Exception):
-                model.load_state_dict(init if r == 0 else _read_round(out / manifest["files"][-1]["trained"]))
-            if not _manifest_names_round(manifest_path, r):
-                for path in written:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-            raise
-        logger.info("IMP round %d: sparsity %.4f", r, manifest["sparsity"][-1])
-    if manifest["done"] > rounds:  # an earlier run went further: report the rounds asked for
-        model.load_state_dict(_read_round(out / manifest["files"][rounds]["trained"]))
-    keep = rounds + 1
-    return IMPResult(out, masks[:keep], manifest["sparsity"][:keep], rewind, manifest["files"][:keep])
+    # one run at a time: a second one would write its rounds over this one's and mix them
+    with directory_held(out, "tk.prune.imp run"):
+        settings = dict(rate=rate, rewind=rewind, scope=scope, layers=names, shapes=_shapes(model.state_dict()))
+        manifest_path = out / _MANIFEST
+        init = _clone_state(model)
+        manifest, masks, rewind_state = _resume(out, settings, model)
+        for r in progress_bar(range(manifest["done"] + 1, rounds + 1), enabled=progress, desc="IMP", unit="round",
+                              leave=True):
+            written: list[Path] = []
+            try:
+                rewind_state = _imp_round(model, train_fn, r, out, names, settings, init, masks, rewind_state, rewind,
+                                          scope, written)
+                files = {kind: f"round_{r:02d}_{kind}.safetensors" for kind in ("mask", "rewound", "trained")}
+                finished = {**manifest, "done": r, "sparsity": [*manifest["sparsity"], sparsity(masks[-1])],
+                            "files": [*manifest["files"], files]}
+                write_json(manifest_path, finished)
+                manifest = finished
+            except BaseException:
+                # a round that did not finish leaves nothing: the model as after the last finished
+                # round, read back from its file (round 0: as it came, so that imp() run again here
+                # starts from the same init), and none of the round's files, unless imp.json names
+                # them (an interruption after its rename)
+                del masks[manifest["done"] + 1:]
+                with contextlib.suppress(Exception):
+                    model.load_state_dict(init if r == 0 else _read_round(out / manifest["files"][-1]["trained"]))
+                if not _manifest_names_round(manifest_path, r):
+                    for path in written:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                raise
+            logger.info("IMP round %d: sparsity %.4f", r, manifest["sparsity"][-1])
+        if manifest["done"] > rounds:  # an earlier run went further: report the rounds asked for
+            model.load_state_dict(_read_round(out / manifest["files"][rounds]["trained"]))
+        keep = rounds + 1
+        return IMPResult(out, masks[:keep], manifest["sparsity"][:keep], rewind, manifest["files"][:keep])
 
 
 def _manifest_names_round(path: Path, r: int) -> bool:

@@ -50,14 +50,14 @@ from twa_kernels.io.read import (
     torch_load_safely,
     verify_zip_crc,
 )
-from twa_kernels.io.write import (atomic_write, atomic_write_together, check_output_file, json_record, save_state_dict,
-                                  write_json)
+from twa_kernels.io.write import (atomic_write, atomic_write_together, check_output_file, directory_held, json_record,
+                                  save_state_dict, write_json)
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "CheckpointError", "CheckpointSpec", "Checkpoints", "ModelKeys", "StateDict",
     "TWA_AVERAGE_MARK", "adapter_file_keys", "adapter_hint", "atomic_write", "atomic_write_together",
     "changed_error", "check_finite", "check_output_file", "checkpoint_aliases", "checkpoint_directory_files",
-    "file_stamp", "fill_tied_keys", "finite", "is_dcp_directory", "iter_state_dicts", "json_record",
+    "directory_held", "file_stamp", "fill_tied_keys", "finite", "is_dcp_directory", "iter_state_dicts", "json_record",
     "load_state_dict", "match_names", "model_key_names", "model_renaming", "parameter_aliases",
     "refuse_decorrelated_keys", "resolve_checkpoints", "save_state_dict", "strip_wrapper_prefixes", "tied_owners",
     "torch_load_safely", "trainer_output_hint", "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",

@@ -10,7 +10,8 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,31 @@ class Temporary:
             if self._lock_fd is not None:
                 fd, self._lock_fd = self._lock_fd, None
                 os.close(fd)
+
+
+@contextmanager
+def directory_held(directory: Path, what: str) -> Iterator[None]:
+    """An exclusive flock on `directory` itself for the block (no lock file is left in it):
+    a second run writing the same folder (`what`) at once is refused with OutputError,
+    rather than writing over the first one's files and mixing them. The kernel drops the
+    lock with the process however it ends. Where the file system has no locks, or without
+    fcntl (Windows), the block runs unlocked."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{str(directory)!r} is being written by another {what} running now; wait for it "
+                                  "to finish, or pass another folder") from None
+            if exc.errno not in _NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove_abandoned_temporaries(target: Path) -> None:
