@@ -529,6 +529,21 @@ def test_the_warning_for_another_runs_progress_says_what_differs():
     assert _what_differs(base, fingerprint({"epochs": 3}, [], 2, "1.1")) == \
         "other settings, another version of twa-kernels (1.0)"
     assert _what_differs("not json", base) == "other settings or checkpoints"
+    # another backend or thread count sums in another order: a resume would end elsewhere
+    cpp = fingerprint({"epochs": 2}, [], 2, "1.0", "cpp, TWA_KERNELS_CPU_ISA=avx512, 2 threads")
+    assert _what_differs(cpp, fingerprint({"epochs": 2}, [], 2, "1.0", "reference")) == \
+        "other kernels (cpp, TWA_KERNELS_CPU_ISA=avx512, 2 threads then, reference now)"
+
+
+def test_the_kernels_a_fit_runs_on_are_named_with_their_setting_and_thread_count(monkeypatch):
+    from twa_kernels._ops import kernels_in_use
+
+    monkeypatch.delenv("TWA_KERNELS_CPU_ISA", raising=False)
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "reference")
+    assert kernels_in_use(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
+    monkeypatch.setenv("TWA_KERNELS_CPU_ISA", "avx2")
+    assert kernels_in_use(torch.device("cpu")) == f"cpp, TWA_KERNELS_CPU_ISA=avx2, {torch.get_num_threads()} threads"
 
 
 @pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders", "damaged"])

@@ -92,10 +92,11 @@ def _code_digests(settings: Any) -> list[list[str]]:
     return digests
 
 
-def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version: str) -> str:
+def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version: str, kernels: str = "") -> str:
     """The settings, the number of processes, the library's version, each checkpoint file's
-    path, size and modification time, and the source of the modules the settings import: a
-    run with the same fingerprint trains the same TWA from the same files with the same code."""
+    path, size and modification time, the source of the modules the settings import, and the
+    kernels that run the ops (backend, instruction set, threads: each sums in its own order):
+    a run with the same fingerprint trains the same TWA from the same files with the same code."""
     stamps = []
     for spec in inputs:
         if not isinstance(spec, (str, os.PathLike)):  # a state_dict given in memory: no file to stamp
@@ -107,13 +108,14 @@ def fingerprint(settings: dict[str, Any], inputs: list, world_size: int, version
                 stamps.append([name, st.st_size, st.st_mtime_ns])
             except (OSError, ValueError):  # gone since it was listed: the build will say so
                 stamps.append([name])
-    return json.dumps([settings, world_size, version, stamps, _code_digests(settings)], sort_keys=True, default=str)
+    return json.dumps([settings, world_size, version, stamps, _code_digests(settings), kernels], sort_keys=True,
+                      default=str)
 
 
 def _what_differs(saved: object, run: str) -> str:
     """What a saved fingerprint and this run's differ in, in words."""
     try:
-        (settings, world, version, stamps, code), now = json.loads(saved), json.loads(run)
+        (settings, world, version, stamps, code, kernels), now = json.loads(saved), json.loads(run)
     except (TypeError, ValueError):  # not one this version writes
         return "other settings or checkpoints"
     changed = [name for name, *digest in now[4] if [name, *digest] not in code]
@@ -122,7 +124,8 @@ def _what_differs(saved: object, run: str) -> str:
         (f"another number of processes ({world} then, {now[1]} now)", world != now[1]),
         (f"another version of twa-kernels ({version})", version != now[2]),
         ("other checkpoint files (or files changed since)", stamps != now[3]),
-        (f"other code in {', '.join(changed)}", bool(changed))) if differs]
+        (f"other code in {', '.join(changed)}", bool(changed)),
+        (f"other kernels ({kernels} then, {now[5]} now)", kernels != now[5])) if differs]
     return ", ".join(parts) or "other settings or checkpoints"
 
 

@@ -71,6 +71,16 @@ def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}"
 
 
+def kernels_in_use(device: torch.device) -> str:
+    """The kernels that run the ops on `device`, in words: the backend, and for the C++ one
+    its instruction-set setting and torch's thread count (each thread sums its own columns,
+    and the threads' sums are added in order: another count rounds otherwise)."""
+    name = backend(device)
+    if name != "cpp":
+        return name
+    return f"cpp, TWA_KERNELS_CPU_ISA={os.environ.get('TWA_KERNELS_CPU_ISA', 'avx512')}, {torch.get_num_threads()} threads"
+
+
 def backend(device: torch.device | str = "cpu") -> str:
     """The backend that runs the ops on `device`: "cpp" | "triton" | "cuda" | "reference".
 

@@ -58,6 +58,7 @@ from torch import nn
 
 from twa_kernels import _fit_progress as fit_progress
 from twa_kernels._collectives import ranks_unlike_rank0
+from twa_kernels._ops import kernels_in_use
 from twa_kernels._progress import progress_bar
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
 from twa_kernels import distributed
@@ -366,10 +367,11 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                                   checkpoints=[str(p) for p in inputs],
                                   coefficients=list(twa.coefficients.shape),
                                   basis_bytes=int(shares["own"]), basis_bytes_per_rank=basis_bytes,
-                                  int8_gradients=twa.int8_gradients, world_size=world,
+                                  int8_gradients=twa.int8_gradients, kernels=kernels_in_use(twa.center.device),
+                                  world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     progress_file = fit_progress.progress_path(config.output)
-    run = fit_progress.fingerprint(settings, inputs, world, str(package_version()))
+    run = fit_progress.fingerprint(settings, inputs, world, str(package_version()), report["kernels"])
     ordered = [train_loader, val_loader]  # the loaders whose batch order a resumed run takes up
     resumed = _resumed(progress_file, run, config, twa, optimizer, ordered, group)
     # the loader trained on (the others' order changes only the order of a mean's terms), on rank 0
