@@ -78,7 +78,8 @@ def kernels_in_use(device: torch.device) -> str:
     name = backend(device)
     if name != "cpp":
         return name
-    return f"cpp, TWA_KERNELS_CPU_ISA={os.environ.get('TWA_KERNELS_CPU_ISA', 'avx512')}, {torch.get_num_threads()} threads"
+    isa = os.environ.get("TWA_KERNELS_CPU_ISA", "avx512")
+    return f"cpp, TWA_KERNELS_CPU_ISA={isa}, {torch.get_num_threads()} threads"
 
 
 def backend(device: torch.device | str = "cpu") -> str:
