@@ -1056,6 +1056,23 @@ def test_a_broadcast_buffer_a_model_keeps_expanded_is_read_as_its_values(tmp_pat
     twa = tk.TWA(_BroadcastBuffer(), states, bits=8)
     twa(torch.randn(2, 4)).sum().backward()
     assert twa.coefficients.grad.abs().sum() > 0
+    # from files, read through a mapping: the whole copy is on the heap, whose pages the
+    # reader gave back as if they were the file's (the process aborted)
+    paths = []
+    for i, state in enumerate(states):
+        torch.save({**state, "lin.weight": torch.randn(3, 1).expand(3, 4)}, tmp_path / f"c{i}.pt")
+        paths.append(tmp_path / f"c{i}.pt")
+    done = subprocess.run([sys.executable, "-c", (
+        "import torch, twa_kernels as tk\n"
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "from tests.test_hostile_input import _BroadcastBuffer\n"
+        f"twa = tk.TWA(_BroadcastBuffer(), {[str(p) for p in paths]!r}, bits=8)\n"
+        f"files = [torch.load(p) for p in {[str(p) for p in paths]!r}]\n"
+        "mean = sum(f['lin.weight'] for f in files) / 3\n"
+        "print(float((twa.averaged_state_dict()['lin.weight'] - mean).abs().max()))\n")],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 1e-6  # the coefficients start at the uniform average
 
 
 @pytest.mark.parametrize("index", [0, 2])

@@ -920,6 +920,18 @@ def test_a_copy_of_a_checkpoint_counts_once_in_a_directory_or_a_glob(tmp_path, c
             found = resolve_checkpoints(spec)
         assert [p.name for p in found] == ["epoch1.pt", "epoch2.pt", "epoch3.pt", "near.pt"]
         assert "leaving out last.pt (the same bytes as epoch3.pt)" in caplog.text
+    # named step=N, the copy sorts first: the numbered file is kept in its place, not the
+    # alias before the others (EMA then weighed the newest epoch as the oldest)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    for i in (1, 2, 10):
+        torch.save({"w": torch.full((300_000,), float(i))}, steps / f"step={i}.pt")
+    shutil.copyfile(steps / "step=10.pt", steps / "last.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twa_kernels"):
+        assert [p.name for p in resolve_checkpoints(steps)] == ["step=1.pt", "step=2.pt", "step=10.pt"]
+    assert "leaving out last.pt (the same bytes as step=10.pt)" in caplog.text
+    assert float(tk.ema_average(steps, decay=0.5)["w"][0]) == pytest.approx((1 * 0.5 + 2 * 0.5) * 0.5 + 10 * 0.5)
 
 
 def test_a_link_to_a_checkpoint_counts_it_once_in_a_directory_and_is_refused_in_a_list(tmp_path, caplog):

@@ -281,8 +281,12 @@ class ColumnReader:
         handle = self._handle()
         if self._kind != "safetensors":
             stored = handle[key]
-            # a view of the mapping only if contiguous (reshape copies otherwise)
-            return stored.reshape(-1)[a:b], self._kind == "mmap" and stored.is_contiguous()
+            # a view of the mapping only if contiguous (reshape copies otherwise) and the file's
+            # own storage: an expanded view made whole lives on the heap, whose pages are not
+            # the file's to give back
+            mapped = (self._kind == "mmap" and stored.is_contiguous()
+                      and stored.untyped_storage().filename is not None)
+            return stored.reshape(-1)[a:b], mapped
         if not shape:
             return handle.get_tensor(key).reshape(-1)[a:b], False
         row = math.prod(shape[1:])

@@ -318,8 +318,8 @@ def _digest(path: Path) -> bytes | None:
 
 
 def _without_copies(found: list[Path]) -> list[Path]:
-    """`found` less the files whose bytes repeat an earlier one's (a `last.pt` copied from the
-    newest epoch), with a warning: counted twice, it would weigh double in every average.
+    """`found` less the files whose bytes repeat another's (a `last.pt` copied from the newest
+    epoch), with a warning: counted twice, it would weigh double in every average.
     Only files of one size are sampled at a few blocks, and only those alike there are read
     whole, each once (checkpoints of a frozen backbone can differ in few blocks)."""
     by_size: dict[int, list[Path]] = {}
@@ -335,11 +335,16 @@ def _without_copies(found: list[Path]) -> list[Path]:
             if (sample := _sample(path, size)) is not None:
                 by_sample.setdefault(sample, []).append(path)
         for alike in by_sample.values():
-            first_of: dict[bytes, Path] = {}  # in `found`'s order: the first of each content is kept
+            same: dict[bytes, list[Path]] = {}
             for path in alike if len(alike) > 1 else ():
                 if (digest := _digest(path)) is not None:
-                    copies.update({id(path): first_of[digest]} if digest in first_of else {})
-                    first_of.setdefault(digest, path)
+                    same.setdefault(digest, []).append(path)
+            for group in same.values():
+                # the one whose name numbers it (step=10.pt, not last.pt) is kept, in its place in
+                # the order: the alias sorts elsewhere and would move the newest epoch (EMA's
+                # weights, TWA's rows); else the first in `found`'s order
+                kept = next((path for path in group if re.search(r"\d", path.name)), group[0])
+                copies.update({id(path): kept for path in group if path is not kept})
     if copies:
         logger.warning("leaving out %s: a copy of a checkpoint already counted would count it twice; pass a list of "
                        "files to choose them yourself", ", ".join(f"{p.name} (the same bytes as {copies[id(p)].name})"
