@@ -301,6 +301,28 @@ def test_a_second_run_on_a_folder_a_run_is_writing_is_refused_not_mixed(tmp_path
     assert (out / "imp.json").exists()
 
 
+def test_a_forked_child_of_a_run_does_not_keep_its_folder_locked(tmp_path):
+    # a DataLoader's persistent worker shared the lock, and the next imp() on the folder
+    # in the same process was refused as another run
+    import os
+    import time
+
+    from twa_kernels.io import directory_held
+
+    with directory_held(tmp_path, "tk.prune.imp run"):
+        child = os.fork()
+        if child == 0:
+            time.sleep(5)
+            os._exit(0)
+    try:
+        time.sleep(0.5)  # the child has run its fork handler
+        with directory_held(tmp_path, "tk.prune.imp run"):
+            pass
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+
 def test_an_out_dir_that_is_a_file_or_corrupt_resume_state_is_named(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

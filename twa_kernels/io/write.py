@@ -3,6 +3,7 @@ none), never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import errno
 import functools
@@ -112,17 +113,35 @@ class Temporary:
                 os.close(fd)
 
 
+# the descriptors directory_held holds: closed in a forked child (a DataLoader's worker),
+# which would otherwise share the lock and keep it past the block
+_HELD_DIRECTORIES: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD_DIRECTORIES:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_DIRECTORIES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextmanager
 def directory_held(directory: Path, what: str) -> Iterator[None]:
     """An exclusive flock on `directory` itself for the block (no lock file is left in it):
     a second run writing the same folder (`what`) at once is refused with OutputError,
     rather than writing over the first one's files and mixing them. The kernel drops the
-    lock with the process however it ends. Where the file system has no locks, or without
-    fcntl (Windows), the block runs unlocked."""
+    lock with the process however it ends; a forked child closes its copy of the
+    descriptor, so the lock ends with the block. Where the file system has no such locks
+    (NFS may refuse a directory's), or without fcntl (Windows), the block runs unlocked."""
     if fcntl is None:
         yield
         return
     fd = os.open(directory, os.O_RDONLY)
+    _HELD_DIRECTORIES.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -130,10 +149,11 @@ def directory_held(directory: Path, what: str) -> Iterator[None]:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OutputError(f"{str(directory)!r} is being written by another {what} running now; wait for it "
                                   "to finish, or pass another folder") from None
-            if exc.errno not in _NO_LOCKS:
+            if exc.errno not in (*_NO_LOCKS, errno.EBADF):
                 raise
         yield
     finally:
+        _HELD_DIRECTORIES.discard(fd)
         os.close(fd)
 
 
