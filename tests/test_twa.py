@@ -810,6 +810,34 @@ def test_a_cast_inside_averaged_model_leaves_the_models_buffers_as_they_were():
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in exported.items())
 
 
+class _GrowingTable(nn.Module):
+    """Like a dynamic rotary embedding: a longer input registers a longer buffer, and an
+    attribute records the length it was made for."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+        self.cached = 4
+
+    def forward(self, x):
+        if x.shape[0] > self.cached:
+            self.register_buffer("table", torch.arange(float(x.shape[0])), persistent=False)
+            self.cached = x.shape[0]
+        return self.lin(x) * self.table[: x.shape[0], None]
+
+
+def test_a_buffer_the_model_replaces_itself_inside_averaged_model_stays_with_its_attributes():
+    # every buffer object was put back, leaving the table short while `cached` said long
+    ckpts = [{k: v + 0.1 * i for k, v in _GrowingTable().state_dict().items()} for i in range(3)]
+    twa = tk.TWA(_GrowingTable(), ckpts, bits=8).eval()
+    with torch.no_grad(), twa.averaged_model() as model:
+        model(torch.randn(6, 4))
+    assert twa.module.cached == 6 and twa.module.table.shape == (6,)
+    with torch.no_grad():
+        twa(torch.randn(6, 4))
+
+
 def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
     twa, x = _twa_with_a_frozen_first_layer()
     for change in (lambda weight: weight.add_(1.0), lambda weight: weight.data.add_(1.0)):  # .data: no version

@@ -400,16 +400,21 @@ class LentWeights:
 
 @contextmanager
 def keeping_buffers(model: nn.Module) -> Iterator[None]:
-    """The model's buffers, as objects, back in their slots on exit: a cast or a move inside
-    (`model.to(torch.bfloat16)`) puts new tensors there, and would leave BatchNorm's
-    statistics, or a rotary embedding's frequencies, rounded to the block's dtype. A buffer
-    changed in place inside stays changed, as the model's own would."""
-    kept = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
+    """The model's buffers that a cast or a move inside (`model.to(torch.bfloat16)`) put in
+    another dtype or on another device, back as they were on exit: left, BatchNorm's
+    statistics or a rotary embedding's frequencies would stay rounded to the block's dtype.
+    A buffer the model itself replaces in its dtype and device (a dynamic rotary embedding
+    registering longer frequencies, with attributes that match them) stays, and so does one
+    changed in place; what a cast copy took in place during the block goes with it."""
+    kept = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+            if buffer is not None]
     try:
         yield
     finally:
         for module, name, buffer in kept:
-            module._buffers[name] = buffer
+            now = module._buffers.get(name)
+            if now is not None and now is not buffer and (now.dtype, now.device) != (buffer.dtype, buffer.device):
+                module._buffers[name] = buffer
 
 
 class LoanAnchor(torch.autograd.Function):
