@@ -530,9 +530,9 @@ def test_the_warning_for_another_runs_progress_says_what_differs():
         "other settings, another version of twa-kernels (1.0)"
     assert _what_differs("not json", base) == "other settings or checkpoints"
     # another backend or thread count sums in another order: a resume would end elsewhere
-    cpp = fingerprint({"epochs": 2}, [], 2, "1.0", "cpp, TWA_KERNELS_CPU_ISA=avx512, 2 threads")
+    cpp = fingerprint({"epochs": 2}, [], 2, "1.0", "cpp (avx512, int8 avx512-vnni), 2 threads")
     assert _what_differs(cpp, fingerprint({"epochs": 2}, [], 2, "1.0", "reference")) == \
-        "other kernels (cpp, TWA_KERNELS_CPU_ISA=avx512, 2 threads then, reference now)"
+        "other kernels (cpp (avx512, int8 avx512-vnni), 2 threads then, reference now)"
 
 
 def test_the_kernels_a_fit_runs_on_are_named_with_their_setting_and_thread_count(monkeypatch):
@@ -542,8 +542,10 @@ def test_the_kernels_a_fit_runs_on_are_named_with_their_setting_and_thread_count
     monkeypatch.setenv("TWA_KERNELS_BACKEND", "reference")
     assert kernels_in_use(torch.device("cpu")) == "reference"
     monkeypatch.setenv("TWA_KERNELS_BACKEND", "cpp")
-    monkeypatch.setenv("TWA_KERNELS_CPU_ISA", "avx2")
-    assert kernels_in_use(torch.device("cpu")) == f"cpp, TWA_KERNELS_CPU_ISA=avx2, {torch.get_num_threads()} threads"
+    monkeypatch.setenv("TWA_KERNELS_CPU_ISA", "avx2")  # the paths taken, not the setting: on any CPU
+    assert kernels_in_use(torch.device("cpu")) == f"cpp (avx2, int8 avx2), {torch.get_num_threads()} threads"
+    monkeypatch.delenv("TWA_KERNELS_CPU_ISA")
+    assert kernels_in_use(torch.device("cpu")).startswith(f"cpp ({torch.ops.twa_kernels_cpu.isa()}, int8 ")
 
 
 @pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders", "damaged"])

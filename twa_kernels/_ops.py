@@ -73,13 +73,14 @@ def _backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
 
 def kernels_in_use(device: torch.device) -> str:
     """The kernels that run the ops on `device`, in words: the backend, and for the C++ one
-    its instruction-set setting and torch's thread count (each thread sums its own columns,
-    and the threads' sums are added in order: another count rounds otherwise)."""
+    the instruction-set paths it takes here (float and int8, as the CPU and
+    TWA_KERNELS_CPU_ISA choose them) and torch's thread count (each thread sums its own
+    columns, and the threads' sums are added in order: another count rounds otherwise)."""
     name = backend(device)
     if name != "cpp":
         return name
-    isa = os.environ.get("TWA_KERNELS_CPU_ISA", "avx512")
-    return f"cpp, TWA_KERNELS_CPU_ISA={isa}, {torch.get_num_threads()} threads"
+    lib = torch.ops.twa_kernels_cpu
+    return f"cpp ({lib.isa()}, int8 {lib.int8_isa()}), {torch.get_num_threads()} threads"
 
 
 def backend(device: torch.device | str = "cpu") -> str:

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from twa_kernels import _fit_progress as fit_progress
-from twa_kernels._collectives import ranks_unlike_rank0
+from twa_kernels._collectives import digest, gather_rows, ranks_unlike_rank0
 from twa_kernels._ops import kernels_in_use
 from twa_kernels._progress import progress_bar
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
@@ -367,7 +367,7 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
                                   checkpoints=[str(p) for p in inputs],
                                   coefficients=list(twa.coefficients.shape),
                                   basis_bytes=int(shares["own"]), basis_bytes_per_rank=basis_bytes,
-                                  int8_gradients=twa.int8_gradients, kernels=kernels_in_use(twa.center.device),
+                                  int8_gradients=twa.int8_gradients, kernels=_kernels(twa, group),
                                   world_size=world,
                                   distributed_mode=None if group is None else config.distributed_mode)
     progress_file = fit_progress.progress_path(config.output)
@@ -441,6 +441,19 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     # with the machine, date and software the numbers came from; _check_finite ran: a NaN is a bug
     write_json(outputs.stage("report.json"), {**report, "stamp": stamp()}, allow_nan=False)
     return report
+
+
+def _kernels(twa: TWA, group: Any) -> str:
+    """The kernels this run's ops take (backend, instruction set, threads), the same string
+    on every rank: a rank's own where all agree, else the ranks' differing digests (the
+    progress file is rank 0's, and each rank checks it against its own fingerprint)."""
+    kernels = kernels_in_use(twa.center.device)
+    if group is None:
+        return kernels
+    table = gather_rows(torch.tensor([digest(kernels)], dtype=torch.int64), group, "comparing the ranks' kernels")
+    if all(torch.equal(row, table[0]) for row in table):
+        return kernels
+    return "kernels that differ between the ranks (" + ", ".join(str(int(row)) for row in table) + ")"
 
 
 def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch.optim.Optimizer,
