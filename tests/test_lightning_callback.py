@@ -479,6 +479,29 @@ def test_an_epoch_that_ran_no_batch_is_not_kept_as_a_copy_of_the_one_before(tmp_
     assert [Path(p).name for p in callback.snapshots] == ["epoch=1.safetensors", "epoch=3.safetensors"]
 
 
+def test_a_fit_resumed_at_the_end_of_a_kept_epoch_re_enters_it_without_a_word(tmp_path):
+    # Lightning re-enters that epoch with no batch; the callback warned that it dropped a
+    # snapshot it in fact held
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_top_k=-1, filename="{epoch}-{step}")
+    val = DataLoader(TensorDataset(*_VAL), batch_size=40)
+    _trainer(tmp_path / "first", callbacks=[TrainableWeightAveraging(start_epoch=1, twa_epochs=2), saving],
+             val_check_interval=0.5).fit(_Net(), _loader(), val)
+    ends = sorted((tmp_path / "ckpts").glob("epoch=1-*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    callback = TrainableWeightAveraging(start_epoch=1, twa_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path / "resumed", callbacks=[callback], val_check_interval=0.5).fit(
+            _Net(), _loader(), val, ckpt_path=str(ends[-1]))
+    assert not [w for w in caught if "ran no training batch" in str(w.message)]
+    assert [_epoch(p) for p in callback.snapshots] == [1, 2, 3]
+
+
+def _epoch(path: str) -> int:
+    return int(Path(path).name.split("=")[1].split(".")[0])
+
+
 def test_fast_dev_run_leaves_the_callback_out_with_a_warning(tmp_path):
     callback = TrainableWeightAveraging(start_epoch=1)
     with pytest.warns(UserWarning, match="does nothing under fast_dev_run"):

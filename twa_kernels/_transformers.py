@@ -58,7 +58,10 @@ class TransformersFacade:
         """The wrapped model's class name (a PeftModel's: its base model's), not "TWA": the
         Trainer's label smoothing shifts the labels by one only for a model whose name is a
         causal LM's, and scored a TWA over GPT-2 on its own input tokens. A TWA's repr
-        still says TWA."""
+        still says TWA; torch's own messages that name a module by it (get_submodule's)
+        name the wrapped model's class."""
+        if "_model" not in self.__dict__:  # not built yet (a repr in a debugger during __init__)
+            return "TWA"
         model = self.module
         peft = sys.modules.get("peft")  # a PeftModel has imported it
         if peft is not None and isinstance(model, peft.PeftModel):

@@ -314,6 +314,9 @@ class TrainableWeightAveraging(pl.Callback):
         if self._off or not self._first <= epoch < self._last or self._snapped == epoch:
             return
         if self._batches_run == 0:
+            self._snapped = epoch
+            if any(_epoch_of(path) == epoch for path in self.snapshots):
+                return  # a fit resumed at the end of an epoch it kept re-enters it with no batch
             # a fit resumed from a checkpoint taken at an epoch's last batch, with a loader that
             # keeps its place (torchdata's StatefulDataLoader), runs the next epoch with no batch
             warnings.warn(f"TrainableWeightAveraging: epoch {epoch} ran no training batch (a fit resumed from a "
@@ -321,7 +324,6 @@ class TrainableWeightAveraging(pl.Callback):
                           "next epoch empty); its weights are the epoch before's, so it is not kept as a snapshot. "
                           "Resume from a checkpoint taken at an epoch's end or inside one", RuntimeWarning,
                           stacklevel=2)
-            self._snapped = epoch
             return
 
         def write() -> tuple[str, str] | None:
