@@ -85,8 +85,8 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     """Orthonormal rows Q [r, D] (float32) spanning the rows of P [k, D].
 
     Row i is dropped, with a warning, when its residual after removing the rows kept before
-    it is below tol times its norm (tol is at least 2**-23, float32's resolution: a smaller
-    residual is rounding). Q[i] is Gram-Schmidt's i-th vector of the kept rows.
+    it is below tol times its norm (a tol below 2**-23, float32's resolution, is refused: a
+    smaller residual is rounding). Q[i] is Gram-Schmidt's i-th vector of the kept rows.
     P is read as float32, the kernels' type, and the Gram matrices are summed in float64:
     for rows of condition number c, Q can differ from Gram-Schmidt of a float64 P by about
     c * 6e-8 (float32's rounding of P, amplified), while its rows stay orthonormal to
@@ -258,7 +258,7 @@ class Subspace:
     ) -> Subspace:
         """Build the subspace spanned by k checkpoints, streaming.
 
-        `bits` is the width of the stored basis codes (1-8; None keeps it dense in float32),
+        `bits` is the width of the stored basis codes (1, 2, 4 or 8; None keeps it dense in float32),
         quantised in groups of `group_size` columns, each with its own scale and minimum.
         `granularity` sets the coefficient blocks: "model" (one set of k coefficients), "tensor"
         (one per parameter tensor) or an int N (consecutive tensors merged while a block stays

@@ -238,7 +238,7 @@ def resolve_checkpoints(checkpoints: Checkpoints) -> list[CheckpointSpec]:
             raise _directory_error(item)
         items.append(item)
     if not items:
-        raise CheckpointError("no checkpoints given: pass at least the two checkpoints to average, as paths, a "
+        raise CheckpointError("no checkpoints given: pass the checkpoints to average, as paths, a "
                               "directory or glob of them, or state_dicts")
     _check_listed_once(items)
     return items
