@@ -656,8 +656,9 @@ class TWA(TransformersFacade, nn.Module):
                 tokens = model.generate(prompt, max_new_tokens=20)
 
         What the block does to the model lasts for the block: a cast (`model.to(torch.bfloat16)`)
-        or a move is undone on exit, for its parameters and buffers alike. A frozen parameter changed in place there (merging
-        adapters into it) raises UsageError on exit, since the TWA holds its one copy. The
+        or a move is undone on exit, for its parameters and buffers alike. A frozen parameter
+        changed in place there (merging adapters into it) raises UsageError on exit, since the
+        TWA holds its one copy. The
         block's weights are plain tensors, not Parameters: to keep the average as a model of
         its own, load `averaged_state_dict()` into a fresh one rather than copying this one.
         """

@@ -131,7 +131,7 @@ if hasattr(os, "register_at_fork"):
 
 @contextmanager
 def directory_held(directory: Path, what: str) -> Iterator[None]:
-    """An exclusive flock on `directory` itself for the block (no lock file is left in it):
+    """An exclusive flock on `directory` itself for the block (nothing is written into it):
     a second run writing the same folder (`what`) at once is refused with OutputError,
     rather than writing over the first one's files and mixing them. The kernel drops the
     lock with the process however it ends; a forked child closes its copy of the
