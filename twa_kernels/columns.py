@@ -282,10 +282,10 @@ class ColumnReader:
         if self._kind != "safetensors":
             stored = handle[key]
             # a view of the mapping only if contiguous (reshape copies otherwise) and the file's
-            # own storage: an expanded view made whole lives on the heap, whose pages are not
-            # the file's to give back
+            # own storage, which torch maps as not resizable: an expanded view made whole lives
+            # in a heap allocation (resizable), whose pages are not the file's to give back
             mapped = (self._kind == "mmap" and stored.is_contiguous()
-                      and stored.untyped_storage().filename is not None)
+                      and not stored.untyped_storage().resizable())
             return stored.reshape(-1)[a:b], mapped
         if not shape:
             return handle.get_tensor(key).reshape(-1)[a:b], False
