@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from twa_kernels import _fit_progress as fit_progress
-from twa_kernels._collectives import digest, gather_rows, ranks_unlike_rank0
+from twa_kernels._collectives import ranks_unlike_rank0
 from twa_kernels._ops import kernels_in_use
 from twa_kernels._progress import progress_bar
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
@@ -445,15 +445,12 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
 
 def _kernels(twa: TWA, group: Any) -> str:
     """The kernels this run's ops take (backend, instruction set, threads), the same string
-    on every rank: a rank's own where all agree, else the ranks' differing digests (the
+    on every rank: a rank's own where all agree, else which ranks differ from rank 0 (the
     progress file is rank 0's, and each rank checks it against its own fingerprint)."""
     kernels = kernels_in_use(twa.center.device)
-    if group is None:
+    if group is None or not (unlike := ranks_unlike_rank0(kernels, group, "comparing the ranks' kernels")):
         return kernels
-    table = gather_rows(torch.tensor([digest(kernels)], dtype=torch.int64), group, "comparing the ranks' kernels")
-    if all(torch.equal(row, table[0]) for row in table):
-        return kernels
-    return "kernels that differ between the ranks (" + ", ".join(str(int(row)) for row in table) + ")"
+    return f"kernels that differ between the ranks (ranks {unlike} unlike rank 0)"
 
 
 def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch.optim.Optimizer,

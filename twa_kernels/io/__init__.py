@@ -60,5 +60,6 @@ __all__ = [
     "directory_held", "file_stamp", "fill_tied_keys", "finite", "is_dcp_directory", "iter_state_dicts", "json_record",
     "load_state_dict", "match_names", "model_key_names", "model_renaming", "parameter_aliases",
     "refuse_decorrelated_keys", "resolve_checkpoints", "save_state_dict", "strip_wrapper_prefixes", "tied_owners",
-    "torch_load_safely", "trainer_output_hint", "unwrap_model", "unwrap_state_dict", "verify_zip_crc", "warn_unmatched_keys", "write_json",
+    "torch_load_safely", "trainer_output_hint", "unwrap_model", "unwrap_state_dict", "verify_zip_crc",
+    "warn_unmatched_keys", "write_json",
 ]
