@@ -548,7 +548,10 @@ def test_the_kernels_a_fit_runs_on_are_named_with_their_setting_and_thread_count
     assert kernels_in_use(torch.device("cpu")).startswith(f"cpp ({torch.ops.twa_kernels_cpu.isa()}, int8 ")
 
 
-@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders", "damaged"])
+@pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders", "damaged",
+                                  # edited by hand: raw errors at every rerun, or a resume no run can have left
+                                  "exp_avg_shape", "exp_avg_sq_nan", "lr", "lr_text", "epochs_float", "epochs_bool",
+                                  "losses_nan", "val_loss_tensor"])
 def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in_project, monkeypatch, tmp_path,
                                                                               edit):
     # read whole, but failing as the run took it up: every rerun crashed with torch's error (and
@@ -573,6 +576,20 @@ def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in
         state["loaders"][1] = [torch.zeros(3)]  # the val loader has no generator to take it
     elif edit == "optimizer":
         state["optimizer"]["param_groups"].append(state["optimizer"]["param_groups"][0])
+    elif edit in ("exp_avg_shape", "exp_avg_sq_nan"):
+        moments = state["optimizer"]["state"][0]
+        if edit == "exp_avg_shape":
+            moments["exp_avg"] = torch.zeros(7)
+        else:
+            moments["exp_avg_sq"][0, 0] = float("nan")
+    elif edit in ("lr", "lr_text"):
+        state["optimizer"]["param_groups"][0]["lr"] = 1e30 if edit == "lr" else "x"
+    elif edit in ("epochs_float", "epochs_bool"):
+        state["epochs_done"] = 1.0 if edit == "epochs_float" else True
+    elif edit == "losses_nan":
+        state["losses"][0] = float("nan")
+    elif edit == "val_loss_tensor":
+        state["val_loss_at_swa"] = torch.tensor(state["val_loss_at_swa"] or 1.0)
     if edit == "damaged":  # a flipped bit in the coefficients' data: a file torch reads, and a wrong point
         raw = bytearray(progress.read_bytes())
         raw[raw.index(state["coefficients"].flatten()[:2].numpy().tobytes())] ^= 1
@@ -1112,6 +1129,20 @@ def test_an_output_path_under_a_file_fails_before_any_work(in_project):
     with pytest.raises(OutputError, match="lies under .*a-file'?, which is a file"):
         run_fit(_config(in_project, output=str(in_project / "a-file" / "deeper" / "out")), progress=False)
     assert not (in_project / "factory-called").exists()
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_through_a_looping_symbolic_link_fails_before_any_work(in_project, below):
+    # realpath() leaves such a link as it is: the loop showed only when the outputs were moved in
+    a, b = in_project / f"loop-a-{below}", in_project / f"loop-b-{below}"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    config = _config(in_project, output=str(a / "out" if below else a))
+    before = sorted(os.listdir(in_project))
+    with pytest.raises(OutputError, match="runs through a symbolic link that leads back to itself"):
+        run_fit(config, progress=False)
+    assert not (in_project / "factory-called").exists()
+    assert sorted(os.listdir(in_project)) == before  # no progress file, no staging folder
 
 
 def test_an_output_without_write_permission_fails_before_any_work(in_project, monkeypatch):

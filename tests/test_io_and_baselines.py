@@ -61,6 +61,15 @@ def test_a_plain_pickle_is_refused_as_one_not_called_damaged(tmp_path, protocol)
         with pytest.raises(tk.CheckpointError, match=rf"legacy.pt: refused. It is a torch.save file in the legacy "
                                                      rf"format at pickle_protocol={protocol}"):
             load_state_dict(legacy)
+    # and its zip format at that protocol, a whole file, is not called damaged either
+    zipped = tmp_path / "zipped.pt"
+    torch.save(make_model().state_dict(), zipped, pickle_protocol=protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for read in (load_state_dict, lambda path: tk.TWA(make_model(), [_checkpoints(1)[0], path])):
+            with pytest.raises(tk.CheckpointError, match=rf"zipped.pt: refused. It is a torch.save file saved at "
+                                                         rf"pickle_protocol={protocol}"):
+                read(zipped)
 
 
 def test_wrong_shape_names_file_key_and_both_shapes(tmp_path):
@@ -761,6 +770,16 @@ def test_pytorch_model_bin_directories_one_file_or_sharded(tmp_path):
     # a shard is a file beside its index, never a path elsewhere
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"0.weight": "../one/x.bin"}}))
     with pytest.raises(tk.CheckpointError, match=r"shard '\.\./one/x\.bin' is not a file name in"):
+        load_state_dict(sharded)
+    # a shard that is there but is no file is named as such, not as missing
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    first = sharded / "pytorch_model-00001-of-00002.bin"
+    first.unlink()
+    with pytest.raises(tk.CheckpointError, match=r"lists shard pytorch_model-00001-of-00002\.bin, which is missing"):
+        load_state_dict(sharded)
+    os.mkfifo(first)
+    with pytest.raises(tk.CheckpointError, match=r"00001-of-00002\.bin, which in .* is not a regular file \(a "
+                                                 r"directory, a pipe"):
         load_state_dict(sharded)
 
 

@@ -16,9 +16,11 @@ place or a FitError stopped the run in or after training.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -290,12 +292,68 @@ def load(path: Path, run: str) -> Progress | None:
                           "and replaces it", UserWarning, stacklevel=2)
             return None
         fields = {f.name: state[f.name] for f in dataclasses.fields(Progress)}
+        _check_fields(fields)
         fields["losses"] = [float(v) for v in fields["losses"].tolist()]
         return Progress(**fields)
     except (OSError, KeyError, ValueError, AttributeError, TypeError, RuntimeError, TWAKernelsError) as exc:
         warnings.warn(f"twa fit: cannot resume from {path} ({type(exc).__name__}: {exc}); this run starts afresh "
                       "and replaces it", UserWarning, stacklevel=2)
         return None
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    """Raise ValueError where a field is not what save() writes: a file edited by hand (or
+    by anything else) would otherwise fail later with a raw error at every rerun, or resume
+    with a value no run had."""
+    def integer(value: object) -> bool:
+        return type(value) is int and value >= 0  # (a bool is no count of epochs or bytes)
+
+    coefficients, losses, val_loss = fields["coefficients"], fields["losses"], fields["val_loss_at_swa"]
+    problems = [
+        ("epochs_done", not integer(fields["epochs_done"])),
+        ("bytes_per_step", not integer(fields["bytes_per_step"])),
+        ("coefficients", not (isinstance(coefficients, Tensor) and coefficients.is_floating_point())),
+        ("losses", not (isinstance(losses, Tensor) and losses.dim() == 1 and losses.is_floating_point()
+                        and bool(torch.isfinite(losses).all()))),
+        ("val_loss_at_swa", val_loss is not None and not (type(val_loss) is float and math.isfinite(val_loss))),
+        ("optimizer", not (isinstance(fields["optimizer"], dict) and {"state", "param_groups"} <= fields["optimizer"].keys())),
+        ("rng", not isinstance(fields["rng"], dict)),
+        ("loaders", not isinstance(fields["loaders"], list)),
+    ]
+    wrong = [name for name, bad in problems if bad]
+    if wrong:
+        raise ValueError(f"its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not what twa fit writes")
+
+
+def check_saved_optimizer(saved: dict, fresh: dict, optimizer: torch.optim.Optimizer,
+                          optimizer_args: dict[str, Any]) -> None:
+    """ValueError where the progress file's optimizer state `saved` (beside `fresh`, the
+    state_dict of `optimizer` before any step) is not one this config's run can have left:
+    settings other than the config's (it would train at them unannounced), a value that is
+    not finite, or state that does not step with the coefficients (which failed at the
+    first step of every rerun). Tried on copies, so nothing real changes."""
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, Tensor) or isinstance(b, Tensor):
+            return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+        return type(a) is type(b) and a == b
+
+    for saved_group, own in zip(saved["param_groups"], fresh["param_groups"]):
+        if not isinstance(saved_group, dict):
+            raise ValueError("its optimizer's param_groups are not what twa fit writes")
+        differs = [key for key in own if key != "params" and not same(saved_group.get(key), own[key])]
+        if differs:
+            raise ValueError(f"its optimizer's {', '.join(differs)} differ from the config's")
+    values = [v for per in saved["state"].values() if isinstance(per, dict) for v in per.values()]
+    if any(isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in values):
+        raise ValueError("its optimizer's state holds a value that is not finite")
+    stand_ins = [p.detach().clone().requires_grad_(True) for group in optimizer.param_groups for p in group["params"]]
+    for stand_in in stand_ins:
+        stand_in.grad = torch.zeros_like(stand_in)
+    trial = type(optimizer)(stand_ins, **optimizer_args)
+    trial.load_state_dict(copy.deepcopy(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trial.step()
 
 
 def remove(path: Path) -> None:

@@ -276,6 +276,14 @@ class OutputDirectory:
             raise self._unwritable(Path(exc.filename) if exc.filename else self._target, exc) from exc
 
     def _check_existing(self) -> None:
+        try:
+            os.stat(self.path)
+        except OSError as exc:
+            # realpath() leaves a looping link as it is, and the loop would show only when the
+            # finished run's outputs were moved in
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"output {shown(self.path)} runs through a symbolic link that leads back to "
+                                  "itself; point the link at a directory, or remove it") from None
         target = self._target
         if target.exists() and not target.is_dir():
             raise OutputError(f"output {shown(self.path)} is a file, not a directory; the outputs "

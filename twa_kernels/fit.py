@@ -473,6 +473,7 @@ def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch
                                  f"over {config.epochs} epochs")
             with torch.no_grad():
                 twa.coefficients.copy_(resumed.coefficients)
+            fit_progress.check_saved_optimizer(resumed.optimizer, kept[1], optimizer, config.optimizer_args)
             optimizer.load_state_dict(resumed.optimizer)
             fit_progress.set_rng_states(resumed.rng)  # the batches the uninterrupted run would draw next
             fit_progress.set_loader_states(loaders, resumed.loaders)

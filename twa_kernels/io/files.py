@@ -103,8 +103,11 @@ def _index_shards(index: Path) -> list[Path]:
         if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
             raise CheckpointError(f"{index}: shard {name!r} is not a file name in {index.parent}")
         shard = index.parent / name
-        if not shard.is_file():
+        if not os.path.lexists(shard):
             raise CheckpointError(f"{index}: lists shard {name}, which is missing from {index.parent}")
+        if not shard.is_file():
+            raise CheckpointError(f"{index}: lists shard {name}, which in {index.parent} is not a regular file (a "
+                                  "directory, a pipe, a device or a broken link); put the shard's file there")
         shards.append(shard)
     if not shards:
         raise CheckpointError(f"{index}: lists no shards; save the model again with save_pretrained")

@@ -358,17 +358,28 @@ def _names_a_missing_global(name: str) -> bool:
 _LEGACY_TORCH_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
-def _pickle_protocol(path: object) -> tuple[int, bool] | None:
-    """(protocol, whether it is torch.save's legacy format) of a file that opens as a pickle
-    of protocol 4 or 5, which torch's safe loader cannot read, else None."""
+def _pickle_protocol(path: object) -> tuple[int, str] | None:
+    """(protocol, kind) of a file whose pickle is of protocol 4 or 5, which torch's safe
+    loader cannot read, else None. kind: "zip" (torch.save's format, its data.pkl),
+    "legacy" (torch.save's legacy format) or "plain" (pickle.dump's)."""
     try:
         with open(path, "rb") as f:
             head = f.read(32)
-    except (OSError, TypeError):  # a file-like object, or gone since
-        return None
+            kind = "plain"
+            if head.startswith(b"PK\x03\x04"):  # torch.save's zip: the pickle is its data.pkl record
+                kind = "zip"
+                f.seek(0)
+                with zipfile.ZipFile(f) as archive:
+                    pickles = [n for n in archive.namelist() if n.rpartition("/")[2] == "data.pkl"]
+                    if len(pickles) != 1:
+                        return None
+                    with archive.open(pickles[0]) as record:
+                        head = record.read(2)
+    except (OSError, TypeError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError):
+        return None  # a file-like object, gone since, or a damaged zip: the caller's message says so
     if len(head) < 2 or head[0] != 0x80 or head[1] not in (4, 5):
         return None
-    return head[1], _LEGACY_TORCH_MAGIC in head
+    return head[1], ("legacy" if kind == "plain" and _LEGACY_TORCH_MAGIC in head else kind)
 
 
 def _refused(path: object) -> CheckpointError:
@@ -379,9 +390,11 @@ def _refused(path: object) -> CheckpointError:
     if found is None and (opened := _pickle_protocol(path)) is not None:
         # torch's safe unpickler stops at the first frame of protocol 4 and 5, before any
         # global it would refuse: the file is whole, and what it holds was not run
-        protocol, legacy_torch = opened
-        what = (f"a torch.save file in the legacy format at pickle_protocol={protocol}" if legacy_torch else
-                f"a plain Python pickle (protocol {protocol}, as pickle.dump writes it), not a torch.save file")
+        protocol, kind = opened
+        what = {"zip": f"a torch.save file saved at pickle_protocol={protocol}",
+                "legacy": f"a torch.save file in the legacy format at pickle_protocol={protocol}",
+                "plain": f"a plain Python pickle (protocol {protocol}, as pickle.dump writes it), not a torch.save "
+                         "file"}[kind]
         return CheckpointError(f"{path}: refused. It is {what}, which safe loading (weights_only=True) does not "
                                "read; if you trust it, load it yourself and re-save the state_dict with "
                                "torch.save(state_dict, path) at its default settings, or tk.save_state_dict")
