@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -607,6 +608,45 @@ def test_a_twa_over_a_model_without_activation_checkpointing_says_what_to_do():
     for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         with pytest.raises(UsageError, match=rf"Linear\) has no {name}\(\).*torch.utils.checkpoint"):
             getattr(twa, name)()
+
+
+class _OlderCheckpointingModel(nn.Module):
+    """A model outside transformers with only transformers 4's name for turning activation
+    checkpointing on (sentence-transformers' models, say), which records the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.turned_on_with: dict | None = None
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.turned_on_with = kwargs
+
+
+def test_a_twa_has_the_models_handed_on_methods_only_where_the_model_has_them(tmp_path):
+    # every TWA had all four, so the Trainer called activation_checkpointing_enable on a model
+    # with only gradient_checkpointing_enable, whose fallback it skipped, and failed
+    states = [{k: v + 0.1 * i for k, v in _OlderCheckpointingModel().state_dict().items()} for i in range(3)]
+    twa = tk.TWA(_OlderCheckpointingModel(), states, bits=None)
+    assert hasattr(twa, "gradient_checkpointing_enable")
+    for name in ("activation_checkpointing_enable", "get_input_embeddings", "generate"):
+        assert not hasattr(twa, name)
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    switch = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, **{switch: True},
+        remove_unused_columns=False, label_names=["labels"], report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, disable_tqdm=True)
+    data = [{"x": torch.randn(4), "labels": torch.tensor(i % 2)} for i in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the Trainer's note on the older name
+        transformers.Trainer(model=twa, args=args, train_dataset=data).train()
+    assert twa.module.turned_on_with is not None
+    assert twa.coefficients.abs().sum() > 0
 
 
 def _lora_runs(tmp_path: Path, modules_to_save: list[str] | None = None, bias: str = "none"):

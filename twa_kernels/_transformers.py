@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from twa_kernels.errors import UsageError
+from twa_kernels.errors import ModelMethodMissingError
 
 
 class TransformersFacade:
@@ -72,25 +71,6 @@ class TransformersFacade:
         own = super().__repr__()  # nn.Module's, which starts with _get_name()
         return "TWA" + own[len(self._get_name()):]
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The wrapped model's input embeddings (transformers): where the Trainer's NEFTune
-        puts its noise, which then reaches every forward of the TWA."""
-        return self._models_own("get_input_embeddings", "leave NEFTune (neftune_noise_alpha) off, or add noise to "
-                                "the embeddings in the model's own forward")()
-
-    # transformers' Trainer turns activation checkpointing on through the model it is given,
-    # the TWA; the recomputation belongs to the wrapped model, which checkpoints its blocks at
-    # TWA's weights (see the module docstring), so these hand the call on.
-    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's `activation_checkpointing_enable` (transformers 5), with the same
-        arguments: what a Trainer with `activation_checkpointing=True` calls."""
-        return self._models_own("activation_checkpointing_enable")(*args, **kwargs)
-
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's `gradient_checkpointing_enable` (transformers 4's name), with the
-        same arguments: what a Trainer with `gradient_checkpointing=True` calls."""
-        return self._models_own("gradient_checkpointing_enable")(*args, **kwargs)
-
     @property
     def is_activation_checkpointing(self) -> bool:
         """Whether the wrapped model checkpoints its activations (the Trainer asks under DDP)."""
@@ -100,19 +80,41 @@ class TransformersFacade:
                 return bool(getattr(model, name))
         return False
 
-    def _models_own(self, name: str, fix: str = "wrap its blocks in torch.utils.checkpoint.checkpoint(..., "
-                    "use_reentrant=False) in its forward, or leave activation checkpointing off") -> Callable[..., Any]:
-        method = getattr(self.module, name, None)
-        if not callable(method):
-            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no {name}(): {fix}")
-        return method
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped model's methods that a TWA hands on exist only where the model has them:
+        # transformers asks hasattr() before it calls (the Trainer turns activation checkpointing
+        # on through gradient_checkpointing_enable where activation_checkpointing_enable is
+        # missing; its FSDP setup calls get_input_embeddings only where there is one).
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules
+        except AttributeError:
+            fix = _HANDED_ON.get(name)
+            if fix is None or "_model" not in self.__dict__:
+                raise
+        if not callable(getattr(self.module, name, None)):
+            raise ModelMethodMissingError(f"the model inside this TWA ({type(self.module).__name__}) has no "
+                                          f"{name}(): {fix}") from None
+        return self._generate_averaged if name == "generate" else getattr(self.module, name)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's `generate()` (transformers) at the averaged weights, inside
-        averaged_model(): what Seq2SeqTrainer's predict_with_generate calls on the model it
-        trains. No gradient reaches the coefficients."""
-        if not callable(getattr(self.module, "generate", None)):
-            raise UsageError(f"the model inside this TWA ({type(self.module).__name__}) has no generate(); call what "
-                             "it has inside `with twa.averaged_model() as model:`")
+    def _generate_averaged(self, *args: Any, **kwargs: Any) -> Any:
+        """`twa.generate(...)`: the wrapped model's generate() at the averaged weights, inside
+        averaged_model(). No gradient reaches the coefficients."""
         with self.averaged_model() as model:
             return model.generate(*args, **kwargs)
+
+
+_CHECKPOINTING_FIX = ("wrap its blocks in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) in its forward, "
+                      "or leave activation checkpointing off")
+# name -> what to do instead, of each method a TWA hands on to the model it wraps
+_HANDED_ON = {
+    # where the Trainer's NEFTune puts its noise, which then reaches every forward of the TWA
+    "get_input_embeddings": "leave NEFTune (neftune_noise_alpha) off, or add noise to the embeddings in the model's "
+                            "own forward",
+    # what a Trainer with activation_checkpointing=True (transformers 5) or gradient_checkpointing=True
+    # (transformers 4) calls; the recomputation belongs to the wrapped model, which checkpoints its
+    # blocks at TWA's weights
+    "activation_checkpointing_enable": _CHECKPOINTING_FIX,
+    "gradient_checkpointing_enable": _CHECKPOINTING_FIX,
+    # what Seq2SeqTrainer's predict_with_generate calls on the model it trains
+    "generate": "call what it has inside `with twa.averaged_model() as model:`",
+}

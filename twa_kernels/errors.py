@@ -58,6 +58,12 @@ class UsageError(TWAKernelsError, RuntimeError):
     distributed call before torch.distributed is initialised)."""
 
 
+class ModelMethodMissingError(UsageError, AttributeError):
+    """A method of the wrapped model that a wrapper hands on (a TWA's generate(),
+    get_input_embeddings(), activation checkpointing), which that model lacks. Also an
+    AttributeError, so `hasattr(wrapper, name)` is False where it is for the model."""
+
+
 class MissingDependencyError(TWAKernelsError, ImportError):
     """An optional dependency that a call needs is not installed: the message names the
     extra that brings it (`pip install 'twa-kernels[demo]'`)."""
