@@ -425,6 +425,48 @@ def test_a_state_with_moved_block_offsets_or_no_basis_is_refused_by_name(run):
     twa.load_state_dict(no_basis, strict=False)  # keeps its own basis, as strict=False asks
 
 
+class _TwoLayers(nn.Module):
+    """Two layers of one shape, registered in either order: the same columns either way."""
+
+    def __init__(self, b_first: bool = False):
+        super().__init__()
+        for name in ("b", "a") if b_first else ("a", "b"):
+            setattr(self, name, nn.Linear(5, 5))
+        self.scale = nn.Parameter(torch.ones(5), requires_grad=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * self.scale
+
+
+def test_a_state_of_a_model_whose_layers_are_in_another_order_is_refused_by_name():
+    # every shape check passed, and each layer took the other's center, columns and coefficients
+    torch.manual_seed(0)
+    ckpts = [{k: v + torch.randn_like(v) for k, v in _TwoLayers().state_dict().items()} for _ in range(3)]
+    saved = tk.TWA(_TwoLayers(), ckpts, bits=8)
+    with torch.no_grad():
+        saved.coefficients.normal_()
+    swapped = tk.TWA(_TwoLayers(b_first=True), ckpts, bits=8)
+    before = {k: v.clone() for k, v in swapped.state_dict().items()}
+    with pytest.raises(InvalidArgumentError, match=r"its averaged parameter 0 is 'a.weight' \(5, 5\) where this "
+                                                   r"TWA's is 'b.weight' \(5, 5\) .* delete the state's "
+                                                   r"'parameter_layout' entry"):
+        swapped.load_state_dict(saved.state_dict())
+    assert all(torch.equal(swapped.state_dict()[k], v) for k, v in before.items())
+    # the same model loads, and a state saved without the record (an earlier version's) too
+    x = torch.randn(3, 5)
+    for state in (saved.state_dict(), {k: v for k, v in saved.state_dict().items() if k != "parameter_layout"}):
+        same = tk.TWA(_TwoLayers(), ckpts, bits=8)
+        same.load_state_dict(state)
+        assert torch.equal(same(x), saved(x))
+    # inside another module, whose own load hands the TWA's entries on
+    holder = nn.ModuleDict({"twa": tk.TWA(_TwoLayers(b_first=True), ckpts, bits=8)})
+    with pytest.raises(InvalidArgumentError, match="saved from a TWA over other parameters"):
+        holder.load_state_dict(nn.ModuleDict({"twa": saved}).state_dict())
+    # the frozen parameters' order is checked too: their pinned values go by position
+    frozen_record = tk.TWA(_TwoLayers(), ckpts, bits=8).parameter_layout
+    assert b'"frozen":[["scale",[5]]]' in bytes(frozen_record.tolist())
+
+
 def test_layerwise_granularity_merges_tensors(run):
     _, _, _, ckpts = run
     assert tk.TWA(make_model(1), ckpts, granularity="model").coefficients.shape == (5, 1)

@@ -4,14 +4,16 @@ same layout, finite values, the rank's own columns)."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from twa_kernels.errors import InvalidArgumentError
-from twa_kernels.io.keys import _not_dense_values
+from twa_kernels.io.keys import _not_dense_values, strip_wrapper_prefixes
 from twa_kernels.quant import QuantizedBasis, basis_meta
 
 if TYPE_CHECKING:
@@ -103,6 +105,54 @@ def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
                                    "twa.coefficients.data.copy_(state['coefficients']))")
 
 
+LAYOUT = "parameter_layout"
+
+
+def layout_record(averaged: Sequence[tuple[str, Sequence[int]]], frozen: Sequence[tuple[str, Sequence[int]]]) -> Tensor:
+    """The parameters a TWA's coefficients, center, basis columns and pinned values belong
+    to, in their order, with their shapes, as the UTF-8 bytes of a JSON record (a uint8
+    tensor, so that every format that saves a state_dict keeps it). Names lose the wrapper
+    prefixes torch.compile and DDP put on them."""
+    record = {"averaged": [[strip_wrapper_prefixes(n), list(s)] for n, s in averaged],
+              "frozen": [[strip_wrapper_prefixes(n), list(s)] for n, s in frozen]}
+    return torch.tensor(list(json.dumps(record, separators=(",", ":")).encode()), dtype=torch.uint8)
+
+
+def _read_layout(value: object) -> dict[str, list]:
+    try:
+        record = json.loads(bytes(torch.as_tensor(value).reshape(-1).to(torch.uint8).tolist()).decode())
+        if isinstance(record, dict) and all(isinstance(record.get(k), list) for k in ("averaged", "frozen")):
+            return record
+    except (ValueError, TypeError, RuntimeError):  # not UTF-8, not JSON, not a tensor of bytes
+        pass
+    raise InvalidArgumentError(f"TWA state_dict: its {LAYOUT!r} is not a record twa-kernels writes; load the "
+                               "state_dict() of a TWA built the same way")
+
+
+def _check_layout(module: TWA, state: dict[str, Any], prefix: str) -> None:
+    """The state's parameters are this TWA's, in the same order: a model whose layers are
+    registered in another order has the same shapes and column count, and its layers would
+    take each other's center, basis columns and coefficients. A state saved without the
+    record (by an earlier version) is taken as it is."""
+    if prefix + LAYOUT not in state:
+        state[prefix + LAYOUT] = getattr(module, LAYOUT)
+        return
+    saved, own = _read_layout(state[prefix + LAYOUT]), _read_layout(getattr(module, LAYOUT))
+    for kind in ("averaged", "frozen"):
+        theirs, ours = saved[kind], own[kind]
+        at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        if at == len(theirs) == len(ours):
+            continue
+        shown = (lambda entries: f"{entries[at][0]!r} {tuple(entries[at][1])}" if at < len(entries) else "none")
+        raise InvalidArgumentError(
+            f"TWA state_dict: it was saved from a TWA over other parameters: its {kind} parameter {at} is "
+            f"{shown(theirs)} where this TWA's is {shown(ours)} ({len(theirs)} and {len(ours)} {kind} parameters); "
+            "its coefficients and basis columns would go to other weights. Build the TWA over the same model (the "
+            f"same parameters, registered in the same order); if they are the same parameters under other names, "
+            f"delete the state's {LAYOUT!r} entry before loading it")
+    state[prefix + LAYOUT] = getattr(module, LAYOUT)  # this TWA's own bytes (the same record)
+
+
 def _kind(t: Tensor) -> str:
     return ("complex" if t.is_complex() else "floating-point" if t.is_floating_point()
             else "bool" if t.dtype == torch.bool else "integer")
@@ -136,6 +186,7 @@ def check_loaded_state(module: TWA, state: dict[str, Any], prefix: str, *args: A
     take_own_rank(module, state, prefix)
     from_a_shard = prefix + "shard_columns" in state  # _check_shard takes the record out
     _check_shard(module, state, prefix)
+    _check_layout(module, state, prefix)
     _check_kinds(module, state, prefix)
     fields = {key[len(prefix) + len("basis_"):]: value for key, value in state.items()
               if key.startswith(prefix + "basis_")}

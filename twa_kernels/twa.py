@@ -69,7 +69,7 @@ from twa_kernels._memory import Workspace
 from twa_kernels._sums import float64_sums
 from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_model_fits,
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
-from twa_kernels._twa_state import check_loaded_state, record_shard, state_entry, take_own_rank
+from twa_kernels._twa_state import LAYOUT, check_loaded_state, layout_record, record_shard, state_entry, take_own_rank
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
 from twa_kernels.lending import LentWeights, LoanAnchor, keeping_buffers, same_key
 from twa_kernels.io import (Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints,
@@ -228,11 +228,14 @@ class TWA(TransformersFacade, nn.Module):
         self.register_buffer("center", center.clone() if center.is_inference() else center)
         for key, value in basis.state_dict().items():
             self.register_buffer(f"basis_{key}", value.clone() if value.is_inference() else value)
+        # which parameters the state belongs to, checked when a state is loaded
+        self.register_buffer(LAYOUT, layout_record(list(zip(self.names, self.shapes)),
+                                                   [(n, p.shape) for n, p in frozen]).to(center.device))
         self._workspace = Workspace()
         self._lent = LentWeights(model, [aliases.get(name, [name]) for name in self.names + self.frozen_names],
                                  pinned_from=len(self.names))
         # DDP over a TWA must never broadcast the basis (identical, or sharded, on every rank)
-        self._ddp_params_and_buffers_to_ignore = list(BASIS_BUFFERS)
+        self._ddp_params_and_buffers_to_ignore = [*BASIS_BUFFERS, LAYOUT]
         if not self._sharded:
             # allocated (and its pages touched) now, so the first training step does not pay for it
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
@@ -309,12 +312,13 @@ class TWA(TransformersFacade, nn.Module):
             incoming = dict(state_dict)
             take_own_rank(self, incoming, "")
             take_own_rank(self, own_state, "")
-            own = [key for key in own_state if key != "shard_columns"]
+            # (a state saved before the parameters' record was kept is taken without it)
+            own = [key for key in own_state if key not in ("shard_columns", LAYOUT)]
             missing = [key for key in own if key not in incoming]
             if missing:
                 raise MissingKeyError(f"TWA state_dict: missing {missing}; load the whole state_dict() of a TWA built "
                                       "the same way, or pass strict=False to keep this TWA's own values for them")
-            unexpected = [key for key in incoming if key not in own and key != "shard_columns"]
+            unexpected = [key for key in incoming if key not in own_state and key != "shard_columns"]
             if unexpected:
                 raise InvalidArgumentError(f"TWA state_dict: unexpected keys {unexpected[:8]}; load the state_dict() "
                                            "of a TWA (a model's own state goes to twa.module), or pass strict=False "
