@@ -791,6 +791,51 @@ def test_two_twas_over_one_model_never_leave_it_holding_lent_weights():
     assert second.coefficients.grad is not None
 
 
+def test_forwards_from_several_threads_wait_for_each_other_or_are_refused_by_name():
+    # each forward puts its weights into the one model: threads ran on each other's weights,
+    # and half of them failed inside torch ("backward through the graph a second time")
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    checkpoints = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+                   for _ in range(4)]
+    twa = tk.TWA(model, checkpoints, bits=8)
+    x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    with torch.no_grad():
+        want = twa(x)
+    got, failed = [], []
+
+    def evaluate():
+        try:
+            for _ in range(30):
+                with torch.no_grad():
+                    got.append(torch.equal(twa(x), want))
+        except Exception as exc:  # reported below, with its type
+            failed.append(exc)
+
+    threads = [threading.Thread(target=evaluate) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed and len(got) == 120 and all(got)  # forwards that record nothing take turns
+    # a forward while another thread's graph waits for its backward is refused, not run
+    loss = F.cross_entropy(twa(x), y)
+    other = threading.Thread(target=evaluate)
+    other.start()
+    other.join()
+    assert len(failed) == 1 and isinstance(failed[0], tk.errors.UsageError)
+    assert "in another thread whose graph is not yet backpropagated" in str(failed[0])
+    (grad,) = torch.autograd.grad(loss, twa.coefficients)
+    alone = torch.autograd.grad(F.cross_entropy(twa(x), y), twa.coefficients)[0]
+    assert torch.equal(grad, alone)
+    other = threading.Thread(target=evaluate)  # after the backward, the model is free again
+    other.start()
+    other.join()
+    assert len(failed) == 1 and len(got) == 150 and all(got)
+
+
 def _twa_with_a_frozen_first_layer(embedding: bool = False) -> tuple[tk.TWA, torch.Tensor]:
     """A TWA over a model whose first layer is frozen (the same in every checkpoint), and an input."""
     def model() -> nn.Module:

@@ -12,6 +12,7 @@ those aliases reaches the coefficients through LoanAnchor or a late projection.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
@@ -107,16 +108,21 @@ class LentWeights:
         self.releases: dict[int, Callable[[], None]] = {}  # called when the loan of that number ends
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
+        self.forward_lock = threading.RLock()  # one forward at a time (claimed)
+        self.loan_threads: dict[int, int] = {}  # the thread that opened each pending loan
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (copy.deepcopy, torch.save of the module) starts with no pending graph: the
         loans belong to the original's graphs, and a copy sharing them would mark them
         expired at its own forwards (and weak references cannot be pickled)."""
-        return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "releases": {}, "depth": 0}
+        return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "releases": {}, "depth": 0,
+                "loan_threads": {}, "forward_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy saved before these existed has neither
-        self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, "slot_names": None, **state})
+        self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, "slot_names": None,
+                              "loan_threads": {}, **state})
+        self.forward_lock = threading.RLock()  # a lock cannot be copied or pickled
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
     @property
@@ -242,6 +248,7 @@ class LentWeights:
         number = self.opened
         loan = Loan(number, key, aliases, self, project_late)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
+        self.loan_threads[number] = threading.get_ident()
         if release is not None:
             self.releases[number] = release
         return loan
@@ -254,6 +261,7 @@ class LentWeights:
 
     def _closed(self, number: int) -> None:
         self.in_slots_since.discard(number)
+        self.loan_threads.pop(number, None)
         release = self.releases.pop(number, None)
         if release is not None:
             release()
@@ -290,6 +298,30 @@ class LentWeights:
             loan.expired = True
         self.loans.clear()
         self._give_back()
+
+    @contextmanager
+    def claimed(self) -> Iterator[None]:
+        """The model for one forward of this thread, for the length of the block. The model's
+        slots hold one set of weights at a time: forwards from several threads wait for
+        each other, and one that finds another thread's graph not yet backpropagated is
+        refused (its backward would read the slots this forward writes). A backward's
+        recomputation runs on autograd's own threads (CUDA) and is no forward of another
+        thread."""
+        if torch._C._current_graph_task_id() != -1:
+            yield
+            return
+        with self.forward_lock:  # (reentrant: a forward inside averaged_model() of the same thread)
+            me = threading.get_ident()
+            loaned = {t for t in self.loan_threads.values() if t != me}
+            if loaned:  # a thread that has ended cannot backpropagate its graph any more
+                loaned &= {thread.ident for thread in threading.enumerate()}
+            if loaned:
+                raise UsageError("this TWA's model holds the weights of a forward in another thread whose graph is "
+                                 "not yet backpropagated: the model holds one set of weights at a time, so this "
+                                 "forward would change what that backward reads. Give each thread its own TWA "
+                                 "(copy.deepcopy(twa)), or hold a lock from each forward to the end of its backward "
+                                 "(forwards under torch.no_grad() need none)")
+            yield
 
     @contextmanager
     def lending(self, weights: Sequence[Tensor], loan: Loan | None = None):

@@ -594,6 +594,10 @@ class TWA(TransformersFacade, nn.Module):
 
     def _run_lent(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """fn(*args, **kwargs) with the weights lent to the model (see the module docstring)."""
+        with self._lent.claimed():
+            return self._run_lent_claimed(fn, args, kwargs)
+
+    def _run_lent_claimed(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self._keep_gradient_averaged()
         if self._parallel is None and torch.is_grad_enabled() and not self._alone_checked:
             self._alone_checked = True  # once, at the first forward that trains
@@ -666,12 +670,13 @@ class TWA(TransformersFacade, nn.Module):
         block's weights are plain tensors, not Parameters: to keep the average as a model of
         its own, load `averaged_state_dict()` into a fresh one rather than copying this one.
         """
-        with torch.no_grad():
-            weights = self.weights()
-        lent = [weights[name] for name in self.names + self.frozen_names]
-        with keeping_buffers(self.module), self._lent.lending(lent), \
-                self._keeping_frozen("inside averaged_model()", every=True):
-            yield self.module
+        with self._lent.claimed():
+            with torch.no_grad():
+                weights = self.weights()
+            lent = [weights[name] for name in self.names + self.frozen_names]
+            with keeping_buffers(self.module), self._lent.lending(lent), \
+                    self._keeping_frozen("inside averaged_model()", every=True):
+                yield self.module
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
