@@ -528,10 +528,11 @@ def test_a_submodule_replaced_after_build_is_refused_by_name(run, nested):
     torch.testing.assert_close(twa(x), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("how", ["a layer appended", "a parameter registered", "a frozen layer unfrozen"])
+@pytest.mark.parametrize("how", ["a layer appended", "a parameter registered", "a frozen layer unfrozen",
+                                 "a trained layer frozen"])
 def test_a_parameter_the_twa_does_not_hold_after_build_is_refused_by_name(run, how):
     # the new or unfrozen parameter trained outside the subspace (or not at all) and was
-    # missing from the export, without a word
+    # missing from the export, and a parameter frozen since went on training, without a word
     train, _, _, ckpts = run
     model = make_model(1)
     if how == "a frozen layer unfrozen":
@@ -547,9 +548,12 @@ def test_a_parameter_the_twa_does_not_hold_after_build_is_refused_by_name(run, h
     elif how == "a parameter registered":
         model[0].register_parameter("scale", torch.nn.Parameter(torch.ones(1)))
         name, match = "'0.scale'", "was added after TWA was built"
-    else:
+    elif how == "a frozen layer unfrozen":
         model[0].weight.requires_grad_(True)
         name, match = "'0.weight'", "was frozen when TWA was built"
+    else:  # the coefficients went on training it, and the export held the moved value
+        model[3].weight.requires_grad_(False)
+        name, match = "'3.weight'", "was trainable when TWA was built"
     with pytest.raises(tk.errors.UsageError, match=f"parameter {name} {match}"):
         twa(x)
     with pytest.raises(tk.errors.UsageError, match=match), twa.averaged_model():

@@ -169,9 +169,19 @@ class LentWeights:
         """Refuse a model that gained a parameter after TWA was built (a module added or
         given a new parameter), or whose frozen parameter now requires grad: TWA lends it
         no weights, so it would train outside the subspace, or not at all, and be exported
-        as it is, without an error."""
+        as it is, without an error. And one whose averaged parameter was frozen since: the
+        coefficients would go on training it."""
         root = getattr(self, "root", None)  # a copy pickled before these existed has neither
-        for i in range(getattr(self, "pinned_from", len(self.slots)), len(self.slots)):
+        pinned_from = getattr(self, "pinned_from", len(self.slots))
+        for i in range(pinned_from):
+            module, attr = self.slots[i][0]
+            own = self.own[i][0] if self.own is not None else module._parameters.get(attr)
+            if isinstance(own, Tensor) and not own.requires_grad:
+                raise UsageError(f"the model's parameter {self.slot_names[i][0]!r} was trainable when TWA was built, "
+                                 "so the subspace spans it and the coefficients train it, and it is frozen now "
+                                 "(requires_grad False): it would go on training; make it trainable again "
+                                 "(requires_grad_(True)), or build a new TWA over the model as it is now")
+        for i in range(pinned_from, len(self.slots)):
             module, attr = self.slots[i][0]
             own = self.own[i][0] if self.own is not None else module._parameters.get(attr)
             if isinstance(own, Tensor) and own.requires_grad and own.numel():  # an empty one has nothing to train
