@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -37,6 +38,8 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(tmp_path):
     assert result.stdout.split() == ["reference", "reference", "(3,", "1)"]
     assert result.stderr.count("could not be built") == 1
     assert "python -m twa_kernels build" in result.stderr
+    # one warning: torch's own banner called a missing compiler incompatible before it
+    assert "no C++ compiler" in result.stderr and "WARNING !!" not in result.stderr
     # nothing half-built is left in the cache
     assert not list((tmp_path / "cache").glob("cpu-*/"))
 
@@ -78,6 +81,9 @@ def test_parallel_builds_share_one_cached_library(tmp_path):
     libraries = {out.strip().rsplit(": ", 1)[1] for out, _ in outputs}
     assert len(libraries) == 1 and Path(libraries.pop()).is_file()
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [next(tmp_path.glob("cpu-*/")).name]
+    # readable by the other users of a shared cache, as far as the umask allows (mkdtemp's is the owner's)
+    built = next(tmp_path.glob("cpu-*/"))
+    assert stat.S_IMODE(built.stat().st_mode) == 0o755 & ~_build._umask()
 
 
 def test_cache_key_follows_sources(tmp_path):
@@ -88,6 +94,15 @@ def test_cache_key_follows_sources(tmp_path):
     before = _build._cpu_build_key(src)
     (src / "cpu" / "kernels.h").write_text((src / "cpu" / "kernels.h").read_text() + "\n// changed\n")
     assert _build._cpu_build_key(src) != before
+
+
+def test_cache_key_follows_the_torch_build_not_only_its_version(monkeypatch):
+    # a wheel and a source build of one version, of another C++ ABI, loaded each other's library
+    import torch
+
+    before = _build._cpu_build_key(_build.source_dir())
+    monkeypatch.setattr(torch.version, "git_version", "another-commit")
+    assert _build._cpu_build_key(_build.source_dir()) != before
 
 
 def test_cache_key_follows_the_cpus_features_not_only_its_name(monkeypatch):
@@ -209,6 +224,24 @@ def test_a_cached_build_is_used_while_another_process_holds_its_lock(tmp_path):
                                env={**os.environ, "TWA_KERNELS_CACHE": str(cache)}, capture_output=True, text=True,
                                timeout=60)
         assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(library), again.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_build_lock_held_for_too_long_is_a_build_error_not_a_wait_for_ever(tmp_path, monkeypatch):
+    # a build stopped with Ctrl-Z (or in a debugger) made every other process wait for ever
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(_build, "_LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(_build, "_LOCK_GIVE_UP_S", 0.6)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from filelock import FileLock; "
+                               f"held = FileLock({str(tmp_path / 'cpu-k.lock')!r}); held.acquire(); "
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(twa_kernels.errors.BuildError, match=r"has held .*cpu-k.lock for 0 minutes without "
+                                                                 r"finishing its build"):
+            _build._cached_build("cpu", "k", "x.so", lambda where: pytest.fail("built while the lock was held"))
     finally:
         holder.kill()
         holder.wait()

@@ -11,6 +11,7 @@ CPU ops run on the reference backend.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -89,9 +90,17 @@ def _cpu_build_key(src: Path) -> str:
     for path in sorted([*_cpu_sources(src), *src.glob("*.h"), *(src / "cpu").glob("*.h")]):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    for part in (torch.__version__, sys.version, " ".join(CPU_CFLAGS), _cpu_identity(), os.environ.get("CXX", "")):
+    for part in (*_torch_identity(), " ".join(CPU_CFLAGS), _cpu_identity(), os.environ.get("CXX", "")):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
+
+
+def _torch_identity() -> tuple[str, ...]:
+    """What a library built against this torch depends on: two builds of one version (a
+    wheel and a source or conda build, of another C++ ABI) in environments sharing a cache
+    would each load the other's library, fail, and rebuild it for themselves in turn."""
+    return (torch.__version__, str(getattr(torch.version, "git_version", "")),
+            str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", "")), os.path.dirname(torch.__file__), sys.version)
 
 
 def _fingerprint(path: Path) -> str:
@@ -129,8 +138,10 @@ def _seal(library: Path) -> None:
     _fsync(library.parent)
 
 
-# How long a process waits for another's build lock before it says so (and waits again).
+# How long a process waits for another's build lock before it says so (and waits again), and
+# in all before it gives up (a build takes 15-30 s; the ops then fall back, with a warning).
 _LOCK_WAIT_S = 30.0
+_LOCK_GIVE_UP_S = 600.0
 
 
 def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[Path], None]) -> Path:
@@ -151,11 +162,16 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f"{prefix}-{key}.lock"))
-        while True:
+        for waited in itertools.count(1):
             try:
                 lock.acquire(timeout=_LOCK_WAIT_S)
                 break
             except Timeout:  # said, then waited for again: a compile takes a while
+                if waited * _LOCK_WAIT_S >= _LOCK_GIVE_UP_S:  # a build stopped (Ctrl-Z, a debugger) or hung
+                    raise BuildError(f"another process has held {root / f'{prefix}-{key}.lock'} for "
+                                     f"{_LOCK_GIVE_UP_S / 60:.0f} minutes without finishing its build (stopped, or "
+                                     "its compiler hung); end that process, or set TWA_KERNELS_CACHE to another "
+                                     "directory") from None
                 logger.warning("waiting for %s, held by another process building the same kernels",
                                root / f"{prefix}-{key}.lock")
     except OSError as exc:  # under a file, read-only, no permission: nothing can be built here
@@ -181,6 +197,9 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
         except BaseException:  # Ctrl-C, SIGTERM: nothing half-built is left
             shutil.rmtree(build_dir, ignore_errors=True)
             raise
+        # mkdtemp's folder is the owner's alone: a cache shared by a team (TWA_KERNELS_CACHE) is
+        # read by other users, as far as the umask allows
+        os.chmod(build_dir, 0o755 & ~_umask())
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
         _fsync(root)
@@ -222,6 +241,18 @@ def _loaded_from(library: Path) -> None:
 _BUILDING_NAME = re.compile(r"(cpu|cuda|cuda-kernels)-[0-9a-f]{16}\.building\.[a-z0-9_]{8}")
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _remove_abandoned_builds(root: Path, held: str) -> None:
     """Delete the temporary directories of builds whose process died mid-compile (killed,
     out of memory). A live build holds its key's lock for its whole life, so a building
@@ -250,6 +281,11 @@ def build_cpu(verbose: bool = False) -> Path:
     src = source_dir()
 
     def compile_into(build_dir: Path) -> None:
+        # torch's own check of a missing compiler logs a banner that calls it incompatible
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise BuildError(f"no C++ compiler: {compiler!r} was not found on PATH; install one (g++), or set CXX "
+                             "to its path")
         from torch.utils.cpp_extension import load
 
         load(name=CPU_LIBRARY, sources=[str(p) for p in _cpu_sources(src)], extra_cflags=CPU_CFLAGS,
@@ -354,6 +390,17 @@ def _run(command: list[str], what: str) -> None:
         raise BuildError(f"{what} failed ({' '.join(command[:2])} ...):\n{result.stdout}{result.stderr}")
 
 
+def _nvcc_version() -> str:
+    """`nvcc --version`'s output: a library built by another toolkit needs its libcudart."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc was not found on PATH or in $CUDA_HOME/bin; install the CUDA toolkit")
+    try:
+        return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError as exc:  # found but not runnable (a broken link, no execute permission)
+        raise BuildError(f"{nvcc} could not be run ({exc.strerror or exc}); install the CUDA toolkit") from exc
+
+
 def build_cuda_kernels() -> Path:
     """Compile csrc/cuda with nvcc alone into a shared library, without torch or a GPU.
 
@@ -365,10 +412,7 @@ def build_cuda_kernels() -> Path:
     if nvcc is None:
         raise BuildError("nvcc was not found on PATH or in $CUDA_HOME/bin; install the CUDA toolkit")
     src = source_dir()
-    try:
-        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    except OSError as exc:  # found but not runnable (a broken link, no execute permission)
-        raise BuildError(f"{nvcc} could not be run ({exc.strerror or exc}); install the CUDA toolkit") from exc
+    version = _nvcc_version()
 
     def compile_into(build_dir: Path) -> None:
         # the shipped kernels plus their host emulation (emulate.cu), which only this library has
@@ -404,7 +448,7 @@ def build_cuda(verbose: bool = False) -> Path:
              build_directory=str(build_dir), is_python_module=False, verbose=verbose)
         _loaded_from(build_dir / f"{CUDA_LIBRARY}.so")
 
-    key = _cuda_key(src, torch.__version__, sys.version)
+    key = _cuda_key(src, *_torch_identity(), _nvcc_version(), os.environ.get("CXX", ""))
     library = _cached_build("cuda", key, f"{CUDA_LIBRARY}.so", compile_into)
     _load(library)
     return library
