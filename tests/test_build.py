@@ -70,6 +70,16 @@ def test_no_home_directory_falls_back_to_reference_naming_the_variable(tmp_path)
     assert "no home directory" in result.stderr and "TWA_KERNELS_CACHE" in result.stderr
 
 
+def test_the_cache_is_the_variables_or_the_users_and_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path / "mine"))
+    assert _build.cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("TWA_KERNELS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _build.cache_root() == tmp_path / "twa_kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the spec says to ignore it: it moved with the working directory
+    assert _build.cache_root() == Path.home() / ".cache" / "twa_kernels"
+
+
 def test_parallel_builds_share_one_cached_library(tmp_path):
     env = {**os.environ, "TWA_KERNELS_CACHE": str(tmp_path)}
     env.pop("TWA_KERNELS_BACKEND", None)

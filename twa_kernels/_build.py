@@ -49,11 +49,12 @@ def source_dir() -> Path:
 
 
 def cache_root() -> Path:
-    """$TWA_KERNELS_CACHE, else $XDG_CACHE_HOME/twa_kernels, else ~/.cache/twa_kernels."""
+    """$TWA_KERNELS_CACHE, else $XDG_CACHE_HOME/twa_kernels (an absolute one), else
+    ~/.cache/twa_kernels."""
     if os.environ.get("TWA_KERNELS_CACHE"):
         return Path(os.environ["TWA_KERNELS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
+    if not base or not os.path.isabs(base):  # a relative one is to be ignored (the XDG base directory spec)
         try:
             base = Path.home() / ".cache"
         except (RuntimeError, KeyError) as exc:  # no $HOME and no passwd entry (a container's user)

@@ -25,7 +25,7 @@ from twa_kernels._ops import register_kernel
 
 # the kernels read TWA_KERNELS_CPU_ISA themselves: "avx2" keeps a CPU with AVX-512 on the
 # AVX2 path, and anything else means the default, so a misspelt value would go unnoticed
-if os.environ.get("TWA_KERNELS_CPU_ISA", "avx2") not in ("avx2", "avx512"):
+if os.environ.get("TWA_KERNELS_CPU_ISA") not in (None, "", "avx2", "avx512"):  # (empty: unset, as the kernels read it)
     warnings.warn(f"TWA_KERNELS_CPU_ISA={os.environ['TWA_KERNELS_CPU_ISA']!r} is not a setting: 'avx2' keeps a "
                   "CPU with AVX-512 on the AVX2 kernels, 'avx512' (or unset) takes the best path the CPU has",
                   RuntimeWarning, stacklevel=2)
