@@ -316,7 +316,8 @@ def _check_fields(fields: dict[str, Any]) -> None:
         ("losses", not (isinstance(losses, Tensor) and losses.dim() == 1 and losses.is_floating_point()
                         and bool(torch.isfinite(losses).all()))),
         ("val_loss_at_swa", val_loss is not None and not (type(val_loss) is float and math.isfinite(val_loss))),
-        ("optimizer", not (isinstance(fields["optimizer"], dict) and {"state", "param_groups"} <= fields["optimizer"].keys())),
+        ("optimizer", not (isinstance(fields["optimizer"], dict)
+                           and {"state", "param_groups"} <= fields["optimizer"].keys())),
         ("rng", not isinstance(fields["rng"], dict)),
         ("loaders", not isinstance(fields["loaders"], list)),
     ]
