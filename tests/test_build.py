@@ -106,6 +106,19 @@ def test_cache_key_follows_sources(tmp_path):
     assert _build._cpu_build_key(src) != before
 
 
+def test_a_cache_on_a_file_system_without_permissions_keeps_its_build(tmp_path, monkeypatch):
+    # the chmod that lets a shared cache's other users read a build failed on such mounts
+    # (some CIFS and FUSE ones), and the build was thrown away as an unusable cache
+    monkeypatch.setenv("TWA_KERNELS_CACHE", str(tmp_path))
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_build.os, "chmod", refused)
+    library = _build._cached_build("cpu", "k", "x.so", lambda where: (where / "x.so").write_bytes(b"built"))
+    assert library.read_bytes() == b"built" and _build._intact(library)
+
+
 def test_cache_key_follows_the_torch_build_not_only_its_version(monkeypatch):
     # a wheel and a source build of one version, of another C++ ABI, loaded each other's library
     import torch

@@ -551,7 +551,7 @@ def test_the_kernels_a_fit_runs_on_are_named_with_their_setting_and_thread_count
 @pytest.mark.parametrize("edit", ["coefficients", "rng", "epochs_done", "optimizer", "loaders", "damaged",
                                   # edited by hand: raw errors at every rerun, or a resume no run can have left
                                   "exp_avg_shape", "exp_avg_sq_nan", "lr", "lr_text", "epochs_float", "epochs_bool",
-                                  "losses_nan", "val_loss_tensor"])
+                                  "losses_2d", "val_loss_tensor"])
 def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in_project, monkeypatch, tmp_path,
                                                                               edit):
     # read whole, but failing as the run took it up: every rerun crashed with torch's error (and
@@ -586,8 +586,8 @@ def test_a_progress_file_that_does_not_fit_the_run_starts_it_afresh_as_it_was(in
         state["optimizer"]["param_groups"][0]["lr"] = 1e30 if edit == "lr" else "x"
     elif edit in ("epochs_float", "epochs_bool"):
         state["epochs_done"] = 1.0 if edit == "epochs_float" else True
-    elif edit == "losses_nan":
-        state["losses"][0] = float("nan")
+    elif edit == "losses_2d":
+        state["losses"] = state["losses"].reshape(1, -1)
     elif edit == "val_loss_tensor":
         state["val_loss_at_swa"] = torch.tensor(state["val_loss_at_swa"] or 1.0)
     if edit == "damaged":  # a flipped bit in the coefficients' data: a file torch reads, and a wrong point
@@ -1877,3 +1877,20 @@ def test_an_earlier_output_given_as_a_checkpoint_is_refused_before_it_is_replace
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "is the output averaged.pt of output:" in lines[0], lines
     assert _digests(out) == before and not (in_project / "factory-called").exists()
+
+
+def test_a_saved_optimizer_without_a_setting_a_newer_torch_added_is_taken_up():
+    # a key the file lacks was called a changed setting, and a torch upgrade started runs afresh
+    from twa_kernels._fit_progress import check_saved_optimizer
+
+    coefficients = torch.nn.Parameter(torch.zeros(3, 2))
+    optimizer = torch.optim.AdamW([coefficients], lr=0.01, weight_decay=0.0)
+    fresh = optimizer.state_dict()
+    coefficients.grad = torch.ones(3, 2)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    del saved["param_groups"][0]["maximize"]
+    check_saved_optimizer(saved, fresh, optimizer, {"lr": 0.01, "weight_decay": 0.0})
+    saved["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError, match="optimizer's settings lr are not the config's"):
+        check_saved_optimizer(saved, fresh, optimizer, {"lr": 0.01, "weight_decay": 0.0})

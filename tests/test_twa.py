@@ -556,6 +556,15 @@ def test_a_parameter_the_twa_does_not_hold_after_build_is_refused_by_name(run, h
         name, match = "'3.weight'", "was trainable when TWA was built"
     with pytest.raises(tk.errors.UsageError, match=f"parameter {name} {match}"):
         twa(x)
+    if how == "a trained layer frozen":  # nothing trains there: a model frozen for inference is no error
+        with torch.no_grad():
+            twa(x)
+        with twa.averaged_model():
+            pass
+        twa.averaged_state_dict()
+        twa.coefficients.requires_grad_(False)  # (LightningModule.freeze(), a frozen teacher)
+        twa(x)
+        return
     with pytest.raises(tk.errors.UsageError, match=match), twa.averaged_model():
         pass
     with pytest.raises(tk.errors.UsageError, match=match):  # the export would hold it untrained
@@ -838,6 +847,54 @@ def test_forwards_from_several_threads_wait_for_each_other_or_are_refused_by_nam
     other.start()
     other.join()
     assert len(failed) == 1 and len(got) == 150 and all(got)
+
+
+def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_move_run():
+    # the block held the model for its whole length: a thread pool's forwards inside it never
+    # returned, a block left on another thread could not let go, and a move (twa.to) that
+    # ended a pending graph left its thread's record behind, refusing every other thread
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    checkpoints = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+                   for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=8)
+    x = torch.randn(4, 6, generator=gen)
+    def infer(inputs):
+        with torch.no_grad():  # (grad mode is each thread's own)
+            return twa(inputs)
+
+    want = infer(x)
+    with twa.averaged_model(), ThreadPoolExecutor(2) as pool:
+        assert all(torch.equal(out, want) for out in pool.map(infer, [x] * 4))
+    block = twa.averaged_model()
+    block.__enter__()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(block.__exit__, None, None, None).result(timeout=60)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())  # its own again
+    pending = twa(x)
+    twa.to(torch.float32)  # ends the pending graph's loan
+    del pending
+    with ThreadPoolExecutor(1) as pool:
+        assert torch.equal(pool.submit(infer, x).result(timeout=60), want)
+
+
+def test_a_twa_pickled_before_its_state_held_the_parameter_layout_loads_states():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    checkpoints = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+                   for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=8)
+    state = twa.state_dict()
+    del twa._buffers["parameter_layout"]  # as an earlier version pickled it
+    buffer = io.BytesIO()
+    torch.save(twa, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    old.load_state_dict(state)
+    old.load_state_dict(old.state_dict())
+    assert torch.equal(old.parameter_layout, state["parameter_layout"])
 
 
 def _twa_with_a_frozen_first_layer(embedding: bool = False) -> tuple[tk.TWA, torch.Tensor]:

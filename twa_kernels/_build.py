@@ -140,9 +140,10 @@ def _seal(library: Path) -> None:
 
 
 # How long a process waits for another's build lock before it says so (and waits again), and
-# in all before it gives up (a build takes 15-30 s; the ops then fall back, with a warning).
+# in all before it gives up (the ops then fall back, with a warning): a CPU build takes 15-30 s,
+# a CUDA build for several architectures some minutes.
 _LOCK_WAIT_S = 30.0
-_LOCK_GIVE_UP_S = 600.0
+_LOCK_GIVE_UP_S = 1800.0
 
 
 def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[Path], None]) -> Path:
@@ -200,7 +201,10 @@ def _cached_build(prefix: str, key: str, filename: str, compile_into: Callable[[
             raise
         # mkdtemp's folder is the owner's alone: a cache shared by a team (TWA_KERNELS_CACHE) is
         # read by other users, as far as the umask allows
-        os.chmod(build_dir, 0o755 & ~_umask())
+        try:
+            os.chmod(build_dir, 0o755 & ~_umask())
+        except OSError:  # a file system without permissions (some CIFS and FUSE mounts): nothing to share
+            pass
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(build_dir, final_dir)
         _fsync(root)

@@ -165,15 +165,16 @@ class LentWeights:
                                  "weights would not reach it; build TWA once the model has its final structure "
                                  "(replace or wrap its modules first)")
 
-    def check_parameters_held(self) -> None:
+    def check_parameters_held(self, training: bool = False) -> None:
         """Refuse a model that gained a parameter after TWA was built (a module added or
         given a new parameter), or whose frozen parameter now requires grad: TWA lends it
         no weights, so it would train outside the subspace, or not at all, and be exported
-        as it is, without an error. And one whose averaged parameter was frozen since: the
-        coefficients would go on training it."""
+        as it is, without an error. And, for a forward that trains the coefficients
+        (`training`), one whose averaged parameter was frozen since: they would go on
+        training it (a model frozen for inference, coefficients and all, is no such case)."""
         root = getattr(self, "root", None)  # a copy pickled before these existed has neither
         pinned_from = getattr(self, "pinned_from", len(self.slots))
-        for i in range(pinned_from):
+        for i in range(pinned_from if training else 0):
             module, attr = self.slots[i][0]
             own = self.own[i][0] if self.own is not None else module._parameters.get(attr)
             if isinstance(own, Tensor) and not own.requires_grad:
@@ -307,6 +308,7 @@ class LentWeights:
         for loan in self.live():
             loan.expired = True
         self.loans.clear()
+        self.loan_threads.clear()
         self._give_back()
 
     @contextmanager
@@ -322,7 +324,8 @@ class LentWeights:
             return
         with self.forward_lock:  # (reentrant: a forward inside averaged_model() of the same thread)
             me = threading.get_ident()
-            loaned = {t for t in self.loan_threads.values() if t != me}
+            # (a copy: a graph freed on another thread ends its loan, and its entry, meanwhile)
+            loaned = {t for n, t in list(self.loan_threads.items()) if t != me and n in self.loans}
             if loaned:  # a thread that has ended cannot backpropagate its graph any more
                 loaned &= {thread.ident for thread in threading.enumerate()}
             if loaned:
@@ -343,7 +346,7 @@ class LentWeights:
         try:
             self.check_structure()
             if self.depth == 1:  # a nested forward's model holds the outer one's weights
-                self.check_parameters_held()
+                self.check_parameters_held(training=loan is not None)
             self._put(weights)
             yield
         except BaseException:

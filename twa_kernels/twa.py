@@ -51,9 +51,10 @@ from __future__ import annotations
 import copy
 import math
 import reprlib
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -531,6 +532,11 @@ class TWA(TransformersFacade, nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if LAYOUT not in self._buffers:  # a TWA pickled before its state held the record
+            frozen = [(name, self._buffers[f"frozen_{i}"].shape) for i, name in enumerate(self.frozen_names)]
+            self.register_buffer(LAYOUT, layout_record(list(zip(self.names, self.shapes)), frozen).to(
+                self.center.device))
+            self._ddp_params_and_buffers_to_ignore = [*BASIS_BUFFERS, LAYOUT]
         # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: it gets
         # one here, or each rank's copy would train on its own gradient (a compiled forward
         # never reaches the eager path that registers it)
@@ -670,13 +676,28 @@ class TWA(TransformersFacade, nn.Module):
         block's weights are plain tensors, not Parameters: to keep the average as a model of
         its own, load `averaged_state_dict()` into a fresh one rather than copying this one.
         """
+        # the model is claimed to put the weights in and to take them out again, not for the
+        # block: code in it may run forwards on other threads (which wait for a claim), and a
+        # block may end on another thread than it began on
+        held = ExitStack()
         with self._lent.claimed():
             with torch.no_grad():
                 weights = self.weights()
             lent = [weights[name] for name in self.names + self.frozen_names]
-            with keeping_buffers(self.module), self._lent.lending(lent), \
-                    self._keeping_frozen("inside averaged_model()", every=True):
-                yield self.module
+            with held:  # (left at once if one of them fails)
+                held.enter_context(keeping_buffers(self.module))
+                held.enter_context(self._lent.lending(lent))
+                held.enter_context(self._keeping_frozen("inside averaged_model()", every=True))
+                held = held.pop_all()
+        try:
+            yield self.module
+        except BaseException:
+            with self._lent.forward_lock:
+                if not held.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with self._lent.forward_lock:
+                held.__exit__(None, None, None)
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
         """Add to coefficients.grad the projection of gradients that a reentrant
