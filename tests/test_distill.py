@@ -355,6 +355,18 @@ def test_an_embedding_network_that_returns_no_tensor_is_named():
         tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=4, embed=Wrapped, seed=0)
 
 
+def test_a_network_the_factory_shares_is_left_as_it_was():
+    # its parameters were left frozen and the network in train mode, after a call that succeeded
+    net = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(12, 4)).eval()
+    net[1].train()  # a submodule in a mode of its own
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    x_syn, y_syn = tk.distill.distribution_matching((x, y), ipc=2, iterations=3, batch_real=4, embed=lambda: net,
+                                                    seed=0)
+    tk.distill.matching_loss((x, y), x_syn, y_syn, nets=2, embed=lambda: net, seed=0)
+    assert [m.training for m in net.modules()] == [False, False, True, False]
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+
+
 def test_a_network_instead_of_a_factory_and_inputs_of_two_shapes_are_named():
     data = TensorDataset(torch.randn(6, 5), torch.tensor([0, 1] * 3))
     with pytest.raises(DistillError, match="factory .* got a Linear instance"):

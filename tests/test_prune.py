@@ -637,6 +637,13 @@ def test_a_refused_apply_masks_leaves_every_weight_as_it_was_and_a_module_name_i
     with tk.prune.apply_masks(model, {"0": torch.zeros(4, 4, dtype=torch.bool)}):  # KeyError '0' before
         pass
     assert model[0].weight.abs().sum() == 0
+    # one weight under two names: both masks were held, their AND applied without a word
+    two = {"2": torch.ones(2, 4, dtype=torch.bool), "2.weight": torch.zeros(2, 4, dtype=torch.bool)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PruningError, match=r"masks '2' and '2.weight' name the same weight"):
+        with tk.prune.apply_masks(model, two):
+            pass
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_a_masked_block_gives_the_parameters_back_in_their_own_order():

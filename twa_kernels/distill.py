@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from twa_kernels._checks import integer
+from twa_kernels._passes import kept_modes
 from twa_kernels._progress import progress_bar
 from twa_kernels._random import check_seed, derived_seed, generator, seeded
 from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
@@ -201,9 +202,7 @@ def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
         net = embed()
     if not isinstance(net, nn.Module):
         raise DistillError(f"embed() must build an nn.Module, got {type(net).__name__}")
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.train()  # the paper embeds in train mode; GroupNorm has no running statistics
+    return net  # (run in train mode by the callers, and given back in its own modes)
 
 
 def _class_means(net: nn.Module, x: Tensor, y: Tensor, classes: Tensor) -> Tensor:
@@ -291,13 +290,17 @@ def distribution_matching(
     for it in bar:
         net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1))
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
-        # the forwards run in train mode: an embedding with dropout draws there, from a stream of the seed's own
-        with seeded(None if seed is None else derived_seed(seed, it + 1, 1)):
+        # the forwards run in train mode (the paper embeds in it; GroupNorm keeps no running
+        # statistics): an embedding with dropout draws there, from a stream of the seed's own.
+        # The network is left as its factory built it, a shared one included: its modes come
+        # back, and the gradient goes to the synthetic set alone, none to its parameters
+        with seeded(None if seed is None else derived_seed(seed, it + 1, 1)), kept_modes(net):
+            net.train()
             with torch.no_grad():
                 target = _class_means(net, x[pick], y[pick], classes)
             loss = (target - _class_means(net, x_syn, y_syn, classes)).pow(2).sum()
         opt.zero_grad()
-        loss.backward()
+        (x_syn.grad,) = torch.autograd.grad(loss, [x_syn])
         opt.step()
         if it % 50 == 0:
             if hasattr(bar, "set_postfix"):  # a bar, not the bare range
@@ -339,7 +342,9 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     total = 0.0
     for i in range(nets):
         net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i))
-        with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)):  # dropout's draws
+        with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)), kept_modes(net), \
+                torch.no_grad():  # (dropout's draws from the seed's stream; the network's modes given back)
+            net.train()
             total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets
 

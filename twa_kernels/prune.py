@@ -288,14 +288,19 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Mo
     parametrization (`model.layer.weight` is the masked tensor; the stored parameter, the
     same object as before, is `model.layer.parametrizations.weight.original`). On exit the
     masked values are written back into the parameters, so pruned entries are exactly zero,
-    and the model is plain again (its state_dict keys unchanged)."""
+    and the model is plain again (its state_dict keys unchanged). So they are when the block
+    raises: the model is left pruned, with what training gave its other entries."""
     check_module(model, "apply_masks's model")
     # every mask is checked before the first is held: a refusal leaves the model as it was
     _check_bool_masks(masks)
     modules = prunable_weights(model, masks) if masks else {}
-    plan = []
+    plan, planned = [], {}
     for name, mask in masks.items():
         module = modules[_weight_key(name)]
+        if id(module) in planned:  # two masks held on one weight would apply their AND, unannounced
+            raise PruningError(f"masks {planned[id(module)]!r} and {name!r} name the same weight; give one mask "
+                               "per weight")
+        planned[id(module)] = name
         if mask.shape != module.weight.shape:
             raise PruningError(f"masks[{name!r}] has shape {tuple(mask.shape)} but the weight has "
                                f"{tuple(module.weight.shape)}")
