@@ -236,6 +236,7 @@ def test_a_cached_build_is_used_while_another_process_holds_its_lock(tmp_path):
     cache = tmp_path / "cache"
     built = _run("from twa_kernels import _build; print(_build.build_cpu())", {"TWA_KERNELS_CACHE": str(cache)})
     assert built.returncode == 0, built.stderr[-2000:]
+    assert "compiling the C++ CPU kernels, once" in built.stderr  # a first call says why it stalls
     library = Path(built.stdout.strip().splitlines()[-1])
     lock = cache / f"{library.parent.name}.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
@@ -247,6 +248,7 @@ def test_a_cached_build_is_used_while_another_process_holds_its_lock(tmp_path):
                                env={**os.environ, "TWA_KERNELS_CACHE": str(cache)}, capture_output=True, text=True,
                                timeout=60)
         assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(library), again.stderr
+        assert "compiling" not in again.stderr
     finally:
         holder.kill()
         holder.wait()

@@ -291,6 +291,8 @@ def build_cpu(verbose: bool = False) -> Path:
         if shutil.which(compiler) is None:
             raise BuildError(f"no C++ compiler: {compiler!r} was not found on PATH; install one (g++), or set CXX "
                              "to its path")
+        # said, or the first op call of a machine would stall for the build without a word
+        logger.warning("twa_kernels: compiling the C++ CPU kernels, once for this machine and torch (15-30 s)")
         from torch.utils.cpp_extension import load
 
         load(name=CPU_LIBRARY, sources=[str(p) for p in _cpu_sources(src)], extra_cflags=CPU_CFLAGS,
@@ -447,6 +449,8 @@ def build_cuda(verbose: bool = False) -> Path:
     def compile_into(build_dir: Path) -> None:
         from torch.utils.cpp_extension import load
 
+        logger.warning("twa_kernels: compiling the CUDA kernels, once for this machine, torch and toolkit (some "
+                       "minutes)")
         # Our own -gencode flags make cpp_extension skip its default of the visible GPUs' archs.
         load(name=CUDA_LIBRARY, sources=[str(src / "twa_kernels_cuda.cpp"), str(src / "cuda" / "kernels.cu")],
              extra_cflags=["-O3"], extra_cuda_cflags=[*NVCC_FLAGS, *cuda_arch_flags()],
