@@ -367,6 +367,24 @@ def test_a_network_the_factory_shares_is_left_as_it_was():
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
 
 
+def test_an_embedding_that_checkpoints_its_activations_reentrantly_distills():
+    # (torch.autograd.grad, which a reentrant checkpoint refuses, once took the gradient)
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(12, 4)
+
+        def forward(self, x):
+            return checkpoint(self.linear, x.flatten(1), use_reentrant=True)
+
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    x_syn, _ = tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=4, embed=Checkpointed,
+                                                seed=0)
+    assert torch.isfinite(x_syn).all()
+
+
 def test_a_network_instead_of_a_factory_and_inputs_of_two_shapes_are_named():
     data = TensorDataset(torch.randn(6, 5), torch.tensor([0, 1] * 3))
     with pytest.raises(DistillError, match="factory .* got a Linear instance"):

@@ -1894,3 +1894,11 @@ def test_a_saved_optimizer_without_a_setting_a_newer_torch_added_is_taken_up():
     saved["param_groups"][0]["lr"] = 0.5
     with pytest.raises(ValueError, match="optimizer's settings lr are not the config's"):
         check_saved_optimizer(saved, fresh, optimizer, {"lr": 0.01, "weight_decay": 0.0})
+    # a setting the file lacks takes torch's default when loaded: refused where the config's differs
+    amsgrad = torch.optim.AdamW([coefficients], lr=0.01, weight_decay=0.0, amsgrad=True)
+    fresh = amsgrad.state_dict()
+    amsgrad.step()
+    saved = amsgrad.state_dict()
+    del saved["param_groups"][0]["amsgrad"]
+    with pytest.raises(ValueError, match="optimizer's settings amsgrad are not the config's"):
+        check_saved_optimizer(saved, fresh, amsgrad, {"lr": 0.01, "weight_decay": 0.0, "amsgrad": True})

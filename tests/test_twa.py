@@ -851,8 +851,9 @@ def test_forwards_from_several_threads_wait_for_each_other_or_are_refused_by_nam
 
 def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_move_run():
     # the block held the model for its whole length: a thread pool's forwards inside it never
-    # returned, a block left on another thread could not let go, and a move (twa.to) that
-    # ended a pending graph left its thread's record behind, refusing every other thread
+    # returned (they are refused now: they would change the block's weights), a block left on
+    # another thread could not let go, and a move (twa.to) that ended a pending graph left its
+    # thread's record behind, refusing every other thread
     from concurrent.futures import ThreadPoolExecutor
 
     gen = torch.Generator().manual_seed(0)
@@ -866,8 +867,12 @@ def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_mo
             return twa(inputs)
 
     want = infer(x)
-    with twa.averaged_model(), ThreadPoolExecutor(2) as pool:
-        assert all(torch.equal(out, want) for out in pool.map(infer, [x] * 4))
+    with twa.averaged_model() as averaged, ThreadPoolExecutor(2) as pool:
+        # another thread's forward would put its own weights into the block's model: refused
+        with pytest.raises(tk.errors.UsageError, match="inside an averaged_model\\(\\) block of another thread"):
+            pool.submit(infer, x).result(timeout=60)
+        with torch.no_grad():
+            assert torch.equal(averaged(x), want)
     block = twa.averaged_model()
     block.__enter__()
     with ThreadPoolExecutor(1) as pool:

@@ -338,14 +338,8 @@ def check_saved_optimizer(saved: dict, fresh: dict, optimizer: torch.optim.Optim
             return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
         return type(a) is type(b) and a == b
 
-    for saved_group, own in zip(saved["param_groups"], fresh["param_groups"]):
-        if not isinstance(saved_group, dict):
-            raise ValueError("its optimizer's param_groups are not what twa fit writes")
-        # (a setting the file lacks is one a newer torch added, which load_state_dict fills in)
-        differs = [key for key in own
-                   if key != "params" and key in saved_group and not same(saved_group[key], own[key])]
-        if differs:
-            raise ValueError(f"its optimizer's settings {', '.join(differs)} are not the config's")
+    if not all(isinstance(group, dict) for group in saved["param_groups"]):
+        raise ValueError("its optimizer's param_groups are not what twa fit writes")
     values = [v for per in saved["state"].values() if isinstance(per, dict) for v in per.values()]
     if any(isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in values):
         raise ValueError("its optimizer's state holds a value that is not finite")
@@ -354,6 +348,12 @@ def check_saved_optimizer(saved: dict, fresh: dict, optimizer: torch.optim.Optim
         stand_in.grad = torch.zeros_like(stand_in)
     trial = type(optimizer)(stand_ins, **optimizer_args)
     trial.load_state_dict(copy.deepcopy(saved))
+    # the settings as loading leaves them: one the file lacks (a newer torch's) is torch's default
+    # there, which must be the config's too
+    for loaded, own in zip(trial.param_groups, fresh["param_groups"]):
+        differs = [key for key in own if key != "params" and (key not in loaded or not same(loaded[key], own[key]))]
+        if differs:
+            raise ValueError(f"its optimizer's settings {', '.join(differs)} are not the config's")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trial.step()

@@ -20,11 +20,12 @@ and dtype, and its labels the real labels' dtype.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Union
 
 import torch
@@ -205,6 +206,23 @@ def _fresh(embed: Callable[[], nn.Module], seed: int | None) -> nn.Module:
     return net  # (run in train mode by the callers, and given back in its own modes)
 
 
+@contextlib.contextmanager
+def _embedding(net: nn.Module) -> Iterator[None]:
+    """`net` in train mode, with no gradient to its parameters (the synthetic set's alone: a
+    weight gradient would cost the memory of every layer's input), for the block; after it,
+    a network the factory shares is given back with its own modes and flags."""
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    with kept_modes(net):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            net.train()
+            yield
+        finally:
+            for p, wanted in flags:
+                p.requires_grad_(wanted)
+
+
 def _class_means(net: nn.Module, x: Tensor, y: Tensor, classes: Tensor) -> Tensor:
     inputs = _as_channels(x)
     # in the dtype of the network's weights (a float32 network over float64 data); the
@@ -291,16 +309,13 @@ def distribution_matching(
         net = _fresh(embed, None if seed is None else derived_seed(seed, it + 1))
         pick = torch.cat([m[torch.randperm(len(m), generator=gen)[:batch_real]] for m in members])
         # the forwards run in train mode (the paper embeds in it; GroupNorm keeps no running
-        # statistics): an embedding with dropout draws there, from a stream of the seed's own.
-        # The network is left as its factory built it, a shared one included: its modes come
-        # back, and the gradient goes to the synthetic set alone, none to its parameters
-        with seeded(None if seed is None else derived_seed(seed, it + 1, 1)), kept_modes(net):
-            net.train()
+        # statistics): an embedding with dropout draws there, from a stream of the seed's own
+        with seeded(None if seed is None else derived_seed(seed, it + 1, 1)), _embedding(net):
             with torch.no_grad():
                 target = _class_means(net, x[pick], y[pick], classes)
             loss = (target - _class_means(net, x_syn, y_syn, classes)).pow(2).sum()
-        opt.zero_grad()
-        (x_syn.grad,) = torch.autograd.grad(loss, [x_syn])
+            opt.zero_grad()
+            loss.backward()  # (not autograd.grad: a reentrant checkpoint in the embedding takes only this)
         opt.step()
         if it % 50 == 0:
             if hasattr(bar, "set_postfix"):  # a bar, not the bare range
@@ -342,9 +357,8 @@ def matching_loss(dataset: Data, x_syn: Tensor, y_syn: Tensor, nets: int = 20, s
     total = 0.0
     for i in range(nets):
         net = _fresh(embed, None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i))
-        with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)), kept_modes(net), \
-                torch.no_grad():  # (dropout's draws from the seed's stream; the network's modes given back)
-            net.train()
+        with seeded(None if seed is None else derived_seed(seed, _EVALUATION_STREAM + i, 1)), _embedding(net), \
+                torch.no_grad():  # (dropout's draws from the seed's stream)
             total += float((_class_means(net, x, y, classes) - _class_means(net, x_syn, y_syn, classes)).pow(2).sum())
     return total / nets
 

@@ -109,6 +109,7 @@ class LentWeights:
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
         self.forward_lock = threading.RLock()  # one forward at a time (claimed)
+        self.blocks: list[int] = []  # the thread of each averaged_model() block open
         self.loan_threads: dict[int, int] = {}  # the thread that opened each pending loan
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,12 +117,12 @@ class LentWeights:
         loans belong to the original's graphs, and a copy sharing them would mark them
         expired at its own forwards (and weak references cannot be pickled)."""
         return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "releases": {}, "depth": 0,
-                "loan_threads": {}, "forward_lock": None}
+                "loan_threads": {}, "forward_lock": None, "blocks": []}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy saved before these existed has neither
         self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, "slot_names": None,
-                              "loan_threads": {}, **state})
+                              "loan_threads": {}, "blocks": [], **state})
         self.forward_lock = threading.RLock()  # a lock cannot be copied or pickled
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
@@ -315,8 +316,9 @@ class LentWeights:
     def claimed(self) -> Iterator[None]:
         """The model for one forward of this thread, for the length of the block. The model's
         slots hold one set of weights at a time: forwards from several threads wait for
-        each other, and one that finds another thread's graph not yet backpropagated is
-        refused (its backward would read the slots this forward writes). A backward's
+        each other, and one that finds another thread's graph not yet backpropagated, or an
+        averaged_model() block of another thread open, is refused (that backward or block
+        reads the slots this forward writes). A backward's
         recomputation runs on autograd's own threads (CUDA) and is no forward of another
         thread."""
         if torch._C._current_graph_task_id() != -1:
@@ -326,8 +328,14 @@ class LentWeights:
             me = threading.get_ident()
             # (a copy: a graph freed on another thread ends its loan, and its entry, meanwhile)
             loaned = {t for n, t in list(self.loan_threads.items()) if t != me and n in self.loans}
-            if loaned:  # a thread that has ended cannot backpropagate its graph any more
-                loaned &= {thread.ident for thread in threading.enumerate()}
+            blocked = {t for t in self.blocks if t != me}
+            if loaned or blocked:  # a thread that has ended cannot use its graph or block any more
+                alive = {thread.ident for thread in threading.enumerate()}
+                loaned, blocked = loaned & alive, blocked & alive
+            if blocked:
+                raise UsageError("this TWA's model is inside an averaged_model() block of another thread, and holds "
+                                 "the block's weights for it: a forward here would change them under that block. "
+                                 "Run the forward in the block's own thread, or after the block")
             if loaned:
                 raise UsageError("this TWA's model holds the weights of a forward in another thread whose graph is "
                                  "not yet backpropagated: the model holds one set of weights at a time, so this "

@@ -52,6 +52,7 @@ import copy
 import math
 import reprlib
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -676,27 +677,31 @@ class TWA(TransformersFacade, nn.Module):
         block's weights are plain tensors, not Parameters: to keep the average as a model of
         its own, load `averaged_state_dict()` into a fresh one rather than copying this one.
         """
-        # the model is claimed to put the weights in and to take them out again, not for the
-        # block: code in it may run forwards on other threads (which wait for a claim), and a
-        # block may end on another thread than it began on
-        held = ExitStack()
-        with self._lent.claimed():
+        # The model is claimed to put the weights in and to take them out again, and the block
+        # recorded as this thread's, which refuses other threads' forwards until it ends (they
+        # would change the block's weights); not claimed for the block itself, which may end on
+        # another thread than it began on
+        lent_weights, held, thread = self._lent, ExitStack(), threading.get_ident()
+        with lent_weights.claimed():
             with torch.no_grad():
                 weights = self.weights()
             lent = [weights[name] for name in self.names + self.frozen_names]
             with held:  # (left at once if one of them fails)
                 held.enter_context(keeping_buffers(self.module))
-                held.enter_context(self._lent.lending(lent))
+                held.enter_context(lent_weights.lending(lent))
                 held.enter_context(self._keeping_frozen("inside averaged_model()", every=True))
                 held = held.pop_all()
+            lent_weights.blocks.append(thread)
         try:
             yield self.module
         except BaseException:
-            with self._lent.forward_lock:
+            with lent_weights.forward_lock:
+                lent_weights.blocks.remove(thread)
                 if not held.__exit__(*sys.exc_info()):
                     raise
         else:
-            with self._lent.forward_lock:
+            with lent_weights.forward_lock:
+                lent_weights.blocks.remove(thread)
                 held.__exit__(None, None, None)
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
