@@ -308,8 +308,10 @@ class LentWeights:
         """Give the model its own Parameters now; every pending loan expires."""
         for loan in self.live():
             loan.expired = True
-        self.loans.clear()
+        self.loans.clear()  # (their weak references go, so _closed() runs for none of them)
         self.loan_threads.clear()
+        self.releases.clear()  # a workspace a pending graph held is replaced at the next forward
+        self.in_slots_since.clear()
         self._give_back()
 
     @contextmanager
