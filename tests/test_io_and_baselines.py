@@ -985,6 +985,13 @@ def test_a_checkpoint_whose_save_did_not_finish_is_left_out_of_a_directory_with_
     assert [p.name for p in found] == ["epoch1.pt", "epoch2.pt"]
     assert "leaving out hf_4, step_3, whose save did not finish" in caplog.text
     assert "logs" not in caplog.text
+    # a folder named as a checkpoint file (DeepSpeed's epoch=3.ckpt) was left out without a word
+    (folder / "epoch=3.ckpt" / "checkpoint").mkdir(parents=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twa_kernels"):
+        assert [p.name for p in resolve_checkpoints(folder)] == ["epoch1.pt", "epoch2.pt"]
+    assert "leaving out epoch=3.ckpt, folders named like checkpoint files" in caplog.text
+    assert "convert_zero_checkpoint_to_fp32_state_dict" in caplog.text
 
 
 def test_a_twa_over_a_directory_lists_it_once(tmp_path, caplog):

@@ -150,7 +150,7 @@ def _natural_key(path: Path) -> list:
 def _directory_checkpoints(directory: Path) -> list[Path]:
     """A directory's checkpoint files, save_pretrained and torch.distributed.checkpoint
     subdirectories, in natural order (the library's own files left out)."""
-    found, skipped, unfinished = [], [], []
+    found, skipped, unfinished, unread = [], [], [], []
     for entry in directory.iterdir():
         if FIT_FILE.match(entry.name):
             continue
@@ -159,6 +159,8 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
                 found.append(entry)
             elif _unfinished_save(entry):
                 unfinished.append(entry)
+            elif entry.name.endswith(CHECKPOINT_SUFFIXES):  # named as a checkpoint, holding none read here
+                unread.append(entry)
         elif entry.name.endswith(CHECKPOINT_SUFFIXES):
             (skipped if _COPIES.fullmatch(entry.name) else found).append(entry)
     if unfinished:  # a save killed part way (the newest checkpoint, typically): the average has one fewer
@@ -166,6 +168,11 @@ def _directory_checkpoints(directory: Path) -> list[Path]:
                        "without their .metadata, or a save_pretrained config.json without weights); the average "
                        "uses the %d complete checkpoints: save that one again to include it", directory,
                        ", ".join(p.name for p in sorted(unfinished)), len(found))
+    if unread:
+        logger.warning("%s: leaving out %s, folders named like checkpoint files that hold no checkpoint this library "
+                       "reads (a DeepSpeed checkpoint is such a folder: convert it to one file with Lightning's "
+                       "convert_zero_checkpoint_to_fp32_state_dict or DeepSpeed's zero_to_fp32.py)", directory,
+                       ", ".join(p.name for p in sorted(unread)))
     if skipped and found:
         logger.warning("%s: leaving out %s, which a training script writes beside its checkpoints: copies that "
                        "would count a checkpoint twice (Lightning's last.ckpt, torchvision's checkpoint.pth, timm's "
