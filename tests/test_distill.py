@@ -367,6 +367,22 @@ def test_a_network_the_factory_shares_is_left_as_it_was():
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
 
 
+def test_a_layer_the_embedding_uses_without_registering_it_gets_no_gradient():
+    outside = nn.Linear(12, 6)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.linear(outside(x.flatten(1)))
+
+    x, y = torch.randn(30, 1, 12), torch.arange(30) % 3
+    tk.distill.distribution_matching((x, y), ipc=2, iterations=2, batch_real=4, embed=Head, seed=0)
+    assert outside.weight.grad is None and outside.bias.grad is None
+
+
 def test_an_embedding_that_checkpoints_its_activations_reentrantly_distills():
     # (torch.autograd.grad, which a reentrant checkpoint refuses, once took the gradient)
     from torch.utils.checkpoint import checkpoint

@@ -850,6 +850,8 @@ def test_forwards_from_several_threads_wait_for_each_other_or_are_refused_by_nam
 
 
 def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_move_run():
+    import threading
+
     # the block held the model for its whole length: a thread pool's forwards inside it never
     # returned (they are refused now: they would change the block's weights), a block left on
     # another thread could not let go, and a move (twa.to) that ended a pending graph left its
@@ -869,14 +871,30 @@ def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_mo
     want = infer(x)
     with twa.averaged_model() as averaged, ThreadPoolExecutor(2) as pool:
         # another thread's forward would put its own weights into the block's model: refused
-        with pytest.raises(tk.errors.UsageError, match="inside an averaged_model\\(\\) block of another thread"):
+        with pytest.raises(tk.errors.UsageError, match=r"inside an averaged_model\(\) block \(or a generate\(\) "
+                                                       r"call\) of another thread"):
             pool.submit(infer, x).result(timeout=60)
         with torch.no_grad():
             assert torch.equal(averaged(x), want)
+    # two threads' blocks (a server's generate() calls) take turns, each at the averaged weights
+    barrier = threading.Barrier(2)
+
+    def in_a_block(_):
+        barrier.wait(timeout=60)
+        with twa.averaged_model() as averaged, torch.no_grad():
+            return all(torch.equal(averaged(x), want) for _ in range(10))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(in_a_block, range(2))) == [True, True]
     block = twa.averaged_model()
     block.__enter__()
     with ThreadPoolExecutor(1) as pool:
         pool.submit(block.__exit__, None, None, None).result(timeout=60)
+    # a thread that ended inside a block it never left holds nobody back
+    left_open = threading.Thread(target=twa.averaged_model().__enter__)
+    left_open.start()
+    left_open.join()
+    assert torch.equal(infer(x), want)
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())  # its own again
     pending = twa(x)
     twa.to(torch.float32)  # ends the pending graph's loan

@@ -315,7 +315,13 @@ def distribution_matching(
                 target = _class_means(net, x[pick], y[pick], classes)
             loss = (target - _class_means(net, x_syn, y_syn, classes)).pow(2).sum()
             opt.zero_grad()
-            loss.backward()  # (not autograd.grad: a reentrant checkpoint in the embedding takes only this)
+            try:  # the synthetic set's gradient alone: a tensor the embedding uses unregistered gets none
+                (x_syn.grad,) = torch.autograd.grad(loss, [x_syn], retain_graph=True)
+            except RuntimeError as exc:
+                if "use_reentrant" not in str(exc):
+                    raise
+                loss.backward()  # a reentrant checkpoint in the embedding takes only this
+            loss = loss.detach()  # (the graph, kept for that retry, goes)
         opt.step()
         if it % 50 == 0:
             if hasattr(bar, "set_postfix"):  # a bar, not the bare range

@@ -109,21 +109,24 @@ class LentWeights:
         self.opened = 0
         self.depth = 0  # forwards running: the slots are theirs
         self.forward_lock = threading.RLock()  # one forward at a time (claimed)
-        self.blocks: list[int] = []  # the thread of each averaged_model() block open
-        self.loan_threads: dict[int, int] = {}  # the thread that opened each pending loan
+        # the threads themselves, not their ids, which a new thread may take over from an ended one
+        self.blocks: list[threading.Thread] = []  # the thread of each averaged_model() block open
+        self.block_ended = threading.Condition(self.forward_lock)
+        self.loan_threads: dict[int, threading.Thread] = {}  # the thread that opened each pending loan
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (copy.deepcopy, torch.save of the module) starts with no pending graph: the
         loans belong to the original's graphs, and a copy sharing them would mark them
         expired at its own forwards (and weak references cannot be pickled)."""
         return {**self.__dict__, "loans": {}, "holder": None, "in_slots_since": set(), "releases": {}, "depth": 0,
-                "loan_threads": {}, "forward_lock": None, "blocks": []}
+                "loan_threads": {}, "forward_lock": None, "block_ended": None, "blocks": []}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a copy saved before these existed has neither
         self.__dict__.update({"holder": None, "in_slots_since": set(), "releases": {}, "slot_names": None,
                               "loan_threads": {}, "blocks": [], **state})
         self.forward_lock = threading.RLock()  # a lock cannot be copied or pickled
+        self.block_ended = threading.Condition(self.forward_lock)
         self._give_back()  # the copied model holds its own (copied) Parameters, not the original's loan
 
     @property
@@ -260,7 +263,7 @@ class LentWeights:
         number = self.opened
         loan = Loan(number, key, aliases, self, project_late)
         self.loans[number] = weakref.ref(loan, lambda _: self._closed(number))  # a freed graph ends its loan
-        self.loan_threads[number] = threading.get_ident()
+        self.loan_threads[number] = threading.current_thread()
         if release is not None:
             self.releases[number] = release
         return loan
@@ -315,36 +318,41 @@ class LentWeights:
         self._give_back()
 
     @contextmanager
-    def claimed(self) -> Iterator[None]:
-        """The model for one forward of this thread, for the length of the block. The model's
-        slots hold one set of weights at a time: forwards from several threads wait for
-        each other, and one that finds another thread's graph not yet backpropagated, or an
-        averaged_model() block of another thread open, is refused (that backward or block
-        reads the slots this forward writes). A backward's
-        recomputation runs on autograd's own threads (CUDA) and is no forward of another
-        thread."""
+    def claimed(self, block: bool = False) -> Iterator[None]:
+        """The model for one forward of this thread (or, `block`, for entering or leaving an
+        averaged_model() block), for the length of the block. The model's slots hold one set
+        of weights at a time: forwards from several threads wait for each other, and one
+        that finds another thread's graph not yet backpropagated, or an averaged_model()
+        block of another thread open, is refused (that backward or block reads the slots
+        this forward writes); a block waits for another thread's to end (each is short: a
+        generate() call of a server's request). A backward's recomputation runs on
+        autograd's own threads (CUDA) and is no forward of another thread."""
         if torch._C._current_graph_task_id() != -1:
             yield
             return
         with self.forward_lock:  # (reentrant: a forward inside averaged_model() of the same thread)
-            me = threading.get_ident()
+            me = threading.current_thread()  # (a thread started outside Python gets one that stays alive)
+            while block and any(t is not me and t.is_alive() for t in self.blocks):
+                self.block_ended.wait(timeout=1.0)  # (a block's thread that ended without leaving it is seen)
+            if any(t is not me and t.is_alive() for t in self.blocks):
+                raise UsageError("this TWA's model is inside an averaged_model() block (or a generate() call) of "
+                                 "another thread, and holds the block's weights for it: a forward here would change "
+                                 "them under that block. Run the forward in the block's own thread, or after the "
+                                 "block; or give each thread its own TWA (copy.deepcopy(twa))")
             # (a copy: a graph freed on another thread ends its loan, and its entry, meanwhile)
-            loaned = {t for n, t in list(self.loan_threads.items()) if t != me and n in self.loans}
-            blocked = {t for t in self.blocks if t != me}
-            if loaned or blocked:  # a thread that has ended cannot use its graph or block any more
-                alive = {thread.ident for thread in threading.enumerate()}
-                loaned, blocked = loaned & alive, blocked & alive
-            if blocked:
-                raise UsageError("this TWA's model is inside an averaged_model() block of another thread, and holds "
-                                 "the block's weights for it: a forward here would change them under that block. "
-                                 "Run the forward in the block's own thread, or after the block")
-            if loaned:
+            if any(t is not me and t.is_alive() and n in self.loans for n, t in list(self.loan_threads.items())):
                 raise UsageError("this TWA's model holds the weights of a forward in another thread whose graph is "
                                  "not yet backpropagated: the model holds one set of weights at a time, so this "
                                  "forward would change what that backward reads. Give each thread its own TWA "
                                  "(copy.deepcopy(twa)), or hold a lock from each forward to the end of its backward "
                                  "(forwards under torch.no_grad() need none)")
             yield
+
+    def end_block(self, thread: threading.Thread) -> None:
+        """Take the record of an averaged_model() block of `thread` (called under forward_lock),
+        and wake the blocks waiting for it."""
+        self.blocks.remove(thread)
+        self.block_ended.notify_all()
 
     @contextmanager
     def lending(self, weights: Sequence[Tensor], loan: Loan | None = None):

@@ -679,10 +679,10 @@ class TWA(TransformersFacade, nn.Module):
         """
         # The model is claimed to put the weights in and to take them out again, and the block
         # recorded as this thread's, which refuses other threads' forwards until it ends (they
-        # would change the block's weights); not claimed for the block itself, which may end on
-        # another thread than it began on
-        lent_weights, held, thread = self._lent, ExitStack(), threading.get_ident()
-        with lent_weights.claimed():
+        # would change the block's weights) and has other threads' blocks wait; not claimed for
+        # the block itself, which may end on another thread than it began on
+        lent_weights, held, thread = self._lent, ExitStack(), threading.current_thread()
+        with lent_weights.claimed(block=True):
             with torch.no_grad():
                 weights = self.weights()
             lent = [weights[name] for name in self.names + self.frozen_names]
@@ -696,12 +696,12 @@ class TWA(TransformersFacade, nn.Module):
             yield self.module
         except BaseException:
             with lent_weights.forward_lock:
-                lent_weights.blocks.remove(thread)
+                lent_weights.end_block(thread)
                 if not held.__exit__(*sys.exc_info()):
                     raise
         else:
             with lent_weights.forward_lock:
-                lent_weights.blocks.remove(thread)
+                lent_weights.end_block(thread)
                 held.__exit__(None, None, None)
 
     def _project_late(self, grads: Sequence[Tensor | None]) -> None:
