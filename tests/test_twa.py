@@ -804,16 +804,22 @@ def test_two_twas_over_one_model_never_leave_it_holding_lent_weights():
     assert second.coefficients.grad is not None
 
 
+def _small_twa(checkpoints: int = 3) -> tuple[tk.TWA, torch.Generator]:
+    """An 8-bit TWA over a small MLP (6 -> 8 -> 3) and random checkpoints of it, and the
+    generator that drew them, for the inputs."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    states = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+              for _ in range(checkpoints)]
+    return tk.TWA(model, states, bits=8), gen
+
+
 def test_forwards_from_several_threads_wait_for_each_other_or_are_refused_by_name():
     # each forward puts its weights into the one model: threads ran on each other's weights,
     # and half of them failed inside torch ("backward through the graph a second time")
     import threading
 
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    checkpoints = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-                   for _ in range(4)]
-    twa = tk.TWA(model, checkpoints, bits=8)
+    twa, gen = _small_twa(4)
     x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
     with torch.no_grad():
         want = twa(x)
@@ -858,11 +864,8 @@ def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_mo
     # thread's record behind, refusing every other thread
     from concurrent.futures import ThreadPoolExecutor
 
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    checkpoints = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-                   for _ in range(3)]
-    twa = tk.TWA(model, checkpoints, bits=8)
+    twa, gen = _small_twa()
+    model = twa.module
     x = torch.randn(4, 6, generator=gen)
     def infer(inputs):
         with torch.no_grad():  # (grad mode is each thread's own)
@@ -904,11 +907,7 @@ def test_forwards_on_other_threads_inside_an_averaged_model_block_and_after_a_mo
 
 
 def test_a_twa_pickled_before_its_state_held_the_parameter_layout_loads_states():
-    gen = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    checkpoints = [{k: v + torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-                   for _ in range(3)]
-    twa = tk.TWA(model, checkpoints, bits=8)
+    twa, _ = _small_twa()
     state = twa.state_dict()
     del twa._buffers["parameter_layout"]  # as an earlier version pickled it
     buffer = io.BytesIO()

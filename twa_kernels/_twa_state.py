@@ -108,7 +108,10 @@ def _check_shard(module: TWA, state: dict[str, Any], prefix: str) -> None:
 LAYOUT = "parameter_layout"
 
 
-def layout_record(averaged: Sequence[tuple[str, Sequence[int]]], frozen: Sequence[tuple[str, Sequence[int]]]) -> Tensor:
+Shapes = Sequence[tuple[str, Sequence[int]]]
+
+
+def layout_record(averaged: Shapes, frozen: Shapes) -> Tensor:
     """The parameters a TWA's coefficients, center, basis columns and pinned values belong
     to, in their order, with their shapes, as the UTF-8 bytes of a JSON record (a uint8
     tensor, so that every format that saves a state_dict keeps it). Names lose the wrapper
