@@ -4,6 +4,7 @@ import json
 import re
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -548,6 +549,42 @@ def test_sigterm_during_a_write_leaves_neither_the_file_nor_its_temporary(tmp_pa
     assert done.stdout.split() == ["143", "True", "True"] and done.stderr.strip() == "twa: terminated", \
         done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGTERM, "SystemExit 143"),
+                                           (signal.SIGINT, "KeyboardInterrupt")], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_whose_handler_ran_inside_a_weakref_callback_is_not_lost(signum, stop):
+    # Python swallows an exception raised in a weakref callback or __del__ (the import system's
+    # module locks have such a callback): a SIGTERM or Ctrl-C landing there was lost and `twa
+    # fit` went on training. The command delivers the signal again, outside the callback.
+    code = textwrap.dedent(f"""
+        import os, signal, time, weakref
+        from twa_kernels import cli
+
+        class Anything:
+            pass
+
+        def signalled_in_callback(ref):
+            os.kill(os.getpid(), {int(signum)})
+            for _ in range(100_000):  # the handler runs here, between two bytecodes of the callback
+                pass
+
+        terminated = []
+        try:
+            with cli._terminate_as_exception(terminated), cli._stops_survive_callbacks(terminated):
+                thing = Anything()
+                ref = weakref.ref(thing, signalled_in_callback)
+                del thing
+                time.sleep(20)  # the signal sent again ends the sleep
+            print("went on")
+        except SystemExit as exc:
+            print("SystemExit", exc.code)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == stop and "Exception ignored" not in done.stderr, done.stdout + done.stderr[-2000:]
+    assert done.stderr.count("twa: terminated") == (signum == signal.SIGTERM), done.stderr[-2000:]
 
 
 def test_importing_the_library_leaves_torch_compile_unloaded():

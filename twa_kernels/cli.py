@@ -435,7 +435,8 @@ def _terminate_as_exception(terminated: list[int]) -> Iterator[None]:
         return
 
     def terminate(signum: int, frame: object) -> None:
-        print("twa: terminated", file=sys.stderr)
+        if not terminated:  # (a stop delivered again, see _stops_survive_callbacks, says nothing more)
+            print("twa: terminated", file=sys.stderr)
         terminated.append(signum)  # this SystemExit is SIGTERM's; any other comes from code the command ran
         raise SystemExit(128 + signum)
 
@@ -444,6 +445,49 @@ def _terminate_as_exception(terminated: list[int]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _stops_survive_callbacks(terminated: list[int]) -> Iterator[None]:
+    """Deliver again a Ctrl-C or SIGTERM whose exception Python swallowed. A signal's handler
+    runs in the main thread between two bytecodes, wherever it is; when that is a `__del__` or
+    a weakref callback (the import system's module locks have one), Python prints the exception
+    as "Exception ignored" and carries on, and the run would go on training as if no signal
+    had come. For the length of the block such an exception is not printed and the signal is
+    sent again a moment later, from a thread, once the callback has returned (were it still
+    running, the stop is swallowed and sent again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = sys.unraisablehook
+    lock = threading.Lock()  # the block's end waits for a delivery under way, and none starts after it
+    ended = False
+
+    def deliver_later(signum: int) -> None:
+        time.sleep(0.01)  # (a signal raised from the hook itself would run its handler inside the hook)
+        with lock:
+            if not ended:  # a signal, not _thread.interrupt_main: it also ends a sleep or a wait the main thread is in
+                signal.pthread_kill(threading.main_thread().ident, signum)
+
+    def redeliver(unraisable: sys.UnraisableHookArgs) -> None:
+        exc, signum = unraisable.exc_value, None
+        if threading.current_thread() is threading.main_thread():
+            if isinstance(exc, SystemExit) and terminated and exc.code == 128 + terminated[-1]:
+                signum = terminated[-1]
+            elif isinstance(exc, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signum = signal.SIGINT
+        if signum is None:
+            previous(unraisable)
+            return
+        threading.Thread(target=deliver_later, args=(signum,), name="twa-stop-again", daemon=True).start()
+
+    sys.unraisablehook = redeliver
+    try:
+        yield
+    finally:
+        with lock:
+            ended = True
+        sys.unraisablehook = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     terminated: list[int] = []  # the signal, once SIGTERM has raised its SystemExit
     try:
-        with _terminate_as_exception(terminated), warnings.catch_warnings():
+        with _terminate_as_exception(terminated), _stops_survive_callbacks(terminated), warnings.catch_warnings():
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             return args.func(args)
     except TWAKernelsError as exc:  # the library's own errors: their message says what and how to fix
