@@ -184,6 +184,9 @@ def test_an_empty_safetensors_file_is_refused_as_an_empty_torch_file_is(tmp_path
         safetensors.torch.save_file({}, str(tmp_path / f"{name}.safetensors"))
     with pytest.raises(tk.errors.CheckpointError, match="a.safetensors: holds no tensors"):
         tk.uniform_average([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    # and the column reader (the out-of-core builders' path) says the same, not "lacks key ..."
+    with pytest.raises(tk.errors.CheckpointError, match="a.safetensors: holds no tensors"):
+        ColumnReader(tmp_path / "a.safetensors")
 
 
 def test_greedy_soup_adds_only_what_helps():

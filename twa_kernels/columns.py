@@ -143,6 +143,8 @@ class ColumnReader:
                     raise CheckpointError(f"{self.source}: key {key!r} is {dtype} (values packed several to a "
                                           "byte, which cannot be averaged); save the weights dequantized")
                 self._raw[name], self._meta[name] = key, (shape, dtype)
+            if not self._raw:  # as load_state_dict says: averaged with others, it would give an empty result
+                raise CheckpointError(f"{self.source}: holds no tensors; save model.state_dict()")
         else:
             self._kind = "mmap"
             self._describe(self._handle())
