@@ -124,3 +124,53 @@ def test_an_eigenvalue_result_writes_strict_json():
     data = EigenResult(float("nan"), [1.0, float("inf")], False).to_dict()
     assert data == {"value": None, "trace": [1.0, None], "converged": False}
     json.dumps(data, allow_nan=False)
+
+
+def test_a_warning_is_located_at_the_first_line_outside_the_library_and_torch():
+    # frames compiled under the package's and torch's folders stand for library and framework
+    # code between the user's call and the warning
+    import os
+    import warnings
+
+    from twa_kernels import errors
+
+    inner = compile("def warns():\n    errors.warn_at_caller('inside', RuntimeWarning)\n",
+                    os.path.join(os.path.dirname(tk.__file__), "_inner.py"), "exec")
+    outer = compile("def calls():\n    warns()\n", os.path.join(os.path.dirname(torch.__file__), "_outer.py"), "exec")
+    namespace = {"errors": errors}
+    exec(inner, namespace)
+    exec(outer, namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        namespace["calls"]()
+    assert [(w.filename, w.category) for w in caught] == [(__file__, RuntimeWarning)]
+
+
+class _NormOutsideForward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_library_warning_points_at_the_users_call_whichever_path_raised_it():
+    # update_bn's warning counted a fixed number of frames to the user: called through
+    # TWA.update_bn it pointed inside twa.py, and Python's "default" filter then showed it once
+    # for every call site a user had
+    import warnings
+
+    from tests.helpers import noisy_checkpoints
+
+    torch.manual_seed(0)
+    model = _NormOutsideForward()
+    twa = tk.TWA(model, noisy_checkpoints(model, 3), bits=8)
+    batches = [torch.randn(8, 4) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tk.update_bn(batches, model)
+        twa.update_bn(batches)
+    unreached = [w for w in caught if "saw none of the" in str(w.message)]
+    assert len(unreached) == 2 and {w.filename for w in unreached} == {__file__}, [(w.filename, w.lineno)
+                                                                                    for w in unreached]

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 
-from twa_kernels.errors import BuildError
+from twa_kernels.errors import BuildError, warn_at_caller
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +319,7 @@ def _built_once(state: dict[str, object], build: Callable[[], Path], failure: st
                 state["ok"] = False
                 state["error"] = exc
                 reason = _reason(exc)
-                warnings.warn(failure.format(reason=reason[:300]), RuntimeWarning, stacklevel=4)
+                warn_at_caller(failure.format(reason=reason[:300]), RuntimeWarning)
         return bool(state["ok"])
 
 

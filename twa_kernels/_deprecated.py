@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import sys
 import types
-import warnings
 from typing import Any
+
+from twa_kernels.errors import warn_at_caller
 
 
 class _MovedModule(types.ModuleType):
@@ -20,8 +21,8 @@ class _MovedModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        warnings.warn(f"{self.__name__} is deprecated: import {name!r} from {self._new.__name__}",
-                      DeprecationWarning, stacklevel=2)
+        warn_at_caller(f"{self.__name__} is deprecated: import {name!r} from {self._new.__name__}",
+                       DeprecationWarning)
         return getattr(self._new, name)
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from twa_kernels._random import seeded
-from twa_kernels.errors import TWAKernelsError
+from twa_kernels.errors import TWAKernelsError, warn_at_caller
 from twa_kernels._outdir import fit_file_name
 from twa_kernels.io import atomic_write, checkpoint_directory_files, torch_load_safely, verify_zip_crc
 
@@ -272,8 +272,8 @@ def save(path: Path, run: str, progress: Progress) -> None:
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, TWAKernelsError) as exc:
-        warnings.warn(f"twa fit: could not write its progress to {path} ({exc}); an interrupted run will start "
-                      "afresh", UserWarning, stacklevel=2)
+        warn_at_caller(f"twa fit: could not write its progress to {path} ({exc}); an interrupted run will start "
+                       "afresh", UserWarning)
 
 
 def load(path: Path, run: str) -> Progress | None:
@@ -288,16 +288,16 @@ def load(path: Path, run: str) -> Progress | None:
             raise ValueError("not a progress file of this version of twa-kernels")
         if state.get("fingerprint") != run:
             differs = _what_differs(state.get("fingerprint"), run)
-            warnings.warn(f"twa fit: {path} holds the progress of a run with {differs}; this run starts afresh "
-                          "and replaces it", UserWarning, stacklevel=2)
+            warn_at_caller(f"twa fit: {path} holds the progress of a run with {differs}; this run starts afresh "
+                           "and replaces it", UserWarning)
             return None
         fields = {f.name: state[f.name] for f in dataclasses.fields(Progress)}
         _check_fields(fields)
         fields["losses"] = [float(v) for v in fields["losses"].tolist()]
         return Progress(**fields)
     except (OSError, KeyError, ValueError, AttributeError, TypeError, RuntimeError, TWAKernelsError) as exc:
-        warnings.warn(f"twa fit: cannot resume from {path} ({type(exc).__name__}: {exc}); this run starts afresh "
-                      "and replaces it", UserWarning, stacklevel=2)
+        warn_at_caller(f"twa fit: cannot resume from {path} ({type(exc).__name__}: {exc}); this run starts afresh "
+                       "and replaces it", UserWarning)
         return None
 
 

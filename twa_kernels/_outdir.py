@@ -37,12 +37,11 @@ import reprlib
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from twa_kernels._checks import path_without_nul
-from twa_kernels.errors import OutputError
+from twa_kernels.errors import OutputError, warn_at_caller
 
 
 def fit_file_name(output_name: str, kind: str) -> str:
@@ -345,9 +344,9 @@ class OutputDirectory:
             # a run stopped after its swap and before it moved the user's entries back: the
             # old set holds them, so it is set aside, not removed
             kept = self._keep_aside(leftover)
-            warnings.warn(f"output {shown(self.path)}: an interrupted run left {_entries(foreign)} of the previous "
-                          f"set's folder, which are not outputs; they are kept in {shown(kept)}: move what you need "
-                          "out of it, then remove it", RuntimeWarning, stacklevel=3)
+            warn_at_caller(f"output {shown(self.path)}: an interrupted run left {_entries(foreign)} of the previous "
+                           f"set's folder, which are not outputs; they are kept in {shown(kept)}: move what you need "
+                           "out of it, then remove it", RuntimeWarning)
 
     def _keep_aside(self, folder: Path) -> Path:
         """`folder` renamed to `.<target>.twa-kept.<random>`, which no run's clean-up removes;
@@ -441,9 +440,9 @@ class OutputDirectory:
         folder = self._keep_aside(self._staging)
         if folder == self._staging:  # not set aside: the next run would take it for a leftover
             self._staging_removable = False
-        warnings.warn(f"output {shown(self.path)}: {_entries(kept)} appeared in it during the run and could not be "
-                      f"moved into the new set; the previous set, with them, is kept in {shown(folder)}: move what "
-                      "you need out of it, then remove it", RuntimeWarning, stacklevel=3)
+        warn_at_caller(f"output {shown(self.path)}: {_entries(kept)} appeared in it during the run and could not be "
+                       f"moved into the new set; the previous set, with them, is kept in {shown(folder)}: move what "
+                       "you need out of it, then remove it", RuntimeWarning)
         return False
 
     def commit(self) -> None:
@@ -474,9 +473,9 @@ class OutputDirectory:
         except OSError as exc:  # the old set could not even be listed: set aside rather than removed
             removable = False
             folder = self._keep_aside(self._staging)
-            warnings.warn(f"output {shown(self.path)} was replaced, but the previous set could not be read "
-                          f"({exc.strerror or exc}), so it is kept in {shown(folder)}: move what you need out "
-                          "of it, then remove it", RuntimeWarning, stacklevel=2)
+            warn_at_caller(f"output {shown(self.path)} was replaced, but the previous set could not be read "
+                           f"({exc.strerror or exc}), so it is kept in {shown(folder)}: move what you need out "
+                           "of it, then remove it", RuntimeWarning)
         self._staging_removable = removable
         fsync_directory(target)
         fsync_directory(target.parent)

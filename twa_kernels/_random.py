@@ -8,12 +8,11 @@ is left as it was; None draws from torch's global RNG, so `torch.manual_seed` go
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 
 import torch
 
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, warn_at_caller
 
 
 # the seeds torch.Generator.manual_seed takes
@@ -81,7 +80,7 @@ def generator_or_seed(seed: int | torch.Generator | None, deprecated_generator: 
         if not isinstance(deprecated_generator, torch.Generator):
             raise InvalidTypeError(f"{where}: generator= must be a torch.Generator, got "
                                    f"{type(deprecated_generator).__name__}; pass seed=<int> instead")
-        warnings.warn(f"{where}(generator=...) is deprecated: pass seed=<int> (a private generator, the global RNG "
-                      "untouched) or seed=None (torch's global RNG)", DeprecationWarning, stacklevel=3)
+        warn_at_caller(f"{where}(generator=...) is deprecated: pass seed=<int> (a private generator, the global RNG "
+                       "untouched) or seed=None (torch's global RNG)", DeprecationWarning)
         return deprecated_generator
     return generator(seed)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from twa_kernels import _collectives
 from twa_kernels.batchnorm import measured_norms, running_norms
 from twa_kernels.columns import ColumnReader
-from twa_kernels.errors import CheckpointError, InvalidArgumentError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, warn_at_caller
 from twa_kernels.io import (Checkpoints, changed_error, model_key_names, parameter_aliases,
                             refuse_decorrelated_keys, resolve_checkpoints, warn_unmatched_keys)
 from twa_kernels.quant import block_offsets_from_sizes
@@ -75,11 +75,11 @@ def trainable_parameters(model: nn.Module, bits: int | None, granularity: str | 
     trainable = [(name, p) for name, p in model.named_parameters() if averaged(p)]
     hooked = [name for name, p in trainable if p._backward_hooks or p._post_accumulate_grad_hooks]
     if hooked:  # TWA's weights are other tensors: a hook on the model's Parameter never runs
-        warnings.warn(f"the model's parameter(s) {hooked[:5]} have gradient hooks (register_hook, "
-                      "register_post_accumulate_grad_hook), which TWA's forward does not run: it lends the "
-                      "model other tensors and trains the coefficients; mask or scale the loss instead, or "
-                      "freeze the parameter (requires_grad=False) to keep it at its checkpoint value",
-                      UserWarning, stacklevel=4)
+        warn_at_caller(f"the model's parameter(s) {hooked[:5]} have gradient hooks (register_hook, "
+                       "register_post_accumulate_grad_hook), which TWA's forward does not run: it lends the "
+                       "model other tensors and trains the coefficients; mask or scale the loss instead, or "
+                       "freeze the parameter (requires_grad=False) to keep it at its checkpoint value",
+                       UserWarning)
     if next(model.parameters(), None) is None:
         raise InvalidArgumentError(f"the model ({type(model).__name__}) has no parameters, so TWA has nothing "
                                    "to average; pass the network the checkpoints were saved from")
@@ -191,10 +191,10 @@ def _buffers_to_compare(model: nn.Module) -> dict[str, Tensor]:
 def _warn_buffers_differ(differ: dict[str, str]) -> None:
     """differ: {buffer name: the first checkpoint holding another value of it}."""
     name, source = next(iter(differ.items()))
-    warnings.warn(f"{source} holds other values of the model's buffer {name!r} than the model "
-                  f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
-                  "the model with its own buffers. Load the buffers the weights were trained with into the model "
-                  "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning, stacklevel=5)
+    warn_at_caller(f"{source} holds other values of the model's buffer {name!r} than the model "
+                   f"({len(differ)} buffer(s) differ: {sorted(differ)[:5]}); TWA averages parameters only and runs "
+                   "the model with its own buffers. Load the buffers the weights were trained with into the model "
+                   "first; a decorrelated model (decor_R) is averaged as fold()ed copies", UserWarning)
 
 
 def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], checkpoints: Checkpoints | None,
@@ -278,9 +278,9 @@ def pinned_values(model: nn.Module, frozen: list[tuple[str, nn.Parameter]], chec
     if differ:
         _warn_buffers_differ(differ)
     if varied:
-        warnings.warn(f"frozen parameters {varied[:5]}{' and more' if len(varied) > 5 else ''} differ between the "
-                      "checkpoints, so they were trained in the run, but TWA pins each to the checkpoints' mean and "
-                      "trains none of them; set requires_grad=True on them before building the TWA to train them "
-                      "in the subspace (or pass checkpoints in which they agree)", UserWarning, stacklevel=4)
+        warn_at_caller(f"frozen parameters {varied[:5]}{' and more' if len(varied) > 5 else ''} differ between the "
+                       "checkpoints, so they were trained in the run, but TWA pins each to the checkpoints' mean and "
+                       "trains none of them; set requires_grad=True on them before building the TWA to train them "
+                       "in the subspace (or pass checkpoints in which they agree)", UserWarning)
     return [p.detach().clone() if t is None else (t / len(specs) if t.is_floating_point() else t).to(
         dtype=p.dtype, device=p.device) for t, (_, p) in zip(totals, frozen)]

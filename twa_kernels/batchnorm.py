@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import types
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from twa_kernels._checks import check_batches, check_materialized, check_module, flag
 from twa_kernels._passes import kept_modes, statistics_pass
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, warn_at_caller
 from twa_kernels.io.keys import parameter_aliases
 
 
@@ -260,7 +259,7 @@ def _measure(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, A
                 "inf values, or the model's weights or activations overflow (in 16-bit?): check the batches with "
                 "torch.isfinite, and the weights the pass ran at")
         if unreached:
-            warn_unreached(list(unreached), count, stacklevel=5)  # from _measure, update_bn and no_grad's wrapper
+            warn_unreached(list(unreached), count)
     except BaseException:
         for m in measured.values():  # no batch, or a failure mid-pass: the old statistics, not reset or partial ones
             _restore(m, saved[m])
@@ -280,13 +279,13 @@ def _restore(norm: nn.Module, buffers: Mapping[str, Tensor]) -> None:
         getattr(norm, k).copy_(b)
 
 
-def warn_unreached(names: list[str], count: int, stacklevel: int = 4) -> None:
+def warn_unreached(names: list[str], count: int) -> None:
     """Name the norm layers a pass over `count` batches never reached, which keep the
-    statistics they had; `stacklevel` counts from here to the user's call."""
-    warnings.warn(f"update_bn: the norm layer(s) {names[:5]} saw none of the {count} batches (the pass runs the "
-                  "model's forward, which does not reach them, or reaches them with no rows), so they keep the "
-                  "statistics they had; pass call_fn(model, batch) that runs the model as it trains (for the "
-                  "Lightning callback, update_bn=function(module, batch))", RuntimeWarning, stacklevel=stacklevel)
+    statistics they had."""
+    warn_at_caller(f"update_bn: the norm layer(s) {names[:5]} saw none of the {count} batches (the pass runs the "
+                   "model's forward, which does not reach them, or reaches them with no rows), so they keep the "
+                   "statistics they had; pass call_fn(model, batch) that runs the model as it trains (for the "
+                   "Lightning callback, update_bn=function(module, batch))", RuntimeWarning)
 
 
 @contextmanager

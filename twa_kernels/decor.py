@@ -37,7 +37,6 @@ import functools
 import logging
 import math
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -50,7 +49,7 @@ from twa_kernels._collectives import agree, named_on_failure, ranks_unlike_rank0
 from twa_kernels._passes import in_statistics_pass
 from twa_kernels._random import check_seed, generator
 from twa_kernels._checks import check_module, flag, real
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, TWAKernelsError, UsageError, warn_at_caller
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import DECOR_BUFFER, NORM_HOOKS, computed_weight, transformers_conv1d
 
@@ -435,9 +434,8 @@ def decorrelate(model: nn.Module, lr: float = 1e-4, kappa: float = 1e-3, sample_
                              f"pass skip=[{name!r}]")
         todo.append((name, module))
     for (cause, fix), labels in computed.items():  # fold() would write W R where the next forward overwrites it
-        warnings.warn(f"decorrelate leaves out {labels}: each weight is {cause}, so R and fold() would not reach "
-                      f"the tensors the layer trains and saves; to decorrelate such a layer, {fix}", UserWarning,
-                      stacklevel=2)
+        warn_at_caller(f"decorrelate leaves out {labels}: each weight is {cause}, so R and fold() would not reach "
+                       f"the tensors the layer trains and saves; to decorrelate such a layer, {fix}", UserWarning)
     if not todo and any(isinstance(m, _Decor) for m in model.modules()):
         raise InvalidArgumentError("no layer to decorrelate: every supported layer of the model is decorrelated "
                                    "already (decorrelate() ran on it); train it as it is, or decorrelate the plain copy "
@@ -628,9 +626,9 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         # is why decorrelate() leaves frozen layers alone; one frozen later keeps its R as it is
         for _, m in frozen:
             m.decor_reset()  # its samples are not used: kept, they would pile up
-        warnings.warn(f"decor.update: the weights of decorrelated layers {[name for name, _ in frozen][:5]} are "
-                      "frozen (requires_grad=False), so their R are left as they are; fold() the model to keep "
-                      "them as plain layers", UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
+        warn_at_caller(f"decor.update: the weights of decorrelated layers {[name for name, _ in frozen][:5]} are "
+                       "frozen (requires_grad=False), so their R are left as they are; fold() the model to keep "
+                       "them as plain layers", UserWarning)  # past torch.no_grad's wrapper
         layers = [(name, m) for name, m in layers if m.weight.requires_grad]
     all_frozen = bool(frozen) and not layers
     if group is None:
@@ -695,10 +693,10 @@ def update(model: nn.Module, process_group: torch.distributed.ProcessGroup | Non
         order += idx
         new_rs.append(new)
     if any(m.decor_R.dtype in (torch.float16, torch.bfloat16) for _, m in layers):
-        warnings.warn("decor.update: the decorrelation matrices R are stored in 16-bit floats (the model was cast), "
-                      "which round away steps below about 1/256 (bfloat16) or 1/2048 (float16) of an entry, so R "
-                      "barely moves at small lr; keep the model in float32 and train under torch.autocast",
-                      UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
+        warn_at_caller("decor.update: the decorrelation matrices R are stored in 16-bit floats (the model was cast), "
+                       "which round away steps below about 1/256 (bfloat16) or 1/2048 (float16) of an entry, so R "
+                       "barely moves at small lr; keep the model in float32 and train under torch.autocast",
+                       UserWarning)  # past torch.no_grad's wrapper
 
     if check:
         norm = torch.cat(norms)

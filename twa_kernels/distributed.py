@@ -31,7 +31,6 @@ import os
 import time
 import traceback
 import zlib
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -44,7 +43,7 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableD
 from twa_kernels._checks import check_module
 from twa_kernels._random import check_seed
 from twa_kernels.batchnorm import NoBatchesError, holds_statistics, is_norm, measured_norms, warn_unreached
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError, warn_at_caller
 from twa_kernels.io import write_json
 from twa_kernels.sharded_build import (  # noqa: F401  (public names of tk.distributed)
     CheckpointContentMismatchError,
@@ -192,9 +191,9 @@ def update_bn(loader: Iterable, twa: TWA, process_group: Any = None,
     The argument order is torch.optim.swa_utils.update_bn's (loader, model), as
     tk.update_bn's; the former order (twa, loader, ...) still works, with a DeprecationWarning."""
     if isinstance(loader, TWA) and not isinstance(twa, TWA):
-        warnings.warn("distributed.update_bn(twa, loader, ...) is deprecated: pass the loader first, "
-                      "update_bn(loader, twa, process_group), as torch.optim.swa_utils.update_bn does",
-                      DeprecationWarning, stacklevel=2)
+        warn_at_caller("distributed.update_bn(twa, loader, ...) is deprecated: pass the loader first, "
+                       "update_bn(loader, twa, process_group), as torch.optim.swa_utils.update_bn does",
+                       DeprecationWarning)
         loader, twa = twa, loader
     if isinstance(twa, nn.parallel.DistributedDataParallel) and isinstance(twa.module, TWA):
         twa = twa.module
@@ -467,9 +466,9 @@ def split_loader(loader: Iterable, process_group: Any, seed: int | None = None) 
     if _batches_map_style(loader):
         drawn = _drawn_from(loader)
         if drawn is None:
-            warnings.warn(f"split_loader: the DataLoader's {type(loader.sampler).__name__} is replaced by a "
-                          "DistributedSampler over the whole dataset (shuffled or not); to keep its sampling, shard "
-                          "the data yourself", UserWarning, stacklevel=2)
+            warn_at_caller(f"split_loader: the DataLoader's {type(loader.sampler).__name__} is replaced by a "
+                           "DistributedSampler over the whole dataset (shuffled or not); to keep its sampling, shard "
+                           "the data yourself", UserWarning)
             drawn = loader.dataset, isinstance(loader.sampler, RandomSampler)
         dataset, shuffle = drawn
         sampler = _EveryPassSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,

@@ -1,4 +1,4 @@
-"""The library's one family of errors.
+"""The library's one family of errors, and the one way it warns.
 
 Every exception twa-kernels raises on purpose derives from `TWAKernelsError` and from the
 builtin it stands in for, so `except twa_kernels.TWAKernelsError` catches all of them and
@@ -6,10 +6,36 @@ existing `except ValueError` / `except OSError` code keeps working. Each message
 problem and the fix.
 
 Method-specific errors (FitError, PruningError, ...) live beside their method and derive
-from these. This module imports nothing from the package: every other module may use it.
+from these. Warnings go through `warn_at_caller`, so each points at the user's line. This
+module imports nothing from the package: every other module may use it.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# frames skipped when a warning looks for the user's line: the library's own, and those of the
+# frameworks that call it (a module's __call__, no_grad's wrapper, a Trainer running a callback)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate", "peft")
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """`warnings.warn(message, category)` located at the first frame outside twa-kernels and
+    the frameworks that call it: the user's line, whichever path of the library warned.
+    (Where no such frame exists, as in `twa fit`, the line that called the library.)"""
+    skipped = (_PACKAGE_DIR,) + tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                                      for name in _FRAMEWORKS
+                                      if (module := sys.modules.get(name)) is not None and module.__file__)
+    if sys.version_info >= (3, 12):  # Python's own way; it also skips importlib's frames as stacklevel does
+        warnings.warn(message, category, skip_file_prefixes=skipped)
+        return
+    frame, level = sys._getframe(1), 2  # stacklevel 2: this function's caller
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
 
 
 class TWAKernelsError(Exception):

@@ -35,7 +35,6 @@ import copy
 import logging
 import math
 import numbers
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from twa_kernels._checks import check_module, flag, is_whole_number, real
 from twa_kernels._random import generator_or_seed
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, warn_at_caller
 from twa_kernels.io import tied_owners
 from twa_kernels.layers import TORCH_WEIGHT_LAYERS, attention_projections, computed_weight, weight_layer_types
 
@@ -298,14 +297,13 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
         computed = {n: why for n, m in chosen if not _is_factorized(m) and (why := computed_weight(m))}
         for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its layers
             names = [n for n, why in computed.items() if why == (cause, fix)]
-            warnings.warn(f"factorize leaves out {names}: each weight is {cause}, so factors would not reach the "
-                          f"weight the layer computes with; to factorise such a layer, {fix}", UserWarning,
-                          stacklevel=3)
+            warn_at_caller(f"factorize leaves out {names}: each weight is {cause}, so factors would not reach the "
+                           f"weight the layer computes with; to factorise such a layer, {fix}", UserWarning)
         chosen = [(n, m) for n, m in chosen if n not in computed]
         if attention := attention_projections(model):
-            warnings.warn(f"factorize leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
-                          "projections as Parameters of its own, not in Linear layers (its out_proj is factorised)",
-                          UserWarning, stacklevel=3)
+            warn_at_caller(f"factorize leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
+                           "projections as Parameters of its own, not in Linear layers (its out_proj is factorised)",
+                           UserWarning)
         # a weight tied to another module (an output layer sharing an embedding's) is left
         # out of the default choice; named in layers= it is refused below
         tied = {n: others for n, m in chosen if (others := tied_owners(model, m))}
@@ -313,8 +311,8 @@ def _select(model: nn.Module, layers: LayerSpec, biases: bool = False) -> list[t
             raise FactorizationError(f"every layer to factorise shares its weight Parameter with another module "
                                      f"(tied weights: {tied}); untie them first (give each its own nn.Parameter)")
         if tied:
-            warnings.warn(f"factorize leaves out {sorted(tied)}: each shares its weight Parameter with another "
-                          f"module ({tied}); untie them to factorise them", UserWarning, stacklevel=3)
+            warn_at_caller(f"factorize leaves out {sorted(tied)}: each shares its weight Parameter with another "
+                           f"module ({tied}); untie them to factorise them", UserWarning)
             chosen = [(n, m) for n, m in chosen if n not in tied]
     else:
         if not isinstance(layers, (str, type, Iterable)) or isinstance(layers, Mapping):
@@ -419,9 +417,9 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
             raise FactorizationError(f"layer {frozen[0]!r} is frozen (requires_grad=False), and init={init!r} would "
                                      "replace its weights with random factors that never train; factorise it with "
                                      "init='keep', or leave it out of layers=")
-        warnings.warn(f"factorize leaves out the frozen layers {frozen} (requires_grad=False): init={init!r} would "
-                      "replace their weights with random factors that never train; init='keep' factorises them "
-                      "exactly", UserWarning, stacklevel=2)
+        warn_at_caller(f"factorize leaves out the frozen layers {frozen} (requires_grad=False): init={init!r} would "
+                       "replace their weights with random factors that never train; init='keep' factorises them "
+                       "exactly", UserWarning)
         targets = [(name, module) for name, module in targets if name not in frozen]
     if not targets:
         raise FactorizationError("no layer to factorise: the model has no Linear/Conv layer that factorize can "
@@ -438,9 +436,8 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
             raise FactorizationError(f"the bias of layer {shown[0]!r} is frozen (requires_grad=False), and "
                                      f"init={init!r} would replace it with random factors that never train; "
                                      "factorise it with init='keep', or pass biases=False")
-        warnings.warn(f"factorize leaves the frozen biases of {shown} as they are (requires_grad=False): "
-                      f"init={init!r} would replace them with random factors that never train", UserWarning,
-                      stacklevel=2)
+        warn_at_caller(f"factorize leaves the frozen biases of {shown} as they are (requires_grad=False): "
+                       f"init={init!r} would replace them with random factors that never train", UserWarning)
     # every scale is measured and checked before the first layer changes: an error leaves the model as it was
     plan = []
     for name, module in targets:
@@ -450,10 +447,10 @@ def factorize(model: nn.Module, depth: int = 3, layers: LayerSpec = None, biases
                                                                                eps, init)))
     on_meta = sorted({name for name, module in targets if module.weight.is_meta})
     if on_meta and init != "keep":
-        warnings.warn(f"the layers {on_meta[:5]} are on the meta device, which holds no values, so their factors "
-                      "are not drawn: after model.to_empty(device=...), load a state_dict of the factorised model, or "
-                      "draw each factor (factor_parameters(model)) with dwf_init_ (and zero an Embedding's padding row "
-                      "in its first factor)", UserWarning, stacklevel=2)
+        warn_at_caller(f"the layers {on_meta[:5]} are on the meta device, which holds no values, so their factors "
+                       "are not drawn: after model.to_empty(device=...), load a state_dict of the factorised model, or "
+                       "draw each factor (factor_parameters(model)) with dwf_init_ (and zero an Embedding's padding "
+                       "row in its first factor)", UserWarning)
     own = {id(module): (module, dict(module._parameters)) for module, _, _ in plan}  # objects and order
     added: list[tuple[nn.Module, str]] = []
     try:
@@ -645,7 +642,7 @@ class SparsityReport:
 
     def as_dict(self) -> dict:
         """Deprecated name of `to_dict`."""
-        warnings.warn("SparsityReport.as_dict() is deprecated: use to_dict()", DeprecationWarning, stacklevel=2)
+        warn_at_caller("SparsityReport.as_dict() is deprecated: use to_dict()", DeprecationWarning)
         return self.to_dict()
 
     def __str__(self) -> str:

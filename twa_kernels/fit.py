@@ -48,7 +48,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels.batchnorm import NoBatchesError, feed_batch, has_running_statistics
 from twa_kernels import distributed
 from twa_kernels._fit_config import FitConfig, FitError, describe, load_config, short
-from twa_kernels.errors import TWAKernelsError
+from twa_kernels.errors import TWAKernelsError, warn_at_caller
 from twa_kernels._outdir import OutputDirectory
 from twa_kernels._user_code import trainable_loss, call_factory, call_loss, loss_from, resolve_import_strings
 from twa_kernels._provenance import package_version, stamp
@@ -282,9 +281,9 @@ def run_fit(config_path: str | Path, progress: bool | None = None) -> dict:
     group = distributed.init_from_environment()
     if group is None and config.distributed_mode == "sharded":
         # a config shared by one-process trials and torchrun jobs: the one process runs, but is told
-        warnings.warn(f"{config.source}: distributed: {{mode: sharded}} has no effect in one process (no torchrun, "
-                      "or WORLD_SIZE 1): this run trains unsharded; launch it with torchrun --nproc_per_node N to "
-                      "shard the basis, or remove the key", UserWarning, stacklevel=3)
+        warn_at_caller(f"{config.source}: distributed: {{mode: sharded}} has no effect in one process (no torchrun, "
+                       "or WORLD_SIZE 1): this run trains unsharded; launch it with torchrun --nproc_per_node N to "
+                       "shard the basis, or remove the key", UserWarning)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     outputs = OutputDirectory(config.output, OUTPUTS) if rank == 0 else None  # rank 0 alone writes
     # "training" once the run has taken up or started its epochs, "kept" once a progress
@@ -378,10 +377,9 @@ def _fit(config: FitConfig, inputs: list, group: Any, rank: int, progress: bool 
     reason = fit_progress.unheld_order(fit_loader) if resumed is not None and rank == 0 else None
     if reason is not None:
         key = config.train_on
-        warnings.warn(f"twa fit: data.{key} ({short(config.data[key])}) is {reason}: the resumed epochs may see "
-                      "other batches than the uninterrupted run would have (the progress file holds the global "
-                      "random number generators, and a DataLoader's own generators and samplers)", UserWarning,
-                      stacklevel=2)
+        warn_at_caller(f"twa fit: data.{key} ({short(config.data[key])}) is {reason}: the resumed epochs may see "
+                       "other batches than the uninterrupted run would have (the progress file holds the global "
+                       "random number generators, and a DataLoader's own generators and samplers)", UserWarning)
     report["resumed_after_epoch"] = None if resumed is None else resumed.epochs_done
     stage.add("training")
     if resumed is not None:
@@ -483,8 +481,8 @@ def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch
             optimizer.load_state_dict(kept[1])
             fit_progress.set_rng_states(kept[2])
             fit_progress.set_loader_states(loaders, kept[3])
-            warnings.warn(f"twa fit: cannot resume from {path} ({type(exc).__name__}: {exc}); this run starts "
-                          "afresh and replaces it", UserWarning, stacklevel=3)
+            warn_at_caller(f"twa fit: cannot resume from {path} ({type(exc).__name__}: {exc}); this run starts "
+                           "afresh and replaces it", UserWarning)
             resumed = None
     if group is not None:
         seen = None if resumed is None else (resumed.epochs_done, resumed.coefficients.tolist())
@@ -493,8 +491,8 @@ def _resumed(path: Path, run: str, config: FitConfig, twa: TWA, optimizer: torch
             raise FitError(f"ranks {unlike} read another progress file {path} than rank 0 (or none): the folder of "
                            "output: must be one every rank sees; delete the file to start afresh")
     if resumed is not None:
-        warnings.warn(f"twa fit: resuming after epoch {resumed.epochs_done} of {config.epochs} from {path}, which an "
-                      "interrupted run of this config left; delete it to start afresh", UserWarning, stacklevel=3)
+        warn_at_caller(f"twa fit: resuming after epoch {resumed.epochs_done} of {config.epochs} from {path}, which an "
+                       "interrupted run of this config left; delete it to start afresh", UserWarning)
     return resumed
 
 

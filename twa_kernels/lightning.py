@@ -60,7 +60,7 @@ from twa_kernels._imports import optional
 from twa_kernels._passes import kept_modes
 from twa_kernels._progress import progress_enabled
 from twa_kernels.batchnorm import feed_batch, has_running_statistics, running_norms
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, UsageError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, UsageError, warn_at_caller
 from twa_kernels.io import TWA_AVERAGE_MARK, save_state_dict
 from twa_kernels.subspace import check_build_args
 from twa_kernels.twa import TWA
@@ -210,8 +210,8 @@ class TrainableWeightAveraging(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:
             self._off = True
-            warnings.warn("TrainableWeightAveraging does nothing under fast_dev_run, which runs too few batches for "
-                          "a TWA; run without fast_dev_run to train one", UserWarning, stacklevel=2)
+            warn_at_caller("TrainableWeightAveraging does nothing under fast_dev_run, which runs too few batches for "
+                           "a TWA; run without fast_dev_run to train one", UserWarning)
             return
         if self._last is None or not self.snapshots and self._loaded is None:
             # a fresh run, or one resumed before it kept an epoch: the Trainer's length holds
@@ -319,11 +319,10 @@ class TrainableWeightAveraging(pl.Callback):
                 return  # a fit resumed at the end of an epoch it kept re-enters it with no batch
             # a fit resumed from a checkpoint taken at an epoch's last batch, with a loader that
             # keeps its place (torchdata's StatefulDataLoader), runs the next epoch with no batch
-            warnings.warn(f"TrainableWeightAveraging: epoch {epoch} ran no training batch (a fit resumed from a "
-                          "checkpoint taken at an epoch's last batch, with a loader that keeps its place, runs the "
-                          "next epoch empty); its weights are the epoch before's, so it is not kept as a snapshot. "
-                          "Resume from a checkpoint taken at an epoch's end or inside one", RuntimeWarning,
-                          stacklevel=2)
+            warn_at_caller(f"TrainableWeightAveraging: epoch {epoch} ran no training batch (a fit resumed from a "
+                           "checkpoint taken at an epoch's last batch, with a loader that keeps its place, runs the "
+                           "next epoch empty); its weights are the epoch before's, so it is not kept as a snapshot. "
+                           "Resume from a checkpoint taken at an epoch's end or inside one", RuntimeWarning)
             return
 
         def write() -> tuple[str, str] | None:
@@ -356,9 +355,8 @@ class TrainableWeightAveraging(pl.Callback):
             return
         trainer.fit_loop.max_epochs = self._last
         if self.twa is None:
-            warnings.warn(f"TrainableWeightAveraging: training stopped at epoch {trainer.current_epoch}, before the "
-                          f"TWA epochs (from epoch {self._last}); the module keeps its own weights", RuntimeWarning,
-                          stacklevel=2)
+            warn_at_caller(f"TrainableWeightAveraging: training stopped at epoch {trainer.current_epoch}, before the "
+                           f"TWA epochs (from epoch {self._last}); the module keeps its own weights", RuntimeWarning)
             return
         self._finish(trainer, pl_module)
 

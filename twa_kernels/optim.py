@@ -26,13 +26,12 @@ rounding.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, UsageError, warn_at_caller
 from twa_kernels.io import unwrap_model
 from twa_kernels.ops import project, reconstruct
 from twa_kernels.subspace import Subspace
@@ -137,11 +136,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise InvalidArgumentError("SubspaceOptimizer needs an orthonormal basis: build the subspace with "
                                        "orthonormalize=True (and granularity='model')")
         if subspace.basis.bits is not None:
-            warnings.warn(f"SubspaceOptimizer: the basis is packed in {subspace.basis.bits} bits, so its rows are "
-                          "orthonormal only up to their quantisation and P^T P g is not quite a projection (the "
-                          "weights stay in the packed rows' span, but each step's component there is off by the "
-                          "rounding); build the subspace with bits=None for the exact projection", UserWarning,
-                          stacklevel=2)
+            warn_at_caller(f"SubspaceOptimizer: the basis is packed in {subspace.basis.bits} bits, so its rows are "
+                           "orthonormal only up to their quantisation and P^T P g is not quite a projection (the "
+                           "weights stay in the packed rows' span, but each step's component there is off by the "
+                           "rounding); build the subspace with bits=None for the exact projection", UserWarning)
         if model is not None and not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be the nn.Module the optimizer trains, got {type(model).__name__}")
         params = _parameters_by_weight(base_optimizer, subspace, model)
@@ -254,10 +252,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 "name, and load a point of the subspace first: model.load_state_dict(sub.unflatten(sub.center), "
                 "strict=False)")
         if outside > _OFF_SUBSPACE:
-            warnings.warn(f"SubspaceOptimizer: {outside:.2g} of the model's distance from the subspace's center "
-                          "lies outside the subspace, so its steps move parallel to it without reaching it; load "
-                          "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)",
-                          UserWarning, stacklevel=3)
+            warn_at_caller(f"SubspaceOptimizer: {outside:.2g} of the model's distance from the subspace's center "
+                           "lies outside the subspace, so its steps move parallel to it without reaching it; load "
+                           "the center first: model.load_state_dict(sub.unflatten(sub.center), strict=False)",
+                           UserWarning)
 
     def _momentum_buffers(self) -> list[Tensor | None]:
         return [self.base_optimizer.state.get(p, {}).get("momentum_buffer") for p in self._params]

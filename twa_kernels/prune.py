@@ -38,8 +38,6 @@ import json
 import logging
 import numbers
 import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,7 +56,7 @@ from twa_kernels._progress import progress_bar
 from twa_kernels._checks import check_module, integer, path_without_nul, real
 from twa_kernels._random import check_seed, generator, seeded
 from twa_kernels.batchnorm import batch_of_one_named, layout_named
-from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, InvalidTypeError, OutputError, warn_at_caller
 from twa_kernels.geometry.evaluation import SPLIT_BATCH_FIX, classification_metric, split_batch
 from twa_kernels.io import StateDict, directory_held, save_state_dict, tied_owners, write_json
 from twa_kernels.layers import attention_projections, computed_weight, weight_layer_types
@@ -72,19 +70,6 @@ _MANIFEST = "imp.json"
 
 class PruningError(InvalidArgumentError):
     """Bad pruning input: a rate, a round count, a layer name, a train_fn or an out_dir."""
-
-
-_INTERNAL = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
-
-
-def _caller_level() -> int:
-    """The stacklevel that points a warning raised in the caller of this function at the first
-    frame outside twa_kernels and torch (torch.no_grad's wrapper included): the user's call,
-    whichever of prunable_weights, global_magnitude_masks or imp it went through."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _weight_key(name: str) -> str:
@@ -123,17 +108,16 @@ def prunable_weights(model: nn.Module, layers: Iterable[str] | None = None) -> d
                 found[key] = module
     if layers is None:
         if tied:
-            warnings.warn(f"pruning leaves out {sorted(tied)}: each is one Parameter with another module's "
-                          f"({tied}), which a mask held on one module would not reach", UserWarning,
-                          stacklevel=_caller_level())
+            warn_at_caller(f"pruning leaves out {sorted(tied)}: each is one Parameter with another module's "
+                           f"({tied}), which a mask held on one module would not reach", UserWarning)
         for cause, fix in dict.fromkeys(computed.values()):  # one warning per cause, naming its weights
             keys = [key for key, why in computed.items() if why == (cause, fix)]
-            warnings.warn(f"pruning leaves out {keys}: each is {cause}, so a mask would not reach the weight the layer "
-                          f"computes with; to prune such a layer, {fix}", UserWarning, stacklevel=_caller_level())
+            warn_at_caller(f"pruning leaves out {keys}: each is {cause}, so a mask would not reach the weight the "
+                           f"layer computes with; to prune such a layer, {fix}", UserWarning)
         if attention := attention_projections(model):
-            warnings.warn(f"pruning leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
-                          "projections as Parameters of its own, not in Linear layers (its out_proj is pruned)",
-                          UserWarning, stacklevel=_caller_level())
+            warn_at_caller(f"pruning leaves out {attention}: nn.MultiheadAttention holds its query, key and value "
+                           "projections as Parameters of its own, not in Linear layers (its out_proj is pruned)",
+                           UserWarning)
         if not found:
             raise PruningError("the model has no Linear, Conv or Conv1D layer to prune" +
                                (f" that is not tied to another module (tied: {sorted(tied)})" if tied else "") +
@@ -670,9 +654,9 @@ def _resume(out: Path, settings: dict, model: nn.Module) -> tuple[dict, list[Mas
         raise CheckpointError(f"{exc}; the IMP run cannot resume: {_start_over(out)}") from exc
     if manifest["done"] >= 0:
         # the settings above are checked; what train_fn does (its epochs, its seed) cannot be
-        warnings.warn(f"tk.prune.imp: resuming the run in {str(out)!r} after round {manifest['done']}, whose rounds "
-                      "are the earlier run's files; train_fn must train as it did then (imp cannot check it), or "
-                      f"{_start_over(out)}", UserWarning, stacklevel=3)
+        warn_at_caller(f"tk.prune.imp: resuming the run in {str(out)!r} after round {manifest['done']}, whose rounds "
+                       "are the earlier run's files; train_fn must train as it did then (imp cannot check it), or "
+                       f"{_start_over(out)}", UserWarning)
     return manifest, masks, rewind_state
 
 

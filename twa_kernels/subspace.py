@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor
 from twa_kernels import builder
 from twa_kernels.builder import Layout
 from twa_kernels._checks import flag, is_whole_number, real
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, warn_at_caller
 from twa_kernels._ops import combine_rows_op, gram_op
 from twa_kernels._progress import progress_bar
 from twa_kernels.columns import ColumnReader
@@ -106,12 +105,10 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
     keep, factor = _independent_rows(gram_op(p), tol, p.shape[1])
     dropped = sorted(set(range(P.shape[0])) - set(keep))
     if dropped:
-        warnings.warn(
+        warn_at_caller(
             f"orthonormalize dropped {len(dropped)} of {P.shape[0]} rows as linearly dependent "
             f"(residual below tol={tol:g} of the row norm): rows {dropped[:20]}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+            RuntimeWarning)
     if not keep:
         return p.new_zeros((0, p.shape[1]))
     if len(keep) < p.shape[0]:
@@ -334,7 +331,7 @@ class Subspace:
             basis = quantize(orthonormal, bits, group_size, blocks)
         else:
             basis = builder.build_basis(specs, layout, center, 0, offsets, bits, group_size, steps, transform)
-            warn_if_one_point(basis, stacklevel=2)
+            warn_if_one_point(basis)
         logger.info("subspace: %d checkpoints, %d weights, %d blocks, %s bits, basis %.1f MB", len(specs),
                     center.numel(), len(blocks), bits, basis.nbytes / 1e6)
         subspace = cls(names, shapes, center, basis, orthonormal=orthonormalize, aliases=aliases)
@@ -342,15 +339,15 @@ class Subspace:
         return subspace
 
 
-def warn_if_one_point(basis: QuantizedBasis, stacklevel: int) -> None:
+def warn_if_one_point(basis: QuantizedBasis) -> None:
     """Warn when every row of the basis is zero (a group's value is code * scale + min): the
     checkpoints were all the same weights, and the coefficients have nothing to move."""
     zero = (not bool(basis.codes.any())) if basis.bits is None else not (bool(basis.scales.any()) or
                                                                          bool(basis.mins.any()))
     if zero:
-        warnings.warn("every checkpoint holds the same weights, so the subspace is that one point and the "
-                      "coefficients have no direction to train; pass checkpoints that differ (is one state_dict "
-                      "listed several times?)", UserWarning, stacklevel=stacklevel + 1)
+        warn_at_caller("every checkpoint holds the same weights, so the subspace is that one point and the "
+                       "coefficients have no direction to train; pass checkpoints that differ (is one state_dict "
+                       "listed several times?)", UserWarning)
 
 
 def _names_and_shapes(first_spec: CheckpointSpec, names: list[str] | None, shapes: list[tuple[int, ...]] | None,

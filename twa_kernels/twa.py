@@ -53,7 +53,6 @@ import math
 import reprlib
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -63,7 +62,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, MissingKeyError, UsageError, warn_at_caller
 from twa_kernels._transformers import TransformersFacade
 from twa_kernels import _collectives, sharding
 from twa_kernels._checks import check_module
@@ -144,11 +143,11 @@ class TWA(TransformersFacade, nn.Module):
             _collectives.check_group(process_group)
         wrapper, model = model, unwrap_model(model)  # compiled or DDP-wrapped: checkpoints name the inner one's
         if model is not wrapper:
-            warnings.warn(f"TWA holds the model inside the {type(wrapper).__name__} it was given (`._orig_mod` of "
-                          "torch.compile, `.module` of DDP, DataParallel or AveragedModel) and runs it as it is, "
-                          "without the wrapper: averaged_state_dict() has that inner model's keys, so load it into "
-                          "the inner model. To compile, compile the TWA (torch.compile(twa)); to train across "
-                          "processes, wrap the TWA in DDP or pass process_group=", UserWarning, stacklevel=2)
+            warn_at_caller(f"TWA holds the model inside the {type(wrapper).__name__} it was given (`._orig_mod` of "
+                           "torch.compile, `.module` of DDP, DataParallel or AveragedModel) and runs it as it is, "
+                           "without the wrapper: averaged_state_dict() has that inner model's keys, so load it into "
+                           "the inner model. To compile, compile the TWA (torch.compile(twa)); to train across "
+                           "processes, wrap the TWA in DDP or pass process_group=", UserWarning)
 
         def check_args() -> list[tuple[str, nn.Parameter]]:
             return trainable_parameters(model, bits, granularity, group_size, int8_gradients)
@@ -190,10 +189,9 @@ class TWA(TransformersFacade, nn.Module):
             check_model_fits(model, subspace, frozen, int8_gradients)
             valued = [name for name, p in frozen if p.numel()]  # an empty one has no value to differ
             if isinstance(checkpoints_or_subspace, Subspace) and valued:
-                warnings.warn(f"TWA built from a Subspace pins the model's {len(valued)} frozen parameter(s) (e.g. "
-                              f"{valued[0]!r}) to the model's own values, which a Subspace does not hold; load "
-                              "the checkpoints' values into the model first if they differ", UserWarning,
-                              stacklevel=3)
+                warn_at_caller(f"TWA built from a Subspace pins the model's {len(valued)} frozen parameter(s) (e.g. "
+                               f"{valued[0]!r}) to the model's own values, which a Subspace does not hold; load "
+                               "the checkpoints' values into the model first if they differ", UserWarning)
             return pinned_values(model, frozen, None if isinstance(checkpoints_or_subspace, Subspace)
                                  else checkpoints_or_subspace, read_as, subspace.source_stamps,
                                  adapters_only=read_as != aliases)
@@ -215,7 +213,7 @@ class TWA(TransformersFacade, nn.Module):
         self.int8_gradients = int8_gradients
         center, basis, num_blocks = subspace.center.float(), subspace.basis, subspace.basis.num_blocks
         if not isinstance(subspace, ShardedSubspace):
-            warn_if_one_point(basis, stacklevel=2)
+            warn_if_one_point(basis)
         self._parallel: sharding.Replicated | sharding.Sharded | None = None
         if process_group is not None:
             local = ((subspace.num_cols, subspace.num_blocks, subspace.b_lo, subspace.b_hi)
@@ -609,12 +607,11 @@ class TWA(TransformersFacade, nn.Module):
         if self._parallel is None and torch.is_grad_enabled() and not self._alone_checked:
             self._alone_checked = True  # once, at the first forward that trains
             if sharding.training_alone():
-                warnings.warn(f"this process is one of {torch.distributed.get_world_size()} in a torch.distributed "
-                              "job, but the TWA has no process_group and is not inside DistributedDataParallel: "
-                              "each rank trains coefficients of its own. Build the TWA after init_process_group "
-                              "with process_group=dist.group.WORLD (before it, that name is None), or wrap it in "
-                              "DDP; ignore this warning if each rank is meant to train alone", UserWarning,
-                              stacklevel=3)
+                warn_at_caller(f"this process is one of {torch.distributed.get_world_size()} in a torch.distributed "
+                               "job, but the TWA has no process_group and is not inside DistributedDataParallel: "
+                               "each rank trains coefficients of its own. Build the TWA after init_process_group "
+                               "with process_group=dist.group.WORLD (before it, that name is None), or wrap it in "
+                               "DDP; ignore this warning if each rank is meant to train alone", UserWarning)
         # inside a DDP forward, whether DDP averages the coefficients (once per forward: it walks DDP's parameters)
         ddp_averages = self._parallel is None and sharding.averaged_by_ddp(self.coefficients)
         if (self._parallel is None and not ddp_averages and torch.is_grad_enabled()
@@ -627,11 +624,11 @@ class TWA(TransformersFacade, nn.Module):
         if (self._parallel is not None and not self.__dict__.get("_told_averaged_twice")
                 and sharding.averaged_by_ddp(self.coefficients)):
             self._told_averaged_twice = True  # once: the numbers are right, the traffic doubled
-            warnings.warn("this TWA averages its coefficients' gradient over its process_group itself, and the "
-                          "DistributedDataParallel it runs in averages them again: each backward all-reduces "
-                          "them twice (with the same result), and the TWA's own all-reduce ignores ddp.no_sync(). "
-                          "Build the TWA without process_group= to let DDP average them, or leave DDP out",
-                          UserWarning, stacklevel=4)
+            warn_at_caller("this TWA averages its coefficients' gradient over its process_group itself, and the "
+                           "DistributedDataParallel it runs in averages them again: each backward all-reduces "
+                           "them twice (with the same result), and the TWA's own all-reduce ignores ddp.no_sync(). "
+                           "Build the TWA without process_group= to let DDP average them, or leave DDP out",
+                           UserWarning)
         lent = self._lent
         dtypes = self._parameter_dtypes()
         key = self._weights_key(dtypes) if lent.pending or torch.is_grad_enabled() else None
@@ -741,19 +738,18 @@ class TWA(TransformersFacade, nn.Module):
             measured_at = self._statistics_measured_at()
             if measured_at is None or not same_key(measured_at, self._weights_key()):
                 call = "tk.distributed.update_bn(loader, twa)" if self._parallel is not None else "twa.update_bn(loader)"
-                warnings.warn("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
-                              f"averaged weights; call {call} first, or the exported model normalises with "
-                              "statistics of other weights", RuntimeWarning, stacklevel=3)
+                warn_at_caller("averaged_state_dict(): the model's BatchNorm statistics were not measured at these "
+                               f"averaged weights; call {call} first, or the exported model normalises with "
+                               "statistics of other weights", RuntimeWarning)
         if self._lent.pending and not self._lent.depth:
             # a graph kept from a step interrupted between forward and backward (a notebook keeps
             # its traceback), or losses kept with their graphs: the model holds that forward's
             # weights until the graph runs backward or is freed, and then gets its own back
-            warnings.warn("averaged_state_dict(): a forward's graph has not run its backward yet, so until it does "
-                          "(or is freed) the model holds that forward's weights, and a model.load_state_dict() of "
-                          "this state now would be undone then; run the backward, or free the graph (del the loss "
-                          "and outputs; after an interrupted step in IPython or Jupyter, the kept traceback holds "
-                          "it: `import sys; sys.last_traceback = None`) before loading it", RuntimeWarning,
-                          stacklevel=3)
+            warn_at_caller("averaged_state_dict(): a forward's graph has not run its backward yet, so until it does "
+                           "(or is freed) the model holds that forward's weights, and a model.load_state_dict() of "
+                           "this state now would be undone then; run the backward, or free the graph (del the loss "
+                           "and outputs; after an interrupted step in IPython or Jupyter, the kept traceback holds "
+                           "it: `import sys; sys.last_traceback = None`) before loading it", RuntimeWarning)
         # a module's extra state (get_extra_state) may be any object: copied as it is
         state = {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
                  for k, v in self.module.state_dict().items()}

@@ -14,7 +14,6 @@ tests can watch it.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -22,13 +21,14 @@ from torch import Tensor
 
 from twa_kernels._memory import empty_huge
 from twa_kernels._ops import register_kernel
+from twa_kernels.errors import warn_at_caller
 
 # the kernels read TWA_KERNELS_CPU_ISA themselves: "avx2" keeps a CPU with AVX-512 on the
 # AVX2 path, and anything else means the default, so a misspelt value would go unnoticed
 if os.environ.get("TWA_KERNELS_CPU_ISA") not in (None, "", "avx2", "avx512"):  # (empty: unset, as the kernels read it)
-    warnings.warn(f"TWA_KERNELS_CPU_ISA={os.environ['TWA_KERNELS_CPU_ISA']!r} is not a setting: 'avx2' keeps a "
-                  "CPU with AVX-512 on the AVX2 kernels, 'avx512' (or unset) takes the best path the CPU has",
-                  RuntimeWarning, stacklevel=2)
+    warn_at_caller(f"TWA_KERNELS_CPU_ISA={os.environ['TWA_KERNELS_CPU_ISA']!r} is not a setting: 'avx2' keeps a "
+                   "CPU with AVX-512 on the AVX2 kernels, 'avx512' (or unset) takes the best path the CPU has",
+                   RuntimeWarning)
 
 
 def _lib():

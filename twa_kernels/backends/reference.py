@@ -7,7 +7,6 @@ against it. The formulas are those of docs/design.md ("Math of each op").
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Optional
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from twa_kernels._ops import register_kernel
+from twa_kernels.errors import warn_at_caller
 from twa_kernels.quant import QuantizedBasis, dequantize, round_groups_int8, unround_groups_int8
 
 _CHUNK_ELEMENTS = 1 << 22  # basis elements dequantised at a time
@@ -121,7 +121,7 @@ def orthonormalize(P: Tensor, tol: float = 1e-6) -> Tensor:
             continue
         basis.append(v / v.norm())
     if dropped:
-        warnings.warn(f"orthonormalize dropped {len(dropped)} dependent row(s): {dropped}", RuntimeWarning, stacklevel=2)
+        warn_at_caller(f"orthonormalize dropped {len(dropped)} dependent row(s): {dropped}", RuntimeWarning)
     if not basis:
         return P.new_zeros((0, P.shape[1]), dtype=torch.float32)
     return torch.stack(basis).float()

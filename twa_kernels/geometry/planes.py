@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -40,7 +39,7 @@ from twa_kernels._checks import check_module, integer, is_whole_number, real
 from twa_kernels import builder
 from twa_kernels._memory import return_freed_memory as _return_freed_memory
 from twa_kernels._progress import progress_bar
-from twa_kernels.errors import InvalidArgumentError, InvalidTypeError
+from twa_kernels.errors import InvalidArgumentError, InvalidTypeError, warn_at_caller
 from twa_kernels.geometry.evaluation import (
     Checkpoint,
     Metric,
@@ -652,7 +651,7 @@ def plane(
         why = ("bn='interpolate' extrapolates the statistics there; bn='recompute' measures them at every point"
                if bn == "interpolate" else f"the BatchNorm layers the model keeps in eval mode ({', '.join(mixed[:3])}) "
                "keep statistics mixed from the checkpoints, which bn='recompute' does not measure")
-        warnings.warn(f"{negative} of the plane's {len(cells)} points mix the checkpoints' BatchNorm variances to "
-                      f"below zero (they lie outside the checkpoints' triangle: {why}), so their loss is NaN",
-                      UserWarning, stacklevel=2)
+        warn_at_caller(f"{negative} of the plane's {len(cells)} points mix the checkpoints' BatchNorm variances to "
+                       f"below zero (they lie outside the checkpoints' triangle: {why}), so their loss is NaN",
+                       UserWarning)
     return Plane(xs, ys, loss, error, located, anchors, frame.basis.bits, bn, frame, mask)

@@ -34,7 +34,6 @@ adapter's name; TWA reads them under that key too (checkpoint_aliases).
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from twa_kernels._checks import check_module
-from twa_kernels.errors import CheckpointError, InvalidArgumentError
+from twa_kernels.errors import CheckpointError, InvalidArgumentError, warn_at_caller
 
 DECOR_BUFFER = "decor_R"  # the buffer of a decorrelated layer's R, "<layer>.decor_R" in its checkpoints
 
@@ -180,15 +179,15 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
             isinstance(obj.get("current_model_state"), Mapping):
         # Lightning's WeightAveraging callbacks (EMA, SWA) save the average as the state_dict
         # and the weights being trained beside it
-        warnings.warn(f"{source}: a Lightning checkpoint of a WeightAveraging callback: its state_dict, which is "
-                      "read, holds the callback's running average (e.g. EMA); the weights being trained are under "
-                      "'current_model_state'. To average those, pass ckpt['current_model_state'] state_dicts",
-                      UserWarning, stacklevel=2)
+        warn_at_caller(f"{source}: a Lightning checkpoint of a WeightAveraging callback: its state_dict, which is "
+                       "read, holds the callback's running average (e.g. EMA); the weights being trained are under "
+                       "'current_model_state'. To average those, pass ckpt['current_model_state'] state_dicts",
+                       UserWarning)
     if isinstance(obj, Mapping) and obj.get(TWA_AVERAGE_MARK) is True:
-        warnings.warn(f"{source}: a checkpoint of a TWA epoch of the Lightning TrainableWeightAveraging callback: its "
-                      "state_dict holds TWA's averaged weights, not a point of the training run; averaged with the "
-                      "run's checkpoints it would count that average as one more point, so average the checkpoints "
-                      "of the epochs before TWA started (a list or a glob)", UserWarning, stacklevel=2)
+        warn_at_caller(f"{source}: a checkpoint of a TWA epoch of the Lightning TrainableWeightAveraging callback: its "
+                       "state_dict holds TWA's averaged weights, not a point of the training run; averaged with the "
+                       "run's checkpoints it would count that average as one more point, so average the checkpoints "
+                       "of the epochs before TWA started (a list or a glob)", UserWarning)
     for _ in range(3):
         if isinstance(obj, Mapping):
             nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -476,10 +475,10 @@ def warn_unmatched_keys(entries: Mapping[str, tuple[torch.dtype, Sequence[int]]]
     extra = [key for key, (dtype, shape) in entries.items()
              if key not in known.names and dtype.is_floating_point and unplaced(key, shape)]
     if extra:
-        warnings.warn(f"{source}: {len(extra)} floating-point tensor(s) that the model has no place for are left out "
-                      f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built "
-                      "differently from the one that saved it (a config with fewer layers, or without biases?); "
-                      "tensors of another module saved beside it are rightly left out", UserWarning, stacklevel=3)
+        warn_at_caller(f"{source}: {len(extra)} floating-point tensor(s) that the model has no place for are left out "
+                       f"(e.g. {extra[:3]}). If the checkpoint was saved from this model, the model was built "
+                       "differently from the one that saved it (a config with fewer layers, or without biases?); "
+                       "tensors of another module saved beside it are rightly left out", UserWarning)
 
 
 def fill_tied_keys(state: StateDict, aliases: Mapping[str, Sequence[str]], source: str = "the checkpoint"
