@@ -328,6 +328,33 @@ def test_a_flipped_bit_in_a_file_checked_before_is_refused_after_its_mtime_was_p
         tk.load_state_dict(path)
 
 
+def test_a_file_rewritten_many_times_keeps_one_record_of_its_checks(tmp_path):
+    # each version of a file a trainer rewrites (last.pt) left its checks' record, about 100
+    # bytes per tensor, for the life of the process
+    from twa_kernels.io import read
+
+    path, state = tmp_path / "last.pt", {f"layer{i}.weight": torch.zeros(4) for i in range(20)}
+    before = len(read._VERIFIED)
+    for step in range(5):
+        state["layer0.weight"] += 1
+        torch.save(state, path)
+        assert float(tk.load_state_dict(path)["layer0.weight"][0]) == step + 1  # each version read, not a cached one
+    assert len(read._VERIFIED) <= before + 1
+
+
+def test_the_record_of_checked_files_drops_the_least_recently_used_beyond_its_size():
+    from twa_kernels.io.read import FileVersionCache
+
+    cache = FileVersionCache(paths=2)
+    cache.put("a", 1, "a1")
+    cache.put("b", 1, "b1")
+    assert cache.get("a", 1) == "a1" and cache.get("a", 2) is None  # another version is not this one's
+    cache.put("c", 1, "c1")  # b is the least recently used
+    assert (cache.get("b", 1), cache.get("a", 1), cache.get("c", 1), len(cache)) == (None, "a1", "c1", 2)
+    cache.put("a", 2, "a2")  # a new version replaces the old
+    assert (cache.get("a", 1), cache.get("a", 2), len(cache)) == (None, "a2", 2)
+
+
 def test_one_flipped_bit_is_refused_by_twa(tmp_path):
     model = nn.Linear(30, 20)
     paths = []

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from twa_kernels.errors import CheckpointError, MissingDependencyError
 from twa_kernels.io.keys import _NESTING_KEYS  # unwrapped as a loaded torch file's are
-from twa_kernels.io.read import _StorageScan, _storage_dtype  # a torch pickle's storages, read inertly
+from twa_kernels.io.read import FileVersionCache, _StorageScan, _storage_dtype  # (a pickle's storages, read inertly)
 
 # DCP's tutorial saves {"app": AppState(model, optimizer)}, whose state_dict is {"model": ...,
 # "optim": ...}: "app" is a nesting key of DCP directories only (in a torch file it may be
@@ -353,8 +353,9 @@ class _FileSlice(io.RawIOBase):
         return len(data)
 
 
-# (file, offset, length, file size, mtime) of the items whose CRCs were checked in this process
-_VERIFIED: set[tuple] = set()
+# the (offset, length) of the items whose CRCs were checked in this process, by file and its
+# (size, mtime)
+_VERIFIED = FileVersionCache()
 
 
 def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
@@ -381,8 +382,9 @@ def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
                     raise CheckpointError(f"{source}: the chunk of {key!r} at {list(chunk.offsets)} lies past the "
                                           f"end of {info.relative_path} ({status.st_size} bytes); the checkpoint is "
                                           "truncated")
-                stamp = (os.path.realpath(path), info.offset, info.length, status.st_size, status.st_mtime_ns)
-                if transformed or stamp in _VERIFIED:
+                real, version = os.path.realpath(path), (status.st_size, status.st_mtime_ns)
+                verified: set | None = _VERIFIED.get(real, version)  # type: ignore[assignment]
+                if transformed or (verified is not None and (info.offset, info.length) in verified):
                     continue  # a transformed item is not a zip record: DCP's transform checks its own framing
                 with zipfile.ZipFile(io.BufferedReader(_FileSlice(file.fileno(), info.offset, info.length))) as zf:
                     for record in zf.infolist():
@@ -390,7 +392,10 @@ def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
                             while stream.read(1 << 18):
                                 pass
                     _check_stored_dtype(zf, key, entry.properties.dtype, f"{source}: {info.relative_path}")
-                _VERIFIED.add(stamp)
+                if verified is None:
+                    verified = set()
+                    _VERIFIED.put(real, version, verified)
+                verified.add((info.offset, info.length))
         except CheckpointError:
             raise
         except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:

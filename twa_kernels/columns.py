@@ -37,11 +37,12 @@ from twa_kernels.io import (
 )
 from twa_kernels.io.files import _directory_error
 from twa_kernels.io.keys import _PACKED_FLOATS, _strip_names, adapter_hint
-from twa_kernels.io.read import _non_finite_error, is_torch_zip, refuse_torch_zip_as_safetensors, zip_maps_as_stored
+from twa_kernels.io.read import (FileVersionCache, _non_finite_error, is_torch_zip, refuse_torch_zip_as_safetensors,
+                                 zip_maps_as_stored)
 
 logger = logging.getLogger(__name__)
-# the files (and their versions) whose note that they are loaded whole was given
-_LOADED_WHOLE_NOTED: set[tuple] = set()
+# the files (at their current version) whose note that they are loaded whole was given
+_LOADED_WHOLE_NOTED = FileVersionCache()
 
 # -- reading ranges of a checkpoint without loading it ------------------------------------
 
@@ -216,8 +217,8 @@ class ColumnReader:
             # file that is neither, or a zip cut short, is refused by the load, before the warning)
             self._open_state, self._kind = load_state_dict(self._spec), "memory"
             stamp = file_stamp(self._spec)
-            if stamp not in _LOADED_WHOLE_NOTED:  # a build reads each file in several passes: said once
-                _LOADED_WHOLE_NOTED.add(stamp)
+            if not _LOADED_WHOLE_NOTED.get(stamp[0], stamp):  # a build reads each file in several passes: said once
+                _LOADED_WHOLE_NOTED.put(stamp[0], stamp, True)
                 logger.warning("%s: not a zip-format torch file as torch.save writes it (a legacy file, compressed "
                                "records or another byte order), so it cannot be read lazily; loading it whole "
                                "(re-save it with torch.save(model.state_dict()) to stream it)", self._spec)

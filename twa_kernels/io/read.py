@@ -20,8 +20,10 @@ import pickle
 import re
 import struct
 import sys
+import threading
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -101,11 +103,42 @@ def load_state_dict(path: str | os.PathLike) -> StateDict:
     return unwrap_state_dict(_torch_load(path), str(path))
 
 
-# Files whose CRC-32s were verified in this process, by identity and modification stamp,
-# with the size of each record's data: {record name: bytes}.
-_VERIFIED: dict[tuple[str, int, int, int, int], dict[str, int]] = {}
-# Files whose storages were found to be their records (_check_storage_records), the same way.
-_RECORDS_CHECKED: set[tuple[str, int, int, int, int]] = set()
+class FileVersionCache:
+    """What a check once found about a file, kept for the file's current version only: an
+    entry is stored under the file's real path with the version's stamp, a new version
+    replaces it, and beyond `paths` files the least recently used is dropped. A process that
+    reads a file many trainers rewrite (last.pt), or many files, keeps a bounded record."""
+
+    def __init__(self, paths: int = 1024):
+        self._entries: OrderedDict[str, tuple[object, object]] = OrderedDict()
+        self._paths = paths
+        self._lock = threading.Lock()  # (readers may run in several threads)
+
+    def get(self, path: str, stamp: object) -> object | None:
+        """The entry stored for `path` at version `stamp`, or None."""
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is None or entry[0] != stamp:
+                return None
+            self._entries.move_to_end(path)
+            return entry[1]
+
+    def put(self, path: str, stamp: object, value: object) -> None:
+        with self._lock:
+            self._entries[path] = (stamp, value)
+            self._entries.move_to_end(path)
+            while len(self._entries) > self._paths:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# Files whose CRC-32s were verified in this process, with the size of each record's data:
+# {record name: bytes}; and files whose storages were found to be their records
+# (_check_storage_records). Each is keyed by _checked_stamp.
+_VERIFIED = FileVersionCache()
+_RECORDS_CHECKED = FileVersionCache()
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[str, int, int, int]:
@@ -139,8 +172,8 @@ def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
     CRC-32 runs at several GB/s. Each file is checked once per process unless it changes.
     Raises CheckpointError naming the record. Returns each record's size: {name: bytes}."""
     stamp = _checked_stamp(path)
-    if stamp in _VERIFIED:
-        return _VERIFIED[stamp]
+    if (verified := _VERIFIED.get(stamp[0], stamp)) is not None:
+        return verified  # type: ignore[return-value]
     spans: dict[str, int] = {}
     # records are summed through this buffer: no mapping's pages pile up, and at 256 KB a
     # call's overhead is far below zlib-ng's time for the bytes
@@ -179,7 +212,7 @@ def verify_zip_crc(path: str | os.PathLike) -> dict[str, int]:
     except (zipfile.BadZipFile, ValueError, OSError, struct.error) as exc:
         raise CheckpointError(f"{path}: corrupt ({exc}); the file was damaged after it was written: "
                               "restore it from a good copy or save it again") from exc
-    _VERIFIED[stamp] = spans
+    _VERIFIED.put(stamp[0], stamp, spans)
     return spans
 
 
@@ -322,7 +355,7 @@ def _check_storage_records(path: str | os.PathLike) -> None:
     file is checked once per process unless it changes."""
     spans = verify_zip_crc(path)
     stamp = _checked_stamp(path)
-    if stamp in _RECORDS_CHECKED:
+    if _RECORDS_CHECKED.get(stamp[0], stamp):
         return
     try:
         with zipfile.ZipFile(path) as archive:
@@ -344,7 +377,7 @@ def _check_storage_records(path: str | os.PathLike) -> None:
             raise CheckpointError(f"{path}: corrupt (its pickle declares {declared} bytes for storage {key!r}, whose "
                                   f"record {holds}); the file was damaged or altered after it was written: "
                                   "restore it from a good copy or save it again")
-    _RECORDS_CHECKED.add(stamp)
+    _RECORDS_CHECKED.put(stamp[0], stamp, True)
 
 
 def _names_a_missing_global(name: str) -> bool:
