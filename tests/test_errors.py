@@ -174,3 +174,18 @@ def test_a_library_warning_points_at_the_users_call_whichever_path_raised_it():
     unreached = [w for w in caught if "saw none of the" in str(w.message)]
     assert len(unreached) == 2 and {w.filename for w in unreached} == {__file__}, [(w.filename, w.lineno)
                                                                                     for w in unreached]
+
+
+def test_the_library_warns_only_through_warn_at_caller():
+    import ast
+    from pathlib import Path
+
+    package = Path(tk.__file__).parent
+    direct = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("warnings.warn", "warn"):
+                direct.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert direct == [], "use errors.warn_at_caller, which points the warning at the user's line"
