@@ -587,6 +587,36 @@ def test_a_stop_whose_handler_ran_inside_a_weakref_callback_is_not_lost(signum, 
     assert done.stderr.count("twa: terminated") == (signum == signal.SIGTERM), done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "twa: terminated"),
+                                                 (signal.SIGINT, 130, "twa: interrupted")], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_swallowed_just_before_the_command_returns_still_stops_it(signum, status, line):
+    # the stop is sent again some milliseconds later: a command that returned first exited 0
+    # after saying `twa: terminated`
+    code = textwrap.dedent(f"""
+        import os, sys, weakref
+        from twa_kernels import cli
+
+        class Anything:
+            pass
+
+        def signalled_in_callback(ref):
+            os.kill(os.getpid(), {int(signum)})
+            for _ in range(100_000):
+                pass
+
+        def finishing_command(args):
+            thing = Anything()
+            ref = weakref.ref(thing, signalled_in_callback)
+            del thing
+            return 0
+
+        cli._build_command = finishing_command
+        sys.exit(cli.main(["build"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == status and done.stderr.strip() == line, (done.returncode, done.stderr[-2000:])
+
+
 def test_importing_the_library_leaves_torch_compile_unloaded():
     # the TWA class's compile-disabled method imported torch._dynamo when the class was
     # defined: 1.7 s more for every `twa --help` and every script, before any work

@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import pkgutil
+import sys
 
 import pytest
 import torch
@@ -189,3 +190,34 @@ def test_the_library_warns_only_through_warn_at_caller():
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("warnings.warn", "warn"):
                 direct.append(f"{path.relative_to(package)}:{node.lineno}")
     assert direct == [], "use errors.warn_at_caller, which points the warning at the user's line"
+
+
+def test_a_warning_raised_while_the_library_is_imported_points_at_the_users_import(tmp_path):
+    # the import system's frames between the user's `import` and the library are not counted
+    # by stacklevel: the walk that passed them counted them, and pointed inside __init__.py
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "user_script.py"
+    script.write_text("import sys\nimport twa_kernels\n")
+    package_root = str(Path(tk.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": package_root, "TWA_KERNELS_CPU_ISA": "avx9000"})
+    assert done.returncode == 0 and f"{script}:2: RuntimeWarning: TWA_KERNELS_CPU_ISA='avx9000' is not a " \
+        "setting" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_framework_stub_without_a_file_does_not_break_warnings(monkeypatch):
+    # test suites put bare module objects in sys.modules for optional dependencies
+    import types
+    import warnings
+
+    from twa_kernels.errors import warn_at_caller
+
+    monkeypatch.setitem(sys.modules, "accelerate", types.ModuleType("accelerate"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_at_caller("here", UserWarning)
+    assert [w.filename for w in caught] == [__file__]

@@ -382,7 +382,9 @@ def _verify_chunks(reader: CheckedReader, key: str, source: str) -> None:
                     raise CheckpointError(f"{source}: the chunk of {key!r} at {list(chunk.offsets)} lies past the "
                                           f"end of {info.relative_path} ({status.st_size} bytes); the checkpoint is "
                                           "truncated")
-                real, version = os.path.realpath(path), (status.st_size, status.st_mtime_ns)
+                # (ctime too: a copy that puts the modification time back is a new version)
+                real = os.path.realpath(path)
+                version = (status.st_size, status.st_mtime_ns, status.st_ino, status.st_ctime_ns)
                 verified: set | None = _VERIFIED.get(real, version)  # type: ignore[assignment]
                 if transformed or (verified is not None and (info.offset, info.length) in verified):
                     continue  # a transformed item is not a zip record: DCP's transform checks its own framing

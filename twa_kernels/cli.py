@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import functools
@@ -455,19 +456,26 @@ def _stops_survive_callbacks(terminated: list[int]) -> Iterator[None]:
     as "Exception ignored" and carries on, and the run would go on training as if no signal
     had come. For the length of the block such an exception is not printed and the signal is
     sent again a moment later, from a thread, once the callback has returned (were it still
-    running, the stop is swallowed and sent again)."""
+    running, the stop is swallowed and sent again). A stop not yet sent when the block ends
+    is raised there."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = sys.unraisablehook
     lock = threading.Lock()  # the block's end waits for a delivery under way, and none starts after it
+    pending: list[int] = []  # stops swallowed and not sent again yet
     ended = False
 
     def deliver_later(signum: int) -> None:
         time.sleep(0.01)  # (a signal raised from the hook itself would run its handler inside the hook)
         with lock:
-            if not ended:  # a signal, not _thread.interrupt_main: it also ends a sleep or a wait the main thread is in
+            if ended or signum not in pending:
+                return  # the block's end raised it
+            pending.remove(signum)
+            if hasattr(signal, "pthread_kill"):  # a signal also ends a sleep or a wait the main thread is in
                 signal.pthread_kill(threading.main_thread().ident, signum)
+            else:  # (Windows)
+                _thread.interrupt_main(signum)
 
     def redeliver(unraisable: sys.UnraisableHookArgs) -> None:
         exc, signum = unraisable.exc_value, None
@@ -479,15 +487,21 @@ def _stops_survive_callbacks(terminated: list[int]) -> Iterator[None]:
         if signum is None:
             previous(unraisable)
             return
+        with lock:
+            pending.append(signum)
         threading.Thread(target=deliver_later, args=(signum,), name="twa-stop-again", daemon=True).start()
 
     sys.unraisablehook = redeliver
     try:
         yield
     finally:
-        with lock:
-            ended = True
         sys.unraisablehook = previous
+        with lock:
+            ended, unsent = True, pending[:]
+        if unsent:  # swallowed moments before the block ended: the command stops as the signal asked
+            if unsent[0] == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + unsent[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,16 +26,24 @@ def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     """`warnings.warn(message, category)` located at the first frame outside twa-kernels and
     the frameworks that call it: the user's line, whichever path of the library warned.
     (Where no such frame exists, as in `twa fit`, the line that called the library.)"""
-    skipped = (_PACKAGE_DIR,) + tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-                                      for name in _FRAMEWORKS
-                                      if (module := sys.modules.get(name)) is not None and module.__file__)
+    skipped = (_PACKAGE_DIR,) + tuple(os.path.dirname(os.path.abspath(file)) + os.sep for name in _FRAMEWORKS
+                                      if isinstance(file := getattr(sys.modules.get(name), "__file__", None), str))
     if sys.version_info >= (3, 12):  # Python's own way; it also skips importlib's frames as stacklevel does
         warnings.warn(message, category, skip_file_prefixes=skipped)
         return
+    # stacklevel counts frames as Python does: those of the import system (a warning raised
+    # while a module is imported) are passed over without being counted
     frame, level = sys._getframe(1), 2  # stacklevel 2: this function's caller
     while frame is not None and frame.f_code.co_filename.startswith(skipped):
-        frame, level = frame.f_back, level + 1
+        frame = frame.f_back
+        while frame is not None and _is_import_system(frame.f_code.co_filename):
+            frame = frame.f_back
+        level += 1
     warnings.warn(message, category, stacklevel=level if frame is not None else 2)
+
+
+def _is_import_system(filename: str) -> bool:
+    return "importlib" in filename and "_bootstrap" in filename  # the test of Python's warnings module
 
 
 class TWAKernelsError(Exception):
