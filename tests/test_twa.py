@@ -1,7 +1,9 @@
 """TWA on a real dataset (scikit-learn's digits): start point, training, 4-bit vs dense,
 export, gradients and resuming."""
 
+import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -707,10 +709,10 @@ def test_the_statistics_warning_follows_the_statistics_not_only_the_weights():
     twa = tk.TWA(model, checkpoints, bits=4)
     loader = [torch.randn(16, 4) for _ in range(3)]
 
-    def warned() -> bool:
+    def warned(of: tk.TWA | None = None) -> bool:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            twa.averaged_state_dict()
+            (of or twa).averaged_state_dict()
         return any("statistics were not measured at these averaged weights" in str(w.message) for w in caught)
 
     assert warned()
@@ -728,6 +730,12 @@ def test_the_statistics_warning_follows_the_statistics_not_only_the_weights():
     with pytest.raises(ZeroDivisionError):  # a pass cut short puts back the statistics measured before
         twa.update_bn(_failing(loader))
     assert not warned()
+    # a copy (deepcopy, a pickle round trip) holds the same weights and statistics: measured
+    # there too, while the original's subspace is as the statistics saw it
+    assert not warned(copy.deepcopy(twa)) and not warned(pickle.loads(pickle.dumps(twa)))
+    with torch.no_grad():
+        twa.center.add_(0.1)  # the subspace changed since the statistics were measured
+    assert warned(copy.deepcopy(twa))
 
 
 def _failing(batches):
@@ -1036,6 +1044,28 @@ def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
     with pytest.raises(tk.errors.UsageError, match=r"changed its frozen parameter\(s\) \['0.weight'\]"):
         twa(x)
     flip.remove()
+
+
+def test_a_twa_whose_frozen_parameter_was_changed_refuses_its_outputs_until_a_whole_state_is_loaded():
+    # after the error, the next forward took the changed value as the TWA's own: outputs and
+    # the export then carried it, and a state_dict() saved it into another TWA
+    twa, x = _twa_with_a_frozen_first_layer()
+    saved = {key: value.clone() for key, value in twa.state_dict().items()}
+    before = twa(x).detach()
+    with pytest.raises(tk.errors.UsageError, match="changed its frozen parameter"):
+        with twa.averaged_model() as model:
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+    for use in (lambda: twa(x), twa.averaged_state_dict, twa.weights, twa.state_dict, twa.averaged_model().__enter__,
+                lambda: copy.deepcopy(twa)(x)):
+        with pytest.raises(tk.errors.UsageError, match=r"frozen parameter\(s\) \['0.weight'\] were changed in place "
+                                                        r".*new.coefficients.data.copy_\(twa.coefficients\)"):
+            use()
+    twa.load_state_dict({"coefficients": saved["coefficients"]}, strict=False)
+    with pytest.raises(tk.errors.UsageError, match="were changed in place"):  # a state without them mends nothing
+        twa(x)
+    twa.load_state_dict(saved)  # a whole state saved before the change: the TWA is whole again
+    assert torch.equal(twa(x).detach(), before)
 
 
 def test_a_twa_over_a_compiled_model_says_it_holds_the_model_inside():

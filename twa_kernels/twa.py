@@ -88,6 +88,18 @@ BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_b
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+_FROZEN_CHANGED_FIX = (
+    "the TWA holds the one copy of each frozen parameter, which is now changed, so its outputs, weights(), "
+    "averaged_state_dict() and state_dict() would no longer hold the checkpoints' values, and it refuses them. To "
+    "keep the trained coefficients, build a TWA again from the same checkpoints and copy them into it "
+    "(new.coefficients.data.copy_(twa.coefficients)), or load a state_dict() saved before the change; make such "
+    "changes on a model of your own (model.load_state_dict(twa.averaged_state_dict())) or out of place")
+
+
+def _refuse_state_with_changed_frozen(module: TWA, state: dict, prefix: str, local_metadata: dict) -> None:
+    module._check_frozen_unchanged()  # (a state_dict hook: a saved state would carry the changed values)
+
+
 def _refuse_inference_mode(what: str, fix: str) -> None:
     """UsageError under torch.inference_mode: the tensors a TWA made there (its coefficients,
     center and basis) record neither gradients nor versions, so it could never train."""
@@ -242,6 +254,7 @@ class TWA(TransformersFacade, nn.Module):
         # (the weights update_bn last measured statistics at, a copy of the statistics it measured)
         self._bn_key: tuple | None = None
         self._register_load_state_dict_pre_hook(check_loaded_state, with_module=True)
+        self._register_state_dict_hook(_refuse_state_with_changed_frozen)
         if self._sharded:  # which columns this rank's state holds, checked when it is loaded
             self._register_state_dict_hook(record_shard)
 
@@ -292,7 +305,21 @@ class TWA(TransformersFacade, nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """nn.Module.load_state_dict, with a state that lacks some of this TWA's keys (every
         basis_* tensor, say) refused under strict=True by a MissingKeyError naming them, before
-        anything is copied. The pre-hook cannot tell: torch hands it strict=True always."""
+        anything is copied. The pre-hook cannot tell: torch hands it strict=True always. A TWA
+        whose frozen parameters the model changed in place is whole again once a state with
+        all of them is loaded."""
+        changed = self.__dict__.pop("_frozen_changed", None)  # (this TWA's own state is read below)
+        try:
+            result = self._load_state_dict_checked(state_dict, strict, assign)
+        except BaseException:
+            if changed:
+                self.__dict__["_frozen_changed"] = changed
+            raise
+        if changed and not all(f"frozen_{i}" in state_dict for i in range(len(self.frozen_names))):
+            self.__dict__["_frozen_changed"] = changed  # (strict=False without them: still the changed values)
+        return result
+
+    def _load_state_dict_checked(self, state_dict: Mapping[str, Any], strict: bool, assign: bool) -> Any:
         if not isinstance(state_dict, Mapping):
             raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
                                    f"TWA.state_dict() returns), got {type(state_dict).__name__}")
@@ -413,6 +440,7 @@ class TWA(TransformersFacade, nn.Module):
         if not self.frozen_names:
             yield
             return
+        self._check_frozen_unchanged()
         values = self._frozen_values()
         prints = self.__dict__.setdefault("_frozen_prints", {})  # index -> (storage, version, fingerprint)
         for i, value in enumerate(values):
@@ -431,17 +459,24 @@ class TWA(TransformersFacade, nn.Module):
             else:
                 changed.append(name)
         if changed:
+            # kept: the next forward would otherwise take the changed values as the TWA's own
+            self.__dict__["_frozen_changed"] = changed
             raise UsageError(f"the model changed its frozen parameter(s) {reprlib.repr(changed)} in place {during} "
                              "(nn.Embedding(max_norm=...) renormalises the rows it looks up; PEFT's merge_and_unload() "
-                             "adds the adapters into the base weights): the TWA holds the one copy of each frozen "
-                             "parameter, which is now changed, so its outputs and averaged_state_dict() no longer "
-                             "hold the checkpoints' values; build the TWA again, and make such changes on a model of "
-                             "your own (model.load_state_dict(twa.averaged_state_dict())) or out of place")
+                             "adds the adapters into the base weights): " + _FROZEN_CHANGED_FIX)
+
+    def _check_frozen_unchanged(self) -> None:
+        """UsageError once a frozen parameter was found changed in place: this TWA's outputs,
+        weights and state would carry the changed values as the checkpoints'."""
+        if changed := self.__dict__.get("_frozen_changed"):
+            raise UsageError(f"this TWA's frozen parameter(s) {reprlib.repr(changed)} were changed in place by the "
+                             "model (the error raised then said where): " + _FROZEN_CHANGED_FIX)
 
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights w = center + basis^T x by parameter name, each in its
         parameter's dtype (differentiable; fresh tensors, safe to keep), and the frozen
         parameters' pinned values (views of the TWA's own copy: clone one before changing it)."""
+        self._check_frozen_unchanged()
         if self._sharded:  # this rank holds some columns: gather
             flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center, self.int8_gradients)
         else:
@@ -491,9 +526,12 @@ class TWA(TransformersFacade, nn.Module):
 
     def _weights_key(self, dtypes: dict[str, torch.dtype] | None = None) -> tuple:
         """What the weights are computed from: equal keys give equal weights."""
+        return (self.coefficients.detach().clone(), self._forward_dtype(dtypes), self._subspace_stamp())
+
+    def _subspace_stamp(self) -> tuple:
+        """The center's and basis's storage and version: which values of them a key saw."""
         tensors = (self.center, self.basis_codes, self.basis_scales, self.basis_mins)
-        return (self.coefficients.detach().clone(), self._forward_dtype(dtypes),
-                tuple((t.data_ptr(), t._version) for t in tensors))
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _statistics(self) -> list[Tensor]:
         """The model's running statistics (BatchNorm's, and InstanceNorm's that it tracks)."""
@@ -529,8 +567,22 @@ class TWA(TransformersFacade, nn.Module):
             self.coefficients.register_hook(sharding.gradient_averaging_hook(self._parallel, self.coefficients))
             self._averaged = [self.coefficients]
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # a copy's tensors are new storages, so the key update_bn left names none of them:
+        # whether it held for the subspace as copied is said here, and the copy's own set by it
+        key = state.get("_bn_key")
+        state["_bn_key_held"] = key is not None and key[0][2] == self._subspace_stamp()
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        held = state.pop("_bn_key_held", False)
         super().__setstate__(state)
+        if held:  # the statistics were measured at the copy's weights, as at the original's
+            (coefficients, dtype, _), statistics = self._bn_key
+            self._bn_key = ((coefficients, dtype, self._subspace_stamp()), statistics)
+        elif state.get("_bn_key") is not None:
+            self._bn_key = None
         if LAYOUT not in self._buffers:  # a TWA pickled before its state held the record
             frozen = [(name, self._buffers[f"frozen_{i}"].shape) for i, name in enumerate(self.frozen_names)]
             self.register_buffer(LAYOUT, layout_record(list(zip(self.names, self.shapes)), frozen).to(
@@ -670,9 +722,11 @@ class TWA(TransformersFacade, nn.Module):
         What the block does to the model lasts for the block: a cast (`model.to(torch.bfloat16)`)
         or a move is undone on exit, for its parameters and buffers alike. A frozen parameter
         changed in place there (merging adapters into it) raises UsageError on exit, since the
-        TWA holds its one copy. The
-        block's weights are plain tensors, not Parameters: to keep the average as a model of
-        its own, load `averaged_state_dict()` into a fresh one rather than copying this one.
+        TWA holds its one copy, and the TWA refuses its outputs from then on. The
+        block's weights are plain tensors, not Parameters, and leave with the block: to keep
+        the average as a model of its own (to copy, torch.export, torch.compile or script it),
+        load `averaged_state_dict()` into a fresh one rather than using this one (a model
+        compiled inside the block runs at the model's own weights after it).
         """
         # The model is claimed to put the weights in and to take them out again, and the block
         # recorded as this thread's, which refuses other threads' forwards until it ends (they
