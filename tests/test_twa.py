@@ -1026,7 +1026,8 @@ def test_a_frozen_parameter_changed_in_place_is_named_not_kept_silently():
                 with torch.no_grad():
                     change(model[0].weight)  # as merging adapters into a base weight does
     embedding, tokens = _twa_with_a_frozen_first_layer(embedding=True)
-    with pytest.raises(tk.errors.UsageError, match=r"in place during the forward \(nn.Embedding\(max_norm"):
+    with pytest.raises(tk.errors.UsageError, match=r"in place during the forward \(a frozen nn.Embedding\(max_norm"
+                                                    r"=\.\.\.\) .* set its max_norm to None"):
         embedding(tokens)
     twa, x = _twa_with_a_frozen_first_layer()
     twa(x).sum().backward()  # a forward that leaves them alone is not refused
@@ -1066,6 +1067,24 @@ def test_a_twa_whose_frozen_parameter_was_changed_refuses_its_outputs_until_a_wh
         twa(x)
     twa.load_state_dict(saved)  # a whole state saved before the change: the TWA is whole again
     assert torch.equal(twa(x).detach(), before)
+    # so it is through a module holding it, or with a compiled wrapper's prefix
+    for load in (lambda: nn.ModuleDict({"twa": twa}).load_state_dict({f"twa.{k}": v for k, v in saved.items()}),
+                 lambda: twa.load_state_dict({f"_orig_mod.{k}": v for k, v in saved.items()})):
+        with pytest.raises(tk.errors.UsageError, match="changed its frozen parameter"):
+            with twa.averaged_model() as model:
+                with torch.no_grad():
+                    model[0].weight.add_(1.0)
+        load()
+        assert torch.equal(twa(x).detach(), before)
+    # a TWA pickled by an earlier version, without the state_dict hook, gets it when unpickled
+    twa._state_dict_hooks.clear()
+    twa = pickle.loads(pickle.dumps(twa))
+    with pytest.raises(tk.errors.UsageError, match="changed its frozen parameter"):
+        with twa.averaged_model() as model:
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+    with pytest.raises(tk.errors.UsageError, match="were changed in place"):
+        twa.state_dict()
 
 
 def test_a_twa_over_a_compiled_model_says_it_holds_the_model_inside():

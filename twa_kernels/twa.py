@@ -305,25 +305,16 @@ class TWA(TransformersFacade, nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """nn.Module.load_state_dict, with a state that lacks some of this TWA's keys (every
         basis_* tensor, say) refused under strict=True by a MissingKeyError naming them, before
-        anything is copied. The pre-hook cannot tell: torch hands it strict=True always. A TWA
-        whose frozen parameters the model changed in place is whole again once a state with
-        all of them is loaded."""
-        changed = self.__dict__.pop("_frozen_changed", None)  # (this TWA's own state is read below)
-        try:
-            result = self._load_state_dict_checked(state_dict, strict, assign)
-        except BaseException:
-            if changed:
-                self.__dict__["_frozen_changed"] = changed
-            raise
-        if changed and not all(f"frozen_{i}" in state_dict for i in range(len(self.frozen_names))):
-            self.__dict__["_frozen_changed"] = changed  # (strict=False without them: still the changed values)
-        return result
-
-    def _load_state_dict_checked(self, state_dict: Mapping[str, Any], strict: bool, assign: bool) -> Any:
+        anything is copied. The pre-hook cannot tell: torch hands it strict=True always."""
         if not isinstance(state_dict, Mapping):
             raise InvalidTypeError(f"TWA.load_state_dict takes a state_dict (a mapping of names to tensors, as "
                                    f"TWA.state_dict() returns), got {type(state_dict).__name__}")
-        own_state = self.state_dict(keep_vars=True)  # (a subclass's too)
+        changed = self.__dict__.pop("_frozen_changed", None)  # (this TWA's own keys: no export, not refused)
+        try:
+            own_state = self.state_dict(keep_vars=True)  # (a subclass's too)
+        finally:
+            if changed:
+                self.__dict__["_frozen_changed"] = changed
         own_keys = set(own_state)
         if state_dict and own_keys.isdisjoint(state_dict):
             # the state of a wrapped TWA: torch.compile's `_orig_mod.`, DDP's `module.` before every key
@@ -354,6 +345,17 @@ class TWA(TransformersFacade, nn.Module):
         if assign:  # a new coefficients Parameter: its gradient averaged from now, compiled forward or not
             self._keep_gradient_averaged()
         return result
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a TWA whose frozen parameters the model changed in place is whole again once a state
+        # brings all of them (through this TWA, a module holding it or a compiled wrapper)
+        if (self.__dict__.get("_frozen_changed") and len(error_msgs) == errors_before
+                and all(f"{prefix}frozen_{i}" in state_dict for i in range(len(self.frozen_names)))):
+            del self.__dict__["_frozen_changed"]
 
     # The model is held outside the module tree; device moves and train/eval reach it here.
     # A dtype cast (twa.to(torch.bfloat16), twa.half()) reaches the model only: the center,
@@ -461,9 +463,12 @@ class TWA(TransformersFacade, nn.Module):
         if changed:
             # kept: the next forward would otherwise take the changed values as the TWA's own
             self.__dict__["_frozen_changed"] = changed
+            cause = ("(a frozen nn.Embedding(max_norm=...) renormalises the rows it looks up: set its max_norm to "
+                     "None, or renormalise those rows in the checkpoints before building the TWA)"
+                     if during == "during the forward" else
+                     "(PEFT's merge_and_unload() adds the adapters into the base weights)")
             raise UsageError(f"the model changed its frozen parameter(s) {reprlib.repr(changed)} in place {during} "
-                             "(nn.Embedding(max_norm=...) renormalises the rows it looks up; PEFT's merge_and_unload() "
-                             "adds the adapters into the base weights): " + _FROZEN_CHANGED_FIX)
+                             f"{cause}: " + _FROZEN_CHANGED_FIX)
 
     def _check_frozen_unchanged(self) -> None:
         """UsageError once a frozen parameter was found changed in place: this TWA's outputs,
@@ -591,6 +596,8 @@ class TWA(TransformersFacade, nn.Module):
         # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: it gets
         # one here, or each rank's copy would train on its own gradient (a compiled forward
         # never reaches the eager path that registers it)
+        if _refuse_state_with_changed_frozen not in self._state_dict_hooks.values():  # pickled by an earlier version
+            self._register_state_dict_hook(_refuse_state_with_changed_frozen)
         self._averaged = []
         self._keep_gradient_averaged()
 
