@@ -1087,6 +1087,29 @@ def test_a_twa_whose_frozen_parameter_was_changed_refuses_its_outputs_until_a_wh
         twa.state_dict()
 
 
+def test_a_frozen_twa_passes_gradients_to_its_inputs_across_several_forwards_before_the_backward():
+    # a critic or teacher: the coefficients take no gradient, the inputs do. Every forward
+    # wrote the weights into one buffer, which the first forward's graph had saved: its
+    # backward failed, "modified by an inplace operation"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4).requires_grad_(False)
+    reference = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    reference.load_state_dict(twa.averaged_state_dict())
+    generator, z = nn.Linear(4, 8), torch.randn(32, 4)
+    grads = []
+    for critic in (twa, reference):
+        generator.zero_grad()
+        loss = critic(generator(z)).logsumexp(1).mean() + critic(generator(z + 1)).logsumexp(1).mean()
+        with torch.no_grad():
+            critic(generator(z))  # an evaluation in between
+        loss.backward()
+        grads.append(generator.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert not twa._workspace.busy  # the buffer is free again once the graph is
+
+
 def test_a_twa_over_a_compiled_model_says_it_holds_the_model_inside():
     # the compiled wrapper was dropped without a word, and the average's keys did not load into it
     model = make_model(0)

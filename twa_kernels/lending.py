@@ -382,10 +382,7 @@ class LentWeights:
         every backward pass from it end with project_left_over(). A model that uses its
         weights only inside reentrant checkpoints records no use of them outside: the
         output's graph is then all that reaches the recomputation."""
-        # a view's base too: an in-place change through the view gives the view a new node, and
-        # the graph from it reaches the base's node as it was, not the view's
-        owners = [u for t in _tensors(out) for u in (t, t._base) if u is not None]
-        for node in {id(u.grad_fn): u.grad_fn for u in owners if u.grad_fn is not None}.values():
+        for node in _graph_nodes(out):
             node.register_prehook(functools.partial(self._on_backward_start, loan))  # the node holds the loan
 
     def tie(self, out: Any, loan: Loan, token: Tensor) -> Any:
@@ -555,6 +552,39 @@ def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         except TypeError:  # a tuple type built another way: left untied
             return value
     return value
+
+
+def _graph_nodes(out: Any) -> list:
+    """The graph nodes of the tensors in a model's output, and of their bases: an in-place
+    change through a view gives the view a new node, and the graph from it reaches the
+    base's node as it was, not the view's."""
+    owners = [u for t in _tensors(out) for u in (t, t._base) if u is not None]
+    return list({id(u.grad_fn): u.grad_fn for u in owners if u.grad_fn is not None}.values())
+
+
+class _CalledWhenFreed:
+    """A graph node's pre-hook that changes nothing and calls `release` once the last node
+    holding it is freed."""
+
+    def __init__(self, release: Callable[[], None]):
+        weakref.finalize(self, release)
+
+    def __call__(self, grad_outputs: Any) -> None:
+        return None
+
+
+def release_with_graph(out: Any, release: Callable[[], None]) -> None:
+    """Call `release` once the graph recorded into the model's output is freed (at once
+    where the output carries none): the graph may have saved the weights `release` frees
+    the buffer of, as it does for a TWA with frozen coefficients whose model passes
+    gradients to its inputs (a critic, a teacher)."""
+    nodes = _graph_nodes(out)
+    if not nodes:
+        release()
+        return
+    holder = _CalledWhenFreed(release)
+    for node in nodes:
+        node.register_prehook(holder)
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:

@@ -72,7 +72,7 @@ from twa_kernels._twa_setup import (DefaultInt, DefaultStr, averaged, check_mode
                                     given_settings, pinned_values, subspace_for, trainable_parameters)
 from twa_kernels._twa_state import LAYOUT, check_loaded_state, layout_record, record_shard, state_entry, take_own_rank
 from twa_kernels.batchnorm import has_running_statistics, running_norms, update_bn
-from twa_kernels.lending import LentWeights, LoanAnchor, keeping_buffers, same_key
+from twa_kernels.lending import LentWeights, LoanAnchor, keeping_buffers, release_with_graph, same_key
 from twa_kernels.io import (Checkpoints, checkpoint_aliases, parameter_aliases, resolve_checkpoints,
                             strip_wrapper_prefixes, unwrap_model)
 from twa_kernels.ops import project, project_int8, reconstruct, reconstruct_into, reconstruct_pieces
@@ -514,14 +514,18 @@ class TWA(TransformersFacade, nn.Module):
             weights = self.weights()
             return [weights[name] for name in self.names], None
         dtype = self._forward_dtype(dtypes)
-        record = torch.is_grad_enabled() and self.coefficients.requires_grad
+        # with gradients on, the model's graph may save the weights (to pass gradients to its
+        # inputs) even where the coefficients take none: the buffer stays taken until the caller
+        # releases it, and a second forward before the backward gets one of its own
+        graph = torch.is_grad_enabled()
         workspace = self._workspace
-        out, release = workspace.take(self.center.numel(), dtype, self.center.device, record)
-        if not record:
+        out, release = workspace.take(self.center.numel(), dtype, self.center.device, graph)
+        if not (graph and self.coefficients.requires_grad):
             flat = reconstruct_into(self.basis, self.coefficients, self.center, out)
-            release()
             typed = self._typed(flat, dtypes)
-            return [typed[name] for name in self.names], None
+            if not graph:
+                release()
+            return [typed[name] for name in self.names], release if graph else None
         # one view of the workspace per tensor; the backward projects their gradients where
         # autograd leaves them (on the CPU, without gathering a D-long gradient), then frees the workspace
         pieces = reconstruct_pieces(self.basis, self.coefficients, self.center, out, self.shapes, release,
@@ -695,8 +699,16 @@ class TWA(TransformersFacade, nn.Module):
             lent.expire_other_than(key)
         (weights, release), pinned = self._forward_weights(dtypes), self._pinned()
         if not any(w.requires_grad for w in weights):
-            with lent.lending(weights + pinned), self._keeping_frozen("during the forward"):
-                return fn(*args, **kwargs)
+            try:
+                with lent.lending(weights + pinned), self._keeping_frozen("during the forward"):
+                    out = fn(*args, **kwargs)
+            except BaseException:
+                if release is not None:
+                    release()
+                raise
+            if release is not None:  # the coefficients take no gradient; the model's inputs may
+                release_with_graph(out, release)
+            return out
         # a graph freed without a backward (an evaluation that forgot torch.no_grad()) frees
         # the workspace with its loan; otherwise every such forward took a fresh D-long buffer
         loan = lent.open(key, [w.detach().requires_grad_() for w in weights] + pinned, self._project_late, release)
