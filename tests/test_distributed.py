@@ -243,7 +243,7 @@ def test_update_bn_over_ranks_keeps_frozen_layers_and_measures_sync_batchnorm_as
         for measured in ("sync_measured", "ddp_measured"):  # SyncBatchNorm over uneven shares; DDP(twa)
             for key, want in ref["ref_plain"].items():
                 torch.testing.assert_close(bn[measured][key], want, rtol=1e-5, atol=1e-6, msg=f"{measured} {key}")
-        assert bn["plain_on_ddp"].startswith("InvalidTypeError") and "ddp.module.update_bn" in bn["plain_on_ddp"]
+        assert bn["plain_on_ddp"].startswith("InvalidTypeError") and "wrapper.module.update_bn" in bn["plain_on_ddp"]
         assert bn["kept_after_failure"] and bn["init_existing"]
     failed, told = hostile_job[1]["bn"]["one_rank_fails"], hostile_job[0]["bn"]["one_rank_fails"]
     assert failed.startswith("RuntimeError: Given groups=1"), failed

@@ -1110,6 +1110,33 @@ def test_a_frozen_twa_passes_gradients_to_its_inputs_across_several_forwards_bef
     assert not twa._workspace.busy  # the buffer is free again once the graph is
 
 
+def test_an_averaged_model_of_a_twa_averages_its_coefficients_and_an_average_of_its_basis_is_refused():
+    # AveragedModel(use_buffers=True) averaged the basis's integer codes with the rest: an EMA
+    # of equal codes truncates (x * 0.9 + x * 0.1 < x), and the weights came from a damaged basis
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    checkpoints = [{k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa, x = tk.TWA(model, checkpoints, bits=4), torch.randn(16, 8)
+    averaged = AveragedModel(twa)  # keeps the copy's buffers in step with twa's by writing them: the same values
+    for step in range(2):
+        with torch.no_grad():
+            twa.coefficients.add_(0.1)
+        averaged.update_parameters(twa)
+    torch.testing.assert_close(averaged.module.coefficients, twa.coefficients - 0.05)
+    averaged(x)
+    ema = AveragedModel(twa, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema.update_parameters(twa)
+    ema(x)  # its first update copies: the same codes
+    ema.update_parameters(twa)
+    with pytest.raises(tk.errors.UsageError, match=r"AveragedModel\(twa, use_buffers=True\) averages every buffer"):
+        ema(x)
+    with pytest.raises(tk.errors.UsageError, match="use_buffers=True"):
+        ema.module.averaged_state_dict()
+    twa(x)  # the original is untouched
+
+
 def test_a_twa_over_a_compiled_model_says_it_holds_the_model_inside():
     # the compiled wrapper was dropped without a word, and the average's keys did not load into it
     model = make_model(0)

@@ -187,7 +187,7 @@ def update_bn(loader: Iterable, model: nn.Module, call_fn: Callable[[nn.Module, 
     if not named:
         for outer in (model, getattr(model, "module", None)):  # a TWA, or a DDP wrapper around one
             if callable(getattr(outer, "averaged_model", None)):  # a TWA holds its model outside its module tree
-                call = "twa.update_bn(loader)" if outer is model else "ddp.module.update_bn(loader)"
+                call = "twa.update_bn(loader)" if outer is model else "wrapper.module.update_bn(loader)"
                 raise InvalidTypeError(f"update_bn got a {type(model).__name__}, whose model is not one of its "
                                        f"submodules; call the TWA's own method: {call}, or "
                                        "tk.distributed.update_bn(loader, twa) across processes")

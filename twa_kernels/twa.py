@@ -83,6 +83,9 @@ from twa_kernels.subspace import Subspace, checked_build_args, warn_if_one_point
 # TWA's state that is identical on every rank (replicated) or owned per rank (sharded):
 # never broadcast by DDP (see DistributedDataParallel's _ddp_params_and_buffers_to_ignore)
 BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_block_offsets", "basis_meta")
+# the basis's integer buffers, which no training changes: written only by building and
+# loading the TWA. (An average of them, as AveragedModel(use_buffers=True) takes, truncates.)
+_FIXED_BASIS = ("basis_codes", "basis_block_offsets", "basis_meta")
 
 # dtypes the kernels write directly; other model dtypes (float16) get float32 weights cast once
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -253,6 +256,7 @@ class TWA(TransformersFacade, nn.Module):
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
         # (the weights update_bn last measured statistics at, a copy of the statistics it measured)
         self._bn_key: tuple | None = None
+        self._mark_basis_loaded()
         self._register_load_state_dict_pre_hook(check_loaded_state, with_module=True)
         self._register_state_dict_hook(_refuse_state_with_changed_frozen)
         if self._sharded:  # which columns this rank's state holds, checked when it is loaded
@@ -351,6 +355,7 @@ class TWA(TransformersFacade, nn.Module):
         errors_before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._mark_basis_loaded()
         # a TWA whose frozen parameters the model changed in place is whole again once a state
         # brings all of them (through this TWA, a module holding it or a compiled wrapper)
         if (self.__dict__.get("_frozen_changed") and len(error_msgs) == errors_before
@@ -388,6 +393,7 @@ class TWA(TransformersFacade, nn.Module):
         self._workspace = Workspace()
         if not self._sharded:
             self._workspace.prepare(self.center.numel(), self._forward_dtype(), self.center.device)
+        self._mark_basis_loaded()
         return self
 
     def train(self, mode: bool = True) -> TWA:
@@ -482,6 +488,7 @@ class TWA(TransformersFacade, nn.Module):
         parameter's dtype (differentiable; fresh tensors, safe to keep), and the frozen
         parameters' pinned values (views of the TWA's own copy: clone one before changing it)."""
         self._check_frozen_unchanged()
+        self._check_basis_unchanged()
         if self._sharded:  # this rank holds some columns: gather
             flat = self._parallel.reconstruct(self.coefficients, self.basis, self.center, self.int8_gradients)
         else:
@@ -536,6 +543,37 @@ class TWA(TransformersFacade, nn.Module):
     def _weights_key(self, dtypes: dict[str, torch.dtype] | None = None) -> tuple:
         """What the weights are computed from: equal keys give equal weights."""
         return (self.coefficients.detach().clone(), self._forward_dtype(dtypes), self._subspace_stamp())
+
+    def _fixed_basis_stamp(self) -> tuple:
+        return tuple((getattr(self, name).data_ptr(), getattr(self, name)._version) for name in _FIXED_BASIS)
+
+    def _fixed_basis_sample(self) -> list[Tensor]:
+        """The block offsets and layout record whole, and 4,096 of the codes evenly spaced:
+        what an average of the integer buffers truncates changes most of their values."""
+        codes = self.basis_codes.reshape(-1)
+        at = torch.linspace(0, codes.numel() - 1, min(codes.numel(), 4096), device=codes.device).long()
+        return [codes[at].clone(), self.basis_block_offsets.clone(), self.basis_meta.clone()]
+
+    def _mark_basis_loaded(self) -> None:
+        self.__dict__["_basis_as_loaded"] = (self._fixed_basis_stamp(), self._fixed_basis_sample())
+
+    def _check_basis_unchanged(self) -> None:
+        """UsageError where the basis's integer buffers hold other values than when the TWA
+        was built or loaded: what averages buffers (AveragedModel(twa, use_buffers=True))
+        truncates them, and the weights would be computed from a damaged basis. Writes of
+        the same values (AveragedModel keeps a copy's buffers in step so) pass."""
+        loaded = self.__dict__.get("_basis_as_loaded")
+        if loaded is None or torch.compiler.is_compiling() or loaded[0] == self._fixed_basis_stamp():
+            return
+        if all(torch.equal(was, now) for was, now in zip(loaded[1], self._fixed_basis_sample())):
+            self.__dict__["_basis_as_loaded"] = (self._fixed_basis_stamp(), loaded[1])
+            return
+        raise UsageError("the TWA's basis (its integer codes) was changed in place since it was built or loaded, by "
+                         "something other than load_state_dict: AveragedModel(twa, use_buffers=True) averages every "
+                         "buffer, and an average of integer codes truncates them. Use AveragedModel(twa) (it averages "
+                         "the coefficients) and measure its statistics with averaged.module.update_bn(loader). A "
+                         "state loaded into twa.state_dict()'s own tensors (torch.distributed.checkpoint's load) is "
+                         "taken with twa.load_state_dict(state) after it")
 
     def _subspace_stamp(self) -> tuple:
         """The center's and basis's storage and version: which values of them a key saw."""
@@ -600,6 +638,7 @@ class TWA(TransformersFacade, nn.Module):
         # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: it gets
         # one here, or each rank's copy would train on its own gradient (a compiled forward
         # never reaches the eager path that registers it)
+        self._mark_basis_loaded()
         if _refuse_state_with_changed_frozen not in self._state_dict_hooks.values():  # pickled by an earlier version
             self._register_state_dict_hook(_refuse_state_with_changed_frozen)
         self._averaged = []
@@ -666,6 +705,7 @@ class TWA(TransformersFacade, nn.Module):
             return self._run_lent_claimed(fn, args, kwargs)
 
     def _run_lent_claimed(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self._check_basis_unchanged()
         self._keep_gradient_averaged()
         if self._parallel is None and torch.is_grad_enabled() and not self._alone_checked:
             self._alone_checked = True  # once, at the first forward that trains
