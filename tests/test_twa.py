@@ -1108,6 +1108,43 @@ def test_a_frozen_twa_passes_gradients_to_its_inputs_across_several_forwards_bef
         grads.append(generator.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
     assert not twa._workspace.busy  # the buffer is free again once the graph is
+    # a loop whose last loss lives on into the next step reuses the one buffer: it is freed
+    # at the end of the backward, not when the graph's nodes go
+    generation = twa._workspace.generation
+    for _ in range(3):
+        loss = twa(generator(z)).sum()
+        loss.backward()
+    assert twa._workspace.generation == generation
+
+
+class _CheckpointedReentrant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=True))
+
+
+def test_a_frozen_twa_refuses_input_gradients_through_a_reentrant_checkpoint():
+    # the recomputation inside the backward ran at the model's own weights: input gradients
+    # 0.3 off those of the averaged model, without a word
+    torch.manual_seed(0)
+    model = _CheckpointedReentrant()
+    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
+    twa = tk.TWA(model, checkpoints, bits=4).requires_grad_(False)
+    x = torch.randn(4, 8)
+    twa(x)  # inputs that take no gradient: nothing is recomputed for them
+    with pytest.raises(tk.errors.UsageError, match="reentrant activation checkpoint .* use_reentrant=False"):
+        twa(x.requires_grad_())
+    assert not twa._workspace.busy
+
+
+def test_the_basis_sample_stays_inside_codes_of_more_than_2_to_the_24_elements():
+    # linspace in float32 rounded the last index to the length itself: IndexError at the build
+    twa, _ = _twa_with_a_frozen_first_layer()
+    twa.basis_codes = torch.zeros(25_175_040, dtype=torch.uint8)
+    assert len(twa._fixed_basis_sample()[0]) == 4096
 
 
 def test_an_averaged_model_of_a_twa_averages_its_coefficients_and_an_average_of_its_basis_is_refused():
@@ -1134,6 +1171,9 @@ def test_an_averaged_model_of_a_twa_averages_its_coefficients_and_an_average_of_
         ema(x)
     with pytest.raises(tk.errors.UsageError, match="use_buffers=True"):
         ema.module.averaged_state_dict()
+    with pytest.raises(tk.errors.UsageError, match="use_buffers=True"):  # under a torch.func transform too
+        torch.func.grad(lambda c: torch.func.functional_call(ema.module, {"coefficients": c}, (x,)).sum())(
+            ema.module.coefficients.detach())
     twa(x)  # the original is untouched
 
 

@@ -506,6 +506,7 @@ class TWA(TransformersFacade, nn.Module):
         if self._sharded:
             raise UsageError("a sharded TWA cannot run under a torch.func transform (its forward gathers the weights "
                              "across ranks); use a replicated one, or loss.backward()")
+        self._check_basis_unchanged()
         basis = self.basis
         columns = torch.arange(basis.num_cols, device=self.center.device)
         blocks = torch.bucketize(columns, basis.block_offsets[1:-1], right=True)
@@ -551,7 +552,9 @@ class TWA(TransformersFacade, nn.Module):
         """The block offsets and layout record whole, and 4,096 of the codes evenly spaced:
         what an average of the integer buffers truncates changes most of their values."""
         codes = self.basis_codes.reshape(-1)
-        at = torch.linspace(0, codes.numel() - 1, min(codes.numel(), 4096), device=codes.device).long()
+        count = min(codes.numel(), 4096)
+        # (integer steps: linspace in float32 rounds past the end beyond 2^24 codes)
+        at = torch.arange(count, device=codes.device) * (codes.numel() - 1) // max(count - 1, 1)
         return [codes[at].clone(), self.basis_block_offsets.clone(), self.basis_meta.clone()]
 
     def _mark_basis_loaded(self) -> None:
