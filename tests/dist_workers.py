@@ -129,15 +129,17 @@ def dcp_round_trip(twa, build) -> bool:
 
     where = [tempfile.mkdtemp(prefix="twa-dcp-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(where)
-    dcp.save({"twa": twa.state_dict()}, checkpoint_id=where[0])
-    fresh = build()
-    state = {"twa": fresh.state_dict()}
-    dcp.load(state, checkpoint_id=where[0])
-    fresh.load_state_dict(state["twa"])
-    mine, theirs = twa.weights(), fresh.weights()
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(where[0])
+    try:
+        dcp.save({"twa": twa.state_dict()}, checkpoint_id=where[0])
+        fresh = build()
+        state = {"twa": fresh.state_dict()}
+        dcp.load(state, checkpoint_id=where[0])
+        fresh.load_state_dict(state["twa"])
+        mine, theirs = twa.weights(), fresh.weights()
+        dist.barrier()
+    finally:  # (a failed rank leaves no folder behind in the system's temporary directory)
+        if dist.get_rank() == 0:
+            shutil.rmtree(where[0], ignore_errors=True)
     return torch.equal(fresh.center, twa.center) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
@@ -153,18 +155,20 @@ def dcp_parent_round_trip(twa, build) -> bool:
 
     where = [tempfile.mkdtemp(prefix="twa-dcp-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(where)
-    dcp.save({"model": get_model_state_dict(nn.ModuleDict({"twa": twa}))}, checkpoint_id=where[0])
-    fresh = build()
-    with torch.no_grad():
-        fresh.coefficients.add_(1.0)
-    holder = nn.ModuleDict({"twa": fresh})
-    state = {"model": get_model_state_dict(holder)}
-    dcp.load(state, checkpoint_id=where[0])
-    set_model_state_dict(holder, state["model"])
-    mine, theirs = twa.weights(), fresh.weights()
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(where[0])
+    try:
+        dcp.save({"model": get_model_state_dict(nn.ModuleDict({"twa": twa}))}, checkpoint_id=where[0])
+        fresh = build()
+        with torch.no_grad():
+            fresh.coefficients.add_(1.0)
+        holder = nn.ModuleDict({"twa": fresh})
+        state = {"model": get_model_state_dict(holder)}
+        dcp.load(state, checkpoint_id=where[0])
+        set_model_state_dict(holder, state["model"])
+        mine, theirs = twa.weights(), fresh.weights()
+        dist.barrier()
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(where[0], ignore_errors=True)
     return (torch.equal(fresh.coefficients, twa.coefficients) and torch.equal(fresh.center, twa.center)
             and all(torch.equal(mine[k], theirs[k]) for k in mine))
 
