@@ -1117,29 +1117,6 @@ def test_a_frozen_twa_passes_gradients_to_its_inputs_across_several_forwards_bef
     assert twa._workspace.generation == generation
 
 
-class _CheckpointedReentrant(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body, self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=True))
-
-
-def test_a_frozen_twa_refuses_input_gradients_through_a_reentrant_checkpoint():
-    # the recomputation inside the backward ran at the model's own weights: input gradients
-    # 0.3 off those of the averaged model, without a word
-    torch.manual_seed(0)
-    model = _CheckpointedReentrant()
-    checkpoints = [{k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()} for _ in range(3)]
-    twa = tk.TWA(model, checkpoints, bits=4).requires_grad_(False)
-    x = torch.randn(4, 8)
-    twa(x)  # inputs that take no gradient: nothing is recomputed for them
-    with pytest.raises(tk.errors.UsageError, match="reentrant activation checkpoint .* use_reentrant=False"):
-        twa(x.requires_grad_())
-    assert not twa._workspace.busy
-
-
 def test_the_basis_sample_stays_inside_codes_of_more_than_2_to_the_24_elements():
     # linspace in float32 rounded the last index to the length itself: IndexError at the build
     twa, _ = _twa_with_a_frozen_first_layer()

@@ -135,8 +135,11 @@ class Workspace:
     needs it (before its backward, or kept by retain_graph=True or create_graph=True), the
     next forward gets a fresh buffer, which then becomes the workspace. So a second forward
     before the first backward works, and so does a second backward through a retained graph.
-    Every write bumps the buffer's version counter, so a graph that saved its weights and
-    outlived them raises PyTorch's in-place error instead of using wrong weights."""
+    (Where the coefficients take no gradient and the graph reaches the model's inputs only,
+    the buffer is handed out again after the first backward through it: a retained graph's
+    second backward after another forward meets the error below.) Every write bumps the
+    buffer's version counter, so a graph that saved its weights and outlived them raises
+    PyTorch's in-place error instead of using wrong weights."""
 
     def __init__(self):
         self.buffer: Tensor | None = None

@@ -571,9 +571,11 @@ class _ReleasedAfterBackward:
 
     def __init__(self, release: Callable[[], None]):
         self._release = weakref.finalize(self, release)  # (calling a finalizer runs it once)
+        self._queued = False  # a plain flag: compiled autograd traces this hook
 
     def __call__(self, grad_outputs: Any) -> None:
-        if self._release.alive:
+        if not self._queued:
+            self._queued = True
             queue_after_backward(self._release)
 
 
@@ -581,38 +583,14 @@ def release_with_graph(out: Any, release: Callable[[], None]) -> None:
     """Call `release` once a backward pass has run through the graph recorded into the
     model's output, or the graph is freed (at once where the output carries none): the
     graph may have saved the weights whose buffer `release` frees, as it does for a TWA with
-    frozen coefficients whose model passes gradients to its inputs (a critic, a teacher).
-    Such a graph must not hold a reentrant activation checkpoint, whose recomputation in the
-    backward would read the model's own weights: UsageError."""
+    frozen coefficients whose model passes gradients to its inputs (a critic, a teacher)."""
     nodes = _graph_nodes(out)
     if not nodes:
         release()
         return
-    if _holds_reentrant_checkpoint(nodes):
-        release()
-        raise UsageError("this TWA's coefficients take no gradient, and its model passes gradients to its inputs "
-                         "through a reentrant activation checkpoint (torch.utils.checkpoint with use_reentrant="
-                         "True), whose recomputation in the backward would run at the model's own weights, not the "
-                         "averaged ones; pass use_reentrant=False, or give the model the averaged weights "
-                         "(model.load_state_dict(twa.averaged_state_dict())) and run it without the TWA")
     holder = _ReleasedAfterBackward(release)
     for node in nodes:
         node.register_prehook(holder)
-
-
-def _holds_reentrant_checkpoint(nodes: list) -> bool:
-    """Whether the graph behind `nodes` holds a node of torch.utils.checkpoint's reentrant
-    variant (a walk over the whole graph: only for the frozen forwards that record one)."""
-    seen, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
 
 
 def _tensors(value: Any) -> Iterable[Tensor]:
