@@ -638,12 +638,12 @@ class TWA(TransformersFacade, nn.Module):
             self.register_buffer(LAYOUT, layout_record(list(zip(self.names, self.shapes)), frozen).to(
                 self.center.device))
             self._ddp_params_and_buffers_to_ignore = [*BASIS_BUFFERS, LAYOUT]
-        # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: it gets
-        # one here, or each rank's copy would train on its own gradient (a compiled forward
-        # never reaches the eager path that registers it)
         self._mark_basis_loaded()
         if _refuse_state_with_changed_frozen not in self._state_dict_hooks.values():  # pickled by an earlier version
             self._register_state_dict_hook(_refuse_state_with_changed_frozen)
+        # a copy's coefficients (copy.deepcopy, AveragedModel) carry no gradient hook: it gets
+        # one here, or each rank's copy would train on its own gradient (a compiled forward
+        # never reaches the eager path that registers it)
         self._averaged = []
         self._keep_gradient_averaged()
 
