@@ -354,7 +354,7 @@ class _FileSlice(io.RawIOBase):
 
 
 # the (offset, length) of the items whose CRCs were checked in this process, by file and its
-# (size, mtime)
+# (size, mtime, inode, ctime)
 _VERIFIED = FileVersionCache()
 
 

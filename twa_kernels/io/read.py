@@ -107,7 +107,7 @@ class FileVersionCache:
     """What a check once found about a file, kept for the file's current version only: an
     entry is stored under the file's real path with the version's stamp, a new version
     replaces it, and beyond `paths` files the least recently used is dropped. A process that
-    reads a file many trainers rewrite (last.pt), or many files, keeps a bounded record."""
+    reads a file a trainer keeps rewriting (last.pt), or many files, keeps a bounded record."""
 
     def __init__(self, paths: int = 1024):
         self._entries: OrderedDict[str, tuple[object, object]] = OrderedDict()
