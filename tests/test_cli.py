@@ -582,7 +582,7 @@ def test_a_stop_whose_handler_ran_inside_a_weakref_callback_is_not_lost(signum, 
         except KeyboardInterrupt:
             print("KeyboardInterrupt")
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _run_with_default_sigint(code)
     assert done.stdout.strip() == stop and "Exception ignored" not in done.stderr, done.stdout + done.stderr[-2000:]
     assert done.stderr.count("twa: terminated") == (signum == signal.SIGTERM), done.stderr[-2000:]
 
@@ -613,8 +613,18 @@ def test_a_stop_swallowed_just_before_the_command_returns_still_stops_it(signum,
         cli._build_command = finishing_command
         sys.exit(cli.main(["build"]))
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = _run_with_default_sigint(code)
     assert done.returncode == status and done.stderr.strip() == line, (done.returncode, done.stderr[-2000:])
+
+
+def _run_with_default_sigint(code: str) -> subprocess.CompletedProcess:
+    """`code` in a Python of its own, importing this checkout, with Ctrl-C's default
+    disposition: a suite started in the background by a non-interactive shell (as a CI
+    runner may start it) has SIGINT ignored, which its children inherit."""
+    package_root = str(Path(tk.__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": package_root},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_importing_the_library_leaves_torch_compile_unloaded():
