@@ -86,6 +86,8 @@ BASIS_BUFFERS = ("center", "basis_codes", "basis_scales", "basis_mins", "basis_b
 # the basis's integer buffers, which no training changes: written only by building and
 # loading the TWA. (An average of them, as AveragedModel(use_buffers=True) takes, truncates.)
 _FIXED_BASIS = ("basis_codes", "basis_block_offsets", "basis_meta")
+# the buffers the weights are computed from, beside the coefficients (a weights key's stamp)
+_WEIGHTS_FROM = ("center", "basis_codes", "basis_scales", "basis_mins")
 
 # dtypes the kernels write directly; other model dtypes (float16) get float32 weights cast once
 _KERNEL_OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -543,10 +545,11 @@ class TWA(TransformersFacade, nn.Module):
 
     def _weights_key(self, dtypes: dict[str, torch.dtype] | None = None) -> tuple:
         """What the weights are computed from: equal keys give equal weights."""
-        return (self.coefficients.detach().clone(), self._forward_dtype(dtypes), self._subspace_stamp())
+        return (self.coefficients.detach().clone(), self._forward_dtype(dtypes), self._stamp(_WEIGHTS_FROM))
 
-    def _fixed_basis_stamp(self) -> tuple:
-        return tuple((getattr(self, name).data_ptr(), getattr(self, name)._version) for name in _FIXED_BASIS)
+    def _stamp(self, names: Sequence[str]) -> tuple:
+        """The storage and version of the named buffers: which values of them a check saw."""
+        return tuple((getattr(self, name).data_ptr(), getattr(self, name)._version) for name in names)
 
     def _fixed_basis_sample(self) -> list[Tensor]:
         """The block offsets and layout record whole, and 4,096 of the codes evenly spaced:
@@ -558,7 +561,7 @@ class TWA(TransformersFacade, nn.Module):
         return [codes[at].clone(), self.basis_block_offsets.clone(), self.basis_meta.clone()]
 
     def _mark_basis_loaded(self) -> None:
-        self.__dict__["_basis_as_loaded"] = (self._fixed_basis_stamp(), self._fixed_basis_sample())
+        self.__dict__["_basis_as_loaded"] = (self._stamp(_FIXED_BASIS), self._fixed_basis_sample())
 
     def _check_basis_unchanged(self) -> None:
         """UsageError where the basis's integer buffers hold other values than when the TWA
@@ -566,10 +569,13 @@ class TWA(TransformersFacade, nn.Module):
         truncates them, and the weights would be computed from a damaged basis. Writes of
         the same values (AveragedModel keeps a copy's buffers in step so) pass."""
         loaded = self.__dict__.get("_basis_as_loaded")
-        if loaded is None or torch.compiler.is_compiling() or loaded[0] == self._fixed_basis_stamp():
+        if loaded is None or torch.compiler.is_compiling():
+            return
+        stamp = self._stamp(_FIXED_BASIS)
+        if loaded[0] == stamp:
             return
         if all(torch.equal(was, now) for was, now in zip(loaded[1], self._fixed_basis_sample())):
-            self.__dict__["_basis_as_loaded"] = (self._fixed_basis_stamp(), loaded[1])
+            self.__dict__["_basis_as_loaded"] = (stamp, loaded[1])
             return
         raise UsageError("the TWA's basis (its integer codes) was changed in place since it was built or loaded, by "
                          "something other than load_state_dict: AveragedModel(twa, use_buffers=True) averages every "
@@ -577,11 +583,6 @@ class TWA(TransformersFacade, nn.Module):
                          "the coefficients) and measure its statistics with averaged.module.update_bn(loader). A "
                          "state loaded into twa.state_dict()'s own tensors (torch.distributed.checkpoint's load) is "
                          "taken with twa.load_state_dict(state) after it")
-
-    def _subspace_stamp(self) -> tuple:
-        """The center's and basis's storage and version: which values of them a key saw."""
-        tensors = (self.center, self.basis_codes, self.basis_scales, self.basis_mins)
-        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _statistics(self) -> list[Tensor]:
         """The model's running statistics (BatchNorm's, and InstanceNorm's that it tracks)."""
@@ -622,7 +623,7 @@ class TWA(TransformersFacade, nn.Module):
         # a copy's tensors are new storages, so the key update_bn left names none of them:
         # whether it held for the subspace as copied is said here, and the copy's own set by it
         key = state.get("_bn_key")
-        state["_bn_key_held"] = key is not None and key[0][2] == self._subspace_stamp()
+        state["_bn_key_held"] = key is not None and key[0][2] == self._stamp(_WEIGHTS_FROM)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -630,7 +631,7 @@ class TWA(TransformersFacade, nn.Module):
         super().__setstate__(state)
         if held:  # the statistics were measured at the copy's weights, as at the original's
             (coefficients, dtype, _), statistics = self._bn_key
-            self._bn_key = ((coefficients, dtype, self._subspace_stamp()), statistics)
+            self._bn_key = ((coefficients, dtype, self._stamp(_WEIGHTS_FROM)), statistics)
         elif state.get("_bn_key") is not None:
             self._bn_key = None
         if LAYOUT not in self._buffers:  # a TWA pickled before its state held the record
